@@ -1,0 +1,119 @@
+r"""Per-sample input-gradient norms :math:`\|\partial\ell_i/\partial x_i\|^2`, batched.
+
+When no layer couples the samples of a batch, row ``i`` of ``x.grad`` is the gradient of
+sample ``i``'s own loss with respect to its input, times the loss reduction's factor
+(``reduction='mean'`` divides every row by the batch count). So one backward pass gives
+every sample's input-gradient norm: a per-row reduction of ``x.grad`` (one fused kernel,
+``csl_fast.ops.input_grad_norms``) and a scatter into the tracker's dataset-sized buffers.
+
+.. warning::
+    Layers that couple samples break the identity: **BatchNorm in train mode** (each
+    sample's output depends on the batch statistics, so row ``i`` of ``x.grad`` mixes in the
+    other samples' losses), in-batch negatives / contrastive losses, batch-level mixup or
+    cutmix. The recorded values are then the rows of the batch gradient, not per-sample
+    gradients. Use GroupNorm/LayerNorm, BatchNorm in eval mode, or a per-sample method
+    (``torch.func.vmap(grad)``) when exact per-sample values matter.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .tracker import CSLTracker
+
+
+def input_grad_norms(
+    grad: torch.Tensor,
+    index: torch.Tensor,
+    tracker: CSLTracker,
+    scale: float | torch.Tensor = 1.0,
+    *,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Reduce a batch gradient to per-sample squared norms and record them in ``tracker``.
+
+    Computes :math:`s_i = \|\mathrm{scale}\cdot \mathrm{grad}_i\|_2^2` over all dimensions
+    but the first (float32, one fused pass over ``grad``) and adds it at ``index`` into the
+    tracker's input-gradient buffers (``input_grad_sq_sum``, ``input_grad_norm_sum``,
+    ``input_grad_count`` and the current epoch's accumulators, see
+    :meth:`CSLTracker.record_input_grad`).
+
+    Args:
+        grad: ``[B, ...]`` gradient of the batch loss with respect to the model input
+            (float16/bfloat16/float32/float64), on the tracker's device.
+        index: ``[B]`` dataset indices.
+        tracker: the :class:`csl_fast.CSLTracker` to record into.
+        scale: the factor that turns a row of ``grad`` into the gradient of that sample's
+            own loss: ``B`` for ``reduction='mean'`` over ``B`` rows, ``1`` for
+            ``reduction='sum'``, the number of non-ignored rows for ``'mean'`` with
+            ``ignore_index`` (may be a 0-dim tensor, so no host sync is needed).
+        valid: optional ``[B]`` bool, False for rows not to record (e.g. ignored targets,
+            whose gradient is zero).
+
+    Returns:
+        float32 ``[B]``: the recorded squared norms. Duplicate indices add up. See the
+        module docstring for the BatchNorm caveat.
+    """
+    from . import ops
+
+    if not isinstance(grad, torch.Tensor) or grad.dim() < 1:
+        raise ValueError("csl_fast.input_grad_norms: grad must be a [B, ...] tensor")
+    if not grad.is_floating_point():
+        raise TypeError(f"csl_fast.input_grad_norms: grad must be floating point, got {grad.dtype}")
+    if isinstance(scale, torch.Tensor):
+        sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
+        sq = sq * scale.to(sq.device, torch.float32).square()
+    else:
+        sq = ops.input_grad_norms(grad, float(scale), backend=tracker.backend)
+    tracker.record_input_grad(index, sq, valid)
+    return sq
+
+
+def watch(
+    x: torch.Tensor,
+    index: torch.Tensor,
+    tracker: CSLTracker,
+    reduction_scale: float | torch.Tensor | None = None,
+    *,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Record per-sample input-gradient norms of ``x`` when the loss is backpropagated.
+
+    Registers a tensor hook on ``x`` that calls :func:`input_grad_norms` with ``x``'s
+    gradient. ``x`` must be floating point; a leaf that does not require grad (a batch
+    straight from the DataLoader) is switched to ``requires_grad_(True)``. Returns ``x``
+    itself, so ``x = tracker.watch(x, idx)`` reads naturally.
+
+    ``reduction_scale`` undoes the loss reduction (see :func:`input_grad_norms`): the
+    default ``None`` means ``reduction='mean'`` over all ``B = x.shape[0]`` rows, i.e.
+    ``scale = B``. Pass ``1.0`` for ``reduction='sum'``, and for ``'mean'`` with
+    ``ignore_index`` pass ``(target != ignore_index).sum()`` and
+    ``valid=target != ignore_index``. With class weights or label smoothing the recorded
+    gradient is that of the weighted/smoothed objective.
+
+    The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
+    with ``retain_graph=True``); it does not fire under ``torch.no_grad``. Inputs must
+    stay per-sample down the network: BatchNorm in train mode couples samples (see the
+    module docstring).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}")
+    if x.dim() < 1 or x.shape[0] != index.shape[0]:
+        raise ValueError(
+            f"csl_fast.watch: x has shape {tuple(x.shape)} but index has {index.shape[0]} entries; "
+            "the first dimension of x must be the batch"
+        )
+    if not x.requires_grad:
+        x.requires_grad_(True)
+    scale = float(x.shape[0]) if reduction_scale is None else reduction_scale
+    index = index.to(tracker.device, non_blocking=True)
+
+    def hook(grad: torch.Tensor) -> None:
+        input_grad_norms(grad, index, tracker, scale, valid=valid)
+
+    x.register_hook(hook)
+    return x

@@ -1,0 +1,119 @@
+"""Eval-pass CSL: score every training sample with the model in eval mode, without gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .tracker import CSLTracker
+
+Batch = Any
+Unpack = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def score_epoch(
+    model: torch.nn.Module,
+    loader: Iterable[Batch],
+    tracker: CSLTracker,
+    *,
+    ignore_index: int = -100,
+    unpack: Unpack | None = None,
+    forward: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> None:
+    """Add one eval-mode loss per sample into the tracker's eval-pass buffers.
+
+    This is the CSL the authors' released code computes: after each training epoch, every
+    training sample is scored with the current weights in eval mode (dropout off,
+    BatchNorm running statistics) and its loss is added into ``tracker.eval_csl_sum``
+    (count in ``tracker.eval_count``; last values in ``eval_last_*``), kept apart from the
+    in-training buffers. The same fused kernel as training computes the per-row statistics
+    (``csl_fast.ops.cross_entropy_fwd``, ``tracker.backend``), under ``torch.no_grad()``.
+    Ends with :meth:`CSLTracker.end_eval_pass`. The model's training mode is restored, even
+    when an exception interrupts the pass.
+
+    Using a loader without augmentation (and any order) is the caller's business: pass a
+    loader over ``csl_fast.data.IndexedDataset`` of the training set with eval transforms.
+    One pass costs one forward over the data.
+
+    Args:
+        model: maps an input batch to ``[B, C]`` logits.
+        loader: yields batches ``(x, y, index)`` (tuple/list, index last) or mappings with
+            keys ``"input"``, ``"target"`` and ``"index"``; other layouts need ``unpack``.
+        tracker: where to record.
+        ignore_index: rows with this target are not recorded.
+        unpack: ``batch -> (x, y, index)`` for other batch layouts.
+        forward: ``(model, x) -> logits`` for models that do not return logits directly
+            (e.g. ``lambda m, x: m(**x).logits``); default ``model(x)``.
+        device: where to move ``x`` (default: the device of the model's first parameter,
+            else the tracker's); targets and indices go to the tracker's device.
+        progress: show a tqdm progress bar (needs ``tqdm``).
+    """
+    unpack = unpack or _default_unpack
+    if device is None:
+        param = next(iter(model.parameters()), None)
+        device = param.device if param is not None else tracker.device
+    device = torch.device(device)
+    batches: Iterable[Batch] = loader
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError(
+                "csl_fast.score_epoch(progress=True) needs tqdm: pip install tqdm"
+            ) from exc
+        batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
+    from . import ops
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x, y, index = unpack(batch)
+                x = _to(x, device)
+                logits = model(x) if forward is None else forward(model, x)
+                if logits.dim() != 2:
+                    raise ValueError(
+                        f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
+                        "expected [B, C] logits (pass forward= to extract them)"
+                    )
+                logits = logits.to(tracker.device)
+                y = y.to(tracker.device, non_blocking=True)
+                _, stats = ops.cross_entropy_fwd(
+                    logits, y, None, ignore_index, 0.0, 2, tracker.backend
+                )
+                tracker.record_eval(index.to(tracker.device, non_blocking=True), stats)
+    finally:
+        model.train(was_training)
+    tracker.end_eval_pass()
+
+
+def _default_unpack(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    if isinstance(batch, Mapping):
+        try:
+            return batch["input"], batch["target"], batch["index"]
+        except KeyError as exc:
+            raise KeyError(
+                f"csl_fast.score_epoch: dict batches need keys 'input', 'target' and 'index' "
+                f"(got {sorted(batch)}); pass unpack=lambda b: (x, y, index)"
+            ) from exc
+    if isinstance(batch, tuple | list) and len(batch) >= 3:
+        return batch[0], batch[1], batch[-1]
+    raise TypeError(
+        "csl_fast.score_epoch: batches must be (x, y, index) tuples (csl_fast.data.IndexedDataset) "
+        "or pass unpack=lambda batch: (x, y, index)"
+    )
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return type(x)(_to(v, device) for v in x)
+    return x

@@ -1,0 +1,837 @@
+r"""``CSLTracker``: every per-sample training dynamic csl_fast keeps, in dataset-sized buffers.
+
+One tracker holds, for each of the ``N`` training samples, the statistics that the fused
+cross-entropy pass yields for free (CSL and its siblings, see ``design.md`` section 2) plus
+the input-gradient norms recorded from a backward hook and the eval-pass CSL. Pass the
+tracker to :func:`csl_fast.accumulate` instead of a plain CSL tensor::
+
+    tracker = csl_fast.CSLTracker(len(train_set), num_classes=10, device="cuda")
+    for epoch in range(epochs):
+        for x, y, idx in loader:
+            x = tracker.watch(x, idx)  # optional: input-gradient norms
+            loss = csl_fast.accumulate(model(x), y, idx, tracker)
+            loss.backward(); opt.step(); opt.zero_grad()
+        tracker.end_epoch()
+        csl_fast.score_epoch(model, eval_loader, tracker)  # optional: eval-pass CSL
+    tracker.save("run.csl")
+
+Only *valid* presentations count: rows whose target is ``ignore_index`` or whose loss is
+not finite (``Stat.VALID == 0``) change no buffer at all.
+
+Duplicate indices within one batch (samplers that repeat samples) follow one rule: the
+presentations of a batch are processed **in batch order**. Sums add every presentation;
+last-value buffers keep the last valid occurrence in the batch; forgetting counts
+correct -> incorrect transitions across successive presentations in batch order; the
+threshold learning time is the epoch in which the final correct streak began. The rule is
+applied with a stable sort by index and segment operations on the device, so there is no
+host synchronisation per step and the result is bitwise reproducible (sums use
+``index_put_(accumulate=True)``, which is sequential on the CPU and PyTorch's sort-based,
+deterministic kernel on CUDA). The CSL sum and count themselves are written by the fused
+``scatter_stats`` op inside :func:`csl_fast.accumulate` (see its ``deterministic`` flag).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .stats import Stat
+
+#: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
+FORMAT_VERSION = 1
+_FORMAT_NAME = "csl_fast.CSLTracker"
+
+
+class TrackerStateError(ValueError):
+    """A tracker state dict does not fit this tracker (different N, newer format, ...)."""
+
+
+class TrackerFileError(TrackerStateError):
+    """A tracker file cannot be loaded: truncated, not a csl_fast tracker file, newer format,
+    or written for a different number of samples."""
+
+
+# Buffer name -> kind. "float" buffers use the tracker's dtype.
+_TRAIN_BUFFERS = {
+    "csl_sum": "float",
+    "csl_count": "float",
+    "last_loss": "float",
+    "last_max_prob": "float",
+    "grad_norm_sum": "float",
+    "margin_sum": "float",
+    "p_true_sum": "float",
+    "p_true_sq_sum": "float",
+    "last_correct": "bool",
+    "forgetting": "int",
+    "learned_epoch": "int",
+}
+_INPUT_GRAD_BUFFERS = {
+    "input_grad_sq_sum": "float",
+    "input_grad_norm_sum": "float",
+    "input_grad_count": "float",
+    "epoch_input_grad_sq_sum": "float",
+    "epoch_input_grad_count": "float",
+}
+_EVAL_BUFFERS = {
+    "eval_csl_sum": "float",
+    "eval_count": "float",
+    "eval_last_loss": "float",
+    "eval_last_max_prob": "float",
+    "eval_last_correct": "bool",
+}
+_HISTORY_BUFFERS = {
+    "epoch_loss_sum": "float",
+    "epoch_count": "float",
+    "eval_pass_loss_sum": "float",
+    "eval_pass_count": "float",
+}
+_HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+
+
+class CSLTracker:
+    r"""Dataset-sized buffers of per-sample training dynamics, updated without host syncs.
+
+    Args:
+        num_samples: ``N``, the number of training samples; indices are in ``[0, N)``.
+        num_classes: ``C``, kept as metadata (checked on :meth:`load_state_dict`).
+        device: where the buffers live; the logits, targets and indices passed to
+            :func:`csl_fast.accumulate` must be on this device.
+        dtype: float32 (default) or float64, for every floating-point buffer.
+        history: also keep per-epoch loss curves (:attr:`loss_history`,
+            :attr:`eval_loss_history`), float16 ``[epochs, N]``.
+        backend: kernel backend for the eval pass and input-gradient norms (see
+            :func:`csl_fast.available_backends`).
+        deterministic: passed to the eval pass's ``scatter_stats``; default
+            ``torch.are_deterministic_algorithms_enabled()``. The tracker's own updates are
+            always deterministic.
+
+    Buffers (all ``[N]``, on ``device``; "float" means ``dtype``). A *presentation* is one
+    valid row of a training batch (eval-pass rows are kept apart):
+
+    ==========================  =======  ===========================================================
+    ``csl_sum``                 float    CSL: sum of the per-presentation loss :math:`\ell_i`
+    ``csl_count``               float    number of presentations (``csl_sum / csl_count``: mean)
+    ``last_loss``               float    loss at the last presentation (final sample loss)
+    ``last_max_prob``           float    max softmax probability at the last presentation
+    ``grad_norm_sum``           float    sum of :math:`\|\partial\ell_i/\partial z_i\|^2`
+    ``margin_sum``              float    sum of :math:`z_y - \max_{j\ne y} z_j` (AUM numerator)
+    ``p_true_sum``              float    sum of :math:`p_y` (data-map confidence numerator)
+    ``p_true_sq_sum``           float    sum of :math:`p_y^2` (for the variability)
+    ``last_correct``            bool     argmax was the label at the last presentation
+    ``forgetting``              int32    correct -> incorrect transitions between successive
+                                         presentations (Toneva et al.); the state before the
+                                         first presentation is "incorrect"
+    ``learned_epoch``           int32    epoch in which the final correct streak began
+                                         (threshold learning time); -1 when the sample was
+                                         incorrect at its last presentation or never presented
+    ``input_grad_sq_sum``       float    sum of :math:`\|\partial\ell_i/\partial x_i\|^2`
+    ``input_grad_norm_sum``     float    sum of :math:`\|\partial\ell_i/\partial x_i\|`
+                                         (loss sensitivity numerator)
+    ``input_grad_count``        float    number of input-gradient records
+    ``epoch_input_grad_*``      float    the same sum of squares and count for the current
+                                         epoch only (reset by :meth:`end_epoch`)
+    ``eval_csl_sum``            float    eval-pass CSL (:func:`csl_fast.score_epoch`)
+    ``eval_count``              float    number of eval-pass records
+    ``eval_last_loss``          float    loss at the last eval pass
+    ``eval_last_max_prob``      float    max softmax probability at the last eval pass
+    ``eval_last_correct``       bool     correct at the last eval pass
+    ==========================  =======  ===========================================================
+
+    Histories (float, grown by :meth:`end_epoch` / :meth:`end_eval_pass`):
+
+    - :attr:`input_grad_history` float32 ``[E', N]``: per-epoch mean of
+      :math:`\|\partial\ell_i/\partial x_i\|^2` (NaN where not recorded), one row per epoch
+      from :attr:`input_grad_first_epoch` (the first epoch with an input-gradient record)
+      on. Needed for :meth:`learning_time`; 4 bytes per sample per epoch, only once input
+      gradients are recorded.
+    - with ``history=True``: :attr:`loss_history` float16 ``[epochs, N]`` (mean training
+      loss of each epoch, NaN where not presented) and :attr:`eval_loss_history` float16
+      ``[passes, N]`` (mean eval-pass loss per pass): 2 bytes per sample per epoch and per
+      eval pass, plus four float scratch buffers (16 bytes per sample in float32).
+
+    Memory: the default tracker (float32, ``history=False``) takes **78 bytes per sample**
+    (17 float32 + 2 int32 + 2 bool buffers; 146 in float64), e.g. 3.9 MB for CIFAR's 50,000
+    samples and 100 MB for ImageNet's 1.28M, plus 4 bytes per sample per epoch once input
+    gradients are recorded. :meth:`nbytes` reports the exact figure.
+
+    Counters: :attr:`epoch` (completed epochs; presentations are stamped with it) and
+    :attr:`eval_passes`.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        num_classes: int | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        history: bool = False,
+        *,
+        backend: str = "auto",
+        deterministic: bool | None = None,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(
+                f"CSLTracker: num_classes must be None or an int >= 1, got {num_classes!r}"
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"CSLTracker: dtype must be torch.float32 or torch.float64, got {dtype}"
+            )
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.history = bool(history)
+        self.backend = backend
+        self.deterministic = deterministic
+        #: Completed epochs (:meth:`end_epoch` calls); the epoch stamp of new presentations.
+        self.epoch = 0
+        #: Completed eval passes (:meth:`end_eval_pass` calls).
+        self.eval_passes = 0
+        #: First epoch with an input-gradient record (row 0 of :attr:`input_grad_history`),
+        #: or -1 before any.
+        self.input_grad_first_epoch = -1
+        self._histories: dict[str, list[torch.Tensor]] = {name: [] for name in _HISTORIES}
+        self._buffers: dict[str, torch.Tensor] = {}
+        for name, kind in self._buffer_kinds().items():
+            buf = torch.zeros(num_samples, dtype=self._kind_dtype(kind), device=self.device)
+            if name == "learned_epoch":
+                buf.fill_(-1)
+            self._buffers[name] = buf
+
+    # ------------------------------------------------------------------ buffers
+    def _buffer_kinds(self) -> dict[str, str]:
+        kinds = {**_TRAIN_BUFFERS, **_INPUT_GRAD_BUFFERS, **_EVAL_BUFFERS}
+        if self.history:
+            kinds.update(_HISTORY_BUFFERS)
+        return kinds
+
+    def _kind_dtype(self, kind: str) -> torch.dtype:
+        return {"float": self.dtype, "int": torch.int32, "bool": torch.bool}[kind]
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers:
+            return buffers[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The ``[N]`` buffers by name (live tensors, not copies)."""
+        return dict(self._buffers)
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers and histories."""
+        total = sum(b.numel() * b.element_size() for b in self._buffers.values())
+        for rows in self._histories.values():
+            total += sum(r.numel() * r.element_size() for r in rows)
+        return total
+
+    @property
+    def loss_history(self) -> torch.Tensor:
+        """float16 ``[epochs, N]``: mean training loss per epoch (NaN: not presented).
+        Needs ``history=True``."""
+        return self._stack("loss_history", torch.float16)
+
+    @property
+    def eval_loss_history(self) -> torch.Tensor:
+        """float16 ``[passes, N]``: mean eval-pass loss per pass. Needs ``history=True``."""
+        return self._stack("eval_loss_history", torch.float16)
+
+    @property
+    def input_grad_history(self) -> torch.Tensor:
+        r"""float32 ``[E', N]``: per-epoch mean :math:`\|\partial\ell_i/\partial x_i\|^2`
+        (NaN: no record that epoch); row ``k`` is epoch ``input_grad_first_epoch + k``."""
+        return self._stack("input_grad_history", torch.float32)
+
+    def _stack(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        rows = self._histories[name]
+        if not rows:
+            return torch.empty(0, self.num_samples, dtype=dtype, device=self.device)
+        return torch.stack(rows)
+
+    # ------------------------------------------------------------ recording
+    def training_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(csl_sum, csl_count)``: what :func:`csl_fast.accumulate`'s fused op adds into."""
+        return self._buffers["csl_sum"], self._buffers["csl_count"]
+
+    def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+        """Update every buffer but ``csl_sum``/``csl_count`` from one training batch.
+
+        Args:
+            index: ``[B]`` int dataset indices.
+            stats: float32 ``[NUM_STATS, B]`` from the fused cross entropy
+                (:class:`csl_fast.stats.Stat` rows), on the tracker's device.
+
+        Called by :func:`csl_fast.accumulate` after it has added the losses and counts into
+        :meth:`training_buffers`. To record a batch without ``accumulate``, call
+        :meth:`update` instead. No host synchronisation.
+        """
+        idx = self._index(index, stats)
+        f = self.dtype
+        _scatter_add(self.grad_norm_sum, idx, stats[Stat.GRAD_NORM_SQ].to(f))
+        _scatter_add(self.margin_sum, idx, stats[Stat.MARGIN].to(f))
+        p_true = stats[Stat.P_TRUE].to(f)
+        _scatter_add(self.p_true_sum, idx, p_true)
+        _scatter_add(self.p_true_sq_sum, idx, p_true * p_true)
+        if self.history:
+            _scatter_add(self.epoch_loss_sum, idx, stats[Stat.LOSS].to(f))
+            _scatter_add(self.epoch_count, idx, stats[Stat.VALID].to(f))
+        self._record_last(idx, stats, "", transitions=True)
+
+    def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+        """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
+        included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
+        from . import ops
+
+        idx = self._index(index, stats)
+        ops.scatter_stats(
+            stats,
+            idx,
+            self._deterministic(),
+            *self.training_buffers(),
+            backend=self.backend,
+        )
+        self.record(idx, stats)
+
+    def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+        """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
+        buffers, apart from the in-training ones. No host synchronisation."""
+        from . import ops
+
+        idx = self._index(index, stats)
+        ops.scatter_stats(
+            stats,
+            idx,
+            self._deterministic(),
+            self.eval_csl_sum,
+            self.eval_count,
+            backend=self.backend,
+        )
+        if self.history:
+            _scatter_add(self.eval_pass_loss_sum, idx, stats[Stat.LOSS].to(self.dtype))
+            _scatter_add(self.eval_pass_count, idx, stats[Stat.VALID].to(self.dtype))
+        self._record_last(idx, stats, "eval_", transitions=False)
+
+    def record_input_grad(
+        self,
+        index: torch.Tensor,
+        sq_norms: torch.Tensor,
+        valid: torch.Tensor | None = None,
+    ) -> None:
+        r"""Add per-sample squared input-gradient norms :math:`\|\partial\ell_i/\partial x_i\|^2`.
+
+        Args:
+            index: ``[B]`` dataset indices.
+            sq_norms: ``[B]`` squared norms, already scaled to one sample's loss (see
+                :func:`csl_fast.input_grad_norms`).
+            valid: optional ``[B]`` bool; rows that are False (e.g. ``ignore_index``
+                targets) are not recorded. Non-finite norms are never recorded.
+        """
+        idx = self._index(index, sq_norms[None])
+        sq = sq_norms.to(self.device, self.dtype)
+        ok = torch.isfinite(sq)
+        if valid is not None:
+            ok = ok & valid.to(self.device, torch.bool)
+        sq = torch.where(ok, sq, torch.zeros_like(sq))
+        one = ok.to(self.dtype)
+        _scatter_add(self.input_grad_sq_sum, idx, sq)
+        _scatter_add(self.input_grad_norm_sum, idx, sq.sqrt())
+        _scatter_add(self.input_grad_count, idx, one)
+        _scatter_add(self.epoch_input_grad_sq_sum, idx, sq)
+        _scatter_add(self.epoch_input_grad_count, idx, one)
+        if self.input_grad_first_epoch < 0:
+            self.input_grad_first_epoch = self.epoch
+
+    def watch(
+        self,
+        x: torch.Tensor,
+        index: torch.Tensor,
+        reduction_scale: float | torch.Tensor | None = None,
+        *,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Record per-sample input-gradient norms of ``x`` during backward; returns ``x``.
+
+        Registers a hook on ``x`` (made to require grad if it is a leaf that does not)
+        that reduces ``x``'s gradient to per-row squared norms times
+        ``reduction_scale ** 2`` and adds them at ``index``. ``reduction_scale`` undoes the
+        loss reduction: default ``None`` = ``reduction='mean'`` over ``B = x.shape[0]``
+        rows (scale ``B``); ``1.0`` for ``'sum'``; ``(target != ignore_index).sum()`` (a
+        tensor: no host sync) with ``valid=target != ignore_index`` for ``'mean'`` with
+        ignored rows. See :func:`csl_fast.input_grad.watch`.
+
+        .. warning:: BatchNorm in train mode (and any other layer that mixes samples)
+           couples the rows of ``x.grad``: the recorded values are then not per-sample
+           input gradients.
+        """
+        from .input_grad import watch
+
+        return watch(x, index, self, reduction_scale=reduction_scale, valid=valid)
+
+    def _deterministic(self) -> bool:
+        if self.deterministic is None:
+            return torch.are_deterministic_algorithms_enabled()
+        return bool(self.deterministic)
+
+    def _index(self, index: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+        if not isinstance(index, torch.Tensor) or index.dim() != 1:
+            raise ValueError("CSLTracker: index must be a 1-D tensor of dataset indices")
+        if index.is_floating_point() or index.dtype == torch.bool:
+            raise TypeError(
+                f"CSLTracker: index must hold integer dataset indices, got {index.dtype}"
+            )
+        if index.shape[0] != stats.shape[-1]:
+            raise ValueError(
+                f"CSLTracker: index has {index.shape[0]} entries but the batch has "
+                f"{stats.shape[-1]} rows"
+            )
+        if stats.device != self.device:
+            raise ValueError(
+                f"CSLTracker: got statistics on {stats.device} but the tracker lives on "
+                f"{self.device}; create the tracker with device={str(stats.device)!r}"
+            )
+        return index.to(self.device, torch.int64, non_blocking=True)
+
+    def _record_last(
+        self, idx: torch.Tensor, stats: torch.Tensor, prefix: str, transitions: bool
+    ) -> None:
+        """Last-value buffers (and forgetting / learned epoch) with the batch-order rule."""
+        if idx.numel() == 0:
+            return
+        f = self.dtype
+        valid = stats[Stat.VALID] > 0
+        correct = (stats[Stat.CORRECT] > 0) & valid
+        loss = stats[Stat.LOSS]
+        max_prob = _max_prob(loss, stats[Stat.MARGIN])
+        sidx, perm, sv, seg_id, prev, last = _segments(idx, valid)
+        sc = correct[perm]
+        has_last = last >= 0
+        at_last = last.clamp(min=0)
+        old_correct = self._buffers[prefix + "last_correct"][sidx]
+        new_correct = torch.where(has_last, sc[at_last], old_correct)
+        if transitions:
+            prev_correct = torch.where(prev >= 0, sc[prev.clamp(min=0)], old_correct)
+            forget = sv & prev_correct & ~sc
+            onset = (sv & sc & ~prev_correct).to(torch.int32)
+            seg_onsets = torch.zeros_like(onset).index_add_(0, seg_id, onset)[seg_id]
+            old_epoch = self.learned_epoch[sidx]
+            streak = torch.where(seg_onsets > 0, torch.full_like(old_epoch, self.epoch), old_epoch)
+            new_epoch = torch.where(
+                has_last,
+                torch.where(new_correct, streak, torch.full_like(old_epoch, -1)),
+                old_epoch,
+            )
+            self.forgetting.index_add_(0, sidx, forget.to(torch.int32))
+            self.learned_epoch.index_put_((sidx,), new_epoch)
+        # Every row of a segment writes the same value, so duplicate writes agree.
+        for name, values in (("last_loss", loss), ("last_max_prob", max_prob)):
+            buf = self._buffers[prefix + name]
+            new = torch.where(has_last, values[perm][at_last].to(f), buf[sidx])
+            buf.index_put_((sidx,), new)
+        self._buffers[prefix + "last_correct"].index_put_((sidx,), new_correct)
+
+    # --------------------------------------------------------------- epochs
+    def end_epoch(self) -> None:
+        """Close the current training epoch.
+
+        Appends this epoch's mean input-gradient norm (once any was recorded) and, with
+        ``history=True``, its mean loss to the histories, resets the per-epoch
+        accumulators and advances :attr:`epoch`. Reads nothing on the host.
+        """
+        if self.input_grad_first_epoch >= 0:
+            self._histories["input_grad_history"].append(
+                _mean_or_nan(self.epoch_input_grad_sq_sum, self.epoch_input_grad_count).float()
+            )
+            self.epoch_input_grad_sq_sum.zero_()
+            self.epoch_input_grad_count.zero_()
+        if self.history:
+            self._histories["loss_history"].append(
+                _mean_or_nan(self.epoch_loss_sum, self.epoch_count).half()
+            )
+            self.epoch_loss_sum.zero_()
+            self.epoch_count.zero_()
+        self.epoch += 1
+
+    def end_eval_pass(self) -> None:
+        """Close an eval pass (:func:`csl_fast.score_epoch` calls this): appends the pass's
+        mean loss to :attr:`eval_loss_history` (``history=True``) and advances
+        :attr:`eval_passes`."""
+        if self.history:
+            self._histories["eval_loss_history"].append(
+                _mean_or_nan(self.eval_pass_loss_sum, self.eval_pass_count).half()
+            )
+            self.eval_pass_loss_sum.zero_()
+            self.eval_pass_count.zero_()
+        self.eval_passes += 1
+
+    # ---------------------------------------------------------- statistics
+    @property
+    def csl(self) -> torch.Tensor:
+        """In-training CSL (``csl_sum``)."""
+        return self.csl_sum
+
+    @property
+    def csl_mean(self) -> torch.Tensor:
+        """Mean in-training loss per presentation (NaN: never presented)."""
+        return _mean_or_nan(self.csl_sum, self.csl_count)
+
+    @property
+    def eval_csl(self) -> torch.Tensor:
+        """Eval-pass CSL (``eval_csl_sum``): the authors' released code's CSL."""
+        return self.eval_csl_sum
+
+    @property
+    def eval_csl_mean(self) -> torch.Tensor:
+        """Mean eval-pass loss (NaN: never scored)."""
+        return _mean_or_nan(self.eval_csl_sum, self.eval_count)
+
+    @property
+    def aum(self) -> torch.Tensor:
+        """Area under the margin: mean over presentations of
+        :math:`z_y - \\max_{j\\ne y} z_j` (NaN: never presented)."""
+        return _mean_or_nan(self.margin_sum, self.csl_count)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        """Data-map confidence: mean of :math:`p_y` over presentations."""
+        return _mean_or_nan(self.p_true_sum, self.csl_count)
+
+    @property
+    def variability(self) -> torch.Tensor:
+        """Data-map variability: population std of :math:`p_y` over presentations."""
+        mean = self.confidence
+        var = _mean_or_nan(self.p_true_sq_sum, self.csl_count) - mean * mean
+        return var.clamp(min=0).sqrt()
+
+    @property
+    def logit_grad_norm_mean(self) -> torch.Tensor:
+        """Mean :math:`\\|\\partial\\ell_i/\\partial z_i\\|^2` over presentations."""
+        return _mean_or_nan(self.grad_norm_sum, self.csl_count)
+
+    @property
+    def input_grad_sq_mean(self) -> torch.Tensor:
+        """Mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|^2` over input-gradient records."""
+        return _mean_or_nan(self.input_grad_sq_sum, self.input_grad_count)
+
+    @property
+    def loss_sensitivity(self) -> torch.Tensor:
+        """Loss sensitivity (Arpit et al.): mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|`."""
+        return _mean_or_nan(self.input_grad_norm_sum, self.input_grad_count)
+
+    @property
+    def ever_correct(self) -> torch.Tensor:
+        """bool: classified correctly at some presentation (a sample that was correct and is
+        not now has at least one forgetting event)."""
+        return self.last_correct | (self.forgetting > 0)
+
+    def threshold_learning_time(self) -> torch.Tensor:
+        """float ``[N]``: the epoch in which the final correct streak began
+        (``learned_epoch``); ``epoch + 1`` (later than any epoch a streak can have begun
+        in, the open one included) for samples not correct at their last presentation or
+        never presented. Larger means harder (no sign flip)."""
+        le = self.learned_epoch
+        return torch.where(le >= 0, le, torch.full_like(le, self.epoch + 1)).to(self.dtype)
+
+    def learning_time(self, form: str = "code", tau: float | None = None) -> torch.Tensor:
+        r"""Learning time from the per-epoch input-gradient norms (:attr:`input_grad_history`).
+
+        Let :math:`g_{e,i}` be the mean of :math:`\|\partial\ell_i/\partial x_i\|^2` over
+        epoch :math:`e`'s records of sample :math:`i`.
+
+        - ``form="code"`` (default; the authors' released code): the running mean over
+          epochs :math:`r_{e,i} = \operatorname{mean}_{e' \le e} g_{e',i}` (over the epochs
+          with a record), :math:`\tau` = the global mean of :math:`r` over all samples and
+          epochs (unless ``tau`` is given), and the score
+          :math:`1 - |\{e : r_{e,i} < \tau\}| / |\{e : r_{e,i}\ \text{defined}\}|` in
+          ``[0, 1]``. NaN for samples without any record.
+        - ``form="paper"`` (Thm 5.3): :math:`T_i = \min\{e : g_{e,i} \le \tau\}` with a user
+          ``tau`` (required), as an absolute epoch number; :attr:`epoch` (one past the last
+          closed epoch) when the condition never held.
+
+        Only closed epochs count (call :meth:`end_epoch` first). Larger means harder.
+        """
+        hist = self.input_grad_history.to(torch.float64)
+        if form == "paper":
+            if tau is None:
+                raise ValueError("CSLTracker.learning_time(form='paper') needs a threshold tau")
+            epochs = hist.shape[0]
+            below = hist <= tau  # NaN compares False
+            stamp = torch.arange(epochs, device=self.device, dtype=torch.float64)[:, None]
+            stamp = stamp + self.input_grad_first_epoch
+            never = torch.full_like(hist[:1], float(self.epoch))
+            cand = torch.where(below, stamp.expand_as(hist), float("inf"))
+            first = torch.cat([cand, never]).amin(0)
+            return first.to(self.dtype)
+        if form != "code":
+            raise ValueError(
+                f"CSLTracker.learning_time: form must be 'code' or 'paper', got {form!r}"
+            )
+        seen = ~torch.isnan(hist)
+        total = torch.where(seen, hist, 0).cumsum(0)
+        count = seen.to(torch.float64).cumsum(0)
+        running = torch.where(count > 0, total / count.clamp(min=1), float("nan"))
+        defined = count > 0
+        if tau is None:
+            tau = running[defined].mean() if hist.numel() else float("nan")
+        frac_below = ((running < tau) & defined).sum(0) / defined.sum(0)
+        return (1.0 - frac_below).to(self.dtype)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """A versioned snapshot: metadata, counters, buffers (live tensors) and histories.
+
+        Restoring it with :meth:`load_state_dict` (mid-epoch too) and continuing gives
+        bitwise the same buffers as an uninterrupted run.
+        """
+        return {
+            "format": _FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "history": self.history,
+            "epoch": self.epoch,
+            "eval_passes": self.eval_passes,
+            "input_grad_first_epoch": self.input_grad_first_epoch,
+            "buffers": dict(self._buffers),
+            "histories": {
+                name: self._stack(
+                    name,
+                    torch.float32 if name == "input_grad_history" else torch.float16,
+                )
+                for name in _HISTORIES
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
+
+        Raises :class:`TrackerStateError` for another format, a newer version, a different
+        ``num_samples`` or ``num_classes``, or missing or misshapen entries.
+        """
+        if not isinstance(state, Mapping) or state.get("format") != _FORMAT_NAME:
+            raise TrackerStateError("CSLTracker: not a csl_fast tracker state (missing format tag)")
+        version = state.get("version")
+        if not isinstance(version, int) or version < 1:
+            raise TrackerStateError(f"CSLTracker: invalid state version {version!r}")
+        if version > FORMAT_VERSION:
+            raise TrackerStateError(
+                f"CSLTracker: the state was written in format version {version} by a newer "
+                f"csl_fast; this csl_fast reads versions up to {FORMAT_VERSION}. Upgrade "
+                "csl_fast to load it."
+            )
+        n = state.get("num_samples")
+        if n != self.num_samples:
+            raise TrackerStateError(
+                f"CSLTracker: the state is for num_samples={n} but this tracker has "
+                f"num_samples={self.num_samples}; create the tracker with the same dataset size"
+            )
+        c = state.get("num_classes")
+        if c is not None and self.num_classes is not None and c != self.num_classes:
+            raise TrackerStateError(
+                f"CSLTracker: the state is for num_classes={c} but this tracker has "
+                f"num_classes={self.num_classes}"
+            )
+        if bool(state.get("history")) != self.history:
+            raise TrackerStateError(
+                f"CSLTracker: the state has history={bool(state.get('history'))} but this tracker "
+                f"has history={self.history}; create the tracker with the same history flag"
+            )
+        buffers = state.get("buffers")
+        histories = state.get("histories")
+        if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
+            raise TrackerStateError("CSLTracker: the state lacks its buffers or histories")
+        missing = [k for k in self._buffers if k not in buffers]
+        missing += [k for k in _HISTORIES if k not in histories]
+        if missing:
+            raise TrackerStateError(f"CSLTracker: the state lacks entries {missing}")
+        for name in self._buffers:
+            src = buffers[name]
+            if not isinstance(src, torch.Tensor) or tuple(src.shape) != (self.num_samples,):
+                raise TrackerStateError(
+                    f"CSLTracker: state buffer {name!r} is not a [{self.num_samples}] tensor"
+                )
+        loaded: dict[str, list[torch.Tensor]] = {}
+        for name in _HISTORIES:
+            h = histories[name]
+            if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.num_samples:
+                raise TrackerStateError(
+                    f"CSLTracker: state history {name!r} is not an [epochs, N] tensor"
+                )
+            dtype = torch.float32 if name == "input_grad_history" else torch.float16
+            loaded[name] = [row.to(self.device, dtype).clone() for row in h]
+        for name, buf in self._buffers.items():
+            buf.copy_(buffers[name])
+        self._histories = loaded
+        self.epoch = int(state["epoch"])
+        self.eval_passes = int(state["eval_passes"])
+        self.input_grad_first_epoch = int(state["input_grad_first_epoch"])
+        if self.num_classes is None:
+            self.num_classes = c
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write :meth:`state_dict` to ``path`` atomically.
+
+        The state goes to a temporary file in the same directory, is flushed and fsynced,
+        then renamed over ``path`` (``os.replace``): a crash mid-save leaves the previous
+        file intact. Tensors are stored on the CPU; the format is ``torch.save``'s and is
+        read with ``weights_only=True`` (no code is unpickled).
+        """
+        path = os.fspath(path)
+        state = self.state_dict()
+        state["buffers"] = {k: v.detach().cpu() for k, v in state["buffers"].items()}
+        state["histories"] = {k: v.detach().cpu() for k, v in state["histories"].items()}
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        try:  # make the rename itself durable (POSIX; best effort elsewhere)
+            dfd = os.open(directory, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError:
+            pass
+        finally:
+            os.close(dfd)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Load a file written by :meth:`save` into this tracker.
+
+        Raises :class:`TrackerFileError` for a truncated or foreign file, a newer format or
+        a different ``num_samples``; ``FileNotFoundError`` when ``path`` does not exist.
+        """
+        state = read_state(path)
+        try:
+            self.load_state_dict(state)
+        except TrackerFileError:
+            raise
+        except TrackerStateError as exc:
+            raise TrackerFileError(f"{os.fspath(path)}: {exc}") from None
+
+    @classmethod
+    def from_file(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any
+    ) -> CSLTracker:
+        """A new tracker restored from ``path`` (sizes, dtype and history flag from the file)."""
+        state = read_state(path)
+        try:
+            dtype = getattr(torch, str(state["dtype"]))
+            tracker = cls(
+                int(state["num_samples"]),
+                state.get("num_classes"),
+                device=device,
+                dtype=dtype,
+                history=bool(state["history"]),
+                **kwargs,
+            )
+            tracker.load_state_dict(state)
+        except TrackerFileError:
+            raise
+        except (
+            TrackerStateError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            ValueError,
+        ) as exc:
+            raise TrackerFileError(
+                f"{os.fspath(path)}: not a valid csl_fast tracker file ({exc})"
+            ) from None
+        return tracker
+
+    def __repr__(self) -> str:
+        return (
+            f"CSLTracker(num_samples={self.num_samples}, num_classes={self.num_classes}, "
+            f"device={str(self.device)!r}, dtype={self.dtype}, history={self.history}, "
+            f"epoch={self.epoch}, eval_passes={self.eval_passes})"
+        )
+
+
+def read_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a tracker file's raw state dict, checking its format tag and version."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"csl_fast: no tracker file at {path!r}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrackerFileError(
+            f"{path}: not a readable csl_fast tracker file (truncated, corrupted or another "
+            f"format): {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(state, Mapping) or state.get("format") != _FORMAT_NAME:
+        raise TrackerFileError(
+            f"{path}: not a csl_fast tracker file (no {_FORMAT_NAME!r} format tag)"
+        )
+    version = state.get("version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise TrackerFileError(
+            f"{path}: written in tracker format version {version} by a newer csl_fast; this "
+            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
+        )
+    return dict(state)
+
+
+# ------------------------------------------------------------------ helpers
+def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``buf[idx] += values`` with duplicates added in a reproducible order (sequential on
+    the CPU, PyTorch's sort-based kernel on CUDA)."""
+    buf.index_put_((idx,), values, accumulate=True)
+
+
+def _mean_or_nan(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+
+
+def _max_prob(loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    """:math:`\\max_j p_j = \\exp(-(\\ell + \\min(m, 0)))`: the top logit is ``z_y`` when the
+    margin ``m = z_y - max_{j != y} z_j`` is >= 0, else ``z_y - m``; computed in log space
+    so it neither overflows nor underflows to 0 * inf."""
+    return torch.exp(-(loss + margin.clamp(max=0)))
+
+
+def _segments(
+    index: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group a batch by index, keeping batch order within an index (stable sort).
+
+    Returns, for the sorted batch: ``sorted_index``, ``perm`` (sorted position -> batch
+    row), ``valid`` (sorted), ``segment_id``, ``prev`` (position of the previous valid row
+    with the same index, -1 if none) and ``last`` (position of the last valid row with the
+    same index, -1 if none). Device-only: no host synchronisation.
+    """
+    n = index.numel()
+    sidx, perm = torch.sort(index, stable=True)
+    sv = valid[perm]
+    pos = torch.arange(n, device=index.device)
+    new_seg = torch.ones(n, dtype=torch.bool, device=index.device)
+    new_seg[1:] = sidx[1:] != sidx[:-1]
+    seg_start = torch.where(new_seg, pos, 0).cummax(0).values
+    seg_id = new_seg.to(torch.int64).cumsum(0) - 1
+    vpos = torch.where(sv, pos, -1)
+    upto = vpos.cummax(0).values.roll(1)
+    upto[:1] = -1
+    prev = torch.where(upto >= seg_start, upto, -1)
+    last = torch.full_like(vpos, -1).scatter_reduce_(0, seg_id, vpos, "amax")[seg_id]
+    return sidx, perm, sv, seg_id, prev, last

@@ -1,0 +1,113 @@
+"""Batched input-gradient norms: csl_fast.input_grad_norms and CSLTracker.watch."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker
+
+BACKENDS = csl_fast.available_backends("cpu")
+
+
+def per_sample_sq(model, x, y):
+    """||d l_i / d x_i||^2 from one float64 autograd call per row (no reduction involved)."""
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    out = []
+    for i in range(x.shape[0]):
+        xi = x[i : i + 1].detach().double().requires_grad_(True)
+        loss = F.cross_entropy(torch.func.functional_call(model, params, (xi,)), y[i : i + 1])
+        (g,) = torch.autograd.grad(loss, xi)
+        out.append(g.square().sum())
+    return torch.stack(out)
+
+
+def _model(features=6, classes=4):
+    return torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(features, 5),
+        torch.nn.Tanh(),
+        torch.nn.Linear(5, classes),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_grad_norms_op_and_scatter(backend):
+    b = 5 if backend == "triton" else 37
+    grad = torch.randn(b, 3, 7, dtype=torch.float32)
+    idx = torch.randint(0, 9, (b,))
+    t = CSLTracker(9, backend=backend)
+    sq = csl_fast.input_grad_norms(grad, idx, t, scale=3.0)
+    want = (3.0 * grad.double()).flatten(1).square().sum(1)
+    torch.testing.assert_close(sq.double(), want, rtol=1e-5, atol=1e-6)
+    exp_sum = torch.zeros(9, dtype=torch.float64).index_add_(0, idx, want)
+    exp_norm = torch.zeros(9, dtype=torch.float64).index_add_(0, idx, want.sqrt())
+    exp_count = torch.zeros(9).index_add_(0, idx, torch.ones(b))
+    torch.testing.assert_close(t.input_grad_sq_sum.double(), exp_sum, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.input_grad_norm_sum.double(), exp_norm, rtol=1e-5, atol=1e-6)
+    assert torch.equal(t.input_grad_count, exp_count)
+    torch.testing.assert_close(t.loss_sensitivity.double(), exp_norm / exp_count, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_watch_undoes_the_reduction(reduction):
+    model = _model()
+    x = torch.randn(8, 2, 3)
+    y = torch.randint(0, 4, (8,))
+    idx = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0])
+    t = CSLTracker(7)
+    xw = t.watch(x, idx, reduction_scale=None if reduction == "mean" else 1.0)
+    assert xw is x and x.requires_grad
+    csl_fast.accumulate(model(x), y, idx, t, reduction=reduction).backward()
+    want = per_sample_sq(model, x, y)
+    exp = torch.zeros(7, dtype=torch.float64).index_add_(0, idx, want)
+    torch.testing.assert_close(t.input_grad_sq_sum.double(), exp, rtol=1e-4, atol=1e-7)
+    assert t.input_grad_count.tolist() == [2, 1, 1, 1, 1, 1, 1]
+    torch.testing.assert_close(t.epoch_input_grad_sq_sum, t.input_grad_sq_sum)
+
+
+def test_watch_ignore_index_with_tensor_scale():
+    model = _model()
+    x = torch.randn(6, 6)
+    y = torch.tensor([1, -100, 2, 3, -100, 0])
+    idx = torch.arange(6)
+    valid = y != -100
+    t = CSLTracker(6)
+    t.watch(x, idx, reduction_scale=valid.sum(), valid=valid)
+    F.cross_entropy(model(x), y).backward()
+    want = per_sample_sq(model, x[valid], y[valid])
+    got = t.input_grad_sq_sum.double()
+    torch.testing.assert_close(got[valid], want, rtol=1e-4, atol=1e-7)
+    assert got[~valid].tolist() == [0.0, 0.0]
+    assert t.input_grad_count.tolist() == [1, 0, 1, 1, 0, 1]
+
+
+def test_watch_errors_and_nonfinite():
+    t = CSLTracker(3)
+    with pytest.raises(TypeError, match="floating"):
+        t.watch(torch.zeros(2, dtype=torch.long), torch.arange(2))
+    with pytest.raises(ValueError, match="batch"):
+        t.watch(torch.zeros(3, 2), torch.arange(2))
+    t.record_input_grad(torch.tensor([0, 1]), torch.tensor([float("nan"), 4.0]))
+    assert t.input_grad_count.tolist() == [0, 1, 0]
+    assert t.input_grad_norm_sum.tolist() == [0, 2, 0]
+
+
+def test_hook_feeds_learning_time_history():
+    model = _model()
+    t = CSLTracker(4)
+    for _epoch in range(3):
+        x = torch.randn(4, 6)
+        t.watch(x, torch.arange(4))
+        F.cross_entropy(model(x), torch.arange(4)).backward()
+        t.end_epoch()
+    assert t.input_grad_history.shape == (3, 4)
+    assert t.input_grad_first_epoch == 0
+    lt = t.learning_time()
+    assert ((lt >= 0) & (lt <= 1)).all()

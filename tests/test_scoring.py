@@ -1,0 +1,89 @@
+"""csl_fast.score_epoch: eval-pass CSL with the same kernel, kept apart, mode restored."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker
+
+BACKENDS = csl_fast.available_backends("cpu")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 3))
+
+
+def _batches(n=9, b=4, passes=1):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    out = []
+    for _ in range(passes):
+        perm = torch.randperm(n, generator=g)
+        out += [(x[p], y[p], p) for p in perm.split(b)]
+    return x, y, out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_pass_matches_plain_pytorch(backend):
+    model = _model()
+    model.train()
+    x, y, batches = _batches(n=5 if backend == "triton" else 9, passes=2)
+    t = CSLTracker(len(x), 3, history=True, backend=backend)
+    csl_fast.score_epoch(model, batches, t)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        logits = model(x).double()
+    loss = F.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(t.eval_csl_sum.double(), 2 * loss, rtol=1e-5, atol=1e-6)
+    assert t.eval_count.tolist() == [2.0] * len(x)
+    torch.testing.assert_close(t.eval_last_loss.double(), loss, rtol=1e-5, atol=1e-6)
+    p = logits.softmax(1)
+    torch.testing.assert_close(t.eval_last_max_prob.double(), p.max(1).values, rtol=1e-5, atol=1e-6)
+    assert torch.equal(t.eval_last_correct, logits.argmax(1) == y)
+    # in-training buffers untouched
+    assert t.csl_sum.abs().sum() == 0 and t.csl_count.sum() == 0
+    assert t.eval_passes == 1
+    torch.testing.assert_close(t.eval_loss_history[0].double(), loss, rtol=2e-3, atol=1e-3)
+    torch.testing.assert_close(t.eval_csl_mean.double(), loss, rtol=1e-5, atol=1e-6)
+
+
+def test_restores_eval_mode_and_survives_errors():
+    model = _model().eval()
+    _, _, batches = _batches()
+    t = CSLTracker(9, 3)
+    csl_fast.score_epoch(model, batches, t, progress=True)
+    assert not model.training
+    model.train()
+
+    def bad(batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        csl_fast.score_epoch(model, batches, t, unpack=bad)
+    assert model.training
+    assert t.eval_passes == 1
+
+
+def test_dict_batches_forward_and_ignore_index():
+    model = _model()
+    x, y, batches = _batches()
+    y = y.clone()
+    y[0] = -100
+    dicts = [{"input": {"features": xb}, "target": y[i], "index": i} for xb, _, i in batches]
+    t = CSLTracker(9, 3)
+    csl_fast.score_epoch(model, dicts, t, forward=lambda m, inp: m(inp["features"]))
+    assert t.eval_count[0] == 0 and t.eval_count[1:].eq(1).all()
+    with pytest.raises(KeyError, match="unpack"):
+        csl_fast.score_epoch(model, [{"x": x}], t)
+    with pytest.raises(ValueError, match="logits"):
+        csl_fast.score_epoch(model, batches, t, forward=lambda m, inp: m(inp)[None])

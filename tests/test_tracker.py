@@ -1,0 +1,494 @@
+"""CSLTracker against a plain-PyTorch, one-presentation-at-a-time oracle.
+
+Every statistic is recomputed from the logits in float64 with textbook formulas and a
+Python loop over presentations in batch order (the tracker's documented rule for
+duplicate indices), for every backend available here, across several epochs with
+duplicate indices, ``ignore_index`` rows and a non-finite row.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker, Stat, TrackerFileError, TrackerStateError
+
+BACKENDS = csl_fast.available_backends("cpu")
+IGNORE = -1
+
+
+class Oracle:
+    """Plain-PyTorch bookkeeping, one presentation at a time."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.epoch = 0
+        self.train = [[] for _ in range(n)]  # (epoch, loss, p_y, margin, correct, gn, maxp)
+        self.eval = [[] for _ in range(n)]
+        self.ig = [[] for _ in range(n)]  # (epoch, sq)
+        self.ig_first = -1
+        self.loss_hist, self.eval_hist, self.ig_hist = [], [], []
+        self._eval_pass = [[] for _ in range(n)]
+
+    @staticmethod
+    def rows(logits: torch.Tensor, target: torch.Tensor):
+        z = logits.detach().double()
+        out = []
+        for i in range(z.shape[0]):
+            y = int(target[i])
+            if y == IGNORE:
+                out.append(None)
+                continue
+            loss = F.cross_entropy(z[i : i + 1], target[i : i + 1].long()).item()
+            if not math.isfinite(loss):
+                out.append(None)
+                continue
+            p = z[i].softmax(0)
+            onehot = F.one_hot(torch.tensor(y), z.shape[1]).double()
+            others = torch.cat([z[i, :y], z[i, y + 1 :]])
+            margin = (z[i, y] - others.max()).item() if others.numel() else 0.0
+            out.append(
+                {
+                    "loss": loss,
+                    "p": p[y].item(),
+                    "margin": margin,
+                    "correct": int(z[i].argmax()) == y,
+                    "gn": ((p - onehot) ** 2).sum().item(),
+                    "maxp": p.max().item(),
+                }
+            )
+        return out
+
+    def train_batch(self, logits, target, index):
+        for r, i in zip(self.rows(logits, target), index.tolist(), strict=True):
+            if r is not None:
+                self.train[i].append((self.epoch, r))
+
+    def eval_batch(self, logits, target, index):
+        for r, i in zip(self.rows(logits, target), index.tolist(), strict=True):
+            if r is not None:
+                self.eval[i].append(r)
+                self._eval_pass[i].append(r["loss"])
+
+    def input_grad(self, index, sq):
+        for s, i in zip(sq, index.tolist(), strict=True):
+            if s is not None and math.isfinite(s):
+                self.ig[i].append((self.epoch, s))
+                if self.ig_first < 0:
+                    self.ig_first = self.epoch
+
+    def end_epoch(self):
+        e = self.epoch
+
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else math.nan
+
+        self.loss_hist.append([mean([r["loss"] for ep, r in p if ep == e]) for p in self.train])
+        if self.ig_first >= 0:
+            self.ig_hist.append([mean([s for ep, s in g if ep == e]) for g in self.ig])
+        self.epoch += 1
+
+    def end_eval_pass(self):
+        def mean(xs):
+            return sum(xs) / len(xs) if xs else math.nan
+
+        self.eval_hist.append([mean(xs) for xs in self._eval_pass])
+        self._eval_pass = [[] for _ in range(self.n)]
+
+    def expected(self) -> dict[str, list]:
+        ex = {k: [] for k in ("csl_sum", "csl_count", "last_loss", "last_max_prob")}
+        ex.update({k: [] for k in ("grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum")})
+        ex.update({k: [] for k in ("last_correct", "forgetting", "learned_epoch")})
+        for pres in self.train:
+            rs = [r for _, r in pres]
+            ex["csl_sum"].append(sum(r["loss"] for r in rs))
+            ex["csl_count"].append(len(rs))
+            ex["last_loss"].append(rs[-1]["loss"] if rs else 0.0)
+            ex["last_max_prob"].append(rs[-1]["maxp"] if rs else 0.0)
+            ex["grad_norm_sum"].append(sum(r["gn"] for r in rs))
+            ex["margin_sum"].append(sum(r["margin"] for r in rs))
+            ex["p_true_sum"].append(sum(r["p"] for r in rs))
+            ex["p_true_sq_sum"].append(sum(r["p"] ** 2 for r in rs))
+            prev, forget, start = False, 0, -1
+            for ep, r in pres:
+                if prev and not r["correct"]:
+                    forget += 1
+                if r["correct"] and not prev:
+                    start = ep
+                if not r["correct"]:
+                    start = -1
+                prev = r["correct"]
+            ex["last_correct"].append(prev)
+            ex["forgetting"].append(forget)
+            ex["learned_epoch"].append(start)
+        ex["eval_csl_sum"] = [sum(r["loss"] for r in rs) for rs in self.eval]
+        ex["eval_count"] = [len(rs) for rs in self.eval]
+        ex["eval_last_loss"] = [rs[-1]["loss"] if rs else 0.0 for rs in self.eval]
+        ex["eval_last_max_prob"] = [rs[-1]["maxp"] if rs else 0.0 for rs in self.eval]
+        ex["eval_last_correct"] = [rs[-1]["correct"] if rs else False for rs in self.eval]
+        ex["input_grad_sq_sum"] = [sum(s for _, s in g) for g in self.ig]
+        ex["input_grad_norm_sum"] = [sum(math.sqrt(s) for _, s in g) for g in self.ig]
+        ex["input_grad_count"] = [len(g) for g in self.ig]
+        return ex
+
+
+def assert_tracker_matches(tracker: CSLTracker, oracle: Oracle) -> None:
+    for name, values in oracle.expected().items():
+        got = getattr(tracker, name)
+        want = torch.tensor(values, dtype=torch.float64)
+        if got.dtype in (torch.bool, torch.int32):
+            assert torch.equal(got.long(), want.long()), name
+        else:
+            torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+    if tracker.history:
+        for name, rows in (
+            ("loss_history", oracle.loss_hist),
+            ("eval_loss_history", oracle.eval_hist),
+        ):
+            want = torch.tensor(rows, dtype=torch.float64).reshape(-1, oracle.n)
+            got = getattr(tracker, name).double()
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-3, equal_nan=True, msg=name)
+    want = torch.tensor(oracle.ig_hist, dtype=torch.float64).reshape(-1, oracle.n)
+    got = tracker.input_grad_history.double()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, equal_nan=True)
+    assert tracker.input_grad_first_epoch == oracle.ig_first
+    assert tracker.epoch == oracle.epoch
+
+
+def per_sample_input_grads(model, x, y):
+    """Squared norms of d loss_i / d x_i from one float64 autograd call per row."""
+    params = {k: v.detach().double() for k, v in model.named_parameters()}
+    out = []
+    for i in range(x.shape[0]):
+        if int(y[i]) == IGNORE:
+            out.append(None)
+            continue
+        xi = x[i : i + 1].detach().double().requires_grad_(True)
+        logits = torch.func.functional_call(model, params, (xi,))
+        (g,) = torch.autograd.grad(F.cross_entropy(logits, y[i : i + 1]), xi)
+        out.append(g.square().sum().item())
+    return out
+
+
+def make_batches(n, batch, steps, classes, features, seed, nan_row=True):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for s in range(steps):
+        x = torch.randn(batch, features, generator=g) * 2
+        y = torch.randint(0, classes, (batch,), generator=g)
+        y[torch.rand(batch, generator=g) < 0.2] = IGNORE
+        idx = torch.randint(0, n, (batch,), generator=g)  # n < batch * steps: duplicates
+        if nan_row and s == 1:
+            x[0] = float("nan")
+            y[0] = 0
+        batches.append((x, y, idx))
+    return batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_statistic_matches_plain_pytorch(backend):
+    tiny = backend == "triton"
+    n, batch, steps, classes, features, epochs = (
+        (6, 5, 2, 3, 3, 2) if tiny else (13, 11, 4, 4, 5, 3)
+    )
+    model = torch.nn.Linear(features, classes)
+    with torch.no_grad():
+        model.weight.mul_(3)
+    tracker = CSLTracker(n, classes, history=True, backend=backend)
+    oracle = Oracle(n)
+    for epoch in range(epochs):
+        for x, y, idx in make_batches(n, batch, steps, classes, features, seed=epoch):
+            valid = y != IGNORE
+            x = x.clone()
+            x = tracker.watch(x, idx, reduction_scale=valid.sum(), valid=valid)
+            logits = model(x)
+            loss = csl_fast.accumulate(
+                logits, y, idx, tracker, ignore_index=IGNORE, backend=backend
+            )
+            loss.backward()
+            model.zero_grad()
+            oracle.train_batch(logits, y, idx)
+            oracle.input_grad(idx, per_sample_input_grads(model, x, y))
+        tracker.end_epoch()
+        oracle.end_epoch()
+        eval_batches = make_batches(n, batch, 2, classes, features, seed=100 + epoch, nan_row=False)
+        csl_fast.score_epoch(model, eval_batches, tracker, ignore_index=IGNORE)
+        for x, y, idx in eval_batches:
+            oracle.eval_batch(model(x), y, idx)
+        oracle.end_eval_pass()
+    assert_tracker_matches(tracker, oracle)
+    assert tracker.eval_passes == epochs
+    assert (tracker.forgetting > 0).any() or tiny  # the data does exercise forgetting
+    assert (tracker.csl_count > 1).any()
+
+
+def _stats(loss, correct, valid, margin=None):
+    b = len(loss)
+    s = torch.zeros(len(Stat), b)
+    s[Stat.LOSS] = torch.tensor(loss, dtype=torch.float32)
+    s[Stat.CORRECT] = torch.tensor(correct, dtype=torch.float32)
+    s[Stat.VALID] = torch.tensor(valid, dtype=torch.float32)
+    s[Stat.P_TRUE] = torch.exp(-s[Stat.LOSS])
+    s[Stat.MARGIN] = torch.tensor(margin or [0.0] * b)
+    return s * s[Stat.VALID]
+
+
+def test_duplicate_rule_is_batch_order():
+    t = CSLTracker(4)
+    # sample 1: correct, incorrect, (ignored), correct -> one forgetting event, streak from 0
+    # sample 2: correct, correct; sample 3: only an ignored row; sample 0: incorrect
+    idx = torch.tensor([1, 2, 1, 3, 1, 2, 1, 0])
+    loss = [0.1, 0.2, 0.3, 9.0, 9.0, 0.4, 0.5, 0.6]
+    correct = [1, 1, 0, 1, 1, 1, 1, 0]
+    valid = [1, 1, 1, 0, 0, 1, 1, 1]
+    t.update(idx, _stats(loss, correct, valid))
+    assert t.forgetting.tolist() == [0, 1, 0, 0]
+    assert t.learned_epoch.tolist() == [-1, 0, 0, -1]
+    assert t.last_correct.tolist() == [False, True, True, False]
+    torch.testing.assert_close(t.last_loss, torch.tensor([0.6, 0.5, 0.4, 0.0]))
+    torch.testing.assert_close(t.csl_sum, torch.tensor([0.6, 0.9, 0.6, 0.0]))
+    assert t.csl_count.tolist() == [1, 3, 2, 0]
+    t.end_epoch()
+    # epoch 1: sample 2 stays correct (streak keeps epoch 0); sample 1 incorrect then
+    # correct (streak restarts at 1); sample 0 becomes correct
+    t.update(
+        torch.tensor([2, 1, 1, 0]),
+        _stats([0.1, 2.0, 0.2, 0.3], [1, 0, 1, 1], [1, 1, 1, 1]),
+    )
+    assert t.forgetting.tolist() == [0, 2, 0, 0]
+    assert t.learned_epoch.tolist() == [1, 1, 0, -1]
+    assert t.threshold_learning_time().tolist() == [1, 1, 0, 2]  # never: epoch + 1
+    assert t.ever_correct.tolist() == [True, True, True, False]
+    t.update(torch.tensor([2, 2]), _stats([3.0, 3.0], [0, 1], [1, 0]))
+    assert t.learned_epoch.tolist() == [1, 1, -1, -1]
+    assert t.forgetting.tolist() == [0, 2, 1, 0]
+
+
+def test_max_prob_and_derived_statistics():
+    t = CSLTracker(3)
+    logits = torch.tensor([[5.0, 1.0, -2.0], [0.0, 80.0, -80.0], [1.0, 1.0, 1.0]])
+    y = torch.tensor([0, 2, 1])
+    csl_fast.accumulate(logits, y, torch.arange(3), t, backend="reference")
+    p = logits.double().softmax(1)
+    torch.testing.assert_close(t.last_max_prob.double(), p.max(1).values, rtol=1e-5, atol=1e-6)
+    assert t.last_correct.tolist() == [True, False, False]  # ties: the first index wins
+    csl_fast.accumulate(logits * 0.5, y, torch.arange(3), t, backend="reference")
+    py = torch.stack([p[range(3), y], (logits * 0.5).double().softmax(1)[range(3), y]])
+    torch.testing.assert_close(t.confidence.double(), py.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        t.variability.double(), py.std(0, correction=0), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(t.csl_mean, t.csl_sum / 2)
+    torch.testing.assert_close(t.aum, t.margin_sum / 2)
+    assert torch.isnan(CSLTracker(2).csl_mean).all()
+
+
+def test_learning_time_both_forms():
+    t = CSLTracker(3)
+    # epoch 0: no records; epochs 1..3 with records (sample 2 missing in epoch 2)
+    t.end_epoch()
+    per_epoch = [[4.0, 1.0, 9.0], [2.0, 0.5, None], [0.5, 3.0, 1.0]]
+    for row in per_epoch:
+        for i, v in enumerate(row):
+            if v is not None:  # two records per epoch with mean v
+                t.record_input_grad(torch.tensor([i, i]), torch.tensor([v - 0.25, v + 0.25]))
+        t.end_epoch()
+    assert t.input_grad_first_epoch == 1
+    h = torch.tensor(
+        [[v if v is not None else math.nan for v in r] for r in per_epoch],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(t.input_grad_history.double(), h, equal_nan=True)
+    # paper form: first epoch with mean <= tau; never -> t.epoch
+    assert t.learning_time("paper", tau=1.0).tolist() == [3.0, 1.0, 3.0]
+    assert t.learning_time("paper", tau=0.1).tolist() == [4.0, 4.0, 4.0]
+    # released code's form, computed by hand
+    running = [[4.0, 3.0, 6.5 / 3], [1.0, 0.75, 4.5 / 3], [9.0, math.nan, 5.0]]
+    vals = [v for r in running for v in r if not math.isnan(v)]
+    tau = sum(vals) / len(vals)
+    want = [
+        1 - sum(v < tau for v in r if not math.isnan(v)) / sum(not math.isnan(v) for v in r)
+        for r in running
+    ]
+    torch.testing.assert_close(t.learning_time().double(), torch.tensor(want, dtype=torch.float64))
+    want2 = [
+        1 - sum(v < 2.0 for v in r if not math.isnan(v)) / sum(not math.isnan(v) for v in r)
+        for r in running
+    ]
+    torch.testing.assert_close(
+        t.learning_time(tau=2.0).double(), torch.tensor(want2, dtype=torch.float64)
+    )
+    with pytest.raises(ValueError, match="tau"):
+        t.learning_time("paper")
+
+
+def test_memory_statement():
+    n = 1000
+    assert CSLTracker(n).nbytes() == 78 * n
+    assert CSLTracker(n, dtype=torch.float64).nbytes() == 146 * n
+    assert CSLTracker(n, history=True).nbytes() == (78 + 16) * n
+    assert "78 bytes per sample" in CSLTracker.__doc__
+
+
+def test_record_checks_device_and_shapes():
+    t = CSLTracker(4)
+    with pytest.raises(ValueError, match="entries"):
+        t.record(torch.tensor([0, 1]), torch.zeros(len(Stat), 3))
+    with pytest.raises(TypeError, match="integer"):
+        t.record(torch.tensor([0.0]), torch.zeros(len(Stat), 1))
+    t.record(torch.zeros(0, dtype=torch.long), torch.zeros(len(Stat), 0))  # empty batch
+
+
+# ----------------------------------------------------------------------------- state
+def _run(tracker, model, opt, epochs, start=(0, 0), stop=None, data=None):
+    """Train ``model`` with ``tracker`` from (epoch, step) ``start`` up to ``stop``."""
+    n = tracker.num_samples
+    for epoch in range(start[0], epochs):
+        batches = data[epoch]
+        for step, (x, y, idx) in enumerate(batches):
+            if (epoch, step) < start:
+                continue
+            if stop is not None and (epoch, step) >= stop:
+                return
+            x = tracker.watch(x.clone(), idx)
+            loss = csl_fast.accumulate(model(x), y, idx, tracker, ignore_index=IGNORE)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        tracker.end_epoch()
+        csl_fast.score_epoch(model, data["eval"], tracker, ignore_index=IGNORE)
+    assert n == tracker.num_samples
+
+
+def _all_state(tracker):
+    sd = tracker.state_dict()
+    return {**sd["buffers"], **sd["histories"]}, {
+        k: v for k, v in sd.items() if k not in ("buffers", "histories")
+    }
+
+
+def test_resume_is_bitwise_equal(tmp_path):
+    n, classes, features, epochs = 17, 3, 4, 3
+    data = {e: make_batches(n, 8, 4, classes, features, seed=10 + e) for e in range(epochs)}
+    data["eval"] = [(torch.randn(n, features), torch.randint(0, classes, (n,)), torch.arange(n))]
+
+    def fresh():
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(features, 8), torch.nn.Tanh(), torch.nn.Linear(8, classes)
+        )
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    model, opt = fresh()
+    straight = CSLTracker(n, classes, history=True)
+    _run(straight, model, opt, epochs, data=data)
+
+    model, opt = fresh()
+    first = CSLTracker(n, classes, history=True)
+    _run(first, model, opt, epochs, stop=(1, 2), data=data)  # stop mid-epoch
+    first.save(tmp_path / "run.csl")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "model.pt")
+    del first
+
+    model, opt = fresh()
+    ckpt = torch.load(tmp_path / "model.pt")
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    resumed = CSLTracker(n, classes, history=True)
+    resumed.load(tmp_path / "run.csl")
+    _run(resumed, model, opt, epochs, start=(1, 2), data=data)
+
+    (a, meta_a), (b, meta_b) = _all_state(straight), _all_state(resumed)
+    assert meta_a == meta_b
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert straight.input_grad_history.shape[0] == epochs
+
+    again = CSLTracker.from_file(tmp_path / "run.csl")
+    assert again.history and again.num_classes == classes and again.epoch == 1
+
+
+def test_state_dict_roundtrip_in_memory():
+    t = CSLTracker(5, 2)
+    t.update(torch.tensor([0, 0, 3]), _stats([1.0, 2.0, 3.0], [1, 0, 1], [1, 1, 1]))
+    t.end_epoch()
+    u = CSLTracker(5)
+    u.load_state_dict(t.state_dict())
+    for k, v in t.buffers().items():
+        assert torch.equal(v, u.buffers()[k]), k
+    assert u.epoch == 1 and u.num_classes == 2
+
+
+def test_file_errors(tmp_path):
+    t = CSLTracker(10, 3)
+    t.update(torch.tensor([1, 2]), _stats([1.0, 2.0], [1, 0], [1, 1]))
+    path = tmp_path / "t.csl"
+    t.save(path)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+    with pytest.raises(TrackerFileError, match="num_samples=10"):
+        CSLTracker(11).load(path)
+    with pytest.raises(TrackerFileError, match="num_classes"):
+        CSLTracker(10, 4).load(path)
+    with pytest.raises(FileNotFoundError):
+        CSLTracker(10).load(tmp_path / "missing.csl")
+
+    state = t.state_dict()
+    state["version"] = 99
+    torch.save(state, tmp_path / "newer.csl")
+    with pytest.raises(TrackerFileError, match="newer csl_fast"):
+        CSLTracker(10).load(tmp_path / "newer.csl")
+    with pytest.raises(TrackerStateError, match="newer csl_fast"):
+        CSLTracker(10).load_state_dict(state)
+
+    data = path.read_bytes()
+    (tmp_path / "trunc.csl").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.csl").write_text("hello")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.csl")
+    for name in ("trunc.csl", "text.csl", "foreign.csl"):
+        with pytest.raises(TrackerFileError):
+            CSLTracker(10).load(tmp_path / name)
+        with pytest.raises(TrackerFileError):
+            CSLTracker.from_file(tmp_path / name)
+    assert issubclass(TrackerFileError, ValueError)
+
+    u = CSLTracker(10, 3)
+    u.load(path)
+    assert torch.equal(u.csl_sum, t.csl_sum)
+
+
+def test_crash_mid_save_keeps_old_file(tmp_path, monkeypatch):
+    t = CSLTracker(6)
+    t.update(torch.tensor([1]), _stats([1.5], [1], [1]))
+    path = tmp_path / "t.csl"
+    t.save(path)
+    before = path.read_bytes()
+    t.update(torch.tensor([2]), _stats([2.5], [1], [1]))
+
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        t.save(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["t.csl"]
+    u = CSLTracker(6)
+    u.load(path)
+    assert u.csl_sum.tolist() == [0, 1.5, 0, 0, 0, 0]
