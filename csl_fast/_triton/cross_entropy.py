@@ -1,0 +1,391 @@
+"""Fused cross entropy in Triton: loss, logits gradient and per-row statistics in one pass.
+
+``csl_fast::cross_entropy_fwd_triton`` has exactly the semantics of
+:func:`csl_fast.reference.cross_entropy_fwd`.
+
+Maths per row ``i`` (``z`` the logits row, ``y`` its target, ``eps`` the label smoothing,
+``w`` the class weights or ones, ``W = sum_j w_j``, ``p = softmax(z)``, ``lse`` =
+logsumexp(z))::
+
+    objective  L_i = (1 - eps) w_y (lse - z_y) + (eps / C) sum_j w_j (lse - z_j)
+    grad j != y:     (1 - eps) w_y p_j + (eps / C)(W p_j - w_j)
+    grad j == y:   -(1 - eps) w_y sum_{j != y} p_j + (eps / C)(W p_y - w_y)
+
+all scaled by ``1 / D`` for ``mean`` (``D`` = sum of ``w_y`` over non-ignored rows, computed
+on the device before the launch and read by the kernel: no host synchronisation). The
+true-class entry is built from ``sum_{j != y} p_j`` so it does not cancel as ``p_y -> 1``;
+``sum_j w_j (lse - z_j)`` is accumulated as ``W log(s) + sum_j w_j (m - z_j)`` (``m`` the
+running max, ``s = sum_j exp(z_j - m)``), a sum of non-negative terms.
+
+Statistics (float32 ``[6, B]``, :class:`csl_fast.stats.Stat`) are for plain CE: loss
+``lse - z_y`` (via ``log1p`` when ``z_y`` is within 1 of the max, so confident rows keep
+their relative precision), ``p_y``, margin ``z_y - max_{j != y} z_j`` (0 when ``C == 1``),
+correct (``argmax`` with first-index tie-break ``== y``, i.e. ``z_y > max_{j<y}`` and
+``z_y >= max_{j>y}``), the logit-gradient norm ``sum_{j != y} p_j^2 + (sum_{j != y} p_j)^2``
+from online-softmax accumulators over ``j != y``, and valid. Rows that are ignored or whose
+loss is not finite get all-zero statistics.
+
+Everything is computed in float32 whatever the logits dtype (float16, bfloat16, float32);
+float64 logits are rejected (the C++ kernels and the reference handle them). Row offsets
+are 64-bit. Small ``C``: several rows per program, the row tile stays in registers between
+the statistics and the gradient (one read, one write of the logits). Large ``C``
+(``next_pow2(C) > MAX_FUSED_BLOCK``): one row per program, an online-softmax pass then a
+gradient pass (two reads, one write).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._registry import is_interpreted, register
+
+#: Largest power-of-two row tile kept on chip between the statistics and gradient passes.
+MAX_FUSED_BLOCK = 8192
+#: Chunk width of the two-pass (online softmax) path for wider rows.
+CHUNK_BLOCK = 4096
+#: Target number of elements per program in the fused path (several rows for small C).
+TILE_ELEMS = 2048
+#: Cap on rows per program.
+MAX_ROWS = 16
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _log1p(t):
+    # Accurate log(1 + t) for t >= 0 without libdevice (Goldberg's trick).
+    u = 1.0 + t
+    return tl.where(u == 1.0, t, tl.log(u) * (t / (u - 1.0)))
+
+
+@triton.jit
+def _to_out(x, dtype: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr):
+    # Triton's interpreter truncates fp32 -> bf16 casts; a GPU rounds to nearest even.
+    # Under the interpreter, round by hand so that the result is the GPU's.
+    if MANUAL_BF16_RNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _ce_fwd_kernel(
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    denom_ptr,
+    grad_ptr,
+    loss_ptr,
+    stats_ptr,
+    B,
+    C,
+    stride_lr,
+    stride_gr,
+    ignore_index,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    IS_MEAN: tl.constexpr,
+    FUSED: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    MANUAL_BF16_RNE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_mask = rows < B
+    tgt = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
+    active = row_mask & (tgt != ignore_index)
+    # Clamp only so that a bad target can never address memory outside the row.
+    y = tl.minimum(tl.maximum(tl.where(active, tgt, 0), 0), C - 1)
+    lrow = logits_ptr + rows * stride_lr
+    grow = grad_ptr + rows * stride_gr
+    cols0 = tl.arange(0, BLOCK_C)
+
+    if HAS_WEIGHT:
+        w_y = tl.load(weight_ptr + y, mask=active, other=0.0).to(tl.float32)
+    else:
+        w_y = tl.where(active, 1.0, 0.0)
+    inv_c = 1.0 / C
+    a_coef = (1.0 - eps) * w_y  # [ROWS]
+    b_coef = eps * inv_c  # scalar
+    if IS_MEAN:
+        row_scale = tl.where(active, 1.0 / tl.load(denom_ptr).to(tl.float32), 0.0)
+    else:
+        row_scale = tl.where(active, 1.0, 0.0)
+
+    # ---- statistics pass -------------------------------------------------------------
+    if FUSED:
+        cols = cols0
+        col_mask = cols < C
+        mask2 = row_mask[:, None] & col_mask[None, :]
+        z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+        z = tl.where(col_mask[None, :], z, float("-inf"))
+        is_y = cols[None, :] == y[:, None]
+        other = col_mask[None, :] & (cols[None, :] != y[:, None])
+        m = tl.max(z, 1)
+        e = tl.exp(z - m[:, None])
+        s = tl.sum(e, 1)
+        e_o = tl.where(other, e, 0.0)
+        s_o = tl.sum(e_o, 1)
+        q_o = tl.sum(e_o * e_o, 1)
+        z_y = tl.sum(tl.where(is_y, z, 0.0), 1)
+        m_lt = tl.max(
+            tl.where(col_mask[None, :] & (cols[None, :] < y[:, None]), z, float("-inf")), 1
+        )
+        m_gt = tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
+        if HAS_SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            else:
+                w = tl.where(col_mask, 1.0, 0.0)
+            w_sum = tl.sum(w, 0)
+            a_sum = tl.sum(tl.where(col_mask[None, :], w[None, :] * (m[:, None] - z), 0.0), 1)
+    else:
+        z_y = tl.load(lrow + y, mask=row_mask, other=0.0).to(tl.float32)
+        m = tl.full([ROWS], -3.0e38, tl.float32)  # finite: rescales never NaN
+        s = tl.zeros([ROWS], tl.float32)
+        s_o = tl.zeros([ROWS], tl.float32)
+        q_o = tl.zeros([ROWS], tl.float32)
+        m_lt = tl.full([ROWS], float("-inf"), tl.float32)
+        m_gt = tl.full([ROWS], float("-inf"), tl.float32)
+        w_sum = tl.zeros([ROWS], tl.float32)
+        a_sum = tl.zeros([ROWS], tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            col_mask = cols < C
+            mask2 = row_mask[:, None] & col_mask[None, :]
+            z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            z = tl.where(col_mask[None, :], z, float("-inf"))
+            other = col_mask[None, :] & (cols[None, :] != y[:, None])
+            m_new = tl.maximum(m, tl.max(z, 1))
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])
+            e_o = tl.where(other, e, 0.0)
+            s = s * alpha + tl.sum(e, 1)
+            s_o = s_o * alpha + tl.sum(e_o, 1)
+            q_o = q_o * (alpha * alpha) + tl.sum(e_o * e_o, 1)
+            m_lt = tl.maximum(
+                m_lt,
+                tl.max(
+                    tl.where(col_mask[None, :] & (cols[None, :] < y[:, None]), z, float("-inf")), 1
+                ),
+            )
+            m_gt = tl.maximum(
+                m_gt, tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
+            )
+            if HAS_SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                else:
+                    w = tl.where(col_mask, 1.0, 0.0)
+                # sum_j w_j (m - z_j) re-based on the new max; w_sum == 0 on the first chunk.
+                shift = tl.where(w_sum > 0.0, w_sum * (m_new - m), 0.0)
+                a_sum = (
+                    a_sum
+                    + shift
+                    + tl.sum(tl.where(col_mask[None, :], w[None, :] * (m_new[:, None] - z), 0.0), 1)
+                )
+                w_sum = w_sum + tl.sum(w, 0)
+            m = m_new
+
+    # ---- per-row epilogue -------------------------------------------------------------
+    inv_s = 1.0 / s
+    log_s = tl.log(s)
+    d = m - z_y  # >= 0
+    # loss = lse - z_y = log(1 + sum_{j != y} exp(z_j - z_y)); log1p keeps confident rows exact.
+    loss_near = _log1p(s_o * tl.exp(tl.minimum(d, 1.0)))
+    loss = tl.where(d < 1.0, loss_near, d + log_s)
+    other_p = s_o * inv_s  # sum_{j != y} p_j = 1 - p_y without cancellation
+    p_y = tl.exp(-loss)
+    if HAS_SMOOTH:
+        objective = a_coef * loss + b_coef * (w_sum * log_s + a_sum)
+        grad_y = -a_coef * other_p + b_coef * (w_sum * p_y - w_y)
+    else:
+        objective = a_coef * loss
+        grad_y = -a_coef * other_p
+    objective = tl.where(active, objective, 0.0)
+    tl.store(loss_ptr + rows, objective, mask=row_mask)
+
+    valid = active & (loss < float("inf"))  # loss >= 0 or NaN
+    gnorm = q_o * (inv_s * inv_s) + other_p * other_p
+    margin = tl.where(C > 1, z_y - tl.maximum(m_lt, m_gt), 0.0)
+    correct = tl.where((z_y > m_lt) & (z_y >= m_gt), 1.0, 0.0)
+    tl.store(stats_ptr + 0 * B + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 1 * B + rows, tl.where(valid, p_y, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 2 * B + rows, tl.where(valid, margin, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 3 * B + rows, tl.where(valid, correct, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 4 * B + rows, tl.where(valid, gnorm, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 5 * B + rows, tl.where(valid, 1.0, 0.0), mask=row_mask)
+
+    # ---- gradient pass ----------------------------------------------------------------
+    a2 = (a_coef * row_scale)[:, None]
+    gy2 = (grad_y * row_scale)[:, None]
+    active2 = active[:, None]
+    if FUSED:
+        p = e * inv_s[:, None]
+        if HAS_SMOOTH:
+            g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
+        else:
+            g = a2 * p
+        g = tl.where(is_y, gy2, g)
+        g = tl.where(active2, g, 0.0)
+        tl.store(
+            grow[:, None] + cols[None, :],
+            _to_out(g, grad_ptr.dtype.element_ty, MANUAL_BF16_RNE),
+            mask=mask2,
+        )
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            cols = c0 + cols0
+            col_mask = cols < C
+            mask2 = row_mask[:, None] & col_mask[None, :]
+            z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            p = tl.exp(z - m[:, None]) * inv_s[:, None]
+            if HAS_SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                else:
+                    w = tl.where(col_mask, 1.0, 0.0)
+                g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
+            else:
+                g = a2 * p
+            g = tl.where(cols[None, :] == y[:, None], gy2, g)
+            g = tl.where(active2, g, 0.0)
+            tl.store(
+                grow[:, None] + cols[None, :],
+                _to_out(g, grad_ptr.dtype.element_ty, MANUAL_BF16_RNE),
+                mask=mask2,
+            )
+
+
+def _next_pow2(n) -> int:
+    # int(): a SymInt class count specialises (the block width is a compile-time constant).
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _config(num_classes: int) -> tuple[bool, int, int, int]:
+    """(fused, rows per program, block width, num_warps) for rows of ``num_classes``.
+
+    Independent of the batch size, so a dynamic batch dimension never specialises."""
+    block = _next_pow2(num_classes)
+    fused = block <= MAX_FUSED_BLOCK
+    if not fused:
+        block = CHUNK_BLOCK
+    rows = 1
+    if fused:
+        rows = max(1, min(MAX_ROWS, TILE_ELEMS // block))
+    elems = rows * block
+    # ~8 fp32 tile elements per thread; 8192-wide rows at 16 warps stay under 128 registers.
+    num_warps = max(4, min(16, elems // 256))
+    return fused, rows, block, num_warps
+
+
+def _fake_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
+    batch = logits.shape[0]
+    loss = logits.new_empty((batch,) if reduction == 0 else ())
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    stats = logits.new_empty((6, batch), dtype=torch.float32)
+    return loss, grad, stats
+
+
+@register(
+    "csl_fast::cross_entropy_fwd_triton",
+    kernel=_ce_fwd_kernel,
+    mutates_args=(),
+    fake=_fake_cross_entropy,
+)
+def cross_entropy_fwd_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused cross entropy: ``(loss, grad, stats)`` as :func:`csl_fast.reference.cross_entropy_fwd`.
+
+    Args:
+        logits: ``[B, C]`` float16/bfloat16/float32 (any strides; the class dim is made
+            contiguous if it is not).
+        target: ``[B]`` int32/int64 class indices; ``ignore_index`` marks ignored rows.
+        weight: optional ``[C]`` class weights (any float dtype, used in float32).
+        ignore_index: target value whose rows contribute nothing.
+        label_smoothing: ``eps`` in ``[0, 1]``.
+        reduction: 0 none, 1 mean, 2 sum.
+
+    Returns:
+        ``loss`` (logits dtype; ``[B]`` for none, ``[]`` otherwise; NaN for a mean over no
+        rows as ``F.cross_entropy``), ``grad`` (``[B, C]`` logits dtype, d loss / d logits for
+        a unit upstream gradient, zero on ignored rows) and ``stats`` (float32 ``[6, B]``).
+
+    No host synchronisation: the mean's denominator is reduced on the device and read by
+    the kernel. One read and one write of the logits when ``next_pow2(C) <=
+    MAX_FUSED_BLOCK``, two reads and one write otherwise.
+    """
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"cross_entropy_fwd_triton supports float16, bfloat16 and float32 logits, got "
+            f"{logits.dtype}; use the C++ kernels or csl_fast.reference for float64"
+        )
+    batch, num_classes = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    grad = torch.empty((batch, num_classes), dtype=logits.dtype, device=logits.device)
+    loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((6, batch), dtype=torch.float32, device=logits.device)
+    target = target.contiguous()
+    w = None if weight is None else weight.to(torch.float32).contiguous()
+
+    active = target != ignore_index
+    if reduction == 1:
+        if w is None:
+            denom = active.sum(dtype=torch.float32)
+        else:
+            safe = torch.where(active, target, torch.zeros_like(target)).long()
+            denom = torch.where(
+                active, w[safe], torch.zeros((), dtype=torch.float32, device=w.device)
+            ).sum()
+        denom = denom.reshape(1)
+    else:
+        denom = loss_rows  # never read
+
+    if batch > 0 and num_classes > 0:
+        fused, rows, block, num_warps = _config(num_classes)
+        grid = (triton.cdiv(batch, rows),)
+        wrap_triton(_ce_fwd_kernel)[grid](
+            logits,
+            target,
+            w if w is not None else loss_rows,
+            denom,
+            grad,
+            loss_rows,
+            stats,
+            batch,
+            num_classes,
+            logits.stride(0),
+            grad.stride(0),
+            ignore_index,
+            float(label_smoothing),
+            HAS_WEIGHT=w is not None,
+            HAS_SMOOTH=label_smoothing > 0.0,
+            IS_MEAN=reduction == 1,
+            FUSED=fused,
+            ROWS=rows,
+            BLOCK_C=block,
+            MANUAL_BF16_RNE=logits.dtype == torch.bfloat16 and is_interpreted(_ce_fwd_kernel),
+            num_warps=num_warps,
+        )
+
+    if reduction == 0:
+        loss = loss_rows.to(logits.dtype)
+    elif reduction == 1:
+        loss = (loss_rows.sum() / denom.reshape(())).to(logits.dtype)
+    else:
+        loss = loss_rows.sum().to(logits.dtype)
+    return loss, grad, stats

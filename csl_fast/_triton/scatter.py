@@ -1,0 +1,174 @@
+"""Scatter per-row statistics into dataset-sized buffers (Triton).
+
+``csl_fast::scatter_stats_triton`` has the semantics of :func:`csl_fast.reference.scatter_stats`:
+``csl[index[i]] += stats[LOSS, i]`` and ``count[index[i]] += stats[VALID, i]``, duplicate
+indices adding up. ``csl`` is float32 or float64; ``count`` float32, float64, int32 or int64.
+Values are converted to the buffer's dtype before they are added.
+
+Two modes:
+
+* ``deterministic=False`` (default): one relaxed ``atomic_add`` per row and buffer. Correct
+  with duplicate indices, but with duplicates the order of the float additions (hence the
+  last bits of the result) can change from run to run. Cost: B atomics, nothing else.
+* ``deterministic=True``: a stable ``torch.sort`` of ``index`` (O(B log B), a few extra
+  small launches and a ``[B]`` int64 permutation), then one Triton pass in which the first
+  row of each run of equal indices reads ``csl[k]``, adds the run's values one by one in
+  original row order and writes the result back (no atomics: each index has one writer).
+  The result is bitwise reproducible and equal to a sequential ``index_add_`` in row order.
+  A run of ``r`` duplicates costs ``r`` dependent steps in one lane, so a batch whose rows
+  all share one index is serial.
+
+Triton's interpreter has no bfloat16/float16 atomics; neither is an allowed buffer dtype, so
+no fallback is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._registry import register
+
+#: Rows per program.
+BLOCK = 1024
+
+
+@triton.jit
+def _scatter_atomic_kernel(
+    stats_ptr,
+    index_ptr,
+    csl_ptr,
+    count_ptr,
+    B,
+    stride_sr,
+    stride_sc,
+    stride_csl,
+    stride_cnt,
+    HAS_CSL: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < B
+    key = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
+    if HAS_CSL:
+        v = tl.load(stats_ptr + offs * stride_sc, mask=mask, other=0.0)
+        tl.atomic_add(
+            csl_ptr + key * stride_csl, v.to(csl_ptr.dtype.element_ty), mask=mask, sem="relaxed"
+        )
+    if HAS_COUNT:
+        c = tl.load(stats_ptr + 5 * stride_sr + offs * stride_sc, mask=mask, other=0.0)
+        tl.atomic_add(
+            count_ptr + key * stride_cnt, c.to(count_ptr.dtype.element_ty), mask=mask, sem="relaxed"
+        )
+
+
+@triton.jit
+def _scatter_sorted_kernel(
+    stats_ptr,
+    sorted_ptr,
+    perm_ptr,
+    csl_ptr,
+    count_ptr,
+    B,
+    stride_sr,
+    stride_sc,
+    stride_csl,
+    stride_cnt,
+    HAS_CSL: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < B
+    key = tl.load(sorted_ptr + offs, mask=mask, other=0).to(tl.int64)
+    prev = tl.load(sorted_ptr + offs - 1, mask=mask & (offs > 0), other=0).to(tl.int64)
+    start = mask & ((offs == 0) | (key != prev))
+    if HAS_CSL:
+        acc_csl = tl.load(csl_ptr + key * stride_csl, mask=start, other=0.0)
+    if HAS_COUNT:
+        acc_cnt = tl.load(count_ptr + key * stride_cnt, mask=start, other=0)
+    pos = offs
+    run = start
+    while tl.max(run.to(tl.int32), 0) > 0:
+        row = tl.load(perm_ptr + pos, mask=run, other=0).to(tl.int64)
+        if HAS_CSL:
+            v = tl.load(stats_ptr + row * stride_sc, mask=run, other=0.0).to(
+                csl_ptr.dtype.element_ty
+            )
+            acc_csl = tl.where(run, acc_csl + v, acc_csl)
+        if HAS_COUNT:
+            c = tl.load(stats_ptr + 5 * stride_sr + row * stride_sc, mask=run, other=0.0)
+            c = c.to(count_ptr.dtype.element_ty)
+            acc_cnt = tl.where(run, acc_cnt + c, acc_cnt)
+        pos = pos + 1
+        nxt = tl.load(sorted_ptr + pos, mask=run & (pos < B), other=0).to(tl.int64)
+        run = run & (pos < B) & (nxt == key)
+    if HAS_CSL:
+        tl.store(csl_ptr + key * stride_csl, acc_csl, mask=start)
+    if HAS_COUNT:
+        tl.store(count_ptr + key * stride_cnt, acc_cnt, mask=start)
+
+
+def _fake_scatter(stats, index, deterministic, csl, count):
+    return None
+
+
+@register(
+    "csl_fast::scatter_stats_triton",
+    kernel=_scatter_atomic_kernel,
+    mutates_args=("csl", "count"),
+    fake=_fake_scatter,
+)
+def scatter_stats_triton(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    deterministic: bool,
+    csl: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> None:
+    """``csl[index[i]] += stats[0, i]``, ``count[index[i]] += stats[5, i]`` (see module doc).
+
+    Args:
+        stats: float32 ``[6, B]`` from ``cross_entropy_fwd_triton`` (any strides).
+        index: ``[B]`` int32/int64 dataset indices in ``[0, N)``; duplicates allowed.
+        deterministic: sort-based, bitwise reproducible mode instead of atomics.
+        csl: float32/float64 ``[N]`` buffer (any stride), updated in place (or None).
+        count: float32/float64/int32/int64 ``[N]`` buffer (any stride), updated in place (or None).
+    """
+    batch = index.shape[0]
+    if batch == 0 or (csl is None and count is None):
+        return
+    dummy = csl if csl is not None else count
+    grid = (triton.cdiv(batch, BLOCK),)
+    common = dict(HAS_CSL=csl is not None, HAS_COUNT=count is not None, BLOCK=BLOCK, num_warps=4)
+    if deterministic:
+        sorted_index, perm = torch.sort(index, stable=True)
+        wrap_triton(_scatter_sorted_kernel)[grid](
+            stats,
+            sorted_index,
+            perm,
+            csl if csl is not None else dummy,
+            count if count is not None else dummy,
+            batch,
+            stats.stride(0),
+            stats.stride(1),
+            csl.stride(0) if csl is not None else 0,
+            count.stride(0) if count is not None else 0,
+            **common,
+        )
+    else:
+        wrap_triton(_scatter_atomic_kernel)[grid](
+            stats,
+            index.contiguous(),
+            csl if csl is not None else dummy,
+            count if count is not None else dummy,
+            batch,
+            stats.stride(0),
+            stats.stride(1),
+            csl.stride(0) if csl is not None else 0,
+            count.stride(0) if count is not None else 0,
+            **common,
+        )

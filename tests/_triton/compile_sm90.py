@@ -1,0 +1,102 @@
+"""Compile every Triton kernel variant to a CUDA binary for sm_90 without a GPU.
+
+The interpreter accepts programs the real compiler rejects (types of loop-carried values,
+constexpr misuse, ...). ``triton.compile`` with an explicit ``GPUTarget`` runs the whole
+pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin via the bundled ptxas) on any machine.
+Run as ``python tests/_triton/compile_sm90.py [minimal|quick|full]``; it sets
+``TRITON_INTERPRET=0`` itself, prints one line per variant and exits non-zero on the first
+failure. ``test_triton_compile_sm90.py`` runs the minimal set (set
+``CSL_FAST_TRITON_AOT=quick`` or ``full`` for more).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "0"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from csl_fast._triton import cross_entropy, grad_norms, scatter
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int) -> None:
+    sig = dict(signature)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
+    triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def main(mode: str) -> None:
+    """mode: "minimal" (one variant per code path, ~10 s), "quick" or "full"."""
+    quick = mode != "full"
+    dtypes = (
+        ["bf16"] if mode == "minimal" else ["fp32", "bf16"] if quick else ["fp32", "fp16", "bf16"]
+    )
+    ce_sig_base = {
+        "target_ptr": "*i64",
+        "weight_ptr": "*fp32",
+        "denom_ptr": "*fp32",
+        "loss_ptr": "*fp32",
+        "stats_ptr": "*fp32",
+        "B": "i32",
+        "C": "i32",
+        "stride_lr": "i64",
+        "stride_gr": "i64",
+        "ignore_index": "i32",
+        "eps": "fp32",
+    }
+    layouts = [(True, 16, 128, 8), (True, 1, 8192, 16), (False, 1, 4096, 8)]
+    if mode == "minimal":
+        layouts = [layouts[0], layouts[2]]
+    for dt, (fused, rows, block, warps) in itertools.product(dtypes, layouts):
+        flags = (
+            [(True, True, True), (False, False, False)]
+            if quick
+            else itertools.product([0, 1], repeat=3)
+        )
+        if mode == "minimal":
+            flags = [(True, True, True)]
+        for has_w, smooth, mean in flags:
+            sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", **ce_sig_base}
+            sig = {k: sig[k] for k in cross_entropy._ce_fwd_kernel.arg_names if k in sig}
+            const = dict(
+                HAS_WEIGHT=bool(has_w),
+                HAS_SMOOTH=bool(smooth),
+                IS_MEAN=bool(mean),
+                FUSED=fused,
+                ROWS=rows,
+                BLOCK_C=block,
+                MANUAL_BF16_RNE=False,
+            )
+            _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
+            print("ok cross_entropy", dt, const, flush=True)
+    for dt in ["fp64"] if mode == "minimal" else ["fp32", "bf16", "fp64"]:
+        sig = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "B": "i32", "N": "i32", "scale": "fp32"}
+        const = dict(IS_FP64=dt == "fp64", ROWS=4, BLOCK=1024)
+        _compile(grad_norms._row_sqnorm_kernel, sig, const, 8)
+        print("ok grad_norms", dt, flush=True)
+    scatter_types = [("fp32", "i64"), ("fp64", "fp32"), ("fp32", "i32"), ("fp64", "fp64")]
+    for csl_t, cnt_t in scatter_types[:1] if mode == "minimal" else scatter_types:
+        base = {"stats_ptr": "*fp32", "csl_ptr": f"*{csl_t}", "count_ptr": f"*{cnt_t}", "B": "i32"}
+        strides = {"stride_sr": "i32", "stride_sc": "i32", "stride_csl": "i32", "stride_cnt": "i32"}
+        const = dict(HAS_CSL=True, HAS_COUNT=True, BLOCK=1024)
+        sig = {"index_ptr": "*i64", **base, **strides}
+        sig = {k: sig[k] for k in scatter._scatter_atomic_kernel.arg_names if k in sig}
+        _compile(scatter._scatter_atomic_kernel, sig, const, 4)
+        sig = {"sorted_ptr": "*i64", "perm_ptr": "*i64", **base, **strides}
+        sig = {k: sig[k] for k in scatter._scatter_sorted_kernel.arg_names if k in sig}
+        _compile(scatter._scatter_sorted_kernel, sig, const, 4)
+        print("ok scatter", csl_t, cnt_t, flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "quick")

@@ -1,0 +1,196 @@
+"""csl_fast::cross_entropy_fwd_triton against csl_fast.reference (interpreter on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from csl_fast import reference
+from csl_fast._triton import cross_entropy, cross_entropy_fwd_triton
+from csl_fast.stats import Stat
+
+LOW = (torch.float16, torch.bfloat16)
+IGNORE = -100
+
+
+def _inputs(batch, classes, dtype, device, *, weighted=False, ignore=False, scale=3.0):
+    logits = (torch.randn(batch, classes) * scale).to(dtype).to(device)
+    target = torch.randint(0, classes, (batch,)).to(device)
+    if ignore and batch:
+        target[1::3] = IGNORE
+    weight = (torch.rand(classes) + 0.5).to(device) if weighted else None
+    return logits, target, weight
+
+
+def _max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check(logits, target, weight, eps, reduction, ignore_index=IGNORE):
+    loss, grad, stats = cross_entropy_fwd_triton(
+        logits, target, weight, ignore_index, eps, reduction
+    )
+    ref_loss, ref_grad, ref_stats = reference.cross_entropy_fwd(
+        logits, target, weight, ignore_index, eps, reduction
+    )
+    assert loss.dtype == ref_loss.dtype and loss.shape == ref_loss.shape
+    assert grad.dtype == ref_grad.dtype and grad.shape == ref_grad.shape
+    assert stats.dtype == torch.float32 and stats.shape == ref_stats.shape
+    # Statistics are float32 computed from the same (upcast) logits in both.
+    torch.testing.assert_close(stats, ref_stats, rtol=1e-5, atol=1e-6)
+    if logits.dtype == torch.float32:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+        return
+    # Low precision: error against float64 at most 2x PyTorch's own same-dtype error.
+    l64, g64, _ = reference.cross_entropy_fwd(
+        logits.double(), target, weight, ignore_index, eps, reduction
+    )
+    z = logits.detach().clone().requires_grad_(True)
+    native = F.cross_entropy(
+        z,
+        target,
+        weight=None if weight is None else weight.to(logits.dtype),
+        ignore_index=ignore_index,
+        label_smoothing=eps,
+        reduction=("none", "mean", "sum")[reduction],
+    )
+    (native_grad,) = torch.autograd.grad(native.sum(), z)
+    tiny = torch.finfo(logits.dtype).eps * 1e-3
+    if not torch.isnan(l64).any():
+        assert _max_err(loss, l64) <= 2 * _max_err(native.detach(), l64) + tiny
+    assert _max_err(grad, g64) <= 2 * _max_err(native_grad, g64) + tiny
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0, 5), (1, 1), (7, 2), (7, 97), (3, 1025)])
+def test_matches_reference(tdevice, dtype, shape):
+    for reduction in (0, 1, 2):
+        logits, target, _ = _inputs(*shape, dtype, tdevice)
+        _check(logits, target, None, 0.0, reduction)
+    # weights + ignored rows + label smoothing, one reduction each
+    for reduction in (0, 1, 2):
+        logits, target, weight = _inputs(*shape, dtype, tdevice, weighted=True, ignore=True)
+        _check(logits, target, weight, 0.1, reduction)
+
+
+@pytest.mark.parametrize(
+    ("shape", "chunk", "dtype"),
+    [((5, 97), 32, torch.float32), ((2, 1025), 256, torch.float32), ((3, 97), 16, torch.bfloat16)],
+)
+def test_two_pass_path(tdevice, monkeypatch, shape, chunk, dtype):
+    """Rows wider than MAX_FUSED_BLOCK: online softmax over chunks, then a gradient pass."""
+    monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+    monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", chunk)
+    assert not cross_entropy._config(shape[1])[0]
+    logits, target, weight = _inputs(*shape, dtype, tdevice, weighted=True, ignore=True)
+    _check(logits, target, weight, 0.2, 1)
+    logits, target, _ = _inputs(*shape, dtype, tdevice)
+    _check(logits, target, None, 0.0, 0)
+
+
+def test_int32_target_and_other_ignore_index(tdevice):
+    logits, target, weight = _inputs(6, 10, torch.float32, tdevice, weighted=True)
+    target[2] = 3
+    _check(logits, target.int(), weight, 0.05, 1, ignore_index=3)
+
+
+def test_noncontiguous_logits(tdevice):
+    base = torch.randn(7, 2 * 97, device=tdevice) * 3
+    target = torch.randint(0, 97, (7,), device=tdevice)
+    _check(base[:, ::2], target, None, 0.1, 1)  # class stride 2: copied
+    _check(base[:, :97], target, None, 0.0, 0)  # row stride 194: used as is
+    _check(torch.randn(97, 7, device=tdevice).t(), target, None, 0.0, 2)  # transposed
+
+
+def test_all_ignored_and_empty_mean(tdevice):
+    logits, target, weight = _inputs(4, 9, torch.float32, tdevice, weighted=True)
+    target.fill_(IGNORE)
+    for w in (None, weight):
+        loss, grad, stats = cross_entropy_fwd_triton(logits, target, w, IGNORE, 0.1, 1)
+        ref = reference.cross_entropy_fwd(logits, target, w, IGNORE, 0.1, 1)
+        assert torch.isnan(loss) and torch.isnan(ref[0])
+        torch.testing.assert_close(grad, ref[1])
+        assert not stats.any()
+    loss, grad, stats = cross_entropy_fwd_triton(logits[:0], target[:0], None, IGNORE, 0.0, 1)
+    assert torch.isnan(loss) and grad.shape == (0, 9) and stats.shape == (6, 0)
+
+
+def test_nonfinite_rows_get_zero_stats(tdevice):
+    logits, target, _ = _inputs(4, 9, torch.float32, tdevice)
+    logits[1, 3] = float("nan")
+    logits[2, :] = float("-inf")
+    _, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    ref = reference.row_statistics(logits, target, IGNORE)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
+    assert stats[Stat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+def _confident_oracle(logits, target):
+    """Cancellation-free float64 loss, logits gradient (reduction none) and logit-gradient
+    norm: everything from t = sum_{j != y} exp(z_j - z_y). (F.cross_entropy in float64
+    still forms p_y - 1 and lse - z_y, which lose ~1e-4 relative at p_y = 1 - 1e-12.)"""
+    z = logits.double()
+    rows = torch.arange(z.shape[0], device=z.device)
+    d = z - z[rows, target][:, None]
+    e = torch.exp(d)
+    e[rows, target] = 0.0
+    t = e.sum(1)
+    p = e / (1.0 + t)[:, None]
+    grad = p.clone()
+    grad[rows, target] = -t / (1.0 + t)
+    gnorm = p.square().sum(1) + (t / (1.0 + t)).square()
+    return torch.log1p(t), grad, gnorm
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_confident_rows_match_float64(tdevice, monkeypatch, two_pass):
+    """p_y -> 1: the true-class gradient, the logit-gradient norm and the loss keep their
+    relative precision (the textbook p_y - 1 and lse - z_y would be 0 in float32)."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 16)
+    gaps = torch.tensor([4.0, 9.0, 15.0, 22.0, 30.0])
+    batch, classes = len(gaps), 37
+    logits = torch.randn(batch, classes)
+    target = torch.randint(0, classes, (batch,))
+    logits[torch.arange(batch), target] = logits.max(1).values + gaps
+    logits, target = logits.to(tdevice), target.to(tdevice)
+    loss64, grad64, gnorm64 = _confident_oracle(logits, target)
+    for reduction, scale in ((0, 1.0), (1, 1.0 / batch)):
+        loss, grad, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, reduction)
+        rows = torch.arange(batch, device=tdevice)
+        assert (grad[rows, target] < 0).all()
+        torch.testing.assert_close(grad.double(), grad64 * scale, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats[Stat.LOSS].double(), loss64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(stats[Stat.GRAD_NORM_SQ].double(), gnorm64, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), loss64.mean(), rtol=1e-5, atol=0)
+
+
+def test_float64_rejected(tdevice):
+    logits, target, _ = _inputs(2, 3, torch.float64, tdevice)
+    with pytest.raises(TypeError, match="float64"):
+        cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+
+
+def test_opcheck(tdevice):
+    logits, target, weight = _inputs(5, 11, torch.float32, tdevice, weighted=True, ignore=True)
+    op = torch.ops.csl_fast.cross_entropy_fwd_triton.default
+    torch.library.opcheck(
+        op, (logits, target, weight, IGNORE, 0.1, 1), test_utils=("test_schema", "test_faketensor")
+    )
+
+
+def test_torch_compile_fullgraph(tdevice):
+    backend = "aot_eager" if tdevice == "cpu" else "inductor"
+
+    def f(logits, target, weight):
+        loss, grad, stats = torch.ops.csl_fast.cross_entropy_fwd_triton(
+            logits, target, weight, IGNORE, 0.1, 1
+        )
+        return loss * 2, grad + 1, stats[Stat.LOSS].sum()
+
+    logits, target, weight = _inputs(5, 11, torch.float32, tdevice, weighted=True, ignore=True)
+    got = torch.compile(f, fullgraph=True, backend=backend)(logits, target, weight)
+    torch.testing.assert_close(got, f(logits, target, weight))
