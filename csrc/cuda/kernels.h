@@ -1,0 +1,146 @@
+// Plain-CUDA kernels of csl_fast: raw pointers, no torch headers, so that `nvcc -c` can
+// compile-check them on any machine with nvcc (tests/test_cuda_compile.py), even where torch
+// has no CUDA. The torch glue is csrc/cuda/ops_cuda.cpp.
+//
+// Every launcher is asynchronous on the given stream, never synchronises the host, and returns
+// cudaGetLastError() after its launches (cudaSuccess when there was nothing to launch).
+//
+// Error flag. Kernels never read or write out of bounds because of bad user data: a target
+// outside [0, C) that is not ignore_index, or a scatter index outside the destination buffer,
+// is detected on the device. Such a row is treated as invalid (cross entropy: objective and
+// gradient row NaN, all statistics 0; scatter: the row is skipped) and, when `error_flag` is
+// not null, the corresponding ErrorBits bit is OR-ed into *error_flag. Reading the flag needs
+// a host synchronisation, so the torch glue only allocates and checks it in validate mode
+// (environment variable CSL_FAST_VALIDATE=1); otherwise error_flag is null and a bad target
+// shows up as a NaN loss.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace csl_fast {
+namespace cuda {
+
+enum class DType : int {
+  kFloat32 = 0,
+  kFloat16 = 1,
+  kBFloat16 = 2,
+  kFloat64 = 3,
+  kInt32 = 4,
+  kInt64 = 5,
+};
+
+enum ErrorBits : int {
+  kErrTargetOutOfRange = 1,  // cross entropy: target not in [0, C) and not ignore_index
+  kErrIndexOutOfRange = 2,   // scatter: index not in [0, len(buffer))
+};
+
+// ---------------------------------------------------------------------------------------
+// Fused cross entropy forward (+ gradient + per-row statistics).
+//
+// "acc" below is the compute type: float64 for float64 logits, float32 otherwise.
+// With eps = label_smoothing, w = weight (ones if null), W = sum_j w_j, lse = logsumexp(z_i),
+// y = target[i], p = softmax(z_i):
+//   objective[i] = (1-eps) w_y (lse - z_y) + (eps/C) sum_j w_j (lse - z_j)
+//   grad[i, j]   = scale * ((1-eps) w_y p_j + (eps/C)(W p_j - w_j))                 j != y
+//   grad[i, y]   = scale * (-(1-eps) w_y sum_{j!=y} p_j + (eps/C)(W p_y - w_y))
+// scale = 1 / D for reduction == mean, where D = sum over rows whose target is in [0, C)
+// (ignored rows excluded) of w[target] (their count when unweighted), read from the device
+// (prep[0]) so the host never waits; scale = 1 otherwise. Ignored rows: objective 0, grad
+// row 0, statistics 0. Statistics (float32 [kNumStats, rows], csrc/stats.h) are those of
+// plain cross entropy (unweighted, unsmoothed); rows that are ignored, have a bad target or
+// a non-finite loss have all statistics 0.
+// The loss F.cross_entropy returns is sum(objective) / D (mean), sum(objective) (sum) or
+// objective (none); the glue reduces it with torch ops.
+struct CrossEntropyParams {
+  const void* logits = nullptr;  // [rows, classes], row stride logits_row_stride, unit col stride
+  DType logits_dtype = DType::kFloat32;  // float32, float16, bfloat16 or float64
+  int64_t rows = 0;
+  int64_t classes = 0;  // 1 <= classes <= kMaxClasses
+  int64_t logits_row_stride = 0;
+  const int64_t* target = nullptr;  // [rows]
+  int64_t ignore_index = -100;
+  const void* weight = nullptr;  // acc type, [classes], or null
+  double label_smoothing = 0.0;  // in [0, 1]
+  int reduction = 1;             // csl_fast::ReductionKind: 0 none, 1 mean, 2 sum
+  // acc type [cross_entropy_prep_size()] workspace: prep[0] = D, prep[1] = W (then partial
+  // sums), written by the launcher's first kernel(s). Needed (non-null) iff
+  // cross_entropy_prep_size() > 0; otherwise ignored.
+  void* prep = nullptr;
+  void* objective = nullptr;  // acc type, [rows]
+  void* grad = nullptr;       // logits dtype, [rows, classes] contiguous; null: not written
+  float* stats = nullptr;     // float32 [kNumStats, rows] contiguous
+  int* error_flag = nullptr;  // optional, see the top of this file
+};
+
+constexpr int64_t kMaxClasses = (int64_t{1} << 31) - (int64_t{1} << 16);
+
+// Number of acc-type elements of the `prep` workspace the launch needs: 0 unless the
+// reduction is mean or class weights come with label smoothing; then 2, plus one partial
+// sum per 16384 rows when there are more than 16384 rows.
+int64_t cross_entropy_prep_size(const CrossEntropyParams& p);
+
+// Launches the prep kernel (when needed) and one row kernel. Kernel choice by C:
+//   C <= 512:    one warp per row (8 rows per 256-thread block), row held in registers;
+//   C <= 8192:   one block per row, row held in registers (float64: C <= 4096);
+//   larger:      one block per row, two reads of the row (online softmax) + one write.
+// All reductions have a fixed order: results are bitwise reproducible run to run.
+cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Scatter of per-row statistics into dataset-sized buffers:
+//   csl[index[i]]   += stats[kLoss, i]    (csl: float32 or float64)
+//   count[index[i]] += stats[kValid, i]   (count: float32, float64, int32 or int64)
+// Duplicate indices add up. Either buffer may be null.
+struct ScatterParams {
+  const float* stats = nullptr;  // float32 [kNumStats, rows] contiguous
+  int64_t rows = 0;
+  const void* index = nullptr;  // [rows], int32 or int64
+  DType index_dtype = DType::kInt64;
+  void* csl = nullptr;
+  DType csl_dtype = DType::kFloat32;
+  int64_t csl_size = 0;
+  void* count = nullptr;
+  DType count_dtype = DType::kFloat32;
+  int64_t count_size = 0;
+  int* error_flag = nullptr;  // optional, see the top of this file
+};
+
+// Default, non-deterministic mode: one atomicAdd per row and buffer. Correct with duplicate
+// indices, but the order of floating-point additions to a duplicated slot is not fixed.
+// (Integer counts are exact either way.)
+cudaError_t scatter_stats_atomic(const ScatterParams& p, cudaStream_t stream);
+
+// Deterministic mode: a stable radix sort (cub) of the indices groups duplicates in row
+// order; the first row of each group then adds its group's values into the slot one by
+// one, in ascending row order, with a plain read-modify-write. The result is bitwise
+// reproducible and equal to a sequential index_add_ in row order (the CPU reference).
+// Cost: a workspace of scatter_stats_deterministic_workspace_bytes() bytes and ~6 small
+// launches (key build, radix sort over ceil(log2(N+1)) bits, group sums) instead of 1;
+// a slot that appears k times in a batch costs k dependent additions on one thread.
+cudaError_t scatter_stats_deterministic_workspace_bytes(int64_t rows, int64_t max_buffer_size,
+                                                        size_t* bytes);
+cudaError_t scatter_stats_deterministic(const ScatterParams& p, void* workspace,
+                                        size_t workspace_bytes, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
+// Input-gradient norms: out[i] = sum_k (scale * grad[i, k])^2 over a contiguous [rows, cols]
+// view, accumulated in float32 (float64 for float64 grads), stored as float32. Long rows are
+// split over several blocks whose partial sums are combined in a fixed order (no atomics):
+// bitwise reproducible.
+struct InputGradNormsParams {
+  const void* grad = nullptr;  // [rows, cols] contiguous; float32, float16, bfloat16, float64
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  double scale = 1.0;
+  float* out = nullptr;  // float32 [rows]
+};
+size_t input_grad_norms_workspace_bytes(const InputGradNormsParams& p);
+cudaError_t input_grad_norms(const InputGradNormsParams& p, void* workspace,
+                             size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace csl_fast

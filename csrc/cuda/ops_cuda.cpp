@@ -1,0 +1,297 @@
+// Torch glue of the CUDA kernels: argument checks, output allocation, launch on PyTorch's
+// current stream. The kernels themselves (csrc/cuda/*.cu, declared in kernels.h) are plain
+// CUDA. Compiled by setup.py only when torch has CUDA and nvcc exists (-DWITH_CUDA); the
+// schemas are defined once in csrc/csl_fast.cpp, semantics in csl_fast/reference.py.
+//
+// Differences from the CPU kernels, all from "no host synchronisation on the hot path":
+// target and index values are not checked on the host. A target outside [0, C) that is
+// not ignore_index gives that row a NaN objective and gradient (so a NaN loss) and zero
+// statistics; an index outside the buffers is skipped. With the environment variable
+// CSL_FAST_VALIDATE=1 (read once, at the first call) the kernels also raise a device-side
+// error flag that the glue reads back (one synchronisation per call) and turns into the same
+// IndexError as the CPU kernels. csl_fast.accumulate(validate=True) checks on the host
+// before the call instead.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "../stats.h"
+#include "kernels.h"
+
+namespace csl_fast {
+namespace cuda {
+namespace {
+
+bool validate_mode() {
+  static const bool on = [] {
+    const char* v = std::getenv("CSL_FAST_VALIDATE");
+    return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+bool is_logits_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
+}
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    case at::kDouble:
+      return DType::kFloat64;
+    case at::kInt:
+      return DType::kInt32;
+    case at::kLong:
+      return DType::kInt64;
+    default:
+      break;
+  }
+  TORCH_CHECK(false, "csl_fast: internal error: no CUDA kernel for dtype ", t);
+}
+
+void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), "csl_fast: ", name, " is on ", t.device(),
+                    " but ", ref_name, " is on ", ref.device(), "; move it with .to(",
+                    ref_name, ".device)");
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Reads the device error flag (validate mode only: synchronises with the stream).
+int read_flag(const at::Tensor& flag) { return flag.defined() ? flag.item<int>() : 0; }
+
+// ---------------------------------------------------------------------------------------
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
+                    logits.sizes(), "; flatten extra dimensions into the batch");
+  TORCH_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
+                   "csl_fast: logits must be float32, float16, bfloat16 or float64, got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                    "csl_fast: target must be 1-D with B = ", logits.size(0),
+                    " entries to match logits, got shape ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                   "csl_fast: target must hold class indices as int64 or int32, got ",
+                   target.scalar_type(), "; class-probability targets are not supported");
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
+                    "csl_fast: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_same_device(target, "target", logits, "logits");
+  const int64_t B = logits.size(0);
+  const int64_t C = logits.size(1);
+  TORCH_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
+  TORCH_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
+                    kMaxClasses, " classes, got C = ", C);
+  const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor w;
+  if (weight.has_value()) {
+    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C,
+                      "csl_fast: weight must be a 1-D tensor of C = ", C,
+                      " class weights, got shape ", weight->sizes());
+    TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
+                     "csl_fast: weight must be a floating-point tensor, got ",
+                     weight->scalar_type());
+    check_same_device(*weight, "weight", logits, "logits");
+    w = weight->to(acc).contiguous();
+  }
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor grad = at::empty({B, C}, logits.options());
+  at::Tensor stats = at::empty({kNumStats, B}, f32);
+  if (B == 0) {
+    at::Tensor loss = reduction == kNone ? at::empty({0}, logits.options())
+                      : reduction == kSum ? at::zeros({}, logits.options())
+                                          : at::full({}, NAN, logits.options());  // 0 / 0
+    return {loss, grad, stats};
+  }
+
+  // Rows must be unit-stride; a row stride (e.g. a column slice) is used as is.
+  const at::Tensor z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const at::Tensor t = target.to(at::kLong).contiguous();
+  at::Tensor objective = at::empty({B}, logits.options().dtype(acc));
+
+  CrossEntropyParams p;
+  p.logits = z.const_data_ptr();
+  p.logits_dtype = to_dtype(z.scalar_type());
+  p.rows = B;
+  p.classes = C;
+  p.logits_row_stride = z.stride(0);
+  p.target = t.const_data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.weight = w.defined() ? w.const_data_ptr() : nullptr;
+  p.label_smoothing = label_smoothing;
+  p.reduction = static_cast<int>(reduction);
+  p.objective = objective.mutable_data_ptr();
+  p.grad = grad.mutable_data_ptr();
+  p.stats = stats.mutable_data_ptr<float>();
+  at::Tensor prep;
+  const int64_t prep_size = cross_entropy_prep_size(p);
+  if (prep_size > 0) {
+    prep = at::empty({prep_size}, logits.options().dtype(acc));
+    p.prep = prep.mutable_data_ptr();
+  }
+  at::Tensor flag;
+  if (validate_mode()) {
+    flag = at::zeros({1}, logits.options().dtype(at::kInt));
+    p.error_flag = flag.mutable_data_ptr<int>();
+  }
+  C10_CUDA_CHECK(cross_entropy_fwd(p, current_stream()));
+  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
+                    ") that are not ignore_index (", ignore_index,
+                    "); fix the labels or pass the right ignore_index (found by "
+                    "CSL_FAST_VALIDATE=1)");
+
+  at::Tensor loss;
+  if (reduction == kNone) {
+    loss = objective.to(logits.scalar_type());
+  } else if (reduction == kSum) {
+    loss = objective.sum().to(logits.scalar_type());
+  } else {
+    // D = prep[0] stays on the device; 0 / 0 = NaN when every row is ignored.
+    loss = objective.sum().div(prep.select(0, 0)).to(logits.scalar_type());
+  }
+  return {loss, grad, stats};
+}
+
+// ---------------------------------------------------------------------------------------
+void check_buffer(const at::Tensor& buf, const char* name, bool allow_int, const at::Tensor& stats) {
+  const auto dt = buf.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble ||
+                  (allow_int && (dt == at::kLong || dt == at::kInt));
+  TORCH_CHECK_TYPE(ok, "csl_fast: ", name, " must be a float32 or float64",
+                   allow_int ? " (or int32/int64)" : "", " tensor, got ", dt,
+                   "; allocate it with torch.zeros(num_samples, dtype=torch.float32)");
+  TORCH_CHECK_VALUE(buf.dim() == 1 && buf.is_contiguous(), "csl_fast: ", name,
+                    " must be a contiguous 1-D tensor of one entry per dataset sample, got shape ",
+                    buf.sizes(), " and strides ", buf.strides());
+  check_same_device(buf, name, stats, "stats");
+}
+
+void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool deterministic,
+                        const std::optional<at::Tensor>& csl,
+                        const std::optional<at::Tensor>& count) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.is_contiguous() &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast: stats must be a contiguous float32 [", int(kNumStats),
+                    ", B] tensor from cross_entropy_fwd, got ", stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast: index must be 1-D with one dataset index per row (B = ", B,
+                    "), got shape ", index.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "csl_fast: index must be int64 or int32 dataset indices, got ",
+                   index.scalar_type());
+  check_same_device(index, "index", stats, "stats");
+  int64_t n = -1;
+  if (csl.has_value()) {
+    check_buffer(*csl, "csl", false, stats);
+    n = csl->numel();
+  }
+  if (count.has_value()) {
+    check_buffer(*count, "count", true, stats);
+    TORCH_CHECK_VALUE(n < 0 || count->numel() == n, "csl_fast: count has ", count->numel(),
+                      " entries but csl has ", n, "; both must have one entry per sample");
+    n = count->numel();
+  }
+  if (n < 0 || B == 0) return;
+  TORCH_CHECK_VALUE(!deterministic || B <= INT32_MAX,
+                    "csl_fast: deterministic scatter supports at most 2^31 - 1 rows, got ", B,
+                    "; split the batch or pass deterministic=False");
+
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor idx = index.contiguous();
+  ScatterParams p;
+  p.stats = stats.const_data_ptr<float>();
+  p.rows = B;
+  p.index = idx.const_data_ptr();
+  p.index_dtype = to_dtype(idx.scalar_type());
+  if (csl.has_value()) {
+    p.csl = csl->mutable_data_ptr();
+    p.csl_dtype = to_dtype(csl->scalar_type());
+    p.csl_size = csl->numel();
+  }
+  if (count.has_value()) {
+    p.count = count->mutable_data_ptr();
+    p.count_dtype = to_dtype(count->scalar_type());
+    p.count_size = count->numel();
+  }
+  at::Tensor flag;
+  if (validate_mode()) {
+    flag = at::zeros({1}, stats.options().dtype(at::kInt));
+    p.error_flag = flag.mutable_data_ptr<int>();
+  }
+  const cudaStream_t stream = current_stream();
+  if (deterministic) {
+    size_t bytes = 0;
+    C10_CUDA_CHECK(scatter_stats_deterministic_workspace_bytes(B, n, &bytes));
+    at::Tensor workspace =
+        at::empty({static_cast<int64_t>(bytes)}, stats.options().dtype(at::kByte));
+    C10_CUDA_CHECK(scatter_stats_deterministic(p, workspace.mutable_data_ptr(), bytes, stream));
+  } else {
+    C10_CUDA_CHECK(scatter_stats_atomic(p, stream));
+  }
+  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: index has values outside [0, N = ", n,
+                    ") where N is the size of the csl buffer; pass dataset indices "
+                    "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset "
+                    "sample (found by CSL_FAST_VALIDATE=1; those rows were skipped)");
+}
+
+// ---------------------------------------------------------------------------------------
+at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
+  TORCH_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
+  TORCH_CHECK_TYPE(is_logits_dtype(grad.scalar_type()),
+                   "csl_fast: grad must be float32, float16, bfloat16 or float64, got ",
+                   grad.scalar_type());
+  const int64_t B = grad.size(0);
+  at::Tensor out = at::empty({B}, grad.options().dtype(at::kFloat));
+  if (B == 0) return out;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor g = grad.contiguous();
+  InputGradNormsParams p;
+  p.grad = g.const_data_ptr();
+  p.dtype = to_dtype(g.scalar_type());
+  p.rows = B;
+  p.cols = g.numel() / B;
+  p.scale = scale;
+  p.out = out.mutable_data_ptr<float>();
+  const size_t bytes = input_grad_norms_workspace_bytes(p);
+  at::Tensor workspace;
+  if (bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(bytes)}, grad.options().dtype(at::kByte));
+  }
+  C10_CUDA_CHECK(input_grad_norms(p, bytes > 0 ? workspace.mutable_data_ptr() : nullptr, bytes,
+                                  current_stream()));
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace csl_fast
+
+TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
+  m.impl("cross_entropy_fwd", &csl_fast::cuda::cross_entropy_fwd_cuda);
+  m.impl("scatter_stats", &csl_fast::cuda::scatter_stats_cuda);
+  m.impl("input_grad_norms", &csl_fast::cuda::input_grad_norms_cuda);
+}
