@@ -1,0 +1,30 @@
+"""csl_fast: Cumulative Sample Loss for free.
+
+``csl_fast.accumulate`` is a drop-in for ``F.cross_entropy`` that also adds each
+sample's loss into a dataset-sized buffer at its dataset index (Ravikumar et al.,
+"Towards Memorization Estimation: Fast, Formal and Free", ICML 2025).
+"""
+
+from . import data
+from ._ext import BACKENDS, available_backends
+from .accumulate import accumulate
+from .input_grad import input_grad_norms
+from .scoring import score_epoch
+from .stats import Stat
+from .tracker import CSLTracker, TrackerFileError, TrackerStateError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "CSLTracker",
+    "Stat",
+    "TrackerFileError",
+    "TrackerStateError",
+    "__version__",
+    "accumulate",
+    "available_backends",
+    "data",
+    "input_grad_norms",
+    "score_epoch",
+]

@@ -1,0 +1,220 @@
+"""``accumulate``: ``F.cross_entropy`` that records each sample's loss at its dataset index."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from . import ops
+from .reference import REDUCTIONS
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+@runtime_checkable
+class Recorder(Protocol):
+    """What ``accumulate`` needs from a tracker (see :class:`csl_fast.CSLTracker`)."""
+
+    def training_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (CSL sum, presentation count) buffers the fused op adds into."""
+        ...
+
+    def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+        """Update every other statistic from the batch's ``[NUM_STATS, B]`` stats."""
+        ...
+
+
+def accumulate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Cross entropy that also adds each sample's loss into ``csl`` at its dataset index.
+
+    Returns exactly what ``F.cross_entropy(logits, target, weight=weight,
+    ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction)``
+    returns, value and gradient with respect to ``logits``. As a side effect, for every
+    row :math:`i` whose target is not ``ignore_index``:
+
+    .. math::
+        \mathrm{csl}[\mathrm{index}_i] \mathrel{+}= \ell_i
+            = \log\sum_j e^{z_{ij}} - z_{i y_i},
+        \qquad \mathrm{count}[\mathrm{index}_i] \mathrel{+}= 1.
+
+    The recorded :math:`\ell_i` is the *plain* cross entropy: unweighted, unsmoothed,
+    float32, detached. CSL measures how hard a sample is to fit, which class weights and
+    label smoothing (training-objective choices) would distort. Rows whose loss is not
+    finite (NaN or inf logits) are not recorded, so one bad step cannot poison a
+    sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
+    would. Duplicate indices in a batch add up.
+
+    Args:
+        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU).
+            Statistics are computed in float32 (float64 for float64 logits).
+        target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``.
+        index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)``.
+        csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
+            :class:`csl_fast.CSLTracker` (which then records every statistic it keeps).
+        count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
+            each sample was recorded, so that ``csl / count`` is the mean loss.
+        weight, ignore_index, label_smoothing, reduction: as in ``F.cross_entropy``
+            (they shape the returned loss and gradient, not what is recorded).
+        backend: ``"auto"`` (fastest available: ``"cpu"`` for CPU tensors, ``"triton"``
+            then ``"cuda"`` for CUDA tensors), or one of ``csl_fast.BACKENDS``.
+        deterministic: make the buffer updates bitwise reproducible even with duplicate
+            indices. Default: ``torch.are_deterministic_algorithms_enabled()``. CPU
+            updates are always deterministic; on a GPU the default atomics are not.
+        validate: check that targets and indices are in range, which needs the values on
+            the host. Default: check unless that costs a device synchronisation (CUDA
+            tensors). The C++ kernels always check on the CPU.
+
+    Gradients are computed in the forward pass (one fused pass over each row), so
+    backward is a multiplication by the upstream gradient. Double backward is not
+    supported.
+    """
+    buffers = _buffers(csl, count)
+    _check_args(logits, target, index, buffers, weight, label_smoothing, reduction)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if validate is None:
+        validate = logits.device.type == "cpu"
+    if validate and not torch.compiler.is_compiling():
+        _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
+    loss, stats = ops.cross_entropy_fwd(
+        logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], backend
+    )
+    ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
+    if not isinstance(csl, torch.Tensor):
+        csl.record(index, stats)
+    return loss
+
+
+def _buffers(
+    csl: torch.Tensor | Recorder, count: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(csl, torch.Tensor):
+        return csl, count
+    if not isinstance(csl, Recorder):
+        raise TypeError(
+            "csl_fast.accumulate: csl must be a float32/float64 tensor of one entry per "
+            f"dataset sample or a csl_fast.CSLTracker, got {type(csl).__name__}"
+        )
+    if count is not None:
+        raise ValueError(
+            "csl_fast.accumulate: count= is for plain csl tensors; a tracker keeps its own counts"
+        )
+    return csl.training_buffers()
+
+
+def _check_args(logits, target, index, buffers, weight, label_smoothing, reduction) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"csl_fast.accumulate: logits must be a 2-D [B, C] tensor, got {shape}; "
+            "flatten extra dimensions into the batch"
+        )
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(
+            f"csl_fast.accumulate: logits must be float32, float16, bfloat16 or float64, got "
+            f"{logits.dtype}"
+        )
+    batch = logits.shape[0]
+    for name, t in (("target", target), ("index", index)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
+        if t.dtype not in _INDEX_DTYPES:
+            hint = (
+                "; class-probability targets are not supported, pass class indices"
+                if name == "target" and t.is_floating_point()
+                else ""
+            )
+            raise TypeError(
+                f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}"
+                f"{hint}"
+            )
+        if t.dim() != 1 or t.shape[0] != batch:
+            raise ValueError(
+                f"csl_fast.accumulate: {name} must be 1-D with B = {batch} entries to match "
+                f"logits of shape {tuple(logits.shape)}, got shape {tuple(t.shape)}"
+            )
+    csl, count = buffers
+    for name, buf, dtypes in (
+        ("csl", csl, (torch.float32, torch.float64)),
+        ("count", count, (torch.float32, torch.float64, torch.int64, torch.int32)),
+    ):
+        if buf is None:
+            continue
+        if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
+            got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
+            raise TypeError(
+                f"csl_fast.accumulate: {name} must be a tensor of dtype "
+                f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
+                "torch.zeros(num_samples, device=logits.device)"
+            )
+        if buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError(
+                f"csl_fast.accumulate: {name} must be a contiguous 1-D tensor with one entry per "
+                f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+            )
+    if count is not None and count.numel() != csl.numel():
+        raise ValueError(
+            f"csl_fast.accumulate: count has {count.numel()} entries but csl has {csl.numel()}; "
+            "both need one entry per dataset sample"
+        )
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != logits.shape[1]):
+        raise ValueError(
+            f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class weights, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    named = [("target", target), ("index", index), ("csl", csl), ("count", count)]
+    named.append(("weight", weight))
+    for name, t in named:
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"csl_fast.accumulate: {name} is on {t.device} but logits are on "
+                f"{logits.device}; move it with .to(logits.device)"
+            )
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"csl_fast.accumulate: label_smoothing must be in [0, 1], got {label_smoothing}"
+        )
+
+
+def _check_values(
+    target: torch.Tensor, index: torch.Tensor, num_classes: int, num_samples: int, ignore_index: int
+) -> None:
+    """Range checks of targets and indices (reads them on the host)."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.accumulate: target[{i}] = {int(target[i])} is outside [0, C = "
+            f"{num_classes}) and is not ignore_index ({ignore_index}); fix the labels or pass "
+            "the right ignore_index"
+        )
+    bad = (index < 0) | (index >= num_samples)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.accumulate: index[{i}] = {int(index[i])} is outside [0, N = "
+            f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
+            "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
+        )

@@ -1,0 +1,50 @@
+"""``python -m csl_fast.info``: versions, and which kernel backends are built and why not."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import sys
+
+import torch
+
+from . import __version__, _ext
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    """A human-readable report of versions and backend availability."""
+    lines = [
+        f"csl_fast {__version__}",
+        f"python   {platform.python_version()} ({sys.executable})",
+        f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+        f"triton   {_version('triton')}",
+        f"compiled extension csl_fast._C: "
+        + ("loaded" if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
+        f"threads  {torch.get_num_threads()}",
+    ]
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for device in devices:
+        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+        lines.append(f"\nbackends for {device} ({name}):")
+        status = _ext.backend_status(device)
+        default = _ext.resolve_backend("auto", torch.device(device))
+        for backend, why in status.items():
+            mark = "yes" if why is None else "no "
+            tail = " (default)" if backend == default else ""
+            lines.append(f"  {mark} {backend:<9}{tail}" + ("" if why is None else f"  - {why}"))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The registered ops, one place: fake kernels, autograd, and backend selection.
+
+Schemas are defined once in ``csrc/csl_fast.cpp`` (``TORCH_LIBRARY(csl_fast, m)``); the
+Triton ops in ``csl_fast/_triton`` take the same arguments. Everything here is
+traceable by ``torch.compile(fullgraph=True)`` and passes ``torch.library.opcheck``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._ext import _C, resolve_backend
+from .stats import NUM_STATS
+
+_FWD_OPS = {"cpu": "cross_entropy_fwd", "cuda": "cross_entropy_fwd", "triton": "cross_entropy_fwd_triton"}
+_SCATTER_OPS = {"cpu": "scatter_stats", "cuda": "scatter_stats", "triton": "scatter_stats_triton"}
+_NORM_OPS = {"cpu": "input_grad_norms", "cuda": "input_grad_norms", "triton": "input_grad_norms_triton"}
+
+
+def _op(backend: str, names: dict[str, str]):
+    # resolve_backend has imported csl_fast._triton (registering its ops) when it chose it.
+    return getattr(torch.ops.csl_fast, names[backend]).default
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused cross entropy: ``(loss, stats)``.
+
+    ``loss`` equals ``F.cross_entropy`` (value and gradient with respect to ``logits``);
+    ``stats`` is the detached float32 ``[NUM_STATS, B]`` tensor of per-row statistics
+    (:class:`csl_fast.stats.Stat`). ``reduction`` is 0 (none), 1 (mean) or 2 (sum).
+    """
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        loss = F.cross_entropy(
+            logits,
+            target.long(),
+            weight=weight,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction=reference.REDUCTION_NAMES[reduction],
+        )
+        return loss, reference.row_statistics(logits.detach(), target, ignore_index)
+    loss, _, stats = _op(name, _FWD_OPS)(
+        logits, target, weight, ignore_index, label_smoothing, reduction
+    )
+    return loss, stats.detach()
+
+
+def scatter_stats(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    deterministic: bool,
+    csl: torch.Tensor | None,
+    count: torch.Tensor | None,
+    backend: str = "auto",
+) -> None:
+    """``csl[index[i]] += stats[LOSS, i]``, ``count[index[i]] += stats[VALID, i]``."""
+    name = resolve_backend(backend, stats.device)
+    if name == "reference":
+        reference.scatter_stats(stats, index, deterministic, csl, count)
+    else:
+        _op(name, _SCATTER_OPS)(stats, index, deterministic, csl, count)
+
+
+def input_grad_norms(grad: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
+    """float32 ``[B]``: ``||scale * grad[i]||^2`` over all dimensions but the first."""
+    name = resolve_backend(backend, grad.device)
+    if name == "reference":
+        return reference.input_grad_norms(grad, scale)
+    return _op(name, _NORM_OPS)(grad, scale)
+
+
+def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
+    batch = logits.shape[0]
+    loss = logits.new_empty((batch,) if reduction == 0 else ())
+    grad = logits.new_empty(logits.shape)
+    return loss, grad, logits.new_empty((NUM_STATS, batch), dtype=torch.float32)
+
+
+def _setup_cross_entropy(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.save_for_backward(output[1])
+
+
+def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
+    # The forward already holds d loss / d logits; backward is a scale by the upstream
+    # gradient (per row for reduction='none').
+    (grad,) = ctx.saved_tensors
+    scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
+    return grad * scale, None, None, None, None, None
+
+
+if _C is not None:
+    torch.library.register_fake("csl_fast::cross_entropy_fwd")(_fake_cross_entropy_fwd)
+    torch.library.register_autograd(
+        "csl_fast::cross_entropy_fwd", _backward_cross_entropy, setup_context=_setup_cross_entropy
+    )
+
+    @torch.library.register_fake("csl_fast::scatter_stats")
+    def _fake_scatter_stats(stats, index, deterministic, csl, count):
+        return None
+
+    @torch.library.register_fake("csl_fast::input_grad_norms")
+    def _fake_input_grad_norms(grad, scale):
+        return grad.new_empty((grad.shape[0],), dtype=torch.float32)
+
+
+def register_triton_autograd() -> None:
+    """Give the Triton cross-entropy op the shared autograd formula (called once, by
+    ``csl_fast._ext`` right after it imports the Triton ops)."""
+    torch.library.register_autograd(
+        "csl_fast::cross_entropy_fwd_triton",
+        _backward_cross_entropy,
+        setup_context=_setup_cross_entropy,
+    )

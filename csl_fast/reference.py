@@ -1,0 +1,121 @@
+"""Pure-PyTorch reference of every csl_fast op.
+
+Each function here has the signature of the registered op it mirrors (see
+``csl_fast/ops.py``), is written for clarity rather than speed, and is what the
+tests and the benchmarks compare every kernel against. It is also the fallback
+when the compiled extension is not available.
+
+Numerics follow the kernels: statistics are computed in float32 (float64 for
+float64 logits), the true-class gradient is ``-(sum_{j != y} p_j)`` rather than
+``p_y - 1`` so it does not cancel as ``p_y -> 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .stats import NUM_STATS, Stat
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+REDUCTION_NAMES = {v: k for k, v in REDUCTIONS.items()}
+
+
+def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Per-row training dynamics of plain (unweighted, unsmoothed) cross entropy.
+
+    Returns float32 ``[NUM_STATS, B]`` indexed by :class:`csl_fast.stats.Stat`. Rows that
+    are ignored or whose loss is not finite are all zero (``VALID`` = 0).
+    """
+    z = logits.to(_compute_dtype(logits))
+    batch, num_classes = z.shape
+    active = target != ignore_index
+    y = torch.where(active, target, torch.zeros_like(target)).long()
+    lse = torch.logsumexp(z, dim=1)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    others = torch.ones_like(z, dtype=torch.bool)
+    others[torch.arange(batch, device=z.device), y] = False
+    # lse - z_y rounds tiny losses of confident rows to 0; when y holds the max,
+    # log1p(sum_{j != y} exp(z_j - z_y)) keeps them (and cannot overflow).
+    rel = torch.where(others, torch.exp(z - z_y[:, None]), torch.zeros_like(z))
+    y_is_max = z_y[:, None] >= torch.where(others, z, torch.full_like(z, -float("inf")))
+    loss = torch.where(y_is_max.all(1), torch.log1p(rel.sum(1)), lse - z_y)
+    p = torch.exp(z - lse[:, None])
+    p_other = torch.where(others, p, torch.zeros_like(p))
+    one_minus_py = p_other.sum(1)
+    gnorm = p_other.square().sum(1) + one_minus_py.square()
+    if num_classes > 1:
+        max_other = torch.where(others, z, torch.full_like(z, -float("inf"))).amax(1)
+        margin = z_y - max_other
+    else:
+        margin = torch.zeros_like(z_y)
+    correct = (z.argmax(1) == y).to(z.dtype) if batch else z_y
+    valid = active & torch.isfinite(loss)
+    stats = torch.zeros(NUM_STATS, batch, dtype=torch.float32, device=z.device)
+    stats[Stat.LOSS] = loss.float()
+    stats[Stat.P_TRUE] = torch.exp(-loss).float()
+    stats[Stat.MARGIN] = margin.float()
+    stats[Stat.CORRECT] = correct.float()
+    stats[Stat.GRAD_NORM_SQ] = gnorm.float()
+    stats[Stat.VALID] = 1.0
+    return torch.where(valid[None, :], stats, torch.zeros_like(stats))
+
+
+def cross_entropy_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``csl_fast::cross_entropy_fwd``.
+
+    Returns ``(loss, grad, stats)``: ``loss`` as ``F.cross_entropy`` returns it (logits'
+    dtype; ``[]`` for mean/sum, ``[B]`` for none), ``grad`` the gradient of ``loss`` with
+    respect to ``logits`` for a unit upstream gradient (``[B, C]``, logits' dtype), and
+    ``stats`` from :func:`row_statistics`.
+    """
+    z = logits.detach().to(_compute_dtype(logits)).requires_grad_(True)
+    with torch.enable_grad():
+        objective = F.cross_entropy(
+            z,
+            target.long(),
+            weight=None if weight is None else weight.to(z.dtype),
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction=REDUCTION_NAMES[reduction],
+        )
+        (grad,) = torch.autograd.grad(objective.sum(), z)
+    stats = row_statistics(logits.detach(), target, ignore_index)
+    return objective.detach().to(logits.dtype), grad.to(logits.dtype), stats
+
+
+def scatter_stats(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    deterministic: bool,
+    csl: torch.Tensor | None,
+    count: torch.Tensor | None,
+) -> None:
+    """Reference of ``csl_fast::scatter_stats``.
+
+    ``csl[index[i]] += stats[LOSS, i]`` and ``count[index[i]] += stats[VALID, i]``;
+    duplicate indices add up.
+    """
+    del deterministic  # the reference adds in row order
+    if csl is not None:
+        csl.index_add_(0, index.long(), stats[Stat.LOSS].to(csl.dtype))
+    if count is not None:
+        count.index_add_(0, index.long(), stats[Stat.VALID].to(count.dtype))
+
+
+def input_grad_norms(grad: torch.Tensor, scale: float) -> torch.Tensor:
+    """Reference of ``csl_fast::input_grad_norms``: float32 ``[B]`` of ``||scale * grad[i]||^2``
+    over all dimensions but the first."""
+    return (grad.detach().flatten(1).to(_compute_dtype(grad)) * scale).square().sum(1).float()
+

@@ -1,0 +1,22 @@
+"""Layout of the per-row statistics every cross-entropy kernel emits.
+
+The kernels return a float32 ``[NUM_STATS, B]`` tensor (one row per statistic, so that
+consecutive samples are adjacent in memory). The C++ kernels mirror this enum in
+``csrc/stats.h``; ``tests/test_stats.py`` checks that the two agree.
+"""
+
+from enum import IntEnum
+
+
+class Stat(IntEnum):
+    """Row of the statistics tensor. All refer to plain (unweighted, unsmoothed) CE."""
+
+    LOSS = 0  #: l_i = logsumexp(z_i) - z_{i, y_i}
+    P_TRUE = 1  #: p_y = exp(-l_i)
+    MARGIN = 2  #: z_y - max_{j != y} z_j (0 when C == 1)
+    CORRECT = 3  #: 1.0 if argmax_j z_j == y (first index on ties) else 0.0
+    GRAD_NORM_SQ = 4  #: ||dl_i/dz_i||^2 = sum_{j != y} p_j^2 + (1 - p_y)^2
+    VALID = 5  #: 1.0 if the row was recorded (not ignored, finite loss) else 0.0
+
+
+NUM_STATS = len(Stat)

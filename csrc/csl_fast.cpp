@@ -1,0 +1,28 @@
+// Every csl_fast op schema, defined once. Kernels register per device in
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp; autograd and fake kernels are registered
+// from Python (csl_fast/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing csl_fast._C runs the static registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(csl_fast, m) {
+  // Fused cross entropy. loss: F.cross_entropy's value (logits dtype; [] for mean/sum,
+  // [B] for none). grad: d loss / d logits for a unit upstream gradient ([B, C], logits
+  // dtype). stats: float32 [6, B], see csrc/stats.h.
+  m.def(
+      "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction) -> (Tensor loss, Tensor grad, Tensor stats)");
+  // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].
+  m.def(
+      "scatter_stats(Tensor stats, Tensor index, bool deterministic, Tensor(a!)? csl, "
+      "Tensor(b!)? count) -> ()");
+  // Per-row squared L2 norm of scale * grad over all but the first dim: float32 [B].
+  m.def("input_grad_norms(Tensor grad, float scale) -> Tensor");
+}

@@ -1,0 +1,20 @@
+// Layout of the per-row statistics tensor [kNumStats, B] (float32) that every
+// cross-entropy kernel emits. Mirrors csl_fast/stats.py (checked by tests/test_stats.py).
+#pragma once
+
+namespace csl_fast {
+
+enum Stat : int {
+  kLoss = 0,        // l_i = logsumexp(z_i) - z_{i,y}
+  kPTrue = 1,       // p_y = exp(-l_i)
+  kMargin = 2,      // z_y - max_{j != y} z_j (0 when C == 1)
+  kCorrect = 3,     // argmax (first index on ties) == y
+  kGradNormSq = 4,  // sum_{j != y} p_j^2 + (1 - p_y)^2
+  kValid = 5,       // row recorded: not ignored and finite loss
+  kNumStats = 6,
+};
+
+// Same values as at::Reduction.
+enum ReductionKind : int { kNone = 0, kMean = 1, kSum = 2 };
+
+}  // namespace csl_fast

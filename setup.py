@@ -1,0 +1,74 @@
+"""Build csl_fast and its compiled extension ``csl_fast._C``.
+
+The extension is compiled against the torch that is already installed, so install
+with ``pip install --no-build-isolation .`` (build isolation would fetch a second,
+possibly different torch into a temporary environment and build against that).
+
+CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA and nvcc
+is found; ``TORCH_CUDA_ARCH_LIST`` selects the architectures (default "8.0;9.0").
+``CSL_FAST_NO_CUDA=1`` forces a CPU-only build; ``CSL_FAST_NO_EXT=1`` skips the
+extension altogether (the package then runs on its pure-PyTorch reference).
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _extensions():
+    if os.environ.get("CSL_FAST_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    def rel(pattern):
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = ["csrc/csl_fast.cpp", *rel("csrc/cpu/*.cpp")]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    want_cuda = os.environ.get("CSL_FAST_NO_CUDA") != "1"
+    cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
+    if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        ext = CUDAExtension(
+            "csl_fast._C",
+            sources + cuda_sources,
+            extra_compile_args={"cxx": [*cxx, "-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = CppExtension(
+            "csl_fast._C",
+            sources,
+            extra_compile_args=cxx,
+            extra_link_args=["-fopenmp"],
+        )
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="csl_fast",
+    version="0.1.0",
+    description="Cumulative Sample Loss for free: fused cross entropy that records per-sample "
+    "training dynamics",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["csl_fast", "csl_fast.*"]),
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton"],
+        "eval": ["scikit-learn", "cleanlab", "matplotlib", "tqdm", "pandas"],
+    },
+    entry_points={"console_scripts": ["csl-fast=csl_fast.__main__:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
