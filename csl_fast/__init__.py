@@ -5,10 +5,11 @@ sample's loss into a dataset-sized buffer at its dataset index (Ravikumar et al.
 "Towards Memorization Estimation: Fast, Formal and Free", ICML 2025).
 """
 
-from . import data
+from . import baselines, corrupt, data, detect, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .input_grad import input_grad_norms
+from .scores import SCORES, scores
 from .scoring import score_epoch
 from .stats import Stat
 from .tracker import CSLTracker, TrackerFileError, TrackerStateError
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "SCORES",
     "CSLTracker",
     "Stat",
     "TrackerFileError",
@@ -24,7 +26,13 @@ __all__ = [
     "__version__",
     "accumulate",
     "available_backends",
+    "baselines",
+    "corrupt",
     "data",
+    "detect",
+    "evaluate",
     "input_grad_norms",
     "score_epoch",
+    "scores",
+    "train",
 ]

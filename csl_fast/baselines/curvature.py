@@ -1,0 +1,143 @@
+r"""Input-loss curvature (Garg, Ravikumar, Roy 2024), a finite-difference Hessian probe.
+
+For a sample :math:`(x, y)` and the current weights,
+
+.. math::
+    \mathrm{Curv}(x) = \frac{1}{n}\sum_{k=1}^{n}
+        \big\|\nabla_x \ell(x + h v_k, y) - \nabla_x \ell(x, y)\big\|_2,
+    \qquad v_k \in \{-1, +1\}^{d} \text{ Rademacher},
+
+with :math:`h = 10^{-3}` and :math:`n = 10` (the paper's defaults), the model in eval mode.
+It approximates :math:`h\,\|H_x v\|`; large values mean a sharp loss around the sample
+(memorized, mislabeled). The paper averages it over epochs of training:
+:class:`CurvatureAccumulator` does that as a :func:`csl_fast.train.train` callback. Cost:
+``n + 1`` forward and backward passes over the data every time it is taken.
+
+The per-sample input gradients come from one backward of the *summed* loss, which is
+exact when no layer couples samples (no BatchNorm in train mode; the model is put in eval
+mode here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CurvatureAccumulator", "input_curvature"]
+
+
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    (g,) = torch.autograd.grad(loss, x)
+    return g.reshape(g.shape[0], -1)
+
+
+def input_curvature(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    h: float = 1e-3,
+    n: int = 10,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Per-sample input-loss curvature of ``model`` at its current weights.
+
+    Args:
+        model: maps ``[B, ...]`` to ``[B, C]`` logits (evaluated in eval mode; its mode is
+            restored).
+        x: ``[N, ...]`` float inputs; y: ``[N]`` labels.
+        h: finite-difference step (paper: 1e-3).
+        n: number of Rademacher probes (paper: 10).
+        batch_size: samples per forward/backward.
+        seed: seeds the probes (a CPU generator: identical across devices).
+
+    Returns:
+        float32 ``[N]``: mean over the probes of
+        ``||grad_x l(x + h v) - grad_x l(x)||`` (higher = sharper = more suspicious).
+    """
+    if n < 1:
+        raise ValueError("input_curvature: n must be >= 1")
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    try:
+        for s in range(0, x.shape[0], batch_size):
+            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
+            g0 = _input_grad(model, xb, yb)
+            acc = torch.zeros(xb.shape[0], dtype=torch.float32, device=x.device)
+            for _ in range(n):
+                v = torch.randint(0, 2, xb.shape, generator=gen).to(xb.device, xb.dtype) * 2 - 1
+                gv = _input_grad(model, xb + h * v, yb)
+                acc += (gv - g0).float().norm(dim=1)
+            out[s : s + batch_size] = acc / n
+    finally:
+        model.train(was_training)
+    return out
+
+
+class CurvatureAccumulator:
+    """Average :func:`input_curvature` over the epochs at which it is taken.
+
+    Use as a :func:`csl_fast.train.train` callback::
+
+        curv = CurvatureAccumulator(x, y, epochs=range(0, 200, 10))
+        train(model, x, y, epochs=200, callback=curv)
+        scores = curv.value  # [N]
+
+    Args:
+        x, y: the training inputs and labels (dataset order).
+        epochs: the epochs (0-based, after that epoch's training) at which to measure;
+            ``None`` = every epoch.
+        h, n, batch_size: see :func:`input_curvature`.
+        seed: base seed; the probes of epoch ``e`` use ``seed + e``.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        epochs: Iterable[int] | None = None,
+        h: float = 1e-3,
+        n: int = 10,
+        batch_size: int = 1024,
+        seed: int = 0,
+    ) -> None:
+        self.x, self.y = x, y
+        self.epochs = None if epochs is None else set(epochs)
+        self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed
+        self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+        self.count = 0
+
+    def __call__(self, epoch: int, model: nn.Module) -> None:
+        if self.epochs is not None and epoch not in self.epochs:
+            return
+        self.update(model, seed=self.seed + epoch)
+
+    def update(self, model: nn.Module, seed: int | None = None) -> None:
+        """Measure once at the model's current weights and add to the average."""
+        c = input_curvature(
+            model,
+            self.x,
+            self.y,
+            h=self.h,
+            n=self.n,
+            batch_size=self.batch_size,
+            seed=self.seed if seed is None else seed,
+        )
+        self.total += c.double()
+        self.count += 1
+
+    @property
+    def value(self) -> torch.Tensor:
+        """float32 ``[N]``: the mean curvature over the measurements (NaN before any)."""
+        if self.count == 0:
+            return torch.full_like(self.total, float("nan"), dtype=torch.float32)
+        return (self.total / self.count).float()

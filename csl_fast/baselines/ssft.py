@@ -1,0 +1,88 @@
+r"""Second-Split Forgetting Time (Maini et al. 2022), as the paper's baseline.
+
+Split the data into two halves A and B (seeded). Train a model on A, then continue
+training the same model on B only; after each epoch of the second phase, record whether
+each sample of A is still classified correctly. The score of a sample of A is
+``1 - mean correctness over the second phase``: samples whose (possibly wrong) label was
+only memorized are forgotten quickly once they leave the training set. Swapping the roles
+of A and B scores every sample. Cost: two models, each trained for two phases on half
+the data (about two full trainings).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..train import predict, train
+
+__all__ = ["ssft"]
+
+
+def ssft(
+    model_factory: Callable[[int], nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    first_epochs: int | None = None,
+    second_epochs: int | None = None,
+    train_kwargs: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Per-sample SSFT score (float32 ``[N]``, higher = forgotten sooner = more suspicious).
+
+    Args:
+        model_factory: ``seed -> fresh nn.Module``.
+        x, y: inputs and (noisy) labels.
+        first_epochs, second_epochs: epochs of each phase (default: ``train_kwargs
+            ["epochs"]`` for both).
+        train_kwargs: forwarded to :func:`csl_fast.train.train` (``epochs`` overridden per
+            phase).
+        seed: the split (a seeded random half) and the training seeds.
+    """
+    kwargs = dict(train_kwargs or {})
+    epochs = kwargs.pop("epochs", None)
+    e1 = first_epochs if first_epochs is not None else epochs
+    e2 = second_epochs if second_epochs is not None else epochs
+    if e1 is None or e2 is None:
+        raise ValueError("ssft: give first_epochs/second_epochs or train_kwargs['epochs']")
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).to(x.device)
+    halves = (perm[: n // 2], perm[n // 2 :])
+    score = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
+    for side in range(2):
+        a, b = halves[side], halves[1 - side]
+        model = model_factory(seed + side).to(x.device)
+        tag = f"SSFT {side + 1}/2"
+        train(
+            model,
+            x[a],
+            y[a],
+            epochs=e1,
+            seed=seed + 10 + side,
+            progress=f"{tag} phase 1" if progress else False,
+            **kwargs,
+        )
+        correct = torch.zeros(a.numel(), dtype=torch.float32, device=x.device)
+        xa, ya = x[a], y[a]
+
+        def watch_a(epoch: int, m: nn.Module, xa=xa, ya=ya, correct=correct) -> None:
+            correct.add_((predict(m, xa).argmax(1) == ya).float())
+
+        train(
+            model,
+            x[b],
+            y[b],
+            epochs=e2,
+            seed=seed + 20 + side,
+            callback=watch_a,
+            progress=f"{tag} phase 2" if progress else False,
+            **kwargs,
+        )
+        score[a] = 1.0 - correct / e2
+    return score

@@ -1,0 +1,144 @@
+r"""Evaluation helpers: detection metrics, similarity with memorization, binned trends.
+
+Scores follow the csl_fast convention (higher = more suspicious / more memorized);
+``labels`` are the ground-truth masks returned by :mod:`csl_fast.corrupt` (True = positive).
+Inputs may be tensors, NumPy arrays or lists. Non-finite scores raise ``ValueError``
+(drop the samples first, e.g. never-presented ones).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "aupr",
+    "auroc",
+    "binned_trend",
+    "cosine_similarity",
+    "detection_metrics",
+    "fpr_at_tpr",
+    "pearson",
+    "similarity",
+]
+
+
+def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = x.double() if dtype is np.float64 else x
+        x = x.numpy()
+    a = np.asarray(x, dtype=dtype).ravel()
+    if dtype is np.float64 and not np.all(np.isfinite(a)):
+        raise ValueError(
+            f"csl_fast.evaluate: {name} has {int((~np.isfinite(a)).sum())} "
+            "non-finite values; drop those samples first"
+        )
+    return a
+
+
+def _pair(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    s = _np(scores, "scores")
+    y = _np(labels, "labels", dtype=bool)
+    if s.shape != y.shape:
+        raise ValueError(f"csl_fast.evaluate: scores has {s.size} entries, labels {y.size}")
+    if y.all() or not y.any():
+        raise ValueError("csl_fast.evaluate: labels need both positives and negatives")
+    return s, y
+
+
+def auroc(scores: Any, labels: Any) -> float:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``); 0.5 = chance."""
+    from sklearn.metrics import roc_auc_score
+
+    s, y = _pair(scores, labels)
+    return float(roc_auc_score(y, s))
+
+
+def aupr(scores: Any, labels: Any) -> float:
+    """Area under the precision-recall curve as average precision
+    (``sklearn.metrics.average_precision_score``); chance = the positive rate."""
+    from sklearn.metrics import average_precision_score
+
+    s, y = _pair(scores, labels)
+    return float(average_precision_score(y, s))
+
+
+def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
+    """False-positive rate at the first ROC operating point whose true-positive rate is
+    at least ``tpr`` (FPR@95TPR by default; lower is better). From
+    ``sklearn.metrics.roc_curve`` with all thresholds kept."""
+    from sklearn.metrics import roc_curve
+
+    s, y = _pair(scores, labels)
+    fpr, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
+    return float(fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")])
+
+
+def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
+    """``{"auroc", "aupr", "fpr@95tpr"}`` of one score against a ground-truth mask."""
+    return {
+        "auroc": auroc(scores, labels),
+        "aupr": aupr(scores, labels),
+        "fpr@95tpr": fpr_at_tpr(scores, labels, 0.95),
+    }
+
+
+def cosine_similarity(a: Any, b: Any) -> float:
+    """Raw (uncentred) cosine similarity :math:`a\\cdot b / (\\|a\\|\\|b\\|)` (the paper's
+    CS; NaN if either vector is zero)."""
+    x, y = _np(a, "a"), _np(b, "b")
+    den = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / den) if den > 0 else math.nan
+
+
+def pearson(a: Any, b: Any) -> float:
+    """Pearson correlation (the paper's PC; NaN if either vector is constant)."""
+    x, y = _np(a, "a"), _np(b, "b")
+    x, y = x - x.mean(), y - y.mean()
+    den = np.linalg.norm(x) * np.linalg.norm(y)
+    return float(x @ y / den) if den > 0 else math.nan
+
+
+def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[str, float]:
+    """Cosine similarity and Pearson correlation of ``score`` with ``memorization``.
+
+    Returns ``{"cs_all", "pc_all"}`` and, with ``top_k``, ``{"cs_top", "pc_top"}`` on the
+    ``top_k`` samples with the highest memorization (the paper's "Top 5k" rows; ties
+    broken by index).
+    """
+    s, m = _np(score, "score"), _np(memorization, "memorization")
+    if s.shape != m.shape:
+        raise ValueError(f"csl_fast.evaluate: score has {s.size} entries, memorization {m.size}")
+    out = {"cs_all": cosine_similarity(s, m), "pc_all": pearson(s, m)}
+    if top_k is not None:
+        top = np.argsort(-m, kind="stable")[:top_k]
+        out["cs_top"] = cosine_similarity(s[top], m[top])
+        out["pc_top"] = pearson(s[top], m[top])
+    return out
+
+
+def binned_trend(reference: Any, other: Any, bins: int = 10) -> dict[str, list[float]]:
+    """Equal-size bins of ``reference`` (sorted ascending) and the mean of ``other`` in each.
+
+    For the paper's theorem plots (e.g. memorization against CSL): samples are sorted by
+    ``reference`` and split into ``bins`` contiguous groups of (almost) equal size
+    (``numpy.array_split``). Returns lists ``x`` (mean reference per bin), ``y`` (mean
+    ``other``), ``y_std`` (std of ``other``) and ``count``.
+    """
+    r, o = _np(reference, "reference"), _np(other, "other")
+    if r.shape != o.shape:
+        raise ValueError(f"csl_fast.evaluate: reference has {r.size} entries, other {o.size}")
+    if bins < 1 or bins > max(r.size, 1):
+        raise ValueError(f"csl_fast.evaluate: bins must be in [1, {r.size}], got {bins}")
+    order = np.argsort(r, kind="stable")
+    out: dict[str, list[float]] = {"x": [], "y": [], "y_std": [], "count": []}
+    for part in np.array_split(order, bins):
+        out["x"].append(float(r[part].mean()))
+        out["y"].append(float(o[part].mean()))
+        out["y_std"].append(float(o[part].std()))
+        out["count"].append(int(part.size))
+    return out

@@ -1,0 +1,220 @@
+r"""Named per-sample scores from a :class:`csl_fast.CSLTracker`, all oriented the same way.
+
+Every score returned by :func:`scores` is a float ``[N]`` tensor in which **higher means
+more suspicious** (more likely mislabeled, duplicated with a conflicting label, or
+memorized). Statistics whose natural direction is the opposite (AUM, confidence) are
+transformed as listed in :data:`SCORES`, so every column can go straight into
+``roc_auc_score(is_bad, score)`` or a ranking.
+
+NaN marks a sample the score is undefined for: never presented in training (every
+training statistic), never scored by an eval pass (``eval_csl``), or without an
+input-gradient record (``learning_time``, ``loss_sensitivity``; record them with
+``tracker.watch`` / ``csl_fast.train.train(..., input_grads=True)``). A score whose source
+was never recorded at all is left out of the result unless asked for by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .tracker import CSLTracker
+
+__all__ = ["SCORES", "ScoreInfo", "as_dataframe", "scores"]
+
+
+@dataclass(frozen=True)
+class ScoreInfo:
+    """What a score is, where it comes from, and how it is oriented.
+
+    Attributes:
+        formula: the value returned, in terms of tracker statistics.
+        direction: why higher is more suspicious.
+        needs: ``"train"`` (fused CE statistics, free), ``"eval"`` (eval passes,
+            :func:`csl_fast.score_epoch`) or ``"input_grad"`` (``tracker.watch``).
+    """
+
+    formula: str
+    direction: str
+    needs: str
+
+
+#: The scores :func:`scores` returns, in order, with their definitions.
+SCORES: dict[str, ScoreInfo] = {
+    "csl": ScoreInfo(
+        "tracker.csl: sum of the per-presentation training loss (in-training CSL)",
+        "a sample that stays hard to fit accumulates loss",
+        "train",
+    ),
+    "csl_mean": ScoreInfo(
+        "tracker.csl_mean: CSL / number of presentations",
+        "as csl; insensitive to samplers that visit some samples more often",
+        "train",
+    ),
+    "eval_csl": ScoreInfo(
+        "tracker.eval_csl: sum of the eval-mode loss after each epoch (authors' code)",
+        "as csl",
+        "eval",
+    ),
+    "final_loss": ScoreInfo(
+        "loss at the last eval pass if any (the final model, clean input), else at the "
+        "last training presentation",
+        "not fitted by the final model",
+        "train",
+    ),
+    "forgetting": ScoreInfo(
+        "tracker.forgetting (correct -> incorrect transitions); never-learned samples "
+        "(never correct) get max(forgetting) + 1",
+        "unstable samples are forgotten often; never-learned ones rank highest (Toneva)",
+        "train",
+    ),
+    "threshold_learning_time": ScoreInfo(
+        "tracker.threshold_learning_time(): epoch from which the sample stays correct "
+        "(epoch + 1 if it is not correct at the end)",
+        "learned late (no sign flip)",
+        "train",
+    ),
+    "learning_time": ScoreInfo(
+        "tracker.learning_time() (authors' code form: 1 - fraction of epochs whose "
+        "running-mean ||dl/dx||^2 is below the global mean)",
+        "input gradient stays large for longer",
+        "input_grad",
+    ),
+    "loss_sensitivity": ScoreInfo(
+        "tracker.loss_sensitivity: mean ||dl/dx|| over training (Arpit et al.)",
+        "loss reacts strongly to the input",
+        "input_grad",
+    ),
+    "aum": ScoreInfo(
+        "-tracker.aum: minus the mean margin z_y - max_{j != y} z_j (Pleiss et al.)",
+        "negated: a low or negative margin is suspicious",
+        "train",
+    ),
+    "in_confidence": ScoreInfo(
+        "1 - max softmax probability of the final model (last eval pass if any, else last "
+        "training presentation), as the authors' 'In Conf.'",
+        "the final model is unsure",
+        "train",
+    ),
+    "confidence": ScoreInfo(
+        "1 - tracker.confidence: one minus the mean p_y over training (data maps)",
+        "inverted: a label the model rarely believes is suspicious",
+        "train",
+    ),
+    "variability": ScoreInfo(
+        "tracker.variability: std of p_y over training (data maps)",
+        "ambiguous samples swing; note that consistently-wrong mislabeled samples have "
+        "LOW variability, so this flags ambiguity rather than label errors",
+        "train",
+    ),
+    "logit_grad_norm": ScoreInfo(
+        "tracker.logit_grad_norm_mean: mean ||dl/dz||^2 over training",
+        "the loss keeps pushing on the logits",
+        "train",
+    ),
+}
+
+
+def _has(tracker: CSLTracker, needs: str) -> bool:
+    if needs == "train":
+        return bool((tracker.csl_count > 0).any())
+    if needs == "eval":
+        return tracker.eval_passes > 0
+    return tracker.input_grad_first_epoch >= 0
+
+
+def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:
+    t = tracker
+    nan = torch.full((t.num_samples,), float("nan"), dtype=t.dtype, device=t.device)
+    presented = t.csl_count > 0
+    use_eval = t.eval_passes > 0
+    if name == "csl":
+        return torch.where(presented, t.csl, nan)
+    if name == "csl_mean":
+        return t.csl_mean
+    if name == "eval_csl":
+        return torch.where(t.eval_count > 0, t.eval_csl, nan)
+    if name == "final_loss":
+        if use_eval:
+            return torch.where(t.eval_count > 0, t.eval_last_loss, nan)
+        return torch.where(presented, t.last_loss, nan)
+    if name == "forgetting":
+        f = t.forgetting.to(t.dtype)
+        never = ~t.ever_correct
+        top = f.max() + 1 if f.numel() else f.new_tensor(1.0)
+        return torch.where(presented, torch.where(never, top, f), nan)
+    if name == "threshold_learning_time":
+        return torch.where(presented, t.threshold_learning_time(), nan)
+    if name == "learning_time":
+        return t.learning_time()
+    if name == "loss_sensitivity":
+        return t.loss_sensitivity
+    if name == "aum":
+        return -t.aum
+    if name == "in_confidence":
+        if use_eval:
+            return torch.where(t.eval_count > 0, 1 - t.eval_last_max_prob, nan)
+        return torch.where(presented, 1 - t.last_max_prob, nan)
+    if name == "confidence":
+        return 1 - t.confidence
+    if name == "variability":
+        return t.variability
+    if name == "logit_grad_norm":
+        return t.logit_grad_norm_mean
+    raise KeyError(f"csl_fast.scores: unknown score {name!r}; known: {sorted(SCORES)}")
+
+
+def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample scores (float ``[N]``, higher = more suspicious) from a tracker.
+
+    Args:
+        tracker: a :class:`csl_fast.CSLTracker` after (or during) training.
+        names: which scores (keys of :data:`SCORES`). Default: every score whose source
+            was recorded (eval-pass scores need :func:`csl_fast.score_epoch`,
+            ``learning_time`` and ``loss_sensitivity`` need input-gradient records).
+            Asking by name for a score whose source was never recorded returns all-NaN.
+
+    Returns:
+        ``{name: tensor}`` in :data:`SCORES` order, on the tracker's device, in its dtype.
+        See :data:`SCORES` for each definition and direction.
+    """
+    if names is None:
+        chosen = [n for n, info in SCORES.items() if _has(tracker, info.needs)]
+    else:
+        chosen = list(names)
+        unknown = [n for n in chosen if n not in SCORES]
+        if unknown:
+            raise KeyError(f"csl_fast.scores: unknown scores {unknown}; known: {list(SCORES)}")
+    with torch.no_grad():
+        return {name: _compute(tracker, name).detach() for name in chosen}
+
+
+def as_dataframe(
+    source: CSLTracker | Mapping[str, torch.Tensor], names: Iterable[str] | None = None
+) -> Any:
+    """The scores as a ``pandas.DataFrame`` (one row per sample, index = dataset index).
+
+    ``source`` is a tracker (scores computed with :func:`scores`) or a ``{name: [N]}``
+    mapping such as :func:`scores` returns. Needs pandas.
+    """
+    try:
+        import pandas as pd
+    except ImportError as exc:  # pragma: no cover - pandas is optional
+        raise ImportError("csl_fast.scores.as_dataframe needs pandas: pip install pandas") from exc
+    table = scores(source, names) if not isinstance(source, Mapping) else dict(source)
+    if names is not None and isinstance(source, Mapping):
+        table = {n: table[n] for n in names}
+    cols = {k: v.detach().cpu().double().numpy() for k, v in table.items()}
+    df = pd.DataFrame(cols)
+    df.index.name = "index"
+    return df
+
+
+# ``csl_fast.scores`` is this function (the package re-exports it over the module name),
+# so also reach the helpers from it: ``csl_fast.scores.as_dataframe(tracker)``.
+scores.as_dataframe = as_dataframe  # type: ignore[attr-defined]
+scores.SCORES = SCORES  # type: ignore[attr-defined]

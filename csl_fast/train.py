@@ -1,0 +1,218 @@
+r"""A tiny, generic, seeded training loop over in-memory tensors, with optional tracking.
+
+Meant for small models on data that fits in memory (scikit-learn's digits, feature
+vectors, the baselines' retraining in :mod:`csl_fast.baselines`, the CLI demo). For real
+datasets write your own loop around :func:`csl_fast.accumulate` (see
+:class:`csl_fast.CSLTracker`); this one shows the pattern::
+
+    model = csl_fast.train.mlp(64, 10, seed=0)
+    tracker = csl_fast.CSLTracker(len(y), num_classes=10)
+    csl_fast.train.train(model, x, y, epochs=100, lr=0.05, tracker=tracker,
+                         input_grads=True, eval_each_epoch=True)
+    scores = csl_fast.scores(tracker)
+
+Determinism: the minibatch order and the input noise come from a ``torch.Generator``
+seeded with ``seed``; the model's initialisation is the caller's (:func:`mlp` takes a
+seed). With the same model initialisation and seed, two runs on the CPU are bitwise equal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .accumulate import accumulate
+from .scoring import score_epoch
+from .tracker import CSLTracker
+
+__all__ = ["TrainResult", "mlp", "predict", "train"]
+
+
+def mlp(
+    in_features: int,
+    num_classes: int,
+    hidden: Sequence[int] = (256, 256),
+    *,
+    dropout: float = 0.0,
+    seed: int | None = None,
+) -> nn.Sequential:
+    """A ReLU multilayer perceptron ``in -> hidden... -> num_classes`` (flattens its input).
+
+    No BatchNorm (it would couple the samples of a batch and break per-sample input
+    gradients). ``seed`` seeds the initialisation without touching the global RNG.
+    """
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    if seed is None:
+        return nn.Sequential(*layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                layer.reset_parameters()
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns besides the trained model (trained in place).
+
+    Attributes:
+        epoch_loss: mean training loss of each epoch.
+        epoch_time: wall-clock seconds of each epoch's training steps (the eval pass and
+            the callback excluded).
+        eval_time: total seconds spent in eval passes.
+        callback_time: total seconds spent in the callback.
+    """
+
+    epoch_loss: list[float] = field(default_factory=list)
+    epoch_time: list[float] = field(default_factory=list)
+    eval_time: float = 0.0
+    callback_time: float = 0.0
+
+    @property
+    def train_time(self) -> float:
+        """Total seconds of training steps."""
+        return float(sum(self.epoch_time))
+
+
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    batch_size: int = 128,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    optimizer: str = "sgd",
+    input_noise: float = 0.0,
+    tracker: CSLTracker | None = None,
+    input_grads: bool = False,
+    eval_each_epoch: bool = False,
+    callback: Callable[[int, nn.Module], None] | None = None,
+    seed: int = 0,
+    progress: bool | str = False,
+) -> TrainResult:
+    r"""Train ``model`` in place with minibatch SGD (or Adam) on ``(x, y)``.
+
+    Args:
+        model: maps ``[B, ...]`` inputs to ``[B, C]`` logits.
+        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` int64 labels. Both on the model's
+            device. Row ``i`` has dataset index ``i`` (what the tracker records).
+        epochs: passes over the data; each pass visits every sample once in a fresh random
+            order (the last batch may be smaller).
+        lr, momentum, weight_decay: SGD hyperparameters (``momentum`` ignored by Adam).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        input_noise: std of Gaussian noise added to each training batch (a simple
+            augmentation; 0 = none). The eval pass always sees clean inputs.
+        tracker: a :class:`csl_fast.CSLTracker` of ``N`` samples; the loss is computed with
+            :func:`csl_fast.accumulate` so every per-sample statistic is recorded, and
+            :meth:`~csl_fast.CSLTracker.end_epoch` is called after each epoch. Without a
+            tracker the loss is plain ``F.cross_entropy``.
+        input_grads: also record per-sample input-gradient norms (``tracker.watch``;
+            needed for learning time and loss sensitivity).
+        eval_each_epoch: after each epoch, score every training sample in eval mode
+            (:func:`csl_fast.score_epoch`: the eval-pass CSL).
+        callback: ``callback(epoch, model)`` after each epoch (after the eval pass), e.g.
+            a :class:`csl_fast.baselines.curvature.CurvatureAccumulator`.
+        seed: seeds the minibatch order and the input noise.
+        progress: show a tqdm bar over epochs (a string is used as its description).
+
+    Returns:
+        a :class:`TrainResult` with per-epoch losses and timings.
+    """
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"csl_fast.train: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
+    if (input_grads or eval_each_epoch) and tracker is None:
+        raise ValueError("csl_fast.train: input_grads/eval_each_epoch need a tracker")
+    if tracker is not None and tracker.num_samples != x.shape[0]:
+        raise ValueError(
+            f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
+            f"{x.shape[0]} rows"
+        )
+    n = x.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    elif optimizer == "adam":
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"csl_fast.train: optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    all_index = torch.arange(n, device=x.device)
+    result = TrainResult()
+    epochs_iter: range | object = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        desc = progress if isinstance(progress, str) else "train"
+        epochs_iter = tqdm(range(epochs), desc=desc, leave=False)
+    for epoch in epochs_iter:  # type: ignore[union-attr]
+        model.train()
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, generator=gen).to(x.device)
+        total = torch.zeros((), device=x.device)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            xb = x[idx]
+            if input_noise > 0:
+                noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
+                xb = xb + input_noise * noise.to(xb.device)
+            if input_grads:
+                xb = tracker.watch(xb.detach().clone(), idx)  # type: ignore[union-attr]
+            logits = model(xb)
+            if tracker is not None:
+                loss = accumulate(logits, y[idx], idx, tracker)
+            else:
+                loss = F.cross_entropy(logits, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * idx.numel()
+        if tracker is not None:
+            tracker.end_epoch()
+        result.epoch_time.append(time.perf_counter() - t0)
+        result.epoch_loss.append(float(total) / max(n, 1))
+        if eval_each_epoch:
+            t1 = time.perf_counter()
+            batches = [
+                (x[s : s + 1024], y[s : s + 1024], all_index[s : s + 1024])
+                for s in range(0, n, 1024)
+            ]
+            score_epoch(model, batches, tracker)  # type: ignore[arg-type]
+            result.eval_time += time.perf_counter() - t1
+        if callback is not None:
+            t2 = time.perf_counter()
+            callback(epoch, model)
+            result.callback_time += time.perf_counter() - t2
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """``[N, C]`` float32 logits of ``model`` in eval mode (training mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [model(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)

@@ -1,0 +1,24 @@
+"""Small synthetic cases shared by the baseline tests."""
+
+import torch
+from torch import nn
+
+
+def blobs(n=120, d=2, seed=0):
+    """Two well-separated Gaussian blobs (labels 0/1), shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    x = torch.randn(n, d, generator=g) * 0.5
+    x[:, 0] += torch.where(y == 1, 3.0, -3.0)
+    return x, y
+
+
+def linear(d, c=2):
+    def factory(seed):
+        torch.manual_seed(seed)
+        return nn.Linear(d, c)
+
+    return factory
+
+
+FAST = {"epochs": 30, "lr": 0.5, "batch_size": 1024, "momentum": 0.0}

@@ -1,0 +1,40 @@
+"""Stability memorization on a case whose answer is known.
+
+Inputs are [cluster feature, one-hot sample id]; a linear model can fit any single sample
+through its id weight, but only if that sample is in the training subset. An outlier
+(label 1 inside the class-0 cluster) is then right exactly when trained on: mem = 1.
+Typical samples are right either way: mem = 0.
+"""
+
+import torch
+
+from csl_fast.baselines import stability_memorization
+
+from ._synthetic import linear
+
+
+def test_outlier_is_memorized_typical_samples_are_not():
+    n = 40
+    y = (torch.arange(n) >= n // 2).long()
+    feat = torch.where(y == 1, 1.0, -1.0)[:, None]
+    y[0] = 1  # the outlier: a class-0 input with label 1
+    x = torch.cat([feat, 3 * torch.eye(n)], 1)
+    kw = {"epochs": 20, "lr": 1.0, "batch_size": 1024, "momentum": 0.0}
+    res = stability_memorization(linear(n + 1), x, y, m=8, train_kwargs=kw, seed=0)
+    assert torch.equal(res.n_in + res.n_out, torch.full((n,), 8))
+    assert int(res.n_in.sum()) == 8 * int(0.7 * n)  # every subset has int(0.7 N) samples
+    ok = (res.n_in > 0) & (res.n_out > 0)
+    assert bool(ok[0])
+    assert res.memorization[0] == 1.0
+    assert torch.equal(
+        res.memorization[1:][ok[1:]], torch.zeros(int(ok[1:].sum()), dtype=torch.float64)
+    )
+    assert res.seconds > 0
+
+
+def test_nan_when_never_out():
+    x, y = torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    res = stability_memorization(
+        linear(2), x, y, m=1, subset_fraction=0.5, train_kwargs={"epochs": 1}, seed=0
+    )
+    assert int(res.memorization.isnan().sum()) == 4  # one model: each sample in or out

@@ -1,0 +1,74 @@
+"""Corruption helpers: exact counts, invariants, determinism."""
+
+import pytest
+import torch
+
+from csl_fast import corrupt
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.02, 0.05, 0.1, 0.333, 1.0])
+@pytest.mark.parametrize("n", [1, 97, 1797])
+def test_flip_labels_counts_and_invariants(fraction, n):
+    y = torch.randint(0, 10, (n,))
+    noisy, mask = corrupt.flip_labels(y, fraction, num_classes=10, seed=3)
+    assert mask.dtype == torch.bool and mask.shape == (n,)
+    assert int(mask.sum()) == int(fraction * n)
+    assert torch.equal(mask, noisy != y)  # flipped <=> changed: always a different class
+    assert noisy.dtype == y.dtype and int(noisy.min()) >= 0 and int(noisy.max()) < 10
+    assert torch.equal(y, y.clone())  # input untouched
+
+
+def test_flip_labels_seeded_and_uniform():
+    y = torch.zeros(20000, dtype=torch.long)
+    a, ma = corrupt.flip_labels(y, 0.5, num_classes=5, seed=1)
+    b, mb = corrupt.flip_labels(y, 0.5, num_classes=5, seed=1)
+    c, _ = corrupt.flip_labels(y, 0.5, num_classes=5, seed=2)
+    assert torch.equal(a, b) and torch.equal(ma, mb) and not torch.equal(a, c)
+    counts = torch.bincount(a[ma], minlength=5).float()
+    assert counts[0] == 0
+    assert torch.allclose(counts[1:] / counts[1:].sum(), torch.full((4,), 0.25), atol=0.02)
+
+
+def test_flip_labels_two_classes_and_errors():
+    y = torch.tensor([0, 1, 0, 1])
+    noisy, mask = corrupt.flip_labels(y, 1.0, num_classes=2)
+    assert torch.equal(noisy, 1 - y) and bool(mask.all())
+    with pytest.raises(ValueError):
+        corrupt.flip_labels(y, 1.5)
+    with pytest.raises(ValueError):
+        corrupt.flip_labels(torch.zeros(3, dtype=torch.long), 0.5, num_classes=1)
+
+
+@pytest.mark.parametrize("pairs", [0, 1, 5, 48])
+def test_duplicate_pairs(pairs):
+    n = 97
+    x = torch.randn(n, 3, 4)
+    y = torch.randint(0, 7, (n,))
+    nx, ny, mask, p = corrupt.duplicate_pairs(x, y, pairs, num_classes=7, seed=0)
+    assert p.shape == (pairs, 2) and int(mask.sum()) == 2 * pairs
+    assert p.unique().numel() == 2 * pairs  # disjoint pairs
+    a, b = p[:, 0], p[:, 1]
+    assert torch.equal(nx[a], x[b]) and torch.equal(nx[b], x[b])  # a := exact copy of b
+    assert bool((ny[a] != ny[b]).all()) and torch.equal(ny[b], y[b])
+    assert torch.equal(mask.nonzero().squeeze(1), p.reshape(-1).sort().values)
+    rest = ~mask
+    assert torch.equal(nx[rest], x[rest]) and torch.equal(ny[rest], y[rest])
+    again = corrupt.duplicate_pairs(x, y, pairs, num_classes=7, seed=0)
+    assert torch.equal(again[0], nx) and torch.equal(again[1], ny)
+
+
+def test_duplicate_pairs_errors():
+    x, y = torch.randn(5, 2), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError):
+        corrupt.duplicate_pairs(x, y, 3)
+    with pytest.raises(ValueError):
+        corrupt.duplicate_pairs(x[:4], y, 1)

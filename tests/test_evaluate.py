@@ -1,0 +1,93 @@
+"""Evaluation helpers against scikit-learn and hand-computed values."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+from csl_fast import evaluate as E
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _case(seed=0, n=500):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(n) < 0.1
+    scores = rng.normal(size=n) + 1.5 * labels
+    return torch.tensor(scores), torch.tensor(labels)
+
+
+def test_auroc_aupr_match_sklearn():
+    s, y = _case()
+    assert E.auroc(s, y) == pytest.approx(roc_auc_score(y.numpy(), s.numpy()))
+    assert E.aupr(s, y) == pytest.approx(average_precision_score(y.numpy(), s.numpy()))
+    assert E.auroc(s.float(), y) == pytest.approx(E.auroc(s, y), abs=1e-6)
+
+
+def test_hand_computed_metrics():
+    s = [0.9, 0.8, 0.7, 0.6, 0.5]
+    y = [1, 0, 1, 0, 0]
+    # positive/negative pairs ordered correctly: (0.9 > all 3) + (0.7 > 0.6, 0.5) = 5 of 6
+    assert E.auroc(s, y) == pytest.approx(5 / 6)
+    # average precision: precision at each positive = 1/1, 2/3
+    assert E.aupr(s, y) == pytest.approx((1 + 2 / 3) / 2)
+    # TPR reaches 1 (>= 0.95) at threshold 0.7: FPR = 1/3
+    assert E.fpr_at_tpr(s, y) == pytest.approx(1 / 3)
+    assert E.fpr_at_tpr([1, 2, 3, 4], [0, 0, 1, 1]) == 0.0
+    assert E.auroc([1, 1, 1], [0, 1, 0]) == 0.5
+
+
+def test_fpr_at_tpr_matches_roc_curve():
+    s, y = _case(1, 2000)
+    fpr, tpr, _ = roc_curve(y.numpy(), s.numpy(), drop_intermediate=False)
+    expect = fpr[tpr >= 0.95].min()
+    assert E.fpr_at_tpr(s, y) == pytest.approx(expect)
+    m = E.detection_metrics(s, y)
+    assert set(m) == {"auroc", "aupr", "fpr@95tpr"}
+
+
+def test_cosine_pearson_hand_values():
+    a, b = [1.0, 0.0, 1.0], [1.0, 1.0, 0.0]
+    assert E.cosine_similarity(a, b) == pytest.approx(0.5)  # 1 / (sqrt2 sqrt2)
+    assert E.pearson(a, b) == pytest.approx(-0.5)
+    x = np.random.default_rng(0).normal(size=50)
+    assert E.pearson(x, 3 * x + 2) == pytest.approx(1.0)
+    assert E.cosine_similarity(x, -x) == pytest.approx(-1.0)
+    assert E.pearson(x, x**2) == pytest.approx(np.corrcoef(x, x**2)[0, 1])
+    assert math.isnan(E.pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_similarity_top_k():
+    mem = np.array([0.0, 0.9, 0.1, 0.8, 0.5])
+    s = np.array([1.0, 2.0, 0.0, 3.0, 1.0])
+    out = E.similarity(s, mem, top_k=3)  # top-3 memorized: indices 1, 3, 4
+    assert out["cs_top"] == pytest.approx(E.cosine_similarity(s[[1, 3, 4]], mem[[1, 3, 4]]))
+    assert out["pc_top"] == pytest.approx(np.corrcoef(s[[1, 3, 4]], mem[[1, 3, 4]])[0, 1])
+    assert out["pc_all"] == pytest.approx(np.corrcoef(s, mem)[0, 1])
+
+
+def test_binned_trend():
+    ref = np.array([5.0, 1, 4, 2, 3, 0])
+    other = ref * 10
+    out = E.binned_trend(ref, other, bins=3)
+    assert out["x"] == [0.5, 2.5, 4.5] and out["y"] == [5.0, 25.0, 45.0]
+    assert out["count"] == [2, 2, 2] and out["y_std"] == [5.0, 5.0, 5.0]
+    assert E.binned_trend(np.arange(7.0), np.arange(7.0), 3)["count"] == [3, 2, 2]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="non-finite"):
+        E.auroc([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match="both"):
+        E.auroc([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError):
+        E.binned_trend([1, 2], [1, 2], bins=3)
