@@ -1,20 +1,28 @@
-"""Compile checks of the CUDA backend that need no GPU.
+"""Checks of the CUDA backend that need no GPU.
 
 - every ``csrc/cuda/*.cu`` (plain CUDA, no torch headers) compiles with ``nvcc -c`` for
   sm_80 and sm_90, warning-free under ``-Xcompiler -Wall``;
 - the torch glue ``csrc/cuda/ops_cuda.cpp`` passes ``g++ -fsyntax-only -Wall -Wextra``
   against the installed torch's headers (a CPU build of torch ships the c10/cuda headers but
   not the generated ``c10/cuda/impl/cuda_cmake_macros.h``, which is stubbed here);
-- the glue registers a CUDA kernel for every op schema of ``csrc/csl_fast.cpp``.
+- the glue registers a CUDA kernel for every op schema of ``csrc/csl_fast.cpp``;
+- the cross-entropy and input-gradient-norm kernels, compiled for the host with
+  ``csrc/cuda/testing/host_emulation.h`` (blocks of std::threads, barriers for
+  ``__syncthreads``/``__shfl_xor_sync``), match ``csl_fast/reference.py`` on every kernel
+  path (warp, block-in-registers and streaming rows; all four logits dtypes; weights, label
+  smoothing, ignored rows, bad targets, non-finite logits, strided rows). This runs the real
+  kernel source, not a re-implementation; what it cannot see is GPU-only behaviour (memory
+  model, occupancy, real warp scheduling, atomics, cub).
 
 All compilers run concurrently (module fixture), so the module costs about as long as the
 slowest file. Each check is skipped, with the reason, where its compiler or headers are
-missing. The kernels' numerics are tested against ``csl_fast/reference.py`` by the device
-tests, which need a GPU.
+missing.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import re
 import shutil
@@ -25,6 +33,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from tolerances import assert_close_f32, assert_no_worse_than_torch
+
+from csl_fast import reference
+from csl_fast.stats import NUM_STATS, Stat
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -89,9 +102,37 @@ def _glue_cmd(stub_dir: Path, torch_inc: Path, cuda_inc: Path) -> list[str]:
     return [*cmd, str(GLUE)]
 
 
+EMU_SOURCES = ("cross_entropy_kernels.cu", "input_grad_norms_kernels.cu")
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;{}<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
+
+
+def _emulated_source(name: str) -> str:
+    """The .cu source with each ``k<<<cfg>>>(args);`` rewritten for host_emulation.h."""
+    text = (CUDA_DIR / name).read_text()
+    out, n = _LAUNCH.subn(lambda m: f"::csl_emu::launch([=] {{ {m[1]}({m[3]}); }}, {m[2]});", text)
+    assert n > 0, f"no kernel launch found in {name}"
+    return out
+
+
+def _emu_cmd(work: Path, cuda_inc: Path) -> tuple[list[str], Path]:
+    cxx = shutil.which("g++") or shutil.which("c++")
+    sources = []
+    for name in EMU_SOURCES:
+        path = work / (name + ".cc")
+        path.write_text(_emulated_source(name))
+        sources.append(str(path))
+    lib = work / "libcsl_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Werror"]
+    cmd += ["-Wno-attributes", "-Wno-unknown-pragmas", "-include", "host_emulation.h"]
+    cmd += ["-I", str(CUDA_DIR), "-I", str(CUDA_DIR / "testing"), "-isystem", str(cuda_inc)]
+    cmd += [*sources, str(CUDA_DIR / "testing" / "harness.cpp"), "-o", str(lib)]
+    return cmd, lib
+
+
 class _Job:
-    def __init__(self, cmd: list[str]):
+    def __init__(self, cmd: list[str], output: Path | None = None):
         self.cmd = cmd
+        self.output = output
         self.start = time.monotonic()
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
@@ -133,6 +174,15 @@ def jobs(tmp_path_factory) -> dict[str, _Job | str]:
             (stub / macros).parent.mkdir(parents=True)
             (stub / macros).write_text("#pragma once\n")
         started["glue"] = _Job(_glue_cmd(stub, torch_inc, cuda_inc))
+    if cuda_inc is None:
+        started["emu"] = "CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found"
+    elif not (shutil.which("g++") or shutil.which("c++")):
+        started["emu"] = "no host C++ compiler"
+    elif sys.platform != "linux":
+        started["emu"] = "host emulation is only set up for Linux"
+    else:
+        cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu"), cuda_inc)
+        started["emu"] = _Job(cmd, lib)
     yield started
     for job in started.values():
         if isinstance(job, _Job) and job.proc.poll() is None:
@@ -179,3 +229,152 @@ def test_glue_registers_every_op():
     assert "TORCH_LIBRARY_IMPL(csl_fast, CUDA, m)" in glue
     impls = re.findall(r'm\.impl\("(\w+)"', glue)
     assert sorted(impls) == sorted(schemas)
+
+
+# ---------------------------------------------------------------------------------------
+# The real kernels, run on the CPU through host_emulation.h.
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+
+
+@pytest.fixture(scope="module")
+def emu(jobs):
+    _run(jobs, "emu")
+    lib = ctypes.CDLL(str(jobs["emu"].output))
+    lib.emu_ce_prep_size.argtypes = [_I64, _I, _I, _D]
+    lib.emu_ce_prep_size.restype = _I64
+    lib.emu_cross_entropy_fwd.argtypes = [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _D, _I]
+    lib.emu_cross_entropy_fwd.argtypes += [_P] * 5
+    lib.emu_input_grad_norms_workspace.argtypes = [_I, _I64, _I64]
+    lib.emu_input_grad_norms_workspace.restype = _I64
+    lib.emu_input_grad_norms.argtypes = [_P, _I, _I64, _I64, _D, _P, _P, _I64]
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _emu_cross_entropy(lib, logits, target, weight, ignore_index, eps, reduction):
+    """What ops_cuda.cpp does around the launcher, on CPU tensors."""
+    batch, classes = logits.shape
+    assert logits.stride(1) == 1
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_prep = lib.emu_ce_prep_size(batch, reduction, weight is not None, eps)
+    prep = torch.full((max(n_prep, 1),), math.nan, dtype=acc)
+    objective = torch.full((batch,), math.nan, dtype=acc)
+    grad = torch.full((batch, classes), math.nan, dtype=logits.dtype)
+    stats = torch.full((NUM_STATS, batch), math.nan)
+    flag = torch.zeros(1, dtype=torch.int32)
+    w = None if weight is None else weight.to(acc).contiguous()
+    t = target.long().contiguous()
+    rc = lib.emu_cross_entropy_fwd(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, classes, logits.stride(0),
+        t.data_ptr(), ignore_index, _ptr(w), eps, reduction, prep.data_ptr() if n_prep else None,
+        objective.data_ptr(), grad.data_ptr(), stats.data_ptr(), flag.data_ptr(),
+    )  # fmt: skip
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    if reduction == 0:
+        loss = objective.to(logits.dtype)
+    elif reduction == 2:
+        loss = objective.sum().to(logits.dtype)
+    else:
+        loss = (objective.sum() / prep[0]).to(logits.dtype)
+    return loss, grad, stats, int(flag.item())
+
+
+def _check_against_reference(lib, logits, target, weight=None, ignore_index=-100, eps=0.0, red=1):
+    out = _emu_cross_entropy(lib, logits, target, weight, ignore_index, eps, red)
+    loss, grad, stats, flag = out
+    assert flag == 0
+    ref_loss, ref_grad, ref_stats = reference.cross_entropy_fwd(
+        logits, target, weight, ignore_index, eps, red
+    )
+    exact_loss, exact_grad, exact_stats = reference.cross_entropy_fwd(
+        logits.double(), target, weight, ignore_index, eps, red
+    )
+    assert loss.dtype == logits.dtype and loss.shape == ref_loss.shape
+    if loss.dim() == 0:  # the helper masks NaNs, which 0-dim tensors do not support
+        loss, ref_loss, exact_loss = loss[None], ref_loss[None], exact_loss[None]
+    assert_no_worse_than_torch(loss, ref_loss, exact_loss, "loss")
+    assert_no_worse_than_torch(grad, ref_grad, exact_grad, "grad")
+    for k in (Stat.CORRECT, Stat.VALID):
+        assert torch.equal(stats[k], ref_stats[k]), Stat(k).name
+    for k in (Stat.LOSS, Stat.P_TRUE, Stat.MARGIN, Stat.GRAD_NORM_SQ):
+        assert_close_f32(stats[k], exact_stats[k], Stat(k).name, rtol=3e-6)
+
+
+# (classes, batch) per kernel path: warp N=1/4/16, block E=4, E=8 (float64: streaming), streaming.
+_PATHS = [(1, 5), (7, 13), (100, 11), (513, 9), (5000, 3), (9000, 2)]
+
+
+@pytest.mark.parametrize("classes,batch", _PATHS)
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_cross_entropy_paths(emu, classes, batch, dtype):
+    logits = (torch.randn(batch, classes) * 3).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = -100
+    _check_against_reference(emu, logits, target)
+
+
+_OPTIONS = [(True, 0.0, 1), (True, 0.1, 1), (False, 0.2, 2), (True, 0.3, 0)]
+
+
+@pytest.mark.parametrize(
+    "classes,batch,weighted,eps,red",
+    [(c, b, *o) for c, b in [(33, 13), (700, 5)] for o in _OPTIONS] + [(9000, 2, True, 0.1, 1)],
+)
+def test_emulated_cross_entropy_options(emu, classes, batch, weighted, eps, red):
+    logits = torch.randn(batch, classes + 3)[:, 1 : classes + 1]  # row stride > C
+    target = torch.randint(0, classes, (batch,))
+    target[0] = 7 if classes > 7 else 0  # ignore_index = 7 below, a valid class id
+    weight = torch.rand(classes) + 0.5 if weighted else None
+    _check_against_reference(emu, logits, target, weight, ignore_index=7, eps=eps, red=red)
+
+
+@pytest.mark.parametrize("classes,batch", [(40, 9), (600, 4), (9000, 2)])
+def test_emulated_cross_entropy_extremes(emu, classes, batch):
+    logits = torch.randn(batch, classes) * 1e3  # huge margins: p_y -> 1 rows
+    logits[0, :] = 0.0  # all tied: first index wins argmax
+    logits[1, ::3] = -math.inf  # masked classes
+    target = torch.randint(0, classes, (batch,))
+    target[0], target[1] = 0, 1
+    _check_against_reference(emu, logits, target, red=2)
+    # (Smoothing over a -inf logit makes that row's loss +inf: keep the comparison finite.)
+    _check_against_reference(emu, logits.clamp_min(-1e4), target, eps=0.1, red=0)
+    # No rows left: mean is NaN, the gradient is zero.
+    _check_against_reference(emu, logits, torch.full((batch,), -100))
+
+
+@pytest.mark.parametrize("classes", [10, 600, 9000])
+def test_emulated_cross_entropy_nonfinite_and_bad_rows(emu, classes):
+    logits = torch.randn(4, classes)
+    logits[1, :] = -math.inf  # loss NaN
+    logits[2, 3] = math.nan
+    target = torch.tensor([classes, 1, 1, -1])  # rows 0 and 3: outside [0, C), not ignored
+    loss, grad, stats, flag = _emu_cross_entropy(emu, logits, target, None, -100, 0.0, 0)
+    assert flag == 1  # kErrTargetOutOfRange
+    assert torch.isnan(loss).all()
+    assert torch.isnan(grad[[0, 3]]).all()
+    assert torch.equal(stats, torch.zeros_like(stats))
+    ref_loss, _, ref_stats = reference.cross_entropy_fwd(logits[1:3], target[1:3], None, -100, 0, 0)
+    assert torch.isnan(ref_loss).all() and not ref_stats.any()
+
+
+@pytest.mark.parametrize("cols", [1, 37, 5000, 40_000])
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_input_grad_norms(emu, cols, dtype):
+    rows, code = 3, _DTYPE_CODES[dtype]
+    aligned = torch.randn(rows, cols).to(dtype)
+    shifted = torch.randn(rows * cols + 1).to(dtype)[1:].view(rows, cols)  # not 16-byte aligned
+    for grad in (aligned, shifted):
+        out = torch.full((rows,), math.nan)
+        ws_bytes = emu.emu_input_grad_norms_workspace(code, rows, cols)
+        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8)
+        rc = emu.emu_input_grad_norms(
+            grad.data_ptr(), code, rows, cols, 0.25, out.data_ptr(), ws.data_ptr(), ws_bytes
+        )
+        assert rc == 0
+        exact = reference.input_grad_norms(grad.double(), 0.25)
+        assert_close_f32(out, exact, "input_grad_norms", rtol=1e-7 if code == 3 else 1e-5)

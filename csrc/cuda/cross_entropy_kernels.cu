@@ -5,11 +5,12 @@
 // Per row i (acc = float32, float64 for float64 logits; z = logits row; y = target):
 //   pass 1: m = max_j z_j, and max_{j<y} z_j, max_{j>y} z_j (margin and first-index argmax)
 //   pass 2: s1 = sum_{j!=y} e_j, s2 = sum_{j!=y} e_j^2 with e_j = exp(z_j - m)
-//           s = s1 + exp(z_y - m), lse = m + log s, loss = lse - z_y,
+//           s = s1 + exp(z_y - m), loss = (m - z_y) + log s (lse = m + log s is never
+//           rounded to one number: with |z| ~ 1e3, fp32 lse would be off by 6e-5),
 //           sum_{j!=y} p_j = s1 / s (never 1 - p_y: that cancels as p_y -> 1),
 //           ||dl/dz||^2 = s2 / s^2 + (s1 / s)^2
-//   pass 3: p_j = exp(z_j - lse), gradient row, and (label smoothing only)
-//           sum_j w_j (lse - z_j) for the objective.
+//   pass 3: p_j = exp((z_j - m) - log s), gradient row, and (label smoothing only)
+//           sum_j w_j ((m - z_j) + log s) = sum_j w_j (lse - z_j) for the objective.
 // The register kernels keep the row in registers across the passes (one read, one write
 // of the logits); the streaming kernel fuses passes 1 and 2 with an online (running max)
 // softmax and reads the row a second time for pass 3.
@@ -108,7 +109,8 @@ __device__ __forceinline__ Coefs<acc_t<T>> load_coefs(const CeArgs<T>& a) {
 // Row scalars from the reduced pass-1/2 quantities.
 template <typename A>
 struct RowScalars {
-  A lse;
+  A shift;  // safe_max(m): p_j = exp((z_j - shift) - log_s); z_j - shift is exact near the max
+  A log_s;  // log sum_j exp(z_j - shift); lse = shift + log_s is never formed (it would round)
   A loss;
   A om;  // sum_{j != y} p_j
   A gn;  // ||dl/dz||^2
@@ -127,8 +129,9 @@ __device__ __forceinline__ RowScalars<A> finish_row(A m, A mb, A ma, A s1, A s2,
   RowScalars<A> r;
   const A ms = safe_max(m);
   const A s = s1 + dev_exp(z_y - ms);
-  r.lse = ms + dev_log(s);
-  r.loss = r.lse - z_y;
+  r.shift = ms;
+  r.log_s = dev_log(s);
+  r.loss = (ms - z_y) + r.log_s;
   r.om = s1 / s;
   r.gn = (s2 / s) / s + r.om * r.om;
   r.margin = classes > 1 ? z_y - dev_max(mb, ma) : A(0);
@@ -156,11 +159,12 @@ __device__ __forceinline__ GradCoefs<A> grad_coefs(const Coefs<A>& k, A w_y, A o
 
 template <typename T>
 __device__ __forceinline__ void write_grad(T* __restrict__ g, int j, int y,
-                                           acc_t<T> z, acc_t<T> w_j, acc_t<T> lse,
+                                           acc_t<T> z, acc_t<T> w_j,
+                                           const RowScalars<acc_t<T>>& r,
                                            const Coefs<acc_t<T>>& k,
                                            const GradCoefs<acc_t<T>>& gc) {
   using A = acc_t<T>;
-  const A p = dev_exp(z - lse);
+  const A p = dev_exp((z - r.shift) - r.log_s);
   const A v = j == y ? gc.gy0 + gc.cW * p : gc.a * p - k.c * w_j;
   g[j] = Store<T>::from(v * k.scale);
 }
@@ -282,8 +286,8 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
       const int j = lane + 32 * i;
       if (j < C) {
         const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
-        if (g != nullptr) write_grad(g, j, y, z[i], w_j, r.lse, k, gc);
-        if (a.eps > A(0)) smooth += w_j * (r.lse - z[i]);
+        if (g != nullptr) write_grad(g, j, y, z[i], w_j, r, k, gc);
+        if (a.eps > A(0)) smooth += w_j * ((r.shift - z[i]) + r.log_s);
       }
     }
     if (a.eps > A(0)) smooth = warp_allreduce(smooth, SumOp());
@@ -348,8 +352,8 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
       const int j = tid + nt * i;
       if (j < C) {
         const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
-        if (g != nullptr) write_grad(g, j, y, z[i], w_j, r.lse, k, gc);
-        if (a.eps > A(0)) smooth[0] += w_j * (r.lse - z[i]);
+        if (g != nullptr) write_grad(g, j, y, z[i], w_j, r, k, gc);
+        if (a.eps > A(0)) smooth[0] += w_j * ((r.shift - z[i]) + r.log_s);
       }
     }
     if (a.eps > A(0)) block_allreduce(smooth, SumOp(), A(0), smem);
@@ -443,8 +447,8 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
           const int j = base + nt * u;
           if (j < C) {
             const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
-            if (g != nullptr) write_grad(g, j, y, z[u], w_j, r.lse, k, gc);
-            if (a.eps > A(0)) smooth[0] += w_j * (r.lse - z[u]);
+            if (g != nullptr) write_grad(g, j, y, z[u], w_j, r, k, gc);
+            if (a.eps > A(0)) smooth[0] += w_j * ((r.shift - z[u]) + r.log_s);
           }
         }
       }

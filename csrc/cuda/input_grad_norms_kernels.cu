@@ -1,6 +1,7 @@
 // Per-row squared L2 norms of scale * grad over a contiguous [rows, cols] view
 // (csl_fast::input_grad_norms). Accumulates in float32 (float64 for float64 grads), writes
-// float32. A row longer than kColsPerBlock is split over several blocks; their partial sums
+// float32. Rows of up to kWarpMaxCols get one warp each; longer rows one block each, and a
+// row longer than kColsPerBlock is split over several blocks; their partial sums
 // go to a workspace and a second kernel adds them in a fixed order (no atomics), so the
 // result is bitwise reproducible.
 #include <cstdint>
@@ -17,6 +18,7 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int64_t kColsPerBlock = 16384;  // multiple of every vector width
 constexpr int64_t kMaxSplits = 4096;
+constexpr int64_t kWarpMaxCols = 1024;  // shorter rows: one warp per row
 
 template <typename T>
 __device__ __forceinline__ acc_t<T> sq(T g, acc_t<T> scale) {
@@ -67,6 +69,24 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Short rows (cols <= kWarpMaxCols): one warp per row, 8 rows per block.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    norms_warp_kernel(const T* __restrict__ grad, int64_t rows, int64_t cols, acc_t<T> scale,
+                      float* __restrict__ out) {
+  using A = acc_t<T>;
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); row < rows;
+       row += static_cast<int64_t>(gridDim.x) * kWarps) {
+    const T* __restrict__ g = grad + row * cols;
+    A acc = A(0);
+    for (int64_t j = lane; j < cols; j += 32) acc += sq(g[j], scale);
+    acc = warp_allreduce(acc, SumOp());
+    if (lane == 0) out[row] = static_cast<float>(acc);
+  }
+}
+
 template <typename A>
 __global__ void __launch_bounds__(kThreads)
     norms_finish_kernel(const A* __restrict__ partial, int64_t rows, int64_t splits,
@@ -101,14 +121,19 @@ size_t acc_size(DType d) { return d == DType::kFloat64 ? sizeof(double) : sizeof
 template <typename T>
 cudaError_t launch(const InputGradNormsParams& p, void* workspace, cudaStream_t stream) {
   using A = acc_t<T>;
-  const Plan pl = plan(p);
   const T* grad = static_cast<const T*>(p.grad);
+  const A scale = static_cast<A>(p.scale);
+  if (p.cols <= kWarpMaxCols) {
+    norms_warp_kernel<T><<<grid_for(p.rows, kThreads / 32), kThreads, 0, stream>>>(
+        grad, p.rows, p.cols, scale, p.out);
+    return cudaGetLastError();
+  }
+  const Plan pl = plan(p);
   constexpr int V = 16 / sizeof(T);
   const bool vec = reinterpret_cast<uintptr_t>(grad) % 16 == 0 && p.cols % V == 0 &&
                    pl.chunk % V == 0;
   A* partial = static_cast<A*>(workspace);
   const unsigned grid = grid_for(p.rows * pl.splits, 1);
-  const A scale = static_cast<A>(p.scale);
   if (vec) {
     norms_kernel<T, true><<<grid, kThreads, 0, stream>>>(grad, p.rows, p.cols, scale, pl.splits,
                                                          pl.chunk, p.out, partial);

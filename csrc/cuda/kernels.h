@@ -127,7 +127,8 @@ cudaError_t scatter_stats_deterministic(const ScatterParams& p, void* workspace,
 
 // ---------------------------------------------------------------------------------------
 // Input-gradient norms: out[i] = sum_k (scale * grad[i, k])^2 over a contiguous [rows, cols]
-// view, accumulated in float32 (float64 for float64 grads), stored as float32. Long rows are
+// view, accumulated in float32 (float64 for float64 grads), stored as float32. Rows of up to
+// 1024 columns get a warp each, longer rows a block each, and rows over 16384 columns are
 // split over several blocks whose partial sums are combined in a fixed order (no atomics):
 // bitwise reproducible.
 struct InputGradNormsParams {
