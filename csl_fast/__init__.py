@@ -5,10 +5,11 @@ sample's loss into a dataset-sized buffer at its dataset index (Ravikumar et al.
 "Towards Memorization Estimation: Fast, Formal and Free", ICML 2025).
 """
 
-from . import baselines, corrupt, data, detect, evaluate, train
+from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .input_grad import input_grad_norms
+from .merge import merge
 from .scores import SCORES, scores
 from .scoring import score_epoch
 from .stats import Stat
@@ -30,8 +31,10 @@ __all__ = [
     "corrupt",
     "data",
     "detect",
+    "distributed",
     "evaluate",
     "input_grad_norms",
+    "merge",
     "score_epoch",
     "scores",
     "train",

@@ -439,13 +439,29 @@ class CSLTracker:
         self._buffers[prefix + "last_correct"].index_put_((sidx,), new_correct)
 
     # --------------------------------------------------------------- epochs
+    def sync(self, group: Any = None) -> bool:
+        """Combine the ranks' trackers with ``torch.distributed`` collectives (every rank of
+        ``group`` must call it); a no-op returning False without an initialised process
+        group of more than one process. Syncing twice does not double-count. Rules:
+        :mod:`csl_fast.distributed`."""
+        from .distributed import sync
+
+        return sync(self, group)
+
     def end_epoch(self) -> None:
         """Close the current training epoch.
 
-        Appends this epoch's mean input-gradient norm (once any was recorded) and, with
+        Under an initialised ``torch.distributed`` process group, first combines the ranks
+        (:meth:`sync`, a collective: call ``end_epoch`` on every rank). Then appends this
+        epoch's mean input-gradient norm (once any was recorded) and, with
         ``history=True``, its mean loss to the histories, resets the per-epoch
-        accumulators and advances :attr:`epoch`. Reads nothing on the host.
+        accumulators and advances :attr:`epoch`. Reads nothing on the host when not
+        distributed.
         """
+        from .distributed import is_distributed
+
+        if is_distributed():
+            self.sync()
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(
                 _mean_or_nan(self.epoch_input_grad_sq_sum, self.epoch_input_grad_count).float()

@@ -1,0 +1,185 @@
+"""Hugging Face ``transformers.Trainer``: CSL for sequence/image classification fine-tuning.
+
+Needs ``transformers`` (and the ``accelerate`` it requires for training; optional
+dependencies)::
+
+    from csl_fast.integrations.huggingface import CSLTrainer, with_index
+
+    train = with_index(train)          # a datasets.Dataset gets an "index" column
+    trainer = CSLTrainer(model=model, args=args, train_dataset=train, ...)
+    trainer.train()
+    trainer.csl_tracker.csl            # one CSL value per training example
+
+:class:`CSLTrainer` is a ``Trainer`` whose ``compute_loss`` calls
+:func:`csl_fast.accumulate` on the model's logits (``[B, C]``; the model is called without
+``labels`` so it does not compute its own loss), keeps the index column past
+``remove_unused_columns`` (and out of the model's inputs), closes each epoch on the tracker
+(which under ``torch.distributed`` / ``accelerate`` combines the ranks), writes the tracker
+into every checkpoint folder as ``csl_tracker.csl`` and restores it with
+``resume_from_checkpoint``. Evaluation and prediction batches are not recorded. The
+returned loss is the per-batch mean cross entropy (``label_smoothing_factor`` applies), as
+for the default loss of classification models; the Trainer divides it by the gradient
+accumulation steps.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from ..accumulate import accumulate
+from ..distributed import mark_synced
+from ..tracker import CSLTracker
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as exc:  # pragma: no cover - depends on what is installed
+    raise ImportError(
+        "csl_fast.integrations.huggingface needs transformers (and accelerate): "
+        "pip install transformers accelerate"
+    ) from exc
+
+__all__ = ["TRACKER_FILE", "CSLTrainer", "with_index"]
+
+#: File name of the tracker inside a Trainer checkpoint folder.
+TRACKER_FILE = "csl_tracker.csl"
+
+
+def with_index(dataset: Any, column: str = "index") -> Any:
+    """A ``datasets.Dataset`` with a ``column`` of dataset indices ``0..N-1`` added.
+
+    Other datasets (torch map-style datasets of dicts) can be wrapped in
+    :class:`csl_fast.data.IndexedDataset` instead.
+    """
+    if column in getattr(dataset, "column_names", ()):
+        raise ValueError(f"with_index: the dataset already has a {column!r} column")
+    if hasattr(dataset, "add_column"):
+        return dataset.add_column(column, list(range(len(dataset))))
+    from ..data import IndexedDataset
+
+    return IndexedDataset(dataset, index_key=column)
+
+
+class _EpochCallback(TrainerCallback):
+    def __init__(self, trainer: CSLTrainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer.csl_tracker is not None:
+            self.trainer.csl_tracker.end_epoch()  # combines the ranks when distributed
+
+    def on_save(self, args, state, control, **kwargs):
+        tracker = self.trainer.csl_tracker
+        if tracker is None:
+            return
+        tracker.sync()  # every rank reaches on_save; the saved state is global
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            tracker.save(os.path.join(folder, TRACKER_FILE))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.csl_tracker is not None:
+            self.trainer.csl_tracker.sync()
+
+
+class CSLTrainer(Trainer):
+    """A ``transformers.Trainer`` that records CSL and the other training dynamics.
+
+    Args:
+        csl_tracker: the tracker to record into; default: created at the first training
+            step with ``N = len(train_dataset)``, ``C`` = the logits' width, on the logits'
+            device. Available as :attr:`csl_tracker`.
+        csl_index_column: the batch key holding dataset indices (default ``"index"``,
+            what :func:`with_index` and :class:`csl_fast.data.IndexedDataset` add).
+        csl_tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments for the
+            default tracker (``dtype``, ``history``, ...).
+        *args, **kwargs: ``transformers.Trainer``'s.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        csl_tracker: CSLTracker | None = None,
+        csl_index_column: str = "index",
+        csl_tracker_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.csl_tracker = csl_tracker
+        self.csl_index_column = csl_index_column
+        self.csl_tracker_kwargs = dict(csl_tracker_kwargs or {})
+        # compute_loss returns a per-batch mean: let the Trainer scale it for gradient
+        # accumulation, and do not pass num_items_in_batch to the model.
+        self.model_accepts_loss_kwargs = False
+        if hasattr(self, "loss_is_scaled_for_ga"):
+            self.loss_is_scaled_for_ga = False
+        self.add_callback(_EpochCallback(self))
+
+    # Keep the index column: remove_unused_columns keeps only the model's forward arguments.
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.csl_index_column not in self._signature_columns:
+            self._signature_columns.append(self.csl_index_column)
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        inputs = dict(inputs)
+        index = inputs.pop(self.csl_index_column, None)
+        if not model.training or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if index is None or "labels" not in inputs:
+            raise KeyError(
+                f"CSLTrainer: training batches need {self.csl_index_column!r} (dataset indices) "
+                f"and 'labels'; got the keys {sorted(inputs)} (index present: "
+                f"{index is not None}). Add indices with "
+                "csl_fast.integrations.huggingface.with_index(train_dataset)"
+            )
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        if logits.dim() != 2:
+            raise ValueError(
+                f"CSLTrainer: expected [batch, classes] logits (one label per example), got "
+                f"shape {tuple(logits.shape)}; token-level losses are not supported"
+            )
+        tracker = self._tracker_for(logits)
+        loss = accumulate(
+            logits,
+            labels.to(logits.device, torch.int64),
+            index.to(tracker.device, torch.int64),
+            tracker,
+            label_smoothing=float(self.args.label_smoothing_factor),
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = {k: v for k, v in inputs.items() if k != self.csl_index_column}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    def _tracker_for(self, logits: torch.Tensor) -> CSLTracker:
+        if self.csl_tracker is None:
+            self.csl_tracker = CSLTracker(
+                len(self.train_dataset),
+                logits.shape[1],
+                device=logits.device,
+                **self.csl_tracker_kwargs,
+            )
+        return self.csl_tracker
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, TRACKER_FILE)
+        if os.path.exists(path):
+            if self.csl_tracker is None:
+                self.csl_tracker = CSLTracker.from_file(path, device=self.args.device)
+            else:
+                self.csl_tracker.load(path)
+            mark_synced(self.csl_tracker)  # every rank loaded the same global state

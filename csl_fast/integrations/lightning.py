@@ -1,0 +1,136 @@
+"""PyTorch Lightning: a callback that owns a :class:`~csl_fast.CSLTracker` for ``Trainer.fit``.
+
+Needs ``lightning`` (``lightning.pytorch``) or ``pytorch-lightning`` (optional dependency)::
+
+    from csl_fast.data import IndexedDataset
+    from csl_fast.integrations.lightning import CSLCallback
+
+    class Model(L.LightningModule):
+        def training_step(self, batch, batch_idx):
+            x, y, index = batch                      # IndexedDataset adds the index
+            return csl_fast.accumulate(self(x), y, index, self.csl_tracker)
+
+    callback = CSLCallback(num_samples=len(train_set), num_classes=10)
+    L.Trainer(max_epochs=30, callbacks=[callback]).fit(model, DataLoader(IndexedDataset(train_set)))
+    callback.tracker.csl    # or load the tracker file written with save_path=
+
+The callback creates the tracker on the module's device at ``setup`` and attaches it as
+``pl_module.csl_tracker``, closes each training epoch (``end_epoch``, which under DDP/FSDP
+combines the ranks; Lightning's ``DistributedSampler`` padding is handled through counts),
+syncs at the end of training, and keeps the tracker in Lightning checkpoints (global state:
+it syncs before saving; restored on every rank and marked synced on resume). Lightning
+puts the ``DistributedSampler`` in itself; wrap the training set in
+:class:`csl_fast.data.IndexedDataset` so batches carry dataset indices.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..distributed import mark_synced
+from ..tracker import CSLTracker
+
+try:  # the unified package first, then the standalone one
+    from lightning.pytorch import Callback, LightningModule, Trainer
+except ImportError:  # pragma: no cover - depends on what is installed
+    try:
+        from pytorch_lightning import Callback, LightningModule, Trainer
+    except ImportError as exc:
+        raise ImportError(
+            "csl_fast.integrations.lightning needs PyTorch Lightning: "
+            "pip install lightning (or pytorch-lightning)"
+        ) from exc
+
+__all__ = ["CSLCallback"]
+
+
+class CSLCallback(Callback):
+    """Keeps a :class:`~csl_fast.CSLTracker` through ``Trainer.fit``.
+
+    Args:
+        num_samples: ``N``, the size of the (indexed) training set. Not needed when
+            ``tracker`` is given.
+        num_classes: passed to the tracker.
+        tracker: an existing tracker to use instead of creating one (it must live on the
+            device the module's logits are on).
+        attr: name of the ``pl_module`` attribute the tracker is attached as.
+        save_path: when set, the global rank 0 writes the tracker there
+            (:meth:`CSLTracker.save`) at the end of training.
+        **tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments (``dtype``,
+            ``history``, ``backend``, ...).
+    """
+
+    def __init__(
+        self,
+        num_samples: int | None = None,
+        num_classes: int | None = None,
+        *,
+        tracker: CSLTracker | None = None,
+        attr: str = "csl_tracker",
+        save_path: str | os.PathLike | None = None,
+        **tracker_kwargs: Any,
+    ) -> None:
+        if tracker is None and num_samples is None:
+            raise ValueError("CSLCallback: pass num_samples (the training set size) or tracker")
+        self.num_samples = num_samples
+        self.num_classes = num_classes
+        self.tracker = tracker
+        self.attr = attr
+        self.save_path = save_path
+        self.tracker_kwargs = tracker_kwargs
+        self._pending: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"CSLCallback[{self.attr}]"
+
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.tracker is None:
+            self.tracker = CSLTracker(
+                self.num_samples,
+                self.num_classes,
+                device=pl_module.device,
+                **self.tracker_kwargs,
+            )
+        setattr(pl_module, self.attr, self.tracker)
+        self._apply_pending()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.tracker.end_epoch()  # combines the ranks under torch.distributed
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.tracker.sync()  # eval-pass state recorded after the last end_epoch
+        if self.save_path is not None and trainer.is_global_zero:
+            self.tracker.save(self.save_path)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning builds the checkpoint on every rank: sync first so the saved state is
+        # global (a no-op in one process), then store CPU copies.
+        if self.tracker is None:
+            return {}
+        self.tracker.sync()
+        state = self.tracker.state_dict()
+        state["buffers"] = {k: v.detach().cpu().clone() for k, v in state["buffers"].items()}
+        state["histories"] = {k: v.detach().cpu() for k, v in state["histories"].items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self._pending = dict(state_dict)
+        self._apply_pending()
+
+    def _apply_pending(self) -> None:
+        if self._pending is None or self.tracker is None:
+            return
+        self.tracker.load_state_dict(self._pending)
+        mark_synced(self.tracker)  # every rank loaded the same global state
+        self._pending = None
+
+    def __repr__(self) -> str:
+        return f"CSLCallback(attr={self.attr!r}, tracker={self.tracker!r})"

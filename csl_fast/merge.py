@@ -1,0 +1,163 @@
+"""``csl_fast.merge``: one tracker from the trackers of several runs (seeds, folds, restarts).
+
+Users rank samples over several seeds: merge the seeds' trackers, then score the merged one
+exactly like a single run's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .tracker import CSLTracker, TrackerStateError
+
+__all__ = ["merge"]
+
+_LAST_FLOATS = ("last_loss", "last_max_prob", "eval_last_loss", "eval_last_max_prob")
+
+
+def merge(
+    trackers: Sequence[CSLTracker | str | os.PathLike | Mapping[str, Any]],
+    *,
+    device: torch.device | str | None = None,
+) -> CSLTracker:
+    r"""Combine the trackers of several runs over the **same** ``N`` samples.
+
+    Args:
+        trackers: :class:`CSLTracker` objects, tracker files (:meth:`CSLTracker.save`) or
+            :meth:`CSLTracker.state_dict` outputs; at least one. They are not modified.
+        device: where the merged tracker lives (default: the first tracker's device; CPU
+            for files and state dicts).
+
+    Returns:
+        A new :class:`CSLTracker` (float64 if any input is float64; ``history=True`` only if
+        every input has it) in which, per sample:
+
+        - every sum and count (``csl_sum``, ``csl_count``, ``margin_sum``, ``p_true_sum``,
+          the input-gradient and eval-pass sums, ...) is the **sum over runs**, so ``csl``
+          is the CSL summed over runs and every mean (``csl_mean``, ``aum``,
+          ``confidence``, ``variability``, ``loss_sensitivity``, ``eval_csl_mean``, ...) is
+          the mean over all runs' presentations pooled;
+        - ``forgetting`` is the total number of forgetting events over runs;
+        - ``last_loss`` / ``last_max_prob`` (and the ``eval_last_*`` values) are the means
+          over the runs that presented (scored) the sample; 0 where none did;
+        - ``last_correct`` (``eval_last_correct``) is True when the sample was correct at its
+          last presentation in **every** run that presented it, and ``learned_epoch`` is then
+          the latest of the runs' learned epochs (the epoch by which every run had begun its
+          final correct streak), else -1;
+        - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
+          the earliest; history rows are averaged over the runs that have them, aligned by
+          epoch (eval pass), ignoring NaN.
+
+    Raises:
+        TrackerStateError: the trackers were built for different numbers of samples
+            (or classes), or ``trackers`` is empty.
+    """
+    runs = [_as_tracker(t) for t in trackers]
+    if not runs:
+        raise TrackerStateError("csl_fast.merge: got no trackers to merge")
+    sizes = [t.num_samples for t in runs]
+    if len(set(sizes)) != 1:
+        raise TrackerStateError(
+            f"csl_fast.merge: the trackers cover different numbers of samples N = {sizes}; "
+            "only trackers of the same training set (same N, same index order) can be merged"
+        )
+    classes = {t.num_classes for t in runs} - {None}
+    if len(classes) > 1:
+        raise TrackerStateError(
+            f"csl_fast.merge: the trackers have different num_classes {sorted(classes)}"
+        )
+    n = sizes[0]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
+    history = all(t.history for t in runs)
+    dev = torch.device(device) if device is not None else runs[0].device
+    out = CSLTracker(
+        n, classes.pop() if classes else None, device=dev, dtype=dtype, history=history
+    )
+
+    def stack(name: str, dt: torch.dtype | None = None) -> torch.Tensor:
+        return torch.stack([t.buffers()[name].to(dev, dt or dtype) for t in runs])
+
+    buffers: dict[str, torch.Tensor] = {}
+    for name in out.buffers():
+        if name.endswith(("_sum", "_count")):
+            buffers[name] = stack(name).sum(0)
+    buffers["forgetting"] = stack("forgetting", torch.int64).sum(0).to(torch.int32)
+    for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
+        seen = stack(count) > 0  # [R, N]
+        runs_seen = seen.sum(0)
+        for name in (prefix + "last_loss", prefix + "last_max_prob"):
+            total = torch.where(seen, stack(name), 0).sum(0)
+            buffers[name] = torch.where(runs_seen > 0, total / runs_seen.clamp(min=1), 0)
+        correct = stack(prefix + "last_correct", torch.bool)
+        all_correct = (runs_seen > 0) & (correct | ~seen).all(0)
+        buffers[prefix + "last_correct"] = all_correct
+        if not prefix:
+            le = torch.where(seen, stack("learned_epoch", torch.int32), -1).amax(0)
+            buffers["learned_epoch"] = torch.where(all_correct, le, -1).to(torch.int32)
+
+    first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
+    igfe = min(first) if first else -1
+    histories = {
+        "loss_history": _mean_rows([(0, t.loss_history) for t in runs if history], n, dev),
+        "eval_loss_history": _mean_rows(
+            [(0, t.eval_loss_history) for t in runs if history], n, dev
+        ),
+        "input_grad_history": _mean_rows(
+            [(t.input_grad_first_epoch - igfe, t.input_grad_history) for t in runs], n, dev
+        ),
+    }
+    state = out.state_dict()
+    state.update(
+        buffers=buffers,
+        histories=histories,
+        epoch=max(t.epoch for t in runs),
+        eval_passes=max(t.eval_passes for t in runs),
+        input_grad_first_epoch=igfe,
+    )
+    out.load_state_dict(state)
+    return out
+
+
+def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTracker:
+    if isinstance(t, CSLTracker):
+        return t
+    if isinstance(t, str | os.PathLike):
+        return CSLTracker.from_file(t)
+    if isinstance(t, Mapping):
+        try:
+            tracker = CSLTracker(
+                int(t["num_samples"]),
+                t.get("num_classes"),
+                dtype=getattr(torch, str(t.get("dtype", "float32"))),
+                history=bool(t.get("history", False)),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+            raise TrackerStateError(
+                f"csl_fast.merge: not a CSLTracker state dict ({exc})"
+            ) from None
+        tracker.load_state_dict(t)
+        return tracker
+    raise TypeError(
+        "csl_fast.merge: expected CSLTrackers, tracker file paths or tracker state dicts, got "
+        f"{type(t).__name__}"
+    )
+
+
+def _mean_rows(hists: list[tuple[int, torch.Tensor]], n: int, dev: torch.device) -> torch.Tensor:
+    """NaN-mean of ``[E_k, N]`` histories whose row 0 is row ``offset_k`` of the result."""
+    hists = [(o, h) for o, h in hists if h.shape[0]]
+    if not hists:
+        return torch.empty(0, n, dtype=torch.float32, device=dev)
+    rows = max(o + h.shape[0] for o, h in hists)
+    total = torch.zeros(rows, n, dtype=torch.float64, device=dev)
+    count = torch.zeros(rows, n, dtype=torch.float64, device=dev)
+    for o, h in hists:
+        h = h.to(dev, torch.float64)
+        ok = ~torch.isnan(h)
+        total[o : o + h.shape[0]] += torch.where(ok, h, 0)
+        count[o : o + h.shape[0]] += ok
+    return torch.where(count > 0, total / count.clamp(min=1), float("nan")).float()

@@ -1,0 +1,97 @@
+"""CSLTrainer end to end with a tiny randomly initialised model on the CPU (no downloads;
+skipped without transformers/accelerate)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip(
+    "transformers", reason="transformers not installed: pip install transformers accelerate"
+)
+pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate: pip install accelerate")
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    from csl_fast import CSLTracker
+    from csl_fast.integrations.huggingface import TRACKER_FILE, CSLTrainer, with_index
+
+N, C, VOCAB, LEN = 20, 3, 30, 6
+
+
+class Examples(torch.utils.data.Dataset):
+    """Dict examples with an extra column the model does not take (removed by the Trainer)."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, VOCAB, (N, LEN), generator=g)
+        self.labels = torch.randint(0, C, (N,), generator=g)
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i], "text": f"example {i}"}
+
+
+def _model():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=LEN,
+        num_labels=C,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def _args(tmp_path, epochs: int, **kw):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=8,  # 20 = 8 + 8 + 4: an uneven last batch
+        per_device_eval_batch_size=8,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        logging_strategy="no",
+        **kw,
+    )
+
+
+def test_trainer_records_every_example_and_resumes(tmp_path):
+    train = with_index(Examples())
+    args = _args(tmp_path, 2, save_strategy="epoch")
+    trainer = CSLTrainer(model=_model(), args=args, train_dataset=train, eval_dataset=train)
+    trainer.train()
+    tracker = trainer.csl_tracker
+    assert tracker.epoch == 2
+    assert torch.equal(tracker.csl_count, torch.full((N,), 2.0))
+    assert bool((tracker.csl_sum > 0).all())
+    count = tracker.csl_count.clone()
+    trainer.evaluate()  # evaluation is not recorded
+    assert torch.equal(tracker.csl_count, count)
+
+    ckpt = os.path.join(tmp_path, "checkpoint-3")  # 3 steps per epoch
+    assert os.path.exists(os.path.join(ckpt, TRACKER_FILE))
+    assert CSLTracker.from_file(os.path.join(ckpt, TRACKER_FILE)).epoch == 1
+    resumed = CSLTrainer(
+        model=_model(), args=_args(tmp_path, 2, save_strategy="no"), train_dataset=train
+    )
+    resumed.train(resume_from_checkpoint=ckpt)
+    assert resumed.csl_tracker.epoch == 2
+    assert torch.equal(resumed.csl_tracker.csl_count, torch.full((N,), 2.0))
+
+
+def test_trainer_without_index_says_how_to_add_it(tmp_path):
+    trainer = CSLTrainer(model=_model(), args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=Examples())  # fmt: skip
+    with pytest.raises(KeyError, match="with_index"):
+        trainer.train()

@@ -1,0 +1,88 @@
+"""CSLCallback end to end with a tiny model on the CPU (skipped without Lightning)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker
+from csl_fast.data import IndexedDataset
+
+try:
+    import lightning.pytorch as pl
+except ImportError:
+    pl = pytest.importorskip(
+        "pytorch_lightning", reason="PyTorch Lightning not installed: pip install lightning"
+    )
+from csl_fast.integrations.lightning import CSLCallback
+
+N, C, D = 24, 3, 5
+
+
+class Tiny(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(D, C)
+
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        return csl_fast.accumulate(self.net(x), y, index, self.csl_tracker)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=7, shuffle=True)
+
+
+def _trainer(epochs: int, callback: CSLCallback, tmp_path) -> pl.Trainer:
+    return pl.Trainer(
+        max_epochs=epochs,
+        callbacks=[callback],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+
+
+def test_callback_tracks_fit_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    cb = CSLCallback(N, C, save_path=tmp_path / "run.csl")
+    trainer = _trainer(2, cb, tmp_path)
+    trainer.fit(model, _loader())
+    tracker = cb.tracker
+    assert model.csl_tracker is tracker
+    assert tracker.epoch == 2
+    assert torch.equal(tracker.csl_count, torch.full((N,), 2.0))
+    assert bool((tracker.csl_sum > 0).all())
+    saved = CSLTracker.from_file(tmp_path / "run.csl")
+    assert torch.equal(saved.csl_sum, tracker.csl_sum)
+
+    # The tracker travels in Lightning checkpoints and is restored on resume.
+    ckpt = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    cb2 = CSLCallback(N, C)
+    _trainer(3, cb2, tmp_path).fit(Tiny(), _loader(), ckpt_path=ckpt)
+    assert cb2.tracker.epoch == 3
+    assert torch.equal(cb2.tracker.csl_count, torch.full((N,), 3.0))
+    assert bool((cb2.tracker.csl_sum > tracker.csl_sum).all())
+
+
+def test_callback_needs_a_size():
+    with pytest.raises(ValueError, match="num_samples"):
+        CSLCallback()

@@ -1,0 +1,222 @@
+"""``CSLTracker.sync`` across 2 gloo processes on the CPU against a single-process run.
+
+Both sides see the same presentations: ``DistributedSampler`` shards each epoch, rank ``r``
+splits its shard into batches, and the single-process reference processes global step
+``t`` as rank 0's batch ``t`` followed by rank 1's batch ``t`` (the order a single process
+would see if the two ranks' batches were one batch). Logits depend on (epoch, rank, step),
+are biased toward the label more each epoch (so correctness changes and forgetting
+happens), include ``ignore_index`` rows and one non-finite row; input-gradient norms and an
+eval pass are recorded too. float64 trackers, so sums agree to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DistributedSampler
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker, ops
+from csl_fast.distributed import is_distributed, mark_synced
+from csl_fast.reference import REDUCTIONS
+
+WORLD = 2
+C = 3
+IGNORE = -100
+
+
+def _steps(n: int, epoch: int, batch: int, overlap: bool = False) -> list[list[torch.Tensor]]:
+    """``steps[t][r]``: rank ``r``'s index batch at step ``t`` (empty when it has none).
+
+    ``overlap=False``: ``DistributedSampler`` shards. ``overlap=True``: every rank sees a
+    permutation of the whole dataset each epoch (every sample on both ranks, at unrelated
+    steps), which exercises the ownership rule where ranks meet."""
+    shards = []
+    for r in range(WORLD):
+        if overlap:
+            g = torch.Generator().manual_seed(10 * epoch + r)
+            idx = torch.randperm(n, generator=g)
+        else:
+            s = DistributedSampler(range(n), num_replicas=WORLD, rank=r, shuffle=True, seed=7)
+            s.set_epoch(epoch)
+            idx = torch.tensor(list(s), dtype=torch.int64)
+        shards.append(list(idx.split(batch)))
+    t_max = max(len(s) for s in shards)
+    empty = torch.empty(0, dtype=torch.int64)
+    return [[s[t] if t < len(s) else empty for s in shards] for t in range(t_max)]
+
+
+def _batch(idx: torch.Tensor, epoch: int, rank: int, step: int):
+    g = torch.Generator().manual_seed(1000 * epoch + 100 * rank + step)
+    b = idx.numel()
+    target = idx % C
+    logits = torch.randn(b, C, generator=g, dtype=torch.float64) * 1.5
+    logits[torch.arange(b), target] += 0.6 * epoch
+    target = torch.where(idx == 3, torch.full_like(target, IGNORE), target)  # never valid
+    if epoch == 1 and step == 0 and b > 1:
+        logits[1, 0] = float("nan")  # one non-finite row: not recorded
+    sq = torch.rand(b, generator=g, dtype=torch.float64)
+    return logits, target, sq
+
+
+def _record(tracker: CSLTracker, idx, epoch: int, rank: int, step: int) -> None:
+    if idx.numel() == 0:
+        return
+    logits, target, sq = _batch(idx, epoch, rank, step)
+    csl_fast.accumulate(logits, target, idx, tracker, ignore_index=IGNORE)
+    tracker.record_input_grad(idx, sq, valid=target != IGNORE)
+
+
+def _eval_pass(tracker: CSLTracker, n: int, epoch: int, ranks: list[int]) -> None:
+    for r in ranks:
+        s = DistributedSampler(range(n), num_replicas=WORLD, rank=r, shuffle=False)
+        idx = torch.tensor(list(s), dtype=torch.int64)
+        logits, target, _ = _batch(idx, 50 + epoch, r, 0)
+        _, stats = ops.cross_entropy_fwd(logits, target, None, IGNORE, 0.0, REDUCTIONS["none"])
+        tracker.record_eval(idx, stats)
+    tracker.end_eval_pass()
+
+
+def _reference(n: int, batch: int, epochs: int, overlap=False, rank_major=False) -> CSLTracker:
+    """Single process, global step ``t`` = rank 0's batch ``t`` then rank 1's; or, with
+    ``rank_major``, all of rank 0's epoch then all of rank 1's (the documented rule)."""
+    ref = CSLTracker(n, C, dtype=torch.float64, history=True)
+    for e in range(epochs):
+        steps = _steps(n, e, batch, overlap)
+        order = [(t, r) for t in range(len(steps)) for r in range(WORLD)]
+        if rank_major:
+            order.sort(key=lambda tr: (tr[1], tr[0]))
+        for t, r in order:
+            _record(ref, steps[t][r], e, r, t)
+        ref.end_epoch()
+        _eval_pass(ref, n, e, list(range(WORLD)))
+    return ref
+
+
+def _train_rank(tracker, rank, n, batch, epochs, mid_sync=False, overlap=False) -> None:
+    for e in epochs:
+        for t, per_rank in enumerate(_steps(n, e, batch, overlap)):
+            _record(tracker, per_rank[rank], e, rank, t)
+            if mid_sync and e == 1 and t == 0:
+                tracker.sync()  # a hand-made sync mid-epoch must not change the result
+        tracker.end_epoch()  # syncs
+        if e == 1:
+            tracker.sync()
+            tracker.sync()  # twice: no double counting
+        _eval_pass(tracker, n, e, [rank])
+    tracker.sync()  # make the last eval pass global
+
+
+def _worker(rank: int, init: str, out: str, n: int, batch: int, epochs: int, mode: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        assert is_distributed()
+        tracker = CSLTracker(n, C, dtype=torch.float64, history=True)
+        if mode == "plain":
+            _train_rank(tracker, rank, n, batch, range(epochs), mid_sync=True)
+        elif mode == "overlap":
+            _train_rank(tracker, rank, n, batch, range(epochs), overlap=True)
+        else:
+            _train_rank(tracker, rank, n, batch, range(epochs - 1))
+            path = os.path.join(out, "ckpt.csl")
+            if rank == 0:
+                tracker.save(path)
+            dist.barrier()
+            resumed = CSLTracker.from_file(path)
+            _record(resumed, _steps(n, epochs - 1, batch)[0][rank], epochs - 1, rank, 0)
+            try:  # loaded state + local presentations, never marked: must refuse to guess
+                resumed.sync()
+                raise AssertionError("sync of an unmarked resumed tracker did not raise")
+            except RuntimeError as exc:
+                assert "mark_synced" in str(exc)
+            tracker = CSLTracker.from_file(path)
+            mark_synced(tracker)
+            _train_rank(tracker, rank, n, batch, range(epochs - 1, epochs))
+        torch.save(tracker.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# eval_loss_history rows are appended by end_eval_pass, which (unlike end_epoch) does not
+# sync first: under torch.distributed they hold each rank's local means.
+_NOT_SYNCED = {"eval_loss_history"}
+
+
+def _assert_same(state: dict, ref: CSLTracker, rank: int) -> None:
+    want = ref.state_dict()
+    for key in ("epoch", "eval_passes", "input_grad_first_epoch", "num_samples"):
+        assert state[key] == want[key], (rank, key)
+    for name, buf in want["buffers"].items():
+        got = state["buffers"][name]
+        if buf.is_floating_point():
+            torch.testing.assert_close(got, buf, rtol=1e-12, atol=1e-12, msg=f"{rank} {name}")
+        else:
+            assert torch.equal(got, buf), (rank, name, got, buf)
+    for name, hist in want["histories"].items():
+        if name not in _NOT_SYNCED:
+            torch.testing.assert_close(state["histories"][name], hist, equal_nan=True)
+
+
+def _run(tmp_path, n: int, batch: int, epochs: int, mode: str = "plain") -> CSLTracker:
+    init = f"file://{tmp_path / 'pg_init'}"
+    # fork: the children inherit the imported torch and csl_fast (spawn re-imports them,
+    # which takes longer than the test itself). Nothing here has touched CUDA.
+    args = (init, str(tmp_path), n, batch, epochs, mode)
+    mp.start_processes(_worker, args=args, nprocs=WORLD, start_method="fork")
+    overlap = mode == "overlap"
+    ref = _reference(n, batch, epochs, overlap=overlap, rank_major=overlap)
+    for r in range(WORLD):
+        state = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        _assert_same(state, ref, r)
+    return ref
+
+
+def test_sync_equals_single_process(tmp_path):
+    """Even shards (N = 40 = 2 x 20), batches of 6 (uneven last batch per rank), a mid-epoch
+    sync and repeated syncs."""
+    ref = _run(tmp_path, n=40, batch=6, epochs=4)
+    # With DistributedSampler, time order and the documented (rank, batch order) order agree.
+    _assert_same(_reference(40, 6, 4, rank_major=True).state_dict(), ref, -1)
+    assert int(ref.forgetting.sum()) > 0  # the scenario exercises forgetting
+    assert int((ref.learned_epoch > 0).sum()) > 0
+    assert float(ref.csl_count[3]) == 0  # ignore_index sample never counted
+
+
+def test_sync_padding_uneven_last_batch_and_resume(tmp_path):
+    """N = 13 on 2 ranks: DistributedSampler pads one repeat per epoch (14 presentations),
+    batches of 4 give 4 + 3 per rank; the last epoch resumes from a checkpoint."""
+    ref = _run(tmp_path, n=13, batch=4, epochs=3, mode="resume")
+    _assert_same(_reference(13, 4, 3, rank_major=True).state_dict(), ref, -1)
+    shown = torch.cat([i for e in range(3) for step in _steps(13, e, 4) for i in step])
+    assert shown.numel() == 3 * 14
+    nan_rows = 2  # epoch 1, step 0, row 1 on each rank
+    expected = shown.numel() - int((shown == 3).sum()) - nan_rows
+    assert float(ref.csl_count.sum()) == expected
+    assert float(ref.csl_count.max()) >= 4  # a padding repeat: twice in one epoch
+
+
+def test_sync_where_ranks_meet(tmp_path):
+    """Every sample on both ranks each epoch: last values, forgetting and learned epoch
+    follow the documented order (window, rank, batch order)."""
+    ref = _run(tmp_path, n=12, batch=5, epochs=4, mode="overlap")
+    assert int(ref.forgetting.sum()) > 0
+
+
+def test_sync_is_a_noop_without_a_process_group():
+    t = CSLTracker(5, C)
+    assert not is_distributed()
+    assert t.sync() is False
+    idx = torch.tensor([0, 1, 1])
+    csl_fast.accumulate(torch.randn(3, C), torch.tensor([0, 1, 2]), idx, t)
+    before = {k: v.clone() for k, v in t.buffers().items()}
+    t.end_epoch()
+    for k, v in before.items():
+        if not k.startswith("epoch_"):
+            assert torch.equal(t.buffers()[k], v), k

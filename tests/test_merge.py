@@ -1,0 +1,93 @@
+"""``csl_fast.merge``: several runs' trackers into one."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
+from csl_fast import CSLTracker, TrackerStateError
+
+N, C = 10, 3
+
+
+def _run(seed: int, epochs: int = 3, history: bool = True, dtype=torch.float32) -> CSLTracker:
+    g = torch.Generator().manual_seed(seed)
+    t = CSLTracker(N, C, dtype=dtype, history=history)
+    for _ in range(epochs):
+        idx = torch.randperm(N, generator=g)[: N - 2]  # two samples skipped each epoch
+        target = idx % C
+        logits = torch.randn(idx.numel(), C, generator=g) * 2
+        csl_fast.accumulate(logits, target, idx, t)
+        t.record_input_grad(idx, torch.rand(idx.numel(), generator=g))
+        t.end_epoch()
+    return t
+
+
+def test_merge_sums_counts_and_means(tmp_path):
+    runs = [_run(s) for s in range(3)]
+    runs[2].save(tmp_path / "seed2.csl")
+    merged = csl_fast.merge([runs[0], runs[1].state_dict(), tmp_path / "seed2.csl"])
+    for name in ("csl_sum", "csl_count", "margin_sum", "p_true_sq_sum", "input_grad_sq_sum"):
+        want = sum(r.buffers()[name] for r in runs)
+        torch.testing.assert_close(merged.buffers()[name], want)
+    assert torch.equal(merged.forgetting, sum(r.forgetting for r in runs))
+    pooled = sum(r.csl_sum for r in runs) / sum(r.csl_count for r in runs)
+    torch.testing.assert_close(merged.csl_mean, pooled, equal_nan=True)
+    torch.testing.assert_close(
+        merged.aum, sum(r.margin_sum for r in runs) / sum(r.csl_count for r in runs)
+    )
+    # Last values: mean over the runs that presented the sample; correct only if all were.
+    seen = torch.stack([r.csl_count > 0 for r in runs])
+    last = torch.stack([r.last_loss for r in runs])
+    want = (last * seen).sum(0) / seen.sum(0).clamp(min=1)
+    torch.testing.assert_close(merged.last_loss, want)
+    allc = (torch.stack([r.last_correct for r in runs]) | ~seen).all(0) & seen.any(0)
+    assert torch.equal(merged.last_correct, allc)
+    le = torch.stack([r.learned_epoch for r in runs]).amax(0)
+    assert torch.equal(merged.learned_epoch, torch.where(allc, le, -1))
+    assert merged.epoch == 3
+    torch.testing.assert_close(
+        merged.loss_history.float(),
+        torch.stack([r.loss_history.float() for r in runs]).nanmean(0),
+        equal_nan=True,
+        atol=1e-3,
+        rtol=1e-3,
+    )
+    # Scores work on the merged tracker as on any tracker, and the inputs are untouched.
+    assert merged.learning_time().shape == (N,)
+    assert torch.equal(runs[0].csl_sum, _run(0).csl_sum)
+
+
+def test_merge_one_run_is_a_copy():
+    run = _run(5)
+    merged = csl_fast.merge([run])
+    for name, buf in run.buffers().items():
+        assert torch.equal(merged.buffers()[name], buf), name
+    assert merged.buffers()["csl_sum"].data_ptr() != run.csl_sum.data_ptr()
+
+
+def test_merge_aligns_histories_and_mixes_dtypes():
+    a = _run(0, epochs=2, dtype=torch.float64)
+    b = _run(1, epochs=4, history=False)
+    merged = csl_fast.merge([a, b])
+    assert merged.dtype == torch.float64 and not merged.history
+    assert merged.epoch == 4
+    ig = merged.input_grad_history
+    assert ig.shape == (4, N)
+    torch.testing.assert_close(ig[2:], b.input_grad_history[2:], equal_nan=True)
+
+
+def test_merge_refuses_different_n():
+    with pytest.raises(TrackerStateError, match=r"different numbers of samples N = \[10, 11\]"):
+        csl_fast.merge([CSLTracker(10), CSLTracker(11)])
+    with pytest.raises(TrackerStateError, match="num_classes"):
+        csl_fast.merge([CSLTracker(10, 3), CSLTracker(10, 4)])
+    with pytest.raises(TrackerStateError, match="no trackers"):
+        csl_fast.merge([])
+    with pytest.raises(TypeError, match="expected CSLTrackers"):
+        csl_fast.merge([42])
