@@ -1,0 +1,157 @@
+"""Similarity with memorization (the poster's first table) and the theorem trends.
+
+Stability-based memorization (Feldman & Zhang) from ``--mem-models`` models, each trained
+on a random 70% subset with the same recipe; every score from ONE tracked training run on
+the full data. Raw cosine similarity (CS) and Pearson correlation (PC) of each score with
+memorization on all samples and on the top 10% most memorized (the paper's CIFAR-100
+"Top 5k" of 50k), plus binned trends for Thms 5.3-5.5 (memorization vs learning time,
+learning time vs CSL, memorization vs CSL) in the JSON and a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import (
+    METHODS,
+    PAPER_SIMILARITY,
+    RESULTS,
+    add_args,
+    config_from,
+    config_line,
+    load_data,
+    model_factory,
+    run_all,
+    write_results,
+)
+
+from csl_fast import corrupt, evaluate
+from csl_fast.baselines import stability_memorization
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_args(p)
+    p.add_argument("--mem-models", type=int, default=100, help="m models for the estimate")
+    p.add_argument("--noise", type=float, default=0.0, help="label noise (paper: clean data)")
+    p.add_argument("--top-fraction", type=float, default=0.1)
+    p.add_argument("--bins", type=int, default=20)
+    args = p.parse_args()
+    cfg = config_from(args)
+    seed = cfg.seeds[0]
+    x, y, c = load_data(cfg)
+    if args.noise > 0:
+        y, _ = corrupt.flip_labels(y, args.noise, num_classes=c, seed=seed)
+    n = x.shape[0]
+    print(f"memorization on {cfg.dataset}: 1 tracked run + {args.mem_models} models", flush=True)
+    t0 = time.perf_counter()
+    scores, times = run_all(cfg, x, y, c, seed, progress=args.progress)
+    print(f"tracked run + baselines done in {time.perf_counter() - t0:.0f}s", flush=True)
+
+    mem = stability_memorization(
+        model_factory(cfg, x, c),
+        x,
+        y,
+        m=args.mem_models,
+        train_kwargs=cfg.train_kwargs(),
+        seed=10_000 + seed,
+        progress=True,
+    )
+    times["stability_memorization"] = mem.seconds
+    print(f"stability memorization: {args.mem_models} models in {mem.seconds:.0f}s", flush=True)
+    m = mem.memorization.float()
+    ok = torch.isfinite(m)
+    k = max(2, int(args.top_fraction * int(ok.sum())))
+    sims = {}
+    for name, key in METHODS.items():
+        if key not in scores:
+            continue
+        s = scores[key]
+        good = ok & torch.isfinite(s)
+        if int(good.sum()) < 2:
+            continue
+        sims[name] = evaluate.similarity(s[good], m[good], top_k=k)
+    se = (mem.p_in * (1 - mem.p_in) / mem.n_in + mem.p_out * (1 - mem.p_out) / mem.n_out).sqrt()
+    trends = {
+        "memorization_vs_learning_time": evaluate.binned_trend(
+            scores["learning_time"][ok], m[ok], args.bins
+        ),
+        "learning_time_vs_csl": evaluate.binned_trend(
+            scores["csl"][ok], scores["learning_time"][ok], args.bins
+        ),
+        "memorization_vs_csl": evaluate.binned_trend(scores["csl"][ok], m[ok], args.bins),
+        "memorization_vs_eval_csl": evaluate.binned_trend(scores["eval_csl"][ok], m[ok], args.bins),
+    }
+    n_in, n_out = float(mem.n_in.double().mean()), float(mem.n_out.double().mean())
+    lines = [
+        "# Similarity with memorization",
+        "",
+        f"Setup: {config_line(cfg)}. N = {n}, label noise {args.noise:.0%}. Memorization: "
+        f"{args.mem_models} models on random 70% subsets (each sample in ~{n_in:.0f} "
+        f"/ out of ~{n_out:.0f}; mean standard error of a "
+        f"sample's estimate {float(se[ok].mean()):.3f}); mean memorization "
+        f"{float(m[ok].mean()):.3f}, {int((m[ok] > 0.5).sum())} samples above 0.5. "
+        f"Top-k: the {k} most memorized samples ({args.top_fraction:.0%}).",
+        "",
+        "| Method | CS top-k | PC top-k | CS all | PC all | paper C100 top 5k (CS, PC) "
+        "| paper C100 all | paper ImageNet top 50k | paper ImageNet all |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in sims.items():
+        paper = PAPER_SIMILARITY.get(name)
+        pc = " | ".join(f"{a:.2f}, {b:.2f}" for a, b in paper) if paper else "— | — | — | —"
+        lines.append(
+            f"| {name} | {v['cs_top']:.3f} | {v['pc_top']:.3f} | {v['cs_all']:.3f} | "
+            f"{v['pc_all']:.3f} | {pc} |"
+        )
+    lines += ["", "Binned trends (20 equal-size bins; mean y per bin), see memorization.png:", ""]
+    for tname, tr in trends.items():
+        ys = ", ".join(f"{v:.3g}" for v in tr["y"])
+        lines.append(f"- {tname}: {ys}")
+    _plot(trends)
+    write_results(
+        args.out or "memorization",
+        {
+            "config": cfg,
+            "mem_models": args.mem_models,
+            "noise": args.noise,
+            "top_k": k,
+            "similarity": sims,
+            "trends": trends,
+            "seconds": times,
+            "memorization": [round(float(v), 4) for v in m],
+            "scores": {
+                kk: [round(float(v), 5) for v in scores[kk]]
+                for kk in ("csl", "eval_csl", "learning_time", "curvature", "final_loss")
+            },
+        },
+        "\n".join(lines),
+    )
+
+
+def _plot(trends) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(trends)[:3]
+    labels = [("learning time", "memorization"), ("CSL", "learning time"), ("CSL", "memorization")]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, name, (xl, yl) in zip(axes, names, labels, strict=True):
+        t = trends[name]
+        ax.errorbar(t["x"], t["y"], fmt="o-", ms=3)
+        ax.set_xlabel(xl + " (bin mean)")
+        ax.set_ylabel(yl)
+        ax.set_title(name.replace("_", " "), fontsize=9)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "memorization.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
