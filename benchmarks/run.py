@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Run csl_fast's benchmarks and write a markdown + JSON report.
+
+    python benchmarks/run.py            # CPU; writes benchmarks/results/<device>-<date>.*
+    python benchmarks/run.py --device cuda --out OUTDIR
+    python benchmarks/run.py --quick    # few repetitions, no torch.compile: a smoke run
+
+The measurement code lives in ``csl_fast/bench.py`` (shared with the pytest-benchmark
+suites in this folder and with ``csl-fast bench``). The report is stamped with the device,
+CPU/GPU model, torch/triton versions, git commit and date; the last thing printed is a
+short table of the fused op against its alternatives, the step overheads and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from csl_fast import bench
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument(
+        "--out",
+        default=os.path.join(ROOT, "benchmarks", "results"),
+        help="folder for the .md and .json reports",
+    )
+    p.add_argument("--reps", type=int, default=50, help="repetitions per op candidate")
+    p.add_argument("--step-reps", type=int, default=20, help="repetitions per training step")
+    p.add_argument(
+        "--budget-scale",
+        type=float,
+        default=1.0,
+        help="scale every per-comparison time budget (default 1.0)",
+    )
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile candidates")
+    p.add_argument("--no-liger", action="store_true", help="skip Liger-Kernel")
+    p.add_argument(
+        "--sections",
+        default=",".join(bench.SECTIONS),
+        help=f"comma-separated subset of {','.join(bench.SECTIONS)}",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 3 repetitions, small budgets, no torch.compile",
+    )
+    args = p.parse_args(argv)
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.reps, args.step_reps, args.budget_scale, args.no_compile = 3, 3, 0.1, True
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = set(sections) - set(bench.SECTIONS)
+    if unknown:
+        p.error(f"unknown sections {sorted(unknown)}; pick from {bench.SECTIONS}")
+
+    t0 = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    results = bench.run_full(
+        args.device,
+        reps=args.reps,
+        step_reps=args.step_reps,
+        compile=not args.no_compile,
+        liger=not args.no_liger,
+        sections=sections,
+        budget_scale=args.budget_scale,
+        log=log,
+        on_section=lambda partial: bench.write_report(partial, args.out),
+    )
+    md, js = bench.write_report(results, args.out)
+    log(f"wrote {md} and {js}")
+    print(bench.summary_table(results), flush=True)
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
