@@ -26,7 +26,7 @@ _C = None
 EXTENSION_ERROR: str | None = None
 try:
     _C = importlib.import_module("csl_fast._C")
-except Exception as exc:  # noqa: BLE001 - any failure to load means "use the reference"
+except Exception as exc:
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
     warnings.warn(
         f"csl_fast: the compiled extension csl_fast._C is not available ({EXTENSION_ERROR}); "
@@ -52,7 +52,7 @@ def triton_error() -> str | None:
         try:
             importlib.import_module("csl_fast._triton")
             importlib.import_module("csl_fast.ops").register_triton_autograd()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             _TRITON_ERROR = f"{type(exc).__name__}: {exc}"
     return _TRITON_ERROR
 

@@ -7,6 +7,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from . import ops
+from ._ext import resolve_backend
 from .reference import REDUCTIONS
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -76,9 +77,12 @@ def accumulate(
         deterministic: make the buffer updates bitwise reproducible even with duplicate
             indices. Default: ``torch.are_deterministic_algorithms_enabled()``. CPU
             updates are always deterministic; on a GPU the default atomics are not.
-        validate: check that targets and indices are in range, which needs the values on
-            the host. Default: check unless that costs a device synchronisation (CUDA
-            tensors). The C++ kernels always check on the CPU.
+        validate: check in Python that targets and indices are in range, which reads them
+            on the host. Default: only where nothing else checks and it costs no device
+            synchronisation: the C++ CPU kernels check ranges themselves before writing
+            anything; on CUDA, ``validate=True`` (or ``CSL_FAST_VALIDATE=1`` for the CUDA
+            C++ kernels) costs a synchronisation per call, and without it an
+            out-of-range target gives a NaN loss and an out-of-range index is skipped.
 
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient. Double backward is not
@@ -89,7 +93,9 @@ def accumulate(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
-        validate = logits.device.type == "cpu"
+        # The C++ kernels check ranges themselves before writing; elsewhere check here
+        # unless that would cost a device synchronisation.
+        validate = logits.device.type == "cpu" and resolve_backend(backend, logits.device) != "cpu"
     if validate and not torch.compiler.is_compiling():
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
     loss, stats = ops.cross_entropy_fwd(

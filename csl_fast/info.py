@@ -25,13 +25,15 @@ def report() -> str:
         f"python   {platform.python_version()} ({sys.executable})",
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_version('triton')}",
-        f"compiled extension csl_fast._C: "
+        "compiled extension csl_fast._C: "
         + ("loaded" if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
         f"threads  {torch.get_num_threads()}",
     ]
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for device in devices:
-        name = torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+        name = (
+            torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.machine()
+        )
         lines.append(f"\nbackends for {device} ({name}):")
         status = _ext.backend_status(device)
         default = _ext.resolve_backend("auto", torch.device(device))

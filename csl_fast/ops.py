@@ -14,9 +14,17 @@ from . import reference
 from ._ext import _C, resolve_backend
 from .stats import NUM_STATS
 
-_FWD_OPS = {"cpu": "cross_entropy_fwd", "cuda": "cross_entropy_fwd", "triton": "cross_entropy_fwd_triton"}
+_FWD_OPS = {
+    "cpu": "cross_entropy_fwd",
+    "cuda": "cross_entropy_fwd",
+    "triton": "cross_entropy_fwd_triton",
+}
 _SCATTER_OPS = {"cpu": "scatter_stats", "cuda": "scatter_stats", "triton": "scatter_stats_triton"}
-_NORM_OPS = {"cpu": "input_grad_norms", "cuda": "input_grad_norms", "triton": "input_grad_norms_triton"}
+_NORM_OPS = {
+    "cpu": "input_grad_norms",
+    "cuda": "input_grad_norms",
+    "triton": "input_grad_norms_triton",
+}
 
 
 def _op(backend: str, names: dict[str, str]):
@@ -95,6 +103,13 @@ def _setup_cross_entropy(ctx, inputs, output):
 def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
     # The forward already holds d loss / d logits; backward is a scale by the upstream
     # gradient (per row for reduction='none').
+    if torch.is_grad_enabled():
+        # create_graph=True: the saved gradient has no graph back to the logits, so a
+        # second derivative would silently come out as zero.
+        raise RuntimeError(
+            "csl_fast: double backward through the fused cross entropy is not supported; "
+            "use backend='reference' (plain F.cross_entropy) for higher-order gradients"
+        )
     (grad,) = ctx.saved_tensors
     scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
     return grad * scale, None, None, None, None, None

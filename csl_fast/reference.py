@@ -118,4 +118,3 @@ def input_grad_norms(grad: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference of ``csl_fast::input_grad_norms``: float32 ``[B]`` of ``||scale * grad[i]||^2``
     over all dimensions but the first."""
     return (grad.detach().flatten(1).to(_compute_dtype(grad)) * scale).square().sum(1).float()
-

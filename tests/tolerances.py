@@ -26,7 +26,9 @@ def assert_no_worse_than_torch(ours, torch_same_dtype, exact, what: str, factor:
     err_ours = (ours - exact).abs().max()
     err_torch = (theirs - exact).abs().max()
     limit = factor * err_torch + _ATOL[torch_same_dtype.dtype] * scale
-    assert err_ours <= limit, f"{what}: error {err_ours:.3g} > {limit:.3g} (torch's {err_torch:.3g})"
+    assert err_ours <= limit, (
+        f"{what}: error {err_ours:.3g} > {limit:.3g} (torch's {err_torch:.3g})"
+    )
 
 
 def assert_close_f32(ours, exact, what: str, rtol: float = 2e-6):

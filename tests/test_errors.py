@@ -1,0 +1,171 @@
+"""Bad input: a clear exception naming the argument and the fix, and no write into csl."""
+
+import re
+
+import pytest
+import torch
+
+import csl_fast
+
+
+def _good(device, batch=4, classes=5, num=6):
+    return dict(
+        logits=torch.randn(batch, classes, device=device),
+        target=torch.randint(0, classes, (batch,), device=device),
+        index=torch.randint(0, num, (batch,), device=device),
+        csl=torch.zeros(num, device=device),
+    )
+
+
+def _backends(device):
+    return [
+        b for b in csl_fast.available_backends(device) if not (b == "triton" and device == "cpu")
+    ]
+
+
+CASES = [
+    ("logits rank", lambda a: a.update(logits=a["logits"][0]), ValueError, r"logits must be a 2-D"),
+    (
+        "logits int",
+        lambda a: a.update(logits=a["logits"].long()),
+        TypeError,
+        r"logits must be float",
+    ),
+    (
+        "target rank",
+        lambda a: a.update(target=a["target"][:, None]),
+        ValueError,
+        r"target must be 1-D",
+    ),
+    (
+        "target batch",
+        lambda a: a.update(target=a["target"][:3]),
+        ValueError,
+        r"target must be 1-D with B = 4",
+    ),
+    (
+        "target float",
+        lambda a: a.update(target=a["target"].float()),
+        TypeError,
+        r"class-probability",
+    ),
+    (
+        "index batch",
+        lambda a: a.update(index=a["index"][:2]),
+        ValueError,
+        r"index must be 1-D with B = 4",
+    ),
+    (
+        "index float",
+        lambda a: a.update(index=a["index"].float()),
+        TypeError,
+        r"index must hold int64",
+    ),
+    (
+        "target range",
+        lambda a: a["target"].__setitem__(2, 5),
+        IndexError,
+        r"target\[2\] = 5 is outside \[0, C = 5\)",
+    ),
+    ("target negative", lambda a: a["target"].__setitem__(1, -3), IndexError, r"target\[1\] = -3"),
+    (
+        "index range",
+        lambda a: a["index"].__setitem__(3, 6),
+        IndexError,
+        r"index\[3\] = 6 is outside \[0, N = 6\)",
+    ),
+    ("index negative", lambda a: a["index"].__setitem__(0, -1), IndexError, r"index\[0\] = -1"),
+    (
+        "csl dtype",
+        lambda a: a.update(csl=a["csl"].half()),
+        TypeError,
+        r"csl must be a tensor of dtype",
+    ),
+    (
+        "csl 2-D",
+        lambda a: a.update(csl=a["csl"][:, None]),
+        ValueError,
+        r"csl must be a contiguous 1-D",
+    ),
+    (
+        "csl strided",
+        lambda a: a.update(csl=torch.zeros(12, device=a["csl"].device)[::2]),
+        ValueError,
+        r"contiguous",
+    ),
+    (
+        "csl not tensor",
+        lambda a: a.update(csl=[0.0] * 6),
+        TypeError,
+        r"csl must be a float32/float64 tensor",
+    ),
+]
+
+
+@pytest.mark.parametrize("name,mutate,exc,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_raises_and_leaves_csl_untouched(device, name, mutate, exc, message):
+    for backend in _backends(device):
+        args = _good(device)
+        mutate(args)
+        before = args["csl"].clone() if isinstance(args["csl"], torch.Tensor) else None
+        with pytest.raises(exc, match=message):
+            csl_fast.accumulate(
+                args.pop("logits"),
+                args.pop("target"),
+                args.pop("index"),
+                args["csl"],
+                backend=backend,
+            )
+        if before is not None:
+            assert torch.equal(args["csl"], before), f"{backend} wrote into csl on a failed call"
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_kernel_checks_values_without_python_validation(backend):
+    """validate=False skips the Python checks; the C++ kernels still refuse, before writing."""
+    if backend not in csl_fast.available_backends("cpu"):
+        pytest.skip("compiled extension not built")
+    args = _good("cpu")
+    args["index"][1] = 99
+    with pytest.raises(IndexError, match=re.escape("index[1] = 99 is outside [0, N = 6)")):
+        csl_fast.accumulate(**args, backend=backend, validate=False)
+    assert torch.equal(args["csl"], torch.zeros(6))
+    args = _good("cpu")
+    args["target"][0] = 7
+    with pytest.raises(IndexError, match=re.escape("target[0] = 7 is outside [0, C = 5)")):
+        csl_fast.accumulate(**args, backend=backend, validate=False)
+    assert torch.equal(args["csl"], torch.zeros(6))
+
+
+def test_other_argument_errors():
+    a = _good("cpu")
+    with pytest.raises(ValueError, match="count has 3 entries but csl has 6"):
+        csl_fast.accumulate(**a, count=torch.zeros(3))
+    with pytest.raises(ValueError, match="weight must be 1-D with C = 5"):
+        csl_fast.accumulate(**a, weight=torch.ones(4))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        csl_fast.accumulate(**a, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
+        csl_fast.accumulate(**a, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        csl_fast.accumulate(**a, backend="fast")
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
+        csl_fast.accumulate(**a, backend="cuda")
+    assert torch.equal(a["csl"], torch.zeros(6))
+
+
+def test_mixed_devices_meta():
+    a = _good("cpu")
+    with pytest.raises(ValueError, match=r"csl is on meta but logits are on cpu"):
+        csl_fast.accumulate(a["logits"], a["target"], a["index"], a["csl"].to("meta"))
+    with pytest.raises(ValueError, match=r"weight is on meta but logits are on cpu"):
+        csl_fast.accumulate(**a, weight=torch.ones(5, device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: tensors on two devices")
+def test_mixed_devices():
+    a = _good("cuda")
+    with pytest.raises(ValueError, match=r"index is on cpu but logits are on cuda"):
+        csl_fast.accumulate(a["logits"], a["target"], a["index"].cpu(), a["csl"])
+    with pytest.raises(ValueError, match=r"csl is on cpu but logits are on cuda"):
+        csl_fast.accumulate(a["logits"], a["target"], a["index"], a["csl"].cpu())

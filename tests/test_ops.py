@@ -1,0 +1,99 @@
+"""The registered ops: opcheck, torch.compile without graph breaks, float64 gradcheck."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import csl_fast
+from csl_fast import ops
+from csl_fast.stats import NUM_STATS, Stat
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in csl_fast.available_backends("cpu"), reason="compiled extension not built"
+)
+
+
+def _inputs(batch=7, classes=11, dtype=torch.float32, device="cpu"):
+    logits = torch.randn(batch, classes, dtype=dtype, device=device, requires_grad=True)
+    target = torch.randint(0, classes, (batch,), device=device)
+    target[2] = -100
+    return logits, target
+
+
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_cross_entropy(device, reduction, weighted):
+    logits, target = _inputs(device=device)
+    weight = torch.rand(11, device=device) if weighted else None
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_fwd.default,
+        (logits, target, weight, -100, 0.1, reduction),
+    )
+
+
+def test_opcheck_scatter_and_norms(device):
+    stats = torch.rand(NUM_STATS, 9, device=device)
+    index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0], device=device)
+    torch.library.opcheck(
+        torch.ops.csl_fast.scatter_stats.default,
+        (stats, index, False, torch.zeros(5, device=device), torch.zeros(5, device=device)),
+    )
+    grad = torch.randn(9, 3, 4, 5, device=device)
+    torch.library.opcheck(torch.ops.csl_fast.input_grad_norms.default, (grad, 0.5))
+    torch.testing.assert_close(
+        ops.input_grad_norms(grad, 0.5), (0.5 * grad).flatten(1).square().sum(1)
+    )
+
+
+def test_gradcheck_float64(device):
+    logits, target = _inputs(batch=5, classes=4, dtype=torch.float64, device=device)
+    weight = torch.rand(4, dtype=torch.float64, device=device) + 0.5
+    for reduction in (0, 1, 2):
+
+        def f(z, reduction=reduction):
+            return ops.cross_entropy_fwd(z, target, weight, -100, 0.15, reduction, "cpu")[0]
+
+        assert torch.autograd.gradcheck(f, (logits,))
+
+
+def test_double_backward_is_refused_not_wrong(device):
+    logits, target = _inputs(device=device)
+    loss = csl_fast.accumulate(logits, target, torch.arange(7), torch.zeros(7))
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
+def test_compile_fullgraph_training_step():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(6, 5)
+    csl = torch.zeros(20)
+    count = torch.zeros(20)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def forward(x, y, idx):
+        return csl_fast.accumulate(model(x), y, idx, csl, count=count)
+
+    x = torch.randn(8, 6)
+    y = torch.randint(0, 5, (8,))
+    idx = torch.tensor([0, 3, 3, 7, 9, 11, 19, 0])
+    loss = forward(x, y, idx)  # fullgraph=True: fails on any graph break
+    loss.backward()  # through the compiled backward graph
+    grad = model.weight.grad.clone()
+    model.zero_grad()
+    want = F.cross_entropy(model(x), y)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, model.weight.grad)
+    per_row = F.cross_entropy(model(x), y, reduction="none").detach()
+    torch.testing.assert_close(csl, torch.zeros(20).index_add_(0, idx, per_row))
+    assert count.sum() == 8 and count[3] == 2 and count[0] == 2
+
+
+def test_stat_layout_matches_cpp_header():
+    from pathlib import Path
+
+    header = (Path(__file__).parents[1] / "csrc" / "stats.h").read_text()
+    for stat in Stat:
+        cpp = "k" + "".join(part.capitalize() for part in stat.name.split("_"))
+        assert f"{cpp} = {int(stat)}," in header, f"{stat.name} disagrees with csrc/stats.h"
+    assert f"kNumStats = {NUM_STATS}," in header
