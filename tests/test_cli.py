@@ -1,0 +1,241 @@
+"""End-to-end tests of the ``csl-fast`` command line, each command in a subprocess.
+
+One tiny demo run (200 digits, 4 epochs) is shared by the tests of ``rank`` and
+``report``; error cases check the exit code and the one-line message (no traceback).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
+
+PNGS = ("csl_histogram.png", "roc.png", "data_map.png", "loss_curves.png", "top_samples.png")
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, "-m", "csl_fast", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, code: int, command: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
+    return lines[0]
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    proc = cli(
+        "demo",
+        "--samples", "200",
+        "--epochs", "4",
+        "--pairs", "4",
+        "--hidden", "64",
+        "--overhead-rounds", "1",
+        "--top", "5",
+        "--out", str(out),
+        "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_demo_outputs(demo_run):
+    out, proc = demo_run
+    assert proc.stderr == ""  # --quiet: no progress bars or status lines
+    for name in ("tracker.csl", "samples.npz", "results.json", "report/report.html"):
+        assert (out / name).is_file(), name
+    for png in PNGS:
+        assert (out / "report" / png).stat().st_size > 1000, png
+    text = proc.stdout
+    # The detection table parses: "<score> <auroc mislabeled> <auroc duplicates>".
+    rows = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"([a-z_]+)\s+([0-9.]+|n/a)\*?\s+([0-9.]+|n/a)\*?", line.strip())
+        if m:
+            rows[m[1]] = (m[2], m[3])
+    assert {"csl", "final_loss", "aum", "forgetting", "in_confidence"} <= set(rows)
+    assert 0.0 <= float(rows["csl"][0]) <= 1.0 and 0.0 <= float(rows["csl"][1]) <= 1.0
+    assert re.search(r"plain F\.cross_entropy\s+[0-9.]+ ms/step", text)
+    assert re.search(r"CSLTracker.*[0-9.]+ ms/step\s+[+-][0-9.]+%", text)
+    top = re.findall(
+        r"^\s+(\d+)\s+(\d+)\s+[0-9.]+\s+(\d)\s+(\d)\s+(clean|mislabeled|duplicate)", text, re.M
+    )
+    assert len(top) == 5
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_samples"] == 200 and results["num_mislabeled"] == 20
+    assert results["num_duplicate_samples"] == 8
+    assert set(results["auroc"]["csl"]) == {"mislabeled", "duplicates"}
+    html = (out / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(PNGS)
+    assert not re.search(r"src=['\"](?!data:)", html)  # self-contained
+
+
+def test_rank_table(demo_run):
+    out, _ = demo_run
+    proc = cli("rank", str(out), "--top", "6")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["rank", "index", "csl"]
+    assert {"label", "predicted", "mislabeled", "duplicate"} <= set(header)
+    assert set(lines[1]) <= {"-", " "}
+    body = lines[2:]
+    assert len(body) == 6
+    assert [int(line.split()[0]) for line in body] == list(range(1, 7))
+    scores = [float(line.split()[2]) for line in body]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_rank_csv(demo_run, capsys):
+    # In process: the entry point is covered by test_rank_table; this checks the format.
+    out, _ = demo_run
+    code, stdout, _ = run_main(
+        capsys, "rank", str(out), "--csv", "--top", "7", "--score", "final_loss"
+    )
+    assert code == 0
+    reader = csv.DictReader(io.StringIO(stdout))
+    assert tuple(reader.fieldnames) == CSV_COLUMNS
+    rows = list(reader)
+    assert len(rows) == 7
+    assert [int(r["rank"]) for r in rows] == list(range(1, 8))
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    for r in rows:
+        assert 0 <= int(r["index"]) < 200
+        assert 0 <= int(r["label"]) < 10 and 0 <= int(r["predicted"]) < 10
+        assert r["flagged"] in ("0", "1") and r["mislabeled"] in ("0", "1")
+
+
+def test_rank_json_to_file(demo_run, tmp_path, capsys):
+    # In process (the subprocess tests above cover the entry point): --json, -o, -q.
+    out, _ = demo_run
+    dest = tmp_path / "top.json"
+    assert (
+        main(["rank", str(out / "tracker.csl"), "--json", "--top", "3", "-o", str(dest), "-q"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    doc = json.loads(dest.read_text())
+    assert doc["score"] == "csl" and doc["num_samples"] == 200
+    assert doc["direction"] == "higher = more suspicious"
+    assert len(doc["rows"]) == 3
+    assert set(doc["rows"][0]) == set(CSV_COLUMNS)
+    assert doc["rows"][0]["rank"] == 1 and isinstance(doc["rows"][0]["mislabeled"], bool)
+
+
+def test_report_command(demo_run, tmp_path):
+    out, _ = demo_run
+    dest = tmp_path / "rep"
+    proc = cli("report", str(out), "--out", str(dest), "--top", "8", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert (dest / "report.html").is_file()
+    for png in PNGS:
+        assert (dest / png).is_file(), png
+
+
+@pytest.fixture(scope="module")
+def bare_tracker(tmp_path_factory):
+    """A tracker file without samples.npz and without eval passes."""
+    import csl_fast
+
+    path = tmp_path_factory.mktemp("bare") / "bare.csl"
+    tracker = csl_fast.CSLTracker(50, 5)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for start in range(0, 50, 10):
+            idx = torch.arange(start, start + 10)
+            logits = torch.randn(10, 5, generator=gen)
+            csl_fast.accumulate(logits, torch.randint(0, 5, (10,), generator=gen), idx, tracker)
+        tracker.end_epoch()
+    tracker.save(path)
+    return path
+
+
+def in_process_error(capsys, code: int, command: str, *args: str) -> str:
+    got, out, err = run_main(capsys, command, *args)
+    assert got == code, (got, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_rank_bare_tracker_and_unrecorded_score(bare_tracker, capsys):
+    code, out, _ = run_main(capsys, "rank", str(bare_tracker), "--csv", "--top", "4")
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 4
+    assert all(r["label"] == "" and r["mislabeled"] == "" for r in rows)
+    line = in_process_error(capsys, EXIT_USAGE, "rank", str(bare_tracker), "--score", "eval_csl")
+    assert "eval_csl" in line and "not recorded" in line
+
+
+def test_truncated_tracker_file(tmp_path, bare_tracker):
+    truncated = tmp_path / "truncated.csl"
+    data = bare_tracker.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    line = assert_user_error(cli("report", str(truncated)), EXIT_INPUT, "report")
+    assert "truncated.csl" in line
+
+
+def test_missing_and_foreign_files(tmp_path, capsys):
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "nope.csl"))
+    assert "nope.csl" in line
+    foreign = tmp_path / "foreign.csl"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(foreign))
+    assert "not a csl_fast tracker file" in line
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    in_process_error(capsys, EXIT_INPUT, "report", str(text))
+    folder = tmp_path / "empty_run"
+    folder.mkdir()
+    in_process_error(capsys, EXIT_INPUT, "rank", str(folder))
+
+
+def test_usage_errors(capsys):
+    line = in_process_error(capsys, EXIT_USAGE, "demo", "--noise", "0.9")
+    assert "--noise" in line
+    in_process_error(capsys, EXIT_USAGE, "rank")
+    in_process_error(capsys, EXIT_USAGE, "rank", "x", "--csv", "--json")
+    in_process_error(capsys, EXIT_USAGE, "demo", "--samples", "5000")
+
+
+def test_info_console_script():
+    exe = shutil.which("csl-fast")
+    cmd = [exe, "info"] if exe else [sys.executable, "-m", "csl_fast", "info"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("csl_fast ") and "backends for cpu" in proc.stdout
