@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(bench.SECTIONS)}",
     )
     p.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 3 repetitions, small budgets, no torch.compile",
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.reps, args.step_reps, args.budget_scale, args.no_compile = 3, 3, 0.1, True
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())

@@ -1190,7 +1190,7 @@ def _target(what: str, value, met: bool, shown: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ running
-SECTIONS = ("copy_bandwidth", "cross_entropy", "input_grad", "training", "memory")
+SECTIONS = ("copy_bandwidth", "cross_entropy", "training", "input_grad", "memory")
 
 
 def run_full(
@@ -1219,39 +1219,60 @@ def run_full(
         "budget_scale": budget_scale,
     }
 
-    def section(name, fn):
-        if name not in sections:
-            return
-        t = time.perf_counter()
-        try:
-            results[name] = fn()
-        except Exception as exc:
-            import traceback
-
-            results["errors"][name] = traceback.format_exc()
-            log(f"section {name} failed: {_why(exc)}")
-        log(f"section {name}: {time.perf_counter() - t:.1f}s")
+    def checkpoint():
         if on_section is not None:
             results["targets"] = targets(results)
             on_section(results)
 
-    section("copy_bandwidth", lambda: copy_bandwidth(dev))
+    def section(name, fn, parts=(None,)):
+        """Run ``fn(part)`` for each part (e.g. each shape), appending rows, and write a
+        partial report after each part."""
+        if name not in sections:
+            return
+        t = time.perf_counter()
+        for part in parts:
+            try:
+                got = fn(part)
+                if isinstance(got, list):
+                    results.setdefault(name, []).extend(got)
+                else:
+                    results[name] = got
+            except Exception as exc:
+                import traceback
+
+                key = name if part is None else f"{name} {part}"
+                results["errors"][key] = traceback.format_exc()
+                log(f"section {key} failed: {_why(exc)}")
+            checkpoint()
+        log(f"section {name}: {time.perf_counter() - t:.1f}s")
+
+    section("copy_bandwidth", lambda _: copy_bandwidth(dev))
     section(
         "cross_entropy",
-        lambda: bench_cross_entropy(
-            dev, reps=reps, budget_s=20 * budget_scale, compile=compile, liger=liger, log=log
+        lambda shape: bench_cross_entropy(
+            dev,
+            [shape],
+            reps=reps,
+            budget_s=20 * budget_scale,
+            compile=compile,
+            liger=liger,
+            log=log,
         ),
+        CE_SHAPES[dev.type],
+    )
+    section(
+        "training",
+        lambda kind: bench_training(
+            dev, (kind,), reps=step_reps, budget_s=40 * budget_scale, log=log
+        ),
+        WORKLOADS,
     )
     section(
         "input_grad",
-        lambda: bench_input_grad(
-            dev, reps=reps, budget_s=8 * budget_scale, compile=compile, log=log
-        ),
+        lambda shape: bench_input_grad(dev, [shape], reps=reps, budget_s=8 * budget_scale, log=log),
+        GRAD_SHAPES[dev.type],
     )
-    section(
-        "training", lambda: bench_training(dev, reps=step_reps, budget_s=40 * budget_scale, log=log)
-    )
-    section("memory", lambda: bench_tracker_memory(dev))
+    section("memory", lambda _: bench_tracker_memory(dev))
     results["env"]["loadavg_end"] = _loadavg()
     results["env"]["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"] = targets(results)
@@ -1356,13 +1377,13 @@ def markdown(results: dict, short: bool = False) -> str:
             lines += [
                 f"### {b} x {c}, {dt}",
                 "",
-                "| impl | CSL | time | vs reference | vs F.cross_entropy alone | GB/s | "
-                "extra peak | correct |",
-                "|---|---|---|---|---|---|---|---|",
+                "| impl | CSL | median (IQR/median) | min | vs reference | vs F.cross_entropy "
+                "alone | GB/s | extra peak | correct |",
+                "|---|---|---|---|---|---|---|---|---|",
             ]
             for r in rows:
                 if "skipped" in r:
-                    lines.append(f"| {r['impl']} | | skipped: {r['skipped']} | | | | | |")
+                    lines.append(f"| {r['impl']} | | skipped: {r['skipped']} | | | | | | |")
                     continue
                 sv = r["speedup_vs"]
                 vs_ref = "1.00x" if r["impl"] == REF else _x(sv.get(REF))
@@ -1370,7 +1391,8 @@ def markdown(results: dict, short: bool = False) -> str:
                 ep = r["extra_peak_logits"]
                 lines.append(
                     f"| {r['impl']} | {'yes' if r['csl'] else 'no'} | {_fmt_time(r['median_s'])}"
-                    f" ({r['noise_iqr']:.0%}) | {vs_ref} | {vs_ce} | {r['gbps']:.1f} | "
+                    f" ({r['noise_iqr']:.0%}) | {_fmt_time(r['min_s'])} | {vs_ref} | {vs_ce} | "
+                    f"{r['gbps']:.1f} | "
                     f"{'n/a' if ep is None else f'{ep:.2f}'} | "
                     f"{'yes' if r['correct'] else 'NO: ' + str(r['check_error'])} |"
                 )
