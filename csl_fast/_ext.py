@@ -90,7 +90,6 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 _resolved: dict[tuple[str, str, str | None], str] = {}
 
 
-@torch.compiler.assume_constant_result
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend for ``backend`` (a name or ``"auto"``) on ``device``.
 
@@ -100,6 +99,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if key not in _resolved:
         _resolved[key] = _resolve(backend, device)
     return _resolved[key]
+
+
+# What torch.compiler.assume_constant_result sets; the decorator itself would import
+# torch._dynamo (seconds) on every `import csl_fast`. tests/test_ops.py compiles with
+# fullgraph=True, which fails if this stops working.
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _resolve(backend: str, device: torch.device) -> str:

@@ -88,6 +88,31 @@ def input_grad_norms(grad: torch.Tensor, scale: float, backend: str = "auto") ->
     return _op(name, _NORM_OPS)(grad, scale)
 
 
+def record_last(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    max_prob: torch.Tensor | None,
+    epoch: int,
+    last_loss: torch.Tensor,
+    last_max_prob: torch.Tensor,
+    last_correct: torch.Tensor,
+    forgetting: torch.Tensor | None,
+    learned_epoch: torch.Tensor | None,
+    backend: str = "auto",
+) -> None:
+    """A tracker's last-presentation state (:func:`csl_fast.reference.record_last`).
+
+    One sequential C++ pass on the CPU; elsewhere the device-only reference (a stable sort
+    and ~40 small kernels, no host synchronisation): the state is B values, not worth a
+    GPU kernel of its own.
+    """
+    args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
+    if stats.device.type == "cpu" and resolve_backend(backend, stats.device) == "cpu":
+        torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch)
+    else:
+        reference.record_last(*args, forgetting, learned_epoch)
+
+
 def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
     batch = logits.shape[0]
     loss = logits.new_empty((batch,) if reduction == 0 else ())
@@ -123,6 +148,10 @@ if _C is not None:
 
     @torch.library.register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):
+        return None
+
+    @torch.library.register_fake("csl_fast::record_last")
+    def _fake_record_last(*args):
         return None
 
     @torch.library.register_fake("csl_fast::input_grad_norms")

@@ -118,3 +118,90 @@ def input_grad_norms(grad: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference of ``csl_fast::input_grad_norms``: float32 ``[B]`` of ``||scale * grad[i]||^2``
     over all dimensions but the first."""
     return (grad.detach().flatten(1).to(_compute_dtype(grad)) * scale).square().sum(1).float()
+
+
+def max_prob(loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
+    r""":math:`\max_j p_j = \exp(-(\ell + \min(m, 0)))`: the top logit is ``z_y`` when the
+    margin ``m = z_y - max_{j != y} z_j`` is >= 0, else ``z_y - m``; computed in log space
+    so it neither overflows nor underflows to 0 * inf."""
+    return torch.exp(-(loss + margin.clamp(max=0)))
+
+
+def record_last(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    max_prob_override: torch.Tensor | None,
+    epoch: int,
+    last_loss: torch.Tensor,
+    last_max_prob: torch.Tensor,
+    last_correct: torch.Tensor,
+    forgetting: torch.Tensor | None,
+    learned_epoch: torch.Tensor | None,
+) -> None:
+    """Reference of ``csl_fast::record_last``: a tracker's last-presentation state.
+
+    Valid rows (``stats[VALID] > 0``) are taken in batch order, so with duplicate indices
+    the last one wins. For each: ``last_loss``, ``last_max_prob`` (``max_prob_override`` or
+    :func:`max_prob`) and ``last_correct`` are overwritten; when ``forgetting`` and
+    ``learned_epoch`` are given, a correct -> incorrect change against the previous
+    presentation adds a forgetting event, an incorrect -> correct change sets
+    ``learned_epoch = epoch`` and an incorrect row sets it to -1. Device-only (a stable sort
+    and segment operations): no host synchronisation.
+    """
+    if index.numel() == 0:
+        return
+    idx = index.long()
+    f = last_loss.dtype
+    valid = stats[Stat.VALID] > 0
+    correct = (stats[Stat.CORRECT] > 0) & valid
+    loss = stats[Stat.LOSS]
+    mp = max_prob(loss, stats[Stat.MARGIN]) if max_prob_override is None else max_prob_override
+    sidx, perm, sv, seg_id, prev, last = _segments(idx, valid)
+    sc = correct[perm]
+    has_last = last >= 0
+    at_last = last.clamp(min=0)
+    old_correct = last_correct[sidx]
+    new_correct = torch.where(has_last, sc[at_last], old_correct)
+    if forgetting is not None and learned_epoch is not None:
+        prev_correct = torch.where(prev >= 0, sc[prev.clamp(min=0)], old_correct)
+        forget = sv & prev_correct & ~sc
+        onset = (sv & sc & ~prev_correct).to(torch.int32)
+        seg_onsets = torch.zeros_like(onset).index_add_(0, seg_id, onset)[seg_id]
+        old_epoch = learned_epoch[sidx]
+        streak = torch.where(seg_onsets > 0, torch.full_like(old_epoch, epoch), old_epoch)
+        new_epoch = torch.where(
+            has_last, torch.where(new_correct, streak, torch.full_like(old_epoch, -1)), old_epoch
+        )
+        forgetting.index_add_(0, sidx, forget.to(torch.int32))
+        learned_epoch.index_put_((sidx,), new_epoch)
+    # Every row of a segment writes the same value, so duplicate writes agree.
+    for buf, values in ((last_loss, loss), (last_max_prob, mp)):
+        new = torch.where(has_last, values[perm][at_last].to(f), buf[sidx])
+        buf.index_put_((sidx,), new)
+    last_correct.index_put_((sidx,), new_correct)
+
+
+def _segments(
+    index: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group a batch by index, keeping batch order within an index (stable sort).
+
+    Returns, for the sorted batch: ``sorted_index``, ``perm`` (sorted position -> batch
+    row), ``valid`` (sorted), ``segment_id``, ``prev`` (position of the previous valid row
+    with the same index, -1 if none) and ``last`` (position of the last valid row with the
+    same index, -1 if none).
+    """
+    n = index.numel()
+    sidx, perm = torch.sort(index, stable=True)
+    sv = valid[perm]
+    pos = torch.arange(n, device=index.device)
+    new_seg = torch.ones(n, dtype=torch.bool, device=index.device)
+    new_seg[1:] = sidx[1:] != sidx[:-1]
+    seg_start = torch.where(new_seg, pos, 0).cummax(0).values
+    seg_id = new_seg.to(torch.int64).cumsum(0) - 1
+    vpos = torch.where(sv, pos, -1)
+    upto = vpos.cummax(0).values.roll(1)
+    upto[:1] = -1
+    prev = torch.where(upto >= seg_start, upto, -1)
+    last = torch.full_like(vpos, -1).scatter_reduce_(0, seg_id, vpos, "amax")[seg_id]
+    return sidx, perm, sv, seg_id, prev, last

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from . import reference
 from .stats import Stat
 
 #: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
@@ -286,6 +287,60 @@ class CSLTracker:
             _scatter_add(self.epoch_count, idx, stats[Stat.VALID].to(f))
         self._record_last(idx, stats, "", transitions=True)
 
+    def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
+        """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
+
+        Args:
+            index: ``[B]`` int dataset indices, one per sequence.
+            token_stats: float32 ``[NUM_STATS, B, T]`` per-token stats from the fused cross
+                entropy (ignored tokens are all zero), on the tracker's device.
+
+        Called by :func:`csl_fast.accumulate` for ``[B, T, V]`` logits after it has added
+        each sequence's summed token loss and valid-token count into
+        :meth:`training_buffers`, so a presentation of a sequence counts as its number of
+        valid tokens. Aggregation per sequence (one presentation = one sequence in a batch):
+
+        - token sums, so the means over ``csl_count`` are per-token means over all
+          presentations: ``margin_sum`` (:attr:`aum`: mean token margin),
+          ``grad_norm_sum``, ``p_true_sum`` and ``p_true_sq_sum`` (:attr:`confidence`,
+          :attr:`variability`: mean and std of the token :math:`p_y`);
+        - ``last_loss``: the sequence's summed token loss (its negative log-likelihood) at
+          its last presentation, on CSL's scale;
+        - ``last_max_prob``: the mean over its valid tokens of the max softmax probability;
+        - correctness (``last_correct``, ``forgetting``, ``learned_epoch``): a sequence is
+          correct when *every* valid token is the argmax (teacher-forced exact match, i.e.
+          greedy decoding reproduces it given its prefix); a sequence without valid tokens
+          is not a presentation and changes nothing.
+
+        No host synchronisation.
+        """
+        if token_stats.dim() != 3:
+            raise ValueError(
+                "CSLTracker.record_sequences: token_stats must be [NUM_STATS, B, T], got "
+                f"shape {tuple(token_stats.shape)}"
+            )
+        idx = self._index(index, token_stats[:, :, 0])
+        f = self.dtype
+        tok = token_stats.to(f)
+        sums = tok.sum(2)
+        _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
+        _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
+        _scatter_add(self.p_true_sum, idx, sums[Stat.P_TRUE])
+        _scatter_add(self.p_true_sq_sum, idx, tok[Stat.P_TRUE].square().sum(1))
+        if self.history:
+            _scatter_add(self.epoch_loss_sum, idx, sums[Stat.LOSS])
+            _scatter_add(self.epoch_count, idx, sums[Stat.VALID])
+        n = sums[Stat.VALID]
+        valid = tok[Stat.VALID] > 0
+        max_prob = torch.where(valid, reference.max_prob(tok[Stat.LOSS], tok[Stat.MARGIN]), 0).sum(
+            1
+        )
+        seq = torch.zeros_like(token_stats[:, :, 0])
+        seq[Stat.LOSS] = sums[Stat.LOSS].float()
+        seq[Stat.CORRECT] = ((sums[Stat.CORRECT] == n) & (n > 0)).float()
+        seq[Stat.VALID] = (n > 0).float()
+        self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
+
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
@@ -401,42 +456,30 @@ class CSLTracker:
         return index.to(self.device, torch.int64, non_blocking=True)
 
     def _record_last(
-        self, idx: torch.Tensor, stats: torch.Tensor, prefix: str, transitions: bool
+        self,
+        idx: torch.Tensor,
+        stats: torch.Tensor,
+        prefix: str,
+        transitions: bool,
+        max_prob: torch.Tensor | None = None,
     ) -> None:
-        """Last-value buffers (and forgetting / learned epoch) with the batch-order rule."""
-        if idx.numel() == 0:
-            return
-        f = self.dtype
-        valid = stats[Stat.VALID] > 0
-        correct = (stats[Stat.CORRECT] > 0) & valid
-        loss = stats[Stat.LOSS]
-        max_prob = _max_prob(loss, stats[Stat.MARGIN])
-        sidx, perm, sv, seg_id, prev, last = _segments(idx, valid)
-        sc = correct[perm]
-        has_last = last >= 0
-        at_last = last.clamp(min=0)
-        old_correct = self._buffers[prefix + "last_correct"][sidx]
-        new_correct = torch.where(has_last, sc[at_last], old_correct)
-        if transitions:
-            prev_correct = torch.where(prev >= 0, sc[prev.clamp(min=0)], old_correct)
-            forget = sv & prev_correct & ~sc
-            onset = (sv & sc & ~prev_correct).to(torch.int32)
-            seg_onsets = torch.zeros_like(onset).index_add_(0, seg_id, onset)[seg_id]
-            old_epoch = self.learned_epoch[sidx]
-            streak = torch.where(seg_onsets > 0, torch.full_like(old_epoch, self.epoch), old_epoch)
-            new_epoch = torch.where(
-                has_last,
-                torch.where(new_correct, streak, torch.full_like(old_epoch, -1)),
-                old_epoch,
-            )
-            self.forgetting.index_add_(0, sidx, forget.to(torch.int32))
-            self.learned_epoch.index_put_((sidx,), new_epoch)
-        # Every row of a segment writes the same value, so duplicate writes agree.
-        for name, values in (("last_loss", loss), ("last_max_prob", max_prob)):
-            buf = self._buffers[prefix + name]
-            new = torch.where(has_last, values[perm][at_last].to(f), buf[sidx])
-            buf.index_put_((sidx,), new)
-        self._buffers[prefix + "last_correct"].index_put_((sidx,), new_correct)
+        """Last-value buffers (and forgetting / learned epoch) with the batch-order rule
+        (:func:`csl_fast.reference.record_last`). ``max_prob`` overrides the max probability
+        derived from the loss and margin."""
+        from . import ops
+
+        ops.record_last(
+            stats,
+            idx,
+            max_prob,
+            self.epoch,
+            self._buffers[prefix + "last_loss"],
+            self._buffers[prefix + "last_max_prob"],
+            self._buffers[prefix + "last_correct"],
+            self.forgetting if transitions else None,
+            self.learned_epoch if transitions else None,
+            backend=self.backend,
+        )
 
     # --------------------------------------------------------------- epochs
     def sync(self, group: Any = None) -> bool:
@@ -818,36 +861,3 @@ def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
 
 def _mean_or_nan(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
-
-
-def _max_prob(loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:
-    """:math:`\\max_j p_j = \\exp(-(\\ell + \\min(m, 0)))`: the top logit is ``z_y`` when the
-    margin ``m = z_y - max_{j != y} z_j`` is >= 0, else ``z_y - m``; computed in log space
-    so it neither overflows nor underflows to 0 * inf."""
-    return torch.exp(-(loss + margin.clamp(max=0)))
-
-
-def _segments(
-    index: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group a batch by index, keeping batch order within an index (stable sort).
-
-    Returns, for the sorted batch: ``sorted_index``, ``perm`` (sorted position -> batch
-    row), ``valid`` (sorted), ``segment_id``, ``prev`` (position of the previous valid row
-    with the same index, -1 if none) and ``last`` (position of the last valid row with the
-    same index, -1 if none). Device-only: no host synchronisation.
-    """
-    n = index.numel()
-    sidx, perm = torch.sort(index, stable=True)
-    sv = valid[perm]
-    pos = torch.arange(n, device=index.device)
-    new_seg = torch.ones(n, dtype=torch.bool, device=index.device)
-    new_seg[1:] = sidx[1:] != sidx[:-1]
-    seg_start = torch.where(new_seg, pos, 0).cummax(0).values
-    seg_id = new_seg.to(torch.int64).cumsum(0) - 1
-    vpos = torch.where(sv, pos, -1)
-    upto = vpos.cummax(0).values.roll(1)
-    upto[:1] = -1
-    prev = torch.where(upto >= seg_start, upto, -1)
-    last = torch.full_like(vpos, -1).scatter_reduce_(0, seg_id, vpos, "amax")[seg_id]
-    return sidx, perm, sv, seg_id, prev, last

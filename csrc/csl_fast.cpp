@@ -25,4 +25,10 @@ TORCH_LIBRARY(csl_fast, m) {
       "Tensor(b!)? count) -> ()");
   // Per-row squared L2 norm of scale * grad over all but the first dim: float32 [B].
   m.def("input_grad_norms(Tensor grad, float scale) -> Tensor");
+  // Last-presentation state of a tracker, rows taken in batch order (see
+  // csl_fast/reference.py: record_last). forgetting/learned_epoch: given together or not.
+  m.def(
+      "record_last(Tensor stats, Tensor index, Tensor? max_prob, int epoch, "
+      "Tensor(a!) last_loss, Tensor(b!) last_max_prob, Tensor(c!) last_correct, "
+      "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch) -> ()");
 }

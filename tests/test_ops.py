@@ -97,3 +97,49 @@ def test_stat_layout_matches_cpp_header():
         cpp = "k" + "".join(part.capitalize() for part in stat.name.split("_"))
         assert f"{cpp} = {int(stat)}," in header, f"{stat.name} disagrees with csrc/stats.h"
     assert f"kNumStats = {NUM_STATS}," in header
+
+
+def _last_state(n, dtype=torch.float32):
+    return (
+        torch.rand(n, dtype=dtype),
+        torch.rand(n, dtype=dtype),
+        torch.rand(n) > 0.5,
+        torch.randint(0, 3, (n,), dtype=torch.int32),
+        torch.randint(-1, 4, (n,), dtype=torch.int32),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_override", [False, True])
+def test_record_last_matches_reference(dtype, with_override):
+    """The sequential C++ pass and the sort-based reference agree, duplicates included."""
+    from csl_fast import reference
+
+    for trial in range(5):
+        batch, n = 64, 10  # ~6 presentations of each sample per batch
+        stats = torch.rand(NUM_STATS, batch)
+        stats[Stat.CORRECT] = (torch.rand(batch) > 0.5).float()
+        stats[Stat.VALID] = (torch.rand(batch) > 0.2).float()
+        stats[Stat.MARGIN] = torch.randn(batch)
+        index = torch.randint(0, n, (batch,))
+        override = torch.rand(batch) if with_override else None
+        ours, want = _last_state(n, dtype), None
+        want = tuple(t.clone() for t in ours)
+        torch.ops.csl_fast.record_last(stats, index, override, trial, *ours)
+        reference.record_last(stats, index, override, trial, *want)
+        for got, exp in zip(ours, want, strict=True):
+            torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
+        eval_state, eval_want = _last_state(n, dtype)[:3], None
+        eval_want = tuple(t.clone() for t in eval_state)
+        torch.ops.csl_fast.record_last(stats, index, override, trial, *eval_state, None, None)
+        reference.record_last(stats, index, override, trial, *eval_want, None, None)
+        for got, exp in zip(eval_state, eval_want, strict=True):
+            torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
+
+
+def test_opcheck_record_last():
+    stats = torch.rand(NUM_STATS, 9)
+    index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0])
+    torch.library.opcheck(
+        torch.ops.csl_fast.record_last.default, (stats, index, None, 2, *_last_state(5))
+    )

@@ -1,0 +1,100 @@
+// Tracker last-presentation state on the CPU: one sequential pass in batch order, which
+// is the rule the tracker documents for duplicate indices (the reference reaches the same
+// result on any device with a stable sort and segment operations).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../stats.h"
+
+namespace csl_fast {
+namespace cpu {
+namespace {
+
+template <typename f_t>
+void record_rows(const float* st, const int64_t* ip, const float* mp, int64_t B, int64_t epoch,
+                 f_t* last_loss, f_t* last_max_prob, bool* last_correct, int32_t* forgetting,
+                 int32_t* learned_epoch) {
+  for (int64_t i = 0; i < B; ++i) {
+    if (st[kValid * B + i] <= 0.f) continue;
+    const int64_t j = ip[i];
+    const bool c = st[kCorrect * B + i] > 0.f;
+    const float loss = st[kLoss * B + i];
+    if (forgetting != nullptr) {
+      const bool prev = last_correct[j];
+      if (prev && !c) forgetting[j] += 1;
+      if (c && !prev) learned_epoch[j] = static_cast<int32_t>(epoch);
+      if (!c) learned_epoch[j] = -1;
+    }
+    last_loss[j] = static_cast<f_t>(loss);
+    // max_j p_j = exp(-(loss + min(margin, 0))), in log space: no overflow, no 0 * inf.
+    last_max_prob[j] = static_cast<f_t>(
+        mp ? mp[i] : std::exp(-(static_cast<double>(loss) +
+                                std::min(0.0, static_cast<double>(st[kMargin * B + i])))));
+    last_correct[j] = c;
+  }
+}
+
+void check_state(const at::Tensor& t, const char* name, at::ScalarType want, int64_t n) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "csl_fast.record_last: ", name, " must be ", want,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.numel() == n, "csl_fast.record_last: ",
+                    name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
+}
+
+void record_last(const at::Tensor& stats, const at::Tensor& index,
+                 const std::optional<at::Tensor>& max_prob, int64_t epoch, at::Tensor& last_loss,
+                 at::Tensor& last_max_prob, at::Tensor& last_correct,
+                 const std::optional<at::Tensor>& forgetting,
+                 const std::optional<at::Tensor>& learned_epoch) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast.record_last: stats must be float32 [", int(kNumStats), ", B], got ",
+                    stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast.record_last: index must be [B = ", B, "], got ", index.sizes());
+  TORCH_CHECK_VALUE(forgetting.has_value() == learned_epoch.has_value(),
+                    "csl_fast.record_last: pass forgetting and learned_epoch together");
+  const int64_t n = last_loss.numel();
+  const auto f = last_loss.scalar_type();
+  TORCH_CHECK_TYPE(f == at::kFloat || f == at::kDouble,
+                   "csl_fast.record_last: last_loss must be float32 or float64");
+  check_state(last_loss, "last_loss", f, n);
+  check_state(last_max_prob, "last_max_prob", f, n);
+  check_state(last_correct, "last_correct", at::kBool, n);
+  if (forgetting.has_value()) {
+    check_state(*forgetting, "forgetting", at::kInt, n);
+    check_state(*learned_epoch, "learned_epoch", at::kInt, n);
+  }
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor idx = index.to(at::kLong).contiguous();
+  const int64_t* ip = idx.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < n, "csl_fast.record_last: index[", i, "] = ", ip[i],
+                      " is outside [0, N = ", n, ")");
+  }
+  at::Tensor mp;
+  if (max_prob.has_value()) {
+    TORCH_CHECK_VALUE(max_prob->dim() == 1 && max_prob->size(0) == B,
+                      "csl_fast.record_last: max_prob must be [B = ", B, "]");
+    mp = max_prob->to(at::kFloat).contiguous();
+  }
+  int32_t* fp = forgetting.has_value() ? forgetting->mutable_data_ptr<int32_t>() : nullptr;
+  int32_t* lp = learned_epoch.has_value() ? learned_epoch->mutable_data_ptr<int32_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(f, "csl_fast_record_last", [&] {
+    record_rows<scalar_t>(st.const_data_ptr<float>(), ip,
+                          mp.defined() ? mp.const_data_ptr<float>() : nullptr, B, epoch,
+                          last_loss.mutable_data_ptr<scalar_t>(),
+                          last_max_prob.mutable_data_ptr<scalar_t>(),
+                          last_correct.mutable_data_ptr<bool>(), fp, lp);
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace csl_fast
+
+TORCH_LIBRARY_IMPL(csl_fast, CPU, m) { m.impl("record_last", &csl_fast::cpu::record_last); }
