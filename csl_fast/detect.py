@@ -17,6 +17,13 @@ set with a threshold rule that needs **no ground truth**:
     component from also claiming the far *lower* tail. When the mixture finds no
     separate upper mode (one component, or the upper one is not smaller than the lower
     one, as with no suspicious samples at all), nothing is flagged.
+
+    It is a high-recall rule: clean samples' log-CSL is right-skewed, so the upper
+    component also takes the hardest clean samples. In the digits reproduction
+    (``benchmarks/paper``) it recalls >= 99% of flipped labels, with precision 0.11 at 1%
+    noise (155 flagged for 17 flips) rising to 0.69 at 10%; duplicates with conflicting
+    labels (with ``inputs``) were flagged exactly. Treat it as a review set; with a prior
+    on the noise rate use ``rule="fraction"``.
 ``rule="fraction"``
     Flag the top ``fraction`` of samples (``ceil(fraction * N)``): for a known review
     budget or a prior on the noise rate.
