@@ -9,6 +9,7 @@ import torch
 from . import ops
 from ._ext import resolve_backend
 from .reference import REDUCTIONS
+from .stats import NUM_STATS
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -25,6 +26,10 @@ class Recorder(Protocol):
     def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Update every other statistic from the batch's ``[NUM_STATS, B]`` stats."""
         ...
+
+
+# Sequence batches (logits [B, T, V]) also need ``record_sequences(index [B], token_stats
+# [NUM_STATS, B, T])`` on the tracker (see :meth:`csl_fast.CSLTracker.record_sequences`).
 
 
 def accumulate(
@@ -61,11 +66,32 @@ def accumulate(
     sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
     would. Duplicate indices in a batch add up.
 
+    **Sequences** (language models): with logits ``[B, T, V]`` (or ``[B*T, V]``, T > 1)
+    and target ``[B, T]``, ``index`` holds one dataset index per *sequence* (``[B]``) and
+    a sequence's token losses are summed and counted before they are recorded:
+
+    .. math::
+        \mathrm{csl}[\mathrm{index}_b] \mathrel{+}= \sum_{t:\,y_{bt} \ne \mathrm{ignore}}
+            \ell_{bt}, \qquad \mathrm{count}[\mathrm{index}_b] \mathrel{+}=
+            |\{t : y_{bt} \ne \mathrm{ignore}\}|,
+
+    so CSL is the summed token loss (negative log-likelihood) of the example over training
+    and ``csl / count`` its per-token mean. Padding and prompt tokens (``ignore_index``)
+    count for nothing. The returned loss (value and gradient) is ``F.cross_entropy`` over
+    the flattened tokens, ``F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))``;
+    with ``reduction='none'`` it has the target's shape ``[B, T]``. A tracker records
+    the other statistics per sequence (:meth:`csl_fast.CSLTracker.record_sequences`).
+    Per-sequence sums are formed on the device (a reshape and a sum over ``T``), so the
+    buffer update is as deterministic as in the per-row case.
+
     Args:
-        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU).
+        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU), or
+            ``[B, T, V]`` / ``[B*T, V]`` for sequences.
             Statistics are computed in float32 (float64 for float64 logits).
-        target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``.
-        index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)``.
+        target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``;
+            ``[B, T]`` token targets for sequences.
+        index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)`` (one per row, or
+            one per sequence).
         csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
             :class:`csl_fast.CSLTracker` (which then records every statistic it keeps).
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
@@ -88,8 +114,12 @@ def accumulate(
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
     """
-    buffers = _buffers(csl, count)
-    _check_args(logits, target, index, buffers, weight, label_smoothing, reduction)
+    seq = _sequence_shape(logits, target)
+    if seq is not None:
+        logits = logits.reshape(-1, logits.shape[-1])
+        target = target.reshape(-1)
+    buffers = _buffers(csl, count, seq)
+    _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
@@ -101,14 +131,66 @@ def accumulate(
     loss, stats = ops.cross_entropy_fwd(
         logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], backend
     )
-    ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
-    if not isinstance(csl, torch.Tensor):
-        csl.record(index, stats)
+    record_stats(stats, index, csl, buffers, seq, deterministic, backend)
+    if seq is not None and reduction == "none":
+        loss = loss.view(seq)
     return loss
 
 
+def record_stats(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    buffers: tuple[torch.Tensor, torch.Tensor | None],
+    seq: tuple[int, int] | None,
+    deterministic: bool,
+    backend: str,
+) -> None:
+    """Add a batch's per-row ``stats`` (``[NUM_STATS, rows]``) into ``buffers`` and the
+    tracker: per row at ``index``, or (``seq = (B, T)``) summed per sequence first.
+
+    Shared by :func:`accumulate` and :func:`csl_fast.linear_cross_entropy`; arguments are
+    assumed checked (``buffers`` from :func:`_buffers`)."""
+    if seq is None:
+        ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
+        if not isinstance(csl, torch.Tensor):
+            csl.record(index, stats)
+        return
+    tokens = stats.reshape(NUM_STATS, *seq)
+    # Ignored and non-finite rows are all-zero, so the sums hold the valid tokens only:
+    # LOSS -> summed token loss, VALID -> number of valid tokens.
+    per_sequence = tokens.sum(2)
+    ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)
+    if not isinstance(csl, torch.Tensor):
+        csl.record_sequences(index, tokens)
+
+
+def _sequence_shape(logits: object, target: object) -> tuple[int, int] | None:
+    """``(B, T)`` when ``logits``/``target`` are a batch of sequences, else None."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        return None
+    if logits.dim() == 3:
+        if target.dim() != 2 or tuple(target.shape) != tuple(logits.shape[:2]):
+            raise ValueError(
+                f"csl_fast.accumulate: logits of shape {tuple(logits.shape)} are read as "
+                f"[B, T, V] sequences and need target [B, T] = {tuple(logits.shape[:2])}, got "
+                f"target of shape {tuple(target.shape)}"
+            )
+        return int(logits.shape[0]), int(logits.shape[1])
+    # [B*T, V] logits with [B, T] targets. T == 1 is read as a misshapen [B, 1] target of a
+    # per-row batch (and refused below): pass 3-D logits for one-token sequences.
+    if (
+        logits.dim() == 2
+        and target.dim() == 2
+        and target.shape[0] != logits.shape[0]
+        and target.numel() == logits.shape[0]
+    ):
+        return int(target.shape[0]), int(target.shape[1])
+    return None
+
+
 def _buffers(
-    csl: torch.Tensor | Recorder, count: torch.Tensor | None
+    csl: torch.Tensor | Recorder, count: torch.Tensor | None, seq: tuple[int, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(csl, torch.Tensor):
         return csl, count
@@ -117,6 +199,11 @@ def _buffers(
             "csl_fast.accumulate: csl must be a float32/float64 tensor of one entry per "
             f"dataset sample or a csl_fast.CSLTracker, got {type(csl).__name__}"
         )
+    if seq is not None and not callable(getattr(csl, "record_sequences", None)):
+        raise TypeError(
+            f"csl_fast.accumulate: sequence batches need a tracker with record_sequences(index, "
+            f"token_stats); {type(csl).__name__} has none (use csl_fast.CSLTracker or a tensor)"
+        )
     if count is not None:
         raise ValueError(
             "csl_fast.accumulate: count= is for plain csl tensors; a tracker keeps its own counts"
@@ -124,12 +211,14 @@ def _buffers(
     return csl.training_buffers()
 
 
-def _check_args(logits, target, index, buffers, weight, label_smoothing, reduction) -> None:
+def _check_args(
+    logits, target, index, buffers, weight, label_smoothing, reduction, seq=None
+) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(
-            f"csl_fast.accumulate: logits must be a 2-D [B, C] tensor, got {shape}; "
-            "flatten extra dimensions into the batch"
+            f"csl_fast.accumulate: logits must be a 2-D [B, C] tensor (or [B, T, V] sequences "
+            f"with a [B, T] target), got {shape}; flatten other extra dimensions into the batch"
         )
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(
@@ -150,6 +239,14 @@ def _check_args(logits, target, index, buffers, weight, label_smoothing, reducti
                 f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}"
                 f"{hint}"
             )
+        if seq is not None and name == "index":
+            if t.dim() != 1 or t.shape[0] != seq[0]:
+                raise ValueError(
+                    f"csl_fast.accumulate: index must be 1-D with B = {seq[0]} entries, one "
+                    f"dataset index per sequence of the [B, T] = {seq} target, got shape "
+                    f"{tuple(t.shape)}"
+                )
+            continue
         if t.dim() != 1 or t.shape[0] != batch:
             raise ValueError(
                 f"csl_fast.accumulate: {name} must be 1-D with B = {batch} entries to match "

@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers.Trainer``: CSL for sequence/image classification fine-tuning.
+"""Hugging Face ``transformers.Trainer``: CSL for classification and causal-LM fine-tuning.
 
 Needs ``transformers`` (and the ``accelerate`` it requires for training; optional
 dependencies)::
@@ -20,6 +20,16 @@ into every checkpoint folder as ``csl_tracker.csl`` and restores it with
 returned loss is the per-batch mean cross entropy (``label_smoothing_factor`` applies), as
 for the default loss of classification models; the Trainer divides it by the gradient
 accumulation steps.
+
+Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models and
+token classification) are recorded per example: CSL is the example's summed token loss
+over training and ``csl_count`` its number of supervised tokens (labels ``-100``, the
+Hugging Face convention for padding and prompt tokens, count for nothing; see
+:func:`csl_fast.accumulate`). For causal LMs the labels are shifted as the models' own
+loss shifts them (token ``t + 1`` is the target of position ``t``); the returned loss is
+the mean over the batch's supervised tokens. ``csl_linear_cross_entropy=True`` computes
+the LM head and its loss with :func:`csl_fast.linear_cross_entropy` from the decoder's
+hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import os
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..accumulate import accumulate
 from ..distributed import mark_synced
@@ -96,6 +107,13 @@ class CSLTrainer(Trainer):
             what :func:`with_index` and :class:`csl_fast.data.IndexedDataset` add).
         csl_tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments for the
             default tracker (``dtype``, ``history``, ...).
+        csl_shift_labels: for token-level logits, whether position ``t`` predicts label
+            ``t + 1`` (causal LM). Default: True for ``*ForCausalLM`` / ``*LMHeadModel``
+            models, False otherwise (token classification).
+        csl_linear_cross_entropy: causal LMs only: call the decoder
+            (``model.get_decoder()``) and apply the output embedding with
+            :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
+            models that rescale or soft-cap their logits, nor under a DDP/FSDP wrapper.
         *args, **kwargs: ``transformers.Trainer``'s.
     """
 
@@ -105,9 +123,13 @@ class CSLTrainer(Trainer):
         csl_tracker: CSLTracker | None = None,
         csl_index_column: str = "index",
         csl_tracker_kwargs: dict[str, Any] | None = None,
+        csl_shift_labels: bool | None = None,
+        csl_linear_cross_entropy: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.csl_shift_labels = csl_shift_labels
+        self.csl_linear_cross_entropy = bool(csl_linear_cross_entropy)
         self.csl_tracker = csl_tracker
         self.csl_index_column = csl_index_column
         self.csl_tracker_kwargs = dict(csl_tracker_kwargs or {})
@@ -143,12 +165,16 @@ class CSLTrainer(Trainer):
                 "csl_fast.integrations.huggingface.with_index(train_dataset)"
             )
         labels = inputs.pop("labels")
+        if self.csl_linear_cross_entropy:
+            return self._linear_loss(model, inputs, labels, index, return_outputs)
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if logits.dim() != 2:
+        if logits.dim() == 3:
+            labels = self._token_targets(model, labels)
+        elif logits.dim() != 2:
             raise ValueError(
-                f"CSLTrainer: expected [batch, classes] logits (one label per example), got "
-                f"shape {tuple(logits.shape)}; token-level losses are not supported"
+                f"CSLTrainer: expected [batch, classes] logits (one label per example) or "
+                f"[batch, tokens, vocabulary] logits, got shape {tuple(logits.shape)}"
             )
         tracker = self._tracker_for(logits)
         loss = accumulate(
@@ -156,6 +182,61 @@ class CSLTrainer(Trainer):
             labels.to(logits.device, torch.int64),
             index.to(tracker.device, torch.int64),
             tracker,
+            label_smoothing=float(self.args.label_smoothing_factor),
+        )
+        return (loss, outputs) if return_outputs else loss
+
+    def _token_targets(self, model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+        """Labels ``[B, T]`` as targets of the ``[B, T, V]`` logits: shifted left and padded
+        with -100 for causal LMs (no copy of the logits)."""
+        shift = self.csl_shift_labels
+        if shift is None:
+            name = type(self.accelerator.unwrap_model(model)).__name__
+            shift = name.endswith(("ForCausalLM", "LMHeadModel"))
+        if labels.dim() != 2:
+            raise ValueError(
+                f"CSLTrainer: token-level logits need [batch, tokens] labels, got shape "
+                f"{tuple(labels.shape)}"
+            )
+        labels = labels.to(torch.int64)
+        return F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels
+
+    def _linear_loss(self, model, inputs, labels, index, return_outputs):
+        from ..linear_cross_entropy import linear_cross_entropy
+
+        core = self.accelerator.unwrap_model(model)
+        if core is not model:
+            raise NotImplementedError(
+                "CSLTrainer: csl_linear_cross_entropy=True calls the decoder directly, which "
+                "bypasses a DDP/FSDP wrapper; use the default (logits) path there"
+            )
+        config = getattr(core, "config", None)
+        for attr in ("final_logit_softcapping", "logit_scale"):
+            if getattr(config, attr, None) not in (None, 1.0):
+                raise NotImplementedError(
+                    f"CSLTrainer: csl_linear_cross_entropy=True does not support {attr}="
+                    f"{getattr(config, attr)}; use the default (logits) path"
+                )
+        head = core.get_output_embeddings()
+        outputs = core.get_decoder()(**inputs)
+        hidden = outputs[0]
+        if self.csl_shift_labels is None:
+            self.csl_shift_labels = True  # the decoder of a causal LM
+        target = self._token_targets(model, labels).to(hidden.device)
+        if self.csl_tracker is None:
+            self.csl_tracker = CSLTracker(
+                len(self.train_dataset),
+                head.weight.shape[0],
+                device=hidden.device,
+                **self.csl_tracker_kwargs,
+            )
+        loss = linear_cross_entropy(
+            hidden,
+            head.weight,
+            target,
+            index.to(self.csl_tracker.device, torch.int64),
+            self.csl_tracker,
+            getattr(head, "bias", None),
             label_smoothing=float(self.args.label_smoothing_factor),
         )
         return (loss, outputs) if return_outputs else loss
@@ -168,7 +249,7 @@ class CSLTrainer(Trainer):
         if self.csl_tracker is None:
             self.csl_tracker = CSLTracker(
                 len(self.train_dataset),
-                logits.shape[1],
+                logits.shape[-1],
                 device=logits.device,
                 **self.csl_tracker_kwargs,
             )

@@ -1,0 +1,356 @@
+r"""``linear_cross_entropy``: the LM head and its cross entropy without the ``[tokens, V]`` logits.
+
+A language model's last step, ``F.cross_entropy(hidden @ weight.T + bias, target)``, holds
+the logits ``[tokens, V]`` (16k x 128k in bf16 is 4 GB) and, in eager PyTorch, two or
+three more buffers of that size for ``log_softmax``, its output and the gradient. This
+module computes the same loss and the same gradients for ``hidden``, ``weight`` and
+``bias`` chunk by chunk over the tokens:
+
+for each chunk of ``chunk_size`` tokens
+
+1. ``z = hidden_c @ weight.T + bias`` (``[chunk, V]``, the inputs' dtype: exactly the
+   logits the eager reference computes);
+2. the fused cross-entropy op of the active backend (C++ on the CPU, Triton or CUDA on a
+   GPU, see :func:`csl_fast.available_backends`) turns ``z`` into the chunk's loss, its
+   gradient ``dz`` and the per-token statistics in one pass over the row;
+3. with ``reduction`` ``'mean'``/``'sum'`` the parameter gradients are formed at once:
+   ``grad_hidden_c = dz @ weight``, ``grad_weight += dz.T @ hidden_c`` (float32
+   accumulator by default), ``grad_bias += dz.sum(0)``; then ``z`` and ``dz`` are freed.
+
+So at most one chunk of logits (and its gradient) is alive at a time; the backward pass
+only scales the stored gradients by the upstream gradient. With ``reduction='none'`` the
+upstream gradient is per token and unknown in the forward pass: the forward computes the
+losses only, and the backward recomputes each chunk's logits (one more matmul).
+
+The per-token statistics of every chunk (6 floats per token) are kept and recorded after
+the loop exactly as :func:`csl_fast.accumulate` records them: per row, or summed per
+sequence (``target`` ``[B, T]``, ``index`` ``[B]``) so that CSL is a sequence's summed
+token loss over training and ``count`` its number of supervised tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops, reference
+from ._ext import resolve_backend
+from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
+from .reference import REDUCTIONS
+from .stats import NUM_STATS
+
+__all__ = ["default_chunk_size", "linear_cross_entropy"]
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: Chunks hold at least this many logits when the hidden states are smaller (32 Mi).
+_MIN_CHUNK_ELEMS = 1 << 25
+
+
+def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
+    """Tokens per chunk when ``chunk_size`` is not given: a power of two such that one
+    chunk of logits holds about as many elements as the hidden states (at least 32 Mi
+    elements), between 16 and ``tokens``. At 16384 x 4096 hidden states and V = 128256
+    that is 512 tokens: 32 chunks of 128 MiB bf16 logits each."""
+    target = max(tokens * hidden, _MIN_CHUNK_ELEMS) / max(vocab, 1)
+    chunk = 1 << max(4, math.floor(math.log2(max(target, 1.0))))
+    return int(max(1, min(tokens, chunk)))
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor | None = None,
+    csl: torch.Tensor | Recorder | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    count: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""``F.cross_entropy(hidden @ weight.T + bias, target)`` without the full logits, and CSL.
+
+    Returns what ``F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, V),
+    target.reshape(-1), ignore_index=ignore_index, label_smoothing=label_smoothing,
+    reduction=reduction)`` returns, with the same gradients for ``hidden``, ``weight`` and
+    ``bias``; ``reduction='none'`` gives the target's shape. Like
+    :func:`csl_fast.accumulate`, it adds the plain (unsmoothed, float32) loss of every
+    supervised token into ``csl``:
+
+    - ``target [N]`` (one row per sample), ``index [N]``: ``csl[index_i] += l_i``;
+    - ``target [B, T]`` (sequences; ``hidden [B, T, H]`` or ``[B*T, H]``), ``index [B]``:
+      ``csl[index_b] += sum_t l_bt`` and ``count[index_b] +=`` the number of tokens whose
+      target is not ``ignore_index``, so ``csl / count`` is the per-token mean. A
+      :class:`csl_fast.CSLTracker` records the other statistics per sequence
+      (:meth:`~csl_fast.CSLTracker.record_sequences`).
+
+    For a causal LM pass the shifted pair, ``hidden[:, :-1]`` and ``labels[:, 1:]``, or
+    the labels shifted left and padded with ``ignore_index``.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]``; float32, float16, bfloat16 (float64 on the CPU).
+        weight: ``[V, H]`` output embedding, same dtype and device as ``hidden``.
+        target: ``[N]`` or ``[B, T]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
+        index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``.
+        csl: ``[num_samples]`` float32/float64 buffer, a :class:`csl_fast.CSLTracker`, or
+            None to compute the loss only.
+        bias: optional ``[V]``.
+        count: optional counts buffer for a plain ``csl`` tensor (see ``accumulate``).
+        ignore_index, label_smoothing, reduction: as in ``F.cross_entropy``.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size`. Peak memory
+            above the inputs is about ``2 * chunk_size * V`` logits-dtype elements plus
+            the gradients (and the float32 weight-gradient accumulator, see below).
+        accum_dtype: dtype of the ``grad_weight`` / ``grad_bias`` accumulators summed over
+            chunks. Default float32 (PyTorch's own bf16 matmul accumulates all tokens in
+            float32 and rounds once; so does this). ``weight.dtype`` saves ``4 V H`` bytes
+            of peak memory at bf16 precision loss growing with the number of chunks.
+        backend: fused cross-entropy backend per chunk (``"auto"``: C++ on the CPU,
+            Triton then CUDA on a GPU; ``"reference"``: PyTorch).
+        deterministic, validate: as in :func:`csl_fast.accumulate`. The gradient
+            accumulation over chunks is sequential, hence deterministic.
+
+    Double backward is not supported (the gradients are formed in the forward pass).
+    """
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        raise ValueError(
+            "csl_fast.linear_cross_entropy: hidden must be [N, H] or [B, T, H], got "
+            f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
+        )
+    if hidden.dtype not in _DTYPES:
+        raise TypeError(
+            f"csl_fast.linear_cross_entropy: hidden must be a float tensor, got {hidden.dtype}"
+        )
+    size_h = hidden.shape[-1]
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != size_h:
+        raise ValueError(
+            f"csl_fast.linear_cross_entropy: weight must be [V, H] with H = {size_h} (the "
+            f"last dimension of hidden), got {getattr(weight, 'shape', type(weight).__name__)}"
+        )
+    vocab = weight.shape[0]
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
+        raise ValueError(
+            f"csl_fast.linear_cross_entropy: bias must be [V] = [{vocab}], got {tuple(bias.shape)}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype or t.device != hidden.device:
+            raise TypeError(
+                f"csl_fast.linear_cross_entropy: {name} must have hidden's dtype and device "
+                f"({hidden.dtype}, {hidden.device}), got ({t.dtype}, {t.device})"
+            )
+    if not isinstance(target, torch.Tensor):
+        raise TypeError("csl_fast.linear_cross_entropy: target must be a tensor")
+    seq: tuple[int, int] | None = None
+    if target.dim() == 2 and (hidden.dim() == 3 or target.shape[0] != hidden.shape[0]):
+        seq = (int(target.shape[0]), int(target.shape[1]))
+        if target.numel() != hidden.numel() // max(size_h, 1) or (
+            hidden.dim() == 3 and tuple(hidden.shape[:2]) != seq
+        ):
+            raise ValueError(
+                f"csl_fast.linear_cross_entropy: hidden of shape {tuple(hidden.shape)} does not "
+                f"match the [B, T] = {seq} target; pass hidden [B, T, H] or [B*T, H]"
+            )
+    elif hidden.dim() != 2:
+        raise ValueError(
+            f"csl_fast.linear_cross_entropy: hidden of shape {tuple(hidden.shape)} needs a "
+            f"[B, T] target, got target of shape {tuple(target.shape)}"
+        )
+    h2 = hidden.reshape(-1, size_h)
+    t1 = target.reshape(-1)
+    record = csl is not None
+    if record:
+        buffers = _buffers(csl, count, seq)
+        if index is None:
+            raise ValueError(
+                "csl_fast.linear_cross_entropy: recording into csl needs index (dataset indices)"
+            )
+        idx_check = index
+    else:
+        buffers = (torch.zeros(0, device=hidden.device), None)
+        idx_check = torch.zeros(seq[0] if seq else t1.shape[0], dtype=torch.int64, device=h2.device)
+    # Shape, dtype and device checks of target/index/buffers, shared with accumulate.
+    _check_args(
+        h2[:, :0],
+        t1,
+        idx_check,
+        buffers,
+        None,
+        label_smoothing,
+        reduction,
+        seq,
+    )
+    name = resolve_backend(backend, hidden.device)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if validate is None:
+        validate = hidden.device.type == "cpu" and name != "cpu"
+    if validate and not torch.compiler.is_compiling():
+        _check_values(t1, idx_check, vocab, buffers[0].numel() if record else 1, ignore_index)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h2.shape[0], size_h, vocab)
+    if int(chunk_size) < 1:
+        raise ValueError(
+            f"csl_fast.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}"
+        )
+    acc = accum_dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    loss, stats = _LinearCrossEntropy.apply(
+        h2,
+        weight,
+        bias,
+        t1,
+        int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        int(chunk_size),
+        name,
+        acc,
+    )
+    if record:
+        record_stats(stats, index, csl, buffers, seq, deterministic, name)
+    if reduction == "none":
+        loss = loss.view(target.shape)
+    return loss
+
+
+def _fused_ce(name: str):
+    """``(logits, target, ignore_index, label_smoothing, reduction) -> (loss, dlogits,
+    stats)`` of backend ``name`` (the raw op: the logits gradient is an output)."""
+    if name == "reference":
+        return lambda z, t, ii, ls, red: reference.cross_entropy_fwd(z, t, None, ii, ls, red)
+    op = ops._op(name, ops._FWD_OPS)
+    return lambda z, t, ii, ls, red: op(z, t, None, ii, ls, red)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
+
+
+def _add_weight_grad(gw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
+    """``gw += dz.T @ h`` with ``gw`` possibly wider than the inputs."""
+    if gw.dtype == dz.dtype:
+        gw.addmm_(dz.t(), h)
+    elif gw.device.type == "cuda":
+        try:  # fp32 output of a bf16/fp16 GEMM: no rounding of the partial product
+            torch.addmm(gw, dz.t(), h, out_dtype=gw.dtype, out=gw)
+        except (RuntimeError, TypeError):
+            gw.add_(dz.t() @ h)
+    else:
+        gw.addmm_(dz.t().to(gw.dtype), h.to(gw.dtype))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc
+    ):
+        fused = _fused_ce(name)
+        rows = hidden.shape[0]
+        dev = hidden.device
+        need = ctx.needs_input_grad[:3]
+        eager_grads = red != 0 and any(need)
+        stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
+        losses = hidden.new_empty(rows) if red == 0 else None
+        total = torch.zeros((), dtype=acc if acc == torch.float64 else torch.float32, device=dev)
+        gh = gw = gb = scale = None
+        if eager_grads:
+            if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
+                n = (target != ignore_index).sum()
+                scale = 1.0 / n.clamp(min=1).to(total.dtype)
+            gh = torch.empty_like(hidden) if need[0] else None
+            gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
+            gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need[2] else None
+        for start in range(0, rows, chunk):
+            end = min(start + chunk, rows)
+            h = hidden[start:end]
+            z = _logits(h, weight, bias)
+            # Per-row losses (summed in float32 below) and the per-row gradient for a unit
+            # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
+            loss_c, dz, st = fused(z, target[start:end], ignore_index, label_smoothing, 0)
+            del z
+            stats[:, start:end] = st
+            if red == 0:
+                losses[start:end] = loss_c
+            else:
+                total += loss_c.sum(dtype=total.dtype)
+            if eager_grads:
+                if gh is not None:
+                    if scale is None:
+                        torch.mm(dz, weight, out=gh[start:end])
+                    else:
+                        gh[start:end] = torch.mm(dz, weight).to(scale.dtype) * scale
+                if gw is not None:
+                    _add_weight_grad(gw, dz, h)
+                if gb is not None:
+                    gb += dz.sum(0, dtype=acc)
+            del dz
+        if scale is not None:
+            for g in (gw, gb):
+                if g is not None:
+                    g.mul_(scale.to(g.dtype) if g.dtype == torch.float64 else scale)
+        ctx.mark_non_differentiable(stats)
+        ctx.red = red
+        if red == 0:
+            ctx.args = (ignore_index, label_smoothing, chunk, name, acc)
+            ctx.save_for_backward(hidden, weight, bias, target)
+            return losses, stats
+        if red == 1:
+            n = (target != ignore_index).sum()
+            total = total / n.to(total.dtype)
+        wdt = weight.dtype
+        ctx.save_for_backward(
+            gh,
+            None if gw is None else gw.to(wdt),
+            None if gb is None else gb.to(wdt),
+        )
+        return total.to(hidden.dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "csl_fast.linear_cross_entropy: double backward is not supported; use "
+                "F.cross_entropy(F.linear(hidden, weight, bias), target) for higher-order "
+                "gradients"
+            )
+        nones = (None,) * 7
+        if grad_loss is None:  # the loss did not reach the objective
+            return (None, None, None, *nones)
+        if ctx.red != 0:
+            gh, gw, gb = ctx.saved_tensors
+            out = [None if g is None else g * grad_loss.to(g.dtype) for g in (gh, gw, gb)]
+            return (*out, *nones)
+        return (*_backward_none(ctx, grad_loss), *nones)
+
+
+def _backward_none(ctx, grad_loss):
+    """Per-token upstream gradients: recompute each chunk's logits and their gradient."""
+    hidden, weight, bias, target = ctx.saved_tensors
+    ignore_index, label_smoothing, chunk, name, acc = ctx.args
+    need = ctx.needs_input_grad[:3]
+    fused = _fused_ce(name)
+    gh = torch.empty_like(hidden) if need[0] else None
+    gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need[1] else None
+    gb = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need[2] else None
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        h = hidden[start:end]
+        z = _logits(h, weight, bias)
+        _, dz, _ = fused(z, target[start:end], ignore_index, label_smoothing, 0)
+        del z
+        dz = dz * grad_loss[start:end, None].to(dz.dtype)
+        if gh is not None:
+            torch.mm(dz, weight, out=gh[start:end])
+        if gw is not None:
+            _add_weight_grad(gw, dz, h)
+        if gb is not None:
+            gb += dz.sum(0, dtype=acc)
+    wdt = weight.dtype
+    return gh, None if gw is None else gw.to(wdt), None if gb is None else gb.to(wdt)

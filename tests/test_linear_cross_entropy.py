@@ -1,0 +1,185 @@
+"""linear_cross_entropy: same loss and gradients as F.cross_entropy(hidden @ W.T + b), chunked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_no_worse_than_torch
+
+import csl_fast
+from csl_fast import CSLTracker
+from csl_fast.linear_cross_entropy import default_chunk_size, linear_cross_entropy
+
+
+def _inputs(b=2, t=13, h=8, v=19, dtype=torch.float32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, t, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * 0.5
+    bb = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(0, v, (b, t), generator=g)
+    target[0, -3:] = -100
+    target[-1, :2] = -100
+    return hidden.to(dtype), weight.to(dtype), None if bb is None else bb.to(dtype), target
+
+
+def _leaves(*ts):
+    return [None if t is None else t.detach().clone().requires_grad_(True) for t in ts]
+
+
+def _reference(hidden, weight, bias, target, reduction, label_smoothing=0.0):
+    v = weight.shape[0]
+    loss = F.cross_entropy(
+        F.linear(hidden, weight, bias).reshape(-1, v),
+        target.reshape(-1),
+        reduction=reduction,
+        label_smoothing=label_smoothing,
+    )
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+def _grads(loss, up, params):
+    live = [p for p in params if p is not None]
+    return torch.autograd.grad((loss * up).sum(), live)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk", [5, 8, None], ids=["chunk5", "chunk8", "auto"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_fp32_matches_reference(reduction, chunk, bias):
+    h, w, b, t = _inputs(bias=bias)
+    ours_p, ref_p = _leaves(h, w, b), _leaves(h, w, b)
+    loss = linear_cross_entropy(
+        ours_p[0], ours_p[1], t, bias=ours_p[2], reduction=reduction, chunk_size=chunk
+    )
+    ref = _reference(*ref_p, t, reduction)
+    assert loss.shape == ref.shape and loss.dtype == ref.dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    up = torch.randn_like(ref)  # per-token upstream gradients for 'none'
+    for a, r in zip(_grads(loss, up, ours_p), _grads(ref, up, ref_p), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+def test_label_smoothing_and_flat_hidden():
+    h, w, b, t = _inputs()
+    ours_p, ref_p = _leaves(h.reshape(-1, h.shape[-1]), w, b), _leaves(h, w, b)
+    loss = linear_cross_entropy(
+        ours_p[0], ours_p[1], t, bias=ours_p[2], label_smoothing=0.1, chunk_size=7
+    )
+    ref = _reference(*ref_p, t, "mean", label_smoothing=0.1)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, r in zip(_grads(loss, 1.0, ours_p), _grads(ref, 1.0, ref_p), strict=True):
+        torch.testing.assert_close(a.reshape(r.shape), r, rtol=1e-5, atol=1e-6)
+
+
+def test_all_ignored_mean():
+    h, w, b, t = _inputs()
+    t = torch.full_like(t, -100)
+    ours_p, ref_p = _leaves(h, w, b), _leaves(h, w, b)
+    loss = linear_cross_entropy(ours_p[0], ours_p[1], t, bias=ours_p[2], chunk_size=4)
+    ref = _reference(*ref_p, t, "mean")
+    assert torch.isnan(loss) and torch.isnan(ref)
+    for a, r in zip(_grads(loss, 1.0, ours_p), _grads(ref, 1.0, ref_p), strict=True):
+        torch.testing.assert_close(a, r.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bf16_no_worse_than_torch(reduction):
+    """Error against a float64 reference at most 2x PyTorch's own bf16 error, with a
+    chunk size (48) that does not divide the 250 tokens."""
+    h, w, b, t = _inputs(b=2, t=125, h=64, v=300, dtype=torch.float64)
+    w = w * 0.3
+    ref64_p = _leaves(h, w, b)
+    exact = _reference(*ref64_p, t, reduction)
+    up = torch.rand_like(exact) if reduction == "none" else torch.ones_like(exact)
+    g_exact = _grads(exact, up, ref64_p)
+    bf = [x.to(torch.bfloat16) for x in (h, w, b)]
+    ours_p, torch_p = _leaves(*bf), _leaves(*bf)
+    ours = linear_cross_entropy(
+        ours_p[0], ours_p[1], t, bias=ours_p[2], reduction=reduction, chunk_size=48
+    )
+    theirs = _reference(*torch_p, t, reduction)
+    upb = up.to(torch.bfloat16)
+    assert_no_worse_than_torch(ours, theirs, exact, f"{reduction} loss")
+    names = ("grad_hidden", "grad_weight", "grad_bias")
+    for name, a, r, e in zip(
+        names, _grads(ours, upb, ours_p), _grads(theirs, upb, torch_p), g_exact, strict=True
+    ):
+        assert a.dtype == torch.bfloat16
+        assert_no_worse_than_torch(a, r, e, f"{reduction} {name}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gradcheck_float64(reduction):
+    h, w, b, t = _inputs(b=2, t=5, h=3, v=7, dtype=torch.float64)
+    params = _leaves(h, w, b)
+
+    def fn(hh, ww, bb):
+        return linear_cross_entropy(hh, ww, t, bias=bb, reduction=reduction, chunk_size=3)
+
+    assert torch.autograd.gradcheck(fn, params)
+
+
+def test_records_per_sequence_csl():
+    h, w, b, t = _inputs()
+    index = torch.tensor([3, 1])
+    csl, count = torch.zeros(4), torch.zeros(4)
+    linear_cross_entropy(h, w, t, index, csl, b, count=count, chunk_size=6)
+    tok = F.cross_entropy(
+        F.linear(h, w, b).double().reshape(-1, w.shape[0]), t.reshape(-1), reduction="none"
+    ).view(t.shape)
+    expect = torch.zeros(4, dtype=torch.float64).index_add_(0, index, tok.sum(1))
+    torch.testing.assert_close(csl.double(), expect, rtol=1e-5, atol=1e-5)
+    assert count.tolist() == [0, 11, 0, 10]
+
+
+def test_tracker_matches_accumulate_on_logits():
+    """The chunked path records exactly what accumulate records from full logits."""
+    h, w, b, t = _inputs()
+    index = torch.tensor([0, 2])
+    a, c = CSLTracker(3, w.shape[0]), CSLTracker(3, w.shape[0])
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t, index, a, b, chunk_size=4)
+        csl_fast.accumulate(F.linear(h, w, b), t, index, c)
+    for name, buf in a.buffers().items():
+        torch.testing.assert_close(buf, c.buffers()[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_rows_mode_and_triton_backend():
+    """Per-row samples (target [N], index [N]); the Triton kernels (interpreter) agree."""
+    h, w, b, t = _inputs(b=1, t=9, h=4, v=6)
+    h, t = h[0], t[0]
+    index = torch.arange(9) % 4
+    backends = ["reference"] + (
+        ["triton"] if "triton" in csl_fast.available_backends("cpu") else []
+    )
+    ref_p = _leaves(h, w, b)
+    ref = _reference(*ref_p, t, "sum")
+    g_ref = _grads(ref, 1.0, ref_p)
+    for backend in backends:
+        csl = torch.zeros(4)
+        p = _leaves(h, w, b)
+        loss = linear_cross_entropy(
+            p[0], p[1], t, index, csl, p[2], reduction="sum", chunk_size=4, backend=backend
+        )
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(_grads(loss, 1.0, p), g_ref, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+        rows = F.cross_entropy(F.linear(h, w, b), t, reduction="none").detach()
+        torch.testing.assert_close(csl, torch.zeros(4).index_add_(0, index, rows))
+
+
+def test_chunk_size_rule_and_errors():
+    assert default_chunk_size(16384, 4096, 128256) == 512
+    assert default_chunk_size(10, 8, 19) == 10
+    h, w, _b, t = _inputs()
+    with pytest.raises(ValueError, match="weight must be"):
+        linear_cross_entropy(h, w[:, :-1], t)
+    with pytest.raises(ValueError, match="does not match"):
+        linear_cross_entropy(h[:, :-1], w, t)
+    with pytest.raises(ValueError, match="needs index"):
+        linear_cross_entropy(h, w, t, None, torch.zeros(3))
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(h, w, t, chunk_size=0)
+    with pytest.raises(TypeError, match="dtype and device"):
+        linear_cross_entropy(h, w.double(), t)

@@ -1,0 +1,190 @@
+"""accumulate on sequences: logits [B, T, V] (or [B*T, V]), target [B, T], index [B]."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import csl_fast
+from csl_fast import CSLTracker
+
+B, T, V = 3, 11, 13
+
+
+def _backends():
+    # The Triton interpreter is exercised on the smallest case only (it is slow).
+    return [b for b in csl_fast.available_backends("cpu") if b != "triton"]
+
+
+def _batch(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g).to(dtype)
+    target = torch.randint(0, V, (B, T), generator=g)
+    target[0, 4:] = -100  # right padding
+    target[1, :2] = -100  # prompt tokens
+    target[2, :] = -100  # nothing supervised
+    index = torch.tensor([5, 0, 5])
+    return logits, target, index
+
+
+def _token_losses(logits, target):
+    return F.cross_entropy(
+        logits.double().reshape(-1, V), target.reshape(-1), reduction="none"
+    ).view(target.shape)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("flat", [False, True], ids=["BTV", "BT_V"])
+def test_loss_grad_and_csl(backend, reduction, flat):
+    logits, target, index = _batch()
+    x = logits.reshape(-1, V) if flat else logits
+    x = x.clone().requires_grad_(True)
+    csl, count = torch.zeros(6, dtype=torch.float64), torch.zeros(6)
+    loss = csl_fast.accumulate(
+        x, target, index, csl, count=count, reduction=reduction, backend=backend
+    )
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_x.reshape(-1, V), target.reshape(-1), reduction=reduction)
+    if reduction == "none":
+        assert loss.shape == target.shape
+        ref = ref.view(target.shape)
+    up = torch.randn_like(ref)
+    (loss * up).sum().backward()
+    (ref * up).sum().backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-6)
+    tok = _token_losses(logits, target)
+    expect = torch.zeros(6, dtype=torch.float64).index_add_(0, index, tok.sum(1))
+    torch.testing.assert_close(csl, expect, rtol=1e-5, atol=1e-5)
+    n = (target != -100).sum(1).float()
+    assert count.tolist() == torch.zeros(6).index_add_(0, index, n).tolist()
+    mean = csl / count.double().clamp(min=1)
+    torch.testing.assert_close(mean[0], tok[1][target[1] != -100].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_triton_interpreter_matches():
+    if "triton" not in csl_fast.available_backends("cpu"):
+        pytest.skip("Triton runs on CPU tensors only with TRITON_INTERPRET=1")
+    logits, target, index = _batch()
+    out = {}
+    for backend in ("triton", "reference"):
+        csl, count = torch.zeros(6), torch.zeros(6)
+        x = logits.clone().requires_grad_(True)
+        csl_fast.accumulate(x, target, index, csl, count=count, backend=backend).backward()
+        out[backend] = (csl, count, x.grad)
+    for a, b in zip(out["triton"], out["reference"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_tokens_match_flattened():
+    logits, target, index = _batch(torch.bfloat16)
+    x = logits.clone().requires_grad_(True)
+    csl = torch.zeros(6)
+    loss = csl_fast.accumulate(x, target, index, csl)
+    ref_x = logits.clone().requires_grad_(True)
+    ref = F.cross_entropy(ref_x.reshape(-1, V), target.reshape(-1))
+    loss.backward()
+    ref.backward()
+    torch.testing.assert_close(loss.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad.float(), ref_x.grad.float(), rtol=2e-2, atol=1e-3)
+    expect = torch.zeros(6, dtype=torch.float64).index_add_(
+        0, index, _token_losses(logits, target).sum(1)
+    )
+    torch.testing.assert_close(csl.double(), expect, rtol=1e-5, atol=1e-4)
+
+
+def test_tracker_per_sequence_statistics():
+    logits, target, index = _batch()
+    tracker = CSLTracker(6, V)
+    csl_fast.accumulate(logits, target, index, tracker)
+    tok = _token_losses(logits, target)
+    valid = target != -100
+    assert tracker.csl_count.tolist() == [9.0, 0, 0, 0, 0, 4.0]
+    torch.testing.assert_close(tracker.csl_sum[5].double(), tok[0].sum(), rtol=1e-5, atol=1e-5)
+    # last_loss: the sequence's summed token loss (the all-ignored sequence is no
+    # presentation, so sample 5 keeps sequence 0's value).
+    torch.testing.assert_close(tracker.last_loss[5].double(), tok[0].sum(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tracker.last_loss[0].double(), tok[1].sum(), rtol=1e-5, atol=1e-5)
+    # per-token means over csl_count
+    z = logits[0][valid[0]].double()
+    y = target[0][valid[0]]
+    p = z.softmax(-1)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    z_y = z.gather(1, y[:, None]).squeeze(1)
+    others = z.scatter(1, y[:, None], -float("inf")).amax(1)
+    torch.testing.assert_close(tracker.aum[5].double(), (z_y - others).mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tracker.confidence[5].double(), p_y.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        tracker.variability[5].double(), p_y.std(unbiased=False), rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(
+        tracker.last_max_prob[5].double(), p.amax(1).mean(), rtol=1e-5, atol=1e-6
+    )
+    assert not bool(tracker.last_correct.any())  # random logits: no exact match
+
+
+def test_tracker_exact_match_and_forgetting():
+    """A sequence is correct when every supervised token is the argmax."""
+    target = torch.tensor([[1, 2, 3, -100], [0, 0, 1, 1]])
+    index = torch.tensor([0, 1])
+    good = F.one_hot(target.clamp(min=0), 4).float() * 10
+    bad = good.clone()
+    bad[0, 1] = torch.tensor([0.0, 0, 0, 10])  # one wrong token in sequence 0
+    tracker = CSLTracker(2, 4)
+    csl_fast.accumulate(good, target, index, tracker)
+    assert tracker.last_correct.tolist() == [True, True]
+    tracker.end_epoch()
+    csl_fast.accumulate(bad, target, index, tracker)
+    assert tracker.last_correct.tolist() == [False, True]
+    assert tracker.forgetting.tolist() == [1, 0]
+    assert tracker.learned_epoch.tolist() == [-1, 0]
+
+
+def test_record_sequences_equals_rowwise_sums():
+    """csl_sum/csl_count/grad_norm_sum of a sequence equal the row-wise recording of its
+    tokens under one index."""
+    logits, target, index = _batch()
+    seq, rows = CSLTracker(6, V), CSLTracker(6, V)
+    csl_fast.accumulate(logits, target, index, seq)
+    csl_fast.accumulate(logits.reshape(-1, V), target.reshape(-1), index.repeat_interleave(T), rows)
+    for name in ("csl_sum", "csl_count", "grad_norm_sum", "margin_sum", "p_true_sum"):
+        torch.testing.assert_close(seq.buffers()[name], rows.buffers()[name], rtol=1e-5, atol=1e-5)
+
+
+def test_ambiguous_and_bad_shapes():
+    logits, target, index = _batch()
+    csl = torch.zeros(6)
+    with pytest.raises(ValueError, match="index must be 1-D with B = 3 entries, one"):
+        csl_fast.accumulate(logits, target, index.repeat(2), csl)
+    with pytest.raises(ValueError, match=r"need target \[B, T\]"):
+        csl_fast.accumulate(logits, target[:, :-1], index, csl)
+    # [B, 1] targets with [B, C] logits stay an error (a misshapen per-row target).
+    with pytest.raises(ValueError, match="target must be 1-D"):
+        csl_fast.accumulate(logits[:, 0], target[:, :1], index, csl)
+    # ...but [B, 1, V] logits are one-token sequences.
+    csl_fast.accumulate(logits[:, :1], target[:, :1], index, csl)
+    assert csl.sum() == 0 or torch.isfinite(csl).all()
+
+    class RowsOnly:
+        def training_buffers(self):
+            return torch.zeros(6), torch.zeros(6)
+
+        def record(self, index, stats):
+            pass
+
+    with pytest.raises(TypeError, match="record_sequences"):
+        csl_fast.accumulate(logits, target, index, RowsOnly())
+    assert csl.shape == (6,)
+
+
+def test_two_d_path_unchanged():
+    logits = torch.randn(5, 4)
+    target = torch.tensor([0, 1, 2, 3, -100])
+    index = torch.tensor([0, 1, 1, 2, 3])
+    csl = torch.zeros(4)
+    loss = csl_fast.accumulate(logits, target, index, csl, reduction="none")
+    assert loss.shape == (5,)
+    expect = torch.zeros(4).index_add_(0, index, F.cross_entropy(logits, target, reduction="none"))
+    torch.testing.assert_close(csl, expect)
