@@ -9,6 +9,7 @@ from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .input_grad import input_grad_norms
+from .linear_cross_entropy import linear_cross_entropy
 from .merge import merge
 from .scores import SCORES, scores
 from .scoring import score_epoch
@@ -34,6 +35,7 @@ __all__ = [
     "distributed",
     "evaluate",
     "input_grad_norms",
+    "linear_cross_entropy",
     "merge",
     "score_epoch",
     "scores",
