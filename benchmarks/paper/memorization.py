@@ -73,6 +73,7 @@ def main() -> None:
         if int(good.sum()) < 2:
             continue
         sims[name] = evaluate.similarity(s[good], m[good], top_k=k)
+    top = torch.argsort(torch.where(ok, m, -torch.inf), descending=True, stable=True)[:k]
     se = (mem.p_in * (1 - mem.p_in) / mem.n_in + mem.p_out * (1 - mem.p_out) / mem.n_out).sqrt()
     trends = {
         "memorization_vs_learning_time": evaluate.binned_trend(
@@ -90,8 +91,9 @@ def main() -> None:
         "",
         f"Setup: {config_line(cfg)}. N = {n}, label noise {args.noise:.0%}. Memorization: "
         f"{args.mem_models} models on random 70% subsets (each sample in ~{n_in:.0f} "
-        f"/ out of ~{n_out:.0f}; mean standard error of a "
-        f"sample's estimate {float(se[ok].mean()):.3f}); mean memorization "
+        f"/ out of ~{n_out:.0f}; mean standard error of the estimate "
+        f"{float(se[top].mean()):.3f} over the top-k, {float(se[ok].mean()):.3f} over all); "
+        f"mean memorization "
         f"{float(m[ok].mean()):.3f}, {int((m[ok] > 0.5).sum())} samples above 0.5. "
         f"Top-k: the {k} most memorized samples ({args.top_fraction:.0%}).",
         "",
