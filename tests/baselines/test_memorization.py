@@ -38,3 +38,17 @@ def test_nan_when_never_out():
         linear(2), x, y, m=1, subset_fraction=0.5, train_kwargs={"epochs": 1}, seed=0
     )
     assert int(res.memorization.isnan().sum()) == 4  # one model: each sample in or out
+
+
+def test_sample_outvoted_by_identical_copies_is_not_memorized():
+    """Three identical copies labelled 0 and one labelled 1: no model can tell them apart,
+    the majority wins whether or not the odd one is trained on, so its stability
+    memorization is ~0 (it is *never* fitted: a high-CSL sample, not a memorized one)."""
+    n = 40
+    y = (torch.arange(n) >= n // 2).long()
+    x = torch.where(y == 1, 1.0, -1.0)[:, None] + 0.1 * torch.randn(n, 1)
+    x[1:4] = x[0]
+    y[0], y[1:4] = 1, 0  # sample 0 disagrees with its three identical copies
+    kw = {"epochs": 20, "lr": 1.0, "batch_size": 1024, "momentum": 0.0}
+    res = stability_memorization(linear(1), x, y, m=8, train_kwargs=kw, seed=0)
+    assert res.p_in[0] == 0.0 and res.p_out[0] == 0.0 and res.memorization[0] == 0.0
