@@ -5,14 +5,7 @@ import torch
 
 from csl_fast import corrupt
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.01, 0.02, 0.05, 0.1, 0.333, 1.0])

@@ -9,14 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from csl_fast import evaluate as E
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _case(seed=0, n=500):

@@ -8,14 +8,7 @@ import torch
 import csl_fast
 from csl_fast.scores import SCORES, as_dataframe
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and far faster on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 GOOD = [5.0, 0.0, 0.0]  # class 0 predicted confidently
