@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "../stats.h"
 #include "vec_math.h"
 
@@ -215,25 +216,13 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
-                    logits.sizes(), "; flatten extra dimensions into the batch");
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
-                    "csl_fast: target must be 1-D with B = ", logits.size(0),
-                    " entries to match logits, got shape ", target.sizes());
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-                   "csl_fast: target must hold class indices as int64 or int32, got ",
-                   target.scalar_type(), "; class-probability targets are not supported");
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
-                    "csl_fast: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_logits_2d(logits);
+  check_cross_entropy_args(logits, target, label_smoothing, reduction);
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
   TORCH_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
   if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C,
-                      "csl_fast: weight must be a 1-D tensor of C = ", C,
-                      " class weights, got shape ", weight->sizes());
+    check_weight_shape(*weight, C);
   }
   const at::Tensor t = target.to(at::kLong).contiguous();
   const int64_t* tp = t.const_data_ptr<int64_t>();

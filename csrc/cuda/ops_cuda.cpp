@@ -27,6 +27,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "../stats.h"
 #include "kernels.h"
 
@@ -82,21 +83,11 @@ int read_flag(const at::Tensor& flag) { return flag.defined() ? flag.item<int>()
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
-                    logits.sizes(), "; flatten extra dimensions into the batch");
+  check_logits_2d(logits);
   TORCH_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
                    "csl_fast: logits must be float32, float16, bfloat16 or float64, got ",
                    logits.scalar_type());
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
-                    "csl_fast: target must be 1-D with B = ", logits.size(0),
-                    " entries to match logits, got shape ", target.sizes());
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
-                   "csl_fast: target must hold class indices as int64 or int32, got ",
-                   target.scalar_type(), "; class-probability targets are not supported");
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
-                    "csl_fast: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
-                    "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
+  check_cross_entropy_args(logits, target, label_smoothing, reduction);
   check_same_device(target, "target", logits, "logits");
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
@@ -106,9 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w;
   if (weight.has_value()) {
-    TORCH_CHECK_VALUE(weight->dim() == 1 && weight->size(0) == C,
-                      "csl_fast: weight must be a 1-D tensor of C = ", C,
-                      " class weights, got shape ", weight->sizes());
+    check_weight_shape(*weight, C);
     TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
                      "csl_fast: weight must be a floating-point tensor, got ",
                      weight->scalar_type());
@@ -176,45 +165,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
 }
 
 // ---------------------------------------------------------------------------------------
-void check_buffer(const at::Tensor& buf, const char* name, bool allow_int, const at::Tensor& stats) {
-  const auto dt = buf.scalar_type();
-  const bool ok = dt == at::kFloat || dt == at::kDouble ||
-                  (allow_int && (dt == at::kLong || dt == at::kInt));
-  TORCH_CHECK_TYPE(ok, "csl_fast: ", name, " must be a float32 or float64",
-                   allow_int ? " (or int32/int64)" : "", " tensor, got ", dt,
-                   "; allocate it with torch.zeros(num_samples, dtype=torch.float32)");
-  TORCH_CHECK_VALUE(buf.dim() == 1 && buf.is_contiguous(), "csl_fast: ", name,
-                    " must be a contiguous 1-D tensor of one entry per dataset sample, got shape ",
-                    buf.sizes(), " and strides ", buf.strides());
-  check_same_device(buf, name, stats, "stats");
-}
-
 void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool deterministic,
                         const std::optional<at::Tensor>& csl,
                         const std::optional<at::Tensor>& count) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.is_contiguous() &&
-                        stats.scalar_type() == at::kFloat,
-                    "csl_fast: stats must be a contiguous float32 [", int(kNumStats),
-                    ", B] tensor from cross_entropy_fwd, got ", stats.sizes());
-  const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
-                    "csl_fast: index must be 1-D with one dataset index per row (B = ", B,
-                    "), got shape ", index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
-                   "csl_fast: index must be int64 or int32 dataset indices, got ",
-                   index.scalar_type());
+  const int64_t B = check_scatter_args(stats, index);
   check_same_device(index, "index", stats, "stats");
-  int64_t n = -1;
-  if (csl.has_value()) {
-    check_buffer(*csl, "csl", false, stats);
-    n = csl->numel();
-  }
-  if (count.has_value()) {
-    check_buffer(*count, "count", true, stats);
-    TORCH_CHECK_VALUE(n < 0 || count->numel() == n, "csl_fast: count has ", count->numel(),
-                      " entries but csl has ", n, "; both must have one entry per sample");
-    n = count->numel();
-  }
+  const int64_t n = check_buffers(csl, count, [&](const at::Tensor& buf, const char* name) {
+    check_same_device(buf, name, stats, "stats");
+  });
   if (n < 0 || B == 0) return;
   TORCH_CHECK_VALUE(!deterministic || B <= INT32_MAX,
                     "csl_fast: deterministic scatter supports at most 2^31 - 1 rows, got ", B,

@@ -1,0 +1,97 @@
+// Argument checks shared by the CPU kernels (csrc/cpu) and the CUDA glue
+// (csrc/cuda/ops_cuda.cpp): one condition, one message, whichever device runs the op.
+// Device-specific checks (dtype support, same device, size limits) stay with each device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "stats.h"
+
+namespace csl_fast {
+
+// cross_entropy_fwd: logits must be [B, C].
+inline void check_logits_2d(const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
+                    logits.sizes(), "; flatten extra dimensions into the batch");
+}
+
+// cross_entropy_fwd: target [B] of int64/int32 class indices, reduction and label smoothing.
+inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
+                                     double label_smoothing, int64_t reduction) {
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+                    "csl_fast: target must be 1-D with B = ", logits.size(0),
+                    " entries to match logits, got shape ", target.sizes());
+  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+                   "csl_fast: target must hold class indices as int64 or int32, got ",
+                   target.scalar_type(), "; class-probability targets are not supported");
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
+                    "csl_fast: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+                    "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// cross_entropy_fwd: class weights must be [C].
+inline void check_weight_shape(const at::Tensor& weight, int64_t C) {
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == C,
+                    "csl_fast: weight must be a 1-D tensor of C = ", C,
+                    " class weights, got shape ", weight.sizes());
+}
+
+// scatter_stats: stats is the contiguous float32 [kNumStats, B] tensor of cross_entropy_fwd
+// and index holds one int64/int32 dataset index per row. Returns B.
+inline int64_t check_scatter_args(const at::Tensor& stats, const at::Tensor& index) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.is_contiguous() &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast: stats must be a contiguous float32 [", int(kNumStats),
+                    ", B] tensor from cross_entropy_fwd, got ", stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast: index must be 1-D with one dataset index per row (B = ", B,
+                    "), got shape ", index.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "csl_fast: index must be int64 or int32 dataset indices, got ",
+                   index.scalar_type());
+  return B;
+}
+
+// scatter_stats: a csl or count buffer is a contiguous 1-D float32/float64 tensor (count,
+// allow_int, may also be int32/int64).
+inline void check_buffer(const at::Tensor& buf, const char* name, bool allow_int) {
+  const auto dt = buf.scalar_type();
+  const bool ok = dt == at::kFloat || dt == at::kDouble ||
+                  (allow_int && (dt == at::kLong || dt == at::kInt));
+  TORCH_CHECK_TYPE(ok, "csl_fast: ", name, " must be a float32 or float64",
+                   allow_int ? " (or int32/int64)" : "", " tensor, got ", dt,
+                   "; allocate it with torch.zeros(num_samples, dtype=torch.float32)");
+  TORCH_CHECK_VALUE(buf.dim() == 1 && buf.is_contiguous(), "csl_fast: ", name,
+                    " must be a contiguous 1-D tensor of one entry per dataset sample, got shape ",
+                    buf.sizes(), " and strides ", buf.strides());
+}
+
+// scatter_stats: checks the optional csl and count buffers with check_buffer, then with
+// extra(buf, name) (a device's own checks), and that both have the same size. Returns that
+// size N, or -1 when neither buffer is given.
+template <typename Extra>
+int64_t check_buffers(const std::optional<at::Tensor>& csl,
+                      const std::optional<at::Tensor>& count, Extra&& extra) {
+  int64_t n = -1;
+  if (csl.has_value()) {
+    check_buffer(*csl, "csl", false);
+    extra(*csl, "csl");
+    n = csl->numel();
+  }
+  if (count.has_value()) {
+    check_buffer(*count, "count", true);
+    extra(*count, "count");
+    TORCH_CHECK_VALUE(n < 0 || count->numel() == n, "csl_fast: count has ", count->numel(),
+                      " entries but csl has ", n, "; both must have one entry per sample");
+    n = count->numel();
+  }
+  return n;
+}
+
+}  // namespace csl_fast
