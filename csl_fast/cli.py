@@ -50,7 +50,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 EXIT_OK = 0
@@ -101,44 +101,34 @@ def _one_line(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- types
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _checked(
+    convert: Callable[[str], Any],
+    ok: Callable[[Any], bool],
+    expected: str,
+    parse_expected: str = "",
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)``, which must satisfy ``ok``, else a one-line
+    "expected ..., got ..." error (``parse_expected`` when ``text`` does not parse at all)."""
+
+    def parse(text: str) -> Any:
+        try:
+            v = convert(text)
+        except ValueError:
+            msg = f"expected {parse_expected or expected}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {v}")
+        return v
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 0.5], got {text!r}") from None
-    if not 0.0 <= v <= 0.5:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 0.5], got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0 or not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v}")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_fraction = _checked(
+    float, lambda v: 0.0 <= v <= 0.5, "a fraction in [0, 0.5]", "a number in [0, 0.5]"
+)
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 # ----------------------------------------------------------------------------- parser
