@@ -95,6 +95,16 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--progress", action="store_true", help="tqdm bars inside each training")
 
 
+def parser(description: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a paper script: ``description`` (its docstring) and the shared
+    knobs of :func:`add_args`; the script adds its own and calls ``parse_args``."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_args(p)
+    return p
+
+
 def config_from(args: argparse.Namespace) -> Config:
     cfg = Config(
         dataset=args.dataset,

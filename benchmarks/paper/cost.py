@@ -11,18 +11,17 @@ the measured total from memorization.py when its results exist).
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
 from common import (
     RESULTS,
-    add_args,
     config_from,
     config_line,
     load_data,
     model_factory,
+    parser,
     write_results,
 )
 
@@ -58,8 +57,7 @@ def csl_only(model, x, y, cfg, seed) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_args(p)
+    p = parser(__doc__)
     p.add_argument("--mem-models", type=int, default=100)
     p.add_argument("--mem-models-timed", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="repeats of the training variants")

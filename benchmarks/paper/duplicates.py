@@ -9,19 +9,17 @@ log-CSL, restricted to samples with a bitwise-identical partner).
 
 from __future__ import annotations
 
-import argparse
-
 from common import (
     METHODS,
     PAPER_DUPLICATES,
     PAPER_ROW,
     Progress,
-    add_args,
     config_from,
     config_line,
     detection_table,
     fmt,
     load_data,
+    parser,
     run_all,
     write_results,
 )
@@ -30,8 +28,7 @@ from csl_fast import corrupt, detect
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_args(p)
+    p = parser(__doc__)
     p.add_argument("--pairs", type=int, default=None, help="default: round(N * 250 / 50000)")
     args = p.parse_args()
     cfg = config_from(args)

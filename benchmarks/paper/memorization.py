@@ -10,7 +10,6 @@ learning time vs CSL, memorization vs CSL) in the JSON and a PNG.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -18,11 +17,11 @@ from common import (
     METHODS,
     PAPER_SIMILARITY,
     RESULTS,
-    add_args,
     config_from,
     config_line,
     load_data,
     model_factory,
+    parser,
     run_all,
     write_results,
 )
@@ -32,8 +31,7 @@ from csl_fast.baselines import stability_memorization
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_args(p)
+    p = parser(__doc__)
     p.add_argument("--mem-models", type=int, default=100, help="m models for the estimate")
     p.add_argument("--noise", type=float, default=0.0, help="label noise (paper: clean data)")
     p.add_argument("--top-fraction", type=float, default=0.1)

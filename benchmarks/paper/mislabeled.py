@@ -8,19 +8,17 @@ mask. Default: digits, ~10 min on one CPU core. ``python benchmarks/paper/mislab
 
 from __future__ import annotations
 
-import argparse
-
 from common import (
     METHODS,
     PAPER_MISLABELED_C10,
     PAPER_ROW,
     Progress,
-    add_args,
     config_from,
     config_line,
     detection_table,
     fmt,
     load_data,
+    parser,
     run_all,
     write_results,
 )
@@ -29,8 +27,7 @@ from csl_fast import corrupt, detect
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    add_args(p)
+    p = parser(__doc__)
     p.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10])
     args = p.parse_args()
     cfg = config_from(args)
