@@ -121,6 +121,9 @@ def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothin
 
 
 def _setup_cross_entropy(ctx, inputs, output):
+    # Without this, autograd would allocate and zero a logits-sized gradient for the
+    # unused `grad` output: an extra buffer and a full extra write of the logits.
+    ctx.set_materialize_grads(False)
     ctx.reduction = inputs[5]
     ctx.save_for_backward(output[1])
 

@@ -228,7 +228,10 @@ def test_glue_registers_every_op():
     glue = GLUE.read_text()
     assert "TORCH_LIBRARY_IMPL(csl_fast, CUDA, m)" in glue
     impls = re.findall(r'm\.impl\("(\w+)"', glue)
-    assert sorted(impls) == sorted(schemas)
+    # record_last updates B values of tracker state: on a GPU the device-only reference
+    # (csl_fast.reference.record_last) runs instead, by design (see csl_fast/ops.py).
+    cpu_only = {"record_last"}
+    assert sorted(impls) == sorted(set(schemas) - cpu_only)
 
 
 # ---------------------------------------------------------------------------------------

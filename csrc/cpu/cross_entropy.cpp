@@ -75,9 +75,10 @@ inline __attribute__((always_inline)) void range_grad(acc_t* e, const acc_t* w, 
   }
 }
 
-// Float instantiations get an AVX2+FMA clone picked at load time; the templates above
+// Float instantiations get an x86-64-v3 (AVX2+FMA) clone picked at load time by CPU
+// features ("arch=haswell" would test for that exact CPU model); the templates above
 // are inlined into each clone and compiled for its instruction set.
-#define CSL_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define CSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 CSL_CLONES float range_max_f(const float* z, int64_t n) { return range_max(z, n); }
 CSL_CLONES ExpSums<float> range_exp_f(const float* z, const float* w, float* e, int64_t n, float m) {
   return range_exp(z, w, e, n, m);

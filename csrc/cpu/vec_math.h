@@ -13,7 +13,8 @@ namespace cpu {
 // expf by range reduction and a degree-6 minimax polynomial (Cephes' coefficients),
 // within ~2 ulp of std::exp on its domain. Branch-free so it vectorises; NaN in gives
 // NaN out; below the smallest normal result it returns exactly 0, as exp(-inf) must.
-inline float exp_approx(float x) {
+// always_inline: it must be inlined into each target clone of the hot loops to vectorise.
+inline __attribute__((always_inline)) float exp_approx(float x) {
   const float hi = 88.0f;  // keeps n <= 127; csl_fast only calls it with x <= 0
   const float lo = -87.3365447505531f;
   float xc = x > hi ? hi : x;
@@ -37,7 +38,7 @@ inline float exp_approx(float x) {
   return x < lo ? 0.0f : result;
 }
 
-inline double exp_approx(double x) { return std::exp(x); }
+inline __attribute__((always_inline)) double exp_approx(double x) { return std::exp(x); }
 
 }  // namespace cpu
 }  // namespace csl_fast
