@@ -138,6 +138,8 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
             "csl_fast: double backward through the fused cross entropy is not supported; "
             "use backend='reference' (plain F.cross_entropy) for higher-order gradients"
         )
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None, None, None, None, None
     (grad,) = ctx.saved_tensors
     scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
     return grad * scale, None, None, None, None, None
