@@ -98,9 +98,11 @@ def record_last(
     last_correct: torch.Tensor,
     forgetting: torch.Tensor | None,
     learned_epoch: torch.Tensor | None,
+    sums: tuple[torch.Tensor | None, ...] = (None, None, None, None),
     backend: str = "auto",
 ) -> None:
-    """A tracker's last-presentation state (:func:`csl_fast.reference.record_last`).
+    """A tracker's per-presentation state (:func:`csl_fast.reference.record_last`);
+    ``sums`` are the optional (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum).
 
     One sequential C++ pass on the CPU; elsewhere the device-only reference (a stable sort
     and ~40 small kernels, no host synchronisation): the state is B values, not worth a
@@ -108,9 +110,9 @@ def record_last(
     """
     args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
     if stats.device.type == "cpu" and resolve_backend(backend, stats.device) == "cpu":
-        torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch)
+        torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch, *sums)
     else:
-        reference.record_last(*args, forgetting, learned_epoch)
+        reference.record_last(*args, forgetting, learned_epoch, *sums)
 
 
 def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):

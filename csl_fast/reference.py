@@ -137,8 +137,15 @@ def record_last(
     last_correct: torch.Tensor,
     forgetting: torch.Tensor | None,
     learned_epoch: torch.Tensor | None,
+    grad_norm_sum: torch.Tensor | None = None,
+    margin_sum: torch.Tensor | None = None,
+    p_true_sum: torch.Tensor | None = None,
+    p_true_sq_sum: torch.Tensor | None = None,
 ) -> None:
-    """Reference of ``csl_fast::record_last``: a tracker's last-presentation state.
+    """Reference of ``csl_fast::record_last``: a tracker's per-presentation state.
+
+    The sums, when given, add ``stats[GRAD_NORM_SQ]``, ``stats[MARGIN]``, ``stats[P_TRUE]``
+    and its square at ``index`` (every row; ignored rows hold zeros).
 
     Valid rows (``stats[VALID] > 0``) are taken in batch order, so with duplicate indices
     the last one wins. For each: ``last_loss``, ``last_max_prob`` (``max_prob_override`` or
@@ -152,6 +159,15 @@ def record_last(
         return
     idx = index.long()
     f = last_loss.dtype
+    p_true = stats[Stat.P_TRUE].to(f)
+    for buf, values in (
+        (grad_norm_sum, stats[Stat.GRAD_NORM_SQ].to(f)),
+        (margin_sum, stats[Stat.MARGIN].to(f)),
+        (p_true_sum, p_true),
+        (p_true_sq_sum, p_true * p_true),
+    ):
+        if buf is not None:
+            buf.index_put_((idx,), values, accumulate=True)
     valid = stats[Stat.VALID] > 0
     correct = (stats[Stat.CORRECT] > 0) & valid
     loss = stats[Stat.LOSS]

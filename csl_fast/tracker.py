@@ -277,15 +277,11 @@ class CSLTracker:
         """
         idx = self._index(index, stats)
         f = self.dtype
-        _scatter_add(self.grad_norm_sum, idx, stats[Stat.GRAD_NORM_SQ].to(f))
-        _scatter_add(self.margin_sum, idx, stats[Stat.MARGIN].to(f))
-        p_true = stats[Stat.P_TRUE].to(f)
-        _scatter_add(self.p_true_sum, idx, p_true)
-        _scatter_add(self.p_true_sq_sum, idx, p_true * p_true)
         if self.history:
             _scatter_add(self.epoch_loss_sum, idx, stats[Stat.LOSS].to(f))
             _scatter_add(self.epoch_count, idx, stats[Stat.VALID].to(f))
-        self._record_last(idx, stats, "", transitions=True)
+        sums = (self.grad_norm_sum, self.margin_sum, self.p_true_sum, self.p_true_sq_sum)
+        self._record_last(idx, stats, "", transitions=True, sums=sums)
 
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
@@ -462,10 +458,11 @@ class CSLTracker:
         prefix: str,
         transitions: bool,
         max_prob: torch.Tensor | None = None,
+        sums: tuple[torch.Tensor | None, ...] = (None, None, None, None),
     ) -> None:
-        """Last-value buffers (and forgetting / learned epoch) with the batch-order rule
-        (:func:`csl_fast.reference.record_last`). ``max_prob`` overrides the max probability
-        derived from the loss and margin."""
+        """Last-value buffers (and forgetting / learned epoch, and the ``sums``) with the
+        batch-order rule (:func:`csl_fast.reference.record_last`), in one pass on the CPU.
+        ``max_prob`` overrides the max probability derived from the loss and margin."""
         from . import ops
 
         ops.record_last(
@@ -478,6 +475,7 @@ class CSLTracker:
             self._buffers[prefix + "last_correct"],
             self.forgetting if transitions else None,
             self.learned_epoch if transitions else None,
+            sums,
             backend=self.backend,
         )
 

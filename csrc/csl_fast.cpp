@@ -25,10 +25,12 @@ TORCH_LIBRARY(csl_fast, m) {
       "Tensor(b!)? count) -> ()");
   // Per-row squared L2 norm of scale * grad over all but the first dim: float32 [B].
   m.def("input_grad_norms(Tensor grad, float scale) -> Tensor");
-  // Last-presentation state of a tracker, rows taken in batch order (see
-  // csl_fast/reference.py: record_last). forgetting/learned_epoch: given together or not.
+  // A tracker's per-presentation state, rows taken in batch order (see
+  // csl_fast/reference.py: record_last): last values, forgetting/learned_epoch (given
+  // together or not) and the optional sums of GRAD_NORM_SQ, MARGIN, P_TRUE and P_TRUE^2.
   m.def(
       "record_last(Tensor stats, Tensor index, Tensor? max_prob, int epoch, "
       "Tensor(a!) last_loss, Tensor(b!) last_max_prob, Tensor(c!) last_correct, "
-      "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch) -> ()");
+      "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch, Tensor(f!)? grad_norm_sum, "
+      "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum) -> ()");
 }

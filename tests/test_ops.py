@@ -106,6 +106,7 @@ def _last_state(n, dtype=torch.float32):
         torch.rand(n) > 0.5,
         torch.randint(0, 3, (n,), dtype=torch.int32),
         torch.randint(-1, 4, (n,), dtype=torch.int32),
+        *(torch.rand(n, dtype=dtype) for _ in range(4)),  # the four sums
     )
 
 
@@ -131,8 +132,9 @@ def test_record_last_matches_reference(dtype, with_override):
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
         eval_state, eval_want = _last_state(n, dtype)[:3], None
         eval_want = tuple(t.clone() for t in eval_state)
-        torch.ops.csl_fast.record_last(stats, index, override, trial, *eval_state, None, None)
-        reference.record_last(stats, index, override, trial, *eval_want, None, None)
+        nones = (None,) * 6
+        torch.ops.csl_fast.record_last(stats, index, override, trial, *eval_state, *nones)
+        reference.record_last(stats, index, override, trial, *eval_want, *nones)
         for got, exp in zip(eval_state, eval_want, strict=True):
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
 

@@ -1,4 +1,4 @@
-// Tracker last-presentation state on the CPU: one sequential pass in batch order, which
+// Tracker per-presentation state on the CPU: one sequential pass in batch order, which
 // is the rule the tracker documents for duplicate indices (the reference reaches the same
 // result on any device with a stable sort and segment operations).
 #include <ATen/ATen.h>
@@ -44,11 +44,31 @@ void check_state(const at::Tensor& t, const char* name, at::ScalarType want, int
                     name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
 }
 
+// sums[k][index[i]] += stats[row, i] for GRAD_NORM_SQ, MARGIN, P_TRUE, then P_TRUE^2.
+template <typename f_t>
+void add_sums(const float* st, const int64_t* ip, int64_t B, f_t* const sums[4]) {
+  const int rows[3] = {kGradNormSq, kMargin, kPTrue};
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t j = ip[i];
+    for (int k = 0; k < 3; ++k) {
+      if (sums[k] != nullptr) sums[k][j] += static_cast<f_t>(st[rows[k] * B + i]);
+    }
+    if (sums[3] != nullptr) {
+      const f_t p = static_cast<f_t>(st[kPTrue * B + i]);
+      sums[3][j] += p * p;
+    }
+  }
+}
+
 void record_last(const at::Tensor& stats, const at::Tensor& index,
                  const std::optional<at::Tensor>& max_prob, int64_t epoch, at::Tensor& last_loss,
                  at::Tensor& last_max_prob, at::Tensor& last_correct,
                  const std::optional<at::Tensor>& forgetting,
-                 const std::optional<at::Tensor>& learned_epoch) {
+                 const std::optional<at::Tensor>& learned_epoch,
+                 const std::optional<at::Tensor>& grad_norm_sum,
+                 const std::optional<at::Tensor>& margin_sum,
+                 const std::optional<at::Tensor>& p_true_sum,
+                 const std::optional<at::Tensor>& p_true_sq_sum) {
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast.record_last: stats must be float32 [", int(kNumStats), ", B], got ",
@@ -68,6 +88,12 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   if (forgetting.has_value()) {
     check_state(*forgetting, "forgetting", at::kInt, n);
     check_state(*learned_epoch, "learned_epoch", at::kInt, n);
+  }
+  const std::optional<at::Tensor>* sum_args[4] = {&grad_norm_sum, &margin_sum, &p_true_sum,
+                                                   &p_true_sq_sum};
+  const char* sum_names[4] = {"grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum"};
+  for (int k = 0; k < 4; ++k) {
+    if (sum_args[k]->has_value()) check_state(**sum_args[k], sum_names[k], f, n);
   }
   const at::Tensor st = stats.contiguous();
   const at::Tensor idx = index.to(at::kLong).contiguous();
@@ -90,6 +116,11 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
                           last_loss.mutable_data_ptr<scalar_t>(),
                           last_max_prob.mutable_data_ptr<scalar_t>(),
                           last_correct.mutable_data_ptr<bool>(), fp, lp);
+    scalar_t* sums[4];
+    for (int k = 0; k < 4; ++k) {
+      sums[k] = sum_args[k]->has_value() ? (*sum_args[k])->mutable_data_ptr<scalar_t>() : nullptr;
+    }
+    add_sums<scalar_t>(st.const_data_ptr<float>(), ip, B, sums);
   });
 }
 
