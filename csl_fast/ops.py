@@ -148,10 +148,9 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
 
 
 if _C is not None:
+    # Its autograd is registered in C++ (csrc/autograd.cpp), with the same formula as
+    # _backward_cross_entropy below, which serves the Triton op.
     torch.library.register_fake("csl_fast::cross_entropy_fwd")(_fake_cross_entropy_fwd)
-    torch.library.register_autograd(
-        "csl_fast::cross_entropy_fwd", _backward_cross_entropy, setup_context=_setup_cross_entropy
-    )
 
     @torch.library.register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):
