@@ -12,10 +12,12 @@ extension altogether (the package then runs on its pure-PyTorch reference).
 
 import glob
 import os
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+README = Path(ROOT) / "README.md"
 
 
 def _extensions():
@@ -58,9 +60,7 @@ setup(
     version="0.1.0",
     description="Cumulative Sample Loss for free: fused cross entropy that records per-sample "
     "training dynamics",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    if os.path.exists(os.path.join(ROOT, "README.md"))
-    else "",
+    long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
