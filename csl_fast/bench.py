@@ -1190,7 +1190,14 @@ def _target(what: str, value, met: bool, shown: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ running
-SECTIONS = ("copy_bandwidth", "cross_entropy", "training", "input_grad", "memory")
+SECTIONS = (
+    "copy_bandwidth",
+    "cross_entropy",
+    "training",
+    "input_grad",
+    "memory",
+    "linear_cross_entropy",
+)
 
 
 def run_full(
@@ -1273,6 +1280,21 @@ def run_full(
         GRAD_SHAPES[dev.type],
     )
     section("memory", lambda _: bench_tracker_memory(dev))
+    from . import bench_lm  # imports this module: load it only when the section runs
+
+    section(
+        "linear_cross_entropy",
+        lambda shape: bench_lm.bench_linear_cross_entropy(
+            dev,
+            shapes=[shape],
+            reps=max(3, reps // 5),
+            budget_s=30 * budget_scale,
+            compile=compile,
+            liger=liger,
+            log=log,
+        ),
+        bench_lm.LCE_SHAPES[dev.type],
+    )
     results["env"]["loadavg_end"] = _loadavg()
     results["env"]["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"] = targets(results)
@@ -1461,6 +1483,10 @@ def markdown(results: dict, short: bool = False) -> str:
         for r in mem:
             lines.append(f"| {r['what']} | {r['bytes_per_sample']:.0f} | {r['grows']} |")
         lines.append("")
+    if results.get("linear_cross_entropy"):
+        from . import bench_lm
+
+        lines += [bench_lm.markdown(results["linear_cross_entropy"]), ""]
     for name, tb in results.get("errors", {}).items():
         lines += [f"## Section {name} FAILED", "", "```", tb.strip()[-2000:], "```", ""]
     return "\n".join(lines)
