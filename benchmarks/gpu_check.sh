@@ -10,11 +10,11 @@
 #   env    nvidia-smi, versions, ninja/nvcc availability             -> env.log
 #   build  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 setup.py build_ext --inplace (ninja)
 #                                                                       -> build.log, info.log
-#   tests  python -m pytest tests -x -q (parametrized over cpu and cuda) -> tests.log, tests.xml
+#   tests  python -m pytest tests -q --maxfail=25 (parametrized over cpu and cuda) -> tests.log, tests.xml
 #   bench  benchmarks/run.py --device cuda --out OUTDIR                 -> bench.log, <gpu>-<date>.{md,json}
 # Exit status: 0 when every stage passed, else 1 (the table says which failed).
 # Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (470),
-# CSL_BUILD_TIMEOUT_S (240), CSL_TEST_TIMEOUT_S (180), CSL_BENCH_ARGS (extra run.py arguments).
+# CSL_BUILD_TIMEOUT_S (240), CSL_TEST_TIMEOUT_S (200), CSL_BENCH_ARGS (extra run.py arguments).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -91,15 +91,19 @@ build() {
 }
 
 tests() {
-    "$PY" -m pytest tests -x -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-        -o junit_family=xunit2 --durations=15
+    # The nvcc compile checks and the sm_90 AOT check are for machines without a GPU: the
+    # build stage has just compiled the real thing. --maxfail rather than -x: a first GPU
+    # run should show every failure it can within its time.
+    "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=25 --junitxml="$OUT/tests.xml" \
+        -o junit_family=xunit2 --durations=15 \
+        --ignore=tests/test_cuda_compile.py --ignore=tests/_triton/test_triton_compile_sm90.py
 }
 
 export OUT ROOT PY
 export -f env_info build tests
 stage env 60 env_info
 stage build "${CSL_BUILD_TIMEOUT_S:-240}" build
-stage tests "${CSL_TEST_TIMEOUT_S:-180}" tests
+stage tests "${CSL_TEST_TIMEOUT_S:-200}" tests
 
 left=$((BUDGET - $(elapsed)))
 [ $left -lt 150 ] && left=150
