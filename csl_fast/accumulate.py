@@ -122,16 +122,17 @@ def accumulate(
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    name = resolve_backend(backend, logits.device)
     if validate is None:
         # The C++ kernels check ranges themselves before writing; elsewhere check here
         # unless that would cost a device synchronisation.
-        validate = logits.device.type == "cpu" and resolve_backend(backend, logits.device) != "cpu"
+        validate = logits.device.type == "cpu" and name != "cpu"
     if validate and not torch.compiler.is_compiling():
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
     loss, stats = ops.cross_entropy_fwd(
-        logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], backend
+        logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], name
     )
-    record_stats(stats, index, csl, buffers, seq, deterministic, backend)
+    record_stats(stats, index, csl, buffers, seq, deterministic, name)
     if seq is not None and reduction == "none":
         loss = loss.view(seq)
     return loss

@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from . import ops, reference
+from . import ops
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
 from .reference import REDUCTIONS
@@ -220,15 +220,6 @@ def linear_cross_entropy(
     return loss
 
 
-def _fused_ce(name: str):
-    """``(logits, target, ignore_index, label_smoothing, reduction) -> (loss, dlogits,
-    stats)`` of backend ``name`` (the raw op: the logits gradient is an output)."""
-    if name == "reference":
-        return lambda z, t, ii, ls, red: reference.cross_entropy_fwd(z, t, None, ii, ls, red)
-    op = ops._op(name, ops._FWD_OPS)
-    return lambda z, t, ii, ls, red: op(z, t, None, ii, ls, red)
-
-
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
 
@@ -251,7 +242,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(
         ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc
     ):
-        fused = _fused_ce(name)
         rows = hidden.shape[0]
         dev = hidden.device
         need = ctx.needs_input_grad[:3]
@@ -273,7 +263,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = _logits(h, weight, bias)
             # Per-row losses (summed in float32 below) and the per-row gradient for a unit
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
-            loss_c, dz, st = fused(z, target[start:end], ignore_index, label_smoothing, 0)
+            loss_c, dz, st = ops.cross_entropy_fwd_with_grad(
+                z, target[start:end], None, ignore_index, label_smoothing, 0, name
+            )
             del z
             stats[:, start:end] = st
             if red == 0:
@@ -335,7 +327,6 @@ def _backward_none(ctx, grad_loss):
     hidden, weight, bias, target = ctx.saved_tensors
     ignore_index, label_smoothing, chunk, name, acc = ctx.args
     need = ctx.needs_input_grad[:3]
-    fused = _fused_ce(name)
     gh = torch.empty_like(hidden) if need[0] else None
     gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need[1] else None
     gb = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need[2] else None
@@ -343,7 +334,9 @@ def _backward_none(ctx, grad_loss):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
         z = _logits(h, weight, bias)
-        _, dz, _ = fused(z, target[start:end], ignore_index, label_smoothing, 0)
+        _, dz, _ = ops.cross_entropy_fwd_with_grad(
+            z, target[start:end], None, ignore_index, label_smoothing, 0, name
+        )
         del z
         dz = dz * grad_loss[start:end, None].to(dz.dtype)
         if gh is not None:

@@ -64,6 +64,26 @@ def cross_entropy_fwd(
     return loss, stats.detach()
 
 
+def cross_entropy_fwd_with_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused op itself: ``(loss, grad, stats)`` with ``grad = d loss / d logits`` for a
+    unit upstream gradient as an output, for callers that build their own backward (such
+    as :func:`csl_fast.linear_cross_entropy`). Call it with autograd off."""
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        return reference.cross_entropy_fwd(
+            logits, target, weight, ignore_index, label_smoothing, reduction
+        )
+    return _op(name, _FWD_OPS)(logits, target, weight, ignore_index, label_smoothing, reduction)
+
+
 def scatter_stats(
     stats: torch.Tensor,
     index: torch.Tensor,
