@@ -1,5 +1,7 @@
-// Fused cross entropy on the CPU: one pass over each row (statistics, exponentials
-// kept in a per-thread scratch row, then the gradient), parallel over rows.
+// Fused cross entropy on the CPU, parallel over rows: per row, the statistics, then the
+// exponentials (kept in the gradient row, or a scratch row for 16-bit logits), then the
+// gradient in place. Rows of up to kNarrowC classes go in blocks whose exponentials are
+// taken in one flat vector pass.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -75,43 +77,26 @@ inline __attribute__((always_inline)) void range_grad(acc_t* e, const acc_t* w, 
   }
 }
 
-// Float instantiations get an x86-64-v3 (AVX2+FMA) clone picked at load time by CPU
-// features ("arch=haswell" would test for that exact CPU model); the templates above
-// are inlined into each clone and compiled for its instruction set.
-#define CSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-CSL_CLONES float range_max_f(const float* z, int64_t n) { return range_max(z, n); }
-CSL_CLONES ExpSums<float> range_exp_f(const float* z, const float* w, float* e, int64_t n, float m) {
-  return range_exp(z, w, e, n, m);
-}
-CSL_CLONES void range_grad_f(float* e, const float* w, int64_t n, float a, float b) {
-  range_grad(e, w, n, a, b);
-}
-#undef CSL_CLONES
-
-inline float row_max(const float* z, int64_t n) { return range_max_f(z, n); }
 // Sums over chunks, added up in double: one long vector accumulation per lane would
 // lose ~sqrt(C / 8) ulps at C = 32k, several times PyTorch's cascade summation.
-inline ExpSums<float> row_exp(const float* z, const float* w, float* e, int64_t n, float m) {
-  constexpr int64_t kChunk = 512;
-  double s = 0, s2 = 0, sz = 0;
-  for (int64_t lo = 0; lo < n; lo += kChunk) {
-    const int64_t len = std::min(kChunk, n - lo);
-    const ExpSums<float> part = range_exp_f(z + lo, w ? w + lo : nullptr, e + lo, len, m);
-    s += part.sum;
-    s2 += part.sum_sq;
-    sz += part.sum_shift;
+template <typename acc_t>
+inline __attribute__((always_inline)) ExpSums<acc_t> row_exp(const acc_t* z, const acc_t* w,
+                                                             acc_t* e, int64_t n, acc_t m) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return range_exp(z, w, e, n, m);
+  } else {
+    constexpr int64_t kChunk = 512;
+    if (n <= kChunk) return range_exp(z, w, e, n, m);
+    double s = 0, s2 = 0, sz = 0;
+    for (int64_t lo = 0; lo < n; lo += kChunk) {
+      const int64_t len = std::min(kChunk, n - lo);
+      const ExpSums<float> part = range_exp(z + lo, w ? w + lo : nullptr, e + lo, len, m);
+      s += part.sum;
+      s2 += part.sum_sq;
+      sz += part.sum_shift;
+    }
+    return {static_cast<float>(s), static_cast<float>(s2), static_cast<float>(sz)};
   }
-  return {static_cast<float>(s), static_cast<float>(s2), static_cast<float>(sz)};
-}
-inline void row_grad(float* e, const float* w, int64_t n, float a, float b) {
-  range_grad_f(e, w, n, a, b);
-}
-inline double row_max(const double* z, int64_t n) { return range_max(z, n); }
-inline ExpSums<double> row_exp(const double* z, const double* w, double* e, int64_t n, double m) {
-  return range_exp(z, w, e, n, m);
-}
-inline void row_grad(double* e, const double* w, int64_t n, double a, double b) {
-  range_grad(e, w, n, a, b);
 }
 
 struct Options {
@@ -120,55 +105,248 @@ struct Options {
   int64_t reduction;
 };
 
-// One row: statistics into stats[k * B + i], objective into objective[i], gradient row
-// (times row_scale) into g. z and e are contiguous acc_t rows of length C.
+template <typename scalar_t, typename acc_t>
+struct Rows {
+  const scalar_t* in;
+  int64_t row_stride;
+  scalar_t* out;  // contiguous [B, C] gradient
+  const int64_t* target;
+  const acc_t* w;  // class weights or nullptr
+  acc_t w_total;
+  acc_t row_scale;
+  Options opt;
+  float* stats;  // [kNumStats, B]
+  acc_t* objective;
+  int64_t B, C;
+};
+
+// What a row's statistics and gradient need from the passes over it: z_y, the largest
+// other logit before and after y (kept apart for torch.argmax's first-index tie rule),
+// m = max(z), e_y = exp(z_y - m), and the sums over j != y (never formed by subtracting
+// y's term, so 1 - p_y = s_other / s keeps its precision as p_y -> 1).
 template <typename acc_t>
-acc_t process_row(const acc_t* z, acc_t* e, int64_t C, int64_t y, const acc_t* w, acc_t w_total,
-                  acc_t row_scale, const Options& opt, float* stats, int64_t B, int64_t i) {
-  // Statistics of the classes before and after y, kept apart so that nothing has to
-  // be subtracted later (1 - p_y = sum_{j != y} p_j without cancellation).
-  const acc_t z_y = z[y];
-  const acc_t max_before = row_max(z, y);
-  const acc_t max_after = row_max(z + y + 1, C - y - 1);
-  const acc_t max_other = std::max(max_before, max_after);
-  const acc_t m = std::max(max_other, z_y);
-  const ExpSums<acc_t> before = row_exp(z, w, e, y, m);
-  const ExpSums<acc_t> after = row_exp(z + y + 1, w ? w + y + 1 : nullptr, e + y + 1, C - y - 1, m);
-  const acc_t e_y = exp_approx(z_y - m);
-  const acc_t s_other = before.sum + after.sum;
-  const acc_t s = s_other + e_y;
+struct RowPasses {
+  acc_t z_y, max_before, max_after, m, e_y;
+  ExpSums<acc_t> other;
+};
+
+// Row i's statistics into stats[k * B + i] and its objective (returned); turns the
+// exponentials e (length C) into the gradient row, times row_scale.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_t>& r, int64_t i,
+                                                       int64_t y, const RowPasses<acc_t>& p,
+                                                       acc_t* e) {
+  const int64_t B = r.B, C = r.C;
+  const acc_t* w = r.w;
+  const acc_t max_other = std::max(p.max_before, p.max_after);
+  const acc_t s_other = p.other.sum;
+  const acc_t s = s_other + p.e_y;
   // When y holds the max, e_y = 1 and log(s) = log1p(s_other): keeps tiny losses of
   // confident rows that log(1 + s_other) would round to 0.
-  const acc_t log_s = z_y >= max_other ? std::log1p(s_other) : std::log(s);
-  const acc_t loss = log_s + (m - z_y);
+  const acc_t log_s = p.z_y >= max_other ? std::log1p(s_other) : std::log(s);
+  const acc_t loss = log_s + (p.m - p.z_y);
   const acc_t inv_s = acc_t(1) / s;
   const acc_t q = s_other * inv_s;  // 1 - p_y
-  const acc_t p_y = e_y * inv_s;
+  const acc_t p_y = p.e_y * inv_s;
 
-  const acc_t eps = static_cast<acc_t>(opt.label_smoothing);
+  const acc_t eps = static_cast<acc_t>(r.opt.label_smoothing);
   const acc_t w_y = w ? w[y] : acc_t(1);
   const acc_t smooth = eps / static_cast<acc_t>(C);
   acc_t objective = (acc_t(1) - eps) * w_y * loss;
   if (eps != acc_t(0)) {
-    const acc_t shift_sum = before.sum_shift + after.sum_shift + w_y * (z_y - m);
-    objective += smooth * (w_total * log_s - shift_sum);
+    const acc_t shift_sum = p.other.sum_shift + w_y * (p.z_y - p.m);
+    objective += smooth * (r.w_total * log_s - shift_sum);
   }
 
+  float* stats = r.stats;
   const bool finite = std::isfinite(static_cast<double>(loss));
   stats[kLoss * B + i] = finite ? static_cast<float>(loss) : 0.f;
   stats[kPTrue * B + i] = finite ? static_cast<float>(p_y) : 0.f;
-  stats[kMargin * B + i] = finite ? static_cast<float>(C > 1 ? z_y - max_other : acc_t(0)) : 0.f;
+  stats[kMargin * B + i] = finite ? static_cast<float>(C > 1 ? p.z_y - max_other : acc_t(0)) : 0.f;
   // argmax with the first index winning ties, as torch.argmax.
-  stats[kCorrect * B + i] = finite && z_y > max_before && z_y >= max_after ? 1.f : 0.f;
+  stats[kCorrect * B + i] = finite && p.z_y > p.max_before && p.z_y >= p.max_after ? 1.f : 0.f;
   stats[kGradNormSq * B + i] =
-      finite ? static_cast<float>((before.sum_sq + after.sum_sq) * inv_s * inv_s + q * q) : 0.f;
+      finite ? static_cast<float>(p.other.sum_sq * inv_s * inv_s + q * q) : 0.f;
   stats[kValid * B + i] = finite ? 1.f : 0.f;
 
   // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
-  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * w_total) * inv_s * row_scale;
-  row_grad(e, w, C, a, smooth * row_scale);
-  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (w_total * p_y - w_y)) * row_scale;
+  const acc_t row_scale = r.row_scale;
+  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * r.w_total) * inv_s * row_scale;
+  range_grad(e, w, C, a, smooth * row_scale);
+  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (r.w_total * p_y - w_y)) * row_scale;
   return objective;
+}
+
+// A row of an ignored target: zero gradient, statistics and objective.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t>& r, int64_t i) {
+  scalar_t* grow = r.out + i * r.C;
+  std::fill(grow, grow + r.C, scalar_t(0));
+  for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
+  r.objective[i] = 0;
+}
+
+// Rows [begin, end), one at a time, each with vector passes over its classes (the
+// classes before and after y in separate ranges). zbuf holds C acc_t values when
+// scalar_t is narrower than acc_t.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>& r,
+                                                     int64_t begin, int64_t end, acc_t* zbuf) {
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const int64_t C = r.C;
+  const acc_t* w = r.w;
+  for (int64_t i = begin; i < end; ++i) {
+    const scalar_t* row = r.in + i * r.row_stride;
+    scalar_t* grow = r.out + i * C;
+    const int64_t y = r.target[i];
+    if (y == r.opt.ignore_index) {
+      ignore_row(r, i);
+      continue;
+    }
+    const acc_t* z;
+    acc_t* e;
+    if constexpr (kSameType) {
+      z = row;
+      e = grow;  // exponentials, then the gradient, written straight into the output
+    } else {
+      for (int64_t j = 0; j < C; ++j) zbuf[j] = static_cast<acc_t>(row[j]);
+      z = zbuf;
+      // One buffer serves both: the exponential pass reads z[j] before writing e[j].
+      e = zbuf;
+    }
+    RowPasses<acc_t> p;
+    p.z_y = z[y];
+    p.max_before = range_max(z, y);
+    p.max_after = range_max(z + y + 1, C - y - 1);
+    p.m = std::max({p.max_before, p.max_after, p.z_y});
+    const ExpSums<acc_t> before = row_exp(z, w, e, y, p.m);
+    const ExpSums<acc_t> after = row_exp(z + y + 1, w ? w + y + 1 : nullptr, e + y + 1,
+                                         C - y - 1, p.m);
+    p.e_y = exp_approx(p.z_y - p.m);
+    p.other = {before.sum + after.sum, before.sum_sq + after.sum_sq,
+               before.sum_shift + after.sum_shift};
+    r.objective[i] = finish_row(r, i, y, p, e);
+    if constexpr (!kSameType) {
+      for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
+    }
+  }
+}
+
+// Rows with few classes (C <= kNarrowC), kNarrowRows at a time: per-row vector loops
+// would be all setup and lane combining at C = 10, so the rows' exponentials are taken
+// in one flat vector pass over the block and the short per-row loops stay scalar.
+constexpr int64_t kNarrowC = 32;
+constexpr int64_t kNarrowRows = 64;
+
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_t>& r,
+                                                       int64_t begin, int64_t end, acc_t* zbuf) {
+  constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
+  const int64_t C = r.C;
+  const acc_t* w = r.w;
+  RowPasses<acc_t> passes[kNarrowRows];
+  for (int64_t lo = begin; lo < end; lo += kNarrowRows) {
+    const int64_t hi = std::min(end, lo + kNarrowRows);
+    // The block's d = z - m (then e = exp(d), then the gradient): in the output for
+    // float32 logits, else in zbuf (kNarrowRows x C), converted into the output last.
+    acc_t* block = zbuf;
+    if constexpr (kSameType) block = r.out + lo * C;
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t y = r.target[i];
+      if (y == r.opt.ignore_index) continue;
+      const scalar_t* z = r.in + i * r.row_stride;
+      acc_t* d = block + (i - lo) * C;
+      RowPasses<acc_t>& p = passes[i - lo];
+      p.z_y = static_cast<acc_t>(z[y]);
+      acc_t mb = -std::numeric_limits<acc_t>::infinity(), ma = mb;
+      for (int64_t j = 0; j < y; ++j) {
+        const acc_t v = static_cast<acc_t>(z[j]);
+        mb = v > mb ? v : mb;
+      }
+      for (int64_t j = y + 1; j < C; ++j) {
+        const acc_t v = static_cast<acc_t>(z[j]);
+        ma = v > ma ? v : ma;
+      }
+      p.max_before = mb;
+      p.max_after = ma;
+      p.m = std::max({mb, ma, p.z_y});
+      acc_t sz = 0;
+      for (int64_t j = 0; j < C; ++j) {
+        d[j] = static_cast<acc_t>(z[j]) - p.m;
+        sz += j == y ? acc_t(0) : (w ? w[j] : acc_t(1)) * d[j];
+      }
+      p.other.sum_shift = sz;
+    }
+    const int64_t n = (hi - lo) * C;
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) block[k] = exp_approx(block[k]);
+    for (int64_t i = lo; i < hi; ++i) {
+      const int64_t y = r.target[i];
+      if (y == r.opt.ignore_index) {
+        ignore_row(r, i);
+        continue;
+      }
+      acc_t* e = block + (i - lo) * C;
+      RowPasses<acc_t>& p = passes[i - lo];
+      acc_t s = 0, s2 = 0;
+      for (int64_t j = 0; j < C; ++j) {
+        const acc_t v = j == y ? acc_t(0) : e[j];
+        s += v;
+        s2 += v * v;
+      }
+      p.e_y = e[y];
+      p.other.sum = s;
+      p.other.sum_sq = s2;
+      r.objective[i] = finish_row(r, i, y, p, e);
+      if constexpr (!kSameType) {
+        scalar_t* grow = r.out + i * C;
+        for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) void rows_block(const Rows<scalar_t, acc_t>& r,
+                                                      int64_t begin, int64_t end, acc_t* zbuf) {
+  if (r.C <= kNarrowC) {
+    narrow_rows(r, begin, end, zbuf);
+  } else {
+    wide_rows(r, begin, end, zbuf);
+  }
+}
+
+// The whole row loop is cloned, not just the vector loops inside it: each clone inlines
+// every helper for its instruction set, so a row costs no calls through the clone
+// resolver (at C = 10 those calls were most of the time). x86-64-v3 is AVX2 + FMA
+// ("arch=haswell" would test for that exact CPU model), picked at load time.
+#define CSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+CSL_CLONES void rows_f32(const Rows<float, float>& r, int64_t begin, int64_t end, float* zbuf) {
+  rows_block(r, begin, end, zbuf);
+}
+CSL_CLONES void rows_f16(const Rows<at::Half, float>& r, int64_t begin, int64_t end, float* zbuf) {
+  rows_block(r, begin, end, zbuf);
+}
+CSL_CLONES void rows_bf16(const Rows<at::BFloat16, float>& r, int64_t begin, int64_t end,
+                          float* zbuf) {
+  rows_block(r, begin, end, zbuf);
+}
+#undef CSL_CLONES
+// float64 calls std::exp, which no instruction set makes vectorise here.
+void rows_f64(const Rows<double, double>& r, int64_t begin, int64_t end, double* zbuf) {
+  rows_block(r, begin, end, zbuf);
+}
+inline void run_rows(const Rows<float, float>& r, int64_t b, int64_t e, float* z) {
+  rows_f32(r, b, e, z);
+}
+inline void run_rows(const Rows<at::Half, float>& r, int64_t b, int64_t e, float* z) {
+  rows_f16(r, b, e, z);
+}
+inline void run_rows(const Rows<at::BFloat16, float>& r, int64_t b, int64_t e, float* z) {
+  rows_bf16(r, b, e, z);
+}
+inline void run_rows(const Rows<double, double>& r, int64_t b, int64_t e, double* z) {
+  rows_f64(r, b, e, z);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -177,40 +355,23 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
                         float* stats, acc_t* objective) {
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
-  const int64_t row_stride = logits.stride(0);
-  const scalar_t* in = logits.const_data_ptr<scalar_t>();
-  scalar_t* out = grad.mutable_data_ptr<scalar_t>();
+  const Rows<scalar_t, acc_t> rows{logits.const_data_ptr<scalar_t>(),
+                                   logits.stride(0),
+                                   grad.mutable_data_ptr<scalar_t>(),
+                                   target,
+                                   w,
+                                   w_total,
+                                   row_scale,
+                                   opt,
+                                   stats,
+                                   objective,
+                                   B,
+                                   C};
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
-
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> zbuf(kSameType ? 0 : C);
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* row = in + i * row_stride;
-      scalar_t* grow = out + i * C;
-      const int64_t y = target[i];
-      if (y == opt.ignore_index) {
-        std::fill(grow, grow + C, scalar_t(0));
-        for (int k = 0; k < kNumStats; ++k) stats[k * B + i] = 0.f;
-        objective[i] = 0;
-        continue;
-      }
-      const acc_t* z;
-      acc_t* e;
-      if constexpr (kSameType) {
-        z = row;
-        e = grow;  // exponentials, then the gradient, written straight into the output
-      } else {
-        for (int64_t j = 0; j < C; ++j) zbuf[j] = static_cast<acc_t>(row[j]);
-        z = zbuf.data();
-        // One buffer serves both: the exponential pass reads z[j] before writing e[j].
-        e = zbuf.data();
-      }
-      objective[i] = process_row(z, e, C, y, w, w_total, row_scale, opt, stats, B, i);
-      if constexpr (!kSameType) {
-        for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
-      }
-    }
+    std::vector<acc_t> zbuf(kSameType ? 0 : (C <= kNarrowC ? kNarrowRows : 1) * C);
+    run_rows(rows, begin, end, zbuf.data());
   });
 }
 
