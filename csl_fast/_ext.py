@@ -87,7 +87,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name, why in backend_status(device).items() if why is None]
 
 
-_resolved: dict[tuple[str, str, str | None], str] = {}
+_resolved: dict[tuple[str, str], str] = {}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -95,10 +95,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
     Cached, and a constant to torch.compile, so it costs nothing per step.
     """
-    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"))
-    if key not in _resolved:
-        _resolved[key] = _resolve(backend, device)
-    return _resolved[key]
+    key = (backend, device.type)
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolve(backend, device)
+        # Only Triton on CPU tensors depends on the environment (TRITON_INTERPRET), which
+        # may change at run time; "auto" never picks it there.
+        if not (backend == "triton" and device.type != "cuda"):
+            _resolved[key] = name
+    return name
 
 
 # What torch.compiler.assume_constant_result sets; the decorator itself would import

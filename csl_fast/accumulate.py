@@ -216,6 +216,8 @@ def _buffers(
 def _check_args(
     logits, target, index, buffers, weight, label_smoothing, reduction, seq=None
 ) -> None:
+    # Runs on every training step: each tensor attribute is read once (a device or dtype
+    # read builds a Python object), and the error messages are only formatted on failure.
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(
@@ -227,70 +229,29 @@ def _check_args(
             f"csl_fast.accumulate: logits must be float32, float16, bfloat16 or float64, got "
             f"{logits.dtype}"
         )
+    device = logits.device
     batch = logits.shape[0]
-    for name, t in (("target", target), ("index", index)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
-        if t.dtype not in _INDEX_DTYPES:
-            hint = (
-                "; class-probability targets are not supported, pass class indices"
-                if name == "target" and t.is_floating_point()
-                else ""
-            )
-            raise TypeError(
-                f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}"
-                f"{hint}"
-            )
-        if seq is not None and name == "index":
-            if t.dim() != 1 or t.shape[0] != seq[0]:
-                raise ValueError(
-                    f"csl_fast.accumulate: index must be 1-D with B = {seq[0]} entries, one "
-                    f"dataset index per sequence of the [B, T] = {seq} target, got shape "
-                    f"{tuple(t.shape)}"
-                )
-            continue
-        if t.dim() != 1 or t.shape[0] != batch:
-            raise ValueError(
-                f"csl_fast.accumulate: {name} must be 1-D with B = {batch} entries to match "
-                f"logits of shape {tuple(logits.shape)}, got shape {tuple(t.shape)}"
-            )
+    _check_indices("target", target, batch, device)
+    if seq is None:
+        _check_indices("index", index, batch, device)
+    else:
+        _check_indices("index", index, seq[0], device, seq)
     csl, count = buffers
-    for name, buf, dtypes in (
-        ("csl", csl, (torch.float32, torch.float64)),
-        ("count", count, (torch.float32, torch.float64, torch.int64, torch.int32)),
-    ):
-        if buf is None:
-            continue
-        if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
-            got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
-            raise TypeError(
-                f"csl_fast.accumulate: {name} must be a tensor of dtype "
-                f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
-                "torch.zeros(num_samples, device=logits.device)"
-            )
-        if buf.dim() != 1 or not buf.is_contiguous():
+    _check_buffer("csl", csl, _CSL_DTYPES, device)
+    if count is not None:
+        _check_buffer("count", count, _COUNT_DTYPES, device)
+        if count.numel() != csl.numel():
             raise ValueError(
-                f"csl_fast.accumulate: {name} must be a contiguous 1-D tensor with one entry per "
-                f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+                f"csl_fast.accumulate: count has {count.numel()} entries but csl has "
+                f"{csl.numel()}; both need one entry per dataset sample"
             )
-    if count is not None and count.numel() != csl.numel():
-        raise ValueError(
-            f"csl_fast.accumulate: count has {count.numel()} entries but csl has {csl.numel()}; "
-            "both need one entry per dataset sample"
-        )
-    if weight is not None and (weight.dim() != 1 or weight.shape[0] != logits.shape[1]):
-        raise ValueError(
-            f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class weights, "
-            f"got shape {tuple(weight.shape)}"
-        )
-    named = [("target", target), ("index", index), ("csl", csl), ("count", count)]
-    named.append(("weight", weight))
-    for name, t in named:
-        if t is not None and t.device != logits.device:
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
             raise ValueError(
-                f"csl_fast.accumulate: {name} is on {t.device} but logits are on "
-                f"{logits.device}; move it with .to(logits.device)"
+                f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class "
+                f"weights, got shape {tuple(weight.shape)}"
             )
+        _check_device("weight", weight, device)
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
@@ -299,6 +260,65 @@ def _check_args(
         raise ValueError(
             f"csl_fast.accumulate: label_smoothing must be in [0, 1], got {label_smoothing}"
         )
+
+
+_CSL_DTYPES = (torch.float32, torch.float64)
+_COUNT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(
+            f"csl_fast.accumulate: {name} is on {t.device} but logits are on {device}; move it "
+            "with .to(logits.device)"
+        )
+
+
+def _check_indices(
+    name: str, t: object, rows: int, device: torch.device, seq: tuple[int, int] | None = None
+) -> None:
+    """``target`` or ``index``: a 1-D int64/int32 tensor of ``rows`` entries on ``device``
+    (``seq``: the index of a [B, T] batch of sequences, one entry per sequence)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _INDEX_DTYPES:
+        hint = (
+            "; class-probability targets are not supported, pass class indices"
+            if name == "target" and t.is_floating_point()
+            else ""
+        )
+        raise TypeError(
+            f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}{hint}"
+        )
+    if t.dim() != 1 or t.shape[0] != rows:
+        if seq is not None:
+            raise ValueError(
+                f"csl_fast.accumulate: index must be 1-D with B = {rows} entries, one dataset "
+                f"index per sequence of the [B, T] = {seq} target, got shape {tuple(t.shape)}"
+            )
+        raise ValueError(
+            f"csl_fast.accumulate: {name} must be 1-D with B = {rows} entries to match logits "
+            f"of {rows} rows, got shape {tuple(t.shape)}"
+        )
+    _check_device(name, t, device)
+
+
+def _check_buffer(
+    name: str, buf: object, dtypes: tuple[torch.dtype, ...], device: torch.device
+) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
+        got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise TypeError(
+            f"csl_fast.accumulate: {name} must be a tensor of dtype "
+            f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
+            "torch.zeros(num_samples, device=logits.device)"
+        )
+    if buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(
+            f"csl_fast.accumulate: {name} must be a contiguous 1-D tensor with one entry per "
+            f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+        )
+    _check_device(name, buf, device)
 
 
 def _check_values(

@@ -27,9 +27,16 @@ _NORM_OPS = {
 }
 
 
-def _op(backend: str, names: dict[str, str]):
+_OVERLOADS: dict[str, torch._ops.OpOverload] = {}
+
+
+def _op(backend: str, names: dict[str, str]) -> torch._ops.OpOverload:
     # resolve_backend has imported csl_fast._triton (registering its ops) when it chose it.
-    return getattr(torch.ops.csl_fast, names[backend]).default
+    name = names[backend]
+    op = _OVERLOADS.get(name)
+    if op is None:
+        op = _OVERLOADS[name] = getattr(torch.ops.csl_fast, name).default
+    return op
 
 
 def cross_entropy_fwd(
