@@ -1,6 +1,8 @@
 """Whole SGD training steps (MLP, small CNN, 32000-class classifier): plain
-F.cross_entropy against csl_fast tracking and per-step host logging. Compare the
-medians within a group; ``benchmarks/run.py`` reports the overheads in percent."""
+F.cross_entropy against csl_fast tracking and per-step host logging; and the part of a
+step the variants differ in (loss, backward into the logits, recording), timed apart from
+the model. Compare the medians within a group; ``benchmarks/run.py`` reports the
+overheads in percent and the tracking cost per step."""
 
 from __future__ import annotations
 
@@ -33,6 +35,18 @@ def test_training_step(benchmark, device, workload, variant):
     benchmark.group = f"training_step {device} {workload} B={case.batch} C={case.classes}"
     benchmark.extra_info["variant"] = variant
     run_benchmark(benchmark, case.step_fn(variant), device, rounds=ROUNDS, warmup=2)
+
+
+@pytest.mark.parametrize("variant", bench.LOSS_ONLY_VARIANTS)
+@pytest.mark.parametrize("workload", bench.WORKLOADS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_tracking_cost(benchmark, device, workload, variant):
+    case = _case(device, workload)
+    benchmark.group = f"tracking_cost {device} {workload} B={case.batch} C={case.classes}"
+    benchmark.extra_info["variant"] = variant
+    run_benchmark(
+        benchmark, case.step_fn(variant, loss_only=True), device, rounds=5 * ROUNDS, warmup=5
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
