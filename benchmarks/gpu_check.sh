@@ -12,9 +12,11 @@
 #                                                                       -> build.log, info.log
 #   tests  python -m pytest tests -q --maxfail=25 (parametrized over cpu and cuda) -> tests.log, tests.xml
 #   bench  benchmarks/run.py --device cuda --out OUTDIR                 -> bench.log, <gpu>-<date>.{md,json}
+#   sweep  benchmarks/triton_sweep.py: Triton launch configurations    -> sweep.log, triton-sweep.{md,json}
 # Exit status: 0 when every stage passed, else 1 (the table says which failed).
 # Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (470),
-# CSL_BUILD_TIMEOUT_S (240), CSL_TEST_TIMEOUT_S (200), CSL_BENCH_ARGS (extra run.py arguments).
+# CSL_BUILD_TIMEOUT_S (240), CSL_TEST_TIMEOUT_S (200), CSL_BENCH_ARGS (extra run.py arguments),
+# CSL_SWEEP_S (60: time kept for the sweep).
 set -u
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -105,7 +107,8 @@ stage env 60 env_info
 stage build "${CSL_BUILD_TIMEOUT_S:-240}" build
 stage tests "${CSL_TEST_TIMEOUT_S:-200}" tests
 
-left=$((BUDGET - $(elapsed)))
+SWEEP_S=${CSL_SWEEP_S:-60}
+left=$((BUDGET - SWEEP_S - $(elapsed)))
 [ $left -lt 150 ] && left=150
 # Smaller time budgets per comparison when little time is left (the report is written after
 # every section, so a run cut short still leaves its finished sections in OUTDIR).
@@ -113,6 +116,11 @@ scale=$("$PY" -c "print(round(min(1.0, max(0.3, $left / 300)), 2))")
 # shellcheck disable=SC2086
 stage bench "$left" "$PY" benchmarks/run.py --device cuda --out "$OUT" --budget-scale "$scale" \
     ${CSL_BENCH_ARGS:-}
+
+# The Triton launch-configuration sweep (data for _config's heuristic), in what is left.
+sweep_left=$((BUDGET - $(elapsed)))
+[ $sweep_left -lt "$SWEEP_S" ] && sweep_left=$SWEEP_S
+stage sweep "$sweep_left" "$PY" benchmarks/triton_sweep.py --out "$OUT" --budget-s $((sweep_left - 15))
 
 # ------------------------------------------------------------------ short table, last
 echo
@@ -128,5 +136,6 @@ if [ -f "$OUT/bench.log" ]; then
     # run.py prints its summary table on stdout after the [..s] progress lines.
     grep -v '^\[' "$OUT/bench.log" | grep -E '^(CE |step |targets|  MISSED|FAILED)' || true
 fi
+grep -A8 '^Best per shape' "$OUT/triton-sweep.md" 2>/dev/null | grep '^- ' | sed 's/^- /sweep best /' || true
 ls "$OUT"/*.md 2>/dev/null | sed 's/^/report: /'
 exit $fail
