@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import ops, reference
 from .stats import Stat
 
 #: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
@@ -341,8 +341,6 @@ class CSLTracker:
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
-        from . import ops
-
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -356,8 +354,6 @@ class CSLTracker:
     def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. No host synchronisation."""
-        from . import ops
-
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -464,8 +460,6 @@ class CSLTracker:
         """Last-value buffers (and forgetting / learned epoch, and the ``sums``) with the
         batch-order rule (:func:`csl_fast.reference.record_last`), in one pass on the CPU.
         ``max_prob`` overrides the max probability derived from the loss and margin."""
-        from . import ops
-
         b = self._buffers
         ops.record_last(
             stats,
