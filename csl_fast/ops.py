@@ -131,13 +131,17 @@ def record_last(
     """A tracker's per-presentation state (:func:`csl_fast.reference.record_last`);
     ``sums`` are the optional (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum).
 
-    One sequential C++ pass on the CPU; elsewhere the device-only reference (a stable sort
-    and ~40 small kernels, no host synchronisation): the state is B values, not worth a
-    GPU kernel of its own.
+    One sequential C++ pass on the CPU; with the Triton backend (the GPU default) a stable
+    sort and one Triton pass; elsewhere (the ``cuda`` and ``reference`` backends) the
+    device-only reference, a stable sort and ~40 small kernels. None synchronises with the
+    host; the C++ and Triton passes add the sums in batch order (deterministic).
     """
     args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
-    if stats.device.type == "cpu" and resolve_backend(backend, stats.device) == "cpu":
+    name = resolve_backend(backend, stats.device)
+    if name == "cpu":
         torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch, *sums)
+    elif name == "triton":
+        torch.ops.csl_fast.record_last_triton.default(*args, forgetting, learned_epoch, *sums)
     else:
         reference.record_last(*args, forgetting, learned_epoch, *sums)
 

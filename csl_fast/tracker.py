@@ -23,10 +23,11 @@ presentations of a batch are processed **in batch order**. Sums add every presen
 last-value buffers keep the last valid occurrence in the batch; forgetting counts
 correct -> incorrect transitions across successive presentations in batch order; the
 threshold learning time is the epoch in which the final correct streak began. The rule is
-applied with a stable sort by index and segment operations on the device, so there is no
-host synchronisation per step and the result is bitwise reproducible (sums use
-``index_put_(accumulate=True)``, which is sequential on the CPU and PyTorch's sort-based,
-deterministic kernel on CUDA). The CSL sum and count themselves are written by the fused
+applied without host synchronisation per step and bitwise reproducibly: one sequential C++
+pass on the CPU; on a GPU a stable sort by index, then one Triton pass in which each
+sample's run of presentations is walked in batch order (with ``backend="cuda"`` or
+``"reference"``: the same sort and segment operations in PyTorch, sums by
+``index_put_(accumulate=True)``). The CSL sum and count themselves are written by the fused
 ``scatter_stats`` op inside :func:`csl_fast.accumulate` (see its ``deterministic`` flag).
 """
 

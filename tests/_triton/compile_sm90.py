@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from csl_fast._triton import cross_entropy, grad_norms, scatter
+from csl_fast._triton import cross_entropy, grad_norms, record, scatter
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -96,6 +96,20 @@ def main(mode: str) -> None:
         sig = {k: sig[k] for k in scatter._scatter_sorted_kernel.arg_names if k in sig}
         _compile(scatter._scatter_sorted_kernel, sig, const, 4)
         print("ok scatter", csl_t, cnt_t, flush=True)
+    for f_t in ["fp32"] if mode == "minimal" else ["fp32", "fp64"]:
+        sig = {"stats_ptr": "*fp32", "sorted_ptr": "*i64", "perm_ptr": "*i64"}
+        sig |= {"max_prob_ptr": "*fp32", "last_loss_ptr": f"*{f_t}"}
+        sig |= {"last_max_prob_ptr": f"*{f_t}", "last_correct_ptr": "*i1"}
+        sig |= {"forgetting_ptr": "*i32", "learned_epoch_ptr": "*i32"}
+        sig |= {f"{k}_ptr": f"*{f_t}" for k in ("grad_norm_sum", "margin_sum", "p_true_sum")}
+        sig |= {"p_true_sq_sum_ptr": f"*{f_t}", "B": "i32", "N": "i64", "epoch": "i32"}
+        sig |= {"stride_sr": "i32", "stride_sc": "i32"}
+        flags = ("MAX_PROB", "TRANSITIONS", "GRAD_NORM_SUM", "MARGIN_SUM", "P_TRUE_SUM")
+        for on in (True, False) if mode != "minimal" else (True,):
+            const = {f"HAS_{k}": on for k in (*flags, "P_TRUE_SQ_SUM")}
+            const["BLOCK"] = record.BLOCK
+            _compile(record._record_sorted_kernel, sig, const, 4)
+            print("ok record_last", f_t, on, flush=True)
 
 
 if __name__ == "__main__":
