@@ -1,0 +1,109 @@
+"""csl_fast.bench, the measurement code behind benchmarks/run.py and `csl-fast bench`: every
+section runs and checks what it times, the targets are read right off the rows, and the
+reports render. Tiny sizes and budgets: these tests check the code, not the speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from csl_fast import bench
+
+
+def test_compare_times_every_candidate_and_reports_failures():
+    def boom():
+        raise RuntimeError("no such kernel\nsecond line")
+
+    stats, failed = bench.compare(
+        {"a": lambda: torch.ones(4).sum(), "b": boom}, "cpu", reps=4, min_sample_s=0.0
+    )
+    assert set(stats) == {"a"} and stats["a"].reps == 4 and stats["a"].median > 0
+    assert failed == {"b": "RuntimeError: no such kernel"}
+
+
+def test_cross_entropy_section_checks_each_candidate(one_thread):
+    rows = bench.bench_cross_entropy("cpu", [(9, 13)], reps=2, budget_s=0.2, compile=False)
+    timed = {r["impl"]: r for r in rows if "median_s" in r}
+    assert {bench.REF, bench.EAGER_CE, bench.fused_name("cpu")} <= set(timed)
+    assert all(r["correct"] for r in timed.values()), rows
+    fused = timed[bench.fused_name("cpu")]
+    assert fused["speedup_vs"][bench.REF] > 0 and fused["gbps"] > 0
+    assert any(r["impl"] == bench.LIGER and "skipped" in r for r in rows)
+
+
+def test_tracking_cost_section(one_thread):
+    rows = bench.bench_tracking_cost("cpu", ("cnn",), reps=3, budget_s=0.5)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == set(bench.LOSS_ONLY_VARIANTS)
+    assert by[bench.STEP_PLAIN]["cost_s"] == 0.0
+    assert all(r["median_s"] > 0 and r["batch"] == 64 for r in rows)
+
+
+def test_loss_only_steps_only_for_variants_that_have_one():
+    case = bench.TrainingCase("cnn", "cpu", num_samples=100, batches=1)
+    assert case.check() is None
+    case.step_fn(bench.STEP_TRACKER, loss_only=True)()
+    assert case.tracker.csl_count.sum() == case.batch
+    with pytest.raises(ValueError, match="no loss-only form"):
+        case.step_fn(bench.STEP_FULL, loss_only=True)
+
+
+def _results():
+    """Synthetic rows shaped like the sections' output."""
+    fused, ref = bench.fused_name("cpu"), bench.REF
+
+    def ce(impl, median):
+        return {"batch": 256, "classes": 1000, "dtype": "float32", "device": "cpu",
+                "impl": impl, "csl": True, "median_s": median, "q1_s": median,
+                "q3_s": median, "min_s": median, "noise_iqr": 0.01, "reps": 5,
+                "calls_per_sample": 1, "gbps": 1.0, "logits_bytes": 1024000,
+                "extra_peak_bytes": None, "extra_peak_logits": None, "correct": True,
+                "check_error": None, "buffers": 2}  # fmt: skip
+
+    rows = [ce(fused, 0.5e-3), ce(ref, 1.0e-3)]
+    bench._add_ratios(rows, ("batch", "classes"))
+
+    def cost(workload, variant, median, plain):
+        return {"workload": workload, "batch": 64, "classes": 10, "device": "cpu",
+                "variant": variant, "median_s": median, "noise_iqr": 0.02,
+                "cost_s": median - plain}  # fmt: skip
+
+    costs = [
+        cost("mlp", bench.STEP_PLAIN, 100e-6, 100e-6),
+        cost("mlp", bench.STEP_TRACKER, 150e-6, 100e-6),
+        cost("mlp", bench.STEP_HOST, 400e-6, 100e-6),
+        cost("cnn", bench.STEP_PLAIN, 100e-6, 100e-6),
+        cost("cnn", bench.STEP_TRACKER, 90e-6, 100e-6),
+        cost("cnn", bench.STEP_HOST, 150e-6, 100e-6),
+    ]
+    env = bench.environment("cpu")
+    return {"env": env, "errors": {}, "cross_entropy": rows, "tracking_cost": costs}
+
+
+def test_targets_read_the_rows():
+    res = _results()
+    got = {t["target"]: t for t in bench.targets(res)}
+    ce = got["fused CPU op >= 1.5x the reference eager path, 256x1000 fwd+bwd"]
+    assert ce["met"] and ce["value"] == pytest.approx(2.0)
+    mlp = got["mlp: tracker cost >= 10x cheaper than host logging"]
+    assert not mlp["met"] and mlp["value"] == pytest.approx(6.0)
+    assert "+50.0 µs vs +300.0 µs per step (6.0x)" in mlp["shown"]
+    cnn = got["cnn: tracker cost >= 10x cheaper than host logging"]
+    assert cnn["met"] and "tracker not slower than plain" in cnn["shown"]
+
+
+def test_reports_render_and_are_written(tmp_path):
+    res = _results()
+    res["targets"] = bench.targets(res)
+    text = bench.markdown(res)
+    assert "## Tracking cost per step" in text and "| mlp (B=64, C=10) |" in text
+    assert "| mlp: tracker cost >= 10x cheaper than host logging | " in text
+    assert text.count("**missed**") == 1
+    summary = bench.summary_table(res)
+    assert "cost mlp" in summary and "targets: 2 met, 1 missed" in summary
+    md, js = bench.write_report(res, str(tmp_path))
+    assert json.loads(Path(js).read_text())["tracking_cost"][1]["cost_s"] == pytest.approx(50e-6)
+    assert Path(md).read_text() == text
