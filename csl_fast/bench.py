@@ -1235,6 +1235,22 @@ def targets(results: dict) -> list[dict]:
                             f"{e:.2f} logits ({_fmt_bytes(r['extra_peak_bytes'])})",
                         )
                     )
+    if dev == "cuda" and results.get("linear_cross_entropy"):
+        from . import bench_lm  # imports this module
+
+        for r in results["linear_cross_entropy"]:
+            if r.get("impl") == bench_lm.OURS and "median_s" in r:
+                shape = f"{r['tokens']}x{r['hidden']}x{r['vocab']}"
+                peak, sp = r.get("peak_vs_eager"), r.get("speedup_vs", {}).get(bench_lm.EAGER)
+                if peak is not None and sp is not None:
+                    out.append(
+                        _target(
+                            f"linear CE {shape}: peak <= 1/4 of eager's at eager's speed or better",
+                            peak,
+                            peak <= 0.25 and sp >= 1.0,
+                            f"peak {peak:.2f}x eager's at {sp:.2f}x eager's speed",
+                        )
+                    )
     steps = [r for r in results.get("training", []) if "median_s" in r]
     if dev == "cpu":
         for kind in ("mlp", "cnn"):
@@ -1599,7 +1615,15 @@ def markdown(results: dict, short: bool = False) -> str:
     if results.get("linear_cross_entropy"):
         from . import bench_lm
 
-        lines += [bench_lm.markdown(results["linear_cross_entropy"]), ""]
+        lines += [
+            "## Linear cross entropy (language-model head)",
+            "",
+            "Forward + backward from the hidden states to the loss (gradients of the hidden "
+            "states and the weight); peak = extra memory above the inputs during one call.",
+            "",
+            bench_lm.markdown(results["linear_cross_entropy"]),
+            "",
+        ]
     for name, tb in results.get("errors", {}).items():
         lines += [f"## Section {name} FAILED", "", "```", tb.strip()[-2000:], "```", ""]
     return "\n".join(lines)

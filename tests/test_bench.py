@@ -107,3 +107,18 @@ def test_reports_render_and_are_written(tmp_path):
     md, js = bench.write_report(res, str(tmp_path))
     assert json.loads(Path(js).read_text())["tracking_cost"][1]["cost_s"] == pytest.approx(50e-6)
     assert Path(md).read_text() == text
+
+
+def test_linear_cross_entropy_target_on_a_gpu():
+    from csl_fast import bench_lm
+
+    def row(peak, speed):
+        shape = {"tokens": 8192, "hidden": 4096, "vocab": 32000}
+        return {"impl": bench_lm.OURS, "median_s": 1.0, **shape, "peak_vs_eager": peak,
+                "speedup_vs": {bench_lm.EAGER: speed}}  # fmt: skip
+
+    env = {"device": "cuda"}
+    met = bench.targets({"env": env, "linear_cross_entropy": [row(0.2, 1.1)]})
+    missed = bench.targets({"env": env, "linear_cross_entropy": [row(0.2, 0.9), row(0.3, 1.2)]})
+    assert [t["met"] for t in met] == [True] and [t["met"] for t in missed] == [False, False]
+    assert bench.targets({"env": {"device": "cpu"}, "linear_cross_entropy": [row(0.2, 1.1)]}) == []
