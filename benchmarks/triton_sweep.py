@@ -92,6 +92,7 @@ def launch(logits, target, cfg, grad, loss_rows, stats, denom) -> None:
         ROWS=rows,
         BLOCK_C=block,
         MANUAL_BF16_RNE=logits.dtype == torch.bfloat16 and is_interpreted(ce._ce_fwd_kernel),
+        INPLACE=False,
         num_warps=warps,
     )
 

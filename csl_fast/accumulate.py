@@ -46,6 +46,7 @@ def accumulate(
     backend: str = "auto",
     deterministic: bool | None = None,
     validate: bool | None = None,
+    inplace_grad: bool = False,
 ) -> torch.Tensor:
     r"""Cross entropy that also adds each sample's loss into ``csl`` at its dataset index.
 
@@ -110,6 +111,16 @@ def accumulate(
             C++ kernels) costs a synchronisation per call, and without it an
             out-of-range target gives a NaN loss and an out-of-range index is skipped.
 
+        inplace_grad: write the logits gradient over the logits instead of into a new
+            logits-sized buffer, so cross entropy allocates nothing logits-sized in forward
+            or backward (what a [tokens, vocabulary] language-model head needs). Default
+            False. After the call ``logits`` holds the gradient, not the logits. Safe under
+            autograd: the logits' version counter is bumped, so a graph that saved them for
+            its own backward (``tanh``, ``softmax``, ...) raises "modified by an inplace
+            operation" rather than computing a wrong gradient. Needs contiguous logits that
+            are not a leaf requiring grad, a fused backend and eager mode; backward can run
+            only once.
+
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
@@ -129,7 +140,8 @@ def accumulate(
         validate = logits.device.type == "cpu" and name != "cpu"
     if validate and not torch.compiler.is_compiling():
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
-    loss, stats = ops.cross_entropy_fwd(
+    fwd = ops.cross_entropy_fwd_inplace if inplace_grad else ops.cross_entropy_fwd
+    loss, stats = fwd(
         logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], name
     )
     record_stats(stats, index, csl, buffers, seq, deterministic, name)

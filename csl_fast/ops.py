@@ -19,6 +19,11 @@ _FWD_OPS = {
     "cuda": "cross_entropy_fwd",
     "triton": "cross_entropy_fwd_triton",
 }
+_FWD_INPLACE_OPS = {
+    "cpu": "cross_entropy_fwd_inplace",
+    "cuda": "cross_entropy_fwd_inplace",
+    "triton": "cross_entropy_fwd_inplace_triton",
+}
 _SCATTER_OPS = {"cpu": "scatter_stats", "cuda": "scatter_stats", "triton": "scatter_stats_triton"}
 _NORM_OPS = {
     "cpu": "input_grad_norms",
@@ -69,6 +74,83 @@ def cross_entropy_fwd(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
     return loss, stats.detach()
+
+
+def cross_entropy_fwd_inplace(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_fwd` that writes the logits gradient over the logits instead of
+    a new buffer: no logits-sized allocation in forward or backward.
+
+    Afterwards ``logits`` holds ``d loss / d logits`` (times the upstream gradient once
+    backward has run), not the logits. Safe under autograd: the logits' version counter is
+    bumped, so if the graph saved them for a backward of its own (``tanh``, ``softmax``,
+    ...), that backward raises "modified by an inplace operation" instead of computing a
+    wrong gradient. Backward can run once (it scales the gradient in place). Needs
+    contiguous logits that are not a leaf requiring grad, a fused backend, and eager mode.
+    """
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        raise ValueError(
+            "csl_fast: inplace_grad=True needs a fused backend (cpu, triton or cuda); the "
+            "reference backend is plain F.cross_entropy"
+        )
+    if logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "csl_fast: inplace_grad=True would overwrite a leaf tensor that requires grad (a "
+            "parameter or an input you created); pass logits computed by the model, or "
+            "inplace_grad=False"
+        )
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            "csl_fast: inplace_grad=True is for eager mode; under torch.compile leave it False "
+            "and let the compiler plan the buffers"
+        )
+    return _InplaceCrossEntropy.apply(
+        logits, target, weight, ignore_index, label_smoothing, reduction, name
+    )
+
+
+class _InplaceCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, name):
+        loss, stats = _op(name, _FWD_INPLACE_OPS)(
+            logits, target, weight, ignore_index, label_smoothing, reduction
+        )
+        # The kernel wrote through the data pointer; make autograd see the mutation.
+        torch.autograd.graph.increment_version(logits)
+        ctx.set_materialize_grads(False)
+        ctx.reduction = reduction
+        ctx.used = False
+        ctx.save_for_backward(logits)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "csl_fast: double backward through the fused cross entropy is not supported; "
+                "use backend='reference' (plain F.cross_entropy) for higher-order gradients"
+            )
+        if grad_loss is None:
+            return (None,) * 7
+        if ctx.used:
+            raise RuntimeError(
+                "csl_fast: with inplace_grad=True backward can run once (the gradient lives in "
+                "the logits' storage and is scaled in place); use inplace_grad=False to "
+                "backpropagate twice"
+            )
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        grad.mul_(grad_loss[:, None] if ctx.reduction == 0 else grad_loss)
+        return grad.detach(), None, None, None, None, None, None
 
 
 def cross_entropy_fwd_with_grad(
@@ -182,6 +264,13 @@ if _C is not None:
     # Its autograd is registered in C++ (csrc/autograd.cpp), with the same formula as
     # _backward_cross_entropy below, which serves the Triton op.
     torch.library.register_fake("csl_fast::cross_entropy_fwd")(_fake_cross_entropy_fwd)
+
+    @torch.library.register_fake("csl_fast::cross_entropy_fwd_inplace")
+    def _fake_cross_entropy_fwd_inplace(logits, target, weight, ignore, smoothing, reduction):
+        loss, _, stats = _fake_cross_entropy_fwd(
+            logits, target, weight, ignore, smoothing, reduction
+        )
+        return loss, stats
 
     @torch.library.register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):

@@ -19,6 +19,15 @@ inline void check_logits_2d(const at::Tensor& logits) {
                     logits.sizes(), "; flatten extra dimensions into the batch");
 }
 
+// cross_entropy_fwd_inplace: the gradient is written over the logits, row after row.
+inline void check_inplace_logits(const at::Tensor& logits) {
+  check_logits_2d(logits);
+  TORCH_CHECK_VALUE(logits.is_contiguous(),
+                    "csl_fast: inplace_grad=True writes the gradient over the logits and needs "
+                    "them contiguous, got strides ",
+                    logits.strides(), "; pass inplace_grad=False (or contiguous logits)");
+}
+
 // cross_entropy_fwd: target [B] of int64/int32 class indices, reduction and label smoothing.
 inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
                                      double label_smoothing, int64_t reduction) {

@@ -19,6 +19,10 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction) -> (Tensor loss, Tensor grad, Tensor stats)");
+  // The same, with the gradient written over the (contiguous) logits instead of a new buffer.
+  m.def(
+      "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
   // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].
   m.def(
       "scatter_stats(Tensor stats, Tensor index, bool deterministic, Tensor(a!)? csl, "

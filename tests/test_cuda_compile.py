@@ -260,15 +260,20 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _emu_cross_entropy(lib, logits, target, weight, ignore_index, eps, reduction):
-    """What ops_cuda.cpp does around the launcher, on CPU tensors."""
+def _emu_cross_entropy(lib, logits, target, weight, ignore_index, eps, reduction, inplace=False):
+    """What ops_cuda.cpp does around the launcher, on CPU tensors (``inplace``: the
+    gradient written over a copy of the logits, as cross_entropy_fwd_inplace does)."""
     batch, classes = logits.shape
     assert logits.stride(1) == 1
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n_prep = lib.emu_ce_prep_size(batch, reduction, weight is not None, eps)
     prep = torch.full((max(n_prep, 1),), math.nan, dtype=acc)
     objective = torch.full((batch,), math.nan, dtype=acc)
-    grad = torch.full((batch, classes), math.nan, dtype=logits.dtype)
+    if inplace:
+        logits = logits.clone()
+        grad = logits
+    else:
+        grad = torch.full((batch, classes), math.nan, dtype=logits.dtype)
     stats = torch.full((NUM_STATS, batch), math.nan)
     flag = torch.zeros(1, dtype=torch.int32)
     w = None if weight is None else weight.to(acc).contiguous()
@@ -320,6 +325,22 @@ def test_emulated_cross_entropy_paths(emu, classes, batch, dtype):
     target = torch.randint(0, classes, (batch,))
     target[1] = -100
     _check_against_reference(emu, logits, target)
+
+
+@pytest.mark.parametrize("classes,batch", _PATHS)
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_cross_entropy_in_place(emu, classes, batch, dtype):
+    """grad == logits (cross_entropy_fwd_inplace): bitwise the same results on every path,
+    with the emulated threads racing as GPU threads would."""
+    logits = (torch.randn(batch, classes) * 3).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = -100
+    weight = torch.rand(classes) + 0.5
+    for red in (0, 1):
+        want = _emu_cross_entropy(emu, logits, target, weight, -100, 0.1, red)
+        got = _emu_cross_entropy(emu, logits, target, weight, -100, 0.1, red, inplace=True)
+        for a, b, what in zip(got[:3], want[:3], ("loss", "grad", "stats"), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=what)
 
 
 _OPTIONS = [(True, 0.0, 1), (True, 0.1, 1), (False, 0.2, 2), (True, 0.3, 0)]

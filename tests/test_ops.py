@@ -31,6 +31,21 @@ def test_opcheck_cross_entropy(device, reduction, weighted):
     )
 
 
+def test_opcheck_cross_entropy_inplace(device):
+    logits, target = _inputs(device=device)
+    loss, grad, stats = torch.ops.csl_fast.cross_entropy_fwd(logits, target, None, -100, 0.1, 1)
+    buf = logits.clone()
+    loss2, stats2 = torch.ops.csl_fast.cross_entropy_fwd_inplace(buf, target, None, -100, 0.1, 1)
+    assert torch.equal(buf, grad) and torch.equal(loss2, loss) and torch.equal(stats2, stats)
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_fwd_inplace.default,
+        (logits.clone(), target, None, -100, 0.1, 1),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    with pytest.raises(ValueError, match="needs them contiguous"):
+        torch.ops.csl_fast.cross_entropy_fwd_inplace(logits.t(), target[:11], None, -100, 0.0, 1)
+
+
 def test_opcheck_scatter_and_norms(device):
     stats = torch.rand(NUM_STATS, 9, device=device)
     index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0], device=device)

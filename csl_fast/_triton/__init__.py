@@ -1,9 +1,11 @@
 """Triton kernels of csl_fast, the default GPU path.
 
-Importing this package registers four ops (same semantics as :mod:`csl_fast.reference`):
+Importing this package registers five ops (same semantics as :mod:`csl_fast.reference`):
 
 * ``torch.ops.csl_fast.cross_entropy_fwd_triton(logits, target, weight, ignore_index,
   label_smoothing, reduction) -> (loss, grad, stats)``
+* ``torch.ops.csl_fast.cross_entropy_fwd_inplace_triton(logits, ...) -> (loss, stats)``,
+  the gradient written over the logits
 * ``torch.ops.csl_fast.scatter_stats_triton(stats, index, deterministic, csl, count) -> ()``
 * ``torch.ops.csl_fast.input_grad_norms_triton(grad, scale) -> Tensor``
 * ``torch.ops.csl_fast.record_last_triton(stats, index, max_prob, epoch, last_loss, ...)``
@@ -14,12 +16,13 @@ opaque custom ops with fake kernels under ``TRITON_INTERPRET=1`` (see ``_registr
 Argument values are validated by the caller (``csl_fast.ops``).
 """
 
-from .cross_entropy import cross_entropy_fwd_triton
+from .cross_entropy import cross_entropy_fwd_inplace_triton, cross_entropy_fwd_triton
 from .grad_norms import input_grad_norms_triton
 from .record import record_last_triton
 from .scatter import scatter_stats_triton
 
 __all__ = [
+    "cross_entropy_fwd_inplace_triton",
     "cross_entropy_fwd_triton",
     "input_grad_norms_triton",
     "record_last_triton",

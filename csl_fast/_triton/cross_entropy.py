@@ -95,6 +95,7 @@ def _ce_fwd_kernel(
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
     MANUAL_BF16_RNE: tl.constexpr,
+    INPLACE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -104,7 +105,9 @@ def _ce_fwd_kernel(
     # Clamp only so that a bad target can never address memory outside the row.
     y = tl.minimum(tl.maximum(tl.where(active, tgt, 0), 0), C - 1)
     lrow = logits_ptr + rows * stride_lr
-    grow = grad_ptr + rows * stride_gr
+    # In place, the gradient goes through the logits' own pointer (one pointer read and
+    # written, never two that alias); each tile is loaded before it is stored.
+    grow = lrow if INPLACE else grad_ptr + rows * stride_gr
     cols0 = tl.arange(0, BLOCK_C)
 
     if HAS_WEIGHT:
@@ -237,7 +240,7 @@ def _ce_fwd_kernel(
         g = tl.where(active2, g, 0.0)
         tl.store(
             grow[:, None] + cols[None, :],
-            _to_out(g, grad_ptr.dtype.element_ty, MANUAL_BF16_RNE),
+            _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
             mask=mask2,
         )
     else:
@@ -259,7 +262,7 @@ def _ce_fwd_kernel(
             g = tl.where(active2, g, 0.0)
             tl.store(
                 grow[:, None] + cols[None, :],
-                _to_out(g, grad_ptr.dtype.element_ty, MANUAL_BF16_RNE),
+                _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
                 mask=mask2,
             )
 
@@ -337,6 +340,14 @@ def cross_entropy_fwd_triton(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     grad = torch.empty((batch, num_classes), dtype=logits.dtype, device=logits.device)
+    loss, stats = _launch(logits, target, weight, ignore_index, label_smoothing, reduction, grad)
+    return loss, grad, stats
+
+
+def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, grad):
+    """(loss, stats), the gradient written into ``grad`` (``None``: over the logits)."""
+    batch, num_classes = logits.shape
+    inplace = grad is None
     loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
     stats = torch.empty((6, batch), dtype=torch.float32, device=logits.device)
     target = target.contiguous()
@@ -363,13 +374,13 @@ def cross_entropy_fwd_triton(
             target,
             w if w is not None else loss_rows,
             denom,
-            grad,
+            logits if inplace else grad,
             loss_rows,
             stats,
             batch,
             num_classes,
             logits.stride(0),
-            grad.stride(0),
+            logits.stride(0) if inplace else grad.stride(0),
             ignore_index,
             float(label_smoothing),
             HAS_WEIGHT=w is not None,
@@ -379,6 +390,7 @@ def cross_entropy_fwd_triton(
             ROWS=rows,
             BLOCK_C=block,
             MANUAL_BF16_RNE=logits.dtype == torch.bfloat16 and is_interpreted(_ce_fwd_kernel),
+            INPLACE=inplace,
             num_warps=num_warps,
         )
 
@@ -388,4 +400,41 @@ def cross_entropy_fwd_triton(
         loss = (loss_rows.sum() / denom.reshape(())).to(logits.dtype)
     else:
         loss = loss_rows.sum().to(logits.dtype)
-    return loss, grad, stats
+    return loss, stats
+
+
+def _fake_inplace(logits, target, weight, ignore_index, label_smoothing, reduction):
+    loss, _, stats = _fake_cross_entropy(
+        logits, target, weight, ignore_index, label_smoothing, reduction
+    )
+    return loss, stats
+
+
+@register(
+    "csl_fast::cross_entropy_fwd_inplace_triton",
+    kernel=_ce_fwd_kernel,
+    mutates_args=("logits",),
+    fake=_fake_inplace,
+)
+def cross_entropy_fwd_inplace_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_fwd_triton` with the gradient written over the (contiguous)
+    logits: ``(loss, stats)``; no logits-sized buffer is allocated."""
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"cross_entropy_fwd_inplace_triton supports float16, bfloat16 and float32 logits, "
+            f"got {logits.dtype}"
+        )
+    if not logits.is_contiguous():
+        raise ValueError(
+            "csl_fast: inplace_grad=True writes the gradient over the logits and needs them "
+            f"contiguous, got strides {tuple(logits.stride())}; pass inplace_grad=False (or "
+            "contiguous logits)"
+        )
+    return _launch(logits, target, weight, ignore_index, label_smoothing, reduction, None)

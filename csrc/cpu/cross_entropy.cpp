@@ -375,9 +375,13 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
-    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+// (loss, stats); the gradient goes into `grad` ([B, C], contiguous, logits dtype), which
+// may be the logits themselves: each row is read before it is overwritten.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits,
+                                                      const at::Tensor& target,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      int64_t ignore_index, double label_smoothing,
+                                                      int64_t reduction, at::Tensor& grad) {
   check_logits_2d(logits);
   check_cross_entropy_args(logits, target, label_smoothing, reduction);
   const int64_t B = logits.size(0);
@@ -395,7 +399,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
   }
   // Rows must be unit-stride; a row stride (e.g. a column slice) is used as is.
   const at::Tensor z = (C == 0 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  at::Tensor grad = at::empty({B, C}, logits.options());
   at::Tensor stats = at::empty({kNumStats, B}, logits.options().dtype(at::kFloat));
   const Options opt{ignore_index, label_smoothing, reduction};
 
@@ -433,7 +436,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
           loss = at::scalar_tensor(total, logits.options());
         }
       });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  check_logits_2d(logits);
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto [loss, stats] =
+      cross_entropy_into(logits, target, weight, ignore_index, label_smoothing, reduction, grad);
   return {loss, grad, stats};
+}
+
+// The gradient overwrites the logits (csl_fast.accumulate(inplace_grad=True)).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  check_inplace_logits(logits);
+  return cross_entropy_into(logits, target, weight, ignore_index, label_smoothing, reduction,
+                            logits);
 }
 
 }  // namespace
@@ -442,4 +464,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
 
 TORCH_LIBRARY_IMPL(csl_fast, CPU, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cpu::cross_entropy_fwd);
+  m.impl("cross_entropy_fwd_inplace", &csl_fast::cpu::cross_entropy_fwd_inplace);
 }

@@ -36,10 +36,14 @@ constexpr int kStreamUnroll = 4;      // loads in flight per thread in the strea
 constexpr int kPrepThreads = 1024;
 constexpr int64_t kPrepRowsPerBlock = 16384;
 
+// `logits` and `grad` may be the same memory (the in-place gradient of
+// cross_entropy_fwd_inplace), so neither is __restrict__. Every kernel reads all it needs
+// of a row before a barrier (block reduction or warp shuffle) that precedes the row's first
+// gradient write, or reads and then writes an element in the same thread.
 template <typename T>
 struct CeArgs {
   using A = acc_t<T>;
-  const T* __restrict__ logits;
+  const T* logits;
   int64_t rows;
   int64_t ld;  // row stride of logits, in elements
   int classes;
@@ -50,7 +54,7 @@ struct CeArgs {
   int reduction;
   const A* __restrict__ prep;  // [0] = D, [1] = W; null when not needed
   A* __restrict__ objective;
-  T* __restrict__ grad;  // null: gradient not written
+  T* grad;  // null: gradient not written; may equal logits
   float* __restrict__ stats;
   int* error_flag;
 };
@@ -158,7 +162,7 @@ __device__ __forceinline__ GradCoefs<A> grad_coefs(const Coefs<A>& k, A w_y, A o
 }
 
 template <typename T>
-__device__ __forceinline__ void write_grad(T* __restrict__ g, int j, int y,
+__device__ __forceinline__ void write_grad(T* g, int j, int y,
                                            acc_t<T> z, acc_t<T> w_j,
                                            const RowScalars<acc_t<T>>& r,
                                            const Coefs<acc_t<T>>& k,
@@ -241,7 +245,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
       write_inactive_row(a, row, kind, lane, 32);
       continue;
     }
-    const T* __restrict__ zr = a.logits + row * a.ld;
+    const T* zr = a.logits + row * a.ld;
     A z[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -279,7 +283,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
     // Pass 3: gradient and the smoothing sum.
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
     const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
-    T* __restrict__ g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
+    T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth = A(0);
 #pragma unroll
     for (int i = 0; i < N; ++i) {
@@ -313,7 +317,7 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
       write_inactive_row(a, row, kind, tid, nt);
       continue;
     }
-    const T* __restrict__ zr = a.logits + row * a.ld;
+    const T* zr = a.logits + row * a.ld;
     A z[E];
 #pragma unroll
     for (int i = 0; i < E; ++i) {
@@ -345,7 +349,7 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
     const RowScalars<A> r = finish_row(mx[0], mx[1], mx[2], sums[0], sums[1], z_y, C);
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
     const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
-    T* __restrict__ g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
+    T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth[1] = {A(0)};
 #pragma unroll
     for (int i = 0; i < E; ++i) {
@@ -385,7 +389,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
       write_inactive_row(a, row, kind, tid, nt);
       continue;
     }
-    const T* __restrict__ zr = a.logits + row * a.ld;
+    const T* zr = a.logits + row * a.ld;
     A mx[3] = {ninf, ninf, ninf};  // running max, max_{j<y}, max_{j>y}
     A sums[2] = {A(0), A(0)};      // relative to safe_max(mx[0])
     for (int base = tid; base < C; base += nt * U) {
@@ -420,6 +424,8 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
         }
       }
     }
+    // Before the reductions' barriers: in place, other threads overwrite the row after them.
+    const A z_y = to_acc(zr[y]);
     const A m_thread = mx[0];
     block_allreduce(mx, MaxOp(), ninf, smem);
     {
@@ -428,11 +434,10 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
       sums[1] = rescale(sums[1], f * f);
     }
     block_allreduce(sums, SumOp(), A(0), smem);
-    const A z_y = to_acc(zr[y]);
     const RowScalars<A> r = finish_row(mx[0], mx[1], mx[2], sums[0], sums[1], z_y, C);
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
     const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
-    T* __restrict__ g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
+    T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth[1] = {A(0)};
     if (g != nullptr || a.eps > A(0)) {
       for (int base = tid; base < C; base += nt * U) {

@@ -70,7 +70,9 @@ struct CrossEntropyParams {
   // cross_entropy_prep_size() > 0; otherwise ignored.
   void* prep = nullptr;
   void* objective = nullptr;  // acc type, [rows]
-  void* grad = nullptr;       // logits dtype, [rows, classes] contiguous; null: not written
+  // logits dtype, [rows, classes] contiguous; null: not written. May be `logits` itself
+  // (contiguous logits): the gradient then overwrites them.
+  void* grad = nullptr;
   float* stats = nullptr;     // float32 [kNumStats, rows] contiguous
   int* error_flag = nullptr;  // optional, see the top of this file
 };

@@ -80,9 +80,11 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 int read_flag(const at::Tensor& flag) { return flag.defined() ? flag.item<int>() : 0; }
 
 // ---------------------------------------------------------------------------------------
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+// (loss, stats) with the gradient written into `grad` ([B, C] contiguous, logits dtype),
+// which may be the (contiguous) logits themselves.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_into_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad) {
   check_logits_2d(logits);
   TORCH_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
                    "csl_fast: logits must be float32, float16, bfloat16 or float64, got ",
@@ -107,13 +109,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
 
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor grad = at::empty({B, C}, logits.options());
   at::Tensor stats = at::empty({kNumStats, B}, f32);
   if (B == 0) {
     at::Tensor loss = reduction == kNone ? at::empty({0}, logits.options())
                       : reduction == kSum ? at::zeros({}, logits.options())
                                           : at::full({}, NAN, logits.options());  // 0 / 0
-    return {loss, grad, stats};
+    return {loss, stats};
   }
 
   // Rows must be unit-stride; a row stride (e.g. a column slice) is used as is.
@@ -161,7 +162,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     // D = prep[0] stays on the device; 0 / 0 = NaN when every row is ignored.
     loss = objective.sum().div(prep.select(0, 0)).to(logits.scalar_type());
   }
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  check_logits_2d(logits);
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto [loss, stats] = cross_entropy_into_cuda(logits, target, weight, ignore_index,
+                                               label_smoothing, reduction, grad);
   return {loss, grad, stats};
+}
+
+// The gradient overwrites the logits (csl_fast.accumulate(inplace_grad=True)).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  check_inplace_logits(logits);
+  return cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing,
+                                 reduction, logits);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -250,6 +270,7 @@ at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
 
 TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cuda::cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_fwd_inplace", &csl_fast::cuda::cross_entropy_fwd_inplace_cuda);
   m.impl("scatter_stats", &csl_fast::cuda::scatter_stats_cuda);
   m.impl("input_grad_norms", &csl_fast::cuda::input_grad_norms_cuda);
 }

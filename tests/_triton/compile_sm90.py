@@ -76,6 +76,7 @@ def main(mode: str) -> None:
                 ROWS=rows,
                 BLOCK_C=block,
                 MANUAL_BF16_RNE=False,
+                INPLACE=bool(mean),
             )
             _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
             print("ok cross_entropy", dt, const, flush=True)

@@ -194,3 +194,48 @@ def test_torch_compile_fullgraph(tdevice):
     logits, target, weight = _inputs(5, 11, torch.float32, tdevice, weighted=True, ignore=True)
     got = torch.compile(f, fullgraph=True, backend=backend)(logits, target, weight)
     torch.testing.assert_close(got, f(logits, target, weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_in_place_gradient(tdevice, monkeypatch, dtype, two_pass):
+    """cross_entropy_fwd_inplace_triton: the gradient over the logits, bitwise what the
+    out-of-place op writes into its new buffer, on both paths."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 16)
+    for reduction in (0, 1):
+        logits, target, weight = _inputs(5, 37, dtype, tdevice, weighted=True, ignore=True)
+        loss, grad, stats = cross_entropy_fwd_triton(logits, target, weight, IGNORE, 0.1, reduction)
+        buf = logits.clone()
+        loss2, stats2 = cross_entropy.cross_entropy_fwd_inplace_triton(
+            buf, target, weight, IGNORE, 0.1, reduction
+        )
+        assert torch.equal(buf, grad) and torch.equal(stats2, stats) and torch.equal(loss2, loss)
+    with pytest.raises(ValueError, match="needs them contiguous"):
+        cross_entropy.cross_entropy_fwd_inplace_triton(logits[:, :5], target, None, IGNORE, 0.0, 1)
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_fwd_inplace_triton.default,
+        (logits.clone(), target, weight, IGNORE, 0.1, 1),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_accumulate_in_place_with_the_triton_backend(tdevice):
+    import csl_fast
+
+    grads = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(6, 13).to(tdevice)
+        x = torch.randn(9, 6, device=tdevice)
+        target = torch.randint(0, 13, (9,), device=tdevice)
+        csl = torch.zeros(4, device=tdevice)
+        index = torch.randint(0, 4, (9,), device=tdevice)
+        loss = csl_fast.accumulate(
+            layer(x), target, index, csl, backend="triton", inplace_grad=inplace
+        )
+        loss.backward()
+        grads.append((loss.detach(), layer.weight.grad, csl))
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
