@@ -27,10 +27,14 @@ def test_compare_times_every_candidate_and_reports_failures():
 def test_cross_entropy_section_checks_each_candidate(one_thread):
     rows = bench.bench_cross_entropy("cpu", [(9, 13)], reps=2, budget_s=0.2, compile=False)
     timed = {r["impl"]: r for r in rows if "median_s" in r}
-    assert {bench.REF, bench.EAGER_CE, bench.fused_name("cpu")} <= set(timed)
+    in_place = bench.fused_name("cpu", inplace=True)
+    assert {bench.REF, bench.EAGER_CE, bench.fused_name("cpu"), in_place} <= set(timed)
     assert all(r["correct"] for r in timed.values()), rows
     fused = timed[bench.fused_name("cpu")]
     assert fused["speedup_vs"][bench.REF] > 0 and fused["gbps"] > 0
+    # One new logits-sized buffer (the gradient) out of place, none in place.
+    assert 0.9 < fused["extra_peak_logits"] < 1.5
+    assert timed[in_place]["extra_peak_logits"] < 0.5
     assert any(r["impl"] == bench.LIGER and "skipped" in r for r in rows)
 
 
