@@ -1249,8 +1249,10 @@ def targets(results: dict) -> list[dict]:
         from . import bench_lm  # imports this module
 
         for r in results["linear_cross_entropy"]:
-            if r.get("impl") == bench_lm.OURS and "median_s" in r:
+            if r.get("impl") in (bench_lm.OURS, bench_lm.OURS_LOWMEM) and "median_s" in r:
                 shape = f"{r['tokens']}x{r['hidden']}x{r['vocab']}"
+                if r["impl"] == bench_lm.OURS_LOWMEM:
+                    shape += " (weight-dtype accumulators)"
                 peak, sp = r.get("peak_vs_eager"), r.get("speedup_vs", {}).get(bench_lm.EAGER)
                 if peak is not None and sp is not None:
                     out.append(

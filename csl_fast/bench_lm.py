@@ -44,10 +44,12 @@ LCE_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
 SEQ_LEN = {"cpu": 128, "cuda": 2048}
 
 OURS = "csl_fast.linear_cross_entropy (+CSL)"
+#: The same with weight-dtype gradient accumulators (less memory, rounding per chunk).
+OURS_LOWMEM = "csl_fast.linear_cross_entropy (+CSL, accum_dtype=weight dtype)"
 EAGER = "eager F.cross_entropy(h @ W.T)"
 COMPILED = "torch.compile(F.cross_entropy(h @ W.T))"
 LIGER = "Liger fused linear CE"
-IMPLS = (OURS, EAGER, COMPILED, LIGER)
+IMPLS = (OURS, OURS_LOWMEM, EAGER, COMPILED, LIGER)
 
 
 def _eager(h, w, t):
@@ -108,7 +110,13 @@ class LinearCECase:
         )
         self.impls: dict[str, Callable[[], Any]] = {}
         self.skipped: dict[str, str] = {}
-        self.has_csl = {OURS: True, EAGER: False, COMPILED: False, LIGER: False}
+        self.has_csl = {
+            OURS: True,
+            OURS_LOWMEM: True,
+            EAGER: False,
+            COMPILED: False,
+            LIGER: False,
+        }
         flat_t = self.t.reshape(-1)
 
         def step(fn):
@@ -125,6 +133,20 @@ class LinearCECase:
                 self.h, self.w, self.t, self.index, self.csl, chunk_size=self.chunk_size
             )
         )
+        if self.dtype != torch.float32:
+            self.impls[OURS_LOWMEM] = step(
+                lambda: linear_cross_entropy(
+                    self.h,
+                    self.w,
+                    self.t,
+                    self.index,
+                    self.csl,
+                    chunk_size=self.chunk_size,
+                    accum_dtype=self.w.dtype,
+                )
+            )
+        else:
+            self.skipped[OURS_LOWMEM] = "float32 weights: the same as the default"
         self.impls[EAGER] = step(lambda: _eager(self.h, self.w, flat_t))
         if compile:
             compiled = torch.compile(_eager)

@@ -12,12 +12,14 @@ for each chunk of ``chunk_size`` tokens
    logits the eager reference computes);
 2. the fused cross-entropy op of the active backend (C++ on the CPU, Triton or CUDA on a
    GPU, see :func:`csl_fast.available_backends`) turns ``z`` into the chunk's loss, its
-   gradient ``dz`` and the per-token statistics in one pass over the row;
+   gradient ``dz`` (written over ``z``) and the per-token statistics in one pass over the
+   row;
 3. with ``reduction`` ``'mean'``/``'sum'`` the parameter gradients are formed at once:
    ``grad_hidden_c = dz @ weight``, ``grad_weight += dz.T @ hidden_c`` (float32
    accumulator by default), ``grad_bias += dz.sum(0)``; then ``z`` and ``dz`` are freed.
 
-So at most one chunk of logits (and its gradient) is alive at a time; the backward pass
+So at most one chunk of logits (then its gradient, in the same memory) is alive at a
+time; the backward pass
 only scales the stored gradients by the upstream gradient. With ``reduction='none'`` the
 upstream gradient is per token and unknown in the forward pass: the forward computes the
 losses only, and the backward recomputes each chunk's logits (one more matmul).
@@ -105,8 +107,9 @@ def linear_cross_entropy(
         count: optional counts buffer for a plain ``csl`` tensor (see ``accumulate``).
         ignore_index, label_smoothing, reduction: as in ``F.cross_entropy``.
         chunk_size: tokens per chunk; default :func:`default_chunk_size`. Peak memory
-            above the inputs is about ``2 * chunk_size * V`` logits-dtype elements plus
-            the gradients (and the float32 weight-gradient accumulator, see below).
+            above the inputs is about ``chunk_size * V`` logits-dtype elements (each
+            chunk's gradient overwrites its logits; twice that with the reference backend)
+            plus the gradients (and the float32 weight-gradient accumulator, see below).
         accum_dtype: dtype of the ``grad_weight`` / ``grad_bias`` accumulators summed over
             chunks. Default float32 (PyTorch's own bf16 matmul accumulates all tokens in
             float32 and rounds once; so does this). ``weight.dtype`` saves ``4 V H`` bytes
@@ -263,8 +266,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = _logits(h, weight, bias)
             # Per-row losses (summed in float32 below) and the per-row gradient for a unit
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
+            # In place: the chunk's gradient overwrites its logits (one chunk alive, not two).
             loss_c, dz, st = ops.cross_entropy_fwd_with_grad(
-                z, target[start:end], None, ignore_index, label_smoothing, 0, name
+                z, target[start:end], None, ignore_index, label_smoothing, 0, name, inplace=True
             )
             del z
             stats[:, start:end] = st
@@ -335,10 +339,10 @@ def _backward_none(ctx, grad_loss):
         h = hidden[start:end]
         z = _logits(h, weight, bias)
         _, dz, _ = ops.cross_entropy_fwd_with_grad(
-            z, target[start:end], None, ignore_index, label_smoothing, 0, name
+            z, target[start:end], None, ignore_index, label_smoothing, 0, name, inplace=True
         )
         del z
-        dz = dz * grad_loss[start:end, None].to(dz.dtype)
+        dz.mul_(grad_loss[start:end, None].to(dz.dtype))
         if gh is not None:
             torch.mm(dz, weight, out=gh[start:end])
         if gw is not None:

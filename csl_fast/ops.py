@@ -161,16 +161,24 @@ def cross_entropy_fwd_with_grad(
     label_smoothing: float,
     reduction: int,
     backend: str = "auto",
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fused op itself: ``(loss, grad, stats)`` with ``grad = d loss / d logits`` for a
     unit upstream gradient as an output, for callers that build their own backward (such
-    as :func:`csl_fast.linear_cross_entropy`). Call it with autograd off."""
+    as :func:`csl_fast.linear_cross_entropy`). Call it with autograd off.
+
+    ``inplace``: ``grad`` is ``logits`` itself, overwritten (contiguous logits that nothing
+    else needs; the reference backend still returns a new buffer)."""
     name = resolve_backend(backend, logits.device)
     if name == "reference":
         return reference.cross_entropy_fwd(
             logits, target, weight, ignore_index, label_smoothing, reduction
         )
-    return _op(name, _FWD_OPS)(logits, target, weight, ignore_index, label_smoothing, reduction)
+    args = (target, weight, ignore_index, label_smoothing, reduction)
+    if inplace:
+        loss, stats = _op(name, _FWD_INPLACE_OPS)(logits, *args)
+        return loss, logits, stats
+    return _op(name, _FWD_OPS)(logits, *args)
 
 
 def scatter_stats(

@@ -126,3 +126,14 @@ def test_linear_cross_entropy_target_on_a_gpu():
     missed = bench.targets({"env": env, "linear_cross_entropy": [row(0.2, 0.9), row(0.3, 1.2)]})
     assert [t["met"] for t in met] == [True] and [t["met"] for t in missed] == [False, False]
     assert bench.targets({"env": {"device": "cpu"}, "linear_cross_entropy": [row(0.2, 1.1)]}) == []
+
+
+def test_linear_cross_entropy_candidates_agree_with_eager():
+    from csl_fast import bench_lm
+
+    case = bench_lm.LinearCECase(64, 16, 300, "cpu", torch.bfloat16, compile=False, liger=False)
+    assert {bench_lm.OURS, bench_lm.OURS_LOWMEM, bench_lm.EAGER} <= set(case.impls)
+    for name in case.impls:
+        assert case.check(name) is not None and case.check(name) < 1e-2, name
+    case32 = bench_lm.LinearCECase(64, 16, 300, "cpu", compile=False, liger=False)
+    assert "same as the default" in case32.skipped[bench_lm.OURS_LOWMEM]
