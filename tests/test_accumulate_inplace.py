@@ -133,3 +133,14 @@ def test_sequences(device):
     torch.testing.assert_close(got[1][0], want)
     for a, b in zip(got[0], got[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_refused_under_torch_compile():
+    layer, x, y, idx = _model_and_batch("cpu", torch.float32)
+    csl = torch.zeros(10)
+
+    def step(x):
+        return csl_fast.accumulate(layer(x), y, idx, csl, inplace_grad=True)
+
+    with pytest.raises(Exception, match="inplace_grad=True is for eager mode"):
+        torch.compile(step, fullgraph=True, backend="eager")(x)
