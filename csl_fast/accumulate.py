@@ -10,6 +10,7 @@ from . import ops
 from ._ext import resolve_backend
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
+from .tracker import CSLTracker
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -121,10 +122,22 @@ def accumulate(
             are not a leaf requiring grad, a fused backend and eager mode; backward can run
             only once.
 
+    Into a :class:`csl_fast.CSLTracker` on the CPU (eager mode, ``[B, C]`` logits, no
+    ``history``), the whole step (cross entropy, CSL sum and count, the tracker's other
+    statistics) runs as one op, ``csl_fast::track_cross_entropy``: at a few classes the
+    calls cost more than the arithmetic.
+
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
     """
+    if _one_op(csl, logits, count, backend, reduction, validate, inplace_grad):
+        try:
+            return csl._track(
+                logits, target, index, weight, ignore_index, label_smoothing, REDUCTIONS[reduction]
+            )
+        except Exception:
+            pass  # nothing was written; the path below says what is wrong
     seq = _sequence_shape(logits, target)
     if seq is not None:
         logits = logits.reshape(-1, logits.shape[-1])
@@ -148,6 +161,28 @@ def accumulate(
     if seq is not None and reduction == "none":
         loss = loss.view(seq)
     return loss
+
+
+def _one_op(csl, logits, count, backend, reduction, validate, inplace_grad) -> bool:
+    """Whether a CPU tracker step can run as the single track_cross_entropy op: the same
+    kernels in one call (three op calls and their glue cost more than the work at a few
+    classes). Eager mode, per-row [B, C] logits on the CPU, a tracker without history."""
+    return (
+        type(csl) is CSLTracker
+        and not csl.history
+        and count is None
+        and not inplace_grad
+        and not validate
+        and reduction in REDUCTIONS
+        and isinstance(logits, torch.Tensor)
+        and logits.dim() == 2
+        and logits.device.type == "cpu"
+        and csl.device.type == "cpu"
+        and backend in ("auto", "cpu")
+        and csl.backend in ("auto", "cpu")
+        and resolve_backend("auto", logits.device) == "cpu"
+        and not torch.compiler.is_compiling()
+    )
 
 
 def record_stats(

@@ -285,6 +285,28 @@ class CSLTracker:
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
         self._record_last(idx, stats, "", transitions=True, sums=sums)
 
+    def _track(
+        self,
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        index: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: int,
+    ) -> torch.Tensor:
+        """:func:`csl_fast.accumulate` into this tracker in one C++ op (CPU, eager, no
+        history): the fused cross entropy, then what :meth:`training_buffers` and
+        :meth:`record` would receive. Raises, having written nothing, on bad input."""
+        b = self._buffers
+        loss, _, _ = torch.ops.csl_fast.track_cross_entropy.default(
+            logits, target, weight, ignore_index, label_smoothing, reduction, index,
+            b["csl_sum"], b["csl_count"], self.epoch, b["last_loss"], b["last_max_prob"],
+            b["last_correct"], b["forgetting"], b["learned_epoch"], b["grad_norm_sum"],
+            b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"],
+        )  # fmt: skip
+        return loss
+
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
 

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "kernels.h"
 #include "../stats.h"
 
 namespace csl_fast {
@@ -25,6 +26,8 @@ void add_into(at::Tensor& out, const int64_t* idx, const float* values, int64_t 
     default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
 }
+
+}  // namespace
 
 void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool deterministic,
                    const std::optional<at::Tensor>& csl, const std::optional<at::Tensor>& count) {
@@ -52,7 +55,6 @@ void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool determ
   }
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
 
