@@ -61,40 +61,13 @@ def configs(num_classes: int, device: str) -> list[tuple[bool, int, int, int]]:
     return [c for c in out if not (c in seen or seen.add(c))]
 
 
-def launch(logits, target, cfg, grad, loss_rows, stats, denom) -> None:
-    """One launch of the kernel with configuration ``cfg`` (mean reduction, no weights)."""
-    import torch
-    import triton
-
+def launch(logits, target, cfg, grad):
+    """The op's own launch (mean reduction, no weights) with configuration ``cfg``:
+    ``(grad, loss, stats)``."""
     from csl_fast._triton import cross_entropy as ce
-    from csl_fast._triton._registry import is_interpreted
 
-    fused, rows, block, warps = cfg
-    batch, num_classes = logits.shape
-    ce._ce_fwd_kernel[(triton.cdiv(batch, rows),)](
-        logits,
-        target,
-        loss_rows,
-        denom,
-        grad,
-        loss_rows,
-        stats,
-        batch,
-        num_classes,
-        logits.stride(0),
-        grad.stride(0),
-        -100,
-        0.0,
-        HAS_WEIGHT=False,
-        HAS_SMOOTH=False,
-        IS_MEAN=True,
-        FUSED=fused,
-        ROWS=rows,
-        BLOCK_C=block,
-        MANUAL_BF16_RNE=logits.dtype == torch.bfloat16 and is_interpreted(ce._ce_fwd_kernel),
-        INPLACE=False,
-        num_warps=warps,
-    )
+    loss, stats = ce._launch(logits, target, None, -100, 0.0, 1, grad, config=cfg)
+    return grad, loss, stats
 
 
 def sweep_shape(batch: int, num_classes: int, device: str, budget_s: float) -> list[dict]:
@@ -114,19 +87,12 @@ def sweep_shape(batch: int, num_classes: int, device: str, budget_s: float) -> l
         )
         for _ in range(nbuf)
     ]
-    denom = torch.full((1,), float(batch), device=dev)
 
-    def outputs():
-        return (
-            torch.empty(batch, num_classes, dtype=dtype, device=dev),
-            torch.empty(batch, device=dev),
-            torch.empty(6, batch, device=dev),
-        )
+    def new_grad():
+        return torch.empty(batch, num_classes, dtype=dtype, device=dev)
 
     def run_once(cfg, k=0):
-        out = outputs()
-        launch(*inputs[k], cfg, *out, denom)
-        return out
+        return launch(*inputs[k], cfg, new_grad())
 
     cands = configs(num_classes, device)
     want = run_once(cands[0])
@@ -146,12 +112,12 @@ def sweep_shape(batch: int, num_classes: int, device: str, budget_s: float) -> l
             row["skipped"] = bench._why(exc)
             rows.append(row)
             continue
-        out = outputs()
+        grad = new_grad()
         state = {"k": 0}
 
-        def fn(cfg=cfg, out=out, state=state):
+        def fn(cfg=cfg, grad=grad, state=state):
             state["k"] = (state["k"] + 1) % nbuf
-            launch(*inputs[state["k"]], cfg, *out, denom)
+            launch(*inputs[state["k"]], cfg, grad)
 
         fns[name] = fn
         rows.append(row)
@@ -180,7 +146,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"- date {env['date']}, commit {str(env.get('git_commit'))[:12]}{dirty}",
         f"- torch {env['torch']}, triton {env.get('triton')}",
         "",
-        "Forward kernel alone (it also writes the gradient and statistics), mean reduction; "
+        "The op's forward (it also writes the gradient and statistics), mean reduction; "
         "GB/s counts one read and one write of the logits. 'vs default' > 1: faster than "
         "what `_config` picks now.",
         "",

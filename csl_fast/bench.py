@@ -920,6 +920,44 @@ class TrainingCase:
         return "; ".join(errs) or None
 
 
+def _step_rows(
+    kind: str,
+    dev: torch.device,
+    variants: tuple[str, ...],
+    fields: Callable[[Stats, Stats | None], dict],
+    *,
+    loss_only: bool,
+    what: str,
+    log: Callable[[str], None],
+    **timing: Any,
+) -> list[dict]:
+    """Time ``variants`` of one workload round-robin (whole steps, or their ``loss_only``
+    part) and return one row per variant: the timing plus ``fields(stats, plain)`` (and, for
+    whole steps, the workload's correctness check), or ``skipped`` with the reason."""
+    case = TrainingCase(kind, dev)
+    log(f"{what} {kind} (B={case.batch}, C={case.classes}) on {dev.type}")
+    checked = {} if loss_only else {"check_error": case.check()}
+    stats, failed = compare(
+        {v: case.step_fn(v, loss_only=loss_only) for v in variants},
+        dev,
+        wall_clock=True,
+        **timing,
+    )
+    plain = stats.get(STEP_PLAIN)
+    head = {"workload": kind, "batch": case.batch, "classes": case.classes, "device": dev.type}
+    rows = [
+        {**head, "variant": v, **_stat_fields(s), **fields(s, plain), **checked}
+        for v, s in stats.items()
+    ]
+    rows += [
+        {"workload": kind, "device": dev.type, "variant": v, "skipped": why}
+        for v, why in failed.items()
+    ]
+    del case
+    _free(dev)
+    return rows
+
+
 def bench_training(
     device: torch.device | str,
     workloads: tuple[str, ...] = WORKLOADS,
@@ -929,40 +967,27 @@ def bench_training(
     budget_s: float | None = 30.0,
     log: Callable[[str], None] = lambda s: None,
 ) -> list[dict]:
-    dev = torch.device(device)
+    def fields(s: Stats, plain: Stats | None) -> dict:
+        return {
+            "overhead_pct": None if plain is None else (s.median / plain.median - 1) * 100,
+            "overhead_ms": None if plain is None else (s.median - plain.median) * 1e3,
+        }
+
     rows = []
     for kind in workloads:
-        case = TrainingCase(kind, dev)
-        log(f"training step {kind} (B={case.batch}, C={case.classes}) on {dev.type}")
-        err = case.check()
-        stats, failed = compare(
-            {v: case.step_fn(v) for v in variants},
-            dev,
+        rows += _step_rows(
+            kind,
+            torch.device(device),
+            variants,
+            fields,
+            loss_only=False,
+            what="training step",
+            log=log,
             reps=reps,
             warmup=2,
             min_sample_s=0.0,
             budget_s=budget_s,
-            wall_clock=True,
         )
-        plain = stats.get(STEP_PLAIN)
-        for v, s in stats.items():
-            rows.append(
-                {
-                    "workload": kind,
-                    "batch": case.batch,
-                    "classes": case.classes,
-                    "device": dev.type,
-                    "variant": v,
-                    **_stat_fields(s),
-                    "overhead_pct": None if plain is None else (s.median / plain.median - 1) * 100,
-                    "overhead_ms": None if plain is None else (s.median - plain.median) * 1e3,
-                    "check_error": err,
-                }
-            )
-        for v, why in failed.items():
-            rows.append({"workload": kind, "device": dev.type, "variant": v, "skipped": why})
-        del case
-        _free(dev)
     return rows
 
 
@@ -981,36 +1006,24 @@ def bench_tracking_cost(
     off whole steps. The variants only differ from the loss on, so this times that part
     alone (:meth:`TrainingCase.step_fn` with ``loss_only``) on each workload's real
     logits, interleaved over many repetitions: ``cost`` = variant - plain."""
-    dev = torch.device(device)
+
+    def fields(s: Stats, plain: Stats | None) -> dict:
+        return {"cost_s": None if plain is None else s.median - plain.median}
+
     rows = []
     for kind in workloads:
-        case = TrainingCase(kind, dev)
-        log(f"tracking cost {kind} (B={case.batch}, C={case.classes}) on {dev.type}")
-        stats, failed = compare(
-            {v: case.step_fn(v, loss_only=True) for v in LOSS_ONLY_VARIANTS},
-            dev,
+        rows += _step_rows(
+            kind,
+            torch.device(device),
+            LOSS_ONLY_VARIANTS,
+            fields,
+            loss_only=True,
+            what="tracking cost",
+            log=log,
             reps=reps,
             warmup=5,
             budget_s=budget_s,
-            wall_clock=True,
         )
-        plain = stats.get(STEP_PLAIN)
-        for v, st in stats.items():
-            rows.append(
-                {
-                    "workload": kind,
-                    "batch": case.batch,
-                    "classes": case.classes,
-                    "device": dev.type,
-                    "variant": v,
-                    **_stat_fields(st),
-                    "cost_s": None if plain is None else st.median - plain.median,
-                }
-            )
-        for v, why in failed.items():
-            rows.append({"workload": kind, "device": dev.type, "variant": v, "skipped": why})
-        del case
-        _free(dev)
     return rows
 
 

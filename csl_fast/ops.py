@@ -134,11 +134,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "csl_fast: double backward through the fused cross entropy is not supported; "
-                "use backend='reference' (plain F.cross_entropy) for higher-order gradients"
-            )
+        _refuse_double_backward()
         if grad_loss is None:
             return (None,) * 7
         if ctx.used:
@@ -149,7 +145,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
             )
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss[:, None] if ctx.reduction == 0 else grad_loss)
+        grad.mul_(_per_row(grad_loss, ctx.reduction))
         return grad.detach(), None, None, None, None, None, None
 
 
@@ -254,6 +250,14 @@ def _setup_cross_entropy(ctx, inputs, output):
 def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
     # The forward already holds d loss / d logits; backward is a scale by the upstream
     # gradient (per row for reduction='none').
+    _refuse_double_backward()
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return None, None, None, None, None, None
+    (grad,) = ctx.saved_tensors
+    return grad * _per_row(grad_loss, ctx.reduction), None, None, None, None, None
+
+
+def _refuse_double_backward() -> None:
     if torch.is_grad_enabled():
         # create_graph=True: the saved gradient has no graph back to the logits, so a
         # second derivative would silently come out as zero.
@@ -261,11 +265,11 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
             "csl_fast: double backward through the fused cross entropy is not supported; "
             "use backend='reference' (plain F.cross_entropy) for higher-order gradients"
         )
-    if grad_loss is None:  # the loss took no part in what is differentiated
-        return None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    scale = grad_loss[:, None] if ctx.reduction == 0 else grad_loss
-    return grad * scale, None, None, None, None, None
+
+
+def _per_row(grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
+    """The upstream gradient, broadcast over each row's classes for reduction='none'."""
+    return grad_loss[:, None] if reduction == 0 else grad_loss
 
 
 if _C is not None:

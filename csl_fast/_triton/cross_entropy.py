@@ -344,8 +344,10 @@ def cross_entropy_fwd_triton(
     return loss, grad, stats
 
 
-def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, grad):
-    """(loss, stats), the gradient written into ``grad`` (``None``: over the logits)."""
+def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, grad, config=None):
+    """(loss, stats), the gradient written into ``grad`` (``None``: over the logits).
+    ``config``: (fused, rows, block, num_warps) instead of :func:`_config`'s (for
+    ``benchmarks/triton_sweep.py``)."""
     batch, num_classes = logits.shape
     inplace = grad is None
     loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
@@ -367,7 +369,7 @@ def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, gr
         denom = loss_rows  # never read
 
     if batch > 0 and num_classes > 0:
-        fused, rows, block, num_warps = _config(num_classes)
+        fused, rows, block, num_warps = config or _config(num_classes)
         grid = (triton.cdiv(batch, rows),)
         wrap_triton(_ce_fwd_kernel)[grid](
             logits,

@@ -40,7 +40,7 @@ def test_sweep_reports_a_configuration_that_fails(tdevice, monkeypatch):
     def broken(logits, target, cfg, *out):
         if cfg != sweep.configs(10, tdevice)[0]:
             raise RuntimeError("out of resources: shared memory")
-        real(logits, target, cfg, *out)
+        return real(logits, target, cfg, *out)
 
     monkeypatch.setattr(sweep, "launch", broken)
     rows = sweep.sweep_shape(3, 10, tdevice, budget_s=0.2)
