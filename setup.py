@@ -29,7 +29,7 @@ def _extensions():
     def rel(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
-    sources = ["csrc/csl_fast.cpp", "csrc/autograd.cpp", *rel("csrc/cpu/*.cpp")]
+    sources = ["csrc/module.cpp", "csrc/csl_fast.cpp", "csrc/autograd.cpp", *rel("csrc/cpu/*.cpp")]
     # -fno-trapping-math lets GCC turn the clamps of the polynomial exp into vector blends
     # (it assumes FP exceptions do not trap; NaN and inf semantics are unchanged).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]

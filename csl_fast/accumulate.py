@@ -6,7 +6,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from . import ops
+from . import _ext, ops
 from ._ext import resolve_backend
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
@@ -122,20 +122,22 @@ def accumulate(
             are not a leaf requiring grad, a fused backend and eager mode; backward can run
             only once.
 
-    Into a :class:`csl_fast.CSLTracker` on the CPU (eager mode, ``[B, C]`` logits, no
-    ``history``), the whole step (cross entropy, CSL sum and count, the tracker's other
-    statistics) runs as one op, ``csl_fast::track_cross_entropy``: at a few classes the
-    calls cost more than the arithmetic.
+    On the CPU in eager mode (``[B, C]`` logits, a tensor buffer or a tracker without
+    ``history``, no torch function mode) the whole step (cross entropy, CSL sum and count,
+    the tracker's other statistics) is one call into C++, which makes the op calls there:
+    at a few classes the calls from Python would cost more than the arithmetic.
 
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
     """
-    if _one_op(csl, logits, count, backend, reduction, validate, inplace_grad):
+    step = _eager_cpu_step(csl, logits, count, backend, reduction, validate, inplace_grad)
+    if step is not None:
         try:
-            return csl._track(
-                logits, target, index, weight, ignore_index, label_smoothing, REDUCTIONS[reduction]
-            )
+            return _ext._C.step(
+                logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
+                index, *step,
+            )  # fmt: skip
         except Exception:
             pass  # nothing was written; the path below says what is wrong
     seq = _sequence_shape(logits, target)
@@ -163,26 +165,36 @@ def accumulate(
     return loss
 
 
-def _one_op(csl, logits, count, backend, reduction, validate, inplace_grad) -> bool:
-    """Whether a CPU tracker step can run as the single track_cross_entropy op: the same
-    kernels in one call (three op calls and their glue cost more than the work at a few
-    classes). Eager mode, per-row [B, C] logits on the CPU, a tracker without history."""
-    return (
-        type(csl) is CSLTracker
-        and not csl.history
-        and count is None
-        and not inplace_grad
-        and not validate
-        and reduction in REDUCTIONS
-        and isinstance(logits, torch.Tensor)
-        and logits.dim() == 2
-        and logits.device.type == "cpu"
-        and csl.device.type == "cpu"
-        and backend in ("auto", "cpu")
-        and csl.backend in ("auto", "cpu")
-        and resolve_backend("auto", logits.device) == "cpu"
-        and not torch.compiler.is_compiling()
-    )
+def _eager_cpu_step(csl, logits, count, backend, reduction, validate, inplace_grad):
+    """``(csl, count, epoch, state)``, the arguments after ``index`` of ``csl_fast._C.step``,
+    when this call can run as that one C++ call (csrc/module.cpp), else None.
+
+    At a few classes the op calls and their Python glue cost more than the work, so eager
+    calls on the CPU (plain per-row [B, C] logits, a tensor buffer or a tracker without
+    history) make the same three op calls from C++. That skips torch.ops, and with it any
+    torch function mode, so it is not taken under one."""
+    if (
+        inplace_grad
+        or validate
+        or backend not in _CPU_STEP
+        or reduction not in REDUCTIONS
+        or type(logits) is not torch.Tensor
+        or not logits.is_cpu
+        or logits.dim() != 2
+        or torch.compiler.is_compiling()
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return None
+    if type(csl) is CSLTracker:
+        if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
+            return None
+        return (*csl.training_buffers(), csl.epoch, csl._step_state)
+    if type(csl) is torch.Tensor and _ext._C is not None:
+        return csl, count, 0, None
+    return None
+
+
+_CPU_STEP = ("auto", "cpu")
 
 
 def record_stats(

@@ -284,10 +284,6 @@ if _C is not None:
         )
         return loss, stats
 
-    @torch.library.register_fake("csl_fast::track_cross_entropy")
-    def _fake_track_cross_entropy(logits, target, weight, ignore, smoothing, reduction, *state):
-        return _fake_cross_entropy_fwd(logits, target, weight, ignore, smoothing, reduction)
-
     @torch.library.register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):
         return None

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from . import ops, reference
+from . import _ext, ops, reference
 from .stats import Stat
 
 #: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
@@ -94,6 +94,11 @@ _HISTORY_BUFFERS = {
     "eval_pass_count": "float",
 }
 _HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+# What record_last updates in a training step, in its schema's order (csrc/csl_fast.cpp).
+_STEP_STATE = (
+    "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
+    "grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum",
+)  # fmt: skip
 
 
 class CSLTracker:
@@ -208,6 +213,13 @@ class CSLTracker:
             if name == "learned_epoch":
                 buf.fill_(-1)
             self._buffers[name] = buf
+        # The state csl_fast.accumulate's one-call CPU step (csrc/module.cpp) updates; None
+        # where that step does not apply.
+        self._step_state = (
+            tuple(self._buffers[name] for name in _STEP_STATE)
+            if not self.history and self.device.type == "cpu" and _ext._C is not None
+            else None
+        )
 
     # ------------------------------------------------------------------ buffers
     def _buffer_kinds(self) -> dict[str, str]:
@@ -284,28 +296,6 @@ class CSLTracker:
             _scatter_add(b["epoch_count"], idx, stats[Stat.VALID].to(f))
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
         self._record_last(idx, stats, "", transitions=True, sums=sums)
-
-    def _track(
-        self,
-        logits: torch.Tensor,
-        target: torch.Tensor,
-        index: torch.Tensor,
-        weight: torch.Tensor | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: int,
-    ) -> torch.Tensor:
-        """:func:`csl_fast.accumulate` into this tracker in one C++ op (CPU, eager, no
-        history): the fused cross entropy, then what :meth:`training_buffers` and
-        :meth:`record` would receive. Raises, having written nothing, on bad input."""
-        b = self._buffers
-        loss, _, _ = torch.ops.csl_fast.track_cross_entropy.default(
-            logits, target, weight, ignore_index, label_smoothing, reduction, index,
-            b["csl_sum"], b["csl_count"], self.epoch, b["last_loss"], b["last_max_prob"],
-            b["last_correct"], b["forgetting"], b["learned_epoch"], b["grad_norm_sum"],
-            b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"],
-        )  # fmt: skip
-        return loss
 
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.

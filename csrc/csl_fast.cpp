@@ -1,16 +1,7 @@
 // Every csl_fast op schema, defined once. Kernels register per device in
-// csrc/cpu/*.cpp and csrc/cuda/*.cpp; autograd and fake kernels are registered
-// from Python (csl_fast/ops.py).
-#include <Python.h>
+// csrc/cpu/*.cpp and csrc/cuda/*.cpp, C++ autograd in csrc/autograd.cpp; the other
+// autograd and fake kernels are registered from Python (csl_fast/ops.py).
 #include <torch/library.h>
-
-extern "C" {
-// Importing csl_fast._C runs the static registrations below.
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
-}
 
 TORCH_LIBRARY(csl_fast, m) {
   // Fused cross entropy. loss: F.cross_entropy's value (logits dtype; [] for mean/sum,
@@ -23,15 +14,6 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "int ignore_index, float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
-  // cross_entropy_fwd, then scatter_stats into (csl, count) and record_last into a tracker's
-  // state, in one call (CPU only: csl_fast.accumulate's eager path for CSLTrackers).
-  m.def(
-      "track_cross_entropy(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-      "float label_smoothing, int reduction, Tensor index, Tensor(a!) csl, Tensor(b!) count, "
-      "int epoch, Tensor(c!) last_loss, Tensor(d!) last_max_prob, Tensor(e!) last_correct, "
-      "Tensor(f!) forgetting, Tensor(g!) learned_epoch, Tensor(h!) grad_norm_sum, "
-      "Tensor(i!) margin_sum, Tensor(j!) p_true_sum, Tensor(k!) p_true_sq_sum) "
-      "-> (Tensor loss, Tensor grad, Tensor stats)");
   // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].
   m.def(
       "scatter_stats(Tensor stats, Tensor index, bool deterministic, Tensor(a!)? csl, "

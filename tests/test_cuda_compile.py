@@ -231,9 +231,7 @@ def test_glue_registers_every_op():
     # record_last updates B values of tracker state: on a GPU it is a Triton pass
     # (csl_fast/_triton/record.py), or the device-only reference with backend="cuda", by
     # design (see csl_fast.ops.record_last).
-    # track_cross_entropy is the CPU's one-call tracker step (three op calls and their glue
-    # cost more than the work there); on a GPU the launches are asynchronous anyway.
-    cpu_only = {"record_last", "track_cross_entropy"}
+    cpu_only = {"record_last"}
     assert sorted(impls) == sorted(set(schemas) - cpu_only)
 
 

@@ -13,7 +13,6 @@
 
 #include "../checks.h"
 #include "../stats.h"
-#include "kernels.h"
 #include "vec_math.h"
 
 namespace csl_fast {
@@ -376,8 +375,6 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
   });
 }
 
-}  // namespace
-
 // (loss, stats); the gradient goes into `grad` ([B, C], contiguous, logits dtype), which
 // may be the logits themselves: each row is read before it is overwritten.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits,
@@ -461,6 +458,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace(
                             logits);
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
 

@@ -8,7 +8,6 @@
 #include <cmath>
 
 #include "../stats.h"
-#include "kernels.h"
 
 namespace csl_fast {
 namespace cpu {
@@ -60,8 +59,6 @@ void add_sums(const float* st, const int64_t* ip, int64_t B, f_t* const sums[4])
     }
   }
 }
-
-}  // namespace
 
 void record_last(const at::Tensor& stats, const at::Tensor& index,
                  const std::optional<at::Tensor>& max_prob, int64_t epoch, at::Tensor& last_loss,
@@ -127,6 +124,7 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   });
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
 

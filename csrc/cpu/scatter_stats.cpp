@@ -4,7 +4,6 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "kernels.h"
 #include "../stats.h"
 
 namespace csl_fast {
@@ -26,8 +25,6 @@ void add_into(at::Tensor& out, const int64_t* idx, const float* values, int64_t 
     default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
 }
-
-}  // namespace
 
 void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool deterministic,
                    const std::optional<at::Tensor>& csl, const std::optional<at::Tensor>& count) {
@@ -55,6 +52,7 @@ void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool determ
   }
 }
 
+}  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
 

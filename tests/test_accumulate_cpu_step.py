@@ -1,0 +1,190 @@
+"""accumulate on the CPU in eager mode is one call into C++ (csl_fast._C.step, which makes the
+op calls there): the same loss, gradient, buffers and tracker state, bit for bit, as the
+op-by-op path, the same errors with nothing written, and ops that autograd and profilers
+still see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import CSLTracker, _ext
+
+N, C = 12, 9
+
+
+def _batch(dtype, seed, batch=40):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, C, (batch,), generator=g)
+    target[::7] = -100
+    index = torch.randint(0, N, (batch,), generator=g)  # duplicates in every batch
+    return logits, target, index
+
+
+@pytest.fixture
+def steps(monkeypatch):
+    """Counts the calls that take csl_fast._C.step."""
+    calls = []
+    real = _ext._C.step
+    monkeypatch.setattr(_ext._C, "step", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _sink(kind, dtype):
+    """A tracker, or a CSL buffer (with a count buffer for "buffer+count"), and what
+    accumulate takes for it."""
+    if kind == "tracker":
+        tracker = CSLTracker(N, C, dtype=dtype)
+        return tracker, {}, tracker.buffers
+    csl = torch.zeros(N, dtype=dtype)
+    count = torch.zeros(N, dtype=torch.int64) if kind == "buffer+count" else None
+    kwargs = {} if count is None else {"count": count}
+    return csl, kwargs, lambda: {"csl": csl, **kwargs}
+
+
+def _run(fast, kind, dtype, sink_dtype, reduction, options, calls):
+    sink, kwargs, state = _sink(kind, sink_dtype)
+    losses, grads = [], []
+    for epoch in range(3):
+        for seed in range(2):
+            logits, target, index = _batch(dtype, 10 * epoch + seed)
+            logits.requires_grad_(True)
+            if seed == 1:
+                index = index.int()
+            loss = csl_fast.accumulate(
+                logits,
+                target,
+                index,
+                sink,
+                reduction=reduction,
+                validate=None if fast else True,  # validate=True keeps the op-by-op path
+                **kwargs,
+                **options,
+            )
+            loss.sum().backward()
+            losses.append(loss.detach())
+            grads.append(logits.grad)
+        if kind == "tracker":
+            sink.end_epoch()
+    assert len(calls) == (6 if fast else 0)
+    calls.clear()
+    return losses, grads, state()
+
+
+@pytest.mark.parametrize("kind", ["tracker", "buffer", "buffer+count"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("sink_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize(
+    "options", [{}, {"label_smoothing": 0.2, "weight": torch.rand(C) + 0.5}], ids=["", "opts"]
+)
+def test_same_as_op_by_op(kind, dtype, sink_dtype, reduction, options, steps):
+    want = _run(False, kind, dtype, sink_dtype, reduction, options, steps)
+    got = _run(True, kind, dtype, sink_dtype, reduction, options, steps)
+    for a, b in zip(got[0] + got[1], want[0] + want[1], strict=True):
+        assert torch.equal(a, b)
+    for name, buf in want[2].items():
+        assert torch.equal(got[2][name], buf), name
+
+
+@pytest.mark.parametrize("kind", ["tracker", "buffer+count"])
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"index": N}, IndexError, r"index\[3\] = 12 is outside \[0, N = 12\)"),
+        ({"target": C}, IndexError, r"target\[3\] = 9 is outside \[0, C = 9\)"),
+        ({"index_dtype": torch.float32}, TypeError, "index must hold int64"),
+    ],
+)
+def test_errors_name_the_problem_and_write_nothing(kind, change, error, match):
+    sink, kwargs, state = _sink(kind, torch.float32)
+    logits, target, index = _batch(torch.float32, 0)
+    csl_fast.accumulate(logits, target, index, sink, **kwargs)
+    before = {k: v.clone() for k, v in state().items()}
+    if "index" in change:
+        index[3] = change["index"]
+    if "target" in change:
+        target[3] = change["target"]
+    if "index_dtype" in change:
+        index = index.to(change["index_dtype"])
+    with pytest.raises(error, match=match):
+        csl_fast.accumulate(logits, target, index, sink, **kwargs)
+    for name, buf in state().items():
+        assert torch.equal(buf, before[name]), name
+
+
+def test_gradcheck_and_grad_modes(steps):
+    tracker = CSLTracker(N, C, dtype=torch.float64)
+    logits, target, index = _batch(torch.float64, 1, batch=8)
+    x = logits.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda z: csl_fast.accumulate(z, target, index, tracker, label_smoothing=0.1), (x,)
+    )
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            loss = csl_fast.accumulate(x, target, index, tracker)
+        assert loss.grad_fn is None
+        assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits, target))
+    assert steps
+
+
+def test_not_taken_under_a_torch_function_mode(steps):
+    """The C++ call skips torch.ops, which a torch function mode would see; under one,
+    accumulate takes the op-by-op path, whose ops the mode sees."""
+    from torch.overrides import TorchFunctionMode
+
+    class Seen(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    logits, target, index = _batch(torch.float32, 0)
+    fast, slow = CSLTracker(N, C), CSLTracker(N, C)
+    want = csl_fast.accumulate(logits, target, index, fast)
+    assert len(steps) == 1
+    with Seen() as mode:
+        got = csl_fast.accumulate(logits, target, index, slow)
+    assert len(steps) == 1
+    assert any("csl_fast.cross_entropy_fwd" in n for n in mode.names), mode.names
+    assert torch.equal(got, want)
+    for name, buf in fast.buffers().items():
+        assert torch.equal(slow.buffers()[name], buf), name
+
+
+def test_autograd_and_profiler_see_the_ops(steps):
+    logits, target, index = _batch(torch.float32, 0)
+    tracker = CSLTracker(N, C)
+    with torch.profiler.profile() as prof:
+        csl_fast.accumulate(logits.requires_grad_(True), target, index, tracker).backward()
+    names = {e.name for e in prof.events()}
+    for op in ("cross_entropy_fwd", "scatter_stats", "record_last"):
+        assert f"csl_fast::{op}" in names, sorted(names)
+    assert steps and logits.grad is not None
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (lambda a: a[:10], "takes 11 arguments, got 10"),
+        (lambda a: (a[0].tolist(), *a[1:]), "logits must be a tensor, got list"),
+        (lambda a: (*a[:2], "w", *a[3:]), "weight must be a tensor, got str"),
+        (lambda a: (*a[:3], "x", *a[4:]), "integer"),
+        (lambda a: (*a[:8], 1.5, *a[9:]), "count must be a tensor, got float"),
+        (lambda a: (*a[:10], a[10][:8]), "state must be None or a tuple of 9 tensors"),
+        (lambda a: (*a[:10], (*a[10][:8], None)), "every state entry must be a tensor"),
+    ],
+)
+def test_direct_entry_argument_errors(args, match):
+    tracker = CSLTracker(N, C)
+    logits, target, index = _batch(torch.float32, 0)
+    csl, count = tracker.training_buffers()
+    good = (logits, target, None, -100, 0.0, 1, index, csl, count, 0, tracker._step_state)
+    assert _ext._C.step(*good).shape == ()
+    with pytest.raises(TypeError, match=match):
+        _ext._C.step(*args(good))
