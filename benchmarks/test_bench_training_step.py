@@ -37,7 +37,7 @@ def test_training_step(benchmark, device, workload, variant):
     run_benchmark(benchmark, case.step_fn(variant), device, rounds=ROUNDS, warmup=2)
 
 
-@pytest.mark.parametrize("variant", bench.LOSS_ONLY_VARIANTS)
+@pytest.mark.parametrize("variant", bench.STEP_VARIANTS)
 @pytest.mark.parametrize("workload", bench.WORKLOADS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_tracking_cost(benchmark, device, workload, variant):

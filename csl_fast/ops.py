@@ -232,6 +232,22 @@ def record_last(
         reference.record_last(*args, forgetting, learned_epoch, *sums)
 
 
+def record_input_grad(
+    sq_norms: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None,
+    buffers: tuple[torch.Tensor, ...],
+    backend: str = "auto",
+) -> None:
+    """Squared input-gradient norms into a tracker's ``buffers`` (sq_sum, norm_sum, count,
+    epoch_sq_sum, epoch_count; :func:`csl_fast.reference.record_input_grad`): one C++ pass
+    on the CPU, the device-only reference elsewhere (a few small kernels, no host sync)."""
+    if resolve_backend(backend, sq_norms.device) == "cpu":
+        torch.ops.csl_fast.record_input_grad.default(sq_norms, index, valid, *buffers)
+    else:
+        reference.record_input_grad(sq_norms, index, valid, *buffers)
+
+
 def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):
     batch = logits.shape[0]
     loss = logits.new_empty((batch,) if reduction == 0 else ())
@@ -290,6 +306,10 @@ if _C is not None:
 
     @torch.library.register_fake("csl_fast::record_last")
     def _fake_record_last(*args):
+        return None
+
+    @torch.library.register_fake("csl_fast::record_input_grad")
+    def _fake_record_input_grad(*args):
         return None
 
     @torch.library.register_fake("csl_fast::input_grad_norms")

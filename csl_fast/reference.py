@@ -197,6 +197,39 @@ def record_last(
     last_correct.index_put_((sidx,), new_correct)
 
 
+def record_input_grad(
+    sq_norms: torch.Tensor,
+    index: torch.Tensor,
+    valid: torch.Tensor | None,
+    sq_sum: torch.Tensor,
+    norm_sum: torch.Tensor,
+    count: torch.Tensor,
+    epoch_sq_sum: torch.Tensor,
+    epoch_count: torch.Tensor,
+) -> None:
+    r"""Reference of ``csl_fast::record_input_grad``: squared input-gradient norms
+    :math:`s_i` (``sq_norms``, the buffers' dtype) into a tracker's buffers.
+
+    For every row that is finite and ``valid`` (default: all rows), at ``index``:
+    ``sq_sum`` and ``epoch_sq_sum`` add :math:`s_i`, ``norm_sum`` adds :math:`\sqrt{s_i}`,
+    ``count`` and ``epoch_count`` add 1. Duplicate indices add up in batch order.
+    """
+    idx = index.long()
+    ok = torch.isfinite(sq_norms)
+    if valid is not None:
+        ok = ok & valid
+    sq = torch.where(ok, sq_norms, torch.zeros_like(sq_norms))
+    one = ok.to(sq.dtype)
+    for buf, values in (
+        (sq_sum, sq),
+        (norm_sum, sq.sqrt()),
+        (count, one),
+        (epoch_sq_sum, sq),
+        (epoch_count, one),
+    ):
+        buf.index_put_((idx,), values, accumulate=True)
+
+
 def _segments(
     index: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -94,6 +94,11 @@ _HISTORY_BUFFERS = {
     "eval_pass_count": "float",
 }
 _HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+# What record_input_grad updates, in its schema's order (csrc/csl_fast.cpp).
+_INPUT_GRAD_STEP = (
+    "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count", "epoch_input_grad_sq_sum",
+    "epoch_input_grad_count",
+)  # fmt: skip
 # What record_last updates in a training step, in its schema's order (csrc/csl_fast.cpp).
 _STEP_STATE = (
     "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
@@ -397,17 +402,14 @@ class CSLTracker:
                 targets) are not recorded. Non-finite norms are never recorded.
         """
         idx = self._index(index, sq_norms[None])
-        sq = sq_norms.to(self.device, self.dtype)
-        ok = torch.isfinite(sq)
-        if valid is not None:
-            ok = ok & valid.to(self.device, torch.bool)
-        sq = torch.where(ok, sq, torch.zeros_like(sq))
-        one = ok.to(self.dtype)
-        _scatter_add(self.input_grad_sq_sum, idx, sq)
-        _scatter_add(self.input_grad_norm_sum, idx, sq.sqrt())
-        _scatter_add(self.input_grad_count, idx, one)
-        _scatter_add(self.epoch_input_grad_sq_sum, idx, sq)
-        _scatter_add(self.epoch_input_grad_count, idx, one)
+        b = self._buffers
+        ops.record_input_grad(
+            sq_norms.to(self.device, self.dtype),
+            idx,
+            None if valid is None else valid.to(self.device, torch.bool),
+            tuple(b[name] for name in _INPUT_GRAD_STEP),
+            backend=self.backend,
+        )
         if self.input_grad_first_epoch < 0:
             self.input_grad_first_epoch = self.epoch
 

@@ -28,4 +28,11 @@ TORCH_LIBRARY(csl_fast, m) {
       "Tensor(a!) last_loss, Tensor(b!) last_max_prob, Tensor(c!) last_correct, "
       "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch, Tensor(f!)? grad_norm_sum, "
       "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum) -> ()");
+  // Squared input-gradient norms [B] (the buffers' dtype) added at index into a tracker's
+  // input-gradient buffers, skipping rows that are not finite or not valid (see
+  // csl_fast/reference.py: record_input_grad).
+  m.def(
+      "record_input_grad(Tensor sq_norms, Tensor index, Tensor? valid, Tensor(a!) sq_sum, "
+      "Tensor(b!) norm_sum, Tensor(c!) count, Tensor(d!) epoch_sq_sum, "
+      "Tensor(e!) epoch_count) -> ()");
 }

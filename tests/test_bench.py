@@ -41,18 +41,25 @@ def test_cross_entropy_section_checks_each_candidate(one_thread):
 def test_tracking_cost_section(one_thread):
     rows = bench.bench_tracking_cost("cpu", ("cnn",), reps=3, budget_s=0.5)
     by = {r["variant"]: r for r in rows}
-    assert set(by) == set(bench.LOSS_ONLY_VARIANTS)
+    assert set(by) == set(bench.STEP_VARIANTS)
     assert by[bench.STEP_PLAIN]["cost_s"] == 0.0
     assert all(r["median_s"] > 0 and r["batch"] == 64 for r in rows)
 
 
-def test_loss_only_steps_only_for_variants_that_have_one():
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_steps_record_what_their_variant_tracks(loss_only):
     case = bench.TrainingCase("cnn", "cpu", num_samples=100, batches=1)
     assert case.check() is None
-    case.step_fn(bench.STEP_TRACKER, loss_only=True)()
-    assert case.tracker.csl_count.sum() == case.batch
-    with pytest.raises(ValueError, match="no loss-only form"):
-        case.step_fn(bench.STEP_FULL, loss_only=True)
+    for variant in bench.STEP_VARIANTS:
+        case.step_fn(variant, loss_only=loss_only)()
+    b = case.tracker.buffers()
+    # STEP_TRACKER and STEP_FULL each recorded the batch; only STEP_FULL input gradients.
+    assert b["csl_count"].sum() == 2 * case.batch
+    assert (b["input_grad_count"] > 0).sum() == case.batch
+    assert (case.csl > 0).sum() == case.batch
+    assert len(case.host_log) == case.batch
+    with pytest.raises(ValueError, match="unknown variant"):
+        case.step_fn("nope", loss_only=loss_only)
 
 
 def _results():
@@ -79,6 +86,8 @@ def _results():
         cost("mlp", bench.STEP_PLAIN, 100e-6, 100e-6),
         cost("mlp", bench.STEP_TRACKER, 150e-6, 100e-6),
         cost("mlp", bench.STEP_HOST, 400e-6, 100e-6),
+        cost("mlp", bench.STEP_XGRAD, 300e-6, 100e-6),
+        cost("mlp", bench.STEP_FULL, 410e-6, 100e-6),
         cost("cnn", bench.STEP_PLAIN, 100e-6, 100e-6),
         cost("cnn", bench.STEP_TRACKER, 90e-6, 100e-6),
         cost("cnn", bench.STEP_HOST, 150e-6, 100e-6),
@@ -89,7 +98,8 @@ def _results():
                 "variant": variant, "median_s": median, "noise_iqr": 0.05,
                 "overhead_pct": overhead_pct, "overhead_ms": (median - 0.1) * 1e3}  # fmt: skip
 
-    steps = [step(bench.STEP_PLAIN, 0.1, 0.0), step(bench.STEP_TRACKER, 0.098, -2.0)]
+    steps = [step(bench.STEP_PLAIN, 0.1, 0.0), step(bench.STEP_TRACKER, 0.098, -2.0),
+             step(bench.STEP_XGRAD, 0.012, 20.0), step(bench.STEP_FULL, 0.0121, 21.0)]  # fmt: skip
     env = bench.environment("cpu")
     return {"env": env, "errors": {}, "cross_entropy": rows, "tracking_cost": costs,
             "training": steps}  # fmt: skip
@@ -109,6 +119,11 @@ def test_targets_read_the_rows():
     )  # +50 us of a 100 ms step
     cnn = got["cnn: tracker cost >= 10x cheaper than host logging"]
     assert cnn["met"] and "tracker not slower than plain" in cnn["shown"]
+    watch = got[f"mlp: {bench.STEP_FULL}: csl_fast's cost <= 1% of the step with dL/dx"]
+    assert watch["met"] and watch["value"] == pytest.approx(11 / 12)  # 110 us of a 12 ms step
+    assert watch["shown"] == (
+        "+0.92% (+110.0 µs); whole step +21.0% over plain, of which computing dL/dx alone +20.0%"
+    )
 
 
 def test_reports_render_and_are_written(tmp_path):
@@ -119,7 +134,7 @@ def test_reports_render_and_are_written(tmp_path):
     assert "| mlp: tracker cost >= 10x cheaper than host logging | " in text
     assert text.count("**missed**") == 1
     summary = bench.summary_table(res)
-    assert "cost mlp" in summary and "targets: 3 met, 1 missed" in summary
+    assert "cost mlp" in summary and "targets: 4 met, 1 missed" in summary
     md, js = bench.write_report(res, str(tmp_path))
     assert json.loads(Path(js).read_text())["tracking_cost"][1]["cost_s"] == pytest.approx(50e-6)
     assert Path(md).read_text() == text

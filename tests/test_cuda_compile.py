@@ -228,10 +228,10 @@ def test_glue_registers_every_op():
     glue = GLUE.read_text()
     assert "TORCH_LIBRARY_IMPL(csl_fast, CUDA, m)" in glue
     impls = re.findall(r'm\.impl\("(\w+)"', glue)
-    # record_last updates B values of tracker state: on a GPU it is a Triton pass
-    # (csl_fast/_triton/record.py), or the device-only reference with backend="cuda", by
-    # design (see csl_fast.ops.record_last).
-    cpu_only = {"record_last"}
+    # record_last and record_input_grad update B values of tracker state: on a GPU they are
+    # a Triton pass (csl_fast/_triton/record.py) or the device-only reference, by design
+    # (see csl_fast.ops.record_last and record_input_grad).
+    cpu_only = {"record_last", "record_input_grad"}
     assert sorted(impls) == sorted(set(schemas) - cpu_only)
 
 

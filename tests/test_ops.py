@@ -160,3 +160,69 @@ def test_opcheck_record_last():
     torch.library.opcheck(
         torch.ops.csl_fast.record_last.default, (stats, index, None, 2, *_last_state(5))
     )
+
+
+def _input_grad_case(dtype, batch=64, n=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sq = torch.rand(batch, generator=g, dtype=torch.float64).to(dtype) * 5
+    sq[3], sq[7], sq[11] = float("nan"), float("inf"), 0.0
+    index = torch.randint(0, n, (batch,), generator=g)  # ~6 rows per sample
+    valid = torch.rand(batch, generator=g) > 0.2
+    buffers = tuple(torch.rand(n, generator=g, dtype=torch.float64).to(dtype) for _ in range(5))
+    return sq, index, valid, buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_valid", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_record_input_grad_matches_reference(dtype, with_valid, index_dtype):
+    """Both add each sample's rows in batch order, and skipped rows (not finite, not valid)
+    add nothing in one and zeros in the other: bit for bit, but for the norms, whose square
+    root torch's CPU kernel does not always round correctly (std::sqrt does)."""
+    from csl_fast import reference
+
+    for seed in range(3):
+        sq, index, valid, ours = _input_grad_case(dtype, seed=seed)
+        index, valid = index.to(index_dtype), valid if with_valid else None
+        want = tuple(t.clone() for t in ours)
+        torch.ops.csl_fast.record_input_grad(sq, index, valid, *ours)
+        reference.record_input_grad(sq, index, valid, *want)
+        for k, (got, exp) in enumerate(zip(ours, want, strict=True)):
+            if k == 1:  # norm_sum
+                torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
+            else:
+                assert torch.equal(got, exp), k
+        assert not any(t.isnan().any() for t in ours)
+
+
+def test_opcheck_record_input_grad():
+    sq, index, valid, buffers = _input_grad_case(torch.float32, batch=12, n=5)
+    torch.library.opcheck(
+        torch.ops.csl_fast.record_input_grad.default, (sq.nan_to_num(), index, valid, *buffers)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ("index", IndexError, r"index\[5\] = 10 is outside \[0, N = 10\)"),
+        ("sq_dtype", TypeError, "sq_norms must be Float like the buffers, got Double"),
+        ("buffer_size", ValueError, r"epoch_count must be a contiguous \[N = 10\] tensor"),
+        ("valid", ValueError, r"valid must be a bool \[B = 64\] tensor"),
+    ],
+)
+def test_record_input_grad_errors_write_nothing(change, error, match):
+    sq, index, valid, buffers = _input_grad_case(torch.float32)
+    if change == "index":
+        index[5] = 10
+    elif change == "sq_dtype":
+        sq = sq.double()
+    elif change == "buffer_size":
+        buffers = (*buffers[:4], torch.zeros(11))
+    else:
+        valid = valid[:-1]
+    before = [t.clone() for t in buffers]
+    with pytest.raises(error, match=match):
+        torch.ops.csl_fast.record_input_grad(sq, index, valid, *buffers)
+    for got, exp in zip(buffers, before, strict=True):
+        assert torch.equal(got, exp)
