@@ -1616,10 +1616,13 @@ def markdown(results: dict, short: bool = False) -> str:
             "## Tracking cost per step",
             "",
             "Only what the variants differ in, timed apart from the model on each "
-            "workload's logits: the loss, its backward into the logits and the recording, "
-            "interleaved over many repetitions (whole-step medians are too noisy to resolve "
-            "sub-millisecond differences). Cost = variant - plain `F.cross_entropy`; the "
-            "host-logging cost over the tracker's is the '10x cheaper' target.",
+            "workload's logits: the loss, its backward into the logits and the recording "
+            "(for the two dL/dx variants also a backward of a fixed gradient into a leaf of "
+            "the input, watched in the full variant), interleaved over many repetitions "
+            "(whole-step medians are too noisy to resolve sub-millisecond differences). "
+            "Cost = variant - plain `F.cross_entropy`; the host-logging cost over the "
+            "tracker's is the '10x cheaper' target; full minus 'plain + dL/dx' is what "
+            "csl_fast adds to a step that computes dL/dx.",
             "",
             "| workload | variant | loss part (IQR/median) | cost per step | per sample |",
             "|---|---|---|---|---|",
