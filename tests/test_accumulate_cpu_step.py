@@ -188,3 +188,18 @@ def test_direct_entry_argument_errors(args, match):
     assert _ext._C.step(*good).shape == ()
     with pytest.raises(TypeError, match=match):
         _ext._C.step(*args(good))
+
+
+def test_copies_of_a_tracker_step_into_their_own_buffers(steps):
+    """The tracker hands the C++ call its buffers as a tuple kept beside them; a deep copy or
+    a pickle round trip must keep the two pointing at the same (new) tensors."""
+    import copy
+    import pickle
+
+    logits, target, index = _batch(torch.float32, 0)
+    original = CSLTracker(N, C)
+    for clone in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        csl_fast.accumulate(logits, target, index, clone)
+        assert clone.csl_count.sum() > 0 and clone.last_loss.abs().sum() > 0
+    assert len(steps) == 2
+    assert original.csl_count.sum() == 0 and original.last_loss.abs().sum() == 0
