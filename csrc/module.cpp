@@ -129,7 +129,8 @@ PyMethodDef methods[] = {
 
 }  // namespace
 
-extern "C" PyObject* PyInit__C(void) {
+// PyMODINIT_FUNC: extern "C" and exported, whatever the platform's symbol visibility.
+PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
