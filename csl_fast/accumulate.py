@@ -131,7 +131,7 @@ def accumulate(
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
     """
-    step = _eager_cpu_step(csl, logits, count, backend, reduction, validate, inplace_grad)
+    step = _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, inplace_grad)
     if step is not None:
         try:
             return _ext._C.step(
@@ -165,14 +165,15 @@ def accumulate(
     return loss
 
 
-def _eager_cpu_step(csl, logits, count, backend, reduction, validate, inplace_grad):
+def _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, inplace_grad):
     """``(csl, count, epoch, state)``, the arguments after ``index`` of ``csl_fast._C.step``,
     when this call can run as that one C++ call (csrc/module.cpp), else None.
 
     At a few classes the op calls and their Python glue cost more than the work, so eager
-    calls on the CPU (plain per-row [B, C] logits, a tensor buffer or a tracker without
-    history) make the same three op calls from C++. That skips torch.ops, and with it any
-    torch function mode, so it is not taken under one."""
+    calls on the CPU (plain per-row [B, C] logits and [B] targets, a tensor buffer or a
+    tracker without history) make the same three op calls from C++. That skips torch.ops,
+    and with it any torch function mode, so it is not taken under one. (Sequences, [B*T, V]
+    logits with [B, T] targets, would only fail there and fall back.)"""
     if (
         inplace_grad
         or validate
@@ -181,6 +182,8 @@ def _eager_cpu_step(csl, logits, count, backend, reduction, validate, inplace_gr
         or type(logits) is not torch.Tensor
         or not logits.is_cpu
         or logits.dim() != 2
+        or type(target) is not torch.Tensor
+        or target.dim() != 1
         or torch.compiler.is_compiling()
         or torch._C._is_torch_function_mode_enabled()
     ):

@@ -203,3 +203,17 @@ def test_copies_of_a_tracker_step_into_their_own_buffers(steps):
         assert clone.csl_count.sum() > 0 and clone.last_loss.abs().sum() > 0
     assert len(steps) == 2
     assert original.csl_count.sum() == 0 and original.last_loss.abs().sum() == 0
+
+
+def test_sequences_go_op_by_op(steps):
+    """[B*T, V] logits with [B, T] targets are sequences: recorded per sequence by the
+    op-by-op path, without a failed C++ call first."""
+    logits, target, _ = _batch(torch.float32, 0, batch=12)
+    csl = torch.zeros(N)
+    seq_index = torch.tensor([1, 5, 5])
+    loss = csl_fast.accumulate(logits, target.view(3, 4), seq_index, csl)
+    assert not steps
+    per_token = torch.nn.functional.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(loss, per_token[target != -100].mean())
+    want = torch.zeros(N).index_add_(0, seq_index, per_token.view(3, 4).sum(1))
+    torch.testing.assert_close(csl, want)
