@@ -103,4 +103,21 @@ int64_t check_buffers(const std::optional<at::Tensor>& csl,
   return n;
 }
 
+// record_last, record_input_grad: a tracker state buffer of dtype `want`, contiguous [n].
+inline void check_state_buffer(const char* op, const at::Tensor& t, const char* name,
+                               at::ScalarType want, int64_t n) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "csl_fast.", op, ": ", name, " must be ", want,
+                   ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.numel() == n, "csl_fast.", op, ": ",
+                    name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
+}
+
+// record_last, record_input_grad: every index in [0, n), checked before anything is written.
+inline void check_index_range(const char* op, const int64_t* index, int64_t B, int64_t n) {
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast.", op, ": index[", i, "] = ",
+                      index[i], " is outside [0, N = ", n, ")");
+  }
+}
+
 }  // namespace csl_fast

@@ -5,6 +5,8 @@
 
 #include <cmath>
 
+#include "../checks.h"
+
 namespace csl_fast {
 namespace cpu {
 namespace {
@@ -40,12 +42,7 @@ void record_input_grad(const at::Tensor& sq_norms, const at::Tensor& index,
                    "csl_fast.record_input_grad: the buffers must be float32 or float64, got ", dt);
   const int64_t n = sq_sum.numel();
   for (int k = 0; k < kBuffers; ++k) {
-    const at::Tensor& b = *bufs[k];
-    TORCH_CHECK_TYPE(b.scalar_type() == dt, "csl_fast.record_input_grad: ", kNames[k],
-                     " must be ", dt, " like sq_sum, got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.is_contiguous() && b.numel() == n,
-                      "csl_fast.record_input_grad: ", kNames[k], " must be a contiguous [N = ", n,
-                      "] tensor, got shape ", b.sizes());
+    check_state_buffer("record_input_grad", *bufs[k], kNames[k], dt, n);
   }
   TORCH_CHECK_TYPE(sq_norms.scalar_type() == dt, "csl_fast.record_input_grad: sq_norms must be ",
                    dt, " like the buffers, got ", sq_norms.scalar_type());
@@ -66,11 +63,7 @@ void record_input_grad(const at::Tensor& sq_norms, const at::Tensor& index,
   }
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  // Every index is checked before anything is written.
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < n, "csl_fast.record_input_grad: index[", i, "] = ",
-                      ip[i], " is outside [0, N = ", n, ")");
-  }
+  check_index_range("record_input_grad", ip, B, n);
   const at::Tensor sq = sq_norms.contiguous();
   const at::Tensor ok = valid.has_value() ? valid->contiguous() : at::Tensor();
   const bool* vp = ok.defined() ? ok.const_data_ptr<bool>() : nullptr;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "../checks.h"
 #include "../stats.h"
 
 namespace csl_fast {
@@ -35,13 +36,6 @@ void record_rows(const float* st, const int64_t* ip, const float* mp, int64_t B,
                                 std::min(0.0, static_cast<double>(st[kMargin * B + i])))));
     last_correct[j] = c;
   }
-}
-
-void check_state(const at::Tensor& t, const char* name, at::ScalarType want, int64_t n) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, "csl_fast.record_last: ", name, " must be ", want,
-                   ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.numel() == n, "csl_fast.record_last: ",
-                    name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
 }
 
 // sums[k][index[i]] += stats[row, i] for GRAD_NORM_SQ, MARGIN, P_TRUE, then P_TRUE^2.
@@ -82,26 +76,25 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   const auto f = last_loss.scalar_type();
   TORCH_CHECK_TYPE(f == at::kFloat || f == at::kDouble,
                    "csl_fast.record_last: last_loss must be float32 or float64");
-  check_state(last_loss, "last_loss", f, n);
-  check_state(last_max_prob, "last_max_prob", f, n);
-  check_state(last_correct, "last_correct", at::kBool, n);
+  check_state_buffer("record_last", last_loss, "last_loss", f, n);
+  check_state_buffer("record_last", last_max_prob, "last_max_prob", f, n);
+  check_state_buffer("record_last", last_correct, "last_correct", at::kBool, n);
   if (forgetting.has_value()) {
-    check_state(*forgetting, "forgetting", at::kInt, n);
-    check_state(*learned_epoch, "learned_epoch", at::kInt, n);
+    check_state_buffer("record_last", *forgetting, "forgetting", at::kInt, n);
+    check_state_buffer("record_last", *learned_epoch, "learned_epoch", at::kInt, n);
   }
   const std::optional<at::Tensor>* sum_args[4] = {&grad_norm_sum, &margin_sum, &p_true_sum,
                                                    &p_true_sq_sum};
   const char* sum_names[4] = {"grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum"};
   for (int k = 0; k < 4; ++k) {
-    if (sum_args[k]->has_value()) check_state(**sum_args[k], sum_names[k], f, n);
+    if (sum_args[k]->has_value()) {
+      check_state_buffer("record_last", **sum_args[k], sum_names[k], f, n);
+    }
   }
   const at::Tensor st = stats.contiguous();
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < n, "csl_fast.record_last: index[", i, "] = ", ip[i],
-                      " is outside [0, N = ", n, ")");
-  }
+  check_index_range("record_last", ip, B, n);
   at::Tensor mp;
   if (max_prob.has_value()) {
     TORCH_CHECK_VALUE(max_prob->dim() == 1 && max_prob->size(0) == B,
