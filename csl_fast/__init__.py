@@ -8,6 +8,7 @@ sample's loss into a dataset-sized buffer at its dataset index (Ravikumar et al.
 from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
+from .clean import clean
 from .input_grad import input_grad_norms
 from .linear_cross_entropy import linear_cross_entropy
 from .merge import merge
@@ -29,6 +30,7 @@ __all__ = [
     "accumulate",
     "available_backends",
     "baselines",
+    "clean",
     "corrupt",
     "data",
     "detect",

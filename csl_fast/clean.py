@@ -1,0 +1,401 @@
+r"""Act on a flagged set: one decision per suspicious sample, drop or relabel, then retrain.
+
+:func:`clean` turns a :class:`csl_fast.detect.Detection` (by default
+:func:`csl_fast.detect.mislabeled` with its no-ground-truth rule) and the tracker's
+suggested labels (:meth:`csl_fast.CSLTracker.suggestions`: the class each sample should
+probably have, with a confidence in [0, 1]) into a :class:`CleaningPlan`: for each flagged
+sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
+
+``"relabel-confident"`` (default)
+    Relabel a flagged sample to its suggested label when the suggestion's confidence is at
+    least ``min_confidence``; drop it otherwise. Why relabel at all: a flipped sample with
+    its true label back is one more correct training sample, where dropping loses it; why
+    only when confident: a wrong relabel is new label noise, a drop costs one sample.
+``"drop"``
+    Drop every flagged sample (no suggestions needed). The safe choice when the flagged set
+    also holds atypical but correctly labelled samples.
+``"review"``
+    A worklist for a person with a review budget of ``budget`` samples: the ``budget``
+    most suspicious samples of the *ranking*, flagged by the rule or not (so a rule that
+    flags nothing still yields a worklist), each with the action ``relabel-confident``
+    would propose. ``budget`` is required.
+
+``budget`` (all policies) keeps only the ``budget`` most suspicious rows; the other
+samples are left as they are.
+
+The plan is a table (:meth:`CleaningPlan.to_csv`, columns ``index, action,
+suggested_label, confidence, score, rank``) and can be applied in one call:
+:meth:`CleaningPlan.apply` gives the kept dataset indices and their new labels, so
+retraining on the cleaned data is::
+
+    plan = csl_fast.clean(tracker)
+    keep, labels = plan.apply(y)                 # int64 [K], int64 [K]
+    train(fresh_model, x[keep], labels, ...)     # or plan.apply_dataset(dataset)
+
+``rank`` is **1-based** (the most suspicious sample has rank 1), as in ``csl-fast rank``;
+note that :meth:`csl_fast.detect.Detection.to_dataframe` counts its ``rank`` column from 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+from .detect import Detection, mislabeled
+
+if TYPE_CHECKING:
+    from .tracker import CSLTracker
+
+__all__ = [
+    "CSV_COLUMNS",
+    "DEFAULT_MIN_CONFIDENCE",
+    "POLICIES",
+    "Cleaned",
+    "CleanedDataset",
+    "CleaningPlan",
+    "clean",
+]
+
+POLICIES = ("relabel-confident", "drop", "review")
+#: Columns of :meth:`CleaningPlan.to_csv`, in order.
+CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "rank")
+#: Default ``min_confidence`` of the relabelling policies.
+DEFAULT_MIN_CONFIDENCE = 0.5
+
+
+class Cleaned(NamedTuple):
+    """The cleaned training set as index arithmetic (:meth:`CleaningPlan.apply`).
+
+    Attributes:
+        keep: int64 ``[K]`` dataset indices that stay, ascending (every sample but the
+            dropped ones).
+        labels: int64 ``[K]`` the label of each kept sample, ``labels[j]`` for
+            ``keep[j]``: the given label, or the suggested one where the plan relabels.
+    """
+
+    keep: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class CleaningPlan:
+    """One decision per selected sample, most suspicious first (``M`` rows).
+
+    Attributes:
+        index: int64 ``[M]`` dataset indices.
+        relabel: bool ``[M]`` the action: relabel (``True``) or drop (``False``).
+        suggested_label: int64 ``[M]`` the suggested class, ``-1`` where there is none.
+        confidence: float32 ``[M]`` the suggestion's confidence in [0, 1], NaN where there
+            is no suggestion.
+        score: float64 ``[M]`` the detection score (higher = more suspicious).
+        rank: int64 ``[M]`` 1-based position in the detection's ranking.
+        num_samples: ``N``, the size of the dataset the plan is for.
+        policy, min_confidence, budget: how the plan was made (see :func:`clean`).
+        detection: the detection the plan acts on (its estimated count, diagnostics and
+            warning say how far to trust the flagged set).
+    """
+
+    index: torch.Tensor
+    relabel: torch.Tensor
+    suggested_label: torch.Tensor
+    confidence: torch.Tensor
+    score: torch.Tensor
+    rank: torch.Tensor
+    num_samples: int
+    policy: str
+    min_confidence: float
+    budget: int | None
+    detection: Detection
+
+    def __len__(self) -> int:
+        return int(self.index.numel())
+
+    @property
+    def actions(self) -> list[str]:
+        """The action of each row: ``"relabel"`` or ``"drop"``."""
+        return ["relabel" if r else "drop" for r in self.relabel.tolist()]
+
+    @property
+    def num_dropped(self) -> int:
+        return int((~self.relabel).sum())
+
+    @property
+    def num_relabeled(self) -> int:
+        return int(self.relabel.sum())
+
+    @property
+    def warning(self) -> str | None:
+        """The detection's warning (e.g. why nothing was flagged), or None."""
+        return getattr(self.detection, "warning", None)  # TODO(issue 14): until detect lands
+
+    def rows(self) -> list[dict[str, Any]]:
+        """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown)."""
+        out = []
+        for i, rel, lab, conf, s, r in zip(
+            self.index.tolist(),
+            self.relabel.tolist(),
+            self.suggested_label.tolist(),
+            self.confidence.tolist(),
+            self.score.tolist(),
+            self.rank.tolist(),
+            strict=True,
+        ):
+            out.append(
+                {
+                    "index": i,
+                    "action": "relabel" if rel else "drop",
+                    "suggested_label": lab if lab >= 0 else None,
+                    "confidence": conf if lab >= 0 and math.isfinite(conf) else None,
+                    "score": s,
+                    "rank": r,
+                }
+            )
+        return out
+
+    def to_csv(self, path: str | os.PathLike) -> None:
+        """Write the plan as CSV: a header :data:`CSV_COLUMNS`, then one row per decision.
+
+        ``action`` is ``drop`` or ``relabel``; ``suggested_label`` and ``confidence`` are
+        empty where there is no suggestion (a drop row still shows one when it exists);
+        ``score`` is written exactly (``repr``); ``rank`` is 1-based.
+        """
+        with open(os.fspath(path), "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(CSV_COLUMNS)
+            for row in self.rows():
+                w.writerow(
+                    [
+                        row["index"],
+                        row["action"],
+                        "" if row["suggested_label"] is None else row["suggested_label"],
+                        "" if row["confidence"] is None else f"{row['confidence']:.4f}",
+                        repr(float(row["score"])),
+                        row["rank"],
+                    ]
+                )
+
+    def to_dataframe(self) -> Any:
+        """A pandas DataFrame with the columns :data:`CSV_COLUMNS` (rank 1-based)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.rows(), columns=list(CSV_COLUMNS))
+
+    def apply(self, labels: torch.Tensor | np.ndarray | Sequence[int]) -> Cleaned:
+        """The cleaned training set: kept indices and their labels (see :class:`Cleaned`).
+
+        Args:
+            labels: int ``[N]`` the given (noisy) labels the plan was made for.
+        """
+        y = torch.as_tensor(labels)
+        if y.dim() != 1 or y.numel() != self.num_samples:
+            raise ValueError(
+                f"CleaningPlan.apply: labels must be [N] = [{self.num_samples}] (the dataset "
+                f"the plan was made for), got shape {tuple(y.shape)}"
+            )
+        if y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise TypeError(f"CleaningPlan.apply: labels must be integers, got {y.dtype}")
+        new = y.detach().to("cpu", torch.int64).clone()
+        rows = self.relabel.cpu()
+        new[self.index.cpu()[rows]] = self.suggested_label.cpu()[rows]
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        keep[self.index.cpu()[~rows]] = False
+        kept = torch.nonzero(keep)[:, 0]
+        return Cleaned(kept, new[kept])
+
+    def apply_dataset(self, dataset: Any, label_position: int = 1) -> CleanedDataset:
+        """A map-style dataset of the kept samples with their new labels.
+
+        ``dataset[i]`` must be a tuple or list whose element ``label_position`` is the
+        label (``(x, y)`` or ``(x, y, index)``, as :class:`csl_fast.data.IndexedDataset`
+        yields); item ``j`` of the result is ``dataset[keep[j]]`` with that element
+        replaced by the new label (an ``int``).
+        """
+        n = len(dataset)
+        if n != self.num_samples:
+            raise ValueError(
+                f"CleaningPlan.apply_dataset: the dataset has {n} samples, the plan was made "
+                f"for {self.num_samples}"
+            )
+        keep = torch.ones(self.num_samples, dtype=torch.bool)
+        keep[self.index.cpu()[~self.relabel.cpu()]] = False
+        relabel = {
+            int(i): int(lab)
+            for i, lab, r in zip(
+                self.index.tolist(),
+                self.suggested_label.tolist(),
+                self.relabel.tolist(),
+                strict=True,
+            )
+            if r
+        }
+        return CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
+
+
+class CleanedDataset(torch.utils.data.Dataset):
+    """``dataset`` restricted to ``keep`` with some labels replaced (made by
+    :meth:`CleaningPlan.apply_dataset`). Item ``j`` is ``dataset[keep[j]]`` with element
+    ``label_position`` replaced by ``relabel[keep[j]]`` when that sample is relabelled.
+    The item's other elements (e.g. an original dataset index) are passed through: give the
+    retraining a fresh index if it tracks CSL."""
+
+    def __init__(
+        self, dataset: Any, keep: list[int], relabel: Mapping[int, int], label_position: int
+    ) -> None:
+        self.dataset = dataset
+        self.keep = keep
+        self.relabel = dict(relabel)
+        self.label_position = label_position
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, j: int) -> Any:
+        i = self.keep[j]
+        item = self.dataset[i]
+        if i not in self.relabel:
+            return item
+        if not isinstance(item, tuple | list) or not -len(item) <= self.label_position < len(item):
+            raise TypeError(
+                f"CleanedDataset: item {i} of the dataset is not a tuple/list with a label at "
+                f"position {self.label_position}; pass label_position= to apply_dataset"
+            )
+        parts = list(item)
+        parts[self.label_position] = self.relabel[i]
+        return type(item)(parts) if isinstance(item, tuple) else parts
+
+
+def _suggestions_of(
+    source: Any, suggestions: tuple[torch.Tensor, torch.Tensor] | None, n: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(label int64 [N], confidence float32 [N])`` on the CPU, checked, or None."""
+    if suggestions is None:
+        from .tracker import CSLTracker
+
+        if not isinstance(source, CSLTracker):
+            return None
+        suggestions = source.suggestions()
+    if not isinstance(suggestions, tuple | list) or len(suggestions) != 2:
+        raise TypeError(
+            "csl_fast.clean: suggestions must be a pair (label int [N], confidence float [N]), "
+            "as CSLTracker.suggestions() returns"
+        )
+    label = torch.as_tensor(suggestions[0]).detach().cpu()
+    conf = torch.as_tensor(suggestions[1]).detach().cpu()
+    if label.shape != (n,) or conf.shape != (n,):
+        raise ValueError(
+            f"csl_fast.clean: suggestions must be two [N] = [{n}] tensors, got shapes "
+            f"{tuple(label.shape)} and {tuple(conf.shape)}"
+        )
+    if label.dtype.is_floating_point or label.dtype == torch.bool:
+        raise TypeError(f"csl_fast.clean: suggested labels must be integers, got {label.dtype}")
+    conf = conf.float()
+    has = label >= 0
+    if bool(((conf[has] < 0) | (conf[has] > 1) | conf[has].isnan()).any()):
+        raise ValueError("csl_fast.clean: suggestion confidences must lie in [0, 1]")
+    return label.long(), torch.where(has, conf, torch.full_like(conf, math.nan))
+
+
+def clean(
+    source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
+    *,
+    detection: Detection | None = None,
+    policy: str = "relabel-confident",
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE,
+    budget: int | None = None,
+    score: str = "csl",
+    suggestions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    **detect_kwargs: Any,
+) -> CleaningPlan:
+    """What to do with each suspicious sample: drop it or relabel it (see the module doc).
+
+    Args:
+        source: a :class:`csl_fast.CSLTracker` (gives both the scores and the suggested
+            labels), or a ``{name: [N]}`` score mapping / an ``[N]`` score tensor, as
+            :func:`csl_fast.detect.mislabeled` takes (then relabelling needs
+            ``suggestions``).
+        detection: a detection to act on; default ``detect.mislabeled(source, score,
+            **detect_kwargs)``.
+        policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``.
+        min_confidence: the least suggestion confidence, in [0, 1], at which a sample is
+            relabelled rather than dropped (default :data:`DEFAULT_MIN_CONFIDENCE`).
+        budget: at most this many rows, the most suspicious (``>= 0``); required for
+            ``"review"``.
+        score: the score of the default detection.
+        suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;
+            default ``source.suggestions()`` when ``source`` is a tracker.
+        **detect_kwargs: forwarded to :func:`csl_fast.detect.mislabeled` (``rule``,
+            ``fraction``, ``threshold``, ``seed``) when ``detection`` is None.
+
+    Returns:
+        a :class:`CleaningPlan`. Empty when nothing is flagged; then ``plan.warning`` (the
+        detection's) says why.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"csl_fast.clean: policy must be one of {POLICIES}, got {policy!r}")
+    if isinstance(min_confidence, bool) or not (
+        isinstance(min_confidence, int | float) and 0.0 <= min_confidence <= 1.0
+    ):
+        raise ValueError(f"csl_fast.clean: min_confidence must be in [0, 1], got {min_confidence}")
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+    ):
+        raise ValueError(f"csl_fast.clean: budget must be None or an int >= 0, got {budget!r}")
+    if policy == "review" and budget is None:
+        raise ValueError(
+            "csl_fast.clean: policy='review' needs budget= (how many samples a person will review)"
+        )
+    if detection is None:
+        detection = mislabeled(source, score, **detect_kwargs)
+    elif detect_kwargs:
+        raise TypeError(
+            f"csl_fast.clean: {sorted(detect_kwargs)} configure the default detection; "
+            "they cannot be combined with detection="
+        )
+    n = int(detection.scores.numel())
+    sugg = _suggestions_of(source, suggestions, n)
+    if sugg is None and policy != "drop":
+        raise ValueError(
+            f"csl_fast.clean: policy={policy!r} relabels, which needs suggested labels: pass "
+            "a CSLTracker as source, or suggestions=(label, confidence), or use policy='drop'"
+        )
+
+    ranking = detection.ranking.cpu()
+    values = detection.scores.detach().cpu().double()
+    if policy == "review":
+        chosen = ranking[torch.isfinite(values[ranking])]
+    else:
+        chosen = detection.indices.cpu()
+    if budget is not None:
+        chosen = chosen[:budget]
+    rank_of = torch.empty(n, dtype=torch.int64)
+    rank_of[ranking] = torch.arange(1, n + 1)
+
+    if sugg is None:
+        label = torch.full((chosen.numel(),), -1, dtype=torch.int64)
+        conf = torch.full((chosen.numel(),), math.nan)
+    else:
+        label, conf = sugg[0][chosen], sugg[1][chosen]
+    if policy == "drop":
+        relabel = torch.zeros(chosen.numel(), dtype=torch.bool)
+    else:
+        relabel = (label >= 0) & (conf >= min_confidence)
+    return CleaningPlan(
+        index=chosen.long(),
+        relabel=relabel,
+        suggested_label=label,
+        confidence=conf,
+        score=values[chosen],
+        rank=rank_of[chosen],
+        num_samples=n,
+        policy=policy,
+        min_confidence=float(min_confidence),
+        budget=budget,
+        detection=detection,
+    )

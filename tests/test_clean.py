@@ -1,0 +1,224 @@
+"""csl_fast.clean: policies, budget, min_confidence, the CSV, applying a plan, errors."""
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import detect
+from csl_fast.clean import CSV_COLUMNS, CleaningPlan, clean
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+# Six samples; the rule "threshold > 1" flags 0, 2, 3, 5 (ranked 5, 2, 0, 3 by score).
+SCORES = torch.tensor([3.0, 0.5, 9.0, 2.0, 0.1, 20.0])
+LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
+SUGG_LABEL = torch.tensor([1, -1, 0, 2, 0, 1])
+SUGG_CONF = torch.tensor([0.9, 0.0, 0.4, 0.6, 0.2, 1.0])
+
+
+def _det():
+    return detect.mislabeled(SCORES, rule="threshold", threshold=1.0)
+
+
+def _plan(**kw):
+    kw.setdefault("suggestions", (SUGG_LABEL, SUGG_CONF))
+    return clean(SCORES, detection=_det(), **kw)
+
+
+def test_relabel_confident_is_the_default_and_orders_rows_by_rank():
+    plan = _plan()
+    assert isinstance(plan, CleaningPlan) and plan.policy == "relabel-confident"
+    assert plan.index.tolist() == [5, 2, 0, 3]
+    assert plan.rank.tolist() == [1, 2, 3, 4]  # 1-based
+    # confidence >= 0.5 relabels; 0.4 (sample 2) is dropped
+    assert plan.actions == ["relabel", "drop", "relabel", "relabel"]
+    assert plan.suggested_label.tolist() == [1, 0, 1, 2]
+    assert plan.score.tolist() == [20.0, 9.0, 3.0, 2.0]
+    assert (plan.num_dropped, plan.num_relabeled, len(plan)) == (1, 3, 4)
+
+
+def test_min_confidence_moves_rows_between_drop_and_relabel():
+    assert _plan(min_confidence=0.95).actions == ["relabel", "drop", "drop", "drop"]
+    assert _plan(min_confidence=0.0).actions == ["relabel"] * 4
+    assert _plan(min_confidence=1.0).actions == ["relabel", "drop", "drop", "drop"]
+
+
+def test_no_suggestion_is_never_relabelled():
+    det = detect.mislabeled(SCORES, rule="threshold", threshold=0.3)  # adds sample 1 (-1)
+    plan = clean(SCORES, detection=det, suggestions=(SUGG_LABEL, SUGG_CONF), min_confidence=0)
+    row = plan.index.tolist().index(1)
+    assert plan.actions[row] == "drop" and math.isnan(float(plan.confidence[row]))
+
+
+def test_drop_policy_needs_no_suggestions():
+    plan = clean(SCORES, detection=_det(), policy="drop")
+    assert plan.actions == ["drop"] * 4
+    assert plan.suggested_label.tolist() == [-1] * 4
+    # with suggestions they are shown, still dropped
+    plan = _plan(policy="drop")
+    assert plan.actions == ["drop"] * 4 and plan.suggested_label.tolist() == [1, 0, 1, 2]
+
+
+def test_budget_keeps_the_most_suspicious_rows():
+    plan = _plan(budget=2)
+    assert plan.index.tolist() == [5, 2] and plan.rank.tolist() == [1, 2]
+    assert len(_plan(budget=0)) == 0
+    assert len(_plan(budget=100)) == 4
+
+
+def test_review_takes_the_top_of_the_ranking_flagged_or_not():
+    nothing = detect.mislabeled(SCORES, rule="threshold", threshold=100.0)
+    assert len(nothing) == 0
+    plan = clean(
+        SCORES, detection=nothing, policy="review", budget=5, suggestions=(SUGG_LABEL, SUGG_CONF)
+    )
+    assert plan.index.tolist() == [5, 2, 0, 3, 1]
+    assert plan.actions == ["relabel", "drop", "relabel", "relabel", "drop"]
+    assert len(clean(SCORES, detection=nothing, suggestions=(SUGG_LABEL, SUGG_CONF))) == 0
+
+
+def test_review_skips_non_finite_scores():
+    s = torch.tensor([1.0, float("nan"), 2.0])
+    sugg = (torch.tensor([1, 1, 1]), torch.ones(3))
+    plan = clean(s, rule="threshold", threshold=0.0, policy="review", budget=3, suggestions=sugg)
+    assert plan.index.tolist() == [2, 0]
+
+
+def test_csv_columns_and_values(tmp_path):
+    path = tmp_path / "plan.csv"
+    _plan().to_csv(path)
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert (
+        tuple(rows[0])
+        == CSV_COLUMNS
+        == (
+            "index",
+            "action",
+            "suggested_label",
+            "confidence",
+            "score",
+            "rank",
+        )
+    )
+    assert rows[1:] == [
+        ["5", "relabel", "1", "1.0000", "20.0", "1"],
+        ["2", "drop", "0", "0.4000", "9.0", "2"],
+        ["0", "relabel", "1", "0.9000", "3.0", "3"],
+        ["3", "relabel", "2", "0.6000", "2.0", "4"],
+    ]
+    clean(SCORES, detection=_det(), policy="drop").to_csv(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["suggested_label"], r["confidence"]) for r in rows] == [("", "")] * 4
+
+
+def test_csv_score_round_trips_exactly(tmp_path):
+    s = torch.tensor([0.1, 1 / 3, 2.0 / 7.0], dtype=torch.float64)
+    plan = clean(s, rule="threshold", threshold=0.0, policy="drop")
+    plan.to_csv(tmp_path / "p.csv")
+    with open(tmp_path / "p.csv", newline="") as f:
+        got = {int(r["index"]): float(r["score"]) for r in csv.DictReader(f)}
+    assert got == {i: float(s[i]) for i in range(3)}
+
+
+def test_empty_plan_writes_only_the_header(tmp_path):
+    plan = clean(SCORES, rule="threshold", threshold=100.0, policy="drop")
+    plan.to_csv(tmp_path / "e.csv")
+    assert (tmp_path / "e.csv").read_text() == ",".join(CSV_COLUMNS) + "\n"
+
+
+def test_to_dataframe_is_one_based():
+    df = _plan().to_dataframe()
+    assert list(df.columns) == list(CSV_COLUMNS)
+    assert df["rank"].tolist() == [1, 2, 3, 4]
+    assert detect.mislabeled(SCORES).to_dataframe()["rank"].iloc[0] == 0  # documented: 0-based
+
+
+def test_apply_drops_and_relabels():
+    keep, labels = _plan().apply(LABELS)
+    assert keep.tolist() == [0, 1, 3, 4, 5]  # 2 dropped
+    assert labels.tolist() == [1, 1, 2, 1, 1]  # 0 -> 1, 3 -> 2, 5 -> 1
+    assert keep.dtype == labels.dtype == torch.int64
+    keep, labels = clean(SCORES, detection=_det(), policy="drop").apply(LABELS.numpy())
+    assert keep.tolist() == [1, 4] and labels.tolist() == [1, 1]
+    # the given labels are not modified
+    assert LABELS.tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_apply_dataset_matches_apply():
+    x = torch.arange(6.0)
+    base = [(x[i], int(LABELS[i]), i) for i in range(6)]
+    plan = _plan()
+    ds = plan.apply_dataset(base)
+    keep, labels = plan.apply(LABELS)
+    assert len(ds) == keep.numel()
+    for j in range(len(ds)):
+        xi, yi, idx = ds[j]
+        assert idx == int(keep[j]) and yi == int(labels[j]) and float(xi) == float(keep[j])
+    with pytest.raises(ValueError, match="5 samples"):
+        plan.apply_dataset(base[:5])
+    bad = plan.apply_dataset([0.0] * 6)
+    with pytest.raises(TypeError, match="label_position"):
+        bad[0]  # sample 0 is relabelled, but its item has no label slot
+
+
+def test_retrain_on_applied_plan_is_one_call():
+    # the plan's output feeds csl_fast.train directly
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 3, generator=g)
+    keep, labels = _plan().apply(LABELS)
+    model = csl_fast.train.mlp(3, 3, (8,), seed=0)
+    res = csl_fast.train.train(model, x[keep], labels, epochs=2, batch_size=4)
+    assert len(res.epoch_loss) == 2
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="policy"):
+        _plan(policy="fix")
+    with pytest.raises(ValueError, match="min_confidence"):
+        _plan(min_confidence=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        _plan(budget=-1)
+    with pytest.raises(ValueError, match="budget"):
+        _plan(budget=2.5)
+    with pytest.raises(ValueError, match="needs budget"):
+        _plan(policy="review")
+    with pytest.raises(ValueError, match="suggested labels"):
+        clean(SCORES, detection=_det())  # a score tensor has no suggestions
+    with pytest.raises(ValueError, match=r"\[N\] = \[6\]"):
+        _plan(suggestions=(SUGG_LABEL[:5], SUGG_CONF[:5]))
+    with pytest.raises(TypeError, match="integers"):
+        _plan(suggestions=(SUGG_LABEL.float(), SUGG_CONF))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        _plan(suggestions=(SUGG_LABEL, SUGG_CONF * 2))
+    with pytest.raises(TypeError, match="pair"):
+        _plan(suggestions=SUGG_LABEL)
+    with pytest.raises(TypeError, match="detection="):
+        clean(SCORES, detection=_det(), rule="fraction", fraction=0.1, policy="drop")
+    plan = _plan()
+    with pytest.raises(ValueError, match=r"\[N\] = \[6\]"):
+        plan.apply(LABELS[:5])
+    with pytest.raises(TypeError, match="integers"):
+        plan.apply(LABELS.float())
+
+
+def test_default_detection_and_mapping_source():
+    mapping = {"csl": SCORES, "aum": -SCORES}
+    plan = clean(mapping, policy="drop", rule="fraction", fraction=0.5)
+    assert plan.index.tolist() == [5, 2, 0]
+    assert plan.detection.score_name == "csl"
+    plan = clean(mapping, score="aum", policy="drop", rule="fraction", fraction=0.5)
+    assert plan.index.tolist() == [4, 1, 3]
+
+
+def test_nan_confidence_where_no_suggestion_is_accepted():
+    conf = SUGG_CONF.clone()
+    conf[1] = float("nan")  # sample 1 has no suggestion (-1): its confidence is ignored
+    plan = _plan(suggestions=(SUGG_LABEL, conf), budget=None)
+    assert len(plan) == 4
+    assert np.isfinite(plan.confidence.numpy()).all()
