@@ -68,6 +68,14 @@ class Detection:
         rule: the threshold rule, with its parameters.
         groups: for :func:`duplicates` with ``inputs``: the groups (lists of dataset
             indices) of identical inputs that contain a flagged sample.
+        estimated_count: the rule's estimate of how many samples are bad (mislabeled, ...),
+            ``None`` for rules that do not estimate one (``fraction``, ``threshold``).
+        count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
+        diagnostics: what the rule saw and decided (the fit, the views used, the
+            threshold, why nothing was flagged); plain JSON-able values.
+        warning: a sentence saying why the flagged set is empty or unreliable and what
+            to try, ``None`` when the rule applied cleanly. Also emitted with
+            :func:`warnings.warn` when the detection is made.
     """
 
     ranking: torch.Tensor
@@ -77,6 +85,10 @@ class Detection:
     score_name: str
     rule: str
     groups: list[list[int]] = field(default_factory=list)
+    estimated_count: int | None = None
+    count_interval: tuple[int, int] | None = None
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None
 
     @property
     def indices(self) -> torch.Tensor:
