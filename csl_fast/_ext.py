@@ -14,24 +14,117 @@ offered for CPU tensors only when asked for by name.
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import importlib.metadata
+import json
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
+#: The folder this ``csl_fast`` was imported from.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def extension_files(package_dir: Path) -> list[Path]:
+    """The compiled extension files (``_C.<abi>.so`` / ``.pyd``) in a csl_fast folder."""
+    return [
+        package_dir / f"_C{suffix}"
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES
+        if (package_dir / f"_C{suffix}").is_file()
+    ]
+
+
+def source_checkout() -> Path | None:
+    """The source checkout this csl_fast was imported from, or None for an installed copy."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "setup.py").is_file() and (root / "csrc").is_dir() else None
+
+
+def other_copies() -> list[Path]:
+    """csl_fast folders other than :data:`PACKAGE_DIR` that this Python could import: one on
+    another ``sys.path`` entry (e.g. site-packages, hidden by a checkout in the current
+    directory), or the source folder of an editable install (pip records it in
+    ``direct_url.json``; its import hook is not a ``sys.path`` entry)."""
+    found: list[Path] = []
+
+    def add(folder: Path) -> None:
+        folder = folder.resolve()
+        if folder != PACKAGE_DIR and folder not in found and (folder / "__init__.py").is_file():
+            found.append(folder)
+
+    for entry in sys.path:
+        try:
+            spec = importlib.machinery.PathFinder.find_spec("csl_fast", [entry or os.getcwd()])
+        except (ImportError, OSError, ValueError):
+            continue
+        for location in (spec and spec.submodule_search_locations) or ():
+            add(Path(location))
+    for dist in importlib.metadata.distributions(name="csl_fast"):
+        try:
+            url = json.loads(dist.read_text("direct_url.json") or "{}")
+        except ValueError:
+            continue
+        if url.get("dir_info", {}).get("editable") and url.get("url", "").startswith("file://"):
+            add(Path(url["url"].removeprefix("file://")) / "csl_fast")
+    return found
+
+
+def extension_advice(error: str) -> str:
+    """What happened when ``csl_fast._C`` failed to load with ``error``, and the command that
+    fixes it: the imported folder, any installed copy it hides, and why."""
+    here, checkout = PACKAGE_DIR, source_checkout()
+    built = extension_files(here)
+    rebuild = (
+        f"`pip install --no-build-isolation -e {checkout}`"
+        if checkout
+        else "`pip install --no-build-isolation --force-reinstall --no-deps <csl_fast source>`"
+    )
+    if built:
+        return (
+            f"{built[0]} exists but did not load ({error}); most often it was built against "
+            f"another torch or Python than this one (torch {torch.__version__}, Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}). Rebuild it: {rebuild}."
+        )
+    with_ext = [d for d in other_copies() if extension_files(d)]
+    if checkout and with_ext:
+        return (
+            f"csl_fast was imported from the source checkout {here}, which has no compiled "
+            f"extension, not from the installed copy in {with_ext[0]}, which has one: Python "
+            "puts the current directory (or the running script's) first on sys.path, so the "
+            "checkout hides the installed package. Fix: run from any other directory, "
+            f"e.g. `cd {checkout.parent}` (keep scripts of your own outside the checkout); to "
+            f"work on csl_fast itself, {rebuild} builds the extension into the checkout."
+        )
+    if checkout:
+        return (
+            f"csl_fast was imported from the source checkout {here}, where the extension has "
+            f"not been built. Fix: {rebuild} (compiles it into the checkout)."
+        )
+    return (
+        f"csl_fast in {here} was installed without its compiled extension (built with "
+        f"CSL_FAST_NO_EXT=1, or by a copy that skipped the build). Fix: {rebuild}."
+    )
+
+
 _C = None
 #: Why ``csl_fast._C`` could not be loaded, or None when it loaded.
 EXTENSION_ERROR: str | None = None
+#: What to do about :data:`EXTENSION_ERROR` (:func:`extension_advice`), or None.
+EXTENSION_ADVICE: str | None = None
 try:
     _C = importlib.import_module("csl_fast._C")
 except Exception as exc:
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    EXTENSION_ADVICE = extension_advice(EXTENSION_ERROR)
     warnings.warn(
-        f"csl_fast: the compiled extension csl_fast._C is not available ({EXTENSION_ERROR}); "
-        "falling back to the pure-PyTorch reference, which is slower. Rebuild it with "
-        "`pip install --no-build-isolation .`; `python -m csl_fast.info` says more.",
+        "csl_fast: the compiled extension csl_fast._C is not available; running on the "
+        f"pure-PyTorch reference, which is slower. {EXTENSION_ADVICE} "
+        "`python -m csl_fast.info` says more.",
         RuntimeWarning,
         stacklevel=2,
     )

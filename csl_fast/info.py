@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+import textwrap
 
 import torch
 
@@ -21,12 +22,13 @@ def _version(package: str) -> str:
 def report() -> str:
     """A human-readable report of versions and backend availability."""
     lines = [
-        f"csl_fast {__version__}",
+        f"csl_fast {__version__} (imported from {_ext.PACKAGE_DIR})",
         f"python   {platform.python_version()} ({sys.executable})",
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_version('triton')}",
         "compiled extension csl_fast._C: "
         + ("loaded" if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
+        *[textwrap.indent(textwrap.fill(a, 94), "  ") for a in [_ext.EXTENSION_ADVICE] if a],
         f"threads  {torch.get_num_threads()}",
     ]
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]

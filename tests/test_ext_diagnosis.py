@@ -1,0 +1,67 @@
+"""A source checkout that hides an installed csl_fast: the import warning and
+``python -m csl_fast.info`` name both folders and the command that fixes it."""
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import _ext
+
+# Runs csl_fast.info as `python -m` would, without the import hook of an editable install
+# (which would find the extension of the developer's own checkout): what a user of a plain
+# `pip install .` has.
+SCRIPT = textwrap.dedent(
+    """
+    import runpy, sys, warnings
+    sys.meta_path[:] = [
+        f for f in sys.meta_path if not str(getattr(f, "__module__", "")).startswith("__editable")
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runpy.run_module("csl_fast.info", run_name="__main__")
+    for w in caught:
+        if "csl_fast._C" in str(w.message):
+            print("WARNING:", w.message)
+    """
+)
+
+
+@pytest.mark.skipif(not _ext.extension_files(_ext.PACKAGE_DIR), reason="extension not built")
+def test_checkout_hiding_the_installed_copy_is_explained(tmp_path):
+    package = Path(csl_fast.__file__).parent
+    ignore = shutil.ignore_patterns("__pycache__")
+    site, checkout = tmp_path / "site", tmp_path / "checkout"
+    shutil.copytree(package, site / "csl_fast", ignore=ignore)  # installed, with _C
+    shutil.copytree(package, checkout / "csl_fast", ignore=ignore)
+    for built in _ext.extension_files(checkout / "csl_fast"):
+        built.unlink()  # a fresh clone: sources only
+    (checkout / "csrc").mkdir()
+    (checkout / "setup.py").write_text("")
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=checkout, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = " ".join(out.stdout.split())  # info wraps long lines
+    warning = next(line for line in out.stdout.splitlines() if line.startswith("WARNING:"))
+    for shown in (text, warning):
+        assert f"imported from the source checkout {checkout / 'csl_fast'}" in shown
+        assert f"installed copy in {site / 'csl_fast'}" in shown
+        assert f"`cd {tmp_path}`" in shown
+        assert f"`pip install --no-build-isolation -e {checkout}`" in shown
+    assert f"csl_fast 0.1.0 (imported from {checkout / 'csl_fast'})" in text
+    assert "compiled extension csl_fast._C: NOT loaded" in text
+
+
+def test_advice_for_an_extension_that_does_not_load():
+    advice = _ext.extension_advice("ImportError: undefined symbol: _ZN3c10")
+    if _ext.extension_files(_ext.PACKAGE_DIR):
+        assert "exists but did not load (ImportError: undefined symbol" in advice
+        assert f"torch {torch.__version__}" in advice
+    assert "pip install --no-build-isolation" in advice
