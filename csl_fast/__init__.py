@@ -5,6 +5,11 @@ sample's loss into a dataset-sized buffer at its dataset index (Ravikumar et al.
 "Towards Memorization Estimation: Fast, Formal and Free", ICML 2025).
 """
 
+import os
+from typing import Any
+
+import torch
+
 from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
@@ -18,6 +23,20 @@ from .stats import Stat
 from .tracker import CSLTracker, TrackerFileError, TrackerStateError
 
 __version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any) -> CSLTracker:
+    """Restore a tracker written by :meth:`CSLTracker.save` (:meth:`CSLTracker.from_file`).
+
+    The number of samples, classes, dtype and history flag come from the file; ``device``
+    and ``kwargs`` go to the :class:`CSLTracker` constructor. Raises
+    :class:`TrackerFileError` for a truncated, foreign or newer-format file.
+
+    >>> tracker.save("run.csl")  # doctest: +SKIP
+    >>> tracker = csl_fast.load("run.csl")  # doctest: +SKIP
+    """
+    return CSLTracker.from_file(path, device=device, **kwargs)
+
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +57,7 @@ __all__ = [
     "evaluate",
     "input_grad_norms",
     "linear_cross_entropy",
+    "load",
     "merge",
     "score_epoch",
     "scores",
