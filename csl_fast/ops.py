@@ -228,8 +228,12 @@ def record_last(
         torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch, *sums)
     elif name == "triton":
         torch.ops.csl_fast.record_last_triton.default(*args, forgetting, learned_epoch, *sums)
-    else:
-        reference.record_last(*args, forgetting, learned_epoch, *sums)
+    elif last_loss.shape[0] > 0:
+        # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
+        # it becomes 0 with all-zero statistics, which adds 0 and changes no state.
+        idx, ok = _skip_out_of_range(index, last_loss.shape[0])
+        stats = torch.where(ok, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
+        reference.record_last(stats, idx, *args[2:], forgetting, learned_epoch, *sums)
 
 
 def record_input_grad(
@@ -244,8 +248,16 @@ def record_input_grad(
     on the CPU, the device-only reference elsewhere (a few small kernels, no host sync)."""
     if resolve_backend(backend, sq_norms.device) == "cpu":
         torch.ops.csl_fast.record_input_grad.default(sq_norms, index, valid, *buffers)
-    else:
-        reference.record_input_grad(sq_norms, index, valid, *buffers)
+    elif buffers[0].shape[0] > 0:
+        # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA).
+        idx, ok = _skip_out_of_range(index, buffers[0].shape[0])
+        reference.record_input_grad(sq_norms, idx, ok if valid is None else valid & ok, *buffers)
+
+
+def _skip_out_of_range(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index with entries outside [0, n) replaced by 0, in-range mask)``, on the device."""
+    ok = (index >= 0) & (index < n)
+    return torch.where(ok, index, torch.zeros_like(index)), ok
 
 
 def _fake_cross_entropy_fwd(logits, target, weight, ignore_index, label_smoothing, reduction):

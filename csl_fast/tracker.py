@@ -33,30 +33,31 @@ sample's run of presentations is walked in batch order (with ``backend="cuda"`` 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from . import _ext, ops, reference
+from . import _ext, ops, reference, tracker_file
 from .stats import Stat
+from .tracker_file import (  # re-exported: csl_fast and its users import them from here
+    FORMAT_VERSION,
+    TrackerFileError,
+    TrackerFileNotFoundError,
+    TrackerStateError,
+    UnverifiedTrackerFileWarning,
+)
 
-#: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
-FORMAT_VERSION = 1
-_FORMAT_NAME = "csl_fast.CSLTracker"
-
-
-class TrackerStateError(ValueError):
-    """A tracker state dict does not fit this tracker (different N, newer format, ...)."""
-
-
-class TrackerFileError(TrackerStateError):
-    """A tracker file cannot be loaded: truncated, not a csl_fast tracker file, newer format,
-    or written for a different number of samples."""
+__all__ = [
+    "FORMAT_VERSION",
+    "CSLTracker",
+    "TrackerFileError",
+    "TrackerFileNotFoundError",
+    "TrackerStateError",
+    "UnverifiedTrackerFileWarning",
+]
 
 
 # Buffer name -> kind. "float" buffers use the tracker's dtype.
@@ -72,6 +73,9 @@ _TRAIN_BUFFERS = {
     "last_correct": "bool",
     "forgetting": "int",
     "learned_epoch": "int",
+    "suggest_label": "int",
+    "suggest_votes": "int",
+    "suggest_hits": "int",
 }
 _INPUT_GRAD_BUFFERS = {
     "input_grad_sq_sum": "float",
@@ -103,7 +107,10 @@ _INPUT_GRAD_STEP = (
 _STEP_STATE = (
     "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
     "grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum",
+    "suggest_label", "suggest_votes", "suggest_hits",
 )  # fmt: skip
+# Buffers that start at -1 ("none yet"); every other buffer starts at 0.
+_MINUS_ONE = ("learned_epoch", "suggest_label")
 
 
 class CSLTracker:
@@ -142,6 +149,11 @@ class CSLTracker:
     ``learned_epoch``           int32    epoch in which the final correct streak began
                                          (threshold learning time); -1 when the sample was
                                          incorrect at its last presentation or never presented
+    ``suggest_label``           int32    candidate of a majority vote over the presentations'
+                                         runner-up class (:meth:`suggestions`); -1: none yet
+    ``suggest_votes``           int32    the vote's counter (Boyer-Moore)
+    ``suggest_hits``            int32    presentations whose runner-up was the candidate,
+                                         since it became the candidate
     ``input_grad_sq_sum``       float    sum of :math:`\|\partial\ell_i/\partial x_i\|^2`
     ``input_grad_norm_sum``     float    sum of :math:`\|\partial\ell_i/\partial x_i\|`
                                          (loss sensitivity numerator)
@@ -167,10 +179,11 @@ class CSLTracker:
       ``[passes, N]`` (mean eval-pass loss per pass): 2 bytes per sample per epoch and per
       eval pass, plus four float scratch buffers (16 bytes per sample in float32).
 
-    Memory: the default tracker (float32, ``history=False``) takes **78 bytes per sample**
-    (17 float32 + 2 int32 + 2 bool buffers; 146 in float64), e.g. 3.9 MB for CIFAR's 50,000
-    samples and 100 MB for ImageNet's 1.28M, plus 4 bytes per sample per epoch once input
-    gradients are recorded. :meth:`nbytes` reports the exact figure.
+    Memory: the default tracker (float32, ``history=False``) takes **90 bytes per sample**
+    (17 float32 + 5 int32 + 2 bool buffers; 158 in float64), e.g. 4.5 MB for CIFAR's 50,000
+    samples and 115 MB for ImageNet's 1.28M, plus 4 bytes per sample per epoch once input
+    gradients are recorded. The suggested labels take 12 of those bytes (three int32).
+    :meth:`nbytes` reports the exact figure.
 
     Counters: :attr:`epoch` (completed epochs; presentations are stamped with it) and
     :attr:`eval_passes`.
@@ -215,7 +228,7 @@ class CSLTracker:
         self._buffers: dict[str, torch.Tensor] = {}
         for name, kind in self._buffer_kinds().items():
             buf = torch.zeros(num_samples, dtype=self._kind_dtype(kind), device=self.device)
-            if name == "learned_epoch":
+            if name in _MINUS_ONE:
                 buf.fill_(-1)
             self._buffers[name] = buf
         # The state csl_fast.accumulate's one-call CPU step (csrc/module.cpp) updates; None
@@ -300,7 +313,8 @@ class CSLTracker:
             _scatter_add(b["epoch_loss_sum"], idx, stats[Stat.LOSS].to(f))
             _scatter_add(b["epoch_count"], idx, stats[Stat.VALID].to(f))
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
-        self._record_last(idx, stats, "", transitions=True, sums=sums)
+        suggest = (b["suggest_label"], b["suggest_votes"], b["suggest_hits"])
+        self._record_last(idx, stats, "", transitions=True, sums=sums, suggest=suggest)
 
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
@@ -325,7 +339,10 @@ class CSLTracker:
         - correctness (``last_correct``, ``forgetting``, ``learned_epoch``): a sequence is
           correct when *every* valid token is the argmax (teacher-forced exact match, i.e.
           greedy decoding reproduces it given its prefix); a sequence without valid tokens
-          is not a presentation and changes nothing.
+          is not a presentation and changes nothing;
+        - no suggested label (``suggest_*`` stay as they are, :meth:`suggestions` gives -1):
+          a sequence's label is its whole token string, and a replacement would be another
+          string, not one class a vote over per-token runner-ups could name.
 
         No host synchronisation.
         """
@@ -471,6 +488,7 @@ class CSLTracker:
         transitions: bool,
         max_prob: torch.Tensor | None = None,
         sums: tuple[torch.Tensor | None, ...] = (None, None, None, None),
+        suggest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Last-value buffers (and forgetting / learned epoch, and the ``sums``) with the
         batch-order rule (:func:`csl_fast.reference.record_last`), in one pass on the CPU.
@@ -487,6 +505,7 @@ class CSLTracker:
             b["forgetting"] if transitions else None,
             b["learned_epoch"] if transitions else None,
             sums,
+            suggest,
             backend=self.backend,
         )
 
@@ -600,6 +619,35 @@ class CSLTracker:
         not now has at least one forgetting event)."""
         return self.last_correct | (self.forgetting > 0)
 
+    def suggestions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Suggested labels: the class each sample should probably have, with a confidence.
+
+        Returns ``(label, confidence)``, both ``[N]`` on the tracker's device: ``label``
+        int64, the suggested class, -1 where there is none (never presented, one class, or
+        recorded only as sequences); ``confidence`` of the tracker's dtype, in ``[0, 1]``,
+        NaN where there is no suggestion.
+
+        The suggestion is the majority class of the *runner-up* :math:`r_t = \arg\max_{j
+        \ne y} z_{t,j}` (first index on ties) over the sample's training presentations
+        :math:`t`, found with a Boyer-Moore vote in presentation order (12 bytes per
+        sample: ``suggest_label``, ``suggest_votes``, ``suggest_hits``, int32). While the
+        sample is misclassified, :math:`r_t` is the predicted class; once the network has
+        memorised a wrong label :math:`y`, the class it would otherwise predict, usually
+        the true one, stays second. The last prediction is the given label by then, which
+        is why it is the wrong answer to reuse; the vote over training is not.
+        ``confidence`` is ``suggest_hits / csl_count``, the fraction of the presentations
+        whose runner-up was the suggested class since it became the candidate (exactly
+        the fraction of all presentations when the candidate never changed). A class
+        that is the runner-up of more than half the presentations is always the
+        suggestion (the vote's guarantee); below that the vote names a frequent runner-up
+        class, not necessarily the most frequent one. No host synchronisation.
+        """
+        b = self._buffers
+        label = b["suggest_label"].long()
+        has = label >= 0
+        conf = b["suggest_hits"].to(self.dtype) / b["csl_count"].clamp(min=1)
+        return label, torch.where(has, conf, torch.full_like(conf, math.nan))
+
     def threshold_learning_time(self) -> torch.Tensor:
         """float ``[N]``: the epoch in which the final correct streak began
         (``learned_epoch``); ``epoch + 1`` (later than any epoch a streak can have begun
@@ -659,174 +707,58 @@ class CSLTracker:
         Restoring it with :meth:`load_state_dict` (mid-epoch too) and continuing gives
         bitwise the same buffers as an uninterrupted run.
         """
-        return {
-            "format": _FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "num_samples": self.num_samples,
-            "num_classes": self.num_classes,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "history": self.history,
-            "epoch": self.epoch,
-            "eval_passes": self.eval_passes,
-            "input_grad_first_epoch": self.input_grad_first_epoch,
-            "buffers": dict(self._buffers),
-            "histories": {
-                name: self._stack(
-                    name,
-                    torch.float32 if name == "input_grad_history" else torch.float16,
-                )
-                for name in _HISTORIES
-            },
-        }
+        return tracker_file.state_dict(self)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
 
+        The whole state is checked first (every field's type and range, every tensor's
+        dtype and shape); on any error the tracker is left unchanged. States of an older
+        format version lacking buffers introduced since get those buffers' initial values.
+
         Raises :class:`TrackerStateError` for another format, a newer version, a different
-        ``num_samples`` or ``num_classes``, or missing or misshapen entries.
+        ``num_samples``, ``num_classes`` or ``history``, or missing, mistyped or misshapen
+        entries.
         """
-        if not isinstance(state, Mapping) or state.get("format") != _FORMAT_NAME:
-            raise TrackerStateError("CSLTracker: not a csl_fast tracker state (missing format tag)")
-        version = state.get("version")
-        if not isinstance(version, int) or version < 1:
-            raise TrackerStateError(f"CSLTracker: invalid state version {version!r}")
-        if version > FORMAT_VERSION:
-            raise TrackerStateError(
-                f"CSLTracker: the state was written in format version {version} by a newer "
-                f"csl_fast; this csl_fast reads versions up to {FORMAT_VERSION}. Upgrade "
-                "csl_fast to load it."
-            )
-        n = state.get("num_samples")
-        if n != self.num_samples:
-            raise TrackerStateError(
-                f"CSLTracker: the state is for num_samples={n} but this tracker has "
-                f"num_samples={self.num_samples}; create the tracker with the same dataset size"
-            )
-        c = state.get("num_classes")
-        if c is not None and self.num_classes is not None and c != self.num_classes:
-            raise TrackerStateError(
-                f"CSLTracker: the state is for num_classes={c} but this tracker has "
-                f"num_classes={self.num_classes}"
-            )
-        if bool(state.get("history")) != self.history:
-            raise TrackerStateError(
-                f"CSLTracker: the state has history={bool(state.get('history'))} but this tracker "
-                f"has history={self.history}; create the tracker with the same history flag"
-            )
-        buffers = state.get("buffers")
-        histories = state.get("histories")
-        if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
-            raise TrackerStateError("CSLTracker: the state lacks its buffers or histories")
-        missing = [k for k in self._buffers if k not in buffers]
-        missing += [k for k in _HISTORIES if k not in histories]
-        if missing:
-            raise TrackerStateError(f"CSLTracker: the state lacks entries {missing}")
-        for name in self._buffers:
-            src = buffers[name]
-            if not isinstance(src, torch.Tensor) or tuple(src.shape) != (self.num_samples,):
-                raise TrackerStateError(
-                    f"CSLTracker: state buffer {name!r} is not a [{self.num_samples}] tensor"
-                )
-        loaded: dict[str, list[torch.Tensor]] = {}
-        for name in _HISTORIES:
-            h = histories[name]
-            if not isinstance(h, torch.Tensor) or h.dim() != 2 or h.shape[1] != self.num_samples:
-                raise TrackerStateError(
-                    f"CSLTracker: state history {name!r} is not an [epochs, N] tensor"
-                )
-            dtype = torch.float32 if name == "input_grad_history" else torch.float16
-            loaded[name] = [row.to(self.device, dtype).clone() for row in h]
-        for name, buf in self._buffers.items():
-            buf.copy_(buffers[name])
-        self._histories = loaded
-        self.epoch = int(state["epoch"])
-        self.eval_passes = int(state["eval_passes"])
-        self.input_grad_first_epoch = int(state["input_grad_first_epoch"])
-        if self.num_classes is None:
-            self.num_classes = c
+        tracker_file.load_state_dict(self, state)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`state_dict` to ``path`` atomically.
+        """Write the tracker to ``path`` atomically, with a checksum.
 
-        The state goes to a temporary file in the same directory, is flushed and fsynced,
-        then renamed over ``path`` (``os.replace``): a crash mid-save leaves the previous
-        file intact. Tensors are stored on the CPU; the format is ``torch.save``'s and is
-        read with ``weights_only=True`` (no code is unpickled).
+        The file (format: :mod:`csl_fast.tracker_file`) is written to a temporary file in
+        the same folder, fsynced, then renamed over ``path``: a crash mid-save leaves the
+        previous file intact, and the next save removes the temporary files that killed
+        saves left. A symlink at ``path`` is followed (the file it points to is replaced).
+        The file's mode follows the umask. Tensors are stored raw; no pickle.
+
+        Raises:
+            OSError: the file cannot be written (full disk, missing folder, permission);
+                the message names ``path`` and says what to do.
         """
-        path = os.fspath(path)
-        state = self.state_dict()
-        state["buffers"] = {k: v.detach().cpu() for k, v in state["buffers"].items()}
-        state["histories"] = {k: v.detach().cpu() for k, v in state["histories"].items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        try:  # make the rename itself durable (POSIX; best effort elsewhere)
-            dfd = os.open(directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        tracker_file.save(self, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Load a file written by :meth:`save` into this tracker.
 
-        Raises :class:`TrackerFileError` for a truncated or foreign file, a newer format or
-        a different ``num_samples``; ``FileNotFoundError`` when ``path`` does not exist.
+        The whole file is read, its checksum verified and its contents checked against
+        this tracker before anything changes. Files of format version 1 (no checksum)
+        load with an :class:`UnverifiedTrackerFileWarning`.
+
+        Raises:
+            TrackerFileError: a truncated, corrupted, foreign or newer-format file, or
+                one written for another ``num_samples``/``num_classes``/``history``; the
+                tracker is then unchanged. :class:`TrackerFileNotFoundError` (also a
+                ``FileNotFoundError``) when there is no file at ``path``.
         """
-        state = read_state(path)
-        try:
-            self.load_state_dict(state)
-        except TrackerFileError:
-            raise
-        except TrackerStateError as exc:
-            raise TrackerFileError(f"{os.fspath(path)}: {exc}") from None
+        tracker_file.load(self, path)
 
     @classmethod
     def from_file(
         cls, path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any
     ) -> CSLTracker:
-        """A new tracker restored from ``path`` (sizes, dtype and history flag from the file)."""
-        state = read_state(path)
-        try:
-            dtype = getattr(torch, str(state["dtype"]))
-            tracker = cls(
-                int(state["num_samples"]),
-                state.get("num_classes"),
-                device=device,
-                dtype=dtype,
-                history=bool(state["history"]),
-                **kwargs,
-            )
-            tracker.load_state_dict(state)
-        except TrackerFileError:
-            raise
-        except (
-            TrackerStateError,
-            KeyError,
-            TypeError,
-            AttributeError,
-            ValueError,
-        ) as exc:
-            raise TrackerFileError(
-                f"{os.fspath(path)}: not a valid csl_fast tracker file ({exc})"
-            ) from None
-        return tracker
+        """A new tracker restored from ``path`` (sizes, dtype and history flag from the
+        file, which is verified before the tracker is allocated). Raises as :meth:`load`."""
+        return tracker_file.from_file(cls, path, device, **kwargs)
 
     def __repr__(self) -> str:
         return (
@@ -834,31 +766,6 @@ class CSLTracker:
             f"device={str(self.device)!r}, dtype={self.dtype}, history={self.history}, "
             f"epoch={self.epoch}, eval_passes={self.eval_passes})"
         )
-
-
-def read_state(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a tracker file's raw state dict, checking its format tag and version."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"csl_fast: no tracker file at {path!r}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrackerFileError(
-            f"{path}: not a readable csl_fast tracker file (truncated, corrupted or another "
-            f"format): {type(exc).__name__}: {exc}"
-        ) from None
-    if not isinstance(state, Mapping) or state.get("format") != _FORMAT_NAME:
-        raise TrackerFileError(
-            f"{path}: not a csl_fast tracker file (no {_FORMAT_NAME!r} format tag)"
-        )
-    version = state.get("version")
-    if isinstance(version, int) and version > FORMAT_VERSION:
-        raise TrackerFileError(
-            f"{path}: written in tracker format version {version} by a newer csl_fast; this "
-            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
-        )
-    return dict(state)
 
 
 # ------------------------------------------------------------------ helpers

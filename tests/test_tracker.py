@@ -19,7 +19,7 @@ import torch.nn.functional as F
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import csl_fast
-from csl_fast import CSLTracker, Stat, TrackerFileError, TrackerStateError
+from csl_fast import CSLTracker, Stat, TrackerFileError, TrackerStateError, tracker_file
 
 BACKENDS = csl_fast.available_backends("cpu")
 IGNORE = -1
@@ -475,15 +475,16 @@ def test_crash_mid_save_keeps_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
     t.update(torch.tensor([2]), _stats([2.5], [1], [1]))
 
-    real_save = torch.save
+    real_bytes = tracker_file._tensor_bytes
+    calls = []
 
-    def crashing_save(obj, f, *a, **k):
-        real_save(obj, f, *a, **k)
-        f.seek(f.tell() // 2)
-        f.truncate()
-        raise KeyboardInterrupt("power cut")
+    def crashing_bytes(t):  # the third tensor never gets written
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("power cut")
+        return real_bytes(t)
 
-    monkeypatch.setattr(torch, "save", crashing_save)
+    monkeypatch.setattr(tracker_file, "_tensor_bytes", crashing_bytes)
     with pytest.raises(KeyboardInterrupt):
         t.save(path)
     monkeypatch.undo()

@@ -101,9 +101,13 @@ def _ce_fwd_kernel(
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < B
     tgt = tl.load(target_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    active = row_mask & (tgt != ignore_index)
-    # Clamp only so that a bad target can never address memory outside the row.
-    y = tl.minimum(tl.maximum(tl.where(active, tgt, 0), 0), C - 1)
+    kept = row_mask & (tgt != ignore_index)
+    # A target outside [0, C) that is not ignore_index gives a NaN loss and gradient row and
+    # all-zero statistics (not recorded), as the CUDA C++ kernels; such a row reads its
+    # logits at class 0 only so that no address leaves the row.
+    bad = kept & ((tgt < 0) | (tgt >= C))
+    active = kept & (tgt >= 0) & (tgt < C)
+    y = tl.where(active, tgt, 0)
     lrow = logits_ptr + rows * stride_lr
     # In place, the gradient goes through the logits' own pointer (one pointer read and
     # written, never two that alias); each tile is loaded before it is stored.
@@ -212,7 +216,7 @@ def _ce_fwd_kernel(
     else:
         objective = a_coef * loss
         grad_y = -a_coef * other_p
-    objective = tl.where(active, objective, 0.0)
+    objective = tl.where(active, objective, tl.where(bad, float("nan"), 0.0))
     tl.store(loss_ptr + rows, objective, mask=row_mask)
 
     valid = active & (loss < float("inf"))  # loss >= 0 or NaN
@@ -230,6 +234,7 @@ def _ce_fwd_kernel(
     a2 = (a_coef * row_scale)[:, None]
     gy2 = (grad_y * row_scale)[:, None]
     active2 = active[:, None]
+    g_inactive = tl.where(bad, float("nan"), 0.0)[:, None]  # ignored rows 0, bad targets NaN
     if FUSED:
         p = e * inv_s[:, None]
         if HAS_SMOOTH:
@@ -237,7 +242,7 @@ def _ce_fwd_kernel(
         else:
             g = a2 * p
         g = tl.where(is_y, gy2, g)
-        g = tl.where(active2, g, 0.0)
+        g = tl.where(active2, g, g_inactive)
         tl.store(
             grow[:, None] + cols[None, :],
             _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
@@ -259,7 +264,7 @@ def _ce_fwd_kernel(
             else:
                 g = a2 * p
             g = tl.where(cols[None, :] == y[:, None], gy2, g)
-            g = tl.where(active2, g, 0.0)
+            g = tl.where(active2, g, g_inactive)
             tl.store(
                 grow[:, None] + cols[None, :],
                 _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
@@ -349,14 +354,19 @@ def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, gr
     ``config``: (fused, rows, block, num_warps) instead of :func:`_config`'s (for
     ``benchmarks/triton_sweep.py``)."""
     batch, num_classes = logits.shape
+    if num_classes == 0 and batch != 0:
+        # As the C++ kernels: no class to take a loss over (empty outputs would otherwise
+        # reach the buffers uninitialised).
+        raise ValueError("csl_fast: logits have C = 0 classes")
     inplace = grad is None
     loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
     stats = torch.empty((6, batch), dtype=torch.float32, device=logits.device)
     target = target.contiguous()
     w = None if weight is None else weight.to(torch.float32).contiguous()
 
-    active = target != ignore_index
     if reduction == 1:
+        # The denominator counts rows with a target in [0, C) (a bad target's row is NaN).
+        active = (target != ignore_index) & (target >= 0) & (target < num_classes)
         if w is None:
             denom = active.sum(dtype=torch.float32)
         else:

@@ -1,0 +1,612 @@
+r"""The :class:`~csl_fast.CSLTracker` state and file format: validation, save, load.
+
+A tracker file (format version 2, written by :meth:`CSLTracker.save`) is::
+
+    offset 0   8 bytes   magic b"\x93CSLFAST"
+    offset 8   8 bytes   H, the header length (unsigned little-endian)
+    offset 16  H bytes   header: UTF-8 JSON object (metadata, counters and the tensor table)
+    then                 every tensor's raw bytes, in the table's order, without gaps
+    last       32 bytes  SHA-256 of everything before it
+
+The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``dtype``,
+``history``, ``epoch``, ``eval_passes``, ``input_grad_first_epoch``, ``byteorder`` and
+``tensors``: ``[name, dtype, shape]`` triples with names ``buffers/<name>`` and
+``histories/<name>``. Nothing in it is executable (no pickle), and the reader checks, in
+this order and before allocating more than the file's own size or touching a tracker:
+the magic, that the header parses and its tensor table accounts for exactly the bytes the
+file holds, the checksum (so a flipped bit anywhere is refused), then every field's type
+and range and every tensor's dtype and shape against the metadata. Every failure is a
+:class:`TrackerFileError` that names the file.
+
+Version 1 files (``torch.save`` zip archives, no checksum) are still read, through
+``torch.load(weights_only=True)`` after a check that the archive is uncompressed and no
+larger than the file; they load with a :class:`UnverifiedTrackerFileWarning`. Buffers
+introduced after a file's version (:data:`VERSION_BUFFERS`) are filled with their initial
+values.
+
+Saving writes a temporary file beside the target, fsyncs it and renames it over the
+target, so the file at the path is always a complete old or new state. Temporary files
+left by killed saves of the same target are removed by the next save once stale (their
+writer process is gone, or they are older than :data:`STALE_TEMP_SECONDS`). A symlink at
+the path is **followed**: the file it points to is replaced and the link is kept. The new
+file's mode follows the umask, as for any file the process creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import math
+import os
+import re
+import secrets
+import socket
+import sys
+import time
+import warnings
+import zipfile
+import zlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .tracker import CSLTracker
+
+#: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
+FORMAT_VERSION = 2
+FORMAT_NAME = "csl_fast.CSLTracker"
+MAGIC = b"\x93CSLFAST"  # 0x93: not ASCII, so no text file and no zip archive starts so
+_ZIP_MAGIC = b"PK\x03\x04"  # version 1 files (torch.save)
+_DIGEST = 32
+_MAX_HEADER = 1 << 20  # a real header is a few KB
+#: A temporary file of a save older than this (seconds) is stale whoever wrote it.
+STALE_TEMP_SECONDS = 15 * 60
+
+HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+_HISTORY_DTYPE = {
+    "loss_history": torch.float16,
+    "eval_loss_history": torch.float16,
+    "input_grad_history": torch.float32,
+}
+_FILE_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "int32": torch.int32,
+    "bool": torch.bool,
+}
+
+#: The buffers each older format version holds (a ``history=True`` tracker's names; the
+#: others are a subset). A buffer a tracker has but its file's version lacks was
+#: introduced later and is filled with its initial value on load. The current version
+#: holds every buffer of the tracker.
+VERSION_BUFFERS: dict[int, frozenset[str]] = {
+    1: frozenset(
+        {
+            "csl_sum", "csl_count", "last_loss", "last_max_prob", "grad_norm_sum",
+            "margin_sum", "p_true_sum", "p_true_sq_sum", "last_correct", "forgetting",
+            "learned_epoch", "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count",
+            "epoch_input_grad_sq_sum", "epoch_input_grad_count", "eval_csl_sum", "eval_count",
+            "eval_last_loss", "eval_last_max_prob", "eval_last_correct", "epoch_loss_sum",
+            "epoch_count", "eval_pass_loss_sum", "eval_pass_count",
+        }
+    ),
+}  # fmt: skip
+
+
+class TrackerStateError(ValueError):
+    """A tracker state dict does not fit this tracker (different N, newer format, ...)."""
+
+
+class TrackerFileError(TrackerStateError):
+    """A tracker file cannot be loaded: truncated, corrupted (checksum), not a csl_fast
+    tracker file, newer format, inconsistent, or written for a different tracker."""
+
+
+class TrackerFileNotFoundError(TrackerFileError, FileNotFoundError):
+    """No file at the path (also a ``FileNotFoundError``)."""
+
+
+class UnverifiedTrackerFileWarning(UserWarning):
+    """A tracker file of format version 1 was loaded: it has no checksum to verify."""
+
+
+# ============================================================================ validation
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _field(state: Mapping[str, Any], key: str, ok: Any, expected: str) -> Any:
+    if key not in state:
+        raise TrackerStateError(f"the state lacks the field {key!r} ({expected})")
+    v = state[key]
+    if not ok(v):
+        raise TrackerStateError(
+            f"the state's field {key!r} must be {expected}, got {type(v).__name__} {v!r:.60}"
+        )
+    return v
+
+
+def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
+    """Each buffer's initial value, read from a one-sample tracker of the same kind (so
+    this stays right whatever ``CSLTracker.__init__`` fills a buffer with)."""
+    if not names:
+        return {}
+    fresh = type(tracker)(1, dtype=tracker.dtype, history=tracker.history)
+    return {n: fresh.buffers()[n][0].item() for n in names}
+
+
+def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
+    """Check ``state`` (a :meth:`CSLTracker.state_dict`) against ``tracker`` completely,
+    without changing it; returns what :func:`apply_state` needs.
+
+    Raises :class:`TrackerStateError` naming the first problem found."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
+    version = _field(state, "version", lambda v: _is_int(v) and v >= 1, "an int >= 1")
+    if version > FORMAT_VERSION:
+        raise TrackerStateError(
+            f"the state was written in format version {version} by a newer csl_fast; this "
+            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
+        )
+    n = _field(state, "num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    if n != tracker.num_samples:
+        raise TrackerStateError(
+            f"the state is for num_samples={n} but this tracker has "
+            f"num_samples={tracker.num_samples}; create the tracker with the same dataset size"
+        )
+    c = _field(
+        state, "num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"
+    )
+    if c is not None and tracker.num_classes is not None and c != tracker.num_classes:
+        raise TrackerStateError(
+            f"the state is for num_classes={c} but this tracker has "
+            f"num_classes={tracker.num_classes}"
+        )
+    _field(state, "dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'")
+    history = _field(state, "history", lambda v: isinstance(v, bool), "a bool")
+    if history != tracker.history:
+        raise TrackerStateError(
+            f"the state has history={history} but this tracker has history={tracker.history}; "
+            "create the tracker with the same history flag"
+        )
+    epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)")
+    passes = _field(
+        state, "eval_passes", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)"
+    )
+    igfe = _field(
+        state,
+        "input_grad_first_epoch",
+        lambda v: _is_int(v) and -1 <= v <= epoch,
+        f"an int in [-1, epoch = {epoch}]",
+    )
+    buffers, histories = state.get("buffers"), state.get("histories")
+    if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
+        raise TrackerStateError("the state lacks its buffers or histories")
+    kinds = tracker._buffer_kinds()
+    table = VERSION_BUFFERS.get(version)
+    expected = [k for k in kinds if table is None or k in table]
+    missing = [k for k in expected if k not in buffers]
+    missing += [k for k in HISTORIES if k not in histories]
+    if missing:
+        raise TrackerStateError(f"the state lacks entries {missing}")
+    unknown = [k for k in buffers if k not in expected]
+    unknown += [k for k in histories if k not in HISTORIES]
+    if unknown:
+        raise TrackerStateError(f"the state has unknown entries {unknown}")
+    for name in expected:
+        src, kind = buffers[name], kinds[name]
+        if not isinstance(src, torch.Tensor) or tuple(src.shape) != (n,):
+            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
+        ok = {
+            "float": src.is_floating_point(),
+            "int": not src.is_floating_point() and not src.is_complex() and src.dtype != torch.bool,
+            "bool": src.dtype == torch.bool,
+        }[kind]
+        if not ok:
+            raise TrackerStateError(
+                f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
+            )
+    for name in HISTORIES:
+        h = histories[name]
+        if (
+            not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() == 2)
+            or h.shape[1] != n
+        ):
+            raise TrackerStateError(
+                f"state history {name!r} is not a floating [epochs, N = {n}] tensor"
+            )
+    fill = _initial_values(tracker, [k for k in kinds if k not in expected])
+    return {
+        "buffers": {k: buffers[k] for k in expected},
+        "fill": fill,
+        "histories": {k: histories[k] for k in HISTORIES},
+        "epoch": epoch,
+        "eval_passes": passes,
+        "input_grad_first_epoch": igfe,
+        "num_classes": c,
+        "version": version,
+    }
+
+
+def load_state_dict(tracker: CSLTracker, state: Any) -> None:
+    """:meth:`CSLTracker.load_state_dict`: validate everything, convert every tensor to
+    the tracker's device and dtypes (new tensors: an allocation failure changes nothing),
+    then copy. Raises :class:`TrackerStateError`; the tracker is then unchanged."""
+    try:
+        checked = validate_state(tracker, state)
+    except TrackerStateError as exc:
+        raise type(exc)(f"CSLTracker: {exc}") from None
+    live = tracker._buffers
+    staged = {
+        k: src.to(live[k].device, live[k].dtype, copy=True) for k, src in checked["buffers"].items()
+    }
+    histories = {
+        k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
+        for k, h in checked["histories"].items()
+    }
+    for name, value in staged.items():
+        live[name].copy_(value)
+    for name, value in checked["fill"].items():
+        live[name].fill_(value)
+    tracker._histories = histories
+    tracker.epoch = checked["epoch"]
+    tracker.eval_passes = checked["eval_passes"]
+    tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
+    if tracker.num_classes is None:
+        tracker.num_classes = checked["num_classes"]
+
+
+def state_dict(tracker: CSLTracker) -> dict[str, Any]:
+    """:meth:`CSLTracker.state_dict` (live buffer tensors, stacked histories)."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "num_samples": tracker.num_samples,
+        "num_classes": tracker.num_classes,
+        "dtype": str(tracker.dtype).removeprefix("torch."),
+        "history": tracker.history,
+        "epoch": tracker.epoch,
+        "eval_passes": tracker.eval_passes,
+        "input_grad_first_epoch": tracker.input_grad_first_epoch,
+        "buffers": dict(tracker._buffers),
+        "histories": {k: tracker._stack(k, _HISTORY_DTYPE[k]) for k in HISTORIES},
+    }
+
+
+# ============================================================================ writing
+def _host_tag() -> str:
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _temp_pattern(base: str) -> re.Pattern[str]:
+    # ours: .NAME.<host crc32>-<pid>-<random>.tmp; before version 2, tempfile.mkstemp's
+    # .NAME.<8 of [a-z0-9_]>.tmp (no writer pid: removed on age alone).
+    return re.compile(
+        rf"\.{re.escape(base)}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp"
+    )
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def remove_stale_temps(target: str, now: float | None = None) -> list[str]:
+    """Remove the temporary files that killed saves of ``target`` left beside it: files of
+    the save naming pattern only, and only stale ones (writer process gone on this host,
+    or older than :data:`STALE_TEMP_SECONDS`). Returns the removed paths."""
+    directory, base = os.path.split(target)
+    directory = directory or "."
+    pattern = _temp_pattern(base)
+    now = time.time() if now is None else now
+    host = _host_tag()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.fullmatch(name)
+        if m is None:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        dead = m["pid"] is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+        if dead or age > STALE_TEMP_SECONDS:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def _save_error(exc: OSError, user_path: str) -> OSError:
+    """``exc`` reworded for the user's path with what to do; same errno and class."""
+    hint = {
+        errno.ENOSPC: "the disk is full: free some space or save elsewhere",
+        errno.EDQUOT: "the disk quota is exceeded: free some space or save elsewhere",
+        errno.ENOENT: "the folder does not exist: create it first",
+        errno.ENOTDIR: "a part of the path is not a folder",
+        errno.EACCES: "permission denied: choose a folder you can write to",
+        errno.EPERM: "permission denied: choose a folder you can write to",
+        errno.EROFS: "the file system is read-only: save elsewhere",
+        errno.EISDIR: "the path is a folder: give a file name",
+    }.get(exc.errno, exc.strerror or str(exc))
+    cls = type(exc) if type(exc) is not OSError else OSError
+    try:
+        return cls(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}", user_path)
+    except TypeError:  # an OSError subclass with another constructor
+        return OSError(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}", user_path)
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
+    if t.numel() == 0:
+        return b""
+    return memoryview(t.contiguous().reshape(-1).numpy()).cast("B")
+
+
+def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
+    """:meth:`CSLTracker.save` (see the module docstring)."""
+    user_path = os.fspath(path)
+    target = os.path.realpath(user_path)  # follow a symlink: replace what it points to
+    if os.path.isdir(target):
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"cannot save the tracker to {user_path!r}: it is a folder; give a file name",
+            user_path,
+        )
+    state = state_dict(tracker)
+    tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
+    tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]
+    tensors = [(k, v.detach().cpu().contiguous()) for k, v in tensors]
+    state["byteorder"] = sys.byteorder
+    state["tensors"] = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors]
+    header = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    directory, base = os.path.split(target)
+    remove_stale_temps(target)
+    tmp = os.path.join(directory, f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as exc:
+        raise _save_error(exc, user_path) from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            digest = hashlib.sha256()
+            for part in (MAGIC, len(header).to_bytes(8, "little"), header):
+                f.write(part)
+                digest.update(part)
+            for _, t in tensors:
+                data = _tensor_bytes(t)
+                f.write(data)
+                digest.update(data)
+            f.write(digest.digest())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise _save_error(exc, user_path) from None
+        raise
+    try:  # make the rename itself durable (POSIX; best effort elsewhere)
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+# ============================================================================ reading
+def _open(path: str) -> Any:
+    try:
+        return open(path, "rb")  # closed by the caller's with
+    except FileNotFoundError:
+        raise TrackerFileNotFoundError(f"csl_fast: no tracker file at {path!r}") from None
+    except IsADirectoryError:
+        raise TrackerFileError(f"{path}: is a folder, not a tracker file") from None
+    except OSError as exc:
+        raise TrackerFileError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def read_file(path: str | os.PathLike) -> dict[str, Any]:
+    """A tracker file's verified state dict (CPU tensors); nothing is checked against a
+    tracker yet. Raises :class:`TrackerFileError` (:class:`TrackerFileNotFoundError` when
+    there is no file)."""
+    path = os.fspath(path)
+    with _open(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(16)
+        if head.startswith(MAGIC):
+            return _read_v2(path, f, size, head)
+        if head.startswith(_ZIP_MAGIC):
+            return _read_v1(path, f, size)
+    raise TrackerFileError(
+        f"{path}: not a csl_fast tracker file (it does not start with the tracker file "
+        "signature; empty, another format, or damaged at the start)"
+    )
+
+
+def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
+    if len(head) < 16:
+        raise TrackerFileError(f"{path}: truncated tracker file ({size} bytes)")
+    hlen = int.from_bytes(head[8:16], "little")
+    if hlen > min(_MAX_HEADER, size - 16 - _DIGEST):
+        raise TrackerFileError(
+            f"{path}: truncated or corrupted tracker file (header of {hlen} bytes in a file "
+            f"of {size})"
+        )
+    raw = f.read(hlen)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        version = header.get("version")
+        if _is_int(version) and version > FORMAT_VERSION:
+            raise TrackerFileError(
+                f"{path}: written in tracker format version {version} by a newer csl_fast; "
+                f"this csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to "
+                "load it."
+            )
+        table = header["tensors"]
+        entries = []
+        for name, dtype, shape in table:
+            if not (
+                isinstance(name, str)
+                and isinstance(shape, list)
+                and 1 <= len(shape) <= 2
+                and all(_is_int(s) and s >= 0 for s in shape)
+            ):
+                raise ValueError(f"bad tensor entry {name!r}")
+            entries.append((name, _FILE_DTYPES[dtype], shape))
+    except TrackerFileError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise TrackerFileError(
+            f"{path}: corrupted tracker file (its header does not parse: {type(exc).__name__})"
+        ) from None
+    sizes = [math.prod(s) * torch.empty((), dtype=d).element_size() for _, d, s in entries]
+    payload = size - 16 - hlen - _DIGEST
+    if sum(sizes) != payload:
+        raise TrackerFileError(
+            f"{path}: truncated or corrupted tracker file (its header describes "
+            f"{sum(sizes)} bytes of tensors, the file holds {payload})"
+        )
+    # From here every allocation is bounded by the file's size.
+    body = bytearray(payload + _DIGEST)
+    if f.readinto(body) != len(body):
+        raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
+    view = memoryview(body)
+    digest = hashlib.sha256(head)
+    digest.update(raw)
+    digest.update(view[:payload])
+    if digest.digest() != bytes(view[payload:]):
+        raise TrackerFileError(
+            f"{path}: corrupted tracker file: the checksum does not match its contents (a "
+            "changed or damaged byte); restore it from a copy"
+        )
+    if not isinstance(header, dict) or header.get("byteorder") != sys.byteorder:
+        raise TrackerFileError(
+            f"{path}: written on a {header.get('byteorder')}-endian machine; this one is "
+            f"{sys.byteorder}-endian"
+        )
+    buffers: dict[str, torch.Tensor] = {}
+    histories: dict[str, torch.Tensor] = {}
+    offset = 0
+    for (name, dtype, shape), nbytes in zip(entries, sizes, strict=True):
+        kind, _, key = name.partition("/")
+        where = {"buffers": buffers, "histories": histories}.get(kind)
+        if where is None or key in where:
+            raise TrackerFileError(f"{path}: invalid tracker file (tensor entry {name!r})")
+        chunk = view[offset : offset + nbytes]
+        t = torch.frombuffer(chunk, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+        where[key] = t.view(shape)
+        offset += nbytes
+    state = {k: v for k, v in header.items() if k not in ("tensors", "byteorder")}
+    state.update(buffers=buffers, histories=histories)
+    if state.get("format") != FORMAT_NAME or state.get("version") != FORMAT_VERSION:
+        raise TrackerFileError(
+            f"{path}: invalid tracker file (format {state.get('format')!r}, version "
+            f"{state.get('version')!r} in a version {FORMAT_VERSION} file)"
+        )
+    return state
+
+
+def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
+    # torch.load would allocate what the archive's entries claim and inflate compressed
+    # ones: accept only what torch.save writes, stored entries within the file's size.
+    try:
+        f.seek(0)
+        with zipfile.ZipFile(f) as z:
+            infos = z.infolist()
+        plain = all(i.compress_type == zipfile.ZIP_STORED for i in infos)
+        if not plain or sum(i.file_size for i in infos) > size:
+            raise ValueError("compressed or oversized entries")
+        f.seek(0)
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # (Not torch's message: it can advise unsafe loading, which a tool must never print.)
+        raise TrackerFileError(
+            f"{path}: not a readable csl_fast tracker file (truncated, corrupted or another "
+            f"format; {type(exc).__name__})"
+        ) from None
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+        raise TrackerFileError(
+            f"{path}: not a csl_fast tracker file (no {FORMAT_NAME!r} format tag)"
+        )
+    version = state.get("version")
+    if _is_int(version) and version > FORMAT_VERSION:
+        raise TrackerFileError(
+            f"{path}: written in tracker format version {version} by a newer csl_fast; this "
+            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
+        )
+    if version != 1:
+        raise TrackerFileError(
+            f"{path}: invalid tracker file (a zip archive of format version {version!r}; "
+            "only version 1 files are zip archives)"
+        )
+    warnings.warn(
+        f"{path}: a tracker file of format version 1, which has no checksum: loaded "
+        "unverified. Save it again to add one.",
+        UnverifiedTrackerFileWarning,
+        stacklevel=4,
+    )
+    return dict(state)
+
+
+def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
+    """:meth:`CSLTracker.load`: the whole file is read and checked before the tracker
+    changes; raises :class:`TrackerFileError` (tracker unchanged)."""
+    state = read_file(path)
+    try:
+        load_state_dict(tracker, state)
+    except TrackerStateError as exc:
+        raise TrackerFileError(f"{os.fspath(path)}: {exc}") from None
+
+
+def from_file(
+    cls: type[CSLTracker], path: str | os.PathLike, device: Any = "cpu", **kwargs: Any
+) -> CSLTracker:
+    """:meth:`CSLTracker.from_file`: the file is read, verified and its metadata checked
+    against its tensors before a tracker is allocated."""
+    state = read_file(path)
+    shape_fields = (
+        ("num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+        ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
+        ("history", lambda v: isinstance(v, bool), "a bool"),
+        ("num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+    )
+    try:
+        n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
+        # The tracker allocates about as much as the buffers the file holds; a file that
+        # claims another N is refused before that allocation.
+        buffers = state.get("buffers")
+        if not isinstance(buffers, Mapping) or not buffers:
+            raise TrackerStateError("the state lacks its buffers")
+        for name, t in buffers.items():
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+                raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
+    except TrackerStateError as exc:
+        raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+    tracker = cls(n, classes, device=device, dtype=getattr(torch, dtype), history=history, **kwargs)
+    try:
+        load_state_dict(tracker, state)
+    except TrackerStateError as exc:
+        raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+    return tracker

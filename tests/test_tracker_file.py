@@ -1,0 +1,424 @@
+"""The tracker file format under attack: truncation, bit flips, wrong types, huge sizes,
+foreign and old files, and what save() does with temp files, symlinks, umask and errors.
+
+Every refused load must raise TrackerFileError naming the file and leave the tracker it
+was loading into bit-identical."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import pickle
+import random
+import sys
+import time
+import warnings
+import zipfile
+
+import pytest
+import torch
+
+from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, tracker_file
+from csl_fast.tracker_file import (
+    FORMAT_VERSION,
+    MAGIC,
+    STALE_TEMP_SECONDS,
+    VERSION_BUFFERS,
+    TrackerFileNotFoundError,
+    UnverifiedTrackerFileWarning,
+)
+
+N = 7
+
+
+def _filled(n: int = N, history: bool = True, seed: int = 0) -> CSLTracker:
+    """A tracker whose every buffer and history holds distinct values."""
+    g = torch.Generator().manual_seed(seed)
+    t = CSLTracker(n, 3, history=history)
+    for buf in t.buffers().values():
+        if buf.dtype == torch.bool:
+            buf.copy_(torch.rand(n, generator=g) > 0.5)
+        elif buf.is_floating_point():
+            buf.copy_(torch.rand(n, generator=g) * 10)
+        else:
+            buf.copy_(torch.randint(-1, 9, (n,), generator=g))
+    t.input_grad_first_epoch = 0
+    t.end_epoch()
+    t.end_epoch()
+    t.end_eval_pass()
+    t.csl_sum[0] = float("nan")  # data, not corruption
+    return t
+
+
+def _snapshot(t: CSLTracker) -> tuple:
+    state = t.state_dict()
+    tensors = {k: v.clone() for k, v in state.pop("buffers").items()}
+    tensors.update({"h/" + k: v.clone() for k, v in state.pop("histories").items()})
+    return state, tensors
+
+
+def _assert_same(a: tuple, b: tuple) -> None:
+    assert a[0] == b[0]
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        x, y = a[1][k], b[1][k]
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), k  # bitwise, NaN too
+
+
+def _write_v2(path, state: dict) -> None:
+    """The documented version 2 layout, written independently of csl_fast's writer (so
+    any field can hold anything)."""
+    state = dict(state)
+    tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
+    tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]
+    state["byteorder"] = sys.byteorder
+    state["tensors"] = [[k, str(v.dtype)[6:], list(v.shape)] for k, v in tensors]
+    header = json.dumps(state).encode()
+    body = MAGIC + len(header).to_bytes(8, "little") + header
+    body += b"".join(v.contiguous().numpy().tobytes() for _, v in tensors)
+    with open(path, "wb") as f:
+        f.write(body + hashlib.sha256(body).digest())
+
+
+def _refused(path, target: CSLTracker, match: str | None = None) -> TrackerFileError:
+    before = _snapshot(target)
+    with pytest.raises(TrackerFileError) as info:
+        target.load(path)
+    _assert_same(before, _snapshot(target))
+    assert str(path) in str(info.value)
+    assert "weights_only" not in str(info.value)
+    if match is not None:
+        assert match in str(info.value), str(info.value)
+    with pytest.raises(TrackerFileError):
+        CSLTracker.from_file(path)
+    return info.value
+
+
+@pytest.fixture
+def saved(tmp_path):
+    t = _filled()
+    path = tmp_path / "run.csl"
+    t.save(path)
+    return t, path
+
+
+def test_roundtrip_bitwise(saved, tmp_path):
+    t, path = saved
+    u = CSLTracker.from_file(path)
+    _assert_same(_snapshot(t), _snapshot(u))
+    v = _filled(seed=1)
+    v.load(path)
+    _assert_same(_snapshot(t), _snapshot(v))
+    assert path.read_bytes().startswith(MAGIC)
+    data = path.read_bytes()
+    header = json.loads(data[16 : 16 + int.from_bytes(data[8:16], "little")])
+    assert header["version"] == FORMAT_VERSION == 2
+
+
+def test_every_truncation_is_refused(saved):
+    _, path = saved
+    data = path.read_bytes()
+    target = _filled(seed=2)
+    cut = path.with_name("cut.csl")
+    offsets = sorted(
+        {*range(0, len(data), max(1, len(data) // 150)), *range(len(data) - 40, len(data))}
+    )
+    for k in offsets:
+        cut.write_bytes(data[:k])
+        _refused(cut, target)
+    cut.write_bytes(data + b"\0")  # extended by one byte
+    _refused(cut, target, "truncated or corrupted")
+
+
+def test_every_flipped_bit_is_refused(saved):
+    _, path = saved
+    data = path.read_bytes()
+    target = _filled(seed=3)
+    rng = random.Random(0)
+    flipped = path.with_name("flip.csl")
+    for pos in range(len(data)):  # one random bit of every byte
+        bad = bytearray(data)
+        bad[pos] ^= 1 << rng.randrange(8)
+        flipped.write_bytes(bytes(bad))
+        _refused(flipped, target)
+
+
+def test_payload_flip_names_the_checksum(saved):
+    _, path = saved
+    bad = bytearray(path.read_bytes())
+    bad[-40] ^= 0x10  # inside the last tensor
+    path.write_bytes(bytes(bad))
+    _refused(path, _filled(seed=4), "checksum")
+
+
+_WRONG = {
+    "num_samples": ["7", 7.0, True, None, -1, 2**70],
+    "num_classes": ["3", 0, 3.5, True],
+    "dtype": ["float16", 32, None, "int32"],
+    "history": [1, "true", None],
+    "epoch": ["2", 2.0, -1, None, 2**40, True],
+    "eval_passes": ["1", -3, 1.5, None],
+    "input_grad_first_epoch": ["0", -2, 99, 0.0],
+    "format": ["csl_fast.Other", None, 1],
+    "version": ["2", 0, None, 2.0],
+}
+
+
+@pytest.mark.parametrize("field", list(_WRONG))
+def test_wrong_type_in_every_field(tmp_path, field):
+    t = _filled()
+    target = _filled(seed=5)
+    for value in [*_WRONG[field], "<missing>"]:
+        state = t.state_dict()
+        if value == "<missing>":
+            del state[field]
+        else:
+            state[field] = value
+        path = tmp_path / f"{field}.csl"
+        _write_v2(path, state)
+        exc = _refused(path, target)
+        if field == "num_samples" and value == "7":
+            assert "must be an int" in str(exc) and "got str '7'" in str(exc)
+        before = _snapshot(target)
+        with pytest.raises(TrackerStateError):
+            target.load_state_dict(state)
+        _assert_same(before, _snapshot(target))
+
+
+def test_wrong_tensors(tmp_path):
+    t = _filled()
+    target = _filled(seed=6)
+    cases = {
+        "short buffer": lambda s: s["buffers"].update(csl_sum=torch.zeros(N - 1)),
+        "2-D buffer": lambda s: s["buffers"].update(csl_sum=torch.zeros(N, 1)),
+        "int csl": lambda s: s["buffers"].update(csl_sum=torch.zeros(N, dtype=torch.int32)),
+        "float bool": lambda s: s["buffers"].update(last_correct=torch.zeros(N)),
+        "float int": lambda s: s["buffers"].update(forgetting=torch.zeros(N)),
+        "missing buffer": lambda s: s["buffers"].pop("forgetting"),
+        "unknown buffer": lambda s: s["buffers"].update(extra=torch.zeros(N)),
+        "history columns": lambda s: s["histories"].update(loss_history=torch.zeros(2, N + 1)),
+        "history 1-D": lambda s: s["histories"].update(loss_history=torch.zeros(N)),
+        "missing history": lambda s: s["histories"].pop("eval_loss_history"),
+    }
+    for mutate in cases.values():
+        state = t.state_dict()
+        state["buffers"] = dict(state["buffers"])
+        state["histories"] = dict(state["histories"])
+        mutate(state)
+        path = tmp_path / "bad.csl"
+        _write_v2(path, state)
+        _refused(path, target)
+        before = _snapshot(target)
+        with pytest.raises(TrackerStateError):
+            target.load_state_dict(state)
+        _assert_same(before, _snapshot(target))
+
+
+def test_huge_sizes_allocate_nothing(tmp_path, monkeypatch):
+    t = _filled()
+    made = []
+    real_init = CSLTracker.__init__
+
+    def counting_init(self, *a, **k):
+        made.append(a)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(CSLTracker, "__init__", counting_init)
+    path = tmp_path / "huge.csl"
+    for n in (30_000_000, 10**11, 2**62):
+        state = t.state_dict()
+        state["num_samples"] = n  # the buffers in the file stay [7]
+        _write_v2(path, state)
+        with pytest.raises(TrackerFileError, match=str(path)):
+            CSLTracker.from_file(path)
+    assert made == []
+    # a tensor table that claims more bytes than the file holds
+    t.save(path)
+    data = path.read_bytes()
+    hlen = int.from_bytes(data[8:16], "little")
+    header = json.loads(data[16 : 16 + hlen])
+    header["tensors"][0][2] = [10**11]
+    raw = json.dumps(header).encode()
+    path.write_bytes(data[:8] + len(raw).to_bytes(8, "little") + raw + data[16 + hlen :])
+    with pytest.raises(TrackerFileError, match="describes"):
+        CSLTracker.from_file(path)
+    path.write_bytes(data[:8] + (2**63).to_bytes(8, "little") + data[16:])
+    with pytest.raises(TrackerFileError, match="header"):
+        CSLTracker.from_file(path)
+    assert made == []
+
+
+def test_foreign_empty_and_missing(tmp_path):
+    target = _filled()
+    for name, content in {
+        "empty.csl": b"",
+        "text.csl": b"hello world\n",
+        "random.csl": os.urandom(3000),
+        "magic-only.csl": MAGIC,
+    }.items():
+        (tmp_path / name).write_bytes(content)
+        _refused(tmp_path / name, target)
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.csl")
+    _refused(tmp_path / "foreign.csl", target, "format tag")
+    with pytest.raises(TrackerFileNotFoundError) as info:
+        target.load(tmp_path / "missing.csl")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, TrackerFileError)
+    _refused(tmp_path, target, "folder")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_no_pickle_is_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    buf = io.BytesIO()
+    torch.save({"format": "csl_fast.CSLTracker", "version": 1, "x": _Boom()}, buf)
+    (tmp_path / "evil.csl").write_bytes(buf.getvalue())
+    _refused(tmp_path / "evil.csl", _filled())
+    (tmp_path / "raw.csl").write_bytes(pickle.dumps(_Boom()))
+    _refused(tmp_path / "raw.csl", _filled())
+    assert not (tmp_path / "pwned").exists()
+
+
+def _v1_state(t: CSLTracker) -> dict:
+    state = t.state_dict()
+    state["version"] = 1
+    state["buffers"] = {k: v for k, v in state["buffers"].items() if k in VERSION_BUFFERS[1]}
+    return state
+
+
+def test_version1_file_loads_with_warning_and_fills_new_buffers(tmp_path):
+    t = _filled()
+    path = tmp_path / "v1.csl"
+    torch.save(_v1_state(t), path)
+    with pytest.warns(UnverifiedTrackerFileWarning, match="version 1"):
+        u = CSLTracker.from_file(path)
+    fresh = CSLTracker(N, 3, history=True)
+    for name, buf in u.buffers().items():
+        want = t.buffers()[name] if name in VERSION_BUFFERS[1] else fresh.buffers()[name]
+        assert torch.equal(buf.view(torch.uint8), want.view(torch.uint8)), name
+    assert u.epoch == t.epoch
+    torch.testing.assert_close(u.input_grad_history, t.input_grad_history, equal_nan=True)
+    # resaving upgrades it: no warning any more
+    u.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CSLTracker.from_file(path)
+
+
+def test_version1_file_half_load_and_zip_bomb(tmp_path):
+    t = _filled()
+    target = _filled(seed=7)
+    for mutate in (lambda s: s.pop("epoch"), lambda s: s.update(epoch="2")):
+        state = _v1_state(t)
+        mutate(state)
+        torch.save(state, tmp_path / "v1.csl")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnverifiedTrackerFileWarning)
+            _refused(tmp_path / "v1.csl", target, "epoch")
+    # a deflated archive (torch.save never writes one) could inflate without bound
+    torch.save(_v1_state(t), tmp_path / "v1.csl")
+    with (
+        zipfile.ZipFile(tmp_path / "v1.csl") as src,
+        zipfile.ZipFile(tmp_path / "deflated.csl", "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    _refused(tmp_path / "deflated.csl", target)
+
+
+def test_newer_version(tmp_path):
+    t = _filled()
+    state = t.state_dict()
+    state["version"] = FORMAT_VERSION + 1
+    _write_v2(tmp_path / "new.csl", state)
+    _refused(tmp_path / "new.csl", _filled(seed=8), "newer csl_fast")
+
+
+# --------------------------------------------------------------------------- save
+def _temp_names(folder) -> list[str]:
+    return sorted(p for p in os.listdir(folder) if p.endswith(".tmp"))
+
+
+def test_save_removes_only_stale_temps_of_its_target(tmp_path):
+    t = _filled()
+    host = tracker_file._host_tag()
+    old = time.time() - STALE_TEMP_SECONDS - 60
+    dead = f".run.csl.{host}-999999999-0123abcd.tmp"  # no such pid
+    live = f".run.csl.{host}-{os.getpid()}-0123abcd.tmp"  # a save in progress
+    old_mkstemp = ".run.csl.ab_cd123.tmp"  # version 1's names: removed on age alone
+    new_mkstemp = ".run.csl.zz_cd123.tmp"
+    other_target = f".other.csl.{host}-999999999-0123abcd.tmp"
+    user_file = ".run.csl.notes.tmp"  # not our pattern
+    for name in (dead, live, old_mkstemp, new_mkstemp, other_target, user_file):
+        (tmp_path / name).write_bytes(b"x")
+    os.utime(tmp_path / old_mkstemp, (old, old))
+    os.utime(tmp_path / user_file, (old, old))
+    t.save(tmp_path / "run.csl")
+    assert _temp_names(tmp_path) == sorted([live, new_mkstemp, other_target, user_file])
+    os.utime(tmp_path / live, (old, old))  # stale whoever wrote it
+    t.save(tmp_path / "run.csl")
+    assert _temp_names(tmp_path) == sorted([new_mkstemp, other_target, user_file])
+
+
+def test_save_follows_symlink_and_umask(tmp_path):
+    t = _filled()
+    real = tmp_path / "store" / "real.csl"
+    real.parent.mkdir()
+    link = tmp_path / "run.csl"
+    link.symlink_to(real)
+    old = os.umask(0o077)
+    try:
+        t.save(link)
+    finally:
+        os.umask(old)
+    assert link.is_symlink() and real.is_file()
+    assert (real.stat().st_mode & 0o777) == 0o600
+    _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(link)))
+    old = os.umask(0o022)
+    try:
+        t.save(tmp_path / "plain.csl")
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "plain.csl").stat().st_mode & 0o777) == 0o644
+
+
+def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
+    t = _filled()
+    missing = tmp_path / "no" / "such" / "run.csl"
+    with pytest.raises(FileNotFoundError, match=r"run\.csl.*does not exist: create it"):
+        t.save(missing)
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        t.save(tmp_path)
+    path = tmp_path / "run.csl"
+    t.save(path)
+    before = path.read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tracker_file.os, "fsync", full)
+    with pytest.raises(OSError, match="disk is full") as info:
+        _filled(seed=9).save(path)
+    assert info.value.errno == errno.ENOSPC and str(path) in str(info.value)
+    assert ".tmp" not in str(info.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and _temp_names(tmp_path) == []
+
+    real_open = os.open
+
+    def denied(p, *a, **k):
+        if str(p).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", p)
+        return real_open(p, *a, **k)
+
+    monkeypatch.setattr(tracker_file.os, "open", denied)
+    with pytest.raises(PermissionError, match="permission denied: choose a folder") as info:
+        t.save(path)
+    assert str(path) in str(info.value) and ".tmp" not in str(info.value)
