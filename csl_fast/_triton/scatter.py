@@ -18,6 +18,11 @@ Two modes:
   A run of ``r`` duplicates costs ``r`` dependent steps in one lane, so a batch whose rows
   all share one index is serial.
 
+An index outside a buffer's ``[0, N)`` is skipped for that buffer, as by the CUDA C++
+kernels and :func:`csl_fast._triton.record_last_triton`: nothing is written outside the
+buffers. Range checks that raise are the caller's (``csl_fast.accumulate(validate=True)``,
+which reads the indices on the host).
+
 Triton's interpreter has no bfloat16/float16 atomics; neither is an allowed buffer dtype, so
 no fallback is needed.
 """
@@ -42,6 +47,8 @@ def _scatter_atomic_kernel(
     csl_ptr,
     count_ptr,
     B,
+    N_CSL,
+    N_CNT,
     stride_sr,
     stride_sc,
     stride_csl,
@@ -54,14 +61,16 @@ def _scatter_atomic_kernel(
     mask = offs < B
     key = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     if HAS_CSL:
-        v = tl.load(stats_ptr + offs * stride_sc, mask=mask, other=0.0)
+        ok = mask & (key >= 0) & (key < N_CSL)  # out-of-range indices are skipped
+        v = tl.load(stats_ptr + offs * stride_sc, mask=ok, other=0.0)
         tl.atomic_add(
-            csl_ptr + key * stride_csl, v.to(csl_ptr.dtype.element_ty), mask=mask, sem="relaxed"
+            csl_ptr + key * stride_csl, v.to(csl_ptr.dtype.element_ty), mask=ok, sem="relaxed"
         )
     if HAS_COUNT:
-        c = tl.load(stats_ptr + 5 * stride_sr + offs * stride_sc, mask=mask, other=0.0)
+        ok = mask & (key >= 0) & (key < N_CNT)
+        c = tl.load(stats_ptr + 5 * stride_sr + offs * stride_sc, mask=ok, other=0.0)
         tl.atomic_add(
-            count_ptr + key * stride_cnt, c.to(count_ptr.dtype.element_ty), mask=mask, sem="relaxed"
+            count_ptr + key * stride_cnt, c.to(count_ptr.dtype.element_ty), mask=ok, sem="relaxed"
         )
 
 
@@ -73,6 +82,8 @@ def _scatter_sorted_kernel(
     csl_ptr,
     count_ptr,
     B,
+    N_CSL,
+    N_CNT,
     stride_sr,
     stride_sc,
     stride_csl,
@@ -86,10 +97,13 @@ def _scatter_sorted_kernel(
     key = tl.load(sorted_ptr + offs, mask=mask, other=0).to(tl.int64)
     prev = tl.load(sorted_ptr + offs - 1, mask=mask & (offs > 0), other=0).to(tl.int64)
     start = mask & ((offs == 0) | (key != prev))
+    # A run whose index is outside a buffer is walked but neither read nor written there.
     if HAS_CSL:
-        acc_csl = tl.load(csl_ptr + key * stride_csl, mask=start, other=0.0)
+        ok_csl = start & (key >= 0) & (key < N_CSL)
+        acc_csl = tl.load(csl_ptr + key * stride_csl, mask=ok_csl, other=0.0)
     if HAS_COUNT:
-        acc_cnt = tl.load(count_ptr + key * stride_cnt, mask=start, other=0)
+        ok_cnt = start & (key >= 0) & (key < N_CNT)
+        acc_cnt = tl.load(count_ptr + key * stride_cnt, mask=ok_cnt, other=0)
     pos = offs
     run = start
     while tl.max(run.to(tl.int32), 0) > 0:
@@ -107,9 +121,9 @@ def _scatter_sorted_kernel(
         nxt = tl.load(sorted_ptr + pos, mask=run & (pos < B), other=0).to(tl.int64)
         run = run & (pos < B) & (nxt == key)
     if HAS_CSL:
-        tl.store(csl_ptr + key * stride_csl, acc_csl, mask=start)
+        tl.store(csl_ptr + key * stride_csl, acc_csl, mask=ok_csl)
     if HAS_COUNT:
-        tl.store(count_ptr + key * stride_cnt, acc_cnt, mask=start)
+        tl.store(count_ptr + key * stride_cnt, acc_cnt, mask=ok_cnt)
 
 
 def _fake_scatter(stats, index, deterministic, csl, count):
@@ -133,7 +147,8 @@ def scatter_stats_triton(
 
     Args:
         stats: float32 ``[6, B]`` from ``cross_entropy_fwd_triton`` (any strides).
-        index: ``[B]`` int32/int64 dataset indices in ``[0, N)``; duplicates allowed.
+        index: ``[B]`` int32/int64 dataset indices in ``[0, N)``; duplicates allowed; an
+            index outside a buffer is skipped for that buffer.
         deterministic: sort-based, bitwise reproducible mode instead of atomics.
         csl: float32/float64 ``[N]`` buffer (any stride), updated in place (or None).
         count: float32/float64/int32/int64 ``[N]`` buffer (any stride), updated in place (or None).
@@ -143,6 +158,14 @@ def scatter_stats_triton(
         return
     dummy = csl if csl is not None else count
     grid = (triton.cdiv(batch, BLOCK),)
+    sizes_strides = (
+        csl.shape[0] if csl is not None else 0,
+        count.shape[0] if count is not None else 0,
+        stats.stride(0),
+        stats.stride(1),
+        csl.stride(0) if csl is not None else 0,
+        count.stride(0) if count is not None else 0,
+    )
     common = dict(HAS_CSL=csl is not None, HAS_COUNT=count is not None, BLOCK=BLOCK, num_warps=4)
     if deterministic:
         sorted_index, perm = torch.sort(index, stable=True)
@@ -153,10 +176,7 @@ def scatter_stats_triton(
             csl if csl is not None else dummy,
             count if count is not None else dummy,
             batch,
-            stats.stride(0),
-            stats.stride(1),
-            csl.stride(0) if csl is not None else 0,
-            count.stride(0) if count is not None else 0,
+            *sizes_strides,
             **common,
         )
     else:
@@ -166,9 +186,6 @@ def scatter_stats_triton(
             csl if csl is not None else dummy,
             count if count is not None else dummy,
             batch,
-            stats.stride(0),
-            stats.stride(1),
-            csl.stride(0) if csl is not None else 0,
-            count.stride(0) if count is not None else 0,
+            *sizes_strides,
             **common,
         )

@@ -84,6 +84,7 @@ def test_deterministic_is_bitwise_repeatable(tdevice):
 def test_empty_and_none(tdevice, deterministic):
     csl = torch.ones(N, device=tdevice)
     count = torch.ones(N, dtype=torch.int64, device=tdevice)
+    # An empty batch changes nothing.
     scatter_stats_triton(
         _stats(0, tdevice),
         torch.zeros(0, dtype=torch.long, device=tdevice),
@@ -92,13 +93,24 @@ def test_empty_and_none(tdevice, deterministic):
         count,
     )
     assert (csl == 1).all() and (count == 1).all()
+    # Neither buffer: nothing to write, and no error.
     scatter_stats_triton(
         _stats(3, tdevice), torch.arange(3, device=tdevice), deterministic, None, None
     )
-    scatter_stats_triton(
-        _stats(3, tdevice), torch.arange(3, device=tdevice), deterministic, None, count
-    )
-    assert (csl == 1).all()
+    # count only: the counts at the batch's indices grow by VALID; csl is not passed.
+    stats = _stats(3, tdevice)
+    stats[Stat.VALID] = torch.tensor([1.0, 0.0, 1.0], device=tdevice)
+    scatter_stats_triton(stats, torch.tensor([4, 4, 0], device=tdevice), deterministic, None, count)
+    want = torch.ones(N, dtype=torch.int64)
+    want[4], want[0] = 2, 2
+    assert torch.equal(count.cpu(), want)
+    # csl only: the losses are added; count is not passed and keeps its values.
+    scatter_stats_triton(stats, torch.tensor([1, 1, 2], device=tdevice), deterministic, csl, None)
+    want_csl = torch.ones(N)
+    want_csl[1] += stats[Stat.LOSS, 0].cpu() + stats[Stat.LOSS, 1].cpu()
+    want_csl[2] += stats[Stat.LOSS, 2].cpu()
+    torch.testing.assert_close(csl.cpu(), want_csl)
+    assert torch.equal(count.cpu(), want)
 
 
 def test_opcheck_and_compile(tdevice):
