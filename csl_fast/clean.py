@@ -61,6 +61,7 @@ __all__ = [
     "CleanedDataset",
     "CleaningPlan",
     "clean",
+    "evaluate_plan",
 ]
 
 POLICIES = ("relabel-confident", "drop", "review")
@@ -133,7 +134,7 @@ class CleaningPlan:
     @property
     def warning(self) -> str | None:
         """The detection's warning (e.g. why nothing was flagged), or None."""
-        return getattr(self.detection, "warning", None)  # TODO(issue 14): until detect lands
+        return self.detection.warning
 
     def rows(self) -> list[dict[str, Any]]:
         """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown)."""
@@ -399,3 +400,51 @@ def clean(
         budget=budget,
         detection=detection,
     )
+
+
+def evaluate_plan(
+    plan: CleaningPlan,
+    true_labels: torch.Tensor | np.ndarray | None,
+    mislabeled: torch.Tensor | np.ndarray | None = None,
+    duplicate: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, int | None]:
+    """What a plan's rows are made of, against the ground truth (when it is known).
+
+    Args:
+        true_labels: int ``[N]`` the clean labels, or None.
+        mislabeled, duplicate: bool ``[N]`` ground-truth masks, or None.
+
+    Returns:
+        ``rows``; ``mislabeled``, ``duplicate`` and ``clean`` (rows of each kind; a
+        kind whose mask is None counts as absent); ``relabel_correct``: relabels whose
+        suggested label is the true label (None without ``true_labels``); ``drop_clean``:
+        clean samples the plan drops (a cost: data thrown away).
+    """
+    n = plan.num_samples
+
+    def mask(m: Any) -> np.ndarray:
+        if m is None:
+            return np.zeros(n, dtype=bool)
+        m = np.asarray(torch.as_tensor(m).cpu()).astype(bool)
+        if m.shape != (n,):
+            raise ValueError(f"evaluate_plan: ground truth must be [N] = [{n}], got {m.shape}")
+        return m
+
+    idx = plan.index.cpu().numpy()
+    mis, dup = mask(mislabeled)[idx], mask(duplicate)[idx]
+    clean_rows = ~mis & ~dup
+    relabel = plan.relabel.cpu().numpy()
+    correct = None
+    if true_labels is not None:
+        t = np.asarray(torch.as_tensor(true_labels).cpu())
+        if t.shape != (n,):
+            raise ValueError(f"evaluate_plan: true_labels must be [N] = [{n}], got {t.shape}")
+        correct = int((plan.suggested_label.cpu().numpy()[relabel] == t[idx][relabel]).sum())
+    return {
+        "rows": len(plan),
+        "mislabeled": int(mis.sum()),
+        "duplicate": int(dup.sum()),
+        "clean": int(clean_rows.sum()),
+        "relabel_correct": correct,
+        "drop_clean": int((clean_rows & ~relabel).sum()),
+    }

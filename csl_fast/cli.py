@@ -5,6 +5,7 @@ Subcommands::
     csl-fast demo   [--samples N] [--epochs E] [--noise P] [--pairs K] [--seed S] [--out DIR]
     csl-fast rank   RUN [--score NAME] [--top K] [--csv | --json] [--output FILE]
     csl-fast report RUN [--out DIR] [--score NAME] [--top K]
+    csl-fast clean  RUN --out FILE [--policy P] [--budget K] [--min-confidence X] [--score NAME]
     csl-fast info
     csl-fast bench  [--device DEV]
 
@@ -12,6 +13,11 @@ Subcommands::
 or a tracker file written by :meth:`csl_fast.CSLTracker.save`. The optional
 ``samples.npz`` next to the tracker (:class:`csl_fast.report.RunSamples`) adds given and
 predicted labels, ground truth and images to rankings and reports.
+
+``clean`` writes one decision per flagged sample (``drop`` or ``relabel``) to a CSV with the
+columns ``index,action,suggested_label,confidence,score,rank`` (:func:`csl_fast.clean`;
+``rank`` 1-based as in ``rank --csv``) and prints a summary (with the ground truth when
+``samples.npz`` has it).
 
 Output: results go to stdout; progress bars and status lines go to stderr, and
 ``--quiet`` turns those off.
@@ -266,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top", type=_positive_int, default=24, help="suspicious samples shown (default 24)"
     )
+
+    _add_clean_parser(sub, common)
 
     sub.add_parser("info", parents=[common], help="versions and kernel backends")
 
@@ -541,6 +549,118 @@ def _run_notes(run: str) -> list[tuple[str, str]]:
         return []
 
 
+_probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+
+
+def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    from .clean import CSV_COLUMNS as CLEAN_COLUMNS
+    from .clean import DEFAULT_MIN_CONFIDENCE, POLICIES
+
+    p = sub.add_parser(
+        "clean",
+        parents=[common],
+        help="one decision (drop or relabel) per flagged sample of a saved run, as CSV",
+        description="Flag the suspicious samples of a saved run (csl_fast.detect.mislabeled) "
+        "and write one decision per flagged sample to a CSV file with the columns "
+        + ", ".join(CLEAN_COLUMNS)
+        + " (rank 1-based, as in `csl-fast rank`; suggested_label and confidence empty where "
+        "there is no suggestion). Policies: relabel-confident relabels a sample to its "
+        "suggested label when the suggestion's confidence is at least --min-confidence and "
+        "drops it otherwise; drop drops every flagged sample; review lists the --budget most "
+        "suspicious samples, flagged or not, with the action relabel-confident would take.",
+    )
+    p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
+    p.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
+    p.add_argument(
+        "--policy",
+        default="relabel-confident",
+        choices=POLICIES,
+        help="what to do with a flagged sample (default relabel-confident)",
+    )
+    p.add_argument(
+        "--budget",
+        type=_nonneg_int,
+        default=None,
+        metavar="K",
+        help="at most K rows, the most suspicious (required with --policy review)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=_probability,
+        default=DEFAULT_MIN_CONFIDENCE,
+        metavar="X",
+        help=f"least suggestion confidence to relabel (default {DEFAULT_MIN_CONFIDENCE})",
+    )
+    p.add_argument(
+        "--score",
+        default="csl",
+        choices=_SCORE_NAMES,
+        metavar="NAME",
+        help="score that ranks and flags the samples (default csl)",
+    )
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    import warnings
+
+    from .clean import clean
+    from .detect import mislabeled
+
+    if args.policy == "review" and args.budget is None:
+        raise CLIError("--policy review needs --budget K (how many samples you will review)")
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
+    tracker, samples = load_run(args.run)
+    with warnings.catch_warnings():
+        # the detection's warning, if any, is printed below as one line
+        warnings.simplefilter("ignore", UserWarning)
+        det = mislabeled(_scores_for(tracker, args.score), args.score)
+    plan = clean(
+        tracker,
+        detection=det,
+        policy=args.policy,
+        min_confidence=args.min_confidence,
+        budget=args.budget,
+    )
+    try:
+        plan.to_csv(args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.out!r}: {exc.strerror}", EXIT_INPUT) from None
+    if plan.warning:
+        print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
+    print(_clean_summary(plan, samples, args))
+    return EXIT_OK
+
+
+def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
+    det = plan.detection
+    lines = [
+        f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
+        f"{plan.num_dropped} drop (policy {args.policy}"
+        + ("" if args.budget is None else f", budget {args.budget}")
+        + f", min confidence {args.min_confidence:g})",
+        f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
+    ]
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        lines.append(f"estimated mislabeled: {det.estimated_count} (interval {lo}-{hi})")
+    if samples is None or not samples.has_truth or len(plan) == 0:
+        return "\n".join(lines)
+    from .clean import evaluate_plan
+
+    acc = evaluate_plan(plan, samples.true_labels, samples.mislabeled, samples.duplicate)
+    lines.append(
+        f"ground truth (samples.npz): of the {len(plan)} rows {acc['mislabeled']} are "
+        f"mislabeled, {acc['duplicate']} duplicated, {acc['clean']} clean"
+        + (
+            ""
+            if acc["relabel_correct"] is None
+            else f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
+        )
+    )
+    return "\n".join(lines)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import report
 
@@ -584,6 +704,7 @@ COMMANDS = {
     "demo": cmd_demo,
     "rank": cmd_rank,
     "report": cmd_report,
+    "clean": cmd_clean,
     "info": cmd_info,
     "bench": cmd_bench,
 }

@@ -1,0 +1,205 @@
+"""``csl-fast clean``: the CSV it writes (columns, 1-based ranks, one row per flagged
+sample, policies, budget) and its exit codes.
+
+One tiny demo run (200 digits, 6 epochs) is shared; errors are checked in process (exit
+code and a one-line message) and once in a subprocess (no traceback).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+
+import csl_fast
+from csl_fast.clean import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE
+from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
+from csl_fast.report import RunSamples
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def user_error(capsys, code: int, *args: str) -> str:
+    got, out, err = run_main(capsys, "clean", *args)
+    assert got == code, (got, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("csl-fast clean: error: "), lines[0]
+    return lines[0]
+
+
+def read(path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == CSV_COLUMNS
+        return list(reader)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "run"
+    code = main(
+        [
+            "demo", "--samples", "200", "--epochs", "6", "--pairs", "4", "--hidden", "64",
+            "--overhead-rounds", "0", "--no-report", "--out", str(out), "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == EXIT_OK
+    return out
+
+
+@pytest.fixture
+def bare_tracker(tmp_path):
+    """A tracker file with no samples.npz beside it and no eval passes."""
+    gen = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(40, 5)
+    for _ in range(3):
+        for s in range(0, 40, 10):
+            idx = torch.arange(s, s + 10)
+            logits = torch.randn(10, 5, generator=gen)
+            csl_fast.accumulate(logits, torch.randint(0, 5, (10,), generator=gen), idx, tracker)
+        tracker.end_epoch()
+    path = tmp_path / "bare.csl"
+    tracker.save(path)
+    return path
+
+
+def test_default_policy_one_row_per_flagged_sample(demo_run, tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    code, stdout, _ = run_main(capsys, "clean", str(demo_run), "--out", str(out))
+    assert code == EXIT_OK
+    rows = read(out)
+    tracker = csl_fast.CSLTracker.from_file(demo_run / "tracker.csl")
+    det = csl_fast.detect.mislabeled(tracker)
+    assert [int(r["index"]) for r in rows] == det.indices.tolist()
+    # rank: 1-based position in the ranking, as `csl-fast rank` numbers it
+    ranking = det.ranking.tolist()
+    assert [int(r["rank"]) for r in rows] == [ranking.index(int(r["index"])) + 1 for r in rows]
+    assert all(r["action"] in ("drop", "relabel") for r in rows)
+    labels, conf = tracker.suggestions()
+    for r in rows:
+        i = int(r["index"])
+        assert float(r["score"]) == float(det.scores[i])
+        if r["action"] == "relabel":
+            assert int(r["suggested_label"]) == int(labels[i])
+            assert abs(float(r["confidence"]) - float(conf[i])) <= 5e-5
+            assert float(conf[i]) >= DEFAULT_MIN_CONFIDENCE
+    assert f"wrote {len(rows)} decisions to {out}" in stdout
+    assert "ground truth (samples.npz)" in stdout or not rows
+
+
+def test_rank_column_agrees_with_csl_fast_rank(demo_run, tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    code, _, _ = run_main(
+        capsys, "clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "5"
+    )
+    assert code == EXIT_OK
+    rows = read(out)
+    code, ranked, _ = run_main(capsys, "rank", str(demo_run), "--csv", "--top", "5")
+    assert code == EXIT_OK
+    ranked_rows = list(csv.DictReader(io.StringIO(ranked)))
+    assert [(r["rank"], r["index"]) for r in rows] == [(r["rank"], r["index"]) for r in ranked_rows]
+    assert [r["rank"] for r in rows] == ["1", "2", "3", "4", "5"]
+
+
+def test_drop_policy_and_budget(demo_run, tmp_path, capsys):
+    out = tmp_path / "drop.csv"
+    assert run_main(capsys, "clean", str(demo_run), "--out", str(out), "--policy", "drop")[0] == 0
+    rows = read(out)
+    assert rows and all(r["action"] == "drop" for r in rows)
+    code, stdout, _ = run_main(
+        capsys, "clean", str(demo_run), "--out", str(out), "--policy", "drop", "--budget", "2"
+    )
+    assert code == EXIT_OK and "budget 2" in stdout
+    assert [r["rank"] for r in read(out)] == [r["rank"] for r in rows[:2]]
+
+
+def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    args = ("clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "30")
+    assert run_main(capsys, *args, "--min-confidence", "0")[0] == 0
+    everything = read(out)
+    assert all(r["action"] == "relabel" for r in everything if r["suggested_label"] != "")
+    assert run_main(capsys, *args, "--min-confidence", "1")[0] == 0
+    strict = read(out)
+    assert all(float(r["confidence"]) >= 1.0 for r in strict if r["action"] == "relabel")
+    assert sum(r["action"] == "relabel" for r in strict) <= sum(
+        r["action"] == "relabel" for r in everything
+    )
+
+
+def test_ground_truth_summary_matches_samples_file(demo_run, tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    code, stdout, _ = run_main(capsys, "clean", str(demo_run), "--out", str(out))
+    assert code == EXIT_OK
+    rows = read(out)
+    samples = RunSamples.load(demo_run / "samples.npz")
+    mis = sum(bool(samples.mislabeled[int(r["index"])]) for r in rows)
+    assert f"of the {len(rows)} rows {mis} are mislabeled" in stdout
+
+
+def test_bare_tracker_file(bare_tracker, tmp_path, capsys):
+    out = tmp_path / "plan.csv"
+    code, stdout, _ = run_main(
+        capsys, "clean", str(bare_tracker), "--out", str(out), "--policy", "review", "--budget", "3"
+    )
+    assert code == EXIT_OK
+    assert len(read(out)) == 3
+    assert "ground truth" not in stdout  # no samples.npz beside the tracker
+
+
+def test_usage_errors_exit_2(demo_run, bare_tracker, tmp_path, capsys):
+    out = str(tmp_path / "p.csv")
+    line = user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--policy", "review")
+    assert "--budget" in line
+    assert "--min-confidence" in user_error(
+        capsys, EXIT_USAGE, str(demo_run), "--out", out, "--min-confidence", "1.5"
+    )
+    user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--policy", "fix")
+    user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--budget", "-1")
+    assert "--out" in user_error(capsys, EXIT_USAGE, str(demo_run))
+    line = user_error(capsys, EXIT_USAGE, str(bare_tracker), "--out", out, "--score", "eval_csl")
+    assert "not recorded" in line
+    assert not os.path.exists(out)
+
+
+def test_input_errors_exit_3(demo_run, bare_tracker, tmp_path, capsys):
+    out = str(tmp_path / "p.csv")
+    assert "nope.csl" in user_error(capsys, EXIT_INPUT, str(tmp_path / "nope.csl"), "--out", out)
+    truncated = tmp_path / "truncated.csl"
+    truncated.write_bytes(bare_tracker.read_bytes()[:100])
+    user_error(capsys, EXIT_INPUT, str(truncated), "--out", out)
+    user_error(capsys, EXIT_INPUT, str(demo_run), "--out", str(tmp_path / "no_dir" / "p.csv"))
+    user_error(capsys, EXIT_INPUT, str(demo_run), "--out", str(tmp_path))
+    # a samples.npz of another run
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(bare_tracker, other / "tracker.csl")
+    shutil.copy(demo_run / "samples.npz", other / "samples.npz")
+    assert "another run" in user_error(capsys, EXIT_INPUT, str(other), "--out", out)
+
+
+def test_subprocess_error_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "csl_fast", "clean", str(tmp_path / "missing"), "--out", "x.csv"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == EXIT_INPUT
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("csl-fast clean: error: ")
