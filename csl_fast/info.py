@@ -43,7 +43,23 @@ def report() -> str:
             mark = "yes" if why is None else "no "
             tail = " (default)" if backend == default else ""
             lines.append(f"  {mark} {backend:<9}{tail}" + ("" if why is None else f"  - {why}"))
+    lines.append(_linear_ce_paths(devices))
     return "\n".join(lines)
+
+
+def _linear_ce_paths(devices: list[str]) -> str:
+    """linear_cross_entropy's weight-gradient accumulation: the path each device type
+    would take for bf16 inputs and a float32 accumulator, and the paths taken so far."""
+    from .linear_cross_entropy import accumulation_paths, weight_grad_path
+
+    kinds = dict.fromkeys(torch.device(d).type for d in devices)
+    would = ", ".join(f"{k}: {weight_grad_path(torch.bfloat16, torch.float32, k)}" for k in kinds)
+    taken = accumulation_paths()
+    done = "; ".join(f"{k[0]} {str(k[1])[6:]} -> {k[2]}: {p}" for k, p in taken.items())
+    return (
+        f"\nlinear_cross_entropy weight-gradient accumulation (bf16 inputs, float32 "
+        f"accumulator): {would}\n  taken in this process: {done or 'none yet'}"
+    )
 
 
 def main() -> None:

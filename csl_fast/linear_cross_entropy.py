@@ -18,6 +18,22 @@ for each chunk of ``chunk_size`` tokens
    ``grad_hidden_c = dz @ weight``, ``grad_weight += dz.T @ hidden_c`` (float32
    accumulator by default), ``grad_bias += dz.sum(0)``; then ``z`` and ``dz`` are freed.
 
+How ``grad_weight += dz.T @ hidden_c`` is formed when the accumulator is wider than the
+inputs (bf16/fp16 inputs, float32 accumulator), :func:`weight_grad_path`:
+
+- ``"out_dtype"``: ``torch.addmm(gw, dz.T, h, out_dtype=float32, out=gw)``, a bf16/fp16
+  GEMM that adds its float32 result into the accumulator, nothing rounded to bf16, no
+  temporary. Where torch has a kernel for ``aten::addmm.dtype_out`` on the device: CUDA
+  (and XPU) from torch 2.8 on, so a GPU with torch 2.13 takes this path.
+- ``"upcast"``: both chunk operands converted to the accumulator's dtype and one GEMM in
+  it (``[chunk, V]`` and ``[chunk, H]`` temporaries, no ``[V, H]`` one; exact, but a
+  float32 GEMM, which on a GPU is slower than a bf16 one unless TF32 is allowed). Taken on
+  the CPU (no mixed-dtype GEMM there in torch 2.13) and where ``out_dtype`` is missing or
+  refused; on a GPU it warns once.
+- ``"same dtype"``: ``accum_dtype=weight.dtype``: ``addmm_`` in place in that dtype.
+
+:func:`accumulation_paths` (and ``python -m csl_fast.info``) reports the paths taken.
+
 So at most one chunk of logits (then its gradient, in the same memory) is alive at a
 time; the backward pass
 only scales the stored gradients by the upstream gradient. With ``reduction='none'`` the
@@ -33,6 +49,7 @@ token loss over training and ``count`` its number of supervised tokens.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -42,7 +59,12 @@ from .accumulate import Recorder, _buffers, _check_args, _check_values, record_s
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 
-__all__ = ["default_chunk_size", "linear_cross_entropy"]
+__all__ = [
+    "accumulation_paths",
+    "default_chunk_size",
+    "linear_cross_entropy",
+    "weight_grad_path",
+]
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 #: Chunks hold at least this many logits when the hidden states are smaller (32 Mi).
@@ -227,17 +249,65 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())
 
 
+def weight_grad_path(dtype: torch.dtype, accum_dtype: torch.dtype, device_type: str) -> str:
+    """How ``grad_weight`` (``accum_dtype``) takes a chunk's ``dz.T @ h`` (``dtype``) on a
+    ``device_type`` device: ``"same dtype"``, ``"out_dtype"`` or ``"upcast"`` (see the
+    module doc). ``"out_dtype"`` needs a kernel for ``aten::addmm.dtype_out`` there and
+    turns into ``"upcast"`` for good if torch refuses the call."""
+    if dtype == accum_dtype:
+        return "same dtype"
+    key = (device_type, dtype, accum_dtype)
+    if key in _REFUSED or device_type.upper() not in ("CUDA", "XPU"):
+        return "upcast"
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return "out_dtype" if has("aten::addmm.dtype_out", device_type.upper()) else "upcast"
+
+
+def accumulation_paths() -> dict[tuple[str, torch.dtype, torch.dtype], str]:
+    """``{(device type, input dtype, accumulator dtype): path}`` of every weight-gradient
+    accumulation :func:`linear_cross_entropy` has run in this process."""
+    return dict(_TAKEN)
+
+
+_TAKEN: dict[tuple[str, torch.dtype, torch.dtype], str] = {}
+_REFUSED: set[tuple[str, torch.dtype, torch.dtype]] = set()
+
+
 def _add_weight_grad(gw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> None:
-    """``gw += dz.T @ h`` with ``gw`` possibly wider than the inputs."""
-    if gw.dtype == dz.dtype:
-        gw.addmm_(dz.t(), h)
-    elif gw.device.type == "cuda":
+    """``gw += dz.T @ h`` with ``gw`` possibly wider than the inputs, by
+    :func:`weight_grad_path`."""
+    key = (gw.device.type, dz.dtype, gw.dtype)
+    path = weight_grad_path(dz.dtype, gw.dtype, gw.device.type)
+    if path == "out_dtype":
         try:  # fp32 output of a bf16/fp16 GEMM: no rounding of the partial product
             torch.addmm(gw, dz.t(), h, out_dtype=gw.dtype, out=gw)
-        except (RuntimeError, TypeError):
-            gw.add_(dz.t() @ h)
+        except (RuntimeError, TypeError, NotImplementedError) as err:
+            _REFUSED.add(key)
+            path = weight_grad_path(dz.dtype, gw.dtype, gw.device.type)
+            _warn_slow(key, f"torch refused addmm(out_dtype={gw.dtype}): {err}")
+        else:
+            _TAKEN[key] = path
+            return
+    if path == "same dtype":
+        gw.addmm_(dz.t(), h)
     else:
+        if key not in _TAKEN and gw.device.type != "cpu":
+            _warn_slow(key, f"this torch has no aten::addmm.dtype_out kernel for {key[0]}")
         gw.addmm_(dz.t().to(gw.dtype), h.to(gw.dtype))
+    _TAKEN[key] = path
+
+
+def _warn_slow(key: tuple[str, torch.dtype, torch.dtype], why: str) -> None:
+    warnings.warn(
+        f"csl_fast.linear_cross_entropy: {why}; the {key[2]} weight gradient of {key[1]} "
+        f"inputs on {key[0]} is accumulated by upcasting each chunk (a {key[2]} GEMM: exact, "
+        "no [V, H] temporary, but slower than a low-precision GEMM unless TF32 is allowed). "
+        "accum_dtype=weight.dtype keeps the GEMM in the inputs' dtype at some precision; "
+        "python -m csl_fast.info lists the paths taken",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    _TAKEN[key] = "upcast"
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -183,3 +185,63 @@ def test_chunk_size_rule_and_errors():
         linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(TypeError, match="dtype and device"):
         linear_cross_entropy(h, w.double(), t)
+
+
+@pytest.fixture
+def fresh_paths(monkeypatch):
+    """Empty records of the weight-gradient accumulation paths, restored after the test."""
+    lce = importlib.import_module("csl_fast.linear_cross_entropy")
+    monkeypatch.setattr(lce, "_TAKEN", {})
+    monkeypatch.setattr(lce, "_REFUSED", set())
+    return lce
+
+
+def test_weight_grad_path_choice(fresh_paths, monkeypatch):
+    lce = fresh_paths
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert lce.weight_grad_path(bf16, bf16, "cuda") == "same dtype"
+    assert lce.weight_grad_path(bf16, f32, "cpu") == "upcast"  # no addmm(out_dtype) on CPU
+    has_cuda_kernel = torch._C._dispatch_has_kernel_for_dispatch_key(
+        "aten::addmm.dtype_out", "CUDA"
+    )
+    want = "out_dtype" if has_cuda_kernel else "upcast"
+    assert lce.weight_grad_path(bf16, f32, "cuda") == want
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda op, key: True)
+    assert lce.weight_grad_path(bf16, f32, "cuda") == "out_dtype"
+    assert lce.weight_grad_path(bf16, f32, "cpu") == "upcast"
+
+
+def test_accumulation_path_is_reported(fresh_paths):
+    lce = fresh_paths
+    hidden, weight, bias, target = _inputs(dtype=torch.bfloat16)
+    h, w, b = _leaves(hidden, weight, bias)
+    linear_cross_entropy(h, w, target, bias=b, chunk_size=8).backward()
+    linear_cross_entropy(h, w, target, chunk_size=8, accum_dtype=torch.bfloat16).backward()
+    paths = lce.accumulation_paths()
+    assert paths[("cpu", torch.bfloat16, torch.float32)] == "upcast"
+    assert paths[("cpu", torch.bfloat16, torch.bfloat16)] == "same dtype"
+    from csl_fast import info
+
+    assert "cpu bfloat16 -> torch.float32: upcast" in info.report()
+
+
+def test_refused_out_dtype_falls_back_to_upcast_once(fresh_paths, monkeypatch):
+    """A torch that lists addmm(out_dtype) but refuses the call: one warning, then the
+    upcast path for good, with the exact float32 result and no [V, H] temporary."""
+    lce = fresh_paths
+    real = lce.weight_grad_path
+    monkeypatch.setattr(
+        lce,
+        "weight_grad_path",
+        lambda d, a, t: "upcast" if (t, d, a) in lce._REFUSED else "out_dtype",
+    )
+    dz = torch.randn(6, 11).bfloat16()
+    h = torch.randn(6, 4).bfloat16()
+    gw = torch.zeros(11, 4)
+    with pytest.warns(RuntimeWarning, match="refused addmm"):
+        lce._add_weight_grad(gw, dz, h)  # the CPU has no addmm.dtype_out kernel: refused
+    lce._add_weight_grad(gw, dz, h)  # no second warning (pytest's -W error would raise)
+    want = 2 * (dz.t().double() @ h.double())
+    torch.testing.assert_close(gw.double(), want, rtol=1e-6, atol=1e-6)
+    assert lce.accumulation_paths() == {("cpu", torch.bfloat16, torch.float32): "upcast"}
+    monkeypatch.setattr(lce, "weight_grad_path", real)
