@@ -34,7 +34,10 @@ Combination rules
   highest rank that presented it; its last values win. ``forgetting`` counts the
   correct -> incorrect transitions along that order (each rank's own transitions, plus the
   transitions where one rank's presentations meet the next rank's), and ``learned_epoch``
-  is the epoch in which the final correct streak along that order began.
+  is the epoch in which the final correct streak along that order began. The
+  suggested-label vote (``suggest_label``, ``suggest_votes``, ``suggest_hits``) is the
+  owner's: exact when one rank presented the sample in the window (``DistributedSampler``
+  but for its padding repeats); otherwise the other ranks' votes of that window are lost.
 
   With ``DistributedSampler`` (shuffled or not, any seed and world size) and one sync per
   epoch (the default, through ``end_epoch``) this order *is* the order of a single-process
@@ -58,16 +61,34 @@ it then holds the global state. To resume, load the same file on **every** rank 
 once per rank. A tracker that has closed epochs but was never synced or marked makes
 :func:`sync` raise rather than guess.
 
-Collectives per sync: one ``all_reduce(MAX)`` of a few integers (every rank must agree on
-``num_samples``, ``epoch`` and ``eval_passes``), one ``all_reduce(SUM)`` over the float
-buffers, one over two int32 buffers and one ``all_gather`` of one byte per sample. NCCL and
-gloo both work; with NCCL a CPU tracker is moved to the current CUDA device for the
-collectives.
+Agreement and timeouts
+----------------------
+Before any other collective, :func:`sync` and :func:`mark_synced` all-gather a small
+fingerprint from every rank: the call, ``num_samples``, the dtype, ``history``, the set of
+buffers, ``epoch``, ``eval_passes`` and whether the tracker was synced before
+(:func:`mark_synced` adds its count totals). When the ranks differ, every rank raises the
+same :class:`SyncError` naming the fields and each rank's value, instead of entering
+collectives of mismatched sizes (which gloo answers with an abort).
+
+Every collective waits at most :func:`get_timeout` seconds (default
+:data:`DEFAULT_TIMEOUT`, 600; set it with :func:`set_timeout`, the environment variable
+``CSL_FAST_SYNC_TIMEOUT`` or the ``timeout`` argument), then raises
+:class:`SyncTimeoutError`: the usual cause is a rank that skipped ``end_epoch()`` (which
+syncs), or one that exited or crashed. The process group cannot be reused after it.
+
+Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), one
+``all_reduce(SUM)`` over the float buffers, one over the int32 buffers (forgetting, the
+owners' learned epochs and suggested-label votes) and one ``all_gather`` of one byte per
+sample. NCCL and gloo both work; with NCCL a CPU tracker is moved to the current CUDA
+device for the collectives.
 """
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -77,7 +98,58 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
-__all__ = ["is_distributed", "mark_synced", "sync"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "SyncError",
+    "SyncTimeoutError",
+    "get_timeout",
+    "is_distributed",
+    "mark_synced",
+    "set_timeout",
+    "sync",
+]
+
+#: Seconds csl_fast's collectives wait for every rank before raising
+#: :class:`SyncTimeoutError`, unless :func:`set_timeout` or the environment variable
+#: ``CSL_FAST_SYNC_TIMEOUT`` (seconds) says otherwise.
+DEFAULT_TIMEOUT = 600.0
+_timeout: float | None = None
+
+
+class SyncError(RuntimeError):
+    """The ranks cannot be combined: their trackers or their calls differ. Every rank
+    raises the same error."""
+
+
+class SyncTimeoutError(SyncError, TimeoutError):
+    """A collective of :func:`sync` / :func:`mark_synced` did not complete in time: some
+    rank did not make the same call (most often it skipped ``end_epoch``) or died."""
+
+
+def set_timeout(seconds: float | None) -> None:
+    """Set how long :func:`sync` and :func:`mark_synced` wait for the other ranks
+    (``None``: back to ``CSL_FAST_SYNC_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`)."""
+    if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+        raise ValueError(f"csl_fast.distributed.set_timeout: seconds must be > 0, got {seconds!r}")
+    global _timeout
+    _timeout = None if seconds is None else float(seconds)
+
+
+def get_timeout() -> float:
+    """The wait of csl_fast's collectives in seconds (see :func:`set_timeout`)."""
+    if _timeout is not None:
+        return _timeout
+    env = os.environ.get("CSL_FAST_SYNC_TIMEOUT")
+    if env:
+        try:
+            value = float(env)
+        except ValueError:
+            value = -1.0
+        if not value > 0:
+            raise ValueError(f"CSL_FAST_SYNC_TIMEOUT must be a number of seconds > 0, got {env!r}")
+        return value
+    return DEFAULT_TIMEOUT
+
 
 _STATE_ATTR = "_csl_sync_state"
 # Per-epoch / per-eval-pass scratch buffers that end_epoch / end_eval_pass reset to zero.
@@ -85,7 +157,12 @@ _RESET_BY_EPOCH = ("epoch_input_grad_sq_sum", "epoch_input_grad_count", "epoch_l
                    "epoch_count")  # fmt: skip
 _RESET_BY_EVAL = ("eval_pass_loss_sum", "eval_pass_count")
 _LAST_FLOATS = ("last_loss", "last_max_prob", "eval_last_loss", "eval_last_max_prob")
-_OWNED = (*_LAST_FLOATS, "last_correct", "eval_last_correct", "forgetting", "learned_epoch")
+# The suggested-label vote (CSLTracker.suggestions): the owner's state wins, like a last value.
+_OWNED_INTS = ("suggest_label", "suggest_votes", "suggest_hits")
+_OWNED = (
+    *_LAST_FLOATS, *_OWNED_INTS, "last_correct", "eval_last_correct", "forgetting",
+    "learned_epoch",
+)  # fmt: skip
 
 # Bits of the one-byte-per-sample code every rank all-gathers.
 _TRAIN_SEEN, _TRAIN_LAST, _TRAIN_FIRST, _TRAIN_UNSURE, _EVAL_SEEN, _EVAL_LAST = (
@@ -146,31 +223,125 @@ def _initial(buf: torch.Tensor, name: str) -> torch.Tensor:
     return torch.full_like(buf, -1) if name == "learned_epoch" else torch.zeros_like(buf)
 
 
-def mark_synced(tracker: CSLTracker, group: Any = None) -> None:
+# The fingerprint every rank all-gathers before any other collective: what shapes the
+# collectives (and the calls) must agree, or the later collectives would mismatch.
+_FIELDS = (
+    "call",
+    "num_samples",
+    "dtype",
+    "history",
+    "buffer set",
+    "epoch",
+    "eval_passes",
+    "synced before",
+    "csl_count total",
+    "eval_count total",
+)
+_CALLS = {1: "sync()", 2: "mark_synced()"}
+_IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the minimum wins)
+
+
+def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
+    names = ",".join(f"{k}:{b.dtype}" for k, b in sorted(tracker.buffers().items()))
+    totals = [0, 0]
+    if call == 2:  # mark_synced: the loaded states must be the same checkpoint
+        t = torch.stack([tracker.csl_count.double().sum(), tracker.eval_count.double().sum()])
+        totals = t.cpu().view(torch.int64).tolist()
+    return [
+        call,
+        tracker.num_samples,
+        torch.finfo(tracker.dtype).bits,
+        int(tracker.history),
+        zlib.crc32(names.encode()),
+        tracker.epoch,
+        tracker.eval_passes,
+        int(has_state),
+        *totals,
+        tracker.input_grad_first_epoch,
+    ]
+
+
+def _show(name: str, value: int) -> str:
+    if name == "call":
+        return _CALLS.get(value, str(value))
+    if name == "dtype":
+        return f"float{value}"
+    if name in ("history", "synced before"):
+        return str(bool(value))
+    if name.endswith("total"):
+        return repr(torch.tensor([value]).view(torch.float64).item())
+    return str(value)
+
+
+def _agree(tracker: CSLTracker, group: Any, call: int, has_state: bool, timeout: float) -> Any:
+    """All-gather the fingerprint (one small collective) and raise the same
+    :class:`SyncError` on every rank when the ranks differ; returns the ``[W, K]`` table."""
+    mine = torch.tensor(_fingerprint(tracker, call, has_state), dtype=torch.int64)
+    dev = _comm_device(tracker, group)
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(mine, device=dev) for _ in range(world)]
+    what = _CALLS[call].removesuffix("()")
+    _wait(dist.all_gather(parts, mine.to(dev), group=group, async_op=True), timeout, what)
+    table = torch.stack(parts).cpu()
+    differ = [
+        f"{name} ("
+        + ", ".join(f"rank {r}: {_show(name, int(table[r, k]))}" for r in range(world))
+        + ")"
+        for k, name in enumerate(_FIELDS)
+        if not bool((table[:, k] == table[0, k]).all())
+    ]
+    if differ:
+        raise SyncError(
+            "csl_fast.distributed: the ranks' trackers or calls differ in "
+            + "; ".join(differ)
+            + ". Every rank must create its tracker with the same num_samples, dtype and "
+            "history, call end_epoch() and score_epoch() the same number of times, and make "
+            "the same sync()/mark_synced() calls together (after loading the same checkpoint)"
+        )
+    return table
+
+
+def _wait(work: Any, timeout: float, what: str) -> None:
+    """Wait for an async collective for at most ``timeout`` seconds. Polling
+    ``is_completed`` works alike for gloo and NCCL (whose ``wait`` does not block the host)."""
+    deadline = time.monotonic() + timeout
+    pause = 1e-4
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise SyncTimeoutError(
+                f"csl_fast.distributed.{what}: the other ranks did not join within "
+                f"{timeout:g} s. Most likely a rank skipped tracker.end_epoch() (or sync(), "
+                "mark_synced()), or exited or crashed: every rank must make the same calls. "
+                "Change the wait with csl_fast.distributed.set_timeout(seconds) or "
+                "CSL_FAST_SYNC_TIMEOUT; the process group is unusable after this error"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise SyncError(
+            f"csl_fast.distributed.{what}: a collective failed ({' '.join(str(exc).split())}). "
+            "Most likely another rank exited or crashed, or skipped tracker.end_epoch()"
+        ) from exc
+
+
+def _all_reduce(t: torch.Tensor, group: Any, timeout: float, what: str = "sync") -> None:
+    _wait(dist.all_reduce(t, group=group, async_op=True), timeout, what)
+
+
+def mark_synced(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> None:
     """Declare the tracker's current state global: the baseline of the next :func:`sync`.
 
     Call it on every rank after loading the same checkpoint (saved after ``end_epoch`` or
     ``sync``) into each rank's tracker, before training resumes. Under an initialised
-    process group it checks that all ranks hold the same ``epoch`` and counts and raises
-    ``RuntimeError`` otherwise. Works (and is cheap) without ``torch.distributed`` too.
+    process group it checks (one small all-gather, waiting at most ``timeout`` seconds,
+    default :func:`get_timeout`) that all ranks hold trackers of the same shape, ``epoch``
+    and counts, and raises :class:`SyncError` on every rank otherwise. Works (and is
+    cheap) without ``torch.distributed`` too.
     """
     if is_distributed(group):
-        dev = _comm_device(tracker, group)
-        fp = torch.stack(
-            [
-                torch.tensor(float(tracker.epoch), dtype=torch.float64, device=dev),
-                torch.tensor(float(tracker.num_samples), dtype=torch.float64, device=dev),
-                tracker.csl_count.to(dev, torch.float64).sum(),
-                tracker.eval_count.to(dev, torch.float64).sum(),
-            ]
-        )
-        both = torch.cat([fp, -fp])
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
-        if not torch.equal(both[:4], -both[4:]):
-            raise RuntimeError(
-                "csl_fast.distributed.mark_synced: the ranks hold different tracker states "
-                "(epoch, num_samples or counts differ); load the same checkpoint on every rank"
-            )
+        _agree(tracker, group, 2, False, get_timeout() if timeout is None else timeout)
     _set_baseline(tracker)
 
 
@@ -181,21 +352,29 @@ def _set_baseline(tracker: CSLTracker) -> None:
     setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
 
 
-def sync(tracker: CSLTracker, group: Any = None) -> bool:
+def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:
     """Combine this rank's tracker with the other ranks' (a collective: every rank of
     ``group`` must call it). See the module docstring for the rules.
 
     Returns True when it synced, False (doing nothing) when ``torch.distributed`` is not
     initialised or the group has a single process. Reads a few values on the host.
 
+    Before any other collective the ranks all-gather a fingerprint of their trackers and
+    calls (``num_samples``, dtype, ``history``, the buffer set, ``epoch``,
+    ``eval_passes``, synced before), so trackers that differ raise a clear error instead
+    of mismatched collectives. Each collective waits at most ``timeout`` seconds (default
+    :func:`get_timeout`).
+
     Raises:
-        RuntimeError: the ranks disagree on ``num_samples``, ``epoch`` or ``eval_passes``,
-            or the tracker has closed epochs without ever being synced or marked (a
-            checkpoint loaded without :func:`mark_synced`), or it was reloaded since its
-            last sync.
+        SyncError: the ranks' fingerprints differ (the same error on every rank), or the
+            tracker has closed epochs without ever being synced or marked (a checkpoint
+            loaded without :func:`mark_synced`), or it was reloaded since its last sync.
+        SyncTimeoutError: a rank did not join in time (it skipped ``end_epoch``, exited
+            or crashed).
     """
     if not is_distributed(group):
         return False
+    timeout = get_timeout() if timeout is None else timeout
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     dev = _comm_device(tracker, group)
@@ -205,24 +384,10 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
     n = tracker.num_samples
 
     # --- 1. every rank must be at the same point (one tiny collective) -----------------
-    big = 1 << 40
-    igfe = tracker.input_grad_first_epoch
-    has_state = int(state is not None)
-    meta = [tracker.epoch, tracker.eval_passes, n, has_state]
-    packed = torch.tensor(
-        [*meta, *(-v for v in meta), -(igfe if igfe >= 0 else big)], dtype=torch.int64, device=dev
-    )
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=group)
-    hi, lo, neg_min_igfe = packed[:4].tolist(), [-v for v in packed[4:8].tolist()], packed[8]
-    if hi != lo:
-        raise RuntimeError(
-            "csl_fast.distributed.sync: the ranks' trackers disagree on (epoch, eval_passes, "
-            f"num_samples, synced before): max {hi}, min {lo}. Every rank must create the "
-            "tracker with the same N, call end_epoch()/score_epoch() the same number of times "
-            "and call sync() together"
-        )
+    table = _agree(tracker, group, 1, state is not None, timeout)
+    igfes = [v for v in table[:, _IGFE].tolist() if v >= 0]
     if state is None and tracker.epoch > 0:
-        raise RuntimeError(
+        raise SyncError(
             f"csl_fast.distributed.sync: this tracker has {tracker.epoch} closed epochs but was "
             "never synced, so sync cannot tell its already-global part from this rank's new "
             "presentations. After loading a checkpoint on every rank, call "
@@ -231,12 +396,11 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
     if state is not None and not (
         0 <= tracker.epoch - state.epoch <= 1 and tracker.eval_passes >= state.eval_passes
     ):
-        raise RuntimeError(
+        raise SyncError(
             "csl_fast.distributed.sync: the tracker was reloaded since its last sync (epoch "
             f"{state.epoch} -> {tracker.epoch}); call csl_fast.distributed.mark_synced(tracker) "
             "on every rank after loading a checkpoint"
         )
-    min_igfe = -int(neg_min_igfe)
 
     def base(name: str) -> torch.Tensor:
         b = _baseline(tracker, state, name)
@@ -264,7 +428,7 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
         + (eval_seen & bufs["eval_last_correct"]).to(torch.uint8) * _EVAL_LAST
     ).to(dev)
     codes = [torch.empty_like(code) for _ in range(world)]
-    dist.all_gather(codes, code, group=group)
+    _wait(dist.all_gather(codes, code, group=group, async_op=True), timeout, "sync")
     allc = torch.stack(codes)  # [W, N]
     ranks = torch.arange(world, device=dev)[:, None]
 
@@ -281,11 +445,17 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
         m = eval_mine if k.startswith("eval_") else mine
         floats.append(torch.where(m, bufs[k].to(dev), 0))
     flat = torch.cat(floats) if floats else torch.empty(0, dtype=tracker.dtype, device=dev)
-    ints = torch.cat([d_forget.to(dev), torch.where(mine, bufs["learned_epoch"].to(dev), 0)])
-    dist.all_reduce(flat, group=group)
-    dist.all_reduce(ints, group=group)
+    owned_ints = [k for k in _OWNED_INTS if k in bufs]
+    ints = torch.cat(
+        [
+            d_forget.to(dev),
+            *(torch.where(mine, bufs[k].to(dev), 0) for k in ("learned_epoch", *owned_ints)),
+        ]
+    )
+    _all_reduce(flat, group, timeout)
+    _all_reduce(ints, group, timeout)
     sums = dict(zip([*additive, *_LAST_FLOATS], flat.view(-1, n).unbind(0), strict=True))
-    d_total, owner_le = ints[:n], ints[n:]
+    d_total, owner_le = ints[:n], ints[n : 2 * n]
 
     # --- 4. combine (identical on every rank) --------------------------------------------
     def put(name: str, value: torch.Tensor) -> None:
@@ -296,6 +466,8 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
     for k in _LAST_FLOATS:
         o = eval_owner if k.startswith("eval_") else owner
         put(k, torch.where(o >= 0, sums[k], bufs[k].to(dev)))
+    for j, k in enumerate(owned_ints):
+        put(k, torch.where(owner >= 0, ints[(2 + j) * n : (3 + j) * n], bufs[k].to(dev)))
     idx = owner.clamp(min=0)[None]
     owner_last = (allc.gather(0, idx)[0] & _TRAIN_LAST) > 0
     s0d = s0.to(dev)
@@ -329,8 +501,8 @@ def sync(tracker: CSLTracker, group: Any = None) -> bool:
     )
     le = torch.where(presenters == 1, owner_le, torch.where(presenters > 1, le_multi, le0))
     put("learned_epoch", le)
-    if min_igfe < big:
-        tracker.input_grad_first_epoch = min_igfe
+    if igfes:
+        tracker.input_grad_first_epoch = min(igfes)
 
     n_unsure = int(unsure.sum())
     if n_unsure:

@@ -11,9 +11,12 @@ eval pass are recorded too. float64 trackers, so sums agree to rounding.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import warnings
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -23,7 +26,15 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import csl_fast
 from csl_fast import CSLTracker, ops
-from csl_fast.distributed import is_distributed, mark_synced
+from csl_fast.distributed import (
+    DEFAULT_TIMEOUT,
+    SyncError,
+    SyncTimeoutError,
+    get_timeout,
+    is_distributed,
+    mark_synced,
+    set_timeout,
+)
 from csl_fast.reference import REDUCTIONS
 
 WORLD = 2
@@ -220,3 +231,113 @@ def test_sync_is_a_noop_without_a_process_group():
     for k, v in before.items():
         if not k.startswith("epoch_"):
             assert torch.equal(t.buffers()[k], v), k
+
+
+def _disagree_worker(rank: int, init: str, out: str):
+    """Trackers and calls that differ between the ranks: every rank must raise the same
+    SyncError (no gloo abort), and the group must still work afterwards."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    msgs = []
+
+    def attempt(call) -> None:
+        try:
+            call()
+            msgs.append("no error")
+        except SyncError as exc:
+            msgs.append(str(exc))
+
+    other = torch.float64 if rank else torch.float32
+    attempt(CSLTracker(10, C, dtype=other).end_epoch)
+    attempt(CSLTracker(10, C, history=bool(rank)).end_epoch)
+    attempt(CSLTracker(10 + rank, C).sync)
+    t = CSLTracker(10, C)
+    t.eval_passes = rank
+    attempt(t.sync)
+    t = CSLTracker(10, C)
+    attempt(t.sync if rank == 0 else lambda: mark_synced(t))
+    t = CSLTracker(10, C)
+    t.csl_count[0] = 1.0 + rank  # a different checkpoint on each rank
+    attempt(lambda: mark_synced(t))
+    # the same trackers still sync afterwards
+    t = CSLTracker(10, C)
+    t.csl_sum[rank] += 1.5
+    t.csl_count[rank] += 1
+    assert t.sync()
+    msgs.append(t.csl_sum[:3].tolist())
+    with open(os.path.join(out, f"msgs{rank}.json"), "w") as f:
+        json.dump(msgs, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
+    init = f"file://{tmp_path / 'pg_init'}"
+    mp.start_processes(
+        _disagree_worker, args=(init, str(tmp_path)), nprocs=WORLD, start_method="fork"
+    )
+    got = [json.loads((tmp_path / f"msgs{r}.json").read_text()) for r in range(WORLD)]
+    assert got[0] == got[1]
+    msgs = got[0]
+    wanted = [
+        "dtype (rank 0: float32, rank 1: float64)",
+        "history (rank 0: False, rank 1: True)",
+        "num_samples (rank 0: 10, rank 1: 11)",
+        "eval_passes (rank 0: 0, rank 1: 1)",
+        "call (rank 0: sync(), rank 1: mark_synced())",
+        "csl_count total (rank 0: 1.0, rank 1: 2.0)",
+    ]
+    for msg, want in zip(msgs, wanted, strict=False):
+        assert want in msg, (want, msg)
+        assert "end_epoch()" in msg
+    assert "buffer set" in msgs[1]  # history adds buffers
+    assert "num_samples (" not in msgs[5]
+    assert msgs[6] == [1.5, 1.5, 0.0]
+
+
+def _timeout_worker(rank: int, init: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    if rank == 1:  # skips end_epoch, then leaves
+        time.sleep(2.5)
+        os._exit(0)
+    set_timeout(1.0)
+    start = time.monotonic()
+    try:
+        CSLTracker(10, C).end_epoch()
+        result = {"error": None}
+    except SyncTimeoutError as exc:
+        result = {"error": str(exc), "seconds": time.monotonic() - start}
+    set_timeout(None)
+    with open(os.path.join(out, "timeout.json"), "w") as f:
+        json.dump(result, f)
+    os._exit(0)  # the group is unusable after a timeout: no destroy
+
+
+def test_rank_that_skips_end_epoch_times_out_with_a_clear_error(tmp_path):
+    init = f"file://{tmp_path / 'pg_init'}"
+    mp.start_processes(
+        _timeout_worker, args=(init, str(tmp_path)), nprocs=WORLD, start_method="fork"
+    )
+    result = json.loads((tmp_path / "timeout.json").read_text())
+    assert result["error"] is not None
+    assert "within 1 s" in result["error"] and "skipped tracker.end_epoch()" in result["error"]
+    assert "set_timeout" in result["error"] and "CSL_FAST_SYNC_TIMEOUT" in result["error"]
+    assert 1.0 <= result["seconds"] < 3.0
+
+
+def test_timeout_setting(monkeypatch):
+    monkeypatch.delenv("CSL_FAST_SYNC_TIMEOUT", raising=False)
+    assert get_timeout() == DEFAULT_TIMEOUT
+    monkeypatch.setenv("CSL_FAST_SYNC_TIMEOUT", "12.5")
+    assert get_timeout() == 12.5
+    set_timeout(3)
+    try:
+        assert get_timeout() == 3.0
+    finally:
+        set_timeout(None)
+    assert get_timeout() == 12.5
+    monkeypatch.setenv("CSL_FAST_SYNC_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="CSL_FAST_SYNC_TIMEOUT"):
+        get_timeout()
+    with pytest.raises(ValueError, match="> 0"):
+        set_timeout(0)
