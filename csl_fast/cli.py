@@ -81,9 +81,8 @@ _SCORE_NAMES = (
     "aum",
     "in_confidence",
     "confidence",
-    "variability",
     "logit_grad_norm",
-)
+)  # not variability: two-sided, so it ranks nothing (csl_fast.scores)
 
 
 class CLIError(Exception):

@@ -1,10 +1,18 @@
 r"""Named per-sample scores from a :class:`csl_fast.CSLTracker`, all oriented the same way.
 
-Every score returned by :func:`scores` is a float ``[N]`` tensor in which **higher means
-more suspicious** (more likely mislabeled, duplicated with a conflicting label, or
+Every score :func:`scores` returns by default is a float ``[N]`` tensor in which **higher
+means more suspicious** (more likely mislabeled, duplicated with a conflicting label, or
 memorized). Statistics whose natural direction is the opposite (AUM, confidence) are
 transformed as listed in :data:`SCORES`, so every column can go straight into
 ``roc_auc_score(is_bad, score)`` or a ranking.
+
+``variability`` is the exception: it is **two-sided** (``ScoreInfo.two_sided``), so it is
+returned only when asked for by name and is left out of default rankings and detection
+tables. Its sign relative to label errors depends on the regime: a flipped label the
+network ends up memorizing swings from p_y ~ 0 to ~ 1 (high variability; AUROC 0.98 in the
+digits demo), one it never fits stays at p_y ~ 0 (low variability; AUROC 0.05 on a small
+CNN, issue 18), as do clean samples learned in the first epoch. No transform of it is
+"higher = more suspicious" in both regimes; read it with ``confidence`` (a data map).
 
 NaN marks a sample the score is undefined for: never presented in training (every
 training statistic), never scored by an eval pass (``eval_csl``), or without an
@@ -36,11 +44,14 @@ class ScoreInfo:
         direction: why higher is more suspicious.
         needs: ``"train"`` (fused CE statistics, free), ``"eval"`` (eval passes,
             :func:`csl_fast.score_epoch`) or ``"input_grad"`` (``tracker.watch``).
+        two_sided: no direction of the score means "suspicious" in every training
+            regime; such a score is returned only by name, never ranked by default.
     """
 
     formula: str
     direction: str
     needs: str
+    two_sided: bool = False
 
 
 #: The scores :func:`scores` returns, in order, with their definitions.
@@ -107,9 +118,11 @@ SCORES: dict[str, ScoreInfo] = {
     ),
     "variability": ScoreInfo(
         "tracker.variability: std of p_y over training (data maps)",
-        "ambiguous samples swing; note that consistently-wrong mislabeled samples have "
-        "LOW variability, so this flags ambiguity rather than label errors",
+        "two-sided: high for samples learned during training (ambiguous ones, and flipped "
+        "labels the network memorizes), low both for samples fit from the start and for "
+        "flipped labels never fit; not a ranking of label errors (see the module notes)",
         "train",
+        two_sided=True,
     ),
     "logit_grad_norm": ScoreInfo(
         "tracker.logit_grad_norm_mean: mean ||dl/dz||^2 over training",
@@ -175,7 +188,9 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         tracker: a :class:`csl_fast.CSLTracker` after (or during) training.
         names: which scores (keys of :data:`SCORES`). Default: every score whose source
             was recorded (eval-pass scores need :func:`csl_fast.score_epoch`,
-            ``learning_time`` and ``loss_sensitivity`` need input-gradient records).
+            ``learning_time`` and ``loss_sensitivity`` need input-gradient records),
+            except two-sided ones (``variability``), which have no "more suspicious"
+            direction and come only by name.
             Asking by name for a score whose source was never recorded returns all-NaN.
 
     Returns:
@@ -183,7 +198,9 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         See :data:`SCORES` for each definition and direction.
     """
     if names is None:
-        chosen = [n for n, info in SCORES.items() if _has(tracker, info.needs)]
+        chosen = [
+            n for n, info in SCORES.items() if not info.two_sided and _has(tracker, info.needs)
+        ]
     else:
         chosen = list(names)
         unknown = [n for n in chosen if n not in SCORES]

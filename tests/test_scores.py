@@ -35,9 +35,14 @@ def _tracker(eval_pass=False, input_grads=False):
 
 def test_default_names_follow_what_was_recorded():
     assert list(csl_fast.scores(_tracker())) == [
-        n for n in SCORES if n not in ("eval_csl", "learning_time", "loss_sensitivity")
+        n
+        for n in SCORES
+        if n not in ("eval_csl", "learning_time", "loss_sensitivity", "variability")
     ]
-    assert list(csl_fast.scores(_tracker(True, True))) == list(SCORES)
+    # every oriented score; the two-sided one only by name
+    assert list(csl_fast.scores(_tracker(True, True))) == [n for n in SCORES if n != "variability"]
+    assert [n for n, info in SCORES.items() if info.two_sided] == ["variability"]
+    assert list(csl_fast.scores(_tracker(), ["variability"])) == ["variability"]
     assert set(SCORES) == {
         "csl", "csl_mean", "eval_csl", "final_loss", "forgetting", "threshold_learning_time",
         "learning_time", "loss_sensitivity", "aum", "in_confidence", "confidence",
@@ -62,6 +67,9 @@ def test_values_and_orientation():
     assert s["forgetting"][:4].tolist() == [0.0, 1.0, 0.0, 2.0]
     # threshold learning time: 0 from epoch 0, 2 from epoch 1, 1 and 3 never (epoch + 1)
     assert s["threshold_learning_time"][:4].tolist() == [0.0, 4.0, 1.0, 4.0]
+    # their directions: forgotten above stable, learned late above learned early
+    assert s["forgetting"][1] > s["forgetting"][0]
+    assert s["threshold_learning_time"][2] > s["threshold_learning_time"][0]
     # the always-wrong sample is the most suspicious for every loss-like score
     for name in (
         "csl",
@@ -79,6 +87,84 @@ def test_values_and_orientation():
     # in-confidence ignores the label: a confidently wrong prediction looks as sure as a
     # confidently right one (why "In Conf." is a weak detector)
     torch.testing.assert_close(s["in_confidence"][:4], s["in_confidence"][:1].expand(4))
+    # variability is two-sided: the samples whose p_y swung (1, 2) lie above both the
+    # always-right and the always-wrong one, whose p_y never moved
+    v = csl_fast.scores(t, ["variability"])["variability"]
+    torch.testing.assert_close(v[:4], t.variability[:4])
+    assert min(v[1], v[2]) > 0.4 > 0.01 > max(v[0], v[3])
+
+
+def test_in_confidence_is_high_where_the_final_model_is_unsure():
+    """1 - max softmax of the final model, whatever the label: an undecided final
+    prediction ranks above a confident one, right or wrong."""
+    t = csl_fast.CSLTracker(3, 3)
+    logits = torch.tensor([GOOD, BAD, [1.0, 1.0, 1.0]])
+    csl_fast.accumulate(logits, torch.zeros(3, dtype=torch.long), torch.arange(3), t)
+    s = csl_fast.scores(t, ["in_confidence"])["in_confidence"]
+    torch.testing.assert_close(s, 1 - logits.softmax(1).amax(1))
+    assert s[2] > s[0] and s[2] > s[1]
+
+
+def _linear_run(memorizing: bool, seed: int = 0):
+    """A linear classifier trained on 4 classes with 10% flipped labels: ``(tracker, flipped,
+    fit)``. Separable blobs in 8 dimensions cannot fit a flipped label (the regime of
+    issue 18's small CNN); 96 random points in 256 dimensions can, and the flipped ones
+    are fit late (the regime of the digits demo)."""
+    from csl_fast import corrupt
+
+    g = torch.Generator().manual_seed(seed)
+    if memorizing:
+        n, dim = 96, 256
+        x = torch.randn(n, dim, generator=g)
+        x[:, :4] *= 3  # the clean labels: the largest of the first four coordinates
+        y = x[:, :4].argmax(1)
+        epochs, lr = 40, 0.01
+    else:
+        n, dim = 200, 8
+        centres = torch.randn(4, dim, generator=g) * 4
+        y = torch.arange(n) % 4
+        x = centres[y] + torch.randn(n, dim, generator=g)
+        epochs, lr = 20, 0.05
+    noisy, flipped = corrupt.flip_labels(y, 0.1, num_classes=4, seed=seed)
+    model = torch.nn.Linear(dim, 4)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    t = csl_fast.CSLTracker(n, 4)
+    csl_fast.train.train(
+        model, x, noisy, epochs=epochs, lr=lr, batch_size=32, tracker=t,
+        input_grads=not memorizing, eval_each_epoch=not memorizing, seed=seed,
+    )  # fmt: skip
+    with torch.no_grad():
+        fit = model(x).argmax(1) == noisy
+    return t, flipped, fit
+
+
+def test_every_oriented_score_ranks_unfit_flipped_labels_high():
+    """Known answer: flipped labels the model never fits are the suspicious samples. Every
+    default score but in_confidence (label-blind, tested above) must rank them high; a
+    score whose sign were flipped would give an AUROC near 1 - that."""
+    from csl_fast.evaluate import auroc
+
+    t, flipped, fit = _linear_run(memorizing=False)
+    assert not fit[flipped].any() and fit[~flipped].float().mean() > 0.95  # the regime
+    s = csl_fast.scores(t)
+    assert set(s) == set(SCORES) - {"variability"}
+    got = {name: auroc(v, flipped) for name, v in s.items() if name != "in_confidence"}
+    assert all(a > 0.9 for a in got.values()), got
+
+
+def test_variability_sign_depends_on_the_regime():
+    """Why variability is two-sided: flipped labels never fit keep p_y ~ 0 (low
+    variability, AUROC < 0.5); flipped labels memorized late swing (AUROC > 0.5)."""
+    from csl_fast.evaluate import auroc
+
+    unfit, flipped, fit = _linear_run(memorizing=False)
+    assert not fit[flipped].any()
+    low = auroc(csl_fast.scores(unfit, ["variability"])["variability"], flipped)
+    memorized, flipped, fit = _linear_run(memorizing=True)
+    assert fit.all()
+    high = auroc(csl_fast.scores(memorized, ["variability"])["variability"], flipped)
+    assert low < 0.4 and high > 0.8, (low, high)
 
 
 def test_final_values_without_eval_pass_use_last_presentation():
