@@ -12,12 +12,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.mark.parametrize("n", [1, 97, 1797])
 def test_flip_labels_counts_and_invariants(fraction, n):
     y = torch.randint(0, 10, (n,))
+    before = y.clone()
     noisy, mask = corrupt.flip_labels(y, fraction, num_classes=10, seed=3)
     assert mask.dtype == torch.bool and mask.shape == (n,)
     assert int(mask.sum()) == int(fraction * n)
     assert torch.equal(mask, noisy != y)  # flipped <=> changed: always a different class
     assert noisy.dtype == y.dtype and int(noisy.min()) >= 0 and int(noisy.max()) < 10
-    assert torch.equal(y, y.clone())  # input untouched
+    assert torch.equal(y, before)  # input untouched
 
 
 def test_flip_labels_seeded_and_uniform():
@@ -46,7 +47,9 @@ def test_duplicate_pairs(pairs):
     n = 97
     x = torch.randn(n, 3, 4)
     y = torch.randint(0, 7, (n,))
+    x0, y0 = x.clone(), y.clone()
     nx, ny, mask, p = corrupt.duplicate_pairs(x, y, pairs, num_classes=7, seed=0)
+    assert torch.equal(x, x0) and torch.equal(y, y0)  # inputs untouched
     assert p.shape == (pairs, 2) and int(mask.sum()) == 2 * pairs
     assert p.unique().numel() == 2 * pairs  # disjoint pairs
     a, b = p[:, 0], p[:, 1]

@@ -1,0 +1,238 @@
+"""The numbers in the report (csl_fast/report.py) against what csl_fast.evaluate and
+csl_fast.detect compute for the same run: the AUROC table, the top-k table, and the demo's
+flagged counts and overhead note.
+
+The HTML is read by section (an ``<h2>`` heading and the first table or ``<pre>`` after it),
+so sections added to the report later do not disturb these checks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+
+import csl_fast
+from csl_fast.evaluate import auroc
+from csl_fast.report import RunSamples, detection_table, format_detection_table, write_report
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+class _Sections(HTMLParser):
+    """``{h2 heading: [cells of each table row] or preformatted text}``: the first table
+    or ``<pre>`` after each heading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: dict[str, list[list[str]] | str] = {}
+        self._heading: str | None = None
+        self._in_h2 = self._in_cell = self._in_pre = False
+        self._text = ""
+        self._rows: list[list[str]] | None = None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "h2":
+            self._in_h2, self._text = True, ""
+        elif tag == "table" and self._heading and self._heading not in self.sections:
+            self._rows = []
+        elif tag == "tr" and self._rows is not None:
+            self._rows.append([])
+        elif tag in ("td", "th") and self._rows is not None:
+            self._in_cell, self._text = True, ""
+        elif tag == "pre" and self._heading and self._heading not in self.sections:
+            self._in_pre, self._text = True, ""
+
+    def handle_endtag(self, tag):
+        if tag == "h2":
+            self._in_h2, self._heading = False, self._text.strip()
+        elif tag in ("td", "th") and self._in_cell:
+            self._in_cell = False
+            self._rows[-1].append(self._text.strip())
+        elif tag == "table" and self._rows is not None:
+            self.sections[self._heading] = self._rows
+            self._rows = None
+        elif tag == "pre" and self._in_pre:
+            self._in_pre = False
+            self.sections[self._heading] = self._text
+
+    def handle_data(self, data):
+        if self._in_h2 or self._in_cell or self._in_pre:
+            self._text += data
+
+
+def _sections(path) -> dict[str, list[list[str]] | str]:
+    parser = _Sections()
+    with open(path, encoding="utf-8") as f:
+        parser.feed(f.read())
+    return parser.sections
+
+
+def _section(sections, prefix: str):
+    found = [v for k, v in sections.items() if k.startswith(prefix)]
+    assert len(found) == 1, (prefix, list(sections))
+    return found[0]
+
+
+def _expected_aurocs(scores, samples) -> dict[str, dict[str, float]]:
+    """Each corruption type against the clean samples only (the report's rule), samples
+    without a finite score left out, computed here with csl_fast.evaluate.auroc."""
+    mis, dup = samples.mislabeled, samples.duplicate
+    out = {}
+    for name, s in scores.items():
+        v = s.double().numpy()
+        row = {}
+        for kind, keep, pos in (("mislabeled", ~dup, mis), ("duplicates", ~mis, dup)):
+            ok = keep & np.isfinite(v)
+            row[kind] = auroc(v[ok], pos[ok])
+        out[name] = row
+    return out
+
+
+def _assert_auroc_table(rows: list[list[str]], want: dict[str, dict[str, float]]) -> None:
+    head, body = rows[0], rows[1:]
+    assert head[:3] == ["score", "mislabeled", "duplicates"], head
+    got = {r[0]: r[1:3] for r in body}
+    assert list(got) == list(want)  # every default score, in csl_fast.scores order
+    for name, (mis, dup) in got.items():
+        for kind, cell in (("mislabeled", mis), ("duplicates", dup)):
+            assert abs(float(cell) - want[name][kind]) <= 5e-4, (name, kind, cell, want[name])
+
+
+def _run(seed=0, n=160, classes=4):
+    """A small tracked run on separable blobs with 10% flipped labels, and 8 samples
+    marked as duplicates (what the report reads of them is the mask)."""
+    from csl_fast import corrupt
+
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, 6, generator=g) * 3
+    y = torch.arange(n) % classes
+    x = centres[y] + torch.randn(n, 6, generator=g)
+    noisy, flipped = corrupt.flip_labels(y, 0.1, num_classes=classes, seed=seed)
+    dup = torch.zeros(n, dtype=torch.bool)
+    dup[torch.nonzero(~flipped).squeeze(1)[:8]] = True
+    x[dup] += 2.5 * torch.randn(8, 6, generator=g)  # harder than the rest: AUROC not trivial
+    model = torch.nn.Linear(6, classes)
+    tracker = csl_fast.CSLTracker(n, classes)
+    csl_fast.train.train(
+        model, x, noisy, epochs=6, lr=0.05, batch_size=32, tracker=tracker, seed=seed
+    )
+    with torch.no_grad():
+        predicted = model(x).argmax(1)
+    samples = RunSamples(
+        labels=noisy, predicted=predicted, true_labels=y, mislabeled=flipped, duplicate=dup
+    )
+    return tracker, samples
+
+
+@pytest.fixture(scope="module")
+def run():
+    return _run()
+
+
+def test_auroc_table_matches_evaluate(run, tmp_path):
+    tracker, samples = run
+    scores = csl_fast.scores(tracker)
+    want = _expected_aurocs(scores, samples)
+    # not every score is perfect, so an inverted AUROC (1 - a) would show
+    assert any(abs(a - 0.5) > 0.1 and a < 0.999 for r in want.values() for a in r.values())
+    html = write_report(tracker, tmp_path, samples)
+    rows = _section(_sections(html), "Detection")
+    _assert_auroc_table(rows, want)
+    # the best cell of each column is the one the report marks
+    with open(html, encoding="utf-8") as f:
+        marked = re.findall(r"<td class=best>([0-9.]+)</td>", f.read())
+    best = [f"{max(r[kind] for r in want.values()):.3f}" for kind in ("mislabeled", "duplicates")]
+    assert set(best) <= set(marked), (best, marked)
+    # the same numbers as detection_table returns and the demo prints
+    table = detection_table(scores, samples)
+    for name, row in want.items():
+        for kind, value in row.items():
+            assert table[name][kind] == pytest.approx(value, abs=1e-12), (name, kind)
+    text = format_detection_table(table).splitlines()
+    printed = {line.split()[0]: line.split()[1:3] for line in text[2:]}
+    for name, row in want.items():
+        got = [float(c.rstrip("*")) for c in printed[name]]
+        assert got == pytest.approx([row["mislabeled"], row["duplicates"]], abs=5e-4), name
+
+
+def test_top_table_is_the_descending_ranking(run, tmp_path):
+    score = "aum"  # not the default, so the table must follow the score asked for
+    tracker, samples = run
+    html = write_report(tracker, tmp_path, samples, score=score, top=12)
+    rows = _section(_sections(html), "Top 12 by")
+    head, body = rows[0], rows[1:]
+    assert head[:3] == ["rank", "index", score]
+    s = csl_fast.scores(tracker, [score])[score].double()
+    order = torch.argsort(-s, stable=True)[:12].tolist()
+    assert [int(r[1]) for r in body] == order
+    assert [int(r[0]) for r in body] == list(range(1, 13))
+    for r, i in zip(body, order, strict=True):
+        assert float(r[2]) == pytest.approx(float(s[i]), rel=1e-3), r
+        truth = "clean"
+        if samples.mislabeled[i] or samples.duplicate[i]:
+            truth = "mislabeled" if samples.mislabeled[i] else "duplicate"
+        assert r[-1].startswith(truth), (r, truth)
+
+
+def _pct(line: str) -> float:
+    return float(re.search(r"ms/step\s+([+-][0-9.]+)%", line)[1])
+
+
+def _ms(line: str) -> float:
+    return float(re.search(r"([0-9.]+) ms/step", line)[1])
+
+
+def test_demo_report_numbers(tmp_path, capsys):
+    """The demo's report and results.json against the saved run, recomputed: the AUROC
+    table (csl_fast.evaluate), the flagged counts (csl_fast.detect) and the overhead."""
+    from csl_fast import demo, detect
+
+    out = tmp_path / "run"
+    cfg = demo.DemoConfig(
+        samples=200, epochs=4, pairs=4, hidden=64, overhead_rounds=1, top=5,
+        out=str(out), threads=None, quiet=True,
+    )  # fmt: skip
+    results = demo.run(cfg)
+    printed = capsys.readouterr().out
+    tracker = csl_fast.CSLTracker.from_file(out / "tracker.csl")
+    samples = RunSamples.load(out / "samples.npz", tracker.num_samples)
+    scores = csl_fast.scores(tracker)
+    want = _expected_aurocs(scores, samples)
+    sections = _sections(out / "report" / "report.html")
+    _assert_auroc_table(_section(sections, "Detection"), want)
+    on_disk = json.loads((out / "results.json").read_text())
+    for name, row in want.items():
+        for kind, value in row.items():
+            assert on_disk["auroc"][name][kind] == pytest.approx(value, abs=1e-9), (name, kind)
+
+    det = detect.mislabeled(scores, "csl")
+    flagged = det.flagged.numpy()
+    bad = samples.mislabeled | samples.duplicate
+    assert on_disk["flagged_gmm"]["count"] == int(flagged.sum())
+    assert on_disk["flagged_gmm"]["corrupted"] == int((flagged & bad).sum())
+    m = re.search(r"\): (\d+) samples; (\d+) of them corrupted", printed)
+    assert m and (int(m[1]), int(m[2])) == (int(flagged.sum()), int((flagged & bad).sum()))
+
+    overhead = results["overhead"]
+    note = _section(sections, "Training-time overhead").splitlines()
+    lines = {
+        "plain": next(x for x in note if "plain F.cross_entropy" in x),
+        "tracker": next(x for x in note if "CSLTracker" in x),
+        "tracker+input_grads": next(x for x in note if "input-gradient" in x),
+    }
+    plain = overhead["ms_per_step"]["plain"]
+    for variant, line in lines.items():
+        ms = overhead["ms_per_step"][variant]
+        assert _ms(line) == pytest.approx(ms, abs=0.006), (variant, line)
+        if variant != "plain":
+            # the percentage is the ratio of the two step times, not a separate figure
+            assert _pct(line) == pytest.approx((ms / plain - 1) * 100, abs=0.06), line
+    assert math.isfinite(plain) and plain > 0
