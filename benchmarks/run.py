@@ -5,7 +5,7 @@
     python benchmarks/run.py --device cuda --out OUTDIR
     python benchmarks/run.py --quick    # few repetitions, no torch.compile: a smoke run
 
-The measurement code lives in ``csl_fast/bench.py`` (shared with the pytest-benchmark
+The measurement code lives in ``csl_fast/bench/`` (shared with the pytest-benchmark
 suites in this folder and with ``csl-fast bench``). The report is stamped with the device,
 CPU/GPU model, torch/triton versions, git commit and date; the last thing printed is a
 short table of the fused op against its alternatives, the step overheads and the targets.

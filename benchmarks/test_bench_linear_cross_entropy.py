@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from conftest import DEVICES, run_benchmark
 
-from csl_fast import bench_lm
+from csl_fast.bench import lm as bench_lm
 
 CASES = [(dev, *shape) for dev in DEVICES for shape in bench_lm.LCE_SHAPES[dev.split(":")[0]]]
 _cache: dict[tuple, bench_lm.LinearCECase] = {}

@@ -141,7 +141,7 @@ def test_reports_render_and_are_written(tmp_path):
 
 
 def test_linear_cross_entropy_target_on_a_gpu():
-    from csl_fast import bench_lm
+    from csl_fast.bench import lm as bench_lm
 
     def row(peak, speed):
         shape = {"tokens": 8192, "hidden": 4096, "vocab": 32000}
@@ -156,7 +156,7 @@ def test_linear_cross_entropy_target_on_a_gpu():
 
 
 def test_linear_cross_entropy_candidates_agree_with_eager():
-    from csl_fast import bench_lm
+    from csl_fast.bench import lm as bench_lm
 
     case = bench_lm.LinearCECase(64, 16, 300, "cpu", torch.bfloat16, compile=False, liger=False)
     assert {bench_lm.OURS, bench_lm.OURS_LOWMEM, bench_lm.EAGER} <= set(case.impls)

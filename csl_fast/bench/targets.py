@@ -1,0 +1,155 @@
+"""The performance targets of issues 2, 3 and 7, decided from a run's results."""
+
+from __future__ import annotations
+
+from . import lm
+from .cases import EAGER_CE, LIGER, REF, REF_COMPILE, fused_name
+from .harness import _fmt_bytes, _fmt_signed
+from .training import LARGE_C, STEP_FULL, STEP_HOST, STEP_PLAIN, STEP_TRACKER, STEP_XGRAD, WORKLOADS
+
+
+def targets(results: dict) -> list[dict]:
+    """Each target of issues 2, 3 and 7 that this run's data can decide: met / missed."""
+    out = []
+    dev = results["env"]["device"]
+    ce = [r for r in results.get("cross_entropy", []) if "median_s" in r]
+
+    def find(rows, **kw):
+        return [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+
+    fused = sorted({r["impl"] for r in ce if r["impl"].startswith("csl_fast[")})
+    if dev == "cpu":
+        for r in find(ce, batch=256, classes=1000, impl=fused_name("cpu")):
+            s = r["speedup_vs"].get(REF)
+            if s is None:
+                continue
+            out.append(
+                _target(
+                    "fused CPU op >= 1.5x the reference eager path, 256x1000 fwd+bwd",
+                    s,
+                    s is not None and s >= 1.5,
+                    f"{s:.2f}x",
+                )
+            )
+    else:
+        copy = results.get("copy_bandwidth", {}).get("gbps")
+        for impl in fused:
+            for r in find(ce, impl=impl):
+                shape = f"{r['batch']}x{r['classes']}"
+                sv = r["speedup_vs"]
+                if EAGER_CE in sv:
+                    big = r["classes"] >= LARGE_C
+                    need = 2.0 if big else 1.0
+                    out.append(
+                        _target(
+                            f"{impl} {shape}: >= {need:g}x eager F.cross_entropy fwd+bwd",
+                            sv[EAGER_CE],
+                            sv[EAGER_CE] >= need,
+                            f"{sv[EAGER_CE]:.2f}x",
+                        )
+                    )
+                for other in (REF_COMPILE, LIGER):
+                    if other in sv:
+                        out.append(
+                            _target(
+                                f"{impl} {shape}: >= {other}",
+                                sv[other],
+                                sv[other] >= 1.0,
+                                f"{sv[other]:.2f}x",
+                            )
+                        )
+                if r["classes"] >= LARGE_C and copy:
+                    frac = r["gbps"] / copy
+                    out.append(
+                        _target(
+                            f"{impl} {shape}: >= 80% of copy bandwidth",
+                            frac,
+                            frac >= 0.8,
+                            f"{r['gbps']:.0f} GB/s = {frac:.0%} of {copy:.0f}",
+                        )
+                    )
+                if r.get("extra_peak_bytes") is not None:
+                    e = r["extra_peak_logits"]
+                    allowed = 0 if impl.endswith(" in place") else 1
+                    # Slack of 64 bytes per row: the per-row statistics and losses.
+                    ok = r["extra_peak_bytes"] <= allowed * r["logits_bytes"] + 64 * r["batch"]
+                    out.append(
+                        _target(
+                            f"{impl} {shape}: extra peak memory <= {allowed} logits buffer",
+                            e,
+                            ok,
+                            f"{e:.2f} logits ({_fmt_bytes(r['extra_peak_bytes'])})",
+                        )
+                    )
+    if dev == "cuda" and results.get("linear_cross_entropy"):
+        for r in results["linear_cross_entropy"]:
+            if r.get("impl") in (lm.OURS, lm.OURS_LOWMEM) and "median_s" in r:
+                shape = f"{r['tokens']}x{r['hidden']}x{r['vocab']}"
+                if r["impl"] == lm.OURS_LOWMEM:
+                    shape += " (weight-dtype accumulators)"
+                peak, sp = r.get("peak_vs_eager"), r.get("speedup_vs", {}).get(lm.EAGER)
+                if peak is not None and sp is not None:
+                    out.append(
+                        _target(
+                            f"linear CE {shape}: peak <= 1/4 of eager's at eager's speed or better",
+                            peak,
+                            peak <= 0.25 and sp >= 1.0,
+                            f"peak {peak:.2f}x eager's at {sp:.2f}x eager's speed",
+                        )
+                    )
+    steps = [r for r in results.get("training", []) if "median_s" in r]
+    costs = [r for r in results.get("tracking_cost", []) if "median_s" in r]
+    if dev == "cpu":
+        for kind in ("mlp", "cnn"):
+            plain = find(steps, workload=kind, variant=STEP_PLAIN)
+            for r in find(steps, workload=kind, variant=STEP_TRACKER):
+                o = r["overhead_pct"]
+                shown = f"{o:+.1f}% (step medians, IQR {r['noise_iqr']:.0%})"
+                # The same overhead from the part of the step that differs, timed alone:
+                # far less noisy than a difference of two whole-step medians.
+                cost = find(costs, workload=kind, variant=STEP_TRACKER)
+                if cost and plain:
+                    share = cost[0]["cost_s"] / plain[0]["median_s"] * 100
+                    shown += f"; tracking cost alone {share:+.2f}% of the plain step"
+                out.append(
+                    _target(f"{kind}: {STEP_TRACKER} step overhead <= 1%", o, o <= 1.0, shown)
+                )
+            # Input-gradient norms are made of dL/dx, the model's backward into its input:
+            # with `watch` a step costs that (STEP_XGRAD) plus what csl_fast adds to it.
+            full = find(steps, workload=kind, variant=STEP_FULL)
+            xgrad = find(steps, workload=kind, variant=STEP_XGRAD)
+            cost_full = find(costs, workload=kind, variant=STEP_FULL)
+            cost_xgrad = find(costs, workload=kind, variant=STEP_XGRAD)
+            if full and xgrad and cost_full and cost_xgrad:
+                added = cost_full[0]["cost_s"] - cost_xgrad[0]["cost_s"]
+                share = added / xgrad[0]["median_s"] * 100
+                out.append(
+                    _target(
+                        f"{kind}: {STEP_FULL}: csl_fast's cost <= 1% of the step with dL/dx",
+                        share,
+                        share <= 1.0,
+                        f"{share:+.2f}% ({_fmt_signed(added)}); whole step "
+                        f"{full[0]['overhead_pct']:+.1f}% over plain, of which computing "
+                        f"dL/dx alone {xgrad[0]['overhead_pct']:+.1f}%",
+                    )
+                )
+    for kind in WORKLOADS:
+        tr = find(costs, workload=kind, variant=STEP_TRACKER)
+        host = find(costs, workload=kind, variant=STEP_HOST)
+        if tr and host:
+            a, b = tr[0]["cost_s"], host[0]["cost_s"]
+            ratio = float("inf") if a <= 0 else b / a
+            out.append(
+                _target(
+                    f"{kind}: tracker cost >= 10x cheaper than host logging",
+                    ratio,
+                    a <= b / 10,
+                    f"{_fmt_signed(a)} vs {_fmt_signed(b)} per step"
+                    f" ({'tracker not slower than plain' if a <= 0 else f'{ratio:.1f}x'})",
+                )
+            )
+    return out
+
+
+def _target(what: str, value, met: bool, shown: str) -> dict:
+    return {"target": what, "value": value, "met": bool(met), "shown": shown}
