@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from . import tracker_file
 from .tracker import CSLTracker, TrackerStateError
 
 __all__ = ["merge"]
@@ -48,14 +49,37 @@ def merge(
           last presentation in **every** run that presented it, and ``learned_epoch`` is then
           the latest of the runs' learned epochs (the epoch by which every run had begun its
           final correct streak), else -1;
+        - the suggested-label vote (``suggest_label``, ``suggest_votes``,
+          ``suggest_hits``; :meth:`CSLTracker.suggestions`) merges the runs' Boyer-Moore
+          states in run order, as a majority vote's summaries merge: equal candidates add
+          votes and hits; else the one with more votes stays with the difference (the
+          earlier run's on a tie), and a run without a candidate changes nothing. A class
+          that is the runner-up of more than half of all runs' presentations is still the
+          suggestion;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN.
 
+        - the suggested-label votes (``suggest_label``, ``suggest_votes``,
+          ``suggest_hits``) are merged run by run with the rule for majority-vote
+          summaries: the same candidate adds votes and hits; different candidates keep
+          the one with more votes, with the difference of the votes and its own hits.
+          A class that is the runner-up of more than half of all runs' presentations
+          stays the suggestion.
+
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
             (or classes), or ``trackers`` is empty.
+        TypeError: ``trackers`` is a single tracker, path or state dict instead of a
+            sequence of them (``merge("run.csl")`` would otherwise read the string's
+            characters as paths).
     """
+    if isinstance(trackers, str | bytes | os.PathLike | Mapping | CSLTracker):
+        raise TypeError(
+            "csl_fast.merge: expected a list of trackers, tracker files or state dicts, got "
+            f"a single {type(trackers).__name__} {trackers!r:.80}; pass a list, e.g. "
+            "merge(['seed0.csl', 'seed1.csl'])"
+        )
     runs = [_as_tracker(t) for t in trackers]
     if not runs:
         raise TrackerStateError("csl_fast.merge: got no trackers to merge")
@@ -99,6 +123,11 @@ def merge(
             le = torch.where(seen, stack("learned_epoch", torch.int32), -1).amax(0)
             buffers["learned_epoch"] = torch.where(all_correct, le, -1).to(torch.int32)
 
+    buffers.update(_merge_votes(runs, dev))
+
+    if "suggest_label" in out.buffers():
+        buffers.update(_merge_votes(runs, dev))
+
     first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
     igfe = min(first) if first else -1
     histories = {
@@ -129,22 +158,42 @@ def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTra
         return CSLTracker.from_file(t)
     if isinstance(t, Mapping):
         try:
-            tracker = CSLTracker(
-                int(t["num_samples"]),
-                t.get("num_classes"),
-                dtype=getattr(torch, str(t.get("dtype", "float32"))),
-                history=bool(t.get("history", False)),
-            )
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
-            raise TrackerStateError(
-                f"csl_fast.merge: not a CSLTracker state dict ({exc})"
-            ) from None
-        tracker.load_state_dict(t)
-        return tracker
+            return tracker_file.from_state(CSLTracker, t)
+        except TrackerStateError as exc:
+            raise TrackerStateError(f"csl_fast.merge: {exc}") from None
     raise TypeError(
         "csl_fast.merge: expected CSLTrackers, tracker file paths or tracker state dicts, got "
         f"{type(t).__name__}"
     )
+
+
+def _merge_votes(runs: list[CSLTracker], dev: torch.device) -> dict[str, torch.Tensor]:
+    """The runs' suggested-label votes merged left to right (see :func:`merge`)."""
+    names = ("suggest_label", "suggest_votes", "suggest_hits")
+    label, votes, hits = (runs[0].buffers()[k].to(dev) for k in names)
+    for t in runs[1:]:
+        b_label, b_votes, b_hits = (t.buffers()[k].to(dev) for k in names)
+        same = label == b_label
+        take = (b_label >= 0) & ~same & ((label < 0) | (b_votes > votes))
+        label = torch.where(take, b_label, label)
+        # A run without a candidate has no votes: |votes - 0| keeps the other's.
+        votes = torch.where(same, votes + b_votes, (votes - b_votes).abs())
+        hits = torch.where(same, hits + b_hits, torch.where(take, b_hits, hits))
+    return dict(zip(names, (label, votes, hits), strict=True))
+
+
+def _merge_votes(runs: list[CSLTracker], dev: torch.device) -> dict[str, torch.Tensor]:
+    """The runs' suggested-label vote states merged in run order (majority summaries)."""
+    names = ("suggest_label", "suggest_votes", "suggest_hits")
+    label, votes, hits = (runs[0].buffers()[k].to(dev, torch.int32) for k in names)
+    for t in runs[1:]:
+        label2, votes2, hits2 = (t.buffers()[k].to(dev, torch.int32) for k in names)
+        same = label == label2
+        keep = (votes > votes2) | ((votes == votes2) & (label >= 0))  # a tie keeps a real class
+        hits = torch.where(same, hits + hits2, torch.where(keep, hits, hits2))
+        label = torch.where(same | keep, label, label2)
+        votes = torch.where(same, votes + votes2, (votes - votes2).abs())
+    return dict(zip(names, (label, votes, hits), strict=True))
 
 
 def _mean_rows(hists: list[tuple[int, torch.Tensor]], n: int, dev: torch.device) -> torch.Tensor:

@@ -586,27 +586,33 @@ def from_file(
     """:meth:`CSLTracker.from_file`: the file is read, verified and its metadata checked
     against its tensors before a tracker is allocated."""
     state = read_file(path)
+    try:
+        return from_state(cls, state, device, **kwargs)
+    except TrackerStateError as exc:
+        raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+
+
+def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs: Any) -> CSLTracker:
+    """A new tracker of the kind ``state`` describes, restored from it. The metadata is
+    checked against the state's tensors before the tracker is allocated (a state that
+    claims another N costs nothing). Raises :class:`TrackerStateError`."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
     shape_fields = (
         ("num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
         ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
         ("history", lambda v: isinstance(v, bool), "a bool"),
         ("num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     )
-    try:
-        n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
-        # The tracker allocates about as much as the buffers the file holds; a file that
-        # claims another N is refused before that allocation.
-        buffers = state.get("buffers")
-        if not isinstance(buffers, Mapping) or not buffers:
-            raise TrackerStateError("the state lacks its buffers")
-        for name, t in buffers.items():
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
-                raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
-    except TrackerStateError as exc:
-        raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+    n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
+    # The tracker allocates about as much as the state's buffers hold; a state that
+    # claims another N is refused before that allocation.
+    buffers = state.get("buffers")
+    if not isinstance(buffers, Mapping) or not buffers:
+        raise TrackerStateError("the state lacks its buffers")
+    for name, t in buffers.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
     tracker = cls(n, classes, device=device, dtype=getattr(torch, dtype), history=history, **kwargs)
-    try:
-        load_state_dict(tracker, state)
-    except TrackerStateError as exc:
-        raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+    load_state_dict(tracker, state)
     return tracker

@@ -91,3 +91,35 @@ def test_merge_refuses_different_n():
         csl_fast.merge([])
     with pytest.raises(TypeError, match="expected CSLTrackers"):
         csl_fast.merge([42])
+
+
+def test_merge_refuses_a_single_path_or_state(tmp_path):
+    t = CSLTracker(N, C)
+    t.save(tmp_path / "run.csl")
+    for single in ("run.csl", tmp_path / "run.csl", t, t.state_dict()):
+        with pytest.raises(TypeError, match=r"expected a list .* pass a list"):
+            csl_fast.merge(single)
+    state = t.state_dict()
+    state["num_samples"] = str(N)  # a str, not an int: a type error, not "N=10 vs N=10"
+    with pytest.raises(TrackerStateError, match="'num_samples' must be an int >= 0, got str '10'"):
+        csl_fast.merge([t, state])
+
+
+def test_merge_suggested_label_votes():
+    """Majority-vote summaries: the same candidate adds up; different candidates keep the
+    one with more votes and the difference."""
+    runs = [CSLTracker(4, C) for _ in range(3)]
+    for t, (label, votes, hits) in zip(
+        runs,
+        [([1, 2, -1, 0], [3, 2, 0, 1], [4, 2, 0, 1]),
+         ([1, 0, 2, 0], [1, 5, 2, 1], [1, 6, 3, 1]),
+         ([-1, 0, -1, 1], [0, 1, 0, 3], [0, 1, 0, 3])],
+        strict=True,
+    ):  # fmt: skip
+        t.suggest_label.copy_(torch.tensor(label))
+        t.suggest_votes.copy_(torch.tensor(votes))
+        t.suggest_hits.copy_(torch.tensor(hits))
+    merged = csl_fast.merge(runs)
+    assert merged.suggest_label.tolist() == [1, 0, 2, 1]
+    assert merged.suggest_votes.tolist() == [4, 4, 2, 1]
+    assert merged.suggest_hits.tolist() == [5, 7, 3, 3]
