@@ -37,13 +37,16 @@ Exit codes:
 0   success
 1   unexpected internal error (a bug: the traceback is printed)
 2   usage error: unknown option, bad value, a score the run did not record
-3   input error: tracker or samples file missing, truncated, foreign, or of another run
+3   input/output error: tracker or samples file missing, truncated, corrupted, foreign,
+    or of another run; an output file or folder that cannot be written (missing parent,
+    not a folder, permission, disk full)
 4   an optional dependency is missing (scikit-learn, matplotlib, tqdm)
 130 interrupted (Ctrl-C)
 ==  =====================================================================
 
-User errors (codes 2-4) print one line, ``csl-fast <command>: error: <message>``, and no
-traceback.
+User errors (codes 2-4) and interruptions print one line,
+``csl-fast <command>: error: <message>``, and no traceback; ``--debug`` (before or after
+the command) adds the traceback. No message ever advises unsafe loading of a file.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import json
 import math
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -137,11 +141,39 @@ _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a posit
 
 
 # ----------------------------------------------------------------------------- parser
+_DEBUG_HELP = "print the traceback of errors too"
+
+
+def _writable_folder(out: str, option: str = "--out") -> None:
+    """Create the output folder ``out`` now, so that a path that cannot be written is a
+    one-line input error before any work, not a traceback after it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"{option} {out!r} exists and is not a folder", EXIT_INPUT)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(
+            f"{option} {out!r}: cannot create this folder: {_os_reason(exc)}", EXIT_INPUT
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {out!r}: this folder is not writable", EXIT_INPUT)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as one line: its message and the file it names."""
+    text = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename!s}"
+    return _one_line(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bars or status lines (stderr)"
     )
+    # SUPPRESS: a subcommand's default must not overwrite `csl-fast --debug CMD`.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     parser = _Parser(
         prog="csl-fast",
         description="Cumulative Sample Loss for free: find mislabeled, duplicated and "
@@ -152,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"csl_fast {__version__}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    from .demo import DemoConfig
+    from .demo import DIGITS_SAMPLES, DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser(
@@ -162,15 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="inject label noise and duplicates into digits, train, detect, report",
         description="Train a small MLP on scikit-learn's digits with seeded label flips and "
-        "conflicting-label duplicate pairs, tracking CSL; print the detection table, the "
-        "tracking overhead and the top suspicious samples; write a report folder and a saved "
-        "tracker. About a minute on 2 CPU cores with the defaults.",
+        "conflicting-label duplicate pairs, tracking CSL; print the detection table, clean the "
+        "flagged samples and retrain once (clean-test accuracy: noisy, cleaned, true labels), "
+        "the tracking overhead and the top suspicious samples; write a report folder, a saved "
+        "tracker and the cleaning plan. About a minute on 2 CPU cores with the defaults.",
     )
     p.add_argument(
         "--samples",
         type=_positive_int,
         default=d.samples,
-        help=f"dataset size, at most {d.samples} (default: all)",
+        help=f"training-set size, at most {DIGITS_SAMPLES}; the digits left out are the clean "
+        f"test set of the retraining (default {d.samples})",
     )
     p.add_argument(
         "--epochs",
@@ -364,8 +399,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         )
     if args.device is not None:
         _check_device(args.device)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} exists and is not a folder", EXIT_INPUT)
+    _writable_folder(args.out)
     cfg = DemoConfig(
         samples=args.samples,
         epochs=args.epochs,
@@ -520,8 +554,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         out = os.path.join(base, "report")
     else:
         out = args.out
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"--out {out!r} exists and is not a folder", EXIT_INPUT)
+    _writable_folder(out)
     path = write_report(
         tracker,
         out,
@@ -719,6 +752,15 @@ _OPTIONAL = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``csl-fast`` / ``python -m csl_fast``; returns the exit code."""
     prog = "csl-fast"
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv[: argv.index("--")] if "--" in argv else "--debug" in argv
+
+    def fail(message: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
+        return code
+
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -728,19 +770,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"csl-fast {args.command}"
         return COMMANDS[args.command](args)
     except CLIError as exc:
-        print(f"{exc.prog or prog}: error: {_one_line(exc)}", file=sys.stderr)
-        return exc.code
+        prog = exc.prog or prog
+        return fail(str(exc), exc.code)
     except ImportError as exc:
         top = (exc.name or "").split(".")[0]
-        if top in _OPTIONAL:
-            print(
-                f"{prog}: error: this command needs {_OPTIONAL[top]}: pip install "
-                f"{_OPTIONAL[top]} (or pip install 'csl_fast[eval]')",
-                file=sys.stderr,
-            )
-            return EXIT_DEPENDENCY
-        raise
+        if top not in _OPTIONAL:
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        return fail(
+            f"this command needs {_OPTIONAL[top]}: pip install {_OPTIONAL[top]} (or pip "
+            "install 'csl_fast[eval]')",
+            EXIT_DEPENDENCY,
+        )
     except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -748,3 +792,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         return EXIT_OK
+    except OSError as exc:
+        # A file or folder the command could not read or write (a full disk, a folder
+        # removed meanwhile, ...): the environment, not a bug.
+        return fail(_os_reason(exc), EXIT_INPUT)
+    except Exception:
+        traceback.print_exc()
+        print(
+            f"{prog}: internal error (a bug in csl_fast: please report it with the traceback "
+            "above)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL

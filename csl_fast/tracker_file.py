@@ -561,13 +561,17 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"{path}: invalid tracker file (a zip archive of format version {version!r}; "
             "only version 1 files are zip archives)"
         )
-    warnings.warn(
-        f"{path}: a tracker file of format version 1, which has no checksum: loaded "
-        "unverified. Save it again to add one.",
-        UnverifiedTrackerFileWarning,
-        stacklevel=4,
-    )
     return dict(state)
+
+
+def _warn_unverified(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    if state.get("version") == 1:
+        warnings.warn(
+            f"{os.fspath(path)}: a tracker file of format version 1, which has no checksum: "
+            "loaded unverified. Save it again to add one.",
+            UnverifiedTrackerFileWarning,
+            stacklevel=4,
+        )
 
 
 def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
@@ -578,6 +582,7 @@ def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
         load_state_dict(tracker, state)
     except TrackerStateError as exc:
         raise TrackerFileError(f"{os.fspath(path)}: {exc}") from None
+    _warn_unverified(path, state)
 
 
 def from_file(
@@ -587,9 +592,11 @@ def from_file(
     against its tensors before a tracker is allocated."""
     state = read_file(path)
     try:
-        return from_state(cls, state, device, **kwargs)
+        tracker = from_state(cls, state, device, **kwargs)
     except TrackerStateError as exc:
         raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
+    _warn_unverified(path, state)
+    return tracker
 
 
 def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs: Any) -> CSLTracker:

@@ -239,3 +239,89 @@ def test_info_console_script():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("csl_fast ") and "backends for cpu" in proc.stdout
+
+
+@pytest.fixture
+def plain_tracker(tmp_path):
+    """A small saved tracker with values (no kernels needed)."""
+    from csl_fast import CSLTracker
+
+    t = CSLTracker(30, 3)
+    t.csl_sum.copy_(torch.linspace(0, 3, 30))
+    t.csl_count.fill_(2)
+    t.epoch = 2
+    path = tmp_path / "plain.csl"
+    t.save(path)
+    return path
+
+
+def test_damaged_and_hostile_files_are_one_line_input_errors(tmp_path, plain_tracker, capsys):
+    flipped = tmp_path / "flipped.csl"
+    data = bytearray(plain_tracker.read_bytes())
+    data[-100] ^= 0x01
+    flipped.write_bytes(bytes(data))
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(flipped))
+    assert "flipped.csl" in line and "checksum" in line
+    # a file that claims 10**11 samples: refused before any allocation
+    from csl_fast import CSLTracker
+
+    state = CSLTracker(30, 3).state_dict()
+    state["num_samples"] = 10**11
+    torch.save({**state, "version": 1}, tmp_path / "huge.csl")
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "huge.csl"))
+    assert "huge.csl" in line
+    state["num_samples"] = "30"
+    torch.save({**state, "version": 1}, tmp_path / "str.csl")
+    line = in_process_error(capsys, EXIT_INPUT, "report", str(tmp_path / "str.csl"))
+    assert "'num_samples' must be an int" in line and "got str '30'" in line
+    # pickles that are not tensors: refused, and no advice to load them unsafely
+    (tmp_path / "pickle.csl").write_bytes(b"\x80\x04\x95" + os.urandom(200))
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.csl")
+    for name in ("pickle.csl", "module.csl"):
+        for command in ("rank", "report"):
+            line = in_process_error(capsys, EXIT_INPUT, command, str(tmp_path / name))
+            assert "weights_only" not in line and "unsafe" not in line.lower()
+
+
+def test_unwritable_outputs_exit_3_with_one_line(tmp_path, plain_tracker, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    line = in_process_error(
+        capsys, EXIT_INPUT, "report", str(plain_tracker), "--out", str(blocker / "report")
+    )
+    assert "--out" in line and "a_file" in line
+    line = in_process_error(capsys, EXIT_INPUT, "report", str(plain_tracker), "--out", str(blocker))
+    assert "not a folder" in line
+    line = in_process_error(capsys, EXIT_INPUT, "demo", "--out", str(blocker / "demo"))
+    assert "--out" in line
+
+
+def test_os_errors_exit_3_internal_errors_exit_1_debug_adds_traceback(
+    tmp_path, plain_tracker, capsys, monkeypatch
+):
+    import errno
+
+    from csl_fast import cli as cli_module
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/data/report.html")
+
+    monkeypatch.setitem(cli_module.COMMANDS, "rank", full)
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(plain_tracker))
+    assert "No space left on device" in line and "/data/report.html" in line
+    code, _, err = run_main(capsys, "--debug", "rank", str(plain_tracker))
+    assert code == EXIT_INPUT and "Traceback" in err and err.strip().endswith("report.html")
+    code, _, err = run_main(capsys, "rank", str(plain_tracker), "--debug")
+    assert code == EXIT_INPUT and "Traceback" in err
+
+    def bug(args):
+        raise ZeroDivisionError("oops")
+
+    monkeypatch.setitem(cli_module.COMMANDS, "rank", bug)
+    code, _, err = run_main(capsys, "rank", str(plain_tracker))
+    assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
+    assert "internal error" in err.strip().splitlines()[-1]
+    monkeypatch.undo()
+    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "gone.csl"))
+    code, _, err = run_main(capsys, "--debug", "rank", str(tmp_path / "gone.csl"))
+    assert code == EXIT_INPUT and "Traceback" in err
