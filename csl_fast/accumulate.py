@@ -145,6 +145,11 @@ def accumulate(
         logits = logits.reshape(-1, logits.shape[-1])
         target = target.reshape(-1)
     buffers = _buffers(csl, count, seq)
+    if not -(2**63) <= ignore_index < 2**63:  # the ops take an int64
+        raise ValueError(
+            f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
+            f"{ignore_index}; use a class index that never occurs, e.g. the default -100"
+        )
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -153,7 +158,11 @@ def accumulate(
         # The C++ kernels check ranges themselves before writing; elsewhere check here
         # unless that would cost a device synchronisation.
         validate = logits.device.type == "cpu" and name != "cpu"
-    if validate and not torch.compiler.is_compiling():
+    # In place, the gradient overwrites the caller's logits before the scatter's own range
+    # check runs, so on the CPU (where reading them costs no device sync) check first.
+    if (validate or (inplace_grad and logits.device.type == "cpu")) and (
+        not torch.compiler.is_compiling()
+    ):
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
     fwd = ops.cross_entropy_fwd_inplace if inplace_grad else ops.cross_entropy_fwd
     loss, stats = fwd(

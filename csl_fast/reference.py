@@ -54,7 +54,9 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     else:
         margin = torch.zeros_like(z_y)
     correct = (z.argmax(1) == y).to(z.dtype) if batch else z_y
-    valid = active & torch.isfinite(loss)
+    # Not recorded unless the loss F.cross_entropy returns (lse - z_y) is finite too: a
+    # +inf target logit (or C = 1 with +-inf) makes it NaN while log1p(...) above gives 0.
+    valid = active & torch.isfinite(loss) & torch.isfinite(lse - z_y)
     stats = torch.zeros(NUM_STATS, batch, dtype=torch.float32, device=z.device)
     stats[Stat.LOSS] = loss.float()
     stats[Stat.P_TRUE] = torch.exp(-loss).float()

@@ -169,3 +169,89 @@ def test_mixed_devices():
         csl_fast.accumulate(a["logits"], a["target"], a["index"].cpu(), a["csl"])
     with pytest.raises(ValueError, match=r"csl is on cpu but logits are on cuda"):
         csl_fast.accumulate(a["logits"], a["target"], a["index"], a["csl"].cpu())
+
+
+# --------------------------------------------------------------------- issue 16
+def _all_backends() -> list[str]:
+    """Every backend that runs on CPU tensors here: the reference, the C++ kernels when
+    built, and Triton when its interpreter is on (TRITON_INTERPRET=1, set by conftest)."""
+    names = list(csl_fast.available_backends("cpu"))
+    try:
+        from csl_fast._triton import cross_entropy
+        from csl_fast._triton._registry import is_interpreted
+
+        if is_interpreted(cross_entropy._ce_fwd_kernel) and "triton" not in names:
+            names.append("triton")
+    except ImportError:
+        pass
+    return names
+
+
+_INF, _NAN = float("inf"), float("nan")
+NON_FINITE = {
+    # rows, targets; the last row of each case is ordinary
+    "inf logits": (
+        torch.float32,
+        [[_INF, 0, 0], [-_INF, 0, 0], [0, _INF, 0], [_NAN, 0, 0], [1, 2, 3]],
+        [0, 0, 0, 0, 2],
+    ),
+    "C = 1": (torch.float32, [[_INF], [-_INF], [_NAN], [2.0]], [0, 0, 0, 0]),
+    "float16 overflow": (
+        torch.float16,
+        [[7e4, 0, 0], [-7e4, 1, 0], [0, 7e4, 0], [1, 2, 3]],  # 7e4 overflows to inf
+        [0, 0, 0, 2],
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("case", list(NON_FINITE))
+def test_no_backend_records_a_row_whose_loss_is_not_finite(case):
+    dtype, rows, targets = NON_FINITE[case]
+    logits = torch.tensor(rows).to(dtype)
+    target = torch.tensor(targets)
+    n = len(rows)
+    backends = _all_backends()
+    assert "reference" in backends
+    for backend in backends:
+        csl, count = torch.zeros(n), torch.zeros(n)
+        loss = csl_fast.accumulate(
+            logits.clone(), target, torch.arange(n), csl, count=count, reduction="none",
+            backend=backend,
+        )  # fmt: skip
+        finite = torch.isfinite(loss.float())
+        assert finite.tolist() == [False] * (n - 1) + [True], (backend, loss)
+        assert count.tolist() == finite.float().tolist(), (backend, count)
+        assert torch.isfinite(csl).all() and csl[:-1].eq(0).all(), (backend, csl)
+        tracker = csl_fast.CSLTracker(n, logits.shape[1], backend=backend)
+        csl_fast.accumulate(logits.clone(), target, torch.arange(n), tracker, backend=backend)
+        assert tracker.csl_count.tolist() == finite.float().tolist(), backend
+        assert tracker.last_correct[:-1].eq(False).all(), backend
+        assert tracker.learned_epoch[:-1].eq(-1).all(), backend
+
+
+@pytest.mark.parametrize("bad", ["index", "target"])
+def test_inplace_grad_checks_before_overwriting_the_logits(bad):
+    if "cpu" not in csl_fast.available_backends("cpu"):
+        pytest.skip("compiled extension not built")
+    for make in (lambda: torch.zeros(6), lambda: csl_fast.CSLTracker(6, 5)):
+        args = _good("cpu")
+        args[bad][2] = 99
+        logits = args.pop("logits")
+        original = logits.clone()
+        csl = make()
+        buffers = {"csl": csl} if isinstance(csl, torch.Tensor) else csl.buffers()
+        before = {k: v.clone() for k, v in buffers.items()}
+        with pytest.raises(IndexError, match=re.escape(f"{bad}[2] = 99 is outside")):
+            csl_fast.accumulate(logits, args["target"], args["index"], csl, inplace_grad=True)
+        assert torch.equal(logits, original), "the caller's logits were overwritten"
+        for k, v in before.items():
+            assert torch.equal(buffers[k], v), k
+
+
+def test_ignore_index_out_of_int64_range():
+    a = _good("cpu")
+    for value in (2**70, -(2**63) - 1):
+        with pytest.raises(ValueError, match=r"ignore_index must fit in int64 .* got "):
+            csl_fast.accumulate(**a, ignore_index=value)
+    assert torch.equal(a["csl"], torch.zeros(6))
