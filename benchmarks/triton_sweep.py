@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time the Triton cross-entropy kernel over launch configurations, on a GPU.
 
-    python benchmarks/triton_sweep.py --out DIR [--budget-s 90]
+    python benchmarks/triton_sweep.py --out DIR [--budget-s 90] [--max-configs 6]
 
 ``csl_fast._triton.cross_entropy._config`` picks, from the class count alone, whether a row
 stays on chip (fused) or takes two passes, the rows per program, the block width and the
@@ -10,8 +10,10 @@ at the benchmark shapes (bfloat16 logits, B x C = 128x100, 1024x1000, 4096x32000
 8192x128256) so the heuristic can follow data. Each configuration is checked against the
 default one before it is timed; configurations are timed round-robin with the L2 evicted
 before each sample (:func:`csl_fast.bench.compare`). Writes ``triton-sweep.md`` and
-``.json`` into DIR and prints the table. ``benchmarks/gpu_check.sh`` runs it last, in
-whatever time is left.
+``.json`` into DIR and prints the table. Every candidate is a separate Triton compilation
+(about a second each), so ``--max-configs`` keeps the default and an evenly spread subset
+of the rest, and ``--shapes`` picks shapes: ``benchmarks/gpu_check.sh`` runs a small sweep
+in a fixed budget.
 
 ``--device cpu`` runs a tiny smoke version under ``TRITON_INTERPRET=1`` (what the tests do).
 """
@@ -70,7 +72,20 @@ def launch(logits, target, cfg, grad):
     return grad, loss, stats
 
 
-def sweep_shape(batch: int, num_classes: int, device: str, budget_s: float) -> list[dict]:
+def spread(cands: list, max_configs: int | None) -> list:
+    """The default (first) and at most ``max_configs - 1`` others, evenly spaced over the
+    rest (so small and large tiles and warp counts both stay in)."""
+    if max_configs is None or len(cands) <= max_configs:
+        return cands
+    rest = cands[1:]
+    k = max(0, max_configs - 1)
+    picks = sorted({round(i * (len(rest) - 1) / max(k - 1, 1)) for i in range(k)}) if k else []
+    return [cands[0], *(rest[i] for i in picks)]
+
+
+def sweep_shape(
+    batch: int, num_classes: int, device: str, budget_s: float, max_configs: int | None = None
+) -> list[dict]:
     import torch
 
     from csl_fast import bench
@@ -94,7 +109,7 @@ def sweep_shape(batch: int, num_classes: int, device: str, budget_s: float) -> l
     def run_once(cfg, k=0):
         return launch(*inputs[k], cfg, new_grad())
 
-    cands = configs(num_classes, device)
+    cands = spread(configs(num_classes, device), max_configs)
     want = run_once(cands[0])
     rows, fns = [], {}
     for cfg in cands:
@@ -184,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda, or cpu for an interpreted smoke run")
     p.add_argument("--out", required=True, help="folder for triton-sweep.md and .json")
     p.add_argument("--budget-s", type=float, default=90.0, help="time for the whole sweep")
+    p.add_argument(
+        "--max-configs", type=int, default=None, help="candidates per shape (default: all)"
+    )
+    p.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated BxC shapes (default: the benchmark shapes of the device)",
+    )
     args = p.parse_args(argv)
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
@@ -192,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     shapes = SHAPES[args.device]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     results: dict[str, Any] = {"env": bench.environment(args.device), "rows": []}
     os.makedirs(args.out, exist_ok=True)
     for i, (b, c) in enumerate(shapes):
@@ -200,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[sweep] out of time before {b}x{c}", file=sys.stderr)
             break
         print(f"[sweep] {b}x{c}", file=sys.stderr, flush=True)
-        results["rows"] += sweep_shape(b, c, args.device, left / (len(shapes) - i) / 2)
+        share = left / (len(shapes) - i) / 2  # half for compiling and checking, half timing
+        results["rows"] += sweep_shape(b, c, args.device, share, args.max_configs)
         text = markdown(results)
         with open(os.path.join(args.out, "triton-sweep.md"), "w") as f:
             f.write(text)

@@ -133,6 +133,8 @@ def test_empty_plan_writes_only_the_header(tmp_path):
 
 
 def test_to_dataframe_is_one_based():
+    pytest.importorskip("pandas")
+    pytest.importorskip("sklearn")  # detect.mislabeled's default gmm rule
     df = _plan().to_dataframe()
     assert list(df.columns) == list(CSV_COLUMNS)
     assert df["rank"].tolist() == [1, 2, 3, 4]

@@ -22,6 +22,8 @@ def _bimodal(n_clean=380, n_bad=20, seed=0):
 
 
 def test_ranking_and_gmm_rule_flags_upper_mode():
+    pytest.importorskip("sklearn")  # the gmm rule's mixture model
+    pytest.importorskip("pandas")
     s, truth = _bimodal()
     det = detect.mislabeled(s)
     assert torch.equal(det.ranking, torch.argsort(s, descending=True, stable=True))
@@ -35,6 +37,7 @@ def test_ranking_and_gmm_rule_flags_upper_mode():
 
 
 def test_gmm_flags_nothing_without_outlier_mode():
+    pytest.importorskip("sklearn")
     g = torch.Generator().manual_seed(1)
     s = torch.exp(torch.randn(400, generator=g) * 0.3)
     assert detect.memorized(s).flagged.sum() <= 4  # a unimodal score: (almost) nothing

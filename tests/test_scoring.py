@@ -61,6 +61,7 @@ def test_restores_eval_mode_and_survives_errors():
     model = _model().eval()
     _, _, batches = _batches()
     t = CSLTracker(9, 3)
+    pytest.importorskip("tqdm")  # progress=True
     csl_fast.score_epoch(model, batches, t, progress=True)
     assert not model.training
     model.train()

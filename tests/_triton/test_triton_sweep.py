@@ -55,3 +55,14 @@ def test_gpu_check_script_parses():
     if shutil.which("bash") is None:
         pytest.skip("no bash")
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")], check=True)
+
+
+def test_max_configs_keeps_the_default_and_a_spread():
+    sweep = _sweep()
+    cands = [("default",), *((i,) for i in range(19))]
+    picked = sweep.spread(cands, 5)
+    assert picked[0] == ("default",) and len(picked) == 5
+    assert picked[1] == (0,) and picked[-1] == (18,)  # both ends of the range stay in
+    assert len(set(picked)) == 5
+    assert sweep.spread(cands, 1) == [("default",)]
+    assert sweep.spread(cands[:3], 10) == cands[:3] and sweep.spread(cands, None) == cands

@@ -1,6 +1,10 @@
 """Confident learning: K fresh fold models, out-of-sample probabilities, flipped labels found."""
 
+import pytest
 import torch
+
+pytest.importorskip("sklearn")  # fold splits and the AUROC
+pytest.importorskip("cleanlab")
 
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import confident_learning, out_of_sample_probs

@@ -1,5 +1,7 @@
 """SSFT: samples whose label the second split contradicts are forgotten at once."""
 
+import pytest
+
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import ssft
 
@@ -7,6 +9,7 @@ from ._synthetic import FAST, blobs, linear
 
 
 def test_flipped_samples_are_forgotten():
+    pytest.importorskip("sklearn")  # evaluate.auroc
     x, y = blobs(120)
     noisy, flipped = corrupt.flip_labels(y, 0.1, num_classes=2, seed=0)
     s = ssft(linear(2), x, noisy, train_kwargs=FAST, seed=0)

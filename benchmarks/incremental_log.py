@@ -1,0 +1,35 @@
+"""pytest plugin for ``benchmarks/gpu_check.sh``: every test's outcome, and each failure's
+full report, appended to ``$CSL_INCREMENTAL_LOG`` the moment it is known.
+
+pytest writes its junit XML and its failure sections when the session ends; a run killed
+by a time limit (or a crashed CUDA context) would lose them. This file keeps them.
+Load with ``-p incremental_log`` and ``benchmarks/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _write(text: str) -> None:
+    path = os.environ.get("CSL_INCREMENTAL_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(text)
+
+
+def pytest_runtest_logreport(report) -> None:
+    if (
+        report.when != "call"
+        and not report.failed
+        and not (report.skipped and report.when == "setup")
+    ):
+        return
+    _write(f"{report.outcome.upper()} {report.nodeid} [{report.when}, {report.duration:.2f}s]\n")
+    if report.failed or report.skipped:
+        _write(report.longreprtext.rstrip() + "\n" + "-" * 80 + "\n")
+
+
+def pytest_collectreport(report) -> None:
+    if report.failed:
+        _write(f"COLLECTION ERROR {report.nodeid}\n{report.longreprtext.rstrip()}\n{'-' * 80}\n")
