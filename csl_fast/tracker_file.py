@@ -49,6 +49,7 @@ import warnings
 import zipfile
 import zlib
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,6 +64,7 @@ MAGIC = b"\x93CSLFAST"  # 0x93: not ASCII, so no text file and no zip archive st
 _ZIP_MAGIC = b"PK\x03\x04"  # version 1 files (torch.save)
 _DIGEST = 32
 _MAX_HEADER = 1 << 20  # a real header is a few KB
+_CHUNK = 16 << 20
 #: A temporary file of a save older than this (seconds) is stale whoever wrote it.
 STALE_TEMP_SECONDS = 15 * 60
 
@@ -234,22 +236,19 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
 
 
 def load_state_dict(tracker: CSLTracker, state: Any) -> None:
-    """:meth:`CSLTracker.load_state_dict`: validate everything, convert every tensor to
-    the tracker's device and dtypes (new tensors: an allocation failure changes nothing),
-    then copy. Raises :class:`TrackerStateError`; the tracker is then unchanged."""
+    """:meth:`CSLTracker.load_state_dict`: validate everything, build the new histories
+    (the only allocations), then copy into the buffers, which validated shapes and dtypes
+    cannot make fail. Raises :class:`TrackerStateError`; the tracker is then unchanged."""
     try:
         checked = validate_state(tracker, state)
     except TrackerStateError as exc:
         raise type(exc)(f"CSLTracker: {exc}") from None
     live = tracker._buffers
-    staged = {
-        k: src.to(live[k].device, live[k].dtype, copy=True) for k, src in checked["buffers"].items()
-    }
     histories = {
         k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
         for k, h in checked["histories"].items()
     }
-    for name, value in staged.items():
+    for name, value in checked["buffers"].items():
         live[name].copy_(value)
     for name, value in checked["fill"].items():
         live[name].fill_(value)
@@ -489,13 +488,13 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
             f"{sum(sizes)} bytes of tensors, the file holds {payload})"
         )
     # From here every allocation is bounded by the file's size.
-    body = bytearray(payload + _DIGEST)
-    if f.readinto(body) != len(body):
-        raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
-    view = memoryview(body)
+    # (torch.empty, not bytearray: no zero-filling of memory about to be overwritten)
+    body = torch.empty(payload + _DIGEST, dtype=torch.uint8)
+    view = memoryview(body.numpy())
     digest = hashlib.sha256(head)
     digest.update(raw)
-    digest.update(view[:payload])
+    if _read_hashing(f, view, payload, digest) != len(body):
+        raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
     if digest.digest() != bytes(view[payload:]):
         raise TrackerFileError(
             f"{path}: corrupted tracker file: the checksum does not match its contents (a "
@@ -526,6 +525,25 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
             f"{state.get('version')!r} in a version {FORMAT_VERSION} file)"
         )
     return state
+
+
+def _read_hashing(f: Any, view: memoryview, hashed: int, digest: Any) -> int:
+    """Read ``f`` into ``view`` while a second thread hashes its first ``hashed`` bytes
+    chunk by chunk into ``digest`` (both release the GIL: loading costs about the larger
+    of the two, not their sum). Returns the number of bytes read."""
+    pos, pending = 0, None
+    with ThreadPoolExecutor(1) as pool:
+        while pos < len(view):
+            k = f.readinto(view[pos : pos + _CHUNK])
+            if not k:
+                break
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(digest.update, view[pos : min(pos + k, hashed)])
+            pos += k
+        if pending is not None:
+            pending.result()
+    return pos
 
 
 def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
