@@ -60,6 +60,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -344,13 +345,20 @@ def _resolve_run(run: str) -> tuple[str, str | None]:
 def load_run(run: str) -> tuple[Any, Any]:
     """``(tracker, samples or None)`` of a run; one-line :class:`CLIError` on bad input."""
     from .report import RunSamples, SamplesFileError
-    from .tracker import CSLTracker, TrackerFileError
+    from .tracker import CSLTracker, TrackerFileError, UnverifiedTrackerFileWarning
 
     tracker_path, samples_path = _resolve_run(run)
     if os.path.isdir(tracker_path):
         raise CLIError(f"{tracker_path}: is a folder, not a tracker file", EXIT_INPUT)
     try:
-        tracker = CSLTracker.from_file(tracker_path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UnverifiedTrackerFileWarning)
+            tracker = CSLTracker.from_file(tracker_path)
+        for w in caught:  # ours as one line; any other warning as it came
+            if issubclass(w.category, UnverifiedTrackerFileWarning):
+                print(f"csl-fast: warning: {_one_line(w.message)}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     except FileNotFoundError as exc:
         raise CLIError(str(exc).removeprefix("csl_fast: "), EXIT_INPUT) from None
     except (TrackerFileError, OSError) as exc:

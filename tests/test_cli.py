@@ -325,3 +325,22 @@ def test_os_errors_exit_3_internal_errors_exit_1_debug_adds_traceback(
     line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "gone.csl"))
     code, _, err = run_main(capsys, "--debug", "rank", str(tmp_path / "gone.csl"))
     assert code == EXIT_INPUT and "Traceback" in err
+
+
+def test_version1_tracker_warns_in_one_line(tmp_path, capsys):
+    from csl_fast import CSLTracker
+    from csl_fast.tracker_file import VERSION_BUFFERS
+
+    t = CSLTracker(30, 3)
+    t.csl_sum.copy_(torch.linspace(0, 3, 30))
+    t.csl_count.fill_(1)
+    state = t.state_dict()
+    state["version"] = 1
+    state["buffers"] = {k: v for k, v in state["buffers"].items() if k in VERSION_BUFFERS[1]}
+    torch.save(state, tmp_path / "old.csl")
+    code, out, err = run_main(capsys, "rank", str(tmp_path / "old.csl"), "--top", "3")
+    assert code == 0 and out
+    assert err.strip().splitlines() == [
+        f"csl-fast: warning: {tmp_path / 'old.csl'}: a tracker file of format version 1, which "
+        "has no checksum: loaded unverified. Save it again to add one."
+    ]
