@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -131,6 +132,7 @@ def accumulate(
     backward is a multiplication by the upstream gradient. Double backward is not
     supported.
     """
+    fast_error = None
     step = _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, inplace_grad)
     if step is not None:
         try:
@@ -138,8 +140,11 @@ def accumulate(
                 logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
                 index, *step,
             )  # fmt: skip
-        except Exception:
-            pass  # nothing was written; the path below says what is wrong
+        except Exception as exc:
+            # Nothing was written. Bad input raises again below, with the message of the
+            # op-by-op path's checks; input that path takes is a gap in the C++ step,
+            # counted and reported (_fell_back) instead of hidden behind a slower step.
+            fast_error = exc
     seq = _sequence_shape(logits, target)
     if seq is not None:
         logits = logits.reshape(-1, logits.shape[-1])
@@ -171,6 +176,8 @@ def accumulate(
     record_stats(stats, index, csl, buffers, seq, deterministic, name)
     if seq is not None and reduction == "none":
         loss = loss.view(seq)
+    if fast_error is not None:
+        _fell_back(fast_error)
     return loss
 
 
@@ -207,6 +214,31 @@ def _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, in
 
 
 _CPU_STEP = ("auto", "cpu")
+
+
+class _Fallbacks:
+    """Calls that should have been one C++ step but went op by op; read through
+    :func:`csl_fast.info.fast_step_fallbacks`."""
+
+    count = 0
+    last_reason: str | None = None
+
+
+def _fell_back(exc: Exception) -> None:
+    """Counts a call the op-by-op path completed after csl_fast._C.step raised on it, and
+    warns the first time: the results are right, but the step is several times slower
+    (README, Performance), which a user would otherwise only see as slower training."""
+    _Fallbacks.count += 1
+    _Fallbacks.last_reason = f"{type(exc).__name__}: {exc}"
+    if _Fallbacks.count == 1:
+        warnings.warn(
+            "csl_fast: the one-call CPU step (csl_fast._C.step) failed on input the op-by-op "
+            f"path accepts ({_Fallbacks.last_reason}); such calls take the op-by-op path, "
+            "with the same results but slower. Please report this as a bug; "
+            "csl_fast.info.fast_step_fallbacks() counts them in this process.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def record_stats(

@@ -19,8 +19,20 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def fast_step_fallbacks() -> tuple[int, str | None]:
+    """``(count, last reason)`` of the eager CPU calls to :func:`csl_fast.accumulate` in this
+    process that the one-call C++ step (``csl_fast._C.step``) failed on and the op-by-op
+    path then completed: the same results, several times slower. Expected to stay
+    ``(0, None)``; the first one also raises a ``RuntimeWarning``. Bad input is not
+    counted (it raises from the op-by-op path's checks)."""
+    from .accumulate import _Fallbacks
+
+    return _Fallbacks.count, _Fallbacks.last_reason
+
+
 def report() -> str:
     """A human-readable report of versions and backend availability."""
+    fallbacks, reason = fast_step_fallbacks()
     lines = [
         f"csl_fast {__version__} (imported from {_ext.PACKAGE_DIR})",
         f"python   {platform.python_version()} ({sys.executable})",
@@ -30,6 +42,8 @@ def report() -> str:
         + ("loaded" if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
         *[textwrap.indent(textwrap.fill(a, 94), "  ") for a in [_ext.EXTENSION_ADVICE] if a],
         f"threads  {torch.get_num_threads()}",
+        f"one-call CPU step fallbacks in this process: {fallbacks}"
+        + ("" if reason is None else f" (last: {reason})"),
     ]
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for device in devices:

@@ -10,6 +10,12 @@ import torch
 
 import csl_fast
 from csl_fast import CSLTracker, _ext
+from csl_fast.accumulate import _Fallbacks
+from csl_fast.info import fast_step_fallbacks
+
+pytestmark = pytest.mark.skipif(
+    _ext._C is None, reason="the compiled extension csl_fast._C (its step) is not built"
+)
 
 N, C = 12, 9
 
@@ -25,10 +31,17 @@ def _batch(dtype, seed, batch=40):
 
 @pytest.fixture
 def steps(monkeypatch):
-    """Counts the calls that take csl_fast._C.step."""
+    """Counts the calls that csl_fast._C.step completed (not those it raised on: a call that
+    then went op by op did not take the fast path)."""
     calls = []
     real = _ext._C.step
-    monkeypatch.setattr(_ext._C, "step", lambda *a: calls.append(1) or real(*a))
+
+    def counted(*args):
+        loss = real(*args)
+        calls.append(1)
+        return loss
+
+    monkeypatch.setattr(_ext._C, "step", counted)
     return calls
 
 
@@ -217,3 +230,60 @@ def test_sequences_go_op_by_op(steps):
     torch.testing.assert_close(loss, per_token[target != -100].mean())
     want = torch.zeros(N).index_add_(0, seq_index, per_token.view(3, 4).sum(1))
     torch.testing.assert_close(csl, want)
+
+
+@pytest.fixture
+def broken_step(monkeypatch):
+    """csl_fast._C.step raising on every call, as a bug in it would; the fallback counter
+    starts from zero (so the first fallback warns) and is restored afterwards."""
+
+    def broken(*args):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(_ext._C, "step", broken)
+    monkeypatch.setattr(_Fallbacks, "count", 0)
+    monkeypatch.setattr(_Fallbacks, "last_reason", None)
+
+
+@pytest.mark.parametrize("kind", ["tracker", "buffer+count"])
+def test_a_failing_fast_step_is_counted_and_warned_once(kind, broken_step):
+    """The op-by-op path still gives the right answer, but the fallback is not silent:
+    counted with its reason (csl_fast.info) and one RuntimeWarning per process."""
+    sink, kwargs, state = _sink(kind, torch.float32)
+    ref, ref_kwargs, ref_state = _sink(kind, torch.float32)
+    logits, target, index = _batch(torch.float32, 0)
+    with pytest.warns(RuntimeWarning, match="planted failure") as caught:
+        loss = csl_fast.accumulate(logits, target, index, sink, **kwargs)
+        csl_fast.accumulate(logits, target, index, sink, **kwargs)
+    assert len([w for w in caught if "one-call CPU step" in str(w.message)]) == 1
+    assert fast_step_fallbacks() == (2, "RuntimeError: planted failure")
+    assert "fallbacks in this process: 2 (last: RuntimeError: planted failure)" in (
+        csl_fast.info.report()
+    )
+    for _ in range(2):
+        want = csl_fast.accumulate(logits, target, index, ref, validate=True, **ref_kwargs)
+    assert torch.equal(loss, want)
+    for name, buf in ref_state().items():
+        assert torch.equal(state()[name], buf), name
+
+
+def test_bad_input_is_an_error_not_a_fallback(broken_step):
+    """Input the op-by-op path refuses raises its error and counts as no fallback."""
+    tracker = CSLTracker(N, C)
+    logits, target, index = _batch(torch.float32, 0)
+    index[3] = N
+    with pytest.raises(IndexError, match="outside"):
+        csl_fast.accumulate(logits, target, index, tracker)
+    assert fast_step_fallbacks() == (0, None)
+
+
+def test_no_fallback_where_the_fast_step_applies(steps):
+    """Every eager CPU call the fast step covers completes there: in each test, the autouse
+    fixture in tests/conftest.py also fails on any fallback."""
+    before = fast_step_fallbacks()[0]
+    for kind in ("tracker", "buffer", "buffer+count"):
+        sink, kwargs, _ = _sink(kind, torch.float64)
+        for dtype in (torch.float32, torch.float64):  # (half types go op by op)
+            logits, target, index = _batch(dtype, 3)
+            csl_fast.accumulate(logits.requires_grad_(True), target, index, sink, **kwargs)
+    assert len(steps) == 6 and fast_step_fallbacks()[0] == before

@@ -11,15 +11,6 @@ import torch.nn.functional as F
 import csl_fast
 
 
-def _backends(device):
-    # Triton on CPU runs in the interpreter: tests/_triton covers its in-place op.
-    return [
-        b
-        for b in csl_fast.available_backends(device)
-        if b != "reference" and not (b == "triton" and device == "cpu")
-    ]
-
-
 def _model_and_batch(device, dtype, batch=37, classes=29, seed=0):
     g = torch.Generator().manual_seed(seed)
     layer = torch.nn.Linear(16, classes).to(device, dtype)
@@ -36,8 +27,8 @@ def _model_and_batch(device, dtype, batch=37, classes=29, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1, "weighted": True}], ids=str)
-def test_same_as_a_new_gradient_buffer(device, dtype, reduction, options):
-    for backend in _backends(device):
+def test_same_as_a_new_gradient_buffer(device, fused_backends, dtype, reduction, options):
+    for backend in fused_backends:
         if dtype == torch.float64 and backend == "triton":
             continue
         results = []
@@ -72,9 +63,9 @@ def test_same_as_a_new_gradient_buffer(device, dtype, reduction, options):
         assert not torch.equal(logits.detach(), layer(x).detach())  # holds the gradient now
 
 
-def test_no_new_logits_sized_buffer(device):
+def test_no_new_logits_sized_buffer(device, fused_backends):
     """The gradient lives in the logits' storage through forward and backward."""
-    for backend in _backends(device):
+    for backend in fused_backends:
         layer, x, y, idx = _model_and_batch(device, torch.float32, batch=64, classes=29)
         logits = layer(x)
         ptr = logits.data_ptr()
@@ -86,8 +77,8 @@ def test_no_new_logits_sized_buffer(device):
         assert seen == [ptr], backend
 
 
-def test_safe_when_the_graph_needs_the_logits(device):
-    for backend in _backends(device):
+def test_safe_when_the_graph_needs_the_logits(device, fused_backends):
+    for backend in fused_backends:
         layer, x, y, idx = _model_and_batch(device, torch.float32)
         logits = torch.tanh(layer(x))  # tanh's backward needs its output: the logits
         loss = csl_fast.accumulate(
@@ -97,6 +88,7 @@ def test_safe_when_the_graph_needs_the_logits(device):
             loss.backward()
 
 
+@pytest.mark.usefixtures("fused_backends")
 def test_refuses_what_it_cannot_do_safely(device):
     csl = torch.zeros(10, device=device)
     layer, x, y, idx = _model_and_batch(device, torch.float32)
@@ -114,6 +106,7 @@ def test_refuses_what_it_cannot_do_safely(device):
         loss.backward()
 
 
+@pytest.mark.usefixtures("fused_backends")
 def test_sequences(device):
     """[B, T, V] logits: the flattened view is overwritten, the gradients agree."""
     g = torch.Generator().manual_seed(3)
@@ -135,6 +128,9 @@ def test_sequences(device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.skipif(
+    "cpu" not in csl_fast.available_backends("cpu"), reason="compiled extension not built"
+)
 def test_refused_under_torch_compile():
     layer, x, y, idx = _model_and_batch("cpu", torch.float32)
     csl = torch.zeros(10)
