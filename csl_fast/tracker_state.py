@@ -1,0 +1,248 @@
+"""The :class:`~csl_fast.CSLTracker` state: :meth:`~CSLTracker.state_dict`, its complete
+validation, and :meth:`~CSLTracker.load_state_dict`.
+
+A state is checked whole before a tracker changes: every field's type and range, the set
+of buffers its format version holds (:data:`VERSION_BUFFERS`; buffers introduced later get
+their initial values), and every tensor's dtype kind and shape. Every failure is a
+:class:`TrackerStateError` naming the field. Files: :mod:`csl_fast.tracker_file`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from .tracker import CSLTracker
+
+#: Version of the :meth:`CSLTracker.state_dict` / :meth:`CSLTracker.save` format.
+FORMAT_VERSION = 2
+FORMAT_NAME = "csl_fast.CSLTracker"
+
+HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+_HISTORY_DTYPE = {
+    "loss_history": torch.float16,
+    "eval_loss_history": torch.float16,
+    "input_grad_history": torch.float32,
+}
+#: The buffers each older format version holds (a ``history=True`` tracker's names; the
+#: others are a subset). A buffer a tracker has but its file's version lacks was
+#: introduced later and is filled with its initial value on load. The current version
+#: holds every buffer of the tracker.
+VERSION_BUFFERS: dict[int, frozenset[str]] = {
+    1: frozenset(
+        {
+            "csl_sum", "csl_count", "last_loss", "last_max_prob", "grad_norm_sum",
+            "margin_sum", "p_true_sum", "p_true_sq_sum", "last_correct", "forgetting",
+            "learned_epoch", "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count",
+            "epoch_input_grad_sq_sum", "epoch_input_grad_count", "eval_csl_sum", "eval_count",
+            "eval_last_loss", "eval_last_max_prob", "eval_last_correct", "epoch_loss_sum",
+            "epoch_count", "eval_pass_loss_sum", "eval_pass_count",
+        }
+    ),
+}  # fmt: skip
+
+
+class TrackerStateError(ValueError):
+    """A tracker state dict does not fit this tracker (different N, newer format, ...)."""
+
+
+class TrackerFileError(TrackerStateError):
+    """A tracker file cannot be loaded: truncated, corrupted (checksum), not a csl_fast
+    tracker file, newer format, inconsistent, or written for a different tracker."""
+
+
+class TrackerFileNotFoundError(TrackerFileError, FileNotFoundError):
+    """No file at the path (also a ``FileNotFoundError``)."""
+
+
+class UnverifiedTrackerFileWarning(UserWarning):
+    """A tracker file of format version 1 was loaded: it has no checksum to verify."""
+
+
+# ============================================================================ validation
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _field(state: Mapping[str, Any], key: str, ok: Any, expected: str) -> Any:
+    if key not in state:
+        raise TrackerStateError(f"the state lacks the field {key!r} ({expected})")
+    v = state[key]
+    if not ok(v):
+        raise TrackerStateError(
+            f"the state's field {key!r} must be {expected}, got {type(v).__name__} {v!r:.60}"
+        )
+    return v
+
+
+def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
+    """Each buffer's initial value, read from a one-sample tracker of the same kind (so
+    this stays right whatever ``CSLTracker.__init__`` fills a buffer with)."""
+    if not names:
+        return {}
+    fresh = type(tracker)(1, dtype=tracker.dtype, history=tracker.history)
+    return {n: fresh.buffers()[n][0].item() for n in names}
+
+
+def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
+    """Check ``state`` (a :meth:`CSLTracker.state_dict`) against ``tracker`` completely,
+    without changing it; returns what :func:`apply_state` needs.
+
+    Raises :class:`TrackerStateError` naming the first problem found."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
+    version = _field(state, "version", lambda v: _is_int(v) and v >= 1, "an int >= 1")
+    if version > FORMAT_VERSION:
+        raise TrackerStateError(
+            f"the state was written in format version {version} by a newer csl_fast; this "
+            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
+        )
+    n = _field(state, "num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0")
+    if n != tracker.num_samples:
+        raise TrackerStateError(
+            f"the state is for num_samples={n} but this tracker has "
+            f"num_samples={tracker.num_samples}; create the tracker with the same dataset size"
+        )
+    c = _field(
+        state, "num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"
+    )
+    if c is not None and tracker.num_classes is not None and c != tracker.num_classes:
+        raise TrackerStateError(
+            f"the state is for num_classes={c} but this tracker has "
+            f"num_classes={tracker.num_classes}"
+        )
+    _field(state, "dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'")
+    history = _field(state, "history", lambda v: isinstance(v, bool), "a bool")
+    if history != tracker.history:
+        raise TrackerStateError(
+            f"the state has history={history} but this tracker has history={tracker.history}; "
+            "create the tracker with the same history flag"
+        )
+    epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)")
+    passes = _field(
+        state, "eval_passes", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)"
+    )
+    igfe = _field(
+        state,
+        "input_grad_first_epoch",
+        lambda v: _is_int(v) and -1 <= v <= epoch,
+        f"an int in [-1, epoch = {epoch}]",
+    )
+    buffers, histories = state.get("buffers"), state.get("histories")
+    if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
+        raise TrackerStateError("the state lacks its buffers or histories")
+    kinds = tracker._buffer_kinds()
+    table = VERSION_BUFFERS.get(version)
+    expected = [k for k in kinds if table is None or k in table]
+    missing = [k for k in expected if k not in buffers]
+    missing += [k for k in HISTORIES if k not in histories]
+    if missing:
+        raise TrackerStateError(f"the state lacks entries {missing}")
+    unknown = [k for k in buffers if k not in expected]
+    unknown += [k for k in histories if k not in HISTORIES]
+    if unknown:
+        raise TrackerStateError(f"the state has unknown entries {unknown}")
+    for name in expected:
+        src, kind = buffers[name], kinds[name]
+        if not isinstance(src, torch.Tensor) or tuple(src.shape) != (n,):
+            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
+        ok = {
+            "float": src.is_floating_point(),
+            "int": not src.is_floating_point() and not src.is_complex() and src.dtype != torch.bool,
+            "bool": src.dtype == torch.bool,
+        }[kind]
+        if not ok:
+            raise TrackerStateError(
+                f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
+            )
+    for name in HISTORIES:
+        h = histories[name]
+        if (
+            not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() == 2)
+            or h.shape[1] != n
+        ):
+            raise TrackerStateError(
+                f"state history {name!r} is not a floating [epochs, N = {n}] tensor"
+            )
+    fill = _initial_values(tracker, [k for k in kinds if k not in expected])
+    return {
+        "buffers": {k: buffers[k] for k in expected},
+        "fill": fill,
+        "histories": {k: histories[k] for k in HISTORIES},
+        "epoch": epoch,
+        "eval_passes": passes,
+        "input_grad_first_epoch": igfe,
+        "num_classes": c,
+        "version": version,
+    }
+
+
+def load_state_dict(tracker: CSLTracker, state: Any) -> None:
+    """:meth:`CSLTracker.load_state_dict`: validate everything, build the new histories
+    (the only allocations), then copy into the buffers, which validated shapes and dtypes
+    cannot make fail. Raises :class:`TrackerStateError`; the tracker is then unchanged."""
+    try:
+        checked = validate_state(tracker, state)
+    except TrackerStateError as exc:
+        raise type(exc)(f"CSLTracker: {exc}") from None
+    live = tracker._buffers
+    histories = {
+        k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
+        for k, h in checked["histories"].items()
+    }
+    for name, value in checked["buffers"].items():
+        live[name].copy_(value)
+    for name, value in checked["fill"].items():
+        live[name].fill_(value)
+    tracker._histories = histories
+    tracker.epoch = checked["epoch"]
+    tracker.eval_passes = checked["eval_passes"]
+    tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
+    if tracker.num_classes is None:
+        tracker.num_classes = checked["num_classes"]
+
+
+def state_dict(tracker: CSLTracker) -> dict[str, Any]:
+    """:meth:`CSLTracker.state_dict` (live buffer tensors, stacked histories)."""
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "num_samples": tracker.num_samples,
+        "num_classes": tracker.num_classes,
+        "dtype": str(tracker.dtype).removeprefix("torch."),
+        "history": tracker.history,
+        "epoch": tracker.epoch,
+        "eval_passes": tracker.eval_passes,
+        "input_grad_first_epoch": tracker.input_grad_first_epoch,
+        "buffers": dict(tracker._buffers),
+        "histories": {k: tracker._stack(k, _HISTORY_DTYPE[k]) for k in HISTORIES},
+    }
+
+
+def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs: Any) -> CSLTracker:
+    """A new tracker of the kind ``state`` describes, restored from it. The metadata is
+    checked against the state's tensors before the tracker is allocated (a state that
+    claims another N costs nothing). Raises :class:`TrackerStateError`."""
+    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
+    shape_fields = (
+        ("num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+        ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
+        ("history", lambda v: isinstance(v, bool), "a bool"),
+        ("num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+    )
+    n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
+    # The tracker allocates about as much as the state's buffers hold; a state that
+    # claims another N is refused before that allocation.
+    buffers = state.get("buffers")
+    if not isinstance(buffers, Mapping) or not buffers:
+        raise TrackerStateError("the state lacks its buffers")
+    for name, t in buffers.items():
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
+            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
+    tracker = cls(n, classes, device=device, dtype=getattr(torch, dtype), history=history, **kwargs)
+    load_state_dict(tracker, state)
+    return tracker
