@@ -1,0 +1,218 @@
+"""Every ```python block of README.md and docs/*.md runs as written.
+
+A block may use what the page says is the reader's own: ``model``, ``opt``, ``epochs`` and
+the data (``base_set`` of ``(x, y)`` pairs, ``train_set`` with indices, ``loader``,
+``eval_loader``; for the Hugging Face block a transformers model, its TrainingArguments and
+datasets). The test injects small stand-ins for exactly those names, the imports of the
+page's earlier blocks (a page is read top to bottom), and runs the block in a temporary
+directory. A block that imports an optional package which is not installed is skipped,
+with the package's name. Tracker files a block reads (``"*.csl"``) are made first.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib.util
+import re
+import socket
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import csl_fast
+
+ROOT = Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+N, C = 64, 10  # stand-in data: N images 1x28x28 in C classes, as the snippets' networks take
+
+
+def _blocks() -> list[tuple[Path, int, str, str]]:
+    """(page, line, code, the imports of the page's earlier blocks) for every block."""
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        earlier: list[str] = []
+        for m in FENCE.finditer(text):
+            code = m.group(1)
+            line = text.count("\n", 0, m.start()) + 1
+            found.append((page, line, code, "\n".join(earlier)))
+            tree = ast.parse(code)
+            earlier += [
+                ast.unparse(node)
+                for node in tree.body
+                if isinstance(node, (ast.Import, ast.ImportFrom))
+            ]
+    return found
+
+
+BLOCKS = _blocks()
+
+
+def _imported_modules(code: str) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+# What the integrations import beyond what csl_fast needs (their own modules import these).
+NEEDS = {
+    "csl_fast.integrations.lightning": ("pytorch_lightning",),
+    "csl_fast.integrations.huggingface": ("transformers", "accelerate"),
+}
+
+
+def _missing(code: str) -> list[str]:
+    missing = []
+    for name in sorted(_imported_modules(code)):
+        for dep in (name, *NEEDS.get(name, ())):
+            if importlib.util.find_spec(dep.split(".")[0]) is None:
+                missing.append(dep)
+    return missing
+
+
+def _data_stand_ins() -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 1, 28, 28, generator=g)
+    y = torch.randint(0, C, (N,), generator=g)
+    base_set = torch.utils.data.TensorDataset(x, y)
+    train_set = csl_fast.data.IndexedDataset(base_set)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, C))
+    return {
+        "base_set": base_set,
+        "train_set": train_set,
+        "loader": torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True),
+        "eval_loader": torch.utils.data.DataLoader(train_set, batch_size=32),
+        "model": model,
+        "opt": torch.optim.SGD(model.parameters(), lr=0.1),
+        "epochs": 1,
+    }
+
+
+def _huggingface_stand_ins(out_dir: Path) -> dict:
+    import transformers
+
+    class Examples(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            g = torch.Generator().manual_seed(0)
+            self.ids = torch.randint(1, 30, (20, 6), generator=g)
+            self.labels = torch.randint(0, 3, (20,), generator=g)
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+    config = transformers.BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=6,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir),
+        num_train_epochs=1,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_strategy="no",
+    )
+    return {
+        "model": transformers.BertForSequenceClassification(config),
+        "training_args": args,
+        "train_dataset": Examples(),
+        "eval_dataset": Examples(),
+    }
+
+
+def _tracker_files(code: str) -> None:
+    """Saved runs a block reads, e.g. the seeds merge combines: a tracker file each."""
+    for name in sorted(set(re.findall(r"[\"']([\w.-]+\.csl)[\"']", code))):
+        tracker = csl_fast.CSLTracker(N, C)
+        tracker.csl_sum.uniform_(0.0, 5.0)
+        tracker.csl_count.fill_(1.0)
+        tracker.save(name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("page", "line", "code", "imports"),
+    BLOCKS,
+    ids=[f"{page.relative_to(ROOT)}:{line}" for page, line, _, _ in BLOCKS],
+)
+def test_block_runs_as_written(page, line, code, imports, tmp_path, monkeypatch):
+    missing = _missing(imports + "\n" + code)
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}, not installed")
+    monkeypatch.chdir(tmp_path)
+    # torchrun's environment for one process (the torch.distributed example).
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }.items():
+        monkeypatch.setenv(key, value)
+    namespace = {"__name__": "__doc_block__", **_data_stand_ins()}
+    if "integrations.huggingface" in code:
+        namespace.update(_huggingface_stand_ins(tmp_path / "hf"))
+    _tracker_files(code)
+    source = compile(imports + "\n" + code, f"{page.name}:{line}", "exec")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the trainers' advice about workers and devices
+            exec(source, namespace)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_every_page_has_its_blocks_found():
+    """The fence pattern finds the blocks (a change in fencing would silently test none)."""
+    pages = {page.name for page, *_ in BLOCKS}
+    assert {"README.md", "distributed.md"} <= pages
+    assert len(BLOCKS) >= 6
+
+
+def test_no_block_uses_a_name_nothing_defines():
+    """Names a block reads are defined by the block, the page's earlier imports, Python, or
+    the documented stand-ins: a new snippet cannot rely on a name the reader never gets."""
+    stand_ins = set(_data_stand_ins()) | {"training_args", "train_dataset", "eval_dataset"}
+    for page, line, code, imports in BLOCKS:
+        tree = ast.parse(imports + "\n" + code)
+        defined = stand_ins | set(dir(builtins))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                defined.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.arg):
+                defined.add(node.arg)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        used = {
+            n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+        }
+        assert used <= defined, f"{page.name}:{line} uses undefined {sorted(used - defined)}"
