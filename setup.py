@@ -8,6 +8,10 @@ CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA and nv
 is found; ``TORCH_CUDA_ARCH_LIST`` selects the architectures (default "8.0;9.0").
 ``CSL_FAST_NO_CUDA=1`` forces a CPU-only build; ``CSL_FAST_NO_EXT=1`` skips the
 extension altogether (the package then runs on its pure-PyTorch reference).
+
+The build compiles one file per job with ninja, one job per core (``MAX_JOBS`` overrides
+it); ``pip install -v`` shows each compiler call. Measured build times:
+benchmarks/results/build-time-2026-11-30.md.
 """
 
 import glob
@@ -18,6 +22,20 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 README = Path(ROOT) / "README.md"
+
+
+def _parallel_build():
+    """Let torch's BuildExtension compile in parallel: it uses ninja only when ``ninja`` runs
+    from PATH, which misses the ninja of a virtual environment that is not activated; without
+    ninja it compiles the files one by one."""
+    try:
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass  # a ninja on PATH, or the serial build
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("MAX_JOBS", str(cores or 1))
 
 
 def _extensions():
@@ -32,7 +50,9 @@ def _extensions():
     sources = ["csrc/module.cpp", "csrc/csl_fast.cpp", "csrc/autograd.cpp", *rel("csrc/cpu/*.cpp")]
     # -fno-trapping-math lets GCC turn the clamps of the polynomial exp into vector blends
     # (it assumes FP exceptions do not trap; NaN and inf semantics are unchanged).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math"]
+    # -g0 overrides the -g of Python's own CFLAGS: debug information for torch's headers is
+    # much of the compile time and most of the object size; drop it here to debug the kernels.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-g0"]
     want_cuda = os.environ.get("CSL_FAST_NO_CUDA") != "1"
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
     if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
@@ -53,6 +73,7 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+_parallel_build()
 ext_modules, cmdclass = _extensions()
 
 setup(
@@ -69,6 +90,9 @@ setup(
     extras_require={
         "triton": ["triton"],
         "eval": ["scikit-learn", "cleanlab", "matplotlib", "tqdm", "pandas"],
+        # The integrations, as tested (requirements-dev.txt); neither asks for another torch.
+        "lightning": ["pytorch-lightning>=2.6,<2.7"],
+        "huggingface": ["transformers>=5,<6", "accelerate>=1.1"],  # Trainer needs accelerate
     },
     entry_points={"console_scripts": ["csl-fast=csl_fast.__main__:main"]},
     ext_modules=ext_modules,
