@@ -51,7 +51,7 @@ def test_tracking_cost(benchmark, device, workload, variant):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_tracker_memory(device):
-    """Not timed: the tracker's documented footprint (78 bytes per sample in float32)."""
+    """Not timed: the tracker's documented footprint (90 bytes per sample in float32)."""
     rows = bench.bench_tracker_memory(device, num_samples=10_000)
     by = {r["what"]: r["bytes_per_sample"] for r in rows}
-    assert by["CSLTracker float32"] <= 80, by
+    assert by["CSLTracker float32"] <= 92, by

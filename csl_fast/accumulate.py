@@ -261,7 +261,7 @@ def record_stats(
             csl.record(index, stats)
         return
     tokens = stats.reshape(NUM_STATS, *seq)
-    # Ignored and non-finite rows are all-zero, so the sums hold the valid tokens only:
+    # Ignored and non-finite rows hold zero LOSS and VALID, so the sums count valid tokens only:
     # LOSS -> summed token loss, VALID -> number of valid tokens.
     per_sequence = tokens.sum(2)
     ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)

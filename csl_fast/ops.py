@@ -212,28 +212,32 @@ def record_last(
     forgetting: torch.Tensor | None,
     learned_epoch: torch.Tensor | None,
     sums: tuple[torch.Tensor | None, ...] = (None, None, None, None),
+    suggest: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     backend: str = "auto",
 ) -> None:
     """A tracker's per-presentation state (:func:`csl_fast.reference.record_last`);
-    ``sums`` are the optional (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum).
+    ``sums`` are the optional (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum),
+    ``suggest`` the optional (suggest_label, suggest_votes, suggest_hits) of the vote.
 
     One sequential C++ pass on the CPU; with the Triton backend (the GPU default) a stable
     sort and one Triton pass; elsewhere (the ``cuda`` and ``reference`` backends) the
     device-only reference, a stable sort and ~40 small kernels. None synchronises with the
-    host; the C++ and Triton passes add the sums in batch order (deterministic).
+    host, except the reference's vote (one read: see :func:`csl_fast.reference.record_last`);
+    the C++ and Triton passes add the sums in batch order (deterministic).
     """
     args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
+    state = (forgetting, learned_epoch, *sums, *(suggest or (None, None, None)))
     name = resolve_backend(backend, stats.device)
     if name == "cpu":
-        torch.ops.csl_fast.record_last.default(*args, forgetting, learned_epoch, *sums)
+        torch.ops.csl_fast.record_last.default(*args, *state)
     elif name == "triton":
-        torch.ops.csl_fast.record_last_triton.default(*args, forgetting, learned_epoch, *sums)
+        torch.ops.csl_fast.record_last_triton.default(*args, *state)
     elif last_loss.shape[0] > 0:
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
         # it becomes 0 with all-zero statistics, which adds 0 and changes no state.
         idx, ok = _skip_out_of_range(index, last_loss.shape[0])
         stats = torch.where(ok, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
-        reference.record_last(stats, idx, *args[2:], forgetting, learned_epoch, *sums)
+        reference.record_last(stats, idx, *args[2:], *state)
 
 
 def record_input_grad(

@@ -29,7 +29,8 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     """Per-row training dynamics of plain (unweighted, unsmoothed) cross entropy.
 
     Returns float32 ``[NUM_STATS, B]`` indexed by :class:`csl_fast.stats.Stat`. Rows that
-    are ignored or whose loss is not finite are all zero (``VALID`` = 0).
+    are ignored or whose loss is not finite are all zero (``VALID`` = 0) but for
+    ``OTHER_ARGMAX``, which is -1 there (as for every row when ``C == 1``).
     """
     z = logits.to(_compute_dtype(logits))
     batch, num_classes = z.shape
@@ -51,8 +52,11 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     if num_classes > 1:
         max_other = torch.where(others, z, torch.full_like(z, -float("inf"))).amax(1)
         margin = z_y - max_other
+        # The first j != y holding that max (argmax returns the first of equal maxima).
+        other_argmax = (others & (z == max_other[:, None])).to(torch.int8).argmax(1).float()
     else:
         margin = torch.zeros_like(z_y)
+        other_argmax = torch.full_like(z_y, -1.0, dtype=torch.float32)
     correct = (z.argmax(1) == y).to(z.dtype) if batch else z_y
     # Not recorded unless the loss F.cross_entropy returns (lse - z_y) is finite too: a
     # +inf target logit (or C = 1 with +-inf) makes it NaN while log1p(...) above gives 0.
@@ -64,7 +68,10 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     stats[Stat.CORRECT] = correct.float()
     stats[Stat.GRAD_NORM_SQ] = gnorm.float()
     stats[Stat.VALID] = 1.0
-    return torch.where(valid[None, :], stats, torch.zeros_like(stats))
+    stats[Stat.OTHER_ARGMAX] = other_argmax
+    invalid = torch.zeros_like(stats)
+    invalid[Stat.OTHER_ARGMAX] = -1.0
+    return torch.where(valid[None, :], stats, invalid)
 
 
 def cross_entropy_fwd(
@@ -143,6 +150,9 @@ def record_last(
     margin_sum: torch.Tensor | None = None,
     p_true_sum: torch.Tensor | None = None,
     p_true_sq_sum: torch.Tensor | None = None,
+    suggest_label: torch.Tensor | None = None,
+    suggest_votes: torch.Tensor | None = None,
+    suggest_hits: torch.Tensor | None = None,
 ) -> None:
     """Reference of ``csl_fast::record_last``: a tracker's per-presentation state.
 
@@ -156,9 +166,23 @@ def record_last(
     presentation adds a forgetting event, an incorrect -> correct change sets
     ``learned_epoch = epoch`` and an incorrect row sets it to -1. Device-only (a stable sort
     and segment operations): no host synchronisation.
+
+    When ``suggest_label``, ``suggest_votes`` and ``suggest_hits`` (int32, together or not)
+    are given, every valid row with a runner-up class ``r = stats[OTHER_ARGMAX] >= 0`` is
+    one step of a Boyer-Moore majority vote over ``r``, in batch order (:func:`vote_step`).
+    That update is a left fold without a vectorised form: it is applied in rounds, round
+    ``k`` taking the ``k``-th voting row of every index, and the number of rounds (the
+    largest multiplicity of an index in the batch) is the one value read on the host.
     """
     if index.numel() == 0:
         return
+    suggest = (suggest_label, suggest_votes, suggest_hits)
+    if any(t is not None for t in suggest):
+        if any(t is None for t in suggest):
+            raise ValueError(
+                "csl_fast.record_last: pass suggest_label, suggest_votes and suggest_hits together"
+            )
+        _vote(stats, index.long(), suggest_label, suggest_votes, suggest_hits)
     idx = index.long()
     f = last_loss.dtype
     p_true = stats[Stat.P_TRUE].to(f)
@@ -197,6 +221,55 @@ def record_last(
         new = torch.where(has_last, values[perm][at_last].to(f), buf[sidx])
         buf.index_put_((sidx,), new)
     last_correct.index_put_((sidx,), new_correct)
+
+
+def vote_step(
+    label: torch.Tensor, votes: torch.Tensor, hits: torch.Tensor, r: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Boyer-Moore majority-vote step per element: the state ``(label, votes, hits)``
+    after a vote for class ``r`` (elementwise; all int32 or all int64).
+
+    ``r == label``: ``votes + 1, hits + 1``; else ``votes == 0``: the candidate becomes
+    ``r`` with ``votes = hits = 1``; else ``votes - 1``. ``hits`` counts the votes for the
+    current candidate since it became the candidate; a candidate that holds a strict
+    majority of all votes is the final ``label`` (Boyer and Moore, 1981).
+    """
+    same = label == r
+    free = ~same & (votes == 0)
+    one = torch.ones_like(votes)
+    new_label = torch.where(free, r.to(label.dtype), label)
+    new_votes = torch.where(same, votes + 1, torch.where(free, one, votes - 1))
+    new_hits = torch.where(same, hits + 1, torch.where(free, one, hits))
+    return new_label, new_votes, new_hits
+
+
+def _vote(
+    stats: torch.Tensor,
+    idx: torch.Tensor,
+    label: torch.Tensor,
+    votes: torch.Tensor,
+    hits: torch.Tensor,
+) -> None:
+    """The vote of :func:`record_last`, in rounds of at most one row per index."""
+    r = stats[Stat.OTHER_ARGMAX].to(torch.int64)
+    voting = (stats[Stat.VALID] > 0) & (r >= 0)
+    sidx, perm = torch.sort(idx, stable=True)
+    sv = voting[perm].to(torch.int64)
+    n = sidx.numel()
+    new_seg = torch.ones(n, dtype=torch.bool, device=idx.device)
+    new_seg[1:] = sidx[1:] != sidx[:-1]
+    # Rank of each voting row among its index's voting rows (batch order: a stable sort).
+    before = sv.cumsum(0) - sv
+    seg_base = torch.where(new_seg, before, 0).cummax(0).values
+    rank = torch.where(sv > 0, before - seg_base, -1)
+    rounds = int(rank.max()) + 1 if n else 0  # the host read (see record_last)
+    sr = r[perm]
+    for k in range(rounds):
+        rows = rank == k
+        at = sidx[rows]
+        new = vote_step(label[at], votes[at], hits[at], sr[rows].to(torch.int32))
+        for buf, value in zip((label, votes, hits), new, strict=True):
+            buf.index_put_((at,), value)
 
 
 def record_input_grad(

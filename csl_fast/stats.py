@@ -17,6 +17,10 @@ class Stat(IntEnum):
     CORRECT = 3  #: 1.0 if argmax_j z_j == y (first index on ties) else 0.0
     GRAD_NORM_SQ = 4  #: ||dl_i/dz_i||^2 = sum_{j != y} p_j^2 + (1 - p_y)^2
     VALID = 5  #: 1.0 if the row was recorded (not ignored, finite loss) else 0.0
+    #: runner-up class: the smallest j != y with z_j = max_{j != y} z_j, as a float (exact
+    #: for C < 2**24); -1.0 when C == 1 or the row is not valid. The predicted class when
+    #: the row is misclassified; the tracker votes over it for suggested labels.
+    OTHER_ARGMAX = 6
 
 
 NUM_STATS = len(Stat)

@@ -6,7 +6,7 @@
 TORCH_LIBRARY(csl_fast, m) {
   // Fused cross entropy. loss: F.cross_entropy's value (logits dtype; [] for mean/sum,
   // [B] for none). grad: d loss / d logits for a unit upstream gradient ([B, C], logits
-  // dtype). stats: float32 [6, B], see csrc/stats.h.
+  // dtype). stats: float32 [7, B], see csrc/stats.h.
   m.def(
       "cross_entropy_fwd(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
       "float label_smoothing, int reduction) -> (Tensor loss, Tensor grad, Tensor stats)");
@@ -22,12 +22,15 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def("input_grad_norms(Tensor grad, float scale) -> Tensor");
   // A tracker's per-presentation state, rows taken in batch order (see
   // csl_fast/reference.py: record_last): last values, forgetting/learned_epoch (given
-  // together or not) and the optional sums of GRAD_NORM_SQ, MARGIN, P_TRUE and P_TRUE^2.
+  // together or not), the optional sums of GRAD_NORM_SQ, MARGIN, P_TRUE and P_TRUE^2, and
+  // the optional majority vote over OTHER_ARGMAX (suggest_label/votes/hits, together).
   m.def(
       "record_last(Tensor stats, Tensor index, Tensor? max_prob, int epoch, "
       "Tensor(a!) last_loss, Tensor(b!) last_max_prob, Tensor(c!) last_correct, "
       "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch, Tensor(f!)? grad_norm_sum, "
-      "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum) -> ()");
+      "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum, "
+      "Tensor(j!)? suggest_label=None, Tensor(k!)? suggest_votes=None, "
+      "Tensor(l!)? suggest_hits=None) -> ()");
   // Squared input-gradient norms [B] (the buffers' dtype) added at index into a tracker's
   // input-gradient buffers, skipping rows that are not finite or not valid (see
   // csl_fast/reference.py: record_input_grad).

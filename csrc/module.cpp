@@ -26,7 +26,7 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 }
 
 // The tracker state record_last updates, in its schema's order after `epoch`.
-constexpr Py_ssize_t kStateSize = 9;
+constexpr Py_ssize_t kStateSize = 12;
 using State = std::array<at::Tensor, kStateSize>;
 
 // loss of csl_fast.accumulate(logits, target, index, csl, count=count, ...) and, with
@@ -47,7 +47,8 @@ at::Tensor step(const at::Tensor& logits, const at::Tensor& target, const OptTen
   static const auto record = op<void(
       const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, at::Tensor&, at::Tensor&,
       at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&)>("csl_fast::record_last");
+      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+      const OptTensor&)>("csl_fast::record_last");
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
   for (const OptTensor& t : {OptTensor(logits), OptTensor(target), weight, OptTensor(index),
@@ -59,7 +60,7 @@ at::Tensor step(const at::Tensor& logits, const at::Tensor& target, const OptTen
   if (state) {
     State& s = *state;
     record.call(stats, index, std::nullopt, epoch, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                s[7], s[8]);
+                s[7], s[8], s[9], s[10], s[11]);
   }
   return loss;
 }
@@ -85,7 +86,8 @@ T number_arg(PyObject* obj, T (*convert)(PyObject*)) {
 // step(logits, target, weight, ignore_index, label_smoothing, reduction, index, csl, count,
 //      epoch, state) -> loss; weight and count may be None, state is None or the tuple of
 // a tracker's (last_loss, last_max_prob, last_correct, forgetting, learned_epoch,
-// grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum).
+// grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum, suggest_label, suggest_votes,
+// suggest_hits).
 PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 11, "csl_fast._C.step takes 11 arguments, got ", nargs);

@@ -5,13 +5,15 @@
 namespace csl_fast {
 
 enum Stat : int {
-  kLoss = 0,        // l_i = logsumexp(z_i) - z_{i,y}
-  kPTrue = 1,       // p_y = exp(-l_i)
-  kMargin = 2,      // z_y - max_{j != y} z_j (0 when C == 1)
-  kCorrect = 3,     // argmax (first index on ties) == y
-  kGradNormSq = 4,  // sum_{j != y} p_j^2 + (1 - p_y)^2
-  kValid = 5,       // row recorded: not ignored and finite loss
-  kNumStats = 6,
+  kLoss = 0,         // l_i = logsumexp(z_i) - z_{i,y}
+  kPTrue = 1,        // p_y = exp(-l_i)
+  kMargin = 2,       // z_y - max_{j != y} z_j (0 when C == 1)
+  kCorrect = 3,      // argmax (first index on ties) == y
+  kGradNormSq = 4,   // sum_{j != y} p_j^2 + (1 - p_y)^2
+  kValid = 5,        // row recorded: not ignored and finite loss
+  kOtherArgmax = 6,  // runner-up: first j != y with z_j = max_{j != y} z_j, as a float;
+                     // -1 when C == 1 or the row is not valid
+  kNumStats = 7,
 };
 
 // Same values as at::Reduction.

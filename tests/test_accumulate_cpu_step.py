@@ -189,8 +189,8 @@ def test_autograd_and_profiler_see_the_ops(steps):
         (lambda a: (*a[:2], "w", *a[3:]), "weight must be a tensor, got str"),
         (lambda a: (*a[:3], "x", *a[4:]), "integer"),
         (lambda a: (*a[:8], 1.5, *a[9:]), "count must be a tensor, got float"),
-        (lambda a: (*a[:10], a[10][:8]), "state must be None or a tuple of 9 tensors"),
-        (lambda a: (*a[:10], (*a[10][:8], None)), "every state entry must be a tensor"),
+        (lambda a: (*a[:10], a[10][:8]), "state must be None or a tuple of 12 tensors"),
+        (lambda a: (*a[:10], (*a[10][:11], None)), "every state entry must be a tensor"),
     ],
 )
 def test_direct_entry_argument_errors(args, match):

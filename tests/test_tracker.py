@@ -332,10 +332,10 @@ def test_learning_time_both_forms():
 
 def test_memory_statement():
     n = 1000
-    assert CSLTracker(n).nbytes() == 78 * n
-    assert CSLTracker(n, dtype=torch.float64).nbytes() == 146 * n
-    assert CSLTracker(n, history=True).nbytes() == (78 + 16) * n
-    assert "78 bytes per sample" in CSLTracker.__doc__
+    assert CSLTracker(n).nbytes() == 90 * n
+    assert CSLTracker(n, dtype=torch.float64).nbytes() == 158 * n
+    assert CSLTracker(n, history=True).nbytes() == (90 + 16) * n
+    assert "90 bytes per sample" in CSLTracker.__doc__
 
 
 def test_record_checks_device_and_shapes():

@@ -17,13 +17,14 @@ true-class entry is built from ``sum_{j != y} p_j`` so it does not cancel as ``p
 ``sum_j w_j (lse - z_j)`` is accumulated as ``W log(s) + sum_j w_j (m - z_j)`` (``m`` the
 running max, ``s = sum_j exp(z_j - m)``), a sum of non-negative terms.
 
-Statistics (float32 ``[6, B]``, :class:`csl_fast.stats.Stat`) are for plain CE: loss
+Statistics (float32 ``[NUM_STATS, B]``, :class:`csl_fast.stats.Stat`) are for plain CE: loss
 ``lse - z_y`` (via ``log1p`` when ``z_y`` is within 1 of the max, so confident rows keep
 their relative precision), ``p_y``, margin ``z_y - max_{j != y} z_j`` (0 when ``C == 1``),
 correct (``argmax`` with first-index tie-break ``== y``, i.e. ``z_y > max_{j<y}`` and
 ``z_y >= max_{j>y}``), the logit-gradient norm ``sum_{j != y} p_j^2 + (sum_{j != y} p_j)^2``
-from online-softmax accumulators over ``j != y``, and valid. Rows that are ignored or whose
-loss is not finite get all-zero statistics.
+from online-softmax accumulators over ``j != y``, valid, and the runner-up class (the first
+``j != y`` at ``max_{j != y} z_j``). Rows that are ignored or whose loss is not finite get
+all-zero statistics but for a runner-up of -1 (as every row when ``C == 1``).
 
 Everything is computed in float32 whatever the logits dtype (float16, bfloat16, float32);
 float64 logits are rejected (the C++ kernels and the reference handle them). Row offsets
@@ -40,6 +41,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..stats import NUM_STATS
 from ._registry import is_interpreted, register
 
 #: Largest power-of-two row tile kept on chip between the statistics and gradient passes.
@@ -146,6 +148,9 @@ def _ce_fwd_kernel(
             tl.where(col_mask[None, :] & (cols[None, :] < y[:, None]), z, float("-inf")), 1
         )
         m_gt = tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
+        # Runner-up: the first other column at max(m_lt, m_gt); BLOCK_C when there is none.
+        at_max = other & (z == tl.maximum(m_lt, m_gt)[:, None])
+        arg_o = tl.min(tl.where(at_max, cols[None, :], BLOCK_C), 1)
         if HAS_SMOOTH:
             if HAS_WEIGHT:
                 w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -161,6 +166,11 @@ def _ce_fwd_kernel(
         q_o = tl.zeros([ROWS], tl.float32)
         m_lt = tl.full([ROWS], float("-inf"), tl.float32)
         m_gt = tl.full([ROWS], float("-inf"), tl.float32)
+        # Running runner-up: max over the other columns so far and its first column (C:
+        # none yet; a chunk takes over only with a strictly larger max, so ties keep the
+        # earlier column).
+        max_o = tl.full([ROWS], float("-inf"), tl.float32)
+        arg_o = tl.full([ROWS], C, tl.int32)
         w_sum = tl.zeros([ROWS], tl.float32)
         a_sum = tl.zeros([ROWS], tl.float32)
         for c0 in range(0, C, BLOCK_C):
@@ -186,6 +196,12 @@ def _ce_fwd_kernel(
             m_gt = tl.maximum(
                 m_gt, tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
             )
+            z_o = tl.where(other, z, float("-inf"))
+            c_max = tl.max(z_o, 1)
+            c_arg = tl.min(tl.where(other & (z_o == c_max[:, None]), cols[None, :], C), 1)
+            take = (c_max > max_o) | ((arg_o == C) & (c_arg < C))
+            arg_o = tl.where(take, c_arg, arg_o)
+            max_o = tl.maximum(max_o, c_max)
             if HAS_SMOOTH:
                 if HAS_WEIGHT:
                     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -229,6 +245,8 @@ def _ce_fwd_kernel(
     tl.store(stats_ptr + 3 * B + rows, tl.where(valid, correct, 0.0), mask=row_mask)
     tl.store(stats_ptr + 4 * B + rows, tl.where(valid, gnorm, 0.0), mask=row_mask)
     tl.store(stats_ptr + 5 * B + rows, tl.where(valid, 1.0, 0.0), mask=row_mask)
+    has_o = valid & (arg_o < C)
+    tl.store(stats_ptr + 6 * B + rows, tl.where(has_o, arg_o.to(tl.float32), -1.0), mask=row_mask)
 
     # ---- gradient pass ----------------------------------------------------------------
     a2 = (a_coef * row_scale)[:, None]
@@ -298,7 +316,7 @@ def _fake_cross_entropy(logits, target, weight, ignore_index, label_smoothing, r
     batch = logits.shape[0]
     loss = logits.new_empty((batch,) if reduction == 0 else ())
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    stats = logits.new_empty((6, batch), dtype=torch.float32)
+    stats = logits.new_empty((NUM_STATS, batch), dtype=torch.float32)
     return loss, grad, stats
 
 
@@ -330,7 +348,8 @@ def cross_entropy_fwd_triton(
     Returns:
         ``loss`` (logits dtype; ``[B]`` for none, ``[]`` otherwise; NaN for a mean over no
         rows as ``F.cross_entropy``), ``grad`` (``[B, C]`` logits dtype, d loss / d logits for
-        a unit upstream gradient, zero on ignored rows) and ``stats`` (float32 ``[6, B]``).
+        a unit upstream gradient, zero on ignored rows) and ``stats`` (float32
+        ``[NUM_STATS, B]``).
 
     No host synchronisation: the mean's denominator is reduced on the device and read by
     the kernel. One read and one write of the logits when ``next_pow2(C) <=
@@ -360,7 +379,7 @@ def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, gr
         raise ValueError("csl_fast: logits have C = 0 classes")
     inplace = grad is None
     loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
-    stats = torch.empty((6, batch), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((NUM_STATS, batch), dtype=torch.float32, device=logits.device)
     target = target.contiguous()
     w = None if weight is None else weight.to(torch.float32).contiguous()
 

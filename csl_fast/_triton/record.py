@@ -3,7 +3,8 @@
 ``csl_fast::record_last_triton`` has the semantics of :func:`csl_fast.reference.record_last`:
 valid rows are taken in batch order, so with duplicate indices the last one wins for
 ``last_loss``, ``last_max_prob`` and ``last_correct``, and forgetting events and the learned
-epoch follow every transition in order; the optional sums add every row's statistics.
+epoch follow every transition in order; the optional sums add every row's statistics; the
+optional vote (``suggest_*``) takes one Boyer-Moore step per valid row with a runner-up.
 
 The reference reaches that result on any device with a stable sort and some forty small
 segment operations, each a kernel launch on a GPU. Here: ``torch.sort(index, stable=True)``,
@@ -42,6 +43,9 @@ def _record_sorted_kernel(
     margin_sum_ptr,
     p_true_sum_ptr,
     p_true_sq_sum_ptr,
+    suggest_label_ptr,
+    suggest_votes_ptr,
+    suggest_hits_ptr,
     B,
     N,
     epoch,
@@ -53,6 +57,7 @@ def _record_sorted_kernel(
     HAS_MARGIN_SUM: tl.constexpr,
     HAS_P_TRUE_SUM: tl.constexpr,
     HAS_P_TRUE_SQ_SUM: tl.constexpr,
+    HAS_SUGGEST: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     f_ty = last_loss_ptr.dtype.element_ty
@@ -79,6 +84,10 @@ def _record_sorted_kernel(
         p_sum = tl.load(p_true_sum_ptr + key, mask=start, other=0.0)
     if HAS_P_TRUE_SQ_SUM:
         p2_sum = tl.load(p_true_sq_sum_ptr + key, mask=start, other=0.0)
+    if HAS_SUGGEST:
+        s_label = tl.load(suggest_label_ptr + key, mask=start, other=0)
+        s_votes = tl.load(suggest_votes_ptr + key, mask=start, other=0)
+        s_hits = tl.load(suggest_hits_ptr + key, mask=start, other=0)
 
     pos = offs
     run = start
@@ -105,6 +114,19 @@ def _record_sorted_kernel(
             forgot = tl.where(valid & (last_c > 0) & (c == 0), forgot + 1, forgot)
             learned = tl.where(valid & (c > 0) & (last_c == 0), epoch, learned)
             learned = tl.where(valid & (c == 0), -1, learned)
+        if HAS_SUGGEST:
+            # One Boyer-Moore step per valid row with a runner-up (reference.vote_step).
+            r = tl.load(col + 6 * stride_sr, mask=run, other=-1.0)
+            vote = valid & (r >= 0.0)
+            r = r.to(tl.int32)
+            same = vote & (s_label == r)
+            free = vote & (s_label != r) & (s_votes == 0)
+            down = vote & (s_label != r) & (s_votes != 0)
+            s_label = tl.where(free, r, s_label)
+            s_votes = tl.where(
+                same, s_votes + 1, tl.where(free, 1, tl.where(down, s_votes - 1, s_votes))
+            )
+            s_hits = tl.where(same, s_hits + 1, tl.where(free, 1, s_hits))
         if HAS_MAX_PROB:
             mp = tl.load(max_prob_ptr + row, mask=run, other=0.0).to(tl.float32)
         else:
@@ -131,6 +153,10 @@ def _record_sorted_kernel(
         tl.store(p_true_sum_ptr + key, p_sum, mask=start)
     if HAS_P_TRUE_SQ_SUM:
         tl.store(p_true_sq_sum_ptr + key, p2_sum, mask=start)
+    if HAS_SUGGEST:
+        tl.store(suggest_label_ptr + key, s_label, mask=start)
+        tl.store(suggest_votes_ptr + key, s_votes, mask=start)
+        tl.store(suggest_hits_ptr + key, s_hits, mask=start)
 
 
 def _fake_record_last(*args):
@@ -150,6 +176,9 @@ def _fake_record_last(*args):
         "margin_sum",
         "p_true_sum",
         "p_true_sq_sum",
+        "suggest_label",
+        "suggest_votes",
+        "suggest_hits",
     ),
     fake=_fake_record_last,
 )
@@ -167,17 +196,22 @@ def record_last_triton(
     margin_sum: torch.Tensor | None,
     p_true_sum: torch.Tensor | None,
     p_true_sq_sum: torch.Tensor | None,
+    suggest_label: torch.Tensor | None = None,
+    suggest_votes: torch.Tensor | None = None,
+    suggest_hits: torch.Tensor | None = None,
 ) -> None:
     """:func:`csl_fast.reference.record_last` in one pass (see the module doc).
 
     Args:
-        stats: float32 ``[6, B]`` (any strides).
+        stats: float32 ``[NUM_STATS, B]`` (any strides).
         index: ``[B]`` int32/int64 indices in ``[0, N)``.
         max_prob: optional ``[B]`` override of the per-row max probability.
         epoch: stamp for ``learned_epoch``.
         last_loss, last_max_prob: contiguous float32/float64 ``[N]``; last_correct: bool
             ``[N]``; forgetting, learned_epoch: int32 ``[N]`` (both or neither); the sums:
-            optional contiguous ``[N]`` of last_loss's dtype. All updated in place.
+            optional contiguous ``[N]`` of last_loss's dtype; suggest_label,
+            suggest_votes, suggest_hits: int32 ``[N]`` (all three or none), the majority
+            vote over ``stats[OTHER_ARGMAX]``. All updated in place.
     """
     batch = index.shape[0]
     if batch == 0:
@@ -186,6 +220,12 @@ def record_last_triton(
     mp = max_prob.to(torch.float32).contiguous() if max_prob is not None else stats
     sums = (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum)
     transitions = forgetting is not None and learned_epoch is not None
+    suggest = (suggest_label, suggest_votes, suggest_hits)
+    has_suggest = all(t is not None for t in suggest)
+    if not has_suggest and any(t is not None for t in suggest):
+        raise ValueError(
+            "csl_fast.record_last: pass suggest_label, suggest_votes and suggest_hits together"
+        )
     wrap_triton(_record_sorted_kernel)[(triton.cdiv(batch, BLOCK),)](
         stats,
         sorted_index,
@@ -197,6 +237,7 @@ def record_last_triton(
         forgetting if transitions else last_loss,
         learned_epoch if transitions else last_loss,
         *(s if s is not None else last_loss for s in sums),
+        *(t if has_suggest else last_loss for t in suggest),
         batch,
         last_loss.numel(),
         epoch,
@@ -208,6 +249,7 @@ def record_last_triton(
         HAS_MARGIN_SUM=margin_sum is not None,
         HAS_P_TRUE_SUM=p_true_sum is not None,
         HAS_P_TRUE_SQ_SUM=p_true_sq_sum is not None,
+        HAS_SUGGEST=has_suggest,
         BLOCK=BLOCK,
         num_warps=4,
     )

@@ -128,7 +128,26 @@ template <typename acc_t>
 struct RowPasses {
   acc_t z_y, max_before, max_after, m, e_y;
   ExpSums<acc_t> other;
+  int64_t other_argmax;  // first j != y at max(max_before, max_after), or -1
 };
+
+// The first j != y with z_j = max(mb, ma) (mb, ma: the maxima before and after y), or -1
+// when there is none (C == 1, or NaN logits, whose row is not valid anyway). Scans from
+// the range that holds the maximum, so ties go to the first index, as torch.argmax.
+template <typename scalar_t, typename acc_t>
+inline __attribute__((always_inline)) int64_t other_argmax(const scalar_t* z, int64_t y,
+                                                           int64_t C, acc_t mb, acc_t ma) {
+  const acc_t mo = std::max(mb, ma);
+  if (mb >= ma) {
+    for (int64_t j = 0; j < y; ++j) {
+      if (static_cast<acc_t>(z[j]) == mo) return j;
+    }
+  }
+  for (int64_t j = y + 1; j < C; ++j) {
+    if (static_cast<acc_t>(z[j]) == mo) return j;
+  }
+  return -1;
+}
 
 // Row i's statistics into stats[k * B + i] and its objective (returned); turns the
 // exponentials e (length C) into the gradient row, times row_scale.
@@ -168,6 +187,7 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   stats[kGradNormSq * B + i] =
       finite ? static_cast<float>(p.other.sum_sq * inv_s * inv_s + q * q) : 0.f;
   stats[kValid * B + i] = finite ? 1.f : 0.f;
+  stats[kOtherArgmax * B + i] = finite ? static_cast<float>(p.other_argmax) : -1.f;
 
   // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
   const acc_t row_scale = r.row_scale;
@@ -183,6 +203,7 @@ inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t
   scalar_t* grow = r.out + i * r.C;
   std::fill(grow, grow + r.C, scalar_t(0));
   for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
+  r.stats[kOtherArgmax * r.B + i] = -1.f;
   r.objective[i] = 0;
 }
 
@@ -219,6 +240,8 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     p.max_before = range_max(z, y);
     p.max_after = range_max(z + y + 1, C - y - 1);
     p.m = std::max({p.max_before, p.max_after, p.z_y});
+    // Before the exponentials: in place, they overwrite z.
+    p.other_argmax = other_argmax(z, y, C, p.max_before, p.max_after);
     const ExpSums<acc_t> before = row_exp(z, w, e, y, p.m);
     const ExpSums<acc_t> after = row_exp(z + y + 1, w ? w + y + 1 : nullptr, e + y + 1,
                                          C - y - 1, p.m);
@@ -270,6 +293,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
       p.max_before = mb;
       p.max_after = ma;
       p.m = std::max({mb, ma, p.z_y});
+      p.other_argmax = other_argmax(z, y, C, mb, ma);  // before d overwrites z in place
       acc_t sz = 0;
       for (int64_t j = 0; j < C; ++j) {
         d[j] = static_cast<acc_t>(z[j]) - p.m;

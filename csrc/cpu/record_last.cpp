@@ -14,6 +14,28 @@ namespace csl_fast {
 namespace cpu {
 namespace {
 
+// One Boyer-Moore majority-vote step per valid row with a runner-up class, in batch order
+// (csl_fast/reference.py: vote_step).
+void vote_rows(const float* st, const int64_t* ip, int64_t B, int32_t* label, int32_t* votes,
+               int32_t* hits) {
+  for (int64_t i = 0; i < B; ++i) {
+    const float r_f = st[kOtherArgmax * B + i];
+    if (st[kValid * B + i] <= 0.f || !(r_f >= 0.f)) continue;
+    const int32_t r = static_cast<int32_t>(r_f);
+    const int64_t j = ip[i];
+    if (label[j] == r) {
+      votes[j] += 1;
+      hits[j] += 1;
+    } else if (votes[j] == 0) {
+      label[j] = r;
+      votes[j] = 1;
+      hits[j] = 1;
+    } else {
+      votes[j] -= 1;
+    }
+  }
+}
+
 template <typename f_t>
 void record_rows(const float* st, const int64_t* ip, const float* mp, int64_t B, int64_t epoch,
                  f_t* last_loss, f_t* last_max_prob, bool* last_correct, int32_t* forgetting,
@@ -62,7 +84,10 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
                  const std::optional<at::Tensor>& grad_norm_sum,
                  const std::optional<at::Tensor>& margin_sum,
                  const std::optional<at::Tensor>& p_true_sum,
-                 const std::optional<at::Tensor>& p_true_sq_sum) {
+                 const std::optional<at::Tensor>& p_true_sq_sum,
+                 const std::optional<at::Tensor>& suggest_label,
+                 const std::optional<at::Tensor>& suggest_votes,
+                 const std::optional<at::Tensor>& suggest_hits) {
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast.record_last: stats must be float32 [", int(kNumStats), ", B], got ",
@@ -82,6 +107,15 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   if (forgetting.has_value()) {
     check_state_buffer("record_last", *forgetting, "forgetting", at::kInt, n);
     check_state_buffer("record_last", *learned_epoch, "learned_epoch", at::kInt, n);
+  }
+  TORCH_CHECK_VALUE(suggest_label.has_value() == suggest_votes.has_value() &&
+                        suggest_label.has_value() == suggest_hits.has_value(),
+                    "csl_fast.record_last: pass suggest_label, suggest_votes and suggest_hits "
+                    "together");
+  if (suggest_label.has_value()) {
+    check_state_buffer("record_last", *suggest_label, "suggest_label", at::kInt, n);
+    check_state_buffer("record_last", *suggest_votes, "suggest_votes", at::kInt, n);
+    check_state_buffer("record_last", *suggest_hits, "suggest_hits", at::kInt, n);
   }
   const std::optional<at::Tensor>* sum_args[4] = {&grad_norm_sum, &margin_sum, &p_true_sum,
                                                    &p_true_sq_sum};
@@ -115,6 +149,11 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
     }
     add_sums<scalar_t>(st.const_data_ptr<float>(), ip, B, sums);
   });
+  if (suggest_label.has_value()) {
+    vote_rows(st.const_data_ptr<float>(), ip, B, suggest_label->mutable_data_ptr<int32_t>(),
+              suggest_votes->mutable_data_ptr<int32_t>(),
+              suggest_hits->mutable_data_ptr<int32_t>());
+  }
 }
 
 }  // namespace

@@ -1,0 +1,307 @@
+"""The runner-up statistic (``Stat.OTHER_ARGMAX``) and the tracker's suggested labels.
+
+- every cross-entropy kernel (C++ CPU narrow and wide rows, in place too; Triton in the
+  interpreter; the reference) gives the runner-up a plain loop over the logits defines;
+- the majority vote over the runner-up, as a plain Python loop over presentations in
+  batch order (several epochs, duplicate indices within a batch, invalid rows), equals
+  bitwise what every backend's ``record_last`` keeps, and what a tracker fed through
+  ``csl_fast.accumulate`` keeps (the one-call CPU step, the reference backend);
+- ``CSLTracker.suggestions()``: label, confidence, memory, state round trip.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import _ext, ops, reference
+from csl_fast.stats import NUM_STATS, Stat
+
+needs_cpp = pytest.mark.skipif(_ext._C is None, reason="the C++ extension is not built")
+
+
+def _runner_up(z: torch.Tensor, y: torch.Tensor, ignore_index: int = -100) -> list[float]:
+    """The first j != y at max_{j != y} z_j, by a loop; -1 for ignored, non-finite or C == 1."""
+    out = []
+    for row, t in zip(z.double().tolist(), y.tolist(), strict=True):
+        if t == ignore_index:
+            out.append(-1.0)
+            continue
+        others = [(v, j) for j, v in enumerate(row) if j != t]
+        finite = all(math.isfinite(v) or v == -math.inf for v in row) and row[t] > -math.inf
+        if not others or not finite:
+            out.append(-1.0)
+            continue
+        best = max(v for v, _ in others)
+        out.append(float(next(j for v, j in others if v == best)))
+    return out
+
+
+def _logits(batch: int, classes: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Small integers: many ties, so the first-index rule is exercised.
+    z = torch.randint(-3, 4, (batch, classes)).to(dtype)
+    y = torch.randint(0, classes, (batch,))
+    return z, y
+
+
+def _ce_backends() -> list[str]:
+    names = ["reference"]
+    if _ext._C is not None:
+        names.append("cpu")
+    return names
+
+
+@pytest.mark.parametrize("backend", _ce_backends())
+@pytest.mark.parametrize("classes", [1, 2, 10, 32, 33, 97, 1025])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_runner_up_matches_a_loop(backend, classes, dtype):
+    z, y = _logits(37, classes, dtype)
+    y[3] = -100
+    _, stats = ops.cross_entropy_fwd(z, y, None, -100, 0.0, 0, backend=backend)
+    assert stats.shape == (NUM_STATS, 37)
+    assert stats[Stat.OTHER_ARGMAX].tolist() == _runner_up(z, y)
+
+
+@needs_cpp
+@pytest.mark.parametrize("classes", [1, 7, 32, 33, 300])
+def test_runner_up_in_place_and_strided(classes):
+    z, y = _logits(21, classes, torch.float32)
+    want = _runner_up(z, y)
+    _, stats = ops.cross_entropy_fwd_inplace(z.clone(), y, None, -100, 0.0, 1, backend="cpu")
+    assert stats[Stat.OTHER_ARGMAX].tolist() == want
+    wide = torch.zeros(21, 2 * classes)
+    wide[:, ::2] = z
+    _, stats = ops.cross_entropy_fwd(wide[:, ::2], y, None, -100, 0.0, 1, backend="cpu")
+    assert stats[Stat.OTHER_ARGMAX].tolist() == want
+
+
+@pytest.mark.parametrize("backend", _ce_backends())
+def test_runner_up_of_invalid_and_extreme_rows(backend):
+    inf, nan = math.inf, math.nan
+    z = torch.tensor(
+        [
+            [-inf, 2.0, -inf, -inf],  # every other logit -inf: the first other column
+            [1.0, nan, 0.0, 0.0],  # NaN: not valid
+            [inf, 0.0, 0.0, 0.0],  # +inf: not valid
+            [0.0, 5.0, 5.0, 1.0],  # tie after y
+            [5.0, 5.0, 0.0, 5.0],  # tie before and after y: the first
+        ]
+    )
+    y = torch.tensor([1, 0, 1, 0, 1])
+    _, stats = ops.cross_entropy_fwd(z, y, None, -100, 0.0, 0, backend=backend)
+    assert stats[Stat.OTHER_ARGMAX].tolist() == [0.0, -1.0, -1.0, 1.0, 0.0]
+    assert stats[Stat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0, 1.0]
+
+
+# The interpreter evaluates both sides of tl.where: masked-off lanes raise numpy warnings.
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_runner_up_triton_interpreted():
+    triton_ce = pytest.importorskip("csl_fast._triton.cross_entropy")
+    from csl_fast._triton._registry import is_interpreted
+
+    if not is_interpreted(triton_ce._ce_fwd_kernel):
+        pytest.skip("the Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    for classes, config in ((1, None), (10, None), (33, None), (50, (False, 1, 16, 4))):
+        z, y = _logits(9, classes, torch.float32)
+        y[2] = -100
+        for inplace in (False, True):
+            zz = z.clone()
+            _, stats = triton_ce._launch(
+                zz, y, None, -100, 0.0, 0, None if inplace else torch.empty_like(z), config
+            )
+            assert stats[Stat.OTHER_ARGMAX].tolist() == _runner_up(z, y), (classes, config)
+
+
+# ---------------------------------------------------------------------------- the vote
+def _vote_loop(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, steps: dict | None = None
+) -> tuple[list[int], list[int], list[int]]:
+    """The suggestion buffers by a plain loop over presentations in batch order; ``steps``
+    counts the candidate changes (after a first one) and the decrements."""
+    label, votes, hits = [-1] * n, [0] * n, [0] * n
+    steps = {} if steps is None else steps
+    for index, stats in batches:
+        for i, j in enumerate(index.tolist()):
+            r = int(stats[Stat.OTHER_ARGMAX, i])
+            if stats[Stat.VALID, i] <= 0 or r < 0:
+                continue
+            if label[j] == r:
+                votes[j] += 1
+                hits[j] += 1
+            elif votes[j] == 0:
+                steps["change"] = steps.get("change", 0) + (label[j] >= 0)
+                label[j], votes[j], hits[j] = r, 1, 1
+            else:
+                steps["down"] = steps.get("down", 0) + 1
+                votes[j] -= 1
+    return label, votes, hits
+
+
+def _batches(n: int, classes: int, epochs: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
+    """Random presentations: duplicates within batches, ~15% invalid rows, runner-ups
+    concentrated on a per-sample class so that the vote's candidate both holds and flips."""
+    g = torch.Generator().manual_seed(3)
+    favourite = torch.randint(0, classes, (n,), generator=g)
+    out = []
+    for _ in range(epochs):
+        for _ in range(max(1, n // batch)):
+            index = torch.randint(0, n, (batch,), generator=g)
+            stats = torch.zeros(NUM_STATS, batch)
+            stats[Stat.VALID] = (torch.rand(batch, generator=g) > 0.15).float()
+            noise = torch.randint(0, classes, (batch,), generator=g)
+            keep = torch.rand(batch, generator=g) < 0.45
+            r = torch.where(keep, favourite[index], noise).float()
+            stats[Stat.OTHER_ARGMAX] = torch.where(stats[Stat.VALID] > 0, r, -1.0)
+            stats[Stat.LOSS] = torch.rand(batch, generator=g) * stats[Stat.VALID]
+            stats[Stat.CORRECT] = (torch.rand(batch, generator=g) > 0.5).float()
+            stats[Stat.CORRECT] *= stats[Stat.VALID]
+            out.append((index, stats))
+    return out
+
+
+def _record_backends() -> list[str]:
+    names = ["reference"]
+    if _ext._C is not None:
+        names.append("cpu")
+    try:
+        from csl_fast._triton._registry import is_interpreted
+        from csl_fast._triton.cross_entropy import _ce_fwd_kernel
+
+        if is_interpreted(_ce_fwd_kernel):
+            names.append("triton")
+    except ImportError:
+        pass
+    return names
+
+
+@pytest.mark.parametrize("backend", _record_backends())
+def test_vote_matches_a_loop_over_epochs_with_duplicates(backend):
+    n, classes = 13, 5
+    batches = _batches(n, classes, epochs=6, batch=24)
+    steps: dict = {}
+    want = _vote_loop(batches, n, steps)
+    state = [torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)]
+    suggest = (
+        torch.full((n,), -1, dtype=torch.int32),
+        torch.zeros(n, dtype=torch.int32),
+        torch.zeros(n, dtype=torch.int32),
+    )
+    for epoch, (index, stats) in enumerate(batches):
+        ops.record_last(
+            stats, index, None, epoch, *state, None, None, suggest=suggest, backend=backend
+        )
+    assert [t.tolist() for t in suggest] == list(want)
+    # The data exercises every branch, candidate changes included.
+    assert steps["change"] > 3 and steps["down"] > 10
+
+
+@pytest.mark.parametrize("backend", _record_backends())
+def test_vote_needs_all_three_buffers(backend):
+    stats = torch.zeros(NUM_STATS, 2)
+    state = [torch.zeros(3), torch.zeros(3), torch.zeros(3, dtype=torch.bool)]
+    label = torch.full((3,), -1, dtype=torch.int32)
+    fn = {
+        "cpu": lambda *a: torch.ops.csl_fast.record_last.default(*a),
+        "reference": reference.record_last,
+        "triton": lambda *a: torch.ops.csl_fast.record_last_triton.default(*a),
+    }[backend]
+    with pytest.raises((ValueError, RuntimeError), match="together"):
+        fn(stats, torch.zeros(2, dtype=torch.long), None, 0, *state, *[None] * 6, label, None, None)
+
+
+@pytest.mark.parametrize("backend", _ce_backends())
+def test_tracker_suggestions_through_accumulate(backend):
+    """A short training-like sequence through csl_fast.accumulate (on the CPU backend the
+    one-call C++ step): the tracker's buffers equal the loop over the kernels' stats."""
+    n, classes = 17, 6
+    g = torch.Generator().manual_seed(5)
+    tracker = csl_fast.CSLTracker(n, classes, backend=backend)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    seen = []
+    for _ in range(5):
+        for _ in range(3):
+            index = torch.randint(0, n, (8,), generator=g)  # duplicates within a batch
+            z = torch.randn(8, classes, generator=g).requires_grad_()
+            y = labels[index].clone()
+            y[0] = -100
+            csl_fast.accumulate(z, y, index, tracker, backend=backend).backward()
+            _, stats = ops.cross_entropy_fwd(z.detach(), y, None, -100, 0.0, 1, backend=backend)
+            seen.append((index, stats))
+        tracker.end_epoch()
+    label, votes, hits = _vote_loop(seen, n)
+    assert tracker.suggest_label.tolist() == label
+    assert tracker.suggest_votes.tolist() == votes
+    assert tracker.suggest_hits.tolist() == hits
+    got_label, conf = tracker.suggestions()
+    assert got_label.dtype == torch.int64 and got_label.tolist() == label
+    count = tracker.csl_count
+    for j in range(n):
+        if label[j] < 0:
+            assert math.isnan(conf[j])
+        else:
+            assert conf[j].item() == pytest.approx(hits[j] / count[j].item())
+            assert 0 < conf[j] <= 1
+
+
+def test_suggestions_recover_the_majority_runner_up():
+    """A class that is the runner-up of most presentations is the suggestion, with the
+    fraction of presentations as its confidence when it never lost the lead."""
+    tracker = csl_fast.CSLTracker(2, 4, backend="reference")
+    for t in range(10):
+        stats = torch.zeros(NUM_STATS, 2)
+        stats[Stat.VALID] = 1.0
+        # sample 0: runner-up 2 except every third presentation; sample 1: never valid.
+        stats[Stat.OTHER_ARGMAX, 0] = 3.0 if t % 3 == 1 else 2.0
+        stats[Stat.VALID, 1] = 0.0
+        stats[Stat.OTHER_ARGMAX, 1] = -1.0
+        tracker.update(torch.tensor([0, 1]), stats)
+    label, conf = tracker.suggestions()
+    assert label.tolist() == [2, -1]
+    assert conf[0].item() == pytest.approx(7 / 10)
+    assert math.isnan(conf[1])
+
+
+def test_suggestion_memory_and_initial_state():
+    tracker = csl_fast.CSLTracker(1000)
+    assert tracker.nbytes() == 90 * 1000  # the class docstring's figure
+    for name in ("suggest_label", "suggest_votes", "suggest_hits"):
+        assert tracker.buffers()[name].dtype == torch.int32
+    assert (tracker.suggest_label == -1).all()
+    label, conf = tracker.suggestions()
+    assert (label == -1).all() and conf.isnan().all()
+
+
+def test_suggestions_survive_a_state_round_trip(tmp_path):
+    tracker = csl_fast.CSLTracker(3, 4, backend="reference")
+    stats = torch.zeros(NUM_STATS, 3)
+    stats[Stat.VALID] = 1.0
+    stats[Stat.OTHER_ARGMAX] = torch.tensor([2.0, 0.0, 3.0])
+    tracker.update(torch.tensor([0, 1, 1]), stats)
+    path = tmp_path / "t.csl"
+    tracker.save(path)
+    loaded = csl_fast.CSLTracker.from_file(path)
+    for name in ("suggest_label", "suggest_votes", "suggest_hits"):
+        assert torch.equal(loaded.buffers()[name], tracker.buffers()[name]), name
+    assert loaded.suggest_label.tolist() == [2, 0, -1]
+
+
+def test_stat_enum_matches_csrc_stats_h():
+    """csl_fast/stats.py and csrc/stats.h describe one layout: each entry of the header's
+    ``enum Stat`` (``kCamelCase = value``) is the ``Stat`` member of that name and value,
+    and back, with ``kNumStats = NUM_STATS``. Parsed from the source: no build needed."""
+    import re
+    from pathlib import Path
+
+    header = (Path(__file__).parents[1] / "csrc" / "stats.h").read_text()
+    block = re.search(r"enum\s+Stat\b[^{]*\{(.*?)\};", header, re.S)
+    assert block, "csrc/stats.h has no `enum Stat ... { ... };`"
+    body = re.sub(r"//[^\n]*|/\*.*?\*/", "", block[1], flags=re.S)
+    entries = {name: int(value) for name, value in re.findall(r"\bk(\w+)\s*=\s*(\d+)", body)}
+    names = re.findall(r"\bk(\w+)", body)
+    assert sorted(names) == sorted(entries), "every csrc/stats.h entry needs an explicit value"
+    assert entries.pop("NumStats", None) == NUM_STATS == len(Stat)
+    python = {"".join(part.capitalize() for part in s.name.split("_")): int(s) for s in Stat}
+    assert entries == python
