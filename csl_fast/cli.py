@@ -650,6 +650,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
     if os.path.isdir(args.out):
         raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
     tracker, samples = load_run(args.run)
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line

@@ -3,8 +3,9 @@ small network with CSL tracking, and show how well each free score finds the cor
 
 What it does, in order:
 
-1. Loads scikit-learn's digits (1,797 8x8 images of 10 classes, shipped with the package;
-   ``--samples`` takes a seeded class-mixed subset).
+1. Loads scikit-learn's digits (1,797 8x8 images of 10 classes, shipped with the package)
+   and trains on a seeded random subset of ``--samples`` of them (default 1,437, 80%); the
+   other digits, never corrupted, are the held-out clean test set.
 2. Flips ``int(noise * N)`` labels to a uniformly random different class
    (:func:`csl_fast.corrupt.flip_labels`), then makes ``pairs`` disjoint conflicting-label
    duplicate pairs among the samples that were not flipped
@@ -15,12 +16,19 @@ What it does, in order:
    history) through :func:`csl_fast.train.train`.
 4. Prints the detection table (AUROC of every score of :func:`csl_fast.scores`, for
    mislabeled and for duplicated samples, each against the clean samples), what the
-   ground-truth-free GMM rule of :func:`csl_fast.detect.mislabeled` flags, the measured
+   ground-truth-free rule of :func:`csl_fast.detect.mislabeled` flags, the measured
    training-time overhead of tracking versus plain ``F.cross_entropy``, and the top
    suspicious samples with given and predicted labels.
-5. Writes ``OUT/tracker.csl`` (the saved tracker), ``OUT/samples.npz`` (labels,
-   predictions, ground truth, images: see :class:`csl_fast.report.RunSamples`),
-   ``OUT/results.json`` and the visual report ``OUT/report/report.html`` with its PNGs.
+5. Cleans: :func:`csl_fast.clean` with its default policy (relabel a flagged sample to its
+   suggested label when confident, drop it otherwise), retrains the same model (same
+   initialisation and seed) once on the cleaned data and once on the true labels, and
+   prints the clean-test accuracy of the three: noisy-trained, cleaned-and-retrained, and
+   the true-label ceiling (skipped when ``--samples`` leaves no digit out).
+6. Writes ``OUT/tracker.csl`` (the saved tracker), ``OUT/samples.npz`` (labels,
+   predictions, ground truth ``true_labels``, ``mislabeled``, ``duplicate``, images: see
+   :class:`csl_fast.report.RunSamples`), ``OUT/clean.csv`` (the cleaning plan, as
+   ``csl-fast clean OUT --out FILE`` writes it), ``OUT/results.json`` and the visual report
+   ``OUT/report/report.html`` with its PNGs.
 
 The regime (design.md section 3). With weight decay or input noise the network never
 fits the flipped labels, so *every* score separates them (AUROC ~0.999) and the demo
@@ -48,16 +56,18 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DemoConfig", "load_digits", "measure_overhead", "run"]
+__all__ = ["DemoConfig", "load_digits", "load_held_out", "measure_overhead", "retrain_gain", "run"]
 
 DIGITS_SAMPLES = 1797
+#: Default training-set size: 80% of the digits; the other 360 are the clean test set.
+DEMO_SAMPLES = 1437
 
 
 @dataclass
 class DemoConfig:
     """Settings of :func:`run` (the ``csl-fast demo`` options)."""
 
-    samples: int = DIGITS_SAMPLES  #: dataset size (a seeded subset of the 1,797 digits)
+    samples: int = DEMO_SAMPLES  #: training-set size (a seeded subset of the 1,797 digits)
     epochs: int = 80
     noise: float = 0.10  #: fraction of labels flipped
     pairs: int = 20  #: conflicting-label duplicate pairs
@@ -85,14 +95,32 @@ def load_digits(
     from sklearn.datasets import load_digits as sk_load
 
     d = sk_load()
-    images = d.images.astype(np.float32) / 16.0
-    y = d.target.astype(np.int64)
-    if samples < len(y):
-        rng = np.random.default_rng(seed)
-        keep = np.sort(rng.choice(len(y), size=samples, replace=False))
-        images, y = images[keep], y[keep]
+    keep = _subset(samples, seed)
+    images = d.images[keep].astype(np.float32) / 16.0
+    y = d.target[keep].astype(np.int64)
     x = torch.from_numpy(images.reshape(len(y), -1).copy())
     return x, torch.from_numpy(y), images
+
+
+def _subset(samples: int, seed: int) -> np.ndarray:
+    """bool ``[1797]``: the digits in the seeded training subset of ``samples``."""
+    keep = np.ones(DIGITS_SAMPLES, dtype=bool)
+    if samples < DIGITS_SAMPLES:
+        keep[:] = False
+        keep[np.random.default_rng(seed).choice(DIGITS_SAMPLES, size=samples, replace=False)] = True
+    return keep
+
+
+def load_held_out(samples: int = DEMO_SAMPLES, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x [M, 64], y [M])``: the digits that :func:`load_digits` with the same arguments
+    leaves out (``M = 1797 - samples``, possibly 0), with their true labels."""
+    from sklearn.datasets import load_digits as sk_load
+
+    d = sk_load()
+    held = ~_subset(samples, seed)
+    images = d.images[held].astype(np.float32) / 16.0
+    x = torch.from_numpy(images.reshape(len(images), 64).copy())
+    return x, torch.from_numpy(d.target[held].astype(np.int64))
 
 
 def inject(
@@ -201,6 +229,53 @@ def measure_overhead(
     }
 
 
+def retrain_gain(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    true_labels: torch.Tensor,
+    plan: Any,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    make_model: Callable[[], torch.nn.Module],
+    noisy_model: torch.nn.Module,
+    *,
+    train_kwargs: dict[str, Any],
+    seed: int,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Clean-test accuracy of ``noisy_model`` (trained on ``y``), of a fresh model trained
+    on ``plan`` applied to ``y`` (:meth:`csl_fast.clean.CleaningPlan.apply`), and of a fresh
+    model trained on ``true_labels`` (the ceiling).
+
+    ``make_model()`` must return the same initialisation as ``noisy_model`` had and the
+    trainings use the same ``seed`` and ``train_kwargs``, so only the labels differ.
+    Returns ``accuracy`` (``noisy``, ``cleaned``, ``ceiling``), ``test_size``, ``kept``
+    (training samples after the drops) and ``seconds`` (of the two trainings).
+    """
+    from .train import predict, train
+
+    def accuracy(model: torch.nn.Module) -> float:
+        return float((predict(model, x_test).argmax(1).cpu() == y_test.cpu()).float().mean())
+
+    acc = {"noisy": accuracy(noisy_model)}
+    t0 = time.perf_counter()
+    keep, labels = plan.apply(y.cpu())
+    keep_d = keep.to(x.device)
+    for arm, xs, ys in (
+        ("cleaned", x[keep_d], labels.to(x.device)),
+        ("ceiling", x, true_labels.to(x.device)),
+    ):
+        model = make_model()
+        train(model, xs, ys, seed=seed, progress=arm if progress else False, **train_kwargs)
+        acc[arm] = accuracy(model)
+    return {
+        "accuracy": acc,
+        "test_size": int(y_test.numel()),
+        "kept": int(keep.numel()),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def _fmt_overhead(ov: dict[str, Any], eval_ms_per_step: float | None) -> str:
     names = {
         "plain": "plain F.cross_entropy",
@@ -245,7 +320,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     ``log`` receives status lines (default: stderr unless ``cfg.quiet``).
     """
     from . import detect
+    from .clean import clean, evaluate_plan
     from .report import RunSamples, detection_table, format_detection_table, write_report
+    from .report_cleaning import format_retrain_table
     from .scores import scores as compute_scores
     from .tracker import CSLTracker
     from .train import mlp, predict, train
@@ -261,6 +338,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         torch.set_num_threads(cfg.threads)
     num_classes = 10
     x, y_clean, images = load_digits(cfg.samples, cfg.seed)
+    x_test, y_test = load_held_out(cfg.samples, cfg.seed)
     n = len(y_clean)
     data = inject(x, y_clean, cfg.noise, cfg.pairs, cfg.seed, num_classes)
     # Duplicated inputs are copies: the image of x_a is now that of x_b.
@@ -336,12 +414,83 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     flagged = det.flagged.cpu().numpy()
     bad = mislabeled | duplicate
     flag_text = (
-        f"\nFlagged without ground truth (2-component GMM on log CSL): {int(flagged.sum())} "
+        f"\nFlagged without ground truth (rule {det.rule} on CSL): {int(flagged.sum())} "
         f"samples; {int((flagged & bad).sum())} of them corrupted (precision "
         f"{(flagged & bad).sum() / max(flagged.sum(), 1):.2f}), "
         f"{(flagged & bad).sum() / max(bad.sum(), 1):.0%} of all {int(bad.sum())} corrupted found"
     )
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        flag_text += (
+            f"\n  estimated number of bad samples (no ground truth): {det.estimated_count} "
+            f"(interval {lo}-{hi}; true: {int(bad.sum())})"
+        )
+    if det.warning:
+        flag_text += f"\n  warning: {det.warning}"
     print(flag_text, flush=True)
+
+    plan = clean(tracker, detection=det)
+    plan_path = os.path.join(out, "clean.csv")
+    plan.to_csv(plan_path)
+    plan_eval = evaluate_plan(plan, data["true_labels"], mislabeled, duplicate)
+    suggested = tracker.suggestions()[0].cpu().numpy()
+    true_np = data["true_labels"].numpy()
+    sugg_right = (
+        float((suggested[mislabeled] == true_np[mislabeled]).mean()) if mislabeled.any() else None
+    )
+    plan_line = (
+        f"csl_fast.clean (policy {plan.policy}, min confidence {plan.min_confidence:g}): "
+        f"{plan.num_relabeled} relabeled ({plan_eval['relabel_correct']} to the true label), "
+        f"{plan.num_dropped} dropped"
+        + (
+            ""
+            if sugg_right is None
+            else f"; the suggested label is the true one for {sugg_right:.0%} of all "
+            f"{int(mislabeled.sum())} flipped samples"
+        )
+    )
+    cleaning: dict[str, Any] = {
+        "policy": plan.policy,
+        "relabeled": plan.num_relabeled,
+        "relabel_correct": plan_eval["relabel_correct"],
+        "dropped": plan.num_dropped,
+        "dropped_clean": plan_eval["drop_clean"],
+        "suggestion_right_on_flipped": sugg_right,
+    }
+    retrain_text = ""
+    if len(y_test) > 0:
+        log("retraining on the cleaned data and on the true labels ...")
+        gain = retrain_gain(
+            x,
+            y,
+            data["true_labels"],
+            plan,
+            x_test.to(device),
+            y_test,
+            make_model,
+            model,
+            train_kwargs={
+                "epochs": cfg.epochs,
+                "lr": cfg.lr,
+                "batch_size": cfg.batch_size,
+                "optimizer": "adam",
+            },
+            seed=cfg.seed,
+            progress=not cfg.quiet,
+        )
+        cleaning.update(gain)
+        retrain_text = format_retrain_table(gain["accuracy"], gain["test_size"], plan_line)
+        print(
+            "\nClean and retrain: one extra training on the cleaned data (same model, "
+            "initialisation and seed;\nonly the training labels differ)\n" + retrain_text,
+            flush=True,
+        )
+    else:
+        print(
+            f"\n{plan_line}\n(no held-out digits: --samples {n} uses them all, so no "
+            "clean-test accuracy)",
+            flush=True,
+        )
 
     overhead = None
     overhead_text = ""
@@ -390,6 +539,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     samples.save(os.path.join(out, "samples.npz"))
     report_path = None
     notes = [("Demo setup", _setup_text(cfg, n, mislabeled, duplicate, fit, memorized))]
+    if retrain_text:
+        notes.append(("Clean and retrain", retrain_text))
     if overhead_text:
         notes.append(("Training-time overhead", overhead_text))
     if cfg.report:
@@ -416,6 +567,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
             "corrupted": int((flagged & bad).sum()),
             "threshold": det.threshold,
         },
+        "cleaning": cleaning,
         "overhead": overhead,
         "eval_pass_ms_per_step": eval_ms,
         "top": top_rows,
@@ -425,6 +577,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         "files": {
             "tracker": tracker_path,
             "samples": os.path.join(out, "samples.npz"),
+            "clean": plan_path,
             "report": report_path,
         },
     }
@@ -432,9 +585,11 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         json.dump(_finite(results), f, indent=2, default=_json_default)
     rel = os.path.relpath(out)
     print(
-        f"\nWrote {rel}/tracker.csl (saved tracker), {rel}/samples.npz, {rel}/results.json"
+        f"\nWrote {rel}/tracker.csl (saved tracker), {rel}/samples.npz, {rel}/clean.csv, "
+        f"{rel}/results.json"
         + (f", {os.path.relpath(report_path)} (+ PNGs)" if report_path else "")
-        + f"\nDone in {elapsed:.0f} s. Next: csl-fast rank {rel}   |   csl-fast report {rel}",
+        + f"\nDone in {elapsed:.0f} s. Next: csl-fast rank {rel}   |   csl-fast report {rel}"
+        f"   |   csl-fast clean {rel} --out plan.csv",
         flush=True,
     )
     return results

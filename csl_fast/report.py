@@ -20,6 +20,10 @@ known about the samples (:class:`RunSamples`):
     Needs ``CSLTracker(history=True)``.
 ``top_samples.png``
     The top-k suspicious samples as images, with given and predicted labels. Needs images.
+``flagging.png``
+    The detection score's histogram with the no-ground-truth rule's threshold and its
+    estimated count of bad samples, followed by what the flagged set is made of and what
+    :func:`csl_fast.clean` would do with it (:mod:`csl_fast.report_cleaning`).
 
 ``report.html`` embeds every PNG (base64), so the page can be mailed or archived alone.
 Needs matplotlib; the ROC needs scikit-learn.
@@ -590,8 +594,23 @@ def write_report(
     table = (
         detection_table(all_scores, samples) if samples is not None and samples.has_truth else {}
     )
+    from .report_cleaning import sections as cleaning_sections
+
+    cleaning = cleaning_sections(tracker, all_scores, samples, score, out)
     page = _html(
-        title, tracker, samples, all_scores, SCORES, table, ranking, s, score, top, figures, notes
+        title,
+        tracker,
+        samples,
+        all_scores,
+        SCORES,
+        table,
+        ranking,
+        s,
+        score,
+        top,
+        figures,
+        notes,
+        cleaning,
     )
     path = os.path.join(out, "report.html")
     with open(path, "w", encoding="utf-8") as f:
@@ -600,7 +619,19 @@ def write_report(
 
 
 def _html(
-    title, tracker, samples, all_scores, infos, table, ranking, s, score, top, figures, notes
+    title,
+    tracker,
+    samples,
+    all_scores,
+    infos,
+    table,
+    ranking,
+    s,
+    score,
+    top,
+    figures,
+    notes,
+    cleaning="",
 ) -> str:
     e = html.escape
     parts = [
@@ -640,6 +671,7 @@ def _html(
             f"<h2>{e(heading)}</h2><img alt='{e(heading)}' src='data:image/png;base64,{b64}'>"
             f"<p class=cap>{e(caption)} (<code>{e(fname)}</code>)</p>"
         )
+    parts.append(cleaning)  # flagged set, its composition, suggested labels
     parts.append(
         f"<h2>Top {top} by {e(score)}</h2><table><tr><th>rank</th><th>index</th><th>{e(score)}</th>"
     )

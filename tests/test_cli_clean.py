@@ -117,13 +117,21 @@ def test_rank_column_agrees_with_csl_fast_rank(demo_run, tmp_path, capsys):
 def test_drop_policy_and_budget(demo_run, tmp_path, capsys):
     out = tmp_path / "drop.csv"
     assert run_main(capsys, "clean", str(demo_run), "--out", str(out), "--policy", "drop")[0] == 0
+    tracker = csl_fast.CSLTracker.from_file(demo_run / "tracker.csl")
+    flagged = csl_fast.detect.mislabeled(tracker).indices.tolist()
     rows = read(out)
-    assert rows and all(r["action"] == "drop" for r in rows)
+    assert [int(r["index"]) for r in rows] == flagged
+    assert all(r["action"] == "drop" for r in rows)
+    # --budget cuts any policy's rows to the most suspicious ones
+    args = ("clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "9")
+    assert run_main(capsys, *args)[0] == 0
+    review = read(out)
+    assert len(review) == 9
     code, stdout, _ = run_main(
         capsys, "clean", str(demo_run), "--out", str(out), "--policy", "drop", "--budget", "2"
     )
     assert code == EXIT_OK and "budget 2" in stdout
-    assert [r["rank"] for r in read(out)] == [r["rank"] for r in rows[:2]]
+    assert [int(r["index"]) for r in read(out)] == flagged[:2]
 
 
 def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
@@ -142,12 +150,21 @@ def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
 
 def test_ground_truth_summary_matches_samples_file(demo_run, tmp_path, capsys):
     out = tmp_path / "plan.csv"
-    code, stdout, _ = run_main(capsys, "clean", str(demo_run), "--out", str(out))
+    args = ("clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "20")
+    code, stdout, _ = run_main(capsys, *args, "--min-confidence", "0")
     assert code == EXIT_OK
     rows = read(out)
     samples = RunSamples.load(demo_run / "samples.npz")
     mis = sum(bool(samples.mislabeled[int(r["index"])]) for r in rows)
-    assert f"of the {len(rows)} rows {mis} are mislabeled" in stdout
+    dup = sum(bool(samples.duplicate[int(r["index"])]) for r in rows)
+    right = sum(
+        r["action"] == "relabel"
+        and int(r["suggested_label"]) == int(samples.true_labels[int(r["index"])])
+        for r in rows
+    )
+    relabels = sum(r["action"] == "relabel" for r in rows)
+    assert f"of the 20 rows {mis} are mislabeled, {dup} duplicated" in stdout
+    assert f"; {right} of {relabels} relabels give the true label" in stdout
 
 
 def test_bare_tracker_file(bare_tracker, tmp_path, capsys):

@@ -1,0 +1,213 @@
+r"""The report's sections on acting on the flagged set (issue 14), for
+:func:`csl_fast.report.write_report`:
+
+``Flagged set``
+    ``flagging.png``: the histogram of the detection score with the rule's threshold, the
+    number flagged and the rule's estimated count of bad samples with its interval (the
+    warning of :func:`csl_fast.detect.mislabeled` instead when the rule does not apply or
+    flags nothing).
+``What the flagged set is made of``
+    flipped labels, conflicting-label duplicates and clean samples among the flagged ones,
+    with precision and recall (needs the ground truth in ``samples.npz``).
+``Suggested labels``
+    what :func:`csl_fast.clean` would do with the flagged set under its default policy
+    (relabels and drops), and, with the true labels known, how many relabels are right and
+    the fraction of all flipped samples whose suggestion is their true label.
+``Clean and retrain``
+    the clean-test accuracy table (noisy / cleaned and retrained / true-label ceiling),
+    when the run measured one (``csl-fast demo`` does): :func:`format_retrain_table`.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["format_retrain_table", "sections"]
+
+#: Rows of :func:`format_retrain_table`: key of the accuracy mapping -> what was trained.
+RETRAIN_ROWS = {
+    "noisy": "trained on the given (noisy) labels",
+    "cleaned": "retrained once on csl_fast's cleaned data",
+    "ceiling": "trained on the true labels (ceiling)",
+}
+
+
+def format_retrain_table(accuracy: Mapping[str, float], test_size: int, extra: str = "") -> str:
+    """The clean-and-retrain table as aligned text.
+
+    Args:
+        accuracy: clean-test accuracy per arm, keys of :data:`RETRAIN_ROWS` (``noisy``,
+            ``cleaned``, ``ceiling``); missing arms are left out.
+        test_size: the number of held-out test samples.
+        extra: a line appended below the table (e.g. what the cleaning did).
+
+    The gain line reads ``(cleaned - noisy) / (ceiling - noisy)``: the share of the
+    accuracy lost to label noise that cleaning won back.
+    """
+    lines = [f"clean-test accuracy on {test_size} held-out samples"]
+    for key, label in RETRAIN_ROWS.items():
+        if key in accuracy:
+            lines.append(f"  {label:<44}{accuracy[key]:8.4f}")
+    if all(k in accuracy for k in RETRAIN_ROWS):
+        gap = accuracy["ceiling"] - accuracy["noisy"]
+        gain = accuracy["cleaned"] - accuracy["noisy"]
+        share = f"{gain / gap:.0%} of the gap to the ceiling" if gap > 0 else "no gap to close"
+        lines.append(f"  cleaning: {100 * gain:+.1f} points ({share})")
+    if extra:
+        lines.append(extra)
+    return "\n".join(lines)
+
+
+def _fig_flagging(det: Any, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    from .report import _png
+
+    v = det.scores.detach().cpu().double().numpy()
+    flagged = det.flagged.cpu().numpy()
+    ok = np.isfinite(v)
+    log = bool(ok.any() and (v[ok] > 0).all())
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    vals = v[ok]
+    if log:
+        bins = np.geomspace(max(vals.min(), 1e-12), vals.max() * 1.0001 + 1e-12, 60)
+        ax.set_xscale("log")
+    else:
+        bins = np.linspace(vals.min(), vals.max() + 1e-12, 60)
+    ax.hist(v[ok & ~flagged], bins=bins, color="#4C72B0", alpha=0.7, label="not flagged")
+    if flagged.any():
+        ax.hist(v[ok & flagged], bins=bins, color="#DD4444", alpha=0.8, label="flagged")
+    if math.isfinite(det.threshold):
+        ax.axvline(det.threshold, color="black", ls="--", lw=1.2, label="threshold")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{det.score_name}" + (" (log scale)" if log else ""))
+    ax.set_ylabel("samples")
+    title = f"flagged {len(det)} of {v.size}"
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        title += f"; estimated count {det.estimated_count} [{lo}, {hi}]"
+    ax.set_title(title, fontsize=10)
+    ax.legend(frameon=False, fontsize=8)
+    return _png(fig, path)
+
+
+def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
+    n = det.scores.numel()
+    flagged = det.flagged.cpu().numpy()
+    mis = samples.mislabeled if samples.mislabeled is not None else np.zeros(n, bool)
+    dup = samples.duplicate if samples.duplicate is not None else np.zeros(n, bool)
+    bad = mis | dup
+    k = int(flagged.sum())
+    rows = [("flagged", str(k))]
+    if samples.mislabeled is not None:
+        rows.append(("flipped labels among them", str(int((flagged & mis).sum()))))
+    if samples.duplicate is not None:
+        rows.append(("conflicting-label duplicates", str(int((flagged & dup).sum()))))
+    rows.append(("clean samples", str(int((flagged & ~bad).sum()))))
+    rows.append(
+        ("precision (corrupted / flagged)", f"{(flagged & bad).sum() / k:.3f}" if k else "n/a")
+    )
+    total = int(bad.sum())
+    rows.append(
+        (
+            f"recall (of all {total} corrupted)",
+            f"{(flagged & bad).sum() / total:.3f}" if total else "n/a",
+        )
+    )
+    return rows
+
+
+def _suggestion_rows(tracker: Any, det: Any, samples: Any) -> list[tuple[str, str]]:
+    from .clean import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
+
+    plan = clean(tracker, detection=det)
+    rows = [
+        ("flagged samples", str(len(plan))),
+        (f"relabel (suggestion confidence >= {DEFAULT_MIN_CONFIDENCE:g})", str(plan.num_relabeled)),
+        ("drop (no confident suggestion)", str(plan.num_dropped)),
+    ]
+    truth = samples.true_labels if samples is not None else None
+    if truth is None:
+        return rows
+    ev = evaluate_plan(
+        plan,
+        truth,
+        samples.mislabeled,
+        samples.duplicate,
+    )
+    if plan.num_relabeled:
+        rows.append(
+            (
+                "relabels that give the true label",
+                f"{ev['relabel_correct']} ({ev['relabel_correct'] / plan.num_relabeled:.1%})",
+            )
+        )
+    if samples.mislabeled is not None and samples.mislabeled.any():
+        label = tracker.suggestions()[0].cpu().numpy()
+        mis = samples.mislabeled
+        right = int((label[mis] == truth[mis]).sum())
+        rows.append(
+            (
+                f"flipped samples whose suggestion is the true label (all {int(mis.sum())})",
+                f"{right} ({right / mis.sum():.1%})",
+            )
+        )
+    return rows
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    e = html.escape
+    body = "".join(f"<tr><td class=l>{e(a)}</td><td>{e(b)}</td></tr>" for a, b in rows)
+    return f"<table>{body}</table>"
+
+
+def sections(
+    tracker: Any,
+    all_scores: Mapping[str, torch.Tensor],
+    samples: Any,
+    score: str,
+    out_dir: str,
+) -> str:
+    """The HTML of the flagged-set, composition and suggestion sections; writes
+    ``flagging.png`` into ``out_dir``."""
+    from .detect import mislabeled
+
+    e = html.escape
+    with warnings.catch_warnings():
+        # the detection's warning is shown in the section itself
+        warnings.simplefilter("ignore", UserWarning)
+        det = mislabeled(all_scores, score)
+    png = os.path.join(out_dir, "flagging.png")
+    b64 = _fig_flagging(det, png)
+    parts = [
+        f"<h2>Flagged set: {e(score)} and the no-ground-truth rule</h2>",
+        f"<img alt='flagged set' src='data:image/png;base64,{b64}'>",
+    ]
+    cap = f"Rule: {det.rule}; threshold {det.threshold:.4g}; {len(det)} flagged."
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        cap += f" Estimated number of bad samples: {det.estimated_count} (interval {lo}-{hi})."
+    parts.append(f"<p class=cap>{e(cap)} (<code>flagging.png</code>)</p>")
+    if det.warning:
+        parts.append(f"<p class=cap><b>Warning:</b> {e(det.warning)}</p>")
+    parts.append("<h2>What the flagged set is made of</h2>")
+    if samples is not None and samples.has_truth:
+        parts.append(_table(_composition(det, samples)))
+    else:
+        parts.append("<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>")
+    parts.append("<h2>Suggested labels</h2>")
+    parts.append(_table(_suggestion_rows(tracker, det, samples)))
+    parts.append(
+        "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does with "
+        "the flagged set by default: relabel a sample to the class the model ranked second "
+        "most often over training, when confident; drop it otherwise.</p>"
+    )
+    return "".join(parts)

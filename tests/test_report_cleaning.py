@@ -1,0 +1,143 @@
+"""The report's flagged-set, composition, suggestion and retrain sections
+(csl_fast/report_cleaning.py) against csl_fast.detect and csl_fast.clean on the same run."""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import detect
+from csl_fast.report import RunSamples, write_report
+from csl_fast.report_cleaning import format_retrain_table
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def test_format_retrain_table_gain():
+    text = format_retrain_table({"noisy": 0.90, "cleaned": 0.95, "ceiling": 1.0}, 200, "note")
+    lines = text.splitlines()
+    assert lines[0] == "clean-test accuracy on 200 held-out samples"
+    assert lines[1].endswith("0.9000") and "noisy" in lines[1]
+    assert lines[2].endswith("0.9500") and "cleaned" in lines[2]
+    assert lines[3].endswith("1.0000") and "ceiling" in lines[3]
+    assert lines[4] == "  cleaning: +5.0 points (50% of the gap to the ceiling)"
+    assert lines[5] == "note"
+    worse = format_retrain_table({"noisy": 0.9, "cleaned": 0.88, "ceiling": 0.98}, 10)
+    assert "-2.0 points (-25% of the gap" in worse
+    no_gap = format_retrain_table({"noisy": 0.9, "cleaned": 0.9, "ceiling": 0.9}, 10)
+    assert "no gap to close" in no_gap
+    assert "gap" not in format_retrain_table({"noisy": 0.9}, 10)
+
+
+@pytest.fixture(scope="module")
+def run():
+    """A tiny tracked run on separable blobs with 8% flipped labels."""
+    gen = torch.Generator().manual_seed(0)
+    n, c = 300, 4
+    y_true = torch.arange(n) % c
+    x = torch.randn(n, 8, generator=gen) * 0.6
+    x[torch.arange(n), y_true] += 3.0
+    noisy, flipped = csl_fast.corrupt.flip_labels(y_true, 0.08, c, seed=0)
+    tracker = csl_fast.CSLTracker(n, c)
+    model = csl_fast.train.mlp(8, c, (64, 64), seed=0)
+    csl_fast.train.train(
+        model, x, noisy, epochs=40, lr=3e-3, optimizer="adam", batch_size=64, tracker=tracker
+    )
+    samples = RunSamples(
+        labels=noisy,
+        true_labels=y_true,
+        mislabeled=flipped,
+        duplicate=torch.zeros(n, dtype=torch.bool),
+    )
+    return tracker, samples
+
+
+def _table_after(page: str, heading: str) -> dict[str, str]:
+    start = page.index(f"<h2>{heading}")
+    table = page[start : page.index("</table>", start)]
+    cells = re.findall(r"<tr><td class=l>(.*?)</td><td>(.*?)</td></tr>", table)
+    return {k.replace("&gt;", ">"): v for k, v in cells}
+
+
+def test_sections_match_detect_and_clean(run, tmp_path):
+    tracker, samples = run
+    path = write_report(tracker, tmp_path, samples)
+    page = Path(path).read_text(encoding="utf-8")
+    assert (tmp_path / "flagging.png").stat().st_size > 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the rule's warning, if any
+        det = detect.mislabeled(tracker)
+    flagged = det.flagged.numpy()
+    mis = samples.mislabeled
+    made_of = _table_after(page, "What the flagged set is made of")
+    assert made_of["flagged"] == str(int(flagged.sum()))
+    assert made_of["flipped labels among them"] == str(int((flagged & mis).sum()))
+    assert made_of["clean samples"] == str(int((flagged & ~mis).sum()))
+    if flagged.any():
+        assert float(made_of["precision (corrupted / flagged)"]) == pytest.approx(
+            (flagged & mis).sum() / flagged.sum(), abs=5e-4
+        )
+    plan = csl_fast.clean(tracker, detection=det)
+    sugg = _table_after(page, "Suggested labels")
+    assert sugg["flagged samples"] == str(len(plan))
+    relabel_key = next(k for k in sugg if k.startswith("relabel ("))
+    assert sugg[relabel_key] == str(plan.num_relabeled)
+    assert sugg["drop (no confident suggestion)"] == str(plan.num_dropped)
+    label = tracker.suggestions()[0].numpy()
+    right = int((label[mis] == samples.true_labels[mis]).sum())
+    key = next(k for k in sugg if k.startswith("flipped samples whose suggestion"))
+    assert sugg[key].startswith(f"{right} (")
+    # the rule's estimate is printed beside the flagged set
+    if det.estimated_count is not None:
+        assert f"Estimated number of bad samples: {det.estimated_count}" in page
+
+
+def test_sections_without_ground_truth(run, tmp_path):
+    tracker, _ = run
+    page = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert "Needs the ground truth" in page
+    sugg = _table_after(page, "Suggested labels")
+    assert "relabels that give the true label" not in sugg
+    assert int(sugg["flagged samples"]) == len(detect.mislabeled(tracker))
+
+
+def test_retrain_note_in_demo_results(tmp_path, capsys):
+    """The demo's clean-and-retrain numbers: the report note, results.json and a recomputed
+    cleaning plan agree."""
+    import json
+
+    from csl_fast import demo
+
+    out = tmp_path / "run"
+    cfg = demo.DemoConfig(
+        samples=300, epochs=6, pairs=3, hidden=64, overhead_rounds=0, out=str(out), quiet=True
+    )
+    results = demo.run(cfg)
+    printed = capsys.readouterr().out
+    cleaning = results["cleaning"]
+    acc = cleaning["accuracy"]
+    assert cleaning["test_size"] == 1797 - 300
+    assert set(acc) == {"noisy", "cleaned", "ceiling"}
+    assert all(0.0 <= v <= 1.0 for v in acc.values())
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["cleaning"]["accuracy"] == pytest.approx(acc)
+    note = dict(on_disk["report_notes"])["Clean and retrain"]
+    assert f"{acc['cleaned']:8.4f}" in note and f"{acc['ceiling']:8.4f}" in note
+    assert "Clean and retrain" in printed
+    # clean.csv is the plan csl-fast clean writes for the same run
+    tracker = csl_fast.CSLTracker.from_file(out / "tracker.csl")
+    plan = csl_fast.clean(tracker)
+    rows = (out / "clean.csv").read_text().splitlines()
+    assert len(rows) == len(plan) + 1
+    assert cleaning["relabeled"] == plan.num_relabeled
+    assert cleaning["kept"] == 300 - plan.num_dropped
+    z = np.load(out / "samples.npz")
+    assert {"labels", "true_labels", "mislabeled", "duplicate"} <= set(z.files)
