@@ -224,3 +224,24 @@ def test_nan_confidence_where_no_suggestion_is_accepted():
     plan = _plan(suggestions=(SUGG_LABEL, conf), budget=None)
     assert len(plan) == 4
     assert np.isfinite(plan.confidence.numpy()).all()
+
+
+def test_tracker_source_uses_its_suggestions():
+    g = torch.Generator().manual_seed(0)
+    n, c = 120, 3
+    y = torch.arange(n) % c
+    x = torch.randn(n, 6, generator=g) * 0.5
+    x[torch.arange(n), y] += 2.5
+    noisy, flipped = csl_fast.corrupt.flip_labels(y, 0.1, c, seed=0)
+    tracker = csl_fast.CSLTracker(n, c)
+    model = csl_fast.train.mlp(6, c, (32,), seed=0)
+    csl_fast.train.train(model, x, noisy, epochs=30, lr=1e-2, optimizer="adam", tracker=tracker)
+    plan = clean(tracker, policy="review", budget=20)
+    label, conf = tracker.suggestions()
+    assert torch.equal(plan.suggested_label, label[plan.index])
+    assert torch.equal(plan.confidence, conf[plan.index].float())
+    assert torch.equal(plan.relabel, (label[plan.index] >= 0) & (conf[plan.index] >= 0.5))
+    # the flipped samples lead the ranking and their suggestions are mostly the true class
+    top = plan.index[flipped[plan.index]]
+    assert top.numel() >= 8
+    assert (label[top] == y[top]).float().mean() >= 0.8
