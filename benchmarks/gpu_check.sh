@@ -1,49 +1,88 @@
 #!/usr/bin/env bash
-# GPU check for a CUDA machine with torch, triton, nvcc, ninja and pybind11 (no package index
-# needed): build the extension in place, run the test suite on the GPU, run the GPU benchmarks,
-# write everything into OUTDIR and print a short table last. About 8 minutes on one H200.
+# GPU check for a CUDA machine with torch, triton, nvcc, ninja and pybind11 (no package index,
+# no scikit-learn/pandas/...: the tests that need them skip): build the extension in place,
+# test on the GPU, benchmark, sweep Triton launch configurations, and write everything into
+# OUTDIR, with a short table printed last. Fits one ten-minute run: the stage limits below
+# add up to 475 s, and no stage starts past CSL_CHECK_BUDGET_S (480 s).
 #
-#   bash benchmarks/gpu_check.sh OUTDIR
+#   bash benchmarks/gpu_check.sh OUTDIR             # on the GPU machine
+#   bash benchmarks/gpu_check.sh OUTDIR --dry-run   # on a CPU: every stage as far as it can
 #
-# Stages (each logged to OUTDIR/<stage>.log, each bounded by a timeout; a failing stage does
-# not stop the later ones):
-#   env    nvidia-smi, versions, ninja/nvcc availability             -> env.log
-#   build  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 setup.py build_ext --inplace (ninja)
-#                                                                       -> build.log, info.log
-#   tests  python -m pytest tests -q --maxfail=25 (parametrized over cpu and cuda) -> tests.log, tests.xml
-#   bench  benchmarks/run.py --device cuda --out OUTDIR                 -> bench.log, <gpu>-<date>.{md,json}
-#   sweep  benchmarks/triton_sweep.py: Triton launch configurations    -> sweep.log, triton-sweep.{md,json}
+# Stages, in order (correctness first; each logged to OUTDIR/<stage>.log and bounded by a
+# timeout; a failing stage does not stop the later ones):
+#   env        15 s  nvidia-smi, versions, GPU count, nvcc/ninja                  env.log
+#   build     140 s  setup.py build_ext --inplace (ninja, TORCH_CUDA_ARCH_LIST=9.0),
+#                    csl_fast.info, the cuda backend must load                   build.log
+#   tests_gpu 170 s  pytest -k "cuda or gpu or triton": every GPU parametrisation, the
+#                    Triton kernels, the out-of-range/canary tests and, with two GPUs,
+#                    the second-GPU tests (tests/_triton/test_triton_device.py) first
+#   tests_cpu  40 s  the rest of the suite (CI runs it too), in what is left of 40 s
+#   bench      60 s  benchmarks/run.py --no-compile (eager candidates; warm-up runs before
+#                    each comparison's timed budget)                             bench.log
+#   sweep      25 s  benchmarks/triton_sweep.py on two shapes, at most 4 configurations
+#                    each (every configuration is a Triton compilation)          sweep.log
+#   compile    25 s  benchmarks/run.py --sections cross_entropy with torch.compile: the
+#                    cold compilation last, into OUTDIR/compile                compile.log
+# A pytest stage that hits its limit gets SIGINT, so pytest still writes its junit XML
+# (<stage>.xml) and failure summary (-rA); failures.log gets every failure's full report
+# the moment it happens (benchmarks/incremental_log.py), whatever stops the run.
 # Exit status: 0 when every stage passed, else 1 (the table says which failed).
-# Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (470),
-# CSL_BUILD_TIMEOUT_S (240), CSL_TEST_TIMEOUT_S (200), CSL_BENCH_ARGS (extra run.py arguments),
-# CSL_SWEEP_S (60: time kept for the sweep).
+# Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (480),
+# CSL_BENCH_ARGS (extra run.py arguments).
+#
+# --dry-run (a machine without a GPU): Triton runs in its interpreter, the optional packages
+# are hidden (.ci/hide_optional) as on the GPU machine, the in-place build is skipped (the
+# build stage reports what is loaded), benchmarks run on the CPU with small budgets.
 set -u
-OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
+OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR [--dry-run]}
+DRY=0
+[ "${2:-}" = --dry-run ] && DRY=1
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python}
-BUDGET=${CSL_CHECK_BUDGET_S:-470}
+BUDGET=${CSL_CHECK_BUDGET_S:-480}
 START=$(date +%s)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET
+export CSL_INCREMENTAL_LOG="$OUT/failures.log"
+export PYTHONPATH="$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
+DEVICE=cuda
+if [ $DRY -eq 1 ]; then
+    DEVICE=cpu
+    export TRITON_INTERPRET=1
+    export PYTHONPATH="$ROOT/.ci/hide_optional:$PYTHONPATH"
+    # A bare pytest: no plugins from the (hidden) optional packages.
+    export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
+else
+    unset TRITON_INTERPRET
+fi
+: >"$CSL_INCREMENTAL_LOG"
 declare -A STATUS SECONDS_USED
 ORDER=()
 
 elapsed() { echo $(($(date +%s) - START)); }
 
-# stage NAME TIMEOUT_S CMD...: run CMD under a timeout, log it, record pass/fail/timeout.
+# stage NAME LIMIT_S CMD...: run CMD under a timeout (SIGINT first, SIGKILL 10 s later),
+# log it, record pass/fail/timeout. The limit is cut to what is left of the budget.
 stage() {
     local name=$1 limit=$2
     shift 2
     ORDER+=("$name")
+    local left=$((BUDGET - $(elapsed)))
+    [ "$limit" -gt "$left" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        STATUS[$name]="SKIPPED (budget spent)"
+        SECONDS_USED[$name]=0
+        echo "== [$(elapsed)s] $name skipped: ${left}s of the budget left" | tee -a "$OUT/gpu_check.log"
+        return
+    fi
     local t0=$(date +%s)
     echo "== [$(elapsed)s] $name (limit ${limit}s): $*" | tee -a "$OUT/gpu_check.log"
     # Shell functions run through `bash -c` (they are exported below) so `timeout` can bound them.
-    timeout --kill-after=15 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
+    timeout -s INT --kill-after=10 "$limit" bash -c '"$@"' _ "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
     SECONDS_USED[$name]=$(($(date +%s) - t0))
     if [ $rc -eq 0 ]; then
@@ -62,21 +101,21 @@ stage() {
 env_info() {
     date -u +%Y-%m-%dT%H:%M:%SZ
     git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -20
-    nvidia-smi || true
+    nvidia-smi || echo "nvidia-smi: not available"
     command -v nvcc && nvcc --version | tail -n 2
     command -v ninja && ninja --version
     "$PY" - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "available", torch.cuda.is_available())
-if torch.cuda.is_available():
-    print("gpu", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
-try:
-    import triton; print("triton", triton.__version__)
-except Exception as e: print("triton missing:", e)
-try:
-    import pybind11; print("pybind11", pybind11.__version__)
-except Exception as e: print("pybind11 missing:", e)
+n = torch.cuda.device_count()
+print("gpus", n, "- the second-GPU tests", "run" if n >= 2 else "skip (one GPU or none)")
+for i in range(n):
+    print(f"gpu {i}", torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+for mod in ("triton", "pybind11", "numpy", "pytest", "sklearn", "pandas", "cleanlab"):
+    try:
+        m = __import__(mod); print(mod, getattr(m, "__version__", "?"))
+    except Exception as e: print(mod, "missing:", e)
 from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
 print("CUDA_HOME", CUDA_HOME, "ninja", is_ninja_available())
 try:
@@ -86,56 +125,81 @@ EOF
 }
 
 build() {
+    if [ "$DRY" -eq 1 ]; then
+        echo "dry run: no in-place build (csl_fast/_C is what this checkout has)"
+        "$PY" -m csl_fast.info
+        return 0
+    fi
     "$PY" setup.py build_ext --inplace || return $?
     "$PY" -m csl_fast.info
     # The check is for the CUDA backend: fail the stage when it did not load.
     "$PY" -c "import csl_fast, sys; b = csl_fast.available_backends('cuda'); print('cuda backends:', b); sys.exit(0 if 'cuda' in b else 3)"
 }
 
-tests() {
-    # The nvcc compile checks and the sm_90 AOT check are for machines without a GPU: the
-    # build stage has just compiled the real thing. --maxfail rather than -x: a first GPU
-    # run should show every failure it can within its time.
-    "$PY" -m pytest tests -q -p no:cacheprovider --maxfail=25 --junitxml="$OUT/tests.xml" \
-        -o junit_family=xunit2 --durations=15 \
-        --ignore=tests/test_cuda_compile.py --ignore=tests/_triton/test_triton_compile_sm90.py
+# run_tests NAME PYTEST_ARGS...: -v/-rA to the log as it goes, junit XML at the end (also on
+# SIGINT), failures.log at once. The nvcc compile checks and the sm_90 AOT check are for
+# machines without a GPU (the build stage compiled the real thing).
+run_tests() {
+    local name=$1
+    shift
+    "$PY" -m pytest -v -rA -p no:cacheprovider -p incremental_log --maxfail=40 \
+        --junitxml="$OUT/$name.xml" -o junit_family=xunit2 --durations=10 \
+        --ignore=tests/test_cuda_compile.py --ignore=tests/_triton/test_triton_compile_sm90.py \
+        --ignore=tests/test_optional_deps.py "$@"
 }
+SELECT_GPU="cuda or gpu or triton"
+tests_gpu() {
+    # The out-of-range/canary and device-guard tests first, then the rest that touches a GPU.
+    run_tests tests_gpu tests/_triton/test_triton_bounds.py tests/_triton/test_triton_device.py \
+        tests -k "$SELECT_GPU"
+}
+tests_cpu() { run_tests tests_cpu tests -k "not ($SELECT_GPU)"; }
 
-export OUT ROOT PY
-export -f env_info build tests
-stage env 60 env_info
-stage build "${CSL_BUILD_TIMEOUT_S:-240}" build
-stage tests "${CSL_TEST_TIMEOUT_S:-200}" tests
+export OUT ROOT PY DRY SELECT_GPU
+export -f env_info build run_tests tests_gpu tests_cpu
 
-SWEEP_S=${CSL_SWEEP_S:-60}
-left=$((BUDGET - SWEEP_S - $(elapsed)))
-[ $left -lt 150 ] && left=150
-# Smaller time budgets per comparison when little time is left (the report is written after
-# every section, so a run cut short still leaves its finished sections in OUTDIR).
-scale=$("$PY" -c "print(round(min(1.0, max(0.3, $left / 300)), 2))")
+stage env 15 env_info
+stage build 140 build
+stage tests_gpu 170 tests_gpu
+stage tests_cpu 40 tests_cpu
+if [ $DRY -eq 1 ]; then
+    BENCH=("$PY" benchmarks/run.py --device cpu --quick --sections cross_entropy)
+else
+    BENCH=("$PY" benchmarks/run.py --device cuda --no-compile --budget-scale 0.15)
+fi
 # shellcheck disable=SC2086
-stage bench "$left" "$PY" benchmarks/run.py --device cuda --out "$OUT" --budget-scale "$scale" \
-    ${CSL_BENCH_ARGS:-}
-
-# The Triton launch-configuration sweep (data for _config's heuristic), in what is left.
-sweep_left=$((BUDGET - $(elapsed)))
-[ $sweep_left -lt "$SWEEP_S" ] && sweep_left=$SWEEP_S
-stage sweep "$sweep_left" "$PY" benchmarks/triton_sweep.py --out "$OUT" --budget-s $((sweep_left - 15))
+stage bench 60 "${BENCH[@]}" --out "$OUT" ${CSL_BENCH_ARGS:-}
+if [ $DRY -eq 1 ]; then
+    stage sweep 25 "$PY" benchmarks/triton_sweep.py --device cpu --out "$OUT" --budget-s 5 \
+        --shapes 3x10 --max-configs 2
+else
+    stage sweep 25 "$PY" benchmarks/triton_sweep.py --out "$OUT" --budget-s 18 \
+        --shapes 1024x1000,8192x128256 --max-configs 4
+fi
+# torch.compile of the reference: a cold compilation per shape, so last and on its own.
+stage compile 25 "$PY" benchmarks/run.py --device "$DEVICE" --sections cross_entropy \
+    --reps 10 --budget-scale 0.1 --out "$OUT/compile"
 
 # ------------------------------------------------------------------ short table, last
 echo
-echo "== gpu_check summary ($(elapsed)s, results in $OUT)"
-printf '%-7s %-24s %s\n' stage status seconds
+echo "== gpu_check summary ($(elapsed)s of ${BUDGET}s, results in $OUT)"
+[ $DRY -eq 1 ] && echo "   (dry run on $(uname -m): Triton interpreted, optional packages hidden)"
+printf '%-10s %-24s %s\n' stage status seconds
 fail=0
 for s in "${ORDER[@]}"; do
-    printf '%-7s %-24s %s\n' "$s" "${STATUS[$s]}" "${SECONDS_USED[$s]}"
+    printf '%-10s %-24s %s\n' "$s" "${STATUS[$s]}" "${SECONDS_USED[$s]}"
     [ "${STATUS[$s]}" = pass ] || fail=1
 done
-grep -E '^[0-9]+ (passed|failed)|^(FAILED|ERROR) |[0-9]+ (passed|failed|error)' "$OUT/tests.log" | tail -n 5
+for s in tests_gpu tests_cpu; do
+    [ -f "$OUT/$s.log" ] && echo "$s: $(grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$OUT/$s.log" | tail -n 1)"
+done
+n_fail=$(grep -cE '^(FAILED|ERROR|COLLECTION ERROR) ' "$OUT/failures.log")
+echo "failures.log: $n_fail failing tests with their full reports"
+grep -E '^(FAILED|ERROR|COLLECTION ERROR) ' "$OUT/failures.log" | head -n 10
 if [ -f "$OUT/bench.log" ]; then
     # run.py prints its summary table on stdout after the [..s] progress lines.
     grep -v '^\[' "$OUT/bench.log" | grep -E '^(CE |step |targets|  MISSED|FAILED)' || true
 fi
 grep -A8 '^Best per shape' "$OUT/triton-sweep.md" 2>/dev/null | grep '^- ' | sed 's/^- /sweep best /' || true
-ls "$OUT"/*.md 2>/dev/null | sed 's/^/report: /'
+ls "$OUT"/*.md "$OUT"/compile/*.md 2>/dev/null | sed 's/^/report: /'
 exit $fail

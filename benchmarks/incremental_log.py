@@ -1,5 +1,5 @@
-"""pytest plugin for ``benchmarks/gpu_check.sh``: every test's outcome, and each failure's
-full report, appended to ``$CSL_INCREMENTAL_LOG`` the moment it is known.
+"""pytest plugin for ``benchmarks/gpu_check.sh``: each failure's full report (test errors
+and collection errors too) appended to ``$CSL_INCREMENTAL_LOG`` the moment it is known.
 
 pytest writes its junit XML and its failure sections when the session ends; a run killed
 by a time limit (or a crashed CUDA context) would lose them. This file keeps them.
@@ -19,15 +19,11 @@ def _write(text: str) -> None:
 
 
 def pytest_runtest_logreport(report) -> None:
-    if (
-        report.when != "call"
-        and not report.failed
-        and not (report.skipped and report.when == "setup")
-    ):
-        return
-    _write(f"{report.outcome.upper()} {report.nodeid} [{report.when}, {report.duration:.2f}s]\n")
-    if report.failed or report.skipped:
-        _write(report.longreprtext.rstrip() + "\n" + "-" * 80 + "\n")
+    if report.failed:  # in setup, call or teardown
+        _write(
+            f"{'FAILED' if report.when == 'call' else 'ERROR'} {report.nodeid} "
+            f"[{report.when}, {report.duration:.2f}s]\n{report.longreprtext.rstrip()}\n{'-' * 80}\n"
+        )
 
 
 def pytest_collectreport(report) -> None:

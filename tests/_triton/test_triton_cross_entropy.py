@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from csl_fast import reference
 from csl_fast._triton import cross_entropy, cross_entropy_fwd_triton
-from csl_fast.stats import Stat
+from csl_fast.stats import NUM_STATS, Stat
 
 LOW = (torch.float16, torch.bfloat16)
 IGNORE = -100
@@ -112,9 +112,9 @@ def test_all_ignored_and_empty_mean(tdevice):
         ref = reference.cross_entropy_fwd(logits, target, w, IGNORE, 0.1, 1)
         assert torch.isnan(loss) and torch.isnan(ref[0])
         torch.testing.assert_close(grad, ref[1])
-        assert not stats.any()
+        assert torch.equal(stats, ref[2])  # ignored rows: zeros, no runner-up (-1)
     loss, grad, stats = cross_entropy_fwd_triton(logits[:0], target[:0], None, IGNORE, 0.0, 1)
-    assert torch.isnan(loss) and grad.shape == (0, 9) and stats.shape == (6, 0)
+    assert torch.isnan(loss) and grad.shape == (0, 9) and stats.shape == (NUM_STATS, 0)
 
 
 def test_nonfinite_rows_get_zero_stats(tdevice):
