@@ -180,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cumulative Sample Loss for free: find mislabeled, duplicated and "
         "memorized training samples from per-sample training dynamics.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage error, 3 bad or missing input "
-        "file, 4 missing optional dependency, 130 interrupted. Run `csl-fast demo` first.",
+        "file or unwritable output, 4 missing optional dependency, 130 interrupted. "
+        "--debug prints tracebacks. Run `csl-fast demo` first.",
     )
     from . import __version__
 
