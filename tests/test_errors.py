@@ -255,3 +255,28 @@ def test_ignore_index_out_of_int64_range():
         with pytest.raises(ValueError, match=r"ignore_index must fit in int64 .* got "):
             csl_fast.accumulate(**a, ignore_index=value)
     assert torch.equal(a["csl"], torch.zeros(6))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("name,mutate,exc,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_on_every_cpu_backend_including_interpreted_triton(name, mutate, exc, message):
+    """The argument checks of every backend that runs on CPU tensors here (the case above
+    leaves Triton to a GPU; under TRITON_INTERPRET=1 it runs on the CPU too), with a
+    tracker as well as a tensor buffer: refused before anything is written."""
+    for backend in _all_backends():
+        for tracked in (False, True) if not name.startswith("csl") else (False,):
+            args = _good("cpu")
+            if tracked:
+                args["csl"] = csl_fast.CSLTracker(6, 5, backend=backend)
+            mutate(args)
+            csl = args["csl"]
+            buffers = (
+                {"csl": csl} if isinstance(csl, torch.Tensor) else getattr(csl, "buffers", dict)()
+            )
+            before = {k: v.clone() for k, v in buffers.items()}
+            with pytest.raises(exc, match=message):
+                csl_fast.accumulate(
+                    args["logits"], args["target"], args["index"], csl, backend=backend
+                )
+            for k, v in before.items():
+                assert torch.equal(buffers[k], v), f"{backend} wrote into {k} on a failed call"
