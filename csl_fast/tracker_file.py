@@ -177,11 +177,8 @@ def _save_error(exc: OSError, user_path: str) -> OSError:
         errno.EROFS: "the file system is read-only: save elsewhere",
         errno.EISDIR: "the path is a folder: give a file name",
     }.get(exc.errno, exc.strerror or str(exc))
-    cls = type(exc) if type(exc) is not OSError else OSError
-    try:
-        return cls(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}", user_path)
-    except TypeError:  # an OSError subclass with another constructor
-        return OSError(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}", user_path)
+    # OSError(errno, text) is the errno's subclass (FileNotFoundError, PermissionError, ...).
+    return OSError(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}")
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
@@ -308,7 +305,7 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
             entries.append((name, _FILE_DTYPES[dtype], shape))
     except TrackerFileError:
         raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise TrackerFileError(
             f"{path}: corrupted tracker file (its header does not parse: {type(exc).__name__})"
         ) from None

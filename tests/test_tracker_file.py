@@ -252,6 +252,18 @@ def test_huge_sizes_allocate_nothing(tmp_path, monkeypatch):
     assert made == []
 
 
+def test_hostile_headers(tmp_path):
+    """Headers that parse badly or deeply: refused as corrupted, never another exception."""
+    target = _filled()
+    for i, raw in enumerate(
+        [b"[" * 200_000 + b"]" * 200_000, b"\xff\xfe", b"[]", b'{"tensors": [[1, 2]]}', b"NaN"]
+    ):
+        body = MAGIC + len(raw).to_bytes(8, "little") + raw
+        path = tmp_path / f"h{i}.csl"
+        path.write_bytes(body + hashlib.sha256(body).digest())
+        _refused(path, target, "corrupted")
+
+
 def test_foreign_empty_and_missing(tmp_path):
     target = _filled()
     for name, content in {
