@@ -102,3 +102,29 @@ def test_kill_before_rename_leaves_temp_that_next_save_removes(tmp_path):
     assert _check_complete(path) == 1
     _tracker(3).save(path)
     assert _temps(tmp_path) == [] and _check_complete(path) == 3
+
+
+def test_two_processes_saving_to_one_path(tmp_path):
+    """Concurrent writers: neither removes the other's temp file in flight, every load in
+    between sees a complete state, and nothing is left over."""
+    path = tmp_path / "run.csl"
+    _tracker(0).save(path)
+    pids = []
+    for first in (1, 10_001):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                t = _tracker(first)
+                for _ in range(25):
+                    t.save(path)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for _ in range(10):
+        _check_complete(path)
+    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    assert codes == [0, 0]
+    assert _check_complete(path) in (1, 10_001)
+    assert _temps(tmp_path) == []
