@@ -403,3 +403,38 @@ def test_emulated_input_grad_norms(emu, cols, dtype):
         assert rc == 0
         exact = reference.input_grad_norms(grad.double(), 0.25)
         assert_close_f32(out, exact, "input_grad_norms", rtol=1e-7 if code == 3 else 1e-5)
+
+
+@pytest.mark.parametrize("classes", [10, 600, 9000])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_emulated_cross_entropy_writes_only_its_buffers(emu, classes, inplace):
+    """Bad targets (past C, -1 as padding), ignored rows and an empty batch: the kernels
+    write the gradient, objective and statistics buffers and nothing around them (each is
+    a slice of a larger tensor whose outside must stay bit-identical)."""
+    pad, batch = 7, 4
+    target = torch.tensor([classes, 1, -100, -1])
+    for rows in (batch, 0):
+        logits_big = torch.randn(batch + 2, classes)
+        logits = logits_big[1 : 1 + rows]
+        grad_big = logits_big if inplace else torch.randn(batch + 2, classes)
+        grad = grad_big[1 : 1 + rows]
+        obj_big, stats_big = torch.randn(rows + 2 * pad), torch.randn(NUM_STATS * rows + 2 * pad)
+        n_prep = emu.emu_ce_prep_size(rows, 1, 0, 0.0)
+        prep_big = torch.randn(max(n_prep, 1) + 2 * pad)
+        bigs = (logits_big, grad_big, obj_big, stats_big, prep_big)
+        before = [b.clone() for b in bigs]
+        rc = emu.emu_cross_entropy_fwd(
+            logits.data_ptr(), 0, rows, classes, logits.stride(0), target[:rows].data_ptr(),
+            -100, None, 0.0, 1, prep_big[pad:].data_ptr(), obj_big[pad:].data_ptr(),
+            grad.data_ptr(), stats_big[pad:].data_ptr(), None,
+        )  # fmt: skip
+        assert rc == 0
+        for big, old in zip(bigs, before, strict=True):
+            edge = [0, -1] if big.dim() == 2 else [*range(pad), *range(-pad, 0)]
+            assert torch.equal(big[edge], old[edge])  # the canaries
+        if rows:
+            obj = obj_big[pad : pad + rows]
+            assert torch.isnan(obj[[0, 3]]).all() and obj[2] == 0 and torch.isfinite(obj[1])
+            assert torch.isnan(grad[[0, 3]]).all() and not grad[2].any()
+            stats = stats_big[pad : pad + NUM_STATS * rows].view(NUM_STATS, rows)
+            assert stats[Stat.VALID].tolist() == [0.0, 1.0, 0.0, 0.0]
