@@ -339,7 +339,10 @@ def cross_entropy_fwd_triton(
     Args:
         logits: ``[B, C]`` float16/bfloat16/float32 (any strides; the class dim is made
             contiguous if it is not).
-        target: ``[B]`` int32/int64 class indices; ``ignore_index`` marks ignored rows.
+        target: ``[B]`` int32/int64 class indices; ``ignore_index`` marks ignored rows. A
+            target outside ``[0, C)`` that is not ``ignore_index`` gives that row a NaN loss
+            and gradient and an ignored row's statistics (not recorded), as the CUDA C++
+            kernels do; ``C == 0`` with rows raises ``ValueError``.
         weight: optional ``[C]`` class weights (any float dtype, used in float32).
         ignore_index: target value whose rows contribute nothing.
         label_smoothing: ``eps`` in ``[0, 1]``.
