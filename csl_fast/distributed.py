@@ -71,10 +71,13 @@ same :class:`SyncError` naming the fields and each rank's value, instead of ente
 collectives of mismatched sizes (which gloo answers with an abort).
 
 Every collective waits at most :func:`get_timeout` seconds (default
-:data:`DEFAULT_TIMEOUT`, 600; set it with :func:`set_timeout`, the environment variable
+:data:`DEFAULT_TIMEOUT`, 1800: torch's own default, so csl_fast never stops a job that
+torch would let wait; set it with :func:`set_timeout`, the environment variable
 ``CSL_FAST_SYNC_TIMEOUT`` or the ``timeout`` argument), then raises
 :class:`SyncTimeoutError`: the usual cause is a rank that skipped ``end_epoch()`` (which
-syncs), or one that exited or crashed. The process group cannot be reused after it.
+syncs), or one that exited or crashed. The process group cannot be reused after it. Set
+it below the time your slowest rank may legitimately spend between two ``end_epoch``
+calls of the others (an evaluation or a checkpoint on rank 0, for instance).
 
 Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), one
 ``all_reduce(SUM)`` over the float buffers, one over the int32 buffers (forgetting, the
@@ -111,8 +114,9 @@ __all__ = [
 
 #: Seconds csl_fast's collectives wait for every rank before raising
 #: :class:`SyncTimeoutError`, unless :func:`set_timeout` or the environment variable
-#: ``CSL_FAST_SYNC_TIMEOUT`` (seconds) says otherwise.
-DEFAULT_TIMEOUT = 600.0
+#: ``CSL_FAST_SYNC_TIMEOUT`` (seconds) says otherwise. torch's default process-group
+#: timeout: a slow but healthy rank is never cut short earlier than torch would.
+DEFAULT_TIMEOUT = 1800.0
 _timeout: float | None = None
 
 
