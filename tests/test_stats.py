@@ -305,3 +305,46 @@ def test_stat_enum_matches_csrc_stats_h():
     assert entries.pop("NumStats", None) == NUM_STATS == len(Stat)
     python = {"".join(part.capitalize() for part in s.name.split("_")): int(s) for s in Stat}
     assert entries == python
+
+
+def test_a_version_1_state_loads_without_suggestions():
+    """Files written before the vote existed hold no suggest_* buffers: they load with
+    no suggestion (label -1, no votes)."""
+    tracker = csl_fast.CSLTracker(3, 4, backend="reference")
+    state = tracker.state_dict()
+    state["version"] = 1
+    state["buffers"] = {k: v for k, v in state["buffers"].items() if not k.startswith("suggest")}
+    fresh = csl_fast.CSLTracker(3, 4)
+    fresh.suggest_label.fill_(2)
+    fresh.suggest_votes.fill_(5)
+    fresh.load_state_dict(state)
+    assert fresh.suggest_label.tolist() == [-1, -1, -1]
+    assert fresh.suggest_votes.tolist() == [0, 0, 0] and fresh.suggest_hits.tolist() == [0, 0, 0]
+
+
+def test_sequences_make_no_suggestion():
+    tracker = csl_fast.CSLTracker(4, 5)
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    target = torch.randint(0, 5, (2, 3))
+    csl_fast.accumulate(logits.flatten(0, 1), target, torch.tensor([1, 3]), tracker).backward()
+    assert tracker.csl_count[1] == 3  # recorded, as three tokens
+    assert (tracker.suggest_label == -1).all() and (tracker.suggest_votes == 0).all()
+
+
+def test_merge_combines_votes_as_majority_summaries():
+    runs = []
+    for label, votes, hits in (
+        ([2, 1, -1, 3], [3, 1, 0, 2], [4, 1, 0, 2]),
+        ([2, 0, 1, 3], [1, 2, 2, 2], [1, 2, 2, 5]),
+    ):
+        t = csl_fast.CSLTracker(4, 4)
+        t.suggest_label.copy_(torch.tensor(label))
+        t.suggest_votes.copy_(torch.tensor(votes))
+        t.suggest_hits.copy_(torch.tensor(hits))
+        runs.append(t)
+    merged = csl_fast.merge(runs)
+    # same candidate: votes and hits add; different: more votes wins with the difference,
+    # a tie keeps the first run's; no candidate: the other run's.
+    assert merged.suggest_label.tolist() == [2, 0, 1, 3]
+    assert merged.suggest_votes.tolist() == [4, 1, 2, 4]
+    assert merged.suggest_hits.tolist() == [5, 2, 2, 7]
