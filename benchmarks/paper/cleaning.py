@@ -1,0 +1,496 @@
+"""Clean and retrain: how much of the accuracy lost to label noise does cleaning win back?
+
+For each regime, noise rate and seed, with ``int(p * N)`` training labels flipped to a
+uniformly random different class, the clean test accuracy of the same model (same
+initialisation, same minibatch seed, same hyperparameters; only the training labels
+differ) trained on:
+
+``noisy``
+    the noisy labels (csl_fast's tracked run: this training is also what csl_fast learns
+    from);
+``csl_fast``
+    the data :func:`csl_fast.clean` cleaned with its default policy (relabel a flagged
+    sample to its suggested label when confident, drop it otherwise), retrained once;
+``csl_fast drop``
+    the same flagged set, all dropped;
+``cleanlab``
+    cleanlab's documented workflow: out-of-sample ``pred_probs`` from K = 3 folds (a fresh
+    model per fold, :mod:`csl_fast.baselines.confident_learning`), ``find_label_issues``,
+    drop the issues, retrain;
+``true labels``
+    the labels before the flips (the ceiling).
+
+"Gap recovered" is ``(acc - acc_noisy) / (acc_ceiling - acc_noisy)`` on the means over
+seeds. Also reported: the fraction of *all* flipped samples whose suggested label is their
+true label, for csl_fast (:meth:`csl_fast.CSLTracker.suggestions`, ``-1`` counts as wrong)
+and for cleanlab (argmax of its out-of-sample ``pred_probs``), and the training runs each
+method costs (csl_fast: the tracked run + one retraining; cleanlab: K folds + one
+retraining, besides the noisy run it does not need).
+
+Regimes (public data, shipped or generated locally; the network memorizes: no weight
+decay, no augmentation, long training, design.md section 3):
+
+``digits``
+    scikit-learn's digits, a stratified 70/30 split (1,257 train / 540 test), inputs
+    standardised with the training statistics, MLP 64-128-128-10, SGD lr 0.05 momentum 0.9,
+    batch 128, 60 epochs (``benchmarks/paper/common.py``'s regime).
+``mnist1d``
+    MNIST-1D (``pip install mnist1d``; ``make_dataset(get_dataset_args())``: 4,000 train /
+    1,000 test sequences of length 40, 10 classes), a small BatchNorm-free 1-D conv net,
+    Adam lr 3e-3, batch 128, 100 epochs (fits 100% of the noisy training labels).
+
+    python benchmarks/paper/cleaning.py                       # both regimes, 5 and 10%
+    python benchmarks/paper/cleaning.py --regimes digits --seeds 0 1 2
+
+Writes ``results/cleaning.json`` and ``.md`` (date, machine, commit). The noisy runs'
+trackers and cleanlab's results do not depend on the flagging rule and are cached
+(``--cache``), so a changed rule reruns only csl_fast's retrainings; finished retrainings
+are kept in ``results/cleaning.partial.json`` while the rule's code is unchanged, so an
+interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import RESULTS, environment, write_results
+from torch import nn
+
+import csl_fast
+from csl_fast import corrupt, detect
+from csl_fast.baselines import confident_learning
+from csl_fast.clean import evaluate_plan
+from csl_fast.train import mlp, predict, train
+
+REGIMES = ("digits", "mnist1d")
+PARTIAL = RESULTS / "cleaning.partial.json"
+ARMS = ("noisy", "csl_fast", "csl_fast_drop", "cleanlab", "ceiling")
+ARM_NAMES = {
+    "noisy": "trained on the noisy labels",
+    "csl_fast": "csl_fast: clean (relabel-confident) + 1 retraining",
+    "csl_fast_drop": "csl_fast: drop the flagged set + 1 retraining",
+    "cleanlab": "cleanlab: K = 3 folds + find_label_issues, drop + 1 retraining",
+    "ceiling": "trained on the true labels (ceiling)",
+}
+
+
+# ------------------------------------------------------------------------------ data
+def load(regime: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(x_train, y_train, x_test, y_test)``, inputs standardised with training statistics."""
+    if regime == "digits":
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        tr, te = train_test_split(
+            np.arange(len(d.target)), test_size=0.3, stratify=d.target, random_state=0
+        )
+        x = torch.tensor(d.data, dtype=torch.float32)
+        y = torch.tensor(d.target, dtype=torch.long)
+        mean, std = x[tr].mean(0), x[tr].std(0) + 1e-3
+        x = (x - mean) / std
+        return x[tr], y[tr], x[te], y[te]
+    if regime == "mnist1d":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as exc:
+            raise SystemExit("the mnist1d regime needs `pip install mnist1d`") from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = make_dataset(get_dataset_args())  # generated locally (seed 42), no download
+        x = torch.tensor(d["x"], dtype=torch.float32)
+        xt = torch.tensor(d["x_test"], dtype=torch.float32)
+        mean, std = x.mean(), x.std()
+        return (
+            (x - mean) / std,
+            torch.tensor(d["y"], dtype=torch.long),
+            (xt - mean) / std,
+            torch.tensor(d["y_test"], dtype=torch.long),
+        )
+    raise SystemExit(f"unknown regime {regime!r}; known: {REGIMES}")
+
+
+class Conv1dNet(nn.Module):
+    """A small 1-D conv net for MNIST-1D ``[B, 40]`` inputs (no BatchNorm)."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(width * 10, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1))
+
+
+def factory(regime: str, epochs: int | None):
+    """``(seed -> fresh model, train kwargs)`` of a regime."""
+    if regime == "digits":
+        kw = {"epochs": 60, "lr": 0.05, "momentum": 0.9, "batch_size": 128}
+
+        def make(seed: int) -> nn.Module:
+            return mlp(64, 10, (128, 128), seed=seed)
+
+    else:
+        kw = {"epochs": 100, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
+
+        def make(seed: int) -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return Conv1dNet()
+
+    if epochs is not None:
+        kw["epochs"] = epochs
+    return make, kw
+
+
+# ------------------------------------------------------------------------------ runs
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((predict(model, x).argmax(1) == y).float().mean())
+
+
+def fit(make, kw, seed, x, y, x_test, y_test, tracker=None) -> tuple[float, float]:
+    """Train ``make(1000 + seed)`` on ``(x, y)``: ``(clean test accuracy, seconds)``."""
+    model = make(1000 + seed)
+    t0 = time.perf_counter()
+    train(model, x, y, tracker=tracker, seed=seed, **kw)
+    return accuracy(model, x_test, y_test), time.perf_counter() - t0
+
+
+def noisy_stage(regime: str, noise: float, seed: int, epochs: int | None, folds: int, cache):
+    """What does not depend on the flagging rule: the tracked noisy run (its tracker saved
+    to ``cache``) and cleanlab's whole workflow. Cached, so a changed rule reruns only
+    :func:`clean_stage`."""
+    path = cache / f"{regime}-{noise:g}-{seed}-{epochs}-{folds}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=False)
+    x, y, x_test, y_test = load(regime)
+    make, kw = factory(regime, epochs)
+    noisy, flipped = corrupt.flip_labels(y, noise, num_classes=10, seed=seed)
+    acc, sec = {}, {}
+    tracker = csl_fast.CSLTracker(len(y), 10)
+    acc["noisy"], sec["noisy"] = fit(make, kw, seed, x, noisy, x_test, y_test, tracker)
+    t0 = time.perf_counter()
+    cl = confident_learning(make, x, noisy, k=folds, train_kwargs=kw, seed=seed)
+    sec["cleanlab_folds"] = time.perf_counter() - t0
+    keep_cl = torch.nonzero(~cl.issues)[:, 0]
+    acc["cleanlab"], sec["cleanlab"] = fit(
+        make, kw, seed, x[keep_cl], noisy[keep_cl], x_test, y_test
+    )
+    flips = flipped.numpy()
+    cl_flag = cl.issues.numpy()
+    n_flip = max(int(flips.sum()), 1)
+    out = {
+        "tracker": tracker.state_dict(),
+        "noisy": noisy,
+        "flipped": flipped,
+        "commit": environment()["commit"],
+        "accuracy": acc,
+        "seconds": sec,
+        "cleanlab": {
+            "flagged": int(cl_flag.sum()),
+            "flagged_flipped": int((cl_flag & flips).sum()),
+            "suggestion_right_on_flipped": float(
+                (cl.pred_probs.argmax(1).numpy()[flips] == y.numpy()[flips]).sum() / n_flip
+            ),
+        },
+    }
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.save(out, path)
+    return out
+
+
+def clean_stage(regime: str, noise: float, seed: int, epochs: int | None, folds: int, cache):
+    """csl_fast's side: the default rule on the saved tracker, :func:`csl_fast.clean` with
+    the default policy and with ``drop``, one retraining each."""
+    stage = noisy_stage(regime, noise, seed, epochs, folds, cache)
+    x, y, x_test, y_test = load(regime)
+    make, kw = factory(regime, epochs)
+    noisy, flipped = stage["noisy"], stage["flipped"]
+    acc, sec = dict(stage["accuracy"]), dict(stage["seconds"])
+    tracker = csl_fast.CSLTracker(len(y), 10)
+    tracker.load_state_dict(stage["tracker"])
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # kept in the results instead
+        det = detect.mislabeled(tracker)
+    plan = csl_fast.clean(tracker, detection=det)
+    drop = csl_fast.clean(tracker, detection=det, policy="drop")
+    sec["clean"] = time.perf_counter() - t0
+    keep, labels = plan.apply(noisy)
+    acc["csl_fast"], sec["csl_fast"] = fit(make, kw, seed, x[keep], labels, x_test, y_test)
+    keep_d, labels_d = drop.apply(noisy)
+    acc["csl_fast_drop"], sec["csl_fast_drop"] = fit(
+        make, kw, seed, x[keep_d], labels_d, x_test, y_test
+    )
+    sugg_label, sugg_conf = tracker.suggestions()
+    flips = flipped.numpy()
+    true = y.numpy()
+    plan_eval = evaluate_plan(plan, y, flipped)
+    n_flip = max(int(flips.sum()), 1)
+    csl_flag = det.flagged.numpy()
+    return {
+        "regime": regime,
+        "noise": noise,
+        "seed": seed,
+        "train_size": len(y),
+        "test_size": len(y_test),
+        "flipped": int(flips.sum()),
+        "trained_at_commit": stage["commit"],
+        "accuracy": acc,
+        "seconds": sec,
+        "csl_fast": {
+            "rule": det.rule,
+            "warning": det.warning,
+            "flagged": int(csl_flag.sum()),
+            "flagged_flipped": int((csl_flag & flips).sum()),
+            "estimated_count": det.estimated_count,
+            "count_interval": det.count_interval,
+            "relabeled": plan.num_relabeled,
+            "relabel_correct": plan_eval["relabel_correct"],
+            "dropped": plan.num_dropped,
+            "dropped_clean": plan_eval["drop_clean"],
+            "suggestion_right_on_flipped": float(
+                (sugg_label.numpy()[flips] == true[flips]).sum() / n_flip
+            ),
+            "suggestion_confidence_median_on_flipped": float(np.nanmedian(sugg_conf.numpy()[flips]))
+            if flips.any()
+            else None,
+        },
+        "cleanlab": stage["cleanlab"],
+        "trainings": {"csl_fast": 2, "cleanlab": folds + 1},
+    }
+
+
+def ceiling(regime: str, seed: int, epochs: int | None, cache: Path) -> float:
+    """Clean-test accuracy of the model trained on the true labels (cached)."""
+    path = cache / f"ceiling-{regime}-{seed}-{epochs}.json"
+    if path.exists():
+        return float(json.loads(path.read_text())["accuracy"])
+    x, y, x_test, y_test = load(regime)
+    make, kw = factory(regime, epochs)
+    a, s = fit(make, kw, seed, x, y, x_test, y_test)
+    cache.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"accuracy": a, "seconds": s}))
+    return a
+
+
+# ------------------------------------------------------------------------------ tables
+def summarise(runs: list[dict], ceilings: dict[str, float]) -> list[dict]:
+    """Per (regime, noise): means over seeds of every arm, the gap recovered, suggestions."""
+    rows = []
+    for regime in dict.fromkeys(r["regime"] for r in runs):
+        for noise in sorted({r["noise"] for r in runs if r["regime"] == regime}):
+            rs = [r for r in runs if r["regime"] == regime and r["noise"] == noise]
+            seeds = [r["seed"] for r in rs]
+            acc = {
+                a: float(np.mean([r["accuracy"][a] for r in rs])) for a in ARMS if a != "ceiling"
+            }
+            acc["ceiling"] = float(np.mean([ceilings[f"{regime}/{s}"] for s in seeds]))
+            std = {a: float(np.std([r["accuracy"][a] for r in rs])) for a in ARMS if a != "ceiling"}
+            gap = acc["ceiling"] - acc["noisy"]
+            rec = {
+                a: (acc[a] - acc["noisy"]) / gap if gap > 0 else None
+                for a in ("csl_fast", "csl_fast_drop", "cleanlab")
+            }
+
+            def mean(path: tuple[str, str], rs: list[dict] = rs) -> float:
+                return float(np.mean([r[path[0]][path[1]] for r in rs]))
+
+            rows.append(
+                {
+                    "regime": regime,
+                    "noise": noise,
+                    "seeds": seeds,
+                    "accuracy": acc,
+                    "accuracy_std": std,
+                    "gap_recovered": rec,
+                    "suggestion_right_on_flipped": {
+                        "csl_fast": mean(("csl_fast", "suggestion_right_on_flipped")),
+                        "cleanlab": mean(("cleanlab", "suggestion_right_on_flipped")),
+                    },
+                    "flagged": {
+                        "csl_fast": mean(("csl_fast", "flagged")),
+                        "cleanlab": mean(("cleanlab", "flagged")),
+                        "flipped": float(np.mean([r["flipped"] for r in rs])),
+                        "csl_fast_flipped": mean(("csl_fast", "flagged_flipped")),
+                        "cleanlab_flipped": mean(("cleanlab", "flagged_flipped")),
+                    },
+                    "relabels": {
+                        "csl_fast": mean(("csl_fast", "relabeled")),
+                        "csl_fast_correct": mean(("csl_fast", "relabel_correct")),
+                    },
+                    "trained_at_commit": sorted({r["trained_at_commit"] for r in rs}),
+                    "seconds": {
+                        "csl_fast": float(
+                            np.mean([r["seconds"]["noisy"] + r["seconds"]["csl_fast"] for r in rs])
+                        ),
+                        "cleanlab": float(
+                            np.mean(
+                                [
+                                    r["seconds"]["cleanlab_folds"] + r["seconds"]["cleanlab"]
+                                    for r in rs
+                                ]
+                            )
+                        ),
+                    },
+                }
+            )
+    return rows
+
+
+def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None else f"{100 * v:.0f}%"
+
+    lines = [
+        "# Clean and retrain: clean-test accuracy (mean over seeds)",
+        "",
+        f"{env['date']}, commit {env['commit']}, {env['machine']} with {env['cpu_count']} CPUs, "
+        f"torch {env['torch']}, {env['torch_threads']} thread(s). Written by "
+        "`benchmarks/paper/cleaning.py` (its docstring has the regimes).",
+        "",
+        "Each arm trains the same model (initialisation, minibatch seed, hyperparameters); "
+        "only the training labels differ. Gap recovered = (acc - noisy) / (ceiling - noisy).",
+        "",
+        "| regime | flips | noisy | csl_fast (relabel-confident) | csl_fast (drop) | cleanlab "
+        "(drop) | true labels | gap recovered: csl_fast / drop / cleanlab |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a, s, g = r["accuracy"], r["accuracy_std"], r["gap_recovered"]
+        lines.append(
+            f"| {r['regime']} | {r['noise']:.0%} | {a['noisy']:.4f} ± {s['noisy']:.4f} | "
+            f"{a['csl_fast']:.4f} ± {s['csl_fast']:.4f} | "
+            f"{a['csl_fast_drop']:.4f} ± {s['csl_fast_drop']:.4f} | "
+            f"{a['cleanlab']:.4f} ± {s['cleanlab']:.4f} | {a['ceiling']:.4f} | "
+            f"{pct(g['csl_fast'])} / {pct(g['csl_fast_drop'])} / {pct(g['cleanlab'])} |"
+        )
+    lines += [
+        "",
+        "Suggested labels: fraction of all flipped samples whose suggestion is their true "
+        "label (csl_fast: the tracker's vote; cleanlab: argmax of its out-of-sample "
+        "pred_probs); flagged sets (flipped among them); csl_fast's relabels (right ones); "
+        "seconds of training per method (csl_fast: tracked run + 1 retraining = 2 "
+        f"trainings; cleanlab: {args.folds} folds + 1 retraining).",
+        "",
+        "| regime | flips | flipped | suggestion right: csl_fast | cleanlab | flagged: csl_fast "
+        "| cleanlab | relabels: csl_fast | seconds: csl_fast | cleanlab |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        sg, fl, sec, rl = (
+            r["suggestion_right_on_flipped"],
+            r["flagged"],
+            r["seconds"],
+            r["relabels"],
+        )
+        lines.append(
+            f"| {r['regime']} | {r['noise']:.0%} | {fl['flipped']:.1f} | {sg['csl_fast']:.3f} | "
+            f"{sg['cleanlab']:.3f} | {fl['csl_fast']:.1f} ({fl['csl_fast_flipped']:.1f}) | "
+            f"{fl['cleanlab']:.1f} ({fl['cleanlab_flipped']:.1f}) | "
+            f"{rl['csl_fast']:.1f} ({rl['csl_fast_correct']:.1f}) | "
+            f"{sec['csl_fast']:.0f} | {sec['cleanlab']:.0f} |"
+        )
+    trained = sorted({c for r in rows for c in r["trained_at_commit"]})
+    lines += [
+        "",
+        f"Noisy runs and cleanlab trained at commit(s) {', '.join(trained)}; the rule, the "
+        f"cleaning and csl_fast's retrainings at {env['commit']} (the noisy runs are cached "
+        "by the script, see its --cache).",
+    ]
+    return "\n".join(lines)
+
+
+def _plan_code_hash() -> str:
+    """SHA-256 of the sources that decide a cleaning plan (the rule, the suggestions' use)."""
+    h = hashlib.sha256()
+    for name in ("detect.py", "flagging.py", "clean.py"):
+        f = Path(csl_fast.__file__).parent / name
+        if f.exists():
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    p.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--epochs", type=int, default=None, help="override every regime's epochs")
+    p.add_argument("--folds", type=int, default=3, help="cleanlab's K (default 3)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "csl_fast" / "cleaning",
+        help="trackers and cleanlab results of the noisy runs (rule-independent)",
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore the cached partial results")
+    p.add_argument(
+        "--noisy-only",
+        action="store_true",
+        help="only train the rule-independent part (noisy runs, cleanlab, ceilings) into the cache",
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    # the finished retrainings stay valid while the code that makes the plan is unchanged
+    key_of = json.dumps([args.epochs, args.folds, _plan_code_hash()])
+    cache = {} if args.fresh or not PARTIAL.exists() else json.loads(PARTIAL.read_text())
+    if cache.get("key") != key_of:
+        cache = {"key": key_of, "runs": {}}
+    todo = [(g, n, s) for g in args.regimes for n in args.noise for s in args.seeds]
+    t_start = time.perf_counter()
+    ceilings = {
+        f"{regime}/{seed}": ceiling(regime, seed, args.epochs, args.cache)
+        for regime in args.regimes
+        for seed in args.seeds
+    }
+    print("ceilings: " + ", ".join(f"{k} {v:.4f}" for k, v in ceilings.items()), flush=True)
+    if args.noisy_only:
+        for regime, noise, seed in todo:
+            noisy_stage(regime, noise, seed, args.epochs, args.folds, args.cache)
+            print(f"noisy stage {regime}/{noise:g}/{seed} cached", flush=True)
+        return
+    for i, (regime, noise, seed) in enumerate(todo):
+        k = f"{regime}/{noise:g}/{seed}"
+        if k not in cache["runs"]:
+            cache["runs"][k] = clean_stage(regime, noise, seed, args.epochs, args.folds, args.cache)
+            PARTIAL.write_text(json.dumps(cache))
+        r = cache["runs"][k]
+        print(
+            f"[{i + 1}/{len(todo)}] {k}: "
+            + ", ".join(f"{a} {v:.4f}" for a, v in r["accuracy"].items())
+            + f"  ({time.perf_counter() - t_start:.0f} s)",
+            flush=True,
+        )
+    runs = [cache["runs"][f"{g}/{n:g}/{s}"] for g, n, s in todo]
+    rows = summarise(runs, ceilings)
+    env = environment()
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    write_results(
+        "cleaning",
+        {"args": settings, "summary": rows, "runs": runs, "ceilings": ceilings},
+        markdown(rows, env, args),
+    )
+    print(markdown(rows, env, args))
+
+
+if __name__ == "__main__":
+    main()
