@@ -1,4 +1,5 @@
-r"""The :class:`~csl_fast.CSLTracker` state and file format: validation, save, load.
+r"""The :class:`~csl_fast.CSLTracker` file format: save and load (the checks of the state
+itself: :mod:`csl_fast.tracker_state`).
 
 A tracker file (format version 2, written by :meth:`CSLTracker.save`) is::
 
