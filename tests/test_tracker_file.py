@@ -363,12 +363,13 @@ def test_save_removes_only_stale_temps_of_its_target(tmp_path):
     host = tracker_file._host_tag()
     old = time.time() - STALE_TEMP_SECONDS - 60
     dead = f".run.csl.{host}-999999999-0123abcd.tmp"  # no such pid
+    huge = f".run.csl.{host}-{2**80}-0123abcd.tmp"  # not even a pid
     live = f".run.csl.{host}-{os.getpid()}-0123abcd.tmp"  # a save in progress
     old_mkstemp = ".run.csl.ab_cd123.tmp"  # version 1's names: removed on age alone
     new_mkstemp = ".run.csl.zz_cd123.tmp"
     other_target = f".other.csl.{host}-999999999-0123abcd.tmp"
     user_file = ".run.csl.notes.tmp"  # not our pattern
-    for name in (dead, live, old_mkstemp, new_mkstemp, other_target, user_file):
+    for name in (dead, huge, live, old_mkstemp, new_mkstemp, other_target, user_file):
         (tmp_path / name).write_bytes(b"x")
     os.utime(tmp_path / old_mkstemp, (old, old))
     os.utime(tmp_path / user_file, (old, old))
