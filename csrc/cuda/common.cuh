@@ -91,6 +91,10 @@ struct MaxOp {
     return dev_max(a, b);
   }
 };
+// Integer minimum (no NaN to propagate): the runner-up column's first-index reduction.
+struct MinIntOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a < b ? a : b; }
+};
 
 // Butterfly all-reduce within a full warp (fixed order: bitwise reproducible).
 template <typename A, typename Op>

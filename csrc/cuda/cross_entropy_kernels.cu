@@ -3,7 +3,8 @@
 // the contract and csl_fast/reference.py for the semantic ground truth.
 //
 // Per row i (acc = float32, float64 for float64 logits; z = logits row; y = target):
-//   pass 1: m = max_j z_j, and max_{j<y} z_j, max_{j>y} z_j (margin and first-index argmax)
+//   pass 1: m = max_j z_j, and max_{j<y} z_j, max_{j>y} z_j (margin and first-index argmax);
+//           then the runner-up, the first j != y at max_{j != y} z_j (a min-reduction)
 //   pass 2: s1 = sum_{j!=y} e_j, s2 = sum_{j!=y} e_j^2 with e_j = exp(z_j - m)
 //           s = s1 + exp(z_y - m), loss = (m - z_y) + log s (lse = m + log s is never
 //           rounded to one number: with |z| ~ 1e3, fp32 lse would be off by 6e-5),
@@ -17,8 +18,8 @@
 //
 // Non-finite logits: m is replaced by 0 when it is +-inf (as torch.logsumexp does), so a
 // row with a +inf logit gets lse = +inf and a row of -inf gets lse = -inf; such rows have
-// a non-finite loss and are recorded as invalid (all statistics 0). NaN logits propagate
-// to the loss through the exponential sums.
+// a non-finite loss and are recorded as invalid (all statistics 0, runner-up -1). NaN
+// logits propagate to the loss through the exponential sums.
 #include <type_traits>
 
 #include "../stats.h"
@@ -86,6 +87,7 @@ __device__ void write_inactive_row(const CeArgs<T>& a, int64_t row, int kind, in
     a.objective[row] = fill;
 #pragma unroll
     for (int k = 0; k < kNumStats; ++k) a.stats[k * a.rows + row] = 0.0f;
+    a.stats[kOtherArgmax * a.rows + row] = -1.0f;
     if (kind == kBadTarget && a.error_flag != nullptr) atomicOr(a.error_flag, kErrTargetOutOfRange);
   }
 }
@@ -173,11 +175,21 @@ __device__ __forceinline__ void write_grad(T* g, int j, int y,
   g[j] = Store<T>::from(v * k.scale);
 }
 
-// Objective and statistics of an active row (one thread).
+// A thread's candidate for the runner-up: its first column j != y (of those it holds, in
+// increasing order) at mo = max_{j != y} z_j; `none` (= classes) when it holds none.
+template <typename A>
+__device__ __forceinline__ int runner_up_candidate(A z, int j, int y, int classes, A mo,
+                                                   int cand) {
+  return (cand == classes && j < classes && j != y && z == mo) ? j : cand;
+}
+
+// Objective and statistics of an active row (one thread). other_arg: the runner-up column,
+// a.classes when there is none (C == 1, or NaN logits).
 template <typename T>
 __device__ __forceinline__ void write_row_results(const CeArgs<T>& a, int64_t row,
                                                   const RowScalars<acc_t<T>>& r, acc_t<T> w_y,
-                                                  acc_t<T> smooth, const Coefs<acc_t<T>>& k) {
+                                                  acc_t<T> smooth, const Coefs<acc_t<T>>& k,
+                                                  int other_arg) {
   using A = acc_t<T>;
   A obj = k.one_m_eps * w_y * r.loss;
   if (a.eps > A(0)) obj += k.c * smooth;
@@ -191,6 +203,7 @@ __device__ __forceinline__ void write_row_results(const CeArgs<T>& a, int64_t ro
   st[kCorrect * n] = (valid && r.correct) ? 1.0f : 0.0f;
   st[kGradNormSq * n] = valid ? static_cast<float>(r.gn) : 0.0f;
   st[kValid * n] = valid ? 1.0f : 0.0f;
+  st[kOtherArgmax * n] = (valid && other_arg < a.classes) ? static_cast<float>(other_arg) : -1.0f;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -265,6 +278,15 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
     m = warp_allreduce(m, MaxOp());
     mb = warp_allreduce(mb, MaxOp());
     ma = warp_allreduce(ma, MaxOp());
+    int other_arg = C;
+    {
+      const A mo = dev_max(mb, ma);
+#pragma unroll
+      for (int i = 0; i < N; ++i) {
+        other_arg = runner_up_candidate(z[i], lane + 32 * i, y, C, mo, other_arg);
+      }
+      other_arg = warp_allreduce(other_arg, MinIntOp());
+    }
     // Pass 2: exponential sums over j != y.
     const A ms = safe_max(m);
     A s1 = A(0), s2 = A(0);
@@ -295,7 +317,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
       }
     }
     if (a.eps > A(0)) smooth = warp_allreduce(smooth, SumOp());
-    if (lane == 0) write_row_results(a, row, r, w_y, smooth, k);
+    if (lane == 0) write_row_results(a, row, r, w_y, smooth, k, other_arg);
   }
 }
 
@@ -305,6 +327,7 @@ template <typename T, int E>
 __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
   using A = acc_t<T>;
   __shared__ A smem[3 * 32];
+  __shared__ int ismem[32];
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int C = a.classes;
@@ -334,6 +357,15 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
       if (j > y) mx[2] = dev_max(mx[2], z[i]);
     }
     block_allreduce(mx, MaxOp(), ninf, smem);
+    int other_arg[1] = {C};
+    {
+      const A mo = dev_max(mx[1], mx[2]);
+#pragma unroll
+      for (int i = 0; i < E; ++i) {
+        other_arg[0] = runner_up_candidate(z[i], tid + nt * i, y, C, mo, other_arg[0]);
+      }
+      block_allreduce(other_arg, MinIntOp(), C, ismem);
+    }
     const A ms = safe_max(mx[0]);
     A sums[2] = {A(0), A(0)};
 #pragma unroll
@@ -361,7 +393,7 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
       }
     }
     if (a.eps > A(0)) block_allreduce(smooth, SumOp(), A(0), smem);
-    if (tid == 0) write_row_results(a, row, r, w_y, smooth[0], k);
+    if (tid == 0) write_row_results(a, row, r, w_y, smooth[0], k, other_arg[0]);
   }
 }
 
@@ -377,6 +409,7 @@ template <typename T, int U>
 __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<T> a) {
   using A = acc_t<T>;
   __shared__ A smem[3 * 32];
+  __shared__ int ismem[32];
   const int tid = threadIdx.x;
   const int nt = blockDim.x;
   const int C = a.classes;
@@ -392,6 +425,10 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
     const T* zr = a.logits + row * a.ld;
     A mx[3] = {ninf, ninf, ninf};  // running max, max_{j<y}, max_{j>y}
     A sums[2] = {A(0), A(0)};      // relative to safe_max(mx[0])
+    // This thread's largest other logit and its first column (C: none yet); the columns
+    // a thread visits increase, so a strict > keeps the first of equal maxima.
+    A best = ninf;
+    int best_j = C;
     for (int base = tid; base < C; base += nt * U) {
       A z[U];
 #pragma unroll
@@ -406,6 +443,10 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
         tile_max = dev_max(tile_max, z[u]);
         if (j < y) mx[1] = dev_max(mx[1], z[u]);
         if (j > y) mx[2] = dev_max(mx[2], z[u]);
+        if (j < C && j != y && (z[u] > best || best_j == C)) {
+          best = z[u];
+          best_j = j;
+        }
       }
       if (tile_max > mx[0]) {
         const A f = dev_exp(safe_max(mx[0]) - safe_max(tile_max));
@@ -434,6 +475,8 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
       sums[1] = rescale(sums[1], f * f);
     }
     block_allreduce(sums, SumOp(), A(0), smem);
+    int other_arg[1] = {best == dev_max(mx[1], mx[2]) ? best_j : C};
+    block_allreduce(other_arg, MinIntOp(), C, ismem);
     const RowScalars<A> r = finish_row(mx[0], mx[1], mx[2], sums[0], sums[1], z_y, C);
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
     const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
@@ -459,7 +502,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
       }
     }
     if (a.eps > A(0)) block_allreduce(smooth, SumOp(), A(0), smem);
-    if (tid == 0) write_row_results(a, row, r, w_y, smooth[0], k);
+    if (tid == 0) write_row_results(a, row, r, w_y, smooth[0], k, other_arg[0]);
   }
 }
 
