@@ -2,8 +2,11 @@
 // exponentials (kept in the gradient row, or a scratch row for 16-bit logits), then the
 // gradient in place. Rows of up to kNarrowC classes go in blocks whose exponentials are
 // taken in one flat vector pass.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>

@@ -1,6 +1,7 @@
 // A batch's squared input-gradient norms into a CPU tracker's buffers: one sequential pass
 // in batch order, the order csl_fast.reference.record_input_grad adds duplicates in.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -1,7 +1,8 @@
 // Tracker per-presentation state on the CPU: one sequential pass in batch order, which
 // is the rule the tracker documents for duplicate indices (the reference reaches the same
 // result on any device with a stable sort and segment operations).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -156,8 +157,32 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   }
 }
 
+void record_vote(const at::Tensor& stats, const at::Tensor& index, at::Tensor& label,
+                 at::Tensor& votes, at::Tensor& hits) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
+                    stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  const int64_t n = label.numel();
+  check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
+  check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);
+  check_state_buffer("record_vote", hits, "suggest_hits", at::kInt, n);
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor idx = index.to(at::kLong).contiguous();
+  check_index_range("record_vote", idx.const_data_ptr<int64_t>(), B, n);
+  vote_rows(st.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(), B,
+            label.mutable_data_ptr<int32_t>(), votes.mutable_data_ptr<int32_t>(),
+            hits.mutable_data_ptr<int32_t>());
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
 
-TORCH_LIBRARY_IMPL(csl_fast, CPU, m) { m.impl("record_last", &csl_fast::cpu::record_last); }
+TORCH_LIBRARY_IMPL(csl_fast, CPU, m) {
+  m.impl("record_last", &csl_fast::cpu::record_last);
+  m.impl("record_vote", &csl_fast::cpu::record_vote);
+}

@@ -1,6 +1,6 @@
 // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].
 // Sequential in row order: cheap (B values) and deterministic, duplicates included.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include "../checks.h"
