@@ -23,7 +23,14 @@ pytest.importorskip("matplotlib")
 
 from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
 
-PNGS = ("csl_histogram.png", "roc.png", "data_map.png", "loss_curves.png", "top_samples.png")
+PNGS = (
+    "csl_histogram.png",
+    "roc.png",
+    "data_map.png",
+    "loss_curves.png",
+    "top_samples.png",
+    "flagging.png",
+)
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
