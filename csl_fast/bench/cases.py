@@ -306,14 +306,12 @@ def bench_cross_entropy(
             {n: case.timed(n) for n in case.impls}, dev, reps=reps, budget_s=budget_s
         )
         case.skipped.update(failed)
+        head = {"batch": batch, "classes": classes, "dtype": _dt(dtype), "device": dev.type}
         for name, s in stats.items():
             peak = case.peak(name)
             rows.append(
                 {
-                    "batch": batch,
-                    "classes": classes,
-                    "dtype": _dt(dtype),
-                    "device": dev.type,
+                    **head,
                     "impl": name,
                     "csl": case.has_csl[name],
                     **_stat_fields(s),
@@ -326,17 +324,7 @@ def bench_cross_entropy(
                     "buffers": len(case.inputs),
                 }
             )
-        for name, why in case.skipped.items():
-            rows.append(
-                {
-                    "batch": batch,
-                    "classes": classes,
-                    "dtype": _dt(dtype),
-                    "device": dev.type,
-                    "impl": name,
-                    "skipped": why,
-                }
-            )
+        rows += [{**head, "impl": name, "skipped": why} for name, why in case.skipped.items()]
         del case
         _free(dev)
     _add_ratios(rows, ("batch", "classes"))
@@ -448,13 +436,11 @@ def bench_input_grad(
             {n: case.timed(n) for n in case.impls}, dev, reps=reps, budget_s=budget_s
         )
         case.skipped.update(failed)
-        key = "x".join(map(str, shape))
+        head = {"shape": "x".join(map(str, shape)), "dtype": _dt(dtype), "device": dev.type}
         for name, s in stats.items():
             rows.append(
                 {
-                    "shape": key,
-                    "dtype": _dt(dtype),
-                    "device": dev.type,
+                    **head,
                     "impl": name,
                     **_stat_fields(s),
                     "gbps": case.nbytes / s.median / 1e9,
@@ -462,16 +448,7 @@ def bench_input_grad(
                     "check_error": checks[name],
                 }
             )
-        for name, why in case.skipped.items():
-            rows.append(
-                {
-                    "shape": key,
-                    "dtype": _dt(dtype),
-                    "device": dev.type,
-                    "impl": name,
-                    "skipped": why,
-                }
-            )
+        rows += [{**head, "impl": name, "skipped": why} for name, why in case.skipped.items()]
         del case
         _free(dev)
     _add_ratios(rows, ("shape", "dtype"))
