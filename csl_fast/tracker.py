@@ -771,8 +771,13 @@ class CSLTracker:
 # ------------------------------------------------------------------ helpers
 def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     """``buf[idx] += values`` with duplicates added in a reproducible order (sequential on
-    the CPU, PyTorch's sort-based kernel on CUDA)."""
-    buf.index_put_((idx,), values, accumulate=True)
+    the CPU, PyTorch's sort-based kernel on CUDA). An index outside ``[0, N)`` adds nothing,
+    as in the fused kernels (index_put_ would raise, or fault on CUDA), with no host sync."""
+    if buf.shape[0] == 0:
+        return
+    ok = (idx >= 0) & (idx < buf.shape[0])
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    buf.index_put_((torch.where(ok, idx, 0),), torch.where(ok, values, zero), accumulate=True)
 
 
 def _mean_or_nan(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:

@@ -358,3 +358,43 @@ def test_linear_cross_entropy_skips_bad_rows(tdevice, reduction):
     assert csl.untouched() and count.untouched()
     torch.testing.assert_close(csl.buf.cpu(), want_csl, rtol=1e-5, atol=1e-5)
     assert torch.equal(count.buf.cpu(), want_count)
+
+
+# ---- the tracker ------------------------------------------------------------------------
+
+
+def _same_state(a, b):
+    for name, buf in a.buffers().items():
+        other = b.buffers()[name]
+        if buf.is_floating_point():
+            torch.testing.assert_close(buf, other, rtol=1e-5, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(buf, other), name
+
+
+@pytest.mark.parametrize("sequences", [False, True])
+def test_tracker_skips_out_of_range_indices(tdevice, sequences):
+    """Every buffer of a tracker (history and input-gradient norms too) ends as if the
+    rows with an index outside [0, N) were not in the batch."""
+    classes, steps = 5, 3
+    index = torch.tensor(INDEX, device=tdevice)
+    ok = (index >= 0) & (index < N)
+    rows = len(INDEX) * (steps if sequences else 1)
+    logits = torch.randn(rows, classes, device=tdevice)
+    target = torch.randint(0, classes, (rows,), device=tdevice)
+    if sequences:
+        target = target.view(len(INDEX), steps)
+    sq_norms = torch.rand(len(INDEX), device=tdevice)
+    trackers = [
+        csl_fast.CSLTracker(N, classes, device=tdevice, history=True, backend="triton")
+        for _ in range(2)
+    ]
+    for tracker, keep in zip(trackers, (torch.ones_like(ok), ok), strict=True):
+        z, t = logits, target
+        if not bool(keep.all()):
+            z = logits.view(len(INDEX), -1, classes)[keep].reshape(-1, classes)
+            t = target[keep]
+        csl_fast.accumulate(z, t, index[keep], tracker, backend="triton", validate=False)
+        tracker.record_input_grad(index[keep], sq_norms[keep])
+        tracker.end_epoch()
+    _same_state(trackers[0], trackers[1])
