@@ -2,33 +2,67 @@ r"""Rank and flag suspicious training samples: mislabeled, duplicated, memorized
 
 Each detector takes a score source (a :class:`csl_fast.CSLTracker`, a ``{name: [N]}``
 mapping such as :func:`csl_fast.scores` returns, or a plain ``[N]`` tensor), picks one
-score (CSL by default; higher = more suspicious), ranks every sample by it and flags a
-set with a threshold rule that needs **no ground truth**:
+score (CSL by default; higher = more suspicious), ranks every sample by it, and flags a
+set with a rule that needs **no ground truth**. Beside the flagged set, a
+:class:`Detection` carries an estimate of how many samples are bad, with an interval,
+the diagnostics of the rule, and a warning whenever it flags nothing or cannot apply
+(also raised as a :class:`DetectionWarning`); :func:`summary` puts it in one line.
 
-``rule="gmm"`` (default)
-    Fit a two-component Gaussian mixture (scikit-learn) to ``log(score - min + eps)``,
-    and flag the samples that (a) the upper component explains with posterior > 0.5 and
-    (b) lie above the lower component's mean. Why: clean samples are fitted early, so
-    their CSL is small and concentrated; a sample whose label fights the rest of the data
-    (a flipped label, a duplicate with a conflicting label, an atypical memorized sample)
-    keeps a high loss for many epochs and forms a separate upper mode. CSL is positive and
-    right-skewed; in log space both modes are close to Gaussian. (The same idea as
-    DivideMix's loss GMM, on the cumulative loss.) Condition (b) stops a wide upper
-    component from also claiming the far *lower* tail. When the mixture finds no
-    separate upper mode (one component, or the upper one is not smaller than the lower
-    one, as with no suspicious samples at all), nothing is flagged.
+Rules (``rule=``):
 
-    It is a high-recall rule: clean samples' log-CSL is right-skewed, so the upper
-    component also takes the hardest clean samples. In the digits reproduction
-    (``benchmarks/paper``) it recalls >= 99% of flipped labels, with precision 0.11 at 1%
-    noise (155 flagged for 17 flips) rising to 0.69 at 10%; duplicates with conflicting
-    labels (with ``inputs``) were flagged exactly. Treat it as a review set; with a prior
-    on the noise rate use ``rule="fraction"``.
-``rule="fraction"``
-    Flag the top ``fraction`` of samples (``ceil(fraction * N)``): for a known review
-    budget or a prior on the noise rate.
-``rule="threshold"``
+``"auto"`` (default)
+    The two-view rule when the source has the margin view (a tracker, or a mapping with
+    ``"aum"`` and ``"csl_mean"`` or ``"csl"``), the 1-D valley rule otherwise, or when
+    the two-view rule finds too few label-lost samples (then the diagnostics say so).
+``"two_view"``
+    Estimate the number ``k`` of bad samples with :func:`csl_fast.flagging.two_view_count`
+    and flag the top ``k`` of the chosen score. Two views of the same training run:
+
+    * *label lost*: the mean margin ``z_y - max_{j != y} z_j`` over training is negative
+      (the sign of AUM, Pleiss et al. 2020): another class beat the given label on
+      average. Clean samples almost never do (0 of 1,797 digits and 0 of 4,000 MNIST-1D
+      samples in clean runs), so these samples are pinned to the bad component;
+      it is a *lower* bound, because a network that memorizes fits a flipped label
+      early enough for its mean margin to turn positive (about 25-85% of the flips are
+      caught, depending on how fast the network memorizes).
+    * *mean loss* ``CSL / presentations``: a flipped label is fitted only by memorizing
+      it, late, so its mean loss is roughly (fraction of training before it was
+      memorized) x (the loss while the network predicted the true class): spread
+      additively, close to normal on the linear scale. A clean sample's loss decays
+      geometrically once learned, so its mean loss is spread multiplicatively: a mixture
+      of Gaussians in ``log``, which takes either skew (a long tail of very easy samples
+      on MNIST-1D, a tail of hard ones on digits).
+
+    A mixture of three log-scale clean Gaussians and one linear-scale bad Gaussian,
+    with the label-lost samples pinned to the bad one, places the boundary where the
+    clean tail ends; the count is its expected size. The top ``k`` of the score, not the
+    posterior > 1/2 set, is flagged: the mean loss ranks flipped labels best of every
+    tracker statistic (a cross-validated logistic regression on all of them ranks no
+    better), so the count is the only thing the rule has to get right.
+``"valley"``
+    The 1-D rule, the only one for a plain score tensor:
+    :func:`csl_fast.flagging.upper_mode` finds a separate upper mode of the score's
+    density (``log`` scale for a non-negative score) and flags every sample above the
+    valley that separates it from the clean mode. When bad samples form a shoulder of
+    the clean mode rather than a mode of their own (MNIST-1D), it finds nothing and
+    warns; pass the tracker then.
+``"fraction"``
+    Flag the top ``fraction`` of samples (``ceil(fraction * N)``): a review budget or a
+    prior on the noise rate.
+``"threshold"``
     Flag the samples with ``score > threshold``.
+
+Why not the previous rule (a 2-component Gaussian mixture on ``log(score)``, the loss
+GMM of DivideMix, Li et al. 2020): clean log-CSL is skewed either way, and the second
+component models the skew instead of the bad samples. On MNIST-1D (left skew) it flagged
+nothing; on digits (right skew) it flagged 155 samples for 17 flips. A Gaussian-linear
+loss mixture (DivideMix) or a Beta/Gamma mixture on the loss (Arazo et al. 2019) fits
+one of the two data sets and over-counts on the other; a Gaussian for the bad samples
+on the log scale cannot reach into the clean bulk and under-counts by 25-30% on
+MNIST-1D; a density valley does not exist on MNIST-1D. Confident learning's per-class
+thresholds (Northcutt et al. 2021) need every class's probability, which the tracker
+does not keep; AUM's threshold samples need a second training run with fake labels.
+Measured (``benchmarks/flagging.py``, results in ``benchmarks/results/flagging.md``).
 
 Non-finite scores (samples never presented) rank last and are never flagged.
 """
@@ -36,23 +70,37 @@ Non-finite scores (samples never presented) rank last and are never flagged.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import flagging
+
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
 __all__ = [
+    "RULES",
     "Detection",
+    "DetectionWarning",
     "duplicates",
     "exact_duplicate_groups",
-    "gmm_threshold",
     "memorized",
     "mislabeled",
+    "rule_note",
+    "summary",
 ]
+
+#: The flagging rules (see the module docstring).
+RULES = ("auto", "two_view", "valley", "fraction", "threshold")
+
+
+class DetectionWarning(UserWarning):
+    """A detection flagged nothing, or its rule could not apply; the message says why
+    and what to try (``warnings.simplefilter("ignore", DetectionWarning)`` to silence)."""
 
 
 @dataclass
@@ -62,8 +110,8 @@ class Detection:
     Attributes:
         ranking: int64 ``[N]`` dataset indices, most suspicious first (non-finite last).
         scores: float ``[N]`` the score used, by dataset index (higher = more suspicious).
-        flagged: bool ``[N]`` the samples the threshold rule flags.
-        threshold: the score above which samples are flagged (``inf`` when none are).
+        flagged: bool ``[N]`` the samples the rule flags.
+        threshold: the smallest flagged score (``inf`` when none is flagged).
         score_name: the score used (``"custom"`` for a plain tensor).
         rule: the threshold rule, with its parameters.
         groups: for :func:`duplicates` with ``inputs``: the groups (lists of dataset
@@ -117,43 +165,121 @@ class Detection:
         )
 
 
-def _select(source: Any, score: str) -> tuple[torch.Tensor, str]:
+@dataclass
+class _Views:
+    """The second view of the two-view rule: mean loss and label-lost, ``[N]`` each."""
+
+    mean_loss: torch.Tensor
+    lost: torch.Tensor
+
+
+def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None]:
     if isinstance(source, torch.Tensor):
         if source.dim() != 1:
             raise ValueError(f"csl_fast.detect: a score tensor must be 1-D [N], got {source.shape}")
-        return source.detach(), "custom"
+        return source.detach(), "custom", None
     if isinstance(source, Mapping):
         if score not in source:
             raise KeyError(f"csl_fast.detect: no score {score!r} in the mapping ({sorted(source)})")
-        return source[score].detach(), score
+        values = source[score].detach()
+        loss = source.get("csl_mean", source.get("csl"))
+        views = None
+        if "aum" in source and loss is not None:
+            # csl_fast.scores orients "aum" as minus the mean margin: > 0 means lost
+            aum = source["aum"].detach()
+            views = _Views(loss.detach(), torch.isfinite(aum) & (aum > 0))
+        return values, score, views
     from .scores import scores as compute
 
-    return compute(source, [score])[score], score
+    values = compute(source, [score])[score]
+    t = source
+    presented = t.csl_count > 0
+    return values, score, _Views(t.csl_mean, presented & (t.margin_sum < 0))
 
 
-def gmm_threshold(values: torch.Tensor, seed: int = 0, eps: float = 1e-6) -> float:
-    """The ``rule="gmm"`` threshold (see the module docstring) of finite ``values``.
+def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
+    """Why the default rule cannot give a trustworthy flagged set for this score, or
+    ``None`` when it can. For the CLI and the report, beside a ranking.
 
-    Returns the smallest value flagged, or ``inf`` when the mixture finds no separate
-    upper mode (fewer than 10 finite values included).
+    ``has_views``: the source has the tracker's margin view (two-view rule available).
     """
-    import numpy as np
-    from sklearn.mixture import GaussianMixture
+    if has_views:
+        return None
+    finite = values[torch.isfinite(values)]
+    if finite.numel() == 0:
+        return f"score {score_name!r} is undefined for every sample: nothing can be flagged"
+    if bool((finite < 0).any()):
+        return (
+            f"score {score_name!r} is two-sided (it takes negative values): the valley rule "
+            "looks for an upper mode on its raw scale, which a two-sided score need not have; "
+            "detect from the tracker (or csl_fast.scores(tracker)) for the two-view count"
+        )
+    return (
+        f"only the 1-D valley rule applies to a plain {score_name!r} tensor (no margin view); "
+        "it flags only a bad group that forms a separate mode: detect from the tracker for "
+        "the two-view count"
+    )
 
-    v = values[torch.isfinite(values)].detach().double().cpu().numpy()
-    if v.size < 10 or np.ptp(v) <= 0:
-        return math.inf
-    z = np.log(v - v.min() + eps * max(1.0, np.abs(v).max()) + 1e-12)[:, None]
-    gmm = GaussianMixture(2, random_state=seed, n_init=3, reg_covar=1e-4).fit(z)
-    means = gmm.means_.ravel()
-    hi, lo = int(np.argmax(means)), int(np.argmin(means))
-    if hi == lo or gmm.weights_[hi] >= gmm.weights_[lo]:
-        return math.inf
-    post = gmm.predict_proba(z)[:, hi]
-    mask = (post > 0.5) & (z[:, 0] > means[lo])
-    if not mask.any():
-        return math.inf
-    return float(v[mask].min())
+
+def _top_k(ranking: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
+    flagged = torch.zeros_like(finite)
+    k = min(k, int(finite.sum()))
+    if k > 0:
+        flagged[ranking[:k]] = True
+    return flagged
+
+
+def _rule_flags(
+    values: torch.Tensor,
+    ranking: torch.Tensor,
+    finite: torch.Tensor,
+    rule: str,
+    views: _Views | None,
+) -> tuple[torch.Tensor, flagging.Estimate, dict[str, Any]]:
+    """The ``auto`` / ``two_view`` / ``valley`` rules: ``(flagged, estimate, diagnostics)``."""
+    diag: dict[str, Any] = {}
+    est: flagging.Estimate | None = None
+    if rule in ("auto", "two_view"):
+        if views is None:
+            if rule == "two_view":
+                raise ValueError(
+                    "csl_fast.detect: rule='two_view' needs the margin view: pass the tracker "
+                    "or a mapping with 'aum' and 'csl_mean' (csl_fast.scores(tracker))"
+                )
+            diag["views"] = "1-D only (a plain score tensor has no margin view)"
+        else:
+            if views.mean_loss.shape != values.shape:
+                raise ValueError(
+                    f"csl_fast.detect: the mean loss has {views.mean_loss.numel()} samples "
+                    f"but the score has {values.numel()}"
+                )
+            est = flagging.two_view_count(views.mean_loss, views.lost & finite)
+            diag["views"] = "two-view (mean CSL + sign of the mean margin)"
+            if not est.found:
+                diag["two_view"] = {**est.diagnostics, "reason": est.reason}
+                if rule == "two_view":
+                    return torch.zeros_like(finite), est, diag
+                diag["views"] += "; fell back to the 1-D valley rule"
+                est = None
+            else:
+                return _top_k(ranking, finite, est.count), est, diag
+    est = flagging.upper_mode(values)
+    if not est.found:
+        return torch.zeros_like(finite), est, diag
+    thr = math.exp(est.cut) if est.diagnostics["scale"] == "log" else est.cut
+    return finite & (values.double() > thr), est, diag
+
+
+def _advice(views: _Views | None) -> str:
+    if views is None:
+        return (
+            "try: detect from the tracker (or csl_fast.scores(tracker)) for the two-view "
+            "count, or rule='fraction' with a prior on the noise rate"
+        )
+    return (
+        "try: train longer or without weight decay so that bad labels stand apart (the run "
+        "must memorize), or rule='fraction' with a prior on the noise rate / review budget"
+    )
 
 
 def _detect(
@@ -162,74 +288,104 @@ def _detect(
     rule: str,
     fraction: float | None,
     threshold: float | None,
-    seed: int,
+    views: _Views | None,
 ) -> Detection:
+    if rule not in RULES:
+        raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     finite = torch.isfinite(values)
     key = torch.where(finite, values.double(), torch.full_like(values.double(), -math.inf))
     ranking = torch.sort(key, descending=True, stable=True).indices
-    if rule == "gmm":
-        thr = gmm_threshold(values, seed=seed)
-        desc = "gmm(log score, 2 components, posterior > 0.5)"
-    elif rule == "fraction":
+    diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": int(finite.sum())}
+    count: int | None = None
+    interval: tuple[int, int] | None = None
+    warning: str | None = None
+    if rule == "fraction":
         if fraction is None or not 0 <= fraction <= 1:
             raise ValueError("csl_fast.detect: rule='fraction' needs fraction in [0, 1]")
-        k = min(math.ceil(fraction * values.numel()), int(finite.sum()))
-        thr = float(key[ranking[k - 1]]) if k > 0 else math.inf
+        flagged = _top_k(ranking, finite, math.ceil(fraction * values.numel()))
         desc = f"fraction({fraction})"
     elif rule == "threshold":
         if threshold is None:
             raise ValueError("csl_fast.detect: rule='threshold' needs threshold=")
-        thr = math.nextafter(float(threshold), math.inf)
+        flagged = finite & (values.double() > float(threshold))
         desc = f"threshold({threshold})"
     else:
-        raise ValueError(
-            f"csl_fast.detect: rule must be 'gmm', 'fraction' or 'threshold', got {rule!r}"
-        )
-    flagged = finite & (values.double() >= thr)
-    if rule == "fraction" and math.isfinite(thr):
-        # ties at the cut-off: keep exactly the top k by rank
-        flagged = torch.zeros_like(finite)
-        flagged[ranking[:k]] = True
-    return Detection(ranking, values, flagged, thr, name, desc)
+        flagged, est, extra = _rule_flags(values.to(key.device), ranking, finite, rule, views)
+        diag.update(extra)
+        diag["estimator"] = {**est.diagnostics, "reason": est.reason}
+        desc = f"{rule}({est.diagnostics['estimator']})"
+        count, interval = est.count, est.interval
+        note = rule_note(name, values, views is not None)
+        if note is not None:
+            diag["note"] = note
+        if not est.found:
+            why = est.reason or "the rule found no bad samples"
+            fallback = diag.get("two_view", {}).get("reason")
+            if fallback:
+                why = f"{fallback}; and the 1-D valley rule: {why}"
+            advice = _advice(views)
+            warning = f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. {advice}"
+    n_flagged = int(flagged.sum())
+    thr = float(values.double()[flagged].min()) if n_flagged else math.inf
+    diag.update(flagged=n_flagged, threshold=thr)
+    if warning is not None:
+        warnings.warn(warning, DetectionWarning, stacklevel=3)
+    return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
+
+
+def summary(det: Detection) -> str:
+    """One line for a user: how many were flagged, the estimated count with its
+    interval, and the warning or the rule's caveat when there is one."""
+    n = det.scores.numel()
+    parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        parts.append(f"estimated {det.estimated_count} bad samples ({lo}-{hi})")
+    line = "; ".join(parts)
+    if det.warning is not None:
+        return f"{line}. {det.warning}"
+    note = det.diagnostics.get("note")
+    return f"{line}. Note: {note}" if note else line
 
 
 def mislabeled(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     score: str = "csl",
     *,
-    rule: str = "gmm",
+    rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
-    seed: int = 0,
 ) -> Detection:
     """Samples most likely to carry a wrong label, ranked by ``score`` (default CSL).
 
     A flipped label contradicts every similar sample, so the network fits it late or only
     by memorizing it: its loss stays high for many epochs and CSL grows large (AUROC 0.985+
-    on CIFAR in the paper). See the module docstring for ``rule``.
+    on CIFAR in the paper). ``rule``: see the module docstring; with a tracker (or
+    ``csl_fast.scores(tracker)``) the default flags the top ``k`` of ``score`` with ``k``
+    the two-view estimate of the number of mislabeled samples.
     """
-    values, name = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, seed)
+    values, name, views = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views)
 
 
 def memorized(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     score: str = "csl",
     *,
-    rule: str = "gmm",
+    rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
-    seed: int = 0,
 ) -> Detection:
     """Samples most likely memorized (atypical, long-tail), ranked by ``score``.
 
     CSL bounds stability-based memorization (the paper's Thm 5.5): a sample that the rest
     of the data does not explain must be fitted individually, which takes long and
-    accumulates loss. Memorization is graded rather than binary; ``rule="fraction"``
-    (a review budget) is often the natural flagging rule here. See the module docstring.
+    accumulates loss. Memorization is graded rather than binary, and the default rule
+    counts the samples that stand apart like mislabeled ones; ``rule="fraction"`` (a
+    review budget) is often the natural flagging rule here.
     """
-    values, name = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, seed)
+    values, name, views = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views)
 
 
 def exact_duplicate_groups(inputs: torch.Tensor) -> list[list[int]]:
@@ -254,10 +410,9 @@ def duplicates(
     score: str = "csl",
     *,
     inputs: torch.Tensor | None = None,
-    rule: str = "gmm",
+    rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
-    seed: int = 0,
 ) -> Detection:
     """Samples that are duplicated with a conflicting label, ranked by ``score``.
 
@@ -270,10 +425,10 @@ def duplicates(
             a bitwise-identical partner can be flagged, and ``Detection.groups`` lists the
             identical-input groups that contain a flagged sample. The ranking is by
             ``score`` alone either way.
-        rule, fraction, threshold, seed: see the module docstring.
+        rule, fraction, threshold: see the module docstring.
     """
-    values, name = _select(source, score)
-    det = _detect(values, name, rule, fraction, threshold, seed)
+    values, name, views = _select(source, score)
+    det = _detect(values, name, rule, fraction, threshold, views)
     if inputs is not None:
         if inputs.shape[0] != values.numel():
             raise ValueError(

@@ -21,13 +21,12 @@ def _bimodal(n_clean=380, n_bad=20, seed=0):
     return s, truth
 
 
-def test_ranking_and_gmm_rule_flags_upper_mode():
-    pytest.importorskip("sklearn")  # the gmm rule's mixture model
+def test_ranking_and_valley_rule_flags_upper_mode():
     pytest.importorskip("pandas")
     s, truth = _bimodal()
     det = detect.mislabeled(s)
     assert torch.equal(det.ranking, torch.argsort(s, descending=True, stable=True))
-    assert det.score_name == "custom" and det.rule.startswith("gmm")
+    assert det.score_name == "custom" and det.rule == "auto(valley)"
     # the upper mode (log-mean 3 vs 0, well separated) is recovered almost exactly
     assert (det.flagged == truth).float().mean() > 0.99
     assert len(det) == int(det.flagged.sum())
@@ -36,12 +35,14 @@ def test_ranking_and_gmm_rule_flags_upper_mode():
     assert list(det.to_dataframe().columns) == ["index", "score", "flagged", "rank"]
 
 
-def test_gmm_flags_nothing_without_outlier_mode():
-    pytest.importorskip("sklearn")
+def test_flags_nothing_without_outlier_mode():
     g = torch.Generator().manual_seed(1)
     s = torch.exp(torch.randn(400, generator=g) * 0.3)
-    assert detect.memorized(s).flagged.sum() <= 4  # a unimodal score: (almost) nothing
-    assert math.isinf(detect.gmm_threshold(torch.ones(100)))
+    with pytest.warns(detect.DetectionWarning, match="no separate upper mode|one mode"):
+        det = detect.memorized(s)
+    assert len(det) == 0 and math.isinf(det.threshold) and det.estimated_count == 0
+    with pytest.warns(detect.DetectionWarning, match="every score is equal"):
+        assert len(detect.mislabeled(torch.ones(100))) == 0
 
 
 def test_fraction_and_threshold_rules_and_nans():

@@ -1,0 +1,322 @@
+r"""The ground-truth-free count and threshold behind :func:`csl_fast.detect.mislabeled`.
+
+Two estimators of how many samples are bad (mislabeled, conflicting duplicates), both
+on fixed-size histograms: binning is O(N), every fit is O(bins), so 10 million scores
+take about a second. :mod:`csl_fast.detect` explains why they are built this way and
+when each is used; this module holds the mathematics.
+
+:func:`two_view_count` (needs the tracker's margin view)
+    ``x = log(mean CSL)``. Samples whose given label *lost on average over training*
+    (mean margin ``z_y - max_{j != y} z_j < 0``, the sign of AUM) are pinned to the bad
+    component; every other sample is shared by EM between ``K`` clean Gaussians on the
+    log scale and one bad Gaussian on the *linear* mean-loss scale, whose density on the
+    log scale carries the Jacobian ``e^x``:
+
+    .. math::
+        p(x) = \sum_{k=1}^{K} \pi_k\,\mathcal N(x; \mu_k, \sigma_k^2)
+             + \pi_b\,\mathcal N(e^x; m_b, s_b^2)\,e^x .
+
+    The estimate is the expected number of bad samples, ``n_pinned + sum_i P(bad | x_i)``
+    over the free samples; it is computed for ``K = 2, 3, 4`` and the ``K = 3`` value is
+    reported, with the interval spanning the three widened by two Poisson standard
+    errors (``2 sqrt(count)``).
+:func:`upper_mode` (any 1-D score)
+    The valley (antimode) between the clean mode and a separate upper mode of a
+    kernel-smoothed histogram; samples above the valley are counted. An upper mode must
+    show excess mass over the valley level of at least :data:`MIN_EVIDENCE` Poisson
+    standard errors, and a peak that beats the valley by :data:`MIN_LOCAL` standard
+    errors in equal windows (so a sparse tail of isolated samples is no mode).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "BINS",
+    "CLEAN_COMPONENTS",
+    "MIN_PINNED",
+    "MIXTURE_BINS",
+    "Estimate",
+    "rule_scale",
+    "two_view_count",
+    "upper_mode",
+]
+
+#: Histogram bins of both estimators (resolution ``range / BINS`` on the fitted scale).
+BINS = 4096
+#: Histogram bins of the two-view mixture (the EM runs over bins, not samples).
+MIXTURE_BINS = 256
+#: Clean components of the two-view mixture: the reported fit, then the interval's others.
+CLEAN_COMPONENTS = (3, 2, 4)
+#: Fewest label-lost samples the two-view fit needs (fewer: the 1-D rule is used).
+MIN_PINNED = 3
+#: Least excess mass of an upper mode, in Poisson standard errors (1-D rule).
+MIN_EVIDENCE = 3.0
+#: Least peak-over-valley contrast in equal windows, in standard errors (1-D rule).
+MIN_LOCAL = 2.0
+#: Largest valley-to-peak density ratio of an upper mode (1-D rule).
+MAX_VALLEY_RATIO = 0.7
+
+
+@dataclass
+class Estimate:
+    """An estimated number of bad samples and what it rests on.
+
+    Attributes:
+        found: the estimator found bad samples (``count > 0``).
+        count: the estimated number of bad samples.
+        interval: ``(low, high)`` around ``count``.
+        cut: for :func:`upper_mode`, the valley on the rule's scale (``z > cut`` are
+            counted); ``inf`` when nothing is, ``nan`` for :func:`two_view_count`.
+        diagnostics: the numbers behind the decision (JSON-able).
+        reason: why nothing was found (``None`` when something was).
+    """
+
+    found: bool
+    count: int
+    interval: tuple[int, int]
+    cut: float = math.nan
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+
+
+def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
+    """The finite ``values`` (float64 numpy) on the 1-D rule's scale, and its name.
+
+    A non-negative score (CSL, mean loss, ...) is taken in ``log`` (zeros clipped to
+    ``1e-12 * max``): its clean mode is compact there and bad samples sit a roughly
+    constant factor above it. A score with negative values (two-sided, such as the
+    negated AUM) keeps its own scale, ``"identity"``, where the valley test is weaker.
+    """
+    v = values.detach()
+    v = v[torch.isfinite(v)].double().cpu().numpy()
+    if v.size and v.min() >= 0 and v.max() > 0:
+        return np.log(np.maximum(v, 1e-12 * v.max())), "log"
+    return v, "identity"
+
+
+# ------------------------------------------------------------------- two-view mixture
+def _norm_logpdf(x: np.ndarray, mu: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return -0.5 * (np.log(2 * math.pi * var) + (x - mu) ** 2 / var)
+
+
+def _fit(
+    c: np.ndarray, free: np.ndarray, pinned: tuple[int, float, float], k: int, iters: int = 1000
+) -> tuple[float, dict[str, Any]]:
+    """EM on bin centres ``c`` (log mean loss) with ``free`` counts per bin and ``k``
+    clean components; ``pinned = (n, sum L, sum L^2)`` of the samples fixed to the bad
+    component (L = mean loss). Returns ``(expected bad count among the free samples,
+    fitted parameters)``.
+    """
+    lin = np.exp(c)
+    n_pinned, s1p, s2p = pinned
+    total = free.sum()
+    cum = np.cumsum(free) / max(total, 1.0)
+    # clean components start on equal-mass slices of the free samples
+    edges = np.searchsorted(cum, np.linspace(0, 1, k + 1)[1:-1])
+    r = np.zeros((c.size, k + 1))
+    r[np.arange(c.size), np.searchsorted(edges, np.arange(c.size), side="right")] = 1.0
+    floor = (c[1] - c[0]) ** 2 if c.size > 1 else 1e-6
+    prev = None
+    for it in range(iters):  # noqa: B007 (it is reported)
+        w = r * free[:, None]
+        nk = w[:, :k].sum(0) + 1e-12
+        mu = (w[:, :k] * c[:, None]).sum(0) / nk
+        var = np.maximum((w[:, :k] * (c[:, None] - mu) ** 2).sum(0) / nk, floor)
+        nb = w[:, k].sum() + n_pinned
+        mb = ((w[:, k] * lin).sum() + s1p) / nb
+        vb = max(((w[:, k] * lin**2).sum() + s2p) / nb - mb**2, 1e-12 + 1e-6 * mb**2)
+        n_all = total + n_pinned
+        lp = np.empty_like(r)
+        lp[:, :k] = np.log(nk / n_all) + _norm_logpdf(c[:, None], mu, var)
+        lp[:, k] = np.log(nb / n_all) + _norm_logpdf(lin, mb, vb) + c
+        lp -= lp.max(1, keepdims=True)
+        r = np.exp(lp)
+        r /= r.sum(1, keepdims=True)
+        bad = float((r[:, k] * free).sum())
+        if prev is not None and abs(bad - prev) < 1e-4:
+            break
+        prev = bad
+    params = {
+        "clean_means": mu.tolist(),
+        "clean_sds": np.sqrt(var).tolist(),
+        "clean_weights": (nk / n_all).tolist(),
+        "bad_mean_loss": float(mb),
+        "bad_sd_loss": float(math.sqrt(vb)),
+        "bad_weight": float(nb / n_all),
+    }
+    params["em_iterations"] = it + 1
+    return bad, params
+
+
+def two_view_count(
+    mean_loss: torch.Tensor, lost: torch.Tensor, *, bins: int = MIXTURE_BINS
+) -> Estimate:
+    """How many samples are bad, from the mean loss and the label-lost view.
+
+    Args:
+        mean_loss: float ``[N]`` mean training loss per sample (CSL / presentations);
+            non-finite or non-positive entries (never presented) are left out.
+        lost: bool ``[N]``: the sample's mean margin is negative (its given label lost
+            to another class on average over training).
+
+    Returns:
+        an :class:`Estimate`; ``found`` is False (with a reason) when fewer than
+        :data:`MIN_PINNED` usable samples lost, when the caller should use the 1-D rule.
+    """
+    m = mean_loss.detach().double().cpu().numpy()
+    lost_np = lost.detach().cpu().numpy().astype(bool)
+    ok = np.isfinite(m) & (m > 0)
+    x = np.log(m[ok])
+    pin = lost_np[ok]
+    n_pinned = int(pin.sum())
+    diag: dict[str, Any] = {"estimator": "two_view", "finite": int(x.size), "label_lost": n_pinned}
+    if n_pinned < MIN_PINNED or x.size - n_pinned < 20:
+        why = (
+            f"only {n_pinned} samples have a negative mean margin (their label lost on "
+            f"average over training); the two-view fit needs >= {MIN_PINNED}"
+        )
+        return Estimate(False, 0, (0, 0), diagnostics=diag, reason=why)
+    # the easiest 0.1% (surely clean) share the first bin, so a far lower tail does not
+    # spend the bins; the quantile comes from a strided subsample (O(1) in N)
+    lo = max(float(x.min()), float(np.quantile(x[:: max(1, x.size // 100_000)], 0.001)))
+    hi = float(x.max())
+    if hi <= lo:
+        hi = lo + 1e-9
+    free, edges = np.histogram(np.clip(x[~pin], lo, hi), bins, (lo, hi))
+    c = 0.5 * (edges[1:] + edges[:-1])
+    lp = np.exp(x[pin])
+    pinned = (n_pinned, float(lp.sum()), float((lp**2).sum()))
+    counts: list[float] = []
+    fits: list[dict[str, Any]] = []
+    for k in CLEAN_COMPONENTS:
+        bad, params = _fit(c, free.astype(np.float64), pinned, k)
+        counts.append(n_pinned + bad)
+        fits.append({"clean_components": k, "count": n_pinned + bad, **params})
+    count = round(counts[0])
+    noise = 2.0 * math.sqrt(max(count, 1))
+    low = max(n_pinned, math.floor(min(counts) - noise))
+    high = math.ceil(max(counts) + noise)
+    diag.update(fits=fits)
+    return Estimate(count > 0, count, (low, high), diagnostics=diag)
+
+
+# ------------------------------------------------------------------------ 1-D valley
+def _smoothed(z: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """``(counts, density, bin centres, bandwidth)``: a histogram of ``z`` padded by 4
+    bandwidths on each side and smoothed with a Gaussian of Silverman's robust bandwidth
+    ``0.9 min(sd, IQR / 1.34) n^{-1/5}`` (sd and IQR read off the histogram)."""
+    lo, hi = float(z.min()), float(z.max())
+    counts, edges = np.histogram(z, bins, (lo, hi))
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    n = z.size
+    cum = np.cumsum(counts)
+    q1, q3 = centres[np.searchsorted(cum, [0.25 * n, 0.75 * n])]
+    mean = float((counts * centres).sum() / n)
+    sd = math.sqrt(max(float((counts * (centres - mean) ** 2).sum() / n), 0.0))
+    spread = min(sd, (q3 - q1) / 1.34) if q3 > q1 else sd
+    bw = (hi - lo) / bins
+    h = max(0.9 * spread * n**-0.2, 2 * bw)
+    pad = math.ceil(4 * h / bw)
+    counts = np.concatenate([np.zeros(pad), counts, np.zeros(pad)])
+    centres = lo + bw * (np.arange(-pad, bins + pad) + 0.5)
+    x = np.arange(-pad, pad + 1) * bw
+    kernel = np.exp(-0.5 * (x / h) ** 2)
+    density = np.convolve(counts, kernel / kernel.sum(), mode="same")
+    return counts, density, centres, h
+
+
+def _running_argmin(d: np.ndarray) -> np.ndarray:
+    """``out[j]`` = index of the minimum of ``d[0..j]`` (the first one on ties)."""
+    running = np.minimum.accumulate(d)
+    is_new = np.empty(d.size, dtype=bool)
+    is_new[0] = True
+    is_new[1:] = d[1:] < running[:-1]
+    return np.maximum.accumulate(np.where(is_new, np.arange(d.size), 0))
+
+
+def upper_mode(values: torch.Tensor, *, bins: int = BINS) -> Estimate:
+    """Count the samples of a separate upper mode of ``values`` (float ``[N]``;
+    non-finite entries ignored), on the :func:`rule_scale` scale.
+
+    The clean mode is the global maximum of the smoothed density (bad samples are
+    assumed to be a minority); each local maximum above it is a candidate, its valley
+    the lowest density between the two. A candidate's evidence is the smaller of
+    (a) its excess mass over the valley level, ``sum_{j >= v} max(d_j - d_v, 0)``, in
+    units of ``sqrt(n_above + 1)`` and (b) the contrast of the counts within one
+    bandwidth of the peak and of the valley, ``(n_p - n_v) / sqrt(n_p + n_v + 1)``; the
+    best candidate is accepted when (a) >= :data:`MIN_EVIDENCE`, (b) >= :data:`MIN_LOCAL`
+    and the valley is at most :data:`MAX_VALLEY_RATIO` of the peak. Its ``cut`` is the
+    valley; the interval adds the samples within two bandwidths of it on either side.
+    """
+    z, scale = rule_scale(values)
+    diag: dict[str, Any] = {"estimator": "valley", "scale": scale, "finite": int(z.size)}
+    if z.size < 20 or float(z.max() - z.min()) <= 0:
+        why = (
+            f"only {z.size} finite scores"
+            if z.size < 20
+            else "every score is equal (the score gives no separation)"
+        )
+        return Estimate(False, 0, (0, 0), math.inf, diag, why)
+    counts, d, centres, h = _smoothed(z, bins)
+    diag["bandwidth"] = float(h)
+    g = int(np.argmax(d))
+    diag["clean_mode"] = float(centres[g])
+    valley_of = g + _running_argmin(d[g:])  # valley_of[p - g]: valley towards peak p
+    is_peak = np.zeros(d.size, dtype=bool)
+    is_peak[1:-1] = (d[1:-1] >= d[:-2]) & (d[1:-1] > d[2:])
+    is_peak[: g + 1] = False
+    peaks = np.flatnonzero(is_peak)
+    diag["candidates"] = int(peaks.size)
+    if peaks.size == 0:
+        return Estimate(False, 0, (0, 0), math.inf, diag, "the score's density has one mode")
+    bw = float(centres[1] - centres[0])
+    w = max(1, round(h / bw))
+    csum = np.concatenate([[0.0], np.cumsum(counts)])
+    above = csum[-1] - csum[:-1]  # samples in bins j..end
+
+    def near(j: int) -> float:
+        return float(csum[min(j + w + 1, counts.size)] - csum[max(j - w, 0)])
+
+    best: tuple[float, float, float, int, int] | None = None
+    for p in peaks:
+        v = int(valley_of[p - g])
+        excess = float(np.clip(d[v:] - d[v], 0.0, None).sum()) / math.sqrt(above[v] + 1.0)
+        n_p, n_v = near(int(p)), near(v)
+        local = (n_p - n_v) / math.sqrt(n_p + n_v + 1.0)
+        if best is None or min(excess, local) > min(best[0], best[1]):
+            best = (excess, local, float(d[v] / d[p]), v, int(p))
+    assert best is not None
+    excess, local, ratio, v, p = best
+    cut = float(centres[v])
+    n_above = int((z > cut).sum())
+    diag.update(
+        excess_evidence=excess,
+        local_evidence=local,
+        valley=cut,
+        upper_peak=float(centres[p]),
+        valley_to_peak=ratio,
+        above_valley=n_above,
+    )
+    if excess < MIN_EVIDENCE or local < MIN_LOCAL or ratio > MAX_VALLEY_RATIO:
+        why = (
+            f"no separate upper mode: the best candidate (peak {centres[p]:.3g} on the "
+            f"{scale} scale, {n_above} samples above its valley) has excess-mass evidence "
+            f"{excess:.2f} (needs >= {MIN_EVIDENCE}), peak-vs-valley evidence {local:.2f} "
+            f"(needs >= {MIN_LOCAL}) and valley/peak {ratio:.2f} (needs <= "
+            f"{MAX_VALLEY_RATIO})"
+        )
+        return Estimate(False, 0, (0, 0), math.inf, diag, why)
+    band_above = int(((z > cut) & (z <= cut + 2 * h)).sum())
+    band_below = int(((z <= cut) & (z > cut - 2 * h)).sum())
+    noise = 2.0 * math.sqrt(n_above)
+    low = max(0, math.floor(n_above - band_above - noise))
+    high = math.ceil(n_above + band_below + noise)
+    diag.update(band_above_cut=band_above, band_below_cut=band_below)
+    return Estimate(True, n_above, (low, high), cut, diag)
