@@ -134,7 +134,6 @@ def test_empty_plan_writes_only_the_header(tmp_path):
 
 def test_to_dataframe_is_one_based():
     pytest.importorskip("pandas")
-    pytest.importorskip("sklearn")  # detect.mislabeled's default gmm rule
     df = _plan().to_dataframe()
     assert list(df.columns) == list(CSV_COLUMNS)
     assert df["rank"].tolist() == [1, 2, 3, 4]
@@ -227,7 +226,6 @@ def test_nan_confidence_where_no_suggestion_is_accepted():
 
 
 def test_tracker_source_uses_its_suggestions():
-    pytest.importorskip("sklearn")  # clean's default gmm rule
     g = torch.Generator().manual_seed(0)
     n, c = 120, 3
     y = torch.arange(n) % c

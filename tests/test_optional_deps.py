@@ -23,13 +23,13 @@ NEEDS_OPTIONAL = {
     "tests/baselines/test_confident_learning.py": "sklearn",
     "tests/test_report.py": "sklearn",
     "tests/baselines/test_ssft.py": "sklearn",
-    "tests/test_detect.py": "sklearn",
+    "tests/test_detect.py": "pandas",
     "tests/test_clean.py": "pandas",
     "tests/test_scores.py": "pandas",
     "tests/test_scoring.py": "tqdm",
 }
 SELECTED = (
-    "test_flipped_samples_are_forgotten or test_gmm_flags_nothing_without_outlier_mode or "
+    "test_flipped_samples_are_forgotten or test_ranking_and_valley_rule_flags_upper_mode or "
     "test_to_dataframe_is_one_based or test_dataframe_and_errors or "
     "test_restores_eval_mode_and_survives_errors"
 )
