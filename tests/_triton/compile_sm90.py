@@ -88,6 +88,7 @@ def main(mode: str) -> None:
     scatter_types = [("fp32", "i64"), ("fp64", "fp32"), ("fp32", "i32"), ("fp64", "fp64")]
     for csl_t, cnt_t in scatter_types[:1] if mode == "minimal" else scatter_types:
         base = {"stats_ptr": "*fp32", "csl_ptr": f"*{csl_t}", "count_ptr": f"*{cnt_t}", "B": "i32"}
+        base |= {"N_CSL": "i64", "N_CNT": "i64"}  # buffer sizes: out-of-range indices skipped
         strides = {"stride_sr": "i32", "stride_sc": "i32", "stride_csl": "i32", "stride_cnt": "i32"}
         const = dict(HAS_CSL=True, HAS_COUNT=True, BLOCK=1024)
         sig = {"index_ptr": "*i64", **base, **strides}
@@ -103,11 +104,13 @@ def main(mode: str) -> None:
         sig |= {"last_max_prob_ptr": f"*{f_t}", "last_correct_ptr": "*i1"}
         sig |= {"forgetting_ptr": "*i32", "learned_epoch_ptr": "*i32"}
         sig |= {f"{k}_ptr": f"*{f_t}" for k in ("grad_norm_sum", "margin_sum", "p_true_sum")}
-        sig |= {"p_true_sq_sum_ptr": f"*{f_t}", "B": "i32", "N": "i64", "epoch": "i32"}
+        sig |= {"p_true_sq_sum_ptr": f"*{f_t}"}
+        sig |= {f"suggest_{k}_ptr": "*i32" for k in ("label", "votes", "hits")}
+        sig |= {"B": "i32", "N": "i64", "epoch": "i32"}
         sig |= {"stride_sr": "i32", "stride_sc": "i32"}
         flags = ("MAX_PROB", "TRANSITIONS", "GRAD_NORM_SUM", "MARGIN_SUM", "P_TRUE_SUM")
         for on in (True, False) if mode != "minimal" else (True,):
-            const = {f"HAS_{k}": on for k in (*flags, "P_TRUE_SQ_SUM")}
+            const = {f"HAS_{k}": on for k in (*flags, "P_TRUE_SQ_SUM", "SUGGEST")}
             const["BLOCK"] = record.BLOCK
             _compile(record._record_sorted_kernel, sig, const, 4)
             print("ok record_last", f_t, on, flush=True)
