@@ -221,6 +221,26 @@ def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | N
     )
 
 
+def _ranking(values: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Indices by descending value, ties in index order, non-finite last.
+
+    Sorted as order-preserving integers (the float's bits with the magnitude bits of
+    negative values flipped), because PyTorch's stable CPU sort of int64 keys is a radix
+    sort, several times faster than its float sort at N = 10M.
+    """
+    v = values.detach()
+    v = (v if v.dtype == torch.float64 else v.float()) + 0.0  # -0.0 -> +0.0: equal, tied
+    if v.dtype == torch.float64:
+        bits = v.view(torch.int64)
+        mask = 0x7FFF_FFFF_FFFF_FFFF
+    else:
+        bits = v.view(torch.int32).long()
+        mask = 0x7FFF_FFFF
+    key = torch.where(bits < 0, bits ^ mask, bits)
+    key = torch.where(finite, key, torch.iinfo(torch.int64).min)
+    return torch.sort(~key, stable=True).indices  # ~ reverses the order without overflow
+
+
 def _top_k(ranking: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
     flagged = torch.zeros_like(finite)
     k = min(k, int(finite.sum()))
@@ -293,8 +313,7 @@ def _detect(
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     finite = torch.isfinite(values)
-    key = torch.where(finite, values.double(), torch.full_like(values.double(), -math.inf))
-    ranking = torch.sort(key, descending=True, stable=True).indices
+    ranking = _ranking(values, finite)
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": int(finite.sum())}
     count: int | None = None
     interval: tuple[int, int] | None = None
@@ -310,7 +329,7 @@ def _detect(
         flagged = finite & (values.double() > float(threshold))
         desc = f"threshold({threshold})"
     else:
-        flagged, est, extra = _rule_flags(values.to(key.device), ranking, finite, rule, views)
+        flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
