@@ -642,10 +642,8 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    import warnings
-
     from .clean import clean
-    from .detect import mislabeled
+    from .detect import DetectionWarning, mislabeled
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
@@ -657,7 +655,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     tracker, samples = load_run(args.run)
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DetectionWarning)
         det = mislabeled(_scores_for(tracker, args.score), args.score)
     plan = clean(
         tracker,
@@ -688,6 +686,8 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
         lines.append(f"estimated mislabeled: {det.estimated_count} (interval {lo}-{hi})")
+    if det.diagnostics.get("note"):
+        lines.append(f"note: {det.diagnostics['note']}")
     if samples is None or not samples.has_truth or len(plan) == 0:
         return "\n".join(lines)
     from .clean import evaluate_plan

@@ -178,12 +178,12 @@ def sections(
 ) -> str:
     """The HTML of the flagged-set, composition and suggestion sections; writes
     ``flagging.png`` into ``out_dir``."""
-    from .detect import mislabeled
+    from .detect import DetectionWarning, mislabeled
 
     e = html.escape
     with warnings.catch_warnings():
         # the detection's warning is shown in the section itself
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DetectionWarning)
         det = mislabeled(all_scores, score)
     png = os.path.join(out_dir, "flagging.png")
     b64 = _fig_flagging(det, png)
@@ -198,6 +198,8 @@ def sections(
     parts.append(f"<p class=cap>{e(cap)} (<code>flagging.png</code>)</p>")
     if det.warning:
         parts.append(f"<p class=cap><b>Warning:</b> {e(det.warning)}</p>")
+    elif det.diagnostics.get("note"):
+        parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['note'])}</p>")
     parts.append("<h2>What the flagged set is made of</h2>")
     if samples is not None and samples.has_truth:
         parts.append(_table(_composition(det, samples)))

@@ -137,7 +137,8 @@ def test_to_dataframe_is_one_based():
     df = _plan().to_dataframe()
     assert list(df.columns) == list(CSV_COLUMNS)
     assert df["rank"].tolist() == [1, 2, 3, 4]
-    assert detect.mislabeled(SCORES).to_dataframe()["rank"].iloc[0] == 0  # documented: 0-based
+    det = detect.mislabeled(SCORES, rule="fraction", fraction=0.5)
+    assert det.to_dataframe()["rank"].iloc[0] == 0  # documented: Detection's is 0-based
 
 
 def test_apply_drops_and_relabels():

@@ -177,6 +177,24 @@ def test_bare_tracker_file(bare_tracker, tmp_path, capsys):
     assert "ground truth" not in stdout  # no samples.npz beside the tracker
 
 
+def test_nothing_flagged_warns_on_one_line(tmp_path, capsys):
+    tracker = csl_fast.CSLTracker(60, 3)
+    logits = torch.tensor([[2.0, 0.0, 0.0]]).repeat(60, 1)
+    for _ in range(3):
+        csl_fast.accumulate(logits, torch.zeros(60, dtype=torch.long), torch.arange(60), tracker)
+        tracker.end_epoch()
+    path = tmp_path / "same.csl"
+    tracker.save(path)
+    out = tmp_path / "plan.csv"
+    code, stdout, err = run_main(capsys, "clean", str(path), "--out", str(out))
+    assert code == EXIT_OK
+    assert out.read_text() == ",".join(CSV_COLUMNS) + "\n"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("csl-fast clean: warning: ")
+    assert "nothing flagged" in lines[0]
+    assert "wrote 0 decisions" in stdout
+
+
 def test_usage_errors_exit_2(demo_run, bare_tracker, tmp_path, capsys):
     out = str(tmp_path / "p.csv")
     line = user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--policy", "review")

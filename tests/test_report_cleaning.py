@@ -73,7 +73,7 @@ def test_sections_match_detect_and_clean(run, tmp_path):
     page = Path(path).read_text(encoding="utf-8")
     assert (tmp_path / "flagging.png").stat().st_size > 1000
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the rule's warning, if any
+        warnings.simplefilter("ignore", detect.DetectionWarning)  # the rule's, if any
         det = detect.mislabeled(tracker)
     flagged = det.flagged.numpy()
     mis = samples.mislabeled

@@ -228,7 +228,7 @@ def clean_stage(regime: str, noise: float, seed: int, epochs: int | None, folds:
     tracker.load_state_dict(stage["tracker"])
     t0 = time.perf_counter()
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # kept in the results instead
+        warnings.simplefilter("ignore", detect.DetectionWarning)  # kept in the results
         det = detect.mislabeled(tracker)
     plan = csl_fast.clean(tracker, detection=det)
     drop = csl_fast.clean(tracker, detection=det, policy="drop")
