@@ -1,0 +1,208 @@
+"""The ground-truth-free rules on synthetic score distributions with a known answer.
+
+Every case is seeded; the bad samples are known, so each assertion checks the flagged
+set, the count estimate or the warning against the truth (and can fail).
+"""
+
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from csl_fast import detect, flagging
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _prf(flagged, truth):
+    tp = int((flagged & truth).sum())
+    return tp / max(int(flagged.sum()), 1), tp / max(int(truth.sum()), 1)
+
+
+def _two_modes(seed=0, n_clean=1900, n_bad=100):
+    g = _gen(seed)
+    clean = torch.exp(torch.randn(n_clean, generator=g) * 0.4)
+    bad = torch.exp(3 + torch.randn(n_bad, generator=g) * 0.3)
+    truth = torch.cat([torch.zeros(n_clean, dtype=torch.bool), torch.ones(n_bad, dtype=torch.bool)])
+    return torch.cat([clean, bad]), truth
+
+
+def _left_skewed(seed=0, n_clean=3800, n_bad=200):
+    """Clean log-score = -Gamma(2, 1) * 0.8: a long tail of very easy samples (the
+    MNIST-1D shape the old log-GMM rule failed on); a small upper mode of bad samples."""
+    g = _gen(seed)
+    gamma = torch.distributions.Gamma(2.0, 1.0)
+    torch.manual_seed(seed)  # Gamma.sample has no generator argument
+    clean_log = -0.8 * gamma.sample((n_clean,))
+    bad_log = 2.0 + 0.25 * torch.randn(n_bad, generator=g)
+    truth = torch.cat([torch.zeros(n_clean, dtype=torch.bool), torch.ones(n_bad, dtype=torch.bool)])
+    return torch.cat([clean_log, bad_log]).exp(), truth
+
+
+def _two_view_table(seed=0, n=6000, rate=0.05, caught=0.5):
+    """A memorizing run's statistics: clean mean loss log-normal (two groups, one of
+    very easy samples), bad mean loss normal on the linear scale and overlapping the
+    clean tail; ``caught`` of the bad samples have a negative mean margin."""
+    g = _gen(seed)
+    bad = torch.rand(n, generator=g) < rate
+    easy = torch.rand(n, generator=g) < 0.3
+    clean_log = torch.where(
+        easy, -3.0 + 0.8 * torch.randn(n, generator=g), -1.5 + 0.45 * torch.randn(n, generator=g)
+    )
+    bad_mean = (1.8 + 0.6 * torch.randn(n, generator=g)).clamp_min(0.2)
+    mean = torch.where(bad, bad_mean, clean_log.exp())
+    lost = bad & (torch.rand(n, generator=g) < caught)
+    margin = torch.where(
+        lost, -1 - torch.rand(n, generator=g), 0.5 + 4 * torch.rand(n, generator=g)
+    )
+    return {"csl": 40 * mean, "csl_mean": mean, "aum": -margin}, bad
+
+
+# ------------------------------------------------------------------------ 1-D valley
+def test_valley_two_separated_modes():
+    s, truth = _two_modes()
+    det = detect.mislabeled(s)
+    assert det.rule == "auto(valley)" and det.warning is None
+    p, r = _prf(det.flagged, truth)
+    assert p >= 0.98 and r >= 0.98
+    assert abs(det.estimated_count - 100) <= 5
+    lo, hi = det.count_interval
+    assert lo <= 100 <= hi
+    assert det.threshold == float(s[det.flagged].min())
+    assert "1-D valley rule" in det.diagnostics["note"]  # a plain tensor: 1-D only
+
+
+def test_valley_left_skewed_clean_mode_with_small_upper_mode():
+    s, truth = _left_skewed()
+    det = detect.mislabeled(s)
+    p, r = _prf(det.flagged, truth)
+    assert p >= 0.95 and r >= 0.95, (p, r, det.diagnostics)
+    assert abs(det.estimated_count - 200) <= 20
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_mode_flags_nothing_and_warns(seed):
+    g = _gen(seed)
+    shapes = [
+        torch.exp(torch.randn(4000, generator=g)),  # log-normal
+        torch.exp(-0.8 * torch.distributions.Gamma(2.0, 1.0).sample((4000,))),  # left skew
+        -torch.log(torch.rand(4000, generator=g)),  # exponential, mode at 0
+    ]
+    for s in shapes:
+        with pytest.warns(detect.DetectionWarning, match="nothing flagged") as rec:
+            det = detect.mislabeled(s)
+        assert len(det) == 0 and det.estimated_count == 0 and math.isinf(det.threshold)
+        assert det.warning is not None and det.warning == str(rec[0].message)
+        assert "try:" in det.warning and det.diagnostics["estimator"]["reason"]
+        json.dumps(det.diagnostics)  # plain values, for the report and the CLI
+
+
+def test_valley_ignores_a_sparse_heavy_tail():
+    # isolated far samples of a heavy tail are no mode: nothing, not a few outliers
+    t = torch.distributions.StudentT(3.0)
+    torch.manual_seed(3)
+    s = torch.exp(0.5 * t.sample((4000,)))
+    with pytest.warns(detect.DetectionWarning):
+        assert len(detect.mislabeled(s)) == 0
+
+
+def test_two_sided_score_gets_a_note():
+    s, _ = _two_modes()
+    two_sided = torch.log(s)  # negative values: the valley works on the raw scale
+    det = detect.mislabeled(two_sided)
+    assert det.diagnostics["estimator"]["scale"] == "identity"
+    assert "two-sided" in detect.rule_note("custom", two_sided, has_views=False)
+    assert "Note: score 'custom' is two-sided" in detect.summary(det)
+    assert detect.rule_note("aum", two_sided, has_views=True) is None
+
+
+# ------------------------------------------------------------------------- two-view
+@pytest.mark.parametrize("seed,rate", [(0, 0.02), (1, 0.05), (2, 0.10)])
+def test_two_view_count_and_flagged_set(seed, rate):
+    table, bad = _two_view_table(seed, rate=rate)
+    det = detect.mislabeled(table)
+    assert det.rule == "auto(two_view)" and det.warning is None
+    k = int(bad.sum())
+    assert abs(det.estimated_count - k) <= 0.15 * k, (det.estimated_count, k)
+    lo, hi = det.count_interval
+    assert lo <= det.estimated_count <= hi
+    p, r = _prf(det.flagged, bad)
+    assert p >= 0.8 and r >= 0.8, (p, r)
+    # the flagged set is the top-k of the score
+    assert torch.equal(det.indices, det.ranking[: det.estimated_count])
+    assert det.diagnostics["views"].startswith("two-view")
+    json.dumps(det.diagnostics)
+
+
+def test_two_view_flags_by_any_score_with_the_same_count():
+    table, _ = _two_view_table(1)
+    by_csl = detect.mislabeled(table, "csl")
+    by_aum = detect.mislabeled(table, "aum")  # two-sided, but the count is the two-view one
+    assert by_aum.estimated_count == by_csl.estimated_count == len(by_aum)
+    assert by_aum.warning is None and "note" not in by_aum.diagnostics
+
+
+def test_two_view_clean_run_falls_back_and_warns():
+    table, bad = _two_view_table(4, rate=0.0)
+    assert not bad.any()
+    with pytest.warns(detect.DetectionWarning, match="negative mean margin") as rec:
+        det = detect.mislabeled(table)
+    assert len(det) == 0 and det.rule == "auto(valley)"
+    assert "fell back to the 1-D valley rule" in det.diagnostics["views"]
+    assert "1-D valley rule" in str(rec[0].message)
+    with pytest.warns(detect.DetectionWarning):
+        det = detect.mislabeled(table, rule="two_view")
+    assert len(det) == 0 and det.estimated_count == 0
+
+
+def test_two_view_needs_the_margin_view():
+    s, _ = _two_modes()
+    with pytest.raises(ValueError, match="needs the margin view"):
+        detect.mislabeled(s, rule="two_view")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        detect.mislabeled(s, rule="gmm")
+
+
+def test_count_estimators_directly():
+    table, bad = _two_view_table(5, rate=0.05)
+    est = flagging.two_view_count(table["csl_mean"], table["aum"] > 0)
+    k = int(bad.sum())
+    assert est.found and abs(est.count - k) <= 0.15 * k
+    assert est.diagnostics["label_lost"] == int((table["aum"] > 0).sum())
+    assert [f["clean_components"] for f in est.diagnostics["fits"]] == list(
+        flagging.CLEAN_COMPONENTS
+    )
+    s, truth = _two_modes()
+    assert flagging.upper_mode(s).count == pytest.approx(int(truth.sum()), abs=5)
+
+
+def test_nan_scores_are_never_flagged_and_rank_last():
+    table, _ = _two_view_table(2, rate=0.05)
+    table = {k: v.clone() for k, v in table.items()}
+    for v in table.values():
+        v[:10] = float("nan")  # never presented
+    det = detect.mislabeled(table)
+    assert not det.flagged[:10].any()
+    assert set(det.ranking[-10:].tolist()) == set(range(10))
+
+
+def test_ranking_matches_a_stable_float_sort():
+    g = _gen(7)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        v = (torch.randn(5000, generator=g) * 3).to(dtype)
+        v[::11] = v[2]  # ties
+        v[3], v[4], v[5], v[6], v[7] = float("nan"), float("inf"), -float("inf"), -0.0, 0.0
+        key = torch.where(
+            torch.isfinite(v), v.double(), torch.tensor(-math.inf, dtype=torch.float64)
+        )
+        want = torch.sort(key, descending=True, stable=True).indices
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", detect.DetectionWarning)
+            got = detect.mislabeled(v, rule="fraction", fraction=0.1).ranking
+        assert torch.equal(got, want), dtype
