@@ -104,43 +104,12 @@ def _data_stand_ins() -> dict:
 
 
 def _huggingface_stand_ins(out_dir: Path) -> dict:
-    import transformers
+    # The integration tests' tiny randomly initialised BERT and its dict examples.
+    from integrations.test_huggingface import Examples, _args, _model
 
-    class Examples(torch.utils.data.Dataset):
-        def __init__(self) -> None:
-            g = torch.Generator().manual_seed(0)
-            self.ids = torch.randint(1, 30, (20, 6), generator=g)
-            self.labels = torch.randint(0, 3, (20,), generator=g)
-
-        def __len__(self) -> int:
-            return len(self.labels)
-
-        def __getitem__(self, i: int) -> dict:
-            return {"input_ids": self.ids[i], "labels": self.labels[i]}
-
-    config = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=6,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    args = transformers.TrainingArguments(
-        output_dir=str(out_dir),
-        num_train_epochs=1,
-        per_device_train_batch_size=8,
-        use_cpu=True,
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_strategy="no",
-    )
     return {
-        "model": transformers.BertForSequenceClassification(config),
-        "training_args": args,
+        "model": _model(),
+        "training_args": _args(out_dir, 1),
         "train_dataset": Examples(),
         "eval_dataset": Examples(),
     }
