@@ -38,7 +38,11 @@ augmentation, a wide MLP (64-512-512-10), Adam at lr 3e-3, batch 128, 60 epochs,
 then lose the flipped samples (AUROC ~0.89), while CSL, which remembers how long each
 sample took to fit, stays near 0.999 on mislabeled and ~0.97 on duplicates (seed 0).
 Memorizing a flipped label takes many epochs; the sum of the loss over training records
-that, the last epoch's loss does not.
+that, the last epoch's loss does not. The same memorization costs the noisy-trained model
+clean-test accuracy, which cleaning wins back: with seed 0, the rule flags 179 samples
+(173 corrupted), the default policy relabels 163 (143 to the true label) and drops 16, and
+one retraining takes the held-out accuracy from 0.900 to 0.978 (true labels: 0.989), 88%
+of the gap.
 """
 
 from __future__ import annotations
