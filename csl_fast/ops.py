@@ -222,8 +222,10 @@ def record_last(
     One sequential C++ pass on the CPU; with the Triton backend (the GPU default) a stable
     sort and one Triton pass; elsewhere (the ``cuda`` and ``reference`` backends) the
     device-only reference, a stable sort and ~40 small kernels. None synchronises with the
-    host, except the reference's vote (one read: see :func:`csl_fast.reference.record_last`);
-    the C++ and Triton passes add the sums in batch order (deterministic).
+    host, except the ``reference`` backend's vote (one read, see
+    :func:`csl_fast.reference.record_last`; the ``cuda`` backend's vote is a CUDA kernel,
+    ``csl_fast::record_vote``); the C++ and Triton passes add the sums in batch order
+    (deterministic).
     """
     args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
     state = (forgetting, learned_epoch, *sums, *(suggest or (None, None, None)))
@@ -236,8 +238,14 @@ def record_last(
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
         # it becomes 0 with all-zero statistics, which adds 0 and changes no state.
         idx, ok = _skip_out_of_range(index, last_loss.shape[0])
-        stats = torch.where(ok, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
-        reference.record_last(stats, idx, *args[2:], *state)
+        kept = torch.where(ok, stats, torch.zeros((), dtype=stats.dtype, device=stats.device))
+        if name == "cuda" and suggest is not None:
+            # The vote is a left fold: on the GPU a kernel walks each index's rows in
+            # batch order, where the reference would read its number of rounds on the host.
+            reference.record_last(kept, idx, *args[2:], *state[:-3])
+            torch.ops.csl_fast.record_vote.default(stats, index, *suggest)
+        else:
+            reference.record_last(kept, idx, *args[2:], *state)
 
 
 def record_input_grad(
@@ -322,6 +330,10 @@ if _C is not None:
 
     @torch.library.register_fake("csl_fast::record_last")
     def _fake_record_last(*args):
+        return None
+
+    @torch.library.register_fake("csl_fast::record_vote")
+    def _fake_record_vote(*args):
         return None
 
     @torch.library.register_fake("csl_fast::record_input_grad")

@@ -22,12 +22,14 @@ Duplicate indices within one batch (samplers that repeat samples) follow one rul
 presentations of a batch are processed **in batch order**. Sums add every presentation;
 last-value buffers keep the last valid occurrence in the batch; forgetting counts
 correct -> incorrect transitions across successive presentations in batch order; the
-threshold learning time is the epoch in which the final correct streak began. The rule is
-applied without host synchronisation per step and bitwise reproducibly: one sequential C++
-pass on the CPU; on a GPU a stable sort by index, then one Triton pass in which each
-sample's run of presentations is walked in batch order (with ``backend="cuda"`` or
-``"reference"``: the same sort and segment operations in PyTorch, sums by
-``index_put_(accumulate=True)``). The CSL sum and count themselves are written by the fused
+threshold learning time is the epoch in which the final correct streak began; the
+suggested-label vote takes one step per presentation. The rule is applied without host
+synchronisation per step and bitwise reproducibly: one sequential C++ pass on the CPU; on a
+GPU a stable sort by index, then one Triton pass in which each sample's run of
+presentations is walked in batch order (with ``backend="cuda"`` or ``"reference"``: the
+same sort and segment operations in PyTorch, sums by ``index_put_(accumulate=True)``, and
+the vote by a CUDA kernel that walks the runs, or, in the reference, in rounds whose number
+is read on the host). The CSL sum and count themselves are written by the fused
 ``scatter_stats`` op inside :func:`csl_fast.accumulate` (see its ``deterministic`` flag).
 """
 

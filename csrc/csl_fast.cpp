@@ -31,6 +31,11 @@ TORCH_LIBRARY(csl_fast, m) {
       "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum, "
       "Tensor(j!)? suggest_label=None, Tensor(k!)? suggest_votes=None, "
       "Tensor(l!)? suggest_hits=None) -> ()");
+  // The suggested-label vote of record_last alone (its GPU kernel: the cuda backend's
+  // record_last is otherwise the device-only reference).
+  m.def(
+      "record_vote(Tensor stats, Tensor index, Tensor(a!) suggest_label, "
+      "Tensor(b!) suggest_votes, Tensor(c!) suggest_hits) -> ()");
   // Squared input-gradient norms [B] (the buffers' dtype) added at index into a tracker's
   // input-gradient buffers, skipping rows that are not finite or not valid (see
   // csl_fast/reference.py: record_input_grad).

@@ -102,7 +102,7 @@ def _glue_cmd(stub_dir: Path, torch_inc: Path, cuda_inc: Path) -> list[str]:
     return [*cmd, str(GLUE)]
 
 
-EMU_SOURCES = ("cross_entropy_kernels.cu", "input_grad_norms_kernels.cu")
+EMU_SOURCES = ("cross_entropy_kernels.cu", "input_grad_norms_kernels.cu", "vote_kernels.cu")
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;{}<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 
 
@@ -253,6 +253,7 @@ def emu(jobs):
     lib.emu_input_grad_norms_workspace.argtypes = [_I, _I64, _I64]
     lib.emu_input_grad_norms_workspace.restype = _I64
     lib.emu_input_grad_norms.argtypes = [_P, _I, _I64, _I64, _D, _P, _P, _I64]
+    lib.emu_vote_sorted.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64]
     return lib
 
 
@@ -440,3 +441,33 @@ def test_emulated_cross_entropy_writes_only_its_buffers(emu, classes, inplace):
             assert torch.isnan(grad[[0, 3]]).all() and not grad[2].any()
             stats = stats_big[pad : pad + NUM_STATS * rows].view(NUM_STATS, rows)
             assert stats[Stat.VALID].tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_emulated_vote_matches_the_reference(emu):
+    """The GPU vote kernel (stable sort in the glue, one walk per run of equal indices)
+    against csl_fast.reference.record_last's vote, over batches with many duplicates."""
+    n, batch = 9, 64
+    g = torch.Generator().manual_seed(7)
+    label = torch.full((n,), -1, dtype=torch.int32)
+    votes = torch.zeros(n, dtype=torch.int32)
+    hits = torch.zeros(n, dtype=torch.int32)
+    want = [label.clone(), votes.clone(), hits.clone()]
+    state = [torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool)]
+    for _ in range(6):
+        index = torch.randint(0, n, (batch,), generator=g)
+        stats = torch.zeros(NUM_STATS, batch)
+        stats[Stat.VALID] = (torch.rand(batch, generator=g) > 0.2).float()
+        r = torch.randint(0, 3, (batch,), generator=g).float()
+        stats[Stat.OTHER_ARGMAX] = torch.where(stats[Stat.VALID] > 0, r, -1.0)
+        index[0] = n  # outside [0, n): skipped
+        stats[Stat.VALID, 0] = 0.0
+        sorted_index, perm = torch.sort(index, stable=True)
+        rc = emu.emu_vote_sorted(
+            stats.data_ptr(), batch, sorted_index.data_ptr(), perm.data_ptr(),
+            label.data_ptr(), votes.data_ptr(), hits.data_ptr(), n,
+        )  # fmt: skip
+        assert rc == 0
+        reference.record_last(stats[:, 1:], index[1:], None, 0, *state, *[None] * 6, *want)
+    assert torch.equal(label, want[0]) and torch.equal(votes, want[1])
+    assert torch.equal(hits, want[2])
+    assert (want[0] >= 0).all() and want[1].sum() > 0

@@ -198,6 +198,28 @@ def test_vote_matches_a_loop_over_epochs_with_duplicates(backend):
     assert steps["change"] > 3 and steps["down"] > 10
 
 
+@needs_cpp
+def test_record_vote_op_matches_a_loop():
+    """csl_fast::record_vote (the vote alone; its CUDA kernel serves the cuda backend)."""
+    n = 13
+    batches = _batches(n, 5, epochs=4, batch=24)
+    want = _vote_loop(batches, n)
+    suggest = (
+        torch.full((n,), -1, dtype=torch.int32),
+        torch.zeros(n, dtype=torch.int32),
+        torch.zeros(n, dtype=torch.int32),
+    )
+    for index, stats in batches:
+        torch.ops.csl_fast.record_vote(stats, index, *suggest)
+    assert [t.tolist() for t in suggest] == list(want)
+    with pytest.raises(IndexError, match="outside"):
+        torch.ops.csl_fast.record_vote(batches[0][1], batches[0][0] + n, *suggest)
+    with pytest.raises(TypeError, match="suggest_votes must be Int"):
+        torch.ops.csl_fast.record_vote(
+            batches[0][1], batches[0][0], suggest[0], suggest[1].long(), suggest[2]
+        )
+
+
 @pytest.mark.parametrize("backend", _record_backends())
 def test_vote_needs_all_three_buffers(backend):
     stats = torch.zeros(NUM_STATS, 2)

@@ -128,6 +128,25 @@ cudaError_t scatter_stats_deterministic(const ScatterParams& p, void* workspace,
                                         size_t workspace_bytes, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------
+// The suggested-label vote of a tracker (csl_fast/reference.py: record_last, vote_step):
+// one Boyer-Moore step per row with stats[kValid] > 0 and a runner-up r = stats[kOtherArgmax]
+// >= 0, on label/votes/hits[index], rows taken in batch order. The caller sorts the indices
+// stably (sorted_index, and perm: sorted position -> row); the first position of each run of
+// equal indices walks its run, so every sample has one writer: no atomics, deterministic.
+// Indices outside [0, n) are skipped.
+struct VoteParams {
+  const float* stats = nullptr;  // float32 [kNumStats, rows] contiguous
+  int64_t rows = 0;
+  const int64_t* sorted_index = nullptr;  // [rows]
+  const int64_t* perm = nullptr;          // [rows]
+  int32_t* label = nullptr;               // [n]
+  int32_t* votes = nullptr;               // [n]
+  int32_t* hits = nullptr;                // [n]
+  int64_t n = 0;
+};
+cudaError_t vote_sorted(const VoteParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
 // Input-gradient norms: out[i] = sum_k (scale * grad[i, k])^2 over a contiguous [rows, cols]
 // view, accumulated in float32 (float64 for float64 grads), stored as float32. Rows of up to
 // 1024 columns get a warp each, longer rows a block each, and rows over 16384 columns are

@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -237,6 +238,44 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
 }
 
 // ---------------------------------------------------------------------------------------
+// The tracker's suggested-label vote: a stable sort of the indices, then one pass in which
+// each run of equal indices is walked in batch order (kernels.h: VoteParams).
+void record_vote_cuda(const at::Tensor& stats, const at::Tensor& index, at::Tensor& label,
+                      at::Tensor& votes, at::Tensor& hits) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
+                    stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  const int64_t n = label.numel();
+  check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
+  check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);
+  check_state_buffer("record_vote", hits, "suggest_hits", at::kInt, n);
+  check_same_device(index, "index", stats, "stats");
+  check_same_device(label, "suggest_label", stats, "stats");
+  check_same_device(votes, "suggest_votes", stats, "stats");
+  check_same_device(hits, "suggest_hits", stats, "stats");
+  if (B == 0) return;
+  const c10::cuda::CUDAGuard guard(stats.device());
+  const at::Tensor st = stats.contiguous();
+  const auto sorted = index.to(at::kLong).sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
+  const at::Tensor& keys = std::get<0>(sorted);
+  const at::Tensor& perm = std::get<1>(sorted);
+  VoteParams p;
+  p.stats = st.const_data_ptr<float>();
+  p.rows = B;
+  p.sorted_index = keys.const_data_ptr<int64_t>();
+  p.perm = perm.const_data_ptr<int64_t>();
+  p.label = label.mutable_data_ptr<int32_t>();
+  p.votes = votes.mutable_data_ptr<int32_t>();
+  p.hits = hits.mutable_data_ptr<int32_t>();
+  p.n = n;
+  C10_CUDA_CHECK(vote_sorted(p, current_stream()));
+}
+
+// ---------------------------------------------------------------------------------------
 at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
   TORCH_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
   TORCH_CHECK_TYPE(is_logits_dtype(grad.scalar_type()),
@@ -273,4 +312,5 @@ TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cuda::cross_entropy_fwd_inplace_cuda);
   m.impl("scatter_stats", &csl_fast::cuda::scatter_stats_cuda);
   m.impl("input_grad_norms", &csl_fast::cuda::input_grad_norms_cuda);
+  m.impl("record_vote", &csl_fast::cuda::record_vote_cuda);
 }

@@ -40,6 +40,21 @@ int emu_cross_entropy_fwd(const void* logits, int dtype, int64_t rows, int64_t c
   return static_cast<int>(cross_entropy_fwd(p, nullptr));
 }
 
+int emu_vote_sorted(const float* stats, int64_t rows, const int64_t* sorted_index,
+                    const int64_t* perm, int32_t* label, int32_t* votes, int32_t* hits,
+                    int64_t n) {
+  VoteParams p;
+  p.stats = stats;
+  p.rows = rows;
+  p.sorted_index = sorted_index;
+  p.perm = perm;
+  p.label = label;
+  p.votes = votes;
+  p.hits = hits;
+  p.n = n;
+  return static_cast<int>(vote_sorted(p, nullptr));
+}
+
 int64_t emu_input_grad_norms_workspace(int dtype, int64_t rows, int64_t cols) {
   InputGradNormsParams p;
   p.dtype = static_cast<DType>(dtype);
