@@ -177,11 +177,19 @@ def two_view_count(
     pin = lost_np[ok]
     n_pinned = int(pin.sum())
     diag: dict[str, Any] = {"estimator": "two_view", "finite": int(x.size), "label_lost": n_pinned}
-    if n_pinned < MIN_PINNED or x.size - n_pinned < 20:
+    if n_pinned < MIN_PINNED:
         why = (
             f"only {n_pinned} samples have a negative mean margin (their label lost on "
             f"average over training); the two-view fit needs >= {MIN_PINNED}"
         )
+    elif x.size - n_pinned < 20:
+        why = (
+            f"{n_pinned} of the {x.size} presented samples have a negative mean margin: "
+            "too few others are left to fit the clean samples' distribution (needs >= 20)"
+        )
+    else:
+        why = None
+    if why is not None:
         return Estimate(False, 0, (0, 0), diagnostics=diag, reason=why)
     # the easiest 0.1% (surely clean) share the first bin, so a far lower tail does not
     # spend the bins; the quantile comes from a strided subsample (O(1) in N)
