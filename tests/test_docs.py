@@ -2,7 +2,8 @@
 
 A block may use what the page says is the reader's own: ``model``, ``opt``, ``epochs`` and
 the data (``base_set`` of ``(x, y)`` pairs, ``train_set`` with indices, ``loader``,
-``eval_loader``; for the Hugging Face block a transformers model, its TrainingArguments and
+``eval_loader``; for a language-model block ``logits``, ``labels``, ``index`` and
+``tracker``; for the Hugging Face block a transformers model, its TrainingArguments and
 datasets). The test injects small stand-ins for exactly those names, the imports of the
 page's earlier blocks (a page is read top to bottom), and runs the block in a temporary
 directory. A block that imports an optional package which is not installed is skipped,
@@ -92,7 +93,14 @@ def _data_stand_ins() -> dict:
     train_set = csl_fast.data.IndexedDataset(base_set)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, C))
+    # The language-model snippets: logits [B, T, V] of B = 4 sequences of T = 5 tokens over a
+    # V = 11 vocabulary, their labels [B, T], dataset indices [B] and a tracker of N sequences.
+    logits = torch.randn(4, 5, 11, generator=g, requires_grad=True)
     return {
+        "logits": logits,
+        "labels": torch.randint(0, 11, (4, 5), generator=g),
+        "index": torch.arange(4),
+        "tracker": csl_fast.CSLTracker(N, 11),
         "base_set": base_set,
         "train_set": train_set,
         "loader": torch.utils.data.DataLoader(train_set, batch_size=16, shuffle=True),
