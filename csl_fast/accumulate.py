@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from . import _ext, ops
+from . import _ext, cross_entropy_args, ops, reference
 from ._ext import resolve_backend
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
@@ -69,32 +73,61 @@ def accumulate(
     sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
     would. Duplicate indices in a batch add up.
 
-    **Sequences** (language models): with logits ``[B, T, V]`` (or ``[B*T, V]``, T > 1)
-    and target ``[B, T]``, ``index`` holds one dataset index per *sequence* (``[B]``) and
-    a sequence's token losses are summed and counted before they are recorded:
+    **Samples with several positions.** Every layout ``F.cross_entropy`` accepts is read
+    as it reads it (:mod:`csl_fast.cross_entropy_args`): ``[B, C]`` logits with ``[B]``
+    targets (one row per sample), ``[N, C, d1, ..., dk]`` logits with ``[N, d1, ..., dk]``
+    targets (classes in dimension 1: segmentation, or ``logits.transpose(1, 2)`` for a
+    language model), and unbatched ``[C]`` logits with a 0-d target and a 0-d (or
+    one-entry) index. A batch of sequences can also be passed as ``[B*T, V]`` logits with
+    a ``[B, T]`` target, a form ``F.cross_entropy`` refuses, so it is never chosen by a
+    coincidence of shapes. Whenever a sample owns several positions, ``index`` holds one
+    dataset index per *sample* (``[N]``) and its position losses are summed and counted
+    before they are recorded:
 
     .. math::
-        \mathrm{csl}[\mathrm{index}_b] \mathrel{+}= \sum_{t:\,y_{bt} \ne \mathrm{ignore}}
-            \ell_{bt}, \qquad \mathrm{count}[\mathrm{index}_b] \mathrel{+}=
-            |\{t : y_{bt} \ne \mathrm{ignore}\}|,
+        \mathrm{csl}[\mathrm{index}_n] \mathrel{+}= \sum_{t:\,y_{nt} \ne \mathrm{ignore}}
+            \ell_{nt}, \qquad \mathrm{count}[\mathrm{index}_n] \mathrel{+}=
+            |\{t : y_{nt} \ne \mathrm{ignore}\}|,
 
-    so CSL is the summed token loss (negative log-likelihood) of the example over training
-    and ``csl / count`` its per-token mean. Padding and prompt tokens (``ignore_index``)
-    count for nothing. The returned loss (value and gradient) is ``F.cross_entropy`` over
-    the flattened tokens, ``F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))``;
-    with ``reduction='none'`` it has the target's shape ``[B, T]``. A tracker records
-    the other statistics per sequence (:meth:`csl_fast.CSLTracker.record_sequences`).
-    Per-sequence sums are formed on the device (a reshape and a sum over ``T``), so the
-    buffer update is as deterministic as in the per-row case.
+    so CSL is the summed loss of the image (segmentation) or the summed token loss
+    (negative log-likelihood) of the sequence over training, and ``csl / count`` its
+    per-position mean. Ignored pixels, padding and prompt tokens count for nothing. The
+    returned loss (value and gradient) is ``F.cross_entropy``'s for the call; with
+    ``reduction='none'`` it has the target's shape. A tracker records the other
+    statistics per sample (:meth:`csl_fast.CSLTracker.record_sequences`). Per-sample sums
+    are formed on the device (a reshape and a sum), so the buffer update is as
+    deterministic as in the per-row case.
+
+    **Class probabilities** (soft targets: mixup, cutmix, distillation): a floating-point
+    target of the logits' shape. The loss is ``F.cross_entropy``'s (its weight and
+    label-smoothing semantics included); what is recorded per row is the plain cross
+    entropy against the given probabilities, :math:`H(q, p) = -\sum_j q_j \log p_j`
+    (unweighted, unsmoothed; for a one-hot ``q`` the class-index loss), the loss of the
+    input the sample's index names, and ``count`` counts it once. No kernel takes
+    probabilities, so these calls run as ``F.cross_entropy`` plus the statistics in
+    PyTorch; a tracker is refused (its correctness, margin and forgetting need one class
+    per sample): pass ``csl=tracker.csl_sum, count=tracker.csl_count`` instead.
+
+    **torch.func and forward-mode AD.** Under ``grad``, ``vmap``, ``jvp`` (or any
+    functorch transform) and inside ``torch.autograd.forward_ad.dual_level``, the loss is
+    computed by ``F.cross_entropy`` whatever the backend (no fused op has a batching or
+    tangent rule), so every transform gives PyTorch's answer; the statistics are
+    recorded outside the transform from the primal values, each vmapped call as a batch
+    of its own (``vmap(grad(...))`` over single samples records each sample once).
+
+    **Threads.** Calls from several Python threads into the same buffer or tracker take
+    turns (a lock keyed on the buffer; the one-call CPU step releases the GIL), so no
+    update is lost; every buffer written has its autograd version counter bumped.
 
     Args:
-        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU), or
-            ``[B, T, V]`` / ``[B*T, V]`` for sequences.
+        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU),
+            ``[N, C, d1, ..., dk]``, ``[C]``, or ``[B*T, V]`` for sequences.
             Statistics are computed in float32 (float64 for float64 logits).
         target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``;
-            ``[B, T]`` token targets for sequences.
+            ``[N, d1, ..., dk]`` or 0-d for those layouts, ``[B, T]`` for sequences; or
+            class probabilities of the logits' shape.
         index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)`` (one per row, or
-            one per sequence).
+            one per sample of several positions).
         csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
             :class:`csl_fast.CSLTracker` (which then records every statistic it keeps).
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
@@ -129,36 +162,59 @@ def accumulate(
     at a few classes the calls from Python would cost more than the arithmetic.
 
     Gradients are computed in the forward pass (one fused pass over each row), so
-    backward is a multiplication by the upstream gradient. Double backward is not
-    supported.
+    backward is a multiplication by the upstream gradient; for float16/bfloat16 logits
+    that multiplication is done in float32 with one rounding (see
+    ``ops._RoundOnceCrossEntropy``). Double backward is not supported. Buffers must not
+    require grad or share memory with each other; a ``weight`` that requires grad is
+    refused, as ``F.cross_entropy`` refuses it.
     """
     fast_error = None
-    step = _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, inplace_grad)
+    step = _eager_cpu_step(
+        csl, logits, target, count, weight, backend, reduction, validate, inplace_grad
+    )
     if step is not None:
-        try:
-            return _ext._C.step(
-                logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
-                index, *step,
-            )  # fmt: skip
-        except Exception as exc:
-            # Nothing was written. Bad input raises again below, with the message of the
-            # op-by-op path's checks; input that path takes is a gap in the C++ step,
-            # counted and reported (_fell_back) instead of hidden behind a slower step.
-            fast_error = exc
-    seq = _sequence_shape(logits, target)
-    if seq is not None:
-        logits = logits.reshape(-1, logits.shape[-1])
-        target = target.reshape(-1)
-    buffers = _buffers(csl, count, seq)
+        # The step releases the GIL: other threads' calls into the same buffers wait.
+        with _buffer_lock(step[0]):
+            try:
+                loss = _ext._C.step(
+                    logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
+                    index, *step,
+                )  # fmt: skip
+            except Exception as exc:
+                # Nothing was written. Bad input raises again below, with the message of the
+                # op-by-op path's checks; input that path takes is a gap in the C++ step,
+                # counted and reported (_fell_back) instead of hidden behind a slower step.
+                fast_error = exc
+            else:
+                # Its ops write through data pointers: make autograd see the writes.
+                torch._C._increment_version(_step_written(step))
+                return loss
+    given = (logits, target)
+    rows = cross_entropy_args.rows(logits, target, index)
+    seq = None
+    if rows is not None:
+        logits, target, index, seq = rows.logits, rows.target, rows.index, rows.groups
+    soft = rows is not None and rows.soft
+    buffers = _buffers(csl, count, seq, soft)
     if not -(2**63) <= ignore_index < 2**63:  # the ops take an int64
         raise ValueError(
             f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
             f"{ignore_index}; use a class index that never occurs, e.g. the default -100"
         )
-    _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq)
+    _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     name = resolve_backend(backend, logits.device)
+    transformed = ops.transformed()
+    if (soft or transformed) and inplace_grad:
+        raise ValueError(
+            "csl_fast.accumulate: inplace_grad=True needs class-index targets outside "
+            "torch.func transforms and forward-mode AD (no fused kernel takes class "
+            "probabilities or has a batching or tangent rule); use inplace_grad=False"
+        )
+    if transformed:
+        # No fused op has a batching or tangent rule; F.cross_entropy has them all.
+        name = "reference"
     if validate is None:
         # The C++ kernels check ranges themselves before writing; elsewhere check here
         # unless that would cost a device synchronisation.
@@ -166,22 +222,72 @@ def accumulate(
     # In place, the gradient overwrites the caller's logits before the scatter's own range
     # check runs, so on the CPU (where reading them costs no device sync) check first.
     if (validate or (inplace_grad and logits.device.type == "cpu")) and (
-        not torch.compiler.is_compiling()
+        not (soft or transformed or torch.compiler.is_compiling())
     ):
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
-    fwd = ops.cross_entropy_fwd_inplace if inplace_grad else ops.cross_entropy_fwd
-    loss, stats = fwd(
-        logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], name
-    )
-    record_stats(stats, index, csl, buffers, seq, deterministic, name)
-    if seq is not None and reduction == "none":
-        loss = loss.view(seq)
+    # Calls from several threads into the same buffers take turns, from the forward on
+    # (the Triton interpreter, for one, cannot run two launches at once).
+    with _buffer_lock(buffers[0]):
+        loss = _forward_and_record(
+            given, logits, target, index, csl, buffers, seq, soft, transformed, weight,
+            ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad,
+        )  # fmt: skip
+    if rows is not None and reduction == "none":
+        loss = loss.view(rows.loss_shape)
     if fast_error is not None:
         _fell_back(fast_error)
     return loss
 
 
-def _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, inplace_grad):
+def _forward_and_record(
+    given, logits, target, index, csl, buffers, seq, soft, transformed, weight, ignore_index,
+    label_smoothing, reduction, deterministic, name, inplace_grad,
+) -> torch.Tensor:  # fmt: skip
+    """accumulate's work once its arguments are checked and read as rows."""
+    if soft or transformed:
+        loss = _composite_loss(
+            given if soft else (logits, target.long()), weight, ignore_index, label_smoothing,
+            reduction, soft,
+        )  # fmt: skip
+        detached = (logits.detach(), target.detach())
+        with temporarily_clear_interpreter_stack():
+            # The buffers live outside any transform: statistics of the plain values (under
+            # vmap, each vmapped call as a batch of its own), recorded outside it.
+            (z, t, index), copies = ops.escape_transforms(*detached, index)
+            stats = (
+                reference.soft_row_statistics(z, t)
+                if soft
+                else reference.row_statistics(z, t, ignore_index)
+            )
+            seq = None if seq is None else (seq[0] * copies, seq[1])
+            record_stats(stats, index, csl, buffers, seq, deterministic, name)
+    else:
+        fwd = ops.cross_entropy_fwd_inplace if inplace_grad else ops.cross_entropy_fwd
+        loss, stats = fwd(
+            logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], name
+        )
+        record_stats(stats, index, csl, buffers, seq, deterministic, name)
+    return loss
+
+
+def _composite_loss(
+    given: tuple[torch.Tensor, torch.Tensor],
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    soft: bool,
+) -> torch.Tensor:
+    """``F.cross_entropy`` itself, for what no fused kernel can do: class probabilities
+    (``given`` as the caller passed them) and torch.func transforms or forward-mode AD
+    (class indices as rows), where it brings its batching and tangent rules."""
+    kwargs = {} if soft else {"ignore_index": ignore_index}
+    return F.cross_entropy(
+        *given, weight=weight, label_smoothing=label_smoothing, reduction=reduction, **kwargs
+    )
+
+
+def _eager_cpu_step(csl, logits, target, count, weight, backend, reduction, validate, inplace_grad):
     """``(csl, count, epoch, state)``, the arguments after ``index`` of ``csl_fast._C.step``,
     when this call can run as that one C++ call (csrc/module.cpp), else None.
 
@@ -200,20 +306,61 @@ def _eager_cpu_step(csl, logits, target, count, backend, reduction, validate, in
         or logits.dim() != 2
         or type(target) is not torch.Tensor
         or target.dim() != 1
+        # float16/bfloat16 take ops.cross_entropy_fwd's round-once backward.
+        or logits.dtype not in _STEP_DTYPES
+        or (weight is not None and weight.requires_grad)
         or torch.compiler.is_compiling()
         or torch._C._is_torch_function_mode_enabled()
+        or torch._C._functorch.maybe_current_level() is not None
+        or torch.autograd.forward_ad._current_level >= 0
     ):
         return None
     if type(csl) is CSLTracker:
         if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
             return None
         return (*csl.training_buffers(), csl.epoch, csl._step_state)
-    if type(csl) is torch.Tensor and _ext._C is not None:
+    if (
+        type(csl) is torch.Tensor
+        and _ext._C is not None
+        and not csl.requires_grad
+        and (count is None or not (count.requires_grad or _overlap(csl, count)))
+    ):
         return csl, count, 0, None
-    return None
+    return None  # the checks of the op-by-op path say what is wrong
 
 
 _CPU_STEP = ("auto", "cpu")
+_STEP_DTYPES = (torch.float32, torch.float64)
+
+
+def _step_written(step: tuple) -> tuple[torch.Tensor, ...]:
+    """The tensors ``csl_fast._C.step(..., *step)`` writes: csl, count, a tracker's state."""
+    csl, count, _, state = step
+    written = (csl,) if count is None else (csl, count)
+    return written if state is None else written + state
+
+
+# Writes into one buffer (or tracker) from several Python threads are serialised: the
+# kernels add without atomics on the CPU, the tracker's state is read, then written, and
+# the ops release the GIL. Locks are striped by the buffer's address, so buffers share a
+# lock only by chance (costing contention, never correctness), and reentrant, so that a
+# Recorder may call accumulate from its own record().
+_LOCKS = tuple(threading.RLock() for _ in range(61))
+
+
+def _buffer_lock(buf: torch.Tensor) -> AbstractContextManager:
+    if torch.compiler.is_compiling():
+        # A traced graph has no addresses; its writes happen when the compiled code runs.
+        return nullcontext()
+    return _LOCKS[buf.data_ptr() % len(_LOCKS)]
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous buffers share memory (the same tensor, or views of one)."""
+    if a.device != b.device:
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 class _Fallbacks:
@@ -254,7 +401,23 @@ def record_stats(
     tracker: per row at ``index``, or (``seq = (B, T)``) summed per sequence first.
 
     Shared by :func:`accumulate` and :func:`csl_fast.linear_cross_entropy`; arguments are
-    assumed checked (``buffers`` from :func:`_buffers`)."""
+    assumed checked (``buffers`` from :func:`_buffers`). Calls from several threads into
+    the same buffers take turns; every buffer written has its version counter bumped."""
+    if torch.compiler.is_compiling():
+        # A compiled graph's writes are functional copies into the buffers at its end: the
+        # copies bump the versions, and there is no address to lock on while tracing.
+        _record(stats, index, csl, buffers, seq, deterministic, backend)
+        return
+    with _buffer_lock(buffers[0]):
+        _record(stats, index, csl, buffers, seq, deterministic, backend)
+        written = [b for b in buffers if b is not None]
+        if not isinstance(csl, torch.Tensor) and callable(getattr(csl, "buffers", None)):
+            written += [b for b in csl.buffers().values() if isinstance(b, torch.Tensor)]
+        # The kernels write through data pointers; make autograd see it.
+        torch._C._increment_version(written)
+
+
+def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     if seq is None:
         ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
         if not isinstance(csl, torch.Tensor):
@@ -269,35 +432,21 @@ def record_stats(
         csl.record_sequences(index, tokens)
 
 
-def _sequence_shape(logits: object, target: object) -> tuple[int, int] | None:
-    """``(B, T)`` when ``logits``/``target`` are a batch of sequences, else None."""
-    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-        return None
-    if logits.dim() == 3:
-        if target.dim() != 2 or tuple(target.shape) != tuple(logits.shape[:2]):
-            raise ValueError(
-                f"csl_fast.accumulate: logits of shape {tuple(logits.shape)} are read as "
-                f"[B, T, V] sequences and need target [B, T] = {tuple(logits.shape[:2])}, got "
-                f"target of shape {tuple(target.shape)}"
-            )
-        return int(logits.shape[0]), int(logits.shape[1])
-    # [B*T, V] logits with [B, T] targets. T == 1 is read as a misshapen [B, 1] target of a
-    # per-row batch (and refused below): pass 3-D logits for one-token sequences.
-    if (
-        logits.dim() == 2
-        and target.dim() == 2
-        and target.shape[0] != logits.shape[0]
-        and target.numel() == logits.shape[0]
-    ):
-        return int(target.shape[0]), int(target.shape[1])
-    return None
-
-
 def _buffers(
-    csl: torch.Tensor | Recorder, count: torch.Tensor | None, seq: tuple[int, int] | None = None
+    csl: torch.Tensor | Recorder,
+    count: torch.Tensor | None,
+    seq: tuple[int, int] | None = None,
+    soft: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(csl, torch.Tensor):
         return csl, count
+    if soft:
+        raise TypeError(
+            "csl_fast.accumulate: class-probability targets are recorded into csl (and count) "
+            "tensors only: a tracker's other statistics (correctness, margin, forgetting) need "
+            "one class per sample. Pass csl=tracker.csl_sum, count=tracker.csl_count to record "
+            "CSL into the tracker, or class-index targets"
+        )
     # hasattr, not isinstance(csl, Recorder): a runtime Protocol check costs ~30 us a call.
     if not (hasattr(csl, "training_buffers") and hasattr(csl, "record")):
         raise TypeError(
@@ -317,15 +466,18 @@ def _buffers(
 
 
 def _check_args(
-    logits, target, index, buffers, weight, label_smoothing, reduction, seq=None
+    logits, target, index, buffers, weight, label_smoothing, reduction, seq=None, soft=False
 ) -> None:
+    """Checks of a call read as rows (:mod:`csl_fast.cross_entropy_args`): ``logits``
+    ``[R, C]``, ``target`` ``[R]`` class indices (``[R, C]`` probabilities when ``soft``)."""
     # Runs on every training step: each tensor attribute is read once (a device or dtype
     # read builds a Python object), and the error messages are only formatted on failure.
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(
-            f"csl_fast.accumulate: logits must be a 2-D [B, C] tensor (or [B, T, V] sequences "
-            f"with a [B, T] target), got {shape}; flatten other extra dimensions into the batch"
+            f"csl_fast.accumulate: logits must be a tensor of F.cross_entropy's layouts ([C], "
+            f"[B, C] or [N, C, d1, ..., dk]) or [B*T, V] sequences with a [B, T] target, got "
+            f"{shape}"
         )
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(
@@ -334,7 +486,10 @@ def _check_args(
         )
     device = logits.device
     batch = logits.shape[0]
-    _check_indices("target", target, batch, device)
+    if soft:
+        _check_device("target", target, device)
+    else:
+        _check_indices("target", target, batch, device)
     if seq is None:
         _check_indices("index", index, batch, device)
     else:
@@ -348,6 +503,12 @@ def _check_args(
                 f"csl_fast.accumulate: count has {count.numel()} entries but csl has "
                 f"{csl.numel()}; both need one entry per dataset sample"
             )
+        if not torch.compiler.is_compiling() and _overlap(csl, count):
+            raise ValueError(
+                "csl_fast.accumulate: csl and count share memory (the same tensor, or views of "
+                "one), so losses and counts would be added into the same entries; allocate "
+                "them separately"
+            )
     if weight is not None:
         if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
             raise ValueError(
@@ -355,6 +516,12 @@ def _check_args(
                 f"weights, got shape {tuple(weight.shape)}"
             )
         _check_device("weight", weight, device)
+        if weight.requires_grad and not soft and torch.is_grad_enabled():
+            raise ValueError(
+                "csl_fast.accumulate: weight requires grad, but cross entropy with class-index "
+                "targets has no gradient for its class weights (F.cross_entropy refuses it "
+                "too); pass weight.detach()"
+            )
     if reduction not in REDUCTIONS:
         raise ValueError(
             f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
@@ -386,7 +553,7 @@ def _check_indices(
         raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
         hint = (
-            "; class-probability targets are not supported, pass class indices"
+            "; class probabilities need the logits' shape"
             if name == "target" and t.is_floating_point()
             else ""
         )
@@ -415,6 +582,12 @@ def _check_buffer(
             f"csl_fast.accumulate: {name} must be a tensor of dtype "
             f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
             "torch.zeros(num_samples, device=logits.device)"
+        )
+    if buf.requires_grad:
+        raise ValueError(
+            f"csl_fast.accumulate: {name} requires grad, but it is a buffer written in place "
+            "with no gradient; allocate it with torch.zeros(num_samples) (requires_grad=False) "
+            "or pass it detached"
         )
     if buf.dim() != 1 or not buf.is_contiguous():
         raise ValueError(

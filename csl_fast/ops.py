@@ -7,6 +7,8 @@ traceable by ``torch.compile(fullgraph=True)`` and passes ``torch.library.opchec
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -70,10 +72,178 @@ def cross_entropy_fwd(
             reduction=reference.REDUCTION_NAMES[reduction],
         )
         return loss, reference.row_statistics(logits.detach(), target, ignore_index)
+    refuse_transforms(name, logits)
+    if logits.dtype in _LOW_PRECISION and torch.is_grad_enabled() and logits.requires_grad:
+        loss, _, stats, _ = _RoundOnceCrossEntropy.apply(
+            logits, target, weight, ignore_index, label_smoothing, reduction, name
+        )
+        return loss, stats
     loss, _, stats = _op(name, _FWD_OPS)(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
     return loss, stats.detach()
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def transformed() -> bool:
+    """True inside a ``torch.func`` transform (grad, vmap, jvp, ...) or a forward-mode AD
+    ``dual_level``: there the fused ops cannot say how to batch or push tangents through,
+    and :func:`csl_fast.accumulate` computes the loss with the reference instead."""
+    if torch.compiler.is_compiling():
+        return False
+    return (
+        torch._C._functorch.maybe_current_level() is not None
+        or torch.autograd.forward_ad._current_level >= 0
+    )
+
+
+def refuse_transforms(name: str, logits: torch.Tensor) -> None:
+    """Raise, naming the way out, when a fused op is called under a transform: its autograd
+    formula has no vmap or jvp rule, and an error beats a missing or zero tangent."""
+    if transformed():
+        raise RuntimeError(
+            f"csl_fast: the fused cross entropy (backend {name!r}) does not support torch.func "
+            "transforms (grad, vmap, jvp) or forward-mode AD (torch.autograd.forward_ad): it "
+            "has no batching or tangent rule. csl_fast.accumulate handles them by computing "
+            "the loss with F.cross_entropy (backend='reference'); call that, or pass "
+            "backend='reference' here"
+        )
+
+
+def escape_transforms(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+    """The plain values behind the functorch wrappers of a batch's tensors (each with its
+    rows in dimension 0: logits, target, index), for computing statistics and recording
+    them into buffers that live outside the transform.
+
+    Under ``grad``/``jvp`` they are the primal values. Under ``vmap`` each vmapped call is a
+    batch of its own: the ``V`` calls' rows are laid end to end, call-major (a tensor that
+    is not vmapped is repeated), and ``V`` is returned with them. Call with the
+    interpreter stack cleared
+    (``torch._functorch.pyfunctorch.temporarily_clear_interpreter_stack``)."""
+    unwrapped = [_unwrap(t) for t in tensors]
+    sizes: dict[int, int] = {}
+    for t, levels in unwrapped:
+        sizes.update({lvl: t.shape[k] for k, lvl in enumerate(levels)})
+    levels = sorted(sizes)
+    copies = math.prod(sizes.values())
+    plain = []
+    for (t, have), logical in zip(unwrapped, tensors, strict=True):
+        t = _align(t, have, levels, sizes)
+        plain.append(t.reshape(copies * logical.shape[0], *logical.shape[1:]))
+    return plain, copies
+
+
+def _unwrap(t: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """``t`` without functorch wrappers, its vmap dimensions in front (outermost level
+    first), and those levels. Call with the interpreter stack cleared."""
+    ft = torch._C._functorch
+    chain: list[tuple[int, int]] = []  # (level, bdim), innermost wrapper last
+    while ft.is_functorch_wrapped_tensor(t):
+        if ft.is_batchedtensor(t):
+            chain.append((ft.maybe_get_level(t), ft.maybe_get_bdim(t)))
+        t = ft.get_unwrapped(t)
+    # Each wrapper's bdim indexes its physical tensor, which is the logical tensor of the
+    # wrapper inside it: map them, innermost first, onto the plain tensor's dimensions.
+    remaining = list(range(t.dim()))
+    at = {level: remaining.pop(bdim) for level, bdim in reversed(chain)}
+    levels = sorted(at)
+    return t.permute([at[level] for level in levels] + remaining), levels
+
+
+def _align(
+    t: torch.Tensor, have: list[int], levels: list[int], sizes: dict[int, int]
+) -> torch.Tensor:
+    """``t`` (its vmap dimensions ``have`` in front) with a dimension for every level, in
+    ``levels`` order, expanded where it had none."""
+    for k, lvl in enumerate(levels):
+        if lvl not in have:
+            t = t.unsqueeze(k)
+    return t.expand([sizes[lvl] for lvl in levels] + list(t.shape[len(levels) :]))
+
+
+class _RoundOnceCrossEntropy(torch.autograd.Function):
+    """The fused op for float16/bfloat16 logits, with the gradient rounded once.
+
+    The kernel's gradient for a unit upstream gradient is already rounded to the logits'
+    dtype; scaling it by the upstream gradient (and, for 'mean', by 1 / D) would round it
+    again and double PyTorch's own error (issue 15: 3x at bfloat16, B = 5, C = 4097,
+    upstream 1.7). So the kernel runs with the per-row gradient unscaled ('none' for
+    'mean', whose value is then formed in float32 as ``sum(loss_i) / D``), and backward
+    multiplies it by the float32 scale and rounds once (:func:`_scale_once`).
+    """
+
+    @staticmethod
+    def forward(logits, target, weight, ignore_index, label_smoothing, reduction, name):
+        per_row = 0 if reduction == 1 else reduction
+        loss, grad, stats = _op(name, _FWD_OPS)(
+            logits, target, weight, ignore_index, label_smoothing, per_row
+        )
+        denom = None
+        if reduction == 1:
+            denom = _mean_denominator(target, weight, ignore_index, logits.shape[1])
+            loss = (loss.float().sum() / denom).to(logits.dtype)
+        return loss, grad, stats, denom
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.reduction = inputs[5]
+        _, grad, stats, denom = output
+        ctx.mark_non_differentiable(grad, stats)
+        ctx.save_for_backward(grad, denom)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad, _stats, _denom):
+        _refuse_double_backward()
+        if grad_loss is None:
+            return (None,) * 7
+        grad, denom = ctx.saved_tensors
+        scale = _per_row(grad_loss.float(), ctx.reduction)
+        if denom is not None:
+            scale = scale / denom
+        return _scale_once(grad, scale), None, None, None, None, None, None
+
+
+def _mean_denominator(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, num_classes: int
+) -> torch.Tensor:
+    """float32 ``D`` of reduction 'mean': the number of non-ignored rows, or the sum of
+    their class weights (as ``F.cross_entropy``, with or without label smoothing)."""
+    active = target != ignore_index
+    if weight is None:
+        return active.sum(dtype=torch.float32)
+    # Clamped only so that a bad target cannot index outside weight; the kernels refuse it.
+    y = torch.where(active, target, 0).long().clamp(0, max(num_classes - 1, 0))
+    return torch.where(active, weight.float()[y], 0.0).sum()
+
+
+# Rows of float32 scratch per step of _scale_once on the CPU (4 MiB): bounded, never
+# logits-sized.
+_SCALE_CHUNK = 1 << 20
+
+
+def _scale_once(
+    grad: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``grad * scale`` computed in float32 and rounded once to ``grad``'s dtype (``scale``
+    float32, ``[]`` or ``[B, 1]``), into ``out`` (may be ``grad``) or a new tensor.
+
+    On CUDA one mixed-dtype multiplication does it (TensorIterator casts on the fly in the
+    kernel, no temporary); the CPU casts mixed-dtype operands through temporaries, so there
+    the rows go through a bounded float32 buffer chunk by chunk."""
+    if out is None:
+        out = torch.empty_like(grad)
+    if scale.dim() == 0:
+        scale = scale.reshape(1)  # a 0-d tensor would be cast to grad's dtype first
+    if grad.device.type == "cuda":
+        return torch.mul(grad, scale, out=out)
+    rows = max(1, _SCALE_CHUNK // max(grad.shape[-1], 1))
+    for start in range(0, grad.shape[0], rows):
+        part = scale if scale.shape[0] == 1 else scale[start : start + rows]
+        out[start : start + rows] = grad[start : start + rows].float().mul_(part)
+    return out
 
 
 def cross_entropy_fwd_inplace(
@@ -112,6 +282,7 @@ def cross_entropy_fwd_inplace(
             "csl_fast: inplace_grad=True is for eager mode; under torch.compile leave it False "
             "and let the compiler plan the buffers"
         )
+    refuse_transforms(name, logits)
     return _InplaceCrossEntropy.apply(
         logits, target, weight, ignore_index, label_smoothing, reduction, name
     )
@@ -120,9 +291,17 @@ def cross_entropy_fwd_inplace(
 class _InplaceCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, reduction, name):
+        # float16/bfloat16: the gradient unscaled, scaled once in backward (as
+        # _RoundOnceCrossEntropy does).
+        low = logits.dtype in _LOW_PRECISION
+        kernel_reduction = 0 if low and reduction == 1 else reduction
         loss, stats = _op(name, _FWD_INPLACE_OPS)(
-            logits, target, weight, ignore_index, label_smoothing, reduction
+            logits, target, weight, ignore_index, label_smoothing, kernel_reduction
         )
+        ctx.denom = None
+        if low and reduction == 1:
+            ctx.denom = _mean_denominator(target, weight, ignore_index, logits.shape[1])
+            loss = (loss.float().sum() / ctx.denom).to(logits.dtype)
         # The kernel wrote through the data pointer; make autograd see the mutation.
         torch.autograd.graph.increment_version(logits)
         ctx.set_materialize_grads(False)
@@ -145,7 +324,11 @@ class _InplaceCrossEntropy(torch.autograd.Function):
             )
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        grad.mul_(_per_row(grad_loss, ctx.reduction))
+        if grad.dtype in _LOW_PRECISION:
+            scale = _per_row(grad_loss.float(), ctx.reduction)
+            _scale_once(grad, scale if ctx.denom is None else scale / ctx.denom, out=grad)
+        else:
+            grad.mul_(_per_row(grad_loss, ctx.reduction))
         return grad.detach(), None, None, None, None, None, None
 
 

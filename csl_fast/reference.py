@@ -74,6 +74,36 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     return torch.where(valid[None, :], stats, invalid)
 
 
+def soft_row_statistics(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    r"""Per-row statistics against class probabilities ``q`` (soft targets), float32
+    ``[NUM_STATS, B]``.
+
+    ``LOSS`` is the plain cross entropy against ``q``,
+    :math:`H(q, p) = \sum_j q_j (\operatorname{lse}(z) - z_j)`, unweighted and unsmoothed
+    (for a one-hot ``q`` the class-index loss); ``GRAD_NORM_SQ`` is
+    :math:`\lVert \partial H / \partial z \rVert^2 = \lVert (\sum_j q_j) p - q \rVert^2`;
+    ``P_TRUE = exp(-LOSS)``. The label statistics (``MARGIN``, ``CORRECT``,
+    ``OTHER_ARGMAX``) are those of the most probable target class ``argmax_j q_j``. Rows
+    whose loss is not finite are invalid, as in :func:`row_statistics`.
+    """
+    z = logits.to(_compute_dtype(logits))
+    q = probs.to(z.dtype)
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    loss = (q * (lse - z)).sum(1)
+    p = torch.exp(z - lse)
+    gnorm = (q.sum(1, keepdim=True) * p - q).square().sum(1)
+    label = q.argmax(1) if q.shape[0] else q.new_zeros(0, dtype=torch.long)
+    # Rows with a non-finite loss are passed as ignored (-1, which argmax never is), so
+    # they get row_statistics' own invalid pattern.
+    stats = row_statistics(logits, torch.where(torch.isfinite(loss), label, -1), -1)
+    valid = stats[Stat.VALID] > 0
+    zero = torch.zeros((), dtype=torch.float32, device=stats.device)
+    stats[Stat.LOSS] = torch.where(valid, loss.float(), zero)
+    stats[Stat.P_TRUE] = torch.where(valid, torch.exp(-loss).float(), zero)
+    stats[Stat.GRAD_NORM_SQ] = torch.where(valid, gnorm.float(), zero)
+    return stats
+
+
 def cross_entropy_fwd(
     logits: torch.Tensor,
     target: torch.Tensor,

@@ -16,7 +16,7 @@ CSL (each sequence's summed token loss over training, recorded by the fused cros
 during training at no extra cost) should rank the injected sequences near the top; the
 script prints the AUROC of CSL, of the per-token mean loss and of the final loss.
 
-    python examples/lm_memorization.py              # logits path (accumulate on [B, T, V])
+    python examples/lm_memorization.py              # logits path (accumulate on [B*T, V] rows)
     python examples/lm_memorization.py --fused      # csl_fast.linear_cross_entropy head
 """
 

@@ -81,7 +81,8 @@ def _run(fast, kind, dtype, sink_dtype, reduction, options, calls):
             grads.append(logits.grad)
         if kind == "tracker":
             sink.end_epoch()
-    assert len(calls) == (6 if fast else 0)
+    # bfloat16 logits take the op-by-op path, whose backward rounds the gradient once.
+    assert len(calls) == (6 if fast and dtype != torch.bfloat16 else 0)
     calls.clear()
     return losses, grads, state()
 

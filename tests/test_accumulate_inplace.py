@@ -108,7 +108,7 @@ def test_refuses_what_it_cannot_do_safely(device):
 
 @pytest.mark.usefixtures("fused_backends")
 def test_sequences(device):
-    """[B, T, V] logits: the flattened view is overwritten, the gradients agree."""
+    """[B*T, V] logits of [B, T] sequences: overwritten in place, the gradients agree."""
     g = torch.Generator().manual_seed(3)
     h = torch.randn(3, 5, 8, generator=g).to(device)
     w = torch.randn(11, 8, generator=g).to(device)
@@ -119,7 +119,8 @@ def test_sequences(device):
     for inplace in (False, True):
         wi = w.clone().requires_grad_(True)
         csl = torch.zeros(6, device=device)
-        loss = csl_fast.accumulate(h @ wi.T, target, index, csl, inplace_grad=inplace)
+        logits = (h @ wi.T).flatten(0, 1)
+        loss = csl_fast.accumulate(logits, target, index, csl, inplace_grad=inplace)
         loss.backward()
         got.append((loss.detach(), wi.grad, csl))
     want = F.cross_entropy((h @ w.T).reshape(-1, 11), target.reshape(-1))

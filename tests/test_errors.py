@@ -24,7 +24,12 @@ def _backends(device):
 
 
 CASES = [
-    ("logits rank", lambda a: a.update(logits=a["logits"][0]), ValueError, r"logits must be a 2-D"),
+    (
+        "logits rank",
+        lambda a: a.update(logits=a["logits"][0]),
+        ValueError,
+        r"unbatched logits \[C\] = \(5,\) need a 0-d target",
+    ),
     (
         "logits int",
         lambda a: a.update(logits=a["logits"].long()),
@@ -47,7 +52,7 @@ CASES = [
         "target float",
         lambda a: a.update(target=a["target"].float()),
         TypeError,
-        r"class-probability",
+        r"class probabilities need the logits' shape",
     ),
     (
         "index batch",

@@ -178,7 +178,9 @@ class CSLTrainer(Trainer):
             )
         tracker = self._tracker_for(logits)
         loss = accumulate(
-            logits,
+            # Token logits as [B*T, V] rows with the [B, T] labels: the explicit sequence
+            # form (3-D logits would be read as F.cross_entropy reads them, [N, C, d]).
+            logits.flatten(0, 1) if logits.dim() == 3 else logits,
             labels.to(logits.device, torch.int64),
             index.to(tracker.device, torch.int64),
             tracker,
