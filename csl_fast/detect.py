@@ -23,8 +23,8 @@ Rules (``rule=``):
       average. Clean samples almost never do (0 of 1,797 digits and 0 of 4,000 MNIST-1D
       samples in clean runs), so these samples are pinned to the bad component;
       it is a *lower* bound, because a network that memorizes fits a flipped label
-      early enough for its mean margin to turn positive (about 25-85% of the flips are
-      caught, depending on how fast the network memorizes).
+      early enough for its mean margin to turn positive (17-75% of the flips are
+      caught in the benchmark, fewer when the network memorizes fast).
     * *mean loss* ``CSL / presentations``: a flipped label is fitted only by memorizing
       it, late, so its mean loss is roughly (fraction of training before it was
       memorized) x (the loss while the network predicted the true class): spread
