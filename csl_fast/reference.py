@@ -198,8 +198,9 @@ def record_last(
     and segment operations): no host synchronisation.
 
     When ``suggest_label``, ``suggest_votes`` and ``suggest_hits`` (int32, together or not)
-    are given, every valid row with a runner-up class ``r = stats[OTHER_ARGMAX] >= 0`` is
-    one step of a Boyer-Moore majority vote over ``r``, in batch order (:func:`vote_step`).
+    are given, every valid *misclassified* row (``stats[CORRECT] == 0``) is one step of a
+    Boyer-Moore majority vote for its predicted class, which is then the runner-up
+    ``r = stats[OTHER_ARGMAX]``, in batch order (:func:`vote_step`).
     That update is a left fold without a vectorised form: it is applied in rounds, round
     ``k`` taking the ``k``-th voting row of every index, and the number of rounds (the
     largest multiplicity of an index in the batch) is the one value read on the host.
@@ -282,7 +283,7 @@ def _vote(
 ) -> None:
     """The vote of :func:`record_last`, in rounds of at most one row per index."""
     r = stats[Stat.OTHER_ARGMAX].to(torch.int64)
-    voting = (stats[Stat.VALID] > 0) & (r >= 0)
+    voting = (stats[Stat.VALID] > 0) & (stats[Stat.CORRECT] <= 0) & (r >= 0)
     sidx, perm = torch.sort(idx, stable=True)
     sv = voting[perm].to(torch.int64)
     n = sidx.numel()

@@ -151,11 +151,12 @@ class CSLTracker:
     ``learned_epoch``           int32    epoch in which the final correct streak began
                                          (threshold learning time); -1 when the sample was
                                          incorrect at its last presentation or never presented
-    ``suggest_label``           int32    candidate of a majority vote over the presentations'
-                                         runner-up class (:meth:`suggestions`); -1: none yet
+    ``suggest_label``           int32    candidate of a majority vote over the predicted class
+                                         of misclassified presentations (:meth:`suggestions`);
+                                         -1: none yet
     ``suggest_votes``           int32    the vote's counter (Boyer-Moore)
-    ``suggest_hits``            int32    presentations whose runner-up was the candidate,
-                                         since it became the candidate
+    ``suggest_hits``            int32    presentations that predicted the candidate, since it
+                                         became the candidate
     ``input_grad_sq_sum``       float    sum of :math:`\|\partial\ell_i/\partial x_i\|^2`
     ``input_grad_norm_sum``     float    sum of :math:`\|\partial\ell_i/\partial x_i\|`
                                          (loss sensitivity numerator)
@@ -629,20 +630,24 @@ class CSLTracker:
         recorded only as sequences); ``confidence`` of the tracker's dtype, in ``[0, 1]``,
         NaN where there is no suggestion.
 
-        The suggestion is the majority class of the *runner-up* :math:`r_t = \arg\max_{j
-        \ne y} z_{t,j}` (first index on ties) over the sample's training presentations
-        :math:`t`, found with a Boyer-Moore vote in presentation order (12 bytes per
-        sample: ``suggest_label``, ``suggest_votes``, ``suggest_hits``, int32). While the
-        sample is misclassified, :math:`r_t` is the predicted class; once the network has
-        memorised a wrong label :math:`y`, the class it would otherwise predict, usually
-        the true one, stays second. The last prediction is the given label by then, which
-        is why it is the wrong answer to reuse; the vote over training is not.
-        ``confidence`` is ``suggest_hits / csl_count``, the fraction of the presentations
-        whose runner-up was the suggested class since it became the candidate (exactly
-        the fraction of all presentations when the candidate never changed). A class
-        that is the runner-up of more than half the presentations is always the
-        suggestion (the vote's guarantee); below that the vote names a frequent runner-up
-        class, not necessarily the most frequent one. No host synchronisation.
+        The suggestion is the class the network predicted most often *when it disagreed
+        with the given label* :math:`y`: the majority, found by a Boyer-Moore vote in
+        presentation order (12 bytes per sample: ``suggest_label``, ``suggest_votes``,
+        ``suggest_hits``, int32), of :math:`\arg\max_j z_{t,j}` over the presentations
+        :math:`t` at which that argmax is not :math:`y` (there it is the runner-up
+        ``Stat.OTHER_ARGMAX``). A flipped sample is misclassified as its true class until
+        the network memorises the wrong label; from then on its prediction is the given
+        label, which is why the last prediction is the wrong answer to reuse, and those
+        presentations do not vote. A sample never misclassified has no suggestion.
+        ``confidence`` is ``suggest_hits / csl_count``: the fraction of *all* the sample's
+        presentations at which the network predicted the suggested class (since it became
+        the candidate: exact when the candidate never changed). So it is low for a sample
+        the network rarely disagreed with (a clean sample flagged by mistake) and high for
+        one it predicted as another class for much of training. A class predicted at more
+        than half of the disagreeing presentations is always the suggestion (the vote's
+        guarantee), so at ``confidence > 0.5`` the suggestion is that strict majority;
+        below it the vote names a frequent predicted class, not necessarily the most
+        frequent one. No host synchronisation.
         """
         b = self._buffers
         label = b["suggest_label"].long()

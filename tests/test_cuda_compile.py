@@ -459,6 +459,7 @@ def test_emulated_vote_matches_the_reference(emu):
         stats[Stat.VALID] = (torch.rand(batch, generator=g) > 0.2).float()
         r = torch.randint(0, 3, (batch,), generator=g).float()
         stats[Stat.OTHER_ARGMAX] = torch.where(stats[Stat.VALID] > 0, r, -1.0)
+        stats[Stat.CORRECT] = (torch.rand(batch, generator=g) > 0.7).float() * stats[Stat.VALID]
         index[0] = n  # outside [0, n): skipped
         stats[Stat.VALID, 0] = 0.0
         sorted_index, perm = torch.sort(index, stable=True)

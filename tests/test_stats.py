@@ -126,7 +126,7 @@ def _vote_loop(
     for index, stats in batches:
         for i, j in enumerate(index.tolist()):
             r = int(stats[Stat.OTHER_ARGMAX, i])
-            if stats[Stat.VALID, i] <= 0 or r < 0:
+            if stats[Stat.VALID, i] <= 0 or stats[Stat.CORRECT, i] > 0 or r < 0:
                 continue
             if label[j] == r:
                 votes[j] += 1

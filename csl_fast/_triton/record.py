@@ -4,7 +4,7 @@
 valid rows are taken in batch order, so with duplicate indices the last one wins for
 ``last_loss``, ``last_max_prob`` and ``last_correct``, and forgetting events and the learned
 epoch follow every transition in order; the optional sums add every row's statistics; the
-optional vote (``suggest_*``) takes one Boyer-Moore step per valid row with a runner-up.
+optional vote (``suggest_*``) takes one Boyer-Moore step per valid misclassified row.
 
 The reference reaches that result on any device with a stable sort and some forty small
 segment operations, each a kernel launch on a GPU. Here: ``torch.sort(index, stable=True)``,
@@ -115,9 +115,10 @@ def _record_sorted_kernel(
             learned = tl.where(valid & (c > 0) & (last_c == 0), epoch, learned)
             learned = tl.where(valid & (c == 0), -1, learned)
         if HAS_SUGGEST:
-            # One Boyer-Moore step per valid row with a runner-up (reference.vote_step).
+            # One Boyer-Moore step per valid misclassified row, for its predicted class
+            # (the runner-up of y; reference.vote_step).
             r = tl.load(col + 6 * stride_sr, mask=run, other=-1.0)
-            vote = valid & (r >= 0.0)
+            vote = valid & (c == 0) & (r >= 0.0)
             r = r.to(tl.int32)
             same = vote & (s_label == r)
             free = vote & (s_label != r) & (s_votes == 0)

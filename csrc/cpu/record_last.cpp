@@ -15,13 +15,13 @@ namespace csl_fast {
 namespace cpu {
 namespace {
 
-// One Boyer-Moore majority-vote step per valid row with a runner-up class, in batch order
-// (csl_fast/reference.py: vote_step).
+// One Boyer-Moore majority-vote step per valid misclassified row, for its predicted class
+// (the runner-up of y), in batch order (csl_fast/reference.py: record_last, vote_step).
 void vote_rows(const float* st, const int64_t* ip, int64_t B, int32_t* label, int32_t* votes,
                int32_t* hits) {
   for (int64_t i = 0; i < B; ++i) {
     const float r_f = st[kOtherArgmax * B + i];
-    if (st[kValid * B + i] <= 0.f || !(r_f >= 0.f)) continue;
+    if (st[kValid * B + i] <= 0.f || st[kCorrect * B + i] > 0.f || !(r_f >= 0.f)) continue;
     const int32_t r = static_cast<int32_t>(r_f);
     const int64_t j = ip[i];
     if (label[j] == r) {

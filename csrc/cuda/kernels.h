@@ -129,8 +129,9 @@ cudaError_t scatter_stats_deterministic(const ScatterParams& p, void* workspace,
 
 // ---------------------------------------------------------------------------------------
 // The suggested-label vote of a tracker (csl_fast/reference.py: record_last, vote_step):
-// one Boyer-Moore step per row with stats[kValid] > 0 and a runner-up r = stats[kOtherArgmax]
-// >= 0, on label/votes/hits[index], rows taken in batch order. The caller sorts the indices
+// one Boyer-Moore step per valid misclassified row (stats[kValid] > 0, stats[kCorrect] == 0)
+// for its predicted class r = stats[kOtherArgmax] >= 0, on label/votes/hits[index], rows
+// taken in batch order. The caller sorts the indices
 // stably (sorted_index, and perm: sorted position -> row); the first position of each run of
 // equal indices walks its run, so every sample has one writer: no atomics, deterministic.
 // Indices outside [0, n) are skipped.

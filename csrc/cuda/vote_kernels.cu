@@ -24,7 +24,10 @@ __global__ void __launch_bounds__(kVoteThreads) vote_sorted_kernel(const VotePar
     for (int64_t q = pos; q < rows && p.sorted_index[q] == key; ++q) {
       const int64_t row = p.perm[q];
       const float r_f = p.stats[kOtherArgmax * rows + row];
-      if (!(p.stats[kValid * rows + row] > 0.0f) || !(r_f >= 0.0f)) continue;
+      if (!(p.stats[kValid * rows + row] > 0.0f) || p.stats[kCorrect * rows + row] > 0.0f ||
+          !(r_f >= 0.0f)) {
+        continue;
+      }
       const int32_t r = static_cast<int32_t>(r_f);
       if (label == r) {
         votes += 1;

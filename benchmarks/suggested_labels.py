@@ -1,0 +1,241 @@
+"""Suggested labels, measured (issue 14, item 4).
+
+For each regime, noise rate and seed: one tracked training run in a regime where the
+network memorizes, then the fraction of flipped samples whose suggestion is their true
+label, for
+
+- ``csl_fast``: :meth:`csl_fast.CSLTracker.suggestions` (the class the network predicted
+  most often while it disagreed with the given label, kept by the tracker at 12 bytes per
+  sample);
+- ``last_pred``: the final model's prediction (what a user would reuse without it);
+- ``cleanlab``: the argmax of K = 3 fold out-of-sample predicted probabilities (a fresh
+  model per fold, :mod:`csl_fast.baselines.confident_learning`), cleanlab's suggestion.
+
+Also reported, for the confidence thresholds 0.2 and 0.5 (what the ``relabel-confident``
+policy of :func:`csl_fast.clean` acts on): the share of flipped samples at or above it and
+the accuracy of their suggestions, and the share of clean samples at or above it (a clean
+sample flagged by mistake would be relabelled when it clears the threshold).
+
+Regimes (public data, generated or shipped locally):
+
+``demo``
+    ``csl-fast demo``'s setup exactly: scikit-learn's digits, flipped labels and 20
+    conflicting-label duplicate pairs (:func:`csl_fast.demo.inject`), MLP 64-512-512-10,
+    Adam lr 3e-3, batch 128, 80 epochs, no weight decay (fits ~97% of the given labels).
+``mnist1d-cnn``
+    MNIST-1D (``pip install mnist1d``; 4,000 training samples of length 40, generated
+    locally), a BatchNorm-free 1-D conv net, Adam lr 3e-3, batch 128, 50 epochs.
+
+    python benchmarks/suggested_labels.py --regimes demo --noise 0.02 0.05 0.1
+
+Writes ``benchmarks/results/suggested_labels.json`` and ``.md`` (date, machine, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import csl_fast  # noqa: E402
+from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
+from csl_fast.train import mlp, predict, train  # noqa: E402
+
+REGIMES = ("demo", "mnist1d-cnn")
+
+
+class _Conv1d(nn.Module):
+    """A small 1-D conv net for MNIST-1D (no BatchNorm: samples stay independent)."""
+
+    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv1d(1, width, 5, padding=2),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(width, width, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(width * 10, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.unsqueeze(1))
+
+
+def _setup(regime: str, noise: float, seed: int):
+    """``(x, noisy labels, true labels, flipped mask, model factory, train kwargs)``."""
+    if regime == "demo":
+        from csl_fast.demo import DemoConfig, inject, load_digits
+
+        cfg = DemoConfig(noise=noise, seed=seed)
+        x, y, _ = load_digits(cfg.samples, seed)
+        data = inject(x, y, noise, cfg.pairs, seed, 10)
+        kw = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size}
+        kw["optimizer"] = "adam"
+        hidden = (cfg.hidden, cfg.hidden)
+        return (
+            data["x"],
+            data["y"],
+            data["true_labels"],
+            data["mislabeled"],
+            lambda s: mlp(64, 10, hidden, seed=s),
+            kw,
+        )
+    if regime == "mnist1d-cnn":
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as exc:
+            raise SystemExit("the mnist1d regime needs `pip install mnist1d`") from exc
+        args = get_dataset_args()
+        args.seed = 42  # the package default; generated locally
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            d = make_dataset(args)
+        x = torch.tensor(d["x"], dtype=torch.float32)
+        x = (x - x.mean()) / x.std()
+        y = torch.tensor(d["y"], dtype=torch.long)
+        noisy, flipped = csl_fast.corrupt.flip_labels(y, noise, num_classes=10, seed=seed)
+
+        def make(s: int) -> nn.Module:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                return _Conv1d()
+
+        kw = {"epochs": 50, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
+        return x, noisy, y, flipped, make, kw
+    raise SystemExit(f"unknown regime {regime!r}; known: {REGIMES}")
+
+
+def run_one(regime: str, noise: float, seed: int, cleanlab: bool) -> dict:
+    x, noisy, true, flipped, make, kw = _setup(regime, noise, seed)
+    tracker = csl_fast.CSLTracker(len(noisy), 10)
+    t0 = time.perf_counter()
+    model = make(seed)
+    train(model, x, noisy, tracker=tracker, seed=seed, **kw)
+    t_train = time.perf_counter() - t0
+    last = predict(model, x).argmax(1)
+    label, conf = tracker.suggestions()
+    f = flipped
+    row = {
+        "regime": regime,
+        "noise": noise,
+        "seed": seed,
+        "n": len(noisy),
+        "flipped": int(f.sum()),
+        "train_fit": float((last == noisy).float().mean()),
+        "flipped_fit": float((last[f] == noisy[f]).float().mean()),
+        "csl_fast": float((label[f] == true[f]).float().mean()),
+        "last_pred": float((last[f] == true[f]).float().mean()),
+        "t_train_s": round(t_train, 1),
+    }
+    for t in (0.2, 0.5):
+        sure = conf >= t  # NaN (no suggestion) compares False
+        row[f"flipped_share_conf{t}"] = float(sure[f].float().mean())
+        row[f"flipped_acc_conf{t}"] = float((label[f & sure] == true[f & sure]).float().mean())
+        row[f"clean_share_conf{t}"] = float(sure[~f].float().mean())
+    if cleanlab:
+        t0 = time.perf_counter()
+        probs = out_of_sample_probs(make, x, noisy, k=3, train_kwargs=kw, seed=seed)
+        row["cleanlab"] = float((probs.argmax(1)[f] == true[f]).float().mean())
+        row["t_cleanlab_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        "# Suggested labels: fraction of flipped samples whose suggestion is the true label",
+        "",
+        f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}.",
+        "",
+        "| regime | noise | seed | flipped | final fit of flipped | csl_fast | last prediction "
+        "| cleanlab (K=3) | csl_fast at confidence >= 0.2: accuracy (share of flipped; of clean) "
+        "| at >= 0.5 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cl = f"{r['cleanlab']:.3f}" if "cleanlab" in r else "-"
+        lines.append(
+            f"| {r['regime']} | {r['noise']:.0%} | {r['seed']} | {r['flipped']} | "
+            f"{r['flipped_fit']:.2f} | **{r['csl_fast']:.3f}** | {r['last_pred']:.3f} | {cl} | "
+            + " | ".join(
+                f"{r[f'flipped_acc_conf{t}']:.3f} ({r[f'flipped_share_conf{t}']:.0%}; "
+                f"{r[f'clean_share_conf{t}']:.1%})"
+                for t in (0.2, 0.5)
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=REGIMES)
+    ap.add_argument("--noise", nargs="+", type=float, default=[0.02, 0.05, 0.10])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--no-cleanlab", action="store_true", help="skip the K-fold baseline")
+    ap.add_argument(
+        "--cleanlab-from",
+        help="take the cleanlab figures of matching (regime, noise, seed) rows from this "
+        "earlier JSON instead of retraining (they do not depend on the tracker)",
+    )
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "suggested_labels"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    earlier = {}
+    if args.cleanlab_from:
+        for r in json.loads(Path(args.cleanlab_from).read_text())["rows"]:
+            if "cleanlab" in r:
+                earlier[(r["regime"], r["noise"], r["seed"])] = r
+    rows = []
+    for regime in args.regimes:
+        for noise in args.noise:
+            for seed in args.seeds:
+                old = earlier.get((regime, noise, seed))
+                row = run_one(regime, noise, seed, not args.no_cleanlab and old is None)
+                if old is not None:
+                    row["cleanlab"], row["t_cleanlab_s"] = old["cleanlab"], old["t_cleanlab_s"]
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "torch": torch.__version__,
+        "commit": _commit(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(_markdown(rows, meta))
+    print(_markdown(rows, meta))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
