@@ -141,8 +141,16 @@ def linear_cross_entropy(
         deterministic, validate: as in :func:`csl_fast.accumulate`. The gradient
             accumulation over chunks is sequential, hence deterministic.
 
-    Double backward is not supported (the gradients are formed in the forward pass).
+    Double backward is not supported (the gradients are formed in the forward pass), nor
+    are torch.func transforms or forward-mode AD (an error says what to use).
     """
+    if ops.transformed():
+        raise RuntimeError(
+            "csl_fast.linear_cross_entropy does not support torch.func transforms (grad, vmap, "
+            "jvp) or forward-mode AD: its chunked gradient has no batching or tangent rule. "
+            "Use csl_fast.accumulate(F.linear(hidden, weight, bias), target, index, csl), "
+            "which computes the loss with F.cross_entropy under them"
+        )
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
         raise ValueError(
             "csl_fast.linear_cross_entropy: hidden must be [N, H] or [B, T, H], got "

@@ -229,6 +229,23 @@ def test_fused_op_under_a_transform_says_what_to_use(backend):
         grad(lambda z: accumulate(z * 1, t, torch.arange(4), torch.zeros(4), inplace_grad=True))(x)
 
 
+def test_linear_cross_entropy_under_a_transform_says_what_to_use():
+    h, w = torch.randn(6, 4), torch.randn(7, 4)
+    t, idx, csl = torch.randint(0, 7, (6,)), torch.arange(6), torch.zeros(6)
+
+    def loss(weight):
+        return csl_fast.linear_cross_entropy(h, weight, t, idx, csl)
+
+    with pytest.raises(RuntimeError, match=r"linear_cross_entropy .* csl_fast.accumulate"):
+        grad(loss)(w)
+    with (
+        pytest.raises(RuntimeError, match=r"linear_cross_entropy .* forward-mode AD"),
+        torch.autograd.forward_ad.dual_level(),
+    ):
+        loss(torch.autograd.forward_ad.make_dual(w, torch.randn_like(w)))
+    assert not csl.any()
+
+
 # ---------------------------------------------------------------- buffers (item 4)
 
 
