@@ -34,8 +34,9 @@ class Recorder(Protocol):
         ...
 
 
-# Sequence batches (logits [B, T, V]) also need ``record_sequences(index [B], token_stats
-# [NUM_STATS, B, T])`` on the tracker (see :meth:`csl_fast.CSLTracker.record_sequences`).
+# Samples of several positions (sequences as [B*T, V] logits, K-dimensional logits) also
+# need ``record_sequences(index [B], token_stats [NUM_STATS, B, T])`` on the tracker (see
+# :meth:`csl_fast.CSLTracker.record_sequences`).
 
 
 def accumulate(

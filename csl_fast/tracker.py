@@ -327,7 +327,7 @@ class CSLTracker:
             token_stats: float32 ``[NUM_STATS, B, T]`` per-token stats from the fused cross
                 entropy (ignored tokens are all zero), on the tracker's device.
 
-        Called by :func:`csl_fast.accumulate` for ``[B, T, V]`` logits after it has added
+        Called by :func:`csl_fast.accumulate` for sequences (``[B*T, V]`` logits) after it has added
         each sequence's summed token loss and valid-token count into
         :meth:`training_buffers`, so a presentation of a sequence counts as its number of
         valid tokens. Aggregation per sequence (one presentation = one sequence in a batch):
