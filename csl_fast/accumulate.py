@@ -213,6 +213,13 @@ def accumulate(
             "torch.func transforms and forward-mode AD (no fused kernel takes class "
             "probabilities or has a batching or tangent rule); use inplace_grad=False"
         )
+    if inplace_grad and rows is not None and logits.data_ptr() != given[0].data_ptr():
+        raise ValueError(
+            f"csl_fast.accumulate: inplace_grad=True writes the gradient over the logits, but "
+            f"logits of shape {tuple(given[0].shape)} have no rows of contiguous classes (they "
+            "would be copied first); pass [B, C] or [B*T, V] logits, or logits.transpose(1, 2) "
+            "of contiguous [B, T, V] ones, or inplace_grad=False"
+        )
     if transformed:
         # No fused op has a batching or tangent rule; F.cross_entropy has them all.
         name = "reference"

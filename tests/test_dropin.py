@@ -246,6 +246,27 @@ def test_linear_cross_entropy_under_a_transform_says_what_to_use():
     assert not csl.any()
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_inplace_grad_on_k_dimensional_logits(backend):
+    """In place over the transpose(1, 2) idiom: the [B, T, V] storage holds the gradient;
+    [N, C, H, W] logits, which would be copied first, are refused."""
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(2, 3, 4, generator=g)
+    w = torch.randn(5, 4, generator=g, requires_grad=True)
+    t = torch.randint(0, 5, (2, 3), generator=g)
+    logits = h @ w.T  # [B, T, V]
+    loss = accumulate(logits.transpose(1, 2), t, torch.arange(2), torch.zeros(2),
+                      backend=backend, inplace_grad=True)  # fmt: skip
+    loss.backward()
+    w_ref = w.detach().clone().requires_grad_(True)
+    F.cross_entropy((h @ w_ref.T).transpose(1, 2), t).backward()
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    image = torch.randn(2, 5, 3, 3) * 1
+    with pytest.raises(ValueError, match="no rows of contiguous classes"):
+        accumulate(image, t.new_zeros(2, 3, 3), torch.arange(2), torch.zeros(2),
+                   backend=backend, inplace_grad=True)  # fmt: skip
+
+
 # ---------------------------------------------------------------- buffers (item 4)
 
 
