@@ -6,8 +6,11 @@ A tracker file (format version 2, written by :meth:`CSLTracker.save`) is::
     offset 0   8 bytes   magic b"\x93CSLFAST"
     offset 8   8 bytes   H, the header length (unsigned little-endian)
     offset 16  H bytes   header: UTF-8 JSON object (metadata, counters and the tensor table)
-    then                 every tensor's raw bytes, in the table's order, without gaps
-    last       32 bytes  SHA-256 of everything before it
+    then                 the payload: every tensor's raw bytes, in the table's order,
+                         without gaps
+    last       32 bytes  the checksum: SHA-256 of the concatenation of SHA-256(the first
+                         16 + H bytes) and the SHA-256 of each 16 MiB chunk of the payload
+                         (the last chunk shorter), so that chunks hash in parallel
 
 The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``dtype``,
 ``history``, ``epoch``, ``eval_passes``, ``input_grad_first_epoch``, ``byteorder`` and
@@ -96,7 +99,7 @@ MAGIC = b"\x93CSLFAST"  # 0x93: not ASCII, so no text file and no zip archive st
 _ZIP_MAGIC = b"PK\x03\x04"  # version 1 files (torch.save)
 _DIGEST = 32
 _MAX_HEADER = 1 << 20  # a real header is a few KB
-_CHUNK = 16 << 20
+_CHUNK = 16 << 20  # part of the format: the payload's checksum chunks
 #: A temporary file of a save older than this (seconds) is stale whoever wrote it.
 STALE_TEMP_SECONDS = 15 * 60
 
@@ -214,15 +217,14 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
         raise _save_error(exc, user_path) from None
     try:
         with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
-            for part in (MAGIC, len(header).to_bytes(8, "little"), header):
-                f.write(part)
-                digest.update(part)
+            prefix = MAGIC + len(header).to_bytes(8, "little") + header
+            f.write(prefix)
+            checksum = _Checksum(prefix)
             for _, t in tensors:
                 data = _tensor_bytes(t)
                 f.write(data)
-                digest.update(data)
-            f.write(digest.digest())
+                checksum.update(data)
+            f.write(checksum.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -321,11 +323,11 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
     # (torch.empty, not bytearray: no zero-filling of memory about to be overwritten)
     body = torch.empty(payload + _DIGEST, dtype=torch.uint8)
     view = memoryview(body.numpy())
-    digest = hashlib.sha256(head)
-    digest.update(raw)
-    if _read_hashing(f, view, payload, digest) != len(body):
+    nread, chunks = _read_hashing(f, view, payload)
+    if nread != len(body):
         raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
-    if digest.digest() != bytes(view[payload:]):
+    parts = [hashlib.sha256(head + raw).digest(), *chunks]
+    if hashlib.sha256(b"".join(parts)).digest() != bytes(view[payload:]):
         raise TrackerFileError(
             f"{path}: corrupted tracker file: the checksum does not match its contents (a "
             "changed or damaged byte); restore it from a copy"
@@ -357,23 +359,53 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
     return state
 
 
-def _read_hashing(f: Any, view: memoryview, hashed: int, digest: Any) -> int:
-    """Read ``f`` into ``view`` while a second thread hashes its first ``hashed`` bytes
-    chunk by chunk into ``digest`` (both release the GIL: loading costs about the larger
-    of the two, not their sum). Returns the number of bytes read."""
-    pos, pending = 0, None
-    with ThreadPoolExecutor(1) as pool:
+class _Checksum:
+    """The checksum of a file being written: chunk digests of the payload as it streams
+    (see the module docstring)."""
+
+    def __init__(self, prefix: bytes) -> None:
+        self.parts = [hashlib.sha256(prefix).digest()]
+        self.chunk = hashlib.sha256()
+        self.filled = 0
+
+    def update(self, data: memoryview | bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            take = min(len(view), _CHUNK - self.filled)
+            self.chunk.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == _CHUNK:
+                self.parts.append(self.chunk.digest())
+                self.chunk, self.filled = hashlib.sha256(), 0
+
+    def digest(self) -> bytes:
+        if self.filled:
+            self.parts.append(self.chunk.digest())
+            self.chunk, self.filled = hashlib.sha256(), 0
+        return hashlib.sha256(b"".join(self.parts)).digest()
+
+
+def _read_hashing(f: Any, view: memoryview, payload: int) -> tuple[int, list[bytes]]:
+    """Read ``f`` into ``view`` chunk by chunk while threads hash the payload's chunks
+    already read (reading and SHA-256 release the GIL: a load costs about the read, not
+    the read plus the hashing). Returns the bytes read and the chunk digests in order."""
+    pos, pending = 0, []
+    workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+    with ThreadPoolExecutor(workers) as pool:
         while pos < len(view):
-            k = f.readinto(view[pos : pos + _CHUNK])
-            if not k:
+            start, end = pos, min(pos + _CHUNK, len(view))
+            while pos < end:  # readinto may return less than asked
+                k = f.readinto(view[pos:end])
+                if not k:
+                    break
+                pos += k
+            if pos < end:
                 break
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(digest.update, view[pos : min(pos + k, hashed)])
-            pos += k
-        if pending is not None:
-            pending.result()
-    return pos
+            if start < payload:
+                chunk = view[start : min(end, payload)]
+                pending.append(pool.submit(lambda c: hashlib.sha256(c).digest(), chunk))
+        return pos, [p.result() for p in pending]
 
 
 def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:

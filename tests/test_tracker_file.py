@@ -78,10 +78,19 @@ def _write_v2(path, state: dict) -> None:
     state["byteorder"] = sys.byteorder
     state["tensors"] = [[k, str(v.dtype)[6:], list(v.shape)] for k, v in tensors]
     header = json.dumps(state).encode()
-    body = MAGIC + len(header).to_bytes(8, "little") + header
-    body += b"".join(v.contiguous().numpy().tobytes() for _, v in tensors)
+    prefix = MAGIC + len(header).to_bytes(8, "little") + header
+    payload = b"".join(v.contiguous().numpy().tobytes() for _, v in tensors)
     with open(path, "wb") as f:
-        f.write(body + hashlib.sha256(body).digest())
+        f.write(prefix + payload + _checksum(prefix, payload))
+
+
+def _checksum(prefix: bytes, payload: bytes, chunk: int = 16 << 20) -> bytes:
+    """SHA-256 of SHA-256(prefix) and of each 16 MiB chunk of the payload."""
+    parts = [hashlib.sha256(prefix).digest()]
+    parts += [
+        hashlib.sha256(payload[i : i + chunk]).digest() for i in range(0, len(payload), chunk)
+    ]
+    return hashlib.sha256(b"".join(parts)).digest()
 
 
 def _refused(path, target: CSLTracker, match: str | None = None) -> TrackerFileError:
@@ -117,6 +126,47 @@ def test_roundtrip_bitwise(saved, tmp_path):
     data = path.read_bytes()
     header = json.loads(data[16 : 16 + int.from_bytes(data[8:16], "little")])
     assert header["version"] == FORMAT_VERSION == 2
+
+
+def test_checksum_chunks_across_16_mib(tmp_path):
+    """A payload of two 16 MiB chunks and a bit: the format's definition (written by the
+    independent helper above) and csl_fast's writer agree, and a flip in any chunk fails."""
+    t = CSLTracker(200_000, 3)
+    t.csl_sum.copy_(torch.arange(200_000.0))
+    t.forgetting.fill_(3)
+    ours, theirs = tmp_path / "ours.csl", tmp_path / "theirs.csl"
+    t.save(ours)
+    _write_v2(theirs, t.state_dict())
+    assert len(ours.read_bytes()) > (16 << 20) + 1000
+    for path in (ours, theirs):
+        u = CSLTracker.from_file(path)
+        assert torch.equal(u.csl_sum, t.csl_sum) and torch.equal(u.forgetting, t.forgetting)
+    data = ours.read_bytes()
+    hlen = int.from_bytes(data[8:16], "little")
+    assert data[-32:] == _checksum(data[: 16 + hlen], data[16 + hlen : -32])
+    target = CSLTracker(200_000, 3)
+    for pos in (16 + hlen + (16 << 20) - 1, 16 + hlen + (16 << 20), len(data) - 33):
+        bad = bytearray(data)
+        bad[pos] ^= 0x80
+        theirs.write_bytes(bytes(bad))
+        _refused(theirs, target, "checksum")
+
+
+def test_small_chunks_every_flip(tmp_path, monkeypatch):
+    """With 64-byte chunks (the reader's and the writer's), a small tracker spans many
+    chunks: it round-trips, and a flip of any byte is still refused."""
+    monkeypatch.setattr(tracker_file, "_CHUNK", 64)
+    t = _filled()
+    path = tmp_path / "run.csl"
+    t.save(path)
+    _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(path)))
+    data = path.read_bytes()
+    target = _filled(seed=11)
+    for pos in range(0, len(data), 3):
+        bad = bytearray(data)
+        bad[pos] ^= 0x04
+        path.write_bytes(bytes(bad))
+        _refused(path, target)
 
 
 def test_every_truncation_is_refused(saved):
@@ -260,7 +310,7 @@ def test_hostile_headers(tmp_path):
     ):
         body = MAGIC + len(raw).to_bytes(8, "little") + raw
         path = tmp_path / f"h{i}.csl"
-        path.write_bytes(body + hashlib.sha256(body).digest())
+        path.write_bytes(body + _checksum(body, b""))
         _refused(path, target, "corrupted")
 
 
