@@ -62,7 +62,23 @@ on the log scale cannot reach into the clean bulk and under-counts by 25-30% on
 MNIST-1D; a density valley does not exist on MNIST-1D. Confident learning's per-class
 thresholds (Northcutt et al. 2021) need every class's probability, which the tracker
 does not keep; AUM's threshold samples need a second training run with fake labels.
-Measured (``benchmarks/flagging.py``, results in ``benchmarks/results/flagging.md``).
+Measured (``benchmarks/flagging.py``, ``benchmarks/results/flagging.md``; 2 seeds each,
+networks that memorize; mean F1 of the default rule vs cleanlab's ``find_label_issues``
+on K = 3 fold out-of-sample probabilities):
+
+* digits, MLP: F1 0.90 / 0.94 / 0.95 at 2 / 5 / 10% flips (cleanlab 0.71 / 0.76 / 0.80),
+  precision and recall >= 0.85, count within 12%; 0 flagged on clean runs.
+* MNIST-1D, 1-D conv net: F1 0.83 / 0.84 / 0.86 (cleanlab 0.19 / 0.34 / 0.45), precision
+  0.87-0.98, recall 0.70-0.85 (short of 0.8 in 3 of 6 runs at 2 and 5%: the count is
+  3-29% low and its interval misses the truth at 5%; CSL's own top-k at the true k
+  reaches only 0.82-0.87), 0 flagged on clean runs where cleanlab flags 14%.
+* MNIST-1D, MLP, pair flips ``c -> c + 1``: no sample's label loses on average and
+  there is no upper mode, so nothing is flagged, with a warning (CSL's top-k precision
+  at the true k is 0.5-0.6 there; cleanlab's F1 is 0.03-0.32, flagging 36-46% of the
+  data).
+
+At N = 10 million the default rule takes about 3 CPU seconds on 2 threads
+(``benchmarks/flagging_scale.py``); the fits run on histograms of 256-4096 bins.
 
 Non-finite scores (samples never presented) rank last and are never flagged.
 """
