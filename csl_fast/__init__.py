@@ -17,6 +17,7 @@ from .clean import clean
 from .input_grad import input_grad_norms
 from .linear_cross_entropy import linear_cross_entropy
 from .merge import merge
+from .record_loss import record_loss
 from .scores import SCORES, scores
 from .scoring import score_epoch
 from .stats import Stat
@@ -59,6 +60,7 @@ __all__ = [
     "linear_cross_entropy",
     "load",
     "merge",
+    "record_loss",
     "score_epoch",
     "scores",
     "train",

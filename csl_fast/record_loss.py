@@ -1,0 +1,267 @@
+r"""``record_loss``: CSL of any per-sample loss (regression, multi-label, custom objectives).
+
+:func:`csl_fast.accumulate` computes cross entropy and records it; models trained on any
+other loss compute it themselves and pass the per-sample values here::
+
+    per_sample = F.mse_loss(model(x), y, reduction="none").mean(1)  # [B]
+    csl_fast.record_loss(per_sample, idx, tracker)
+    per_sample.mean().backward()
+
+The loss is recorded through the same ``[NUM_STATS, B]`` statistics tensor and the same
+``scatter_stats`` op as cross entropy (only the ``LOSS`` and ``VALID`` rows filled), so the
+buffer conventions are those of ``accumulate``: non-finite losses are not recorded,
+duplicate indices add up, no host synchronisation, the same ``deterministic`` flag.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops, reference
+from ._ext import resolve_backend
+from .accumulate import _buffer_lock, _overlap
+from .stats import NUM_STATS, Stat
+from .tracker import CSLTracker, _scatter_add
+
+__all__ = ["record_loss"]
+
+_LOSS_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def record_loss(
+    loss: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | CSLTracker,
+    *,
+    count: torch.Tensor | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""Add each sample's loss into ``csl`` at its dataset index; returns ``loss`` unchanged.
+
+    For every row :math:`i` whose loss :math:`\ell_i` is finite:
+
+    .. math::
+        \mathrm{csl}[\mathrm{index}_i] \mathrel{+}= \ell_i, \qquad
+        \mathrm{count}[\mathrm{index}_i] \mathrel{+}= 1.
+
+    The value recorded is ``loss.detach()`` rounded to float32 (the statistics format every
+    kernel shares, as for :func:`csl_fast.accumulate`), then added in the buffer's dtype; a
+    float64 loss beyond float32's range (about 3.4e38) rounds to inf and is not recorded.
+    Rows whose loss is NaN or inf are not recorded at all (one bad step cannot poison a
+    sample's CSL). Duplicate indices in a batch add up. Nothing here takes part in autograd:
+    the returned tensor *is* ``loss`` (same object, graph intact), so the call can wrap the
+    loss expression or stand alone.
+
+    What the loss is, is the caller's choice: CSL is the sum over training of whatever is
+    passed, so pass the *plain* per-sample loss (before sample weights or a mean) for the
+    score to compare samples. ``F.mse_loss(pred, y, reduction="none")`` of ``[B, D]``
+    outputs has to be reduced per sample first (``.sum(1)`` or ``.mean(1)``).
+
+    With a :class:`csl_fast.CSLTracker`, these buffers are updated:
+
+    - ``csl_sum``, ``csl_count`` (as above), so :attr:`~csl_fast.CSLTracker.csl` and
+      :attr:`~csl_fast.CSLTracker.csl_mean` are meaningful;
+    - ``last_loss``: the loss at the sample's last valid presentation (with duplicates
+      in a batch, the last valid one in batch order wins, as in ``accumulate``);
+    - with ``history=True``: ``epoch_loss_sum``/``epoch_count``, hence
+      :attr:`~csl_fast.CSLTracker.loss_history` after :meth:`~csl_fast.CSLTracker.end_epoch`.
+
+    Every other training buffer needs logits and is left untouched: ``last_max_prob``,
+    ``last_correct``, ``forgetting``, ``learned_epoch``, ``margin_sum``, ``p_true_sum``,
+    ``p_true_sq_sum``, ``grad_norm_sum`` and ``suggest_*``. Scores derived from them
+    (``aum``, ``confidence``, ``variability``, ``forgetting``, suggested labels, threshold
+    learning time) mean nothing for a tracker fed only by ``record_loss``: they divide
+    untouched sums by counts that did grow. Input-gradient norms (:meth:`~csl_fast.
+    CSLTracker.watch`) and the eval buffers are independent of this call and keep working.
+
+    Args:
+        loss: ``[B]`` per-sample losses, float32, float64, float16 or bfloat16, with or
+            without a graph; on the buffers' device.
+        index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)``.
+        csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
+        count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
+            each sample was recorded; only with a tensor ``csl`` (a tracker keeps its own).
+        backend: the ``scatter_stats`` kernel: ``"auto"`` (C++ on the CPU, Triton on a
+            GPU) or one of ``csl_fast.BACKENDS``.
+        deterministic: bitwise reproducible buffer updates with duplicate indices (GPU
+            kernels otherwise use atomics); default
+            ``torch.are_deterministic_algorithms_enabled()``. The CPU is always deterministic.
+        validate: check in Python that every index is in ``[0, N)`` before anything is
+            written (reads the indices on the host). Default as in ``accumulate``: on CPU
+            tensors with a backend other than ``"cpu"`` (whose C++ kernel checks the range
+            itself before writing); never by default on a GPU, where it would cost a
+            synchronisation and an out-of-range index is skipped instead.
+
+    Returns:
+        ``loss``, the same tensor object.
+
+    Raises:
+        TypeError / ValueError: wrong dtype, shape, device or buffer (nothing is written).
+        IndexError: an index outside ``[0, N)`` when validating (nothing is written).
+    """
+    buffers = _buffers(csl, count)
+    _check(loss, index, buffers)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    name = resolve_backend(backend, loss.device)
+    if validate is None:
+        validate = loss.device.type == "cpu" and name != "cpu"
+    if validate and not torch.compiler.is_compiling():
+        _check_range(index, buffers[0].numel())
+    stats = loss_stats(loss)
+    if torch.compiler.is_compiling():
+        # No addresses to lock on while tracing; the graph's writes are copies at its end.
+        _record(stats, index, csl, buffers, deterministic, name)
+        return loss
+    with _buffer_lock(buffers[0]):
+        _record(stats, index, csl, buffers, deterministic, name)
+        written = [b for b in buffers if b is not None]
+        if isinstance(csl, CSLTracker):
+            written += list(csl.buffers().values())
+        # The kernels write through data pointers; make autograd see it.
+        torch._C._increment_version(written)
+    return loss
+
+
+def loss_stats(loss: torch.Tensor) -> torch.Tensor:
+    """float32 ``[NUM_STATS, B]`` statistics of per-sample losses: ``LOSS`` holds the
+    finite losses (0 elsewhere), ``VALID`` 1 where the loss is finite; every other row is
+    0 (``OTHER_ARGMAX`` -1, "none"), so no logits-derived statistic is implied."""
+    value = loss.detach().float()
+    ok = torch.isfinite(value)
+    stats = torch.zeros(NUM_STATS, value.shape[0], dtype=torch.float32, device=value.device)
+    stats[Stat.LOSS] = torch.where(ok, value, 0.0)
+    stats[Stat.VALID] = ok.float()
+    stats[Stat.OTHER_ARGMAX] = -1.0
+    return stats
+
+
+def _record(stats, index, csl, buffers, deterministic, name) -> None:
+    # The scatter first: the C++ kernel's range check is the one that runs by default on the
+    # CPU, and it raises before writing, so a bad index leaves the tracker untouched too.
+    ops.scatter_stats(stats, index, deterministic, *buffers, backend=name)
+    if isinstance(csl, CSLTracker):
+        _record_tracker(csl, index, stats)
+
+
+def _record_tracker(tracker: CSLTracker, index: torch.Tensor, stats: torch.Tensor) -> None:
+    """The tracker's loss-only buffers: ``last_loss`` (last valid row in batch order wins)
+    and, with history, the epoch sums. Device-only; an index outside ``[0, N)`` is skipped,
+    as by the kernels."""
+    b = tracker.buffers()
+    last = b["last_loss"]
+    if last.shape[0] == 0 or index.shape[0] == 0:
+        return
+    f = tracker.dtype
+    if tracker.history:
+        _scatter_add(b["epoch_loss_sum"], index, stats[Stat.LOSS].to(f))
+        _scatter_add(b["epoch_count"], index, stats[Stat.VALID].to(f))
+    ok = (index >= 0) & (index < last.shape[0])
+    idx = torch.where(ok, index, torch.zeros_like(index)).long()
+    valid = (stats[Stat.VALID] > 0) & ok
+    sidx, perm, _, _, _, at = reference._segments(idx, valid)
+    # Every row of an index writes the same value (its last valid row's loss, or the
+    # buffer's own value when it has none), so the order of duplicate writes is irrelevant.
+    value = stats[Stat.LOSS].to(f)[perm][at.clamp(min=0)]
+    last.index_put_((sidx,), torch.where(at >= 0, value, last[sidx]))
+
+
+def _buffers(
+    csl: torch.Tensor | CSLTracker, count: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(csl, CSLTracker):
+        if count is not None:
+            raise ValueError(
+                "csl_fast.record_loss: count= is for plain csl tensors; a tracker keeps its "
+                "own counts (tracker.csl_count)"
+            )
+        return csl.training_buffers()
+    if not isinstance(csl, torch.Tensor):
+        raise TypeError(
+            "csl_fast.record_loss: csl must be a float32/float64 tensor of one entry per "
+            f"dataset sample or a csl_fast.CSLTracker, got {type(csl).__name__}"
+        )
+    return csl, count
+
+
+def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"csl_fast.record_loss: loss must be a 1-D tensor of per-sample losses [B], got "
+            f"{got}; compute the loss with reduction='none' and reduce any other dimension "
+            "per sample (e.g. .mean(1))"
+        )
+    if loss.dtype not in _LOSS_DTYPES:
+        raise TypeError(
+            f"csl_fast.record_loss: loss must be float32, float64, float16 or bfloat16, got "
+            f"{loss.dtype}"
+        )
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"csl_fast.record_loss: index must be a tensor, got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(
+            f"csl_fast.record_loss: index must hold int64 (or int32) dataset indices, got "
+            f"{index.dtype}"
+        )
+    if index.shape != loss.shape:
+        raise ValueError(
+            f"csl_fast.record_loss: index must be 1-D with B = {loss.shape[0]} entries, one "
+            f"per loss, got shape {tuple(index.shape)}"
+        )
+    device = loss.device
+    for name, t in (("index", index), *zip(("csl", "count"), buffers, strict=True)):
+        if isinstance(t, torch.Tensor) and t.device != device:
+            raise ValueError(
+                f"csl_fast.record_loss: {name} is on {t.device} but loss is on {device}; "
+                f"move it with .to(loss.device)"
+            )
+    csl, count = buffers
+    _check_buffer("csl", csl, (torch.float32, torch.float64))
+    if count is not None:
+        _check_buffer("count", count, (torch.float32, torch.float64, torch.int64, torch.int32))
+        if count.numel() != csl.numel():
+            raise ValueError(
+                f"csl_fast.record_loss: count has {count.numel()} entries but csl has "
+                f"{csl.numel()}; both need one entry per dataset sample"
+            )
+        if not torch.compiler.is_compiling() and _overlap(csl, count):
+            raise ValueError(
+                "csl_fast.record_loss: csl and count share memory, so losses and counts would "
+                "be added into the same entries; allocate them separately"
+            )
+
+
+def _check_buffer(name: str, buf: object, dtypes: tuple[torch.dtype, ...]) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
+        got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise TypeError(
+            f"csl_fast.record_loss: {name} must be a tensor of dtype "
+            f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
+            "torch.zeros(num_samples, device=loss.device)"
+        )
+    if buf.requires_grad:
+        raise ValueError(
+            f"csl_fast.record_loss: {name} requires grad, but it is a buffer written in place; "
+            "allocate it with torch.zeros(num_samples) or pass it detached"
+        )
+    if buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(
+            f"csl_fast.record_loss: {name} must be a contiguous 1-D tensor with one entry per "
+            f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+        )
+
+
+def _check_range(index: torch.Tensor, num_samples: int) -> None:
+    """Range check of the indices (reads them on the host)."""
+    bad = (index < 0) | (index >= num_samples)
+    if index.numel() and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.record_loss: index[{i}] = {int(index[i])} is outside [0, N = "
+            f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
+            "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
+        )
