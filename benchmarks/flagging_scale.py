@@ -45,7 +45,7 @@ def synthetic(n: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Ten
     log_clean = torch.where(
         easy, -3.0 + 0.9 * torch.randn(n, generator=g), -1.4 + 0.5 * torch.randn(n, generator=g)
     )
-    mean_bad = (2.0 + 0.8 * torch.randn(n, generator=g)).clamp_min(0.3)
+    mean_bad = (2.0 + 0.6 * torch.randn(n, generator=g)).clamp_min(0.05)
     mean = torch.where(bad, mean_bad, log_clean.exp())
     lost = bad & (torch.rand(n, generator=g) < 0.6)
     margin = torch.where(
