@@ -54,18 +54,11 @@ def merge(
           states in run order, as a majority vote's summaries merge: equal candidates add
           votes and hits; else the one with more votes stays with the difference (the
           earlier run's on a tie), and a run without a candidate changes nothing. A class
-          that is the runner-up of more than half of all runs' presentations is still the
-          suggestion;
+          predicted at more than half of all runs' voting (misclassified) presentations is
+          still the suggestion;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN.
-
-        - the suggested-label votes (``suggest_label``, ``suggest_votes``,
-          ``suggest_hits``) are merged run by run with the rule for majority-vote
-          summaries: the same candidate adds votes and hits; different candidates keep
-          the one with more votes, with the difference of the votes and its own hits.
-          A class that is the runner-up of more than half of all runs' presentations
-          stays the suggestion.
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
@@ -125,9 +118,6 @@ def merge(
 
     buffers.update(_merge_votes(runs, dev))
 
-    if "suggest_label" in out.buffers():
-        buffers.update(_merge_votes(runs, dev))
-
     first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
     igfe = min(first) if first else -1
     histories = {
@@ -179,20 +169,6 @@ def _merge_votes(runs: list[CSLTracker], dev: torch.device) -> dict[str, torch.T
         # A run without a candidate has no votes: |votes - 0| keeps the other's.
         votes = torch.where(same, votes + b_votes, (votes - b_votes).abs())
         hits = torch.where(same, hits + b_hits, torch.where(take, b_hits, hits))
-    return dict(zip(names, (label, votes, hits), strict=True))
-
-
-def _merge_votes(runs: list[CSLTracker], dev: torch.device) -> dict[str, torch.Tensor]:
-    """The runs' suggested-label vote states merged in run order (majority summaries)."""
-    names = ("suggest_label", "suggest_votes", "suggest_hits")
-    label, votes, hits = (runs[0].buffers()[k].to(dev, torch.int32) for k in names)
-    for t in runs[1:]:
-        label2, votes2, hits2 = (t.buffers()[k].to(dev, torch.int32) for k in names)
-        same = label == label2
-        keep = (votes > votes2) | ((votes == votes2) & (label >= 0))  # a tie keeps a real class
-        hits = torch.where(same, hits + hits2, torch.where(keep, hits, hits2))
-        label = torch.where(same | keep, label, label2)
-        votes = torch.where(same, votes + votes2, (votes - votes2).abs())
     return dict(zip(names, (label, votes, hits), strict=True))
 
 
