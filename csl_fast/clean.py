@@ -67,11 +67,11 @@ __all__ = [
 POLICIES = ("relabel-confident", "drop", "review")
 #: Columns of :meth:`CleaningPlan.to_csv`, in order.
 CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "rank")
-#: Default ``min_confidence`` of the relabelling policies: the suggested class was the
-#: runner-up of more than half of the sample's presentations. Why 0.5: above it the
+#: Default ``min_confidence`` of the relabelling policies: the network predicted the
+#: suggested class at more than half of the sample's presentations. Why 0.5: above it the
 #: suggestion is a strict majority, which the tracker's vote is guaranteed to find
 #: (:meth:`csl_fast.CSLTracker.suggestions`); below it the vote may name a frequent
-#: runner-up that is not the most frequent one, so the sample is dropped instead.
+#: predicted class that is not the most frequent one, so the sample is dropped instead.
 DEFAULT_MIN_CONFIDENCE = 0.5
 
 
