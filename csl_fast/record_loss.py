@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import ops
 from ._ext import resolve_backend
 from .accumulate import _buffer_lock, _overlap
 from .stats import NUM_STATS, Stat
@@ -120,7 +120,7 @@ def record_loss(
         _record(stats, index, csl, buffers, deterministic, name)
         written = [b for b in buffers if b is not None]
         if isinstance(csl, CSLTracker):
-            written += list(csl.buffers().values())
+            written += _tracker_written(csl)
         # The kernels write through data pointers; make autograd see it.
         torch._C._increment_version(written)
     return loss
@@ -129,13 +129,12 @@ def record_loss(
 def loss_stats(loss: torch.Tensor) -> torch.Tensor:
     """float32 ``[NUM_STATS, B]`` statistics of per-sample losses: ``LOSS`` holds the
     finite losses (0 elsewhere), ``VALID`` 1 where the loss is finite; every other row is
-    0 (``OTHER_ARGMAX`` -1, "none"), so no logits-derived statistic is implied."""
+    0 and is never read (no logits-derived statistic is implied)."""
     value = loss.detach().float()
-    ok = torch.isfinite(value)
-    stats = torch.zeros(NUM_STATS, value.shape[0], dtype=torch.float32, device=value.device)
-    stats[Stat.LOSS] = torch.where(ok, value, 0.0)
-    stats[Stat.VALID] = ok.float()
-    stats[Stat.OTHER_ARGMAX] = -1.0
+    stats = value.new_zeros(NUM_STATS, value.shape[0])
+    # Written in place through row views: few kernels, no temporaries (per training step).
+    torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0, out=stats[Stat.LOSS])
+    stats[Stat.VALID].copy_(torch.isfinite(value))
     return stats
 
 
@@ -144,29 +143,50 @@ def _record(stats, index, csl, buffers, deterministic, name) -> None:
     # CPU, and it raises before writing, so a bad index leaves the tracker untouched too.
     ops.scatter_stats(stats, index, deterministic, *buffers, backend=name)
     if isinstance(csl, CSLTracker):
-        _record_tracker(csl, index, stats)
+        _record_tracker(csl, index, stats, name)
 
 
-def _record_tracker(tracker: CSLTracker, index: torch.Tensor, stats: torch.Tensor) -> None:
+def _record_tracker(
+    tracker: CSLTracker, index: torch.Tensor, stats: torch.Tensor, backend: str
+) -> None:
     """The tracker's loss-only buffers: ``last_loss`` (last valid row in batch order wins)
-    and, with history, the epoch sums. Device-only; an index outside ``[0, N)`` is skipped,
-    as by the kernels."""
+    and, with history, the epoch sums. No host synchronisation; an index outside
+    ``[0, N)`` is skipped, as by the kernels."""
     b = tracker.buffers()
-    last = b["last_loss"]
-    if last.shape[0] == 0 or index.shape[0] == 0:
-        return
-    f = tracker.dtype
     if tracker.history:
+        f = tracker.dtype
         _scatter_add(b["epoch_loss_sum"], index, stats[Stat.LOSS].to(f))
         _scatter_add(b["epoch_count"], index, stats[Stat.VALID].to(f))
-    ok = (index >= 0) & (index < last.shape[0])
-    idx = torch.where(ok, index, torch.zeros_like(index)).long()
-    valid = (stats[Stat.VALID] > 0) & ok
-    sidx, perm, _, _, _, at = reference._segments(idx, valid)
-    # Every row of an index writes the same value (its last valid row's loss, or the
-    # buffer's own value when it has none), so the order of duplicate writes is irrelevant.
-    value = stats[Stat.LOSS].to(f)[perm][at.clamp(min=0)]
-    last.index_put_((sidx,), torch.where(at >= 0, value, last[sidx]))
+    # The last-value rule (duplicates in batch order) is the op accumulate uses: one C++
+    # pass on the CPU, one Triton pass on a GPU. It also writes a max probability and a
+    # correctness, which have no meaning here: they go to scratch buffers, never to the
+    # tracker's own.
+    max_prob, correct = _scratch(tracker)
+    ops.record_last(
+        stats, index, None, tracker.epoch, b["last_loss"], max_prob, correct, None, None,
+        backend=backend,
+    )  # fmt: skip
+
+
+def _scratch(tracker: CSLTracker) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[N]`` float and bool buffers that take ``record_last``'s max probability and
+    correctness for a loss-only batch (5 or 9 bytes per sample, allocated on the first
+    :func:`record_loss` into the tracker, not saved, not in :meth:`CSLTracker.nbytes`)."""
+    scratch = getattr(tracker, "_record_loss_scratch", None)
+    if scratch is None or scratch[0].shape[0] != tracker.num_samples:
+        n, device = tracker.num_samples, tracker.device
+        scratch = (
+            torch.zeros(n, dtype=tracker.dtype, device=device),
+            torch.zeros(n, dtype=torch.bool, device=device),
+        )
+        tracker._record_loss_scratch = scratch
+    return scratch
+
+
+def _tracker_written(tracker: CSLTracker) -> list[torch.Tensor]:
+    b = tracker.buffers()
+    names = ("last_loss", "epoch_loss_sum", "epoch_count") if tracker.history else ("last_loss",)
+    return [b[name] for name in names]
 
 
 def _buffers(
