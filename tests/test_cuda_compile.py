@@ -6,7 +6,8 @@
   against the installed torch's headers (a CPU build of torch ships the c10/cuda headers but
   not the generated ``c10/cuda/impl/cuda_cmake_macros.h``, which is stubbed here);
 - the glue registers a CUDA kernel for every op schema of ``csrc/csl_fast.cpp``;
-- the cross-entropy and input-gradient-norm kernels, compiled for the host with
+- the cross-entropy, input-gradient-norm, vote and scatter kernels (cub's radix sort
+  replaced by a host stand-in), compiled for the host with
   ``csrc/cuda/testing/host_emulation.h`` (blocks of std::threads, barriers for
   ``__syncthreads``/``__shfl_xor_sync``), match ``csl_fast/reference.py`` on every kernel
   path (warp, block-in-registers and streaming rows; all four logits dtypes; weights, label
@@ -102,7 +103,12 @@ def _glue_cmd(stub_dir: Path, torch_inc: Path, cuda_inc: Path) -> list[str]:
     return [*cmd, str(GLUE)]
 
 
-EMU_SOURCES = ("cross_entropy_kernels.cu", "input_grad_norms_kernels.cu", "vote_kernels.cu")
+EMU_SOURCES = (
+    "cross_entropy_kernels.cu",
+    "input_grad_norms_kernels.cu",
+    "vote_kernels.cu",
+    "scatter_kernels.cu",  # cub's radix sort: a host stand-in in csrc/cuda/testing/cub
+)
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;{}<>]*>)?)<<<(.*?)>>>\((.*?)\);", re.S)
 
 
@@ -254,6 +260,10 @@ def emu(jobs):
     lib.emu_input_grad_norms_workspace.restype = _I64
     lib.emu_input_grad_norms.argtypes = [_P, _I, _I64, _I64, _D, _P, _P, _I64]
     lib.emu_vote_sorted.argtypes = [_P, _I64, _P, _P, _P, _P, _P, _I64]
+    lib.emu_scatter_workspace.argtypes = [_I64, _I64]
+    lib.emu_scatter_workspace.restype = _I64
+    lib.emu_scatter_stats.argtypes = [_P, _I64, _P, _I, _P, _I, _I64, _P, _I, _I64, _I, _P]
+    lib.emu_scatter_stats.argtypes += [_I64, _P]
     return lib
 
 
@@ -472,3 +482,49 @@ def test_emulated_vote_matches_the_reference(emu):
     assert torch.equal(label, want[0]) and torch.equal(votes, want[1])
     assert torch.equal(hits, want[2])
     assert (want[0] >= 0).all() and want[1].sum() > 0
+
+
+_BUF_CODES = {torch.float32: 0, torch.float64: 3, torch.int32: 4, torch.int64: 5}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_emulated_scatter_skips_out_of_range_indices(emu, deterministic, index_dtype):
+    """Indices at N, past N and negative are skipped (error bit 2 set, nothing written
+    outside the buffers: canaries around each), the others added as index_add_ in row
+    order; N = 0 and an empty batch write nothing. Atomic and sort-based modes."""
+    pad, n = 5, 8
+    index = torch.tensor([0, n, 3, n + 1, -1, 3, 7, 100, -9, 7, 2], dtype=index_dtype)
+    rows = len(index)
+    stats = torch.zeros(NUM_STATS, rows)
+    stats[Stat.LOSS] = torch.rand(rows) * 5
+    stats[Stat.VALID] = (torch.rand(rows) > 0.3).float()
+    ok = (index >= 0) & (index < n)
+    for csl_t, cnt_t in ((torch.float32, torch.int64), (torch.float64, torch.float32)):
+        for size, batch in ((n, rows), (0, rows), (n, 0)):
+            csl_big = torch.randn(size + 2 * pad).to(csl_t)
+            cnt_big = torch.randint(-5, 5, (size + 2 * pad,)).to(cnt_t)
+            before = csl_big.clone(), cnt_big.clone()
+            csl, cnt = csl_big[pad : pad + size], cnt_big[pad : pad + size]
+            want_csl, want_cnt = csl.clone(), cnt.clone()
+            if size and batch:
+                reference.scatter_stats(stats[:, ok], index[ok], True, want_csl, want_cnt)
+            ws_bytes = emu.emu_scatter_workspace(batch, size)
+            ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8)
+            flag = torch.zeros(1, dtype=torch.int32)
+            st = stats[:, :batch].contiguous()
+            rc = emu.emu_scatter_stats(
+                st.data_ptr(), batch, index.data_ptr(), _BUF_CODES[index_dtype],
+                csl.data_ptr(), _BUF_CODES[csl_t], size, cnt.data_ptr(), _BUF_CODES[cnt_t],
+                size, int(deterministic), ws.data_ptr(), ws_bytes, flag.data_ptr(),
+            )  # fmt: skip
+            assert rc == 0
+            # kErrIndexOutOfRange; an empty buffer's data pointer is null: no buffer, no flag
+            assert int(flag) == (2 if batch and size else 0)
+            for big, old in zip((csl_big, cnt_big), before, strict=True):
+                assert torch.equal(big[:pad], old[:pad]) and torch.equal(big[-pad:], old[-pad:])
+            if deterministic:  # the same additions in the same order
+                assert torch.equal(csl, want_csl)
+            else:
+                torch.testing.assert_close(csl, want_csl)
+            assert torch.equal(cnt, want_cnt)

@@ -76,4 +76,33 @@ int emu_input_grad_norms(const void* grad, int dtype, int64_t rows, int64_t cols
       input_grad_norms(p, workspace, static_cast<size_t>(workspace_bytes), nullptr));
 }
 
+int64_t emu_scatter_workspace(int64_t rows, int64_t max_buffer_size) {
+  size_t bytes = 0;
+  const cudaError_t err = scatter_stats_deterministic_workspace_bytes(rows, max_buffer_size, &bytes);
+  return err == cudaSuccess ? static_cast<int64_t>(bytes) : -1;
+}
+
+int emu_scatter_stats(const float* stats, int64_t rows, const void* index, int index_dtype,
+                      void* csl, int csl_dtype, int64_t csl_size, void* count, int count_dtype,
+                      int64_t count_size, int deterministic, void* workspace,
+                      int64_t workspace_bytes, int* error_flag) {
+  ScatterParams p;
+  p.stats = stats;
+  p.rows = rows;
+  p.index = index;
+  p.index_dtype = static_cast<DType>(index_dtype);
+  p.csl = csl;
+  p.csl_dtype = static_cast<DType>(csl_dtype);
+  p.csl_size = csl_size;
+  p.count = count;
+  p.count_dtype = static_cast<DType>(count_dtype);
+  p.count_size = count_size;
+  p.error_flag = error_flag;
+  const cudaError_t err =
+      deterministic ? scatter_stats_deterministic(p, workspace,
+                                                  static_cast<size_t>(workspace_bytes), nullptr)
+                    : scatter_stats_atomic(p, nullptr);
+  return static_cast<int>(err);
+}
+
 }  // extern "C"

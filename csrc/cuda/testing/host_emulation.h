@@ -16,6 +16,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -88,6 +89,12 @@ T shfl_xor(unsigned, T v, int offset) {
 
 inline int atomic_or(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST); }
 
+// atomicAdd for the types csl_fast uses (float, double, int, unsigned long long).
+template <typename T>
+T atomic_add(T* p, T v) {
+  return std::atomic_ref<T>(*p).fetch_add(v);
+}
+
 }  // namespace csl_emu
 
 #undef __global__
@@ -109,6 +116,7 @@ inline int atomic_or(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_SE
 #define __syncthreads() ::csl_emu::syncthreads()
 #define __shfl_xor_sync(mask, v, offset) ::csl_emu::shfl_xor(mask, v, offset)
 #define atomicOr(p, v) ::csl_emu::atomic_or(p, v)
+#define atomicAdd(p, v) ::csl_emu::atomic_add(p, v)
 #undef cudaMemsetAsync
 #define cudaGetLastError() (cudaSuccess)
 #define cudaMemsetAsync(ptr, value, bytes, stream) \
