@@ -78,7 +78,8 @@ int emu_input_grad_norms(const void* grad, int dtype, int64_t rows, int64_t cols
 
 int64_t emu_scatter_workspace(int64_t rows, int64_t max_buffer_size) {
   size_t bytes = 0;
-  const cudaError_t err = scatter_stats_deterministic_workspace_bytes(rows, max_buffer_size, &bytes);
+  const cudaError_t err =
+      scatter_stats_deterministic_workspace_bytes(rows, max_buffer_size, &bytes);
   return err == cudaSuccess ? static_cast<int64_t>(bytes) : -1;
 }
 

@@ -29,7 +29,8 @@ struct DeviceRadixSort {
     auto bits = [&](size_t i) { return (keys_in[i] >> begin_bit) & mask; };
     std::vector<size_t> order(static_cast<size_t>(num_items));
     std::iota(order.begin(), order.end(), size_t{0});
-    std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return bits(a) < bits(b); });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](size_t a, size_t b) { return bits(a) < bits(b); });
     for (size_t i = 0; i < order.size(); ++i) {
       keys_out[i] = keys_in[order[i]];
       values_out[i] = values_in[order[i]];
