@@ -76,6 +76,10 @@ def record_loss(
     learning time) mean nothing for a tracker fed only by ``record_loss``: they divide
     untouched sums by counts that did grow. Input-gradient norms (:meth:`~csl_fast.
     CSLTracker.watch`) and the eval buffers are independent of this call and keep working.
+    The last-loss rule runs as the op ``accumulate`` uses (one C++ pass on the CPU, one
+    Triton pass on a GPU), whose max-probability and correctness outputs go to scratch
+    buffers allocated on the tracker's first ``record_loss`` call: 5 bytes per sample
+    (9 in float64), not saved with the tracker and not counted by ``nbytes()``.
 
     Args:
         loss: ``[B]`` per-sample losses, float32, float64, float16 or bfloat16, with or
@@ -84,8 +88,8 @@ def record_loss(
         csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
             each sample was recorded; only with a tensor ``csl`` (a tracker keeps its own).
-        backend: the ``scatter_stats`` kernel: ``"auto"`` (C++ on the CPU, Triton on a
-            GPU) or one of ``csl_fast.BACKENDS``.
+        backend: the kernels (the scatter, and a tracker's last-loss pass): ``"auto"``
+            (C++ on the CPU, Triton on a GPU) or one of ``csl_fast.BACKENDS``.
         deterministic: bitwise reproducible buffer updates with duplicate indices (GPU
             kernels otherwise use atomics); default
             ``torch.are_deterministic_algorithms_enabled()``. The CPU is always deterministic.
