@@ -255,6 +255,25 @@ def record_loss_cost(args: argparse.Namespace) -> dict:
             for _ in range(reps):
                 csl_fast.record_loss(loss, idx, dest)
             out["us_per_call"][f"N={n}, B={b}, {what}"] = (time.perf_counter() - t0) / reps * 1e6
+    # For scale, the cross-entropy path's own recording cost: accumulate minus F.cross_entropy
+    # at the same batch (10 classes) into a tensor buffer, and F.mse_loss itself.
+    logits, target = torch.randn(32, 10), torch.randint(0, 10, (32,))
+    idx, buf = torch.randint(0, 442, (32,)), torch.zeros(442)
+    pred = torch.randn(32)
+    calls = {
+        "F.mse_loss(reduction='none'), B=32": lambda: F.mse_loss(pred, y[:32], reduction="none"),
+        "F.cross_entropy, B=32, C=10": lambda: F.cross_entropy(logits, target),
+        "csl_fast.accumulate into a tensor, B=32, C=10": lambda: csl_fast.accumulate(
+            logits, target, idx, buf
+        ),
+    }
+    for name, call in calls.items():
+        for _ in range(20):
+            call()
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            call()
+        out["us_per_call"][name] = (time.perf_counter() - t0) / 2000 * 1e6
     return out
 
 
