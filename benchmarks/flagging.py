@@ -24,6 +24,11 @@ rule can be re-evaluated without retraining (``--no-train``).
 
     python benchmarks/flagging.py                 # train what is missing, evaluate, write
     python benchmarks/flagging.py --regimes digits-mlp --seeds 0
+    python benchmarks/flagging.py --no-train --saved ~/.cache/csl_fast/cleaning/mnist1d-*.pt
+
+``--saved`` also evaluates trackers saved by ``benchmarks/paper/cleaning.py`` (e.g. MNIST-1D
+trained 100 epochs, where no flip's mean margin is negative): the default rule, and the
+margin view alone.
 
 Writes ``benchmarks/results/flagging.json`` and ``.md`` (date, machine, commit).
 """
@@ -48,7 +53,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
-from csl_fast import corrupt, detect  # noqa: E402
+from csl_fast import corrupt, detect, flagging  # noqa: E402
 from csl_fast.baselines import confident_learning  # noqa: E402
 from csl_fast.train import mlp, predict, train  # noqa: E402
 
@@ -186,6 +191,17 @@ def stats_of(path: Path) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(z[k]) for k in KEEP}
 
 
+def tracker_of(stats: dict[str, torch.Tensor]) -> csl_fast.CSLTracker:
+    """A 10-class tracker holding the cached buffers (the others zero), so ``detect`` sees
+    every view the default rule uses, as on a live tracker."""
+    n = stats["csl_sum"].numel()
+    tracker = csl_fast.CSLTracker(n, 10)
+    live = tracker.buffers()
+    for k, v in stats.items():
+        live[k].copy_(v.to(live[k].dtype))
+    return tracker
+
+
 def score_mapping(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What ``csl_fast.scores(tracker, ["csl", "csl_mean", "aum"])`` returns, from the
     cached buffers (NaN where a sample was never presented)."""
@@ -243,11 +259,15 @@ def evaluate(path: Path) -> dict:
     """Every rule on one cached run, against the flipped-label ground truth."""
     z = np.load(path)
     truth = z["flipped"].astype(bool)
-    table = score_mapping(stats_of(path))
+    stats = stats_of(path)
+    table = score_mapping(stats)
+    doubted = flagging.doubted(
+        stats["csl_sum"], stats["csl_count"], stats["p_true_sum"], 10
+    ).numpy()
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", detect.DetectionWarning)
-        det = detect.mislabeled(table, "csl")
+        det = detect.mislabeled(tracker_of(stats), "csl")
     seconds = time.perf_counter() - t0
     flagged = det.flagged.numpy()
     k = int(truth.sum())
@@ -264,6 +284,8 @@ def evaluate(path: Path) -> dict:
             "count_error": (det.estimated_count - k) / k if k else None,
             "interval_covers": bool(lo <= k <= hi),
             "label_lost": int((table["aum"] > 0).sum()),
+            "label_doubted": int(doubted.sum()),
+            "label_doubted_flipped": int(doubted[truth].sum()),
             "warning": det.warning,
             "warned": len(caught) > 0,
             "seconds": seconds,
@@ -290,6 +312,66 @@ def _top(score: torch.Tensor, k: int) -> np.ndarray:
     out = np.zeros(score.numel(), dtype=bool)
     out[torch.argsort(score, descending=True)[:k].numpy()] = True
     return out
+
+
+def evaluate_saved(path: Path) -> dict:
+    """The default rule on a tracker saved by ``benchmarks/paper/cleaning.py`` (its noisy
+    stage: ``{"tracker": state_dict, "flipped": bool [N], ...}``), e.g. a run trained
+    longer than this script's regimes; and the same tracker with the margin view only
+    (``num_classes`` unset, so the doubt view is off), the rule before the doubt view."""
+    saved = torch.load(path, weights_only=False)
+    state = saved["tracker"]
+    truth = saved["flipped"].numpy().astype(bool)
+    k = int(truth.sum())
+    rows = {}
+    for name, classes in (("default", state["num_classes"]), ("margin_view_only", None)):
+        tracker = csl_fast.CSLTracker(state["num_samples"], classes)
+        tracker.load_state_dict({**state, "num_classes": classes})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", detect.DetectionWarning)
+            det = detect.mislabeled(tracker, "csl")
+        rows[name] = {
+            **prf(det.flagged.numpy(), truth),
+            "estimated_count": det.estimated_count,
+            "count_interval": list(det.count_interval or (0, 0)),
+            "rule": det.rule,
+            "warned": len(caught) > 0,
+        }
+    b = state["buffers"]
+    return {
+        "file": path.name,
+        "epochs": int(state["epoch"]),
+        "positives": k,
+        "samples": int(truth.size),
+        "label_lost_margin": int((b["margin_sum"] < 0).sum()),
+        **rows,
+        "oracle_top_k": prf(_top(b["csl_sum"].double(), k), truth) if k else None,
+    }
+
+
+def markdown_saved(rows: list[dict]) -> str:
+    lines = [
+        "",
+        "## Saved trackers trained longer (`--saved`)",
+        "",
+        "Trackers saved by `benchmarks/paper/cleaning.py` (noisy stage). The default rule, and "
+        "the same tracker with the margin view only (the rule before the doubt view of "
+        "`csl_fast.flagging.doubted`).",
+        "",
+        "| file | epochs | flips | margin-lost | flagged | P | R | F1 | est. count [interval] "
+        "| margin view only: flagged / F1 | top-k P=R |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        d, m = r["default"], r["margin_view_only"]
+        lo, hi = d["count_interval"]
+        top = _f(r["oracle_top_k"]["precision"]) if r["oracle_top_k"] else "-"
+        lines.append(
+            f"| {r['file']} | {r['epochs']} | {r['positives']} | {r['label_lost_margin']} "
+            f"| {d['flagged']} | {_f(d['precision'])} | {_f(d['recall'])} | {_f(d['f1'])} "
+            f"| {d['estimated_count']} [{lo}, {hi}] | {m['flagged']} / {_f(m['f1'])} | {top} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- report
@@ -377,6 +459,12 @@ def main() -> None:
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "csl_fast_flagging"))
     p.add_argument("--no-train", action="store_true", help="evaluate cached runs only")
     p.add_argument("--out", default=str(RESULTS / "flagging"))
+    p.add_argument(
+        "--saved",
+        nargs="*",
+        default=[],
+        help="trackers saved by benchmarks/paper/cleaning.py (its --cache) to evaluate too",
+    )
     args = p.parse_args()
     torch.set_num_threads(1)
     cache = Path(args.cache)
@@ -407,8 +495,15 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "runs": runs}, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(runs, meta))
+    saved = [evaluate_saved(Path(f)) for f in args.saved]
+    for r in saved:
+        d = r["default"]
+        print(f"{r['file']}: flagged {d['flagged']} P {_f(d['precision'])} R {_f(d['recall'])}")
+    doc = {**meta, "runs": runs, "saved": saved}
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+    out.with_suffix(".md").write_text(
+        markdown(runs, meta) + (markdown_saved(saved) if saved else "")
+    )
     print(f"wrote {out.with_suffix('.json')} and .md")
 
 

@@ -6,11 +6,12 @@ take about a second. :mod:`csl_fast.detect` explains why they are built this way
 when each is used; this module holds the mathematics.
 
 :func:`two_view_count` (needs the tracker's margin view)
-    ``x = log(mean CSL)``. Samples whose given label *lost on average over training*
-    (mean margin ``z_y - max_{j != y} z_j < 0``, the sign of AUM) are pinned to the bad
-    component; every other sample is shared by EM between ``K`` clean Gaussians on the
-    log scale and one bad Gaussian on the *linear* mean-loss scale, whose density on the
-    log scale carries the Jacobian ``e^x``:
+    ``x = log(mean CSL)``. Samples whose given label *lost*: on average over training
+    (mean margin ``z_y - max_{j != y} z_j < 0``, the sign of AUM), or confidently doubted
+    for long (:func:`doubted`, a view that does not fade when training runs on after the
+    flips are memorized), are pinned to the bad component; every other sample is shared
+    by EM between ``K`` clean Gaussians on the log scale and one bad Gaussian on the
+    *linear* mean-loss scale, whose density on the log scale carries the Jacobian ``e^x``:
 
     .. math::
         p(x) = \sum_{k=1}^{K} \pi_k\,\mathcal N(x; \mu_k, \sigma_k^2)
@@ -51,10 +52,13 @@ import torch
 __all__ = [
     "BINS",
     "CLEAN_COMPONENTS",
+    "DOUBT_PROB",
+    "DOUBT_SPAN",
     "MIN_PINNED",
     "MIXTURE_BINS",
     "TOL",
     "Estimate",
+    "doubted",
     "rule_scale",
     "two_view_count",
     "upper_mode",
@@ -72,6 +76,11 @@ CLEAN_COMPONENTS = (3, 2, 4)
 TOL = 1e-4
 #: Fewest label-lost samples the two-view fit needs (fewer: the 1-D rule is used).
 MIN_PINNED = 3
+#: A confidently doubted label had probability below ``DOUBT_PROB / C`` on average while
+#: it was doubted (a fifth of chance: 0.02 on 10 classes), see :func:`doubted`.
+DOUBT_PROB = 0.2
+#: ... for at least this many times the median sample's doubt, see :func:`doubted`.
+DOUBT_SPAN = 3.0
 #: Least excess mass of an upper mode, in Poisson standard errors (1-D rule).
 MIN_EVIDENCE = 3.0
 #: Least peak-over-valley contrast in equal windows, in standard errors (1-D rule).
@@ -115,6 +124,56 @@ def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
     if v.size and v.min() >= 0 and v.max() > 0:
         return np.log(np.maximum(v, 1e-12 * v.max())), "log"
     return v, "identity"
+
+
+# ------------------------------------------------------------------- anchors
+def doubted(
+    csl_sum: torch.Tensor, csl_count: torch.Tensor, p_true_sum: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    r"""bool ``[N]``: the given label was *confidently doubted for long*, a view of the
+    training run that stops changing once the network has fitted every sample.
+
+    With ``p_t`` the probability of the given label at presentation ``t``,
+    ``D = sum_t (1 - p_t) = csl_count - p_true_sum`` measures how long (in presentations)
+    and how much the label was doubted, and
+
+    .. math::
+        \frac{\text{CSL}}{D} = \frac{\sum_t -\log p_t}{\sum_t (1 - p_t)}
+        = \sum_t w_t\, g(p_t), \quad w_t \propto 1 - p_t,\ g(p) = \frac{-\log p}{1 - p}
+
+    is a doubt-weighted average of ``g``, which decreases from ``inf`` (p = 0) to 1
+    (p = 1): it reads how *low* the label's probability was while it was doubted. A label
+    is confidently doubted when ``CSL / D > g(p*)``, ``p* = DOUBT_PROB / C`` (the network
+    preferred another class firmly, as it does for a flipped label, rather than hesitating
+    as on a hard clean sample), and ``D > DOUBT_SPAN * median(D)`` (for longer than a
+    brief instability early in training; the median over a strided subsample of at most
+    ~100k presented samples, O(1) in N).
+
+    Why this view and not only the sign of the mean margin: once the network memorizes a
+    flipped label, every further epoch adds a growing positive margin, so the mean margin
+    of every flip turns positive if the run is long enough (MNIST-1D at 100 epochs: 0 of
+    200 flips). ``CSL``, ``D`` and their ratio stop growing once ``p_t`` is ~1, so this
+    view gives the same answer at 50 and 100 epochs (``benchmarks/flagging.py``).
+
+    Args:
+        csl_sum, csl_count, p_true_sum: the tracker's float ``[N]`` buffers.
+        num_classes: ``C >= 2``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(
+            f"csl_fast.flagging.doubted: num_classes must be an int >= 2, got {num_classes!r}"
+        )
+    count = csl_count.detach().double()
+    d = count - p_true_sum.detach().double()
+    csl = csl_sum.detach().double()
+    presented = (count > 0) & torch.isfinite(csl) & torch.isfinite(d)
+    if not bool(presented.any()):
+        return torch.zeros_like(presented)
+    pd = d[presented]
+    med = float(pd[:: max(1, pd.numel() // 100_000)].median())
+    p = DOUBT_PROB / num_classes
+    g = -math.log(p) / (1.0 - p)
+    return presented & (d > DOUBT_SPAN * max(med, 0.0)) & (csl > g * d)
 
 
 # ------------------------------------------------------------------- two-view mixture
@@ -183,8 +242,9 @@ def two_view_count(
     Args:
         mean_loss: float ``[N]`` mean training loss per sample (CSL / presentations);
             non-finite or non-positive entries (never presented) are left out.
-        lost: bool ``[N]``: the sample's mean margin is negative (its given label lost
-            to another class on average over training).
+        lost: bool ``[N]``: the sample's given label lost: its mean margin is negative
+            (another class won on average over training) or it was confidently doubted
+            for long (:func:`doubted`). These samples are pinned to the bad component.
 
     Returns:
         an :class:`Estimate`; ``found`` is False (with a reason) when fewer than
@@ -200,7 +260,8 @@ def two_view_count(
     if n_pinned < MIN_PINNED:
         why = (
             f"only {n_pinned} samples have a negative mean margin (their label lost on "
-            f"average over training); the two-view fit needs >= {MIN_PINNED}"
+            "average over training) or a confidently doubted label; the two-view fit "
+            f"needs >= {MIN_PINNED}"
         )
     elif x.size - n_pinned < 20:
         why = (

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from csl_fast import detect, flagging
+from csl_fast import CSLTracker, detect, flagging
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -206,3 +206,83 @@ def test_ranking_matches_a_stable_float_sort():
             warnings.simplefilter("ignore", detect.DetectionWarning)
             got = detect.mislabeled(v, rule="fraction", fraction=0.1).ranking
         assert torch.equal(got, want), dtype
+
+
+def _trajectories(seed=0, n=4000, rate=0.05, epochs=100):
+    """Per-presentation probabilities ``p [N, T]`` of the given label, and the flips.
+
+    Clean samples are learned geometrically (``p_t = 1 - 0.9 exp(-t / tau)``, ``tau``
+    log-normal around 2 epochs); flips are predicted as another class firmly
+    (``p ~ 0.001-0.01``) until the network memorizes them at epoch ``L ~ U(15, 35)``,
+    then learned like clean ones. Every flip is fitted long before the end, so with a
+    positive margin after memorization its mean margin over 100 epochs would be positive.
+    """
+    g = _gen(seed)
+    t = torch.arange(epochs, dtype=torch.float64)
+    tau = torch.exp(math.log(2.0) + 0.6 * torch.randn(n, 1, generator=g, dtype=torch.float64))
+    bad = torch.rand(n, generator=g) < rate
+    start = torch.where(bad, 15 + 20 * torch.rand(n, generator=g), torch.zeros(n))[:, None]
+    low = (0.001 + 0.009 * torch.rand(n, 1, generator=g, dtype=torch.float64)).expand(-1, epochs)
+    learned = 1 - 0.9 * torch.exp(-(t - start).clamp(min=0) / tau)
+    p = torch.where(bad[:, None] & (t < start), low, learned)
+    return p, bad
+
+
+def _sums(p):
+    """The tracker buffers ``(csl_sum, csl_count, p_true_sum)`` of probabilities ``p``."""
+    count = torch.full((p.shape[0],), float(p.shape[1]), dtype=torch.float64)
+    return -torch.log(p).sum(1), count, p.sum(1)
+
+
+def test_doubted_finds_memorized_flips_and_does_not_fade_with_training():
+    p, bad = _trajectories(0)
+    d50 = flagging.doubted(*_sums(p[:, :50]), num_classes=10)
+    d100 = flagging.doubted(*_sums(p), num_classes=10)
+    # the view stops changing once every sample is fitted (here long before epoch 50)
+    assert torch.equal(d50, d100)
+    prec, rec = _prf(d100, bad)
+    assert prec == 1.0 and rec > 0.9
+    # a hesitant hard clean label (p = 0.35 for 30 epochs) and a brief blow-up early in
+    # training (p = 1e-5 for two epochs) are not confidently doubted for long
+    hard = torch.cat([torch.full((30,), 0.35), torch.full((70,), 0.99)]).double()
+    blip = torch.cat([torch.full((2,), 1e-5), torch.full((98,), 0.99)]).double()
+    d = flagging.doubted(*_sums(torch.cat([p, hard[None], blip[None]])), num_classes=10)
+    assert not d[-2:].any()
+    with pytest.raises(ValueError, match="num_classes"):
+        flagging.doubted(*_sums(p), num_classes=1)
+
+
+def _tracker_of(p, margin_sum, num_classes=10):
+    t = CSLTracker(p.shape[0], num_classes)
+    csl, count, p_sum = _sums(p)
+    b = t.buffers()
+    for k, v in (("csl_sum", csl), ("csl_count", count), ("p_true_sum", p_sum)):
+        b[k].copy_(v)
+    b["margin_sum"].copy_(margin_sum)
+    return t
+
+
+@pytest.mark.parametrize("seed,rate", [(0, 0.05), (1, 0.10)])
+def test_tracker_rule_survives_longer_training(seed, rate):
+    """Every mean margin is positive (the network memorized every flip early), so the
+    sign of the mean margin pins nothing; the doubt view still anchors the two-view fit."""
+    p, bad = _trajectories(seed, rate=rate)
+    det = detect.mislabeled(_tracker_of(p, torch.full((p.shape[0],), 50.0)))
+    assert det.rule == "auto(two_view)" and det.warning is None
+    prec, rec = _prf(det.flagged, bad)
+    assert prec >= 0.9 and rec >= 0.9, (prec, rec, det.estimated_count, int(bad.sum()))
+    # a tracker without num_classes has only the margin view: nothing is pinned and the
+    # rule falls back to the 1-D valley rule, saying why
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(_tracker_of(p, torch.full((p.shape[0],), 50.0), None))
+    assert det.rule == "auto(valley)"
+    assert "negative mean margin" in det.diagnostics["two_view"]["reason"]
+
+
+def test_tracker_rule_on_a_clean_run_flags_nothing():
+    p, bad = _trajectories(2, rate=0.0)
+    assert not bad.any()
+    with pytest.warns(detect.DetectionWarning):
+        det = detect.mislabeled(_tracker_of(p, torch.full((p.shape[0],), 50.0)))
+    assert len(det) == 0
