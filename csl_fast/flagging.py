@@ -155,6 +155,13 @@ def doubted(
     200 flips). ``CSL``, ``D`` and their ratio stop growing once ``p_t`` is ~1, so this
     view gives the same answer at 50 and 100 epochs (``benchmarks/flagging.py``).
 
+    The two constants were chosen on the runs of ``benchmarks/flagging.py`` and the three
+    100-epoch MNIST-1D trackers (no held-out data), and the working range is narrow:
+    ``DOUBT_SPAN = 5`` pins no flip at 100 epochs (a flip on MNIST-1D is doubted only
+    2-3x as long as the median sample), while ``DOUBT_SPAN = 2`` or ``DOUBT_PROB = 0.4``
+    pins hard clean samples on clean runs (up to 57 and 99 of 1,797-4,000 flagged);
+    ``DOUBT_PROB`` 0.1-0.2 with ``DOUBT_SPAN = 3`` flags none there.
+
     Args:
         csl_sum, csl_count, p_true_sum: the tracker's float ``[N]`` buffers.
         num_classes: ``C >= 2``.
