@@ -447,8 +447,8 @@ def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str
     """The top-``top`` rows of ``rank`` (keys :data:`CSV_COLUMNS`; ``None`` when unknown)."""
     from .detect import mislabeled
 
-    all_scores = _scores_for(tracker, score)
-    det = mislabeled(all_scores, score)
+    _scores_for(tracker, score)  # a clear error when the score was not recorded
+    det = mislabeled(tracker, score)  # the tracker: every view of the rule
     values = det.scores.detach().cpu().double()
     flagged = det.flagged.cpu()
     rows = []
@@ -656,7 +656,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line
         warnings.simplefilter("ignore", DetectionWarning)
-        det = mislabeled(_scores_for(tracker, args.score), args.score)
+        _scores_for(tracker, args.score)  # a clear error when the score was not recorded
+        det = mislabeled(tracker, args.score)  # the tracker: every view of the rule
     plan = clean(
         tracker,
         detection=det,
