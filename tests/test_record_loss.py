@@ -235,3 +235,12 @@ def test_compile_fullgraph():
     torch.testing.assert_close(count, count_want)
     torch.testing.assert_close(tracker.csl_sum, csl_want)
     torch.testing.assert_close(tracker.last_loss, torch.nan_to_num(last_want, nan=0.0))
+
+
+def test_float64_loss_beyond_float32_range_not_recorded():
+    """Documented: losses are recorded as float32, so a float64 loss above float32's range
+    rounds to inf and is skipped like any non-finite loss; the rest round to float32."""
+    loss = torch.tensor([1e39, 1.0 + 2.0**-40, 3.0], dtype=torch.float64)
+    csl, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
+    csl_fast.record_loss(loss, torch.arange(3), csl, count=count)
+    assert csl.tolist() == [0.0, 1.0, 3.0] and count.tolist() == [0.0, 1.0, 1.0]
