@@ -32,8 +32,8 @@ retraining on the cleaned data is::
     keep, labels = plan.apply(y)                 # int64 [K], int64 [K]
     train(fresh_model, x[keep], labels, ...)     # or plan.apply_dataset(dataset)
 
-``rank`` is **1-based** (the most suspicious sample has rank 1), as in ``csl-fast rank``;
-note that :meth:`csl_fast.detect.Detection.to_dataframe` counts its ``rank`` column from 0.
+``rank`` is **1-based** (the most suspicious sample has rank 1), as in ``csl-fast rank``
+and :meth:`csl_fast.detect.Detection.to_dataframe`.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ import os
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 EXIT_OK = 0
@@ -724,13 +724,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 "the benchmark module is not part of this installation", EXIT_DEPENDENCY
             ) from None
         raise
-    text = (
-        run_short(device=args.device, quiet=True)
-        if args.quiet
-        else _bench_verbose(run_short, args.device)
-    )
+    if args.quiet:
+        with _stderr_fd_silenced():
+            text = run_short(device=args.device, quiet=True)
+    else:
+        text = _bench_verbose(run_short, args.device)
     print(text)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block.
+
+    The CPU memory probe runs torch's profiler, whose Kineto backend logs
+    ``profiler_start``/``profiler_stop`` lines from C++ straight to fd 2, past
+    ``sys.stderr``; only the descriptor itself can silence them. An exception raised
+    inside still propagates and is reported by ``main`` after fd 2 is restored.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _bench_verbose(run_short: Any, device: str | None) -> str:
@@ -776,7 +797,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        # Unknown options reach the top-level parser, which would name itself; report
+        # them against the subcommand they were given to, like its other usage errors.
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            where = "csl-fast" if args.command is None else f"csl-fast {args.command}"
+            raise CLIError(
+                f"unrecognized arguments: {' '.join(extra)} (see {where} --help)", EXIT_USAGE, where
+            )
         if args.command is None:
             parser.print_help()
             return EXIT_USAGE

@@ -189,7 +189,11 @@ class Detection:
         return self.ranking[:k]
 
     def to_dataframe(self) -> Any:
-        """A pandas DataFrame (index, score, flagged, rank), most suspicious first."""
+        """A pandas DataFrame (index, score, flagged, rank), most suspicious first.
+
+        ``rank`` counts from 1 (the most suspicious sample is rank 1), as in ``csl-fast
+        rank`` and the cleaning plan's CSV; ``self.ranking[rank - 1]`` is that sample.
+        """
         import pandas as pd
 
         r = self.ranking.cpu()
@@ -198,7 +202,7 @@ class Detection:
                 "index": r.numpy(),
                 "score": self.scores.cpu().double()[r].numpy(),
                 "flagged": self.flagged.cpu()[r].numpy(),
-                "rank": range(len(r)),
+                "rank": range(1, len(r) + 1),
             }
         )
 

@@ -138,7 +138,7 @@ def test_to_dataframe_is_one_based():
     assert list(df.columns) == list(CSV_COLUMNS)
     assert df["rank"].tolist() == [1, 2, 3, 4]
     det = detect.mislabeled(SCORES, rule="fraction", fraction=0.5)
-    assert det.to_dataframe()["rank"].iloc[0] == 0  # documented: Detection's is 0-based
+    assert det.to_dataframe()["rank"].tolist() == [1, 2, 3, 4, 5, 6]  # counted as the plan's
 
 
 def test_apply_drops_and_relabels():

@@ -240,6 +240,38 @@ def test_usage_errors(capsys):
     in_process_error(capsys, EXIT_USAGE, "demo", "--samples", "5000")
 
 
+def test_unknown_option_names_the_subcommand(capsys):
+    line = in_process_error(capsys, EXIT_USAGE, "info", "--foo")
+    assert "unrecognized arguments: --foo" in line and "csl-fast info --help" in line
+    code, _, err = run_main(capsys, "--foo")
+    assert code == EXIT_USAGE and err.startswith("csl-fast: error: unrecognized arguments")
+
+
+def _profiled_short_bench(device=None, quiet=False):
+    # What the real run_short does that is loud: torch's profiler (the CPU memory probe),
+    # whose Kineto backend writes to file descriptor 2 directly.
+    from csl_fast.bench.harness import extra_peak_bytes
+
+    extra_peak_bytes(lambda: torch.ones(1000).sum(), "cpu")
+    os.write(2, b"a C-level line on fd 2\n")
+    return "bench report"
+
+
+def test_bench_quiet_is_silent_on_stderr(monkeypatch, capfd):
+    import csl_fast.bench
+
+    monkeypatch.setattr(csl_fast.bench, "run_short", _profiled_short_bench)
+    assert main(["bench", "--device", "cpu"]) == 0
+    loud = capfd.readouterr()
+    assert "C-level line" in loud.err  # the fd-2 writes are seen when not quiet
+    assert main(["bench", "-q", "--device", "cpu"]) == 0
+    quiet = capfd.readouterr()
+    assert quiet.out.strip() == "bench report"
+    assert quiet.err == ""
+    print("still here", file=sys.stderr)  # fd 2 restored afterwards
+    assert capfd.readouterr().err == "still here\n"
+
+
 def test_info_console_script():
     exe = shutil.which("csl-fast")
     cmd = [exe, "info"] if exe else [sys.executable, "-m", "csl_fast", "info"]
