@@ -290,20 +290,28 @@ def _fig_histogram(csl: np.ndarray, samples: RunSamples | None, path: str) -> st
     return _png(fig, path)
 
 
+_ROC_LEADERS = 3  # scores drawn thick and coloured in each panel; the rest thin grey
+
+
 def _fig_roc(
     scores: Mapping[str, torch.Tensor], samples: RunSamples | None, path: str
 ) -> str | None:
+    """ROC curves of every score, one panel per corruption type.
+
+    A dozen curves on a linear axis pile up in the top-left corner, so: the leading
+    ``_ROC_LEADERS`` scores by AUROC (and ``csl``, in black, wherever it ranks) are thick
+    and in distinct colours, the others thin grey and summed up in one legend entry; the
+    false-positive axis is logarithmic, down to one clean sample, where a detector's
+    useful region (its first few dozen flags) lies.
+    """
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
     sets = _eval_sets(samples)
     if not sets:
         return None
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.6), squeeze=False)
-    cmap = plt.get_cmap("tab20")
-    # One colour per score, the same in every panel: the dark tab20 shades first.
-    shades = [cmap(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
-    colour = {name: shades[i % 20] for i, name in enumerate(n for n in scores if n != "csl")}
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.4 * len(sets), 4.6), squeeze=False)
+    leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
     for ax, (kind, (keep, pos)) in zip(axes[0], sets.items(), strict=True):
         curves = []
         for name, s in scores.items():
@@ -313,24 +321,45 @@ def _fig_roc(
                 continue
             fpr, tpr, _ = roc_curve(pos[ok], v[ok])
             curves.append((roc_auc_score(pos[ok], v[ok]), name, fpr, tpr))
-        curves.sort(key=lambda c: (c[1] != "csl", -c[0]))
-        for auc, name, fpr, tpr in curves:
-            is_csl = name == "csl"
-            ax.plot(
-                fpr,
-                tpr,
-                color="black" if is_csl else colour[name],
-                lw=2.4 if is_csl else 1.1,
-                alpha=1.0 if is_csl else 0.8,
-                label=f"{name} ({auc:.3f})",
-                zorder=3 if is_csl else 2,
-            )
-        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=0.8)
-        ax.set_xlabel("false-positive rate")
+        curves.sort(key=lambda c: -c[0])
+        leaders = [c[1] for c in curves if c[1] != "csl"][:_ROC_LEADERS]
+        if "csl" in [c[1] for c in curves[:_ROC_LEADERS]]:
+            leaders = leaders[: _ROC_LEADERS - 1]
+        rest = [c for c in curves if c[1] != "csl" and c[1] not in leaders]
+        for i, (_, _, fpr, tpr) in enumerate(rest):
+            label = None
+            if i == 0:
+                lo, hi = min(c[0] for c in rest), max(c[0] for c in rest)
+                label = f"{len(rest)} other scores ({lo:.2f}-{hi:.2f})"
+            ax.plot(fpr, tpr, color="0.7", lw=0.8, label=label, zorder=1)
+        for auc, name, fpr, tpr in reversed(curves):
+            if name == "csl":
+                ax.plot(fpr, tpr, color="black", lw=2.6, label=f"csl ({auc:.3f})", zorder=4)
+            elif name in leaders:
+                colour = leader_colours[leaders.index(name)]
+                ax.plot(fpr, tpr, color=colour, lw=2.0, label=f"{name} ({auc:.3f})", zorder=3)
+        clean = int((~pos).sum())
+        floor = 0.5 / max(clean, 1)
+        chance = np.geomspace(floor, 1.0, 50)
+        ax.plot(chance, chance, ls=":", color="grey", lw=0.8, zorder=0)
+        ax.set_xscale("log")
+        ax.set_xlim(floor, 1.0)
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(True, which="major", color="0.92", lw=0.6)
+        ax.set_xlabel("false-positive rate (log scale; left edge: below one clean sample)")
         ax.set_ylabel("true-positive rate")
-        ax.set_title(f"{kind}: {int(pos.sum())} positives vs {int((~pos).sum())} clean")
+        ax.set_title(f"{kind}: {int(pos.sum())} positives vs {clean} clean")
+        # Legend: the emphasised curves first (best AUROC first), the grey summary last.
+        handles, labels = ax.get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda j: (" other scores " in labels[j], -j))
         ax.legend(
-            fontsize=7, frameon=False, loc="lower right", title="score (AUROC)", title_fontsize=7
+            [handles[j] for j in order],
+            [labels[j] for j in order],
+            fontsize=7,
+            frameon=False,
+            loc="lower right",
+            title="score (AUROC)",
+            title_fontsize=7,
         )
     return _png(fig, path)
 
@@ -562,7 +591,9 @@ def write_report(
         "contradicts similar samples keep a high loss for many epochs and sit in the right tail.",
         "roc.png": "Each corruption type is scored against the clean samples only (the other "
         "type is left out, as in the paper where each experiment injects one kind). "
-        "Thick black: CSL.",
+        "Thick black: CSL; thick colours: the three best other scores by AUROC; thin grey: "
+        "the rest. The false-positive axis is logarithmic: the left part is where the first "
+        "flags land.",
         "data_map.png": "Dataset cartography: mean and spread of the probability the model gave "
         "the label over training. Mislabeled samples sit at the bottom (low confidence).",
         "loss_curves.png": "",
