@@ -414,7 +414,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         flush=True,
     )
 
-    det = detect.mislabeled(all_scores, "csl")
+    det = detect.mislabeled(tracker, "csl")  # the tracker: every view of the rule
     flagged = det.flagged.cpu().numpy()
     bad = mislabeled | duplicate
     flag_text = (

@@ -627,7 +627,7 @@ def write_report(
     )
     from .report_cleaning import sections as cleaning_sections
 
-    cleaning = cleaning_sections(tracker, all_scores, samples, score, out)
+    cleaning = cleaning_sections(tracker, samples, score, out)
     page = _html(
         title,
         tracker,

@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 __all__ = ["format_retrain_table", "sections"]
 
@@ -171,7 +170,6 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def sections(
     tracker: Any,
-    all_scores: Mapping[str, torch.Tensor],
     samples: Any,
     score: str,
     out_dir: str,
@@ -184,7 +182,7 @@ def sections(
     with warnings.catch_warnings():
         # the detection's warning is shown in the section itself
         warnings.simplefilter("ignore", DetectionWarning)
-        det = mislabeled(all_scores, score)
+        det = mislabeled(tracker, score)  # the tracker: every view of the rule
     png = os.path.join(out_dir, "flagging.png")
     b64 = _fig_flagging(det, png)
     parts = [
