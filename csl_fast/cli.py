@@ -53,50 +53,49 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
-import json
 import math
 import os
 import sys
 import traceback
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_USAGE = 2
-EXIT_INPUT = 3
-EXIT_DEPENDENCY = 4
-EXIT_INTERRUPTED = 130
+from .cli_commands import (
+    _SCORE_NAMES,
+    COMMANDS,
+    CSV_COLUMNS,
+    TRACKER_FILE,
+    load_run,
+    rank_rows,
+)
+from .cli_errors import (
+    EXIT_DEPENDENCY,
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CLIError,
+    _one_line,
+    _os_reason,
+)
 
-TRACKER_FILE = "tracker.csl"
-CSV_COLUMNS = ("rank", "index", "score", "label", "predicted", "flagged", "mislabeled", "duplicate")
-
-_SCORE_NAMES = (
-    "csl",
-    "csl_mean",
-    "eval_csl",
-    "final_loss",
-    "forgetting",
-    "threshold_learning_time",
-    "learning_time",
-    "loss_sensitivity",
-    "aum",
-    "in_confidence",
-    "confidence",
-    "logit_grad_norm",
-)  # not variability: two-sided, so it ranks nothing (csl_fast.scores)
-
-
-class CLIError(Exception):
-    """A user error: printed as one line, exits with ``code``."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE, prog: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.prog = prog
+__all__ = [
+    "COMMANDS",
+    "CSV_COLUMNS",
+    "EXIT_DEPENDENCY",
+    "EXIT_INPUT",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "TRACKER_FILE",
+    "CLIError",
+    "build_parser",
+    "load_run",
+    "main",
+    "rank_rows",
+]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,10 +103,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CLIError(f"{message} (see {self.prog} --help)", EXIT_USAGE, self.prog)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
 
 
 # ----------------------------------------------------------------------------- types
@@ -143,29 +138,6 @@ _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a posit
 
 # ----------------------------------------------------------------------------- parser
 _DEBUG_HELP = "print the traceback of errors too"
-
-
-def _writable_folder(out: str, option: str = "--out") -> None:
-    """Create the output folder ``out`` now, so that a path that cannot be written is a
-    one-line input error before any work, not a traceback after it."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CLIError(f"{option} {out!r} exists and is not a folder", EXIT_INPUT)
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as exc:
-        raise CLIError(
-            f"{option} {out!r}: cannot create this folder: {_os_reason(exc)}", EXIT_INPUT
-        ) from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CLIError(f"{option} {out!r}: this folder is not writable", EXIT_INPUT)
-
-
-def _os_reason(exc: OSError) -> str:
-    """An OSError as one line: its message and the file it names."""
-    text = exc.strerror or str(exc)
-    if exc.filename is not None and str(exc.filename) not in text:
-        text = f"{text}: {exc.filename!s}"
-    return _one_line(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,272 +296,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ----------------------------------------------------------------------------- runs
-def _resolve_run(run: str) -> tuple[str, str | None]:
-    """``(tracker path, samples path or None)`` of a run folder or tracker file."""
-    from .report import SAMPLES_FILE
-
-    if os.path.isdir(run):
-        tracker_path = os.path.join(run, TRACKER_FILE)
-        if not os.path.exists(tracker_path):
-            raise CLIError(
-                f"{run}: no {TRACKER_FILE} in this folder (is it a run folder?)", EXIT_INPUT
-            )
-    else:
-        tracker_path = run
-        if not os.path.exists(run):
-            raise CLIError(f"no such run folder or tracker file: {run!r}", EXIT_INPUT)
-    samples = os.path.join(os.path.dirname(os.path.abspath(tracker_path)), SAMPLES_FILE)
-    return tracker_path, samples if os.path.exists(samples) else None
-
-
-def load_run(run: str) -> tuple[Any, Any]:
-    """``(tracker, samples or None)`` of a run; one-line :class:`CLIError` on bad input."""
-    from .report import RunSamples, SamplesFileError
-    from .tracker import CSLTracker, TrackerFileError, UnverifiedTrackerFileWarning
-
-    tracker_path, samples_path = _resolve_run(run)
-    if os.path.isdir(tracker_path):
-        raise CLIError(f"{tracker_path}: is a folder, not a tracker file", EXIT_INPUT)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UnverifiedTrackerFileWarning)
-            tracker = CSLTracker.from_file(tracker_path)
-        for w in caught:  # ours as one line; any other warning as it came
-            if issubclass(w.category, UnverifiedTrackerFileWarning):
-                print(f"csl-fast: warning: {_one_line(w.message)}", file=sys.stderr)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc).removeprefix("csl_fast: "), EXIT_INPUT) from None
-    except (TrackerFileError, OSError) as exc:
-        raise CLIError(_one_line(exc), EXIT_INPUT) from None
-    samples = None
-    if samples_path is not None:
-        try:
-            samples = RunSamples.load(samples_path, tracker.num_samples)
-        except SamplesFileError as exc:
-            raise CLIError(_one_line(exc), EXIT_INPUT) from None
-    return tracker, samples
-
-
-def _scores_for(tracker: Any, name: str) -> Any:
-    from .scores import SCORES, scores
-
-    available = scores(tracker)
-    if name not in available:
-        needs = SCORES[name].needs
-        why = {
-            "eval": "eval passes (csl_fast.score_epoch)",
-            "input_grad": "input-gradient norms (tracker.watch)",
-            "train": "training presentations",
-        }[needs]
-        raise CLIError(
-            f"score {name!r} was not recorded in this run (it needs {why}); available: "
-            + ", ".join(available),
-            EXIT_USAGE,
-        )
-    return available
-
-
-# ----------------------------------------------------------------------------- commands
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DIGITS_SAMPLES, DemoConfig, run
-
-    if args.samples > DIGITS_SAMPLES:
-        raise CLIError(f"--samples: digits has {DIGITS_SAMPLES} samples, got {args.samples}")
-    if args.samples < 50:
-        raise CLIError(f"--samples: need at least 50 samples, got {args.samples}")
-    flipped = int(args.noise * args.samples)
-    if 2 * args.pairs > args.samples - flipped:
-        raise CLIError(
-            f"--pairs {args.pairs}: {2 * args.pairs} samples do not fit among the "
-            f"{args.samples - flipped} samples whose labels were not flipped"
-        )
-    if args.device is not None:
-        _check_device(args.device)
-    _writable_folder(args.out)
-    cfg = DemoConfig(
-        samples=args.samples,
-        epochs=args.epochs,
-        noise=args.noise,
-        pairs=args.pairs,
-        seed=args.seed,
-        hidden=args.hidden,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        out=args.out,
-        device=args.device,
-        top=args.top,
-        overhead_rounds=args.overhead_rounds,
-        threads=args.threads,
-        report=not args.no_report,
-        quiet=args.quiet,
-    )
-    run(cfg)
-    return EXIT_OK
-
-
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device: not a device: {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: CUDA is not available in this torch build/machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise CLIError(f"--device {device}: only cpu and cuda are supported")
-
-
-def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str, Any]]:
-    """The top-``top`` rows of ``rank`` (keys :data:`CSV_COLUMNS`; ``None`` when unknown)."""
-    from .detect import mislabeled
-
-    _scores_for(tracker, score)  # a clear error when the score was not recorded
-    det = mislabeled(tracker, score)  # the tracker: every view of the rule
-    values = det.scores.detach().cpu().double()
-    flagged = det.flagged.cpu()
-    rows = []
-    for r, i in enumerate(det.ranking[:top].tolist()):
-        v = float(values[i])
-        if not math.isfinite(v):
-            break
-
-        def field(name: str, i: int = i) -> Any:
-            arr = None if samples is None else getattr(samples, name)
-            if arr is None:
-                return None
-            return bool(arr[i]) if arr.dtype == bool else int(arr[i])
-
-        rows.append(
-            {
-                "rank": r + 1,
-                "index": i,
-                "score": v,
-                "label": field("labels"),
-                "predicted": field("predicted"),
-                "flagged": bool(flagged[i]),
-                "mislabeled": field("mislabeled"),
-                "duplicate": field("duplicate"),
-            }
-        )
-    return rows
-
-
-def _format_table(rows: list[dict[str, Any]], score: str) -> str:
-    cols = [c for c in CSV_COLUMNS if any(r[c] is not None for r in rows)] or list(CSV_COLUMNS[:3])
-    head = {c: (score if c == "score" else c) for c in cols}
-
-    def cell(c: str, v: Any) -> str:
-        if v is None:
-            return "-"
-        if c == "score":
-            return f"{v:.4g}"
-        if isinstance(v, bool):
-            return "yes" if v else ""
-        return str(v)
-
-    body = [[cell(c, r[c]) for c in cols] for r in rows]
-    widths = [max([len(head[c])] + [len(b[j]) for b in body]) for j, c in enumerate(cols)]
-    lines = ["  ".join(head[c].rjust(w) for c, w in zip(cols, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
-
-
-def _format_csv(rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        out = []
-        for c in CSV_COLUMNS:
-            v = r[c]
-            if v is None:
-                out.append("")
-            elif isinstance(v, bool):
-                out.append("1" if v else "0")
-            elif c == "score":
-                out.append(repr(v))
-            else:
-                out.append(str(v))
-        w.writerow(out)
-    return buf.getvalue()
-
-
-def cmd_rank(args: argparse.Namespace) -> int:
-    tracker, samples = load_run(args.run)
-    rows = rank_rows(tracker, samples, args.score, args.top)
-    if args.csv:
-        text = _format_csv(rows)
-    elif args.json:
-        text = (
-            json.dumps(
-                {
-                    "run": args.run,
-                    "score": args.score,
-                    "direction": "higher = more suspicious",
-                    "num_samples": tracker.num_samples,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-    else:
-        text = _format_table(rows, args.score) + "\n"
-    if args.output:
-        try:
-            with open(args.output, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
-        except OSError as exc:
-            raise CLIError(f"cannot write {args.output!r}: {exc.strerror}", EXIT_INPUT) from None
-        if not args.quiet:
-            print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
-
-    tracker, samples = load_run(args.run)
-    _scores_for(tracker, args.score)
-    if args.out is None:
-        base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
-        out = os.path.join(base, "report")
-    else:
-        out = args.out
-    _writable_folder(out)
-    path = write_report(
-        tracker,
-        out,
-        samples,
-        notes=_run_notes(args.run),
-        title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
-        score=args.score,
-        top=args.top,
-        progress=not args.quiet,
-    )
-    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
-    print(f"wrote {path} and {len(pngs)} PNG files: {', '.join(pngs)}")
-    return EXIT_OK
-
-
-def _run_notes(run: str) -> list[tuple[str, str]]:
-    """The demo's report notes (setup, overhead) from ``results.json`` beside the tracker."""
-    base = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
-    try:
-        with open(os.path.join(base, "results.json"), encoding="utf-8") as f:
-            notes = json.load(f).get("report_notes") or []
-        return [(str(h), str(t)) for h, t in notes]
-    except (OSError, ValueError, TypeError, AttributeError):
-        return []
-
-
 _probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
@@ -640,140 +346,6 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="score that ranks and flags the samples (default csl)",
     )
 
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    from .clean import clean
-    from .detect import DetectionWarning, mislabeled
-
-    if args.policy == "review" and args.budget is None:
-        raise CLIError("--policy review needs --budget K (how many samples you will review)")
-    if os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
-    tracker, samples = load_run(args.run)
-    with warnings.catch_warnings():
-        # the detection's warning, if any, is printed below as one line
-        warnings.simplefilter("ignore", DetectionWarning)
-        _scores_for(tracker, args.score)  # a clear error when the score was not recorded
-        det = mislabeled(tracker, args.score)  # the tracker: every view of the rule
-    plan = clean(
-        tracker,
-        detection=det,
-        policy=args.policy,
-        min_confidence=args.min_confidence,
-        budget=args.budget,
-    )
-    try:
-        plan.to_csv(args.out)
-    except OSError as exc:
-        raise CLIError(f"cannot write {args.out!r}: {exc.strerror}", EXIT_INPUT) from None
-    if plan.warning:
-        print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
-    print(_clean_summary(plan, samples, args))
-    return EXIT_OK
-
-
-def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
-    det = plan.detection
-    lines = [
-        f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
-        f"{plan.num_dropped} drop (policy {args.policy}"
-        + ("" if args.budget is None else f", budget {args.budget}")
-        + f", min confidence {args.min_confidence:g})",
-        f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
-    ]
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        lines.append(f"estimated mislabeled: {det.estimated_count} (interval {lo}-{hi})")
-    if det.diagnostics.get("note"):
-        lines.append(f"note: {det.diagnostics['note']}")
-    if samples is None or not samples.has_truth or len(plan) == 0:
-        return "\n".join(lines)
-    from .clean import evaluate_plan
-
-    acc = evaluate_plan(plan, samples.true_labels, samples.mislabeled, samples.duplicate)
-    lines.append(
-        f"ground truth (samples.npz): of the {len(plan)} rows {acc['mislabeled']} are "
-        f"mislabeled, {acc['duplicate']} duplicated, {acc['clean']} clean"
-        + (
-            ""
-            if acc["relabel_correct"] is None
-            else f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
-        )
-    )
-    return "\n".join(lines)
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from .info import report
-
-    print(report())
-    return EXIT_OK
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.device is not None:
-        _check_device(args.device)
-    try:
-        from .bench import run_short
-    except ImportError as exc:
-        if exc.name and exc.name.endswith("csl_fast.bench"):
-            raise CLIError(
-                "the benchmark module is not part of this installation", EXIT_DEPENDENCY
-            ) from None
-        raise
-    if args.quiet:
-        with _stderr_fd_silenced():
-            text = run_short(device=args.device, quiet=True)
-    else:
-        text = _bench_verbose(run_short, args.device)
-    print(text)
-    return EXIT_OK
-
-
-@contextlib.contextmanager
-def _stderr_fd_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null for the block.
-
-    The CPU memory probe runs torch's profiler, whose Kineto backend logs
-    ``profiler_start``/``profiler_stop`` lines from C++ straight to fd 2, past
-    ``sys.stderr``; only the descriptor itself can silence them. An exception raised
-    inside still propagates and is reported by ``main`` after fd 2 is restored.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def _bench_verbose(run_short: Any, device: str | None) -> str:
-    # run_short prints its report itself unless quiet; capture that so the report is
-    # printed exactly once, by us, while its status lines still reach stderr.
-    buf = io.StringIO()
-    real = sys.stdout
-    sys.stdout = buf
-    try:
-        return run_short(device=device, quiet=False)
-    finally:
-        sys.stdout = real
-
-
-COMMANDS = {
-    "demo": cmd_demo,
-    "rank": cmd_rank,
-    "report": cmd_report,
-    "clean": cmd_clean,
-    "info": cmd_info,
-    "bench": cmd_bench,
-}
 
 _OPTIONAL = {
     "sklearn": "scikit-learn",

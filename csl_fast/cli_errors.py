@@ -1,0 +1,52 @@
+"""Exit codes, the one-line user error of ``csl-fast`` and the checks that raise it.
+
+Shared by the parser (:mod:`csl_fast.cli`) and the subcommands
+(:mod:`csl_fast.cli_commands`); the codes are listed in :mod:`csl_fast.cli`'s docstring.
+"""
+
+from __future__ import annotations
+
+import os
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_DEPENDENCY = 4
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exits with ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.prog = prog
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _writable_folder(out: str, option: str = "--out") -> None:
+    """Create the output folder ``out`` now, so that a path that cannot be written is a
+    one-line input error before any work, not a traceback after it."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"{option} {out!r} exists and is not a folder", EXIT_INPUT)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(
+            f"{option} {out!r}: cannot create this folder: {_os_reason(exc)}", EXIT_INPUT
+        ) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CLIError(f"{option} {out!r}: this folder is not writable", EXIT_INPUT)
+
+
+def _os_reason(exc: OSError) -> str:
+    """An OSError as one line: its message and the file it names."""
+    text = exc.strerror or str(exc)
+    if exc.filename is not None and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename!s}"
+    return _one_line(text)
