@@ -40,10 +40,11 @@ decay, no augmentation, long training, design.md section 3):
     Adam lr 3e-3, batch 128, 50 epochs (``benchmarks/flagging.py``'s regime; the network
     memorizes: the JSON records the share of flipped labels the noisy run fits).
 
-    At 100 epochs (measured on 3 runs, 5 and 10% flips) the network memorizes the flips so
-    early that no sample's mean margin is negative, and the default rule of
-    :func:`csl_fast.detect.mislabeled` flags nothing there (with a warning saying so); a
-    known limit of the rule, not of cleaning.
+    At 100 epochs (3 runs, 5 and 10% flips) the network memorizes the flips so early that
+    no sample's mean margin is negative; the default rule then anchors on the labels that
+    were confidently doubted for long (:func:`csl_fast.flagging.doubted`) and flags
+    precision 0.90-0.98 / recall 0.71-0.83 there (``benchmarks/results/flagging.md``,
+    the ``--saved`` table).
 
     python benchmarks/paper/cleaning.py                       # both regimes, 5 and 10%
     python benchmarks/paper/cleaning.py --regimes digits --seeds 0 1 2
