@@ -35,10 +35,8 @@ ground-truth masks and images. Write one for your own runs with :meth:`RunSample
 
 from __future__ import annotations
 
-import base64
 import datetime
 import html
-import io
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -48,6 +46,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .report_figures import (
+    _eval_sets,
+    _fig_data_map,
+    _fig_histogram,
+    _fig_loss_curves,
+    _fig_roc,
+    _fig_top_grid,
+    _np,
+)
+from .report_figures import _png as _png  # report_cleaning draws through it
 from .tracker import CSLTracker
 
 __all__ = ["SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
@@ -56,7 +64,6 @@ __all__ = ["SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
 SAMPLES_FILE = "samples.npz"
 
 _ARRAY_FIELDS = ("labels", "predicted", "true_labels", "mislabeled", "duplicate", "images")
-_CLEAN, _MIS, _DUP = "#4C72B0", "#DD4444", "#E8A317"
 
 
 class SamplesFileError(ValueError):
@@ -156,59 +163,6 @@ class RunSamples:
         return samples
 
 
-# --------------------------------------------------------------------------- helpers
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().double().numpy()
-
-
-def _png(fig: Any, path: str) -> str:
-    """Save ``fig`` to ``path`` and return the PNG as base64."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    data = buf.getvalue()
-    with open(path, "wb") as f:
-        f.write(data)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return base64.b64encode(data).decode("ascii")
-
-
-def _groups(samples: RunSamples | None, n: int) -> list[tuple[str, np.ndarray, str]]:
-    """``(name, mask, colour)`` of clean / mislabeled / duplicate samples (truth known)."""
-    if samples is None or not samples.has_truth:
-        return []
-    mis = samples.mislabeled if samples.mislabeled is not None else np.zeros(n, bool)
-    dup = samples.duplicate if samples.duplicate is not None else np.zeros(n, bool)
-    out = [("clean", ~mis & ~dup, _CLEAN)]
-    if mis.any():
-        out.append(("mislabeled", mis, _MIS))
-    if dup.any():
-        out.append(("duplicate (conflicting label)", dup, _DUP))
-    return out
-
-
-def _eval_sets(samples: RunSamples | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """For each corruption type: (samples to evaluate on, positives among them).
-
-    Each type is evaluated against the clean samples only (the other corruption type is
-    left out), as in the paper, where each experiment injects one kind of corruption.
-    """
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    if samples is None:
-        return out
-    n = samples.num_samples or 0
-    mis = samples.mislabeled if samples.mislabeled is not None else np.zeros(n, bool)
-    dup = samples.duplicate if samples.duplicate is not None else np.zeros(n, bool)
-    if samples.mislabeled is not None and mis.any() and (~mis & ~dup).any():
-        keep = ~dup
-        out["mislabeled"] = (keep, mis[keep])
-    if samples.duplicate is not None and dup.any() and (~mis & ~dup).any():
-        keep = ~mis
-        out["duplicates"] = (keep, dup[keep])
-    return out
-
-
 def detection_table(
     scores: Mapping[str, torch.Tensor], samples: RunSamples | None
 ) -> dict[str, dict[str, float]]:
@@ -259,249 +213,6 @@ def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
             cells += f"{'n/a' if math.isnan(v) else f'{v:.3f}':>19}{mark}"
         lines.append(name.ljust(width) + cells)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- figures
-def _fig_histogram(csl: np.ndarray, samples: RunSamples | None, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    ok = np.isfinite(csl) & (csl > 0)
-    lo, hi = np.percentile(csl[ok], 0.1), csl[ok].max()
-    bins = np.geomspace(max(lo, 1e-6), hi * 1.0001, 50)
-    groups = _groups(samples, len(csl))
-    if groups:
-        for name, mask, colour in groups:
-            ax.hist(
-                csl[ok & mask],
-                bins=bins,
-                alpha=0.6,
-                color=colour,
-                label=f"{name} ({int((ok & mask).sum())})",
-            )
-        ax.legend(frameon=False, fontsize=8)
-    else:
-        ax.hist(csl[ok], bins=bins, color=_CLEAN, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("cumulative sample loss (CSL, log scale)")
-    ax.set_ylabel("samples")
-    ax.set_title("CSL: clean vs corrupted samples" if groups else "CSL distribution")
-    return _png(fig, path)
-
-
-_ROC_LEADERS = 3  # scores drawn thick and coloured in each panel; the rest thin grey
-
-
-def _fig_roc(
-    scores: Mapping[str, torch.Tensor], samples: RunSamples | None, path: str
-) -> str | None:
-    """ROC curves of every score, one panel per corruption type.
-
-    A dozen curves on a linear axis pile up in the top-left corner, so: the leading
-    ``_ROC_LEADERS`` scores by AUROC (and ``csl``, in black, wherever it ranks) are thick
-    and in distinct colours, the others thin grey and summed up in one legend entry; the
-    false-positive axis is logarithmic, down to one clean sample, where a detector's
-    useful region (its first few dozen flags) lies.
-    """
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
-    sets = _eval_sets(samples)
-    if not sets:
-        return None
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.4 * len(sets), 4.6), squeeze=False)
-    leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
-    for ax, (kind, (keep, pos)) in zip(axes[0], sets.items(), strict=True):
-        curves = []
-        for name, s in scores.items():
-            v = _np(s)[keep]
-            ok = np.isfinite(v)
-            if pos[ok].all() or not pos[ok].any():
-                continue
-            fpr, tpr, _ = roc_curve(pos[ok], v[ok])
-            curves.append((roc_auc_score(pos[ok], v[ok]), name, fpr, tpr))
-        curves.sort(key=lambda c: -c[0])
-        leaders = [c[1] for c in curves if c[1] != "csl"][:_ROC_LEADERS]
-        if "csl" in [c[1] for c in curves[:_ROC_LEADERS]]:
-            leaders = leaders[: _ROC_LEADERS - 1]
-        rest = [c for c in curves if c[1] != "csl" and c[1] not in leaders]
-        for i, (_, _, fpr, tpr) in enumerate(rest):
-            label = None
-            if i == 0:
-                lo, hi = min(c[0] for c in rest), max(c[0] for c in rest)
-                label = f"{len(rest)} other scores ({lo:.2f}-{hi:.2f})"
-            ax.plot(fpr, tpr, color="0.7", lw=0.8, label=label, zorder=1)
-        for auc, name, fpr, tpr in reversed(curves):
-            if name == "csl":
-                ax.plot(fpr, tpr, color="black", lw=2.6, label=f"csl ({auc:.3f})", zorder=4)
-            elif name in leaders:
-                colour = leader_colours[leaders.index(name)]
-                ax.plot(fpr, tpr, color=colour, lw=2.0, label=f"{name} ({auc:.3f})", zorder=3)
-        clean = int((~pos).sum())
-        floor = 0.5 / max(clean, 1)
-        chance = np.geomspace(floor, 1.0, 50)
-        ax.plot(chance, chance, ls=":", color="grey", lw=0.8, zorder=0)
-        ax.set_xscale("log")
-        ax.set_xlim(floor, 1.0)
-        ax.set_ylim(0.0, 1.02)
-        ax.grid(True, which="major", color="0.92", lw=0.6)
-        ax.set_xlabel("false-positive rate (log scale; left edge: below one clean sample)")
-        ax.set_ylabel("true-positive rate")
-        ax.set_title(f"{kind}: {int(pos.sum())} positives vs {clean} clean")
-        # Legend: the emphasised curves first (best AUROC first), the grey summary last.
-        handles, labels = ax.get_legend_handles_labels()
-        order = sorted(range(len(labels)), key=lambda j: (" other scores " in labels[j], -j))
-        ax.legend(
-            [handles[j] for j in order],
-            [labels[j] for j in order],
-            fontsize=7,
-            frameon=False,
-            loc="lower right",
-            title="score (AUROC)",
-            title_fontsize=7,
-        )
-    return _png(fig, path)
-
-
-def _fig_data_map(tracker: CSLTracker, samples: RunSamples | None, path: str) -> str:
-    import matplotlib.pyplot as plt
-
-    conf = _np(tracker.confidence)
-    var = _np(tracker.variability)
-    correct = tracker.eval_last_correct if tracker.eval_passes > 0 else tracker.last_correct
-    correct = correct.cpu().numpy().astype(bool)
-    ok = np.isfinite(conf) & np.isfinite(var)
-    fig, ax = plt.subplots(figsize=(7.6, 4.8))
-    for mask, colour, name in (
-        (ok & correct, "#55A868", "final model agrees with the label"),
-        (ok & ~correct, "#222222", "final model disagrees"),
-    ):
-        ax.scatter(
-            var[mask],
-            conf[mask],
-            s=7,
-            c=colour,
-            alpha=0.6,
-            lw=0,
-            label=f"{name} ({int(mask.sum())})",
-        )
-    for name, mask, colour in _groups(samples, len(conf))[1:]:
-        m = ok & mask
-        ax.scatter(
-            var[m],
-            conf[m],
-            s=30,
-            facecolors="none",
-            edgecolors=colour,
-            lw=1.0,
-            label=f"{name} (ringed)",
-        )
-    ax.set_xlabel("variability (std of p(label) over training)")
-    ax.set_ylabel("confidence (mean p(label) over training)")
-    ax.set_title("Data map")
-    ax.legend(
-        fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.5
-    )
-    ax.set_ylim(-0.02, 1.02)
-    return _png(fig, path)
-
-
-def _fig_loss_curves(
-    tracker: CSLTracker, samples: RunSamples | None, path: str, k: int = 8
-) -> tuple[str | None, str]:
-    import matplotlib.pyplot as plt
-
-    hist = tracker.loss_history if tracker.history else torch.empty(0)
-    source = "training loss"
-    if hist.numel() == 0 and tracker.history and tracker.eval_passes > 0:
-        hist, source = tracker.eval_loss_history, "eval-pass loss"
-    if hist.numel() == 0 or hist.shape[0] < 2:
-        return None, "needs a tracker created with history=True and at least two epochs"
-    h = hist.float().cpu().numpy()  # [E, N]
-    csl = _np(tracker.csl)
-    labels = samples.labels if samples is not None and samples.labels is not None else None
-    if labels is not None:
-        classes, counts = np.unique(labels, return_counts=True)
-        cls = int(classes[np.argmax(counts)])
-        members = np.flatnonzero((labels == cls) & np.isfinite(csl))
-        who = f"class {samples.class_name(cls)}"  # type: ignore[union-attr]
-    else:
-        members = np.flatnonzero(np.isfinite(csl))
-        who = "all samples (labels unknown)"
-    if members.size < 2:
-        return None, "too few samples with a CSL"
-    order = members[np.argsort(csl[members], kind="stable")]
-    k = max(1, min(k, order.size // 2))
-    easy, hard = order[:k], order[-k:]
-    epochs = np.arange(1, h.shape[0] + 1)
-    fig, ax = plt.subplots(figsize=(6.8, 4.2))
-    for i in easy:
-        ax.plot(epochs, h[:, i], color="#4C72B0", lw=0.8, alpha=0.45)
-    for i in hard:
-        ax.plot(epochs, h[:, i], color="#DD4444", lw=0.8, alpha=0.45)
-    ax.plot(
-        epochs,
-        np.nanmean(h[:, easy], 1),
-        color="#1F3F7A",
-        lw=2.2,
-        label=f"mean of the {k} lowest-CSL (easy)",
-    )
-    ax.plot(
-        epochs,
-        np.nanmean(h[:, hard], 1),
-        color="#9E1B1B",
-        lw=2.2,
-        label=f"mean of the {k} highest-CSL (hard)",
-    )
-    ax.plot(
-        epochs,
-        np.nanmean(h[:, members], 1),
-        color="black",
-        lw=1.6,
-        ls="--",
-        label=f"mean of {who} ({members.size})",
-    )
-    ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"per-sample {source}")
-    ax.set_title(f"Loss curves of easy and hard samples, {who}")
-    ax.legend(fontsize=7, frameon=False)
-    return _png(fig, path), f"{who}; {k} easiest and {k} hardest by CSL"
-
-
-def _fig_top_grid(
-    ranking: np.ndarray, samples: RunSamples, score: np.ndarray, path: str, k: int
-) -> str | None:
-    import matplotlib.pyplot as plt
-
-    if samples.images is None:
-        return None
-    top = ranking[:k]
-    cols = min(8, len(top))
-    rows = math.ceil(len(top) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.7 * rows), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for r, (ax, i) in enumerate(zip(axes.ravel(), top, strict=False)):
-        img = samples.images[i]
-        ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, interpolation="nearest")
-        given = samples.class_name(int(samples.labels[i])) if samples.labels is not None else "?"
-        pred = (
-            samples.class_name(int(samples.predicted[i])) if samples.predicted is not None else "?"
-        )
-        colour = "black"
-        if samples.mislabeled is not None and samples.mislabeled[i]:
-            colour = _MIS
-        elif samples.duplicate is not None and samples.duplicate[i]:
-            colour = _DUP
-        ax.set_title(f"#{r + 1} idx {int(i)}\ngiven {given}, pred {pred}", fontsize=7, color=colour)
-    fig.suptitle(
-        "Most suspicious samples by CSL"
-        + (" (red: mislabeled, amber: duplicate)" if samples.has_truth else ""),
-        fontsize=9,
-    )
-    return _png(fig, path)
 
 
 # --------------------------------------------------------------------------- report
