@@ -14,12 +14,12 @@ from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .clean import clean
+from .eval_pass import score_epoch
 from .input_grad import input_grad_norms
 from .linear_cross_entropy import linear_cross_entropy
 from .merge import merge
 from .record_loss import record_loss
 from .scores import SCORES, scores
-from .scoring import score_epoch
 from .stats import Stat
 from .tracker import CSLTracker, TrackerFileError, TrackerStateError
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .accumulate import accumulate
-from .scoring import score_epoch
+from .eval_pass import score_epoch
 from .tracker import CSLTracker
 
 __all__ = ["TrainResult", "mlp", "predict", "train"]

@@ -26,7 +26,7 @@ NEEDS_OPTIONAL = {
     "tests/test_detect.py": "pandas",
     "tests/test_clean.py": "pandas",
     "tests/test_scores.py": "pandas",
-    "tests/test_scoring.py": "tqdm",
+    "tests/test_eval_pass.py": "tqdm",
 }
 SELECTED = (
     "test_flipped_samples_are_forgotten or test_ranking_and_valley_rule_flags_upper_mode or "
