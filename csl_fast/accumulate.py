@@ -70,7 +70,8 @@ def accumulate(
     The recorded :math:`\ell_i` is the *plain* cross entropy: unweighted, unsmoothed,
     float32, detached. CSL measures how hard a sample is to fit, which class weights and
     label smoothing (training-objective choices) would distort. Rows whose loss is not
-    finite (NaN or inf logits) are not recorded, so one bad step cannot poison a
+    finite in the logits dtype (NaN or inf logits; with float16 logits, a loss of
+    65520 or more, which rounds to inf) are not recorded, so one bad step cannot poison a
     sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
     would. Duplicate indices in a batch add up.
 

@@ -25,12 +25,18 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def _finite_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Whether ``x`` (float32 or float64) is finite once rounded to ``dtype``."""
+    return torch.isfinite(x.to(dtype))
+
+
 def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Per-row training dynamics of plain (unweighted, unsmoothed) cross entropy.
 
     Returns float32 ``[NUM_STATS, B]`` indexed by :class:`csl_fast.stats.Stat`. Rows that
-    are ignored or whose loss is not finite are all zero (``VALID`` = 0) but for
-    ``OTHER_ARGMAX``, which is -1 there (as for every row when ``C == 1``).
+    are ignored or whose loss is not finite in the logits dtype (a float16 loss of 65520 or
+    more rounds to inf) are all zero (``VALID`` = 0) but for ``OTHER_ARGMAX``, which is -1
+    there (as for every row when ``C == 1``).
     """
     z = logits.to(_compute_dtype(logits))
     batch, num_classes = z.shape
@@ -60,7 +66,9 @@ def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     correct = (z.argmax(1) == y).to(z.dtype) if batch else z_y
     # Not recorded unless the loss F.cross_entropy returns (lse - z_y) is finite too: a
     # +inf target logit (or C = 1 with +-inf) makes it NaN while log1p(...) above gives 0.
-    valid = active & torch.isfinite(loss) & torch.isfinite(lse - z_y)
+    # Both in the logits dtype, that of the returned loss: float16 logits [-6e4, 6e4] give
+    # a float32 loss of 1.2e5 but an inf one.
+    valid = active & _finite_in(loss, logits.dtype) & _finite_in(lse - z_y, logits.dtype)
     stats = torch.zeros(NUM_STATS, batch, dtype=torch.float32, device=z.device)
     stats[Stat.LOSS] = loss.float()
     stats[Stat.P_TRUE] = torch.exp(-loss).float()
@@ -84,7 +92,7 @@ def soft_row_statistics(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     :math:`\lVert \partial H / \partial z \rVert^2 = \lVert (\sum_j q_j) p - q \rVert^2`;
     ``P_TRUE = exp(-LOSS)``. The label statistics (``MARGIN``, ``CORRECT``,
     ``OTHER_ARGMAX``) are those of the most probable target class ``argmax_j q_j``. Rows
-    whose loss is not finite are invalid, as in :func:`row_statistics`.
+    whose loss is not finite in the logits dtype are invalid, as in :func:`row_statistics`.
     """
     z = logits.to(_compute_dtype(logits))
     q = probs.to(z.dtype)
@@ -93,9 +101,9 @@ def soft_row_statistics(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     p = torch.exp(z - lse)
     gnorm = (q.sum(1, keepdim=True) * p - q).square().sum(1)
     label = q.argmax(1) if q.shape[0] else q.new_zeros(0, dtype=torch.long)
-    # Rows with a non-finite loss are passed as ignored (-1, which argmax never is), so
-    # they get row_statistics' own invalid pattern.
-    stats = row_statistics(logits, torch.where(torch.isfinite(loss), label, -1), -1)
+    # Rows whose loss is not finite in the logits dtype are passed as ignored (-1, which
+    # argmax never is), so they get row_statistics' own invalid pattern.
+    stats = row_statistics(logits, torch.where(_finite_in(loss, logits.dtype), label, -1), -1)
     valid = stats[Stat.VALID] > 0
     zero = torch.zeros((), dtype=torch.float32, device=stats.device)
     stats[Stat.LOSS] = torch.where(valid, loss.float(), zero)

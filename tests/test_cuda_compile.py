@@ -400,6 +400,36 @@ def test_emulated_cross_entropy_nonfinite_and_bad_rows(emu, classes):
     assert torch.isnan(ref_loss).all() and torch.equal(ref_stats, want[:, 1:3])
 
 
+# Rows (target logit, largest other logit) whose float32 loss is finite but rounds to inf in
+# the logits dtype (not recorded), and rows just below that bound (recorded).
+_LOSS_OVERFLOW = {
+    torch.float16: [(-6e4, 6e4, False), (-16.0, 65504.0, False), (-8.0, 65504.0, True)],
+    torch.bfloat16: [(-1e36, 3.3895e38, False), (-1e35, 3.3895e38, True)],
+}
+
+
+@pytest.mark.parametrize("classes", [7, 513, 9000])
+@pytest.mark.parametrize("dtype", list(_LOSS_OVERFLOW))
+def test_emulated_cross_entropy_loss_overflow(emu, classes, dtype):
+    """A row is recorded only if its loss is finite in the logits dtype (the returned loss)."""
+    cases = _LOSS_OVERFLOW[dtype]
+    logits = torch.randn(len(cases) + 1, classes)  # the last row is ordinary
+    for i, (z_y, z_max, _) in enumerate(cases):
+        logits[i] = 0.0
+        logits[i, 0], logits[i, 1] = z_y, z_max
+    logits = logits.to(dtype)
+    target = torch.zeros(len(cases) + 1, dtype=torch.long)
+    loss, _, stats, flag = _emu_cross_entropy(emu, logits, target, None, -100, 0.0, 0)
+    assert flag == 0
+    recorded = [ok for *_, ok in cases] + [True]
+    assert torch.isfinite(loss).tolist() == recorded
+    assert stats[Stat.VALID].tolist() == [float(ok) for ok in recorded]
+    _, _, ref_stats = reference.cross_entropy_fwd(logits, target, None, -100, 0.0, 0)
+    for k in (Stat.CORRECT, Stat.VALID, Stat.OTHER_ARGMAX):
+        assert torch.equal(stats[k], ref_stats[k]), Stat(k).name
+    torch.testing.assert_close(stats[Stat.LOSS], ref_stats[Stat.LOSS], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("cols", [1, 37, 5000, 40_000])
 @pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
 def test_emulated_input_grad_norms(emu, cols, dtype):

@@ -206,6 +206,15 @@ NON_FINITE = {
         [[7e4, 0, 0], [-7e4, 1, 0], [0, 7e4, 0], [1, 2, 3]],  # 7e4 overflows to inf
         [0, 0, 0, 2],
     ),
+    # Finite logits whose float32 loss rounds to inf in the logits dtype, the dtype of the
+    # returned loss: 1.2e5; exactly 65520, the float16 tie that rounds up to inf.
+    "float16 loss overflow": (
+        torch.float16,
+        [[-6e4, 6e4, 0], [-16, 65504, 0], [1, 2, 3]],
+        [0, 0, 2],
+    ),
+    # 3.3895e38 (the bfloat16 maximum) + 1e36: finite in float32, inf in bfloat16.
+    "bfloat16 loss overflow": (torch.bfloat16, [[-1e36, 3.3895e38, 0], [1, 2, 3]], [0, 2]),
 }
 
 
@@ -218,21 +227,52 @@ def test_no_backend_records_a_row_whose_loss_is_not_finite(case):
     n = len(rows)
     backends = _all_backends()
     assert "reference" in backends
-    for backend in backends:
+    last = torch.nn.functional.cross_entropy(logits[-1:].float(), target[-1:]).item()
+    fused = [b for b in backends if b != "reference"]  # inplace_grad needs a fused kernel
+    for backend, inplace in [(b, False) for b in backends] + [(b, True) for b in fused]:
         csl, count = torch.zeros(n), torch.zeros(n)
         loss = csl_fast.accumulate(
             logits.clone(), target, torch.arange(n), csl, count=count, reduction="none",
-            backend=backend,
+            backend=backend, inplace_grad=inplace,
         )  # fmt: skip
         finite = torch.isfinite(loss.float())
-        assert finite.tolist() == [False] * (n - 1) + [True], (backend, loss)
-        assert count.tolist() == finite.float().tolist(), (backend, count)
-        assert torch.isfinite(csl).all() and csl[:-1].eq(0).all(), (backend, csl)
+        assert finite.tolist() == [False] * (n - 1) + [True], (backend, inplace, loss)
+        assert count.tolist() == finite.float().tolist(), (backend, inplace, count)
+        assert torch.isfinite(csl).all() and csl[:-1].eq(0).all(), (backend, inplace, csl)
+        assert csl[-1].item() == pytest.approx(last, rel=1e-3, abs=1e-6), (backend, inplace, csl)
+        if inplace:
+            continue
         tracker = csl_fast.CSLTracker(n, logits.shape[1], backend=backend)
         csl_fast.accumulate(logits.clone(), target, torch.arange(n), tracker, backend=backend)
         assert tracker.csl_count.tolist() == finite.float().tolist(), backend
         assert tracker.last_correct[:-1].eq(False).all(), backend
         assert tracker.learned_epoch[:-1].eq(-1).all(), backend
+        assert tracker.csl_sum[:-1].eq(0).all(), backend
+        assert tracker.csl_sum[-1].item() == pytest.approx(last, rel=1e-3, abs=1e-6), backend
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize(
+    "dtype, rows, expected",
+    [
+        # 65512 rounds down to 65504 in float16 (the tie at 65520 rounds up to inf).
+        (torch.float16, [[-8, 65504, 0]], 65512.0),
+        # 3.3895e38 + 1e35 rounds down to the bfloat16 maximum.
+        (torch.bfloat16, [[-1e35, 3.3895e38, 0]], 3.3895e38 + 1e35),
+    ],
+)
+def test_a_loss_that_rounds_to_a_finite_value_is_recorded(dtype, rows, expected):
+    """The bound is the rounding of the returned loss, not the dtype's largest value."""
+    logits = torch.tensor(rows).to(dtype)
+    for backend in _all_backends():
+        csl, count = torch.zeros(1), torch.zeros(1)
+        loss = csl_fast.accumulate(
+            logits.clone(), torch.tensor([0]), torch.arange(1), csl, count=count,
+            reduction="none", backend=backend,
+        )  # fmt: skip
+        assert torch.isfinite(loss).all(), (backend, loss)
+        assert count.tolist() == [1.0], (backend, count)
+        assert csl.item() == pytest.approx(expected, rel=1e-5), (backend, csl)
 
 
 @pytest.mark.parametrize("bad", ["index", "target"])

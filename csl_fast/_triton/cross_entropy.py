@@ -23,8 +23,9 @@ their relative precision), ``p_y``, margin ``z_y - max_{j != y} z_j`` (0 when ``
 correct (``argmax`` with first-index tie-break ``== y``, i.e. ``z_y > max_{j<y}`` and
 ``z_y >= max_{j>y}``), the logit-gradient norm ``sum_{j != y} p_j^2 + (sum_{j != y} p_j)^2``
 from online-softmax accumulators over ``j != y``, valid, and the runner-up class (the first
-``j != y`` at ``max_{j != y} z_j``). Rows that are ignored or whose loss is not finite get
-all-zero statistics but for a runner-up of -1 (as every row when ``C == 1``).
+``j != y`` at ``max_{j != y} z_j``). Rows that are ignored or whose loss is not finite in
+the logits dtype (a float16 row whose float32 loss is 65520 or more included) get all-zero
+statistics but for a runner-up of -1 (as every row when ``C == 1``).
 
 Everything is computed in float32 whatever the logits dtype (float16, bfloat16, float32);
 float64 logits are rejected (the C++ kernels and the reference handle them). Row offsets
@@ -235,7 +236,10 @@ def _ce_fwd_kernel(
     objective = tl.where(active, objective, tl.where(bad, float("nan"), 0.0))
     tl.store(loss_ptr + rows, objective, mask=row_mask)
 
-    valid = active & (loss < float("inf"))  # loss >= 0 or NaN
+    # Recorded only if the loss is finite in the logits dtype, the dtype of the returned
+    # per-row loss: float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf one.
+    loss_out = _to_out(loss, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE).to(tl.float32)
+    valid = active & (loss_out < float("inf"))  # loss >= 0 or NaN
     gnorm = q_o * (inv_s * inv_s) + other_p * other_p
     margin = tl.where(C > 1, z_y - tl.maximum(m_lt, m_gt), 0.0)
     correct = tl.where((z_y > m_lt) & (z_y >= m_gt), 1.0, 0.0)

@@ -19,7 +19,8 @@
 // Non-finite logits: m is replaced by 0 when it is +-inf (as torch.logsumexp does), so a
 // row with a +inf logit gets lse = +inf and a row of -inf gets lse = -inf; such rows have
 // a non-finite loss and are recorded as invalid (all statistics 0, runner-up -1). NaN
-// logits propagate to the loss through the exponential sums.
+// logits propagate to the loss through the exponential sums. So are rows whose loss is
+// finite in float32 but rounds to inf in the logits dtype (float16 from 65520 up).
 #include <type_traits>
 
 #include "../stats.h"
@@ -194,7 +195,9 @@ __device__ __forceinline__ void write_row_results(const CeArgs<T>& a, int64_t ro
   A obj = k.one_m_eps * w_y * r.loss;
   if (a.eps > A(0)) obj += k.c * smooth;
   a.objective[row] = obj;
-  const bool valid = is_finite(r.loss);
+  // Recorded only if the loss is finite in the logits dtype T, the dtype of the returned
+  // per-row loss: float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf one.
+  const bool valid = is_finite(to_acc(Store<T>::from(r.loss)));
   float* st = a.stats + row;
   const int64_t n = a.rows;
   st[kLoss * n] = valid ? static_cast<float>(r.loss) : 0.0f;
