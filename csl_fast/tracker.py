@@ -35,7 +35,6 @@ is read on the host). The CSL sum and count themselves are written by the fused
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +43,16 @@ import torch
 
 from . import _ext, ops, reference, tracker_file
 from .stats import Stat
+from .tracker_buffers import (
+    _EVAL_BUFFERS,
+    _HISTORIES,
+    _HISTORY_BUFFERS,
+    _INPUT_GRAD_BUFFERS,
+    _INPUT_GRAD_STEP,
+    _MINUS_ONE,
+    _STEP_STATE,
+    _TRAIN_BUFFERS,
+)
 from .tracker_file import (  # re-exported: csl_fast and its users import them from here
     FORMAT_VERSION,
     TrackerFileError,
@@ -51,6 +60,7 @@ from .tracker_file import (  # re-exported: csl_fast and its users import them f
     TrackerStateError,
     UnverifiedTrackerFileWarning,
 )
+from .tracker_statistics import TrackerStatistics, _mean_or_nan
 
 __all__ = [
     "FORMAT_VERSION",
@@ -62,60 +72,7 @@ __all__ = [
 ]
 
 
-# Buffer name -> kind. "float" buffers use the tracker's dtype.
-_TRAIN_BUFFERS = {
-    "csl_sum": "float",
-    "csl_count": "float",
-    "last_loss": "float",
-    "last_max_prob": "float",
-    "grad_norm_sum": "float",
-    "margin_sum": "float",
-    "p_true_sum": "float",
-    "p_true_sq_sum": "float",
-    "last_correct": "bool",
-    "forgetting": "int",
-    "learned_epoch": "int",
-    "suggest_label": "int",
-    "suggest_votes": "int",
-    "suggest_hits": "int",
-}
-_INPUT_GRAD_BUFFERS = {
-    "input_grad_sq_sum": "float",
-    "input_grad_norm_sum": "float",
-    "input_grad_count": "float",
-    "epoch_input_grad_sq_sum": "float",
-    "epoch_input_grad_count": "float",
-}
-_EVAL_BUFFERS = {
-    "eval_csl_sum": "float",
-    "eval_count": "float",
-    "eval_last_loss": "float",
-    "eval_last_max_prob": "float",
-    "eval_last_correct": "bool",
-}
-_HISTORY_BUFFERS = {
-    "epoch_loss_sum": "float",
-    "epoch_count": "float",
-    "eval_pass_loss_sum": "float",
-    "eval_pass_count": "float",
-}
-_HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
-# What record_input_grad updates, in its schema's order (csrc/csl_fast.cpp).
-_INPUT_GRAD_STEP = (
-    "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count", "epoch_input_grad_sq_sum",
-    "epoch_input_grad_count",
-)  # fmt: skip
-# What record_last updates in a training step, in its schema's order (csrc/csl_fast.cpp).
-_STEP_STATE = (
-    "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
-    "grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum",
-    "suggest_label", "suggest_votes", "suggest_hits",
-)  # fmt: skip
-# Buffers that start at -1 ("none yet"); every other buffer starts at 0.
-_MINUS_ONE = ("learned_epoch", "suggest_label")
-
-
-class CSLTracker:
+class CSLTracker(TrackerStatistics):
     r"""Dataset-sized buffers of per-sample training dynamics, updated without host syncs.
 
     Args:
@@ -562,151 +519,6 @@ class CSLTracker:
             self.eval_pass_count.zero_()
         self.eval_passes += 1
 
-    # ---------------------------------------------------------- statistics
-    @property
-    def csl(self) -> torch.Tensor:
-        """In-training CSL (``csl_sum``)."""
-        return self.csl_sum
-
-    @property
-    def csl_mean(self) -> torch.Tensor:
-        """Mean in-training loss per presentation (NaN: never presented)."""
-        return _mean_or_nan(self.csl_sum, self.csl_count)
-
-    @property
-    def eval_csl(self) -> torch.Tensor:
-        """Eval-pass CSL (``eval_csl_sum``): the authors' released code's CSL."""
-        return self.eval_csl_sum
-
-    @property
-    def eval_csl_mean(self) -> torch.Tensor:
-        """Mean eval-pass loss (NaN: never scored)."""
-        return _mean_or_nan(self.eval_csl_sum, self.eval_count)
-
-    @property
-    def aum(self) -> torch.Tensor:
-        """Area under the margin: mean over presentations of
-        :math:`z_y - \\max_{j\\ne y} z_j` (NaN: never presented)."""
-        return _mean_or_nan(self.margin_sum, self.csl_count)
-
-    @property
-    def confidence(self) -> torch.Tensor:
-        """Data-map confidence: mean of :math:`p_y` over presentations."""
-        return _mean_or_nan(self.p_true_sum, self.csl_count)
-
-    @property
-    def variability(self) -> torch.Tensor:
-        """Data-map variability: population std of :math:`p_y` over presentations."""
-        mean = self.confidence
-        var = _mean_or_nan(self.p_true_sq_sum, self.csl_count) - mean * mean
-        return var.clamp(min=0).sqrt()
-
-    @property
-    def logit_grad_norm_mean(self) -> torch.Tensor:
-        """Mean :math:`\\|\\partial\\ell_i/\\partial z_i\\|^2` over presentations."""
-        return _mean_or_nan(self.grad_norm_sum, self.csl_count)
-
-    @property
-    def input_grad_sq_mean(self) -> torch.Tensor:
-        """Mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|^2` over input-gradient records."""
-        return _mean_or_nan(self.input_grad_sq_sum, self.input_grad_count)
-
-    @property
-    def loss_sensitivity(self) -> torch.Tensor:
-        """Loss sensitivity (Arpit et al.): mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|`."""
-        return _mean_or_nan(self.input_grad_norm_sum, self.input_grad_count)
-
-    @property
-    def ever_correct(self) -> torch.Tensor:
-        """bool: classified correctly at some presentation (a sample that was correct and is
-        not now has at least one forgetting event)."""
-        return self.last_correct | (self.forgetting > 0)
-
-    def suggestions(self) -> tuple[torch.Tensor, torch.Tensor]:
-        r"""Suggested labels: the class each sample should probably have, with a confidence.
-
-        Returns ``(label, confidence)``, both ``[N]`` on the tracker's device: ``label``
-        int64, the suggested class, -1 where there is none (never presented, one class, or
-        recorded only as sequences); ``confidence`` of the tracker's dtype, in ``[0, 1]``,
-        NaN where there is no suggestion.
-
-        The suggestion is the class the network predicted most often *when it disagreed
-        with the given label* :math:`y`: the majority, found by a Boyer-Moore vote in
-        presentation order (12 bytes per sample: ``suggest_label``, ``suggest_votes``,
-        ``suggest_hits``, int32), of :math:`\arg\max_j z_{t,j}` over the presentations
-        :math:`t` at which that argmax is not :math:`y` (there it is the runner-up
-        ``Stat.OTHER_ARGMAX``). A flipped sample is misclassified as its true class until
-        the network memorises the wrong label; from then on its prediction is the given
-        label, which is why the last prediction is the wrong answer to reuse, and those
-        presentations do not vote. A sample never misclassified has no suggestion.
-        ``confidence`` is ``suggest_hits / csl_count``: the fraction of *all* the sample's
-        presentations at which the network predicted the suggested class (since it became
-        the candidate: exact when the candidate never changed). So it is low for a sample
-        the network rarely disagreed with (a clean sample flagged by mistake) and high for
-        one it predicted as another class for much of training. A class predicted at more
-        than half of the disagreeing presentations is always the suggestion (the vote's
-        guarantee), so at ``confidence > 0.5`` the suggestion is that strict majority;
-        below it the vote names a frequent predicted class, not necessarily the most
-        frequent one. No host synchronisation.
-        """
-        b = self._buffers
-        label = b["suggest_label"].long()
-        has = label >= 0
-        conf = b["suggest_hits"].to(self.dtype) / b["csl_count"].clamp(min=1)
-        return label, torch.where(has, conf, torch.full_like(conf, math.nan))
-
-    def threshold_learning_time(self) -> torch.Tensor:
-        """float ``[N]``: the epoch in which the final correct streak began
-        (``learned_epoch``); ``epoch + 1`` (later than any epoch a streak can have begun
-        in, the open one included) for samples not correct at their last presentation or
-        never presented. Larger means harder (no sign flip)."""
-        le = self.learned_epoch
-        return torch.where(le >= 0, le, torch.full_like(le, self.epoch + 1)).to(self.dtype)
-
-    def learning_time(self, form: str = "code", tau: float | None = None) -> torch.Tensor:
-        r"""Learning time from the per-epoch input-gradient norms (:attr:`input_grad_history`).
-
-        Let :math:`g_{e,i}` be the mean of :math:`\|\partial\ell_i/\partial x_i\|^2` over
-        epoch :math:`e`'s records of sample :math:`i`.
-
-        - ``form="code"`` (default; the authors' released code): the running mean over
-          epochs :math:`r_{e,i} = \operatorname{mean}_{e' \le e} g_{e',i}` (over the epochs
-          with a record), :math:`\tau` = the global mean of :math:`r` over all samples and
-          epochs (unless ``tau`` is given), and the score
-          :math:`1 - |\{e : r_{e,i} < \tau\}| / |\{e : r_{e,i}\ \text{defined}\}|` in
-          ``[0, 1]``. NaN for samples without any record.
-        - ``form="paper"`` (Thm 5.3): :math:`T_i = \min\{e : g_{e,i} \le \tau\}` with a user
-          ``tau`` (required), as an absolute epoch number; :attr:`epoch` (one past the last
-          closed epoch) when the condition never held.
-
-        Only closed epochs count (call :meth:`end_epoch` first). Larger means harder.
-        """
-        hist = self.input_grad_history.to(torch.float64)
-        if form == "paper":
-            if tau is None:
-                raise ValueError("CSLTracker.learning_time(form='paper') needs a threshold tau")
-            epochs = hist.shape[0]
-            below = hist <= tau  # NaN compares False
-            stamp = torch.arange(epochs, device=self.device, dtype=torch.float64)[:, None]
-            stamp = stamp + self.input_grad_first_epoch
-            never = torch.full_like(hist[:1], float(self.epoch))
-            cand = torch.where(below, stamp.expand_as(hist), float("inf"))
-            first = torch.cat([cand, never]).amin(0)
-            return first.to(self.dtype)
-        if form != "code":
-            raise ValueError(
-                f"CSLTracker.learning_time: form must be 'code' or 'paper', got {form!r}"
-            )
-        seen = ~torch.isnan(hist)
-        total = torch.where(seen, hist, 0).cumsum(0)
-        count = seen.to(torch.float64).cumsum(0)
-        running = torch.where(count > 0, total / count.clamp(min=1), float("nan"))
-        defined = count > 0
-        if tau is None:
-            tau = running[defined].mean() if hist.numel() else float("nan")
-        frac_below = ((running < tau) & defined).sum(0) / defined.sum(0)
-        return (1.0 - frac_below).to(self.dtype)
-
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """A versioned snapshot: metadata, counters, buffers (live tensors) and histories.
@@ -785,7 +597,3 @@ def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
     ok = (idx >= 0) & (idx < buf.shape[0])
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
     buf.index_put_((torch.where(ok, idx, 0),), torch.where(ok, values, zero), accumulate=True)
-
-
-def _mean_or_nan(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))

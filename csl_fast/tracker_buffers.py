@@ -1,0 +1,55 @@
+"""The buffer table of :class:`csl_fast.CSLTracker`: every per-sample buffer by name and
+kind, and the groups the recording ops update, in their schemas' order.
+"""
+
+# Buffer name -> kind. "float" buffers use the tracker's dtype.
+_TRAIN_BUFFERS = {
+    "csl_sum": "float",
+    "csl_count": "float",
+    "last_loss": "float",
+    "last_max_prob": "float",
+    "grad_norm_sum": "float",
+    "margin_sum": "float",
+    "p_true_sum": "float",
+    "p_true_sq_sum": "float",
+    "last_correct": "bool",
+    "forgetting": "int",
+    "learned_epoch": "int",
+    "suggest_label": "int",
+    "suggest_votes": "int",
+    "suggest_hits": "int",
+}
+_INPUT_GRAD_BUFFERS = {
+    "input_grad_sq_sum": "float",
+    "input_grad_norm_sum": "float",
+    "input_grad_count": "float",
+    "epoch_input_grad_sq_sum": "float",
+    "epoch_input_grad_count": "float",
+}
+_EVAL_BUFFERS = {
+    "eval_csl_sum": "float",
+    "eval_count": "float",
+    "eval_last_loss": "float",
+    "eval_last_max_prob": "float",
+    "eval_last_correct": "bool",
+}
+_HISTORY_BUFFERS = {
+    "epoch_loss_sum": "float",
+    "epoch_count": "float",
+    "eval_pass_loss_sum": "float",
+    "eval_pass_count": "float",
+}
+_HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
+# What record_input_grad updates, in its schema's order (csrc/csl_fast.cpp).
+_INPUT_GRAD_STEP = (
+    "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count", "epoch_input_grad_sq_sum",
+    "epoch_input_grad_count",
+)  # fmt: skip
+# What record_last updates in a training step, in its schema's order (csrc/csl_fast.cpp).
+_STEP_STATE = (
+    "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
+    "grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum",
+    "suggest_label", "suggest_votes", "suggest_hits",
+)  # fmt: skip
+# Buffers that start at -1 ("none yet"); every other buffer starts at 0.
+_MINUS_ONE = ("learned_epoch", "suggest_label")
