@@ -1,0 +1,215 @@
+"""The argument checks of :func:`csl_fast.accumulate` (and of
+:func:`csl_fast.linear_cross_entropy`, which shares them): every input's shape, dtype,
+device and range, checked before any kernel runs so that a wrong call is a one-line error
+naming the argument and the fix, never a silent wrong answer or a device fault.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .reference import REDUCTIONS
+
+if TYPE_CHECKING:
+    from .accumulate import Recorder
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two contiguous buffers share memory (the same tensor, or views of one)."""
+    # On every step with a count buffer: the cheap address test first.
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.device == b.device
+
+
+def _buffers(
+    csl: torch.Tensor | Recorder,
+    count: torch.Tensor | None,
+    seq: tuple[int, int] | None = None,
+    soft: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(csl, torch.Tensor):
+        return csl, count
+    if soft:
+        raise TypeError(
+            "csl_fast.accumulate: class-probability targets are recorded into csl (and count) "
+            "tensors only: a tracker's other statistics (correctness, margin, forgetting) need "
+            "one class per sample. Pass csl=tracker.csl_sum, count=tracker.csl_count to record "
+            "CSL into the tracker, or class-index targets"
+        )
+    # hasattr, not isinstance(csl, Recorder): a runtime Protocol check costs ~30 us a call.
+    if not (hasattr(csl, "training_buffers") and hasattr(csl, "record")):
+        raise TypeError(
+            "csl_fast.accumulate: csl must be a float32/float64 tensor of one entry per "
+            f"dataset sample or a csl_fast.CSLTracker, got {type(csl).__name__}"
+        )
+    if seq is not None and not callable(getattr(csl, "record_sequences", None)):
+        raise TypeError(
+            f"csl_fast.accumulate: sequence batches need a tracker with record_sequences(index, "
+            f"token_stats); {type(csl).__name__} has none (use csl_fast.CSLTracker or a tensor)"
+        )
+    if count is not None:
+        raise ValueError(
+            "csl_fast.accumulate: count= is for plain csl tensors; a tracker keeps its own counts"
+        )
+    return csl.training_buffers()
+
+
+def _check_args(
+    logits, target, index, buffers, weight, label_smoothing, reduction, seq=None, soft=False
+) -> None:
+    """Checks of a call read as rows (:mod:`csl_fast.cross_entropy_args`): ``logits``
+    ``[R, C]``, ``target`` ``[R]`` class indices (``[R, C]`` probabilities when ``soft``)."""
+    # Runs on every training step: each tensor attribute is read once (a device or dtype
+    # read builds a Python object), and the error messages are only formatted on failure.
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"csl_fast.accumulate: logits must be a tensor of F.cross_entropy's layouts ([C], "
+            f"[B, C] or [N, C, d1, ..., dk]) or [B*T, V] sequences with a [B, T] target, got "
+            f"{shape}"
+        )
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise TypeError(
+            f"csl_fast.accumulate: logits must be float32, float16, bfloat16 or float64, got "
+            f"{logits.dtype}"
+        )
+    device = logits.device
+    batch = logits.shape[0]
+    if soft:
+        _check_device("target", target, device)
+    else:
+        _check_indices("target", target, batch, device)
+    if seq is None:
+        _check_indices("index", index, batch, device)
+    else:
+        _check_indices("index", index, seq[0], device, seq)
+    csl, count = buffers
+    _check_buffer("csl", csl, _CSL_DTYPES, device)
+    if count is not None:
+        _check_buffer("count", count, _COUNT_DTYPES, device)
+        if count.numel() != csl.numel():
+            raise ValueError(
+                f"csl_fast.accumulate: count has {count.numel()} entries but csl has "
+                f"{csl.numel()}; both need one entry per dataset sample"
+            )
+        if not torch.compiler.is_compiling() and _overlap(csl, count):
+            raise ValueError(
+                "csl_fast.accumulate: csl and count share memory (the same tensor, or views of "
+                "one), so losses and counts would be added into the same entries; allocate "
+                "them separately"
+            )
+    if weight is not None:
+        if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
+            raise ValueError(
+                f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class "
+                f"weights, got shape {tuple(weight.shape)}"
+            )
+        _check_device("weight", weight, device)
+        if weight.requires_grad and not soft and torch.is_grad_enabled():
+            raise ValueError(
+                "csl_fast.accumulate: weight requires grad, but cross entropy with class-index "
+                "targets has no gradient for its class weights (F.cross_entropy refuses it "
+                "too); pass weight.detach()"
+            )
+    if reduction not in REDUCTIONS:
+        raise ValueError(
+            f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(
+            f"csl_fast.accumulate: label_smoothing must be in [0, 1], got {label_smoothing}"
+        )
+
+
+_CSL_DTYPES = (torch.float32, torch.float64)
+_COUNT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(
+            f"csl_fast.accumulate: {name} is on {t.device} but logits are on {device}; move it "
+            "with .to(logits.device)"
+        )
+
+
+def _check_indices(
+    name: str, t: object, rows: int, device: torch.device, seq: tuple[int, int] | None = None
+) -> None:
+    """``target`` or ``index``: a 1-D int64/int32 tensor of ``rows`` entries on ``device``
+    (``seq``: the index of a [B, T] batch of sequences, one entry per sequence)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _INDEX_DTYPES:
+        hint = (
+            "; class probabilities need the logits' shape"
+            if name == "target" and t.is_floating_point()
+            else ""
+        )
+        raise TypeError(
+            f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}{hint}"
+        )
+    if t.dim() != 1 or t.shape[0] != rows:
+        if seq is not None:
+            raise ValueError(
+                f"csl_fast.accumulate: index must be 1-D with B = {rows} entries, one dataset "
+                f"index per sequence of the [B, T] = {seq} target, got shape {tuple(t.shape)}"
+            )
+        raise ValueError(
+            f"csl_fast.accumulate: {name} must be 1-D with B = {rows} entries to match logits "
+            f"of {rows} rows, got shape {tuple(t.shape)}"
+        )
+    _check_device(name, t, device)
+
+
+def _check_buffer(
+    name: str, buf: object, dtypes: tuple[torch.dtype, ...], device: torch.device
+) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
+        got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
+        raise TypeError(
+            f"csl_fast.accumulate: {name} must be a tensor of dtype "
+            f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
+            "torch.zeros(num_samples, device=logits.device)"
+        )
+    if buf.requires_grad:
+        raise ValueError(
+            f"csl_fast.accumulate: {name} requires grad, but it is a buffer written in place "
+            "with no gradient; allocate it with torch.zeros(num_samples) (requires_grad=False) "
+            "or pass it detached"
+        )
+    if buf.dim() != 1 or not buf.is_contiguous():
+        raise ValueError(
+            f"csl_fast.accumulate: {name} must be a contiguous 1-D tensor with one entry per "
+            f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+        )
+    _check_device(name, buf, device)
+
+
+def _check_values(
+    target: torch.Tensor, index: torch.Tensor, num_classes: int, num_samples: int, ignore_index: int
+) -> None:
+    """Range checks of targets and indices (reads them on the host)."""
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.accumulate: target[{i}] = {int(target[i])} is outside [0, C = "
+            f"{num_classes}) and is not ignore_index ({ignore_index}); fix the labels or pass "
+            "the right ignore_index"
+        )
+    bad = (index < 0) | (index >= num_samples)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.accumulate: index[{i}] = {int(index[i])} is outside [0, N = "
+            f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
+            "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
+        )
