@@ -52,6 +52,8 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
+import mnist1d_data  # noqa: E402
+
 import csl_fast  # noqa: E402
 from csl_fast import corrupt, detect, flagging  # noqa: E402
 from csl_fast.baselines import confident_learning  # noqa: E402
@@ -84,18 +86,8 @@ def load(regime: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.tensor(d.data, dtype=torch.float32)
         y = torch.tensor(d.target, dtype=torch.long)
         return (x - x.mean(0)) / (x.std(0) + 1e-3), y
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as exc:
-        raise SystemExit("the mnist1d regimes need `pip install mnist1d`") from exc
-    args = get_dataset_args()
-    args.seed = 42  # the package default; generated locally, no download
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        d = make_dataset(args)
-    x = torch.tensor(d["x"], dtype=torch.float32)
-    y = torch.tensor(d["y"], dtype=torch.long)
-    return (x - x.mean()) / x.std(), y
+    x, y, _, _ = mnist1d_data.load()
+    return x, y
 
 
 def corrupt_labels(regime: str, y: torch.Tensor, noise: float, seed: int):
@@ -104,28 +96,6 @@ def corrupt_labels(regime: str, y: torch.Tensor, noise: float, seed: int):
     if regime.endswith("-pair"):
         noisy = torch.where(flipped, (y + 1) % 10, y)
     return noisy, flipped
-
-
-class _Conv1d(nn.Module):
-    """A small 1-D conv net for MNIST-1D (no BatchNorm: samples stay independent)."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(1, width, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(width * 10, 128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.unsqueeze(1))
 
 
 def factory(regime: str):
@@ -138,7 +108,7 @@ def factory(regime: str):
         def make(s: int) -> nn.Module:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
-                return _Conv1d()
+                return mnist1d_data.Conv1dNet()
 
         return make, {"epochs": 50, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
     if regime == "mnist1d-mlp-pair":

@@ -40,7 +40,6 @@ import platform
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -49,33 +48,13 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import mnist1d_data  # noqa: E402
+
 import csl_fast  # noqa: E402
 from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
 from csl_fast.train import mlp, predict, train  # noqa: E402
 
 REGIMES = ("demo", "mnist1d-cnn")
-
-
-class _Conv1d(nn.Module):
-    """A small 1-D conv net for MNIST-1D (no BatchNorm: samples stay independent)."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(1, width, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(width * 10, 128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.unsqueeze(1))
 
 
 def _setup(regime: str, noise: float, seed: int):
@@ -98,24 +77,13 @@ def _setup(regime: str, noise: float, seed: int):
             kw,
         )
     if regime == "mnist1d-cnn":
-        try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError as exc:
-            raise SystemExit("the mnist1d regime needs `pip install mnist1d`") from exc
-        args = get_dataset_args()
-        args.seed = 42  # the package default; generated locally
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            d = make_dataset(args)
-        x = torch.tensor(d["x"], dtype=torch.float32)
-        x = (x - x.mean()) / x.std()
-        y = torch.tensor(d["y"], dtype=torch.long)
+        x, y, _, _ = mnist1d_data.load()
         noisy, flipped = csl_fast.corrupt.flip_labels(y, noise, num_classes=10, seed=seed)
 
         def make(s: int) -> nn.Module:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(s)
-                return _Conv1d()
+                return mnist1d_data.Conv1dNet()
 
         kw = {"epochs": 50, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
         return x, noisy, y, flipped, make, kw

@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -75,6 +76,9 @@ from csl_fast import corrupt, detect
 from csl_fast.baselines import confident_learning
 from csl_fast.clean import evaluate_plan
 from csl_fast.train import mlp, predict, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: MNIST-1D
+import mnist1d_data
 
 REGIMES = ("digits", "mnist1d")
 PARTIAL = RESULTS / "cleaning.partial.json"
@@ -105,45 +109,8 @@ def load(regime: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.T
         x = (x - mean) / std
         return x[tr], y[tr], x[te], y[te]
     if regime == "mnist1d":
-        try:
-            from mnist1d.data import get_dataset_args, make_dataset
-        except ImportError as exc:
-            raise SystemExit("the mnist1d regime needs `pip install mnist1d`") from exc
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            d = make_dataset(get_dataset_args())  # generated locally (seed 42), no download
-        x = torch.tensor(d["x"], dtype=torch.float32)
-        xt = torch.tensor(d["x_test"], dtype=torch.float32)
-        mean, std = x.mean(), x.std()
-        return (
-            (x - mean) / std,
-            torch.tensor(d["y"], dtype=torch.long),
-            (xt - mean) / std,
-            torch.tensor(d["y_test"], dtype=torch.long),
-        )
+        return mnist1d_data.load()
     raise SystemExit(f"unknown regime {regime!r}; known: {REGIMES}")
-
-
-class Conv1dNet(nn.Module):
-    """A small 1-D conv net for MNIST-1D ``[B, 40]`` inputs (no BatchNorm)."""
-
-    def __init__(self, width: int = 32, num_classes: int = 10) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv1d(1, width, 5, padding=2),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv1d(width, width, 3, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-            nn.Linear(width * 10, 128),
-            nn.ReLU(),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.unsqueeze(1))
 
 
 def factory(regime: str, epochs: int | None):
@@ -160,7 +127,7 @@ def factory(regime: str, epochs: int | None):
         def make(seed: int) -> nn.Module:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                return Conv1dNet()
+                return mnist1d_data.Conv1dNet()
 
     if epochs is not None:
         kw["epochs"] = epochs
