@@ -112,6 +112,25 @@ inline void check_state_buffer(const char* op, const at::Tensor& t, const char* 
                     name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
 }
 
+// record_vote: stats [kNumStats, B] float32, index [B], and the three int32 [N] vote
+// buffers; returns B.
+inline int64_t check_vote_args(const at::Tensor& stats, const at::Tensor& index,
+                               const at::Tensor& label, const at::Tensor& votes,
+                               const at::Tensor& hits) {
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
+                    stats.sizes());
+  const int64_t B = stats.size(1);
+  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+                    "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  const int64_t n = label.numel();
+  check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
+  check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);
+  check_state_buffer("record_vote", hits, "suggest_hits", at::kInt, n);
+  return B;
+}
+
 // record_last, record_input_grad: every index in [0, n), checked before anything is written.
 inline void check_index_range(const char* op, const int64_t* index, int64_t B, int64_t n) {
   for (int64_t i = 0; i < B; ++i) {

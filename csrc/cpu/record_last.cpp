@@ -159,17 +159,8 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
 
 void record_vote(const at::Tensor& stats, const at::Tensor& index, at::Tensor& label,
                  at::Tensor& votes, at::Tensor& hits) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
-                        stats.scalar_type() == at::kFloat,
-                    "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
-                    stats.sizes());
-  const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
-                    "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  const int64_t B = check_vote_args(stats, index, label, votes, hits);
   const int64_t n = label.numel();
-  check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
-  check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);
-  check_state_buffer("record_vote", hits, "suggest_hits", at::kInt, n);
   const at::Tensor st = stats.contiguous();
   const at::Tensor idx = index.to(at::kLong).contiguous();
   check_index_range("record_vote", idx.const_data_ptr<int64_t>(), B, n);

@@ -242,17 +242,8 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
 // each run of equal indices is walked in batch order (kernels.h: VoteParams).
 void record_vote_cuda(const at::Tensor& stats, const at::Tensor& index, at::Tensor& label,
                       at::Tensor& votes, at::Tensor& hits) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
-                        stats.scalar_type() == at::kFloat,
-                    "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
-                    stats.sizes());
-  const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
-                    "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  const int64_t B = check_vote_args(stats, index, label, votes, hits);
   const int64_t n = label.numel();
-  check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
-  check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);
-  check_state_buffer("record_vote", hits, "suggest_hits", at::kInt, n);
   check_same_device(index, "index", stats, "stats");
   check_same_device(label, "suggest_label", stats, "stats");
   check_same_device(votes, "suggest_votes", stats, "stats");
