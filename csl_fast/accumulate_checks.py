@@ -26,6 +26,22 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.device == b.device
 
 
+def check_count_fits(op: str, csl: torch.Tensor, count: torch.Tensor) -> None:
+    """``count`` has one entry per sample of ``csl`` and shares no memory with it (the
+    entry points that take a CSL buffer and a count buffer: accumulate, record_loss)."""
+    if count.numel() != csl.numel():
+        raise ValueError(
+            f"csl_fast.{op}: count has {count.numel()} entries but csl has "
+            f"{csl.numel()}; both need one entry per dataset sample"
+        )
+    if not torch.compiler.is_compiling() and _overlap(csl, count):
+        raise ValueError(
+            f"csl_fast.{op}: csl and count share memory (the same tensor, or views of "
+            "one), so losses and counts would be added into the same entries; allocate "
+            "them separately"
+        )
+
+
 def _buffers(
     csl: torch.Tensor | Recorder,
     count: torch.Tensor | None,
@@ -92,17 +108,7 @@ def _check_args(
     _check_buffer("csl", csl, _CSL_DTYPES, device)
     if count is not None:
         _check_buffer("count", count, _COUNT_DTYPES, device)
-        if count.numel() != csl.numel():
-            raise ValueError(
-                f"csl_fast.accumulate: count has {count.numel()} entries but csl has "
-                f"{csl.numel()}; both need one entry per dataset sample"
-            )
-        if not torch.compiler.is_compiling() and _overlap(csl, count):
-            raise ValueError(
-                "csl_fast.accumulate: csl and count share memory (the same tensor, or views of "
-                "one), so losses and counts would be added into the same entries; allocate "
-                "them separately"
-            )
+        check_count_fits("accumulate", csl, count)
     if weight is not None:
         if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
             raise ValueError(

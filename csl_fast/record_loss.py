@@ -19,7 +19,8 @@ import torch
 
 from . import ops
 from ._ext import resolve_backend
-from .accumulate import _buffer_lock, _overlap
+from .accumulate import _buffer_lock
+from .accumulate_checks import check_count_fits
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker, _scatter_add
 
@@ -254,16 +255,7 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
     _check_buffer("csl", csl, (torch.float32, torch.float64))
     if count is not None:
         _check_buffer("count", count, (torch.float32, torch.float64, torch.int64, torch.int32))
-        if count.numel() != csl.numel():
-            raise ValueError(
-                f"csl_fast.record_loss: count has {count.numel()} entries but csl has "
-                f"{csl.numel()}; both need one entry per dataset sample"
-            )
-        if not torch.compiler.is_compiling() and _overlap(csl, count):
-            raise ValueError(
-                "csl_fast.record_loss: csl and count share memory, so losses and counts would "
-                "be added into the same entries; allocate them separately"
-            )
+        check_count_fits("record_loss", csl, count)
 
 
 def _check_buffer(name: str, buf: object, dtypes: tuple[torch.dtype, ...]) -> None:
