@@ -36,10 +36,7 @@ Writes ``benchmarks/results/flagging.json`` and ``.md`` (date, machine, commit).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -53,6 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
 import mnist1d_data  # noqa: E402
+from run_meta import run_meta  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import corrupt, detect, flagging  # noqa: E402
@@ -345,27 +343,6 @@ def markdown_saved(rows: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- report
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def markdown(runs: list[dict], meta: dict) -> str:
@@ -458,11 +435,7 @@ def main() -> None:
                     f" F1 {_f(row['cleanlab']['f1'])}",
                     flush=True,
                 )
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
-        "machine": _machine(),
-    }
+    meta = run_meta()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     saved = [evaluate_saved(Path(f)) for f in args.saved]

@@ -16,7 +16,6 @@ memory is the peak resident-set growth of the call, per sample.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -30,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from flagging import _commit, _machine  # noqa: E402
+from run_meta import run_meta  # noqa: E402
 
 from csl_fast import detect  # noqa: E402
 
@@ -114,11 +113,7 @@ def main() -> None:
             f"P {r['precision']:.3f} R {r['recall']:.3f}",
             flush=True,
         )
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _commit(),
-        "machine": _machine(),
-    }
+    meta = run_meta()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")

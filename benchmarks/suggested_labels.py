@@ -34,10 +34,7 @@ Writes ``benchmarks/results/suggested_labels.json`` and ``.md`` (date, machine, 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mnist1d_data  # noqa: E402
+from run_meta import run_meta  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
@@ -125,21 +123,11 @@ def run_one(regime: str, noise: float, seed: int, cleanlab: bool) -> dict:
     return row
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Suggested labels: fraction of flipped samples whose suggestion is the true label",
         "",
-        f"{meta['date']}, {meta['machine']}, torch {meta['torch']}, commit {meta['commit']}.",
+        f"{meta['date']}, {meta['machine']}, commit {meta['commit']}.",
         "",
         "| regime | noise | seed | flipped | final fit of flipped | csl_fast | last prediction "
         "| cleanlab (K=3) | csl_fast at confidence >= 0.2: accuracy (share of flipped; of clean) "
@@ -191,12 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["cleanlab"], row["t_cleanlab_s"] = old["cleanlab"], old["t_cleanlab_s"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
-        "commit": _commit(),
-    }
+    meta = run_meta()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
