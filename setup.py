@@ -4,8 +4,9 @@ The extension is compiled against the torch that is already installed, so instal
 with ``pip install --no-build-isolation .`` (build isolation would fetch a second,
 possibly different torch into a temporary environment and build against that).
 
-CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA and nvcc
-is found; ``TORCH_CUDA_ARCH_LIST`` selects the architectures (default "8.0;9.0").
+CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA and an nvcc of
+the same major CUDA version is found (another major version builds the CPU kernels only,
+with a warning); ``TORCH_CUDA_ARCH_LIST`` selects the architectures (default "8.0;9.0").
 ``CSL_FAST_NO_CUDA=1`` forces a CPU-only build; ``CSL_FAST_NO_EXT=1`` skips the
 extension altogether (the package then runs on its pure-PyTorch reference).
 
@@ -38,6 +39,36 @@ def _parallel_build():
     os.environ.setdefault("MAX_JOBS", str(cores or 1))
 
 
+def _cuda_toolkit_fits(torch, cuda_home: str) -> bool:
+    """Whether nvcc under ``cuda_home`` can build for the installed torch: torch refuses a
+    toolkit of another major CUDA version (e.g. nvcc 13 for a CUDA 12 torch) with an error
+    that would stop the whole install. Then build the CPU kernels only and say why: CUDA
+    tensors still run on the Triton backend."""
+    import re
+    import subprocess
+    import warnings
+
+    try:
+        out = subprocess.run(
+            [os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True
+        ).stdout
+    except OSError:
+        return False
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    if found is None:
+        return True  # torch's own check decides
+    if found.group(1) != torch.version.cuda.split(".")[0]:
+        warnings.warn(
+            f"csl_fast: nvcc {found.group(1)}.{found.group(2)} in {cuda_home} cannot build for "
+            f"this torch (CUDA {torch.version.cuda}); building the CPU kernels only (CUDA tensors "
+            "run on the Triton backend). For the CUDA C++ backend, point CUDA_HOME at a CUDA "
+            f"{torch.version.cuda.split('.')[0]}.x toolkit and reinstall.",
+            stacklevel=1,
+        )
+        return False
+    return True
+
+
 def _extensions():
     if os.environ.get("CSL_FAST_NO_EXT") == "1":
         return [], {}
@@ -55,7 +86,13 @@ def _extensions():
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-g0"]
     want_cuda = os.environ.get("CSL_FAST_NO_CUDA") != "1"
     cuda_sources = rel("csrc/cuda/*.cu") + rel("csrc/cuda/*.cpp")
-    if want_cuda and torch.version.cuda is not None and CUDA_HOME is not None and cuda_sources:
+    if (
+        want_cuda
+        and torch.version.cuda is not None
+        and CUDA_HOME is not None
+        and cuda_sources
+        and _cuda_toolkit_fits(torch, CUDA_HOME)
+    ):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = CUDAExtension(
             "csl_fast._C",
