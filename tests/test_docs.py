@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written.
+"""Every ```python block of README.md and docs/*.md runs as written; every shell command
+there names a subcommand, option, file, extra or module that exists.
 
 A block may use what the page says is the reader's own: ``model``, ``opt``, ``epochs`` and
 the data (``base_set`` of ``(x, y)`` pairs, ``train_set`` with indices, ``loader``,
@@ -202,3 +203,67 @@ def test_no_block_uses_a_name_nothing_defines():
             n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
         }
         assert used <= defined, f"{page.name}:{line} uses undefined {sorted(used - defined)}"
+
+
+SHELL_FENCE = re.compile(r"^```(?:bash|sh|shell|console)\n(.*?)^```", re.S | re.M)
+
+
+def _shell_commands() -> list[tuple[str, int, str]]:
+    """(page, line, command) for every command of every shell block: comments dropped, and
+    ``a && b`` split into its commands."""
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8")
+        for m in SHELL_FENCE.finditer(text):
+            first = text.count("\n", 0, m.start()) + 2
+            for i, raw in enumerate(m.group(1).splitlines()):
+                line = raw.split(" #", 1)[0].strip()
+                if line and not line.startswith("#"):
+                    found += [(page.name, first + i, c.strip()) for c in line.split("&&")]
+    return found
+
+
+def _cli_options() -> dict[str, set[str]]:
+    import argparse
+
+    from csl_fast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()
+    }
+
+
+def _setup_extras() -> set[str]:
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            return {k.value for k in node.value.keys}
+    raise AssertionError("setup.py has no extras_require")
+
+
+def test_shell_blocks_name_what_exists():
+    """Every shell command of the docs asks for what the project has: csl-fast subcommands
+    and their options, requirement files, setup.py's extras, modules run with -m. (The
+    commands themselves install packages or train, so the CLI tests and CI run them.)"""
+    commands = _shell_commands()
+    assert any(c.startswith("csl-fast ") for _, _, c in commands)  # the pattern finds them
+    cli, extras = _cli_options(), _setup_extras()
+    for page, line, cmd in commands:
+        where = f"{page}:{line}: {cmd}"
+        words = cmd.split()
+        if words[0] == "csl-fast":
+            assert words[1] in cli, f"{where}: no subcommand {words[1]!r}"
+            for flag in re.findall(r"(?<![\w-])--?[a-z][a-z-]*", cmd):
+                assert flag in cli[words[1]], f"{where}: {words[1]} has no option {flag}"
+        elif words[:2] == ["pip", "install"]:
+            for i, w in enumerate(words):
+                if w == "-r":
+                    assert (ROOT / words[i + 1]).is_file(), f"{where}: no {words[i + 1]}"
+            for spec in re.findall(r"\.\[([\w,-]+)\]", cmd):
+                missing = set(spec.split(",")) - extras
+                assert not missing, f"{where}: setup.py has no extra {sorted(missing)}"
+        elif words[:2] == ["python", "-m"]:
+            assert importlib.util.find_spec(words[2]) is not None, f"{where}: no module"
+        else:
+            raise AssertionError(f"{where}: a command this test does not know how to check")
