@@ -4,9 +4,10 @@ The extension is compiled against the torch that is already installed, so instal
 with ``pip install --no-build-isolation .`` (build isolation would fetch a second,
 possibly different torch into a temporary environment and build against that).
 
-CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA and an nvcc of
-the same major CUDA version is found (another major version builds the CPU kernels only,
-with a warning); ``TORCH_CUDA_ARCH_LIST`` selects the architectures (default "8.0;9.0").
+CUDA sources in ``csrc/cuda`` are added when the installed torch has CUDA, an nvcc of the
+same major CUDA version is found (another major version builds the CPU kernels only, with a
+warning), and a GPU is visible or ``TORCH_CUDA_ARCH_LIST`` is set (it selects the
+architectures; default "8.0;9.0" when a GPU is visible).
 ``CSL_FAST_NO_CUDA=1`` forces a CPU-only build; ``CSL_FAST_NO_EXT=1`` skips the
 extension altogether (the package then runs on its pure-PyTorch reference).
 
@@ -69,6 +70,24 @@ def _cuda_toolkit_fits(torch, cuda_home: str) -> bool:
     return True
 
 
+def _cuda_target_given(torch) -> bool:
+    """Whether to compile the CUDA C++ kernels: for the GPU this machine has, or for the
+    architectures ``TORCH_CUDA_ARCH_LIST`` names. A CUDA build of torch on a machine without
+    a GPU (the default torch wheel on Linux) would otherwise spend minutes compiling kernels
+    for GPUs that are not there; CUDA tensors elsewhere run on the Triton backend."""
+    import warnings
+
+    if torch.cuda.is_available() or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return True
+    warnings.warn(
+        "csl_fast: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CPU kernels "
+        "only (CUDA tensors run on the Triton backend). To build the CUDA C++ kernels for "
+        "another machine, set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0') and reinstall.",
+        stacklevel=1,
+    )
+    return False
+
+
 def _extensions():
     if os.environ.get("CSL_FAST_NO_EXT") == "1":
         return [], {}
@@ -91,6 +110,7 @@ def _extensions():
         and torch.version.cuda is not None
         and CUDA_HOME is not None
         and cuda_sources
+        and _cuda_target_given(torch)
         and _cuda_toolkit_fits(torch, CUDA_HOME)
     ):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
