@@ -105,9 +105,11 @@ def _check_args(
     else:
         _check_indices("index", index, seq[0], device, seq)
     csl, count = buffers
-    _check_buffer("csl", csl, _CSL_DTYPES, device)
+    check_buffer("accumulate", "csl", csl, _CSL_DTYPES, "logits")
+    _check_device("csl", csl, device)
     if count is not None:
-        _check_buffer("count", count, _COUNT_DTYPES, device)
+        check_buffer("accumulate", "count", count, _COUNT_DTYPES, "logits")
+        _check_device("count", count, device)
         check_count_fits("accumulate", csl, count)
     if weight is not None:
         if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
@@ -173,28 +175,30 @@ def _check_indices(
     _check_device(name, t, device)
 
 
-def _check_buffer(
-    name: str, buf: object, dtypes: tuple[torch.dtype, ...], device: torch.device
+def check_buffer(
+    op: str, name: str, buf: object, dtypes: tuple[torch.dtype, ...], source: str
 ) -> None:
+    """A dataset-sized buffer written in place: a tensor of one of ``dtypes``, contiguous,
+    1-D, not requiring grad (``op`` and ``source``, the input it must sit beside, name the
+    call in the message)."""
     if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
         got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
         raise TypeError(
-            f"csl_fast.accumulate: {name} must be a tensor of dtype "
+            f"csl_fast.{op}: {name} must be a tensor of dtype "
             f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
-            "torch.zeros(num_samples, device=logits.device)"
+            f"torch.zeros(num_samples, device={source}.device)"
         )
     if buf.requires_grad:
         raise ValueError(
-            f"csl_fast.accumulate: {name} requires grad, but it is a buffer written in place "
+            f"csl_fast.{op}: {name} requires grad, but it is a buffer written in place "
             "with no gradient; allocate it with torch.zeros(num_samples) (requires_grad=False) "
             "or pass it detached"
         )
     if buf.dim() != 1 or not buf.is_contiguous():
         raise ValueError(
-            f"csl_fast.accumulate: {name} must be a contiguous 1-D tensor with one entry per "
+            f"csl_fast.{op}: {name} must be a contiguous 1-D tensor with one entry per "
             f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
         )
-    _check_device(name, buf, device)
 
 
 def _check_values(

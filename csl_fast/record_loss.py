@@ -20,7 +20,7 @@ import torch
 from . import ops
 from ._ext import resolve_backend
 from .accumulate import _buffer_lock
-from .accumulate_checks import check_count_fits
+from .accumulate_checks import check_buffer, check_count_fits
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker, _scatter_add
 
@@ -252,30 +252,16 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
                 f"move it with .to(loss.device)"
             )
     csl, count = buffers
-    _check_buffer("csl", csl, (torch.float32, torch.float64))
+    check_buffer("record_loss", "csl", csl, (torch.float32, torch.float64), "loss")
     if count is not None:
-        _check_buffer("count", count, (torch.float32, torch.float64, torch.int64, torch.int32))
+        check_buffer(
+            "record_loss",
+            "count",
+            count,
+            (torch.float32, torch.float64, torch.int64, torch.int32),
+            "loss",
+        )
         check_count_fits("record_loss", csl, count)
-
-
-def _check_buffer(name: str, buf: object, dtypes: tuple[torch.dtype, ...]) -> None:
-    if not isinstance(buf, torch.Tensor) or buf.dtype not in dtypes:
-        got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
-        raise TypeError(
-            f"csl_fast.record_loss: {name} must be a tensor of dtype "
-            f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
-            "torch.zeros(num_samples, device=loss.device)"
-        )
-    if buf.requires_grad:
-        raise ValueError(
-            f"csl_fast.record_loss: {name} requires grad, but it is a buffer written in place; "
-            "allocate it with torch.zeros(num_samples) or pass it detached"
-        )
-    if buf.dim() != 1 or not buf.is_contiguous():
-        raise ValueError(
-            f"csl_fast.record_loss: {name} must be a contiguous 1-D tensor with one entry per "
-            f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
-        )
 
 
 def _check_range(index: torch.Tensor, num_samples: int) -> None:
