@@ -13,7 +13,7 @@ import torch
 from . import baselines, corrupt, data, detect, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
-from .clean import clean
+from .cleaning import clean
 from .eval_pass import score_epoch
 from .input_grad import input_grad_norms
 from .linear_cross_entropy import linear_cross_entropy

@@ -300,8 +300,8 @@ _probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
-    from .clean import CSV_COLUMNS as CLEAN_COLUMNS
-    from .clean import DEFAULT_MIN_CONFIDENCE, POLICIES
+    from .cleaning import CSV_COLUMNS as CLEAN_COLUMNS
+    from .cleaning import DEFAULT_MIN_CONFIDENCE, POLICIES
 
     p = sub.add_parser(
         "clean",

@@ -313,7 +313,7 @@ def _run_notes(run: str) -> list[tuple[str, str]]:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .clean import clean
+    from .cleaning import clean
     from .detect import DetectionWarning, mislabeled
 
     if args.policy == "review" and args.budget is None:
@@ -362,7 +362,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         lines.append(f"note: {det.diagnostics['note']}")
     if samples is None or not samples.has_truth or len(plan) == 0:
         return "\n".join(lines)
-    from .clean import evaluate_plan
+    from .cleaning import evaluate_plan
 
     acc = evaluate_plan(plan, samples.true_labels, samples.mislabeled, samples.duplicate)
     lines.append(

@@ -178,7 +178,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     ``log`` receives status lines (default: stderr unless ``cfg.quiet``).
     """
     from . import detect
-    from .clean import clean, evaluate_plan
+    from .cleaning import clean, evaluate_plan
     from .report import RunSamples, detection_table, format_detection_table, write_report
     from .report_cleaning import format_retrain_table
     from .scores import scores as compute_scores

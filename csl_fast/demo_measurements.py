@@ -105,7 +105,7 @@ def retrain_gain(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Clean-test accuracy of ``noisy_model`` (trained on ``y``), of a fresh model trained
-    on ``plan`` applied to ``y`` (:meth:`csl_fast.clean.CleaningPlan.apply`), and of a fresh
+    on ``plan`` applied to ``y`` (:meth:`csl_fast.cleaning.CleaningPlan.apply`), and of a fresh
     model trained on ``true_labels`` (the ceiling).
 
     ``make_model()`` must return the same initialisation as ``noisy_model`` had and the

@@ -125,7 +125,7 @@ def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
 
 
 def _suggestion_rows(tracker: Any, det: Any, samples: Any) -> list[tuple[str, str]]:
-    from .clean import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
+    from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
 
     plan = clean(tracker, detection=det)
     rows = [

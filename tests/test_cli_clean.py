@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("sklearn")
 
 import csl_fast
-from csl_fast.clean import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE
+from csl_fast.cleaning import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE
 from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from csl_fast.report import RunSamples
 

@@ -24,7 +24,7 @@ NEEDS_OPTIONAL = {
     "tests/test_report.py": "sklearn",
     "tests/baselines/test_ssft.py": "sklearn",
     "tests/test_detect.py": "pandas",
-    "tests/test_clean.py": "pandas",
+    "tests/test_cleaning.py": "pandas",
     "tests/test_scores.py": "pandas",
     "tests/test_eval_pass.py": "tqdm",
 }

@@ -74,7 +74,7 @@ from torch import nn
 import csl_fast
 from csl_fast import corrupt, detect
 from csl_fast.baselines import confident_learning
-from csl_fast.clean import evaluate_plan
+from csl_fast.cleaning import evaluate_plan
 from csl_fast.train import mlp, predict, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: MNIST-1D
@@ -409,7 +409,7 @@ def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
 def _plan_code_hash() -> str:
     """SHA-256 of the sources that decide a cleaning plan (the rule, the suggestions' use)."""
     h = hashlib.sha256()
-    for name in ("detect.py", "flagging.py", "clean.py"):
+    for name in ("detect.py", "flagging.py", "cleaning.py"):
         f = Path(csl_fast.__file__).parent / name
         if f.exists():
             h.update(f.read_bytes())

@@ -1,7 +1,10 @@
-"""csl_fast.clean: policies, budget, min_confidence, the CSV, applying a plan, errors."""
+"""csl_fast.clean (module csl_fast.cleaning): policies, budget, min_confidence, the CSV,
+applying a plan, errors."""
 
 import csv
+import importlib
 import math
+import pkgutil
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 
 import csl_fast
 from csl_fast import detect
-from csl_fast.clean import CSV_COLUMNS, CleaningPlan, clean
+from csl_fast.cleaning import CSV_COLUMNS, CleaningPlan, clean
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -27,6 +30,19 @@ def _det():
 def _plan(**kw):
     kw.setdefault("suggestions", (SUGG_LABEL, SUGG_CONF))
     return clean(SCORES, detection=_det(), **kw)
+
+
+def test_csl_fast_clean_is_the_function_and_no_module_shadows_it():
+    # The module is csl_fast.cleaning: a submodule named like the function would make
+    # `import csl_fast.clean` and `csl_fast.clean` mean two different things (importing
+    # the submodule rebinds the package attribute to the module).
+    assert csl_fast.clean is clean and callable(csl_fast.clean)
+    submodules = {info.name for info in pkgutil.iter_modules(csl_fast.__path__)}
+    assert "cleaning" in submodules and "clean" not in submodules
+    cleaning = importlib.import_module("csl_fast.cleaning")
+    assert cleaning.clean is csl_fast.clean
+    for name in cleaning.__all__:
+        assert hasattr(cleaning, name), name
 
 
 def test_relabel_confident_is_the_default_and_orders_rows_by_rank():
