@@ -246,7 +246,7 @@ _IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the m
 
 
 def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
-    names = ",".join(f"{k}:{b.dtype}" for k, b in sorted(tracker.buffers().items()))
+    names = ",".join(f"{k}:{b.dtype}:{b.shape[1:]}" for k, b in sorted(tracker.buffers().items()))
     totals = [0, 0]
     if call == 2:  # mark_synced: the loaded states must be the same checkpoint
         t = torch.stack([tracker.csl_count.double().sum(), tracker.eval_count.double().sum()])
@@ -444,7 +444,7 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     mine, eval_mine = owner == rank, eval_owner == rank
 
     # --- 3. sums of deltas and the owners' values ---------------------------------------
-    floats = [(bufs[k] - base(k)).to(dev) for k in additive]
+    floats = [(bufs[k] - base(k)).to(dev).reshape(-1) for k in additive]  # [N] or [N, L]
     for k in _LAST_FLOATS:
         m = eval_mine if k.startswith("eval_") else mine
         floats.append(torch.where(m, bufs[k].to(dev), 0))
@@ -458,7 +458,9 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     )
     _all_reduce(flat, group, timeout)
     _all_reduce(ints, group, timeout)
-    sums = dict(zip([*additive, *_LAST_FLOATS], flat.view(-1, n).unbind(0), strict=True))
+    names = [*additive, *_LAST_FLOATS]
+    parts = flat.split([bufs[k].numel() for k in names])
+    sums = {k: p.view(bufs[k].shape) for k, p in zip(names, parts, strict=True)}
     d_total, owner_le = ints[:n], ints[n : 2 * n]
 
     # --- 4. combine (identical on every rank) --------------------------------------------

@@ -42,6 +42,8 @@ def merge(
           is the CSL summed over runs and every mean (``csl_mean``, ``aum``,
           ``confidence``, ``variability``, ``loss_sensitivity``, ``eval_csl_mean``, ...) is
           the mean over all runs' presentations pooled;
+        - the per-label CSL (``label_csl``, trackers with ``num_labels``) is the sum over
+          runs too;
         - ``forgetting`` is the total number of forgetting events over runs;
         - ``last_loss`` / ``last_max_prob`` (and the ``eval_last_*`` values) are the means
           over the runs that presented (scored) the sample; 0 where none did;
@@ -62,7 +64,7 @@ def merge(
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
-            (or classes), or ``trackers`` is empty.
+            (or classes, or labels), or ``trackers`` is empty.
         TypeError: ``trackers`` is a single tracker, path or state dict instead of a
             sequence of them (``merge("run.csl")`` would otherwise read the string's
             characters as paths).
@@ -87,12 +89,22 @@ def merge(
         raise TrackerStateError(
             f"csl_fast.merge: the trackers have different num_classes {sorted(classes)}"
         )
+    labels = {t.num_labels for t in runs}
+    if len(labels) > 1:
+        raise TrackerStateError(
+            f"csl_fast.merge: the trackers have different num_labels {sorted(labels, key=str)}"
+        )
     n = sizes[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)
     dev = torch.device(device) if device is not None else runs[0].device
     out = CSLTracker(
-        n, classes.pop() if classes else None, device=dev, dtype=dtype, history=history
+        n,
+        classes.pop() if classes else None,
+        device=dev,
+        dtype=dtype,
+        history=history,
+        num_labels=labels.pop(),
     )
 
     def stack(name: str, dt: torch.dtype | None = None) -> torch.Tensor:

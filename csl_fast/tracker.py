@@ -44,14 +44,12 @@ import torch
 from . import _ext, ops, reference, tracker_file
 from .stats import Stat
 from .tracker_buffers import (
-    _EVAL_BUFFERS,
     _HISTORIES,
-    _HISTORY_BUFFERS,
-    _INPUT_GRAD_BUFFERS,
     _INPUT_GRAD_STEP,
     _MINUS_ONE,
     _STEP_STATE,
-    _TRAIN_BUFFERS,
+    buffer_kinds,
+    buffer_shape,
 )
 from .tracker_file import (  # re-exported: csl_fast and its users import them from here
     FORMAT_VERSION,
@@ -88,6 +86,9 @@ class CSLTracker(TrackerStatistics):
         deterministic: passed to the eval pass's ``scatter_stats``; default
             ``torch.are_deterministic_algorithms_enabled()``. The tracker's own updates are
             always deterministic.
+        num_labels: ``L`` for multi-label training: also keep :attr:`label_csl`, the CSL
+            of every (sample, label) entry, ``[N, L]`` (:func:`csl_fast.accumulate_bce`
+            records into it). ``None`` (default): no per-label buffer.
 
     Buffers (all ``[N]``, on ``device``; "float" means ``dtype``). A *presentation* is one
     valid row of a training batch (eval-pass rows are kept apart):
@@ -125,6 +126,8 @@ class CSLTracker(TrackerStatistics):
     ``eval_last_loss``          float    loss at the last eval pass
     ``eval_last_max_prob``      float    max softmax probability at the last eval pass
     ``eval_last_correct``       bool     correct at the last eval pass
+    ``label_csl_sum``           float    ``[N, L]``, only with ``num_labels``: per-entry CSL,
+                                         the sum of each label's plain loss (:attr:`label_csl`)
     ==========================  =======  ===========================================================
 
     Histories (float, grown by :meth:`end_epoch` / :meth:`end_eval_pass`):
@@ -143,6 +146,8 @@ class CSLTracker(TrackerStatistics):
     (17 float32 + 5 int32 + 2 bool buffers; 158 in float64), e.g. 4.5 MB for CIFAR's 50,000
     samples and 115 MB for ImageNet's 1.28M, plus 4 bytes per sample per epoch once input
     gradients are recorded. The suggested labels take 12 of those bytes (three int32).
+    ``num_labels=L`` adds ``4 * L`` bytes per sample (``8 * L`` in float64): 20 MB for
+    100,000 samples with 50 labels.
     :meth:`nbytes` reports the exact figure.
 
     Counters: :attr:`epoch` (completed epochs; presentations are stamped with it) and
@@ -159,6 +164,7 @@ class CSLTracker(TrackerStatistics):
         *,
         backend: str = "auto",
         deterministic: bool | None = None,
+        num_labels: int | None = None,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
@@ -166,12 +172,20 @@ class CSLTracker(TrackerStatistics):
             raise ValueError(
                 f"CSLTracker: num_classes must be None or an int >= 1, got {num_classes!r}"
             )
+        if num_labels is not None and (
+            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+        ):
+            raise ValueError(
+                f"CSLTracker: num_labels must be None or an int >= 1, got {num_labels!r}"
+            )
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(
                 f"CSLTracker: dtype must be torch.float32 or torch.float64, got {dtype}"
             )
         self.num_samples = num_samples
         self.num_classes = num_classes
+        #: ``L`` of a multi-label tracker (:attr:`label_csl`), or None.
+        self.num_labels = num_labels
         self.device = torch.device(device)
         self.dtype = dtype
         self.history = bool(history)
@@ -187,7 +201,8 @@ class CSLTracker(TrackerStatistics):
         self._histories: dict[str, list[torch.Tensor]] = {name: [] for name in _HISTORIES}
         self._buffers: dict[str, torch.Tensor] = {}
         for name, kind in self._buffer_kinds().items():
-            buf = torch.zeros(num_samples, dtype=self._kind_dtype(kind), device=self.device)
+            shape = buffer_shape(name, num_samples, num_labels)
+            buf = torch.zeros(shape, dtype=self._kind_dtype(kind), device=self.device)
             if name in _MINUS_ONE:
                 buf.fill_(-1)
             self._buffers[name] = buf
@@ -201,10 +216,7 @@ class CSLTracker(TrackerStatistics):
 
     # ------------------------------------------------------------------ buffers
     def _buffer_kinds(self) -> dict[str, str]:
-        kinds = {**_TRAIN_BUFFERS, **_INPUT_GRAD_BUFFERS, **_EVAL_BUFFERS}
-        if self.history:
-            kinds.update(_HISTORY_BUFFERS)
-        return kinds
+        return buffer_kinds(self.history, self.num_labels is not None)
 
     def _kind_dtype(self, kind: str) -> torch.dtype:
         return {"float": self.dtype, "int": torch.int32, "bool": torch.bool}[kind]
@@ -216,8 +228,14 @@ class CSLTracker(TrackerStatistics):
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
     def buffers(self) -> dict[str, torch.Tensor]:
-        """The ``[N]`` buffers by name (live tensors, not copies)."""
+        """The buffers by name (live tensors, not copies): ``[N]``, per-label ``[N, L]``."""
         return dict(self._buffers)
+
+    @property
+    def label_csl(self) -> torch.Tensor | None:
+        """``[N, L]`` per-(sample, label) CSL (the live ``label_csl_sum`` buffer; recorders
+        add into it), or ``None`` when the tracker has no ``num_labels``."""
+        return self._buffers.get("label_csl_sum")
 
     def nbytes(self) -> int:
         """Bytes held by the buffers and histories."""
@@ -225,29 +243,6 @@ class CSLTracker(TrackerStatistics):
         for rows in self._histories.values():
             total += sum(r.numel() * r.element_size() for r in rows)
         return total
-
-    @property
-    def loss_history(self) -> torch.Tensor:
-        """float16 ``[epochs, N]``: mean training loss per epoch (NaN: not presented).
-        Needs ``history=True``."""
-        return self._stack("loss_history", torch.float16)
-
-    @property
-    def eval_loss_history(self) -> torch.Tensor:
-        """float16 ``[passes, N]``: mean eval-pass loss per pass. Needs ``history=True``."""
-        return self._stack("eval_loss_history", torch.float16)
-
-    @property
-    def input_grad_history(self) -> torch.Tensor:
-        r"""float32 ``[E', N]``: per-epoch mean :math:`\|\partial\ell_i/\partial x_i\|^2`
-        (NaN: no record that epoch); row ``k`` is epoch ``input_grad_first_epoch + k``."""
-        return self._stack("input_grad_history", torch.float32)
-
-    def _stack(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        rows = self._histories[name]
-        if not rows:
-            return torch.empty(0, self.num_samples, dtype=dtype, device=self.device)
-        return torch.stack(rows)
 
     # ------------------------------------------------------------ recording
     def training_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -583,7 +578,8 @@ class CSLTracker(TrackerStatistics):
         return (
             f"CSLTracker(num_samples={self.num_samples}, num_classes={self.num_classes}, "
             f"device={str(self.device)!r}, dtype={self.dtype}, history={self.history}, "
-            f"epoch={self.epoch}, eval_passes={self.eval_passes})"
+            + (f"num_labels={self.num_labels}, " if self.num_labels is not None else "")
+            + f"epoch={self.epoch}, eval_passes={self.eval_passes})"
         )
 
 

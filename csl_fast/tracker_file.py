@@ -12,14 +12,15 @@ A tracker file (format version 2, written by :meth:`CSLTracker.save`) is::
                          16 + H bytes) and the SHA-256 of each 16 MiB chunk of the payload
                          (the last chunk shorter), so that chunks hash in parallel
 
-The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``dtype``,
+The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``num_labels``
+(absent in files written before per-label buffers existed: read as ``None``), ``dtype``,
 ``history``, ``epoch``, ``eval_passes``, ``input_grad_first_epoch``, ``byteorder`` and
 ``tensors``: ``[name, dtype, shape]`` triples with names ``buffers/<name>`` and
 ``histories/<name>``. Nothing in it is executable (no pickle), and the reader checks, in
-this order and before allocating more than the file's own size or touching a tracker:
-the magic, that the header parses and its tensor table accounts for exactly the bytes the
-file holds, the checksum (so a flipped bit anywhere is refused), then every field's type
-and range and every tensor's dtype and shape against the metadata. Every failure is a
+this order and before allocating more than the file's own size or touching a tracker: the
+magic, that the header parses and its tensor table accounts for exactly the bytes the file
+holds, the checksum (so a flipped bit anywhere is refused), then every field's type and
+range and every tensor's dtype and shape against the metadata. Every failure is a
 :class:`TrackerFileError` that names the file.
 
 Version 1 files (``torch.save`` zip archives, no checksum) are still read, through

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .tracker_buffers import buffer_shape
+
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
@@ -83,8 +85,24 @@ def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
     this stays right whatever ``CSLTracker.__init__`` fills a buffer with)."""
     if not names:
         return {}
-    fresh = type(tracker)(1, dtype=tracker.dtype, history=tracker.history)
-    return {n: fresh.buffers()[n][0].item() for n in names}
+    fresh = type(tracker)(
+        1, dtype=tracker.dtype, history=tracker.history, num_labels=tracker.num_labels
+    )
+    return {n: fresh.buffers()[n].flatten()[0].item() for n in names}
+
+
+def _num_labels(state: Mapping[str, Any]) -> int | None:
+    """The state's ``num_labels`` (absent in states written before per-label buffers
+    existed: None)."""
+    if "num_labels" not in state:
+        return None
+    return _field(
+        state, "num_labels", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"
+    )
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return f"[N = {shape[0]}]" if len(shape) == 1 else f"[N = {shape[0]}, L = {shape[1]}]"
 
 
 def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
@@ -121,6 +139,12 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             f"the state has history={history} but this tracker has history={tracker.history}; "
             "create the tracker with the same history flag"
         )
+    labels = _num_labels(state)
+    if labels != tracker.num_labels:
+        raise TrackerStateError(
+            f"the state has num_labels={labels} but this tracker has "
+            f"num_labels={tracker.num_labels}; create the tracker with the same num_labels"
+        )
     epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)")
     passes = _field(
         state, "eval_passes", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)"
@@ -147,8 +171,9 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         raise TrackerStateError(f"the state has unknown entries {unknown}")
     for name in expected:
         src, kind = buffers[name], kinds[name]
-        if not isinstance(src, torch.Tensor) or tuple(src.shape) != (n,):
-            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
+        shape = buffer_shape(name, n, labels)
+        if not isinstance(src, torch.Tensor) or tuple(src.shape) != shape:
+            raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
         ok = {
             "float": src.is_floating_point(),
             "int": not src.is_floating_point() and not src.is_complex() and src.dtype != torch.bool,
@@ -212,6 +237,7 @@ def state_dict(tracker: CSLTracker) -> dict[str, Any]:
         "version": FORMAT_VERSION,
         "num_samples": tracker.num_samples,
         "num_classes": tracker.num_classes,
+        "num_labels": tracker.num_labels,
         "dtype": str(tracker.dtype).removeprefix("torch."),
         "history": tracker.history,
         "epoch": tracker.epoch,
@@ -235,14 +261,24 @@ def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs:
         ("num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
     )
     n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
+    labels = _num_labels(state)
     # The tracker allocates about as much as the state's buffers hold; a state that
     # claims another N is refused before that allocation.
     buffers = state.get("buffers")
     if not isinstance(buffers, Mapping) or not buffers:
         raise TrackerStateError("the state lacks its buffers")
     for name, t in buffers.items():
-        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (n,):
-            raise TrackerStateError(f"state buffer {name!r} is not an [N = {n}] tensor")
-    tracker = cls(n, classes, device=device, dtype=getattr(torch, dtype), history=history, **kwargs)
+        shape = buffer_shape(name, n, labels) if labels is not None else (n,)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
+    tracker = cls(
+        n,
+        classes,
+        device=device,
+        dtype=getattr(torch, dtype),
+        history=history,
+        num_labels=labels,
+        **kwargs,
+    )
     load_state_dict(tracker, state)
     return tracker

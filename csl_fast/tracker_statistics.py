@@ -1,8 +1,8 @@
-r"""The per-sample statistics a :class:`csl_fast.CSLTracker` derives from its buffers:
-CSL and its means, area under the margin, data-map confidence and variability, gradient
-norms, suggested labels and learning times. Each is computed on the tracker's device
-without a host sync; :class:`TrackerStatistics` is the mix-in that gives them to
-:class:`csl_fast.CSLTracker`, whose buffers they read by name.
+r"""The per-sample statistics a :class:`csl_fast.CSLTracker` derives from its buffers: the
+loss histories, CSL and its means (per label too), area under the margin, data-map
+confidence and variability, gradient norms, suggested labels and learning times. Each is
+computed on the tracker's device without a host sync; :class:`TrackerStatistics` is the
+mix-in that gives them to :class:`csl_fast.CSLTracker`, whose buffers they read by name.
 """
 
 from __future__ import annotations
@@ -20,6 +20,29 @@ class TrackerStatistics:
     ``epoch`` and the histories."""
 
     @property
+    def loss_history(self) -> torch.Tensor:
+        """float16 ``[epochs, N]``: mean training loss per epoch (NaN: not presented).
+        Needs ``history=True``."""
+        return self._stack("loss_history", torch.float16)
+
+    @property
+    def eval_loss_history(self) -> torch.Tensor:
+        """float16 ``[passes, N]``: mean eval-pass loss per pass. Needs ``history=True``."""
+        return self._stack("eval_loss_history", torch.float16)
+
+    @property
+    def input_grad_history(self) -> torch.Tensor:
+        r"""float32 ``[E', N]``: per-epoch mean :math:`\|\partial\ell_i/\partial x_i\|^2`
+        (NaN: no record that epoch); row ``k`` is epoch ``input_grad_first_epoch + k``."""
+        return self._stack("input_grad_history", torch.float32)
+
+    def _stack(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        rows = self._histories[name]
+        if not rows:
+            return torch.empty(0, self.num_samples, dtype=dtype, device=self.device)
+        return torch.stack(rows)
+
+    @property
     def csl(self) -> torch.Tensor:
         """In-training CSL (``csl_sum``)."""
         return self.csl_sum
@@ -28,6 +51,14 @@ class TrackerStatistics:
     def csl_mean(self) -> torch.Tensor:
         """Mean in-training loss per presentation (NaN: never presented)."""
         return _mean_or_nan(self.csl_sum, self.csl_count)
+
+    @property
+    def label_csl_mean(self) -> torch.Tensor | None:
+        """``[N, L]`` mean per-entry loss per presentation (``label_csl / csl_count``, NaN:
+        never presented), or ``None`` without ``num_labels``."""
+        if self.label_csl is None:
+            return None
+        return _mean_or_nan(self.label_csl, self.csl_count[:, None])
 
     @property
     def eval_csl(self) -> torch.Tensor:
