@@ -27,26 +27,26 @@ Scores of corruption (higher = more suspicious), AUROC and AUPR against the corr
   ``cleanlab.regression.learn.CleanLearning().find_label_issues`` with its default model
   (scikit-learn ``LinearRegression``, 5 folds, bootstrapped uncertainty).
 
-Flagged sets without ground truth: ``csl_fast.detect.mislabeled(csl)`` (the valley rule
-for a plain score; the tracker's two-view rule needs margins that a regression tracker
-does not have) and CleanLearning's ``is_label_issue``.
+Flagged sets without ground truth: ``csl_fast.detect_losses.corrupted_targets(tracker)``
+(the tail rule: the excess over a robust normal fit of the bulk of log-CSL), the
+cross-entropy module's ``csl_fast.detect.mislabeled(csl)`` (the valley rule for a plain
+score, kept for comparison; it flagged nothing on this data) and CleanLearning's
+``is_label_issue``.
 
 Also the cost of ``record_loss`` in a training step: the same loop with and without it.
 
-Usage: ``python benchmarks/paper/regression.py [--seeds 0 1 2] [--epochs 300]``; writes
-``results/regression.json`` and ``results/regression.md``.
+Usage: ``python benchmarks/paper/regression.py [--seeds 0 1 2] [--epochs 300]
+[--cost-from results/regression.json]``; writes ``results/regression.json`` and
+``results/regression.md``. ``--cost-from`` copies the cost section of an earlier result
+file (with its date and commit) instead of measuring it again.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +56,12 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(HERE.parent))
+
+from run_meta import run_meta  # noqa: E402
 
 import csl_fast  # noqa: E402
+from csl_fast import detect_losses  # noqa: E402
 
 RESULTS = HERE / "results"
 KINDS = ("marginal", "offset")
@@ -199,9 +203,12 @@ def one_run(kind: str, seed: int, args: argparse.Namespace) -> dict:
     run["ranking"] = {name: ranking_metrics(s, truth) for name, s in scores.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        tail = detect_losses.corrupted_targets(tracker)
         det = csl_fast.detect.mislabeled(torch.from_numpy(csl))
     k = int(truth.sum())
+    run["tail_estimate"] = {"count": tail.estimated_count, "interval": tail.count_interval}
     run["flagged"] = {
+        "csl (detect_losses.corrupted_targets, tail)": flag_metrics(tail.flagged.numpy(), truth),
         "csl (detect.mislabeled, valley)": flag_metrics(det.flagged.numpy(), truth),
         "cleanlab CleanLearning": flag_metrics(issues["is_label_issue"].to_numpy(), truth),
     }
@@ -210,7 +217,7 @@ def one_run(kind: str, seed: int, args: argparse.Namespace) -> dict:
         top = np.zeros(len(s), dtype=bool)
         top[np.argsort(-s, kind="stable")[:k]] = True
         run["flagged"][f"top {k} of {name} (oracle count)"] = flag_metrics(top, truth)
-    run["csl_warning"] = det.warning
+    run["csl_warning"] = tail.warning
     return run
 
 
@@ -325,7 +332,7 @@ def markdown(meta: dict, summary: dict, cost: dict | None) -> str:
         "# Regression: corrupted targets, CSL (record_loss) vs cleanlab",
         "",
         f"Date {meta['date']}, commit {meta['commit']}, {meta['machine']}, "
-        f"torch {meta['torch']}, cleanlab {meta['cleanlab']}, {meta['threads']} torch thread(s).",
+        f"cleanlab {meta['cleanlab']}.",
         f"Command: `{meta['command']}`",
         "",
         f"scikit-learn `load_diabetes` (N = 442), {meta['noise']:.0%} of targets corrupted "
@@ -368,12 +375,14 @@ def markdown(meta: dict, summary: dict, cost: dict | None) -> str:
             )
         lines.append("")
     if cost is not None:
+        source = cost.get("from")
         lines += [
             "## Cost of record_loss in a training step",
             "",
             f"The diabetes loop above ({cost['steps']} steps of batch 32), min of "
-            f"{meta['cost_repeats']} interleaved repeats; plain step "
-            f"{cost['us_per_step_plain']:.0f} us.",
+            f"{cost.get('repeats', meta['cost_repeats'])} interleaved repeats; plain step "
+            f"{cost['us_per_step_plain']:.0f} us."
+            + (f" Measured {source} (copied with --cost-from)." if source else ""),
             "",
             "| variant | extra us per step | extra % |",
             "|---|---|---|",
@@ -398,19 +407,14 @@ def main() -> None:
     p.add_argument("--cost-epochs", type=int, default=100)
     p.add_argument("--cost-repeats", type=int, default=3)
     p.add_argument("--no-cost", action="store_true")
+    p.add_argument("--cost-from", help="copy the cost section of this earlier result json")
     p.add_argument("--out", default=str(RESULTS / "regression"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import cleanlab
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE
-    ).stdout.strip()
     meta = {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "torch": torch.__version__,
+        **run_meta(),
         "cleanlab": cleanlab.__version__,
         "threads": args.threads,
         "command": "python benchmarks/paper/regression.py " + " ".join(sys.argv[1:]),
@@ -424,7 +428,12 @@ def main() -> None:
             print(kind, seed, f"train mse {run['final_train_mse']:.4f}", auc, flush=True)
             runs.append(run)
     summary = summarize(runs)
-    cost = None if args.no_cost else record_loss_cost(args)
+    if args.cost_from:
+        old = json.loads(Path(args.cost_from).read_text())
+        when = f"on {old['meta']['date']} at commit {old['meta']['commit']}"
+        cost = {**old["cost"], "from": when, "repeats": old["meta"]["cost_repeats"]}
+    else:
+        cost = None if args.no_cost else record_loss_cost(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(
         json.dumps({"meta": meta, "summary": summary, "cost": cost, "runs": runs}, indent=1)
