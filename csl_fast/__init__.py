@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from . import baselines, corrupt, data, detect, distributed, evaluate, train
+from . import baselines, corrupt, data, detect, detect_losses, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .cleaning import clean
@@ -54,6 +54,7 @@ __all__ = [
     "corrupt",
     "data",
     "detect",
+    "detect_losses",
     "distributed",
     "evaluate",
     "input_grad_norms",

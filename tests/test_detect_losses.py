@@ -1,0 +1,195 @@
+"""csl_fast.detect_losses: the tail rule, corrupted regression targets and mislabeled
+multi-label entries, on seeded synthetic scores with planted bad samples."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast.detect import DetectionWarning
+from csl_fast.detect_losses import (
+    EntryDetection,
+    corrupted_targets,
+    mislabeled_entries,
+    tail_count,
+)
+
+
+def _scores(n: int = 2000, bad: int = 60, shift: float = 4.0, seed: int = 0):
+    """Log-normal clean CSL (log sd 0.8) and ``bad`` samples ``shift`` log-sds above."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64) * 0.8 + 2.0
+    idx = torch.randperm(n, generator=g)[:bad]
+    x[idx] += shift * 0.8
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[idx] = True
+    return x.exp(), truth
+
+
+def test_tail_count_finds_a_planted_group():
+    values, _ = _scores()
+    est = tail_count(values)
+    assert est.found and est.reason is None
+    assert 45 <= est.count <= 75, est.count  # 60 planted
+    lo, hi = est.interval
+    assert lo <= est.count <= hi and lo <= 60 <= hi
+    d = est.diagnostics
+    assert d["scale"] == "log"
+    assert d["expected"] == pytest.approx(2000 * 0.5 * math.erfc(2 / math.sqrt(2)))
+    assert d["excess"] == pytest.approx(d["observed"] - d["expected"])
+
+
+def test_tail_count_on_a_clean_bulk_finds_nothing():
+    values, _ = _scores(n=5000, bad=0)
+    est = tail_count(values)
+    assert not est.found and est.count == 0
+    assert "short of the 3 standard errors" in est.reason
+
+
+def test_tail_count_degenerate_inputs():
+    assert "only 5 finite" in tail_count(torch.rand(5)).reason
+    same = torch.ones(100)
+    same[:3] = 5.0
+    assert "equal" in tail_count(same).reason
+    nan = torch.full((50,), math.nan)
+    assert not tail_count(nan).found
+
+
+def test_corrupted_targets_flags_the_planted_samples():
+    values, truth = _scores()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)  # no warning when it finds them
+        det = corrupted_targets(values)
+    assert det.warning is None and det.rule == "tail"
+    flagged = det.flagged
+    assert int(flagged.sum()) == det.estimated_count
+    precision = (flagged & truth).sum() / flagged.sum()
+    assert precision >= 0.9
+    # The flagged set is the top of the ranking.
+    assert torch.equal(det.indices, det.ranking[: len(det)])
+    assert bool(flagged[det.ranking[: len(det)]].all())
+    assert det.threshold == pytest.approx(float(values[flagged].min()))
+
+
+def test_corrupted_targets_warns_when_nothing_stands_out():
+    values, _ = _scores(n=3000, bad=0, seed=3)
+    with pytest.warns(DetectionWarning, match="nothing flagged by rule='tail'"):
+        det = corrupted_targets(values)
+    assert len(det) == 0 and det.warning is not None and "fraction" in det.warning
+    assert det.estimated_count == 0 and math.isinf(det.threshold)
+    assert "nothing flagged" in csl_fast.detect.summary(det)
+
+
+def test_never_presented_samples_rank_last_and_are_never_flagged():
+    tracker = csl_fast.CSLTracker(500)
+    values, _ = _scores(n=500, bad=20, seed=1)
+    seen = torch.arange(480)  # the last 20 samples are never presented
+    for _ in range(2):
+        csl_fast.record_loss(values[seen].float(), seen, tracker)
+    det = corrupted_targets(tracker)
+    assert torch.isnan(det.scores[480:]).all()
+    assert set(det.ranking[480:].tolist()) == set(range(480, 500))
+    assert not det.flagged[480:].any()
+    mean = corrupted_targets(tracker, "csl_mean")
+    torch.testing.assert_close(mean.scores[:480], values[:480].float())
+    assert torch.equal(mean.flagged, det.flagged)  # equal counts: the same order
+
+
+def test_fraction_and_threshold_rules():
+    values, _ = _scores(n=1000, bad=10)
+    det = corrupted_targets(values, rule="fraction", fraction=0.05)
+    assert len(det) == 50 and det.estimated_count is None
+    assert torch.equal(det.indices, det.ranking[:50])
+    thr = float(values.median())
+    det = corrupted_targets(values, rule="threshold", threshold=thr)
+    assert torch.equal(det.flagged, values > thr)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"rule": "valley"}, "rule must be one of"),
+        ({"rule": "fraction"}, "needs fraction"),
+        ({"rule": "fraction", "fraction": 1.5}, "needs fraction"),
+        ({"rule": "threshold"}, "needs threshold"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        corrupted_targets(torch.rand(100), **kwargs)
+
+
+def test_bad_sources():
+    with pytest.raises(ValueError, match="1-D"):
+        corrupted_targets(torch.rand(3, 4))
+    with pytest.raises(ValueError, match="'csl' or 'csl_mean'"):
+        corrupted_targets(csl_fast.CSLTracker(4), "aum")
+    with pytest.raises(ValueError, match="2-D"):
+        mislabeled_entries(torch.rand(5))
+    with pytest.raises(ValueError, match="num_labels=L"):
+        mislabeled_entries(csl_fast.CSLTracker(4))
+    with pytest.raises(ValueError, match="'label_csl' or"):
+        mislabeled_entries(csl_fast.CSLTracker(4, num_labels=2), "csl")
+
+
+def _entries(n: int = 600, labels: int = 6, seed: int = 0):
+    """Per-entry CSL: clean log-normal, 3% of entries planted far above."""
+    values, truth = _scores(n=n * labels, bad=round(0.03 * n * labels), seed=seed)
+    return values.view(n, labels), truth.view(n, labels)
+
+
+def test_mislabeled_entries_over_all_entries_and_per_label():
+    values, truth = _entries()
+    det = mislabeled_entries(values)
+    assert isinstance(det, EntryDetection)
+    assert det.flagged.shape == values.shape and det.scores.shape == values.shape
+    assert det.num_labels == 6 and det.warning is None
+    tp = (det.flagged & truth).sum()
+    assert tp / det.flagged.sum() >= 0.9 and tp / truth.sum() >= 0.7
+    pairs = det.indices
+    assert pairs.shape == (len(det), 2)
+    assert bool(det.flagged[pairs[:, 0], pairs[:, 1]].all())
+    scores_in_order = values[pairs[:, 0], pairs[:, 1]]
+    assert bool((scores_in_order[:-1] >= scores_in_order[1:]).all())
+    top = det.top(3)
+    assert torch.equal(top, pairs[:3])
+    per = mislabeled_entries(values, per_label=True)
+    assert per.flagged.shape == values.shape and per.rule == "tail per label"
+    assert per.estimated_count == int(per.flagged.sum())
+    for k in range(6):  # each label's count is its own tail rule's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DetectionWarning)  # a label may show too few
+            alone = corrupted_targets(values[:, k])
+        assert torch.equal(per.flagged[:, k], alone.flagged)
+
+
+def test_mislabeled_entries_from_a_tracker_and_dataframe():
+    values, _ = _entries(n=300, labels=4, seed=2)
+    tracker = csl_fast.CSLTracker(300, num_labels=4)
+    idx = torch.arange(300)
+    tracker.label_csl.index_put_((idx,), values.float(), accumulate=True)  # as accumulate_bce
+    csl_fast.record_loss(values.sum(1).float(), idx, tracker)
+    det = mislabeled_entries(tracker)
+    assert det.score_name == "label_csl"
+    torch.testing.assert_close(det.scores, values.float())
+    torch.testing.assert_close(mislabeled_entries(tracker, "label_csl_mean").scores, det.scores)
+    df = det.to_dataframe()
+    assert list(df.columns) == ["sample", "label", "score", "flagged", "rank"]
+    assert len(df) == 1200 and int(df.flagged.sum()) == len(det)
+    first = df.iloc[0]
+    assert first["score"] == pytest.approx(float(values.max()), rel=1e-6)
+    assert (first["sample"], first["label"]) == tuple(det.top(1)[0].tolist())
+
+
+def test_mislabeled_entries_warns_when_nothing_stands_out():
+    values, _ = _scores(n=4000, bad=0, seed=5)
+    with pytest.warns(DetectionWarning):
+        det = mislabeled_entries(values.view(1000, 4))
+    assert len(det) == 0
+    with pytest.warns(DetectionWarning, match="per label"):
+        per = mislabeled_entries(values.view(1000, 4), per_label=True)
+    assert len(per) == 0
