@@ -13,6 +13,7 @@ import torch
 from . import baselines, corrupt, data, detect, detect_losses, distributed, evaluate, train
 from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
+from .accumulate_bce import accumulate_bce
 from .cleaning import clean
 from .eval_pass import score_epoch
 from .input_grad import input_grad_norms
@@ -48,6 +49,7 @@ __all__ = [
     "TrackerStateError",
     "__version__",
     "accumulate",
+    "accumulate_bce",
     "available_backends",
     "baselines",
     "clean",

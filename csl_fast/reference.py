@@ -12,6 +12,8 @@ float64 logits), the true-class gradient is ``-(sum_{j != y} p_j)`` rather than
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 import torch.nn.functional as F
 
@@ -368,3 +370,172 @@ def _segments(
     prev = torch.where(upto >= seg_start, upto, -1)
     last = torch.full_like(vpos, -1).scatter_reduce_(0, seg_id, vpos, "amax")[seg_id]
     return sidx, perm, sv, seg_id, prev, last
+
+
+# ---------------------------------------------------------------------------------------
+# Binary cross entropy with logits (csl_fast.accumulate_bce): the ops csl_fast::bce_fwd,
+# bce_bwd and bce_record. Entries are (sample i, label l) of [B, L] logits z and targets
+# y in [0, 1]; computed in float32 (float64 for float64 logits).
+
+
+class BceStat(IntEnum):
+    """Rows of the float32 ``[BCE_NUM_STATS, B]`` per-sample statistics of ``bce_fwd``;
+    every row is 0 where ``VALID`` is 0."""
+
+    #: Plain loss of the sample: :math:`\sum_l \ell_{il}`, no weight, no pos_weight.
+    LOSS = 0
+    #: 1 when ``LOSS`` is finite (the sample is recorded), else 0.
+    VALID = 1
+    #: Number of wrong labels: :math:`\#\{l : (z_{il} \ge 0) \ne (y_{il} \ge 1/2)\}`.
+    WRONG = 2
+    #: The smallest signed margin :math:`\min_l (2 y_{il} - 1) z_{il}` (the worst label).
+    MIN_MARGIN = 3
+
+
+BCE_NUM_STATS = len(BceStat)
+
+
+def bce_entry_losses(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Per-entry loss of ``F.binary_cross_entropy_with_logits`` (reduction 'none'), in the
+    compute dtype; without ``weight`` and ``pos_weight`` the *plain* entry loss
+
+    .. math::
+        \ell_{il} = \operatorname{softplus}(z) - y z
+        = [z \ge 0] (1 - y) z - [z < 0]\, y z + \log(1 + e^{-|z|}),
+
+    and with them :math:`w \, ([z \ge 0](1-y)z - [z<0]\, p y z + (1 + (p-1) y) \log(1 +
+    e^{-|z|}))`. Written so that no large terms cancel for hard targets (the kernels use
+    the same form)."""
+    dtype = _compute_dtype(logits)
+    z, y = logits.to(dtype), target.to(dtype)
+    pw = (
+        torch.ones((), dtype=dtype, device=z.device) if pos_weight is None else pos_weight.to(dtype)
+    )
+    log_term = torch.log1p(torch.exp(-z.abs()))
+    linear = torch.where(z >= 0, (1 - y) * z, -(pw * y) * z)
+    loss = linear + (1 + (pw - 1) * y) * log_term
+    return loss if weight is None else loss * weight.to(dtype)
+
+
+def bce_entry_margins(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Signed margin :math:`(2 y - 1) z` of every entry, in the compute dtype: positive
+    when the label's side of 0 agrees with the target, scaled by the target's confidence."""
+    dtype = _compute_dtype(logits)
+    return (2 * target.to(dtype) - 1) * logits.to(dtype)
+
+
+def bce_row_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """float32 ``[BCE_NUM_STATS, B]`` per-sample statistics (:class:`BceStat`) of ``[B, L]``
+    logits and targets; a sample whose plain loss is not finite is all zero."""
+    plain = bce_entry_losses(logits, target)
+    loss = plain.sum(1)
+    valid = torch.isfinite(loss)
+    z, y = logits.to(plain.dtype), target.to(plain.dtype)
+    wrong = ((z >= 0) != (y >= 0.5)).sum(1)
+    margin = bce_entry_margins(logits, target)
+    min_margin = margin.amin(1) if margin.shape[1] else torch.zeros_like(loss)
+    stats = torch.stack([loss.float(), valid.float(), wrong.float(), min_margin.float()])
+    return torch.where(valid[None, :], stats, torch.zeros_like(stats))
+
+
+def bce_fwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of ``csl_fast::bce_fwd``: ``(loss, stats)``, ``loss`` as
+    ``F.binary_cross_entropy_with_logits`` returns it, computed in the compute dtype and
+    rounded once to the logits' dtype (``[]`` for mean/sum, ``[B, L]`` for none), and
+    ``stats`` from :func:`bce_row_statistics`."""
+    dtype = _compute_dtype(logits)
+    loss = F.binary_cross_entropy_with_logits(
+        logits.detach().to(dtype),
+        target.detach().to(dtype),
+        weight=None if weight is None else weight.detach().to(dtype),
+        pos_weight=None if pos_weight is None else pos_weight.detach().to(dtype),
+        reduction=REDUCTION_NAMES[reduction],
+    )
+    return loss.to(logits.dtype), bce_row_statistics(logits.detach(), target.detach())
+
+
+def bce_bwd(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: int,
+) -> torch.Tensor:
+    r"""Reference of ``csl_fast::bce_bwd``: the logits' gradient of
+    :func:`bce_fwd`'s loss for the upstream gradient ``grad`` (``[]``, or ``[B, L]`` for
+    reduction 'none'), computed in the compute dtype and rounded once:
+    :math:`g \, w \, ((1 - y) \sigma(z) - p\, y\, \sigma(-z))`, divided by :math:`B L` for
+    'mean'."""
+    dtype = _compute_dtype(logits)
+    z = logits.detach().to(dtype).requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.binary_cross_entropy_with_logits(
+            z,
+            target.detach().to(dtype),
+            weight=None if weight is None else weight.detach().to(dtype),
+            pos_weight=None if pos_weight is None else pos_weight.detach().to(dtype),
+            reduction=REDUCTION_NAMES[reduction],
+        )
+        (dz,) = torch.autograd.grad(loss, z, grad.detach().to(dtype))
+    return dz.to(logits.dtype)
+
+
+def bce_record(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    deterministic: bool,
+    csl: torch.Tensor | None,
+    count: torch.Tensor | None,
+    wrong: torch.Tensor | None,
+    min_margin: torch.Tensor | None,
+    label_csl: torch.Tensor | None,
+    label_margin: torch.Tensor | None,
+) -> None:
+    """Reference of ``csl_fast::bce_record``: for every valid sample ``i`` (``stats[VALID,
+    i]``) at ``n = index[i]``: ``csl[n] += LOSS``, ``count[n] += 1``, ``wrong[n] += WRONG``,
+    ``min_margin[n] += MIN_MARGIN`` and, per label ``l``, ``label_csl[n, l]`` += the plain
+    entry loss (:func:`bce_entry_losses`), ``label_margin[n, l] += (2 y - 1) z``. Duplicate
+    indices add up in batch order; an index outside ``[0, N)`` adds nothing."""
+    del deterministic  # the reference adds in row order
+    valid = stats[BceStat.VALID] > 0
+    per_sample = (
+        (csl, stats[BceStat.LOSS]),
+        (count, stats[BceStat.VALID]),
+        (wrong, stats[BceStat.WRONG]),
+        (min_margin, stats[BceStat.MIN_MARGIN]),
+    )
+    for buf, values in per_sample:
+        if buf is not None:
+            _add_rows(buf, index, valid, values)
+    if label_csl is not None:
+        _add_rows(label_csl, index, valid, bce_entry_losses(logits.detach(), target.detach()))
+    if label_margin is not None:
+        _add_rows(label_margin, index, valid, bce_entry_margins(logits.detach(), target.detach()))
+
+
+def _add_rows(
+    buf: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor
+) -> None:
+    """``buf[index[i]] += values[i]`` for the valid rows whose index is in ``[0, N)``, in
+    batch order, values rounded to ``buf``'s dtype first (as the kernels add them)."""
+    if buf.shape[0] == 0:
+        return
+    idx = index.long()
+    ok = valid & (idx >= 0) & (idx < buf.shape[0])
+    keep = ok.view(-1, *([1] * (values.dim() - 1)))
+    values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    buf.index_put_((torch.where(ok, idx, 0),), values.to(buf.dtype), accumulate=True)

@@ -43,4 +43,22 @@ TORCH_LIBRARY(csl_fast, m) {
       "record_input_grad(Tensor sq_norms, Tensor index, Tensor? valid, Tensor(a!) sq_sum, "
       "Tensor(b!) norm_sum, Tensor(c!) count, Tensor(d!) epoch_sq_sum, "
       "Tensor(e!) epoch_count) -> ()");
+  // Fused binary cross entropy with logits (csl_fast.accumulate_bce; csl_fast/reference.py:
+  // bce_fwd, bce_bwd, bce_record). logits, target [B, L] of one dtype; weight and
+  // pos_weight broadcast to [B, L]. loss: F.binary_cross_entropy_with_logits's value
+  // (logits dtype; [] for mean/sum, [B, L] for none); stats: float32 [4, B], see
+  // csrc/bce_stats.h. bce_bwd: d loss / d logits for the upstream gradient `grad`.
+  m.def(
+      "bce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction) -> (Tensor loss, Tensor stats)");
+  m.def(
+      "bce_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "int reduction) -> Tensor");
+  // At index[i], for valid rows: the per-sample stats into csl, count, wrong, min_margin
+  // ([N]) and the plain entry losses and signed margins into label_csl, label_margin
+  // ([N, L]).
+  m.def(
+      "bce_record(Tensor logits, Tensor target, Tensor stats, Tensor index, bool deterministic, "
+      "Tensor(a!)? csl, Tensor(b!)? count, Tensor(c!)? wrong, Tensor(d!)? min_margin, "
+      "Tensor(e!)? label_csl, Tensor(f!)? label_margin) -> ()");
 }

@@ -1,0 +1,351 @@
+r"""``accumulate_bce``: a fused ``F.binary_cross_entropy_with_logits`` that records CSL.
+
+For multi-label data (tagging, medical findings) a sample has ``L`` binary labels and the
+model ``L`` logits. This is the multi-label counterpart of :func:`csl_fast.accumulate`::
+
+    csl = torch.zeros(len(dataset))                       # 4 bytes per sample
+    label_csl = torch.zeros(len(dataset), num_labels)     # 4 bytes per (sample, label)
+    loss = csl_fast.accumulate_bce(model(x), y, idx, csl, label_csl=label_csl)
+    loss.backward()
+
+The loss and its gradient are those of ``F.binary_cross_entropy_with_logits``; what is
+recorded is the *plain* loss (no ``weight``, no ``pos_weight``), as ``accumulate`` records
+the plain cross entropy, so sample weights or class rebalancing do not change the scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import bce_ops
+from ._ext import resolve_backend
+from .accumulate import _buffer_lock
+from .accumulate_checks import _overlap, check_buffer, check_count_fits
+from .ops import transformed
+from .record_loss import _record_tracker
+from .reference import REDUCTIONS, BceStat
+from .stats import NUM_STATS, Stat
+from .tracker import CSLTracker
+
+__all__ = ["accumulate_bce"]
+
+_LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_FLOAT_BUFFER = (torch.float32, torch.float64)
+_COUNT_BUFFER = (torch.float32, torch.float64, torch.int64, torch.int32)
+# The buffers of the recording op, in its schema's order.
+_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+
+
+def accumulate_bce(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | CSLTracker,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    pos_weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    label_csl: torch.Tensor | None = None,
+    label_margin: torch.Tensor | None = None,
+    wrong: torch.Tensor | None = None,
+    min_margin: torch.Tensor | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+) -> torch.Tensor:
+    r"""``F.binary_cross_entropy_with_logits(logits, target, weight, pos_weight=pos_weight,
+    reduction=reduction)`` (same value and gradient), recording each sample's plain loss.
+
+    With logits :math:`z_{il}` and targets :math:`y_{il} \in [0, 1]` (soft targets
+    allowed), the *plain* entry loss is
+
+    .. math::
+        \ell_{il} = \log(1 + e^{z_{il}}) - y_{il} z_{il}
+
+    (no ``weight``, no ``pos_weight``). For every sample :math:`i` whose plain loss
+    :math:`\ell_i = \sum_l \ell_{il}` is finite, at :math:`n = \mathrm{index}_i`:
+
+    ================  =========================================  =====================
+    buffer            update                                     memory
+    ================  =========================================  =====================
+    ``csl`` [N]       :math:`\mathrel{+}= \ell_i`                4 B/sample (8: f64)
+    ``count`` [N]     :math:`\mathrel{+}= 1`                     4-8 B/sample
+    ``wrong`` [N]     :math:`\mathrel{+}= \#\{l: (z_{il} \ge 0)    4-8 B/sample
+                      \ne (y_{il} \ge \tfrac12)\}`
+    ``min_margin``    :math:`\mathrel{+}= \min_l (2y_{il}-1)       4-8 B/sample
+    [N]               z_{il}` (the worst label)
+    ``label_csl``     :math:`[n, l] \mathrel{+}= \ell_{il}`      4 B/entry (8: f64)
+    [N, L]
+    ``label_margin``  :math:`[n, l] \mathrel{+}= (2y_{il}-1)     4 B/entry (8: f64)
+    [N, L]            z_{il}`
+    ================  =========================================  =====================
+
+    Divided by ``count``: ``csl`` is the CSL (mean plain loss per presentation),
+    ``label_csl`` the per-label CSL that ranks (sample, label) entries as mislabeled,
+    ``label_margin`` the per-entry area under the margin (AUM's sigmoid analogue: a
+    flipped label keeps a negative margin), ``wrong`` the mean number of labels the model
+    gets wrong, ``min_margin`` the worst label's mean margin. A sample whose plain loss is
+    NaN or inf is not recorded at all (one bad step cannot poison its scores); duplicate
+    indices add up; nothing here is part of autograd.
+
+    ``csl`` may be a :class:`csl_fast.CSLTracker`: then its ``csl_sum``, ``csl_count`` and
+    ``last_loss`` (and, with ``history=True``, the epoch sums) are updated as
+    :func:`csl_fast.record_loss` updates them, and ``label_csl``/``label_margin``, when
+    not given, default to the tracker's attributes of those names if it has them (``[N,
+    L]``). Its logits-derived buffers (margins, confidences, forgetting) are left as they
+    are: they are softmax statistics.
+
+    Args:
+        logits: ``[B, L]`` float32, float16, bfloat16 or float64, any strides.
+        target: ``[B, L]`` targets in ``[0, 1]``, the logits' dtype (``y.to(z.dtype)``).
+        index: ``[B]`` int64 (or int32) dataset indices in ``[0, N)``.
+        csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
+        count, wrong: optional ``[N]`` float32/float64/int32/int64 buffers (``count``
+            only with a tensor ``csl``: a tracker keeps its own).
+        weight: optional rescaling weight broadcastable to ``[B, L]``, as in PyTorch.
+        pos_weight: optional weight of positive examples broadcastable to ``[B, L]``
+            (usually ``[L]``), as in PyTorch.
+        reduction: ``"mean"`` (over all ``B * L`` entries), ``"sum"`` or ``"none"``
+            (``[B, L]``).
+        label_csl, label_margin: optional ``[N, L]`` contiguous float32/float64 buffers.
+        min_margin: optional ``[N]`` float32/float64 buffer.
+        backend: ``"auto"`` (C++ on the CPU, Triton on a GPU) or one of
+            ``csl_fast.BACKENDS``; ``"reference"`` is ``F.binary_cross_entropy_with_logits``
+            with the recording in plain PyTorch.
+        deterministic: bitwise reproducible buffer updates with duplicate indices (GPU
+            kernels otherwise add with atomics); default
+            ``torch.are_deterministic_algorithms_enabled()``. The CPU is deterministic.
+        validate: check on the host that every index is in ``[0, N)`` before anything is
+            written; default on CPU tensors with a backend other than ``"cpu"`` (whose
+            kernel checks before writing), never on a GPU (a synchronisation; an index out
+            of range is skipped there).
+
+    Returns:
+        The loss, as ``F.binary_cross_entropy_with_logits`` returns it (logits dtype).
+
+    Raises:
+        TypeError / ValueError: a wrong dtype, shape, device, a buffer that requires grad
+            or shares memory with another (nothing is written).
+        IndexError: an index outside ``[0, N)`` (CPU; nothing is written).
+        RuntimeError: under ``torch.func`` transforms or forward-mode AD.
+    """
+    tracker = csl if isinstance(csl, CSLTracker) else None
+    if tracker is not None:
+        if count is not None:
+            raise ValueError(
+                "csl_fast.accumulate_bce: count= is for plain csl tensors; a tracker keeps its "
+                "own counts (tracker.csl_count)"
+            )
+        csl, count = tracker.training_buffers()
+        if label_csl is None:
+            label_csl = getattr(tracker, "label_csl", None)
+        if label_margin is None:
+            label_margin = getattr(tracker, "label_margin", None)
+    buffers = (csl, count, wrong, min_margin, label_csl, label_margin)
+    _check(logits, target, index, buffers, weight, pos_weight, reduction)
+    name = resolve_backend(backend, logits.device)
+    _check_grads(target, weight, pos_weight, name)
+    if transformed():
+        raise RuntimeError(
+            "csl_fast.accumulate_bce does not support torch.func transforms (grad, vmap, jvp) "
+            "or forward-mode AD: it writes into dataset buffers outside the transform. Compute "
+            "F.binary_cross_entropy_with_logits inside the transform and record the per-sample "
+            "loss with csl_fast.record_loss outside it"
+        )
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if validate is None:
+        validate = logits.device.type == "cpu" and name != "cpu"
+    compiling = torch.compiler.is_compiling()
+    if validate and not compiling:
+        _check_range(index, csl.shape[0])
+    code = REDUCTIONS[reduction]
+    with _buffer_lock(csl):
+        loss, stats = bce_ops.bce_loss(logits, target, weight, pos_weight, code, name)
+        bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
+        if tracker is not None:
+            _record_tracker(tracker, index, _loss_stats(stats), name)
+        if not compiling:
+            # The kernels write through data pointers; make autograd see it.
+            written = [b for b in buffers if b is not None]
+            if tracker is not None:
+                written += _tracker_written(tracker)
+            torch._C._increment_version(written)
+    return loss
+
+
+def _loss_stats(stats: torch.Tensor) -> torch.Tensor:
+    """The ``[NUM_STATS, B]`` statistics of :func:`csl_fast.record_loss` (``LOSS`` and
+    ``VALID``; every other row 0) from the per-sample BCE statistics."""
+    out = stats.new_zeros(NUM_STATS, stats.shape[1])
+    out[Stat.LOSS] = stats[BceStat.LOSS]
+    out[Stat.VALID] = stats[BceStat.VALID]
+    return out
+
+
+def _tracker_written(tracker: CSLTracker) -> list[torch.Tensor]:
+    b = tracker.buffers()
+    names = ("last_loss", "epoch_loss_sum", "epoch_count") if tracker.history else ("last_loss",)
+    return [b[n] for n in names]
+
+
+def _fail(kind: type[Exception], message: str) -> None:
+    raise kind(f"csl_fast.accumulate_bce: {message}")
+
+
+def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> None:
+    """Every argument's type, shape, dtype and device, before anything runs."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        _fail(
+            ValueError,
+            f"logits must be a 2-D tensor [B, L] (one row per sample, one column per label), "
+            f"got {got}; flatten extra dimensions into the batch and repeat index to match",
+        )
+    if logits.dtype not in _LOGIT_DTYPES:
+        _fail(
+            TypeError, f"logits must be float32, float16, bfloat16 or float64, got {logits.dtype}"
+        )
+    batch, labels = logits.shape
+    device = logits.device
+    if batch > 0 and labels == 0:
+        _fail(ValueError, "logits have L = 0 labels; there is nothing to learn or record")
+    if not isinstance(target, torch.Tensor) or target.shape != logits.shape:
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        _fail(ValueError, f"target must have the logits' shape {tuple(logits.shape)}, got {got}")
+    if target.dtype != logits.dtype:
+        _fail(
+            TypeError,
+            f"target must have the logits' dtype {logits.dtype}, got {target.dtype}; pass "
+            "target.to(logits.dtype) (targets are probabilities in [0, 1])",
+        )
+    if not isinstance(index, torch.Tensor) or index.dtype not in _INDEX_DTYPES:
+        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+        _fail(TypeError, f"index must be a tensor of int64 (or int32) dataset indices, got {got}")
+    if index.shape != (batch,):
+        _fail(
+            ValueError,
+            f"index must be 1-D with B = {batch} entries, one per row of logits, got shape "
+            f"{tuple(index.shape)}",
+        )
+    for name, opt in (("weight", weight), ("pos_weight", pos_weight)):
+        if opt is not None:
+            _check_option(name, opt, logits)
+    if reduction not in REDUCTIONS:
+        _fail(ValueError, f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    for name, t in (("target", target), ("index", index), *zip(_NAMES, buffers, strict=True)):
+        if t is not None and t.device != device:
+            _fail(
+                ValueError,
+                f"{name} is on {t.device} but logits are on {device}; move it with "
+                ".to(logits.device)",
+            )
+    _check_buffers(buffers, labels)
+
+
+def _check_option(name: str, opt: object, logits: torch.Tensor) -> None:
+    if not isinstance(opt, torch.Tensor) or not opt.is_floating_point():
+        got = opt.dtype if isinstance(opt, torch.Tensor) else type(opt).__name__
+        _fail(TypeError, f"{name} must be a floating-point tensor, got {got}")
+    try:
+        shape = torch.broadcast_shapes(opt.shape, logits.shape)
+    except RuntimeError:
+        shape = None
+    if shape != logits.shape:
+        _fail(
+            ValueError,
+            f"{name} of shape {tuple(opt.shape)} does not broadcast to the logits' shape "
+            f"{tuple(logits.shape)} (e.g. [L] per label, [B, 1] per sample, or [B, L])",
+        )
+
+
+def _check_buffers(buffers: tuple[torch.Tensor | None, ...], labels: int) -> None:
+    csl, count, wrong, min_margin, label_csl, label_margin = buffers
+    check_buffer("accumulate_bce", "csl", csl, _FLOAT_BUFFER, "logits")
+    if count is not None:
+        check_buffer("accumulate_bce", "count", count, _COUNT_BUFFER, "logits")
+        check_count_fits("accumulate_bce", csl, count)
+    n = csl.shape[0]
+    for name, buf, dtypes in (
+        ("wrong", wrong, _COUNT_BUFFER),
+        ("min_margin", min_margin, _FLOAT_BUFFER),
+    ):
+        if buf is not None:
+            check_buffer("accumulate_bce", name, buf, dtypes, "logits")
+            if buf.shape[0] != n:
+                _fail(
+                    ValueError,
+                    f"{name} has {buf.shape[0]} entries but csl has {n}; both need one per sample",
+                )
+    for name, buf in (("label_csl", label_csl), ("label_margin", label_margin)):
+        if buf is not None:
+            _check_label_buffer(name, buf, n, labels)
+    given = [(name, b) for name, b in zip(_NAMES, buffers, strict=True) if b is not None]
+    if torch.compiler.is_compiling():
+        return  # no addresses while tracing
+    for k, (name_a, a) in enumerate(given):
+        for name_b, b in given[k + 1 :]:
+            if _overlap(a, b):
+                _fail(
+                    ValueError,
+                    f"{name_a} and {name_b} share memory (the same tensor, or views of one), so "
+                    "two statistics would be added into the same entries; allocate them separately",
+                )
+
+
+def _check_label_buffer(name: str, buf: object, n: int, labels: int) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.dtype not in _FLOAT_BUFFER:
+        got = buf.dtype if isinstance(buf, torch.Tensor) else type(buf).__name__
+        _fail(
+            TypeError,
+            f"{name} must be a float32 or float64 tensor, got {got}; allocate it with "
+            "torch.zeros(num_samples, num_labels, device=logits.device)",
+        )
+    if buf.requires_grad:
+        _fail(
+            ValueError,
+            f"{name} requires grad, but it is a buffer written in place with no gradient; "
+            "allocate it with torch.zeros(num_samples, num_labels) or pass it detached",
+        )
+    if buf.shape != (n, labels) or not buf.is_contiguous():
+        _fail(
+            ValueError,
+            f"{name} must be a contiguous [N, L] = [{n}, {labels}] tensor (N the size of csl, "
+            f"L the logits' columns), got shape {tuple(buf.shape)} "
+            f"(contiguous={buf.is_contiguous()})",
+        )
+
+
+def _check_grads(target, weight, pos_weight, name: str) -> None:
+    """The fused kernels differentiate the logits only; PyTorch's own kernel has no
+    gradient for weight and pos_weight either, but one for the target."""
+    if not torch.is_grad_enabled():
+        return
+    for what, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is not None and t.requires_grad:
+            _fail(
+                ValueError,
+                f"{what} requires grad, but binary cross entropy has no gradient for it "
+                f"(F.binary_cross_entropy_with_logits refuses it too); pass {what}.detach()",
+            )
+    if target.requires_grad and name != "reference":
+        _fail(
+            ValueError,
+            "target requires grad, but the fused kernels differentiate the logits only; pass "
+            "target.detach(), or backend='reference' for a gradient with respect to the target",
+        )
+
+
+def _check_range(index: torch.Tensor, num_samples: int) -> None:
+    """Every index in ``[0, N)`` (reads them on the host)."""
+    bad = (index < 0) | (index >= num_samples)
+    if index.numel() and bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        _fail(
+            IndexError,
+            f"index[{i}] = {int(index[i])} is outside [0, N = {num_samples}) where N is the "
+            "size of the csl buffer; pass dataset indices (csl_fast.data.IndexedDataset) and a "
+            "buffer with one entry per dataset sample",
+        )

@@ -1,0 +1,507 @@
+"""csl_fast.accumulate_bce: the loss and gradient of F.binary_cross_entropy_with_logits on
+every CPU-runnable backend (error against float64 at most 2x PyTorch's own, same dtype, for
+random upstream gradients), the recorded buffers against csl_fast.reference and a plain
+loop, trackers, bad input refused with nothing written, opcheck, gradcheck and
+torch.compile. The Triton kernels: tests/_triton/test_triton_bce.py."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close_f32, assert_no_worse_than_torch
+
+import csl_fast
+from csl_fast import reference
+from csl_fast.reference import BCE_NUM_STATS, BceStat
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_BACKENDS = [b for b in ("cpu", "reference") if b in csl_fast.available_backends("cpu")]
+needs_ext = pytest.mark.skipif(
+    "cpu" not in csl_fast.available_backends("cpu"), reason="compiled extension not built"
+)
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SHAPES = [(5, 1), (13, 7), (3, 1037), (0, 4), (1, 3)]
+
+
+def _inputs(batch, labels, dtype=torch.float32, soft=False, scale=3.0, device="cpu"):
+    logits = (torch.randn(batch, labels, device=device) * scale).to(dtype)
+    if soft:
+        target = torch.rand(batch, labels, device=device).to(dtype)
+    else:
+        target = (torch.rand(batch, labels, device=device) < 0.3).to(dtype)
+    return logits, target
+
+
+def _options(kind, batch, labels, dtype=torch.float32):
+    """weight and pos_weight of ``kind``, in float64 for float64 logits (PyTorch would
+    round ``pos_weight - 1`` in float32 otherwise), else float32."""
+    wd = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = pos_weight = None
+    if "w_label" in kind:
+        weight = torch.rand(labels, dtype=wd) + 0.5
+    if "w_sample" in kind:
+        weight = torch.rand(batch, 1, dtype=wd) + 0.5
+    if "w_entry" in kind:
+        weight = torch.rand(batch, labels, dtype=wd) + 0.5
+    if "pos" in kind:
+        pos_weight = torch.rand(labels, dtype=wd) * 3 + 0.2
+    return weight, pos_weight
+
+
+def _upstream(reduction, batch, labels, dtype):
+    if reduction == "none":
+        return (torch.randn(batch, labels) * 1.7).to(dtype)
+    return torch.tensor(1.7, dtype=dtype)
+
+
+def _torch_loss_and_grad(logits, target, weight, pos_weight, reduction, upstream):
+    z = logits.detach().clone().requires_grad_(True)
+    cast = (lambda t: None if t is None else t.to(z.dtype)) if z.dtype == torch.float64 else None
+    w, pw = (cast(weight), cast(pos_weight)) if cast else (weight, pos_weight)
+    loss = F.binary_cross_entropy_with_logits(
+        z, target.to(z.dtype), weight=w, pos_weight=pw, reduction=reduction
+    )
+    (grad,) = torch.autograd.grad(loss, z, upstream.to(z.dtype))
+    return loss.detach(), grad
+
+
+def _ours(backend, logits, target, weight, pos_weight, reduction, upstream, n=None):
+    z = logits.detach().clone().requires_grad_(True)
+    batch = z.shape[0]
+    n = n or max(batch, 1)
+    csl = torch.zeros(n, dtype=torch.float64)
+    index = torch.arange(batch) % n
+    loss = csl_fast.accumulate_bce(
+        z, target, index, csl, weight=weight, pos_weight=pos_weight, reduction=reduction,
+        backend=backend,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, z, upstream)
+    return loss.detach(), grad, csl
+
+
+def _check_no_worse(logits, target, weight, pos_weight, reduction, backend):
+    upstream = _upstream(reduction, *logits.shape, logits.dtype)
+    ours_loss, ours_grad, _ = _ours(
+        backend, logits, target, weight, pos_weight, reduction, upstream
+    )
+    t_loss, t_grad = _torch_loss_and_grad(logits, target, weight, pos_weight, reduction, upstream)
+    e_loss, e_grad = _torch_loss_and_grad(
+        logits.double(), target.double(), weight, pos_weight, reduction, upstream.double()
+    )
+    assert ours_loss.dtype == logits.dtype and ours_loss.shape == t_loss.shape
+    assert ours_grad.dtype == logits.dtype
+    if ours_loss.dim() == 0:
+        ours_loss, t_loss, e_loss = ours_loss[None], t_loss[None], e_loss[None]
+    assert_no_worse_than_torch(ours_loss, t_loss, e_loss, "loss")
+    assert_no_worse_than_torch(ours_grad, t_grad, e_grad, "grad")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_loss_and_grad_no_worse_than_torch(backend, dtype, reduction, shape):
+    logits, target = _inputs(*shape, dtype=dtype, soft=True)
+    _check_no_worse(logits, target, None, None, reduction, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "kind", ["w_label", "w_sample", "w_entry", "pos", "w_label+pos", "w_entry+pos"]
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("soft", [False, True])
+def test_weights_no_worse_than_torch(backend, dtype, kind, reduction, soft):
+    logits, target = _inputs(11, 37, dtype=dtype, soft=soft)
+    weight, pos_weight = _options(kind, 11, 37, dtype)
+    _check_no_worse(logits, target, weight, pos_weight, reduction, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_extreme_logits_no_worse_than_torch(backend, dtype):
+    # Confident rows, right and wrong: tiny losses and gradients that a naive form cancels.
+    logits = torch.tensor([[30.0, -30.0, 80.0, -80.0, 0.0, 1e-3, -17.0, 17.0]] * 2).to(dtype)
+    target = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0] * 2])
+    for reduction in ("none", "sum"):
+        _check_no_worse(logits, target.to(dtype), None, torch.full((8,), 2.5), reduction, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous_inputs_give_the_same_results(backend):
+    logits, target = _inputs(9, 20, soft=True)
+    weight = torch.rand(20, 9).t()  # [9, 20] transposed
+    z_nc = torch.empty(20, 9).t()  # same values as below, other strides
+    z_nc.copy_(logits)
+    cols = torch.zeros(9, 40)
+    cols[:, ::2] = target  # a column slice: row stride 40, column stride 2
+    y_nc = cols[:, ::2]
+    assert not z_nc.is_contiguous() and not y_nc.is_contiguous()
+    up = torch.randn(9, 20).t().contiguous().t()
+    for reduction in ("none", "mean"):
+        upstream = up if reduction == "none" else torch.tensor(0.7)
+        got = _ours(backend, z_nc, y_nc, weight, None, reduction, upstream)
+        want = _ours(backend, logits, target, weight.contiguous(), None, reduction, upstream)
+        for a, b in zip(got, want, strict=True):
+            if backend == "reference":  # PyTorch's reductions follow the strides
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+
+
+def _loop_record(logits, target, index, n):
+    """The buffers, one sample and one label at a time, in float64."""
+    z, y = logits.double(), target.double()
+    out = {k: torch.zeros(n, dtype=torch.float64) for k in ("csl", "count", "wrong", "min_margin")}
+    out["label_csl"] = torch.zeros(n, z.shape[1], dtype=torch.float64)
+    out["label_margin"] = torch.zeros(n, z.shape[1], dtype=torch.float64)
+    for i in range(z.shape[0]):
+        entry = F.softplus(z[i]) - y[i] * z[i]
+        if not torch.isfinite(entry.sum()):
+            continue
+        m = int(index[i])
+        margin = (2 * y[i] - 1) * z[i]
+        out["csl"][m] += entry.sum()
+        out["count"][m] += 1
+        out["wrong"][m] += ((z[i] >= 0) != (y[i] >= 0.5)).sum()
+        out["min_margin"][m] += margin.min()
+        out["label_csl"][m] += entry
+        out["label_margin"][m] += margin
+    return out
+
+
+def _record_all(backend, logits, target, index, n, dtype=torch.float32, **kw):
+    labels = logits.shape[1]
+    bufs = {
+        "csl": torch.zeros(n, dtype=dtype),
+        "count": torch.zeros(n, dtype=torch.int64),
+        "wrong": torch.zeros(n, dtype=torch.int32),
+        "min_margin": torch.zeros(n, dtype=dtype),
+        "label_csl": torch.zeros(n, labels, dtype=dtype),
+        "label_margin": torch.zeros(n, labels, dtype=dtype),
+    }
+    loss = csl_fast.accumulate_bce(
+        logits, target, index, bufs["csl"], count=bufs["count"], wrong=bufs["wrong"],
+        min_margin=bufs["min_margin"], label_csl=bufs["label_csl"],
+        label_margin=bufs["label_margin"], backend=backend, **kw,
+    )  # fmt: skip
+    return loss, bufs
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(17, 1), (13, 7), (4, 1100), (0, 3), (6, 2)])
+@pytest.mark.parametrize("buffer_dtype", [torch.float32, torch.float64])
+def test_recorded_buffers_match_a_loop(backend, dtype, shape, buffer_dtype):
+    batch, labels = shape
+    logits, target = _inputs(batch, labels, dtype=dtype, soft=True)
+    if batch > 3:
+        target[1] = (target[1] > 0.5).to(dtype)  # a hard row among soft ones
+    n = 5 if batch != 6 else 1  # N = 1: every row at index 0
+    index = torch.randint(0, n, (batch,))  # duplicates
+    weight, pos_weight = _options("w_label+pos", batch, labels)
+    _, bufs = _record_all(
+        backend, logits, target, index, n, buffer_dtype, weight=weight, pos_weight=pos_weight
+    )
+    want = _loop_record(logits, target, index, n)
+    # Per-sample values pass through the float32 statistics; per-entry values are added in
+    # the buffer's dtype from the compute dtype (float64 only for float64 logits).
+    exact_entries = dtype == torch.float64 and buffer_dtype == torch.float64
+    sums = 2e-6 * max(batch, 1) if buffer_dtype == torch.float32 else 2e-6  # duplicates
+    for name in ("count", "wrong"):
+        assert torch.equal(bufs[name].double(), want[name]), name
+    for name in ("csl", "min_margin", "label_csl", "label_margin"):
+        assert bufs[name].dtype == buffer_dtype
+        rtol = 1e-12 if exact_entries and name.startswith("label") else sums
+        assert_close_f32(bufs[name], want[name], name, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_record_what_the_reference_records(backend):
+    logits, target = _inputs(23, 9, soft=True)
+    index = torch.randint(0, 7, (23,))
+    _, got = _record_all(backend, logits, target, index, 7)
+    stats = reference.bce_row_statistics(logits, target)
+    want = {k: torch.zeros_like(v) for k, v in got.items()}
+    reference.bce_record(logits, target, stats, index, True, *want.values())
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_finite_samples_are_not_recorded(backend):
+    logits, target = _inputs(6, 4)
+    logits[1, 2] = float("nan")
+    logits[3, 0] = float("inf")
+    target[3, 0] = 0.0  # softplus(inf) = inf
+    logits[4, 1] = -float("inf")
+    target[4, 1] = 0.0  # right, but 0 * inf is NaN in PyTorch's loss as in ours
+    index = torch.tensor([0, 1, 2, 3, 4, 5])
+    loss, bufs = _record_all(backend, logits, target, index, 6, reduction="none")
+    assert loss[4, 1].isnan() and loss[3, 0].isinf()
+    assert bufs["count"].tolist() == [1, 0, 1, 0, 0, 1]
+    for name in ("csl", "label_csl", "label_margin", "min_margin", "wrong"):
+        assert bufs[name][[1, 3, 4]].eq(0).all(), name
+    want = _loop_record(logits, target, index, 6)
+    assert_close_f32(bufs["csl"], want["csl"], "csl")
+
+
+@needs_ext
+def test_stats_layout_matches_the_header():
+    text = (ROOT / "csrc" / "bce_stats.h").read_text()
+    rows = dict(re.findall(r"kBce(\w+) = (\d+)", text))
+    assert int(rows.pop("NumStats")) == BCE_NUM_STATS
+    names = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).upper(): int(v) for k, v in rows.items()}
+    assert names == {s.name: int(s) for s in BceStat}
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("history", [False, True])
+def test_tracker_is_updated_as_record_loss_updates_it(backend, history):
+    logits, target = _inputs(10, 6, soft=True)
+    index = torch.tensor([0, 2, 2, 5, 1, 7, 0, 3, 3, 2])
+    tracker = csl_fast.CSLTracker(8, 6, history=history)
+    tracker.label_csl = torch.zeros(8, 6)
+    want = csl_fast.CSLTracker(8, 6, history=history)
+    plain = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(1)
+    loss = csl_fast.accumulate_bce(logits, target, index, tracker, backend=backend)
+    csl_fast.record_loss(plain, index, want, backend=backend)
+    torch.testing.assert_close(loss, F.binary_cross_entropy_with_logits(logits, target))
+    got_b, want_b = tracker.buffers(), want.buffers()
+    for name in ("csl_sum", "csl_count", "last_loss", *(("epoch_loss_sum",) if history else ())):
+        torch.testing.assert_close(got_b[name], want_b[name], msg=name)
+    for name, buf in got_b.items():
+        if name not in ("csl_sum", "csl_count", "last_loss", "epoch_loss_sum", "epoch_count"):
+            assert torch.equal(buf, want_b[name]), f"{name} was written"
+    torch.testing.assert_close(tracker.label_csl.sum(1), got_b["csl_sum"].float())
+
+
+def _fresh():
+    logits, target = _inputs(6, 4)
+    bufs = {
+        "csl": torch.zeros(5),
+        "count": torch.zeros(5),
+        "wrong": torch.zeros(5),
+        "min_margin": torch.zeros(5),
+        "label_csl": torch.zeros(5, 4),
+        "label_margin": torch.zeros(5, 4),
+    }
+    return logits, target, torch.tensor([0, 1, 4, 4, 2, 3]), bufs
+
+
+_BAD = [
+    ("logits 3-D", lambda a: a.update(logits=a["logits"][None]), ValueError, "2-D tensor"),
+    ("logits int", lambda a: a.update(logits=a["logits"].long()), TypeError, "float32, float16"),
+    ("target shape", lambda a: a.update(target=a["target"][:, :3]), ValueError, "logits' shape"),
+    ("target dtype", lambda a: a.update(target=a["target"].double()), TypeError, "logits' dtype"),
+    ("index float", lambda a: a.update(index=a["index"].float()), TypeError, "int64"),
+    ("index length", lambda a: a.update(index=a["index"][:5]), ValueError, "B = 6"),
+    ("index high", lambda a: a["index"].__setitem__(3, 5), IndexError, r"index\[3\] = 5"),
+    ("index negative", lambda a: a["index"].__setitem__(0, -1), IndexError, r"index\[0\] = -1"),
+    ("weight shape", lambda a: a.update(weight=torch.rand(3)), ValueError, "does not broadcast"),
+    (
+        "pos_weight int",
+        lambda a: a.update(pos_weight=torch.ones(4, dtype=torch.long)),
+        TypeError,
+        "floating",
+    ),
+    (
+        "weight grad",
+        lambda a: a.update(weight=torch.rand(4, requires_grad=True)),
+        ValueError,
+        "weight.detach",
+    ),
+    ("reduction", lambda a: a.update(reduction="avg"), ValueError, "reduction must be"),
+    (
+        "csl int",
+        lambda a: a["bufs"].update(csl=torch.zeros(5, dtype=torch.long)),
+        TypeError,
+        "csl must",
+    ),
+    (
+        "csl grad",
+        lambda a: a["bufs"].update(csl=torch.zeros(5, requires_grad=True)),
+        ValueError,
+        "requires grad",
+    ),
+    ("count size", lambda a: a["bufs"].update(count=torch.zeros(6)), ValueError, "count has 6"),
+    ("wrong size", lambda a: a["bufs"].update(wrong=torch.zeros(4)), ValueError, "wrong has 4"),
+    (
+        "label_csl shape",
+        lambda a: a["bufs"].update(label_csl=torch.zeros(5, 3)),
+        ValueError,
+        r"\[N, L\] = \[5, 4\]",
+    ),
+    (
+        "label_csl strided",
+        lambda a: a["bufs"].update(label_csl=torch.zeros(4, 5).t()),
+        ValueError,
+        "contiguous",
+    ),
+    (
+        "label_margin f16",
+        lambda a: a["bufs"].update(label_margin=torch.zeros(5, 4).half()),
+        TypeError,
+        "float32 or float64",
+    ),
+    (
+        "label_csl grad",
+        lambda a: a["bufs"].update(label_csl=torch.zeros(5, 4, requires_grad=True)),
+        ValueError,
+        "requires grad",
+    ),
+    (
+        "alias labels",
+        lambda a: a["bufs"].update(label_margin=a["bufs"]["label_csl"]),
+        ValueError,
+        "label_csl and label_margin share",
+    ),
+    (
+        "alias csl wrong",
+        lambda a: a["bufs"].update(wrong=a["bufs"]["csl"]),
+        ValueError,
+        "csl and wrong share",
+    ),
+    (
+        "device",
+        lambda a: a["bufs"].update(min_margin=torch.zeros(5, device="meta")),
+        ValueError,
+        "min_margin is on meta",
+    ),
+    (
+        "no labels",
+        lambda a: a.update(logits=torch.zeros(6, 0), target=torch.zeros(6, 0)),
+        ValueError,
+        "L = 0",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case", _BAD, ids=[c[0] for c in _BAD])
+def test_bad_input_is_refused_with_nothing_written(backend, case):
+    _, change, error, match = case
+    logits, target, index, bufs = _fresh()
+    args = {"logits": logits, "target": target, "index": index, "bufs": bufs,
+            "weight": None, "pos_weight": None, "reduction": "mean"}  # fmt: skip
+    change(args)
+    before = {k: v.detach().clone() for k, v in args["bufs"].items() if v.device.type != "meta"}
+    b = args["bufs"]
+    with pytest.raises(error, match=match):
+        csl_fast.accumulate_bce(
+            args["logits"], args["target"], args["index"], b["csl"], count=b["count"],
+            wrong=b["wrong"], min_margin=b["min_margin"], label_csl=b["label_csl"],
+            label_margin=b["label_margin"], weight=args["weight"],
+            pos_weight=args["pos_weight"], reduction=args["reduction"], backend=backend,
+        )  # fmt: skip
+    for name, buf in before.items():
+        assert torch.equal(b[name].detach(), buf), f"{name} was written"
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_bad_tracker_calls_write_nothing(backend):
+    logits, target, index, _ = _fresh()
+    tracker = csl_fast.CSLTracker(5, 4)
+    with pytest.raises(ValueError, match="count= is for plain csl tensors"):
+        csl_fast.accumulate_bce(logits, target, index, tracker, count=torch.zeros(5))
+    index[2] = 7
+    with pytest.raises(IndexError, match="outside"):
+        csl_fast.accumulate_bce(logits, target, index, tracker, backend=backend)
+    assert all(not b.any() for b in tracker.buffers().values() if b.dtype != torch.int32)
+
+
+@needs_ext
+def test_target_requiring_grad_needs_the_reference():
+    logits, target = _inputs(4, 3, soft=True)
+    target.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"target\.detach"):
+        csl_fast.accumulate_bce(logits, target, torch.arange(4), torch.zeros(4), backend="cpu")
+    loss = csl_fast.accumulate_bce(
+        logits, target, torch.arange(4), torch.zeros(4), backend="reference"
+    )
+    (g,) = torch.autograd.grad(loss, target)
+    assert torch.isfinite(g).all()
+
+
+@needs_ext
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("options", [False, True])
+def test_opcheck(reduction, options):
+    logits, target = _inputs(7, 5, soft=True)
+    logits.requires_grad_(True)
+    weight = torch.rand(7, 1) if options else None
+    pos_weight = torch.rand(5) + 0.5 if options else None
+    ops = torch.ops.csl_fast
+    torch.library.opcheck(ops.bce_fwd.default, (logits, target, weight, pos_weight, reduction))
+    grad = torch.randn(7, 5) if reduction == 0 else torch.tensor(0.3)
+    torch.library.opcheck(
+        ops.bce_bwd.default, (grad, logits.detach(), target, weight, pos_weight, reduction)
+    )
+    stats = reference.bce_row_statistics(logits.detach(), target)
+    bufs = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4, 5), None)
+    index = torch.tensor([0, 1, 1, 3, 2, 0, 3])
+    torch.library.opcheck(
+        ops.bce_record.default, (logits.detach(), target, stats, index, True, *bufs)
+    )
+
+
+@needs_ext
+def test_gradcheck_float64():
+    logits, target = _inputs(5, 4, dtype=torch.float64, soft=True)
+    logits.requires_grad_(True)
+    weight, pos_weight = torch.rand(5, 1, dtype=torch.float64), torch.rand(4, dtype=torch.float64)
+    for reduction in ("none", "mean", "sum"):
+
+        def f(z, reduction=reduction):
+            csl = torch.zeros(5, dtype=torch.float64)
+            return csl_fast.accumulate_bce(
+                z, target, torch.arange(5), csl, weight=weight, pos_weight=pos_weight,
+                reduction=reduction, backend="cpu",
+            )  # fmt: skip
+
+        assert torch.autograd.gradcheck(f, (logits,))
+
+
+@needs_ext
+def test_double_backward_is_refused_not_wrong():
+    logits, target = _inputs(4, 3)
+    logits.requires_grad_(True)
+    loss = csl_fast.accumulate_bce(logits, target, torch.arange(4), torch.zeros(4), backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, logits, create_graph=True)
+
+
+@needs_ext
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_training_step(backend):
+    torch._dynamo.reset()
+    model = torch.nn.Linear(6, 5)
+    csl, count = torch.zeros(20), torch.zeros(20)
+    label_csl = torch.zeros(20, 5)
+    pos_weight = torch.rand(5) + 0.5
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def forward(x, y, idx):
+        return csl_fast.accumulate_bce(
+            model(x), y, idx, csl, count=count, label_csl=label_csl, pos_weight=pos_weight,
+            backend=backend,
+        )  # fmt: skip
+
+    x, y = torch.randn(8, 6), torch.rand(8, 5)
+    idx = torch.tensor([0, 3, 3, 7, 9, 11, 19, 0])
+    loss = forward(x, y, idx)  # fullgraph=True: fails on any graph break
+    loss.backward()
+    grad = model.weight.grad.clone()
+    model.zero_grad()
+    want = F.binary_cross_entropy_with_logits(model(x), y, pos_weight=pos_weight)
+    want.backward()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(grad, model.weight.grad)
+    plain = F.binary_cross_entropy_with_logits(model(x), y, reduction="none").detach()
+    torch.testing.assert_close(label_csl, torch.zeros(20, 5).index_add_(0, idx, plain))
+    torch.testing.assert_close(csl, torch.zeros(20).index_add_(0, idx, plain.sum(1)))
+    assert count.sum() == 8 and count[3] == 2 and count[0] == 2
