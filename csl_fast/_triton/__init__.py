@@ -1,6 +1,6 @@
 """Triton kernels of csl_fast, the default GPU path.
 
-Importing this package registers five ops (same semantics as :mod:`csl_fast.reference`):
+Importing this package registers these ops (same semantics as :mod:`csl_fast.reference`):
 
 * ``torch.ops.csl_fast.cross_entropy_fwd_triton(logits, target, weight, ignore_index,
   label_smoothing, reduction) -> (loss, grad, stats)``
@@ -8,6 +8,8 @@ Importing this package registers five ops (same semantics as :mod:`csl_fast.refe
   the gradient written over the logits
 * ``torch.ops.csl_fast.scatter_stats_triton(stats, index, deterministic, csl, count) -> ()``
 * ``torch.ops.csl_fast.input_grad_norms_triton(grad, scale) -> Tensor``
+* ``torch.ops.csl_fast.bce_fwd_triton``, ``bce_bwd_triton``, ``bce_record_triton``: the
+  binary cross entropy of ``csl_fast.accumulate_bce`` (``csl_fast/_triton/bce.py``)
 * ``torch.ops.csl_fast.record_last_triton(stats, index, max_prob, epoch, last_loss, ...)``
   (the tracker's per-presentation state, as :func:`csl_fast.reference.record_last`)
 
@@ -16,12 +18,16 @@ opaque custom ops with fake kernels under ``TRITON_INTERPRET=1`` (see ``_registr
 Argument values are validated by the caller (``csl_fast.ops``).
 """
 
+from .bce import bce_bwd_triton, bce_fwd_triton, bce_record_triton
 from .cross_entropy import cross_entropy_fwd_inplace_triton, cross_entropy_fwd_triton
 from .grad_norms import input_grad_norms_triton
 from .record import record_last_triton
 from .scatter import scatter_stats_triton
 
 __all__ = [
+    "bce_bwd_triton",
+    "bce_fwd_triton",
+    "bce_record_triton",
     "cross_entropy_fwd_inplace_triton",
     "cross_entropy_fwd_triton",
     "input_grad_norms_triton",

@@ -1,0 +1,506 @@
+"""Fused binary cross entropy with logits in Triton (csl_fast.accumulate_bce on a GPU).
+
+Three ops with the semantics of :mod:`csl_fast.reference` (``bce_fwd``, ``bce_bwd``,
+``bce_record``) and the schemas of the C++ ops (``csrc/csl_fast.cpp``):
+
+* ``csl_fast::bce_fwd_triton(logits, target, weight, pos_weight, reduction) -> (loss,
+  stats)``: one read of the ``[B, L]`` logits and targets; tiles of ``ROWS`` rows by
+  ``BLOCK_L`` labels, looping over the labels, per-row sums in registers. The entry loss is
+  ``[z >= 0](1 - y) z - [z < 0] p y z + (1 + (p - 1) y) log(1 + exp(-|z|))`` (times the
+  weight), the form in which no large terms cancel for hard targets. 'mean' and 'sum'
+  reduce per-row sums on the device (no host synchronisation).
+* ``csl_fast::bce_bwd_triton(grad, logits, target, weight, pos_weight, reduction)``: the
+  gradient ``g w ((1 - y) sigmoid(z) - p y sigmoid(-z))`` recomputed from the logits and
+  rounded once; the upstream gradient of 'mean'/'sum' is read on the device.
+* ``csl_fast::bce_record_triton(logits, target, stats, index, deterministic, csl, count,
+  wrong, min_margin, label_csl, label_margin)``: per-sample statistics and per-entry plain
+  losses and signed margins at each valid sample's index. ``deterministic=False``: relaxed
+  atomics (with duplicate indices the order of float additions may change between runs);
+  ``deterministic=True``: a stable sort of the indices, then the first row of each run of
+  equal indices adds the run's rows in batch order (bitwise reproducible, one writer per
+  entry; a run of ``r`` duplicates is ``r`` dependent steps). An index outside ``[0, N)``
+  is skipped (the caller validates).
+
+Computed in float32 for float16/bfloat16/float32 logits, float64 for float64. Weights are
+broadcast to ``[B, L]`` as stride-0 views (no copy). Argument values are validated by the
+caller (:func:`csl_fast.accumulate_bce`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ..bce_ops import FAKES, register_autograd
+from ..reference import BCE_NUM_STATS
+from ._registry import is_interpreted, register
+from .cross_entropy import _log1p, _to_out
+
+#: Largest label tile; wider rows loop over tiles.
+MAX_BLOCK_L = 1024
+#: Target number of entries per program (several rows when L is small).
+TILE_ELEMS = 2048
+#: Cap on rows per program.
+MAX_ROWS = 32
+
+
+@triton.jit
+def _entry_losses(z, y, w, pw):
+    """(plain, weighted) entry losses of logits ``z`` and targets ``y`` (compute dtype)."""
+    log_term = _log1p(tl.exp(-tl.abs(z)))
+    pos = z >= 0
+    plain = tl.where(pos, (1.0 - y) * z, -y * z) + log_term
+    linear = tl.where(pos, (1.0 - y) * z, -(pw * y) * z)
+    weighted = w * (linear + (1.0 + (pw - 1.0) * y) * log_term)
+    return plain, weighted
+
+
+@triton.jit
+def _bce_fwd_kernel(
+    z_ptr,
+    y_ptr,
+    w_ptr,
+    pw_ptr,
+    loss_ptr,
+    rows_ptr,
+    stats_ptr,
+    B,
+    L,
+    sz0,
+    sz1,
+    sy0,
+    sy1,
+    sw0,
+    sw1,
+    sp0,
+    sp1,
+    HAS_W: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    MANUAL_BF16_RNE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < B
+    plain_sum = tl.zeros([ROWS], dtype=ACC)
+    weighted_sum = tl.zeros([ROWS], dtype=ACC)
+    wrong = tl.zeros([ROWS], dtype=tl.int32)
+    min_margin = tl.full([ROWS], float("inf"), dtype=ACC)
+    for start in range(0, L, BLOCK_L):
+        cols = start + tl.arange(0, BLOCK_L).to(tl.int64)
+        m = rmask[:, None] & (cols < L)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * sy0 + cols[None, :] * sy1, mask=m, other=0.0)
+        z = z.to(ACC)
+        y = y.to(ACC)
+        w = 1.0
+        pw = 1.0
+        if HAS_W:
+            w = tl.load(w_ptr + rows[:, None] * sw0 + cols[None, :] * sw1, mask=m, other=0.0)
+        if HAS_PW:
+            pw = tl.load(pw_ptr + rows[:, None] * sp0 + cols[None, :] * sp1, mask=m, other=0.0)
+        plain, weighted = _entry_losses(z, y, w, pw)
+        plain_sum += tl.sum(tl.where(m, plain, 0.0), 1)
+        if PER_ENTRY:
+            out = _to_out(weighted, loss_ptr.dtype.element_ty, MANUAL_BF16_RNE)
+            tl.store(loss_ptr + rows[:, None] * L + cols[None, :], out, mask=m)
+        else:
+            weighted_sum += tl.sum(tl.where(m, weighted, 0.0), 1)
+        bad = m & ((z >= 0) != (y >= 0.5))
+        wrong += tl.sum(bad.to(tl.int32), 1)
+        margin = tl.where(m, (2.0 * y - 1.0) * z, float("inf"))
+        min_margin = tl.minimum(min_margin, tl.min(margin, 1))
+    valid = rmask & (plain_sum == plain_sum) & (tl.abs(plain_sum) < float("inf"))
+    zero = tl.zeros([ROWS], dtype=tl.float32)
+    tl.store(stats_ptr + rows, tl.where(valid, plain_sum.to(tl.float32), zero), mask=rmask)
+    tl.store(stats_ptr + B + rows, valid.to(tl.float32), mask=rmask)
+    tl.store(stats_ptr + 2 * B + rows, tl.where(valid, wrong.to(tl.float32), zero), mask=rmask)
+    tl.store(stats_ptr + 3 * B + rows, tl.where(valid, min_margin.to(tl.float32), zero), mask=rmask)
+    if not PER_ENTRY:
+        tl.store(rows_ptr + rows, weighted_sum, mask=rmask)
+
+
+@triton.jit
+def _bce_bwd_kernel(
+    g_ptr,
+    z_ptr,
+    y_ptr,
+    w_ptr,
+    pw_ptr,
+    out_ptr,
+    B,
+    L,
+    n_mean,
+    sg0,
+    sg1,
+    sz0,
+    sz1,
+    sy0,
+    sy1,
+    sw0,
+    sw1,
+    sp0,
+    sp1,
+    HAS_W: tl.constexpr,
+    HAS_PW: tl.constexpr,
+    PER_ENTRY: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    MANUAL_BF16_RNE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    m = (rows < B)[:, None] & (cols < L)[None, :]
+    z = tl.load(z_ptr + rows[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0).to(ACC)
+    y = tl.load(y_ptr + rows[:, None] * sy0 + cols[None, :] * sy1, mask=m, other=0.0).to(ACC)
+    w = 1.0
+    pw = 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + rows[:, None] * sw0 + cols[None, :] * sw1, mask=m, other=0.0)
+    if HAS_PW:
+        pw = tl.load(pw_ptr + rows[:, None] * sp0 + cols[None, :] * sp1, mask=m, other=0.0)
+    if PER_ENTRY:
+        g = tl.load(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, mask=m, other=0.0)
+        g = g.to(ACC)
+    else:
+        # 'mean' divides by n_mean = B * L, 'sum' by 1 (as the C++ kernel, in ACC).
+        g = tl.load(g_ptr).to(ACC) / n_mean.to(ACC)
+    e = tl.exp(-tl.abs(z))
+    big = 1.0 / (1.0 + e)
+    small = e * big
+    pos = z >= 0
+    sig = tl.where(pos, big, small)
+    sig_neg = tl.where(pos, small, big)
+    d = w * ((1.0 - y) * sig - pw * y * sig_neg)
+    out = _to_out(g * d, out_ptr.dtype.element_ty, MANUAL_BF16_RNE)
+    tl.store(out_ptr + rows[:, None] * L + cols[None, :], out, mask=m)
+
+
+@triton.jit
+def _bce_record_atomic_kernel(
+    z_ptr,
+    y_ptr,
+    stats_ptr,
+    index_ptr,
+    csl_ptr,
+    count_ptr,
+    wrong_ptr,
+    mm_ptr,
+    lc_ptr,
+    lm_ptr,
+    B,
+    L,
+    N,
+    sz0,
+    sz1,
+    sy0,
+    sy1,
+    HAS_CSL: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    HAS_WRONG: tl.constexpr,
+    HAS_MM: tl.constexpr,
+    HAS_LC: tl.constexpr,
+    HAS_LM: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    rmask = rows < B
+    key = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    valid = tl.load(stats_ptr + B + rows, mask=rmask, other=0.0) > 0
+    ok = rmask & valid & (key >= 0) & (key < N)
+    # The per-sample buffers: by the programs of the first label tile only.
+    ok1 = ok & ((rows * 0 + tl.program_id(1)) == 0)
+    if HAS_CSL:
+        v = tl.load(stats_ptr + rows, mask=ok1, other=0.0)
+        tl.atomic_add(csl_ptr + key, v.to(csl_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
+    if HAS_COUNT:
+        v = tl.load(stats_ptr + B + rows, mask=ok1, other=0.0)
+        tl.atomic_add(count_ptr + key, v.to(count_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
+    if HAS_WRONG:
+        v = tl.load(stats_ptr + 2 * B + rows, mask=ok1, other=0.0)
+        tl.atomic_add(wrong_ptr + key, v.to(wrong_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
+    if HAS_MM:
+        v = tl.load(stats_ptr + 3 * B + rows, mask=ok1, other=0.0)
+        tl.atomic_add(mm_ptr + key, v.to(mm_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
+    if HAS_LC or HAS_LM:
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+        m = ok[:, None] & (cols < L)[None, :]
+        z = tl.load(z_ptr + rows[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0)
+        y = tl.load(y_ptr + rows[:, None] * sy0 + cols[None, :] * sy1, mask=m, other=0.0)
+        z = z.to(ACC)
+        y = y.to(ACC)
+        at = key[:, None] * L + cols[None, :]
+        if HAS_LC:
+            plain, _ = _entry_losses(z, y, 1.0, 1.0)
+            tl.atomic_add(lc_ptr + at, plain.to(lc_ptr.dtype.element_ty), mask=m, sem="relaxed")
+        if HAS_LM:
+            margin = (2.0 * y - 1.0) * z
+            tl.atomic_add(lm_ptr + at, margin.to(lm_ptr.dtype.element_ty), mask=m, sem="relaxed")
+
+
+@triton.jit
+def _bce_record_sorted_kernel(
+    z_ptr,
+    y_ptr,
+    stats_ptr,
+    sorted_ptr,
+    perm_ptr,
+    csl_ptr,
+    count_ptr,
+    wrong_ptr,
+    mm_ptr,
+    lc_ptr,
+    lm_ptr,
+    B,
+    L,
+    N,
+    sz0,
+    sz1,
+    sy0,
+    sy1,
+    HAS_CSL: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+    HAS_WRONG: tl.constexpr,
+    HAS_MM: tl.constexpr,
+    HAS_LC: tl.constexpr,
+    HAS_LM: tl.constexpr,
+    ACC: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pos = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    pmask = pos < B
+    key = tl.load(sorted_ptr + pos, mask=pmask, other=0).to(tl.int64)
+    prev = tl.load(sorted_ptr + pos - 1, mask=pmask & (pos > 0), other=0).to(tl.int64)
+    start = pmask & ((pos == 0) | (key != prev))
+    # A run whose index is outside [0, N) is walked but neither read nor written.
+    owner = start & (key >= 0) & (key < N)
+    owner1 = owner & ((pos * 0 + tl.program_id(1)) == 0)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
+    cmask = (cols < L)[None, :]
+    owner2 = owner[:, None] & cmask
+    at = key[:, None] * L + cols[None, :]
+    if HAS_CSL:
+        acc_csl = tl.load(csl_ptr + key, mask=owner1, other=0.0)
+    if HAS_COUNT:
+        acc_count = tl.load(count_ptr + key, mask=owner1, other=0)
+    if HAS_WRONG:
+        acc_wrong = tl.load(wrong_ptr + key, mask=owner1, other=0)
+    if HAS_MM:
+        acc_mm = tl.load(mm_ptr + key, mask=owner1, other=0.0)
+    if HAS_LC:
+        acc_lc = tl.load(lc_ptr + at, mask=owner2, other=0.0)
+    if HAS_LM:
+        acc_lm = tl.load(lm_ptr + at, mask=owner2, other=0.0)
+    p = pos
+    run = start
+    while tl.max(run.to(tl.int32), 0) > 0:
+        row = tl.load(perm_ptr + p, mask=run, other=0).to(tl.int64)
+        take = run & (tl.load(stats_ptr + B + row, mask=run, other=0.0) > 0)
+        # Every per-sample value of a row that is not valid is 0 (added, as on the CPU).
+        if HAS_CSL:
+            v = tl.load(stats_ptr + row, mask=run, other=0.0).to(csl_ptr.dtype.element_ty)
+            acc_csl = tl.where(run, acc_csl + v, acc_csl)
+        if HAS_COUNT:
+            v = tl.load(stats_ptr + B + row, mask=run, other=0.0).to(count_ptr.dtype.element_ty)
+            acc_count = tl.where(run, acc_count + v, acc_count)
+        if HAS_WRONG:
+            v = tl.load(stats_ptr + 2 * B + row, mask=run, other=0.0)
+            v = v.to(wrong_ptr.dtype.element_ty)
+            acc_wrong = tl.where(run, acc_wrong + v, acc_wrong)
+        if HAS_MM:
+            v = tl.load(stats_ptr + 3 * B + row, mask=run, other=0.0).to(mm_ptr.dtype.element_ty)
+            acc_mm = tl.where(run, acc_mm + v, acc_mm)
+        if HAS_LC or HAS_LM:
+            m = take[:, None] & cmask
+            z = tl.load(z_ptr + row[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0)
+            y = tl.load(y_ptr + row[:, None] * sy0 + cols[None, :] * sy1, mask=m, other=0.0)
+            z = z.to(ACC)
+            y = y.to(ACC)
+            if HAS_LC:
+                plain, _ = _entry_losses(z, y, 1.0, 1.0)
+                acc_lc = tl.where(m, acc_lc + plain.to(lc_ptr.dtype.element_ty), acc_lc)
+            if HAS_LM:
+                margin = ((2.0 * y - 1.0) * z).to(lm_ptr.dtype.element_ty)
+                acc_lm = tl.where(m, acc_lm + margin, acc_lm)
+        p = p + 1
+        nxt = tl.load(sorted_ptr + p, mask=run & (p < B), other=0).to(tl.int64)
+        run = run & (p < B) & (nxt == key)
+    if HAS_CSL:
+        tl.store(csl_ptr + key, acc_csl, mask=owner1)
+    if HAS_COUNT:
+        tl.store(count_ptr + key, acc_count, mask=owner1)
+    if HAS_WRONG:
+        tl.store(wrong_ptr + key, acc_wrong, mask=owner1)
+    if HAS_MM:
+        tl.store(mm_ptr + key, acc_mm, mask=owner1)
+    if HAS_LC:
+        tl.store(lc_ptr + at, acc_lc, mask=owner2)
+    if HAS_LM:
+        tl.store(lm_ptr + at, acc_lm, mask=owner2)
+
+
+def _next_pow2(n) -> int:
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def _config(labels: int) -> tuple[int, int, int]:
+    """(rows per program, label tile, num_warps) for rows of ``labels`` entries;
+    independent of the batch size (a dynamic batch never specialises)."""
+    block = min(_next_pow2(labels), MAX_BLOCK_L)
+    rows = max(1, min(MAX_ROWS, TILE_ELEMS // block))
+    num_warps = max(2, min(8, rows * block // 256))
+    return rows, block, num_warps
+
+
+def _acc(logits: torch.Tensor) -> tuple[torch.dtype, object]:
+    return (
+        (torch.float64, tl.float64)
+        if logits.dtype == torch.float64
+        else (torch.float32, tl.float32)
+    )
+
+
+def _broadcast(t: torch.Tensor | None, logits: torch.Tensor, dtype: torch.dtype):
+    """``(tensor, strides)`` of an optional weight as a ``[B, L]`` view in ``dtype``
+    (converted before it is broadcast: no ``[B, L]`` copy of a ``[L]`` weight)."""
+    if t is None:
+        return logits, (0, 0)
+    view = t.to(dtype).expand(logits.shape)
+    return view, tuple(view.stride())
+
+
+def _manual_rne(logits: torch.Tensor, kernel) -> bool:
+    return logits.dtype == torch.bfloat16 and is_interpreted(kernel)
+
+
+@register(
+    "csl_fast::bce_fwd_triton", kernel=_bce_fwd_kernel, mutates_args=(), fake=FAKES["bce_fwd"]
+)
+def bce_fwd_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, stats)`` as :func:`csl_fast.reference.bce_fwd` (see the module doc)."""
+    batch, labels = logits.shape
+    acc, acc_tl = _acc(logits)
+    per_entry = reduction == 0
+    stats = torch.empty((BCE_NUM_STATS, batch), dtype=torch.float32, device=logits.device)
+    loss = torch.empty((batch, labels) if per_entry else (0,), dtype=logits.dtype,
+                       device=logits.device)  # fmt: skip
+    row_sums = torch.empty((0 if per_entry else batch,), dtype=acc, device=logits.device)
+    if batch > 0:
+        w, w_strides = _broadcast(weight, logits, acc)
+        pw, pw_strides = _broadcast(pos_weight, logits, acc)
+        rows, block, num_warps = _config(labels)
+        wrap_triton(_bce_fwd_kernel)[(triton.cdiv(batch, rows),)](
+            logits, target, w, pw, loss, row_sums, stats, batch, labels,
+            *logits.stride(), *target.stride(), *w_strides, *pw_strides,
+            HAS_W=weight is not None, HAS_PW=pos_weight is not None, PER_ENTRY=per_entry,
+            ACC=acc_tl, ROWS=rows, BLOCK_L=block,
+            MANUAL_BF16_RNE=_manual_rne(logits, _bce_fwd_kernel), num_warps=num_warps,
+        )  # fmt: skip
+    if per_entry:
+        return loss, stats
+    total = row_sums.double().sum()  # a fixed order: deterministic
+    if reduction == 1:
+        total = total / (batch * labels)  # 0 / 0 = NaN, as PyTorch
+    return total.to(logits.dtype), stats
+
+
+@register(
+    "csl_fast::bce_bwd_triton", kernel=_bce_bwd_kernel, mutates_args=(), fake=FAKES["bce_bwd"]
+)
+def bce_bwd_triton(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    pos_weight: torch.Tensor | None,
+    reduction: int,
+) -> torch.Tensor:
+    """``d loss / d logits`` for the upstream gradient ``grad`` (:func:`csl_fast.reference.
+    bce_bwd`), contiguous ``[B, L]`` in the logits' dtype."""
+    batch, labels = logits.shape
+    out = torch.empty((batch, labels), dtype=logits.dtype, device=logits.device)
+    if batch == 0 or labels == 0:
+        return out
+    acc, acc_tl = _acc(logits)
+    per_entry = reduction == 0
+    w, w_strides = _broadcast(weight, logits, acc)
+    pw, pw_strides = _broadcast(pos_weight, logits, acc)
+    g_strides = tuple(grad.stride()) if per_entry else (0, 0)
+    rows, block, num_warps = _config(labels)
+    grid = (triton.cdiv(batch, rows), triton.cdiv(labels, block))
+    wrap_triton(_bce_bwd_kernel)[grid](
+        grad, logits, target, w, pw, out, batch, labels,
+        batch * labels if reduction == 1 else 1,
+        *g_strides, *logits.stride(), *target.stride(), *w_strides, *pw_strides,
+        HAS_W=weight is not None, HAS_PW=pos_weight is not None, PER_ENTRY=per_entry,
+        ACC=acc_tl, ROWS=rows, BLOCK_L=block,
+        MANUAL_BF16_RNE=_manual_rne(logits, _bce_bwd_kernel), num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+@register(
+    "csl_fast::bce_record_triton",
+    kernel=_bce_record_atomic_kernel,
+    mutates_args=("csl", "count", "wrong", "min_margin", "label_csl", "label_margin"),
+    fake=FAKES["bce_record"],
+)
+def bce_record_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    deterministic: bool,
+    csl: torch.Tensor | None,
+    count: torch.Tensor | None,
+    wrong: torch.Tensor | None,
+    min_margin: torch.Tensor | None,
+    label_csl: torch.Tensor | None,
+    label_margin: torch.Tensor | None,
+) -> None:
+    """The recording pass of :func:`csl_fast.reference.bce_record` (see the module doc);
+    buffers contiguous, ``stats`` the contiguous ``[BCE_NUM_STATS, B]`` of ``bce_fwd``."""
+    buffers = (csl, count, wrong, min_margin, label_csl, label_margin)
+    given = [b for b in buffers if b is not None]
+    batch, labels = logits.shape
+    if batch == 0 or not given:
+        return
+    _, acc_tl = _acc(logits)
+    stats = stats.contiguous()  # the kernels read its rows at offsets k * B
+    per_entry = label_csl is not None or label_margin is not None
+    rows, block, num_warps = _config(labels)
+    grid = (triton.cdiv(batch, rows), triton.cdiv(labels, block) if per_entry else 1)
+    ptrs = [b if b is not None else given[0] for b in buffers]
+    flags = dict(
+        HAS_CSL=csl is not None, HAS_COUNT=count is not None, HAS_WRONG=wrong is not None,
+        HAS_MM=min_margin is not None, HAS_LC=label_csl is not None,
+        HAS_LM=label_margin is not None, ACC=acc_tl, ROWS=rows, BLOCK_L=block,
+        num_warps=num_warps,
+    )  # fmt: skip
+    sizes = (batch, labels, given[0].shape[0], *logits.stride(), *target.stride())
+    if deterministic:
+        sorted_index, perm = torch.sort(index, stable=True)
+        wrap_triton(_bce_record_sorted_kernel)[grid](
+            logits, target, stats, sorted_index, perm, *ptrs, *sizes, **flags
+        )
+    else:
+        wrap_triton(_bce_record_atomic_kernel)[grid](
+            logits, target, stats, index.contiguous(), *ptrs, *sizes, **flags
+        )
+
+
+register_autograd("triton")

@@ -1,0 +1,185 @@
+"""The binary-cross-entropy Triton ops (csl_fast/_triton/bce.py) against csl_fast.reference,
+and csl_fast.accumulate_bce(backend="triton") against F.binary_cross_entropy_with_logits;
+tiny shapes (the interpreter is slow). The kernels also compile for sm_90 (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import assert_close_f32, assert_no_worse_than_torch
+
+import csl_fast
+from csl_fast import reference
+from csl_fast._triton import bce_bwd_triton, bce_fwd_triton, bce_record_triton
+
+ROOT = Path(__file__).resolve().parents[2]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def _inputs(batch, labels, dtype, device, soft=True):
+    logits = (torch.randn(batch, labels) * 4).to(dtype).to(device)
+    target = torch.rand(batch, labels) if soft else (torch.rand(batch, labels) < 0.3).float()
+    return logits, target.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("shape", [(5, 1), (3, 37), (2, 1030), (0, 3)])
+def test_forward_and_backward_match_the_reference(tdevice, dtype, reduction, shape):
+    logits, target = _inputs(*shape, dtype, tdevice)
+    weight = torch.rand(shape[1], device=tdevice) + 0.5
+    pos_weight = torch.rand(shape[0], 1, device=tdevice) * 2 + 0.2  # broadcast per sample
+    loss, stats = bce_fwd_triton(logits, target, weight, pos_weight, reduction)
+    ref_loss, ref_stats = reference.bce_fwd(logits, target, weight, pos_weight, reduction)
+    exact = reference.bce_fwd(logits.double(), target.double(), weight, pos_weight, reduction)
+    assert loss.dtype == dtype and loss.shape == ref_loss.shape
+    one = (lambda t: t[None]) if loss.dim() == 0 else (lambda t: t)
+    assert_no_worse_than_torch(one(loss), one(ref_loss), one(exact[0]), "loss")
+    for k in (reference.BceStat.VALID, reference.BceStat.WRONG):
+        assert torch.equal(stats[k], ref_stats[k])
+    for k in (reference.BceStat.LOSS, reference.BceStat.MIN_MARGIN):
+        assert_close_f32(stats[k], exact[1][k], reference.BceStat(k).name, rtol=4e-6)
+    upstream = torch.randn(shape, device=tdevice) * 1.7 if reduction == 0 else torch.tensor(1.7)
+    upstream = upstream.to(dtype).to(tdevice)
+    grad = bce_bwd_triton(upstream, logits, target, weight, pos_weight, reduction)
+    ref_grad = reference.bce_bwd(upstream, logits, target, weight, pos_weight, reduction)
+    exact_grad = reference.bce_bwd(
+        upstream.double(), logits.double(), target.double(), weight, pos_weight, reduction
+    )
+    assert_no_worse_than_torch(grad, ref_grad, exact_grad, "grad")
+
+
+def test_strided_inputs_and_upstream(tdevice):
+    logits, target = _inputs(6, 9, torch.float32, tdevice)
+    wide = torch.zeros(6, 18, device=tdevice)
+    wide[:, ::2] = logits
+    z = wide[:, ::2]  # column stride 2
+    y = target.t().contiguous().t()  # column-major
+    upstream = torch.randn(9, 6, device=tdevice).t()
+    got = bce_fwd_triton(z, y, None, None, 0)
+    want = bce_fwd_triton(logits, target, None, None, 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    grad = bce_bwd_triton(upstream, z, y, None, None, 0)
+    assert torch.equal(grad, bce_bwd_triton(upstream.contiguous(), logits, target, None, None, 0))
+
+
+def _buffers(n, labels, device):
+    return [
+        torch.rand(n, device=device),
+        torch.randint(0, 3, (n,), device=device),
+        torch.randint(0, 3, (n,), device=device, dtype=torch.int32),
+        torch.rand(n, device=device, dtype=torch.float64),
+        torch.rand(n, labels, device=device),
+        torch.rand(n, labels, device=device, dtype=torch.float64),
+    ]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("labels", [1, 7, 1030])
+def test_record_matches_the_reference(tdevice, deterministic, dtype, labels):
+    batch, n = 12, 4
+    logits, target = _inputs(batch, labels, dtype, tdevice)
+    logits[5, 0] = float("nan")  # a sample that is not recorded
+    index = torch.randint(0, n, (batch,), device=tdevice)  # duplicates
+    index[-1] = n  # out of range: skipped
+    stats = reference.bce_row_statistics(logits, target)
+    got = _buffers(n, labels, tdevice)
+    want = [b.clone() for b in got]
+    bce_record_triton(logits, target, stats, index, deterministic, *got)
+    keep = index < n
+    reference.bce_record(
+        logits[keep], target[keep], stats[:, keep], index[keep], True, *want
+    )  # the reference adds in batch order, as the deterministic mode
+    for name, a, b in zip(("csl", "count", "wrong", "mm", "lc", "lm"), got, want, strict=True):
+        if deterministic and name not in ("lc",):
+            assert torch.equal(a, b), name
+        else:  # float additions in another order, or Triton's own log1p
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
+    again = _buffers(n, labels, tdevice)
+    for a, b in zip(again, want, strict=True):
+        a.copy_(b)
+    if deterministic:  # bitwise reproducible
+        first = [b.clone() for b in again]
+        bce_record_triton(logits, target, stats, index, True, *first)
+        second = [b.clone() for b in again]
+        bce_record_triton(logits, target, stats, index, True, *second)
+        assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_record_with_some_buffers(tdevice):
+    logits, target = _inputs(5, 3, torch.float32, tdevice)
+    stats = reference.bce_row_statistics(logits, target)
+    index = torch.tensor([0, 1, 1, 2, 0], device=tdevice)
+    for keep in ([0], [4], [1, 5], [2, 3]):
+        got = [b if k in keep else None for k, b in enumerate(_buffers(3, 3, tdevice))]
+        want = [None if b is None else b.clone() for b in got]
+        bce_record_triton(logits, target, stats, index, False, *got)
+        reference.bce_record(logits, target, stats, index, True, *want)
+        for a, b in zip(got, want, strict=True):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_accumulate_bce_on_triton(tdevice, dtype, reduction):
+    logits, target = _inputs(7, 5, dtype, tdevice)
+    pos_weight = torch.rand(5, device=tdevice) + 0.5
+    index = torch.tensor([0, 2, 2, 5, 1, 0, 3], device=tdevice)
+    bufs = {
+        "csl": torch.zeros(6, device=tdevice),
+        "count": torch.zeros(6, device=tdevice),
+        "label_csl": torch.zeros(6, 5, device=tdevice),
+    }
+    z = logits.clone().requires_grad_(True)
+    loss = csl_fast.accumulate_bce(
+        z, target, index, bufs["csl"], count=bufs["count"], label_csl=bufs["label_csl"],
+        pos_weight=pos_weight, reduction=reduction, backend="triton",
+    )  # fmt: skip
+    upstream = torch.randn_like(loss) * 1.7
+    (grad,) = torch.autograd.grad(loss, z, upstream)
+    zt = logits.clone().requires_grad_(True)
+    want = F.binary_cross_entropy_with_logits(
+        zt, target, pos_weight=pos_weight, reduction=reduction
+    )
+    (want_grad,) = torch.autograd.grad(want, zt, upstream)
+    z64 = logits.double().requires_grad_(True)
+    exact = F.binary_cross_entropy_with_logits(
+        z64, target.double(), pos_weight=pos_weight.double(), reduction=reduction
+    )
+    (exact_grad,) = torch.autograd.grad(exact, z64, upstream.double())
+    one = (lambda t: t.detach()[None]) if loss.dim() == 0 else (lambda t: t.detach())
+    assert_no_worse_than_torch(one(loss), one(want), one(exact), "loss")
+    assert_no_worse_than_torch(grad, want_grad, exact_grad, "grad")
+    plain = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none")
+    want_lc = torch.zeros(6, 5, dtype=torch.float64, device=tdevice).index_add_(0, index, plain)
+    assert_close_f32(bufs["label_csl"], want_lc, "label_csl", rtol=4e-6)
+    assert_close_f32(bufs["csl"], want_lc.sum(1), "csl", rtol=4e-6)
+    assert bufs["count"].tolist() == [2, 1, 2, 1, 0, 1]
+
+
+def test_kernels_compile_for_sm90():
+    if os.environ.get("CSL_FAST_TRITON_AOT", "minimal") == "off":
+        pytest.skip("CSL_FAST_TRITON_AOT=off")
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except ImportError:
+        pytest.skip("this triton build has no NVIDIA backend")
+    env = dict(
+        os.environ,
+        TRITON_INTERPRET="0",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    script = Path(__file__).with_name("compile_bce_sm90.py")
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("ok bce") == 18
