@@ -22,11 +22,18 @@ columns ``index,action,suggested_label,confidence,score,rank`` (:func:`csl_fast.
 Output: results go to stdout; progress bars and status lines go to stderr, and
 ``--quiet`` turns those off.
 
-``rank --csv`` columns: ``rank,index,score,label,predicted,flagged,mislabeled,duplicate``.
+``rank --csv`` columns: ``rank,index,score,label,predicted,flagged,mislabeled,duplicate``
+(with ``--score label_csl``: ``rank,index,entry_label,score,flagged``, one row per
+(sample, label) entry of a multi-label run).
 ``rank`` is 1-based, ``index`` the dataset index, ``score`` the chosen score (higher = more
 suspicious), ``label``/``predicted`` the given label and the final model's prediction,
 ``flagged`` whether the no-ground-truth GMM rule of :func:`csl_fast.detect.mislabeled`
 flags the sample (``1``/``0``), ``mislabeled``/``duplicate`` the ground truth (``1``/``0``).
+Runs that recorded losses only (:func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`)
+have no softmax statistics: ``rank``, ``report`` and ``clean`` say so (a note on stderr),
+offer only the scores that exist (``csl``, ``csl_mean``, ``final_loss``, and ``label_csl``
+with per-label CSL), flag by the tail rule of :mod:`csl_fast.detect_losses`, and ``clean``
+drops flagged samples (there are no suggested labels to relabel with).
 Fields that are not known for the run are empty. ``--json`` writes an object with
 ``run``, ``score``, ``direction``, ``num_samples`` and ``rows`` (the same fields, ``null``
 when unknown).

@@ -43,7 +43,10 @@ _SCORE_NAMES = (
     "in_confidence",
     "confidence",
     "logit_grad_norm",
-)  # not variability: two-sided, so it ranks nothing (csl_fast.scores)
+    "label_csl",
+)  # not variability: two-sided, so it ranks nothing (csl_fast.scores). label_csl ranks
+# (sample, label) entries of a tracker with num_labels (csl_fast.accumulate_bce).
+ENTRY_CSV_COLUMNS = ("rank", "index", "entry_label", "score", "flagged")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -96,22 +99,77 @@ def load_run(run: str) -> tuple[Any, Any]:
 
 
 def _scores_for(tracker: Any, name: str) -> Any:
-    from .scores import SCORES, scores
+    from .scores import SCORES, has_logit_stats, scores
 
     available = scores(tracker)
+    if name == "label_csl":
+        if tracker.label_csl is None:
+            raise CLIError(
+                "score 'label_csl' ranks (sample, label) entries and needs a tracker created "
+                "with num_labels=L and fed by csl_fast.accumulate_bce; this run has no "
+                "per-label CSL; available: " + ", ".join(available),
+                EXIT_USAGE,
+            )
+        return available
     if name not in available:
         needs = SCORES[name].needs
         why = {
             "eval": "eval passes (csl_fast.score_epoch)",
             "input_grad": "input-gradient norms (tracker.watch)",
             "train": "training presentations",
+            "logits": "the softmax statistics of csl_fast.accumulate's cross entropy",
         }[needs]
+        also = ""
+        if needs == "logits" and not has_logit_stats(tracker):
+            also = (
+                ", and this run recorded losses only (csl_fast.record_loss or "
+                "csl_fast.accumulate_bce)"
+            )
         raise CLIError(
-            f"score {name!r} was not recorded in this run (it needs {why}); available: "
-            + ", ".join(available),
+            f"score {name!r} was not recorded in this run (it needs {why}{also}); available: "
+            + ", ".join(available)
+            + (", label_csl" if tracker.label_csl is not None else ""),
             EXIT_USAGE,
         )
     return available
+
+
+def loss_only(tracker: Any) -> bool:
+    """The run recorded losses without softmax statistics (record_loss, accumulate_bce):
+    the cross-entropy rule, its advice and suggested labels do not apply."""
+    from .scores import has_logit_stats
+
+    return bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
+
+
+def detection_for(tracker: Any, score: str) -> Any:
+    """The flagged set the CLI shows: :func:`csl_fast.detect.mislabeled` for a
+    cross-entropy run, the tail rule of :mod:`csl_fast.detect_losses` for a loss-only one
+    (per entry for ``label_csl``). Its warning is left to the caller."""
+    from . import detect_losses
+    from .detect import mislabeled
+    from .scores import scores
+
+    if score == "label_csl":
+        return detect_losses.mislabeled_entries(tracker)
+    if not loss_only(tracker):
+        return mislabeled(tracker, score)  # the tracker: every view of the rule
+    det = detect_losses.corrupted_targets(scores(tracker, [score])[score])
+    det.score_name = score
+    return det
+
+
+def _loss_only_note(tracker: Any, score: str) -> str | None:
+    from .scores import LOSS_ONLY
+
+    if score == "label_csl":
+        return (
+            "ranking (sample, label) entries by per-label CSL; flagged by the tail rule of "
+            "csl_fast.detect_losses.mislabeled_entries"
+        )
+    if loss_only(tracker):
+        return f"{LOSS_ONLY}; flagged by the tail rule of csl_fast.detect_losses"
+    return None
 
 
 # ----------------------------------------------------------------------------- commands
@@ -166,11 +224,12 @@ def _check_device(device: str) -> None:
 
 
 def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str, Any]]:
-    """The top-``top`` rows of ``rank`` (keys :data:`CSV_COLUMNS`; ``None`` when unknown)."""
-    from .detect import mislabeled
-
+    """The top-``top`` rows of ``rank`` (keys :data:`CSV_COLUMNS`, or
+    :data:`ENTRY_CSV_COLUMNS` for ``label_csl``; ``None`` when unknown)."""
     _scores_for(tracker, score)  # a clear error when the score was not recorded
-    det = mislabeled(tracker, score)  # the tracker: every view of the rule
+    det = detection_for(tracker, score)
+    if score == "label_csl":
+        return _entry_rows(det, top)
     values = det.scores.detach().cpu().double()
     flagged = det.flagged.cpu()
     rows = []
@@ -200,8 +259,29 @@ def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str
     return rows
 
 
+def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
+    values = det.scores.detach().cpu().double()
+    flagged = det.flagged.cpu()
+    rows = []
+    for r, (i, k) in enumerate(det.top(top).tolist()):
+        v = float(values[i, k])
+        if not math.isfinite(v):
+            break
+        rows.append(
+            {
+                "rank": r + 1,
+                "index": i,
+                "entry_label": k,
+                "score": v,
+                "flagged": bool(flagged[i, k]),
+            }
+        )
+    return rows
+
+
 def _format_table(rows: list[dict[str, Any]], score: str) -> str:
-    cols = [c for c in CSV_COLUMNS if any(r[c] is not None for r in rows)] or list(CSV_COLUMNS[:3])
+    columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
+    cols = [c for c in columns if any(r[c] is not None for r in rows)] or list(columns[:3])
     head = {c: (score if c == "score" else c) for c in cols}
 
     def cell(c: str, v: Any) -> str:
@@ -221,13 +301,14 @@ def _format_table(rows: list[dict[str, Any]], score: str) -> str:
     return "\n".join(lines)
 
 
-def _format_csv(rows: list[dict[str, Any]]) -> str:
+def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
+    columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
+    w.writerow(columns)
     for r in rows:
         out = []
-        for c in CSV_COLUMNS:
+        for c in columns:
             v = r[c]
             if v is None:
                 out.append("")
@@ -243,23 +324,25 @@ def _format_csv(rows: list[dict[str, Any]]) -> str:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     tracker, samples = load_run(args.run)
-    rows = rank_rows(tracker, samples, args.score, args.top)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = rank_rows(tracker, samples, args.score, args.top)
+    note = _loss_only_note(tracker, args.score)
+    _echo_detection_warnings(caught, "rank", args.quiet)
+    if note is not None and not args.quiet:
+        print(f"csl-fast rank: note: {note}", file=sys.stderr)
     if args.csv:
-        text = _format_csv(rows)
+        text = _format_csv(rows, args.score)
     elif args.json:
-        text = (
-            json.dumps(
-                {
-                    "run": args.run,
-                    "score": args.score,
-                    "direction": "higher = more suspicious",
-                    "num_samples": tracker.num_samples,
-                    "rows": rows,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        payload = {
+            "run": args.run,
+            "score": args.score,
+            "direction": "higher = more suspicious",
+            "num_samples": tracker.num_samples,
+        }
+        if note is not None:
+            payload["note"] = note
+        text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
     else:
         text = _format_table(rows, args.score) + "\n"
     if args.output:
@@ -273,6 +356,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _echo_detection_warnings(caught: list[Any], command: str, quiet: bool) -> None:
+    """A detection's warning as one stderr line (other warnings re-emitted as they came)."""
+    from .detect import DetectionWarning
+
+    for w in caught:
+        if issubclass(w.category, DetectionWarning):
+            if not quiet:
+                print(f"csl-fast {command}: warning: {_one_line(w.message)}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -292,7 +387,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         samples,
         notes=_run_notes(args.run),
         title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
-        score=args.score,
+        score="csl" if args.score == "label_csl" else args.score,  # entries: own section
         top=args.top,
         progress=not args.quiet,
     )
@@ -314,7 +409,7 @@ def _run_notes(run: str) -> list[tuple[str, str]]:
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from .cleaning import clean
-    from .detect import DetectionWarning, mislabeled
+    from .detect import DetectionWarning
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
@@ -324,15 +419,32 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if not os.path.isdir(parent):
         raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
     tracker, samples = load_run(args.run)
+    if args.score == "label_csl":
+        raise CLIError(
+            "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
+            "entries with csl-fast rank RUN --score label_csl",
+            EXIT_USAGE,
+        )
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line
         warnings.simplefilter("ignore", DetectionWarning)
         _scores_for(tracker, args.score)  # a clear error when the score was not recorded
-        det = mislabeled(tracker, args.score)  # the tracker: every view of the rule
+        det = detection_for(tracker, args.score)
+    policy = args.policy
+    if loss_only(tracker) and policy == "relabel-confident":
+        policy = "drop"  # no suggested labels exist without softmax statistics
+        if not args.quiet:
+            print(
+                "csl-fast clean: note: this run recorded losses only (csl_fast.record_loss or "
+                "csl_fast.accumulate_bce): there are no suggested labels, so every flagged "
+                "sample is dropped (policy drop); flagged by the tail rule of "
+                "csl_fast.detect_losses",
+                file=sys.stderr,
+            )
     plan = clean(
         tracker,
         detection=det,
-        policy=args.policy,
+        policy=policy,
         min_confidence=args.min_confidence,
         budget=args.budget,
     )
@@ -350,14 +462,15 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
     det = plan.detection
     lines = [
         f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
-        f"{plan.num_dropped} drop (policy {args.policy}"
+        f"{plan.num_dropped} drop (policy {plan.policy}"
         + ("" if args.budget is None else f", budget {args.budget}")
         + f", min confidence {args.min_confidence:g})",
         f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
     ]
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
-        lines.append(f"estimated mislabeled: {det.estimated_count} (interval {lo}-{hi})")
+        what = "corrupted" if det.rule == "tail" else "mislabeled"
+        lines.append(f"estimated {what}: {det.estimated_count} (interval {lo}-{hi})")
     if det.diagnostics.get("note"):
         lines.append(f"note: {det.diagnostics['note']}")
     if samples is None or not samples.has_truth or len(plan) == 0:

@@ -25,6 +25,12 @@ known about the samples (:class:`RunSamples`):
     estimated count of bad samples, followed by what the flagged set is made of and what
     :func:`csl_fast.clean` would do with it (:mod:`csl_fast.report_cleaning`).
 
+A run that recorded losses only (:func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`)
+has no softmax statistics: the page says so at the top, the data map is not drawn, the
+flagged set comes from the tail rule of :mod:`csl_fast.detect_losses` (no suggested
+labels), and a tracker with per-label CSL (``num_labels``) adds the most suspicious
+(sample, label) entries.
+
 ``report.html`` embeds every PNG (base64), so the page can be mailed or archived alone.
 Needs matplotlib; the ROC needs scikit-learn.
 
@@ -216,6 +222,68 @@ def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
 
 
 # --------------------------------------------------------------------------- report
+_NO_LOGITS = (
+    "needs the softmax statistics of csl_fast.accumulate (cross entropy); this run "
+    "recorded losses only."
+)
+
+
+def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str) -> str:
+    """The flagged set of a loss-only run (tail rule) and, with per-label CSL, the
+    entries; no cleaning plan (there are no suggested labels)."""
+    import warnings
+
+    from .detect import DetectionWarning, summary
+    from .detect_losses import corrupted_targets
+    from .report_cleaning import _fig_flagging
+
+    e = html.escape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
+        det = corrupted_targets(_score_of(tracker, score))
+    det.score_name = score
+    b64 = _fig_flagging(det, os.path.join(out_dir, "flagging.png"))
+    parts = [
+        f"<h2>Flagged set: {e(score)} and the tail rule (csl_fast.detect_losses)</h2>",
+        f"<img alt='flagged set' src='data:image/png;base64,{b64}'>",
+        f"<p class=cap>{e(summary(det))} (<code>flagging.png</code>)</p>",
+    ]
+    if tracker.label_csl is not None:
+        parts.append(_entry_section(tracker, top))
+    return "".join(parts)
+
+
+def _score_of(tracker: CSLTracker, name: str) -> torch.Tensor:
+    from .scores import scores
+
+    return scores(tracker, [name])[name]
+
+
+def _entry_section(tracker: CSLTracker, top: int) -> str:
+    """The top (sample, label) entries by per-label CSL, with the tail rule's flags."""
+    import warnings
+
+    from .detect import DetectionWarning, summary
+    from .detect_losses import mislabeled_entries
+
+    e = html.escape
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
+        det = mislabeled_entries(tracker)
+    values = det.scores.cpu().double()
+    rows = [
+        f"<tr><td>{r + 1}</td><td>{i}</td><td>{k}</td><td>{float(values[i, k]):.4g}</td>"
+        f"<td>{'yes' if bool(det.flagged[i, k]) else ''}</td></tr>"
+        for r, (i, k) in enumerate(det.top(top).tolist())
+        if math.isfinite(float(values[i, k]))
+    ]
+    return (
+        f"<h2>Top {top} (sample, label) entries by per-label CSL</h2>"
+        f"<p class=cap>{e(summary(det))}</p><table><tr><th>rank</th><th>sample</th>"
+        "<th>label</th><th>label_csl</th><th>flagged</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
 _MISSING = {
     "roc.png": "needs the ground truth (mislabeled/duplicate masks in samples.npz).",
     "top_samples.png": "needs images in samples.npz.",
@@ -260,7 +328,7 @@ def write_report(
         matplotlib.use("Agg")
     except ImportError as exc:
         raise ImportError("the report needs matplotlib: pip install matplotlib") from exc
-    from .scores import SCORES
+    from .scores import LOSS_ONLY, SCORES, has_logit_stats
     from .scores import scores as compute_scores
 
     out = os.fspath(out_dir)
@@ -269,6 +337,9 @@ def write_report(
     if samples is not None and samples.num_samples not in (None, n):
         raise SamplesFileError(f"samples describe {samples.num_samples} samples, the tracker {n}")
     all_scores = compute_scores(tracker)
+    loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
+    if loss_only:
+        notes = [("What this run recorded", LOSS_ONLY + "."), *notes]
     if score not in all_scores:
         raise KeyError(
             f"score {score!r} was not recorded in this run; available: {list(all_scores)}"
@@ -285,7 +356,11 @@ def write_report(
             "roc.png",
             lambda p: _fig_roc(all_scores, samples, p),
         ),
-        ("Data map", "data_map.png", lambda p: _fig_data_map(tracker, samples, p)),
+        (
+            "Data map",
+            "data_map.png",
+            lambda p: (None, _NO_LOGITS) if loss_only else _fig_data_map(tracker, samples, p),
+        ),
         (
             "Loss curves of easy and hard samples",
             "loss_curves.png",
@@ -336,9 +411,14 @@ def write_report(
     table = (
         detection_table(all_scores, samples) if samples is not None and samples.has_truth else {}
     )
-    from .report_cleaning import sections as cleaning_sections
+    if loss_only:
+        cleaning = _loss_only_sections(tracker, score, top, out)
+    else:
+        from .report_cleaning import sections as cleaning_sections
 
-    cleaning = cleaning_sections(tracker, samples, score, out)
+        cleaning = cleaning_sections(tracker, samples, score, out)
+        if tracker.label_csl is not None:
+            cleaning += _entry_section(tracker, top)
     page = _html(
         title,
         tracker,

@@ -23,6 +23,7 @@ was never recorded at all is left out of the result unless asked for by name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,15 @@ import torch
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
-__all__ = ["SCORES", "ScoreInfo", "as_dataframe", "scores"]
+__all__ = ["LOSS_ONLY", "SCORES", "ScoreInfo", "as_dataframe", "has_logit_stats", "scores"]
+
+#: What a tracker fed only by ``record_loss`` or ``accumulate_bce`` holds, in one sentence.
+LOSS_ONLY = (
+    "this run recorded losses only (csl_fast.record_loss or csl_fast.accumulate_bce), no "
+    "softmax statistics: the scores that exist are CSL, its mean and the final loss (and "
+    "per-label CSL with num_labels); margins, confidences, forgetting and suggested labels "
+    "need csl_fast.accumulate's cross entropy"
+)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,11 @@ class ScoreInfo:
     Attributes:
         formula: the value returned, in terms of tracker statistics.
         direction: why higher is more suspicious.
-        needs: ``"train"`` (fused CE statistics, free), ``"eval"`` (eval passes,
-            :func:`csl_fast.score_epoch`) or ``"input_grad"`` (``tracker.watch``).
+        needs: ``"train"`` (training presentations: any recorder), ``"logits"`` (the
+            softmax statistics of :func:`csl_fast.accumulate`'s fused cross entropy, free;
+            absent from a tracker fed only by :func:`csl_fast.record_loss` or
+            :func:`csl_fast.accumulate_bce`, see :func:`has_logit_stats`), ``"eval"`` (eval
+            passes, :func:`csl_fast.score_epoch`) or ``"input_grad"`` (``tracker.watch``).
         two_sided: no direction of the score means "suspicious" in every training
             regime; such a score is returned only by name, never ranked by default.
     """
@@ -81,13 +93,13 @@ SCORES: dict[str, ScoreInfo] = {
         "tracker.forgetting (correct -> incorrect transitions); never-learned samples "
         "(never correct) get max(forgetting) + 1",
         "unstable samples are forgotten often; never-learned ones rank highest (Toneva)",
-        "train",
+        "logits",
     ),
     "threshold_learning_time": ScoreInfo(
         "tracker.threshold_learning_time(): epoch from which the sample stays correct "
         "(epoch + 1 if it is not correct at the end)",
         "learned late (no sign flip)",
-        "train",
+        "logits",
     ),
     "learning_time": ScoreInfo(
         "tracker.learning_time() (authors' code form: 1 - fraction of epochs whose "
@@ -103,38 +115,48 @@ SCORES: dict[str, ScoreInfo] = {
     "aum": ScoreInfo(
         "-tracker.aum: minus the mean margin z_y - max_{j != y} z_j (Pleiss et al.)",
         "negated: a low or negative margin is suspicious",
-        "train",
+        "logits",
     ),
     "in_confidence": ScoreInfo(
         "1 - max softmax probability of the final model (last eval pass if any, else last "
         "training presentation), as the authors' 'In Conf.'",
         "the final model is unsure",
-        "train",
+        "logits",
     ),
     "confidence": ScoreInfo(
         "1 - tracker.confidence: one minus the mean p_y over training (data maps)",
         "inverted: a label the model rarely believes is suspicious",
-        "train",
+        "logits",
     ),
     "variability": ScoreInfo(
         "tracker.variability: std of p_y over training (data maps)",
         "two-sided: high for samples learned during training (ambiguous ones, and flipped "
         "labels the network memorizes), low both for samples fit from the start and for "
         "flipped labels never fit; not a ranking of label errors (see the module notes)",
-        "train",
+        "logits",
         two_sided=True,
     ),
     "logit_grad_norm": ScoreInfo(
         "tracker.logit_grad_norm_mean: mean ||dl/dz||^2 over training",
         "the loss keeps pushing on the logits",
-        "train",
+        "logits",
     ),
 }
+
+
+def has_logit_stats(tracker: CSLTracker) -> bool:
+    """Whether any training presentation came with softmax statistics (through
+    :func:`csl_fast.accumulate`): a cross-entropy presentation leaves a max probability
+    of at least ``1 / C`` > 0, which :func:`csl_fast.record_loss` and
+    :func:`csl_fast.accumulate_bce` never write. Reads one value on the host."""
+    return bool(((tracker.csl_count > 0) & (tracker.last_max_prob > 0)).any())
 
 
 def _has(tracker: CSLTracker, needs: str) -> bool:
     if needs == "train":
         return bool((tracker.csl_count > 0).any())
+    if needs == "logits":
+        return has_logit_stats(tracker)
     if needs == "eval":
         return tracker.eval_passes > 0
     return tracker.input_grad_first_epoch >= 0
@@ -191,7 +213,8 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
             ``learning_time`` and ``loss_sensitivity`` need input-gradient records),
             except two-sided ones (``variability``), which have no "more suspicious"
             direction and come only by name.
-            Asking by name for a score whose source was never recorded returns all-NaN.
+            Asking by name for a score whose source was never recorded returns all-NaN
+            (so do the ``"logits"`` scores of a tracker without softmax statistics).
 
     Returns:
         ``{name: tensor}`` in :data:`SCORES` order, on the tracker's device, in its dtype.
@@ -206,8 +229,13 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         unknown = [n for n in chosen if n not in SCORES]
         if unknown:
             raise KeyError(f"csl_fast.scores: unknown scores {unknown}; known: {list(SCORES)}")
+    logits = has_logit_stats(tracker)
+    nan = torch.full((tracker.num_samples,), math.nan, dtype=tracker.dtype, device=tracker.device)
     with torch.no_grad():
-        return {name: _compute(tracker, name).detach() for name in chosen}
+        return {
+            name: nan if SCORES[name].needs == "logits" and not logits else _compute(tracker, name)
+            for name in chosen
+        }
 
 
 def as_dataframe(

@@ -1,0 +1,155 @@
+"""``csl-fast rank``/``report``/``clean`` on trackers fed only by ``record_loss`` (and
+per-label CSL, as ``accumulate_bce`` writes it): which scores exist, what is flagged, exit
+codes, and no cross-entropy advice."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast.cli import EXIT_OK, EXIT_USAGE, main
+from csl_fast.scores import has_logit_stats, scores
+
+N, L, BAD = 400, 5, 20
+# Advice of the cross-entropy rule that means nothing for a loss-only run.
+CE_ADVICE = ("two-view", "margin view", "detect from the tracker", "suggested label:")
+
+
+def _loss_only(path, bad: int = BAD, labels: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    csl = (torch.randn(N, generator=g) * 0.8 + 2).exp()
+    csl[:bad] *= 300  # corrupted targets: a group far above the bulk
+    t = csl_fast.CSLTracker(N, num_labels=labels)
+    idx = torch.arange(N)
+    for _ in range(3):
+        if labels is None:
+            csl_fast.record_loss(csl / 3, idx, t)
+        else:  # what accumulate_bce records: per-entry losses and their sum
+            entry = (torch.randn(N, labels, generator=g) * 0.8).exp()
+            entry[:bad, 0] *= 40
+            t.label_csl.index_put_((idx,), entry, accumulate=True)
+            csl_fast.record_loss(entry.sum(1), idx, t)
+    t.save(path)
+    return t
+
+
+@pytest.fixture
+def reg_run(tmp_path):
+    return str(tmp_path / "reg.csl"), _loss_only(tmp_path / "reg.csl")
+
+
+@pytest.fixture
+def ml_run(tmp_path):
+    return str(tmp_path / "ml.csl"), _loss_only(tmp_path / "ml.csl", labels=L)
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _no_ce_advice(text: str) -> None:
+    for phrase in CE_ADVICE:
+        assert phrase not in text, phrase
+
+
+def test_scores_of_a_loss_only_tracker(reg_run):
+    _, t = reg_run
+    assert not has_logit_stats(t)
+    assert list(scores(t)) == ["csl", "csl_mean", "final_loss"]
+    assert torch.isnan(scores(t, ["aum"])["aum"]).all()  # asked by name: undefined
+    ce = csl_fast.CSLTracker(4, 3)
+    csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), ce)
+    assert has_logit_stats(ce) and "aum" in scores(ce)
+
+
+def test_rank_says_what_exists_and_flags_by_the_tail_rule(capsys, reg_run):
+    path, _ = reg_run
+    code, out, err = run(capsys, "rank", path, "--top", "30", "--csv")
+    assert code == EXIT_OK
+    assert "recorded losses only" in err and "tail rule" in err
+    _no_ce_advice(out + err)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 30
+    flagged = [int(r["index"]) for r in rows if r["flagged"] == "1"]
+    assert 15 <= len(flagged) <= 25 and sum(i < BAD for i in flagged) >= 0.9 * len(flagged)
+    assert [float(r["score"]) for r in rows] == sorted(
+        (float(r["score"]) for r in rows), reverse=True
+    )
+    code, out, err = run(capsys, "rank", path, "--json", "--score", "csl_mean", "--quiet")
+    assert code == EXIT_OK and err == ""
+    payload = json.loads(out)
+    assert "recorded losses only" in payload["note"] and payload["score"] == "csl_mean"
+
+
+@pytest.mark.parametrize("score", ["aum", "confidence", "forgetting", "in_confidence"])
+def test_rank_refuses_softmax_scores_plainly(capsys, reg_run, score):
+    code, out, err = run(capsys, "rank", reg_run[0], "--score", score)
+    assert code == EXIT_USAGE and out == ""
+    line = err.strip()
+    assert line.startswith("csl-fast rank: error: ") and "\n" not in line
+    assert "recorded losses only" in line and "available: csl, csl_mean, final_loss" in line
+
+
+def test_rank_when_nothing_stands_out_warns_without_ce_advice(capsys, tmp_path):
+    path = tmp_path / "clean.csl"
+    _loss_only(path, bad=0)
+    code, out, err = run(capsys, "rank", str(path), "--top", "5")
+    assert code == EXIT_OK
+    assert "csl-fast rank: warning: csl_fast.detect_losses: nothing flagged" in err
+    _no_ce_advice(out + err)
+    assert "yes" not in out  # nothing flagged
+
+
+def test_rank_label_csl_lists_entries(capsys, ml_run):
+    path, t = ml_run
+    code, out, err = run(capsys, "rank", path, "--score", "label_csl", "--csv", "--top", "25")
+    assert code == EXIT_OK and "(sample, label) entries" in err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["rank", "index", "entry_label", "score", "flagged"]
+    top = rows[0]
+    i, k = int(top["index"]), int(top["entry_label"])
+    assert math.isclose(float(top["score"]), float(t.label_csl.max()), rel_tol=1e-6)
+    assert float(t.label_csl[i, k]) == float(t.label_csl.max())
+    assert sum(r["flagged"] == "1" and r["entry_label"] == "0" for r in rows) >= 15
+    code, out, _ = run(capsys, "rank", path, "--score", "label_csl", "--top", "3")
+    assert code == EXIT_OK and "entry_label" in out.splitlines()[0]
+
+
+def test_rank_label_csl_without_per_label_csl_is_a_usage_error(capsys, reg_run):
+    code, _, err = run(capsys, "rank", reg_run[0], "--score", "label_csl")
+    assert code == EXIT_USAGE and "num_labels=L" in err and "accumulate_bce" in err
+
+
+def test_clean_drops_flagged_samples_of_a_loss_only_run(capsys, reg_run, tmp_path):
+    path, _ = reg_run
+    out_csv = tmp_path / "plan.csv"
+    code, out, err = run(capsys, "clean", path, "--out", str(out_csv))
+    assert code == EXIT_OK
+    assert "no suggested labels" in err and "policy drop" in err
+    _no_ce_advice(out + err)
+    assert "0 relabel" in out and "(policy drop," in out and "estimated corrupted:" in out
+    rows = list(csv.DictReader(out_csv.open()))
+    assert rows and all(r["action"] == "drop" for r in rows)
+    assert sum(int(r["index"]) < BAD for r in rows) >= 0.9 * len(rows)
+    code, _, err = run(capsys, "clean", path, "--out", str(out_csv), "--score", "label_csl")
+    assert code == EXIT_USAGE and "rank RUN --score label_csl" in err
+
+
+def test_report_of_a_loss_only_run(capsys, ml_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "report"
+    code, _, err = run(capsys, "report", ml_run[0], "--out", str(out_dir), "--quiet")
+    assert code == EXIT_OK, err
+    page = (out_dir / "report.html").read_text()
+    assert "recorded losses only" in page and "tail rule" in page
+    assert "Top 24 (sample, label) entries by per-label CSL" in page
+    assert not (out_dir / "data_map.png").exists() and (out_dir / "flagging.png").exists()
+    _no_ce_advice(page)
