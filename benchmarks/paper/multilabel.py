@@ -216,7 +216,10 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
     run["rule_warning"] = det.warning
     run["rule_estimated"] = det.estimated_count
     issues = find_multilabel_issues_per_class(labels, oos)
-    cl_entries = np.stack([np.asarray(m, dtype=bool) for m in issues], 1)
+    # [N, K] in cleanlab 2.9 (its docstring says a list of K masks of length N)
+    cl_entries = np.asarray(issues, dtype=bool)
+    if cl_entries.shape != truth.shape:
+        cl_entries = cl_entries.T
     k = int(truth.sum())
     run["entry_flagged"] = {
         "label csl, tail over all entries (default)": flag_metrics(det.flagged.numpy(), truth),
@@ -271,7 +274,10 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def _row(name: str, r: dict, cols: tuple[str, ...], extra: str = "") -> str:
-    cells = [f"{r[c][0]:.3f} ({r[c][1]:.3f})" for c in cols]
+    cells = [
+        f"{r[c][0]:.{1 if c == 'flagged' else 3}f} ({r[c][1]:.{1 if c == 'flagged' else 3}f})"
+        for c in cols
+    ]
     return f"| {name} | " + " | ".join(cells) + (f" | {extra}" if extra else "") + " |"
 
 
@@ -292,7 +298,8 @@ def markdown(meta: dict, s: dict) -> str:
         f"Mean (std) over seeds {s['seeds']}; each seed draws its own flips and initialisation.",
         "",
         f"Training fits {s['train_entry_accuracy'][0]:.1%} of the noisy entries and "
-        f"{s['train_flipped_entries_fitted'][0]:.1%} of the flipped ones (memorized).",
+        f"{s['train_flipped_entries_fitted'][0]:.1%} of the flipped ones"
+        + (" (memorized)." if s["train_flipped_entries_fitted"][0] > 0.95 else "."),
         "",
         "## Which entries are flipped (per entry)",
         "",
