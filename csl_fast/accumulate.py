@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
-from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -13,7 +11,8 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from . import _ext, cross_entropy_args, ops, reference
 from ._ext import resolve_backend
-from .accumulate_checks import _buffers, _check_args, _check_values, _overlap
+from .accumulate_checks import _buffers, _check_args, _check_values, validate_by_default
+from .buffer_locks import buffer_lock
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 from .tracker import CSLTracker
@@ -145,6 +144,8 @@ def accumulate(
             anything; on CUDA, ``validate=True`` (or ``CSL_FAST_VALIDATE=1`` for the CUDA
             C++ kernels) costs a synchronisation per call, and without it an
             out-of-range target gives a NaN loss and an out-of-range index is skipped.
+            The ``"reference"`` backend validates by default on every device (one
+            synchronisation on a GPU): its PyTorch ops would fault the device instead.
 
         inplace_grad: write the logits gradient over the logits instead of into a new
             logits-sized buffer, so cross entropy allocates nothing logits-sized in forward
@@ -169,25 +170,22 @@ def accumulate(
     refused, as ``F.cross_entropy`` refuses it.
     """
     fast_error = None
-    step = _eager_cpu_step(
-        csl, logits, target, count, weight, backend, reduction, validate, inplace_grad
-    )
+    step = _eager_cpu_step(csl, count, backend, validate, inplace_grad)
     if step is not None:
-        # The step releases the GIL: other threads' calls into the same buffers wait.
-        with _buffer_lock(step[0]):
-            try:
-                loss = _ext._C.step(
-                    logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
-                    index, *step,
-                )  # fmt: skip
-            except Exception as exc:
-                # Nothing was written. Bad input raises again below, with the message of the
-                # op-by-op path's checks; input that path takes is a gap in the C++ step,
-                # counted and reported (_fell_back) instead of hidden behind a slower step.
-                fast_error = exc
-            else:
-                # Its ops write through data pointers: make autograd see the writes.
-                torch._C._increment_version(_step_written(step))
+        # One C++ call: it takes the buffer lock, bumps the version counters, and declines
+        # (returns None) what it does not take, which then goes op by op.
+        try:
+            loss = _ext._C.step(
+                logits, target, weight, ignore_index, label_smoothing,
+                REDUCTIONS.get(reduction, -1), index, *step,
+            )  # fmt: skip
+        except Exception as exc:
+            # Nothing was written. Bad input raises again below, with the message of the
+            # op-by-op path's checks; input that path takes is a gap in the C++ step,
+            # counted and reported (_fell_back) instead of hidden behind a slower step.
+            fast_error = exc
+        else:
+            if loss is not None:
                 return loss
     given = (logits, target)
     rows = cross_entropy_args.rows(logits, target, index)
@@ -225,7 +223,7 @@ def accumulate(
     if validate is None:
         # The C++ kernels check ranges themselves before writing; elsewhere check here
         # unless that would cost a device synchronisation.
-        validate = logits.device.type == "cpu" and name != "cpu"
+        validate = validate_by_default(logits.device, name)
     # In place, the gradient overwrites the caller's logits before the scatter's own range
     # check runs, so on the CPU (where reading them costs no device sync) check first.
     if (validate or (inplace_grad and logits.device.type == "cpu")) and (
@@ -234,7 +232,7 @@ def accumulate(
         _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
     # Calls from several threads into the same buffers take turns, from the forward on
     # (the Triton interpreter, for one, cannot run two launches at once).
-    with _buffer_lock(buffers[0]):
+    with buffer_lock(buffers[0]):
         loss = _forward_and_record(
             given, logits, target, index, csl, buffers, seq, soft, transformed, weight,
             ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad,
@@ -294,30 +292,22 @@ def _composite_loss(
     )
 
 
-def _eager_cpu_step(csl, logits, target, count, weight, backend, reduction, validate, inplace_grad):
+def _eager_cpu_step(csl, count, backend, validate, inplace_grad):
     """``(csl, count, epoch, state)``, the arguments after ``index`` of ``csl_fast._C.step``,
-    when this call can run as that one C++ call (csrc/module.cpp), else None.
+    when this call may run as that one C++ call (csrc/module.cpp), else None.
 
     At a few classes the op calls and their Python glue cost more than the work, so eager
-    calls on the CPU (plain per-row [B, C] logits and [B] targets, a tensor buffer or a
-    tracker without history) make the same three op calls from C++. That skips torch.ops,
-    and with it any torch function mode, so it is not taken under one. (Sequences, [B*T, V]
-    logits with [B, T] targets, would only fail there and fall back.)"""
+    calls on the CPU (a tensor buffer or a tracker without history) make the same three op
+    calls from C++. That skips torch.ops, and with it any torch function mode, functorch
+    transform or forward-mode AD, so it is not taken under one. The step itself declines
+    (returns None) what else it does not take (csrc/module.cpp: declines): other layouts,
+    devices and dtypes, buffers the checks refuse, tensor subclasses."""
     if (
         inplace_grad
         or validate
         or backend not in _CPU_STEP
-        or reduction not in REDUCTIONS
-        or type(logits) is not torch.Tensor
-        or not logits.is_cpu
-        or logits.dim() != 2
-        or type(target) is not torch.Tensor
-        or target.dim() != 1
-        # float16/bfloat16 take ops.cross_entropy_fwd's round-once backward.
-        or logits.dtype not in _STEP_DTYPES
-        or (weight is not None and weight.requires_grad)
+        or _ext._C is None
         or torch.compiler.is_compiling()
-        or torch._C._is_torch_function_mode_enabled()
         or _functorch_level() is not None
         or _forward_ad._current_level >= 0
     ):
@@ -326,43 +316,15 @@ def _eager_cpu_step(csl, logits, target, count, weight, backend, reduction, vali
         if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
             return None
         return (*csl.training_buffers(), csl.epoch, csl._step_state)
-    if (
-        type(csl) is torch.Tensor
-        and _ext._C is not None
-        and not csl.requires_grad
-        and (count is None or not (count.requires_grad or _overlap(csl, count)))
-    ):
+    if type(csl) is torch.Tensor:
         return csl, count, 0, None
     return None  # the checks of the op-by-op path say what is wrong
 
 
 _CPU_STEP = ("auto", "cpu")
-_STEP_DTYPES = (torch.float32, torch.float64)
 # Read on every eager step; bound once (each attribute lookup costs ~0.05 us).
 _functorch_level = torch._C._functorch.maybe_current_level
 _forward_ad = torch.autograd.forward_ad
-
-
-def _step_written(step: tuple) -> tuple[torch.Tensor, ...]:
-    """The tensors ``csl_fast._C.step(..., *step)`` writes: csl, count, a tracker's state."""
-    csl, count, _, state = step
-    written = (csl,) if count is None else (csl, count)
-    return written if state is None else written + state
-
-
-# Writes into one buffer (or tracker) from several Python threads are serialised: the
-# kernels add without atomics on the CPU, the tracker's state is read, then written, and
-# the ops release the GIL. Locks are striped by the buffer's address, so buffers share a
-# lock only by chance (costing contention, never correctness), and reentrant, so that a
-# Recorder may call accumulate from its own record().
-_LOCKS = tuple(threading.RLock() for _ in range(61))
-
-
-def _buffer_lock(buf: torch.Tensor) -> AbstractContextManager:
-    if torch.compiler.is_compiling():
-        # A traced graph has no addresses; its writes happen when the compiled code runs.
-        return nullcontext()
-    return _LOCKS[buf.data_ptr() % len(_LOCKS)]
 
 
 class _Fallbacks:
@@ -410,7 +372,7 @@ def record_stats(
         # copies bump the versions, and there is no address to lock on while tracing.
         _record(stats, index, csl, buffers, seq, deterministic, backend)
         return
-    with _buffer_lock(buffers[0]):
+    with buffer_lock(buffers[0]):
         _record(stats, index, csl, buffers, seq, deterministic, backend)
         written = [b for b in buffers if b is not None]
         if not isinstance(csl, torch.Tensor) and callable(getattr(csl, "buffers", None)):

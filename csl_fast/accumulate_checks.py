@@ -204,10 +204,14 @@ def check_buffer(
 def _check_values(
     target: torch.Tensor, index: torch.Tensor, num_classes: int, num_samples: int, ignore_index: int
 ) -> None:
-    """Range checks of targets and indices (reads them on the host)."""
+    """Range checks of targets and indices (reads them on the host: one synchronisation
+    on a GPU when both are in range)."""
     if target.numel() == 0:
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    bad_index = (index < 0) | (index >= num_samples)
+    if not bool(bad.any() | bad_index.any()):
+        return
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(
@@ -215,11 +219,20 @@ def _check_values(
             f"{num_classes}) and is not ignore_index ({ignore_index}); fix the labels or pass "
             "the right ignore_index"
         )
-    bad = (index < 0) | (index >= num_samples)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"csl_fast.accumulate: index[{i}] = {int(index[i])} is outside [0, N = "
-            f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
-            "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
-        )
+    i = int(bad_index.nonzero()[0, 0])
+    raise IndexError(
+        f"csl_fast.accumulate: index[{i}] = {int(index[i])} is outside [0, N = "
+        f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
+        "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
+    )
+
+
+def validate_by_default(device: torch.device, backend: str) -> bool:
+    """Whether targets and indices are range-checked on the host when the caller did not
+    say (``validate=None``): where nothing else checks them before a write and it costs no
+    device synchronisation (CPU tensors, a backend other than the C++ ``"cpu"``, whose
+    kernels check), and on the ``"reference"`` backend everywhere. The reference is the
+    correctness tool, and its PyTorch ops fault the GPU on a bad target or index (a
+    device-side assert, after which the process's CUDA context is lost): one
+    synchronisation buys a clear error there."""
+    return backend == "reference" or (device.type == "cpu" and backend != "cpu")

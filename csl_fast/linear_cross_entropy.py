@@ -56,6 +56,7 @@ import torch
 from . import ops
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
+from .accumulate_checks import validate_by_default
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 
@@ -224,7 +225,7 @@ def linear_cross_entropy(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
-        validate = hidden.device.type == "cpu" and name != "cpu"
+        validate = validate_by_default(hidden.device, name)
     if validate and not torch.compiler.is_compiling():
         _check_values(t1, idx_check, vocab, buffers[0].numel() if record else 1, ignore_index)
     if chunk_size is None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import _ext, ops
 from ._ext import resolve_backend
-from .accumulate import _buffer_lock
-from .accumulate_checks import check_buffer, check_count_fits
+from .accumulate_checks import check_buffer, check_count_fits, validate_by_default
+from .buffer_locks import buffer_lock
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker, _scatter_add
 
@@ -77,10 +77,12 @@ def record_loss(
     learning time) mean nothing for a tracker fed only by ``record_loss``: they divide
     untouched sums by counts that did grow. Input-gradient norms (:meth:`~csl_fast.
     CSLTracker.watch`) and the eval buffers are independent of this call and keep working.
-    The last-loss rule runs as the op ``accumulate`` uses (one C++ pass on the CPU, one
-    Triton pass on a GPU), whose max-probability and correctness outputs go to scratch
-    buffers allocated on the tracker's first ``record_loss`` call: 5 bytes per sample
-    (9 in float64), not saved with the tracker and not counted by ``nbytes()``.
+    On the CPU the whole call is one C++ op (``csl_fast::record_loss``: the sums, counts,
+    last loss and epoch sums in one pass). Elsewhere the last-loss rule runs as the op
+    ``accumulate`` uses (one Triton pass on a GPU), whose max-probability and correctness
+    outputs go to scratch buffers allocated on the tracker's first ``record_loss`` call:
+    5 bytes per sample (9 in float64), not saved with the tracker and not counted by
+    ``nbytes()``.
 
     Args:
         loss: ``[B]`` per-sample losses, float32, float64, float16 or bfloat16, with or
@@ -97,8 +99,9 @@ def record_loss(
         validate: check in Python that every index is in ``[0, N)`` before anything is
             written (reads the indices on the host). Default as in ``accumulate``: on CPU
             tensors with a backend other than ``"cpu"`` (whose C++ kernel checks the range
-            itself before writing); never by default on a GPU, where it would cost a
-            synchronisation and an out-of-range index is skipped instead.
+            itself before writing), and with ``"reference"`` on any device (its PyTorch
+            ops would fault a GPU; one synchronisation). Otherwise not on a GPU, where it
+            would cost a synchronisation and an out-of-range index is skipped instead.
 
     Cost: a few small kernels (the statistics rows, the scatter, for a tracker the last-loss
     pass), no host synchronisation; measured on a shared 2-core CPU at ~40 us a call into
@@ -114,19 +117,24 @@ def record_loss(
     """
     buffers = _buffers(csl, count)
     _check(loss, index, buffers)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     name = resolve_backend(backend, loss.device)
     if validate is None:
-        validate = loss.device.type == "cpu" and name != "cpu"
+        validate = validate_by_default(loss.device, name)
     if validate and not torch.compiler.is_compiling():
         _check_range(index, buffers[0].numel())
+    if name == "cpu":
+        # One pass in C++, which checks the indices before writing, takes the buffer lock
+        # and bumps the version counters (csrc/cpu/record_loss.cpp).
+        _RECORD_LOSS_OP(loss.detach(), index, *buffers, *_tracker_state(csl))
+        return loss
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     stats = loss_stats(loss)
     if torch.compiler.is_compiling():
         # No addresses to lock on while tracing; the graph's writes are copies at its end.
         _record(stats, index, csl, buffers, deterministic, name)
         return loss
-    with _buffer_lock(buffers[0]):
+    with buffer_lock(buffers[0]):
         _record(stats, index, csl, buffers, deterministic, name)
         written = [b for b in buffers if b is not None]
         if isinstance(csl, CSLTracker):
@@ -134,6 +142,25 @@ def record_loss(
         # The kernels write through data pointers; make autograd see it.
         torch._C._increment_version(written)
     return loss
+
+
+def _tracker_state(csl: torch.Tensor | CSLTracker) -> tuple[torch.Tensor | None, ...]:
+    """What the C++ op writes besides csl and count: ``(last_loss, epoch_loss_sum,
+    epoch_count)`` of a tracker (the epoch sums with ``history=True`` only)."""
+    if not isinstance(csl, CSLTracker):
+        return None, None, None
+    b = csl._buffers
+    if csl.history:
+        return b["last_loss"], b["epoch_loss_sum"], b["epoch_count"]
+    return b["last_loss"], None, None
+
+
+if _ext._C is not None:
+    _RECORD_LOSS_OP = torch.ops.csl_fast.record_loss.default
+
+    @torch.library.register_fake("csl_fast::record_loss")
+    def _fake_record_loss(loss, index, csl, count, last_loss, epoch_loss_sum, epoch_count):
+        return None
 
 
 def loss_stats(loss: torch.Tensor) -> torch.Tensor:

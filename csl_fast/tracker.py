@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from . import _ext, ops, reference, tracker_file
+from .buffer_locks import locked
 from .stats import Stat
 from .tracker_buffers import (
     _HISTORIES,
@@ -249,6 +250,7 @@ class CSLTracker(TrackerStatistics):
         """``(csl_sum, csl_count)``: what :func:`csl_fast.accumulate`'s fused op adds into."""
         return self._buffers["csl_sum"], self._buffers["csl_count"]
 
+    @locked
     def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from one training batch.
 
@@ -271,6 +273,7 @@ class CSLTracker(TrackerStatistics):
         suggest = (b["suggest_label"], b["suggest_votes"], b["suggest_hits"])
         self._record_last(idx, stats, "", transitions=True, sums=sums, suggest=suggest)
 
+    @locked
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
 
@@ -328,6 +331,7 @@ class CSLTracker(TrackerStatistics):
         seq[Stat.VALID] = (n > 0).float()
         self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
 
+    @locked
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
@@ -341,6 +345,7 @@ class CSLTracker(TrackerStatistics):
         )
         self.record(idx, stats)
 
+    @locked
     def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. No host synchronisation."""
@@ -358,6 +363,7 @@ class CSLTracker(TrackerStatistics):
             _scatter_add(self.eval_pass_count, idx, stats[Stat.VALID].to(self.dtype))
         self._record_last(idx, stats, "eval_", transitions=False)
 
+    @locked
     def record_input_grad(
         self,
         index: torch.Tensor,
@@ -465,6 +471,7 @@ class CSLTracker(TrackerStatistics):
         )
 
     # --------------------------------------------------------------- epochs
+    @locked
     def sync(self, group: Any = None) -> bool:
         """Combine the ranks' trackers with ``torch.distributed`` collectives (every rank of
         ``group`` must call it); a no-op returning False without an initialised process
@@ -474,6 +481,7 @@ class CSLTracker(TrackerStatistics):
 
         return sync(self, group)
 
+    @locked
     def end_epoch(self) -> None:
         """Close the current training epoch.
 
@@ -502,6 +510,7 @@ class CSLTracker(TrackerStatistics):
             self.epoch_count.zero_()
         self.epoch += 1
 
+    @locked
     def end_eval_pass(self) -> None:
         """Close an eval pass (:func:`csl_fast.score_epoch` calls this): appends the pass's
         mean loss to :attr:`eval_loss_history` (``history=True``) and advances
@@ -523,6 +532,7 @@ class CSLTracker(TrackerStatistics):
         """
         return tracker_file.state_dict(self)
 
+    @locked
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
 
@@ -536,6 +546,7 @@ class CSLTracker(TrackerStatistics):
         """
         tracker_file.load_state_dict(self, state)
 
+    @locked
     def save(self, path: str | os.PathLike) -> None:
         """Write the tracker to ``path`` atomically, with a checksum.
 
@@ -551,6 +562,7 @@ class CSLTracker(TrackerStatistics):
         """
         tracker_file.save(self, path)
 
+    @locked
     def load(self, path: str | os.PathLike) -> None:
         """Load a file written by :meth:`save` into this tracker.
 

@@ -61,4 +61,10 @@ TORCH_LIBRARY(csl_fast, m) {
       "bce_record(Tensor logits, Tensor target, Tensor stats, Tensor index, bool deterministic, "
       "Tensor(a!)? csl, Tensor(b!)? count, Tensor(c!)? wrong, Tensor(d!)? min_margin, "
       "Tensor(e!)? label_csl, Tensor(f!)? label_margin) -> ()");
+  // csl_fast.record_loss: for each row whose loss (float32) is finite, csl[index[i]] +=
+  // loss[i], count[index[i]] += 1, last_loss[index[i]] = loss[i] (last valid row in batch
+  // order), epoch_loss_sum/epoch_count likewise (given together or not); no other row.
+  m.def(
+      "record_loss(Tensor loss, Tensor index, Tensor(a!) csl, Tensor(b!)? count, "
+      "Tensor(c!)? last_loss, Tensor(d!)? epoch_loss_sum, Tensor(e!)? epoch_count) -> ()");
 }

@@ -1,46 +1,174 @@
 // The Python module csl_fast._C. Importing it runs the op registrations of every source
-// file; its one function is csl_fast.accumulate's eager CPU step without torch.ops.
+// file; its functions are csl_fast.accumulate's eager CPU step without torch.ops, and the
+// buffer locks (csrc/buffer_locks.h) for the Python paths.
 //
 // At ten classes a batch's cross entropy, CSL scatter and tracker update are a few
 // microseconds of arithmetic, and each call through torch.ops costs more than that again
 // (every argument converted to an IValue against the schema, a boxed call, the outputs
 // wrapped one by one). `step` takes its arguments straight from Python and makes the
 // same three op calls from C++, through the dispatcher: autograd, profilers and dispatch
-// modes see the ops as they would from torch.ops.
+// modes see the ops as they would from torch.ops. The lock, the checks that decide
+// whether the step applies and the version-counter bumps are here too: each costs about
+// a microsecond in Python, as much as the arithmetic.
 #include <Python.h>
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <array>
+#include <mutex>
 #include <optional>
+
+#include "buffer_locks.h"
+#include "stats.h"
 
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+using Fwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                           const OptTensor&, int64_t, double,
+                                                           int64_t);
+
+const c10::TypedOperatorHandle<Fwd>& fwd_op() {
+  static const auto handle = op<Fwd>("csl_fast::cross_entropy_fwd");
+  return handle;
+}
+
 // The tracker state record_last updates, in its schema's order after `epoch`.
 constexpr Py_ssize_t kStateSize = 12;
 using State = std::array<at::Tensor, kStateSize>;
 
+// float32 D of reduction 'mean' (csl_fast/ops.py: _mean_denominator, the same ops).
+at::Tensor mean_denominator(const at::Tensor& target, const OptTensor& weight,
+                            int64_t ignore_index, int64_t num_classes) {
+  const at::Tensor active = target.ne(ignore_index);
+  if (!weight) return active.sum(at::kFloat);
+  const at::Tensor y =
+      at::where(active, target, 0).to(at::kLong).clamp(0, std::max<int64_t>(num_classes - 1, 0));
+  return at::where(active, weight->to(at::kFloat).index_select(0, y), 0.0).sum();
+}
+
+// grad * scale in float32, rounded once to grad's dtype, through float32 scratch of at most
+// 1 << 20 values (csl_fast/ops.py: _scale_once on the CPU, the same ops).
+at::Tensor scale_once(const at::Tensor& grad, at::Tensor scale) {
+  at::Tensor out = at::empty_like(grad);
+  if (scale.dim() == 0) scale = scale.reshape({1});
+  const int64_t B = grad.size(0);
+  const int64_t rows = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(grad.size(1), 1));
+  for (int64_t start = 0; start < B; start += rows) {
+    const int64_t n = std::min(rows, B - start);
+    const at::Tensor part = scale.size(0) == 1 ? scale : scale.narrow(0, start, n);
+    out.narrow(0, start, n).copy_(grad.narrow(0, start, n).to(at::kFloat).mul_(part));
+  }
+  return out;
+}
+
+// The fused cross entropy for float16/bfloat16 logits with the gradient rounded once, as
+// csl_fast/ops.py: _RoundOnceCrossEntropy (which says why) computes it, op for op, so the
+// step and the op-by-op path agree bit for bit: the kernel runs with the per-row gradient
+// unscaled ('none' for 'mean', whose value is then sum(loss_i) / D in float32), and
+// backward multiplies it by the float32 scale and rounds once.
+class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEntropy> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
+                               const at::Tensor& target, const OptTensor& weight,
+                               int64_t ignore_index, double smoothing, int64_t reduction) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const bool mean = reduction == csl_fast::kMean;
+    auto [loss, grad, stats] = fwd_op().call(logits, target, weight, ignore_index, smoothing,
+                                             mean ? int64_t{csl_fast::kNone} : reduction);
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["reduction"] = reduction;
+    if (mean) {
+      const at::Tensor denom = mean_denominator(target, weight, ignore_index, logits.size(1));
+      loss = loss.to(at::kFloat).sum().div(denom).to(logits.scalar_type());
+      ctx->saved_data["denom"] = denom;
+    }
+    ctx->save_for_backward({grad});
+    ctx->mark_non_differentiable({stats});
+    return {loss, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "csl_fast: double backward through the fused cross entropy is not supported; "
+                "use backend='reference' (plain F.cross_entropy) for higher-order gradients");
+    variable_list out(6);
+    const at::Tensor& upstream = grad_outputs[0];
+    if (!upstream.defined()) return out;  // the loss took no part in what is differentiated
+    at::Tensor scale = upstream.to(at::kFloat);
+    if (ctx->saved_data["reduction"].toInt() == csl_fast::kNone) scale = scale.unsqueeze(1);
+    const auto denom = ctx->saved_data.find("denom");
+    if (denom != ctx->saved_data.end()) scale = scale.div(denom->second.toTensor());
+    out[0] = scale_once(ctx->get_saved_variables()[0], scale);
+    return out;
+  }
+};
+
+// Whether two buffers share memory (csl_fast/accumulate_checks.py: _overlap).
+bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data_ptr());
+  const auto b0 = reinterpret_cast<std::uintptr_t>(b.data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+
+// A call the step does not take (it returns None and the op-by-op path, whose checks name
+// whatever is wrong, takes it): logits that are not [B, C] floats on the CPU or a target
+// that is not [B] (other layouts, sequences), buffers it would refuse (requiring grad,
+// sharing memory), a weight requiring grad under grad mode, and a torch function mode
+// (which must see torch.ops; Python checks for functorch transforms). An inference
+// tensor written outside inference mode would fail its version bump after the write:
+// the op-by-op path raises that as it always has.
+bool declines(const at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
+              const at::Tensor& csl, const OptTensor& count, const std::optional<State>& state) {
+  const auto dt = logits.scalar_type();
+  if (!logits.is_cpu() || logits.dim() != 2 || target.dim() != 1 ||
+      !(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16)) {
+    return true;
+  }
+  if (csl.requires_grad() || (count && (count->requires_grad() || overlap(csl, *count)))) {
+    return true;
+  }
+  if (weight && weight->requires_grad() && at::GradMode::is_enabled()) return true;
+  if (at::impl::torch_function_mode_enabled()) return true;
+  if (!c10::InferenceMode::is_enabled()) {
+    if (csl.is_inference() || (count && count->is_inference())) return true;
+    if (state) {
+      for (const at::Tensor& t : *state) {
+        if (t.is_inference()) return true;
+      }
+    }
+  }
+  return false;
+}
+
 // loss of csl_fast.accumulate(logits, target, index, csl, count=count, ...) and, with
 // `state`, the tracker update record_last makes; reduction is csl_fast.reference's code.
-// CPU tensors only (the state is a CPU tracker's own).
-// scatter_stats checks every index and both buffers before it writes anything, and the
-// state buffers are a tracker's own, so a bad argument raises with nothing written.
-at::Tensor step(const at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
-                int64_t ignore_index, double smoothing, int64_t reduction,
-                const at::Tensor& index, const at::Tensor& csl, const OptTensor& count,
-                int64_t epoch, std::optional<State>& state) {
-  static const auto fwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, double, int64_t)>(
-      "csl_fast::cross_entropy_fwd");
+// None where the step declines the call (see declines). scatter_stats checks every index
+// and both buffers before it writes anything, and the state buffers are a tracker's own,
+// so a bad argument raises with nothing written. Called with the GIL held; the kernels
+// run without it, under the buffer lock, so other threads' writes into csl wait.
+std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& target,
+                               const OptTensor& weight, int64_t ignore_index, double smoothing,
+                               int64_t reduction, const at::Tensor& index, const at::Tensor& csl,
+                               const OptTensor& count, int64_t epoch,
+                               std::optional<State>& state) {
   static const auto scatter =
       op<void(const at::Tensor&, const at::Tensor&, bool, const OptTensor&, const OptTensor&)>(
           "csl_fast::scatter_stats");
@@ -49,18 +177,41 @@ at::Tensor step(const at::Tensor& logits, const at::Tensor& target, const OptTen
       at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       const OptTensor&)>("csl_fast::record_last");
+  if (declines(logits, target, weight, csl, count, state)) return std::nullopt;
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
-  for (const OptTensor& t : {OptTensor(logits), OptTensor(target), weight, OptTensor(index),
-                             OptTensor(csl), count}) {
+  for (const OptTensor& t : {OptTensor(target), weight, OptTensor(index), OptTensor(csl), count}) {
     TORCH_CHECK_VALUE(!t || t->is_cpu(), "csl_fast._C.step: every tensor must be on the CPU");
   }
-  auto [loss, grad, stats] = fwd.call(logits, target, weight, ignore_index, smoothing, reduction);
+  const auto dt = logits.scalar_type();
+  // float16/bfloat16 logits whose gradient is wanted: the gradient is rounded once (as by
+  // ops.cross_entropy_fwd); otherwise the op's own autograd.
+  const bool round_once = (dt == at::kHalf || dt == at::kBFloat16) && logits.requires_grad() &&
+                          at::GradMode::is_enabled();
+  // As torch's own bindings do: other Python threads run while the kernels do.
+  pybind11::gil_scoped_release no_gil;
+  std::lock_guard<std::recursive_mutex> locked(csl_fast::buffer_lock(csl.data_ptr()));
+  at::Tensor loss, stats;
+  if (round_once) {
+    auto out = RoundOnceCrossEntropy::apply(logits, target, weight, ignore_index, smoothing,
+                                            reduction);
+    loss = std::move(out[0]);
+    stats = std::move(out[1]);
+  } else {
+    std::tie(loss, std::ignore, stats) =
+        fwd_op().call(logits, target, weight, ignore_index, smoothing, reduction);
+  }
   scatter.call(stats, index, /*deterministic=*/true, csl, count);
   if (state) {
     State& s = *state;
     record.call(stats, index, std::nullopt, epoch, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
                 s[7], s[8], s[9], s[10], s[11]);
+  }
+  // The ops write through data pointers: make autograd see the writes.
+  torch::autograd::impl::bump_version(csl);
+  if (count) torch::autograd::impl::bump_version(*count);
+  if (state) {
+    for (const at::Tensor& t : *state) torch::autograd::impl::bump_version(t);
   }
   return loss;
 }
@@ -84,10 +235,10 @@ T number_arg(PyObject* obj, T (*convert)(PyObject*)) {
 }
 
 // step(logits, target, weight, ignore_index, label_smoothing, reduction, index, csl, count,
-//      epoch, state) -> loss; weight and count may be None, state is None or the tuple of
-// a tracker's (last_loss, last_max_prob, last_correct, forgetting, learned_epoch,
-// grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum, suggest_label, suggest_votes,
-// suggest_hits).
+//      epoch, state) -> loss, or None where the step declines the call; weight and count
+// may be None, state is None or the tuple of a tracker's (last_loss, last_max_prob,
+// last_correct, forgetting, learned_epoch, grad_norm_sum, margin_sum, p_true_sum,
+// p_true_sq_sum, suggest_label, suggest_votes, suggest_hits).
 PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == 11, "csl_fast._C.step takes 11 arguments, got ", nargs);
@@ -112,20 +263,49 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
       (*state)[k] = tensor_arg(PyTuple_GET_ITEM(tuple, k), "every state entry");
     }
   }
-  at::Tensor loss;
-  {
-    // As torch's own bindings do: other Python threads run while the kernels do.
-    pybind11::gil_scoped_release no_gil;
-    loss = step(logits, target, weight, ignore_index, smoothing, reduction, index, csl, count,
-                epoch, state);
+  // A tensor subclass may mean something else by each op (it is seen by torch.ops).
+  for (PyObject* obj : {args[0], args[1], args[7]}) {
+    if (!THPVariable_CheckExact(obj)) Py_RETURN_NONE;
   }
-  return THPVariable_Wrap(std::move(loss));
+  std::optional<at::Tensor> loss = step(logits, target, weight, ignore_index, smoothing,
+                                        reduction, index, csl, count, epoch, state);
+  if (!loss) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(*loss));
+  END_HANDLE_TH_ERRORS
+}
+
+std::recursive_mutex& lock_of(PyObject* address) {
+  void* data = PyLong_AsVoidPtr(address);
+  if (data == nullptr && PyErr_Occurred()) throw python_error();
+  return csl_fast::buffer_lock(data);
+}
+
+// lock_buffer(address): takes the lock of the buffer whose data_ptr() is `address`
+// (csrc/buffer_locks.h), waiting without the GIL if another thread holds it, so that
+// thread can finish. unlock_buffer(address) releases it; the calls pair up in one thread.
+PyObject* py_lock_buffer(PyObject* /*module*/, PyObject* address) {
+  HANDLE_TH_ERRORS
+  std::recursive_mutex& lock = lock_of(address);
+  if (!lock.try_lock()) {
+    pybind11::gil_scoped_release no_gil;
+    lock.lock();
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_unlock_buffer(PyObject* /*module*/, PyObject* address) {
+  HANDLE_TH_ERRORS
+  lock_of(address).unlock();
+  Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef methods[] = {
     {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_step)),
      METH_FASTCALL, "csl_fast.accumulate's eager CPU step (see csrc/module.cpp)."},
+    {"lock_buffer", py_lock_buffer, METH_O, "Take a buffer's lock (csrc/buffer_locks.h)."},
+    {"unlock_buffer", py_unlock_buffer, METH_O, "Release a buffer's lock."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -415,20 +415,6 @@ def test_writes_into_one_recorder_take_turns(backend):
     assert tracker.csl_count.tolist() == [20.0] * 8
 
 
-def test_one_call_cpu_steps_into_one_buffer_take_turns(monkeypatch):
-    """The one-call C++ step releases the GIL: two steps into one buffer must not run at
-    once (steps into different buffers may)."""
-    if "cpu" not in BACKENDS:
-        pytest.skip("compiled extension not built")
-    overlaps = _Overlaps()
-    monkeypatch.setattr(csl_fast._ext._C, "step", overlaps.wrap(csl_fast._ext._C.step))
-    x, t, _ = _random_batch(8, seed=5)
-    csl, count = torch.zeros(8), torch.zeros(8, dtype=torch.int64)
-    _in_threads(lambda: accumulate(x, t, torch.arange(8), csl, count=count))
-    assert overlaps.most == 1
-    assert count.tolist() == [20] * 8
-
-
 # -------------------------------------------------------- low precision (item 1)
 
 

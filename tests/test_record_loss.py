@@ -244,3 +244,56 @@ def test_float64_loss_beyond_float32_range_not_recorded():
     csl, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3)
     csl_fast.record_loss(loss, torch.arange(3), csl, count=count)
     assert csl.tolist() == [0.0, 1.0, 3.0] and count.tolist() == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.skipif("cpu" not in _BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("dtype", _LOSS_DTYPES)
+@pytest.mark.parametrize("tracker_dtype", [torch.float32, torch.float64])
+def test_cpu_op_is_the_composition_it_replaces(dtype, tracker_dtype):
+    """The one C++ op (csl_fast::record_loss) writes bit for bit what the composition of
+    loss statistics, scatter_stats and record_last wrote, into every tracker buffer (with
+    history) and into tensor buffers of every count dtype; versions are bumped."""
+    from csl_fast.record_loss import _record, loss_stats
+
+    g = torch.Generator().manual_seed(1)
+    n = 11
+    fused, composed = (
+        csl_fast.CSLTracker(n, 3, history=True, dtype=tracker_dtype) for _ in range(2)
+    )
+    for step in range(3):
+        loss = (torch.rand(40, generator=g, dtype=torch.float64) * 7).to(dtype)
+        loss[[2, 9]] = float("nan")
+        loss[step + 20] = float("inf")
+        index = torch.randint(0, n, (40,), generator=g)
+        if step == 1:
+            index = index.int()
+        versions = {k: v._version for k, v in fused.buffers().items()}
+        csl_fast.record_loss(loss, index, fused)
+        for name in ("csl_sum", "csl_count", "last_loss", "epoch_loss_sum", "epoch_count"):
+            assert fused.buffers()[name]._version > versions[name], name
+        _record(loss_stats(loss), index, composed, composed.training_buffers(), True, "cpu")
+        if step == 1:
+            fused.end_epoch()
+            composed.end_epoch()
+    for name, buf in composed.buffers().items():
+        assert torch.equal(fused.buffers()[name], buf), name
+    torch.testing.assert_close(
+        fused.loss_history, composed.loss_history, rtol=0, atol=0, equal_nan=True
+    )
+    for count_dtype in (torch.float32, torch.float64, torch.int32, torch.int64):
+        csl, count = torch.zeros(n, dtype=tracker_dtype), torch.zeros(n, dtype=count_dtype)
+        want = (csl.clone(), count.clone())
+        csl_fast.record_loss(loss, index, csl, count=count)
+        _record(loss_stats(loss), index, csl, want, True, "cpu")
+        assert torch.equal(csl, want[0]) and torch.equal(count, want[1])
+
+
+@pytest.mark.skipif("cpu" not in _BACKENDS, reason="the compiled extension is not built")
+def test_cpu_is_one_op():
+    """On the CPU a call is one op (what made it cost ~40 us was several small kernels);
+    profilers see it."""
+    tracker = csl_fast.CSLTracker(8, history=True)
+    with torch.profiler.profile() as prof:
+        csl_fast.record_loss(torch.rand(8), torch.arange(8), tracker)
+    names = [e.name for e in prof.events() if e.name.startswith("csl_fast::")]
+    assert names == ["csl_fast::record_loss"], names

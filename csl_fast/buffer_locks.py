@@ -1,0 +1,67 @@
+"""Writes into one buffer (or tracker) from several Python threads take turns.
+
+The CPU kernels add without atomics, a tracker's state is read and then written, and the
+ops release the GIL, so two threads writing into the same buffers at once would lose
+updates (``nn.DataParallel`` replicas that compute the loss in ``forward`` do exactly
+that). Every writer holds the lock of the buffer that names the write (a CSL buffer, a
+tracker's ``csl_sum``) while it writes: the locks of the compiled extension
+(csrc/buffer_locks.h), which its one-call C++ step takes itself, so the two paths exclude
+each other. They are striped by address (buffers share a lock only by chance, which costs
+contention, never correctness) and reentrant (a recorder may call ``accumulate`` from its
+own ``record``). Without the extension, Python locks of the same shape.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TypeVar
+
+import torch
+
+from . import _ext
+
+T = TypeVar("T")
+
+
+class _Held:
+    """The extension's lock of one address, as a context manager."""
+
+    __slots__ = ("_address",)
+
+    def __init__(self, address: int) -> None:
+        self._address = address
+
+    def __enter__(self) -> None:
+        _ext._C.lock_buffer(self._address)
+
+    def __exit__(self, *exc: object) -> None:
+        _ext._C.unlock_buffer(self._address)
+
+
+_PYTHON_LOCKS = tuple(threading.RLock() for _ in range(61))
+
+
+def buffer_lock(buf: torch.Tensor) -> AbstractContextManager:
+    """The lock of ``buf`` (a context manager; a no-op while torch.compile traces, where a
+    graph has no addresses and its writes happen when the compiled code runs)."""
+    if torch.compiler.is_compiling():
+        return nullcontext()
+    if _ext._C is None:
+        return _PYTHON_LOCKS[buf.data_ptr() % len(_PYTHON_LOCKS)]
+    return _Held(buf.data_ptr())
+
+
+def locked(method: Callable[..., T]) -> Callable[..., T]:
+    """A :class:`csl_fast.CSLTracker` method that writes the tracker, run under its lock
+    (that of its ``csl_sum``, which ``accumulate`` and ``record_loss`` take too), so that
+    threads that record, watch input gradients, close epochs or load take turns."""
+
+    @functools.wraps(method)
+    def under_lock(self, *args, **kwargs):
+        with buffer_lock(self._buffers["csl_sum"]):
+            return method(self, *args, **kwargs)
+
+    return under_lock

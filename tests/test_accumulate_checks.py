@@ -1,0 +1,83 @@
+"""The host-side range checks of accumulate_checks: when they run by default, what they
+cost on a GPU (one host read for valid input) and what they say."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast.accumulate_checks import _check_values, validate_by_default
+from csl_fast.record_loss import _check_range
+
+
+@pytest.mark.parametrize(
+    ("device", "backend", "checked"),
+    [
+        # The reference's PyTorch ops fault the GPU on a bad target or index (a device-side
+        # assert): one synchronisation buys a clear error on the correctness tool.
+        ("cuda", "reference", True),
+        ("cpu", "reference", True),
+        # The C++ CPU kernels check before writing; elsewhere checking on the host is free.
+        ("cpu", "cpu", False),
+        ("cpu", "triton", True),
+        # The fused GPU kernels skip bad rows; a check would cost a sync on every step.
+        ("cuda", "triton", False),
+        ("cuda", "cuda", False),
+    ],
+)
+def test_who_is_checked_by_default(device, backend, checked):
+    assert validate_by_default(torch.device(device), backend) is checked
+
+
+class _HostReads:
+    """Counts reads of a tensor's value on the host (each one a synchronisation on a GPU)."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("__bool__", "__int__", "item", "tolist"):
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counted(real))
+
+    def _counted(self, real):
+        def read(t, *args):
+            self.count += 1
+            return real(t, *args)
+
+        return read
+
+
+def test_valid_input_costs_one_host_read(monkeypatch):
+    target, index = torch.tensor([0, 2, -100, 1]), torch.tensor([3, 0, 3, 1])
+    reads = _HostReads(monkeypatch)
+    _check_values(target, index, 3, 4, -100)
+    assert reads.count == 1
+    _check_range(index, 4)
+    assert reads.count == 2
+
+
+@pytest.mark.parametrize(
+    ("target", "index", "match"),
+    [
+        ([0, 3, 1], [0, 1, 2], r"target\[1\] = 3 is outside \[0, C = 3\)"),
+        ([0, -5, 1], [9, 1, 2], r"target\[1\] = -5 is outside"),  # the target first
+        ([0, -100, 1], [0, 1, 4], r"index\[2\] = 4 is outside \[0, N = 4\)"),
+        ([0, 1, 1], [-1, 1, 2], r"index\[0\] = -1 is outside"),
+    ],
+)
+def test_messages_name_the_first_bad_entry(target, index, match):
+    with pytest.raises(IndexError, match=match):
+        _check_values(torch.tensor(target), torch.tensor(index), 3, 4, -100)
+
+
+def test_reference_checks_before_writing():
+    """The reference backend validates by default (on CPU tensors here, as on a GPU)."""
+    csl, count = torch.zeros(4), torch.zeros(4)
+    logits, target = torch.randn(3, 3), torch.tensor([0, 1, 2])
+    with pytest.raises(IndexError, match=r"index\[1\] = 7 is outside"):
+        csl_fast.accumulate(logits, target, torch.tensor([0, 7, 1]), csl, count=count,
+                            backend="reference")  # fmt: skip
+    with pytest.raises(IndexError, match=r"index\[1\] = 7 is outside"):
+        csl_fast.record_loss(torch.rand(3), torch.tensor([0, 7, 1]), csl, count=count,
+                             backend="reference")  # fmt: skip
+    assert csl.sum() == 0 and count.sum() == 0
