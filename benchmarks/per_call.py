@@ -60,7 +60,7 @@ def _cases():
 def _child() -> None:
     cases = _cases()
     out = {}
-    for name, fn in cases.items():
+    for fn in cases.values():
         for _ in range(WARMUP):
             fn()
     times = {name: [] for name in cases}
