@@ -19,8 +19,8 @@ import torch
 
 from . import bce_ops
 from ._ext import resolve_backend
-from .accumulate import _buffer_lock
-from .accumulate_checks import _overlap, check_buffer, check_count_fits
+from .accumulate_checks import _overlap, check_buffer, check_count_fits, validate_by_default
+from .buffer_locks import buffer_lock
 from .ops import transformed
 from .record_loss import _record_tracker
 from .reference import REDUCTIONS, BceStat
@@ -157,12 +157,12 @@ def accumulate_bce(
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
-        validate = logits.device.type == "cpu" and name != "cpu"
+        validate = validate_by_default(logits.device, name)
     compiling = torch.compiler.is_compiling()
     if validate and not compiling:
         _check_range(index, csl.shape[0])
     code = REDUCTIONS[reduction]
-    with _buffer_lock(csl):
+    with buffer_lock(csl):
         loss, stats = bce_ops.bce_loss(logits, target, weight, pos_weight, code, name)
         bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
         if tracker is not None:
