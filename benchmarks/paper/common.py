@@ -227,17 +227,27 @@ def run_all(
     *,
     baselines: bool = True,
     progress: bool = False,
+    tracker: csl_fast.CSLTracker | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Every method on one (corrupted) training set: ``(scores, seconds)``.
 
     One tracked training run gives every tracker score (in-training CSL, eval-pass CSL,
     input-gradient scores) and, through a callback, the curvature baseline; confident
-    learning and SSFT retrain their own models.
+    learning and SSFT retrain their own models. ``tracker``: a fresh
+    ``CSLTracker(N, num_classes)`` the run records into, for a caller that needs more than
+    the scores (``csl_fast.detect``'s default rule reads the tracker's views); by default
+    a private one.
     """
     make = model_factory(cfg, x, num_classes)
     kw = cfg.train_kwargs()
     times: dict[str, float] = {}
-    tracker = csl_fast.CSLTracker(x.shape[0], num_classes, device=cfg.device)
+    if tracker is None:
+        tracker = csl_fast.CSLTracker(x.shape[0], num_classes, device=cfg.device)
+    elif tracker.num_samples != x.shape[0] or tracker.num_classes != num_classes:
+        raise ValueError(
+            f"run_all: the tracker is for {tracker.num_samples} samples and "
+            f"{tracker.num_classes} classes, the data has {x.shape[0]} and {num_classes}"
+        )
     curv = CurvatureAccumulator(
         x,
         y,
@@ -290,6 +300,37 @@ def detection_table(scores: dict[str, torch.Tensor], truth: torch.Tensor) -> dic
                 continue
             table[name] = evaluate.detection_metrics(s[ok], truth.cpu()[ok])
     return table
+
+
+def flagged_set(flagged: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Size, true positives, precision, recall and F1 of a flagged set (bool ``[N]``)."""
+    flagged, truth = flagged.cpu().bool(), truth.cpu().bool()
+    hit = int((flagged & truth).sum())
+    n, pos = int(flagged.sum()), int(truth.sum())
+    precision, recall = hit / max(n, 1), hit / max(pos, 1)
+    f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
+    return {"flagged": n, "true_positives": hit, "precision": precision, "recall": recall, "f1": f1}
+
+
+def detection_flags(det: csl_fast.detect.Detection, truth: torch.Tensor) -> dict:
+    """:func:`flagged_set` of a :class:`csl_fast.detect.Detection`, with the rule it
+    reports, its estimated count and interval, threshold and warning."""
+    return {
+        "rule": det.rule,
+        **flagged_set(det.flagged, truth),
+        "estimated_count": det.estimated_count,
+        "count_interval": list(det.count_interval) if det.count_interval else None,
+        "threshold": det.threshold,
+        "warning": det.warning,
+    }
+
+
+def count_cell(flags: dict) -> str:
+    """``estimate [low–high]`` of a :func:`detection_flags` dict, ``–`` without one."""
+    if flags["estimated_count"] is None:
+        return "–"
+    low, high = flags["count_interval"]
+    return f"{flags['estimated_count']} [{low}–{high}]"
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
