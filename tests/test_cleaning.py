@@ -12,7 +12,7 @@ import torch
 
 import csl_fast
 from csl_fast import detect
-from csl_fast.cleaning import CSV_COLUMNS, CleaningPlan, clean
+from csl_fast.cleaning import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE, CleaningPlan, clean
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 SCORES = torch.tensor([3.0, 0.5, 9.0, 2.0, 0.1, 20.0])
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2])
 SUGG_LABEL = torch.tensor([1, -1, 0, 2, 0, 1])
-SUGG_CONF = torch.tensor([0.9, 0.0, 0.4, 0.6, 0.2, 1.0])
+SUGG_CONF = torch.tensor([0.9, 0.0, 0.1, 0.6, 0.2, 1.0])
 
 
 def _det():
@@ -50,7 +50,7 @@ def test_relabel_confident_is_the_default_and_orders_rows_by_rank():
     assert isinstance(plan, CleaningPlan) and plan.policy == "relabel-confident"
     assert plan.index.tolist() == [5, 2, 0, 3]
     assert plan.rank.tolist() == [1, 2, 3, 4]  # 1-based
-    # confidence >= 0.5 relabels; 0.4 (sample 2) is dropped
+    # confidence >= DEFAULT_MIN_CONFIDENCE relabels; 0.1 (sample 2) is dropped
     assert plan.actions == ["relabel", "drop", "relabel", "relabel"]
     assert plan.suggested_label.tolist() == [1, 0, 1, 2]
     assert plan.score.tolist() == [20.0, 9.0, 3.0, 2.0]
@@ -61,6 +61,10 @@ def test_min_confidence_moves_rows_between_drop_and_relabel():
     assert _plan(min_confidence=0.95).actions == ["relabel", "drop", "drop", "drop"]
     assert _plan(min_confidence=0.0).actions == ["relabel"] * 4
     assert _plan(min_confidence=1.0).actions == ["relabel", "drop", "drop", "drop"]
+    # at or above the threshold relabels (sample 3 has 0.6); between 0.1 and 0.6 the default
+    assert _plan(min_confidence=0.6).actions == ["relabel", "drop", "relabel", "relabel"]
+    assert _plan(min_confidence=0.61).actions == ["relabel", "drop", "relabel", "drop"]
+    assert 0.1 < DEFAULT_MIN_CONFIDENCE <= 0.6
 
 
 def test_no_suggestion_is_never_relabelled():
@@ -123,7 +127,7 @@ def test_csv_columns_and_values(tmp_path):
     )
     assert rows[1:] == [
         ["5", "relabel", "1", "1.0000", "20.0", "1"],
-        ["2", "drop", "0", "0.4000", "9.0", "2"],
+        ["2", "drop", "0", "0.1000", "9.0", "2"],
         ["0", "relabel", "1", "0.9000", "3.0", "3"],
         ["3", "relabel", "2", "0.6000", "2.0", "4"],
     ]
@@ -259,7 +263,8 @@ def test_tracker_source_uses_its_suggestions():
     torch.testing.assert_close(
         plan.confidence, conf[plan.index].float(), rtol=0, atol=0, equal_nan=True
     )
-    assert torch.equal(plan.relabel, (label[plan.index] >= 0) & (conf[plan.index] >= 0.5))
+    relabel = (label[plan.index] >= 0) & (conf[plan.index] >= DEFAULT_MIN_CONFIDENCE)
+    assert torch.equal(plan.relabel, relabel)
     # the flipped samples lead the ranking and their suggestions are mostly the true class
     top = plan.index[flipped[plan.index]]
     assert top.numel() >= 8
