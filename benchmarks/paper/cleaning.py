@@ -480,9 +480,10 @@ def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
     trained = sorted({c for r in rows for c in r["trained_at_commit"]})
     lines += [
         "",
-        f"Noisy runs and cleanlab trained at commit(s) {', '.join(trained)}; the rule, the "
-        f"cleaning and csl_fast's retrainings at {env['commit']} (the noisy runs are cached "
-        "by the script, see its --cache).",
+        f"Noisy runs and cleanlab trained at commit(s) {', '.join(trained)}; the rule and the "
+        f"cleaning at {env['commit']}. The script caches the noisy runs and the retrainings "
+        "(see its --cache; a retraining is keyed by the cleaned training set's content, the "
+        "training being deterministic in it).",
     ]
     return "\n".join(lines)
 
