@@ -71,8 +71,8 @@ def _ours(backend, logits, target, weight, pos_weight, reduction, upstream, n=No
     z = logits.detach().clone().requires_grad_(True)
     batch = z.shape[0]
     n = n or max(batch, 1)
-    csl = torch.zeros(n, dtype=torch.float64)
-    index = torch.arange(batch) % n
+    csl = torch.zeros(n, dtype=torch.float64, device=z.device)
+    index = torch.arange(batch, device=z.device) % n
     loss = csl_fast.accumulate_bce(
         z, target, index, csl, weight=weight, pos_weight=pos_weight, reduction=reduction,
         backend=backend,
@@ -174,14 +174,14 @@ def _loop_record(logits, target, index, n):
 
 
 def _record_all(backend, logits, target, index, n, dtype=torch.float32, **kw):
-    labels = logits.shape[1]
+    labels, dev = logits.shape[1], logits.device
     bufs = {
-        "csl": torch.zeros(n, dtype=dtype),
-        "count": torch.zeros(n, dtype=torch.int64),
-        "wrong": torch.zeros(n, dtype=torch.int32),
-        "min_margin": torch.zeros(n, dtype=dtype),
-        "label_csl": torch.zeros(n, labels, dtype=dtype),
-        "label_margin": torch.zeros(n, labels, dtype=dtype),
+        "csl": torch.zeros(n, dtype=dtype, device=dev),
+        "count": torch.zeros(n, dtype=torch.int64, device=dev),
+        "wrong": torch.zeros(n, dtype=torch.int32, device=dev),
+        "min_margin": torch.zeros(n, dtype=dtype, device=dev),
+        "label_csl": torch.zeros(n, labels, dtype=dtype, device=dev),
+        "label_margin": torch.zeros(n, labels, dtype=dtype, device=dev),
     }
     loss = csl_fast.accumulate_bce(
         logits, target, index, bufs["csl"], count=bufs["count"], wrong=bufs["wrong"],
@@ -505,3 +505,32 @@ def test_compile_fullgraph_training_step(backend):
     torch.testing.assert_close(label_csl, torch.zeros(20, 5).index_add_(0, idx, plain))
     torch.testing.assert_close(csl, torch.zeros(20).index_add_(0, idx, plain.sum(1)))
     assert count.sum() == 8 and count[3] == 2 and count[0] == 2
+
+
+def test_fused_backends_on_each_device(device, fused_backends):
+    """Every compiled backend of the device (on a GPU: Triton and CUDA C++) against
+    PyTorch and the reference, deterministic mode bitwise reproducible."""
+    logits, target = _inputs(37, 45, soft=True, device=device)
+    pos_weight = torch.rand(45, device=device) + 0.5
+    index = torch.randint(0, 9, (37,), device=device)
+    for backend in fused_backends:
+        for dtype in (torch.float32, torch.bfloat16):
+            z, y = logits.to(dtype), target.to(dtype)
+            upstream = torch.tensor(1.7, dtype=dtype, device=device)
+            got = _ours(backend, z, y, None, pos_weight, "mean", upstream)
+            want = _torch_loss_and_grad(z, y, None, pos_weight, "mean", upstream)
+            exact = _torch_loss_and_grad(
+                z.double(), y.double(), None, pos_weight.double(), "mean", upstream.double()
+            )
+            assert_no_worse_than_torch(got[0][None], want[0][None], exact[0][None], "loss")
+            assert_no_worse_than_torch(got[1], want[1], exact[1], "grad")
+        runs = []
+        for _ in range(2):
+            _, bufs = _record_all(backend, logits, target, index, 9, deterministic=True)
+            runs.append(bufs)
+        stats = reference.bce_row_statistics(logits, target)
+        want_bufs = {k: torch.zeros_like(v) for k, v in runs[0].items()}
+        reference.bce_record(logits, target, stats, index, True, *want_bufs.values())
+        for name, buf in runs[0].items():
+            assert torch.equal(buf, runs[1][name]), f"{backend}: {name} not reproducible"
+            torch.testing.assert_close(buf, want_bufs[name], rtol=2e-6, atol=2e-6, msg=name)

@@ -165,5 +165,84 @@ size_t input_grad_norms_workspace_bytes(const InputGradNormsParams& p);
 cudaError_t input_grad_norms(const InputGradNormsParams& p, void* workspace,
                              size_t workspace_bytes, cudaStream_t stream);
 
+// ---------------------------------------------------------------------------------------
+// Binary cross entropy with logits (csl_fast.accumulate_bce; csl_fast/reference.py: bce_fwd,
+// bce_bwd, bce_record; kernels in bce_kernels.cu). Entries (i, l) of [rows, labels] logits
+// z and targets y (one dtype: float32, float16, bfloat16 or float64; any strides), with the
+// optional weight w and pos_weight p in the acc type, read through [rows, labels] strides
+// (a broadcast weight has stride 0). Plain entry loss: softplus(z) - y z; weighted:
+// w ([z >= 0](1 - y) z - [z < 0] p y z + (1 + (p - 1) y) log1p(exp(-|z|))).
+struct BceInputs {
+  const void* logits = nullptr;
+  const void* target = nullptr;
+  DType dtype = DType::kFloat32;
+  int64_t rows = 0;
+  int64_t labels = 0;
+  int64_t z_stride[2] = {0, 0};
+  int64_t y_stride[2] = {0, 0};
+  const void* weight = nullptr;  // acc type, or null
+  int64_t w_stride[2] = {0, 0};
+  const void* pos_weight = nullptr;  // acc type, or null
+  int64_t pw_stride[2] = {0, 0};
+};
+
+// One warp per row: the weighted entry losses (reduction none: into `loss`, logits dtype,
+// [rows, labels] contiguous; mean/sum: their row sums into `row_sums`, acc type [rows]) and
+// the per-sample statistics (float32 [kBceNumStats, rows], csrc/bce_stats.h). Warp sums in
+// a fixed order: bitwise reproducible.
+struct BceFwdParams {
+  BceInputs in;
+  int reduction = 1;  // csl_fast::ReductionKind
+  void* loss = nullptr;
+  void* row_sums = nullptr;
+  float* stats = nullptr;
+};
+cudaError_t bce_fwd(const BceFwdParams& p, cudaStream_t stream);
+
+// d loss / d z = g w ((1 - y) sigmoid(z) - p y sigmoid(-z)), one thread per entry, into
+// `out` (logits dtype, [rows, labels] contiguous). g: the upstream gradient, [rows, labels]
+// through g_stride for reduction none, else a scalar read on the device, over rows * labels
+// for mean.
+struct BceBwdParams {
+  BceInputs in;
+  int reduction = 1;
+  const void* grad = nullptr;  // logits dtype
+  int64_t g_stride[2] = {0, 0};
+  void* out = nullptr;
+};
+cudaError_t bce_bwd(const BceBwdParams& p, cudaStream_t stream);
+
+// For every valid row i (stats[kBceValid, i] > 0) with k = index[i] in [0, n) (others are
+// skipped): csl[k] += LOSS, count[k] += 1, wrong[k] += WRONG, min_margin[k] += MIN_MARGIN
+// (float32/float64; count and wrong also int32/int64) and, per label l, label_csl[k, l] +=
+// the plain entry loss, label_margin[k, l] += (2 y - 1) z (float32/float64, [n, labels]
+// contiguous). Any buffer may be null.
+struct BceRecordParams {
+  BceInputs in;  // weight and pos_weight unused
+  const float* stats = nullptr;  // float32 [kBceNumStats, rows] contiguous
+  const void* index = nullptr;   // [rows], int32 or int64
+  DType index_dtype = DType::kInt64;
+  int64_t n = 0;
+  void* csl = nullptr;
+  DType csl_dtype = DType::kFloat32;
+  void* count = nullptr;
+  DType count_dtype = DType::kFloat32;
+  void* wrong = nullptr;
+  DType wrong_dtype = DType::kFloat32;
+  void* min_margin = nullptr;
+  DType min_margin_dtype = DType::kFloat32;
+  void* label_csl = nullptr;
+  DType label_csl_dtype = DType::kFloat32;
+  void* label_margin = nullptr;
+  DType label_margin_dtype = DType::kFloat32;
+};
+// One atomicAdd per value (with duplicate indices the order of float additions may vary).
+cudaError_t bce_record_atomic(const BceRecordParams& p, cudaStream_t stream);
+// Deterministic: given the stable sort of the indices (sorted_index, int64, and perm:
+// sorted position -> row), the first position of each run of equal indices adds the run's
+// rows in batch order, one writer per slot: equal to a sequential loop in batch order.
+cudaError_t bce_record_sorted(const BceRecordParams& p, const int64_t* sorted_index,
+                              const int64_t* perm, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace csl_fast
