@@ -103,10 +103,11 @@ def record_loss(
             ops would fault a GPU; one synchronisation). Otherwise not on a GPU, where it
             would cost a synchronisation and an out-of-range index is skipped instead.
 
-    Cost: a few small kernels (the statistics rows, the scatter, for a tracker the last-loss
-    pass), no host synchronisation; measured on a shared 2-core CPU at ~40 us a call into
-    a tensor and ~55-90 us into a tracker, against ~9 us for ``accumulate``'s recording
-    (``benchmarks/paper/results/regression.md``).
+    Cost: no host synchronisation. On the CPU one op; on a loaded shared 2-core CPU (B = 64)
+    27.8 us a call into a tensor and 28.3 us into a tracker, where the few small kernels it
+    replaced took 106 and 153 us in the same run (``benchmarks/results/per-call-2026-11-30.md``).
+    Elsewhere a few small kernels (the statistics rows, the scatter, for a tracker the
+    last-loss pass).
 
     Returns:
         ``loss``, the same tensor object.
