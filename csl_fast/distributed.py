@@ -21,7 +21,8 @@ synced in has been closed.
 
 Combination rules
 -----------------
-- **Sums and counts** (``csl_sum``, ``csl_count``, every other ``*_sum`` / ``*_count``):
+- **Sums and counts** (``csl_sum``, ``csl_count``, every other ``*_sum`` / ``*_count``,
+  the ``[N, L]`` per-label CSL of a tracker with ``num_labels`` too):
   ``all_reduce(SUM)`` of the window's deltas. ``DistributedSampler`` pads the last batches
   with repeats of the first samples, and those repeats are real presentations: they are
   added and counted, so every mean (``csl_mean``, ``aum``, ``confidence``, ...) stays the

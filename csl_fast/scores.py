@@ -231,11 +231,13 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
             raise KeyError(f"csl_fast.scores: unknown scores {unknown}; known: {list(SCORES)}")
     logits = has_logit_stats(tracker)
     nan = torch.full((tracker.num_samples,), math.nan, dtype=tracker.dtype, device=tracker.device)
+
+    def undefined(name: str) -> bool:  # eval passes give in_confidence its own softmax
+        eval_conf = name == "in_confidence" and tracker.eval_passes > 0
+        return SCORES[name].needs == "logits" and not logits and not eval_conf
+
     with torch.no_grad():
-        return {
-            name: nan if SCORES[name].needs == "logits" and not logits else _compute(tracker, name)
-            for name in chosen
-        }
+        return {name: nan if undefined(name) else _compute(tracker, name) for name in chosen}
 
 
 def as_dataframe(

@@ -23,6 +23,10 @@ holds, the checksum (so a flipped bit anywhere is refused), then every field's t
 range and every tensor's dtype and shape against the metadata. Every failure is a
 :class:`TrackerFileError` that names the file.
 
+A tracker with ``num_labels`` stores its ``[N, L]`` per-label buffer in the same table (the
+format stays version 2); a csl_fast from before per-label buffers refuses such a file (an
+unknown buffer), and reads the other version-2 files as before.
+
 Version 1 files (``torch.save`` zip archives, no checksum) are still read, through
 ``torch.load(weights_only=True)`` after a check that the archive is uncompressed and no
 larger than the file; they load with a :class:`UnverifiedTrackerFileWarning`. Buffers

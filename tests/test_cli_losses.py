@@ -65,6 +65,12 @@ def test_scores_of_a_loss_only_tracker(reg_run):
     assert not has_logit_stats(t)
     assert list(scores(t)) == ["csl", "csl_mean", "final_loss"]
     assert torch.isnan(scores(t, ["aum"])["aum"]).all()  # asked by name: undefined
+    # An eval pass (softmax of a classifier) gives in_confidence its own probabilities.
+    ev = csl_fast.CSLTracker(4, 3)
+    batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    csl_fast.score_epoch(torch.nn.Linear(2, 3), [batch], ev)
+    conf = scores(ev, ["in_confidence", "aum"])
+    assert torch.isfinite(conf["in_confidence"]).all() and torch.isnan(conf["aum"]).all()
     ce = csl_fast.CSLTracker(4, 3)
     csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), ce)
     assert has_logit_stats(ce) and "aum" in scores(ce)
@@ -153,3 +159,29 @@ def test_report_of_a_loss_only_run(capsys, ml_run, tmp_path):
     assert "Top 24 (sample, label) entries by per-label CSL" in page
     assert not (out_dir / "data_map.png").exists() and (out_dir / "flagging.png").exists()
     _no_ce_advice(page)
+
+
+def test_a_tracker_fed_by_accumulate_bce(capsys, tmp_path):
+    """The contract end to end: accumulate_bce fills label_csl; the CLI reads it."""
+    g = torch.Generator().manual_seed(3)
+    n, labels = 64, 4
+    t = csl_fast.CSLTracker(n, num_labels=labels)
+    x = torch.randn(n, labels, generator=g)
+    y = (torch.rand(n, labels, generator=g) < 0.3).float()
+    want = torch.zeros(n, labels)
+    for idx in torch.randperm(n, generator=g).split(16):
+        csl_fast.accumulate_bce(x[idx], y[idx], idx, t)
+        want[idx] += torch.nn.functional.binary_cross_entropy_with_logits(
+            x[idx], y[idx], reduction="none"
+        )
+    torch.testing.assert_close(t.label_csl, want)
+    assert not has_logit_stats(t)
+    path = tmp_path / "bce.csl"
+    t.save(path)
+    code, out, err = run(capsys, "rank", str(path), "--score", "label_csl", "--csv", "--top", "5")
+    assert code == EXIT_OK, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    i, k = int(rows[0]["index"]), int(rows[0]["entry_label"])
+    assert float(want[i, k]) == pytest.approx(float(want.max()))
+    code, out, err = run(capsys, "rank", str(path), "--top", "3")
+    assert code == EXIT_OK and "recorded losses only" in err
