@@ -22,6 +22,9 @@ Scores of a flipped entry (higher = more suspicious), per entry ``(i, k)``:
 * ``label csl``: per-entry CSL, the sum over training of the entry's plain BCE, recorded
   by ``csl_fast.accumulate_bce`` into ``CSLTracker(num_labels=L).label_csl`` during the
   one training run (no extra cost);
+* ``label margin``: minus the mean over training of the entry's signed margin
+  ``(2y - 1) z`` (``accumulate_bce``'s optional ``label_margin`` buffer, AUM's sigmoid
+  analogue; the same run);
 * ``final entry loss``: the trained model's BCE on the entry (the same run);
 * ``cleanlab (K-fold)``: ``1 - cleanlab.multilabel_classification.rank.
   get_label_quality_scores_per_class`` (self-confidence) on K = ``--folds`` out-of-sample
@@ -108,8 +111,9 @@ def mlp(seed: int, inputs: int = 128, width: int = 256) -> nn.Module:
     )
 
 
-def train(x, y, seed, epochs, tracker=None, batch=64) -> nn.Module:
-    """Train the MLP with BCE; ``accumulate_bce`` records into ``tracker`` when given."""
+def train(x, y, seed, epochs, tracker=None, batch=64, label_margin=None) -> nn.Module:
+    """Train the MLP with BCE; ``accumulate_bce`` records into ``tracker`` (and the
+    per-entry margin sums into ``label_margin``) when given."""
     model = mlp(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(seed)
@@ -120,7 +124,9 @@ def train(x, y, seed, epochs, tracker=None, batch=64) -> nn.Module:
             idx = order[start : start + batch]
             logits = model(x[idx])
             if tracker is not None:
-                loss = csl_fast.accumulate_bce(logits, y[idx], idx, tracker)
+                loss = csl_fast.accumulate_bce(
+                    logits, y[idx], idx, tracker, label_margin=label_margin
+                )
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, y[idx])
             opt.zero_grad(set_to_none=True)
@@ -184,15 +190,21 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
     sample_truth = truth.any(1)
 
     tracker = csl_fast.CSLTracker(n, num_labels=LABELS)
+    margin = torch.zeros(n, LABELS)
     t0 = time.perf_counter()
-    model = train(x, y, seed, args.epochs, tracker)
+    model = train(x, y, seed, args.epochs, tracker, label_margin=margin)
     run["seconds_csl_run"] = time.perf_counter() - t0
     p = probabilities(model, x)
     run["train_entry_accuracy"] = float(((p > 0.5) == (y_np > 0.5)).mean())
     run["train_flipped_entries_fitted"] = float(((p > 0.5) == (y_np > 0.5))[truth].mean())
     label_csl = tracker.label_csl.double().numpy()
     final = -(y_np * np.log(np.clip(p, 1e-12, 1)) + (1 - y_np) * np.log(np.clip(1 - p, 1e-12, 1)))
-    entry_scores = {"label csl": label_csl, "final entry loss": final}
+    mean_margin = (margin / tracker.csl_count[:, None]).double().numpy()
+    entry_scores = {
+        "label csl": label_csl,
+        "label margin (minus the mean, AUM-style)": -mean_margin,
+        "final entry loss": final,
+    }
 
     t0 = time.perf_counter()
     oos = kfold_probabilities(x, y, seed, args.epochs, args.folds)
@@ -308,6 +320,7 @@ def markdown(meta: dict, s: dict) -> str:
     ]
     secs = {
         "label csl": s["seconds_csl_run"][0],
+        "label margin (minus the mean, AUM-style)": s["seconds_csl_run"][0],
         "final entry loss": s["seconds_csl_run"][0],
         "cleanlab (K-fold)": s["seconds_cleanlab"][0],
     }
