@@ -503,6 +503,7 @@ def main() -> None:
         help="min_confidence values to retrain at (default: 0, 1/9, 0.2, 0.3, 0.5)",
     )
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default="cleaning", help="results/OUT.json and .md")
     p.add_argument(
         "--cache",
         type=Path,
@@ -545,7 +546,7 @@ def main() -> None:
     env = environment()
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     write_results(
-        "cleaning",
+        args.out,
         {"args": settings, "summary": rows, "runs": runs, "ceilings": ceilings},
         markdown(rows, env, args),
     )
