@@ -155,7 +155,11 @@ class Detection:
         groups: for :func:`duplicates` with ``inputs``: the groups (lists of dataset
             indices) of identical inputs that contain a flagged sample.
         estimated_count: the rule's estimate of how many samples are bad (mislabeled, ...),
-            ``None`` for rules that do not estimate one (``fraction``, ``threshold``).
+            ``None`` for rules that do not estimate one (``fraction``, ``threshold``) and
+            when the rule found no separation, so that the count is unknown (nothing is
+            flagged then, and ``warning`` says why; ``diagnostics["count"]`` is
+            ``"unknown"``). ``diagnostics["count"] == "lower bound"`` when the count rests
+            on too few surely-bad samples (``warning`` says so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
             threshold, why nothing was flagged); plain JSON-able values.
@@ -381,17 +385,32 @@ def _detect(
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
-        count, interval = est.count, est.interval
         note = rule_note(name, values, views is not None)
         if note is not None:
             diag["note"] = note
-        if not est.found:
+        if est.found:
+            count, interval = est.count, est.interval
+            if est.reason is not None:  # a count that is only a lower bound
+                diag["count"] = "lower bound"
+                warning = (
+                    f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but "
+                    f"{est.reason}. {_advice(views)}"
+                )
+        else:
+            # no separation: the count is unknown, not zero (the labels may be clean, or
+            # the bad ones may not stand apart in this run); the surely-bad samples, if
+            # any, are a lower bound
+            diag["count"] = "unknown"
+            diag["count_lower_bound"] = int(diag.get("two_view", {}).get("label_lost", 0))
             why = est.reason or "the rule found no bad samples"
             fallback = diag.get("two_view", {}).get("reason")
             if fallback:
                 why = f"{fallback}; and the 1-D valley rule: {why}"
-            advice = _advice(views)
-            warning = f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. {advice}"
+            warning = (
+                f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. The number of bad "
+                "samples is unknown: the labels may be clean, or the bad ones were fitted as "
+                f"fast as the clean ones in this run. {_advice(views)}"
+            )
     n_flagged = int(flagged.sum())
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
     diag.update(flagged=n_flagged, threshold=thr)
@@ -407,7 +426,10 @@ def summary(det: Detection) -> str:
     parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
-        parts.append(f"estimated {det.estimated_count} bad samples ({lo}-{hi})")
+        bound = " at least" if det.diagnostics.get("count") == "lower bound" else ""
+        parts.append(f"estimated{bound} {det.estimated_count} bad samples ({lo}-{hi})")
+    elif det.diagnostics.get("count") == "unknown":
+        parts.append("number of bad samples unknown")
     line = "; ".join(parts)
     if det.warning is not None:
         return f"{line}. {det.warning}"

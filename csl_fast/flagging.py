@@ -54,6 +54,7 @@ __all__ = [
     "CLEAN_COMPONENTS",
     "DOUBT_PROB",
     "DOUBT_SPAN",
+    "MIN_ANCHORED_SHARE",
     "MIN_PINNED",
     "MIXTURE_BINS",
     "TOL",
@@ -76,6 +77,9 @@ CLEAN_COMPONENTS = (3, 2, 4)
 TOL = 1e-4
 #: Fewest label-lost samples the two-view fit needs (fewer: the 1-D rule is used).
 MIN_PINNED = 3
+#: Least share of the count that the pinned samples must make up for the count to be
+#: more than a lower bound (see :func:`two_view_count`).
+MIN_ANCHORED_SHARE = 0.2
 #: A confidently doubted label had probability below ``DOUBT_PROB / C`` on average while
 #: it was doubted (a fifth of chance: 0.02 on 10 classes), see :func:`doubted`.
 DOUBT_PROB = 0.2
@@ -100,7 +104,8 @@ class Estimate:
         cut: for :func:`upper_mode`, the valley on the rule's scale (``z > cut`` are
             counted); ``inf`` when nothing is, ``nan`` for :func:`two_view_count`.
         diagnostics: the numbers behind the decision (JSON-able).
-        reason: why nothing was found (``None`` when something was).
+        reason: why nothing was found; when something was, why the count is only a
+            lower bound (``None`` when it is an estimate).
     """
 
     found: bool
@@ -296,6 +301,7 @@ def two_view_count(
         counts.append(n_pinned + bad)
         fits.append({"clean_components": k, "count": n_pinned + bad, **params})
     count = round(counts[0])
+    diag["anchored_share"] = n_pinned / max(count, 1)
     # the interval spans (a) the fits with 2, 3 and 4 clean components, widened by two
     # Poisson standard errors, and (b) the reported fit's overlap: the free samples in
     # bins it cannot call (0.1 < P(bad) < 0.9) could all go either way
@@ -304,7 +310,16 @@ def two_view_count(
     high = max(max(counts) + noise, counts[0] + fits[0]["ambiguous_clean"])
     low, high = max(n_pinned, math.floor(low)), math.ceil(high)
     diag.update(fits=fits)
-    return Estimate(count > 0, count, (low, high), diagnostics=diag)
+    caveat = None
+    if diag["anchored_share"] < MIN_ANCHORED_SHARE:
+        caveat = (
+            f"only {n_pinned} of the {count} counted samples lost their label or were "
+            "confidently doubted: the bad component's shape rests on few samples and the "
+            "rest of the bad labels may hide in the clean tail (labels memorized fast: "
+            "class-pair flips, a network that does not generalise), so the count rests on "
+            "the mixture's shape more than on the run: treat it as a lower bound"
+        )
+    return Estimate(count > 0, count, (low, high), diagnostics=diag, reason=caveat)
 
 
 # ------------------------------------------------------------------------ 1-D valley

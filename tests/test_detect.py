@@ -40,7 +40,7 @@ def test_flags_nothing_without_outlier_mode():
     s = torch.exp(torch.randn(400, generator=g) * 0.3)
     with pytest.warns(detect.DetectionWarning, match="no separate upper mode|one mode"):
         det = detect.memorized(s)
-    assert len(det) == 0 and math.isinf(det.threshold) and det.estimated_count == 0
+    assert len(det) == 0 and math.isinf(det.threshold) and det.estimated_count is None
     with pytest.warns(detect.DetectionWarning, match="every score is equal"):
         assert len(detect.mislabeled(torch.ones(100))) == 0
 

@@ -97,8 +97,12 @@ def test_one_mode_flags_nothing_and_warns(seed):
     for s in shapes:
         with pytest.warns(detect.DetectionWarning, match="nothing flagged") as rec:
             det = detect.mislabeled(s)
-        assert len(det) == 0 and det.estimated_count == 0 and math.isinf(det.threshold)
+        # no separation: the count is unknown (None), not zero
+        assert len(det) == 0 and det.estimated_count is None and det.count_interval is None
+        assert math.isinf(det.threshold) and det.diagnostics["count"] == "unknown"
         assert det.warning is not None and det.warning == str(rec[0].message)
+        assert "number of bad samples is unknown" in det.warning
+        assert "number of bad samples unknown" in detect.summary(det)
         assert "try:" in det.warning and det.diagnostics["estimator"]["reason"]
         json.dumps(det.diagnostics)  # plain values, for the report and the CLI
 
@@ -158,7 +162,31 @@ def test_two_view_clean_run_falls_back_and_warns():
     assert "1-D valley rule" in str(rec[0].message)
     with pytest.warns(detect.DetectionWarning):
         det = detect.mislabeled(table, rule="two_view")
-    assert len(det) == 0 and det.estimated_count == 0
+    assert len(det) == 0 and det.estimated_count is None
+    assert det.diagnostics["count"] == "unknown" and det.diagnostics["count_lower_bound"] <= 2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_view_few_anchors_warns_that_the_count_is_a_lower_bound(seed):
+    # 2% of the bad samples lost their label: the count rests on ~6 anchors of ~300
+    table, bad = _two_view_table(seed, rate=0.05, caught=0.02)
+    with pytest.warns(detect.DetectionWarning, match="lower bound") as rec:
+        det = detect.mislabeled(table)
+    est = det.diagnostics["estimator"]
+    assert est["anchored_share"] < flagging.MIN_ANCHORED_SHARE
+    assert det.diagnostics["count"] == "lower bound" and det.warning == str(rec[0].message)
+    assert len(det) == det.estimated_count > 0  # still flagged: the top-k of the score
+    # here the bad component's shape is the model's, so the count is still close
+    k = int(bad.sum())
+    assert abs(det.estimated_count - k) <= 0.15 * k, (det.estimated_count, k)
+    assert "estimated at least" in detect.summary(det)
+    # the same run with half the bad samples anchored: an estimate, no warning
+    table, _ = _two_view_table(seed, rate=0.05, caught=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        det = detect.mislabeled(table)
+    assert det.diagnostics["estimator"]["anchored_share"] >= flagging.MIN_ANCHORED_SHARE
+    assert "count" not in det.diagnostics and "at least" not in detect.summary(det)
 
 
 def test_two_view_needs_the_margin_view():
