@@ -438,6 +438,12 @@ def main() -> None:
         "is not cached (same seeds, so the same corrupted labels and folds)",
     )
     p.add_argument(
+        "--saved-from",
+        default=None,
+        help="an earlier flagging.json: carry its --saved rows over (labelled with their "
+        "commit) when the saved trackers are not on this machine",
+    )
+    p.add_argument(
         "--saved",
         nargs="*",
         default=[],
@@ -486,10 +492,14 @@ def main() -> None:
                 f" | cleanlab flagged {cl['flagged']} F1 {cell(cl['f1'])}",
                 flush=True,
             )
-    meta = run_meta()
+    meta = {**run_meta(), "command": " ".join(["python benchmarks/flagging.py", *sys.argv[1:]])}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     saved = [evaluate_saved(Path(f)) for f in args.saved]
+    if not saved and args.saved_from:
+        doc = json.loads(Path(args.saved_from).read_text())
+        note = f"{Path(args.saved_from).name} at commit {doc['commit']}"
+        saved = [{**r, "source": r.get("source", note)} for r in doc.get("saved", [])]
     for r in saved:
         d = r["default"]
         print(f"{r['file']}: flagged {d['flagged']} P {cell(d['precision'])} R {cell(d['recall'])}")

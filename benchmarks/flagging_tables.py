@@ -24,6 +24,7 @@ def mean_of(rows: list[dict], key: str, field: str) -> float | None:
 
 
 def markdown_saved(rows: list[dict]) -> str:
+    sources = sorted({r["source"] for r in rows if r.get("source")})
     lines = [
         "",
         "## Saved trackers trained longer (`--saved`)",
@@ -32,6 +33,16 @@ def markdown_saved(rows: list[dict]) -> str:
         "the same tracker with the margin view only (the rule before the doubt view of "
         "`csl_fast.flagging.doubted`).",
         "",
+        *(
+            [
+                f"Carried over from {sources[0]} (`--saved-from`; the trackers are not on "
+                "this machine): evaluated with the rule of that commit, before the count's "
+                "`unknown` / `lower bound` cases.",
+                "",
+            ]
+            if sources
+            else []
+        ),
         "| file | epochs | flips | margin-lost | flagged | P | R | F1 | est. count [interval] "
         "| margin view only: flagged / F1 | top-k P=R |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -103,7 +114,7 @@ def _summary_table(runs: list[dict]) -> list[str]:
                 f"| {cell(mean_of(rs, 'csl_fast', 'precision'))} "
                 f"| {cell(mean_of(rs, 'csl_fast', 'recall'))} "
                 f"| {cell(sum(err) / len(err) if err else None, '.0%')} "
-                f"| {covers}/{len(rs)}{f' ({unknown} unknown)' if unknown else ''} "
+                f"| {covers}/{len(known)}{f' ({unknown} unknown)' if unknown else ''} "
                 f"| {sum(share) / len(share):.2%} "
                 f"| {f'{sum(share_cl) / len(share_cl):.2%}' if share_cl else '-'} |"
             )
@@ -133,7 +144,8 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "# No-ground-truth flagging: csl_fast's default rule vs cleanlab",
         "",
         f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. "
-        "`python benchmarks/flagging.py` (see its docstring for the regimes). Per run: "
+        f"`{meta.get('command', 'python benchmarks/flagging.py')}` (see its docstring for "
+        "the regimes). Per run: "
         "precision / recall / F1 of the flagged set against the flipped labels; the estimated "
         "count with its interval (`unknown` when the rule found no separation and flagged "
         "nothing, with a warning; `lower bound` when it warned that the count rests on few "
