@@ -297,3 +297,28 @@ def test_cpu_is_one_op():
         csl_fast.record_loss(torch.rand(8), torch.arange(8), tracker)
     names = [e.name for e in prof.events() if e.name.startswith("csl_fast::")]
     assert names == ["csl_fast::record_loss"], names
+
+
+@pytest.mark.skipif("cpu" not in _BACKENDS, reason="the compiled extension is not built")
+def test_correct_cpu_calls_skip_the_python_checks(monkeypatch):
+    """An eager CPU call goes to the op first (whose own checks refuse everything the
+    Python ones do, tested above through the same path): the Python checks, which cost
+    more than the op, run only when it raises."""
+    import sys
+
+    module = sys.modules["csl_fast.record_loss"]
+
+    def not_called(*args):
+        raise AssertionError("the Python checks ran on a correct call")
+
+    monkeypatch.setattr(module, "_check", not_called)
+    csl, count = torch.zeros(4), torch.zeros(4, dtype=torch.int32)
+    tracker = csl_fast.CSLTracker(4, history=True)
+    loss = torch.tensor([1.0, 2.0, float("nan")])
+    csl_fast.record_loss(loss, torch.tensor([3, 0, 3]), csl, count=count)
+    csl_fast.record_loss(loss, torch.tensor([3, 0, 3]), tracker)
+    assert csl.tolist() == [2.0, 0.0, 0.0, 1.0] and count.tolist() == [1, 0, 0, 1]
+    assert tracker.csl_sum.tolist() == csl.tolist()
+    with pytest.raises(AssertionError, match="Python checks ran"):
+        csl_fast.record_loss(loss, torch.tensor([3, 0, 4]), csl, count=count)
+    assert count.tolist() == [1, 0, 0, 1]

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <mutex>
 #include <vector>
 
@@ -37,6 +38,12 @@ void add_into(const at::Tensor& out, const int64_t* idx, const float* values, in
     case at::kInt: return add_rows<int32_t>(out, idx, values, B);
     default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
+}
+
+bool shares_memory(const at::Tensor& a, const at::Tensor& b) {
+  const auto a0 = reinterpret_cast<std::uintptr_t>(a.data_ptr());
+  const auto b0 = reinterpret_cast<std::uintptr_t>(b.data_ptr());
+  return a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
 }
 
 template <typename f_t>
@@ -82,7 +89,11 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
     check_state_buffer("record_loss", t, names[k], t.scalar_type(), n);
     written.push_back(t);
   }
+  TORCH_CHECK_VALUE(!count || !shares_memory(csl, *count),
+                    "csl_fast.record_loss: csl and count share memory; allocate them separately");
   for (const at::Tensor& t : written) {
+    TORCH_CHECK_VALUE(!t.requires_grad(), "csl_fast.record_loss: a buffer requires grad, but ",
+                      "buffers are written in place with no gradient; pass them detached");
     TORCH_CHECK_VALUE(t.device() == loss.device() && index.device() == loss.device(),
                       "csl_fast.record_loss: every tensor must be on the loss's device (",
                       loss.device(), ")");
