@@ -104,8 +104,8 @@ def record_loss(
             would cost a synchronisation and an out-of-range index is skipped instead.
 
     Cost: no host synchronisation. On the CPU one op; on a loaded shared 2-core CPU (B = 64)
-    27.8 us a call into a tensor and 28.3 us into a tracker, where the few small kernels it
-    replaced took 106 and 153 us in the same run (``benchmarks/results/per-call-2026-11-30.md``).
+    11.5 us a call into a tensor and 13.3 us into a tracker, where the few small kernels it
+    replaced took 94 and 133 us in the same run (``benchmarks/results/per-call-2026-11-30.md``).
     Elsewhere a few small kernels (the statistics rows, the scatter, for a tracker the
     last-loss pass).
 
