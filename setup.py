@@ -97,7 +97,8 @@ def _extensions():
     def rel(pattern):
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
-    sources = ["csrc/module.cpp", "csrc/csl_fast.cpp", "csrc/autograd.cpp", *rel("csrc/cpu/*.cpp")]
+    sources = ["csrc/module.cpp", "csrc/csl_fast.cpp", "csrc/autograd.cpp", "csrc/bce_autograd.cpp"]
+    sources += rel("csrc/cpu/*.cpp")
     # -fno-trapping-math lets GCC turn the clamps of the polynomial exp into vector blends
     # (it assumes FP exceptions do not trap; NaN and inf semantics are unchanged).
     # -g0 overrides the -g of Python's own CFLAGS: debug information for torch's headers is

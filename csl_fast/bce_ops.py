@@ -100,8 +100,8 @@ def _backward_of(name: str):
 
 
 def register_autograd(name: str) -> None:
-    """Give backend ``name``'s ``bce_fwd`` its autograd formula (the C++ op here, the
-    Triton op when :mod:`csl_fast._triton.bce` registers it)."""
+    """Give backend ``name``'s ``bce_fwd`` its autograd formula (called for the Triton op
+    by :mod:`csl_fast._triton.bce`)."""
     torch.library.register_autograd(
         f"csl_fast::{_OPS[name][_FWD]}", _backward_of(name), setup_context=_setup_context
     )
@@ -126,4 +126,5 @@ FAKES = {"bce_fwd": _fake_bce_fwd, "bce_bwd": _fake_bce_bwd, "bce_record": _fake
 if _C is not None:
     for _name, _fake in FAKES.items():
         torch.library.register_fake(f"csl_fast::{_name}")(_fake)
-    register_autograd("cpu")  # the C++ op: the same schema serves cpu and cuda
+    # The C++ op's autograd (CPU and CUDA) is registered in C++ (csrc/bce_autograd.cpp),
+    # with the formula of _backward_of below, which serves the Triton op.
