@@ -15,6 +15,7 @@ from ._ext import BACKENDS, available_backends
 from .accumulate import accumulate
 from .accumulate_bce import accumulate_bce
 from .cleaning import clean
+from .cross_entropy_extras import CrossEntropyOutput
 from .eval_pass import score_epoch
 from .input_grad import input_grad_norms
 from .linear_cross_entropy import linear_cross_entropy
@@ -44,6 +45,7 @@ __all__ = [
     "BACKENDS",
     "SCORES",
     "CSLTracker",
+    "CrossEntropyOutput",
     "Stat",
     "TrackerFileError",
     "TrackerStateError",

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from . import _ext, cross_entropy_args, ops, reference
+from . import _ext, cross_entropy_args, cross_entropy_extras, ops, ops_extras, reference
 from ._ext import resolve_backend
 from .accumulate_checks import _buffers, _check_args, _check_values, validate_by_default
 from .buffer_locks import buffer_lock
+from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 from .tracker import CSLTracker
@@ -51,7 +52,11 @@ def accumulate(
     deterministic: bool | None = None,
     validate: bool | None = None,
     inplace_grad: bool = False,
-) -> torch.Tensor:
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | CrossEntropyOutput:
     r"""Cross entropy that also adds each sample's loss into ``csl`` at its dataset index.
 
     Returns exactly what ``F.cross_entropy(logits, target, weight=weight,
@@ -157,6 +162,14 @@ def accumulate(
             are not a leaf requiring grad, a fused backend and eager mode; backward can run
             only once.
 
+        softcap, z_loss_scale, return_z_loss, return_token_accuracy: a language-model
+            head's extras, all off by default (:mod:`csl_fast.cross_entropy_extras`): the
+            loss taken on ``softcap * tanh(logits / softcap)``; the z-loss
+            ``z_loss_scale * logsumexp^2`` per non-ignored row added to it; with a
+            ``return_*`` flag the call returns a :class:`CrossEntropyOutput` ``(loss,
+            z_loss, token_accuracy)``. CSL then records the plain cross entropy of the
+            soft-capped logits, without the z-loss.
+
     On the CPU in eager mode (``[B, C]`` logits, a tensor buffer or a tracker without
     ``history``, no torch function mode) the whole step (cross entropy, CSL sum and count,
     the tracker's other statistics) is one call into C++, which makes the op calls there:
@@ -169,8 +182,13 @@ def accumulate(
     require grad or share memory with each other; a ``weight`` that requires grad is
     refused, as ``F.cross_entropy`` refuses it.
     """
+    extras = cross_entropy_extras.check(
+        "accumulate", softcap, z_loss_scale, return_z_loss, return_token_accuracy, weight
+    )
     fast_error = None
-    step = _eager_cpu_step(csl, count, backend, validate, inplace_grad)
+    step = None
+    if extras is None:
+        step = _eager_cpu_step(csl, count, backend, validate, inplace_grad)
     if step is not None:
         # One C++ call: it takes the buffer lock, bumps the version counters, and declines
         # (returns None) what it does not take, which then goes op by op.
@@ -217,6 +235,13 @@ def accumulate(
             "would be copied first); pass [B, C] or [B*T, V] logits, or logits.transpose(1, 2) "
             "of contiguous [B, T, V] ones, or inplace_grad=False"
         )
+    if extras is not None and (soft or inplace_grad or (transformed and return_token_accuracy)):
+        raise ValueError(
+            "csl_fast.accumulate: softcap, z_loss_scale, return_z_loss and "
+            "return_token_accuracy need class-index targets and inplace_grad=False, and "
+            "return_token_accuracy is not available under torch.func transforms; compute "
+            "(logits.argmax(1) == target) yourself there"
+        )
     if transformed:
         # No fused op has a batching or tangent rule; F.cross_entropy has them all.
         name = "reference"
@@ -233,10 +258,15 @@ def accumulate(
     # Calls from several threads into the same buffers take turns, from the forward on
     # (the Triton interpreter, for one, cannot run two launches at once).
     with buffer_lock(buffers[0]):
-        loss = _forward_and_record(
+        loss, stats, z_loss = _forward_and_record(
             given, logits, target, index, csl, buffers, seq, soft, transformed, weight,
-            ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad,
+            ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad, extras,
         )  # fmt: skip
+    if extras is not None:
+        shape = None if rows is None else rows.loss_shape
+        return cross_entropy_extras.output(
+            extras, loss, z_loss, stats, target, ignore_index, reduction, shape
+        )
     if rows is not None and reduction == "none":
         loss = loss.view(rows.loss_shape)
     if fast_error is not None:
@@ -246,14 +276,24 @@ def accumulate(
 
 def _forward_and_record(
     given, logits, target, index, csl, buffers, seq, soft, transformed, weight, ignore_index,
-    label_smoothing, reduction, deterministic, name, inplace_grad,
-) -> torch.Tensor:  # fmt: skip
-    """accumulate's work once its arguments are checked and read as rows."""
+    label_smoothing, reduction, deterministic, name, inplace_grad, extras,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """accumulate's work once its arguments are checked and read as rows: (loss, the rows'
+    statistics, the z-loss term or None)."""
+    z_loss = None
+    cap = 0.0 if extras is None else extras.softcap
     if soft or transformed:
-        loss = _composite_loss(
-            given if soft else (logits, target.long()), weight, ignore_index, label_smoothing,
-            reduction, soft,
-        )  # fmt: skip
+        if extras is None:
+            loss = _composite_loss(
+                given if soft else (logits, target.long()), weight, ignore_index,
+                label_smoothing, reduction, soft,
+            )  # fmt: skip
+        else:  # not soft (refused): F.cross_entropy's formula with the extras
+            loss, z_loss = reference.cross_entropy_extra(
+                logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction],
+                cap, extras.z_loss_scale,
+            )  # fmt: skip
+            z_loss = z_loss.detach()
         detached = (logits.detach(), target.detach())
         with temporarily_clear_interpreter_stack():
             # The buffers live outside any transform: statistics of the plain values (under
@@ -262,17 +302,23 @@ def _forward_and_record(
             stats = (
                 reference.soft_row_statistics(z, t)
                 if soft
-                else reference.row_statistics(z, t, ignore_index)
+                else reference.row_statistics(z, t, ignore_index, cap)
             )
             seq = None if seq is None else (seq[0] * copies, seq[1])
             record_stats(stats, index, csl, buffers, seq, deterministic, name)
+    elif extras is not None and extras.in_kernel:
+        loss, stats, z_loss = ops_extras.cross_entropy_fwd_extra(
+            logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], cap,
+            extras.z_loss_scale, name,
+        )  # fmt: skip
+        record_stats(stats, index, csl, buffers, seq, deterministic, name)
     else:
         fwd = ops.cross_entropy_fwd_inplace if inplace_grad else ops.cross_entropy_fwd
         loss, stats = fwd(
             logits, target, weight, ignore_index, label_smoothing, REDUCTIONS[reduction], name
         )
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
-    return loss
+    return loss, stats, z_loss
 
 
 def _composite_loss(

@@ -53,10 +53,11 @@ import warnings
 
 import torch
 
-from . import ops
+from . import cross_entropy_extras, ops, ops_extras
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
 from .accumulate_checks import validate_by_default
+from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 
@@ -99,7 +100,11 @@ def linear_cross_entropy(
     backend: str = "auto",
     deterministic: bool | None = None,
     validate: bool | None = None,
-) -> torch.Tensor:
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | CrossEntropyOutput:
     r"""``F.cross_entropy(hidden @ weight.T + bias, target)`` without the full logits, and CSL.
 
     Returns what ``F.cross_entropy(F.linear(hidden, weight, bias).reshape(-1, V),
@@ -141,10 +146,21 @@ def linear_cross_entropy(
             Triton then CUDA on a GPU; ``"reference"``: PyTorch).
         deterministic, validate: as in :func:`csl_fast.accumulate`. The gradient
             accumulation over chunks is sequential, hence deterministic.
+        softcap, z_loss_scale, return_z_loss, return_token_accuracy: a language-model
+            head's extras, as in :func:`csl_fast.accumulate`
+            (:mod:`csl_fast.cross_entropy_extras`): the loss of
+            ``softcap * tanh(logits / softcap)`` computed per chunk inside the kernel, plus
+            ``z_loss_scale * logsumexp^2`` per supervised token ('mean': over their
+            number); with a ``return_*`` flag a :class:`csl_fast.CrossEntropyOutput`.
+            CSL records the plain loss of the soft-capped logits.
 
     Double backward is not supported (the gradients are formed in the forward pass), nor
     are torch.func transforms or forward-mode AD (an error says what to use).
     """
+    extras = cross_entropy_extras.check(
+        "linear_cross_entropy", softcap, z_loss_scale, return_z_loss, return_token_accuracy
+    )
+    cap, zs = (0.0, 0.0) if extras is None else (extras.softcap, extras.z_loss_scale)
     if ops.transformed():
         raise RuntimeError(
             "csl_fast.linear_cross_entropy does not support torch.func transforms (grad, vmap, "
@@ -235,7 +251,7 @@ def linear_cross_entropy(
             f"csl_fast.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}"
         )
     acc = accum_dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    loss, stats = _LinearCrossEntropy.apply(
+    loss, stats, z_loss = _LinearCrossEntropy.apply(
         h2,
         weight,
         bias,
@@ -246,9 +262,15 @@ def linear_cross_entropy(
         int(chunk_size),
         name,
         acc,
+        cap,
+        zs,
     )
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
+    if extras is not None:
+        return cross_entropy_extras.output(
+            extras, loss, z_loss, stats, t1, ignore_index, reduction, tuple(target.shape)
+        )
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss
@@ -322,8 +344,9 @@ def _warn_slow(key: tuple[str, torch.dtype, torch.dtype], why: str) -> None:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc
-    ):
+        ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
+        cap, zs,
+    ):  # fmt: skip
         rows = hidden.shape[0]
         dev = hidden.device
         need = ctx.needs_input_grad[:3]
@@ -331,6 +354,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
         losses = hidden.new_empty(rows) if red == 0 else None
         total = torch.zeros((), dtype=acc if acc == torch.float64 else torch.float32, device=dev)
+        # The z-loss term alone, per row or summed like the loss (0 when off).
+        z_loss = hidden.new_zeros(rows) if red == 0 else torch.zeros_like(total)
         gh = gw = gb = scale = None
         if eager_grads:
             if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
@@ -346,15 +371,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Per-row losses (summed in float32 below) and the per-row gradient for a unit
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
             # In place: the chunk's gradient overwrites its logits (one chunk alive, not two).
-            loss_c, dz, st = ops.cross_entropy_fwd_with_grad(
-                z, target[start:end], None, ignore_index, label_smoothing, 0, name, inplace=True
+            loss_c, dz, st, zl_c = _chunk_fwd(
+                z, target[start:end], ignore_index, label_smoothing, name, cap, zs
             )
             del z
             stats[:, start:end] = st
             if red == 0:
                 losses[start:end] = loss_c
+                z_loss[start:end] = zl_c
             else:
                 total += loss_c.sum(dtype=total.dtype)
+                z_loss += zl_c.sum(dtype=total.dtype)
             if eager_grads:
                 if gh is not None:
                     if scale is None:
@@ -370,32 +397,33 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for g in (gw, gb):
                 if g is not None:
                     g.mul_(scale.to(g.dtype) if g.dtype == torch.float64 else scale)
-        ctx.mark_non_differentiable(stats)
+        ctx.mark_non_differentiable(stats, z_loss)
         ctx.red = red
         if red == 0:
-            ctx.args = (ignore_index, label_smoothing, chunk, name, acc)
+            ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs)
             ctx.save_for_backward(hidden, weight, bias, target)
-            return losses, stats
+            return losses, stats, z_loss
         if red == 1:
             n = (target != ignore_index).sum()
             total = total / n.to(total.dtype)
+            z_loss = z_loss / n.to(total.dtype)
         wdt = weight.dtype
         ctx.save_for_backward(
             gh,
             None if gw is None else gw.to(wdt),
             None if gb is None else gb.to(wdt),
         )
-        return total.to(hidden.dtype), stats
+        return total.to(hidden.dtype), stats, z_loss.to(hidden.dtype)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
+    def backward(ctx, grad_loss, _grad_stats, _grad_z_loss):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "csl_fast.linear_cross_entropy: double backward is not supported; use "
                 "F.cross_entropy(F.linear(hidden, weight, bias), target) for higher-order "
                 "gradients"
             )
-        nones = (None,) * 7
+        nones = (None,) * 9
         if grad_loss is None:  # the loss did not reach the objective
             return (None, None, None, *nones)
         if ctx.red != 0:
@@ -405,10 +433,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*_backward_none(ctx, grad_loss), *nones)
 
 
+def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs):
+    """A chunk's per-row ``(loss, dz, stats, z_loss)``, ``dz`` written over ``z``; the
+    extras' op only when they change the loss."""
+    if cap or zs:
+        return ops_extras.cross_entropy_fwd_extra_with_grad(
+            z, target, ignore_index, label_smoothing, 0, cap, zs, name, inplace=True
+        )
+    loss, dz, stats = ops.cross_entropy_fwd_with_grad(
+        z, target, None, ignore_index, label_smoothing, 0, name, inplace=True
+    )
+    return loss, dz, stats, torch.zeros((), dtype=loss.dtype, device=loss.device)
+
+
 def _backward_none(ctx, grad_loss):
     """Per-token upstream gradients: recompute each chunk's logits and their gradient."""
     hidden, weight, bias, target = ctx.saved_tensors
-    ignore_index, label_smoothing, chunk, name, acc = ctx.args
+    ignore_index, label_smoothing, chunk, name, acc, cap, zs = ctx.args
     need = ctx.needs_input_grad[:3]
     gh = torch.empty_like(hidden) if need[0] else None
     gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need[1] else None
@@ -417,9 +458,7 @@ def _backward_none(ctx, grad_loss):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
         z = _logits(h, weight, bias)
-        _, dz, _ = ops.cross_entropy_fwd_with_grad(
-            z, target[start:end], None, ignore_index, label_smoothing, 0, name, inplace=True
-        )
+        _, dz, _, _ = _chunk_fwd(z, target[start:end], ignore_index, label_smoothing, name, cap, zs)
         del z
         dz.mul_(grad_loss[start:end, None].to(dz.dtype))
         if gh is not None:

@@ -32,15 +32,18 @@ def _finite_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.isfinite(x.to(dtype))
 
 
-def row_statistics(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+def row_statistics(
+    logits: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap: float = 0.0
+) -> torch.Tensor:
     """Per-row training dynamics of plain (unweighted, unsmoothed) cross entropy.
 
     Returns float32 ``[NUM_STATS, B]`` indexed by :class:`csl_fast.stats.Stat`. Rows that
     are ignored or whose loss is not finite in the logits dtype (a float16 loss of 65520 or
     more rounds to inf) are all zero (``VALID`` = 0) but for ``OTHER_ARGMAX``, which is -1
-    there (as for every row when ``C == 1``).
+    there (as for every row when ``C == 1``). With ``softcap`` ``s > 0`` every statistic
+    is of the soft-capped logits ``s tanh(z / s)`` (computed in float32 or float64).
     """
-    z = logits.to(_compute_dtype(logits))
+    z = softcapped(logits.to(_compute_dtype(logits)), softcap)
     batch, num_classes = z.shape
     active = target != ignore_index
     y = torch.where(active, target, torch.zeros_like(target)).long()
@@ -142,6 +145,90 @@ def cross_entropy_fwd(
         (grad,) = torch.autograd.grad(objective.sum(), z)
     stats = row_statistics(logits.detach(), target, ignore_index)
     return objective.detach().to(logits.dtype), grad.to(logits.dtype), stats
+
+
+def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    r"""The logits a soft-capped loss is taken on, :math:`z' = s \tanh(z / s)` (Gemma 2's
+    logit soft-capping), computed in ``logits``' dtype; ``softcap`` 0 (or None): ``logits``."""
+    return logits if not softcap else softcap * torch.tanh(logits / softcap)
+
+
+def z_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    reduction: int,
+    z_loss_scale: float,
+) -> torch.Tensor:
+    r"""The z-loss (PaLM): :math:`\zeta \operatorname{lse}(z_i)^2` per row whose target is not
+    ``ignore_index`` (0 on ignored rows), in ``logits``' dtype; reduced like the loss:
+    ``[B]`` (none), the sum (sum), or the sum over the number of non-ignored rows (mean;
+    NaN when there is none, as ``F.cross_entropy``'s mean). Unweighted."""
+    active = target != ignore_index
+    lse = torch.logsumexp(logits, dim=1) if logits.shape[1] else logits.sum(1)
+    rows = torch.where(active, z_loss_scale * lse.square(), torch.zeros_like(lse))
+    if reduction == REDUCTIONS["none"]:
+        return rows
+    if reduction == REDUCTIONS["sum"]:
+        return rows.sum()
+    return rows.sum() / active.sum().to(rows.dtype)
+
+
+def cross_entropy_extra(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    softcap: float,
+    z_loss_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Differentiable ``(loss, z_loss)`` of a language-model head, in plain PyTorch and
+    ``logits``' dtype: ``F.cross_entropy`` of :func:`softcapped` logits ``z'`` plus
+    :func:`z_loss` of ``z'``, and that z-loss term alone (``reduction`` 0/1/2 as the ops)."""
+    z = softcapped(logits, softcap)
+    loss = F.cross_entropy(
+        z,
+        target.long(),
+        weight=weight,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=REDUCTION_NAMES[reduction],
+    )
+    zl = z_loss(z, target, ignore_index, reduction, z_loss_scale)
+    return loss + zl, zl
+
+
+def cross_entropy_fwd_extra(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    softcap: float,
+    z_loss_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference of ``csl_fast::cross_entropy_fwd_extra``: ``(loss, grad, stats, z_loss)``
+    as :func:`cross_entropy_fwd`, of :func:`cross_entropy_extra` computed in float32 (float64
+    for float64 logits); ``stats`` of the soft-capped logits."""
+    z = logits.detach().to(_compute_dtype(logits)).requires_grad_(True)
+    with torch.enable_grad():
+        objective, zl = cross_entropy_extra(
+            z,
+            target,
+            None if weight is None else weight.to(z.dtype),
+            ignore_index,
+            label_smoothing,
+            reduction,
+            softcap,
+            z_loss_scale,
+        )
+        (grad,) = torch.autograd.grad(objective.sum(), z)
+    stats = row_statistics(logits.detach(), target, ignore_index, softcap)
+    out = (objective.detach(), grad, zl.detach())
+    return out[0].to(logits.dtype), out[1].to(logits.dtype), stats, out[2].to(logits.dtype)
 
 
 def scatter_stats(

@@ -43,6 +43,20 @@ inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor&
                     "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
+// cross_entropy_fwd_extra: the soft-cap s (0: off) and z-loss scale (0: off).
+inline void check_cross_entropy_extras(const std::optional<at::Tensor>& weight, double softcap,
+                                       double z_loss_scale) {
+  TORCH_CHECK_VALUE(softcap == 0.0 || (softcap > 0.0 && softcap < 1e300),
+                    "csl_fast: softcap must be a finite number > 0 (or 0 / None for none), got ",
+                    softcap);
+  TORCH_CHECK_VALUE(z_loss_scale >= 0.0 && z_loss_scale < 1e300,
+                    "csl_fast: z_loss_scale must be finite and >= 0, got ", z_loss_scale);
+  TORCH_CHECK_VALUE(z_loss_scale == 0.0 || !weight.has_value(),
+                    "csl_fast: the z-loss is not supported with class weights (the z-loss is "
+                    "unweighted, and 'mean' would divide it by the weights' sum); pass "
+                    "weight=None or z_loss_scale=0");
+}
+
 // cross_entropy_fwd: class weights must be [C].
 inline void check_weight_shape(const at::Tensor& weight, int64_t C) {
   TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == C,

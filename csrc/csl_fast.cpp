@@ -14,6 +14,18 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "int ignore_index, float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
+  // The same with a language-model head's extras: the loss taken on soft-capped logits
+  // z' = softcap * tanh(z / softcap) (softcap 0: off), plus the z-loss
+  // z_loss_scale * logsumexp(z')^2 per non-ignored row (0: off), reduced like the loss
+  // and included in it; z_loss is that term alone (zeros when off). stats are of z'.
+  m.def(
+      "cross_entropy_fwd_extra(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction, float softcap, float z_loss_scale) -> "
+      "(Tensor loss, Tensor grad, Tensor stats, Tensor z_loss)");
+  m.def(
+      "cross_entropy_fwd_extra_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int reduction, float softcap, "
+      "float z_loss_scale) -> (Tensor loss, Tensor stats, Tensor z_loss)");
   // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].
   m.def(
       "scatter_stats(Tensor stats, Tensor index, bool deterministic, Tensor(a!)? csl, "

@@ -6,6 +6,9 @@ Importing this package registers these ops (same semantics as :mod:`csl_fast.ref
   label_smoothing, reduction) -> (loss, grad, stats)``
 * ``torch.ops.csl_fast.cross_entropy_fwd_inplace_triton(logits, ...) -> (loss, stats)``,
   the gradient written over the logits
+* ``torch.ops.csl_fast.cross_entropy_fwd_extra_triton(..., softcap, z_loss_scale) ->
+  (loss, grad, stats, z_loss)`` and ``cross_entropy_fwd_extra_inplace_triton``: with
+  soft-capping and the z-loss
 * ``torch.ops.csl_fast.scatter_stats_triton(stats, index, deterministic, csl, count) -> ()``
 * ``torch.ops.csl_fast.input_grad_norms_triton(grad, scale) -> Tensor``
 * ``torch.ops.csl_fast.bce_fwd_triton``, ``bce_bwd_triton``, ``bce_record_triton``: the
@@ -20,6 +23,10 @@ Argument values are validated by the caller (``csl_fast.ops``).
 
 from .bce import bce_bwd_triton, bce_fwd_triton, bce_record_triton
 from .cross_entropy import cross_entropy_fwd_inplace_triton, cross_entropy_fwd_triton
+from .cross_entropy_extra import (
+    cross_entropy_fwd_extra_inplace_triton,
+    cross_entropy_fwd_extra_triton,
+)
 from .grad_norms import input_grad_norms_triton
 from .record import record_last_triton
 from .scatter import scatter_stats_triton
@@ -28,6 +35,8 @@ __all__ = [
     "bce_bwd_triton",
     "bce_fwd_triton",
     "bce_record_triton",
+    "cross_entropy_fwd_extra_inplace_triton",
+    "cross_entropy_fwd_extra_triton",
     "cross_entropy_fwd_inplace_triton",
     "cross_entropy_fwd_triton",
     "input_grad_norms_triton",

@@ -27,6 +27,12 @@ from online-softmax accumulators over ``j != y``, valid, and the runner-up class
 the logits dtype (a float16 row whose float32 loss is 65520 or more included) get all-zero
 statistics but for a runner-up of -1 (as every row when ``C == 1``).
 
+With the language-model extras (``cross_entropy_fwd_extra_triton``, compile-time switches so
+the plain kernel is unchanged): ``HAS_CAP`` takes every loaded row as ``z' = s tanh(z / s)``
+and multiplies its gradient by ``1 - tanh^2(z / s)``; ``HAS_ZLOSS`` adds
+``zs * lse(z')^2`` to the objective (stored alone too) and ``2 zs lse p_j`` to the
+gradient.
+
 Everything is computed in float32 whatever the logits dtype (float16, bfloat16, float32);
 float64 logits are rejected (the C++ kernels and the reference handle them). Row offsets
 are 64-bit. Small ``C``: several rows per program, the row tile stays in registers between
@@ -65,6 +71,25 @@ def _log1p(t):
 
 
 @triton.jit
+def _tanh(x):
+    # tanh without libdevice (the interpreter has none): where 1 - 2 / (exp(2|x|) + 1)
+    # would cancel (|x| < 1/4), its odd Taylor polynomial, exact there to ~1e-10.
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    far = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    # tanh(a) = a + a x^2 P(x^2), P's coefficients by Horner's rule, highest first.
+    poly = -1382.0 / 155925.0
+    poly = poly * x2 + 62.0 / 2835.0
+    poly = poly * x2 - 17.0 / 315.0
+    poly = poly * x2 + 2.0 / 15.0
+    poly = poly * x2 - 1.0 / 3.0
+    near = a + a * x2 * poly
+    t = tl.where(a < 0.25, near, far)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
 def _to_out(x, dtype: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr):
     # Triton's interpreter truncates fp32 -> bf16 casts; a GPU rounds to nearest even.
     # Under the interpreter, round by hand so that the result is the GPU's.
@@ -99,6 +124,11 @@ def _ce_fwd_kernel(
     BLOCK_C: tl.constexpr,
     MANUAL_BF16_RNE: tl.constexpr,
     INPLACE: tl.constexpr,
+    zloss_ptr=None,
+    cap=0.0,
+    zs=0.0,
+    HAS_CAP: tl.constexpr = False,
+    HAS_ZLOSS: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -135,6 +165,9 @@ def _ce_fwd_kernel(
         col_mask = cols < C
         mask2 = row_mask[:, None] & col_mask[None, :]
         z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            t_cap = _tanh(z / cap)
+            z = cap * t_cap
         z = tl.where(col_mask[None, :], z, float("-inf"))
         is_y = cols[None, :] == y[:, None]
         other = col_mask[None, :] & (cols[None, :] != y[:, None])
@@ -161,6 +194,8 @@ def _ce_fwd_kernel(
             a_sum = tl.sum(tl.where(col_mask[None, :], w[None, :] * (m[:, None] - z), 0.0), 1)
     else:
         z_y = tl.load(lrow + y, mask=row_mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            z_y = cap * _tanh(z_y / cap)
         m = tl.full([ROWS], -3.0e38, tl.float32)  # finite: rescales never NaN
         s = tl.zeros([ROWS], tl.float32)
         s_o = tl.zeros([ROWS], tl.float32)
@@ -179,6 +214,8 @@ def _ce_fwd_kernel(
             col_mask = cols < C
             mask2 = row_mask[:, None] & col_mask[None, :]
             z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = cap * _tanh(z / cap)
             z = tl.where(col_mask[None, :], z, float("-inf"))
             other = col_mask[None, :] & (cols[None, :] != y[:, None])
             m_new = tl.maximum(m, tl.max(z, 1))
@@ -233,6 +270,13 @@ def _ce_fwd_kernel(
     else:
         objective = a_coef * loss
         grad_y = -a_coef * other_p
+    if HAS_ZLOSS:
+        # z-loss zs * lse^2, lse = m + log s; d/dz_j = 2 zs lse p_j (added below).
+        lse = m + log_s
+        z_row = tl.where(active, zs * lse * lse, tl.where(bad, float("nan"), 0.0))
+        tl.store(zloss_ptr + rows, z_row, mask=row_mask)
+        objective = objective + z_row
+        z_coef2 = (2.0 * zs * lse * row_scale)[:, None]
     objective = tl.where(active, objective, tl.where(bad, float("nan"), 0.0))
     tl.store(loss_ptr + rows, objective, mask=row_mask)
 
@@ -264,6 +308,10 @@ def _ce_fwd_kernel(
         else:
             g = a2 * p
         g = tl.where(is_y, gy2, g)
+        if HAS_ZLOSS:
+            g = g + z_coef2 * p
+        if HAS_CAP:
+            g = g * (1.0 - t_cap * t_cap)
         g = tl.where(active2, g, g_inactive)
         tl.store(
             grow[:, None] + cols[None, :],
@@ -276,6 +324,9 @@ def _ce_fwd_kernel(
             col_mask = cols < C
             mask2 = row_mask[:, None] & col_mask[None, :]
             z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                t_cap = _tanh(z / cap)
+                z = cap * t_cap
             p = tl.exp(z - m[:, None]) * inv_s[:, None]
             if HAS_SMOOTH:
                 if HAS_WEIGHT:
@@ -286,6 +337,10 @@ def _ce_fwd_kernel(
             else:
                 g = a2 * p
             g = tl.where(cols[None, :] == y[:, None], gy2, g)
+            if HAS_ZLOSS:
+                g = g + z_coef2 * p
+            if HAS_CAP:
+                g = g * (1.0 - t_cap * t_cap)
             g = tl.where(active2, g, g_inactive)
             tl.store(
                 grow[:, None] + cols[None, :],
@@ -375,10 +430,14 @@ def cross_entropy_fwd_triton(
     return loss, grad, stats
 
 
-def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, grad, config=None):
+def _launch(
+    logits, target, weight, ignore_index, label_smoothing, reduction, grad, config=None,
+    softcap=0.0, z_loss_scale=0.0, z_rows=None,
+):  # fmt: skip
     """(loss, stats), the gradient written into ``grad`` (``None``: over the logits).
     ``config``: (fused, rows, block, num_warps) instead of :func:`_config`'s (for
-    ``benchmarks/triton_sweep.py``)."""
+    ``benchmarks/triton_sweep.py``). ``softcap``, ``z_loss_scale``: the extras (0: off);
+    with a z-loss the per-row z-loss goes into ``z_rows`` (float32 ``[B]``), not reduced."""
     batch, num_classes = logits.shape
     if num_classes == 0 and batch != 0:
         # As the C++ kernels: no class to take a loss over (empty outputs would otherwise
@@ -429,6 +488,11 @@ def _launch(logits, target, weight, ignore_index, label_smoothing, reduction, gr
             BLOCK_C=block,
             MANUAL_BF16_RNE=logits.dtype == torch.bfloat16 and is_interpreted(_ce_fwd_kernel),
             INPLACE=inplace,
+            zloss_ptr=z_rows if z_loss_scale else loss_rows,
+            cap=float(softcap),
+            zs=float(z_loss_scale),
+            HAS_CAP=softcap != 0.0,
+            HAS_ZLOSS=z_loss_scale != 0.0,
             num_warps=num_warps,
         )
 

@@ -2,11 +2,17 @@
 // exponentials (kept in the gradient row, or a scratch row for 16-bit logits), then the
 // gradient in place. Rows of up to kNarrowC classes go in blocks whose exponentials are
 // taken in one flat vector pass.
+//
+// The language-model extras (cross_entropy_fwd_extra): soft-capping z' = s tanh(z / s)
+// turns each row into z' in a scratch row first (with 1 - tanh^2 beside it for the chain
+// rule), and everything below runs on z'; the z-loss zs * lse(z')^2 adds to the objective
+// and 2 zs lse p_j to the gradient. Off (s = 0, zs = 0), they cost a test per row.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -106,6 +112,8 @@ struct Options {
   int64_t ignore_index;
   double label_smoothing;
   int64_t reduction;
+  double softcap = 0;       // s > 0: the loss is taken on s tanh(z / s); 0: off
+  double z_loss_scale = 0;  // zs: adds zs * lse^2 per row; 0: off
 };
 
 template <typename scalar_t, typename acc_t>
@@ -120,6 +128,7 @@ struct Rows {
   Options opt;
   float* stats;  // [kNumStats, B]
   acc_t* objective;
+  acc_t* z_loss;  // [B] per-row zs * lse^2, or nullptr when the z-loss is off
   int64_t B, C;
 };
 
@@ -179,6 +188,17 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
     const acc_t shift_sum = p.other.sum_shift + w_y * (p.z_y - p.m);
     objective += smooth * (r.w_total * log_s - shift_sum);
   }
+  // z-loss zs * lse^2 (unweighted; refused with class weights, so the mean's 1 / D is
+  // 1 / rows for it too): d/dz_j = 2 zs lse p_j, folded into the coefficient of p_j.
+  acc_t z_coef = 0;
+  if (r.z_loss != nullptr) {
+    const acc_t zs = static_cast<acc_t>(r.opt.z_loss_scale);
+    const acc_t lse = p.m + log_s;
+    const acc_t z_row = zs * lse * lse;
+    r.z_loss[i] = z_row;
+    objective += z_row;
+    z_coef = acc_t(2) * zs * lse;
+  }
 
   float* stats = r.stats;
   // Recorded only if the loss is finite in the logits dtype, the dtype of the returned
@@ -196,9 +216,10 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
 
   // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
   const acc_t row_scale = r.row_scale;
-  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * r.w_total) * inv_s * row_scale;
+  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * r.w_total + z_coef) * inv_s * row_scale;
   range_grad(e, w, C, a, smooth * row_scale);
-  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (r.w_total * p_y - w_y)) * row_scale;
+  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (r.w_total * p_y - w_y) + z_coef * p_y) *
+         row_scale;
   return objective;
 }
 
@@ -210,17 +231,19 @@ inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t
   for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
   r.stats[kOtherArgmax * r.B + i] = -1.f;
   r.objective[i] = 0;
+  if (r.z_loss != nullptr) r.z_loss[i] = 0;
 }
 
 // Rows [begin, end), one at a time, each with vector passes over its classes (the
 // classes before and after y in separate ranges). zbuf holds C acc_t values when
-// scalar_t is narrower than acc_t.
+// scalar_t is narrower than acc_t, 2 C with soft-capping (z', then 1 - tanh^2).
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>& r,
                                                      int64_t begin, int64_t end, acc_t* zbuf) {
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t C = r.C;
   const acc_t* w = r.w;
+  const acc_t cap = static_cast<acc_t>(r.opt.softcap);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* row = r.in + i * r.row_stride;
     scalar_t* grow = r.out + i * C;
@@ -231,7 +254,17 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     }
     const acc_t* z;
     acc_t* e;
-    if constexpr (kSameType) {
+    if (cap != acc_t(0)) {
+      // The row is read whole before grow is written (it may be the same memory).
+      acc_t* dcap = zbuf + C;
+      for (int64_t j = 0; j < C; ++j) {
+        const acc_t t = std::tanh(static_cast<acc_t>(row[j]) / cap);
+        zbuf[j] = cap * t;
+        dcap[j] = acc_t(1) - t * t;
+      }
+      z = zbuf;
+      e = zbuf;
+    } else if constexpr (kSameType) {
       z = row;
       e = grow;  // exponentials, then the gradient, written straight into the output
     } else {
@@ -254,7 +287,10 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     p.other = {before.sum + after.sum, before.sum_sq + after.sum_sq,
                before.sum_shift + after.sum_shift};
     r.objective[i] = finish_row(r, i, y, p, e);
-    if constexpr (!kSameType) {
+    if (cap != acc_t(0)) {
+      const acc_t* dcap = zbuf + C;  // d z' / d z: the chain rule of the cap
+      for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j] * dcap[j]);
+    } else if constexpr (!kSameType) {
       for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
     }
   }
@@ -338,7 +374,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
 template <typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void rows_block(const Rows<scalar_t, acc_t>& r,
                                                       int64_t begin, int64_t end, acc_t* zbuf) {
-  if (r.C <= kNarrowC) {
+  if (r.C <= kNarrowC && r.opt.softcap == 0) {
     narrow_rows(r, begin, end, zbuf);
   } else {
     wide_rows(r, begin, end, zbuf);
@@ -381,7 +417,7 @@ inline void run_rows(const Rows<double, double>& r, int64_t b, int64_t e, double
 template <typename scalar_t, typename acc_t>
 void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const acc_t* w,
                         acc_t w_total, acc_t row_scale, const Options& opt, at::Tensor& grad,
-                        float* stats, acc_t* objective) {
+                        float* stats, acc_t* objective, acc_t* z_loss) {
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
   const Rows<scalar_t, acc_t> rows{logits.const_data_ptr<scalar_t>(),
@@ -394,25 +430,30 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
                                    opt,
                                    stats,
                                    objective,
+                                   z_loss,
                                    B,
                                    C};
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> zbuf(kSameType ? 0 : (C <= kNarrowC ? kNarrowRows : 1) * C);
+    const int64_t narrow = C <= kNarrowC && opt.softcap == 0;
+    std::vector<acc_t> zbuf(opt.softcap != 0 ? 2 * C
+                            : kSameType      ? 0
+                                             : (narrow ? kNarrowRows : 1) * C);
     run_rows(rows, begin, end, zbuf.data());
   });
 }
 
-// (loss, stats); the gradient goes into `grad` ([B, C], contiguous, logits dtype), which
-// may be the logits themselves: each row is read before it is overwritten.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits,
-                                                      const at::Tensor& target,
-                                                      const std::optional<at::Tensor>& weight,
-                                                      int64_t ignore_index, double label_smoothing,
-                                                      int64_t reduction, at::Tensor& grad) {
+// (loss, stats, z_loss); the gradient goes into `grad` ([B, C], contiguous, logits dtype),
+// which may be the logits themselves: each row is read before it is overwritten. z_loss is
+// reduced like the loss, and undefined when z_loss_scale is 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad,
+    double softcap = 0, double z_loss_scale = 0) {
   check_logits_2d(logits);
   check_cross_entropy_args(logits, target, label_smoothing, reduction);
+  check_cross_entropy_extras(weight, softcap, z_loss_scale);
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
   TORCH_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
@@ -429,9 +470,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits,
   // Rows must be unit-stride; a row stride (e.g. a column slice) is used as is.
   const at::Tensor z = (C == 0 || logits.stride(1) == 1) ? logits : logits.contiguous();
   at::Tensor stats = at::empty({kNumStats, B}, logits.options().dtype(at::kFloat));
-  const Options opt{ignore_index, label_smoothing, reduction};
+  const Options opt{ignore_index, label_smoothing, reduction, softcap, z_loss_scale};
 
-  at::Tensor loss;
+  at::Tensor loss, z_loss;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, logits.scalar_type(), "csl_fast_cross_entropy_fwd", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -452,20 +493,26 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into(const at::Tensor& logits,
         }
         const acc_t row_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denom) : acc_t(1);
         std::vector<acc_t> objective(B);
+        std::vector<acc_t> z_rows(z_loss_scale != 0 ? B : 0);
         cross_entropy_rows<scalar_t, acc_t>(z, tp, wp, w_total, row_scale, opt, grad,
-                                            stats.mutable_data_ptr<float>(), objective.data());
-        if (reduction == kNone) {
-          loss = at::empty({B}, logits.options());
-          scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
-          for (int64_t i = 0; i < B; ++i) lp[i] = static_cast<scalar_t>(objective[i]);
-        } else {
+                                            stats.mutable_data_ptr<float>(), objective.data(),
+                                            z_rows.empty() ? nullptr : z_rows.data());
+        const auto reduce = [&](const std::vector<acc_t>& rows) {
+          if (reduction == kNone) {
+            at::Tensor out = at::empty({B}, logits.options());
+            scalar_t* lp = out.mutable_data_ptr<scalar_t>();
+            for (int64_t i = 0; i < B; ++i) lp[i] = static_cast<scalar_t>(rows[i]);
+            return out;
+          }
           double total = 0;  // fixed order: the reduction is deterministic
-          for (int64_t i = 0; i < B; ++i) total += static_cast<double>(objective[i]);
+          for (int64_t i = 0; i < B; ++i) total += static_cast<double>(rows[i]);
           if (reduction == kMean) total /= denom;  // 0 / 0 = NaN, as F.cross_entropy
-          loss = at::scalar_tensor(total, logits.options());
-        }
+          return at::scalar_tensor(total, logits.options());
+        };
+        loss = reduce(objective);
+        if (!z_rows.empty()) z_loss = reduce(z_rows);
       });
-  return {loss, stats};
+  return {loss, stats, z_loss};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
@@ -473,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd(
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_logits_2d(logits);
   at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  auto [loss, stats] =
+  auto [loss, stats, z_loss] =
       cross_entropy_into(logits, target, weight, ignore_index, label_smoothing, reduction, grad);
   return {loss, grad, stats};
 }
@@ -483,8 +530,35 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_inplace_logits(logits);
-  return cross_entropy_into(logits, target, weight, ignore_index, label_smoothing, reduction,
-                            logits);
+  auto [loss, stats, z_loss] = cross_entropy_into(logits, target, weight, ignore_index,
+                                                  label_smoothing, reduction, logits);
+  return {loss, stats};
+}
+
+// With soft-capping and the z-loss (zeros for z_loss when z_loss_scale is 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  check_logits_2d(logits);
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto [loss, stats, z_loss] = cross_entropy_into(logits, target, weight, ignore_index,
+                                                  label_smoothing, reduction, grad, softcap,
+                                                  z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, grad, stats, z_loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  check_inplace_logits(logits);
+  auto [loss, stats, z_loss] = cross_entropy_into(logits, target, weight, ignore_index,
+                                                  label_smoothing, reduction, logits, softcap,
+                                                  z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, stats, z_loss};
 }
 
 }  // namespace
@@ -494,4 +568,6 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace(
 TORCH_LIBRARY_IMPL(csl_fast, CPU, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cpu::cross_entropy_fwd);
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cpu::cross_entropy_fwd_inplace);
+  m.impl("cross_entropy_fwd_extra", &csl_fast::cpu::cross_entropy_fwd_extra);
+  m.impl("cross_entropy_fwd_extra_inplace", &csl_fast::cpu::cross_entropy_fwd_extra_inplace);
 }

@@ -16,6 +16,10 @@
 // of the logits); the streaming kernel fuses passes 1 and 2 with an online (running max)
 // softmax and reads the row a second time for pass 3.
 //
+// Extras: with softcap s every loaded logit becomes s tanh(z / s) (the statistics too) and
+// each gradient entry is multiplied by 1 - (z' / s)^2; the z-loss zs lse^2 adds to the
+// objective (and is written alone) and 2 zs lse p_j to the gradient.
+//
 // Non-finite logits: m is replaced by 0 when it is +-inf (as torch.logsumexp does), so a
 // row with a +inf logit gets lse = +inf and a row of -inf gets lse = -inf; such rows have
 // a non-finite loss and are recorded as invalid (all statistics 0, runner-up -1). NaN
@@ -59,7 +63,16 @@ struct CeArgs {
   T* grad;  // null: gradient not written; may equal logits
   float* __restrict__ stats;
   int* error_flag;
+  A cap;                   // softcap, 0: off
+  A zs;                    // z-loss scale, 0: off
+  A* __restrict__ z_loss;  // [rows] when zs > 0
 };
+
+// A logit as the loss sees it: soft-capped when cap > 0.
+template <typename A>
+__device__ __forceinline__ A cap_logit(A z, A cap) {
+  return cap > A(0) ? cap * dev_tanh(z / cap) : z;
+}
 
 enum RowKind : int { kActive = 0, kIgnored = 1, kBadTarget = 2 };
 
@@ -86,6 +99,7 @@ __device__ void write_inactive_row(const CeArgs<T>& a, int64_t row, int kind, in
   }
   if (tid == 0) {
     a.objective[row] = fill;
+    if (a.z_loss != nullptr) a.z_loss[row] = fill;
 #pragma unroll
     for (int k = 0; k < kNumStats; ++k) a.stats[k * a.rows + row] = 0.0f;
     a.stats[kOtherArgmax * a.rows + row] = -1.0f;
@@ -100,6 +114,7 @@ struct Coefs {
   A W;           // sum_j w_j (C when unweighted)
   A one_m_eps;   // 1 - eps
   A c;           // eps / C
+  A cap;         // softcap, 0: off
 };
 
 template <typename T>
@@ -110,6 +125,7 @@ __device__ __forceinline__ Coefs<acc_t<T>> load_coefs(const CeArgs<T>& a) {
   k.W = (a.weight != nullptr && a.eps > A(0)) ? a.prep[1] : static_cast<A>(a.classes);
   k.one_m_eps = A(1) - a.eps;
   k.c = a.eps / static_cast<A>(a.classes);
+  k.cap = a.cap;
   return k;
 }
 
@@ -148,6 +164,8 @@ __device__ __forceinline__ RowScalars<A> finish_row(A m, A mb, A ma, A s1, A s2,
 
 // Gradient coefficients of one row: grad_j = scale * (a p_j - c w_j) for j != y,
 // grad_y = scale * (gy0 + cW p_y).
+// zc = 2 zs lse (0 without the z-loss): the z-loss adds zc p_j to every entry, which is
+// folded into a (j != y) and cW (j == y).
 template <typename A>
 struct GradCoefs {
   A a;
@@ -156,9 +174,9 @@ struct GradCoefs {
 };
 
 template <typename A>
-__device__ __forceinline__ GradCoefs<A> grad_coefs(const Coefs<A>& k, A w_y, A om) {
+__device__ __forceinline__ GradCoefs<A> grad_coefs(const Coefs<A>& k, A w_y, A om, A zc) {
   GradCoefs<A> g;
-  g.cW = k.c * k.W;
+  g.cW = k.c * k.W + zc;
   g.a = k.one_m_eps * w_y + g.cW;
   g.gy0 = -(k.one_m_eps * w_y) * om - k.c * w_y;
   return g;
@@ -172,7 +190,11 @@ __device__ __forceinline__ void write_grad(T* g, int j, int y,
                                            const GradCoefs<acc_t<T>>& gc) {
   using A = acc_t<T>;
   const A p = dev_exp((z - r.shift) - r.log_s);
-  const A v = j == y ? gc.gy0 + gc.cW * p : gc.a * p - k.c * w_j;
+  A v = j == y ? gc.gy0 + gc.cW * p : gc.a * p - k.c * w_j;
+  if (k.cap > A(0)) {
+    const A t = z / k.cap;  // z is the capped logit, so t = tanh(z_original / cap)
+    v *= A(1) - t * t;
+  }
   g[j] = Store<T>::from(v * k.scale);
 }
 
@@ -194,6 +216,12 @@ __device__ __forceinline__ void write_row_results(const CeArgs<T>& a, int64_t ro
   using A = acc_t<T>;
   A obj = k.one_m_eps * w_y * r.loss;
   if (a.eps > A(0)) obj += k.c * smooth;
+  if (a.zs > A(0)) {
+    const A lse = r.shift + r.log_s;
+    const A z_row = a.zs * lse * lse;
+    a.z_loss[row] = z_row;
+    obj += z_row;
+  }
   a.objective[row] = obj;
   // Recorded only if the loss is finite in the logits dtype T, the dtype of the returned
   // per-row loss: float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf one.
@@ -266,9 +294,9 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
 #pragma unroll
     for (int i = 0; i < N; ++i) {
       const int j = lane + 32 * i;
-      z[i] = j < C ? to_acc(zr[j]) : ninf;
+      z[i] = j < C ? cap_logit(to_acc(zr[j]), a.cap) : ninf;
     }
-    const A z_y = to_acc(zr[y]);
+    const A z_y = cap_logit(to_acc(zr[y]), a.cap);
     // Pass 1: maxima (padding is -inf, neutral for all three).
     A m = ninf, mb = ninf, ma = ninf;
 #pragma unroll
@@ -307,7 +335,8 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
     const RowScalars<A> r = finish_row(m, mb, ma, s1, s2, z_y, C);
     // Pass 3: gradient and the smoothing sum.
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
-    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
+    const A zc = a.zs > A(0) ? A(2) * a.zs * (r.shift + r.log_s) : A(0);
+    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om, zc);
     T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth = A(0);
 #pragma unroll
@@ -348,9 +377,9 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const int j = tid + nt * i;
-      z[i] = j < C ? to_acc(zr[j]) : ninf;
+      z[i] = j < C ? cap_logit(to_acc(zr[j]), a.cap) : ninf;
     }
-    const A z_y = to_acc(zr[y]);
+    const A z_y = cap_logit(to_acc(zr[y]), a.cap);
     A mx[3] = {ninf, ninf, ninf};  // m, max_{j<y}, max_{j>y}
 #pragma unroll
     for (int i = 0; i < E; ++i) {
@@ -383,7 +412,8 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
     block_allreduce(sums, SumOp(), A(0), smem);
     const RowScalars<A> r = finish_row(mx[0], mx[1], mx[2], sums[0], sums[1], z_y, C);
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
-    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
+    const A zc = a.zs > A(0) ? A(2) * a.zs * (r.shift + r.log_s) : A(0);
+    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om, zc);
     T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth[1] = {A(0)};
 #pragma unroll
@@ -437,7 +467,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int j = base + nt * u;
-        z[u] = j < C ? to_acc(zr[j]) : ninf;
+        z[u] = j < C ? cap_logit(to_acc(zr[j]), a.cap) : ninf;
       }
       A tile_max = ninf;
 #pragma unroll
@@ -469,7 +499,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
       }
     }
     // Before the reductions' barriers: in place, other threads overwrite the row after them.
-    const A z_y = to_acc(zr[y]);
+    const A z_y = cap_logit(to_acc(zr[y]), a.cap);
     const A m_thread = mx[0];
     block_allreduce(mx, MaxOp(), ninf, smem);
     {
@@ -482,7 +512,8 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
     block_allreduce(other_arg, MinIntOp(), C, ismem);
     const RowScalars<A> r = finish_row(mx[0], mx[1], mx[2], sums[0], sums[1], z_y, C);
     const A w_y = a.weight != nullptr ? a.weight[y] : A(1);
-    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om);
+    const A zc = a.zs > A(0) ? A(2) * a.zs * (r.shift + r.log_s) : A(0);
+    const GradCoefs<A> gc = grad_coefs(k, w_y, r.om, zc);
     T* g = a.grad != nullptr ? a.grad + row * static_cast<int64_t>(C) : nullptr;
     A smooth[1] = {A(0)};
     if (g != nullptr || a.eps > A(0)) {
@@ -491,7 +522,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
 #pragma unroll
         for (int u = 0; u < U; ++u) {
           const int j = base + nt * u;
-          z[u] = j < C ? to_acc(zr[j]) : A(0);
+          z[u] = j < C ? cap_logit(to_acc(zr[j]), a.cap) : A(0);
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -540,6 +571,9 @@ cudaError_t launch(const CrossEntropyParams& p, cudaStream_t stream) {
   a.grad = static_cast<T*>(p.grad);
   a.stats = p.stats;
   a.error_flag = p.error_flag;
+  a.cap = static_cast<A>(p.softcap);
+  a.zs = static_cast<A>(p.z_loss_scale);
+  a.z_loss = static_cast<A*>(p.z_loss);
 
   if (cross_entropy_prep_size(p) > 0) {
     if (p.prep == nullptr) return cudaErrorInvalidValue;
@@ -591,9 +625,10 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, cudaStream_t stream) 
     return cudaErrorInvalidValue;
   }
   if (p.rows > 0 && (p.logits == nullptr || p.target == nullptr || p.objective == nullptr ||
-                     p.stats == nullptr)) {
+                     p.stats == nullptr || (p.z_loss_scale > 0.0 && p.z_loss == nullptr))) {
     return cudaErrorInvalidValue;
   }
+  if (p.softcap < 0.0 || p.z_loss_scale < 0.0) return cudaErrorInvalidValue;
   switch (p.logits_dtype) {
     case DType::kFloat32:
       return launch<float>(p, stream);

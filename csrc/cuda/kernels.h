@@ -54,6 +54,11 @@ enum ErrorBits : int {
 // a non-finite loss have all statistics 0.
 // The loss F.cross_entropy returns is sum(objective) / D (mean), sum(objective) (sum) or
 // objective (none); the glue reduces it with torch ops.
+// Extras (cross_entropy_fwd_extra): softcap s > 0 replaces every z_j by s tanh(z_j / s)
+// before all of the above and multiplies grad[i, j] by 1 - tanh^2(z_j / s); z_loss_scale
+// zs > 0 adds z_loss[i] = zs lse^2 to objective[i] (not for ignored rows, and unweighted:
+// the glue refuses it with weights, so D is the row count) and scale * 2 zs lse p_j to
+// grad[i, j] for every j.
 struct CrossEntropyParams {
   const void* logits = nullptr;  // [rows, classes], row stride logits_row_stride, unit col stride
   DType logits_dtype = DType::kFloat32;  // float32, float16, bfloat16 or float64
@@ -75,6 +80,9 @@ struct CrossEntropyParams {
   void* grad = nullptr;
   float* stats = nullptr;     // float32 [kNumStats, rows] contiguous
   int* error_flag = nullptr;  // optional, see the top of this file
+  double softcap = 0.0;       // 0: off
+  double z_loss_scale = 0.0;  // 0: off
+  void* z_loss = nullptr;     // acc type, [rows]; needed (non-null) iff z_loss_scale > 0
 };
 
 constexpr int64_t kMaxClasses = (int64_t{1} << 31) - (int64_t{1} << 16);

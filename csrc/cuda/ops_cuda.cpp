@@ -16,6 +16,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -81,12 +82,15 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 int read_flag(const at::Tensor& flag) { return flag.defined() ? flag.item<int>() : 0; }
 
 // ---------------------------------------------------------------------------------------
-// (loss, stats) with the gradient written into `grad` ([B, C] contiguous, logits dtype),
-// which may be the (contiguous) logits themselves.
-std::tuple<at::Tensor, at::Tensor> cross_entropy_into_cuda(
+// (loss, stats, z_loss) with the gradient written into `grad` ([B, C] contiguous, logits
+// dtype), which may be the (contiguous) logits themselves. z_loss (reduced like the loss)
+// is undefined when z_loss_scale is 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad) {
+    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad,
+    double softcap = 0.0, double z_loss_scale = 0.0) {
   check_logits_2d(logits);
+  check_cross_entropy_extras(weight, softcap, z_loss_scale);
   TORCH_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
                    "csl_fast: logits must be float32, float16, bfloat16 or float64, got ",
                    logits.scalar_type());
@@ -115,13 +119,15 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into_cuda(
     at::Tensor loss = reduction == kNone ? at::empty({0}, logits.options())
                       : reduction == kSum ? at::zeros({}, logits.options())
                                           : at::full({}, NAN, logits.options());  // 0 / 0
-    return {loss, stats};
+    return {loss, stats, z_loss_scale > 0.0 ? loss.clone() : at::Tensor()};
   }
 
   // Rows must be unit-stride; a row stride (e.g. a column slice) is used as is.
   const at::Tensor z = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor t = target.to(at::kLong).contiguous();
   at::Tensor objective = at::empty({B}, logits.options().dtype(acc));
+  at::Tensor z_rows;
+  if (z_loss_scale > 0.0) z_rows = at::empty({B}, logits.options().dtype(acc));
 
   CrossEntropyParams p;
   p.logits = z.const_data_ptr();
@@ -137,6 +143,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into_cuda(
   p.objective = objective.mutable_data_ptr();
   p.grad = grad.mutable_data_ptr();
   p.stats = stats.mutable_data_ptr<float>();
+  p.softcap = softcap;
+  p.z_loss_scale = z_loss_scale;
+  p.z_loss = z_rows.defined() ? z_rows.mutable_data_ptr() : nullptr;
   at::Tensor prep;
   const int64_t prep_size = cross_entropy_prep_size(p);
   if (prep_size > 0) {
@@ -154,16 +163,13 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_into_cuda(
                     "); fix the labels or pass the right ignore_index (found by "
                     "CSL_FAST_VALIDATE=1)");
 
-  at::Tensor loss;
-  if (reduction == kNone) {
-    loss = objective.to(logits.scalar_type());
-  } else if (reduction == kSum) {
-    loss = objective.sum().to(logits.scalar_type());
-  } else {
+  const auto reduce = [&](const at::Tensor& rows) {
+    if (reduction == kNone) return rows.to(logits.scalar_type());
+    if (reduction == kSum) return rows.sum().to(logits.scalar_type());
     // D = prep[0] stays on the device; 0 / 0 = NaN when every row is ignored.
-    loss = objective.sum().div(prep.select(0, 0)).to(logits.scalar_type());
-  }
-  return {loss, stats};
+    return rows.sum().div(prep.select(0, 0)).to(logits.scalar_type());
+  };
+  return {reduce(objective), stats, z_rows.defined() ? reduce(z_rows) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
@@ -171,8 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_cuda(
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_logits_2d(logits);
   at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  auto [loss, stats] = cross_entropy_into_cuda(logits, target, weight, ignore_index,
-                                               label_smoothing, reduction, grad);
+  auto [loss, stats, z_loss] = cross_entropy_into_cuda(logits, target, weight, ignore_index,
+                                                       label_smoothing, reduction, grad);
   return {loss, grad, stats};
 }
 
@@ -181,8 +187,35 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
     at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     int64_t ignore_index, double label_smoothing, int64_t reduction) {
   check_inplace_logits(logits);
-  return cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing,
-                                 reduction, logits);
+  auto [loss, stats, z_loss] = cross_entropy_into_cuda(logits, target, weight, ignore_index,
+                                                       label_smoothing, reduction, logits);
+  return {loss, stats};
+}
+
+// With soft-capping and the z-loss (z_loss zeros when z_loss_scale is 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  check_logits_2d(logits);
+  at::Tensor grad = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  auto [loss, stats, z_loss] =
+      cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing, reduction,
+                              grad, softcap, z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, grad, stats, z_loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace_cuda(
+    at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  check_inplace_logits(logits);
+  auto [loss, stats, z_loss] =
+      cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing, reduction,
+                              logits, softcap, z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, stats, z_loss};
 }
 
 // ---------------------------------------------------------------------------------------
@@ -301,6 +334,9 @@ at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
 TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cuda::cross_entropy_fwd_inplace_cuda);
+  m.impl("cross_entropy_fwd_extra", &csl_fast::cuda::cross_entropy_fwd_extra_cuda);
+  m.impl("cross_entropy_fwd_extra_inplace",
+         &csl_fast::cuda::cross_entropy_fwd_extra_inplace_cuda);
   m.impl("scatter_stats", &csl_fast::cuda::scatter_stats_cuda);
   m.impl("input_grad_norms", &csl_fast::cuda::input_grad_norms_cuda);
   m.impl("record_vote", &csl_fast::cuda::record_vote_cuda);

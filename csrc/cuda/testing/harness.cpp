@@ -40,6 +40,32 @@ int emu_cross_entropy_fwd(const void* logits, int dtype, int64_t rows, int64_t c
   return static_cast<int>(cross_entropy_fwd(p, nullptr));
 }
 
+// emu_cross_entropy_fwd with the extras: soft-capping and the z-loss (z_loss: acc type [rows]).
+int emu_cross_entropy_fwd_extra(const void* logits, int dtype, int64_t rows, int64_t classes,
+                                const int64_t* target, int64_t ignore_index,
+                                double label_smoothing, int reduction, void* prep,
+                                void* objective, void* grad, float* stats, double softcap,
+                                double z_loss_scale, void* z_loss) {
+  CrossEntropyParams p;
+  p.logits = logits;
+  p.logits_dtype = static_cast<DType>(dtype);
+  p.rows = rows;
+  p.classes = classes;
+  p.logits_row_stride = classes;
+  p.target = target;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = label_smoothing;
+  p.reduction = reduction;
+  p.prep = prep;
+  p.objective = objective;
+  p.grad = grad;
+  p.stats = stats;
+  p.softcap = softcap;
+  p.z_loss_scale = z_loss_scale;
+  p.z_loss = z_loss;
+  return static_cast<int>(cross_entropy_fwd(p, nullptr));
+}
+
 int emu_vote_sorted(const float* stats, int64_t rows, const int64_t* sorted_index,
                     const int64_t* perm, int32_t* label, int32_t* votes, int32_t* hits,
                     int64_t n) {

@@ -1,0 +1,161 @@
+"""The fused cross entropy with a language-model head's extras: soft-capping and the z-loss.
+
+``csl_fast::cross_entropy_fwd_extra`` (schema in ``csrc/csl_fast.cpp``; C++ CPU and CUDA
+kernels, ``cross_entropy_fwd_extra_triton`` in ``csl_fast/_triton``) is
+``cross_entropy_fwd`` with two more arguments and one more output:
+
+- ``softcap`` ``s > 0``: the loss, its gradient and the statistics are of
+  :math:`z' = s \\tanh(z / s)`; the gradient carries the chain rule
+  :math:`\\partial z' / \\partial z = 1 - \\tanh^2(z / s)`. 0: off.
+- ``z_loss_scale`` :math:`\\zeta \\ge 0`: :math:`\\zeta \\operatorname{lse}(z')^2` is added
+  to every non-ignored row's objective (unweighted; refused with class weights), its
+  gradient :math:`2 \\zeta \\operatorname{lse}(z') \\operatorname{softmax}(z')` to the row's,
+  and reduced like the loss ('mean' over the non-ignored rows) it is also returned alone.
+
+The ops with these off (``csl_fast.ops.cross_entropy_fwd``) are separate, so the hot path
+pays nothing for them. Plain PyTorch semantics: :func:`csl_fast.reference.cross_entropy_extra`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._ext import _C, resolve_backend
+from .ops import (
+    _LOW_PRECISION,
+    _mean_denominator,
+    _op,
+    _per_row,
+    _refuse_double_backward,
+    _scale_once,
+    refuse_transforms,
+)
+from .stats import NUM_STATS
+
+_EXTRA_OPS = {
+    "cpu": "cross_entropy_fwd_extra",
+    "cuda": "cross_entropy_fwd_extra",
+    "triton": "cross_entropy_fwd_extra_triton",
+}
+_EXTRA_INPLACE_OPS = {
+    "cpu": "cross_entropy_fwd_extra_inplace",
+    "cuda": "cross_entropy_fwd_extra_inplace",
+    "triton": "cross_entropy_fwd_extra_inplace_triton",
+}
+
+
+def cross_entropy_fwd_extra(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    softcap: float,
+    z_loss_scale: float,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, stats, z_loss)``: ``loss`` (differentiable, z-loss included) and the detached
+    ``z_loss`` as :func:`csl_fast.reference.cross_entropy_extra`, ``stats`` of the
+    soft-capped logits. ``reduction`` 0 (none), 1 (mean) or 2 (sum)."""
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        loss, zl = reference.cross_entropy_extra(
+            logits, target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale
+        )
+        stats = reference.row_statistics(logits.detach(), target, ignore_index, softcap)
+        return loss, stats, zl.detach()
+    refuse_transforms(name, logits)
+    loss, _, stats, zl, _ = _ExtraCrossEntropy.apply(
+        logits, target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale,
+        name,
+    )  # fmt: skip
+    return loss, stats, zl
+
+
+class _ExtraCrossEntropy(torch.autograd.Function):
+    """The extras' fused op under autograd: backward scales the forward's gradient by the
+    upstream gradient; for float16/bfloat16 in float32 with one rounding, the kernel's
+    gradient left unscaled (as ``csl_fast.ops._RoundOnceCrossEntropy``)."""
+
+    @staticmethod
+    def forward(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs, name):
+        low = logits.dtype in _LOW_PRECISION
+        per_row = 0 if low and reduction == 1 else reduction
+        loss, grad, stats, zl = _op(name, _EXTRA_OPS)(
+            logits, target, weight, ignore_index, smoothing, per_row, softcap, zs
+        )
+        denom = None
+        if per_row != reduction:
+            # The z-loss is refused with class weights, so D counts its rows too.
+            denom = _mean_denominator(target, weight, ignore_index, logits.shape[1])
+            loss = (loss.float().sum() / denom).to(logits.dtype)
+            zl = (zl.float().sum() / denom).to(logits.dtype)
+        return loss, grad, stats, zl, denom
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        ctx.reduction = inputs[5]
+        _, grad, stats, zl, denom = output
+        ctx.mark_non_differentiable(grad, stats, zl)
+        ctx.save_for_backward(grad, denom)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_unused):
+        _refuse_double_backward()
+        if grad_loss is None:
+            return (None,) * 9
+        grad, denom = ctx.saved_tensors
+        if grad.dtype in _LOW_PRECISION:
+            scale = _per_row(grad_loss.float(), ctx.reduction)
+            out = _scale_once(grad, scale if denom is None else scale / denom)
+        else:
+            out = grad * _per_row(grad_loss, ctx.reduction)
+        return (out, *(None,) * 8)
+
+
+def cross_entropy_fwd_extra_with_grad(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    softcap: float,
+    z_loss_scale: float,
+    backend: str = "auto",
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The extras' fused op itself, ``(loss, grad, stats, z_loss)`` with ``grad`` the
+    gradient for a unit upstream gradient, for callers that build their own backward
+    (:func:`csl_fast.linear_cross_entropy`); call it with autograd off. ``inplace``:
+    ``grad`` is ``logits``, overwritten (the reference backend returns a new buffer)."""
+    name = resolve_backend(backend, logits.device)
+    args = (target, None, ignore_index, label_smoothing, reduction, softcap, z_loss_scale)
+    if name == "reference":
+        return reference.cross_entropy_fwd_extra(logits, *args)
+    if inplace:
+        loss, stats, zl = _op(name, _EXTRA_INPLACE_OPS)(logits, *args)
+        return loss, logits, stats, zl
+    return _op(name, _EXTRA_OPS)(logits, *args)
+
+
+def _fake_extra(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs):
+    batch = logits.shape[0]
+    loss = logits.new_empty((batch,) if reduction == 0 else ())
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    stats = logits.new_empty((NUM_STATS, batch), dtype=torch.float32)
+    return loss, grad, stats, torch.empty_like(loss)
+
+
+def _fake_extra_inplace(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs):
+    loss, _, stats, zl = _fake_extra(
+        logits, target, weight, ignore_index, smoothing, reduction, softcap, zs
+    )
+    return loss, stats, zl
+
+
+if _C is not None:
+    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra")(_fake_extra)
+    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra_inplace")(_fake_extra_inplace)

@@ -1,0 +1,121 @@
+"""The CUDA cross-entropy kernels with soft-capping and the z-loss, run on the CPU through
+``csrc/cuda/testing/host_emulation.h`` (as tests/test_cuda_compile.py runs them), against
+plain PyTorch formulas on every kernel path (warp, block-in-registers, streaming) and
+every logits dtype. Compiles its own copy of the emulation library (about a minute)."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_cuda_compile import _DTYPE_CODES, _cuda_include, _emu_cmd
+from tolerances import assert_close_f32, assert_no_worse_than_torch
+
+from csl_fast import reference
+from csl_fast.stats import NUM_STATS, Stat
+
+IGNORE = -100
+_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cuda_inc = _cuda_include()
+    if cuda_inc is None or not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("CUDA headers or a host C++ compiler missing")
+    if sys.platform != "linux":
+        pytest.skip("host emulation is only set up for Linux")
+    cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu_extras"), cuda_inc)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lib = ctypes.CDLL(str(lib))
+    lib.emu_ce_prep_size.argtypes = [_I64, _I, _I, _D]
+    lib.emu_ce_prep_size.restype = _I64
+    lib.emu_cross_entropy_fwd_extra.argtypes = [_P, _I, _I64, _I64, _P, _I64, _D, _I]
+    lib.emu_cross_entropy_fwd_extra.argtypes += [_P, _P, _P, _P, _D, _D, _P]
+    return lib
+
+
+def _run(lib, logits, target, eps, reduction, softcap, zs):
+    """What ops_cuda.cpp does around the launcher: (loss, grad, stats, z_loss)."""
+    batch, classes = logits.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    n_prep = lib.emu_ce_prep_size(batch, reduction, 0, eps)
+    prep = torch.full((max(n_prep, 1),), math.nan, dtype=acc)
+    objective = torch.full((batch,), math.nan, dtype=acc)
+    z_rows = torch.full((batch,), math.nan, dtype=acc)
+    grad = torch.full((batch, classes), math.nan, dtype=logits.dtype)
+    stats = torch.full((NUM_STATS, batch), math.nan)
+    t = target.long().contiguous()
+    rc = lib.emu_cross_entropy_fwd_extra(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, classes, t.data_ptr(), IGNORE,
+        eps, reduction, prep.data_ptr() if n_prep else None, objective.data_ptr(),
+        grad.data_ptr(), stats.data_ptr(), softcap, zs, z_rows.data_ptr() if zs else None,
+    )  # fmt: skip
+    assert rc == 0, f"launcher returned cudaError {rc}"
+
+    def reduce(rows):
+        if reduction == 0:
+            return rows.to(logits.dtype)
+        total = rows.sum() if reduction == 2 else rows.sum() / prep[0]
+        return total.to(logits.dtype)[None]
+
+    return reduce(objective), grad, stats, reduce(z_rows) if zs else None
+
+
+def _formula(z, target, reduction, softcap, zs, eps):
+    zc = softcap * torch.tanh(z / softcap) if softcap else z
+    ce = F.cross_entropy(
+        zc,
+        target,
+        ignore_index=IGNORE,
+        label_smoothing=eps,
+        reduction=("none", "mean", "sum")[reduction],
+    )
+    active = target != IGNORE
+    rows = torch.where(active, zs * torch.logsumexp(zc, 1) ** 2, torch.zeros((), dtype=z.dtype))
+    zl = rows if reduction == 0 else rows.sum() if reduction == 2 else rows.sum() / active.sum()
+    return (ce + zl).reshape(-1), zl.reshape(-1)
+
+
+def _with_grad(z, *args):
+    z = z.detach().clone().requires_grad_(True)
+    loss, zl = _formula(z, *args)
+    (g,) = torch.autograd.grad(loss.sum(), z)
+    return loss.detach(), g, zl.detach()
+
+
+# (classes, batch) per kernel path: warp N=1/4/16, block E=4, E=8 (float64: streaming), streaming.
+_PATHS = [(7, 13), (100, 11), (513, 9), (5000, 3), (9000, 2)]
+
+
+@pytest.mark.parametrize(("classes", "batch"), _PATHS)
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES), ids=str)
+@pytest.mark.parametrize(
+    ("softcap", "zs", "eps", "red"), [(0.0, 1e-2, 0.0, 1), (5.0, 0.0, 0.1, 0), (3.0, 0.1, 0.0, 2)]
+)
+def test_emulated_extras(emu, classes, batch, dtype, softcap, zs, eps, red):
+    logits = (torch.randn(batch, classes, dtype=torch.float64) * 4).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = IGNORE
+    loss, grad, stats, zl = _run(emu, logits, target, eps, red, softcap, zs)
+    args = (target, red, softcap, zs, eps)
+    same = _with_grad(logits, *args)
+    exact = _with_grad(logits.double(), *args)
+    what = f"{dtype} C={classes} cap={softcap} zs={zs} red={red}"
+    assert_no_worse_than_torch(loss, same[0], exact[0], f"{what} loss")
+    assert_no_worse_than_torch(grad, same[1], exact[1], f"{what} grad")
+    if zs:
+        assert_no_worse_than_torch(zl, same[2], exact[2], f"{what} z_loss")
+    want = reference.row_statistics(logits, target, IGNORE, softcap)
+    want64 = reference.row_statistics(logits.double(), target, IGNORE, softcap)
+    for k in (Stat.CORRECT, Stat.VALID, Stat.OTHER_ARGMAX):
+        assert torch.equal(stats[k], want[k]), Stat(k).name
+    for k in (Stat.LOSS, Stat.P_TRUE, Stat.MARGIN, Stat.GRAD_NORM_SQ):
+        assert_close_f32(stats[k], want64[k], Stat(k).name, rtol=3e-5)
