@@ -182,9 +182,11 @@ def accumulate(
     require grad or share memory with each other; a ``weight`` that requires grad is
     refused, as ``F.cross_entropy`` refuses it.
     """
-    extras = cross_entropy_extras.check(
-        "accumulate", softcap, z_loss_scale, return_z_loss, return_token_accuracy, weight
-    )
+    extras = None
+    if softcap is not None or z_loss_scale or return_z_loss or return_token_accuracy:
+        extras = cross_entropy_extras.check(
+            "accumulate", softcap, z_loss_scale, return_z_loss, return_token_accuracy, weight
+        )
     fast_error = None
     step = None
     if extras is None:

@@ -163,7 +163,7 @@ inline __attribute__((always_inline)) int64_t other_argmax(const scalar_t* z, in
 
 // Row i's statistics into stats[k * B + i] and its objective (returned); turns the
 // exponentials e (length C) into the gradient row, times row_scale.
-template <typename scalar_t, typename acc_t>
+template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_t>& r, int64_t i,
                                                        int64_t y, const RowPasses<acc_t>& p,
                                                        acc_t* e) {
@@ -191,7 +191,7 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   // z-loss zs * lse^2 (unweighted; refused with class weights, so the mean's 1 / D is
   // 1 / rows for it too): d/dz_j = 2 zs lse p_j, folded into the coefficient of p_j.
   acc_t z_coef = 0;
-  if (r.z_loss != nullptr) {
+  if (kExtras && r.z_loss != nullptr) {
     const acc_t zs = static_cast<acc_t>(r.opt.z_loss_scale);
     const acc_t lse = p.m + log_s;
     const acc_t z_row = zs * lse * lse;
@@ -224,37 +224,37 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
 }
 
 // A row of an ignored target: zero gradient, statistics and objective.
-template <typename scalar_t, typename acc_t>
+template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t>& r, int64_t i) {
   scalar_t* grow = r.out + i * r.C;
   std::fill(grow, grow + r.C, scalar_t(0));
   for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
   r.stats[kOtherArgmax * r.B + i] = -1.f;
   r.objective[i] = 0;
-  if (r.z_loss != nullptr) r.z_loss[i] = 0;
+  if (kExtras && r.z_loss != nullptr) r.z_loss[i] = 0;
 }
 
 // Rows [begin, end), one at a time, each with vector passes over its classes (the
 // classes before and after y in separate ranges). zbuf holds C acc_t values when
 // scalar_t is narrower than acc_t, 2 C with soft-capping (z', then 1 - tanh^2).
-template <typename scalar_t, typename acc_t>
+template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>& r,
                                                      int64_t begin, int64_t end, acc_t* zbuf) {
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t C = r.C;
   const acc_t* w = r.w;
-  const acc_t cap = static_cast<acc_t>(r.opt.softcap);
+  const acc_t cap = kExtras ? static_cast<acc_t>(r.opt.softcap) : acc_t(0);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* row = r.in + i * r.row_stride;
     scalar_t* grow = r.out + i * C;
     const int64_t y = r.target[i];
     if (y == r.opt.ignore_index) {
-      ignore_row(r, i);
+      ignore_row<kExtras>(r, i);
       continue;
     }
     const acc_t* z;
     acc_t* e;
-    if (cap != acc_t(0)) {
+    if (kExtras && cap != acc_t(0)) {
       // The row is read whole before grow is written (it may be the same memory).
       acc_t* dcap = zbuf + C;
       for (int64_t j = 0; j < C; ++j) {
@@ -286,8 +286,8 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     p.e_y = exp_approx(p.z_y - p.m);
     p.other = {before.sum + after.sum, before.sum_sq + after.sum_sq,
                before.sum_shift + after.sum_shift};
-    r.objective[i] = finish_row(r, i, y, p, e);
-    if (cap != acc_t(0)) {
+    r.objective[i] = finish_row<kExtras>(r, i, y, p, e);
+    if (kExtras && cap != acc_t(0)) {
       const acc_t* dcap = zbuf + C;  // d z' / d z: the chain rule of the cap
       for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j] * dcap[j]);
     } else if constexpr (!kSameType) {
@@ -302,7 +302,7 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
 constexpr int64_t kNarrowC = 32;
 constexpr int64_t kNarrowRows = 64;
 
-template <typename scalar_t, typename acc_t>
+template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_t>& r,
                                                        int64_t begin, int64_t end, acc_t* zbuf) {
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
@@ -348,7 +348,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t y = r.target[i];
       if (y == r.opt.ignore_index) {
-        ignore_row(r, i);
+        ignore_row<kExtras>(r, i);
         continue;
       }
       acc_t* e = block + (i - lo) * C;
@@ -362,7 +362,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
       p.e_y = e[y];
       p.other.sum = s;
       p.other.sum_sq = s2;
-      r.objective[i] = finish_row(r, i, y, p, e);
+      r.objective[i] = finish_row<kExtras>(r, i, y, p, e);
       if constexpr (!kSameType) {
         scalar_t* grow = r.out + i * C;
         for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
@@ -371,13 +371,15 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
   }
 }
 
-template <typename scalar_t, typename acc_t>
+// kExtras: soft-capping and the z-loss are compiled in (cross_entropy_fwd_extra); the plain
+// op's rows are compiled without them, so they cost it nothing.
+template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void rows_block(const Rows<scalar_t, acc_t>& r,
                                                       int64_t begin, int64_t end, acc_t* zbuf) {
-  if (r.C <= kNarrowC && r.opt.softcap == 0) {
-    narrow_rows(r, begin, end, zbuf);
+  if (r.C <= kNarrowC && !(kExtras && r.opt.softcap != 0)) {
+    narrow_rows<kExtras>(r, begin, end, zbuf);
   } else {
-    wide_rows(r, begin, end, zbuf);
+    wide_rows<kExtras>(r, begin, end, zbuf);
   }
 }
 
@@ -387,19 +389,24 @@ inline __attribute__((always_inline)) void rows_block(const Rows<scalar_t, acc_t
 // ("arch=haswell" would test for that exact CPU model), picked at load time.
 #define CSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 CSL_CLONES void rows_f32(const Rows<float, float>& r, int64_t begin, int64_t end, float* zbuf) {
-  rows_block(r, begin, end, zbuf);
+  rows_block<false>(r, begin, end, zbuf);
 }
 CSL_CLONES void rows_f16(const Rows<at::Half, float>& r, int64_t begin, int64_t end, float* zbuf) {
-  rows_block(r, begin, end, zbuf);
+  rows_block<false>(r, begin, end, zbuf);
 }
 CSL_CLONES void rows_bf16(const Rows<at::BFloat16, float>& r, int64_t begin, int64_t end,
                           float* zbuf) {
-  rows_block(r, begin, end, zbuf);
+  rows_block<false>(r, begin, end, zbuf);
 }
 #undef CSL_CLONES
 // float64 calls std::exp, which no instruction set makes vectorise here.
 void rows_f64(const Rows<double, double>& r, int64_t begin, int64_t end, double* zbuf) {
-  rows_block(r, begin, end, zbuf);
+  rows_block<false>(r, begin, end, zbuf);
+}
+// The extras' rows: one generic build (std::tanh does not vectorise either).
+template <typename scalar_t, typename acc_t>
+void rows_extra(const Rows<scalar_t, acc_t>& r, int64_t begin, int64_t end, acc_t* zbuf) {
+  rows_block<true>(r, begin, end, zbuf);
 }
 inline void run_rows(const Rows<float, float>& r, int64_t b, int64_t e, float* z) {
   rows_f32(r, b, e, z);
@@ -436,11 +443,15 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
   constexpr bool kSameType = std::is_same_v<scalar_t, acc_t>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    const int64_t narrow = C <= kNarrowC && opt.softcap == 0;
+    const bool narrow = C <= kNarrowC && opt.softcap == 0;
     std::vector<acc_t> zbuf(opt.softcap != 0 ? 2 * C
                             : kSameType      ? 0
                                              : (narrow ? kNarrowRows : 1) * C);
-    run_rows(rows, begin, end, zbuf.data());
+    if (opt.softcap != 0 || z_loss != nullptr) {
+      rows_extra(rows, begin, end, zbuf.data());
+    } else {
+      run_rows(rows, begin, end, zbuf.data());
+    }
   });
 }
 
