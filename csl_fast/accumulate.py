@@ -120,8 +120,11 @@ def accumulate(
     of its own (``vmap(grad(...))`` over single samples records each sample once).
 
     **Threads.** Calls from several Python threads into the same buffer or tracker take
-    turns (a lock keyed on the buffer; the one-call CPU step releases the GIL), so no
-    update is lost; every buffer written has its autograd version counter bumped.
+    turns (a lock keyed on the buffer, :mod:`csl_fast.buffer_locks`; the one-call CPU step
+    takes it in C++ and waits without the GIL), so no update is lost; so do the tracker's
+    own methods that write it (``watch``'s input-gradient records, ``end_epoch``,
+    ``update``, ``save``, ``load``, ...). Every buffer written has its autograd version
+    counter bumped.
 
     Args:
         logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU),
