@@ -172,16 +172,13 @@ def _flag(
         if fraction is None or not 0 <= fraction <= 1:
             raise ValueError("csl_fast.detect_losses: rule='fraction' needs fraction in [0, 1]")
         k = min(math.ceil(fraction * values.numel()), int(finite.sum()))
+        est, desc = None, f"fraction({fraction})"
     else:
-        est = tail_count(values)
+        est, desc = tail_count(values), "tail"
         k = est.count
     if k > 0:
         flagged[ranking[:k]] = True
-    return (
-        flagged,
-        (est if rule == "tail" else None),
-        (f"fraction({fraction})" if rule == "fraction" else "tail"),
-    )
+    return flagged, est, desc
 
 
 def corrupted_targets(
