@@ -124,11 +124,11 @@ def _ce_fwd_kernel(
     BLOCK_C: tl.constexpr,
     MANUAL_BF16_RNE: tl.constexpr,
     INPLACE: tl.constexpr,
-    zloss_ptr=None,
-    cap=0.0,
-    zs=0.0,
-    HAS_CAP: tl.constexpr = False,
-    HAS_ZLOSS: tl.constexpr = False,
+    zloss_ptr,
+    cap,
+    zs,
+    HAS_CAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)

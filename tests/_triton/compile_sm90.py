@@ -53,6 +53,9 @@ def main(mode: str) -> None:
         "stride_gr": "i64",
         "ignore_index": "i32",
         "eps": "fp32",
+        "zloss_ptr": "*fp32",
+        "cap": "fp32",
+        "zs": "fp32",
     }
     layouts = [(True, 16, 128, 8), (True, 1, 8192, 16), (False, 1, 4096, 8)]
     if mode == "minimal":
@@ -65,7 +68,10 @@ def main(mode: str) -> None:
         )
         if mode == "minimal":
             flags = [(True, True, True)]
-        for has_w, smooth, mean in flags:
+        # The language-model extras (soft-capping, z-loss) on every other variant; minimal:
+        # on the two-pass layout.
+        for variant, (has_w, smooth, mean) in enumerate(flags):
+            extras = variant % 2 == 1 or (mode == "minimal" and not fused)
             sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", **ce_sig_base}
             sig = {k: sig[k] for k in cross_entropy._ce_fwd_kernel.arg_names if k in sig}
             const = dict(
@@ -77,6 +83,8 @@ def main(mode: str) -> None:
                 BLOCK_C=block,
                 MANUAL_BF16_RNE=False,
                 INPLACE=bool(mean),
+                HAS_CAP=extras,
+                HAS_ZLOSS=extras,
             )
             _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
             print("ok cross_entropy", dt, const, flush=True)
