@@ -534,3 +534,25 @@ def test_fused_backends_on_each_device(device, fused_backends):
         for name, buf in runs[0].items():
             assert torch.equal(buf, runs[1][name]), f"{backend}: {name} not reproducible"
             torch.testing.assert_close(buf, want_bufs[name], rtol=2e-6, atol=2e-6, msg=name)
+
+
+@needs_ext
+def test_compile_fullgraph_into_a_tracker():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(6, 5)
+    tracker = csl_fast.CSLTracker(20, 5, num_labels=5)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def forward(x, y, idx):
+        return csl_fast.accumulate_bce(model(x), y, idx, tracker)
+
+    x, y = torch.randn(8, 6), torch.rand(8, 5)
+    idx = torch.tensor([0, 3, 3, 7, 9, 11, 19, 0])
+    forward(x, y, idx).backward()
+    plain = F.binary_cross_entropy_with_logits(model(x), y, reduction="none").detach()
+    b = tracker.buffers()
+    torch.testing.assert_close(tracker.label_csl, torch.zeros(20, 5).index_add_(0, idx, plain))
+    torch.testing.assert_close(b["csl_sum"], torch.zeros(20).index_add_(0, idx, plain.sum(1)))
+    assert b["csl_count"].sum() == 8
+    # The last presentation in batch order: rows 7, 2, 3 for samples 0, 3, 7.
+    torch.testing.assert_close(b["last_loss"][[0, 3, 7]], plain.sum(1)[[7, 2, 3]])
