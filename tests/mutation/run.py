@@ -136,8 +136,8 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "detect_ranking_ascending": Mutation(
         "csl_fast/detect.py",
-        "    ranking = torch.sort(key, descending=True, stable=True).indices\n",
-        "    ranking = torch.sort(key, descending=False, stable=True).indices\n",
+        "    return torch.sort(~key, stable=True).indices  # ~ reverses the order without overflow\n",
+        "    return torch.sort(key, stable=True).indices  # ~ reverses the order without overflow\n",
         ("tests/test_detect.py",),
         "detect ranks the least suspicious samples first",
     ),
