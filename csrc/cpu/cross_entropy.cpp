@@ -257,8 +257,9 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     if (kExtras && cap != acc_t(0)) {
       // The row is read whole before grow is written (it may be the same memory).
       acc_t* dcap = zbuf + C;
+#pragma omp simd
       for (int64_t j = 0; j < C; ++j) {
-        const acc_t t = std::tanh(static_cast<acc_t>(row[j]) / cap);
+        const acc_t t = tanh_approx(static_cast<acc_t>(row[j]) / cap);
         zbuf[j] = cap * t;
         dcap[j] = acc_t(1) - t * t;
       }
@@ -289,6 +290,7 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     r.objective[i] = finish_row<kExtras>(r, i, y, p, e);
     if (kExtras && cap != acc_t(0)) {
       const acc_t* dcap = zbuf + C;  // d z' / d z: the chain rule of the cap
+#pragma omp simd
       for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j] * dcap[j]);
     } else if constexpr (!kSameType) {
       for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
@@ -398,27 +400,40 @@ CSL_CLONES void rows_bf16(const Rows<at::BFloat16, float>& r, int64_t begin, int
                           float* zbuf) {
   rows_block<false>(r, begin, end, zbuf);
 }
+// The same with soft-capping and the z-loss compiled in: functions of their own, so the
+// plain ones above stay exactly what they were.
+CSL_CLONES void rows_f32_extra(const Rows<float, float>& r, int64_t begin, int64_t end,
+                               float* zbuf) {
+  rows_block<true>(r, begin, end, zbuf);
+}
+CSL_CLONES void rows_f16_extra(const Rows<at::Half, float>& r, int64_t begin, int64_t end,
+                               float* zbuf) {
+  rows_block<true>(r, begin, end, zbuf);
+}
+CSL_CLONES void rows_bf16_extra(const Rows<at::BFloat16, float>& r, int64_t begin, int64_t end,
+                                float* zbuf) {
+  rows_block<true>(r, begin, end, zbuf);
+}
 #undef CSL_CLONES
 // float64 calls std::exp, which no instruction set makes vectorise here.
 void rows_f64(const Rows<double, double>& r, int64_t begin, int64_t end, double* zbuf) {
   rows_block<false>(r, begin, end, zbuf);
 }
-// The extras' rows: one generic build (std::tanh does not vectorise either).
-template <typename scalar_t, typename acc_t>
-void rows_extra(const Rows<scalar_t, acc_t>& r, int64_t begin, int64_t end, acc_t* zbuf) {
+void rows_f64_extra(const Rows<double, double>& r, int64_t begin, int64_t end, double* zbuf) {
   rows_block<true>(r, begin, end, zbuf);
 }
-inline void run_rows(const Rows<float, float>& r, int64_t b, int64_t e, float* z) {
-  rows_f32(r, b, e, z);
+inline void run_rows(const Rows<float, float>& r, int64_t b, int64_t e, float* z, bool x) {
+  x ? rows_f32_extra(r, b, e, z) : rows_f32(r, b, e, z);
 }
-inline void run_rows(const Rows<at::Half, float>& r, int64_t b, int64_t e, float* z) {
-  rows_f16(r, b, e, z);
+inline void run_rows(const Rows<at::Half, float>& r, int64_t b, int64_t e, float* z, bool x) {
+  x ? rows_f16_extra(r, b, e, z) : rows_f16(r, b, e, z);
 }
-inline void run_rows(const Rows<at::BFloat16, float>& r, int64_t b, int64_t e, float* z) {
-  rows_bf16(r, b, e, z);
+inline void run_rows(const Rows<at::BFloat16, float>& r, int64_t b, int64_t e, float* z,
+                     bool x) {
+  x ? rows_bf16_extra(r, b, e, z) : rows_bf16(r, b, e, z);
 }
-inline void run_rows(const Rows<double, double>& r, int64_t b, int64_t e, double* z) {
-  rows_f64(r, b, e, z);
+inline void run_rows(const Rows<double, double>& r, int64_t b, int64_t e, double* z, bool x) {
+  x ? rows_f64_extra(r, b, e, z) : rows_f64(r, b, e, z);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -447,11 +462,7 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
     std::vector<acc_t> zbuf(opt.softcap != 0 ? 2 * C
                             : kSameType      ? 0
                                              : (narrow ? kNarrowRows : 1) * C);
-    if (opt.softcap != 0 || z_loss != nullptr) {
-      rows_extra(rows, begin, end, zbuf.data());
-    } else {
-      run_rows(rows, begin, end, zbuf.data());
-    }
+    run_rows(rows, begin, end, zbuf.data(), opt.softcap != 0 || z_loss != nullptr);
   });
 }
 

@@ -40,5 +40,25 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
 
 inline __attribute__((always_inline)) double exp_approx(double x) { return std::exp(x); }
 
+// tanh without libm, so soft-capping vectorises: (1 - e) / (1 + e) with e = exp(-2|x|),
+// and below |x| = 1/4, where 1 - e would cancel, the odd Taylor polynomial
+// x + x^3 P(x^2) to x^11 (truncation < 1e-10 there). Within a few ulp of std::tanh; NaN
+// gives NaN, +-inf gives +-1. (The Triton kernel takes tanh the same way.)
+inline __attribute__((always_inline)) float tanh_approx(float x) {
+  const float a = std::fabs(x);
+  const float e = exp_approx(-2.0f * a);
+  const float far = (1.0f - e) / (1.0f + e);
+  const float x2 = x * x;
+  float p = -1382.0f / 155925.0f;
+  p = p * x2 + 62.0f / 2835.0f;
+  p = p * x2 - 17.0f / 315.0f;
+  p = p * x2 + 2.0f / 15.0f;
+  p = p * x2 - 1.0f / 3.0f;
+  const float near = a + a * x2 * p;
+  return std::copysign(a < 0.25f ? near : far, x);
+}
+
+inline __attribute__((always_inline)) double tanh_approx(double x) { return std::tanh(x); }
+
 }  // namespace cpu
 }  // namespace csl_fast
