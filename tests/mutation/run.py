@@ -136,8 +136,8 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "detect_ranking_ascending": Mutation(
         "csl_fast/detect.py",
-        "    return torch.sort(~key, stable=True).indices  # ~ reverses the order without overflow\n",
-        "    return torch.sort(key, stable=True).indices  # ~ reverses the order without overflow\n",
+        "return torch.sort(~key, stable=True).indices",
+        "return torch.sort(key, stable=True).indices",
         ("tests/test_detect.py",),
         "detect ranks the least suspicious samples first",
     ),
