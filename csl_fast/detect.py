@@ -147,7 +147,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import duplicate_groups as dg
 from . import flagging
+from .duplicate_groups import exact_duplicate_groups
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -509,58 +511,93 @@ def memorized(
     return _detect(values, name, rule, fraction, threshold, views)
 
 
-def exact_duplicate_groups(inputs: torch.Tensor) -> list[list[int]]:
-    """Groups (of size >= 2) of dataset indices whose inputs are bitwise identical.
-
-    ``inputs`` is ``[N, ...]``; rows are compared exactly (``torch.unique`` over the
-    flattened rows). Groups are sorted by their smallest index.
-    """
-    flat = inputs.detach().reshape(inputs.shape[0], -1).cpu()
-    if flat.shape[0] == 0:
-        return []
-    _, inverse, counts = torch.unique(flat, dim=0, return_inverse=True, return_counts=True)
-    groups: dict[int, list[int]] = {}
-    for i, g in enumerate(inverse.tolist()):
-        if counts[g] > 1:
-            groups.setdefault(g, []).append(i)
-    return sorted(groups.values(), key=lambda members: members[0])
-
-
 def duplicates(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     score: str = "csl",
     *,
     inputs: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
 ) -> Detection:
-    """Samples that are duplicated with a conflicting label, ranked by ``score``.
+    """Samples duplicated with a conflicting label, ranked by ``score`` (default CSL).
 
     Two identical inputs with different labels cannot both be fitted by generalisation;
     the network fights over them, so *both* members keep a high loss (the paper's
-    duplicate experiment: AUROC 0.98 with CSL on CIFAR-10).
+    duplicate experiment: AUROC 0.98 with CSL on CIFAR-10). The conflict is the group's,
+    not one member's, so with ``inputs`` the flagged set is made of whole groups of
+    bitwise-identical inputs (:mod:`csl_fast.duplicate_groups` says why):
+
+    * ``inputs`` and ``labels`` (``rule="auto"``): every member of every group whose
+      labels differ (``rule="auto(label_conflict)"``). This needs no score and no
+      estimate: at most one of the labels is right. Groups whose members share a label
+      (benign duplicates) are never flagged for being duplicated. The count is exact
+      (interval ``(n, n)``); a never-presented member is flagged too.
+      With another ``rule``, that rule flags samples by ``score`` and the conflicting
+      groups holding a flagged sample are flagged whole.
+    * ``inputs`` only: the tracker does not keep labels, so conflicts are inferred from
+      the score: ``rule`` (the mislabeled rule by default) flags samples, and every group
+      holding a flagged sample is flagged whole (``"...+groups"``). A benign group is
+      flagged only when a member's own score flags it; the count and its interval are
+      the rule's, carried through the groups.
+    * neither: no group is known; the flagged set is the score rule's, as
+      :func:`mislabeled` (samples whose label looks bad, duplicated or not), and
+      ``diagnostics["note"]`` says so.
 
     Args:
-        inputs: optional ``[N, ...]`` training inputs. When given, only samples that have
-            a bitwise-identical partner can be flagged, and ``Detection.groups`` lists the
-            identical-input groups that contain a flagged sample. The ranking is by
-            ``score`` alone either way.
+        inputs: optional ``[N, ...]`` training inputs, compared row by row by their bits.
+        labels: optional ``[N]`` (or ``[N, ...]``) training labels as given to the
+            network; needs ``inputs``.
         rule, fraction, threshold: see the module docstring.
+
+    ``Detection.groups`` lists the flagged groups (every member is flagged); the ranking
+    is by ``score`` alone either way.
     """
     values, name, views = _select(source, score)
-    det = _detect(values, name, rule, fraction, threshold, views)
-    if inputs is not None:
-        if inputs.shape[0] != values.numel():
-            raise ValueError(
-                f"csl_fast.detect.duplicates: inputs has {inputs.shape[0]} rows but the "
-                f"score has {values.numel()} samples"
+    n = values.numel()
+    dg.check_rows(n, inputs, labels)
+    if inputs is None:
+        det = _detect(values, name, rule, fraction, threshold, views)
+        note = (
+            "no inputs: the flagged set is the score rule's (samples whose label looks bad, "
+            "duplicated or not); pass inputs= (and labels=) to flag conflicting groups"
+        )
+        det.diagnostics["note"] = "; ".join(filter(None, [det.diagnostics.get("note"), note]))
+        return det
+    ids = dg.group_ids(inputs)
+    allowed = None if labels is None else dg.conflicting(ids, labels)
+    diag: dict[str, Any] = {"duplicate_groups": dg.num_groups(ids)}
+    if allowed is not None:
+        diag["conflicting_groups"] = int(allowed.sum())
+    if labels is not None and rule == "auto":
+        finite = torch.isfinite(values)
+        flagged = dg.whole_groups(ids >= 0, ids, allowed)
+        count = int(flagged.sum())
+        diag.update(rule=rule, samples=n, finite=int(finite.sum()))
+        det = Detection(
+            _ranking(values, finite),
+            values,
+            flagged,
+            math.inf,
+            name,
+            "auto(label_conflict)",
+            estimated_count=count,
+            count_interval=(count, count),
+            diagnostics=diag,
+        )
+    else:
+        det = _detect(values, name, rule, fraction, threshold, views)
+        det.diagnostics.update(diag)
+        flagged = dg.whole_groups(det.flagged, ids, allowed)
+        det.rule += "+groups" if allowed is None else "+conflict groups"
+        if det.estimated_count is not None and det.count_interval is not None:
+            det.estimated_count, det.count_interval = dg.carry_count(
+                det.ranking, ids, det.estimated_count, det.count_interval, allowed
             )
-        groups = exact_duplicate_groups(inputs)
-        member = torch.zeros_like(det.flagged)
-        for g in groups:
-            member[g] = True
-        det.flagged = det.flagged & member.to(det.flagged.device)
-        flagged = det.flagged.cpu()
-        det.groups = [g for g in groups if bool(flagged[g].any())]
+    det.flagged = flagged.to(values.device)
+    shown = values.double()[det.flagged & torch.isfinite(values)]
+    det.threshold = float(shown.min()) if shown.numel() else math.inf
+    det.groups = dg.group_lists(ids, dg.flagged_groups(flagged, ids))
+    det.diagnostics.update(flagged=int(flagged.sum()), threshold=det.threshold)
     return det

@@ -69,12 +69,83 @@ def test_sources_tracker_and_mapping():
     assert det.indices.tolist() == [1]
 
 
-def test_duplicates_with_inputs():
-    x = torch.arange(12.0).reshape(6, 2)
-    x[4] = x[1]  # 1 and 4 identical
-    x[5] = x[1]
-    assert detect.exact_duplicate_groups(x) == [[1, 4, 5]]
-    s = torch.tensor([0.0, 9.0, 8.0, 0.0, 9.0, 0.0])
-    det = detect.duplicates(s, inputs=x, rule="threshold", threshold=1.0)
-    assert det.flagged.tolist() == [False, True, False, False, True, False]  # 2 has no twin
-    assert det.groups == [[1, 4, 5]]
+def _duplicated_data(seed=0, n=400):
+    """Scores and inputs with a known answer: 12 conflicting pairs (the member whose label
+    the network rejects far in an upper mode, its partner inside the clean bulk), one
+    conflicting triple, 3 benign same-label pairs, and 7 mislabeled samples with no twin."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    s = torch.exp(torch.randn(n, generator=g) * 0.4)
+    perm = torch.randperm(n, generator=g).tolist()
+    conflict = [perm[2 * k : 2 * k + 2] for k in range(12)] + [perm[24:27]]
+    benign = [perm[27 + 2 * k : 29 + 2 * k] for k in range(3)]
+    lone = perm[33:40]
+    for members in conflict + benign:
+        x[members] = x[members[0]].clone()
+        y[members] = y[members[0]].clone()
+    for a, *rest in conflict:
+        y[rest[-1]] = (y[a] + 1) % 10
+        s[rest[-1]] = math.exp(3 + 0.3 * float(torch.randn(1, generator=g)))
+    s[lone] = torch.exp(3 + torch.randn(7, generator=g) * 0.3)
+    truth = torch.zeros(n, dtype=torch.bool)
+    truth[[i for m in conflict for i in m]] = True
+    return s, x, y, truth, sorted(sorted(m) for m in conflict), benign
+
+
+def test_duplicates_with_labels_flags_every_member_of_conflicting_groups():
+    s, x, y, truth, conflict, benign = _duplicated_data()
+    s[benign[0]] = 1e3  # a benign group is not flagged for its score when labels are known
+    det = detect.duplicates(s, inputs=x, labels=y)
+    assert det.rule == "auto(label_conflict)"
+    assert torch.equal(det.flagged, truth) and det.groups == conflict
+    assert det.estimated_count == 27 and det.count_interval == (27, 27) and det.warning is None
+    assert det.diagnostics["duplicate_groups"] == 16 and det.diagnostics["conflicting_groups"] == 13
+    assert det.threshold == float(s[truth].min())
+    assert torch.equal(det.ranking, detect.mislabeled(s, rule="fraction", fraction=0).ranking)
+    assert detect.summary(det).startswith("27 of 400 flagged by auto(label_conflict)")
+    # benign duplicates only: nothing flagged, an exact zero (no warning)
+    y2 = y.clone()
+    for members in conflict:
+        y2[members] = y2[members[0]].clone()
+    det = detect.duplicates(s, inputs=x, labels=y2)
+    assert len(det) == 0 and det.estimated_count == 0 and det.groups == []
+
+
+def test_duplicates_with_labels_and_an_explicit_rule():
+    s, x, y, truth, conflict, benign = _duplicated_data(seed=1)
+    s[benign[0][0]] = 1e3
+    det = detect.duplicates(s, inputs=x, labels=y, rule="threshold", threshold=5.0)
+    # the upper-mode members pull their partners in; the benign pair and the lone ones drop
+    assert det.rule == "threshold(5.0)+conflict groups"
+    assert torch.equal(det.flagged, truth) and det.groups == conflict
+
+
+def test_duplicates_inputs_only_flags_whole_groups_by_score():
+    s, x, _, truth, conflict, benign = _duplicated_data(seed=2)
+    det = detect.duplicates(s, inputs=x)  # plain tensor: the valley rule, then groups
+    assert det.rule == "auto(valley)+groups"
+    assert torch.equal(det.flagged, truth) and det.groups == conflict
+    per_sample = detect.mislabeled(s)
+    assert len(per_sample) == 20  # 13 rejected members + 7 lone: half the pairs' members
+    assert det.estimated_count == 27 and det.count_interval is not None
+    assert det.count_interval[0] <= 27 <= det.count_interval[1]
+    assert not bool(det.flagged[[i for m in benign for i in m]].any())
+
+
+def test_duplicates_without_inputs_is_the_score_rule_and_says_so():
+    s, _, _, _, _, _ = _duplicated_data(seed=3)
+    det = detect.duplicates(s)
+    assert torch.equal(det.flagged, detect.mislabeled(s).flagged) and det.groups == []
+    assert "no inputs" in det.diagnostics["note"] and "no inputs" in detect.summary(det)
+
+
+def test_duplicates_bad_arguments():
+    s, x, y, _, _, _ = _duplicated_data()
+    with pytest.raises(ValueError, match="labels= needs inputs="):
+        detect.duplicates(s, labels=y)
+    with pytest.raises(ValueError, match="inputs must have one row per sample"):
+        detect.duplicates(s, inputs=x[:-1])
+    with pytest.raises(ValueError, match="labels must have one row per sample"):
+        detect.duplicates(s, inputs=x, labels=y[:-1])
+    assert detect.exact_duplicate_groups(torch.tensor([[1.0], [2.0], [1.0]])) == [[0, 2]]

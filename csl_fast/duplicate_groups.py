@@ -1,0 +1,173 @@
+r"""Groups of identical training inputs, for :func:`csl_fast.detect.duplicates`.
+
+A duplicate is a property of a *group*: two identical inputs with conflicting labels
+cannot both be fitted by generalisation, the network fights over them and both members
+keep a high loss (the paper's duplicate experiment ranks both). A per-sample rule does
+not see that: the mislabeled rule flags the member whose label disagrees with the class
+the network learns and leaves its partner, whose label is right but is still half of the
+conflict (on the paper benchmark, digits with 9 conflicting pairs, it flagged 9-11 of the
+18 members). So the flagged set of :func:`~csl_fast.detect.duplicates` is made of whole
+groups, and this module holds the group bookkeeping, vectorised (one ``torch.unique``
+over the rows, no Python loop over samples):
+
+* :func:`group_ids`: the group of every sample (``-1``: no identical partner);
+* :func:`conflicting`: which groups hold two different labels;
+* :func:`flagged_groups`: which groups hold a flagged sample;
+* :func:`whole_groups`: every member of each group that has a flagged member;
+* :func:`count_through_groups`: how many samples the top ``m`` of a ranking reaches
+  through their groups (maps a per-sample count and its interval to groups).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "carry_count",
+    "check_rows",
+    "conflicting",
+    "count_through_groups",
+    "exact_duplicate_groups",
+    "flagged_groups",
+    "group_ids",
+    "group_lists",
+    "num_groups",
+    "whole_groups",
+]
+
+# floats are compared by their bits: -0.0 and 0.0 differ, a NaN equals the same NaN
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    flat = x.detach().reshape(x.shape[0], -1).cpu()
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(x.shape[0], -1)
+    if flat.is_floating_point():
+        flat = flat.contiguous().view(_SAME_SIZE_INT[flat.element_size()])
+    return flat
+
+
+def num_groups(ids: torch.Tensor) -> int:
+    """The number of groups in :func:`group_ids`' answer."""
+    return int(ids.max()) + 1 if ids.numel() else 0
+
+
+def group_ids(inputs: torch.Tensor) -> torch.Tensor:
+    """int64 ``[N]``: the group of each sample among bitwise-identical rows of
+    ``inputs`` (``[N, ...]``), numbered ``0, 1, ...`` by the group's smallest index;
+    ``-1`` for a sample with no identical partner."""
+    n = inputs.shape[0]
+    if n == 0:
+        return torch.empty(0, dtype=torch.long)
+    _, inverse, counts = torch.unique(_rows(inputs), dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((counts.numel(),), n, dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
+    shared = counts > 1
+    # renumber the shared rows by their first index; singletons get -1
+    order = torch.argsort(torch.where(shared, first, n + torch.arange(counts.numel())))
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return torch.where(shared[inverse], rank[inverse], -1)
+
+
+def group_lists(ids: torch.Tensor, which: torch.Tensor | None = None) -> list[list[int]]:
+    """The groups of :func:`group_ids` as lists of dataset indices, in group order;
+    only the groups where the bool ``[G]`` ``which`` is True when it is given."""
+    num = num_groups(ids)
+    if num == 0:
+        return []
+    keep = torch.ones(num, dtype=torch.bool) if which is None else which.cpu()
+    members = torch.nonzero((ids >= 0) & keep[ids.clamp(min=0)]).flatten()
+    # a stable sort by group keeps each group's indices ascending
+    members = members[torch.sort(ids[members], stable=True).indices]
+    sizes = torch.bincount(ids[members], minlength=num)[keep]
+    return [g.tolist() for g in torch.split(members, sizes.tolist())]
+
+
+def exact_duplicate_groups(inputs: torch.Tensor) -> list[list[int]]:
+    """Groups (of size >= 2) of dataset indices whose inputs are bitwise identical.
+
+    ``inputs`` is ``[N, ...]``; rows are compared by their bits (floats included, so
+    ``-0.0`` and ``0.0`` differ). Groups are sorted by their smallest index, each group's
+    indices ascending.
+    """
+    return group_lists(group_ids(inputs))
+
+
+def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """bool ``[G]``: the groups of ``ids`` whose members do not all carry the same label.
+
+    ``labels``: ``[N]`` class indices, or ``[N, ...]`` (a multi-label target row; rows
+    are compared by their bits, as inputs are).
+    """
+    num = num_groups(ids)
+    rows = _rows(labels)
+    member = ids >= 0
+    g = ids[member]
+    if g.numel() == 0:
+        return torch.zeros(num, dtype=torch.bool)
+    first = torch.full((num,), ids.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, g, torch.nonzero(member).flatten(), reduce="amin")
+    differs = (rows[member] != rows[first[g]]).reshape(g.numel(), -1).any(dim=1)
+    return torch.zeros(num, dtype=torch.long).index_add_(0, g, differs.long()) > 0
+
+
+def flagged_groups(flagged: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """bool ``[G]``: the groups of ``ids`` that hold a ``flagged`` (bool ``[N]``) sample."""
+    member = ids >= 0
+    hit = torch.zeros(num_groups(ids), dtype=torch.long)
+    return hit.index_add_(0, ids[member], flagged.cpu()[member].long()) > 0
+
+
+def whole_groups(
+    flagged: torch.Tensor, ids: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool ``[N]``: every member of each group that holds a ``flagged`` sample (and,
+    with the bool ``[G]`` ``allowed``, is allowed); samples outside groups drop out."""
+    member = ids >= 0
+    hit = flagged_groups(flagged, ids)
+    if hit.numel() == 0:
+        return member
+    if allowed is not None:
+        hit &= allowed.cpu()
+    return member & hit[ids.clamp(min=0)]
+
+
+def count_through_groups(
+    ranking: torch.Tensor, ids: torch.Tensor, m: int, allowed: torch.Tensor | None = None
+) -> int:
+    """How many samples :func:`whole_groups` flags when the top ``m`` of ``ranking``
+    (dataset indices, most suspicious first) are flagged."""
+    top = torch.zeros(ids.numel(), dtype=torch.bool)
+    top[ranking.cpu()[: max(m, 0)]] = True
+    return int(whole_groups(top, ids, allowed).sum())
+
+
+def carry_count(
+    ranking: torch.Tensor,
+    ids: torch.Tensor,
+    count: int,
+    interval: tuple[int, int],
+    allowed: torch.Tensor | None = None,
+) -> tuple[int, tuple[int, int]]:
+    """A per-sample count of bad samples and its interval, carried through the groups:
+    :func:`count_through_groups` of each."""
+    low, high = (count_through_groups(ranking, ids, m, allowed) for m in interval)
+    return count_through_groups(ranking, ids, count, allowed), (low, high)
+
+
+def check_rows(n: int, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:
+    """Raise a ``ValueError`` unless ``inputs`` and ``labels`` (when given) have one row
+    per sample and ``labels`` comes with ``inputs``."""
+    for arg, given in (("inputs", inputs), ("labels", labels)):
+        if given is not None and (given.dim() == 0 or given.shape[0] != n):
+            raise ValueError(
+                f"csl_fast.detect.duplicates: {arg} must have one row per sample ({n}), got "
+                f"shape {tuple(given.shape)}"
+            )
+    if labels is not None and inputs is None:
+        raise ValueError(
+            "csl_fast.detect.duplicates: labels= needs inputs= (the identical-input groups "
+            "whose labels are compared)"
+        )

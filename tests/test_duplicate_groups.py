@@ -1,0 +1,79 @@
+"""Groups of identical inputs: ids, label conflicts, whole-group flags, carried counts,
+each against a plain Python loop over the samples."""
+
+import pytest
+import torch
+
+from csl_fast import duplicate_groups as dg
+
+
+def _loop_groups(rows: list) -> list[list[int]]:
+    seen: dict = {}
+    for i, r in enumerate(rows):
+        seen.setdefault(r, []).append(i)
+    return sorted((g for g in seen.values() if len(g) > 1), key=lambda g: g[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_ids_match_a_loop(dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (300, 4), generator=g).to(dtype)  # 81 distinct rows: many groups
+    x = x.reshape(300, 2, 2).transpose(1, 2)  # non-contiguous [N, 2, 2]
+    want = _loop_groups([tuple(r.reshape(-1).tolist()) for r in x])
+    ids = dg.group_ids(x)
+    assert dg.exact_duplicate_groups(x) == want
+    assert dg.num_groups(ids) == len(want)
+    for k, members in enumerate(want):
+        assert torch.nonzero(ids == k).flatten().tolist() == members
+    assert int((ids >= 0).sum()) == sum(map(len, want))
+
+
+def test_group_ids_compare_bits_and_edge_cases():
+    x = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [float("nan"), 2.0], [float("nan"), 2.0]])
+    assert dg.exact_duplicate_groups(x) == [[2, 3]]  # -0.0 != 0.0 bitwise; NaN == same NaN
+    assert dg.group_ids(torch.empty(0, 3)).numel() == 0
+    assert dg.exact_duplicate_groups(torch.empty(0, 3)) == []
+    ids = dg.group_ids(torch.arange(5.0))  # no duplicates
+    assert ids.tolist() == [-1] * 5 and dg.group_lists(ids) == []
+    assert dg.whole_groups(torch.ones(5, dtype=torch.bool), ids).tolist() == [False] * 5
+
+
+def test_conflicting_and_whole_groups_match_a_loop():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 4, (200, 3), generator=g)
+    y = torch.randint(0, 2, (200,), generator=g)
+    flagged = torch.rand(200, generator=g) < 0.1
+    ids = dg.group_ids(x)
+    groups = dg.group_lists(ids)
+    want_conflict = [len(set(y[m].tolist())) > 1 for m in groups]
+    assert dg.conflicting(ids, y).tolist() == want_conflict
+    assert 0 < sum(want_conflict) < len(groups)  # both kinds present: the test can fail
+    for allowed in (None, dg.conflicting(ids, y)):
+        want = torch.zeros(200, dtype=torch.bool)
+        for k, m in enumerate(groups):
+            if bool(flagged[m].any()) and (allowed is None or bool(allowed[k])):
+                want[m] = True
+        assert torch.equal(dg.whole_groups(flagged, ids, allowed), want)
+    # multi-label rows: a group conflicts when any entry differs
+    yl = torch.zeros(200, 3)
+    yl[groups[0][1], 2] = 1.0
+    assert dg.conflicting(ids, yl).tolist() == [True] + [False] * (len(groups) - 1)
+
+
+def test_count_carried_through_groups():
+    x = torch.tensor([[1.0], [1.0], [2.0], [2.0], [2.0], [3.0], [4.0]])
+    ids = dg.group_ids(x)  # groups {0, 1}, {2, 3, 4}; 5, 6 alone
+    ranking = torch.tensor([5, 2, 0, 6, 1, 3, 4])
+    assert [dg.count_through_groups(ranking, ids, m) for m in range(5)] == [0, 0, 3, 5, 5]
+    conflict = torch.tensor([True, False])
+    assert dg.carry_count(ranking, ids, 3, (1, 4), conflict) == (2, (0, 2))
+
+
+def test_check_rows_errors():
+    with pytest.raises(ValueError, match="labels= needs inputs="):
+        dg.check_rows(3, None, torch.zeros(3))
+    with pytest.raises(ValueError, match="inputs must have one row per sample"):
+        dg.check_rows(3, torch.zeros(4, 2), None)
+    with pytest.raises(ValueError, match="labels must have one row per sample"):
+        dg.check_rows(3, torch.zeros(3, 2), torch.tensor(1))
