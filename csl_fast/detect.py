@@ -187,7 +187,7 @@ class Detection:
         score_name: the score used (``"custom"`` for a plain tensor).
         rule: the threshold rule, with its parameters.
         groups: for :func:`duplicates` with ``inputs``: the groups (lists of dataset
-            indices) of identical inputs that contain a flagged sample.
+            indices) of identical inputs that are flagged, every member of each.
         estimated_count: the rule's estimate of how many samples are bad (mislabeled, ...),
             ``None`` for rules that do not estimate one (``fraction``, ``threshold``) and
             when the rule found no separation, so that the count is unknown (nothing is
