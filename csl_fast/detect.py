@@ -540,7 +540,8 @@ def duplicates(
       the score: ``rule`` (the mislabeled rule by default) flags samples, and every group
       holding a flagged sample is flagged whole (``"...+groups"``). A benign group is
       flagged only when a member's own score flags it; the count and its interval are
-      the rule's, carried through the groups.
+      the rule's, carried through the groups (``diagnostics["sample_count"]``: the
+      rule's own count and interval, per sample).
     * neither: no group is known; the flagged set is the score rule's, as
       :func:`mislabeled` (samples whose label looks bad, duplicated or not), and
       ``diagnostics["note"]`` says so.
@@ -592,6 +593,7 @@ def duplicates(
         flagged = dg.whole_groups(det.flagged, ids, allowed)
         det.rule += "+groups" if allowed is None else "+conflict groups"
         if det.estimated_count is not None and det.count_interval is not None:
+            det.diagnostics["sample_count"] = [det.estimated_count, *det.count_interval]
             det.estimated_count, det.count_interval = dg.carry_count(
                 det.ranking, ids, det.estimated_count, det.count_interval, allowed
             )

@@ -110,6 +110,11 @@ def test_duplicates_with_labels_flags_every_member_of_conflicting_groups():
         y2[members] = y2[members[0]].clone()
     det = detect.duplicates(s, inputs=x, labels=y2)
     assert len(det) == 0 and det.estimated_count == 0 and det.groups == []
+    # a never-presented member of a conflicting group is flagged; it ranks last
+    s[conflict[0][0]] = float("nan")
+    det = detect.duplicates(s, inputs=x, labels=y)
+    assert torch.equal(det.flagged, truth) and int(det.ranking[-1]) == conflict[0][0]
+    assert det.threshold == float(s[truth & ~s.isnan()].min())
 
 
 def test_duplicates_with_labels_and_an_explicit_rule():
@@ -130,6 +135,7 @@ def test_duplicates_inputs_only_flags_whole_groups_by_score():
     assert len(per_sample) == 20  # 13 rejected members + 7 lone: half the pairs' members
     assert det.estimated_count == 27 and det.count_interval is not None
     assert det.count_interval[0] <= 27 <= det.count_interval[1]
+    assert det.diagnostics["sample_count"][0] == per_sample.estimated_count
     assert not bool(det.flagged[[i for m in benign for i in m]].any())
 
 
