@@ -10,39 +10,16 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 
 import pytest
 import torch
+from overlaps import Overlaps
 
 import csl_fast
 from csl_fast import CSLTracker, _ext, accumulate, record_loss
 from csl_fast.buffer_locks import buffer_lock
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class _Overlaps:
-    """Counts how many threads are inside a wrapped call at once (each call sleeps, which
-    releases the GIL, so unserialised calls do overlap)."""
-
-    def __init__(self):
-        self.inside = self.most = 0
-        self.guard = threading.Lock()
-
-    def wrap(self, fn):
-        def wrapped(*args, **kwargs):
-            with self.guard:
-                self.inside += 1
-                self.most = max(self.most, self.inside)
-            time.sleep(0.002)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self.guard:
-                    self.inside -= 1
-
-        return wrapped
 
 
 def _in_threads(*fns, calls=5):
@@ -167,7 +144,7 @@ def _watched_step(tracker, x, index):
 def test_tracker_methods_that_write_take_turns(monkeypatch):
     """watch's hook (record_input_grad), end_epoch, end_eval_pass, update and record_eval
     from several threads at once: none overlaps another, and nothing is lost."""
-    overlaps = _Overlaps()
+    overlaps = Overlaps()
     tracker = CSLTracker(8, 5, history=True)
     # The kernels each method runs, and end_epoch's per-epoch means.
     for module, name in (

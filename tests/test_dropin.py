@@ -5,11 +5,11 @@ bfloat16 gradient, on every backend (Triton in the interpreter, on tiny shapes).
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from overlaps import Overlaps
 from torch.func import grad, jvp, vmap
 
 import csl_fast
@@ -356,29 +356,6 @@ def test_concurrent_threads_lose_nothing(backend, sink):
     torch.testing.assert_close(csl, want * calls, rtol=1e-5, atol=1e-5)
 
 
-class _Overlaps:
-    """Counts how many threads are inside a wrapped call at once (each call sleeps, which
-    releases the GIL, so unserialised calls do overlap)."""
-
-    def __init__(self):
-        self.inside = self.most = 0
-        self.guard = threading.Lock()
-
-    def wrap(self, fn):
-        def wrapped(*args, **kwargs):
-            with self.guard:
-                self.inside += 1
-                self.most = max(self.most, self.inside)
-            time.sleep(0.002)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                with self.guard:
-                    self.inside -= 1
-
-        return wrapped
-
-
 def _in_threads(fn, threads=4, calls=5):
     errors = []
 
@@ -401,7 +378,7 @@ def _in_threads(fn, threads=4, calls=5):
 def test_writes_into_one_recorder_take_turns(backend):
     """Deterministic form of the test above: a recorder's update never runs in two
     threads at once, on every backend."""
-    overlaps = _Overlaps()
+    overlaps = Overlaps()
     tracker = CSLTracker(8, 5, backend=backend)
 
     class Probe:
