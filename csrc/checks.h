@@ -153,4 +153,15 @@ inline void check_index_range(const char* op, const int64_t* index, int64_t B, i
   }
 }
 
+// scatter_stats, record_loss, bce_record: every dataset index in [0, n), n the csl buffer's
+// size, checked before anything is written.
+inline void check_dataset_index(const int64_t* index, int64_t B, int64_t n) {
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast: index[", i, "] = ", index[i],
+                      " is outside [0, N = ", n, ") where N is the size of the csl buffer; ",
+                      "pass dataset indices (csl_fast.data.IndexedDataset) and a buffer with ",
+                      "one entry per dataset sample");
+  }
+}
+
 }  // namespace csl_fast

@@ -104,13 +104,8 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
   }
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  // Check every index before writing anything: a bad call leaves the buffers untouched.
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < n, "csl_fast: index[", i, "] = ", ip[i],
-                      " is outside [0, N = ", n, ") where N is the size of the csl buffer; ",
-                      "pass dataset indices (csl_fast.data.IndexedDataset) and a buffer with ",
-                      "one entry per dataset sample");
-  }
+  // Every index checked before anything is written: a bad call leaves the buffers untouched.
+  check_dataset_index(ip, B, n);
   // The LOSS and VALID rows of csl_fast.record_loss.loss_stats: the loss rounded to
   // float32 where it is finite, else 0 (and not valid).
   std::vector<float> values(2 * B);

@@ -34,13 +34,8 @@ void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool determ
   if (n < 0) return;
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  // Check every index before writing anything: a bad call leaves the buffers untouched.
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(ip[i] >= 0 && ip[i] < n, "csl_fast: index[", i, "] = ", ip[i],
-                      " is outside [0, N = ", n, ") where N is the size of the csl buffer; ",
-                      "pass dataset indices (csl_fast.data.IndexedDataset) and a buffer with ",
-                      "one entry per dataset sample");
-  }
+  // Every index checked before anything is written: a bad call leaves the buffers untouched.
+  check_dataset_index(ip, B, n);
   const float* sp = stats.const_data_ptr<float>();
   if (csl.has_value()) {
     at::Tensor out = *csl;
