@@ -6,7 +6,9 @@
   batch order (several epochs, duplicate indices within a batch, invalid rows), equals
   bitwise what every backend's ``record_last`` keeps, and what a tracker fed through
   ``csl_fast.accumulate`` keeps (the one-call CPU step, the reference backend);
-- ``CSLTracker.suggestions()``: label, confidence, memory, state round trip.
+- ``CSLTracker.suggestions()``: label, confidence (its definition by a plain loop, and
+  that it does not fall when training goes on past memorisation), memory, state round
+  trip.
 """
 
 from __future__ import annotations
@@ -140,6 +142,47 @@ def _vote_loop(
     return label, votes, hits
 
 
+def _fit_loop(
+    batches: list[tuple[torch.Tensor, torch.Tensor]], epochs: list[int], n: int
+) -> tuple[list[float], list[int]]:
+    """Each sample's valid presentations and the epoch its final correct streak began in
+    (-1: incorrect at its last presentation or never presented), by a plain loop."""
+    count, learned, correct = [0.0] * n, [-1] * n, [False] * n
+    for (index, stats), epoch in zip(batches, epochs, strict=True):
+        for i, j in enumerate(index.tolist()):
+            if stats[Stat.VALID, i] <= 0:
+                continue
+            count[j] += 1
+            now = bool(stats[Stat.CORRECT, i] > 0)
+            if not now:
+                learned[j] = -1
+            elif not correct[j]:
+                learned[j] = epoch
+            correct[j] = now
+    return count, learned
+
+
+def _confidence_loop(
+    label: list[int],
+    votes: list[int],
+    hits: list[int],
+    count: list[float],
+    learned: list[int],
+    epochs: int,
+) -> list[float]:
+    """The suggestions' confidence by its definition: the candidate's votes over the
+    presentations before the final correct streak (count * learned / epochs; all of them
+    when not fitted), at least the votes cast since the candidate took over."""
+    out = []
+    for j in range(len(label)):
+        if label[j] < 0:
+            out.append(math.nan)
+            continue
+        before = count[j] * learned[j] / epochs if learned[j] >= 0 and epochs else count[j]
+        out.append(hits[j] / max(before, 2 * hits[j] - votes[j], 1))
+    return out
+
+
 def _batches(n: int, classes: int, epochs: int, batch: int) -> list[tuple[torch.Tensor, ...]]:
     """Random presentations: duplicates within batches, ~15% invalid rows, runner-ups
     concentrated on a per-sample class so that the vote's candidate both holds and flips."""
@@ -243,11 +286,15 @@ def test_tracker_suggestions_through_accumulate(backend):
     tracker = csl_fast.CSLTracker(n, classes, backend=backend)
     labels = torch.randint(0, classes, (n,), generator=g)
     seen = []
-    for _ in range(5):
+    for epoch in range(5):
         for _ in range(3):
             index = torch.randint(0, n, (8,), generator=g)  # duplicates within a batch
-            z = torch.randn(8, classes, generator=g).requires_grad_()
+            z = torch.randn(8, classes, generator=g)
             y = labels[index].clone()
+            # from epoch 2 on, even samples are mostly classified right (a fit to time)
+            fit = (index % 2 == 0) & (torch.rand(8, generator=g) < 0.8) & (epoch >= 2)
+            z[torch.arange(8), y] += 4.0 * fit
+            z.requires_grad_()
             y[0] = -100
             csl_fast.accumulate(z, y, index, tracker, backend=backend).backward()
             _, stats = ops.cross_entropy_fwd(z.detach(), y, None, -100, 0.0, 1, backend=backend)
@@ -259,13 +306,21 @@ def test_tracker_suggestions_through_accumulate(backend):
     assert tracker.suggest_hits.tolist() == hits
     got_label, conf = tracker.suggestions()
     assert got_label.dtype == torch.int64 and got_label.tolist() == label
-    count = tracker.csl_count
+    epochs = [k // 3 for k in range(len(seen))]
+    count, learned = _fit_loop(seen, epochs, n)
+    assert tracker.csl_count.tolist() == count
+    assert tracker.learned_epoch.tolist() == learned
+    want = _confidence_loop(label, votes, hits, count, learned, tracker.epoch)
     for j in range(n):
         if label[j] < 0:
             assert math.isnan(conf[j])
         else:
-            assert conf[j].item() == pytest.approx(hits[j] / count[j].item())
+            assert conf[j].item() == pytest.approx(want[j], rel=1e-6)
             assert 0 < conf[j] <= 1
+    # The data exercises both normalisers: fitted samples and ones still doubted.
+    assert any(e >= 0 for e in learned) and any(
+        e < 0 and c > 0 for e, c in zip(learned, count, strict=True)
+    )
 
 
 def test_suggestions_recover_the_majority_runner_up():
@@ -284,6 +339,44 @@ def test_suggestions_recover_the_majority_runner_up():
     assert label.tolist() == [2, -1]
     assert conf[0].item() == pytest.approx(7 / 10)
     assert math.isnan(conf[1])
+
+
+def _present(tracker: csl_fast.CSLTracker, runner_up: list[float], correct: list[bool]):
+    """One presentation of every sample, with these runner-ups and correctness."""
+    stats = torch.zeros(NUM_STATS, len(runner_up))
+    stats[Stat.VALID] = 1.0
+    stats[Stat.OTHER_ARGMAX] = torch.tensor(runner_up)
+    stats[Stat.CORRECT] = torch.tensor(correct, dtype=torch.float32)
+    tracker.update(torch.arange(len(runner_up)), stats)
+
+
+@pytest.mark.parametrize("after", [0, 4, 60])
+def test_confidence_does_not_fall_after_memorisation(after):
+    """A flipped sample predicted as its true class (3) for 8 epochs, then memorised;
+    a clean one doubted at 3 of its first 6 epochs before it was learned; one never fitted.
+    Their confidences are the same however long training goes on past memorisation
+    (the old definition, hits / presentations, fell as 1 / presentations)."""
+    tracker = csl_fast.CSLTracker(3, 4, backend="reference")
+    for epoch in range(8 + after):
+        early = epoch < 8
+        runner_up = [3.0 if early else 1.0, 2.0 if epoch in (1, 5) else 0.0, 1.0]
+        correct = [not early, epoch not in (1, 5) and epoch >= 2, False]
+        _present(tracker, runner_up, correct)
+        tracker.end_epoch()
+    label, conf = tracker.suggestions()
+    assert label.tolist() == [3, 2, 1]
+    # sample 1: a vote for 0 at epoch 0, one for 2 at epoch 1 cancels it, one for 2 at
+    # epoch 5 makes 2 the candidate (h = v = 1); its final streak began at epoch 6.
+    assert conf.tolist() == pytest.approx([1.0, 1 / 6, 1.0])
+
+
+def test_confidence_without_epochs_is_the_share_of_presentations():
+    """A tracker never told of an epoch has no streak timing: every presentation counts."""
+    tracker = csl_fast.CSLTracker(1, 4, backend="reference")
+    for t in range(6):
+        _present(tracker, [2.0], [t >= 2])
+    label, conf = tracker.suggestions()
+    assert label.tolist() == [2] and conf.item() == pytest.approx(2 / 6)
 
 
 def test_suggestion_memory_and_initial_state():
