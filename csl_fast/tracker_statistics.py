@@ -143,8 +143,9 @@ class TrackerStatistics:
         :math:`e_i` = ``learned_epoch`` (the epoch its final correct streak began in) and
         :math:`E` = :attr:`epoch` (completed epochs; with :math:`E = 0` the tracker has no
         epoch stamps and :math:`n_i = k_i`). :math:`n_i` counts the presentations before
-        the final correct streak (exact when a sample is presented equally often in every
-        epoch: :math:`k_i / E` per epoch, times the :math:`e_i` epochs before the streak).
+        the final correct streak: :math:`k_i / E` per epoch times the :math:`e_i` epochs
+        before the streak's, exact when a sample is presented once per epoch and an
+        estimate otherwise.
         :math:`2 h_i - v_i` is the number of votes cast since the candidate took over
         (:math:`h_i` for it, :math:`h_i - v_i` against it), all at presentations before
         the streak, so it is a lower bound of :math:`n_i`; as :math:`v_i \le h_i`, it
@@ -155,13 +156,14 @@ class TrackerStatistics:
         given label and neither vote nor, here, count. So the confidence of a memorised
         sample no longer changes with the length of training (the previous definition,
         :math:`h_i / k_i`, fell as :math:`1/k_i` past memorisation: on digits the share of
-        flips relabelled at its default threshold dropped from 75% at 60 epochs to 13% at
-        120). A flipped sample predicted as its true class from the first epochs until it
+        flips relabelled at its default threshold dropped from 74-75% at 60 epochs to
+        12-13% at 120). A flipped sample predicted as its true class from the first epochs until it
         was memorised has :math:`c_i` near 1; a clean sample flagged by mistake, doubted
         for a while with the network's prediction wandering between classes before it
-        learned the label, has a lower one. :math:`c_i > 1/2` means the suggested class
-        was predicted at a strict majority of those presentations, so it is the majority
-        the vote guarantees to find. Samples still misclassified at their last
+        learned the label, has a lower one. Where :math:`n_i` is exact and
+        :math:`c_i > 1/2`, the suggested class was predicted at a strict majority of those
+        presentations, hence of the votes: it is the majority the vote is guaranteed to
+        find. Samples still misclassified at their last
         presentation are doubted throughout: :math:`n_i = k_i`. Easy samples misclassified
         only at their first presentations can have a high :math:`c_i` from few votes: the
         confidence ranks the suggestions of *flagged* samples (the detection decides which
