@@ -144,7 +144,7 @@ class TrackerStatistics:
         :math:`E` = :attr:`epoch` (completed epochs; with :math:`E = 0` the tracker has no
         epoch stamps and :math:`n_i = k_i`). :math:`n_i` counts the presentations before
         the final correct streak: :math:`k_i / E` per epoch times the :math:`e_i` epochs
-        before the streak's, exact when a sample is presented once per epoch and an
+        before the streak began, exact when a sample is presented once per epoch and an
         estimate otherwise.
         :math:`2 h_i - v_i` is the number of votes cast since the candidate took over
         (:math:`h_i` for it, :math:`h_i - v_i` against it), all at presentations before
