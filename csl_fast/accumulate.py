@@ -163,7 +163,10 @@ def accumulate(
             its own backward (``tanh``, ``softmax``, ...) raises "modified by an inplace
             operation" rather than computing a wrong gradient. Needs contiguous logits that
             are not a leaf requiring grad, a fused backend and eager mode; backward can run
-            only once.
+            only once. For float16/bfloat16 logits the gradient is rounded twice (to the
+            logits' dtype in forward, where the logits are overwritten, and again after
+            the upstream scale), up to about twice PyTorch's own error; the default
+            recomputes it in backward and rounds once.
 
         softcap, z_loss_scale, return_z_loss, return_token_accuracy: a language-model
             head's extras, all off by default (:mod:`csl_fast.cross_entropy_extras`): the
@@ -180,10 +183,10 @@ def accumulate(
 
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient; for float16/bfloat16 logits
-    that multiplication is done in float32 with one rounding (see
-    ``ops._RoundOnceCrossEntropy``). Double backward is not supported. Buffers must not
-    require grad or share memory with each other; a ``weight`` that requires grad is
-    refused, as ``F.cross_entropy`` refuses it.
+    backward instead recomputes the gradient from the saved logits in float32 and rounds
+    it once after the upstream scale (see ``ops._RoundOnceCrossEntropy``). Double
+    backward is not supported. Buffers must not require grad or share memory with each
+    other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     extras = None
     if softcap is not None or z_loss_scale or return_z_loss or return_token_accuracy:
