@@ -8,6 +8,7 @@ traceable by ``torch.compile(fullgraph=True)`` and passes ``torch.library.opchec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -206,10 +207,14 @@ class _RoundOnceCrossEntropy(torch.autograd.Function):
         scale = _per_row(grad_loss.float(), ctx.reduction)
         if denom is not None:
             scale = scale / denom
-        grad = _recompute_scaled(
-            ctx.name, logits, target, weight, ctx.ignore_index, ctx.smoothing, scale
-        )
-        return grad, None, None, None, None, None, None
+        fwd = _op(ctx.name, _FWD_OPS)
+        w = None if weight is None else weight.float()
+
+        def chunk_grad(start: int, stop: int) -> torch.Tensor:
+            rows = logits[start:stop].float()
+            return fwd(rows, target[start:stop], w, ctx.ignore_index, ctx.smoothing, 0)[1]
+
+        return _recompute_scaled(logits, scale, chunk_grad), None, None, None, None, None, None
 
 
 def _mean_denominator(
@@ -253,30 +258,22 @@ def _scale_once(
 
 
 def _recompute_scaled(
-    name: str,
     logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
     scale: torch.Tensor,
+    chunk_grad: Callable[[int, int], torch.Tensor],
 ) -> torch.Tensor:
-    """``d loss / d logits`` for the float32 upstream ``scale`` (``[]`` or ``[B, 1]``):
-    the kernel's per-row gradient of the logits upcast to float32, times ``scale``, rounded
-    once to the logits' dtype; rows go through bounded float32 scratch, never logits-sized."""
+    """``d loss / d logits`` for the float32 upstream ``scale`` (``[]`` or ``[B, 1]``),
+    rounded once to the logits' dtype: ``chunk_grad(start, stop)`` is the float32 per-row
+    gradient of ``logits[start:stop]`` for a unit upstream gradient (a fused op run on the
+    rows upcast); rows go through bounded float32 scratch, never logits-sized."""
     out = torch.empty_like(logits)
     if scale.dim() == 0:
         scale = scale.reshape(1)  # a 0-d tensor would be cast to the chunk's dtype first
-    w = None if weight is None else weight.float()
-    fwd = _op(name, _FWD_OPS)
     rows = max(1, _SCALE_CHUNK // max(logits.shape[-1], 1))
     for start in range(0, logits.shape[0], rows):
         stop = start + rows
-        _, grad, _ = fwd(
-            logits[start:stop].float(), target[start:stop], w, ignore_index, label_smoothing, 0
-        )
         part = scale if scale.shape[0] == 1 else scale[start:stop]
-        out[start:stop] = grad.mul_(part)
+        out[start:stop] = chunk_grad(start, stop).mul_(part)
     return out
 
 

@@ -27,8 +27,8 @@ from .ops import (
     _mean_denominator,
     _op,
     _per_row,
+    _recompute_scaled,
     _refuse_double_backward,
-    _scale_once,
     refuse_transforms,
 )
 from .stats import NUM_STATS
@@ -76,8 +76,9 @@ def cross_entropy_fwd_extra(
 
 class _ExtraCrossEntropy(torch.autograd.Function):
     """The extras' fused op under autograd: backward scales the forward's gradient by the
-    upstream gradient; for float16/bfloat16 in float32 with one rounding, the kernel's
-    gradient left unscaled (as ``csl_fast.ops._RoundOnceCrossEntropy``)."""
+    upstream gradient; for float16/bfloat16 it recomputes the gradient from the saved
+    logits in float32 and rounds once after the scale (as
+    ``csl_fast.ops._RoundOnceCrossEntropy``, which says why)."""
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs, name):
@@ -97,23 +98,35 @@ class _ExtraCrossEntropy(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
-        ctx.reduction = inputs[5]
+        logits, target, weight, ctx.ignore_index, ctx.smoothing, ctx.reduction = inputs[:6]
+        ctx.softcap, ctx.zs, ctx.name = inputs[6:]
         _, grad, stats, zl, denom = output
         ctx.mark_non_differentiable(grad, stats, zl)
-        ctx.save_for_backward(grad, denom)
+        if logits.dtype in _LOW_PRECISION:
+            ctx.save_for_backward(logits, target, weight, denom)
+        else:
+            ctx.save_for_backward(grad)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         _refuse_double_backward()
         if grad_loss is None:
             return (None,) * 9
-        grad, denom = ctx.saved_tensors
-        if grad.dtype in _LOW_PRECISION:
-            scale = _per_row(grad_loss.float(), ctx.reduction)
-            out = _scale_once(grad, scale if denom is None else scale / denom)
-        else:
-            out = grad * _per_row(grad_loss, ctx.reduction)
-        return (out, *(None,) * 8)
+        if len(ctx.saved_tensors) == 1:
+            (grad,) = ctx.saved_tensors
+            return (grad * _per_row(grad_loss, ctx.reduction), *(None,) * 8)
+        logits, target, weight, denom = ctx.saved_tensors
+        scale = _per_row(grad_loss.float(), ctx.reduction)
+        scale = scale if denom is None else scale / denom
+        fwd = _op(ctx.name, _EXTRA_OPS)
+        w = None if weight is None else weight.float()
+
+        def chunk_grad(start: int, stop: int) -> torch.Tensor:
+            rows = logits[start:stop].float()
+            args = (ctx.ignore_index, ctx.smoothing, 0, ctx.softcap, ctx.zs)
+            return fwd(rows, target[start:stop], w, *args)[1]
+
+        return (_recompute_scaled(logits, scale, chunk_grad), *(None,) * 8)
 
 
 def cross_entropy_fwd_extra_with_grad(
