@@ -233,6 +233,9 @@ def _mean_denominator(
 # Rows of float32 scratch per step of _scale_once on the CPU (4 MiB): bounded, never
 # logits-sized.
 _SCALE_CHUNK = 1 << 20
+# On a GPU each chunk of _recompute_scaled is a few kernel launches: 64 MiB of float32
+# scratch keeps a language-model head's backward to tens of chunks, not thousands.
+_DEVICE_CHUNK = 1 << 24
 
 
 def _scale_once(
@@ -269,7 +272,8 @@ def _recompute_scaled(
     out = torch.empty_like(logits)
     if scale.dim() == 0:
         scale = scale.reshape(1)  # a 0-d tensor would be cast to the chunk's dtype first
-    rows = max(1, _SCALE_CHUNK // max(logits.shape[-1], 1))
+    chunk = _SCALE_CHUNK if logits.device.type == "cpu" else _DEVICE_CHUNK
+    rows = max(1, chunk // max(logits.shape[-1], 1))
     for start in range(0, logits.shape[0], rows):
         stop = start + rows
         part = scale if scale.shape[0] == 1 else scale[start:stop]
