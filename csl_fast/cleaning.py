@@ -23,8 +23,19 @@ sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
 ``budget`` (all policies) keeps only the ``budget`` most suspicious rows; the other
 samples are left as they are.
 
+Duplicates with conflicting labels (``inputs=`` and ``labels=``): the plan also covers
+:func:`csl_fast.detect.duplicates`' flagged set, every member of each group of identical
+inputs whose labels differ, one row per sample (a sample flagged by both detections gets
+one row, the group's). Under ``"relabel-confident"`` and ``"review"`` the label the
+network preferred for that input (lowest mean loss) is the group's: the members that carry
+it are kept as they are (action ``keep``) and the others relabelled to it (dropped when
+the group label's share, the row's confidence, is below ``min_confidence``); ``"drop"``
+drops them all.
+:mod:`csl_fast.cleaning_groups` says why, with the demo's figures.
+
 The plan is a table (:meth:`CleaningPlan.to_csv`, columns ``index, action,
-suggested_label, confidence, score, rank``) and can be applied in one call:
+suggested_label, confidence, score, rank``; ``action`` is ``drop``, ``relabel`` or, for a
+conflicting group's kept member, ``keep``) and can be applied in one call:
 :meth:`CleaningPlan.apply` gives the kept dataset indices and their new labels, so
 retraining on the cleaned data is::
 
@@ -48,6 +59,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import torch
 
+from .cleaning_groups import duplicate_decisions
 from .detect import Detection, mislabeled
 
 if TYPE_CHECKING:
@@ -122,16 +134,22 @@ class CleaningPlan:
 
     Attributes:
         index: int64 ``[M]`` dataset indices.
-        relabel: bool ``[M]`` the action: relabel (``True``) or drop (``False``).
-        suggested_label: int64 ``[M]`` the suggested class, ``-1`` where there is none.
+        relabel: bool ``[M]`` the action: relabel (``True``) or, unless ``keep``, drop.
+        suggested_label: int64 ``[M]`` the suggested class, ``-1`` where there is none
+            (for a member of a conflicting duplicate group: the group's label).
         confidence: float32 ``[M]`` the suggestion's confidence in [0, 1], NaN where there
-            is no suggestion.
+            is no suggestion (for a conflicting group's member: the group label's share,
+            :mod:`csl_fast.cleaning_groups`).
         score: float64 ``[M]`` the detection score (higher = more suspicious).
         rank: int64 ``[M]`` 1-based position in the detection's ranking.
         num_samples: ``N``, the size of the dataset the plan is for.
         policy, min_confidence, budget: how the plan was made (see :func:`clean`).
         detection: the detection the plan acts on (its estimated count, diagnostics and
             warning say how far to trust the flagged set).
+        keep: bool ``[M]`` the row is a conflicting duplicate group's member that carries
+            the group's label and is kept as it is (action ``keep``); all False when the
+            plan has no duplicates.
+        duplicates: the duplicate detection merged into the plan (``inputs=``), or None.
     """
 
     index: torch.Tensor
@@ -145,18 +163,41 @@ class CleaningPlan:
     min_confidence: float
     budget: int | None
     detection: Detection
+    keep: torch.Tensor | None = None
+    duplicates: Detection | None = None
+
+    def __post_init__(self) -> None:
+        if self.keep is None:
+            self.keep = torch.zeros_like(self.relabel)
 
     def __len__(self) -> int:
         return int(self.index.numel())
 
     @property
     def actions(self) -> list[str]:
-        """The action of each row: ``"relabel"`` or ``"drop"``."""
-        return ["relabel" if r else "drop" for r in self.relabel.tolist()]
+        """The action of each row: ``"relabel"``, ``"drop"`` or ``"keep"``."""
+        return [
+            _action(r, k) for r, k in zip(self.relabel.tolist(), self.kept.tolist(), strict=True)
+        ]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """bool ``[M]``: the ``keep`` rows."""
+        assert self.keep is not None  # set by __post_init__
+        return self.keep
+
+    @property
+    def dropped(self) -> torch.Tensor:
+        """bool ``[M]``: the ``drop`` rows."""
+        return ~self.relabel & ~self.kept
 
     @property
     def num_dropped(self) -> int:
-        return int((~self.relabel).sum())
+        return int(self.dropped.sum())
+
+    @property
+    def num_kept(self) -> int:
+        return int(self.kept.sum())
 
     @property
     def num_relabeled(self) -> int:
@@ -170,9 +211,9 @@ class CleaningPlan:
     def rows(self) -> list[dict[str, Any]]:
         """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown)."""
         out = []
-        for i, rel, lab, conf, s, r in zip(
+        for i, action, lab, conf, s, r in zip(
             self.index.tolist(),
-            self.relabel.tolist(),
+            self.actions,
             self.suggested_label.tolist(),
             self.confidence.tolist(),
             self.score.tolist(),
@@ -182,7 +223,7 @@ class CleaningPlan:
             out.append(
                 {
                     "index": i,
-                    "action": "relabel" if rel else "drop",
+                    "action": action,
                     "suggested_label": lab if lab >= 0 else None,
                     "confidence": conf if lab >= 0 and math.isfinite(conf) else None,
                     "score": s,
@@ -194,7 +235,7 @@ class CleaningPlan:
     def to_csv(self, path: str | os.PathLike) -> None:
         """Write the plan as CSV: a header :data:`CSV_COLUMNS`, then one row per decision.
 
-        ``action`` is ``drop`` or ``relabel``; ``suggested_label`` and ``confidence`` are
+        ``action`` is ``drop``, ``relabel`` or ``keep``; ``suggested_label`` and ``confidence`` are
         empty where there is no suggestion (a drop row still shows one when it exists);
         ``score`` is written exactly (``repr``); ``rank`` is 1-based.
         """
@@ -237,7 +278,7 @@ class CleaningPlan:
         rows = self.relabel.cpu()
         new[self.index.cpu()[rows]] = self.suggested_label.cpu()[rows]
         keep = torch.ones(self.num_samples, dtype=torch.bool)
-        keep[self.index.cpu()[~rows]] = False
+        keep[self.index.cpu()[self.dropped.cpu()]] = False
         kept = torch.nonzero(keep)[:, 0]
         return Cleaned(kept, new[kept])
 
@@ -256,7 +297,7 @@ class CleaningPlan:
                 f"for {self.num_samples}"
             )
         keep = torch.ones(self.num_samples, dtype=torch.bool)
-        keep[self.index.cpu()[~self.relabel.cpu()]] = False
+        keep[self.index.cpu()[self.dropped.cpu()]] = False
         relabel = {
             int(i): int(lab)
             for i, lab, r in zip(
@@ -268,6 +309,10 @@ class CleaningPlan:
             if r
         }
         return CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
+
+
+def _action(relabel: bool, keep: bool) -> str:
+    return "keep" if keep else "relabel" if relabel else "drop"
 
 
 class CleanedDataset(torch.utils.data.Dataset):
@@ -343,6 +388,8 @@ def clean(
     budget: int | None = None,
     score: str = "csl",
     suggestions: tuple[torch.Tensor, torch.Tensor] | None = None,
+    inputs: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
     **detect_kwargs: Any,
 ) -> CleaningPlan:
     """What to do with each suspicious sample: drop it or relabel it (see the module doc).
@@ -362,6 +409,13 @@ def clean(
         score: the score of the default detection.
         suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;
             default ``source.suggestions()`` when ``source`` is a tracker.
+        inputs: optional ``[N, ...]`` training inputs: the plan also acts on
+            ``detect.duplicates(source, score, inputs=inputs, labels=labels)`` (module
+            doc). Without ``labels`` the groups holding a sample of ``detection`` are added
+            whole and their members get the usual per-sample action.
+        labels: optional int ``[N]`` given labels (needs ``inputs``): each group of
+            identical inputs with conflicting labels is flagged and resolved
+            (:mod:`csl_fast.cleaning_groups`).
         **detect_kwargs: forwarded to :func:`csl_fast.detect.mislabeled` (``rule``,
             ``fraction``, ``threshold``, ``seed``) when ``detection`` is None.
 
@@ -400,14 +454,21 @@ def clean(
 
     ranking = detection.ranking.cpu()
     values = detection.scores.detach().cpu().double()
+    dup, group = duplicate_decisions(source, score, inputs, labels, detection)
     if policy == "review":
         chosen = ranking[torch.isfinite(values[ranking])]
     else:
         chosen = detection.indices.cpu()
-    if budget is not None:
-        chosen = chosen[:budget]
     rank_of = torch.empty(n, dtype=torch.int64)
     rank_of[ranking] = torch.arange(1, n + 1)
+    if dup is not None and policy != "review":
+        union = torch.zeros(n, dtype=torch.bool)
+        union[chosen] = True
+        union |= dup.flagged.cpu()
+        chosen = torch.nonzero(union)[:, 0]
+        chosen = chosen[torch.argsort(rank_of[chosen])]
+    if budget is not None:
+        chosen = chosen[:budget]
 
     if sugg is None:
         label = torch.full((chosen.numel(),), -1, dtype=torch.int64)
@@ -418,6 +479,21 @@ def clean(
         relabel = torch.zeros(chosen.numel(), dtype=torch.bool)
     else:
         relabel = (label >= 0) & (conf >= min_confidence)
+    keep = torch.zeros(chosen.numel(), dtype=torch.bool)
+    if group is not None and group.index.numel():
+        # a conflicting group's members: the group's decision, not their own suggestion
+        row_of = torch.full((n,), -1, dtype=torch.long)
+        row_of[chosen] = torch.arange(chosen.numel())
+        rows = row_of[group.index]
+        at = rows >= 0
+        rows = rows[at]
+        label[rows] = group.group_label[at]
+        conf[rows] = group.share[at]
+        relabel[rows] = False
+        if policy != "drop":
+            keep[rows] = group.keep[at]
+            has = (group.group_label[at] >= 0) & (group.share[at] >= min_confidence)
+            relabel[rows] = ~group.keep[at] & has
     return CleaningPlan(
         index=chosen.long(),
         relabel=relabel,
@@ -430,6 +506,8 @@ def clean(
         min_confidence=float(min_confidence),
         budget=budget,
         detection=detection,
+        keep=keep,
+        duplicates=dup,
     )
 
 
@@ -449,7 +527,10 @@ def evaluate_plan(
         ``rows``; ``mislabeled``, ``duplicate`` and ``clean`` (rows of each kind; a
         kind whose mask is None counts as absent); ``relabel_correct``: relabels whose
         suggested label is the true label (None without ``true_labels``); ``drop_clean``:
-        clean samples the plan drops (a cost: data thrown away).
+        clean samples the plan drops (a cost: data thrown away); ``kept``: ``keep`` rows
+        (a conflicting duplicate group's member kept as it is); ``keep_correct``: those
+        whose suggested label, the group's, is the true label (None without
+        ``true_labels``).
     """
     n = plan.num_samples
 
@@ -465,17 +546,22 @@ def evaluate_plan(
     mis, dup = mask(mislabeled)[idx], mask(duplicate)[idx]
     clean_rows = ~mis & ~dup
     relabel = plan.relabel.cpu().numpy()
-    correct = None
+    kept = plan.kept.cpu().numpy()
+    correct = keep_correct = None
     if true_labels is not None:
         t = np.asarray(torch.as_tensor(true_labels).cpu())
         if t.shape != (n,):
             raise ValueError(f"evaluate_plan: true_labels must be [N] = [{n}], got {t.shape}")
-        correct = int((plan.suggested_label.cpu().numpy()[relabel] == t[idx][relabel]).sum())
+        right = plan.suggested_label.cpu().numpy() == t[idx]
+        correct = int(right[relabel].sum())
+        keep_correct = int(right[kept].sum())
     return {
         "rows": len(plan),
         "mislabeled": int(mis.sum()),
         "duplicate": int(dup.sum()),
         "clean": int(clean_rows.sum()),
         "relabel_correct": correct,
-        "drop_clean": int((clean_rows & ~relabel).sum()),
+        "drop_clean": int((clean_rows & plan.dropped.cpu().numpy()).sum()),
+        "kept": int(kept.sum()),
+        "keep_correct": keep_correct,
     }

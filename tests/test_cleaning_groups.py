@@ -1,0 +1,134 @@
+"""Conflicting duplicates in a cleaning plan (csl_fast.cleaning_groups, csl_fast.clean with
+inputs= and labels=): the group's label, keep / relabel / drop, the CSV, and what is never
+flagged (duplicates that share a label)."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+from csl_fast import clean, detect
+from csl_fast.cleaning_groups import resolve_conflicts
+
+N = 12
+
+
+def _setup():
+    """Twelve samples with distinct inputs except: 2 and 7 identical with labels 1 / 4
+    (a conflict; 7 has the lower mean loss, so 4 is the group's label), 3 and 9 identical
+    with the same label 2 (benign), and 5, 6, 10 identical with labels 0 / 0 / 3 (a
+    conflict won by label 0 through sample 6)."""
+    x = torch.arange(N * 3, dtype=torch.float32).reshape(N, 3)
+    x[7] = x[2]
+    x[9] = x[3]
+    x[6] = x[5]
+    x[10] = x[5]
+    y = torch.tensor([0, 1, 1, 2, 3, 0, 0, 4, 1, 2, 3, 2])
+    y[9] = y[3]
+    csl_mean = torch.tensor([0.1, 0.2, 2.0, 0.1, 0.3, 1.0, 0.4, 0.5, 0.2, 0.1, 1.5, 0.3])
+    # high CSL for the conflicting members; the benign pair's CSL is the lowest
+    csl = csl_mean * 10
+    csl[3] = csl[9] = 0.01
+    scores = {"csl": csl, "csl_mean": csl_mean}
+    sugg_label = torch.tensor([-1, -1, 4, -1, -1, 3, 3, 1, -1, -1, 0, -1])
+    sugg_conf = torch.where(sugg_label >= 0, torch.tensor(0.9), torch.tensor(math.nan))
+    return x, y, scores, (sugg_label, sugg_conf)
+
+
+def test_resolve_conflicts_group_label_share_and_ties():
+    y = torch.tensor([1, 4, 0, 0, 3, 5, 6])
+    loss = torch.tensor([2.0, 0.5, 1.0, 0.4, 1.5, 0.7, 0.7])
+    dec = resolve_conflicts([[0, 1], [2, 3, 4], [5, 6]], y, loss)
+    assert dec.index.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert dec.keep.tolist() == [False, True, True, True, False, False, False]
+    # group [5, 6]: an exact tie, no label; the others: the lowest mean loss wins
+    assert dec.group_label.tolist() == [4, 4, 0, 0, 0, -1, -1]
+    p = torch.exp(-loss.double())
+    assert dec.share[0] == pytest.approx(float(p[1] / (p[0] + p[1])), rel=1e-6)
+    # label 0's best member (3) against label 3's (4); the worse 0 (2) does not count
+    assert dec.share[2] == pytest.approx(float(p[3] / (p[3] + p[4])), rel=1e-6)
+    assert math.isnan(dec.share[5]) and math.isnan(dec.share[6])
+
+
+def test_resolve_conflicts_never_presented_member_and_empty():
+    dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor([math.nan, 0.3]))
+    assert dec.group_label.tolist() == [3, 3] and dec.keep.tolist() == [False, True]
+    assert dec.share[1] == pytest.approx(1.0)
+    dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor([math.nan, math.nan]))
+    assert dec.group_label.tolist() == [-1, -1] and not dec.keep.any()
+    assert resolve_conflicts([], torch.tensor([1]), torch.tensor([0.0])).index.numel() == 0
+
+
+def test_conflicting_pair_flagged_and_acted_on_benign_pair_never():
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.0)  # flags nothing
+    plan = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y)
+    assert plan.duplicates is not None and plan.duplicates.rule == "auto(label_conflict)"
+    rows = {r["index"]: r for r in plan.rows()}
+    assert set(rows) == {2, 7, 5, 6, 10}  # both conflicting groups, whole; not 3 and 9
+    assert rows[7]["action"] == "keep" and rows[7]["suggested_label"] == 4
+    # the other member: relabelled to the group's label, not to its own suggestion (4 here
+    # too) -- and in the 3-member group, 10's own suggestion (0) agrees by chance
+    assert rows[2]["action"] == "relabel" and rows[2]["suggested_label"] == 4
+    assert [rows[i]["action"] for i in (5, 6, 10)] == ["keep", "keep", "relabel"]
+    assert all(rows[i]["suggested_label"] == 0 for i in (5, 6, 10))
+    assert 0.5 < rows[7]["confidence"] <= 1
+    keep, labels = plan.apply(y)
+    assert keep.tolist() == list(range(N))  # nothing dropped
+    assert labels[2] == 4 and labels[7] == 4 and labels[10] == 0 and labels[3] == labels[9]
+    assert (plan.num_kept, plan.num_relabeled, plan.num_dropped) == (3, 2, 0)
+
+
+def test_group_decision_overrides_the_per_sample_action_and_drop_policy():
+    x, y, scores, sugg = _setup()
+    # the mislabeled rule flags the top 3 by CSL: 2 (conflict), 10 (conflict), 5 (conflict)
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
+    assert set(det.indices.tolist()) == {2, 10, 5}
+    plan = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y)
+    rows = {r["index"]: r for r in plan.rows()}
+    assert rows[5]["action"] == "keep"  # its own suggestion (3, confident) would relabel it
+    assert [r["rank"] for r in plan.rows()] == sorted(r["rank"] for r in plan.rows())
+    dropped = clean(scores, detection=det, policy="drop", inputs=x, labels=y)
+    assert set(dropped.actions) == {"drop"} and len(dropped) == 5
+    assert dropped.suggested_label[dropped.index == 7].item() == 4  # still shown
+
+
+def test_without_inputs_the_plan_is_unchanged_and_csv_writes_keep(tmp_path):
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
+    plain = clean(scores, detection=det, suggestions=sugg)
+    assert plain.duplicates is None and plain.num_kept == 0
+    assert plain.index.tolist() == det.indices.tolist()
+    plan = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y)
+    path = tmp_path / "plan.csv"
+    plan.to_csv(path)
+    with open(path, newline="") as f:
+        got = {int(r["index"]): r for r in csv.DictReader(f)}
+    assert got[7]["action"] == "keep" and got[7]["suggested_label"] == "4"
+    assert got[2]["action"] == "relabel"
+
+
+def test_inputs_only_adds_whole_groups_with_per_sample_actions():
+    x, _, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.05)  # 2 only
+    plan = clean(scores, detection=det, suggestions=sugg, inputs=x)
+    assert set(plan.index.tolist()) == {2, 7} and plan.num_kept == 0
+    assert plan.duplicates is not None and plan.duplicates.groups == [[2, 7]]
+    # 7's own suggestion (1, confident) relabels it: without labels there is no group label
+    assert plan.actions == ["relabel", "relabel"]
+
+
+def test_bad_arguments():
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.1)
+    with pytest.raises(ValueError, match="labels= needs inputs="):
+        clean(scores, detection=det, suggestions=sugg, labels=y)
+    with pytest.raises(ValueError, match="labels must be int"):
+        clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y.float())
+    with pytest.raises(ValueError, match="one row per sample"):
+        clean(scores, detection=det, suggestions=sugg, inputs=x[:5], labels=y)
+    with pytest.raises(ValueError, match="mean loss"):
+        clean(scores["csl"], detection=det, suggestions=sugg, inputs=x, labels=y)
