@@ -69,7 +69,15 @@ __all__ = ["SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
 #: Name of the per-sample side file in a run folder.
 SAMPLES_FILE = "samples.npz"
 
-_ARRAY_FIELDS = ("labels", "predicted", "true_labels", "mislabeled", "duplicate", "images")
+_ARRAY_FIELDS = (
+    "labels",
+    "predicted",
+    "true_labels",
+    "mislabeled",
+    "duplicate",
+    "images",
+    "inputs",
+)
 
 
 class SamplesFileError(ValueError):
@@ -87,6 +95,11 @@ class RunSamples:
         mislabeled: bool ``[N]`` ground truth: label flipped.
         duplicate: bool ``[N]`` ground truth: member of a conflicting-label duplicate pair.
         images: ``[N, H, W]`` or ``[N, H, W, 3]`` images for the top-k grid.
+        inputs: ``[N, ...]`` the training inputs as the network saw them: with ``labels``,
+            ``csl-fast rank``/``report``/``clean`` find the groups of identical inputs
+            with conflicting labels (:func:`csl_fast.detect.duplicates`). Added to format
+            ``csl_fast.samples/1`` as an optional field: older files load without it, and
+            older readers ignore it.
         class_names: names of the classes (default: the class numbers).
     """
 
@@ -97,6 +110,7 @@ class RunSamples:
     duplicate: np.ndarray | None = None
     images: np.ndarray | None = None
     class_names: list[str] | None = None
+    inputs: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         for name in _ARRAY_FIELDS:
@@ -309,6 +323,8 @@ def write_report(
     top: int = 24,
     notes: Sequence[tuple[str, str]] = (),
     progress: bool = False,
+    inputs: torch.Tensor | np.ndarray | None = None,
+    labels: torch.Tensor | np.ndarray | None = None,
 ) -> str:
     """Write the PNGs and ``report.html`` into ``out_dir``; returns the HTML path.
 
@@ -321,6 +337,9 @@ def write_report(
         top: how many suspicious samples to list.
         notes: extra ``(heading, preformatted text)`` sections (e.g. the demo's overhead).
         progress: show a tqdm bar over the figures.
+        inputs: ``[N, ...]`` training inputs (default: ``samples.inputs``): adds the
+            duplicate groups section (:mod:`csl_fast.report_duplicates`).
+        labels: int ``[N]`` given labels (default: ``samples.labels``, with inputs).
     """
     try:
         import matplotlib
@@ -337,6 +356,7 @@ def write_report(
     if samples is not None and samples.num_samples not in (None, n):
         raise SamplesFileError(f"samples describe {samples.num_samples} samples, the tracker {n}")
     all_scores = compute_scores(tracker)
+    dup_args = _inputs_of(samples, inputs, labels, n)
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
     if loss_only:
         notes = [("What this run recorded", LOSS_ONLY + "."), *notes]
@@ -416,9 +436,14 @@ def write_report(
     else:
         from .report_cleaning import sections as cleaning_sections
 
-        cleaning = cleaning_sections(tracker, samples, score, out)
+        cleaning = cleaning_sections(tracker, samples, score, out, *dup_args)
         if tracker.label_csl is not None:
             cleaning += _entry_section(tracker, top)
+    if dup_args[0] is not None and (dup_args[1] is not None or not loss_only):
+        # a loss-only run has no score rule to infer conflicts by: only labels reveal them
+        from .report_duplicates import section as duplicates_section
+
+        cleaning += duplicates_section(tracker, samples, *dup_args, score)
     page = _html(
         title,
         tracker,
@@ -438,6 +463,26 @@ def write_report(
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
     return path
+
+
+def _inputs_of(
+    samples: RunSamples | None, inputs: Any, labels: Any, n: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The inputs and labels of the duplicate section: the arguments, else ``samples``'."""
+    if inputs is None and samples is not None and samples.inputs is not None:
+        inputs = samples.inputs
+    if inputs is None:
+        return None, None
+    if labels is None and samples is not None:
+        labels = samples.labels
+    x = torch.as_tensor(inputs)
+    y = None if labels is None else torch.as_tensor(labels)
+    for name, v in (("inputs", x), ("labels", y)):
+        if v is not None and (v.dim() == 0 or v.shape[0] != n):
+            raise ValueError(
+                f"write_report: {name} must have one row per sample ({n}), got {tuple(v.shape)}"
+            )
+    return x, y
 
 
 def _html(

@@ -124,15 +124,24 @@ def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def _suggestion_rows(tracker: Any, det: Any, samples: Any) -> list[tuple[str, str]]:
+def _suggestion_rows(
+    tracker: Any, det: Any, samples: Any, inputs: Any = None, labels: Any = None
+) -> list[tuple[str, str]]:
     from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
 
-    plan = clean(tracker, detection=det)
+    plan = clean(tracker, detection=det, score=det.score_name, inputs=inputs, labels=labels)
     rows = [
         ("flagged samples", str(len(plan))),
         (f"relabel (suggestion confidence >= {DEFAULT_MIN_CONFIDENCE:g})", str(plan.num_relabeled)),
         ("drop (no confident suggestion)", str(plan.num_dropped)),
     ]
+    if plan.duplicates is not None:
+        rows.append(
+            (
+                "keep (the conflicting duplicate whose label the network preferred)",
+                str(plan.num_kept),
+            )
+        )
     truth = samples.true_labels if samples is not None else None
     if truth is None:
         return rows
@@ -173,9 +182,13 @@ def sections(
     samples: Any,
     score: str,
     out_dir: str,
+    inputs: Any = None,
+    labels: Any = None,
 ) -> str:
     """The HTML of the flagged-set, composition and suggestion sections; writes
-    ``flagging.png`` into ``out_dir``."""
+    ``flagging.png`` into ``out_dir``. With ``inputs`` (and ``labels``) the suggestion
+    section's plan also covers the conflicting duplicates
+    (:mod:`csl_fast.report_duplicates` has their own section)."""
     from .detect import DetectionWarning, mislabeled
 
     e = html.escape
@@ -204,7 +217,7 @@ def sections(
     else:
         parts.append("<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>")
     parts.append("<h2>Suggested labels</h2>")
-    parts.append(_table(_suggestion_rows(tracker, det, samples)))
+    parts.append(_table(_suggestion_rows(tracker, det, samples, inputs, labels)))
     parts.append(
         "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does with "
         "the flagged set by default: relabel a sample to the class the model ranked second "
