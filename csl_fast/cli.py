@@ -3,9 +3,10 @@
 Subcommands::
 
     csl-fast demo   [--samples N] [--epochs E] [--noise P] [--pairs K] [--seed S] [--out DIR]
-    csl-fast rank   RUN [--score NAME] [--top K] [--csv | --json] [--output FILE]
-    csl-fast report RUN [--out DIR] [--score NAME] [--top K]
+    csl-fast rank   RUN [--score NAME] [--top K] [--csv | --json] [--output FILE] [INPUTS]
+    csl-fast report RUN [--out DIR] [--score NAME] [--top K] [INPUTS]
     csl-fast clean  RUN --out FILE [--policy P] [--budget K] [--min-confidence X] [--score NAME]
+                    [INPUTS]
     csl-fast info
     csl-fast bench  [--device DEV]
 
@@ -14,7 +15,19 @@ or a tracker file written by :meth:`csl_fast.CSLTracker.save`. The optional
 ``samples.npz`` next to the tracker (:class:`csl_fast.report.RunSamples`) adds given and
 predicted labels, ground truth and images to rankings and reports.
 
-``clean`` writes one decision per flagged sample (``drop`` or ``relabel``) to a CSV with the
+``INPUTS`` is ``[--inputs FILE] [--labels FILE]``: the run's training inputs ``[N, ...]``
+and given labels ``[N]`` (``.npy``, or ``.pt``/``.pth`` of one tensor; default: the
+``inputs`` and ``labels`` in ``samples.npz``, which ``demo`` stores). With them, every
+group of identical inputs whose labels conflict is flagged, exactly
+(:func:`csl_fast.detect.duplicates`): ``rank`` marks its members in ``flagged`` and
+numbers the groups in ``group``, ``report`` adds a section on the groups, and ``clean``
+keeps the member whose label the network preferred and drops the others
+(:mod:`csl_fast.cleaning_groups`). A file that does not fit the run (not ``N`` rows,
+labels that are not integers) exits with 3, an unsupported file type with 2
+(:mod:`csl_fast.cli_inputs`).
+
+``clean`` writes one decision per flagged sample (``drop``, ``relabel``, or ``keep`` for a
+conflicting duplicate group's kept member) to a CSV with the
 columns ``index,action,suggested_label,confidence,score,rank`` (:func:`csl_fast.clean`;
 ``rank`` 1-based as in ``rank --csv``) and prints a summary (with the ground truth when
 ``samples.npz`` has it).
@@ -22,13 +35,15 @@ columns ``index,action,suggested_label,confidence,score,rank`` (:func:`csl_fast.
 Output: results go to stdout; progress bars and status lines go to stderr, and
 ``--quiet`` turns those off.
 
-``rank --csv`` columns: ``rank,index,score,label,predicted,flagged,mislabeled,duplicate``
+``rank --csv`` columns: ``rank,index,score,label,predicted,flagged,mislabeled,duplicate,group``
 (with ``--score label_csl``: ``rank,index,entry_label,score,flagged``, one row per
 (sample, label) entry of a multi-label run).
 ``rank`` is 1-based, ``index`` the dataset index, ``score`` the chosen score (higher = more
 suspicious), ``label``/``predicted`` the given label and the final model's prediction,
-``flagged`` whether the no-ground-truth GMM rule of :func:`csl_fast.detect.mislabeled`
-flags the sample (``1``/``0``), ``mislabeled``/``duplicate`` the ground truth (``1``/``0``).
+``flagged`` whether the no-ground-truth rule of :func:`csl_fast.detect.mislabeled` (or,
+with inputs, :func:`csl_fast.detect.duplicates`) flags the sample (``1``/``0``),
+``mislabeled``/``duplicate`` the ground truth (``1``/``0``), ``group`` the sample's group
+of identical inputs (with inputs; empty for a sample without an identical partner).
 Runs that recorded losses only (:func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`)
 have no softmax statistics: ``rank``, ``report`` and ``clean`` say so (a note on stderr),
 offer only the scores that exist (``csl``, ``csl_mean``, ``final_loss``, and ``label_csl``
@@ -43,10 +58,11 @@ Exit codes:
 ==  =====================================================================
 0   success
 1   unexpected internal error (a bug: the traceback is printed)
-2   usage error: unknown option, bad value, a score the run did not record
-3   input/output error: tracker or samples file missing, truncated, corrupted, foreign,
-    or of another run; an output file or folder that cannot be written (missing parent,
-    not a folder, permission, disk full)
+2   usage error: unknown option, bad value, a score the run did not record, an
+    --inputs/--labels file type other than .npy/.pt/.pth, --labels without inputs
+3   input/output error: tracker, samples, --inputs or --labels file missing, truncated,
+    corrupted, foreign, or of another run (N mismatch); an output file or folder that
+    cannot be written (missing parent, not a folder, permission, disk full)
 4   an optional dependency is missing (scikit-learn, matplotlib, tqdm)
 130 interrupted (Ctrl-C)
 ==  =====================================================================
@@ -86,6 +102,7 @@ from .cli_errors import (
     _one_line,
     _os_reason,
 )
+from .cli_inputs import add_input_options
 
 __all__ = [
     "COMMANDS",
@@ -159,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cumulative Sample Loss for free: find mislabeled, duplicated and "
         "memorized training samples from per-sample training dynamics.",
         epilog="Exit codes: 0 ok, 1 internal error, 2 usage error, 3 bad or missing input "
-        "file or unwritable output, 4 missing optional dependency, 130 interrupted. "
+        "file (tracker, samples.npz, --inputs/--labels: missing, damaged, or not N rows) or "
+        "unwritable output, 4 missing optional dependency, 130 interrupted. "
         "--debug prints tracebacks. Run `csl-fast demo` first.",
     )
     from . import __version__
@@ -268,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a table")
     fmt.add_argument("--json", action="store_true", help="JSON instead of a table")
     p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    add_input_options(p)
 
     p = sub.add_parser(
         "report",
@@ -287,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top", type=_positive_int, default=24, help="suspicious samples shown (default 24)"
     )
+    add_input_options(p)
 
     _add_clean_parser(sub, common)
 
@@ -352,6 +372,7 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="score that ranks and flags the samples (default csl)",
     )
+    add_input_options(p)
 
 
 _OPTIONAL = {

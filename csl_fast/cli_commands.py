@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from .cli_clean import cmd_clean
 from .cli_errors import (
     EXIT_DEPENDENCY,
     EXIT_INPUT,
@@ -28,7 +29,17 @@ from .cli_errors import (
 )
 
 TRACKER_FILE = "tracker.csl"
-CSV_COLUMNS = ("rank", "index", "score", "label", "predicted", "flagged", "mislabeled", "duplicate")
+CSV_COLUMNS = (
+    "rank",
+    "index",
+    "score",
+    "label",
+    "predicted",
+    "flagged",
+    "mislabeled",
+    "duplicate",
+    "group",
+)
 
 _SCORE_NAMES = (
     "csl",
@@ -223,15 +234,37 @@ def _check_device(device: str) -> None:
         raise CLIError(f"--device {device}: only cpu and cuda are supported")
 
 
-def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str, Any]]:
+def rank_rows(
+    tracker: Any, samples: Any, score: str, top: int, inputs: Any = None, labels: Any = None
+) -> list[dict[str, Any]]:
     """The top-``top`` rows of ``rank`` (keys :data:`CSV_COLUMNS`, or
-    :data:`ENTRY_CSV_COLUMNS` for ``label_csl``; ``None`` when unknown)."""
+    :data:`ENTRY_CSV_COLUMNS` for ``label_csl``; ``None`` when unknown).
+
+    With ``inputs`` (``[N, ...]``, and optionally int ``[N]`` ``labels``), ``flagged``
+    also marks the samples :func:`csl_fast.detect.duplicates` flags, and ``group`` is
+    the sample's group of identical inputs (numbered from 0 by smallest index; ``None``
+    for a sample without an identical partner, or without inputs)."""
+    return _rank(tracker, samples, score, top, inputs, labels)[0]
+
+
+def _rank(
+    tracker: Any, samples: Any, score: str, top: int, inputs: Any, labels: Any
+) -> tuple[list[dict[str, Any]], Any]:
+    """:func:`rank_rows` and the duplicate detection (None without inputs)."""
+    from . import duplicate_groups
+    from .cli_inputs import duplicates_for
+
     _scores_for(tracker, score)  # a clear error when the score was not recorded
+    dup = duplicates_for(tracker, score, inputs, labels, loss_only(tracker))
     det = detection_for(tracker, score)
     if score == "label_csl":
-        return _entry_rows(det, top)
+        return _entry_rows(det, top), dup
     values = det.scores.detach().cpu().double()
     flagged = det.flagged.cpu()
+    ids = None
+    if dup is not None:
+        flagged = flagged | dup.flagged.cpu()
+        ids = duplicate_groups.group_ids(inputs)
     rows = []
     for r, i in enumerate(det.ranking[:top].tolist()):
         v = float(values[i])
@@ -254,9 +287,10 @@ def rank_rows(tracker: Any, samples: Any, score: str, top: int) -> list[dict[str
                 "flagged": bool(flagged[i]),
                 "mislabeled": field("mislabeled"),
                 "duplicate": field("duplicate"),
+                "group": None if ids is None or ids[i] < 0 else int(ids[i]),
             }
         )
-    return rows
+    return rows, dup
 
 
 def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
@@ -323,14 +357,19 @@ def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
+    from .cli_inputs import duplicates_summary, run_inputs
+
     tracker, samples = load_run(args.run)
+    inputs, labels = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows = rank_rows(tracker, samples, args.score, args.top)
+        rows, dup = _rank(tracker, samples, args.score, args.top, inputs, labels)
     note = _loss_only_note(tracker, args.score)
     _echo_detection_warnings(caught, "rank", args.quiet)
     if note is not None and not args.quiet:
         print(f"csl-fast rank: note: {note}", file=sys.stderr)
+    if dup is not None and not args.quiet:
+        print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
     if args.csv:
         text = _format_csv(rows, args.score)
     elif args.json:
@@ -342,6 +381,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         }
         if note is not None:
             payload["note"] = note
+        if dup is not None:
+            payload["duplicates"] = duplicates_summary(dup)
         text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
     else:
         text = _format_table(rows, args.score) + "\n"
@@ -371,10 +412,13 @@ def _echo_detection_warnings(caught: list[Any], command: str, quiet: bool) -> No
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .cli_inputs import check_combination, run_inputs
     from .report import write_report
 
     tracker, samples = load_run(args.run)
     _scores_for(tracker, args.score)
+    inputs, labels = run_inputs(args, tracker, samples)
+    check_combination(inputs, labels, args.score, loss_only(tracker))
     if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
         out = os.path.join(base, "report")
@@ -390,6 +434,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         score="csl" if args.score == "label_csl" else args.score,  # entries: own section
         top=args.top,
         progress=not args.quiet,
+        inputs=inputs,
+        labels=labels,
     )
     pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
     print(f"wrote {path} and {len(pngs)} PNG files: {', '.join(pngs)}")
@@ -405,89 +451,6 @@ def _run_notes(run: str) -> list[tuple[str, str]]:
         return [(str(h), str(t)) for h, t in notes]
     except (OSError, ValueError, TypeError, AttributeError):
         return []
-
-
-def cmd_clean(args: argparse.Namespace) -> int:
-    from .cleaning import clean
-    from .detect import DetectionWarning
-
-    if args.policy == "review" and args.budget is None:
-        raise CLIError("--policy review needs --budget K (how many samples you will review)")
-    if os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
-    tracker, samples = load_run(args.run)
-    if args.score == "label_csl":
-        raise CLIError(
-            "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
-            "entries with csl-fast rank RUN --score label_csl",
-            EXIT_USAGE,
-        )
-    with warnings.catch_warnings():
-        # the detection's warning, if any, is printed below as one line
-        warnings.simplefilter("ignore", DetectionWarning)
-        _scores_for(tracker, args.score)  # a clear error when the score was not recorded
-        det = detection_for(tracker, args.score)
-    policy = args.policy
-    if loss_only(tracker) and policy == "relabel-confident":
-        policy = "drop"  # no suggested labels exist without softmax statistics
-        if not args.quiet:
-            print(
-                "csl-fast clean: note: this run recorded losses only (csl_fast.record_loss or "
-                "csl_fast.accumulate_bce): there are no suggested labels, so every flagged "
-                "sample is dropped (policy drop); flagged by the tail rule of "
-                "csl_fast.detect_losses",
-                file=sys.stderr,
-            )
-    plan = clean(
-        tracker,
-        detection=det,
-        policy=policy,
-        min_confidence=args.min_confidence,
-        budget=args.budget,
-    )
-    try:
-        plan.to_csv(args.out)
-    except OSError as exc:
-        raise CLIError(f"cannot write {args.out!r}: {exc.strerror}", EXIT_INPUT) from None
-    if plan.warning:
-        print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
-    print(_clean_summary(plan, samples, args))
-    return EXIT_OK
-
-
-def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
-    det = plan.detection
-    lines = [
-        f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
-        f"{plan.num_dropped} drop (policy {plan.policy}"
-        + ("" if args.budget is None else f", budget {args.budget}")
-        + f", min confidence {args.min_confidence:g})",
-        f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
-    ]
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        what = "corrupted" if det.rule == "tail" else "mislabeled"
-        lines.append(f"estimated {what}: {det.estimated_count} (interval {lo}-{hi})")
-    if det.diagnostics.get("note"):
-        lines.append(f"note: {det.diagnostics['note']}")
-    if samples is None or not samples.has_truth or len(plan) == 0:
-        return "\n".join(lines)
-    from .cleaning import evaluate_plan
-
-    acc = evaluate_plan(plan, samples.true_labels, samples.mislabeled, samples.duplicate)
-    lines.append(
-        f"ground truth (samples.npz): of the {len(plan)} rows {acc['mislabeled']} are "
-        f"mislabeled, {acc['duplicate']} duplicated, {acc['clean']} clean"
-        + (
-            ""
-            if acc["relabel_correct"] is None
-            else f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
-        )
-    )
-    return "\n".join(lines)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

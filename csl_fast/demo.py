@@ -16,19 +16,24 @@ What it does, in order:
    history) through :func:`csl_fast.train.train`.
 4. Prints the detection table (AUROC of every score of :func:`csl_fast.scores`, for
    mislabeled and for duplicated samples, each against the clean samples), what the
-   ground-truth-free rule of :func:`csl_fast.detect.mislabeled` flags, the measured
-   training-time overhead of tracking versus plain ``F.cross_entropy``, and the top
-   suspicious samples with given and predicted labels.
-5. Cleans: :func:`csl_fast.clean` with its default policy (relabel a flagged sample to its
-   suggested label when confident, drop it otherwise), retrains the same model (same
-   initialisation and seed) once on the cleaned data and once on the true labels, and
-   prints the clean-test accuracy of the three: noisy-trained, cleaned-and-retrained, and
-   the true-label ceiling (skipped when ``--samples`` leaves no digit out).
+   ground-truth-free rule of :func:`csl_fast.detect.mislabeled` flags, what
+   :func:`csl_fast.detect.duplicates` flags with the inputs and labels (every group of
+   identical inputs whose labels differ, exactly: no score involved), each against the
+   ground truth, the measured training-time overhead of tracking versus plain
+   ``F.cross_entropy``, and the top suspicious samples with given and predicted labels.
+5. Cleans: :func:`csl_fast.clean` with its default policy on both flagged sets, one
+   decision per sample (relabel a flagged sample to its suggested label when confident,
+   drop it otherwise; in a conflicting duplicate group keep the member whose label the
+   network preferred and relabel the other to it, :mod:`csl_fast.cleaning_groups`),
+   retrains the same model (same initialisation and seed) once on the cleaned data and
+   once on the true labels, and prints the clean-test accuracy of the three:
+   noisy-trained, cleaned-and-retrained, and the true-label ceiling (skipped when
+   ``--samples`` leaves no digit out).
 6. Writes ``OUT/tracker.csl`` (the saved tracker), ``OUT/samples.npz`` (labels,
-   predictions, ground truth ``true_labels``, ``mislabeled``, ``duplicate``, images: see
-   :class:`csl_fast.report.RunSamples`), ``OUT/clean.csv`` (the cleaning plan, as
-   ``csl-fast clean OUT --out FILE`` writes it), ``OUT/results.json`` and the visual report
-   ``OUT/report/report.html`` with its PNGs.
+   predictions, ground truth ``true_labels``, ``mislabeled``, ``duplicate``, images and
+   the training inputs: see :class:`csl_fast.report.RunSamples`), ``OUT/clean.csv`` (the
+   cleaning plan, as ``csl-fast clean OUT --out FILE`` writes it from those inputs),
+   ``OUT/results.json`` and the visual report ``OUT/report/report.html`` with its PNGs.
 
 The regime (design.md section 3). With weight decay or input noise the network never
 fits the flipped labels, so *every* score separates them (AUROC ~0.999) and the demo
@@ -40,9 +45,13 @@ sample took to fit, stays near 0.999 on mislabeled and ~0.97 on duplicates (seed
 Memorizing a flipped label takes many epochs; the sum of the loss over training records
 that, the last epoch's loss does not. The same memorization costs the noisy-trained model
 clean-test accuracy, which cleaning wins back: with seed 0, the rule flags 179 samples
-(173 corrupted), the default policy relabels 140 (131 to the true label) and drops 39,
-and one retraining takes the held-out accuracy from 0.900 to 0.975 (true labels: 0.989),
-84% of the gap; the suggested label is the true one for 97% of the flipped samples.
+(173 corrupted), the duplicate detection flags the 40 members of the 20 injected pairs
+(and nothing else), the default policy relabels 133 samples (131 to the true label),
+drops 27 and keeps 20 (the member of each pair whose label the network preferred, the
+true one for all 20), and one retraining takes the held-out accuracy from 0.900 to 0.975
+(true labels: 0.989), 84% of the gap; the suggested label is the true one for 97% of the
+flipped samples. Without the duplicate groups the plan swapped the labels of 7 of the 20
+pairs and retrained to the same 0.975 (:mod:`csl_fast.cleaning_groups`).
 """
 
 from __future__ import annotations
@@ -259,6 +268,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         duplicate=duplicate,
         images=images,
         class_names=[str(c) for c in range(num_classes)],
+        inputs=data["x"].numpy(),
     )
     table = detection_table(all_scores, samples)
     table_text = format_detection_table(table)
@@ -285,9 +295,14 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         )
     if det.warning:
         flag_text += f"\n  warning: {det.warning}"
+    dup_det = detect.duplicates(tracker, "csl", inputs=data["x"], labels=data["y"])
+    dup_flagged = dup_det.flagged.cpu().numpy()
+    flag_text += "\n" + _duplicates_line(dup_det, dup_flagged, duplicate)
     print(flag_text, flush=True)
 
-    plan = clean(tracker, detection=det)
+    # one plan for both flagged sets: a conflicting group's member gets the group's
+    # decision (csl_fast.cleaning_groups), every other flagged sample its own
+    plan = clean(tracker, detection=det, inputs=data["x"], labels=data["y"])
     plan_path = os.path.join(out, "clean.csv")
     plan.to_csv(plan_path)
     plan_eval = evaluate_plan(plan, data["true_labels"], mislabeled, duplicate)
@@ -299,7 +314,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     plan_line = (
         f"csl_fast.clean (policy {plan.policy}, min confidence {plan.min_confidence:g}): "
         f"{plan.num_relabeled} relabeled ({plan_eval['relabel_correct']} to the true label), "
-        f"{plan.num_dropped} dropped"
+        f"{plan.num_dropped} dropped, {plan.num_kept} kept (the member of a conflicting "
+        f"duplicate group whose label the network preferred; {plan_eval['keep_correct']} of "
+        "them hold the true label)"
         + (
             ""
             if sugg_right is None
@@ -312,6 +329,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         "relabeled": plan.num_relabeled,
         "relabel_correct": plan_eval["relabel_correct"],
         "dropped": plan.num_dropped,
+        "duplicates_kept": plan.num_kept,
+        "duplicates_kept_correct": plan_eval["keep_correct"],
         "dropped_clean": plan_eval["drop_clean"],
         "suggestion_right_on_flipped": sugg_right,
     }
@@ -425,6 +444,12 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
             "corrupted": int((flagged & bad).sum()),
             "threshold": det.threshold,
         },
+        "flagged_duplicates": {
+            "rule": dup_det.rule,
+            "count": int(dup_flagged.sum()),
+            "groups": len(dup_det.groups),
+            "injected": int((dup_flagged & duplicate).sum()),
+        },
         "cleaning": cleaning,
         "overhead": overhead,
         "eval_pass_ms_per_step": eval_ms,
@@ -451,6 +476,19 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         flush=True,
     )
     return results
+
+
+def _duplicates_line(dup_det: Any, flagged: np.ndarray, duplicate: np.ndarray) -> str:
+    """The duplicate detection's line: flagged, how many are injected duplicates, P and R."""
+    hit = int((flagged & duplicate).sum())
+    k, total = int(flagged.sum()), int(duplicate.sum())
+    return (
+        f"Duplicates flagged without ground truth (rule {dup_det.rule}: identical inputs with "
+        f"different labels, an exact count): {k} samples in {len(dup_det.groups)} groups; "
+        f"{hit} of them injected duplicate-conflict samples (precision "
+        f"{hit / k if k else math.nan:.2f}), {hit / total if total else math.nan:.0%} of all "
+        f"{total} found"
+    )
 
 
 def _where(device: torch.device) -> str:

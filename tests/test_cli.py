@@ -103,8 +103,13 @@ def test_demo_outputs(demo_run):
     assert results["num_samples"] == 200 and results["num_mislabeled"] == 20
     assert results["num_duplicate_samples"] == 8
     assert set(results["auroc"]["csl"]) == {"mislabeled", "duplicates"}
+    assert results["flagged_duplicates"]["injected"] == 8  # the 4 pairs, exactly
+    assert re.search(r"Duplicates flagged .*: 8 samples in 4 groups; 8 of them injected", text)
     html = (out / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == len(PNGS)
+    # samples.npz keeps the inputs, so the report has the duplicate groups
+    assert "Duplicate groups (identical inputs)" in html
+    assert "groups with conflicting labels</td><td>4</td>" in html
     assert not re.search(r"src=['\"](?!data:)", html)  # self-contained
 
 

@@ -76,6 +76,19 @@ def bare_tracker(tmp_path):
     return path
 
 
+def flagged_union(run) -> tuple[list[int], set[int]]:
+    """The samples `clean` acts on in the demo run (whose samples.npz holds the inputs):
+    the mislabeled rule's flagged set and every conflicting group, by rank; and the latter."""
+    tracker = csl_fast.CSLTracker.from_file(run / "tracker.csl")
+    samples = RunSamples.load(run / "samples.npz")
+    det = csl_fast.detect.mislabeled(tracker)
+    dup = csl_fast.detect.duplicates(
+        tracker, inputs=torch.from_numpy(samples.inputs), labels=torch.from_numpy(samples.labels)
+    )
+    union = (det.flagged | dup.flagged).tolist()
+    return [i for i in det.ranking.tolist() if union[i]], set(dup.indices.tolist())
+
+
 def test_default_policy_one_row_per_flagged_sample(demo_run, tmp_path, capsys):
     out = tmp_path / "plan.csv"
     code, stdout, _ = run_main(capsys, "clean", str(demo_run), "--out", str(out))
@@ -83,16 +96,19 @@ def test_default_policy_one_row_per_flagged_sample(demo_run, tmp_path, capsys):
     rows = read(out)
     tracker = csl_fast.CSLTracker.from_file(demo_run / "tracker.csl")
     det = csl_fast.detect.mislabeled(tracker)
-    assert [int(r["index"]) for r in rows] == det.indices.tolist()
+    expected, in_groups = flagged_union(demo_run)
+    assert [int(r["index"]) for r in rows] == expected
+    assert len(in_groups) == 8  # the demo's 4 conflicting pairs
     # rank: 1-based position in the ranking, as `csl-fast rank` numbers it
     ranking = det.ranking.tolist()
     assert [int(r["rank"]) for r in rows] == [ranking.index(int(r["index"])) + 1 for r in rows]
-    assert all(r["action"] in ("drop", "relabel") for r in rows)
+    assert all(r["action"] in ("drop", "relabel") for r in rows if int(r["index"]) not in in_groups)
+    assert sum(r["action"] == "keep" for r in rows) == 4  # one member of each pair
     labels, conf = tracker.suggestions()
     for r in rows:
         i = int(r["index"])
         assert float(r["score"]) == float(det.scores[i])
-        if r["action"] == "relabel":
+        if r["action"] == "relabel" and i not in in_groups:
             assert int(r["suggested_label"]) == int(labels[i])
             assert abs(float(r["confidence"]) - float(conf[i])) <= 5e-5
             assert float(conf[i]) >= DEFAULT_MIN_CONFIDENCE
@@ -117,8 +133,7 @@ def test_rank_column_agrees_with_csl_fast_rank(demo_run, tmp_path, capsys):
 def test_drop_policy_and_budget(demo_run, tmp_path, capsys):
     out = tmp_path / "drop.csv"
     assert run_main(capsys, "clean", str(demo_run), "--out", str(out), "--policy", "drop")[0] == 0
-    tracker = csl_fast.CSLTracker.from_file(demo_run / "tracker.csl")
-    flagged = csl_fast.detect.mislabeled(tracker).indices.tolist()
+    flagged, _ = flagged_union(demo_run)
     rows = read(out)
     assert [int(r["index"]) for r in rows] == flagged
     assert all(r["action"] == "drop" for r in rows)
@@ -139,7 +154,11 @@ def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
     args = ("clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "30")
     assert run_main(capsys, *args, "--min-confidence", "0")[0] == 0
     everything = read(out)
-    assert all(r["action"] == "relabel" for r in everything if r["suggested_label"] != "")
+    assert all(
+        r["action"] == "relabel"
+        for r in everything
+        if r["suggested_label"] != "" and r["action"] != "keep"
+    )
     assert run_main(capsys, *args, "--min-confidence", "1")[0] == 0
     strict = read(out)
     assert all(float(r["confidence"]) >= 1.0 for r in strict if r["action"] == "relabel")

@@ -132,12 +132,27 @@ def test_retrain_note_in_demo_results(tmp_path, capsys):
     note = dict(on_disk["report_notes"])["Clean and retrain"]
     assert f"{acc['cleaned']:8.4f}" in note and f"{acc['ceiling']:8.4f}" in note
     assert "Clean and retrain" in printed
-    # clean.csv is the plan csl-fast clean writes for the same run
+    # clean.csv is the plan csl-fast clean writes for the same run: the mislabeled rule's
+    # flagged set and the conflicting duplicates, with the inputs samples.npz keeps
     tracker = csl_fast.CSLTracker.from_file(out / "tracker.csl")
-    plan = csl_fast.clean(tracker)
+    z = np.load(out / "samples.npz")
+    assert {"labels", "true_labels", "mislabeled", "duplicate", "inputs"} <= set(z.files)
+    inputs, labels = torch.from_numpy(z["inputs"]), torch.from_numpy(z["labels"])
+    assert inputs.shape == (300, 64)
+    plan = csl_fast.clean(tracker, inputs=inputs, labels=labels)
     rows = (out / "clean.csv").read_text().splitlines()
     assert len(rows) == len(plan) + 1
     assert cleaning["relabeled"] == plan.num_relabeled
     assert cleaning["kept"] == 300 - plan.num_dropped
-    z = np.load(out / "samples.npz")
-    assert {"labels", "true_labels", "mislabeled", "duplicate"} <= set(z.files)
+    # every injected pair is a conflicting group: flagged whole, one member kept
+    dup = results["flagged_duplicates"]
+    assert dup == {"rule": "auto(label_conflict)", "count": 6, "groups": 3, "injected": 6}
+    assert cleaning["duplicates_kept"] == plan.num_kept == 3
+    assert sum(",keep," in r for r in rows) == 3
+    assert re.search(
+        r"Duplicates flagged without ground truth \(rule auto\(label_conflict\).*: 6 samples "
+        r"in 3 groups; 6 of them injected duplicate-conflict samples \(precision 1\.00\), "
+        r"100% of all 6 found",
+        printed,
+    )
+    assert "3 kept (the member of a conflicting duplicate group" in printed

@@ -1,0 +1,118 @@
+"""``csl-fast clean``: one decision per flagged sample of a saved run, written as CSV
+(:func:`csl_fast.clean`), and its summary. With the run's inputs (``--inputs`` or the
+``inputs`` of ``samples.npz``, :mod:`csl_fast.cli_inputs`) the plan also resolves the
+groups of identical inputs whose labels conflict (:mod:`csl_fast.cleaning_groups`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Any
+
+from .cli_errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, CLIError, _one_line
+
+__all__ = ["cmd_clean"]
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from .cleaning import clean
+    from .cli_commands import _scores_for, detection_for, load_run, loss_only
+    from .cli_inputs import check_combination, run_inputs
+    from .detect import DetectionWarning
+
+    if args.policy == "review" and args.budget is None:
+        raise CLIError("--policy review needs --budget K (how many samples you will review)")
+    if os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(parent):
+        raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
+    tracker, samples = load_run(args.run)
+    if args.score == "label_csl":
+        raise CLIError(
+            "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
+            "entries with csl-fast rank RUN --score label_csl",
+            EXIT_USAGE,
+        )
+    inputs, labels = run_inputs(args, tracker, samples)
+    check_combination(inputs, labels, args.score, loss_only(tracker))
+    with warnings.catch_warnings():
+        # the detection's warning, if any, is printed below as one line
+        warnings.simplefilter("ignore", DetectionWarning)
+        _scores_for(tracker, args.score)  # a clear error when the score was not recorded
+        det = detection_for(tracker, args.score)
+        policy = args.policy
+        if loss_only(tracker) and policy == "relabel-confident":
+            policy = "drop"  # no suggested labels exist without softmax statistics
+            if not args.quiet:
+                print(
+                    "csl-fast clean: note: this run recorded losses only (csl_fast.record_loss "
+                    "or csl_fast.accumulate_bce): there are no suggested labels, so every "
+                    "flagged sample is dropped (policy drop); flagged by the tail rule of "
+                    "csl_fast.detect_losses",
+                    file=sys.stderr,
+                )
+        plan = clean(
+            tracker,
+            detection=det,
+            policy=policy,
+            min_confidence=args.min_confidence,
+            budget=args.budget,
+            score=args.score,
+            inputs=inputs,
+            labels=labels,
+        )
+    try:
+        plan.to_csv(args.out)
+    except OSError as exc:
+        raise CLIError(f"cannot write {args.out!r}: {exc.strerror}", EXIT_INPUT) from None
+    if plan.warning:
+        print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
+    print(_clean_summary(plan, samples, args))
+    return EXIT_OK
+
+
+def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
+    from .cli_inputs import duplicates_summary
+
+    det = plan.detection
+    kept = f", {plan.num_kept} keep" if plan.duplicates is not None else ""
+    lines = [
+        f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
+        f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
+        + ("" if args.budget is None else f", budget {args.budget}")
+        + f", min confidence {args.min_confidence:g})",
+        f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
+    ]
+    if det.estimated_count is not None and det.count_interval is not None:
+        lo, hi = det.count_interval
+        what = "corrupted" if det.rule == "tail" else "mislabeled"
+        lines.append(f"estimated {what}: {det.estimated_count} (interval {lo}-{hi})")
+    if det.diagnostics.get("note"):
+        lines.append(f"note: {det.diagnostics['note']}")
+    if plan.duplicates is not None:
+        line = duplicates_summary(plan.duplicates)
+        if plan.num_kept:
+            line += (
+                f"; in each conflicting group the member whose label the network preferred "
+                f"is kept ({plan.num_kept}), the others dropped"
+            )
+        lines.append(line)
+    if samples is None or not samples.has_truth or len(plan) == 0:
+        return "\n".join(lines)
+    from .cleaning import evaluate_plan
+
+    acc = evaluate_plan(plan, samples.true_labels, samples.mislabeled, samples.duplicate)
+    truth = (
+        f"ground truth (samples.npz): of the {len(plan)} rows {acc['mislabeled']} are "
+        f"mislabeled, {acc['duplicate']} duplicated, {acc['clean']} clean"
+    )
+    if acc["relabel_correct"] is not None:
+        truth += f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
+        if acc["kept"]:
+            truth += f", {acc['keep_correct']} of {acc['kept']} kept hold it"
+    lines.append(truth)
+    return "\n".join(lines)

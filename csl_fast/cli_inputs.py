@@ -1,0 +1,170 @@
+"""The training inputs (and labels) of a saved run, for the duplicate detection of
+``csl-fast rank``, ``report`` and ``clean``.
+
+A tracker does not keep inputs, so the groups of identical inputs
+(:func:`csl_fast.detect.duplicates`) need them from outside: ``--inputs FILE`` (``.npy``,
+or ``.pt``/``.pth`` holding one tensor, shape ``[N, ...]``), or the ``inputs`` field of the
+run's ``samples.npz`` (``csl-fast demo`` stores it). The labels that reveal a conflict come
+from ``--labels FILE`` (int ``[N]``, same formats) or the run's ``samples.npz``. With
+both, every group of identical inputs whose labels differ is flagged (exactly); with
+inputs only, each group holding a sample the score rule flags is flagged whole.
+
+Errors, one line each: an unsupported file type, or ``--labels`` with no inputs, is a
+usage error (exit 2); a file that is missing, unreadable, not an array, or does not fit
+the run (N rows for the tracker's N samples, integer labels) is an input error (exit 3),
+as a ``samples.npz`` of another run is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError, _one_line
+
+__all__ = [
+    "INPUT_SUFFIXES",
+    "add_input_options",
+    "check_combination",
+    "duplicates_for",
+    "duplicates_summary",
+    "load_array",
+    "run_inputs",
+]
+
+INPUT_SUFFIXES = (".npy", ".pt", ".pth")
+
+_HELP_INPUTS = (
+    "the run's training inputs, [N, ...] in dataset order, as .npy or .pt (one tensor): finds "
+    "groups of identical inputs and flags those whose labels conflict "
+    "(csl_fast.detect.duplicates); default: the inputs in RUN's samples.npz, if any"
+)
+_HELP_LABELS = (
+    "the run's given labels, int [N], as .npy or .pt (default: the labels in RUN's "
+    "samples.npz); with inputs, a conflict between identical inputs is exact"
+)
+
+
+def add_input_options(parser: argparse.ArgumentParser) -> None:
+    """``--inputs FILE`` and ``--labels FILE`` for a command that reads a run."""
+    parser.add_argument("--inputs", metavar="FILE", default=None, help=_HELP_INPUTS)
+    parser.add_argument("--labels", metavar="FILE", default=None, help=_HELP_LABELS)
+
+
+def load_array(path: str, option: str) -> Any:
+    """The tensor in ``path`` (``.npy`` or a ``.pt``/``.pth`` of one tensor), on the CPU."""
+    import numpy as np
+    import torch
+
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in INPUT_SUFFIXES:
+        raise CLIError(
+            f"{option} {path!r}: expected a .npy, .pt or .pth file, got {suffix or 'no suffix'!r}",
+            EXIT_USAGE,
+        )
+    if not os.path.isfile(path):
+        raise CLIError(f"{option} {path!r}: no such file", EXIT_INPUT)
+    try:
+        if suffix == ".npy":
+            value = torch.from_numpy(np.load(path, allow_pickle=False))
+        else:
+            value = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any damage or foreign content: one line, no traceback
+        raise CLIError(
+            f"{option} {path!r}: not a readable array file ({type(exc).__name__}: "
+            f"{_one_line(exc)})",
+            EXIT_INPUT,
+        ) from None
+    if not isinstance(value, torch.Tensor):
+        raise CLIError(
+            f"{option} {path!r}: holds a {type(value).__name__}, not one tensor; save the "
+            "tensor itself (torch.save(x, path) or numpy.save)",
+            EXIT_INPUT,
+        )
+    return value
+
+
+def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
+    """``(inputs [N, ...] or None, labels int [N] or None)`` for a run, checked against the
+    tracker's ``N``; labels only come with inputs."""
+    import torch
+
+    n = tracker.num_samples
+    inputs = labels = None
+    if getattr(args, "inputs", None) is not None:
+        inputs = load_array(args.inputs, "--inputs")
+        where = f"--inputs {args.inputs!r}"
+    elif samples is not None and samples.inputs is not None:
+        inputs = torch.from_numpy(samples.inputs)
+        where = "the inputs in samples.npz"
+    if getattr(args, "labels", None) is not None:
+        if inputs is None:
+            raise CLIError(
+                "--labels needs the inputs whose groups it compares: give --inputs FILE "
+                "(the run's samples.npz has none)",
+                EXIT_USAGE,
+            )
+        labels = load_array(args.labels, "--labels")
+        lwhere = f"--labels {args.labels!r}"
+    elif inputs is not None and samples is not None and samples.labels is not None:
+        labels = torch.from_numpy(samples.labels)
+        lwhere = "the labels in samples.npz"
+    if inputs is not None and (inputs.dim() == 0 or inputs.shape[0] != n):
+        raise CLIError(
+            f"{where}: shape {tuple(inputs.shape)} does not fit the run: the tracker has {n} "
+            f"samples, so the inputs must be [{n}, ...] in dataset order",
+            EXIT_INPUT,
+        )
+    if labels is not None and (
+        labels.dim() != 1
+        or labels.shape[0] != n
+        or labels.dtype.is_floating_point
+        or labels.dtype.is_complex
+        or labels.dtype == torch.bool
+    ):
+        raise CLIError(
+            f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the run: "
+            f"labels must be integers of shape [{n}]",
+            EXIT_INPUT,
+        )
+    return inputs, None if labels is None else labels.long()
+
+
+def check_combination(inputs: Any, labels: Any, score: str, loss_only: bool) -> None:
+    """Refuse inputs where the duplicate detection cannot use them (one-line usage error)."""
+    if inputs is None:
+        return
+    if score == "label_csl":
+        raise CLIError(
+            "--score label_csl ranks (sample, label) entries; the duplicate groups of "
+            "--inputs are found per sample: use another --score",
+            EXIT_USAGE,
+        )
+    if labels is None and loss_only:
+        raise CLIError(
+            "--inputs without labels on a run that recorded losses only: its duplicates are "
+            "found by their conflicting labels; give --labels FILE",
+            EXIT_USAGE,
+        )
+
+
+def duplicates_for(tracker: Any, score: str, inputs: Any, labels: Any, loss_only: bool) -> Any:
+    """:func:`csl_fast.detect.duplicates` of the run, or None without inputs."""
+    from .detect import duplicates
+
+    check_combination(inputs, labels, score, loss_only)
+    if inputs is None:
+        return None
+    return duplicates(tracker, score, inputs=inputs, labels=labels)
+
+
+def duplicates_summary(det: Any) -> str:
+    """One line: the groups of identical inputs and what was flagged among them."""
+    d = det.diagnostics
+    total = d.get("duplicate_groups", 0)
+    members = len(det)
+    line = f"duplicates: {total} groups of identical inputs"
+    if "conflicting_groups" in d:
+        line += f", {d['conflicting_groups']} with conflicting labels"
+    return line + f"; {members} samples in {len(det.groups)} groups flagged (rule {det.rule})"

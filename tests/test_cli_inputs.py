@@ -1,0 +1,219 @@
+"""``--inputs`` / ``--labels`` of ``csl-fast rank``, ``clean`` and ``report``
+(csl_fast/cli_inputs.py): file formats, the samples.npz field, exit codes, a conflicting
+pair flagged and acted on, a same-label pair never flagged.
+
+One tiny tracked run on separable blobs (no samples.npz) with two planted duplicate
+pairs: samples 0 and 1 identical with different labels, 2 and 3 identical with the same
+label.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import csl_fast
+from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
+from csl_fast.report import RunSamples
+
+N, C = 240, 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(N) % C
+    x = torch.randn(N, 8, generator=gen) * 0.6
+    x[torch.arange(N), y] += 3.0
+    x[1] = x[0]  # labels 0 and 1: a conflict
+    x[6] = x[2]  # labels 2 and 2: benign
+    assert y[0] != y[1] and y[2] == y[6]
+    torch.set_num_threads(1)
+    tracker = csl_fast.CSLTracker(N, C)
+    model = csl_fast.train.mlp(8, C, (32, 32), seed=0)
+    csl_fast.train.train(
+        model, x, y, epochs=20, lr=3e-3, optimizer="adam", batch_size=64, tracker=tracker
+    )
+    folder = tmp_path_factory.mktemp("inputs")
+    tracker.save(folder / "tracker.csl")
+    np.save(folder / "x.npy", x.numpy())
+    torch.save(x, folder / "x.pt")
+    np.save(folder / "y.npy", y.numpy())
+    torch.save(y, folder / "y.pt")
+    return folder, tracker, x, y
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def user_error(capsys, code: int, command: str, *args: str) -> str:
+    got, out, err = run_main(capsys, command, *args)
+    assert got == code, (got, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
+    return lines[0]
+
+
+def test_rank_marks_the_conflicting_pair_and_numbers_groups(run, capsys):
+    folder, tracker, _, _ = run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)  # flags nothing
+        plain = csl_fast.detect.mislabeled(tracker).flagged
+    assert not plain[[0, 1, 2, 6]].any()  # the score rule alone flags none of the pairs
+    for x_file, y_file in (("x.npy", "y.pt"), ("x.pt", "y.npy")):
+        code, out, err = run_main(
+            capsys, "rank", str(folder / "tracker.csl"), "--csv", "--top", str(N),
+            "--inputs", str(folder / x_file), "--labels", str(folder / y_file),
+        )  # fmt: skip
+        assert code == EXIT_OK, err
+        rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+        assert len(rows) == N
+        assert rows[0]["flagged"] == rows[1]["flagged"] == "1"
+        assert rows[2]["flagged"] == rows[6]["flagged"] == "0"  # same label: never flagged
+        assert rows[0]["group"] == rows[1]["group"] == "0"
+        assert rows[2]["group"] == rows[6]["group"] == "1"
+        assert all(rows[i]["group"] == "" for i in rows if i not in (0, 1, 2, 6))
+        others = [i for i in rows if i not in (0, 1)]
+        assert [rows[i]["flagged"] == "1" for i in others] == [bool(plain[i]) for i in others]
+        assert "2 groups of identical inputs, 1 with conflicting labels" in err
+
+
+def test_rank_without_inputs_leaves_group_empty(run, capsys):
+    folder = run[0]
+    code, out, _ = run_main(capsys, "rank", str(folder / "tracker.csl"), "--csv", "--top", "5")
+    assert code == EXIT_OK
+    assert all(r["group"] == "" for r in csv.DictReader(io.StringIO(out)))
+
+
+def test_clean_keeps_the_preferred_label_and_relabels_the_other(run, tmp_path, capsys):
+    folder, tracker, _, y = run
+    out = tmp_path / "plan.csv"
+    code, stdout, err = run_main(
+        capsys, "clean", str(folder / "tracker.csl"), "--out", str(out),
+        "--inputs", str(folder / "x.npy"), "--labels", str(folder / "y.npy"),
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    with open(out, newline="") as f:
+        rows = {int(r["index"]): r for r in csv.DictReader(f)}
+    assert 2 not in rows and 6 not in rows
+    mean = tracker.csl_sum / tracker.csl_count
+    keeper, other = (0, 1) if mean[0] < mean[1] else (1, 0)
+    assert rows[keeper]["action"] == "keep"
+    assert rows[keeper]["suggested_label"] == str(int(y[keeper]))
+    assert rows[other]["action"] == "relabel"
+    assert rows[other]["suggested_label"] == str(int(y[keeper]))
+    assert "1 keep" in stdout and "1 with conflicting labels" in stdout
+    # --policy drop drops both members
+    code, _, _ = run_main(
+        capsys, "clean", str(folder / "tracker.csl"), "--out", str(out), "--policy", "drop",
+        "--inputs", str(folder / "x.npy"), "--labels", str(folder / "y.npy"),
+    )  # fmt: skip
+    with open(out, newline="") as f:
+        rows = {int(r["index"]): r for r in csv.DictReader(f)}
+    assert rows[0]["action"] == rows[1]["action"] == "drop"
+
+
+def test_samples_npz_inputs_are_used_and_old_files_still_load(run, tmp_path, capsys):
+    folder, tracker, x, y = run
+    new = tmp_path / "new"
+    new.mkdir()
+    tracker.save(new / "tracker.csl")
+    RunSamples(labels=y.numpy(), inputs=x.numpy()).save(new / "samples.npz")
+    assert np.array_equal(RunSamples.load(new / "samples.npz").inputs, x.numpy())
+    code, out, _ = run_main(capsys, "rank", str(new), "--csv", "--top", str(N))
+    assert code == EXIT_OK
+    rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert rows[0]["flagged"] == "1" and rows[0]["group"] == "0"
+    # a samples.npz written before the inputs field existed: no group, no error
+    old = tmp_path / "old"
+    old.mkdir()
+    tracker.save(old / "tracker.csl")
+    np.savez_compressed(
+        old / "samples.npz", labels=y.numpy(), format=np.asarray("csl_fast.samples/1")
+    )
+    assert RunSamples.load(old / "samples.npz").inputs is None
+    code, out, _ = run_main(capsys, "rank", str(old), "--csv", "--top", "5")
+    assert code == EXIT_OK
+    assert all(r["group"] == "" for r in csv.DictReader(io.StringIO(out)))
+    # inputs given, labels from samples.npz
+    code, out, _ = run_main(
+        capsys, "rank", str(old), "--csv", "--top", str(N), "--inputs", str(folder / "x.npy")
+    )
+    rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert code == EXIT_OK and rows[1]["flagged"] == "1" and rows[6]["flagged"] == "0"
+
+
+def test_report_shows_the_groups(run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    folder = run[0]
+    dest = tmp_path / "rep"
+    code, _, err = run_main(
+        capsys, "report", str(folder / "tracker.csl"), "--out", str(dest), "-q",
+        "--inputs", str(folder / "x.pt"), "--labels", str(folder / "y.pt"),
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    html = (dest / "report.html").read_text()
+    assert "Duplicate groups (identical inputs)" in html
+    assert "groups with conflicting labels</td><td>1</td>" in html
+    assert "samples in them</td><td>4</td>" in html
+    assert "<td>0, 1</td>" in html and "<td>2, 6</td>" not in html  # only the flagged group
+
+
+def test_input_file_errors(run, tmp_path, capsys):
+    folder, _, x, y = run
+    tr = str(folder / "tracker.csl")
+    out = str(tmp_path / "p.csv")
+    np.save(tmp_path / "short.npy", x[:-1].numpy())
+    line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "short.npy"))
+    assert f"({N - 1}, 8)" in line and f"the tracker has {N} samples" in line
+    np.save(tmp_path / "yf.npy", y.float().numpy())
+    line = user_error(
+        capsys, EXIT_INPUT, "clean", tr, "--out", out,
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "yf.npy"),
+    )  # fmt: skip
+    assert "float32" in line and "integers" in line
+    np.save(tmp_path / "y2.npy", y[:10].numpy())
+    line = user_error(
+        capsys, EXIT_INPUT, "report", tr, "--out", str(tmp_path / "r"),
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y2.npy"),
+    )  # fmt: skip
+    assert f"[{N}]" in line
+    torch.save({"x": x}, tmp_path / "dict.pt")
+    line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "dict.pt"))
+    assert "not one tensor" in line
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    assert "not a readable array" in user_error(
+        capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "obj.npy")
+    )
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "bad.npy"))
+    line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "gone.npy"))
+    assert "no such file" in line
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r" / "report.html").exists()
+
+
+def test_usage_errors(run, tmp_path, capsys):
+    folder = run[0]
+    tr = str(folder / "tracker.csl")
+    (tmp_path / "x.txt").write_text("1 2 3\n")
+    line = user_error(capsys, EXIT_USAGE, "rank", tr, "--inputs", str(tmp_path / "x.txt"))
+    assert ".npy, .pt or .pth" in line
+    line = user_error(capsys, EXIT_USAGE, "rank", tr, "--labels", str(folder / "y.npy"))
+    assert "--labels needs" in line and "--inputs" in line
+
+
+def test_help_documents_the_options(capsys):
+    for command in ("rank", "report", "clean"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "--inputs FILE" in text and "--labels FILE" in text and ".npy or .pt" in text
