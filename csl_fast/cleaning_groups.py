@@ -3,8 +3,8 @@ r"""What :func:`csl_fast.clean` does with a group of identical inputs whose labe
 :func:`csl_fast.detect.duplicates` with ``inputs`` and ``labels`` flags every member of
 such a group, exactly: at most one of its labels is right. Dropping every member (what
 ``policy="drop"`` does) throws the input away; relabelling each member to its own
-suggested label does not resolve anything, because a member's suggestion is the class the
-network predicted when it *disagreed* with that member's label
+suggested label is unreliable, because a member's suggestion is the class the network
+predicted when it *disagreed* with that member's label
 (:meth:`csl_fast.CSLTracker.suggestions`), which for a pair is the partner's label: on
 the demo (seed 0, 20 injected pairs, both members of 19 flagged by the mislabeled rule)
 the default relabel-confident policy relabelled both members of 7 pairs, swapping their

@@ -21,7 +21,7 @@ and given labels ``[N]`` (``.npy``, or ``.pt``/``.pth`` of one tensor; default: 
 group of identical inputs whose labels conflict is flagged, exactly
 (:func:`csl_fast.detect.duplicates`): ``rank`` marks its members in ``flagged`` and
 numbers the groups in ``group``, ``report`` adds a section on the groups, and ``clean``
-keeps the member whose label the network preferred and drops the others
+keeps the member whose label the network preferred and relabels the others to it
 (:mod:`csl_fast.cleaning_groups`). A file that does not fit the run (not ``N`` rows,
 labels that are not integers) exits with 3, an unsupported file type with 2
 (:mod:`csl_fast.cli_inputs`).
@@ -334,14 +334,19 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "clean",
         parents=[common],
         help="one decision (drop or relabel) per flagged sample of a saved run, as CSV",
-        description="Flag the suspicious samples of a saved run (csl_fast.detect.mislabeled) "
-        "and write one decision per flagged sample to a CSV file with the columns "
+        description="Flag the suspicious samples of a saved run (csl_fast.detect.mislabeled; "
+        "with inputs, also every group of identical inputs whose labels conflict: "
+        "csl_fast.detect.duplicates) and write one decision per flagged sample to a CSV file "
+        "with the columns "
         + ", ".join(CLEAN_COLUMNS)
         + " (rank 1-based, as in `csl-fast rank`; suggested_label and confidence empty where "
         "there is no suggestion). Policies: relabel-confident relabels a sample to its "
         "suggested label when the suggestion's confidence is at least --min-confidence and "
         "drops it otherwise; drop drops every flagged sample; review lists the --budget most "
-        "suspicious samples, flagged or not, with the action relabel-confident would take.",
+        "suspicious samples, flagged or not, with the action relabel-confident would take. "
+        "In a conflicting duplicate group the member whose label the network preferred gets "
+        "the action keep and the others are relabelled to that label (dropped under --policy "
+        "drop).",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")

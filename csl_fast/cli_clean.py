@@ -98,7 +98,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         if plan.num_kept:
             line += (
                 f"; in each conflicting group the member whose label the network preferred "
-                f"is kept ({plan.num_kept}), the others dropped"
+                f"is kept ({plan.num_kept}), the others relabelled to its label"
             )
         lines.append(line)
     if samples is None or not samples.has_truth or len(plan) == 0:

@@ -114,9 +114,8 @@ def section(
             right = int((lab[kept] == np.asarray(truth)[plan.index.numpy()[kept]]).sum())
             keep_text += f" ({right} hold the true label)"
         rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
-        rows.append(
-            ("csl_fast.clean: dropped (a copy with a disputed label)", str(plan.num_dropped))
-        )
+        rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
+        rows.append(("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped)))
     parts = ["<h2>Duplicate groups (identical inputs)</h2>", _table(rows)]
     if labels is None:
         note = (
@@ -127,7 +126,8 @@ def section(
         note = (
             "A group whose members carry different labels is flagged whole: at most one of its "
             "labels is right. csl_fast.clean keeps the member whose label the network gave the "
-            "most probability to on average (the lowest mean loss) and drops the others; groups "
+            "most probability to on average (the lowest mean loss) and relabels the others to "
+            "it (--policy drop: drops them all); groups "
             "whose members share a label are never flagged for being duplicated."
         )
     parts.append(f"<p class=cap>{e(note)}</p>")

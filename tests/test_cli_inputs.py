@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import warnings
 
 import numpy as np
@@ -112,6 +113,7 @@ def test_clean_keeps_the_preferred_label_and_relabels_the_other(run, tmp_path, c
     assert rows[other]["action"] == "relabel"
     assert rows[other]["suggested_label"] == str(int(y[keeper]))
     assert "1 keep" in stdout and "1 with conflicting labels" in stdout
+    assert "the others relabelled to its label" in stdout
     # --policy drop drops both members
     code, _, _ = run_main(
         capsys, "clean", str(folder / "tracker.csl"), "--out", str(out), "--policy", "drop",
@@ -217,3 +219,42 @@ def test_help_documents_the_options(capsys):
             main([command, "--help"])
         text = " ".join(capsys.readouterr().out.split())
         assert "--inputs FILE" in text and "--labels FILE" in text and ".npy or .pt" in text
+
+
+def test_loss_only_run_needs_labels_and_drops_conflicts(tmp_path, capsys):
+    """A run fed by record_loss has no score rule to infer conflicts by: inputs alone are
+    a usage error; with labels the conflicting pair is flagged and, with no suggested
+    labels to relabel with, dropped."""
+    gen = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(50)
+    for _ in range(3):
+        csl_fast.record_loss(torch.rand(50, generator=gen), torch.arange(50), tracker)
+    tracker.save(tmp_path / "loss.csl")
+    x = torch.randn(50, 4, generator=gen)
+    x[9] = x[4]
+    y = torch.arange(50) % 3
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    tr, xs, ys = str(tmp_path / "loss.csl"), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
+    line = user_error(capsys, EXIT_USAGE, "rank", tr, "--inputs", xs)
+    assert "--labels" in line
+    out = tmp_path / "plan.csv"
+    code, _, err = run_main(
+        capsys, "clean", tr, "--out", str(out), "-q", "--inputs", xs, "--labels", ys
+    )
+    assert code == EXIT_OK, err
+    with open(out, newline="") as f:
+        rows = {int(r["index"]): r for r in csv.DictReader(f)}
+    assert rows[4]["action"] == rows[9]["action"] == "drop"
+
+
+def test_rank_json_carries_the_duplicate_summary(run, capsys):
+    folder = run[0]
+    code, out, _ = run_main(
+        capsys, "rank", str(folder / "tracker.csl"), "--json", "--top", "3", "-q",
+        "--inputs", str(folder / "x.npy"), "--labels", str(folder / "y.npy"),
+    )  # fmt: skip
+    assert code == EXIT_OK
+    doc = json.loads(out)
+    assert "1 with conflicting labels" in doc["duplicates"]
+    assert "group" in doc["rows"][0]

@@ -58,6 +58,8 @@ def test_section_counts_and_decisions():
     assert cells["injected duplicates among them (ground truth)"] == "2 of 2"
     assert cells["precision"] == "1.000" and cells["recall"] == "1.000"
     assert cells["csl_fast.clean: kept (the label the network preferred)"].startswith("1 (1 hold")
+    assert cells["csl_fast.clean: relabelled to the group label"] == "1"
+    assert cells["csl_fast.clean: dropped (the group has no label)"] == "0"
     # the group table: labels given, the group's label (0, sample 0's) and each action
     assert "<td>0, 1</td><td>0, 1</td>" in page
     assert re.search(r"<td>0 \(0\.\d\d\): 0 keep, 1 relabel</td><td>0, 0</td>", page)
