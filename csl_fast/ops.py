@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import ops_backward, reference
 from ._ext import _C, resolve_backend
 from .stats import NUM_STATS
 
@@ -173,9 +173,9 @@ class _RoundOnceCrossEntropy(torch.autograd.Function):
     upstream 1.7). Keeping that rounded gradient and scaling it in float32 still rounds
     twice (32 of 1080 small-batch bfloat16 cases above 2x PyTorch's error). So forward runs
     the kernel per row ('none' for 'mean', whose value is then formed in float32 as
-    ``sum(loss_i) / D``) and saves the logits, not the gradient (the same bytes); backward
-    recomputes the gradient from them in float32, scales it and rounds once
-    (:func:`_recompute_scaled`).
+    ``sum(loss_i) / D``) and saves the logits and statistics, not the gradient (the same
+    bytes); backward computes the gradient from them in float32 in one elementwise pass,
+    scales it and rounds once (:func:`csl_fast.ops_backward.cross_entropy_bwd`).
     """
 
     @staticmethod
@@ -196,25 +196,21 @@ class _RoundOnceCrossEntropy(torch.autograd.Function):
         logits, target, weight, ctx.ignore_index, ctx.smoothing, ctx.reduction, ctx.name = inputs
         _, grad, stats, denom = output
         ctx.mark_non_differentiable(grad, stats)
-        ctx.save_for_backward(logits, target, weight, denom)
+        ctx.save_for_backward(logits, target, weight, stats, denom)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad, _stats, _denom):
         _refuse_double_backward()
         if grad_loss is None:
             return (None,) * 7
-        logits, target, weight, denom = ctx.saved_tensors
-        scale = _per_row(grad_loss.float(), ctx.reduction)
+        logits, target, weight, stats, denom = ctx.saved_tensors
+        scale = grad_loss.float()
         if denom is not None:
             scale = scale / denom
-        fwd = _op(ctx.name, _FWD_OPS)
-        w = None if weight is None else weight.float()
-
-        def chunk_grad(start: int, stop: int) -> torch.Tensor:
-            rows = logits[start:stop].float()
-            return fwd(rows, target[start:stop], w, ctx.ignore_index, ctx.smoothing, 0)[1]
-
-        return _recompute_scaled(logits, scale, chunk_grad), None, None, None, None, None, None
+        grad = ops_backward.cross_entropy_bwd(
+            logits, target, weight, stats, scale, ctx.ignore_index, ctx.smoothing, ctx.name
+        )
+        return grad, None, None, None, None, None, None
 
 
 def _mean_denominator(
@@ -233,8 +229,8 @@ def _mean_denominator(
 # Rows of float32 scratch per step of _scale_once on the CPU (4 MiB): bounded, never
 # logits-sized.
 _SCALE_CHUNK = 1 << 20
-# On a GPU each chunk of _recompute_scaled is a few kernel launches: 64 MiB of float32
-# scratch keeps a language-model head's backward to tens of chunks, not thousands.
+# On a GPU each chunk of _recompute_scaled (the extras' backward) is a few kernel launches:
+# 64 MiB of float32 scratch keeps a language-model head's backward to tens of chunks.
 _DEVICE_CHUNK = 1 << 24
 
 

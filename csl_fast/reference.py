@@ -147,6 +147,35 @@ def cross_entropy_fwd(
     return objective.detach().to(logits.dtype), grad.to(logits.dtype), stats
 
 
+def cross_entropy_bwd(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    stats: torch.Tensor,
+    scale: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Reference of ``csl_fast::cross_entropy_bwd``: ``scale_i * d objective_i / d z_ij``
+    ([B, C], logits' dtype) for float16/bfloat16 ``logits``, the per-row objective of
+    :func:`cross_entropy_fwd` (reduction 'none'), computed in float32 and rounded once.
+    ``scale`` is float32 with ``B`` entries or one; ``stats`` (the forward's, from which the
+    kernels take ``lse = stats[LOSS] + z_y``) does not change the result."""
+    z = logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        objective = F.cross_entropy(
+            z,
+            target.long(),
+            weight=None if weight is None else weight.float(),
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            reduction="none",
+        )
+        upstream = scale.float().reshape(-1).expand(logits.shape[0])
+        (grad,) = torch.autograd.grad(objective, z, upstream)
+    return grad.to(logits.dtype)
+
+
 def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     r"""The logits a soft-capped loss is taken on, :math:`z' = s \tanh(z / s)` (Gemma 2's
     logit soft-capping), computed in ``logits``' dtype; ``softcap`` 0 (or None): ``logits``."""

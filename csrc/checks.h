@@ -64,6 +64,30 @@ inline void check_weight_shape(const at::Tensor& weight, int64_t C) {
                     " class weights, got shape ", weight.sizes());
 }
 
+// cross_entropy_bwd: half logits [B, C], the forward's target, weight and float32 stats
+// [kNumStats, B], and a float32 upstream scale of B entries (per row) or one.
+inline void check_cross_entropy_bwd_args(const at::Tensor& logits, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& stats, const at::Tensor& scale,
+                                         double label_smoothing) {
+  check_logits_2d(logits);
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
+                   "csl_fast: cross_entropy_bwd takes float16 or bfloat16 logits, got ",
+                   logits.scalar_type(), "; the float32/float64 ops keep the forward's gradient");
+  check_cross_entropy_args(logits, target, label_smoothing, kNone);
+  const int64_t B = logits.size(0);
+  TORCH_CHECK_VALUE(logits.size(1) > 0 || B == 0, "csl_fast: logits have C = 0 classes");
+  if (weight.has_value()) check_weight_shape(*weight, logits.size(1));
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == B &&
+                        stats.scalar_type() == at::kFloat,
+                    "csl_fast: stats must be the float32 [", int(kNumStats), ", B = ", B,
+                    "] statistics of the forward on these logits, got ", stats.scalar_type(),
+                    " ", stats.sizes());
+  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && (scale.numel() == 1 || scale.numel() == B),
+                    "csl_fast: scale must be float32 with one upstream factor per row (B = ", B,
+                    ") or one for all, got ", scale.scalar_type(), " ", scale.sizes());
+}
+
 // scatter_stats: stats is the contiguous float32 [kNumStats, B] tensor of cross_entropy_fwd
 // and index holds one int64/int32 dataset index per row. Returns B.
 inline int64_t check_scatter_args(const at::Tensor& stats, const at::Tensor& index) {

@@ -64,35 +64,21 @@ at::Tensor mean_denominator(const at::Tensor& target, const OptTensor& weight,
   return at::where(active, weight->to(at::kFloat).index_select(0, y), 0.0).sum();
 }
 
-// d loss / d logits for the float32 upstream `scale` ([1] or [B, 1]): the kernel's per-row
-// gradient of the logits upcast to float32, times scale, rounded once to the logits' dtype,
-// through float32 scratch of at most 1 << 20 values (csl_fast/ops.py: _recompute_scaled,
-// the same ops).
-at::Tensor recompute_scaled(const at::Tensor& logits, const at::Tensor& target,
-                            const OptTensor& weight, int64_t ignore_index, double smoothing,
-                            at::Tensor scale) {
-  at::Tensor out = at::empty_like(logits);
-  if (scale.dim() == 0) scale = scale.reshape({1});
-  const OptTensor w = weight ? OptTensor(weight->to(at::kFloat)) : OptTensor();
-  const int64_t B = logits.size(0);
-  const int64_t rows =
-      std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(logits.size(1), 1));
-  for (int64_t start = 0; start < B; start += rows) {
-    const int64_t n = std::min(rows, B - start);
-    const at::Tensor part = scale.size(0) == 1 ? scale : scale.narrow(0, start, n);
-    at::Tensor grad = std::get<1>(fwd_op().call(logits.narrow(0, start, n).to(at::kFloat),
-                                                target.narrow(0, start, n), w, ignore_index,
-                                                smoothing, csl_fast::kNone));
-    out.narrow(0, start, n).copy_(grad.mul_(part));
-  }
-  return out;
+using Bwd = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
+                       const at::Tensor&, int64_t, double);
+
+// csl_fast::cross_entropy_bwd: the float16/bfloat16 gradient in one elementwise pass.
+const c10::TypedOperatorHandle<Bwd>& bwd_op() {
+  static const auto handle = op<Bwd>("csl_fast::cross_entropy_bwd");
+  return handle;
 }
 
 // The fused cross entropy for float16/bfloat16 logits with the gradient rounded once, as
 // csl_fast/ops.py: _RoundOnceCrossEntropy (which says why) computes it, op for op, so the
 // step and the op-by-op path agree bit for bit: the kernel runs per row ('none' for 'mean',
-// whose value is then sum(loss_i) / D in float32), forward saves the logits, and backward
-// recomputes their gradient in float32, scales it and rounds once.
+// whose value is then sum(loss_i) / D in float32), forward saves the logits and statistics,
+// and backward computes their gradient in float32 in one elementwise pass
+// (csl_fast::cross_entropy_bwd), scales it and rounds once.
 class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -112,7 +98,7 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["smoothing"] = smoothing;
     ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->save_for_backward({logits, target, weight ? *weight : at::Tensor()});
+    ctx->save_for_backward({logits, target, weight ? *weight : at::Tensor(), stats});
     ctx->mark_non_differentiable({stats});
     return {loss, stats};
   }
@@ -125,14 +111,14 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
     const at::Tensor& upstream = grad_outputs[0];
     if (!upstream.defined()) return out;  // the loss took no part in what is differentiated
     at::Tensor scale = upstream.to(at::kFloat);
-    if (ctx->saved_data["reduction"].toInt() == csl_fast::kNone) scale = scale.unsqueeze(1);
     const auto denom = ctx->saved_data.find("denom");
     if (denom != ctx->saved_data.end()) scale = scale.div(denom->second.toTensor());
     const variable_list saved = ctx->get_saved_variables();
     const OptTensor weight =
         ctx->saved_data["has_weight"].toBool() ? OptTensor(saved[2]) : OptTensor();
-    out[0] = recompute_scaled(saved[0], saved[1], weight, ctx->saved_data["ignore_index"].toInt(),
-                              ctx->saved_data["smoothing"].toDouble(), scale);
+    out[0] = bwd_op().call(saved[0], saved[1], weight, saved[3], scale.reshape({-1}),
+                           ctx->saved_data["ignore_index"].toInt(),
+                           ctx->saved_data["smoothing"].toDouble());
     return out;
   }
 };

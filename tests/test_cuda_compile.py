@@ -105,6 +105,7 @@ def _glue_cmd(stub_dir: Path, torch_inc: Path, cuda_inc: Path) -> list[str]:
 
 EMU_SOURCES = (
     "cross_entropy_kernels.cu",
+    "cross_entropy_bwd_kernels.cu",
     "input_grad_norms_kernels.cu",
     "vote_kernels.cu",
     "scatter_kernels.cu",  # cub's radix sort: a host stand-in in csrc/cuda/testing/cub

@@ -36,3 +36,32 @@ def assert_close_f32(ours, exact, what: str, rtol: float = 2e-6):
     scale = exact.double().abs().max().clamp_min(1.0) if exact.numel() else 1.0
     err = (ours.double() - exact.double()).abs().max() if exact.numel() else 0.0
     assert err <= rtol * scale, f"{what}: max error {float(err):.3g} > {rtol * float(scale):.3g}"
+
+
+def assert_rounded_once(ours, exact, what: str, slack: float = 0.125, atol=0.0):
+    """``ours`` (float16/bfloat16) is ``exact`` (float64) rounded once: every element within
+    half a step of its dtype at the exact value, plus ``slack`` of a step for the float32
+    arithmetic before the rounding (~2^-20 relative: 1/500 of a float16 step), plus ``atol``
+    (a tensor broadcast to ``exact``: where float32 terms cancel, such as label smoothing's
+    ``W p_j - w_j``, their float32 error). Rounding twice (in float32 and again after a
+    scale, or to the dtype then scaled) breaks it."""
+    assert ours.shape == exact.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(exact.shape)}"
+    if exact.numel() == 0:
+        return
+    nan = torch.isnan(exact)
+    assert torch.equal(torch.isnan(ours), nan), f"{what}: NaN pattern differs"
+    info = torch.finfo(ours.dtype)
+    atol = torch.as_tensor(atol, dtype=torch.float64).expand(exact.shape)[~nan]
+    v = exact[~nan].double()
+    got = ours[~nan].double()
+    binade = torch.floor(torch.log2(v.abs().clamp_min(info.tiny)))
+    step = info.eps * torch.exp2(binade)
+    # float32 intermediates underflow below its own smallest normal, before any rounding.
+    floor = max(info.smallest_normal * info.eps, torch.finfo(torch.float32).tiny)
+    limit = (0.5 + slack) * step + floor + atol
+    err = (got - v).abs()
+    worst = int(torch.argmax(err / limit))
+    assert bool((err <= limit).all()), (
+        f"{what}: {int((err > limit).sum())} element(s) off by more than {0.5 + slack} step; "
+        f"worst {float(got[worst])} vs exact {float(v[worst])} (step {float(step[worst]):.3g})"
+    )

@@ -6,6 +6,9 @@ Importing this package registers these ops (same semantics as :mod:`csl_fast.ref
   label_smoothing, reduction) -> (loss, grad, stats)``
 * ``torch.ops.csl_fast.cross_entropy_fwd_inplace_triton(logits, ...) -> (loss, stats)``,
   the gradient written over the logits
+* ``torch.ops.csl_fast.cross_entropy_bwd_triton(logits, target, weight, stats, scale,
+  ignore_index, label_smoothing) -> Tensor``: the float16/bfloat16 backward in one
+  elementwise pass (``csl_fast.ops_backward``)
 * ``torch.ops.csl_fast.cross_entropy_fwd_extra_triton(..., softcap, z_loss_scale) ->
   (loss, grad, stats, z_loss)`` and ``cross_entropy_fwd_extra_inplace_triton``: with
   soft-capping and the z-loss
@@ -23,6 +26,7 @@ Argument values are validated by the caller (``csl_fast.ops``).
 
 from .bce import bce_bwd_triton, bce_fwd_triton, bce_record_triton
 from .cross_entropy import cross_entropy_fwd_inplace_triton, cross_entropy_fwd_triton
+from .cross_entropy_bwd import cross_entropy_bwd_triton
 from .cross_entropy_extra import (
     cross_entropy_fwd_extra_inplace_triton,
     cross_entropy_fwd_extra_triton,
@@ -35,6 +39,7 @@ __all__ = [
     "bce_bwd_triton",
     "bce_fwd_triton",
     "bce_record_triton",
+    "cross_entropy_bwd_triton",
     "cross_entropy_fwd_extra_inplace_triton",
     "cross_entropy_fwd_extra_triton",
     "cross_entropy_fwd_inplace_triton",

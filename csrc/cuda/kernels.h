@@ -100,6 +100,36 @@ int64_t cross_entropy_prep_size(const CrossEntropyParams& p);
 cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------
+// Backward of the fused cross entropy for float16/bfloat16 logits in one elementwise pass
+// (csl_fast::cross_entropy_bwd, csl_fast/reference.py: cross_entropy_bwd): with the forward's
+// statistics, p_j = exp((z_j - z_y) - stats[kLoss, i]) and
+//   grad[i, j] = scale_i ((1-eps) w_y (p_j - [j == y]) + (eps/C)(W p_j - w_j))
+// in float32, rounded once to the logits' dtype (the true class's 1 - p_y as -expm1(-loss)).
+// Rows with stats[kValid] == 0 or a loss above kBwdLossBound take lse from the row (a max and
+// a sum pass). Ignored rows: 0; a target outside [0, C) that is not ignore_index: NaN (and
+// the error flag bit, as the forward). One warp per (row, chunk of kBwdChunk classes).
+struct CrossEntropyBwdParams {
+  const void* logits = nullptr;  // [rows, classes], row stride logits_row_stride, unit col stride
+  DType logits_dtype = DType::kFloat16;  // float16 or bfloat16
+  int64_t rows = 0;
+  int64_t classes = 0;  // 1 <= classes <= kMaxClasses
+  int64_t logits_row_stride = 0;
+  const int64_t* target = nullptr;  // [rows]
+  int64_t ignore_index = -100;
+  const float* weight = nullptr;    // float32 [classes], or null
+  const float* weight_sum = nullptr;  // float32 [1], W; needed iff weight is given
+  double label_smoothing = 0.0;
+  const float* stats = nullptr;  // float32 [kNumStats, rows] contiguous, the forward's
+  const float* scale = nullptr;  // float32 [rows] (per_row_scale) or [1]
+  bool per_row_scale = false;
+  void* grad = nullptr;       // logits dtype, [rows, classes] contiguous
+  int* error_flag = nullptr;  // optional, see the top of this file
+};
+constexpr float kBwdLossBound = 64.0f;
+constexpr int64_t kBwdChunk = 4096;
+cudaError_t cross_entropy_bwd(const CrossEntropyBwdParams& p, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------
 // Scatter of per-row statistics into dataset-sized buffers:
 //   csl[index[i]]   += stats[kLoss, i]    (csl: float32 or float64)
 //   count[index[i]] += stats[kValid, i]   (count: float32, float64, int32 or int64)

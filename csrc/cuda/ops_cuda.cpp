@@ -218,6 +218,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace_c
   return {loss, stats, z_loss};
 }
 
+// The float16/bfloat16 backward in one elementwise pass (kernels.h: cross_entropy_bwd).
+at::Tensor cross_entropy_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                  const std::optional<at::Tensor>& weight,
+                                  const at::Tensor& stats, const at::Tensor& scale,
+                                  int64_t ignore_index, double label_smoothing) {
+  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing);
+  check_same_device(target, "target", logits, "logits");
+  check_same_device(stats, "stats", logits, "logits");
+  check_same_device(scale, "scale", logits, "logits");
+  const int64_t B = logits.size(0);
+  const int64_t C = logits.size(1);
+  TORCH_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
+                    kMaxClasses, " classes, got C = ", C);
+  at::Tensor w, w_sum;
+  if (weight.has_value()) {
+    TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
+                     "csl_fast: weight must be a floating-point tensor, got ",
+                     weight->scalar_type());
+    check_same_device(*weight, "weight", logits, "logits");
+    w = weight->to(at::kFloat).contiguous();
+    w_sum = w.sum().reshape({1});
+  }
+  const c10::cuda::CUDAGuard guard(logits.device());
+  at::Tensor grad = at::empty({B, C}, logits.options());
+  if (B == 0 || C == 0) return grad;
+  const at::Tensor z = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const at::Tensor t = target.to(at::kLong).contiguous();
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor sc = scale.reshape({-1}).contiguous();
+  CrossEntropyBwdParams p;
+  p.logits = z.const_data_ptr();
+  p.logits_dtype = to_dtype(z.scalar_type());
+  p.rows = B;
+  p.classes = C;
+  p.logits_row_stride = z.stride(0);
+  p.target = t.const_data_ptr<int64_t>();
+  p.ignore_index = ignore_index;
+  p.weight = w.defined() ? w.const_data_ptr<float>() : nullptr;
+  p.weight_sum = w_sum.defined() ? w_sum.const_data_ptr<float>() : nullptr;
+  p.label_smoothing = label_smoothing;
+  p.stats = st.const_data_ptr<float>();
+  p.scale = sc.const_data_ptr<float>();
+  p.per_row_scale = sc.numel() == B && B > 1;
+  p.grad = grad.mutable_data_ptr();
+  at::Tensor flag;
+  if (validate_mode()) {
+    flag = at::zeros({1}, logits.options().dtype(at::kInt));
+    p.error_flag = flag.mutable_data_ptr<int>();
+  }
+  C10_CUDA_CHECK(cross_entropy_bwd(p, current_stream()));
+  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
+                    ") that are not ignore_index (", ignore_index,
+                    "); fix the labels or pass the right ignore_index (found by "
+                    "CSL_FAST_VALIDATE=1)");
+  return grad;
+}
+
 // ---------------------------------------------------------------------------------------
 void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool deterministic,
                         const std::optional<at::Tensor>& csl,
@@ -334,6 +391,7 @@ at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
 TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cuda::cross_entropy_fwd_inplace_cuda);
+  m.impl("cross_entropy_bwd", &csl_fast::cuda::cross_entropy_bwd_cuda);
   m.impl("cross_entropy_fwd_extra", &csl_fast::cuda::cross_entropy_fwd_extra_cuda);
   m.impl("cross_entropy_fwd_extra_inplace",
          &csl_fast::cuda::cross_entropy_fwd_extra_inplace_cuda);

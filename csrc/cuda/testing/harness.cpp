@@ -66,6 +66,31 @@ int emu_cross_entropy_fwd_extra(const void* logits, int dtype, int64_t rows, int
   return static_cast<int>(cross_entropy_fwd(p, nullptr));
 }
 
+// The float16/bfloat16 backward (cross_entropy_bwd): weight/weight_sum float32 or null.
+int emu_cross_entropy_bwd(const void* logits, int dtype, int64_t rows, int64_t classes,
+                          int64_t row_stride, const int64_t* target, int64_t ignore_index,
+                          const float* weight, const float* weight_sum, double label_smoothing,
+                          const float* stats, const float* scale, int per_row_scale, void* grad,
+                          int* error_flag) {
+  CrossEntropyBwdParams p;
+  p.logits = logits;
+  p.logits_dtype = static_cast<DType>(dtype);
+  p.rows = rows;
+  p.classes = classes;
+  p.logits_row_stride = row_stride;
+  p.target = target;
+  p.ignore_index = ignore_index;
+  p.weight = weight;
+  p.weight_sum = weight_sum;
+  p.label_smoothing = label_smoothing;
+  p.stats = stats;
+  p.scale = scale;
+  p.per_row_scale = per_row_scale != 0;
+  p.grad = grad;
+  p.error_flag = error_flag;
+  return static_cast<int>(cross_entropy_bwd(p, nullptr));
+}
+
 int emu_vote_sorted(const float* stats, int64_t rows, const int64_t* sorted_index,
                     const int64_t* perm, int32_t* label, int32_t* votes, int32_t* hits,
                     int64_t n) {

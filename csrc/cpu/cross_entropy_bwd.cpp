@@ -1,0 +1,241 @@
+// Backward of the fused cross entropy for float16/bfloat16 logits in one elementwise pass
+// (csl_fast::cross_entropy_bwd; semantics: csl_fast/reference.py, cross_entropy_bwd).
+//
+// The forward's statistics hold the plain loss l = lse - z_y of every recorded row in
+// float32, so p_j = exp((z_j - z_y) - l) needs no max or sum over the row: the half logits
+// are read once, the gradient computed in float32, scaled by the upstream gradient and
+// rounded once into the half output. z_j - z_y of two halves is exact in float32 wherever
+// p_j is not negligible, so the error of p_j is l's own rounding, l * 2^-24 relative:
+// for l <= kLossBound a 1/100 of a float16 rounding step. Rows past that bound, and rows
+// the forward did not record (a loss not finite in the logits dtype, NaN or infinite
+// logits), take their max and sum of exponentials from the row instead (two more reads,
+// rare in training).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "../stats.h"
+#include "vec_math.h"
+
+namespace csl_fast {
+namespace cpu {
+namespace {
+
+constexpr float kLossBound = 64.f;
+// Rows are processed through a float32 tile of this many values (several rows at small C,
+// a slice of one row at large C): converted, exponentiated in one flat vector pass, stored.
+constexpr int64_t kTile = 2048;
+constexpr int64_t kMaxTileRows = 256;
+
+template <typename scalar_t>
+struct BwdRows {
+  const scalar_t* in;
+  int64_t row_stride;
+  scalar_t* out;  // contiguous [B, C]
+  const int64_t* target;
+  const float* w;  // class weights or nullptr
+  float w_total;   // sum of the weights, C without them
+  const float* loss;   // stats[kLoss]
+  const float* valid;  // stats[kValid]
+  const float* scale;  // [B] or [1]
+  bool per_row_scale;
+  int64_t ignore_index;
+  float eps;
+  int64_t B, C;
+};
+
+// Per row: p_j = exp((z_j - ref) - off); g_j = a p_j - b w_j (w_j = 1 without weights),
+// g_y = gy. ignored: a zero row.
+struct RowCoef {
+  float ref, off, a, b, gy;
+  bool ignored;
+};
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) RowCoef row_coef(const BwdRows<scalar_t>& r, int64_t i) {
+  const int64_t y = r.target[i];
+  if (y == r.ignore_index) return {0.f, 0.f, 0.f, 0.f, 0.f, true};
+  const scalar_t* z = r.in + i * r.row_stride;
+  const float z_y = static_cast<float>(z[y]);
+  float ref = z_y, loss = r.loss[i];
+  float off = loss;
+  if (!(r.valid[i] > 0.f && loss <= kLossBound)) {
+    // Not recorded or far from confident: m and log(sum_j exp(z_j - m)) from the row.
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < r.C; ++j) {
+      const float v = static_cast<float>(z[j]);
+      m = v > m ? v : m;
+    }
+    double s = 0;
+    for (int64_t j = 0; j < r.C; ++j) s += std::exp(static_cast<float>(z[j]) - m);
+    const float log_s = static_cast<float>(std::log(s));
+    ref = m;
+    off = log_s;
+    loss = log_s + (m - z_y);
+  }
+  const float scale = r.scale[r.per_row_scale ? i : 0];
+  const float eps = r.eps;
+  const float w_y = r.w ? r.w[y] : 1.f;
+  const float smooth = eps / static_cast<float>(r.C);
+  const float p_y = std::exp(-loss);
+  const float q = -std::expm1(-loss);  // 1 - p_y without cancellation
+  // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
+  const float a = ((1.f - eps) * w_y + smooth * r.w_total) * scale;
+  const float gy = (-(1.f - eps) * w_y * q + smooth * (r.w_total * p_y - w_y)) * scale;
+  return {ref, off, a, smooth * scale, gy, false};
+}
+
+// out[j] = a e[j] - b w[j] over one range of classes.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void store_range(scalar_t* out, const float* e,
+                                                       const float* w, int64_t n, float a,
+                                                       float b) {
+  if (w == nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(a * e[j] - b);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(a * e[j] - b * w[j]);
+  }
+}
+
+inline __attribute__((always_inline)) void exp_tile(float* t, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) t[k] = exp_approx(t[k]);
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void load_range(float* d, const scalar_t* z, int64_t n,
+                                                      float ref, float off) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) d[j] = (static_cast<float>(z[j]) - ref) - off;
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r, int64_t begin,
+                                                     int64_t end) {
+  const int64_t C = r.C;
+  float tile[kTile];
+  if (C <= kTile) {
+    // Several rows per tile: per-row vector loops would be all setup at C = 10.
+    const int64_t per = std::min(kMaxTileRows, kTile / C);
+    RowCoef coef[kMaxTileRows];
+    for (int64_t lo = begin; lo < end; lo += per) {
+      const int64_t hi = std::min(end, lo + per);
+      for (int64_t i = lo; i < hi; ++i) {
+        const RowCoef c = coef[i - lo] = row_coef(r, i);
+        float* d = tile + (i - lo) * C;
+        if (c.ignored) {
+          std::fill(d, d + C, 0.f);
+        } else {
+          load_range(d, r.in + i * r.row_stride, C, c.ref, c.off);
+        }
+      }
+      exp_tile(tile, (hi - lo) * C);
+      for (int64_t i = lo; i < hi; ++i) {
+        const RowCoef& c = coef[i - lo];
+        scalar_t* g = r.out + i * C;
+        if (c.ignored) {
+          std::fill(g, g + C, scalar_t(0));
+          continue;
+        }
+        store_range(g, tile + (i - lo) * C, r.w, C, c.a, c.b);
+        g[r.target[i]] = static_cast<scalar_t>(c.gy);
+      }
+    }
+    return;
+  }
+  for (int64_t i = begin; i < end; ++i) {
+    const RowCoef c = row_coef(r, i);
+    scalar_t* g = r.out + i * C;
+    if (c.ignored) {
+      std::fill(g, g + C, scalar_t(0));
+      continue;
+    }
+    const scalar_t* z = r.in + i * r.row_stride;
+    for (int64_t lo = 0; lo < C; lo += kTile) {
+      const int64_t n = std::min(kTile, C - lo);
+      load_range(tile, z + lo, n, c.ref, c.off);
+      exp_tile(tile, n);
+      store_range(g + lo, tile, r.w ? r.w + lo : nullptr, n, c.a, c.b);
+    }
+    g[r.target[i]] = static_cast<scalar_t>(c.gy);
+  }
+}
+
+// Cloned per instruction set with every helper inlined (as csrc/cpu/cross_entropy.cpp).
+#define CSL_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+CSL_CLONES void bwd_f16(const BwdRows<at::Half>& r, int64_t begin, int64_t end) {
+  bwd_block(r, begin, end);
+}
+CSL_CLONES void bwd_bf16(const BwdRows<at::BFloat16>& r, int64_t begin, int64_t end) {
+  bwd_block(r, begin, end);
+}
+#undef CSL_CLONES
+inline void run_bwd(const BwdRows<at::Half>& r, int64_t b, int64_t e) { bwd_f16(r, b, e); }
+inline void run_bwd(const BwdRows<at::BFloat16>& r, int64_t b, int64_t e) { bwd_bf16(r, b, e); }
+
+at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
+                             const std::optional<at::Tensor>& weight, const at::Tensor& stats,
+                             const at::Tensor& scale, int64_t ignore_index,
+                             double label_smoothing) {
+  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing);
+  const int64_t B = logits.size(0);
+  const int64_t C = logits.size(1);
+  const at::Tensor t = target.to(at::kLong).contiguous();
+  const int64_t* tp = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_INDEX(tp[i] == ignore_index || (tp[i] >= 0 && tp[i] < C), "csl_fast: target[", i,
+                      "] = ", tp[i], " is outside [0, C = ", C, ") and is not ignore_index (",
+                      ignore_index, "); fix the labels or pass the right ignore_index");
+  }
+  const at::Tensor z = (C == 0 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  const at::Tensor st = stats.contiguous();
+  const at::Tensor sc = scale.reshape({-1}).contiguous();
+  std::vector<float> w;
+  float w_total = static_cast<float>(C);
+  if (weight.has_value()) {
+    const at::Tensor wt = weight->to(at::kFloat).contiguous();
+    w.assign(wt.const_data_ptr<float>(), wt.const_data_ptr<float>() + C);
+    w_total = 0;
+    for (float v : w) w_total += v;  // the forward's order: the same W
+  }
+  at::Tensor out = at::empty({B, C}, logits.options());
+  if (B == 0 || C == 0) return out;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(logits.scalar_type(), "csl_fast_cross_entropy_bwd", [&] {
+    const float* sp = st.const_data_ptr<float>();
+    const BwdRows<scalar_t> rows{z.const_data_ptr<scalar_t>(),
+                                 z.stride(0),
+                                 out.mutable_data_ptr<scalar_t>(),
+                                 tp,
+                                 w.empty() ? nullptr : w.data(),
+                                 w_total,
+                                 sp + kLoss * B,
+                                 sp + kValid * B,
+                                 sc.const_data_ptr<float>(),
+                                 sc.numel() == B && B > 1,
+                                 ignore_index,
+                                 static_cast<float>(label_smoothing),
+                                 B,
+                                 C};
+    const int64_t grain = std::max<int64_t>(1, 32768 / C);
+    at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) { run_bwd(rows, begin, end); });
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace csl_fast
+
+TORCH_LIBRARY_IMPL(csl_fast, CPU, m) {
+  m.impl("cross_entropy_bwd", &csl_fast::cpu::cross_entropy_bwd);
+}

@@ -1,0 +1,82 @@
+"""csl_fast::cross_entropy_bwd_triton (the float16/bfloat16 backward in one elementwise
+pass) against float64, rounded once, and the reference (interpreter on CPU: tiny shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_ops_backward import IGNORE, cancelling, exact_grad
+from tolerances import assert_rounded_once
+
+from csl_fast import reference
+from csl_fast._triton import cross_entropy_bwd as bwd_module
+from csl_fast._triton import cross_entropy_bwd_triton, cross_entropy_fwd_triton
+from csl_fast.stats import Stat
+
+LOW = [torch.float16, torch.bfloat16]
+
+
+def _run(logits, target, weight, scale, eps, ignore_index=IGNORE):
+    _, _, stats = cross_entropy_fwd_triton(logits, target, weight, ignore_index, eps, 0)
+    args = (logits, target, weight, stats, scale, ignore_index, eps)
+    return cross_entropy_bwd_triton(*args), reference.cross_entropy_bwd(*args), stats
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(("b", "c"), [(1, 1), (7, 3), (5, 33), (3, 70)])
+@pytest.mark.parametrize(("eps", "weighted", "per_row"), [(0.0, False, True), (0.2, True, False)])
+def test_rounded_once(tdevice, dtype, b, c, eps, weighted, per_row):
+    logits = (torch.randn(b, c, dtype=torch.float64) * 3).to(dtype).to(tdevice)
+    target = torch.randint(0, c, (b,), device=tdevice)
+    if b > 2:
+        target[1] = IGNORE
+    weight = (torch.rand(c) + 0.5).to(tdevice) if weighted else None
+    scale = (torch.randn(b if per_row else 1) * 2).to(tdevice)
+    ours, ref, _ = _run(logits, target, weight, scale, eps)
+    assert ours.dtype == dtype and ours.shape == (b, c)
+    what = f"{dtype} B={b} C={c} eps={eps}"
+    atol = cancelling(scale, weight, eps, b, c)
+    exact = exact_grad(logits, target, weight, scale, eps).cpu()
+    assert_rounded_once(ours.cpu(), exact, what, atol=atol)
+    info = torch.finfo(dtype)  # one step apart at most (subnormals: one subnormal step)
+    step = info.eps * ref.double().abs().clamp_min(info.smallest_normal)
+    assert bool(((ours.double() - ref.double()).abs().cpu() <= step.cpu() + 64 * atol).all())
+
+
+def test_column_tiles_unrecorded_rows_and_strides(tdevice, monkeypatch):
+    """Rows wider than the tile (a smaller BLOCK), losses past the bound, a float16 loss
+    overflow, NaN and infinite logits, strided logits, a bad target (a NaN row)."""
+    monkeypatch.setattr(bwd_module, "BLOCK", 16)
+    base = (torch.randn(8, 80, dtype=torch.float64) * 2).half()
+    logits = base[:, :40].to(tdevice)  # row stride 80
+    target = torch.tensor([0, 1, 2, 3, 4, 5, 6, IGNORE], device=tdevice)
+    logits[0, 3], logits[0, 0] = 60000.0, -60000.0  # loss 120000: not recorded
+    logits[1, 5] = float("nan")
+    logits[2, 6] = float("inf")
+    logits[3] = logits[3] * 100  # loss past the bound
+    scale = torch.rand(8, device=tdevice) + 0.5
+    ours, ref, stats = _run(logits, target, None, scale, 0.1)
+    assert stats[Stat.VALID, 0] == 0 and stats[Stat.LOSS, 3] > 64
+    exact = exact_grad(logits, target, None, scale, 0.1).cpu()
+    assert_rounded_once(ours.cpu(), exact, "rows", atol=cancelling(scale, None, 0.1, 8, 40))
+    assert torch.equal(ours.isnan(), ref.isnan())
+    bad = target.clone()
+    bad[4] = 99
+    out = cross_entropy_bwd_triton(logits, bad, None, stats, scale, IGNORE, 0.1)
+    assert bool(out[4].isnan().all()) and torch.equal(out[5:], ours[5:])
+
+
+def test_empty_and_bad_arguments(tdevice):
+    stats = torch.empty(len(Stat), 0, device=tdevice)
+    for shape in ((0, 5), (0, 0)):
+        logits = torch.empty(shape, dtype=torch.bfloat16, device=tdevice)
+        target = torch.empty(0, dtype=torch.long, device=tdevice)
+        out = cross_entropy_bwd_triton(logits, target, None, stats, torch.ones(1), IGNORE, 0.0)
+        assert out.shape == shape
+    logits = torch.randn(3, 4, device=tdevice)
+    target = torch.zeros(3, dtype=torch.long, device=tdevice)
+    stats = torch.zeros(len(Stat), 3, device=tdevice)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        cross_entropy_bwd_triton(logits, target, None, stats, torch.ones(1), IGNORE, 0.0)
+    with pytest.raises(ValueError, match="scale must be float32"):
+        cross_entropy_bwd_triton(logits.half(), target, None, stats, torch.ones(2), IGNORE, 0.0)

@@ -1,0 +1,106 @@
+"""The CUDA kernel of csl_fast::cross_entropy_bwd (the float16/bfloat16 backward in one
+elementwise pass), run on the CPU through ``csrc/cuda/testing/host_emulation.h``: against
+float64 rounded once, on the statistics of the C++ forward, with weights, smoothing,
+ignored rows, a bad target, strided rows, rows past the loss bound and unrecorded rows,
+rows split over several warps' chunks. Compiles its own copy of the emulation library."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import sys
+
+import pytest
+import torch
+from test_cuda_compile import _DTYPE_CODES, _cuda_include, _emu_cmd
+from test_ops_backward import IGNORE, cancelling, exact_grad
+from tolerances import assert_rounded_once
+
+from csl_fast import _ext, reference
+from csl_fast.stats import Stat
+
+_P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cuda_inc = _cuda_include()
+    if cuda_inc is None or not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("CUDA headers or a host C++ compiler missing")
+    if sys.platform != "linux":
+        pytest.skip("host emulation is only set up for Linux")
+    cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu_bwd"), cuda_inc)
+    done = __import__("subprocess").run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    lib = ctypes.CDLL(str(lib))
+    lib.emu_cross_entropy_bwd.argtypes = [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _P, _D]
+    lib.emu_cross_entropy_bwd.argtypes += [_P, _P, _I, _P, _P]
+    return lib
+
+
+def _stats(logits, target, weight, eps):
+    if _ext._C is not None:
+        return torch.ops.csl_fast.cross_entropy_fwd(logits, target, weight, IGNORE, eps, 0)[2]
+    return reference.row_statistics(logits, target, IGNORE)
+
+
+def _run(lib, logits, target, weight, stats, scale, eps):
+    """What ops_cuda.cpp does around the launcher: (grad, error flag)."""
+    batch, classes = logits.shape
+    assert logits.stride(1) == 1
+    w = None if weight is None else weight.float().contiguous()
+    w_sum = None if w is None else w.sum().reshape(1)
+    t = target.long().contiguous()
+    sc = scale.reshape(-1).contiguous()
+    grad = torch.full((batch, classes), float("nan"), dtype=logits.dtype)
+    flag = torch.zeros(1, dtype=torch.int32)
+    rc = lib.emu_cross_entropy_bwd(
+        logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, classes, logits.stride(0),
+        t.data_ptr(), IGNORE, None if w is None else w.data_ptr(),
+        None if w_sum is None else w_sum.data_ptr(), eps, stats.contiguous().data_ptr(),
+        sc.data_ptr(), int(sc.numel() == batch and batch > 1), grad.data_ptr(), flag.data_ptr(),
+    )  # fmt: skip
+    assert rc == 0, f"launcher returned cudaError {rc}"
+    return grad, int(flag.item())
+
+
+# (classes, batch): one chunk per row, several chunks (kBwdChunk = 4096) per row.
+@pytest.mark.parametrize(("classes", "batch"), [(1, 3), (7, 13), (100, 5), (4097, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("eps", "weighted", "per_row"), [(0.0, False, True), (0.1, True, False)])
+def test_emulated_bwd(emu, classes, batch, dtype, eps, weighted, per_row):
+    logits = (torch.randn(batch, classes, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    if batch > 2:
+        target[1] = IGNORE
+    weight = torch.rand(classes) + 0.5 if weighted else None
+    scale = torch.randn(batch if per_row else 1) * 2
+    stats = _stats(logits, target, weight, eps)
+    grad, flag = _run(emu, logits, target, weight, stats, scale, eps)
+    assert flag == 0
+    exact = exact_grad(logits, target, weight, scale, eps)
+    atol = cancelling(scale, weight, eps, batch, classes)
+    assert_rounded_once(grad, exact, f"{dtype} C={classes} eps={eps}", atol=atol)
+
+
+def test_emulated_bwd_row_kinds(emu):
+    """Strided rows, a loss past the bound, a float16 loss overflow (not recorded), NaN and
+    infinite logits, a bad target (NaN row and the error flag)."""
+    base = (torch.randn(7, 80, dtype=torch.float64) * 2).half()
+    logits = base[:, :40]  # row stride 80
+    target = torch.tensor([0, 1, 2, 3, 4, IGNORE, 6])
+    logits[0, 3], logits[0, 0] = 60000.0, -60000.0
+    logits[1, 5] = float("nan")
+    logits[2, 6] = float("inf")
+    logits[3] = logits[3] * 100
+    scale = torch.rand(7) + 0.5
+    stats = _stats(logits, target, None, 0.1)
+    assert stats[Stat.VALID, 0] == 0 and stats[Stat.LOSS, 3] > 64
+    grad, flag = _run(emu, logits, target, None, stats, scale, 0.1)
+    assert flag == 0
+    exact = exact_grad(logits, target, None, scale, 0.1)
+    assert_rounded_once(grad, exact, "row kinds", atol=cancelling(scale, None, 0.1, 7, 40))
+    bad = target.clone()
+    bad[4] = 99
+    out, flag = _run(emu, logits, bad, None, stats, scale, 0.1)
+    assert flag == 1 and bool(out[4].isnan().all()) and torch.equal(out[5:], grad[5:])
