@@ -1,15 +1,19 @@
-"""Forward + backward of ``accumulate`` on float16/bfloat16 CPU logits, beside PyTorch.
+"""Forward + backward of ``accumulate`` on float16/bfloat16 CPU logits, beside PyTorch, and
+the half-precision backward alone: the one elementwise pass against the recompute it
+replaced.
 
-Since the half-precision gradient is recomputed in backward from the saved logits (rounded
-once: ``ops._RoundOnceCrossEntropy``), backward runs the kernel a second time on float32
-chunks. This script measures what that costs: for each shape, ``accumulate`` (into a
-tensor) and ``F.cross_entropy`` + ``index_add_`` (the unfused equivalent), forward and
-backward, one thread, interleaved rounds; figures are medians and the ratio ours / PyTorch.
+The gradient of float16/bfloat16 logits is rounded once after the upstream scale
+(``ops._RoundOnceCrossEntropy``). Backward used to recompute it by running the fused
+forward kernel again on float32 chunks of the saved logits; it is now one elementwise pass
+over the half logits from the forward's statistics (``csl_fast::cross_entropy_bwd``). For
+each shape this script times, one thread, interleaved rounds, medians:
+
+- ``accumulate`` (into a tensor) and ``F.cross_entropy`` + ``index_add_`` (the unfused
+  equivalent), forward and backward, 'mean', and their ratio;
+- for float16/bfloat16, backward alone on the same saved tensors: the old recompute
+  (:func:`_recompute`, kept here as it was) and the new pass, and their ratio.
 
     python benchmarks/half_backward.py [--rounds 7] [--out FILE.md]
-
-Run it with ``PYTHONPATH=<tree>`` on two trees to compare them (the results file names
-the commit it imported).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ import torch
 import torch.nn.functional as F
 
 import csl_fast
+from csl_fast import ops_backward
 
 SHAPES = ((64, 10), (256, 1000), (32, 32000))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+IGNORE = -100
 
 
 def _ours(x, t, idx, csl) -> None:
@@ -42,11 +48,38 @@ def _theirs(x, t, idx, csl) -> None:
     loss.mean().backward()
 
 
+def _recompute(logits, target, scale) -> torch.Tensor:
+    """The backward this replaced (csl_fast 32af4e0, ``ops._recompute_scaled``): the fused
+    forward run again on float32 chunks of the logits (1 << 20 values), scaled, rounded."""
+    fwd = torch.ops.csl_fast.cross_entropy_fwd.default
+    out = torch.empty_like(logits)
+    rows = max(1, (1 << 20) // max(logits.shape[1], 1))
+    for start in range(0, logits.shape[0], rows):
+        part = logits[start : start + rows].float()
+        grad = fwd(part, target[start : start + rows], None, IGNORE, 0.0, 0)[1]
+        out[start : start + rows] = grad.mul_(scale)
+    return out
+
+
+def _one_pass(logits, target, stats, scale) -> torch.Tensor:
+    return ops_backward.cross_entropy_bwd(logits, target, None, stats, scale, IGNORE, 0.0, "cpu")
+
+
 def _time(fn, calls: int) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
     return (time.perf_counter() - start) / calls * 1e6
+
+
+def _medians(fns, calls: int, rounds: int) -> list[float]:
+    for fn in fns:
+        _time(fn, 3)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for k, fn in enumerate(fns):
+            times[k].append(_time(fn, calls))
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -60,39 +93,51 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    rows = []
+    step_rows, bwd_rows = [], []
     for b, c in SHAPES:
         for dtype in DTYPES:
             x = torch.randn(b, c, generator=g).to(dtype)
             t = torch.randint(0, c, (b,), generator=g)
             idx = torch.arange(b)
             csl = torch.zeros(b)
-
+            calls = max(3, 20_000 // c)
             ours = functools.partial(_ours, x, t, idx, csl)
             theirs = functools.partial(_theirs, x, t, idx, csl)
-
-            calls = max(3, 20_000 // c)
-            for fn in (ours, theirs):
-                _time(fn, 3)
-            a, p = [], []
-            for _ in range(args.rounds):
-                a.append(_time(ours, calls))
-                p.append(_time(theirs, calls))
-            rows.append((b, c, str(dtype).removeprefix("torch."), statistics.median(a),
-                         statistics.median(p)))  # fmt: skip
+            dt = str(dtype).removeprefix("torch.")
+            step_rows.append((b, c, dt, *_medians((ours, theirs), calls, args.rounds)))
+            if dtype == torch.float32:
+                continue
+            stats = torch.ops.csl_fast.cross_entropy_fwd(x, t, None, IGNORE, 0.0, 0)[2]
+            scale = torch.tensor(1.0 / b)
+            old = functools.partial(_recompute, x, t, scale)
+            new = functools.partial(_one_pass, x, t, stats, scale)
+            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
+            bwd_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
     lines = [
-        f"# accumulate forward + backward on CPU logits, commit {commit}",
+        f"# Half-precision backward on CPU logits, commit {commit}",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
         f"one thread, median of {args.rounds} interleaved rounds; load average "
         f"{Path('/proc/loadavg').read_text().split()[0]} after.",
         "",
+        "## accumulate, forward + backward ('mean')",
+        "",
         "| B x C | dtype | accumulate (us) | F.cross_entropy + index_add_ (us) | ratio |",
         "|---|---|---|---|---|",
     ]
-    for b, c, dt, ours_us, theirs_us in rows:
+    for b, c, dt, ours_us, theirs_us in step_rows:
         lines.append(f"| {b} x {c} | {dt} | {ours_us:.1f} | {theirs_us:.1f} | "
                      f"{ours_us / theirs_us:.2f} |")  # fmt: skip
+    lines += [
+        "",
+        "## backward alone: recompute (before) vs one elementwise pass (now)",
+        "",
+        "| B x C | dtype | recompute (us) | one pass (us) | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for b, c, dt, old_us, new_us in bwd_rows:
+        lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
+                     f"{old_us / new_us:.1f}x |")  # fmt: skip
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -166,7 +166,7 @@ def accumulate(
             only once. For float16/bfloat16 logits the gradient is rounded twice (to the
             logits' dtype in forward, where the logits are overwritten, and again after
             the upstream scale), up to about twice PyTorch's own error; the default
-            recomputes it in backward and rounds once.
+            forms it in backward and rounds once.
 
         softcap, z_loss_scale, return_z_loss, return_token_accuracy: a language-model
             head's extras, all off by default (:mod:`csl_fast.cross_entropy_extras`): the
@@ -183,8 +183,9 @@ def accumulate(
 
     Gradients are computed in the forward pass (one fused pass over each row), so
     backward is a multiplication by the upstream gradient; for float16/bfloat16 logits
-    backward instead recomputes the gradient from the saved logits in float32 and rounds
-    it once after the upstream scale (see ``ops._RoundOnceCrossEntropy``). Double
+    backward instead forms the gradient in float32 from the saved logits and the forward's
+    per-row losses, one elementwise pass, and rounds it once after the upstream scale (see
+    ``ops._RoundOnceCrossEntropy``, :mod:`csl_fast.ops_backward`). Double
     backward is not supported. Buffers must not require grad or share memory with each
     other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """

@@ -105,7 +105,8 @@ cudaError_t launch_bwd(const CrossEntropyBwdParams& p, cudaStream_t stream) {
   a.grad = static_cast<T*>(p.grad);
   a.error_flag = p.error_flag;
   if (p.rows == 0) return cudaGetLastError();
-  ce_bwd_kernel<T><<<grid_for(p.rows * a.chunks, kBwdWarpsPerBlock), kBwdWarpsPerBlock * 32, 0, stream>>>(a);
+  const unsigned blocks = grid_for(p.rows * a.chunks, kBwdWarpsPerBlock);
+  ce_bwd_kernel<T><<<blocks, kBwdWarpsPerBlock * 32, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
