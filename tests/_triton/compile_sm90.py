@@ -22,7 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from csl_fast._triton import cross_entropy, grad_norms, record, scatter
+from csl_fast._triton import cross_entropy, cross_entropy_bwd, grad_norms, record, scatter
 
 TARGET = GPUTarget("cuda", 90, 32)
 
@@ -88,6 +88,29 @@ def main(mode: str) -> None:
             )
             _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
             print("ok cross_entropy", dt, const, flush=True)
+    # The float16/bfloat16 backward: several rows per program and one wide row in tiles.
+    bwd_layouts = [(16, 128, 4), (1, 2048, 8)]
+    for dt, (rows, block, warps) in itertools.product(["fp16", "bf16"], bwd_layouts):
+        if mode == "minimal" and dt == "fp16":
+            continue
+        for has_w in (True, False) if mode != "minimal" else (True,):
+            sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64"}
+            sig |= {"weight_ptr": "*fp32", "wsum_ptr": "*fp32", "stats_ptr": "*fp32"}
+            sig |= {"scale_ptr": "*fp32", "B": "i32", "C": "i32", "stride_lr": "i64"}
+            sig |= {"ignore_index": "i32", "eps": "fp32"}
+            sig = {k: sig[k] for k in cross_entropy_bwd._ce_bwd_kernel.arg_names if k in sig}
+            const = dict(
+                HAS_WEIGHT=has_w,
+                PER_ROW_SCALE=has_w,
+                ROWS=rows,
+                BLOCK_C=block,
+                MANUAL_BF16_RNE=False,
+                STAT_LOSS=0,
+                STAT_VALID=5,
+                BOUND=cross_entropy_bwd.LOSS_BOUND,
+            )
+            _compile(cross_entropy_bwd._ce_bwd_kernel, sig, const, warps)
+            print("ok cross_entropy_bwd", dt, const, flush=True)
     for dt in ["fp64"] if mode == "minimal" else ["fp32", "bf16", "fp64"]:
         sig = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "B": "i32", "N": "i32", "scale": "fp32"}
         const = dict(IS_FP64=dt == "fp64", ROWS=4, BLOCK=1024)
