@@ -11,7 +11,8 @@ each shape this script times, one thread, interleaved rounds, medians:
 - ``accumulate`` (into a tensor) and ``F.cross_entropy`` + ``index_add_`` (the unfused
   equivalent), forward and backward, 'mean', and their ratio;
 - for float16/bfloat16, backward alone on the same saved tensors: the old recompute
-  (:func:`_recompute`, kept here as it was) and the new pass, and their ratio.
+  (:func:`_recompute`, kept here as it was) and the new pass, and their ratio; the same
+  with the language-model extras (soft-cap 30, z-loss 1e-4: ``csl_fast.ops_extras``).
 
     python benchmarks/half_backward.py [--rounds 7] [--out FILE.md]
 """
@@ -48,21 +49,29 @@ def _theirs(x, t, idx, csl) -> None:
     loss.mean().backward()
 
 
-def _recompute(logits, target, scale) -> torch.Tensor:
+def _recompute(logits, target, scale, extras=(0.0, 0.0)) -> torch.Tensor:
     """The backward this replaced (csl_fast 32af4e0, ``ops._recompute_scaled``): the fused
-    forward run again on float32 chunks of the logits (1 << 20 values), scaled, rounded."""
-    fwd = torch.ops.csl_fast.cross_entropy_fwd.default
+    forward (with ``extras`` = (softcap, z_loss_scale): the extra one) run again on float32
+    chunks of the logits (1 << 20 values), scaled, rounded."""
     out = torch.empty_like(logits)
     rows = max(1, (1 << 20) // max(logits.shape[1], 1))
     for start in range(0, logits.shape[0], rows):
         part = logits[start : start + rows].float()
-        grad = fwd(part, target[start : start + rows], None, IGNORE, 0.0, 0)[1]
+        args = (part, target[start : start + rows], None, IGNORE, 0.0, 0)
+        if extras != (0.0, 0.0):
+            grad = torch.ops.csl_fast.cross_entropy_fwd_extra.default(*args, *extras)[1]
+        else:
+            grad = torch.ops.csl_fast.cross_entropy_fwd.default(*args)[1]
         out[start : start + rows] = grad.mul_(scale)
     return out
 
 
-def _one_pass(logits, target, stats, scale) -> torch.Tensor:
-    return ops_backward.cross_entropy_bwd(logits, target, None, stats, scale, IGNORE, 0.0, "cpu")
+def _one_pass(logits, target, stats, scale, extras=(0.0, 0.0)) -> torch.Tensor:
+    args = (logits, target, None, stats, scale, IGNORE, 0.0, *extras)
+    return ops_backward.cross_entropy_bwd(*args, backend="cpu")
+
+
+EXTRAS = (30.0, 1e-4)
 
 
 def _time(fn, calls: int) -> float:
@@ -93,7 +102,7 @@ def main() -> None:
     commit = subprocess.run(
         ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    step_rows, bwd_rows = [], []
+    step_rows, bwd_rows, extra_rows = [], [], []
     for b, c in SHAPES:
         for dtype in DTYPES:
             x = torch.randn(b, c, generator=g).to(dtype)
@@ -113,6 +122,14 @@ def main() -> None:
             new = functools.partial(_one_pass, x, t, stats, scale)
             torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
             bwd_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
+            if c < 1000:
+                continue
+            fwd = torch.ops.csl_fast.cross_entropy_fwd_extra
+            stats = fwd(x, t, None, IGNORE, 0.0, 0, *EXTRAS)[2]
+            old = functools.partial(_recompute, x, t, scale, EXTRAS)
+            new = functools.partial(_one_pass, x, t, stats, scale, EXTRAS)
+            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
+            extra_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
     lines = [
         f"# Half-precision backward on CPU logits, commit {commit}",
         "",
@@ -136,6 +153,16 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     for b, c, dt, old_us, new_us in bwd_rows:
+        lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
+                     f"{old_us / new_us:.1f}x |")  # fmt: skip
+    lines += [
+        "",
+        f"## with the extras (softcap {EXTRAS[0]:g}, z_loss_scale {EXTRAS[1]:g}): backward alone",
+        "",
+        "| B x C | dtype | recompute (us) | one pass (us) | speed-up |",
+        "|---|---|---|---|---|",
+    ]
+    for b, c, dt, old_us, new_us in extra_rows:
         lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
                      f"{old_us / new_us:.1f}x |")  # fmt: skip
     text = "\n".join(lines) + "\n"

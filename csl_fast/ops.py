@@ -8,7 +8,6 @@ traceable by ``torch.compile(fullgraph=True)`` and passes ``torch.library.opchec
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -208,8 +207,9 @@ class _RoundOnceCrossEntropy(torch.autograd.Function):
         if denom is not None:
             scale = scale / denom
         grad = ops_backward.cross_entropy_bwd(
-            logits, target, weight, stats, scale, ctx.ignore_index, ctx.smoothing, ctx.name
-        )
+            logits, target, weight, stats, scale, ctx.ignore_index, ctx.smoothing,
+            backend=ctx.name,
+        )  # fmt: skip
         return grad, None, None, None, None, None, None
 
 
@@ -229,9 +229,6 @@ def _mean_denominator(
 # Rows of float32 scratch per step of _scale_once on the CPU (4 MiB): bounded, never
 # logits-sized.
 _SCALE_CHUNK = 1 << 20
-# On a GPU each chunk of _recompute_scaled (the extras' backward) is a few kernel launches:
-# 64 MiB of float32 scratch keeps a language-model head's backward to tens of chunks.
-_DEVICE_CHUNK = 1 << 24
 
 
 def _scale_once(
@@ -253,27 +250,6 @@ def _scale_once(
     for start in range(0, grad.shape[0], rows):
         part = scale if scale.shape[0] == 1 else scale[start : start + rows]
         out[start : start + rows] = grad[start : start + rows].float().mul_(part)
-    return out
-
-
-def _recompute_scaled(
-    logits: torch.Tensor,
-    scale: torch.Tensor,
-    chunk_grad: Callable[[int, int], torch.Tensor],
-) -> torch.Tensor:
-    """``d loss / d logits`` for the float32 upstream ``scale`` (``[]`` or ``[B, 1]``),
-    rounded once to the logits' dtype: ``chunk_grad(start, stop)`` is the float32 per-row
-    gradient of ``logits[start:stop]`` for a unit upstream gradient (a fused op run on the
-    rows upcast); rows go through bounded float32 scratch, never logits-sized."""
-    out = torch.empty_like(logits)
-    if scale.dim() == 0:
-        scale = scale.reshape(1)  # a 0-d tensor would be cast to the chunk's dtype first
-    chunk = _SCALE_CHUNK if logits.device.type == "cpu" else _DEVICE_CHUNK
-    rows = max(1, chunk // max(logits.shape[-1], 1))
-    for start in range(0, logits.shape[0], rows):
-        stop = start + rows
-        part = scale if scale.shape[0] == 1 else scale[start:stop]
-        out[start:stop] = chunk_grad(start, stop).mul_(part)
     return out
 
 

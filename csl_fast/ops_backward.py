@@ -7,7 +7,9 @@
     grad_ij = scale_i * ((1 - eps) w_y (p_j - [j == y]) + (eps / C)(W p_j - w_j))
 
 (``p = softmax(z_i)``, ``y`` the row's target, ``w`` the class weights or ones, ``W`` their
-sum; zero on ignored rows) in float32 and rounds it once to the logits' dtype. ``p_j`` comes
+sum; zero on ignored rows) in float32 and rounds it once to the logits' dtype. With the
+extras of :mod:`csl_fast.ops_extras`, ``z`` is the soft-capped ``z' = s tanh(z / s)`` and
+the gradient is multiplied by ``1 - tanh^2(z / s)``; the z-loss adds ``2 zs lse p_j``. ``p_j`` comes
 from the forward's statistics, ``p_j = exp((z_j - z_y) - stats[LOSS])`` (``stats[LOSS]`` is
 ``lse - z_y`` in float32 for every recorded row whatever the weights or smoothing), so the
 kernels read the half logits once and write the half gradient once: no max, no sum, no
@@ -35,23 +37,25 @@ def cross_entropy_bwd(
     scale: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    softcap: float = 0.0,
+    z_loss_scale: float = 0.0,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``d loss / d logits`` ``[B, C]`` (logits' dtype, contiguous) of the per-row cross
-    entropy of float16/bfloat16 ``logits`` times the float32 upstream ``scale`` (``B``
-    entries or one), rounded once; ``stats`` are the forward's on the same logits and
-    target (float32 ``[NUM_STATS, B]``)."""
+    entropy of float16/bfloat16 ``logits`` (with ``softcap`` or ``z_loss_scale``: of
+    :func:`csl_fast.ops_extras.cross_entropy_fwd_extra`'s objective) times the float32
+    upstream ``scale`` (``B`` entries or one), rounded once; ``stats`` are the forward's on
+    the same logits and target (float32 ``[NUM_STATS, B]``)."""
     name = resolve_backend(backend, logits.device)
+    args = (ignore_index, label_smoothing, softcap, z_loss_scale)
     if name == "reference":
-        return reference.cross_entropy_bwd(
-            logits, target, weight, stats, scale, ignore_index, label_smoothing
-        )
+        return reference.cross_entropy_bwd(logits, target, weight, stats, scale, *args)
     op_name = _TRITON_OP if name == "triton" else _BWD_OPS[name]
     op = getattr(torch.ops.csl_fast, op_name).default
-    return op(logits, target, weight, stats, scale.reshape(-1), ignore_index, label_smoothing)
+    return op(logits, target, weight, stats, scale.reshape(-1), *args)
 
 
-def _fake_cross_entropy_bwd(logits, target, weight, stats, scale, ignore_index, smoothing):
+def _fake_cross_entropy_bwd(logits, target, weight, stats, scale, *args):
     return logits.new_empty(logits.shape)
 
 

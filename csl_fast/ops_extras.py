@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import ops_backward, reference
 from ._ext import _C, resolve_backend
 from .ops import (
     _LOW_PRECISION,
     _mean_denominator,
     _op,
     _per_row,
-    _recompute_scaled,
     _refuse_double_backward,
     refuse_transforms,
 )
@@ -76,8 +75,8 @@ def cross_entropy_fwd_extra(
 
 class _ExtraCrossEntropy(torch.autograd.Function):
     """The extras' fused op under autograd: backward scales the forward's gradient by the
-    upstream gradient; for float16/bfloat16 it recomputes the gradient from the saved
-    logits in float32 and rounds once after the scale (as
+    upstream gradient; for float16/bfloat16 it forms the gradient from the saved logits and
+    statistics in float32, one elementwise pass, and rounds once after the scale (as
     ``csl_fast.ops._RoundOnceCrossEntropy``, which says why)."""
 
     @staticmethod
@@ -103,7 +102,7 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         _, grad, stats, zl, denom = output
         ctx.mark_non_differentiable(grad, stats, zl)
         if logits.dtype in _LOW_PRECISION:
-            ctx.save_for_backward(logits, target, weight, denom)
+            ctx.save_for_backward(logits, target, weight, stats, denom)
         else:
             ctx.save_for_backward(grad)
 
@@ -115,18 +114,14 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         if len(ctx.saved_tensors) == 1:
             (grad,) = ctx.saved_tensors
             return (grad * _per_row(grad_loss, ctx.reduction), *(None,) * 8)
-        logits, target, weight, denom = ctx.saved_tensors
-        scale = _per_row(grad_loss.float(), ctx.reduction)
+        logits, target, weight, stats, denom = ctx.saved_tensors
+        scale = grad_loss.float()
         scale = scale if denom is None else scale / denom
-        fwd = _op(ctx.name, _EXTRA_OPS)
-        w = None if weight is None else weight.float()
-
-        def chunk_grad(start: int, stop: int) -> torch.Tensor:
-            rows = logits[start:stop].float()
-            args = (ctx.ignore_index, ctx.smoothing, 0, ctx.softcap, ctx.zs)
-            return fwd(rows, target[start:stop], w, *args)[1]
-
-        return (_recompute_scaled(logits, scale, chunk_grad), *(None,) * 8)
+        args = (ctx.ignore_index, ctx.smoothing, ctx.softcap, ctx.zs)
+        grad = ops_backward.cross_entropy_bwd(
+            logits, target, weight, stats, scale, *args, backend=ctx.name
+        )
+        return (grad, *(None,) * 8)
 
 
 def cross_entropy_fwd_extra_with_grad(

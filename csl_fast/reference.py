@@ -155,22 +155,28 @@ def cross_entropy_bwd(
     scale: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    softcap: float = 0.0,
+    z_loss_scale: float = 0.0,
 ) -> torch.Tensor:
     """Reference of ``csl_fast::cross_entropy_bwd``: ``scale_i * d objective_i / d z_ij``
     ([B, C], logits' dtype) for float16/bfloat16 ``logits``, the per-row objective of
-    :func:`cross_entropy_fwd` (reduction 'none'), computed in float32 and rounded once.
-    ``scale`` is float32 with ``B`` entries or one; ``stats`` (the forward's, from which the
-    kernels take ``lse = stats[LOSS] + z_y``) does not change the result."""
+    :func:`cross_entropy_fwd` (reduction 'none'; with ``softcap`` or ``z_loss_scale``, of
+    :func:`cross_entropy_extra`), computed in float32 and rounded once. ``scale`` is
+    float32 with ``B`` entries or one; ``stats`` (the forward's, from which the kernels take
+    ``lse = stats[LOSS] + z'_y``) does not change the result."""
     z = logits.detach().float().requires_grad_(True)
     with torch.enable_grad():
+        zc = softcapped(z, softcap)
         objective = F.cross_entropy(
-            z,
+            zc,
             target.long(),
             weight=None if weight is None else weight.float(),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction="none",
         )
+        if z_loss_scale:
+            objective = objective + z_loss(zc, target, ignore_index, 0, z_loss_scale)
         upstream = scale.float().reshape(-1).expand(logits.shape[0])
         (grad,) = torch.autograd.grad(objective, z, upstream)
     return grad.to(logits.dtype)

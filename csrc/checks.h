@@ -64,17 +64,19 @@ inline void check_weight_shape(const at::Tensor& weight, int64_t C) {
                     " class weights, got shape ", weight.sizes());
 }
 
-// cross_entropy_bwd: half logits [B, C], the forward's target, weight and float32 stats
-// [kNumStats, B], and a float32 upstream scale of B entries (per row) or one.
+// cross_entropy_bwd: half logits [B, C], the forward's target, weight, extras and float32
+// stats [kNumStats, B], and a float32 upstream scale of B entries (per row) or one.
 inline void check_cross_entropy_bwd_args(const at::Tensor& logits, const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight,
                                          const at::Tensor& stats, const at::Tensor& scale,
-                                         double label_smoothing) {
+                                         double label_smoothing, double softcap,
+                                         double z_loss_scale) {
   check_logits_2d(logits);
   TORCH_CHECK_TYPE(logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
                    "csl_fast: cross_entropy_bwd takes float16 or bfloat16 logits, got ",
                    logits.scalar_type(), "; the float32/float64 ops keep the forward's gradient");
   check_cross_entropy_args(logits, target, label_smoothing, kNone);
+  check_cross_entropy_extras(weight, softcap, z_loss_scale);
   const int64_t B = logits.size(0);
   TORCH_CHECK_VALUE(logits.size(1) > 0 || B == 0, "csl_fast: logits have C = 0 classes");
   if (weight.has_value()) check_weight_shape(*weight, logits.size(1));

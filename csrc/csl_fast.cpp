@@ -14,13 +14,15 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "int ignore_index, float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
-  // Backward of cross_entropy_fwd for float16/bfloat16 logits in one elementwise pass:
-  // scale_i * d objective_i / d logits (reduction 'none'), computed in float32 from the
-  // logits and the forward's stats (lse = stats[LOSS] + z_y) and rounded once to the
-  // logits' dtype; zero on ignored rows. scale: float32, B entries (per row) or one.
+  // Backward of cross_entropy_fwd (softcap, z_loss_scale: of cross_entropy_fwd_extra; 0:
+  // off) for float16/bfloat16 logits in one elementwise pass: scale_i * d objective_i /
+  // d logits (reduction 'none'), computed in float32 from the logits and the forward's
+  // stats (lse = stats[LOSS] + z'_y) and rounded once to the logits' dtype; zero on
+  // ignored rows. scale: float32, B entries (per row) or one.
   m.def(
       "cross_entropy_bwd(Tensor logits, Tensor target, Tensor? weight, Tensor stats, "
-      "Tensor scale, int ignore_index, float label_smoothing) -> Tensor");
+      "Tensor scale, int ignore_index, float label_smoothing, float softcap=0., "
+      "float z_loss_scale=0.) -> Tensor");
   // The same with a language-model head's extras: the loss taken on soft-capped logits
   // z' = softcap * tanh(z / softcap) (softcap 0: off), plus the z-loss
   // z_loss_scale * logsumexp(z')^2 per non-ignored row (0: off), reduced like the loss

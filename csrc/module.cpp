@@ -65,7 +65,7 @@ at::Tensor mean_denominator(const at::Tensor& target, const OptTensor& weight,
 }
 
 using Bwd = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,
-                       const at::Tensor&, int64_t, double);
+                       const at::Tensor&, int64_t, double, double, double);
 
 // csl_fast::cross_entropy_bwd: the float16/bfloat16 gradient in one elementwise pass.
 const c10::TypedOperatorHandle<Bwd>& bwd_op() {
@@ -118,7 +118,7 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
         ctx->saved_data["has_weight"].toBool() ? OptTensor(saved[2]) : OptTensor();
     out[0] = bwd_op().call(saved[0], saved[1], weight, saved[3], scale.reshape({-1}),
                            ctx->saved_data["ignore_index"].toInt(),
-                           ctx->saved_data["smoothing"].toDouble());
+                           ctx->saved_data["smoothing"].toDouble(), 0.0, 0.0);
     return out;
   }
 };

@@ -58,7 +58,7 @@ def test_same_as_a_new_gradient_buffer(device, fused_backends, dtype, reduction,
         (l0, gx0, gw0, b0, _), (l1, gx1, gw1, b1, logits) = results
         assert torch.equal(l0, l1), backend
         if dtype == torch.bfloat16:
-            # inplace rounds the gradient twice (the default recomputes it in backward and
+            # inplace rounds the gradient twice (the default forms it in backward and
             # rounds once): a bfloat16 ulp or two per logit, nothing like a wrong scale.
             for a, b in ((gx0, gx1), (gw0, gw1)):
                 torch.testing.assert_close(

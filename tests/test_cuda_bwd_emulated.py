@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from test_cuda_compile import _DTYPE_CODES, _cuda_include, _emu_cmd
-from test_ops_backward import IGNORE, cancelling, exact_grad
+from test_ops_backward import IGNORE, cancelling, exact_extra, exact_grad
 from tolerances import assert_rounded_once
 
 from csl_fast import _ext, reference
@@ -34,7 +34,7 @@ def emu(tmp_path_factory):
     assert done.returncode == 0, done.stdout + done.stderr
     lib = ctypes.CDLL(str(lib))
     lib.emu_cross_entropy_bwd.argtypes = [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _P, _D]
-    lib.emu_cross_entropy_bwd.argtypes += [_P, _P, _I, _P, _P]
+    lib.emu_cross_entropy_bwd.argtypes += [_P, _P, _I, _P, _P, _D, _D]
     return lib
 
 
@@ -44,7 +44,7 @@ def _stats(logits, target, weight, eps):
     return reference.row_statistics(logits, target, IGNORE)
 
 
-def _run(lib, logits, target, weight, stats, scale, eps):
+def _run(lib, logits, target, weight, stats, scale, eps, softcap=0.0, zs=0.0):
     """What ops_cuda.cpp does around the launcher: (grad, error flag)."""
     batch, classes = logits.shape
     assert logits.stride(1) == 1
@@ -59,6 +59,7 @@ def _run(lib, logits, target, weight, stats, scale, eps):
         t.data_ptr(), IGNORE, None if w is None else w.data_ptr(),
         None if w_sum is None else w_sum.data_ptr(), eps, stats.contiguous().data_ptr(),
         sc.data_ptr(), int(sc.numel() == batch and batch > 1), grad.data_ptr(), flag.data_ptr(),
+        softcap, zs,
     )  # fmt: skip
     assert rc == 0, f"launcher returned cudaError {rc}"
     return grad, int(flag.item())
@@ -81,6 +82,24 @@ def test_emulated_bwd(emu, classes, batch, dtype, eps, weighted, per_row):
     exact = exact_grad(logits, target, weight, scale, eps)
     atol = cancelling(scale, weight, eps, batch, classes)
     assert_rounded_once(grad, exact, f"{dtype} C={classes} eps={eps}", atol=atol)
+
+
+@pytest.mark.parametrize(("classes", "batch"), [(7, 9), (4097, 2)])
+@pytest.mark.parametrize(("softcap", "zs", "eps"), [(5.0, 0.0, 0.1), (3.0, 0.01, 0.0)])
+def test_emulated_bwd_extras(emu, classes, batch, softcap, zs, eps):
+    """Soft-capping and the z-loss, on the extra forward's statistics (spread 10)."""
+    logits = (torch.randn(batch, classes, dtype=torch.float64) * 10).bfloat16()
+    target = torch.randint(0, classes, (batch,))
+    scale = torch.randn(batch) * 2
+    args = (logits, target, None, IGNORE, eps, 0, softcap, zs)
+    if _ext._C is not None:
+        stats = torch.ops.csl_fast.cross_entropy_fwd_extra(*args)[2]
+    else:
+        stats = reference.cross_entropy_fwd_extra(*args)[2]
+    grad, flag = _run(emu, logits, target, None, stats, scale, eps, softcap, zs)
+    assert flag == 0
+    exact, atol = exact_extra(logits, target, scale, eps, softcap, zs)
+    assert_rounded_once(grad, exact, f"C={classes} softcap={softcap} zs={zs}", atol=atol)
 
 
 def test_emulated_bwd_row_kinds(emu):

@@ -51,6 +51,26 @@ def cancelling(scale, weight, eps, b, c, ulps=16):
     return ulps * 2.0**-24 * s * (eps / max(c, 1)) * (w + w.sum())[None, :]
 
 
+def exact_extra(logits, target, scale, eps, softcap, zs):
+    """float64 gradient of the extras' per-row objective (cross entropy of
+    ``z' = softcap tanh(z / softcap)`` plus ``zs lse(z')^2``) times ``scale``, and the float32
+    error of terms that cancel there: the z-loss's ``2 zs lse p_j`` against the rest, and
+    ``1 - tanh^2`` near ``|tanh| = 1`` (~``2^-20`` of the gradient before that factor)."""
+    z = logits.detach().double().cpu()
+    t = torch.tanh(z / softcap) if softcap else torch.zeros_like(z)
+    zc = (softcap * t if softcap else z).requires_grad_(True)
+    target = target.cpu()
+    loss = F.cross_entropy(zc, target, ignore_index=IGNORE, label_smoothing=eps, reduction="none")
+    if zs:
+        loss = loss + reference.z_loss(zc, target, IGNORE, 0, zs)
+    up = scale.double().cpu().reshape(-1).expand(z.shape[0])
+    (g,) = torch.autograd.grad(loss, zc, up)
+    lse = torch.logsumexp(zc.detach(), 1, keepdim=True)
+    atol = 16 * 2.0**-24 * (up[:, None].abs() * 2 * zs * lse.abs() + g.abs())
+    atol = atol + cancelling(scale, None, eps, *z.shape)
+    return g * (1 - t * t), atol
+
+
 def run(backend, logits, target, weight, scale, eps, ignore_index=IGNORE):
     """The forward's statistics, then the backward: (ours, reference)."""
     _, _, stats = torch.ops.csl_fast.cross_entropy_fwd(logits, target, weight, ignore_index, eps, 0)
@@ -89,6 +109,27 @@ def test_rounded_once(cxx, device, dtype, b, c, eps, weighted, per_row):
     step = info.eps * ref.double().abs().clamp_min(info.smallest_normal)
     assert bool(((ours.double() - ref.double()).abs().cpu() <= step.cpu() + 64 * atol).all())
     assert bool((ours[target == IGNORE] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(("b", "c"), [(7, 3), (9, 33), (3, 2049)])
+@pytest.mark.parametrize(
+    ("softcap", "zs", "eps"), [(5.0, 0.0, 0.1), (0.0, 0.1, 0.0), (3.0, 0.01, 0.0)]
+)
+def test_extras_rounded_once(cxx, device, dtype, b, c, softcap, zs, eps):
+    """Soft-capping and the z-loss (csl_fast.ops_extras), on the extra forward's statistics;
+    rows past the loss bound (spread 30) among them."""
+    logits, target, _, scale = _case(b, c, dtype, device, spread=10.0)
+    fwd = torch.ops.csl_fast.cross_entropy_fwd_extra
+    stats = fwd(logits, target, None, IGNORE, eps, 0, softcap, zs)[2]
+    args = (logits, target, None, stats, scale, IGNORE, eps, softcap, zs)
+    ours = ops_backward.cross_entropy_bwd(*args, backend=cxx)
+    exact, atol = exact_extra(logits, target, scale, eps, softcap, zs)
+    what = f"{dtype} B={b} C={c} softcap={softcap} zs={zs}"
+    assert_rounded_once(ours.cpu(), exact, what, atol=atol)
+    ref = reference.cross_entropy_bwd(*args)
+    step = torch.finfo(dtype).eps * ref.double().abs().clamp_min(torch.finfo(dtype).smallest_normal)
+    assert bool(((ours.double() - ref.double()).abs().cpu() <= step.cpu() + 64 * atol).all())
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
@@ -175,18 +216,24 @@ def test_bad_arguments_raise_before_writing(cxx, device):
         op(logits, target, None, stats, scale.double(), IGNORE, 0.0)
     with pytest.raises(ValueError, match="weight must be"):
         op(logits, target, torch.ones(4, device=device), stats, scale, IGNORE, 0.0)
+    with pytest.raises(ValueError, match="z-loss is not supported with class weights"):
+        op(logits, target, torch.ones(5, device=device), stats, scale, IGNORE, 0.0, 0.0, 0.1)
+    with pytest.raises(ValueError, match="softcap must be"):
+        op(logits, target, None, stats, scale, IGNORE, 0.0, -1.0, 0.0)
     if device == "cpu":  # the CUDA kernel gives such a row NaN (as its forward)
         with pytest.raises(IndexError, match="outside"):
             op(logits, torch.tensor([0, 1, 9, 2]), None, stats, scale, IGNORE, 0.0)
 
 
-@pytest.mark.parametrize("weighted", [False, True])
-def test_opcheck(cxx, device, weighted):
+@pytest.mark.parametrize(
+    ("weighted", "softcap", "zs"), [(False, 0.0, 0.0), (True, 0.0, 0.0), (False, 4.0, 0.1)]
+)
+def test_opcheck(cxx, device, weighted, softcap, zs):
     logits, target, weight, scale = _case(6, 7, torch.bfloat16, device, weighted=weighted)
     _, _, stats = torch.ops.csl_fast.cross_entropy_fwd(logits, target, weight, IGNORE, 0.1, 0)
     torch.library.opcheck(
         torch.ops.csl_fast.cross_entropy_bwd.default,
-        (logits, target, weight, stats, scale, IGNORE, 0.1),
+        (logits, target, weight, stats, scale, IGNORE, 0.1, softcap, zs),
     )
 
 

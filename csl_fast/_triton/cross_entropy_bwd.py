@@ -6,7 +6,10 @@
 in float32, scaled by the row's upstream factor and rounded once to the logits' dtype. Rows
 the forward did not record or with a loss above ``LOSS_BOUND`` take ``lse`` from the row
 (a max pass and a sum pass, only in programs that hold such a row). A target outside
-``[0, C)`` that is not ``ignore_index`` gives a NaN row, as the forward.
+``[0, C)`` that is not ``ignore_index`` gives a NaN row, as the forward. The extras
+(compile-time switches): ``HAS_CAP`` takes ``z' = s tanh(z / s)`` (the forward's
+``_tanh``) and multiplies the gradient by ``1 - tanh^2``; ``HAS_ZLOSS`` adds
+``2 zs lse p_j``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch.library import wrap_triton
 
 from ..stats import Stat
 from ._registry import is_interpreted, register
-from .cross_entropy import _next_pow2, _to_out
+from .cross_entropy import _next_pow2, _tanh, _to_out
 
 #: Past this loss, float32 rounding of ``stats[LOSS]`` would reach 1/100 of a float16 step.
 LOSS_BOUND = 64.0
@@ -56,6 +59,10 @@ def _ce_bwd_kernel(
     STAT_LOSS: tl.constexpr,
     STAT_VALID: tl.constexpr,
     BOUND: tl.constexpr,
+    cap,
+    zs,
+    HAS_CAP: tl.constexpr,
+    HAS_ZLOSS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -69,7 +76,10 @@ def _ce_bwd_kernel(
     grow = grad_ptr + rows * C
     cols0 = tl.arange(0, BLOCK_C)
 
-    z_y = tl.load(lrow + y, mask=active, other=0.0).to(tl.float32)
+    z_y_raw = tl.load(lrow + y, mask=active, other=0.0).to(tl.float32)
+    z_y = z_y_raw
+    if HAS_CAP:
+        z_y = cap * _tanh(z_y_raw / cap)
     loss = tl.load(stats_ptr + STAT_LOSS * B + rows, mask=row_mask, other=0.0)
     valid = tl.load(stats_ptr + STAT_VALID * B + rows, mask=row_mask, other=0.0)
     slow = active & ~((valid > 0.0) & (loss <= BOUND))
@@ -81,14 +91,18 @@ def _ce_bwd_kernel(
         for start in range(0, C, BLOCK_C):
             cols = start + cols0
             mask = slow[:, None] & (cols < C)[None, :]
-            z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-            m = tl.maximum(m, tl.max(z.to(tl.float32), 1))
+            z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = cap * _tanh(z / cap)
+            m = tl.maximum(m, tl.max(tl.where(mask, z, float("-inf")), 1))
         s = tl.zeros([ROWS], tl.float32)
         m_safe = tl.where(slow, m, 0.0)
         for start in range(0, C, BLOCK_C):
             cols = start + cols0
             mask = slow[:, None] & (cols < C)[None, :]
             z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = cap * _tanh(z / cap)
             s += tl.sum(tl.where(mask, tl.exp(z - m_safe[:, None]), 0.0), 1)
         log_s = tl.log(tl.where(slow, s, 1.0))
         ref = tl.where(slow, m_safe, z_y)
@@ -108,16 +122,22 @@ def _ce_bwd_kernel(
     smooth = eps / C
     p_y = tl.exp(-loss)
     q = -_expm1(-loss)  # 1 - p_y
-    # d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
-    a = ((1.0 - eps) * w_y + smooth * w_total) * scale
+    z_coef = 0.0
+    if HAS_ZLOSS:
+        z_coef = 2.0 * zs * (ref + off)  # the z-loss zs lse^2 adds 2 zs lse p_j
+    # d objective / d z'_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j) + z_coef p_j.
+    a = ((1.0 - eps) * w_y + smooth * w_total + z_coef) * scale
     b = tl.where(active, smooth * scale, 0.0)
-    g_y = (-(1.0 - eps) * w_y * q + smooth * (w_total * p_y - w_y)) * scale
+    g_y = (-(1.0 - eps) * w_y * q + smooth * (w_total * p_y - w_y) + z_coef * p_y) * scale
     a = tl.where(bad, float("nan"), tl.where(active, a, 0.0))
     for start in range(0, C, BLOCK_C):
         cols = start + cols0
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
         z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_CAP:
+            t = _tanh(z / cap)
+            z = cap * t
         p = tl.exp((z - ref[:, None]) - off[:, None])
         p = tl.where(active[:, None], p, 0.0)
         if HAS_WEIGHT:
@@ -126,11 +146,13 @@ def _ce_bwd_kernel(
         else:
             g = a[:, None] * p - b[:, None]
         g = tl.where(active[:, None] & (cols[None, :] == y[:, None]), g_y[:, None], g)
+        if HAS_CAP:
+            g = g * (1.0 - t * t)
         out = _to_out(g, grad_ptr.dtype.element_ty, MANUAL_BF16_RNE)
         tl.store(grow[:, None] + cols[None, :], out, mask=mask)
 
 
-def _fake_bwd(logits, target, weight, stats, scale, ignore_index, label_smoothing):
+def _fake_bwd(logits, target, weight, stats, scale, *args):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -148,6 +170,8 @@ def cross_entropy_bwd_triton(
     scale: torch.Tensor,
     ignore_index: int,
     label_smoothing: float,
+    softcap: float = 0.0,
+    z_loss_scale: float = 0.0,
 ) -> torch.Tensor:
     """``[B, C]`` gradient of float16/bfloat16 ``logits`` as
     :func:`csl_fast.reference.cross_entropy_bwd` (``scale``: float32, ``B`` entries or one;
@@ -199,6 +223,10 @@ def cross_entropy_bwd_triton(
         STAT_LOSS=int(Stat.LOSS),
         STAT_VALID=int(Stat.VALID),
         BOUND=LOSS_BOUND,
+        cap=float(softcap),
+        zs=float(z_loss_scale),
+        HAS_CAP=softcap != 0.0,
+        HAS_ZLOSS=z_loss_scale != 0.0,
         num_warps=max(4, min(8, rows * block // 256)),
     )
     return grad

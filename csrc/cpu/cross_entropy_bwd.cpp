@@ -53,11 +53,13 @@ struct BwdRows {
   bool per_row_scale;
   int64_t ignore_index;
   float eps;
+  float cap;  // soft-cap s: the loss is of z' = s tanh(z / s); 0: off
+  float zs;   // z-loss scale: zs * lse(z')^2 per row; 0: off
   int64_t B, C;
 };
 
-// Per row: p_j = exp((z_j - ref) - off); g_j = a p_j - b w_j (w_j = 1 without weights),
-// g_y = gy. ignored: a zero row.
+// Per row: p_j = exp((z'_j - ref) - off); g_j = (a p_j - b w_j) dz'_j/dz_j (w_j = 1
+// without weights, z' = z and the factor 1 without a soft-cap), g_y = gy. ignored: a zero row.
 struct RowCoef {
   float ref, off, a, b, gy;
   bool ignored;
@@ -68,18 +70,21 @@ inline __attribute__((always_inline)) RowCoef row_coef(const BwdRows<scalar_t>& 
   const int64_t y = r.target[i];
   if (y == r.ignore_index) return {0.f, 0.f, 0.f, 0.f, 0.f, true};
   const scalar_t* z = r.in + i * r.row_stride;
-  const float z_y = static_cast<float>(z[y]);
+  const float cap = r.cap;
+  // The forward's z' (the same tanh), so that z'_y + loss is its lse.
+  const auto capped = [cap](float v) { return cap != 0.f ? cap * tanh_approx(v / cap) : v; };
+  const float z_y = capped(static_cast<float>(z[y]));
   float ref = z_y, loss = r.loss[i];
   float off = loss;
   if (!(r.valid[i] > 0.f && loss <= kLossBound)) {
-    // Not recorded or far from confident: m and log(sum_j exp(z_j - m)) from the row.
+    // Not recorded or far from confident: m and log(sum_j exp(z'_j - m)) from the row.
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t j = 0; j < r.C; ++j) {
-      const float v = static_cast<float>(z[j]);
+      const float v = capped(static_cast<float>(z[j]));
       m = v > m ? v : m;
     }
     double s = 0;
-    for (int64_t j = 0; j < r.C; ++j) s += std::exp(static_cast<float>(z[j]) - m);
+    for (int64_t j = 0; j < r.C; ++j) s += std::exp(capped(static_cast<float>(z[j])) - m);
     const float log_s = static_cast<float>(std::log(s));
     ref = m;
     off = log_s;
@@ -91,9 +96,16 @@ inline __attribute__((always_inline)) RowCoef row_coef(const BwdRows<scalar_t>& 
   const float smooth = eps / static_cast<float>(r.C);
   const float p_y = std::exp(-loss);
   const float q = -std::expm1(-loss);  // 1 - p_y without cancellation
-  // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
-  const float a = ((1.f - eps) * w_y + smooth * r.w_total) * scale;
-  const float gy = (-(1.f - eps) * w_y * q + smooth * (r.w_total * p_y - w_y)) * scale;
+  // The z-loss zs lse^2 adds 2 zs lse p_j (refused with class weights).
+  const float z_coef = r.zs != 0.f ? 2.f * r.zs * (ref + off) : 0.f;
+  // d objective / d z'_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j) + z_coef p_j.
+  const float a = ((1.f - eps) * w_y + smooth * r.w_total + z_coef) * scale;
+  float gy =
+      (-(1.f - eps) * w_y * q + smooth * (r.w_total * p_y - w_y) + z_coef * p_y) * scale;
+  if (cap != 0.f) {
+    const float t = tanh_approx(static_cast<float>(z[y]) / cap);
+    gy *= 1.f - t * t;
+  }
   return {ref, off, a, smooth * scale, gy, false};
 }
 
@@ -193,10 +205,49 @@ const HalfOps<scalar_t>& half_ops() {
   return ops;
 }
 
+// Soft-capped rows, one at a time in column tiles: z' and 1 - tanh^2 per element.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void capped_rows(const BwdRows<scalar_t>& r, int64_t begin,
+                                                       int64_t end) {
+  const HalfOps<scalar_t>& ops = half_ops<scalar_t>();
+  const float cap = r.cap;
+  float tile[kTile], dcap[kTile];
+  for (int64_t i = begin; i < end; ++i) {
+    const RowCoef c = row_coef(r, i);
+    scalar_t* g = r.out + i * r.C;
+    if (c.ignored) {
+      std::fill(g, g + r.C, scalar_t(0));
+      continue;
+    }
+    const scalar_t* z = r.in + i * r.row_stride;
+    for (int64_t lo = 0; lo < r.C; lo += kTile) {
+      const int64_t n = std::min(kTile, r.C - lo);
+      const float* w = r.w ? r.w + lo : nullptr;
+      ops.load(tile, z + lo, n, 0.f, 0.f);  // the logits as they are
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const float t = tanh_approx(tile[j] / cap);
+        dcap[j] = 1.f - t * t;
+        tile[j] = exp_approx((cap * t - c.ref) - c.off);
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        tile[j] = (c.a * tile[j] - c.b * (w ? w[j] : 1.f)) * dcap[j];
+      }
+      ops.store(g + lo, tile, nullptr, n, 1.f, 0.f);  // rounds only
+    }
+    g[r.target[i]] = static_cast<scalar_t>(c.gy);
+  }
+}
+
 template <typename scalar_t>
 inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r, int64_t begin,
                                                      int64_t end) {
   const int64_t C = r.C;
+  if (r.cap != 0.f) {
+    capped_rows(r, begin, end);
+    return;
+  }
   const HalfOps<scalar_t>& ops = half_ops<scalar_t>();
   float tile[kTile];
   if (C <= kTile) {
@@ -261,8 +312,9 @@ inline void run_bwd(const BwdRows<at::BFloat16>& r, int64_t b, int64_t e) { bwd_
 at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
                              const std::optional<at::Tensor>& weight, const at::Tensor& stats,
                              const at::Tensor& scale, int64_t ignore_index,
-                             double label_smoothing) {
-  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing);
+                             double label_smoothing, double softcap, double z_loss_scale) {
+  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing, softcap,
+                               z_loss_scale);
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
   const at::Tensor t = target.to(at::kLong).contiguous();
@@ -299,6 +351,8 @@ at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
                                  sc.numel() == B && B > 1,
                                  ignore_index,
                                  static_cast<float>(label_smoothing),
+                                 static_cast<float>(softcap),
+                                 static_cast<float>(z_loss_scale),
                                  B,
                                  C};
     const int64_t grain = std::max<int64_t>(1, 32768 / C);

@@ -28,7 +28,13 @@ struct BwdArgs {
   bool per_row_scale;
   T* grad;
   int* error_flag;
+  float cap, zs;
 };
+
+// z' = cap tanh(z / cap) (the forward's), or z without a cap.
+__device__ __forceinline__ float capped(float z, float cap) {
+  return cap != 0.f ? cap * dev_tanh(z / cap) : z;
+}
 
 template <typename T>
 __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const BwdArgs<T> a) {
@@ -51,16 +57,17 @@ __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const Bw
       for (int64_t j = lo + lane; j < hi; j += 32) g[j] = fill;
       continue;
     }
-    const float z_y = to_acc(z[y]);
+    const float cap = a.cap;
+    const float z_y = capped(to_acc(z[y]), cap);
     float loss = a.stats[kLoss * a.rows + i];
     float ref = z_y, off = loss;
     if (!(a.stats[kValid * a.rows + i] > 0.f && loss <= kBwdLossBound)) {
       // Not recorded or far from confident: lse from the row (warp-uniform branch).
       float m = -inf_of<float>();
-      for (int64_t j = lane; j < C; j += 32) m = dev_max(m, to_acc(z[j]));
+      for (int64_t j = lane; j < C; j += 32) m = dev_max(m, capped(to_acc(z[j]), cap));
       m = warp_allreduce(m, MaxOp());
       float s = 0.f;
-      for (int64_t j = lane; j < C; j += 32) s += dev_exp(to_acc(z[j]) - m);
+      for (int64_t j = lane; j < C; j += 32) s += dev_exp(capped(to_acc(z[j]), cap) - m);
       s = warp_allreduce(s, SumOp());
       const float log_s = dev_log(s);
       ref = m;
@@ -74,14 +81,24 @@ __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const Bw
     const float smooth = eps / static_cast<float>(C);
     const float p_y = dev_exp(-loss);
     const float q = -expm1f(-loss);  // 1 - p_y without cancellation
-    // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
-    const float coef = ((1.f - eps) * w_y + smooth * w_total) * scale;
+    const float z_coef = a.zs != 0.f ? 2.f * a.zs * (ref + off) : 0.f;  // the z-loss's
+    // d objective / d z'_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j) + z_coef p_j.
+    const float coef = ((1.f - eps) * w_y + smooth * w_total + z_coef) * scale;
     const float b = smooth * scale;
-    const float g_y = (-(1.f - eps) * w_y * q + smooth * (w_total * p_y - w_y)) * scale;
+    const float g_y =
+        (-(1.f - eps) * w_y * q + smooth * (w_total * p_y - w_y) + z_coef * p_y) * scale;
     for (int64_t j = lo + lane; j < hi; j += 32) {
-      const float p = dev_exp((to_acc(z[j]) - ref) - off);
-      const float v = coef * p - b * (a.weight ? a.weight[j] : 1.f);
-      g[j] = Store<T>::from(j == y ? g_y : v);
+      const float zj = to_acc(z[j]);
+      float v;
+      if (cap != 0.f) {
+        const float t = dev_tanh(zj / cap);
+        const float p = dev_exp((cap * t - ref) - off);
+        v = (j == y ? g_y : coef * p - b * (a.weight ? a.weight[j] : 1.f)) * (1.f - t * t);
+      } else {
+        const float p = dev_exp((zj - ref) - off);
+        v = j == y ? g_y : coef * p - b * (a.weight ? a.weight[j] : 1.f);
+      }
+      g[j] = Store<T>::from(v);
     }
   }
 }
@@ -104,6 +121,8 @@ cudaError_t launch_bwd(const CrossEntropyBwdParams& p, cudaStream_t stream) {
   a.per_row_scale = p.per_row_scale;
   a.grad = static_cast<T*>(p.grad);
   a.error_flag = p.error_flag;
+  a.cap = static_cast<float>(p.softcap);
+  a.zs = static_cast<float>(p.z_loss_scale);
   if (p.rows == 0) return cudaGetLastError();
   const unsigned blocks = grid_for(p.rows * a.chunks, kBwdWarpsPerBlock);
   ce_bwd_kernel<T><<<blocks, kBwdWarpsPerBlock * 32, 0, stream>>>(a);
@@ -113,7 +132,8 @@ cudaError_t launch_bwd(const CrossEntropyBwdParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t cross_entropy_bwd(const CrossEntropyBwdParams& p, cudaStream_t stream) {
-  if (p.rows < 0 || p.classes < 1 || p.classes > kMaxClasses || p.logits_row_stride < 0) {
+  if (p.rows < 0 || p.classes < 1 || p.classes > kMaxClasses || p.logits_row_stride < 0 ||
+      p.softcap < 0.0 || p.z_loss_scale < 0.0) {
     return cudaErrorInvalidValue;
   }
   if (p.rows > 0 && (p.logits == nullptr || p.target == nullptr || p.stats == nullptr ||

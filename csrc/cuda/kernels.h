@@ -105,6 +105,9 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, cudaStream_t stream);
 // statistics, p_j = exp((z_j - z_y) - stats[kLoss, i]) and
 //   grad[i, j] = scale_i ((1-eps) w_y (p_j - [j == y]) + (eps/C)(W p_j - w_j))
 // in float32, rounded once to the logits' dtype (the true class's 1 - p_y as -expm1(-loss)).
+// Extras (of cross_entropy_fwd_extra): softcap s > 0 takes z' = s tanh(z / s) for z above
+// and multiplies grad[i, j] by 1 - tanh^2(z_j / s); z_loss_scale zs > 0 adds
+// scale_i 2 zs lse p_j, lse = stats[kLoss, i] + z'_y.
 // Rows with stats[kValid] == 0 or a loss above kBwdLossBound take lse from the row (a max and
 // a sum pass). Ignored rows: 0; a target outside [0, C) that is not ignore_index: NaN (and
 // the error flag bit, as the forward). One warp per (row, chunk of kBwdChunk classes).
@@ -124,6 +127,8 @@ struct CrossEntropyBwdParams {
   bool per_row_scale = false;
   void* grad = nullptr;       // logits dtype, [rows, classes] contiguous
   int* error_flag = nullptr;  // optional, see the top of this file
+  double softcap = 0.0;       // 0: off
+  double z_loss_scale = 0.0;  // 0: off
 };
 constexpr float kBwdLossBound = 64.0f;
 constexpr int64_t kBwdChunk = 4096;

@@ -222,8 +222,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace_c
 at::Tensor cross_entropy_bwd_cuda(const at::Tensor& logits, const at::Tensor& target,
                                   const std::optional<at::Tensor>& weight,
                                   const at::Tensor& stats, const at::Tensor& scale,
-                                  int64_t ignore_index, double label_smoothing) {
-  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing);
+                                  int64_t ignore_index, double label_smoothing, double softcap,
+                                  double z_loss_scale) {
+  check_cross_entropy_bwd_args(logits, target, weight, stats, scale, label_smoothing, softcap,
+                               z_loss_scale);
   check_same_device(target, "target", logits, "logits");
   check_same_device(stats, "stats", logits, "logits");
   check_same_device(scale, "scale", logits, "logits");
@@ -262,6 +264,8 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& logits, const at::Tensor& ta
   p.scale = sc.const_data_ptr<float>();
   p.per_row_scale = sc.numel() == B && B > 1;
   p.grad = grad.mutable_data_ptr();
+  p.softcap = softcap;
+  p.z_loss_scale = z_loss_scale;
   at::Tensor flag;
   if (validate_mode()) {
     flag = at::zeros({1}, logits.options().dtype(at::kInt));

@@ -88,7 +88,8 @@ def main(mode: str) -> None:
             )
             _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
             print("ok cross_entropy", dt, const, flush=True)
-    # The float16/bfloat16 backward: several rows per program and one wide row in tiles.
+    # The float16/bfloat16 backward: several rows per program and one wide row in tiles; the
+    # extras (soft-cap, z-loss) on the variants without weights.
     bwd_layouts = [(16, 128, 4), (1, 2048, 8)]
     for dt, (rows, block, warps) in itertools.product(["fp16", "bf16"], bwd_layouts):
         if mode == "minimal" and dt == "fp16":
@@ -97,7 +98,7 @@ def main(mode: str) -> None:
             sig = {"logits_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "target_ptr": "*i64"}
             sig |= {"weight_ptr": "*fp32", "wsum_ptr": "*fp32", "stats_ptr": "*fp32"}
             sig |= {"scale_ptr": "*fp32", "B": "i32", "C": "i32", "stride_lr": "i64"}
-            sig |= {"ignore_index": "i32", "eps": "fp32"}
+            sig |= {"ignore_index": "i32", "eps": "fp32", "cap": "fp32", "zs": "fp32"}
             sig = {k: sig[k] for k in cross_entropy_bwd._ce_bwd_kernel.arg_names if k in sig}
             const = dict(
                 HAS_WEIGHT=has_w,
@@ -108,6 +109,8 @@ def main(mode: str) -> None:
                 STAT_LOSS=0,
                 STAT_VALID=5,
                 BOUND=cross_entropy_bwd.LOSS_BOUND,
+                HAS_CAP=not has_w or mode == "minimal",
+                HAS_ZLOSS=not has_w or mode == "minimal",
             )
             _compile(cross_entropy_bwd._ce_bwd_kernel, sig, const, warps)
             print("ok cross_entropy_bwd", dt, const, flush=True)

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ops_backward import IGNORE, cancelling, exact_grad
+from test_ops_backward import IGNORE, cancelling, exact_extra, exact_grad
 from tolerances import assert_rounded_once
 
 from csl_fast import reference
 from csl_fast._triton import cross_entropy_bwd as bwd_module
-from csl_fast._triton import cross_entropy_bwd_triton, cross_entropy_fwd_triton
+from csl_fast._triton import (
+    cross_entropy_bwd_triton,
+    cross_entropy_fwd_extra_triton,
+    cross_entropy_fwd_triton,
+)
 from csl_fast.stats import Stat
 
 LOW = [torch.float16, torch.bfloat16]
@@ -41,6 +45,24 @@ def test_rounded_once(tdevice, dtype, b, c, eps, weighted, per_row):
     info = torch.finfo(dtype)  # one step apart at most (subnormals: one subnormal step)
     step = info.eps * ref.double().abs().clamp_min(info.smallest_normal)
     assert bool(((ours.double() - ref.double()).abs().cpu() <= step.cpu() + 64 * atol).all())
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize(
+    ("softcap", "zs", "eps"), [(5.0, 0.0, 0.1), (0.0, 0.1, 0.0), (3.0, 0.01, 0.0)]
+)
+def test_extras_rounded_once(tdevice, dtype, softcap, zs, eps):
+    """Soft-capping and the z-loss on the extra forward's statistics (spread 10: some rows
+    past the loss bound)."""
+    logits = (torch.randn(6, 37, dtype=torch.float64) * 10).to(dtype).to(tdevice)
+    target = torch.randint(0, 37, (6,), device=tdevice)
+    target[2] = IGNORE
+    scale = torch.randn(6, device=tdevice) * 2
+    stats = cross_entropy_fwd_extra_triton(logits, target, None, IGNORE, eps, 0, softcap, zs)[2]
+    args = (logits, target, None, stats, scale, IGNORE, eps, softcap, zs)
+    ours = cross_entropy_bwd_triton(*args)
+    exact, atol = exact_extra(logits, target, scale, eps, softcap, zs)
+    assert_rounded_once(ours.cpu(), exact, f"{dtype} softcap={softcap} zs={zs}", atol=atol)
 
 
 def test_column_tiles_unrecorded_rows_and_strides(tdevice, monkeypatch):

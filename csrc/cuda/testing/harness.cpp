@@ -71,7 +71,7 @@ int emu_cross_entropy_bwd(const void* logits, int dtype, int64_t rows, int64_t c
                           int64_t row_stride, const int64_t* target, int64_t ignore_index,
                           const float* weight, const float* weight_sum, double label_smoothing,
                           const float* stats, const float* scale, int per_row_scale, void* grad,
-                          int* error_flag) {
+                          int* error_flag, double softcap, double z_loss_scale) {
   CrossEntropyBwdParams p;
   p.logits = logits;
   p.logits_dtype = static_cast<DType>(dtype);
@@ -88,6 +88,8 @@ int emu_cross_entropy_bwd(const void* logits, int dtype, int64_t rows, int64_t c
   p.per_row_scale = per_row_scale != 0;
   p.grad = grad;
   p.error_flag = error_flag;
+  p.softcap = softcap;
+  p.z_loss_scale = z_loss_scale;
   return static_cast<int>(cross_entropy_bwd(p, nullptr));
 }
 
