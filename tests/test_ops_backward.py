@@ -5,6 +5,11 @@ host emulation: tests/test_cuda_bwd_emulated.py)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -247,3 +252,39 @@ def test_the_checker_catches_a_second_rounding():
     with pytest.raises(AssertionError, match="off by more than"):
         assert_rounded_once((unit.float() * 1.7).half(), exact, "twice")
     assert_rounded_once(exact.half(), exact, "once")
+
+
+def test_portable_loops(cxx, device, tmp_path):
+    """CSL_FAST_CPU_PORTABLE=1 (a child process): the loads and stores a CPU without
+    AVX2/F16C runs, on every row kind and both dtypes, rounded once as above."""
+    if device != "cpu":
+        pytest.skip("the portable loops are the CPU kernel's")
+    script = tmp_path / "portable.py"
+    script.write_text(
+        "import torch\n"
+        "from test_ops_backward import _case, cancelling, exact_extra, exact_grad, run\n"
+        "from tolerances import assert_rounded_once\n"
+        "import csl_fast.ops_backward as ob\n"
+        "torch.manual_seed(0)\n"
+        "for dtype in (torch.float16, torch.bfloat16):\n"
+        "    for b, c in ((13, 10), (3, 2049)):\n"
+        "        x, t, w, s = _case(b, c, dtype, 'cpu', weighted=True)\n"
+        "        ours, _, _ = run('cpu', x, t, w, s, 0.1)\n"
+        "        want = exact_grad(x, t, w, s, 0.1)\n"
+        "        assert_rounded_once(ours, want, 'portable', atol=cancelling(s, w, 0.1, b, c))\n"
+        "        x, t, _, s = _case(b, c, dtype, 'cpu', spread=10.0)\n"
+        "        fwd = torch.ops.csl_fast.cross_entropy_fwd_extra\n"
+        "        st = fwd(x, t, None, -100, 0.0, 0, 5.0, 0.1)[2]\n"
+        "        args = (x, t, None, st, s, -100, 0.0, 5.0, 0.1)\n"
+        "        ours = ob.cross_entropy_bwd(*args, backend='cpu')\n"
+        "        want, atol = exact_extra(x, t, s, 0.0, 5.0, 0.1)\n"
+        "        assert_rounded_once(ours, want, 'portable extras', atol=atol)\n"
+        "print('portable ok')\n"
+    )
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, CSL_FAST_CPU_PORTABLE="1", PYTHONPATH=path)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert done.returncode == 0 and "portable ok" in done.stdout, done.stdout + done.stderr

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -135,7 +136,8 @@ void load_range(float* d, const scalar_t* z, int64_t n, float ref, float off) {
 
 // Half <-> float32 eight at a time with AVX2/F16C where the CPU has them: GCC 12 leaves the
 // c10::Half and c10::BFloat16 conversions in the loops above scalar (~2-3x slower). Called
-// per tile or row, through pointers picked once.
+// per tile or row, through pointers picked once. CSL_FAST_CPU_PORTABLE=1 in the environment
+// (read once) keeps the portable loops, as on a CPU without AVX2/F16C: tests run them so.
 template <typename scalar_t>
 struct HalfOps {
   void (*load)(float*, const scalar_t*, int64_t, float, float) = load_range<scalar_t>;
@@ -195,7 +197,9 @@ const HalfOps<scalar_t>& half_ops() {
   static const HalfOps<scalar_t> ops = [] {
     HalfOps<scalar_t> o;
 #if defined(__x86_64__)
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
+    const char* portable = std::getenv("CSL_FAST_CPU_PORTABLE");
+    const bool forced = portable != nullptr && portable[0] != '\0' && portable[0] != '0';
+    if (!forced && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c")) {
       o.load = load_v3<scalar_t>;
       o.store = store_v3<scalar_t>;
     }
