@@ -288,3 +288,31 @@ def test_portable_loops(cxx, device, tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
     )
     assert done.returncode == 0 and "portable ok" in done.stdout, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("extras", [{}, {"softcap": 5.0, "z_loss_scale": 1e-2}])
+def test_compiled_backward(extras):
+    """torch.compile(fullgraph=True) of a bfloat16 accumulate and its backward: the op's
+    schema and fake kernel trace, and the gradient is eager's, bit for bit."""
+    import csl_fast
+
+    torch._dynamo.reset()
+    x = (torch.randn(9, 11) * 3).bfloat16()
+    y = torch.randint(0, 11, (9,))
+    y[4] = IGNORE
+    idx = torch.arange(9)
+
+    def step(z):
+        return csl_fast.accumulate(z, y, idx, torch.zeros(9), backend="cpu", **extras)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    grads = []
+    for fn in (step, compiled):
+        z = x.clone().requires_grad_(True)
+        (fn(z) * 1.7).backward()
+        grads.append(z.grad)
+    assert torch.equal(grads[0], grads[1])
+    if extras:  # 'mean' over the 8 rows that are not ignored; 1.7 as a bfloat16 upstream
+        scale = torch.tensor([1.7]).bfloat16().float() / 8
+        exact, atol = exact_extra(x, y, scale, 0.0, *extras.values())
+        assert_rounded_once(grads[1], exact, "compiled extras", atol=atol)

@@ -102,3 +102,15 @@ def test_empty_and_bad_arguments(tdevice):
         cross_entropy_bwd_triton(logits, target, None, stats, torch.ones(1), IGNORE, 0.0)
     with pytest.raises(ValueError, match="scale must be float32"):
         cross_entropy_bwd_triton(logits.half(), target, None, stats, torch.ones(2), IGNORE, 0.0)
+
+
+@pytest.mark.parametrize(("weighted", "softcap", "zs"), [(True, 0.0, 0.0), (False, 4.0, 0.1)])
+def test_opcheck(tdevice, weighted, softcap, zs):
+    logits = (torch.randn(5, 9) * 3).bfloat16().to(tdevice)
+    target = torch.tensor([0, 3, IGNORE, 8, 1], device=tdevice)
+    weight = (torch.rand(9) + 0.5).to(tdevice) if weighted else None
+    stats = cross_entropy_fwd_extra_triton(logits, target, weight, IGNORE, 0.1, 0, softcap, zs)[2]
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_bwd_triton.default,
+        (logits, target, weight, stats, torch.rand(5, device=tdevice), IGNORE, 0.1, softcap, zs),
+    )
