@@ -68,71 +68,9 @@ Rules (``rule=``):
 ``"threshold"``
     Flag the samples with ``score > threshold``.
 
-Why not the previous rule (a 2-component Gaussian mixture on ``log(score)``, the loss
-GMM of DivideMix, Li et al. 2020): clean log-CSL is skewed either way, and the second
-component models the skew instead of the bad samples. On MNIST-1D (left skew) it flagged
-nothing; on digits (right skew) it flagged 155 samples for 17 flips. A Gaussian-linear
-loss mixture (DivideMix) or a Beta/Gamma mixture on the loss (Arazo et al. 2019) fits
-one of the two data sets and over-counts on the other; a Gaussian for the bad samples
-on the log scale cannot reach into the clean bulk and under-counts by 25-30% on
-MNIST-1D; a Gamma one on the linear scale counts no better there (64-65 of 80 flips at
-2%) and over-counts small noise on digits (13-14 for 8); without the pinned samples the
-same mixture counts anything from 3 to 156 on one regime and 32-38 on clean runs (the
-anchors hold the count); a density valley does not exist on MNIST-1D. Why CSL's order
-and not another score or a combination: confident learning's per-class thresholds
-(Northcutt et al. 2021: class ``j``'s threshold is the mean probability of ``j`` over the
-samples labelled ``j``; a sample counts as class ``s`` when its probability of ``s``
-clears ``s``'s threshold) need every class's *out-of-sample* probability; the tracker
-keeps the label's probability over training, which memorization drives to 1, and how
-often one other class was predicted (the vote's hits). Measured at the true number of
-flips, neither ranks better than CSL (MNIST-1D conv net: top-k precision 0.55-0.82 vs
-0.82-0.85), nor does a logistic regression on all 12 per-sample statistics trained on
-another seed's ground truth (0.82-0.85, a supervised ceiling for any combination). So
-the flagged set is CSL's top ``k`` and the rule stands or falls by the count. AUM's
-threshold samples need a second training run with fake labels.
-
-Measured (``benchmarks/flagging.py``, ``benchmarks/results/flagging.md``; 2 seeds each,
-networks that memorize; mean F1 of the default rule vs cleanlab's ``find_label_issues``
-on K = 3 fold out-of-sample probabilities). Regimes the rule was chosen on:
-
-* digits, MLP: F1 0.90 / 0.94 / 0.95 at 2 / 5 / 10% flips (cleanlab 0.71 / 0.76 / 0.80),
-  precision and recall >= 0.85, count within 12%; nothing flagged on clean runs.
-* MNIST-1D, 1-D conv net, 50 epochs: F1 0.83 / 0.84 / 0.86 (cleanlab 0.19 / 0.34 /
-  0.45), precision 0.87-0.97, recall 0.70-0.85: short of 0.8 in 3 of the 4 runs at 2 and 5%,
-  where the count is 14-28% low (inside its interval). That shortfall is not the
-  ranking's: 15-18% of the flips sit inside the clean tail (the top-k of CSL at the true
-  k has precision 0.82-0.85), so P and R >= 0.8 need a count within 0.91-1.06x the truth
-  at 2%, finer than the mean-loss histogram can resolve (a few dozen flips among ~1,000
-  clean samples of the same loss). Nothing flagged on clean runs, where cleanlab flags
-  14%.
-* MNIST-1D, the same conv net and flips trained 100 epochs (3 runs saved by
-  ``benchmarks/paper/cleaning.py --epochs 100``): no flip's mean margin is negative;
-  flagged P / R 0.93 / 0.81, 0.98 / 0.71 at 5% and 0.90 / 0.83 at 10% (with the margin
-  view alone: nothing, with a warning). The count depends on the run, not on how long
-  it ran past memorization.
-* MNIST-1D, MLP, pair flips ``c -> c + 1`` (the MLP does not generalise): in 6 of 8
-  noisy runs too few labels lose or are confidently doubted and there is no upper mode:
-  nothing is flagged and the count is reported as unknown, with a warning; in the other
-  2 the flagged set is precise but small (P 0.78 / 0.90, R 0.36 / 0.18) and the warning
-  says the count is a lower bound (under a fifth of it anchored). No free score ranks
-  these flips: CSL's top-k precision at the true k is 0.49-0.61, the supervised
-  combination's 0.55-0.68; cleanlab's F1 is 0.03-0.32, flagging 36-46% of the data.
-
-Held out (never used to choose the rule or its constants):
-
-* digits, a one-hidden-layer MLP trained with Adam: F1 0.94 / 0.94 / 0.95 at 2 / 5 / 10%
-  (cleanlab 0.76 / 0.78 / 0.83), count within 3%; nothing flagged on clean runs.
-* MNIST-1D, the conv net at 3% and 15% flips: F1 0.84 / 0.86 (cleanlab 0.25 / 0.52),
-  precision 0.87-0.94, recall 0.75-0.83, count 4-17% low; no clean sample confidently
-  doubted (the doubt view's constants hold). In one 15% run only 39 samples were
-  anchored for a count of 512 (15% low), and the lower-bound warning fired over a good
-  set (P 0.94, R 0.80).
-* MNIST-1D, the MLP with uniform flips (one seed): as with pair flips, nothing flagged
-  at 2% (count unknown, warning) and a precise small set at 5% (P 0.93, R 0.34, lower-bound
-  warning); CSL's top-k precision at the true k is 0.51-0.62.
-
-At N = 10 million the default rule takes under 3 CPU seconds on 2 threads
-(``benchmarks/flagging_scale.py``); the fits run on histograms of 256-4096 bins.
+Why the rule is built this way (the alternatives measured and rejected) and its
+precision, recall and count on every regime of ``benchmarks/flagging.py``, held-out
+networks included: ``docs/flagging.md``.
 
 Non-finite scores (samples never presented) rank last and are never flagged.
 """

@@ -1,0 +1,55 @@
+"""Networks of the held-out regimes of ``benchmarks/flagging.py``: architectures and
+optimisers the default flagging rule was never looked at with (added after the rule was
+fixed, to test it). None uses BatchNorm, so each sample's statistics are its own."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class PoolNet1d(nn.Module):
+    """MNIST-1D ``[B, 40]``: three conv layers (48, 48, 96 channels, kernels 7/5/3) with
+    max-pooling, then a 64-unit hidden layer: a wider receptive field than
+    ``mnist1d_data.Conv1dNet``'s strided convolutions."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, 48, 7, padding=3),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(48, 48, 5, padding=2),
+            nn.ReLU(),
+            nn.MaxPool1d(2),
+            nn.Conv1d(48, 96, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(96 * 10, 64), nn.ReLU(), nn.Linear(64, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)))
+
+
+class Conv2dDigits(nn.Module):
+    """scikit-learn digits ``[B, 64]`` seen as 8x8 images: two 3x3 conv layers (16, 32
+    channels), a 2x2 max-pool and a 64-unit hidden layer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.view(-1, 1, 8, 8))
