@@ -21,6 +21,8 @@ import torch
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
+from cli_calls import run_main, user_error
+
 from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
 
 PNGS = (
@@ -51,12 +53,6 @@ def assert_user_error(proc: subprocess.CompletedProcess, code: int, command: str
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
     return lines[0]
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -195,22 +191,13 @@ def bare_tracker(tmp_path_factory):
     return path
 
 
-def in_process_error(capsys, code: int, command: str, *args: str) -> str:
-    got, out, err = run_main(capsys, command, *args)
-    assert got == code, (got, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
-    return lines[0]
-
-
 def test_rank_bare_tracker_and_unrecorded_score(bare_tracker, capsys):
     code, out, _ = run_main(capsys, "rank", str(bare_tracker), "--csv", "--top", "4")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 4
     assert all(r["label"] == "" and r["mislabeled"] == "" for r in rows)
-    line = in_process_error(capsys, EXIT_USAGE, "rank", str(bare_tracker), "--score", "eval_csl")
+    line = user_error(capsys, EXIT_USAGE, "rank", str(bare_tracker), "--score", "eval_csl")
     assert "eval_csl" in line and "not recorded" in line
 
 
@@ -223,30 +210,30 @@ def test_truncated_tracker_file(tmp_path, bare_tracker):
 
 
 def test_missing_and_foreign_files(tmp_path, capsys):
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "nope.csl"))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "nope.csl"))
     assert "nope.csl" in line
     foreign = tmp_path / "foreign.csl"
     torch.save({"weights": torch.zeros(3)}, foreign)
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(foreign))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(foreign))
     assert "not a csl_fast tracker file" in line
     text = tmp_path / "notes.txt"
     text.write_text("hello\n")
-    in_process_error(capsys, EXIT_INPUT, "report", str(text))
+    user_error(capsys, EXIT_INPUT, "report", str(text))
     folder = tmp_path / "empty_run"
     folder.mkdir()
-    in_process_error(capsys, EXIT_INPUT, "rank", str(folder))
+    user_error(capsys, EXIT_INPUT, "rank", str(folder))
 
 
 def test_usage_errors(capsys):
-    line = in_process_error(capsys, EXIT_USAGE, "demo", "--noise", "0.9")
+    line = user_error(capsys, EXIT_USAGE, "demo", "--noise", "0.9")
     assert "--noise" in line
-    in_process_error(capsys, EXIT_USAGE, "rank")
-    in_process_error(capsys, EXIT_USAGE, "rank", "x", "--csv", "--json")
-    in_process_error(capsys, EXIT_USAGE, "demo", "--samples", "5000")
+    user_error(capsys, EXIT_USAGE, "rank")
+    user_error(capsys, EXIT_USAGE, "rank", "x", "--csv", "--json")
+    user_error(capsys, EXIT_USAGE, "demo", "--samples", "5000")
 
 
 def test_unknown_option_names_the_subcommand(capsys):
-    line = in_process_error(capsys, EXIT_USAGE, "info", "--foo")
+    line = user_error(capsys, EXIT_USAGE, "info", "--foo")
     assert "unrecognized arguments: --foo" in line and "csl-fast info --help" in line
     code, _, err = run_main(capsys, "--foo")
     assert code == EXIT_USAGE and err.startswith("csl-fast: error: unrecognized arguments")
@@ -304,7 +291,7 @@ def test_damaged_and_hostile_files_are_one_line_input_errors(tmp_path, plain_tra
     data = bytearray(plain_tracker.read_bytes())
     data[-100] ^= 0x01
     flipped.write_bytes(bytes(data))
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(flipped))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(flipped))
     assert "flipped.csl" in line and "checksum" in line
     # a file that claims 10**11 samples: refused before any allocation
     from csl_fast import CSLTracker
@@ -312,31 +299,31 @@ def test_damaged_and_hostile_files_are_one_line_input_errors(tmp_path, plain_tra
     state = CSLTracker(30, 3).state_dict()
     state["num_samples"] = 10**11
     torch.save({**state, "version": 1}, tmp_path / "huge.csl")
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "huge.csl"))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "huge.csl"))
     assert "huge.csl" in line
     state["num_samples"] = "30"
     torch.save({**state, "version": 1}, tmp_path / "str.csl")
-    line = in_process_error(capsys, EXIT_INPUT, "report", str(tmp_path / "str.csl"))
+    line = user_error(capsys, EXIT_INPUT, "report", str(tmp_path / "str.csl"))
     assert "'num_samples' must be an int" in line and "got str '30'" in line
     # pickles that are not tensors: refused, and no advice to load them unsafely
     (tmp_path / "pickle.csl").write_bytes(b"\x80\x04\x95" + os.urandom(200))
     torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.csl")
     for name in ("pickle.csl", "module.csl"):
         for command in ("rank", "report"):
-            line = in_process_error(capsys, EXIT_INPUT, command, str(tmp_path / name))
+            line = user_error(capsys, EXIT_INPUT, command, str(tmp_path / name))
             assert "weights_only" not in line and "unsafe" not in line.lower()
 
 
 def test_unwritable_outputs_exit_3_with_one_line(tmp_path, plain_tracker, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
-    line = in_process_error(
+    line = user_error(
         capsys, EXIT_INPUT, "report", str(plain_tracker), "--out", str(blocker / "report")
     )
     assert "--out" in line and "a_file" in line
-    line = in_process_error(capsys, EXIT_INPUT, "report", str(plain_tracker), "--out", str(blocker))
+    line = user_error(capsys, EXIT_INPUT, "report", str(plain_tracker), "--out", str(blocker))
     assert "not a folder" in line
-    line = in_process_error(capsys, EXIT_INPUT, "demo", "--out", str(blocker / "demo"))
+    line = user_error(capsys, EXIT_INPUT, "demo", "--out", str(blocker / "demo"))
     assert "--out" in line
 
 
@@ -351,7 +338,7 @@ def test_os_errors_exit_3_internal_errors_exit_1_debug_adds_traceback(
         raise OSError(errno.ENOSPC, "No space left on device", "/data/report.html")
 
     monkeypatch.setitem(cli_module.COMMANDS, "rank", full)
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(plain_tracker))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(plain_tracker))
     assert "No space left on device" in line and "/data/report.html" in line
     code, _, err = run_main(capsys, "--debug", "rank", str(plain_tracker))
     assert code == EXIT_INPUT and "Traceback" in err and err.strip().endswith("report.html")
@@ -366,7 +353,7 @@ def test_os_errors_exit_3_internal_errors_exit_1_debug_adds_traceback(
     assert code == 1 and "Traceback" in err and "ZeroDivisionError" in err
     assert "internal error" in err.strip().splitlines()[-1]
     monkeypatch.undo()
-    line = in_process_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "gone.csl"))
+    line = user_error(capsys, EXIT_INPUT, "rank", str(tmp_path / "gone.csl"))
     code, _, err = run_main(capsys, "--debug", "rank", str(tmp_path / "gone.csl"))
     assert code == EXIT_INPUT and "Traceback" in err
 

@@ -19,25 +19,12 @@ import torch
 
 pytest.importorskip("sklearn")
 
+from cli_calls import run_main, user_error
+
 import csl_fast
 from csl_fast.cleaning import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE
 from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from csl_fast.report import RunSamples
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def user_error(capsys, code: int, *args: str) -> str:
-    got, out, err = run_main(capsys, "clean", *args)
-    assert got == code, (got, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("csl-fast clean: error: "), lines[0]
-    return lines[0]
 
 
 def read(path) -> list[dict[str, str]]:
@@ -216,33 +203,41 @@ def test_nothing_flagged_warns_on_one_line(tmp_path, capsys):
 
 def test_usage_errors_exit_2(demo_run, bare_tracker, tmp_path, capsys):
     out = str(tmp_path / "p.csv")
-    line = user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--policy", "review")
+    line = user_error(
+        capsys, EXIT_USAGE, "clean", str(demo_run), "--out", out, "--policy", "review"
+    )
     assert "--budget" in line
     assert "--min-confidence" in user_error(
-        capsys, EXIT_USAGE, str(demo_run), "--out", out, "--min-confidence", "1.5"
+        capsys, EXIT_USAGE, "clean", str(demo_run), "--out", out, "--min-confidence", "1.5"
     )
-    user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--policy", "fix")
-    user_error(capsys, EXIT_USAGE, str(demo_run), "--out", out, "--budget", "-1")
-    assert "--out" in user_error(capsys, EXIT_USAGE, str(demo_run))
-    line = user_error(capsys, EXIT_USAGE, str(bare_tracker), "--out", out, "--score", "eval_csl")
+    user_error(capsys, EXIT_USAGE, "clean", str(demo_run), "--out", out, "--policy", "fix")
+    user_error(capsys, EXIT_USAGE, "clean", str(demo_run), "--out", out, "--budget", "-1")
+    assert "--out" in user_error(capsys, EXIT_USAGE, "clean", str(demo_run))
+    line = user_error(
+        capsys, EXIT_USAGE, "clean", str(bare_tracker), "--out", out, "--score", "eval_csl"
+    )
     assert "not recorded" in line
     assert not os.path.exists(out)
 
 
 def test_input_errors_exit_3(demo_run, bare_tracker, tmp_path, capsys):
     out = str(tmp_path / "p.csv")
-    assert "nope.csl" in user_error(capsys, EXIT_INPUT, str(tmp_path / "nope.csl"), "--out", out)
+    assert "nope.csl" in user_error(
+        capsys, EXIT_INPUT, "clean", str(tmp_path / "nope.csl"), "--out", out
+    )
     truncated = tmp_path / "truncated.csl"
     truncated.write_bytes(bare_tracker.read_bytes()[:100])
-    user_error(capsys, EXIT_INPUT, str(truncated), "--out", out)
-    user_error(capsys, EXIT_INPUT, str(demo_run), "--out", str(tmp_path / "no_dir" / "p.csv"))
-    user_error(capsys, EXIT_INPUT, str(demo_run), "--out", str(tmp_path))
+    user_error(capsys, EXIT_INPUT, "clean", str(truncated), "--out", out)
+    user_error(
+        capsys, EXIT_INPUT, "clean", str(demo_run), "--out", str(tmp_path / "no_dir" / "p.csv")
+    )
+    user_error(capsys, EXIT_INPUT, "clean", str(demo_run), "--out", str(tmp_path))
     # a samples.npz of another run
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(bare_tracker, other / "tracker.csl")
     shutil.copy(demo_run / "samples.npz", other / "samples.npz")
-    assert "another run" in user_error(capsys, EXIT_INPUT, str(other), "--out", out)
+    assert "another run" in user_error(capsys, EXIT_INPUT, "clean", str(other), "--out", out)
 
 
 def test_subprocess_error_has_no_traceback(tmp_path):

@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from cli_calls import run_main, user_error
 
 import csl_fast
 from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
@@ -47,21 +48,6 @@ def run(tmp_path_factory):
     np.save(folder / "y.npy", y.numpy())
     torch.save(y, folder / "y.pt")
     return folder, tracker, x, y
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def user_error(capsys, code: int, command: str, *args: str) -> str:
-    got, out, err = run_main(capsys, command, *args)
-    assert got == code, (got, out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
-    return lines[0]
 
 
 def test_rank_marks_the_conflicting_pair_and_numbers_groups(run, capsys):
