@@ -7,12 +7,10 @@ rows split over several warps' chunks. Compiles its own copy of the emulation li
 from __future__ import annotations
 
 import ctypes
-import shutil
-import sys
 
 import pytest
 import torch
-from test_cuda_compile import _DTYPE_CODES, _cuda_include, _emu_cmd
+from test_cuda_compile import _DTYPE_CODES, build_emulation
 from test_ops_backward import IGNORE, cancelling, exact_extra, exact_grad
 from tolerances import assert_rounded_once
 
@@ -24,15 +22,7 @@ _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_doubl
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cuda_inc = _cuda_include()
-    if cuda_inc is None or not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("CUDA headers or a host C++ compiler missing")
-    if sys.platform != "linux":
-        pytest.skip("host emulation is only set up for Linux")
-    cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu_bwd"), cuda_inc)
-    done = __import__("subprocess").run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lib = ctypes.CDLL(str(lib))
+    lib = build_emulation(tmp_path_factory.mktemp("emu_bwd"))
     lib.emu_cross_entropy_bwd.argtypes = [_P, _I, _I64, _I64, _I64, _P, _I64, _P, _P, _D]
     lib.emu_cross_entropy_bwd.argtypes += [_P, _P, _I, _P, _P, _D, _D]
     return lib

@@ -136,6 +136,30 @@ def _emu_cmd(work: Path, cuda_inc: Path) -> tuple[list[str], Path]:
     return cmd, lib
 
 
+def _emu_skip_reason(cuda_inc: Path | None) -> str | None:
+    """Why the host emulation cannot be built here, or None."""
+    if cuda_inc is None:
+        return "CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found"
+    if not (shutil.which("g++") or shutil.which("c++")):
+        return "no host C++ compiler"
+    if sys.platform != "linux":
+        return "host emulation is only set up for Linux"
+    return None
+
+
+def build_emulation(work: Path) -> ctypes.CDLL:
+    """The emulation library compiled in ``work`` (about a minute), for a test module of its
+    own (tests/test_cuda_*_emulated.py); skips with the reason where it cannot be built."""
+    cuda_inc = _cuda_include()
+    reason = _emu_skip_reason(cuda_inc)
+    if reason is not None:
+        pytest.skip(reason)
+    cmd, lib = _emu_cmd(work, cuda_inc)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return ctypes.CDLL(str(lib))
+
+
 class _Job:
     def __init__(self, cmd: list[str], output: Path | None = None):
         self.cmd = cmd
@@ -181,12 +205,9 @@ def jobs(tmp_path_factory) -> dict[str, _Job | str]:
             (stub / macros).parent.mkdir(parents=True)
             (stub / macros).write_text("#pragma once\n")
         started["glue"] = _Job(_glue_cmd(stub, torch_inc, cuda_inc))
-    if cuda_inc is None:
-        started["emu"] = "CUDA headers (cuda_fp16.h, cuda_runtime_api.h) not found"
-    elif not (shutil.which("g++") or shutil.which("c++")):
-        started["emu"] = "no host C++ compiler"
-    elif sys.platform != "linux":
-        started["emu"] = "host emulation is only set up for Linux"
+    reason = _emu_skip_reason(cuda_inc)
+    if reason is not None:
+        started["emu"] = reason
     else:
         cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu"), cuda_inc)
         started["emu"] = _Job(cmd, lib)

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cuda_compile import _DTYPE_CODES, _cuda_include, _emu_cmd
+from test_cuda_compile import _DTYPE_CODES, build_emulation
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 from csl_fast import reference
@@ -26,15 +23,7 @@ _P, _I64, _I, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_doubl
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    cuda_inc = _cuda_include()
-    if cuda_inc is None or not (shutil.which("g++") or shutil.which("c++")):
-        pytest.skip("CUDA headers or a host C++ compiler missing")
-    if sys.platform != "linux":
-        pytest.skip("host emulation is only set up for Linux")
-    cmd, lib = _emu_cmd(tmp_path_factory.mktemp("emu_extras"), cuda_inc)
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout + done.stderr
-    lib = ctypes.CDLL(str(lib))
+    lib = build_emulation(tmp_path_factory.mktemp("emu_extras"))
     lib.emu_ce_prep_size.argtypes = [_I64, _I, _I, _D]
     lib.emu_ce_prep_size.restype = _I64
     lib.emu_cross_entropy_fwd_extra.argtypes = [_P, _I, _I64, _I64, _P, _I64, _D, _I]
