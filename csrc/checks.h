@@ -90,6 +90,18 @@ inline void check_cross_entropy_bwd_args(const at::Tensor& logits, const at::Ten
                     ") or one for all, got ", scale.scalar_type(), " ", scale.sizes());
 }
 
+// cross_entropy_fwd/_bwd on the CPU: every target (int64, host memory) is a class in
+// [0, C) or ignore_index. The CUDA kernels cannot raise: they flag it (CSL_FAST_VALIDATE=1).
+inline void check_targets_in_range(const int64_t* target, int64_t B, int64_t C,
+                                   int64_t ignore_index) {
+  for (int64_t i = 0; i < B; ++i) {
+    TORCH_CHECK_INDEX(target[i] == ignore_index || (target[i] >= 0 && target[i] < C),
+                      "csl_fast: target[", i, "] = ", target[i], " is outside [0, C = ", C,
+                      ") and is not ignore_index (", ignore_index,
+                      "); fix the labels or pass the right ignore_index");
+  }
+}
+
 // scatter_stats: stats is the contiguous float32 [kNumStats, B] tensor of cross_entropy_fwd
 // and index holds one int64/int32 dataset index per row. Returns B.
 inline int64_t check_scatter_args(const at::Tensor& stats, const at::Tensor& index) {

@@ -323,11 +323,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
   const int64_t C = logits.size(1);
   const at::Tensor t = target.to(at::kLong).contiguous();
   const int64_t* tp = t.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(tp[i] == ignore_index || (tp[i] >= 0 && tp[i] < C), "csl_fast: target[", i,
-                      "] = ", tp[i], " is outside [0, C = ", C, ") and is not ignore_index (",
-                      ignore_index, "); fix the labels or pass the right ignore_index");
-  }
+  check_targets_in_range(tp, B, C, ignore_index);
   const at::Tensor z = (C == 0 || logits.stride(1) == 1) ? logits : logits.contiguous();
   const at::Tensor st = stats.contiguous();
   const at::Tensor sc = scale.reshape({-1}).contiguous();

@@ -81,6 +81,24 @@ cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(
 // Reads the device error flag (validate mode only: synchronises with the stream).
 int read_flag(const at::Tensor& flag) { return flag.defined() ? flag.item<int>() : 0; }
 
+// The device error flag the kernels OR their ErrorBits into: one int32 zero on `like`'s
+// device in validate mode, else undefined (and error_flag_ptr gives the kernels null).
+at::Tensor error_flag_like(const at::Tensor& like) {
+  return validate_mode() ? at::zeros({1}, like.options().dtype(at::kInt)) : at::Tensor();
+}
+
+int* error_flag_ptr(at::Tensor& flag) {
+  return flag.defined() ? flag.mutable_data_ptr<int>() : nullptr;
+}
+
+// After a cross-entropy kernel (validate mode): a target outside [0, C) not ignore_index.
+void check_target_flag(const at::Tensor& flag, int64_t C, int64_t ignore_index) {
+  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
+                    ") that are not ignore_index (", ignore_index,
+                    "); fix the labels or pass the right ignore_index (found by "
+                    "CSL_FAST_VALIDATE=1)");
+}
+
 // ---------------------------------------------------------------------------------------
 // (loss, stats, z_loss) with the gradient written into `grad` ([B, C] contiguous, logits
 // dtype), which may be the (contiguous) logits themselves. z_loss (reduced like the loss)
@@ -152,16 +170,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
     prep = at::empty({prep_size}, logits.options().dtype(acc));
     p.prep = prep.mutable_data_ptr();
   }
-  at::Tensor flag;
-  if (validate_mode()) {
-    flag = at::zeros({1}, logits.options().dtype(at::kInt));
-    p.error_flag = flag.mutable_data_ptr<int>();
-  }
+  at::Tensor flag = error_flag_like(logits);
+  p.error_flag = error_flag_ptr(flag);
   C10_CUDA_CHECK(cross_entropy_fwd(p, current_stream()));
-  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
-                    ") that are not ignore_index (", ignore_index,
-                    "); fix the labels or pass the right ignore_index (found by "
-                    "CSL_FAST_VALIDATE=1)");
+  check_target_flag(flag, C, ignore_index);
 
   const auto reduce = [&](const at::Tensor& rows) {
     if (reduction == kNone) return rows.to(logits.scalar_type());
@@ -266,16 +278,10 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& logits, const at::Tensor& ta
   p.grad = grad.mutable_data_ptr();
   p.softcap = softcap;
   p.z_loss_scale = z_loss_scale;
-  at::Tensor flag;
-  if (validate_mode()) {
-    flag = at::zeros({1}, logits.options().dtype(at::kInt));
-    p.error_flag = flag.mutable_data_ptr<int>();
-  }
+  at::Tensor flag = error_flag_like(logits);
+  p.error_flag = error_flag_ptr(flag);
   C10_CUDA_CHECK(cross_entropy_bwd(p, current_stream()));
-  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
-                    ") that are not ignore_index (", ignore_index,
-                    "); fix the labels or pass the right ignore_index (found by "
-                    "CSL_FAST_VALIDATE=1)");
+  check_target_flag(flag, C, ignore_index);
   return grad;
 }
 
@@ -310,11 +316,8 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
     p.count_dtype = to_dtype(count->scalar_type());
     p.count_size = count->numel();
   }
-  at::Tensor flag;
-  if (validate_mode()) {
-    flag = at::zeros({1}, stats.options().dtype(at::kInt));
-    p.error_flag = flag.mutable_data_ptr<int>();
-  }
+  at::Tensor flag = error_flag_like(stats);
+  p.error_flag = error_flag_ptr(flag);
   const cudaStream_t stream = current_stream();
   if (deterministic) {
     size_t bytes = 0;
