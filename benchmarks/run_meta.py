@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,3 +43,15 @@ def run_meta() -> dict[str, str]:
     """``{"date", "commit", "machine"}`` for the header of a results file."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "machine": machine()}
+
+
+def write_results(out: str | Path, rows: list, markdown: Callable[[list, dict], str]) -> str:
+    """Writes ``OUT.json`` (``{"meta": run_meta(), "rows": rows}``) and ``OUT.md``
+    (``markdown(rows, meta)``), making OUT's folder; returns the markdown."""
+    meta = run_meta()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    text = markdown(rows, meta)
+    out.with_suffix(".md").write_text(text)
+    return text

@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import mnist1d_data  # noqa: E402
-from run_meta import run_meta  # noqa: E402
+from run_meta import write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
@@ -221,12 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                     row["cleanlab"], row["t_cleanlab_s"] = old["cleanlab"], old["t_cleanlab_s"]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    meta = run_meta()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(_markdown(rows, meta))
-    print(_markdown(rows, meta))
+    print(write_results(args.out, rows, _markdown))
     return 0
 
 
