@@ -372,7 +372,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
             # In place: the chunk's gradient overwrites its logits (one chunk alive, not two).
             loss_c, dz, st, zl_c = _chunk_fwd(
-                z, target[start:end], ignore_index, label_smoothing, name, cap, zs
+                z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
             )
             del z
             stats[:, start:end] = st
@@ -433,9 +433,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (*_backward_none(ctx, grad_loss), *nones)
 
 
-def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs):
+def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs, grad=True):
     """A chunk's per-row ``(loss, dz, stats, z_loss)``, ``dz`` written over ``z``; the
-    extras' op only when they change the loss."""
+    extras' op only when they change the loss. ``grad=False`` (a fused backend): ``dz`` is
+    None, not formed (the ops that form no gradient)."""
+    if not grad and name != "reference":
+        args = (z, target, None, ignore_index, label_smoothing, 0)
+        if cap or zs:
+            loss, st, zl = ops._op(name, ops_extras._EXTRA_STATS_OPS)(*args, cap, zs)
+            return loss, None, st, zl
+        loss, st = ops._op(name, ops._FWD_STATS_OPS)(*args)
+        return loss, None, st, torch.zeros((), dtype=loss.dtype, device=loss.device)
     if cap or zs:
         return ops_extras.cross_entropy_fwd_extra_with_grad(
             z, target, ignore_index, label_smoothing, 0, cap, zs, name, inplace=True

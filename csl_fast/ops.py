@@ -26,6 +26,12 @@ _FWD_INPLACE_OPS = {
     "cuda": "cross_entropy_fwd_inplace",
     "triton": "cross_entropy_fwd_inplace_triton",
 }
+# Loss and statistics only: no logits-sized gradient formed or allocated.
+_FWD_STATS_OPS = {
+    "cpu": "cross_entropy_fwd_stats",
+    "cuda": "cross_entropy_fwd_stats",
+    "triton": "cross_entropy_fwd_stats_triton",
+}
 _SCATTER_OPS = {"cpu": "scatter_stats", "cuda": "scatter_stats", "triton": "scatter_stats_triton"}
 _NORM_OPS = {
     "cpu": "input_grad_norms",
@@ -73,15 +79,22 @@ def cross_entropy_fwd(
         )
         return loss, reference.row_statistics(logits.detach(), target, ignore_index)
     refuse_transforms(name, logits)
-    if logits.dtype in _LOW_PRECISION and torch.is_grad_enabled() and logits.requires_grad:
-        loss, _, stats, _ = _RoundOnceCrossEntropy.apply(
-            logits, target, weight, ignore_index, label_smoothing, reduction, name
-        )
+    args = (logits, target, weight, ignore_index, label_smoothing, reduction)
+    if not _wants_grad(logits, weight):
+        return _op(name, _FWD_STATS_OPS)(*args)  # no gradient formed
+    if logits.dtype in _LOW_PRECISION and logits.requires_grad:
+        loss, stats, _ = _RoundOnceCrossEntropy.apply(*args, name)
         return loss, stats
-    loss, _, stats = _op(name, _FWD_OPS)(
-        logits, target, weight, ignore_index, label_smoothing, reduction
-    )
+    loss, _, stats = _op(name, _FWD_OPS)(*args)
     return loss, stats.detach()
+
+
+def _wants_grad(logits: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether autograd records the fused op (the logits, or a weight, require grad in grad
+    mode); otherwise the ops that form no gradient serve."""
+    return torch.is_grad_enabled() and (
+        logits.requires_grad or (weight is not None and weight.requires_grad)
+    )
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -172,33 +185,34 @@ class _RoundOnceCrossEntropy(torch.autograd.Function):
     upstream 1.7). Keeping that rounded gradient and scaling it in float32 still rounds
     twice (32 of 1080 small-batch bfloat16 cases above 2x PyTorch's error). So forward runs
     the kernel per row ('none' for 'mean', whose value is then formed in float32 as
-    ``sum(loss_i) / D``) and saves the logits and statistics, not the gradient (the same
-    bytes); backward computes the gradient from them in float32 in one elementwise pass,
-    scales it and rounds once (:func:`csl_fast.ops_backward.cross_entropy_bwd`).
+    ``sum(loss_i) / D``) and saves the logits and statistics (the kernel forms no gradient:
+    ``cross_entropy_fwd_stats``); backward computes the gradient from them in float32 in
+    one elementwise pass, scales it and rounds once
+    (:func:`csl_fast.ops_backward.cross_entropy_bwd`).
     """
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, label_smoothing, reduction, name):
         per_row = 0 if reduction == 1 else reduction
-        loss, grad, stats = _op(name, _FWD_OPS)(
+        loss, stats = _op(name, _FWD_STATS_OPS)(
             logits, target, weight, ignore_index, label_smoothing, per_row
         )
         denom = None
         if reduction == 1:
             denom = _mean_denominator(target, weight, ignore_index, logits.shape[1])
             loss = (loss.float().sum() / denom).to(logits.dtype)
-        return loss, grad, stats, denom
+        return loss, stats, denom
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.set_materialize_grads(False)
         logits, target, weight, ctx.ignore_index, ctx.smoothing, ctx.reduction, ctx.name = inputs
-        _, grad, stats, denom = output
-        ctx.mark_non_differentiable(grad, stats)
+        _, stats, denom = output
+        ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(logits, target, weight, stats, denom)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad, _stats, _denom):
+    def backward(ctx, grad_loss, _stats, _denom):
         _refuse_double_backward()
         if grad_loss is None:
             return (None,) * 7
@@ -513,6 +527,10 @@ if _C is not None:
             logits, target, weight, ignore, smoothing, reduction
         )
         return loss, stats
+
+    torch.library.register_fake("csl_fast::cross_entropy_fwd_stats")(
+        _fake_cross_entropy_fwd_inplace
+    )
 
     @torch.library.register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):

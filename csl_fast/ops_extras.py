@@ -28,6 +28,7 @@ from .ops import (
     _op,
     _per_row,
     _refuse_double_backward,
+    _wants_grad,
     refuse_transforms,
 )
 from .stats import NUM_STATS
@@ -36,6 +37,12 @@ _EXTRA_OPS = {
     "cpu": "cross_entropy_fwd_extra",
     "cuda": "cross_entropy_fwd_extra",
     "triton": "cross_entropy_fwd_extra_triton",
+}
+# Loss, statistics and z-loss only: no logits-sized gradient formed or allocated.
+_EXTRA_STATS_OPS = {
+    "cpu": "cross_entropy_fwd_extra_stats",
+    "cuda": "cross_entropy_fwd_extra_stats",
+    "triton": "cross_entropy_fwd_extra_stats_triton",
 }
 _EXTRA_INPLACE_OPS = {
     "cpu": "cross_entropy_fwd_extra_inplace",
@@ -66,26 +73,31 @@ def cross_entropy_fwd_extra(
         stats = reference.row_statistics(logits.detach(), target, ignore_index, softcap)
         return loss, stats, zl.detach()
     refuse_transforms(name, logits)
-    loss, _, stats, zl, _ = _ExtraCrossEntropy.apply(
-        logits, target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale,
-        name,
-    )  # fmt: skip
+    args = (target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale)
+    if logits.dtype not in _LOW_PRECISION and not _wants_grad(logits, weight):
+        return _op(name, _EXTRA_STATS_OPS)(logits, *args)  # no gradient formed
+    # float16/bfloat16 with or without grad: the losses reduced in float32, as always.
+    loss, _, stats, zl, _ = _ExtraCrossEntropy.apply(logits, *args, name)
     return loss, stats, zl
 
 
 class _ExtraCrossEntropy(torch.autograd.Function):
     """The extras' fused op under autograd: backward scales the forward's gradient by the
-    upstream gradient; for float16/bfloat16 it forms the gradient from the saved logits and
-    statistics in float32, one elementwise pass, and rounds once after the scale (as
-    ``csl_fast.ops._RoundOnceCrossEntropy``, which says why)."""
+    upstream gradient; for float16/bfloat16 the forward forms no gradient, and backward
+    forms it from the saved logits and statistics in float32, one elementwise pass, and
+    rounds once after the scale (as ``csl_fast.ops._RoundOnceCrossEntropy``, which says
+    why)."""
 
     @staticmethod
     def forward(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs, name):
         low = logits.dtype in _LOW_PRECISION
         per_row = 0 if low and reduction == 1 else reduction
-        loss, grad, stats, zl = _op(name, _EXTRA_OPS)(
-            logits, target, weight, ignore_index, smoothing, per_row, softcap, zs
-        )
+        args = (logits, target, weight, ignore_index, smoothing, per_row, softcap, zs)
+        if low:
+            grad = None
+            loss, stats, zl = _op(name, _EXTRA_STATS_OPS)(*args)
+        else:
+            loss, grad, stats, zl = _op(name, _EXTRA_OPS)(*args)
         denom = None
         if per_row != reduction:
             # The z-loss is refused with class weights, so D counts its rows too.
@@ -100,8 +112,8 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         logits, target, weight, ctx.ignore_index, ctx.smoothing, ctx.reduction = inputs[:6]
         ctx.softcap, ctx.zs, ctx.name = inputs[6:]
         _, grad, stats, zl, denom = output
-        ctx.mark_non_differentiable(grad, stats, zl)
-        if logits.dtype in _LOW_PRECISION:
+        ctx.mark_non_differentiable(stats, zl)
+        if grad is None:
             ctx.save_for_backward(logits, target, weight, stats, denom)
         else:
             ctx.save_for_backward(grad)
@@ -167,3 +179,4 @@ def _fake_extra_inplace(logits, target, weight, ignore_index, smoothing, reducti
 if _C is not None:
     torch.library.register_fake("csl_fast::cross_entropy_fwd_extra")(_fake_extra)
     torch.library.register_fake("csl_fast::cross_entropy_fwd_extra_inplace")(_fake_extra_inplace)
+    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra_stats")(_fake_extra_inplace)

@@ -14,6 +14,12 @@ TORCH_LIBRARY(csl_fast, m) {
   m.def(
       "cross_entropy_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "int ignore_index, float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
+  // The same without the gradient: loss and stats only, no logits-sized buffer (for
+  // callers that do not use it: the float16/bfloat16 forward, whose backward is
+  // cross_entropy_bwd, and no-grad passes). Not differentiable.
+  m.def(
+      "cross_entropy_fwd_stats(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+      "float label_smoothing, int reduction) -> (Tensor loss, Tensor stats)");
   // Backward of cross_entropy_fwd (softcap, z_loss_scale: of cross_entropy_fwd_extra; 0:
   // off) for float16/bfloat16 logits in one elementwise pass: scale_i * d objective_i /
   // d logits (reduction 'none'), computed in float32 from the logits and the forward's
@@ -33,6 +39,10 @@ TORCH_LIBRARY(csl_fast, m) {
       "(Tensor loss, Tensor grad, Tensor stats, Tensor z_loss)");
   m.def(
       "cross_entropy_fwd_extra_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
+      "int ignore_index, float label_smoothing, int reduction, float softcap, "
+      "float z_loss_scale) -> (Tensor loss, Tensor stats, Tensor z_loss)");
+  m.def(
+      "cross_entropy_fwd_extra_stats(Tensor logits, Tensor target, Tensor? weight, "
       "int ignore_index, float label_smoothing, int reduction, float softcap, "
       "float z_loss_scale) -> (Tensor loss, Tensor stats, Tensor z_loss)");
   // csl[index[i]] += stats[LOSS, i]; count[index[i]] += stats[VALID, i].

@@ -50,6 +50,15 @@ const c10::TypedOperatorHandle<Fwd>& fwd_op() {
   return handle;
 }
 
+using FwdStats = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const OptTensor&, int64_t, double, int64_t);
+
+// csl_fast::cross_entropy_fwd_stats: loss and statistics, no logits-sized gradient.
+const c10::TypedOperatorHandle<FwdStats>& fwd_stats_op() {
+  static const auto handle = op<FwdStats>("csl_fast::cross_entropy_fwd_stats");
+  return handle;
+}
+
 // The tracker state record_last updates, in its schema's order after `epoch`.
 constexpr Py_ssize_t kStateSize = 12;
 using State = std::array<at::Tensor, kStateSize>;
@@ -78,7 +87,8 @@ const c10::TypedOperatorHandle<Bwd>& bwd_op() {
 // step and the op-by-op path agree bit for bit: the kernel runs per row ('none' for 'mean',
 // whose value is then sum(loss_i) / D in float32), forward saves the logits and statistics,
 // and backward computes their gradient in float32 in one elementwise pass
-// (csl_fast::cross_entropy_bwd), scales it and rounds once.
+// (csl_fast::cross_entropy_bwd), scales it and rounds once. The forward forms no gradient
+// (csl_fast::cross_entropy_fwd_stats).
 class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -86,7 +96,7 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
                                int64_t ignore_index, double smoothing, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool mean = reduction == csl_fast::kMean;
-    auto [loss, grad, stats] = fwd_op().call(logits, target, weight, ignore_index, smoothing,
+    auto [loss, stats] = fwd_stats_op().call(logits, target, weight, ignore_index, smoothing,
                                              mean ? int64_t{csl_fast::kNone} : reduction);
     ctx->set_materialize_grads(false);
     ctx->saved_data["reduction"] = reduction;
@@ -187,9 +197,10 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   }
   const auto dt = logits.scalar_type();
   // float16/bfloat16 logits whose gradient is wanted: the gradient is rounded once (as by
-  // ops.cross_entropy_fwd); otherwise the op's own autograd.
-  const bool round_once = (dt == at::kHalf || dt == at::kBFloat16) && logits.requires_grad() &&
-                          at::GradMode::is_enabled();
+  // ops.cross_entropy_fwd); other logits whose gradient is wanted: the op's own autograd;
+  // no gradient wanted: loss and statistics only.
+  const bool wants_grad = logits.requires_grad() && at::GradMode::is_enabled();
+  const bool round_once = (dt == at::kHalf || dt == at::kBFloat16) && wants_grad;
   // As torch's own bindings do: other Python threads run while the kernels do.
   pybind11::gil_scoped_release no_gil;
   std::lock_guard<std::recursive_mutex> locked(csl_fast::buffer_lock(csl.data_ptr()));
@@ -199,9 +210,12 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
                                             reduction);
     loss = std::move(out[0]);
     stats = std::move(out[1]);
-  } else {
+  } else if (wants_grad) {
     std::tie(loss, std::ignore, stats) =
         fwd_op().call(logits, target, weight, ignore_index, smoothing, reduction);
+  } else {
+    std::tie(loss, stats) =
+        fwd_stats_op().call(logits, target, weight, ignore_index, smoothing, reduction);
   }
   scatter.call(stats, index, /*deterministic=*/true, csl, count);
   if (state) {

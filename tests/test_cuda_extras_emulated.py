@@ -1,7 +1,9 @@
 """The CUDA cross-entropy kernels with soft-capping and the z-loss, run on the CPU through
 ``csrc/cuda/testing/host_emulation.h`` (as tests/test_cuda_compile.py runs them), against
 plain PyTorch formulas on every kernel path (warp, block-in-registers, streaming) and
-every logits dtype. Compiles its own copy of the emulation library (about a minute)."""
+every logits dtype; and the launch without a gradient (``grad`` null: the glue of
+``cross_entropy_fwd_stats`` and ``cross_entropy_fwd_extra_stats``) against the launch with
+one. Compiles its own copy of the emulation library (about a minute)."""
 
 from __future__ import annotations
 
@@ -31,21 +33,23 @@ def emu(tmp_path_factory):
     return lib
 
 
-def _run(lib, logits, target, eps, reduction, softcap, zs):
-    """What ops_cuda.cpp does around the launcher: (loss, grad, stats, z_loss)."""
+def _run(lib, logits, target, eps, reduction, softcap, zs, with_grad=True):
+    """What ops_cuda.cpp does around the launcher: (loss, grad, stats, z_loss); without
+    ``with_grad`` the launch gets no gradient buffer and ``grad`` is None."""
     batch, classes = logits.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     n_prep = lib.emu_ce_prep_size(batch, reduction, 0, eps)
     prep = torch.full((max(n_prep, 1),), math.nan, dtype=acc)
     objective = torch.full((batch,), math.nan, dtype=acc)
     z_rows = torch.full((batch,), math.nan, dtype=acc)
-    grad = torch.full((batch, classes), math.nan, dtype=logits.dtype)
+    grad = torch.full((batch, classes), math.nan, dtype=logits.dtype) if with_grad else None
     stats = torch.full((NUM_STATS, batch), math.nan)
     t = target.long().contiguous()
     rc = lib.emu_cross_entropy_fwd_extra(
         logits.data_ptr(), _DTYPE_CODES[logits.dtype], batch, classes, t.data_ptr(), IGNORE,
         eps, reduction, prep.data_ptr() if n_prep else None, objective.data_ptr(),
-        grad.data_ptr(), stats.data_ptr(), softcap, zs, z_rows.data_ptr() if zs else None,
+        None if grad is None else grad.data_ptr(), stats.data_ptr(), softcap, zs,
+        z_rows.data_ptr() if zs else None,
     )  # fmt: skip
     assert rc == 0, f"launcher returned cudaError {rc}"
 
@@ -108,3 +112,21 @@ def test_emulated_extras(emu, classes, batch, dtype, softcap, zs, eps, red):
         assert torch.equal(stats[k], want[k]), Stat(k).name
     for k in (Stat.LOSS, Stat.P_TRUE, Stat.MARGIN, Stat.GRAD_NORM_SQ):
         assert_close_f32(stats[k], want64[k], Stat(k).name, rtol=3e-5)
+
+
+@pytest.mark.parametrize(("classes", "batch"), _PATHS)
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES), ids=str)
+@pytest.mark.parametrize(
+    ("softcap", "zs", "eps", "red"), [(0.0, 0.0, 0.1, 1), (0.0, 0.0, 0.0, 0), (3.0, 0.1, 0.1, 2)]
+)
+def test_emulated_without_gradient(emu, classes, batch, dtype, softcap, zs, eps, red):
+    """No gradient buffer: loss, statistics and z-loss bit for bit those of the launch that
+    writes the gradient, on every kernel path (the plain kernel with the extras off)."""
+    logits = (torch.randn(batch, classes, dtype=torch.float64) * 4).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    target[1] = IGNORE
+    loss, _, stats, zl = _run(emu, logits, target, eps, red, softcap, zs)
+    got = _run(emu, logits, target, eps, red, softcap, zs, with_grad=False)
+    assert got[1] is None
+    assert torch.equal(got[0], loss) and torch.equal(got[2], stats)
+    assert (zl is None and got[3] is None) or torch.equal(got[3], zl)

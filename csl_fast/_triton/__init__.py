@@ -6,12 +6,14 @@ Importing this package registers these ops (same semantics as :mod:`csl_fast.ref
   label_smoothing, reduction) -> (loss, grad, stats)``
 * ``torch.ops.csl_fast.cross_entropy_fwd_inplace_triton(logits, ...) -> (loss, stats)``,
   the gradient written over the logits
+* ``torch.ops.csl_fast.cross_entropy_fwd_stats_triton(logits, ...) -> (loss, stats)``: no
+  gradient formed (the float16/bfloat16 forward, no-grad passes)
 * ``torch.ops.csl_fast.cross_entropy_bwd_triton(logits, target, weight, stats, scale,
   ignore_index, label_smoothing) -> Tensor``: the float16/bfloat16 backward in one
   elementwise pass (``csl_fast.ops_backward``)
 * ``torch.ops.csl_fast.cross_entropy_fwd_extra_triton(..., softcap, z_loss_scale) ->
-  (loss, grad, stats, z_loss)`` and ``cross_entropy_fwd_extra_inplace_triton``: with
-  soft-capping and the z-loss
+  (loss, grad, stats, z_loss)``, ``cross_entropy_fwd_extra_inplace_triton`` and
+  ``cross_entropy_fwd_extra_stats_triton``: with soft-capping and the z-loss
 * ``torch.ops.csl_fast.scatter_stats_triton(stats, index, deterministic, csl, count) -> ()``
 * ``torch.ops.csl_fast.input_grad_norms_triton(grad, scale) -> Tensor``
 * ``torch.ops.csl_fast.bce_fwd_triton``, ``bce_bwd_triton``, ``bce_record_triton``: the
@@ -25,10 +27,15 @@ Argument values are validated by the caller (``csl_fast.ops``).
 """
 
 from .bce import bce_bwd_triton, bce_fwd_triton, bce_record_triton
-from .cross_entropy import cross_entropy_fwd_inplace_triton, cross_entropy_fwd_triton
+from .cross_entropy import (
+    cross_entropy_fwd_inplace_triton,
+    cross_entropy_fwd_stats_triton,
+    cross_entropy_fwd_triton,
+)
 from .cross_entropy_bwd import cross_entropy_bwd_triton
 from .cross_entropy_extra import (
     cross_entropy_fwd_extra_inplace_triton,
+    cross_entropy_fwd_extra_stats_triton,
     cross_entropy_fwd_extra_triton,
 )
 from .grad_norms import input_grad_norms_triton
@@ -41,8 +48,10 @@ __all__ = [
     "bce_record_triton",
     "cross_entropy_bwd_triton",
     "cross_entropy_fwd_extra_inplace_triton",
+    "cross_entropy_fwd_extra_stats_triton",
     "cross_entropy_fwd_extra_triton",
     "cross_entropy_fwd_inplace_triton",
+    "cross_entropy_fwd_stats_triton",
     "cross_entropy_fwd_triton",
     "input_grad_norms_triton",
     "record_last_triton",

@@ -1,7 +1,8 @@
 """Fused cross entropy in Triton: loss, logits gradient and per-row statistics in one pass.
 
 ``csl_fast::cross_entropy_fwd_triton`` has exactly the semantics of
-:func:`csl_fast.reference.cross_entropy_fwd`.
+:func:`csl_fast.reference.cross_entropy_fwd`; ``cross_entropy_fwd_stats_triton`` is the same
+kernel with its gradient pass compiled out (``HAS_GRAD``): the loss and statistics alone.
 
 Maths per row ``i`` (``z`` the logits row, ``y`` its target, ``eps`` the label smoothing,
 ``w`` the class weights or ones, ``W = sum_j w_j``, ``p = softmax(z)``, ``lse`` =
@@ -129,6 +130,7 @@ def _ce_fwd_kernel(
     zs,
     HAS_CAP: tl.constexpr,
     HAS_ZLOSS: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
@@ -296,47 +298,19 @@ def _ce_fwd_kernel(
     has_o = valid & (arg_o < C)
     tl.store(stats_ptr + 6 * B + rows, tl.where(has_o, arg_o.to(tl.float32), -1.0), mask=row_mask)
 
-    # ---- gradient pass ----------------------------------------------------------------
-    a2 = (a_coef * row_scale)[:, None]
-    gy2 = (grad_y * row_scale)[:, None]
-    active2 = active[:, None]
-    g_inactive = tl.where(bad, float("nan"), 0.0)[:, None]  # ignored rows 0, bad targets NaN
-    if FUSED:
-        p = e * inv_s[:, None]
-        if HAS_SMOOTH:
-            g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
-        else:
-            g = a2 * p
-        g = tl.where(is_y, gy2, g)
-        if HAS_ZLOSS:
-            g = g + z_coef2 * p
-        if HAS_CAP:
-            g = g * (1.0 - t_cap * t_cap)
-        g = tl.where(active2, g, g_inactive)
-        tl.store(
-            grow[:, None] + cols[None, :],
-            _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
-            mask=mask2,
-        )
-    else:
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
-            col_mask = cols < C
-            mask2 = row_mask[:, None] & col_mask[None, :]
-            z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                t_cap = _tanh(z / cap)
-                z = cap * t_cap
-            p = tl.exp(z - m[:, None]) * inv_s[:, None]
+    # ---- gradient pass (off for the loss and statistics alone) --------------------------
+    if HAS_GRAD:
+        a2 = (a_coef * row_scale)[:, None]
+        gy2 = (grad_y * row_scale)[:, None]
+        active2 = active[:, None]
+        g_inactive = tl.where(bad, float("nan"), 0.0)[:, None]  # ignored rows 0, bad targets NaN
+        if FUSED:
+            p = e * inv_s[:, None]
             if HAS_SMOOTH:
-                if HAS_WEIGHT:
-                    w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-                else:
-                    w = tl.where(col_mask, 1.0, 0.0)
                 g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
             else:
                 g = a2 * p
-            g = tl.where(cols[None, :] == y[:, None], gy2, g)
+            g = tl.where(is_y, gy2, g)
             if HAS_ZLOSS:
                 g = g + z_coef2 * p
             if HAS_CAP:
@@ -347,6 +321,35 @@ def _ce_fwd_kernel(
                 _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
                 mask=mask2,
             )
+        else:
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + cols0
+                col_mask = cols < C
+                mask2 = row_mask[:, None] & col_mask[None, :]
+                z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
+                if HAS_CAP:
+                    t_cap = _tanh(z / cap)
+                    z = cap * t_cap
+                p = tl.exp(z - m[:, None]) * inv_s[:, None]
+                if HAS_SMOOTH:
+                    if HAS_WEIGHT:
+                        w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+                    else:
+                        w = tl.where(col_mask, 1.0, 0.0)
+                    g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
+                else:
+                    g = a2 * p
+                g = tl.where(cols[None, :] == y[:, None], gy2, g)
+                if HAS_ZLOSS:
+                    g = g + z_coef2 * p
+                if HAS_CAP:
+                    g = g * (1.0 - t_cap * t_cap)
+                g = tl.where(active2, g, g_inactive)
+                tl.store(
+                    grow[:, None] + cols[None, :],
+                    _to_out(g, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE),
+                    mask=mask2,
+                )
 
 
 def _next_pow2(n) -> int:
@@ -432,9 +435,10 @@ def cross_entropy_fwd_triton(
 
 def _launch(
     logits, target, weight, ignore_index, label_smoothing, reduction, grad, config=None,
-    softcap=0.0, z_loss_scale=0.0, z_rows=None,
+    softcap=0.0, z_loss_scale=0.0, z_rows=None, store_grad=True,
 ):  # fmt: skip
-    """(loss, stats), the gradient written into ``grad`` (``None``: over the logits).
+    """(loss, stats), the gradient written into ``grad`` (``None``: over the logits;
+    ``store_grad=False``: not formed at all).
     ``config``: (fused, rows, block, num_warps) instead of :func:`_config`'s (for
     ``benchmarks/triton_sweep.py``). ``softcap``, ``z_loss_scale``: the extras (0: off);
     with a z-loss the per-row z-loss goes into ``z_rows`` (float32 ``[B]``), not reduced."""
@@ -443,7 +447,7 @@ def _launch(
         # As the C++ kernels: no class to take a loss over (empty outputs would otherwise
         # reach the buffers uninitialised).
         raise ValueError("csl_fast: logits have C = 0 classes")
-    inplace = grad is None
+    inplace = store_grad and grad is None
     loss_rows = torch.empty((batch,), dtype=torch.float32, device=logits.device)
     stats = torch.empty((NUM_STATS, batch), dtype=torch.float32, device=logits.device)
     target = target.contiguous()
@@ -471,13 +475,13 @@ def _launch(
             target,
             w if w is not None else loss_rows,
             denom,
-            logits if inplace else grad,
+            logits if inplace else grad if store_grad else loss_rows,  # the last: never read
             loss_rows,
             stats,
             batch,
             num_classes,
             logits.stride(0),
-            logits.stride(0) if inplace else grad.stride(0),
+            grad.stride(0) if store_grad and not inplace else logits.stride(0),
             ignore_index,
             float(label_smoothing),
             HAS_WEIGHT=w is not None,
@@ -493,6 +497,7 @@ def _launch(
             zs=float(z_loss_scale),
             HAS_CAP=softcap != 0.0,
             HAS_ZLOSS=z_loss_scale != 0.0,
+            HAS_GRAD=store_grad,
             num_warps=num_warps,
         )
 
@@ -503,6 +508,40 @@ def _launch(
     else:
         loss = loss_rows.sum().to(logits.dtype)
     return loss, stats
+
+
+def _fake_stats(logits, target, weight, ignore_index, label_smoothing, reduction):
+    loss, _, stats = _fake_cross_entropy(
+        logits, target, weight, ignore_index, label_smoothing, reduction
+    )
+    return loss, stats
+
+
+@register(
+    "csl_fast::cross_entropy_fwd_stats_triton",
+    kernel=_ce_fwd_kernel,
+    mutates_args=(),
+    fake=_fake_stats,
+)
+def cross_entropy_fwd_stats_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_fwd_triton` without the gradient: ``(loss, stats)``, the kernel's
+    gradient pass compiled out (one read of the logits, no write, no logits-sized buffer)."""
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"cross_entropy_fwd_stats_triton supports float16, bfloat16 and float32 logits, "
+            f"got {logits.dtype}; use the C++ kernels or csl_fast.reference for float64"
+        )
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    args = (logits, target, weight, ignore_index, label_smoothing, reduction, None)
+    return _launch(*args, store_grad=False)
 
 
 def _fake_inplace(logits, target, weight, ignore_index, label_smoothing, reduction):

@@ -25,7 +25,10 @@ def _fake_extra_inplace(logits, target, weight, ignore, smoothing, reduction, so
     return loss, stats, zl
 
 
-def _run(logits, target, weight, ignore_index, label_smoothing, reduction, softcap, zs, grad):
+def _run(
+    logits, target, weight, ignore_index, label_smoothing, reduction, softcap, zs, grad,
+    store_grad=True,
+):  # fmt: skip
     if logits.dtype not in _SUPPORTED:
         raise TypeError(
             f"cross_entropy_fwd_extra_triton supports float16, bfloat16 and float32 logits, got "
@@ -35,7 +38,7 @@ def _run(logits, target, weight, ignore_index, label_smoothing, reduction, softc
     z_rows = torch.zeros((batch,), dtype=torch.float32, device=logits.device)
     loss, stats = _launch(
         logits, target, weight, ignore_index, label_smoothing, reduction, grad,
-        softcap=softcap, z_loss_scale=zs, z_rows=z_rows,
+        softcap=softcap, z_loss_scale=zs, z_rows=z_rows, store_grad=store_grad,
     )  # fmt: skip
     if reduction == 0:
         zl = z_rows
@@ -73,6 +76,32 @@ def cross_entropy_fwd_extra_triton(
         z_loss_scale, grad,
     )  # fmt: skip
     return loss, grad, stats, zl
+
+
+@register(
+    "csl_fast::cross_entropy_fwd_extra_stats_triton",
+    kernel=_ce_fwd_kernel,
+    mutates_args=(),
+    fake=_fake_extra_inplace,
+)
+def cross_entropy_fwd_extra_stats_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: int,
+    softcap: float,
+    z_loss_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`cross_entropy_fwd_extra_triton` without the gradient: ``(loss, stats,
+    z_loss)``, no logits-sized buffer."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    return _run(
+        logits, target, weight, ignore_index, label_smoothing, reduction, softcap,
+        z_loss_scale, None, store_grad=False,
+    )  # fmt: skip
 
 
 @register(

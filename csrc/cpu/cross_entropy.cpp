@@ -120,7 +120,7 @@ template <typename scalar_t, typename acc_t>
 struct Rows {
   const scalar_t* in;
   int64_t row_stride;
-  scalar_t* out;  // contiguous [B, C] gradient
+  scalar_t* out;  // contiguous [B, C] gradient, or nullptr: not written (loss and stats only)
   const int64_t* target;
   const acc_t* w;  // class weights or nullptr
   acc_t w_total;
@@ -213,6 +213,7 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
       finite ? static_cast<float>(p.other.sum_sq * inv_s * inv_s + q * q) : 0.f;
   stats[kValid * B + i] = finite ? 1.f : 0.f;
   stats[kOtherArgmax * B + i] = finite ? static_cast<float>(p.other_argmax) : -1.f;
+  if (r.out == nullptr) return objective;
 
   // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
   const acc_t row_scale = r.row_scale;
@@ -226,8 +227,7 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
 // A row of an ignored target: zero gradient, statistics and objective.
 template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t>& r, int64_t i) {
-  scalar_t* grow = r.out + i * r.C;
-  std::fill(grow, grow + r.C, scalar_t(0));
+  if (r.out != nullptr) std::fill(r.out + i * r.C, r.out + (i + 1) * r.C, scalar_t(0));
   for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
   r.stats[kOtherArgmax * r.B + i] = -1.f;
   r.objective[i] = 0;
@@ -236,7 +236,8 @@ inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t
 
 // Rows [begin, end), one at a time, each with vector passes over its classes (the
 // classes before and after y in separate ranges). zbuf holds C acc_t values when
-// scalar_t is narrower than acc_t, 2 C with soft-capping (z', then 1 - tanh^2).
+// scalar_t is narrower than acc_t or no gradient is written, 2 C with soft-capping (z',
+// then 1 - tanh^2).
 template <bool kExtras, typename scalar_t, typename acc_t>
 inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>& r,
                                                      int64_t begin, int64_t end, acc_t* zbuf) {
@@ -246,7 +247,7 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
   const acc_t cap = kExtras ? static_cast<acc_t>(r.opt.softcap) : acc_t(0);
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* row = r.in + i * r.row_stride;
-    scalar_t* grow = r.out + i * C;
+    scalar_t* grow = r.out != nullptr ? r.out + i * C : nullptr;
     const int64_t y = r.target[i];
     if (y == r.opt.ignore_index) {
       ignore_row<kExtras>(r, i);
@@ -267,7 +268,8 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
       e = zbuf;
     } else if constexpr (kSameType) {
       z = row;
-      e = grow;  // exponentials, then the gradient, written straight into the output
+      // The exponentials, then the gradient, straight into the output (if it is written).
+      e = grow != nullptr ? grow : zbuf;
     } else {
       for (int64_t j = 0; j < C; ++j) zbuf[j] = static_cast<acc_t>(row[j]);
       z = zbuf;
@@ -288,6 +290,7 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     p.other = {before.sum + after.sum, before.sum_sq + after.sum_sq,
                before.sum_shift + after.sum_shift};
     r.objective[i] = finish_row<kExtras>(r, i, y, p, e);
+    if (grow == nullptr) continue;
     if (kExtras && cap != acc_t(0)) {
       const acc_t* dcap = zbuf + C;  // d z' / d z: the chain rule of the cap
 #pragma omp simd
@@ -316,7 +319,9 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
     // The block's d = z - m (then e = exp(d), then the gradient): in the output for
     // float32 logits, else in zbuf (kNarrowRows x C), converted into the output last.
     acc_t* block = zbuf;
-    if constexpr (kSameType) block = r.out + lo * C;
+    if constexpr (kSameType) {
+      if (r.out != nullptr) block = r.out + lo * C;
+    }
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t y = r.target[i];
       if (y == r.opt.ignore_index) continue;
@@ -365,7 +370,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
       p.other.sum = s;
       p.other.sum_sq = s2;
       r.objective[i] = finish_row<kExtras>(r, i, y, p, e);
-      if constexpr (!kSameType) {
+      if (!kSameType && r.out != nullptr) {
         scalar_t* grow = r.out + i * C;
         for (int64_t j = 0; j < C; ++j) grow[j] = static_cast<scalar_t>(e[j]);
       }
@@ -438,13 +443,13 @@ inline void run_rows(const Rows<double, double>& r, int64_t b, int64_t e, double
 
 template <typename scalar_t, typename acc_t>
 void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const acc_t* w,
-                        acc_t w_total, acc_t row_scale, const Options& opt, at::Tensor& grad,
-                        float* stats, acc_t* objective, acc_t* z_loss) {
+                        acc_t w_total, acc_t row_scale, const Options& opt,
+                        const at::Tensor& grad, float* stats, acc_t* objective, acc_t* z_loss) {
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
   const Rows<scalar_t, acc_t> rows{logits.const_data_ptr<scalar_t>(),
                                    logits.stride(0),
-                                   grad.mutable_data_ptr<scalar_t>(),
+                                   grad.defined() ? grad.mutable_data_ptr<scalar_t>() : nullptr,
                                    target,
                                    w,
                                    w_total,
@@ -459,19 +464,20 @@ void cross_entropy_rows(const at::Tensor& logits, const int64_t* target, const a
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
     const bool narrow = C <= kNarrowC && opt.softcap == 0;
-    std::vector<acc_t> zbuf(opt.softcap != 0 ? 2 * C
-                            : kSameType      ? 0
-                                             : (narrow ? kNarrowRows : 1) * C);
+    std::vector<acc_t> zbuf(opt.softcap != 0                ? 2 * C
+                            : kSameType && rows.out != nullptr ? 0
+                                                               : (narrow ? kNarrowRows : 1) * C);
     run_rows(rows, begin, end, zbuf.data(), opt.softcap != 0 || z_loss != nullptr);
   });
 }
 
 // (loss, stats, z_loss); the gradient goes into `grad` ([B, C], contiguous, logits dtype),
-// which may be the logits themselves: each row is read before it is overwritten. z_loss is
-// reduced like the loss, and undefined when z_loss_scale is 0.
+// which may be the logits themselves: each row is read before it is overwritten. An
+// undefined `grad`: no gradient is formed or written. z_loss is reduced like the loss, and
+// undefined when z_loss_scale is 0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, const at::Tensor& grad,
     double softcap = 0, double z_loss_scale = 0) {
   check_logits_2d(logits);
   check_cross_entropy_args(logits, target, label_smoothing, reduction);
@@ -553,6 +559,17 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace(
   return {loss, stats};
 }
 
+// Loss and statistics only: no gradient is formed, no logits-sized buffer allocated (the
+// float16/bfloat16 forward under autograd, whose backward recomputes the gradient; no-grad
+// passes).
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_stats(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  auto [loss, stats, z_loss] = cross_entropy_into(logits, target, weight, ignore_index,
+                                                  label_smoothing, reduction, at::Tensor());
+  return {loss, stats};
+}
+
 // With soft-capping and the z-loss (zeros for z_loss when z_loss_scale is 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -579,6 +596,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace(
   return {loss, stats, z_loss};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_stats(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  auto [loss, stats, z_loss] = cross_entropy_into(logits, target, weight, ignore_index,
+                                                  label_smoothing, reduction, at::Tensor(),
+                                                  softcap, z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, stats, z_loss};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace csl_fast
@@ -586,6 +614,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace(
 TORCH_LIBRARY_IMPL(csl_fast, CPU, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cpu::cross_entropy_fwd);
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cpu::cross_entropy_fwd_inplace);
+  m.impl("cross_entropy_fwd_stats", &csl_fast::cpu::cross_entropy_fwd_stats);
   m.impl("cross_entropy_fwd_extra", &csl_fast::cpu::cross_entropy_fwd_extra);
   m.impl("cross_entropy_fwd_extra_inplace", &csl_fast::cpu::cross_entropy_fwd_extra_inplace);
+  m.impl("cross_entropy_fwd_extra_stats", &csl_fast::cpu::cross_entropy_fwd_extra_stats);
 }

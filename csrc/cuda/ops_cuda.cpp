@@ -101,11 +101,11 @@ void check_target_flag(const at::Tensor& flag, int64_t C, int64_t ignore_index) 
 
 // ---------------------------------------------------------------------------------------
 // (loss, stats, z_loss) with the gradient written into `grad` ([B, C] contiguous, logits
-// dtype), which may be the (contiguous) logits themselves. z_loss (reduced like the loss)
-// is undefined when z_loss_scale is 0.
+// dtype), which may be the (contiguous) logits themselves; undefined: no gradient is
+// written. z_loss (reduced like the loss) is undefined when z_loss_scale is 0.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
-    int64_t ignore_index, double label_smoothing, int64_t reduction, at::Tensor& grad,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, const at::Tensor& grad,
     double softcap = 0.0, double z_loss_scale = 0.0) {
   check_logits_2d(logits);
   check_cross_entropy_extras(weight, softcap, z_loss_scale);
@@ -159,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
   p.label_smoothing = label_smoothing;
   p.reduction = static_cast<int>(reduction);
   p.objective = objective.mutable_data_ptr();
-  p.grad = grad.mutable_data_ptr();
+  p.grad = grad.defined() ? grad.mutable_data_ptr() : nullptr;
   p.stats = stats.mutable_data_ptr<float>();
   p.softcap = softcap;
   p.z_loss_scale = z_loss_scale;
@@ -204,6 +204,16 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_inplace_cuda(
   return {loss, stats};
 }
 
+// Loss and statistics only: the kernels skip the gradient's stores, and no logits-sized
+// buffer is allocated.
+std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_stats_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction) {
+  auto [loss, stats, z_loss] = cross_entropy_into_cuda(logits, target, weight, ignore_index,
+                                                       label_smoothing, reduction, at::Tensor());
+  return {loss, stats};
+}
+
 // With soft-capping and the z-loss (z_loss zeros when z_loss_scale is 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_cuda(
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
@@ -226,6 +236,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_inplace_c
   auto [loss, stats, z_loss] =
       cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing, reduction,
                               logits, softcap, z_loss_scale);
+  if (!z_loss.defined()) z_loss = at::zeros_like(loss);
+  return {loss, stats, z_loss};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_fwd_extra_stats_cuda(
+    const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
+    int64_t ignore_index, double label_smoothing, int64_t reduction, double softcap,
+    double z_loss_scale) {
+  auto [loss, stats, z_loss] =
+      cross_entropy_into_cuda(logits, target, weight, ignore_index, label_smoothing, reduction,
+                              at::Tensor(), softcap, z_loss_scale);
   if (!z_loss.defined()) z_loss = at::zeros_like(loss);
   return {loss, stats, z_loss};
 }
@@ -398,10 +419,12 @@ at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
 TORCH_LIBRARY_IMPL(csl_fast, CUDA, m) {
   m.impl("cross_entropy_fwd", &csl_fast::cuda::cross_entropy_fwd_cuda);
   m.impl("cross_entropy_fwd_inplace", &csl_fast::cuda::cross_entropy_fwd_inplace_cuda);
+  m.impl("cross_entropy_fwd_stats", &csl_fast::cuda::cross_entropy_fwd_stats_cuda);
   m.impl("cross_entropy_bwd", &csl_fast::cuda::cross_entropy_bwd_cuda);
   m.impl("cross_entropy_fwd_extra", &csl_fast::cuda::cross_entropy_fwd_extra_cuda);
   m.impl("cross_entropy_fwd_extra_inplace",
          &csl_fast::cuda::cross_entropy_fwd_extra_inplace_cuda);
+  m.impl("cross_entropy_fwd_extra_stats", &csl_fast::cuda::cross_entropy_fwd_extra_stats_cuda);
   m.impl("scatter_stats", &csl_fast::cuda::scatter_stats_cuda);
   m.impl("input_grad_norms", &csl_fast::cuda::input_grad_norms_cuda);
   m.impl("record_vote", &csl_fast::cuda::record_vote_cuda);

@@ -221,6 +221,56 @@ def test_in_place_gradient(tdevice, monkeypatch, dtype, two_pass):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_stats_only(tdevice, monkeypatch, dtype, two_pass):
+    """cross_entropy_fwd_stats_triton (the gradient pass compiled out): the loss and
+    statistics of the op with gradient, bit for bit, on both paths, strided rows too."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 16)
+    for reduction, weighted, eps in [(0, False, 0.0), (1, True, 0.1), (2, True, 0.0)]:
+        logits, target, weight = _inputs(7, 37, dtype, tdevice, weighted=weighted, ignore=True)
+        wide = torch.zeros(7, 40, dtype=dtype, device=tdevice)
+        logits = wide[:, :37].copy_(logits)  # rows with a stride of their own
+        args = (target, weight, IGNORE, eps, reduction)
+        loss, _, stats = cross_entropy_fwd_triton(logits, *args)
+        got_loss, got_stats = cross_entropy.cross_entropy_fwd_stats_triton(logits, *args)
+        assert torch.equal(got_loss, loss) and torch.equal(got_stats, stats)
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_fwd_stats_triton.default,
+        (logits, target, weight, IGNORE, 0.1, 1),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_half_accumulate_calls_the_stats_op(tdevice):
+    """A bfloat16 accumulate on the Triton backend: the forward runs the op without the
+    gradient (never the one with it), and loss and gradient are those of the path that
+    formed the forward's gradient."""
+    import csl_fast
+    from csl_fast import ops_backward
+
+    logits, target, _ = _inputs(6, 37, torch.bfloat16, tdevice, ignore=True)
+    z = logits.clone().requires_grad_(True)
+    with torch.profiler.profile() as prof:
+        loss = csl_fast.accumulate(
+            z, target, torch.arange(6, device=tdevice), torch.zeros(6, device=tdevice),
+            backend="triton",
+        )  # fmt: skip
+    names = {e.name for e in prof.events() if e.name.startswith("csl_fast::")}
+    assert "csl_fast::cross_entropy_fwd_stats_triton" in names, names
+    assert "csl_fast::cross_entropy_fwd_triton" not in names, names
+    loss.backward()
+    rows, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    denom = (target != IGNORE).sum(dtype=torch.float32)
+    assert torch.equal(loss.detach(), (rows.float().sum() / denom).to(logits.dtype))
+    want = ops_backward.cross_entropy_bwd(
+        logits, target, None, stats, (1.0 / denom).reshape(1), IGNORE, 0.0, backend="triton"
+    )
+    assert torch.equal(z.grad, want)
+
+
 def test_accumulate_in_place_with_the_triton_backend(tdevice):
     import csl_fast
 

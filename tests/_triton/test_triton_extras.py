@@ -10,7 +10,10 @@ from tolerances import assert_no_worse_than_torch
 
 from csl_fast import reference
 from csl_fast._triton import cross_entropy, cross_entropy_fwd_extra_triton
-from csl_fast._triton.cross_entropy_extra import cross_entropy_fwd_extra_inplace_triton
+from csl_fast._triton.cross_entropy_extra import (
+    cross_entropy_fwd_extra_inplace_triton,
+    cross_entropy_fwd_extra_stats_triton,
+)
 
 IGNORE = -100
 RED = ("none", "mean", "sum")
@@ -79,6 +82,29 @@ def test_extra_in_place(tdevice, monkeypatch, two_pass):
     )
     assert torch.equal(z, grad) and torch.equal(loss, loss2) and torch.equal(zl, zl2)
     assert torch.equal(stats, stats2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_extra_stats_only(tdevice, monkeypatch, dtype, two_pass):
+    """cross_entropy_fwd_extra_stats_triton (no gradient pass): the loss, statistics and
+    z-loss of the op with gradient, bit for bit, on both paths; opcheck."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 8)
+    logits = (torch.randn(6, 29, device=tdevice) * 3).to(dtype)
+    target = torch.randint(0, 29, (6,), device=tdevice)
+    target[2] = IGNORE
+    for reduction, cap, zs in [(0, 3.0, 0.05), (1, 0.0, 0.05), (2, 3.0, 0.0)]:
+        args = (target, None, IGNORE, 0.1, reduction, cap, zs)
+        loss, _, stats, zl = cross_entropy_fwd_extra_triton(logits, *args)
+        got = cross_entropy_fwd_extra_stats_triton(logits, *args)
+        assert torch.equal(got[0], loss) and torch.equal(got[1], stats) and torch.equal(got[2], zl)
+    torch.library.opcheck(
+        torch.ops.csl_fast.cross_entropy_fwd_extra_stats_triton.default,
+        (logits, target, None, IGNORE, 0.1, 1, 3.0, 0.05),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_tanh_matches_torch(tdevice):
