@@ -12,9 +12,15 @@ each shape this script times, one thread, interleaved rounds, medians:
   equivalent), forward and backward, 'mean', and their ratio;
 - for float16/bfloat16, backward alone on the same saved tensors: the old recompute
   (:func:`_recompute`, kept here as it was) and the new pass, and their ratio; the same
-  with the language-model extras (soft-cap 30, z-loss 1e-4: ``csl_fast.ops_extras``).
+  with the language-model extras (soft-cap 30, z-loss 1e-4: ``csl_fast.ops_extras``);
+- for float16/bfloat16, forward alone: the kernel the forward ran before, which also
+  formed the gradient that backward no longer uses (``cross_entropy_fwd``), against the one
+  it runs now (``cross_entropy_fwd_stats``), and ``accumulate``'s whole forward on logits
+  that require grad: time and extra peak memory (the profiler's CPU allocations,
+  :func:`csl_fast.bench.harness.extra_peak_bytes`). ``--forward-only`` runs this part
+  alone.
 
-    python benchmarks/half_backward.py [--rounds 7] [--out FILE.md]
+    python benchmarks/half_backward.py [--rounds 7] [--forward-only] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 
 import csl_fast
 from csl_fast import ops_backward
+from csl_fast.bench.harness import extra_peak_bytes
 
 SHAPES = ((64, 10), (256, 1000), (32, 32000))
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -91,51 +98,54 @@ def _medians(fns, calls: int, rounds: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    root = Path(csl_fast.__file__).resolve().parents[1]
-    commit = subprocess.run(
-        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    step_rows, bwd_rows, extra_rows = [], [], []
+def _forward_rows(rounds: int, g: torch.Generator) -> list[tuple]:
+    """(B, C, dtype, (us, peak bytes) of the kernel with gradient, of the one without, of
+    accumulate's forward) per shape and half dtype."""
+    rows = []
     for b, c in SHAPES:
-        for dtype in DTYPES:
+        for dtype in DTYPES[:2]:
             x = torch.randn(b, c, generator=g).to(dtype)
             t = torch.randint(0, c, (b,), generator=g)
             idx = torch.arange(b)
             csl = torch.zeros(b)
-            calls = max(3, 20_000 // c)
-            ours = functools.partial(_ours, x, t, idx, csl)
-            theirs = functools.partial(_theirs, x, t, idx, csl)
-            dt = str(dtype).removeprefix("torch.")
-            step_rows.append((b, c, dt, *_medians((ours, theirs), calls, args.rounds)))
-            if dtype == torch.float32:
-                continue
-            stats = torch.ops.csl_fast.cross_entropy_fwd(x, t, None, IGNORE, 0.0, 0)[2]
-            scale = torch.tensor(1.0 / b)
-            old = functools.partial(_recompute, x, t, scale)
-            new = functools.partial(_one_pass, x, t, stats, scale)
-            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
-            bwd_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
-            if c < 1000:
-                continue
-            fwd = torch.ops.csl_fast.cross_entropy_fwd_extra
-            stats = fwd(x, t, None, IGNORE, 0.0, 0, *EXTRAS)[2]
-            old = functools.partial(_recompute, x, t, scale, EXTRAS)
-            new = functools.partial(_one_pass, x, t, stats, scale, EXTRAS)
-            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
-            extra_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
+            z = x.clone().requires_grad_(True)
+            args = (x, t, None, IGNORE, 0.0, 0)
+            with_grad = functools.partial(torch.ops.csl_fast.cross_entropy_fwd.default, *args)
+            stats_only = functools.partial(
+                torch.ops.csl_fast.cross_entropy_fwd_stats.default, *args
+            )
+            forward = functools.partial(csl_fast.accumulate, z, t, idx, csl, backend="cpu")
+            fns = (with_grad, stats_only, forward)
+            times = _medians(fns, max(3, 20_000 // c), rounds)
+            peaks = [extra_peak_bytes(fn, "cpu") for fn in fns]
+            rows.append((b, c, str(dtype).removeprefix("torch."), x.nbytes, times, peaks))
+    return rows
+
+
+def _forward_lines(rows: list[tuple]) -> list[str]:
     lines = [
-        f"# Half-precision backward on CPU logits, commit {commit}",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
-        f"one thread, median of {args.rounds} interleaved rounds; load average "
-        f"{Path('/proc/loadavg').read_text().split()[0]} after.",
+        "## forward alone, logits requiring grad: kernel with gradient (before) vs without (now)",
+        "",
+        "Extra peak memory in KiB (and in logits-sized buffers).",
+        "",
+        "| B x C | dtype | with gradient (us) | without (us) | speed-up | with gradient, peak "
+        "| without, peak | accumulate forward (us) | accumulate forward, peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def peak(nbytes, logits_bytes):
+        return "n/a" if nbytes is None else f"{nbytes / 1024:.1f} ({nbytes / logits_bytes:.2f})"
+
+    for b, c, dt, nbytes, (old_us, new_us, fwd_us), peaks in rows:
+        old_p, new_p, fwd_p = (peak(p, nbytes) for p in peaks)
+        cells = (f"{old_us:.1f}", f"{new_us:.1f}", f"{old_us / new_us:.2f}x", old_p, new_p)
+        lines.append(f"| {b} x {c} | {dt} | " + " | ".join(cells) + f" | {fwd_us:.1f} | {fwd_p} |")
+    return lines
+
+
+def _backward_lines(step_rows, bwd_rows, extra_rows) -> list[str]:
+    lines = [
         "",
         "## accumulate, forward + backward ('mean')",
         "",
@@ -165,6 +175,60 @@ def main() -> None:
     for b, c, dt, old_us, new_us in extra_rows:
         lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
                      f"{old_us / new_us:.1f}x |")  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--forward-only", action="store_true")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    root = Path(csl_fast.__file__).resolve().parents[1]
+    commit = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    step_rows, bwd_rows, extra_rows = [], [], []
+    for b, c in () if args.forward_only else SHAPES:
+        for dtype in DTYPES:
+            x = torch.randn(b, c, generator=g).to(dtype)
+            t = torch.randint(0, c, (b,), generator=g)
+            idx = torch.arange(b)
+            csl = torch.zeros(b)
+            calls = max(3, 20_000 // c)
+            ours = functools.partial(_ours, x, t, idx, csl)
+            theirs = functools.partial(_theirs, x, t, idx, csl)
+            dt = str(dtype).removeprefix("torch.")
+            step_rows.append((b, c, dt, *_medians((ours, theirs), calls, args.rounds)))
+            if dtype == torch.float32:
+                continue
+            stats = torch.ops.csl_fast.cross_entropy_fwd(x, t, None, IGNORE, 0.0, 0)[2]
+            scale = torch.tensor(1.0 / b)
+            old = functools.partial(_recompute, x, t, scale)
+            new = functools.partial(_one_pass, x, t, stats, scale)
+            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
+            bwd_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
+            if c < 1000:
+                continue
+            fwd = torch.ops.csl_fast.cross_entropy_fwd_extra
+            stats = fwd(x, t, None, IGNORE, 0.0, 0, *EXTRAS)[2]
+            old = functools.partial(_recompute, x, t, scale, EXTRAS)
+            new = functools.partial(_one_pass, x, t, stats, scale, EXTRAS)
+            torch.testing.assert_close(new(), old(), rtol=0, atol=2 * torch.finfo(dtype).eps)
+            extra_rows.append((b, c, dt, *_medians((old, new), calls, args.rounds)))
+    forward_rows = _forward_rows(args.rounds, g)
+    lines = [
+        f"# Half-precision cross entropy on CPU logits, commit {commit}",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, "
+        f"one thread, median of {args.rounds} interleaved rounds; load average "
+        f"{Path('/proc/loadavg').read_text().split()[0]} after.",
+    ]
+    lines += _forward_lines(forward_rows)
+    if not args.forward_only:
+        lines += _backward_lines(step_rows, bwd_rows, extra_rows)
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
