@@ -185,7 +185,8 @@ def accumulate(
     backward is a multiplication by the upstream gradient; for float16/bfloat16 logits
     backward instead forms the gradient in float32 from the saved logits and the forward's
     per-row losses, one elementwise pass, and rounds it once after the upstream scale (see
-    ``ops._RoundOnceCrossEntropy``, :mod:`csl_fast.ops_backward`). Double
+    ``ops._RoundOnceCrossEntropy``, :mod:`csl_fast.ops_backward`), and their forward
+    forms no gradient (no logits-sized buffer), as no call without grad does. Double
     backward is not supported. Buffers must not require grad or share memory with each
     other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
