@@ -370,7 +370,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = _logits(h, weight, bias)
             # Per-row losses (summed in float32 below) and the per-row gradient for a unit
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
-            # In place: the chunk's gradient overwrites its logits (one chunk alive, not two).
+            # In place: the chunk's gradient overwrites its logits (one chunk alive, not two);
+            # formed only for the eager gradients (backward recomputes it for 'none').
             loss_c, dz, st, zl_c = _chunk_fwd(
                 z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
             )

@@ -76,7 +76,8 @@ def cross_entropy_fwd_extra(
     args = (target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale)
     if logits.dtype not in _LOW_PRECISION and not _wants_grad(logits, weight):
         return _op(name, _EXTRA_STATS_OPS)(logits, *args)  # no gradient formed
-    # float16/bfloat16 with or without grad: the losses reduced in float32, as always.
+    # float16/bfloat16, grad or not: the Function, whose forward forms no gradient either and
+    # reduces 'mean' in float32, as it always has.
     loss, _, stats, zl, _ = _ExtraCrossEntropy.apply(logits, *args, name)
     return loss, stats, zl
 
@@ -112,7 +113,7 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         logits, target, weight, ctx.ignore_index, ctx.smoothing, ctx.reduction = inputs[:6]
         ctx.softcap, ctx.zs, ctx.name = inputs[6:]
         _, grad, stats, zl, denom = output
-        ctx.mark_non_differentiable(stats, zl)
+        ctx.mark_non_differentiable(*(t for t in (grad, stats, zl) if t is not None))
         if grad is None:
             ctx.save_for_backward(logits, target, weight, stats, denom)
         else:
