@@ -84,6 +84,11 @@ def extension_advice(error: str) -> str:
         if checkout
         else "`pip install --no-build-isolation --force-reinstall --no-deps <csl_fast source>`"
     )
+    if built and STALE in error:
+        return (
+            f"{built[0]} was built from older csl_fast sources than the Python code beside "
+            f"it (after a `git pull` or an upgrade without a rebuild). Rebuild it: {rebuild}."
+        )
     if built:
         return (
             f"{built[0]} exists but did not load ({error}); most often it was built against "
@@ -111,6 +116,36 @@ def extension_advice(error: str) -> str:
     )
 
 
+#: Every op schema ``csrc/csl_fast.cpp`` defines (``tests/test_ext_diagnosis.py`` keeps the
+#: two in step). An extension built from older sources lacks the newer ones, and the
+#: Python side would fail registering kernels for them: it is treated as not loaded.
+OPS = (
+    "cross_entropy_fwd",
+    "cross_entropy_fwd_inplace",
+    "cross_entropy_fwd_stats",
+    "cross_entropy_bwd",
+    "cross_entropy_fwd_extra",
+    "cross_entropy_fwd_extra_inplace",
+    "cross_entropy_fwd_extra_stats",
+    "scatter_stats",
+    "record_last",
+    "record_vote",
+    "input_grad_norms",
+    "record_input_grad",
+    "bce_fwd",
+    "bce_bwd",
+    "bce_record",
+    "record_loss",
+)
+#: What the load error says when the extension lacks some of :data:`OPS`.
+STALE = "built from older sources"
+
+
+def missing_ops(ops: tuple[str, ...] = OPS) -> list[str]:
+    """The ``csl_fast::`` ops of ``ops`` that no loaded library defines."""
+    return [op for op in ops if not hasattr(torch.ops.csl_fast, op)]
+
+
 _C = None
 #: Why ``csl_fast._C`` could not be loaded, or None when it loaded.
 EXTENSION_ERROR: str | None = None
@@ -118,6 +153,9 @@ EXTENSION_ERROR: str | None = None
 EXTENSION_ADVICE: str | None = None
 try:
     _C = importlib.import_module("csl_fast._C")
+    if missing := missing_ops():
+        _C = None
+        raise ImportError(f"csl_fast._C was {STALE}: it lacks the ops {', '.join(missing)}")
 except Exception as exc:
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
     EXTENSION_ADVICE = extension_advice(EXTENSION_ERROR)

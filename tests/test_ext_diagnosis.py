@@ -1,6 +1,7 @@
 """A source checkout that hides an installed csl_fast: the import warning and
 ``python -m csl_fast.info`` name both folders and the command that fixes it."""
 
+import re
 import shutil
 import subprocess
 import sys
@@ -64,4 +65,19 @@ def test_advice_for_an_extension_that_does_not_load():
     if _ext.extension_files(_ext.PACKAGE_DIR):
         assert "exists but did not load (ImportError: undefined symbol" in advice
         assert f"torch {torch.__version__}" in advice
+    assert "pip install --no-build-isolation" in advice
+
+
+def test_the_op_list_matches_the_schemas():
+    source = (Path(__file__).parents[1] / "csrc" / "csl_fast.cpp").read_text()
+    defined = re.findall(r'm\.def\(\s*"(\w+)\(', source)
+    assert sorted(defined) == sorted(_ext.OPS)
+
+
+def test_an_extension_from_older_sources_is_named_and_rebuilt():
+    assert _ext.missing_ops(("scatter_stats", "no_such_op_yet")) == ["no_such_op_yet"]
+    advice = _ext.extension_advice(f"ImportError: csl_fast._C was {_ext.STALE}: it lacks x")
+    if _ext.extension_files(_ext.PACKAGE_DIR):
+        assert "was built from older csl_fast sources" in advice
+        assert "did not load" not in advice
     assert "pip install --no-build-isolation" in advice
