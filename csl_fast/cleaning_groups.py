@@ -172,9 +172,7 @@ def _mean_loss(source: Any) -> torch.Tensor:
     from .tracker import CSLTracker
 
     if isinstance(source, CSLTracker):
-        count = source.csl_count.detach().cpu().double()
-        total = source.csl_sum.detach().cpu().double()
-        return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
+        return source.csl_mean.detach().cpu().double()
     if isinstance(source, Mapping) and "csl_mean" in source:
         return torch.as_tensor(source["csl_mean"]).detach().cpu().double()
     raise ValueError(

@@ -374,6 +374,14 @@ def _config(num_classes: int) -> tuple[bool, int, int, int]:
     return fused, rows, block, num_warps
 
 
+def _require_supported(op: str, logits: torch.Tensor) -> None:
+    if logits.dtype not in _SUPPORTED:
+        raise TypeError(
+            f"{op} supports float16, bfloat16 and float32 logits, got {logits.dtype}; use "
+            "the C++ kernels or csl_fast.reference for float64"
+        )
+
+
 def _fake_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
     batch = logits.shape[0]
     loss = logits.new_empty((batch,) if reduction == 0 else ())
@@ -420,11 +428,7 @@ def cross_entropy_fwd_triton(
     the kernel. One read and one write of the logits when ``next_pow2(C) <=
     MAX_FUSED_BLOCK``, two reads and one write otherwise.
     """
-    if logits.dtype not in _SUPPORTED:
-        raise TypeError(
-            f"cross_entropy_fwd_triton supports float16, bfloat16 and float32 logits, got "
-            f"{logits.dtype}; use the C++ kernels or csl_fast.reference for float64"
-        )
+    _require_supported("cross_entropy_fwd_triton", logits)
     batch, num_classes = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -510,7 +514,7 @@ def _launch(
     return loss, stats
 
 
-def _fake_stats(logits, target, weight, ignore_index, label_smoothing, reduction):
+def _fake_loss_stats(logits, target, weight, ignore_index, label_smoothing, reduction):
     loss, _, stats = _fake_cross_entropy(
         logits, target, weight, ignore_index, label_smoothing, reduction
     )
@@ -521,7 +525,7 @@ def _fake_stats(logits, target, weight, ignore_index, label_smoothing, reduction
     "csl_fast::cross_entropy_fwd_stats_triton",
     kernel=_ce_fwd_kernel,
     mutates_args=(),
-    fake=_fake_stats,
+    fake=_fake_loss_stats,
 )
 def cross_entropy_fwd_stats_triton(
     logits: torch.Tensor,
@@ -533,29 +537,18 @@ def cross_entropy_fwd_stats_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` without the gradient: ``(loss, stats)``, the kernel's
     gradient pass compiled out (one read of the logits, no write, no logits-sized buffer)."""
-    if logits.dtype not in _SUPPORTED:
-        raise TypeError(
-            f"cross_entropy_fwd_stats_triton supports float16, bfloat16 and float32 logits, "
-            f"got {logits.dtype}; use the C++ kernels or csl_fast.reference for float64"
-        )
+    _require_supported("cross_entropy_fwd_stats_triton", logits)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     args = (logits, target, weight, ignore_index, label_smoothing, reduction, None)
     return _launch(*args, store_grad=False)
 
 
-def _fake_inplace(logits, target, weight, ignore_index, label_smoothing, reduction):
-    loss, _, stats = _fake_cross_entropy(
-        logits, target, weight, ignore_index, label_smoothing, reduction
-    )
-    return loss, stats
-
-
 @register(
     "csl_fast::cross_entropy_fwd_inplace_triton",
     kernel=_ce_fwd_kernel,
     mutates_args=("logits",),
-    fake=_fake_inplace,
+    fake=_fake_loss_stats,
 )
 def cross_entropy_fwd_inplace_triton(
     logits: torch.Tensor,
@@ -567,11 +560,7 @@ def cross_entropy_fwd_inplace_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` with the gradient written over the (contiguous)
     logits: ``(loss, stats)``; no logits-sized buffer is allocated."""
-    if logits.dtype not in _SUPPORTED:
-        raise TypeError(
-            f"cross_entropy_fwd_inplace_triton supports float16, bfloat16 and float32 logits, "
-            f"got {logits.dtype}"
-        )
+    _require_supported("cross_entropy_fwd_inplace_triton", logits)
     if not logits.is_contiguous():
         raise ValueError(
             "csl_fast: inplace_grad=True writes the gradient over the logits and needs them "

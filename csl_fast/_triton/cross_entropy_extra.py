@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._registry import register
-from .cross_entropy import _SUPPORTED, _ce_fwd_kernel, _fake_cross_entropy, _launch
+from .cross_entropy import _ce_fwd_kernel, _fake_cross_entropy, _launch, _require_supported
 
 
 def _fake_extra(logits, target, weight, ignore_index, label_smoothing, reduction, softcap, zs):
@@ -29,11 +29,7 @@ def _run(
     logits, target, weight, ignore_index, label_smoothing, reduction, softcap, zs, grad,
     store_grad=True,
 ):  # fmt: skip
-    if logits.dtype not in _SUPPORTED:
-        raise TypeError(
-            f"cross_entropy_fwd_extra_triton supports float16, bfloat16 and float32 logits, got "
-            f"{logits.dtype}; use the C++ kernels or csl_fast.reference for float64"
-        )
+    _require_supported("cross_entropy_fwd_extra_triton", logits)
     batch = logits.shape[0]
     z_rows = torch.zeros((batch,), dtype=torch.float32, device=logits.device)
     loss, stats = _launch(
