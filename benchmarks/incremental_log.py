@@ -13,7 +13,8 @@ import os
 
 def _write(text: str) -> None:
     path = os.environ.get("CSL_INCREMENTAL_LOG")
-    if path:
+    # Under pytest-xdist the workers' reports reach the controller too: it alone writes.
+    if path and "PYTEST_XDIST_WORKER" not in os.environ:
         with open(path, "a") as f:
             f.write(text)
 
