@@ -218,18 +218,21 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name, why in backend_status(device).items() if why is None]
 
 
-_resolved: dict[tuple[str, str], str] = {}
+_resolved: dict[tuple[str, str, bool], str] = {}
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend for ``backend`` (a name or ``"auto"``) on ``device``.
 
+    ``dtype``: the logits' dtype, from the cross-entropy entry points. Triton's
+    cross-entropy kernels take no float64, so for float64 logits ``"auto"`` passes over
+    Triton to the CUDA kernels (or the reference); asked for by name, Triton says so.
     Cached, and a constant to torch.compile, so it costs nothing per step.
     """
-    key = (backend, device.type)
+    key = (backend, device.type, dtype == torch.float64)
     name = _resolved.get(key)
     if name is None:
-        name = _resolve(backend, device)
+        name = _resolve(backend, device, key[2])
         # Only Triton on CPU tensors depends on the environment (TRITON_INTERPRET), which
         # may change at run time; "auto" never picks it there.
         if not (backend == "triton" and device.type != "cuda"):
@@ -243,11 +246,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def _resolve(backend: str, device: torch.device) -> str:
+def _resolve(backend: str, device: torch.device, float64: bool) -> str:
     if backend == "auto":
         for name in BACKENDS:
             # The Triton interpreter is far too slow to be chosen for CPU tensors.
-            if name == "triton" and device.type != "cuda":
+            if name == "triton" and (device.type != "cuda" or float64):
                 continue
             if backend_status(device)[name] is None:
                 return name

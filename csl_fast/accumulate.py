@@ -127,7 +127,8 @@ def accumulate(
     counter bumped.
 
     Args:
-        logits: ``[B, C]`` float32, float16 or bfloat16 (float64 too on the CPU),
+        logits: ``[B, C]`` float32, float16, bfloat16 or float64 (on a GPU by the CUDA
+            kernels or the reference: Triton's take no float64),
             ``[N, C, d1, ..., dk]``, ``[C]``, or ``[B*T, V]`` for sequences.
             Statistics are computed in float32 (float64 for float64 logits).
         target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``;
@@ -230,7 +231,7 @@ def accumulate(
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     transformed = ops.transformed()
     if (soft or transformed) and inplace_grad:
         raise ValueError(

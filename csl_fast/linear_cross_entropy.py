@@ -125,7 +125,7 @@ def linear_cross_entropy(
     the labels shifted left and padded with ``ignore_index``.
 
     Args:
-        hidden: ``[N, H]`` or ``[B, T, H]``; float32, float16, bfloat16 (float64 on the CPU).
+        hidden: ``[N, H]`` or ``[B, T, H]``; float32, float16, bfloat16 or float64.
         weight: ``[V, H]`` output embedding, same dtype and device as ``hidden``.
         target: ``[N]`` or ``[B, T]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
         index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``.
@@ -237,7 +237,7 @@ def linear_cross_entropy(
         reduction,
         seq,
     )
-    name = resolve_backend(backend, hidden.device)
+    name = resolve_backend(backend, hidden.device, hidden.dtype)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:

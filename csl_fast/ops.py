@@ -67,7 +67,7 @@ def cross_entropy_fwd(
     ``stats`` is the detached float32 ``[NUM_STATS, B]`` tensor of per-row statistics
     (:class:`csl_fast.stats.Stat`). ``reduction`` is 0 (none), 1 (mean) or 2 (sum).
     """
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         loss = F.cross_entropy(
             logits,
@@ -286,7 +286,7 @@ def cross_entropy_fwd_inplace(
     wrong gradient. Backward can run once (it scales the gradient in place). Needs
     contiguous logits that are not a leaf requiring grad, a fused backend, and eager mode.
     """
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         raise ValueError(
             "csl_fast: inplace_grad=True needs a fused backend (cpu, triton or cuda); the "
@@ -369,7 +369,7 @@ def cross_entropy_fwd_with_grad(
 
     ``inplace``: ``grad`` is ``logits`` itself, overwritten (contiguous logits that nothing
     else needs; the reference backend still returns a new buffer)."""
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         return reference.cross_entropy_fwd(
             logits, target, weight, ignore_index, label_smoothing, reduction

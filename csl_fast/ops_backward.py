@@ -46,7 +46,7 @@ def cross_entropy_bwd(
     :func:`csl_fast.ops_extras.cross_entropy_fwd_extra`'s objective) times the float32
     upstream ``scale`` (``B`` entries or one), rounded once; ``stats`` are the forward's on
     the same logits and target (float32 ``[NUM_STATS, B]``)."""
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     args = (ignore_index, label_smoothing, softcap, z_loss_scale)
     if name == "reference":
         return reference.cross_entropy_bwd(logits, target, weight, stats, scale, *args)

@@ -65,7 +65,7 @@ def cross_entropy_fwd_extra(
     """``(loss, stats, z_loss)``: ``loss`` (differentiable, z-loss included) and the detached
     ``z_loss`` as :func:`csl_fast.reference.cross_entropy_extra`, ``stats`` of the
     soft-capped logits. ``reduction`` 0 (none), 1 (mean) or 2 (sum)."""
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         loss, zl = reference.cross_entropy_extra(
             logits, target, weight, ignore_index, label_smoothing, reduction, softcap, z_loss_scale
@@ -152,7 +152,7 @@ def cross_entropy_fwd_extra_with_grad(
     gradient for a unit upstream gradient, for callers that build their own backward
     (:func:`csl_fast.linear_cross_entropy`); call it with autograd off. ``inplace``:
     ``grad`` is ``logits``, overwritten (the reference backend returns a new buffer)."""
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, logits.dtype)
     args = (target, None, ignore_index, label_smoothing, reduction, softcap, z_loss_scale)
     if name == "reference":
         return reference.cross_entropy_fwd_extra(logits, *args)

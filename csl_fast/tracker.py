@@ -187,7 +187,9 @@ class CSLTracker(TrackerStatistics):
         self.num_classes = num_classes
         #: ``L`` of a multi-label tracker (:attr:`label_csl`), or None.
         self.num_labels = num_labels
-        self.device = torch.device(device)
+        # The device tensors land on: "cuda" becomes "cuda:0" (the current device), which is
+        # what the statistics passed to update() report and are compared with.
+        self.device = torch.empty(0, device=device).device
         self.dtype = dtype
         self.history = bool(history)
         self.backend = backend

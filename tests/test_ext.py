@@ -34,3 +34,23 @@ SCRIPT = textwrap.dedent(
 def test_falls_back_to_reference_without_extension():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_auto_passes_over_triton_for_float64(monkeypatch):
+    """Triton's cross-entropy kernels take no float64: "auto" picks the next backend."""
+    import torch
+
+    from csl_fast import _ext
+
+    every = {"triton": None, "cuda": None, "cpu": "takes CPU tensors", "reference": None}
+    monkeypatch.setattr(_ext, "backend_status", lambda device: every)
+    monkeypatch.setattr(_ext, "_resolved", {})
+    gpu = torch.device("cuda")
+    assert _ext.resolve_backend("auto", gpu, torch.float32) == "triton"
+    assert _ext.resolve_backend("auto", gpu, torch.float64) == "cuda"
+    assert _ext.resolve_backend("auto", gpu) == "triton"  # no logits: the record ops
+    assert _ext.resolve_backend("triton", gpu, torch.float64) == "triton"  # asked by name
+    without_cuda = {**every, "cuda": "no CUDA kernels"}
+    monkeypatch.setattr(_ext, "backend_status", lambda device: without_cuda)
+    monkeypatch.setattr(_ext, "_resolved", {})
+    assert _ext.resolve_backend("auto", gpu, torch.float64) == "reference"

@@ -347,6 +347,14 @@ def test_record_checks_device_and_shapes():
     t.record(torch.zeros(0, dtype=torch.long), torch.zeros(len(Stat), 0))  # empty batch
 
 
+def test_device_without_an_index(device):
+    """device="cuda" is the current GPU: its statistics report cuda:0 and must be taken."""
+    t = CSLTracker(4, 3, device=device)
+    assert t.device == torch.zeros(0, device=device).device
+    t.record(torch.tensor([0, 2], device=device), torch.ones(len(Stat), 2, device=device))
+    assert t.last_loss[[0, 2]].tolist() == [1.0, 1.0]
+
+
 # ----------------------------------------------------------------------------- state
 def _run(tracker, model, opt, epochs, start=(0, 0), stop=None, data=None):
     """Train ``model`` with ``tracker`` from (epoch, step) ``start`` up to ``stop``."""
