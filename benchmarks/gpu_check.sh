@@ -17,6 +17,8 @@
 #   tests_gpu 150 s  pytest -k "cuda or gpu or triton" (pytest-xdist workers where it is
 #                    installed): every GPU parametrisation, the Triton kernels, the
 #                    out-of-range/canary tests and, with two GPUs, the second-GPU tests
+#   kernels    60 s  benchmarks/gpu_kernels.py: each kernel of the fused op timed alone
+#                    beside PyTorch's, and one small call's launches      kernels.log
 #   bench      60 s  benchmarks/run.py --no-compile (eager candidates; warm-up runs before
 #                    each comparison's timed budget)                             bench.log
 #   sweep      25 s  benchmarks/triton_sweep.py on two shapes, at most 4 configurations
@@ -147,7 +149,7 @@ run_tests() {
     # pytest-xdist where it is installed (the GPU machine has it): the Triton compilations of
     # the GPU parametrisations are the bulk of the stage, and they run in parallel.
     "$PY" -c "import xdist" 2>/dev/null && workers=(-p xdist.plugin -n "${CSL_TEST_WORKERS:-8}")
-    "$PY" -m pytest -v -rA -p no:cacheprovider -p incremental_log --maxfail=40 "${workers[@]}" \
+    "$PY" -m pytest -v -rA -p no:cacheprovider -p incremental_log --maxfail=300 "${workers[@]}" \
         --junitxml="$OUT/$name.xml" -o junit_family=xunit2 --durations=10 \
         --ignore=tests/test_cuda_compile.py --ignore=tests/_triton/test_triton_compile_sm90.py \
         --ignore=tests/test_optional_deps.py "$@"
@@ -170,6 +172,11 @@ if [ $DRY -eq 1 ]; then
     BENCH=("$PY" benchmarks/run.py --device cpu --quick --sections cross_entropy)
 else
     BENCH=("$PY" benchmarks/run.py --device cuda --no-compile --budget-scale 0.15)
+fi
+if [ $DRY -eq 1 ]; then
+    stage kernels 60 "$PY" benchmarks/gpu_kernels.py --out "$OUT" --dry-run
+else
+    stage kernels 60 "$PY" benchmarks/gpu_kernels.py --out "$OUT"
 fi
 # shellcheck disable=SC2086
 stage bench 60 "${BENCH[@]}" --out "$OUT" ${CSL_BENCH_ARGS:-}
@@ -207,5 +214,6 @@ if [ -f "$OUT/bench.log" ]; then
     grep -v '^\[' "$OUT/bench.log" | grep -E '^(CE |step |targets|  MISSED|FAILED)' || true
 fi
 grep -A8 '^Best per shape' "$OUT/triton-sweep.md" 2>/dev/null | grep '^- ' | sed 's/^- /sweep best /' || true
+[ -f "$OUT/kernels.log" ] && grep '^|' "$OUT/kernels.log"
 ls "$OUT"/*.md "$OUT"/compile/*.md 2>/dev/null | sed 's/^/report: /'
 exit $fail
