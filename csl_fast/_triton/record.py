@@ -183,6 +183,9 @@ def _fake_record_last(*args):
     ),
     fake=_fake_record_last,
 )
+# No defaults on mutated arguments: the dispatcher drops trailing arguments equal to their
+# default before a Python kernel sees them, and torch 2.11's ADInplaceOrView kernel then
+# indexes past the end of args (IndexError).
 def record_last_triton(
     stats: torch.Tensor,
     index: torch.Tensor,
@@ -197,9 +200,9 @@ def record_last_triton(
     margin_sum: torch.Tensor | None,
     p_true_sum: torch.Tensor | None,
     p_true_sq_sum: torch.Tensor | None,
-    suggest_label: torch.Tensor | None = None,
-    suggest_votes: torch.Tensor | None = None,
-    suggest_hits: torch.Tensor | None = None,
+    suggest_label: torch.Tensor | None,
+    suggest_votes: torch.Tensor | None,
+    suggest_hits: torch.Tensor | None,
 ) -> None:
     """:func:`csl_fast.reference.record_last` in one pass (see the module doc).
 
