@@ -168,8 +168,9 @@ def _bce_bwd_kernel(
         g = tl.load(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, mask=m, other=0.0)
         g = g.to(ACC)
     else:
-        # 'mean' divides by n_mean = B * L, 'sum' by 1 (as the C++ kernel, in ACC).
-        g = tl.load(g_ptr).to(ACC) / n_mean.to(ACC)
+        # 'mean' divides by n_mean = B * L, 'sum' by 1 (as the C++ kernel, in ACC). tl.cast,
+        # not n_mean.to: an integer argument equal to 1 arrives as a constexpr Python int.
+        g = tl.load(g_ptr).to(ACC) / tl.cast(n_mean, ACC)
     e = tl.exp(-tl.abs(z))
     big = 1.0 / (1.0 + e)
     small = e * big

@@ -132,6 +132,11 @@ def _ce_fwd_kernel(
     HAS_ZLOSS: tl.constexpr,
     HAS_GRAD: tl.constexpr,
 ):
+    # The JIT passes Python floats as fp32, torch.compile (Inductor) as fp64, which would
+    # make the loop-carried float32 row sums fp64: fp32 everywhere, as both agree.
+    eps = tl.cast(eps, tl.float32)
+    cap = tl.cast(cap, tl.float32)
+    zs = tl.cast(zs, tl.float32)
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < B

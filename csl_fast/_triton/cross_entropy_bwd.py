@@ -64,6 +64,11 @@ def _ce_bwd_kernel(
     HAS_CAP: tl.constexpr,
     HAS_ZLOSS: tl.constexpr,
 ):
+    # fp32 float arguments whether the JIT (fp32) or torch.compile (fp64) passes them (see
+    # _ce_fwd_kernel).
+    eps = tl.cast(eps, tl.float32)
+    cap = tl.cast(cap, tl.float32)
+    zs = tl.cast(zs, tl.float32)
     pid = tl.program_id(0)
     rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < B

@@ -41,6 +41,9 @@ def _row_sqnorm_kernel(
         acc_ty: tl.constexpr = tl.float64
     else:
         acc_ty: tl.constexpr = tl.float32
+    # The JIT passes a Python float as fp32, torch.compile (Inductor) as fp64, which would
+    # promote the float32 accumulator to fp64 in the loop: round to fp32, as both agree.
+    scale = tl.cast(scale, tl.float32).to(acc_ty)
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_mask = rows < B
     base = x_ptr + rows * N

@@ -28,11 +28,28 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 
 def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], num_warps: int) -> None:
-    sig = dict(signature)
-    for name in constexprs:
-        sig[name] = "constexpr"
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs)
-    triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+    """Compiles ``fn`` as typed, then as a launcher may also type it (:func:`_specialised`)."""
+    for sig, const in ((signature, constexprs), _specialised(signature, constexprs)):
+        sig = dict(sig)
+        for name in const:
+            sig[name] = "constexpr"
+        src = ASTSource(fn=fn, signature=sig, constexprs=const)
+        triton.compile(src, target=TARGET, options={"num_warps": num_warps})
+
+
+def _specialised(signature: dict[str, str], constexprs: dict[str, object]):
+    """The other types the launches can give the scalar arguments: the JIT and
+    torch.compile (Inductor) both turn an integer argument equal to 1 (a size, a stride, a
+    count) into a constexpr Python int, on which ``.to()`` and other tensor methods fail,
+    and Inductor passes Python floats as fp64 (the JIT as fp32), which promotes what they
+    touch. All at once: every integer 1, every float fp64."""
+    sig, const = {}, dict(constexprs)
+    for name, ty in signature.items():
+        if ty in ("i32", "i64"):
+            const[name] = 1
+        else:
+            sig[name] = "fp64" if ty == "fp32" else ty
+    return sig, const
 
 
 def main(mode: str) -> None:
@@ -118,7 +135,7 @@ def main(mode: str) -> None:
             )
             _compile(cross_entropy_bwd._ce_bwd_kernel, sig, const, warps)
             print("ok cross_entropy_bwd", dt, const, flush=True)
-    for dt in ["fp64"] if mode == "minimal" else ["fp32", "bf16", "fp64"]:
+    for dt in ["fp32", "fp64"] if mode == "minimal" else ["fp32", "bf16", "fp64"]:
         sig = {"x_ptr": f"*{dt}", "out_ptr": "*fp32", "B": "i32", "N": "i32", "scale": "fp32"}
         const = dict(IS_FP64=dt == "fp64", ROWS=4, BLOCK=1024)
         _compile(grad_norms._row_sqnorm_kernel, sig, const, 8)
