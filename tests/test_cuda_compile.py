@@ -426,6 +426,22 @@ def test_emulated_cross_entropy_nonfinite_and_bad_rows(emu, classes):
     assert torch.isnan(ref_loss).all() and torch.equal(ref_stats, want[:, 1:3])
 
 
+@pytest.mark.parametrize("classes", [10, 600, 9000])
+def test_emulated_cross_entropy_confident_rows(emu, classes):
+    """As p_y -> 1 the loss log(1 + s1), s1 = sum_{j != y} exp(z_j - z_y), keeps its relative
+    precision (log(1 + s1) rounds to 0 once s1 < 6e-8 in float32) on every kernel path, as
+    on the CPU (tests/test_accumulate.py on a GPU)."""
+    logits = torch.zeros(4, classes)
+    logits[:, 3] = torch.tensor([15.0, 20.0, 30.0, 40.0])
+    target = torch.full((4,), 3)
+    _, grad, stats, flag = _emu_cross_entropy(emu, logits, target, None, -100, 0.0, 2)
+    assert flag == 0
+    z = logits.double()
+    s1 = (z[:, torch.arange(classes) != 3] - z[:, 3:4]).exp().sum(1)  # sum_{j != y} e^(z_j - z_y)
+    torch.testing.assert_close(stats[Stat.LOSS].double(), s1.log1p(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad[:, 3].double(), -s1 / (1 + s1), rtol=1e-5, atol=0)
+
+
 # Rows (target logit, largest other logit) whose float32 loss is finite but rounds to inf in
 # the logits dtype (not recorded), and rows just below that bound (recorded).
 _LOSS_OVERFLOW = {

@@ -15,9 +15,6 @@ using namespace detail;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
-__device__ __forceinline__ float dev_log1p(float x) { return log1pf(x); }
-__device__ __forceinline__ double dev_log1p(double x) { return log1p(x); }
-
 struct MinOp {
   template <typename A>
   __device__ __forceinline__ A operator()(A a, A b) const {

@@ -7,7 +7,8 @@
 //           then the runner-up, the first j != y at max_{j != y} z_j (a min-reduction)
 //   pass 2: s1 = sum_{j!=y} e_j, s2 = sum_{j!=y} e_j^2 with e_j = exp(z_j - m)
 //           s = s1 + exp(z_y - m), loss = (m - z_y) + log s (lse = m + log s is never
-//           rounded to one number: with |z| ~ 1e3, fp32 lse would be off by 6e-5),
+//           rounded to one number: with |z| ~ 1e3, fp32 lse would be off by 6e-5;
+//           log s = log1p(s1) when z_y is the max, or confident rows' losses round to 0),
 //           sum_{j!=y} p_j = s1 / s (never 1 - p_y: that cancels as p_y -> 1),
 //           ||dl/dz||^2 = s2 / s^2 + (s1 / s)^2
 //   pass 3: p_j = exp((z_j - m) - log s), gradient row, and (label smoothing only)
@@ -153,7 +154,9 @@ __device__ __forceinline__ RowScalars<A> finish_row(A m, A mb, A ma, A s1, A s2,
   const A ms = safe_max(m);
   const A s = s1 + dev_exp(z_y - ms);
   r.shift = ms;
-  r.log_s = dev_log(s);
+  // When y holds the (finite) max, exp(z_y - ms) = 1 and log s = log1p(s1), as the CPU
+  // kernel: log(1 + s1) rounds a confident row's loss (s1 < 6e-8 in float32) to 0.
+  r.log_s = z_y == ms ? dev_log1p(s1) : dev_log(s);
   r.loss = (ms - z_y) + r.log_s;
   r.om = s1 / s;
   r.gn = (s2 / s) / s + r.om * r.om;
