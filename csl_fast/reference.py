@@ -653,7 +653,9 @@ def _add_rows(
     buf: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, values: torch.Tensor
 ) -> None:
     """``buf[index[i]] += values[i]`` for the valid rows whose index is in ``[0, N)``, in
-    batch order, values rounded to ``buf``'s dtype first (as the kernels add them)."""
+    batch order, values rounded to ``buf``'s dtype first (as the kernels add them). Batch
+    order on the CPU; on CUDA, index_put_ sums a run of duplicate indices first for rows
+    of up to 32 entries, then adds the sum (the same up to rounding)."""
     if buf.shape[0] == 0:
         return
     idx = index.long()

@@ -64,7 +64,16 @@ def test_strided_inputs_and_upstream(tdevice):
     upstream = torch.randn(9, 6, device=tdevice).t()
     got = bce_fwd_triton(z, y, None, None, 0)
     want = bce_fwd_triton(logits, target, None, None, 0)
-    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert torch.equal(got[0], want[0])  # entry losses: elementwise, the same instructions
+    for k in reference.BceStat:
+        if k == reference.BceStat.LOSS:
+            # A row sum: the compiler lays the tile out after the loads' contiguity (y is
+            # column-major here) and tl.sum's order follows the layout, so strided and
+            # contiguous inputs may round differently (one compiled kernel is still
+            # reproducible run to run). Positive terms: within a few ulps.
+            torch.testing.assert_close(got[1][k], want[1][k], rtol=1e-6, atol=0)
+        else:  # counts, and a minimum: independent of the order
+            assert torch.equal(got[1][k], want[1][k]), k.name
     grad = bce_bwd_triton(upstream, z, y, None, None, 0)
     assert torch.equal(grad, bce_bwd_triton(upstream.contiguous(), logits, target, None, None, 0))
 
@@ -91,12 +100,17 @@ def test_record_matches_the_reference(tdevice, deterministic, dtype, labels):
     index[-1] = n  # out of range: skipped
     stats = reference.bce_row_statistics(logits, target)
     got = _buffers(n, labels, tdevice)
-    want = [b.clone() for b in got]
+    want = [b.cpu().clone() for b in got]
     bce_record_triton(logits, target, stats, index, deterministic, *got)
-    keep = index < n
+    got = [b.cpu() for b in got]
+    keep = (index < n).cpu()
+    # On the CPU the reference adds in batch order, as the deterministic mode. Not on CUDA:
+    # there index_put_(accumulate=True) sums each run of duplicate indices first, then adds
+    # the run's sum, for rows of up to 32 entries (other roundings).
     reference.bce_record(
-        logits[keep], target[keep], stats[:, keep], index[keep], True, *want
-    )  # the reference adds in batch order, as the deterministic mode
+        *(t.cpu()[keep] for t in (logits, target)), stats.cpu()[:, keep], index.cpu()[keep],
+        True, *want,
+    )  # fmt: skip
     for name, a, b in zip(("csl", "count", "wrong", "mm", "lc", "lm"), got, want, strict=True):
         if deterministic and name not in ("lc",):
             assert torch.equal(a, b), name
