@@ -193,6 +193,40 @@ def _host_rows(backends, n) -> tuple[list[dict], dict]:
     return rows, launches
 
 
+def _dispatch_rows(backends, n) -> list[dict]:
+    """Host cost of one small forward (loss + statistics, no grad) through each layer: the
+    Python entry point, the registered op (dispatcher), and for Triton the op's body alone
+    (device guard + launch, no dispatcher), beside ``F.cross_entropy``'s forward."""
+    from csl_fast._triton import cross_entropy as tce
+
+    b, c = SMALL
+    z = torch.randn(b, c, device=DEV)
+    t = torch.randint(0, c, (b,), device=DEV)
+    args = (z, t, None, -100, 0.0, 1)
+    calls = {"F.cross_entropy fwd": lambda: F.cross_entropy(z, t)}
+    for be in backends:
+        calls[f"ops.cross_entropy_fwd[{be}]"] = lambda be=be: ops.cross_entropy_fwd(*args, be)
+        name = ops._FWD_STATS_OPS[be]
+        calls[f"torch.ops.csl_fast.{name}"] = lambda name=name: getattr(
+            torch.ops.csl_fast, name
+        ).default(*args)
+        if be == "triton":
+            body = tce.cross_entropy_fwd_stats_triton._init_fn
+            calls["Triton op body (no dispatcher)"] = lambda body=body: body(*args)
+    rows = []
+    with torch.no_grad():
+        for name, fn in calls.items():
+            for _ in range(20):
+                fn()
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            rows.append({"call": name, "host us/call": (time.perf_counter() - t0) / n * 1e6})
+            _sync()
+    return rows
+
+
 def _table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -225,6 +259,7 @@ def main() -> int:
         if DEV == "cuda":
             torch.cuda.empty_cache()
     host, launches = _host_rows(backends, calls)
+    dispatch = _dispatch_rows(backends, calls)
     args.out.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name() if DEV == "cuda" else "CPU dry run"
     head = (
@@ -238,14 +273,19 @@ def main() -> int:
     )
     text = (
         f"{head}\n## Kernels\n\n{_table(rows)}\n\n## Host side at {SMALL[0]}x{SMALL[1]} "
-        f"float32\n\n{_table(host)}\n\nKernels launched per call:\n\n{launches_md}\n"
+        f"float32\n\n{_table(host)}\n\nKernels launched per call:\n\n{launches_md}\n\n"
+        f"Host cost of one forward by layer (no sync, float32 {SMALL[0]}x{SMALL[1]}):\n\n"
+        f"{_table(dispatch)}\n"
     )
     (args.out / "gpu-kernels.md").write_text(text)
     (args.out / "gpu-kernels.json").write_text(
-        json.dumps({"kernels": rows, "host": host, "launches": launches}, indent=1)
+        json.dumps(
+            {"kernels": rows, "host": host, "launches": launches, "dispatch": dispatch}, indent=1
+        )
     )
     print(_table(rows))
     print(_table(host))
+    print(_table(dispatch))
     return 0
 
 
