@@ -39,7 +39,10 @@ float64 logits are rejected (the C++ kernels and the reference handle them). Row
 are 64-bit. Small ``C``: several rows per program, the row tile stays in registers between
 the statistics and the gradient (one read, one write of the logits). Large ``C``
 (``next_pow2(C) > MAX_FUSED_BLOCK``): one row per program, an online-softmax pass then a
-gradient pass (two reads, one write).
+gradient pass (two reads, one write). The online-softmax pass keeps its running max, sums
+and runner-up per lane of the chunk (elementwise work only, :func:`_lane_step`) and
+reduces across lanes once per row, after the loop: no block-wide reduction (a shared-memory
+round trip and a barrier each) per chunk.
 """
 
 from __future__ import annotations
@@ -54,8 +57,13 @@ from ._registry import is_interpreted, register
 
 #: Largest power-of-two row tile kept on chip between the statistics and gradient passes.
 MAX_FUSED_BLOCK = 8192
-#: Chunk width of the two-pass (online softmax) path for wider rows.
-CHUNK_BLOCK = 4096
+#: Chunk width of the two-pass (online softmax) path for wider rows: 1024 columns at 4
+#: warps (_config), 8 per thread. Its loop carries 4 per-lane values (running max, its
+#: column, two sums: 32 registers a thread) and issues two chunks' loads at a time
+#: (unrolled twice): 78 registers for bfloat16 without spills (triton 3.6's ptxas, sm_90;
+#: 64 with triton 3.9), 6 programs and 24 KiB of loads in flight per SM. 4096 columns
+#: at 16 warps took 103 registers: one program per SM.
+CHUNK_BLOCK = 1024
 #: Target number of elements per program in the fused path (several rows for small C).
 TILE_ELEMS = 2048
 #: Cap on rows per program.
@@ -100,6 +108,44 @@ def _to_out(x, dtype: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr):
         return bits.to(tl.float32, bitcast=True).to(dtype)
     else:
         return x.to(dtype)
+
+
+#: The most negative float32: the floor of the wide path's softmax references, so that
+#: no rescale is ever exp(-inf - -inf) while every finite logit is at or above it.
+_FLOOR = tl.constexpr(-3.4028234663852886e38)
+
+
+@triton.jit
+def _lane_step(z, other, c0, w, mx, arg_c, s_o, q_o, a_o, w_o, HAS_SMOOTH: tl.constexpr):
+    # One chunk of the wide-row statistics pass, elementwise: lane l of the [ROWS, BLOCK_C]
+    # state sees the columns c0 + l, c0 increasing, and no value crosses lanes until the
+    # loop is over. mx: max over the lane's other (j != y) columns, -inf while none;
+    # arg_c: the c0 of its first column at that max (strict >: ties keep the earlier one);
+    # s_o, q_o: sum exp(z_j - r), sum exp(2 (z_j - r)) over those columns, r = max(mx,
+    # _FLOOR). One exp per element: a new max becomes the reference (s_o exp(r - z) + 1),
+    # any other value is added (s_o + exp(z - r)); the two agree when z == r, so `up` can
+    # be z > mx itself.
+    z_o = tl.where(other, z, float("-inf"))
+    up = z_o > mx
+    arg_c = tl.where(up, c0, arg_c)
+    r_old = tl.maximum(mx, _FLOOR)
+    mx = tl.where(up, z_o, mx)
+    t = tl.exp(-tl.abs(z_o - r_old))
+    a = tl.where(up, t, 1.0)
+    b = tl.where(up, 1.0, t)
+    s_o = s_o * a + b
+    q_o = q_o * (a * a) + b * b
+    if HAS_SMOOTH:
+        # sum_j w_j (r - z_j) over the lane's other columns, re-based on the new r: a sum
+        # of non-negative terms (y's term is added after the loop).
+        r_new = tl.maximum(mx, _FLOOR)
+        a_o = (
+            a_o
+            + tl.where(w_o > 0.0, w_o * (r_new - r_old), 0.0)
+            + tl.where(other, w[None, :] * (r_new - z), 0.0)
+        )
+        w_o = w_o + tl.where(other, w[None, :], 0.0)
+    return mx, arg_c, s_o, q_o, a_o, w_o
 
 
 @triton.jit
@@ -185,12 +231,9 @@ def _ce_fwd_kernel(
         s_o = tl.sum(e_o, 1)
         q_o = tl.sum(e_o * e_o, 1)
         z_y = tl.sum(tl.where(is_y, z, 0.0), 1)
-        m_lt = tl.max(
-            tl.where(col_mask[None, :] & (cols[None, :] < y[:, None]), z, float("-inf")), 1
-        )
-        m_gt = tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
-        # Runner-up: the first other column at max(m_lt, m_gt); BLOCK_C when there is none.
-        at_max = other & (z == tl.maximum(m_lt, m_gt)[:, None])
+        # Runner-up: the first other column at their max; BLOCK_C when there is none.
+        max_o = tl.max(tl.where(other, z, float("-inf")), 1)
+        at_max = other & (z == max_o[:, None])
         arg_o = tl.min(tl.where(at_max, cols[None, :], BLOCK_C), 1)
         if HAS_SMOOTH:
             if HAS_WEIGHT:
@@ -203,64 +246,78 @@ def _ce_fwd_kernel(
         z_y = tl.load(lrow + y, mask=row_mask, other=0.0).to(tl.float32)
         if HAS_CAP:
             z_y = cap * _tanh(z_y / cap)
-        m = tl.full([ROWS], -3.0e38, tl.float32)  # finite: rescales never NaN
-        s = tl.zeros([ROWS], tl.float32)
-        s_o = tl.zeros([ROWS], tl.float32)
-        q_o = tl.zeros([ROWS], tl.float32)
-        m_lt = tl.full([ROWS], float("-inf"), tl.float32)
-        m_gt = tl.full([ROWS], float("-inf"), tl.float32)
-        # Running runner-up: max over the other columns so far and its first column (C:
-        # none yet; a chunk takes over only with a strictly larger max, so ties keep the
-        # earlier column).
-        max_o = tl.full([ROWS], float("-inf"), tl.float32)
-        arg_o = tl.full([ROWS], C, tl.int32)
-        w_sum = tl.zeros([ROWS], tl.float32)
-        a_sum = tl.zeros([ROWS], tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + cols0
+        # Per-lane state (see _lane_step), reduced across lanes once after the loop.
+        mx = tl.full([ROWS, BLOCK_C], float("-inf"), tl.float32)
+        arg_c = tl.full([ROWS, BLOCK_C], C, tl.int32)
+        s_o = tl.zeros([ROWS, BLOCK_C], tl.float32)
+        q_o = tl.zeros([ROWS, BLOCK_C], tl.float32)
+        a_o = tl.zeros([ROWS, BLOCK_C], tl.float32)
+        w_o = tl.zeros([ROWS, BLOCK_C], tl.float32)
+        w = tl.zeros([BLOCK_C], tl.float32)
+        y32 = y.to(tl.int32)  # int32: the per-element compare below stays 32-bit
+        c_full = (C // BLOCK_C) * BLOCK_C
+        # Rows past B (a last program's) read row B - 1 and store nothing: the full chunks'
+        # loads need no mask, whose zero fill would keep the compiler from issuing the
+        # unrolled chunks' loads together.
+        lrow_in = logits_ptr + tl.minimum(rows, B - 1) * stride_lr
+        # Full chunks need no column mask (nor its compare and select per element); unrolled
+        # twice so that two chunks' loads are in flight before the arithmetic waits on one.
+        for c0 in tl.range(0, c_full, BLOCK_C, loop_unroll_factor=2):
+            z = tl.load(lrow_in[:, None] + (c0 + cols0)[None, :]).to(tl.float32)
+            if HAS_CAP:
+                z = cap * _tanh(z / cap)
+            if HAS_SMOOTH:
+                if HAS_WEIGHT:
+                    w = tl.load(weight_ptr + c0 + cols0).to(tl.float32)
+                else:
+                    w = tl.full([BLOCK_C], 1.0, tl.float32)
+            mx, arg_c, s_o, q_o, a_o, w_o = _lane_step(
+                z,
+                cols0[None, :] != (y32 - c0)[:, None],
+                c0,
+                w,
+                mx,
+                arg_c,
+                s_o,
+                q_o,
+                a_o,
+                w_o,
+                HAS_SMOOTH,
+            )
+        if c_full < C:
+            cols = c_full + cols0
             col_mask = cols < C
             mask2 = row_mask[:, None] & col_mask[None, :]
             z = tl.load(lrow[:, None] + cols[None, :], mask=mask2, other=0.0).to(tl.float32)
             if HAS_CAP:
                 z = cap * _tanh(z / cap)
             z = tl.where(col_mask[None, :], z, float("-inf"))
-            other = col_mask[None, :] & (cols[None, :] != y[:, None])
-            m_new = tl.maximum(m, tl.max(z, 1))
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])
-            e_o = tl.where(other, e, 0.0)
-            s = s * alpha + tl.sum(e, 1)
-            s_o = s_o * alpha + tl.sum(e_o, 1)
-            q_o = q_o * (alpha * alpha) + tl.sum(e_o * e_o, 1)
-            m_lt = tl.maximum(
-                m_lt,
-                tl.max(
-                    tl.where(col_mask[None, :] & (cols[None, :] < y[:, None]), z, float("-inf")), 1
-                ),
-            )
-            m_gt = tl.maximum(
-                m_gt, tl.max(tl.where(other & (cols[None, :] > y[:, None]), z, float("-inf")), 1)
-            )
-            z_o = tl.where(other, z, float("-inf"))
-            c_max = tl.max(z_o, 1)
-            c_arg = tl.min(tl.where(other & (z_o == c_max[:, None]), cols[None, :], C), 1)
-            take = (c_max > max_o) | ((arg_o == C) & (c_arg < C))
-            arg_o = tl.where(take, c_arg, arg_o)
-            max_o = tl.maximum(max_o, c_max)
             if HAS_SMOOTH:
                 if HAS_WEIGHT:
                     w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                 else:
                     w = tl.where(col_mask, 1.0, 0.0)
-                # sum_j w_j (m - z_j) re-based on the new max; w_sum == 0 on the first chunk.
-                shift = tl.where(w_sum > 0.0, w_sum * (m_new - m), 0.0)
-                a_sum = (
-                    a_sum
-                    + shift
-                    + tl.sum(tl.where(col_mask[None, :], w[None, :] * (m_new[:, None] - z), 0.0), 1)
-                )
-                w_sum = w_sum + tl.sum(w, 0)
-            m = m_new
+            other = col_mask[None, :] & (cols0[None, :] != (y32 - c_full)[:, None])
+            mx, arg_c, s_o, q_o, a_o, w_o = _lane_step(
+                z, other, c_full, w, mx, arg_c, s_o, q_o, a_o, w_o, HAS_SMOOTH
+            )
+        # Across lanes: the runner-up is the first column among the lanes at the max; when
+        # every other column is -inf (no lane took one), the first other column.
+        max_o = tl.max(mx, 1)
+        arg_o = tl.min(tl.where(mx == max_o[:, None], arg_c + cols0[None, :], C), 1)
+        arg_o = tl.where(max_o == float("-inf"), tl.where(y == 0, 1, 0), arg_o)
+        # The lanes' sums re-based on the row max m; y's own term last. s = s_o + exp(z_y -
+        # m) adds positive terms only, as the fused path's s_o.
+        m = tl.maximum(tl.maximum(max_o, z_y), _FLOOR)
+        r = tl.maximum(mx, _FLOOR)
+        rescale = tl.exp(r - m[:, None])
+        s_o = tl.sum(s_o * rescale, 1)
+        q_o = tl.sum(q_o * (rescale * rescale), 1)
+        s = s_o + tl.exp(z_y - m)
+        if HAS_SMOOTH:
+            w_sum = tl.sum(w_o, 1) + w_y
+            a_lanes = a_o + tl.where(w_o > 0.0, w_o * (m[:, None] - r), 0.0)
+            a_sum = tl.sum(a_lanes, 1) + w_y * (m - z_y)
 
     # ---- per-row epilogue -------------------------------------------------------------
     inv_s = 1.0 / s
@@ -292,8 +349,10 @@ def _ce_fwd_kernel(
     loss_out = _to_out(loss, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE).to(tl.float32)
     valid = active & (loss_out < float("inf"))  # loss >= 0 or NaN
     gnorm = q_o * (inv_s * inv_s) + other_p * other_p
-    margin = tl.where(C > 1, z_y - tl.maximum(m_lt, m_gt), 0.0)
-    correct = tl.where((z_y > m_lt) & (z_y >= m_gt), 1.0, 0.0)
+    margin = tl.where(C > 1, z_y - max_o, 0.0)
+    # argmax (first index) == y: z_y above every other column, or equal to their max
+    # whose first column comes after y.
+    correct = tl.where((z_y > max_o) | ((z_y == max_o) & (arg_o > y)), 1.0, 0.0)
     tl.store(stats_ptr + 0 * B + rows, tl.where(valid, loss, 0.0), mask=row_mask)
     tl.store(stats_ptr + 1 * B + rows, tl.where(valid, p_y, 0.0), mask=row_mask)
     tl.store(stats_ptr + 2 * B + rows, tl.where(valid, margin, 0.0), mask=row_mask)
@@ -341,7 +400,7 @@ def _ce_fwd_kernel(
                         w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
                     else:
                         w = tl.where(col_mask, 1.0, 0.0)
-                    g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum * p - w[None, :])
+                    g = a2 * p + (b_coef * row_scale)[:, None] * (w_sum[:, None] * p - w[None, :])
                 else:
                     g = a2 * p
                 g = tl.where(cols[None, :] == y[:, None], gy2, g)
@@ -374,7 +433,8 @@ def _config(num_classes: int) -> tuple[bool, int, int, int]:
     if fused:
         rows = max(1, min(MAX_ROWS, TILE_ELEMS // block))
     elems = rows * block
-    # ~8 fp32 tile elements per thread; 8192-wide rows at 16 warps stay under 128 registers.
+    # ~8 fp32 tile elements per thread; 8192-wide rows at 16 warps stay under 128 registers
+    # (and CHUNK_BLOCK columns get 4 warps).
     num_warps = max(4, min(16, elems // 256))
     return fused, rows, block, num_warps
 

@@ -7,7 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from csl_fast import reference
-from csl_fast._triton import cross_entropy, cross_entropy_fwd_triton
+from csl_fast._triton import (
+    cross_entropy,
+    cross_entropy_fwd_extra_triton,
+    cross_entropy_fwd_triton,
+)
 from csl_fast.stats import NUM_STATS, Stat
 
 LOW = (torch.float16, torch.bfloat16)
@@ -88,6 +92,116 @@ def test_two_pass_path(tdevice, monkeypatch, shape, chunk, dtype):
     _check(logits, target, weight, 0.2, 1)
     logits, target, _ = _inputs(*shape, dtype, tdevice)
     _check(logits, target, None, 0.0, 0)
+
+
+def _hard_wide_rows(classes, dtype, device):
+    """Rows for the chunked path (chunks of 8 columns): maxima tied across chunks and
+    lanes, the target tied with the others' max before and after it, a runner-up in the
+    first chunk, -inf logits, a confident row, an ignored row and a bad target."""
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(12, classes, generator=g) * 2
+    y = torch.randint(0, classes, (12,), generator=g)
+    top = z.abs().max() + 1
+    z[0, [3, 11, 27]] = top  # the same lane in three chunks: the first column wins
+    y[0] = 20
+    z[1, [13, 5, 30]] = top  # three lanes: column 5, in the first chunk
+    y[1] = 0
+    z[2, [4, 25]] = top  # y tied with the others' max after it: correct
+    y[2] = 4
+    z[3, [9, 33]] = top  # ... and before it: not correct, runner-up 9
+    y[3] = 33
+    z[4, 1] = top  # runner-up in the first chunk, target in the last (partial) one
+    y[4] = classes - 1
+    z[4, y[4]] = top + 1
+    z[5, ::3] = float("-inf")  # -inf logits in every chunk
+    y[5] = 1
+    z[6] = float("-inf")  # every other column -inf: the runner-up is the first other one
+    z[6, 0] = 1.0
+    y[6] = 0
+    z[7] = float("-inf")
+    z[7, 17] = -2.0
+    y[7] = 17
+    z[8, 6] = z[8].max() + 30  # confident
+    y[8] = 6
+    y[9] = IGNORE
+    y[10] = classes  # bad target
+    z[11, [2, 10, 18, 26, 34]] = top  # lane 2 in every chunk; y among them
+    y[11] = 18
+    return z.to(dtype).to(device), y.to(device)
+
+
+@pytest.mark.parametrize("classes", [37, 40])  # 4 full chunks + a partial one; 5 full
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_two_pass_lanes_match_reference(tdevice, monkeypatch, classes, dtype):
+    """The chunked path keeps per-lane state and reduces across lanes once: first-index
+    ties for correct and the runner-up across chunks and lanes, -inf logits and the rows
+    with nothing but -inf besides the target, as the reference; with smoothing and class
+    weights (per-lane sums of w_j (r - z_j)) and the soft-cap and z-loss extras too."""
+    monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+    monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 8)
+    assert not cross_entropy._config(classes)[0]
+    logits, target = _hard_wide_rows(classes, dtype, tdevice)
+    bad = target == classes
+    _, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    ref = reference.row_statistics(logits, torch.where(bad, IGNORE, target), IGNORE)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
+    runner_up = [3.0, 5.0, 25.0, 9.0, 1.0, ref[Stat.OTHER_ARGMAX, 5].item(), 1.0, 0.0]
+    assert stats[Stat.OTHER_ARGMAX, :8].tolist() == runner_up
+    assert stats[Stat.CORRECT, :4].tolist() == [0.0, 0.0, 1.0, 0.0]
+    good = ~bad
+    finite = good & torch.isfinite(logits.float()).all(1)
+    _check(logits[good], target[good], None, 0.0, 0)
+    # Smoothing over -inf logits: an inf loss, which _check's low-precision error bound
+    # cannot take (inf - inf); float32 compares it as is.
+    rows = good if dtype == torch.float32 else finite
+    weight = (torch.rand(classes) + 0.5).to(tdevice)
+    for eps, reduction in [(0.1, 0), (0.2, 1)]:
+        _check(logits[rows], target[rows], weight, eps, reduction)
+    z, y = logits[finite].float(), target[finite]
+    loss, grad, stats, zl = cross_entropy_fwd_extra_triton(z, y, None, IGNORE, 0.0, 0, 4.0, 0.01)
+    zc = 4.0 * torch.tanh(z.double() / 4.0)
+    ref = reference.row_statistics(z, y, IGNORE, 4.0)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
+    active = (y != IGNORE).double()
+    want_zl = active * 0.01 * torch.logsumexp(zc, 1) ** 2
+    torch.testing.assert_close(zl.double(), want_zl, rtol=1e-5, atol=1e-6)
+    zd = z.double().requires_grad_(True)
+    zcd = 4.0 * torch.tanh(zd / 4.0)
+    obj = F.cross_entropy(zcd, y, ignore_index=IGNORE, reduction="none")
+    obj = obj + active * 0.01 * torch.logsumexp(zcd, 1) ** 2
+    (want_grad,) = torch.autograd.grad(obj.sum(), zd)
+    torch.testing.assert_close(loss.double(), obj.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_two_pass_default_layout(tdevice, dtype):
+    """The chunked path at its own block width: rows of an odd number of full chunks and a
+    partial one (the compiled loop, unrolled twice, has a remainder)."""
+    classes = 2 * cross_entropy.MAX_FUSED_BLOCK + 3 * cross_entropy.CHUNK_BLOCK // 2
+    fused, _, block, _ = cross_entropy._config(classes)
+    assert not fused and (classes // block) % 2 == 1 and classes % block
+    logits, target, weight = _inputs(3, classes, dtype, tdevice, weighted=True)
+    logits[0, 5] = logits[0, 5 + block] = logits[0].max() + 1  # tie across chunks
+    _check(logits, target, weight, 0.1, 1)
+    _check(logits, target, None, 0.0, 0)
+
+
+def test_two_pass_several_rows_per_program(tdevice):
+    """A chunked layout with 4 rows per program (benchmarks/triton_sweep.py may pass one)
+    over 5 rows: the last program's rows past B read row B - 1 and store nothing."""
+    logits, target = _hard_wide_rows(37, torch.float32, tdevice)
+    logits, target = logits[:5], target[:5]
+    grads = [torch.full_like(logits, 7.0) for _ in range(2)]
+    out = [
+        cross_entropy._launch(logits, target, None, IGNORE, 0.1, 0, g, config=cfg)
+        for g, cfg in zip(grads, [(False, 1, 8, 4), (False, 4, 8, 4)], strict=True)
+    ]
+    torch.testing.assert_close(out[1], out[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-7)
+    ref = reference.cross_entropy_fwd(logits, target, None, IGNORE, 0.1, 0)
+    torch.testing.assert_close(grads[1], ref[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1][1], ref[2], rtol=1e-5, atol=1e-6)
 
 
 def test_int32_target_and_other_ignore_index(tdevice):
