@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -38,8 +40,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import csl_fast
-from csl_fast import ops, ops_backward
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+import csl_fast  # noqa: E402
+from csl_fast import ops, ops_backward  # noqa: E402
 
 SHAPES = [
     ((8192, 128256), torch.bfloat16),

@@ -38,13 +38,17 @@ def test_same_as_a_new_gradient_buffer(device, fused_backends, dtype, reduction,
             g = torch.Generator().manual_seed(5)
             weight = (torch.rand(29, generator=g) + 0.5).to(device)
             weight = weight if options.get("weighted") else None
-            tracker = csl_fast.CSLTracker(10, 29, device=device, backend=backend)
+            # Batch-order sums: a GPU scatter's atomics add duplicates in any order.
+            tracker = csl_fast.CSLTracker(
+                10, 29, device=device, backend=backend, deterministic=True
+            )
             logits = layer(x)
             loss = csl_fast.accumulate(
                 logits,
                 y,
                 idx,
                 tracker,
+                deterministic=True,
                 weight=weight,
                 label_smoothing=options.get("label_smoothing", 0.0),
                 reduction=reduction,

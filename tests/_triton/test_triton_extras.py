@@ -88,7 +88,8 @@ def test_extra_in_place(tdevice, monkeypatch, two_pass):
 @pytest.mark.parametrize("two_pass", [False, True])
 def test_extra_stats_only(tdevice, monkeypatch, dtype, two_pass):
     """cross_entropy_fwd_extra_stats_triton (no gradient pass): the loss, statistics and
-    z-loss of the op with gradient, bit for bit, on both paths; opcheck."""
+    z-loss of the op with gradient, bit for bit on both paths (the statistics within float32
+    rounding on a GPU); opcheck."""
     if two_pass:
         monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
         monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 8)
@@ -99,7 +100,13 @@ def test_extra_stats_only(tdevice, monkeypatch, dtype, two_pass):
         args = (target, None, IGNORE, 0.1, reduction, cap, zs)
         loss, _, stats, zl = cross_entropy_fwd_extra_triton(logits, *args)
         got = cross_entropy_fwd_extra_stats_triton(logits, *args)
-        assert torch.equal(got[0], loss) and torch.equal(got[1], stats) and torch.equal(got[2], zl)
+        assert torch.equal(got[0], loss) and torch.equal(got[2], zl)
+        if tdevice == "cuda":
+            # Two compiled kernels: ptxas may fuse a multiply-add in one and not the other (an
+            # H200 run differed in the last bits of a float16 row's statistics).
+            torch.testing.assert_close(got[1], stats, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(got[1], stats)
     torch.library.opcheck(
         torch.ops.csl_fast.cross_entropy_fwd_extra_stats_triton.default,
         (logits, target, None, IGNORE, 0.1, 1, 3.0, 0.05),
