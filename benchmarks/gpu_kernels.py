@@ -143,6 +143,19 @@ def _shape_rows(shape, dtype, backends) -> list[dict]:
     return rows
 
 
+def _host_seconds(fn, n: int) -> float:
+    """Seconds per call the host spends issuing ``fn`` (after a warm-up; no sync inside)."""
+    for _ in range(20):
+        fn()
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n
+    _sync()
+    return host
+
+
 def _host_rows(backends, n) -> tuple[list[dict], dict]:
     b, c = SMALL
     z = torch.randn(b, c, device=DEV, requires_grad=True)
@@ -162,14 +175,7 @@ def _host_rows(backends, n) -> tuple[list[dict], dict]:
         ).backward()
     rows, launches = [], {}
     for name, fn in calls.items():
-        for _ in range(20):
-            fn()
-        _sync()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t0) / n
-        _sync()
+        host = _host_seconds(fn, n)
         walls = []
         for _ in range(5):
             t0 = time.perf_counter()
@@ -219,18 +225,8 @@ def _dispatch_rows(backends, n) -> list[dict]:
         if be == "triton":
             body = tce.cross_entropy_fwd_stats_triton._init_fn
             calls["Triton op body (no dispatcher)"] = lambda body=body: body(*args)
-    rows = []
     with torch.no_grad():
-        for name, fn in calls.items():
-            for _ in range(20):
-                fn()
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                fn()
-            rows.append({"call": name, "host us/call": (time.perf_counter() - t0) / n * 1e6})
-            _sync()
-    return rows
+        return [{"call": k, "host us/call": _host_seconds(f, n) * 1e6} for k, f in calls.items()]
 
 
 def _table(rows: list[dict]) -> str:
