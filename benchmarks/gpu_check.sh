@@ -14,7 +14,7 @@
 #   env        15 s  nvidia-smi, versions, GPU count, nvcc/ninja                  env.log
 #   build     140 s  setup.py build_ext --inplace (ninja, TORCH_CUDA_ARCH_LIST=9.0),
 #                    csl_fast.info, the cuda backend must load                   build.log
-#   tests_gpu 150 s  pytest -k "cuda or gpu or triton" (pytest-xdist workers where it is
+#   tests_gpu 190 s  pytest -k "cuda or gpu or triton" (pytest-xdist workers where it is
 #                    installed): every GPU parametrisation, the Triton kernels, the
 #                    out-of-range/canary tests and, with two GPUs, the second-GPU tests
 #   kernels    60 s  benchmarks/gpu_kernels.py: each kernel of the fused op timed alone
@@ -172,7 +172,7 @@ export -f env_info build run_tests tests_gpu tests_cpu
 
 stage env 15 env_info
 stage build 140 build
-stage tests_gpu 150 tests_gpu
+stage tests_gpu 190 tests_gpu
 if [ $DRY -eq 1 ]; then
     BENCH=("$PY" benchmarks/run.py --device cpu --quick --sections cross_entropy)
 else
