@@ -17,6 +17,8 @@
 #   tests_gpu 190 s  pytest -k "cuda or gpu or triton" (pytest-xdist workers where it is
 #                    installed): every GPU parametrisation, the Triton kernels, the
 #                    out-of-range/canary tests and, with two GPUs, the second-GPU tests
+#   probe      90 s  tests/test_cxx_exceptions.py and benchmarks/exception_probe.py: which C++
+#                    errors reach Python on this build                        probe.log
 #   kernels    60 s  benchmarks/gpu_kernels.py: each kernel of the fused op timed alone
 #                    beside PyTorch's, and one small call's launches      kernels.log
 #   bench      60 s  benchmarks/run.py --no-compile (eager candidates; warm-up runs before
@@ -178,6 +180,16 @@ if [ $DRY -eq 1 ]; then
 else
     BENCH=("$PY" benchmarks/run.py --device cuda --no-compile --budget-scale 0.15)
 fi
+# Which C++ errors reach Python on this build (the second H200 check crashed on some).
+probe() {
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_cxx_exceptions.py
+    local rc=$?
+    env | grep -E '^(LD_|GLIBC_TUNABLES|TORCH_|CXX)'
+    CXX=${CXX:-$(command -v /opt/gcc/bin/g++ || echo c++)} "$PY" benchmarks/exception_probe.py --out "$OUT/probe"
+    return $rc
+}
+export -f probe
+stage probe 90 probe
 if [ $DRY -eq 1 ]; then
     stage kernels 60 "$PY" benchmarks/gpu_kernels.py --out "$OUT" --dry-run
 else
