@@ -21,6 +21,8 @@
 #                    errors reach Python on this build                        probe.log
 #   kernels    60 s  benchmarks/gpu_kernels.py: each kernel of the fused op timed alone
 #                    beside PyTorch's, and one small call's launches      kernels.log
+#   launches   30 s  benchmarks/launch_count.py: the CUDA kernels of one accumulate +
+#                    backward per case (dtype, reduction, tensor or tracker)  launches.log
 #   bench      60 s  benchmarks/run.py --no-compile (eager candidates; warm-up runs before
 #                    each comparison's timed budget)                             bench.log
 #   sweep      25 s  benchmarks/triton_sweep.py on two shapes, at most 4 configurations
@@ -195,6 +197,7 @@ if [ $DRY -eq 1 ]; then
 else
     stage kernels 60 "$PY" benchmarks/gpu_kernels.py --out "$OUT"
 fi
+stage launches 30 "$PY" benchmarks/launch_count.py --json "$OUT/launch-count.json"
 # shellcheck disable=SC2086
 stage bench 60 "${BENCH[@]}" --out "$OUT" ${CSL_BENCH_ARGS:-}
 if [ $DRY -eq 1 ]; then

@@ -24,6 +24,7 @@ from . import ops_backward, reference
 from ._ext import _C, resolve_backend
 from .ops import (
     _LOW_PRECISION,
+    _div_rounded,
     _mean_denominator,
     _op,
     _per_row,
@@ -102,9 +103,9 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         denom = None
         if per_row != reduction:
             # The z-loss is refused with class weights, so D counts its rows too.
-            denom = _mean_denominator(target, weight, ignore_index, logits.shape[1])
-            loss = (loss.float().sum() / denom).to(logits.dtype)
-            zl = (zl.float().sum() / denom).to(logits.dtype)
+            denom = _mean_denominator(target, weight, ignore_index, logits.shape[1], name)
+            loss = _div_rounded(loss.float().sum(), denom, logits.dtype)
+            zl = _div_rounded(zl.float().sum(), denom, logits.dtype)
         return loss, grad, stats, zl, denom
 
     @staticmethod

@@ -8,6 +8,8 @@ Importing this package registers these ops (same semantics as :mod:`csl_fast.ref
   the gradient written over the logits
 * ``torch.ops.csl_fast.cross_entropy_fwd_stats_triton(logits, ...) -> (loss, stats)``: no
   gradient formed (the float16/bfloat16 forward, no-grad passes)
+* ``torch.ops.csl_fast.mean_denominator_triton(target, weight, ignore_index, num_classes)
+  -> Tensor``: the float16/bfloat16 mean's denominator (``csl_fast.ops``)
 * ``torch.ops.csl_fast.cross_entropy_bwd_triton(logits, target, weight, stats, scale,
   ignore_index, label_smoothing) -> Tensor``: the float16/bfloat16 backward in one
   elementwise pass (``csl_fast.ops_backward``)
@@ -31,6 +33,7 @@ from .cross_entropy import (
     cross_entropy_fwd_inplace_triton,
     cross_entropy_fwd_stats_triton,
     cross_entropy_fwd_triton,
+    mean_denominator_triton,
 )
 from .cross_entropy_bwd import cross_entropy_bwd_triton
 from .cross_entropy_extra import (
@@ -54,6 +57,7 @@ __all__ = [
     "cross_entropy_fwd_stats_triton",
     "cross_entropy_fwd_triton",
     "input_grad_norms_triton",
+    "mean_denominator_triton",
     "record_last_triton",
     "scatter_stats_triton",
 ]

@@ -416,6 +416,84 @@ def _ce_fwd_kernel(
                 )
 
 
+#: Targets per program of :func:`_denom_kernel` (per step, unweighted).
+DENOM_BLOCK = 1024
+
+
+@triton.jit
+def _denom_kernel(
+    target_ptr, weight_ptr, out_ptr, B, C, ignore_index, HAS_WEIGHT: tl.constexpr,
+    KEEP_BAD: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # The mean's denominator in one launch instead of PyTorch's two to ten elementwise and
+    # indexing ops, over the rows with a target in [0, C) (KEEP_BAD: every row not
+    # ignored, a bad target's weight read at the target clamped into [0, C), as
+    # csl_fast.ops._mean_denominator). Unweighted: D itself, one program counting in
+    # integers (exact; torch's float32 sum of the mask is too below 2^24 rows). Weighted:
+    # each row's term w[y] or 0 into out[B], for torch's sum, so that D is added in torch's
+    # order as before.
+    offs = tl.arange(0, BLOCK)
+    if HAS_WEIGHT:
+        rows = tl.program_id(0).to(tl.int64) * BLOCK + offs
+        tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index).to(tl.int64)
+        if KEEP_BAD:
+            active = tgt != ignore_index
+            y = tl.minimum(tl.maximum(tgt, 0), C - 1)
+        else:
+            active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C)
+            y = tl.where(active, tgt, 0)
+        w_y = tl.load(weight_ptr + y, mask=active, other=0.0)
+        tl.store(out_ptr + rows, w_y, mask=rows < B)
+    else:
+        n = tl.zeros([BLOCK], tl.int32)
+        for start in range(0, B, BLOCK):
+            rows = start + offs
+            tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index).to(tl.int64)
+            active = tgt != ignore_index
+            if not KEEP_BAD:
+                active = active & (tgt >= 0) & (tgt < C)
+            n += active.to(tl.int32)
+        tl.store(out_ptr, tl.sum(n, 0).to(tl.float32))
+
+
+def _denominator(target, w, ignore_index, num_classes, keep_bad=False) -> torch.Tensor:
+    """float32 ``[1]`` mean denominator (see :func:`_denom_kernel`) of contiguous
+    ``target`` and float32 contiguous class weights ``w`` (or None)."""
+    batch = target.shape[0]
+    if w is None:
+        out = torch.empty((1,), dtype=torch.float32, device=target.device)
+        grid = (1,)
+    else:
+        out = torch.empty((batch,), dtype=torch.float32, device=target.device)
+        grid = (triton.cdiv(batch, DENOM_BLOCK),)
+    if grid[0] > 0:
+        wrap_triton(_denom_kernel)[grid](
+            target, w if w is not None else out, out, batch, num_classes, ignore_index,
+            HAS_WEIGHT=w is not None, KEEP_BAD=keep_bad, BLOCK=DENOM_BLOCK,
+        )  # fmt: skip
+    return out if w is None else out.sum().reshape(1)
+
+
+def _fake_denominator(target, weight, ignore_index, num_classes):
+    return target.new_empty((), dtype=torch.float32)
+
+
+@register(
+    "csl_fast::mean_denominator_triton",
+    kernel=_denom_kernel,
+    mutates_args=(),
+    fake=_fake_denominator,
+)
+def mean_denominator_triton(
+    target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, num_classes: int
+) -> torch.Tensor:
+    """float32 ``[]`` ``D`` of :func:`csl_fast.ops._mean_denominator` in one launch (two
+    with ``weight``): the number of rows whose target is not ``ignore_index``, or the sum
+    of their class weights."""
+    w = None if weight is None else weight.to(torch.float32).contiguous()
+    return _denominator(target.contiguous(), w, ignore_index, num_classes, True).reshape(())
+
+
 def _next_pow2(n) -> int:
     # int(): a SymInt class count specialises (the block width is a compile-time constant).
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -522,19 +600,9 @@ def _launch(
     target = target.contiguous()
     w = None if weight is None else weight.to(torch.float32).contiguous()
 
-    if reduction == 1:
-        # The denominator counts rows with a target in [0, C) (a bad target's row is NaN).
-        active = (target != ignore_index) & (target >= 0) & (target < num_classes)
-        if w is None:
-            denom = active.sum(dtype=torch.float32)
-        else:
-            safe = torch.where(active, target, torch.zeros_like(target)).long()
-            denom = torch.where(
-                active, w[safe], torch.zeros((), dtype=torch.float32, device=w.device)
-            ).sum()
-        denom = denom.reshape(1)
-    else:
-        denom = loss_rows  # never read
+    # The mean's denominator counts rows with a target in [0, C) (a bad target's row is
+    # NaN); loss_rows stands in, never read, for the other reductions.
+    denom = _denominator(target, w, ignore_index, num_classes) if reduction == 1 else loss_rows
 
     if batch > 0 and num_classes > 0:
         fused, rows, block, num_warps = config or _config(num_classes)

@@ -403,3 +403,41 @@ def test_accumulate_in_place_with_the_triton_backend(tdevice):
         grads.append((loss.detach(), layer.weight.grad, csl))
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("batch", [0, 3, 2500])
+def test_mean_denominator(tdevice, weighted, batch):
+    """The mean is the rows' sum over D, D being the rows with a target in [0, C) (or the
+    sum of their weights, added by torch in its order), bitwise, int32 or int64 targets,
+    over more rows than one block of the denominator kernel."""
+    logits, target, weight = _inputs(batch, 5, torch.float32, tdevice, weighted=weighted)
+    target[::4] = IGNORE
+    target[1::7] = 5  # a bad target: a NaN row, outside D
+    target[2::9] = 0
+    keep = (target != IGNORE) & (target >= 0) & (target < 5)
+    for tgt in (target, target.int()):
+        rows = cross_entropy_fwd_triton(logits, tgt, weight, IGNORE, 0.0, 0)[0]
+        rows = torch.where(keep, rows, 0.0)  # the bad rows' NaN left out
+        if weight is None:
+            denom = keep.sum(dtype=torch.float32)
+        else:
+            denom = torch.where(keep, weight[torch.where(keep, target, 0)], 0.0).sum()
+        good = torch.where(keep, tgt, IGNORE)
+        loss = cross_entropy_fwd_triton(logits, good, weight, IGNORE, 0.0, 1)[0]
+        assert torch.equal(loss, rows.sum() / denom) or (batch == 0 and loss.isnan())
+        # With the bad rows (every batch here has one), or over no rows: NaN.
+        assert cross_entropy_fwd_triton(logits, tgt, weight, IGNORE, 0.0, 1)[0].isnan()
+        # The half path's D (csl_fast.ops._mean_denominator): bad rows counted, their
+        # weight read at the target clamped into [0, C).
+        kept = target != IGNORE
+        if weight is None:
+            want = kept.sum(dtype=torch.float32)
+        else:
+            y = torch.where(kept, target, 0).clamp(0, 4)
+            want = torch.where(kept, weight[y], 0.0).sum()
+        got = torch.ops.csl_fast.mean_denominator_triton(tgt, weight, IGNORE, 5)
+        assert got.shape == () and torch.equal(got, want)
+    if batch == 3:
+        op = torch.ops.csl_fast.mean_denominator_triton.default
+        torch.library.opcheck(op, (target, weight, IGNORE, 5))
