@@ -155,26 +155,21 @@ def _backward_lines(step_rows, bwd_rows, extra_rows) -> list[str]:
     for b, c, dt, ours_us, theirs_us in step_rows:
         lines.append(f"| {b} x {c} | {dt} | {ours_us:.1f} | {theirs_us:.1f} | "
                      f"{ours_us / theirs_us:.2f} |")  # fmt: skip
-    lines += [
-        "",
-        "## backward alone: recompute (before) vs one elementwise pass (now)",
-        "",
-        "| B x C | dtype | recompute (us) | one pass (us) | speed-up |",
-        "|---|---|---|---|---|",
-    ]
-    for b, c, dt, old_us, new_us in bwd_rows:
-        lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
-                     f"{old_us / new_us:.1f}x |")  # fmt: skip
-    lines += [
-        "",
-        f"## with the extras (softcap {EXTRAS[0]:g}, z_loss_scale {EXTRAS[1]:g}): backward alone",
-        "",
-        "| B x C | dtype | recompute (us) | one pass (us) | speed-up |",
-        "|---|---|---|---|---|",
-    ]
-    for b, c, dt, old_us, new_us in extra_rows:
-        lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
-                     f"{old_us / new_us:.1f}x |")  # fmt: skip
+    for title, rows in (
+        ("backward alone: recompute (before) vs one elementwise pass (now)", bwd_rows),
+        (f"with the extras (softcap {EXTRAS[0]:g}, z_loss_scale {EXTRAS[1]:g}): backward alone",
+         extra_rows),
+    ):  # fmt: skip
+        lines += [
+            "",
+            f"## {title}",
+            "",
+            "| B x C | dtype | recompute (us) | one pass (us) | speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        for b, c, dt, old_us, new_us in rows:
+            lines.append(f"| {b} x {c} | {dt} | {old_us:.1f} | {new_us:.1f} | "
+                         f"{old_us / new_us:.1f}x |")  # fmt: skip
     return lines
 
 
