@@ -11,7 +11,13 @@ from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from . import _ext, cross_entropy_args, cross_entropy_extras, ops, ops_extras, reference
 from ._ext import resolve_backend
-from .accumulate_checks import _buffers, _check_args, _check_values, validate_by_default
+from .accumulate_checks import (
+    _buffers,
+    _check_args,
+    _check_values,
+    validate_by_default,
+    widen_for_ignore_index,
+)
 from .buffer_locks import buffer_lock
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
@@ -130,8 +136,12 @@ def accumulate(
         logits: ``[B, C]`` float32, float16, bfloat16 or float64 (on a GPU by the CUDA
             kernels or the reference: Triton's take no float64),
             ``[N, C, d1, ..., dk]``, ``[C]``, or ``[B*T, V]`` for sequences.
-            Statistics are computed in float32 (float64 for float64 logits).
-        target: ``[B]`` class indices, int64 (or int32), in ``[0, C)`` or ``ignore_index``;
+            Statistics are computed in float32 (float64 for float64 logits). Under
+            ``torch.autocast`` float16/bfloat16 logits are first cast to float32, as
+            autocast casts ``F.cross_entropy``'s input: the loss is float32, as PyTorch's
+            (with ``inplace_grad`` the gradient then overwrites that float32 copy).
+        target: ``[B]`` class indices, int64 (or int32, or uint8 as ``F.cross_entropy``
+            takes them), in ``[0, C)`` or ``ignore_index``;
             ``[N, d1, ..., dk]`` or 0-d for those layouts, ``[B, T]`` for sequences; or
             class probabilities of the logits' shape.
         index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)`` (one per row, or
@@ -191,6 +201,19 @@ def accumulate(
     backward is not supported. Buffers must not require grad or share memory with each
     other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
+    if (
+        isinstance(logits, torch.Tensor)
+        and logits.dtype in _AUTOCAST_TO_FLOAT32
+        and torch.is_autocast_enabled(logits.device.type)
+    ):
+        # Under autocast F.cross_entropy computes in float32 and returns a float32 loss
+        # (cross entropy is on autocast's float32 list); the fused ops have no autocast
+        # rule, so their input is cast here as autocast casts F.cross_entropy's.
+        logits = logits.float()
+    if isinstance(target, torch.Tensor) and target.dtype is torch.uint8:
+        # F.cross_entropy takes uint8 class indices (segmentation masks with
+        # ignore_index=255); the kernels read int32/int64.
+        target = target.long()
     extras = None
     if softcap is not None or z_loss_scale or return_z_loss or return_token_accuracy:
         extras = cross_entropy_extras.check(
@@ -228,6 +251,7 @@ def accumulate(
             f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
             f"{ignore_index}; use a class index that never occurs, e.g. the default -100"
         )
+    target = widen_for_ignore_index(target, ignore_index)
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -344,6 +368,10 @@ def _composite_loss(
     (``given`` as the caller passed them) and torch.func transforms or forward-mode AD
     (class indices as rows), where it brings its batching and tangent rules."""
     kwargs = {} if soft else {"ignore_index": ignore_index}
+    if not soft and weight is not None:
+        # As the fused kernels, which take class weights of any dtype; F.cross_entropy
+        # wants the logits' own with class indices (it casts them with probabilities).
+        weight = weight.to(given[0].dtype)
     return F.cross_entropy(
         *given, weight=weight, label_smoothing=label_smoothing, reduction=reduction, **kwargs
     )
@@ -379,6 +407,7 @@ def _eager_cpu_step(csl, count, backend, validate, inplace_grad):
 
 
 _CPU_STEP = ("auto", "cpu")
+_AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16)
 # Read on every eager step; bound once (each attribute lookup costs ~0.05 us).
 _functorch_level = torch._C._functorch.maybe_current_level
 _forward_ad = torch.autograd.forward_ad

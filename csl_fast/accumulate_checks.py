@@ -138,6 +138,15 @@ _CSL_DTYPES = (torch.float32, torch.float64)
 _COUNT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
 
+def widen_for_ignore_index(target: object, ignore_index: int) -> object:
+    """``target`` as int64 when it is int32 and ``ignore_index`` lies outside int32: no
+    int32 target equals it, but a kernel or PyTorch op comparing in int32 would wrap it
+    onto a class (2**32 + 2 onto 2) and ignore that class's rows."""
+    if not -(2**31) <= ignore_index < 2**31 and getattr(target, "dtype", None) is torch.int32:
+        return target.long()
+    return target
+
+
 def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
     if t.device != device:
         raise ValueError(

@@ -56,7 +56,7 @@ import torch
 from . import cross_entropy_extras, ops, ops_extras
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
-from .accumulate_checks import validate_by_default
+from .accumulate_checks import validate_by_default, widen_for_ignore_index
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
@@ -214,7 +214,7 @@ def linear_cross_entropy(
             f"[B, T] target, got target of shape {tuple(target.shape)}"
         )
     h2 = hidden.reshape(-1, size_h)
-    t1 = target.reshape(-1)
+    t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
     record = csl is not None
     if record:
         buffers = _buffers(csl, count, seq)

@@ -72,7 +72,9 @@ def cross_entropy_fwd(
         loss = F.cross_entropy(
             logits,
             target.long(),
-            weight=weight,
+            # The fused kernels take class weights of any dtype (they read them in
+            # float32); F.cross_entropy wants the logits' own.
+            weight=None if weight is None else weight.to(logits.dtype),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction=reference.REDUCTION_NAMES[reduction],

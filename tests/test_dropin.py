@@ -442,6 +442,104 @@ def test_half_gradient_small_batches_any_upstream(backend, dtype):
     assert not failures, failures
 
 
+# ------------------------------------------------ found by an outside audit
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_computes_in_float32_as_pytorch(backend, dtype):
+    """Under torch.autocast, F.cross_entropy casts float16/bfloat16 logits to float32 and
+    returns a float32 loss (the fused ops returned one in the logits' dtype, rounded):
+    the same dtype, value and gradient for class indices, K-dimensional logits and class
+    probabilities."""
+    cases = [
+        (torch.randn(6, 5), torch.tensor([0, 4, -100, 1, 2, 3]), torch.arange(6)),
+        (torch.randn(2, 5, 3), torch.tensor([[0, 4, 1], [-100, 2, 3]]), torch.arange(2)),
+        (torch.randn(3, 5), torch.rand(3, 5).softmax(1), torch.arange(3)),
+    ]
+    for logits, target, index in cases:
+        csl = torch.zeros(6, dtype=torch.float64)
+        what = f"{tuple(logits.shape)} {target.dtype}"
+        with torch.autocast("cpu", dtype=dtype):
+            (ours, theirs), grads = _both(
+                backend, logits.to(dtype), target, index, csl, weight=torch.rand(5),
+                label_smoothing=0.1, reduction="none",
+            )  # fmt: skip
+        assert theirs.dtype == torch.float32, what
+        _assert_same([(ours, theirs)], what)
+        # Both gradients are formed in float32 and rounded once to the logits' dtype.
+        _assert_same([grads], what, rtol=0, atol=torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_class_indices(backend):
+    """F.cross_entropy takes uint8 class indices (segmentation masks with ignore_index=255)
+    for [B, C] and [C] logits; accumulate refused them. It takes them in every layout and
+    records what it records for int64 ones."""
+    logits = torch.randn(4, 5)
+    target = torch.tensor([1, 255, 4, 0], dtype=torch.uint8)
+    want = F.cross_entropy(logits.double(), target.long(), ignore_index=255, reduction="none")
+    csl = torch.zeros(4, dtype=torch.float64)
+    losses, grads = _both(backend, logits, target, torch.arange(4), csl, ignore_index=255)
+    _assert_same([losses, grads], "[B, C]")
+    torch.testing.assert_close(csl, want)
+
+    csl = torch.zeros(4, dtype=torch.float64)
+    losses, grads = _both(backend, logits[2], target[2], torch.tensor(3), csl)
+    _assert_same([losses, grads], "[C]")
+    torch.testing.assert_close(csl, torch.tensor([0, 0, 0, float(want[2])], dtype=torch.float64))
+
+    seg = torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 255, 4], [0, 255, 2]], dtype=torch.uint8)  # F.cross_entropy: int64
+    csl = torch.zeros(2, dtype=torch.float64)
+    ours = accumulate(seg, mask, torch.arange(2), csl, ignore_index=255, backend=backend)
+    torch.testing.assert_close(ours, F.cross_entropy(seg, mask.long(), ignore_index=255))
+    per_pixel = F.cross_entropy(seg.double(), mask.long(), ignore_index=255, reduction="none")
+    torch.testing.assert_close(csl, per_pixel.sum(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_int32_targets_with_an_ignore_index_beyond_int32(backend, reduction):
+    """No int32 target equals an ignore_index outside int32, but comparing in int32 wrapped
+    it onto a class: 2**32 + 2 ignored the rows of class 2 in the reference's statistics,
+    and the Triton mean counted its padding rows (a loss ~100 times too small)."""
+    logits = torch.randn(4, 5)
+    target = torch.tensor([0, 4, 2, 1])
+    ignore = 2**32 + 2
+    csl = torch.zeros(4, dtype=torch.float64)
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    ours = accumulate(a, target.int(), torch.arange(4), csl, ignore_index=ignore,
+                      reduction=reduction, backend=backend)  # fmt: skip
+    theirs = F.cross_entropy(b, target, ignore_index=ignore, reduction=reduction)
+    ours.backward()
+    theirs.backward()
+    _assert_same([(ours, theirs), (a.grad, b.grad)], reduction)
+    torch.testing.assert_close(csl, _plain_losses(logits, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_weights_of_another_dtype(backend):
+    """The fused kernels read class weights in float32 whatever their dtype; the reference
+    backend, F.cross_entropy, refused a weight not of the logits' dtype (bfloat16 logits
+    with float32 weights, the usual mixed-precision case). Every backend takes them, in
+    eager mode and under torch.func transforms."""
+    target, index = torch.tensor([0, 4, -100, 1, 2, 3]), torch.arange(6)
+    weight = torch.rand(5) + 0.5
+    logits = torch.randn(6, 5).bfloat16()
+    ours = accumulate(logits, target, index, torch.zeros(6), weight=weight, backend=backend)
+    exact = F.cross_entropy(logits.double(), target, weight=weight.double())
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.double(), exact, rtol=2 * 2**-8, atol=0)
+
+    z = torch.randn(6, 5, dtype=torch.float64)
+    csl = torch.zeros(6)
+    want = grad(lambda x: F.cross_entropy(x, target, weight=weight.double()))(z)
+    got = grad(lambda x: accumulate(x, target, index, csl, weight=weight, backend=backend))(z)
+    torch.testing.assert_close(got, want)
+
+
 # ------------------------------------------- PyTorch's own sample inputs (item 7)
 
 

@@ -85,6 +85,20 @@ def test_all_ignored_mean():
         torch.testing.assert_close(a, r.nan_to_num(0.0))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_int32_targets_with_an_ignore_index_beyond_int32(backend):
+    """No int32 target equals an ignore_index outside int32; compared in int32 it wrapped
+    onto a class (2**32 + 2 onto 2), whose rows every backend then left out of the loss."""
+    h, w, b, t = _inputs(b=1, t=5, v=5)
+    t = torch.tensor([[0, 4, 2, 1, 2]])
+    csl = torch.zeros(1, dtype=torch.float64)
+    loss = linear_cross_entropy(h, w, t.int(), torch.arange(1), csl, bias=b,
+                                ignore_index=2**32 + 2, backend=backend)  # fmt: skip
+    torch.testing.assert_close(loss, _reference(h, w, b, t, "mean"))
+    torch.testing.assert_close(csl, _reference(h.double(), w.double(), b.double(), t, "sum")[None])
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_bf16_no_worse_than_torch(reduction):
     """Error against a float64 reference at most 2x PyTorch's own bf16 error, with a
