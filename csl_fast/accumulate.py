@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Protocol, runtime_checkable
 
@@ -246,6 +247,14 @@ def accumulate(
         logits, target, index, seq = rows.logits, rows.target, rows.index, rows.groups
     soft = rows is not None and rows.soft
     buffers = _buffers(csl, count, seq, soft)
+    try:
+        ignore_index = operator.index(ignore_index)  # a 0-d integer tensor or NumPy int too
+    except TypeError:
+        raise TypeError(
+            f"csl_fast.accumulate: ignore_index must be an int, got "
+            f"{type(ignore_index).__name__}; use a class index that never occurs, e.g. the "
+            "default -100"
+        ) from None
     if not -(2**63) <= ignore_index < 2**63:  # the ops take an int64
         raise ValueError(
             f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
@@ -287,9 +296,11 @@ def accumulate(
     # In place, the gradient overwrites the caller's logits before the scatter's own range
     # check runs, so on the CPU (where reading them costs no device sync) check first.
     if (validate or (inplace_grad and logits.device.type == "cpu")) and (
-        not (soft or transformed or torch.compiler.is_compiling())
+        not (transformed or torch.compiler.is_compiling())
     ):
-        _check_values(target, index, logits.shape[1], buffers[0].numel(), ignore_index)
+        # Class probabilities have no range to check; their indices do.
+        checked = None if soft else target
+        _check_values(checked, index, logits.shape[1], buffers[0].numel(), ignore_index)
     # Calls from several threads into the same buffers take turns, from the forward on
     # (the Triton interpreter, for one, cannot run two launches at once).
     with buffer_lock(buffers[0]):

@@ -112,6 +112,12 @@ def _check_args(
         _check_device("count", count, device)
         check_count_fits("accumulate", csl, count)
     if weight is not None:
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(
+                f"csl_fast.accumulate: weight must be a tensor of C = {logits.shape[1]} class "
+                f"weights, got {type(weight).__name__}; pass torch.tensor(weights, "
+                "device=logits.device)"
+            )
         if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
             raise ValueError(
                 f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class "
@@ -211,17 +217,23 @@ def check_buffer(
 
 
 def _check_values(
-    target: torch.Tensor, index: torch.Tensor, num_classes: int, num_samples: int, ignore_index: int
+    target: torch.Tensor | None,
+    index: torch.Tensor,
+    num_classes: int,
+    num_samples: int,
+    ignore_index: int,
 ) -> None:
-    """Range checks of targets and indices (reads them on the host: one synchronisation
-    on a GPU when both are in range)."""
-    if target.numel() == 0:
+    """Range checks of targets (None: class probabilities, nothing to check) and indices
+    (reads them on the host: one synchronisation on a GPU when both are in range)."""
+    if index.numel() == 0:
         return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     bad_index = (index < 0) | (index >= num_samples)
-    if not bool(bad.any() | bad_index.any()):
+    bad = None
+    if target is not None:
+        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if not bool(bad_index.any() if bad is None else bad.any() | bad_index.any()):
         return
-    if bool(bad.any()):
+    if bad is not None and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(
             f"csl_fast.accumulate: target[{i}] = {int(target[i])} is outside [0, C = "

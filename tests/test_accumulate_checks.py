@@ -81,3 +81,18 @@ def test_reference_checks_before_writing():
         csl_fast.record_loss(torch.rand(3), torch.tensor([0, 7, 1]), csl, count=count,
                              backend="reference")  # fmt: skip
     assert csl.sum() == 0 and count.sum() == 0
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_class_probability_calls_check_their_indices(backend):
+    """Class probabilities have no range to check, but their dataset indices do: an index
+    outside [0, N) is refused before anything is written, on every backend (the reference
+    raised PyTorch's "index out of range in self" after writing csl, and interpreted
+    Triton dropped the row without a word)."""
+    csl, count = torch.zeros(4), torch.zeros(4)
+    logits, probs = torch.randn(3, 3), torch.rand(3, 3).softmax(1)
+    for bad in (7, -1):
+        with pytest.raises(IndexError, match=rf"index\[1\] = {bad} is outside \[0, N = 4\)"):
+            csl_fast.accumulate(logits, probs, torch.tensor([0, bad, 1]), csl, count=count,
+                                backend=backend)  # fmt: skip
+    assert csl.sum() == 0 and count.sum() == 0

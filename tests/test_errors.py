@@ -160,7 +160,25 @@ def test_other_argument_errors():
         csl_fast.accumulate(**a, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
         csl_fast.accumulate(**a, backend="cuda")
+    with pytest.raises(TypeError, match="weight must be a tensor of C = 5 class weights, got list"):
+        csl_fast.accumulate(**a, weight=[1.0] * 5)
     assert torch.equal(a["csl"], torch.zeros(6))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_ignore_index_takes_integers_only(backend):
+    """A 0-d integer tensor is an int (as for F.cross_entropy); a float is refused by name,
+    not by the schema of whichever op it reaches (or, for a tensor, as out of int64 range)."""
+    a = _good("cpu")
+    a["target"][1] = 2
+    want = torch.nn.functional.cross_entropy(a["logits"], a["target"], ignore_index=2)
+    got = csl_fast.accumulate(**a, ignore_index=torch.tensor(2), backend=backend)
+    torch.testing.assert_close(got, want)
+    csl = a.pop("csl").zero_()
+    with pytest.raises(TypeError, match="ignore_index must be an int, got float"):
+        csl_fast.accumulate(**a, csl=csl, ignore_index=2.0, backend=backend)
+    assert torch.equal(csl, torch.zeros(6))
 
 
 def test_mixed_devices_meta():
