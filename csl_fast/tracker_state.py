@@ -3,8 +3,10 @@ validation, and :meth:`~CSLTracker.load_state_dict`.
 
 A state is checked whole before a tracker changes: every field's type and range, the set
 of buffers its format version holds (:data:`VERSION_BUFFERS`; buffers introduced later get
-their initial values), and every tensor's dtype kind and shape. Every failure is a
-:class:`TrackerStateError` naming the field. Files: :mod:`csl_fast.tracker_file`.
+their initial values), every tensor's layout, dtype kind and shape, and the values no
+tracker holds (counts that are negative, non-integral or not finite; integers out of
+range). Every failure is a :class:`TrackerStateError` naming the field. Files:
+:mod:`csl_fast.tracker_file`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .tracker_buffers import buffer_shape
+from .tracker_buffers import _MINUS_ONE, buffer_shape
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -101,6 +103,39 @@ def _num_labels(state: Mapping[str, Any]) -> int | None:
     )
 
 
+def _data_tensor(where: str, v: Any) -> None:
+    """Refuse a tensor that copying into a buffer would fail on halfway (after earlier
+    buffers were overwritten): sparse and other non-strided layouts, meta tensors."""
+    if isinstance(v, torch.Tensor) and (v.layout != torch.strided or v.is_meta):
+        what = "is on the meta device (it holds no data)" if v.is_meta else f"has layout {v.layout}"
+        raise TrackerStateError(f"{where} {what}; pass dense tensors that hold the values")
+
+
+def _check_values(name: str, src: torch.Tensor, kind: str) -> None:
+    """Refuse values no tracker holds: counts that are negative, non-integral or not
+    finite, integers below their floor (-1 for "none yet", else 0) or past int32 (a
+    copy would wrap them). Sums may hold inf and NaN: adding finite margins can overflow
+    to inf, then inf - inf."""
+    if kind == "int":
+        lo = -1 if name in _MINUS_ONE else 0
+        v = src.to(torch.int64)
+        bad = (v < lo) | (v > torch.iinfo(torch.int32).max)
+        allowed = f"an int32 >= {lo}"
+    elif name.endswith("_count"):
+        v = src.to(torch.float64)
+        bad = ~torch.isfinite(v) | (v < 0) | (v != v.round())
+        allowed = "a finite integral count >= 0"
+    else:
+        return
+    if bad.any():  # (these buffers are all [N])
+        i = int(bad.nonzero()[0, 0])
+        raise TrackerStateError(
+            f"state buffer {name!r} holds {v[i].item()!r} at sample {i}, not "
+            f"{allowed}; no tracker holds that: the state was edited or damaged, restore it "
+            "from a copy"
+        )
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     return f"[N = {shape[0]}]" if len(shape) == 1 else f"[N = {shape[0]}, L = {shape[1]}]"
 
@@ -172,6 +207,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     for name in expected:
         src, kind = buffers[name], kinds[name]
         shape = buffer_shape(name, n, labels)
+        _data_tensor(f"state buffer {name!r}", src)
         if not isinstance(src, torch.Tensor) or tuple(src.shape) != shape:
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
         ok = {
@@ -183,8 +219,10 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             raise TrackerStateError(
                 f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
             )
+        _check_values(name, src, kind)
     for name in HISTORIES:
         h = histories[name]
+        _data_tensor(f"state history {name!r}", h)
         if (
             not (isinstance(h, torch.Tensor) and h.is_floating_point() and h.dim() == 2)
             or h.shape[1] != n
@@ -214,14 +252,17 @@ def load_state_dict(tracker: CSLTracker, state: Any) -> None:
     except TrackerStateError as exc:
         raise type(exc)(f"CSLTracker: {exc}") from None
     live = tracker._buffers
-    histories = {
-        k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
-        for k, h in checked["histories"].items()
-    }
-    for name, value in checked["buffers"].items():
-        live[name].copy_(value)
-    for name, value in checked["fill"].items():
-        live[name].fill_(value)
+    # no_grad: a state tensor that requires grad must not pull the buffers into autograd
+    # (accumulate then refuses them), as in nn.Module.load_state_dict.
+    with torch.no_grad():
+        histories = {
+            k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
+            for k, h in checked["histories"].items()
+        }
+        for name, value in checked["buffers"].items():
+            live[name].copy_(value)
+        for name, value in checked["fill"].items():
+            live[name].fill_(value)
     tracker._histories = histories
     tracker.epoch = checked["epoch"]
     tracker.eval_passes = checked["eval_passes"]

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, tracker_file
+from csl_fast.tracker_buffers import _MINUS_ONE
 from csl_fast.tracker_file import (
     FORMAT_VERSION,
     MAGIC,
@@ -35,16 +36,19 @@ N = 7
 
 
 def _filled(n: int = N, history: bool = True, seed: int = 0) -> CSLTracker:
-    """A tracker whose every buffer and history holds distinct values."""
+    """A tracker whose every buffer and history holds distinct values (counts integral,
+    integers from their floor up: what a tracker can hold)."""
     g = torch.Generator().manual_seed(seed)
     t = CSLTracker(n, 3, history=history)
-    for buf in t.buffers().values():
+    for name, buf in t.buffers().items():
         if buf.dtype == torch.bool:
             buf.copy_(torch.rand(n, generator=g) > 0.5)
+        elif name.endswith("_count"):
+            buf.copy_(torch.randint(0, 9, (n,), generator=g))
         elif buf.is_floating_point():
             buf.copy_(torch.rand(n, generator=g) * 10)
         else:
-            buf.copy_(torch.randint(-1, 9, (n,), generator=g))
+            buf.copy_(torch.randint(-1 if name in _MINUS_ONE else 0, 9, (n,), generator=g))
     t.input_grad_first_epoch = 0
     t.end_epoch()
     t.end_epoch()

@@ -1,0 +1,136 @@
+"""Tracker states holding what no tracker holds (csl_fast.tracker_state): values out of
+range, tensors a copy cannot read, tensors that require grad. Each is refused whole, in a
+state dict and in a file, with the tracker left bit-identical; what a tracker can hold
+(NaN and inf sums, the -1 "none yet") still loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import csl_fast
+from csl_fast import CSLTracker, TrackerFileError, TrackerStateError
+
+N = 6
+
+
+def _trained(history: bool = False) -> CSLTracker:
+    g = torch.Generator().manual_seed(0)
+    t = CSLTracker(N, 3, history=history)
+    idx = torch.tensor([0, 1, 2, 3, 1])
+    csl_fast.accumulate(torch.randn(5, 3, generator=g), idx % 3, idx, t)
+    t.end_epoch()
+    return t
+
+
+def _snapshot(t: CSLTracker) -> dict[str, torch.Tensor]:
+    state = t.state_dict()
+    out = {k: v.clone() for k, v in state.pop("buffers").items()}
+    out.update({"h/" + k: v.clone() for k, v in state.pop("histories").items()})
+    out["meta"] = state
+    return out
+
+
+def _assert_unchanged(before: dict, t: CSLTracker) -> None:
+    after = _snapshot(t)
+    assert before.pop("meta") == after.pop("meta")
+    for k, v in before.items():
+        assert v.dtype == after[k].dtype and torch.equal(
+            v.view(torch.uint8), after[k].view(torch.uint8)
+        ), k
+
+
+def _refused(state: dict, match: str) -> None:
+    target = _trained()
+    target.csl_sum.add_(7)  # differs from the state in every sample
+    before = _snapshot(target)
+    with pytest.raises(TrackerStateError, match=match):
+        target.load_state_dict(state)
+    _assert_unchanged(before, target)
+
+
+_IMPOSSIBLE = {
+    "csl_count": [-1.0, 0.5, float("nan"), float("inf")],
+    "eval_count": [-2.0],
+    "input_grad_count": [1.25],
+    "forgetting": [-1],
+    "suggest_votes": [-1],
+    "suggest_hits": [-3],
+    "learned_epoch": [-2],
+    "suggest_label": [-2],
+}
+
+
+@pytest.mark.parametrize("name", list(_IMPOSSIBLE))
+def test_values_no_tracker_holds_are_refused(tmp_path, name):
+    for value in _IMPOSSIBLE[name]:
+        t = _trained()
+        t.buffers()[name][N - 1] = value  # the last sample: earlier ones are fine
+        state = t.state_dict()
+        _refused(state, rf"'{name}' holds .* at sample {N - 1}")
+        path = tmp_path / "bad.csl"
+        t.save(path)
+        with pytest.raises(TrackerFileError, match=name):
+            CSLTracker.from_file(path)
+
+
+def test_int64_values_past_int32_are_refused_not_wrapped():
+    state = _trained().state_dict()
+    state["buffers"] = dict(state["buffers"])
+    state["buffers"]["forgetting"] = torch.full((N,), 2**32 + 1)  # would copy as 1
+    _refused(state, "'forgetting' holds 4294967297")
+
+
+def test_values_a_tracker_can_hold_load(tmp_path):
+    t = _trained()
+    t.csl_sum[0] = float("nan")  # margins can overflow to inf, then inf - inf
+    t.margin_sum[1] = float("inf")
+    t.margin_sum[2] = float("-inf")
+    t.forgetting[3] = 2**31 - 1
+    t.csl_count[4] = 2.0**40
+    t.learned_epoch[5] = -1
+    t.suggest_label[5] = -1
+    u = CSLTracker(N, 3)
+    u.load_state_dict(t.state_dict())
+    path = tmp_path / "ok.csl"
+    t.save(path)
+    v = CSLTracker.from_file(path)
+    for name, buf in t.buffers().items():
+        assert torch.equal(u.buffers()[name].nan_to_num(), buf.nan_to_num()), name
+        assert torch.equal(v.buffers()[name].nan_to_num(), buf.nan_to_num()), name
+
+
+def test_tensors_a_copy_cannot_read_are_refused_before_any_copy():
+    """A sparse or meta tensor made copy_ fail after the buffers before it were
+    overwritten: the tracker was left half-loaded."""
+    cases = {
+        "meta buffer": (
+            "buffers",
+            "eval_last_correct",
+            torch.zeros(N, dtype=torch.bool, device="meta"),
+        ),
+        "sparse buffer": ("buffers", "eval_last_max_prob", torch.zeros(N).to_sparse()),
+        "meta history": ("histories", "loss_history", torch.zeros(0, N, device="meta")),
+    }
+    for where, name, value in cases.values():
+        state = _trained().state_dict()
+        state[where] = dict(state[where])
+        state[where][name] = value
+        _refused(state, rf"'{name}' (is on the meta device|has layout torch.sparse_coo)")
+
+
+def test_a_state_that_requires_grad_loads_detached():
+    """Copying a tensor that requires grad made the buffers part of an autograd graph,
+    and accumulate then refused them."""
+    state = _trained(history=True).state_dict()
+    state["buffers"] = {
+        k: v.float().requires_grad_() if v.is_floating_point() else v
+        for k, v in state["buffers"].items()
+    }
+    state["histories"] = {k: v.float().requires_grad_() for k, v in state["histories"].items()}
+    t = CSLTracker(N, 3, history=True)
+    t.load_state_dict(state)
+    assert not any(b.requires_grad for b in t.buffers().values())
+    assert not t.loss_history.requires_grad
+    idx = torch.tensor([0, 1])
+    csl_fast.accumulate(torch.randn(2, 3), idx, idx, t)
