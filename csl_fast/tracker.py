@@ -169,7 +169,9 @@ class CSLTracker(TrackerStatistics):
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
             raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+        ):
             raise ValueError(
                 f"CSLTracker: num_classes must be None or an int >= 1, got {num_classes!r}"
             )
@@ -539,12 +541,15 @@ class CSLTracker(TrackerStatistics):
         """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
 
         The whole state is checked first (every field's type and range, every tensor's
-        dtype and shape); on any error the tracker is left unchanged. States of an older
-        format version lacking buffers introduced since get those buffers' initial values.
+        layout, dtype and shape, and the values of counts and integer buffers); on any
+        error the tracker is left unchanged. States of an older format version lacking
+        buffers introduced since get those buffers' initial values. Tensors that require
+        grad are copied without it, as ``nn.Module.load_state_dict`` does.
 
         Raises :class:`TrackerStateError` for another format, a newer version, a different
-        ``num_samples``, ``num_classes`` or ``history``, or missing, mistyped or misshapen
-        entries.
+        ``num_samples``, ``num_classes`` or ``history``, missing, mistyped or misshapen
+        entries, sparse or meta tensors, or values no tracker holds (a negative,
+        non-integral or non-finite count, a negative counter, an int past int32).
         """
         tracker_file.load_state_dict(self, state)
 

@@ -338,6 +338,15 @@ def test_memory_statement():
     assert "90 bytes per sample" in CSLTracker.__doc__
 
 
+def test_a_bool_size_is_refused(tmp_path):
+    """num_classes=True was taken as 1, and save() then wrote a file load refused."""
+    for kwargs in ({"num_classes": True}, {"num_labels": True}):
+        with pytest.raises(ValueError, match="an int >= 1, got True"):
+            CSLTracker(4, **kwargs)
+    with pytest.raises(ValueError, match="num_samples"):
+        CSLTracker(True)
+
+
 def test_record_checks_device_and_shapes():
     t = CSLTracker(4)
     with pytest.raises(ValueError, match="entries"):
