@@ -118,7 +118,7 @@ def _scores_for(tracker: Any, name: str) -> Any:
             raise CLIError(
                 "score 'label_csl' ranks (sample, label) entries and needs a tracker created "
                 "with num_labels=L and fed by csl_fast.accumulate_bce; this run has no "
-                "per-label CSL; available: " + ", ".join(available),
+                "per-label CSL; available: " + _listed(available),
                 EXIT_USAGE,
             )
         return available
@@ -138,11 +138,17 @@ def _scores_for(tracker: Any, name: str) -> Any:
             )
         raise CLIError(
             f"score {name!r} was not recorded in this run (it needs {why}{also}); available: "
-            + ", ".join(available)
-            + (", label_csl" if tracker.label_csl is not None else ""),
+            + _listed([*available, *(["label_csl"] if tracker.label_csl is not None else [])]),
             EXIT_USAGE,
         )
     return available
+
+
+def _listed(available: Any) -> str:
+    # A tracker saved before any step has no score: say so rather than end on "available:".
+    if not available:
+        return "none, the run recorded nothing (a tracker saved before any training step?)"
+    return ", ".join(available)
 
 
 def loss_only(tracker: Any) -> bool:

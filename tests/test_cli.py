@@ -201,6 +201,19 @@ def test_rank_bare_tracker_and_unrecorded_score(bare_tracker, capsys):
     assert "eval_csl" in line and "not recorded" in line
 
 
+def test_a_tracker_that_recorded_nothing_says_so(tmp_path, capsys):
+    """It ended on "available:" with nothing after."""
+    import csl_fast
+
+    path = tmp_path / "fresh.csl"
+    csl_fast.CSLTracker(50, 5).save(path)
+    for command in (["rank", str(path)], ["clean", str(path), "--out", str(tmp_path / "c.csv")]):
+        line = user_error(capsys, EXIT_USAGE, *command)
+        assert line.endswith(
+            "available: none, the run recorded nothing (a tracker saved before any training step?)"
+        ), line
+
+
 def test_truncated_tracker_file(tmp_path, bare_tracker):
     truncated = tmp_path / "truncated.csl"
     data = bare_tracker.read_bytes()
