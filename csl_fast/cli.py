@@ -158,6 +158,15 @@ _fraction = _checked(
     float, lambda v: 0.0 <= v <= 0.5, "a fraction in [0, 0.5]", "a number in [0, 0.5]"
 )
 _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+# What torch and numpy accept as a seed (the demo also seeds with seed + 1).
+_seed = _checked(int, lambda v: 0 <= v < 2**63, "an integer in [0, 2**63)")
+# The demo's MLP has two hidden layers of this width: 16384 is already 1 GB of weights
+# (4 GB with Adam's state); a larger width failed in the allocator with a traceback.
+_MAX_HIDDEN = 16384
+_hidden = _checked(int, lambda v: 1 <= v <= _MAX_HIDDEN, f"an integer in [1, {_MAX_HIDDEN}]")
+# More threads than CPUs never helps, and enough of them crash OpenBLAS (RLIMIT_NPROC).
+_CPUS = os.cpu_count() or 1
+_threads = _checked(int, lambda v: 1 <= v <= _CPUS, f"an integer in [1, {_CPUS}] (the CPUs)")
 
 
 # ----------------------------------------------------------------------------- parser
@@ -226,14 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=d.seed,
         help=f"seed of the corruption, initialisation and batches (default {d.seed})",
     )
     p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument(
         "--hidden",
-        type=_positive_int,
+        type=_hidden,
         default=d.hidden,
         help=f"hidden width of the MLP (default {d.hidden})",
     )
@@ -257,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_positive_int,
+        type=_threads,
         default=d.threads,
         help=f"CPU threads for torch (default {d.threads}: the model is tiny)",
     )

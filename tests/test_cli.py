@@ -245,6 +245,22 @@ def test_usage_errors(capsys):
     user_error(capsys, EXIT_USAGE, "demo", "--samples", "5000")
 
 
+def test_demo_numbers_its_libraries_refuse_are_usage_errors(tmp_path, capsys):
+    """A negative or huge --seed (numpy and torch refuse it) and a --hidden the allocator
+    cannot hold ended in a traceback and exit 1; --threads 100000 crashed OpenBLAS."""
+    out = str(tmp_path / "demo")
+    cases = {
+        "--seed": ("-1", "2**64", str(2**64)),
+        "--hidden": ("10000000000",),
+        "--threads": ("100000",),
+    }
+    for option, values in cases.items():
+        for value in values:
+            line = user_error(capsys, EXIT_USAGE, "demo", option, value, "--out", out)
+            assert f"argument {option}: expected an integer in [" in line, line
+    assert not os.path.exists(out)
+
+
 def test_unknown_option_names_the_subcommand(capsys):
     line = user_error(capsys, EXIT_USAGE, "info", "--foo")
     assert "unrecognized arguments: --foo" in line and "csl-fast info --help" in line
