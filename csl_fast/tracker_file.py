@@ -72,6 +72,8 @@ from .tracker_state import (  # re-exported: the format's names in one place
     TrackerStateError,
     UnverifiedTrackerFileWarning,
     _is_int,
+    apply_state,
+    checked_state,
     from_state,
     load_state_dict,
     state_dict,
@@ -464,10 +466,13 @@ def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
     changes; raises :class:`TrackerFileError` (tracker unchanged)."""
     state = read_file(path)
     try:
-        load_state_dict(tracker, state)
+        checked = checked_state(tracker, state)
     except TrackerStateError as exc:
         raise TrackerFileError(f"{os.fspath(path)}: {exc}") from None
+    # Before the tracker changes: where warnings are errors (-W error) the file is then
+    # refused whole, not raised about after the tracker was overwritten.
     _warn_unverified(path, state)
+    apply_state(tracker, checked)
 
 
 def from_file(

@@ -244,13 +244,23 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
 
 
 def load_state_dict(tracker: CSLTracker, state: Any) -> None:
-    """:meth:`CSLTracker.load_state_dict`: validate everything, build the new histories
-    (the only allocations), then copy into the buffers, which validated shapes and dtypes
-    cannot make fail. Raises :class:`TrackerStateError`; the tracker is then unchanged."""
+    """:meth:`CSLTracker.load_state_dict`: :func:`checked_state`, then :func:`apply_state`.
+    Raises :class:`TrackerStateError`; the tracker is then unchanged."""
+    apply_state(tracker, checked_state(tracker, state))
+
+
+def checked_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
+    """:func:`validate_state`, its error naming :class:`CSLTracker`."""
     try:
-        checked = validate_state(tracker, state)
+        return validate_state(tracker, state)
     except TrackerStateError as exc:
         raise type(exc)(f"CSLTracker: {exc}") from None
+
+
+def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
+    """Load a :func:`validate_state` result: build the new histories (the only
+    allocations), then copy into the buffers, which validated layouts, shapes and dtypes
+    cannot make fail."""
     live = tracker._buffers
     # no_grad: a state tensor that requires grad must not pull the buffers into autograd
     # (accumulate then refuses them), as in nn.Module.load_state_dict.

@@ -378,6 +378,20 @@ def test_version1_file_loads_with_warning_and_fills_new_buffers(tmp_path):
         CSLTracker.from_file(path)
 
 
+def test_version1_warning_as_error_leaves_the_tracker_unchanged(tmp_path):
+    """Under -W error the warning was raised after the tracker had been overwritten: a
+    load that raised had changed it."""
+    path = tmp_path / "v1.csl"
+    torch.save(_v1_state(_filled()), path)
+    target = _filled(seed=8)
+    before = _snapshot(target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnverifiedTrackerFileWarning)
+        with pytest.raises(UnverifiedTrackerFileWarning):
+            target.load(path)
+    _assert_same(before, _snapshot(target))
+
+
 def test_version1_file_half_load_and_zip_bomb(tmp_path):
     t = _filled()
     target = _filled(seed=7)
