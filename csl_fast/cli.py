@@ -62,7 +62,8 @@ Exit codes:
     --inputs/--labels file type other than .npy/.pt/.pth, --labels without inputs
 3   input/output error: tracker, samples, --inputs or --labels file missing, truncated,
     corrupted, foreign, or of another run (N mismatch); an output file or folder that
-    cannot be written (missing parent, not a folder, permission, disk full)
+    cannot be written (missing parent, not a folder, permission, disk full) or that is
+    one of the command's input files
 4   an optional dependency is missing (scikit-learn, matplotlib, tqdm)
 130 interrupted (Ctrl-C)
 ==  =====================================================================

@@ -19,7 +19,13 @@ __all__ = ["cmd_clean"]
 
 def cmd_clean(args: argparse.Namespace) -> int:
     from .cleaning import clean
-    from .cli_commands import _scores_for, detection_for, load_run, loss_only
+    from .cli_commands import (
+        _scores_for,
+        check_not_an_input,
+        detection_for,
+        load_run,
+        loss_only,
+    )
     from .cli_inputs import check_combination, run_inputs
     from .detect import DetectionWarning
 
@@ -30,6 +36,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
+    check_not_an_input(args.run, args.out, "--out", args.inputs, args.labels)
     tracker, samples = load_run(args.run)
     if args.score == "label_csl":
         raise CLIError(

@@ -79,6 +79,21 @@ def _resolve_run(run: str) -> tuple[str, str | None]:
     return tracker_path, samples if os.path.exists(samples) else None
 
 
+def check_not_an_input(run: str, out: str, option: str, *others: str | None) -> None:
+    """Refuse an output path that names one of the command's input files (the run's
+    tracker or samples file, ``others``): ``clean RUN --out RUN/tracker.csl`` replaced the
+    tracker with the CSV and exited 0."""
+    if not os.path.exists(out):
+        return
+    for path in (*_resolve_run(run), *others):
+        if path is not None and os.path.exists(path) and os.path.samefile(out, path):
+            raise CLIError(
+                f"{option} {out!r} is an input of this command ({path}): writing it would "
+                "destroy it; choose another file",
+                EXIT_INPUT,
+            )
+
+
 def load_run(run: str) -> tuple[Any, Any]:
     """``(tracker, samples or None)`` of a run; one-line :class:`CLIError` on bad input."""
     from .report import RunSamples, SamplesFileError
@@ -365,6 +380,8 @@ def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
 def cmd_rank(args: argparse.Namespace) -> int:
     from .cli_inputs import duplicates_summary, run_inputs
 
+    if args.output:
+        check_not_an_input(args.run, args.output, "--output", args.inputs, args.labels)
     tracker, samples = load_run(args.run)
     inputs, labels = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:

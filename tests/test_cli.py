@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -212,6 +213,29 @@ def test_a_tracker_that_recorded_nothing_says_so(tmp_path, capsys):
         assert line.endswith(
             "available: none, the run recorded nothing (a tracker saved before any training step?)"
         ), line
+
+
+def test_an_output_that_is_an_input_is_refused(demo_run, tmp_path, capsys):
+    """clean RUN --out RUN/tracker.csl replaced the tracker with the CSV and exited 0."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run[0], run)
+    files = {name: (run / name).read_bytes() for name in ("tracker.csl", "samples.npz")}
+    os.link(run / "tracker.csl", tmp_path / "alias.csl")
+    outs = [run / "tracker.csl", run / "samples.npz", tmp_path / "alias.csl"]
+    for out in map(str, outs):
+        for command in (["clean", str(run), "--out", out], ["rank", str(run), "--output", out]):
+            line = user_error(capsys, EXIT_INPUT, *command)
+            assert "is an input of this command" in line, line
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, np.zeros((3, 2)))
+    files["../inputs.npy"] = inputs.read_bytes()
+    for option in ("--output", "--out"):
+        command = "rank" if option == "--output" else "clean"
+        line = user_error(
+            capsys, EXIT_INPUT, command, str(run), "--inputs", str(inputs), option, str(inputs)
+        )
+        assert "is an input of this command" in line, line
+    assert files == {name: (run / name).read_bytes() for name in files}
 
 
 def test_truncated_tracker_file(tmp_path, bare_tracker):
