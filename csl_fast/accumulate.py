@@ -203,18 +203,15 @@ def accumulate(
     other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     if (
-        isinstance(logits, torch.Tensor)
-        and logits.dtype in _AUTOCAST_TO_FLOAT32
+        _any_autocast()
+        and isinstance(logits, torch.Tensor)
+        and logits.dtype in (torch.float16, torch.bfloat16)
         and torch.is_autocast_enabled(logits.device.type)
     ):
         # Under autocast F.cross_entropy computes in float32 and returns a float32 loss
         # (cross entropy is on autocast's float32 list); the fused ops have no autocast
         # rule, so their input is cast here as autocast casts F.cross_entropy's.
         logits = logits.float()
-    if isinstance(target, torch.Tensor) and target.dtype is torch.uint8:
-        # F.cross_entropy takes uint8 class indices (segmentation masks with
-        # ignore_index=255); the kernels read int32/int64.
-        target = target.long()
     extras = None
     if softcap is not None or z_loss_scale or return_z_loss or return_token_accuracy:
         extras = cross_entropy_extras.check(
@@ -240,6 +237,12 @@ def accumulate(
         else:
             if loss is not None:
                 return loss
+    if isinstance(target, torch.Tensor) and target.dtype is torch.uint8:
+        # F.cross_entropy takes uint8 class indices (segmentation masks with
+        # ignore_index=255); the kernels, the one-call step's included (which refused
+        # them), read int32/int64. Read here, off the common path's cost.
+        target = target.long()
+        fast_error = None
     given = (logits, target)
     rows = cross_entropy_args.rows(logits, target, index)
     seq = None
@@ -418,9 +421,10 @@ def _eager_cpu_step(csl, count, backend, validate, inplace_grad):
 
 
 _CPU_STEP = ("auto", "cpu")
-_AUTOCAST_TO_FLOAT32 = (torch.float16, torch.bfloat16)
 # Read on every eager step; bound once (each attribute lookup costs ~0.05 us).
 _functorch_level = torch._C._functorch.maybe_current_level
+# Outside autocast (nearly every call) one C call, where reading logits.dtype cost ~0.4 us.
+_any_autocast = torch._C._is_any_autocast_enabled
 _forward_ad = torch.autograd.forward_ad
 
 
