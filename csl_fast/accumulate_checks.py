@@ -134,7 +134,14 @@ def _check_args(
         raise ValueError(
             f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
         )
-    if not 0.0 <= label_smoothing <= 1.0:
+    try:
+        in_range = 0.0 <= label_smoothing <= 1.0
+    except TypeError:  # None or a string from a config, say
+        raise TypeError(
+            f"csl_fast.accumulate: label_smoothing must be a float in [0, 1], got "
+            f"{type(label_smoothing).__name__}; pass 0.0 for none"
+        ) from None
+    if not in_range:
         raise ValueError(
             f"csl_fast.accumulate: label_smoothing must be in [0, 1], got {label_smoothing}"
         )

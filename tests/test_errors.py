@@ -156,6 +156,10 @@ def test_other_argument_errors():
         csl_fast.accumulate(**a, reduction="avg")
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\]"):
         csl_fast.accumulate(**a, label_smoothing=1.5)
+    with pytest.raises(
+        TypeError, match=r"label_smoothing must be a float in \[0, 1\], got NoneType"
+    ):
+        csl_fast.accumulate(**a, label_smoothing=None)
     with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
         csl_fast.accumulate(**a, backend="fast")
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot run on cpu tensors"):
