@@ -119,9 +119,20 @@ class RunSamples:
                 value = value.detach().cpu().numpy()
             if value is not None:
                 value = np.asarray(value)
+                # (a scalar or a string array failed later, in len() or torch.from_numpy)
+                if value.ndim == 0 or value.dtype.kind not in "biuf":
+                    raise SamplesFileError(
+                        f"RunSamples: {name} must be an array of numbers, one entry per "
+                        f"sample; got {value.dtype} of shape {value.shape}"
+                    )
                 if name in ("mislabeled", "duplicate"):
                     value = value.astype(bool)
             setattr(self, name, value)
+        shape = None if self.images is None else self.images.shape
+        if shape is not None and not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 3)):
+            raise SamplesFileError(
+                f"RunSamples: images must be [N, H, W] or [N, H, W, 3], got shape {shape}"
+            )
         sizes = {
             name: len(getattr(self, name))
             for name in _ARRAY_FIELDS
@@ -174,7 +185,10 @@ class RunSamples:
             raise SamplesFileError(f"{path}: not a csl_fast samples file (no format tag)")
         names = data.pop("class_names", None)
         known = {n: data[n] for n in _ARRAY_FIELDS if n in data}
-        samples = cls(**known, class_names=None if names is None else [str(c) for c in names])
+        try:
+            samples = cls(**known, class_names=None if names is None else [str(c) for c in names])
+        except SamplesFileError as exc:
+            raise SamplesFileError(f"{path}: {exc}") from None
         if num_samples is not None and samples.num_samples not in (None, num_samples):
             raise SamplesFileError(
                 f"{path}: describes {samples.num_samples} samples but the tracker has "

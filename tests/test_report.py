@@ -241,3 +241,26 @@ def test_demo_report_numbers(tmp_path, capsys):
             # the percentage is the ratio of the two step times, not a separate figure
             assert _pct(line) == pytest.approx((ms / plain - 1) * 100, abs=0.06), line
     assert math.isfinite(plain) and plain > 0
+
+
+def test_samples_files_of_the_wrong_kind_are_refused_in_one_line(tmp_path):
+    """A scalar or a string array in samples.npz failed later in len() or
+    torch.from_numpy, and 1-D images in the figure: tracebacks, exit 1, in the CLI."""
+    from csl_fast.report import SamplesFileError
+
+    n = 4
+    bad = {
+        "labels": np.array(3),
+        "predicted": np.array(["a"] * n),
+        "mislabeled": np.array(["no"] * n),
+        "inputs": np.array([b"x"] * n),
+        "images": np.zeros(n),
+    }
+    for name, value in bad.items():
+        path = tmp_path / f"{name}.npz"
+        fields = {"labels": np.arange(n), name: value, "format": np.asarray("csl_fast.samples/1")}
+        np.savez(path, **fields)
+        with pytest.raises(SamplesFileError, match=rf"{name}\.npz: RunSamples: {name} must be"):
+            RunSamples.load(path, n)
+    for images in (np.zeros((n, 8, 8)), np.zeros((n, 8, 8, 3))):
+        assert RunSamples(labels=np.arange(n), images=images).num_samples == n
