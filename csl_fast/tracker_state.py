@@ -230,6 +230,18 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             raise TrackerStateError(
                 f"state history {name!r} is not a floating [epochs, N = {n}] tensor"
             )
+    # Rows only end_epoch / end_eval_pass append, and only with history=True (loss curves)
+    # or once an input gradient was recorded (input_grad_first_epoch >= 0).
+    unowned = [] if history else ["loss_history", "eval_loss_history"]
+    if igfe < 0:
+        unowned.append("input_grad_history")
+    for name in unowned:
+        if histories[name].shape[0]:
+            why = "history=False" if name != "input_grad_history" else "input_grad_first_epoch=-1"
+            raise TrackerStateError(
+                f"state history {name!r} has {histories[name].shape[0]} rows but the state "
+                f"has {why}, which keeps none; the state was edited or assembled wrongly"
+            )
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
     return {
         "buffers": {k: buffers[k] for k in expected},

@@ -134,3 +134,13 @@ def test_a_state_that_requires_grad_loads_detached():
     assert not t.loss_history.requires_grad
     idx = torch.tensor([0, 1])
     csl_fast.accumulate(torch.randn(2, 3), idx, idx, t)
+
+
+def test_history_rows_the_state_cannot_have_are_refused():
+    """Loss-curve rows in a history=False state, or input-gradient rows with
+    input_grad_first_epoch=-1, were kept, and learning_time read them."""
+    for name in ("loss_history", "eval_loss_history", "input_grad_history"):
+        state = _trained().state_dict()  # history=False, no input gradient recorded
+        state["histories"] = dict(state["histories"])
+        state["histories"][name] = torch.rand(2, N)
+        _refused(state, rf"'{name}' has 2 rows but the state has")
