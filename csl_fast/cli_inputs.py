@@ -82,6 +82,12 @@ def load_array(path: str, option: str) -> Any:
             "tensor itself (torch.save(x, path) or numpy.save)",
             EXIT_INPUT,
         )
+    if value.layout != torch.strided or value.is_meta:  # the groups read dense values
+        what = "a meta tensor (no values)" if value.is_meta else f"a {value.layout} tensor"
+        raise CLIError(
+            f"{option} {path!r}: holds {what}; save a dense tensor with its values (x.to_dense())",
+            EXIT_INPUT,
+        )
     return value
 
 

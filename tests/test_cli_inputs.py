@@ -189,6 +189,18 @@ def test_input_file_errors(run, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r" / "report.html").exists()
 
 
+def test_sparse_and_meta_tensor_files_are_input_errors(run, tmp_path, capsys):
+    """A sparse or meta tensor passed the one-tensor check and failed in the grouping
+    (reshape of a sparse tensor): a traceback and exit 1."""
+    folder, _, x, _ = run
+    tr = str(folder / "tracker.csl")
+    torch.save(x.to_sparse(), tmp_path / "sparse.pt")
+    torch.save(torch.empty(x.shape, device="meta"), tmp_path / "meta.pt")
+    for name, what in (("sparse.pt", "torch.sparse_coo tensor"), ("meta.pt", "meta tensor")):
+        line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / name))
+        assert f"holds a {what}" in line, line
+
+
 def test_usage_errors(run, tmp_path, capsys):
     folder = run[0]
     tr = str(folder / "tracker.csl")
