@@ -125,11 +125,24 @@ def _host_tag() -> str:
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
+_MAX_TEMP_STEM = 180  # bytes; a temporary name adds at most ~45 to it, NAME_MAX is 255
+
+
+def _temp_stem(base: str) -> str:
+    """The target's name in its temporary files' names: ``base``, or, when ``base`` is
+    too long to extend within NAME_MAX, its first 100 bytes and a digest of it (a target
+    of 240 bytes, a legal name, could not be saved: the temporary name was too long)."""
+    raw = os.fsencode(base)
+    if len(raw) <= _MAX_TEMP_STEM:
+        return base
+    return f"{os.fsdecode(raw[:100])}~{hashlib.sha256(raw).hexdigest()[:16]}"
+
+
 def _temp_pattern(base: str) -> re.Pattern[str]:
-    # ours: .NAME.<host crc32>-<pid>-<random>.tmp; before version 2, tempfile.mkstemp's
+    # ours: .STEM.<host crc32>-<pid>-<random>.tmp; before version 2, tempfile.mkstemp's
     # .NAME.<8 of [a-z0-9_]>.tmp (no writer pid: removed on age alone).
     return re.compile(
-        rf"\.{re.escape(base)}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp"
+        rf"\.{re.escape(_temp_stem(base))}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp"
     )
 
 
@@ -217,7 +230,9 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     header = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
     directory, base = os.path.split(target)
     remove_stale_temps(target)
-    tmp = os.path.join(directory, f".{base}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = os.path.join(
+        directory, f".{_temp_stem(base)}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    )
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:

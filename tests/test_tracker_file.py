@@ -448,6 +448,21 @@ def test_save_removes_only_stale_temps_of_its_target(tmp_path):
     assert _temp_names(tmp_path) == sorted([new_mkstemp, other_target, user_file])
 
 
+def test_save_to_a_long_legal_name(tmp_path):
+    """A 240-byte name is legal (NAME_MAX is 255), but its temporary name was not: the
+    save failed with 'File name too long'."""
+    t = _filled()
+    path = tmp_path / ("r" * 236 + ".csl")
+    path.write_bytes(b"old")  # the name itself is fine
+    t.save(path)
+    _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(path)))
+    stem = tracker_file._temp_stem(path.name)
+    dead = f".{stem}.{tracker_file._host_tag()}-999999999-0123abcd.tmp"  # a killed save's
+    (tmp_path / dead).write_bytes(b"x")
+    t.save(path)
+    assert os.listdir(tmp_path) == [path.name]
+
+
 def test_save_follows_symlink_and_umask(tmp_path):
     t = _filled()
     real = tmp_path / "store" / "real.csl"
