@@ -7,7 +7,6 @@ groups of identical inputs whose labels conflict (:mod:`csl_fast.cleaning_groups
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from typing import Any
@@ -21,7 +20,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from .cleaning import clean
     from .cli_commands import (
         _scores_for,
-        check_not_an_input,
+        check_output,
         detection_for,
         load_run,
         loss_only,
@@ -31,12 +30,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
-    if os.path.isdir(args.out):
-        raise CLIError(f"--out {args.out!r} is a folder; give a file name", EXIT_INPUT)
-    parent = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(parent):
-        raise CLIError(f"--out {args.out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
-    check_not_an_input(args.run, args.out, "--out", args.inputs, args.labels)
+    check_output(args.run, args.out, "--out", args.inputs, args.labels)
     tracker, samples = load_run(args.run)
     if args.score == "label_csl":
         raise CLIError(

@@ -79,10 +79,16 @@ def _resolve_run(run: str) -> tuple[str, str | None]:
     return tracker_path, samples if os.path.exists(samples) else None
 
 
-def check_not_an_input(run: str, out: str, option: str, *others: str | None) -> None:
-    """Refuse an output path that names one of the command's input files (the run's
+def check_output(run: str, out: str, option: str, *others: str | None) -> None:
+    """Refuse, before any work, an output path that cannot be written (a folder, or in a
+    folder that does not exist) or that names one of the command's input files (the run's
     tracker or samples file, ``others``): ``clean RUN --out RUN/tracker.csl`` replaced the
     tracker with the CSV and exited 0."""
+    if os.path.isdir(out):
+        raise CLIError(f"{option} {out!r} is a folder; give a file name", EXIT_INPUT)
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise CLIError(f"{option} {out!r}: no folder {parent!r} to write it in", EXIT_INPUT)
     if not os.path.exists(out):
         return
     for path in (*_resolve_run(run), *others):
@@ -381,7 +387,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .cli_inputs import duplicates_summary, run_inputs
 
     if args.output:
-        check_not_an_input(args.run, args.output, "--output", args.inputs, args.labels)
+        check_output(args.run, args.output, "--output", args.inputs, args.labels)
     tracker, samples = load_run(args.run)
     inputs, labels = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:

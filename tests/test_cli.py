@@ -238,6 +238,23 @@ def test_an_output_that_is_an_input_is_refused(demo_run, tmp_path, capsys):
     assert files == {name: (run / name).read_bytes() for name in files}
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    """rank --output into a missing folder failed only after ranking; both commands now
+    refuse a folder, or a file in a folder that does not exist, up front (an empty
+    tracker would fail later with another message)."""
+    import csl_fast
+
+    path = tmp_path / "fresh.csl"
+    csl_fast.CSLTracker(50, 5).save(path)
+    for out, why in ((tmp_path / "nodir" / "x.csv", "no folder"), (tmp_path, "is a folder")):
+        for command in (
+            ["rank", str(path), "--output", str(out)],
+            ["clean", str(path), "--out", str(out)],
+        ):
+            line = user_error(capsys, EXIT_INPUT, *command)
+            assert why in line, line
+
+
 def test_truncated_tracker_file(tmp_path, bare_tracker):
     truncated = tmp_path / "truncated.csl"
     data = bare_tracker.read_bytes()
