@@ -17,6 +17,7 @@ every sample's input-gradient norm: a per-row reduction of ``x.grad`` (one fused
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -63,6 +64,7 @@ def input_grad_norms(
         raise ValueError("csl_fast.input_grad_norms: grad must be a [B, ...] tensor")
     if not grad.is_floating_point():
         raise TypeError(f"csl_fast.input_grad_norms: grad must be floating point, got {grad.dtype}")
+    _check_scale(scale, "input_grad_norms")
     if isinstance(scale, torch.Tensor):
         sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
         sq = sq * scale.to(sq.device, torch.float32).square()
@@ -70,6 +72,19 @@ def input_grad_norms(
         sq = ops.input_grad_norms(grad, float(scale), backend=tracker.backend)
     tracker.record_input_grad(index, sq, valid)
     return sq
+
+
+def _check_scale(scale: float | torch.Tensor, fn: str) -> None:
+    # A tensor of several elements would broadcast against the [B] norms and scale each row
+    # differently; a non-finite float would make every norm non-finite, which is not recorded.
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1:
+            raise ValueError(
+                f"csl_fast.{fn}: the scale must be a number or a one-element tensor (e.g. "
+                f"(target != ignore_index).sum()), got a tensor of shape {tuple(scale.shape)}"
+            )
+    elif not math.isfinite(scale):
+        raise ValueError(f"csl_fast.{fn}: the scale must be a finite number, got {scale!r}")
 
 
 def watch(
@@ -102,11 +117,29 @@ def watch(
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}")
+    # Checked here, not in the hook: an error raised during backward comes after the
+    # loss was already recorded, leaving the batch half in the tracker.
+    if not isinstance(index, torch.Tensor) or index.dim() != 1:
+        got = tuple(index.shape) if isinstance(index, torch.Tensor) else type(index).__name__
+        raise ValueError(
+            f"csl_fast.watch: index must be a 1-D tensor of dataset indices, got {got}"
+        )
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(
+            f"csl_fast.watch: index must hold integer dataset indices, got {index.dtype}"
+        )
     if x.dim() < 1 or x.shape[0] != index.shape[0]:
         raise ValueError(
             f"csl_fast.watch: x has shape {tuple(x.shape)} but index has {index.shape[0]} entries; "
             "the first dimension of x must be the batch"
         )
+    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != index.shape):
+        got = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
+        raise ValueError(
+            f"csl_fast.watch: valid must be a [B = {index.shape[0]}] bool tensor, got {got}"
+        )
+    if reduction_scale is not None:
+        _check_scale(reduction_scale, "watch")
     if not x.requires_grad:
         x.requires_grad_(True)
     scale = float(x.shape[0]) if reduction_scale is None else reduction_scale

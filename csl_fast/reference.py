@@ -12,6 +12,7 @@ float64 logits), the true-class gradient is ``-(sum_{j != y} p_j)`` rather than
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 import torch
@@ -288,7 +289,9 @@ def scatter_stats(
 def input_grad_norms(grad: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference of ``csl_fast::input_grad_norms``: float32 ``[B]`` of ``||scale * grad[i]||^2``
     over all dimensions but the first."""
-    return (grad.detach().flatten(1).to(_compute_dtype(grad)) * scale).square().sum(1).float()
+    # Not flatten(1): a [B] gradient (one feature per sample) has no dimension 1.
+    rows = grad.detach().reshape(grad.shape[0], math.prod(grad.shape[1:]))
+    return (rows.to(_compute_dtype(grad)) * scale).square().sum(1).float()
 
 
 def max_prob(loss: torch.Tensor, margin: torch.Tensor) -> torch.Tensor:

@@ -111,3 +111,95 @@ def test_hook_feeds_learning_time_history():
     assert t.input_grad_first_epoch == 0
     lt = t.learning_time()
     assert ((lt >= 0) & (lt <= 1)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (0, 2, 0), (3, 0), (4,), (3, 1, 1, 1, 2)])
+def test_input_grad_norms_empty_and_odd_shapes(backend, shape):
+    """An empty batch (the last batch of a shard) and one feature per sample ([B])."""
+    grad = torch.randn(shape, dtype=torch.float32)
+    t = CSLTracker(5, backend=backend)
+    idx = torch.arange(shape[0]) % 5
+    sq = csl_fast.input_grad_norms(grad, idx, t, scale=2.0)
+    want = (2.0 * grad.double()).reshape(shape[0], -1 if grad.numel() else 0).square().sum(1)
+    assert sq.shape == (shape[0],)
+    torch.testing.assert_close(sq.double(), want, rtol=1e-6, atol=0)
+    assert float(t.input_grad_count.sum()) == shape[0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_grad_norms_scale_before_squaring(backend):
+    """The scale undoes a mean over many rows: applied after squaring, tiny rows (float32
+    squares below 1e-38) lost their digits and huge ones overflowed to inf (not recorded)."""
+    grad = torch.tensor([[1e-22, -3e-22], [1e20, 2e20]], dtype=torch.float32)
+    scale = torch.tensor([1e4, 1e-4], dtype=torch.float64)
+    for row in range(2):
+        sq = csl_fast.ops.input_grad_norms(grad[row : row + 1], float(scale[row]), backend=backend)
+        want = (scale[row] * grad[row].double()).square().sum()
+        torch.testing.assert_close(sq.double(), want[None], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+def test_watch_matches_per_sample_autograd_with_dropout_and_strides(rank):
+    """Rank 2-5 inputs, non-contiguous, duplicate indices, dropout in train mode: the
+    reference differentiates each sample's own loss through a forward with the same
+    dropout mask (its own graph: the hook would fire in autograd.grad too)."""
+    torch.manual_seed(rank)
+    feats = 3 ** (rank - 1)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(feats, 5), torch.nn.Dropout(0.3), torch.nn.Linear(5, 3)
+    ).train()
+    x = torch.randn((3,) * (rank - 1) + (6,)).movedim(-1, 0)  # batch dim with stride 1
+    assert not x.is_contiguous() or rank == 2
+    y = torch.randint(0, 3, (6,))
+    idx = torch.tensor([0, 1, 2, 2, 3, 0])
+    xr = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(0)
+    losses = F.cross_entropy(model(xr), y, reduction="none")
+    grads = [torch.autograd.grad(losses[i], xr, retain_graph=True)[0][i] for i in range(6)]
+    want = torch.stack([g.double().square().sum() for g in grads])
+    t = CSLTracker(4, dtype=torch.float64)
+    t.watch(x, idx)
+    torch.manual_seed(0)
+    F.cross_entropy(model(x), y).backward()
+    exp = torch.zeros(4, dtype=torch.float64).index_add_(0, idx, want)
+    torch.testing.assert_close(t.input_grad_sq_sum, exp, rtol=1e-5, atol=0)
+    assert t.input_grad_count.tolist() == [2, 1, 2, 1]
+
+
+def test_watch_empty_batch():
+    model = _model()
+    t = CSLTracker(3)
+    x = torch.randn(0, 6)
+    t.watch(x, torch.zeros(0, dtype=torch.long))
+    F.cross_entropy(model(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    assert t.input_grad_count.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("index", "kwargs", "error", "match"),
+    [
+        ([0, 1], {}, ValueError, "1-D tensor"),
+        (torch.tensor([[0], [1]]), {}, ValueError, r"1-D tensor .*\(2, 1\)"),
+        (torch.tensor([0.0, 1.0]), {}, TypeError, "integer"),
+        (torch.tensor([0, 1]), {"valid": torch.tensor([True])}, ValueError, "valid"),
+        (
+            torch.tensor([0, 1]),
+            {"reduction_scale": torch.tensor([1.0, 2.0])},
+            ValueError,
+            "one-element",
+        ),
+        (torch.tensor([0, 1]), {"reduction_scale": float("nan")}, ValueError, "finite"),
+    ],
+)
+def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match):
+    """Refused when watch is called: an error in the backward hook would come after
+    accumulate recorded the batch's loss, leaving the batch half in the tracker."""
+    t = CSLTracker(3)
+    x = torch.randn(2, 6)
+    with pytest.raises(error, match=match):
+        t.watch(x, index, **kwargs)
+    assert not x.requires_grad and not x._backward_hooks
+    with pytest.raises(ValueError, match="one-element"):
+        csl_fast.input_grad_norms(torch.ones(2, 3), torch.arange(2), t, torch.ones(2))
+    assert float(t.input_grad_count.sum()) == 0

@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -12,12 +13,14 @@ namespace csl_fast {
 namespace cpu {
 namespace {
 
+// Scaled before squaring, as the reference and the CUDA/Triton kernels do: squaring first
+// underflows (|g| < 1e-19 in float32) or overflows (|g| > 1e19) where scale * g does not.
 template <typename scalar_t, typename acc_t>
-acc_t row_sum_sq(const scalar_t* row, int64_t n) {
+acc_t row_sum_sq(const scalar_t* row, int64_t n, acc_t scale) {
   acc_t s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]);
+    const acc_t v = static_cast<acc_t>(row[j]) * scale;
     s += v * v;
   }
   return s;
@@ -28,8 +31,9 @@ at::Tensor input_grad_norms(const at::Tensor& grad, double scale) {
   TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
                    "csl_fast: grad must be a floating-point tensor, got ", grad.scalar_type());
   const int64_t B = grad.size(0);
-  const at::Tensor g = grad.contiguous().view({B, -1});
-  const int64_t K = g.size(1);
+  // Not view({B, -1}): with no elements (an empty batch) the -1 is ambiguous.
+  const int64_t K = c10::multiply_integers(grad.sizes().slice(1));
+  const at::Tensor g = grad.contiguous().view({B, K});
   at::Tensor out = at::empty({B}, grad.options().dtype(at::kFloat));
   float* op = out.mutable_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "csl_fast_ign", [&] {
@@ -42,9 +46,9 @@ at::Tensor input_grad_norms(const at::Tensor& grad, double scale) {
         // Chunked, chunks added in double: as accurate as a cascade sum for long rows.
         double s = 0;
         for (int64_t lo = 0; lo < K; lo += 1024) {
-          s += row_sum_sq<scalar_t, acc_t>(gp + i * K + lo, std::min<int64_t>(1024, K - lo));
+          s += row_sum_sq<scalar_t, acc_t>(gp + i * K + lo, std::min<int64_t>(1024, K - lo), sc);
         }
-        op[i] = static_cast<float>(s * sc * sc);
+        op[i] = static_cast<float>(s);
       }
     });
   });
