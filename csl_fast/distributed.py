@@ -65,11 +65,11 @@ once per rank. A tracker that has closed epochs but was never synced or marked m
 Agreement and timeouts
 ----------------------
 Before any other collective, :func:`sync` and :func:`mark_synced` all-gather a small
-fingerprint from every rank: the call, ``num_samples``, the dtype, ``history``, the set of
-buffers, ``epoch``, ``eval_passes`` and whether the tracker was synced before
-(:func:`mark_synced` adds its count totals). When the ranks differ, every rank raises the
-same :class:`SyncError` naming the fields and each rank's value, instead of entering
-collectives of mismatched sizes (which gloo answers with an abort).
+fingerprint from every rank: the call, ``num_samples``, the dtype, ``history``,
+``num_labels``, the set of buffers, ``epoch``, ``eval_passes`` and whether the tracker was
+synced before (:func:`mark_synced` adds its count totals). When the ranks differ, every
+rank raises the same :class:`SyncError` naming the fields and each rank's value, instead
+of entering collectives of mismatched sizes (which gloo answers with an abort).
 
 Every collective waits at most :func:`get_timeout` seconds (default
 :data:`DEFAULT_TIMEOUT`, 1800: torch's own default, so csl_fast never stops a job that
@@ -235,6 +235,7 @@ _FIELDS = (
     "num_samples",
     "dtype",
     "history",
+    "num_labels",
     "buffer set",
     "epoch",
     "eval_passes",
@@ -257,6 +258,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         tracker.num_samples,
         torch.finfo(tracker.dtype).bits,
         int(tracker.history),
+        tracker.num_labels or 0,
         zlib.crc32(names.encode()),
         tracker.epoch,
         tracker.eval_passes,
@@ -273,6 +275,8 @@ def _show(name: str, value: int) -> str:
         return f"float{value}"
     if name in ("history", "synced before"):
         return str(bool(value))
+    if name == "num_labels":
+        return str(value or None)
     if name.endswith("total"):
         return repr(torch.tensor([value]).view(torch.float64).item())
     return str(value)
@@ -299,9 +303,10 @@ def _agree(tracker: CSLTracker, group: Any, call: int, has_state: bool, timeout:
         raise SyncError(
             "csl_fast.distributed: the ranks' trackers or calls differ in "
             + "; ".join(differ)
-            + ". Every rank must create its tracker with the same num_samples, dtype and "
-            "history, call end_epoch() and score_epoch() the same number of times, and make "
-            "the same sync()/mark_synced() calls together (after loading the same checkpoint)"
+            + ". Every rank must create its tracker with the same num_samples, dtype, history "
+            "and num_labels, call end_epoch() and score_epoch() the same number of times, and "
+            "make the same sync()/mark_synced() calls together (after loading the same "
+            "checkpoint)"
         )
     return table
 
@@ -365,7 +370,7 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     initialised or the group has a single process. Reads a few values on the host.
 
     Before any other collective the ranks all-gather a fingerprint of their trackers and
-    calls (``num_samples``, dtype, ``history``, the buffer set, ``epoch``,
+    calls (``num_samples``, dtype, ``history``, ``num_labels``, the buffer set, ``epoch``,
     ``eval_passes``, synced before), so trackers that differ raise a clear error instead
     of mismatched collectives. Each collective waits at most ``timeout`` seconds (default
     :func:`get_timeout`).

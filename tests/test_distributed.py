@@ -42,6 +42,20 @@ C = 3
 IGNORE = -100
 
 
+def _spawn(fn, args: tuple, nprocs: int = WORLD, timeout: float = 120.0) -> None:
+    """Fork ``nprocs`` workers ``fn(rank, *args)``; a worker that stalls fails the test
+    (its processes killed) instead of hanging CI."""
+    # fork: the children inherit the imported torch and csl_fast (spawn re-imports them,
+    # which takes longer than the test itself). Nothing here has touched CUDA.
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, start_method="fork", join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{fn.__name__}: the workers did not finish within {timeout:g} s")
+
+
 def _steps(n: int, epoch: int, batch: int, overlap: bool = False) -> list[list[torch.Tensor]]:
     """``steps[t][r]``: rank ``r``'s index batch at step ``t`` (empty when it has none).
 
@@ -184,10 +198,8 @@ def _assert_same(state: dict, ref: CSLTracker, rank: int, votes: bool = True) ->
 
 def _run(tmp_path, n: int, batch: int, epochs: int, mode: str = "plain") -> CSLTracker:
     init = f"file://{tmp_path / 'pg_init'}"
-    # fork: the children inherit the imported torch and csl_fast (spawn re-imports them,
-    # which takes longer than the test itself). Nothing here has touched CUDA.
     args = (init, str(tmp_path), n, batch, epochs, mode)
-    mp.start_processes(_worker, args=args, nprocs=WORLD, start_method="fork")
+    _spawn(_worker, args)
     overlap = mode == "overlap"
     ref = _reference(n, batch, epochs, overlap=overlap, rank_major=overlap)
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
@@ -277,6 +289,7 @@ def _disagree_worker(rank: int, init: str, out: str):
     t = CSLTracker(10, C)
     t.csl_count[0] = 1.0 + rank  # a different checkpoint on each rank
     attempt(lambda: mark_synced(t))
+    attempt(CSLTracker(10, C, num_labels=2 if rank else None).sync)
     # the same trackers still sync afterwards
     t = CSLTracker(10, C)
     t.csl_sum[rank] += 1.5
@@ -290,9 +303,7 @@ def _disagree_worker(rank: int, init: str, out: str):
 
 def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
     init = f"file://{tmp_path / 'pg_init'}"
-    mp.start_processes(
-        _disagree_worker, args=(init, str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    _spawn(_disagree_worker, (init, str(tmp_path)))
     got = [json.loads((tmp_path / f"msgs{r}.json").read_text()) for r in range(WORLD)]
     assert got[0] == got[1]
     msgs = got[0]
@@ -303,13 +314,15 @@ def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
         "eval_passes (rank 0: 0, rank 1: 1)",
         "call (rank 0: sync(), rank 1: mark_synced())",
         "csl_count total (rank 0: 1.0, rank 1: 2.0)",
+        "num_labels (rank 0: None, rank 1: 2)",
     ]
     for msg, want in zip(msgs, wanted, strict=False):
         assert want in msg, (want, msg)
         assert "end_epoch()" in msg
     assert "buffer set" in msgs[1]  # history adds buffers
     assert "num_samples (" not in msgs[5]
-    assert msgs[6] == [1.5, 1.5, 0.0]
+    assert "num_labels" in msgs[6].split(". Every rank")[1]  # the advice names it too
+    assert msgs[7] == [1.5, 1.5, 0.0]
 
 
 def _timeout_worker(rank: int, init: str, out: str):
@@ -333,9 +346,7 @@ def _timeout_worker(rank: int, init: str, out: str):
 
 def test_rank_that_skips_end_epoch_times_out_with_a_clear_error(tmp_path):
     init = f"file://{tmp_path / 'pg_init'}"
-    mp.start_processes(
-        _timeout_worker, args=(init, str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    _spawn(_timeout_worker, (init, str(tmp_path)))
     result = json.loads((tmp_path / "timeout.json").read_text())
     assert result["error"] is not None
     assert "within 1 s" in result["error"] and "skipped tracker.end_epoch()" in result["error"]
@@ -359,3 +370,58 @@ def test_timeout_setting(monkeypatch):
         get_timeout()
     with pytest.raises(ValueError, match="> 0"):
         set_timeout(0)
+
+
+def _shard(scenario: str, n: int, world: int, epoch: int, rank: int) -> list[torch.Tensor]:
+    """Rank ``rank``'s index batches (of 3) in ``epoch``: ``DistributedSampler`` with its
+    padding or with ``drop_last``, or (``"any"``) a random subset of any size, overlapping
+    the other ranks', and nothing at all on the last rank every other epoch."""
+    if scenario == "any":
+        if rank == world - 1 and epoch % 2 == 0:
+            return []
+        g = torch.Generator().manual_seed(100 * epoch + rank)
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        idx = torch.randperm(n, generator=g)[:k]
+    else:
+        s = DistributedSampler(
+            range(n), world, rank, shuffle=True, seed=3, drop_last=scenario == "drop_last"
+        )
+        s.set_epoch(epoch)
+        idx = torch.tensor(list(s), dtype=torch.int64)
+    return list(idx.split(3))
+
+
+def _world_worker(rank, world, init, out, scenario, n, epochs):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        tracker = CSLTracker(n, C, dtype=torch.float64, history=True)
+        for e in range(epochs):
+            for t, idx in enumerate(_shard(scenario, n, world, e, rank)):
+                _record(tracker, idx, e, rank, t)
+            tracker.end_epoch()
+        assert tracker.sync() is (world > 1)
+        torch.save(tracker.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [1, 3])
+@pytest.mark.parametrize("scenario", ["padding", "drop_last", "any"])
+def test_sync_world_sizes_uneven_and_empty_ranks(tmp_path, world, scenario):
+    """World sizes 1 and 3 on N = 10 (3 does not divide it): DistributedSampler's padding
+    and drop_last, and shards of any size that overlap, with a rank that sees nothing;
+    the synced trackers equal one process over (epoch, rank, batch order)."""
+    n, epochs = 10, 4
+    _spawn(_world_worker, (world, f"file://{tmp_path / 'pg_init'}", str(tmp_path), scenario, n,
+                           epochs), nprocs=world)  # fmt: skip
+    ref = CSLTracker(n, C, dtype=torch.float64, history=True)
+    for e in range(epochs):
+        for r in range(world):
+            for t, idx in enumerate(_shard(scenario, n, world, e, r)):
+                _record(ref, idx, e, r, t)
+        ref.end_epoch()
+    for r in range(world):
+        state = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
+        # The vote is the owner's (documented): exact unless a sample met on several ranks.
+        _assert_same(state, ref, r, votes=scenario == "drop_last" or world == 1)
