@@ -110,7 +110,9 @@ def watch(
     gradient is that of the weighted/smoothed objective.
 
     The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
-    with ``retain_graph=True``); it does not fire under ``torch.no_grad``. Inputs must
+    with ``retain_graph=True``, and in ``torch.autograd.grad`` calls through ``x`` too); it
+    does not fire under ``torch.no_grad``. Watching the same tensor again with the same
+    tracker replaces the earlier watch. Inputs must
     stay per-sample down the network: BatchNorm in train mode couples samples (see the
     module docstring).
     """
@@ -148,5 +150,11 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         input_grad_norms(grad, index, tracker, scale, valid=valid)
 
-    x.register_hook(hook)
+    # Watching the same tensor again (full-batch training on one fixed tensor) replaces
+    # this tracker's earlier hook: hooks stay on a tensor, so each epoch would add one more
+    # and every backward would record the norms once per epoch so far.
+    hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
+    if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
+        hooks[id(tracker)].remove()
+    hooks[id(tracker)] = x.register_hook(hook)
     return x

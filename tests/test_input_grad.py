@@ -203,3 +203,23 @@ def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match
     with pytest.raises(ValueError, match="one-element"):
         csl_fast.input_grad_norms(torch.ones(2, 3), torch.arange(2), t, torch.ones(2))
     assert float(t.input_grad_count.sum()) == 0
+
+
+def test_watching_the_same_tensor_every_epoch_records_once_per_backward():
+    """Full-batch training on one fixed tensor: each epoch's watch used to add a hook, so
+    epoch e recorded every norm e times (6 records in 3 epochs). A second tracker watching
+    the same tensor keeps its own hook."""
+    model = _model()
+    x = torch.randn(5, 6)
+    y = torch.randint(0, 4, (5,))
+    idx = torch.arange(5)
+    t, other = CSLTracker(5), CSLTracker(5)
+    for _epoch in range(3):
+        t.watch(x, idx)
+        other.watch(x, idx)
+        F.cross_entropy(model(x), y).backward()
+        t.end_epoch()
+    want = 3 * per_sample_sq(model, x, y)
+    for tracker in (t, other):
+        assert tracker.input_grad_count.tolist() == [3] * 5
+        torch.testing.assert_close(tracker.input_grad_sq_sum.double(), want, rtol=1e-5, atol=0)
