@@ -118,7 +118,13 @@ def watch(
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}")
+        hint = ""
+        if isinstance(x, torch.Tensor) and not x.is_complex():  # tokens, class ids, pixels
+            hint = (
+                "; integer inputs have no gradient: watch the first floating-point tensor "
+                "made from them, e.g. x = tracker.watch(model.embed(tokens), idx)"
+            )
+        raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}{hint}")
     # Checked here, not in the hook: an error raised during backward comes after the
     # loss was already recorded, leaving the batch half in the tracker.
     if not isinstance(index, torch.Tensor) or index.dim() != 1:
