@@ -44,7 +44,8 @@ def input_grad_norms(
 
     Args:
         grad: ``[B, ...]`` gradient of the batch loss with respect to the model input
-            (float16/bfloat16/float32/float64), on the tracker's device.
+            (float16/bfloat16/float32/float64), on any device: the norms are computed
+            there and the ``[B]`` result moved to the tracker's device.
         index: ``[B]`` dataset indices.
         tracker: the :class:`csl_fast.CSLTracker` to record into.
         scale: the factor that turns a row of ``grad`` into the gradient of that sample's
@@ -70,7 +71,9 @@ def input_grad_norms(
         sq = sq * scale.to(sq.device, torch.float32).square()
     else:
         sq = ops.input_grad_norms(grad, float(scale), backend=tracker.backend)
-    tracker.record_input_grad(index, sq, valid)
+    # A CPU batch that the model moves to the GPU (model(x.cuda())) has its gradient on the
+    # CPU: B norms cross, not the gradient.
+    tracker.record_input_grad(index, sq.to(tracker.device), valid)
     return sq
 
 

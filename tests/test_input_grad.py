@@ -223,3 +223,16 @@ def test_watching_the_same_tensor_every_epoch_records_once_per_backward():
     for tracker in (t, other):
         assert tracker.input_grad_count.tolist() == [3] * 5
         torch.testing.assert_close(tracker.input_grad_sq_sum.double(), want, rtol=1e-5, atol=0)
+
+
+def test_watch_a_batch_the_model_moves_to_the_tracker_device(device):
+    """x on the CPU, moved to the tracker's device inside the forward: the gradient
+    reaches the hook on the CPU (on a GPU this is the cross-device case)."""
+    model = _model().to(device)
+    x = torch.randn(5, 6)
+    y = torch.randint(0, 4, (5,))
+    t = CSLTracker(5, device=device)
+    t.watch(x, torch.arange(5))
+    F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    want = per_sample_sq(model.cpu(), x, y)
+    torch.testing.assert_close(t.input_grad_sq_sum.cpu().double(), want, rtol=1e-4, atol=1e-7)
