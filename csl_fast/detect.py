@@ -78,6 +78,7 @@ Non-finite scores (samples never presented) rank last and are never flagged.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -191,34 +192,74 @@ class _Views:
     lost: torch.Tensor
 
 
-def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None]:
+def _score_tensor(x: Any, what: str) -> torch.Tensor:
+    """``x`` checked as a real ``[N]`` score tensor (detached), or a clear error."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"csl_fast.detect: {what} must be a torch.Tensor [N], got {type(x).__name__} "
+            "(convert it with torch.as_tensor)"
+        )
+    if x.layout != torch.strided or x.is_meta or x.is_complex():
+        kind = "complex" if x.is_complex() else "meta" if x.is_meta else str(x.layout)
+        raise ValueError(
+            f"csl_fast.detect: {what} must be a dense real tensor with data, got a {kind} "
+            "tensor (use .to_dense(), .real or a tensor on a real device)"
+        )
+    if x.dim() != 1:
+        raise ValueError(f"csl_fast.detect: {what} must be 1-D [N], got {x.shape}")
+    return x.detach()
+
+
+def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, str | None]:
+    """``(values, name, views, hint)``; ``hint`` replaces the usual advice of a warning
+    when the source cannot take it (a tracker that recorded losses only)."""
     if isinstance(source, torch.Tensor):
-        if source.dim() != 1:
-            raise ValueError(f"csl_fast.detect: a score tensor must be 1-D [N], got {source.shape}")
-        return source.detach(), "custom", None
+        return _score_tensor(source, "a score tensor"), "custom", None, None
     if isinstance(source, Mapping):
         if score not in source:
             raise KeyError(f"csl_fast.detect: no score {score!r} in the mapping ({sorted(source)})")
-        values = source[score].detach()
-        loss = source.get("csl_mean", source.get("csl"))
+        values = _score_tensor(source[score], f"score {score!r} of the mapping")
+        loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
         views = None
-        if "aum" in source and loss is not None:
+        if "aum" in source and loss_key is not None:
+            loss = _score_tensor(source[loss_key], f"score {loss_key!r} of the mapping")
+            aum = _score_tensor(source["aum"], "score 'aum' of the mapping")
+            for key, t in ((loss_key, loss), ("aum", aum)):
+                if t.shape != values.shape:
+                    raise ValueError(
+                        f"csl_fast.detect: the mapping's scores must all be [N]: {score!r} has "
+                        f"{values.numel()} samples, {key!r} has {t.numel()}"
+                    )
             # csl_fast.scores orients "aum" as minus the mean margin: > 0 means lost
-            aum = source["aum"].detach()
-            views = _Views(loss.detach(), torch.isfinite(aum) & (aum > 0))
-        return values, score, views
+            views = _Views(loss, torch.isfinite(aum) & (aum > 0))
+        return values, score, views, None
+    from .scores import LOSS_ONLY
     from .scores import scores as compute
+    from .tracker import CSLTracker
 
+    if not isinstance(source, CSLTracker):
+        raise TypeError(
+            "csl_fast.detect: source must be a CSLTracker, a {name: [N]} score mapping "
+            f"(csl_fast.scores(tracker)) or an [N] score tensor, got {type(source).__name__}"
+        )
     values = compute(source, [score])[score]
     t = source
     presented = t.csl_count > 0
+    views_read = (t.p_true_sum != 0) | (t.margin_sum != 0)
+    if bool(presented.any()) and not bool((presented & views_read).any()):
+        # losses only (record_loss, accumulate_bce): the views would read zeros, not margins
+        hint = (
+            f"{LOSS_ONLY}. Try: csl_fast.detect_losses.corrupted_targets(tracker) (its tail "
+            "rule is built for such losses), or rule='fraction' with a prior on the noise rate"
+        )
+        return values, score, None, hint
     lost = presented & (t.margin_sum < 0)
     if t.num_classes is not None and t.num_classes >= 2:
         # the view that does not fade with longer training (see flagging.doubted)
         lost = lost | flagging.doubted(t.csl_sum, t.csl_count, t.p_true_sum, t.num_classes).to(
             lost.device
         )
-    return values, score, _Views(t.csl_mean, lost)
+    return values, score, _Views(t.csl_mean, lost), None
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
@@ -314,7 +355,9 @@ def _rule_flags(
     return finite & (values.double() > thr), est, diag
 
 
-def _advice(views: _Views | None) -> str:
+def _advice(views: _Views | None, hint: str | None = None) -> str:
+    if hint is not None:
+        return hint
     if views is None:
         return (
             "try: detect from the tracker (or csl_fast.scores(tracker)) for the two-view "
@@ -326,6 +369,17 @@ def _advice(views: _Views | None) -> str:
     )
 
 
+def _number(value: Any, name: str, rule: str) -> float:
+    """``value`` as a float, refused with a clear error unless it is a real number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+        raise ValueError(
+            f"csl_fast.detect: rule={rule!r} needs {name}= a real number, got {value!r}"
+        )
+    return float(value)
+
+
 def _detect(
     values: torch.Tensor,
     name: str,
@@ -333,31 +387,41 @@ def _detect(
     fraction: float | None,
     threshold: float | None,
     views: _Views | None,
+    hint: str | None = None,
 ) -> Detection:
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     finite = torch.isfinite(values)
     ranking = _ranking(values, finite)
-    diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": int(finite.sum())}
+    n_finite = int(finite.sum())
+    diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
     count: int | None = None
     interval: tuple[int, int] | None = None
     warning: str | None = None
     if rule == "fraction":
-        if fraction is None or not 0 <= fraction <= 1:
+        if fraction is None or not 0 <= _number(fraction, "fraction", rule) <= 1:
             raise ValueError("csl_fast.detect: rule='fraction' needs fraction in [0, 1]")
-        flagged = _top_k(ranking, finite, math.ceil(fraction * values.numel()))
+        flagged = _top_k(ranking, finite, math.ceil(float(fraction) * values.numel()))
         desc = f"fraction({fraction})"
     elif rule == "threshold":
         if threshold is None:
             raise ValueError("csl_fast.detect: rule='threshold' needs threshold=")
-        flagged = finite & (values.double() > float(threshold))
+        thr_value = _number(threshold, "threshold", rule)
+        flagged = finite & (values.double() > thr_value)
         desc = f"threshold({threshold})"
+        if n_finite and not bool(flagged.any()):
+            top = float(values.double()[finite].max())
+            warning = (
+                f"csl_fast.detect: nothing flagged by rule={rule!r}: no {name!r} score "
+                f"exceeds threshold={thr_value:g} (the largest is {top:.6g}); lower it "
+                "(scores are higher = more suspicious), or use rule='fraction'"
+            )
     else:
         flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
-        note = rule_note(name, values, views is not None)
+        note = hint if hint is not None else rule_note(name, values, views is not None)
         if note is not None:
             diag["note"] = note
         if est.found:
@@ -366,7 +430,7 @@ def _detect(
                 diag["count"] = "lower bound"
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but "
-                    f"{est.reason}. {_advice(views)}"
+                    f"{est.reason}. {_advice(views, hint)}"
                 )
         else:
             # no separation: the count is unknown, not zero (the labels may be clean, or
@@ -381,8 +445,21 @@ def _detect(
             warning = (
                 f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. The number of bad "
                 "samples is unknown: the labels may be clean, or the bad ones were fitted as "
-                f"fast as the clean ones in this run. {_advice(views)}"
+                f"fast as the clean ones in this run. {_advice(views, hint)}"
             )
+    if n_finite == 0:
+        # whatever the rule, the one thing to say: there was nothing to rank
+        why = (
+            "there are no samples"
+            if values.numel() == 0
+            else f"score {name!r} is not finite (NaN or inf) for every sample: no sample "
+            "was presented in training (pass the tracker to csl_fast.accumulate or "
+            "csl_fast.record_loss) or the score's source was never recorded "
+            "(csl_fast.scores.SCORES says what each score needs)"
+        )
+        warning = f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}"
+        if hint is not None:
+            warning += f". {hint}"
     n_flagged = int(flagged.sum())
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
     diag.update(flagged=n_flagged, threshold=thr)
@@ -425,8 +502,8 @@ def mislabeled(
     ``csl_fast.scores(tracker)``) the default flags the top ``k`` of ``score`` with ``k``
     the two-view estimate of the number of mislabeled samples.
     """
-    values, name, views = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views)
+    values, name, views, hint = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views, hint)
 
 
 def memorized(
@@ -445,8 +522,8 @@ def memorized(
     counts the samples that stand apart like mislabeled ones; ``rule="fraction"`` (a
     review budget) is often the natural flagging rule here.
     """
-    values, name, views = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views)
+    values, name, views, hint = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views, hint)
 
 
 def duplicates(
@@ -493,11 +570,11 @@ def duplicates(
     ``Detection.groups`` lists the flagged groups (every member is flagged); the ranking
     is by ``score`` alone either way.
     """
-    values, name, views = _select(source, score)
+    values, name, views, hint = _select(source, score)
     n = values.numel()
     dg.check_rows(n, inputs, labels)
     if inputs is None:
-        det = _detect(values, name, rule, fraction, threshold, views)
+        det = _detect(values, name, rule, fraction, threshold, views, hint)
         note = (
             "no inputs: the flagged set is the score rule's (samples whose label looks bad, "
             "duplicated or not); pass inputs= (and labels=) to flag conflicting groups"
@@ -526,7 +603,7 @@ def duplicates(
             diagnostics=diag,
         )
     else:
-        det = _detect(values, name, rule, fraction, threshold, views)
+        det = _detect(values, name, rule, fraction, threshold, views, hint)
         det.diagnostics.update(diag)
         flagged = dg.whole_groups(det.flagged, ids, allowed)
         det.rule += "+groups" if allowed is None else "+conflict groups"

@@ -1,6 +1,7 @@
 """Detection: ranking, the ground-truth-free threshold rules, duplicate groups."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -155,3 +156,72 @@ def test_duplicates_bad_arguments():
     with pytest.raises(ValueError, match="labels must have one row per sample"):
         detect.duplicates(s, inputs=x, labels=y[:-1])
     assert detect.exact_duplicate_groups(torch.tensor([[1.0], [2.0], [1.0]])) == [[0, 2]]
+
+
+@pytest.mark.parametrize(
+    "source, error, match",
+    [
+        (torch.rand(8, dtype=torch.cfloat), ValueError, "complex"),
+        (torch.rand(8, device="meta"), ValueError, "meta"),
+        (torch.rand(8).to_sparse(), ValueError, "sparse"),
+        (torch.rand(8).numpy(), TypeError, "got ndarray"),
+        ([1.0, 2.0], TypeError, "got list"),
+        ("run.pt", TypeError, "got str"),
+        ({"csl": torch.rand(4, 2)}, ValueError, "1-D"),
+        ({"csl": [1.0, 2.0]}, TypeError, "'csl' of the mapping must be a torch.Tensor"),
+        ({"csl": torch.rand(50), "aum": torch.rand(40)}, ValueError, "'aum' has 40"),
+        (
+            {"csl": torch.rand(5), "aum": torch.rand(5), "csl_mean": torch.rand(4)},
+            ValueError,
+            "'csl_mean' has 4",
+        ),
+    ],
+)
+def test_bad_sources_are_refused_plainly(source, error, match):
+    with pytest.raises(error, match=match):
+        detect.mislabeled(source)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rule": "threshold", "threshold": math.nan}, "threshold= a real number, got nan"),
+        ({"rule": "threshold", "threshold": "1"}, "threshold= a real number"),
+        ({"rule": "fraction", "fraction": "0.1"}, "fraction= a real number"),
+        ({"rule": "fraction", "fraction": True}, "fraction= a real number"),
+        ({"rule": "fraction", "fraction": math.nan}, "fraction= a real number"),
+    ],
+)
+def test_bad_rule_parameters_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        detect.mislabeled(torch.rand(20), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{}, {"rule": "fraction", "fraction": 0.1}, {"rule": "threshold", "threshold": 0.0}]
+)
+def test_never_presented_tracker_warns_whatever_the_rule(kwargs):
+    t = csl_fast.CSLTracker(50, 3)
+    with pytest.warns(detect.DetectionWarning, match="no sample was presented"):
+        det = detect.mislabeled(t, **kwargs)
+    assert len(det) == 0 and "no sample was presented" in det.warning
+
+
+def test_threshold_above_every_score_warns_with_the_largest():
+    with pytest.warns(detect.DetectionWarning, match="largest is 3"):
+        det = detect.mislabeled(torch.tensor([1.0, 3.0, 2.0]), rule="threshold", threshold=5)
+    assert len(det) == 0 and det.warning is not None
+    # an explicit empty request is not a failure to say anything about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        assert len(detect.mislabeled(torch.rand(5), rule="fraction", fraction=0)) == 0
+
+
+def test_loss_only_tracker_points_to_the_tail_rule():
+    g = torch.Generator().manual_seed(0)
+    t = csl_fast.CSLTracker(200)
+    csl_fast.record_loss(torch.rand(200, generator=g), torch.arange(200), t)
+    with pytest.warns(detect.DetectionWarning, match="corrupted_targets") as rec:
+        det = detect.mislabeled(t)
+    assert det.rule == "auto(valley)" and "recorded losses only" in det.diagnostics["note"]
+    assert all("train longer" not in str(w.message) for w in rec)
