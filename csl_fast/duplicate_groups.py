@@ -161,10 +161,28 @@ def check_rows(n: int, inputs: torch.Tensor | None, labels: torch.Tensor | None)
     """Raise a ``ValueError`` unless ``inputs`` and ``labels`` (when given) have one row
     per sample and ``labels`` comes with ``inputs``."""
     for arg, given in (("inputs", inputs), ("labels", labels)):
-        if given is not None and (given.dim() == 0 or given.shape[0] != n):
+        if given is None:
+            continue
+        if not isinstance(given, torch.Tensor):
+            raise TypeError(
+                f"csl_fast.detect.duplicates: {arg} must be a torch.Tensor, got "
+                f"{type(given).__name__} (convert it with torch.as_tensor)"
+            )
+        if given.layout != torch.strided or given.is_meta:
+            kind = "meta" if given.is_meta else str(given.layout)
+            raise ValueError(
+                f"csl_fast.detect.duplicates: {arg} must be a dense tensor with data, got a "
+                f"{kind} tensor (use .to_dense(), or the tensor the run trained on)"
+            )
+        if given.dim() == 0 or given.shape[0] != n:
             raise ValueError(
                 f"csl_fast.detect.duplicates: {arg} must have one row per sample ({n}), got "
                 f"shape {tuple(given.shape)}"
+            )
+        if given.numel() == 0 and n > 0:
+            raise ValueError(
+                f"csl_fast.detect.duplicates: the rows of {arg} are empty (shape "
+                f"{tuple(given.shape)}): there is nothing to compare"
             )
     if labels is not None and inputs is None:
         raise ValueError(

@@ -1,9 +1,11 @@
 """Groups of identical inputs: ids, label conflicts, whole-group flags, carried counts,
 each against a plain Python loop over the samples."""
 
+import numpy as np
 import pytest
 import torch
 
+from csl_fast import detect
 from csl_fast import duplicate_groups as dg
 
 
@@ -77,3 +79,20 @@ def test_check_rows_errors():
         dg.check_rows(3, torch.zeros(4, 2), None)
     with pytest.raises(ValueError, match="labels must have one row per sample"):
         dg.check_rows(3, torch.zeros(3, 2), torch.tensor(1))
+
+
+@pytest.mark.parametrize(
+    "inputs, error, match",
+    [
+        (np.zeros((3, 2)), TypeError, "inputs must be a torch.Tensor, got ndarray"),
+        ([[0.0], [0.0], [1.0]], TypeError, "got list"),
+        (torch.zeros(3, 2, device="meta"), ValueError, "meta tensor"),
+        (torch.zeros(3, 2).to_sparse(), ValueError, "sparse"),
+        (torch.zeros(3, 0), ValueError, "rows of inputs are empty"),
+    ],
+)
+def test_check_rows_refuses_what_cannot_be_compared(inputs, error, match):
+    with pytest.raises(error, match=match):
+        dg.check_rows(3, inputs, None)
+    with pytest.raises(error, match=match):
+        detect.duplicates(torch.rand(3), inputs=inputs)
