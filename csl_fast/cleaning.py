@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import csv
 import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -239,7 +240,13 @@ class CleaningPlan:
         empty where there is no suggestion (a drop row still shows one when it exists);
         ``score`` is written exactly (``repr``); ``rank`` is 1-based.
         """
-        with open(os.fspath(path), "w", encoding="utf-8", newline="") as f:
+        path = os.fspath(path)
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"CleaningPlan.to_csv: the folder {folder!r} does not exist; create it first"
+            )
+        with open(path, "w", encoding="utf-8", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(CSV_COLUMNS)
             for row in self.rows():
@@ -266,7 +273,18 @@ class CleaningPlan:
         Args:
             labels: int ``[N]`` the given (noisy) labels the plan was made for.
         """
-        y = torch.as_tensor(labels)
+        try:
+            y = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(
+                f"CleaningPlan.apply: labels must be int [N] = [{self.num_samples}] (a tensor, "
+                f"array or list), got {type(labels).__name__}"
+            ) from exc
+        if y.is_meta or y.layout != torch.strided:
+            raise ValueError(
+                "CleaningPlan.apply: labels must be a dense tensor with data, got a "
+                f"{'meta' if y.is_meta else y.layout} tensor"
+            )
         if y.dim() != 1 or y.numel() != self.num_samples:
             raise ValueError(
                 f"CleaningPlan.apply: labels must be [N] = [{self.num_samples}] (the dataset "
@@ -379,6 +397,22 @@ def _suggestions_of(
     return label.long(), torch.where(has, conf, torch.full_like(conf, math.nan))
 
 
+def _num_samples(source: Any) -> int | None:
+    """How many samples ``source`` scores, when that can be read without computing."""
+    from .tracker import CSLTracker
+
+    if isinstance(source, CSLTracker):
+        return source.num_samples
+    if isinstance(source, torch.Tensor):
+        return int(source.shape[0]) if source.dim() else None
+    if isinstance(source, Mapping):
+        sizes = {
+            int(v.shape[0]) for v in source.values() if isinstance(v, torch.Tensor) and v.dim()
+        }
+        return sizes.pop() if len(sizes) == 1 else None
+    return None
+
+
 def clean(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     *,
@@ -425,14 +459,19 @@ def clean(
     """
     if policy not in POLICIES:
         raise ValueError(f"csl_fast.clean: policy must be one of {POLICIES}, got {policy!r}")
+    # numbers.Real / Integral: numpy scalars are numbers too (np.float32(0.5) was refused
+    # as "not in [0, 1]")
     if isinstance(min_confidence, bool) or not (
-        isinstance(min_confidence, int | float) and 0.0 <= min_confidence <= 1.0
+        isinstance(min_confidence, numbers.Real) and 0.0 <= min_confidence <= 1.0
     ):
-        raise ValueError(f"csl_fast.clean: min_confidence must be in [0, 1], got {min_confidence}")
+        raise ValueError(
+            f"csl_fast.clean: min_confidence must be a number in [0, 1], got {min_confidence!r}"
+        )
     if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, int) or budget < 0
+        isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0
     ):
         raise ValueError(f"csl_fast.clean: budget must be None or an int >= 0, got {budget!r}")
+    budget = None if budget is None else int(budget)
     if policy == "review" and budget is None:
         raise ValueError(
             "csl_fast.clean: policy='review' needs budget= (how many samples a person will review)"
@@ -444,7 +483,18 @@ def clean(
             f"csl_fast.clean: {sorted(detect_kwargs)} configure the default detection; "
             "they cannot be combined with detection="
         )
+    if not isinstance(detection, Detection):
+        raise TypeError(
+            "csl_fast.clean: detection must be a csl_fast.detect.Detection (what "
+            f"detect.mislabeled returns), got {type(detection).__name__}"
+        )
     n = int(detection.scores.numel())
+    size = _num_samples(source)
+    if size is not None and size != n:
+        raise ValueError(
+            f"csl_fast.clean: the detection ranks {n} samples but the source has {size}: "
+            "pass the detection made from this source"
+        )
     sugg = _suggestions_of(source, suggestions, n)
     if sugg is None and policy != "drop":
         raise ValueError(

@@ -271,3 +271,32 @@ def test_tracker_source_uses_its_suggestions():
     top = plan.index[flipped[plan.index]]
     assert top.numel() >= 8
     assert (label[top] == y[top]).float().mean() >= 0.8
+
+
+def test_numpy_numbers_are_numbers():
+    # np.float32(0.5) was refused as "min_confidence must be in [0, 1], got 0.5"
+    assert _plan(min_confidence=np.float32(0.61)).actions == _plan(min_confidence=0.61).actions
+    plan = _plan(budget=np.int64(2))
+    assert plan.index.tolist() == [5, 2] and type(plan.budget) is int
+    with pytest.raises(ValueError, match="min_confidence must be a number in"):
+        _plan(min_confidence=math.nan)
+
+
+def test_a_detection_of_another_dataset_is_refused():
+    with pytest.raises(ValueError, match="ranks 6 samples but the source has 10"):
+        clean(torch.rand(10), detection=_det(), suggestions=(SUGG_LABEL, SUGG_CONF))
+    with pytest.raises(ValueError, match="source has 7"):
+        clean({"csl": torch.rand(7)}, detection=_det(), policy="drop")
+    with pytest.raises(TypeError, match=r"detection must be a csl_fast\.detect\.Detection"):
+        clean(SCORES, detection=[5, 2], policy="drop")
+
+
+def test_apply_and_to_csv_refuse_plainly(tmp_path):
+    plan = _plan()
+    for bad in (None, "abc"):
+        with pytest.raises(TypeError, match=r"labels must be int \[N\] = \[6\]"):
+            plan.apply(bad)
+    with pytest.raises(ValueError, match="meta"):
+        plan.apply(torch.zeros(6, dtype=torch.long, device="meta"))
+    with pytest.raises(FileNotFoundError, match=r"folder .*missing.* does not exist"):
+        plan.to_csv(tmp_path / "missing" / "plan.csv")
