@@ -9,6 +9,7 @@ Inputs may be tensors, NumPy arrays or lists. Non-finite scores raise ``ValueErr
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,12 @@ __all__ = [
 
 def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.is_meta or x.is_complex() or x.layout != torch.strided:
+            kind = "meta" if x.is_meta else "complex" if x.is_complex() else str(x.layout)
+            raise ValueError(
+                f"csl_fast.evaluate: {name} must be a dense real tensor with data, got a "
+                f"{kind} tensor"
+            )
         x = x.detach().cpu()
         x = x.double() if dtype is np.float64 else x
         x = x.numpy()
@@ -40,9 +47,35 @@ def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
     return a
 
 
+def _mask(labels: Any) -> np.ndarray:
+    """A ground-truth mask: bool, or numbers that are all 0 or 1. Anything else (class
+    labels passed for a mask, NaN) would silently count as positive under ``bool``."""
+    if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
+        return _np(labels, "labels", dtype=bool)
+    a = np.asarray(labels)
+    if a.dtype == bool:
+        return a.ravel()
+    v = _np(labels, "labels")
+    if not np.isin(v, (0.0, 1.0)).all():
+        raise ValueError(
+            "csl_fast.evaluate: labels must be a ground-truth mask (bool, or 0/1), got values "
+            f"{np.unique(v[~np.isin(v, (0.0, 1.0))])[:5].tolist()}: pass labels == k, or the "
+            "mask csl_fast.corrupt returns, not class labels"
+        )
+    return v.astype(bool)
+
+
+def _same_size(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        first, second = names.split()
+        raise ValueError(f"csl_fast.evaluate: {first} has {a.size} entries, {second} {b.size}")
+    if a.size == 0:
+        raise ValueError(f"csl_fast.evaluate: {names.replace(' ', ' and ')} are empty")
+
+
 def _pair(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
     s = _np(scores, "scores")
-    y = _np(labels, "labels", dtype=bool)
+    y = _mask(labels)
     if s.shape != y.shape:
         raise ValueError(f"csl_fast.evaluate: scores has {s.size} entries, labels {y.size}")
     if y.all() or not y.any():
@@ -73,6 +106,8 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
     ``sklearn.metrics.roc_curve`` with all thresholds kept."""
     from sklearn.metrics import roc_curve
 
+    if isinstance(tpr, bool) or not isinstance(tpr, numbers.Real) or not 0 <= tpr <= 1:
+        raise ValueError(f"csl_fast.evaluate.fpr_at_tpr: tpr must be in [0, 1], got {tpr!r}")
     s, y = _pair(scores, labels)
     fpr, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")])
@@ -91,6 +126,7 @@ def cosine_similarity(a: Any, b: Any) -> float:
     """Raw (uncentred) cosine similarity :math:`a\\cdot b / (\\|a\\|\\|b\\|)` (the paper's
     CS; NaN if either vector is zero)."""
     x, y = _np(a, "a"), _np(b, "b")
+    _same_size(x, y, "a b")
     den = np.linalg.norm(x) * np.linalg.norm(y)
     return float(x @ y / den) if den > 0 else math.nan
 
@@ -98,6 +134,7 @@ def cosine_similarity(a: Any, b: Any) -> float:
 def pearson(a: Any, b: Any) -> float:
     """Pearson correlation (the paper's PC; NaN if either vector is constant)."""
     x, y = _np(a, "a"), _np(b, "b")
+    _same_size(x, y, "a b")
     x, y = x - x.mean(), y - y.mean()
     den = np.linalg.norm(x) * np.linalg.norm(y)
     return float(x @ y / den) if den > 0 else math.nan
@@ -111,8 +148,11 @@ def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[
     broken by index).
     """
     s, m = _np(score, "score"), _np(memorization, "memorization")
-    if s.shape != m.shape:
-        raise ValueError(f"csl_fast.evaluate: score has {s.size} entries, memorization {m.size}")
+    _same_size(s, m, "score memorization")
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
+        raise ValueError(f"csl_fast.evaluate.similarity: top_k must be an int >= 1, got {top_k!r}")
     out = {"cs_all": cosine_similarity(s, m), "pc_all": pearson(s, m)}
     if top_k is not None:
         top = np.argsort(-m, kind="stable")[:top_k]
@@ -130,9 +170,8 @@ def binned_trend(reference: Any, other: Any, bins: int = 10) -> dict[str, list[f
     ``other``), ``y_std`` (std of ``other``) and ``count``.
     """
     r, o = _np(reference, "reference"), _np(other, "other")
-    if r.shape != o.shape:
-        raise ValueError(f"csl_fast.evaluate: reference has {r.size} entries, other {o.size}")
-    if bins < 1 or bins > max(r.size, 1):
+    _same_size(r, o, "reference other")
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 1 <= bins <= r.size:
         raise ValueError(f"csl_fast.evaluate: bins must be in [1, {r.size}], got {bins}")
     order = np.argsort(r, kind="stable")
     out: dict[str, list[float]] = {"x": [], "y": [], "y_std": [], "count": []}

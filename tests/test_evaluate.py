@@ -87,3 +87,36 @@ def test_errors():
         E.auroc([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError):
         E.binned_trend([1, 2], [1, 2], bins=3)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        # class labels or NaN passed for a mask counted as positives under bool()
+        (lambda: E.auroc([0.1, 0.5, 0.2], [0, 2, 0]), "ground-truth mask"),
+        (lambda: E.auroc([0.1, 0.5, 0.2], [0.0, 0.7, 0.0]), "ground-truth mask"),
+        (lambda: E.auroc([0.1, 0.5, 0.2], [math.nan, 1, 0]), "labels has 1 non-finite"),
+        (lambda: E.auroc(torch.rand(3, device="meta"), [0, 1, 0]), "meta tensor"),
+        (lambda: E.auroc(torch.rand(3, dtype=torch.cfloat), [0, 1, 0]), "complex tensor"),
+        # IndexError from inside the ROC curve, or a silent 0.0
+        (lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=1.5), r"tpr must be in \[0, 1\]"),
+        (lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=-1), r"tpr must be in \[0, 1\]"),
+        # top_k=-1 took all but the last sample, 0 gave NaN with RuntimeWarnings
+        (lambda: E.similarity([1.0, 2, 3], [1.0, 2, 4], top_k=-1), "top_k must be an int >= 1"),
+        (lambda: E.similarity([1.0, 2, 3], [1.0, 2, 4], top_k=0), "top_k must be an int >= 1"),
+        # numpy's matmul error, or NaN with RuntimeWarnings
+        (lambda: E.pearson([1.0, 2, 3], [1.0, 2]), "a has 3 entries, b 2"),
+        (lambda: E.cosine_similarity([1.0, 2, 3], [1.0, 2]), "a has 3 entries, b 2"),
+        (lambda: E.pearson([], []), "are empty"),
+        (lambda: E.binned_trend([], [], bins=1), "are empty"),
+        (lambda: E.binned_trend([1.0, 2, 3], [1.0, 2, 3], bins=1.5), "bins must be"),
+    ],
+)
+def test_bad_inputs_are_refused_plainly(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_masks_of_numbers_and_bools_agree():
+    s, y = _case()
+    assert E.auroc(s, y.int()) == E.auroc(s, y.numpy()) == E.auroc(s, y.tolist()) == E.auroc(s, y)
