@@ -192,21 +192,23 @@ class _Views:
     lost: torch.Tensor
 
 
-def _score_tensor(x: Any, what: str) -> torch.Tensor:
-    """``x`` checked as a real ``[N]`` score tensor (detached), or a clear error."""
+def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
+    """``x`` checked as a real score tensor of ``dims`` dimensions (detached), or a clear
+    error (also for :mod:`csl_fast.detect_losses`, ``where`` naming the caller)."""
+    shape = "[N]" if dims == 1 else "[N, L]"
     if not isinstance(x, torch.Tensor):
         raise TypeError(
-            f"csl_fast.detect: {what} must be a torch.Tensor [N], got {type(x).__name__} "
+            f"{where}: {what} must be a torch.Tensor {shape}, got {type(x).__name__} "
             "(convert it with torch.as_tensor)"
         )
     if x.layout != torch.strided or x.is_meta or x.is_complex():
         kind = "complex" if x.is_complex() else "meta" if x.is_meta else str(x.layout)
         raise ValueError(
-            f"csl_fast.detect: {what} must be a dense real tensor with data, got a {kind} "
-            "tensor (use .to_dense(), .real or a tensor on a real device)"
+            f"{where}: {what} must be a dense real tensor with data, got a {kind} tensor "
+            "(use .to_dense(), .real or a tensor on a real device)"
         )
-    if x.dim() != 1:
-        raise ValueError(f"csl_fast.detect: {what} must be 1-D [N], got {x.shape}")
+    if x.dim() != dims:
+        raise ValueError(f"{where}: {what} must be {dims}-D {shape}, got {x.shape}")
     return x.detach()
 
 
@@ -369,14 +371,12 @@ def _advice(views: _Views | None, hint: str | None = None) -> str:
     )
 
 
-def _number(value: Any, name: str, rule: str) -> float:
+def _number(value: Any, name: str, rule: str, where: str = "csl_fast.detect") -> float:
     """``value`` as a float, refused with a clear error unless it is a real number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
-        raise ValueError(
-            f"csl_fast.detect: rule={rule!r} needs {name}= a real number, got {value!r}"
-        )
+        raise ValueError(f"{where}: rule={rule!r} needs {name}= a real number, got {value!r}")
     return float(value)
 
 

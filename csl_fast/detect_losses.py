@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .detect import Detection, DetectionWarning
+from .detect import Detection, DetectionWarning, _number, _score_tensor
 from .flagging import Estimate, rule_scale
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ TAIL_CUT = 2.0
 #: Least excess over the expected clean tail, in Poisson standard errors.
 TAIL_EVIDENCE = 3.0
 _MAD_TO_SD = 1.4826  # MAD of a normal is 0.6745 sd
+_WHERE = "csl_fast.detect_losses"
 
 
 def tail_count(
@@ -138,11 +139,8 @@ def _ranking(values: torch.Tensor) -> torch.Tensor:
 
 def _loss_score(source: CSLTracker | torch.Tensor, score: str) -> tuple[torch.Tensor, str]:
     if isinstance(source, torch.Tensor):
-        if source.dim() != 1:
-            raise ValueError(
-                f"csl_fast.detect_losses: a score tensor must be 1-D [N], got {tuple(source.shape)}"
-            )
-        return source.detach(), "custom"
+        return _score_tensor(source, "a score tensor", _WHERE), "custom"
+    _check_tracker(source, "an [N] score tensor")
     if score not in ("csl", "csl_mean"):
         raise ValueError(
             "csl_fast.detect_losses: score must be 'csl' or 'csl_mean' for a tracker, got "
@@ -151,6 +149,15 @@ def _loss_score(source: CSLTracker | torch.Tensor, score: str) -> tuple[torch.Te
     presented = source.csl_count > 0
     values = source.csl if score == "csl" else source.csl_mean
     return torch.where(presented, values, math.nan).detach(), score
+
+
+def _check_tracker(source: Any, or_tensor: str) -> None:
+    from .tracker import CSLTracker
+
+    if not isinstance(source, CSLTracker):
+        raise TypeError(
+            f"{_WHERE}: source must be a CSLTracker or {or_tensor}, got {type(source).__name__}"
+        )
 
 
 def _flag(
@@ -167,11 +174,12 @@ def _flag(
     if rule == "threshold":
         if threshold is None:
             raise ValueError("csl_fast.detect_losses: rule='threshold' needs threshold=")
-        return finite & (values.double() > float(threshold)), None, f"threshold({threshold})"
+        cut = _number(threshold, "threshold", rule, _WHERE)
+        return finite & (values.double() > cut), None, f"threshold({threshold})"
     if rule == "fraction":
-        if fraction is None or not 0 <= fraction <= 1:
+        if fraction is None or not 0 <= _number(fraction, "fraction", rule, _WHERE) <= 1:
             raise ValueError("csl_fast.detect_losses: rule='fraction' needs fraction in [0, 1]")
-        k = min(math.ceil(fraction * values.numel()), int(finite.sum()))
+        k = min(math.ceil(float(fraction) * values.numel()), int(finite.sum()))
         est, desc = None, f"fraction({fraction})"
     else:
         est, desc = tail_count(values), "tail"
@@ -230,6 +238,7 @@ def _detection(
     }
     warning = None
     count = interval = None
+    finite = torch.isfinite(values)
     if est is not None:
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         count, interval = est.count, est.interval
@@ -240,7 +249,20 @@ def _detection(
                 "network fits every target (CSL separates what the network fits late), or "
                 "rule='fraction' with a prior on the corruption rate / a review budget"
             )
-            warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
+    if values.numel() and not bool(finite.any()):
+        warning = (
+            f"csl_fast.detect_losses: nothing flagged by rule={rule!r}: score {name!r} is "
+            "not finite (NaN or inf) for every sample: no sample was presented in training "
+            "(pass the tracker to csl_fast.record_loss or csl_fast.accumulate_bce)"
+        )
+    elif rule == "threshold" and n_flagged == 0 and values.numel():
+        warning = (
+            f"csl_fast.detect_losses: nothing flagged by rule='threshold': no {name!r} score "
+            f"exceeds threshold={float(threshold):g} (the largest is "
+            f"{float(values.double()[finite].max()):.6g}); lower it, or use rule='fraction'"
+        )
+    if warning is not None:
+        warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
 
@@ -356,6 +378,10 @@ def mislabeled_entries(
             f"label {k}: {d.diagnostics['estimator']['reason']}" for k, d in enumerate(dets)
         )
         warning = f"csl_fast.detect_losses: nothing flagged by rule='tail' per label ({reasons})"
+    elif n_flagged == 0 and any(d.warning for d in dets):
+        reasons = "; ".join(f"label {k}: {d.warning}" for k, d in enumerate(dets) if d.warning)
+        warning = f"csl_fast.detect_losses: nothing flagged per label ({reasons})"
+    if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=2)
     desc = f"{dets[0].rule} per label" if dets else rule
     return EntryDetection(
@@ -365,12 +391,16 @@ def mislabeled_entries(
 
 def _entry_score(source: CSLTracker | torch.Tensor, score: str) -> tuple[torch.Tensor, str]:
     if isinstance(source, torch.Tensor):
-        if source.dim() != 2:
+        values = _score_tensor(
+            source, "a score tensor", "csl_fast.detect_losses.mislabeled_entries", dims=2
+        )
+        if values.shape[1] == 0:
             raise ValueError(
-                "csl_fast.detect_losses.mislabeled_entries: a score tensor must be 2-D [N, L], "
-                f"got {tuple(source.shape)}"
+                "csl_fast.detect_losses.mislabeled_entries: the score tensor has no labels "
+                f"(shape {tuple(values.shape)})"
             )
-        return source.detach(), "custom"
+        return values, "custom"
+    _check_tracker(source, "an [N, L] score tensor")
     if source.label_csl is None:
         raise ValueError(
             "csl_fast.detect_losses.mislabeled_entries: the tracker has no per-label CSL; "

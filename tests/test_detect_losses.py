@@ -116,6 +116,10 @@ def test_fraction_and_threshold_rules():
         ({"rule": "fraction"}, "needs fraction"),
         ({"rule": "fraction", "fraction": 1.5}, "needs fraction"),
         ({"rule": "threshold"}, "needs threshold"),
+        # NaN flagged nothing silently; a string failed in a comparison; True meant 1
+        ({"rule": "threshold", "threshold": math.nan}, "threshold= a real number"),
+        ({"rule": "fraction", "fraction": "0.1"}, "fraction= a real number"),
+        ({"rule": "fraction", "fraction": True}, "fraction= a real number"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -134,6 +138,33 @@ def test_bad_sources():
         mislabeled_entries(csl_fast.CSLTracker(4))
     with pytest.raises(ValueError, match="'label_csl' or"):
         mislabeled_entries(csl_fast.CSLTracker(4, num_labels=2), "csl")
+    # these failed inside torch (or, complex, were cast to real with a torch warning)
+    for bad in (torch.rand(8, dtype=torch.cfloat), torch.rand(8, device="meta")):
+        with pytest.raises(ValueError, match="dense real tensor"):
+            corrupted_targets(bad)
+    with pytest.raises(TypeError, match="CSLTracker or an \\[N\\] score tensor, got ndarray"):
+        corrupted_targets(torch.rand(8).numpy())
+    with pytest.raises(TypeError, match="got list"):
+        mislabeled_entries([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="has no labels"):
+        mislabeled_entries(torch.rand(5, 0), per_label=True)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"rule": "fraction", "fraction": 0.1}])
+def test_never_presented_samples_warn_whatever_the_rule(kwargs):
+    with pytest.warns(DetectionWarning, match="no sample was presented"):
+        assert len(corrupted_targets(csl_fast.CSLTracker(30), **kwargs)) == 0
+    with pytest.warns(DetectionWarning, match="no sample was presented"):
+        assert len(mislabeled_entries(csl_fast.CSLTracker(30, num_labels=2), **kwargs)) == 0
+    match = "label 1: .*no sample was presented" if kwargs else "label 1: only 0 finite"
+    with pytest.warns(DetectionWarning, match=match):
+        mislabeled_entries(torch.full((30, 2), math.nan), per_label=True, **kwargs)
+
+
+def test_threshold_above_every_score_warns():
+    with pytest.warns(DetectionWarning, match="largest is 3"):
+        det = corrupted_targets(torch.tensor([1.0, 3.0, 2.0]), rule="threshold", threshold=5)
+    assert len(det) == 0 and det.warning is not None
 
 
 def _entries(n: int = 600, labels: int = 6, seed: int = 0):
