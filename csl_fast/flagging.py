@@ -59,6 +59,7 @@ when each is used; this module holds the mathematics.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,10 +188,15 @@ def doubted(
         csl_sum, csl_count, p_true_sum: the tracker's float ``[N]`` buffers.
         num_classes: ``C >= 2``.
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, numbers.Integral)
+        or num_classes < 2
+    ):
         raise ValueError(
             f"csl_fast.flagging.doubted: num_classes must be an int >= 2, got {num_classes!r}"
         )
+    num_classes = int(num_classes)
     count = csl_count.detach().double()
     d = count - p_true_sum.detach().double()
     csl = csl_sum.detach().double()
@@ -278,6 +284,11 @@ def two_view_count(
         an :class:`Estimate`; ``found`` is False (with a reason) when fewer than
         :data:`MIN_PINNED` usable samples lost, when the caller should use the 1-D rule.
     """
+    if mean_loss.shape != lost.shape or mean_loss.dim() != 1:
+        raise ValueError(
+            "csl_fast.flagging.two_view_count: mean_loss and lost must both be [N], got shapes "
+            f"{tuple(mean_loss.shape)} and {tuple(lost.shape)}"
+        )
     m = mean_loss.detach().double().cpu().numpy()
     lost_np = lost.detach().cpu().numpy().astype(bool)
     ok = np.isfinite(m) & (m > 0)

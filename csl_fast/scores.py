@@ -220,6 +220,15 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         ``{name: tensor}`` in :data:`SCORES` order, on the tracker's device, in its dtype.
         See :data:`SCORES` for each definition and direction.
     """
+    from .tracker import CSLTracker
+
+    if not isinstance(tracker, CSLTracker):
+        hint = " (a mapping is already scores)" if isinstance(tracker, Mapping) else ""
+        raise TypeError(
+            f"csl_fast.scores: tracker must be a CSLTracker, got {type(tracker).__name__}{hint}"
+        )
+    if isinstance(names, str):  # an iterable of one-letter names otherwise
+        raise TypeError(f"csl_fast.scores: names must be a list of names, e.g. [{names!r}]")
     if names is None:
         chosen = [
             n for n, info in SCORES.items() if not info.two_sided and _has(tracker, info.needs)
@@ -254,7 +263,20 @@ def as_dataframe(
         raise ImportError("csl_fast.scores.as_dataframe needs pandas: pip install pandas") from exc
     table = scores(source, names) if not isinstance(source, Mapping) else dict(source)
     if names is not None and isinstance(source, Mapping):
+        if isinstance(names, str):
+            raise TypeError(f"as_dataframe: names must be a list of names, e.g. [{names!r}]")
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise KeyError(f"as_dataframe: no scores {missing} in the mapping ({sorted(table)})")
         table = {n: table[n] for n in names}
+    sizes = {}
+    for k, v in table.items():
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            what = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"as_dataframe: score {k!r} must be a 1-D [N] tensor, got {what}")
+        sizes[k] = v.numel()
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"as_dataframe: the scores must all be [N], got sizes {sizes}")
     cols = {k: v.detach().cpu().double().numpy() for k, v in table.items()}
     df = pd.DataFrame(cols)
     df.index.name = "index"

@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -314,3 +315,15 @@ def test_tracker_rule_on_a_clean_run_flags_nothing():
     with pytest.warns(detect.DetectionWarning):
         det = detect.mislabeled(_tracker_of(p, torch.full((p.shape[0],), 50.0)))
     assert len(det) == 0
+
+
+def test_estimators_refuse_mismatched_inputs_and_take_numpy_ints():
+    # IndexError from a boolean mask of the wrong length
+    with pytest.raises(ValueError, match=r"must both be \[N\]"):
+        flagging.two_view_count(torch.rand(30), torch.zeros(20, dtype=torch.bool))
+    # np.int64(10) (a tracker loaded from numpy metadata) was refused as not an int
+    p, _ = _trajectories(0)
+    assert torch.equal(
+        flagging.doubted(*_sums(p), num_classes=np.int64(10)),
+        flagging.doubted(*_sums(p), num_classes=10),
+    )

@@ -187,3 +187,23 @@ def test_dataframe_and_errors():
     assert as_dataframe(s, ["csl"])["csl"].iloc[3] == pytest.approx(float(s["csl"][3]))
     with pytest.raises(KeyError, match="unknown"):
         csl_fast.scores(t, ["nope"])
+
+
+def test_bad_sources_and_names_are_refused_plainly():
+    t = _tracker()
+    # a string is an iterable of one-letter names: "unknown scores ['c', 's', 'l']"
+    with pytest.raises(TypeError, match=r"names must be a list of names, e\.g\. \['csl'\]"):
+        csl_fast.scores(t, "csl")
+    # AttributeError: 'dict' object has no attribute 'csl_count'
+    with pytest.raises(TypeError, match="a mapping is already scores"):
+        csl_fast.scores(csl_fast.scores(t))
+    with pytest.raises(TypeError, match="got ndarray"):
+        csl_fast.scores(torch.rand(5).numpy())
+    pytest.importorskip("pandas")
+    # pandas' "All arrays must be of the same length", a bare KeyError, pandas' 1-D error
+    with pytest.raises(ValueError, match="must all be"):
+        as_dataframe({"a": torch.rand(3), "b": torch.rand(4)})
+    with pytest.raises(KeyError, match=r"no scores \['b'\] in the mapping"):
+        as_dataframe({"a": torch.rand(3)}, ["b"])
+    with pytest.raises(ValueError, match="'a' must be a 1-D"):
+        as_dataframe({"a": torch.rand(3, 2)})
