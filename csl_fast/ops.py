@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import ops_backward, reference
 from ._ext import _C, resolve_backend
+from .accumulate_checks import widen_for_ignore_index
 from .stats import NUM_STATS
 
 _FWD_OPS = {
@@ -67,6 +68,9 @@ def cross_entropy_fwd(
     ``stats`` is the detached float32 ``[NUM_STATS, B]`` tensor of per-row statistics
     (:class:`csl_fast.stats.Stat`). ``reduction`` is 0 (none), 1 (mean) or 2 (sum).
     """
+    # An int32 target compared in int32 with an ignore_index outside int32 would wrap it
+    # onto a class (Triton's mean, the reference's statistics): read it as int64 instead.
+    target = widen_for_ignore_index(target, ignore_index)
     name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         loss = F.cross_entropy(
@@ -302,6 +306,7 @@ def cross_entropy_fwd_inplace(
     wrong gradient. Backward can run once (it scales the gradient in place). Needs
     contiguous logits that are not a leaf requiring grad, a fused backend, and eager mode.
     """
+    target = widen_for_ignore_index(target, ignore_index)  # as cross_entropy_fwd
     name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         raise ValueError(
@@ -388,6 +393,7 @@ def cross_entropy_fwd_with_grad(
 
     ``inplace``: ``grad`` is ``logits`` itself, overwritten (contiguous logits that nothing
     else needs; the reference backend still returns a new buffer)."""
+    target = widen_for_ignore_index(target, ignore_index)  # as cross_entropy_fwd
     name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         return reference.cross_entropy_fwd(

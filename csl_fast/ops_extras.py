@@ -22,6 +22,7 @@ import torch
 
 from . import ops_backward, reference
 from ._ext import _C, resolve_backend
+from .accumulate_checks import widen_for_ignore_index
 from .ops import (
     _LOW_PRECISION,
     _div_rounded,
@@ -66,6 +67,7 @@ def cross_entropy_fwd_extra(
     """``(loss, stats, z_loss)``: ``loss`` (differentiable, z-loss included) and the detached
     ``z_loss`` as :func:`csl_fast.reference.cross_entropy_extra`, ``stats`` of the
     soft-capped logits. ``reduction`` 0 (none), 1 (mean) or 2 (sum)."""
+    target = widen_for_ignore_index(target, ignore_index)  # as ops.cross_entropy_fwd
     name = resolve_backend(backend, logits.device, logits.dtype)
     if name == "reference":
         loss, zl = reference.cross_entropy_extra(
@@ -153,6 +155,7 @@ def cross_entropy_fwd_extra_with_grad(
     gradient for a unit upstream gradient, for callers that build their own backward
     (:func:`csl_fast.linear_cross_entropy`); call it with autograd off. ``inplace``:
     ``grad`` is ``logits``, overwritten (the reference backend returns a new buffer)."""
+    target = widen_for_ignore_index(target, ignore_index)  # as ops.cross_entropy_fwd
     name = resolve_backend(backend, logits.device, logits.dtype)
     args = (target, None, ignore_index, label_smoothing, reduction, softcap, z_loss_scale)
     if name == "reference":

@@ -227,3 +227,47 @@ def test_record_input_grad_errors_write_nothing(change, error, match):
         torch.ops.csl_fast.record_input_grad(sq, index, valid, *buffers)
     for got, exp in zip(buffers, before, strict=True):
         assert torch.equal(got, exp)
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_int32_targets_with_an_ignore_index_beyond_int32(backend):
+    """No int32 target equals an ignore_index outside int32, so every row counts, as with
+    the same targets in int64; compared in int32, 2**32 + 2 wrapped onto class 2 (Triton's
+    mean counted padding rows, the reference's statistics dropped class-2 rows)."""
+    from csl_fast import ops_extras
+
+    ignore = 2**32 + 2
+    logits = torch.randn(4, 5, requires_grad=True)
+    target = torch.tensor([2, 2, 1, 0], dtype=torch.int32)
+
+    def both(fn):
+        return [fn(target), fn(target.long())]
+
+    def fwd(t):
+        loss, stats = ops.cross_entropy_fwd(logits, t, None, ignore, 0.1, 1, backend)
+        return loss, stats, torch.autograd.grad(loss, logits)[0]
+
+    def with_grad(t):
+        with torch.no_grad():
+            return ops.cross_entropy_fwd_with_grad(logits, t, None, ignore, 0.1, 1, backend)
+
+    def extra(t):
+        loss, stats, z_loss = ops_extras.cross_entropy_fwd_extra(
+            logits, t, None, ignore, 0.1, 1, 3.0, 1e-2, backend
+        )
+        return loss, stats, z_loss, torch.autograd.grad(loss, logits)[0]
+
+    calls = [fwd, with_grad, extra]
+    if backend != "reference":  # the reference has no in-place form
+
+        def inplace(t):
+            z = logits.detach().clone().requires_grad_(True) * 1  # not a leaf
+            loss, stats = ops.cross_entropy_fwd_inplace(z, t, None, ignore, 0.1, 1, backend)
+            return loss, stats, z.detach().clone()
+
+        calls.append(inplace)
+    for fn in calls:
+        got, want = both(fn)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, msg=fn.__name__)
+    assert both(fwd)[0][1][Stat.VALID].tolist() == [1.0] * 4
