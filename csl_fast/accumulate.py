@@ -148,7 +148,8 @@ def accumulate(
         index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)`` (one per row, or
             one per sample of several positions).
         csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
-            :class:`csl_fast.CSLTracker` (which then records every statistic it keeps).
+            :class:`csl_fast.CSLTracker` (which then records every statistic it keeps;
+            its ``num_classes``, when set, must be the logits' ``C``).
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
             each sample was recorded, so that ``csl / count`` is the mean loss.
         weight, ignore_index, label_smoothing, reduction: as in ``F.cross_entropy``
@@ -220,7 +221,7 @@ def accumulate(
     fast_error = None
     step = None
     if extras is None:
-        step = _eager_cpu_step(csl, count, backend, validate, inplace_grad)
+        step = _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad)
     if step is not None:
         # One C++ call: it takes the buffer lock, bumps the version counters, and declines
         # (returns None) what it does not take, which then goes op by op.
@@ -249,7 +250,8 @@ def accumulate(
     if rows is not None:
         logits, target, index, seq = rows.logits, rows.target, rows.index, rows.groups
     soft = rows is not None and rows.soft
-    buffers = _buffers(csl, count, seq, soft)
+    classes = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
+    buffers = _buffers(csl, count, seq, soft, classes)
     try:
         ignore_index = operator.index(ignore_index)  # a 0-d integer tensor or NumPy int too
     except TypeError:
@@ -391,7 +393,7 @@ def _composite_loss(
     )
 
 
-def _eager_cpu_step(csl, count, backend, validate, inplace_grad):
+def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
     """``(csl, count, epoch, state)``, the arguments after ``index`` of ``csl_fast._C.step``,
     when this call may run as that one C++ call (csrc/module.cpp), else None.
 
@@ -413,6 +415,16 @@ def _eager_cpu_step(csl, count, backend, validate, inplace_grad):
         return None
     if type(csl) is CSLTracker:
         if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
+            return None
+        # Logits of another class count go op by op, whose checks refuse them (the step
+        # would record their classes). One read of the logits, the least it costs (+0.7-1.0
+        # us a call, B = 64, C = 10): the step takes [B, C] logits only, so C is the last.
+        c = csl.num_classes
+        try:
+            other = c is not None and (type(logits) is not torch.Tensor or logits.shape[-1] != c)
+        except IndexError:  # 0-d logits
+            return None
+        if other:
             return None
         return (*csl.training_buffers(), csl.epoch, csl._step_state)
     if type(csl) is torch.Tensor:

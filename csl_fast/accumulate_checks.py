@@ -47,7 +47,12 @@ def _buffers(
     count: torch.Tensor | None,
     seq: tuple[int, int] | None = None,
     soft: bool = False,
+    classes: int | None = None,
+    op: str = "accumulate",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ``(csl, count)`` buffers a call adds into: ``csl`` itself, or a tracker's
+    (``classes``: the class count of the logits recorded into it, checked against its
+    ``num_classes``; None where the logits are refused by the other checks)."""
     if isinstance(csl, torch.Tensor):
         return csl, count
     if soft:
@@ -72,7 +77,22 @@ def _buffers(
         raise ValueError(
             "csl_fast.accumulate: count= is for plain csl tensors; a tracker keeps its own counts"
         )
+    if classes is not None:
+        check_tracker_classes(op, csl, classes)
     return csl.training_buffers()
+
+
+def check_tracker_classes(op: str, tracker: object, classes: int) -> None:
+    """Logits of ``classes`` classes may be recorded into ``tracker`` only if it was made
+    for that many (or for any: ``num_classes=None``). Its suggested labels and votes are
+    class indices, which cleaning, detection and reports take to be below num_classes."""
+    expected = getattr(tracker, "num_classes", None)
+    if expected is not None and classes != expected:
+        raise ValueError(
+            f"csl_fast.{op}: the logits have C = {classes} classes but the tracker was made "
+            f"with num_classes={expected}; make the tracker with num_classes={classes} (or "
+            "give the model as many outputs as the tracker has classes)"
+        )
 
 
 def _check_args(

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from .accumulate_checks import check_tracker_classes
 from .tracker import CSLTracker
 
 Batch = Any
@@ -81,6 +82,7 @@ def score_epoch(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
                         "expected [B, C] logits (pass forward= to extract them)"
                     )
+                check_tracker_classes("score_epoch", tracker, logits.shape[1])
                 logits = logits.to(tracker.device)
                 y = y.to(tracker.device, non_blocking=True)
                 _, stats = ops.cross_entropy_fwd(

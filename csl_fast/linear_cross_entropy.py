@@ -217,7 +217,7 @@ def linear_cross_entropy(
     t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
     record = csl is not None
     if record:
-        buffers = _buffers(csl, count, seq)
+        buffers = _buffers(csl, count, seq, classes=vocab, op="linear_cross_entropy")
         if index is None:
             raise ValueError(
                 "csl_fast.linear_cross_entropy: recording into csl needs index (dataset indices)"

@@ -1,5 +1,6 @@
-"""The host-side range checks of accumulate_checks: when they run by default, what they
-cost on a GPU (one host read for valid input) and what they say."""
+"""The checks of accumulate_checks: when the host-side range checks run by default, what
+they cost on a GPU (one host read for valid input) and what they say; the buffer and
+tracker checks every recording entry point shares."""
 
 from __future__ import annotations
 
@@ -96,3 +97,30 @@ def test_class_probability_calls_check_their_indices(backend):
             csl_fast.accumulate(logits, probs, torch.tensor([0, bad, 1]), csl, count=count,
                                 backend=backend)  # fmt: skip
     assert csl.sum() == 0 and count.sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["auto", *csl_fast.available_backends("cpu")])
+def test_a_tracker_takes_logits_of_its_own_class_count(backend):
+    """A tracker made for 5 classes refuses logits of 7, in every layout, before anything
+    is written: its suggested labels would otherwise hold classes 5 and 6, which cleaning,
+    detection and reports read as below num_classes."""
+    tracker = csl_fast.CSLTracker(4, num_classes=5, backend=backend)
+    before = {name: buf.clone() for name, buf in tracker.buffers().items()}
+    logits = torch.randn(2, 7)
+    logits[:, 6] += 10  # confidently class 6, suggested for every row
+    index, target = torch.tensor([0, 1]), torch.tensor([0, 1])
+    layouts = {
+        "rows": (logits, target),
+        "[C]": (logits[0], target[0]),
+        "[N, C, d]": (logits[:, :, None], target[:, None]),
+        "sequences [B*T, V]": (logits.repeat(3, 1), torch.zeros(2, 3, dtype=torch.long)),
+    }
+    for layout, (z, y) in layouts.items():
+        idx = index[:1] if layout == "[C]" else index
+        with pytest.raises(ValueError, match=r"C = 7 classes .* num_classes=5; make the tracker "
+                           r"with num_classes=7"):  # fmt: skip
+            csl_fast.accumulate(z, y, idx, tracker, backend=backend)
+    for name, buf in tracker.buffers().items():
+        assert torch.equal(buf, before[name]), name
+    csl_fast.accumulate(logits[:, :5], target, index, tracker, backend=backend)
+    assert tracker.csl_count.tolist() == [1, 1, 0, 0]

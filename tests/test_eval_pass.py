@@ -88,3 +88,14 @@ def test_dict_batches_forward_and_ignore_index():
         csl_fast.score_epoch(model, [{"x": x}], t)
     with pytest.raises(ValueError, match="logits"):
         csl_fast.score_epoch(model, batches, t, forward=lambda m, inp: m(inp)[None])
+
+
+def test_a_tracker_takes_logits_of_its_own_class_count():
+    """A model of 3 outputs scored into a tracker made for 2 classes is refused, naming
+    both counts, before the pass records anything."""
+    _, _, batches = _batches()
+    t = CSLTracker(9, 2)
+    with pytest.raises(ValueError, match=r"score_epoch: the logits have C = 3 classes .* "
+                       r"num_classes=2"):  # fmt: skip
+        csl_fast.score_epoch(_model(), batches, t)
+    assert t.eval_count.sum() == 0

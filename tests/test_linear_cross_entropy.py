@@ -259,3 +259,15 @@ def test_refused_out_dtype_falls_back_to_upcast_once(fresh_paths, monkeypatch):
     torch.testing.assert_close(gw.double(), want, rtol=1e-6, atol=1e-6)
     assert lce.accumulation_paths() == {("cpu", torch.bfloat16, torch.float32): "upcast"}
     monkeypatch.setattr(lce, "weight_grad_path", real)
+
+
+def test_a_tracker_takes_a_vocabulary_of_its_own_size():
+    """The logits' class count is the weight's rows: a tracker made for another vocabulary
+    is refused before anything is written (its suggested labels are token ids below its
+    num_classes)."""
+    h, w, b, t = _inputs()
+    tracker = CSLTracker(3, w.shape[0] - 2)
+    with pytest.raises(ValueError, match=rf"linear_cross_entropy: the logits have C = "
+                       rf"{w.shape[0]} classes .* num_classes={w.shape[0] - 2}"):  # fmt: skip
+        linear_cross_entropy(h, w, t, torch.tensor([0, 2]), tracker, b)
+    assert tracker.csl_count.sum() == 0 and tracker.suggest_label.eq(-1).all()
