@@ -149,7 +149,8 @@ def accumulate(
             one per sample of several positions).
         csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
             :class:`csl_fast.CSLTracker` (which then records every statistic it keeps;
-            its ``num_classes``, when set, must be the logits' ``C``).
+            its ``num_classes``, when set, must be the logits' ``C``). A buffer created
+            under ``torch.inference_mode()`` is written only inside it, as PyTorch allows.
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
             each sample was recorded, so that ``csl / count`` is the mean loss.
         weight, ignore_index, label_smoothing, reduction: as in ``F.cross_entropy``

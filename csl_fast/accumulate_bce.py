@@ -19,7 +19,13 @@ import torch
 
 from . import bce_ops
 from ._ext import resolve_backend
-from .accumulate_checks import _overlap, check_buffer, check_count_fits, validate_by_default
+from .accumulate_checks import (
+    _overlap,
+    check_buffer,
+    check_count_fits,
+    check_writable,
+    validate_by_default,
+)
 from .buffer_locks import buffer_lock
 from .ops import transformed
 from .record_loss import _record_tracker
@@ -309,6 +315,7 @@ def _check_label_buffer(name: str, buf: object, n: int, labels: int) -> None:
             f"{name} requires grad, but it is a buffer written in place with no gradient; "
             "allocate it with torch.zeros(num_samples, num_labels) or pass it detached",
         )
+    check_writable("accumulate_bce", name, buf)
     if buf.shape != (n, labels) or not buf.is_contiguous():
         _fail(
             ValueError,

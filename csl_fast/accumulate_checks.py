@@ -236,10 +236,29 @@ def check_buffer(
             "with no gradient; allocate it with torch.zeros(num_samples) (requires_grad=False) "
             "or pass it detached"
         )
+    check_writable(op, name, buf)
     if buf.dim() != 1 or not buf.is_contiguous():
         raise ValueError(
             f"csl_fast.{op}: {name} must be a contiguous 1-D tensor with one entry per "
             f"dataset sample, got shape {tuple(buf.shape)} (contiguous={buf.is_contiguous()})"
+        )
+
+
+def check_writable(op: str, name: str, buf: torch.Tensor) -> None:
+    """PyTorch refuses to update an inference tensor in place outside inference mode; the
+    fused kernels, writing through data pointers, would not notice, so every backend
+    refuses it here, as the reference backend's PyTorch ops do. Not while tracing (Dynamo
+    cannot read it), where the graph's writes are PyTorch copies that check it."""
+    if (
+        not torch.compiler.is_compiling()
+        and buf.is_inference()
+        and not torch.is_inference_mode_enabled()
+    ):
+        raise RuntimeError(
+            f"csl_fast.{op}: {name} is an inference tensor (created under "
+            "torch.inference_mode()), which PyTorch lets be updated in place only inside "
+            f"inference_mode; create {name} (or the tracker holding it) outside "
+            "torch.inference_mode()"
         )
 
 

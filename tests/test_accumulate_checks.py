@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import csl_fast
 from csl_fast.accumulate_checks import _check_values, validate_by_default
@@ -124,3 +125,37 @@ def test_a_tracker_takes_logits_of_its_own_class_count(backend):
         assert torch.equal(buf, before[name]), name
     csl_fast.accumulate(logits[:, :5], target, index, tracker, backend=backend)
     assert tracker.csl_count.tolist() == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("backend", ["auto", *csl_fast.available_backends("cpu")])
+def test_inference_buffers_are_written_inside_inference_mode_only(backend):
+    """A buffer created under torch.inference_mode() is written inside it, as PyTorch
+    allows, and refused outside it with one message on every backend (the fused kernels
+    wrote into it while the reference raised PyTorch's error), before anything is written."""
+    from csl_fast.linear_cross_entropy import linear_cross_entropy
+
+    with torch.inference_mode():
+        csl, tracker = torch.zeros(4), csl_fast.CSLTracker(4, 3, backend=backend)
+    logits, target, index = torch.randn(2, 3), torch.tensor([0, 2]), torch.tensor([1, 3])
+    calls = {
+        "accumulate": lambda buf: csl_fast.accumulate(logits, target, index, buf, backend=backend),
+        "record_loss": lambda buf: csl_fast.record_loss(torch.rand(2), index, buf, backend=backend),
+        "accumulate_bce": lambda buf: csl_fast.accumulate_bce(
+            logits, torch.rand(2, 3), index, buf, backend=backend
+        ),
+        "linear_cross_entropy": lambda buf: linear_cross_entropy(
+            torch.randn(2, 4), torch.randn(3, 4), target, index, buf, backend=backend
+        ),
+    }
+    for call in calls.values():
+        for buf in (csl, tracker):
+            with pytest.raises(RuntimeError, match=r"inference tensor .* create csl \(or the "
+                               r"tracker holding it\) outside torch.inference_mode"):  # fmt: skip
+                call(buf)
+    assert csl.sum() == 0 and tracker.csl_count.sum() == 0 and tracker.last_loss.sum() == 0
+    with torch.inference_mode():
+        csl_fast.accumulate(logits, target, index, csl, backend=backend)
+        csl_fast.accumulate(logits, target, index, tracker, backend=backend)
+    want = F.cross_entropy(logits, target, reduction="none")
+    torch.testing.assert_close(csl[index], want)
+    torch.testing.assert_close(tracker.csl_sum[index], want)
