@@ -397,6 +397,16 @@ def _suggestions_of(
     return label.long(), torch.where(has, conf, torch.full_like(conf, math.nan))
 
 
+def _losses_only(source: Any) -> bool:
+    """``source`` is a tracker that saw samples but no softmax statistics."""
+    from .scores import has_logit_stats
+    from .tracker import CSLTracker
+
+    if not isinstance(source, CSLTracker):
+        return False
+    return bool((source.csl_count > 0).any()) and not has_logit_stats(source)
+
+
 def _num_samples(source: Any) -> int | None:
     """How many samples ``source`` scores, when that can be read without computing."""
     from .tracker import CSLTracker
@@ -475,6 +485,14 @@ def clean(
     if policy == "review" and budget is None:
         raise ValueError(
             "csl_fast.clean: policy='review' needs budget= (how many samples a person will review)"
+        )
+    if suggestions is None and policy == "relabel-confident" and _losses_only(source):
+        from .scores import LOSS_ONLY
+
+        # its suggestions are all -1: every row would be a drop under a relabelling policy
+        raise ValueError(
+            "csl_fast.clean: policy='relabel-confident' relabels, which needs suggested labels, "
+            f"but {LOSS_ONLY}: use policy='drop' (or 'review', or pass suggestions=)"
         )
     if detection is None:
         detection = mislabeled(source, score, **detect_kwargs)

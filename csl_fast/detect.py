@@ -163,7 +163,7 @@ class Detection:
 
     def top(self, k: int) -> torch.Tensor:
         """The ``k`` most suspicious dataset indices."""
-        return self.ranking[:k]
+        return self.ranking[: _count(k)]
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame (index, score, flagged, rank), most suspicious first.
@@ -182,6 +182,13 @@ class Detection:
                 "rank": range(1, len(r) + 1),
             }
         )
+
+
+def _count(k: Any) -> int:
+    # a negative k would slice from the end: top(-1) was every sample but the last
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+        raise ValueError(f"Detection.top: k must be an int >= 0, got {k!r}")
+    return int(k)
 
 
 @dataclass
@@ -250,9 +257,15 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
     views_read = (t.p_true_sum != 0) | (t.margin_sum != 0)
     if bool(presented.any()) and not bool((presented & views_read).any()):
         # losses only (record_loss, accumulate_bce): the views would read zeros, not margins
+        tail = (
+            "mislabeled_entries(tracker) for the (sample, label) entries, or "
+            "corrupted_targets(tracker)"
+            if t.label_csl is not None
+            else "corrupted_targets(tracker)"
+        )
         hint = (
-            f"{LOSS_ONLY}. Try: csl_fast.detect_losses.corrupted_targets(tracker) (its tail "
-            "rule is built for such losses), or rule='fraction' with a prior on the noise rate"
+            f"{LOSS_ONLY}. Try: csl_fast.detect_losses.{tail} (its tail rule is built for "
+            "such losses), or rule='fraction' with a prior on the noise rate"
         )
         return values, score, None, hint
     lost = presented & (t.margin_sum < 0)

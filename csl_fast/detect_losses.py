@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .detect import Detection, DetectionWarning, _number, _score_tensor
+from .detect import Detection, DetectionWarning, _count, _number, _score_tensor
 from .flagging import Estimate, rule_scale
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ class EntryDetection(Detection):
 
     def top(self, k: int) -> torch.Tensor:
         """The ``k`` most suspicious ``(sample, label)`` entries, ``[k, 2]``."""
-        return self._pairs(self.ranking[:k])
+        return self._pairs(self.ranking[: _count(k)])
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame (sample, label, score, flagged, rank), most suspicious first."""

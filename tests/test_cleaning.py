@@ -300,3 +300,13 @@ def test_apply_and_to_csv_refuse_plainly(tmp_path):
         plan.apply(torch.zeros(6, dtype=torch.long, device="meta"))
     with pytest.raises(FileNotFoundError, match=r"folder .*missing.* does not exist"):
         plan.to_csv(tmp_path / "missing" / "plan.csv")
+
+
+def test_a_loss_only_tracker_cannot_relabel_silently():
+    # its suggestions are all -1, so relabel-confident dropped every row without a word
+    t = csl_fast.CSLTracker(6)
+    csl_fast.record_loss(SCORES, torch.arange(6), t)
+    with pytest.raises(ValueError, match=r"recorded losses only.*policy='drop'"):
+        clean(t, detection=_det())
+    assert clean(t, detection=_det(), policy="drop").actions == ["drop"] * 4
+    assert len(clean(t, detection=_det(), policy="review", budget=2)) == 2

@@ -225,3 +225,17 @@ def test_loss_only_tracker_points_to_the_tail_rule():
         det = detect.mislabeled(t)
     assert det.rule == "auto(valley)" and "recorded losses only" in det.diagnostics["note"]
     assert all("train longer" not in str(w.message) for w in rec)
+
+
+def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
+    t = csl_fast.CSLTracker(50, num_labels=3)
+    csl_fast.record_loss(
+        torch.rand(50, generator=torch.Generator().manual_seed(0)), torch.arange(50), t
+    )
+    with pytest.warns(detect.DetectionWarning, match="mislabeled_entries"):
+        det = detect.mislabeled(t)
+    assert det.top(3).tolist() == det.ranking[:3].tolist() and det.top(0).numel() == 0
+    # top(-1) sliced from the end: every sample but the least suspicious
+    for k in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="k must be an int >= 0"):
+            det.top(k)

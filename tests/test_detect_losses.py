@@ -161,6 +161,13 @@ def test_never_presented_samples_warn_whatever_the_rule(kwargs):
         mislabeled_entries(torch.full((30, 2), math.nan), per_label=True, **kwargs)
 
 
+def test_entry_top_refuses_a_negative_k():
+    det = mislabeled_entries(torch.rand(10, 2), rule="fraction", fraction=0.1)
+    assert det.top(2).shape == (2, 2)
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        det.top(-1)
+
+
 def test_threshold_above_every_score_warns():
     with pytest.warns(DetectionWarning, match="largest is 3"):
         det = corrupted_targets(torch.tensor([1.0, 3.0, 2.0]), rule="threshold", threshold=5)
