@@ -445,7 +445,9 @@ def clean(
             ``suggestions``).
         detection: a detection to act on; default ``detect.mislabeled(source, score,
             **detect_kwargs)``.
-        policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``.
+        policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``. A tracker
+            that recorded losses only (no softmax statistics, hence no suggested labels)
+            takes ``"drop"`` or ``"review"``; ``"relabel-confident"`` raises there.
         min_confidence: the least suggestion confidence, in [0, 1], at which a sample is
             relabelled rather than dropped (default :data:`DEFAULT_MIN_CONFIDENCE`).
         budget: at most this many rows, the most suspicious (``>= 0``); required for

@@ -430,6 +430,8 @@ def _detect(
                 "(scores are higher = more suspicious), or use rule='fraction'"
             )
     else:
+        if rule == "two_view" and views is None and hint is not None:
+            raise ValueError(f"csl_fast.detect: rule='two_view' needs the margin view; {hint}")
         flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}

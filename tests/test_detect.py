@@ -225,6 +225,8 @@ def test_loss_only_tracker_points_to_the_tail_rule():
         det = detect.mislabeled(t)
     assert det.rule == "auto(valley)" and "recorded losses only" in det.diagnostics["note"]
     assert all("train longer" not in str(w.message) for w in rec)
+    with pytest.raises(ValueError, match="margin view; this run recorded losses only"):
+        detect.mislabeled(t, rule="two_view")
 
 
 def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
