@@ -607,10 +607,16 @@ def evaluate_plan(
     def mask(m: Any) -> np.ndarray:
         if m is None:
             return np.zeros(n, dtype=bool)
-        m = np.asarray(torch.as_tensor(m).cpu()).astype(bool)
+        m = np.asarray(torch.as_tensor(m).cpu())
         if m.shape != (n,):
             raise ValueError(f"evaluate_plan: ground truth must be [N] = [{n}], got {m.shape}")
-        return m
+        # under astype(bool) class labels or NaN would count as positives
+        if m.dtype != bool and not np.isin(m, (0, 1)).all():
+            raise ValueError(
+                "evaluate_plan: ground truth must be a bool mask (or 0/1), got values "
+                f"{np.unique(m[~np.isin(m, (0, 1))])[:5].tolist()}"
+            )
+        return m.astype(bool)
 
     idx = plan.index.cpu().numpy()
     mis, dup = mask(mislabeled)[idx], mask(duplicate)[idx]
@@ -622,6 +628,13 @@ def evaluate_plan(
         t = np.asarray(torch.as_tensor(true_labels).cpu())
         if t.shape != (n,):
             raise ValueError(f"evaluate_plan: true_labels must be [N] = [{n}], got {t.shape}")
+        # 2.5 never equals a suggested label: relabel_correct would read 0; 2.0 is label 2
+        if t.dtype.kind not in "iu" and not (
+            t.dtype.kind == "f" and np.isfinite(t).all() and (t == np.round(t)).all()
+        ):
+            raise TypeError(
+                f"evaluate_plan: true_labels must be integer class labels, got {t.dtype}"
+            )
         right = plan.suggested_label.cpu().numpy() == t[idx]
         correct = int(right[relabel].sum())
         keep_correct = int(right[kept].sum())

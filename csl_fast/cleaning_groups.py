@@ -91,7 +91,20 @@ def resolve_conflicts(
         return GroupDecision(
             empty, torch.empty(0, dtype=torch.bool), empty, torch.empty(0, dtype=torch.float32)
         )
+    n = labels.shape[0] if labels.dim() else 0
+    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(
+            "resolve_conflicts: labels must be int [N] class indices, got "
+            f"{labels.dtype} of shape {tuple(labels.shape)}"
+        )
+    if mean_loss.shape != labels.shape:
+        raise ValueError(
+            f"resolve_conflicts: mean_loss must be [N] = [{n}] as labels, got "
+            f"{tuple(mean_loss.shape)}"
+        )
     members = torch.tensor([i for g in groups for i in g], dtype=torch.long)
+    if members.numel() and not bool(((members >= 0) & (members < n)).all()):
+        raise ValueError(f"resolve_conflicts: group members must be dataset indices in [0, {n})")
     gid = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
     lab = labels.detach().cpu().long()[members]
     loss = mean_loss.detach().cpu().double()[members]

@@ -12,7 +12,13 @@ import torch
 
 import csl_fast
 from csl_fast import detect
-from csl_fast.cleaning import CSV_COLUMNS, DEFAULT_MIN_CONFIDENCE, CleaningPlan, clean
+from csl_fast.cleaning import (
+    CSV_COLUMNS,
+    DEFAULT_MIN_CONFIDENCE,
+    CleaningPlan,
+    clean,
+    evaluate_plan,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -310,3 +316,16 @@ def test_a_loss_only_tracker_cannot_relabel_silently():
         clean(t, detection=_det())
     assert clean(t, detection=_det(), policy="drop").actions == ["drop"] * 4
     assert len(clean(t, detection=_det(), policy="review", budget=2)) == 2
+
+
+def test_evaluate_plan_refuses_what_it_would_misread():
+    plan = _plan()
+    assert evaluate_plan(plan, LABELS, LABELS == 0)["mislabeled"] == 2
+    # class labels or NaN for a mask counted as positives, 0.5-offset labels as all wrong
+    with pytest.raises(ValueError, match="bool mask"):
+        evaluate_plan(plan, LABELS, LABELS)
+    with pytest.raises(ValueError, match="bool mask"):
+        evaluate_plan(plan, None, torch.tensor([math.nan, 0, 0, 0, 0, 0]))
+    with pytest.raises(TypeError, match="integer class labels"):
+        evaluate_plan(plan, LABELS.float() + 0.5)
+    assert evaluate_plan(plan, LABELS.double()) == evaluate_plan(plan, LABELS)

@@ -132,3 +132,14 @@ def test_bad_arguments():
         clean(scores, detection=det, suggestions=sugg, inputs=x[:5], labels=y)
     with pytest.raises(ValueError, match="mean loss"):
         clean(scores["csl"], detection=det, suggestions=sugg, inputs=x, labels=y)
+
+
+def test_resolve_conflicts_refuses_mismatched_inputs():
+    y, loss = torch.tensor([0, 1, 1]), torch.tensor([0.1, 0.2, 0.3])
+    # IndexError from inside torch, or float labels truncated by .long()
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
+        resolve_conflicts([[0, 5]], y, loss)
+    with pytest.raises(ValueError, match=r"mean_loss must be \[N\] = \[3\]"):
+        resolve_conflicts([[0, 1]], y, loss[:2])
+    with pytest.raises(ValueError, match="labels must be int"):
+        resolve_conflicts([[0, 1]], y.float() + 0.5, loss)
