@@ -40,9 +40,10 @@ _SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    flat = x.detach().reshape(x.shape[0], -1).cpu()
+    # flatten, not reshape(N, -1): with N = 0 the -1 is ambiguous and reshape refuses
+    flat = (x.detach().flatten(1) if x.dim() > 1 else x.detach().reshape(-1, 1)).cpu()
     if flat.is_complex():
-        flat = torch.view_as_real(flat).reshape(x.shape[0], -1)
+        flat = torch.view_as_real(flat).flatten(1)
     if flat.is_floating_point():
         flat = flat.contiguous().view(_SAME_SIZE_INT[flat.element_size()])
     return flat

@@ -96,3 +96,11 @@ def test_check_rows_refuses_what_cannot_be_compared(inputs, error, match):
         dg.check_rows(3, inputs, None)
     with pytest.raises(error, match=match):
         detect.duplicates(torch.rand(3), inputs=inputs)
+
+
+def test_no_samples_no_groups():
+    # reshape(0, -1) raised "cannot reshape tensor of 0 elements" on the labels
+    empty = torch.zeros(0, 2)
+    assert dg.conflicting(dg.group_ids(empty), torch.zeros(0, dtype=torch.long)).numel() == 0
+    det = detect.duplicates(torch.zeros(0), inputs=empty, labels=torch.zeros(0, dtype=torch.long))
+    assert len(det) == 0 and det.groups == []
