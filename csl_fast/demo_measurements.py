@@ -27,6 +27,7 @@ def measure_overhead(
     y: torch.Tensor,
     make_model: Callable[[], torch.nn.Module],
     *,
+    num_classes: int,
     batch_size: int,
     lr: float,
     rounds: int = 5,
@@ -60,7 +61,7 @@ def measure_overhead(
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
             model = copy.deepcopy(base)
-            tracker = None if v == "plain" else CSLTracker(n, int(y.max()) + 1, device=device)
+            tracker = None if v == "plain" else CSLTracker(n, num_classes, device=device)
             _sync(device)
             t0 = time.perf_counter()
             train(
