@@ -393,6 +393,17 @@ def _number(value: Any, name: str, rule: str, where: str = "csl_fast.detect") ->
     return float(value)
 
 
+def _unused(rule: str, fraction: Any, threshold: Any, where: str) -> None:
+    """Refuse a ``fraction=`` or ``threshold=`` that ``rule`` would silently ignore
+    (``mislabeled(t, fraction=0.05)`` ran the default rule)."""
+    for name, value in (("fraction", fraction), ("threshold", threshold)):
+        if value is not None and rule != name:
+            raise ValueError(
+                f"{where}: {name}={value!r} is read only by rule={name!r}, got rule={rule!r}: "
+                f"pass rule={name!r} (or drop {name}=)"
+            )
+
+
 def _detect(
     values: torch.Tensor,
     name: str,
@@ -404,6 +415,7 @@ def _detect(
 ) -> Detection:
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
+    _unused(rule, fraction, threshold, "csl_fast.detect")
     finite = torch.isfinite(values)
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())

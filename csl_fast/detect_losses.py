@@ -50,7 +50,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .detect import Detection, DetectionWarning, _count, _number, _score_tensor
+from .detect import (
+    Detection,
+    DetectionWarning,
+    _count,
+    _number,
+    _score_tensor,
+    _unused,
+)
 from .flagging import Estimate, rule_scale
 
 if TYPE_CHECKING:
@@ -171,6 +178,7 @@ def _flag(
     flagged = torch.zeros_like(finite)
     if rule not in LOSS_RULES:
         raise ValueError(f"csl_fast.detect_losses: rule must be one of {LOSS_RULES}, got {rule!r}")
+    _unused(rule, fraction, threshold, _WHERE)
     if rule == "threshold":
         if threshold is None:
             raise ValueError("csl_fast.detect_losses: rule='threshold' needs threshold=")

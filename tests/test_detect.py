@@ -190,6 +190,9 @@ def test_bad_sources_are_refused_plainly(source, error, match):
         ({"rule": "fraction", "fraction": "0.1"}, "fraction= a real number"),
         ({"rule": "fraction", "fraction": True}, "fraction= a real number"),
         ({"rule": "fraction", "fraction": math.nan}, "fraction= a real number"),
+        # silently ignored: the default rule ran, or the fraction rule without the threshold
+        ({"fraction": 0.05}, "fraction=0.05 is read only by rule='fraction', got rule='auto'"),
+        ({"rule": "fraction", "fraction": 0.1, "threshold": 3}, "threshold=3 is read only"),
     ],
 )
 def test_bad_rule_parameters_are_refused(kwargs, match):

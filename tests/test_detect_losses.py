@@ -120,6 +120,7 @@ def test_fraction_and_threshold_rules():
         ({"rule": "threshold", "threshold": math.nan}, "threshold= a real number"),
         ({"rule": "fraction", "fraction": "0.1"}, "fraction= a real number"),
         ({"rule": "fraction", "fraction": True}, "fraction= a real number"),
+        ({"fraction": 0.05}, "read only by rule='fraction', got rule='tail'"),
     ],
 )
 def test_bad_arguments(kwargs, match):
