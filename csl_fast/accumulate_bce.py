@@ -241,8 +241,10 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
             _check_option(name, opt, logits)
     if reduction not in REDUCTIONS:
         _fail(ValueError, f"reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
-    for name, t in (("target", target), ("index", index), *zip(_NAMES, buffers, strict=True)):
-        if t is not None and t.device != device:
+    named = (("target", target), ("index", index), ("weight", weight), ("pos_weight", pos_weight))
+    for name, t in (*named, *zip(_NAMES, buffers, strict=True)):
+        # A buffer that is no tensor at all is refused by _check_buffers, with its own message.
+        if isinstance(t, torch.Tensor) and t.device != device:
             _fail(
                 ValueError,
                 f"{name} is on {t.device} but logits are on {device}; move it with "

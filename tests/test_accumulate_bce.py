@@ -372,6 +372,19 @@ _BAD = [
         "min_margin is on meta",
     ),
     (
+        "weight device",
+        lambda a: a.update(weight=torch.rand(4, device="meta")),
+        ValueError,
+        "weight is on meta",
+    ),
+    (
+        "pos_weight device",
+        lambda a: a.update(pos_weight=torch.rand(4, device="meta")),
+        ValueError,
+        "pos_weight is on meta",
+    ),
+    ("count list", lambda a: a["bufs"].update(count=[0.0] * 5), TypeError, "count must be"),
+    (
         "no labels",
         lambda a: a.update(logits=torch.zeros(6, 0), target=torch.zeros(6, 0)),
         ValueError,
@@ -388,7 +401,11 @@ def test_bad_input_is_refused_with_nothing_written(backend, case):
     args = {"logits": logits, "target": target, "index": index, "bufs": bufs,
             "weight": None, "pos_weight": None, "reduction": "mean"}  # fmt: skip
     change(args)
-    before = {k: v.detach().clone() for k, v in args["bufs"].items() if v.device.type != "meta"}
+    before = {
+        k: v.detach().clone()
+        for k, v in args["bufs"].items()
+        if isinstance(v, torch.Tensor) and v.device.type != "meta"
+    }
     b = args["bufs"]
     with pytest.raises(error, match=match):
         csl_fast.accumulate_bce(
