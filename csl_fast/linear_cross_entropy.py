@@ -49,6 +49,7 @@ token loss over training and ``count`` its number of supervised tokens.
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 
 import torch
@@ -184,10 +185,11 @@ def linear_cross_entropy(
             f"last dimension of hidden), got {getattr(weight, 'shape', type(weight).__name__)}"
         )
     vocab = weight.shape[0]
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != vocab):
-        raise ValueError(
-            f"csl_fast.linear_cross_entropy: bias must be [V] = [{vocab}], got {tuple(bias.shape)}"
-        )
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.shape[0] != vocab
+    ):
+        got = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"csl_fast.linear_cross_entropy: bias must be [V] = [{vocab}], got {got}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -212,6 +214,14 @@ def linear_cross_entropy(
         raise ValueError(
             f"csl_fast.linear_cross_entropy: hidden of shape {tuple(hidden.shape)} needs a "
             f"[B, T] target, got target of shape {tuple(target.shape)}"
+        )
+    ignore_index, chunk_size = _int_args(ignore_index, chunk_size)
+    if accum_dtype is not None and (
+        not isinstance(accum_dtype, torch.dtype) or not accum_dtype.is_floating_point
+    ):
+        raise TypeError(
+            "csl_fast.linear_cross_entropy: accum_dtype must be a floating-point torch.dtype "
+            f"(torch.float32, the default, or weight.dtype), got {accum_dtype!r}"
         )
     h2 = hidden.reshape(-1, size_h)
     t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
@@ -274,6 +284,26 @@ def linear_cross_entropy(
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss
+
+
+def _int_args(ignore_index: object, chunk_size: object) -> tuple[int, int | None]:
+    """``ignore_index`` and ``chunk_size`` as ints; a float, bool or string is refused, not
+    truncated (``int(-100.5)`` would ignore the targets -100 that were not meant to be)."""
+    out = []
+    for name, value in (("ignore_index", ignore_index), ("chunk_size", chunk_size)):
+        if value is None and name == "chunk_size":
+            out.append(None)
+            continue
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            out.append(operator.index(value))  # a 0-d integer tensor or NumPy int too
+        except TypeError:
+            raise TypeError(
+                f"csl_fast.linear_cross_entropy: {name} must be an int, got "
+                f"{type(value).__name__} {value!r}"
+            ) from None
+    return out[0], out[1]
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -201,6 +201,27 @@ def test_chunk_size_rule_and_errors():
         linear_cross_entropy(h, w.double(), t)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"bias": [0.0] * 19}, ValueError, "bias must be"),
+        ({"chunk_size": 2.5}, TypeError, "chunk_size must be an int"),
+        ({"chunk_size": True}, TypeError, "chunk_size must be an int"),
+        ({"ignore_index": -100.5}, TypeError, "ignore_index must be an int"),
+        ({"accum_dtype": torch.int32}, TypeError, "accum_dtype must be"),
+        ({"accum_dtype": "float32"}, TypeError, "accum_dtype must be"),
+    ],
+    ids=["bias list", "chunk float", "chunk bool", "ignore float", "accum int", "accum str"],
+)
+def test_argument_types_are_refused_not_truncated(kwargs, error, match):
+    # int(-100.5) would silently ignore the -100 targets; int(2.5) would run chunks of 2.
+    h, w, _b, t = _inputs()
+    csl = torch.zeros(2)
+    with pytest.raises(error, match=match):
+        linear_cross_entropy(h, w, t, torch.arange(2), csl, **kwargs)
+    assert not csl.any()
+
+
 @pytest.fixture
 def fresh_paths(monkeypatch):
     """Empty records of the weight-gradient accumulation paths, restored after the test."""
