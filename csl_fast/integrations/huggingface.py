@@ -176,6 +176,17 @@ class CSLTrainer(Trainer):
                 f"CSLTrainer: expected [batch, classes] logits (one label per example) or "
                 f"[batch, tokens, vocabulary] logits, got shape {tuple(logits.shape)}"
             )
+        elif labels.is_floating_point() or logits.shape[1] < 2:
+            # The model's own loss is then MSE (num_labels=1) or BCE (float multi-hot
+            # labels); cross entropy of int64(labels) would silently be another loss (0 for
+            # one class and labels in [0, 1), so nothing would train).
+            raise ValueError(
+                f"CSLTrainer: records the cross entropy of single-label classification "
+                f"(integer labels, at least 2 classes), got {labels.dtype} labels of shape "
+                f"{tuple(labels.shape)} for logits {tuple(logits.shape)}: a regression or "
+                "multi-label model. Override compute_loss and record the per-example loss with "
+                "csl_fast.record_loss (regression) or csl_fast.accumulate_bce (multi-label)"
+            )
         tracker = self._tracker_for(logits)
         loss = accumulate(
             # Token logits as [B*T, V] rows with the [B, T] labels: the explicit sequence

@@ -95,3 +95,22 @@ def test_trainer_without_index_says_how_to_add_it(tmp_path):
                          train_dataset=Examples())  # fmt: skip
     with pytest.raises(KeyError, match="with_index"):
         trainer.train()
+
+
+@pytest.mark.parametrize(
+    "num_labels, labels",
+    [(1, torch.rand(4)), (1, torch.randint(0, 2, (4,))), (C, (torch.rand(4, C) < 0.5).float())],
+    ids=["regression", "one class", "multi-label"],
+)
+def test_regression_and_multi_label_models_are_refused(tmp_path, num_labels, labels):
+    # Cross entropy of int64(labels) over one class is 0: nothing would train, CSL all 0.
+    config = _model().config
+    config.num_labels = num_labels
+    model = transformers.BertForSequenceClassification(config)
+    trainer = CSLTrainer(model=model, args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=with_index(Examples()))  # fmt: skip
+    batch = {"input_ids": torch.randint(1, VOCAB, (4, LEN)), "labels": labels,
+             "index": torch.arange(4)}  # fmt: skip
+    with pytest.raises(ValueError, match=r"record_loss \(regression\) or csl_fast\.accumulate_bce"):
+        trainer.compute_loss(model.train(), batch)
+    assert trainer.csl_tracker is None
