@@ -116,7 +116,7 @@ def record_loss(
         TypeError / ValueError: wrong dtype, shape, device or buffer (nothing is written).
         IndexError: an index outside ``[0, N)`` when validating (nothing is written).
     """
-    fast = _eager_cpu_args(loss, csl, count, backend, validate)
+    fast = _eager_cpu_args(loss, index, csl, count, backend, validate)
     if fast is not None:
         try:
             _RECORD_LOSS_OP(loss.detach(), index, *fast)
@@ -153,7 +153,7 @@ def record_loss(
     return loss
 
 
-def _eager_cpu_args(loss, csl, count, backend, validate) -> tuple | None:
+def _eager_cpu_args(loss, index, csl, count, backend, validate) -> tuple | None:
     """The C++ op's arguments after ``index`` when this call can go to it straight away
     (eager, CPU tensors, backend "auto" or "cpu", no validation asked), else None.
 
@@ -166,12 +166,18 @@ def _eager_cpu_args(loss, csl, count, backend, validate) -> tuple | None:
         or _ext._C is None
         or type(loss) is not torch.Tensor
         or not loss.is_cpu
+        or not getattr(index, "is_cpu", True)
         or torch.compiler.is_compiling()
     ):
         return None
+    # Every tensor on the CPU too: one on the meta device would send the call to the op's
+    # fake kernel, which writes nothing and raises nothing.
     if type(csl) is CSLTracker:
-        return None if count is not None else (*csl.training_buffers(), *_tracker_state(csl))
-    if type(csl) is torch.Tensor:
+        buffers = csl.training_buffers()
+        if count is not None or not buffers[0].is_cpu:  # a tracker's buffers share a device
+            return None
+        return (*buffers, *_tracker_state(csl))
+    if type(csl) is torch.Tensor and csl.is_cpu and getattr(count, "is_cpu", True):
         return csl, count, None, None, None
     return None
 

@@ -208,6 +208,23 @@ def test_bad_buffers_refused():
         csl_fast.record_loss(loss, index, csl_fast.CSLTracker(4), count=torch.zeros(4))
 
 
+@pytest.mark.parametrize("where", ["csl", "count", "index", "tracker"])
+def test_a_meta_tensor_is_refused_not_skipped(where):
+    # A meta tensor among CPU ones sends the C++ op to its fake kernel, which writes
+    # nothing and raises nothing: the call has to be refused before it gets there.
+    meta = torch.device("meta")
+    loss, index, csl, count = torch.ones(2), torch.arange(2), torch.zeros(4), torch.zeros(4)
+    if where == "tracker":
+        csl, count = csl_fast.CSLTracker(4, device=meta), None
+    elif where == "index":
+        index = index.to(meta)
+    else:
+        count = count.to(meta) if where == "count" else count
+        csl = csl.to(meta) if where == "csl" else csl
+    with pytest.raises(ValueError, match="is on meta but loss is on cpu"):
+        csl_fast.record_loss(loss, index, csl, count=count)
+
+
 def test_compile_fullgraph():
     """A regression training step with record_loss inside torch.compile(fullgraph=True):
     no graph break, and the buffers (tensor and tracker) hold what eager would write."""
