@@ -128,6 +128,14 @@ class CSLTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            # Its loss is a batch scalar: there would be no per-example loss to record, and
+            # training would go on with the tracker never created.
+            raise ValueError(
+                "CSLTrainer: compute_loss_func returns a batch loss, so no example's CSL could be "
+                "recorded; override compute_loss instead and record the per-example loss "
+                "(reduction='none') with csl_fast.record_loss(loss, inputs['index'], tracker)"
+            )
         self.csl_shift_labels = csl_shift_labels
         self.csl_linear_cross_entropy = bool(csl_linear_cross_entropy)
         self.csl_tracker = csl_tracker
@@ -155,7 +163,7 @@ class CSLTrainer(Trainer):
     ) -> Any:
         inputs = dict(inputs)
         index = inputs.pop(self.csl_index_column, None)
-        if not model.training or self.compute_loss_func is not None:
+        if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if index is None or "labels" not in inputs:
             raise KeyError(

@@ -114,3 +114,11 @@ def test_regression_and_multi_label_models_are_refused(tmp_path, num_labels, lab
     with pytest.raises(ValueError, match=r"record_loss \(regression\) or csl_fast\.accumulate_bce"):
         trainer.compute_loss(model.train(), batch)
     assert trainer.csl_tracker is None
+
+
+def test_compute_loss_func_is_refused(tmp_path):
+    # With it, every training step went to the plain Trainer: no CSL, no error.
+    args = _args(tmp_path, 1, save_strategy="no")
+    train = with_index(Examples())
+    with pytest.raises(ValueError, match="compute_loss_func returns a batch loss"):
+        CSLTrainer(model=_model(), args=args, train_dataset=train, compute_loss_func=lambda *a: 0)
