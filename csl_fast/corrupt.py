@@ -13,13 +13,34 @@ import torch
 __all__ = ["duplicate_pairs", "flip_labels"]
 
 
-def _num_classes(labels: torch.Tensor, num_classes: int | None) -> int:
-    c = int(labels.max()) + 1 if num_classes is None else int(num_classes)
+def _labels(labels: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, int]:
+    """Checked int64 CPU copy of ``labels`` and the class count ``C``."""
+    if labels.dim() != 1:
+        raise ValueError(
+            f"csl_fast.corrupt: labels must be 1-D [N], got shape {tuple(labels.shape)}"
+        )
+    # int64(float labels) would truncate 0.5 to 0 and corrupt the wrong classes silently
+    if labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(
+            f"csl_fast.corrupt: labels must be integer class indices, got {labels.dtype}; "
+            "convert them with labels.long() if they hold whole numbers"
+        )
+    if num_classes is None and not labels.numel():
+        raise ValueError("csl_fast.corrupt: labels is empty; pass num_classes")
+    y = labels.detach().cpu().long()
+    c = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if c < 2:
         raise ValueError("csl_fast.corrupt: need at least 2 classes to pick a different label")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= c):
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
         raise ValueError(f"csl_fast.corrupt: labels must be in [0, {c})")
-    return c
+    # the new labels are cast back to labels.dtype, which would wrap classes it cannot hold
+    top = 1 if labels.dtype == torch.bool else torch.iinfo(labels.dtype).max
+    if c - 1 > top:
+        raise ValueError(
+            f"csl_fast.corrupt: {labels.dtype} labels cannot hold class {c - 1} of "
+            f"num_classes={c}; pass labels.long()"
+        )
+    return y, c
 
 
 def _different(labels: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
@@ -54,8 +75,7 @@ def flip_labels(
         raise ValueError(
             f"csl_fast.corrupt.flip_labels: fraction must be in [0, 1], got {fraction}"
         )
-    y = labels.detach().cpu().long()
-    c = _num_classes(y, num_classes)
+    y, c = _labels(labels, num_classes)
     n = y.numel()
     k = int(fraction * n)
     gen = torch.Generator().manual_seed(seed)
@@ -102,8 +122,7 @@ def duplicate_pairs(
             f"csl_fast.corrupt.duplicate_pairs: need 0 <= 2 * num_pairs <= N = {n}, got "
             f"num_pairs={num_pairs}"
         )
-    y = labels.detach().cpu().long()
-    c = _num_classes(y, num_classes)
+    y, c = _labels(labels, num_classes)
     gen = torch.Generator().manual_seed(seed)
     pairs = torch.randperm(n, generator=gen)[: 2 * num_pairs].reshape(num_pairs, 2)
     a, b = pairs[:, 0], pairs[:, 1]

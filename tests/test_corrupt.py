@@ -68,3 +68,22 @@ def test_duplicate_pairs_errors():
         corrupt.duplicate_pairs(x, y, 3)
     with pytest.raises(ValueError):
         corrupt.duplicate_pairs(x[:4], y, 1)
+
+
+@pytest.mark.parametrize("helper", ["flip", "dup"])
+def test_bad_labels_are_refused_with_a_reason(helper):
+    def call(y, num_classes=None):
+        if helper == "flip":
+            return corrupt.flip_labels(y, 1.0, num_classes=num_classes)
+        return corrupt.duplicate_pairs(
+            torch.zeros(y.numel(), 2), y, y.numel() // 2, num_classes=num_classes
+        )
+
+    with pytest.raises(TypeError, match="integer class indices"):
+        call(torch.tensor([0.5, 1.5, 0.5]))  # int64 would truncate them to other classes
+    with pytest.raises(ValueError, match="1-D"):
+        call(torch.tensor([[0, 1], [2, 1]]))
+    with pytest.raises(ValueError, match="cannot hold class 299"):
+        call(torch.tensor([255, 0, 1], dtype=torch.uint8), num_classes=300)  # would wrap
+    with pytest.raises(ValueError, match="pass num_classes"):
+        call(torch.zeros(0, dtype=torch.long))
