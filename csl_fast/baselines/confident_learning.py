@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..train import predict, train
+from ._checks import check_finite, check_xy
 
 __all__ = ["ConfidentLearningResult", "confident_learning", "out_of_sample_probs"]
 
@@ -44,6 +45,7 @@ def out_of_sample_probs(
 
     if k < 2:
         raise ValueError("out_of_sample_probs: k must be >= 2")
+    check_xy("out_of_sample_probs", x, y)
     kwargs = dict(train_kwargs or {})
     y_np = y.detach().cpu().numpy()
     probs: torch.Tensor | None = None
@@ -60,7 +62,7 @@ def out_of_sample_probs(
             progress=f"CL fold {f + 1}/{k}" if progress else False,
             **kwargs,
         )
-        p = predict(model, x[te_t]).softmax(1)
+        p = check_finite("out_of_sample_probs", predict(model, x[te_t])).softmax(1)
         if probs is None:
             probs = torch.zeros(x.shape[0], p.shape[1], dtype=torch.float32, device=x.device)
         probs[te_t] = p

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..train import predict, train
+from ._checks import check_finite, check_xy
 
 __all__ = ["MemorizationResult", "stability_memorization"]
 
@@ -69,6 +70,7 @@ def stability_memorization(
         raise ValueError("stability_memorization: m must be >= 1")
     if not 0 < subset_fraction < 1:
         raise ValueError("stability_memorization: subset_fraction must be in (0, 1)")
+    check_xy("stability_memorization", x, y)
     kwargs = dict(train_kwargs or {})
     n = x.shape[0]
     size = int(subset_fraction * n)
@@ -90,7 +92,8 @@ def stability_memorization(
         sub = subset.to(x.device)
         model = model_factory(seed + j).to(x.device)
         train(model, x[sub], y[sub], seed=seed + j, **kwargs)
-        correct = (predict(model, x).argmax(1) == y).cpu().double()
+        logits = check_finite("stability_memorization", predict(model, x))
+        correct = (logits.argmax(1) == y).cpu().double()
         hits_in += torch.where(member, correct, 0.0)
         hits_out += torch.where(member, 0.0, correct)
         n_in += member.long()

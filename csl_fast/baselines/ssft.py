@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..train import predict, train
+from ._checks import check_finite, check_xy
 
 __all__ = ["ssft"]
 
@@ -44,6 +45,7 @@ def ssft(
             phase).
         seed: the split (a seeded random half) and the training seeds.
     """
+    check_xy("ssft", x, y)
     kwargs = dict(train_kwargs or {})
     epochs = kwargs.pop("epochs", None)
     e1 = first_epochs if first_epochs is not None else epochs
@@ -72,7 +74,7 @@ def ssft(
         xa, ya = x[a], y[a]
 
         def watch_a(epoch: int, m: nn.Module, xa=xa, ya=ya, correct=correct) -> None:
-            correct.add_((predict(m, xa).argmax(1) == ya).float())
+            correct.add_((check_finite("ssft", predict(m, xa)).argmax(1) == ya).float())
 
         train(
             model,

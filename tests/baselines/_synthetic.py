@@ -22,3 +22,17 @@ def linear(d, c=2):
 
 
 FAST = {"epochs": 30, "lr": 0.5, "batch_size": 1024, "momentum": 0.0}
+
+
+def diverged(d, c=2):
+    """A factory whose models predict NaN logits (as after a diverged training)."""
+
+    class NaNLinear(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * float("nan")
+
+    def factory(seed):
+        torch.manual_seed(seed)
+        return NaNLinear(d, c)
+
+    return factory

@@ -9,7 +9,7 @@ pytest.importorskip("cleanlab")
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import confident_learning, out_of_sample_probs
 
-from ._synthetic import FAST, blobs, linear
+from ._synthetic import FAST, blobs, diverged, linear
 
 
 def test_finds_flipped_labels_with_fresh_model_per_fold():
@@ -40,3 +40,12 @@ def test_probabilities_are_out_of_sample():
     x, y = blobs(60)
     p = out_of_sample_probs(linear(2), x, y, k=3, train_kwargs=FAST, seed=1)
     assert bool((p.argmax(1) == y).all())
+
+
+def test_refuses_mismatched_labels_and_nan_predictions():
+    x, y = blobs(12)
+    kw = dict(FAST, epochs=1)
+    with pytest.raises(ValueError, match=r"x \(12, 2\) and y \(10,\)"):  # rows 10, 11 were 0
+        out_of_sample_probs(linear(2), x, y[:10], k=2, train_kwargs=kw)
+    with pytest.raises(FloatingPointError, match="non-finite"):  # cleanlab flagged nothing
+        confident_learning(diverged(2), x, y, k=2, train_kwargs=kw)

@@ -6,11 +6,12 @@ through its id weight, but only if that sample is in the training subset. An out
 Typical samples are right either way: mem = 0.
 """
 
+import pytest
 import torch
 
 from csl_fast.baselines import stability_memorization
 
-from ._synthetic import linear
+from ._synthetic import FAST, blobs, diverged, linear
 
 
 def test_outlier_is_memorized_typical_samples_are_not():
@@ -52,3 +53,12 @@ def test_sample_outvoted_by_identical_copies_is_not_memorized():
     kw = {"epochs": 20, "lr": 1.0, "batch_size": 1024, "momentum": 0.0}
     res = stability_memorization(linear(1), x, y, m=8, train_kwargs=kw, seed=0)
     assert res.p_in[0] == 0.0 and res.p_out[0] == 0.0 and res.memorization[0] == 0.0
+
+
+def test_refuses_mismatched_labels_and_nan_predictions():
+    x, y = blobs(12)
+    kw = dict(FAST, epochs=1)
+    with pytest.raises(ValueError, match=r"x \(12, 2\) and y \(10,\)"):
+        stability_memorization(linear(2), x, y[:10], m=1, train_kwargs=kw)
+    with pytest.raises(FloatingPointError, match="non-finite"):  # argmax(NaN) = 0 was "right"
+        stability_memorization(diverged(2), x, y, m=1, train_kwargs=kw)

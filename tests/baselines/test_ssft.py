@@ -5,7 +5,7 @@ import pytest
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import ssft
 
-from ._synthetic import FAST, blobs, linear
+from ._synthetic import FAST, blobs, diverged, linear
 
 
 def test_flipped_samples_are_forgotten():
@@ -23,3 +23,12 @@ def test_phase_lengths():
     x, y = blobs(40)
     s = ssft(linear(2), x, y, first_epochs=5, second_epochs=4, train_kwargs=FAST)
     assert bool(((s * 4).round() == s * 4).all())  # a multiple of 1 / second_epochs
+
+
+def test_refuses_mismatched_labels_and_nan_predictions():
+    x, y = blobs(12)
+    kw = dict(FAST, epochs=1)
+    with pytest.raises(ValueError, match=r"x \(12, 2\) and y \(10,\)"):
+        ssft(linear(2), x, y[:10], train_kwargs=kw)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ssft(diverged(2), x, y, train_kwargs=kw)
