@@ -74,6 +74,11 @@ def stability_memorization(
     kwargs = dict(train_kwargs or {})
     n = x.shape[0]
     size = int(subset_fraction * n)
+    if size < 1:
+        raise ValueError(
+            f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "
+            "is 0, so no model would train on anything; raise subset_fraction or N"
+        )
     gen = torch.Generator().manual_seed(seed)
     hits_in = torch.zeros(n, dtype=torch.float64)
     hits_out = torch.zeros(n, dtype=torch.float64)

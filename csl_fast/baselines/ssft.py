@@ -52,6 +52,10 @@ def ssft(
     e2 = second_epochs if second_epochs is not None else epochs
     if e1 is None or e2 is None:
         raise ValueError("ssft: give first_epochs/second_epochs or train_kwargs['epochs']")
+    if e2 < 1:  # the score is a mean over the second phase's epochs: 0/0 = NaN for all
+        raise ValueError(f"ssft: the second phase needs at least 1 epoch, got {e2}")
+    if x.shape[0] < 2:
+        raise ValueError(f"ssft: needs at least 2 samples (two halves), got {x.shape[0]}")
     n = x.shape[0]
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen).to(x.device)

@@ -62,3 +62,9 @@ def test_refuses_mismatched_labels_and_nan_predictions():
         stability_memorization(linear(2), x, y[:10], m=1, train_kwargs=kw)
     with pytest.raises(FloatingPointError, match="non-finite"):  # argmax(NaN) = 0 was "right"
         stability_memorization(diverged(2), x, y, m=1, train_kwargs=kw)
+
+
+def test_refuses_empty_subsets():
+    x, y = blobs(2)
+    with pytest.raises(ValueError, match="is 0"):  # models trained on nothing: all NaN
+        stability_memorization(linear(2), x, y, m=1, subset_fraction=0.3, train_kwargs=FAST)

@@ -32,3 +32,11 @@ def test_refuses_mismatched_labels_and_nan_predictions():
         ssft(linear(2), x, y[:10], train_kwargs=kw)
     with pytest.raises(FloatingPointError, match="non-finite"):
         ssft(diverged(2), x, y, train_kwargs=kw)
+
+
+def test_refuses_an_empty_second_phase_and_a_single_sample():
+    x, y = blobs(12)
+    with pytest.raises(ValueError, match="at least 1 epoch"):  # every score was NaN
+        ssft(linear(2), x, y, first_epochs=1, second_epochs=0, train_kwargs=FAST)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        ssft(linear(2), x[:1], y[:1], train_kwargs=FAST)
