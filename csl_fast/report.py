@@ -364,6 +364,15 @@ def write_report(
     from .scores import LOSS_ONLY, SCORES, has_logit_stats
     from .scores import scores as compute_scores
 
+    # ranking[:top] with top < 0 listed all but the last -top samples as the "top"
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise ValueError(f"write_report: top must be an int >= 0, got {top!r}")
+    if not bool((tracker.csl_count > 0).any()):
+        raise ValueError(
+            "write_report: the tracker recorded no loss for any sample (no training step "
+            "called record_loss/accumulate with it, or it was reset); train with the "
+            "tracker first"
+        )
     out = os.fspath(out_dir)
     os.makedirs(out, exist_ok=True)
     n = tracker.num_samples

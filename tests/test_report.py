@@ -264,3 +264,12 @@ def test_samples_files_of_the_wrong_kind_are_refused_in_one_line(tmp_path):
             RunSamples.load(path, n)
     for images in (np.zeros((n, 8, 8)), np.zeros((n, 8, 8, 3))):
         assert RunSamples(labels=np.arange(n), images=images).num_samples == n
+
+
+def test_empty_tracker_and_negative_top_are_refused(run, tmp_path):
+    # an empty tracker said "score 'csl' was not recorded; available: []"; top=-3 listed
+    # all but 3 samples as the top suspects
+    with pytest.raises(ValueError, match="recorded no loss"):
+        write_report(csl_fast.CSLTracker(10, 3), tmp_path / "empty")
+    with pytest.raises(ValueError, match="top must be an int >= 0"):
+        write_report(run[0], tmp_path / "neg", top=-3)
