@@ -125,8 +125,28 @@ class RunSamples:
                         f"RunSamples: {name} must be an array of numbers, one entry per "
                         f"sample; got {value.dtype} of shape {value.shape}"
                     )
+                if name not in ("images", "inputs") and value.ndim != 1:
+                    raise SamplesFileError(
+                        f"RunSamples: {name} must be 1-D, one entry per sample; got shape "
+                        f"{value.shape}"
+                    )
+                # astype(bool) made NaN and 0.5 True, int64(0.5) another class: silent
                 if name in ("mislabeled", "duplicate"):
+                    if value.dtype.kind != "b" and not np.isin(value, (0, 1)).all():
+                        raise SamplesFileError(
+                            f"RunSamples: {name} must be a mask of 0/1 or bools; it holds "
+                            f"{value[~np.isin(value, (0, 1))][0]}"
+                        )
                     value = value.astype(bool)
+                elif (
+                    name not in ("images", "inputs")
+                    and value.dtype.kind == "f"
+                    and not (np.isfinite(value) & (value == np.round(value))).all()
+                ):
+                    raise SamplesFileError(
+                        f"RunSamples: {name} must hold whole class numbers; it holds "
+                        "non-integer or non-finite values"
+                    )
             setattr(self, name, value)
         shape = None if self.images is None else self.images.shape
         if shape is not None and not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 3)):

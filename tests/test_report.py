@@ -273,3 +273,21 @@ def test_empty_tracker_and_negative_top_are_refused(run, tmp_path):
         write_report(csl_fast.CSLTracker(10, 3), tmp_path / "empty")
     with pytest.raises(ValueError, match="top must be an int >= 0"):
         write_report(run[0], tmp_path / "neg", top=-3)
+
+
+def test_run_samples_refuse_values_that_would_change_meaning():
+    # astype(bool) made NaN and 0.5 "mislabeled"; 0.5 labels became class 0 downstream
+    from csl_fast.report import SamplesFileError
+
+    n = 4
+    for field, value, msg in (
+        ("mislabeled", np.array([0.0, np.nan, 1.0, 0.0]), "mask of 0/1"),
+        ("duplicate", np.full(n, 0.5), "mask of 0/1"),
+        ("labels", np.array([0.0, 0.5, 1.0, 2.0]), "whole class numbers"),
+        ("true_labels", np.array([0.0, np.nan, 1.0, 2.0]), "whole class numbers"),
+        ("predicted", np.zeros((n, 2), dtype=int), "1-D"),
+    ):
+        with pytest.raises(SamplesFileError, match=msg):
+            RunSamples(**{field: value})
+    ok = RunSamples(labels=np.array([0.0, 2.0, 1.0, 1.0]), mislabeled=np.array([0, 1, 1, 0]))
+    assert ok.mislabeled.tolist() == [False, True, True, False]
