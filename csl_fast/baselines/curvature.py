@@ -20,6 +20,7 @@ mode here).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -63,6 +64,11 @@ def input_curvature(
     """
     if n < 1:
         raise ValueError("input_curvature: n must be >= 1")
+    # h = 0 made every curvature exactly 0, a valid-looking but empty ranking
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"input_curvature: h must be a finite step > 0 (paper: 1e-3), got {h}")
+    if batch_size < 1:
+        raise ValueError(f"input_curvature: batch_size must be >= 1, got {batch_size}")
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()

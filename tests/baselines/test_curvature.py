@@ -52,3 +52,11 @@ def test_accumulator_averages_over_chosen_epochs():
     a = input_curvature(model, x, y, n=3, seed=5)
     b = input_curvature(model, x, y, n=3, seed=7)
     torch.testing.assert_close(acc.value, (a + b) / 2)
+
+
+def test_refuses_a_zero_step_and_an_empty_batch():
+    model, x, y = nn.Linear(2, 2), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(ValueError, match="h must be a finite step > 0"):  # all 0 before
+        input_curvature(model, x, y, h=0.0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        input_curvature(model, x, y, batch_size=0)
