@@ -231,6 +231,11 @@ def detection_table(
     table: dict[str, dict[str, float]] = {}
     for name, s in scores.items():
         v = _np(s)
+        if samples is not None and samples.num_samples not in (None, len(v)):
+            raise ValueError(
+                f"detection_table: score {name!r} has {len(v)} entries, samples describe "
+                f"{samples.num_samples}; they come from different runs"
+            )
         row = {}
         for kind, (keep, pos) in sets.items():
             vv = v[keep]

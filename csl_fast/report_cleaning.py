@@ -51,6 +51,11 @@ def format_retrain_table(accuracy: Mapping[str, float], test_size: int, extra: s
     The gain line reads ``(cleaned - noisy) / (ceiling - noisy)``: the share of the
     accuracy lost to label noise that cleaning won back.
     """
+    unknown = set(accuracy) - set(RETRAIN_ROWS)
+    if unknown:  # a misspelt arm was left out of the table without a word
+        raise ValueError(
+            f"format_retrain_table: unknown arms {sorted(unknown)}; use {list(RETRAIN_ROWS)}"
+        )
     lines = [f"clean-test accuracy on {test_size} held-out samples"]
     for key, label in RETRAIN_ROWS.items():
         if key in accuracy:

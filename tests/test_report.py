@@ -291,3 +291,9 @@ def test_run_samples_refuse_values_that_would_change_meaning():
             RunSamples(**{field: value})
     ok = RunSamples(labels=np.array([0.0, 2.0, 1.0, 1.0]), mislabeled=np.array([0, 1, 1, 0]))
     assert ok.mislabeled.tolist() == [False, True, True, False]
+
+
+def test_detection_table_refuses_scores_of_another_run():
+    samples = RunSamples(mislabeled=np.array([1, 0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="3 entries, samples describe 5"):  # was IndexError
+        detection_table({"csl": torch.zeros(3)}, samples)

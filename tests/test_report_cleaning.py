@@ -156,3 +156,8 @@ def test_retrain_note_in_demo_results(tmp_path, capsys):
         printed,
     )
     assert "3 kept (the member of a conflicting duplicate group" in printed
+
+
+def test_format_retrain_table_refuses_unknown_arms():
+    with pytest.raises(ValueError, match=r"unknown arms \['clean'\]"):  # was left out silently
+        format_retrain_table({"noisy": 0.9, "clean": 0.95}, 10)
