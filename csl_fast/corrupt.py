@@ -8,6 +8,8 @@ identical across machines and devices.
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 __all__ = ["duplicate_pairs", "flip_labels"]
@@ -55,10 +57,12 @@ def flip_labels(
     num_classes: int | None = None,
     seed: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Give ``int(fraction * N)`` random samples a uniformly random *different* class.
+    """Give ``floor(fraction * N)`` random samples a uniformly random *different* class.
 
-    The samples are the first ``int(fraction * N)`` of a seeded random permutation; each
-    new label is drawn uniformly from the ``C - 1`` other classes.
+    The samples are the first ``floor(fraction * N)`` of a seeded random permutation; each
+    new label is drawn uniformly from the ``C - 1`` other classes. The product is taken
+    with ``fraction`` as its shortest decimal (``0.29 * 100 = 29``, where the float
+    product ``int(0.29 * 100)`` is 28).
 
     Args:
         labels: ``[N]`` int labels in ``[0, C)``.
@@ -68,7 +72,7 @@ def flip_labels(
 
     Returns:
         ``(noisy_labels, flipped)``: a new ``[N]`` label tensor (same dtype and device)
-        and a bool ``[N]`` mask with exactly ``int(fraction * N)`` True entries, which are
+        and a bool ``[N]`` mask with exactly ``floor(fraction * N)`` True entries, which are
         exactly the samples whose label changed.
     """
     if not 0.0 <= fraction <= 1.0:
@@ -77,7 +81,8 @@ def flip_labels(
         )
     y, c = _labels(labels, num_classes)
     n = y.numel()
-    k = int(fraction * n)
+    # the fraction as written, not its binary float: int(0.29 * 100) is 28
+    k = int(Fraction(repr(float(fraction))) * n)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:k]
     noisy = y.clone()

@@ -87,3 +87,10 @@ def test_bad_labels_are_refused_with_a_reason(helper):
         call(torch.tensor([255, 0, 1], dtype=torch.uint8), num_classes=300)  # would wrap
     with pytest.raises(ValueError, match="pass num_classes"):
         call(torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("fraction", "n", "k"), [(0.29, 100, 29), (0.57, 100, 57), (0.1, 97, 9)])
+def test_flip_labels_counts_the_fraction_as_written(fraction, n, k):
+    # int(0.29 * 100) is 28: the float product fell just short of the count asked for
+    _, mask = corrupt.flip_labels(torch.zeros(n, dtype=torch.long), fraction, num_classes=2)
+    assert int(mask.sum()) == k
