@@ -394,8 +394,9 @@ def write_report(
         raise ValueError(f"write_report: top must be an int >= 0, got {top!r}")
     if not bool((tracker.csl_count > 0).any()):
         raise ValueError(
-            "write_report: the tracker recorded no loss for any sample (no training step "
-            "called record_loss/accumulate with it, or it was reset); train with the "
+            "write_report: the tracker recorded no loss for any sample: no training step "
+            "passed it to record_loss/accumulate, it was reset, or every loss was "
+            "non-finite (training diverged; those are not recorded). Train with the "
             "tracker first"
         )
     out = os.fspath(out_dir)
