@@ -4,8 +4,9 @@ r"""Stability-based memorization (Feldman 2020; Feldman & Zhang 2020), by subsam
     \mathrm{mem}_i = \Pr[h(x_i) = y_i \mid i \in S] - \Pr[h(x_i) = y_i \mid i \notin S],
 
 estimated by training ``m`` models, each on a random subset ``S`` with
-``int(subset_fraction * N)`` samples (70% by default), and averaging the 0/1 correctness
-on sample ``i`` over the models whose subset did / did not contain ``i``. This is the
+``floor(subset_fraction * N)`` samples (70% by default; the fraction taken as written:
+0.7 of 90 is 63), and averaging the 0/1 correctness on sample ``i`` over the models
+whose subset did / did not contain ``i``. This is the
 expensive ground truth CSL approximates: the paper's ImageNet/CIFAR estimates use
 2,000–10,000 models; for small models on small data a few hundred are enough for a rough
 estimate (the standard error of each term is about ``sqrt(p(1-p) / count)``).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -73,7 +75,8 @@ def stability_memorization(
     check_xy("stability_memorization", x, y)
     kwargs = dict(train_kwargs or {})
     n = x.shape[0]
-    size = int(subset_fraction * n)
+    # the fraction as written, not its binary float: int(0.7 * 90) is 62
+    size = int(Fraction(repr(float(subset_fraction))) * n)
     if size < 1:
         raise ValueError(
             f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "

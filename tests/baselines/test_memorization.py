@@ -68,3 +68,9 @@ def test_refuses_empty_subsets():
     x, y = blobs(2)
     with pytest.raises(ValueError, match="is 0"):  # models trained on nothing: all NaN
         stability_memorization(linear(2), x, y, m=1, subset_fraction=0.3, train_kwargs=FAST)
+
+
+def test_subset_size_is_the_fraction_as_written():
+    x, y = blobs(90)  # int(0.7 * 90) is 62
+    res = stability_memorization(linear(2), x, y, m=1, train_kwargs=dict(FAST, epochs=1))
+    assert int(res.n_in.sum()) == 63
