@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_xy
+
 __all__ = ["CurvatureAccumulator", "input_curvature"]
 
 
@@ -116,6 +118,7 @@ class CurvatureAccumulator:
         batch_size: int = 1024,
         seed: int = 0,
     ) -> None:
+        check_xy("CurvatureAccumulator", x, y)  # now, not after the first training epoch
         self.x, self.y = x, y
         self.epochs = None if epochs is None else set(epochs)
         self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed

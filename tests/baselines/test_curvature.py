@@ -60,3 +60,9 @@ def test_refuses_a_zero_step_and_an_empty_batch():
         input_curvature(model, x, y, h=0.0)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         input_curvature(model, x, y, batch_size=0)
+
+
+def test_accumulator_refuses_mismatched_labels_at_construction():
+    # the mismatch surfaced at the first measurement, after an epoch of training
+    with pytest.raises(ValueError, match=r"x \(4, 2\) and y \(3,\)"):
+        CurvatureAccumulator(torch.randn(4, 2), torch.tensor([0, 1, 0]))
