@@ -6,7 +6,7 @@ What it does, in order:
 1. Loads scikit-learn's digits (1,797 8x8 images of 10 classes, shipped with the package)
    and trains on a seeded random subset of ``--samples`` of them (default 1,437, 80%); the
    other digits, never corrupted, are the held-out clean test set.
-2. Flips ``int(noise * N)`` labels to a uniformly random different class
+2. Flips ``floor(noise * N)`` labels to a uniformly random different class
    (:func:`csl_fast.corrupt.flip_labels`), then makes ``pairs`` disjoint conflicting-label
    duplicate pairs among the samples that were not flipped
    (:func:`csl_fast.corrupt.duplicate_pairs`: ``x_a := x_b``, ``y_a != y_b``), so each

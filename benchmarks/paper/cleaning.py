@@ -1,6 +1,6 @@
 """Clean and retrain: how much of the accuracy lost to label noise does cleaning win back?
 
-For each regime, noise rate and seed, with ``int(p * N)`` training labels flipped to a
+For each regime, noise rate and seed, with ``floor(p * N)`` training labels flipped to a
 uniformly random different class, the clean test accuracy of the same model (same
 initialisation, same minibatch seed, same hyperparameters; only the training labels
 differ) trained on:

@@ -1,6 +1,6 @@
 """Mislabeled detection (poster table "Identifying Mislabeled"), small scale.
 
-int(p * N) labels flipped to a uniformly random different class, p in {1, 2, 5, 10}%,
+floor(p * N) labels flipped to a uniformly random different class, p in {1, 2, 5, 10}%,
 3 seeds; AUROC (and AUPR, FPR@95TPR in the JSON) of every method against the flipped
 mask. Default: digits, ~10 min on one CPU core. ``python benchmarks/paper/mislabeled.py
 --help`` for the knobs.
