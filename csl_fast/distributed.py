@@ -186,7 +186,8 @@ class _SyncState:
 
 def is_distributed(group: Any = None) -> bool:
     """True when ``torch.distributed`` is available, initialised and the group spans more
-    than one process."""
+    than one process (this rank among them: torch gives a rank outside ``group`` a size
+    of -1)."""
     if not (dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(group) > 1

@@ -486,11 +486,13 @@ class CSLTracker(TrackerStatistics):
         return sync(self, group)
 
     @locked
-    def end_epoch(self) -> None:
+    def end_epoch(self, group: Any = None) -> None:
         """Close the current training epoch.
 
         Under an initialised ``torch.distributed`` process group, first combines the ranks
-        (:meth:`sync`, a collective: call ``end_epoch`` on every rank). Then appends this
+        of ``group`` (default: every rank), as :meth:`sync` does with the same ``group``: a
+        collective, so call ``end_epoch`` on every rank of ``group``. A rank outside
+        ``group``, or a ``group`` of one process, closes its epoch alone. Then appends this
         epoch's mean input-gradient norm (once any was recorded) and, with
         ``history=True``, its mean loss to the histories, resets the per-epoch
         accumulators and advances :attr:`epoch`. Reads nothing on the host when not
@@ -498,8 +500,8 @@ class CSLTracker(TrackerStatistics):
         """
         from .distributed import is_distributed
 
-        if is_distributed():
-            self.sync()
+        if is_distributed(group):
+            self.sync(group)
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(
                 _mean_or_nan(self.epoch_input_grad_sq_sum, self.epoch_input_grad_count).float()
