@@ -65,9 +65,10 @@ once per rank. A tracker that has closed epochs but was never synced or marked m
 Agreement and timeouts
 ----------------------
 Before any other collective, :func:`sync` and :func:`mark_synced` all-gather a small
-fingerprint from every rank: the call, ``num_samples``, the dtype, ``history``,
-``num_labels``, the set of buffers, ``epoch``, ``eval_passes`` and whether the tracker was
-synced before (:func:`mark_synced` adds its count totals). When the ranks differ, every
+fingerprint from every rank: the call, ``num_samples``, ``num_classes`` (a tracker without
+it agrees with any), the dtype, ``history``, ``num_labels``, the set of buffers, ``epoch``,
+``eval_passes`` and whether the tracker was synced before (:func:`mark_synced` adds its
+count totals). When the ranks differ, every
 rank raises the same :class:`SyncError` naming the fields and each rank's value, instead
 of entering collectives of mismatched sizes (which gloo answers with an abort).
 
@@ -236,6 +237,7 @@ _FIELDS = (
     "num_samples",
     "dtype",
     "history",
+    "num_classes",
     "num_labels",
     "buffer set",
     "epoch",
@@ -259,6 +261,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         tracker.num_samples,
         torch.finfo(tracker.dtype).bits,
         int(tracker.history),
+        tracker.num_classes or 0,
         tracker.num_labels or 0,
         zlib.crc32(names.encode()),
         tracker.epoch,
@@ -276,7 +279,7 @@ def _show(name: str, value: int) -> str:
         return f"float{value}"
     if name in ("history", "synced before"):
         return str(bool(value))
-    if name == "num_labels":
+    if name in ("num_classes", "num_labels"):
         return str(value or None)
     if name.endswith("total"):
         return repr(torch.tensor([value]).view(torch.float64).item())
@@ -298,18 +301,30 @@ def _agree(tracker: CSLTracker, group: Any, call: int, has_state: bool, timeout:
         + ", ".join(f"rank {r}: {_show(name, int(table[r, k]))}" for r in range(world))
         + ")"
         for k, name in enumerate(_FIELDS)
-        if not bool((table[:, k] == table[0, k]).all())
+        if len(_values(name, table[:, k])) > 1
     ]
     if differ:
         raise SyncError(
             "csl_fast.distributed: the ranks' trackers or calls differ in "
             + "; ".join(differ)
-            + ". Every rank must create its tracker with the same num_samples, dtype, history "
-            "and num_labels, call end_epoch() and score_epoch() the same number of times, and "
-            "make the same sync()/mark_synced() calls together (after loading the same "
-            "checkpoint)"
+            + ". Every rank must create its tracker with the same num_samples, num_classes, "
+            "dtype, history and num_labels, call end_epoch() and score_epoch() the same number "
+            "of times, and make the same sync()/mark_synced() calls together (after loading "
+            "the same checkpoint)"
+        )
+    if tracker.num_classes is None:  # every rank ends up with the same metadata
+        tracker.num_classes = max(
+            _values("num_classes", table[:, _FIELDS.index("num_classes")]), default=None
         )
     return table
+
+
+def _values(name: str, column: torch.Tensor) -> set[int]:
+    """The distinct values of a fingerprint field over the ranks. A tracker without
+    ``num_classes`` (None, sent as 0) agrees with any, as :meth:`CSLTracker.load` and
+    :func:`csl_fast.merge` have it."""
+    values = set(column.tolist())
+    return values - {0} if name == "num_classes" else values
 
 
 def _wait(work: Any, timeout: float, what: str) -> None:
@@ -371,10 +386,10 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     initialised or the group has a single process. Reads a few values on the host.
 
     Before any other collective the ranks all-gather a fingerprint of their trackers and
-    calls (``num_samples``, dtype, ``history``, ``num_labels``, the buffer set, ``epoch``,
-    ``eval_passes``, synced before), so trackers that differ raise a clear error instead
-    of mismatched collectives. Each collective waits at most ``timeout`` seconds (default
-    :func:`get_timeout`).
+    calls (``num_samples``, ``num_classes``, dtype, ``history``, ``num_labels``, the buffer
+    set, ``epoch``, ``eval_passes``, synced before), so trackers that differ raise a clear
+    error instead of mismatched collectives. Each collective waits at most ``timeout``
+    seconds (default :func:`get_timeout`).
 
     Raises:
         SyncError: the ranks' fingerprints differ (the same error on every rank), or the

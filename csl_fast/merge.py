@@ -84,16 +84,12 @@ def merge(
             f"csl_fast.merge: the trackers cover different numbers of samples N = {sizes}; "
             "only trackers of the same training set (same N, same index order) can be merged"
         )
-    classes = {t.num_classes for t in runs} - {None}
-    if len(classes) > 1:
-        raise TrackerStateError(
-            f"csl_fast.merge: the trackers have different num_classes {sorted(classes)}"
-        )
+    classes = {t.num_classes for t in runs} - {None}  # None: unknown, agrees with any
     labels = {t.num_labels for t in runs}
-    if len(labels) > 1:
-        raise TrackerStateError(
-            f"csl_fast.merge: the trackers have different num_labels {sorted(labels, key=str)}"
-        )
+    for name, values in (("num_classes", classes), ("num_labels", labels)):
+        if len(values) > 1:
+            each = ", ".join(f"tracker {i}: {getattr(t, name)}" for i, t in enumerate(runs))
+            raise TrackerStateError(f"csl_fast.merge: the trackers have different {name} ({each})")
     n = sizes[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)

@@ -290,6 +290,10 @@ def _disagree_worker(rank: int, init: str, out: str):
     t.csl_count[0] = 1.0 + rank  # a different checkpoint on each rank
     attempt(lambda: mark_synced(t))
     attempt(CSLTracker(10, C, num_labels=2 if rank else None).sync)
+    attempt(CSLTracker(10, C + rank).end_epoch)
+    t = CSLTracker(10, C if rank else None)  # None: unknown, agrees with any
+    attempt(t.sync)
+    msgs.append(t.num_classes)
     # the same trackers still sync afterwards
     t = CSLTracker(10, C)
     t.csl_sum[rank] += 1.5
@@ -315,6 +319,7 @@ def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
         "call (rank 0: sync(), rank 1: mark_synced())",
         "csl_count total (rank 0: 1.0, rank 1: 2.0)",
         "num_labels (rank 0: None, rank 1: 2)",
+        "num_classes (rank 0: 3, rank 1: 4)",
     ]
     for msg, want in zip(msgs, wanted, strict=False):
         assert want in msg, (want, msg)
@@ -322,7 +327,10 @@ def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
     assert "buffer set" in msgs[1]  # history adds buffers
     assert "num_samples (" not in msgs[5]
     assert "num_labels" in msgs[6].split(". Every rank")[1]  # the advice names it too
-    assert msgs[7] == [1.5, 1.5, 0.0]
+    assert "num_classes" in msgs[7].split(". Every rank")[1]
+    assert "num_samples (" not in msgs[7] and "buffer set" not in msgs[7]
+    assert msgs[8:10] == ["no error", C]
+    assert msgs[10] == [1.5, 1.5, 0.0]
 
 
 def _timeout_worker(rank: int, init: str, out: str):

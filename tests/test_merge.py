@@ -85,8 +85,11 @@ def test_merge_aligns_histories_and_mixes_dtypes():
 def test_merge_refuses_different_n():
     with pytest.raises(TrackerStateError, match=r"different numbers of samples N = \[10, 11\]"):
         csl_fast.merge([CSLTracker(10), CSLTracker(11)])
-    with pytest.raises(TrackerStateError, match="num_classes"):
-        csl_fast.merge([CSLTracker(10, 3), CSLTracker(10, 4)])
+    with pytest.raises(
+        TrackerStateError, match=r"num_classes \(tracker 0: 3, tracker 1: None, tracker 2: 4\)"
+    ):
+        csl_fast.merge([CSLTracker(10, 3), CSLTracker(10), CSLTracker(10, 4)])
+    assert csl_fast.merge([CSLTracker(10), CSLTracker(10, 4)]).num_classes == 4
     with pytest.raises(TrackerStateError, match="no trackers"):
         csl_fast.merge([])
     with pytest.raises(TypeError, match="expected CSLTrackers"):
