@@ -432,8 +432,8 @@ def clean(
     budget: int | None = None,
     score: str = "csl",
     suggestions: tuple[torch.Tensor, torch.Tensor] | None = None,
-    inputs: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
+    inputs: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
+    labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
     **detect_kwargs: Any,
 ) -> CleaningPlan:
     """What to do with each suspicious sample: drop it or relabel it (see the module doc).
@@ -455,11 +455,13 @@ def clean(
         score: the score of the default detection.
         suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;
             default ``source.suggestions()`` when ``source`` is a tracker.
-        inputs: optional ``[N, ...]`` training inputs: the plan also acts on
+        inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list, as
+            ``labels``): the plan also acts on
             ``detect.duplicates(source, score, inputs=inputs, labels=labels)`` (module
             doc). Without ``labels`` the groups holding a sample of ``detection`` are added
             whole and their members get the usual per-sample action.
-        labels: optional int ``[N]`` given labels (needs ``inputs``): each group of
+        labels: optional int ``[N]`` given labels (tensor, array or list; needs
+            ``inputs``): each group of
             identical inputs with conflicting labels is flagged and resolved
             (:mod:`csl_fast.cleaning_groups`).
         **detect_kwargs: forwarded to :func:`csl_fast.detect.mislabeled` (``rule``,

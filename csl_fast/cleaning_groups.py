@@ -138,8 +138,8 @@ def resolve_conflicts(
 def duplicate_decisions(
     source: Any,
     score: str,
-    inputs: torch.Tensor | None,
-    labels: torch.Tensor | None,
+    inputs: Any,
+    labels: Any,
     detection: Detection,
 ) -> tuple[Detection | None, GroupDecision | None]:
     """For :func:`csl_fast.clean`: the duplicate detection a plan merges (None without
@@ -157,9 +157,11 @@ def duplicate_decisions(
                 "labels are compared)"
             )
         return None, None
+    # inputs and labels alike: a tensor, a NumPy array or a (nested) list
+    inputs = _as_tensor("inputs", inputs)
     lab = None
     if labels is not None:
-        lab = torch.as_tensor(labels).detach().cpu()
+        lab = _as_tensor("labels", labels).detach().cpu()
         if lab.dim() != 1 or lab.dtype.is_floating_point or lab.dtype == torch.bool:
             raise ValueError(
                 f"csl_fast.clean: labels must be int [N] = [{n}] class indices, got "
@@ -179,6 +181,18 @@ def duplicate_decisions(
         return dup, None
     dup = duplicates(source, score, inputs=inputs, labels=lab)
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"csl_fast.clean: {name} must be a tensor, a NumPy array or a list with one row per "
+            f"sample, got {type(value).__name__} ({exc})"
+        ) from None
 
 
 def _mean_loss(source: Any) -> torch.Tensor:

@@ -134,6 +134,18 @@ def test_bad_arguments():
         clean(scores["csl"], detection=det, suggestions=sugg, inputs=x, labels=y)
 
 
+def test_inputs_and_labels_take_arrays_and_lists_alike():
+    # labels= took a NumPy array or a list, inputs= refused them ("must be a torch.Tensor")
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
+    want = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y).rows()
+    for inputs, labels in ((x.numpy(), y.numpy()), (x.tolist(), y.tolist()), (x.numpy(), y)):
+        plan = clean(scores, detection=det, suggestions=sugg, inputs=inputs, labels=labels)
+        assert plan.rows() == want
+    with pytest.raises(TypeError, match="inputs must be a tensor, a NumPy array or a list"):
+        clean(scores, detection=det, suggestions=sugg, inputs=[[1.0], [2.0, 3.0]], labels=y)
+
+
 def test_resolve_conflicts_refuses_mismatched_inputs():
     y, loss = torch.tensor([0, 1, 1]), torch.tensor([0.1, 0.2, 0.3])
     # IndexError from inside torch, or float labels truncated by .long()
