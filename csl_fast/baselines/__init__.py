@@ -10,7 +10,9 @@
 
 The retraining baselines take a ``model_factory`` (``seed -> nn.Module``) and train with
 :func:`csl_fast.train.train` (``train_kwargs`` forwarded), so small models on in-memory
-tensors are the intended scale.
+tensors are the intended scale. Inputs ``x`` are a tensor; labels ``y`` are class indices
+``>= 0`` of any integer dtype, as a tensor, NumPy array or list (float labels are refused,
+not truncated).
 """
 
 from .confident_learning import ConfidentLearningResult, confident_learning, out_of_sample_probs

@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
-def check_xy(fn: str, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Refuse labels that are not one per input row (they would score the wrong samples)."""
+def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
+    """``y`` as int64 class indices on ``x``'s device, checked to be one per input row.
+
+    Any integer dtype is taken (``F.cross_entropy`` takes int64 and uint8 only, and
+    refused int32 labels from deep inside training); float, complex and bool labels are
+    refused rather than truncated, and negative ones because ``F.cross_entropy`` silently
+    ignores ``-100`` in training.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{fn}: x must be a torch.Tensor of inputs [N, ...], got {type(x).__name__} "
+            "(convert it with torch.as_tensor(x, dtype=torch.float32))"
+        )
+    if not isinstance(y, torch.Tensor):
+        try:
+            y = torch.as_tensor(y)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(
+                f"{fn}: labels y must be int class indices [N] (a tensor, NumPy array or "
+                f"list), got {type(y).__name__}"
+            ) from None
     if y.dim() != 1 or x.dim() == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(
             f"{fn}: need x of shape [N, ...] and labels y of shape [N], got x "
             f"{tuple(x.shape)} and y {tuple(y.shape)}"
         )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(
+            f"{fn}: labels y must be integer class indices, got {y.dtype}; convert them with "
+            "y.long() if they hold whole numbers"
+        )
+    if y.numel() and int(y.min()) < 0:
+        raise ValueError(f"{fn}: labels y must be class indices >= 0, got {int(y.min())}")
+    return y.to(x.device, torch.int64)
 
 
 def check_finite(fn: str, logits: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ def out_of_sample_probs(
 
     if k < 2:
         raise ValueError("out_of_sample_probs: k must be >= 2")
-    check_xy("out_of_sample_probs", x, y)
+    y = check_xy("out_of_sample_probs", x, y)
     kwargs = dict(train_kwargs or {})
     y_np = y.detach().cpu().numpy()
     probs: torch.Tensor | None = None
@@ -111,6 +111,7 @@ def confident_learning(
     """
     from cleanlab.filter import find_label_issues
 
+    y = check_xy("confident_learning", x, y)
     probs = out_of_sample_probs(
         model_factory, x, y, k=k, train_kwargs=train_kwargs, seed=seed, progress=progress
     )

@@ -71,6 +71,7 @@ def input_curvature(
         raise ValueError(f"input_curvature: h must be a finite step > 0 (paper: 1e-3), got {h}")
     if batch_size < 1:
         raise ValueError(f"input_curvature: batch_size must be >= 1, got {batch_size}")
+    y = check_xy("input_curvature", x, y)
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -118,8 +119,8 @@ class CurvatureAccumulator:
         batch_size: int = 1024,
         seed: int = 0,
     ) -> None:
-        check_xy("CurvatureAccumulator", x, y)  # now, not after the first training epoch
-        self.x, self.y = x, y
+        # now, not after the first training epoch
+        self.x, self.y = x, check_xy("CurvatureAccumulator", x, y)
         self.epochs = None if epochs is None else set(epochs)
         self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed
         self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)

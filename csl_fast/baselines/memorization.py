@@ -72,7 +72,7 @@ def stability_memorization(
         raise ValueError("stability_memorization: m must be >= 1")
     if not 0 < subset_fraction < 1:
         raise ValueError("stability_memorization: subset_fraction must be in (0, 1)")
-    check_xy("stability_memorization", x, y)
+    y = check_xy("stability_memorization", x, y)
     kwargs = dict(train_kwargs or {})
     n = x.shape[0]
     # the fraction as written, not its binary float: int(0.7 * 90) is 62

@@ -45,7 +45,7 @@ def ssft(
             phase).
         seed: the split (a seeded random half) and the training seeds.
     """
-    check_xy("ssft", x, y)
+    y = check_xy("ssft", x, y)
     kwargs = dict(train_kwargs or {})
     epochs = kwargs.pop("epochs", None)
     e1 = first_epochs if first_epochs is not None else epochs

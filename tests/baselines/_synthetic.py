@@ -36,3 +36,16 @@ def diverged(d, c=2):
         return NaNLinear(d, c)
 
     return factory
+
+
+# labels as a user may hold them: every integer dtype (F.cross_entropy takes int64 and
+# uint8 only), a NumPy array, a list
+LABEL_FORMS = {
+    "int32": lambda y: y.int(),
+    "int16": lambda y: y.short(),
+    "int8": lambda y: y.to(torch.int8),
+    "uint8": lambda y: y.byte(),
+    "numpy-int32": lambda y: y.int().numpy(),
+    "list": lambda y: y.tolist(),
+}
+FLOAT_LABELS = "labels y must be integer class indices, got torch.float32"

@@ -9,7 +9,7 @@ pytest.importorskip("cleanlab")
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import confident_learning, out_of_sample_probs
 
-from ._synthetic import FAST, blobs, diverged, linear
+from ._synthetic import FAST, FLOAT_LABELS, LABEL_FORMS, blobs, diverged, linear
 
 
 def test_finds_flipped_labels_with_fresh_model_per_fold():
@@ -49,3 +49,15 @@ def test_refuses_mismatched_labels_and_nan_predictions():
         out_of_sample_probs(linear(2), x, y[:10], k=2, train_kwargs=kw)
     with pytest.raises(FloatingPointError, match="non-finite"):  # cleanlab flagged nothing
         confident_learning(diverged(2), x, y, k=2, train_kwargs=kw)
+
+
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_labels_of_any_integer_dtype_array_or_list(form):
+    # int32 labels failed deep inside training, uint8 in the score's gather
+    x, y = blobs(30)
+    kw = dict(FAST, epochs=2)
+    want = confident_learning(linear(2), x, y, k=2, train_kwargs=kw)
+    got = confident_learning(linear(2), x, LABEL_FORMS[form](y), k=2, train_kwargs=kw)
+    assert torch.equal(got.scores, want.scores) and torch.equal(got.issues, want.issues)
+    with pytest.raises(TypeError, match=FLOAT_LABELS):
+        out_of_sample_probs(linear(2), x, y.float(), k=2, train_kwargs=kw)

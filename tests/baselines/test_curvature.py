@@ -6,6 +6,8 @@ from torch import nn
 
 from csl_fast.baselines import CurvatureAccumulator, input_curvature
 
+from ._synthetic import FLOAT_LABELS, LABEL_FORMS
+
 
 def _hessian_probe(model, x, y, h, n, seed):
     """mean_k ||H_i (h v_k)|| with the same Rademacher draws as input_curvature."""
@@ -66,3 +68,19 @@ def test_accumulator_refuses_mismatched_labels_at_construction():
     # the mismatch surfaced at the first measurement, after an epoch of training
     with pytest.raises(ValueError, match=r"x \(4, 2\) and y \(3,\)"):
         CurvatureAccumulator(torch.randn(4, 2), torch.tensor([0, 1, 0]))
+
+
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_labels_of_any_integer_dtype_array_or_list(form):
+    # int32 labels failed inside F.cross_entropy ("expected target dtype to be Long or Byte")
+    torch.manual_seed(0)
+    model, x, y = nn.Linear(3, 4), torch.randn(9, 3), torch.randint(0, 4, (9,))
+    want = input_curvature(model, x, y, n=2)
+    assert torch.equal(input_curvature(model, x, LABEL_FORMS[form](y), n=2), want)
+    acc = CurvatureAccumulator(x, LABEL_FORMS[form](y), n=2)
+    acc.update(model, seed=0)
+    assert torch.equal(acc.value, want)
+    with pytest.raises(TypeError, match=FLOAT_LABELS):
+        input_curvature(model, x, y.float())
+    with pytest.raises(TypeError, match=FLOAT_LABELS):
+        CurvatureAccumulator(x, y.float())

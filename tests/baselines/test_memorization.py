@@ -11,7 +11,7 @@ import torch
 
 from csl_fast.baselines import stability_memorization
 
-from ._synthetic import FAST, blobs, diverged, linear
+from ._synthetic import FAST, FLOAT_LABELS, LABEL_FORMS, blobs, diverged, linear
 
 
 def test_outlier_is_memorized_typical_samples_are_not():
@@ -74,3 +74,15 @@ def test_subset_size_is_the_fraction_as_written():
     x, y = blobs(90)  # int(0.7 * 90) is 62
     res = stability_memorization(linear(2), x, y, m=1, train_kwargs=dict(FAST, epochs=1))
     assert int(res.n_in.sum()) == 63
+
+
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_labels_of_any_integer_dtype_array_or_list(form):
+    # int32 labels failed deep inside training ("expected target dtype to be Long or Byte")
+    x, y = blobs(20)
+    kw = dict(FAST, epochs=2)
+    want = stability_memorization(linear(2), x, y, m=2, train_kwargs=kw).memorization
+    got = stability_memorization(linear(2), x, LABEL_FORMS[form](y), m=2, train_kwargs=kw)
+    assert torch.equal(got.memorization.nan_to_num(-1), want.nan_to_num(-1))
+    with pytest.raises(TypeError, match=FLOAT_LABELS):
+        stability_memorization(linear(2), x, y.float(), m=1, train_kwargs=kw)

@@ -1,11 +1,12 @@
 """SSFT: samples whose label the second split contradicts are forgotten at once."""
 
 import pytest
+import torch
 
 from csl_fast import corrupt, evaluate
 from csl_fast.baselines import ssft
 
-from ._synthetic import FAST, blobs, diverged, linear
+from ._synthetic import FAST, FLOAT_LABELS, LABEL_FORMS, blobs, diverged, linear
 
 
 def test_flipped_samples_are_forgotten():
@@ -40,3 +41,20 @@ def test_refuses_an_empty_second_phase_and_a_single_sample():
         ssft(linear(2), x, y, first_epochs=1, second_epochs=0, train_kwargs=FAST)
     with pytest.raises(ValueError, match="at least 2 samples"):
         ssft(linear(2), x[:1], y[:1], train_kwargs=FAST)
+
+
+@pytest.mark.parametrize("form", LABEL_FORMS)
+def test_labels_of_any_integer_dtype_array_or_list(form):
+    # int32 labels failed deep inside training ("expected target dtype to be Long or Byte")
+    x, y = blobs(20)
+    kw = dict(FAST, epochs=2)
+    want = ssft(linear(2), x, y, train_kwargs=kw)
+    assert torch.equal(ssft(linear(2), x, LABEL_FORMS[form](y), train_kwargs=kw), want)
+
+
+def test_refuses_float_and_negative_labels():
+    x, y = blobs(12)
+    with pytest.raises(TypeError, match=FLOAT_LABELS):
+        ssft(linear(2), x, y.float(), train_kwargs=FAST)
+    with pytest.raises(ValueError, match="class indices >= 0, got -100"):  # ignored silently
+        ssft(linear(2), x, torch.where(y == 0, -100, y), train_kwargs=FAST)
