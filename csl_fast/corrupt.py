@@ -8,11 +8,13 @@ identical across machines and devices.
 
 from __future__ import annotations
 
-from fractions import Fraction
-
 import torch
 
+from ._args import integer, rate
+
 __all__ = ["duplicate_pairs", "flip_labels"]
+
+_FN = "csl_fast.corrupt"
 
 
 def _labels(labels: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, int]:
@@ -30,7 +32,7 @@ def _labels(labels: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor
     if num_classes is None and not labels.numel():
         raise ValueError("csl_fast.corrupt: labels is empty; pass num_classes")
     y = labels.detach().cpu().long()
-    c = int(y.max()) + 1 if num_classes is None else int(num_classes)
+    c = int(y.max()) + 1 if num_classes is None else integer(_FN, "num_classes", num_classes)
     if c < 2:
         raise ValueError("csl_fast.corrupt: need at least 2 classes to pick a different label")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
@@ -75,14 +77,12 @@ def flip_labels(
         and a bool ``[N]`` mask with exactly ``floor(fraction * N)`` True entries, which are
         exactly the samples whose label changed.
     """
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(
-            f"csl_fast.corrupt.flip_labels: fraction must be in [0, 1], got {fraction}"
-        )
+    # the fraction as written, not its binary float: int(0.29 * 100) is 28
+    p = rate("csl_fast.corrupt.flip_labels", "fraction", fraction)
+    seed = integer("csl_fast.corrupt.flip_labels", "seed", seed)
     y, c = _labels(labels, num_classes)
     n = y.numel()
-    # the fraction as written, not its binary float: int(0.29 * 100) is 28
-    k = int(Fraction(repr(float(fraction))) * n)
+    k = int(p * n)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:k]
     noisy = y.clone()
@@ -117,6 +117,9 @@ def duplicate_pairs(
         ``[N]`` mask that is True for both members of every pair (``2 * num_pairs``
         entries), and the int64 ``[num_pairs, 2]`` pairs ``(a, b)``.
     """
+    fn = "csl_fast.corrupt.duplicate_pairs"
+    num_pairs = integer(fn, "num_pairs", num_pairs)
+    seed = integer(fn, "seed", seed)
     n = labels.numel()
     if inputs.shape[0] != n:
         raise ValueError(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any
 
 from torch.utils.data import Dataset, IterableDataset
+
+from ._args import integer
 
 
 class IndexedDataset(Dataset):
@@ -56,7 +57,7 @@ class IndexedDataset(Dataset):
         return self._len
 
     def __getitem__(self, index: Any) -> Any:
-        i = operator.index(index)
+        i = integer("IndexedDataset", "the index", index)
         if i < 0:
             i += self._len
         if not 0 <= i < self._len:

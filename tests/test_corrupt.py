@@ -1,5 +1,6 @@
 """Corruption helpers: exact counts, invariants, determinism."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +95,37 @@ def test_flip_labels_counts_the_fraction_as_written(fraction, n, k):
     # int(0.29 * 100) is 28: the float product fell just short of the count asked for
     _, mask = corrupt.flip_labels(torch.zeros(n, dtype=torch.long), fraction, num_classes=2)
     assert int(mask.sum()) == k
+
+
+@pytest.mark.parametrize(
+    "fraction",
+    [
+        np.float32(0.29),
+        np.float64(0.29),
+        torch.tensor(0.29),
+        torch.tensor(0.29, dtype=torch.float64),
+    ],
+)
+def test_a_fraction_of_any_precision_counts_as_written(fraction):
+    # float(np.float32(0.29)) is 0.28999999165: 28 flips of 100, as the float product gave
+    _, mask = corrupt.flip_labels(torch.zeros(100, dtype=torch.long), fraction, num_classes=2)
+    assert int(mask.sum()) == 29
+
+
+def test_counts_and_rates_that_are_not_numbers_are_refused():
+    x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
+    # True is an int in Python: it flipped every label
+    with pytest.raises(TypeError, match="fraction must be a number in"):
+        corrupt.flip_labels(y, True)
+    with pytest.raises(TypeError, match="fraction must be a number in"):
+        corrupt.flip_labels(y, "0.1")
+    with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\], got nan"):
+        corrupt.flip_labels(y, float("nan"))
+    # 2.5 failed in a slice, "3" in a comparison, both far from the argument
+    for bad in (2.5, "3", True):
+        with pytest.raises(TypeError, match="num_pairs must be an int"):
+            corrupt.duplicate_pairs(x, y, bad)
+    with pytest.raises(TypeError, match="num_classes must be an int"):
+        corrupt.flip_labels(y, 0.5, num_classes=3.7)  # int() made it 3
+    for count in (np.int64(3), torch.tensor(3)):
+        assert corrupt.duplicate_pairs(x, y, count)[3].shape == (3, 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, Subset
@@ -81,6 +82,12 @@ def test_clear_errors():
         IndexedDataset(NoLen())
     with pytest.raises(TypeError, match="IterableDataset"):
         IndexedDataset(Stream())
+    ds = IndexedDataset(Pairs(3))
+    # ds[True] was ds[1]: a bool is an int to Python, not a dataset index
+    for bad in (True, torch.tensor(False), 1.0):
+        with pytest.raises(TypeError, match="the index must be an int"):
+            ds[bad]
+    assert ds[np.int64(2)][2] == 2 and ds[torch.tensor(-1)][2] == 2
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._args import integer
 from ..train import predict, train
 from ._checks import check_finite, check_xy
 
@@ -52,8 +53,11 @@ def ssft(
     e2 = second_epochs if second_epochs is not None else epochs
     if e1 is None or e2 is None:
         raise ValueError("ssft: give first_epochs/second_epochs or train_kwargs['epochs']")
+    e1 = integer("ssft", "first_epochs" if first_epochs is not None else "epochs", e1, low=0)
+    e2 = integer("ssft", "second_epochs" if second_epochs is not None else "epochs", e2)
     if e2 < 1:  # the score is a mean over the second phase's epochs: 0/0 = NaN for all
         raise ValueError(f"ssft: the second phase needs at least 1 epoch, got {e2}")
+    seed = integer("ssft", "seed", seed)
     if x.shape[0] < 2:
         raise ValueError(f"ssft: needs at least 2 samples (two halves), got {x.shape[0]}")
     n = x.shape[0]

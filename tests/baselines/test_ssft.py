@@ -41,6 +41,13 @@ def test_refuses_an_empty_second_phase_and_a_single_sample():
         ssft(linear(2), x, y, first_epochs=1, second_epochs=0, train_kwargs=FAST)
     with pytest.raises(ValueError, match="at least 2 samples"):
         ssft(linear(2), x[:1], y[:1], train_kwargs=FAST)
+    # -1 epochs trained nothing in the first phase and scored what was never learned
+    with pytest.raises(ValueError, match="first_epochs must be an int >= 0, got -1"):
+        ssft(linear(2), x, y, first_epochs=-1, second_epochs=2, train_kwargs=FAST)
+    with pytest.raises(TypeError, match=r"second_epochs must be an int, got float 2\.5"):
+        ssft(linear(2), x, y, first_epochs=1, second_epochs=2.5, train_kwargs=FAST)
+    with pytest.raises(ValueError, match="epochs must be an int >= 0, got -3"):
+        ssft(linear(2), x, y, train_kwargs=dict(FAST, epochs=-3))
 
 
 @pytest.mark.parametrize("form", LABEL_FORMS)

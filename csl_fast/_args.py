@@ -1,0 +1,55 @@
+"""Checks of the plain-number arguments of the public functions (counts, sizes, rates).
+
+What a user passes for a number may be a Python number, a NumPy scalar or a 0-d tensor;
+a bool is refused although Python counts it as an int (``flip_labels(y, True)`` flipped
+every label), and so is a float or a string where a count is meant (``2.5`` pairs).
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _is_bool(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, bool | np.bool_)
+
+
+def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
+    """``value`` as an int (a Python int, NumPy integer or 0-d integer tensor) ``>= low``."""
+    try:
+        if _is_bool(value):
+            raise TypeError
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: {name} must be an int, got {type(value).__name__} {value!r}"
+        ) from None
+    if low is not None and out < low:
+        raise ValueError(f"{fn}: {name} must be an int >= {low}, got {out}")
+    return out
+
+
+def rate(fn: str, name: str, value: Any) -> Fraction:
+    """A rate in ``[0, 1]`` as written: the shortest decimal of its own precision.
+
+    ``int(0.29 * 100)`` is 28 and so is ``int(float(np.float32(0.29)) * 100)``; the shortest
+    decimal that reads back as the same number (``0.29`` for both) gives 29.
+    """
+    v = value.detach().cpu() if isinstance(value, torch.Tensor) else value
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not _is_bool(v):
+        v = v.float().numpy()[()] if v.dtype == torch.bfloat16 else v.numpy()[()]
+    if _is_bool(v) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0 <= v <= 1:  # NaN too
+        raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}")
+    if isinstance(v, np.floating):
+        return Fraction(np.format_float_positional(v, unique=True, trim="0"))
+    return Fraction(repr(float(v)))
