@@ -104,8 +104,10 @@ def accumulate_bce(
     are: they are softmax statistics.
 
     Args:
-        logits: ``[B, L]`` float32, float16, bfloat16 or float64, any strides.
-        target: ``[B, L]`` targets in ``[0, 1]``, the logits' dtype (``y.to(z.dtype)``).
+        logits: ``[B, L]`` float32, float16, bfloat16 or float64, any strides; or
+            ``[B]`` (a binary classifier's one logit per sample, read as ``[B, 1]``).
+        target: the logits' shape, targets in ``[0, 1]``, the logits' dtype
+            (``y.to(z.dtype)``).
         index: ``[B]`` int64 (or int32) dataset indices in ``[0, N)``.
         csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
         count, wrong: optional ``[N]`` float32/float64/int32/int64 buffers (``count``
@@ -114,7 +116,7 @@ def accumulate_bce(
         pos_weight: optional weight of positive examples broadcastable to ``[B, L]``
             (usually ``[L]``), as in PyTorch.
         reduction: ``"mean"`` (over all ``B * L`` entries), ``"sum"`` or ``"none"``
-            (``[B, L]``).
+            (the logits' shape).
         label_csl, label_margin: optional ``[N, L]`` contiguous float32/float64 buffers.
         min_margin: optional ``[N]`` float32/float64 buffer.
         backend: ``"auto"`` (C++ on the CPU, Triton on a GPU) or one of
@@ -137,6 +139,26 @@ def accumulate_bce(
         IndexError: an index outside ``[0, N)`` (CPU; nothing is written).
         RuntimeError: under ``torch.func`` transforms or forward-mode AD.
     """
+    if (
+        isinstance(logits, torch.Tensor)
+        and logits.dim() == 1
+        and isinstance(target, torch.Tensor)
+        and target.shape == logits.shape
+    ):
+        # a binary classifier's [B] logits, as F.binary_cross_entropy_with_logits takes
+        # them (model(x).squeeze(1)): one label per sample, the [B, 1] case; a weight
+        # that broadcasts against [B] broadcasts against [B, 1] after unsqueeze(-1)
+        def column(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.unsqueeze(-1) if isinstance(t, torch.Tensor) and t.dim() else t
+
+        loss = accumulate_bce(
+            logits.unsqueeze(1), target.unsqueeze(1), index, csl, count=count,
+            weight=column(weight), pos_weight=column(pos_weight), reduction=reduction,
+            label_csl=label_csl, label_margin=label_margin, wrong=wrong,
+            min_margin=min_margin, backend=backend, deterministic=deterministic,
+            validate=validate,
+        )  # fmt: skip
+        return loss.squeeze(1) if reduction == "none" else loss
     tracker = csl if isinstance(csl, CSLTracker) else None
     if tracker is not None:
         if count is not None:
@@ -207,8 +229,9 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         _fail(
             ValueError,
-            f"logits must be a 2-D tensor [B, L] (one row per sample, one column per label), "
-            f"got {got}; flatten extra dimensions into the batch and repeat index to match",
+            f"logits must be [B, L] (one row per sample, one column per label) or [B] (one "
+            f"binary label per sample, with a [B] target), got {got}; flatten extra "
+            "dimensions into the batch and repeat index to match",
         )
     if logits.dtype not in _LOGIT_DTYPES:
         _fail(

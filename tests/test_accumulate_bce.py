@@ -293,7 +293,18 @@ def _fresh():
 
 
 _BAD = [
-    ("logits 3-D", lambda a: a.update(logits=a["logits"][None]), ValueError, "2-D tensor"),
+    (
+        "logits 3-D",
+        lambda a: a.update(logits=a["logits"][None]),
+        ValueError,
+        r"\[B, L\] .* or \[B\]",
+    ),
+    (
+        "logits 1-D, target 2-D",
+        lambda a: a.update(logits=a["logits"][:, 0]),
+        ValueError,
+        r"or \[B\]",
+    ),
     ("logits int", lambda a: a.update(logits=a["logits"].long()), TypeError, "float32, float16"),
     ("target shape", lambda a: a.update(target=a["target"][:, :3]), ValueError, "logits' shape"),
     ("target dtype", lambda a: a.update(target=a["target"].double()), TypeError, "logits' dtype"),
@@ -573,3 +584,35 @@ def test_compile_fullgraph_into_a_tracker():
     assert b["csl_count"].sum() == 8
     # The last presentation in batch order: rows 7, 2, 3 for samples 0, 3, 7.
     torch.testing.assert_close(b["last_loss"][[0, 3, 7]], plain.sum(1)[[7, 2, 3]])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("weights", [None, "sample", "scalar_pos"])
+def test_binary_classifier_logits_b_are_read_as_b_by_1(backend, reduction, weights):
+    # model(x).squeeze(1) with F.binary_cross_entropy_with_logits is the usual binary
+    # classifier (breast cancer, 569 samples); it was refused with advice to flatten
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, generator=g, dtype=torch.float64) * 3
+    y = (torch.rand(6, generator=g) < 0.5).double()
+    w = torch.rand(6, generator=g, dtype=torch.float64) + 0.5 if weights == "sample" else None
+    pw = torch.tensor([2.5], dtype=torch.float64) if weights == "scalar_pos" else None
+    index = torch.tensor([3, 0, 7, 3, 1, 5])
+    z1 = z.clone().requires_grad_(True)
+    csl, count = torch.zeros(8, dtype=torch.float64), torch.zeros(8, dtype=torch.float64)
+    loss = csl_fast.accumulate_bce(
+        z1, y, index, csl, count=count, weight=w, pos_weight=pw, reduction=reduction,
+        backend=backend,
+    )  # fmt: skip
+    z2 = z.clone().requires_grad_(True)
+    want = F.binary_cross_entropy_with_logits(z2, y, w, pos_weight=pw, reduction=reduction)
+    assert loss.shape == want.shape
+    torch.testing.assert_close(loss, want)
+    up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+    loss.backward(up)
+    want.backward(up)
+    torch.testing.assert_close(z1.grad, z2.grad)
+    csl2, count2 = torch.zeros_like(csl), torch.zeros_like(count)
+    csl_fast.accumulate_bce(z[:, None], y[:, None], index, csl2, count=count2, backend=backend)
+    torch.testing.assert_close(csl, csl2, rtol=0, atol=0)
+    assert torch.equal(count, count2)
