@@ -11,6 +11,7 @@ range). Every failure is a :class:`TrackerStateError` naming the field. Files:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -230,17 +231,28 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             raise TrackerStateError(
                 f"state history {name!r} is not a floating [epochs, N = {n}] tensor"
             )
-    # Rows only end_epoch / end_eval_pass append, and only with history=True (loss curves)
-    # or once an input gradient was recorded (input_grad_first_epoch >= 0).
-    unowned = [] if history else ["loss_history", "eval_loss_history"]
-    if igfe < 0:
-        unowned.append("input_grad_history")
-    for name in unowned:
-        if histories[name].shape[0]:
-            why = "history=False" if name != "input_grad_history" else "input_grad_first_epoch=-1"
+    # end_epoch / end_eval_pass append one row per closed epoch (eval pass), loss curves
+    # only with history=True and input-gradient rows from input_grad_first_epoch on: row k
+    # is epoch (pass) k, or epoch input_grad_first_epoch + k. Another number of rows would
+    # shift every row the next end_epoch appends. Only trailing input-gradient rows may be
+    # missing (merge: a longer run without records); apply_state pads them with NaN.
+    loss_rows = (epoch, f"epoch={epoch}") if history else (0, "history=False")
+    keeps = {
+        "loss_history": loss_rows,
+        "eval_loss_history": (passes, f"eval_passes={passes}") if history else loss_rows,
+        "input_grad_history": (
+            (epoch - igfe, f"epoch={epoch} and input_grad_first_epoch={igfe}")
+            if igfe >= 0
+            else (0, "input_grad_first_epoch=-1")
+        ),
+    }
+    for name, (rows, why) in keeps.items():
+        have = histories[name].shape[0]
+        if have > rows or (have < rows and name != "input_grad_history"):
             raise TrackerStateError(
-                f"state history {name!r} has {histories[name].shape[0]} rows but the state "
-                f"has {why}, which keeps none; the state was edited or assembled wrongly"
+                f"state history {name!r} has {have} rows but the state has {why}, which "
+                f"keeps {rows or 'none'} (one per closed epoch or eval pass); the state was edited "
+                "or assembled wrongly"
             )
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
     return {
@@ -281,6 +293,11 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
             k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
             for k, h in checked["histories"].items()
         }
+        igfe = checked["input_grad_first_epoch"]
+        missing = checked["epoch"] - igfe - len(histories["input_grad_history"])
+        if igfe >= 0 and missing > 0:  # epochs without any record: NaN, as end_epoch keeps
+            nan = torch.full((tracker.num_samples,), math.nan, device=tracker.device)
+            histories["input_grad_history"] += [nan.clone() for _ in range(missing)]
         for name, value in checked["buffers"].items():
             live[name].copy_(value)
         for name, value in checked["fill"].items():

@@ -126,3 +126,24 @@ def test_merge_suggested_label_votes():
     assert merged.suggest_label.tolist() == [1, 0, 2, 1]
     assert merged.suggest_votes.tolist() == [4, 4, 2, 1]
     assert merged.suggest_hits.tolist() == [5, 7, 3, 3]
+
+
+def test_merge_pads_input_gradient_rows_of_epochs_without_records():
+    """A run with input gradients for 2 epochs merged with a 5-epoch run without any gave
+    2 rows for epochs 0..4: the merged tracker's next epoch landed at row 2 (epoch 2)."""
+    idx = torch.arange(4)
+    runs = []
+    for epochs, grads in ((2, True), (5, False)):
+        t = CSLTracker(4, 3)
+        for e in range(epochs):
+            csl_fast.accumulate(torch.randn(4, 3), idx % 3, idx, t)
+            if grads:
+                t.record_input_grad(idx, torch.full((4,), e + 1.0))
+            t.end_epoch()
+        runs.append(t)
+    merged = csl_fast.merge(runs)
+    assert (merged.epoch, merged.input_grad_first_epoch) == (5, 0)
+    merged.record_input_grad(idx, torch.full((4,), 99.0))
+    merged.end_epoch()
+    want = torch.tensor([1.0, 2.0, *[float("nan")] * 3, 99.0])[:, None].expand(6, 4)
+    torch.testing.assert_close(merged.input_grad_history, want, equal_nan=True)

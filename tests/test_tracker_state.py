@@ -144,3 +144,21 @@ def test_history_rows_the_state_cannot_have_are_refused():
         state["histories"] = dict(state["histories"])
         state["histories"][name] = torch.rand(2, N)
         _refused(state, rf"'{name}' has 2 rows but the state has")
+
+
+def test_history_rows_that_do_not_match_the_epochs_are_refused():
+    """A history=True state with more or fewer loss-curve rows than closed epochs (eval
+    passes), or more input-gradient rows than epochs since the first record, loaded: the
+    next end_epoch appended its row at the wrong epoch."""
+    state = _trained(history=True).state_dict()  # epoch 1, one loss row, no eval pass
+    for name, rows in (("loss_history", 2), ("loss_history", 0), ("eval_loss_history", 1)):
+        bad = dict(state, histories={**state["histories"], name: torch.rand(rows, N)})
+        u = CSLTracker(N, 3, history=True)
+        with pytest.raises(TrackerStateError, match=rf"'{name}' has {rows} rows but the state"):
+            u.load_state_dict(bad)
+    t = _trained()
+    t.record_input_grad(torch.arange(N), torch.ones(N))  # first record in epoch 1
+    t.end_epoch()
+    bad = t.state_dict()
+    bad["histories"] = {**bad["histories"], "input_grad_history": torch.rand(2, N)}
+    _refused(bad, r"'input_grad_history' has 2 rows but the state has epoch=2 and input_grad")
