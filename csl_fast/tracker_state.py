@@ -137,6 +137,19 @@ def _check_values(name: str, src: torch.Tensor, kind: str) -> None:
         )
 
 
+def _check_learned_epoch(learned: torch.Tensor, epoch: int) -> None:
+    """A presentation is stamped with the epoch in progress, so no learned epoch is past
+    ``epoch`` (learning-time scores would count epochs that never ran)."""
+    bad = learned.to(torch.int64) > epoch
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise TrackerStateError(
+            f"state buffer 'learned_epoch' holds {int(learned[i])} at sample {i}, past the "
+            f"state's epoch={epoch} (the epoch in progress); no tracker holds that: the state "
+            "was edited or damaged, restore it from a copy"
+        )
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     return f"[N = {shape[0]}]" if len(shape) == 1 else f"[N = {shape[0]}, L = {shape[1]}]"
 
@@ -254,6 +267,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
                 f"keeps {rows or 'none'} (one per closed epoch or eval pass); the state was edited "
                 "or assembled wrongly"
             )
+    _check_learned_epoch(buffers["learned_epoch"], epoch)
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
     return {
         "buffers": {k: buffers[k] for k in expected},

@@ -162,3 +162,14 @@ def test_history_rows_that_do_not_match_the_epochs_are_refused():
     bad = t.state_dict()
     bad["histories"] = {**bad["histories"], "input_grad_history": torch.rand(2, N)}
     _refused(bad, r"'input_grad_history' has 2 rows but the state has epoch=2 and input_grad")
+
+
+def test_learned_epoch_past_the_epoch_is_refused():
+    """A learned epoch past the epoch in progress loaded (no presentation is stamped so)."""
+    t = _trained()  # epoch 1
+    t.learned_epoch[N - 1] = 2
+    _refused(
+        t.state_dict(), rf"'learned_epoch' holds 2 at sample {N - 1}, past the state's epoch=1"
+    )
+    t.learned_epoch[N - 1] = 1  # a presentation in the epoch in progress
+    CSLTracker(N, 3).load_state_dict(t.state_dict())
