@@ -553,8 +553,8 @@ class CSLTracker(TrackerStatistics):
         entries, sparse or meta tensors, or values no tracker holds (a negative,
         non-integral or non-finite count, a negative counter, an int past int32, history
         rows other than one per closed epoch or eval pass, a learned epoch past the
-        epoch). Trailing input-gradient rows a merge of runs of different lengths lacks are
-        filled with NaN (no record).
+        epoch, a suggested label of no class). Trailing input-gradient rows a merge of runs
+        of different lengths lacks are filled with NaN (no record).
         """
         tracker_file.load_state_dict(self, state)
 

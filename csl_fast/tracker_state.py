@@ -137,16 +137,14 @@ def _check_values(name: str, src: torch.Tensor, kind: str) -> None:
         )
 
 
-def _check_learned_epoch(learned: torch.Tensor, epoch: int) -> None:
-    """A presentation is stamped with the epoch in progress, so no learned epoch is past
-    ``epoch`` (learning-time scores would count epochs that never ran)."""
-    bad = learned.to(torch.int64) > epoch
+def _check_at_most(name: str, values: torch.Tensor, limit: int, why: str) -> None:
+    """Refuse an integer buffer holding more than ``limit`` (``why``: what bounds it)."""
+    bad = values.to(torch.int64) > limit
     if bad.any():
         i = int(bad.nonzero()[0, 0])
         raise TrackerStateError(
-            f"state buffer 'learned_epoch' holds {int(learned[i])} at sample {i}, past the "
-            f"state's epoch={epoch} (the epoch in progress); no tracker holds that: the state "
-            "was edited or damaged, restore it from a copy"
+            f"state buffer {name!r} holds {int(values[i])} at sample {i}, past {why}; no "
+            "tracker holds that: the state was edited or damaged, restore it from a copy"
         )
 
 
@@ -267,7 +265,17 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
                 f"keeps {rows or 'none'} (one per closed epoch or eval pass); the state was edited "
                 "or assembled wrongly"
             )
-    _check_learned_epoch(buffers["learned_epoch"], epoch)
+    # Presentations are stamped with the epoch in progress: learning times past it would
+    # name epochs that never ran.
+    _check_at_most(
+        "learned_epoch", buffers["learned_epoch"], epoch, f"the state's epoch={epoch} (in progress)"
+    )
+    classes = c if c is not None else tracker.num_classes
+    if classes is not None and "suggest_label" in buffers:  # (version 1 states lack it)
+        # A suggestion is a predicted class: one past C would be relabelled with no class.
+        _check_at_most(
+            "suggest_label", buffers["suggest_label"], classes - 1, f"num_classes={classes}"
+        )
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
     return {
         "buffers": {k: buffers[k] for k in expected},

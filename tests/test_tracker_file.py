@@ -47,8 +47,8 @@ def _filled(n: int = N, history: bool = True, seed: int = 0) -> CSLTracker:
             buf.copy_(torch.randint(0, 9, (n,), generator=g))
         elif buf.is_floating_point():
             buf.copy_(torch.rand(n, generator=g) * 10)
-        else:  # a learned epoch is at most the epoch (2 after the end_epoch calls below)
-            high = 3 if name == "learned_epoch" else 9
+        else:  # learned epochs up to the epoch (2 after the end_epoch calls below), classes < 3
+            high = 3 if name in ("learned_epoch", "suggest_label") else 9
             buf.copy_(torch.randint(-1 if name in _MINUS_ONE else 0, high, (n,), generator=g))
     t.input_grad_first_epoch = 0
     t.end_epoch()

@@ -173,3 +173,16 @@ def test_learned_epoch_past_the_epoch_is_refused():
     )
     t.learned_epoch[N - 1] = 1  # a presentation in the epoch in progress
     CSLTracker(N, 3).load_state_dict(t.state_dict())
+
+
+def test_a_suggested_label_past_the_classes_is_refused():
+    """A suggested label >= num_classes loaded (suggestions() then named a class the
+    model does not have), also from a state without num_classes into a tracker with it."""
+    t = _trained()
+    t.suggest_label[N - 1] = 3
+    _refused(t.state_dict(), rf"'suggest_label' holds 3 at sample {N - 1}, past num_classes=3")
+    unknown = dict(t.state_dict(), num_classes=None)
+    _refused(unknown, "past num_classes=3")
+    CSLTracker(N).load_state_dict(unknown)  # no C to compare with
+    t.suggest_label[N - 1] = 2
+    CSLTracker(N, 3).load_state_dict(t.state_dict())
