@@ -112,11 +112,12 @@ def _data_tensor(where: str, v: Any) -> None:
         raise TrackerStateError(f"{where} {what}; pass dense tensors that hold the values")
 
 
-def _check_values(name: str, src: torch.Tensor, kind: str) -> None:
+def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
     """Refuse values no tracker holds: counts that are negative, non-integral or not
-    finite, integers below their floor (-1 for "none yet", else 0) or past int32 (a
-    copy would wrap them). Sums may hold inf and NaN: adding finite margins can overflow
-    to inf, then inf - inf."""
+    finite once copied into the tracker's float ``dtype`` (a float64 count past float32's
+    range would become inf), integers below their floor (-1 for "none yet", else 0) or past
+    int32 (a copy would wrap them). Sums may hold inf and NaN: adding finite margins can
+    overflow to inf, then inf - inf."""
     if kind == "int":
         lo = -1 if name in _MINUS_ONE else 0
         v = src.to(torch.int64)
@@ -124,8 +125,9 @@ def _check_values(name: str, src: torch.Tensor, kind: str) -> None:
         allowed = f"an int32 >= {lo}"
     elif name.endswith("_count"):
         v = src.to(torch.float64)
-        bad = ~torch.isfinite(v) | (v < 0) | (v != v.round())
-        allowed = "a finite integral count >= 0"
+        held = src.to(dtype).to(torch.float64)
+        bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
+        allowed = f"a finite integral count >= 0 in the tracker's {dtype}"
     else:
         return
     if bad.any():  # (these buffers are all [N])
@@ -231,7 +233,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             raise TrackerStateError(
                 f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
             )
-        _check_values(name, src, kind)
+        _check_values(name, src, kind, tracker.dtype)
     for name in HISTORIES:
         h = histories[name]
         _data_tensor(f"state history {name!r}", h)

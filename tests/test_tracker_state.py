@@ -186,3 +186,14 @@ def test_a_suggested_label_past_the_classes_is_refused():
     CSLTracker(N).load_state_dict(unknown)  # no C to compare with
     t.suggest_label[N - 1] = 2
     CSLTracker(N, 3).load_state_dict(t.state_dict())
+
+
+def test_a_count_past_the_trackers_float_range_is_refused():
+    """A float64 count of 1e39 (finite) loaded into a float32 tracker as inf."""
+    state = _trained().state_dict()
+    state["buffers"] = {
+        **state["buffers"],
+        "csl_count": torch.full((N,), 1e39, dtype=torch.float64),
+    }
+    _refused(state, "'csl_count' holds 1e[+]39 at sample 0, not a finite .* torch.float32")
+    CSLTracker(N, 3, dtype=torch.float64).load_state_dict(state)  # holds 1e39
