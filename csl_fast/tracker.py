@@ -569,8 +569,9 @@ class CSLTracker(TrackerStatistics):
         The file's mode follows the umask. Tensors are stored raw; no pickle.
 
         Raises:
-            OSError: the file cannot be written (full disk, missing folder, permission);
-                the message names ``path`` and says what to do.
+            OSError: the file cannot be written (full disk, missing folder, permission,
+                a folder at ``path`` or a ``path`` ending with a separator, such as
+                ``"out/"``); the message names ``path`` and says what to do.
         """
         tracker_file.save(self, path)
 

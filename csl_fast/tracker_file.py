@@ -214,6 +214,14 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
 def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.save` (see the module docstring)."""
     user_path = os.fspath(path)
+    # realpath drops a trailing separator: "out/" would be written as a file named "out".
+    if user_path.endswith((os.sep, os.altsep or os.sep)):
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f"cannot save the tracker to {user_path!r}: it ends with a separator, so it names "
+            f"a folder; give a file name, e.g. {os.path.join(user_path, 'tracker.csl')!r}",
+            user_path,
+        )
     target = os.path.realpath(user_path)  # follow a symlink: replace what it points to
     if os.path.isdir(target):
         raise IsADirectoryError(

@@ -493,6 +493,11 @@ def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
         t.save(missing)
     with pytest.raises(IsADirectoryError, match="is a folder"):
         t.save(tmp_path)
+    # A trailing separator names a folder: "out/" was written as a file named "out".
+    for name in ("out/", "run.csl/"):
+        with pytest.raises(IsADirectoryError, match=r"ends with a separator.*give a file name"):
+            t.save(f"{tmp_path}/{name}")
+    assert sorted(os.listdir(tmp_path)) == []
     path = tmp_path / "run.csl"
     t.save(path)
     before = path.read_bytes()
