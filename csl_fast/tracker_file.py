@@ -466,6 +466,12 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"{path}: written in tracker format version {version} by a newer csl_fast; this "
             f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
         )
+    if version == FORMAT_VERSION:  # torch.save(tracker.state_dict(), path)
+        raise TrackerFileError(
+            f"{path}: a torch.save archive of a tracker state_dict, not a tracker file: load "
+            "it with tracker.load_state_dict(torch.load(path, weights_only=True)), and write "
+            "tracker files with tracker.save(path)"
+        )
     if version != 1:
         raise TrackerFileError(
             f"{path}: invalid tracker file (a zip archive of format version {version!r}; "

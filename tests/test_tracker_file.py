@@ -331,6 +331,17 @@ def test_foreign_empty_and_missing(tmp_path):
         _refused(tmp_path / name, target)
     torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.csl")
     _refused(tmp_path / "foreign.csl", target, "format tag")
+    # torch.save of a state_dict: the message said "only version 1 files are zip archives"
+    torch.save(_filled(seed=1).state_dict(), tmp_path / "state.pt")
+    before = _snapshot(target)
+    advice = r"a torch.save archive .*load_state_dict\(torch.load\(path, weights_only=True\)\)"
+    for load in (target.load, CSLTracker.from_file):
+        with pytest.raises(TrackerFileError, match=advice):
+            load(tmp_path / "state.pt")
+    _assert_same(before, _snapshot(target))
+    state = torch.load(tmp_path / "state.pt", weights_only=True)  # what the message advises
+    target.load_state_dict(state)
+    _assert_same(_snapshot(_filled(seed=1)), _snapshot(target))
     with pytest.raises(TrackerFileNotFoundError) as info:
         target.load(tmp_path / "missing.csl")
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, TrackerFileError)
