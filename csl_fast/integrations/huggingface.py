@@ -15,11 +15,11 @@ dependencies)::
 ``labels`` so it does not compute its own loss), keeps the index column past
 ``remove_unused_columns`` (and out of the model's inputs), closes each epoch on the tracker
 (which under ``torch.distributed`` / ``accelerate`` combines the ranks), writes the tracker
-into every checkpoint folder as ``csl_tracker.csl`` and restores it with
-``resume_from_checkpoint``. Evaluation and prediction batches are not recorded. The
-returned loss is the per-batch mean cross entropy (``label_smoothing_factor`` applies), as
-for the default loss of classification models; the Trainer divides it by the gradient
-accumulation steps.
+into every checkpoint folder as ``csl_tracker.csl`` (a checkpoint saved at an epoch's
+last step holds that epoch closed) and restores it with ``resume_from_checkpoint``.
+Evaluation and prediction batches are not recorded. The returned loss is the per-batch
+mean cross entropy (``label_smoothing_factor`` applies), as for the default loss of
+classification models; the Trainer divides it by the gradient accumulation steps.
 
 Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models and
 token classification) are recorded per example: CSL is the example's summed token loss
@@ -76,15 +76,31 @@ def with_index(dataset: Any, column: str = "index") -> Any:
 class _EpochCallback(TrainerCallback):
     def __init__(self, trainer: CSLTrainer) -> None:
         self.trainer = trainer
+        # Global steps at which on_epoch_end ran, and at which on_save closed the epoch
+        # ahead of it (see on_save).
+        self._epoch_end_step: int | None = None
+        self._closed_early_step: int | None = None
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.trainer.csl_tracker is not None:
+        self._epoch_end_step = state.global_step
+        if self.trainer.csl_tracker is not None and self._closed_early_step != state.global_step:
             self.trainer.csl_tracker.end_epoch()  # combines the ranks when distributed
 
     def on_save(self, args, state, control, **kwargs):
         tracker = self.trainer.csl_tracker
         if tracker is None:
             return
+        # A step-strategy save at an epoch's last step comes before on_epoch_end. A resume
+        # from it starts the next epoch, so on_epoch_end never ran for the saved one: the
+        # tracker stayed an epoch behind, its next loss-curve row pooled two epochs. Close
+        # the epoch now (state.epoch is whole only at an epoch's last step).
+        at_epoch_end = state.epoch is not None and state.epoch > 0 and state.epoch.is_integer()
+        if at_epoch_end and state.global_step not in (
+            self._epoch_end_step,
+            self._closed_early_step,
+        ):
+            tracker.end_epoch()
+            self._closed_early_step = state.global_step
         tracker.sync()  # every rank reaches on_save; the saved state is global
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -90,6 +90,25 @@ def test_trainer_records_every_example_and_resumes(tmp_path):
     assert torch.equal(resumed.csl_tracker.csl_count, torch.full((N,), 2.0))
 
 
+def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path):
+    """save_steps at an epoch's last step saved the tracker before its end_epoch; resumed,
+    the Trainer started the next epoch and the tracker ended one epoch behind (epoch 1
+    of 2, one loss-curve row pooling both epochs)."""
+    train = with_index(Examples())
+    kw = {"csl_tracker_kwargs": {"history": True}, "train_dataset": train}
+    args = _args(tmp_path, 2, save_strategy="steps", save_steps=3)  # 3 steps per epoch
+    full = CSLTrainer(model=_model(), args=args, **kw)
+    full.train()
+    saved = CSLTracker.from_file(os.path.join(tmp_path, "checkpoint-3", TRACKER_FILE))
+    assert (saved.epoch, saved.loss_history.shape[0]) == (1, 1)
+    assert full.csl_tracker.epoch == 2  # not closed twice
+    resumed = CSLTrainer(model=_model(), args=_args(tmp_path, 2, save_strategy="no"), **kw)
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-3"))
+    got, want = resumed.csl_tracker, full.csl_tracker
+    assert got.epoch == 2 and torch.equal(got.csl_count, want.csl_count)
+    torch.testing.assert_close(got.loss_history, want.loss_history)
+
+
 def test_trainer_without_index_says_how_to_add_it(tmp_path):
     trainer = CSLTrainer(model=_model(), args=_args(tmp_path, 1, save_strategy="no"),
                          train_dataset=Examples())  # fmt: skip
