@@ -35,6 +35,7 @@ hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -295,9 +296,29 @@ class CSLTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, TRACKER_FILE)
-        if os.path.exists(path):
-            if self.csl_tracker is None:
-                self.csl_tracker = CSLTracker.from_file(path, device=self.args.device)
-            else:
-                self.csl_tracker.load(path)
-            mark_synced(self.csl_tracker)  # every rank loaded the same global state
+        if not os.path.exists(path):
+            warnings.warn(
+                f"CSLTrainer: the checkpoint {resume_from_checkpoint!r} holds no {TRACKER_FILE}: "
+                "the tracker records only from this checkpoint on (its CSL misses the steps "
+                "before it); resume from a checkpoint written by CSLTrainer to keep them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if self.csl_tracker is None:
+            kwargs = self.csl_tracker_kwargs
+            # The file fixes the tracker's layout; the options it does not hold come from here.
+            run = {k: kwargs[k] for k in ("backend", "deterministic") if k in kwargs}
+            tracker = CSLTracker.from_file(path, device=self.args.device, **run)
+            for name in ("dtype", "history", "num_labels"):
+                have = getattr(tracker, name)
+                if name in kwargs and kwargs[name] != have:
+                    raise ValueError(
+                        f"CSLTrainer: csl_tracker_kwargs has {name}={kwargs[name]!r} but the "
+                        f"checkpoint's tracker ({path}) has {name}={have!r}; resume with the "
+                        "csl_tracker_kwargs the checkpoint was written with"
+                    )
+            self.csl_tracker = tracker
+        else:
+            self.csl_tracker.load(path)
+        mark_synced(self.csl_tracker)  # every rank loaded the same global state

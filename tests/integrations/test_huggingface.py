@@ -109,6 +109,33 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path
     torch.testing.assert_close(got.loss_history, want.loss_history)
 
 
+def test_resume_keeps_the_tracker_options_and_warns_without_a_tracker_file(tmp_path):
+    """A resumed CSLTrainer built its tracker from the file alone (csl_tracker_kwargs's
+    backend and deterministic were dropped, a different history ignored), and a
+    checkpoint without a tracker file started an empty tracker without a word."""
+    train = with_index(Examples())
+    opts = {"history": True, "deterministic": True, "backend": "reference"}
+    args = _args(tmp_path, 1, save_strategy="epoch")
+    CSLTrainer(model=_model(), args=args, train_dataset=train, csl_tracker_kwargs=opts).train()
+    ckpt = os.path.join(tmp_path, "checkpoint-3")
+    more = _args(tmp_path, 2, save_strategy="no")
+    resumed = CSLTrainer(model=_model(), args=more, train_dataset=train, csl_tracker_kwargs=opts)
+    resumed.train(resume_from_checkpoint=ckpt)
+    got = resumed.csl_tracker
+    assert (got.epoch, got.history, got.deterministic, got.backend) == (2, True, True, "reference")
+    other = {**opts, "history": False}
+    wrong = CSLTrainer(model=_model(), args=more, train_dataset=train, csl_tracker_kwargs=other)
+    with pytest.raises(
+        ValueError, match=r"history=False but the checkpoint's tracker .* history=True"
+    ):
+        wrong.train(resume_from_checkpoint=ckpt)
+    os.remove(os.path.join(ckpt, TRACKER_FILE))
+    bare = CSLTrainer(model=_model(), args=more, train_dataset=train)
+    with pytest.warns(RuntimeWarning, match="holds no csl_tracker.csl: the tracker records only"):
+        bare.train(resume_from_checkpoint=ckpt)
+    assert torch.equal(bare.csl_tracker.csl_count, torch.ones(N))  # the resumed epoch only
+
+
 def test_trainer_without_index_says_how_to_add_it(tmp_path):
     trainer = CSLTrainer(model=_model(), args=_args(tmp_path, 1, save_strategy="no"),
                          train_dataset=Examples())  # fmt: skip
