@@ -18,7 +18,8 @@ The callback creates the tracker on the module's device at ``setup`` and attache
 ``pl_module.csl_tracker``, closes each training epoch (``end_epoch``, which under DDP/FSDP
 combines the ranks; Lightning's ``DistributedSampler`` padding is handled through counts),
 syncs at the end of training, and keeps the tracker in Lightning checkpoints (global state:
-it syncs before saving; restored on every rank and marked synced on resume). Lightning
+it syncs before saving; restored on every rank and marked synced on resume; a checkpoint
+saved at an epoch's last batch resumes with that epoch closed). Lightning
 puts the ``DistributedSampler`` in itself; wrap the training set in
 :class:`csl_fast.data.IndexedDataset` so batches carry dataset indices.
 """
@@ -43,6 +44,9 @@ except ImportError:  # pragma: no cover - depends on what is installed
         ) from exc
 
 __all__ = ["CSLCallback"]
+
+# The callback's own entry in its checkpoint state, beside the tracker's state_dict.
+_EPOCHS_CLOSED = "lightning_epochs_closed"
 
 
 class CSLCallback(Callback):
@@ -80,6 +84,8 @@ class CSLCallback(Callback):
         self.save_path = save_path
         self.tracker_kwargs = tracker_kwargs
         self._pending: dict[str, Any] | None = None
+        # Lightning epochs whose end_epoch ran (kept in checkpoints); None: not known yet.
+        self._epochs_closed: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -97,10 +103,27 @@ class CSLCallback(Callback):
         setattr(pl_module, self.attr, self.tracker)
         self._apply_pending()
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._epochs_closed is None:  # not restored from a checkpoint
+            self._epochs_closed = trainer.current_epoch
+        self._close_missed_epochs(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._close_missed_epochs(trainer)
+
+    def _close_missed_epochs(self, trainer: Trainer) -> None:
+        # A checkpoint saved at an epoch's last batch (every_n_train_steps) precedes
+        # on_train_epoch_end; resumed from it, Lightning goes on with the next epoch without
+        # that hook. Close the epoch before anything of the next one is recorded.
+        while self._epochs_closed is not None and self._epochs_closed < trainer.current_epoch:
+            self.tracker.end_epoch()
+            self._epochs_closed += 1
+
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         self.tracker.end_epoch()  # combines the ranks under torch.distributed
+        self._epochs_closed = trainer.current_epoch + 1
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.tracker.sync()  # eval-pass state recorded after the last end_epoch
@@ -117,12 +140,14 @@ class CSLCallback(Callback):
         state = self.tracker.state_dict()
         state["buffers"] = {k: v.detach().cpu().clone() for k, v in state["buffers"].items()}
         state["histories"] = {k: v.detach().cpu() for k, v in state["histories"].items()}
+        state[_EPOCHS_CLOSED] = self._epochs_closed
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
         self._pending = dict(state_dict)
+        self._epochs_closed = self._pending.pop(_EPOCHS_CLOSED, None)
         self._apply_pending()
 
     def _apply_pending(self) -> None:

@@ -83,6 +83,28 @@ def test_callback_tracks_fit_and_resumes(tmp_path):
     assert bool((cb2.tracker.csl_sum > tracker.csl_sum).all())
 
 
+def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path):
+    """every_n_train_steps at an epoch's last batch saves before on_train_epoch_end, and
+    Lightning resumes with the next epoch without that hook: the tracker ended one epoch
+    behind (2 of 3, one loss-curve row pooling two epochs)."""
+    every = pl.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=4, save_top_k=-1)  # 4/epoch
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[CSLCallback(N, C, history=True), every],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), _loader())
+    cb = CSLCallback(N, C, history=True)
+    _trainer(3, cb, tmp_path).fit(Tiny(), _loader(), ckpt_path=tmp_path / "epoch=0-step=4.ckpt")
+    assert (cb.tracker.epoch, cb.tracker.loss_history.shape[0]) == (3, 3)
+    assert torch.equal(cb.tracker.csl_count, torch.full((N,), 3.0))
+    assert not cb.tracker.loss_history.isnan().any()
+
+
 def test_callback_needs_a_size():
     with pytest.raises(ValueError, match="num_samples"):
         CSLCallback()
