@@ -72,7 +72,11 @@ Why the rule is built this way (the alternatives measured and rejected) and its
 precision, recall and count on every regime of ``benchmarks/flagging.py``, held-out
 networks included: ``docs/flagging.md``.
 
-Non-finite scores (samples never presented) rank last and are never flagged.
+Non-finite scores (samples never presented) rank last and are never flagged. The
+estimating rules (``auto``, ``two_view``, ``valley``) flag nothing, with a warning, when
+they count more than half the finite samples: they separate a bad minority from a clean
+majority, and a network stopped before it fitted the training set makes every sample it
+has not learned look bad.
 """
 
 from __future__ import annotations
@@ -129,10 +133,12 @@ class Detection:
             indices) of identical inputs that are flagged, every member of each.
         estimated_count: the rule's estimate of how many samples are bad (mislabeled, ...),
             ``None`` for rules that do not estimate one (``fraction``, ``threshold``) and
-            when the rule found no separation, so that the count is unknown (nothing is
-            flagged then, and ``warning`` says why; ``diagnostics["count"]`` is
-            ``"unknown"``). ``diagnostics["count"] == "lower bound"`` when the count rests
-            on too few surely-bad samples (``warning`` says so).
+            when the rule found no separation or counted more than half the finite
+            samples (it separates only a bad minority), so that the count
+            is unknown (nothing is flagged then, and ``warning`` says why;
+            ``diagnostics["count"]`` is ``"unknown"``). ``diagnostics["count"] == "lower
+            bound"`` when the count rests on too few surely-bad samples (``warning`` says
+            so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
             threshold, why nothing was flagged); plain JSON-able values.
@@ -456,7 +462,24 @@ def _detect(
         note = hint if hint is not None else rule_note(name, values, views is not None)
         if note is not None:
             diag["note"] = note
-        if est.found:
+        if est.found and 2 * est.count > n_finite:
+            # every estimator here separates a bad minority from a clean majority; a count
+            # over half the samples contradicts that premise. Measured on digits (MLP, 5%
+            # flips): 1-3 epochs of Adam or 1-5 of SGD flagged 559-1773 of 1,797 with no
+            # warning, every sample the network had not learned yet
+            diag["count"] = "unknown"
+            diag["majority_count"] = {"count": est.count, "interval": list(est.interval)}
+            flagged = torch.zeros_like(finite)
+            warning = (
+                f"csl_fast.detect: nothing flagged by rule={rule!r}: it counted {est.count} bad "
+                f"samples of {n_finite}, more than half, but it can only separate a bad "
+                "minority from a clean majority. Most likely the network had not fitted the "
+                "training set yet (too few epochs or too low a learning rate), so every sample "
+                "it had not learned looks bad: train until nearly every label is fitted and "
+                "detect again. If most labels really are wrong, no detector that learns from "
+                "them can tell which; rule='fraction' flags a review budget"
+            )
+        elif est.found:
             count, interval = est.count, est.interval
             if est.reason is not None:  # a count that is only a lower bound
                 diag["count"] = "lower bound"
