@@ -1,7 +1,7 @@
 """``csl-fast clean``: the CSV it writes (columns, 1-based ranks, one row per flagged
 sample, policies, budget) and its exit codes.
 
-One tiny demo run (200 digits, 6 epochs) is shared; errors are checked in process (exit
+One tiny demo run (200 digits, 40 epochs) is shared; errors are checked in process (exit
 code and a one-line message) and once in a subprocess (no traceback).
 """
 
@@ -39,7 +39,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("clean") / "run"
     code = main(
         [
-            "demo", "--samples", "200", "--epochs", "6", "--pairs", "4", "--hidden", "64",
+            "demo", "--samples", "200", "--epochs", "40", "--pairs", "4", "--hidden", "64",
             "--overhead-rounds", "0", "--no-report", "--out", str(out), "--quiet",
         ]
     )  # fmt: skip
@@ -86,6 +86,7 @@ def test_default_policy_one_row_per_flagged_sample(demo_run, tmp_path, capsys):
     expected, in_groups = flagged_union(demo_run)
     assert [int(r["index"]) for r in rows] == expected
     assert len(in_groups) == 8  # the demo's 4 conflicting pairs
+    assert set(det.indices.tolist()) - in_groups  # rows of the mislabeled rule's own too
     # rank: 1-based position in the ranking, as `csl-fast rank` numbers it
     ranking = det.ranking.tolist()
     assert [int(r["rank"]) for r in rows] == [ranking.index(int(r["index"])) + 1 for r in rows]
