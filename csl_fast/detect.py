@@ -76,7 +76,9 @@ Non-finite scores (samples never presented) rank last and are never flagged. The
 estimating rules (``auto``, ``two_view``, ``valley``) flag nothing, with a warning, when
 they count more than half the finite samples: they separate a bad minority from a clean
 majority, and a network stopped before it fitted the training set makes every sample it
-has not learned look bad.
+has not learned look bad. A tracker that recorded one epoch gets a warning beside its
+flagged set: each sample's CSL is then its loss at its one presentation, high for every
+sample presented before the network had learned.
 """
 
 from __future__ import annotations
@@ -203,6 +205,8 @@ class _Views:
 
     mean_loss: torch.Tensor
     lost: torch.Tensor
+    #: completed epochs of the tracker (``CSLTracker.epoch``), ``None`` for a mapping
+    epochs: int | None = None
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
@@ -280,7 +284,7 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
         lost = lost | flagging.doubted(t.csl_sum, t.csl_count, t.p_true_sum, t.num_classes).to(
             lost.device
         )
-    return values, score, _Views(t.csl_mean, lost), None
+    return values, score, _Views(t.csl_mean, lost, t.epoch), None
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
@@ -481,7 +485,20 @@ def _detect(
             )
         elif est.found:
             count, interval = est.count, est.interval
-            if est.reason is not None:  # a count that is only a lower bound
+            if views is not None and views.epochs == 1:
+                # one presentation per sample: its CSL is its loss at that moment, so the
+                # samples that came before the network had learned look bad whatever their
+                # label (clean digits, one epoch of SGD: 775-848 of 1,797 flagged)
+                diag["one_epoch"] = True
+                warning = (
+                    f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but the "
+                    "tracker recorded one epoch: each sample's CSL is its loss at its one "
+                    "presentation, so the samples presented before the network had learned "
+                    "look bad whatever their label, and the flagged set mixes them with the bad "
+                    "labels. Train several epochs (until nearly every label is fitted) and "
+                    "detect again"
+                )
+            elif est.reason is not None:  # a count that is only a lower bound
                 diag["count"] = "lower bound"
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but "

@@ -327,3 +327,20 @@ def test_estimators_refuse_mismatched_inputs_and_take_numpy_ints():
         flagging.doubted(*_sums(p), num_classes=np.int64(10)),
         flagging.doubted(*_sums(p), num_classes=10),
     )
+
+
+def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
+    # clean digits, one epoch of SGD: each sample's CSL is its loss at its one
+    # presentation, and 775-848 of 1,797 clean samples were flagged with no warning
+    p, _ = _trajectories(0, rate=0.05)
+    t = _tracker_of(p, torch.full((p.shape[0],), 50.0))
+    t.epoch = 1
+    with pytest.warns(detect.DetectionWarning, match="recorded one epoch") as rec:
+        det = detect.mislabeled(t)
+    assert len(det) > 0 and det.diagnostics["one_epoch"] is True
+    assert det.warning == str(rec[0].message) and "Train several epochs" in det.warning
+    for epochs in (0, 2):  # unknown (end_epoch never called), or several
+        t.epoch = epochs
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", detect.DetectionWarning)
+            assert detect.mislabeled(t).warning is None
