@@ -279,6 +279,9 @@ def test_a_majority_count_flags_nothing_and_says_train_longer():
     assert det.diagnostics["count"] == "unknown"
     assert det.diagnostics["majority_count"]["count"] > 500
     assert "train until nearly every label is fitted" in str(rec[0].message)
+    # and where training longer only fits the bad labels as fast as the hard ones, it says
+    # so (make_classification, 100 classes of 20 samples: longer training lost no label)
+    assert "overlapping classes" in det.warning
     assert "number of bad samples unknown" in detect.summary(det)
     with warnings.catch_warnings():
         warnings.simplefilter("error", detect.DetectionWarning)
