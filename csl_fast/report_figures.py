@@ -77,11 +77,19 @@ def _eval_sets(samples: RunSamples | None) -> dict[str, tuple[np.ndarray, np.nda
 
 
 # --------------------------------------------------------------------------- figures
-def _fig_histogram(csl: np.ndarray, samples: RunSamples | None, path: str) -> str:
+def _fig_histogram(
+    csl: np.ndarray, samples: RunSamples | None, path: str
+) -> str | tuple[None, str]:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     ok = np.isfinite(csl) & (csl > 0)
+    if not ok.any():
+        # a log axis has no place for 0, and np.percentile of nothing raised IndexError
+        return None, (
+            "every sample's CSL is 0: the model fitted every label from the first step "
+            "(with a single class the loss is always 0), so there is no distribution to draw."
+        )
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     lo, hi = np.percentile(csl[ok], 0.1), csl[ok].max()
     bins = np.geomspace(max(lo, 1e-6), hi * 1.0001, 50)
     groups = _groups(samples, len(csl))

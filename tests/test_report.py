@@ -297,3 +297,21 @@ def test_detection_table_refuses_scores_of_another_run():
     samples = RunSamples(mislabeled=np.array([1, 0, 1, 0, 1]))
     with pytest.raises(ValueError, match="3 entries, samples describe 5"):  # was IndexError
         detection_table({"csl": torch.zeros(3)}, samples)
+
+
+def test_single_class_run_reports_without_a_histogram(tmp_path):
+    # with one class every loss is 0: np.percentile of no positive CSL raised IndexError,
+    # and `csl-fast report` exited 1 with a traceback
+    n = 12
+    tracker = csl_fast.CSLTracker(n, 1)
+    for _ in range(2):
+        csl_fast.accumulate(
+            torch.randn(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), tracker
+        )
+        tracker.end_epoch()
+    path = write_report(tracker, tmp_path / "one", RunSamples(labels=np.zeros(n, dtype=int)))
+    with open(path, encoding="utf-8") as f:
+        html = f.read()
+    caption = re.search(r"<h2>CSL histogram</h2>\s*<p class=cap>([^<]*)</p>", html)
+    assert caption is not None and "every sample&#x27;s CSL is 0" in caption.group(1)
+    assert not (tmp_path / "one" / "csl_histogram.png").exists()
