@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -178,6 +179,12 @@ class CSLTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        if not isinstance(inputs, Mapping):
+            raise TypeError(
+                f"CSLTrainer: batches must be dicts (what transformers' data collators make) "
+                f"with {self.csl_index_column!r} and 'labels' keys, got "
+                f"{type(inputs).__name__}; return dicts from the dataset or the data_collator"
+            )
         inputs = dict(inputs)
         index = inputs.pop(self.csl_index_column, None)
         if not model.training:
@@ -189,6 +196,7 @@ class CSLTrainer(Trainer):
                 f"{index is not None}). Add indices with "
                 "csl_fast.integrations.huggingface.with_index(train_dataset)"
             )
+        index = self._index_tensor(index)
         labels = inputs.pop("labels")
         if self.csl_linear_cross_entropy:
             return self._linear_loss(model, inputs, labels, index, return_outputs)
@@ -223,6 +231,19 @@ class CSLTrainer(Trainer):
             label_smoothing=float(self.args.label_smoothing_factor),
         )
         return (loss, outputs) if return_outputs else loss
+
+    def _index_tensor(self, index: Any) -> torch.Tensor:
+        """The batch's dataset indices as an integer tensor: a list from a custom collator
+        is converted; float or bool indices are refused (a cast would truncate them)."""
+        if not isinstance(index, torch.Tensor):
+            index = torch.as_tensor(index)
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(
+                f"CSLTrainer: the {self.csl_index_column!r} column must hold integer dataset "
+                f"indices, got {index.dtype}; add one with with_index(train_dataset), or set "
+                "csl_index_column to the column that holds them"
+            )
+        return index
 
     def _token_targets(self, model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
         """Labels ``[B, T]`` as targets of the ``[B, T, V]`` logits: shifted left and padded

@@ -168,3 +168,21 @@ def test_compute_loss_func_is_refused(tmp_path):
     train = with_index(Examples())
     with pytest.raises(ValueError, match="compute_loss_func returns a batch loss"):
         CSLTrainer(model=_model(), args=args, train_dataset=train, compute_loss_func=lambda *a: 0)
+
+
+def test_batches_of_the_wrong_kind_are_refused_by_name(tmp_path):
+    # A float index column was cast to int64 (0.7 recorded into sample 0); a list index
+    # raised AttributeError 'list' object has no attribute 'to'; a tuple batch raised
+    # "dictionary update sequence element #0 has length 4"
+    model = _model().train()
+    trainer = CSLTrainer(model=model, args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=with_index(Examples()))  # fmt: skip
+    ids, labels = torch.randint(1, VOCAB, (4, LEN)), torch.randint(0, C, (4,))
+    for index in (torch.tensor([0.7, 1.0, 2.0, 3.0]), torch.ones(4, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"'index' column must hold integer dataset indices"):
+            trainer.compute_loss(model, {"input_ids": ids, "labels": labels, "index": index})
+    assert trainer.csl_tracker is None
+    with pytest.raises(TypeError, match=r"batches must be dicts .* got tuple"):
+        trainer.compute_loss(model, (ids, labels, torch.arange(4)))
+    trainer.compute_loss(model, {"input_ids": ids, "labels": labels, "index": [0, 1, 2, 3]})
+    assert trainer.csl_tracker.csl_count.tolist() == [1.0] * 4 + [0.0] * (N - 4)
