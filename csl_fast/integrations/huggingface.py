@@ -283,12 +283,7 @@ class CSLTrainer(Trainer):
             self.csl_shift_labels = True  # the decoder of a causal LM
         target = self._token_targets(model, labels).to(hidden.device)
         if self.csl_tracker is None:
-            self.csl_tracker = CSLTracker(
-                len(self.train_dataset),
-                head.weight.shape[0],
-                device=hidden.device,
-                **self.csl_tracker_kwargs,
-            )
+            self.csl_tracker = self._default_tracker(head.weight.shape[0], hidden.device)
         loss = linear_cross_entropy(
             hidden,
             head.weight,
@@ -306,13 +301,20 @@ class CSLTrainer(Trainer):
 
     def _tracker_for(self, logits: torch.Tensor) -> CSLTracker:
         if self.csl_tracker is None:
-            self.csl_tracker = CSLTracker(
-                len(self.train_dataset),
-                logits.shape[-1],
-                device=logits.device,
-                **self.csl_tracker_kwargs,
-            )
+            self.csl_tracker = self._default_tracker(logits.shape[-1], logits.device)
         return self.csl_tracker
+
+    def _default_tracker(self, num_classes: int, device: torch.device) -> CSLTracker:
+        try:
+            num_samples = len(self.train_dataset)
+        except TypeError:  # an IterableDataset: its size is unknown before it ends
+            raise TypeError(
+                f"CSLTrainer: the train_dataset ({type(self.train_dataset).__name__}) has no "
+                "len(), so the default tracker cannot be sized; pass "
+                "csl_tracker=csl_fast.CSLTracker(N, num_classes) with N the number of "
+                "distinct indices its examples carry"
+            ) from None
+        return CSLTracker(num_samples, num_classes, device=device, **self.csl_tracker_kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -186,3 +186,19 @@ def test_batches_of_the_wrong_kind_are_refused_by_name(tmp_path):
         trainer.compute_loss(model, (ids, labels, torch.arange(4)))
     trainer.compute_loss(model, {"input_ids": ids, "labels": labels, "index": [0, 1, 2, 3]})
     assert trainer.csl_tracker.csl_count.tolist() == [1.0] * 4 + [0.0] * (N - 4)
+
+
+def test_a_dataset_without_len_asks_for_a_tracker(tmp_path):
+    # the default tracker's N = len(train_dataset) raised "object of type ... has no len()"
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from with_index(Examples())
+
+    args = _args(tmp_path, 1, save_strategy="no", max_steps=1)
+    trainer = CSLTrainer(model=_model(), args=args, train_dataset=Stream())
+    with pytest.raises(TypeError, match=r"has no len\(\).*csl_tracker=csl_fast.CSLTracker\(N"):
+        trainer.train()
+    tracker = CSLTracker(N, C)
+    args = _args(tmp_path, 1, save_strategy="no", max_steps=1)
+    CSLTrainer(model=_model(), args=args, train_dataset=Stream(), csl_tracker=tracker).train()
+    assert tracker.csl_count.sum().item() == 8  # one batch of 8 examples
