@@ -34,9 +34,10 @@ hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -221,15 +222,16 @@ class CSLTrainer(Trainer):
                 "csl_fast.record_loss (regression) or csl_fast.accumulate_bce (multi-label)"
             )
         tracker = self._tracker_for(logits)
-        loss = accumulate(
-            # Token logits as [B*T, V] rows with the [B, T] labels: the explicit sequence
-            # form (3-D logits would be read as F.cross_entropy reads them, [N, C, d]).
-            logits.flatten(0, 1) if logits.dim() == 3 else logits,
-            labels.to(logits.device, torch.int64),
-            index.to(tracker.device, torch.int64),
-            tracker,
-            label_smoothing=float(self.args.label_smoothing_factor),
-        )
+        with self._index_hint():
+            loss = accumulate(
+                # Token logits as [B*T, V] rows with the [B, T] labels: the explicit sequence
+                # form (3-D logits would be read as F.cross_entropy reads them, [N, C, d]).
+                logits.flatten(0, 1) if logits.dim() == 3 else logits,
+                labels.to(logits.device, torch.int64),
+                index.to(tracker.device, torch.int64),
+                tracker,
+                label_smoothing=float(self.args.label_smoothing_factor),
+            )
         return (loss, outputs) if return_outputs else loss
 
     def _index_tensor(self, index: Any) -> torch.Tensor:
@@ -284,15 +286,16 @@ class CSLTrainer(Trainer):
         target = self._token_targets(model, labels).to(hidden.device)
         if self.csl_tracker is None:
             self.csl_tracker = self._default_tracker(head.weight.shape[0], hidden.device)
-        loss = linear_cross_entropy(
-            hidden,
-            head.weight,
-            target,
-            index.to(self.csl_tracker.device, torch.int64),
-            self.csl_tracker,
-            getattr(head, "bias", None),
-            label_smoothing=float(self.args.label_smoothing_factor),
-        )
+        with self._index_hint():
+            loss = linear_cross_entropy(
+                hidden,
+                head.weight,
+                target,
+                index.to(self.csl_tracker.device, torch.int64),
+                self.csl_tracker,
+                getattr(head, "bias", None),
+                label_smoothing=float(self.args.label_smoothing_factor),
+            )
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -314,7 +317,26 @@ class CSLTrainer(Trainer):
                 "csl_tracker=csl_fast.CSLTracker(N, num_classes) with N the number of "
                 "distinct indices its examples carry"
             ) from None
+        self._csl_sized_by_len = True
         return CSLTracker(num_samples, num_classes, device=device, **self.csl_tracker_kwargs)
+
+    @contextlib.contextmanager
+    def _index_hint(self) -> Iterator[None]:
+        """Adds the likely cause to an out-of-range index when the tracker was sized by
+        ``len(train_dataset)``: indices added before a Subset, filter or select keep the
+        full set's numbering (the checks raise before anything is written)."""
+        try:
+            yield
+        except IndexError as exc:
+            if not getattr(self, "_csl_sized_by_len", False) or "index[" not in str(exc):
+                raise
+            raise IndexError(
+                f"{exc}. CSLTrainer sized its tracker by len(train_dataset) = "
+                f"{self.csl_tracker.num_samples}; if the indices were added before a Subset, "
+                "filter or select, they count the full dataset: pass "
+                "csl_tracker=csl_fast.CSLTracker(N, num_classes) with N the full dataset's "
+                "size, or add the indices after selecting"
+            ) from exc
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -202,3 +202,17 @@ def test_a_dataset_without_len_asks_for_a_tracker(tmp_path):
     args = _args(tmp_path, 1, save_strategy="no", max_steps=1)
     CSLTrainer(model=_model(), args=args, train_dataset=Stream(), csl_tracker=tracker).train()
     assert tracker.csl_count.sum().item() == 8  # one batch of 8 examples
+
+
+def test_indices_of_a_larger_dataset_name_the_likely_cause(tmp_path):
+    # a Subset of an indexed dataset keeps the full set's indices, and the default tracker
+    # has len(Subset) entries: the error advised "pass dataset indices", which it did
+    subset = torch.utils.data.Subset(with_index(Examples()), range(5, N))
+    trainer = CSLTrainer(model=_model(), args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=subset)  # fmt: skip
+    with pytest.raises(IndexError, match=r"len\(train_dataset\) = 15; if the indices were added"):
+        trainer.train()
+    trainer = CSLTrainer(model=_model(), args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=subset, csl_tracker=CSLTracker(N, C))  # fmt: skip
+    trainer.train()
+    assert trainer.csl_tracker.csl_count.tolist() == [0.0] * 5 + [1.0] * (N - 5)
