@@ -221,6 +221,8 @@ class CSLTrainer(Trainer):
                 "multi-label model. Override compute_loss and record the per-example loss with "
                 "csl_fast.record_loss (regression) or csl_fast.accumulate_bce (multi-label)"
             )
+        elif labels.dim() > 1 and labels.numel() == logits.shape[0]:
+            labels = labels.reshape(-1)  # [B, 1]: the models' own loss takes labels.view(-1)
         tracker = self._tracker_for(logits)
         with self._index_hint():
             loss = accumulate(

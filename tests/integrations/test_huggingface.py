@@ -216,3 +216,18 @@ def test_indices_of_a_larger_dataset_name_the_likely_cause(tmp_path):
                          train_dataset=subset, csl_tracker=CSLTracker(N, C))  # fmt: skip
     trainer.train()
     assert trainer.csl_tracker.csl_count.tolist() == [0.0] * 5 + [1.0] * (N - 5)
+
+
+def test_labels_of_shape_batch_by_one_train_as_with_the_plain_trainer(tmp_path):
+    # BertForSequenceClassification's own loss takes labels.view(-1); CSLTrainer refused
+    # [B, 1] labels with "target must be 1-D"
+    model = _model().train()
+    trainer = CSLTrainer(model=model, args=_args(tmp_path, 1, save_strategy="no"),
+                         train_dataset=with_index(Examples()))  # fmt: skip
+    ids, labels = torch.randint(1, VOCAB, (4, LEN)), torch.randint(0, C, (4,))
+    torch.manual_seed(1)  # the same dropout masks in both calls
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels[:, None],
+                                        "index": torch.arange(4)})  # fmt: skip
+    torch.manual_seed(1)
+    torch.testing.assert_close(loss, model(input_ids=ids, labels=labels[:, None]).loss)
+    assert trainer.csl_tracker.csl_count.tolist() == [1.0] * 4 + [0.0] * (N - 4)
