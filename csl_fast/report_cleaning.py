@@ -225,7 +225,8 @@ def sections(
     parts.append(_table(_suggestion_rows(tracker, det, samples, inputs, labels)))
     parts.append(
         "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does with "
-        "the flagged set by default: relabel a sample to the class the model ranked second "
-        "most often over training, when confident; drop it otherwise.</p>"
+        "the flagged set by default: relabel a sample to its suggested label, the class the "
+        "model predicted most often while it disagreed with the given label, when confident "
+        "(<code>tracker.suggestions()</code>); drop it otherwise.</p>"
     )
     return "".join(parts)

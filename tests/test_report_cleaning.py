@@ -107,6 +107,9 @@ def test_sections_without_ground_truth(run, tmp_path):
     sugg = _table_after(page, "Suggested labels")
     assert "relabels that give the true label" not in sugg
     assert int(sugg["flagged samples"]) == len(detect.mislabeled(tracker))
+    # the caption said "the class the model ranked second most often", which is not what
+    # tracker.suggestions() returns
+    assert "predicted most often while it disagreed with the given label" in page
 
 
 def test_retrain_note_in_demo_results(tmp_path, capsys):
