@@ -281,12 +281,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     det = detect.mislabeled(tracker, "csl")  # the tracker: every view of the rule
     flagged = det.flagged.cpu().numpy()
     bad = mislabeled | duplicate
-    flag_text = (
-        f"\nFlagged without ground truth (rule {det.rule} on CSL): {int(flagged.sum())} "
-        f"samples; {int((flagged & bad).sum())} of them corrupted (precision "
-        f"{(flagged & bad).sum() / max(flagged.sum(), 1):.2f}), "
-        f"{(flagged & bad).sum() / max(bad.sum(), 1):.0%} of all {int(bad.sum())} corrupted found"
-    )
+    flag_text = "\n" + _flagged_line(det.rule, flagged, bad)
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
         flag_text += (
@@ -479,6 +474,21 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     return results
 
 
+def _share(part: int, whole: int, spec: str) -> str:
+    # precision of no flags and recall of nothing injected are undefined: "n/a", not "nan"
+    return format(part / whole, spec) if whole else "n/a"
+
+
+def _flagged_line(rule: str, flagged: np.ndarray, bad: np.ndarray) -> str:
+    """The score rule's line: flagged, how many are corrupted, precision and recall."""
+    hit, k, total = int((flagged & bad).sum()), int(flagged.sum()), int(bad.sum())
+    return (
+        f"Flagged without ground truth (rule {rule} on CSL): {k} samples; {hit} of them "
+        f"corrupted (precision {_share(hit, k, '.2f')}), {_share(hit, total, '.0%')} of all "
+        f"{total} corrupted found"
+    )
+
+
 def _duplicates_line(dup_det: Any, flagged: np.ndarray, duplicate: np.ndarray) -> str:
     """The duplicate detection's line: flagged, how many are injected duplicates, P and R."""
     hit = int((flagged & duplicate).sum())
@@ -487,8 +497,7 @@ def _duplicates_line(dup_det: Any, flagged: np.ndarray, duplicate: np.ndarray) -
         f"Duplicates flagged without ground truth (rule {dup_det.rule}: identical inputs with "
         f"different labels, an exact count): {k} samples in {len(dup_det.groups)} groups; "
         f"{hit} of them injected duplicate-conflict samples (precision "
-        f"{hit / k if k else math.nan:.2f}), {hit / total if total else math.nan:.0%} of all "
-        f"{total} found"
+        f"{_share(hit, k, '.2f')}), {_share(hit, total, '.0%')} of all {total} found"
     )
 
 

@@ -254,7 +254,8 @@ def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
         {k for row in table.values() for k in row}, key=["mislabeled", "duplicates"].index
     )
     if not kinds:
-        return "(no ground truth: no detection table)"
+        # also with ground truth that has no corrupted sample (demo --noise 0 --pairs 0)
+        return "(no detection table: it needs samples known to be corrupted and known clean)"
     best = {
         k: max(
             (r[k] for r in table.values() if not math.isnan(r.get(k, math.nan))), default=math.nan

@@ -448,3 +448,16 @@ def test_version1_tracker_warns_in_one_line(tmp_path, capsys):
     )
     # The rest: one line each for what this (loss-only) tracker holds and what was flagged.
     assert all(line.startswith("csl-fast rank: ") for line in lines[1:]), lines
+
+
+def test_demo_with_nothing_injected_prints_no_nan(tmp_path, capsys):
+    # precision of 0 flagged duplicates and recall of 0 injected ones printed "nan" and
+    # "nan%", and the detection table said "no ground truth" although the truth was known
+    out = str(tmp_path / "clean")
+    args = ["demo", "--samples", "150", "--epochs", "3", "--noise", "0", "--pairs", "0"]
+    args += ["--overhead-rounds", "0", "--no-report", "-q", "--out", out]
+    code, text, _ = run_main(capsys, *args)
+    assert code == 0
+    assert "nan" not in text.lower()
+    assert "of all 0 found" in text and "(precision n/a), n/a of all 0 found" in text
+    assert "no ground truth: no detection table" not in text
