@@ -399,6 +399,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(f"csl-fast rank: note: {note}", file=sys.stderr)
     if dup is not None and not args.quiet:
         print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
+    unscored = _unscored_note(tracker, args.score, args.top, len(rows))
+    if unscored is not None and not args.quiet:
+        print(f"csl-fast rank: note: {unscored}", file=sys.stderr)
     if args.csv:
         text = _format_csv(rows, args.score)
     elif args.json:
@@ -426,6 +429,22 @@ def cmd_rank(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return EXIT_OK
+
+
+def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | None:
+    """Why fewer than ``--top`` rows were listed: samples without a finite score (never
+    presented, or the score is undefined for them) are not ranked."""
+    size = tracker.num_samples
+    if score == "label_csl" and tracker.label_csl is not None:
+        size *= tracker.label_csl.shape[1]
+    if listed >= min(top, size):
+        return None
+    what = "(sample, label) entries" if score == "label_csl" else "samples"
+    return (
+        f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
+        f"{score} value; the others were never presented in training or the score is "
+        "undefined for them, and are not ranked"
+    )
 
 
 def _echo_detection_warnings(caught: list[Any], command: str, quiet: bool) -> None:

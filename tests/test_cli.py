@@ -461,3 +461,21 @@ def test_demo_with_nothing_injected_prints_no_nan(tmp_path, capsys):
     assert "nan" not in text.lower()
     assert "of all 0 found" in text and "(precision n/a), n/a of all 0 found" in text
     assert "no ground truth: no detection table" not in text
+
+
+def test_rank_says_why_it_lists_fewer_than_top(tmp_path, capsys):
+    # samples never presented have no score and were left out without a word: --top 20
+    # printed 10 rows
+    import csl_fast
+
+    tracker = csl_fast.CSLTracker(20, 3)
+    for _ in range(2):
+        csl_fast.accumulate(torch.randn(10, 3), torch.arange(10) % 3, torch.arange(10), tracker)
+        tracker.end_epoch()
+    path = tmp_path / "half.csl"
+    tracker.save(path)
+    code, out, err = run_main(capsys, "rank", str(path), "--csv", "--top", "20")
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 10
+    assert "listed 10 of the --top 20: only 10 of the 20 samples have a csl value" in err
+    code, out, err = run_main(capsys, "rank", str(path), "--csv", "--top", "10")
+    assert code == 0 and "note: listed" not in err
