@@ -305,7 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write report.html (self-contained) and its PNGs for a saved run.",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
-    p.add_argument("--out", default=None, help="output folder (default: RUN/report)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="output folder (default: RUN/report; for a tracker file, the folder 'report' "
+        "next to it)",
+    )
     p.add_argument(
         "--score",
         default="csl",

@@ -479,3 +479,21 @@ def test_rank_says_why_it_lists_fewer_than_top(tmp_path, capsys):
     assert "listed 10 of the --top 20: only 10 of the 20 samples have a csl value" in err
     code, out, err = run_main(capsys, "rank", str(path), "--csv", "--top", "10")
     assert code == 0 and "note: listed" not in err
+
+
+def test_report_of_a_tracker_file_writes_where_its_help_says(tmp_path, capsys):
+    # --help said "default: RUN/report", a path inside the tracker file; the report went
+    # to the folder 'report' next to the file
+    import csl_fast
+
+    tracker = csl_fast.CSLTracker(12, 3)
+    csl_fast.accumulate(torch.randn(12, 3), torch.arange(12) % 3, torch.arange(12), tracker)
+    tracker.end_epoch()
+    tracker.save(tmp_path / "run.csl")
+    with pytest.raises(SystemExit) as exit_info:  # argparse exits after --help
+        main(["report", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "for a tracker file, the folder 'report' next to it" in help_text
+    code, _, _ = run_main(capsys, "report", str(tmp_path / "run.csl"), "-q")
+    assert code == 0 and (tmp_path / "report" / "report.html").exists()
