@@ -57,7 +57,7 @@ def _buffers(
         return csl, count
     if soft:
         raise TypeError(
-            "csl_fast.accumulate: class-probability targets are recorded into csl (and count) "
+            f"csl_fast.{op}: class-probability targets are recorded into csl (and count) "
             "tensors only: a tracker's other statistics (correctness, margin, forgetting) need "
             "one class per sample. Pass csl=tracker.csl_sum, count=tracker.csl_count to record "
             "CSL into the tracker, or class-index targets"
@@ -65,17 +65,17 @@ def _buffers(
     # hasattr, not isinstance(csl, Recorder): a runtime Protocol check costs ~30 us a call.
     if not (hasattr(csl, "training_buffers") and hasattr(csl, "record")):
         raise TypeError(
-            "csl_fast.accumulate: csl must be a float32/float64 tensor of one entry per "
+            f"csl_fast.{op}: csl must be a float32/float64 tensor of one entry per "
             f"dataset sample or a csl_fast.CSLTracker, got {type(csl).__name__}"
         )
     if seq is not None and not callable(getattr(csl, "record_sequences", None)):
         raise TypeError(
-            f"csl_fast.accumulate: sequence batches need a tracker with record_sequences(index, "
+            f"csl_fast.{op}: sequence batches need a tracker with record_sequences(index, "
             f"token_stats); {type(csl).__name__} has none (use csl_fast.CSLTracker or a tensor)"
         )
     if count is not None:
         raise ValueError(
-            "csl_fast.accumulate: count= is for plain csl tensors; a tracker keeps its own counts"
+            f"csl_fast.{op}: count= is for plain csl tensors; a tracker keeps its own counts"
         )
     if classes is not None:
         check_tracker_classes(op, csl, classes)
@@ -96,7 +96,16 @@ def check_tracker_classes(op: str, tracker: object, classes: int) -> None:
 
 
 def _check_args(
-    logits, target, index, buffers, weight, label_smoothing, reduction, seq=None, soft=False
+    logits,
+    target,
+    index,
+    buffers,
+    weight,
+    label_smoothing,
+    reduction,
+    seq=None,
+    soft=False,
+    op: str = "accumulate",
 ) -> None:
     """Checks of a call read as rows (:mod:`csl_fast.cross_entropy_args`): ``logits``
     ``[R, C]``, ``target`` ``[R]`` class indices (``[R, C]`` probabilities when ``soft``)."""
@@ -105,66 +114,64 @@ def _check_args(
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(
-            f"csl_fast.accumulate: logits must be a tensor of F.cross_entropy's layouts ([C], "
+            f"csl_fast.{op}: logits must be a tensor of F.cross_entropy's layouts ([C], "
             f"[B, C] or [N, C, d1, ..., dk]) or [B*T, V] sequences with a [B, T] target, got "
             f"{shape}"
         )
     if logits.dtype not in _LOGIT_DTYPES:
         raise TypeError(
-            f"csl_fast.accumulate: logits must be float32, float16, bfloat16 or float64, got "
+            f"csl_fast.{op}: logits must be float32, float16, bfloat16 or float64, got "
             f"{logits.dtype}"
         )
     device = logits.device
     batch = logits.shape[0]
     if soft:
-        _check_device("target", target, device)
+        _check_device("target", target, device, op)
     else:
-        _check_indices("target", target, batch, device)
+        _check_indices("target", target, batch, device, op=op)
     if seq is None:
-        _check_indices("index", index, batch, device)
+        _check_indices("index", index, batch, device, op=op)
     else:
-        _check_indices("index", index, seq[0], device, seq)
+        _check_indices("index", index, seq[0], device, seq, op)
     csl, count = buffers
-    check_buffer("accumulate", "csl", csl, _CSL_DTYPES, "logits")
-    _check_device("csl", csl, device)
+    check_buffer(op, "csl", csl, _CSL_DTYPES, "logits")
+    _check_device("csl", csl, device, op)
     if count is not None:
-        check_buffer("accumulate", "count", count, _COUNT_DTYPES, "logits")
-        _check_device("count", count, device)
+        check_buffer(op, "count", count, _COUNT_DTYPES, "logits")
+        _check_device("count", count, device, op)
         check_count_fits("accumulate", csl, count)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(
-                f"csl_fast.accumulate: weight must be a tensor of C = {logits.shape[1]} class "
+                f"csl_fast.{op}: weight must be a tensor of C = {logits.shape[1]} class "
                 f"weights, got {type(weight).__name__}; pass torch.tensor(weights, "
                 "device=logits.device)"
             )
         if weight.dim() != 1 or weight.shape[0] != logits.shape[1]:
             raise ValueError(
-                f"csl_fast.accumulate: weight must be 1-D with C = {logits.shape[1]} class "
+                f"csl_fast.{op}: weight must be 1-D with C = {logits.shape[1]} class "
                 f"weights, got shape {tuple(weight.shape)}"
             )
-        _check_device("weight", weight, device)
+        _check_device("weight", weight, device, op)
         if weight.requires_grad and not soft and torch.is_grad_enabled():
             raise ValueError(
-                "csl_fast.accumulate: weight requires grad, but cross entropy with class-index "
+                f"csl_fast.{op}: weight requires grad, but cross entropy with class-index "
                 "targets has no gradient for its class weights (F.cross_entropy refuses it "
                 "too); pass weight.detach()"
             )
     if reduction not in REDUCTIONS:
         raise ValueError(
-            f"csl_fast.accumulate: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
+            f"csl_fast.{op}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
         )
     try:
         in_range = 0.0 <= label_smoothing <= 1.0
     except TypeError:  # None or a string from a config, say
         raise TypeError(
-            f"csl_fast.accumulate: label_smoothing must be a float in [0, 1], got "
+            f"csl_fast.{op}: label_smoothing must be a float in [0, 1], got "
             f"{type(label_smoothing).__name__}; pass 0.0 for none"
         ) from None
     if not in_range:
-        raise ValueError(
-            f"csl_fast.accumulate: label_smoothing must be in [0, 1], got {label_smoothing}"
-        )
+        raise ValueError(f"csl_fast.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
 _CSL_DTYPES = (torch.float32, torch.float64)
@@ -180,21 +187,26 @@ def widen_for_ignore_index(target: object, ignore_index: int) -> object:
     return target
 
 
-def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+def _check_device(name: str, t: torch.Tensor, device: torch.device, op: str = "accumulate") -> None:
     if t.device != device:
         raise ValueError(
-            f"csl_fast.accumulate: {name} is on {t.device} but logits are on {device}; move it "
+            f"csl_fast.{op}: {name} is on {t.device} but logits are on {device}; move it "
             "with .to(logits.device)"
         )
 
 
 def _check_indices(
-    name: str, t: object, rows: int, device: torch.device, seq: tuple[int, int] | None = None
+    name: str,
+    t: object,
+    rows: int,
+    device: torch.device,
+    seq: tuple[int, int] | None = None,
+    op: str = "accumulate",
 ) -> None:
     """``target`` or ``index``: a 1-D int64/int32 tensor of ``rows`` entries on ``device``
     (``seq``: the index of a [B, T] batch of sequences, one entry per sequence)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"csl_fast.accumulate: {name} must be a tensor, got {type(t).__name__}")
+        raise TypeError(f"csl_fast.{op}: {name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _INDEX_DTYPES:
         hint = (
             "; class probabilities need the logits' shape"
@@ -202,19 +214,19 @@ def _check_indices(
             else ""
         )
         raise TypeError(
-            f"csl_fast.accumulate: {name} must hold int64 (or int32) indices, got {t.dtype}{hint}"
+            f"csl_fast.{op}: {name} must hold int64 (or int32) indices, got {t.dtype}{hint}"
         )
     if t.dim() != 1 or t.shape[0] != rows:
         if seq is not None:
             raise ValueError(
-                f"csl_fast.accumulate: index must be 1-D with B = {rows} entries, one dataset "
+                f"csl_fast.{op}: index must be 1-D with B = {rows} entries, one dataset "
                 f"index per sequence of the [B, T] = {seq} target, got shape {tuple(t.shape)}"
             )
         raise ValueError(
-            f"csl_fast.accumulate: {name} must be 1-D with B = {rows} entries to match logits "
+            f"csl_fast.{op}: {name} must be 1-D with B = {rows} entries to match logits "
             f"of {rows} rows, got shape {tuple(t.shape)}"
         )
-    _check_device(name, t, device)
+    _check_device(name, t, device, op)
 
 
 def check_buffer(
@@ -268,6 +280,7 @@ def _check_values(
     num_classes: int,
     num_samples: int,
     ignore_index: int,
+    op: str = "accumulate",
 ) -> None:
     """Range checks of targets (None: class probabilities, nothing to check) and indices
     (reads them on the host: one synchronisation on a GPU when both are in range)."""
@@ -282,13 +295,13 @@ def _check_values(
     if bad is not None and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise IndexError(
-            f"csl_fast.accumulate: target[{i}] = {int(target[i])} is outside [0, C = "
+            f"csl_fast.{op}: target[{i}] = {int(target[i])} is outside [0, C = "
             f"{num_classes}) and is not ignore_index ({ignore_index}); fix the labels or pass "
             "the right ignore_index"
         )
     i = int(bad_index.nonzero()[0, 0])
     raise IndexError(
-        f"csl_fast.accumulate: index[{i}] = {int(index[i])} is outside [0, N = "
+        f"csl_fast.{op}: index[{i}] = {int(index[i])} is outside [0, N = "
         f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
         "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
     )

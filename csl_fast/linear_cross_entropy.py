@@ -246,6 +246,7 @@ def linear_cross_entropy(
         label_smoothing,
         reduction,
         seq,
+        op="linear_cross_entropy",
     )
     name = resolve_backend(backend, hidden.device, hidden.dtype)
     if deterministic is None:
@@ -253,7 +254,14 @@ def linear_cross_entropy(
     if validate is None:
         validate = validate_by_default(hidden.device, name)
     if validate and not torch.compiler.is_compiling():
-        _check_values(t1, idx_check, vocab, buffers[0].numel() if record else 1, ignore_index)
+        _check_values(
+            t1,
+            idx_check,
+            vocab,
+            buffers[0].numel() if record else 1,
+            ignore_index,
+            "linear_cross_entropy",
+        )
     if chunk_size is None:
         chunk_size = default_chunk_size(h2.shape[0], size_h, vocab)
     if int(chunk_size) < 1:

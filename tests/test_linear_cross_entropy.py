@@ -292,3 +292,20 @@ def test_a_tracker_takes_a_vocabulary_of_its_own_size():
                        rf"{w.shape[0]} classes .* num_classes={w.shape[0] - 2}"):  # fmt: skip
         linear_cross_entropy(h, w, t, torch.tensor([0, 2]), tracker, b)
     assert tracker.csl_count.sum() == 0 and tracker.suggest_label.eq(-1).all()
+
+
+def test_argument_errors_name_linear_cross_entropy():
+    # the checks shared with accumulate said "csl_fast.accumulate: ..." to a caller of
+    # linear_cross_entropy, who never called accumulate
+    h, w = torch.randn(8, 5), torch.randn(7, 5)
+    t, idx, csl = torch.randint(0, 7, (8,)), torch.arange(8), torch.zeros(10)
+    cases = [
+        ((h, w, t, idx, csl), dict(reduction="avg"), ValueError, "reduction must be one of"),
+        ((h, w, t, idx, csl), dict(label_smoothing=2.0), ValueError, "label_smoothing must be"),
+        ((h, w, t[:4], idx, csl), {}, ValueError, "target must be 1-D with B = 8"),
+        ((h, w, t, idx.float(), csl), {}, TypeError, "index must hold int64"),
+        ((h, w, t, idx, [0.0] * 10), {}, TypeError, "csl must be a float32/float64 tensor"),
+    ]
+    for args, kwargs, exc, message in cases:
+        with pytest.raises(exc, match=rf"^csl_fast\.linear_cross_entropy: {message}"):
+            csl_fast.linear_cross_entropy(*args, **kwargs)
