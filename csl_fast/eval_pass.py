@@ -84,11 +84,13 @@ def score_epoch(
                     )
                 check_tracker_classes("score_epoch", tracker, logits.shape[1])
                 logits = logits.to(tracker.device)
-                y = y.to(tracker.device, non_blocking=True)
+                # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
+                y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
                 _, stats = ops.cross_entropy_fwd(
                     logits, y, None, ignore_index, 0.0, 2, tracker.backend
                 )
-                tracker.record_eval(index.to(tracker.device, non_blocking=True), stats)
+                index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
+                tracker.record_eval(index, stats)
     finally:
         model.train(was_training)
     tracker.end_eval_pass()

@@ -99,3 +99,14 @@ def test_a_tracker_takes_logits_of_its_own_class_count():
                        r"num_classes=2"):  # fmt: skip
         csl_fast.score_epoch(_model(), batches, t)
     assert t.eval_count.sum() == 0
+
+
+def test_list_targets_and_indices_are_taken():
+    # a collate_fn that returns Python lists raised AttributeError: 'list' has no 'to'
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), [0, 2, 1, 1, 0]
+    tracker = CSLTracker(8, 3)
+    csl_fast.score_epoch(model, [(x, y, [7, 1, 2, 3, 4])], tracker)
+    assert tracker.eval_count.tolist() == [0, 1, 1, 1, 1, 0, 0, 1]
+    want = F.cross_entropy(model(x), torch.tensor(y), reduction="none").detach()
+    torch.testing.assert_close(tracker.eval_csl_sum[[7, 1, 2, 3, 4]], want)
