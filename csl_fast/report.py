@@ -80,6 +80,13 @@ _ARRAY_FIELDS = (
 )
 
 
+# the CLI reads a run folder's samples.npz by default, so a damaged one blocks the run
+_SAMPLES_FIX = (
+    "write it again with csl_fast.report.RunSamples(...).save(path), or move it out of the "
+    "run folder to use the tracker alone"
+)
+
+
 class SamplesFileError(ValueError):
     """A ``samples.npz`` side file cannot be read or does not fit the tracker."""
 
@@ -198,11 +205,13 @@ class RunSamples:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:
             raise SamplesFileError(
-                f"{path}: not a readable samples file (truncated or another format): "
-                f"{type(exc).__name__}"
+                f"{path}: not a readable samples file (truncated or another format: "
+                f"{type(exc).__name__}); {_SAMPLES_FIX}"
             ) from None
         if str(data.pop("format", "")) != "csl_fast.samples/1":
-            raise SamplesFileError(f"{path}: not a csl_fast samples file (no format tag)")
+            raise SamplesFileError(
+                f"{path}: not a csl_fast samples file (no format tag); {_SAMPLES_FIX}"
+            )
         names = data.pop("class_names", None)
         known = {n: data[n] for n in _ARRAY_FIELDS if n in data}
         try:

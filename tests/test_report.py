@@ -315,3 +315,16 @@ def test_single_class_run_reports_without_a_histogram(tmp_path):
     caption = re.search(r"<h2>CSL histogram</h2>\s*<p class=cap>([^<]*)</p>", html)
     assert caption is not None and "every sample&#x27;s CSL is 0" in caption.group(1)
     assert not (tmp_path / "one" / "csl_histogram.png").exists()
+
+
+def test_a_damaged_samples_file_says_how_to_go_on(tmp_path):
+    # the message ended on the exception's class name ("...: ValueError"), and rank, report
+    # and clean read RUN/samples.npz by default, so the run was blocked with no way out named
+    from csl_fast.report import SamplesFileError
+
+    garbage, foreign = tmp_path / "garbage.npz", tmp_path / "foreign.npz"
+    garbage.write_bytes(b"not an npz file")
+    np.savez(foreign, labels=np.arange(3))
+    for path in (garbage, foreign):
+        with pytest.raises(SamplesFileError, match=r"RunSamples\(\.\.\.\)\.save\(path\), or move"):
+            RunSamples.load(path)
