@@ -194,6 +194,10 @@ class CSLTracker(TrackerStatistics):
         self.device = torch.empty(0, device=device).device
         self.dtype = dtype
         self.history = bool(history)
+        if backend != "auto" and backend not in _ext.BACKENDS:  # else refused at the first step
+            raise ValueError(
+                f"CSLTracker: backend must be 'auto' or one of {_ext.BACKENDS}, got {backend!r}"
+            )
         self.backend = backend
         self.deterministic = deterministic
         #: Completed epochs (:meth:`end_epoch` calls); the epoch stamp of new presentations.

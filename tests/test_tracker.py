@@ -347,6 +347,13 @@ def test_a_bool_size_is_refused(tmp_path):
         CSLTracker(True)
 
 
+def test_an_unknown_backend_is_refused_when_the_tracker_is_made():
+    # it was taken, and the first training step failed inside accumulate
+    with pytest.raises(ValueError, match=r"CSLTracker: backend must be 'auto' or one of"):
+        CSLTracker(4, backend="bogus")
+    assert CSLTracker(4, backend="reference").backend == "reference"
+
+
 def test_record_checks_device_and_shapes():
     t = CSLTracker(4)
     with pytest.raises(ValueError, match="entries"):
