@@ -426,6 +426,8 @@ def write_report(
     s = _np(all_scores[score])
     key = np.where(np.isfinite(s), s, -np.inf)
     ranking = np.argsort(-key, kind="stable")
+    # headings said "Top 100000" of 300 samples; samples without a score are not ranked
+    shown = min(top, int(np.isfinite(s).sum()))
     csl = _np(all_scores["csl"]) if "csl" in all_scores else s
 
     steps: list[tuple[str, str, Callable[[str], Any]]] = [
@@ -446,9 +448,9 @@ def write_report(
             lambda p: _fig_loss_curves(tracker, samples, p),
         ),
         (
-            f"Top {top} suspicious samples",
+            f"Top {shown} suspicious samples",
             "top_samples.png",
-            lambda p: _fig_top_grid(ranking, samples, s, p, top) if samples is not None else None,
+            lambda p: _fig_top_grid(ranking, samples, s, p, shown) if samples is not None else None,
         ),
     ]
     captions = {
@@ -478,7 +480,7 @@ def write_report(
             result, extra = result
             caption = (caption + " " + extra).strip()
         if result is None:
-            caption = "Not drawn: " + _MISSING.get(fname, extra)
+            caption = "Not drawn: " + (extra or _MISSING.get(fname, ""))
             if os.path.exists(png):  # a stale figure of an earlier report
                 os.unlink(png)
         figures.append((heading, fname, result, caption))
@@ -513,7 +515,7 @@ def write_report(
         ranking,
         s,
         score,
-        top,
+        shown,
         figures,
         notes,
         cleaning,

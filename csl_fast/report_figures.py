@@ -280,11 +280,13 @@ def _fig_loss_curves(
 
 def _fig_top_grid(
     ranking: np.ndarray, samples: RunSamples, score: np.ndarray, path: str, k: int
-) -> str | None:
+) -> str | tuple[None, str] | None:
     import matplotlib.pyplot as plt
 
     if samples.images is None:
         return None
+    if k == 0:  # a grid of no columns divided by zero
+        return None, "top = 0: no sample to show."
     top = ranking[:k]
     cols = min(8, len(top))
     rows = math.ceil(len(top) / cols)

@@ -12,6 +12,7 @@ import json
 import math
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,15 @@ def test_a_damaged_samples_file_says_how_to_go_on(tmp_path):
     for path in (garbage, foreign):
         with pytest.raises(SamplesFileError, match=r"RunSamples\(\.\.\.\)\.save\(path\), or move"):
             RunSamples.load(path)
+
+
+def test_top_beyond_the_run_and_top_zero(run, tmp_path):
+    # top=100000 headed "Top 100000" over 160 samples; top=0 with images divided by zero
+    # in the grid (ZeroDivisionError)
+    tracker, samples = run
+    n = tracker.num_samples
+    with_images = RunSamples(labels=samples.labels, images=np.zeros((n, 4, 4)))
+    html = Path(write_report(tracker, tmp_path / "big", with_images, top=100000)).read_text()
+    assert f"<h2>Top {n} suspicious samples</h2>" in html and f"<h2>Top {n} by csl</h2>" in html
+    html = Path(write_report(tracker, tmp_path / "zero", with_images, top=0)).read_text()
+    assert "Not drawn: top = 0: no sample to show." in html
