@@ -122,6 +122,12 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
             f"samples, so the inputs must be [{n}, ...] in dataset order",
             EXIT_INPUT,
         )
+    if inputs is not None and inputs.numel() == 0 and n > 0:
+        raise CLIError(
+            f"{where}: shape {tuple(inputs.shape)} holds no values, so no two inputs can be "
+            f"compared; give the inputs the run trained on, [{n}, ...] in dataset order",
+            EXIT_INPUT,
+        )
     if labels is not None and (
         labels.dim() != 1
         or labels.shape[0] != n
@@ -134,6 +140,18 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
             f"labels must be integers of shape [{n}]",
             EXIT_INPUT,
         )
+    classes = getattr(tracker, "num_classes", None)
+    if labels is not None and classes is not None and labels.numel() > 0:
+        # clean relabels a duplicate group to one of these labels: -1 or 99 would land in
+        # the plan as a class of a 10-class run
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise CLIError(
+                f"{lwhere}: labels range over [{low}, {high}], but the run has C = {classes} "
+                f"classes: labels must be class indices in [0, {classes}) (the labels the "
+                "run trained on)",
+                EXIT_INPUT,
+            )
     return inputs, None if labels is None else labels.long()
 
 

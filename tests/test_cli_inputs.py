@@ -189,6 +189,27 @@ def test_input_file_errors(run, tmp_path, capsys):
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r" / "report.html").exists()
 
 
+def test_empty_rows_and_labels_outside_the_classes_are_input_errors(run, tmp_path, capsys):
+    # [N, 0] inputs ended in a traceback (exit 1); labels -1 or C + 5 were taken, and clean
+    # could relabel a duplicate group to such a "class"
+    folder, _, _, y = run
+    tr = str(folder / "tracker.csl")
+    np.save(tmp_path / "empty.npy", np.zeros((N, 0)))
+    line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "empty.npy"))
+    assert f"shape ({N}, 0) holds no values" in line
+    out = str(tmp_path / "p.csv")
+    for bad, shown in ((-1, "[-1, 3]"), (C + 5, f"[0, {C + 5}]")):
+        labels = y.clone()
+        labels[7] = bad
+        np.save(tmp_path / "y_bad.npy", labels.numpy())
+        line = user_error(
+            capsys, EXIT_INPUT, "clean", tr, "--out", out,
+            "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y_bad.npy"),
+        )  # fmt: skip
+        assert f"labels range over {shown}, but the run has C = {C} classes" in line
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_sparse_and_meta_tensor_files_are_input_errors(run, tmp_path, capsys):
     """A sparse or meta tensor passed the one-tensor check and failed in the grouping
     (reshape of a sparse tensor): a traceback and exit 1."""
