@@ -167,6 +167,14 @@ def duplicate_decisions(
                 f"csl_fast.clean: labels must be int [N] = [{n}] class indices, got "
                 f"{lab.dtype} of shape {tuple(lab.shape)}"
             )
+        classes = getattr(source, "num_classes", None)
+        if lab.numel() and (int(lab.min()) < 0 or (classes and int(lab.max()) >= classes)):
+            # a group is relabelled to one of these labels: -1 or 99 would enter the plan
+            bound = f"[0, {classes})" if classes else ">= 0"
+            raise ValueError(
+                f"csl_fast.clean: labels must be class indices {bound}, got values in "
+                f"[{int(lab.min())}, {int(lab.max())}]; pass the labels the run trained on"
+            )
     dg.check_rows(n, inputs, lab)
     if lab is None:
         ids = dg.group_ids(inputs)

@@ -134,6 +134,29 @@ def test_bad_arguments():
         clean(scores["csl"], detection=det, suggestions=sugg, inputs=x, labels=y)
 
 
+def test_labels_outside_the_classes_are_refused():
+    # a conflicting group was relabelled to its preferred label whatever it was: labels
+    # with a 99 in a 5-class run put "relabel to 99" in the plan
+    import warnings
+
+    import csl_fast
+
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
+    bad = y.clone()
+    bad[7] = -1
+    with pytest.raises(ValueError, match=r"labels must be class indices >= 0, got values in"):
+        clean(scores, detection=det, suggestions=sugg, inputs=x, labels=bad)
+    tracker = csl_fast.CSLTracker(N, 5)
+    csl_fast.accumulate(torch.randn(N, 5), y, torch.arange(N), tracker)
+    bad[7] = 99
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        with pytest.raises(ValueError, match=r"class indices \[0, 5\), got values in \[0, 99\]"):
+            clean(tracker, inputs=x, labels=bad)
+        assert clean(tracker, inputs=x, labels=y).keep.any()
+
+
 def test_inputs_and_labels_take_arrays_and_lists_alike():
     # labels= took a NumPy array or a list, inputs= refused them ("must be a torch.Tensor")
     x, y, scores, sugg = _setup()
