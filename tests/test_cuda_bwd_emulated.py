@@ -113,3 +113,30 @@ def test_emulated_bwd_row_kinds(emu):
     bad[4] = 99
     out, flag = _run(emu, logits, bad, None, stats, scale, 0.1)
     assert flag == 1 and bool(out[4].isnan().all()) and torch.equal(out[5:], grad[5:])
+
+
+@pytest.mark.parametrize("classes", [40, 9000])  # one chunk per row; three (kBwdChunk 4096)
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_emulated_bwd_ignored_non_finite_rows(emu, classes, softcap):
+    """An ignored row's gradient is NaN where F.cross_entropy's is (a NaN or +inf logit, or
+    all -inf; soft-capped, a NaN only: reference.cross_entropy_bwd) and 0 otherwise, the
+    whole row (the output starts as NaN), with the offending logit in the last chunk."""
+    logits = (torch.randn(7, classes, dtype=torch.float64) * 2).bfloat16()
+    target = torch.tensor([0, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 6])
+    logits[1, classes - 1] = float("nan")
+    logits[2, classes - 2] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, 2] = float("-inf")  # p = 0 there: a zero gradient
+    scale = torch.rand(7) + 0.5
+    fwd = torch.ops.csl_fast.cross_entropy_fwd_extra if _ext._C is not None else None
+    if fwd is not None:
+        stats = fwd(logits, target, None, IGNORE, 0.1, 0, softcap, 0.0)[2]
+    else:
+        stats = reference.row_statistics(logits, target, IGNORE, softcap)
+    grad, flag = _run(emu, logits, target, None, stats, scale, 0.1, softcap=softcap)
+    assert flag == 0
+    ref = reference.cross_entropy_bwd(logits, target, None, stats, scale, IGNORE, 0.1, softcap)
+    nan_rows = [1] if softcap else [1, 2, 3]
+    assert grad.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert torch.equal(grad.isnan(), ref.isnan())
+    assert bool((grad[[r for r in range(1, 6) if r not in nan_rows]] == 0).all())

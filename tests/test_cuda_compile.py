@@ -426,6 +426,34 @@ def test_emulated_cross_entropy_nonfinite_and_bad_rows(emu, classes):
     assert torch.isnan(ref_loss).all() and torch.equal(ref_stats, want[:, 1:3])
 
 
+@pytest.mark.parametrize("classes", [7, 100, 513, 5000, 9000])  # every kernel path
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_cross_entropy_ignored_non_finite_rows(emu, classes, dtype):
+    """An ignored row's gradient is NaN where F.cross_entropy's is (log_softmax's backward
+    forms 0 - softmax(z) * 0: a NaN or +inf logit, or all -inf) and 0 otherwise, in place
+    too; the loss and statistics ignore it. The kernels wrote 0 for every ignored row."""
+    logits = torch.randn(7, classes).to(dtype)
+    logits[1, classes - 1] = math.nan  # the row's last column: read by its last thread
+    logits[2, 1] = math.inf
+    logits[3] = -math.inf
+    logits[4, 2] = -math.inf  # p = 0 there: a zero gradient
+    target = torch.randint(0, classes, (7,))
+    target[1:6] = -100
+    for red, inplace in [(0, False), (1, False), (1, True)]:
+        loss, grad, stats, flag = _emu_cross_entropy(emu, logits, target, None, -100, 0.1, red,
+                                                     inplace=inplace)  # fmt: skip
+        ref_loss, ref_grad, ref_stats = reference.cross_entropy_fwd(
+            logits, target, None, -100, 0.1, red
+        )
+        what = f"reduction {red} in place {inplace}"
+        assert flag == 0
+        assert grad.isnan().all(1).tolist() == [False, True, True, True, False, False, False], what
+        assert torch.equal(grad.isnan(), ref_grad.isnan()), what
+        assert bool((grad[4:6] == 0).all()), what
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-3, atol=1e-5, msg=what)
+        assert torch.equal(stats[Stat.VALID], ref_stats[Stat.VALID]), what
+
+
 @pytest.mark.parametrize("classes", [10, 600, 9000])
 def test_emulated_cross_entropy_confident_rows(emu, classes):
     """As p_y -> 1 the loss log(1 + s1), s1 = sum_{j != y} exp(z_j - z_y), keeps its relative

@@ -130,3 +130,24 @@ def test_emulated_without_gradient(emu, classes, batch, dtype, softcap, zs, eps,
     assert got[1] is None
     assert torch.equal(got[0], loss) and torch.equal(got[2], stats)
     assert (zl is None and got[3] is None) or torch.equal(got[3], zl)
+
+
+@pytest.mark.parametrize("classes", [7, 100, 513, 5000, 9000])  # every kernel path
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_emulated_ignored_non_finite_rows(emu, classes, softcap):
+    """An ignored row's gradient is NaN where the reference's is (a NaN or +inf logit, or all
+    -inf; soft-capped logits are finite, so a NaN only) and 0 otherwise."""
+    logits = torch.randn(7, classes)
+    logits[1, classes - 1] = math.nan
+    logits[2, 1] = math.inf
+    logits[3] = -math.inf
+    logits[4, 2] = -math.inf  # p = 0 there: a zero gradient
+    target = torch.randint(0, classes, (7,))
+    target[1:6] = IGNORE
+    _, grad, _, _ = _run(emu, logits, target, 0.1, 1, softcap, 0.01)
+    args = (target, None, IGNORE, 0.1, 1, softcap, 0.01)
+    _, ref, _, _ = reference.cross_entropy_fwd_extra(logits, *args)
+    nan_rows = [1] if softcap else [1, 2, 3]
+    assert grad.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert torch.equal(grad.isnan(), ref.isnan())
+    assert bool((grad[[r for r in range(1, 6) if r not in nan_rows]] == 0).all())

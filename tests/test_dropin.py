@@ -14,7 +14,7 @@ from overlaps import Overlaps
 from torch.func import grad, jvp, vmap
 
 import csl_fast
-from csl_fast import CSLTracker, accumulate
+from csl_fast import CSLTracker, accumulate, reference
 
 BACKENDS = csl_fast.available_backends("cpu")
 
@@ -39,10 +39,12 @@ def _both(backend, logits, target, index, csl, upstream=None, count=None, **kwar
     return (ours, theirs), (ours_in.grad, theirs_in.grad)
 
 
-def _assert_same(pairs, what, rtol=1e-5, atol=1e-6):
+def _assert_same(pairs, what, rtol=1e-5, atol=1e-6, equal_nan=False):
     for ours, theirs in pairs:
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, what
-        torch.testing.assert_close(ours, theirs, rtol=rtol, atol=atol, msg=what)
+        torch.testing.assert_close(
+            ours, theirs, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=what
+        )
 
 
 # ---------------------------------------------------------------- layouts (items 1, 2)
@@ -588,3 +590,107 @@ def test_pytorch_sample_inputs(torch_samples, backend, dtype):
                 rows_z.double(), target.reshape(-1), ignore_index=ignore, reduction="none"
             )
         torch.testing.assert_close(csl, per_row.reshape(n, -1).sum(1), msg=what)
+
+
+# ---------------------------------- ignored rows with non-finite logits (outside audit)
+
+_INF, _NAN = float("inf"), float("nan")
+# Ignored rows whose F.cross_entropy gradient is NaN (log_softmax's backward forms
+# 0 - softmax(z) * 0, and softmax(z) is NaN), then ignored rows whose gradient is 0.
+_IGNORED_NAN_ROWS = {"a NaN": (3, _NAN), "a +inf": (1, _INF), "all -inf": (slice(None), -_INF)}
+_IGNORED_ZERO_ROWS = {"one -inf": (2, -_INF), "finite": (0, 1.0)}
+
+
+def _ignored_non_finite_batch(classes: int, dtype: torch.dtype):
+    """Two ordinary rows around one ignored row of each kind above: (logits, target)."""
+    g = torch.Generator().manual_seed(classes)
+    kinds = [*_IGNORED_NAN_ROWS.values(), *_IGNORED_ZERO_ROWS.values()]
+    logits = torch.randn(len(kinds) + 2, classes, generator=g, dtype=torch.float64) * 2
+    for i, (col, value) in enumerate(kinds, start=1):
+        logits[i, col] = value
+    target = torch.full((len(kinds) + 2,), -100)
+    target[0], target[-1] = 1, classes - 1
+    return logits.to(dtype), target
+
+
+def _loss_and_grad(fn, logits, dtype, upstream):
+    """``fn(z)`` and its gradient for ``z`` = ``logits`` in ``dtype``, rounded to the logits'
+    dtype (a float32 computation rounded once is what the kernels return for 16-bit logits)."""
+    z = logits.to(dtype, copy=True).requires_grad_(True)
+    loss = fn(z)
+    loss.backward(upstream.to(dtype))
+    return loss.detach().to(logits.dtype), z.grad.to(logits.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str
+)
+@pytest.mark.parametrize("classes", [5, 40])
+def test_ignored_rows_with_non_finite_logits(backend, dtype, classes):
+    """An ignored row's gradient in F.cross_entropy is NaN where its softmax is (a NaN or a
+    +inf logit, or every logit -inf) and 0 otherwise, with or without weights, smoothing,
+    in place, for every reduction; its loss is 0. The C++ CPU kernels gave 0 for every
+    ignored row. With the extras (no PyTorch equivalent) the definition is
+    reference.cross_entropy_extra: soft-capped logits are finite, so only a NaN remains.
+    Values are compared with PyTorch in float32 (float64) rounded once to the logits' dtype
+    (in bfloat16, F.cross_entropy's weighted mean is itself ~10x further from float64), but
+    for the reference backend, which is PyTorch in the logits' dtype."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16, bfloat16 and float32 logits")
+    logits, target = _ignored_non_finite_batch(classes, dtype)
+    rows = len(target)
+    wide = torch.promote_types(dtype, torch.float32)
+    weight = torch.rand(classes, generator=torch.Generator().manual_seed(1)) + 0.5
+    tol = {"rtol": 1e-5, "atol": 1e-6}
+    if dtype in (torch.bfloat16, torch.float16):
+        tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": torch.finfo(dtype).eps / 64}
+    nan_rows = torch.zeros(rows, dtype=torch.bool)
+    nan_rows[1 : 1 + len(_IGNORED_NAN_ROWS)] = True
+    inplace = [False] if backend == "reference" else [False, True]
+    for eps, w, reduction, in_place in itertools.product(
+        [0.0, 0.1], [None, weight], ["none", "mean", "sum"], inplace
+    ):
+        what = f"eps={eps} weighted={w is not None} {reduction} in_place={in_place}"
+        up = torch.full((rows,) if reduction == "none" else (), 1.5, dtype=dtype)
+
+        def ours_fn(z, w=w, eps=eps, reduction=reduction, in_place=in_place):
+            # In place, the gradient overwrites a non-leaf: a copy of the logits.
+            return accumulate(z * 1 if in_place else z, target, torch.arange(rows),
+                              torch.zeros(rows), backend=backend, reduction=reduction,
+                              weight=None if w is None else w.to(dtype), label_smoothing=eps,
+                              inplace_grad=in_place)  # fmt: skip
+
+        def theirs_fn(z, w=w, eps=eps, reduction=reduction):
+            weight = None if w is None else w.to(z.dtype)
+            return F.cross_entropy(z, target, weight, label_smoothing=eps, reduction=reduction)
+
+        ours = _loss_and_grad(ours_fn, logits, dtype, up)
+        same_dtype = _loss_and_grad(theirs_fn, logits, dtype, up)
+        theirs = _loss_and_grad(theirs_fn, logits, wide, up)
+        for got in (ours, same_dtype, theirs):
+            assert torch.equal(got[1].isnan().all(1), nan_rows), what
+            assert not got[1][~nan_rows].isnan().any() and not got[0].isnan().any(), what
+        want = same_dtype if backend == "reference" else theirs  # the former is F.cross_entropy
+        _assert_same(zip(ours, want, strict=True), what, **tol, equal_nan=True)
+    # The extras: NaN rows of the reference's definition (capped: the NaN row only).
+    for softcap, zs in [(None, 1e-3), (4.0, 0.0), (4.0, 1e-3)]:
+        what = f"softcap={softcap} z_loss_scale={zs}"
+        up = torch.tensor(1.5, dtype=dtype)
+
+        def ours_fn(z, softcap=softcap, zs=zs):
+            return accumulate(z, target, torch.arange(rows), torch.zeros(rows),
+                              backend=backend, softcap=softcap, z_loss_scale=zs)  # fmt: skip
+
+        def theirs_fn(z, softcap=softcap, zs=zs):
+            mean = reference.REDUCTIONS["mean"]
+            return reference.cross_entropy_extra(z, target, None, -100, 0.0, mean, softcap, zs)[0]
+
+        ours = _loss_and_grad(ours_fn, logits, dtype, up)
+        theirs = _loss_and_grad(theirs_fn, logits, dtype if backend == "reference" else wide, up)
+        want_nan = torch.zeros(rows, dtype=torch.bool)
+        want_nan[1 if softcap else slice(1, 1 + len(_IGNORED_NAN_ROWS))] = True
+        for got in (ours, theirs):
+            assert torch.equal(got[1].isnan().all(1), want_nan), what
+            assert not got[1][~want_nan].isnan().any(), what
+        _assert_same(zip(ours, theirs, strict=True), what, **tol, equal_nan=True)

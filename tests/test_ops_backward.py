@@ -170,6 +170,31 @@ def test_unrecorded_and_nonfinite_rows(cxx, device):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("c", [10, 2049])  # several rows per tile; a row over column tiles
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_ignored_rows_with_non_finite_logits(cxx, device, dtype, c, softcap):
+    """An ignored row's gradient is NaN where F.cross_entropy's is (log_softmax's backward
+    forms 0 - softmax(z) * 0: a NaN or +inf logit, or all -inf; soft-capped logits are
+    finite, so a NaN only, reference.cross_entropy_bwd) and 0 otherwise; it was always 0."""
+    logits, target, _, scale = _case(7, c, dtype, device, ignore=False)
+    logits[1, 3] = float("nan")
+    logits[2, 1] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, 2] = float("-inf")  # p = 0 there: a zero gradient
+    target[1:6] = IGNORE
+    fwd = torch.ops.csl_fast.cross_entropy_fwd_extra
+    stats = fwd(logits, target, None, IGNORE, 0.1, 0, softcap, 0.0)[2]
+    args = (logits, target, None, stats, scale, IGNORE, 0.1, softcap, 0.0)
+    ours = ops_backward.cross_entropy_bwd(*args, backend=cxx).cpu()
+    ref = reference.cross_entropy_bwd(*args).cpu()
+    nan_rows = [1] if softcap else [1, 2, 3]
+    assert ours.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert bool((ours[[r for r in range(1, 6) if r not in nan_rows]] == 0).all())
+    assert not ours[[0, 6]].isnan().any()
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_non_contiguous_logits(cxx, device, dtype):
     base = (torch.randn(12, 40, dtype=torch.float64) * 3).to(dtype).to(device)
     target = torch.randint(0, 20, (12,), device=device)

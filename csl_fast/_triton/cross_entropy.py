@@ -367,7 +367,10 @@ def _ce_fwd_kernel(
         a2 = (a_coef * row_scale)[:, None]
         gy2 = (grad_y * row_scale)[:, None]
         active2 = active[:, None]
-        g_inactive = tl.where(bad, float("nan"), 0.0)[:, None]  # ignored rows 0, bad targets NaN
+        # Bad targets NaN; ignored rows 0, or NaN as F.cross_entropy's (0 - softmax(z) * 0)
+        # where softmax(z) is: a NaN or +inf logit (s is NaN), or all -inf (s is NaN, or 0 on
+        # the wide path, whose max is floored); s >= 1 otherwise.
+        g_inactive = tl.where(bad | ~(s > 0.0), float("nan"), 0.0)[:, None]
         if FUSED:
             p = e * inv_s[:, None]
             if HAS_SMOOTH:

@@ -6,7 +6,8 @@
 in float32, scaled by the row's upstream factor and rounded once to the logits' dtype. Rows
 the forward did not record or with a loss above ``LOSS_BOUND`` take ``lse`` from the row
 (a max pass and a sum pass, only in programs that hold such a row). A target outside
-``[0, C)`` that is not ``ignore_index`` gives a NaN row, as the forward. The extras
+``[0, C)`` that is not ``ignore_index`` gives a NaN row, as the forward; an ignored row is
+0, or NaN where ``F.cross_entropy``'s is (one more read, in programs that hold one). The extras
 (compile-time switches): ``HAS_CAP`` takes ``z' = s tanh(z / s)`` (the forward's
 ``_tanh``) and multiplies the gradient by ``1 - tanh^2``; ``HAS_ZLOSS`` adds
 ``2 zs lse p_j``.
@@ -114,6 +115,25 @@ def _ce_bwd_kernel(
         off = tl.where(slow, log_s, loss)
         loss = tl.where(slow, log_s + (m_safe - z_y), loss)
 
+    # Rows past B, bad targets (NaN) and ignored rows: their gradient row is `fill`.
+    fill = tl.where(bad, float("nan"), 0.0)
+    ignored = row_mask & ~kept
+    if tl.max(ignored.to(tl.int32), 0) > 0:
+        # An ignored row's gradient is 0, or NaN as F.cross_entropy's (0 - softmax(z) * 0)
+        # where softmax(z) is: a NaN or +inf logit, or all -inf (soft-capped: a NaN only).
+        mx = tl.full([ROWS], float("-inf"), tl.float32)
+        nans = tl.zeros([ROWS], tl.int32)
+        for start in range(0, C, BLOCK_C):
+            cols = start + cols0
+            mask = ignored[:, None] & (cols < C)[None, :]
+            z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            mx = tl.maximum(mx, tl.max(tl.where(mask, z, float("-inf")), 1))
+            nans += tl.sum((mask & (z != z)).to(tl.int32), 1)
+        nan_row = nans > 0
+        if not HAS_CAP:
+            nan_row = nan_row | (mx == float("inf")) | (mx == float("-inf"))
+        fill = tl.where(ignored & nan_row, float("nan"), fill)
+
     if PER_ROW_SCALE:
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     else:
@@ -134,12 +154,14 @@ def _ce_bwd_kernel(
     a = ((1.0 - eps) * w_y + smooth * w_total + z_coef) * scale
     b = tl.where(active, smooth * scale, 0.0)
     g_y = (-(1.0 - eps) * w_y * q + smooth * (w_total * p_y - w_y) + z_coef * p_y) * scale
-    a = tl.where(bad, float("nan"), tl.where(active, a, 0.0))
+    a = tl.where(active, a, fill)  # with p = 0 and b = 0 below: g = fill * 0
     for start in range(0, C, BLOCK_C):
         cols = start + cols0
         col_mask = cols < C
         mask = row_mask[:, None] & col_mask[None, :]
-        z = tl.load(lrow[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        # Only active rows are read: the others' gradient is `fill` (read above if ignored).
+        z_mask = active[:, None] & col_mask[None, :]
+        z = tl.load(lrow[:, None] + cols[None, :], mask=z_mask, other=0.0).to(tl.float32)
         if HAS_CAP:
             t = _tanh(z / cap)
             z = cap * t

@@ -141,6 +141,7 @@ struct RowPasses {
   acc_t z_y, max_before, max_after, m, e_y;
   ExpSums<acc_t> other;
   int64_t other_argmax;  // first j != y at max(max_before, max_after), or -1
+  bool ignored_nan;      // an ignored row whose gradient is NaN (ignored_grad_is_nan)
 };
 
 // The first j != y with z_j = max(mb, ma) (mb, ma: the maxima before and after y), or -1
@@ -224,10 +225,15 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   return objective;
 }
 
-// A row of an ignored target: zero gradient, statistics and objective.
+// A row of an ignored target: zero statistics and objective, and a zero gradient, or NaN
+// as F.cross_entropy's where the row's softmax is NaN (nan_grad: ignored_grad_is_nan).
 template <bool kExtras, typename scalar_t, typename acc_t>
-inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t>& r, int64_t i) {
-  if (r.out != nullptr) std::fill(r.out + i * r.C, r.out + (i + 1) * r.C, scalar_t(0));
+inline __attribute__((always_inline)) void ignore_row(const Rows<scalar_t, acc_t>& r, int64_t i,
+                                                      bool nan_grad) {
+  if (r.out != nullptr) {
+    const scalar_t fill = nan_grad ? std::numeric_limits<scalar_t>::quiet_NaN() : scalar_t(0);
+    std::fill(r.out + i * r.C, r.out + (i + 1) * r.C, fill);
+  }
   for (int k = 0; k < kNumStats; ++k) r.stats[k * r.B + i] = 0.f;
   r.stats[kOtherArgmax * r.B + i] = -1.f;
   r.objective[i] = 0;
@@ -250,7 +256,8 @@ inline __attribute__((always_inline)) void wide_rows(const Rows<scalar_t, acc_t>
     scalar_t* grow = r.out != nullptr ? r.out + i * C : nullptr;
     const int64_t y = r.target[i];
     if (y == r.opt.ignore_index) {
-      ignore_row<kExtras>(r, i);
+      ignore_row<kExtras>(r, i,
+                          grow != nullptr && ignored_grad_is_nan<acc_t>(row, C, cap != acc_t(0)));
       continue;
     }
     const acc_t* z;
@@ -324,10 +331,14 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
     }
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t y = r.target[i];
-      if (y == r.opt.ignore_index) continue;
       const scalar_t* z = r.in + i * r.row_stride;
-      acc_t* d = block + (i - lo) * C;
       RowPasses<acc_t>& p = passes[i - lo];
+      if (y == r.opt.ignore_index) {
+        // Read now: in place, the exponential pass below overwrites the row.
+        p.ignored_nan = r.out != nullptr && ignored_grad_is_nan<acc_t>(z, C, false);
+        continue;
+      }
+      acc_t* d = block + (i - lo) * C;
       p.z_y = static_cast<acc_t>(z[y]);
       acc_t mb = -std::numeric_limits<acc_t>::infinity(), ma = mb;
       for (int64_t j = 0; j < y; ++j) {
@@ -355,7 +366,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t y = r.target[i];
       if (y == r.opt.ignore_index) {
-        ignore_row<kExtras>(r, i);
+        ignore_row<kExtras>(r, i, passes[i - lo].ignored_nan);
         continue;
       }
       acc_t* e = block + (i - lo) * C;

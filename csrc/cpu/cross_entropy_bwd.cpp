@@ -60,17 +60,22 @@ struct BwdRows {
 };
 
 // Per row: p_j = exp((z'_j - ref) - off); g_j = (a p_j - b w_j) dz'_j/dz_j (w_j = 1
-// without weights, z' = z and the factor 1 without a soft-cap), g_y = gy. ignored: a zero row.
+// without weights, z' = z and the factor 1 without a soft-cap), g_y = gy. ignored: a row of
+// `fill`, 0, or NaN where F.cross_entropy's is (ignored_grad_is_nan).
 struct RowCoef {
   float ref, off, a, b, gy;
   bool ignored;
+  float fill;
 };
 
 template <typename scalar_t>
 inline __attribute__((always_inline)) RowCoef row_coef(const BwdRows<scalar_t>& r, int64_t i) {
   const int64_t y = r.target[i];
-  if (y == r.ignore_index) return {0.f, 0.f, 0.f, 0.f, 0.f, true};
   const scalar_t* z = r.in + i * r.row_stride;
+  if (y == r.ignore_index) {
+    const bool nan = ignored_grad_is_nan<float>(z, r.C, r.cap != 0.f);
+    return {0.f, 0.f, 0.f, 0.f, 0.f, true, nan ? std::numeric_limits<float>::quiet_NaN() : 0.f};
+  }
   const float cap = r.cap;
   // The forward's z' (the same tanh), so that z'_y + loss is its lse.
   const auto capped = [cap](float v) { return cap != 0.f ? cap * tanh_approx(v / cap) : v; };
@@ -107,7 +112,7 @@ inline __attribute__((always_inline)) RowCoef row_coef(const BwdRows<scalar_t>& 
     const float t = tanh_approx(static_cast<float>(z[y]) / cap);
     gy *= 1.f - t * t;
   }
-  return {ref, off, a, smooth * scale, gy, false};
+  return {ref, off, a, smooth * scale, gy, false, 0.f};
 }
 
 // out[j] = a e[j] - b w[j] over one range of classes (the portable path; see HalfOps).
@@ -220,7 +225,7 @@ inline __attribute__((always_inline)) void capped_rows(const BwdRows<scalar_t>& 
     const RowCoef c = row_coef(r, i);
     scalar_t* g = r.out + i * r.C;
     if (c.ignored) {
-      std::fill(g, g + r.C, scalar_t(0));
+      std::fill(g, g + r.C, static_cast<scalar_t>(c.fill));
       continue;
     }
     const scalar_t* z = r.in + i * r.row_stride;
@@ -274,7 +279,7 @@ inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r,
         const RowCoef& c = coef[i - lo];
         scalar_t* g = r.out + i * C;
         if (c.ignored) {
-          std::fill(g, g + C, scalar_t(0));
+          std::fill(g, g + C, static_cast<scalar_t>(c.fill));
           continue;
         }
         ops.store(g, tile + (i - lo) * C, r.w, C, c.a, c.b);
@@ -287,7 +292,7 @@ inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r,
     const RowCoef c = row_coef(r, i);
     scalar_t* g = r.out + i * C;
     if (c.ignored) {
-      std::fill(g, g + C, scalar_t(0));
+      std::fill(g, g + C, static_cast<scalar_t>(c.fill));
       continue;
     }
     const scalar_t* z = r.in + i * r.row_stride;

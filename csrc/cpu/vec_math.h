@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 namespace csl_fast {
 namespace cpu {
@@ -59,6 +60,24 @@ inline __attribute__((always_inline)) float tanh_approx(float x) {
 }
 
 inline __attribute__((always_inline)) double tanh_approx(double x) { return std::tanh(x); }
+
+// Whether F.cross_entropy's gradient of an ignored row (target == ignore_index) is NaN
+// rather than 0: log_softmax's backward forms 0 - softmax(z) * 0, and softmax(z) is NaN
+// when the row holds a NaN or a +inf, or is all -inf (soft-capped, only a NaN: s tanh(z/s)
+// is finite). One read of the row; ignored rows only, and only where a gradient is formed.
+template <typename acc_t, typename scalar_t>
+inline __attribute__((always_inline)) bool ignored_grad_is_nan(const scalar_t* z, int64_t n,
+                                                               bool capped) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(z[j]);
+    m = v > m ? v : m;
+    nan |= v != v;
+  }
+  return nan != 0 || (!capped && !std::isfinite(m));
+}
 
 }  // namespace cpu
 }  // namespace csl_fast

@@ -100,6 +100,32 @@ struct MinIntOp {
   __device__ __forceinline__ int operator()(int a, int b) const { return a < b ? a : b; }
 };
 
+struct MaxIntOp {
+  __device__ __forceinline__ int operator()(int a, int b) const { return a > b ? a : b; }
+};
+
+// An ignored row's gradient (target == ignore_index) is 0, or NaN as F.cross_entropy's:
+// log_softmax's backward forms 0 - softmax(z) * 0, and softmax(z) is NaN when the row holds a
+// NaN or a +inf logit, or is all -inf (soft-capped, a NaN only: s tanh(z / s) is finite).
+// This thread's part, over the columns j = first, first + step, ... below n: 2 when one of
+// them makes the row NaN, else 1 when one is above -inf (capped: when it has any), else 0.
+// The row's gradient is 0 exactly when the maximum of the parts over the row is 1.
+template <typename T>
+__device__ __forceinline__ int ignored_row_part(const T* z, int64_t n, int64_t first,
+                                                int64_t step, bool capped) {
+  using A = acc_t<T>;
+  int part = 0;
+  for (int64_t j = first; j < n; j += step) {
+    const A v = to_acc(z[j]);
+    if (isnan(v) || (!capped && v == inf_of<A>())) {
+      part = 2;
+    } else if (part == 0 && (capped || v > -inf_of<A>())) {
+      part = 1;
+    }
+  }
+  return part;
+}
+
 // Butterfly all-reduce within a full warp (fixed order: bitwise reproducible).
 template <typename A, typename Op>
 __device__ __forceinline__ A warp_allreduce(A v, Op op) {

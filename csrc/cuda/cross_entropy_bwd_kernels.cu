@@ -2,7 +2,9 @@
 // (declared and specified in kernels.h: cross_entropy_bwd). One warp per (row, chunk of
 // kBwdChunk classes), 8 warps per block, grid-stride: the per-row coefficients come from
 // the forward's statistics, so a warp reads its chunk once and writes it once; only rows
-// the forward did not record (or with a loss above kBwdLossBound) reduce over the row.
+// the forward did not record (or with a loss above kBwdLossBound) reduce over the row,
+// and an ignored row is read and written whole by one warp (its gradient, 0 or NaN, depends
+// on every column).
 #include "../stats.h"
 #include "common.cuh"
 
@@ -50,10 +52,18 @@ __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const Bw
     const T* z = a.logits + i * a.ld;
     T* g = a.grad + i * C;
     const int64_t y = a.target[i];
-    if (y == a.ignore_index || y < 0 || y >= C) {
-      const bool bad = y != a.ignore_index;
-      if (bad && lane == 0 && a.error_flag != nullptr) atomicOr(a.error_flag, kErrTargetOutOfRange);
-      const T fill = Store<T>::from(bad ? nan_of<float>() : 0.f);
+    if (y == a.ignore_index) {
+      // 0, or NaN as F.cross_entropy's, which depends on every column (ignored_row_part): the
+      // first chunk's warp reads and writes the whole row, once; the others have nothing to do.
+      if (lo != 0) continue;
+      const int part = warp_allreduce(ignored_row_part(z, C, lane, 32, a.cap != 0.f), MaxIntOp());
+      const T fill = Store<T>::from(part != 1 ? nan_of<float>() : 0.f);
+      for (int64_t j = lane; j < C; j += 32) g[j] = fill;
+      continue;
+    }
+    if (y < 0 || y >= C) {
+      if (lane == 0 && a.error_flag != nullptr) atomicOr(a.error_flag, kErrTargetOutOfRange);
+      const T fill = Store<T>::from(nan_of<float>());
       for (int64_t j = lo + lane; j < hi; j += 32) g[j] = fill;
       continue;
     }

@@ -86,16 +86,30 @@ __device__ __forceinline__ int classify_row(const CeArgs<T>& a, int64_t row, int
   return kActive;
 }
 
-// Ignored rows: zero objective, gradient and statistics. Rows with a bad target: NaN
-// objective and gradient, zero statistics, error bit set. Threads tid of nthreads share it.
+// Ignored rows: zero objective and statistics, a zero gradient or a NaN one where
+// F.cross_entropy's is (ignored_row_part: one read of the row, only when the gradient is
+// written). Rows with a bad target: NaN objective and gradient, zero statistics, error bit
+// set. Threads tid of nthreads share the row: a warp (ismem null) or the block (ismem: 32
+// ints of shared memory). In place, each thread writes only the columns it read.
 template <typename T>
 __device__ void write_inactive_row(const CeArgs<T>& a, int64_t row, int kind, int tid,
-                                   int nthreads) {
+                                   int nthreads, int* ismem) {
   using A = acc_t<T>;
   const A fill = kind == kIgnored ? A(0) : nan_of<A>();
   if (a.grad != nullptr) {
+    A grad_fill = fill;
+    if (kind == kIgnored) {
+      int part[1] = {ignored_row_part(a.logits + row * a.ld, a.classes, tid, nthreads,
+                                      a.cap > A(0))};
+      if (ismem == nullptr) {
+        part[0] = warp_allreduce(part[0], MaxIntOp());
+      } else {
+        block_allreduce(part, MaxIntOp(), 0, ismem);
+      }
+      if (part[0] != 1) grad_fill = nan_of<A>();
+    }
     T* g = a.grad + row * static_cast<int64_t>(a.classes);
-    const T v = Store<T>::from(fill);
+    const T v = Store<T>::from(grad_fill);
     for (int j = tid; j < a.classes; j += nthreads) g[j] = v;
   }
   if (tid == 0) {
@@ -289,7 +303,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
     int y = 0;
     const int kind = classify_row(a, row, &y);
     if (kind != kActive) {
-      write_inactive_row(a, row, kind, lane, 32);
+      write_inactive_row(a, row, kind, lane, 32, nullptr);
       continue;
     }
     const T* zr = a.logits + row * a.ld;
@@ -372,7 +386,7 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
     int y = 0;
     const int kind = classify_row(a, row, &y);  // uniform over the block
     if (kind != kActive) {
-      write_inactive_row(a, row, kind, tid, nt);
+      write_inactive_row(a, row, kind, tid, nt, ismem);
       continue;
     }
     const T* zr = a.logits + row * a.ld;
@@ -455,7 +469,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
     int y = 0;
     const int kind = classify_row(a, row, &y);
     if (kind != kActive) {
-      write_inactive_row(a, row, kind, tid, nt);
+      write_inactive_row(a, row, kind, tid, nt, ismem);
       continue;
     }
     const T* zr = a.logits + row * a.ld;

@@ -48,10 +48,12 @@ enum ErrorBits : int {
 //   grad[i, y]   = scale * (-(1-eps) w_y sum_{j!=y} p_j + (eps/C)(W p_y - w_y))
 // scale = 1 / D for reduction == mean, where D = sum over rows whose target is in [0, C)
 // (ignored rows excluded) of w[target] (their count when unweighted), read from the device
-// (prep[0]) so the host never waits; scale = 1 otherwise. Ignored rows: objective 0, grad
-// row 0, statistics 0. Statistics (float32 [kNumStats, rows], csrc/stats.h) are those of
-// plain cross entropy (unweighted, unsmoothed); rows that are ignored, have a bad target or
-// a non-finite loss have all statistics 0.
+// (prep[0]) so the host never waits; scale = 1 otherwise. Ignored rows: objective 0,
+// statistics 0, grad row 0, or NaN where F.cross_entropy's is (a NaN or +inf logit, or all
+// -inf; soft-capped, a NaN only: common.cuh, ignored_row_part). Statistics (float32
+// [kNumStats, rows], csrc/stats.h) are those of plain cross entropy (unweighted,
+// unsmoothed); rows that are ignored, have a bad target or a non-finite loss have all
+// statistics 0.
 // The loss F.cross_entropy returns is sum(objective) / D (mean), sum(objective) (sum) or
 // objective (none); the glue reduces it with torch ops.
 // Extras (cross_entropy_fwd_extra): softcap s > 0 replaces every z_j by s tanh(z_j / s)
@@ -109,8 +111,9 @@ cudaError_t cross_entropy_fwd(const CrossEntropyParams& p, cudaStream_t stream);
 // and multiplies grad[i, j] by 1 - tanh^2(z_j / s); z_loss_scale zs > 0 adds
 // scale_i 2 zs lse p_j, lse = stats[kLoss, i] + z'_y.
 // Rows with stats[kValid] == 0 or a loss above kBwdLossBound take lse from the row (a max and
-// a sum pass). Ignored rows: 0; a target outside [0, C) that is not ignore_index: NaN (and
-// the error flag bit, as the forward). One warp per (row, chunk of kBwdChunk classes).
+// a sum pass). Ignored rows: 0, or NaN as the forward's; a target outside [0, C) that is
+// not ignore_index: NaN (and the error flag bit, as the forward). One warp per (row, chunk
+// of kBwdChunk classes); an ignored row is its first chunk's warp's, whole.
 struct CrossEntropyBwdParams {
   const void* logits = nullptr;  // [rows, classes], row stride logits_row_stride, unit col stride
   DType logits_dtype = DType::kFloat16;  // float16 or bfloat16

@@ -441,3 +441,34 @@ def test_mean_denominator(tdevice, weighted, batch):
     if batch == 3:
         op = torch.ops.csl_fast.mean_denominator_triton.default
         torch.library.opcheck(op, (target, weight, IGNORE, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("two_pass", [False, True])
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+def test_ignored_rows_with_non_finite_logits(tdevice, monkeypatch, dtype, two_pass, softcap):
+    """An ignored row's gradient is NaN where F.cross_entropy's is (log_softmax's backward
+    forms 0 - softmax(z) * 0: a NaN or +inf logit, or all -inf; soft-capped logits are
+    finite, so a NaN only) and 0 otherwise, in place too; it was always 0. The two-pass
+    path floors its max, so an all -inf row's sum is 0 there, not NaN."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 16)
+    logits, target, _ = _inputs(7, 37, dtype, tdevice)
+    logits[1, 3] = float("nan")
+    logits[2, 20] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, 2] = float("-inf")  # p = 0 there: a zero gradient
+    target[1:6] = IGNORE
+    args = (target, None, IGNORE, 0.1, 1, softcap, 0.0)
+    _, grad, _, _ = cross_entropy_fwd_extra_triton(logits, *args)
+    _, ref, _, _ = reference.cross_entropy_fwd_extra(logits, *args)
+    nan_rows = [1] if softcap else [1, 2, 3]
+    assert grad.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert torch.equal(grad.isnan(), ref.isnan())
+    assert bool((grad[[r for r in range(1, 6) if r not in nan_rows]] == 0).all())
+    buf = logits.clone()
+    cross_entropy.cross_entropy_fwd_inplace_triton(buf, target, None, IGNORE, 0.1, 1)
+    plain = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.1, 1)[1]
+    assert torch.equal(buf.isnan(), plain.isnan())
+    assert plain.isnan().all(1).nonzero().flatten().tolist() == [1, 2, 3]

@@ -88,6 +88,30 @@ def test_column_tiles_unrecorded_rows_and_strides(tdevice, monkeypatch):
     assert bool(out[4].isnan().all()) and torch.equal(out[5:], ours[5:])
 
 
+@pytest.mark.parametrize("softcap", [0.0, 4.0])
+@pytest.mark.parametrize("block", [16, 2048])  # a row over column tiles; several rows per tile
+def test_ignored_rows_with_non_finite_logits(tdevice, monkeypatch, softcap, block):
+    """An ignored row's gradient is NaN where F.cross_entropy's is (a NaN or +inf logit, or
+    all -inf; soft-capped, a NaN only: reference.cross_entropy_bwd) and 0 otherwise, also
+    when a program holds ignored rows of both kinds; it was always 0."""
+    monkeypatch.setattr(bwd_module, "BLOCK", block)
+    logits = (torch.randn(7, 40, dtype=torch.float64) * 2).bfloat16().to(tdevice)
+    target = torch.tensor([0, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 6], device=tdevice)
+    logits[1, 35] = float("nan")
+    logits[2, 1] = float("inf")
+    logits[3] = float("-inf")
+    logits[4, 2] = float("-inf")  # p = 0 there: a zero gradient
+    stats = cross_entropy_fwd_extra_triton(logits, target, None, IGNORE, 0.1, 0, softcap, 0.0)[2]
+    scale = torch.rand(7, device=tdevice) + 0.5
+    args = (logits, target, None, stats, scale, IGNORE, 0.1, softcap, 0.0)
+    ours = cross_entropy_bwd_triton(*args)
+    ref = reference.cross_entropy_bwd(*args)
+    nan_rows = [1] if softcap else [1, 2, 3]
+    assert ours.isnan().all(1).nonzero().flatten().tolist() == nan_rows
+    assert torch.equal(ours.isnan(), ref.isnan())
+    assert bool((ours[[r for r in range(1, 6) if r not in nan_rows]] == 0).all())
+
+
 def test_empty_and_bad_arguments(tdevice):
     stats = torch.empty(len(Stat), 0, device=tdevice)
     for shape in ((0, 5), (0, 0)):
