@@ -249,6 +249,43 @@ def test_non_finite_samples_are_not_recorded(backend):
     assert_close_f32(bufs["csl"], want["csl"], "csl")
 
 
+def _infinite_pos_weight_case(dtype):
+    """Logits of both signs and targets 0, 1/2 and 1 against pos_weight +-inf, 2 and inf
+    per label, a weight of 0 among them; float64 options for float64 logits."""
+    logits = torch.tensor([[2.0, -3.0, 0.0, 1.0], [-1.0, 4.0, -0.5, -2.0]], dtype=dtype)
+    target = torch.tensor([[1.0, 0.0, 1.0, 0.5], [0.0, 1.0, 0.5, 1.0]], dtype=dtype)
+    wd = torch.float64 if dtype == torch.float64 else torch.float32
+    inf = float("inf")
+    pos_weight = torch.tensor([inf, -inf, 2.0, inf], dtype=wd)
+    weight = torch.tensor([1.0, 0.5, 2.0, 0.0], dtype=wd)
+    return logits, target, weight, pos_weight
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_infinite_pos_weight_as_pytorch(backend, dtype, reduction):
+    """An infinite pos_weight: F.binary_cross_entropy_with_logits's gradient is NaN in that
+    label's entries, whatever the target ((pw y + 1 - y) sigmoid(z) - pw y: inf - inf, or
+    inf * 0), and its loss inf or NaN; ours gave -inf where the target is above 0. The
+    loss, the gradient and their NaNs as PyTorch's; the recorded (plain) loss is finite."""
+    logits, target, weight, pos_weight = _infinite_pos_weight_case(dtype)
+    upstream = _upstream(reduction, *logits.shape, logits.dtype)
+    for w in (None, weight):
+        ours_loss, ours_grad, csl = _ours(
+            backend, logits, target, w, pos_weight, reduction, upstream
+        )
+        t_loss, t_grad = _torch_loss_and_grad(logits, target, w, pos_weight, reduction, upstream)
+        assert t_grad[:, [0, 1, 3]].isnan().all() and not t_grad[:, 2].isnan().any()
+        assert torch.equal(ours_grad.isnan(), t_grad.isnan())
+        assert torch.equal(ours_loss.isnan(), t_loss.isnan())
+        tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 1e-6}
+        torch.testing.assert_close(ours_loss, t_loss, equal_nan=True, **tol)
+        torch.testing.assert_close(ours_grad, t_grad, equal_nan=True, **tol)
+        want = reference.bce_entry_losses(logits, target).sum(1)
+        torch.testing.assert_close(csl, want.double(), rtol=1e-5, atol=1e-6)
+
+
 @needs_ext
 def test_stats_layout_matches_the_header():
     text = (ROOT / "csrc" / "bce_stats.h").read_text()

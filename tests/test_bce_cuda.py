@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import test_cuda_compile as tcc
 import torch
+from test_accumulate_bce import _infinite_pos_weight_case
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 from csl_fast import reference
@@ -162,6 +163,18 @@ def test_emulated_non_finite_rows_are_invalid(emu):
     _, stats = _fwd(emu, logits, target, None, None, 0)
     assert stats[BceStat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert stats[:, 1:3].eq(0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_emulated_infinite_pos_weight_gives_nan(emu, dtype):
+    """An infinite pos_weight gives NaN gradient entries whatever the target, as PyTorch's
+    (tests/test_accumulate_bce.py: test_infinite_pos_weight_as_pytorch); -inf before."""
+    logits, target, weight, pos_weight = _infinite_pos_weight_case(dtype)
+    upstream = torch.tensor(1.7, dtype=dtype)
+    grad = _bwd(emu, upstream, logits, target, weight, pos_weight, 2)
+    ref = reference.bce_bwd(upstream, logits, target, weight, pos_weight, 2)
+    assert ref[:, [0, 1, 3]].isnan().all() and torch.equal(grad.isnan(), ref.isnan())
+    torch.testing.assert_close(grad, ref, equal_nan=True, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 @pytest.mark.parametrize("deterministic", [False, True])

@@ -178,6 +178,9 @@ def _bce_bwd_kernel(
     sig = tl.where(pos, big, small)
     sig_neg = tl.where(pos, small, big)
     d = w * ((1.0 - y) * sig - pw * y * sig_neg)
+    if HAS_PW:
+        # NaN, as PyTorch's form (pw y + 1 - y) sigmoid(z) - pw y (inf - inf), not -inf.
+        d = tl.where(tl.abs(pw) == float("inf"), float("nan"), d)
     out = _to_out(g * d, out_ptr.dtype.element_ty, MANUAL_BF16_RNE)
     tl.store(out_ptr + rows[:, None] * L + cols[None, :], out, mask=m)
 

@@ -120,7 +120,9 @@ inline __attribute__((always_inline)) ChunkSums<acc_t> fwd_chunk(const acc_t* z,
 }
 
 // d/dz of the weighted entry loss times the upstream gradient g: g w ((1 - y) sigmoid(z)
-// - pw y sigmoid(-z)), both sigmoids from exp(-|z|) without cancellation.
+// - pw y sigmoid(-z)), both sigmoids from exp(-|z|) without cancellation. An infinite pw
+// gives NaN, as PyTorch's form ((pw y + 1 - y) sigmoid(z) - pw y: inf - inf) does, where
+// this one would give -inf for y > 0.
 template <typename acc_t>
 inline __attribute__((always_inline)) void bwd_chunk(const acc_t* z, const acc_t* y,
                                                      const acc_t* w, const acc_t* pw,
@@ -131,7 +133,8 @@ inline __attribute__((always_inline)) void bwd_chunk(const acc_t* z, const acc_t
     const acc_t big = acc_t(1) / (acc_t(1) + e), small = e * big;
     const bool pos = z[l] >= acc_t(0);
     const acc_t d = (acc_t(1) - y[l]) * (pos ? big : small) - pw[l] * y[l] * (pos ? small : big);
-    out[l] = g[l] * w[l] * d;
+    const bool inf_pw = std::abs(pw[l]) == std::numeric_limits<acc_t>::infinity();
+    out[l] = inf_pw ? std::numeric_limits<acc_t>::quiet_NaN() : g[l] * w[l] * d;
   }
 }
 

@@ -38,9 +38,11 @@ __device__ __forceinline__ EntryLoss<A> entry_loss(A z, A y, A w, A pw) {
   return {plain, w * (linear + (A(1) + (pw - A(1)) * y) * log_term)};
 }
 
-// w ((1 - y) sigmoid(z) - pw y sigmoid(-z)), both sigmoids from exp(-|z|).
+// w ((1 - y) sigmoid(z) - pw y sigmoid(-z)), both sigmoids from exp(-|z|). An infinite pw
+// gives NaN, as PyTorch's form ((pw y + 1 - y) sigmoid(z) - pw y: inf - inf) does.
 template <typename A>
 __device__ __forceinline__ A entry_grad(A z, A y, A w, A pw) {
+  if (is_inf(pw)) return nan_of<A>();
   const A e = dev_exp(-fabs(z));
   const A big = A(1) / (A(1) + e), small = e * big;
   const bool pos = z >= A(0);

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from test_accumulate_bce import _infinite_pos_weight_case
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 import csl_fast
@@ -53,6 +54,19 @@ def test_forward_and_backward_match_the_reference(tdevice, dtype, reduction, sha
         upstream.double(), logits.double(), target.double(), weight, pos_weight, reduction
     )
     assert_no_worse_than_torch(grad, ref_grad, exact_grad, "grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_infinite_pos_weight_gives_nan(tdevice, dtype):
+    """An infinite pos_weight gives NaN gradient entries whatever the target, as PyTorch's
+    (tests/test_accumulate_bce.py: test_infinite_pos_weight_as_pytorch); -inf before."""
+    logits, target, weight, pos_weight = _infinite_pos_weight_case(dtype)
+    args = [t.to(tdevice) for t in (logits, target, weight, pos_weight)]
+    upstream = torch.tensor(1.7, dtype=dtype, device=tdevice)
+    grad = bce_bwd_triton(upstream, *args, 2)
+    ref = reference.bce_bwd(upstream, *args, 2)
+    assert ref[:, [0, 1, 3]].isnan().all() and torch.equal(grad.isnan(), ref.isnan())
+    torch.testing.assert_close(grad, ref, equal_nan=True, rtol=2 * torch.finfo(dtype).eps, atol=0)
 
 
 def test_strided_inputs_and_upstream(tdevice):
