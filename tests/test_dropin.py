@@ -694,3 +694,33 @@ def test_ignored_rows_with_non_finite_logits(backend, dtype, classes):
             assert torch.equal(got[1].isnan().all(1), want_nan), what
             assert not got[1][~want_nan].isnan().any(), what
         _assert_same(zip(ours, theirs, strict=True), what, **tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_k_dimensional_ignored_positions(backend):
+    """[N, C, d1, d2] logits with [N, d1, d2] targets: ignore_index a class id, weights,
+    non-finite logits at ignored positions (NaN gradient columns where PyTorch has them),
+    and every position ignored (mean: NaN, as PyTorch's 0 / 0); CSL and counts per image."""
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 5, 3, 4, generator=g)
+    target = torch.randint(0, 5, (2, 3, 4), generator=g)
+    target[0, 1], target[1, :, 0] = 2, 2  # ignore_index = 2 below
+    logits[0, 1, 1, 0] = float("nan")
+    logits[0, 3, 1, 2] = float("inf")
+    logits[1, :, 2, 0] = float("-inf")
+    logits[1, 4, 0, 0] = float("-inf")  # p = 0 there: a zero gradient column
+    weight = torch.rand(5, generator=g) + 0.5
+    for reduction, ignore_all in itertools.product(["none", "mean", "sum"], [False, True]):
+        what = f"{reduction} every position ignored: {ignore_all}"
+        t = torch.full_like(target, 2) if ignore_all else target
+        csl, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+        losses, grads = _both(backend, logits, t, torch.arange(2), csl, count=count,
+                              weight=weight, ignore_index=2, reduction=reduction)  # fmt: skip
+        _assert_same([losses, grads], what, equal_nan=True)
+        nan_cols = grads[1].isnan().all(1)  # [N, d1, d2]: PyTorch's NaN gradient columns
+        assert nan_cols.sum() == 3 and torch.equal(grads[0].isnan().any(1), nan_cols), what
+        assert bool(losses[0].isnan().all()) == (ignore_all and reduction == "mean"), what
+        kept = t != 2
+        plain = F.cross_entropy(logits.double(), t, ignore_index=2, reduction="none")
+        torch.testing.assert_close(csl, plain.sum((1, 2)), msg=what)
+        assert torch.equal(count, kept.sum((1, 2)).float()), what
