@@ -114,6 +114,14 @@ __all__ = [
 #: The flagging rules (see the module docstring).
 RULES = ("auto", "two_view", "valley", "fraction", "threshold")
 
+#: What each detector flags, for the warnings that name it: the one-epoch warning said
+#: "bad labels" to a user of :func:`memorized`, who is not looking for any
+_TARGETS = {
+    "mislabeled": ("look bad whatever their label", "the bad labels"),
+    "memorized": ("look hard to fit whatever they are", "the atypical (memorized) samples"),
+    "duplicates": ("look bad whatever their label", "the conflicting duplicates"),
+}
+
 
 class DetectionWarning(UserWarning):
     """A detection flagged nothing, or its rule could not apply; the message says why
@@ -427,7 +435,10 @@ def _detect(
     threshold: float | None,
     views: _Views | None,
     hint: str | None = None,
+    detector: str = "mislabeled",
 ) -> Detection:
+    """The rule's flagged set and count; ``detector`` (a key of ``_TARGETS``) words the
+    warnings for what the caller looks for."""
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
@@ -494,13 +505,13 @@ def _detect(
                 # samples that came before the network had learned look bad whatever their
                 # label (clean digits, one epoch of SGD: 775-848 of 1,797 flagged)
                 diag["one_epoch"] = True
+                look, target = _TARGETS[detector]
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but the "
                     "tracker recorded one epoch: each sample's CSL is its loss at its one "
                     "presentation, so the samples presented before the network had learned "
-                    "look bad whatever their label, and the flagged set mixes them with the bad "
-                    "labels. Train several epochs (until nearly every label is fitted) and "
-                    "detect again"
+                    f"{look}, and the flagged set mixes them with {target}. Train several "
+                    "epochs (until nearly every label is fitted) and detect again"
                 )
             elif est.reason is not None:  # a count that is only a lower bound
                 diag["count"] = "lower bound"
@@ -599,7 +610,7 @@ def memorized(
     review budget) is often the natural flagging rule here.
     """
     values, name, views, hint = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views, hint)
+    return _detect(values, name, rule, fraction, threshold, views, hint, "memorized")
 
 
 def duplicates(
@@ -650,7 +661,7 @@ def duplicates(
     n = values.numel()
     dg.check_rows(n, inputs, labels)
     if inputs is None:
-        det = _detect(values, name, rule, fraction, threshold, views, hint)
+        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")
         note = (
             "no inputs: the flagged set is the score rule's (samples whose label looks bad, "
             "duplicated or not); pass inputs= (and labels=) to flag conflicting groups"
@@ -679,7 +690,7 @@ def duplicates(
             diagnostics=diag,
         )
     else:
-        det = _detect(values, name, rule, fraction, threshold, views, hint)
+        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")
         det.diagnostics.update(diag)
         flagged = dg.whole_groups(det.flagged, ids, allowed)
         det.rule += "+groups" if allowed is None else "+conflict groups"

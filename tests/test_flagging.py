@@ -344,3 +344,21 @@ def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
         with warnings.catch_warnings():
             warnings.simplefilter("error", detect.DetectionWarning)
             assert detect.mislabeled(t).warning is None
+
+
+def test_the_one_epoch_warning_names_what_each_detector_looks_for():
+    # memorized() and duplicates() said "the bad labels", which they do not look for
+    p, _ = _trajectories(0, rate=0.05)
+    t = _tracker_of(p, torch.full((p.shape[0],), 50.0))
+    t.epoch = 1
+    targets = {
+        detect.mislabeled: "with the bad labels",
+        detect.memorized: "with the atypical (memorized) samples",
+        detect.duplicates: "with the conflicting duplicates",
+    }
+    for fn, target in targets.items():
+        with pytest.warns(detect.DetectionWarning, match="recorded one epoch"):
+            det = fn(t)
+        assert target in det.warning, (fn.__name__, det.warning)
+        if fn is detect.memorized:
+            assert "label" not in det.warning.split("recorded one epoch")[1].split(".")[0]
