@@ -487,16 +487,17 @@ def _detect(
             diag["count"] = "unknown"
             diag["majority_count"] = {"count": est.count, "interval": list(est.interval)}
             flagged = torch.zeros_like(finite)
+            target = _TARGETS[detector][1]
             warning = (
-                f"csl_fast.detect: nothing flagged by rule={rule!r}: it counted {est.count} bad "
-                f"samples of {n_finite}, more than half, but it can only separate a bad "
-                "minority from a clean majority. Either the network had not fitted the "
+                f"csl_fast.detect: nothing flagged by rule={rule!r}: it counted {est.count} of "
+                f"{n_finite} samples among {target}, more than half, but it can only separate "
+                "a bad minority from a clean majority. Either the network had not fitted the "
                 "training set yet (too few epochs or too low a learning rate), so every sample "
                 "it had not learned looks bad: train until nearly every label is fitted and "
                 "detect again; or most samples are hard for it (overlapping classes, few "
-                "samples per class), and then no training length separates bad labels from "
-                "hard ones; or most labels really are wrong. rule='fraction' flags a review "
-                "budget"
+                f"samples per class), and then no training length separates {target} from "
+                f"hard ones; or {target} really are the majority. rule='fraction' flags a "
+                "review budget"
             )
         elif est.found:
             count, interval = est.count, est.interval

@@ -287,3 +287,16 @@ def test_a_majority_count_flags_nothing_and_says_train_longer():
         warnings.simplefilter("error", detect.DetectionWarning)
         det = detect.mislabeled(_lost_share(300))  # a minority is still flagged
     assert 280 <= len(det) <= 320
+
+
+def test_the_majority_warning_names_what_each_detector_looks_for():
+    # memorized() said "most labels really are wrong", which it does not look for
+    for fn, target in (
+        (detect.mislabeled, "the bad labels"),
+        (detect.memorized, "the atypical (memorized) samples"),
+    ):
+        with pytest.warns(detect.DetectionWarning, match="more than half"):
+            det = fn(_lost_share(700))
+        assert len(det) == 0
+        assert f"or {target} really are the majority" in det.warning, (fn.__name__, det.warning)
+        assert "labels really are wrong" not in det.warning
