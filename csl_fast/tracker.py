@@ -317,10 +317,12 @@ class CSLTracker(TrackerStatistics):
                 "CSLTracker.record_sequences: token_stats must be [NUM_STATS, B, T], got "
                 f"shape {tuple(token_stats.shape)}"
             )
-        idx = self._index(index, token_stats[:, :, 0])
         f = self.dtype
         tok = token_stats.to(f)
+        # Per-sequence sums, not token 0: a batch of samples without positions (T == 0,
+        # ``[N, C, 0]`` logits, which F.cross_entropy takes) has no token 0.
         sums = tok.sum(2)
+        idx = self._index(index, sums)
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
         _scatter_add(self.p_true_sum, idx, sums[Stat.P_TRUE])
@@ -333,7 +335,7 @@ class CSLTracker(TrackerStatistics):
         max_prob = torch.where(valid, reference.max_prob(tok[Stat.LOSS], tok[Stat.MARGIN]), 0).sum(
             1
         )
-        seq = torch.zeros_like(token_stats[:, :, 0])
+        seq = token_stats.new_zeros(token_stats.shape[:2])
         seq[Stat.LOSS] = sums[Stat.LOSS].float()
         seq[Stat.CORRECT] = ((sums[Stat.CORRECT] == n) & (n > 0)).float()
         seq[Stat.VALID] = (n > 0).float()

@@ -94,6 +94,20 @@ def test_segmentation_records_per_image_csl(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_samples_without_positions_into_a_tracker(backend, reduction):
+    """[N, C, 0] logits (F.cross_entropy takes them) into a tracker: nothing is a
+    presentation. record_sequences once read token 0 of each sample, an IndexError."""
+    tracker = CSLTracker(4, num_classes=3)
+    before = {k: v.clone() for k, v in tracker.buffers().items()}
+    x, t = torch.randn(2, 3, 0), torch.zeros(2, 0, dtype=torch.long)
+    losses, grads = _both(backend, x, t, torch.tensor([1, 1]), tracker, reduction=reduction)
+    _assert_same([losses, grads], f"{backend} {reduction}")
+    for name, buf in tracker.buffers().items():
+        assert torch.equal(buf, before[name]), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend):
     x = torch.randn(7)
     for target in (torch.tensor(4), torch.softmax(torch.randn(7), 0)):
