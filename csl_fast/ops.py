@@ -246,18 +246,25 @@ def _mean_denominator(
     name: str,
 ) -> torch.Tensor:
     """float32 ``D`` of reduction 'mean': the number of non-ignored rows, or the sum of
-    their class weights (as ``F.cross_entropy``, with or without label smoothing). On the
-    Triton backend one kernel (two with weights) instead of two (five) ATen ops."""
+    their class weights (as ``F.cross_entropy``, with or without label smoothing); NaN
+    where that is 0. On the Triton backend one kernel (two with weights) instead of two
+    (five) ATen ops.
+
+    D = 0 (no valid row, or class weight 0 at every valid row's target) makes the mean
+    F.cross_entropy's 0 / 0, a NaN loss and NaN gradients in the valid rows; but with label
+    smoothing the per-row losses sum to more than 0, and dividing by 0 would give inf."""
     if name == "triton":
-        return torch.ops.csl_fast.mean_denominator_triton.default(
+        d = torch.ops.csl_fast.mean_denominator_triton.default(
             target, weight, ignore_index, num_classes
         )
-    active = target != ignore_index
-    if weight is None:
-        return active.sum(dtype=torch.float32)
-    # Clamped only so that a bad target cannot index outside weight; the kernels refuse it.
-    y = torch.where(active, target, 0).long().clamp(0, max(num_classes - 1, 0))
-    return torch.where(active, weight.float()[y], 0.0).sum()
+    elif weight is None:
+        d = (target != ignore_index).sum(dtype=torch.float32)
+    else:
+        active = target != ignore_index
+        # Clamped only so that a bad target cannot index outside weight; the kernels refuse it.
+        y = torch.where(active, target, 0).long().clamp(0, max(num_classes - 1, 0))
+        d = torch.where(active, weight.float()[y], 0.0).sum()
+    return torch.where(d == 0, torch.nan, d)
 
 
 # Rows of float32 scratch per step of _scale_once on the CPU (4 MiB): bounded, never

@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <mutex>
 #include <optional>
 
@@ -63,14 +64,20 @@ const c10::TypedOperatorHandle<FwdStats>& fwd_stats_op() {
 constexpr Py_ssize_t kStateSize = 12;
 using State = std::array<at::Tensor, kStateSize>;
 
-// float32 D of reduction 'mean' (csl_fast/ops.py: _mean_denominator, the same ops).
+// float32 D of reduction 'mean', NaN where it is 0 (csl_fast/ops.py: _mean_denominator,
+// which says why; the same ops).
 at::Tensor mean_denominator(const at::Tensor& target, const OptTensor& weight,
                             int64_t ignore_index, int64_t num_classes) {
   const at::Tensor active = target.ne(ignore_index);
-  if (!weight) return active.sum(at::kFloat);
-  const at::Tensor y =
-      at::where(active, target, 0).to(at::kLong).clamp(0, std::max<int64_t>(num_classes - 1, 0));
-  return at::where(active, weight->to(at::kFloat).index_select(0, y), 0.0).sum();
+  at::Tensor d;
+  if (!weight) {
+    d = active.sum(at::kFloat);
+  } else {
+    const at::Tensor y = at::where(active, target, 0).to(at::kLong).clamp(
+        0, std::max<int64_t>(num_classes - 1, 0));
+    d = at::where(active, weight->to(at::kFloat).index_select(0, y), 0.0).sum();
+  }
+  return at::where(d.eq(0), std::numeric_limits<float>::quiet_NaN(), d);
 }
 
 using Bwd = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, const at::Tensor&,

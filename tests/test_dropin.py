@@ -108,6 +108,31 @@ def test_samples_without_positions_into_a_tracker(backend, reduction):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("validate", [None, True], ids=["step", "ops"])
+def test_half_mean_over_zero_class_weight_is_nan(backend, dtype, validate):
+    """'mean' whose valid rows all have class weight 0 (D = 0): F.cross_entropy's 0 / 0, a
+    NaN loss and NaN gradients in the valid rows. With label smoothing the per-row losses
+    sum to more than 0 and the float16/bfloat16 path divided them by D: an inf loss and
+    inf gradient entries. (validate=True on the CPU goes op by op instead of the C++ step.)"""
+    x = torch.randn(3, 4).to(dtype)
+    target = torch.tensor([1, -100, 1])
+    weight = torch.tensor([0.5, 0.0, 1.0, 2.0], dtype=dtype)
+    kwargs = {"weight": weight, "label_smoothing": 0.3}
+    ours_in, theirs_in = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    csl = torch.zeros(3, dtype=torch.float64)
+    ours = accumulate(
+        ours_in, target, torch.arange(3), csl, backend=backend, validate=validate, **kwargs
+    )
+    theirs = F.cross_entropy(theirs_in, target, **kwargs)
+    assert ours.isnan() and theirs.isnan(), f"{backend}: {ours.item()}"
+    ours.backward(torch.tensor(1.5, dtype=dtype))
+    theirs.backward(torch.tensor(1.5, dtype=dtype))
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, equal_nan=True, rtol=0, atol=0)
+    assert theirs_in.grad[[0, 2]].isnan().all() and theirs_in.grad[1].eq(0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend):
     x = torch.randn(7)
     for target in (torch.tensor(4), torch.softmax(torch.randn(7), 0)):
