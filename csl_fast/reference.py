@@ -108,8 +108,10 @@ def soft_row_statistics(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tens
     gnorm = (q.sum(1, keepdim=True) * p - q).square().sum(1)
     label = q.argmax(1) if q.shape[0] else q.new_zeros(0, dtype=torch.long)
     # Rows whose loss is not finite in the logits dtype are passed as ignored (-1, which
-    # argmax never is), so they get row_statistics' own invalid pattern.
-    stats = row_statistics(logits, torch.where(_finite_in(loss, logits.dtype), label, -1), -1)
+    # argmax never is), so they get row_statistics' own invalid pattern. It gets the
+    # float32 logits: with float16 ones it would also drop rows whose hard loss at the
+    # label (not what is recorded) is 65520 or more while H(q, p) is smaller.
+    stats = row_statistics(z, torch.where(_finite_in(loss, logits.dtype), label, -1), -1)
     valid = stats[Stat.VALID] > 0
     zero = torch.zeros((), dtype=torch.float32, device=stats.device)
     stats[Stat.LOSS] = torch.where(valid, loss.float(), zero)

@@ -170,6 +170,19 @@ def test_soft_targets(backend, shape):
             assert count[index.reshape(-1)].tolist() == [float(per_sample.shape[1])] * n
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_soft_targets_record_by_their_own_loss(backend):
+    """Whether a float16 row is recorded depends on H(q, p) (below 65520), not on the hard
+    loss at argmax q. Both rows' H is finite; row 0's hard loss at its argmax (66000)
+    overflows float16 and it was dropped, while row 1 (hard loss ~0) was recorded."""
+    z = torch.tensor([[32000.0, -34000.0, 0.0], [32000.0, -34000.0, 31000.0]]).half()
+    q = torch.tensor([[0.4, 0.6, 0.0], [0.9, 0.1, 0.0]]).half()
+    csl, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    accumulate(z, q, torch.arange(2), csl, count=count, reduction="none", backend=backend)
+    assert count.tolist() == [1.0, 1.0]
+    torch.testing.assert_close(csl, _plain_losses(z.float(), q.float()), rtol=1e-6, atol=0)
+
+
 def test_soft_targets_with_a_tracker_name_the_way_out():
     tracker = CSLTracker(4, 3)
     x, q = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
