@@ -326,7 +326,8 @@ def _emu_cross_entropy(lib, logits, target, weight, ignore_index, eps, reduction
     elif reduction == 2:
         loss = objective.sum().to(logits.dtype)
     else:
-        loss = (objective.sum() / prep[0]).to(logits.dtype)
+        d = prep[0]
+        loss = torch.where(d != 0, objective.sum() / d, math.nan).to(logits.dtype)
     return loss, grad, stats, int(flag.item())
 
 
@@ -393,6 +394,21 @@ def test_emulated_cross_entropy_options(emu, classes, batch, weighted, eps, red)
     target[0] = 7 if classes > 7 else 0  # ignore_index = 7 below, a valid class id
     weight = torch.rand(classes) + 0.5 if weighted else None
     _check_against_reference(emu, logits, target, weight, ignore_index=7, eps=eps, red=red)
+
+
+@pytest.mark.parametrize("classes,batch", _PATHS[1:])
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_mean_over_zero_class_weight_is_nan(emu, classes, batch, dtype):
+    """D = 0 ('mean', class weight 0 at every valid row's target, label smoothing): NaN loss
+    and NaN gradient rows, as F.cross_entropy's 0 / 0; the scale 1 / D made them inf."""
+    logits = torch.randn(batch, classes).to(dtype)
+    target = torch.ones(batch, dtype=torch.long)
+    target[0] = -100
+    weight = torch.rand(classes) + 0.5
+    weight[1] = 0.0
+    loss, grad, _, flag = _emu_cross_entropy(emu, logits, target, weight, -100, 0.3, 1)
+    assert flag == 0 and loss.isnan(), loss
+    assert grad[1:].isnan().all() and grad[0].eq(0).all()
 
 
 @pytest.mark.parametrize("classes,batch", [(40, 9), (600, 4), (9000, 2)])

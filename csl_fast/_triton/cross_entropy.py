@@ -208,7 +208,9 @@ def _ce_fwd_kernel(
     a_coef = (1.0 - eps) * w_y  # [ROWS]
     b_coef = eps * inv_c  # scalar
     if IS_MEAN:
-        row_scale = tl.where(active, 1.0 / tl.load(denom_ptr).to(tl.float32), 0.0)
+        d = tl.load(denom_ptr).to(tl.float32)
+        # D = 0 (class weight 0 at every valid row's target): NaN as F.cross_entropy, not inf
+        row_scale = tl.where(active, tl.where(d != 0.0, 1.0 / d, float("nan")), 0.0)
     else:
         row_scale = tl.where(active, 1.0, 0.0)
 
@@ -644,7 +646,9 @@ def _launch(
     if reduction == 0:
         loss = loss_rows.to(logits.dtype)
     elif reduction == 1:
-        loss = (loss_rows.sum() / denom.reshape(())).to(logits.dtype)
+        d = denom.reshape(())
+        # D = 0 with a non-zero sum (label smoothing) would give inf; F.cross_entropy: NaN
+        loss = torch.where(d != 0, loss_rows.sum() / d, float("nan")).to(logits.dtype)
     else:
         loss = loss_rows.sum().to(logits.dtype)
     return loss, stats

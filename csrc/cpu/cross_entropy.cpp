@@ -526,7 +526,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
         for (int64_t i = 0; i < B; ++i) {
           if (tp[i] != ignore_index) denom += wp ? static_cast<double>(wp[tp[i]]) : 1.0;
         }
-        const acc_t row_scale = reduction == kMean ? static_cast<acc_t>(1.0 / denom) : acc_t(1);
+        // D = 0 (every valid row's class weight 0; with label smoothing the rows' objective
+        // is not 0): F.cross_entropy's mean and gradient are NaN (its 0 / 0 term), not inf.
+        const double inv_denom = denom != 0 ? 1.0 / denom : std::numeric_limits<double>::quiet_NaN();
+        const acc_t row_scale = reduction == kMean ? static_cast<acc_t>(inv_denom) : acc_t(1);
         std::vector<acc_t> objective(B);
         std::vector<acc_t> z_rows(z_loss_scale != 0 ? B : 0);
         cross_entropy_rows<scalar_t, acc_t>(z, tp, wp, w_total, row_scale, opt, grad,
@@ -541,7 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
           }
           double total = 0;  // fixed order: the reduction is deterministic
           for (int64_t i = 0; i < B; ++i) total += static_cast<double>(rows[i]);
-          if (reduction == kMean) total /= denom;  // 0 / 0 = NaN, as F.cross_entropy
+          if (reduction == kMean) total *= inv_denom;  // D = 0: NaN, as F.cross_entropy
           return at::scalar_tensor(total, logits.options());
         };
         loss = reduce(objective);

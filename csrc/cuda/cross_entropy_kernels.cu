@@ -136,7 +136,8 @@ template <typename T>
 __device__ __forceinline__ Coefs<acc_t<T>> load_coefs(const CeArgs<T>& a) {
   using A = acc_t<T>;
   Coefs<A> k;
-  k.scale = a.reduction == kMean ? A(1) / a.prep[0] : A(1);
+  // D = 0 (class weight 0 at every valid row's target): NaN as F.cross_entropy, not inf.
+  k.scale = a.reduction == kMean ? (a.prep[0] != A(0) ? A(1) / a.prep[0] : nan_of<A>()) : A(1);
   k.W = (a.weight != nullptr && a.eps > A(0)) ? a.prep[1] : static_cast<A>(a.classes);
   k.one_m_eps = A(1) - a.eps;
   k.c = a.eps / static_cast<A>(a.classes);

@@ -15,6 +15,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/sort.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/cuda/CUDAException.h>
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -178,8 +180,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
   const auto reduce = [&](const at::Tensor& rows) {
     if (reduction == kNone) return rows.to(logits.scalar_type());
     if (reduction == kSum) return rows.sum().to(logits.scalar_type());
-    // D = prep[0] stays on the device; 0 / 0 = NaN when every row is ignored.
-    return rows.sum().div(prep.select(0, 0)).to(logits.scalar_type());
+    // D = prep[0] stays on the device; D = 0 gives NaN, as F.cross_entropy (a sum that
+    // label smoothing made non-zero over zero-weight rows would otherwise give inf).
+    const at::Tensor d = prep.select(0, 0);
+    return at::where(d.ne(0), rows.sum().div(d), std::numeric_limits<double>::quiet_NaN())
+        .to(logits.scalar_type());
   };
   return {reduce(objective), stats, z_rows.defined() ? reduce(z_rows) : at::Tensor()};
 }
