@@ -208,9 +208,13 @@ def _ce_fwd_kernel(
     a_coef = (1.0 - eps) * w_y  # [ROWS]
     b_coef = eps * inv_c  # scalar
     if IS_MEAN:
+        # D = 0 (class weight 0 at every valid row's target): F.cross_entropy's 0 / 0 makes
+        # the mean and the valid rows' gradients NaN, where 1 / D (label smoothing: a
+        # non-zero sum of rows) gives inf; here, not in an extra launch, the scale and the
+        # valid rows' objective (summed, then divided by D) turn NaN.
         d = tl.load(denom_ptr).to(tl.float32)
-        # D = 0 (class weight 0 at every valid row's target): NaN as F.cross_entropy, not inf
-        row_scale = tl.where(active, tl.where(d != 0.0, 1.0 / d, float("nan")), 0.0)
+        mean_nan = d == 0.0
+        row_scale = tl.where(active, tl.where(mean_nan, float("nan"), 1.0 / d), 0.0)
     else:
         row_scale = tl.where(active, 1.0, 0.0)
 
@@ -344,6 +348,8 @@ def _ce_fwd_kernel(
         objective = objective + z_row
         z_coef2 = (2.0 * zs * lse * row_scale)[:, None]
     objective = tl.where(active, objective, tl.where(bad, float("nan"), 0.0))
+    if IS_MEAN:
+        objective = tl.where(active, tl.where(mean_nan, float("nan"), objective), objective)
     tl.store(loss_ptr + rows, objective, mask=row_mask)
 
     # Recorded only if the loss is finite in the logits dtype, the dtype of the returned
@@ -458,7 +464,9 @@ def _denom_kernel(
             if not KEEP_BAD:
                 active = active & (tgt >= 0) & (tgt < C)
             n += active.to(tl.int32)
-        tl.store(out_ptr, tl.sum(n, 0).to(tl.float32))
+        d = tl.sum(n, 0).to(tl.float32)
+        # D = 0: NaN, as csl_fast.ops._mean_denominator gives it (the mean's 0 / 0)
+        tl.store(out_ptr, tl.where(d == 0.0, float("nan"), d))
 
 
 def _denominator(target, w, ignore_index, num_classes, keep_bad=False) -> torch.Tensor:
@@ -476,6 +484,8 @@ def _denominator(target, w, ignore_index, num_classes, keep_bad=False) -> torch.
             target, w if w is not None else out, out, batch, num_classes, ignore_index,
             HAS_WEIGHT=w is not None, KEEP_BAD=keep_bad, BLOCK=DENOM_BLOCK,
         )  # fmt: skip
+    # weighted D = 0 (every row's class weight 0): the callers map it to NaN (the forward
+    # kernel in place, csl_fast.ops._mean_denominator with one more op)
     return out if w is None else out.sum().reshape(1)
 
 
@@ -493,8 +503,8 @@ def mean_denominator_triton(
     target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, num_classes: int
 ) -> torch.Tensor:
     """float32 ``[]`` ``D`` of :func:`csl_fast.ops._mean_denominator` in one launch (two
-    with ``weight``): the number of rows whose target is not ``ignore_index``, or the sum
-    of their class weights."""
+    with ``weight``): the number of rows whose target is not ``ignore_index`` (NaN where
+    that is 0), or the sum of their class weights."""
     w = None if weight is None else weight.to(torch.float32).contiguous()
     return _denominator(target.contiguous(), w, ignore_index, num_classes, True).reshape(())
 
@@ -646,9 +656,7 @@ def _launch(
     if reduction == 0:
         loss = loss_rows.to(logits.dtype)
     elif reduction == 1:
-        d = denom.reshape(())
-        # D = 0 with a non-zero sum (label smoothing) would give inf; F.cross_entropy: NaN
-        loss = torch.where(d != 0, loss_rows.sum() / d, float("nan")).to(logits.dtype)
+        loss = (loss_rows.sum() / denom.reshape(())).to(logits.dtype)
     else:
         loss = loss_rows.sum().to(logits.dtype)
     return loss, stats
