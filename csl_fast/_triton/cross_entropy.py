@@ -13,7 +13,8 @@ logsumexp(z))::
     grad j == y:   -(1 - eps) w_y sum_{j != y} p_j + (eps / C)(W p_y - w_y)
 
 all scaled by ``1 / D`` for ``mean`` (``D`` = sum of ``w_y`` over non-ignored rows, computed
-on the device before the launch and read by the kernel: no host synchronisation). The
+on the device before the launch and read by the kernel: no host synchronisation; ``D = 0``
+makes the mean and the valid rows NaN, as ``F.cross_entropy``'s ``0 / 0``). The
 true-class entry is built from ``sum_{j != y} p_j`` so it does not cancel as ``p_y -> 1``;
 ``sum_j w_j (lse - z_j)`` is accumulated as ``W log(s) + sum_j w_j (m - z_j)`` (``m`` the
 running max, ``s = sum_j exp(z_j - m)``), a sum of non-negative terms.

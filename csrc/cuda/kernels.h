@@ -48,7 +48,8 @@ enum ErrorBits : int {
 //   grad[i, y]   = scale * (-(1-eps) w_y sum_{j!=y} p_j + (eps/C)(W p_y - w_y))
 // scale = 1 / D for reduction == mean, where D = sum over rows whose target is in [0, C)
 // (ignored rows excluded) of w[target] (their count when unweighted), read from the device
-// (prep[0]) so the host never waits; scale = 1 otherwise. Ignored rows: objective 0,
+// (prep[0]) so the host never waits (D = 0: scale NaN, as F.cross_entropy's 0 / 0, and
+// so the mean); scale = 1 otherwise. Ignored rows: objective 0,
 // statistics 0, grad row 0, or NaN where F.cross_entropy's is (a NaN or +inf logit, or all
 // -inf; soft-capped, a NaN only: common.cuh, ignored_row_part). Statistics (float32
 // [kNumStats, rows], csrc/stats.h) are those of plain cross entropy (unweighted,
