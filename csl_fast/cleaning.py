@@ -17,8 +17,11 @@ sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
 ``"review"``
     A worklist for a person with a review budget of ``budget`` samples: the ``budget``
     most suspicious samples of the *ranking*, flagged by the rule or not (so a rule that
-    flags nothing still yields a worklist), each with the action ``relabel-confident``
-    would propose. ``budget`` is required.
+    flags nothing still yields a worklist). A flagged row gets the action
+    ``relabel-confident`` would propose; an unflagged one is relabelled when its
+    suggestion is confident and otherwise gets ``keep``: neither the rule nor the network
+    has a case against its label, and proposing to drop it would cost a correct sample
+    whenever the reviewer trusts the proposal. ``budget`` is required.
 
 ``budget`` (all policies) keeps only the ``budget`` most suspicious rows; the other
 samples are left as they are.
@@ -34,8 +37,9 @@ drops them all.
 :mod:`csl_fast.cleaning_groups` says why, with the demo's figures.
 
 The plan is a table (:meth:`CleaningPlan.to_csv`, columns ``index, action,
-suggested_label, confidence, score, rank``; ``action`` is ``drop``, ``relabel`` or, for a
-conflicting group's kept member, ``keep``) and can be applied in one call:
+suggested_label, confidence, score, rank``; ``action`` is ``drop``, ``relabel`` or ``keep``:
+a conflicting group's kept member, or an unflagged row of a review worklist) and can be
+applied in one call:
 :meth:`CleaningPlan.apply` gives the kept dataset indices and their new labels, so
 retraining on the cleaned data is::
 
@@ -147,9 +151,10 @@ class CleaningPlan:
         policy, min_confidence, budget: how the plan was made (see :func:`clean`).
         detection: the detection the plan acts on (its estimated count, diagnostics and
             warning say how far to trust the flagged set).
-        keep: bool ``[M]`` the row is a conflicting duplicate group's member that carries
-            the group's label and is kept as it is (action ``keep``); all False when the
-            plan has no duplicates.
+        keep: bool ``[M]`` the row is kept as it is (action ``keep``): a conflicting
+            duplicate group's member that carries the group's label, or under
+            ``"review"`` an unflagged sample without a confident suggestion; all False
+            otherwise.
         duplicates: the duplicate detection merged into the plan (``inputs=``), or None.
     """
 
@@ -552,6 +557,10 @@ def clean(
     else:
         relabel = (label >= 0) & (conf >= min_confidence)
     keep = torch.zeros(chosen.numel(), dtype=torch.bool)
+    if policy == "review":
+        flagged = torch.zeros(n, dtype=torch.bool)
+        flagged[detection.indices.cpu()] = True
+        keep = ~flagged[chosen] & ~relabel
     if group is not None and group.index.numel():
         # a conflicting group's members: the group's decision, not their own suggestion
         row_of = torch.full((n,), -1, dtype=torch.long)
@@ -599,10 +608,11 @@ def evaluate_plan(
         ``rows``; ``mislabeled``, ``duplicate`` and ``clean`` (rows of each kind; a
         kind whose mask is None counts as absent); ``relabel_correct``: relabels whose
         suggested label is the true label (None without ``true_labels``); ``drop_clean``:
-        clean samples the plan drops (a cost: data thrown away); ``kept``: ``keep`` rows
-        (a conflicting duplicate group's member kept as it is); ``keep_correct``: those
-        whose suggested label, the group's, is the true label (None without
-        ``true_labels``).
+        clean samples the plan drops (a cost: data thrown away); ``kept``: ``keep`` rows;
+        ``keep_correct``: those whose kept label is the true label (None without
+        ``true_labels``): for a conflicting duplicate group's member the group's label,
+        its suggested label; for an unflagged review row its given label, right unless
+        ``mislabeled`` marks it (None when such rows exist and ``mislabeled`` is None).
     """
     n = plan.num_samples
 
@@ -639,7 +649,14 @@ def evaluate_plan(
             )
         right = plan.suggested_label.cpu().numpy() == t[idx]
         correct = int(right[relabel].sum())
-        keep_correct = int(right[kept].sum())
+        in_group = (
+            plan.duplicates.flagged.cpu().numpy()[idx]
+            if plan.duplicates is not None
+            else np.zeros(len(idx), dtype=bool)
+        )
+        # an unflagged review row keeps its given label, which only `mislabeled` judges
+        if mislabeled is not None or not (kept & ~in_group).any():
+            keep_correct = int((right & in_group & kept).sum() + (~mis & ~in_group & kept).sum())
     return {
         "rows": len(plan),
         "mislabeled": int(mis.sum()),

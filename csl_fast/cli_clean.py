@@ -80,7 +80,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
     from .cli_inputs import duplicates_summary
 
     det = plan.detection
-    kept = f", {plan.num_kept} keep" if plan.duplicates is not None else ""
+    kept = f", {plan.num_kept} keep" if plan.duplicates is not None or plan.num_kept else ""
     lines = [
         f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
         f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
@@ -96,10 +96,11 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         lines.append(f"note: {det.diagnostics['note']}")
     if plan.duplicates is not None:
         line = duplicates_summary(plan.duplicates)
-        if plan.num_kept:
+        group_kept = int((plan.kept & plan.duplicates.flagged.cpu()[plan.index.cpu()]).sum())
+        if group_kept:
             line += (
                 f"; in each conflicting group the member whose label the network preferred "
-                f"is kept ({plan.num_kept}), the others relabelled to its label"
+                f"is kept ({group_kept}), the others relabelled to its label"
             )
         lines.append(line)
     if samples is None or not samples.has_truth or len(plan) == 0:
@@ -113,7 +114,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
     )
     if acc["relabel_correct"] is not None:
         truth += f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
-        if acc["kept"]:
+        if acc["kept"] and acc["keep_correct"] is not None:
             truth += f", {acc['keep_correct']} of {acc['kept']} kept hold it"
     lines.append(truth)
     return "\n".join(lines)

@@ -104,8 +104,37 @@ def test_review_takes_the_top_of_the_ranking_flagged_or_not():
         SCORES, detection=nothing, policy="review", budget=5, suggestions=(SUGG_LABEL, SUGG_CONF)
     )
     assert plan.index.tolist() == [5, 2, 0, 3, 1]
-    assert plan.actions == ["relabel", "drop", "relabel", "relabel", "drop"]
+    # nothing flagged: the rows without a confident suggestion are kept, not dropped
+    assert plan.actions == ["relabel", "keep", "relabel", "relabel", "keep"]
     assert len(clean(SCORES, detection=nothing, suggestions=(SUGG_LABEL, SUGG_CONF))) == 0
+
+
+def test_review_drops_only_flagged_rows_and_keeps_unflagged_ones_without_a_case():
+    # flagged: 5, 2, 0, 3 (threshold 1); the budget reaches into unflagged 1 and 4
+    plan = _plan(policy="review", budget=6)
+    assert plan.index.tolist() == [5, 2, 0, 3, 1, 4]
+    assert plan.actions == ["relabel", "drop", "relabel", "relabel", "keep", "keep"]
+    keep, labels = plan.apply(LABELS)
+    assert keep.tolist() == [0, 1, 3, 4, 5] and labels[keep == 1].tolist() == [1]
+    # a confident suggestion still proposes a relabel for an unflagged row
+    conf = SUGG_CONF.clone()
+    conf[4] = 0.95
+    plan = clean(
+        SCORES, detection=_det(), policy="review", budget=6, suggestions=(SUGG_LABEL, conf)
+    )
+    assert plan.actions[-2:] == ["keep", "relabel"]
+
+
+def test_evaluate_plan_judges_an_unflagged_keep_by_its_given_label():
+    plan = _plan(policy="review", budget=6)  # rows 1 and 4 kept
+    true = LABELS.clone()
+    mislabeled = torch.zeros(6, dtype=torch.bool)
+    mislabeled[4] = True
+    true[4] = 2
+    ev = evaluate_plan(plan, true, mislabeled)
+    assert ev["kept"] == 2 and ev["keep_correct"] == 1
+    # without the mask the given label cannot be judged: no figure rather than a wrong one
+    assert evaluate_plan(plan, true)["keep_correct"] is None
 
 
 def test_review_skips_non_finite_scores():
