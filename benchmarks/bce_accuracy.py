@@ -12,6 +12,7 @@ writes ``benchmarks/results/bce-accuracy.md``.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 from pathlib import Path
@@ -55,6 +56,10 @@ def _ratio(ours, theirs, exact) -> float:
 
 
 def main() -> None:
+    default_out = Path(__file__).resolve().parent / "results" / "bce-accuracy.md"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=default_out, help="the Markdown table")
+    args = parser.parse_args()
     backends = [b for b in ("cpu", "reference") if b in csl_fast.available_backends("cpu")]
     if os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")
@@ -108,8 +113,7 @@ def main() -> None:
     for (backend, dtype), (loss, grad) in worst.items():
         fmt = (lambda v: f"{v:.1e} (rel.)") if dtype == "float64" else (lambda v: f"{v:.2f}")
         lines.append(f"| {backend} | {dtype} | {fmt(loss)} | {fmt(grad)} |")
-    out = Path(__file__).resolve().parent / "results" / "bce-accuracy.md"
-    out.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

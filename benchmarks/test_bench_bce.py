@@ -15,6 +15,7 @@ with machine, commit and date to ``benchmarks/results/bce-<device>-<date>.md`` a
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -176,9 +177,22 @@ def _report(results: dict[str, dict[str, list[float]]], meta: dict) -> str:
 def main() -> None:
     from run_meta import run_meta
 
-    threads = int(os.environ.get("CSL_BENCH_THREADS", "1"))
-    torch.set_num_threads(threads)  # one by default: a shared machine's other jobs
-    rounds = int(os.environ.get("CSL_BENCH_ROUNDS", "30"))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("CSL_BENCH_THREADS", "1")),
+        help="CPU threads (default CSL_BENCH_THREADS or 1: a shared machine's other jobs)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=int(os.environ.get("CSL_BENCH_ROUNDS", "30")),
+        help="interleaved rounds (default CSL_BENCH_ROUNDS or 30)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds = args.rounds
     meta = run_meta()
     meta.update(load_start=[round(x, 2) for x in os.getloadavg()], rounds=rounds)
     results = {}
