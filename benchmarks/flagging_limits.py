@@ -1,0 +1,196 @@
+"""Where the default flagging rule's premise fails, measured (issue 14; docs/flagging.md).
+
+The rule (:func:`csl_fast.detect.mislabeled`) assumes a network that fits its training
+labels, the clean ones early; then what the mixture counts beyond the clean tail are bad
+labels. This script measures it where that premise does not hold, on data generated
+locally (scikit-learn's digits and ``make_classification``, no network), one tracked run
+per row, the rule as it is:
+
+``digits-adam-E``
+    digits (1,797 samples, inputs / 16), MLP 64-128-128-10, Adam lr 1e-3, batch 64,
+    ``E`` epochs: under-fitted at small ``E``.
+``overlap20``
+    ``make_classification``: 2,000 samples, 20 features (10 informative), 20 classes,
+    ``class_sep`` 1.5 (overlapping), standardised; MLP 20-128-128-20, Adam lr 1e-3,
+    batch 64, 60 epochs.
+``small100``
+    the same with 100 classes of 20 samples.
+``binary`` and ``ten``
+    ``make_classification``: 2,000 samples, 20 features (10 informative), ``class_sep`` 1,
+    2 classes (``binary``) or 10 (``ten``, the control), standardised; the same MLP and
+    training, 60 epochs.
+
+``make_classification`` is called with ``flip_y=0`` so that the only wrong labels are
+the ones :func:`csl_fast.corrupt.flip_labels` makes. Per row: the flagged count, its
+precision and recall against the flips, the estimated count and interval, whether the
+rule warned, CSL's top-k precision at the true k (what any count-based rule can reach),
+and the share of labels fitted at their last presentation (``tracker.last_correct``).
+
+    python benchmarks/flagging_limits.py            # writes results/flagging-limits.{md,json}
+    python benchmarks/flagging_limits.py --runs binary-0.05-0 --out /tmp/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from run_meta import write_results
+from tqdm import tqdm
+
+import csl_fast
+from csl_fast import detect
+from csl_fast.corrupt import flip_labels
+from csl_fast.train import mlp, train
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (name, data, classes per data set, noise, seed, epochs)
+RUNS = [
+    *(("digits-adam", "digits", 0.0, 0, e) for e in (3, 5, 10, 20, 60)),
+    *(("digits-adam", "digits", 0.005, 0, e) for e in (10, 20, 60)),
+    ("overlap20", "overlap20", 0.0, 0, 60),
+    ("overlap20", "overlap20", 0.05, 0, 60),
+    ("small100", "small100", 0.0, 0, 60),
+    *(("binary", "binary", p, s, 60) for p in (0.02, 0.05, 0.1) for s in (0, 1)),
+    *(("ten", "ten", p, s, 60) for p in (0.02, 0.05, 0.1) for s in (0, 1)),
+]
+
+
+def run_id(name: str, noise: float, seed: int, epochs: int) -> str:
+    return f"{name}-{noise:g}-{seed}" + (f"-e{epochs}" if name == "digits-adam" else "")
+
+
+def load(data: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits, make_classification
+
+    if data == "digits":
+        d = load_digits()
+        return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+    classes, sep, per = {
+        "overlap20": (20, 1.5, 100),
+        "small100": (100, 1.5, 20),
+        "binary": (2, 1.0, 1000),
+        "ten": (10, 1.0, 200),
+    }[data]
+    x, y = make_classification(
+        n_samples=classes * per,
+        n_features=20,
+        n_informative=10,
+        n_redundant=0,
+        n_classes=classes,
+        n_clusters_per_class=1,
+        class_sep=sep,
+        flip_y=0.0,
+        random_state=0,
+    )
+    x = (x - x.mean(0)) / x.std(0)
+    return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+
+
+def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
+    x, y = load(data)
+    c = int(y.max()) + 1
+    noisy, flipped = flip_labels(y, noise, c, seed=seed)
+    tracker = csl_fast.CSLTracker(len(y), c)
+    model = mlp(x.shape[1], c, (128, 128), seed=seed)
+    start = time.perf_counter()
+    train(
+        model,
+        x,
+        noisy,
+        epochs=epochs,
+        lr=1e-3,
+        batch_size=64,
+        optimizer="adam",
+        tracker=tracker,
+        seed=seed,
+    )
+    seconds = time.perf_counter() - start
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = detect.mislabeled(tracker)
+    flagged = np.zeros(len(y), dtype=bool)
+    flagged[det.indices.numpy()] = True
+    truth = flipped.numpy()
+    k = int(truth.sum())
+    hits = int((flagged & truth).sum())
+    top = None
+    if k:
+        order = torch.argsort(tracker.csl_mean, descending=True)[:k].numpy()
+        top = float(truth[order].mean())
+    return {
+        "run": run_id(name, noise, seed, epochs),
+        "regime": name,
+        "noise": noise,
+        "seed": seed,
+        "epochs": epochs,
+        "samples": len(y),
+        "classes": c,
+        "flips": k,
+        "flagged": int(flagged.sum()),
+        "precision": hits / flagged.sum() if flagged.any() else None,
+        "recall": hits / k if k else None,
+        "estimated": det.estimated_count,
+        "interval": list(det.count_interval) if det.count_interval is not None else None,
+        "warned": any(issubclass(w.category, detect.DetectionWarning) for w in caught),
+        "topk_precision": top,
+        "fitted": float(tracker.last_correct.float().mean()),
+        "train_seconds": round(seconds, 1),
+    }
+
+
+def _fmt(v, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def report(rows: list[dict], meta: dict, command: str) -> str:
+    lines = [
+        "# Where the default flagging rule's premise fails",
+        "",
+        f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. `{command}` "
+        "(see its docstring for the regimes). One tracked run per row, "
+        "`csl_fast.detect.mislabeled(tracker)` with its default rule; P / R of the flagged "
+        "set against the flipped labels; top-k P: CSL's precision at the true k; fitted: "
+        "the share of labels right at their last presentation.",
+        "",
+        "| run | N | C | epochs | flips | flagged | P | R | est. [interval] | warned | "
+        "top-k P | fitted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        est = "unknown" if r["estimated"] is None else f"{r['estimated']} {r['interval']}"
+        lines.append(
+            f"| {r['run']} | {r['samples']} | {r['classes']} | {r['epochs']} | {r['flips']} | "
+            f"{r['flagged']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {est} | "
+            f"{'yes' if r['warned'] else 'no'} | {_fmt(r['topk_precision'])} | "
+            f"{r['fitted']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ids = [run_id(n, p, s, e) for n, _, p, s, e in RUNS]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", choices=ids, help="a subset (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    chosen = [r for r, i in zip(RUNS, ids, strict=True) if not args.runs or i in args.runs]
+    rows = [measure(*r) for r in tqdm(chosen, desc="runs")]
+    command = "python benchmarks/flagging_limits.py" + (
+        f" --runs {' '.join(args.runs)}" if args.runs else ""
+    )
+    print(
+        write_results(
+            args.out / "flagging-limits", rows, lambda rows, meta: report(rows, meta, command)
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
