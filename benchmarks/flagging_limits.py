@@ -24,7 +24,8 @@ per row, the rule as it is:
 the ones :func:`csl_fast.corrupt.flip_labels` makes. Per row: the flagged count, its
 precision and recall against the flips, the estimated count and interval, whether the
 rule warned, CSL's top-k precision at the true k (what any count-based rule can reach),
-and the share of labels fitted at their last presentation (``tracker.last_correct``).
+the share of labels fitted at their last presentation (``tracker.last_correct``), and the
+samples the two-view rule pins as bad (label lost or confidently doubted), flips and clean.
 
     python benchmarks/flagging_limits.py            # writes results/flagging-limits.{md,json}
     python benchmarks/flagging_limits.py --runs binary-0.05-0 --out /tmp/x
@@ -43,7 +44,7 @@ from run_meta import write_results
 from tqdm import tqdm
 
 import csl_fast
-from csl_fast import detect
+from csl_fast import detect, flagging
 from csl_fast.corrupt import flip_labels
 from csl_fast.train import mlp, train
 
@@ -119,6 +120,11 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
     truth = flipped.numpy()
     k = int(truth.sum())
     hits = int((flagged & truth).sum())
+    # the samples the two-view rule pins as bad (label lost or confidently doubted)
+    pinned = (tracker.margin_sum < 0) | flagging.doubted(
+        tracker.csl_sum, tracker.csl_count, tracker.p_true_sum, c
+    )
+    pinned = pinned.numpy()
     top = None
     if k:
         order = torch.argsort(tracker.csl_mean, descending=True)[:k].numpy()
@@ -138,6 +144,8 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
         "estimated": det.estimated_count,
         "interval": list(det.count_interval) if det.count_interval is not None else None,
         "warned": any(issubclass(w.category, detect.DetectionWarning) for w in caught),
+        "pinned_flips": int((pinned & truth).sum()),
+        "pinned_clean": int((pinned & ~truth).sum()),
         "topk_precision": top,
         "fitted": float(tracker.last_correct.float().mean()),
         "train_seconds": round(seconds, 1),
@@ -156,18 +164,20 @@ def report(rows: list[dict], meta: dict, command: str) -> str:
         "(see its docstring for the regimes). One tracked run per row, "
         "`csl_fast.detect.mislabeled(tracker)` with its default rule; P / R of the flagged "
         "set against the flipped labels; top-k P: CSL's precision at the true k; fitted: "
-        "the share of labels right at their last presentation.",
+        "the share of labels right at their last presentation; pinned: the samples the "
+        "two-view rule pins as bad (mean margin < 0 or confidently doubted).",
         "",
         "| run | N | C | epochs | flips | flagged | P | R | est. [interval] | warned | "
-        "top-k P | fitted |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "pinned flips / clean | top-k P | fitted |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         est = "unknown" if r["estimated"] is None else f"{r['estimated']} {r['interval']}"
         lines.append(
             f"| {r['run']} | {r['samples']} | {r['classes']} | {r['epochs']} | {r['flips']} | "
             f"{r['flagged']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {est} | "
-            f"{'yes' if r['warned'] else 'no'} | {_fmt(r['topk_precision'])} | "
+            f"{'yes' if r['warned'] else 'no'} | {r['pinned_flips']} / {r['pinned_clean']} | "
+            f"{_fmt(r['topk_precision'])} | "
             f"{r['fitted']:.3f} |"
         )
     return "\n".join(lines) + "\n"
