@@ -61,7 +61,9 @@ Rules (``rule=``):
     density (``log`` scale for a non-negative score) and flags every sample above the
     valley that separates it from the clean mode. When bad samples form a shoulder of
     the clean mode rather than a mode of their own (MNIST-1D), it finds nothing and
-    warns; pass the tracker then.
+    warns; pass the tracker then. A discrete score whose clean mode is one value
+    (forgetting counts, epochs, a 0/1 flag, mostly exact zeros) has no density to
+    compare: nothing is flagged, with a warning that says so.
 ``"fraction"``
     Flag the top ``fraction`` of samples (``ceil(fraction * N)``): a review budget or a
     prior on the noise rate.

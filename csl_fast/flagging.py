@@ -374,6 +374,47 @@ def _smoothed(z: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return counts, density, centres, h
 
 
+def _point_mass(z: np.ndarray, at: float, h: float) -> np.ndarray | None:
+    """bool mask of the samples tied at ``at`` when every sample within two bandwidths of
+    it has one value (at least two samples); ``None`` otherwise. Two equal Gaussian
+    kernels further apart than ``2 h`` leave a dip between them, so the smoothed density
+    falls on both sides of such a value: it is a "mode" whatever its neighbours."""
+    near = np.abs(z - at) <= 2 * h
+    if int(near.sum()) < 2:
+        return None
+    values = z[near]
+    if float(values.min()) != float(values.max()):
+        return None
+    return z == values[0]
+
+
+def _discrete(
+    values: torch.Tensor, z: np.ndarray, mode: float, h: float
+) -> tuple[dict[str, Any], str] | None:
+    """``(point mass, reason)`` when the clean mode of :func:`upper_mode` is a point mass
+    of ``z`` (:func:`_point_mass`), ``None`` otherwise."""
+    spike = _point_mass(z, mode, h)
+    if spike is None:
+        return None
+    v = values.detach()
+    tied = v[torch.isfinite(v)].double().cpu().numpy()[spike]
+    same = float(tied.min()) == float(tied.max())
+    mass = {"value": float(tied[0]) if same else None, "samples": int(spike.sum())}
+    what = (
+        f"equal {float(tied[0]):.6g}"
+        if same  # else below 1e-12 x the largest: rule_scale's floor
+        else "lie on the log scale's floor (1e-12 x the largest score)"
+    )
+    why = (
+        f"{mass['samples']} of the {z.size} finite scores {what}, with no other value within "
+        "two bandwidths: the clean mode is a point mass (a count, a flag, epochs, or exact "
+        "zeros, which the log scale puts far below every positive score), and the valley "
+        "rule, which compares the modes of a density, would call each higher value a "
+        "separate mode; rule='threshold' flags the scores above a value of your choice"
+    )
+    return mass, why
+
+
 def _running_argmin(d: np.ndarray) -> np.ndarray:
     """``out[j]`` = index of the minimum of ``d[0..j]`` (the first one on ties)."""
     running = np.minimum.accumulate(d)
@@ -396,6 +437,12 @@ def upper_mode(values: torch.Tensor, *, bins: int = BINS) -> Estimate:
     best candidate is accepted when (a) >= :data:`MIN_EVIDENCE`, (b) >= :data:`MIN_LOCAL`
     and the valley is at most :data:`MAX_VALLEY_RATIO` of the peak. Its ``cut`` is the
     valley; the interval adds the samples within two bandwidths of it on either side.
+
+    A discrete score is refused (``found`` False, with the reason): when every sample
+    within two bandwidths of the clean mode has one value (a count, a flag, or exact
+    zeros, which the log scale puts ~28 units below every positive score), the smoothed
+    density dips on both sides of each value and every higher value would pass for a
+    separate mode (a geometric count flagged half its samples).
     """
     z, scale = rule_scale(values)
     diag: dict[str, Any] = {"estimator": "valley", "scale": scale, "finite": int(z.size)}
@@ -410,6 +457,10 @@ def upper_mode(values: torch.Tensor, *, bins: int = BINS) -> Estimate:
     diag["bandwidth"] = float(h)
     g = int(np.argmax(d))
     diag["clean_mode"] = float(centres[g])
+    discrete = _discrete(values, z, float(centres[g]), h)
+    if discrete is not None:
+        diag["point_mass"] = discrete[0]
+        return Estimate(False, 0, (0, 0), math.inf, diag, discrete[1])
     valley_of = g + _running_argmin(d[g:])  # valley_of[p - g]: valley towards peak p
     is_peak = np.zeros(d.size, dtype=bool)
     is_peak[1:-1] = (d[1:-1] >= d[:-2]) & (d[1:-1] > d[2:])

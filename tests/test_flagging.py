@@ -117,6 +117,41 @@ def test_valley_ignores_a_sparse_heavy_tail():
         assert len(detect.mislabeled(s)) == 0
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["geometric count", "forgetting counts with zeros", "0/1 flag", "97% exact zeros"],
+)
+def test_valley_refuses_a_discrete_score(name):
+    """Each value of a discrete score is a spike of the smoothed density, so the valley
+    rule called every value above the most common one a separate mode: a unimodal
+    geometric count flagged 997 of 2,000, a score 97% zeros every positive sample."""
+    g = _gen(0)
+    u = torch.rand(2000, generator=g)
+    s = {
+        "geometric count": 1 + torch.floor(torch.log(u) / math.log(0.5)),
+        "forgetting counts with zeros": torch.floor(torch.log(u) / math.log(0.3)),
+        "0/1 flag": (u < 0.05).float(),
+        "97% exact zeros": torch.where(
+            u < 0.97, 0.0, torch.exp(0.4 * torch.randn(2000, generator=g))
+        ),
+    }[name]
+    with pytest.warns(detect.DetectionWarning, match="the clean mode is a point mass") as rec:
+        det = detect.mislabeled(s)
+    assert len(det) == 0 and det.estimated_count is None
+    mode = float(torch.mode(s).values)
+    assert det.diagnostics["estimator"]["point_mass"] == {
+        "value": mode,
+        "samples": int((s == mode).sum()),
+    }
+    assert "rule='threshold'" in str(rec[0].message)
+    # a fine-grained count is not a point mass: the kernel bridges its values
+    clean = torch.exp(0.4 * torch.randn(1900, generator=g))
+    bad = torch.exp(3 + 0.3 * torch.randn(100, generator=g))
+    assert len(detect.mislabeled(torch.round(10 * torch.cat([clean, bad])))) == pytest.approx(
+        100, abs=5
+    )
+
+
 def test_two_sided_score_gets_a_note():
     s, _ = _two_modes()
     two_sided = torch.log(s)  # negative values: the valley works on the raw scale
