@@ -658,7 +658,10 @@ def duplicates(
         rule, fraction, threshold: see the module docstring.
 
     ``Detection.groups`` lists the flagged groups (every member is flagged); the ranking
-    is by ``score`` alone either way.
+    is by ``score`` alone either way, so the flagged set need not be a prefix of it.
+    When no group is flagged, ``diagnostics["note"]`` (an exact zero: labels and no
+    conflict) or ``warning`` (a score rule whose flagged samples lie in no group) says
+    why.
     """
     values, name, views, hint = _select(source, score)
     n = values.numel()
@@ -694,7 +697,7 @@ def duplicates(
         )
     else:
         det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")
-        det.diagnostics.update(diag)
+        det.diagnostics.update(diag, sample_flagged=len(det))
         flagged = dg.whole_groups(det.flagged, ids, allowed)
         det.rule += "+groups" if allowed is None else "+conflict groups"
         if det.estimated_count is not None and det.count_interval is not None:
@@ -707,4 +710,44 @@ def duplicates(
     det.threshold = float(shown.min()) if shown.numel() else math.inf
     det.groups = dg.group_lists(ids, dg.flagged_groups(flagged, ids))
     det.diagnostics.update(flagged=int(flagged.sum()), threshold=det.threshold)
+    if not det.groups and det.warning is None:
+        why = _no_groups(det, diag, n, labels is not None)
+        if det.rule == "auto(label_conflict)":
+            # an exact zero: the answer, not a failure to find one (the note says why)
+            det.diagnostics["note"] = f"no conflicting duplicates: {why}"
+        else:
+            # the score rule flagged samples and the groups took none of them
+            det.warning = (
+                f"csl_fast.detect.duplicates: nothing flagged: {why}. "
+                "csl_fast.detect.mislabeled flags samples whose label looks bad, duplicated "
+                "or not"
+            )
+            warnings.warn(det.warning, DetectionWarning, stacklevel=2)
     return det
+
+
+def _no_groups(det: Detection, diag: dict[str, Any], n: int, labels: bool) -> str:
+    """Why :func:`duplicates` with ``inputs`` flagged no group."""
+    groups = diag["duplicate_groups"]
+    if groups == 0:
+        why = (
+            f"no two of the {n} inputs are bitwise identical, so no group can conflict "
+            "(near-duplicates, such as augmented or re-encoded copies, are not compared: "
+            "deduplicate them by a feature hash first)"
+        )
+    elif labels and diag["conflicting_groups"] == 0:
+        what = "the group" if groups == 1 else f"each of the {groups} groups"
+        why = (
+            f"{what} of identical inputs carries one label (benign duplicates, never "
+            "flagged for being duplicated)"
+        )
+    else:
+        which = "conflicting " if labels else ""
+        flagged = det.diagnostics.get("sample_flagged", 0)
+        why = (
+            f"rule {det.rule.split('+')[0]!r} flagged {flagged} samples by score, none of "
+            f"them in a {which}group of identical inputs "
+            f"({diag.get('conflicting_groups', groups)} such groups)"
+            + ("" if labels else "; pass labels= to flag every conflicting group exactly")
+        )
+    return why

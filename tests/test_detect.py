@@ -147,6 +147,33 @@ def test_duplicates_without_inputs_is_the_score_rule_and_says_so():
     assert "no inputs" in det.diagnostics["note"] and "no inputs" in detect.summary(det)
 
 
+def test_duplicates_says_why_no_group_is_flagged():
+    """A score rule that flags samples outside every (conflicting) group left the set
+    empty with no word; an exact zero (labels, no conflict) says why in its note."""
+    s, x, y, _, conflict, _ = _duplicated_data(seed=4)
+    top = torch.argsort(s, descending=True)[:2]
+    s[top[0]] = s[top[1]] = 1e4  # two lone samples on top: the rule flags only them
+    x[top] += 100.0  # with no identical partner
+    with pytest.warns(detect.DetectionWarning, match="flagged 2 samples by score, none of"):
+        det = detect.duplicates(s, inputs=x, labels=y, rule="fraction", fraction=0.005)
+    assert len(det) == 0 and "conflicting group" in det.warning
+    assert det.warning in detect.summary(det)
+    with pytest.warns(detect.DetectionWarning, match="pass labels="):
+        det = detect.duplicates(s, inputs=x, rule="fraction", fraction=0.005)
+    assert len(det) == 0
+    # labels and no conflict: the exact answer is none (no warning); the note says why
+    y2 = y.clone()
+    for members in conflict:
+        y2[members] = y2[members[0]].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        det = detect.duplicates(s, inputs=x, labels=y2)
+        unique = detect.duplicates(s, inputs=torch.arange(400.0)[:, None], labels=y)
+    assert "carries one label (benign duplicates" in det.diagnostics["note"]
+    assert "no conflicting duplicates" in detect.summary(det)
+    assert "no two of the 400 inputs are bitwise identical" in unique.diagnostics["note"]
+
+
 def test_duplicates_bad_arguments():
     s, x, y, _, _, _ = _duplicated_data()
     with pytest.raises(ValueError, match="labels= needs inputs="):
