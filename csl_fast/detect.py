@@ -302,7 +302,17 @@ def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | N
     ``None`` when it can. For the CLI and the report, beside a ranking.
 
     ``has_views``: the source has the tracker's margin view (two-view rule available).
+    A two-sided score of :data:`csl_fast.scores.SCORES` (``variability``) gets a note
+    whatever the source: no direction of it means "suspicious" in every regime.
     """
+    from .scores import SCORES
+
+    info = SCORES.get(score_name)
+    if info is not None and info.two_sided:
+        return (
+            f"score {score_name!r} has no suspicious direction ({info.direction}): its top "
+            "samples are not the suspicious ones, whatever the rule; rank by csl"
+        )
     if has_views:
         return None
     finite = values[torch.isfinite(values)]
@@ -339,6 +349,25 @@ def _ranking(values: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     key = torch.where(bits < 0, bits ^ mask, bits)
     key = torch.where(finite, key, torch.iinfo(torch.int64).min)
     return torch.sort(~key, stable=True).indices  # ~ reverses the order without overflow
+
+
+def _tie_at_cut(
+    values: torch.Tensor, ranking: torch.Tensor, flagged: torch.Tensor, k: int, n_finite: int
+) -> dict[str, Any] | None:
+    """``{value, tied, flagged}`` when the flagged top ``k`` of ``ranking`` ends inside a
+    run of equal scores (a top-``k`` rule on a discrete score), ``None`` otherwise."""
+    if k == 0 or k >= n_finite:
+        return None
+    v = values.detach().double()
+    last, after = v[ranking[k - 1]], v[ranking[k]]
+    if not bool(last == after):
+        return None
+    tied = v == last
+    return {
+        "value": float(last),
+        "tied": int(tied.sum()),
+        "flagged": int((tied & flagged.to(tied.device)).sum()),
+    }
 
 
 def _top_k(ranking: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
@@ -553,6 +582,20 @@ def _detect(
     n_flagged = int(flagged.sum())
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
     diag.update(flagged=n_flagged, threshold=thr)
+    if rule in ("fraction", "threshold"):
+        two_sided = rule_note(name, values, True)  # the rest is about the estimating rules
+        if two_sided is not None:
+            diag["note"] = two_sided
+    tie = _tie_at_cut(values, ranking, flagged, n_flagged, n_finite)
+    if tie is not None:
+        diag["tied_at_cut"] = tie
+        split = (
+            f"the cut falls inside a tie: {tie['tied']} samples score {name!r} = "
+            f"{tie['value']:.6g} and {tie['flagged']} of them are flagged, chosen by dataset "
+            "index (the ranking breaks ties in index order); rank by a finer score (csl) for "
+            "a flagged set that does not depend on the order"
+        )
+        diag["note"] = "; ".join(filter(None, [diag.get("note"), split]))
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=3)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)

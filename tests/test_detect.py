@@ -227,6 +227,27 @@ def test_bad_rule_parameters_are_refused(kwargs, match):
         detect.mislabeled(torch.rand(20), **kwargs)
 
 
+def test_a_cut_inside_a_tie_and_a_two_sided_score_get_a_note():
+    """A top-k rule on a discrete score cuts a run of equal scores by dataset index, and
+    variability has no suspicious direction: both flagged sets came with no note."""
+    s = torch.tensor([1.0, 2.0, 3.0, 2.0, 0.5, 2.0, 0.1, 0.2])
+    det = detect.mislabeled({"forgetting": s}, "forgetting", rule="fraction", fraction=0.25)
+    assert det.indices.tolist() == [2, 1]  # ties in index order: 1 of the three 2s
+    assert det.diagnostics["tied_at_cut"] == {"value": 2.0, "tied": 3, "flagged": 1}
+    assert "the cut falls inside a tie: 3 samples score 'forgetting' = 2" in detect.summary(det)
+    det = detect.mislabeled(s, rule="fraction", fraction=0.5)  # the tie flagged whole
+    assert "tied_at_cut" not in det.diagnostics and "note" not in det.diagnostics
+    s, truth = _bimodal()
+    table = {"csl_mean": s, "aum": torch.where(truth, 1.0, -1.0), "variability": s.clone()}
+    for kwargs in ({}, {"rule": "fraction", "fraction": 0.1}):
+        det = detect.mislabeled(table, "variability", **kwargs)
+        assert "'variability' has no suspicious direction" in det.diagnostics["note"]
+    assert (
+        "note"
+        not in detect.mislabeled(table, "csl_mean", rule="fraction", fraction=0.1).diagnostics
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs", [{}, {"rule": "fraction", "fraction": 0.1}, {"rule": "threshold", "threshold": 0.0}]
 )
