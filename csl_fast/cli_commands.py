@@ -276,8 +276,9 @@ def rank_rows(
 
 def _rank(
     tracker: Any, samples: Any, score: str, top: int, inputs: Any, labels: Any
-) -> tuple[list[dict[str, Any]], Any]:
-    """:func:`rank_rows` and the duplicate detection (None without inputs)."""
+) -> tuple[list[dict[str, Any]], Any, Any]:
+    """:func:`rank_rows`, the duplicate detection (None without inputs) and the
+    detection behind ``flagged``."""
     from . import duplicate_groups
     from .cli_inputs import duplicates_for
 
@@ -285,7 +286,7 @@ def _rank(
     dup = duplicates_for(tracker, score, inputs, labels, loss_only(tracker))
     det = detection_for(tracker, score)
     if score == "label_csl":
-        return _entry_rows(det, top), dup
+        return _entry_rows(det, top), dup, det
     values = det.scores.detach().cpu().double()
     flagged = det.flagged.cpu()
     ids = None
@@ -317,7 +318,7 @@ def _rank(
                 "group": None if ids is None or ids[i] < 0 else int(ids[i]),
             }
         )
-    return rows, dup
+    return rows, dup, det
 
 
 def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
@@ -392,11 +393,18 @@ def cmd_rank(args: argparse.Namespace) -> int:
     inputs, labels = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rows, dup = _rank(tracker, samples, args.score, args.top, inputs, labels)
-    note = _loss_only_note(tracker, args.score)
+        rows, dup, det = _rank(tracker, samples, args.score, args.top, inputs, labels)
+    # the detection's own note: why the rule does not apply to this score, or why its
+    # flagged set is arbitrary (a cut inside a tie), which the table cannot show
+    notes = [_loss_only_note(tracker, args.score), det.diagnostics.get("note")]
+    if dup is not None:
+        notes.append(dup.diagnostics.get("note"))
+    notes = [n for i, n in enumerate(notes) if n and n not in notes[:i]]
+    note = "; ".join(notes) or None
     _echo_detection_warnings(caught, "rank", args.quiet)
-    if note is not None and not args.quiet:
-        print(f"csl-fast rank: note: {note}", file=sys.stderr)
+    if not args.quiet:
+        for line in notes:
+            print(f"csl-fast rank: note: {line}", file=sys.stderr)
     if dup is not None and not args.quiet:
         print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
     unscored = _unscored_note(tracker, args.score, args.top, len(rows))

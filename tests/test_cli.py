@@ -126,6 +126,36 @@ def test_rank_table(demo_run):
     assert scores == sorted(scores, reverse=True)
 
 
+def test_rank_prints_the_detections_note(tmp_path, capsys):
+    """rank showed only the flagged column when the rule's cut fell inside a tie of a
+    discrete score (which samples are flagged then depends on the dataset order)."""
+    import csl_fast
+
+    g = torch.Generator().manual_seed(0)
+    t = csl_fast.CSLTracker(400, 10)
+    b = t.buffers()
+    bad = torch.arange(400) < 40
+    mean = torch.where(
+        bad,
+        2 + 0.3 * torch.randn(400, generator=g),
+        torch.exp(-2 + 0.4 * torch.randn(400, generator=g)),
+    )
+    b["csl_count"].fill_(10)
+    b["csl_sum"].copy_(10 * mean)
+    b["p_true_sum"].copy_(10 * torch.exp(-mean))
+    b["margin_sum"].copy_(torch.where(bad & (torch.arange(400) % 2 == 0), -10.0, 10.0))
+    b["last_max_prob"].fill_(0.9)
+    b["forgetting"].fill_(1)  # every sample forgotten once: one tie of 400
+    path = str(tmp_path / "tied.csl")
+    t.save(path)
+    code, out, err = run_main(capsys, "rank", path, "--score", "forgetting", "--top", "3")
+    assert code == 0
+    assert "rank: note: the cut falls inside a tie: 400 samples score 'forgetting' = 1" in err
+    code, out, err = run_main(capsys, "rank", path, "--score", "forgetting", "--json", "-q")
+    assert code == 0 and err == ""
+    assert "the cut falls inside a tie" in json.loads(out)["note"]
+
+
 def test_rank_csv(demo_run, capsys):
     # In process: the entry point is covered by test_rank_table; this checks the format.
     out, _ = demo_run
