@@ -74,7 +74,8 @@ Why the rule is built this way (the alternatives measured and rejected) and its
 precision, recall and count on every regime of ``benchmarks/flagging.py``, held-out
 networks included: ``docs/flagging.md``.
 
-Non-finite scores (samples never presented) rank last and are never flagged. The
+Non-finite scores (samples never presented) rank last and are never flagged; ``+inf``
+ones also get a warning (an overflowing score would drop the most suspicious samples). The
 estimating rules (``auto``, ``two_view``, ``valley``) flag nothing, with a warning, when
 they count more than half the finite samples: they separate a bad minority from a clean
 majority, and a network stopped before it fitted the training set makes every sample it
@@ -596,6 +597,18 @@ def _detect(
             "a flagged set that does not depend on the order"
         )
         diag["note"] = "; ".join(filter(None, [diag.get("note"), split]))
+    pos_inf = int(torch.isposinf(values).sum()) if values.is_floating_point() else 0
+    if pos_inf:
+        # +inf ranks last with NaN (undefined): an overflowing score (float16 CSL) would
+        # drop the samples that most likely belong to the flagged set
+        diag["positive_infinite"] = pos_inf
+        inf_words = (
+            f"{pos_inf} samples score {name!r} = +inf and, as every non-finite score, rank "
+            "last and are never flagged; if +inf is an overflow (the most suspicious) rather "
+            "than undefined, clamp it (torch.nan_to_num(scores, posinf=a large finite value)) "
+            "and detect again"
+        )
+        warning = f"{warning}; also, {inf_words}" if warning else f"csl_fast.detect: {inf_words}"
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=3)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)

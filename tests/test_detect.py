@@ -258,6 +258,21 @@ def test_never_presented_tracker_warns_whatever_the_rule(kwargs):
     assert len(det) == 0 and "no sample was presented" in det.warning
 
 
+def test_positive_infinite_scores_are_not_dropped_silently():
+    """+inf ranked last and unflagged like NaN with no word: a float16 CSL that overflows
+    lost its most suspicious samples from a flagged set that looked complete."""
+    s, _ = _bimodal()
+    s[-3:] = float("inf")  # three of the upper mode overflow
+    with pytest.warns(detect.DetectionWarning, match="3 samples score 'custom' = \\+inf"):
+        det = detect.mislabeled(s)
+    assert len(det) == 17 and not bool(det.flagged[-3:].any())
+    assert det.diagnostics["positive_infinite"] == 3 and "nan_to_num" in det.warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        s[-3:] = float("nan")  # undefined: no warning
+        assert len(detect.mislabeled(s)) == 17
+
+
 def test_threshold_above_every_score_warns_with_the_largest():
     with pytest.warns(detect.DetectionWarning, match="largest is 3"):
         det = detect.mislabeled(torch.tensor([1.0, 3.0, 2.0]), rule="threshold", threshold=5)
