@@ -218,6 +218,8 @@ class _Views:
     lost: torch.Tensor
     #: completed epochs of the tracker (``CSLTracker.epoch``), ``None`` for a mapping
     epochs: int | None = None
+    #: every presented sample was presented once (whatever ``epochs`` says)
+    once: bool = False
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
@@ -295,7 +297,9 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
         lost = lost | flagging.doubted(t.csl_sum, t.csl_count, t.p_true_sum, t.num_classes).to(
             lost.device
         )
-    return values, score, _Views(t.csl_mean, lost, t.epoch), None
+    # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
+    once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
+    return values, score, _Views(t.csl_mean, lost, t.epoch, once), None
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
@@ -533,7 +537,7 @@ def _detect(
             )
         elif est.found:
             count, interval = est.count, est.interval
-            if views is not None and views.epochs == 1:
+            if views is not None and (views.epochs == 1 or views.once):
                 # one presentation per sample: its CSL is its loss at that moment, so the
                 # samples that came before the network had learned look bad whatever their
                 # label (clean digits, one epoch of SGD: 775-848 of 1,797 flagged)
@@ -541,8 +545,9 @@ def _detect(
                 look, target = _TARGETS[detector]
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but the "
-                    "tracker recorded one epoch: each sample's CSL is its loss at its one "
-                    "presentation, so the samples presented before the network had learned "
+                    "tracker recorded one epoch (one presentation per sample): each sample's "
+                    "CSL is its loss at that presentation, so the samples presented before "
+                    "the network had learned "
                     f"{look}, and the flagged set mixes them with {target}. Train several "
                     "epochs (until nearly every label is fitted) and detect again"
                 )

@@ -379,6 +379,12 @@ def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
         with warnings.catch_warnings():
             warnings.simplefilter("error", detect.DetectionWarning)
             assert detect.mislabeled(t).warning is None
+    # end_epoch never called, one presentation each: still one epoch (no warning before)
+    one = _tracker_of(p[:, 5:6], torch.full((p.shape[0],), 1.0))
+    assert one.epoch == 0
+    with pytest.warns(detect.DetectionWarning, match="one presentation per sample"):
+        det = detect.mislabeled(one)
+    assert len(det) > 0 and det.diagnostics["one_epoch"] is True
 
 
 def test_the_one_epoch_warning_names_what_each_detector_looks_for():
