@@ -344,7 +344,10 @@ def _ranking(values: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
     sort, several times faster than its float sort at N = 10M.
     """
     v = values.detach()
-    v = (v if v.dtype == torch.float64 else v.float()) + 0.0  # -0.0 -> +0.0: equal, tied
+    # integers in float64: float32 merged those above 2**24 (2**25 and 2**25 + 1 tied,
+    # ranked by index, while the threshold rule, in float64, told them apart)
+    wide = v.dtype == torch.float64 or not (v.is_floating_point() or v.dtype == torch.bool)
+    v = (v.double() if wide else v.float()) + 0.0  # -0.0 -> +0.0: equal, tied
     if v.dtype == torch.float64:
         bits = v.view(torch.int64)
         mask = 0x7FFF_FFFF_FFFF_FFFF

@@ -59,6 +59,15 @@ def test_fraction_and_threshold_rules_and_nans():
         detect.mislabeled(s, rule="bogus")
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_integer_scores_rank_by_their_exact_value(dtype):
+    # float32 keys merged integers above 2**24: 2**25 + 1 ranked below 2**25 (index
+    # order) while the threshold rule, in float64, flagged only the larger
+    s = torch.tensor([2**25, 2**25 + 1, 5, 2**25 + 1], dtype=dtype)
+    det = detect.mislabeled(s, rule="threshold", threshold=2**25)
+    assert det.ranking.tolist() == [1, 3, 0, 2] and det.indices.tolist() == [1, 3]
+
+
 def test_sources_tracker_and_mapping():
     t = csl_fast.CSLTracker(3, 2)
     logits = torch.tensor([[4.0, 0.0], [0.0, 4.0], [1.0, 0.0]])
