@@ -446,6 +446,19 @@ def _advice(views: _Views | None, hint: str | None = None) -> str:
     )
 
 
+def _majority_advice(target: str) -> str:
+    """What to try when a majority of the samples looks bad (``target``: what the
+    detector looks for)."""
+    return (
+        "Either the network had not fitted the training set yet (too few epochs or too low "
+        "a learning rate), so every sample it had not learned looks bad: train until nearly "
+        "every label is fitted and detect again; or most samples are hard for it "
+        "(overlapping classes, few samples per class), and then no training length "
+        f"separates {target} from hard ones; or {target} really are the majority. "
+        "rule='fraction' flags a review budget"
+    )
+
+
 def _number(value: Any, name: str, rule: str, where: str = "csl_fast.detect") -> float:
     """``value`` as a float, refused with a clear error unless it is a real number."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
@@ -530,13 +543,7 @@ def _detect(
             warning = (
                 f"csl_fast.detect: nothing flagged by rule={rule!r}: it counted {est.count} of "
                 f"{n_finite} samples among {target}, more than half, but it can only separate "
-                "a bad minority from a clean majority. Either the network had not fitted the "
-                "training set yet (too few epochs or too low a learning rate), so every sample "
-                "it had not learned looks bad: train until nearly every label is fitted and "
-                "detect again; or most samples are hard for it (overlapping classes, few "
-                f"samples per class), and then no training length separates {target} from "
-                f"hard ones; or {target} really are the majority. rule='fraction' flags a "
-                "review budget"
+                f"a bad minority from a clean majority. {_majority_advice(target)}"
             )
         elif est.found:
             count, interval = est.count, est.interval
@@ -565,16 +572,28 @@ def _detect(
             # the bad ones may not stand apart in this run); the surely-bad samples, if
             # any, are a lower bound
             diag["count"] = "unknown"
-            diag["count_lower_bound"] = int(diag.get("two_view", {}).get("label_lost", 0))
+            lost = int(diag.get("two_view", {}).get("label_lost", 0))
+            diag["count_lower_bound"] = lost
             why = est.reason or "the rule found no bad samples"
             fallback = diag.get("two_view", {}).get("reason")
             if fallback:
                 why = f"{fallback}; and the 1-D valley rule: {why}"
-            warning = (
-                f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. The number of bad "
-                "samples is unknown: the labels may be clean, or the bad ones were fitted as "
-                f"fast as the clean ones in this run. {_advice(views, hint)}"
-            )
+            if 2 * lost > n_finite:
+                # most labels lost: the advice to fit bad labels later (below) was backwards
+                # (5 epochs on random labels: 293 of 300 lost, "train for fewer epochs")
+                target = _TARGETS[detector][1]
+                warning = (
+                    f"csl_fast.detect: nothing flagged by rule={rule!r}: {lost} of {n_finite} "
+                    "samples lost their given label (a negative mean margin) or were "
+                    "confidently doubted, more than half, and the rule can only separate a "
+                    f"bad minority from a clean majority. {_majority_advice(target)}"
+                )
+            else:
+                warning = (
+                    f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. The number of "
+                    "bad samples is unknown: the labels may be clean, or the bad ones were "
+                    f"fitted as fast as the clean ones in this run. {_advice(views, hint)}"
+                )
     if n_finite == 0:
         # whatever the rule, the one thing to say: there was nothing to rank
         why = (

@@ -361,6 +361,17 @@ def test_a_majority_count_flags_nothing_and_says_train_longer():
     assert 280 <= len(det) <= 320
 
 
+def test_most_labels_lost_says_train_until_fitted_not_fit_later():
+    """So many labels lost that the two-view fit had no clean samples left (random labels,
+    5 epochs: 293 of 300): the count was unknown and the advice was to fit bad labels
+    later (lower learning rate, fewer epochs), the opposite of what the run needs."""
+    with pytest.warns(detect.DetectionWarning, match="990 of 1000 samples lost") as rec:
+        det = detect.mislabeled(_lost_share(990))
+    assert len(det) == 0 and det.diagnostics["count_lower_bound"] == 990
+    assert "train until nearly every label is fitted" in str(rec[0].message)
+    assert "fewer epochs" not in det.warning
+
+
 def test_the_majority_warning_names_what_each_detector_looks_for():
     # memorized() said "most labels really are wrong", which it does not look for
     for fn, target in (
