@@ -148,6 +148,27 @@ def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
     return v, "identity"
 
 
+def _check_tensors(where: str, **tensors: Any) -> None:
+    """Refuse with a clear error anything but real tensors with data."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"csl_fast.flagging.{where}: {name} must be a torch.Tensor, got "
+                f"{type(t).__name__} (convert it with torch.as_tensor)"
+            )
+        if t.is_complex() or t.is_meta:
+            raise ValueError(
+                f"csl_fast.flagging.{where}: {name} must be a real tensor with data, got "
+                f"{'a complex' if t.is_complex() else 'a meta'} tensor"
+            )
+
+
+def _check_bins(bins: Any, where: str) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
+        raise ValueError(f"csl_fast.flagging.{where}: bins must be an int >= 2, got {bins!r}")
+    return int(bins)
+
+
 # ------------------------------------------------------------------- anchors
 def doubted(
     csl_sum: torch.Tensor, csl_count: torch.Tensor, p_true_sum: torch.Tensor, num_classes: int
@@ -197,6 +218,12 @@ def doubted(
             f"csl_fast.flagging.doubted: num_classes must be an int >= 2, got {num_classes!r}"
         )
     num_classes = int(num_classes)
+    _check_tensors("doubted", csl_sum=csl_sum, csl_count=csl_count, p_true_sum=p_true_sum)
+    if not csl_sum.shape == csl_count.shape == p_true_sum.shape:
+        raise ValueError(
+            "csl_fast.flagging.doubted: csl_sum, csl_count and p_true_sum must all be [N], got "
+            f"{tuple(csl_sum.shape)}, {tuple(csl_count.shape)} and {tuple(p_true_sum.shape)}"
+        )
     count = csl_count.detach().double()
     d = count - p_true_sum.detach().double()
     csl = csl_sum.detach().double()
@@ -279,11 +306,14 @@ def two_view_count(
         lost: bool ``[N]``: the sample's given label lost: its mean margin is negative
             (another class won on average over training) or it was confidently doubted
             for long (:func:`doubted`). These samples are pinned to the bad component.
+        bins: histogram bins of the mixture, an int >= 2.
 
     Returns:
         an :class:`Estimate`; ``found`` is False (with a reason) when fewer than
         :data:`MIN_PINNED` usable samples lost, when the caller should use the 1-D rule.
     """
+    _check_tensors("two_view_count", mean_loss=mean_loss, lost=lost)
+    bins = _check_bins(bins, "two_view_count")
     if mean_loss.shape != lost.shape or mean_loss.dim() != 1:
         raise ValueError(
             "csl_fast.flagging.two_view_count: mean_loss and lost must both be [N], got shapes "
@@ -296,7 +326,9 @@ def two_view_count(
     pin = lost_np[ok]
     n_pinned = int(pin.sum())
     diag: dict[str, Any] = {"estimator": "two_view", "finite": int(x.size), "label_lost": n_pinned}
-    if n_pinned < MIN_PINNED:
+    if x.size == 0:
+        why = "no sample has a finite, positive mean loss (none was presented in training)"
+    elif n_pinned < MIN_PINNED:
         why = (
             f"only {n_pinned} samples have a negative mean margin (their label lost on "
             "average over training) or a confidently doubted label; the two-view fit "
@@ -444,6 +476,8 @@ def upper_mode(values: torch.Tensor, *, bins: int = BINS) -> Estimate:
     density dips on both sides of each value and every higher value would pass for a
     separate mode (a geometric count flagged half its samples).
     """
+    _check_tensors("upper_mode", values=values)
+    bins = _check_bins(bins, "upper_mode")
     z, scale = rule_scale(values)
     diag: dict[str, Any] = {"estimator": "valley", "scale": scale, "finite": int(z.size)}
     if z.size < 20 or float(z.max() - z.min()) <= 0:

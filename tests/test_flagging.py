@@ -364,6 +364,29 @@ def test_estimators_refuse_mismatched_inputs_and_take_numpy_ints():
     )
 
 
+def test_estimators_refuse_bad_arguments_plainly():
+    # numpy's "`bins` must be positive", AttributeError for a list, RuntimeError for a
+    # short buffer: the caller's mistake in a library's words, or none at all (bins=1)
+    s, _ = _two_modes()
+    lost = torch.zeros(s.numel(), dtype=torch.bool)
+    for bins in (0, 1, 2.5, True):
+        with pytest.raises(ValueError, match="bins must be an int >= 2"):
+            flagging.upper_mode(s, bins=bins)
+        with pytest.raises(ValueError, match="bins must be an int >= 2"):
+            flagging.two_view_count(s, lost, bins=bins)
+    with pytest.raises(TypeError, match=r"values must be a torch\.Tensor, got list"):
+        flagging.upper_mode(s.tolist())
+    with pytest.raises(TypeError, match=r"mean_loss must be a torch\.Tensor"):
+        flagging.two_view_count(s.numpy(), lost)
+    p, _ = _trajectories(0, n=50)
+    csl, count, p_sum = _sums(p)
+    with pytest.raises(ValueError, match=r"must all be \[N\], got \(50,\), \(49,\)"):
+        flagging.doubted(csl, count[:-1], p_sum, num_classes=10)
+    # no usable mean loss is said as such, not as "only 0 samples lost their label"
+    est = flagging.two_view_count(torch.zeros(30), torch.ones(30, dtype=torch.bool))
+    assert not est.found and "no sample has a finite, positive mean loss" in est.reason
+
+
 def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
     # clean digits, one epoch of SGD: each sample's CSL is its loss at its one
     # presentation, and 775-848 of 1,797 clean samples were flagged with no warning
