@@ -191,7 +191,14 @@ class CSLTracker(TrackerStatistics):
         self.num_labels = num_labels
         # The device tensors land on: "cuda" becomes "cuda:0" (the current device), which is
         # what the statistics passed to update() report and are compared with.
-        self.device = torch.empty(0, device=device).device
+        try:
+            self.device = torch.empty(0, device=device).device
+        except (AssertionError, RuntimeError) as exc:
+            # torch's lazy CUDA init asserts ("Torch not compiled with CUDA enabled")
+            raise ValueError(
+                f"CSLTracker: cannot allocate on device {device!r} ({exc}); create the tracker "
+                "on 'cpu' or on a device this torch build and machine have"
+            ) from None
         self.dtype = dtype
         self.history = bool(history)
         if backend != "auto" and backend not in _ext.BACKENDS:  # else refused at the first step

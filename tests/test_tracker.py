@@ -354,6 +354,22 @@ def test_an_unknown_backend_is_refused_when_the_tracker_is_made():
     assert CSLTracker(4, backend="reference").backend == "reference"
 
 
+def test_an_unavailable_device_is_refused_plainly(monkeypatch):
+    # a CUDA-less torch raised AssertionError("Torch not compiled with CUDA enabled")
+    real = torch.empty
+
+    def no_cuda(*args, **kwargs):
+        if "cuda" in str(kwargs.get("device", "")):
+            raise AssertionError("Torch not compiled with CUDA enabled")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", no_cuda)
+    with pytest.raises(ValueError, match=r"cannot allocate on device 'cuda'.*create the tracker"):
+        CSLTracker(4, 3, device="cuda")
+    with pytest.raises(ValueError, match="cannot allocate on device 'nonsense'"):
+        CSLTracker(4, 3, device="nonsense")
+
+
 def test_record_checks_device_and_shapes():
     t = CSLTracker(4)
     with pytest.raises(ValueError, match="entries"):
