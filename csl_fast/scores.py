@@ -271,9 +271,11 @@ def as_dataframe(
         table = {n: table[n] for n in names}
     sizes = {}
     for k, v in table.items():
-        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.is_complex():
             what = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-            raise ValueError(f"as_dataframe: score {k!r} must be a 1-D [N] tensor, got {what}")
+            if isinstance(v, torch.Tensor) and v.is_complex():
+                what = f"a complex tensor ({v.dtype}; the imaginary part was dropped)"
+            raise ValueError(f"as_dataframe: score {k!r} must be a 1-D [N] real tensor, got {what}")
         sizes[k] = v.numel()
     if len(set(sizes.values())) > 1:
         raise ValueError(f"as_dataframe: the scores must all be [N], got sizes {sizes}")

@@ -207,3 +207,6 @@ def test_bad_sources_and_names_are_refused_plainly():
         as_dataframe({"a": torch.rand(3)}, ["b"])
     with pytest.raises(ValueError, match="'a' must be a 1-D"):
         as_dataframe({"a": torch.rand(3, 2)})
+    # a complex score lost its imaginary part with only torch's UserWarning
+    with pytest.raises(ValueError, match="'a' must be a 1-D \\[N\\] real tensor, got a complex"):
+        as_dataframe({"a": torch.rand(3, dtype=torch.cfloat)})
