@@ -139,7 +139,8 @@ class Detection:
         ranking: int64 ``[N]`` dataset indices, most suspicious first (non-finite last).
         scores: float ``[N]`` the score used, by dataset index (higher = more suspicious).
         flagged: bool ``[N]`` the samples the rule flags.
-        threshold: the smallest flagged score (``inf`` when none is flagged).
+        threshold: the smallest flagged finite score (``inf`` when there is none: nothing
+            flagged, or only never-presented members of conflicting duplicate groups).
         score_name: the score used (``"custom"`` for a plain tensor).
         rule: the threshold rule, with its parameters.
         groups: for :func:`duplicates` with ``inputs``: the groups (lists of dataset
@@ -154,7 +155,10 @@ class Detection:
             so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
-            threshold, why nothing was flagged); plain JSON-able values.
+            threshold, why nothing was flagged); plain JSON-able values. ``note``: why the
+            rule does not apply to this score or its set is arbitrary (``tied_at_cut``:
+            the cut splits a run of equal scores by dataset index);
+            ``positive_infinite``: how many scores are ``+inf`` (never flagged).
         warning: a sentence saying why the flagged set is empty or unreliable and what
             to try, ``None`` when the rule applied cleanly. Also emitted with
             :func:`warnings.warn` when the detection is made.
