@@ -267,3 +267,49 @@ def test_shell_blocks_name_what_exists():
             assert importlib.util.find_spec(words[2]) is not None, f"{where}: no module"
         else:
             raise AssertionError(f"{where}: a command this test does not know how to check")
+
+
+def test_tracker_memory_figures_are_what_a_tracker_holds():
+    """The bytes per sample that README.md and CSLTracker's docstring quote are what
+    ``nbytes`` counts (the figure outlived the benchmark file it was first cited from)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quoted = re.search(r"default tracker holds (\d+) bytes per sample", readme)
+    doc = csl_fast.CSLTracker.__doc__
+    in_doc = re.search(r"takes \*\*(\d+) bytes per sample\*\*.*?; (\d+) in float64", doc, re.S)
+    assert quoted and in_doc, "the memory figures moved: update this test"
+    n = 1000
+    float32 = csl_fast.CSLTracker(n, C).nbytes() / n
+    float64 = csl_fast.CSLTracker(n, C, dtype=torch.float64).nbytes() / n
+    assert int(quoted.group(1)) == float32
+    assert (int(in_doc.group(1)), int(in_doc.group(2))) == (float32, float64)
+
+
+RESULT_PAGES = [*(ROOT / "benchmarks" / "results").glob("*.md")]
+RESULT_PAGES += [*(ROOT / "benchmarks" / "paper" / "results").glob("*.md")]
+DATE = re.compile(r"\b20\d\d-\d\d-\d\d(?!\d)")
+MACHINE = re.compile(r"EPYC|H200|NVIDIA|x86_64|CPUs?\b|cores", re.I)
+
+
+@pytest.mark.parametrize("page", RESULT_PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_results_file_names_its_date_and_machine(page):
+    """The docs quote their figures from these files; each says, near its top, when and on
+    what machine they were measured (benchmarks/paper/common.py writes the line)."""
+    head = "\n".join(page.read_text(encoding="utf-8").splitlines()[:12])
+    assert DATE.search(head), f"{page.name}: no date in its first lines"
+    assert MACHINE.search(head), f"{page.name}: no machine in its first lines"
+
+
+DOC_PAGES = [*PAGES, ROOT / "benchmarks" / "README.md"]
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:benchmarks|docs|csl_fast|csrc|examples|tests)/[\w./-]*\w)")
+
+
+def test_every_path_the_docs_name_exists():
+    """A file or folder of the repository named in the prose (a results file a figure is
+    quoted from, a script to run) exists."""
+    missing = [
+        f"{page.relative_to(ROOT)}: {path}"
+        for page in DOC_PAGES
+        for path in REPO_PATH.findall(page.read_text(encoding="utf-8"))
+        if not (ROOT / path).exists()
+    ]
+    assert not missing, missing

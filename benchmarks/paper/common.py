@@ -368,9 +368,22 @@ def environment() -> dict:
     }
 
 
+def environment_line(env: dict) -> str:
+    return (
+        f"{env['date']}, commit {env['commit']}, {env['machine']} with {env['cpu_count']} "
+        f"CPUs, torch {env['torch']}, {env['torch_threads']} thread(s)."
+    )
+
+
 def write_results(stem: str, payload: dict, markdown: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": environment(), **payload}
+    env = environment()
+    payload = {"environment": env, **payload}
+    # A figure quoted from the .md must name when and on what it was measured; the scripts
+    # whose own heading does not say so get the line under their title.
+    if env["date"][:10] not in markdown:
+        title, _, rest = markdown.partition("\n")
+        markdown = f"{title}\n\n{environment_line(env)}\n{rest}"
     (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=_json) + "\n")
     (RESULTS / f"{stem}.md").write_text(markdown.rstrip() + "\n")
     print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}", flush=True)
