@@ -21,7 +21,7 @@ import argparse
 import os
 from typing import Any
 
-from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError, _one_line
+from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError
 
 __all__ = [
     "INPUT_SUFFIXES",
@@ -71,9 +71,13 @@ def load_array(path: str, option: str) -> Any:
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage or foreign content: one line, no traceback
+        # Not numpy's or torch's message: both advise loading the file unsafely
+        # (allow_pickle, weights_only=False), which a tool must never print.
+        what = "a numeric .npy array" if suffix == ".npy" else "a .pt file of one tensor"
         raise CLIError(
-            f"{option} {path!r}: not a readable array file ({type(exc).__name__}: "
-            f"{_one_line(exc)})",
+            f"{option} {path!r}: not a readable array file: not {what} (truncated, damaged, "
+            f"or holding Python objects, which are never loaded; {type(exc).__name__}); save "
+            "the array itself (numpy.save(path, x) or torch.save(x, path))",
             EXIT_INPUT,
         ) from None
     if not isinstance(value, torch.Tensor):

@@ -10,8 +10,10 @@ label.
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
+import re
 import warnings
 
 import numpy as np
@@ -184,6 +186,14 @@ def test_input_file_errors(run, tmp_path, capsys):
     )
     (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
     user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "bad.npy"))
+    # numpy and torch advise loading such files unsafely; the tool must never pass that on
+    # (the object array above, a pickled object and garbage in a .pt file)
+    torch.save({"when": datetime.datetime(2026, 1, 1)}, tmp_path / "obj.pt")
+    (tmp_path / "bad.pt").write_bytes(b"\x80\x04garbage")
+    for name in ("obj.npy", "obj.pt", "bad.pt"):
+        line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / name))
+        assert "not a readable array file" in line and "save the array itself" in line
+        assert not re.search(r"allow_pickle=|weights_only.{0,20}False|unsafe|trust", line), line
     line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "gone.npy"))
     assert "no such file" in line
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r" / "report.html").exists()
