@@ -61,7 +61,8 @@ Exit codes:
 2   usage error: unknown option, bad value, a score the run did not record, an
     --inputs/--labels file type other than .npy/.pt/.pth, --labels without inputs
 3   input/output error: tracker, samples, --inputs or --labels file missing, truncated,
-    corrupted, foreign, or of another run (N mismatch); an output file or folder that
+    corrupted, foreign, or of another run (N mismatch, inputs with no values, labels that
+    are not integer class indices in ``[0, C)``); an output file or folder that
     cannot be written (missing parent, not a folder, permission, disk full) or that is
     one of the command's input files
 4   an optional dependency is missing (scikit-learn, matplotlib, tqdm)
@@ -185,10 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="csl-fast",
         description="Cumulative Sample Loss for free: find mislabeled, duplicated and "
         "memorized training samples from per-sample training dynamics.",
-        epilog="Exit codes: 0 ok, 1 internal error, 2 usage error, 3 bad or missing input "
-        "file (tracker, samples.npz, --inputs/--labels: missing, damaged, or not N rows) or "
-        "unwritable output, 4 missing optional dependency, 130 interrupted. "
-        "--debug prints tracebacks. Run `csl-fast demo` first.",
+        epilog="Exit codes: 0 ok; 1 internal error (a bug: the traceback is printed); "
+        "2 usage error (an unknown option or a bad value, a score the run did not record, "
+        "an --inputs/--labels file that is not .npy/.pt/.pth, --labels without inputs); "
+        "3 bad input or output (a tracker, samples.npz, --inputs or --labels file that is "
+        "missing, damaged, of another format or of another run: not N rows, labels not "
+        "class indices in [0, C); an output that cannot be written); 4 missing optional "
+        "dependency; 130 interrupted. --debug prints the traceback of errors too. Run "
+        "`csl-fast demo` first.",
     )
     from . import __version__
 

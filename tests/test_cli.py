@@ -527,3 +527,46 @@ def test_report_of_a_tracker_file_writes_where_its_help_says(tmp_path, capsys):
     assert "for a tracker file, the folder 'report' next to it" in help_text
     code, _, _ = run_main(capsys, "report", str(tmp_path / "run.csl"), "-q")
     assert code == 0 and (tmp_path / "report" / "report.html").exists()
+
+
+def _exit_codes_in_help() -> dict[int, str]:
+    """``csl-fast --help``'s exit codes: ``{code: what it says the code is for}``."""
+    from csl_fast.cli import build_parser
+
+    epilog = " ".join(build_parser().epilog.split())
+    body = epilog.split("Exit codes:", 1)[1].split(". --debug", 1)[0].strip()
+    return {int(m[1]): m[2] for m in re.finditer(r"(?:^|; )(\d+) (.*?)(?=; \d+ |$)", body)}
+
+
+def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, capsys):
+    """Each failure `csl-fast --help` lists under a code exits with that code."""
+    files = tmp_path / "files"  # not beside the tracker, where samples.npz would be read
+    files.mkdir()
+    np.save(files / "x.npy", np.arange(60.0).reshape(30, 2))
+    np.save(files / "x29.npy", np.zeros((29, 2)))
+    np.save(files / "y.npy", np.zeros(30, dtype=np.int64))
+    np.save(files / "y7.npy", np.full(30, 7))
+    np.savez(files / "samples.npz", labels=np.zeros(30, dtype=np.int64))
+    (files / "garbage.csl").write_bytes(b"not a tracker")
+    run, d = str(plain_tracker), str(files)
+    cases = [  # (code, what --help says it is for, the command)
+        (3, "missing", ["rank", f"{d}/gone.csl"]),
+        (3, "damaged", ["rank", f"{d}/garbage.csl"]),
+        (3, "of another format", ["rank", f"{d}/samples.npz"]),
+        (3, "of another run: not N rows", ["rank", run, "--inputs", f"{d}/x29.npy"]),
+        (3, "labels not class indices in [0, C)", ["rank", run, "--inputs", f"{d}/x.npy",
+                                                   "--labels", f"{d}/y7.npy"]),
+        (3, "an output that cannot be written", ["rank", run, "-o", f"{d}/no/dir.csv"]),
+        (2, "a bad value", ["rank", run, "--top", "0"]),
+        (2, "an unknown option", ["rank", run, "--nope"]),
+        (2, "a score the run did not record", ["rank", run, "--score", "label_csl"]),
+        (2, "not .npy/.pt/.pth", ["rank", run, "--inputs", f"{d}/garbage.csl"]),
+        (2, "--labels without inputs", ["rank", run, "--labels", f"{d}/y.npy"]),
+    ]  # fmt: skip
+    codes = _exit_codes_in_help()
+    assert set(codes) == {0, 1, 2, 3, 4, 130}, codes
+    for code, listed, argv in cases:
+        assert listed in codes[code], f"--help does not list {listed!r} under {code}"
+        got, _, err = run_main(capsys, *argv)
+        assert got == code, (argv, got, err)
+        assert err.count("\n") == 1 and err.startswith(f"csl-fast {argv[0]}: error: "), err
