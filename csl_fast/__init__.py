@@ -29,7 +29,8 @@ __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any) -> CSLTracker:
-    """Restore a tracker written by :meth:`CSLTracker.save` (:meth:`CSLTracker.from_file`).
+    """Restore the tracker that :meth:`CSLTracker.save` wrote to ``path``
+    (:meth:`CSLTracker.from_file`).
 
     The number of samples, classes, dtype and history flag come from the file; ``device``
     and ``kwargs`` go to the :class:`CSLTracker` constructor. Raises

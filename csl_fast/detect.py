@@ -307,8 +307,9 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
-    """Why the default rule cannot give a trustworthy flagged set for this score, or
-    ``None`` when it can. For the CLI and the report, beside a ranking.
+    """Why the default rule cannot give a trustworthy flagged set for the score
+    ``score_name`` of ``values`` (``[N]``), or ``None`` when it can. For the CLI and the
+    report, beside a ranking.
 
     ``has_views``: the source has the tracker's margin view (two-view rule available).
     A two-sided score of :data:`csl_fast.scores.SCORES` (``variability``) gets a note
@@ -646,8 +647,9 @@ def _detect(
 
 
 def summary(det: Detection) -> str:
-    """One line for a user: how many were flagged, the estimated count with its
-    interval, and the warning or the rule's caveat when there is one."""
+    """One line for a user about the detection ``det``: how many were flagged, the
+    estimated count with its interval, and the warning or the rule's caveat when there is
+    one."""
     n = det.scores.numel()
     parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
     if det.estimated_count is not None and det.count_interval is not None:
@@ -678,6 +680,20 @@ def mislabeled(
     on CIFAR in the paper). ``rule``: see the module docstring; with a tracker (or
     ``csl_fast.scores(tracker)``) the default flags the top ``k`` of ``score`` with ``k``
     the two-view estimate of the number of mislabeled samples.
+
+    Args:
+        source: a :class:`csl_fast.CSLTracker`, a ``{name: [N] tensor}`` mapping such as
+            :func:`csl_fast.scores` returns, or a plain ``[N]`` score tensor (higher = more
+            suspicious; ``rule="auto"`` gives it the valley rule).
+        score: the name of the score that ranks and flags (:data:`csl_fast.SCORES`);
+            unused for a plain tensor.
+        rule: ``"auto"``, ``"two_view"``, ``"valley"``, ``"fraction"`` or ``"threshold"``,
+            as the module docstring defines them.
+        fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
+        threshold: with ``rule="threshold"``, flag the samples whose score exceeds it.
+
+    Returns:
+        a :class:`Detection` of the ``N`` samples.
     """
     values, name, views, hint = _select(source, score)
     return _detect(values, name, rule, fraction, threshold, views, hint)
@@ -698,6 +714,20 @@ def memorized(
     accumulates loss. Memorization is graded rather than binary, and the default rule
     counts the samples that stand apart like mislabeled ones; ``rule="fraction"`` (a
     review budget) is often the natural flagging rule here.
+
+    Args:
+        source: a :class:`csl_fast.CSLTracker`, a ``{name: [N] tensor}`` mapping such as
+            :func:`csl_fast.scores` returns, or a plain ``[N]`` score tensor (higher = more
+            suspicious; ``rule="auto"`` gives it the valley rule).
+        score: the name of the score that ranks and flags (:data:`csl_fast.SCORES`);
+            unused for a plain tensor.
+        rule: ``"auto"``, ``"two_view"``, ``"valley"``, ``"fraction"`` or ``"threshold"``,
+            as the module docstring defines them.
+        fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
+        threshold: with ``rule="threshold"``, flag the samples whose score exceeds it.
+
+    Returns:
+        a :class:`Detection` of the ``N`` samples.
     """
     values, name, views, hint = _select(source, score)
     return _detect(values, name, rule, fraction, threshold, views, hint, "memorized")
@@ -739,10 +769,11 @@ def duplicates(
       ``diagnostics["note"]`` says so.
 
     Args:
+        source, score: as in :func:`mislabeled`.
         inputs: optional ``[N, ...]`` training inputs, compared row by row by their bits.
         labels: optional ``[N]`` (or ``[N, ...]``) training labels as given to the
             network; needs ``inputs``.
-        rule, fraction, threshold: see the module docstring.
+        rule, fraction, threshold: as in :func:`mislabeled`.
 
     ``Detection.groups`` lists the flagged groups (every member is flagged); the ranking
     is by ``score`` alone either way, so the flagged set need not be a prefix of it.

@@ -127,7 +127,10 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``; float32, float16, bfloat16 or float64.
-        weight: ``[V, H]`` output embedding, same dtype and device as ``hidden``.
+        weight: ``[V, H]`` output embedding, same dtype and device as ``hidden``: the
+            linear layer's weight, as in ``F.linear`` (and Liger-Kernel's fused linear
+            cross entropy), not ``F.cross_entropy``'s class weights, which this op does
+            not take.
         target: ``[N]`` or ``[B, T]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
         index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``.
         csl: ``[num_samples]`` float32/float64 buffer, a :class:`csl_fast.CSLTracker`, or
