@@ -313,3 +313,60 @@ def test_every_path_the_docs_name_exists():
         if not (ROOT / path).exists()
     ]
     assert not missing, missing
+
+
+def test_readme_test_command_is_what_ci_runs():
+    """README's "Two commands" block gives the test command CI runs, unchanged."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = SHELL_FENCE.search(readme, readme.index("## Two commands")).group(1)
+    commands = [line for line in block.splitlines() if line and not line.startswith("#")]
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    ci_command = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci_command == [commands[1]], (ci_command, commands)
+    assert commands[0].startswith("pip install -r requirements.txt && ")
+
+
+#: Import names whose distribution is called otherwise.
+DISTRIBUTION = {"sklearn": "scikit-learn", "pytorch_lightning": "pytorch-lightning"}
+
+
+def _module_level_imports(folder: Path, skip: tuple[str, ...] = ()) -> set[str]:
+    local = {p.stem for p in folder.rglob("*.py")} | {p.name for p in folder.rglob("*/")}
+    names = set()
+    for path in folder.rglob("*.py"):
+        if any(part in skip for part in path.relative_to(folder).parts):
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+    stdlib = set(__import__("sys").stdlib_module_names) | {"__future__", "csl_fast"}
+    return {DISTRIBUTION.get(n, n) for n in names - stdlib - local}
+
+
+def _requirements(*files: str) -> set[str]:
+    names = set()
+    for name in files:
+        for line in (ROOT / name).read_text(encoding="utf-8").splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-r"):
+                names.add(re.split(r"[<>=!~\[ ]", line, maxsplit=1)[0].lower())
+    return names
+
+
+def test_requirements_list_what_the_code_imports_at_module_level():
+    """What ``import csl_fast`` needs is in setup.py's install_requires (its optional kernels
+    and integrations import their packages behind a check); what the tests import at module
+    level is in requirements-dev.txt (with requirements.txt)."""
+    tree = ast.parse((ROOT / "setup.py").read_text(encoding="utf-8"))
+    install = next(
+        {re.split(r"[<>=!~ ]", e.value, maxsplit=1)[0] for e in node.value.elts}
+        for node in ast.walk(tree)
+        if isinstance(node, ast.keyword) and node.arg == "install_requires"
+    )
+    package = _module_level_imports(ROOT / "csl_fast", skip=("_triton", "integrations"))
+    assert package <= install, package - install
+    tests = _module_level_imports(ROOT / "tests")
+    dev = _requirements("requirements.txt", "requirements-dev.txt")
+    assert tests <= dev, tests - dev
