@@ -370,3 +370,45 @@ def test_requirements_list_what_the_code_imports_at_module_level():
     tests = _module_level_imports(ROOT / "tests")
     dev = _requirements("requirements.txt", "requirements-dev.txt")
     assert tests <= dev, tests - dev
+
+
+def _script_options(script: Path) -> set[str]:
+    """The options a benchmark script's parser declares (read from its source: running
+    ``--help`` imports torch, a few seconds each)."""
+    options = {"-h", "--help"}
+    for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            options |= {
+                a.value
+                for a in node.args
+                if isinstance(a, ast.Constant) and str(a.value)[:1] == "-"
+            }
+    return options
+
+
+def test_inline_commands_name_options_that_exist():
+    """Commands quoted inline in the prose (`csl-fast clean RUN --out plan.csv`,
+    `python benchmarks/run.py --device cuda`, `run.py --quick`) ask for options the command
+    has, and benchmarks/README.md lists run.py's sections as they are."""
+    from csl_fast.bench.runner import SECTIONS
+
+    cli, scripts = _cli_options(), {}
+    for page in DOC_PAGES:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+            words = span.split()
+            flags = re.findall(r"(?<![\w-])--?[a-z][\w-]*", span)
+            if words[0] == "csl-fast" and len(words) > 1 and words[1] in cli:
+                missing = set(flags) - cli[words[1]]
+            elif (m := re.search(r"(?:^|\s|/)(\w+)\.py\b", span)) and (
+                ROOT / "benchmarks" / f"{m[1]}.py"
+            ).is_file():
+                script = ROOT / "benchmarks" / f"{m[1]}.py"
+                scripts.setdefault(script, _script_options(script))
+                missing = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", span)) - scripts[script]
+            else:
+                continue
+            where = page.relative_to(ROOT)
+            assert not missing, f"{where}: `{span}` has no option {sorted(missing)}"
+    text = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
+    listed = re.search(r"`--sections ([\w,]+)`", text)[1].split(",")
+    assert tuple(listed) == SECTIONS
