@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import builtins
 import importlib.util
+import inspect
 import re
 import socket
 import warnings
@@ -372,6 +373,13 @@ def test_requirements_list_what_the_code_imports_at_module_level():
     assert tests <= dev, tests - dev
 
 
+def _inline_spans(page: Path) -> list[str]:
+    """The inline code spans of a page (its fenced blocks left out: their backticks would
+    pair with the spans')."""
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    return re.findall(r"`([^`]+)`", text)
+
+
 def _script_options(script: Path) -> set[str]:
     """The options a benchmark script's parser declares (read from its source: running
     ``--help`` imports torch, a few seconds each)."""
@@ -394,7 +402,8 @@ def test_inline_commands_name_options_that_exist():
 
     cli, scripts = _cli_options(), {}
     for page in DOC_PAGES:
-        for span in re.findall(r"`([^`\n]+)`", page.read_text(encoding="utf-8")):
+        for span in _inline_spans(page):
+            span = " ".join(span.split())
             words = span.split()
             flags = re.findall(r"(?<![\w-])--?[a-z][\w-]*", span)
             if words[0] == "csl-fast" and len(words) > 1 and words[1] in cli:
@@ -412,3 +421,50 @@ def test_inline_commands_name_options_that_exist():
     text = (ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8")
     listed = re.search(r"`--sections ([\w,]+)`", text)[1].split(",")
     assert tuple(listed) == SECTIONS
+
+
+def _callable_named(name: str):
+    """The csl_fast object a prose call names (``csl_fast.clean``, ``accumulate``,
+    ``tracker.end_epoch``, ``CSLTracker.from_file``, ``RunSamples``, ...), or None."""
+    from csl_fast import distributed, report
+
+    parts = name.split(".")
+    if parts[0] == "csl_fast":
+        parts = parts[1:]
+    roots = {"tracker": csl_fast.CSLTracker, "RunSamples": report.RunSamples}
+    roots["sync"] = distributed.sync
+    public = parts[0] in csl_fast.__all__ or parts[0] == "ops"
+    obj = roots.get(parts[0], getattr(csl_fast, parts[0], None) if public else None)
+    for part in parts[1:]:
+        obj = getattr(obj, part, None)
+    return obj if callable(obj) else None
+
+
+def test_calls_in_the_prose_use_arguments_that_exist():
+    """A csl_fast call quoted inline (`csl_fast.clean(tracker, policy="review", budget=k)`,
+    `CSLTracker(N, num_labels=L)`) names keyword arguments its function has; a quoted
+    signature (keyword-only marker ``*,``) shows the real defaults."""
+    checked = 0
+    for page in DOC_PAGES:
+        for span in _inline_spans(page):
+            code = " ".join(span.split())
+            signature = ", *, " in code
+            try:
+                call = ast.parse(code.replace(", *, ", ", "), mode="eval").body
+            except SyntaxError:
+                continue
+            if not isinstance(call, ast.Call):
+                continue
+            f = _callable_named(ast.unparse(call.func))
+            if f is None:
+                continue
+            params = inspect.signature(f).parameters
+            takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+            for kw in call.keywords:
+                where = f"{page.relative_to(ROOT)}: `{code}`"
+                assert kw.arg in params or takes_any, f"{where}: no argument {kw.arg!r}"
+                if signature and isinstance(kw.value, (ast.Constant, ast.UnaryOp)):
+                    shown = ast.literal_eval(kw.value)
+                    assert shown == params[kw.arg].default, f"{where}: {kw.arg}={shown!r}"
+            checked += 1
+    assert checked >= 8  # the pattern finds the calls
