@@ -192,9 +192,7 @@ def detection_for(tracker: Any, score: str) -> Any:
         return detect_losses.mislabeled_entries(tracker)
     if not loss_only(tracker):
         return mislabeled(tracker, score)  # the tracker: every view of the rule
-    det = detect_losses.corrupted_targets(scores(tracker, [score])[score])
-    det.score_name = score
-    return det
+    return detect_losses.corrupted_targets(scores(tracker, [score]), score)
 
 
 def _loss_only_note(tracker: Any, score: str) -> str | None:

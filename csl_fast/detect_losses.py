@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -144,9 +145,15 @@ def _ranking(values: torch.Tensor) -> torch.Tensor:
     return torch.cat([order[finite[order]], order[~finite[order]]])
 
 
-def _loss_score(source: CSLTracker | torch.Tensor, score: str) -> tuple[torch.Tensor, str]:
+def _loss_score(
+    source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor, score: str
+) -> tuple[torch.Tensor, str]:
     if isinstance(source, torch.Tensor):
         return _score_tensor(source, "a score tensor", _WHERE), "custom"
+    if isinstance(source, Mapping):  # named, so that warnings and the Detection say which
+        if score not in source:
+            raise KeyError(f"{_WHERE}: no score {score!r} in the mapping ({sorted(source)})")
+        return _score_tensor(source[score], f"score {score!r} of the mapping", _WHERE), score
     _check_tracker(source, "an [N] score tensor")
     if score not in ("csl", "csl_mean"):
         raise ValueError(
@@ -198,7 +205,7 @@ def _flag(
 
 
 def corrupted_targets(
-    source: CSLTracker | torch.Tensor,
+    source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     score: str = "csl",
     *,
     rule: str = "tail",
@@ -209,9 +216,11 @@ def corrupted_targets(
 
     Args:
         source: a :class:`csl_fast.CSLTracker` fed by :func:`csl_fast.record_loss` (or
-            any tracker: only its CSL is read), or a float ``[N]`` score tensor.
+            any tracker: only its CSL is read), a ``{name: [N] tensor}`` mapping such as
+            :func:`csl_fast.scores` returns, or a float ``[N]`` score tensor.
         score: for a tracker, ``"csl"`` (default) or ``"csl_mean"`` (CSL per
-            presentation: use it when samples were presented unequally often).
+            presentation: use it when samples were presented unequally often); for a
+            mapping, the key of the score (which the warning and the Detection name).
         rule: ``"tail"`` (default, the module's rule), ``"fraction"`` or ``"threshold"``.
         fraction, threshold: for those rules.
 

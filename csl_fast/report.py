@@ -303,8 +303,7 @@ def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str)
     e = html.escape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
-        det = corrupted_targets(_score_of(tracker, score))
-    det.score_name = score
+        det = corrupted_targets({score: _score_of(tracker, score)}, score)
     b64 = _fig_flagging(det, os.path.join(out_dir, "flagging.png"))
     parts = [
         f"<h2>Flagged set: {e(score)} and the tail rule (csl_fast.detect_losses)</h2>",

@@ -114,6 +114,17 @@ def test_rank_when_nothing_stands_out_warns_without_ce_advice(capsys, tmp_path):
     assert "yes" not in out  # nothing flagged
 
 
+def test_warnings_name_the_score_asked_for(capsys, tmp_path):
+    # --score final_loss warned "nothing flagged by rule='tail' on 'custom'"
+    path = tmp_path / "clean.csl"
+    _loss_only(path, bad=0)
+    for command in (["rank", str(path)], ["report", str(path), "--out", str(tmp_path / "r")]):
+        code, _, err = run(capsys, *command, "--score", "final_loss")
+        assert code == EXIT_OK
+        text = err + (tmp_path / "r" / "report.html").read_text() if "report" in command else err
+        assert "on 'final_loss'" in text.replace("&#x27;", "'") and "'custom'" not in text
+
+
 def test_rank_label_csl_lists_entries(capsys, ml_run):
     path, t = ml_run
     code, out, err = run(capsys, "rank", path, "--score", "label_csl", "--csv", "--top", "25")

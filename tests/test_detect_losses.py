@@ -84,6 +84,18 @@ def test_corrupted_targets_warns_when_nothing_stands_out():
     assert "nothing flagged" in csl_fast.detect.summary(det)
 
 
+def test_corrupted_targets_of_a_mapping_names_its_score():
+    """A named score (what the CLI ranks by, e.g. final_loss) is named in the warning and
+    the Detection; a plain tensor is 'custom'."""
+    values, _ = _scores(n=3000, bad=0, seed=3)
+    with pytest.warns(DetectionWarning, match="on 'final_loss'"):
+        det = corrupted_targets({"final_loss": values, "csl": values}, "final_loss")
+    assert det.score_name == "final_loss" and len(det) == 0
+    assert torch.equal(det.ranking, corrupted_targets(values, rule="fraction", fraction=1).ranking)
+    with pytest.raises(KeyError, match="no score 'aum' in the mapping"):
+        corrupted_targets({"csl": values}, "aum")
+
+
 def test_never_presented_samples_rank_last_and_are_never_flagged():
     tracker = csl_fast.CSLTracker(500)
     values, _ = _scores(n=500, bad=20, seed=1)
