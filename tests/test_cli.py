@@ -570,3 +570,26 @@ def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, c
         got, _, err = run_main(capsys, *argv)
         assert got == code, (argv, got, err)
         assert err.count("\n") == 1 and err.startswith(f"csl-fast {argv[0]}: error: "), err
+
+
+def test_help_defaults_are_the_parsers():
+    """Every '(default X)' a subcommand's --help states, X a literal, is the parser's."""
+    import argparse
+    import ast
+
+    from csl_fast.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            for stated in re.findall(r"\(default:? ([^)]*)\)", action.help or ""):
+                word = stated.split(":")[0].strip()
+                try:
+                    value = ast.literal_eval(word)
+                except (ValueError, SyntaxError):
+                    value = word  # a bare word: a string default (csl, csl-demo)
+                if isinstance(action.default, (int, float, str)) and action.default is not None:
+                    assert value == action.default, (name, action.option_strings, stated)
+                    checked += 1
+    assert checked >= 15
