@@ -222,9 +222,18 @@ def _check_indices(
                 f"csl_fast.{op}: index must be 1-D with B = {rows} entries, one dataset "
                 f"index per sequence of the [B, T] = {seq} target, got shape {tuple(t.shape)}"
             )
+        # [B, 1] could be B sequences of one token each or a misshapen per-row target: the
+        # [B*T, V] layout cannot tell, so the error names both unambiguous forms.
+        one_token = name == "target" and op == "accumulate" and t.shape == (rows, 1)
+        hint = (
+            "; for B sequences of one token pass logits.unsqueeze(-1) ([B, V, 1], the "
+            "[B, V, T] layout) with this target, for one class per row target.squeeze(1)"
+            if one_token
+            else ""
+        )
         raise ValueError(
             f"csl_fast.{op}: {name} must be 1-D with B = {rows} entries to match logits "
-            f"of {rows} rows, got shape {tuple(t.shape)}"
+            f"of {rows} rows, got shape {tuple(t.shape)}{hint}"
         )
     _check_device(name, t, device, op)
 

@@ -189,9 +189,11 @@ def test_ambiguous_and_bad_shapes():
     # target that is an error naming the sequence forms, never a silent re-reading.
     with pytest.raises(ValueError, match=r"logits.flatten\(0, 1\).*transpose\(1, 2\)"):
         csl_fast.accumulate(logits, target, index, csl)
-    # [B, 1] targets with [B, C] logits stay an error (a misshapen per-row target).
-    with pytest.raises(ValueError, match="target must be 1-D"):
-        csl_fast.accumulate(logits[:, 0], target[:, :1], index, csl)
+    # [B, 1] targets with [B, C] logits stay an error (one-token sequences or a misshapen
+    # per-row target), which names both unambiguous forms (README: "is refused: pass ...")
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match=r"target must be 1-D.*unsqueeze\(-1\).*squeeze\(1\)"):
+            csl_fast.accumulate(logits[:, 0], target[:, :1], index, csl, backend=backend)
     assert not csl.any()  # the refused calls wrote nothing
     # One-token sequences are [B, V, 1] logits (K-dimensional, d = 1): only sequence 0's
     # first token is supervised (sequence 1 starts with prompt tokens, 2 has none).
