@@ -229,7 +229,9 @@ def cross_entropy_extra(
     loss = F.cross_entropy(
         z,
         target.long(),
-        weight=weight,
+        # As the fused kernels, which take class weights of any dtype (F.cross_entropy
+        # wants the logits' own).
+        weight=None if weight is None else weight.to(z.dtype),
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         reduction=REDUCTION_NAMES[reduction],

@@ -180,6 +180,41 @@ def test_all_ignored_mean_is_nan():
         assert out.loss.isnan() and out.z_loss.isnan() and out.token_accuracy.isnan()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_softcap_with_float32_class_weights(backend, dtype):
+    """Class weights of another dtype than the logits (float32 weights, half logits), which
+    the plain path takes, with soft-capping: as F.cross_entropy with the weights cast. The
+    reference backend (and the torch.func path) raised 'expected scalar type Half but found
+    Float'."""
+    logits, target = _inputs(7, 5, dtype)
+    weight = torch.rand(5) + 0.5
+    kw = dict(softcap=3.0, zs=0.0, reduction="mean")
+    z = logits.clone().requires_grad_(True)
+    got = csl_fast.accumulate(
+        z * 1, target, torch.arange(7), torch.zeros(7), weight=weight, softcap=3.0,
+        backend=backend,
+    )  # fmt: skip
+    (g_got,) = torch.autograd.grad(got, z)
+    exact, g_exact = _run(
+        lambda w: torch_formula(w, target, weight=weight.double(), **kw)[0], logits.double(),
+        torch.tensor(1.0),
+    )  # fmt: skip
+    theirs, g_theirs = _run(
+        lambda w: torch_formula(w, target, weight=weight.to(dtype), **kw)[0], logits,
+        torch.tensor(1.0),
+    )  # fmt: skip
+    assert_no_worse_than_torch(got.detach(), theirs.detach(), exact.detach(), f"{dtype} loss")
+    assert_no_worse_than_torch(g_got, g_theirs, g_exact, f"{dtype} grad")
+    csl = torch.zeros(7)
+    g_func = torch.func.grad(
+        lambda w: csl_fast.accumulate(
+            w, target, torch.arange(7), csl, weight=weight, softcap=3.0, backend=backend
+        )
+    )(logits)
+    assert_no_worse_than_torch(g_func, g_theirs, g_exact, f"{dtype} torch.func grad")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
