@@ -15,7 +15,7 @@ With logits row :math:`z`, target :math:`y`, ``softcap`` :math:`s` and ``z_loss_
   summed and divided by the number of non-ignored rows. It is unweighted; class
   weights together with a z-loss are refused (their 'mean' would divide it by the
   weights' sum). The returned loss includes it; ``return_z_loss=True`` also returns
-  the term alone, detached, for logging.
+  the term alone, detached, for logging (0 when ``z_loss_scale`` is 0).
 - **per-token accuracy** (``return_token_accuracy=True``): the fraction of non-ignored
   rows whose argmax (first index on ties, as ``torch.argmax``) of :math:`z'` is the target,
   float32, detached; NaN when every row is ignored. With ``reduction='none'`` it is per
@@ -155,7 +155,10 @@ def output(
         return shaped(loss)
     zl = None
     if extras.return_z_loss:
-        zl = z_loss if z_loss is not None else torch.zeros_like(loss.detach())
+        # z_loss_scale 0: the term is off and 0, whatever the backend (some kernels give
+        # their 'mean' over no valid row, 0 / 0, where others give 0).
+        off = z_loss is None or not extras.z_loss_scale
+        zl = torch.zeros_like(loss.detach()) if off else z_loss
         zl = shaped(zl)
     acc = None
     if extras.return_token_accuracy:

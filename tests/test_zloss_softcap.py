@@ -181,6 +181,27 @@ def test_all_ignored_mean_is_nan():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [0, 3])
+def test_z_loss_mean_over_no_row(backend, dtype, batch):
+    """'mean' with no non-ignored row (B = 0, or all ignored): the z-loss is 0 / 0 = NaN when
+    on, as the loss; 0 when off (z_loss_scale 0, soft-capping on), on every backend and
+    dtype. The C++ float32/float64 kernel gave 0 at B = 0 (NaN when all rows were ignored),
+    and with the z-loss off bfloat16 gave NaN where float32 gave 0."""
+    logits = torch.randn(batch, 4, dtype=dtype)
+    target = torch.full((batch,), IGNORE)
+    for zs, cap in ((0.1, None), (0.1, 2.0), (0.0, 2.0)):
+        out = csl_fast.accumulate(
+            logits, target, torch.arange(batch), torch.zeros(4), backend=backend,
+            z_loss_scale=zs, softcap=cap, return_z_loss=True,
+        )  # fmt: skip
+        what = f"zs={zs} softcap={cap}"
+        assert out.loss.isnan(), what
+        assert out.z_loss.dtype == dtype, what
+        assert out.z_loss.isnan() if zs else out.z_loss == 0, f"{what}: z_loss {out.z_loss}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_softcap_with_float32_class_weights(backend, dtype):
     """Class weights of another dtype than the logits (float32 weights, half logits), which

@@ -531,10 +531,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
         const double inv_denom = denom != 0 ? 1.0 / denom : std::numeric_limits<double>::quiet_NaN();
         const acc_t row_scale = reduction == kMean ? static_cast<acc_t>(inv_denom) : acc_t(1);
         std::vector<acc_t> objective(B);
-        std::vector<acc_t> z_rows(z_loss_scale != 0 ? B : 0);
+        // Not z_rows.empty(): with B = 0 the z-loss is still on, and its mean is 0 / 0.
+        const bool has_z_loss = z_loss_scale != 0;
+        std::vector<acc_t> z_rows(has_z_loss ? B : 0);
         cross_entropy_rows<scalar_t, acc_t>(z, tp, wp, w_total, row_scale, opt, grad,
                                             stats.mutable_data_ptr<float>(), objective.data(),
-                                            z_rows.empty() ? nullptr : z_rows.data());
+                                            has_z_loss ? z_rows.data() : nullptr);
         const auto reduce = [&](const std::vector<acc_t>& rows) {
           if (reduction == kNone) {
             at::Tensor out = at::empty({B}, logits.options());
@@ -548,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
           return at::scalar_tensor(total, logits.options());
         };
         loss = reduce(objective);
-        if (!z_rows.empty()) z_loss = reduce(z_rows);
+        if (has_z_loss) z_loss = reduce(z_rows);
       });
   return {loss, stats, z_loss};
 }
