@@ -358,7 +358,8 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.used = False
-        ctx.save_for_backward(logits)
+        ctx.save_for_backward(logits, target if ctx.denom is not None else None)
+        ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
@@ -374,12 +375,17 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 "backpropagate twice"
             )
         ctx.used = True
-        (grad,) = ctx.saved_tensors
+        grad, target = ctx.saved_tensors
         if grad.dtype in _LOW_PRECISION:
             if ctx.denom is None:
                 scale = _per_row(grad_loss.float(), ctx.reduction)
             else:
-                scale = torch.div(grad_loss, ctx.denom)  # float32, one kernel
+                # The kernel's rows are unscaled ('none'). D = 0 (every row ignored, or class
+                # weight 0 at every valid row's target) makes 1 / D NaN, which must not reach
+                # the ignored rows: F.cross_entropy gives them 0 (NaN only where their logits
+                # are not finite, which the stored row already holds), so they keep it.
+                active = target != ctx.ignore_index
+                scale = torch.where(active, torch.div(grad_loss, ctx.denom), 1.0)[:, None]
             _scale_once(grad, scale, out=grad)
         else:
             grad.mul_(_per_row(grad_loss, ctx.reduction))

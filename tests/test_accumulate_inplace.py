@@ -118,6 +118,41 @@ def test_refuses_what_it_cannot_do_safely(device):
         loss.backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_mean_with_nothing_to_divide_by(device, fused_backends, dtype, smoothing):
+    """'mean' with D = 0 (every row ignored; class weight 0 at every valid row's target):
+    as F.cross_entropy, NaN gradient rows where the target is valid and 0 where it is
+    ignored. The half path scaled every stored row by 1 / D = NaN: all-ignored batches got
+    an all-NaN gradient where F.cross_entropy's is 0."""
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(6, 5, generator=g) * 2).to(device, dtype)
+    weight = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.0], device=device)
+    cases = {
+        "all ignored": (torch.full((6,), -100), None),
+        "weight 0 at every valid target": (torch.tensor([0, -100, 1, 0, -100, 1]), weight),
+    }
+    for backend in fused_backends:
+        for what, (target, w) in cases.items():
+            target = target.to(device)
+            want_in = logits.float().clone().requires_grad_(True)
+            want = F.cross_entropy(want_in, target, weight=w, label_smoothing=smoothing)
+            want.backward(torch.tensor(1.5, device=device))
+            for inplace in (False, True):
+                leaf = logits.clone().requires_grad_(True)
+                loss = csl_fast.accumulate(
+                    leaf * 1, target, torch.arange(6, device=device),
+                    torch.zeros(6, device=device), weight=w, label_smoothing=smoothing,
+                    backend=backend, inplace_grad=inplace,
+                )  # fmt: skip
+                loss.backward(torch.tensor(1.5, device=device, dtype=loss.dtype))
+                label = f"{backend} {what} inplace={inplace}"
+                assert loss.isnan() and want.isnan(), label
+                assert torch.equal(leaf.grad.isnan(), want_in.grad.isnan()), label
+                ok = ~want_in.grad.isnan()
+                assert torch.equal(leaf.grad[ok].float(), want_in.grad[ok]), label
+
+
 @pytest.mark.usefixtures("fused_backends")
 def test_sequences(device):
     """[B*T, V] logits of [B, T] sequences: overwritten in place, the gradients agree."""
