@@ -139,7 +139,7 @@ def _check_args(
     if count is not None:
         check_buffer(op, "count", count, _COUNT_DTYPES, "logits")
         _check_device("count", count, device, op)
-        check_count_fits("accumulate", csl, count)
+        check_count_fits(op, csl, count)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(

@@ -305,6 +305,7 @@ def test_argument_errors_name_linear_cross_entropy():
         ((h, w, t[:4], idx, csl), {}, ValueError, "target must be 1-D with B = 8"),
         ((h, w, t, idx.float(), csl), {}, TypeError, "index must hold int64"),
         ((h, w, t, idx, [0.0] * 10), {}, TypeError, "csl must be a float32/float64 tensor"),
+        ((h, w, t, idx, csl), dict(count=torch.zeros(11)), ValueError, "count has 11 entries"),
     ]
     for args, kwargs, exc, message in cases:
         with pytest.raises(exc, match=rf"^csl_fast\.linear_cross_entropy: {message}"):
