@@ -35,6 +35,7 @@ and ``inplace_grad=True`` do not take the extras (a clear error says so).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -94,7 +95,9 @@ def check(
             raise TypeError(f"csl_fast.{caller}: {name} must be True or False, got {flag!r}")
     cap = 0.0
     if softcap is not None:
-        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        # numbers.Real: a NumPy float32 from a config is a number too (as label_smoothing
+        # takes it); a tensor is not (reading it would synchronise a GPU).
+        if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
             raise TypeError(
                 f"csl_fast.{caller}: softcap must be a number or None, got {type(softcap).__name__}"
             )
@@ -104,7 +107,7 @@ def check(
                 f"csl_fast.{caller}: softcap must be a finite number > 0 (the logits become "
                 f"softcap * tanh(logits / softcap)), got {softcap}; pass None for no capping"
             )
-    if isinstance(z_loss_scale, bool) or not isinstance(z_loss_scale, (int, float)):
+    if isinstance(z_loss_scale, bool) or not isinstance(z_loss_scale, numbers.Real):
         raise TypeError(
             f"csl_fast.{caller}: z_loss_scale must be a number, got {type(z_loss_scale).__name__}"
         )

@@ -259,6 +259,26 @@ def test_refused(backend, kwargs, match):
     assert not csl.any()
 
 
+def test_numpy_scalars_taken():
+    """softcap and z_loss_scale as NumPy scalars (a config read with NumPy), as
+    label_smoothing takes them: np.float32 was refused as 'must be a number'."""
+    np = pytest.importorskip("numpy")
+    logits, target = _inputs(6, 5, torch.float32)
+    want = csl_fast.accumulate(
+        logits, target, torch.arange(6), torch.zeros(6), softcap=3.0, z_loss_scale=0.25
+    )
+    for kind in (np.float32, np.float64, np.int64):
+        got = csl_fast.accumulate(
+            logits, target, torch.arange(6), torch.zeros(6), softcap=kind(3),
+            z_loss_scale=kind(0.25) if kind is not np.int64 else 0.25,
+        )  # fmt: skip
+        torch.testing.assert_close(got, want)
+    with pytest.raises(TypeError, match="softcap must be a number or None, got Tensor"):
+        csl_fast.accumulate(
+            logits, target, torch.arange(6), torch.zeros(6), softcap=torch.tensor(3.0)
+        )
+
+
 def test_soft_targets_refused():
     logits = torch.randn(4, 5)
     probs = torch.softmax(torch.randn(4, 5), 1)
