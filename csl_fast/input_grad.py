@@ -18,6 +18,7 @@ every sample's input-gradient norm: a per-row reduction of ``x.grad`` (one fused
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,6 +66,7 @@ def input_grad_norms(
         raise ValueError("csl_fast.input_grad_norms: grad must be a [B, ...] tensor")
     if not grad.is_floating_point():
         raise TypeError(f"csl_fast.input_grad_norms: grad must be floating point, got {grad.dtype}")
+    _check_tracker(tracker, "input_grad_norms")
     _check_scale(scale, "input_grad_norms")
     if isinstance(scale, torch.Tensor):
         sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
@@ -77,9 +79,24 @@ def input_grad_norms(
     return sq
 
 
+def _check_tracker(tracker: object, fn: str) -> None:
+    # Checked before anything runs: from watch, a wrong object would fail only in the hook,
+    # during backward, after the batch's loss was recorded.
+    if not callable(getattr(tracker, "record_input_grad", None)):
+        raise TypeError(
+            f"csl_fast.{fn}: tracker must be a csl_fast.CSLTracker (its input-gradient "
+            f"buffers take the norms), got {type(tracker).__name__}"
+        )
+
+
 def _check_scale(scale: float | torch.Tensor, fn: str) -> None:
     # A tensor of several elements would broadcast against the [B] norms and scale each row
     # differently; a non-finite float would make every norm non-finite, which is not recorded.
+    if not isinstance(scale, (torch.Tensor, numbers.Real)) or isinstance(scale, bool):
+        raise TypeError(
+            f"csl_fast.{fn}: the scale must be a number or a one-element tensor (e.g. "
+            f"(target != ignore_index).sum()), got {type(scale).__name__}"
+        )
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1:
             raise ValueError(
@@ -149,6 +166,7 @@ def watch(
         raise ValueError(
             f"csl_fast.watch: valid must be a [B = {index.shape[0]}] bool tensor, got {got}"
         )
+    _check_tracker(tracker, "watch")
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

@@ -190,6 +190,10 @@ def test_watch_empty_batch():
             "one-element",
         ),
         (torch.tensor([0, 1]), {"reduction_scale": float("nan")}, ValueError, "finite"),
+        # a string scale raised math.isfinite's "must be real number, not str"
+        (torch.tensor([0, 1]), {"reduction_scale": "2"}, TypeError, "a number .* got str"),
+        # a tensor in place of the tracker failed in the hook, during backward
+        (torch.tensor([0, 1]), {"tracker": torch.zeros(3)}, TypeError, "CSLTracker.* Tensor"),
     ],
 )
 def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match):
@@ -198,7 +202,7 @@ def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match
     t = CSLTracker(3)
     x = torch.randn(2, 6)
     with pytest.raises(error, match=match):
-        t.watch(x, index, **kwargs)
+        csl_fast.input_grad.watch(x, index, **{"tracker": t, **kwargs})
     assert not x.requires_grad and not x._backward_hooks
     with pytest.raises(ValueError, match="one-element"):
         csl_fast.input_grad_norms(torch.ones(2, 3), torch.arange(2), t, torch.ones(2))
