@@ -206,7 +206,7 @@ def linear_cross_entropy(
     seq: tuple[int, int] | None = None
     if target.dim() == 2 and (hidden.dim() == 3 or target.shape[0] != hidden.shape[0]):
         seq = (int(target.shape[0]), int(target.shape[1]))
-        if target.numel() != hidden.numel() // max(size_h, 1) or (
+        if target.numel() != math.prod(hidden.shape[:-1]) or (
             hidden.dim() == 3 and tuple(hidden.shape[:2]) != seq
         ):
             raise ValueError(
@@ -226,7 +226,9 @@ def linear_cross_entropy(
             "csl_fast.linear_cross_entropy: accum_dtype must be a floating-point torch.dtype "
             f"(torch.float32, the default, or weight.dtype), got {accum_dtype!r}"
         )
-    h2 = hidden.reshape(-1, size_h)
+    # Not reshape(-1, H): with H = 0 (F.linear takes it: the logits are the bias) -1 is
+    # ambiguous.
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), size_h)
     t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
     record = csl is not None
     if record:

@@ -310,3 +310,30 @@ def test_argument_errors_name_linear_cross_entropy():
     for args, kwargs, exc, message in cases:
         with pytest.raises(exc, match=rf"^csl_fast\.linear_cross_entropy: {message}"):
             csl_fast.linear_cross_entropy(*args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["[N, H]", "[B, T, H]", "[B*T, H] with [B, T] target"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_zero_hidden_features(layout, reduction):
+    """H = 0, which F.linear takes (the logits are the bias): the loss and gradients of the
+    reference, CSL of every sequence. hidden.reshape(-1, 0) raised 'cannot reshape tensor
+    of 0 elements into shape [-1, 0]', and [B*T, 0] hidden was refused as not matching."""
+    h, w, b, t = _inputs(b=2, t=3, h=0, v=5)
+    if layout == "[N, H]":
+        h, t = h.reshape(6, 0), t.reshape(6)
+    elif layout != "[B, T, H]":
+        h = h.reshape(6, 0)
+    index = torch.arange(t.shape[0])
+    csl = torch.zeros(t.shape[0])
+    ours_in, ref_in = _leaves(h, w, b), _leaves(h, w, b)
+    got = linear_cross_entropy(*ours_in[:2], t, index, csl, ours_in[2], reduction=reduction)
+    want = _reference(*ref_in, t, reduction)
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    want.sum().backward()
+    for a, e in zip(ours_in, ref_in, strict=True):
+        assert a.grad.shape == e.grad.shape
+        torch.testing.assert_close(a.grad, e.grad)
+    plain = F.cross_entropy(b.expand(6, 5), t.reshape(-1), reduction="none").view(t.shape)
+    want_csl = plain if plain.dim() == 1 else plain.sum(1)
+    torch.testing.assert_close(csl, want_csl)
