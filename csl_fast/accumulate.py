@@ -219,6 +219,11 @@ def accumulate(
         extras = cross_entropy_extras.check(
             "accumulate", softcap, z_loss_scale, return_z_loss, return_token_accuracy, weight
         )
+    if inplace_grad is not False and inplace_grad is not True:
+        # Truthy strings ("False" from a config) would overwrite the caller's logits.
+        raise TypeError(
+            f"csl_fast.accumulate: inplace_grad must be True or False, got {inplace_grad!r}"
+        )
     fast_error = None
     step = None
     if extras is None:

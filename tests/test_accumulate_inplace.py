@@ -110,6 +110,11 @@ def test_refuses_what_it_cannot_do_safely(device):
     wide = torch.randn(37, 40, device=device)
     with pytest.raises(ValueError, match="needs them contiguous"):
         csl_fast.accumulate(wide[:, :29], y, idx, csl, inplace_grad=True)
+    for flag in ("False", 1, None):  # a truthy string would overwrite the logits
+        logits = layer(x)
+        with pytest.raises(TypeError, match="inplace_grad must be True or False"):
+            csl_fast.accumulate(logits, y, idx, csl, inplace_grad=flag)
+        assert torch.equal(logits, layer(x))
     with pytest.raises(ValueError, match="needs a fused backend"):
         csl_fast.accumulate(layer(x), y, idx, csl, backend="reference", inplace_grad=True)
     loss = csl_fast.accumulate(layer(x), y, idx, csl, inplace_grad=True)
