@@ -43,7 +43,7 @@ import torch
 
 from . import _ext, ops, reference, tracker_file
 from .buffer_locks import locked
-from .stats import Stat
+from .stats import NUM_STATS, Stat
 from .tracker_buffers import (
     _HISTORIES,
     _INPUT_GRAD_STEP,
@@ -280,13 +280,15 @@ class CSLTracker(TrackerStatistics):
         """
         idx = self._index(index, stats)
         b = self._buffers  # not attribute access: __getattr__ costs ~1 us a name per step
+        sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
+        suggest = (b["suggest_label"], b["suggest_votes"], b["suggest_hits"])
+        # First: on the CPU its op checks the indices before writing anything (see
+        # record_sequences); the epoch sums are not among its buffers.
+        self._record_last(idx, stats, "", transitions=True, sums=sums, suggest=suggest)
         if self.history:
             f = self.dtype
             _scatter_add(b["epoch_loss_sum"], idx, stats[Stat.LOSS].to(f))
             _scatter_add(b["epoch_count"], idx, stats[Stat.VALID].to(f))
-        sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
-        suggest = (b["suggest_label"], b["suggest_votes"], b["suggest_hits"])
-        self._record_last(idx, stats, "", transitions=True, sums=sums, suggest=suggest)
 
     @locked
     def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
@@ -319,7 +321,7 @@ class CSLTracker(TrackerStatistics):
 
         No host synchronisation.
         """
-        if token_stats.dim() != 3:
+        if token_stats.dim() != 3 or token_stats.shape[0] != NUM_STATS:
             raise ValueError(
                 "CSLTracker.record_sequences: token_stats must be [NUM_STATS, B, T], got "
                 f"shape {tuple(token_stats.shape)}"
@@ -330,6 +332,20 @@ class CSLTracker(TrackerStatistics):
         # ``[N, C, 0]`` logits, which F.cross_entropy takes) has no token 0.
         sums = tok.sum(2)
         idx = self._index(index, sums)
+        n = sums[Stat.VALID]
+        valid = tok[Stat.VALID] > 0
+        max_prob = torch.where(valid, reference.max_prob(tok[Stat.LOSS], tok[Stat.MARGIN]), 0).sum(
+            1
+        )
+        # float32, as record_last takes them, whatever the token statistics' dtype.
+        seq = torch.zeros(token_stats.shape[:2], dtype=torch.float32, device=sums.device)
+        seq[Stat.LOSS] = sums[Stat.LOSS].float()
+        seq[Stat.CORRECT] = ((sums[Stat.CORRECT] == n) & (n > 0)).float()
+        seq[Stat.VALID] = (n > 0).float()
+        # First: on the CPU its op checks the indices before writing anything, so an index
+        # outside [0, N) leaves the tracker as it was (the sums below would skip it but
+        # write the others). The buffers written below are not among its.
+        self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
         _scatter_add(self.p_true_sum, idx, sums[Stat.P_TRUE])
@@ -337,16 +353,6 @@ class CSLTracker(TrackerStatistics):
         if self.history:
             _scatter_add(self.epoch_loss_sum, idx, sums[Stat.LOSS])
             _scatter_add(self.epoch_count, idx, sums[Stat.VALID])
-        n = sums[Stat.VALID]
-        valid = tok[Stat.VALID] > 0
-        max_prob = torch.where(valid, reference.max_prob(tok[Stat.LOSS], tok[Stat.MARGIN]), 0).sum(
-            1
-        )
-        seq = token_stats.new_zeros(token_stats.shape[:2])
-        seq[Stat.LOSS] = sums[Stat.LOSS].float()
-        seq[Stat.CORRECT] = ((sums[Stat.CORRECT] == n) & (n > 0)).float()
-        seq[Stat.VALID] = (n > 0).float()
-        self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
 
     @locked
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:

@@ -379,6 +379,32 @@ def test_record_checks_device_and_shapes():
     t.record(torch.zeros(0, dtype=torch.long), torch.zeros(len(Stat), 0))  # empty batch
 
 
+def test_bad_index_or_stats_leave_the_tracker_as_it_was():
+    """record (history=True) and record_sequences called directly on the CPU with an index
+    outside [0, N): refused before anything is written. They added the epoch sums (and,
+    for sequences, the margin, gradient-norm and confidence sums) of the in-range rows
+    first, then record_last refused the batch, leaving it half recorded. float64 token
+    statistics are taken (record_last's float32 is formed here); [6, B, T] ones refused."""
+    stats = torch.ones(len(Stat), 2)
+    t = CSLTracker(4, history=True, backend="cpu")
+    with pytest.raises(IndexError, match="outside"):
+        t.record(torch.tensor([0, 9]), stats)
+    with pytest.raises(IndexError, match="outside"):
+        t.record_sequences(torch.tensor([0, 9]), stats[:, :, None].expand(-1, -1, 3))
+    fresh = CSLTracker(4, history=True, backend="cpu").buffers()
+    for name, b in t.buffers().items():
+        assert torch.equal(b, fresh[name]), name
+    with pytest.raises(ValueError, match=r"\[NUM_STATS, B, T\], got shape \(6, 2, 3\)"):
+        t.record_sequences(torch.tensor([0, 1]), torch.ones(len(Stat) - 1, 2, 3))
+    tok = torch.rand(len(Stat), 2, 3, dtype=torch.float64)
+    tok[Stat.VALID] = 1.0
+    want = CSLTracker(4, history=True, backend="cpu")
+    want.record_sequences(torch.tensor([0, 3]), tok.float())
+    t.record_sequences(torch.tensor([0, 3]), tok)
+    for name, b in want.buffers().items():
+        torch.testing.assert_close(t.buffers()[name], b, msg=name)
+
+
 def test_device_without_an_index(device):
     """device="cuda" is the current GPU: its statistics report cuda:0 and must be taken."""
     t = CSLTracker(4, 3, device=device)
