@@ -62,7 +62,8 @@ Exit codes:
     --inputs/--labels file type other than .npy/.pt/.pth, --labels without inputs
 3   input/output error: tracker, samples, --inputs or --labels file missing, truncated,
     corrupted, foreign, or of another run (N mismatch, inputs with no values, labels that
-    are not integer class indices in ``[0, C)``); an output file or folder that
+    are not integer class indices in ``[0, C)``); a tracker that recorded nothing (saved
+    before any training step); an output file or folder that
     cannot be written (missing parent, not a folder, permission, disk full) or that is
     one of the command's input files
 4   an optional dependency is missing (scikit-learn, matplotlib, tqdm)
@@ -191,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "an --inputs/--labels file that is not .npy/.pt/.pth, --labels without inputs); "
         "3 bad input or output (a tracker, samples.npz, --inputs or --labels file that is "
         "missing, damaged, of another format or of another run: not N rows, labels not "
-        "class indices in [0, C); an output that cannot be written); 4 missing optional "
-        "dependency; 130 interrupted. --debug prints the traceback of errors too. Run "
-        "`csl-fast demo` first.",
+        "class indices in [0, C); a tracker that recorded nothing; an output that cannot be "
+        "written); 4 missing optional dependency; 130 interrupted. --debug prints the "
+        "traceback of errors too. Run `csl-fast demo` first.",
     )
     from . import __version__
 

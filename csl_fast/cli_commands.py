@@ -121,6 +121,7 @@ def load_run(run: str) -> tuple[Any, Any]:
         raise CLIError(str(exc).removeprefix("csl_fast: "), EXIT_INPUT) from None
     except (TrackerFileError, OSError) as exc:
         raise CLIError(_one_line(exc), EXIT_INPUT) from None
+    _check_recorded(tracker, tracker_path)
     samples = None
     if samples_path is not None:
         try:
@@ -128,6 +129,21 @@ def load_run(run: str) -> tuple[Any, Any]:
         except SamplesFileError as exc:
             raise CLIError(_one_line(exc), EXIT_INPUT) from None
     return tracker, samples
+
+
+def _check_recorded(tracker: Any, tracker_path: str) -> None:
+    """Refuse a tracker without a single score (saved before any training step, or with
+    ``N = 0``) as bad input, in every command that reads a run: each needs a score, and
+    no option can give one."""
+    from .scores import SCORES, _has
+
+    if not any(_has(tracker, info.needs) for info in SCORES.values() if not info.two_sided):
+        raise CLIError(
+            f"{tracker_path}: the run recorded nothing (no training presentation, eval pass "
+            "or input-gradient record; a tracker saved before any training step?): save the "
+            "tracker after training on it",
+            EXIT_INPUT,
+        )
 
 
 def _scores_for(tracker: Any, name: str) -> Any:
@@ -139,7 +155,7 @@ def _scores_for(tracker: Any, name: str) -> Any:
             raise CLIError(
                 "score 'label_csl' ranks (sample, label) entries and needs a tracker created "
                 "with num_labels=L and fed by csl_fast.accumulate_bce; this run has no "
-                "per-label CSL; available: " + _listed(available),
+                "per-label CSL; available: " + ", ".join(available),
                 EXIT_USAGE,
             )
         return available
@@ -159,17 +175,10 @@ def _scores_for(tracker: Any, name: str) -> Any:
             )
         raise CLIError(
             f"score {name!r} was not recorded in this run (it needs {why}{also}); available: "
-            + _listed([*available, *(["label_csl"] if tracker.label_csl is not None else [])]),
+            + ", ".join([*available, *(["label_csl"] if tracker.label_csl is not None else [])]),
             EXIT_USAGE,
         )
     return available
-
-
-def _listed(available: Any) -> str:
-    # A tracker saved before any step has no score: say so rather than end on "available:".
-    if not available:
-        return "none, the run recorded nothing (a tracker saved before any training step?)"
-    return ", ".join(available)
 
 
 def loss_only(tracker: Any) -> bool:

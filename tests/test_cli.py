@@ -232,17 +232,28 @@ def test_rank_bare_tracker_and_unrecorded_score(bare_tracker, capsys):
     assert "eval_csl" in line and "not recorded" in line
 
 
-def test_a_tracker_that_recorded_nothing_says_so(tmp_path, capsys):
-    """It ended on "available:" with nothing after."""
+def test_a_tracker_that_recorded_nothing_is_an_input_error(tmp_path, capsys):
+    """A tracker saved before any training step exited 2 (usage) with "score 'csl' was not
+    recorded", though no option could help: it is a bad input (3), in every command that
+    reads a run, whatever the score asked for."""
     import csl_fast
 
-    path = tmp_path / "fresh.csl"
-    csl_fast.CSLTracker(50, 5).save(path)
-    for command in (["rank", str(path)], ["clean", str(path), "--out", str(tmp_path / "c.csv")]):
-        line = user_error(capsys, EXIT_USAGE, *command)
-        assert line.endswith(
-            "available: none, the run recorded nothing (a tracker saved before any training step?)"
-        ), line
+    for tracker in (csl_fast.CSLTracker(50, 5), csl_fast.CSLTracker(50, 5, num_labels=3)):
+        path = tmp_path / "fresh.csl"
+        tracker.save(path)
+        for command in (
+            ["rank", str(path)],
+            ["rank", str(path), "--score", "label_csl"],
+            ["report", str(path), "--out", str(tmp_path / "report")],
+            ["clean", str(path), "--out", str(tmp_path / "c.csv")],
+            ["clean", str(path), "--out", str(tmp_path / "c.csv"), "--score", "aum"],
+        ):
+            line = user_error(capsys, EXIT_INPUT, *command)
+            assert line.endswith(
+                "the run recorded nothing (no training presentation, eval pass or "
+                "input-gradient record; a tracker saved before any training step?): save the "
+                "tracker after training on it"
+            ), line
 
 
 def test_an_output_that_is_an_input_is_refused(demo_run, tmp_path, capsys):
@@ -548,6 +559,9 @@ def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, c
     np.save(files / "y7.npy", np.full(30, 7))
     np.savez(files / "samples.npz", labels=np.zeros(30, dtype=np.int64))
     (files / "garbage.csl").write_bytes(b"not a tracker")
+    from csl_fast import CSLTracker
+
+    CSLTracker(30, 3).save(files / "fresh.csl")
     run, d = str(plain_tracker), str(files)
     cases = [  # (code, what --help says it is for, the command)
         (3, "missing", ["rank", f"{d}/gone.csl"]),
@@ -557,6 +571,7 @@ def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, c
         (3, "labels not class indices in [0, C)", ["rank", run, "--inputs", f"{d}/x.npy",
                                                    "--labels", f"{d}/y7.npy"]),
         (3, "an output that cannot be written", ["rank", run, "-o", f"{d}/no/dir.csv"]),
+        (3, "a tracker that recorded nothing", ["rank", f"{d}/fresh.csl"]),
         (2, "a bad value", ["rank", run, "--top", "0"]),
         (2, "an unknown option", ["rank", run, "--nope"]),
         (2, "a score the run did not record", ["rank", run, "--score", "label_csl"]),
