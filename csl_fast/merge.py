@@ -64,7 +64,8 @@ def merge(
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
-            (or classes, or labels), or ``trackers`` is empty.
+            (or classes, or labels), ``trackers`` is empty, or a merged int32 counter
+            (``forgetting``, ``suggest_votes``, ``suggest_hits``) would pass 2**31 - 1.
         TypeError: ``trackers`` is a single tracker, path or state dict instead of a
             sequence of them (``merge("run.csl")`` would otherwise read the string's
             characters as paths).
@@ -110,7 +111,7 @@ def merge(
     for name in out.buffers():
         if name.endswith(("_sum", "_count")):
             buffers[name] = stack(name).sum(0)
-    buffers["forgetting"] = stack("forgetting", torch.int64).sum(0).to(torch.int32)
+    buffers["forgetting"] = _int32("forgetting", stack("forgetting", torch.int64).sum(0))
     for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
         seen = stack(count) > 0  # [R, N]
         runs_seen = seen.sum(0)
@@ -168,16 +169,31 @@ def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTra
 def _merge_votes(runs: list[CSLTracker], dev: torch.device) -> dict[str, torch.Tensor]:
     """The runs' suggested-label votes merged left to right (see :func:`merge`)."""
     names = ("suggest_label", "suggest_votes", "suggest_hits")
-    label, votes, hits = (runs[0].buffers()[k].to(dev) for k in names)
+    # int64: sums of int32 counters past 2**31 - 1 would wrap (refused by _int32 below).
+    label, votes, hits = (runs[0].buffers()[k].to(dev, torch.int64) for k in names)
     for t in runs[1:]:
-        b_label, b_votes, b_hits = (t.buffers()[k].to(dev) for k in names)
+        b_label, b_votes, b_hits = (t.buffers()[k].to(dev, torch.int64) for k in names)
         same = label == b_label
         take = (b_label >= 0) & ~same & ((label < 0) | (b_votes > votes))
         label = torch.where(take, b_label, label)
         # A run without a candidate has no votes: |votes - 0| keeps the other's.
         votes = torch.where(same, votes + b_votes, (votes - b_votes).abs())
         hits = torch.where(same, hits + b_hits, torch.where(take, b_hits, hits))
-    return dict(zip(names, (label, votes, hits), strict=True))
+    return {k: _int32(k, v) for k, v in zip(names, (label, votes, hits), strict=True)}
+
+
+def _int32(name: str, total: torch.Tensor) -> torch.Tensor:
+    """The int64 merged counter ``total`` as the tracker's int32 buffer ``name``; refused
+    where it does not fit (a cast would wrap it to a negative count)."""
+    over = total > torch.iinfo(torch.int32).max
+    if over.any():
+        i = int(over.nonzero()[0, 0])
+        raise TrackerStateError(
+            f"csl_fast.merge: sample {i}'s merged {name} is {int(total[i])} (the sum over the "
+            f"runs), past 2**31 - 1 = {torch.iinfo(torch.int32).max}, the most a tracker's "
+            f"int32 {name} counter holds; merge fewer runs"
+        )
+    return total.to(torch.int32)
 
 
 def _mean_rows(hists: list[tuple[int, torch.Tensor]], n: int, dev: torch.device) -> torch.Tensor:

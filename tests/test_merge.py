@@ -147,3 +147,25 @@ def test_merge_pads_input_gradient_rows_of_epochs_without_records():
     merged.end_epoch()
     want = torch.tensor([1.0, 2.0, *[float("nan")] * 3, 99.0])[:, None].expand(6, 4)
     torch.testing.assert_close(merged.input_grad_history, want, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["forgetting", "suggest_votes", "suggest_hits"])
+def test_merged_int32_counters_past_int32_are_refused_by_name(name):
+    """Three runs' forgetting counts of 2**30 merged to 3 * 2**30, cast to int32: it
+    wrapped to -2**30, and the merge failed with "holds -1073741824 ... the state was
+    edited or damaged" (the merged vote counts wrapped silently)."""
+    runs = [CSLTracker(4, C) for _ in range(3)]
+    for t in runs:
+        t.csl_count[2] = 2.0**32  # presentations enough for these counts
+        t.buffers()[name][2] = 2**30
+        t.suggest_label[2] = 1  # one candidate: the runs' votes add
+        t.suggest_hits[2] = 2**30
+    want = 3 * 2**30
+    with pytest.raises(
+        TrackerStateError,
+        match=rf"sample 2's merged {name} is {want} \(the sum over the runs\), past 2\*\*31 - 1 "
+        rf"= 2147483647, the most a tracker's int32 {name} counter holds; merge fewer runs",
+    ):
+        csl_fast.merge(runs)
+    merged = csl_fast.merge([runs[0], CSLTracker(4, C)])  # 2**30 + 0 fits
+    assert merged.buffers()[name][2] == 2**30
