@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..accumulate import accumulate
 from ..distributed import mark_synced
 from ..tracker import CSLTracker
+from ._options import check_tracker_options
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -125,7 +126,9 @@ class CSLTrainer(Trainer):
         csl_index_column: the batch key holding dataset indices (default ``"index"``,
             what :func:`with_index` and :class:`csl_fast.data.IndexedDataset` add).
         csl_tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments for the
-            default tracker (``dtype``, ``history``, ...).
+            default tracker (``dtype``, ``history``, ``backend``, ``deterministic``,
+            ``num_labels``), checked at construction (``TypeError`` / ``ValueError``: an
+            unknown or ill-typed one, one the trainer sets, or any with ``csl_tracker``).
         csl_shift_labels: for token-level logits, whether position ``t`` predicts label
             ``t + 1`` (causal LM). Default: True for ``*ForCausalLM`` / ``*LMHeadModel``
             models, False otherwise (token classification).
@@ -146,6 +149,10 @@ class CSLTrainer(Trainer):
         csl_linear_cross_entropy: bool = False,
         **kwargs: Any,
     ) -> None:
+        # Before the Trainer's own set-up: a typo fails now, not at the first training step.
+        csl_tracker_kwargs = check_tracker_options(
+            "CSLTrainer", csl_tracker, csl_tracker_kwargs, "csl_tracker_kwargs", {}
+        )
         super().__init__(*args, **kwargs)
         if getattr(self, "compute_loss_func", None) is not None:
             # Its loss is a batch scalar: there would be no per-example loss to record, and
@@ -159,7 +166,7 @@ class CSLTrainer(Trainer):
         self.csl_linear_cross_entropy = bool(csl_linear_cross_entropy)
         self.csl_tracker = csl_tracker
         self.csl_index_column = csl_index_column
-        self.csl_tracker_kwargs = dict(csl_tracker_kwargs or {})
+        self.csl_tracker_kwargs = csl_tracker_kwargs
         # compute_loss returns a per-batch mean: let the Trainer scale it for gradient
         # accumulation, and do not pass num_items_in_batch to the model.
         self.model_accepts_loss_kwargs = False

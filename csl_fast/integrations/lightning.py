@@ -31,6 +31,7 @@ from typing import Any
 
 from ..distributed import mark_synced
 from ..tracker import CSLTracker
+from ._options import check_tracker_options
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -62,7 +63,14 @@ class CSLCallback(Callback):
         save_path: when set, the global rank 0 writes the tracker there
             (:meth:`CSLTracker.save`) at the end of training.
         **tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments (``dtype``,
-            ``history``, ``backend``, ...).
+            ``history``, ``backend``, ``deterministic``, ``num_labels``).
+
+    Raises:
+        TypeError, ValueError: at construction, for an argument the tracker would refuse or
+            that would be ignored: an unknown or ill-typed tracker argument, ``device``
+            (the tracker goes on the module's device), neither ``num_samples`` nor
+            ``tracker``, or ``tracker`` with ``num_samples``, ``num_classes`` or tracker
+            arguments.
     """
 
     def __init__(
@@ -75,8 +83,22 @@ class CSLCallback(Callback):
         save_path: str | os.PathLike | None = None,
         **tracker_kwargs: Any,
     ) -> None:
+        given = {"num_samples": num_samples, "num_classes": num_classes}
+        tracker_kwargs = check_tracker_options(
+            "CSLCallback", tracker, tracker_kwargs, "tracker_kwargs", given
+        )
         if tracker is None and num_samples is None:
             raise ValueError("CSLCallback: pass num_samples (the training set size) or tracker")
+        if not (isinstance(attr, str) and attr.isidentifier()):
+            raise ValueError(
+                "CSLCallback: attr must be a Python identifier (the LightningModule attribute "
+                f"the tracker is attached as), got {attr!r}"
+            )
+        if save_path is not None and not isinstance(save_path, str | os.PathLike):
+            raise TypeError(
+                "CSLCallback: save_path must be a str or os.PathLike, got "
+                f"{type(save_path).__name__}"
+            )
         self.num_samples = num_samples
         self.num_classes = num_classes
         self.tracker = tracker

@@ -231,3 +231,22 @@ def test_labels_of_shape_batch_by_one_train_as_with_the_plain_trainer(tmp_path):
     torch.manual_seed(1)
     torch.testing.assert_close(loss, model(input_ids=ids, labels=labels[:, None]).loss)
     assert trainer.csl_tracker.csl_count.tolist() == [1.0] * 4 + [0.0] * (N - 4)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"csl_tracker_kwargs": {"histroy": True}}, TypeError, r"\['histroy'\] are not CSLTracker"),
+        ({"csl_tracker_kwargs": {"num_classes": 3}}, TypeError, r"\['num_classes'\] are set by"),
+        ({"csl_tracker_kwargs": {"dtype": torch.half}}, TypeError, "dtype must be torch.float32"),
+        ({"csl_tracker_kwargs": ["history"]}, TypeError, "must be a dict of CSLTracker keyword"),
+        ({"csl_tracker": CSLTracker(N), "csl_tracker_kwargs": {"history": True}}, ValueError,
+         "history would be ignored with a tracker passed in"),
+        ({"csl_tracker": "run.csl"}, TypeError, "must be a csl_fast.CSLTracker, got str"),
+    ],
+)  # fmt: skip
+def test_bad_tracker_options_are_refused_at_construction(tmp_path, options, error, match):
+    """csl_tracker_kwargs={'histroy': True} constructed, and training failed at its first
+    step; with csl_tracker= the options were ignored."""
+    with pytest.raises(error, match="CSLTrainer: .*" + match):
+        CSLTrainer(model=_model(), args=_args(tmp_path, 1), train_dataset=Examples(), **options)

@@ -108,3 +108,57 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path
 def test_callback_needs_a_size():
     with pytest.raises(ValueError, match="num_samples"):
         CSLCallback()
+
+
+_BAD_OPTIONS = {
+    "unknown tracker argument": (
+        {"num_samples": N, "dtyp": torch.float64},
+        TypeError,
+        r"CSLCallback: in tracker_kwargs, \['dtyp'\] are not CSLTracker arguments; the options "
+        r"are \['backend', 'deterministic', 'dtype', 'history', 'num_labels'\]",
+    ),
+    "device set by the callback": (
+        {"num_samples": N, "device": "cpu"},
+        TypeError,
+        r"\['device'\] are set by CSLCallback \(pass a tracker created with them",
+    ),
+    "bad dtype": (
+        {"num_samples": N, "dtype": torch.int32},
+        TypeError,
+        "CSLCallback: CSLTracker: dtype must be torch.float32 or torch.float64",
+    ),
+    "bad backend": ({"num_samples": N, "backend": "nope"}, ValueError, "backend must be 'auto'"),
+    "bad num_labels": ({"num_samples": N, "num_labels": 0}, ValueError, "num_labels must be"),
+    "bad num_samples": ({"num_samples": -1}, ValueError, "num_samples must be an int >= 0"),
+    "bool num_samples": ({"num_samples": True}, ValueError, "num_samples must be an int >= 0"),
+    "bad num_classes": ({"num_samples": N, "num_classes": 0}, ValueError, "num_classes must be"),
+    "no size": ({}, ValueError, "pass num_samples"),
+    "not a tracker": ({"tracker": "run.csl"}, TypeError, "must be a csl_fast.CSLTracker, got str"),
+    "tracker and size": (
+        {"tracker": CSLTracker(N), "num_classes": C, "history": True},
+        ValueError,
+        "num_classes, history would be ignored with a tracker passed in",
+    ),
+    "bad attr": ({"num_samples": N, "attr": "csl tracker"}, ValueError, "attr must be a Python"),
+    "bad save_path": ({"num_samples": N, "save_path": 3}, TypeError, "save_path must be a str"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_OPTIONS))
+def test_bad_arguments_are_refused_at_construction(case):
+    """CSLCallback(N, dtyp=...) constructed, and the trainer failed at setup (a typo in a
+    tracker option, device=..., a dtype the tracker refuses); tracker=... with sizes or
+    options ignored them."""
+    kwargs, error, match = _BAD_OPTIONS[case]
+    with pytest.raises(error, match=match):
+        CSLCallback(**kwargs)
+
+
+def test_good_arguments_are_kept():
+    cb = CSLCallback(N, C, dtype=torch.float64, history=True, num_labels=2, deterministic=True)
+    assert cb.tracker is None  # created at setup, on the module's device
+    assert cb.tracker_kwargs == {
+        "dtype": torch.float64, "history": True, "num_labels": 2, "deterministic": True
+    }  # fmt: skip
+    tracker = CSLTracker(N)
+    assert CSLCallback(tracker=tracker).tracker is tracker
