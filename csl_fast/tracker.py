@@ -562,8 +562,9 @@ class CSLTracker(TrackerStatistics):
         """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
 
         The whole state is checked first (every field's type and range, every tensor's
-        layout, dtype and shape, and the values of counts and integer buffers); on any
-        error the tracker is left unchanged. States of an older format version lacking
+        layout, dtype and shape, the values of counts and integer buffers, and the
+        relations between buffers every tracker keeps, :mod:`csl_fast.tracker_invariants`);
+        on any error the tracker is left unchanged. States of an older format version lacking
         buffers introduced since get those buffers' initial values. Tensors that require
         grad are copied without it, as ``nn.Module.load_state_dict`` does.
 
@@ -572,8 +573,13 @@ class CSLTracker(TrackerStatistics):
         entries, sparse or meta tensors, or values no tracker holds (a negative,
         non-integral or non-finite count, a negative counter, an int past int32, history
         rows other than one per closed epoch or eval pass, a learned epoch past the
-        epoch, a suggested label of no class). Trailing input-gradient rows a merge of runs
-        of different lengths lacks are filled with NaN (no record).
+        epoch, a suggested label of no class), or buffers that disagree, named by field and
+        sample (a sum or last value where the count is 0, forgetting events or suggested-
+        label hits past the presentations, a learned epoch without a correct last
+        presentation or the reverse, more votes than hits, a per-epoch count past its total,
+        history rows holding values for samples not recorded in their epochs). Trailing
+        input-gradient rows a merge of runs of different lengths lacks are filled with NaN
+        (no record).
         """
         tracker_file.load_state_dict(self, state)
 

@@ -3,9 +3,10 @@ validation, and :meth:`~CSLTracker.load_state_dict`.
 
 A state is checked whole before a tracker changes: every field's type and range, the set
 of buffers its format version holds (:data:`VERSION_BUFFERS`; buffers introduced later get
-their initial values), every tensor's layout, dtype kind and shape, and the values no
+their initial values), every tensor's layout, dtype kind and shape, the values no
 tracker holds (counts that are negative, non-integral or not finite; integers out of
-range). Every failure is a :class:`TrackerStateError` naming the field. Files:
+range) and buffers that disagree (:mod:`csl_fast.tracker_invariants`). Every failure
+is a :class:`TrackerStateError` naming the field. Files:
 :mod:`csl_fast.tracker_file`.
 """
 
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .tracker_buffers import _MINUS_ONE, buffer_shape
+from .tracker_invariants import check_invariants, sample_chunks
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -117,26 +119,30 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
     finite once copied into the tracker's float ``dtype`` (a float64 count past float32's
     range would become inf), integers below their floor (-1 for "none yet", else 0) or past
     int32 (a copy would wrap them). Sums may hold inf and NaN: adding finite margins can
-    overflow to inf, then inf - inf."""
+    overflow to inf, then inf - inf. (These buffers are all [N]; checked a chunk of
+    samples at a time, see :func:`sample_chunks`.)"""
     if kind == "int":
         lo = -1 if name in _MINUS_ONE else 0
-        v = src.to(torch.int64)
-        bad = (v < lo) | (v > torch.iinfo(torch.int32).max)
         allowed = f"an int32 >= {lo}"
     elif name.endswith("_count"):
-        v = src.to(torch.float64)
-        held = src.to(dtype).to(torch.float64)
-        bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
         allowed = f"a finite integral count >= 0 in the tracker's {dtype}"
     else:
         return
-    if bad.any():  # (these buffers are all [N])
-        i = int(bad.nonzero()[0, 0])
-        raise TrackerStateError(
-            f"state buffer {name!r} holds {v[i].item()!r} at sample {i}, not "
-            f"{allowed}; no tracker holds that: the state was edited or damaged, restore it "
-            "from a copy"
-        )
+    for start, part in sample_chunks(src):
+        s = src[part]
+        if kind == "int":
+            bad = (s < lo) | (s > torch.iinfo(torch.int32).max)
+        else:
+            held = s.to(dtype)
+            bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            shown = s[i].to(torch.int64 if kind == "int" else torch.float64).item()
+            raise TrackerStateError(
+                f"state buffer {name!r} holds {shown!r} at sample {start + i}, not "
+                f"{allowed}; no tracker holds that: the state was edited or damaged, restore "
+                "it from a copy"
+            )
 
 
 def _check_at_most(name: str, values: torch.Tensor, limit: int, why: str) -> None:
@@ -278,6 +284,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         _check_at_most(
             "suggest_label", buffers["suggest_label"], classes - 1, f"num_classes={classes}"
         )
+    check_invariants(buffers, histories, igfe)
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
     return {
         "buffers": {k: buffers[k] for k in expected},

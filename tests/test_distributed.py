@@ -205,6 +205,8 @@ def _run(tmp_path, n: int, batch: int, epochs: int, mode: str = "plain") -> CSLT
     states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     for r, state in enumerate(states):
         _assert_same(state, ref, r, votes=mode == "plain")
+        # A synced state keeps every relation between buffers a loaded state is checked for.
+        CSLTracker(n, C, dtype=torch.float64, history=True).load_state_dict(state)
         for name in _VOTES:
             assert torch.equal(state["buffers"][name], states[0]["buffers"][name]), (r, name)
     return ref
@@ -294,6 +296,9 @@ def _disagree_worker(rank: int, init: str, out: str):
     t = CSLTracker(10, C if rank else None)  # None: unknown, agrees with any
     attempt(t.sync)
     msgs.append(t.num_classes)
+    t = CSLTracker(10, C)
+    t.epoch = rank  # one rank closed an epoch the other did not
+    attempt(t.sync)
     # the same trackers still sync afterwards
     t = CSLTracker(10, C)
     t.csl_sum[rank] += 1.5
@@ -330,7 +335,8 @@ def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
     assert "num_classes" in msgs[7].split(". Every rank")[1]
     assert "num_samples (" not in msgs[7] and "buffer set" not in msgs[7]
     assert msgs[8:10] == ["no error", C]
-    assert msgs[10] == [1.5, 1.5, 0.0]
+    assert "epoch (rank 0: 0, rank 1: 1)" in msgs[10] and "end_epoch()" in msgs[10]
+    assert msgs[11] == [1.5, 1.5, 0.0]
 
 
 def _timeout_worker(rank: int, init: str, out: str):

@@ -9,6 +9,7 @@ import csl_fast
 def test_load_restores_a_saved_tracker(tmp_path):
     tracker = csl_fast.CSLTracker(7, 3, dtype=torch.float64, history=True)
     tracker.csl_sum.copy_(torch.arange(7.0))
+    tracker.csl_count.fill_(2)
     tracker.end_epoch()
     path = tmp_path / "run.csl"
     tracker.save(path)

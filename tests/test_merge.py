@@ -122,6 +122,7 @@ def test_merge_suggested_label_votes():
         t.suggest_label.copy_(torch.tensor(label))
         t.suggest_votes.copy_(torch.tensor(votes))
         t.suggest_hits.copy_(torch.tensor(hits))
+        t.csl_count.fill_(10)  # presentations enough for those votes
     merged = csl_fast.merge(runs)
     assert merged.suggest_label.tolist() == [1, 0, 2, 1]
     assert merged.suggest_votes.tolist() == [4, 4, 2, 1]

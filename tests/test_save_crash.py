@@ -27,6 +27,7 @@ def _tracker(k: int) -> CSLTracker:
         if buf.is_floating_point():
             buf.fill_(float(k))
     t.epoch = k
+    t.input_grad_first_epoch = 0  # (its input-gradient counts say it has records)
     return t
 
 

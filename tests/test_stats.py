@@ -456,6 +456,7 @@ def test_merge_combines_votes_as_majority_summaries():
         t.suggest_label.copy_(torch.tensor(label))
         t.suggest_votes.copy_(torch.tensor(votes))
         t.suggest_hits.copy_(torch.tensor(hits))
+        t.csl_count.fill_(10)  # presentations enough for those votes
         runs.append(t)
     merged = csl_fast.merge(runs)
     # same candidate: votes and hits add; different: more votes wins with the difference,

@@ -37,19 +37,26 @@ N = 7
 
 def _filled(n: int = N, history: bool = True, seed: int = 0) -> CSLTracker:
     """A tracker whose every buffer and history holds distinct values (counts integral,
-    integers from their floor up: what a tracker can hold)."""
+    integers from their floor up, and the relations between buffers every tracker keeps,
+    csl_fast.tracker_invariants: what a tracker can hold)."""
     g = torch.Generator().manual_seed(seed)
     t = CSLTracker(n, 3, history=history)
     for name, buf in t.buffers().items():
         if buf.dtype == torch.bool:
             buf.copy_(torch.rand(n, generator=g) > 0.5)
-        elif name.endswith("_count"):
-            buf.copy_(torch.randint(0, 9, (n,), generator=g))
+        elif name.endswith("_count"):  # from 1: every sample presented, scored, recorded
+            buf.copy_(torch.randint(1, 9, (n,), generator=g))
         elif buf.is_floating_point():
             buf.copy_(torch.rand(n, generator=g) * 10)
         else:  # learned epochs up to the epoch (2 after the end_epoch calls below), classes < 3
             high = 3 if name in ("learned_epoch", "suggest_label") else 9
             buf.copy_(torch.randint(-1 if name in _MINUS_ONE else 0, high, (n,), generator=g))
+    b = t.buffers()
+    b["learned_epoch"].copy_(torch.where(t.last_correct, t.learned_epoch.clamp(min=0), -1))
+    b["forgetting"].copy_(torch.minimum(t.forgetting, t.csl_count.int() - t.last_correct.int()))
+    b["suggest_hits"].copy_(torch.minimum(t.suggest_hits, t.csl_count.int()))
+    b["suggest_votes"].copy_(torch.minimum(t.suggest_votes, t.suggest_hits))
+    b["suggest_label"].copy_(torch.where(t.suggest_hits > 0, t.suggest_label.clamp(min=0), -1))
     t.input_grad_first_epoch = 0
     t.end_epoch()
     t.end_epoch()
@@ -138,6 +145,7 @@ def test_checksum_chunks_across_16_mib(tmp_path):
     independent helper above) and csl_fast's writer agree, and a flip in any chunk fails."""
     t = CSLTracker(200_000, 3)
     t.csl_sum.copy_(torch.arange(200_000.0))
+    t.csl_count.fill_(5)
     t.forgetting.fill_(3)
     ours, theirs = tmp_path / "ours.csl", tmp_path / "theirs.csl"
     t.save(ours)

@@ -87,6 +87,7 @@ def test_values_a_tracker_can_hold_load(tmp_path):
     t.margin_sum[1] = float("inf")
     t.margin_sum[2] = float("-inf")
     t.forgetting[3] = 2**31 - 1
+    t.csl_count[3] = 2.0**32  # presentations enough for those forgetting events
     t.csl_count[4] = 2.0**40
     t.learned_epoch[5] = -1
     t.suggest_label[5] = -1
@@ -172,6 +173,7 @@ def test_learned_epoch_past_the_epoch_is_refused():
         t.state_dict(), rf"'learned_epoch' holds 2 at sample {N - 1}, past the state's epoch=1"
     )
     t.learned_epoch[N - 1] = 1  # a presentation in the epoch in progress
+    t.last_correct[N - 1], t.csl_count[N - 1] = True, 1.0  # (which was correct)
     CSLTracker(N, 3).load_state_dict(t.state_dict())
 
 
@@ -179,6 +181,7 @@ def test_a_suggested_label_past_the_classes_is_refused():
     """A suggested label >= num_classes loaded (suggestions() then named a class the
     model does not have), also from a state without num_classes into a tracker with it."""
     t = _trained()
+    t.suggest_hits[N - 1], t.csl_count[N - 1] = 1, 1.0  # a presentation that voted
     t.suggest_label[N - 1] = 3
     _refused(t.state_dict(), rf"'suggest_label' holds 3 at sample {N - 1}, past num_classes=3")
     unknown = dict(t.state_dict(), num_classes=None)
