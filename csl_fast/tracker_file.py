@@ -246,7 +246,12 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     except OSError as exc:
         raise _save_error(exc, user_path) from None
     try:
-        with os.fdopen(fd, "wb") as f:
+        try:
+            f = os.fdopen(fd, "wb")
+        except BaseException:  # (then nothing owns fd)
+            os.close(fd)
+            raise
+        with f:
             prefix = MAGIC + len(header).to_bytes(8, "little") + header
             f.write(prefix)
             checksum = _Checksum(prefix)

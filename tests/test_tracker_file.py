@@ -543,3 +543,52 @@ def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="permission denied: choose a folder") as info:
         t.save(path)
     assert str(path) in str(info.value) and ".tmp" not in str(info.value)
+
+
+class _Interrupt(Exception):
+    """Raised inside a save, as a crash or a signal handler's exception would be."""
+
+
+def _raise_at(calls: int, error: BaseException, real):
+    """A stand-in for ``real`` that raises ``error`` at its call number ``calls``."""
+    seen = [0]
+
+    def fake(*args, **kwargs):
+        seen[0] += 1
+        if seen[0] == calls:
+            raise error
+        return real(*args, **kwargs)
+
+    return fake
+
+
+_INTERRUPTS = {
+    "opening the temporary file": ("os.fdopen", 1, _Interrupt()),
+    "writing the first tensor": ("_tensor_bytes", 1, _Interrupt()),
+    "writing a middle tensor": ("_tensor_bytes", 9, KeyboardInterrupt()),
+    "writing the checksum": ("_Checksum.digest", 1, _Interrupt()),
+    "fsync": ("os.fsync", 1, KeyboardInterrupt()),
+    "renaming": ("os.replace", 1, OSError(errno.EIO, "Input/output error")),
+}
+
+
+@pytest.mark.parametrize("case", list(_INTERRUPTS))
+def test_an_interrupted_save_keeps_the_previous_file_and_leaves_nothing(tmp_path, case):
+    """A save that fails at any point (an exception, Ctrl-C, an I/O error) leaves the
+    previous file byte-identical, no temporary file and no open file descriptor."""
+    where, calls, error = _INTERRUPTS[case]
+    path = tmp_path / "run.csl"
+    _filled().save(path)
+    before = path.read_bytes()
+    owner, name = where.rsplit(".", 1) if "." in where else ("", where)
+    target = {"os": tracker_file.os, "_Checksum": tracker_file._Checksum, "": tracker_file}[owner]
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(target, name, _raise_at(calls, error, getattr(target, name)))
+        with pytest.raises(type(error)):
+            _filled(seed=3).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["run.csl"]
+    assert len(os.listdir("/proc/self/fd")) == fds
+    _filled(seed=3).save(path)  # and the next save works
+    _assert_same(_snapshot(_filled(seed=3)), _snapshot(CSLTracker.from_file(path)))
