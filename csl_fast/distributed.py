@@ -82,10 +82,11 @@ it below the time your slowest rank may legitimately spend between two ``end_epo
 calls of the others (an evaluation or a checkpoint on rank 0, for instance).
 
 Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), one
-``all_reduce(SUM)`` over the float buffers, one over the int32 buffers (forgetting, the
-owners' learned epochs and suggested-label votes) and one ``all_gather`` of one byte per
-sample. NCCL and gloo both work; with NCCL a CPU tracker is moved to the current CUDA
-device for the collectives.
+``all_reduce(SUM)`` over the float buffers, one over the integer buffers as int64
+(forgetting, the owners' learned epochs and suggested-label votes; a forgetting count past
+int32 raises :class:`SyncError` on every rank, the trackers unchanged) and one
+``all_gather`` of one byte per sample. NCCL and gloo both work; with NCCL a CPU tracker
+is moved to the current CUDA device for the collectives.
 """
 
 from __future__ import annotations
@@ -472,18 +473,43 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
         floats.append(torch.where(m, bufs[k].to(dev), 0))
     flat = torch.cat(floats) if floats else torch.empty(0, dtype=tracker.dtype, device=dev)
     owned_ints = [k for k in _OWNED_INTS if k in bufs]
+    # int64: the ranks' forgetting deltas could add past int32 (checked below, exactly).
     ints = torch.cat(
         [
             d_forget.to(dev),
             *(torch.where(mine, bufs[k].to(dev), 0) for k in ("learned_epoch", *owned_ints)),
         ]
-    )
+    ).long()
     _all_reduce(flat, group, timeout)
     _all_reduce(ints, group, timeout)
     names = [*additive, *_LAST_FLOATS]
     parts = flat.split([bufs[k].numel() for k in names])
     sums = {k: p.view(bufs[k].shape) for k, p in zip(names, parts, strict=True)}
     d_total, owner_le = ints[:n], ints[n : 2 * n]
+
+    # forgetting: each rank counted from the baseline state; fix the seams between ranks.
+    # (Before anything is written: a count past int32 leaves the tracker as it was.)
+    s0d = s0.to(dev)
+    prev = s0d.clone()
+    seam = torch.zeros(n, dtype=torch.int64, device=dev)
+    unsure = torch.zeros(n, dtype=torch.bool, device=dev)
+    for r in range(world):
+        c = allc[r]
+        p = (c & _TRAIN_SEEN) > 0
+        f = (c & _TRAIN_FIRST) > 0
+        fix = (prev & ~f).to(torch.int64) - (s0d & ~f).to(torch.int64)
+        seam += torch.where(p, fix, 0)
+        unsure |= p & ((c & _TRAIN_UNSURE) > 0) & (prev != s0d)
+        prev = torch.where(p, (c & _TRAIN_LAST) > 0, prev)
+    forgetting = base("forgetting").to(dev) + d_total + seam
+    over = forgetting > torch.iinfo(torch.int32).max
+    if over.any():  # the same on every rank: every rank raises
+        i = int(over.nonzero()[0, 0])
+        raise SyncError(
+            f"csl_fast.distributed.sync: sample {i}'s forgetting count over the ranks is "
+            f"{int(forgetting[i])}, past 2**31 - 1 = {torch.iinfo(torch.int32).max}, the most "
+            "a tracker's int32 forgetting counter holds; this tracker is left as it was"
+        )
 
     # --- 4. combine (identical on every rank) --------------------------------------------
     def put(name: str, value: torch.Tensor) -> None:
@@ -498,7 +524,6 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
         put(k, torch.where(owner >= 0, ints[(2 + j) * n : (3 + j) * n], bufs[k].to(dev)))
     idx = owner.clamp(min=0)[None]
     owner_last = (allc.gather(0, idx)[0] & _TRAIN_LAST) > 0
-    s0d = s0.to(dev)
     put("last_correct", torch.where(owner >= 0, owner_last, s0d))
     eidx = eval_owner.clamp(min=0)[None]
     eval_last = (allc.gather(0, eidx)[0] & _EVAL_LAST) > 0
@@ -507,19 +532,7 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
         torch.where(eval_owner >= 0, eval_last, bufs["eval_last_correct"].to(dev)),
     )
 
-    # forgetting: each rank counted from the baseline state; fix the seams between ranks.
-    prev = s0d.clone()
-    seam = torch.zeros(n, dtype=torch.int32, device=dev)
-    unsure = torch.zeros(n, dtype=torch.bool, device=dev)
-    for r in range(world):
-        c = allc[r]
-        p = (c & _TRAIN_SEEN) > 0
-        f = (c & _TRAIN_FIRST) > 0
-        fix = (prev & ~f).to(torch.int32) - (s0d & ~f).to(torch.int32)
-        seam += torch.where(p, fix, 0)
-        unsure |= p & ((c & _TRAIN_UNSURE) > 0) & (prev != s0d)
-        prev = torch.where(p, (c & _TRAIN_LAST) > 0, prev)
-    put("forgetting", base("forgetting").to(dev) + d_total + seam)
+    put("forgetting", forgetting)
 
     presenters = ((allc & _TRAIN_SEEN) > 0).sum(0)
     le0 = base("learned_epoch").to(dev)

@@ -468,3 +468,35 @@ def test_end_epoch_combines_only_the_ranks_of_its_group(tmp_path):
     got = [json.loads((tmp_path / f"sub{r}.json").read_text()) for r in range(3)]
     pair, alone = [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]
     assert got == [[pair, [2.0, 2.0, 0.0]]] * 2 + [[alone, [0.0, 0.0, 2.0]]]
+
+
+def _overflow_worker(rank: int, init: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    try:
+        t = CSLTracker(4, C)
+        t.csl_count[2] = 2.0**32  # presentations enough for the events
+        t.forgetting[2] = 2**30 + 1  # on each rank: 2**31 + 2 together
+        before = t.forgetting.clone()
+        try:
+            t.sync()
+            msg = "no error"
+        except SyncError as exc:
+            msg = str(exc)
+        msg += f" | unchanged: {torch.equal(t.forgetting, before)}"
+        with open(os.path.join(out, f"overflow{rank}.txt"), "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_forgetting_count_past_int32_over_the_ranks_is_refused_on_every_rank(tmp_path):
+    """The ranks' forgetting deltas were all-reduced in int32: 2 x (2**30 + 1) wrapped to
+    -2147483646 and became the sample's forgetting count on every rank, silently."""
+    _spawn(_overflow_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    for r in range(WORLD):
+        assert (tmp_path / f"overflow{r}.txt").read_text() == (
+            "csl_fast.distributed.sync: sample 2's forgetting count over the ranks is "
+            "2147483650, past 2**31 - 1 = 2147483647, the most a tracker's int32 forgetting "
+            "counter holds; this tracker is left as it was | unchanged: True"
+        )
