@@ -23,8 +23,9 @@ UNSEEN = N - 1  # never presented, scored or input-gradient recorded
 def _fed(seed: int, dtype=torch.float32, history: bool = True, epochs: int = 3) -> CSLTracker:
     """A tracker fed every way there is, over samples 0..N-2: class indices with weights,
     label smoothing, ignored rows, non-finite rows and duplicates; sequences with ignored
-    tokens and an all-ignored sequence; soft targets into its sums; record_loss with
-    negative and NaN losses; input gradients with invalid rows; eval passes."""
+    tokens and an all-ignored sequence, also through linear_cross_entropy; soft targets
+    into its sums; record_loss with negative and NaN losses; input gradients with invalid
+    rows; eval passes."""
     g = torch.Generator().manual_seed(seed)
     t = CSLTracker(N, C, dtype=dtype, history=history)
     model = torch.nn.Linear(3, C)
@@ -43,6 +44,10 @@ def _fed(seed: int, dtype=torch.float32, history: bool = True, epochs: int = 3) 
         seq_target[:, ::3] = -100
         seq_target[2] = -100  # a sequence without a valid token: not a presentation
         csl_fast.accumulate(torch.randn(30, C, generator=g), seq_target, seq_idx, t)
+        hidden = torch.randn(5, 6, 3, generator=g)  # sequences through the fused LM head
+        csl_fast.linear_cross_entropy(
+            hidden, torch.randn(C, 3, generator=g), seq_target, seq_idx, t
+        )
         probs = torch.softmax(torch.randn(B, C, generator=g), 1)
         csl_fast.accumulate(logits, probs, idx, t.csl_sum, count=t.csl_count)
         loss = torch.randn(B, generator=g) * 5
