@@ -108,7 +108,9 @@ def check_invariants(
     absent in older format versions, and its ``[rows, N]`` histories) whose buffers
     disagree. Raises :class:`~csl_fast.tracker_state.TrackerStateError` naming the
     field and the sample."""
-    b = {k: v for k, v in buffers.items() if k in _ONE_PER_SAMPLE}
+    dev = buffers["csl_count"].device  # (a state may mix devices; no copy when it does not)
+    b = {k: v.to(dev) for k, v in buffers.items() if k in _ONE_PER_SAMPLE}
+    histories = {k: h.to(dev) for k, h in histories.items()}
     if b["csl_count"].shape[0] == 0:
         return
     # Whole-buffer reductions first (no temporaries): a count that is nowhere 0 needs no
