@@ -597,6 +597,8 @@ class CSLTracker(TrackerStatistics):
             OSError: the file cannot be written (full disk, missing folder, permission,
                 a folder at ``path`` or a ``path`` ending with a separator, such as
                 ``"out/"``); the message names ``path`` and says what to do.
+            TrackerStateError: the buffers hold a state :meth:`load` would refuse (such
+                as one fed by :meth:`record` alone); nothing is written.
         """
         tracker_file.save(self, path)
 

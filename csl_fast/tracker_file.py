@@ -77,6 +77,7 @@ from .tracker_state import (  # re-exported: the format's names in one place
     from_state,
     load_state_dict,
     state_dict,
+    validate_state,
 )
 
 if TYPE_CHECKING:
@@ -230,6 +231,16 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
             user_path,
         )
     state = state_dict(tracker)
+    try:
+        # what load would refuse is not written: the file would keep the run unloadable
+        validate_state(tracker, state)
+    except TrackerStateError as exc:
+        raise TrackerStateError(
+            f"CSLTracker.save: not written to {user_path!r}, a load would refuse it: {exc}. "
+            "A tracker fed with record() or record_sequences() alone (they leave the CSL sums "
+            "and counts to accumulate) gets here: record batches with update() or "
+            "csl_fast.accumulate"
+        ) from None
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]
     tensors = [(k, v.detach().cpu().contiguous()) for k, v in tensors]

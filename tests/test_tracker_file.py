@@ -592,3 +592,19 @@ def test_an_interrupted_save_keeps_the_previous_file_and_leaves_nothing(tmp_path
     assert len(os.listdir("/proc/self/fd")) == fds
     _filled(seed=3).save(path)  # and the next save works
     _assert_same(_snapshot(_filled(seed=3)), _snapshot(CSLTracker.from_file(path)))
+
+
+def test_save_refuses_a_state_load_would_refuse_and_keeps_the_previous_file(tmp_path):
+    # record() alone fills the per-sample statistics but not the CSL sums and counts
+    # (accumulate adds those first): such a file could never be loaded again.
+    from csl_fast.stats import NUM_STATS
+
+    tracker = CSLTracker(10, 3)
+    path = tmp_path / "run.csl"
+    tracker.save(path)
+    before = path.read_bytes()
+    tracker.record(torch.arange(4), torch.rand(NUM_STATS, 4))
+    with pytest.raises(TrackerStateError, match=r"not written.*update\(\)"):
+        tracker.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csl"]

@@ -14,7 +14,7 @@ import torch
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import csl_fast
-from csl_fast import CSLTracker, TrackerFileError, TrackerStateError
+from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, tracker_file
 
 N, C, B = 12, 4, 40
 UNSEEN = N - 1  # never presented, scored or input-gradient recorded
@@ -179,7 +179,7 @@ _EDITS = {
 
 
 @pytest.mark.parametrize("case", list(_EDITS))
-def test_buffers_that_disagree_are_refused_by_field_and_sample(tmp_path, case):
+def test_buffers_that_disagree_are_refused_by_field_and_sample(tmp_path, monkeypatch, case):
     edit, match = _EDITS[case]
     t = _fed(0)
     i = edit(t)
@@ -188,6 +188,10 @@ def test_buffers_that_disagree_are_refused_by_field_and_sample(tmp_path, case):
     with pytest.raises(TrackerStateError, match=pattern):
         target.load_state_dict(t.state_dict())
     assert not target.csl_count.any()  # unchanged
+    with pytest.raises(TrackerStateError, match="not written"):
+        t.save(tmp_path / "bad.csl")
+    # a file damaged after a good save: written unchecked here
+    monkeypatch.setattr(tracker_file, "validate_state", lambda *_: None)
     t.save(tmp_path / "bad.csl")
     with pytest.raises(TrackerFileError, match=r"bad.csl.*" + match.format(i=i)):
         CSLTracker.from_file(tmp_path / "bad.csl")
