@@ -85,6 +85,8 @@ def _bce_fwd_kernel(
     MANUAL_BF16_RNE: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    # Statistic k of row i at k * B + i, in int64 (k * B wraps in B's int32).
+    b64 = tl.cast(B, tl.int64)
     rmask = rows < B
     plain_sum = tl.zeros([ROWS], dtype=ACC)
     weighted_sum = tl.zeros([ROWS], dtype=ACC)
@@ -117,9 +119,11 @@ def _bce_fwd_kernel(
     valid = rmask & (plain_sum == plain_sum) & (tl.abs(plain_sum) < float("inf"))
     zero = tl.zeros([ROWS], dtype=tl.float32)
     tl.store(stats_ptr + rows, tl.where(valid, plain_sum.to(tl.float32), zero), mask=rmask)
-    tl.store(stats_ptr + B + rows, valid.to(tl.float32), mask=rmask)
-    tl.store(stats_ptr + 2 * B + rows, tl.where(valid, wrong.to(tl.float32), zero), mask=rmask)
-    tl.store(stats_ptr + 3 * B + rows, tl.where(valid, min_margin.to(tl.float32), zero), mask=rmask)
+    tl.store(stats_ptr + b64 + rows, valid.to(tl.float32), mask=rmask)
+    tl.store(stats_ptr + 2 * b64 + rows, tl.where(valid, wrong.to(tl.float32), zero), mask=rmask)
+    tl.store(
+        stats_ptr + 3 * b64 + rows, tl.where(valid, min_margin.to(tl.float32), zero), mask=rmask
+    )
     if not PER_ENTRY:
         tl.store(rows_ptr + rows, weighted_sum, mask=rmask)
 
@@ -215,9 +219,11 @@ def _bce_record_atomic_kernel(
     BLOCK_L: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    # Statistic k of row i at k * B + i, in int64 (k * B wraps in B's int32).
+    b64 = tl.cast(B, tl.int64)
     rmask = rows < B
     key = tl.load(index_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    valid = tl.load(stats_ptr + B + rows, mask=rmask, other=0.0) > 0
+    valid = tl.load(stats_ptr + b64 + rows, mask=rmask, other=0.0) > 0
     ok = rmask & valid & (key >= 0) & (key < N)
     # The per-sample buffers: by the programs of the first label tile only.
     ok1 = ok & ((rows * 0 + tl.program_id(1)) == 0)
@@ -225,13 +231,13 @@ def _bce_record_atomic_kernel(
         v = tl.load(stats_ptr + rows, mask=ok1, other=0.0)
         tl.atomic_add(csl_ptr + key, v.to(csl_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
     if HAS_COUNT:
-        v = tl.load(stats_ptr + B + rows, mask=ok1, other=0.0)
+        v = tl.load(stats_ptr + b64 + rows, mask=ok1, other=0.0)
         tl.atomic_add(count_ptr + key, v.to(count_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
     if HAS_WRONG:
-        v = tl.load(stats_ptr + 2 * B + rows, mask=ok1, other=0.0)
+        v = tl.load(stats_ptr + 2 * b64 + rows, mask=ok1, other=0.0)
         tl.atomic_add(wrong_ptr + key, v.to(wrong_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
     if HAS_MM:
-        v = tl.load(stats_ptr + 3 * B + rows, mask=ok1, other=0.0)
+        v = tl.load(stats_ptr + 3 * b64 + rows, mask=ok1, other=0.0)
         tl.atomic_add(mm_ptr + key, v.to(mm_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
     if HAS_LC or HAS_LM:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
@@ -280,6 +286,8 @@ def _bce_record_sorted_kernel(
     BLOCK_L: tl.constexpr,
 ):
     pos = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    # Statistic k of row i at k * B + i, in int64 (k * B wraps in B's int32).
+    b64 = tl.cast(B, tl.int64)
     pmask = pos < B
     key = tl.load(sorted_ptr + pos, mask=pmask, other=0).to(tl.int64)
     prev = tl.load(sorted_ptr + pos - 1, mask=pmask & (pos > 0), other=0).to(tl.int64)
@@ -307,20 +315,20 @@ def _bce_record_sorted_kernel(
     run = start
     while tl.max(run.to(tl.int32), 0) > 0:
         row = tl.load(perm_ptr + p, mask=run, other=0).to(tl.int64)
-        take = run & (tl.load(stats_ptr + B + row, mask=run, other=0.0) > 0)
+        take = run & (tl.load(stats_ptr + b64 + row, mask=run, other=0.0) > 0)
         # Every per-sample value of a row that is not valid is 0 (added, as on the CPU).
         if HAS_CSL:
             v = tl.load(stats_ptr + row, mask=run, other=0.0).to(csl_ptr.dtype.element_ty)
             acc_csl = tl.where(run, acc_csl + v, acc_csl)
         if HAS_COUNT:
-            v = tl.load(stats_ptr + B + row, mask=run, other=0.0).to(count_ptr.dtype.element_ty)
+            v = tl.load(stats_ptr + b64 + row, mask=run, other=0.0).to(count_ptr.dtype.element_ty)
             acc_count = tl.where(run, acc_count + v, acc_count)
         if HAS_WRONG:
-            v = tl.load(stats_ptr + 2 * B + row, mask=run, other=0.0)
+            v = tl.load(stats_ptr + 2 * b64 + row, mask=run, other=0.0)
             v = v.to(wrong_ptr.dtype.element_ty)
             acc_wrong = tl.where(run, acc_wrong + v, acc_wrong)
         if HAS_MM:
-            v = tl.load(stats_ptr + 3 * B + row, mask=run, other=0.0).to(mm_ptr.dtype.element_ty)
+            v = tl.load(stats_ptr + 3 * b64 + row, mask=run, other=0.0).to(mm_ptr.dtype.element_ty)
             acc_mm = tl.where(run, acc_mm + v, acc_mm)
         if HAS_LC or HAS_LM:
             m = take[:, None] & cmask

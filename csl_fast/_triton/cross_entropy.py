@@ -362,14 +362,18 @@ def _ce_fwd_kernel(
     # argmax (first index) == y: z_y above every other column, or equal to their max
     # whose first column comes after y.
     correct = tl.where((z_y > max_o) | ((z_y == max_o) & (arg_o > y)), 1.0, 0.0)
-    tl.store(stats_ptr + 0 * B + rows, tl.where(valid, loss, 0.0), mask=row_mask)
-    tl.store(stats_ptr + 1 * B + rows, tl.where(valid, p_y, 0.0), mask=row_mask)
-    tl.store(stats_ptr + 2 * B + rows, tl.where(valid, margin, 0.0), mask=row_mask)
-    tl.store(stats_ptr + 3 * B + rows, tl.where(valid, correct, 0.0), mask=row_mask)
-    tl.store(stats_ptr + 4 * B + rows, tl.where(valid, gnorm, 0.0), mask=row_mask)
-    tl.store(stats_ptr + 5 * B + rows, tl.where(valid, 1.0, 0.0), mask=row_mask)
+    # Statistic k of row i at k * B + i in int64: k * B in B's int32 wraps (an address
+    # before the buffer) from B = 2**31 / 6 rows on.
+    b64 = tl.cast(B, tl.int64)
+    tl.store(stats_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 1 * b64 + rows, tl.where(valid, p_y, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 2 * b64 + rows, tl.where(valid, margin, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 3 * b64 + rows, tl.where(valid, correct, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 4 * b64 + rows, tl.where(valid, gnorm, 0.0), mask=row_mask)
+    tl.store(stats_ptr + 5 * b64 + rows, tl.where(valid, 1.0, 0.0), mask=row_mask)
     has_o = valid & (arg_o < C)
-    tl.store(stats_ptr + 6 * B + rows, tl.where(has_o, arg_o.to(tl.float32), -1.0), mask=row_mask)
+    arg_f = tl.where(has_o, arg_o.to(tl.float32), -1.0)
+    tl.store(stats_ptr + 6 * b64 + rows, arg_f, mask=row_mask)
 
     # ---- gradient pass (off for the loss and statistics alone) --------------------------
     if HAS_GRAD:

@@ -86,8 +86,10 @@ def _ce_bwd_kernel(
     z_y = z_y_raw
     if HAS_CAP:
         z_y = cap * _tanh(z_y_raw / cap)
-    loss = tl.load(stats_ptr + STAT_LOSS * B + rows, mask=row_mask, other=0.0)
-    valid = tl.load(stats_ptr + STAT_VALID * B + rows, mask=row_mask, other=0.0)
+    # k * B in int64: in B's int32 it wraps from B = 2**31 / STAT_VALID rows on.
+    b64 = tl.cast(B, tl.int64)
+    loss = tl.load(stats_ptr + STAT_LOSS * b64 + rows, mask=row_mask, other=0.0)
+    valid = tl.load(stats_ptr + STAT_VALID * b64 + rows, mask=row_mask, other=0.0)
     slow = active & ~((valid > 0.0) & (loss <= BOUND))
     ref = z_y
     off = loss

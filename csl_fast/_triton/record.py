@@ -63,6 +63,7 @@ def _record_sorted_kernel(
     f_ty = last_loss_ptr.dtype.element_ty
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < B
+    sr = tl.cast(stride_sr, tl.int64)  # 6 * stride_sr wraps in int32 from B = 2**31 / 6 on
     key = tl.load(sorted_ptr + offs, mask=mask, other=0).to(tl.int64)
     prev = tl.load(sorted_ptr + offs - 1, mask=mask & (offs > 0), other=0).to(tl.int64)
     # An index outside [0, N) is skipped, as by the scatter kernels (range checks are the
@@ -94,14 +95,14 @@ def _record_sorted_kernel(
     while tl.max(run.to(tl.int32), 0) > 0:
         row = tl.load(perm_ptr + pos, mask=run, other=0).to(tl.int64)
         col = stats_ptr + row * stride_sc
-        loss = tl.load(col + 0 * stride_sr, mask=run, other=0.0)
-        p_true = tl.load(col + 1 * stride_sr, mask=run, other=0.0)
-        margin = tl.load(col + 2 * stride_sr, mask=run, other=0.0)
-        c = (tl.load(col + 3 * stride_sr, mask=run, other=0.0) > 0.0).to(tl.int32)
-        valid = run & (tl.load(col + 5 * stride_sr, mask=run, other=0.0) > 0.0)
+        loss = tl.load(col + 0 * sr, mask=run, other=0.0)
+        p_true = tl.load(col + 1 * sr, mask=run, other=0.0)
+        margin = tl.load(col + 2 * sr, mask=run, other=0.0)
+        c = (tl.load(col + 3 * sr, mask=run, other=0.0) > 0.0).to(tl.int32)
+        valid = run & (tl.load(col + 5 * sr, mask=run, other=0.0) > 0.0)
         # Sums take every row (ignored and non-finite rows hold zeros), in batch order.
         if HAS_GRAD_NORM_SUM:
-            g = tl.load(col + 4 * stride_sr, mask=run, other=0.0).to(f_ty)
+            g = tl.load(col + 4 * sr, mask=run, other=0.0).to(f_ty)
             g_sum = tl.where(run, g_sum + g, g_sum)
         if HAS_MARGIN_SUM:
             m_sum = tl.where(run, m_sum + margin.to(f_ty), m_sum)
@@ -117,7 +118,7 @@ def _record_sorted_kernel(
         if HAS_SUGGEST:
             # One Boyer-Moore step per valid misclassified row, for its predicted class
             # (the runner-up of y; reference.vote_step).
-            r = tl.load(col + 6 * stride_sr, mask=run, other=-1.0)
+            r = tl.load(col + 6 * sr, mask=run, other=-1.0)
             vote = valid & (c == 0) & (r >= 0.0)
             r = r.to(tl.int32)
             same = vote & (s_label == r)

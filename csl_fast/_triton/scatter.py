@@ -59,6 +59,7 @@ def _scatter_atomic_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < B
+    sr = tl.cast(stride_sr, tl.int64)  # 5 * stride_sr wraps in int32 from B = 2**31 / 5 on
     key = tl.load(index_ptr + offs, mask=mask, other=0).to(tl.int64)
     if HAS_CSL:
         ok = mask & (key >= 0) & (key < N_CSL)  # out-of-range indices are skipped
@@ -68,7 +69,7 @@ def _scatter_atomic_kernel(
         )
     if HAS_COUNT:
         ok = mask & (key >= 0) & (key < N_CNT)
-        c = tl.load(stats_ptr + 5 * stride_sr + offs * stride_sc, mask=ok, other=0.0)
+        c = tl.load(stats_ptr + 5 * sr + offs * stride_sc, mask=ok, other=0.0)
         tl.atomic_add(
             count_ptr + key * stride_cnt, c.to(count_ptr.dtype.element_ty), mask=ok, sem="relaxed"
         )
@@ -94,6 +95,7 @@ def _scatter_sorted_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < B
+    sr = tl.cast(stride_sr, tl.int64)  # 5 * stride_sr wraps in int32 from B = 2**31 / 5 on
     key = tl.load(sorted_ptr + offs, mask=mask, other=0).to(tl.int64)
     prev = tl.load(sorted_ptr + offs - 1, mask=mask & (offs > 0), other=0).to(tl.int64)
     start = mask & ((offs == 0) | (key != prev))
@@ -114,7 +116,7 @@ def _scatter_sorted_kernel(
             )
             acc_csl = tl.where(run, acc_csl + v, acc_csl)
         if HAS_COUNT:
-            c = tl.load(stats_ptr + 5 * stride_sr + row * stride_sc, mask=run, other=0.0)
+            c = tl.load(stats_ptr + 5 * sr + row * stride_sc, mask=run, other=0.0)
             c = c.to(count_ptr.dtype.element_ty)
             acc_cnt = tl.where(run, acc_cnt + c, acc_cnt)
         pos = pos + 1

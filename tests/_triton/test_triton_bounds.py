@@ -11,6 +11,10 @@ corrupting memory unseen.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +28,11 @@ from csl_fast._triton import (
     input_grad_norms_triton,
     scatter_stats_triton,
 )
+from csl_fast._triton._registry import is_interpreted
 from csl_fast.stats import NUM_STATS, Stat
 
 IGNORE = -100
+_ROOT = Path(__file__).resolve().parents[2]
 N = 8
 PAD = 5  # canary elements on each side of a buffer
 # Batch rows: in range, at N, past N, negative, far out, duplicates of in-range ones.
@@ -398,3 +404,104 @@ def test_tracker_skips_out_of_range_indices(tdevice, sequences):
         tracker.record_input_grad(index[keep], sq_norms[keep])
         tracker.end_epoch()
     _same_state(trackers[0], trackers[1])
+
+
+# ---- statistics rows past 2**31 elements ----------------------------------------------
+
+# Statistic k of row i lies at k * B + i (k * stats.stride(0) + i): past 2**31 elements for
+# B > 2**31 / k, where k * B in B's int32 wrapped to an address gigabytes before the buffer
+# (a segmentation fault under the interpreter, a stray write on a GPU). Each case launches
+# one program (rows 0..15) over a [k, B] buffer that torch.empty leaves uncommitted, so only
+# the pages written are touched, in a subprocess: a wrapped address kills it.
+_HUGE_PRELUDE = """
+import torch
+from csl_fast._triton import bce, cross_entropy, cross_entropy_bwd, record, scatter
+from csl_fast.stats import NUM_STATS, Stat
+R = 16
+def lazy(n):
+    return torch.empty(n)
+"""
+
+_HUGE_CASES = {
+    "cross_entropy_fwd": """
+B, C = 2**31 // 6 + 1, 4
+stats = lazy(NUM_STATS * B)
+z = torch.tensor([[0.0, 1.0, 3.0, 2.0]]).expand(B, C)
+tgt, loss = torch.zeros(R, dtype=torch.long), torch.empty(R)
+cross_entropy._ce_fwd_kernel[(1,)](
+    z, tgt, loss, loss, loss, loss, stats, B, C, 0, 0, -100, 0.0, HAS_WEIGHT=False,
+    HAS_SMOOTH=False, IS_MEAN=False, FUSED=True, ROWS=R, BLOCK_C=4, MANUAL_BF16_RNE=False,
+    INPLACE=False, zloss_ptr=loss, cap=0.0, zs=0.0, HAS_CAP=False, HAS_ZLOSS=False,
+    HAS_GRAD=False)
+assert (stats[6 * B : 6 * B + R] == 2.0).all()  # the runner-up of target 0: column 2
+assert (stats[5 * B : 5 * B + R] == 1.0).all()
+""",
+    "cross_entropy_bwd": """
+B, C = 2**31 // 5 + 1, 4
+stats = lazy((Stat.VALID + 1) * B)
+stats[:R] = 4.0
+stats[Stat.VALID * B : Stat.VALID * B + R] = 1.0
+z = torch.zeros(1, C, dtype=torch.bfloat16).expand(B, C)
+tgt, scale = torch.zeros(R, dtype=torch.long), torch.ones(1)
+grad = torch.full((R, C), float("nan"), dtype=torch.bfloat16)
+cross_entropy_bwd._ce_bwd_kernel[(1,)](
+    z, tgt, scale, scale, stats, scale, grad, B, C, 0, -100, 0.0, HAS_WEIGHT=False,
+    PER_ROW_SCALE=False, ROWS=R, BLOCK_C=4, MANUAL_BF16_RNE=True, STAT_LOSS=int(Stat.LOSS),
+    STAT_VALID=int(Stat.VALID), BOUND=64.0, cap=0.0, zs=0.0, HAS_CAP=False, HAS_ZLOSS=False)
+# p_j = exp(z_j - z_y - loss) = exp(-4) off the target: the loss was read at row LOSS
+torch.testing.assert_close(grad[:, 1:].float(), torch.full((R, C - 1), 0.0183), rtol=1e-2, atol=0)
+""",
+    "bce_fwd": """
+B, L = 2**31 // 3 + 1, 2
+stats = lazy(4 * B)
+z, y = torch.tensor([[1.0, -2.0]]).expand(B, L), torch.tensor([[0.0, 0.0]]).expand(B, L)
+rows_out = torch.empty(R)
+bce._bce_fwd_kernel[(1,)](
+    z, y, z, z, z, rows_out, stats, B, L, 0, 1, 0, 1, 0, 0, 0, 0, HAS_W=False, HAS_PW=False,
+    PER_ENTRY=False, ACC=bce.tl.float32, ROWS=R, BLOCK_L=2, MANUAL_BF16_RNE=False)
+assert (stats[2 * B : 2 * B + R] == 1.0).all()  # one wrong label (z = 1, y = 0)
+assert (stats[3 * B : 3 * B + R] == -1.0).all()  # min margin (2y - 1) z
+""",
+    "scatter_stats": """
+S = 2**31 // 5 + 1
+base = lazy(NUM_STATS * S)
+stats = base.as_strided((NUM_STATS, 4), (S, 1))
+base[:4] = 2.0
+base[Stat.VALID * S : Stat.VALID * S + 4] = 1.0
+csl, count = torch.zeros(4), torch.zeros(4)
+scatter.scatter_stats_triton(stats, torch.arange(4), False, csl, count)
+assert csl.tolist() == [2.0] * 4 and count.tolist() == [1.0] * 4, (csl, count)
+""",
+    "record_last": """
+S = 2**31 // 6 + 1
+base = lazy(NUM_STATS * S)
+stats = base.as_strided((NUM_STATS, 4), (S, 1))
+for k in range(NUM_STATS):
+    base[k * S : k * S + 4] = 0.0
+base[:4] = 0.5
+base[Stat.VALID * S : Stat.VALID * S + 4] = 1.0
+base[Stat.OTHER_ARGMAX * S : Stat.OTHER_ARGMAX * S + 4] = 3.0
+n = 4
+f = lambda dt: torch.zeros(n, dtype=dt)
+label, votes, hits = f(torch.int32), f(torch.int32), f(torch.int32)
+last = f(torch.float32)
+record.record_last_triton(stats, torch.arange(4), None, 1, last, f(torch.float32),
+    f(torch.bool), None, None, None, None, None, None, label, votes, hits)
+assert last.tolist() == [0.5] * 4 and label.tolist() == [3] * 4, (last, label)
+""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HUGE_CASES))
+def test_statistics_rows_past_int32_offsets(case):
+    if not is_interpreted(cross_entropy._ce_fwd_kernel):
+        pytest.skip("launches one program of a huge batch on CPU tensors (the interpreter)")
+    code = _HUGE_PRELUDE + _HUGE_CASES[case]
+    path = os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
+    if "DefaultCPUAllocator" in proc.stderr:
+        pytest.skip("this machine refuses a ~10 GB uncommitted allocation")
+    why = " (SIGSEGV: an address outside the buffers)" if proc.returncode == -11 else ""
+    assert proc.returncode == 0, f"exit {proc.returncode}{why}: {proc.stderr[-3000:]}"
