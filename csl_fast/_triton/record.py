@@ -23,6 +23,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ._registry import register
+from .scatter import check_device, check_stats_index
 
 #: Sorted positions per program.
 BLOCK = 256
@@ -161,6 +162,19 @@ def _record_sorted_kernel(
         tl.store(suggest_hits_ptr + key, s_hits, mask=start)
 
 
+def _check_state_buffer(
+    name: str, buf: torch.Tensor, dtype: torch.dtype, n: int, device: torch.device
+) -> None:
+    if buf.dtype != dtype:
+        raise TypeError(f"csl_fast.record_last_triton: {name} must be {dtype}, got {buf.dtype}")
+    if buf.dim() != 1 or buf.shape[0] != n or not buf.is_contiguous():
+        raise ValueError(
+            f"csl_fast.record_last_triton: {name} must be a contiguous [N = {n}] tensor (N "
+            f"from last_loss), got shape {tuple(buf.shape)} and strides {tuple(buf.stride())}"
+        )
+    check_device("record_last_triton", name, buf, device)
+
+
 def _fake_record_last(*args):
     return None
 
@@ -218,7 +232,37 @@ def record_last_triton(
             suggest_votes, suggest_hits: int32 ``[N]`` (all three or none), the majority
             vote over ``stats[OTHER_ARGMAX]``. All updated in place.
     """
-    batch = index.shape[0]
+    batch = check_stats_index("record_last_triton", stats, index)
+    n = last_loss.numel()
+    f = last_loss.dtype
+    if f not in (torch.float32, torch.float64):
+        raise TypeError(
+            f"csl_fast.record_last_triton: last_loss must be float32 or float64, got {f}"
+        )
+    # The kernel writes sample k of every buffer at offset k (no strides), for k < N of
+    # last_loss: each buffer must be a contiguous [N] of its dtype.
+    state = {
+        "last_loss": (last_loss, f),
+        "last_max_prob": (last_max_prob, f),
+        "last_correct": (last_correct, torch.bool),
+        "forgetting": (forgetting, torch.int32),
+        "learned_epoch": (learned_epoch, torch.int32),
+        "grad_norm_sum": (grad_norm_sum, f),
+        "margin_sum": (margin_sum, f),
+        "p_true_sum": (p_true_sum, f),
+        "p_true_sq_sum": (p_true_sq_sum, f),
+        "suggest_label": (suggest_label, torch.int32),
+        "suggest_votes": (suggest_votes, torch.int32),
+        "suggest_hits": (suggest_hits, torch.int32),
+    }
+    for name, (buf, dtype) in state.items():
+        if buf is not None:
+            _check_state_buffer(name, buf, dtype, n, stats.device)
+    if max_prob is not None and (max_prob.dim() != 1 or max_prob.shape[0] != batch):
+        raise ValueError(
+            f"csl_fast.record_last_triton: max_prob must be [B = {batch}], got shape "
+            f"{tuple(max_prob.shape)}"
+        )
     if batch == 0:
         return
     sorted_index, perm = torch.sort(index, stable=True)

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..stats import NUM_STATS
 from ._registry import register
 
 #: Rows per program.
@@ -128,6 +129,63 @@ def _scatter_sorted_kernel(
         tl.store(count_ptr + key * stride_cnt, acc_cnt, mask=ok_cnt)
 
 
+_INDEX_DTYPES = (torch.int64, torch.int32)
+_COUNT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def check_stats_index(op: str, stats: torch.Tensor, index: torch.Tensor) -> int:
+    """``stats`` float32 ``[NUM_STATS, B]`` and ``index`` int64/int32 ``[B]`` on its device,
+    as the C++ ops require (csrc/checks.h): the kernels read row ``k`` of ``stats`` at
+    ``k * stride(0)`` and ``B`` entries of each, so a shorter one would be read past its
+    end. Returns ``B``."""
+    if stats.dim() != 2 or stats.shape[0] != NUM_STATS or stats.dtype != torch.float32:
+        raise ValueError(
+            f"csl_fast.{op}: stats must be the float32 [{NUM_STATS}, B] statistics of the "
+            f"fused cross entropy, got {stats.dtype} {tuple(stats.shape)}"
+        )
+    batch = stats.shape[1]
+    if index.dim() != 1 or index.shape[0] != batch:
+        raise ValueError(
+            f"csl_fast.{op}: index must be 1-D with one dataset index per batch row (stats "
+            f"has B = {batch} columns), got shape {tuple(index.shape)}"
+        )
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(
+            f"csl_fast.{op}: index must hold int64 or int32 dataset indices, got "
+            f"{index.dtype}; convert it with index.long()"
+        )
+    check_device(op, "index", index, stats.device)
+    return batch
+
+
+def check_device(op: str, name: str, t: torch.Tensor, device: torch.device) -> None:
+    """A kernel reads every pointer on one device."""
+    if t.device != device:
+        raise ValueError(
+            f"csl_fast.{op}: {name} is on {t.device} but stats are on {device}; move it "
+            f"with .to({str(device)!r})"
+        )
+
+
+def _check_buffer(
+    name: str, buf: torch.Tensor, dtypes: tuple[torch.dtype, ...], device: torch.device
+) -> None:
+    if buf.dtype not in dtypes:
+        raise TypeError(
+            f"csl_fast.scatter_stats_triton: {name} must be a tensor of dtype "
+            f"{' or '.join(str(d) for d in dtypes)}, got {buf.dtype}; allocate it with "
+            "torch.zeros(num_samples, dtype=torch.float32)"
+        )
+    # Any stride >= 1: stride 0 (an expanded tensor) would add every sample into one entry.
+    if buf.dim() != 1 or (buf.shape[0] > 1 and buf.stride(0) < 1):
+        raise ValueError(
+            f"csl_fast.scatter_stats_triton: {name} must be a 1-D tensor of one entry per "
+            f"dataset sample (not an expanded view), got shape {tuple(buf.shape)} and "
+            f"strides {tuple(buf.stride())}"
+        )
+    check_device("scatter_stats_triton", name, buf, device)
+
+
 def _fake_scatter(stats, index, deterministic, csl, count):
     return None
 
@@ -148,14 +206,23 @@ def scatter_stats_triton(
     """``csl[index[i]] += stats[0, i]``, ``count[index[i]] += stats[5, i]`` (see module doc).
 
     Args:
-        stats: float32 ``[6, B]`` from ``cross_entropy_fwd_triton`` (any strides).
+        stats: float32 ``[NUM_STATS, B]`` from ``cross_entropy_fwd_triton`` (any strides).
         index: ``[B]`` int32/int64 dataset indices in ``[0, N)``; duplicates allowed; an
             index outside a buffer is skipped for that buffer.
         deterministic: sort-based, bitwise reproducible mode instead of atomics.
         csl: float32/float64 ``[N]`` buffer (any stride), updated in place (or None).
         count: float32/float64/int32/int64 ``[N]`` buffer (any stride), updated in place (or None).
     """
-    batch = index.shape[0]
+    batch = check_stats_index("scatter_stats_triton", stats, index)
+    if csl is not None:
+        _check_buffer("csl", csl, _COUNT_DTYPES[:2], stats.device)
+    if count is not None:
+        _check_buffer("count", count, _COUNT_DTYPES, stats.device)
+        if csl is not None and count.shape[0] != csl.shape[0]:
+            raise ValueError(
+                f"csl_fast.scatter_stats_triton: count has {count.shape[0]} entries but csl "
+                f"has {csl.shape[0]}; both need one entry per dataset sample"
+            )
     if batch == 0 or (csl is None and count is None):
         return
     dummy = csl if csl is not None else count

@@ -159,3 +159,44 @@ def test_mutated_arguments_have_no_default():
         for arg in getattr(torch.ops.csl_fast, name).default._schema.arguments:
             mutated = arg.alias_info is not None and arg.alias_info.is_write
             assert not (mutated and arg.has_default_value()), f"{name}: {arg.name}"
+
+
+def test_refuses_what_it_would_read_or_write_out_of_bounds(tdevice):
+    """The kernel writes sample k of every buffer at offset k for k < N of last_loss: a
+    shorter, strided or other-dtype buffer is refused before any write, by name."""
+    stats, index = _stats(4, tdevice), torch.arange(4, device=tdevice)
+    big = torch.zeros(2 * N, device=tdevice)
+
+    def call(stats=stats, index=index, max_prob=None, **swap):
+        state = dict(zip(_NAMES, _state(torch.float32, tdevice), strict=True))
+        state.update(swap)
+        before = {k: None if t is None else t.clone() for k, t in state.items()}
+        try:
+            record_last_triton(stats, index, max_prob, 1, *state.values())
+        finally:
+            for k, t in state.items():
+                assert t is None or torch.equal(t, before[k]), k
+
+    with pytest.raises(ValueError, match=r"last_max_prob must be a contiguous \[N = 11\]"):
+        call(last_max_prob=big[:2])
+    with pytest.raises(ValueError, match=r"margin_sum must be a contiguous \[N = 11\].*\(2,\)"):
+        call(margin_sum=big[::2][:N])
+    with pytest.raises(TypeError, match=r"forgetting must be torch\.int32"):
+        call(forgetting=torch.zeros(N, dtype=torch.int64, device=tdevice))
+    with pytest.raises(TypeError, match=r"last_correct must be torch\.bool"):
+        call(last_correct=torch.zeros(N, device=tdevice))
+    with pytest.raises(ValueError, match=r"\[7, B\]"):
+        call(stats=stats[:3])
+    with pytest.raises(ValueError, match="B = 4"):
+        call(index=index[:2])
+    with pytest.raises(TypeError, match="int64 or int32"):
+        call(index=index.float())
+    with pytest.raises(ValueError, match="max_prob"):
+        call(max_prob=torch.ones(2, device=tdevice))
+
+
+_NAMES = (
+    "last_loss", "last_max_prob", "last_correct", "forgetting", "learned_epoch",
+    "grad_norm_sum", "margin_sum", "p_true_sum", "p_true_sq_sum",
+    "suggest_label", "suggest_votes", "suggest_hits",
+)  # fmt: skip

@@ -134,3 +134,57 @@ def test_opcheck_and_compile(tdevice):
     reference.scatter_stats(stats.cpu(), index.cpu(), True, ref, None)
     assert torch.equal(csl.cpu(), ref)
     torch.testing.assert_close(got.cpu(), ref.sum())
+
+
+def _bad_calls(device):
+    """(what is wrong, stats, index, csl, count, expected error) of calls the kernels would
+    have read past a tensor's end for, or written where no sample's entry is."""
+    stats, index = _stats(4, device), torch.arange(4, device=device)
+    csl = torch.zeros(N, device=device)
+    wide = torch.zeros(NUM_STATS + 3, 4, device=device)
+    wide[NUM_STATS:] = 1000.0  # read as VALID by a kernel given the first 3 rows
+    return [
+        ("stats rows", wide[:3], index, csl, csl.clone(), (ValueError, r"\[7, B\]")),
+        ("stats columns", stats[:, :2], index, csl, None, (ValueError, "B = 2")),
+        ("stats dtype", stats.double(), index, csl, None, (ValueError, "float32")),
+        ("index 2-D", stats, index.view(2, 2), csl, None, (ValueError, "1-D")),
+        ("index float", stats, index.float(), csl, None, (TypeError, "int64 or int32")),
+        ("index bool", stats, index.bool(), csl, None, (TypeError, "int64 or int32")),
+        ("csl float16", stats, index, csl.half(), None, (TypeError, "float32 or")),
+        ("csl 2-D", stats, index, torch.zeros(N, 2, device=device), None, (ValueError, "1-D")),
+        (
+            "csl expanded",
+            stats,
+            index,
+            torch.zeros(1, device=device).expand(N),
+            None,
+            (ValueError, "expanded"),
+        ),
+        (
+            "count size",
+            stats,
+            index,
+            csl,
+            torch.zeros(3, device=device),
+            (ValueError, "count has 3 entries"),
+        ),
+        (
+            "count bool",
+            stats,
+            index,
+            None,
+            torch.zeros(N, dtype=torch.bool, device=device),
+            (TypeError, "count must"),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_refuses_what_it_would_read_or_write_out_of_bounds(tdevice, deterministic):
+    """Each refused before any write, naming the argument (as the C++ op's checks)."""
+    for what, stats, index, csl, count, (exc, match) in _bad_calls(tdevice):
+        before = [None if t is None else t.clone() for t in (csl, count)]
+        with pytest.raises(exc, match=match):
+            scatter_stats_triton(stats, index, deterministic, csl, count)
+        for t, b in zip((csl, count), before, strict=True):
+            assert t is None or torch.equal(t, b), what
