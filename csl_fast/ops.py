@@ -432,7 +432,14 @@ def scatter_stats(
     """``csl[index[i]] += stats[LOSS, i]``, ``count[index[i]] += stats[VALID, i]``."""
     name = resolve_backend(backend, stats.device)
     if name == "reference":
-        reference.scatter_stats(stats, index, deterministic, csl, count)
+        # An index outside [0, N) is skipped, as by the kernels: index_add_ faults on CUDA,
+        # and on the CPU raises with csl already added into.
+        for buf, is_count in ((csl, False), (count, True)):
+            if buf is not None and buf.shape[0] > 0:
+                idx, ok = _skip_out_of_range(index, buf.shape[0])
+                zero = torch.zeros((), dtype=stats.dtype, device=stats.device)
+                pair = (None, buf) if is_count else (buf, None)
+                reference.scatter_stats(torch.where(ok, stats, zero), idx, deterministic, *pair)
     else:
         _op(name, _SCATTER_OPS)(stats, index, deterministic, csl, count)
 

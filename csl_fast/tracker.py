@@ -278,6 +278,7 @@ class CSLTracker(TrackerStatistics):
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
+        _check_stats("record", stats)
         idx = self._index(index, stats)
         b = self._buffers  # not attribute access: __getattr__ costs ~1 us a name per step
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
@@ -358,6 +359,7 @@ class CSLTracker(TrackerStatistics):
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
+        _check_stats("update", stats)
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -372,6 +374,7 @@ class CSLTracker(TrackerStatistics):
     def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. No host synchronisation."""
+        _check_stats("record_eval", stats)
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -403,6 +406,11 @@ class CSLTracker(TrackerStatistics):
                 targets) are not recorded. Non-finite norms are never recorded.
         """
         idx = self._index(index, sq_norms[None])
+        if valid is not None and (valid.dim() != 1 or valid.shape[0] != idx.shape[0]):
+            raise ValueError(
+                f"CSLTracker.record_input_grad: valid must be a bool [B = {idx.shape[0]}] "
+                f"tensor, one flag per row of sq_norms, got shape {tuple(valid.shape)}"
+            )
         b = self._buffers
         ops.record_input_grad(
             sq_norms.to(self.device, self.dtype),
@@ -636,6 +644,28 @@ class CSLTracker(TrackerStatistics):
 
 
 # ------------------------------------------------------------------ helpers
+def _check_stats(method: str, stats: object) -> None:
+    """``stats`` as the fused cross entropy gives them: float32 ``[NUM_STATS, B]``.
+    Checked before anything is written: the kernels read row ``Stat.VALID`` of fewer rows
+    past their end, and a later op's refusal would leave the tracker half-updated."""
+    if (
+        not isinstance(stats, torch.Tensor)
+        or stats.dim() != 2
+        or stats.shape[0] != NUM_STATS
+        or stats.dtype != torch.float32
+    ):
+        got = (
+            f"{stats.dtype} of shape {tuple(stats.shape)}"
+            if isinstance(stats, torch.Tensor)
+            else type(stats).__name__
+        )
+        raise ValueError(
+            f"CSLTracker.{method}: stats must be float32 [NUM_STATS, B] (NUM_STATS = "
+            f"{NUM_STATS}), the statistics of the fused cross entropy "
+            f"(csl_fast.ops.cross_entropy_fwd), got {got}"
+        )
+
+
 def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
     """``buf[idx] += values`` with duplicates added in a reproducible order (sequential on
     the CPU, PyTorch's sort-based kernel on CUDA). An index outside ``[0, N)`` adds nothing,

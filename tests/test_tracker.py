@@ -405,6 +405,66 @@ def test_bad_index_or_stats_leave_the_tracker_as_it_was():
         torch.testing.assert_close(t.buffers()[name], b, msg=name)
 
 
+def _primed(backend, history=False):
+    t = CSLTracker(6, 3, backend=backend, history=history)
+    t.update(torch.arange(4), _stats([0.5, 1.0, 2.0, 0.1], [1, 0, 0, 1], [1, 1, 1, 1]))
+    return t, {k: v.clone() for k, v in t.buffers().items()}
+
+
+def _unchanged(t, before):
+    return [k for k, v in t.buffers().items() if not torch.equal(v, before[k])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("history", [False, True])
+def test_refused_calls_leave_the_tracker_unchanged(backend, history):
+    """Statistics of the wrong layout are refused before any buffer is written (the
+    reference backend once added csl_sum, then failed on row VALID of a [3, B] stats)."""
+    stats, index = _stats([0.3, 0.2], [1, 1], [1, 1]), torch.tensor([1, 5])
+    for what, bad in (
+        ("3 rows", stats[:3]),
+        ("6 rows", stats[:6]),
+        ("float64", stats.double()),
+        ("1-D", stats[0]),
+    ):
+        for method in ("update", "record", "record_eval"):
+            t, before = _primed(backend, history)
+            with pytest.raises(ValueError, match=rf"CSLTracker\.{method}: stats must be float32"):
+                getattr(t, method)(index, bad)
+            assert not _unchanged(t, before), (what, method)
+    t, before = _primed(backend, history)
+    with pytest.raises(ValueError, match=r"\[NUM_STATS, B, T\]"):
+        t.record_sequences(index, stats[:3, :, None])
+    with pytest.raises(ValueError, match=r"valid must be a bool \[B = 2\]"):
+        t.record_input_grad(index, torch.ones(2), torch.ones(3, dtype=torch.bool))
+    assert not _unchanged(t, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_past_n(backend):
+    """The C++ kernels refuse it before writing; the reference skips it, as the GPU kernels
+    do (its index_add_ once raised with csl_sum already added into, and faults a GPU)."""
+    stats = _stats([0.3, 0.2, 0.7], [1, 1, 0], [1, 1, 1])
+    index = torch.tensor([1, 6, 2])
+    calls = {
+        "update": lambda t, i, s: t.update(i, s),
+        "record_eval": lambda t, i, s: t.record_eval(i, s),
+        "record_sequences": lambda t, i, s: t.record_sequences(i, s[:, :, None].repeat(1, 1, 2)),
+    }
+    for name, call in calls.items():
+        t, before = _primed(backend, history=True)
+        if backend == "cpu":
+            with pytest.raises(IndexError, match=r"index.* = 6 is outside"):
+                call(t, index, stats)
+            assert not _unchanged(t, before), name
+            continue
+        call(t, index, stats)
+        want, _ = _primed(backend, history=True)
+        keep = torch.tensor([True, False, True])
+        call(want, index[keep], stats[:, keep])
+        assert not _unchanged(t, want.buffers()), name
+
+
 def test_device_without_an_index(device):
     """device="cuda" is the current GPU: its statistics report cuda:0 and must be taken."""
     t = CSLTracker(4, 3, device=device)
