@@ -510,6 +510,12 @@ def mean_denominator_triton(
     """float32 ``[]`` ``D`` of :func:`csl_fast.ops._mean_denominator` in one launch (two
     with ``weight``): the number of rows whose target is not ``ignore_index`` (NaN where
     that is 0), or the sum of their class weights."""
+    if weight is not None and weight.shape != (num_classes,):
+        # the kernel reads w[y] for y clamped into [0, num_classes)
+        raise ValueError(
+            f"csl_fast.mean_denominator_triton: weight must be a 1-D tensor of C = "
+            f"{num_classes} class weights, got shape {tuple(weight.shape)}"
+        )
     w = None if weight is None else weight.to(torch.float32).contiguous()
     return _denominator(target.contiguous(), w, ignore_index, num_classes, True).reshape(())
 
@@ -537,12 +543,50 @@ def _config(num_classes: int) -> tuple[bool, int, int, int]:
     return fused, rows, block, num_warps
 
 
-def _require_supported(op: str, logits: torch.Tensor) -> None:
+def _require_supported(
+    op: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> None:
     if logits.dtype not in _SUPPORTED:
         raise TypeError(
             f"{op} supports float16, bfloat16 and float32 logits, got {logits.dtype}; use "
             "the C++ kernels or csl_fast.reference for float64"
         )
+    check_args(op, logits, target, weight)
+
+
+def check_args(
+    op: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> None:
+    """The C++ ops' checks (csrc/checks.h) of what the kernels read by the logits' shape:
+    ``B`` targets, ``C`` class weights, all on the logits' device. A shorter one would be
+    read past its end."""
+    if logits.dim() != 2:
+        raise ValueError(
+            f"csl_fast.{op}: logits must be 2-D [B, C], got shape {tuple(logits.shape)}; "
+            "flatten extra dimensions into the batch"
+        )
+    batch, num_classes = logits.shape
+    if target.dim() != 1 or target.shape[0] != batch:
+        raise ValueError(
+            f"csl_fast.{op}: target must be 1-D with B = {batch} entries to match logits, "
+            f"got shape {tuple(target.shape)}"
+        )
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(
+            f"csl_fast.{op}: target must hold class indices as int64 or int32, got "
+            f"{target.dtype}; class-probability targets are not supported"
+        )
+    if weight is not None and (weight.dim() != 1 or weight.shape[0] != num_classes):
+        raise ValueError(
+            f"csl_fast.{op}: weight must be a 1-D tensor of C = {num_classes} class weights, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    for name, t in (("target", target), ("weight", weight)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"csl_fast.{op}: {name} is on {t.device} but logits are on {logits.device}; "
+                "move it with .to(logits.device)"
+            )
 
 
 def _fake_cross_entropy(logits, target, weight, ignore_index, label_smoothing, reduction):
@@ -591,7 +635,7 @@ def cross_entropy_fwd_triton(
     the kernel. One read and one write of the logits when ``next_pow2(C) <=
     MAX_FUSED_BLOCK``, two reads and one write otherwise.
     """
-    _require_supported("cross_entropy_fwd_triton", logits)
+    _require_supported("cross_entropy_fwd_triton", logits, target, weight)
     batch, num_classes = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -690,7 +734,7 @@ def cross_entropy_fwd_stats_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` without the gradient: ``(loss, stats)``, the kernel's
     gradient pass compiled out (one read of the logits, no write, no logits-sized buffer)."""
-    _require_supported("cross_entropy_fwd_stats_triton", logits)
+    _require_supported("cross_entropy_fwd_stats_triton", logits, target, weight)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     args = (logits, target, weight, ignore_index, label_smoothing, reduction, None)
@@ -713,7 +757,7 @@ def cross_entropy_fwd_inplace_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` with the gradient written over the (contiguous)
     logits: ``(loss, stats)``; no logits-sized buffer is allocated."""
-    _require_supported("cross_entropy_fwd_inplace_triton", logits)
+    _require_supported("cross_entropy_fwd_inplace_triton", logits, target, weight)
     if not logits.is_contiguous():
         raise ValueError(
             "csl_fast: inplace_grad=True writes the gradient over the logits and needs them "

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..stats import Stat
+from ..stats import NUM_STATS, Stat
 from ._registry import is_interpreted, register
-from .cross_entropy import _next_pow2, _tanh, _to_out
+from .cross_entropy import _next_pow2, _tanh, _to_out, check_args
 
 #: Past this loss, float32 rounding of ``stats[LOSS]`` would reach 1/100 of a float16 step.
 LOSS_BOUND = 64.0
@@ -211,9 +211,16 @@ def cross_entropy_bwd_triton(
             f"cross_entropy_bwd_triton takes float16 or bfloat16 logits, got {logits.dtype}; "
             "the float32 op keeps the forward's gradient"
         )
+    check_args("cross_entropy_bwd_triton", logits, target, weight)
     batch, num_classes = logits.shape
     if num_classes == 0 and batch != 0:
         raise ValueError("csl_fast: logits have C = 0 classes")
+    if stats.dim() != 2 or stats.shape != (NUM_STATS, batch) or stats.dtype != torch.float32:
+        raise ValueError(
+            f"csl_fast.cross_entropy_bwd_triton: stats must be the float32 [{NUM_STATS}, B = "
+            f"{batch}] statistics of the forward on these logits, got {stats.dtype} "
+            f"{tuple(stats.shape)}"
+        )
     if scale.dtype != torch.float32 or scale.numel() not in (1, batch):
         raise ValueError(
             f"csl_fast: scale must be float32 with one upstream factor per row (B = {batch}) "

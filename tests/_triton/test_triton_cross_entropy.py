@@ -473,3 +473,26 @@ def test_ignored_rows_with_non_finite_logits(tdevice, monkeypatch, dtype, two_pa
     plain = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.1, 1)[1]
     assert torch.equal(buf.isnan(), plain.isnan())
     assert plain.isnan().all(1).nonzero().flatten().tolist() == [1, 2, 3]
+
+
+def test_refuses_targets_and_weights_it_would_read_past(tdevice):
+    """The kernel reads B targets and C class weights; shorter ones (slices of a tensor
+    whose next entries would have been read) are refused by name, as by the C++ op."""
+    logits = torch.randn(4, 5, device=tdevice)
+    tail = torch.full((10,), 3, dtype=torch.long, device=tdevice)
+    weight = torch.full((10,), 1000.0, device=tdevice)
+    good = torch.zeros(4, dtype=torch.long, device=tdevice)
+    cases = [
+        ((logits, tail[:2], None), ValueError, r"target must be 1-D with B = 4"),
+        ((logits, good.view(2, 2), None), ValueError, r"target must be 1-D with B = 4"),
+        ((logits, good.float(), None), TypeError, "int64 or int32"),
+        ((logits, good, weight[:2]), ValueError, r"C = 5 class weights, got shape \(2,\)"),
+        ((logits[None], good, None), ValueError, r"logits must be 2-D"),
+    ]
+    for fn in (cross_entropy_fwd_triton, cross_entropy_fwd_extra_triton):
+        extra = (0.0, 0.0) if fn is cross_entropy_fwd_extra_triton else ()
+        for args, exc, match in cases:
+            with pytest.raises(exc, match=match):
+                fn(*args, IGNORE, 0.1, 1, *extra)
+    with pytest.raises(ValueError, match="C = 5 class weights"):
+        torch.ops.csl_fast.mean_denominator_triton(good, weight[:2], IGNORE, 5)

@@ -138,3 +138,20 @@ def test_opcheck(tdevice, weighted, softcap, zs):
         torch.ops.csl_fast.cross_entropy_bwd_triton.default,
         (logits, target, weight, stats, torch.rand(5, device=tdevice), IGNORE, 0.1, softcap, zs),
     )
+
+
+def test_refuses_what_it_would_read_past(tdevice):
+    """B targets, C class weights and [NUM_STATS, B] statistics: shorter ones (slices of
+    a tensor whose next entries would have been read) are refused by name."""
+    logits = torch.randn(4, 5, device=tdevice, dtype=torch.float16)
+    target = torch.zeros(4, dtype=torch.long, device=tdevice)
+    _, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    tail = torch.full((10,), 3, dtype=torch.long, device=tdevice)
+    weight = torch.full((10,), 1000.0, device=tdevice)
+    scale = torch.ones(1, device=tdevice)
+    with pytest.raises(ValueError, match="target must be 1-D with B = 4"):
+        cross_entropy_bwd_triton(logits, tail[:2], None, stats, scale, IGNORE, 0.0)
+    with pytest.raises(ValueError, match="C = 5 class weights"):
+        cross_entropy_bwd_triton(logits, target, weight[:2], stats, scale, IGNORE, 0.1)
+    with pytest.raises(ValueError, match=r"stats must be the float32 \[7, B = 4\]"):
+        cross_entropy_bwd_triton(logits, target, None, stats[:3], scale, IGNORE, 0.0)
