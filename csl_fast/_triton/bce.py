@@ -465,6 +465,67 @@ def bce_bwd_triton(
     return out
 
 
+_BUFFER_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+_FLOAT = (torch.float32, torch.float64)
+_FLOAT_OR_INT = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def _check_record_args(logits, target, stats, index, buffers) -> None:
+    """The C++ op's checks (csrc/bce_checks.h): the kernels read B rows of ``stats`` and
+    ``index`` and write sample k of every buffer at ``k`` (``k * L + l`` per label) for
+    ``k`` below the first buffer's N, so each must be that long, contiguous and of its
+    dtype, on the logits' device."""
+    op = "csl_fast.bce_record_triton"
+    if logits.dim() != 2 or target.shape != logits.shape:
+        raise ValueError(
+            f"{op}: logits must be 2-D [B, L] and target of their shape, got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    batch, labels = logits.shape
+    if stats.shape != (BCE_NUM_STATS, batch) or stats.dtype != torch.float32:
+        raise ValueError(
+            f"{op}: stats must be the float32 [{BCE_NUM_STATS}, B = {batch}] tensor of "
+            f"bce_fwd, got {stats.dtype} {tuple(stats.shape)}"
+        )
+    if index.dim() != 1 or index.shape[0] != batch:
+        raise ValueError(
+            f"{op}: index must be 1-D with one dataset index per row (B = {batch}), got "
+            f"shape {tuple(index.shape)}"
+        )
+    if index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{op}: index must be int64 or int32 dataset indices, got {index.dtype}")
+    n = None
+    for name, buf in buffers.items():
+        if buf is None:
+            continue
+        per_label = name.startswith("label_")
+        dtypes = _FLOAT_OR_INT if name in ("count", "wrong") else _FLOAT
+        if buf.dtype not in dtypes:
+            raise TypeError(
+                f"{op}: {name} must be {' or '.join(str(d) for d in dtypes)}, got {buf.dtype}"
+            )
+        shape_ok = buf.dim() == 2 and buf.shape[1] == labels if per_label else buf.dim() == 1
+        if not shape_ok or not buf.is_contiguous():
+            want = f"[N, L = {labels}]" if per_label else "1-D [N]"
+            raise ValueError(
+                f"{op}: {name} must be a contiguous {want} tensor, one row per dataset "
+                f"sample, got shape {tuple(buf.shape)} and strides {tuple(buf.stride())}"
+            )
+        if n is not None and buf.shape[0] != n:
+            raise ValueError(
+                f"{op}: {name} has {buf.shape[0]} rows but the other buffers have {n}; all "
+                "need one per dataset sample"
+            )
+        n = buf.shape[0]
+    named = {"target": target, "stats": stats, "index": index, **buffers}
+    for name, t in named.items():
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but logits are on {logits.device}; move it "
+                "with .to(logits.device)"
+            )
+
+
 @register(
     "csl_fast::bce_record_triton",
     kernel=_bce_record_atomic_kernel,
@@ -487,6 +548,7 @@ def bce_record_triton(
     """The recording pass of :func:`csl_fast.reference.bce_record` (see the module doc);
     buffers contiguous, ``stats`` the contiguous ``[BCE_NUM_STATS, B]`` of ``bce_fwd``."""
     buffers = (csl, count, wrong, min_margin, label_csl, label_margin)
+    _check_record_args(logits, target, stats, index, dict(zip(_BUFFER_NAMES, buffers, strict=True)))
     given = [b for b in buffers if b is not None]
     batch, labels = logits.shape
     if batch == 0 or not given:

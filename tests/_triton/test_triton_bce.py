@@ -155,6 +155,34 @@ def test_record_with_some_buffers(tdevice):
                 torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_record_refuses_buffers_it_would_write_past(tdevice, deterministic):
+    """Every buffer is written at index k < N of the first one given: a shorter, strided or
+    [N, L'] one (a slice of a larger tensor here) is refused before any write, by name, as
+    by the C++ op; so are stats and an index of another batch."""
+    logits, target = _inputs(4, 3, torch.float32, tdevice)
+    stats = reference.bce_row_statistics(logits, target)
+    index = torch.tensor([0, 3, 3, 1], device=tdevice)
+    big = torch.zeros(20, device=tdevice)
+    csl = torch.zeros(4, device=tdevice)
+    cases = [
+        (dict(csl=csl, count=big[:2]), ValueError, "count has 2 rows"),
+        (dict(csl=csl, wrong=big[:8:2]), ValueError, r"wrong must be a contiguous 1-D"),
+        (dict(csl=csl, label_csl=big[:8].view(4, 2)), ValueError, r"\[N, L = 3\]"),
+        (dict(csl=csl, min_margin=big[:4].long()), TypeError, "min_margin must be"),
+        (dict(csl=csl, stats=stats[:2]), ValueError, r"stats must be the float32 \[4, B = 4\]"),
+        (dict(csl=csl, index=index[:2]), ValueError, r"index must be 1-D .*B = 4"),
+        (dict(csl=csl, index=index.float()), TypeError, "int64 or int32"),
+    ]
+    names = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+    for given, exc, match in cases:
+        s, i = given.pop("stats", stats), given.pop("index", index)
+        before = big.clone(), csl.clone()
+        with pytest.raises(exc, match=match):
+            bce_record_triton(logits, target, s, i, deterministic, *map(given.get, names))
+        assert torch.equal(big, before[0]) and torch.equal(csl, before[1]), match
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_accumulate_bce_on_triton(tdevice, dtype, reduction):
