@@ -7,7 +7,9 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "stats.h"
 
@@ -189,6 +191,33 @@ inline void check_index_range(const char* op, const int64_t* index, int64_t B, i
     TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast.", op, ": index[", i, "] = ",
                       index[i], " is outside [0, N = ", n, ")");
   }
+}
+
+// Whether the bytes two tensors' elements span intersect, whatever their strides (>= 0).
+inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const auto lo = reinterpret_cast<std::uintptr_t>(t.data_ptr());
+    return std::pair{lo, lo + static_cast<std::uintptr_t>((last + 1) * t.element_size())};
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// scatter_stats, record_loss, bce_record: the index as contiguous int64, read after
+// check_dataset_index while `bufs` are written. A private copy where it shares memory
+// with one of them (the count passed as the index too): each write would otherwise change
+// entries after their check, to indices past the buffer's end.
+inline at::Tensor index_for_writes(const at::Tensor& index,
+                                   std::initializer_list<std::optional<at::Tensor>> bufs) {
+  at::Tensor idx = index.to(at::kLong).contiguous();
+  for (const auto& buf : bufs) {
+    if (buf.has_value() && spans_overlap(idx, *buf)) return idx.clone();
+  }
+  return idx;
 }
 
 // scatter_stats, record_loss, bce_record: every dataset index in [0, n), n the csl buffer's

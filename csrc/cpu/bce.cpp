@@ -379,7 +379,8 @@ void bce_record(const at::Tensor& logits, const at::Tensor& target, const at::Te
                                           min_margin, label_csl, label_margin, on_cpu);
   if (n < 0) return;
   const int64_t B = logits.size(0);
-  const at::Tensor idx = index.to(at::kLong).contiguous();
+  const at::Tensor idx =
+      index_for_writes(index, {csl, count, wrong, min_margin, label_csl, label_margin});
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
   check_dataset_index(ip, B, n);

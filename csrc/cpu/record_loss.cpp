@@ -102,7 +102,8 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
                 "csl_fast.record_loss: a buffer is an inference tensor, which can only be "
                 "written inside torch.inference_mode(); allocate the buffers outside it");
   }
-  const at::Tensor idx = index.to(at::kLong).contiguous();
+  const at::Tensor idx =
+      index_for_writes(index, {csl, count, last_loss, epoch_loss_sum, epoch_count});
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
   check_dataset_index(ip, B, n);

@@ -32,7 +32,7 @@ void scatter_stats(const at::Tensor& stats, const at::Tensor& index, bool determ
   const int64_t B = check_scatter_args(stats, index);
   const int64_t n = check_buffers(csl, count, [](const at::Tensor&, const char*) {});
   if (n < 0) return;
-  const at::Tensor idx = index.to(at::kLong).contiguous();
+  const at::Tensor idx = index_for_writes(index, {csl, count});
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
   check_dataset_index(ip, B, n);
