@@ -22,6 +22,7 @@ from ._ext import resolve_backend
 from .accumulate_checks import (
     _overlap,
     check_buffer,
+    check_buffers_apart,
     check_count_fits,
     check_writable,
     validate_by_default,
@@ -274,6 +275,11 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
                 ".to(logits.device)",
             )
     _check_buffers(buffers, labels)
+    check_buffers_apart(
+        "accumulate_bce",
+        dict(zip(_NAMES, buffers, strict=True)),
+        {"index": index, "target": target},
+    )
 
 
 def _check_option(name: str, opt: object, logits: torch.Tensor) -> None:

@@ -42,6 +42,26 @@ def check_count_fits(op: str, csl: torch.Tensor, count: torch.Tensor) -> None:
         )
 
 
+def check_buffers_apart(
+    op: str, buffers: dict[str, torch.Tensor | None], inputs: dict[str, object]
+) -> None:
+    """No buffer written in place shares memory with an input of the call: the index
+    above all, whose entries would change under the adds (a count passed as the index too
+    counts into it). Not while tracing (no addresses)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, buf in buffers.items():
+        if buf is None:
+            continue
+        for other, t in inputs.items():
+            if isinstance(t, torch.Tensor) and _overlap(buf, t):
+                raise ValueError(
+                    f"csl_fast.{op}: {name} shares memory with {other} (the same tensor, or "
+                    f"views of one), so the call would add into its own input; allocate "
+                    f"{name} separately, e.g. torch.zeros(num_samples)"
+                )
+
+
 def _buffers(
     csl: torch.Tensor | Recorder,
     count: torch.Tensor | None,
@@ -140,6 +160,7 @@ def _check_args(
         check_buffer(op, "count", count, _COUNT_DTYPES, "logits")
         _check_device("count", count, device, op)
         check_count_fits(op, csl, count)
+    check_buffers_apart(op, {"csl": csl, "count": count}, {"index": index, "target": target})
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(

@@ -19,7 +19,12 @@ import torch
 
 from . import _ext, ops
 from ._ext import resolve_backend
-from .accumulate_checks import check_buffer, check_count_fits, validate_by_default
+from .accumulate_checks import (
+    check_buffer,
+    check_buffers_apart,
+    check_count_fits,
+    validate_by_default,
+)
 from .buffer_locks import buffer_lock
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker, _scatter_add
@@ -330,6 +335,7 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
             "loss",
         )
         check_count_fits("record_loss", csl, count)
+    check_buffers_apart("record_loss", {"csl": csl, "count": count}, {"index": index})
 
 
 def _check_range(index: torch.Tensor, num_samples: int) -> None:

@@ -29,6 +29,7 @@
 #include <optional>
 
 #include "buffer_locks.h"
+#include "checks.h"
 #include "stats.h"
 
 namespace {
@@ -154,8 +155,9 @@ bool overlap(const at::Tensor& a, const at::Tensor& b) {
 // (which must see torch.ops; Python checks for functorch transforms). An inference
 // tensor written outside inference mode would fail its version bump after the write:
 // the op-by-op path raises that as it always has.
-bool declines(const at::Tensor& logits, const at::Tensor& target, const OptTensor& weight,
-              const at::Tensor& csl, const OptTensor& count, const std::optional<State>& state) {
+bool declines(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& index,
+              const OptTensor& weight, const at::Tensor& csl, const OptTensor& count,
+              const std::optional<State>& state) {
   const auto dt = logits.scalar_type();
   if (!logits.is_cpu() || logits.dim() != 2 || target.dim() != 1 ||
       !(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16)) {
@@ -163,6 +165,12 @@ bool declines(const at::Tensor& logits, const at::Tensor& target, const OptTenso
   }
   if (csl.requires_grad() || (count && (count->requires_grad() || overlap(csl, *count)))) {
     return true;
+  }
+  // A buffer sharing memory with the index or target: the Python checks refuse it.
+  for (const OptTensor& buf : {OptTensor(csl), count}) {
+    if (buf && (csl_fast::spans_overlap(*buf, index) || csl_fast::spans_overlap(*buf, target))) {
+      return true;
+    }
   }
   if (weight && weight->requires_grad() && at::GradMode::is_enabled()) return true;
   if (at::impl::torch_function_mode_enabled()) return true;
@@ -196,7 +204,7 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
       at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       const OptTensor&)>("csl_fast::record_last");
-  if (declines(logits, target, weight, csl, count, state)) return std::nullopt;
+  if (declines(logits, target, index, weight, csl, count, state)) return std::nullopt;
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
   for (const OptTensor& t : {OptTensor(target), weight, OptTensor(index), OptTensor(csl), count}) {

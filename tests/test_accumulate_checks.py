@@ -159,3 +159,25 @@ def test_inference_buffers_are_written_inside_inference_mode_only(backend):
     want = F.cross_entropy(logits, target, reduction="none")
     torch.testing.assert_close(csl[index], want)
     torch.testing.assert_close(tracker.csl_sum[index], want)
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_a_buffer_sharing_memory_with_an_input_is_refused(backend):
+    """An index passed as the count too was counted into while it was read (the C++ kernel
+    wrote past the count); a csl over the target likewise adds into an input. Refused by
+    name on every path (the one-call CPU step declines it), with nothing written."""
+    big = torch.full((12,), 3, dtype=torch.long)
+    index, target = big[4:8], big[:4]
+    logits, csl = torch.randn(4, 5), torch.zeros(4)
+    for kwargs, match in (
+        (dict(csl=csl, count=index), "count shares memory with index"),
+        (dict(csl=csl, count=big[:4]), "count shares memory with target"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            csl_fast.accumulate(logits, target, index, backend=backend, **kwargs)
+        assert big.tolist() == [3] * 12 and not csl.any()
+    with pytest.raises(ValueError, match="count shares memory with index"):
+        csl_fast.record_loss(torch.rand(4), index, csl, count=index, backend=backend)
+    with pytest.raises(ValueError, match="count shares memory with index"):
+        csl_fast.accumulate_bce(logits, torch.ones(4, 5), index, csl, count=index, backend=backend)
+    assert big.tolist() == [3] * 12 and not csl.any()

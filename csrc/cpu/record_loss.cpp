@@ -97,13 +97,15 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
     TORCH_CHECK_VALUE(t.device() == loss.device() && index.device() == loss.device(),
                       "csl_fast.record_loss: every tensor must be on the loss's device (",
                       loss.device(), ")");
+    // The index's entries would change under the adds, after their range check.
+    TORCH_CHECK_VALUE(!spans_overlap(t, index), "csl_fast.record_loss: a buffer shares memory ",
+                      "with index; allocate the buffers separately");
     // The bump below would raise after the write.
     TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
                 "csl_fast.record_loss: a buffer is an inference tensor, which can only be "
                 "written inside torch.inference_mode(); allocate the buffers outside it");
   }
-  const at::Tensor idx =
-      index_for_writes(index, {csl, count, last_loss, epoch_loss_sum, epoch_count});
+  const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
   check_dataset_index(ip, B, n);
