@@ -43,23 +43,26 @@ def check_count_fits(op: str, csl: torch.Tensor, count: torch.Tensor) -> None:
 
 
 def check_buffers_apart(
-    op: str, buffers: dict[str, torch.Tensor | None], inputs: dict[str, object]
+    op: str, buffers: dict[str, torch.Tensor | None], index: torch.Tensor
 ) -> None:
-    """No buffer written in place shares memory with an input of the call: the index
-    above all, whose entries would change under the adds (a count passed as the index too
-    counts into it). Not while tracing (no addresses)."""
-    if torch.compiler.is_compiling():
+    """No buffer written in place shares memory with the 1-D ``index`` of the call, whose
+    entries would change under the adds (a count passed as the index too counts into it).
+    Runs on every step: integer address ranges, no tensor method in the common case. Not
+    while tracing (no addresses)."""
+    if torch.compiler.is_compiling() or index.shape[0] == 0:
         return
+    i0 = index.data_ptr()
+    i1 = i0 + ((index.shape[0] - 1) * index.stride(0) + 1) * index.element_size()
     for name, buf in buffers.items():
         if buf is None:
             continue
-        for other, t in inputs.items():
-            if isinstance(t, torch.Tensor) and _overlap(buf, t):
-                raise ValueError(
-                    f"csl_fast.{op}: {name} shares memory with {other} (the same tensor, or "
-                    f"views of one), so the call would add into its own input; allocate "
-                    f"{name} separately, e.g. torch.zeros(num_samples)"
-                )
+        b0 = buf.data_ptr()
+        if b0 < i1 and i0 < b0 + buf.numel() * buf.element_size() and buf.device == index.device:
+            raise ValueError(
+                f"csl_fast.{op}: {name} shares memory with index (the same tensor, or views "
+                f"of one), so the call would add into the indices it reads; allocate {name} "
+                "separately, e.g. torch.zeros(num_samples)"
+            )
 
 
 def _buffers(
@@ -160,7 +163,7 @@ def _check_args(
         check_buffer(op, "count", count, _COUNT_DTYPES, "logits")
         _check_device("count", count, device, op)
         check_count_fits(op, csl, count)
-    check_buffers_apart(op, {"csl": csl, "count": count}, {"index": index, "target": target})
+    check_buffers_apart(op, {"csl": csl, "count": count}, index)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(

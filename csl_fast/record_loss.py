@@ -335,7 +335,7 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
             "loss",
         )
         check_count_fits("record_loss", csl, count)
-    check_buffers_apart("record_loss", {"csl": csl, "count": count}, {"index": index})
+    check_buffers_apart("record_loss", {"csl": csl, "count": count}, index)
 
 
 def _check_range(index: torch.Tensor, num_samples: int) -> None:

@@ -166,11 +166,9 @@ bool declines(const at::Tensor& logits, const at::Tensor& target, const at::Tens
   if (csl.requires_grad() || (count && (count->requires_grad() || overlap(csl, *count)))) {
     return true;
   }
-  // A buffer sharing memory with the index or target: the Python checks refuse it.
-  for (const OptTensor& buf : {OptTensor(csl), count}) {
-    if (buf && (csl_fast::spans_overlap(*buf, index) || csl_fast::spans_overlap(*buf, target))) {
-      return true;
-    }
+  // A buffer sharing memory with the index: the Python checks refuse it.
+  if (csl_fast::spans_overlap(csl, index) || (count && csl_fast::spans_overlap(*count, index))) {
+    return true;
   }
   if (weight && weight->requires_grad() && at::GradMode::is_enabled()) return true;
   if (at::impl::torch_function_mode_enabled()) return true;

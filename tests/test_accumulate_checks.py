@@ -164,14 +164,15 @@ def test_inference_buffers_are_written_inside_inference_mode_only(backend):
 @pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
 def test_a_buffer_sharing_memory_with_an_input_is_refused(backend):
     """An index passed as the count too was counted into while it was read (the C++ kernel
-    wrote past the count); a csl over the target likewise adds into an input. Refused by
-    name on every path (the one-call CPU step declines it), with nothing written."""
+    wrote past the count). Refused by name on every path (the one-call CPU step declines
+    it), with nothing written."""
     big = torch.full((12,), 3, dtype=torch.long)
     index, target = big[4:8], big[:4]
     logits, csl = torch.randn(4, 5), torch.zeros(4)
     for kwargs, match in (
         (dict(csl=csl, count=index), "count shares memory with index"),
-        (dict(csl=csl, count=big[:4]), "count shares memory with target"),
+        (dict(csl=csl, count=big[2:6]), "count shares memory with index"),
+        (dict(csl=index.view(torch.float64)), "csl shares memory with index"),
     ):
         with pytest.raises(ValueError, match=match):
             csl_fast.accumulate(logits, target, index, backend=backend, **kwargs)
