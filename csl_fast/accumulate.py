@@ -202,7 +202,8 @@ def accumulate(
     ``ops._RoundOnceCrossEntropy``, :mod:`csl_fast.ops_backward`), and their forward
     forms no gradient (no logits-sized buffer), as no call without grad does. Double
     backward is not supported. Buffers must not require grad or share memory with each
-    other; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
+    other or with ``index``; a ``weight`` that requires grad is refused, as
+    ``F.cross_entropy`` refuses it.
     """
     if (
         _any_autocast()
