@@ -716,15 +716,7 @@ def memorized(
     review budget) is often the natural flagging rule here.
 
     Args:
-        source: a :class:`csl_fast.CSLTracker`, a ``{name: [N] tensor}`` mapping such as
-            :func:`csl_fast.scores` returns, or a plain ``[N]`` score tensor (higher = more
-            suspicious; ``rule="auto"`` gives it the valley rule).
-        score: the name of the score that ranks and flags (:data:`csl_fast.SCORES`);
-            unused for a plain tensor.
-        rule: ``"auto"``, ``"two_view"``, ``"valley"``, ``"fraction"`` or ``"threshold"``,
-            as the module docstring defines them.
-        fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
-        threshold: with ``rule="threshold"``, flag the samples whose score exceeds it.
+        source, score, rule, fraction, threshold: as :func:`mislabeled`.
 
     Returns:
         a :class:`Detection` of the ``N`` samples.
