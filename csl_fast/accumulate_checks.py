@@ -22,7 +22,10 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two contiguous buffers share memory (the same tensor, or views of one)."""
     # On every step with a count buffer: the cheap address test first.
-    a0, b0 = a.data_ptr(), b.data_ptr()
+    try:
+        a0, b0 = a.data_ptr(), b.data_ptr()
+    except RuntimeError:  # a torch.func wrapper (vmap, grad): no storage, no address
+        return False
     return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.device == b.device
 
 
@@ -51,12 +54,18 @@ def check_buffers_apart(
     while tracing (no addresses)."""
     if torch.compiler.is_compiling() or index.shape[0] == 0:
         return
-    i0 = index.data_ptr()
+    try:
+        i0 = index.data_ptr()
+    except RuntimeError:  # a torch.func wrapper (vmap, grad): no storage, no address
+        return
     i1 = i0 + ((index.shape[0] - 1) * index.stride(0) + 1) * index.element_size()
     for name, buf in buffers.items():
         if buf is None:
             continue
-        b0 = buf.data_ptr()
+        try:
+            b0 = buf.data_ptr()
+        except RuntimeError:
+            continue
         if b0 < i1 and i0 < b0 + buf.numel() * buf.element_size() and buf.device == index.device:
             raise ValueError(
                 f"csl_fast.{op}: {name} shares memory with index (the same tensor, or views "
