@@ -59,16 +59,18 @@ Checkpoints
 Save a tracker after :meth:`~CSLTracker.end_epoch` (or after a :func:`sync`) on one rank:
 it then holds the global state. To resume, load the same file on **every** rank and call
 :func:`mark_synced` before training, so that the next sync does not count the loaded state
-once per rank. A tracker that has closed epochs but was never synced or marked makes
-:func:`sync` raise rather than guess.
+once per rank. A tracker loaded (:meth:`~CSLTracker.load`,
+:meth:`~CSLTracker.load_state_dict`, :meth:`~CSLTracker.from_file`) and not marked since, or
+one that has closed epochs but was never synced or marked, makes :func:`sync` raise
+rather than guess.
 
 Agreement and timeouts
 ----------------------
 Before any other collective, :func:`sync` and :func:`mark_synced` all-gather a small
 fingerprint from every rank: the call, ``num_samples``, ``num_classes`` (a tracker without
 it agrees with any), the dtype, ``history``, ``num_labels``, the set of buffers, ``epoch``,
-``eval_passes`` and whether the tracker was synced before (:func:`mark_synced` adds its
-count totals). When the ranks differ, every
+``eval_passes``, whether the tracker was synced before and whether it was loaded and not
+marked since (:func:`mark_synced` adds its count totals). When the ranks differ, every
 rank raises the same :class:`SyncError` naming the fields and each rank's value, instead
 of entering collectives of mismatched sizes (which gloo answers with an abort).
 
@@ -159,6 +161,9 @@ def get_timeout() -> float:
 
 
 _STATE_ATTR = "_csl_sync_state"
+# Set by a load (csl_fast/tracker_state.py), cleared by mark_synced: the loaded state is
+# already global, and only mark_synced can say so on every rank.
+_LOADED_ATTR = "_csl_loaded"
 # Per-epoch / per-eval-pass scratch buffers that end_epoch / end_eval_pass reset to zero.
 _RESET_BY_EPOCH = ("epoch_input_grad_sq_sum", "epoch_input_grad_count", "epoch_loss_sum",
                    "epoch_count")  # fmt: skip
@@ -244,6 +249,7 @@ _FIELDS = (
     "epoch",
     "eval_passes",
     "synced before",
+    "loaded, not marked",
     "csl_count total",
     "eval_count total",
 )
@@ -252,6 +258,8 @@ _IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the m
 
 
 def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
+    # mark_synced is what clears a load's flag: ranks that differ in it may still mark.
+    loaded = call == 1 and tracker.__dict__.get(_LOADED_ATTR, False)
     names = ",".join(f"{k}:{b.dtype}:{b.shape[1:]}" for k, b in sorted(tracker.buffers().items()))
     totals = [0, 0]
     if call == 2:  # mark_synced: the loaded states must be the same checkpoint
@@ -268,6 +276,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         tracker.epoch,
         tracker.eval_passes,
         int(has_state),
+        int(loaded),
         *totals,
         tracker.input_grad_first_epoch,
     ]
@@ -278,7 +287,7 @@ def _show(name: str, value: int) -> str:
         return _CALLS.get(value, str(value))
     if name == "dtype":
         return f"float{value}"
-    if name in ("history", "synced before"):
+    if name in ("history", "synced before", "loaded, not marked"):
         return str(bool(value))
     if name in ("num_classes", "num_labels"):
         return str(value or None)
@@ -372,11 +381,20 @@ def mark_synced(tracker: CSLTracker, group: Any = None, *, timeout: float | None
     _set_baseline(tracker)
 
 
+def note_loaded(tracker: CSLTracker) -> None:
+    """Record that a load replaced ``tracker``'s state (:meth:`CSLTracker.load`,
+    :meth:`~CSLTracker.load_state_dict`, :meth:`~CSLTracker.from_file`): its baseline, if
+    any, no longer describes it, so :func:`sync` refuses until :func:`mark_synced`."""
+    tracker.__dict__.pop(_STATE_ATTR, None)
+    tracker.__dict__[_LOADED_ATTR] = True
+
+
 def _set_baseline(tracker: CSLTracker) -> None:
     # The last-value floats need no baseline: a rank that did not present a sample in the
     # window still holds the synced value.
     keep = {n: b.clone() for n, b in tracker.buffers().items() if n not in _LAST_FLOATS}
     setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
+    tracker.__dict__.pop(_LOADED_ATTR, None)
 
 
 def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:
@@ -388,14 +406,15 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
 
     Before any other collective the ranks all-gather a fingerprint of their trackers and
     calls (``num_samples``, ``num_classes``, dtype, ``history``, ``num_labels``, the buffer
-    set, ``epoch``, ``eval_passes``, synced before), so trackers that differ raise a clear
-    error instead of mismatched collectives. Each collective waits at most ``timeout``
-    seconds (default :func:`get_timeout`).
+    set, ``epoch``, ``eval_passes``, synced before, loaded and not marked since), so
+    trackers that differ raise a clear error instead of mismatched collectives. Each
+    collective waits at most ``timeout`` seconds (default :func:`get_timeout`).
 
     Raises:
         SyncError: the ranks' fingerprints differ (the same error on every rank), or the
-            tracker has closed epochs without ever being synced or marked (a checkpoint
-            loaded without :func:`mark_synced`), or it was reloaded since its last sync.
+            tracker was loaded and not marked with :func:`mark_synced` since, or it has
+            closed epochs without ever being synced or marked, or its ``epoch`` moved by
+            more than one since its last sync.
         SyncTimeoutError: a rank did not join in time (it skipped ``end_epoch``, exited
             or crashed).
     """
@@ -413,6 +432,14 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     # --- 1. every rank must be at the same point (one tiny collective) -----------------
     table = _agree(tracker, group, 1, state is not None, timeout)
     igfes = [v for v in table[:, _IGFE].tolist() if v >= 0]
+    if tracker.__dict__.get(_LOADED_ATTR, False):  # the same on every rank (fingerprint)
+        raise SyncError(
+            "csl_fast.distributed.sync: this tracker was loaded (load, load_state_dict or "
+            "from_file) and not marked since, so sync cannot tell the loaded, already global "
+            "state from this rank's new presentations and would add it once per rank. After "
+            "loading the same checkpoint on every rank, call "
+            "csl_fast.distributed.mark_synced(tracker) on every rank before training"
+        )
     if state is None and tracker.epoch > 0:
         raise SyncError(
             f"csl_fast.distributed.sync: this tracker has {tracker.epoch} closed epochs but was "

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .distributed import note_loaded
 from .tracker_buffers import _MINUS_ONE, buffer_shape
 from .tracker_invariants import check_invariants, sample_chunks
 
@@ -339,6 +340,7 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
     if tracker.num_classes is None:
         tracker.num_classes = checked["num_classes"]
+    note_loaded(tracker)
 
 
 def state_dict(tracker: CSLTracker) -> dict[str, Any]:

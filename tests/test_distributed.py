@@ -500,3 +500,58 @@ def test_a_forgetting_count_past_int32_over_the_ranks_is_refused_on_every_rank(t
             "2147483650, past 2**31 - 1 = 2147483647, the most a tracker's int32 forgetting "
             "counter holds; this tracker is left as it was | unchanged: True"
         )
+
+
+def _load_worker(rank: int, init: str, out: str):
+    """Loads that sync could not tell from presentations: a checkpoint of epoch 0 (saved
+    after a sync), and an older checkpoint loaded into a tracker synced since."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    msgs = []
+
+    def attempt(t: CSLTracker) -> None:
+        try:
+            t.sync()
+            msgs.append(t.csl_count.tolist())
+        except SyncError as exc:
+            msgs.append(str(exc))
+
+    try:
+        one = torch.zeros(1, C), torch.tensor([0])
+        t = CSLTracker(4, C)
+        csl_fast.accumulate(*one, torch.tensor([rank]), t)
+        t.sync()
+        path = os.path.join(out, "epoch0.csl")
+        if rank == 0:
+            t.save(path)  # csl_count [1, 1, 0, 0]
+        dist.barrier()
+        attempt(CSLTracker.from_file(path))  # was [2, 2, 0, 0]: the file once per rank
+        t.end_epoch()
+        t.end_epoch()
+        older = t.state_dict()  # epoch 2
+        older = {**older, "buffers": {k: v.clone() for k, v in older["buffers"].items()}}
+        csl_fast.accumulate(*one, torch.tensor([rank]), t)
+        t.end_epoch()  # synced at epoch 2: csl_count [2, 2, 0, 0]
+        t.load_state_dict(older)
+        attempt(t)  # was [0, 0, 0, 0]: base + 2 x (older - base)
+        mark_synced(t)
+        csl_fast.accumulate(*one, torch.tensor([2 + rank]), t)
+        attempt(t)
+        u = CSLTracker(4, C)
+        if rank == 1:
+            u.load_state_dict(CSLTracker(4, C).state_dict())
+        attempt(u)
+        with open(os.path.join(out, f"load{rank}.json"), "w") as f:
+            json.dump(msgs, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_after_a_load_without_mark_synced_raises_on_every_rank(tmp_path):
+    _spawn(_load_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    got = [json.loads((tmp_path / f"load{r}.json").read_text()) for r in range(WORLD)]
+    assert got[0] == got[1]
+    for msg in got[0][:2]:
+        assert "was loaded" in msg and "mark_synced(tracker) on every rank" in msg, msg
+    assert got[0][2] == [1.0, 1.0, 1.0, 1.0]
+    assert "loaded, not marked (rank 0: False, rank 1: True)" in got[0][3]
