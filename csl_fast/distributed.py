@@ -88,7 +88,8 @@ Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), on
 (forgetting, the owners' learned epochs and suggested-label votes; a forgetting count past
 int32 raises :class:`SyncError` on every rank, the trackers unchanged) and one
 ``all_gather`` of one byte per sample. NCCL and gloo both work; with NCCL a CPU tracker
-is moved to the current CUDA device for the collectives.
+is moved to the current CUDA device for the collectives. A tracker on the ``meta``
+device, or an NCCL group where torch has no CUDA, raises :class:`SyncError` on every rank.
 """
 
 from __future__ import annotations
@@ -216,9 +217,19 @@ def _classify(tracker: CSLTracker) -> list[str]:
 
 
 def _comm_device(tracker: CSLTracker, group: Any) -> torch.device:
-    if tracker.device.type == "cpu" and dist.get_backend(group) == "nccl":
+    """Where the collectives' tensors live: the tracker's device, but a CUDA device for a
+    CPU tracker under NCCL, and the CPU (gloo) for a meta tracker, whose fingerprint must
+    still reach the other ranks for the same error to be raised on all of them."""
+    host = tracker.device.type in ("cpu", "meta")
+    if host and dist.get_backend(group) == "nccl":
+        if not torch.cuda.is_available():
+            raise SyncError(
+                "csl_fast.distributed: the process group uses NCCL, which needs CUDA, but "
+                "torch.cuda.is_available() is False (a CPU-only torch build or no visible "
+                "GPU); initialise the process group with backend 'gloo' to sync CPU trackers"
+            )
         return torch.device("cuda", torch.cuda.current_device())
-    return tracker.device
+    return torch.device("cpu") if tracker.device.type == "meta" else tracker.device
 
 
 def _baseline(tracker: CSLTracker, state: _SyncState | None, name: str) -> torch.Tensor | None:
@@ -250,6 +261,7 @@ _FIELDS = (
     "eval_passes",
     "synced before",
     "loaded, not marked",
+    "meta device",
     "csl_count total",
     "eval_count total",
 )
@@ -262,7 +274,8 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
     loaded = call == 1 and tracker.__dict__.get(_LOADED_ATTR, False)
     names = ",".join(f"{k}:{b.dtype}:{b.shape[1:]}" for k, b in sorted(tracker.buffers().items()))
     totals = [0, 0]
-    if call == 2:  # mark_synced: the loaded states must be the same checkpoint
+    meta = tracker.device.type == "meta"
+    if call == 2 and not meta:  # mark_synced: the loaded states must be the same checkpoint
         t = torch.stack([tracker.csl_count.double().sum(), tracker.eval_count.double().sum()])
         totals = t.cpu().view(torch.int64).tolist()
     return [
@@ -277,6 +290,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         tracker.eval_passes,
         int(has_state),
         int(loaded),
+        int(meta),
         *totals,
         tracker.input_grad_first_epoch,
     ]
@@ -287,7 +301,7 @@ def _show(name: str, value: int) -> str:
         return _CALLS.get(value, str(value))
     if name == "dtype":
         return f"float{value}"
-    if name in ("history", "synced before", "loaded, not marked"):
+    if name in ("history", "synced before", "loaded, not marked", "meta device"):
         return str(bool(value))
     if name in ("num_classes", "num_labels"):
         return str(value or None)
@@ -321,6 +335,12 @@ def _agree(tracker: CSLTracker, group: Any, call: int, has_state: bool, timeout:
             "dtype, history and num_labels, call end_epoch() and score_epoch() the same number "
             "of times, and make the same sync()/mark_synced() calls together (after loading "
             "the same checkpoint)"
+        )
+    if tracker.device.type == "meta":  # the same on every rank (fingerprint)
+        raise SyncError(
+            f"csl_fast.distributed.{what}: the tracker lives on the 'meta' device, which "
+            "holds shapes but no values, so there is nothing to combine; create it with "
+            "device='cpu' or a CUDA device to record and sync"
         )
     if tracker.num_classes is None:  # every rank ends up with the same metadata
         tracker.num_classes = max(

@@ -555,3 +555,49 @@ def test_sync_after_a_load_without_mark_synced_raises_on_every_rank(tmp_path):
         assert "was loaded" in msg and "mark_synced(tracker) on every rank" in msg, msg
     assert got[0][2] == [1.0, 1.0, 1.0, 1.0]
     assert "loaded, not marked (rank 0: False, rank 1: True)" in got[0][3]
+
+
+def _device_worker(rank: int, init: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    set_timeout(20.0)  # a hang would be a timeout, not an error naming the device
+    msgs = []
+
+    def attempt(call) -> None:
+        try:
+            call()
+            msgs.append("no error")
+        except SyncError as exc:
+            msgs.append(f"{type(exc).__name__}: {exc}")
+
+    try:
+        meta = CSLTracker(4, C, device="meta")
+        attempt(meta.sync)  # was a timeout blaming a rank that skipped end_epoch()
+        attempt(lambda: mark_synced(meta))  # was "Cannot copy out of meta tensor"
+        attempt(CSLTracker(4, C, device="meta" if rank else "cpu").end_epoch)
+        # A process group that asks for NCCL where torch has no CUDA (was an
+        # AssertionError "Torch not compiled with CUDA enabled" from torch.cuda).
+        get_backend, available = dist.get_backend, torch.cuda.is_available
+        dist.get_backend, torch.cuda.is_available = (lambda group=None: "nccl"), (lambda: False)
+        try:
+            attempt(CSLTracker(4, C).sync)
+        finally:
+            dist.get_backend, torch.cuda.is_available = get_backend, available
+        assert CSLTracker(4, C).sync()  # the group still works
+        with open(os.path.join(out, f"dev{rank}.json"), "w") as f:
+            json.dump(msgs, f)
+    finally:
+        set_timeout(None)
+        dist.destroy_process_group()
+
+
+def test_meta_trackers_and_nccl_without_cuda_raise_clear_errors(tmp_path):
+    _spawn(_device_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    got = [json.loads((tmp_path / f"dev{r}.json").read_text()) for r in range(WORLD)]
+    assert got[0] == got[1]
+    sync, mark, mixed, nccl = got[0]
+    assert sync.startswith("SyncError: csl_fast.distributed.sync: the tracker lives on the")
+    assert "'meta' device" in sync and "device='cpu'" in sync
+    assert mark.startswith("SyncError: csl_fast.distributed.mark_synced: the tracker lives")
+    assert "meta device (rank 0: False, rank 1: True)" in mixed
+    assert "uses NCCL, which needs CUDA" in nccl and "backend 'gloo'" in nccl
