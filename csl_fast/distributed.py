@@ -49,10 +49,12 @@ Combination rules
 
   The one case the rule cannot reconstruct from per-rank state is a sample presented on
   several ranks in one window *and* several times on one of the later ranks (a custom
-  sampler with repeats, or syncing less often than once per epoch): the first presentation
-  on that rank is not kept, so a transition at the seam may be missed or added. ``sync``
-  then warns with the number of such samples; their ``forgetting`` is off by at most one
-  per rank.
+  sampler that repeats samples within an epoch; ``end_epoch`` syncs, so a window never
+  spans two epochs): the first presentation on that rank is not kept, so a transition at
+  the seam may be missed or added. ``sync`` then warns with the number of such samples;
+  their ``forgetting`` is off by at most one per rank (checked over every correctness
+  sequence of up to 2 + 3 presentations on 2 ranks). A ``sync()`` on every rank between
+  the repeats keeps each window to one presentation per rank, which is exact.
 
 Checkpoints
 -----------
@@ -597,7 +599,8 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
         warnings.warn(
             f"csl_fast.distributed.sync: {n_unsure} samples were presented on several ranks "
             "and several times on one rank within one sync window; their forgetting counts "
-            "may be off by one per rank (sync at least once per epoch to avoid this)",
+            "may be off by one per rank (a sync() on every rank between the repeats avoids "
+            "this)",
             RuntimeWarning,
             stacklevel=2,
         )
