@@ -11,13 +11,13 @@ Sync windows and deltas
 -----------------------
 A *sync window* is the time between two syncs of a tracker. Each sync combines only what
 changed in its window: the tracker remembers the synced (global) state of the previous sync
-as a *baseline* (allocated on the first sync; about 70 bytes per sample in float32), each
-rank contributes ``local - baseline`` and the result is ``baseline + sum over ranks``.
-Calling :func:`sync` twice in a row therefore changes nothing the second time, and syncing
-more often (by hand, mid-epoch) gives the same result as syncing once per epoch. Buffers
-that :meth:`~CSLTracker.end_epoch` / :meth:`~CSLTracker.end_eval_pass` reset
-(``epoch_*``, ``eval_pass_*``) use a zero baseline once the epoch (eval pass) they were
-synced in has been closed.
+as a *baseline* (allocated on the first sync; 74 bytes per sample in float32, 90 with
+``history=True``, 126 in float64), each rank contributes ``local - baseline`` and the
+result is ``baseline + sum over ranks``. Calling :func:`sync` twice in a row therefore
+changes nothing the second time, and syncing more often (by hand, mid-epoch) gives the
+same result as syncing once per epoch. Buffers that :meth:`~CSLTracker.end_epoch` /
+:meth:`~CSLTracker.end_eval_pass` reset (``epoch_*``, ``eval_pass_*``) use a zero baseline
+once the epoch (eval pass) they were synced in has been closed.
 
 Combination rules
 -----------------
