@@ -15,9 +15,14 @@ as a *baseline* (allocated on the first sync; 74 bytes per sample in float32, 90
 ``history=True``, 126 in float64), each rank contributes ``local - baseline`` and the
 result is ``baseline + sum over ranks``. Calling :func:`sync` twice in a row therefore
 changes nothing the second time, and syncing more often (by hand, mid-epoch) gives the
-same result as syncing once per epoch. Buffers that :meth:`~CSLTracker.end_epoch` /
-:meth:`~CSLTracker.end_eval_pass` reset (``epoch_*``, ``eval_pass_*``) use a zero baseline
-once the epoch (eval pass) they were synced in has been closed.
+same sums and counts as syncing once per epoch. The values combined by ownership (below)
+follow the order of the windows: with ``DistributedSampler`` they are unchanged too (but
+the suggested-label vote of a padding repeat, exact once the repeat is in a later window
+than the regular presentation); where a custom sampler shows a sample on two ranks in one
+epoch, a sync between the two presentations can change which rank's come last. Buffers
+that :meth:`~CSLTracker.end_epoch` / :meth:`~CSLTracker.end_eval_pass` reset
+(``epoch_*``, ``eval_pass_*``) use a zero baseline once the epoch (eval pass) they were
+synced in has been closed.
 
 Combination rules
 -----------------
