@@ -17,17 +17,25 @@ dependencies)::
 (which under ``torch.distributed`` / ``accelerate`` combines the ranks), writes the tracker
 into every checkpoint folder as ``csl_tracker.csl`` (a checkpoint saved at an epoch's
 last step holds that epoch closed) and restores it with ``resume_from_checkpoint``.
-Evaluation and prediction batches are not recorded. The returned loss is the per-batch
-mean cross entropy (``label_smoothing_factor`` applies), as for the default loss of
-classification models; the Trainer divides it by the gradient accumulation steps.
+Evaluation and prediction batches are not recorded.
+
+The returned loss (``label_smoothing_factor`` applies) is scaled as the plain ``Trainer``
+scales the models' own loss. When the model takes loss keyword arguments (causal LMs and
+most models in transformers 5) the Trainer counts the supervised labels of the whole
+gradient-accumulation step (``num_items_in_batch``, over the ranks with
+``average_tokens_across_devices``): the loss is then the micro-batch's summed cross
+entropy divided by that count (times the ranks), so micro-batches of different token
+counts weigh every token alike, as one large batch would, and the Trainer does not divide
+it again. Otherwise it is the micro-batch mean, which the Trainer divides by the
+accumulation steps.
 
 Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models and
 token classification) are recorded per example: CSL is the example's summed token loss
 over training and ``csl_count`` its number of supervised tokens (labels ``-100``, the
 Hugging Face convention for padding and prompt tokens, count for nothing; see
 :func:`csl_fast.accumulate`). For causal LMs the labels are shifted as the models' own
-loss shifts them (token ``t + 1`` is the target of position ``t``); the returned loss is
-the mean over the batch's supervised tokens. ``csl_linear_cross_entropy=True`` computes
+loss shifts them (token ``t + 1`` is the target of position ``t``), once: pass the
+unshifted labels, as to the model. ``csl_linear_cross_entropy=True`` computes
 the LM head and its loss with :func:`csl_fast.linear_cross_entropy` from the decoder's
 hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
 """
@@ -167,11 +175,9 @@ class CSLTrainer(Trainer):
         self.csl_tracker = csl_tracker
         self.csl_index_column = csl_index_column
         self.csl_tracker_kwargs = csl_tracker_kwargs
-        # compute_loss returns a per-batch mean: let the Trainer scale it for gradient
-        # accumulation, and do not pass num_items_in_batch to the model.
-        self.model_accepts_loss_kwargs = False
-        if hasattr(self, "loss_is_scaled_for_ga"):
-            self.loss_is_scaled_for_ga = False
+        # model_accepts_loss_kwargs stays the model's: where it is True the Trainer counts the
+        # supervised labels of the whole accumulation step (num_items_in_batch), which
+        # _normalize divides by, and it then does not divide by the accumulation steps.
         self.add_callback(_EpochCallback(self))
 
     # Keep the index column: remove_unused_columns keeps only the model's forward arguments.
@@ -207,11 +213,14 @@ class CSLTrainer(Trainer):
         index = self._index_tensor(index)
         labels = inputs.pop("labels")
         if self.csl_linear_cross_entropy:
-            return self._linear_loss(model, inputs, labels, index, return_outputs)
+            return self._linear_loss(
+                model, inputs, labels, index, return_outputs, num_items_in_batch
+            )
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        shifted = False
         if logits.dim() == 3:
-            labels = self._token_targets(model, labels)
+            labels, shifted = self._token_targets(model, labels)
         elif logits.dim() != 2:
             raise ValueError(
                 f"CSLTrainer: expected [batch, classes] logits (one label per example) or "
@@ -231,17 +240,55 @@ class CSLTrainer(Trainer):
         elif labels.dim() > 1 and labels.numel() == logits.shape[0]:
             labels = labels.reshape(-1)  # [B, 1]: the models' own loss takes labels.view(-1)
         tracker = self._tracker_for(logits)
+        items = self._counted(num_items_in_batch, shifted)
         with self._index_hint():
             loss = accumulate(
-                # Token logits as [B*T, V] rows with the [B, T] labels: the explicit sequence
-                # form (3-D logits would be read as F.cross_entropy reads them, [N, C, d]).
-                logits.flatten(0, 1) if logits.dim() == 3 else logits,
+                # Token logits as [B, V, T] (a view), read as F.cross_entropy reads them, with
+                # the [B, T] labels; not [B*T, V], which refuses one-token sequences.
+                logits.transpose(1, 2) if logits.dim() == 3 else logits,
                 labels.to(logits.device, torch.int64),
                 index.to(tracker.device, torch.int64),
                 tracker,
                 label_smoothing=float(self.args.label_smoothing_factor),
+                reduction="mean" if items is None else "sum",
             )
+        loss = self._normalize(loss, items, num_items_in_batch is not None)
         return (loss, outputs) if return_outputs else loss
+
+    def _counted(self, num_items_in_batch: Any, shifted: bool) -> Any:
+        """``num_items_in_batch`` unless the Trainer left out labels this call trains on, then
+        None (the loss is a mean). It counts ``labels[..., 1:]`` for models whose
+        ``loss_type`` shifts (``_loss_shifts_labels``), so ``csl_shift_labels=False`` there
+        would divide by too few (0 for one-token sequences). For other models it counts
+        every label, position 0 included, also where their loss shifts (GPT-2, whose
+        ``loss_type`` is None): the plain Trainer divides by that count, and so does this."""
+        if getattr(self, "_loss_shifts_labels", False) and not shifted:
+            return None
+        return num_items_in_batch
+
+    def _normalize(
+        self, loss: torch.Tensor, num_items_in_batch: Any, counted: bool
+    ) -> torch.Tensor:
+        """The batch's summed loss over the supervised labels of the whole accumulation step,
+        as the models' own loss (``fixed_cross_entropy``) and ``Trainer.compute_loss`` make
+        it when the Trainer passes ``num_items_in_batch``: micro-batches of different token
+        counts then weigh each token equally, as one large batch would. Without it,
+        ``loss`` is the micro-batch mean, which the Trainer divides by the steps unless it
+        ``counted`` (passed a count that :meth:`_counted` set aside)."""
+        if num_items_in_batch is None:
+            if not counted:
+                return loss
+            steps = getattr(self, "current_gradient_accumulation_steps", None)
+            return loss / (steps or self.args.gradient_accumulation_steps)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+        if getattr(self.args, "average_tokens_across_devices", False):
+            # The count is then the ranks' total, and DDP averages the ranks' gradients.
+            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            n_gpu = self.args.n_gpu
+            loss = loss * (self.accelerator.num_processes // tp if n_gpu <= 1 else n_gpu)
+        return loss
 
     def _index_tensor(self, index: Any) -> torch.Tensor:
         """The batch's dataset indices as an integer tensor: a list from a custom collator
@@ -256,9 +303,11 @@ class CSLTrainer(Trainer):
             )
         return index
 
-    def _token_targets(self, model: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    def _token_targets(
+        self, model: torch.nn.Module, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, bool]:
         """Labels ``[B, T]`` as targets of the ``[B, T, V]`` logits: shifted left and padded
-        with -100 for causal LMs (no copy of the logits)."""
+        with -100 for causal LMs (no copy of the logits); and whether they were shifted."""
         shift = self.csl_shift_labels
         if shift is None:
             name = type(self.accelerator.unwrap_model(model)).__name__
@@ -269,9 +318,9 @@ class CSLTrainer(Trainer):
                 f"{tuple(labels.shape)}"
             )
         labels = labels.to(torch.int64)
-        return F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels
+        return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels), bool(shift)
 
-    def _linear_loss(self, model, inputs, labels, index, return_outputs):
+    def _linear_loss(self, model, inputs, labels, index, return_outputs, num_items_in_batch):
         from ..linear_cross_entropy import linear_cross_entropy
 
         core = self.accelerator.unwrap_model(model)
@@ -292,7 +341,9 @@ class CSLTrainer(Trainer):
         hidden = outputs[0]
         if self.csl_shift_labels is None:
             self.csl_shift_labels = True  # the decoder of a causal LM
-        target = self._token_targets(model, labels).to(hidden.device)
+        target, shifted = self._token_targets(model, labels)
+        target = target.to(hidden.device)
+        items = self._counted(num_items_in_batch, shifted)
         if self.csl_tracker is None:
             self.csl_tracker = self._default_tracker(head.weight.shape[0], hidden.device)
         with self._index_hint():
@@ -304,7 +355,9 @@ class CSLTrainer(Trainer):
                 self.csl_tracker,
                 getattr(head, "bias", None),
                 label_smoothing=float(self.args.label_smoothing_factor),
+                reduction="mean" if items is None else "sum",
             )
+        loss = self._normalize(loss, items, num_items_in_batch is not None)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

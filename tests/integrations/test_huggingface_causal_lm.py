@@ -76,3 +76,121 @@ def test_causal_lm_records_summed_token_loss(tmp_path):
     fused_path = _train(tmp_path / "b", fused=True)
     assert fused_path.csl_count.tolist() == supervised.tolist()
     torch.testing.assert_close(fused_path.csl, logits_path.csl, rtol=1e-3, atol=1e-3)
+
+
+class Uneven(Texts):
+    """Examples whose supervised token counts differ widely (7 down to 0 after the shift),
+    so micro-batches of one accumulation step hold different numbers of tokens."""
+
+    def __init__(self, length: int = LEN) -> None:
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, VOCAB, (6, length), generator=g)
+        self.labels = self.ids.clone()
+        for i, (left, right) in enumerate([(0, 0), (3, 0), (0, 4), (0, 0), (2, 5), (0, 8)]):
+            self.labels[i, :left] = -100
+            self.labels[i, length - right :] = -100
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=LEN,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gpt2():
+    """GPT-2 without dropout: its loss shifts, but its ``loss_type`` is None, so the
+    Trainer counts every label (position 0 too) in num_items_in_batch."""
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=LEN,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _one_step(tmp_path, trainer_class, data, accumulation: int, make=_llama, lr=1.0, **kwargs):
+    """The model after one SGD step over ``data`` in ``accumulation`` micro-batches."""
+    model = make()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=len(data) // accumulation,
+        gradient_accumulation_steps=accumulation,
+        optim="sgd",
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = trainer_class(model=model, args=args, train_dataset=data, **kwargs)
+    result = trainer.train()
+    return model, result.training_loss, trainer
+
+
+class _NoIndex(torch.utils.data.Dataset):
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v for k, v in self.data[i].items() if k != "index"}
+
+
+@pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "linear_cross_entropy"])
+def test_gradient_accumulation_matches_plain_trainer(tmp_path, fused, make):
+    """Under gradient accumulation the plain Trainer divides each micro-batch's summed token
+    loss by the supervised tokens of the whole step (num_items_in_batch), so every token
+    weighs the same; CSLTrainer's step (and logged loss) must be the same one, not the mean
+    of per-micro-batch means (which moved the weights by up to 0.11 here)."""
+    data = Uneven()
+    plain, plain_loss, _ = _one_step(tmp_path / "p", transformers.Trainer, _NoIndex(data), 3, make)
+    ours, our_loss, trainer = _one_step(
+        tmp_path / "c", CSLTrainer, data, 3, make, csl_linear_cross_entropy=fused
+    )
+    for a, b in zip(plain.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert our_loss == pytest.approx(plain_loss, rel=1e-5)
+    # CSL itself does not depend on the normalisation: each example's summed token loss.
+    supervised = (data.labels[:, 1:] != -100).sum(1).float()
+    assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
+
+
+def test_csl_is_the_shifted_token_loss_of_each_example(tmp_path):
+    """With a zero learning rate the model stays as built: each example's CSL is the
+    summed F.cross_entropy of logits[:, :-1] against labels[:, 1:] (shifted once)."""
+    data = Uneven()
+    model, _, trainer = _one_step(tmp_path, CSLTrainer, data, 1, lr=0.0)
+    tracker = trainer.csl_tracker
+    with torch.no_grad():
+        logits = model(input_ids=data.ids).logits.double()
+    tokens = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB), data.labels[:, 1:].reshape(-1), reduction="none"
+    ).view(len(data), -1)
+    torch.testing.assert_close(tracker.csl_sum.double(), tokens.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_sequences(tmp_path):
+    """T = 1 (token classification of one-token inputs): one supervised token each."""
+    data = Uneven(length=1)
+    data.labels = data.ids.clone()
+    _, loss, trainer = _one_step(tmp_path, CSLTrainer, data, 1, csl_shift_labels=False)
+    assert trainer.csl_tracker.csl_count.tolist() == [1.0] * len(data)
+    assert loss == pytest.approx(float(trainer.csl_tracker.csl_sum.mean()), rel=1e-5)
