@@ -208,7 +208,10 @@ class CSLTrainer(Trainer):
                 f"CSLTrainer: training batches need {self.csl_index_column!r} (dataset indices) "
                 f"and 'labels'; got the keys {sorted(inputs)} (index present: "
                 f"{index is not None}). Add indices with "
-                "csl_fast.integrations.huggingface.with_index(train_dataset)"
+                "csl_fast.integrations.huggingface.with_index(train_dataset); if the examples "
+                "have them, the data_collator dropped the column (DataCollatorWithFlattening "
+                "packs examples into one row and keeps none: CSL needs a row per example, so "
+                "use a padding collator such as DataCollatorForSeq2Seq)"
             )
         index = self._index_tensor(index)
         labels = inputs.pop("labels")

@@ -194,3 +194,20 @@ def test_one_token_sequences(tmp_path):
     _, loss, trainer = _one_step(tmp_path, CSLTrainer, data, 1, csl_shift_labels=False)
     assert trainer.csl_tracker.csl_count.tolist() == [1.0] * len(data)
     assert loss == pytest.approx(float(trainer.csl_tracker.csl_sum.mean()), rel=1e-5)
+
+
+def test_packing_collator_is_named(tmp_path):
+    """DataCollatorWithFlattening keeps input_ids, labels and position_ids only: the index
+    column is gone, which the error must put down to the collator, not to the dataset."""
+    model = _llama()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True
+    )
+    trainer = CSLTrainer(
+        model=model,
+        args=args,
+        train_dataset=Uneven(),
+        data_collator=transformers.DataCollatorWithFlattening(),
+    )
+    with pytest.raises(KeyError, match=r"data_collator dropped the column.*DataCollatorWith"):
+        trainer.train()
