@@ -35,7 +35,9 @@ over training and ``csl_count`` its number of supervised tokens (labels ``-100``
 Hugging Face convention for padding and prompt tokens, count for nothing; see
 :func:`csl_fast.accumulate`). For causal LMs the labels are shifted as the models' own
 loss shifts them (token ``t + 1`` is the target of position ``t``), once: pass the
-unshifted labels, as to the model. ``csl_linear_cross_entropy=True`` computes
+unshifted labels, as to the model; a batch's ``shift_labels`` (targets already aligned with
+the positions, as padding-free collators make them) are taken as they are, as the models'
+loss takes them. ``csl_linear_cross_entropy=True`` computes
 the LM head and its loss with :func:`csl_fast.linear_cross_entropy` from the decoder's
 hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
 """
@@ -215,15 +217,18 @@ class CSLTrainer(Trainer):
             )
         index = self._index_tensor(index)
         labels = inputs.pop("labels")
+        # Targets already aligned with the positions (a padding-free or context-parallel
+        # collator's); the models' loss takes them instead of shifting labels.
+        shift_labels = inputs.pop("shift_labels", None)
         if self.csl_linear_cross_entropy:
             return self._linear_loss(
-                model, inputs, labels, index, return_outputs, num_items_in_batch
+                model, inputs, labels, shift_labels, index, return_outputs, num_items_in_batch
             )
         outputs = model(**inputs)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         shifted = False
         if logits.dim() == 3:
-            labels, shifted = self._token_targets(model, labels)
+            labels, shifted = self._token_targets(model, labels, shift_labels)
         elif logits.dim() != 2:
             raise ValueError(
                 f"CSLTrainer: expected [batch, classes] logits (one label per example) or "
@@ -307,23 +312,30 @@ class CSLTrainer(Trainer):
         return index
 
     def _token_targets(
-        self, model: torch.nn.Module, labels: torch.Tensor
+        self, model: torch.nn.Module, labels: torch.Tensor, shift_labels: Any = None
     ) -> tuple[torch.Tensor, bool]:
         """Labels ``[B, T]`` as targets of the ``[B, T, V]`` logits: shifted left and padded
-        with -100 for causal LMs (no copy of the logits); and whether they were shifted."""
-        shift = self.csl_shift_labels
-        if shift is None:
-            name = type(self.accelerator.unwrap_model(model)).__name__
-            shift = name.endswith(("ForCausalLM", "LMHeadModel"))
+        with -100 for causal LMs (no copy of the logits), or the batch's ``shift_labels``
+        as given; and whether they are shifted."""
+        if shift_labels is not None:
+            labels, shift, shifted = shift_labels, False, True
+        else:
+            shift = self.csl_shift_labels
+            if shift is None:
+                name = type(self.accelerator.unwrap_model(model)).__name__
+                shift = name.endswith(("ForCausalLM", "LMHeadModel"))
+            shifted = bool(shift)
         if labels.dim() != 2:
             raise ValueError(
                 f"CSLTrainer: token-level logits need [batch, tokens] labels, got shape "
                 f"{tuple(labels.shape)}"
             )
         labels = labels.to(torch.int64)
-        return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels), bool(shift)
+        return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels), shifted
 
-    def _linear_loss(self, model, inputs, labels, index, return_outputs, num_items_in_batch):
+    def _linear_loss(
+        self, model, inputs, labels, shift_labels, index, return_outputs, num_items_in_batch
+    ):
         from ..linear_cross_entropy import linear_cross_entropy
 
         core = self.accelerator.unwrap_model(model)
@@ -344,7 +356,7 @@ class CSLTrainer(Trainer):
         hidden = outputs[0]
         if self.csl_shift_labels is None:
             self.csl_shift_labels = True  # the decoder of a causal LM
-        target, shifted = self._token_targets(model, labels)
+        target, shifted = self._token_targets(model, labels, shift_labels)
         target = target.to(hidden.device)
         items = self._counted(num_items_in_batch, shifted)
         if self.csl_tracker is None:

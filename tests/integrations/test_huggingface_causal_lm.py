@@ -119,7 +119,9 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
-def _one_step(tmp_path, trainer_class, data, accumulation: int, make=_llama, lr=1.0, **kwargs):
+def _one_step(
+    tmp_path, trainer_class, data, accumulation: int, make=_llama, lr=1.0, keep=False, **kwargs
+):
     """The model after one SGD step over ``data`` in ``accumulation`` micro-batches."""
     model = make()
     args = transformers.TrainingArguments(
@@ -136,6 +138,7 @@ def _one_step(tmp_path, trainer_class, data, accumulation: int, make=_llama, lr=
         use_cpu=True,
         seed=0,
         disable_tqdm=True,
+        remove_unused_columns=not keep,
     )
     trainer = trainer_class(model=model, args=args, train_dataset=data, **kwargs)
     result = trainer.train()
@@ -211,3 +214,33 @@ def test_packing_collator_is_named(tmp_path):
     )
     with pytest.raises(KeyError, match=r"data_collator dropped the column.*DataCollatorWith"):
         trainer.train()
+
+
+class WithShiftLabels(Uneven):
+    """Examples that carry their targets already aligned (``shift_labels``, as
+    padding-free and context-parallel collators make them), here with position 1's target
+    also left out, so they differ from a shift of ``labels``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift_labels = torch.nn.functional.pad(self.labels[:, 1:], (0, 1), value=-100)
+        self.shift_labels[:, 1] = -100
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "shift_labels": self.shift_labels[i]}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["logits", "linear_cross_entropy"])
+def test_shift_labels_are_the_targets(tmp_path, fused):
+    """The models' loss takes shift_labels instead of shifting labels, and the Trainer
+    counts them; so must CSLTrainer (it shifted labels again: position 1 was trained on)."""
+    data = WithShiftLabels()
+    # remove_unused_columns would drop shift_labels (not a named forward argument).
+    plain, _, _ = _one_step(tmp_path / "p", transformers.Trainer, _NoIndex(data), 3, keep=True)
+    ours, _, trainer = _one_step(
+        tmp_path / "c", CSLTrainer, data, 3, keep=True, csl_linear_cross_entropy=fused
+    )
+    for a, b in zip(plain.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    supervised = (data.shift_labels != -100).sum(1).float()
+    assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
