@@ -250,3 +250,34 @@ def test_bad_tracker_options_are_refused_at_construction(tmp_path, options, erro
     step; with csl_tracker= the options were ignored."""
     with pytest.raises(error, match="CSLTrainer: .*" + match):
         CSLTrainer(model=_model(), args=_args(tmp_path, 1), train_dataset=Examples(), **options)
+
+
+def test_classification_under_gradient_accumulation_is_one_large_batch(tmp_path):
+    """BertForSequenceClassification takes loss kwargs in transformers 5, so the Trainer
+    passes num_items_in_batch (the step's labels) and does not divide by the steps: one
+    SGD step over 2 x 3 + 1 x 2 examples equals one over a batch of 8 (the mean over all).
+    The plain Trainer's does not there: Bert's own loss is a mean that ignores the count,
+    so its accumulated step is the sum of three micro-batch means."""
+
+    def step(out, batch, accumulation):
+        model = _model()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0  # the same function in both runs
+        args = _args(
+            out,
+            1,
+            save_strategy="no",
+            max_steps=1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            gradient_accumulation_steps=accumulation,
+        )
+        args.per_device_train_batch_size, args.learning_rate = batch, 1.0
+        data = torch.utils.data.Subset(with_index(Examples()), range(8))
+        CSLTrainer(model=model, args=args, train_dataset=data, csl_tracker=CSLTracker(N)).train()
+        return model
+
+    large, accumulated = step(tmp_path / "a", 8, 1), step(tmp_path / "b", 3, 3)
+    for a, b in zip(large.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
