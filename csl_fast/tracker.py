@@ -320,6 +320,12 @@ class CSLTracker(TrackerStatistics):
           a sequence's label is its whole token string, and a replacement would be another
           string, not one class a vote over per-token runner-ups could name.
 
+        A sequence split over several calls (the chunks of a long document, each call with
+        its index) is one presentation per call: its sums add up over the chunks, but its
+        last values and correctness are those of its last chunk, and ``forgetting`` counts
+        transitions between chunks. Pass the whole sequence in one call to keep one
+        presentation per epoch.
+
         No host synchronisation.
         """
         if token_stats.dim() != 3 or token_stats.shape[0] != NUM_STATS:
