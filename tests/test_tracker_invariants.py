@@ -236,3 +236,44 @@ def test_counts_past_float32s_exact_range_are_not_compared():
     t.csl_count[1] = 2.0**24 - 1
     with pytest.raises(TrackerStateError, match="'forgetting' holds 16777216 at sample 1"):
         CSLTracker(3, C).load_state_dict(t.state_dict())
+
+
+def _seam_worker(rank: int, init: str, out: str) -> None:
+    """Sample 0 correct on rank 0 (epoch 0); in epoch 1 wrong on rank 0, then wrong and
+    correct on rank 1 in one batch: rank 1 presented it several times in a window where
+    rank 0 did too, so sync cannot place rank 1's first presentation and counts a
+    forgetting event at the seam that a single process would not."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        t = CSLTracker(2, 2, history=True)
+        right, wrong = [5.0, 0.0], [0.0, 5.0]
+        batches = {(0, 0): [right], (1, 0): [wrong], (1, 1): [wrong, right]}
+        for epoch in range(2):
+            rows = batches.get((epoch, rank), [])
+            if rows:
+                zero = torch.zeros(len(rows), dtype=torch.long)
+                csl_fast.accumulate(torch.tensor(rows), zero, zero, t)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # "off by one per rank"
+                t.end_epoch()
+        t.save(f"{out}/rank{rank}.csl")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sync_that_cannot_place_a_ranks_first_presentation_gives_a_state_that_loads(tmp_path):
+    """The loose bound forgetting + last_correct <= csl_count is the one a sync keeps: here
+    it counts 2 forgetting events over 4 presentations ending correct (a single process
+    counts 1), past the tight 2 * forgetting + last_correct <= csl_count, and its state
+    must still save (on every rank) and load."""
+    from test_distributed import _spawn
+
+    _spawn(_seam_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    for rank in range(2):
+        t = CSLTracker.from_file(tmp_path / f"rank{rank}.csl")
+        assert (t.csl_count[0], t.last_correct[0], t.learned_epoch[0]) == (4.0, True, 1)
+        assert t.forgetting[0] == 2  # the seam's extra event
+        CSLTracker(2, 2, history=True).load_state_dict(t.state_dict())
