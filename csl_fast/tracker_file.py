@@ -235,11 +235,14 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
         # what load would refuse is not written: the file would keep the run unloadable
         validate_state(tracker, state)
     except TrackerStateError as exc:
+        # a live tracker was not restored from anything: the load advice does not apply
+        what = str(exc).split("; no tracker holds that")[0]
         raise TrackerStateError(
-            f"CSLTracker.save: not written to {user_path!r}, a load would refuse it: {exc}. "
-            "A tracker fed with record() or record_sequences() alone (they leave the CSL sums "
-            "and counts to accumulate) gets here: record batches with update() or "
-            "csl_fast.accumulate"
+            f"CSLTracker.save: not written to {user_path!r}, a load would refuse it: {what}. "
+            "Some buffers were written without the others: record() or record_sequences() "
+            "called alone (they leave the CSL sums and counts to accumulate; record batches "
+            "with update() or csl_fast.accumulate), csl=tracker.csl_sum passed to accumulate "
+            "without count=tracker.csl_count, or a buffer assigned by hand"
         ) from None
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]

@@ -604,7 +604,8 @@ def test_save_refuses_a_state_load_would_refuse_and_keeps_the_previous_file(tmp_
     tracker.save(path)
     before = path.read_bytes()
     tracker.record(torch.arange(4), torch.rand(NUM_STATS, 4))
-    with pytest.raises(TrackerStateError, match=r"not written.*update\(\)"):
+    with pytest.raises(TrackerStateError, match=r"not written.*update\(\)") as exc:
         tracker.save(path)
+    assert "restore it from a copy" not in str(exc.value)  # nothing was restored
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csl"]
