@@ -305,14 +305,25 @@ class CleaningPlan:
         kept = torch.nonzero(keep)[:, 0]
         return Cleaned(kept, new[kept])
 
-    def apply_dataset(self, dataset: Any, label_position: int = 1) -> CleanedDataset:
+    def apply_dataset(self, dataset: Any, label_position: int | str = 1) -> CleanedDataset:
         """A map-style dataset of the kept samples with their new labels.
 
-        ``dataset[i]`` must be a tuple or list whose element ``label_position`` is the
+        ``dataset[i]`` is a tuple or list whose element ``label_position`` (an int) is the
         label (``(x, y)`` or ``(x, y, index)``, as :class:`csl_fast.data.IndexedDataset`
-        yields); item ``j`` of the result is ``dataset[keep[j]]`` with that element
-        replaced by the new label (an ``int``).
+        yields), or a mapping whose key ``label_position`` is (``{"input": x, "label": y}``
+        with ``label_position="label"``, as a Hugging Face ``datasets.Dataset`` yields).
+        Item ``j`` of the result is ``dataset[keep[j]]`` with that label replaced by the new
+        one, of the replaced label's type (see :class:`CleanedDataset`).
+
+        Raises:
+            TypeError: when the first relabelled sample has no label at ``label_position``
+                (checked here, not at that sample's turn in an epoch).
         """
+        if isinstance(label_position, bool) or not isinstance(label_position, int | str):
+            raise TypeError(
+                "CleaningPlan.apply_dataset: label_position must be an int (position in a "
+                f"tuple item) or a str (key of a dict item), got {label_position!r}"
+            )
         n = len(dataset)
         if n != self.num_samples:
             raise ValueError(
@@ -331,7 +342,11 @@ class CleaningPlan:
             )
             if r
         }
-        return CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
+        out = CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
+        if relabel:
+            first = min(relabel)
+            out._relabelled(first, dataset[first])
+        return out
 
 
 def _action(relabel: bool, keep: bool) -> str:
@@ -340,13 +355,20 @@ def _action(relabel: bool, keep: bool) -> str:
 
 class CleanedDataset(torch.utils.data.Dataset):
     """``dataset`` restricted to ``keep`` with some labels replaced (made by
-    :meth:`CleaningPlan.apply_dataset`). Item ``j`` is ``dataset[keep[j]]`` with element
-    ``label_position`` replaced by ``relabel[keep[j]]`` when that sample is relabelled.
-    The item's other elements (e.g. an original dataset index) are passed through: give the
-    retraining a fresh index if it tracks CSL."""
+    :meth:`CleaningPlan.apply_dataset`). Item ``j`` is ``dataset[keep[j]]`` with element (or
+    key) ``label_position`` replaced by ``relabel[keep[j]]`` when that sample is relabelled,
+    as the replaced label's type (a tensor label stays a tensor of its dtype, device and
+    shape, a NumPy scalar a NumPy scalar, anything else becomes an ``int``), so that a
+    DataLoader can batch relabelled and untouched items together. The item's other elements
+    (e.g. an original dataset index) are passed through: give the retraining a fresh index
+    if it tracks CSL."""
 
     def __init__(
-        self, dataset: Any, keep: list[int], relabel: Mapping[int, int], label_position: int
+        self,
+        dataset: Any,
+        keep: list[int],
+        relabel: Mapping[int, int],
+        label_position: int | str,
     ) -> None:
         self.dataset = dataset
         self.keep = keep
@@ -357,18 +379,55 @@ class CleanedDataset(torch.utils.data.Dataset):
         return len(self.keep)
 
     def __getitem__(self, j: int) -> Any:
+        if isinstance(j, slice):
+            # self.keep[slice] is a list, which dataset[list] misreads or refuses obscurely
+            raise TypeError(
+                "CleanedDataset: index it with one int; for several items use "
+                "torch.utils.data.Subset(cleaned, indices)"
+            )
         i = self.keep[j]
         item = self.dataset[i]
-        if i not in self.relabel:
-            return item
-        if not isinstance(item, tuple | list) or not -len(item) <= self.label_position < len(item):
+        return self._relabelled(i, item) if i in self.relabel else item
+
+    def _relabelled(self, i: int, item: Any) -> Any:
+        pos = self.label_position
+        if isinstance(item, Mapping):
+            if pos not in item:
+                raise TypeError(
+                    f"CleanedDataset: item {i} of the dataset is a mapping without the key "
+                    f"{pos!r} (its keys: {list(item)}); pass label_position=<the label's key> "
+                    "to apply_dataset"
+                )
+            return {**item, pos: _like(item[pos], self.relabel[i], i)}
+        if (
+            not isinstance(item, tuple | list)
+            or not isinstance(pos, int)
+            or not -len(item) <= pos < len(item)
+        ):
             raise TypeError(
                 f"CleanedDataset: item {i} of the dataset is not a tuple/list with a label at "
-                f"position {self.label_position}; pass label_position= to apply_dataset"
+                f"position {pos!r}; pass label_position= to apply_dataset"
             )
         parts = list(item)
-        parts[self.label_position] = self.relabel[i]
+        parts[pos] = _like(item[pos], self.relabel[i], i)
         return type(item)(parts) if isinstance(item, tuple) else parts
+
+
+def _like(old: Any, new: int, i: int) -> Any:
+    """``new`` as the type of the label it replaces: default_collate stacks a batch's labels
+    by the first item's type, so an int among tensor labels crashed the DataLoader."""
+    if isinstance(old, torch.Tensor | np.ndarray):
+        if (old.numel() if isinstance(old, torch.Tensor) else old.size) != 1:
+            raise TypeError(
+                f"CleanedDataset: item {i}'s label is an array of shape {tuple(old.shape)}, not "
+                "one class index (one-hot or soft labels cannot take a suggested class)"
+            )
+        if isinstance(old, torch.Tensor):
+            return torch.full_like(old, new)
+        return np.full_like(old, new)
+    if isinstance(old, np.generic):
+        return type(old)(new)
+    return new
 
 
 def _suggestions_of(

@@ -221,9 +221,56 @@ def test_apply_dataset_matches_apply():
         assert idx == int(keep[j]) and yi == int(labels[j]) and float(xi) == float(keep[j])
     with pytest.raises(ValueError, match="5 samples"):
         plan.apply_dataset(base[:5])
-    bad = plan.apply_dataset([0.0] * 6)
+    # sample 0 is relabelled, but its item has no label slot: refused before any epoch
     with pytest.raises(TypeError, match="label_position"):
-        bad[0]  # sample 0 is relabelled, but its item has no label slot
+        plan.apply_dataset([0.0] * 6)
+
+
+def test_apply_dataset_keeps_the_label_type_so_a_dataloader_batches_it():
+    # a relabelled item's label became an int among tensor labels: default_collate stacks a
+    # batch by its first item's type and raised "expected Tensor as element 1" whenever a
+    # batch began with an untouched item (at random under shuffle=True)
+    keep, labels = _plan().apply(LABELS)
+    x = torch.arange(6.0)
+    for ds in (
+        torch.utils.data.TensorDataset(x, LABELS.int()),
+        [(x[i], np.int32(LABELS[i])) for i in range(6)],
+        [(x[i], LABELS[i].numpy()) for i in range(6)],
+    ):
+        cleaned = _plan().apply_dataset(ds)
+        first = type(ds[0][1])
+        assert all(type(cleaned[j][1]) is first for j in range(len(cleaned)))
+        loader = torch.utils.data.DataLoader(cleaned, batch_size=len(cleaned), shuffle=True)
+        bx, by = next(iter(loader))
+        order = torch.searchsorted(keep, bx.long())
+        assert torch.equal(by.long(), labels[order])
+    assert _plan().apply_dataset(torch.utils.data.TensorDataset(x, LABELS.int()))[0][1].dtype == (
+        torch.int32
+    )
+    with pytest.raises(TypeError, match=r"shape \(3,\), not one class index"):
+        _plan().apply_dataset([(x[i], torch.eye(3)[LABELS[i]]) for i in range(6)])
+
+
+def test_apply_dataset_takes_dict_items_by_key_and_refuses_slices():
+    # dict items ({"input": x, "label": y}, as a Hugging Face dataset yields) had no way in:
+    # label_position had to be an int, and a key was refused as "not a tuple/list"
+    keep, labels = _plan().apply(LABELS)
+    x = torch.arange(6.0)
+    base = [{"input": x[i], "label": int(LABELS[i]), "id": i} for i in range(6)]
+    cleaned = _plan().apply_dataset(base, label_position="label")
+    got = [cleaned[j] for j in range(len(cleaned))]
+    assert [g["id"] for g in got] == keep.tolist()
+    assert [g["label"] for g in got] == labels.tolist()
+    assert base[0]["label"] == 0  # the dataset's own items are not edited
+    assert cleaned[-1] == cleaned[len(cleaned) - 1]
+    with pytest.raises(
+        TypeError, match=r"without the key 1 \(its keys: \['input', 'label', 'id'\]\)"
+    ):
+        _plan().apply_dataset(base)
+    with pytest.raises(TypeError, match="label_position must be an int"):
+        _plan().apply_dataset(base, label_position=True)
+    with pytest.raises(TypeError, match="index it with one int"):
+        cleaned[1:3]
 
 
 def test_retrain_on_applied_plan_is_one_call():
