@@ -456,6 +456,14 @@ def _suggestions_of(
         raise TypeError(f"csl_fast.clean: suggested labels must be integers, got {label.dtype}")
     conf = conf.float()
     has = label >= 0
+    classes = getattr(source, "num_classes", None)
+    if classes and bool((label >= classes).any()):
+        # a relabel to a class the model has no output for: the retraining's cross entropy
+        # fails on it, or worse, a one-hot encoding silently widens
+        raise ValueError(
+            f"csl_fast.clean: suggested labels must be classes in [0, {classes}) (the "
+            f"tracker's num_classes) or -1 for none, got up to {int(label.max())}"
+        )
     if bool(((conf[has] < 0) | (conf[has] > 1) | conf[has].isnan()).any()):
         raise ValueError("csl_fast.clean: suggestion confidences must lie in [0, 1]")
     return label.long(), torch.where(has, conf, torch.full_like(conf, math.nan))

@@ -405,3 +405,18 @@ def test_evaluate_plan_refuses_what_it_would_misread():
     with pytest.raises(TypeError, match="integer class labels"):
         evaluate_plan(plan, LABELS.float() + 0.5)
     assert evaluate_plan(plan, LABELS.double()) == evaluate_plan(plan, LABELS)
+
+
+def test_suggestions_beyond_the_trackers_classes_are_refused():
+    # suggestions= with a tracker source was not checked against its num_classes: a plan
+    # relabelled samples to class 99 of a 3-class run
+    t = csl_fast.CSLTracker(6, 3)
+    csl_fast.accumulate(
+        torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), LABELS, torch.arange(6), t
+    )
+    label = torch.tensor([1, -1, 0, 3, 0, 1])
+    with pytest.raises(ValueError, match=r"classes in \[0, 3\) .* got up to 3"):
+        clean(t, detection=_det(), suggestions=(label, SUGG_CONF))
+    label[3] = 2
+    plan = clean(t, detection=_det(), suggestions=(label, SUGG_CONF))
+    assert plan.suggested_label.tolist() == [1, 0, 1, 2]
