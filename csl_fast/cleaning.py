@@ -243,6 +243,8 @@ class CleaningPlan:
 
         ``action`` is ``drop``, ``relabel`` or ``keep``; ``suggested_label`` and ``confidence`` are
         empty where there is no suggestion (a drop row still shows one when it exists);
+        ``confidence`` is the shortest decimal that reads back as the same float32 (rounded
+        to 4 decimals, a drop at 0.39996 < ``min_confidence`` 0.4 read ``0.4000``);
         ``score`` is written exactly (``repr``); ``rank`` is 1-based.
         """
         path = os.fspath(path)
@@ -260,7 +262,7 @@ class CleaningPlan:
                         row["index"],
                         row["action"],
                         "" if row["suggested_label"] is None else row["suggested_label"],
-                        "" if row["confidence"] is None else f"{row['confidence']:.4f}",
+                        "" if row["confidence"] is None else str(np.float32(row["confidence"])),
                         repr(float(row["score"])),
                         row["rank"],
                     ]

@@ -162,10 +162,10 @@ def test_csv_columns_and_values(tmp_path):
         )
     )
     assert rows[1:] == [
-        ["5", "relabel", "1", "1.0000", "20.0", "1"],
-        ["2", "drop", "0", "0.1000", "9.0", "2"],
-        ["0", "relabel", "1", "0.9000", "3.0", "3"],
-        ["3", "relabel", "2", "0.6000", "2.0", "4"],
+        ["5", "relabel", "1", "1.0", "20.0", "1"],
+        ["2", "drop", "0", "0.1", "9.0", "2"],
+        ["0", "relabel", "1", "0.9", "3.0", "3"],
+        ["3", "relabel", "2", "0.6", "2.0", "4"],
     ]
     clean(SCORES, detection=_det(), policy="drop").to_csv(path)
     with open(path, newline="") as f:
@@ -420,3 +420,21 @@ def test_suggestions_beyond_the_trackers_classes_are_refused():
     label[3] = 2
     plan = clean(t, detection=_det(), suggestions=(label, SUGG_CONF))
     assert plan.suggested_label.tolist() == [1, 0, 1, 2]
+
+
+def test_csv_confidence_reads_back_as_the_value_the_decision_used(tmp_path):
+    # written with 4 decimals, a drop at confidence 0.39996 under min_confidence 0.4 read
+    # "0.4000": the table contradicted its own threshold
+    conf = torch.tensor([0.39996, 0.0, 0.1, 0.6, 0.2, 0.99996])
+    plan = clean(SCORES, detection=_det(), suggestions=(SUGG_LABEL, conf), min_confidence=0.4)
+    plan.to_csv(tmp_path / "plan.csv")
+    with open(tmp_path / "plan.csv", encoding="utf-8") as f:
+        back = list(csv.DictReader(f))
+    assert [r["action"] for r in back] == plan.actions
+    for r, want in zip(back, plan.rows(), strict=True):
+        assert np.float32(r["confidence"]) == np.float32(want["confidence"])
+        assert (np.float32(r["confidence"]) >= np.float32(0.4)) == (r["action"] == "relabel")
+        assert float(r["score"]) == want["score"] and int(r["rank"]) == want["rank"]
+        assert int(r["index"]) == want["index"]
+        assert int(r["suggested_label"]) == want["suggested_label"]
+    assert back[3]["confidence"] == "0.6"  # shortest, not 0.6000000238418579
