@@ -274,6 +274,21 @@ class CleaningPlan:
 
         return pd.DataFrame(self.rows(), columns=list(CSV_COLUMNS))
 
+    def _relabels(self, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(index, new label)`` of the relabel rows, checked: ``relabel`` is a public
+        field, and a row set to relabel without a suggestion (``-1``) gave its sample the
+        label -1, which cross entropy then refused far from the cause (or, with
+        ``ignore_index=-1``, silently skipped)."""
+        rows = self.relabel.cpu()
+        where, to = self.index.cpu()[rows], self.suggested_label.cpu()[rows]
+        if bool((to < 0).any()):
+            bad = where[to < 0][:5].tolist()
+            raise ValueError(
+                f"CleaningPlan.{caller}: rows for samples {bad} relabel but have no suggested "
+                "label (-1): set their relabel to False (drop) or give them a suggested_label"
+            )
+        return where, to
+
     def apply(self, labels: torch.Tensor | np.ndarray | Sequence[int]) -> Cleaned:
         """The cleaned training set: kept indices and their labels (see :class:`Cleaned`).
 
@@ -300,8 +315,8 @@ class CleaningPlan:
         if y.dtype.is_floating_point or y.dtype == torch.bool:
             raise TypeError(f"CleaningPlan.apply: labels must be integers, got {y.dtype}")
         new = y.detach().to("cpu", torch.int64).clone()
-        rows = self.relabel.cpu()
-        new[self.index.cpu()[rows]] = self.suggested_label.cpu()[rows]
+        where, to = self._relabels("apply")
+        new[where] = to
         keep = torch.ones(self.num_samples, dtype=torch.bool)
         keep[self.index.cpu()[self.dropped.cpu()]] = False
         kept = torch.nonzero(keep)[:, 0]
@@ -334,16 +349,8 @@ class CleaningPlan:
             )
         keep = torch.ones(self.num_samples, dtype=torch.bool)
         keep[self.index.cpu()[self.dropped.cpu()]] = False
-        relabel = {
-            int(i): int(lab)
-            for i, lab, r in zip(
-                self.index.tolist(),
-                self.suggested_label.tolist(),
-                self.relabel.tolist(),
-                strict=True,
-            )
-            if r
-        }
+        where, to = self._relabels("apply_dataset")
+        relabel = dict(zip(where.tolist(), to.tolist(), strict=True))
         out = CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
         if relabel:
             first = min(relabel)

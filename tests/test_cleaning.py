@@ -438,3 +438,16 @@ def test_csv_confidence_reads_back_as_the_value_the_decision_used(tmp_path):
         assert int(r["index"]) == want["index"]
         assert int(r["suggested_label"]) == want["suggested_label"]
     assert back[3]["confidence"] == "0.6"  # shortest, not 0.6000000238418579
+
+
+def test_a_relabel_row_without_a_suggestion_is_refused_by_apply():
+    # relabel is a public field: set True on the row of sample 1 (no suggestion, -1), apply
+    # gave sample 1 the label -1 and apply_dataset put -1 in its item
+    plan = _plan(policy="review", budget=6)
+    row = plan.index.tolist().index(1)
+    assert plan.suggested_label[row] == -1
+    plan.relabel[row] = True
+    with pytest.raises(ValueError, match=r"samples \[1\] relabel but have no suggested label"):
+        plan.apply(LABELS)
+    with pytest.raises(ValueError, match=r"apply_dataset: rows for samples \[1\]"):
+        plan.apply_dataset([(float(i), int(LABELS[i])) for i in range(6)])
