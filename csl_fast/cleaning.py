@@ -156,6 +156,9 @@ class CleaningPlan:
             ``"review"`` an unflagged sample without a confident suggestion; all False
             otherwise.
         duplicates: the duplicate detection merged into the plan (``inputs=``), or None.
+        grouped: bool ``[M]`` the row's action is its conflicting duplicate group's
+            (``inputs=`` with ``labels=``, :mod:`csl_fast.cleaning_groups`); all False
+            otherwise.
     """
 
     index: torch.Tensor
@@ -171,10 +174,13 @@ class CleaningPlan:
     detection: Detection
     keep: torch.Tensor | None = None
     duplicates: Detection | None = None
+    grouped: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.keep is None:
             self.keep = torch.zeros_like(self.relabel)
+        if self.grouped is None:
+            self.grouped = torch.zeros_like(self.relabel)
 
     def __len__(self) -> int:
         return int(self.index.numel())
@@ -633,6 +639,7 @@ def clean(
     else:
         relabel = (label >= 0) & (conf >= min_confidence)
     keep = torch.zeros(chosen.numel(), dtype=torch.bool)
+    grouped = torch.zeros(chosen.numel(), dtype=torch.bool)
     if policy == "review":
         flagged = torch.zeros(n, dtype=torch.bool)
         flagged[detection.indices.cpu()] = True
@@ -644,6 +651,7 @@ def clean(
         rows = row_of[group.index]
         at = rows >= 0
         rows = rows[at]
+        grouped[rows] = True
         label[rows] = group.group_label[at]
         conf[rows] = group.share[at]
         relabel[rows] = False
@@ -665,6 +673,7 @@ def clean(
         detection=detection,
         keep=keep,
         duplicates=dup,
+        grouped=grouped,
     )
 
 
@@ -725,11 +734,10 @@ def evaluate_plan(
             )
         right = plan.suggested_label.cpu().numpy() == t[idx]
         correct = int(right[relabel].sum())
-        in_group = (
-            plan.duplicates.flagged.cpu().numpy()[idx]
-            if plan.duplicates is not None
-            else np.zeros(len(idx), dtype=bool)
-        )
+        # not plan.duplicates.flagged: with inputs= alone it also holds unflagged review rows
+        # kept with their given label, which their suggestion misjudged
+        assert plan.grouped is not None  # set by __post_init__
+        in_group = plan.grouped.cpu().numpy()
         # an unflagged review row keeps its given label, which only `mislabeled` judges
         if mislabeled is not None or not (kept & ~in_group).any():
             keep_correct = int((right & in_group & kept).sum() + (~mis & ~in_group & kept).sum())

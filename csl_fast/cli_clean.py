@@ -96,7 +96,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         lines.append(f"note: {det.diagnostics['note']}")
     if plan.duplicates is not None:
         line = duplicates_summary(plan.duplicates)
-        group_kept = int((plan.kept & plan.duplicates.flagged.cpu()[plan.index.cpu()]).sum())
+        group_kept = int((plan.kept & plan.grouped).sum())
         if group_kept:
             line += (
                 f"; in each conflicting group the member whose label the network preferred "

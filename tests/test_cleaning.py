@@ -137,6 +137,24 @@ def test_evaluate_plan_judges_an_unflagged_keep_by_its_given_label():
     assert evaluate_plan(plan, true)["keep_correct"] is None
 
 
+def test_evaluate_plan_judges_a_review_keep_by_its_given_label_with_inputs_alone():
+    # inputs= without labels= adds the flagged samples' duplicate groups whole; unflagged
+    # sample 4, a copy of flagged 5, was then judged as a conflicting group's kept member
+    # (by its suggestion, 0) though it keeps its given label 1, the true one: keep_correct
+    # read 1 of 2 where the same rows without inputs= read 2 of 2
+    x = torch.arange(6.0).reshape(6, 1)
+    x[4] = x[5]
+    plan = _plan(policy="review", budget=6, inputs=x)
+    assert plan.actions == _plan(policy="review", budget=6).actions
+    assert bool(plan.duplicates.flagged[4])
+    clean_mask = torch.zeros(6, dtype=torch.bool)
+    assert evaluate_plan(plan, LABELS, clean_mask)["keep_correct"] == 2
+    assert evaluate_plan(plan, LABELS, clean_mask) == evaluate_plan(
+        _plan(policy="review", budget=6), LABELS, clean_mask
+    )
+    assert not plan.grouped.any()
+
+
 def test_review_skips_non_finite_scores():
     s = torch.tensor([1.0, float("nan"), 2.0])
     sugg = (torch.tensor([1, 1, 1]), torch.ones(3))

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -253,3 +254,28 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert proc.returncode == EXIT_INPUT
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("csl-fast clean: error: ")
+
+
+def test_inputs_without_labels_claim_no_group_decision(tmp_path, capsys):
+    # --inputs with no labels anywhere (no samples.npz) resolves no conflicting group, but
+    # the summary counted every review row kept with its given label that shared an input
+    # with a flagged sample as "the member whose label the network preferred is kept"
+    gen = torch.Generator().manual_seed(0)
+    n, bad = 60, torch.arange(6)
+    y = torch.arange(n) % 3
+    tracker = csl_fast.CSLTracker(n, 3)
+    for _ in range(4):
+        logits = torch.nn.functional.one_hot(y, 3) * 4.0 + torch.randn(n, 3, generator=gen)
+        logits[bad] = logits[bad].roll(1, dims=1)  # the network disagrees with these labels
+        csl_fast.accumulate(logits, y, torch.arange(n), tracker)
+        tracker.end_epoch()
+    tracker.save(tmp_path / "run.csl")
+    inputs = tmp_path / "x.npy"
+    np.save(inputs, np.zeros((n, 2), dtype=np.float32))  # one group: every sample
+    out = tmp_path / "plan.csv"
+    args = ("clean", str(tmp_path / "run.csl"), "--out", str(out), "--inputs", str(inputs))
+    code, stdout, _ = run_main(capsys, *args, "--policy", "review", "--budget", str(n))
+    assert code == EXIT_OK
+    assert any(r["action"] == "keep" for r in read(out))
+    assert "flagged 0 " not in stdout
+    assert "duplicates:" in stdout and "is kept" not in stdout
