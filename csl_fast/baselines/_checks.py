@@ -43,11 +43,15 @@ def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
     return y.to(x.device, torch.int64)
 
 
-def check_finite(fn: str, logits: torch.Tensor) -> torch.Tensor:
-    """Refuse NaN/inf logits: their argmax/softmax give scores that look valid but are not."""
+def check_finite(
+    fn: str,
+    logits: torch.Tensor,
+    fix: str = "lower the learning rate in train_kwargs or check the model_factory",
+) -> torch.Tensor:
+    """Refuse NaN/inf logits: their argmax/softmax give scores that look valid but are not.
+    ``fix`` is the advice the error gives."""
     if not bool(torch.isfinite(logits).all()):
         raise FloatingPointError(
-            f"{fn}: a model predicted non-finite logits (training diverged?); lower the "
-            "learning rate in train_kwargs or check the model_factory"
+            f"{fn}: a model predicted non-finite logits (training diverged?); {fix}"
         )
     return logits

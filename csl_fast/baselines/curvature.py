@@ -27,16 +27,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_xy
+from ._checks import check_finite, check_xy
 
 __all__ = ["CurvatureAccumulator", "input_curvature"]
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y, reduction="sum")
+    logits = check_finite(
+        "input_curvature",
+        model(x),
+        "check the model's weights (a NaN weight, or training with too high a learning "
+        "rate) and its inputs",
+    )
+    loss = F.cross_entropy(logits, y, reduction="sum")
     (g,) = torch.autograd.grad(loss, x)
     return g.reshape(g.shape[0], -1)
+
+
+def _check_float_inputs(fn: str, x: torch.Tensor) -> None:
+    # torch's own refusal ("only Tensors of floating point dtype can require gradients")
+    # comes from inside the probe loop and does not say which argument
+    if not x.is_floating_point():
+        raise TypeError(
+            f"{fn}: x must be floating-point inputs (the curvature differentiates the loss "
+            f"with respect to them), got {x.dtype}; convert them as the model expects, "
+            "e.g. x.float() / 255 for uint8 images"
+        )
 
 
 def input_curvature(
@@ -63,6 +80,11 @@ def input_curvature(
     Returns:
         float32 ``[N]``: mean over the probes of
         ``||grad_x l(x + h v) - grad_x l(x)||`` (higher = sharper = more suspicious).
+
+    Raises:
+        TypeError: ``x`` is not floating point (no input gradient exists).
+        FloatingPointError: the model predicts non-finite logits, which would make
+            every curvature NaN.
     """
     if n < 1:
         raise ValueError("input_curvature: n must be >= 1")
@@ -72,6 +94,7 @@ def input_curvature(
     if batch_size < 1:
         raise ValueError(f"input_curvature: batch_size must be >= 1, got {batch_size}")
     y = check_xy("input_curvature", x, y)
+    _check_float_inputs("input_curvature", x)
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -121,6 +144,7 @@ class CurvatureAccumulator:
     ) -> None:
         # now, not after the first training epoch
         self.x, self.y = x, check_xy("CurvatureAccumulator", x, y)
+        _check_float_inputs("CurvatureAccumulator", x)
         self.epochs = None if epochs is None else set(epochs)
         self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed
         self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)

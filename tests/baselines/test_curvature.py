@@ -84,3 +84,30 @@ def test_labels_of_any_integer_dtype_array_or_list(form):
         input_curvature(model, x, y.float())
     with pytest.raises(TypeError, match=FLOAT_LABELS):
         CurvatureAccumulator(x, y.float())
+
+
+def test_refuses_integer_inputs_by_name():
+    # torch said only "only Tensors of floating point dtype can require gradients", from
+    # inside the probe loop (and, for the accumulator, after the first training epoch)
+    model, x, y = (
+        nn.Linear(2, 2),
+        torch.randint(0, 255, (4, 2), dtype=torch.uint8),
+        torch.tensor([0, 1, 0, 1]),
+    )
+    with pytest.raises(TypeError, match=r"input_curvature: x must be floating-point.*torch.uint8"):
+        input_curvature(model, x, y)
+    with pytest.raises(TypeError, match=r"CurvatureAccumulator: x must be floating-point"):
+        CurvatureAccumulator(x, y)
+
+
+def test_refuses_a_model_with_non_finite_logits():
+    # a diverged model gave an all-NaN curvature that ranked like a valid one
+    model, x, y = nn.Linear(2, 2), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="input_curvature: a model predicted non-finite"):
+        input_curvature(model, x, y, n=2)
+    acc = CurvatureAccumulator(x, y, n=2)
+    with pytest.raises(FloatingPointError, match="non-finite logits"):
+        acc(0, model)
+    assert acc.count == 0 and bool(acc.value.isnan().all())
