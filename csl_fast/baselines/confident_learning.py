@@ -78,7 +78,7 @@ class ConfidentLearningResult:
         self-confidence label quality, inverted: higher = more suspicious), a continuous
         ranking for AUROC.
     ranked: int64 indices of the issues, most severe first (cleanlab's
-        ``return_indices_ranked_by="self_confidence"``).
+        ``return_indices_ranked_by``, ``"self_confidence"`` unless given).
     pred_probs: float ``[N, C]`` out-of-sample probabilities.
     """
 
@@ -107,7 +107,9 @@ def confident_learning(
         k: number of folds.
         train_kwargs: forwarded to :func:`csl_fast.train.train` (epochs, lr, ...).
         seed: fold split and per-fold seeds.
-        **find_label_issues_kwargs: forwarded to cleanlab (e.g. ``filter_by``).
+        **find_label_issues_kwargs: forwarded to cleanlab (e.g. ``filter_by``);
+            ``return_indices_ranked_by`` orders :attr:`ConfidentLearningResult.ranked`
+            (default ``"self_confidence"``), the mask is found without it.
     """
     from cleanlab.filter import find_label_issues
 
@@ -118,10 +120,11 @@ def confident_learning(
     p = probs.cpu().double().numpy()
     p = p / p.sum(1, keepdims=True)
     labels = y.detach().cpu().numpy()
-    mask = find_label_issues(labels, p, **find_label_issues_kwargs)
-    ranked = find_label_issues(
-        labels, p, return_indices_ranked_by="self_confidence", **find_label_issues_kwargs
-    )
+    # a user's ranking collided with ours ("got multiple values for keyword argument")
+    kwargs = dict(find_label_issues_kwargs)
+    rank_by = kwargs.pop("return_indices_ranked_by", None) or "self_confidence"
+    mask = find_label_issues(labels, p, **kwargs)
+    ranked = find_label_issues(labels, p, return_indices_ranked_by=rank_by, **kwargs)
     scores = 1.0 - probs.gather(1, y.view(-1, 1).to(probs.device)).squeeze(1)
     return ConfidentLearningResult(
         issues=torch.as_tensor(mask, dtype=torch.bool),

@@ -34,14 +34,6 @@ def test_finds_flipped_labels_with_fresh_model_per_fold():
     assert set(res.ranked.tolist()) == set(res.issues.nonzero().squeeze(1).tolist())
 
 
-def test_probabilities_are_out_of_sample():
-    # a sample duplicated with two labels: an in-sample model would split the difference,
-    # an out-of-sample one predicts the blob's label with confidence
-    x, y = blobs(60)
-    p = out_of_sample_probs(linear(2), x, y, k=3, train_kwargs=FAST, seed=1)
-    assert bool((p.argmax(1) == y).all())
-
-
 def test_refuses_mismatched_labels_and_nan_predictions():
     x, y = blobs(12)
     kw = dict(FAST, epochs=1)
@@ -61,3 +53,21 @@ def test_labels_of_any_integer_dtype_array_or_list(form):
     assert torch.equal(got.scores, want.scores) and torch.equal(got.issues, want.issues)
     with pytest.raises(TypeError, match=FLOAT_LABELS):
         out_of_sample_probs(linear(2), x, y.float(), k=2, train_kwargs=kw)
+
+
+def test_a_ranking_of_the_users_choice_orders_ranked():
+    # cleanlab's own option collided with ours: "got multiple values for keyword argument
+    # 'return_indices_ranked_by'"
+    from cleanlab.filter import find_label_issues
+
+    x, y = blobs(90)
+    noisy, _ = corrupt.flip_labels(y, 0.1, num_classes=2, seed=0)
+    kw = dict(FAST, epochs=10)
+    res = confident_learning(
+        linear(2), x, noisy, train_kwargs=kw, return_indices_ranked_by="normalized_margin"
+    )
+    p = res.pred_probs.double().numpy()
+    p = p / p.sum(1, keepdims=True)
+    want = find_label_issues(noisy.numpy(), p, return_indices_ranked_by="normalized_margin")
+    assert res.ranked.tolist() == want.tolist() and len(want) > 1
+    assert set(res.ranked.tolist()) == set(res.issues.nonzero().squeeze(1).tolist())
