@@ -71,3 +71,21 @@ def test_a_ranking_of_the_users_choice_orders_ranked():
     want = find_label_issues(noisy.numpy(), p, return_indices_ranked_by="normalized_margin")
     assert res.ranked.tolist() == want.tolist() and len(want) > 1
     assert set(res.ranked.tolist()) == set(res.issues.nonzero().squeeze(1).tolist())
+
+
+def test_each_row_comes_from_the_model_that_did_not_train_on_it():
+    # one-hot inputs: a linear model's logits on sample i are W[:, i] + b, and W[:, i] only
+    # moves when i is trained on. With W = 0 at the start, a held-out row is softmax(b) of
+    # its fold's model, whatever its own label; a model that saw it (one model reused over
+    # the folds, the released code's leak) fits its label.
+    n = 24
+    x, y = torch.eye(n), torch.arange(n) % 2
+
+    def factory(seed):
+        model = torch.nn.Linear(n, 2)
+        torch.nn.init.zeros_(model.weight)
+        return model
+
+    p = out_of_sample_probs(factory, x, y, k=3, train_kwargs=dict(FAST, epochs=50), seed=0)
+    # balanced folds: b stays near 0, so every held-out row is near uniform
+    torch.testing.assert_close(p, torch.full((n, 2), 0.5), atol=0.02, rtol=0)
