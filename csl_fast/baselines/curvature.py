@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._args import integer
 from ._checks import check_finite, check_xy
 
 __all__ = ["CurvatureAccumulator", "input_curvature"]
@@ -86,13 +87,11 @@ def input_curvature(
         FloatingPointError: the model predicts non-finite logits, which would make
             every curvature NaN.
     """
-    if n < 1:
-        raise ValueError("input_curvature: n must be >= 1")
+    n = integer("input_curvature", "n", n, low=1)
     # h = 0 made every curvature exactly 0, a valid-looking but empty ranking
     if not (math.isfinite(h) and h > 0):
         raise ValueError(f"input_curvature: h must be a finite step > 0 (paper: 1e-3), got {h}")
-    if batch_size < 1:
-        raise ValueError(f"input_curvature: batch_size must be >= 1, got {batch_size}")
+    batch_size = integer("input_curvature", "batch_size", batch_size, low=1)
     y = check_xy("input_curvature", x, y)
     _check_float_inputs("input_curvature", x)
     gen = torch.Generator().manual_seed(seed)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._args import integer
 from ..train import predict, train
 from ._checks import check_finite, check_xy
 
@@ -68,8 +69,7 @@ def stability_memorization(
         seed: subsets and training seeds.
         progress: a tqdm bar over the models.
     """
-    if m < 1:
-        raise ValueError("stability_memorization: m must be >= 1")
+    m = integer("stability_memorization", "m", m, low=1)
     if not 0 < subset_fraction < 1:
         raise ValueError("stability_memorization: subset_fraction must be in (0, 1)")
     y = check_xy("stability_memorization", x, y)

@@ -60,7 +60,7 @@ def test_refuses_a_zero_step_and_an_empty_batch():
     model, x, y = nn.Linear(2, 2), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="h must be a finite step > 0"):  # all 0 before
         input_curvature(model, x, y, h=0.0)
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         input_curvature(model, x, y, batch_size=0)
 
 
@@ -111,3 +111,13 @@ def test_refuses_a_model_with_non_finite_logits():
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         acc(0, model)
     assert acc.count == 0 and bool(acc.value.isnan().all())
+
+
+@pytest.mark.parametrize("arg", [{"n": 2.5}, {"n": True}, {"batch_size": 8.0}])
+def test_refuses_counts_that_are_not_ints(arg):
+    # n=2.5 failed in range() with "'float' object cannot be interpreted as an integer",
+    # n=True ran one probe
+    model, x, y = nn.Linear(2, 2), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
+    (name,) = arg
+    with pytest.raises(TypeError, match=f"input_curvature: {name} must be an int"):
+        input_curvature(model, x, y, **arg)

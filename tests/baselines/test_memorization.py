@@ -86,3 +86,12 @@ def test_labels_of_any_integer_dtype_array_or_list(form):
     assert torch.equal(got.memorization.nan_to_num(-1), want.nan_to_num(-1))
     with pytest.raises(TypeError, match=FLOAT_LABELS):
         stability_memorization(linear(2), x, y.float(), m=1, train_kwargs=kw)
+
+
+@pytest.mark.parametrize("m", [2.5, True])
+def test_refuses_a_number_of_models_that_is_not_an_int(m):
+    # m=2.5 failed in range() with "'float' object cannot be interpreted as an integer",
+    # m=True trained one model
+    x, y = blobs(6)
+    with pytest.raises(TypeError, match="stability_memorization: m must be an int"):
+        stability_memorization(linear(2), x, y, m=m, train_kwargs={"epochs": 1})
