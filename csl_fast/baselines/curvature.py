@@ -15,7 +15,9 @@ It approximates :math:`h\,\|H_x v\|`; large values mean a sharp loss around the 
 
 The per-sample input gradients come from one backward of the *summed* loss, which is
 exact when no layer couples samples (no BatchNorm in train mode; the model is put in eval
-mode here).
+mode here). The authors' released code differentiates the batch-*mean* loss instead, which
+divides every value by the batch size: the same ranking within equal-sized batches, a
+different scale, and a last partial batch weighted differently.
 """
 
 from __future__ import annotations
@@ -76,7 +78,10 @@ def input_curvature(
         h: finite-difference step (paper: 1e-3).
         n: number of Rademacher probes (paper: 10).
         batch_size: samples per forward/backward.
-        seed: seeds the probes (a CPU generator: identical across devices).
+        seed: seeds the probes (a CPU generator: identical across devices). The probes
+            are drawn batch by batch, so the same seed with another ``batch_size`` draws
+            other probes: the values differ by the estimator's noise (about
+            ``1 / sqrt(n)`` relative), not in expectation.
 
     Returns:
         float32 ``[N]``: mean over the probes of
