@@ -7,6 +7,14 @@ each sample of A is still classified correctly. The score of a sample of A is
 only memorized are forgotten quickly once they leave the training set. Swapping the roles
 of A and B scores every sample. Cost: two models, each trained for two phases on half
 the data (about two full trainings).
+
+Maini et al. define the forgetting time as the first second-phase epoch from which the
+sample stays misclassified. The mean used here (the score the CSL paper's comparison
+is reproduced with) equals ``1 - t / E`` for a sample correct until epoch
+``t`` of ``E`` and wrong from then on, so it ranks such samples as the forgetting time
+does (earlier = higher); it differs for samples whose prediction flips back and forth,
+and it separates the samples Maini et al. give no forgetting time (never forgotten: 0;
+never correct: 1).
 """
 
 from __future__ import annotations
