@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -55,3 +56,30 @@ def check_finite(
             f"{fn}: a model predicted non-finite logits (training diverged?); {fix}"
         )
     return logits
+
+
+#: train() arguments every retraining baseline sets itself, with what to do instead.
+_SET_BY_BASELINE = {
+    "seed": "pass seed= to {fn} itself (each model's seed derives from it)",
+    "tracker": (
+        "the models train on subsets, whose rows are not the dataset's indices; record "
+        "a tracker with csl_fast.train.train on the full data instead"
+    ),
+}
+#: ``progress``, for the baselines that pass their own ``progress=`` to every training.
+PROGRESS = {"progress": "pass progress= to {fn} itself"}
+
+
+def train_options(
+    fn: str, train_kwargs: Mapping[str, Any] | None, taken: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """``train_kwargs`` as a dict, refusing the keys the baseline sets itself (``taken``
+    adds its own, with advice): they collided with a bare "got multiple values for keyword
+    argument" TypeError from ``train``, or (``tracker``) recorded subset rows as if they
+    were dataset indices."""
+    kwargs = dict(train_kwargs or {})
+    rules = {**_SET_BY_BASELINE, **(taken or {})}
+    for key in kwargs:
+        if key in rules:
+            raise ValueError(f"{fn}: train_kwargs may not hold {key!r}; {rules[key].format(fn=fn)}")
+    return kwargs

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..train import predict, train
-from ._checks import check_finite, check_xy
+from ._checks import PROGRESS, check_finite, check_xy, train_options
 
 __all__ = ["ConfidentLearningResult", "confident_learning", "out_of_sample_probs"]
 
@@ -46,7 +46,7 @@ def out_of_sample_probs(
     if k < 2:
         raise ValueError("out_of_sample_probs: k must be >= 2")
     y = check_xy("out_of_sample_probs", x, y)
-    kwargs = dict(train_kwargs or {})
+    kwargs = train_options("out_of_sample_probs", train_kwargs, PROGRESS)
     y_np = y.detach().cpu().numpy()
     probs: torch.Tensor | None = None
     folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y_np)), y_np)

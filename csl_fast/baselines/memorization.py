@@ -25,7 +25,7 @@ from torch import nn
 
 from .._args import integer
 from ..train import predict, train
-from ._checks import check_finite, check_xy
+from ._checks import check_finite, check_xy, train_options
 
 __all__ = ["MemorizationResult", "stability_memorization"]
 
@@ -73,7 +73,7 @@ def stability_memorization(
     if not 0 < subset_fraction < 1:
         raise ValueError("stability_memorization: subset_fraction must be in (0, 1)")
     y = check_xy("stability_memorization", x, y)
-    kwargs = dict(train_kwargs or {})
+    kwargs = train_options("stability_memorization", train_kwargs)
     n = x.shape[0]
     # the fraction as written, not its binary float: int(0.7 * 90) is 62
     size = int(Fraction(repr(float(subset_fraction))) * n)

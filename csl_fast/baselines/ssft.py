@@ -27,9 +27,14 @@ from torch import nn
 
 from .._args import integer
 from ..train import predict, train
-from ._checks import check_finite, check_xy
+from ._checks import PROGRESS, check_finite, check_xy, train_options
 
 __all__ = ["ssft"]
+
+_TAKEN = {
+    **PROGRESS,
+    "callback": "ssft's second phase uses the callback to watch the first half",
+}
 
 
 def ssft(
@@ -55,7 +60,7 @@ def ssft(
         seed: the split (a seeded random half) and the training seeds.
     """
     y = check_xy("ssft", x, y)
-    kwargs = dict(train_kwargs or {})
+    kwargs = train_options("ssft", train_kwargs, _TAKEN)
     epochs = kwargs.pop("epochs", None)
     e1 = first_epochs if first_epochs is not None else epochs
     e2 = second_epochs if second_epochs is not None else epochs

@@ -89,3 +89,15 @@ def test_each_row_comes_from_the_model_that_did_not_train_on_it():
     p = out_of_sample_probs(factory, x, y, k=3, train_kwargs=dict(FAST, epochs=50), seed=0)
     # balanced folds: b stays near 0, so every held-out row is near uniform
     torch.testing.assert_close(p, torch.full((n, 2), 0.5), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["seed", "progress", "tracker"])
+def test_refuses_train_kwargs_it_sets_itself(key):
+    # seed and progress collided with the fold's own ("got multiple values for keyword
+    # argument"); a tracker would record fold rows as dataset indices
+    x, y = blobs(12)
+    for fn in (out_of_sample_probs, confident_learning):
+        with pytest.raises(
+            ValueError, match=f"out_of_sample_probs: train_kwargs may not hold '{key}'"
+        ):
+            fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1, key: None})

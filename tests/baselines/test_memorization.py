@@ -95,3 +95,22 @@ def test_refuses_a_number_of_models_that_is_not_an_int(m):
     x, y = blobs(6)
     with pytest.raises(TypeError, match="stability_memorization: m must be an int"):
         stability_memorization(linear(2), x, y, m=m, train_kwargs={"epochs": 1})
+
+
+@pytest.mark.parametrize("key", ["seed", "tracker"])
+def test_refuses_train_kwargs_it_sets_itself(key):
+    # seed collided with the model's own ("got multiple values for keyword argument"); a
+    # tracker of N samples recorded the subset's rows 0..size-1 as dataset indices
+    x, y = blobs(12)
+    with pytest.raises(
+        ValueError, match=f"stability_memorization: train_kwargs may not hold '{key}'"
+    ):
+        stability_memorization(linear(2), x, y, m=1, train_kwargs={"epochs": 1, key: None})
+
+
+def test_progress_in_train_kwargs_is_forwarded():
+    x, y = blobs(12)
+    res = stability_memorization(
+        linear(2), x, y, m=1, train_kwargs={"epochs": 1, "progress": False}
+    )
+    assert int(res.n_in.sum()) == int(0.7 * 12)

@@ -65,3 +65,11 @@ def test_refuses_float_and_negative_labels():
         ssft(linear(2), x, y.float(), train_kwargs=FAST)
     with pytest.raises(ValueError, match="class indices >= 0, got -100"):  # ignored silently
         ssft(linear(2), x, torch.where(y == 0, -100, y), train_kwargs=FAST)
+
+
+@pytest.mark.parametrize("key", ["seed", "progress", "callback", "tracker"])
+def test_refuses_train_kwargs_it_sets_itself(key):
+    # they collided with ssft's own: "train() got multiple values for keyword argument"
+    x, y = blobs(12)
+    with pytest.raises(ValueError, match=f"ssft: train_kwargs may not hold '{key}'"):
+        ssft(linear(2), x, y, train_kwargs={"epochs": 1, key: None})
