@@ -46,6 +46,10 @@ def out_of_sample_probs(
     if k < 2:
         raise ValueError("out_of_sample_probs: k must be >= 2")
     y = check_xy("out_of_sample_probs", x, y)
+    if x.shape[0] < k:  # sklearn's message for N = 0 was "Found array with 0 sample(s)"
+        raise ValueError(
+            f"out_of_sample_probs: k = {k} folds need at least {k} samples, got {x.shape[0]}"
+        )
     kwargs = train_options("out_of_sample_probs", train_kwargs, PROGRESS)
     y_np = y.detach().cpu().numpy()
     probs: torch.Tensor | None = None

@@ -101,3 +101,10 @@ def test_refuses_train_kwargs_it_sets_itself(key):
             ValueError, match=f"out_of_sample_probs: train_kwargs may not hold '{key}'"
         ):
             fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1, key: None})
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_refuses_fewer_samples_than_folds(n):
+    x, y = blobs(12)
+    with pytest.raises(ValueError, match=f"k = 3 folds need at least 3 samples, got {n}"):
+        confident_learning(linear(2), x[:n], y[:n], k=3, train_kwargs={"epochs": 1})
