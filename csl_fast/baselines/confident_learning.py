@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._args import integer
 from ..train import predict, train
 from ._checks import PROGRESS, check_finite, check_xy, train_options
 
@@ -43,8 +44,7 @@ def out_of_sample_probs(
     """
     from sklearn.model_selection import StratifiedKFold
 
-    if k < 2:
-        raise ValueError("out_of_sample_probs: k must be >= 2")
+    k = integer("out_of_sample_probs", "k", k, low=2)
     y = check_xy("out_of_sample_probs", x, y)
     if x.shape[0] < k:  # sklearn's message for N = 0 was "Found array with 0 sample(s)"
         raise ValueError(

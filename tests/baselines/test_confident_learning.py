@@ -108,3 +108,12 @@ def test_refuses_fewer_samples_than_folds(n):
     x, y = blobs(12)
     with pytest.raises(ValueError, match=f"k = 3 folds need at least 3 samples, got {n}"):
         confident_learning(linear(2), x[:n], y[:n], k=3, train_kwargs={"epochs": 1})
+
+
+@pytest.mark.parametrize("k", [2.5, True])
+def test_refuses_a_number_of_folds_that_is_not_an_int(k):
+    # k=2.5 reached sklearn ("The number of folds must be of Integral type"), k=True was
+    # refused as "k must be >= 2"
+    x, y = blobs(12)
+    with pytest.raises(TypeError, match="out_of_sample_probs: k must be an int"):
+        out_of_sample_probs(linear(2), x, y, k=k, train_kwargs={"epochs": 1})
