@@ -1,9 +1,11 @@
 """csl_fast.scores: names, orientation (higher = more suspicious) and DataFrame."""
 
+import itertools
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import csl_fast
 from csl_fast.scores import SCORES, as_dataframe
@@ -210,3 +212,67 @@ def test_bad_sources_and_names_are_refused_plainly():
     # a complex score lost its imaginary part with only torch's UserWarning
     with pytest.raises(ValueError, match="'a' must be a 1-D \\[N\\] real tensor, got a complex"):
         as_dataframe({"a": torch.rand(3, dtype=torch.cfloat)})
+
+
+@pytest.mark.parametrize(("classes", "label_dtype"), [(2, torch.int32), (5, torch.uint8)])
+def test_training_scores_match_a_plain_pytorch_replay(classes, label_dtype):
+    """A real SGD run (shuffled batches, one sample never presented) against each score's
+    published definition, computed from a log of every presentation's logits and a
+    per-sample input gradient (torch.func, not the tracker's hook)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    n, d, b, skipped = 41, 4, 8, 7
+    x, y = torch.randn(n, d), torch.randint(0, classes, (n,))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(d, 16), torch.nn.Tanh(), torch.nn.Linear(16, classes)
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    t = csl_fast.CSLTracker(n, classes, dtype=torch.float64)
+    log = [[] for _ in range(n)]  # (logits row, ||dl/dx||) per presentation
+    for _ in range(5):
+        order = torch.randperm(n)
+        order = order[order != skipped]
+        for s in range(0, len(order), b):
+            idx = order[s : s + b]
+            params = {k: v.detach() for k, v in model.named_parameters()}
+
+            def loss(xi, yi, params=params):
+                return F.cross_entropy(functional_call(model, params, (xi[None],)), yi[None])
+
+            gnorm = vmap(grad(loss))(x[idx], y[idx]).norm(dim=1)
+            z = model(t.watch(x[idx].clone(), idx))
+            for k, i in enumerate(idx.tolist()):
+                log[i].append((z[k].detach().double(), float(gnorm[k])))
+            opt.zero_grad()
+            csl_fast.accumulate(z, y[idx].to(label_dtype), idx, t).backward()
+            opt.step()
+        t.end_epoch()
+
+    want = {k: torch.full((n,), math.nan, dtype=torch.float64) for k in SCORES}
+    forgot, learned = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.bool)
+    for i, rows in enumerate(log):
+        if not rows:
+            continue
+        z = torch.stack([r[0] for r in rows])
+        yi = int(y[i])
+        others = z.clone()
+        others[:, yi] = -math.inf
+        p = z.softmax(1)[:, yi]
+        want["csl"][i] = F.cross_entropy(z, torch.full((len(z),), yi), reduction="sum")
+        want["aum"][i] = -(z[:, yi] - others.amax(1)).mean()  # Pleiss et al., negated
+        want["confidence"][i] = 1 - p.mean()
+        want["variability"][i] = p.std(correction=0)
+        want["loss_sensitivity"][i] = sum(r[1] for r in rows) / len(rows)
+        correct = (z.argmax(1) == yi).tolist()
+        # Toneva et al.: correct -> incorrect between successive presentations
+        forgot[i] = sum(a and not c for a, c in itertools.pairwise(correct))
+        learned[i] = any(correct)
+    never = ~learned & torch.tensor([bool(r) for r in log])
+    assert bool(never.any()) and bool(forgot.max() > 0)  # both conventions exercised
+    want["forgetting"] = torch.where(never, forgot.max() + 1, forgot)
+    want["forgetting"][skipped] = math.nan
+    names = ["csl", "aum", "confidence", "variability", "loss_sensitivity", "forgetting"]
+    got = csl_fast.scores(t, names)
+    for name in names:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, equal_nan=True)
