@@ -149,6 +149,12 @@ class CurvatureAccumulator:
         # now, not after the first training epoch
         self.x, self.y = x, check_xy("CurvatureAccumulator", x, y)
         _check_float_inputs("CurvatureAccumulator", x)
+        if isinstance(epochs, int | float):  # set(5) said only "'int' object is not iterable"
+            raise TypeError(
+                f"CurvatureAccumulator: epochs must be the epochs to measure at (an iterable "
+                f"such as range(0, total, {epochs!r}) or [{epochs!r}]) or None, got "
+                f"{type(epochs).__name__} {epochs!r}"
+            )
         self.epochs = None if epochs is None else set(epochs)
         self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed
         self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)

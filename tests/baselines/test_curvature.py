@@ -121,3 +121,11 @@ def test_refuses_counts_that_are_not_ints(arg):
     (name,) = arg
     with pytest.raises(TypeError, match=f"input_curvature: {name} must be an int"):
         input_curvature(model, x, y, **arg)
+
+
+def test_accumulator_refuses_a_number_of_epochs():
+    # epochs=5 (read as "every 5 epochs" or "5 epochs") said "'int' object is not iterable"
+    with pytest.raises(
+        TypeError, match=r"epochs must be the epochs to measure at.*range\(0, total, 5\)"
+    ):
+        CurvatureAccumulator(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), epochs=5)
