@@ -18,10 +18,12 @@ sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
     A worklist for a person with a review budget of ``budget`` samples: the ``budget``
     most suspicious samples of the *ranking*, flagged by the rule or not (so a rule that
     flags nothing still yields a worklist). A flagged row gets the action
-    ``relabel-confident`` would propose; an unflagged one is relabelled when its
-    suggestion is confident and otherwise gets ``keep``: neither the rule nor the network
-    has a case against its label, and proposing to drop it would cost a correct sample
-    whenever the reviewer trusts the proposal. ``budget`` is required.
+    ``relabel-confident`` would propose; an unflagged one gets ``keep`` (its suggestion,
+    if any, is still shown): the rule found no case against its label, and on the demo
+    run (``csl-fast demo``, 1,437 samples, 180 flagged) the given label was right for 213
+    of the first 220 unflagged rows of the ranking, while their confident suggestions
+    were right for 2 of 80 (2 of 461 over the whole ranking), against 136 of 148 for the
+    flagged rows. ``budget`` is required.
 
 ``budget`` (all policies) keeps only the ``budget`` most suspicious rows; the other
 samples are left as they are.
@@ -643,7 +645,8 @@ def clean(
     if policy == "review":
         flagged = torch.zeros(n, dtype=torch.bool)
         flagged[detection.indices.cpu()] = True
-        keep = ~flagged[chosen] & ~relabel
+        keep = ~flagged[chosen]
+        relabel &= ~keep
     if group is not None and group.index.numel():
         # a conflicting group's members: the group's decision, not their own suggestion
         row_of = torch.full((n,), -1, dtype=torch.long)

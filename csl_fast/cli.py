@@ -365,8 +365,7 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "suggested label when the suggestion's confidence is at least --min-confidence and "
         "drops it otherwise; drop drops every flagged sample; review lists the --budget most "
         "suspicious samples, flagged or not: a flagged one with the action relabel-confident would "
-        "take, an unflagged one relabelled when its suggestion is confident and kept (action "
-        "keep) otherwise. "
+        "take, an unflagged one the action keep (its suggestion, if any, shown). "
         "In a conflicting duplicate group the member whose label the network preferred gets "
         "the action keep and the others are relabelled to that label (dropped under --policy "
         "drop).",

@@ -104,8 +104,9 @@ def test_review_takes_the_top_of_the_ranking_flagged_or_not():
         SCORES, detection=nothing, policy="review", budget=5, suggestions=(SUGG_LABEL, SUGG_CONF)
     )
     assert plan.index.tolist() == [5, 2, 0, 3, 1]
-    # nothing flagged: the rows without a confident suggestion are kept, not dropped
-    assert plan.actions == ["relabel", "keep", "relabel", "relabel", "keep"]
+    # nothing flagged: every row is proposed as kept, its suggestion shown
+    assert plan.actions == ["keep"] * 5
+    assert plan.suggested_label.tolist() == SUGG_LABEL[[5, 2, 0, 3, 1]].tolist()
     assert len(clean(SCORES, detection=nothing, suggestions=(SUGG_LABEL, SUGG_CONF))) == 0
 
 
@@ -116,13 +117,15 @@ def test_review_drops_only_flagged_rows_and_keeps_unflagged_ones_without_a_case(
     assert plan.actions == ["relabel", "drop", "relabel", "relabel", "keep", "keep"]
     keep, labels = plan.apply(LABELS)
     assert keep.tolist() == [0, 1, 3, 4, 5] and labels[keep == 1].tolist() == [1]
-    # a confident suggestion still proposes a relabel for an unflagged row
+    # an unflagged row is kept even with a confident suggestion: past the flagged set
+    # those suggestions are rarely right (module docstring), the suggestion stays shown
     conf = SUGG_CONF.clone()
     conf[4] = 0.95
     plan = clean(
         SCORES, detection=_det(), policy="review", budget=6, suggestions=(SUGG_LABEL, conf)
     )
-    assert plan.actions[-2:] == ["keep", "relabel"]
+    assert plan.actions[-2:] == ["keep", "keep"]
+    assert plan.suggested_label[-1] == 0 and plan.confidence[-1] == pytest.approx(0.95)
 
 
 def test_evaluate_plan_judges_an_unflagged_keep_by_its_given_label():
@@ -366,7 +369,10 @@ def test_tracker_source_uses_its_suggestions():
         plan.confidence, conf[plan.index].float(), rtol=0, atol=0, equal_nan=True
     )
     relabel = (label[plan.index] >= 0) & (conf[plan.index] >= DEFAULT_MIN_CONFIDENCE)
-    assert torch.equal(plan.relabel, relabel)
+    flagged = torch.zeros(n, dtype=torch.bool)
+    flagged[plan.detection.indices] = True
+    assert torch.equal(plan.relabel, relabel & flagged[plan.index])
+    assert torch.equal(plan.kept, ~flagged[plan.index])
     # the flipped samples lead the ranking and their suggestions are mostly the true class
     top = plan.index[flipped[plan.index]]
     assert top.numel() >= 8
