@@ -266,6 +266,15 @@ def test_sync_is_a_noop_without_a_process_group():
             assert torch.equal(t.buffers()[k], v), k
 
 
+def _attempt(msgs: list, call, named: bool = False) -> None:
+    """Run ``call``, appending "no error" or its SyncError (``named``: with the type)."""
+    try:
+        call()
+        msgs.append("no error")
+    except SyncError as exc:
+        msgs.append(f"{type(exc).__name__}: {exc}" if named else str(exc))
+
+
 def _disagree_worker(rank: int, init: str, out: str):
     """Trackers and calls that differ between the ranks: every rank must raise the same
     SyncError (no gloo abort), and the group must still work afterwards."""
@@ -274,11 +283,7 @@ def _disagree_worker(rank: int, init: str, out: str):
     msgs = []
 
     def attempt(call) -> None:
-        try:
-            call()
-            msgs.append("no error")
-        except SyncError as exc:
-            msgs.append(str(exc))
+        _attempt(msgs, call)
 
     other = torch.float64 if rank else torch.float32
     attempt(CSLTracker(10, C, dtype=other).end_epoch)
@@ -565,11 +570,7 @@ def _device_worker(rank: int, init: str, out: str):
     msgs = []
 
     def attempt(call) -> None:
-        try:
-            call()
-            msgs.append("no error")
-        except SyncError as exc:
-            msgs.append(f"{type(exc).__name__}: {exc}")
+        _attempt(msgs, call, named=True)
 
     try:
         meta = CSLTracker(4, C, device="meta")

@@ -33,29 +33,25 @@ class Texts(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i], "index": i}
 
 
+# TrainingArguments for a CPU test: no checkpoints, logs, reporting or progress bars
+_QUIET = dict(
+    save_strategy="no",
+    logging_strategy="no",
+    report_to=[],
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+)
+
+
 def _train(tmp_path, fused: bool):
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=LEN,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    model = _llama()
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         num_train_epochs=2,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
+        **_QUIET,
     )
     trainer = CSLTrainer(
         model=model, args=args, train_dataset=Texts(), csl_linear_cross_entropy=fused
@@ -132,12 +128,7 @@ def _one_step(
         optim="sgd",
         learning_rate=lr,
         lr_scheduler_type="constant",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
+        **_QUIET,
         remove_unused_columns=not keep,
     )
     trainer = trainer_class(model=model, args=args, train_dataset=data, **kwargs)
