@@ -78,14 +78,34 @@ def _fig_flagging(det: Any, path: str) -> str:
     v = det.scores.detach().cpu().double().numpy()
     flagged = det.flagged.cpu().numpy()
     ok = np.isfinite(v)
-    log = bool(ok.any() and (v[ok] > 0).all())
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    if not ok.any():
+        # min() of no value raised ValueError: the section still needs its figure
+        ax.text(
+            0.5,
+            0.5,
+            f"no sample has a finite {det.score_name}: nothing to draw",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_axis_off()
+        ax.set_title(f"flagged {len(det)} of {v.size}", fontsize=10)
+        return _png(fig, path)
     vals = v[ok]
+    log = bool((vals > 0).all())
+    lo, hi = vals.min(), vals.max()
+    if hi <= lo * (1 + 1e-9) + 1e-12:
+        # one value (N = 1, a constant score): a 1e-12 wide axis of unreadable ticks
+        lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
     if log:
-        bins = np.geomspace(max(vals.min(), 1e-12), vals.max() * 1.0001 + 1e-12, 60)
+        bins = np.geomspace(lo, hi * 1.0001, 60)
         ax.set_xscale("log")
     else:
-        bins = np.linspace(vals.min(), vals.max() + 1e-12, 60)
+        bins = np.linspace(lo, hi + 1e-12, 60)
+    if flagged.any():
+        # a bin across the lowest flagged score drew flagged bars left of the threshold line
+        bins = np.union1d(bins, [v[flagged].min()])
     ax.hist(v[ok & ~flagged], bins=bins, color="#4C72B0", alpha=0.7, label="not flagged")
     if flagged.any():
         ax.hist(v[ok & flagged], bins=bins, color="#DD4444", alpha=0.8, label="flagged")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 import re
 import warnings
 from pathlib import Path
@@ -164,3 +166,39 @@ def test_retrain_note_in_demo_results(tmp_path, capsys):
 def test_format_retrain_table_refuses_unknown_arms():
     with pytest.raises(ValueError, match=r"unknown arms \['clean'\]"):  # was left out silently
         format_retrain_table({"noisy": 0.9, "clean": 0.95}, 10)
+
+
+def _hist_bins(monkeypatch) -> list[np.ndarray]:
+    import matplotlib.axes
+
+    seen: list[np.ndarray] = []
+    hist = matplotlib.axes.Axes.hist
+
+    def spy(ax, x, bins, **kw):
+        seen.append(np.asarray(bins))
+        return hist(ax, x, bins, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    return seen
+
+
+def test_flagged_bars_start_at_the_lowest_flagged_score(run, tmp_path, monkeypatch):
+    # a bin across the rule's cut drew a red bar left of the dashed threshold line
+    tracker, samples = run
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(tracker)
+    assert len(det) > 0
+    seen = _hist_bins(monkeypatch)
+    write_report(tracker, tmp_path, samples)
+    bins = seen[-1]  # flagging.png is drawn last, its flagged bars last
+    assert float(det.scores[det.flagged].min()) in bins
+
+
+def test_a_score_nan_everywhere_still_has_its_flagging_figure(run, tmp_path):
+    # min() of no finite score raised ValueError: `csl-fast report` ended with a traceback
+    tracker = copy.deepcopy(run[0])
+    tracker.csl_sum.fill_(math.nan)
+    page = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert (tmp_path / "flagging.png").stat().st_size > 1000
+    assert "0 flagged." in page and "<b>Warning:</b>" in page
