@@ -491,6 +491,9 @@ def write_report(
     table = (
         detection_table(all_scores, samples) if samples is not None and samples.has_truth else {}
     )
+    if not any(table.values()):
+        # truth with no corrupted (or no clean) sample drew a table of definitions, no AUROC
+        table = {}
     if loss_only:
         cleaning = _loss_only_sections(tracker, score, top, out)
     else:
@@ -587,6 +590,11 @@ def _html(
             parts.append(f"<td class=l>{e(info.formula) if info else ''}</td></tr>")
         parts.append(
             "</table><p class=cap>Each corruption type against the clean samples only.</p>"
+        )
+    elif samples is not None and samples.has_truth:
+        parts.append(
+            "<h2>Detection (AUROC)</h2><p class=cap>Not computed: it needs samples known to be "
+            "corrupted and samples known to be clean, each with a finite score.</p>"
         )
     for heading, text in notes:
         parts.append(f"<h2>{e(heading)}</h2><pre>{e(text)}</pre>")

@@ -83,6 +83,9 @@ def _fig_histogram(
     import matplotlib.pyplot as plt
 
     ok = np.isfinite(csl) & (csl > 0)
+    if not np.isfinite(csl).any():
+        # the message below blamed a perfect fit for a CSL that is NaN everywhere
+        return None, "no sample has a finite CSL (every value is NaN or infinite)."
     if not ok.any():
         # a log axis has no place for 0, and np.percentile of nothing raised IndexError
         return None, (
@@ -91,6 +94,9 @@ def _fig_histogram(
         )
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     lo, hi = np.percentile(csl[ok], 0.1), csl[ok].max()
+    if hi <= lo * (1 + 1e-9):
+        # one value (N = 1, equal CSLs): a 1e-4 wide log axis of overlapping tick labels
+        lo, hi = lo / 2, hi * 2
     bins = np.geomspace(max(lo, 1e-6), hi * 1.0001, 50)
     groups = _groups(samples, len(csl))
     if groups:

@@ -8,6 +8,7 @@ so sections added to the report later do not disturb these checks.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -341,3 +342,41 @@ def test_top_beyond_the_run_and_top_zero(run, tmp_path):
     assert f"<h2>Top {n} suspicious samples</h2>" in html and f"<h2>Top {n} by csl</h2>" in html
     html = Path(write_report(tracker, tmp_path / "zero", with_images, top=0)).read_text()
     assert "Not drawn: top = 0: no sample to show." in html
+
+
+def test_truth_without_corrupted_samples_draws_no_empty_auroc_table(run, tmp_path):
+    # masks with no corrupted sample drew a "Detection (AUROC)" table of definitions only
+    tracker, samples = run
+    n = tracker.num_samples
+    clean = RunSamples(labels=samples.labels, mislabeled=np.zeros(n, dtype=bool))
+    html = Path(write_report(tracker, tmp_path, clean)).read_text(encoding="utf-8")
+    start = html.index("<h2>Detection (AUROC)</h2>")
+    assert html[start:].startswith("<h2>Detection (AUROC)</h2><p class=cap>Not computed")
+    assert "<th class=l>definition</th>" not in html
+
+
+def test_csl_nan_everywhere_is_not_called_a_perfect_fit(run, tmp_path):
+    # the histogram's caption said "every sample's CSL is 0" of a CSL that is NaN everywhere
+    tracker = copy.deepcopy(run[0])
+    tracker.csl_sum.fill_(math.nan)
+    html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    caption = re.search(r"<h2>CSL histogram</h2>\s*<p class=cap>([^<]*)</p>", html)
+    assert caption is not None and "no sample has a finite CSL" in caption.group(1)
+
+
+def test_histogram_of_one_value_spans_a_readable_range(tmp_path, monkeypatch):
+    # N = 1: bins 1e-4 wide, tick labels printed over each other
+    import matplotlib.axes
+
+    from csl_fast.report_figures import _fig_histogram
+
+    seen = []
+    hist = matplotlib.axes.Axes.hist
+
+    def spy(ax, x, bins, **kw):
+        seen.append(np.asarray(bins))
+        return hist(ax, x, bins, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    _fig_histogram(np.array([1.3696]), None, str(tmp_path / "h.png"))
+    assert seen and seen[0][-1] / seen[0][0] >= 3.9
