@@ -227,7 +227,9 @@ def sections(
         f"<h2>Flagged set: {e(score)} and the no-ground-truth rule</h2>",
         f"<img alt='flagged set' src='data:image/png;base64,{b64}'>",
     ]
-    cap = f"Rule: {det.rule}; threshold {det.threshold:.4g}; {len(det)} flagged."
+    # "threshold inf" read as a number the rule computed; it is the rule declining to cut
+    cut = f"threshold {det.threshold:.4g}" if math.isfinite(det.threshold) else "no threshold"
+    cap = f"Rule: {det.rule}; {cut}; {len(det)} flagged."
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
         cap += f" Estimated number of bad samples: {det.estimated_count} (interval {lo}-{hi})."

@@ -202,3 +202,12 @@ def test_a_score_nan_everywhere_still_has_its_flagging_figure(run, tmp_path):
     page = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
     assert (tmp_path / "flagging.png").stat().st_size > 1000
     assert "0 flagged." in page and "<b>Warning:</b>" in page
+
+
+def test_a_rule_that_declines_to_cut_prints_no_threshold(tmp_path):
+    # the caption read "threshold inf", a number the rule never computed
+    n = 2
+    tracker = csl_fast.CSLTracker(n, 3)
+    csl_fast.accumulate(torch.randn(n, 3), torch.arange(n), torch.arange(n), tracker)
+    page = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert "no threshold; 0 flagged." in page and "threshold inf" not in page
