@@ -575,6 +575,14 @@ def _html(
         f"Written {e(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}. "
         "Every score is oriented so that <b>higher = more suspicious</b>.</p>",
     ]
+    unseen = int((tracker.csl_count == 0).sum())
+    if unseen:
+        # they have no score: absent from every figure and ranking, and nothing said why
+        parts.append(
+            f"<p><b>{unseen} of {tracker.num_samples} samples were never presented</b> in "
+            "training (no recorded loss): they have no score, are left out of the figures "
+            "and rankings, and cannot be flagged.</p>"
+        )
     if table:
         kinds = [k for k in ("mislabeled", "duplicates") if any(k in r for r in table.values())]
         best = {k: np.nanmax([r.get(k, np.nan) for r in table.values()]) for k in kinds}

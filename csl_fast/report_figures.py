@@ -240,6 +240,7 @@ def _fig_loss_curves(
     tracker: CSLTracker, samples: RunSamples | None, path: str, k: int = 8
 ) -> tuple[str | None, str]:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     hist = tracker.loss_history if tracker.history else torch.empty(0)
     source = "training loss"
@@ -278,6 +279,8 @@ def _fig_loss_curves(
         ax.plot(epochs, np.nanmean(h[:, cols], 1), color=colour, lw=lw, ls=ls, label=label)
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("epoch")
+    # epochs are whole: 2 epochs were ticked 1.0, 1.2, ..., 2.0
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"per-sample {source}")
     ax.set_title(f"Loss curves of easy and hard samples, {who}")
     ax.legend(fontsize=7, frameon=False)

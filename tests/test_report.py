@@ -380,3 +380,43 @@ def test_histogram_of_one_value_spans_a_readable_range(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
     _fig_histogram(np.array([1.3696]), None, str(tmp_path / "h.png"))
     assert seen and seen[0][-1] / seen[0][0] >= 3.9
+
+
+def test_samples_never_presented_are_counted_on_the_page(tmp_path):
+    # 5 of 20 samples never trained on vanished from every figure and table without a word
+    n = 20
+    tracker = csl_fast.CSLTracker(n, 3)
+    seen = torch.arange(15)
+    csl_fast.accumulate(torch.randn(15, 3), seen % 3, seen, tracker)
+    tracker.end_epoch()
+    html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert "<b>5 of 20 samples were never presented</b>" in html
+    full = csl_fast.CSLTracker(n, 3)
+    csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), full)
+    html = Path(write_report(full, tmp_path / "all")).read_text(encoding="utf-8")
+    assert "never presented" not in html
+
+
+def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
+    # two epochs were ticked 1.0, 1.2, ..., 2.0
+    import matplotlib.figure
+
+    from csl_fast.report_figures import _fig_loss_curves
+
+    n = 30
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    for _ in range(2):
+        csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), tracker)
+        tracker.end_epoch()
+    ticks = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks.extend(t for t in ax.get_xticks() if lo <= t <= hi)
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    _fig_loss_curves(tracker, None, str(tmp_path / "l.png"))
+    assert ticks and all(float(t).is_integer() for t in ticks), ticks
