@@ -449,7 +449,9 @@ def write_report(
         (
             f"Top {shown} suspicious samples",
             "top_samples.png",
-            lambda p: _fig_top_grid(ranking, samples, s, p, shown) if samples is not None else None,
+            lambda p: (
+                _fig_top_grid(ranking, samples, s, p, shown, score) if samples is not None else None
+            ),
         ),
     ]
     captions = {

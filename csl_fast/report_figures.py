@@ -288,7 +288,12 @@ def _fig_loss_curves(
 
 
 def _fig_top_grid(
-    ranking: np.ndarray, samples: RunSamples, score: np.ndarray, path: str, k: int
+    ranking: np.ndarray,
+    samples: RunSamples,
+    score: np.ndarray,
+    path: str,
+    k: int,
+    score_name: str = "csl",
 ) -> str | tuple[None, str] | None:
     import matplotlib.pyplot as plt
 
@@ -316,7 +321,8 @@ def _fig_top_grid(
             colour = _DUP
         ax.set_title(f"#{r + 1} idx {int(i)}\ngiven {given}, pred {pred}", fontsize=7, color=colour)
     fig.suptitle(
-        "Most suspicious samples by CSL"
+        # the grid follows --score; its title said "by CSL" whatever the ranking was
+        f"Most suspicious samples by {score_name}"
         + (" (red: mislabeled, amber: duplicate)" if samples.has_truth else ""),
         fontsize=9,
     )

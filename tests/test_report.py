@@ -420,3 +420,22 @@ def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     _fig_loss_curves(tracker, None, str(tmp_path / "l.png"))
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_image_grid_is_titled_with_the_score_that_ranks_it(run, tmp_path, monkeypatch):
+    # --score aum ranked the grid by aum under the title "Most suspicious samples by CSL"
+    import matplotlib.figure
+
+    tracker, samples = run
+    n = tracker.num_samples
+    titles = []
+    suptitle = matplotlib.figure.Figure.suptitle
+
+    def spy(fig, text, **kw):
+        titles.append(text)
+        return suptitle(fig, text, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle", spy)
+    with_images = RunSamples(labels=samples.labels, images=np.zeros((n, 4, 4)))
+    write_report(tracker, tmp_path, with_images, score="aum", top=4)
+    assert titles == ["Most suspicious samples by aum"]
