@@ -155,8 +155,15 @@ def _suggestion_rows(
     from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
 
     plan = clean(tracker, detection=det, score=det.score_name, inputs=inputs, labels=labels)
+    # with duplicates the plan also holds the conflicting groups the score did not flag:
+    # "flagged samples 142" sat under "flagged 123" with nothing to tell them apart
+    what = (
+        "flagged samples"
+        if plan.duplicates is None
+        else f"samples in the plan (flagged by {det.score_name}, or in a conflicting group)"
+    )
     rows = [
-        ("flagged samples", str(len(plan))),
+        (what, str(len(plan))),
         (f"relabel (suggestion confidence >= {DEFAULT_MIN_CONFIDENCE:g})", str(plan.num_relabeled)),
         ("drop (no confident suggestion)", str(plan.num_dropped)),
     ]

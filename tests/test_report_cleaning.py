@@ -211,3 +211,21 @@ def test_a_rule_that_declines_to_cut_prints_no_threshold(tmp_path):
     csl_fast.accumulate(torch.randn(n, 3), torch.arange(n), torch.arange(n), tracker)
     page = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
     assert "no threshold; 0 flagged." in page and "threshold inf" not in page
+
+
+def test_a_plan_with_duplicates_is_not_called_the_flagged_set(run, tmp_path):
+    # "flagged samples 142" (the plan: flagged set + conflicting groups) sat under
+    # "flagged 123" (the score's flagged set) with nothing to tell them apart
+    tracker, samples = run
+    n = tracker.num_samples
+    inputs = torch.randn(n, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.as_tensor(samples.labels).clone()
+    inputs[1] = inputs[0]
+    labels[1] = (labels[0] + 1) % 4
+    page = Path(write_report(tracker, tmp_path, samples, inputs=inputs, labels=labels)).read_text(
+        encoding="utf-8"
+    )
+    sugg = _table_after(page, "Suggested labels")
+    plan = csl_fast.clean(tracker, inputs=inputs, labels=labels)
+    assert "flagged samples" not in sugg
+    assert sugg["samples in the plan (flagged by csl, or in a conflicting group)"] == str(len(plan))
