@@ -439,3 +439,31 @@ def test_image_grid_is_titled_with_the_score_that_ranks_it(run, tmp_path, monkey
     with_images = RunSamples(labels=samples.labels, images=np.zeros((n, 4, 4)))
     write_report(tracker, tmp_path, with_images, score="aum", top=4)
     assert titles == ["Most suspicious samples by aum"]
+
+
+def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
+    # the lowest 0.1% of CSLs lay left of the first bin: counted in the legend, not drawn;
+    # CSLs of 0 (no place on a log axis) left without a word
+    import matplotlib.axes
+
+    from csl_fast.report_figures import _fig_histogram
+
+    drawn, labels = [], []
+    hist, set_xlabel = matplotlib.axes.Axes.hist, matplotlib.axes.Axes.set_xlabel
+
+    def spy(ax, x, bins, **kw):
+        drawn.append(int(np.histogram(x, bins)[0].sum()))
+        return hist(ax, x, bins, **kw)
+
+    def spy_label(ax, text, **kw):
+        labels.append(text)
+        return set_xlabel(ax, text, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_label)
+    csl = np.concatenate([[0.0, 0.0, 1e-5, 2e-5], np.geomspace(0.5, 20, 3000)])
+    mis = np.zeros(csl.size, dtype=bool)
+    mis[-30:] = True
+    _fig_histogram(csl, RunSamples(mislabeled=mis), str(tmp_path / "h.png"))
+    assert drawn == [csl.size - 2 - 30, 30]  # clean (the zeros left out), mislabeled
+    assert labels == ["cumulative sample loss (CSL, log scale; 2 samples with CSL 0 not shown)"]
