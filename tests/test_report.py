@@ -467,3 +467,13 @@ def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
     _fig_histogram(csl, RunSamples(mislabeled=mis), str(tmp_path / "h.png"))
     assert drawn == [csl.size - 2 - 30, 30]  # clean (the zeros left out), mislabeled
     assert labels == ["cumulative sample loss (CSL, log scale; 2 samples with CSL 0 not shown)"]
+
+
+def test_a_multi_label_run_is_described_by_its_labels(tmp_path):
+    # an accumulate_bce run with num_labels=5 read "300 samples, ? classes"
+    n, labels = 12, 5
+    tracker = csl_fast.CSLTracker(n, num_labels=labels)
+    target = (torch.rand(n, labels, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    csl_fast.accumulate_bce(torch.randn(n, labels), target, torch.arange(n), tracker)
+    html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert f"<p>{n} samples, 5 labels (multi-label), 0 epochs tracked" in html
