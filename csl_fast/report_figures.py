@@ -238,6 +238,9 @@ def _fig_data_map(tracker: CSLTracker, samples: RunSamples | None, path: str) ->
         fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0), markerscale=1.5
     )
     ax.set_ylim(-0.02, 1.02)
+    # a std is >= 0, but one class (every variability 0) drew an axis from -0.04 to 0.04
+    right = max(float(var[ok].max()) if ok.any() else 0.0, 0.05) * 1.05
+    ax.set_xlim(-0.02 * right, right)
     return _png(fig, path)
 
 

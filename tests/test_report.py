@@ -477,3 +477,29 @@ def test_a_multi_label_run_is_described_by_its_labels(tmp_path):
     csl_fast.accumulate_bce(torch.randn(n, labels), target, torch.arange(n), tracker)
     html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
     assert f"<p>{n} samples, 5 labels (multi-label), 0 epochs tracked" in html
+
+
+def test_data_map_of_one_class_has_no_negative_variability(tmp_path, monkeypatch):
+    # one class: every variability 0, and the axis ran from -0.04 to 0.04
+    import matplotlib.figure
+
+    from csl_fast.report_figures import _fig_data_map
+
+    n = 10
+    tracker = csl_fast.CSLTracker(n, 1)
+    for _ in range(2):
+        csl_fast.accumulate(
+            torch.randn(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), tracker
+        )
+        tracker.end_epoch()
+    limits = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        limits.append(fig.axes[0].get_xlim())
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    _fig_data_map(tracker, None, str(tmp_path / "d.png"))
+    lo, hi = limits[0]
+    assert -0.002 < lo < 0 and hi >= 0.05
