@@ -227,8 +227,9 @@ def corrupted_targets(
     Returns:
         A :class:`csl_fast.detect.Detection` (ranking, flagged set, estimated count and
         interval, diagnostics). When the rule flags nothing, ``warning`` says why and a
-        :class:`~csl_fast.detect.DetectionWarning` is raised. Samples never presented
-        rank last and are never flagged.
+        :class:`~csl_fast.detect.DetectionWarning` is raised; the estimated count and
+        interval are then None (unknown: bad samples may hide in the clean tail), not 0.
+        Samples never presented rank last and are never flagged.
     """
     values, name = _loss_score(source, score)
     return _detection(values, name, rule, fraction, threshold, stacklevel=3)
@@ -258,8 +259,11 @@ def _detection(
     finite = torch.isfinite(values)
     if est is not None:
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
-        count, interval = est.count, est.interval
-        if not est.found:
+        if est.found:
+            count, interval = est.count, est.interval
+        else:
+            # no excess over the bulk's tail: bad samples may still hide in it, so the
+            # count is unknown (None, as detect.mislabeled reports it), not 0
             warning = (
                 f"csl_fast.detect_losses: nothing flagged by rule='tail' on {name!r}: "
                 f"{est.reason}. Try: train without weight decay and long enough that the "
@@ -378,11 +382,12 @@ def mislabeled_entries(
     ranking = _ranking(values.reshape(-1))
     n_flagged = int(flagged.sum())
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
-    counts = [d.estimated_count for d in dets]
     count = interval = None
-    if all(c is not None for c in counts):
-        count = sum(counts)
-        interval = tuple(sum(d.count_interval[j] for d in dets) for j in (0, 1))
+    found = [d for d in dets if d.estimated_count is not None]
+    if found:
+        # a label without an excess over its bulk's tail adds nothing detectable
+        count = sum(d.estimated_count for d in found)
+        interval = tuple(sum(d.count_interval[j] for d in found) for j in (0, 1))
     diag = {
         "rule": rule,
         "per_label": [d.diagnostics for d in dets],

@@ -327,7 +327,13 @@ def two_view_count(
     n_pinned = int(pin.sum())
     diag: dict[str, Any] = {"estimator": "two_view", "finite": int(x.size), "label_lost": n_pinned}
     if x.size == 0:
-        why = "no sample has a finite, positive mean loss (none was presented in training)"
+        fitted = int(np.isfinite(m).sum())
+        why = (
+            f"the mean loss of every one of the {fitted} presented samples is 0 (one class, "
+            "or every label fitted from the first presentation): no sample stands out"
+            if fitted
+            else "no sample has a finite mean loss (none was presented in training)"
+        )
     elif n_pinned < MIN_PINNED:
         why = (
             f"only {n_pinned} samples have a negative mean margin (their label lost on "

@@ -384,7 +384,10 @@ def test_estimators_refuse_bad_arguments_plainly():
         flagging.doubted(csl, count[:-1], p_sum, num_classes=10)
     # no usable mean loss is said as such, not as "only 0 samples lost their label"
     est = flagging.two_view_count(torch.zeros(30), torch.ones(30, dtype=torch.bool))
-    assert not est.found and "no sample has a finite, positive mean loss" in est.reason
+    # presented samples with loss 0 (one class) are not "never presented"
+    assert not est.found and "every one of the 30 presented samples is 0" in est.reason
+    est = flagging.two_view_count(torch.full((30,), math.nan), torch.ones(30, dtype=torch.bool))
+    assert not est.found and "none was presented in training" in est.reason
 
 
 def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
