@@ -301,16 +301,22 @@ def test_detection_table_refuses_scores_of_another_run():
         detection_table({"csl": torch.zeros(3)}, samples)
 
 
-def test_single_class_run_reports_without_a_histogram(tmp_path):
-    # with one class every loss is 0: np.percentile of no positive CSL raised IndexError,
-    # and `csl-fast report` exited 1 with a traceback
-    n = 12
+def _one_class_tracker(n: int) -> csl_fast.CSLTracker:
+    """Two epochs of a one-class run: every loss is 0."""
     tracker = csl_fast.CSLTracker(n, 1)
     for _ in range(2):
         csl_fast.accumulate(
             torch.randn(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), tracker
         )
         tracker.end_epoch()
+    return tracker
+
+
+def test_single_class_run_reports_without_a_histogram(tmp_path):
+    # with one class every loss is 0: np.percentile of no positive CSL raised IndexError,
+    # and `csl-fast report` exited 1 with a traceback
+    n = 12
+    tracker = _one_class_tracker(n)
     path = write_report(tracker, tmp_path / "one", RunSamples(labels=np.zeros(n, dtype=int)))
     with open(path, encoding="utf-8") as f:
         html = f.read()
@@ -486,12 +492,7 @@ def test_data_map_of_one_class_has_no_negative_variability(tmp_path, monkeypatch
     from csl_fast.report_figures import _fig_data_map
 
     n = 10
-    tracker = csl_fast.CSLTracker(n, 1)
-    for _ in range(2):
-        csl_fast.accumulate(
-            torch.randn(n, 1), torch.zeros(n, dtype=torch.long), torch.arange(n), tracker
-        )
-        tracker.end_epoch()
+    tracker = _one_class_tracker(n)
     limits = []
     savefig = matplotlib.figure.Figure.savefig
 
