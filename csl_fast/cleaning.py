@@ -643,9 +643,7 @@ def clean(
     keep = torch.zeros(chosen.numel(), dtype=torch.bool)
     grouped = torch.zeros(chosen.numel(), dtype=torch.bool)
     if policy == "review":
-        flagged = torch.zeros(n, dtype=torch.bool)
-        flagged[detection.indices.cpu()] = True
-        keep = ~flagged[chosen]
+        keep = ~detection.flagged.cpu()[chosen]
         relabel &= ~keep
     if group is not None and group.index.numel():
         # a conflicting group's members: the group's decision, not their own suggestion
