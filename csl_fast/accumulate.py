@@ -505,7 +505,7 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     if seq is None:
         ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
         if not isinstance(csl, torch.Tensor):
-            csl.record(index, stats)
+            csl._record_fused(index, stats)
         return
     tokens = stats.reshape(NUM_STATS, *seq)
     # Ignored and non-finite rows hold zero LOSS and VALID, so the sums count valid tokens only:

@@ -265,7 +265,6 @@ class CSLTracker(TrackerStatistics):
         """``(csl_sum, csl_count)``: what :func:`csl_fast.accumulate`'s fused op adds into."""
         return self._buffers["csl_sum"], self._buffers["csl_count"]
 
-    @locked
     def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from one training batch.
 
@@ -278,7 +277,15 @@ class CSLTracker(TrackerStatistics):
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
-        _check_stats("record", stats)
+        _check_stats("record", stats, self.num_classes)
+        self._record_fused(index, stats)
+
+    @locked
+    def _record_fused(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+        """:meth:`record` of stats the fused op has just computed for this tracker (by
+        :func:`csl_fast.accumulate`, which has checked the logits' class count): only their
+        layout is checked (under 1 us; the class check adds ~5 us a call on the CPU)."""
+        _check_stats("record", stats, None)
         idx = self._index(index, stats)
         b = self._buffers  # not attribute access: __getattr__ costs ~1 us a name per step
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
@@ -365,7 +372,7 @@ class CSLTracker(TrackerStatistics):
     def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
-        _check_stats("update", stats)
+        _check_stats("update", stats, self.num_classes)
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -374,13 +381,13 @@ class CSLTracker(TrackerStatistics):
             *self.training_buffers(),
             backend=self.backend,
         )
-        self.record(idx, stats)
+        self._record_fused(idx, stats)
 
     @locked
     def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. No host synchronisation."""
-        _check_stats("record_eval", stats)
+        _check_stats("record_eval", stats, self.num_classes)
         idx = self._index(index, stats)
         ops.scatter_stats(
             stats,
@@ -650,10 +657,17 @@ class CSLTracker(TrackerStatistics):
 
 
 # ------------------------------------------------------------------ helpers
-def _check_stats(method: str, stats: object) -> None:
+def _check_stats(method: str, stats: object, num_classes: int | None) -> None:
     """``stats`` as the fused cross entropy gives them: float32 ``[NUM_STATS, B]``.
     Checked before anything is written: the kernels read row ``Stat.VALID`` of fewer rows
-    past their end, and a later op's refusal would leave the tracker half-updated."""
+    past their end, and a later op's refusal would leave the tracker half-updated.
+
+    On the CPU the ``OTHER_ARGMAX`` row (the runner-up class each vote counts) must also
+    name a class of the tracker: stats of a model with more outputs than ``num_classes``
+    would store a suggested label that no load accepts, so the tracker could no longer be
+    saved. On CUDA that check would cost a host synchronisation per batch; the fused op's
+    own stats always pass it (:func:`csl_fast.accumulate` checks the logits' class count).
+    """
     if (
         not isinstance(stats, torch.Tensor)
         or stats.dim() != 2
@@ -669,6 +683,23 @@ def _check_stats(method: str, stats: object) -> None:
             f"CSLTracker.{method}: stats must be float32 [NUM_STATS, B] (NUM_STATS = "
             f"{NUM_STATS}), the statistics of the fused cross entropy "
             f"(csl_fast.ops.cross_entropy_fwd), got {got}"
+        )
+    if num_classes is None or stats.device.type != "cpu" or stats.shape[1] == 0:
+        return
+    other = stats[Stat.OTHER_ARGMAX]
+    lo, hi = torch.aminmax(other)
+    low, high = float(lo), float(hi)
+    # not ``low < -1 or ...``: a NaN fails every comparison
+    if not (low >= -1 and high < num_classes):
+        bad = ~((other >= -1) & (other < num_classes))
+        col = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"CSLTracker.{method}: stats row OTHER_ARGMAX holds {float(other[col])!r} at batch "
+            f"column {col}, not a class of this tracker (in [0, {num_classes}), or -1 "
+            "for a row without a runner-up): the stats come from a model with another number "
+            f"of classes than num_classes={num_classes}; make the tracker with the model's "
+            "class count, or compute the stats with csl_fast.ops.cross_entropy_fwd on logits "
+            f"with {num_classes} columns"
         )
 
 

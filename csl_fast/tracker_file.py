@@ -242,7 +242,8 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
             "Some buffers were written without the others: record() or record_sequences() "
             "called alone (they leave the CSL sums and counts to accumulate; record batches "
             "with update() or csl_fast.accumulate), csl=tracker.csl_sum passed to accumulate "
-            "without count=tracker.csl_count, or a buffer assigned by hand"
+            "without count=tracker.csl_count, stats of another class count passed to update() on "
+            "CUDA (a suggested label past num_classes), or a buffer assigned by hand"
         ) from None
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]

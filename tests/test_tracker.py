@@ -441,6 +441,28 @@ def test_refused_calls_leave_the_tracker_unchanged(backend, history):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("other", [3.0, 7.0, -2.0, -1.5, float("nan"), float("inf")])
+def test_a_runner_up_class_past_num_classes_is_refused(backend, other, tmp_path):
+    """Stats of a model with more outputs than the tracker's classes stored a suggested
+    label past num_classes: accepted silently, then every save refused the tracker."""
+    stats = _stats([0.3, 0.2], [0, 0], [1, 1])
+    stats[Stat.OTHER_ARGMAX] = torch.tensor([1.0, other])
+    for method in ("update", "record", "record_eval"):
+        t, before = _primed(backend)
+        with pytest.raises(ValueError, match=rf"{method}: stats row OTHER_ARGMAX .* column 1"):
+            getattr(t, method)(torch.tensor([1, 2]), stats)
+        assert not _unchanged(t, before), method
+    stats[Stat.OTHER_ARGMAX] = torch.tensor([-1.0, 2.0])  # -1: a row without a runner-up
+    t = CSLTracker(6, 3, backend=backend)
+    t.update(torch.tensor([1, 2]), stats)
+    t.end_epoch()
+    t.save(tmp_path / "t.pt")
+    back = CSLTracker(6, 3)
+    back.load(tmp_path / "t.pt")
+    assert back.suggest_label[1:3].tolist() == [-1, 2]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_index_past_n(backend):
     """The C++ kernels refuse it before writing; the reference skips it, as the GPU kernels
     do (its index_add_ once raised with csl_sum already added into, and faults a GPU)."""

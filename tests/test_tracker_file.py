@@ -597,13 +597,15 @@ def test_an_interrupted_save_keeps_the_previous_file_and_leaves_nothing(tmp_path
 def test_save_refuses_a_state_load_would_refuse_and_keeps_the_previous_file(tmp_path):
     # record() alone fills the per-sample statistics but not the CSL sums and counts
     # (accumulate adds those first): such a file could never be loaded again.
-    from csl_fast.stats import NUM_STATS
+    from csl_fast.stats import NUM_STATS, Stat
 
     tracker = CSLTracker(10, 3)
     path = tmp_path / "run.csl"
     tracker.save(path)
     before = path.read_bytes()
-    tracker.record(torch.arange(4), torch.rand(NUM_STATS, 4))
+    stats = torch.rand(NUM_STATS, 4)
+    stats[Stat.OTHER_ARGMAX] = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    tracker.record(torch.arange(4), stats)
     with pytest.raises(TrackerStateError, match=r"not written.*update\(\)") as exc:
         tracker.save(path)
     assert "restore it from a copy" not in str(exc.value)  # nothing was restored
