@@ -160,10 +160,15 @@ def markdown(runs: list[dict], meta: dict) -> str:
     sources = sorted({r["cleanlab"]["source"] for r in runs if r["cleanlab"]} - {"computed"})
     if sources:
         reused = sum(1 for r in runs if r["cleanlab"] and r["cleanlab"]["source"] != "computed")
+        check = (
+            "none was recomputed in this run"
+            if reused == len(runs)
+            else "the runs recomputed here reproduce those figures exactly"
+        )
         lines += [
             f"cleanlab's figures for {reused} of the {len(runs)} runs are taken from "
             f"{', '.join(sources)} (`--cleanlab-from`): the same seeds give the same corrupted "
-            "labels and folds, and the runs recomputed here reproduce those figures exactly.",
+            f"labels and folds; {check}.",
             "",
         ]
     tuning = [r for r in runs if not held_out(r)]
