@@ -29,9 +29,12 @@ Rules (``rule=``):
       probability sat below a fifth of chance while doubted (the network firmly
       preferred another class, as for a flip, rather than hesitating, as on a hard
       clean sample). Clean samples almost never lose (0 of 1,797 digits and 0-2 of
-      4,000 MNIST-1D samples in clean runs, fewer than the 3 the fit needs), so these
-      samples are pinned to the bad component; it is a *lower* bound (the flips the
-      network memorized fastest are caught by neither view).
+      4,000 MNIST-1D samples in clean runs), so these samples are pinned to the bad
+      component; it is a *lower* bound (the flips the network memorized fastest are
+      caught by neither view). On a clean run they are usually fewer than the 3 the fit
+      needs; in one of the two clean MNIST-1D conv-net runs of ``benchmarks/flagging.py``
+      3 are pinned (2 lost, 1 doubted) and 31 of 4,000 samples (0.8%) are flagged, with
+      a warning that the count is a lower bound.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the
       network memorizes a flip, every further epoch adds a positive, growing margin;
@@ -39,8 +42,9 @@ Rules (``rule=``):
       and this view alone pinned nothing, so the rule fell back and flagged nothing.
       ``CSL``, ``D`` and their ratio stop growing once the label's probability is ~1,
       so the doubt view pins nearly the same samples at 50 and 100 epochs (at 5%, two
-      seeds: 50 and 47 flips, 49 and 46 of them pinned at both lengths, no clean
-      sample), and the flagged set keeps its precision and recall (below).
+      seeds, 50-epoch runs trained before 2026-12-01: 50 and 47 flips, 49 and 46 of them
+      pinned at both lengths, no clean sample), and the flagged set keeps its precision
+      and recall (below).
     * *mean loss* ``CSL / presentations``: a flipped label is fitted only by memorizing
       it, late, so its mean loss is roughly (fraction of training before it was
       memorized) x (the loss while the network predicted the true class): spread
