@@ -242,6 +242,7 @@ def _detection(
     fraction: float | None,
     threshold: float | None,
     stacklevel: int,
+    fed_by: str = "csl_fast.record_loss or csl_fast.accumulate_bce",
 ) -> Detection:
     ranking = _ranking(values)
     flagged, est, desc = _flag(values, ranking, rule, fraction, threshold)
@@ -274,7 +275,7 @@ def _detection(
         warning = (
             f"csl_fast.detect_losses: nothing flagged by rule={rule!r}: score {name!r} is "
             "not finite (NaN or inf) for every sample: no sample was presented in training "
-            "(pass the tracker to csl_fast.record_loss or csl_fast.accumulate_bce)"
+            f"(pass the tracker to {fed_by})"
         )
     elif rule == "threshold" and n_flagged == 0 and values.numel():
         warning = (
@@ -371,13 +372,19 @@ def mislabeled_entries(
     values, name = _entry_score(source, score)
     labels = values.shape[1]
     if not per_label:
-        det = _detection(values.reshape(-1), name, rule, fraction, threshold, stacklevel=3)
+        det = _detection(
+            values.reshape(-1), name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce"
+        )
         return _entries(det, values)
     dets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)
         for k in range(labels):
-            dets.append(_detection(values[:, k], name, rule, fraction, threshold, stacklevel=3))
+            dets.append(
+                _detection(
+                    values[:, k], name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce"
+                )
+            )
     flagged = torch.stack([d.flagged for d in dets], 1)
     ranking = _ranking(values.reshape(-1))
     n_flagged = int(flagged.sum())
@@ -433,8 +440,20 @@ def _entry_score(source: CSLTracker | torch.Tensor, score: str) -> tuple[torch.T
             "csl_fast.detect_losses.mislabeled_entries: score must be 'label_csl' or "
             f"'label_csl_mean', got {score!r}"
         )
-    presented = (source.csl_count > 0)[:, None]
+    presented = source.csl_count > 0
+    if bool(presented.any()) and not bool(source.label_csl[presented].any()):
+        # record_loss (or accumulate) fills csl_sum and csl_count, never label_csl: the
+        # zeros would pass for a perfectly fitted model (and rule='fraction' would flag
+        # arbitrary entries)
+        raise ValueError(
+            "csl_fast.detect_losses.mislabeled_entries: the tracker's per-label CSL is 0 "
+            f"for all {int(presented.sum())} samples it recorded: it was fed by "
+            "csl_fast.record_loss or csl_fast.accumulate, which record a per-sample loss "
+            "only; train with csl_fast.accumulate_bce(logits, target, index, tracker), "
+            "which fills tracker.label_csl"
+        )
     values = source.label_csl if score == "label_csl" else source.label_csl_mean
+    presented = presented[:, None]
     return torch.where(presented, values, math.nan).detach(), score
 
 

@@ -246,3 +246,24 @@ def test_mislabeled_entries_warns_when_nothing_stands_out():
     with pytest.warns(DetectionWarning, match="per label"):
         per = mislabeled_entries(values.view(1000, 4), per_label=True)
     assert len(per) == 0
+
+
+@pytest.mark.parametrize("score", ["label_csl", "label_csl_mean"])
+def test_mislabeled_entries_refuses_a_tracker_fed_per_sample_only(score):
+    # record_loss fills csl_sum/csl_count, never label_csl: the zeros passed for a
+    # perfectly fitted model (a warning to train longer; rule='fraction' flagged entries)
+    tracker = csl_fast.CSLTracker(40, num_labels=3)
+    csl_fast.record_loss(torch.rand(40), torch.arange(40), tracker)
+    with pytest.raises(ValueError, match=r"per-label CSL is 0 for all 40 samples.*accumulate_bce"):
+        mislabeled_entries(tracker, score)
+    with pytest.raises(ValueError, match="per-label CSL is 0"):
+        mislabeled_entries(tracker, score, rule="fraction", fraction=0.1)
+
+
+def test_mislabeled_entries_of_a_fresh_tracker_names_accumulate_bce_only():
+    tracker = csl_fast.CSLTracker(30, num_labels=2)
+    for per_label in (False, True):
+        with pytest.warns(DetectionWarning) as caught:
+            mislabeled_entries(tracker, per_label=per_label, rule="fraction", fraction=0.1)
+        message = str(caught[0].message)
+        assert "accumulate_bce" in message and "record_loss" not in message, message
