@@ -262,6 +262,15 @@ def _detection(
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         if est.found:
             count, interval = est.count, est.interval
+            if est.diagnostics["scale"] == "identity":
+                warning = (
+                    f"csl_fast.detect_losses: score {name!r} has negative values (a loss that "
+                    "can be negative, such as a Gaussian NLL), so rule='tail' modelled the "
+                    "bulk on the raw scale instead of log: the count and the flagged set are "
+                    "unreliable (a clean right-skewed bulk shifted below 0 had 4-11% of its "
+                    "samples flagged, none of them bad). Record a non-negative loss (e.g. the "
+                    "squared error, or the NLL minus its lower bound) or use rule='fraction'"
+                )
         else:
             # no excess over the bulk's tail: bad samples may still hide in it, so the
             # count is unknown (None, as detect.mislabeled reports it), not 0

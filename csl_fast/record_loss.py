@@ -64,7 +64,10 @@ def record_loss(
     What the loss is, is the caller's choice: CSL is the sum over training of whatever is
     passed, so pass the *plain* per-sample loss (before sample weights or a mean) for the
     score to compare samples. ``F.mse_loss(pred, y, reduction="none")`` of ``[B, D]``
-    outputs has to be reduced per sample first (``.sum(1)`` or ``.mean(1)``).
+    outputs has to be reduced per sample first (``.sum(1)`` or ``.mean(1)``). Negative
+    losses (a Gaussian NLL) are recorded as they are, but
+    :func:`csl_fast.detect_losses.corrupted_targets` models CSL on a log scale and, on a
+    CSL with negative values, warns that its count is unreliable: pass a non-negative loss.
 
     With a :class:`csl_fast.CSLTracker`, these buffers are updated:
 

@@ -267,3 +267,18 @@ def test_mislabeled_entries_of_a_fresh_tracker_names_accumulate_bce_only():
             mislabeled_entries(tracker, per_label=per_label, rule="fraction", fraction=0.1)
         message = str(caught[0].message)
         assert "accumulate_bce" in message and "record_loss" not in message, message
+
+
+def test_tail_rule_on_a_score_with_negative_values_warns():
+    # a loss that can be negative (Gaussian NLL) moves the rule to the raw scale, where a
+    # clean right-skewed bulk exceeds the normal tail: clean samples were flagged silently
+    g = torch.Generator().manual_seed(0)
+    clean = (torch.randn(2000, generator=g, dtype=torch.float64) * 0.5 + 2).exp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)
+        assert len(corrupted_targets(clean, rule="fraction", fraction=0.01)) == 20
+    shifted = clean - 1.01 * clean.min()
+    with pytest.warns(DetectionWarning, match="negative values .* raw scale"):
+        det = corrupted_targets(shifted)
+    assert len(det) > 0 and "unreliable" in det.warning
+    assert det.diagnostics["estimator"]["scale"] == "identity"
