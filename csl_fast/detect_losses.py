@@ -126,7 +126,9 @@ def tail_count(
             f"{observed} scores lie beyond {cut:g} robust standard deviations of the bulk, "
             f"where a normal bulk puts {expected:.1f}: an excess of {ex:.1f}, short of the "
             f"{evidence:g} standard errors ({need:.1f}) that would show a group of bad "
-            "samples (they are not separated from the clean ones by this score)"
+            f"samples: among {n} scores fewer than ~{math.ceil(need)} bad samples beyond the "
+            "cut are never flagged, however well the score ranks them, and bad samples "
+            "inside the bulk (targets moved little) are not separated from the clean ones"
         )
         return Estimate(False, 0, (0, 0), at_cut, diag, reason)
     count = round(ex)
@@ -276,9 +278,9 @@ def _detection(
             # count is unknown (None, as detect.mislabeled reports it), not 0
             warning = (
                 f"csl_fast.detect_losses: nothing flagged by rule='tail' on {name!r}: "
-                f"{est.reason}. Try: train without weight decay and long enough that the "
-                "network fits every target (CSL separates what the network fits late), or "
-                "rule='fraction' with a prior on the corruption rate / a review budget"
+                f"{est.reason}. The ranking does not depend on the rule: to review the most "
+                "suspicious samples anyway, use rule='fraction' with a prior on the "
+                "corruption rate or a review budget (or Detection.top(k))"
             )
     if values.numel() and not bool(finite.any()):
         warning = (

@@ -282,3 +282,14 @@ def test_tail_rule_on_a_score_with_negative_values_warns():
         det = corrupted_targets(shifted)
     assert len(det) > 0 and "unreliable" in det.warning
     assert det.diagnostics["estimator"]["scale"] == "identity"
+
+
+def test_tail_warning_says_how_many_bad_samples_the_rule_can_see():
+    # 10 targets moved far (AUROC 1) among 500: below what the rule can show at this N.
+    # The advice was "train without weight decay and long enough", which measured no
+    # better than a smooth regime on held-out regression (loss_detection_limits.py)
+    values, truth = _scores(n=500, bad=8, shift=6.0, seed=3)
+    with pytest.warns(DetectionWarning, match=r"fewer than ~11 bad samples beyond the cut") as w:
+        det = corrupted_targets(values)
+    assert len(det) == 0 and bool(truth[det.top(8)].all())
+    assert "weight decay" not in str(w[0].message) and "rule='fraction'" in str(w[0].message)
