@@ -298,6 +298,16 @@ def _buffers(
 def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tensor | None]) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 1:
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        b = index.numel() if isinstance(index, torch.Tensor) else None
+        if isinstance(loss, torch.Tensor) and b and b > 1 and loss.shape == (b, b):
+            # .mean(1) of this would be a wrong per-sample loss, silently
+            raise ValueError(
+                f"csl_fast.record_loss: loss must be a 1-D tensor of per-sample losses [B], "
+                f"got {got}, B x B for B = {b} indices: a [B, 1] prediction broadcast "
+                "against a [B] target (F.mse_loss warns 'Using a target size ... different "
+                "to the input size'); squeeze the prediction (pred.squeeze(1)) instead of "
+                "reducing the loss"
+            )
         raise ValueError(
             f"csl_fast.record_loss: loss must be a 1-D tensor of per-sample losses [B], got "
             f"{got}; compute the loss with reduction='none' and reduce any other dimension "

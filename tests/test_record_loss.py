@@ -339,3 +339,17 @@ def test_correct_cpu_calls_skip_the_python_checks(monkeypatch):
     with pytest.raises(AssertionError, match="Python checks ran"):
         csl_fast.record_loss(loss, torch.tensor([3, 0, 4]), csl, count=count)
     assert count.tolist() == [1, 0, 0, 1]
+
+
+def test_a_broadcast_square_loss_is_refused_with_the_right_advice():
+    # F.mse_loss of a [B, 1] prediction and a [B] target is [B, B]; the error advised
+    # reducing it per sample (.mean(1)), which records a wrong loss without complaint
+    pred, target = torch.randn(4, 1), torch.randn(4)
+    with pytest.warns(UserWarning, match="target size"):
+        square = F.mse_loss(pred, target, reduction="none")
+    csl = torch.zeros(8)
+    with pytest.raises(ValueError, match=r"B x B for B = 4 .*pred\.squeeze\(1\)"):
+        csl_fast.record_loss(square, torch.arange(4), csl)
+    assert not csl.any()
+    with pytest.raises(ValueError, match=r"reduce any other dimension per sample"):
+        csl_fast.record_loss(torch.ones(4, 3), torch.arange(4), csl)
