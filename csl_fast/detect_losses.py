@@ -263,7 +263,8 @@ def corrupted_targets(
         interval, diagnostics). When the rule flags nothing, ``warning`` says why and a
         :class:`~csl_fast.detect.DetectionWarning` is raised; the estimated count and
         interval are then None (unknown: bad samples may hide in the clean tail), not 0.
-        Samples never presented rank last and are never flagged.
+        Samples never presented rank last and are never flagged; so do ``+inf``
+        scores of a tensor or mapping, with a warning (an overflowed score).
     """
     values, name = _loss_score(source, score)
     return _detection(values, name, rule, fraction, threshold, stacklevel=3)
@@ -326,6 +327,15 @@ def _detection(
             f"exceeds threshold={float(threshold):g} (the largest is "
             f"{float(values.double()[finite].max()):.6g}); lower it, or use rule='fraction'"
         )
+    overflowed = int((values == math.inf).sum())
+    if overflowed and bool(finite.any()):
+        note = (
+            f"csl_fast.detect_losses: {overflowed} {name!r} score(s) are +inf: they rank last "
+            "and are never flagged, as samples never presented are; if they overflowed (a "
+            "float16 score, a sum past float32's range) they may be the most suspicious "
+            "samples: compute the score in float64"
+        )
+        warning = note if warning is None else f"{warning}. Also, {note}"
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)

@@ -293,3 +293,16 @@ def test_tail_warning_says_how_many_bad_samples_the_rule_can_see():
         det = corrupted_targets(values)
     assert len(det) == 0 and bool(truth[det.top(8)].all())
     assert "weight decay" not in str(w[0].message) and "rule='fraction'" in str(w[0].message)
+
+
+def test_infinite_scores_are_not_dropped_silently():
+    # a float16 score overflows to +inf for the largest losses: they ranked last and were
+    # never flagged, like samples never presented, with no word about it
+    values, truth = _scores()
+    big = values.clone()
+    big[truth.nonzero()[:3, 0]] = math.inf
+    with pytest.warns(DetectionWarning, match=r"3 'custom' score\(s\) are \+inf") as w:
+        det = corrupted_targets(big)
+    assert len(det) > 0 and "float64" in det.warning and len(w) == 1
+    with pytest.warns(DetectionWarning, match=r"\+inf"):
+        mislabeled_entries(big.view(-1, 4), rule="fraction", fraction=0.01)
