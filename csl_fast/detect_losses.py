@@ -51,14 +51,15 @@ SGD-trained 64-64 MLP (fits them only partly); 3 seeds, 0.5-10% of targets corru
 * a least detectable group: the excess must reach ``3 sqrt(E)``, ``E = 0.023 N``, about
   ``0.45 sqrt(N)`` bad samples beyond the cut (11 at N = 500, 45 at N = 10,000): at 0.5%
   and 2% corruption of ~500 samples 2 of 150 runs flagged anything, though targets
-  shifted by 3 sd ranked at AUROC 0.98-1.0. The warning says so; the ranking (``Detection.top``,
-  ``rule="fraction"``) is the usable output there;
+  shifted by 3 sd ranked at AUROC 0.98-1.0. The warning says so; the ranking
+  (``Detection.top``, ``rule="fraction"``) is the usable output there;
 * corruptions that move a target little (sign flips about the mean, swaps, redraws from
   the marginal; 1.5 sd shifts under SGD) rank at AUROC 0.4-0.94: at 5-10% flagged in 10-17
   of 30 runs per kind, recall 0.2-0.56, none under SGD. A limit of the score, not the rule;
-* a network that memorizes is not needed: the smooth regime found about as much (the score is
-  the loss summed over training, high whether a corrupted target is fitted late or never);
-  the SGD network ranked worse (3 sd shifts at 5%: flagged in 2 of 3 runs, recall 0.55-0.64);
+* a network that memorizes is not needed: the smooth regime found about as much (the
+  score is the loss summed over training, high whether a corrupted target is fitted late
+  or never); the SGD network ranked worse (3 sd shifts at 5%: flagged in 2 of 3 runs,
+  recall 0.55-0.64);
 * heavy-tailed clean noise is flagged as corruption, without a warning: ``friedman1`` with
   Student-t noise (2 degrees of freedom) and no corruption had 16-17 clean samples flagged
   in 3 of 6 runs; they are the samples with the largest noise (mostly the top 17 of 500 by
