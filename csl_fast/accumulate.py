@@ -505,7 +505,9 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     if seq is None:
         ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
         if not isinstance(csl, torch.Tensor):
-            csl._record_fused(index, stats)
+            # a CSLTracker skips the class check its stats pass by construction; any other
+            # recorder (an object with training_buffers and record) gets record()
+            getattr(csl, "_record_fused", csl.record)(index, stats)
         return
     tokens = stats.reshape(NUM_STATS, *seq)
     # Ignored and non-finite rows hold zero LOSS and VALID, so the sums count valid tokens only:
