@@ -187,6 +187,18 @@ class CleaningPlan:
     def __len__(self) -> int:
         return int(self.index.numel())
 
+    def __repr__(self) -> str:
+        # the generated repr printed every [M] tensor and the whole detection
+        tally = {a: 0 for a in ("relabel", "drop", "keep")}
+        for a in self.actions:
+            tally[a] += 1
+        counts = ", ".join(f"{n} {a}" for a, n in tally.items())
+        return (
+            f"CleaningPlan({len(self)} of {self.num_samples} samples: {counts}; "
+            f"policy={self.policy!r}, min_confidence={self.min_confidence:g}, "
+            f"budget={self.budget!r}, detection={self.detection!r})"
+        )
+
     @property
     def actions(self) -> list[str]:
         """The action of each row: ``"relabel"``, ``"drop"`` or ``"keep"``."""

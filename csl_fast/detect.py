@@ -189,6 +189,22 @@ class Detection:
     def __len__(self) -> int:
         return int(self.flagged.sum())
 
+    def __repr__(self) -> str:
+        # the generated repr printed every [N] tensor: a wall of text at any real N
+        fields = [
+            f"score_name={self.score_name!r}",
+            f"rule={self.rule!r}",
+            f"flagged={len(self)} of {self.scores.numel()}",
+            f"threshold={self.threshold:.6g}",
+            f"estimated_count={self.estimated_count!r}",
+            f"count_interval={self.count_interval!r}",
+        ]
+        if self.groups:
+            fields.append(f"groups={len(self.groups)}")
+        if self.warning is not None:
+            fields.append(f"warning={self.warning!r}")
+        return f"{type(self).__name__}({', '.join(fields)})"
+
     def top(self, k: int) -> torch.Tensor:
         """The ``k`` most suspicious dataset indices."""
         return self.ranking[: _count(k)]

@@ -342,7 +342,7 @@ def _detection(
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
 
-@dataclass
+@dataclass(repr=False)  # Detection's short repr, not every tensor
 class EntryDetection(Detection):
     """A :class:`~csl_fast.detect.Detection` over the ``N * L`` (sample, label) entries.
 

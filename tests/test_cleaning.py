@@ -61,6 +61,10 @@ def test_relabel_confident_is_the_default_and_orders_rows_by_rank():
     assert plan.suggested_label.tolist() == [1, 0, 1, 2]
     assert plan.score.tolist() == [20.0, 9.0, 3.0, 2.0]
     assert (plan.num_dropped, plan.num_relabeled, len(plan)) == (1, 3, 4)
+    text = repr(plan)  # a summary, not every tensor
+    tally = "3 relabel, 1 drop, 0 keep"
+    assert text.startswith(f"CleaningPlan(4 of {plan.num_samples} samples: {tally}")
+    assert "tensor" not in text and "detection=Detection(" in text
 
 
 def test_min_confidence_moves_rows_between_drop_and_relabel():

@@ -34,6 +34,10 @@ def test_ranking_and_valley_rule_flags_upper_mode():
     assert bool((s[det.flagged] >= det.threshold).all())
     assert torch.equal(det.indices, det.ranking[: len(det)])
     assert list(det.to_dataframe().columns) == ["index", "score", "flagged", "rank"]
+    # one short line, not every [N] tensor of the dataclass
+    text = repr(det)
+    assert text.startswith("Detection(score_name='custom', rule='auto(valley)', flagged=")
+    assert f"flagged={len(det)} of 400" in text and "tensor" not in text and len(text) < 300
 
 
 def test_flags_nothing_without_outlier_mode():
@@ -42,6 +46,7 @@ def test_flags_nothing_without_outlier_mode():
     with pytest.warns(detect.DetectionWarning, match="no separate upper mode|one mode"):
         det = detect.memorized(s)
     assert len(det) == 0 and math.isinf(det.threshold) and det.estimated_count is None
+    assert "flagged=0 of 400" in repr(det) and f"warning={det.warning!r}" in repr(det)
     with pytest.warns(detect.DetectionWarning, match="every score is equal"):
         assert len(detect.mislabeled(torch.ones(100))) == 0
 

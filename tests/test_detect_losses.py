@@ -210,6 +210,8 @@ def test_mislabeled_entries_over_all_entries_and_per_label():
     assert bool((scores_in_order[:-1] >= scores_in_order[1:]).all())
     top = det.top(3)
     assert torch.equal(top, pairs[:3])
+    assert repr(det).startswith("EntryDetection(score_name=") and "tensor" not in repr(det)
+    assert f"flagged={len(det)} of {values.numel()}" in repr(det)
     per = mislabeled_entries(values, per_label=True)
     assert per.flagged.shape == values.shape and per.rule == "tail per label"
     assert per.estimated_count == int(per.flagged.sum())
