@@ -126,10 +126,12 @@ def accumulate_bce(
         deterministic: bitwise reproducible buffer updates with duplicate indices (GPU
             kernels otherwise add with atomics); default
             ``torch.are_deterministic_algorithms_enabled()``. The CPU is deterministic.
-        validate: check on the host that every index is in ``[0, N)`` before anything is
-            written; default on CPU tensors with a backend other than ``"cpu"`` (whose
-            kernel checks before writing), never on a GPU (a synchronisation; an index out
-            of range is skipped there).
+        validate: check on the host that every index is in ``[0, N)`` and every target
+            in ``[0, 1]`` before anything is written; default on CPU tensors with a backend
+            other than ``"cpu"`` (whose kernel checks the indices before writing), never on
+            a GPU (a synchronisation; an index out of range is skipped there, and a target
+            outside ``[0, 1]`` is recorded as given). Targets on the CPU are always
+            checked (one pass over them, no synchronisation).
 
     Returns:
         The loss, as ``F.binary_cross_entropy_with_logits`` returns it (logits dtype).
@@ -138,6 +140,8 @@ def accumulate_bce(
         TypeError / ValueError: a wrong dtype, shape, device, a buffer that requires grad
             or shares memory with another (nothing is written).
         IndexError: an index outside ``[0, N)`` (CPU; nothing is written).
+        ValueError: a target outside ``[0, 1]`` (CPU, or ``validate=True``; nothing is
+            written): the loss is unbounded below there and CSL would turn negative.
         RuntimeError: under ``torch.func`` transforms or forward-mode AD.
     """
     if (
@@ -190,6 +194,8 @@ def accumulate_bce(
     compiling = torch.compiler.is_compiling()
     if validate and not compiling:
         _check_range(index, csl.shape[0])
+    if (validate or logits.device.type == "cpu") and not compiling:
+        _check_targets(target)
     code = REDUCTIONS[reduction]
     with buffer_lock(csl):
         loss, stats = bce_ops.bce_loss(logits, target, weight, pos_weight, code, name)
@@ -369,6 +375,27 @@ def _check_grads(target, weight, pos_weight, name: str) -> None:
             ValueError,
             "target requires grad, but the fused kernels differentiate the logits only; pass "
             "target.detach(), or backend='reference' for a gradient with respect to the target",
+        )
+
+
+def _check_targets(target: torch.Tensor) -> None:
+    """Every target in ``[0, 1]`` (NaN passes: its loss is NaN and is not recorded)."""
+    if not target.numel():
+        return
+    lo, hi = (float(v) for v in torch.aminmax(target.detach()))
+    if lo >= 0 and hi <= 1:  # one pass (the masks below cost 8x more); NaN falls through
+        return
+    bad = (target < 0) | (target > 1)
+    if bool(bad.any()):
+        i = int(bad.reshape(-1).nonzero()[0, 0])
+        row, label = divmod(i, target.shape[1])
+        value = float(target.reshape(-1)[i])
+        _fail(
+            ValueError,
+            f"the target of row {row}, label {label} is {value:g}, outside [0, 1]: the plain loss "
+            "log(1 + e^z) - y z has no lower bound there (the model can drive it to -inf), "
+            "so the recorded CSL would be negative and rank nothing; targets are "
+            "probabilities (for -1/+1 labels pass (target + 1) / 2)",
         )
 
 

@@ -239,12 +239,13 @@ def test_non_finite_samples_are_not_recorded(backend):
     target[3, 0] = 0.0  # softplus(inf) = inf
     logits[4, 1] = -float("inf")
     target[4, 1] = 0.0  # right, but 0 * inf is NaN in PyTorch's loss as in ours
+    target[5, 3] = float("nan")  # not refused by the [0, 1] check: its loss is NaN
     index = torch.tensor([0, 1, 2, 3, 4, 5])
     loss, bufs = _record_all(backend, logits, target, index, 6, reduction="none")
-    assert loss[4, 1].isnan() and loss[3, 0].isinf()
-    assert bufs["count"].tolist() == [1, 0, 1, 0, 0, 1]
+    assert loss[4, 1].isnan() and loss[3, 0].isinf() and loss[5, 3].isnan()
+    assert bufs["count"].tolist() == [1, 0, 1, 0, 0, 0]
     for name in ("csl", "label_csl", "label_margin", "min_margin", "wrong"):
-        assert bufs[name][[1, 3, 4]].eq(0).all(), name
+        assert bufs[name][[1, 3, 4, 5]].eq(0).all(), name
     want = _loop_record(logits, target, index, 6)
     assert_close_f32(bufs["csl"], want["csl"], "csl")
 
@@ -432,6 +433,18 @@ _BAD = [
         "pos_weight is on meta",
     ),
     ("count list", lambda a: a["bufs"].update(count=[0.0] * 5), TypeError, "count must be"),
+    (
+        "target -1/+1 labels",
+        lambda a: a.update(target=a["target"] * 2 - 1),
+        ValueError,
+        r"outside \[0, 1\].*pass \(target \+ 1\) / 2",
+    ),
+    (
+        "target above 1",
+        lambda a: a["target"].__setitem__((2, 3), 1.5),
+        ValueError,
+        "row 2, label 3 is 1.5, outside",
+    ),
     (
         "no labels",
         lambda a: a.update(logits=torch.zeros(6, 0), target=torch.zeros(6, 0)),
