@@ -429,3 +429,48 @@ def test_the_one_epoch_warning_names_what_each_detector_looks_for():
         assert target in det.warning, (fn.__name__, det.warning)
         if fn is detect.memorized:
             assert "label" not in det.warning.split("recorded one epoch")[1].split(".")[0]
+
+
+def _never_fitted(seed=0, n=4000, rate=0.03, hard=0.03, epochs=60):
+    """As under data augmentation: flips are never memorized (their label's probability
+    stays at 0.002-0.02, the network firmly predicts the true class), and a share
+    ``hard`` of clean samples is never fitted either but hesitated over (the label's
+    probability stays at 0.25-0.45). Both keep a negative mean margin."""
+    g = _gen(seed)
+    p, _ = _trajectories(seed, n=n, rate=0.0, epochs=epochs)
+    kind = torch.rand(n, generator=g)
+    bad, hesitant = kind < rate, (kind >= rate) & (kind < rate + hard)
+    firm = 0.002 + 0.018 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    unsure = 0.25 + 0.2 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    p = torch.where(bad[:, None], firm, torch.where(hesitant[:, None], unsure, p))
+    margin = torch.where(bad | hesitant, -1.0 * epochs, 5.0 * epochs)
+    return p, margin, bad, hesitant
+
+
+def test_label_lost_pins_firm_losses_not_hesitant_ones():
+    p, margin, bad, hesitant = _never_fitted()
+    csl, count, p_sum = _sums(p)
+    lost = flagging.label_lost(csl, count, p_sum, margin, num_classes=10)
+    assert torch.equal(lost, bad)  # every flip, no hesitant clean sample
+    # the margin alone pins both, and the count follows the anchors
+    alone = flagging.two_view_count(csl / count, margin < 0)
+    assert alone.count >= 1.8 * int(bad.sum())
+    det = detect.mislabeled(_tracker_of(p, margin))
+    assert det.rule == "auto(two_view)" and det.warning is None
+    prec, rec = _prf(det.flagged, bad)
+    assert prec >= 0.95 and rec >= 0.95, (prec, rec, det.estimated_count, int(bad.sum()))
+    # chance is the scale: on 2 classes a constant probability below 0.6 / 2 is firm
+    lost2 = flagging.label_lost(csl, count, p_sum, margin, num_classes=2)
+    assert torch.equal(lost2, bad | (hesitant & (p[:, 0] < 0.3)))
+    assert 0 < int((lost2 & hesitant).sum()) < int(hesitant.sum())
+
+
+def test_label_lost_refuses_bad_arguments_plainly():
+    p, margin, _, _ = _never_fitted(n=50)
+    csl, count, p_sum = _sums(p)
+    with pytest.raises(ValueError, match=r"margin_sum must be \[N\] like csl_sum"):
+        flagging.label_lost(csl, count, p_sum, margin[:-1], num_classes=10)
+    with pytest.raises(TypeError, match=r"margin_sum must be a torch\.Tensor"):
+        flagging.label_lost(csl, count, p_sum, margin.numpy(), num_classes=10)
+    with pytest.raises(ValueError, match="label_lost: num_classes must be an int >= 2"):
+        flagging.label_lost(csl, count, p_sum, margin, num_classes=1)
