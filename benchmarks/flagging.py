@@ -301,9 +301,11 @@ def evaluate(path: Path, prior_cleanlab: dict | None = None) -> dict:
     truth = z["flipped"].astype(bool)
     stats = stats_of(path)
     table = score_mapping(stats)
-    doubted = flagging.doubted(
-        stats["csl_sum"], stats["csl_count"], stats["p_true_sum"], 10
-    ).numpy()
+    sums = (stats["csl_sum"], stats["csl_count"], stats["p_true_sum"])
+    doubted = flagging.doubted(*sums, 10).numpy()
+    negative = (table["aum"] > 0).numpy()  # mean margin < 0
+    # lost firmly: a negative mean margin that label_lost pins (a doubted label is firm)
+    firm = flagging.label_lost(*sums, stats["margin_sum"], 10).numpy() & negative
     t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", detect.DetectionWarning)
@@ -327,8 +329,10 @@ def evaluate(path: Path, prior_cleanlab: dict | None = None) -> dict:
             "count_interval": [lo, hi],
             "count_error": (est - k) / k if k and est is not None else None,
             "interval_covers": bool(lo <= k <= hi) if est is not None else None,
-            "label_lost": int((table["aum"] > 0).sum()),
-            "label_lost_flipped": int((table["aum"] > 0).numpy()[truth].sum()),
+            "margin_negative": int(negative.sum()),
+            "margin_negative_flipped": int(negative[truth].sum()),
+            "label_lost": int(firm.sum()),
+            "label_lost_flipped": int(firm[truth].sum()),
             "label_doubted": int(doubted.sum()),
             "label_doubted_flipped": int(doubted[truth].sum()),
             "anchors": det.diagnostics.get("estimator", {}).get("label_lost"),

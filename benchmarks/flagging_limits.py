@@ -25,7 +25,7 @@ the ones :func:`csl_fast.corrupt.flip_labels` makes. Per row: the flagged count,
 precision and recall against the flips, the estimated count and interval, whether the
 rule warned, CSL's top-k precision at the true k (what any count-based rule can reach),
 the share of labels fitted at their last presentation (``tracker.last_correct``), and the
-samples the two-view rule pins as bad (label lost or confidently doubted), flips and clean.
+samples the two-view rule pins as bad (:func:`csl_fast.flagging.label_lost`), flips and clean.
 
     python benchmarks/flagging_limits.py            # writes results/flagging-limits.{md,json}
     python benchmarks/flagging_limits.py --runs binary-0.05-0 --out /tmp/x
@@ -121,9 +121,8 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
     k = int(truth.sum())
     hits = int((flagged & truth).sum())
     # the samples the two-view rule pins as bad (label lost or confidently doubted)
-    pinned = (tracker.margin_sum < 0) | flagging.doubted(
-        tracker.csl_sum, tracker.csl_count, tracker.p_true_sum, c
-    )
+    t = tracker
+    pinned = flagging.label_lost(t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, c)
     pinned = pinned.numpy()
     top = None
     if k:
@@ -165,7 +164,7 @@ def report(rows: list[dict], meta: dict, command: str) -> str:
         "`csl_fast.detect.mislabeled(tracker)` with its default rule; P / R of the flagged "
         "set against the flipped labels; top-k P: CSL's precision at the true k; fitted: "
         "the share of labels right at their last presentation; pinned: the samples the "
-        "two-view rule pins as bad (mean margin < 0 or confidently doubted).",
+        "two-view rule pins as bad (`csl_fast.flagging.label_lost`).",
         "",
         "| run | N | C | epochs | flips | flagged | P | R | est. [interval] | warned | "
         "pinned flips / clean | top-k P | fitted |",

@@ -188,17 +188,22 @@ def markdown(runs: list[dict], meta: dict) -> str:
     lines += [
         "## The anchors: samples pinned as surely bad",
         "",
-        "Label lost (mean margin < 0) and confidently doubted (`csl_fast.flagging.doubted`, "
-        "constants `DOUBT_PROB = 0.2`, `DOUBT_SPAN = 3` chosen on the first three regimes), "
-        "each as flipped / clean samples. A clean sample pinned is a false anchor; the "
-        "held-out regimes test the constants.",
+        "Mean margin < 0; of those, lost firmly (the label's probability below "
+        "`LOST_PROB / C` = 0.06 while doubted, `csl_fast.flagging.label_lost`, chosen on "
+        "`benchmarks/flagging_practice.py` and `benchmarks/flagging_limits.py`); and "
+        "confidently doubted (`csl_fast.flagging.doubted`, constants `DOUBT_PROB = 0.2`, "
+        "`DOUBT_SPAN = 3` chosen on the first three regimes), each as flipped / clean "
+        "samples. The lost firmly and the doubted are pinned; a clean sample pinned is a "
+        "false anchor; the held-out regimes test the constants.",
         "",
-        "| regime | noise | seed | flips | label lost: flipped / clean "
-        "| doubted: flipped / clean | anchored share of the count |",
-        "|---|---|---|---|---|---|---|",
+        "| regime | noise | seed | flips | margin < 0: flipped / clean "
+        "| lost firmly: flipped / clean | doubted: flipped / clean "
+        "| anchored share of the count |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         c = r["csl_fast"]
+        neg_f, neg = c["margin_negative_flipped"], c["margin_negative"]
         lost_f, lost = c["label_lost_flipped"], c["label_lost"]
         dbt_f, dbt = c["label_doubted_flipped"], c["label_doubted"]
         share = (
@@ -208,7 +213,8 @@ def markdown(runs: list[dict], meta: dict) -> str:
         )
         lines.append(
             f"| {r['regime']} | {r['noise']:.1%} | {r['seed']} | {r['positives']} "
-            f"| {lost_f} / {lost - lost_f} | {dbt_f} / {dbt - dbt_f} | {share} |"
+            f"| {neg_f} / {neg - neg_f} | {lost_f} / {lost - lost_f} | {dbt_f} / {dbt - dbt_f} "
+            f"| {share} |"
         )
     lines.append("")
     if any(r.get("ranking") for r in runs):
