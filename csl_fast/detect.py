@@ -32,14 +32,14 @@ Rules (``rule=``):
       ``CSL / D``, a doubt-weighted average of ``-log p / (1 - p)``, says the label's
       probability sat below a fifth of chance while doubted (the network firmly
       preferred another class, as for a flip, rather than hesitating, as on a hard
-      clean sample). Clean samples almost never lose (0 of 1,797 digits and 0-3 of
-      4,000 MNIST-1D samples in clean runs), so these samples are pinned to the bad
-      component; it is a *lower* bound (the flips the network memorized fastest are
-      caught by neither view). On a clean run they are usually fewer than the 3 the fit
-      needs; in one of the two clean MNIST-1D conv-net runs of ``benchmarks/flagging.py``
-      3 are pinned (2 lost, 1 doubted) and 31 of 4,000 samples (0.8%) are flagged, with
-      a warning that the count rests on few samples (usually a lower bound; on a nearly
-      clean run, possibly hard clean samples).
+      clean sample). Clean samples almost never lose this way (0 of 1,797 digits and
+      0-2 of 4,000 MNIST-1D samples in the clean runs of ``benchmarks/flagging.py``),
+      so these samples are pinned to the bad component; it is a *lower* bound (the
+      flips the network memorized fastest are caught by neither view). On a clean run
+      they are usually fewer than the 3 the fit needs (nothing is flagged, with a
+      warning). Under augmentation some hard clean samples are lost firmly too (5-14
+      pinned in the clean runs of ``benchmarks/flagging_practice.py``), and 19-57
+      samples (1.1-1.6%) are flagged there, with the lower-bound warning in one of four.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the
       network memorizes a flip, every further epoch adds a positive, growing margin;
