@@ -142,7 +142,9 @@ def test_rank_prints_the_detections_note(tmp_path, capsys):
     )
     b["csl_count"].fill_(10)
     b["csl_sum"].copy_(10 * mean)
-    b["p_true_sum"].copy_(10 * torch.exp(-mean))
+    # a bad label lost firmly: doubted for CSL / 5 presentations (p far below chance),
+    # a clean one learned at a constant probability
+    b["p_true_sum"].copy_(torch.where(bad, 10 - 2 * mean, 10 * torch.exp(-mean)))
     b["margin_sum"].copy_(torch.where(bad & (torch.arange(400) % 2 == 0), -10.0, 10.0))
     b["last_max_prob"].fill_(0.9)
     b["forgetting"].fill_(1)  # every sample forgotten once: one tie of 400
