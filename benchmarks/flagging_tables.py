@@ -63,7 +63,7 @@ def _count_cell(c: dict) -> str:
     if c["estimated_count"] is None:
         return "unknown"
     lo, hi = c["count_interval"]
-    bound = " (lower bound)" if c.get("count") == "lower bound" else ""
+    bound = f" ({c['count']})" if c.get("count") in ("lower bound", "few anchors") else ""
     return f"{c['estimated_count']} [{lo}, {hi}]{bound}"
 
 
@@ -148,8 +148,9 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "the regimes). Per run: "
         "precision / recall / F1 of the flagged set against the flipped labels; the estimated "
         "count with its interval (`unknown` when the rule found no separation and flagged "
-        "nothing, with a warning; `lower bound` when it warned that the count rests on few "
-        "surely-bad samples); cleanlab's `find_label_issues` on K = 3 fold out-of-sample "
+        "nothing, with a warning; `lower bound` when it warned that the surely-bad samples "
+        "are under a fifth of the count; `few anchors` when it warned that there are fewer "
+        "than 10 of them); cleanlab's `find_label_issues` on K = 3 fold out-of-sample "
         "probabilities (fresh model per fold) on the same labels; the previous rule "
         "(2-component GMM on log-CSL); the 1-D valley rule alone (what a plain score tensor "
         "gets); CSL's top-k at the true k (the ceiling of any count-based rule) and the "

@@ -160,8 +160,9 @@ class Detection:
             samples (it separates only a bad minority), so that the count
             is unknown (nothing is flagged then, and ``warning`` says why;
             ``diagnostics["count"]`` is ``"unknown"``). ``diagnostics["count"] == "lower
-            bound"`` when the count rests on too few surely-bad samples (``warning`` says
-            so).
+            bound"`` when the surely-bad samples make up too small a share of the count,
+            ``"few anchors"`` when there are too few of them to trust the count either way
+            (``warning`` says so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
             threshold, why nothing was flagged); plain JSON-able values. ``note``: why the
@@ -591,8 +592,8 @@ def _detect(
                     f"{look}, and the flagged set mixes them with {target}. Train several "
                     "epochs (until nearly every label is fitted) and detect again"
                 )
-            elif est.reason is not None:  # a count that is only a lower bound
-                diag["count"] = "lower bound"
+            elif est.reason is not None:  # a lower bound, or a count on few anchors
+                diag["count"] = est.diagnostics.get("caveat", "lower bound")
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but "
                     f"{est.reason}. {_advice(views, hint)}"

@@ -35,11 +35,14 @@ when each is used; this module holds the mathematics.
     ``0.1 < P(bad) < 0.9``, which could go either way).
 
     The pinned samples are what hold the count: the same mixture without them counts
-    anything from 3 to 156 flips on one regime and 32-38 on clean runs. When they make
-    up less than :data:`MIN_ANCHORED_SHARE` of the count, the bad component's shape rests
-    on the free samples' tail, and the count is returned with a ``reason`` saying it is a
-    lower bound. Measured (``benchmarks/flagging.py``, anchor table; runs retrained on
-    2026-12-01, pinned by :func:`label_lost`): the pinned share was 0.30-0.69 on every
+    anything from 3 to 156 flips on one regime and 32-38 on clean runs. When fewer than
+    :data:`MIN_ANCHORS_SURE` are pinned, the count is returned with a ``reason`` saying
+    that it rests on too few to be trusted either way (``diagnostics["caveat"] == "few
+    anchors"``). When they make up less than :data:`MIN_ANCHORED_SHARE` of the count,
+    the bad component's shape rests on the free samples' tail, and the ``reason`` says
+    the count is a lower bound (``"lower bound"``). Measured (``benchmarks/flagging.py``,
+    anchor table; runs retrained on 2026-12-01, pinned by :func:`label_lost`): the pinned
+    share was 0.30-0.69 on every
     noisy run of the tuning regimes whose count was within 30% but one (MNIST-1D at 10%
     flips: 0.18, warned, the count 9% low), and 0.11-0.14 on the two pair-flip runs
     counted 54-81% low (flips memorized as fast as clean samples); the constant was
@@ -79,6 +82,7 @@ __all__ = [
     "DOUBT_SPAN",
     "LOST_PROB",
     "MIN_ANCHORED_SHARE",
+    "MIN_ANCHORS_SURE",
     "MIN_PINNED",
     "MIXTURE_BINS",
     "TOL",
@@ -105,6 +109,9 @@ MIN_PINNED = 3
 #: Least share of the count that the pinned samples must make up for the count to be
 #: more than a lower bound (see :func:`two_view_count`).
 MIN_ANCHORED_SHARE = 0.2
+#: Fewer pinned samples than this: the count is returned with a caveat that it rests on
+#: too few of them to be trusted either way (see :func:`two_view_count`).
+MIN_ANCHORS_SURE = 10
 #: A confidently doubted label had probability below ``DOUBT_PROB / C`` on average while
 #: it was doubted (a fifth of chance: 0.02 on 10 classes), see :func:`doubted`.
 DOUBT_PROB = 0.2
@@ -455,7 +462,17 @@ def two_view_count(
     low, high = max(n_pinned, math.floor(low)), math.ceil(high)
     diag.update(fits=fits)
     caveat = None
-    if diag["anchored_share"] < MIN_ANCHORED_SHARE:
+    if n_pinned < MIN_ANCHORS_SURE:
+        diag["caveat"] = "few anchors"
+        caveat = (
+            f"only {n_pinned} samples lost their label firmly or were confidently doubted "
+            f"(fewer than {MIN_ANCHORS_SURE}): the bad component's shape rests on so few "
+            "that the count could be off either way (digits trained with label smoothing "
+            "0.2, which keeps flipped labels from losing firmly: 3 pinned, a count of 3 for "
+            "89 flips); review the flagged set and the ranking just below it"
+        )
+    elif diag["anchored_share"] < MIN_ANCHORED_SHARE:
+        diag["caveat"] = "lower bound"
         caveat = (
             f"only {n_pinned} of the {count} counted samples lost their label or were "
             "confidently doubted: the bad component's shape rests on few samples, so the "
