@@ -35,15 +35,15 @@ when each is used; this module holds the mathematics.
     ``0.1 < P(bad) < 0.9``, which could go either way).
 
     The pinned samples are what hold the count: the same mixture without them counts
-    anything from 3 to 156 flips on one regime and 32-38 on clean runs. When fewer than
-    :data:`MIN_ANCHORS_SURE` are pinned, the count is returned with a ``reason`` saying
-    that it rests on too few to be trusted either way (``diagnostics["caveat"] == "few
-    anchors"``). When they make up less than :data:`MIN_ANCHORED_SHARE` of the count,
-    the bad component's shape rests on the free samples' tail, and the ``reason`` says
-    the count is a lower bound (``"lower bound"``). Measured (``benchmarks/flagging.py``,
+    anything from 3 to 156 flips on one regime and 32-38 on clean runs. When they make up
+    less than :data:`MIN_ANCHORED_SHARE` of the count, the bad component's shape rests on
+    the free samples' tail, and the count is returned with a ``reason`` saying it is a
+    lower bound (``diagnostics["caveat"] == "lower bound"``); else when fewer than
+    :data:`MIN_ANCHORS_SURE` are pinned, the ``reason`` says that the count rests on too
+    few to be trusted either way (``"few anchors"``). Measured (``benchmarks/flagging.py``,
     anchor table; runs retrained on 2026-12-01, pinned by :func:`label_lost`): the pinned
-    share was 0.30-0.69 on every
-    noisy run of the tuning regimes whose count was within 30% but one (MNIST-1D at 10%
+    share was 0.30-0.69 on every noisy run of the tuning regimes whose count was within
+    30% but one (MNIST-1D at 10%
     flips: 0.18, warned, the count 9% low), and 0.11-0.14 on the two pair-flip runs
     counted 54-81% low (flips memorized as fast as clean samples); the constant was
     chosen between the two on earlier runs (0.28-0.76 and 0.10-0.14). No clean run pins
@@ -462,16 +462,7 @@ def two_view_count(
     low, high = max(n_pinned, math.floor(low)), math.ceil(high)
     diag.update(fits=fits)
     caveat = None
-    if n_pinned < MIN_ANCHORS_SURE:
-        diag["caveat"] = "few anchors"
-        caveat = (
-            f"only {n_pinned} samples lost their label firmly or were confidently doubted "
-            f"(fewer than {MIN_ANCHORS_SURE}): the bad component's shape rests on so few "
-            "that the count could be off either way (digits trained with label smoothing "
-            "0.2, which keeps flipped labels from losing firmly: 3 pinned, a count of 3 for "
-            "89 flips); review the flagged set and the ranking just below it"
-        )
-    elif diag["anchored_share"] < MIN_ANCHORED_SHARE:
+    if diag["anchored_share"] < MIN_ANCHORED_SHARE:
         diag["caveat"] = "lower bound"
         caveat = (
             f"only {n_pinned} of the {count} counted samples lost their label or were "
@@ -482,6 +473,15 @@ def two_view_count(
             "when only a handful lost, as on a nearly clean run (or one trained with data "
             "augmentation, where a few hard clean samples lose firmly too), the flagged set "
             "may be mostly hard clean samples: review it before acting on it"
+        )
+    elif n_pinned < MIN_ANCHORS_SURE:
+        diag["caveat"] = "few anchors"
+        caveat = (
+            f"only {n_pinned} samples lost their label firmly or were confidently doubted "
+            f"(fewer than {MIN_ANCHORS_SURE}): the bad component's shape rests on so few "
+            "that the count could be off either way (digits trained with label smoothing "
+            "0.2, which keeps flipped labels from losing firmly: 3 pinned, a count of 3 for "
+            "89 flips); review the flagged set and the ranking just below it"
         )
     return Estimate(count > 0, count, (low, high), diagnostics=diag, reason=caveat)
 

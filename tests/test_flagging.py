@@ -227,8 +227,9 @@ def test_two_view_few_anchors_warns_that_the_count_is_a_lower_bound(seed):
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_view_on_a_handful_of_anchors_warns_either_way(seed):
-    # 2% of the bad samples lost their label: ~6 anchors, too few to trust the count
-    table, bad = _two_view_table(seed, rate=0.05, caught=0.02)
+    # a nearly clean run (8 bad of 6,000): most bad samples lost their label, so the share
+    # is high, but ~6 anchors are too few to trust the count either way
+    table, bad = _two_view_table(seed, rate=0.0015, caught=0.8)
     n_lost = int((table["aum"] > 0).sum())
     assert 3 <= n_lost < flagging.MIN_ANCHORS_SURE
     with pytest.warns(detect.DetectionWarning, match="could be off either way") as rec:
