@@ -34,6 +34,7 @@ samples the two-view rule pins as bad (:func:`csl_fast.flagging.label_lost`), fl
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +43,9 @@ import numpy as np
 import torch
 from run_meta import write_results
 from tqdm import tqdm
+
+# this checkout's csl_fast, not an installed one (the results are stamped with its commit)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import csl_fast
 from csl_fast import detect, flagging

@@ -35,6 +35,7 @@ margin is pinned (the rule before ``label_lost`` asked for a firm loss): its siz
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -45,6 +46,9 @@ import torch.nn.functional as F
 from flagging import corrupt_labels, factory, load
 from run_meta import write_results
 from tqdm import tqdm
+
+# this checkout's csl_fast, not an installed one (the results are stamped with its commit)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import csl_fast
 from csl_fast import detect, flagging
