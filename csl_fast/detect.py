@@ -39,7 +39,7 @@ Rules (``rule=``):
       they are usually fewer than the 3 the fit needs (nothing is flagged, with a
       warning). Under augmentation some hard clean samples are lost firmly too (5-14
       pinned in the clean runs of ``benchmarks/flagging_practice.py``), and 19-57
-      samples (1.1-1.6%) are flagged there, with the lower-bound warning in one of four.
+      samples (1.1-1.6%) are flagged there, with a warning in two of four.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the
       network memorizes a flip, every further epoch adds a positive, growing margin;

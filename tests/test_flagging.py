@@ -237,6 +237,7 @@ def test_two_view_on_a_handful_of_anchors_warns_either_way(seed):
     assert det.diagnostics["count"] == "few anchors" and det.warning == str(rec[0].message)
     assert f"only {n_lost} samples lost" in det.warning
     assert len(det) == det.estimated_count > 0  # still flagged: the top-k of the score
+    assert int((det.flagged & bad).sum()) >= 0.75 * int(bad.sum())
     assert "at least" not in detect.summary(det)  # not said to be a lower bound
 
 
