@@ -14,8 +14,9 @@ Rules (``rule=``):
     The two-view rule when the source has the margin view (a tracker, or a mapping with
     ``"aum"`` and ``"csl_mean"`` or ``"csl"``), the 1-D valley rule otherwise, or when
     the two-view rule finds too few label-lost samples (then the diagnostics say so).
-    Only a tracker with ``num_classes`` has the doubt view below; pass the tracker
-    rather than a mapping when the run may have trained long past memorizing.
+    Only a tracker with ``num_classes`` has the doubt view and the firm-loss test below
+    (without it ``diagnostics["note"]`` says so); pass the tracker rather than a mapping
+    when the run may have trained long past memorizing or with augmentation.
 ``"two_view"``
     Estimate the number ``k`` of bad samples with :func:`csl_fast.flagging.two_view_count`
     and flag the top ``k`` of the chosen score. Two views of the same training run:
@@ -250,6 +251,8 @@ class _Views:
     epochs: int | None = None
     #: every presented sample was presented once (whatever ``epochs`` says)
     once: bool = False
+    #: why the label-lost view is the margin's sign alone, when it is (a note for the user)
+    partial: str | None = None
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
@@ -325,11 +328,22 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
         lost = flagging.label_lost(
             t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, t.num_classes
         ).to(presented.device)
+        partial = None
     else:  # no chance level to compare the label's probability with: the margin alone
         lost = presented & (t.margin_sum < 0)
+        partial = (
+            None
+            if t.num_classes is not None
+            else (
+                "the tracker has no num_classes, so the label-lost view is the sign of the mean "
+                "margin alone (no confident-doubt view, no test that the label lost firmly: "
+                "hard clean samples the network never fits are pinned as bad); make the tracker "
+                "with CSLTracker(N, num_classes=C)"
+            )
+        )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    return values, score, _Views(t.csl_mean, lost, t.epoch, once), None
+    return values, score, _Views(t.csl_mean, lost, t.epoch, once, partial), None
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
@@ -558,6 +572,8 @@ def _detect(
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
         note = hint if hint is not None else rule_note(name, values, views is not None)
+        if views is not None and views.partial is not None:
+            note = "; ".join(filter(None, [note, views.partial]))
         if note is not None:
             diag["note"] = note
         if est.found and 2 * est.count > n_finite:

@@ -358,6 +358,8 @@ def test_tracker_rule_survives_longer_training(seed, rate):
         det = detect.mislabeled(_tracker_of(p, torch.full((p.shape[0],), 50.0), None))
     assert det.rule == "auto(valley)"
     assert "negative mean margin" in det.diagnostics["two_view"]["reason"]
+    # ... and the detection says what the missing num_classes costs
+    assert "has no num_classes" in det.diagnostics["note"]
 
 
 def test_tracker_rule_on_a_clean_run_flags_nothing():
@@ -479,6 +481,15 @@ def test_label_lost_pins_firm_losses_not_hesitant_ones():
     lost2 = flagging.label_lost(csl, count, p_sum, margin, num_classes=2)
     assert torch.equal(lost2, bad | (hesitant & (p[:, 0] < 0.3)))
     assert 0 < int((lost2 & hesitant).sum()) < int(hesitant.sum())
+
+
+def test_a_tracker_without_num_classes_pins_by_the_margin_alone_and_says_so():
+    p, margin, bad, hesitant = _never_fitted()
+    det = detect.mislabeled(_tracker_of(p, margin, None))
+    # the hesitant clean samples are pinned too: the count follows them
+    assert det.rule == "auto(two_view)" and det.estimated_count >= int((bad | hesitant).sum())
+    assert "CSLTracker(N, num_classes=C)" in det.diagnostics["note"]
+    assert "Note: " in detect.summary(det) and "has no num_classes" in detect.summary(det)
 
 
 def test_label_lost_refuses_bad_arguments_plainly():
