@@ -233,6 +233,13 @@ def doubted(
         num_classes: ``C >= 2``.
     """
     presented, csl, d = _doubt(csl_sum, csl_count, p_true_sum, num_classes, "doubted")
+    return _doubted(presented, csl, d, num_classes)
+
+
+def _doubted(
+    presented: torch.Tensor, csl: torch.Tensor, d: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """:func:`doubted` on the checked float64 ``(presented, CSL, D)`` of :func:`_doubt`."""
     if not bool(presented.any()):
         return presented
     pd = d[presented]
@@ -287,7 +294,7 @@ def label_lost(
     firm = (
         presented & (margin_sum.detach().to(csl.device) < 0) & _firm(csl, d, LOST_PROB, num_classes)
     )
-    return firm | doubted(csl_sum, csl_count, p_true_sum, num_classes)
+    return firm | _doubted(presented, csl, d, num_classes)
 
 
 def _doubt(
