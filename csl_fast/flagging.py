@@ -473,7 +473,23 @@ def two_view_count(
     low, high = max(n_pinned, math.floor(low)), math.ceil(high)
     diag.update(fits=fits)
     caveat = None
-    if diag["anchored_share"] < MIN_ANCHORED_SHARE:
+    if diag["anchored_share"] < MIN_ANCHORED_SHARE and n_pinned < MIN_ANCHORS_SURE:
+        # a handful of anchors stretched to a count over 5x their number: that count is the
+        # mixture's shape, not the run's evidence (a clean run whose network confidently
+        # doubted 4 hard samples counted 66 of 4,000), so only the anchors' number is kept
+        diag.update(caveat="lower bound", mixture_count=count, mixture_interval=[low, high])
+        caveat = (
+            f"only {n_pinned} samples lost their label firmly or were confidently doubted, "
+            f"and from so few (fewer than {MIN_ANCHORS_SURE}) the mixture would count "
+            f"{count}, {count / n_pinned:.0f}x as many: that is the shape of the mixture, not "
+            "evidence from the run (a clean run with a few hard samples that lost firmly "
+            f"gives the same), so the count is cut to those {n_pinned}: a lower bound. If "
+            "the labels may be noisy, the rest hide in the clean tail (labels memorized as "
+            "fast as clean ones: class-pair flips, a network that does not generalise): "
+            "review the ranking below them"
+        )
+        count, low = n_pinned, n_pinned
+    elif diag["anchored_share"] < MIN_ANCHORED_SHARE:
         diag["caveat"] = "lower bound"
         caveat = (
             f"only {n_pinned} of the {count} counted samples lost their label or were "

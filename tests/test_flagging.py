@@ -241,6 +241,30 @@ def test_two_view_on_a_handful_of_anchors_warns_either_way(seed):
     assert "at least" not in detect.summary(det)  # not said to be a lower bound
 
 
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
+    # a clean run where 4 hard clean samples in the loss tail lost their label: the mixture
+    # stretches them to 10-33x as many; the count is cut to the 4 (a lower bound, warned)
+    table, bad = _two_view_table(seed, rate=0.0)
+    assert not bad.any()
+    order = torch.argsort(table["csl_mean"], descending=True)
+    table["aum"][order[torch.tensor([3, 9, 22, 38])]] = 1.5  # margin -1.5: lost
+    with pytest.warns(detect.DetectionWarning, match="the count is cut to those 4") as rec:
+        det = detect.mislabeled(table)
+    est = det.diagnostics["estimator"]
+    assert est["mixture_count"] > 4 / flagging.MIN_ANCHORED_SHARE
+    assert len(det) == det.estimated_count == 4 == det.count_interval[0]
+    assert det.count_interval[1] == est["mixture_interval"][1] >= est["mixture_count"]
+    assert torch.equal(det.indices, det.ranking[:4])  # still the top of the score
+    assert det.diagnostics["count"] == "lower bound" and det.warning == str(rec[0].message)
+    assert "estimated at least 4 bad samples" in detect.summary(det)
+    # with 10 anchors (MIN_ANCHORS_SURE) the mixture's count stands, with its caveat
+    table["aum"][order[torch.tensor([45, 50, 60, 70, 80, 90])]] = 1.5
+    with pytest.warns(detect.DetectionWarning):
+        det = detect.mislabeled(table)
+    assert "mixture_count" not in det.diagnostics["estimator"] and len(det) > 10
+
+
 def test_two_view_needs_the_margin_view():
     s, _ = _two_modes()
     with pytest.raises(ValueError, match="needs the margin view"):
