@@ -33,6 +33,29 @@ class PoolNet1d(nn.Module):
         return self.head(self.features(x.unsqueeze(1)))
 
 
+class ConvBase1d(nn.Module):
+    """MNIST-1D ``[B, 40]``: the shape of the conv net that ships with the MNIST-1D benchmark
+    (Greydanus 2020, ``ConvBase``): three strided ReLU conv layers of 25 channels (kernels
+    5/3/3, stride 2, padding 1: 40 -> 19 -> 10 -> 5) and a linear head on the 125 features,
+    about 5,000 parameters. Trained as its reference does (Adam lr 1e-2, batch 100, 6,000
+    steps = 150 epochs), it fits every training label, flips included."""
+
+    def __init__(self, num_classes: int = 10, channels: int = 25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv1d(1, channels, 5, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, 3, stride=2, padding=1),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(channels * 5, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.unsqueeze(1)).flatten(1))
+
+
 class Conv2dDigits(nn.Module):
     """scikit-learn digits ``[B, 64]`` seen as 8x8 images: two 3x3 conv layers (16, 32
     channels), a 2x2 max-pool and a 64-unit hidden layer."""

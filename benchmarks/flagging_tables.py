@@ -149,9 +149,11 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "precision / recall / F1 of the flagged set against the flipped labels; the estimated "
         "count with its interval (`unknown` when the rule found no separation and flagged "
         "nothing, with a warning; `lower bound` when it warned that the surely-bad samples "
-        "are under a fifth of the count; `few anchors` when it warned that there are fewer "
-        "than 10 of them); cleanlab's `find_label_issues` on K = 3 fold out-of-sample "
-        "probabilities (fresh model per fold) on the same labels; the previous rule "
+        "are under a fifth of the count, or when fewer than 10 of them would have been "
+        "stretched to over 5x their number and the count was cut to them; `few anchors` "
+        "when it warned that there are fewer than 10 of them); cleanlab's "
+        "`find_label_issues` on K = 3 fold out-of-sample probabilities (fresh model per "
+        "fold) on the same labels; the previous rule "
         "(2-component GMM on log-CSL); the 1-D valley rule alone (what a plain score tensor "
         "gets); CSL's top-k at the true k (the ceiling of any count-based rule) and the "
         "range of k / flips for which CSL's top-k has precision and recall >= 0.8 (the count "
@@ -164,7 +166,7 @@ def markdown(runs: list[dict], meta: dict) -> str:
         check = (
             "none was recomputed in this run"
             if reused == len(runs)
-            else "the runs recomputed here reproduce those figures exactly"
+            else f"the other {len(runs) - reused} were computed in this run"
         )
         lines += [
             f"cleanlab's figures for {reused} of the {len(runs)} runs are taken from "
@@ -207,8 +209,11 @@ def markdown(runs: list[dict], meta: dict) -> str:
         neg_f, neg = c["margin_negative_flipped"], c["margin_negative"]
         lost_f, lost = c["label_lost_flipped"], c["label_lost"]
         dbt_f, dbt = c["label_doubted_flipped"], c["label_doubted"]
+        mixture = c.get("mixture_count")
         share = (
-            f"{c['anchors'] / c['estimated_count']:.2f}"
+            f"{c['anchors'] / mixture:.2f} (count cut to them)"
+            if mixture
+            else f"{c['anchors'] / c['estimated_count']:.2f}"
             if c["anchors"] is not None and c["estimated_count"]
             else "-"
         )
