@@ -36,6 +36,9 @@ margin is pinned (the rule before ``label_lost`` asked for a firm loss): its siz
     python benchmarks/flagging_practice.py --data mnist1d-pool --variants aug all \
         --name flagging-practice-held-out      # ~5 min; results/flagging-practice-held-out.*
     python benchmarks/flagging_practice.py --data mnist1d --variants aug --out /tmp/x
+
+Trained runs are cached (``--cache``, default ``~/.cache/csl_fast_practice``: the tracker
+file of each run and its flips), so the rule can be measured again without training.
 """
 
 from __future__ import annotations
@@ -132,10 +135,27 @@ def margin_alone(tracker: csl_fast.CSLTracker, order: np.ndarray) -> np.ndarray:
     return flagged
 
 
-def measure(data: str, variant: str, noise: float, seed: int) -> dict:
+def tracked(data: str, variant: str, noise: float, seed: int, cache: Path | None):
+    """``(tracker, flipped, training seconds)``: from ``cache`` when the run is there (the
+    tracker file and the flips beside it), else trained (and saved there)."""
+    path = None if cache is None else cache / f"{data}-{variant}-{noise:g}-{seed}.pt"
+    if path is not None and path.exists():
+        tracker = csl_fast.CSLTracker(len(load(DATA[data])[1]), 10)
+        tracker.load(path)
+        saved = np.load(path.with_suffix(".npz"))
+        return tracker, saved["flipped"], float(saved["seconds"])
     start = time.perf_counter()
     tracker, truth = train_tracked(data, variant, noise, seed)
     seconds = time.perf_counter() - start
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        np.savez(path.with_suffix(".npz"), flipped=truth, seconds=seconds)
+        tracker.save(path)
+    return tracker, truth, seconds
+
+
+def measure(data: str, variant: str, noise: float, seed: int, cache: Path | None) -> dict:
+    tracker, truth, seconds = tracked(data, variant, noise, seed, cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         det = detect.mislabeled(tracker)
@@ -226,6 +246,14 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--name", default="flagging-practice", help="results file name")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "csl_fast_practice",
+        help="trained runs are kept here (tracker files), and read back instead of "
+        "training again; --no-cache trains every run",
+    )
+    parser.add_argument("--no-cache", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runs = [
@@ -235,7 +263,8 @@ def main() -> None:
         for s in SEEDS.get(d, (0, 1))
         for p in NOISE
     ]
-    rows = [measure(*r) for r in tqdm(runs, desc="runs")]
+    cache = None if args.no_cache else args.cache
+    rows = [measure(*r, cache) for r in tqdm(runs, desc="runs")]
     command = "python benchmarks/flagging_practice.py"
     if args.data != DEFAULT_DATA:
         command += f" --data {' '.join(args.data)}"

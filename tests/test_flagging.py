@@ -244,15 +244,18 @@ def test_two_view_on_a_handful_of_anchors_warns_either_way(seed):
 @pytest.mark.parametrize("seed", [0, 1, 3])
 def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
     # a clean run where 4 hard clean samples in the loss tail lost their label: the mixture
-    # stretches them to 10-33x as many; the count is cut to the 4 (a lower bound, warned)
+    # stretches them to 10-33x as many, into the clean tail (samples it cannot call); the
+    # count is cut to the 4 (a lower bound, warned)
     table, bad = _two_view_table(seed, rate=0.0)
     assert not bad.any()
     order = torch.argsort(table["csl_mean"], descending=True)
     table["aum"][order[torch.tensor([3, 9, 22, 38])]] = 1.5  # margin -1.5: lost
-    with pytest.warns(detect.DetectionWarning, match="the count is cut to those 4") as rec:
+    with pytest.warns(detect.DetectionWarning, match="count is cut to those 4") as rec:
         det = detect.mislabeled(table)
     est = det.diagnostics["estimator"]
     assert est["mixture_count"] > 4 / flagging.MIN_ANCHORED_SHARE
+    fit = est["fits"][0]
+    assert fit["confident_bad"] < fit["ambiguous_bad"]
     assert len(det) == det.estimated_count == 4 == det.count_interval[0]
     assert det.count_interval[1] == est["mixture_interval"][1] >= est["mixture_count"]
     assert torch.equal(det.indices, det.ranking[:4])  # still the top of the score
@@ -263,6 +266,27 @@ def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
     with pytest.warns(detect.DetectionWarning):
         det = detect.mislabeled(table)
     assert "mixture_count" not in det.diagnostics["estimator"] and len(det) > 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_two_view_keeps_a_separate_group_counted_from_a_handful_of_anchors(seed):
+    # label smoothing's case: few bad samples lose firmly (4 here), but the bad ones stand
+    # apart from the clean tail; the fit is sure of them, so the count stands (warned)
+    table, bad = _two_view_table(seed, rate=0.05)
+    g = _gen(100 + seed)
+    mean = torch.where(bad, 3.0 + 0.4 * torch.randn(len(bad), generator=g), table["csl_mean"])
+    aum = torch.full_like(table["aum"], -2.0)
+    aum[torch.nonzero(bad).flatten()[:4]] = 1.5
+    table = {"csl": 40 * mean, "csl_mean": mean, "aum": aum}
+    with pytest.warns(detect.DetectionWarning, match="lower bound"):
+        det = detect.mislabeled(table)
+    fit = det.diagnostics["estimator"]["fits"][0]
+    assert fit["confident_bad"] > fit["ambiguous_bad"]
+    assert "mixture_count" not in det.diagnostics["estimator"]
+    k = int(bad.sum())
+    assert abs(det.estimated_count - k) <= 0.05 * k, (det.estimated_count, k)
+    p, r = _prf(det.flagged, bad)
+    assert p >= 0.95 and r >= 0.95, (p, r)
 
 
 def test_two_view_needs_the_margin_view():
