@@ -22,9 +22,10 @@ flipped labels (uniform flips, 0 / 2 / 5 / 10%, seeds 0 and 1):
 ``all``
     the three together.
 
-Held out (``--data mnist1d-pool``, run after ``LOST_PROB`` was chosen on the runs above):
-the pooling conv net of ``benchmarks/flagging.py`` (``mnist1d-poolnet-sgd``: SGD lr 0.03,
-momentum 0.9, batch 64, 60 epochs, seeds 2 and 3) with ``aug`` and ``all``.
+Held out (``--data mnist1d-pool``): the pooling conv net of ``benchmarks/flagging.py``
+(``mnist1d-poolnet-sgd``: SGD lr 0.03, momentum 0.9, batch 64, 60 epochs, seeds 2 and 3)
+with ``aug`` and ``all`` (run after ``LOST_PROB`` was chosen on the runs above), and with
+``ls``, ``ls2`` and ``wd`` (run after the count's cut to a handful of anchors was chosen).
 
 Per row: the flagged count, its precision and recall, the estimate and interval, whether
 the rule warned, the samples it pins as bad (:func:`csl_fast.flagging.label_lost`: flips /
@@ -33,8 +34,8 @@ presentation, and, for comparison, the flagged set when every sample with a nega
 margin is pinned (the rule before ``label_lost`` asked for a firm loss): its size, P, R.
 
     python benchmarks/flagging_practice.py     # ~12 min on one core; results/flagging-practice.*
-    python benchmarks/flagging_practice.py --data mnist1d-pool --variants aug all \
-        --name flagging-practice-held-out      # ~5 min; results/flagging-practice-held-out.*
+    python benchmarks/flagging_practice.py --data mnist1d-pool --variants aug all ls ls2 wd \
+        --name flagging-practice-held-out      # ~13 min; results/flagging-practice-held-out.*
     python benchmarks/flagging_practice.py --data mnist1d --variants aug --out /tmp/x
 
 Trained runs are cached (``--cache``, default ``~/.cache/csl_fast_practice``: the tracker

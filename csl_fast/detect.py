@@ -39,8 +39,8 @@ Rules (``rule=``):
       flips the network memorized fastest are caught by neither view). On a clean run
       they are usually fewer than the 3 the fit needs (nothing is flagged, with a
       warning). Under augmentation some hard clean samples are lost firmly too (5-14
-      pinned in the clean runs of ``benchmarks/flagging_practice.py``), and 19-57
-      samples (1.1-1.6%) are flagged there, with a warning in two of four.
+      pinned in the clean runs of ``benchmarks/flagging_practice.py``), and 5-57
+      samples (0.3-1.4%) are flagged there, with a warning in two of four.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the
       network memorizes a flip, every further epoch adds a positive, growing margin;
@@ -161,7 +161,9 @@ class Detection:
             samples (it separates only a bad minority), so that the count
             is unknown (nothing is flagged then, and ``warning`` says why;
             ``diagnostics["count"]`` is ``"unknown"``). ``diagnostics["count"] == "lower
-            bound"`` when the surely-bad samples make up too small a share of the count,
+            bound"`` when the surely-bad samples make up too small a share of the count
+            (or, fewer than 10 of them stretched into the clean tail, the count was cut to
+            them: ``diagnostics["estimator"]["mixture_count"]`` keeps the stretched one),
             ``"few anchors"`` when there are too few of them to trust the count either way
             (``warning`` says so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
