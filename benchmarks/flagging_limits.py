@@ -19,6 +19,12 @@ per row, the rule as it is:
     ``make_classification``: 2,000 samples, 20 features (10 informative), ``class_sep`` 1,
     2 classes (``binary``) or 10 (``ten``, the control), standardised; the same MLP and
     training, 60 epochs.
+``convbase-e30`` and ``convbase-sgd`` (added 2026-12-01)
+    MNIST-1D (4,000 training samples) with the conv net that ships with the benchmark
+    (``flagging_models.ConvBase1d``), trained so that it does not fit every label: Adam lr
+    1e-2, batch 100, 30 epochs (a fifth of its reference training, ``mnist1d-convbase`` of
+    ``benchmarks/flagging.py``), or plain SGD lr 0.1, batch 64, 100 epochs; clean and with
+    5% flips, two seeds.
 
 ``make_classification`` is called with ``flip_y=0`` so that the only wrong labels are
 the ones :func:`csl_fast.corrupt.flip_labels` makes. Per row: the flagged count, its
@@ -39,6 +45,8 @@ import time
 import warnings
 from pathlib import Path
 
+import flagging_models
+import mnist1d_data
 import numpy as np
 import torch
 from run_meta import write_results
@@ -63,7 +71,15 @@ RUNS = [
     ("small100", "small100", 0.0, 0, 60),
     *(("binary", "binary", p, s, 60) for p in (0.02, 0.05, 0.1) for s in (0, 1)),
     *(("ten", "ten", p, s, 60) for p in (0.02, 0.05, 0.1) for s in (0, 1)),
+    *(("convbase-e30", "mnist1d", p, s, 30) for p in (0.0, 0.05) for s in (0, 1)),
+    *(("convbase-sgd", "mnist1d", p, s, 100) for p in (0.0, 0.05) for s in (0, 1)),
 ]
+#: how each regime trains: (network, optimiser keywords of ``csl_fast.train.train``)
+TRAINING = {
+    "convbase-e30": ("convbase", {"lr": 1e-2, "batch_size": 100, "optimizer": "adam"}),
+    "convbase-sgd": ("convbase", {"lr": 0.1, "batch_size": 64, "momentum": 0.0}),
+}
+MLP_TRAINING = ("mlp", {"lr": 1e-3, "batch_size": 64, "optimizer": "adam"})
 
 
 def run_id(name: str, noise: float, seed: int, epochs: int) -> str:
@@ -76,6 +92,9 @@ def load(data: str) -> tuple[torch.Tensor, torch.Tensor]:
     if data == "digits":
         d = load_digits()
         return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+    if data == "mnist1d":
+        x, y, _, _ = mnist1d_data.load()
+        return x, y
     classes, sep, per = {
         "overlap20": (20, 1.5, 100),
         "small100": (100, 1.5, 20),
@@ -102,19 +121,15 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
     c = int(y.max()) + 1
     noisy, flipped = flip_labels(y, noise, c, seed=seed)
     tracker = csl_fast.CSLTracker(len(y), c)
-    model = mlp(x.shape[1], c, (128, 128), seed=seed)
+    net, kw = TRAINING.get(name, MLP_TRAINING)
+    if net == "mlp":
+        model = mlp(x.shape[1], c, (128, 128), seed=seed)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = flagging_models.ConvBase1d(c)
     start = time.perf_counter()
-    train(
-        model,
-        x,
-        noisy,
-        epochs=epochs,
-        lr=1e-3,
-        batch_size=64,
-        optimizer="adam",
-        tracker=tracker,
-        seed=seed,
-    )
+    train(model, x, noisy, epochs=epochs, tracker=tracker, seed=seed, **kw)
     seconds = time.perf_counter() - start
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
