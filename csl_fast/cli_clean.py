@@ -88,10 +88,13 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         + f", min confidence {args.min_confidence:g})",
         f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
     ]
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        what = "corrupted" if det.rule == "tail" else "mislabeled"
-        lines.append(f"estimated {what}: {det.estimated_count} (interval {lo}-{hi})")
+    from .detect import count_phrase
+
+    estimate = count_phrase(
+        det, "corrupted samples" if det.rule == "tail" else "mislabeled samples"
+    )
+    if estimate is not None:
+        lines.append(estimate)
     if det.diagnostics.get("note"):
         lines.append(f"note: {det.diagnostics['note']}")
     if plan.duplicates is not None:

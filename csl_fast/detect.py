@@ -118,6 +118,7 @@ __all__ = [
     "RULES",
     "Detection",
     "DetectionWarning",
+    "count_phrase",
     "duplicates",
     "exact_duplicate_groups",
     "memorized",
@@ -692,16 +693,25 @@ def _detect(
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
 
+def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
+    """``"estimated [at least] K <what> (LOW-HIGH)"`` for a detection with an estimated
+    count (``at least`` when the count is a lower bound), else ``None``."""
+    if det.estimated_count is None or det.count_interval is None:
+        return None
+    lo, hi = det.count_interval
+    bound = " at least" if det.diagnostics.get("count") == "lower bound" else ""
+    return f"estimated{bound} {det.estimated_count} {what} ({lo}-{hi})"
+
+
 def summary(det: Detection) -> str:
     """One line for a user about the detection ``det``: how many were flagged, the
     estimated count with its interval, and the warning or the rule's caveat when there is
     one."""
     n = det.scores.numel()
     parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        bound = " at least" if det.diagnostics.get("count") == "lower bound" else ""
-        parts.append(f"estimated{bound} {det.estimated_count} bad samples ({lo}-{hi})")
+    estimate = count_phrase(det)
+    if estimate is not None:
+        parts.append(estimate)
     elif det.diagnostics.get("count") == "unknown":
         parts.append("number of bad samples unknown")
     line = "; ".join(parts)

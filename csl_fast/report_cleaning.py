@@ -114,10 +114,12 @@ def _fig_flagging(det: Any, path: str) -> str:
     ax.set_yscale("log")
     ax.set_xlabel(f"{det.score_name}" + (" (log scale)" if log else ""))
     ax.set_ylabel("samples")
+    from .detect import count_phrase
+
     title = f"flagged {len(det)} of {v.size}"
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        title += f"; estimated count {det.estimated_count} [{lo}, {hi}]"
+    estimate = count_phrase(det)
+    if estimate is not None:
+        title += f"; {estimate}"
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False, fontsize=8)
     return _png(fig, path)
@@ -221,7 +223,7 @@ def sections(
     ``flagging.png`` into ``out_dir``. With ``inputs`` (and ``labels``) the suggestion
     section's plan also covers the conflicting duplicates
     (:mod:`csl_fast.report_duplicates` has their own section)."""
-    from .detect import DetectionWarning, mislabeled
+    from .detect import DetectionWarning, count_phrase, mislabeled
 
     e = html.escape
     with warnings.catch_warnings():
@@ -237,9 +239,9 @@ def sections(
     # "threshold inf" read as a number the rule computed; it is the rule declining to cut
     cut = f"threshold {det.threshold:.4g}" if math.isfinite(det.threshold) else "no threshold"
     cap = f"Rule: {det.rule}; {cut}; {len(det)} flagged."
-    if det.estimated_count is not None and det.count_interval is not None:
-        lo, hi = det.count_interval
-        cap += f" Estimated number of bad samples: {det.estimated_count} (interval {lo}-{hi})."
+    estimate = count_phrase(det)
+    if estimate is not None:
+        cap += f" {estimate[0].upper()}{estimate[1:]}."
     parts.append(f"<p class=cap>{e(cap)} (<code>flagging.png</code>)</p>")
     if det.warning:
         parts.append(f"<p class=cap><b>Warning:</b> {e(det.warning)}</p>")

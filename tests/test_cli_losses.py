@@ -152,7 +152,7 @@ def test_clean_drops_flagged_samples_of_a_loss_only_run(capsys, reg_run, tmp_pat
     assert code == EXIT_OK
     assert "no suggested labels" in err and "policy drop" in err
     _no_ce_advice(out + err)
-    assert "0 relabel" in out and "(policy drop," in out and "estimated corrupted:" in out
+    assert "0 relabel" in out and "(policy drop," in out and "corrupted samples (" in out
     rows = list(csv.DictReader(out_csv.open()))
     assert rows and all(r["action"] == "drop" for r in rows)
     assert sum(int(r["index"]) < BAD for r in rows) >= 0.9 * len(rows)

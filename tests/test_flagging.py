@@ -261,6 +261,8 @@ def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
     assert torch.equal(det.indices, det.ranking[:4])  # still the top of the score
     assert det.diagnostics["count"] == "lower bound" and det.warning == str(rec[0].message)
     assert "estimated at least 4 bad samples" in detect.summary(det)
+    lo, hi = det.count_interval
+    assert detect.count_phrase(det, "mislabeled") == f"estimated at least 4 mislabeled ({lo}-{hi})"
     # with 10 anchors (MIN_ANCHORS_SURE) the mixture's count stands, with its caveat
     table["aum"][order[torch.tensor([45, 50, 60, 70, 80, 90])]] = 1.5
     with pytest.warns(detect.DetectionWarning):

@@ -99,7 +99,8 @@ def test_sections_match_detect_and_clean(run, tmp_path):
     assert sugg[key].startswith(f"{right} (")
     # the rule's estimate is printed beside the flagged set
     if det.estimated_count is not None:
-        assert f"Estimated number of bad samples: {det.estimated_count}" in page
+        bound = " at least" if det.diagnostics.get("count") == "lower bound" else ""
+        assert f"Estimated{bound} {det.estimated_count} bad samples (" in page
 
 
 def test_sections_without_ground_truth(run, tmp_path):
