@@ -694,8 +694,13 @@ def _detect(
 
 
 def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
-    """``"estimated [at least] K <what> (LOW-HIGH)"`` for a detection with an estimated
-    count (``at least`` when the count is a lower bound), else ``None``."""
+    """``"estimated [at least] K <what> (LOW-HIGH)"``, or ``None`` when there is no count.
+
+    Args:
+        det: a :class:`Detection`; ``at least`` when its ``diagnostics["count"]`` is
+            ``"lower bound"``, ``None`` when its ``estimated_count`` is ``None``.
+        what: the noun after the number (``"bad samples"``, ``"mislabeled samples"``).
+    """
     if det.estimated_count is None or det.count_interval is None:
         return None
     lo, hi = det.count_interval
