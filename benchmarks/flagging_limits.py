@@ -49,6 +49,7 @@ import flagging_models
 import mnist1d_data
 import numpy as np
 import torch
+from flagging_tables import cell
 from run_meta import write_results
 from tqdm import tqdm
 
@@ -170,10 +171,6 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
     }
 
 
-def _fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def report(rows: list[dict], meta: dict, command: str) -> str:
     lines = [
         "# Where the default flagging rule's premise fails",
@@ -193,9 +190,9 @@ def report(rows: list[dict], meta: dict, command: str) -> str:
         est = "unknown" if r["estimated"] is None else f"{r['estimated']} {r['interval']}"
         lines.append(
             f"| {r['run']} | {r['samples']} | {r['classes']} | {r['epochs']} | {r['flips']} | "
-            f"{r['flagged']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | {est} | "
+            f"{r['flagged']} | {cell(r['precision'])} | {cell(r['recall'])} | {est} | "
             f"{'yes' if r['warned'] else 'no'} | {r['pinned_flips']} / {r['pinned_clean']} | "
-            f"{_fmt(r['topk_precision'])} | "
+            f"{cell(r['topk_precision'])} | "
             f"{r['fitted']:.3f} |"
         )
     return "\n".join(lines) + "\n"

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from flagging import corrupt_labels, factory, load
+from flagging_tables import cell
 from run_meta import write_results
 from tqdm import tqdm
 
@@ -141,9 +142,9 @@ def tracked(data: str, variant: str, noise: float, seed: int, cache: Path | None
     tracker file and the flips beside it), else trained (and saved there)."""
     path = None if cache is None else cache / f"{data}-{variant}-{noise:g}-{seed}.pt"
     if path is not None and path.exists():
-        tracker = csl_fast.CSLTracker(len(load(DATA[data])[1]), 10)
-        tracker.load(path)
         saved = np.load(path.with_suffix(".npz"))
+        tracker = csl_fast.CSLTracker(len(saved["flipped"]), 10)
+        tracker.load(path)
         return tracker, saved["flipped"], float(saved["seconds"])
     start = time.perf_counter()
     tracker, truth = train_tracked(data, variant, noise, seed)
@@ -193,10 +194,6 @@ def measure(data: str, variant: str, noise: float, seed: int, cache: Path | None
     }
 
 
-def _fmt(v, spec: str = ".2f") -> str:
-    return "-" if v is None else format(v, spec)
-
-
 def report(rows: list[dict], meta: dict, command: str) -> str:
     noisy = [r for r in rows if r["flips"]]
     passed = sum((r["precision"] or 0) >= 0.8 and (r["recall"] or 0) >= 0.8 for r in noisy)
@@ -232,11 +229,11 @@ def report(rows: list[dict], meta: dict, command: str) -> str:
     for r in rows:
         est = "unknown" if r["estimated"] is None else f"{r['estimated']} {r['interval']}"
         lines.append(
-            f"| {r['run']} | {r['flips']} | {r['flagged']} | {_fmt(r['precision'])} | "
-            f"{_fmt(r['recall'])} | {est} | {'yes' if r['warned'] else 'no'} | "
-            f"{r['pinned_flips']} / {r['pinned_clean']} | {_fmt(r['topk_precision'])} | "
+            f"| {r['run']} | {r['flips']} | {r['flagged']} | {cell(r['precision'])} | "
+            f"{cell(r['recall'])} | {est} | {'yes' if r['warned'] else 'no'} | "
+            f"{r['pinned_flips']} / {r['pinned_clean']} | {cell(r['topk_precision'])} | "
             f"{r['fitted']:.3f} | {r['margin_alone_flagged']}, "
-            f"{_fmt(r['margin_alone_precision'])}, {_fmt(r['margin_alone_recall'])} |"
+            f"{cell(r['margin_alone_precision'])}, {cell(r['margin_alone_recall'])} |"
         )
     return "\n".join(lines) + "\n"
 
