@@ -165,8 +165,9 @@ class Detection:
             is unknown (nothing is flagged then, and ``warning`` says why;
             ``diagnostics["count"]`` is ``"unknown"``). ``diagnostics["count"] == "lower
             bound"`` when the surely-bad samples make up too small a share of the count
-            (or, fewer than 10 of them stretched into the clean tail, the count was cut to
-            them: ``diagnostics["estimator"]["mixture_count"]`` keeps the stretched one),
+            (or, stretched into the clean tail by samples the fit cannot call, the count
+            was cut to them: ``diagnostics["estimator"]["mixture_count"]`` keeps the
+            stretched one),
             ``"few anchors"`` when there are too few of them to trust the count either way
             (``warning`` says so).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.

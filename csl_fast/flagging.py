@@ -54,6 +54,16 @@ when each is used; this module holds the mathematics.
     whose count was 54-82% low anyway (networks that do not generalise). Under label
     smoothing few flips lose firmly (3-8 anchors) but they stand apart, the fit is sure of
     31-339 of the samples it adds against 3-112 unsure, and the count stands (within 15%).
+    The count is cut the same way when the pinned samples, however many, make up less than
+    :data:`UNSURE_SHARE` of it and the fit is sure of fewer than :data:`MIN_SURE_RATIO`
+    times as many of the samples it adds as it is unsure of: a network that does not
+    memorize (MNIST-1D's own conv net trained 30 epochs, or with augmentation) rejects
+    10-18 hard clean samples firmly, and the mixture stretched them to 34-77 of 4,000 on
+    clean runs (anchored share 0.21-0.37), sure of none of the samples it added. Where
+    noisy runs are sure of almost none either (flips memorized into the clean tail), the
+    pinned flips made up at least 0.46 of the count; where their share was lower, the fit
+    was sure of at least a fifth as many as it was unsure of (262 noisy runs,
+    ``docs/flagging.md``).
     Measured (``benchmarks/flagging.py``, anchor table; runs retrained on 2026-12-01, pinned
     by :func:`label_lost`): the pinned share was 0.30-0.69 on every noisy run of the tuning
     regimes whose count was within 30% but one (MNIST-1D at 10% flips: 0.18, warned, the
@@ -98,8 +108,10 @@ __all__ = [
     "MIN_ANCHORED_SHARE",
     "MIN_ANCHORS_SURE",
     "MIN_PINNED",
+    "MIN_SURE_RATIO",
     "MIXTURE_BINS",
     "TOL",
+    "UNSURE_SHARE",
     "Estimate",
     "doubted",
     "label_lost",
@@ -126,6 +138,12 @@ MIN_ANCHORED_SHARE = 0.2
 #: Fewer pinned samples than this: the count is returned with a caveat that it rests on
 #: too few of them to be trusted either way (see :func:`two_view_count`).
 MIN_ANCHORS_SURE = 10
+#: Below this anchored share the count is also cut to the anchors, however many, when the
+#: fit is sure (``P(bad) >= 0.9``) of fewer than :data:`MIN_SURE_RATIO` times the free
+#: samples it adds as it is unsure of (see :func:`two_view_count`).
+UNSURE_SHARE = 0.4
+#: ... see :data:`UNSURE_SHARE`.
+MIN_SURE_RATIO = 0.1
 #: A confidently doubted label had probability below ``DOUBT_PROB / C`` on average while
 #: it was doubted (a fifth of chance: 0.02 on 10 classes), see :func:`doubted`.
 DOUBT_PROB = 0.2
@@ -489,25 +507,25 @@ def two_view_count(
     diag.update(fits=fits)
     caveat = None
     sure, unsure = fits[0]["confident_bad"], fits[0]["ambiguous_bad"]
-    if (
-        diag["anchored_share"] < MIN_ANCHORED_SHARE
-        and n_pinned < MIN_ANCHORS_SURE
-        and sure < unsure
+    share = diag["anchored_share"]
+    if (share < MIN_ANCHORED_SHARE and n_pinned < MIN_ANCHORS_SURE and sure < unsure) or (
+        share < UNSURE_SHARE and sure < MIN_SURE_RATIO * unsure
     ):
-        # a handful of anchors stretched over 5x, mostly by samples the fit cannot call:
-        # the clean tail, not a group of bad samples (a clean run whose network doubted 4
-        # hard samples counted 66 of 4,000, 46 of them unsure), so only the anchors count
+        # the anchors stretched by samples the fit cannot call: the clean tail, not a group
+        # of bad samples (a clean run whose network doubted 4 hard samples counted 66 of
+        # 4,000, 46 of them unsure; one that rejected 18 firmly, 77, none sure), so only
+        # the anchors count
         diag.update(caveat="lower bound", mixture_count=count, mixture_interval=[low, high])
         caveat = (
             f"only {n_pinned} samples lost their label firmly or were confidently doubted, "
-            f"and from so few (fewer than {MIN_ANCHORS_SURE}) the mixture would count "
-            f"{count}, {count / n_pinned:.0f}x as many, mostly samples it cannot call "
-            f"(P(bad) between 0.1 and 0.9: {unsure:.0f}, against {sure:.0f} it is sure of): "
-            "the clean tail, as on a clean run with a few hard samples that lost firmly, "
-            f"not a group of bad samples. The count is cut to those {n_pinned}: a lower "
-            "bound. If the labels may be noisy, the rest hide in the clean tail (labels "
-            "memorized as fast as clean ones: class-pair flips, a network that does not "
-            "generalise): review the ranking below them"
+            f"and the mixture would count {count}, {count / n_pinned:.1f}x as many, adding "
+            "mostly samples it cannot call (P(bad) between 0.1 and 0.9: "
+            f"{unsure:.0f}, against {sure:.0f} it is sure of): the clean tail, as on a "
+            "clean run with a few hard samples that lost firmly, not a group of bad "
+            f"samples. The count is cut to those {n_pinned}: a lower bound. If the labels "
+            "may be noisy, the rest hide in the clean tail (labels memorized as fast as "
+            "clean ones: class-pair flips, a network that does not generalise): review the "
+            "ranking below them"
         )
         count, low = n_pinned, n_pinned
     elif diag["anchored_share"] < MIN_ANCHORED_SHARE:

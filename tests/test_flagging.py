@@ -221,7 +221,8 @@ def test_two_view_few_anchors_warns_that_the_count_is_a_lower_bound(seed):
     with warnings.catch_warnings():
         warnings.simplefilter("error", detect.DetectionWarning)
         det = detect.mislabeled(table)
-    assert det.diagnostics["estimator"]["anchored_share"] >= flagging.MIN_ANCHORED_SHARE
+    est = det.diagnostics["estimator"]
+    assert est["anchored_share"] >= flagging.MIN_ANCHORED_SHARE and "mixture_count" not in est
     assert "count" not in det.diagnostics and "at least" not in detect.summary(det)
 
 
@@ -263,11 +264,16 @@ def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
     assert "estimated at least 4 bad samples" in detect.summary(det)
     lo, hi = det.count_interval
     assert detect.count_phrase(det, "mislabeled") == f"estimated at least 4 mislabeled ({lo}-{hi})"
-    # with 10 anchors (MIN_ANCHORS_SURE) the mixture's count stands, with its caveat
+    # with 10 anchors (MIN_ANCHORS_SURE) too: they make up less than UNSURE_SHARE of the
+    # mixture's count, and it is sure of almost none of the samples it adds
     table["aum"][order[torch.tensor([45, 50, 60, 70, 80, 90])]] = 1.5
-    with pytest.warns(detect.DetectionWarning):
+    with pytest.warns(detect.DetectionWarning, match="count is cut to those 10"):
         det = detect.mislabeled(table)
-    assert "mixture_count" not in det.diagnostics["estimator"] and len(det) > 10
+    est = det.diagnostics["estimator"]
+    assert flagging.UNSURE_SHARE * est["mixture_count"] > 10
+    fit = est["fits"][0]
+    assert fit["confident_bad"] < flagging.MIN_SURE_RATIO * fit["ambiguous_bad"]
+    assert len(det) == det.estimated_count == 10 and det.diagnostics["count"] == "lower bound"
 
 
 @pytest.mark.parametrize("seed", [0, 1])
