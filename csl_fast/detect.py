@@ -40,9 +40,11 @@ Rules (``rule=``):
       are usually fewer than the 3 the fit needs (nothing is flagged, with a warning),
       or a handful that the count is cut to (with a warning). Under augmentation, or
       with a network that does not memorize, some hard clean samples are lost firmly
-      too (5-14 pinned in the clean runs of ``benchmarks/flagging_practice.py``, 7-18
-      with MNIST-1D's own conv net in ``benchmarks/flagging_limits.py``), and 5-77
-      samples (0.3-1.9%) are flagged there, with a warning in three of eight.
+      too (1-17 pinned in the clean runs of ``benchmarks/flagging_practice.py``, 7-18
+      with MNIST-1D's own conv net in ``benchmarks/flagging_limits.py``); the mixture is
+      sure of almost none of the samples it would add to them, so the count is mostly
+      cut to them, and 0-27 samples (up to 0.7% of 4,000, and 22 of 1,797 digits) are
+      flagged there, with a warning on every run but one.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the
       network memorizes a flip, every further epoch adds a positive, growing margin;
