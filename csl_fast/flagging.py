@@ -58,12 +58,12 @@ when each is used; this module holds the mathematics.
     :data:`UNSURE_SHARE` of it and the fit is sure of fewer than :data:`MIN_SURE_RATIO`
     times as many of the samples it adds as it is unsure of: a network that does not
     memorize (MNIST-1D's own conv net trained 30 epochs, or with augmentation) rejects
-    10-18 hard clean samples firmly, and the mixture stretched them to 34-77 of 4,000 on
+    7-18 hard clean samples firmly, and the mixture stretched them to 34-77 of 4,000 on
     clean runs (anchored share 0.21-0.37), sure of none of the samples it added. Where
     noisy runs are sure of almost none either (flips memorized into the clean tail), the
     pinned flips made up at least 0.46 of the count; where their share was lower, the fit
-    was sure of at least a fifth as many as it was unsure of (262 noisy runs,
-    ``docs/flagging.md``).
+    was sure of at least a fifth as many as it was unsure of (214 noisy runs, three MLP
+    runs cut by the first test aside; ``docs/flagging.md``).
     Measured (``benchmarks/flagging.py``, anchor table; runs retrained on 2026-12-01, pinned
     by :func:`label_lost`): the pinned share was 0.30-0.69 on every noisy run of the tuning
     regimes whose count was within 30% but one (MNIST-1D at 10% flips: 0.18, warned, the
