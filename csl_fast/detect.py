@@ -31,8 +31,8 @@ Rules (``rule=``):
       (:func:`csl_fast.flagging.doubted`; needs the tracker's ``num_classes``): the
       doubt ``D = sum_t (1 - p_y)`` exceeds 3x the median sample's, and
       ``CSL / D``, a doubt-weighted average of ``-log p / (1 - p)``, says the label's
-      probability sat below a fifth of chance while doubted (the network firmly
-      preferred another class, as for a flip, rather than hesitating, as on a hard
+      probability sat below ``0.2 / (C - 1)`` while doubted (the network was at least
+      80% sure of another class, as for a flip, rather than hesitating, as on a hard
       clean sample). Clean samples rarely lose this way (0 of 1,797 digits and 0-4 of
       4,000 MNIST-1D samples in the clean runs of ``benchmarks/flagging.py``), so
       these samples are pinned to the bad component; it is a *lower* bound (the flips

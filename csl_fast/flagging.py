@@ -149,8 +149,9 @@ MIN_ANCHORS_SURE = 10
 UNSURE_SHARE = 0.4
 #: ... see :data:`UNSURE_SHARE`.
 MIN_SURE_RATIO = 0.1
-#: A confidently doubted label had probability below ``DOUBT_PROB / C`` on average while
-#: it was doubted (a fifth of chance: 0.02 on 10 classes), see :func:`doubted`.
+#: A confidently doubted label had probability below ``DOUBT_PROB / (C - 1)`` on average
+#: while it was doubted (the network at least 80% sure of another class, the rest shared
+#: by the ``C - 1`` others: 0.022 on 10 classes, 0.2 on 2), see :func:`doubted`.
 DOUBT_PROB = 0.2
 #: ... for at least this many times the median sample's doubt, see :func:`doubted`.
 DOUBT_SPAN = 3.0
@@ -241,11 +242,23 @@ def doubted(
 
     is a doubt-weighted average of ``g``, which decreases from ``inf`` (p = 0) to 1
     (p = 1): it reads how *low* the label's probability was while it was doubted. A label
-    is confidently doubted when ``CSL / D > g(p*)``, ``p* = DOUBT_PROB / C`` (the network
-    preferred another class firmly, as it does for a flipped label, rather than hesitating
-    as on a hard clean sample), and ``D > DOUBT_SPAN * median(D)`` (for longer than a
-    brief instability early in training; the median over a strided subsample of at most
-    ~100k presented samples, O(1) in N).
+    is confidently doubted when ``CSL / D > g(p*)``, ``p* = DOUBT_PROB / (C - 1)`` (the
+    network preferred another class firmly, as it does for a flipped label, rather than
+    hesitating as on a hard clean sample: with ``1 - q`` left over from its preferred
+    class and shared by the ``C - 1`` classes it did not prefer, ``p* `` is the given
+    label's share at ``q = 1 - DOUBT_PROB = 0.8``), and ``D > DOUBT_SPAN * median(D)``
+    (for longer than a brief instability early in training; the median over a strided
+    subsample of at most ~100k presented samples, O(1) in N).
+
+    ``p*`` was ``DOUBT_PROB / C`` (a fifth of chance) until 2026-12-01; on 10 classes the
+    two differ by a ninth (0.020 and 0.022), but on 2 classes a fifth of chance (0.1) asks
+    for a network 90% sure of the other class, and binary flips, memorized from a loss of
+    only ``log 2``, were rarely doubted that firmly: the count on two classes came out
+    0.58-0.80x the flips (``benchmarks/flagging_limits.py``). With ``C - 1`` it is
+    0.66-0.93x there, and on the 10- to 100-class runs of the flagging benchmarks (298
+    cached or held-out runs) the counts moved by 0-14 samples; clean two-class runs
+    (``make_classification`` at ``class_sep`` 1, 1.5 and 2, scikit-learn's breast cancer
+    set; 7 runs, a probe) flag 0-5 samples, at most 0.7% of the data.
 
     Why this view and not only the sign of the mean margin: once the network memorizes a
     flipped label, every further epoch adds a growing positive margin, so the mean margin
@@ -280,7 +293,8 @@ def _doubted(
         return presented
     pd = d[presented]
     med = float(pd[:: max(1, pd.numel() // 100_000)].median())
-    return presented & (d > DOUBT_SPAN * max(med, 0.0)) & _firm(csl, d, DOUBT_PROB, num_classes)
+    p = DOUBT_PROB / (int(num_classes) - 1)
+    return presented & (d > DOUBT_SPAN * max(med, 0.0)) & _firm(csl, d, p)
 
 
 def label_lost(
@@ -328,7 +342,9 @@ def label_lost(
             f"{tuple(margin_sum.shape)} and {tuple(csl_sum.shape)}"
         )
     firm = (
-        presented & (margin_sum.detach().to(csl.device) < 0) & _firm(csl, d, LOST_PROB, num_classes)
+        presented
+        & (margin_sum.detach().to(csl.device) < 0)
+        & _firm(csl, d, LOST_PROB / int(num_classes))
     )
     return firm | _doubted(presented, csl, d, num_classes)
 
@@ -363,10 +379,9 @@ def _doubt(
     return presented, csl, d
 
 
-def _firm(csl: torch.Tensor, d: torch.Tensor, prob: float, num_classes: int) -> torch.Tensor:
-    """``CSL > g(p) D`` with ``p = prob / C``: the label's probability sat below ``p`` on
-    average while it was doubted (see :func:`doubted`)."""
-    p = prob / int(num_classes)
+def _firm(csl: torch.Tensor, d: torch.Tensor, p: float) -> torch.Tensor:
+    """``CSL > g(p) D``: the label's probability sat below ``p`` on average while it was
+    doubted (see :func:`doubted`)."""
     return csl > (-math.log(p) / (1.0 - p)) * d
 
 

@@ -414,6 +414,20 @@ def test_doubted_finds_memorized_flips_and_does_not_fade_with_training():
         flagging.doubted(*_sums(p), num_classes=1)
 
 
+def test_doubted_threshold_is_the_wrong_classes_share():
+    # p* = DOUBT_PROB / (C - 1), the given label's share when the network is 80% sure of
+    # other classes: on two classes a label held at 0.15 for 40 of 100 epochs is doubted,
+    # one held at 0.3 is not; on ten classes neither is
+    fitted = torch.full((200, 100), 0.99, dtype=torch.float64)
+
+    def held(v):
+        return torch.cat([torch.full((40,), v), torch.full((60,), 0.99)]).double()[None]
+
+    p = torch.cat([fitted, held(0.15), held(0.3)])
+    assert flagging.doubted(*_sums(p), num_classes=2)[-2:].tolist() == [True, False]
+    assert not flagging.doubted(*_sums(p), num_classes=10).any()
+
+
 def _tracker_of(p, margin_sum, num_classes=10):
     t = CSLTracker(p.shape[0], num_classes)
     csl, count, p_sum = _sums(p)
