@@ -123,7 +123,10 @@ CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "ran
 #: (every run retrained on another machine, the flagging rule with
 #: :func:`csl_fast.flagging.label_lost`): at 0.4 the relabels are right 0.89 / 0.95
 #: (digits) and 0.88 / 0.87 (MNIST-1D) of the time, 89 / 88% and 55 / 57% of the flips
-#: are repaired, and the gap recovered is 89 / 89% and 119 / 76%; the choice stands.
+#: are repaired, and the gap recovered is 89 / 89% and 119 / 76%; the choice stands. With
+#: the doubt view's threshold ``0.2 / (C - 1)`` (commit 851378d) one MNIST-1D seed's
+#: flagged set grew by 2 samples and its retraining fell 4 points: 58% at 5% flips, the
+#: relabels right 0.87 of the time (``benchmarks/paper/results/cleaning.md``).
 DEFAULT_MIN_CONFIDENCE = 0.4
 
 
