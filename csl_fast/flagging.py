@@ -270,7 +270,8 @@ def doubted(
     100-epoch MNIST-1D trackers (no held-out data), and the working range is narrow:
     ``DOUBT_SPAN = 5`` pins no flip at 100 epochs (a flip on MNIST-1D is doubted only
     2-3x as long as the median sample), while ``DOUBT_SPAN = 2`` or ``DOUBT_PROB = 0.4``
-    pins hard clean samples on clean runs (up to 57 and 99 of 1,797-4,000 flagged);
+    (then over ``C``) pinned hard clean samples on clean runs (up to 57 and 99 of
+    1,797-4,000 flagged);
     ``DOUBT_PROB`` 0.1-0.2 with ``DOUBT_SPAN = 3`` flagged none there on the runs they
     were chosen on. Retrained on another machine (2026-12-01, twice), they doubt 0-2 clean
     samples per clean run; once one doubted clean sample and two label-lost ones made the
