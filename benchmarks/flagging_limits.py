@@ -113,9 +113,8 @@ def load(data: str) -> tuple[torch.Tensor, torch.Tensor]:
     if data == "cancer":
         from sklearn.datasets import load_breast_cancer
 
-        d = load_breast_cancer()
-        x = (d.data - d.data.mean(0)) / d.data.std(0)
-        return torch.tensor(x, dtype=torch.float32), torch.tensor(d.target)
+        x, y = load_breast_cancer(return_X_y=True)
+        return _standardised(x, y)
     classes, sep, per = {
         "overlap20": (20, 1.5, 100),
         "small100": (100, 1.5, 20),
@@ -134,6 +133,10 @@ def load(data: str) -> tuple[torch.Tensor, torch.Tensor]:
         flip_y=0.0,
         random_state=0,
     )
+    return _standardised(x, y)
+
+
+def _standardised(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     x = (x - x.mean(0)) / x.std(0)
     return torch.tensor(x, dtype=torch.float32), torch.tensor(y)
 
