@@ -76,3 +76,27 @@ class Conv2dDigits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.view(-1, 1, 8, 8))
+
+
+class LeNetMnist(nn.Module):
+    """MNIST ``[B, 784]`` seen as 28x28 images: LeNet-5's shape (LeCun et al. 1998) with
+    ReLU and max-pooling: two 5x5 conv layers (16, 32 channels), each followed by a 2x2
+    max-pool (28 -> 24 -> 12 -> 8 -> 4), then a 128-unit hidden layer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 16, 128),
+            nn.ReLU(),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.view(-1, 1, 28, 28))

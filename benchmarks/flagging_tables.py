@@ -63,7 +63,8 @@ def _count_cell(c: dict) -> str:
     if c["estimated_count"] is None:
         return "unknown"
     lo, hi = c["count_interval"]
-    bound = f" ({c['count']})" if c.get("count") in ("lower bound", "few anchors") else ""
+    caveats = ("lower bound", "few anchors", "fit-dependent")
+    bound = f" ({c['count']})" if c.get("count") in caveats else ""
     return f"{c['estimated_count']} [{lo}, {hi}]{bound}"
 
 
@@ -151,7 +152,9 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "nothing, with a warning; `lower bound` when it warned that the surely-bad samples "
         "are under a fifth of the count, or when fewer than 10 of them would have been "
         "stretched to over 5x their number and the count was cut to them; `few anchors` "
-        "when it warned that there are fewer than 10 of them); cleanlab's "
+        "when it warned that there are fewer than 10 of them; `fit-dependent` when it "
+        "warned that the fits with 2, 3 and 4 clean components disagree by over 1.5x); "
+        "cleanlab's "
         "`find_label_issues` on K = 3 fold out-of-sample probabilities (fresh model per "
         "fold) on the same labels; the previous rule "
         "(2-component GMM on log-CSL); the 1-D valley rule alone (what a plain score tensor "

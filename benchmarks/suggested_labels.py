@@ -30,8 +30,14 @@ Regimes (public data, generated or shipped locally):
 ``mnist1d-cnn``
     MNIST-1D (``pip install mnist1d``; 4,000 training samples of length 40, generated
     locally), a BatchNorm-free 1-D conv net, Adam lr 3e-3, batch 128, 50 epochs.
+``mnist-mlp``, ``mnist-lenet``
+    real MNIST images (a fixed subset of 10,000, ``benchmarks/mnist_data.py``), the MLP and
+    the LeNet-shaped conv net of the held-out regimes of ``benchmarks/flagging.py`` (same
+    data, flips and training; the model's initialisation seed is this run's seed).
 
     python benchmarks/suggested_labels.py --regimes demo --noise 0.02 0.05 0.1
+    python benchmarks/suggested_labels.py --regimes mnist-mlp mnist-lenet --seeds 4 5 \
+        --out benchmarks/results/suggested_labels-mnist
 
 Writes ``benchmarks/results/suggested_labels.json`` and ``.md`` (date, machine, commit).
 """
@@ -51,6 +57,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import flagging as flagging_bench  # noqa: E402
 import mnist1d_data  # noqa: E402
 from run_meta import write_results  # noqa: E402
 
@@ -58,7 +65,7 @@ import csl_fast  # noqa: E402
 from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
 from csl_fast.train import mlp, predict, train  # noqa: E402
 
-REGIMES = ("demo", "mnist1d-cnn")
+REGIMES = ("demo", "mnist1d-cnn", *flagging_bench.MNIST_HELD_OUT)
 #: min_confidence values measured: relabel all (0), then stricter; 0.5 asks for a strict
 #: majority of the presentations before the label was fitted.
 THRESHOLDS = (0.0, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -93,6 +100,11 @@ def _setup(regime: str, noise: float, seed: int):
                 return mnist1d_data.Conv1dNet()
 
         kw = {"epochs": 50, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
+        return x, noisy, y, flipped, make, kw
+    if regime in flagging_bench.MNIST_HELD_OUT:
+        x, y = flagging_bench.load(regime)
+        noisy, flipped = flagging_bench.corrupt_labels(regime, y, noise, seed)
+        make, kw = flagging_bench.factory(regime)
         return x, noisy, y, flipped, make, kw
     raise SystemExit(f"unknown regime {regime!r}; known: {REGIMES}")
 

@@ -69,6 +69,12 @@ Rules (``rule=``):
     posterior > 1/2 set, is flagged: the mean loss ranks flipped labels best of every
     tracker statistic (a cross-validated logistic regression on all of them ranks no
     better), so the count is the only thing the rule has to get right.
+
+    When the mixture cannot settle the count (its fits with 2, 3 and 4 clean components
+    disagree by over 1.5x, or fewer than 10 samples are pinned) and the score has a
+    separate upper mode, the valley rule's count of that mode is flagged instead, with a
+    warning (:func:`csl_fast.flagging.settled_by_valley`): where it found a mode in the
+    flagging benchmarks, it counted within 30% every time.
 ``"valley"``
     The 1-D rule, the only one for a plain score tensor:
     :func:`csl_fast.flagging.upper_mode` finds a separate upper mode of the score's
@@ -170,8 +176,9 @@ class Detection:
             (or, stretched into the clean tail by samples the fit cannot call, the count
             was cut to them: ``diagnostics["estimator"]["mixture_count"]`` keeps the
             stretched one),
-            ``"few anchors"`` when there are too few of them to trust the count either way
-            (``warning`` says so).
+            ``"few anchors"`` when there are too few of them to trust the count either way,
+            ``"fit-dependent"`` when the mixture's fits with 2, 3 and 4 clean components
+            disagree by more than 1.5x (``warning`` says so in each case).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
             threshold, why nothing was flagged); plain JSON-able values. ``note``: why the
@@ -472,6 +479,8 @@ def _rule_flags(
                 diag["views"] += "; fell back to the 1-D valley rule"
                 est = None
             else:
+                if est.diagnostics.get("caveat") in flagging.UNSETTLED:
+                    est = flagging.settled_by_valley(est, flagging.upper_mode(values))
                 return _top_k(ranking, finite, est.count), est, diag
     est = flagging.upper_mode(values)
     if not est.found:
@@ -616,11 +625,14 @@ def _detect(
                     f"{look}, and the flagged set mixes them with {target}. Train several "
                     "epochs (until nearly every label is fitted) and detect again"
                 )
-            elif est.reason is not None:  # a lower bound, or a count on few anchors
+            elif est.reason is not None:  # a lower bound, few anchors, a fit-dependent count
                 diag["count"] = est.diagnostics.get("caveat", "lower bound")
+                # settled by the score's own upper mode: no training advice is needed
+                settled = est.diagnostics.get("count_source") == "valley"
+                advice = "" if settled else f" {_advice(views, hint)}"
                 warning = (
                     f"csl_fast.detect: {int(flagged.sum())} flagged by rule={rule!r}, but "
-                    f"{est.reason}. {_advice(views, hint)}"
+                    f"{est.reason}.{advice}"
                 )
         else:
             # no separation: the count is unknown, not zero (the labels may be clean, or

@@ -311,16 +311,107 @@ def test_two_view_keeps_a_separate_group_counted_from_a_handful_of_anchors(seed)
     aum = torch.full_like(table["aum"], -2.0)
     aum[torch.nonzero(bad).flatten()[:4]] = 1.5
     table = {"csl": 40 * mean, "csl_mean": mean, "aum": aum}
-    with pytest.warns(detect.DetectionWarning, match="could be off either way"):
+    with pytest.warns(detect.DetectionWarning, match="too few to shape the mixture's bad"):
         det = detect.mislabeled(table)
     assert det.diagnostics["count"] == "few anchors"
     fit = det.diagnostics["estimator"]["fits"][0]
     assert fit["confident_bad"] > fit["ambiguous_bad"]
-    assert "mixture_count" not in det.diagnostics["estimator"]
+    # not cut to the anchors: the group forms a separate mode of the score, whose count
+    # (the 1-D valley rule's) settles the one that rests on 4 anchors
+    est = det.diagnostics["estimator"]
+    assert est["count_source"] == "valley" and est["mixture_count"] > 4
+    assert "1-D valley rule" in det.warning
     k = int(bad.sum())
     assert abs(det.estimated_count - k) <= 0.05 * k, (det.estimated_count, k)
     p, r = _prf(det.flagged, bad)
     assert p >= 0.95 and r >= 0.95, (p, r)
+
+
+def _middle_group_table(seed: int, middle: float) -> dict[str, torch.Tensor]:
+    # 9,000 clean samples (log mean loss N(-3.3, 1)), 550 in a group at log mean loss
+    # `middle` (sd 0.3) and 175 surely bad ones (mean loss N(2, 0.6), label lost)
+    g = _gen(seed)
+    log_loss = torch.cat(
+        [
+            torch.randn(9000, generator=g) - 3.3,
+            0.3 * torch.randn(550, generator=g) + middle,
+            (0.6 * torch.randn(175, generator=g) + 2.0).clamp_min(0.3).log(),
+        ]
+    )
+    aum = torch.full_like(log_loss, -2.0)
+    aum[-175:] = 1.5  # margin -1.5: lost
+    mean = log_loss.exp()
+    return {"csl": 40 * mean, "csl_mean": mean, "aum": aum}
+
+
+def _views(table: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``two_view_count``'s inputs from a table: the mean loss, and the lost labels (a
+    negative mean margin)."""
+    return table["csl_mean"], table["aum"] > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_two_view_count_depends_on_the_fit(seed):
+    # MNIST's case (an MLP at 10% flips): a group between the clean bulk and the surely bad
+    # samples is a clean component with 3 or 4 clean components and bad with 2; the count
+    # stands with a caveat, and its interval holds both readings
+    table = _middle_group_table(seed, -0.26)
+    est = flagging.two_view_count(*_views(table))
+    assert est.diagnostics["caveat"] == "fit-dependent"
+    counts = [f["count"] for f in est.diagnostics["fits"]]
+    assert max(counts) > flagging.MAX_FIT_SPREAD * min(counts)
+    assert est.count == round(counts[0]) and "depends on the mixture's shape" in est.reason
+    lo, hi = est.interval
+    assert lo <= min(counts) and hi >= max(counts)
+    assert f"review the ranking down to {round(max(counts))}" in est.reason
+    # the group well apart from the surely bad samples: every fit calls it clean
+    est = flagging.two_view_count(
+        *(lambda t: (t["csl_mean"], t["aum"] > 0))(_middle_group_table(seed, -0.6))
+    )
+    counts = [f["count"] for f in est.diagnostics["fits"]]
+    assert max(counts) < flagging.MAX_FIT_SPREAD * min(counts)
+    assert est.reason is None and "caveat" not in est.diagnostics
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3])
+def test_a_fit_dependent_count_is_settled_by_an_upper_mode(seed):
+    # the same group forms a separate mode of the score with the surely bad samples: the
+    # 1-D valley rule's count, which needs no mixture shape, is the one flagged, warned
+    table = _middle_group_table(seed, -0.26)
+    valley = flagging.upper_mode(table["csl"])
+    assert valley.found
+    with pytest.warns(detect.DetectionWarning, match="separate upper mode") as rec:
+        det = detect.mislabeled(table)
+    est = det.diagnostics["estimator"]
+    assert est["count_source"] == "valley" and det.diagnostics["count"] == "fit-dependent"
+    assert det.estimated_count == valley.count == len(det)
+    assert torch.equal(det.indices, det.ranking[: valley.count])
+    lo, hi = det.count_interval
+    counts = [f["count"] for f in est["fits"]]
+    assert lo <= min(counts) and hi >= max(max(counts), valley.count)
+    assert est["mixture_count"] == round(counts[0]) and est["valley"]["estimator"] == "valley"
+    assert det.warning == str(rec[0].message) and "try:" not in det.warning
+    # with the group apart from the surely bad samples there is no caveat to settle
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = detect.mislabeled(_middle_group_table(seed, -0.6))
+    assert det.warning is None and "count_source" not in det.diagnostics["estimator"]
+
+
+def test_settled_by_valley_leaves_a_settled_count_alone():
+    table = _middle_group_table(0, -0.26)
+    est = flagging.two_view_count(*_views(table))
+    valley = flagging.upper_mode(table["csl"])
+    no_mode = flagging.upper_mode(torch.randn(5000, generator=_gen(1)).exp())
+    assert not no_mode.found and valley.found
+    assert flagging.settled_by_valley(est, no_mode) is est
+    settled = flagging.two_view_count(
+        *(lambda t: (t["csl_mean"], t["aum"] > 0))(_middle_group_table(0, -0.6))
+    )
+    assert flagging.settled_by_valley(settled, valley) is settled
+    out = flagging.settled_by_valley(est, valley)
+    assert out.count == valley.count and out.diagnostics["mixture_count"] == est.count
+    assert "caveat" in out.diagnostics and out.interval[0] <= est.count <= out.interval[1]
 
 
 def test_two_view_needs_the_margin_view():
@@ -333,7 +424,7 @@ def test_two_view_needs_the_margin_view():
 
 def test_count_estimators_directly():
     table, bad = _two_view_table(5, rate=0.05)
-    est = flagging.two_view_count(table["csl_mean"], table["aum"] > 0)
+    est = flagging.two_view_count(*_views(table))
     k = int(bad.sum())
     assert est.found and abs(est.count - k) <= 0.15 * k
     assert est.diagnostics["label_lost"] == int((table["aum"] > 0).sum())
