@@ -355,6 +355,8 @@ def evaluate(path: Path, prior_cleanlab: dict | None = None) -> dict:
     k = int(truth.sum())
     est = det.estimated_count
     lo, hi = det.count_interval or (None, None)
+    estimator = det.diagnostics.get("estimator", {})
+    settled = estimator.get("count_source") == "valley"  # the valley rule's count flagged
     cl_path = _cleanlab_path(path)
     cl = np.load(cl_path) if cl_path.exists() else None
     row = {
@@ -375,9 +377,10 @@ def evaluate(path: Path, prior_cleanlab: dict | None = None) -> dict:
             "label_lost_flipped": int(firm[truth].sum()),
             "label_doubted": int(doubted.sum()),
             "label_doubted_flipped": int(doubted[truth].sum()),
-            "anchors": det.diagnostics.get("estimator", {}).get("label_lost"),
+            "anchors": estimator.get("label_lost"),
             # set when the count was cut to the anchors (few, stretched by the mixture)
-            "mixture_count": det.diagnostics.get("estimator", {}).get("mixture_count"),
+            "mixture_count": None if settled else estimator.get("mixture_count"),
+            "count_source": estimator.get("count_source", "two_view"),
             "warning": det.warning,
             "warned": len(caught) > 0,
             "seconds": seconds,

@@ -216,6 +216,8 @@ def markdown(runs: list[dict], meta: dict) -> str:
         share = (
             f"{c['anchors'] / mixture:.2f} (count cut to them)"
             if mixture
+            else f"{c['anchors'] / c['estimated_count']:.2f} (the valley rule's count)"
+            if c.get("count_source") == "valley"
             else f"{c['anchors'] / c['estimated_count']:.2f}"
             if c["anchors"] is not None and c["estimated_count"]
             else "-"

@@ -175,7 +175,8 @@ class Detection:
             bound"`` when the surely-bad samples make up too small a share of the count
             (or, stretched into the clean tail by samples the fit cannot call, the count
             was cut to them: ``diagnostics["estimator"]["mixture_count"]`` keeps the
-            stretched one),
+            stretched one; it keeps the mixture's count too when a separate upper mode of
+            the score settled it, ``["count_source"] == "valley"``),
             ``"few anchors"`` when there are too few of them to trust the count either way,
             ``"fit-dependent"`` when the mixture's fits with 2, 3 and 4 clean components
             disagree by more than 1.5x (``warning`` says so in each case).
