@@ -152,7 +152,7 @@ def load(regime: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.tensor(d.data, dtype=torch.float32)
         y = torch.tensor(d.target, dtype=torch.long)
         return (x - x.mean(0)) / (x.std(0) + 1e-3), y
-    if regime.startswith("mnist-"):
+    if regime in MNIST_HELD_OUT:
         x, y, _, _ = mnist_data.load()
         return x, y
     x, y, _, _ = mnist1d_data.load()

@@ -480,8 +480,7 @@ def _rule_flags(
                 diag["views"] += "; fell back to the 1-D valley rule"
                 est = None
             else:
-                if est.diagnostics.get("caveat") in flagging.UNSETTLED:
-                    est = flagging.settled_by_valley(est, flagging.upper_mode(values))
+                est = flagging.settled_by_valley(est, values)
                 return _top_k(ranking, finite, est.count), est, diag
     est = flagging.upper_mode(values)
     if not est.found:

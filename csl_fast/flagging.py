@@ -620,13 +620,14 @@ def two_view_count(
 UNSETTLED = ("fit-dependent", "few anchors")
 
 
-def settled_by_valley(est: Estimate, valley: Estimate) -> Estimate:
+def settled_by_valley(est: Estimate, values: torch.Tensor) -> Estimate:
     """The two-view estimate ``est``, its count replaced by the 1-D valley rule's when the
-    mixture could not settle it and the score has a separate upper mode.
+    mixture could not settle it and the score ``values`` (float ``[N]``, the one ranked)
+    has a separate upper mode.
 
     Applies when ``est`` carries a caveat of :data:`UNSETTLED` (the fits with 2, 3 and 4
     clean components disagree, or too few samples are pinned to shape the bad component)
-    and ``valley`` (:func:`upper_mode` of the same score) found a mode: its count, which
+    and :func:`upper_mode` of ``values`` (only run then) finds a mode: its count, which
     rests on no mixture shape, is used (never below the pinned samples), the interval
     spans both, and ``reason`` says so (``diagnostics["count_source"] == "valley"``, the
     mixture's count in ``["mixture_count"]``). Otherwise ``est`` is returned as it is.
@@ -642,7 +643,10 @@ def settled_by_valley(est: Estimate, valley: Estimate) -> Estimate:
     truth and 3 by 1-3 away from it (``docs/flagging.md``).
     """
     caveat = est.diagnostics.get("caveat")
-    if not (est.found and valley.found and caveat in UNSETTLED):
+    if not (est.found and caveat in UNSETTLED):
+        return est
+    valley = upper_mode(values)
+    if not valley.found:
         return est
     pinned = int(est.diagnostics.get("label_lost", 0))
     count = max(valley.count, pinned)

@@ -365,9 +365,7 @@ def test_two_view_count_depends_on_the_fit(seed):
     assert lo <= min(counts) and hi >= max(counts)
     assert f"review the ranking down to {round(max(counts))}" in est.reason
     # the group well apart from the surely bad samples: every fit calls it clean
-    est = flagging.two_view_count(
-        *(lambda t: (t["csl_mean"], t["aum"] > 0))(_middle_group_table(seed, -0.6))
-    )
+    est = flagging.two_view_count(*_views(_middle_group_table(seed, -0.6)))
     counts = [f["count"] for f in est.diagnostics["fits"]]
     assert max(counts) < flagging.MAX_FIT_SPREAD * min(counts)
     assert est.reason is None and "caveat" not in est.diagnostics
@@ -402,14 +400,12 @@ def test_settled_by_valley_leaves_a_settled_count_alone():
     table = _middle_group_table(0, -0.26)
     est = flagging.two_view_count(*_views(table))
     valley = flagging.upper_mode(table["csl"])
-    no_mode = flagging.upper_mode(torch.randn(5000, generator=_gen(1)).exp())
-    assert not no_mode.found and valley.found
-    assert flagging.settled_by_valley(est, no_mode) is est
-    settled = flagging.two_view_count(
-        *(lambda t: (t["csl_mean"], t["aum"] > 0))(_middle_group_table(0, -0.6))
-    )
-    assert flagging.settled_by_valley(settled, valley) is settled
-    out = flagging.settled_by_valley(est, valley)
+    one_mode = torch.randn(5000, generator=_gen(1)).exp()
+    assert not flagging.upper_mode(one_mode).found and valley.found
+    assert flagging.settled_by_valley(est, one_mode) is est
+    settled = flagging.two_view_count(*_views(_middle_group_table(0, -0.6)))
+    assert flagging.settled_by_valley(settled, table["csl"]) is settled
+    out = flagging.settled_by_valley(est, table["csl"])
     assert out.count == valley.count and out.diagnostics["mixture_count"] == est.count
     assert "caveat" in out.diagnostics and out.interval[0] <= est.count <= out.interval[1]
 

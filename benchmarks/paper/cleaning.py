@@ -140,8 +140,7 @@ def factory(regime: str, epochs: int | None):
             return mlp(64, 10, (128, 128), seed=seed)
 
     elif regime in flagging_bench.MNIST_HELD_OUT:
-        make, kw = flagging_bench.factory(regime)
-        kw = dict(kw)
+        make, kw = flagging_bench.factory(regime)  # a fresh dict per call
     else:
         kw = {"epochs": 50, "lr": 3e-3, "optimizer": "adam", "batch_size": 128}
 
