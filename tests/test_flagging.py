@@ -515,6 +515,22 @@ def test_doubted_threshold_is_the_wrong_classes_share():
     assert not flagging.doubted(*_sums(p), num_classes=10).any()
 
 
+def test_doubted_span_counts_the_median_as_one_presentation_at_least(monkeypatch):
+    # a network that fits the typical sample at its first presentation (median doubt
+    # 0.06): a label rejected firmly for 2 presentations is a hesitation, not doubt for
+    # long; one rejected for 5 is doubted. Without the floor both would be (3 x 0.06).
+    fitted = torch.full((300, 60), 0.999, dtype=torch.float64)
+
+    def rejected(epochs):
+        return torch.cat([torch.full((epochs,), 1e-3), torch.full((60 - epochs,), 0.999)])
+
+    p = torch.cat([fitted, rejected(2).double()[None], rejected(5).double()[None]])
+    assert flagging.doubted(*_sums(p), num_classes=10)[-2:].tolist() == [False, True]
+    assert not flagging.doubted(*_sums(p), num_classes=10)[:-2].any()
+    monkeypatch.setattr(flagging, "MIN_DOUBT_UNIT", 0.0)
+    assert flagging.doubted(*_sums(p), num_classes=10)[-2:].tolist() == [True, True]
+
+
 def _tracker_of(p, margin_sum, num_classes=10):
     t = CSLTracker(p.shape[0], num_classes)
     csl, count, p_sum = _sums(p)
