@@ -61,6 +61,10 @@ Held out on real images (added on 2026-12-01, session 16, the rule unchanged; se
     MNIST as 28x28 images, a LeNet-5-shaped conv net (``flagging_models.LeNetMnist``),
     Adam lr 1e-3, batch 128, 60 epochs.
 
+Their seeds 6 and 7 (``--seeds 6 7``, ``results/flagging-mnist-seeds.md``) were trained
+after the rule's last change (the doubt span's floor, ``flagging.MIN_DOUBT_UNIT``), which
+seeds 4 and 5 led to.
+
 The trained statistics are cached (``--cache``; cleanlab's K-fold baseline in its own
 file), so the rule can be re-evaluated without retraining (``--no-train``); runs missing
 from the cache are skipped then. ``--cleanlab-from`` takes cleanlab's figures from an
