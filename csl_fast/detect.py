@@ -76,7 +76,8 @@ Rules (``rule=``):
     disagree by over 1.5x, or fewer than 10 samples are pinned) and the score has a
     separate upper mode, the valley rule's count of that mode is flagged instead, with a
     warning (:func:`csl_fast.flagging.settled_by_valley`): where it found a mode in the
-    flagging benchmarks, it counted within 30% every time.
+    flagging benchmarks, it counted within 30% every time. A count that is only a lower
+    bound is raised to such a mode's count when that is larger.
 ``"valley"``
     The 1-D rule, the only one for a plain score tensor:
     :func:`csl_fast.flagging.upper_mode` finds a separate upper mode of the score's
@@ -178,7 +179,8 @@ class Detection:
             (or, stretched into the clean tail by samples the fit cannot call, the count
             was cut to them: ``diagnostics["estimator"]["mixture_count"]`` keeps the
             stretched one; it keeps the mixture's count too when a separate upper mode of
-            the score settled it, ``["count_source"] == "valley"``),
+            the score settled it, ``["count_source"] == "valley"``, and then the count is
+            that mode's, no longer a bound),
             ``"few anchors"`` when there are too few of them to trust the count either way,
             ``"fit-dependent"`` when the mixture's fits with 2, 3 and 4 clean components
             disagree by more than 1.5x (``warning`` says so in each case).
@@ -715,13 +717,16 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
 
     Args:
         det: a :class:`Detection`; ``at least`` when its ``diagnostics["count"]`` is
-            ``"lower bound"``, ``None`` when its ``estimated_count`` is ``None``.
+            ``"lower bound"`` (unless the valley rule settled the count), ``None`` when its
+            ``estimated_count`` is ``None``.
         what: the noun after the number (``"bad samples"``, ``"mislabeled samples"``).
     """
     if det.estimated_count is None or det.count_interval is None:
         return None
     lo, hi = det.count_interval
-    bound = " at least" if det.diagnostics.get("count") == "lower bound" else ""
+    # a lower bound that a separate upper mode of the score settled is a count, not a bound
+    settled = det.diagnostics.get("estimator", {}).get("count_source") == "valley"
+    bound = " at least" if det.diagnostics.get("count") == "lower bound" and not settled else ""
     return f"estimated{bound} {det.estimated_count} {what} ({lo}-{hi})"
 
 

@@ -410,6 +410,36 @@ def test_settled_by_valley_leaves_a_settled_count_alone():
     assert "caveat" in out.diagnostics and out.interval[0] <= est.count <= out.interval[1]
 
 
+def test_settled_by_valley_raises_a_lower_bound_only():
+    # a count cut to its anchors (a lower bound) while the score has a separate upper
+    # mode holding more samples: the mode is a group of bad samples, not the clean tail,
+    # so its count is flagged and the mixture's own count is kept from before the cut
+    table = _middle_group_table(0, -0.26)
+    valley = flagging.upper_mode(table["csl"])
+    assert valley.found and valley.count > 60
+
+    def lower_bound(count):
+        diag = {"caveat": "lower bound", "label_lost": 40, "mixture_count": 150}
+        diag["mixture_interval"] = [70, 300]
+        return flagging.Estimate(True, count, (count, 300), diagnostics=diag, reason="cut")
+
+    out = flagging.settled_by_valley(lower_bound(40), table["csl"])
+    assert out.count == valley.count and out.diagnostics["count_source"] == "valley"
+    assert out.diagnostics["mixture_count"] == 150
+    assert out.diagnostics["mixture_interval"] == [70, 300]
+    assert out.interval[0] <= 40 and out.interval[1] >= max(300, valley.interval[1])
+    assert out.reason.startswith("the two-view count, 40, is only a lower bound")
+    # a mode that holds no more than the bound says nothing new
+    high = lower_bound(valley.count)
+    assert flagging.settled_by_valley(high, table["csl"]) is high
+    with pytest.warns(detect.DetectionWarning):
+        det = detect.mislabeled(table)
+    det.diagnostics.update(count="lower bound", estimator=out.diagnostics)
+    assert "at least" not in detect.count_phrase(det)
+    det.diagnostics["estimator"] = {"caveat": "lower bound"}
+    assert "at least" in detect.count_phrase(det)
+
+
 def test_two_view_needs_the_margin_view():
     s, _ = _two_modes()
     with pytest.raises(ValueError, match="needs the margin view"):
