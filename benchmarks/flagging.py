@@ -61,9 +61,11 @@ Held out on real images (added on 2026-12-01, session 16, the rule unchanged; se
     MNIST as 28x28 images, a LeNet-5-shaped conv net (``flagging_models.LeNetMnist``),
     Adam lr 1e-3, batch 128, 60 epochs.
 
-Their seeds 6 and 7 (``--seeds 6 7``, ``results/flagging-mnist-seeds.md``) were trained
-after the rule's last change (the doubt span's floor, ``flagging.MIN_DOUBT_UNIT``), which
-seeds 4 and 5 led to.
+More seeds (``--seeds 6 7 8 9 10 11 12``, ``results/flagging-mnist-seeds.md``; the MLP's
+seeds 8 and 9 at every noise rate and 10-12 at 0 and 10% only, the LeNet's 6 and 7) were
+trained after the doubt span's floor (``flagging.MIN_DOUBT_UNIT``), which seeds 4 and 5
+led to; the MLP's 10% runs of seeds 7-9 then led to the valley settling a lower-bound
+count (``flagging.settled_by_valley``), and seeds 10-12 were trained after that.
 
 The trained statistics are cached (``--cache``; cleanlab's K-fold baseline in its own
 file), so the rule can be re-evaluated without retraining (``--no-train``); runs missing

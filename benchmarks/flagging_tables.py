@@ -65,6 +65,8 @@ def _count_cell(c: dict) -> str:
     lo, hi = c["count_interval"]
     caveats = ("lower bound", "few anchors", "fit-dependent")
     bound = f" ({c['count']})" if c.get("count") in caveats else ""
+    if c.get("count_source") == "valley":  # the caveat is the mixture's, not the count's
+        bound = f" (valley; the mixture's: {c['count']})"
     return f"{c['estimated_count']} [{lo}, {hi}]{bound}"
 
 
@@ -153,7 +155,9 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "are under a fifth of the count, or when fewer than 10 of them would have been "
         "stretched to over 5x their number and the count was cut to them; `few anchors` "
         "when it warned that there are fewer than 10 of them; `fit-dependent` when it "
-        "warned that the fits with 2, 3 and 4 clean components disagree by over 1.5x); "
+        "warned that the fits with 2, 3 and 4 clean components disagree by over 1.5x; "
+        "`valley; the mixture's: ...` when the mixture's count carried that caveat and a "
+        "separate upper mode of the score settled it: the valley rule's count is flagged); "
         "cleanlab's "
         "`find_label_issues` on K = 3 fold out-of-sample probabilities (fresh model per "
         "fold) on the same labels; the previous rule "
