@@ -725,7 +725,8 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
         return None
     lo, hi = det.count_interval
     # a lower bound that a separate upper mode of the score settled is a count, not a bound
-    settled = det.diagnostics.get("estimator", {}).get("count_source") == "valley"
+    estimator = det.diagnostics.get("estimator")
+    settled = isinstance(estimator, dict) and estimator.get("count_source") == "valley"
     bound = " at least" if det.diagnostics.get("count") == "lower bound" and not settled else ""
     return f"estimated{bound} {det.estimated_count} {what} ({lo}-{hi})"
 
