@@ -66,7 +66,11 @@ def _count_cell(c: dict) -> str:
     caveats = ("lower bound", "few anchors", "fit-dependent")
     bound = f" ({c['count']})" if c.get("count") in caveats else ""
     if c.get("count_source") == "valley":  # the caveat is the mixture's, not the count's
-        bound = f" (valley; the mixture's: {c['count']})"
+        bound = (
+            f" (valley; the mixture's: {c['count']})"
+            if c.get("count") in caveats
+            else " (raised to the valley's)"
+        )
     return f"{c['estimated_count']} [{lo}, {hi}]{bound}"
 
 
@@ -157,7 +161,9 @@ def markdown(runs: list[dict], meta: dict) -> str:
         "when it warned that there are fewer than 10 of them; `fit-dependent` when it "
         "warned that the fits with 2, 3 and 4 clean components disagree by over 1.5x; "
         "`valley; the mixture's: ...` when the mixture's count carried that caveat and a "
-        "separate upper mode of the score settled it: the valley rule's count is flagged); "
+        "separate upper mode of the score settled it: the valley rule's count is flagged; "
+        "`raised to the valley's` when the mixture's count had no caveat and a weaker upper "
+        "mode whose count lies inside its interval, above it, raised it); "
         "cleanlab's "
         "`find_label_issues` on K = 3 fold out-of-sample probabilities (fresh model per "
         "fold) on the same labels; the previous rule "

@@ -77,7 +77,10 @@ Rules (``rule=``):
     separate upper mode, the valley rule's count of that mode is flagged instead, with a
     warning (:func:`csl_fast.flagging.settled_by_valley`): where it found a mode in the
     flagging benchmarks, it counted within 30% every time. A count that is only a lower
-    bound is raised to such a mode's count when that is larger.
+    bound is raised to such a mode's count when that is larger; a count with no caveat
+    is raised to the count of a weaker upper mode when that lies above it and inside its
+    interval (the anchors, the flips rejected firmly, shape the bad component, and where
+    the memorized flips sit below them the mixture counts low).
 ``"valley"``
     The 1-D rule, the only one for a plain score tensor:
     :func:`csl_fast.flagging.upper_mode` finds a separate upper mode of the score's

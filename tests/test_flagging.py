@@ -410,6 +410,42 @@ def test_settled_by_valley_leaves_a_settled_count_alone():
     assert "caveat" in out.diagnostics and out.interval[0] <= est.count <= out.interval[1]
 
 
+@pytest.mark.parametrize("seed, bad_seed", [(3, 102), (5, 102), (3, 104)])
+def test_a_count_without_caveat_is_raised_to_a_weak_mode_inside_its_interval(seed, bad_seed):
+    # MNIST's MLP at 5% flips: the two-view count (no caveat) was 0.79x the flips, and the
+    # score had an upper mode too weak to stand on its own whose count was in the
+    # interval; the count is raised to it, never lowered, never past the interval
+    z = torch.cat(
+        [
+            torch.randn(5000, generator=_gen(seed)),
+            3.05 + 0.4 * torch.randn(300, generator=_gen(bad_seed)),
+        ]
+    ).double()
+    values = z.exp()
+    assert not flagging.upper_mode(values).found  # no separate mode: a weak one
+    mode = flagging._upper_mode(values, flagging.BINS, flagging.WEAK_MODE)
+    assert mode.found and abs(mode.count - 300) <= 25
+
+    def estimate(count, interval, caveat=None):
+        diag = {"label_lost": 90} | ({"caveat": caveat} if caveat else {})
+        return flagging.Estimate(True, count, interval, diagnostics=diag, reason=caveat)
+
+    low = estimate(240, (150, 380))
+    out = flagging.settled_by_valley(low, values)
+    assert out.count == mode.count and out.interval == (150, 380) and out.reason is None
+    assert out.diagnostics["count_source"] == "valley" and out.diagnostics["raised"]
+    assert out.diagnostics["mixture_count"] == 240
+    assert out.diagnostics["valley"]["above_valley"] == mode.count
+    for unchanged in (
+        estimate(240, (150, mode.count - 1)),  # the mode's count is outside the interval
+        estimate(mode.count + 20, (150, 380)),  # a count is never lowered
+        estimate(240, (150, 380), "lower bound"),  # a bound is raised by a separate mode only
+    ):
+        assert flagging.settled_by_valley(unchanged, values) is unchanged
+    one_mode = torch.randn(5300, generator=_gen(1)).double().exp()
+    assert flagging.settled_by_valley(low, one_mode) is low
+
+
 def test_settled_by_valley_raises_a_lower_bound_only():
     # a count cut to its anchors (a lower bound) while the score has a separate upper
     # mode holding more samples: the mode is a group of bad samples, not the clean tail,
