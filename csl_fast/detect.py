@@ -183,7 +183,8 @@ class Detection:
             was cut to them: ``diagnostics["estimator"]["mixture_count"]`` keeps the
             stretched one; it keeps the mixture's count too when a separate upper mode of
             the score settled it, ``["count_source"] == "valley"``, and then the count is
-            that mode's, no longer a bound),
+            that mode's, no longer a bound; and, with ``["raised"]``, when a count with no
+            caveat was raised to a weaker upper mode's inside its interval),
             ``"few anchors"`` when there are too few of them to trust the count either way,
             ``"fit-dependent"`` when the mixture's fits with 2, 3 and 4 clean components
             disagree by more than 1.5x (``warning`` says so in each case).
