@@ -446,6 +446,33 @@ def test_a_count_without_caveat_is_raised_to_a_weak_mode_inside_its_interval(see
     assert flagging.settled_by_valley(low, one_mode) is low
 
 
+def test_detect_reports_a_count_raised_to_a_weak_mode_without_a_warning():
+    # a two-view table shaped like MNIST's MLP at 5% (anchors above memorized flips, a
+    # clean log-normal tail): the mixture's count, no caveat, is raised to the score's
+    # weaker upper mode inside its interval; the Detection flags that many, warns of
+    # nothing, and its diagnostics keep the mixture's own count
+    clean = -3.0 + 0.9 * torch.randn(9500, generator=_gen(1), dtype=torch.float64)
+    free = -0.2 + 0.3 * torch.randn(350, generator=_gen(201), dtype=torch.float64)
+    anchors = 0.45 + 0.35 * torch.randn(150, generator=_gen(101), dtype=torch.float64)
+    mean = torch.cat([clean, free, anchors]).exp()
+    aum = torch.full_like(mean, -2.0)
+    aum[-150:] = 1.5  # margin -1.5: lost
+    table = {"csl": 40 * mean, "csl_mean": mean, "aum": aum}
+    est = flagging.two_view_count(*_views(table))
+    mode = flagging._upper_mode(table["csl"], flagging.BINS, flagging.WEAK_MODE)
+    assert "caveat" not in est.diagnostics and est.count < mode.count <= est.interval[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det = detect.mislabeled(table)
+    assert det.warning is None and det.estimated_count == mode.count == len(det)
+    assert det.count_interval == est.interval
+    estimator = det.diagnostics["estimator"]
+    assert estimator["raised"] and estimator["count_source"] == "valley"
+    assert estimator["mixture_count"] == est.count
+    lo, hi = est.interval
+    assert detect.count_phrase(det) == f"estimated {mode.count} bad samples ({lo}-{hi})"
+
+
 def test_settled_by_valley_raises_a_lower_bound_only():
     # a count cut to its anchors (a lower bound) while the score has a separate upper
     # mode holding more samples: the mode is a group of bad samples, not the clean tail,
