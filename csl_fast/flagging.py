@@ -718,14 +718,7 @@ def settled_by_valley(est: Estimate, values: torch.Tensor) -> Estimate:
     count = max(valley.count, pinned)
     low = min(est.interval[0], valley.interval[0], count)
     high = max(est.interval[1], valley.interval[1], count)
-    diag = {
-        **est.diagnostics,
-        "count_source": "valley",
-        # a count cut to its anchors keeps the mixture's own count from before the cut
-        "mixture_count": est.diagnostics.get("mixture_count", est.count),
-        "mixture_interval": list(est.diagnostics.get("mixture_interval", est.interval)),
-        "valley": valley.diagnostics,
-    }
+    diag = _valley_diagnostics(est, valley)
     if caveat == "lower bound":
         unsettled = (
             f"the two-view count, {est.count}, is only a lower bound ({pinned} samples lost "
@@ -761,15 +754,20 @@ def _raised_by_weak_mode(est: Estimate, values: torch.Tensor) -> Estimate:
     valley = _upper_mode(values, BINS, WEAK_MODE)
     if not valley.found or not est.count < valley.count <= est.interval[1]:
         return est
-    diag = {
+    diag = {**_valley_diagnostics(est, valley), "raised": True}
+    return Estimate(True, valley.count, est.interval, diagnostics=diag)
+
+
+def _valley_diagnostics(est: Estimate, valley: Estimate) -> dict[str, Any]:
+    """``est``'s diagnostics once ``valley``'s count replaces its own: the mixture's count
+    and interval kept (from before a cut to the anchors, when there was one)."""
+    return {
         **est.diagnostics,
         "count_source": "valley",
-        "raised": True,
-        "mixture_count": est.count,
-        "mixture_interval": list(est.interval),
+        "mixture_count": est.diagnostics.get("mixture_count", est.count),
+        "mixture_interval": list(est.diagnostics.get("mixture_interval", est.interval)),
         "valley": valley.diagnostics,
     }
-    return Estimate(True, valley.count, est.interval, diagnostics=diag)
 
 
 # ------------------------------------------------------------------------ 1-D valley
