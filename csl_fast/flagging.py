@@ -78,6 +78,17 @@ when each is used; this module holds the mathematics.
     pinned flips made up at least 0.46 of the count; where their share was lower, the fit
     was sure of at least a fifth as many as it was unsure of (214 noisy runs, three MLP
     runs cut by the first test aside; ``docs/flagging.md``).
+    And it is cut when fewer than :data:`MIN_ANCHORS_SURE` are pinned, whatever their
+    share, and the fit is sure of fewer than :data:`MIN_SURE_RATIO` times as many of the
+    samples it adds as it is unsure of (since 2026-12-02): a handful of anchors cannot
+    shape the bad component, and a stretch the fit cannot call is the clean tail's. A clean
+    digits run trained with augmentation rejected 9 hard clean samples firmly, and the
+    mixture stretched them to 22 (1.2% of the data; share 0.41, just above
+    :data:`UNSURE_SHARE`), sure of none of the 13 it added. On the 366 cached runs of the
+    flagging benchmarks this cut 7 counts, each down, on clean runs (22 -> 9, 13 -> 7, 5 ->
+    4, 4 -> 3 twice) and 0.5% runs (12 -> 8, the 8 flips; 13 -> 9, 7 of them flips, for
+    20); no run with 2% flips or more has so few anchors with so unsure a fit (label
+    smoothing's few anchors come with fits sure of 28-312 samples; ``docs/flagging.md``).
     Measured (``benchmarks/flagging.py``, anchor table; runs retrained on 2026-12-01, pinned
     by :func:`label_lost`): the pinned share was 0.30-0.69 on every noisy run of the tuning
     regimes whose count was within 30% but one (MNIST-1D at 10% flips: 0.18, the count 9%
@@ -574,8 +585,10 @@ def two_view_count(
     caveat = None
     sure, unsure = fits[0]["confident_bad"], fits[0]["ambiguous_bad"]
     share = diag["anchored_share"]
-    if (share < MIN_ANCHORED_SHARE and n_pinned < MIN_ANCHORS_SURE and sure < unsure) or (
-        share < UNSURE_SHARE and sure < MIN_SURE_RATIO * unsure
+    if (
+        (share < MIN_ANCHORED_SHARE and n_pinned < MIN_ANCHORS_SURE and sure < unsure)
+        or (share < UNSURE_SHARE and sure < MIN_SURE_RATIO * unsure)
+        or (n_pinned < MIN_ANCHORS_SURE and sure < MIN_SURE_RATIO * unsure)
     ):
         # the anchors stretched by samples the fit cannot call: the clean tail, not a group
         # of bad samples (a clean run whose network doubted 4 hard samples counted 66 of

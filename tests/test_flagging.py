@@ -300,6 +300,29 @@ def test_two_view_does_not_stretch_a_handful_of_anchors_on_a_clean_run(seed):
     assert len(det) == det.estimated_count == 10 and det.diagnostics["count"] == "lower bound"
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_two_view_cuts_a_handful_of_anchors_stretched_by_samples_it_cannot_call(seed):
+    # a clean run where 8 hard clean samples in the loss tail lost their label and the
+    # mixture stretches them only 2-2.5x (their share stays above UNSURE_SHARE), adding
+    # samples it cannot call and none it is sure of: with so few anchors, the count is cut
+    # to them all the same (a clean digits run with augmentation: 9 -> 22 of 1,797)
+    g = _gen(seed)
+    mean = (0.6 * torch.randn(3000, generator=g) - 2.5).exp()
+    order = torch.argsort(mean, descending=True)
+    aum = torch.full_like(mean, -2.0)
+    aum[order[20:44:3]] = 1.5  # margin -1.5: lost
+    table = {"csl": 40 * mean, "csl_mean": mean, "aum": aum}
+    with pytest.warns(detect.DetectionWarning, match="count is cut to those 8") as rec:
+        det = detect.mislabeled(table)
+    est = det.diagnostics["estimator"]
+    assert 8 < est["mixture_count"] <= 8 / flagging.UNSURE_SHARE  # the share test passes
+    fit = est["fits"][0]
+    assert fit["confident_bad"] < flagging.MIN_SURE_RATIO * fit["ambiguous_bad"]
+    assert len(det) == det.estimated_count == 8 == det.count_interval[0]
+    assert det.diagnostics["count"] == "lower bound" and det.warning == str(rec[0].message)
+    assert torch.equal(det.indices, det.ranking[:8])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_view_keeps_a_separate_group_counted_from_a_handful_of_anchors(seed):
     # label smoothing's case: few bad samples lose firmly (4 here), but the bad ones stand
