@@ -71,7 +71,9 @@ weaker upper mode (``flagging.WEAK_MODE``); trained after that: the MLP at 5% (s
 11-13), 2% and 0.5% (10 and 11), the LeNet at 5% (8 and 9), and
 ``--regimes digits-cnn2d digits-mlp1-adam mnist1d-cnn --seeds 2 3 4 5``
 (``results/flagging-later-seeds.md``: the digits conv net's seeds 4 and 5, the others'
-2 and 3; the conv net's 2 and 3 repeat ``results/flagging.md``).
+2 and 3; the conv net's 2 and 3 repeat ``results/flagging.md``); the others' seeds 4 and
+5, and every regime's 0.5% runs of seeds 2-5, were trained after the few-anchors cut
+(2026-12-02).
 
 The trained statistics are cached (``--cache``; cleanlab's K-fold baseline in its own
 file), so the rule can be re-evaluated without retraining (``--no-train``); runs missing
