@@ -45,7 +45,7 @@ Rules (``rule=``):
       too (1-17 pinned in the clean runs of ``benchmarks/flagging_practice.py``, 7-18
       with MNIST-1D's own conv net in ``benchmarks/flagging_limits.py``); the mixture is
       sure of almost none of the samples it would add to them, so the count is mostly
-      cut to them, and 0-27 samples (up to 0.7% of 4,000, and 22 of 1,797 digits) are
+      cut to them, and 0-27 samples (up to 0.7% of 4,000, and 9 of 1,797 digits) are
       flagged there, with a warning on every run but one.
 
       Why two anchors: the margin sign depends on how long the user trained. Once the

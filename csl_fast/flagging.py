@@ -86,7 +86,7 @@ when each is used; this module holds the mathematics.
     mixture stretched them to 22 (1.2% of the data; share 0.41, just above
     :data:`UNSURE_SHARE`), sure of none of the 13 it added. On the 366 cached runs of the
     flagging benchmarks this cut 7 counts, each down, on clean runs (22 -> 9, 13 -> 7, 5 ->
-    4, 4 -> 3 twice) and 0.5% runs (12 -> 8, the 8 flips; 13 -> 9, 7 of them flips, for
+    4, 4 -> 3 twice) and 0.5% runs (12 -> 8, the 8 flips; 13 -> 9, 8 of them flips, for
     20); no run with 2% flips or more has so few anchors with so unsure a fit (label
     smoothing's few anchors come with fits sure of 28-312 samples; ``docs/flagging.md``).
     Measured (``benchmarks/flagging.py``, anchor table; runs retrained on 2026-12-01, pinned
@@ -592,8 +592,8 @@ def two_view_count(
     ):
         # the anchors stretched by samples the fit cannot call: the clean tail, not a group
         # of bad samples (a clean run whose network doubted 4 hard samples counted 66 of
-        # 4,000, 46 of them unsure; one that rejected 18 firmly, 77, none sure), so only
-        # the anchors count
+        # 4,000, 46 of them unsure; one that rejected 18 firmly, 77, none sure; one that
+        # rejected 9, 22 of 1,797, none sure), so only the anchors count
         diag.update(caveat="lower bound", mixture_count=count, mixture_interval=[low, high])
         caveat = (
             f"only {n_pinned} samples lost their label firmly or were confidently doubted, "
