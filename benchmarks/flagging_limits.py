@@ -25,6 +25,10 @@ per row, the rule as it is:
     1e-2, batch 100, 30 epochs (a fifth of its reference training, ``mnist1d-convbase`` of
     ``benchmarks/flagging.py``), or plain SGD lr 0.1, batch 64, 100 epochs; clean and with
     5% flips, two seeds; and held out, at 0 / 0.5 / 2 / 5 / 10% flips, seeds 21 and 22.
+``gru-e40`` and ``gru-e100`` (added 2026-12-02, held out; ``--name flagging-limits-gru``)
+    MNIST-1D with a recurrent network (``flagging_models.GRU1d``), Adam lr 3e-3, batch 128:
+    40 epochs, when it has fitted about 99% of the clean labels (0 / 2 / 5% flips), and
+    100, when it has fitted them all (0 / 2%); two seeds.
 ``binary15`` and ``cancer`` (added with the doubt threshold ``0.2 / (C - 1)``)
     two more two-class sets, clean and at 5 / 10% flips, two seeds, the MLP and training of
     ``binary``: ``make_classification`` as ``binary`` with ``class_sep`` 1.5, and
@@ -38,8 +42,12 @@ rule warned, CSL's top-k precision at the true k (what any count-based rule can 
 the share of labels fitted at their last presentation (``tracker.last_correct``), and the
 samples the two-view rule pins as bad (:func:`csl_fast.flagging.label_lost`), flips and clean.
 
-    python benchmarks/flagging_limits.py            # writes results/flagging-limits.{md,json}
+    python benchmarks/flagging_limits.py            # all but the GRU runs: ~4 min,
+                                                    # results/flagging-limits.{md,json}
     python benchmarks/flagging_limits.py --runs binary-0.05-0 --out /tmp/x
+    python benchmarks/flagging_limits.py --runs gru-e40-0-0 gru-e40-0-1 gru-e40-0.02-0 \
+        gru-e40-0.02-1 gru-e40-0.05-0 gru-e40-0.05-1 gru-e100-0-0 gru-e100-0-1 \
+        gru-e100-0.02-0 gru-e100-0.02-1 --name flagging-limits-gru    # ~16 min
 """
 
 from __future__ import annotations
@@ -89,12 +97,21 @@ RUNS = [
         for s in (21, 22)
     ),
 ]
+#: held out (added 2026-12-02, after the few-anchors cut): a recurrent network; run only
+#: when named with ``--runs`` (16 minutes), into their own results file
+GRU_RUNS = [
+    *(("gru-e40", "mnist1d", p, s, 40) for p in (0.0, 0.02, 0.05) for s in (0, 1)),
+    *(("gru-e100", "mnist1d", p, s, 100) for p in (0.0, 0.02) for s in (0, 1)),
+]
 #: how each regime trains: (network, optimiser keywords of ``csl_fast.train.train``)
 TRAINING = {
     "convbase-e30": ("convbase", {"lr": 1e-2, "batch_size": 100, "optimizer": "adam"}),
     "convbase-sgd": ("convbase", {"lr": 0.1, "batch_size": 64, "momentum": 0.0}),
+    "gru-e40": ("gru", {"lr": 3e-3, "batch_size": 128, "optimizer": "adam"}),
+    "gru-e100": ("gru", {"lr": 3e-3, "batch_size": 128, "optimizer": "adam"}),
 }
 MLP_TRAINING = ("mlp", {"lr": 1e-3, "batch_size": 64, "optimizer": "adam"})
+NETWORKS = {"convbase": flagging_models.ConvBase1d, "gru": flagging_models.GRU1d}
 
 
 def run_id(name: str, noise: float, seed: int, epochs: int) -> str:
@@ -152,7 +169,7 @@ def measure(name: str, data: str, noise: float, seed: int, epochs: int) -> dict:
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = flagging_models.ConvBase1d(c)
+            model = NETWORKS[net](c)
     start = time.perf_counter()
     train(model, x, noisy, epochs=epochs, tracker=tracker, seed=seed, **kw)
     seconds = time.perf_counter() - start
@@ -223,22 +240,24 @@ def report(rows: list[dict], meta: dict, command: str) -> str:
 
 
 def main() -> None:
-    ids = [run_id(n, p, s, e) for n, _, p, s, e in RUNS]
+    known = RUNS + GRU_RUNS
+    ids = [run_id(n, p, s, e) for n, _, p, s, e in known]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", choices=ids, help="a subset (default: all)")
+    parser.add_argument(
+        "--runs", nargs="+", choices=ids, help="a subset (default: all but the GRU runs)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
+    parser.add_argument("--name", default="flagging-limits", help="results file name")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    chosen = [r for r, i in zip(RUNS, ids, strict=True) if not args.runs or i in args.runs]
+    chosen = [r for r, i in zip(known, ids, strict=True) if i in (args.runs or ids[: len(RUNS)])]
     rows = [measure(*r) for r in tqdm(chosen, desc="runs")]
     command = "python benchmarks/flagging_limits.py" + (
         f" --runs {' '.join(args.runs)}" if args.runs else ""
     )
-    print(
-        write_results(
-            args.out / "flagging-limits", rows, lambda rows, meta: report(rows, meta, command)
-        )
-    )
+    if args.name != "flagging-limits":
+        command += f" --name {args.name}"
+    print(write_results(args.out / args.name, rows, lambda rows, meta: report(rows, meta, command)))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,22 @@ class ConvBase1d(nn.Module):
         return self.head(self.features(x.unsqueeze(1)).flatten(1))
 
 
+class GRU1d(nn.Module):
+    """MNIST-1D ``[B, 40]`` read as a sequence of 40 scalars: a bidirectional GRU (hidden
+    size 64 each way), its outputs averaged over the positions, and a linear head. A
+    recurrent network fits the clean labels more slowly than the conv nets do (99% of them
+    after 40 epochs of Adam lr 3e-3, all after 100)."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 64) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x.unsqueeze(-1))
+        return self.head(out.mean(1))
+
+
 class Conv2dDigits(nn.Module):
     """scikit-learn digits ``[B, 64]`` seen as 8x8 images: two 3x3 conv layers (16, 32
     channels), a 2x2 max-pool and a 64-unit hidden layer."""
