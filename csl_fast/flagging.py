@@ -588,7 +588,7 @@ def two_view_count(
     if (
         (share < MIN_ANCHORED_SHARE and n_pinned < MIN_ANCHORS_SURE and sure < unsure)
         or (share < UNSURE_SHARE and sure < MIN_SURE_RATIO * unsure)
-        or (n_pinned < MIN_ANCHORS_SURE and sure < MIN_SURE_RATIO * unsure)
+        or (n_pinned < MIN_ANCHORS_SURE and count > n_pinned and sure < MIN_SURE_RATIO * unsure)
     ):
         # the anchors stretched by samples the fit cannot call: the clean tail, not a group
         # of bad samples (a clean run whose network doubted 4 hard samples counted 66 of
