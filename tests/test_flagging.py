@@ -323,6 +323,23 @@ def test_two_view_cuts_a_handful_of_anchors_stretched_by_samples_it_cannot_call(
     assert torch.equal(det.indices, det.ranking[:8])
 
 
+@pytest.mark.parametrize(("seed", "lowest"), [(1, 0.6), (3, 0.8)])
+def test_two_view_does_not_cut_a_handful_of_anchors_it_adds_nothing_to(seed, lowest):
+    # 6 anchors above a clean bulk: the mixture adds a fraction of a sample (unsure, none
+    # sure), so its count is the anchors' own; nothing was stretched, and it stays an
+    # estimate that rests on few anchors, not a cut ("1.0x as many")
+    g = _gen(seed)
+    mean = (0.5 * torch.randn(3000, generator=g) - 2.5).exp()
+    mean[:6] = torch.linspace(lowest, 2.0, 6)
+    lost = torch.zeros(3000, dtype=torch.bool)
+    lost[:6] = True
+    est = flagging.two_view_count(mean, lost)
+    fit = est.diagnostics["fits"][0]
+    assert fit["confident_bad"] < flagging.MIN_SURE_RATIO * fit["ambiguous_bad"]
+    assert est.count == 6 and est.diagnostics["caveat"] == "few anchors"
+    assert "mixture_count" not in est.diagnostics and "cut" not in est.reason
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_two_view_keeps_a_separate_group_counted_from_a_handful_of_anchors(seed):
     # label smoothing's case: few bad samples lose firmly (4 here), but the bad ones stand
