@@ -90,43 +90,9 @@ CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "ran
 #: network predicted its suggested class at >= 40% of the presentations before it fitted
 #: the given label (:meth:`csl_fast.CSLTracker.suggestions`), drop it otherwise. That
 #: confidence stops changing once a sample is memorised, so the threshold means the same
-#: after 60 epochs or 120. Chosen by measurement (``benchmarks/paper/cleaning.py``'s sweep
-#: over 0, 0.3, 0.4, 0.5, 0.6 and 0.7: digits and MNIST-1D, 5 and 10% flips, 2 seeds, one
-#: retraining each, ``results/cleaning.md``; digits again at 120 epochs,
-#: ``results/cleaning-digits-120-epochs.md``; the demo's setup and a second MNIST-1D run
-#: at 2, 5 and 10% flips, ``benchmarks/results/suggested_labels.md``): the least threshold
-#: whose relabels are right >= ~0.85-0.9 of the time on digits, the demo and
-#: ``cleaning.py``'s MNIST-1D, so that most flips are repaired:
-#:
-#: * *Accuracy of the relabels* (pooled over the seeds) at 0.4: 0.90 / 0.93 (digits 5 /
-#:   10%, 60 epochs), 0.92 / 0.97 (digits, 120 epochs), 0.88 / 0.86 (MNIST-1D),
-#:   0.87 / 0.90 / 0.95 (demo, 2 / 5 / 10%). At 0.3 it falls to 0.84-0.90 on the demo and
-#:   0.86 / 0.84 on MNIST-1D; at 0 (relabel everything flagged) to 0.81-0.86 (demo) and
-#:   0.77-0.83 (MNIST-1D), with 8-38 clean samples per run given a wrong label. 0.5
-#:   (a strict majority) is no more accurate where it matters (0.91 / 0.86 on MNIST-1D)
-#:   and repairs far fewer flips there (52 / 35%). On ``suggested_labels.py``'s MNIST-1D
-#:   CNN run (2 / 5 / 10% flips) 0.4 is right 0.82 / 0.82 / 0.85 of the time for 49-53%
-#:   of the flips repaired, less precise than the previous confidence at 0.3 (0.85-0.87
-#:   for 45-52%), which by counting every presentation also weighed how early a sample
-#:   was fitted, and so fell with the length of training.
-#: * *How many flips it repairs* (share of all flipped samples relabelled to their true
-#:   label) at 0.4: 90 / 92% (digits, 60 epochs), 89 / 83% (120 epochs), 57 / 50%
-#:   (MNIST-1D), 77-80% (demo). The previous definition (share of *all* presentations, at
-#:   its default 0.3) repaired 74-75% on digits at 60 epochs but 12-13% at 120, where
-#:   training past memorisation had diluted it.
-#: * *Retrained accuracy*: the gap to the true-label ceiling recovered at 0.4 is 89 / 89%
-#:   (digits, 60 epochs), 85 / 77% (120 epochs) and 75 / 88% (MNIST-1D 5 / 10%); on
-#:   MNIST-1D the thresholds' retrained accuracies jump by more than the threshold
-#:   explains (37-90% at 5% flips, not monotone), the seed-to-seed spread of 2 seeds.
-#:
-#: The figures above are from the results of 2026-11-30. Measured again on 2026-12-01
-#: (every run retrained on another machine, the flagging rule with
-#: :func:`csl_fast.flagging.label_lost`): at 0.4 the relabels are right 0.89 / 0.95
-#: (digits) and 0.88 / 0.87 (MNIST-1D) of the time, 89 / 88% and 55 / 57% of the flips
-#: are repaired, and the gap recovered is 89 / 89% and 119 / 76%; the choice stands. With
-#: the doubt view's threshold ``0.2 / (C - 1)`` (commit 851378d) one MNIST-1D seed's
-#: flagged set grew by 2 samples and its retraining fell 4 points: 58% at 5% flips, the
-#: relabels right 0.87 of the time (``benchmarks/paper/results/cleaning.md``).
+#: after 60 epochs or 120. It is the least threshold whose relabels were right ~0.85-0.9 of
+#: the time on digits, MNIST-1D and the demo's setup, so that most flips are repaired
+#: rather than dropped (the sweep and its figures: ``docs/cleaning.md``).
 DEFAULT_MIN_CONFIDENCE = 0.4
 
 
