@@ -74,6 +74,27 @@ def test_emulated_bwd(emu, classes, batch, dtype, eps, weighted, per_row):
     assert_rounded_once(grad, exact, f"{dtype} C={classes} eps={eps}", atol=atol)
 
 
+@pytest.mark.parametrize(("classes", "batch"), [(7, 13), (4097, 2)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_emulated_bwd_non_finite_class_weight_reaches_only_its_rows(
+    emu, classes, batch, dtype, bad
+):
+    """Without label smoothing class 0's weight enters only the rows of class 0 (as in
+    F.cross_entropy): the kernel once multiplied it by eps = 0 in every row's gradient."""
+    logits = (torch.randn(batch, classes, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(1, classes, (batch,))
+    target[1] = IGNORE
+    weight = torch.rand(classes) + 0.5
+    stats = _stats(logits, target, weight, 0.0)
+    weight[0] = bad
+    grad, flag = _run(emu, logits, target, weight, stats, torch.ones(1), 0.0)
+    assert flag == 0 and grad.isfinite().all() and grad[1].eq(0).all()
+    weight[0] = 1.0
+    finite, _ = _run(emu, logits, target, weight, stats, torch.ones(1), 0.0)
+    assert torch.equal(grad, finite)
+
+
 @pytest.mark.parametrize(("classes", "batch"), [(7, 9), (4097, 2)])
 @pytest.mark.parametrize(("softcap", "zs", "eps"), [(5.0, 0.0, 0.1), (3.0, 0.01, 0.0)])
 def test_emulated_bwd_extras(emu, classes, batch, softcap, zs, eps):

@@ -411,6 +411,22 @@ def test_emulated_mean_over_zero_class_weight_is_nan(emu, classes, batch, dtype)
     assert grad[1:].isnan().all() and grad[0].eq(0).all()
 
 
+@pytest.mark.parametrize("classes,batch", _PATHS[1:])
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_emulated_non_finite_class_weight_reaches_only_its_rows(emu, classes, batch, dtype, bad):
+    """Without label smoothing class 0's weight enters only the rows of class 0 (as in
+    F.cross_entropy): the kernels once multiplied it by eps = 0 in every row's gradient."""
+    logits = torch.randn(batch, classes).to(dtype)
+    target = torch.randint(1, classes, (batch,))
+    target[0] = -100
+    weight = torch.rand(classes) + 0.5
+    weight[0] = bad
+    loss, grad, _, flag = _emu_cross_entropy(emu, logits, target, weight, -100, 0.0, 0)
+    assert flag == 0 and loss.isfinite().all(), loss
+    assert grad.isfinite().all() and grad[0].eq(0).all()
+
+
 @pytest.mark.parametrize("classes,batch", [(40, 9), (600, 4), (9000, 2)])
 def test_emulated_cross_entropy_extremes(emu, classes, batch):
     logits = torch.randn(batch, classes) * 1e3  # huge margins: p_y -> 1 rows

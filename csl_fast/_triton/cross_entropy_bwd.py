@@ -53,6 +53,7 @@ def _ce_bwd_kernel(
     ignore_index,
     eps,
     HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
     PER_ROW_SCALE: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -140,12 +141,15 @@ def _ce_bwd_kernel(
         scale = tl.load(scale_ptr + rows, mask=row_mask, other=0.0)
     else:
         scale = tl.load(scale_ptr)
+    # Without label smoothing the other classes' weights are left out, not multiplied by 0:
+    # a NaN or inf class weight then reaches only the rows of its class, as in F.
+    w_total = C * 1.0
     if HAS_WEIGHT:
         w_y = tl.load(weight_ptr + y, mask=active, other=0.0)
-        w_total = tl.load(wsum_ptr)
+        if HAS_SMOOTH:
+            w_total = tl.load(wsum_ptr)
     else:
         w_y = tl.where(active, 1.0, 0.0)
-        w_total = C * 1.0
     smooth = eps / C
     p_y = tl.exp(-loss)
     q = -_expm1(-loss)  # 1 - p_y
@@ -169,7 +173,7 @@ def _ce_bwd_kernel(
             z = cap * t
         p = tl.exp((z - ref[:, None]) - off[:, None])
         p = tl.where(active[:, None], p, 0.0)
-        if HAS_WEIGHT:
+        if HAS_WEIGHT and HAS_SMOOTH:
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0)
             g = a[:, None] * p - b[:, None] * w[None, :]
         else:
@@ -252,6 +256,7 @@ def cross_entropy_bwd_triton(
         ignore_index,
         float(label_smoothing),
         HAS_WEIGHT=w is not None,
+        HAS_SMOOTH=label_smoothing != 0.0,
         PER_ROW_SCALE=scale.numel() == batch and batch > 1,
         ROWS=rows,
         BLOCK_C=block,

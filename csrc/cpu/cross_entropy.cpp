@@ -216,11 +216,15 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   stats[kOtherArgmax * B + i] = finite ? static_cast<float>(p.other_argmax) : -1.f;
   if (r.out == nullptr) return objective;
 
-  // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j).
+  // d objective / d z_j = (1-eps) w_y (p_j - [j == y]) + smooth (W p_j - w_j). Without
+  // label smoothing the other classes' weights are left out rather than multiplied by 0:
+  // a NaN or inf class weight then reaches only the rows of its class, as in F.
+  const bool smoothing = eps != acc_t(0);
+  const acc_t w_total = smoothing ? r.w_total : acc_t(0);
   const acc_t row_scale = r.row_scale;
-  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * r.w_total + z_coef) * inv_s * row_scale;
-  range_grad(e, w, C, a, smooth * row_scale);
-  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (r.w_total * p_y - w_y) + z_coef * p_y) *
+  const acc_t a = ((acc_t(1) - eps) * w_y + smooth * w_total + z_coef) * inv_s * row_scale;
+  range_grad(e, smoothing ? w : nullptr, C, a, smooth * row_scale);
+  e[y] = (-(acc_t(1) - eps) * w_y * q + smooth * (w_total * p_y - w_y) + z_coef * p_y) *
          row_scale;
   return objective;
 }

@@ -46,8 +46,9 @@ struct BwdRows {
   int64_t row_stride;
   scalar_t* out;  // contiguous [B, C]
   const int64_t* target;
-  const float* w;  // class weights or nullptr
-  float w_total;   // sum of the weights, C without them
+  const float* w;   // class weights or nullptr
+  const float* ws;  // the weights of the smoothing term: w with label smoothing, else nullptr
+  float w_total;    // sum of the weights (C without them); 0 without label smoothing
   const float* loss;   // stats[kLoss]
   const float* valid;  // stats[kValid]
   const float* scale;  // [B] or [1]
@@ -231,7 +232,7 @@ inline __attribute__((always_inline)) void capped_rows(const BwdRows<scalar_t>& 
     const scalar_t* z = r.in + i * r.row_stride;
     for (int64_t lo = 0; lo < r.C; lo += kTile) {
       const int64_t n = std::min(kTile, r.C - lo);
-      const float* w = r.w ? r.w + lo : nullptr;
+      const float* w = r.ws ? r.ws + lo : nullptr;
       ops.load(tile, z + lo, n, 0.f, 0.f);  // the logits as they are
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
@@ -282,7 +283,7 @@ inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r,
           std::fill(g, g + C, static_cast<scalar_t>(c.fill));
           continue;
         }
-        ops.store(g, tile + (i - lo) * C, r.w, C, c.a, c.b);
+        ops.store(g, tile + (i - lo) * C, r.ws, C, c.a, c.b);
         g[r.target[i]] = static_cast<scalar_t>(c.gy);
       }
     }
@@ -300,7 +301,7 @@ inline __attribute__((always_inline)) void bwd_block(const BwdRows<scalar_t>& r,
       const int64_t n = std::min(kTile, C - lo);
       ops.load(tile, z + lo, n, c.ref, c.off);
       exp_tile(tile, n);
-      ops.store(g + lo, tile, r.w ? r.w + lo : nullptr, n, c.a, c.b);
+      ops.store(g + lo, tile, r.ws ? r.ws + lo : nullptr, n, c.a, c.b);
     }
     g[r.target[i]] = static_cast<scalar_t>(c.gy);
   }
@@ -340,6 +341,11 @@ at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
     w_total = 0;
     for (float v : w) w_total += v;  // the forward's order: the same W
   }
+  // Without label smoothing the weights of classes j != y do not enter the gradient:
+  // leave them out rather than multiply them by 0, so that a NaN or inf class weight
+  // reaches only the rows of its class, as in F.cross_entropy.
+  const bool smoothing = label_smoothing != 0.0;
+  if (!smoothing) w_total = 0.f;
   at::Tensor out = at::empty({B, C}, logits.options());
   if (B == 0 || C == 0) return out;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(logits.scalar_type(), "csl_fast_cross_entropy_bwd", [&] {
@@ -349,6 +355,7 @@ at::Tensor cross_entropy_bwd(const at::Tensor& logits, const at::Tensor& target,
                                  out.mutable_data_ptr<scalar_t>(),
                                  tp,
                                  w.empty() ? nullptr : w.data(),
+                                 w.empty() || !smoothing ? nullptr : w.data(),
                                  w_total,
                                  sp + kLoss * B,
                                  sp + kValid * B,

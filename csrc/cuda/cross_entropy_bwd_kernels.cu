@@ -87,7 +87,11 @@ __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const Bw
     const float scale = a.scale[a.per_row_scale ? i : 0];
     const float eps = a.eps;
     const float w_y = a.weight ? a.weight[y] : 1.f;
-    const float w_total = a.weight ? *a.weight_sum : static_cast<float>(C);
+    // Without label smoothing the other classes' weights are left out, not multiplied by
+    // 0: a NaN or inf class weight then reaches only the rows of its class, as in F.
+    const bool smoothing = eps != 0.f;
+    const float* ws = smoothing ? a.weight : nullptr;
+    const float w_total = !smoothing ? 0.f : a.weight ? *a.weight_sum : static_cast<float>(C);
     const float smooth = eps / static_cast<float>(C);
     const float p_y = dev_exp(-loss);
     const float q = -expm1f(-loss);  // 1 - p_y without cancellation
@@ -103,10 +107,10 @@ __global__ void __launch_bounds__(kBwdWarpsPerBlock * 32) ce_bwd_kernel(const Bw
       if (cap != 0.f) {
         const float t = dev_tanh(zj / cap);
         const float p = dev_exp((cap * t - ref) - off);
-        v = (j == y ? g_y : coef * p - b * (a.weight ? a.weight[j] : 1.f)) * (1.f - t * t);
+        v = (j == y ? g_y : coef * p - b * (ws ? ws[j] : 1.f)) * (1.f - t * t);
       } else {
         const float p = dev_exp((zj - ref) - off);
-        v = j == y ? g_y : coef * p - b * (a.weight ? a.weight[j] : 1.f);
+        v = j == y ? g_y : coef * p - b * (ws ? ws[j] : 1.f);
       }
       g[j] = Store<T>::from(v);
     }

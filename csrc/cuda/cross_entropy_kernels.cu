@@ -200,6 +200,15 @@ __device__ __forceinline__ GradCoefs<A> grad_coefs(const Coefs<A>& k, A w_y, A o
   return g;
 }
 
+// w_j of the smoothing term, the only place a class j != y enters with its weight; 1 (times
+// eps / C = 0) without label smoothing, so that a NaN or inf class weight reaches only the
+// rows of its class, as in F.cross_entropy, not every row through 0 * w_j.
+template <typename T>
+__device__ __forceinline__ acc_t<T> smoothing_weight(const CeArgs<T>& a, int j) {
+  using A = acc_t<T>;
+  return (a.weight != nullptr && a.eps > A(0)) ? a.weight[j] : A(1);
+}
+
 template <typename T>
 __device__ __forceinline__ void write_grad(T* g, int j, int y,
                                            acc_t<T> z, acc_t<T> w_j,
@@ -361,7 +370,7 @@ __global__ void __launch_bounds__(kWarpRowsPerBlock * 32) ce_warp_kernel(const C
     for (int i = 0; i < N; ++i) {
       const int j = lane + 32 * i;
       if (j < C) {
-        const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
+        const A w_j = smoothing_weight(a, j);
         if (g != nullptr) write_grad(g, j, y, z[i], w_j, r, k, gc);
         if (a.eps > A(0)) smooth += w_j * ((r.shift - z[i]) + r.log_s);
       }
@@ -438,7 +447,7 @@ __global__ void __launch_bounds__(1024) ce_block_kernel(const CeArgs<T> a) {
     for (int i = 0; i < E; ++i) {
       const int j = tid + nt * i;
       if (j < C) {
-        const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
+        const A w_j = smoothing_weight(a, j);
         if (g != nullptr) write_grad(g, j, y, z[i], w_j, r, k, gc);
         if (a.eps > A(0)) smooth[0] += w_j * ((r.shift - z[i]) + r.log_s);
       }
@@ -546,7 +555,7 @@ __global__ void __launch_bounds__(kStreamThreads) ce_stream_kernel(const CeArgs<
         for (int u = 0; u < U; ++u) {
           const int j = base + nt * u;
           if (j < C) {
-            const A w_j = a.weight != nullptr ? a.weight[j] : A(1);
+            const A w_j = smoothing_weight(a, j);
             if (g != nullptr) write_grad(g, j, y, z[u], w_j, r, k, gc);
             if (a.eps > A(0)) smooth[0] += w_j * ((r.shift - z[u]) + r.log_s);
           }
