@@ -88,6 +88,7 @@ from .detect import (
     Detection,
     DetectionWarning,
     _count,
+    _fraction_count,
     _number,
     _score_tensor,
     _unused,
@@ -229,7 +230,7 @@ def _flag(
     if rule == "fraction":
         if fraction is None or not 0 <= _number(fraction, "fraction", rule, _WHERE) <= 1:
             raise ValueError("csl_fast.detect_losses: rule='fraction' needs fraction in [0, 1]")
-        k = min(math.ceil(float(fraction) * values.numel()), int(finite.sum()))
+        k = min(_fraction_count(fraction, values.numel()), int(finite.sum()))
         est, desc = None, f"fraction({fraction})"
     else:
         est, desc = tail_count(values), "tail"

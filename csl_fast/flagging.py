@@ -79,6 +79,7 @@ __all__ = [
     "DOUBT_PROB",
     "DOUBT_SPAN",
     "LOST_PROB",
+    "MAX_BINS",
     "MAX_FIT_SPREAD",
     "MIN_ANCHORED_SHARE",
     "MIN_ANCHORS_SURE",
@@ -102,6 +103,8 @@ __all__ = [
 BINS = 4096
 #: Histogram bins of the two-view mixture (the EM runs over bins, not samples).
 MIXTURE_BINS = 256
+#: Most histogram bins either estimator takes.
+MAX_BINS = 1 << 16
 #: Clean components of the two-view mixture: the reported fit, then the interval's others.
 CLEAN_COMPONENTS = (3, 2, 4)
 #: EM stops when the expected bad count moves by less than this in one iteration. EM
@@ -205,8 +208,16 @@ def _check_tensors(where: str, **tensors: Any) -> None:
 
 
 def _check_bins(bins: Any, where: str) -> int:
-    if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 2:
-        raise ValueError(f"csl_fast.flagging.{where}: bins must be an int >= 2, got {bins!r}")
+    # the valley search is quadratic in the bins (1e6 bins ran for minutes), and 2**16
+    # resolves a score's range far finer than any mode it looks for
+    if (
+        isinstance(bins, bool)
+        or not isinstance(bins, numbers.Integral)
+        or not 2 <= bins <= MAX_BINS
+    ):
+        raise ValueError(
+            f"csl_fast.flagging.{where}: bins must be an int in [2, {MAX_BINS}], got {bins!r}"
+        )
     return int(bins)
 
 
@@ -428,7 +439,7 @@ def two_view_count(
         lost: bool ``[N]``: the sample's given label lost: its mean margin is negative
             (another class won on average over training) or it was confidently doubted
             for long (:func:`doubted`). These samples are pinned to the bad component.
-        bins: histogram bins of the mixture, an int >= 2.
+        bins: histogram bins of the mixture, an int in ``[2, MAX_BINS]``.
 
     Returns:
         an :class:`Estimate`; ``found`` is False (with a reason) when fewer than
@@ -478,13 +489,22 @@ def two_view_count(
     if hi <= lo:
         hi = lo + 1e-9
     free, edges = np.histogram(np.clip(x[~pin], lo, hi), bins, (lo, hi))
-    c = 0.5 * (edges[1:] + edges[:-1])
-    lp = np.exp(x[pin])
+    # The bad component's squares overflow past a mean loss of ~1e154 (float64 scores
+    # only: a tracker's float32 CSL is inf long before); the mixture is shift-invariant on
+    # the log scale and scale-equivariant on the linear one, so such scores are fitted in
+    # units of the largest.
+    unit = hi if hi > 300.0 else 0.0
+    c = 0.5 * (edges[1:] + edges[:-1]) - unit
+    lp = np.exp(x[pin] - unit)
     pinned = (n_pinned, float(lp.sum()), float((lp**2).sum()))
     counts: list[float] = []
     fits: list[dict[str, Any]] = []
     for k in CLEAN_COMPONENTS:
         bad, params = _fit(c, free.astype(np.float64), pinned, k)
+        if unit:
+            params["clean_means"] = [mu + unit for mu in params["clean_means"]]
+            params["bad_mean_loss"] *= math.exp(unit)
+            params["bad_sd_loss"] *= math.exp(unit)
         counts.append(n_pinned + bad)
         fits.append({"clean_components": k, "count": n_pinned + bad, **params})
     count = round(counts[0])
@@ -770,6 +790,10 @@ def upper_mode(values: torch.Tensor, *, bins: int = BINS) -> Estimate:
     separate mode (a geometric count flagged half its samples).
     """
     _check_tensors("upper_mode", values=values)
+    if values.dim() != 1:
+        raise ValueError(
+            f"csl_fast.flagging.upper_mode: values must be [N], got shape {tuple(values.shape)}"
+        )
     bins = _check_bins(bins, "upper_mode")
     return _upper_mode(values, bins, (MIN_EVIDENCE, MIN_LOCAL, MAX_VALLEY_RATIO))
 

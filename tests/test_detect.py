@@ -8,6 +8,7 @@ import torch
 
 import csl_fast
 from csl_fast import detect
+from csl_fast.detect_losses import corrupted_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -49,6 +50,19 @@ def test_flags_nothing_without_outlier_mode():
     assert "flagged=0 of 400" in repr(det) and f"warning={det.warning!r}" in repr(det)
     with pytest.warns(detect.DetectionWarning, match="every score is equal"):
         assert len(detect.mislabeled(torch.ones(100))) == 0
+
+
+@pytest.mark.parametrize(
+    ("fraction", "n", "k"),
+    [(0.07, 100, 7), (0.14, 100, 14), (0.28, 100, 28), (0.071, 100, 8), (0.5, 5, 3),
+     (torch.tensor(0.1), 1000, 100), (torch.tensor(0.1001), 1000, 101), (1e-9, 10, 1)],
+)  # fmt: skip
+def test_fraction_flags_the_decimal_count(fraction, n, k):
+    """``ceil(fraction * N)`` as the decimal reads: 0.07 * 100 is 7.000000000000001 in
+    floating point, which flagged 8; a float32 0.1 flagged 101 of 1,000."""
+    s = torch.arange(float(n))
+    assert int(detect.mislabeled(s, rule="fraction", fraction=fraction).flagged.sum()) == k
+    assert len(corrupted_targets(s, rule="fraction", fraction=fraction)) == k
 
 
 def test_fraction_and_threshold_rules_and_nans():

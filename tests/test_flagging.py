@@ -185,7 +185,12 @@ def test_two_view_flags_by_any_score_with_the_same_count():
     by_csl = detect.mislabeled(table, "csl")
     by_aum = detect.mislabeled(table, "aum")  # two-sided, but the count is the two-view one
     assert by_aum.estimated_count == by_csl.estimated_count == len(by_aum)
-    assert by_aum.warning is None and "note" not in by_aum.diagnostics
+    # no note that aum is two-sided (the count is the two-view one), but one that a score
+    # mapping has the margin view only (it said nothing, where on digits it flagged 159
+    # for the tracker's 99)
+    for det in (by_csl, by_aum):
+        assert det.warning is None and "two-sided" not in det.diagnostics["note"]
+        assert "score mapping has no num_classes" in det.diagnostics["note"]
 
 
 def test_two_view_clean_run_falls_back_and_warns():
@@ -719,13 +724,17 @@ def test_estimators_refuse_bad_arguments_plainly():
     # short buffer: the caller's mistake in a library's words, or none at all (bins=1)
     s, _ = _two_modes()
     lost = torch.zeros(s.numel(), dtype=torch.bool)
-    for bins in (0, 1, 2.5, True):
-        with pytest.raises(ValueError, match="bins must be an int >= 2"):
+    # (a million bins ran the valley search for minutes)
+    for bins in (0, 1, 2.5, True, flagging.MAX_BINS + 1, 10**6):
+        with pytest.raises(ValueError, match=r"bins must be an int in \[2, 65536\]"):
             flagging.upper_mode(s, bins=bins)
-        with pytest.raises(ValueError, match="bins must be an int >= 2"):
+        with pytest.raises(ValueError, match=r"bins must be an int in \[2, 65536\]"):
             flagging.two_view_count(s, lost, bins=bins)
+    assert flagging.upper_mode(s, bins=flagging.MAX_BINS).found
     with pytest.raises(TypeError, match=r"values must be a torch\.Tensor, got list"):
         flagging.upper_mode(s.tolist())
+    with pytest.raises(ValueError, match=r"values must be \[N\], got shape \(2, "):
+        flagging.upper_mode(s.reshape(2, -1))  # was flattened silently
     with pytest.raises(TypeError, match=r"mean_loss must be a torch\.Tensor"):
         flagging.two_view_count(s.numpy(), lost)
     p, _ = _trajectories(0, n=50)
@@ -738,6 +747,23 @@ def test_estimators_refuse_bad_arguments_plainly():
     assert not est.found and "every one of the 30 presented samples is 0" in est.reason
     est = flagging.two_view_count(torch.full((30,), math.nan), torch.ones(30, dtype=torch.bool))
     assert not est.found and "none was presented in training" in est.reason
+
+
+def test_two_view_count_does_not_depend_on_the_unit_of_the_loss():
+    # float64 mean losses above ~1e154 overflowed the bad component's squares, and the
+    # count's NaN became a raw "cannot convert float NaN to integer"
+    g = _gen(3)
+    z = torch.randn(2000, generator=g, dtype=torch.float64) * 0.5
+    lost = torch.zeros(2000, dtype=torch.bool)
+    lost[-50:] = True
+    z[-50:] += 2
+    want = flagging.two_view_count(z.exp(), lost)
+    assert want.found
+    for shift in (250.0, 400.0, 700.0):
+        est = flagging.two_view_count((z + shift).exp(), lost)
+        assert (est.count, est.interval) == (want.count, want.interval), shift
+        fit, ref = est.diagnostics["fits"][0], want.diagnostics["fits"][0]
+        assert fit["clean_means"] == pytest.approx([m + shift for m in ref["clean_means"]])
 
 
 def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
@@ -761,6 +787,22 @@ def test_a_one_epoch_tracker_warns_that_early_samples_look_bad():
     with pytest.warns(detect.DetectionWarning, match="one presentation per sample"):
         det = detect.mislabeled(one)
     assert len(det) > 0 and det.diagnostics["one_epoch"] is True
+
+
+def test_a_one_epoch_tracker_that_flags_nothing_says_to_train_longer():
+    # the nothing-flagged warning advised "a lower learning rate or fewer epochs", which
+    # is backwards for a run of one epoch; and rule='two_view' said that the valley rule,
+    # which it never runs, had failed for the two-view fit's reason
+    p, _ = _trajectories(0, rate=0.0)
+    t = _tracker_of(p[:, 5:6], torch.full((p.shape[0],), 1.0))
+    t.epoch = 1
+    for rule in ("auto", "two_view"):
+        with pytest.warns(detect.DetectionWarning, match="train several epochs") as rec:
+            det = detect.mislabeled(t, rule=rule)
+        assert len(det) == 0 and det.diagnostics["one_epoch"] is True
+        assert det.warning == str(rec[0].message) and "fewer epochs" not in det.warning
+        assert ("valley rule" in det.warning) == (rule == "auto"), det.warning
+        assert det.warning.count("the two-view fit needs") == 1
 
 
 def test_the_one_epoch_warning_names_what_each_detector_looks_for():
