@@ -61,12 +61,13 @@ import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
 
 import numpy as np
 import torch
 
-from .cleaning_groups import duplicate_decisions
+from . import atomic_file
+from .cleaning_groups import duplicate_decisions, integer_labels
 from .detect import Detection, mislabeled
 
 if TYPE_CHECKING:
@@ -248,7 +249,8 @@ class CleaningPlan:
             raise FileNotFoundError(
                 f"CleaningPlan.to_csv: the folder {folder!r} does not exist; create it first"
             )
-        with open(path, "w", encoding="utf-8", newline="") as f:
+
+        def fill(f: TextIO) -> None:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(CSV_COLUMNS)
             for row in self.rows():
@@ -262,6 +264,9 @@ class CleaningPlan:
                         row["rank"],
                     ]
                 )
+
+        # atomically: a plan cut short by a full disk read as a shorter plan
+        atomic_file.write_text(path, fill, "write the cleaning plan", "plan.csv")
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame with the columns :data:`CSV_COLUMNS` (rank 1-based)."""
@@ -307,7 +312,7 @@ class CleaningPlan:
                 f"CleaningPlan.apply: labels must be [N] = [{self.num_samples}] (the dataset "
                 f"the plan was made for), got shape {tuple(y.shape)}"
             )
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
+        if not integer_labels(y.dtype):
             raise TypeError(f"CleaningPlan.apply: labels must be integers, got {y.dtype}")
         new = y.detach().to("cpu", torch.int64).clone()
         where, to = self._relabels("apply")
@@ -456,7 +461,7 @@ def _suggestions_of(
             f"csl_fast.clean: suggestions must be two [N] = [{n}] tensors, got shapes "
             f"{tuple(label.shape)} and {tuple(conf.shape)}"
         )
-    if label.dtype.is_floating_point or label.dtype == torch.bool:
+    if not integer_labels(label.dtype):
         raise TypeError(f"csl_fast.clean: suggested labels must be integers, got {label.dtype}")
     conf = conf.float()
     has = label >= 0

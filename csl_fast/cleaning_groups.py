@@ -54,7 +54,7 @@ import torch
 from . import duplicate_groups as dg
 from .detect import Detection, duplicates
 
-__all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
+__all__ = ["GroupDecision", "duplicate_decisions", "integer_labels", "resolve_conflicts"]
 
 
 class GroupDecision(NamedTuple):
@@ -72,6 +72,12 @@ class GroupDecision(NamedTuple):
     keep: torch.Tensor
     group_label: torch.Tensor
     share: torch.Tensor
+
+
+def integer_labels(dtype: torch.dtype) -> bool:
+    """Whether a tensor of ``dtype`` holds integer class labels (not float, complex, whose
+    real part a cast keeps silently, or bool)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def resolve_conflicts(
@@ -92,7 +98,7 @@ def resolve_conflicts(
             empty, torch.empty(0, dtype=torch.bool), empty, torch.empty(0, dtype=torch.float32)
         )
     n = labels.shape[0] if labels.dim() else 0
-    if labels.dim() != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
+    if labels.dim() != 1 or not integer_labels(labels.dtype):
         raise ValueError(
             "resolve_conflicts: labels must be int [N] class indices, got "
             f"{labels.dtype} of shape {tuple(labels.shape)}"
@@ -162,7 +168,7 @@ def duplicate_decisions(
     lab = None
     if labels is not None:
         lab = _as_tensor("labels", labels).detach().cpu()
-        if lab.dim() != 1 or lab.dtype.is_floating_point or lab.dtype == torch.bool:
+        if lab.dim() != 1 or not integer_labels(lab.dtype):
             raise ValueError(
                 f"csl_fast.clean: labels must be int [N] = [{n}] class indices, got "
                 f"{lab.dtype} of shape {tuple(lab.shape)}"

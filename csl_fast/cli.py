@@ -33,7 +33,8 @@ columns ``index,action,suggested_label,confidence,score,rank`` (:func:`csl_fast.
 ``samples.npz`` has it).
 
 Output: results go to stdout; progress bars and status lines go to stderr, and
-``--quiet`` turns those off.
+``--quiet`` turns those off (not a detection's warning, which says why its flagged set is
+empty or what it rests on; ``rank --json`` also carries it, with the estimated count).
 
 ``rank --csv`` columns: ``rank,index,score,label,predicted,flagged,mislabeled,duplicate,group``
 (with ``--score label_csl``: ``rank,index,entry_label,score,flagged``, one row per
@@ -50,7 +51,9 @@ offer only the scores that exist (``csl``, ``csl_mean``, ``final_loss``, and ``l
 with per-label CSL), flag by the tail rule of :mod:`csl_fast.detect_losses`, and ``clean``
 drops flagged samples (there are no suggested labels to relabel with).
 Fields that are not known for the run are empty. ``--json`` writes an object with
-``run``, ``score``, ``direction``, ``num_samples`` and ``rows`` (the same fields, ``null``
+``run``, ``score``, ``direction``, ``num_samples``, the detection's ``flagged_count``,
+``estimated_count``, ``count_interval`` and ``warning`` (``null`` when it has none), a
+``note`` and ``duplicates`` when there are any, and ``rows`` (the same fields, ``null``
 when unknown).
 
 Exit codes:

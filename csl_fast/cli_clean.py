@@ -69,7 +69,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     try:
         plan.to_csv(args.out)
     except OSError as exc:
-        raise CLIError(f"cannot write {args.out!r}: {exc.strerror}", EXIT_INPUT) from None
+        raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
     print(_clean_summary(plan, samples, args))

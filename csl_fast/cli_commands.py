@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from . import atomic_file
 from .cli_clean import cmd_clean
 from .cli_errors import (
     EXIT_DEPENDENCY,
@@ -408,7 +409,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         notes.append(dup.diagnostics.get("note"))
     notes = [n for i, n in enumerate(notes) if n and n not in notes[:i]]
     note = "; ".join(notes) or None
-    _echo_detection_warnings(caught, "rank", args.quiet)
+    _echo_detection_warnings(caught, "rank")
     if not args.quiet:
         for line in notes:
             print(f"csl-fast rank: note: {line}", file=sys.stderr)
@@ -428,6 +429,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
         }
         if note is not None:
             payload["note"] = note
+        # what the flagged column rests on, as the detection says it
+        payload["flagged_count"] = int(det.flagged.sum())
+        payload["estimated_count"] = det.estimated_count
+        payload["count_interval"] = None if det.count_interval is None else list(det.count_interval)
+        payload["warning"] = det.warning
         if dup is not None:
             payload["duplicates"] = duplicates_summary(dup)
         text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
@@ -435,10 +441,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         text = _format_table(rows, args.score) + "\n"
     if args.output:
         try:
-            with open(args.output, "w", encoding="utf-8", newline="") as f:
-                f.write(text)
+            atomic_file.write_text(args.output, lambda f: f.write(text), "write", "rank.csv")
         except OSError as exc:
-            raise CLIError(f"cannot write {args.output!r}: {exc.strerror}", EXIT_INPUT) from None
+            raise CLIError(exc.strerror, EXIT_INPUT) from None
         if not args.quiet:
             print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
     else:
@@ -462,14 +467,15 @@ def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | Non
     )
 
 
-def _echo_detection_warnings(caught: list[Any], command: str, quiet: bool) -> None:
-    """A detection's warning as one stderr line (other warnings re-emitted as they came)."""
+def _echo_detection_warnings(caught: list[Any], command: str) -> None:
+    """A detection's warning as one stderr line, ``--quiet`` or not: it says why the
+    flagged set is empty or what it rests on, not how far the work is (other warnings
+    re-emitted as they came)."""
     from .detect import DetectionWarning
 
     for w in caught:
         if issubclass(w.category, DetectionWarning):
-            if not quiet:
-                print(f"csl-fast {command}: warning: {_one_line(w.message)}", file=sys.stderr)
+            print(f"csl-fast {command}: warning: {_one_line(w.message)}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

@@ -34,35 +34,27 @@ introduced after a file's version (:data:`VERSION_BUFFERS`) are filled with thei
 values.
 
 Saving writes a temporary file beside the target, fsyncs it and renames it over the
-target, so the file at the path is always a complete old or new state. Temporary files
-left by killed saves of the same target are removed by the next save once stale (their
-writer process is gone, or they are older than :data:`STALE_TEMP_SECONDS`). A symlink at
-the path is **followed**: the file it points to is replaced and the link is kept. The new
-file's mode follows the umask, as for any file the process creates.
+target, so the file at the path is always a complete old or new state
+(:mod:`csl_fast.atomic_file`: how killed saves' temporary files are cleaned up, symlinks,
+the file's mode).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
-import re
-import secrets
-import socket
 import sys
-import time
 import warnings
 import zipfile
-import zlib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
+from . import atomic_file
 from .tracker_state import (  # re-exported: the format's names in one place
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -87,7 +79,6 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MAGIC",
-    "STALE_TEMP_SECONDS",
     "VERSION_BUFFERS",
     "TrackerFileError",
     "TrackerFileNotFoundError",
@@ -98,7 +89,6 @@ __all__ = [
     "load",
     "load_state_dict",
     "read_file",
-    "remove_stale_temps",
     "save",
     "state_dict",
 ]
@@ -108,8 +98,6 @@ _ZIP_MAGIC = b"PK\x03\x04"  # version 1 files (torch.save)
 _DIGEST = 32
 _MAX_HEADER = 1 << 20  # a real header is a few KB
 _CHUNK = 16 << 20  # part of the format: the payload's checksum chunks
-#: A temporary file of a save older than this (seconds) is stale whoever wrote it.
-STALE_TEMP_SECONDS = 15 * 60
 
 
 _FILE_DTYPES = {
@@ -122,90 +110,6 @@ _FILE_DTYPES = {
 
 
 # ============================================================================ writing
-def _host_tag() -> str:
-    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
-
-
-_MAX_TEMP_STEM = 180  # bytes; a temporary name adds at most ~45 to it, NAME_MAX is 255
-
-
-def _temp_stem(base: str) -> str:
-    """The target's name in its temporary files' names: ``base``, or, when ``base`` is
-    too long to extend within NAME_MAX, its first 100 bytes and a digest of it (a target
-    of 240 bytes, a legal name, could not be saved: the temporary name was too long)."""
-    raw = os.fsencode(base)
-    if len(raw) <= _MAX_TEMP_STEM:
-        return base
-    return f"{os.fsdecode(raw[:100])}~{hashlib.sha256(raw).hexdigest()[:16]}"
-
-
-def _temp_pattern(base: str) -> re.Pattern[str]:
-    # ours: .STEM.<host crc32>-<pid>-<random>.tmp; before version 2, tempfile.mkstemp's
-    # .NAME.<8 of [a-z0-9_]>.tmp (no writer pid: removed on age alone).
-    return re.compile(
-        rf"\.{re.escape(_temp_stem(base))}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp"
-    )
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone, or no pid at all
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def remove_stale_temps(target: str, now: float | None = None) -> list[str]:
-    """Remove the temporary files that killed saves of ``target`` left beside it: files of
-    the save naming pattern only, and only stale ones (writer process gone on this host,
-    or older than :data:`STALE_TEMP_SECONDS`). Returns the removed paths."""
-    directory, base = os.path.split(target)
-    directory = directory or "."
-    pattern = _temp_pattern(base)
-    now = time.time() if now is None else now
-    host = _host_tag()
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m is None:
-            continue
-        path = os.path.join(directory, name)
-        try:
-            age = now - os.lstat(path).st_mtime
-        except OSError:
-            continue
-        dead = m["pid"] is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
-        if dead or age > STALE_TEMP_SECONDS:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-                removed.append(path)
-    return removed
-
-
-def _save_error(exc: OSError, user_path: str) -> OSError:
-    """``exc`` reworded for the user's path with what to do; same errno and class."""
-    hint = {
-        errno.ENOSPC: "the disk is full: free some space or save elsewhere",
-        errno.EDQUOT: "the disk quota is exceeded: free some space or save elsewhere",
-        errno.ENOENT: "the folder does not exist: create it first",
-        errno.ENOTDIR: "a part of the path is not a folder",
-        errno.EACCES: "permission denied: choose a folder you can write to",
-        errno.EPERM: "permission denied: choose a folder you can write to",
-        errno.EROFS: "the file system is read-only: save elsewhere",
-        errno.EISDIR: "the path is a folder: give a file name",
-    }.get(exc.errno, exc.strerror or str(exc))
-    # OSError(errno, text) is the errno's subclass (FileNotFoundError, PermissionError, ...).
-    return OSError(exc.errno, f"cannot save the tracker to {user_path!r}: {hint}")
-
-
 def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
     if t.numel() == 0:
         return b""
@@ -215,21 +119,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
 def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.save` (see the module docstring)."""
     user_path = os.fspath(path)
-    # realpath drops a trailing separator: "out/" would be written as a file named "out".
-    if user_path.endswith((os.sep, os.altsep or os.sep)):
-        raise IsADirectoryError(
-            errno.EISDIR,
-            f"cannot save the tracker to {user_path!r}: it ends with a separator, so it names "
-            f"a folder; give a file name, e.g. {os.path.join(user_path, 'tracker.csl')!r}",
-            user_path,
-        )
-    target = os.path.realpath(user_path)  # follow a symlink: replace what it points to
-    if os.path.isdir(target):
-        raise IsADirectoryError(
-            errno.EISDIR,
-            f"cannot save the tracker to {user_path!r}: it is a folder; give a file name",
-            user_path,
-        )
+    target = atomic_file.target_of(user_path, "save the tracker", "tracker.csl")
     state = state_dict(tracker)
     try:
         # what load would refuse is not written: the file would keep the run unloadable
@@ -251,49 +141,18 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     state["byteorder"] = sys.byteorder
     state["tensors"] = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors]
     header = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-    directory, base = os.path.split(target)
-    remove_stale_temps(target)
-    tmp = os.path.join(
-        directory, f".{_temp_stem(base)}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    )
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    except OSError as exc:
-        raise _save_error(exc, user_path) from None
-    try:
-        try:
-            f = os.fdopen(fd, "wb")
-        except BaseException:  # (then nothing owns fd)
-            os.close(fd)
-            raise
-        with f:
-            prefix = MAGIC + len(header).to_bytes(8, "little") + header
-            f.write(prefix)
-            checksum = _Checksum(prefix)
-            for _, t in tensors:
-                data = _tensor_bytes(t)
-                f.write(data)
-                checksum.update(data)
-            f.write(checksum.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise _save_error(exc, user_path) from None
-        raise
-    try:  # make the rename itself durable (POSIX; best effort elsewhere)
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+
+    def write(f: BinaryIO) -> None:
+        prefix = MAGIC + len(header).to_bytes(8, "little") + header
+        f.write(prefix)
+        checksum = _Checksum(prefix)
+        for _, t in tensors:
+            data = _tensor_bytes(t)
+            f.write(data)
+            checksum.update(data)
+        f.write(checksum.digest())
+
+    atomic_file.write(user_path, target, write, "save the tracker")
 
 
 # ============================================================================ reading

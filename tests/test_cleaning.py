@@ -4,6 +4,7 @@ applying a plan, errors."""
 import csv
 import importlib
 import math
+import os
 import pkgutil
 
 import numpy as np
@@ -408,8 +409,33 @@ def test_apply_and_to_csv_refuse_plainly(tmp_path):
             plan.apply(bad)
     with pytest.raises(ValueError, match="meta"):
         plan.apply(torch.zeros(6, dtype=torch.long, device="meta"))
+    # complex labels were cast to their truncated real part, with torch's warning only
+    for bad in (torch.arange(6) + 0.7 + 3j, torch.ones(6, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="labels must be integers"):
+            plan.apply(bad)
     with pytest.raises(FileNotFoundError, match=r"folder .*missing.* does not exist"):
         plan.to_csv(tmp_path / "missing" / "plan.csv")
+
+
+def test_to_csv_interrupted_keeps_the_previous_plan(tmp_path, monkeypatch):
+    """The plan was written row by row into the file itself: an error part way (a full
+    disk, Ctrl-C) left a shorter plan, cut mid-row, where the previous one had been."""
+    path = tmp_path / "plan.csv"
+    _plan().to_csv(path)
+    before = path.read_bytes()
+    rows = CleaningPlan.rows
+
+    def interrupted(self):
+        yield from list(rows(self))[:1]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CleaningPlan, "rows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        clean(SCORES, detection=_det(), policy="drop").to_csv(path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["plan.csv"]
+    monkeypatch.undo()
+    with pytest.raises(IsADirectoryError, match="is a folder; give a file name"):
+        _plan().to_csv(tmp_path)
 
 
 def test_a_loss_only_tracker_cannot_relabel_silently():

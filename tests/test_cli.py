@@ -155,7 +155,32 @@ def test_rank_prints_the_detections_note(tmp_path, capsys):
     assert "rank: note: the cut falls inside a tie: 400 samples score 'forgetting' = 1" in err
     code, out, err = run_main(capsys, "rank", path, "--score", "forgetting", "--json", "-q")
     assert code == 0 and err == ""
-    assert "the cut falls inside a tie" in json.loads(out)["note"]
+    payload = json.loads(out)
+    assert "the cut falls inside a tie" in payload["note"]
+    assert payload["estimated_count"] == payload["flagged_count"] > 0
+    assert payload["warning"] is None
+
+
+def test_rank_quiet_keeps_the_detection_warning(tmp_path, capsys):
+    """rank -q dropped the warning that says why nothing is flagged: every row came back
+    flagged false with nothing on stderr and nothing in the JSON to say why."""
+    import csl_fast
+
+    t = csl_fast.CSLTracker(60, 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # one epoch: nothing stands out, and the warning says to train longer
+        csl_fast.accumulate(
+            torch.randn(60, 3, generator=g), torch.arange(60) % 3, torch.arange(60), t
+        )
+    t.end_epoch()
+    path = str(tmp_path / "short.csl")
+    t.save(path)
+    for extra in ([], ["--json"]):
+        code, out, err = run_main(capsys, "rank", path, "-q", *extra)
+        assert code == 0 and "rank: warning: csl_fast.detect: nothing flagged" in err, err
+    payload = json.loads(out)
+    assert payload["flagged_count"] == 0 and payload["estimated_count"] is None
+    assert payload["warning"].startswith("csl_fast.detect: nothing flagged")
 
 
 def test_rank_csv(demo_run, capsys):
@@ -186,8 +211,11 @@ def test_rank_json_to_file(demo_run, tmp_path, capsys):
         main(["rank", str(out / "tracker.csl"), "--json", "--top", "3", "-o", str(dest), "-q"]) == 0
     )
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err == ""
     doc = json.loads(dest.read_text())
+    # -q keeps only the detection's warning (this small run flags nothing), in the file too
+    assert captured.out == "" and captured.err == (
+        "" if doc["warning"] is None else f"csl-fast rank: warning: {doc['warning']}\n"
+    )
     assert doc["score"] == "csl" and doc["num_samples"] == 200
     assert doc["direction"] == "higher = more suspicious"
     assert len(doc["rows"]) == 3
@@ -296,6 +324,32 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
         ):
             line = user_error(capsys, EXIT_INPUT, *command)
             assert why in line, line
+
+
+def test_an_output_that_fails_part_way_keeps_the_previous_file(
+    demo_run, tmp_path, capsys, monkeypatch
+):
+    """clean --out and rank --output wrote row by row into the file itself: a full disk
+    (ulimit -f 4) left a plan cut mid-row where the previous one had been, exit 3."""
+    import errno
+
+    for command, option in (("clean", "--out"), ("rank", "--output")):
+        out = tmp_path / f"{command}.csv"
+        out.write_text("previous\n")
+
+        def full(fd):
+            raise OSError(errno.EFBIG, "File too large")
+
+        with monkeypatch.context() as m:
+            m.setattr(os, "fsync", full)
+            code, _, err = run_main(capsys, command, str(demo_run[0]), option, str(out))
+        line = err.strip().splitlines()[-1]
+        assert code == EXIT_INPUT and line.startswith(f"csl-fast {command}: error: "), err
+        assert "too large" in line and str(out) in line and ".tmp" not in line, line
+        assert out.read_text() == "previous\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            f"{c}.csv" for c in ("clean", "rank")[: 1 + (command == "rank")]
+        )
 
 
 def test_truncated_tracker_file(tmp_path, bare_tracker):

@@ -21,12 +21,12 @@ import zipfile
 import pytest
 import torch
 
-from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, tracker_file
+from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, atomic_file, tracker_file
+from csl_fast.atomic_file import STALE_TEMP_SECONDS
 from csl_fast.tracker_buffers import _MINUS_ONE
 from csl_fast.tracker_file import (
     FORMAT_VERSION,
     MAGIC,
-    STALE_TEMP_SECONDS,
     VERSION_BUFFERS,
     TrackerFileNotFoundError,
     UnverifiedTrackerFileWarning,
@@ -448,7 +448,7 @@ def _temp_names(folder) -> list[str]:
 
 def test_save_removes_only_stale_temps_of_its_target(tmp_path):
     t = _filled()
-    host = tracker_file._host_tag()
+    host = atomic_file._host_tag()
     old = time.time() - STALE_TEMP_SECONDS - 60
     dead = f".run.csl.{host}-999999999-0123abcd.tmp"  # no such pid
     huge = f".run.csl.{host}-{2**80}-0123abcd.tmp"  # not even a pid
@@ -476,8 +476,8 @@ def test_save_to_a_long_legal_name(tmp_path):
     path.write_bytes(b"old")  # the name itself is fine
     t.save(path)
     _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(path)))
-    stem = tracker_file._temp_stem(path.name)
-    dead = f".{stem}.{tracker_file._host_tag()}-999999999-0123abcd.tmp"  # a killed save's
+    stem = atomic_file._temp_stem(path.name)
+    dead = f".{stem}.{atomic_file._host_tag()}-999999999-0123abcd.tmp"  # a killed save's
     (tmp_path / dead).write_bytes(b"x")
     t.save(path)
     assert os.listdir(tmp_path) == [path.name]
