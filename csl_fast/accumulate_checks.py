@@ -52,8 +52,8 @@ def check_buffers_apart(
     entries would change under the adds (a count passed as the index too counts into it).
     Runs on every step: integer address ranges, no tensor method in the common case. Not
     while tracing (no addresses)."""
-    if torch.compiler.is_compiling() or index.shape[0] == 0:
-        return
+    if torch.compiler.is_compiling() or index.shape[0] == 0 or index.is_meta:
+        return  # (meta tensors have no memory: their addresses are all 0)
     try:
         i0 = index.data_ptr()
     except RuntimeError:  # a torch.func wrapper (vmap, grad): no storage, no address
@@ -284,6 +284,14 @@ def check_buffer(
             f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
             f"torch.zeros(num_samples, device={source}.device)"
         )
+    if torch._C._functorch.is_functorch_wrapped_tensor(buf):
+        # (the kernels write through its storage, which a transform's wrapper does not have)
+        raise ValueError(
+            f"csl_fast.{op}: {name} was created inside a torch.func transform (grad or "
+            "jvp), so it is the transform's value, with no storage to record into; create "
+            f"{name} (or the tracker) outside the transformed function and let the function "
+            "use it, as it would any captured tensor"
+        )
     if buf.requires_grad:
         raise ValueError(
             f"csl_fast.{op}: {name} requires grad, but it is a buffer written in place "
@@ -326,7 +334,7 @@ def _check_values(
 ) -> None:
     """Range checks of targets (None: class probabilities, nothing to check) and indices
     (reads them on the host: one synchronisation on a GPU when both are in range)."""
-    if index.numel() == 0:
+    if index.numel() == 0 or index.is_meta:  # (meta tensors have shapes, not values)
         return
     bad_index = (index < 0) | (index >= num_samples)
     bad = None

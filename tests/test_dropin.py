@@ -268,6 +268,37 @@ def _random_batch(b=4, c=5, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_buffer_made_inside_a_transform_is_refused_plainly(backend):
+    """A csl buffer allocated inside grad or jvp is a functorch wrapper with no storage:
+    "Cannot access data pointer of Tensor that doesn't have storage" from the buffer lock."""
+    x, t, v = _random_batch()
+
+    def loss(z):
+        return accumulate(z, t, torch.arange(4), torch.zeros(6), backend=backend)
+
+    for call in (lambda: grad(loss)(x), lambda: jvp(loss, (x,), (v,))):
+        with pytest.raises(ValueError, match=r"csl was created inside a torch\.func transform"):
+            call()
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_meta_inputs_give_meta_results_as_pytorch(backend, reduction):
+    """Shape inference on the meta device: F.cross_entropy gives a meta loss; csl_fast
+    said "csl shares memory with index" (every meta address is 0) or raised from .item()."""
+    x = torch.randn(4, 3, device="meta", requires_grad=True)
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    out = accumulate(
+        x, t, torch.arange(4, device="meta"), torch.zeros(10, device="meta"),
+        backend=backend, reduction=reduction,
+    )  # fmt: skip
+    want = F.cross_entropy(x, t, reduction=reduction)
+    assert out.is_meta and out.shape == want.shape and out.dtype == want.dtype
+    out.sum().backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_transforms_and_forward_ad(backend):
     """grad, vmap(grad) (per-sample gradients), jvp and forward-mode AD give PyTorch's
     answer (never a zero or missing tangent) and record each sample once."""
