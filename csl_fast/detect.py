@@ -314,6 +314,11 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
     when the source cannot take it (a tracker that recorded losses only)."""
     if isinstance(source, torch.Tensor):
         return _score_tensor(source, "a score tensor"), "custom", None, None
+    if not isinstance(score, str):
+        raise TypeError(
+            f"csl_fast.detect: score must be the name of one score (a str such as 'csl'), "
+            f"got {type(score).__name__}"
+        )
     if isinstance(source, Mapping):
         if score not in source:
             raise KeyError(f"csl_fast.detect: no score {score!r} in the mapping ({sorted(source)})")

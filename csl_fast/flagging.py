@@ -462,8 +462,8 @@ def two_view_count(
     if x.size == 0:
         fitted = int(np.isfinite(m).sum())
         why = (
-            f"the mean loss of every one of the {fitted} presented samples is 0 (one class, "
-            "or every label fitted from the first presentation): no sample stands out"
+            f"the mean loss of every one of the {fitted} presented samples is 0 or less (one "
+            "class, or every label fitted from the first presentation): no sample stands out"
             if fitted
             else "no sample has a finite mean loss (none was presented in training)"
         )
@@ -515,7 +515,7 @@ def two_view_count(
     noise = 2.0 * math.sqrt(max(count, 1))
     low = min(min(counts) - noise, counts[0] - fits[0]["ambiguous_bad"])
     high = max(max(counts) + noise, counts[0] + fits[0]["ambiguous_clean"])
-    low, high = max(n_pinned, math.floor(low)), math.ceil(high)
+    low, high = max(n_pinned, math.floor(low)), min(x.size, math.ceil(high))
     diag.update(fits=fits)
     caveat = None
     sure, unsure = fits[0]["confident_bad"], fits[0]["ambiguous_bad"]

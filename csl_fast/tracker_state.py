@@ -365,6 +365,15 @@ def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs:
     """A new tracker of the kind ``state`` describes, restored from it. The metadata is
     checked against the state's tensors before the tracker is allocated (a state that
     claims another N costs nothing). Raises :class:`TrackerStateError`."""
+    fixed = sorted(set(kwargs) & {"num_samples", "num_classes", "dtype", "history", "num_labels"})
+    if fixed:
+        # (the constructor's "got multiple values for keyword argument" named no way out)
+        raise TypeError(
+            f"{', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} set by the saved "
+            "state, not by the caller: drop "
+            f"{', '.join(f'{k}=' for k in fixed)} (the other keyword arguments, backend= and "
+            "deterministic=, go to the CSLTracker constructor)"
+        )
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
         raise TrackerStateError("not a csl_fast tracker state (no format tag)")
     shape_fields = (

@@ -255,6 +255,13 @@ def test_bad_rule_parameters_are_refused(kwargs, match):
         detect.mislabeled(torch.rand(20), **kwargs)
 
 
+def test_a_score_that_is_not_a_name_is_refused_plainly():
+    # a list met "unhashable type: 'list'" from the mapping lookup
+    for source in ({"csl": torch.rand(20)}, csl_fast.CSLTracker(20, 3)):
+        with pytest.raises(TypeError, match="score must be the name of one score"):
+            detect.mislabeled(source, score=["csl"])
+
+
 def test_a_cut_inside_a_tie_and_a_two_sided_score_get_a_note():
     """A top-k rule on a discrete score cuts a run of equal scores by dataset index, and
     variability has no suspicious direction: both flagged sets came with no note."""

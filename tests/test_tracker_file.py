@@ -21,6 +21,7 @@ import zipfile
 import pytest
 import torch
 
+import csl_fast
 from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, atomic_file, tracker_file
 from csl_fast.atomic_file import STALE_TEMP_SECONDS
 from csl_fast.tracker_buffers import _MINUS_ONE
@@ -125,6 +126,16 @@ def saved(tmp_path):
     path = tmp_path / "run.csl"
     t.save(path)
     return t, path
+
+
+def test_from_file_names_the_arguments_the_file_sets(saved):
+    """history= or dtype= met the constructor's "got multiple values for keyword argument"."""
+    _, path = saved
+    with pytest.raises(TypeError, match=r"^history is set by the saved state.*drop history="):
+        CSLTracker.from_file(path, history=False)
+    with pytest.raises(TypeError, match=r"^dtype, num_classes are set by the saved state"):
+        csl_fast.load(path, dtype=torch.float64, num_classes=3)
+    assert CSLTracker.from_file(path, backend="cpu").num_samples == N
 
 
 def test_roundtrip_bitwise(saved, tmp_path):
