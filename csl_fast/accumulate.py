@@ -78,11 +78,12 @@ def accumulate(
 
     The recorded :math:`\ell_i` is the *plain* cross entropy: unweighted, unsmoothed,
     float32, detached. CSL measures how hard a sample is to fit, which class weights and
-    label smoothing (training-objective choices) would distort. Rows whose loss is not
-    finite in the logits dtype (NaN or inf logits; with float16 logits, a loss of
-    65520 or more, which rounds to inf) are not recorded, so one bad step cannot poison a
-    sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
-    would. Duplicate indices in a batch add up.
+    label smoothing (training-objective choices) would distort (float32 for float64
+    logits too: a float64 buffer holds sums of float32-rounded losses). Rows, or positions
+    of a sample with several, whose loss is not finite in the logits dtype (NaN or inf
+    logits; with float16 logits, a loss of 65520 or more, which rounds to inf) are not
+    recorded, so one bad step cannot poison a sample's CSL; the returned loss still shows
+    the NaN/inf, as ``F.cross_entropy``'s would. Duplicate indices in a batch add up.
 
     **Samples with several positions.** Every layout ``F.cross_entropy`` accepts is read
     as it reads it (:mod:`csl_fast.cross_entropy_args`): ``[B, C]`` logits with ``[B]``
@@ -114,7 +115,8 @@ def accumulate(
     label-smoothing semantics included); what is recorded per row is the plain cross
     entropy against the given probabilities, :math:`H(q, p) = -\sum_j q_j \log p_j`
     (unweighted, unsmoothed; for a one-hot ``q`` the class-index loss), the loss of the
-    input the sample's index names, and ``count`` counts it once. No kernel takes
+    input the sample's index names, and ``count`` counts it once (once per position in
+    the ``[N, C, d1, ..., dk]`` layout). No kernel takes
     probabilities, so these calls run as ``F.cross_entropy`` plus the statistics in
     PyTorch; a tracker is refused (its correctness, margin and forgetting need one class
     per sample): pass ``csl=tracker.csl_sum, count=tracker.csl_count`` instead.
@@ -137,12 +139,14 @@ def accumulate(
         logits: ``[B, C]`` float32, float16, bfloat16 or float64 (on a GPU by the CUDA
             kernels or the reference: Triton's take no float64),
             ``[N, C, d1, ..., dk]``, ``[C]``, or ``[B*T, V]`` for sequences.
-            Statistics are computed in float32 (float64 for float64 logits). Under
+            Statistics are computed in float32 (float64 for float64 logits, the
+            recorded loss then rounded to float32, as above). Under
             ``torch.autocast`` float16/bfloat16 logits are first cast to float32, as
             autocast casts ``F.cross_entropy``'s input: the loss is float32, as PyTorch's
             (with ``inplace_grad`` the gradient then overwrites that float32 copy).
-        target: ``[B]`` class indices, int64 (or int32, or uint8 as ``F.cross_entropy``
-            takes them), in ``[0, C)`` or ``ignore_index``;
+        target: ``[B]`` class indices, int64 (int32 and uint8 are taken too, and widened:
+            ``F.cross_entropy`` refuses int32, and uint8 in the N-d layouts), in
+            ``[0, C)`` or ``ignore_index``;
             ``[N, d1, ..., dk]`` or 0-d for those layouts, ``[B, T]`` for sequences; or
             class probabilities of the logits' shape.
         index: ``[B]`` dataset indices, int64 (or int32), in ``[0, N)`` (one per row, or
@@ -200,10 +204,15 @@ def accumulate(
     backward instead forms the gradient in float32 from the saved logits and the forward's
     per-row losses, one elementwise pass, and rounds it once after the upstream scale (see
     ``ops._RoundOnceCrossEntropy``, :mod:`csl_fast.ops_backward`), and their forward
-    forms no gradient (no logits-sized buffer), as no call without grad does. Double
-    backward is not supported. Buffers must not require grad or share memory with each
-    other or with ``index``; a ``weight`` that requires grad is refused, as
-    ``F.cross_entropy`` refuses it.
+    forms no gradient (no logits-sized buffer), as no call without grad does; like any op
+    that saves its input, such a call then refuses (PyTorch's "modified by an inplace
+    operation") a backward after the logits were changed in place. Sums and means are
+    formed in float32 for float16/bfloat16 logits and rounded once, so where
+    ``F.cross_entropy``'s half-precision reduction overflows to inf (a batch whose losses
+    sum past 65504) the loss here is the finite value, on the fused backends (the
+    ``"reference"`` backend is PyTorch's arithmetic). Double backward is not supported.
+    Buffers must not require grad or share memory with each other or with ``index``; a
+    ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     if (
         _any_autocast()

@@ -293,7 +293,8 @@ class CleaningPlan:
         """The cleaned training set: kept indices and their labels (see :class:`Cleaned`).
 
         Args:
-            labels: int ``[N]`` the given (noisy) labels the plan was made for.
+            labels: int ``[N]`` the given (noisy) labels the plan was made for; kept as
+                they are (not range-checked) except where the plan relabels.
         """
         try:
             y = torch.as_tensor(labels)

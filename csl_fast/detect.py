@@ -94,7 +94,8 @@ Rules (``rule=``):
     compare: nothing is flagged, with a warning that says so.
 ``"fraction"``
     Flag the top ``fraction`` of samples (``ceil(fraction * N)``): a review budget or a
-    prior on the noise rate.
+    prior on the noise rate. Samples without a finite score (never presented) are not
+    flagged, so fewer are when some were never presented.
 ``"threshold"``
     Flag the samples with ``score > threshold``.
 

@@ -571,10 +571,15 @@ class CSLTracker(TrackerStatistics):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
-        """A versioned snapshot: metadata, counters, buffers (live tensors) and histories.
+        """A versioned state: metadata, counters, buffers and histories.
 
         Restoring it with :meth:`load_state_dict` (mid-epoch too) and continuing gives
-        bitwise the same buffers as an uninterrupted run.
+        bitwise the same buffers as an uninterrupted run. As ``nn.Module.state_dict``, the
+        buffers are the tracker's live tensors, not copies: ``torch.save`` it (into a
+        training checkpoint; ``torch.load``'s default ``weights_only=True`` reads it back)
+        or ``copy.deepcopy`` it to keep it while training goes on. The tracker object itself
+        is not a checkpoint entry (``weights_only`` loading refuses it): store its
+        ``state_dict()``, or write it with :meth:`save`.
         """
         return tracker_file.state_dict(self)
 
