@@ -236,7 +236,7 @@ def accumulate(
         )
     fast_error = None
     step = None
-    if extras is None:
+    if extras is None and type(ignore_index) is not bool:  # (refused below; C++ reads 1)
         step = _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad)
     if step is not None:
         # One C++ call: it takes the buffer lock, bumps the version counters, and declines
@@ -269,6 +269,8 @@ def accumulate(
     classes = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
     buffers = _buffers(csl, count, seq, soft, classes)
     try:
+        if isinstance(ignore_index, bool):  # operator.index takes True as 1
+            raise TypeError
         ignore_index = operator.index(ignore_index)  # a 0-d integer tensor or NumPy int too
     except TypeError:
         raise TypeError(
@@ -280,6 +282,14 @@ def accumulate(
         raise ValueError(
             f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
             f"{ignore_index}; use a class index that never occurs, e.g. the default -100"
+        )
+    if soft and ignore_index != -100:
+        # F.cross_entropy refuses it too: a probability row has no class to ignore, and the
+        # argument was dropped without a word
+        raise ValueError(
+            f"csl_fast.accumulate: ignore_index={ignore_index} applies to class-index targets, "
+            "not to class probabilities; drop it, or give padded rows all-zero probabilities "
+            "(a loss of 0)"
         )
     target = widen_for_ignore_index(target, ignore_index)
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)

@@ -214,6 +214,18 @@ def test_soft_targets(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_soft_targets_refuse_an_ignore_index_as_pytorch(backend):
+    """F.cross_entropy refuses ignore_index with class probabilities; it was dropped."""
+    x, q = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
+    with pytest.raises(RuntimeError):
+        F.cross_entropy(x, q, ignore_index=1)
+    csl = torch.zeros(4)
+    with pytest.raises(ValueError, match="ignore_index=1 applies to class-index targets"):
+        accumulate(x, q, torch.arange(4), csl, ignore_index=1, backend=backend)
+    assert not csl.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_float16_soft_targets_record_by_their_own_loss(backend):
     """Whether a float16 row is recorded depends on H(q, p) (below 65520), not on the hard
     loss at argmax q. Both rows' H is finite; row 0's hard loss at its argmax (66000)

@@ -182,6 +182,9 @@ def test_ignore_index_takes_integers_only(backend):
     csl = a.pop("csl").zero_()
     with pytest.raises(TypeError, match="ignore_index must be an int, got float"):
         csl_fast.accumulate(**a, csl=csl, ignore_index=2.0, backend=backend)
+    # a bool, which F.cross_entropy refuses, was read as class 1
+    with pytest.raises(TypeError, match="ignore_index must be an int, got bool"):
+        csl_fast.accumulate(**a, csl=csl, ignore_index=True, backend=backend)
     assert torch.equal(csl, torch.zeros(6))
 
 
