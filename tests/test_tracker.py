@@ -543,7 +543,9 @@ def test_resume_is_bitwise_equal(tmp_path):
     first = CSLTracker(n, classes, history=True)
     _run(first, model, opt, epochs, stop=(1, 2), data=data)  # stop mid-epoch
     first.save(tmp_path / "run.csl")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "model.pt")
+    # or inside the training checkpoint, read back by torch.load's default weights_only
+    ckpt = {"model": model.state_dict(), "opt": opt.state_dict(), "csl": first.state_dict()}
+    torch.save(ckpt, tmp_path / "model.pt")
     del first
 
     model, opt = fresh()
@@ -552,6 +554,12 @@ def test_resume_is_bitwise_equal(tmp_path):
     opt.load_state_dict(ckpt["opt"])
     resumed = CSLTracker(n, classes, history=True)
     resumed.load(tmp_path / "run.csl")
+    from_ckpt = CSLTracker(n, classes, history=True)
+    from_ckpt.load_state_dict(ckpt["csl"])
+    (a, meta_a), (b, meta_b) = _all_state(from_ckpt), _all_state(resumed)
+    assert meta_a == meta_b and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=k)
     _run(resumed, model, opt, epochs, start=(1, 2), data=data)
 
     (a, meta_a), (b, meta_b) = _all_state(straight), _all_state(resumed)
