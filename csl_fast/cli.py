@@ -181,8 +181,13 @@ _DEBUG_HELP = "print the traceback of errors too"
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: a subcommand's default must not overwrite `csl-fast -q CMD` (main's own)
     common.add_argument(
-        "-q", "--quiet", action="store_true", help="no progress bars or status lines (stderr)"
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="no progress bars or status lines (stderr)",
     )
     # SUPPRESS: a subcommand's default must not overwrite `csl-fast --debug CMD`.
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
@@ -203,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"csl_fast {__version__}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars or status lines (stderr)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     from .demo import DIGITS_SAMPLES, DemoConfig

@@ -175,9 +175,11 @@ def test_rank_quiet_keeps_the_detection_warning(tmp_path, capsys):
     t.end_epoch()
     path = str(tmp_path / "short.csl")
     t.save(path)
-    for extra in ([], ["--json"]):
-        code, out, err = run_main(capsys, "rank", path, "-q", *extra)
+    # -q before the command too (it was accepted only after it)
+    for args in (["rank", path, "-q"], ["-q", "rank", path], ["rank", path, "-q", "--json"]):
+        code, out, err = run_main(capsys, *args)
         assert code == 0 and "rank: warning: csl_fast.detect: nothing flagged" in err, err
+        assert "rank: note:" not in err, err
     payload = json.loads(out)
     assert payload["flagged_count"] == 0 and payload["estimated_count"] is None
     assert payload["warning"].startswith("csl_fast.detect: nothing flagged")

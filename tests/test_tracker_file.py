@@ -551,7 +551,7 @@ def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
         return real_open(p, *a, **k)
 
     monkeypatch.setattr(tracker_file.os, "open", denied)
-    with pytest.raises(PermissionError, match="permission denied: choose a folder") as info:
+    with pytest.raises(PermissionError, match="permission denied: choose a file and") as info:
         t.save(path)
     assert str(path) in str(info.value) and ".tmp" not in str(info.value)
 

@@ -132,6 +132,7 @@ def main(mode: str) -> None:
             sig = {k: sig[k] for k in cross_entropy_bwd._ce_bwd_kernel.arg_names if k in sig}
             const = dict(
                 HAS_WEIGHT=has_w,
+                HAS_SMOOTH=has_w,
                 PER_ROW_SCALE=has_w,
                 ROWS=rows,
                 BLOCK_C=block,

@@ -446,8 +446,9 @@ tgt, scale = torch.zeros(R, dtype=torch.long), torch.ones(1)
 grad = torch.full((R, C), float("nan"), dtype=torch.bfloat16)
 cross_entropy_bwd._ce_bwd_kernel[(1,)](
     z, tgt, scale, scale, stats, scale, grad, B, C, 0, -100, 0.0, HAS_WEIGHT=False,
-    PER_ROW_SCALE=False, ROWS=R, BLOCK_C=4, MANUAL_BF16_RNE=True, STAT_LOSS=int(Stat.LOSS),
-    STAT_VALID=int(Stat.VALID), BOUND=64.0, cap=0.0, zs=0.0, HAS_CAP=False, HAS_ZLOSS=False)
+    HAS_SMOOTH=False, PER_ROW_SCALE=False, ROWS=R, BLOCK_C=4, MANUAL_BF16_RNE=True,
+    STAT_LOSS=int(Stat.LOSS), STAT_VALID=int(Stat.VALID), BOUND=64.0, cap=0.0, zs=0.0,
+    HAS_CAP=False, HAS_ZLOSS=False)
 # p_j = exp(z_j - z_y - loss) = exp(-4) off the target: the loss was read at row LOSS
 torch.testing.assert_close(grad[:, 1:].float(), torch.full((R, C - 1), 0.0183), rtol=1e-2, atol=0)
 """,
