@@ -171,6 +171,15 @@ def accumulate_bce(
                 "csl_fast.accumulate_bce: count= is for plain csl tensors; a tracker keeps its "
                 "own counts (tracker.csl_count)"
             )
+        labels = getattr(tracker, "num_labels", None)
+        wide = isinstance(logits, torch.Tensor) and logits.dim() == 2
+        if labels is not None and wide and logits.shape[1] != labels:
+            # (the label buffers' shape check named label_csl, which the caller never gave)
+            raise ValueError(
+                f"csl_fast.accumulate_bce: the tracker keeps L = {labels} labels per sample "
+                f"(num_labels) but the logits have {logits.shape[1]}: make the tracker "
+                f"with CSLTracker(N, num_labels={logits.shape[1]})"
+            )
         csl, count = tracker.training_buffers()
         if label_csl is None:
             label_csl = getattr(tracker, "label_csl", None)

@@ -61,7 +61,10 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
             )
         return Rows(logits[None], target.reshape(1), _one_index(index), None, (), False)
     if dim == 2:
-        if target.dim() == 2 and target.shape[0] != logits.shape[0]:
+        # (an empty batch of sequences, [0, V] logits with a [0, T] target, is one too)
+        if target.dim() == 2 and (
+            target.shape[0] != logits.shape[0] or target.numel() == logits.shape[0] == 0
+        ):
             if target.numel() != logits.shape[0]:
                 raise ValueError(
                     f"csl_fast.accumulate: a [B, T] = {tuple(target.shape)} target of sequences "

@@ -86,6 +86,15 @@ def score_epoch(
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
                 y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
+                if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                    # the reference's .long() truncated 1.7 to class 1
+                    raise TypeError(
+                        "csl_fast.score_epoch: targets must be class indices (int64, int32 or "
+                        f"uint8, as in training), got {y.dtype}; an eval pass scores the given "
+                        "labels, not class probabilities"
+                    )
+                if y.dtype == torch.uint8:  # taken in training (accumulate) too
+                    y = y.long()
                 _, stats = ops.cross_entropy_fwd(
                     logits, y, None, ignore_index, 0.0, 2, tracker.backend
                 )

@@ -204,7 +204,9 @@ def linear_cross_entropy(
     if not isinstance(target, torch.Tensor):
         raise TypeError("csl_fast.linear_cross_entropy: target must be a tensor")
     seq: tuple[int, int] | None = None
-    if target.dim() == 2 and (hidden.dim() == 3 or target.shape[0] != hidden.shape[0]):
+    if target.dim() == 2:
+        # always sequences, whatever T: a [B, 1] target with [B*1, H] hidden was read as
+        # rows (a suggested-label vote each) and with [B, 1, H] hidden as sequences (none)
         seq = (int(target.shape[0]), int(target.shape[1]))
         if target.numel() != math.prod(hidden.shape[:-1]) or (
             hidden.dim() == 3 and tuple(hidden.shape[:2]) != seq

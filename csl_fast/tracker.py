@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from . import _ext, ops, reference, tracker_file
+from .accumulate_checks import _check_values, validate_by_default
 from .buffer_locks import locked
 from .stats import NUM_STATS, Stat
 from .tracker_buffers import (
@@ -335,10 +336,20 @@ class CSLTracker(TrackerStatistics):
 
         No host synchronisation.
         """
-        if token_stats.dim() != 3 or token_stats.shape[0] != NUM_STATS:
+        if (
+            not isinstance(token_stats, torch.Tensor)
+            or token_stats.dim() != 3
+            or token_stats.shape[0] != NUM_STATS
+            or token_stats.dtype != torch.float32
+        ):
+            got = (
+                f"{token_stats.dtype} of shape {tuple(token_stats.shape)}"
+                if isinstance(token_stats, torch.Tensor)
+                else type(token_stats).__name__
+            )
             raise ValueError(
-                "CSLTracker.record_sequences: token_stats must be [NUM_STATS, B, T], got "
-                f"shape {tuple(token_stats.shape)}"
+                "CSLTracker.record_sequences: token_stats must be float32 [NUM_STATS, B, T] "
+                f"(the fused cross entropy's per-token statistics), got {got}"
             )
         f = self.dtype
         tok = token_stats.to(f)
@@ -483,6 +494,12 @@ class CSLTracker(TrackerStatistics):
                 f"CSLTracker: got statistics on {stats.device} but the tracker lives on "
                 f"{self.device}; create the tracker with device={str(stats.device)!r}"
             )
+        if not torch.compiler.is_compiling() and validate_by_default(
+            self.device, _ext.resolve_backend(self.backend, self.device)
+        ):
+            # where no kernel checks the range before writing (the reference's and Triton's
+            # ops skip an index outside [0, N) and write the other rows), as accumulate does
+            _check_values(None, index, 0, self.num_samples, 0, "CSLTracker")
         return index.to(self.device, torch.int64, non_blocking=True)
 
     def _record_last(

@@ -486,6 +486,9 @@ def test_bad_tracker_calls_write_nothing(backend):
     tracker = csl_fast.CSLTracker(5, 4, num_labels=4)
     with pytest.raises(ValueError, match="count= is for plain csl tensors"):
         csl_fast.accumulate_bce(logits, target, index, tracker, count=torch.zeros(5))
+    # another label count: named as the tracker's num_labels, not as a label_csl shape
+    with pytest.raises(ValueError, match=r"tracker keeps L = 4 labels.*num_labels=3"):
+        csl_fast.accumulate_bce(logits[:, :3], target[:, :3], index, tracker, backend=backend)
     index[2] = 7
     with pytest.raises(IndexError, match="outside"):
         csl_fast.accumulate_bce(logits, target, index, tracker, backend=backend)

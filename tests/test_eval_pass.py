@@ -110,3 +110,33 @@ def test_list_targets_and_indices_are_taken():
     assert tracker.eval_count.tolist() == [0, 1, 1, 1, 1, 0, 0, 1]
     want = F.cross_entropy(model(x), torch.tensor(y), reduction="none").detach()
     torch.testing.assert_close(tracker.eval_csl_sum[[7, 1, 2, 3, 4]], want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_as_in_training(backend):
+    """uint8 class indices, which training takes, were refused on the CPU backend as
+    "class probabilities"; float targets were truncated on the reference (1.7 -> 1)."""
+    model = _model()
+    x, y, _ = _batches(n=4)
+    want = CSLTracker(4, 3, backend=backend)
+    csl_fast.score_epoch(model, [(x, y, torch.arange(4))], want)
+    got = CSLTracker(4, 3, backend=backend)
+    csl_fast.score_epoch(model, [(x, y.to(torch.uint8), torch.arange(4))], got)
+    assert torch.equal(got.eval_csl_sum, want.eval_csl_sum)
+    bad = CSLTracker(4, 3, backend=backend)
+    with pytest.raises(TypeError, match="targets must be class indices"):
+        csl_fast.score_epoch(model, [(x, y.float() + 0.7, torch.arange(4))], bad)
+    assert bad.eval_passes == 0 and not bad.eval_count.any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_out_of_range_writes_nothing(backend):
+    """The reference and Triton backends skipped the bad row and recorded the others, and
+    the pass was closed; the C++ backend refused it. Now every backend refuses it."""
+    model = _model()
+    x, y, _ = _batches(n=4)
+    t = CSLTracker(4, 3, backend=backend)
+    for index in (torch.tensor([0, 1, 2, 4]), torch.tensor([0, -1, 2, 3])):
+        with pytest.raises(IndexError, match="outside"):
+            csl_fast.score_epoch(model, [(x, y, index)], t)
+    assert t.eval_passes == 0 and not t.eval_count.any()

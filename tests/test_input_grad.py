@@ -240,3 +240,13 @@ def test_watch_a_batch_the_model_moves_to_the_tracker_device(device):
     F.cross_entropy(model(x.to(device)), y.to(device)).backward()
     want = per_sample_sq(model.cpu(), x, y)
     torch.testing.assert_close(t.input_grad_sq_sum.cpu().double(), want, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_index_out_of_range_writes_nothing(backend):
+    """The reference and Triton backends skipped the row and recorded the others (the
+    hook of watch too), where the C++ backend refused it before writing."""
+    t = CSLTracker(4, 3, backend=backend)
+    with pytest.raises(IndexError, match="outside"):
+        csl_fast.input_grad_norms(torch.ones(2, 3), torch.tensor([0, 4]), t)
+    assert not t.input_grad_count.any() and t.input_grad_first_epoch < 0

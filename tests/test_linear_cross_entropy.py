@@ -161,6 +161,20 @@ def test_tracker_matches_accumulate_on_logits():
         torch.testing.assert_close(buf, c.buffers()[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
+def test_one_token_sequences_read_the_same_in_either_hidden_layout():
+    """A [B, 1] target with [B*1, H] hidden was read as B rows (a suggested-label vote
+    each), with [B, 1, H] hidden as B sequences (none): the same batch, two trackers."""
+    h, w, b, t = _inputs(b=4, t=1, h=3, v=5)
+    index = torch.arange(4)
+    a, c = CSLTracker(4, w.shape[0]), CSLTracker(4, w.shape[0])
+    with torch.no_grad():
+        linear_cross_entropy(h, w, t, index, a, b)
+        linear_cross_entropy(h.flatten(0, 1), w, t, index, c, b)
+    for name, buf in a.buffers().items():
+        assert torch.equal(buf, c.buffers()[name]), name
+    assert not a.suggest_votes.any()  # sequences: no suggested label
+
+
 def test_rows_mode_and_triton_backend():
     """Per-row samples (target [N], index [N]); the Triton kernels (interpreter) agree."""
     h, w, b, t = _inputs(b=1, t=9, h=4, v=6)

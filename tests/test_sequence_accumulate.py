@@ -177,6 +177,36 @@ def test_record_sequences_equals_rowwise_sums():
         torch.testing.assert_close(seq.buffers()[name], rows.buffers()[name], rtol=1e-5, atol=1e-5)
 
 
+def test_an_empty_batch_of_sequences():
+    """[0, V] logits with a [0, T] target (B = 0) were refused as a misshapen row target,
+    where [0, V, T] logits and B = 2, T = 0 were taken."""
+    csl = torch.zeros(4)
+    for logits, target, index in (
+        (torch.randn(0, V), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+        (
+            torch.randn(0, V, 3),
+            torch.zeros(0, 3, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+        ),
+        (torch.randn(0, V), torch.zeros(2, 0, dtype=torch.long), torch.tensor([0, 1])),
+    ):
+        want = F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))
+        torch.testing.assert_close(
+            csl_fast.accumulate(logits, target, index, csl), want, equal_nan=True
+        )
+    assert not csl.any()
+
+
+def test_record_sequences_refuses_statistics_of_another_dtype():
+    # int64 statistics were written as if they were the fused op's float32 ones
+    t = CSLTracker(4, V)
+    for bad in (torch.ones(csl_fast.stats.NUM_STATS, 2, 3, dtype=torch.int64), torch.ones(3, 2)):
+        with pytest.raises(ValueError, match=r"token_stats must be float32 \[NUM_STATS, B, T\]"):
+            t.record_sequences(torch.tensor([0, 1]), bad)
+    fresh = CSLTracker(4, V).buffers()
+    assert all(torch.equal(buf, fresh[name]) for name, buf in t.buffers().items())
+
+
 def test_ambiguous_and_bad_shapes():
     logits, target, index = _batch()
     flat = logits.flatten(0, 1)
