@@ -284,7 +284,7 @@ def check_buffer(
             f"{' or '.join(str(d) for d in dtypes)}, got {got}; allocate it with "
             f"torch.zeros(num_samples, device={source}.device)"
         )
-    if torch._C._functorch.is_functorch_wrapped_tensor(buf):
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(buf):
         # (the kernels write through its storage, which a transform's wrapper does not have)
         raise ValueError(
             f"csl_fast.{op}: {name} was created inside a torch.func transform (grad or "

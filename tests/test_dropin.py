@@ -366,8 +366,9 @@ def test_fused_op_under_a_transform_says_what_to_use(backend):
         jvp(lambda z: op(z, t, None, -100, 0.0, 1, backend)[0], (x,), (v,))
     with pytest.raises(RuntimeError, match=r"csl_fast: .* backend='reference'"):
         grad(lambda z: op(z, t, None, -100, 0.0, 1, backend)[0])(x)
+    csl = torch.zeros(4)  # outside the transform (made inside, it is refused first)
     with pytest.raises(ValueError, match=r"inplace_grad=True needs class-index targets outside"):
-        grad(lambda z: accumulate(z * 1, t, torch.arange(4), torch.zeros(4), inplace_grad=True))(x)
+        grad(lambda z: accumulate(z * 1, t, torch.arange(4), csl, inplace_grad=True))(x)
 
 
 def test_linear_cross_entropy_under_a_transform_says_what_to_use():
