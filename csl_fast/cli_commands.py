@@ -482,7 +482,7 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .cli_inputs import check_combination, run_inputs
-    from .report import write_report
+    from .report import FIGURES, write_report
 
     tracker, samples = load_run(args.run)
     _scores_for(tracker, args.score)
@@ -506,7 +506,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         inputs=inputs,
         labels=labels,
     )
-    pngs = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    # the report's own figures (another PNG in the folder is the user's, not written now)
+    pngs = sorted(f for f in FIGURES if os.path.exists(os.path.join(out, f)))
     print(f"wrote {path} and {len(pngs)} PNG files: {', '.join(pngs)}")
     return EXIT_OK
 

@@ -17,8 +17,22 @@ __all__ = ["duplicate_pairs", "flip_labels"]
 _FN = "csl_fast.corrupt"
 
 
+def _tensor(name: str, x: object, dims: str) -> torch.Tensor:
+    """``x`` if it is a tensor with at least one dimension, else a clear error (a NumPy
+    array or a list met ``'numpy.ndarray' object has no attribute 'dim'``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"csl_fast.corrupt: {name} must be a torch.Tensor {dims}, got {type(x).__name__}; "
+            "convert it with torch.as_tensor"
+        )
+    if x.dim() == 0:
+        raise ValueError(f"csl_fast.corrupt: {name} must be {dims}, got a 0-d tensor")
+    return x
+
+
 def _labels(labels: torch.Tensor, num_classes: int | None) -> tuple[torch.Tensor, int]:
     """Checked int64 CPU copy of ``labels`` and the class count ``C``."""
+    labels = _tensor("labels", labels, "[N]")
     if labels.dim() != 1:
         raise ValueError(
             f"csl_fast.corrupt: labels must be 1-D [N], got shape {tuple(labels.shape)}"
@@ -120,7 +134,8 @@ def duplicate_pairs(
     fn = "csl_fast.corrupt.duplicate_pairs"
     num_pairs = integer(fn, "num_pairs", num_pairs)
     seed = integer(fn, "seed", seed)
-    n = labels.numel()
+    inputs = _tensor("inputs", inputs, "[N, ...]")
+    n = _tensor("labels", labels, "[N]").numel()
     if inputs.shape[0] != n:
         raise ValueError(
             f"csl_fast.corrupt.duplicate_pairs: inputs has {inputs.shape[0]} rows, labels {n}"

@@ -49,6 +49,11 @@ class IndexedDataset(Dataset):
             ) from None
         if not hasattr(dataset, "__getitem__"):
             raise TypeError(f"IndexedDataset: {type(dataset).__name__} has no __getitem__")
+        if not isinstance(index_key, str):
+            # (3 made samples like {'a': 1, 3: 0}, which a collate would not name)
+            raise TypeError(
+                f"IndexedDataset: index_key must be a str, got {type(index_key).__name__}"
+            )
         self.dataset = dataset
         self.index_key = index_key
         self._len = int(length)

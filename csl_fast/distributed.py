@@ -17,9 +17,9 @@ result is ``baseline + sum over ranks``. Calling :func:`sync` twice in a row the
 changes nothing the second time, and syncing more often (by hand, mid-epoch) gives the
 same sums and counts as syncing once per epoch. The values combined by ownership (below)
 follow the order of the windows: with ``DistributedSampler`` they are unchanged too (but
-the suggested-label vote of a padding repeat, exact once the repeat is in a later window
-than the regular presentation); where a custom sampler shows a sample on two ranks in one
-epoch, a sync between the two presentations can change which rank's come last. Buffers
+the suggested-label vote of a padding repeat, below); where a custom sampler shows a
+sample on two ranks in one epoch, a sync between the two presentations can change which
+rank's come last. Buffers
 that :meth:`~CSLTracker.end_epoch` / :meth:`~CSLTracker.end_eval_pass` reset
 (``epoch_*``, ``eval_pass_*``) use a zero baseline once the epoch (eval pass) they were
 synced in has been closed.
@@ -50,7 +50,11 @@ Combination rules
   run over the global batches ``(epoch, step, rank 0's rows, rank 1's rows, ...)``: a rank
   never gets the same sample twice in one epoch, and a padding repeat always lands on a
   higher rank, at a later (or the same) step, than the sample's regular presentation. So the
-  synced tracker equals that single-process run exactly.
+  synced tracker equals that single-process run exactly, but for the suggested-label vote
+  of the padding repeats (fewer than ``W`` samples per epoch; a repeat shares its epoch's
+  window with the regular presentation, whose vote is then lost, so their
+  ``suggest_votes`` / ``suggest_hits`` can be short by one presentation's and, rarely,
+  ``suggest_label`` differ).
 
   The one case the rule cannot reconstruct from per-rank state is a sample presented on
   several ranks in one window *and* several times on one of the later ranks (a custom
@@ -123,6 +127,7 @@ __all__ = [
     "mark_synced",
     "set_timeout",
     "sync",
+    "sync_epoch",
 ]
 
 #: Seconds csl_fast's collectives wait for every rank before raising
@@ -272,13 +277,15 @@ _FIELDS = (
     "csl_count total",
     "eval_count total",
 )
-_CALLS = {1: "sync()", 2: "mark_synced()"}
+# end_epoch's sync has a code of its own: sync() on one rank and end_epoch() on another
+# combined the same windows but left the ranks at different epochs, with no error
+_CALLS = {1: "sync()", 2: "mark_synced()", 3: "end_epoch()"}
 _IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the minimum wins)
 
 
 def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
     # mark_synced is what clears a load's flag: ranks that differ in it may still mark.
-    loaded = call == 1 and tracker.__dict__.get(_LOADED_ATTR, False)
+    loaded = call != 2 and tracker.__dict__.get(_LOADED_ATTR, False)
     names = ",".join(f"{k}:{b.dtype}:{b.shape[1:]}" for k, b in sorted(tracker.buffers().items()))
     totals = [0, 0]
     meta = tracker.device.type == "meta"
@@ -424,6 +431,13 @@ def _set_baseline(tracker: CSLTracker) -> None:
     tracker.__dict__.pop(_LOADED_ATTR, None)
 
 
+def sync_epoch(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:
+    """:func:`sync` as :meth:`csl_fast.CSLTracker.end_epoch` runs it: the same, but the
+    ranks' fingerprints name the call ``end_epoch()``, so a rank that calls :func:`sync`
+    while another closes its epoch gets a :class:`SyncError` instead of a silent split."""
+    return _sync(tracker, group, timeout, 3)
+
+
 def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:
     """Combine this rank's tracker with the other ranks' (a collective: every rank of
     ``group`` must call it). See the module docstring for the rules.
@@ -445,6 +459,10 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
         SyncTimeoutError: a rank did not join in time (it skipped ``end_epoch``, exited
             or crashed).
     """
+    return _sync(tracker, group, timeout, 1)
+
+
+def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
     if not is_distributed(group):
         return False
     timeout = get_timeout() if timeout is None else timeout
@@ -457,7 +475,7 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     n = tracker.num_samples
 
     # --- 1. every rank must be at the same point (one tiny collective) -----------------
-    table = _agree(tracker, group, 1, state is not None, timeout)
+    table = _agree(tracker, group, call, state is not None, timeout)
     igfes = [v for v in table[:, _IGFE].tolist() if v >= 0]
     if tracker.__dict__.get(_LOADED_ATTR, False):  # the same on every rank (fingerprint)
         raise SyncError(

@@ -64,10 +64,19 @@ from .report_figures import (
 from .report_figures import _png as _png  # report_cleaning draws through it
 from .tracker import CSLTracker
 
-__all__ = ["SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
+__all__ = ["FIGURES", "SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
 
 #: Name of the per-sample side file in a run folder.
 SAMPLES_FILE = "samples.npz"
+#: The PNG files a report may write (the module docstring says what each shows).
+FIGURES = (
+    "csl_histogram.png",
+    "roc.png",
+    "data_map.png",
+    "loss_curves.png",
+    "top_samples.png",
+    "flagging.png",
+)
 
 _ARRAY_FIELDS = (
     "labels",

@@ -257,15 +257,19 @@ def _fig_loss_curves(
     if hist.numel() == 0 or hist.shape[0] < 2:
         return None, "needs a tracker created with history=True and at least two epochs"
     h = hist.float().cpu().numpy()  # [E, N]
-    csl = _np(tracker.csl)
+    eval_only = source == "eval-pass loss"
+    csl = _np(tracker.eval_csl_sum if eval_only else tracker.csl)
+    # never-presented samples hold a CSL of 0, not NaN: they were drawn as the easiest,
+    # with curves of NaN only
+    shown = np.isfinite(csl) & (_np(tracker.eval_count if eval_only else tracker.csl_count) > 0)
     labels = samples.labels if samples is not None and samples.labels is not None else None
     if labels is not None:
         classes, counts = np.unique(labels, return_counts=True)
         cls = int(classes[np.argmax(counts)])
-        members = np.flatnonzero((labels == cls) & np.isfinite(csl))
+        members = np.flatnonzero((labels == cls) & shown)
         who = f"class {samples.class_name(cls)}"  # type: ignore[union-attr]
     else:
-        members = np.flatnonzero(np.isfinite(csl))
+        members = np.flatnonzero(shown)
         who = "all samples (labels unknown)"
     if members.size < 2:
         return None, "too few samples with a CSL"

@@ -555,10 +555,9 @@ class CSLTracker(TrackerStatistics):
         accumulators and advances :attr:`epoch`. Reads nothing on the host when not
         distributed.
         """
-        from .distributed import is_distributed
+        from .distributed import sync_epoch
 
-        if is_distributed(group):
-            self.sync(group)
+        sync_epoch(self, group)  # a no-op returning False when not distributed
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(
                 _mean_or_nan(self.epoch_input_grad_sq_sum, self.epoch_input_grad_count).float()

@@ -69,6 +69,13 @@ def test_duplicate_pairs_errors():
         corrupt.duplicate_pairs(x, y, 3)
     with pytest.raises(ValueError):
         corrupt.duplicate_pairs(x[:4], y, 1)
+    # NumPy arrays and lists met "'numpy.ndarray' object has no attribute 'dim'"
+    with pytest.raises(TypeError, match=r"labels must be a torch\.Tensor \[N\], got ndarray"):
+        corrupt.flip_labels(y.numpy(), 0.2)
+    with pytest.raises(TypeError, match=r"labels must be a torch\.Tensor \[N\], got list"):
+        corrupt.duplicate_pairs(x, y.tolist(), 1)
+    with pytest.raises(ValueError, match=r"inputs must be \[N, \.\.\.\], got a 0-d tensor"):
+        corrupt.duplicate_pairs(torch.tensor(1.0), y, 1)
 
 
 @pytest.mark.parametrize("helper", ["flip", "dup"])

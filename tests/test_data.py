@@ -66,6 +66,8 @@ def test_tuple_dict_and_plain_samples():
         ds[5]
     with pytest.raises(KeyError, match="index_key"):
         IndexedDataset([{"index": 0}])[0]
+    with pytest.raises(TypeError, match="index_key must be a str, got int"):
+        IndexedDataset(Dicts(3), index_key=3)
 
 
 def test_forwards_attributes_and_pickles():

@@ -305,6 +305,11 @@ def _disagree_worker(rank: int, init: str, out: str):
     t = CSLTracker(10, C)
     t.epoch = rank  # one rank closed an epoch the other did not
     attempt(t.sync)
+    # sync() on one rank, end_epoch() on the other: both passed as "sync()", and the
+    # ranks went on at different epochs
+    t = CSLTracker(10, C)
+    attempt(t.sync if rank == 0 else t.end_epoch)
+    msgs.append(t.epoch)
     # the same trackers still sync afterwards
     t = CSLTracker(10, C)
     t.csl_sum[rank] += 1.5
@@ -342,7 +347,8 @@ def test_ranks_that_disagree_all_raise_the_same_clear_error(tmp_path):
     assert "num_samples (" not in msgs[7] and "buffer set" not in msgs[7]
     assert msgs[8:10] == ["no error", C]
     assert "epoch (rank 0: 0, rank 1: 1)" in msgs[10] and "end_epoch()" in msgs[10]
-    assert msgs[11] == [1.5, 1.5, 0.0]
+    assert "call (rank 0: sync(), rank 1: end_epoch())" in msgs[11] and msgs[12] == 0
+    assert msgs[13] == [1.5, 1.5, 0.0]
 
 
 def _timeout_worker(rank: int, init: str, out: str):
