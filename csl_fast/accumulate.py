@@ -533,5 +533,7 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     # LOSS -> summed token loss, VALID -> number of valid tokens.
     per_sequence = tokens.sum(2)
     ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)
-    if not isinstance(csl, torch.Tensor):
+    if type(csl) is CSLTracker:
+        csl.record_sequences(index, tokens, validate=False)  # (the call decided above)
+    elif not isinstance(csl, torch.Tensor):
         csl.record_sequences(index, tokens)

@@ -154,6 +154,14 @@ class CSLTracker(TrackerStatistics):
 
     Counters: :attr:`epoch` (completed epochs; presentations are stamped with it) and
     :attr:`eval_passes`.
+
+    Indices: the recording methods take a ``validate`` flag, as :func:`csl_fast.accumulate`
+    does. By default an index outside ``[0, N)`` raises an :class:`IndexError` before
+    anything is written wherever that costs no device synchronisation (CPU tensors) or
+    the backend would fault the device (``"reference"``). ``validate=False`` leaves it
+    to the kernels: the C++ CPU kernels still refuse it, the others skip such rows and
+    record the rest, as the GPU kernels do without a synchronisation; ``True`` checks on
+    a GPU too (one synchronisation a call).
     """
 
     def __init__(
@@ -266,28 +274,33 @@ class CSLTracker(TrackerStatistics):
         """``(csl_sum, csl_count)``: what :func:`csl_fast.accumulate`'s fused op adds into."""
         return self._buffers["csl_sum"], self._buffers["csl_count"]
 
-    def record(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+    def record(
+        self, index: torch.Tensor, stats: torch.Tensor, *, validate: bool | None = None
+    ) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from one training batch.
 
         Args:
             index: ``[B]`` int dataset indices.
             stats: float32 ``[NUM_STATS, B]`` from the fused cross entropy
                 (:class:`csl_fast.stats.Stat` rows), on the tracker's device.
+            validate: check that every index is in ``[0, N)`` (class docstring, *Indices*).
 
         Called by :func:`csl_fast.accumulate` after it has added the losses and counts into
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
         _check_stats("record", stats, self.num_classes)
-        self._record_fused(index, stats)
+        self._record_fused(index, stats, validate)
 
     @locked
-    def _record_fused(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+    def _record_fused(
+        self, index: torch.Tensor, stats: torch.Tensor, validate: bool | None = False
+    ) -> None:
         """:meth:`record` of stats the fused op has just computed for this tracker (by
         :func:`csl_fast.accumulate`, which has checked the logits' class count): only their
         layout is checked (under 1 us; the class check adds ~5 us a call on the CPU)."""
         _check_stats("record", stats, None)
-        idx = self._index(index, stats)
+        idx = self._index(index, stats, validate)
         b = self._buffers  # not attribute access: __getattr__ costs ~1 us a name per step
         sums = (b["grad_norm_sum"], b["margin_sum"], b["p_true_sum"], b["p_true_sq_sum"])
         suggest = (b["suggest_label"], b["suggest_votes"], b["suggest_hits"])
@@ -300,13 +313,16 @@ class CSLTracker(TrackerStatistics):
             _scatter_add(b["epoch_count"], idx, stats[Stat.VALID].to(f))
 
     @locked
-    def record_sequences(self, index: torch.Tensor, token_stats: torch.Tensor) -> None:
+    def record_sequences(
+        self, index: torch.Tensor, token_stats: torch.Tensor, *, validate: bool | None = None
+    ) -> None:
         """Update every buffer but ``csl_sum``/``csl_count`` from a batch of sequences.
 
         Args:
             index: ``[B]`` int dataset indices, one per sequence.
             token_stats: float32 ``[NUM_STATS, B, T]`` per-token stats from the fused cross
                 entropy (ignored tokens are all zero), on the tracker's device.
+            validate: check that every index is in ``[0, N)`` (class docstring, *Indices*).
 
         Called by :func:`csl_fast.accumulate` for sequences (``[B*T, V]`` logits) after it has added
         each sequence's summed token loss and valid-token count into
@@ -340,7 +356,7 @@ class CSLTracker(TrackerStatistics):
             not isinstance(token_stats, torch.Tensor)
             or token_stats.dim() != 3
             or token_stats.shape[0] != NUM_STATS
-            or token_stats.dtype != torch.float32
+            or token_stats.dtype not in (torch.float32, torch.float64)
         ):
             got = (
                 f"{token_stats.dtype} of shape {tuple(token_stats.shape)}"
@@ -348,15 +364,15 @@ class CSLTracker(TrackerStatistics):
                 else type(token_stats).__name__
             )
             raise ValueError(
-                "CSLTracker.record_sequences: token_stats must be float32 [NUM_STATS, B, T] "
-                f"(the fused cross entropy's per-token statistics), got {got}"
+                "CSLTracker.record_sequences: token_stats must be float32 (or float64) "
+                f"[NUM_STATS, B, T] (the fused cross entropy's per-token statistics), got {got}"
             )
         f = self.dtype
         tok = token_stats.to(f)
         # Per-sequence sums, not token 0: a batch of samples without positions (T == 0,
         # ``[N, C, 0]`` logits, which F.cross_entropy takes) has no token 0.
         sums = tok.sum(2)
-        idx = self._index(index, sums)
+        idx = self._index(index, sums, validate)
         n = sums[Stat.VALID]
         valid = tok[Stat.VALID] > 0
         max_prob = torch.where(valid, reference.max_prob(tok[Stat.LOSS], tok[Stat.MARGIN]), 0).sum(
@@ -380,11 +396,14 @@ class CSLTracker(TrackerStatistics):
             _scatter_add(self.epoch_count, idx, sums[Stat.VALID])
 
     @locked
-    def update(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+    def update(
+        self, index: torch.Tensor, stats: torch.Tensor, *, validate: bool | None = None
+    ) -> None:
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
-        included (``accumulate`` does the same in its fused op, then calls :meth:`record`)."""
+        included (``accumulate`` does the same in its fused op, then calls :meth:`record`).
+        ``validate``: check that every index is in ``[0, N)`` (class docstring, *Indices*)."""
         _check_stats("update", stats, self.num_classes)
-        idx = self._index(index, stats)
+        idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,
             idx,
@@ -392,14 +411,17 @@ class CSLTracker(TrackerStatistics):
             *self.training_buffers(),
             backend=self.backend,
         )
-        self._record_fused(idx, stats)
+        self._record_fused(idx, stats)  # (its indices checked above)
 
     @locked
-    def record_eval(self, index: torch.Tensor, stats: torch.Tensor) -> None:
+    def record_eval(
+        self, index: torch.Tensor, stats: torch.Tensor, *, validate: bool | None = None
+    ) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
-        buffers, apart from the in-training ones. No host synchronisation."""
+        buffers, apart from the in-training ones. ``validate``: check that every index is in
+        ``[0, N)`` (class docstring, *Indices*)."""
         _check_stats("record_eval", stats, self.num_classes)
-        idx = self._index(index, stats)
+        idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,
             idx,
@@ -419,6 +441,8 @@ class CSLTracker(TrackerStatistics):
         index: torch.Tensor,
         sq_norms: torch.Tensor,
         valid: torch.Tensor | None = None,
+        *,
+        validate: bool | None = None,
     ) -> None:
         r"""Add per-sample squared input-gradient norms :math:`\|\partial\ell_i/\partial x_i\|^2`.
 
@@ -428,8 +452,9 @@ class CSLTracker(TrackerStatistics):
                 :func:`csl_fast.input_grad_norms`).
             valid: optional ``[B]`` bool; rows that are False (e.g. ``ignore_index``
                 targets) are not recorded. Non-finite norms are never recorded.
+            validate: check that every index is in ``[0, N)`` (class docstring, *Indices*).
         """
-        idx = self._index(index, sq_norms[None])
+        idx = self._index(index, sq_norms[None], validate)
         if valid is not None and (valid.dim() != 1 or valid.shape[0] != idx.shape[0]):
             raise ValueError(
                 f"CSLTracker.record_input_grad: valid must be a bool [B = {idx.shape[0]}] "
@@ -477,7 +502,9 @@ class CSLTracker(TrackerStatistics):
             return torch.are_deterministic_algorithms_enabled()
         return bool(self.deterministic)
 
-    def _index(self, index: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    def _index(
+        self, index: torch.Tensor, stats: torch.Tensor, validate: bool | None
+    ) -> torch.Tensor:
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
             raise ValueError("CSLTracker: index must be a 1-D tensor of dataset indices")
         if index.is_floating_point() or index.dtype == torch.bool:
@@ -494,11 +521,11 @@ class CSLTracker(TrackerStatistics):
                 f"CSLTracker: got statistics on {stats.device} but the tracker lives on "
                 f"{self.device}; create the tracker with device={str(stats.device)!r}"
             )
-        if not torch.compiler.is_compiling() and validate_by_default(
-            self.device, _ext.resolve_backend(self.backend, self.device)
-        ):
-            # where no kernel checks the range before writing (the reference's and Triton's
-            # ops skip an index outside [0, N) and write the other rows), as accumulate does
+        if validate is None:
+            validate = not torch.compiler.is_compiling() and validate_by_default(
+                self.device, _ext.resolve_backend(self.backend, self.device)
+            )
+        if validate:
             _check_values(None, index, 0, self.num_samples, 0, "CSLTracker")
         return index.to(self.device, torch.int64, non_blocking=True)
 

@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import re
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -426,6 +427,34 @@ def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     _fig_loss_curves(tracker, None, str(tmp_path / "l.png"))
     assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_loss_curves_leave_out_samples_never_presented(tmp_path, monkeypatch):
+    # an unseen sample's CSL is 0, not NaN: the "easy" curves were unseen samples, all NaN
+    # ("Mean of empty slice"), and the legend counted every sample
+    import matplotlib.figure
+
+    from csl_fast.report_figures import _fig_loss_curves
+
+    n, seen = 40, 30
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    for _ in range(3):
+        idx = torch.arange(seen)
+        csl_fast.accumulate(torch.randn(seen, 3), idx % 3, idx, tracker)
+        tracker.end_epoch()
+    lines = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        lines.extend((line.get_label(), line.get_ydata()) for line in fig.axes[0].get_lines())
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _fig_loss_curves(tracker, None, str(tmp_path / "l.png"))
+    assert lines and all(np.isfinite(y).all() for _, y in lines)
+    assert any(label.endswith(f"({seen})") for label, _ in lines), [x for x, _ in lines]
 
 
 def test_image_grid_is_titled_with_the_score_that_ranks_it(run, tmp_path, monkeypatch):

@@ -394,7 +394,9 @@ def test_bad_index_or_stats_leave_the_tracker_as_it_was():
     fresh = CSLTracker(4, history=True, backend="cpu").buffers()
     for name, b in t.buffers().items():
         assert torch.equal(b, fresh[name]), name
-    with pytest.raises(ValueError, match=r"\[NUM_STATS, B, T\], got shape \(6, 2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"\[NUM_STATS, B, T\] .*got torch.float32 of shape \(6, 2, 3\)"
+    ):
         t.record_sequences(torch.tensor([0, 1]), torch.ones(len(Stat) - 1, 2, 3))
     tok = torch.rand(len(Stat), 2, 3, dtype=torch.float64)
     tok[Stat.VALID] = 1.0
@@ -464,27 +466,34 @@ def test_a_runner_up_class_past_num_classes_is_refused(backend, other, tmp_path)
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_index_past_n(backend):
-    """The C++ kernels refuse it before writing; the reference skips it, as the GPU kernels
-    do (its index_add_ once raised with csl_sum already added into, and faults a GPU)."""
+    """By default every backend refuses it before writing on CPU tensors (the reference and
+    Triton once skipped it there, recording the other rows); with validate=False the C++
+    kernels still refuse it and the others skip it, as the GPU kernels do (the reference's
+    index_add_ once raised with csl_sum already added into, and faults a GPU)."""
     stats = _stats([0.3, 0.2, 0.7], [1, 1, 0], [1, 1, 1])
     index = torch.tensor([1, 6, 2])
     calls = {
-        "update": lambda t, i, s: t.update(i, s),
-        "record_eval": lambda t, i, s: t.record_eval(i, s),
-        "record_sequences": lambda t, i, s: t.record_sequences(i, s[:, :, None].repeat(1, 1, 2)),
+        "update": lambda t, i, s, **kw: t.update(i, s, **kw),
+        "record": lambda t, i, s, **kw: t.record(i, s, **kw),
+        "record_eval": lambda t, i, s, **kw: t.record_eval(i, s, **kw),
+        "record_sequences": lambda t, i, s, **kw: t.record_sequences(
+            i, s[:, :, None].repeat(1, 1, 2), **kw
+        ),
+        "record_input_grad": lambda t, i, s, **kw: t.record_input_grad(i, s[0], **kw),
     }
     for name, call in calls.items():
-        t, before = _primed(backend, history=True)
-        if backend == "cpu":
-            with pytest.raises(IndexError, match=r"index.* = 6 is outside"):
-                call(t, index, stats)
-            assert not _unchanged(t, before), name
-            continue
-        call(t, index, stats)
-        want, _ = _primed(backend, history=True)
-        keep = torch.tensor([True, False, True])
-        call(want, index[keep], stats[:, keep])
-        assert not _unchanged(t, want.buffers()), name
+        for validate in (None, False):
+            t, before = _primed(backend, history=True)
+            if backend == "cpu" or validate is None:
+                with pytest.raises(IndexError, match=r"index.* = 6 is outside"):
+                    call(t, index, stats, validate=validate)
+                assert not _unchanged(t, before), name
+                continue
+            call(t, index, stats, validate=validate)
+            want, _ = _primed(backend, history=True)
+            keep = torch.tensor([True, False, True])
+            call(want, index[keep], stats[:, keep])
+            assert not _unchanged(t, want.buffers()), name
 
 
 def test_device_without_an_index(device):
