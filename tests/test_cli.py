@@ -25,15 +25,7 @@ pytest.importorskip("matplotlib")
 from cli_calls import run_main, user_error
 
 from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
-
-PNGS = (
-    "csl_histogram.png",
-    "roc.png",
-    "data_map.png",
-    "loss_curves.png",
-    "top_samples.png",
-    "flagging.png",
-)
+from csl_fast.report import FIGURES
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -79,7 +71,7 @@ def test_demo_outputs(demo_run):
     assert proc.stderr == ""  # --quiet: no progress bars or status lines
     for name in ("tracker.csl", "samples.npz", "results.json", "report/report.html"):
         assert (out / name).is_file(), name
-    for png in PNGS:
+    for png in FIGURES:
         assert (out / "report" / png).stat().st_size > 1000, png
     text = proc.stdout
     # The detection table parses: "<score> <auroc mislabeled> <auroc duplicates>".
@@ -103,7 +95,7 @@ def test_demo_outputs(demo_run):
     assert results["flagged_duplicates"]["injected"] == 8  # the 4 pairs, exactly
     assert re.search(r"Duplicates flagged .*: 8 samples in 4 groups; 8 of them injected", text)
     html = (out / "report" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == len(PNGS)
+    assert html.count("data:image/png;base64,") == len(FIGURES)
     # samples.npz keeps the inputs, so the report has the duplicate groups
     assert "Duplicate groups (identical inputs)" in html
     assert "groups with conflicting labels</td><td>4</td>" in html
@@ -232,7 +224,7 @@ def test_report_command(demo_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert (dest / "report.html").is_file()
-    for png in PNGS:
+    for png in FIGURES:
         assert (dest / png).is_file(), png
 
 
