@@ -28,6 +28,12 @@ __all__ = [
 
 
 def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
+    """``x`` as a 1-D NumPy array: per-sample values, one per sample. (They were
+    flattened: [3, 2] scores against [6] labels gave an AUROC, and None read as one NaN.)"""
+    if x is None or isinstance(x, str | bytes):
+        raise TypeError(
+            f"csl_fast.evaluate: {name} must be a 1-D array or tensor [N], got {type(x).__name__}"
+        )
     if isinstance(x, torch.Tensor):
         if x.is_meta or x.is_complex() or x.layout != torch.strided:
             kind = "meta" if x.is_meta else "complex" if x.is_complex() else str(x.layout)
@@ -38,7 +44,13 @@ def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
         x = x.detach().cpu()
         x = x.double() if dtype is np.float64 else x
         x = x.numpy()
-    a = np.asarray(x, dtype=dtype).ravel()
+    if np.iscomplexobj(x):  # (a cast would keep the real part, with a warning only)
+        raise ValueError(f"csl_fast.evaluate: {name} must be real, got complex values")
+    a = np.asarray(x, dtype=dtype)
+    if a.ndim != 1:
+        raise ValueError(
+            f"csl_fast.evaluate: {name} must be 1-D [N], one value per sample, got shape {a.shape}"
+        )
     if dtype is np.float64 and not np.all(np.isfinite(a)):
         raise ValueError(
             f"csl_fast.evaluate: {name} has {int((~np.isfinite(a)).sum())} "
@@ -52,9 +64,8 @@ def _mask(labels: Any) -> np.ndarray:
     labels passed for a mask, NaN) would silently count as positive under ``bool``."""
     if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
         return _np(labels, "labels", dtype=bool)
-    a = np.asarray(labels)
-    if a.dtype == bool:
-        return a.ravel()
+    if np.asarray(labels).dtype == bool:
+        return _np(labels, "labels", dtype=bool)
     v = _np(labels, "labels")
     if not np.isin(v, (0.0, 1.0)).all():
         raise ValueError(

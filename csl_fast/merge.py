@@ -44,7 +44,10 @@ def merge(
           the mean over all runs' presentations pooled;
         - the per-label CSL (``label_csl``, trackers with ``num_labels``) is the sum over
           runs too;
-        - ``forgetting`` is the total number of forgetting events over runs;
+        - ``forgetting`` is the total number of forgetting events over runs, plus one for
+          each run that ended with the sample correct where the merged ``last_correct``
+          (below) is False, so that a sample any run classified correctly stays one that
+          was learned (:attr:`~CSLTracker.ever_correct`);
         - ``last_loss`` / ``last_max_prob`` (and the ``eval_last_*`` values) are the means
           over the runs that presented (scored) the sample; 0 where none did;
         - ``last_correct`` (``eval_last_correct``) is True when the sample was correct at its
@@ -111,7 +114,7 @@ def merge(
     for name in out.buffers():
         if name.endswith(("_sum", "_count")):
             buffers[name] = stack(name).sum(0)
-    buffers["forgetting"] = _int32("forgetting", stack("forgetting", torch.int64).sum(0))
+    forgetting = stack("forgetting", torch.int64).sum(0)
     for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
         seen = stack(count) > 0  # [R, N]
         runs_seen = seen.sum(0)
@@ -124,6 +127,12 @@ def merge(
         if not prefix:
             le = torch.where(seen, stack("learned_epoch", torch.int32), -1).amax(0)
             buffers["learned_epoch"] = torch.where(all_correct, le, -1).to(torch.int32)
+            # a run that ended correct, where the merged last state is not, forgot the
+            # sample once more: without it a sample one run learned (and never forgot)
+            # read as never learned (ever_correct False, the worst forgetting score)
+            ended_correct = (correct & seen).sum(0)
+            forgetting += torch.where(all_correct, 0, ended_correct)
+    buffers["forgetting"] = _int32("forgetting", forgetting)
 
     buffers.update(_merge_votes(runs, dev))
 

@@ -84,7 +84,8 @@ SCORES: dict[str, ScoreInfo] = {
         "eval",
     ),
     "final_loss": ScoreInfo(
-        "loss at the last eval pass if any (the final model, clean input), else at the "
+        "loss at the last eval pass that scored the sample, once the tracker has any eval "
+        "pass (the final model, clean input; NaN for a sample no pass scored), else at the "
         "last training presentation",
         "not fitted by the final model",
         "train",
@@ -217,7 +218,8 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
             (so do the ``"logits"`` scores of a tracker without softmax statistics).
 
     Returns:
-        ``{name: tensor}`` in :data:`SCORES` order, on the tracker's device, in its dtype.
+        ``{name: tensor}`` (in :data:`SCORES` order by default, else in the order of
+        ``names``, each name once), on the tracker's device, in its dtype.
         See :data:`SCORES` for each definition and direction.
     """
     from .tracker import CSLTracker

@@ -8,6 +8,7 @@ mix-in that gives them to :class:`csl_fast.CSLTracker`, whose buffers they read 
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -83,7 +84,12 @@ class TrackerStatistics:
 
     @property
     def variability(self) -> torch.Tensor:
-        """Data-map variability: population std of :math:`p_y` over presentations."""
+        r"""Data-map variability: population std of :math:`p_y` over presentations.
+
+        Formed from running sums as :math:`\sqrt{E[p^2] - E[p]^2}`: in a float32 tracker
+        the difference loses digits over thousands of presentations (a constant
+        :math:`p_y` read as ~0.003 after 3,000); a float64 tracker keeps it below 1e-6.
+        """
         mean = self.confidence
         var = _mean_or_nan(self.p_true_sq_sum, self.csl_count) - mean * mean
         return var.clamp(min=0).sqrt()
@@ -206,11 +212,18 @@ class TrackerStatistics:
           ``[0, 1]``. NaN for samples without any record.
         - ``form="paper"`` (Thm 5.3): :math:`T_i = \min\{e : g_{e,i} \le \tau\}` with a user
           ``tau`` (required), as an absolute epoch number; :attr:`epoch` (one past the last
-          closed epoch) when the condition never held.
+          closed epoch) when the condition never held; NaN for samples without any record.
 
-        Only closed epochs count (call :meth:`end_epoch` first). Larger means harder.
+        ``tau``, when given, must be a finite number. Only closed epochs count (call
+        :meth:`end_epoch` first). Larger means harder.
         """
         hist = self.input_grad_history.to(torch.float64)
+        if isinstance(tau, torch.Tensor) and tau.numel() == 1 and tau.is_floating_point():
+            tau = float(tau)  # a threshold computed from another run's norms
+        bad_tau = isinstance(tau, bool) or not isinstance(tau, numbers.Real | None)
+        if bad_tau or (tau is not None and not math.isfinite(tau)):
+            # (NaN compared False everywhere: every sample "never" learned, or all 1.0)
+            raise ValueError(f"CSLTracker.learning_time: tau must be a finite number, got {tau!r}")
         if form == "paper":
             if tau is None:
                 raise ValueError("CSLTracker.learning_time(form='paper') needs a threshold tau")
@@ -221,7 +234,9 @@ class TrackerStatistics:
             never = torch.full_like(hist[:1], float(self.epoch))
             cand = torch.where(below, stamp.expand_as(hist), float("inf"))
             first = torch.cat([cand, never]).amin(0)
-            return first.to(self.dtype)
+            # a sample without any record was not "never below tau": it is unknown
+            recorded = (~torch.isnan(hist)).any(0)
+            return torch.where(recorded, first, float("nan")).to(self.dtype)
         if form != "code":
             raise ValueError(
                 f"CSLTracker.learning_time: form must be 'code' or 'paper', got {form!r}"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._args import integer
 from .accumulate import accumulate
 from .eval_pass import score_epoch
 from .tracker import CSLTracker
@@ -132,8 +133,21 @@ def train(
         progress: show a tqdm bar over epochs (a string is used as its description).
 
     Returns:
-        a :class:`TrainResult` with per-epoch losses and timings.
+        a :class:`TrainResult` with per-epoch losses and timings. The model is left in
+        eval mode.
     """
+    # a negative batch size trained on nothing and returned losses of 0 without a word
+    epochs = integer("csl_fast.train", "epochs", epochs, low=0)
+    batch_size = integer("csl_fast.train", "batch_size", batch_size, low=1)
+    for name, t in (("x", x), ("y", y)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"csl_fast.train: {name} must be a torch.Tensor, got {type(t).__name__}"
+            )
+    if tracker is not None and not isinstance(tracker, CSLTracker):
+        raise TypeError(
+            f"csl_fast.train: tracker must be a csl_fast.CSLTracker, got {type(tracker).__name__}"
+        )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"csl_fast.train: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
     if (input_grads or eval_each_epoch) and tracker is None:

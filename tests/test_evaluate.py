@@ -120,3 +120,19 @@ def test_bad_inputs_are_refused_plainly(call, match):
 def test_masks_of_numbers_and_bools_agree():
     s, y = _case()
     assert E.auroc(s, y.int()) == E.auroc(s, y.numpy()) == E.auroc(s, y.tolist()) == E.auroc(s, y)
+
+
+def test_inputs_must_be_one_value_per_sample():
+    """Scores and labels were flattened: [3, 2] scores against [6] labels, or [2, 3]
+    against [3, 2], gave an AUROC; None read as one NaN; complex lost its imaginary part."""
+    s = np.arange(6.0)
+    y = np.array([0, 1, 0, 1, 1, 0], dtype=bool)
+    with pytest.raises(ValueError, match=r"scores must be 1-D \[N\].*got shape \(3, 2\)"):
+        E.auroc(s.reshape(3, 2), y)
+    with pytest.raises(ValueError, match=r"labels must be 1-D \[N\].*got shape \(3, 2\)"):
+        E.aupr(s, y.reshape(3, 2))
+    with pytest.raises(TypeError, match="labels must be a 1-D array or tensor"):
+        E.auroc(s, None)
+    with pytest.raises(ValueError, match="scores must be real"):
+        E.auroc(s + 1j, y)
+    assert E.auroc(torch.tensor(s), torch.tensor(y)) == E.auroc(s, y)

@@ -35,7 +35,12 @@ def test_merge_sums_counts_and_means(tmp_path):
     for name in ("csl_sum", "csl_count", "margin_sum", "p_true_sq_sum", "input_grad_sq_sum"):
         want = sum(r.buffers()[name] for r in runs)
         torch.testing.assert_close(merged.buffers()[name], want)
-    assert torch.equal(merged.forgetting, sum(r.forgetting for r in runs))
+    # the runs' events, and one for each run that ended correct where the merge is not
+    seen = torch.stack([r.csl_count > 0 for r in runs])
+    ended = (torch.stack([r.last_correct for r in runs]) & seen).sum(0)
+    allc = (torch.stack([r.last_correct for r in runs]) | ~seen).all(0) & seen.any(0)
+    want = sum(r.forgetting for r in runs) + torch.where(allc, 0, ended)
+    assert torch.equal(merged.forgetting, want.int())
     pooled = sum(r.csl_sum for r in runs) / sum(r.csl_count for r in runs)
     torch.testing.assert_close(merged.csl_mean, pooled, equal_nan=True)
     torch.testing.assert_close(
@@ -61,6 +66,32 @@ def test_merge_sums_counts_and_means(tmp_path):
     # Scores work on the merged tracker as on any tracker, and the inputs are untouched.
     assert merged.learning_time().shape == (N,)
     assert torch.equal(runs[0].csl_sum, _run(0).csl_sum)
+
+
+def test_a_sample_one_run_learned_stays_learned():
+    """Run A classified both samples correctly throughout, run B never: the merge read
+    them as never learned (ever_correct False, forgetting's worst score), where a tracker
+    fed both runs' batches counts one forgetting event and a learned sample."""
+    y, idx = torch.tensor([0, 1]), torch.arange(2)
+    right = torch.tensor([[3.0, 0.0], [0.0, 3.0]])
+
+    def run(z):
+        t = CSLTracker(2, 2)
+        for _ in range(2):
+            csl_fast.accumulate(z, y, idx, t)
+            t.end_epoch()
+        return t
+
+    a, b = run(right), run(right.flip(1))
+    for merged in (csl_fast.merge([a, b]), csl_fast.merge([b, a])):
+        assert merged.ever_correct.all() and merged.forgetting.tolist() == [1, 1]
+        assert not merged.last_correct.any()
+    both = run(right)
+    for _ in range(2):
+        csl_fast.accumulate(right.flip(1), y, idx, both)
+        both.end_epoch()
+    assert both.forgetting.tolist() == [1, 1] and both.ever_correct.all()
+    assert csl_fast.merge([a, a]).forgetting.tolist() == [0, 0]  # all correct: no event
 
 
 def test_merge_one_run_is_a_copy():

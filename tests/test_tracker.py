@@ -328,6 +328,23 @@ def test_learning_time_both_forms():
     )
     with pytest.raises(ValueError, match="tau"):
         t.learning_time("paper")
+    # NaN (or a string) passed as tau read as "never learned" for every sample (paper) or
+    # 1.0 for every recorded one (code); a 0-d tensor is a number
+    for form in ("paper", "code"):
+        for bad in (math.nan, math.inf, "x", True):
+            with pytest.raises(ValueError, match="tau must be a finite number"):
+                t.learning_time(form, tau=bad)
+        assert torch.equal(
+            t.learning_time(form, tau=torch.tensor(1.0)), t.learning_time(form, tau=1.0)
+        )
+    # a sample without any input-gradient record has no learning time in either form (the
+    # paper form gave it t.epoch, as if it were never learned)
+    u = CSLTracker(4)
+    u.record_input_grad(torch.tensor([0, 1]), torch.tensor([0.5, 2.0]))
+    u.end_epoch()
+    for form in ("paper", "code"):
+        got = u.learning_time(form, tau=1.0)
+        assert got[2:].isnan().all() and got[:2].isfinite().all(), (form, got)
 
 
 def test_memory_statement():

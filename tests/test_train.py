@@ -56,3 +56,11 @@ def test_errors():
         train(mlp(4, 3), x, y, epochs=1, input_grads=True)
     with pytest.raises(ValueError):
         train(mlp(4, 3), x, y, epochs=1, optimizer="lbfgs")
+    # batch_size=-5 trained on nothing and returned losses of 0; 0 met range()'s error
+    for kwargs in ({"batch_size": -5}, {"batch_size": 0}, {"epochs": -1}):
+        with pytest.raises(ValueError, match=r"must be an int >= "):
+            train(mlp(4, 3), x, y, **{"epochs": 1, **kwargs})
+    with pytest.raises(TypeError, match=r"tracker must be a csl_fast\.CSLTracker, got Tensor"):
+        train(mlp(4, 3), x, y, epochs=1, tracker=torch.zeros(len(y)))
+    with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
+        train(mlp(4, 3), x.tolist(), y, epochs=1)
