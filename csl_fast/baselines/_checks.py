@@ -71,7 +71,10 @@ PROGRESS = {"progress": "pass progress= to {fn} itself"}
 
 
 def train_options(
-    fn: str, train_kwargs: Mapping[str, Any] | None, taken: Mapping[str, str] | None = None
+    fn: str,
+    train_kwargs: Mapping[str, Any] | None,
+    taken: Mapping[str, str] | None = None,
+    needs_epochs: bool = True,
 ) -> dict[str, Any]:
     """``train_kwargs`` as a dict, refusing the keys the baseline sets itself (``taken``
     adds its own, with advice): they collided with a bare "got multiple values for keyword
@@ -82,4 +85,10 @@ def train_options(
     for key in kwargs:
         if key in rules:
             raise ValueError(f"{fn}: train_kwargs may not hold {key!r}; {rules[key].format(fn=fn)}")
+    if needs_epochs and "epochs" not in kwargs:
+        # (the default None met train's "missing 1 required keyword-only argument")
+        raise TypeError(
+            f"{fn}: train_kwargs must say how long each model trains, e.g. "
+            "train_kwargs={'epochs': 30, 'lr': 0.05} (forwarded to csl_fast.train.train)"
+        )
     return kwargs

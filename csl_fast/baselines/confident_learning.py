@@ -109,7 +109,7 @@ def confident_learning(
         model_factory: ``seed -> fresh nn.Module`` (called once per fold).
         x, y: training inputs and (noisy) labels.
         k: number of folds.
-        train_kwargs: forwarded to :func:`csl_fast.train.train` (epochs, lr, ...).
+        train_kwargs: forwarded to :func:`csl_fast.train.train` (``epochs`` required; lr, ...).
         seed: fold split and per-fold seeds.
         **find_label_issues_kwargs: forwarded to cleanlab (e.g. ``filter_by``);
             ``return_indices_ranked_by`` orders :attr:`ConfidentLearningResult.ranked`

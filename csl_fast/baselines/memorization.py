@@ -65,7 +65,7 @@ def stability_memorization(
         x, y: inputs and labels (the labels the memorization is about, noisy or not).
         m: number of models.
         subset_fraction: fraction of the data each model trains on (paper: 0.7).
-        train_kwargs: forwarded to :func:`csl_fast.train.train`.
+        train_kwargs: forwarded to :func:`csl_fast.train.train` (``epochs`` required).
         seed: subsets and training seeds.
         progress: a tqdm bar over the models.
     """

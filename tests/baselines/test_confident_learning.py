@@ -103,6 +103,19 @@ def test_refuses_train_kwargs_it_sets_itself(key):
             fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1, key: None})
 
 
+def test_train_kwargs_must_say_how_long_to_train():
+    # the default None met train's "missing 1 required keyword-only argument: 'epochs'"
+    from csl_fast.baselines.memorization import stability_memorization
+
+    x, y = blobs(12)
+    for fn, name in (
+        (out_of_sample_probs, "out_of_sample_probs"),
+        (stability_memorization, "stability_memorization"),
+    ):
+        with pytest.raises(TypeError, match=f"{name}: train_kwargs must say how long"):
+            fn(linear(2), x, y)
+
+
 @pytest.mark.parametrize("n", [0, 2])
 def test_refuses_fewer_samples_than_folds(n):
     x, y = blobs(12)
