@@ -156,7 +156,7 @@ def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[
 
     Returns ``{"cs_all", "pc_all"}`` and, with ``top_k``, ``{"cs_top", "pc_top"}`` on the
     ``top_k`` samples with the highest memorization (the paper's "Top 5k" rows; ties
-    broken by index).
+    broken by index; a ``top_k`` of ``N`` or more takes every sample, as ``cs_all``).
     """
     s, m = _np(score, "score"), _np(memorization, "memorization")
     _same_size(s, m, "score memorization")

@@ -220,7 +220,8 @@ def train(
 
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """``[N, C]`` float32 logits of ``model`` in eval mode (training mode restored)."""
+    """``[N, C]`` float32 logits of ``model`` in eval mode (training mode restored);
+    ``[0, 0]`` for an empty ``x`` (no forward pass tells ``C``)."""
     was_training = model.training
     model.eval()
     try:
