@@ -60,7 +60,9 @@ def merge(
           votes and hits; else the one with more votes stays with the difference (the
           earlier run's on a tie), and a run without a candidate changes nothing. A class
           predicted at more than half of all runs' voting (misclassified) presentations is
-          still the suggestion;
+          still the suggestion. Its confidence (hits over the presentations before the
+          label was fitted) is approximate: that count is estimated from the pooled
+          ``csl_count`` and the merged ``learned_epoch`` and ``epoch``;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN.
