@@ -461,6 +461,30 @@ def _tie_at_cut(
     }
 
 
+def _note_tie_at_cut(
+    diag: dict[str, Any],
+    values: torch.Tensor,
+    ranking: torch.Tensor,
+    flagged: torch.Tensor,
+    k: int,
+    n_finite: int,
+    name: str,
+) -> None:
+    """Say in ``diag`` (``tied_at_cut`` and the note) when the flagged top ``k`` splits a
+    run of equal scores: which of them are flagged then depends on the dataset order."""
+    tie = _tie_at_cut(values, ranking, flagged, k, n_finite)
+    if tie is None:
+        return
+    diag["tied_at_cut"] = tie
+    split = (
+        f"the cut falls inside a tie: {tie['tied']} samples score {name!r} = "
+        f"{tie['value']:.6g} and {tie['flagged']} of them are flagged, chosen by dataset "
+        "index (the ranking breaks ties in index order); rank by a finer score (csl) for "
+        "a flagged set that does not depend on the order"
+    )
+    diag["note"] = "; ".join(filter(None, [diag.get("note"), split]))
+
+
 def _top_k(ranking: torch.Tensor, finite: torch.Tensor, k: int) -> torch.Tensor:
     flagged = torch.zeros_like(finite)
     k = min(k, int(finite.sum()))
@@ -486,7 +510,8 @@ def _rule_flags(
                     "csl_fast.detect: rule='two_view' needs the margin view: pass the tracker "
                     "or a mapping with 'aum' and 'csl_mean' (csl_fast.scores(tracker))"
                 )
-            diag["views"] = "1-D only (a plain score tensor has no margin view)"
+            # (a plain tensor, a mapping without 'aum', or a run that recorded losses only)
+            diag["views"] = "1-D only (the source has no margin view)"
         else:
             if views.mean_loss.shape != values.shape:
                 raise ValueError(
@@ -719,22 +744,19 @@ def _detect(
         if hint is not None:
             warning += f". {hint}"
     n_flagged = int(flagged.sum())
+    if hint is not None and warning is None and n_flagged and rule not in ("fraction", "threshold"):
+        # a loss-only run: the flagged set came from the valley rule on the score alone,
+        # which the run's own rule (csl_fast.detect_losses) would replace
+        warning = (
+            f"csl_fast.detect: {n_flagged} flagged by rule={rule!r} on the score alone: {hint}"
+        )
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
     diag.update(flagged=n_flagged, threshold=thr)
     if rule in ("fraction", "threshold"):
         two_sided = rule_note(name, values, True)  # the rest is about the estimating rules
         if two_sided is not None:
             diag["note"] = two_sided
-    tie = _tie_at_cut(values, ranking, flagged, n_flagged, n_finite)
-    if tie is not None:
-        diag["tied_at_cut"] = tie
-        split = (
-            f"the cut falls inside a tie: {tie['tied']} samples score {name!r} = "
-            f"{tie['value']:.6g} and {tie['flagged']} of them are flagged, chosen by dataset "
-            "index (the ranking breaks ties in index order); rank by a finer score (csl) for "
-            "a flagged set that does not depend on the order"
-        )
-        diag["note"] = "; ".join(filter(None, [diag.get("note"), split]))
+    _note_tie_at_cut(diag, values, ranking, flagged, n_flagged, n_finite, name)
     pos_inf = int(torch.isposinf(values).sum()) if values.is_floating_point() else 0
     if pos_inf:
         # +inf ranks last with NaN (undefined): an overflowing score (float16 CSL) would

@@ -89,6 +89,7 @@ from .detect import (
     DetectionWarning,
     _count,
     _fraction_count,
+    _note_tie_at_cut,
     _number,
     _score_tensor,
     _unused,
@@ -100,6 +101,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOSS_RULES",
+    "SMALL_SAMPLE",
     "TAIL_CUT",
     "TAIL_EVIDENCE",
     "EntryDetection",
@@ -115,6 +117,9 @@ LOSS_RULES = ("tail", "fraction", "threshold")
 TAIL_CUT = 2.0
 #: Least excess over the expected clean tail, in Poisson standard errors.
 TAIL_EVIDENCE = 3.0
+#: Fewer finite scores than this: a flagged set comes with a warning that the bulk's
+#: median and spread are uncertain (see :func:`corrupted_targets`).
+SMALL_SAMPLE = 200
 _MAD_TO_SD = 1.4826  # MAD of a normal is 0.6745 sd
 _WHERE = "csl_fast.detect_losses"
 
@@ -295,13 +300,27 @@ def _detection(
     warning = None
     count = interval = None
     finite = torch.isfinite(values)
+    # (the tail rule split 50 equal scores 35 / 15 by index, with nothing to say so)
+    _note_tie_at_cut(diag, values, ranking, flagged, n_flagged, diag["finite"], name)
     if est is not None:
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
+        if est.found and est.diagnostics["n"] < SMALL_SAMPLE:
+            # the bulk's median and spread come from few samples: on clean log-normal
+            # scores (400 seeds per size) 3-9% of sets of 10-200 flagged a sample or two,
+            # 1% at 500
+            diag["small_sample"] = True
+            warning = (
+                f"csl_fast.detect_losses: {n_flagged} flagged by rule='tail' among only "
+                f"{est.diagnostics['n']} scores, where the clean bulk's median and spread are "
+                "themselves uncertain: 3-9% of clean sets of 10-200 scores flag a sample or "
+                "two. Read the flagged set as a short review list, not a verdict"
+            )
         if est.found:
             count, interval = est.count, est.interval
             if est.diagnostics["scale"] == "identity":
                 warning = (
-                    f"csl_fast.detect_losses: score {name!r} has negative values (a loss that "
+                    (f"{warning}. Also, " if warning else "")
+                    + f"csl_fast.detect_losses: score {name!r} has negative values (a loss that "
                     "can be negative, such as a Gaussian NLL), so rule='tail' modelled the "
                     "bulk on the raw scale instead of log: the count and the flagged set are "
                     "unreliable (a clean right-skewed bulk shifted below 0 had 4-11% of its "

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # floats are compared by their bits: -0.0 and 0.0 differ, a NaN equals the same NaN
-_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

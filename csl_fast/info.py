@@ -6,6 +6,7 @@ import importlib.metadata
 import platform
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -39,7 +40,7 @@ def report() -> str:
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_version('triton')}",
         "compiled extension csl_fast._C: "
-        + ("loaded" if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
+        + (_loaded_from() if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
         *[textwrap.indent(textwrap.fill(a, 94), "  ") for a in [_ext.EXTENSION_ADVICE] if a],
         f"threads  {torch.get_num_threads()}",
         f"one-call CPU step fallbacks in this process: {fallbacks}"
@@ -59,6 +60,19 @@ def report() -> str:
             lines.append(f"  {mark} {backend:<9}{tail}" + ("" if why is None else f"  - {why}"))
     lines.append(_linear_ce_paths(devices))
     return "\n".join(lines)
+
+
+def _loaded_from() -> str:
+    """Where ``_C`` was loaded from: a copy of the package without its own build (a git
+    worktree, an unbuilt checkout) takes another tree's through the editable install's
+    finder, whose kernels may be of other sources."""
+    path = Path(getattr(_ext._C, "__file__", "") or "").resolve()
+    if path.parent == _ext.PACKAGE_DIR:
+        return f"loaded ({path.name})"
+    return (
+        f"loaded from {path}, another csl_fast tree than this one ({_ext.PACKAGE_DIR}): its "
+        "kernels may be of other sources; build this one (pip install --no-build-isolation -e .)"
+    )
 
 
 def _linear_ce_paths(devices: list[str]) -> str:

@@ -75,6 +75,25 @@ def test_corrupted_targets_flags_the_planted_samples():
     assert det.threshold == pytest.approx(float(values[flagged].min()))
 
 
+def test_a_cut_inside_a_tie_and_a_small_sample_are_said():
+    """The tail rule split 50 equal scores 35 / 15 by dataset index, with nothing to say
+    so; and on a clean set of 12 scores it flagged one with no warning (3-9% of clean sets
+    of 10-200 scores flag a sample or two)."""
+    g = torch.Generator().manual_seed(1)
+    bulk = torch.exp(torch.randn(1000, generator=g, dtype=torch.float64) * 0.3)
+    det = corrupted_targets(torch.cat([bulk, torch.full((50,), 10.0, dtype=torch.float64)]))
+    tie = det.diagnostics["tied_at_cut"]
+    assert tie["tied"] == 50 and tie["flagged"] == len(det) < 50
+    assert "the cut falls inside a tie" in det.diagnostics["note"]
+    small = torch.exp(torch.randn(12, generator=torch.Generator().manual_seed(5)) * 0.5)
+    with pytest.warns(DetectionWarning, match="among only 12 scores"):
+        det = corrupted_targets(small.double())
+    assert len(det) > 0 and det.diagnostics["small_sample"] is True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)  # a large set says nothing
+        assert "small_sample" not in corrupted_targets(_scores()[0]).diagnostics
+
+
 def test_corrupted_targets_warns_when_nothing_stands_out():
     values, _ = _scores(n=3000, bad=0, seed=3)
     with pytest.warns(DetectionWarning, match="nothing flagged by rule='tail'"):

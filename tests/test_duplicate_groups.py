@@ -39,6 +39,9 @@ def test_group_ids_compare_bits_and_edge_cases():
     ids = dg.group_ids(torch.arange(5.0))  # no duplicates
     assert ids.tolist() == [-1] * 5 and dg.group_lists(ids) == []
     assert dg.whole_groups(torch.ones(5, dtype=torch.bool), ids).tolist() == [False] * 5
+    # one-byte floats met a bare KeyError (no same-size integer to compare bits by)
+    x8 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).to(torch.float8_e4m3fn)
+    assert dg.exact_duplicate_groups(x8) == [[0, 1]]
 
 
 def test_conflicting_and_whole_groups_match_a_loop():

@@ -81,3 +81,20 @@ def test_an_extension_from_older_sources_is_named_and_rebuilt():
         assert "was built from older csl_fast sources" in advice
         assert "did not load" not in advice
     assert "pip install --no-build-isolation" in advice
+
+
+def test_an_extension_of_another_tree_is_named(monkeypatch, tmp_path):
+    """A copy of the package without its own build (a git worktree) loaded another
+    tree's _C through the editable install's finder, and info said only "loaded"."""
+    from csl_fast import info
+
+    class Elsewhere:
+        __file__ = str(tmp_path / "other" / "csl_fast" / "_C.so")
+
+    monkeypatch.setattr(_ext, "_C", Elsewhere())
+    line = next(x for x in info.report().splitlines() if x.startswith("compiled extension"))
+    assert f"loaded from {Elsewhere.__file__}, another csl_fast tree" in line
+    assert str(_ext.PACKAGE_DIR) in line and "pip install --no-build-isolation -e ." in line
+    monkeypatch.undo()
+    if _ext._C is not None:
+        assert info._loaded_from().startswith("loaded (")
