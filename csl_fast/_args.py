@@ -22,6 +22,12 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool | np.bool_)
 
 
+def integer_labels(dtype: torch.dtype) -> bool:
+    """Whether a tensor of ``dtype`` holds integer class labels (not float, complex, whose
+    real part a cast keeps silently, or bool)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     """``value`` as an int (a Python int, NumPy integer or 0-d integer tensor) ``>= low``."""
     try:

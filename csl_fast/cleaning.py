@@ -67,7 +67,8 @@ import numpy as np
 import torch
 
 from . import atomic_file
-from .cleaning_groups import duplicate_decisions, integer_labels
+from ._args import integer_labels
+from .cleaning_groups import duplicate_decisions
 from .detect import Detection, mislabeled
 
 if TYPE_CHECKING:

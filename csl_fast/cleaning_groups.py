@@ -52,9 +52,10 @@ from typing import Any, NamedTuple
 import torch
 
 from . import duplicate_groups as dg
+from ._args import integer_labels
 from .detect import Detection, duplicates
 
-__all__ = ["GroupDecision", "duplicate_decisions", "integer_labels", "resolve_conflicts"]
+__all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
 
 
 class GroupDecision(NamedTuple):
@@ -72,12 +73,6 @@ class GroupDecision(NamedTuple):
     keep: torch.Tensor
     group_label: torch.Tensor
     share: torch.Tensor
-
-
-def integer_labels(dtype: torch.dtype) -> bool:
-    """Whether a tensor of ``dtype`` holds integer class labels (not float, complex, whose
-    real part a cast keeps silently, or bool)."""
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def resolve_conflicts(

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ._args import integer_labels
 from .accumulate_checks import check_tracker_classes
 from .tracker import CSLTracker
 
@@ -86,7 +87,7 @@ def score_epoch(
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
                 y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
-                if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+                if not integer_labels(y.dtype):
                     # the reference's .long() truncated 1.7 to class 1
                     raise TypeError(
                         "csl_fast.score_epoch: targets must be class indices (int64, int32 or "
