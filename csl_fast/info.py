@@ -42,6 +42,7 @@ def report() -> str:
         "compiled extension csl_fast._C: "
         + (_loaded_from() if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
         *[textwrap.indent(textwrap.fill(a, 94), "  ") for a in [_ext.EXTENSION_ADVICE] if a],
+        *([f"  CUDA kernels (csrc/cuda): {_cuda_kernels()}"] if _ext._C is not None else []),
         f"threads  {torch.get_num_threads()}",
         f"one-call CPU step fallbacks in this process: {fallbacks}"
         + ("" if reason is None else f" (last: {reason})"),
@@ -75,6 +76,19 @@ def _loaded_from() -> str:
     )
 
 
+def _cuda_kernels() -> str:
+    """Whether ``_C`` holds the CUDA C++ kernels, which a machine without a GPU cannot run
+    but may have built (``TORCH_CUDA_ARCH_LIST``), and the usual reason it does not."""
+    if _ext._has_kernel("cross_entropy_fwd", "CUDA"):
+        return "built"
+    if torch.version.cuda is None:
+        return "not built (this torch has no CUDA)"
+    return (
+        "not built (at build time: no nvcc of torch's CUDA major version, no GPU visible and "
+        "no TORCH_CUDA_ARCH_LIST, or CSL_FAST_NO_CUDA=1; pip install -v shows which)"
+    )
+
+
 def _linear_ce_paths(devices: list[str]) -> str:
     """linear_cross_entropy's weight-gradient accumulation: the path each device type
     would take for bf16 inputs and a float32 accumulator, and the paths taken so far."""
@@ -91,7 +105,10 @@ def _linear_ce_paths(devices: list[str]) -> str:
 
 
 def main() -> None:
-    print(report())
+    from .cli import main as cli_main
+
+    # through the CLI, so that `python -m csl_fast.info | head` ends as quietly as the command
+    cli_main(["info"])  # always 0
 
 
 if __name__ == "__main__":

@@ -98,3 +98,23 @@ def test_an_extension_of_another_tree_is_named(monkeypatch, tmp_path):
     monkeypatch.undo()
     if _ext._C is not None:
         assert info._loaded_from().startswith("loaded (")
+
+
+@pytest.mark.skipif(_ext._C is None, reason="extension not built")
+def test_info_says_whether_the_cuda_kernels_were_built(monkeypatch):
+    """A build machine without a GPU can still compile the CUDA kernels (for a named
+    architecture list); info said only that the cuda backend takes CUDA tensors."""
+    from csl_fast import info
+
+    def cuda_line() -> str:
+        return next(x for x in info.report().splitlines() if "CUDA kernels" in x).strip()
+
+    built = _ext._has_kernel("cross_entropy_fwd", "CUDA")
+    assert cuda_line().endswith("built") == built
+    monkeypatch.setattr(_ext, "_has_kernel", lambda op, key: True)
+    assert cuda_line() == "CUDA kernels (csrc/cuda): built"
+    monkeypatch.setattr(_ext, "_has_kernel", lambda op, key: key != "CUDA")
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert cuda_line().endswith("not built (this torch has no CUDA)")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    assert "TORCH_CUDA_ARCH_LIST" in cuda_line() and "CSL_FAST_NO_CUDA=1" in cuda_line()
