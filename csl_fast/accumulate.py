@@ -153,7 +153,8 @@ def accumulate(
             one per sample of several positions).
         csl: ``[N]`` contiguous float32/float64 buffer on the logits' device, or a
             :class:`csl_fast.CSLTracker` (which then records every statistic it keeps;
-            its ``num_classes``, when set, must be the logits' ``C``). A buffer created
+            its ``num_classes``, when set, must be the logits' ``C``; when not, it
+            takes ``C`` from the first ``[B, C]`` logits). A buffer created
             under ``torch.inference_mode()`` is written only inside it, as PyTorch allows.
         count: optional ``[N]`` buffer (float32/float64/int32/int64) counting how often
             each sample was recorded, so that ``csl / count`` is the mean loss.
@@ -443,11 +444,13 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
         if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
             return None
         # Logits of another class count go op by op, whose checks refuse them (the step
-        # would record their classes). One read of the logits, the least it costs (+0.7-1.0
-        # us a call, B = 64, C = 10): the step takes [B, C] logits only, so C is the last.
+        # would record their classes), and so does a tracker's first call when it was made
+        # without num_classes, which the op-by-op path sets. One read of the logits, the
+        # least it costs (+0.7-1.0 us a call, B = 64, C = 10): the step takes [B, C] logits
+        # only, so C is the last.
         c = csl.num_classes
         try:
-            other = c is not None and (type(logits) is not torch.Tensor or logits.shape[-1] != c)
+            other = c is None or type(logits) is not torch.Tensor or logits.shape[-1] != c
         except IndexError:  # 0-d logits
             return None
         if other:

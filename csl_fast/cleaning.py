@@ -132,7 +132,8 @@ class CleaningPlan:
             warning say how far to trust the flagged set).
         keep: bool ``[M]`` the row is kept as it is (action ``keep``): a conflicting
             duplicate group's member that carries the group's label, or under
-            ``"review"`` an unflagged sample without a confident suggestion; all False
+            ``"review"`` an unflagged sample (its suggestion shown, confident or not: past
+            the flagged set the given label is far more often right); all False
             otherwise.
         duplicates: the duplicate detection merged into the plan (``inputs=``), or None.
         grouped: bool ``[M]`` the row's action is its conflicting duplicate group's
@@ -601,6 +602,11 @@ def clean(
             "pass the detection made from this source"
         )
     sugg = _suggestions_of(source, suggestions, n)
+    if suggestions is None and sugg is not None and policy != "drop":
+        from .scores import warn_no_epoch_closed
+
+        what = "csl_fast.clean: the suggestions' confidence is underestimated (more drops)"
+        warn_no_epoch_closed(source, what)
     if sugg is None and policy != "drop":
         raise ValueError(
             f"csl_fast.clean: policy={policy!r} relabels, which needs suggested labels: pass "

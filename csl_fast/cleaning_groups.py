@@ -159,10 +159,10 @@ def duplicate_decisions(
             )
         return None, None
     # inputs and labels alike: a tensor, a NumPy array or a (nested) list
-    inputs = _as_tensor("inputs", inputs)
+    inputs = dg.as_rows("csl_fast.clean", "inputs", inputs)
     lab = None
     if labels is not None:
-        lab = _as_tensor("labels", labels).detach().cpu()
+        lab = dg.as_rows("csl_fast.clean", "labels", labels).detach().cpu()
         if lab.dim() != 1 or not integer_labels(lab.dtype):
             raise ValueError(
                 f"csl_fast.clean: labels must be int [N] = [{n}] class indices, got "
@@ -190,18 +190,6 @@ def duplicate_decisions(
         return dup, None
     dup = duplicates(source, score, inputs=inputs, labels=lab)
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
-
-
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(
-            f"csl_fast.clean: {name} must be a tensor, a NumPy array or a list with one row per "
-            f"sample, got {type(value).__name__} ({exc})"
-        ) from None
 
 
 def _mean_loss(source: Any) -> torch.Tensor:

@@ -86,13 +86,15 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 from .cli_commands import (
     _SCORE_NAMES,
     COMMANDS,
     CSV_COLUMNS,
+    ENTRY_CSV_COLUMNS,
     TRACKER_FILE,
     load_run,
     rank_rows,
@@ -298,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="top-k suspicious samples of a saved run",
         description="List the most suspicious samples of a saved run by a score (higher = "
-        "more suspicious). CSV columns: " + ",".join(CSV_COLUMNS) + " (empty when unknown).",
+        "more suspicious). CSV columns: " + ",".join(CSV_COLUMNS) + " (empty when unknown); "
+        "with --score label_csl: " + ",".join(ENTRY_CSV_COLUMNS) + ", one row per (sample, "
+        "label) entry of a multi-label run.",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument(
@@ -421,6 +425,30 @@ _OPTIONAL = {
 }
 
 
+@contextlib.contextmanager
+def _one_line_warnings(prog: str) -> Iterator[None]:
+    """csl_fast's own warnings (their text starts with ``csl_fast``) as one stderr line
+    each, ``prog: warning: ...``, once per command although several steps may raise the
+    same (scores are computed for the check, the detection and the report); other
+    packages' warnings as Python shows them."""
+    shown: set[str] = set()
+    python_way = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(str(message))
+        if not text.startswith("csl_fast"):
+            python_way(message, category, filename, lineno, file, line)
+        elif text not in shown:
+            shown.add(text)
+            print(f"{prog}: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = python_way
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``csl-fast`` / ``python -m csl_fast``; returns the exit code."""
     prog = "csl-fast"
@@ -447,7 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return EXIT_USAGE
         prog = f"csl-fast {args.command}"
-        return COMMANDS[args.command](args)
+        with _one_line_warnings(prog):
+            return COMMANDS[args.command](args)
     except CLIError as exc:
         prog = exc.prog or prog
         return fail(str(exc), exc.code)

@@ -85,7 +85,9 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
         f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
         + ("" if args.budget is None else f", budget {args.budget}")
-        + f", min confidence {args.min_confidence:g})",
+        # (drop relabels nothing: its confidence threshold is moot)
+        + ("" if plan.policy == "drop" else f", min confidence {args.min_confidence:g}")
+        + ")",
         f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
     ]
     from .detect import count_phrase
@@ -115,7 +117,7 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
         f"ground truth (samples.npz): of the {len(plan)} rows {acc['mislabeled']} are "
         f"mislabeled, {acc['duplicate']} duplicated, {acc['clean']} clean"
     )
-    if acc["relabel_correct"] is not None:
+    if acc["relabel_correct"] is not None and plan.num_relabeled:
         truth += f"; {acc['relabel_correct']} of {plan.num_relabeled} relabels give the true label"
         if acc["kept"] and acc["keep_correct"] is not None:
             truth += f", {acc['keep_correct']} of {acc['kept']} kept hold it"

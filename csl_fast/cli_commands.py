@@ -309,6 +309,8 @@ def _rank(
 
         def field(name: str, i: int = i) -> Any:
             arr = None if samples is None else getattr(samples, name)
+            if name == "labels" and labels is not None:
+                arr = labels  # --labels: the run's given labels, as samples.npz keeps them
             if arr is None:
                 return None
             return bool(arr[i]) if arr.dtype == bool else int(arr[i])

@@ -118,7 +118,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -129,6 +129,8 @@ from . import flagging
 from .duplicate_groups import exact_duplicate_groups
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from .tracker import CSLTracker
 
 __all__ = [
@@ -376,8 +378,9 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
         partial = (
             None
             if t.num_classes is not None
-            else f"the tracker has no num_classes, so {MARGIN_ONLY}; make the tracker with "
-            "CSLTracker(N, num_classes=C)"
+            else f"the tracker has no num_classes, so {MARGIN_ONLY}; load its state into a "
+            "tracker that has: t = CSLTracker(N, num_classes=C); "
+            "t.load_state_dict(tracker.state_dict()) (accumulate sets it from the logits)"
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
@@ -744,12 +747,17 @@ def _detect(
         if hint is not None:
             warning += f". {hint}"
     n_flagged = int(flagged.sum())
-    if hint is not None and warning is None and n_flagged and rule not in ("fraction", "threshold"):
+    unwarned = warning is None and n_flagged and rule not in ("fraction", "threshold")
+    if unwarned and hint is not None:
         # a loss-only run: the flagged set came from the valley rule on the score alone,
         # which the run's own rule (csl_fast.detect_losses) would replace
         warning = (
             f"csl_fast.detect: {n_flagged} flagged by rule={rule!r} on the score alone: {hint}"
         )
+    elif unwarned and views is not None and views.partial and views.epochs is not None:
+        # a tracker without num_classes (fed by update only): the set rests on the weaker
+        # view (a mapping's note is enough: its caller chose the mapping over the tracker)
+        warning = f"csl_fast.detect: {n_flagged} flagged by rule={rule!r}, but {views.partial}"
     thr = float(values.double()[flagged].min()) if n_flagged else math.inf
     diag.update(flagged=n_flagged, threshold=thr)
     if rule in ("fraction", "threshold"):
@@ -876,8 +884,8 @@ def duplicates(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     score: str = "csl",
     *,
-    inputs: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
+    inputs: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
+    labels: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
     rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
@@ -909,7 +917,8 @@ def duplicates(
 
     Args:
         source, score: as in :func:`mislabeled`.
-        inputs: optional ``[N, ...]`` training inputs, compared row by row by their bits.
+        inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list),
+            compared row by row by their bits.
         labels: optional ``[N]`` (or ``[N, ...]``) training labels as given to the
             network; needs ``inputs``.
         rule, fraction, threshold: as in :func:`mislabeled`.
@@ -922,6 +931,8 @@ def duplicates(
     """
     values, name, views, hint = _select(source, score)
     n = values.numel()
+    inputs = dg.as_rows("csl_fast.detect.duplicates", "inputs", inputs)
+    labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
     dg.check_rows(n, inputs, labels)
     if inputs is None:
         det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")

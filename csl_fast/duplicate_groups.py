@@ -20,9 +20,12 @@ over the rows, no Python loop over samples):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 __all__ = [
+    "as_rows",
     "carry_count",
     "check_rows",
     "conflicting",
@@ -158,17 +161,26 @@ def carry_count(
     return count_through_groups(ranking, ids, count, allowed), (low, high)
 
 
+def as_rows(where: str, name: str, value: Any) -> torch.Tensor | None:
+    """``value``, one row per sample as a tensor, a NumPy array or a (nested) list, as a
+    tensor (``None`` stays ``None``), or a ``TypeError`` naming ``where`` and ``name``."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"{where}: {name} must be a tensor, a NumPy array or a list with one row per "
+            f"sample, got {type(value).__name__} ({exc})"
+        ) from None
+
+
 def check_rows(n: int, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:
-    """Raise a ``ValueError`` unless ``inputs`` and ``labels`` (when given) have one row
-    per sample and ``labels`` comes with ``inputs``."""
+    """Raise a ``ValueError`` unless ``inputs`` and ``labels`` (tensors, when given:
+    :func:`as_rows`) have one row per sample and ``labels`` comes with ``inputs``."""
     for arg, given in (("inputs", inputs), ("labels", labels)):
         if given is None:
             continue
-        if not isinstance(given, torch.Tensor):
-            raise TypeError(
-                f"csl_fast.detect.duplicates: {arg} must be a torch.Tensor, got "
-                f"{type(given).__name__} (convert it with torch.as_tensor)"
-            )
         if given.layout != torch.strided or given.is_meta:
             kind = "meta" if given.is_meta else str(given.layout)
             raise ValueError(

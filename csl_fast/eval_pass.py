@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._args import integer_labels
-from .accumulate_checks import check_tracker_classes
+from .accumulate_checks import match_tracker_classes
 from .tracker import CSLTracker
 
 Batch = Any
@@ -83,7 +83,7 @@ def score_epoch(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
                         "expected [B, C] logits (pass forward= to extract them)"
                     )
-                check_tracker_classes("score_epoch", tracker, logits.shape[1])
+                match_tracker_classes("score_epoch", tracker, logits.shape[1])
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
                 y = torch.as_tensor(y).to(tracker.device, non_blocking=True)

@@ -143,9 +143,10 @@ def linear_cross_entropy(
             chunk's gradient overwrites its logits; twice that with the reference backend)
             plus the gradients (and the float32 weight-gradient accumulator, see below).
         accum_dtype: dtype of the ``grad_weight`` / ``grad_bias`` accumulators summed over
-            chunks. Default float32 (PyTorch's own bf16 matmul accumulates all tokens in
-            float32 and rounds once; so does this). ``weight.dtype`` saves ``4 V H`` bytes
-            of peak memory at bf16 precision loss growing with the number of chunks.
+            chunks. Default float32, float64 for float64 ``hidden`` (PyTorch's own bf16
+            matmul accumulates all tokens in float32 and rounds once; so does this).
+            ``weight.dtype`` saves ``4 V H`` bytes of peak memory at bf16 precision loss
+            growing with the number of chunks.
         backend: fused cross-entropy backend per chunk (``"auto"``: C++ on the CPU,
             Triton then CUDA on a GPU; ``"reference"``: PyTorch).
         deterministic, validate: as in :func:`csl_fast.accumulate`. The gradient

@@ -52,14 +52,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import atomic_file
 from .report_figures import (
-    _eval_sets,
+    Curve,
     _fig_data_map,
     _fig_histogram,
     _fig_loss_curves,
     _fig_roc,
     _fig_top_grid,
     _np,
+    roc_curves,
 )
 from .report_figures import _png as _png  # report_cleaning draws through it
 from .tracker import CSLTracker
@@ -243,27 +245,21 @@ def detection_table(
     Each type's positives are scored against the clean samples (see the report's notes).
     Samples with a non-finite score are left out of that score's AUROC.
     """
-    from .evaluate import auroc
-
-    sets = _eval_sets(samples)
-    table: dict[str, dict[str, float]] = {}
     for name, s in scores.items():
-        v = _np(s)
-        if samples is not None and samples.num_samples not in (None, len(v)):
+        if samples is not None and samples.num_samples not in (None, s.numel()):
             raise ValueError(
-                f"detection_table: score {name!r} has {len(v)} entries, samples describe "
+                f"detection_table: score {name!r} has {s.numel()} entries, samples describe "
                 f"{samples.num_samples}; they come from different runs"
             )
-        row = {}
-        for kind, (keep, pos) in sets.items():
-            vv = v[keep]
-            ok = np.isfinite(vv)
-            if ok.sum() < 2 or pos[ok].all() or not pos[ok].any():
-                row[kind] = math.nan
-                continue
-            row[kind] = auroc(vv[ok], pos[ok])
-        table[name] = row
-    return table
+    return _table(roc_curves(scores, samples), scores)
+
+
+def _table(
+    rocs: Mapping[str, list[Curve]], scores: Mapping[str, torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """:func:`detection_table` from the ROC curves (NaN: no curve for that type)."""
+    auc = {(kind, c[1]): c[0] for kind, curves in rocs.items() for c in curves}
+    return {name: {kind: auc.get((kind, name), math.nan) for kind in rocs} for name in scores}
 
 
 def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
@@ -393,7 +389,7 @@ def write_report(
         score: the score that ranks the top-k table and image grid.
         top: how many suspicious samples to list.
         notes: extra ``(heading, preformatted text)`` sections (e.g. the demo's overhead).
-        progress: show a tqdm bar over the figures.
+        progress: show a tqdm bar over the figures and the flagged set's sections.
         inputs: ``[N, ...]`` training inputs (default: ``samples.inputs``): adds the
             duplicate groups section (:mod:`csl_fast.report_duplicates`).
         labels: int ``[N]`` given labels (default: ``samples.labels``, with inputs).
@@ -437,13 +433,18 @@ def write_report(
     # headings said "Top 100000" of 300 samples; samples without a score are not ranked
     shown = min(top, int(np.isfinite(s).sum()))
     csl = _np(all_scores["csl"]) if "csl" in all_scores else s
+    rocs: dict[str, list[Curve]] = {}
+
+    def roc_figure(p: str) -> str | None:
+        rocs.update(roc_curves(all_scores, samples))  # the AUROC table reads them too
+        return _fig_roc(rocs, samples, p)
 
     steps: list[tuple[str, str, Callable[[str], Any]]] = [
         ("CSL histogram", "csl_histogram.png", lambda p: _fig_histogram(csl, samples, p)),
         (
             "ROC curves: CSL against the free baselines",
             "roc.png",
-            lambda p: _fig_roc(all_scores, samples, p),
+            roc_figure,
         ),
         (
             "Data map",
@@ -480,9 +481,12 @@ def write_report(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(steps), desc="report", leave=False)
+        # one step per figure, and the flagged set's sections (detection, cleaning plan)
+        bar = tqdm(total=len(steps) + 1, desc="report", leave=False)
     figures: list[tuple[str, str, str | None, str]] = []
     for heading, fname, draw in steps:
+        if bar is not None:
+            bar.set_postfix_str(fname, refresh=True)
         png = os.path.join(out, fname)
         result = draw(png)
         caption, extra = captions[fname], ""
@@ -497,11 +501,9 @@ def write_report(
         if bar is not None:
             bar.update()
     if bar is not None:
-        bar.close()
+        bar.set_postfix_str("flagged set and cleaning plan", refresh=True)
 
-    table = (
-        detection_table(all_scores, samples) if samples is not None and samples.has_truth else {}
-    )
+    table = _table(rocs, all_scores) if samples is not None and samples.has_truth else {}
     if not any(table.values()):
         # truth with no corrupted (or no clean) sample drew a table of definitions, no AUROC
         table = {}
@@ -518,6 +520,9 @@ def write_report(
         from .report_duplicates import section as duplicates_section
 
         cleaning += duplicates_section(tracker, samples, *dup_args, score)
+    if bar is not None:
+        bar.update()
+        bar.close()
     page = _html(
         title,
         tracker,
@@ -534,8 +539,7 @@ def write_report(
         cleaning,
     )
     path = os.path.join(out, "report.html")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    atomic_file.write_text(path, lambda f: f.write(page), "write the report", "report.html")
     return path
 
 

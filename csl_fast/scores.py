@@ -24,6 +24,7 @@ was never recorded at all is left out of the result unless asked for by name.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,10 +38,12 @@ __all__ = ["LOSS_ONLY", "SCORES", "ScoreInfo", "as_dataframe", "has_logit_stats"
 
 #: What a tracker fed only by ``record_loss`` or ``accumulate_bce`` holds, in one sentence.
 LOSS_ONLY = (
-    "this run recorded losses only (csl_fast.record_loss or csl_fast.accumulate_bce), no "
-    "softmax statistics: the scores that exist are CSL, its mean and the final loss (and "
-    "per-label CSL with num_labels); margins, confidences, forgetting and suggested labels "
-    "need csl_fast.accumulate's cross entropy"
+    "this run recorded losses only (csl_fast.record_loss, csl_fast.accumulate_bce, or "
+    "csl_fast.accumulate into the tracker's csl_sum and csl_count, as for class-probability "
+    "targets), no softmax statistics: the scores that exist are CSL, its mean and the final "
+    "loss (and per-label CSL with num_labels); margins, confidences, forgetting and "
+    "suggested labels need csl_fast.accumulate with class-index targets and the tracker "
+    "itself (label smoothing keeps them all: label_smoothing= with class indices)"
 )
 
 
@@ -247,8 +250,28 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         eval_conf = name == "in_confidence" and tracker.eval_passes > 0
         return SCORES[name].needs == "logits" and not logits and not eval_conf
 
+    if names is not None and "threshold_learning_time" in chosen:  # asked for it by name
+        warn_no_epoch_closed(tracker, "csl_fast.scores: threshold_learning_time is 0 or 1")
     with torch.no_grad():
         return {name: nan if undefined(name) else _compute(tracker, name) for name in chosen}
+
+
+def warn_no_epoch_closed(tracker: CSLTracker, what: str) -> None:
+    """A ``RuntimeWarning`` that ``what`` (a statistic that counts epochs) is degenerate
+    when the tracker presented samples more than once but closed no epoch: forgetting to
+    call :meth:`CSLTracker.end_epoch` leaves every epoch stamp 0 (learned or not), and
+    nothing else shows it."""
+    if tracker.epoch != 0 or tracker.num_samples == 0:
+        return
+    most = int(tracker.csl_count.max())
+    if most > 1:
+        warnings.warn(
+            f"{what}: the tracker closed no epoch although it presented a sample up to "
+            f"{most} times (tracker.end_epoch() was never called); call it after each "
+            "training epoch (csl_fast.train.train and the integrations do)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def as_dataframe(

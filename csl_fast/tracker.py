@@ -77,7 +77,13 @@ class CSLTracker(TrackerStatistics):
 
     Args:
         num_samples: ``N``, the number of training samples; indices are in ``[0, N)``.
-        num_classes: ``C``, kept as metadata (checked on :meth:`load_state_dict`).
+        num_classes: ``C``, the logits' class count. ``None`` takes ``C`` from the first
+            ``[B, C]`` logits (one row per sample) :func:`csl_fast.accumulate` or
+            :func:`csl_fast.score_epoch` records; give it for a tracker fed through
+            :meth:`update` only (a tracker of sequences may stay without it). Detection
+            needs it: its doubt view and firm-loss test compare the label's probability
+            with chance, ``1 / C``. Checked against the logits recorded and on
+            :meth:`load_state_dict`.
         device: where the buffers live; the logits, targets and indices passed to
             :func:`csl_fast.accumulate` must be on this device.
         dtype: float32 (default) or float64, for every floating-point buffer.
@@ -638,7 +644,8 @@ class CSLTracker(TrackerStatistics):
         grad are copied without it, as ``nn.Module.load_state_dict`` does.
 
         Raises :class:`TrackerStateError` for another format, a newer version, a different
-        ``num_samples``, ``num_classes`` or ``history``, missing, mistyped or misshapen
+        ``num_samples``, ``num_classes`` (``None`` on either side agrees with any: a tracker
+        without it takes the state's) or ``history``, missing, mistyped or misshapen
         entries, sparse or meta tensors, or values no tracker holds (a negative,
         non-integral or non-finite count, a negative counter, an int past int32, history
         rows other than one per closed epoch or eval pass, a learned epoch past the

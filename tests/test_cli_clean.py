@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -136,6 +137,9 @@ def test_drop_policy_and_budget(demo_run, tmp_path, capsys):
     )
     assert code == EXIT_OK and "budget 2" in stdout
     assert [int(r["index"]) for r in read(out)] == flagged[:2]
+    # drop relabels nothing: no confidence threshold, no "0 of 0 relabels" line
+    assert "min confidence" not in stdout and "relabels give" not in stdout
+    assert "ground truth" in stdout
 
 
 def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
@@ -201,6 +205,38 @@ def test_nothing_flagged_warns_on_one_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("csl-fast clean: warning: ")
     assert "nothing flagged" in lines[0]
     assert "wrote 0 decisions" in stdout
+
+
+def test_a_run_that_closed_no_epoch_is_warned_once_on_one_line(tmp_path, capsys):
+    """Without tracker.end_epoch() every epoch stamp is 0: threshold learning time is 0 or
+    1 and the suggestions' confidence counts every presentation; nothing said so."""
+    gen = torch.Generator().manual_seed(1)
+    tracker = csl_fast.CSLTracker(40, 4)
+    y = torch.arange(40) % 4
+    for _ in range(5):  # no end_epoch
+        logits = torch.randn(40, 4, generator=gen)
+        csl_fast.accumulate(logits, y, torch.arange(40), tracker)
+    path = tmp_path / "open.csl"
+    tracker.save(path)
+    out = tmp_path / "plan.csv"
+    for args in (
+        ["clean", str(path), "--out", str(out), "--policy", "review", "--budget", "4"],
+        ["rank", str(path), "--score", "threshold_learning_time"],
+    ):
+        code, _, err = run_main(capsys, *args)
+        assert code == EXIT_OK
+        ours = [line for line in err.splitlines() if "closed no epoch" in line]
+        assert len(ours) == 1 and "tracker.end_epoch() was never called" in ours[0], err
+        assert ours[0].startswith(f"csl-fast {args[0]}: warning: csl_fast.")
+        assert "up to 5 times" in ours[0]
+        assert "RuntimeWarning" not in err
+    with pytest.warns(RuntimeWarning, match="threshold_learning_time is 0 or 1"):
+        csl_fast.scores(tracker, ["threshold_learning_time"])
+    tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        csl_fast.scores(tracker, ["threshold_learning_time"])
+        csl_fast.clean(tracker, policy="review", budget=4)
 
 
 def test_usage_errors_exit_2(demo_run, bare_tracker, tmp_path, capsys):

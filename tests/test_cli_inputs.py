@@ -53,7 +53,7 @@ def run(tmp_path_factory):
 
 
 def test_rank_marks_the_conflicting_pair_and_numbers_groups(run, capsys):
-    folder, tracker, _, _ = run
+    folder, tracker, _, y = run
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)  # flags nothing
         plain = csl_fast.detect.mislabeled(tracker).flagged
@@ -74,6 +74,8 @@ def test_rank_marks_the_conflicting_pair_and_numbers_groups(run, capsys):
         others = [i for i in rows if i not in (0, 1)]
         assert [rows[i]["flagged"] == "1" for i in others] == [bool(plain[i]) for i in others]
         assert "2 groups of identical inputs, 1 with conflicting labels" in err
+        # the label column shows the --labels file's labels (it was empty: samples.npz only)
+        assert all(int(r["label"]) == int(y[i]) for i, r in rows.items())
 
 
 def test_rank_without_inputs_leaves_group_empty(run, capsys):

@@ -138,6 +138,9 @@ def test_rank_label_csl_lists_entries(capsys, ml_run):
     assert sum(r["flagged"] == "1" and r["entry_label"] == "0" for r in rows) >= 15
     code, out, _ = run(capsys, "rank", path, "--score", "label_csl", "--top", "3")
     assert code == EXIT_OK and "entry_label" in out.splitlines()[0]
+    with pytest.raises(SystemExit):
+        run(capsys, "rank", "--help")
+    assert ",".join(rows[0]) in " ".join(capsys.readouterr().out.split())  # as --help says
 
 
 def test_rank_label_csl_without_per_label_csl_is_a_usage_error(capsys, reg_run):
@@ -152,7 +155,7 @@ def test_clean_drops_flagged_samples_of_a_loss_only_run(capsys, reg_run, tmp_pat
     assert code == EXIT_OK
     assert "no suggested labels" in err and "policy drop" in err
     _no_ce_advice(out + err)
-    assert "0 relabel" in out and "(policy drop," in out and "corrupted samples (" in out
+    assert "0 relabel" in out and "(policy drop)" in out and "corrupted samples (" in out
     rows = list(csv.DictReader(out_csv.open()))
     assert rows and all(r["action"] == "drop" for r in rows)
     assert sum(int(r["index"]) < BAD for r in rows) >= 0.9 * len(rows)

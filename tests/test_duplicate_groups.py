@@ -87,8 +87,6 @@ def test_check_rows_errors():
 @pytest.mark.parametrize(
     "inputs, error, match",
     [
-        (np.zeros((3, 2)), TypeError, "inputs must be a torch.Tensor, got ndarray"),
-        ([[0.0], [0.0], [1.0]], TypeError, "got list"),
         (torch.zeros(3, 2, device="meta"), ValueError, "meta tensor"),
         (torch.zeros(3, 2).to_sparse(), ValueError, "sparse"),
         (torch.zeros(3, 0), ValueError, "rows of inputs are empty"),
@@ -99,6 +97,17 @@ def test_check_rows_refuses_what_cannot_be_compared(inputs, error, match):
         dg.check_rows(3, inputs, None)
     with pytest.raises(error, match=match):
         detect.duplicates(torch.rand(3), inputs=inputs)
+
+
+def test_numpy_arrays_and_lists_are_taken_as_clean_takes_them():
+    """clean(inputs=, labels=) took NumPy arrays and lists; detect.duplicates refused them."""
+    x, y = np.array([[0.0], [0.0], [1.0]]), np.array([0, 1, 1])
+    want = detect.duplicates(torch.rand(3), inputs=torch.from_numpy(x), labels=torch.from_numpy(y))
+    for inputs, labels in ((x, y), (x.tolist(), y.tolist())):
+        det = detect.duplicates(torch.rand(3), inputs=inputs, labels=labels)
+        assert torch.equal(det.flagged, want.flagged) and det.groups == [[0, 1]]
+    with pytest.raises(TypeError, match="duplicates: inputs must be a tensor, a NumPy array"):
+        detect.duplicates(torch.rand(3), inputs=[[0.0], "a", None])
 
 
 def test_no_samples_no_groups():

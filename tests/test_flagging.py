@@ -859,11 +859,21 @@ def test_label_lost_pins_firm_losses_not_hesitant_ones():
 
 def test_a_tracker_without_num_classes_pins_by_the_margin_alone_and_says_so():
     p, margin, bad, hesitant = _never_fitted()
-    det = detect.mislabeled(_tracker_of(p, margin, None))
+    without = _tracker_of(p, margin, None)  # fed by update(): no logits gave it C
+    with pytest.warns(detect.DetectionWarning, match="has no num_classes") as caught:
+        det = detect.mislabeled(without)
     # the hesitant clean samples are pinned too: the count follows them
     assert det.rule == "auto(two_view)" and det.estimated_count >= int((bad | hesitant).sum())
+    assert det.warning == str(caught[0].message)
+    assert det.warning.startswith(f"csl_fast.detect: {len(det)} flagged")
     assert "CSLTracker(N, num_classes=C)" in det.diagnostics["note"]
-    assert "Note: " in detect.summary(det) and "has no num_classes" in detect.summary(det)
+    assert detect.summary(det).count("has no num_classes") == 1  # the warning, not the note too
+    # the advice works: the same run's state in a tracker with C has both views
+    t = CSLTracker(without.num_samples, num_classes=10)
+    t.load_state_dict(without.state_dict())
+    again = detect.mislabeled(t)
+    assert again.warning is None and "note" not in again.diagnostics
+    assert torch.equal(again.flagged, detect.mislabeled(_tracker_of(p, margin)).flagged)
 
 
 def test_label_lost_refuses_bad_arguments_plainly():

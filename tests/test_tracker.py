@@ -482,6 +482,39 @@ def test_a_runner_up_class_past_num_classes_is_refused(backend, other, tmp_path)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_tracker_made_without_num_classes_takes_the_logits_class_count(backend):
+    """num_classes=None was "metadata": left out, detection lost its doubt view and its
+    firm-loss test (which compare with chance, 1 / C) with no warning."""
+    from csl_fast.info import fast_step_fallbacks
+
+    fallbacks = fast_step_fallbacks()[0]
+    t = CSLTracker(8, backend=backend)
+    index = torch.tensor([0, 3, 3, 7])
+    csl_fast.accumulate(torch.randn(4, 5), torch.tensor([0, 4, 1, 2]), index, t)
+    assert t.num_classes == 5
+    # then the one-call step on the CPU, with the same results as a tracker made with C
+    ref = CSLTracker(8, 5, backend=backend)
+    ref.load_state_dict(t.state_dict())
+    z, y = torch.randn(4, 5), torch.tensor([1, 1, 0, 4])
+    for tracker in (t, ref):
+        csl_fast.accumulate(z, y, index, tracker)
+    assert all(torch.equal(t.buffers()[k], v) for k, v in ref.buffers().items())
+    assert fast_step_fallbacks()[0] == fallbacks
+    with pytest.raises(ValueError, match=r"C = 6 classes but .* num_classes=5"):
+        csl_fast.accumulate(torch.randn(4, 6), y, index, t)
+    eval_only = CSLTracker(8, backend=backend)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), index)]
+    csl_fast.score_epoch(torch.nn.Identity(), batches, eval_only)
+    assert eval_only.num_classes == 3
+    # sequences (one sample, many positions) keep their margin-only view: a vocabulary's
+    # chance level would pin none of them
+    seq = CSLTracker(2, backend=backend)
+    z = torch.randn(2, 5, 3)
+    csl_fast.accumulate(z, torch.zeros(2, 3, dtype=torch.long), torch.tensor([0, 1]), seq)
+    assert seq.num_classes is None and bool((seq.csl_count > 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_index_past_n(backend):
     """By default every backend refuses it before writing on CPU tensors (the reference and
     Triton once skipped it there, recording the other rows); with validate=False the C++
