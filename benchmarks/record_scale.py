@@ -1,0 +1,156 @@
+"""What recording costs as the dataset grows: one eager CPU training call (forward and
+backward) of ``F.cross_entropy`` alone, of ``csl_fast.accumulate`` into a CSL buffer with
+counts, and into a ``CSLTracker`` (every free statistic), at B = 1024, C = 10, for
+dataset sizes N from 50,000 to 10 million.
+
+The arithmetic of a call does not depend on N; where its B writes land does. A shuffled
+loader's indices are random, and a tracker keeps about 20 ``[N]`` buffers (90 bytes per
+sample): at N = 50,000 they stay in the CPU's caches, at 10 million each write is a miss.
+The indices here are random (a shuffled loader) or consecutive (a loader in dataset
+order); every buffer page is touched before timing, as after a first epoch. The cases
+run in rotating order for several rounds; each figure is the median over rounds of the
+median call time over repetitions.
+
+    python benchmarks/record_scale.py                  # N = 50k, 1M, 10M; 2 threads
+    python benchmarks/record_scale.py --sizes 50000 --rounds 3
+
+Writes ``benchmarks/results/record_scale.json`` and ``.md`` (date, machine, commit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from run_meta import write_results  # noqa: E402
+
+import csl_fast  # noqa: E402
+
+B, C = 1024, 10
+BATCHES, REPS = 32, 7  # distinct batches cycled per repetition; repetitions per round
+
+
+def _cases(n: int, order: str) -> dict[str, Callable[[int], None]]:
+    """``{case: call(k)}`` running training call ``k`` (forward and backward) of a case."""
+    g = torch.Generator().manual_seed(0)
+    logits = [torch.randn(B, C, generator=g) * 3 for _ in range(BATCHES)]
+    target = [torch.randint(0, C, (B,), generator=g) for _ in range(BATCHES)]
+    if order == "random":
+        index = [torch.randint(0, n, (B,), generator=g) for _ in range(BATCHES)]
+    else:
+        start = torch.randint(0, max(n - B, 1), (BATCHES,), generator=g)
+        index = [torch.arange(int(s), int(s) + B) % n for s in start]
+    csl, count = torch.zeros(n), torch.zeros(n)
+    tracker = csl_fast.CSLTracker(n, C)
+    for buf in tracker.buffers().values():
+        buf.zero_()  # every page touched, as after a first epoch
+
+    def step(loss_of: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[int], None]:
+        def call(k: int) -> None:
+            z = logits[k].detach().requires_grad_(True)
+            loss_of(z, k).backward()
+
+        return call
+
+    return {
+        "F.cross_entropy": step(lambda z, k: F.cross_entropy(z, target[k])),
+        "accumulate, buffer + count": step(
+            lambda z, k: csl_fast.accumulate(z, target[k], index[k], csl, count=count)
+        ),
+        "accumulate, tracker": step(
+            lambda z, k: csl_fast.accumulate(z, target[k], index[k], tracker)
+        ),
+    }
+
+
+def _median_call_us(call: Callable[[int], None]) -> float:
+    times = []
+    for _ in range(REPS):
+        t0 = time.perf_counter()
+        for k in range(BATCHES):
+            call(k)
+        times.append((time.perf_counter() - t0) / BATCHES * 1e6)
+    return statistics.median(times)
+
+
+def measure(n: int, order: str, rounds: int) -> dict:
+    cases = _cases(n, order)
+    names = list(cases)
+    for call in cases.values():  # warm-up: first calls, lazy initialisation
+        for k in range(BATCHES):
+            call(k)
+    seen: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            seen[name].append(_median_call_us(cases[name]))
+    us = {name: statistics.median(v) for name, v in seen.items()}
+    base = us["F.cross_entropy"]
+    return {
+        "n": n,
+        "order": order,
+        "us_per_call": us,
+        "ns_per_sample_over_cross_entropy": {
+            name: (v - base) * 1e3 / B for name, v in us.items() if name != "F.cross_entropy"
+        },
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def _markdown(rows: list, meta: dict) -> str:
+    names = list(rows[0]["us_per_call"])
+    lines = [
+        "# Recording cost against the dataset size",
+        "",
+        f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. "
+        f"`python benchmarks/record_scale.py`: one eager training call (forward and backward) "
+        f"at B = {B}, C = {C}, float32, µs per call (median of rounds of medians); in "
+        "brackets, what recording adds per sample of the batch over `F.cross_entropy` alone. "
+        "Indices random (a shuffled loader) or consecutive (a loader in dataset order).",
+        "",
+        "| N | indices | " + " | ".join(names) + " | load |",
+        "|---|---|" + "---|" * len(names) + "---|",
+    ]
+    for r in rows:
+        cells = []
+        for name in names:
+            extra = r["ns_per_sample_over_cross_entropy"].get(name)
+            tail = "" if extra is None else f" ({extra:+.0f} ns/sample)"
+            cells.append(f"{r['us_per_call'][name]:.0f}{tail}")
+        lines.append(
+            f"| {r['n']:,} | {r['order']} | "
+            + " | ".join(cells)
+            + f" | {r['load_average_1min']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 1_000_000, 10_000_000])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=str(HERE / "results" / "record_scale"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for n in args.sizes:
+        for order in ("random", "consecutive"):
+            rows.append(measure(n, order, args.rounds))
+            us = rows[-1]["us_per_call"]
+            print(f"N={n:,} {order}: " + ", ".join(f"{k} {v:.0f} us" for k, v in us.items()))
+    print(write_results(args.out, rows, _markdown))
+
+
+if __name__ == "__main__":
+    main()
