@@ -344,6 +344,9 @@ def record_last(
     ``k`` taking the ``k``-th voting row of every index, and the number of rounds (the
     largest multiplicity of an index in the batch) is the one value read on the host.
     """
+    if (forgetting is None) != (learned_epoch is None):
+        # (one without the other was dropped silently, where the C++ pass refused it)
+        raise ValueError("csl_fast.record_last: pass forgetting and learned_epoch together")
     if index.numel() == 0:
         return
     suggest = (suggest_label, suggest_votes, suggest_hits)

@@ -155,6 +155,23 @@ def test_record_last_matches_reference(dtype, with_override):
             torch.testing.assert_close(got, exp, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+@pytest.mark.parametrize("batch", [0, 3])
+def test_record_last_refuses_half_of_the_transition_pair(backend, batch):
+    """forgetting without learned_epoch (or the reverse): the C++ pass refused it, the
+    Triton pass and the reference (the cuda backend's) dropped both silently."""
+    n = 4
+    stats = torch.zeros(NUM_STATS, batch)
+    stats[Stat.VALID] = 1.0
+    index = torch.arange(batch)
+    state = _last_state(n, torch.float32)
+    before = [t.clone() for t in state]
+    for forgetting, learned in ((state[3], None), (None, state[4])):
+        with pytest.raises(ValueError, match="pass forgetting and learned_epoch together"):
+            ops.record_last(stats, index, None, 1, *state[:3], forgetting, learned, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
+
+
 def test_opcheck_record_last():
     stats = torch.rand(NUM_STATS, 9)
     index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0])

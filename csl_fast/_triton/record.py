@@ -236,6 +236,9 @@ def record_last_triton(
             vote over ``stats[OTHER_ARGMAX]``. All updated in place.
     """
     batch = check_stats_index("record_last_triton", stats, index)
+    if (forgetting is None) != (learned_epoch is None):
+        # (one without the other was dropped silently, where the C++ pass refused it)
+        raise ValueError("csl_fast.record_last: pass forgetting and learned_epoch together")
     n = last_loss.numel()
     f = last_loss.dtype
     if f not in (torch.float32, torch.float64):
@@ -271,7 +274,7 @@ def record_last_triton(
     sorted_index, perm = torch.sort(index, stable=True)
     mp = max_prob.to(torch.float32).contiguous() if max_prob is not None else stats
     sums = (grad_norm_sum, margin_sum, p_true_sum, p_true_sq_sum)
-    transitions = forgetting is not None and learned_epoch is not None
+    transitions = forgetting is not None
     suggest = (suggest_label, suggest_votes, suggest_hits)
     has_suggest = all(t is not None for t in suggest)
     if not has_suggest and any(t is not None for t in suggest):

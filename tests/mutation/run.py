@@ -107,9 +107,9 @@ MUTATIONS: dict[str, Mutation] = {
         "forgetting: never-learned samples rank lowest instead of highest",
     ),
     "report_auroc_inverted": Mutation(
-        "csl_fast/report.py",
-        "            row[kind] = auroc(vv[ok], pos[ok])\n",
-        "            row[kind] = 1 - auroc(vv[ok], pos[ok])\n",
+        "csl_fast/report_figures.py",
+        "            curves.append((float(auc(fpr, tpr)), name, fpr, tpr))\n",
+        "            curves.append((1 - float(auc(fpr, tpr)), name, fpr, tpr))\n",
         ("tests/test_report.py",),
         "the report's AUROC table shows 1 - AUROC",
     ),
