@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples",
         type=_positive_int,
         default=d.samples,
-        help=f"training-set size, at most {DIGITS_SAMPLES}; the digits left out are the clean "
+        help=f"training-set size, 50 to {DIGITS_SAMPLES}; the digits left out are the clean "
         f"test set of the retraining (default {d.samples})",
     )
     p.add_argument(
@@ -245,13 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise",
         type=_fraction,
         default=d.noise,
-        help=f"fraction of labels flipped (default {d.noise})",
+        help=f"fraction of labels flipped, 0 to 0.5 (default {d.noise})",
     )
     p.add_argument(
         "--pairs",
         type=_nonneg_int,
         default=d.pairs,
-        help=f"conflicting-label duplicate pairs (default {d.pairs})",
+        help=f"conflicting-label duplicate pairs, at most half the samples not flipped "
+        f"(default {d.pairs})",
     )
     p.add_argument(
         "--seed",
@@ -382,8 +383,8 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "suspicious samples, flagged or not: a flagged one with the action relabel-confident would "
         "take, an unflagged one the action keep (its suggestion, if any, shown). "
         "In a conflicting duplicate group the member whose label the network preferred gets "
-        "the action keep and the others are relabelled to that label (dropped under --policy "
-        "drop).",
+        "the action keep and the others are relabelled to that label (under --policy drop "
+        "every member is dropped, the preferred one too).",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
@@ -395,7 +396,7 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--budget",
-        type=_nonneg_int,
+        type=_positive_int,
         default=None,
         metavar="K",
         help="at most K rows, the most suspicious (required with --policy review)",

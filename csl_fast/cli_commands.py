@@ -438,6 +438,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
         payload["warning"] = det.warning
         if dup is not None:
             payload["duplicates"] = duplicates_summary(dup)
+            # the flagged column also marks the conflicting groups' members: its total
+            payload["flagged_with_duplicates_count"] = int((det.flagged | dup.flagged).sum())
         text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
     else:
         text = _format_table(rows, args.score) + "\n"
@@ -500,7 +502,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         tracker,
         out,
         samples,
-        notes=_run_notes(args.run),
+        notes=_run_notes(args.run, tracker.num_samples, args.quiet),
         title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
         score="csl" if args.score == "label_csl" else args.score,  # entries: own section
         top=args.top,
@@ -514,15 +516,28 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_notes(run: str) -> list[tuple[str, str]]:
-    """The demo's report notes (setup, overhead) from ``results.json`` beside the tracker."""
+def _run_notes(run: str, num_samples: int, quiet: bool) -> list[tuple[str, str]]:
+    """The demo's report notes (setup, overhead) from ``results.json`` beside the tracker,
+    when that file describes a run of the tracker's size (a tracker saved into an earlier
+    run's folder got the other run's setup and retrain figures on its page)."""
     base = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
+    path = os.path.join(base, "results.json")
     try:
-        with open(os.path.join(base, "results.json"), encoding="utf-8") as f:
-            notes = json.load(f).get("report_notes") or []
-        return [(str(h), str(t)) for h, t in notes]
+        with open(path, encoding="utf-8") as f:
+            results = json.load(f)
+        notes = [(str(h), str(t)) for h, t in results.get("report_notes") or []]
+        size = results.get("num_samples")
     except (OSError, ValueError, TypeError, AttributeError):
         return []
+    if size != num_samples:
+        if not quiet and notes:
+            print(
+                f"csl-fast report: note: {path} describes a run of {size} samples, the "
+                f"tracker has {num_samples}: its notes are left out of the report",
+                file=sys.stderr,
+            )
+        return []
+    return notes
 
 
 def cmd_info(args: argparse.Namespace) -> int:

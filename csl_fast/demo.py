@@ -56,11 +56,14 @@ pairs and retrained to the same 0.975 (:mod:`csl_fast.cleaning_groups`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,6 +71,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import atomic_file
 from .demo_measurements import _fmt_overhead, measure_overhead, retrain_gain
 
 __all__ = ["DemoConfig", "load_digits", "load_held_out", "measure_overhead", "retrain_gain", "run"]
@@ -219,6 +223,18 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
 
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
+    # results.json is written last: an earlier run's, beside this run's files, would
+    # describe another run if this one stopped part way (and the report shows its notes)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(out, "results.json"))
+    if cfg.report:
+        os.makedirs(os.path.join(out, "report"), exist_ok=True)  # refused now, not after training
+    elif os.path.exists(os.path.join(out, "report", "report.html")):
+        print(
+            f"csl-fast demo: note: {os.path.join(out, 'report')} holds an earlier run's report "
+            "(--no-report leaves it as it is; csl-fast report regenerates it for this run)",
+            file=sys.stderr,
+        )
     print(
         f"csl-fast demo: scikit-learn digits, {n} samples (8x8 images, {num_classes} classes)\n"
         f"  injected: {int(mislabeled.sum())} flipped labels ({cfg.noise:.0%}), {cfg.pairs} "
@@ -278,7 +294,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         flush=True,
     )
 
-    det = detect.mislabeled(tracker, "csl")  # the tracker: every view of the rule
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)  # printed below, in place
+        det = detect.mislabeled(tracker, "csl")  # the tracker: every view of the rule
     flagged = det.flagged.cpu().numpy()
     bad = mislabeled | duplicate
     flag_text = "\n" + _flagged_line(det.rule, flagged, bad)
@@ -460,15 +478,20 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
             "report": report_path,
         },
     }
-    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(_finite(results), f, indent=2, default=_json_default)
+    atomic_file.write_text(
+        os.path.join(out, "results.json"),
+        lambda f: json.dump(_finite(results), f, indent=2, default=_json_default),
+        "write the demo's results",
+        "results.json",
+    )
     rel = os.path.relpath(out)
+    cmd = shlex.quote(rel)  # a folder with spaces: the commands below run as printed
     print(
         f"\nWrote {rel}/tracker.csl (saved tracker), {rel}/samples.npz, {rel}/clean.csv, "
         f"{rel}/results.json"
         + (f", {os.path.relpath(report_path)} (+ PNGs)" if report_path else "")
-        + f"\nDone in {elapsed:.0f} s. Next: csl-fast rank {rel}   |   csl-fast report {rel}"
-        f"   |   csl-fast clean {rel} --out plan.csv",
+        + f"\nDone in {elapsed:.0f} s. Next: csl-fast rank {cmd}   |   csl-fast report {cmd}"
+        f"   |   csl-fast clean {cmd} --out plan.csv",
         flush=True,
     )
     return results

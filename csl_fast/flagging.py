@@ -559,13 +559,14 @@ def two_view_count(
             "may be mostly hard clean samples: review it before acting on it"
         )
     elif n_pinned < MIN_ANCHORS_SURE:
+        # (digits trained with label smoothing 0.2, which keeps flipped labels from
+        # losing firmly: 3 pinned, a count of 3 for 89 flips)
         diag["caveat"] = "few anchors"
         caveat = (
             f"only {n_pinned} samples lost their label firmly or were confidently doubted "
             f"(fewer than {MIN_ANCHORS_SURE}): the bad component's shape rests on so few "
-            "that the count could be off either way (digits trained with label smoothing "
-            "0.2, which keeps flipped labels from losing firmly: 3 pinned, a count of 3 for "
-            "89 flips); review the flagged set and the ranking just below it"
+            "that the count could be off either way; review the flagged set and the ranking "
+            "just below it"
         )
     elif max(counts) > MAX_FIT_SPREAD * min(counts) and max(counts) - min(counts) > 2.0 * (
         math.sqrt(max(counts))

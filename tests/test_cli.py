@@ -554,6 +554,35 @@ def test_demo_with_nothing_injected_prints_no_nan(tmp_path, capsys):
     assert "no ground truth: no detection table" not in text
 
 
+def test_a_demo_rerun_never_leaves_an_earlier_runs_results_beside_its_files(tmp_path, capsys):
+    """A rerun whose report step failed (OUT/report a file) left the new tracker beside the
+    old run's results.json, and `csl-fast report` showed the old run's notes."""
+    out = tmp_path / "run"
+    args = ["demo", "--samples", "60", "--epochs", "2", "--pairs", "0", "-q"]
+    args += ["--overhead-rounds", "0", "--out", str(out)]
+    assert run_main(capsys, *args, "--no-report")[0] == 0
+    assert json.loads((out / "results.json").read_text())["num_samples"] == 60
+    (out / "report").write_text("a file where the report folder goes")
+    args[2] = "80"
+    code, text, err = run_main(capsys, *args)
+    assert code == EXIT_INPUT and "report" in err
+    assert "Detection" not in text  # refused before training, not after
+    assert not (out / "results.json").exists()  # no results of another run beside it
+    # a results.json of another run's size lends the report none of its notes
+    (out / "report").unlink()
+    assert run_main(capsys, *args, "--no-report")[0] == 0
+    from csl_fast import CSLTracker
+
+    assert CSLTracker.from_file(out / "tracker.csl").num_samples == 80
+    other = json.loads((out / "results.json").read_text())
+    other["num_samples"] = 60
+    (out / "results.json").write_text(json.dumps(other))
+    code, _, err = run_main(capsys, "report", str(out))
+    assert code == 0 and "describes a run of 60 samples, the tracker has 80" in err
+    page = (out / "report" / "report.html").read_text(encoding="utf-8")
+    assert "Demo setup" not in page
+
+
 def test_rank_says_why_it_lists_fewer_than_top(tmp_path, capsys):
     # samples never presented have no score and were left out without a word: --top 20
     # printed 10 rows

@@ -282,10 +282,14 @@ def test_loss_only_run_needs_labels_and_drops_conflicts(tmp_path, capsys):
 def test_rank_json_carries_the_duplicate_summary(run, capsys):
     folder = run[0]
     code, out, _ = run_main(
-        capsys, "rank", str(folder / "tracker.csl"), "--json", "--top", "3", "-q",
+        capsys, "rank", str(folder / "tracker.csl"), "--json", "--top", str(N), "-q",
         "--inputs", str(folder / "x.npy"), "--labels", str(folder / "y.npy"),
     )  # fmt: skip
     assert code == EXIT_OK
     doc = json.loads(out)
     assert "1 with conflicting labels" in doc["duplicates"]
     assert "group" in doc["rows"][0]
+    # flagged_count is the score rule's; the flagged column also marks the conflicting
+    # pair, and its total is said (the counts disagreed with the rows, unexplained)
+    marked = sum(r["flagged"] for r in doc["rows"])
+    assert doc["flagged_with_duplicates_count"] == marked == doc["flagged_count"] + 2

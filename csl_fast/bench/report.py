@@ -13,6 +13,21 @@ from .harness import _fmt_bytes, _fmt_signed, _fmt_time
 from .training import STEP_PLAIN
 
 
+def _busy(env: dict) -> str | None:
+    """A warning when other processes held the cores: two short runs in a row on a
+    2-core machine at load 60-90 measured a 4.1x and a 34x speed-up, one "missed" and one
+    "met"."""
+    loads = [x for key in ("loadavg_start", "loadavg_end") for x in (env.get(key) or [])[:1]]
+    cores = env.get("cpu_cores") or 1
+    if not loads or max(loads) <= cores:
+        return None
+    return (
+        f"**The machine was busy** (1-minute load average up to {max(loads):g} on {cores} "
+        "cores): other processes shared the cores, so the timings and the verdicts below are "
+        "unreliable; rerun on an idle machine."
+    )
+
+
 def markdown(results: dict, short: bool = False) -> str:
     env = results["env"]
     dev = env["device"]
@@ -31,6 +46,9 @@ def markdown(results: dict, short: bool = False) -> str:
         + (f", at end {env['loadavg_end']}" if env.get("loadavg_end") else ""),
         "",
     ]
+    busy = _busy(env)
+    if busy:
+        lines += [busy, ""]
     if results.get("copy_bandwidth"):
         c = results["copy_bandwidth"]
         lines += [
