@@ -31,7 +31,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
     check_output(args.run, args.out, "--out", args.inputs, args.labels)
-    tracker, samples = load_run(args.run)
+    tracker, samples = load_run(args.run, args.quiet)
     if args.score == "label_csl":
         raise CLIError(
             "--score label_csl: clean acts on samples; list the suspicious (sample, label) "

@@ -240,14 +240,14 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         f"  injected: {int(mislabeled.sum())} flipped labels ({cfg.noise:.0%}), {cfg.pairs} "
         f"conflicting-label duplicate pairs ({int(duplicate.sum())} samples), seed {cfg.seed}\n"
         f"  model: MLP 64-{hidden[0]}-{hidden[1]}-{num_classes}, Adam lr {cfg.lr:g}, batch "
-        f"{cfg.batch_size}, {cfg.epochs} epochs, no weight decay or augmentation "
+        f"{cfg.batch_size}, {_plural(cfg.epochs, 'epoch')}, no weight decay or augmentation "
         f"(a regime where the network memorizes), {_where(device)}",
         flush=True,
     )
 
     tracker = CSLTracker(n, num_classes, device=device, history=True)
     model = make_model()
-    log(f"training {cfg.epochs} epochs with CSL tracking ...")
+    log(f"training {_plural(cfg.epochs, 'epoch')} with CSL tracking ...")
     t0 = time.perf_counter()
     result = train(
         model,
@@ -524,6 +524,10 @@ def _duplicates_line(dup_det: Any, flagged: np.ndarray, duplicate: np.ndarray) -
     )
 
 
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _where(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
@@ -535,7 +539,7 @@ def _setup_text(cfg: DemoConfig, n, mislabeled, duplicate, fit, memorized) -> st
         f"data: scikit-learn digits, {n} samples; {int(mislabeled.sum())} labels flipped "
         f"({cfg.noise:.0%}), {cfg.pairs} conflicting-label duplicate pairs; seed {cfg.seed}\n"
         f"model: MLP 64-{cfg.hidden}-{cfg.hidden}-10, Adam lr {cfg.lr:g}, batch "
-        f"{cfg.batch_size}, {cfg.epochs} epochs, no weight decay, no augmentation\n"
+        f"{cfg.batch_size}, {_plural(cfg.epochs, 'epoch')}, no weight decay, no augmentation\n"
         f"final model fits {fit.mean():.1%} of the given labels"
         + (f" and {memorized:.0%} of the flipped ones" if not math.isnan(memorized) else "")
         + "\n(the network memorizes: final-epoch scores lose the flipped samples, CSL keeps them)"

@@ -469,9 +469,10 @@ def two_view_count(
         )
     elif n_pinned < MIN_PINNED:
         why = (
-            f"only {n_pinned} samples lost their label firmly (a negative mean margin, the "
-            "label's probability far below chance while doubted) or were confidently "
-            f"doubted (csl_fast.flagging.label_lost); the two-view fit needs >= {MIN_PINNED}"
+            f"only {n_pinned} sample{'' if n_pinned == 1 else 's'} lost their label firmly (a "
+            "negative mean margin, the label's probability far below chance while doubted) "
+            "or were confidently doubted (csl_fast.flagging.label_lost); the two-view fit "
+            f"needs >= {MIN_PINNED}"
         )
     elif x.size - n_pinned < 20:
         why = (

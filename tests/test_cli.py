@@ -583,6 +583,19 @@ def test_a_demo_rerun_never_leaves_an_earlier_runs_results_beside_its_files(tmp_
     assert "Demo setup" not in page
 
 
+def test_a_large_run_gets_a_status_line_unless_quiet(plain_tracker, capsys, monkeypatch):
+    """At 10 million samples rank read, checked and scored for 8 s showing nothing."""
+    from csl_fast import cli_commands
+
+    code, _, err = run_main(capsys, "rank", str(plain_tracker))
+    assert code == 0 and "csl-fast: reading" not in err  # a small run: no line
+    monkeypatch.setattr(cli_commands, "LARGE_RUN_BYTES", 0)
+    code, _, err = run_main(capsys, "rank", str(plain_tracker))
+    assert code == 0 and f"csl-fast: reading {plain_tracker} (" in err
+    code, _, err = run_main(capsys, "rank", str(plain_tracker), "-q")
+    assert code == 0 and "csl-fast: reading" not in err
+
+
 def test_rank_says_why_it_lists_fewer_than_top(tmp_path, capsys):
     # samples never presented have no score and were left out without a word: --top 20
     # printed 10 rows

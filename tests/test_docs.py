@@ -468,3 +468,14 @@ def test_calls_in_the_prose_use_arguments_that_exist():
                     assert shown == params[kw.arg].default, f"{where}: {kw.arg}={shown!r}"
             checked += 1
     assert checked >= 8  # the pattern finds the calls
+
+
+def test_in_page_links_name_a_heading_of_the_page():
+    """A ``[text](#anchor)`` link (README's contents line) leads to a heading of its page,
+    by GitHub's rule: lowercase, punctuation dropped, spaces as hyphens."""
+    for page in DOC_PAGES:
+        text = page.read_text(encoding="utf-8")
+        headings = re.findall(r"^#{1,6} (.+)$", text, re.M)
+        slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+        for anchor in re.findall(r"\]\(#([^)]+)\)", text):
+            assert anchor in slugs, f"{page.relative_to(ROOT)}: no heading for #{anchor}"
