@@ -13,6 +13,12 @@ median call time over repetitions.
 
     python benchmarks/record_scale.py                  # N = 50k, 1M, 10M; 2 threads
     python benchmarks/record_scale.py --sizes 50000 --rounds 3
+    THP_MEM_ALLOC_ENABLE=1 python benchmarks/record_scale.py --out .../record_scale_thp
+
+``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch when it starts) puts its CPU allocations of
+2 MiB and more on transparent huge pages, where the kernel allows them
+(``/sys/kernel/mm/transparent_hugepage/enabled``: ``always`` or ``madvise``): one TLB
+entry covers 2 MiB of a tracker buffer instead of 4 KiB. The results file says which.
 
 Writes ``benchmarks/results/record_scale.json`` and ``.md`` (date, machine, commit).
 """
@@ -104,7 +110,19 @@ def measure(n: int, order: str, rounds: int) -> dict:
             name: (v - base) * 1e3 / B for name, v in us.items() if name != "F.cross_entropy"
         },
         "load_average_1min": os.getloadavg()[0],
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
+        "transparent_hugepage": _thp_mode(),
     }
+
+
+def _thp_mode() -> str:
+    """The kernel's transparent-huge-page mode (the bracketed word), or "unknown"."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "unknown"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1 : end] if 0 <= start < end else "unknown"
 
 
 def _markdown(rows: list, meta: dict) -> str:
@@ -116,7 +134,10 @@ def _markdown(rows: list, meta: dict) -> str:
         f"`python benchmarks/record_scale.py`: one eager training call (forward and backward) "
         f"at B = {B}, C = {C}, float32, µs per call (median of rounds of medians); in "
         "brackets, what recording adds per sample of the batch over `F.cross_entropy` alone. "
-        "Indices random (a shuffled loader) or consecutive (a loader in dataset order).",
+        "Indices random (a shuffled loader) or consecutive (a loader in dataset order). "
+        f"THP_MEM_ALLOC_ENABLE={rows[0]['THP_MEM_ALLOC_ENABLE'] or 'unset'} (PyTorch's CPU "
+        "allocations on transparent huge pages when 1), the kernel's transparent huge pages: "
+        f"{rows[0]['transparent_hugepage']}.",
         "",
         "| N | indices | " + " | ".join(names) + " | load |",
         "|---|---|" + "---|" * len(names) + "---|",
