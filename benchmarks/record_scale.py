@@ -15,10 +15,12 @@ median call time over repetitions.
     python benchmarks/record_scale.py --sizes 50000 --rounds 3
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/record_scale.py --out .../record_scale_thp
 
-``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch when it starts) puts its CPU allocations of
-2 MiB and more on transparent huge pages, where the kernel allows them
-(``/sys/kernel/mm/transparent_hugepage/enabled``: ``always`` or ``madvise``): one TLB
-entry covers 2 MiB of a tracker buffer instead of 4 KiB. The results file says which.
+A tracker asks for transparent huge pages for its own buffers (``csl_fast.huge_pages``):
+where the kernel allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: ``always``
+or ``madvise``) one TLB entry covers 2 MiB of a buffer instead of 4 KiB.
+``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch when it starts) does the same for all of
+PyTorch's CPU allocations of 2 MiB and more, the plain CSL buffer here included. The
+results file says which were in effect.
 
 Writes ``benchmarks/results/record_scale.json`` and ``.md`` (date, machine, commit).
 """
@@ -47,8 +49,9 @@ B, C = 1024, 10
 BATCHES, REPS = 32, 7  # distinct batches cycled per repetition; repetitions per round
 
 
-def _cases(n: int, order: str) -> dict[str, Callable[[int], None]]:
-    """``{case: call(k)}`` running training call ``k`` (forward and backward) of a case."""
+def _cases(n: int, order: str, huge: dict) -> dict[str, Callable[[int], None]]:
+    """``{case: call(k)}`` running training call ``k`` (forward and backward) of a case;
+    ``huge`` gets the KiB of huge pages under the tracker's and the plain CSL buffer."""
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(B, C, generator=g) * 3 for _ in range(BATCHES)]
     target = [torch.randint(0, C, (B,), generator=g) for _ in range(BATCHES)]
@@ -58,9 +61,8 @@ def _cases(n: int, order: str) -> dict[str, Callable[[int], None]]:
         start = torch.randint(0, max(n - B, 1), (BATCHES,), generator=g)
         index = [torch.arange(int(s), int(s) + B) % n for s in start]
     csl, count = torch.zeros(n), torch.zeros(n)
-    tracker = csl_fast.CSLTracker(n, C)
-    for buf in tracker.buffers().values():
-        buf.zero_()  # every page touched, as after a first epoch
+    tracker = csl_fast.CSLTracker(n, C)  # creation writes every page, as zeros() does
+    huge["tracker"], huge["buffer"] = _huge_kib(tracker.csl_sum), _huge_kib(csl)
 
     def step(loss_of: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[int], None]:
         def call(k: int) -> None:
@@ -90,8 +92,28 @@ def _median_call_us(call: Callable[[int], None]) -> float:
     return statistics.median(times)
 
 
+def _huge_kib(buf: torch.Tensor) -> int:
+    """KiB of transparent huge pages in the memory mapping holding ``buf``'s middle byte
+    (``AnonHugePages`` in ``/proc/self/smaps``; advice splits a mapping at its page-aligned
+    ends); 0 where there is no such file."""
+    ptr, inside = buf.data_ptr() + buf.numel() * buf.element_size() // 2, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    inside = lo <= ptr < hi
+                elif inside and head == "AnonHugePages:":
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def measure(n: int, order: str, rounds: int) -> dict:
-    cases = _cases(n, order)
+    huge: dict[str, int] = {}
+    cases = _cases(n, order, huge)
     names = list(cases)
     for call in cases.values():  # warm-up: first calls, lazy initialisation
         for k in range(BATCHES):
@@ -112,6 +134,7 @@ def measure(n: int, order: str, rounds: int) -> dict:
         "load_average_1min": os.getloadavg()[0],
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", ""),
         "transparent_hugepage": _thp_mode(),
+        "huge_page_kib": huge,
     }
 
 
@@ -137,10 +160,12 @@ def _markdown(rows: list, meta: dict) -> str:
         "Indices random (a shuffled loader) or consecutive (a loader in dataset order). "
         f"THP_MEM_ALLOC_ENABLE={rows[0]['THP_MEM_ALLOC_ENABLE'] or 'unset'} (PyTorch's CPU "
         "allocations on transparent huge pages when 1), the kernel's transparent huge pages: "
-        f"{rows[0]['transparent_hugepage']}.",
+        f"{rows[0]['transparent_hugepage']}. The tracker asks for huge pages for its own "
+        "buffers (`csl_fast.huge_pages`); the last column gives the MiB of huge pages under "
+        "the tracker's `csl_sum` and under the plain CSL buffer (`/proc/self/smaps`).",
         "",
-        "| N | indices | " + " | ".join(names) + " | load |",
-        "|---|---|" + "---|" * len(names) + "---|",
+        "| N | indices | " + " | ".join(names) + " | load | huge pages, MiB |",
+        "|---|---|" + "---|" * len(names) + "---|---|",
     ]
     for r in rows:
         cells = []
@@ -151,7 +176,10 @@ def _markdown(rows: list, meta: dict) -> str:
         lines.append(
             f"| {r['n']:,} | {r['order']} | "
             + " | ".join(cells)
-            + f" | {r['load_average_1min']:.1f} |"
+            + f" | {r['load_average_1min']:.1f}"
+            + " | {tracker:.0f}, {buffer:.0f} |".format(
+                **{k: v / 1024 for k, v in r["huge_page_kib"].items()}
+            )
         )
     return "\n".join(lines) + "\n"
 

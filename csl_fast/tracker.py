@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from . import _ext, ops, reference, tracker_file
+from . import _ext, huge_pages, ops, reference, tracker_file
 from .accumulate_checks import _check_values, validate_by_default
 from .buffer_locks import locked
 from .stats import NUM_STATS, Stat
@@ -233,9 +233,9 @@ class CSLTracker(TrackerStatistics):
         self._buffers: dict[str, torch.Tensor] = {}
         for name, kind in self._buffer_kinds().items():
             shape = buffer_shape(name, num_samples, num_labels)
-            buf = torch.zeros(shape, dtype=self._kind_dtype(kind), device=self.device)
-            if name in _MINUS_ONE:
-                buf.fill_(-1)
+            buf = torch.empty(shape, dtype=self._kind_dtype(kind), device=self.device)
+            huge_pages.advise(buf)  # before the fill below faults its pages in
+            buf.fill_(-1 if name in _MINUS_ONE else 0)
             self._buffers[name] = buf
         # The state csl_fast.accumulate's one-call CPU step (csrc/module.cpp) updates; None
         # where that step does not apply.
