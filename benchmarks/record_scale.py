@@ -19,8 +19,9 @@ A tracker asks for transparent huge pages for its own buffers (``csl_fast.huge_p
 where the kernel allows them (``/sys/kernel/mm/transparent_hugepage/enabled``: ``always``
 or ``madvise``) one TLB entry covers 2 MiB of a buffer instead of 4 KiB.
 ``THP_MEM_ALLOC_ENABLE=1`` (read by PyTorch when it starts) does the same for all of
-PyTorch's CPU allocations of 2 MiB and more, the plain CSL buffer here included. The
-results file says which were in effect.
+PyTorch's CPU allocations of 2 MiB and more, the plain CSL buffer here included. A
+second tracker, made with the advice switched off, runs beside the first; the results file
+says how many MiB of huge pages each got.
 
 Writes ``benchmarks/results/record_scale.json`` and ``.md`` (date, machine, commit).
 """
@@ -34,6 +35,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ BATCHES, REPS = 32, 7  # distinct batches cycled per repetition; repetitions per
 
 def _cases(n: int, order: str, huge: dict) -> dict[str, Callable[[int], None]]:
     """``{case: call(k)}`` running training call ``k`` (forward and backward) of a case;
-    ``huge`` gets the KiB of huge pages under the tracker's and the plain CSL buffer."""
+    ``huge`` gets the KiB of huge pages under each tracker's and the plain CSL buffer."""
     g = torch.Generator().manual_seed(0)
     logits = [torch.randn(B, C, generator=g) * 3 for _ in range(BATCHES)]
     target = [torch.randint(0, C, (B,), generator=g) for _ in range(BATCHES)]
@@ -62,7 +64,10 @@ def _cases(n: int, order: str, huge: dict) -> dict[str, Callable[[int], None]]:
         index = [torch.arange(int(s), int(s) + B) % n for s in start]
     csl, count = torch.zeros(n), torch.zeros(n)
     tracker = csl_fast.CSLTracker(n, C)  # creation writes every page, as zeros() does
-    huge["tracker"], huge["buffer"] = _huge_kib(tracker.csl_sum), _huge_kib(csl)
+    with mock.patch.object(csl_fast.huge_pages, "advise", lambda buf: False):
+        small = csl_fast.CSLTracker(n, C)  # as before csl_fast asked for huge pages
+    huge.update(tracker=_huge_kib(tracker.csl_sum), small=_huge_kib(small.csl_sum))
+    huge["buffer"] = _huge_kib(csl)
 
     def step(loss_of: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[int], None]:
         def call(k: int) -> None:
@@ -78,6 +83,9 @@ def _cases(n: int, order: str, huge: dict) -> dict[str, Callable[[int], None]]:
         ),
         "accumulate, tracker": step(
             lambda z, k: csl_fast.accumulate(z, target[k], index[k], tracker)
+        ),
+        "accumulate, tracker not advised": step(
+            lambda z, k: csl_fast.accumulate(z, target[k], index[k], small)
         ),
     }
 
@@ -160,9 +168,11 @@ def _markdown(rows: list, meta: dict) -> str:
         "Indices random (a shuffled loader) or consecutive (a loader in dataset order). "
         f"THP_MEM_ALLOC_ENABLE={rows[0]['THP_MEM_ALLOC_ENABLE'] or 'unset'} (PyTorch's CPU "
         "allocations on transparent huge pages when 1), the kernel's transparent huge pages: "
-        f"{rows[0]['transparent_hugepage']}. The tracker asks for huge pages for its own "
-        "buffers (`csl_fast.huge_pages`); the last column gives the MiB of huge pages under "
-        "the tracker's `csl_sum` and under the plain CSL buffer (`/proc/self/smaps`).",
+        f"{rows[0]['transparent_hugepage']}. A tracker asks for huge pages for its own "
+        "buffers (`csl_fast.huge_pages`); *not advised*: a tracker made with that advice "
+        "switched off, as csl_fast made them before it. The last column gives the MiB of "
+        "huge pages under the `csl_sum` of the tracker, of the one not advised, and under the "
+        "plain CSL buffer (`/proc/self/smaps`).",
         "",
         "| N | indices | " + " | ".join(names) + " | load | huge pages, MiB |",
         "|---|---|" + "---|" * len(names) + "---|---|",
@@ -177,7 +187,7 @@ def _markdown(rows: list, meta: dict) -> str:
             f"| {r['n']:,} | {r['order']} | "
             + " | ".join(cells)
             + f" | {r['load_average_1min']:.1f}"
-            + " | {tracker:.0f}, {buffer:.0f} |".format(
+            + " | {tracker:.0f}, {small:.0f}, {buffer:.0f} |".format(
                 **{k: v / 1024 for k, v in r["huge_page_kib"].items()}
             )
         )
