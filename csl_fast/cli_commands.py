@@ -17,7 +17,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from . import atomic_file
+from . import atomic_file, huge_pages
 from .cli_clean import cmd_clean
 from .cli_errors import (
     EXIT_DEPENDENCY,
@@ -128,7 +128,8 @@ def load_run(run: str, quiet: bool = False) -> tuple[Any, Any]:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UnverifiedTrackerFileWarning)
-            tracker = CSLTracker.from_file(tracker_path)
+            with huge_pages.not_asked():  # the CLI reads; it records nothing
+                tracker = CSLTracker.from_file(tracker_path)
         for w in caught:  # ours as one line; any other warning as it came
             if issubclass(w.category, UnverifiedTrackerFileWarning):
                 print(f"csl-fast: warning: {_one_line(w.message)}", file=sys.stderr)

@@ -18,15 +18,32 @@ and is dropped silently where the kernel refuses it: it changes speed, never a v
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import sys
+from collections.abc import Iterator
+from contextvars import ContextVar
 from functools import cache
 from typing import Any
 
 import torch
 
 _FALLBACK_PAGE = 2 << 20
+_ASKING = ContextVar("csl_fast_huge_pages", default=True)
+
+
+@contextlib.contextmanager
+def not_asked() -> Iterator[None]:
+    """Trackers made inside stay on the allocator's pages. For code that only reads a
+    tracker (the CLI): huge pages pay off in the random writes of recording, and on some
+    machines (virtual ones whose host backs memory lazily) faulting them in the first time
+    costs seconds at millions of samples (``benchmarks/results/load_scale.md``)."""
+    token = _ASKING.set(False)
+    try:
+        yield
+    finally:
+        _ASKING.reset(token)
 
 
 @cache
@@ -57,10 +74,10 @@ def advise(buf: torch.Tensor) -> bool:
     Returns:
         True if the kernel accepted the advice for a range of at least one huge page;
         False for a non-CPU or small tensor, a platform without transparent huge pages,
-        or a refusal.
+        inside :func:`not_asked`, or a refusal.
     """
     found = _madvise()
-    if found is None or buf.device.type != "cpu":
+    if found is None or buf.device.type != "cpu" or not _ASKING.get():
         return False
     fn, page = found
     start = buf.data_ptr()

@@ -683,8 +683,9 @@ class CSLTracker(TrackerStatistics):
         """Load a file written by :meth:`save` into this tracker.
 
         The whole file is read, its checksum verified and its contents checked against
-        this tracker before anything changes. Files of format version 1 (no checksum)
-        load with an :class:`UnverifiedTrackerFileWarning`.
+        this tracker before anything changes (so the file's size in memory sits beside
+        the tracker until then; :meth:`from_file` needs only the tracker's). Files of
+        format version 1 (no checksum) load with an :class:`UnverifiedTrackerFileWarning`.
 
         Raises:
             TrackerFileError: a truncated, corrupted, foreign or newer-format file, or
@@ -699,7 +700,9 @@ class CSLTracker(TrackerStatistics):
         cls, path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any
     ) -> CSLTracker:
         """A new tracker restored from ``path`` (sizes, dtype and history flag from the
-        file, which is verified before the tracker is allocated). Raises as :meth:`load`."""
+        file). The file's metadata is checked before the tracker is allocated; the payload
+        is then read straight into the new tracker's buffers (on the CPU) and verified
+        before the tracker is returned. Raises as :meth:`load`."""
         return tracker_file.from_file(cls, path, device, **kwargs)
 
     def __repr__(self) -> str:

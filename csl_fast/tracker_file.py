@@ -23,6 +23,13 @@ holds, the checksum (so a flipped bit anywhere is refused), then every field's t
 range and every tensor's dtype and shape against the metadata. Every failure is a
 :class:`TrackerFileError` that names the file.
 
+:meth:`CSLTracker.from_file` reads the payload straight into the new tracker's CPU buffers
+once the metadata has passed: the new tracker is returned only after every check, and it
+needs about the file's size in memory. :meth:`CSLTracker.load` into an existing tracker
+reads the file whole into tensors of its own first, so the tracker changes only after
+every check; that takes the file's size beside the tracker for a moment
+(``benchmarks/results/load_scale.md``).
+
 A tracker with ``num_labels`` stores its ``[N, L]`` per-label buffer in the same table (the
 format stays version 2); a csl_fast from before per-label buffers refuses such a file (an
 unknown buffer), and reads the other version-2 files as before.
@@ -48,13 +55,13 @@ import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
-from . import atomic_file
+from . import atomic_file, huge_pages
 from .tracker_state import (  # re-exported: the format's names in one place
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -68,6 +75,7 @@ from .tracker_state import (  # re-exported: the format's names in one place
     checked_state,
     from_state,
     load_state_dict,
+    new_tracker_for,
     state_dict,
     validate_state,
 )
@@ -171,12 +179,20 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     """A tracker file's verified state dict (CPU tensors); nothing is checked against a
     tracker yet. Raises :class:`TrackerFileError` (:class:`TrackerFileNotFoundError` when
     there is no file)."""
-    path = os.fspath(path)
+    return _read(os.fspath(path), None)
+
+
+# Given the state a file describes (its metadata; tensors on the meta device), a new
+# tracker whose CPU buffers the payload may be read into, or None.
+_Receiver = Callable[[dict[str, Any]], "CSLTracker | None"]
+
+
+def _read(path: str, receiver: _Receiver | None) -> dict[str, Any]:
     with _open(path) as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(16)
         if head.startswith(MAGIC):
-            return _read_v2(path, f, size, head)
+            return _read_v2(path, f, size, head, receiver)
         if head.startswith(_ZIP_MAGIC):
             return _read_v1(path, f, size)
     raise TrackerFileError(
@@ -185,7 +201,9 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     )
 
 
-def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
+def _read_v2(
+    path: str, f: Any, size: int, head: bytes, receiver: _Receiver | None
+) -> dict[str, Any]:
     if len(head) < 16:
         raise TrackerFileError(f"{path}: truncated tracker file ({size} bytes)")
     hlen = int.from_bytes(head[8:16], "little")
@@ -228,38 +246,43 @@ def _read_v2(path: str, f: Any, size: int, head: bytes) -> dict[str, Any]:
             f"{path}: truncated or corrupted tracker file (its header describes "
             f"{sum(sizes)} bytes of tensors, the file holds {payload})"
         )
-    # From here every allocation is bounded by the file's size.
-    # (torch.empty, not bytearray: no zero-filling of memory about to be overwritten)
-    body = torch.empty(payload + _DIGEST, dtype=torch.uint8)
-    view = memoryview(body.numpy())
-    nread, chunks = _read_hashing(f, view, payload)
-    if nread != len(body):
+    state = {k: v for k, v in header.items() if k not in ("tensors", "byteorder")}
+    state.update(buffers={}, histories={})
+    for name, dtype, shape in entries:
+        kind, _, key = name.partition("/")
+        where = state.get(kind) if kind in ("buffers", "histories") else None
+        if where is None or key in where:
+            raise TrackerFileError(f"{path}: invalid tracker file (tensor entry {name!r})")
+        where[key] = torch.empty(shape, dtype=dtype, device="meta")
+    # From here every allocation is bounded by the file's size. A receiver's tracker is
+    # new and private: the payload goes straight into its buffers, and it is dropped if
+    # a check below fails.
+    tracker = receiver(state) if receiver is not None else None
+    live = tracker._buffers if tracker is not None and tracker.device.type == "cpu" else {}
+    for kind in ("buffers", "histories"):
+        for key, meta in state[kind].items():
+            t = live.get(key) if kind == "buffers" else None
+            if t is None or t.dtype != meta.dtype or t.shape != meta.shape:
+                # (torch.empty: no zero-filling of memory about to be overwritten)
+                t = torch.empty(meta.shape, dtype=meta.dtype)
+                huge_pages.advise(t)
+            state[kind][key] = t
+    tensors = [state[name.partition("/")[0]][name.partition("/")[2]] for name, _, _ in entries]
+    chunks = _read_hashing(f, [_tensor_bytes(t) for t in tensors])
+    digest = f.read(_DIGEST)
+    if chunks is None or len(digest) != _DIGEST:
         raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
     parts = [hashlib.sha256(head + raw).digest(), *chunks]
-    if hashlib.sha256(b"".join(parts)).digest() != bytes(view[payload:]):
+    if hashlib.sha256(b"".join(parts)).digest() != digest:
         raise TrackerFileError(
             f"{path}: corrupted tracker file: the checksum does not match its contents (a "
             "changed or damaged byte); restore it from a copy"
         )
-    if not isinstance(header, dict) or header.get("byteorder") != sys.byteorder:
+    if header.get("byteorder") != sys.byteorder:
         raise TrackerFileError(
             f"{path}: written on a {header.get('byteorder')}-endian machine; this one is "
             f"{sys.byteorder}-endian"
         )
-    buffers: dict[str, torch.Tensor] = {}
-    histories: dict[str, torch.Tensor] = {}
-    offset = 0
-    for (name, dtype, shape), nbytes in zip(entries, sizes, strict=True):
-        kind, _, key = name.partition("/")
-        where = {"buffers": buffers, "histories": histories}.get(kind)
-        if where is None or key in where:
-            raise TrackerFileError(f"{path}: invalid tracker file (tensor entry {name!r})")
-        chunk = view[offset : offset + nbytes]
-        t = torch.frombuffer(chunk, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
-        where[key] = t.view(shape)
-        offset += nbytes
-    state = {k: v for k, v in header.items() if k not in ("tensors", "byteorder")}
-    state.update(buffers=buffers, histories=histories)
     if state.get("format") != FORMAT_NAME or state.get("version") != FORMAT_VERSION:
         raise TrackerFileError(
             f"{path}: invalid tracker file (format {state.get('format')!r}, version "
@@ -295,26 +318,41 @@ class _Checksum:
         return hashlib.sha256(b"".join(self.parts)).digest()
 
 
-def _read_hashing(f: Any, view: memoryview, payload: int) -> tuple[int, list[bytes]]:
-    """Read ``f`` into ``view`` chunk by chunk while threads hash the payload's chunks
-    already read (reading and SHA-256 release the GIL: a load costs about the read, not
-    the read plus the hashing). Returns the bytes read and the chunk digests in order."""
-    pos, pending = 0, []
+def _digest(parts: list[memoryview]) -> bytes:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def _read_hashing(f: Any, views: list[memoryview | bytes]) -> list[bytes] | None:
+    """Fill ``views`` in order from ``f`` while threads hash the payload's chunks already
+    read (reading and SHA-256 release the GIL: a load costs about the read, not the read
+    plus the hashing). A chunk may span views. Returns the chunk digests in order, or None
+    when the file ends first."""
+    pending, parts, filled = [], [], 0
     workers = max(1, min(4, (os.cpu_count() or 2) - 1))
     with ThreadPoolExecutor(workers) as pool:
-        while pos < len(view):
-            start, end = pos, min(pos + _CHUNK, len(view))
-            while pos < end:  # readinto may return less than asked
-                k = f.readinto(view[pos:end])
-                if not k:
-                    break
-                pos += k
-            if pos < end:
-                break
-            if start < payload:
-                chunk = view[start : min(end, payload)]
-                pending.append(pool.submit(lambda c: hashlib.sha256(c).digest(), chunk))
-        return pos, [p.result() for p in pending]
+        for view in views:
+            pos = 0
+            while pos < len(view):
+                end = pos + min(len(view) - pos, _CHUNK - filled)
+                part = memoryview(view)[pos:end]
+                got = 0
+                while got < len(part):  # readinto may return less than asked
+                    k = f.readinto(part[got:])
+                    if not k:
+                        return None
+                    got += k
+                parts.append(part)
+                filled += len(part)
+                pos = end
+                if filled == _CHUNK:
+                    pending.append(pool.submit(_digest, parts))
+                    parts, filled = [], 0
+        if parts:
+            pending.append(pool.submit(_digest, parts))
+        return [p.result() for p in pending]
 
 
 def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
@@ -386,11 +424,26 @@ def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
 def from_file(
     cls: type[CSLTracker], path: str | os.PathLike, device: Any = "cpu", **kwargs: Any
 ) -> CSLTracker:
-    """:meth:`CSLTracker.from_file`: the file is read, verified and its metadata checked
-    against its tensors before a tracker is allocated."""
-    state = read_file(path)
+    """:meth:`CSLTracker.from_file`: the file's metadata is checked against its tensor
+    table before a tracker is allocated; a version 2 file is then read straight into the
+    new tracker's CPU buffers (about the file's size in memory, not twice it) and verified
+    before the tracker is returned."""
+    made: list[CSLTracker] = []
+
+    def receiver(described: dict[str, Any]) -> CSLTracker | None:
+        try:
+            made.append(new_tracker_for(cls, described, device, **kwargs))
+        except TrackerStateError:
+            return None  # refused below, after the checksum, by from_state
+        return made[-1]
+
+    state = _read(os.fspath(path), receiver)
     try:
-        tracker = from_state(cls, state, device, **kwargs)
+        if made:
+            tracker = made.pop()
+            load_state_dict(tracker, state)
+        else:
+            tracker = from_state(cls, state, device, **kwargs)
     except TrackerStateError as exc:
         raise TrackerFileError(f"{os.fspath(path)}: invalid tracker file: {exc}") from None
     _warn_unverified(path, state)

@@ -365,6 +365,17 @@ def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs:
     """A new tracker of the kind ``state`` describes, restored from it. The metadata is
     checked against the state's tensors before the tracker is allocated (a state that
     claims another N costs nothing). Raises :class:`TrackerStateError`."""
+    tracker = new_tracker_for(cls, state, device, **kwargs)
+    load_state_dict(tracker, state)
+    return tracker
+
+
+def new_tracker_for(
+    cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs: Any
+) -> CSLTracker:
+    """A new, empty tracker of the kind ``state`` describes (:func:`from_state` without the
+    load). Only the state's metadata and its buffers' shapes are read: they may be tensors
+    on the ``meta`` device. Raises :class:`TrackerStateError`."""
     fixed = sorted(set(kwargs) & {"num_samples", "num_classes", "dtype", "history", "num_labels"})
     if fixed:
         # (the constructor's "got multiple values for keyword argument" named no way out)
@@ -393,7 +404,7 @@ def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs:
         shape = buffer_shape(name, n, labels) if labels is not None else (n,)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
-    tracker = cls(
+    return cls(
         n,
         classes,
         device=device,
@@ -402,5 +413,3 @@ def from_state(cls: type[CSLTracker], state: Any, device: Any = "cpu", **kwargs:
         num_labels=labels,
         **kwargs,
     )
-    load_state_dict(tracker, state)
-    return tracker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import sys
 from pathlib import Path
 
@@ -82,3 +83,39 @@ def test_tracker_buffers_are_advised_and_initialised():
             assert "hg" in _vm_flags(_middle(buf)), name
         expected = -1 if name in _MINUS_ONE else 0
         assert buf.eq(expected).all(), name
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE here")
+def test_trackers_made_while_not_asked_do_not_ask(monkeypatch):
+    calls = []
+
+    def fake_madvise(addr, length, advice):
+        calls.append(advice)
+        return 0
+
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: (fake_madvise, 2 * MIB))
+    with huge_pages.not_asked():
+        csl_fast.CSLTracker(2 * MIB, num_classes=10)
+        assert not huge_pages.advise(torch.empty(16 * MIB // 4))
+    assert calls == []
+    assert huge_pages.advise(torch.empty(16 * MIB // 4))
+    assert calls == [mmap.MADV_HUGEPAGE, mmap.MADV_DONTNEED]
+
+
+def test_the_cli_reads_trackers_without_asking(tmp_path, capsys, monkeypatch):
+    """CLI commands only read a tracker: no huge pages for it (they pay off in recording)."""
+    from cli_calls import run_main
+
+    path = tmp_path / "run.csl"
+    t = csl_fast.CSLTracker(50, num_classes=3)
+    csl_fast.accumulate(torch.randn(50, 3), torch.randint(0, 3, (50,)), torch.arange(50), t)
+    t.end_epoch()
+    t.save(path)
+    asked = []
+    real = huge_pages.advise
+    monkeypatch.setattr(
+        huge_pages, "advise", lambda buf: asked.append(huge_pages._ASKING.get()) or real(buf)
+    )
+    code, _, err = run_main(capsys, "rank", str(path), "--top", "3")
+    assert code == 0, err
+    assert asked and not any(asked)

@@ -151,6 +151,51 @@ def test_roundtrip_bitwise(saved, tmp_path):
     assert header["version"] == FORMAT_VERSION == 2
 
 
+def _read_into(monkeypatch) -> list[int]:
+    """The addresses the next file reads fill (spied on the payload reader)."""
+    import numpy as np
+
+    filled: list[int] = []
+    real = tracker_file._read_hashing
+
+    def spy(f, views):
+        filled.extend(np.frombuffer(v, dtype=np.uint8).ctypes.data for v in views if len(v))
+        return real(f, views)
+
+    monkeypatch.setattr(tracker_file, "_read_hashing", spy)
+    return filled
+
+
+def test_from_file_reads_straight_into_the_new_trackers_buffers(saved, monkeypatch):
+    """A new tracker's buffers receive the payload (no second copy of the file in memory);
+    an existing tracker's do not (it changes only after the whole file is verified)."""
+    t, path = saved
+    filled = _read_into(monkeypatch)
+    u = CSLTracker.from_file(path)
+    _assert_same(_snapshot(t), _snapshot(u))
+    live = {b.data_ptr() for b in u.buffers().values() if b.numel()}
+    assert live and live <= set(filled)
+    filled.clear()
+    v = _filled(seed=1)
+    before = {b.data_ptr() for b in v.buffers().values()}
+    v.load(path)
+    _assert_same(_snapshot(t), _snapshot(v))
+    assert filled and not before & set(filled)
+
+
+def test_a_file_refused_after_its_payload_was_read_leaves_no_tracker(saved, monkeypatch):
+    """The payload went into a new tracker's buffers; the checksum then fails: from_file
+    raises, and what it had built is not returned half-read."""
+    _, path = saved
+    data = bytearray(path.read_bytes())
+    data[-40] ^= 0x01  # the last payload byte
+    path.write_bytes(bytes(data))
+    filled = _read_into(monkeypatch)
+    with pytest.raises(TrackerFileError, match="checksum"):
+        CSLTracker.from_file(path)
+    assert filled
+
+
 def test_checksum_chunks_across_16_mib(tmp_path):
     """A payload of two 16 MiB chunks and a bit: the format's definition (written by the
     independent helper above) and csl_fast's writer agree, and a flip in any chunk fails."""
