@@ -52,7 +52,9 @@ def input_grad_norms(
         scale: the factor that turns a row of ``grad`` into the gradient of that sample's
             own loss: ``B`` for ``reduction='mean'`` over ``B`` rows, ``1`` for
             ``reduction='sum'``, the number of non-ignored rows for ``'mean'`` with
-            ``ignore_index`` (may be a 0-dim tensor, so no host sync is needed).
+            ``ignore_index``, their summed class weight for ``'mean'`` with ``weight=``
+            (``weight[target[valid]].sum()``; may be a 0-dim tensor, so no host sync is
+            needed).
         valid: optional ``[B]`` bool, False for rows not to record (e.g. ignored targets,
             whose gradient is zero).
 
@@ -126,8 +128,12 @@ def watch(
     default ``None`` means ``reduction='mean'`` over all ``B = x.shape[0]`` rows, i.e.
     ``scale = B``. Pass ``1.0`` for ``reduction='sum'``, and for ``'mean'`` with
     ``ignore_index`` pass ``(target != ignore_index).sum()`` and
-    ``valid=target != ignore_index``. With class weights or label smoothing the recorded
-    gradient is that of the weighted/smoothed objective.
+    ``valid=target != ignore_index``. With label smoothing the recorded gradient is that
+    of the smoothed loss. With class weights and ``'mean'``, ``F.cross_entropy`` divides by
+    the summed weight of the batch's valid targets, not by their number: pass
+    ``reduction_scale=weight[target[valid]].sum()``, and sample :math:`i` records
+    :math:`w_{y_i}^2 \|\partial\ell_i/\partial x_i\|^2`, the gradient of its own weighted
+    loss (the default ``B`` would make it depend on the other samples' classes).
 
     The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
     with ``retain_graph=True``, and in ``torch.autograd.grad`` calls through ``x`` too); it

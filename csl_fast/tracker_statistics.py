@@ -202,17 +202,21 @@ class TrackerStatistics:
         r"""Learning time from the per-epoch input-gradient norms (:attr:`input_grad_history`).
 
         Let :math:`g_{e,i}` be the mean of :math:`\|\partial\ell_i/\partial x_i\|^2` over
-        epoch :math:`e`'s records of sample :math:`i`.
+        epoch :math:`e`'s records of sample :math:`i`, and
+        :math:`r_{e,i} = \operatorname{mean}_{e' \le e} g_{e',i}` its running mean (over
+        the epochs with a record).
 
-        - ``form="code"`` (default; the authors' released code): the running mean over
-          epochs :math:`r_{e,i} = \operatorname{mean}_{e' \le e} g_{e',i}` (over the epochs
-          with a record), :math:`\tau` = the global mean of :math:`r` over all samples and
-          epochs (unless ``tau`` is given), and the score
-          :math:`1 - |\{e : r_{e,i} < \tau\}| / |\{e : r_{e,i}\ \text{defined}\}|` in
+        - ``form="code"`` (default; the authors' released code): :math:`\tau` = the global
+          mean of :math:`r` over all samples and epochs (unless ``tau`` is given), and the
+          score :math:`1 - |\{e : r_{e,i} < \tau\}| / |\{e : r_{e,i}\ \text{defined}\}|` in
           ``[0, 1]``. NaN for samples without any record.
-        - ``form="paper"`` (Thm 5.3): :math:`T_i = \min\{e : g_{e,i} \le \tau\}` with a user
+        - ``form="paper"`` (Thm 5.3): :math:`T_i = \min\{e : r_{e,i} \le \tau\}` with a user
           ``tau`` (required), as an absolute epoch number; :attr:`epoch` (one past the last
           closed epoch) when the condition never held; NaN for samples without any record.
+          The paper's condition is on :math:`E\|\nabla_{x_i}\ell(w_R)\|^2` with the iterate
+          :math:`R` drawn uniformly from the first :math:`T`: the mean over training so
+          far, which :math:`r` is per epoch (one epoch's own :math:`g` would call a sample
+          learned at its first quiet epoch).
 
         ``tau``, when given, must be a finite number. Only closed epochs count (call
         :meth:`end_epoch` first). Larger means harder.
@@ -224,28 +228,28 @@ class TrackerStatistics:
         if bad_tau or (tau is not None and not math.isfinite(tau)):
             # (NaN compared False everywhere: every sample "never" learned, or all 1.0)
             raise ValueError(f"CSLTracker.learning_time: tau must be a finite number, got {tau!r}")
+        if form not in ("code", "paper"):
+            raise ValueError(
+                f"CSLTracker.learning_time: form must be 'code' or 'paper', got {form!r}"
+            )
+        if form == "paper" and tau is None:
+            raise ValueError("CSLTracker.learning_time(form='paper') needs a threshold tau")
+        seen = ~torch.isnan(hist)
+        total = torch.where(seen, hist, 0).cumsum(0)
+        count = seen.to(torch.float64).cumsum(0)
+        running = torch.where(count > 0, total / count.clamp(min=1), float("nan"))
+        defined = count > 0
         if form == "paper":
-            if tau is None:
-                raise ValueError("CSLTracker.learning_time(form='paper') needs a threshold tau")
             epochs = hist.shape[0]
-            below = hist <= tau  # NaN compares False
+            below = running <= tau  # NaN compares False
             stamp = torch.arange(epochs, device=self.device, dtype=torch.float64)[:, None]
             stamp = stamp + self.input_grad_first_epoch
             never = torch.full_like(hist[:1], float(self.epoch))
             cand = torch.where(below, stamp.expand_as(hist), float("inf"))
             first = torch.cat([cand, never]).amin(0)
             # a sample without any record was not "never below tau": it is unknown
-            recorded = (~torch.isnan(hist)).any(0)
+            recorded = seen.any(0)
             return torch.where(recorded, first, float("nan")).to(self.dtype)
-        if form != "code":
-            raise ValueError(
-                f"CSLTracker.learning_time: form must be 'code' or 'paper', got {form!r}"
-            )
-        seen = ~torch.isnan(hist)
-        total = torch.where(seen, hist, 0).cumsum(0)
-        count = seen.to(torch.float64).cumsum(0)
-        running = torch.where(count > 0, total / count.clamp(min=1), float("nan"))
-        defined = count > 0
         if tau is None:
             tau = running[defined].mean() if hist.numel() else float("nan")
         frac_below = ((running < tau) & defined).sum(0) / defined.sum(0)

@@ -88,6 +88,24 @@ def test_watch_ignore_index_with_tensor_scale():
     assert t.input_grad_count.tolist() == [1, 0, 1, 1, 0, 1]
 
 
+def test_watch_with_class_weights_records_each_samples_weighted_gradient():
+    """F.cross_entropy's weighted mean divides by the batch's summed weight; with that as
+    the scale, a sample records w_y^2 ||dl/dx||^2 whatever else is in its batch."""
+    model = _model()
+    w = torch.tensor([1.0, 5.0, 0.2, 2.0])
+    x = torch.randn(6, 6)
+    y = torch.tensor([0, 1, 2, 3, 1, -100])
+    want = w[y[:5]].double() ** 2 * per_sample_sq(model, x[:5], y[:5])
+    for batch in ([0, 1, 2, 3, 4, 5], [0, 2, 5], [0, 1]):
+        idx = torch.tensor(batch)
+        valid = y[idx] != -100
+        t = CSLTracker(6)
+        xb = t.watch(x[idx], idx, reduction_scale=w[y[idx][valid]].sum(), valid=valid)
+        csl_fast.accumulate(model(xb), y[idx], idx, t, weight=w, ignore_index=-100).backward()
+        got = t.input_grad_sq_sum.double()[idx[valid]]
+        torch.testing.assert_close(got, want[idx[valid]], rtol=1e-4, atol=1e-7)
+
+
 def test_watch_errors_and_nonfinite():
     t = CSLTracker(3)
     with pytest.raises(TypeError, match=r"floating.*int64.*watch the first floating-point"):

@@ -307,8 +307,10 @@ def test_learning_time_both_forms():
         dtype=torch.float64,
     )
     torch.testing.assert_close(t.input_grad_history.double(), h, equal_nan=True)
-    # paper form: first epoch with mean <= tau; never -> t.epoch
-    assert t.learning_time("paper", tau=1.0).tolist() == [3.0, 1.0, 3.0]
+    # paper form: first epoch whose running mean is <= tau; never -> t.epoch (sample 0's
+    # epoch-3 mean is 0.5, but its running mean there is 6.5 / 3)
+    assert t.learning_time("paper", tau=1.0).tolist() == [4.0, 1.0, 4.0]
+    assert t.learning_time("paper", tau=2.5).tolist() == [3.0, 1.0, 4.0]
     assert t.learning_time("paper", tau=0.1).tolist() == [4.0, 4.0, 4.0]
     # released code's form, computed by hand
     running = [[4.0, 3.0, 6.5 / 3], [1.0, 0.75, 4.5 / 3], [9.0, math.nan, 5.0]]
