@@ -10,7 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
-from . import _ext, cross_entropy_args, cross_entropy_extras, ops, ops_extras, reference
+from . import (
+    _ext,
+    backward_rerun,
+    cross_entropy_args,
+    cross_entropy_extras,
+    ops,
+    ops_extras,
+    reference,
+)
 from ._ext import resolve_backend
 from .accumulate_checks import (
     _buffers,
@@ -84,6 +92,10 @@ def accumulate(
     logits; with float16 logits, a loss of 65520 or more, which rounds to inf) are not
     recorded, so one bad step cannot poison a sample's CSL; the returned loss still shows
     the NaN/inf, as ``F.cross_entropy``'s would. Duplicate indices in a batch add up.
+    Calls under ``torch.no_grad()`` record too (an evaluation loop should call
+    ``F.cross_entropy`` or :func:`csl_fast.score_epoch`); a forward that activation
+    checkpointing reruns inside the backward records nothing
+    (:mod:`csl_fast.backward_rerun`).
 
     **Samples with several positions.** Every layout ``F.cross_entropy`` accepts is read
     as it reads it (:mod:`csl_fast.cross_entropy_args`): ``[B, C]`` logits with ``[B]``
@@ -427,7 +439,8 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
     At a few classes the op calls and their Python glue cost more than the work, so eager
     calls on the CPU (a tensor buffer or a tracker without history) make the same three op
     calls from C++. That skips torch.ops, and with it any torch function mode, functorch
-    transform or forward-mode AD, so it is not taken under one. The step itself declines
+    transform, forward-mode AD or saved-tensor hook, so it is not taken under one, nor in
+    a backward pass (a checkpointed forward's rerun records nothing). The step itself declines
     (returns None) what else it does not take (csrc/module.cpp: declines): other layouts,
     devices and dtypes, buffers the checks refuse, tensor subclasses."""
     if (
@@ -438,6 +451,8 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
         or torch.compiler.is_compiling()
         or _functorch_level() is not None
         or _forward_ad._current_level >= 0
+        or backward_rerun.in_backward()
+        or backward_rerun.saved_tensor_hooks_active()
     ):
         return None
     if type(csl) is CSLTracker:
@@ -508,11 +523,14 @@ def record_stats(
 
     Shared by :func:`accumulate` and :func:`csl_fast.linear_cross_entropy`; arguments are
     assumed checked (``buffers`` from :func:`_buffers`). Calls from several threads into
-    the same buffers take turns; every buffer written has its version counter bumped."""
+    the same buffers take turns; every buffer written has its version counter bumped.
+    Inside a backward pass nothing is written (:mod:`csl_fast.backward_rerun`)."""
     if torch.compiler.is_compiling():
         # A compiled graph's writes are functional copies into the buffers at its end: the
         # copies bump the versions, and there is no address to lock on while tracing.
         _record(stats, index, csl, buffers, seq, deterministic, backend)
+        return
+    if backward_rerun.in_backward():
         return
     with buffer_lock(buffers[0]):
         _record(stats, index, csl, buffers, seq, deterministic, backend)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bce_ops
+from . import backward_rerun, bce_ops
 from ._ext import resolve_backend
 from .accumulate_checks import (
     _overlap,
@@ -208,6 +208,8 @@ def accumulate_bce(
     code = REDUCTIONS[reduction]
     with buffer_lock(csl):
         loss, stats = bce_ops.bce_loss(logits, target, weight, pos_weight, code, name)
+        if not compiling and backward_rerun.in_backward():  # a checkpointed forward's rerun
+            return loss
         bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
         if tracker is not None:
             _record_tracker(tracker, index, _loss_stats(stats), name)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, ops
+from . import _ext, backward_rerun, ops
 from ._ext import resolve_backend
 from .accumulate_checks import (
     check_buffer,
@@ -124,6 +124,8 @@ def record_loss(
         TypeError / ValueError: wrong dtype, shape, device or buffer (nothing is written).
         IndexError: an index outside ``[0, N)`` when validating (nothing is written).
     """
+    if not torch.compiler.is_compiling() and backward_rerun.in_backward():
+        return loss  # a checkpointed forward's rerun: checked and recorded the first time
     fast = _eager_cpu_args(loss, index, csl, count, backend, validate)
     if fast is not None:
         try:

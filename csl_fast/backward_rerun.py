@@ -1,0 +1,33 @@
+"""Forward code that autograd reruns inside a backward pass records nothing.
+
+Activation checkpointing (``torch.utils.checkpoint``) frees a region's activations in the
+forward and reruns the region during the backward to get them back. A csl_fast call in
+that region then runs twice per training step; the rerun is not a new presentation of the
+batch, so it computes its loss and gradient as before but writes no buffer. Reentrant
+checkpointing reruns inside the backward's graph task; non-reentrant checkpointing runs
+both passes under saved-tensor hooks and reruns inside the backward too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Private but long-standing torch bindings, bound once: these run on every eager step.
+# -1 outside a backward pass.
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_top_saved_tensor_hooks = getattr(
+    torch._C._autograd, "_top_saved_tensors_default_hooks", lambda ignore_is_tracing: None
+)
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass in this thread (a checkpointed forward
+    being rerun, or any other code called from a backward)."""
+    return _graph_task_id() != -1
+
+
+def saved_tensor_hooks_active() -> bool:
+    """True under ``torch.autograd.graph.saved_tensors_hooks`` (non-reentrant
+    checkpointing, ``save_on_cpu``): the tensors an autograd node saves go through the
+    hooks, which only ops called through the dispatcher honour."""
+    return _top_saved_tensor_hooks(False) is not None

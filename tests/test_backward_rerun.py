@@ -1,0 +1,134 @@
+"""Activation checkpointing and saved-tensor hooks around the recording calls: a
+checkpointed forward rerun in the backward records nothing, the gradient is
+F.cross_entropy's, and a saved-tensor hook's error reaches the caller."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
+
+import csl_fast
+from csl_fast import CSLTracker, accumulate, backward_rerun
+from csl_fast.accumulate import _Fallbacks
+
+BACKENDS = csl_fast.available_backends("cpu")
+MODES = ("reentrant", "non-reentrant", "non-reentrant, no early stop")
+N, B, C, D = 12, 8, 5, 6
+
+
+def _checkpointed(fn, x, mode):
+    if mode == "reentrant":
+        return checkpoint(fn, x, use_reentrant=True)
+    if mode == "non-reentrant":
+        return checkpoint(fn, x, use_reentrant=False)
+    with set_checkpoint_early_stop(False):
+        return checkpoint(fn, x, use_reentrant=False)
+
+
+def _data(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(D, C)
+    x = torch.randn(B, D, generator=g)
+    y = torch.randint(0, C, (B,), generator=g)
+    idx = torch.tensor([3, 0, 7, 3, 11, 5, 2, 9])  # a duplicate
+    return lin, x, y, idx
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sink", ["tracker", "tensor"])
+def test_a_checkpointed_accumulate_records_once_with_the_right_gradient(backend, mode, sink):
+    lin, x, y, idx = _data()
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(lin(xr), y).backward()
+    plain = CSLTracker(N, C) if sink == "tracker" else torch.zeros(N)
+    accumulate(lin(x), y, idx, plain, backend=backend)
+    ours = CSLTracker(N, C) if sink == "tracker" else torch.zeros(N)
+    xc = x.clone().requires_grad_(True)
+    before = _Fallbacks.count
+    loss = _checkpointed(lambda v: accumulate(lin(v), y, idx, ours, backend=backend), xc, mode)
+    loss.backward()
+    assert _Fallbacks.count == before
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-7)
+    if sink == "tensor":
+        torch.testing.assert_close(ours, plain)
+        return
+    assert ours.csl_count.sum() == B
+    for name, buf in plain.buffers().items():
+        torch.testing.assert_close(ours.buffers()[name], buf, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_other_recording_calls_record_once_under_checkpointing(mode):
+    lin, x, y, idx = _data(1)
+    tracker_lce, count_lce = torch.zeros(N), torch.zeros(N)
+    bce_csl, bce_count = torch.zeros(N), torch.zeros(N)
+    loss_csl, loss_count = torch.zeros(N), torch.zeros(N)
+    multi = (torch.rand(B, C) < 0.5).float()
+
+    def region(v):
+        h = torch.tanh(v)
+        a = csl_fast.linear_cross_entropy(
+            h, lin.weight, y, idx, tracker_lce, lin.bias, count=count_lce
+        )
+        b = csl_fast.accumulate_bce(lin(h), multi, idx, bce_csl, count=bce_count)
+        per = F.cross_entropy(lin(h), y, reduction="none")
+        csl_fast.record_loss(per, idx, loss_csl, count=loss_count)
+        return a + b + per.mean()
+
+    region(x.clone().requires_grad_(True)).backward()
+    once = [t.clone() for t in (count_lce, bce_count, loss_count, tracker_lce, bce_csl)]
+    for t in (tracker_lce, count_lce, bce_csl, bce_count, loss_csl, loss_count):
+        t.zero_()
+    _checkpointed(region, x.clone().requires_grad_(True), mode).backward()
+    again = [count_lce, bce_count, loss_count, tracker_lce, bce_csl]
+    for a, b in zip(again, once, strict=True):
+        torch.testing.assert_close(a, b)
+    assert count_lce.sum() == B
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_saved_tensor_hooks_error_reaches_the_caller_and_nothing_is_written(backend):
+    lin, x, y, idx = _data(2)
+
+    class Refused(Exception):
+        pass
+
+    def pack(t):
+        raise Refused("no room to save it")
+
+    tracker = CSLTracker(N, C)
+    before = _Fallbacks.count
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        pytest.raises(Refused),
+    ):
+        accumulate(lin(x), y, idx, tracker, backend=backend)
+    assert _Fallbacks.count == before
+    assert tracker.csl_count.sum() == 0
+
+
+def test_save_on_cpu_gives_the_plain_result():
+    lin, x, y, idx = _data(3)
+    plain, hooked = CSLTracker(N, C), CSLTracker(N, C)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    accumulate(lin(xa), y, idx, plain).backward()
+    with torch.autograd.graph.save_on_cpu():
+        accumulate(lin(xb), y, idx, hooked).backward()
+    torch.testing.assert_close(xb.grad, xa.grad)
+    for name, buf in plain.buffers().items():
+        torch.testing.assert_close(hooked.buffers()[name], buf, msg=name)
+
+
+def test_the_probes():
+    assert not backward_rerun.in_backward()
+    assert not backward_rerun.saved_tensor_hooks_active()
+    seen = []
+    x = torch.randn(3, requires_grad=True)
+    x.register_hook(lambda g: seen.append(backward_rerun.in_backward()))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert backward_rerun.saved_tensor_hooks_active()
+        (x * 2).sum().backward()
+    assert seen == [True]
