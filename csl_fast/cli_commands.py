@@ -182,6 +182,8 @@ def _scores_for(tracker: Any, name: str) -> Any:
         why = {
             "eval": "eval passes (csl_fast.score_epoch)",
             "input_grad": "input-gradient norms (tracker.watch)",
+            "input_grad_epochs": "an epoch closed with input-gradient norms (tracker.watch, "
+            "then tracker.end_epoch())",
             "train": "training presentations",
             "logits": "the softmax statistics of csl_fast.accumulate's cross entropy",
         }[needs]

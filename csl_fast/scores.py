@@ -58,7 +58,9 @@ class ScoreInfo:
             softmax statistics of :func:`csl_fast.accumulate`'s fused cross entropy, free;
             absent from a tracker fed only by :func:`csl_fast.record_loss` or
             :func:`csl_fast.accumulate_bce`, see :func:`has_logit_stats`), ``"eval"`` (eval
-            passes, :func:`csl_fast.score_epoch`) or ``"input_grad"`` (``tracker.watch``).
+            passes, :func:`csl_fast.score_epoch`), ``"input_grad"`` (``tracker.watch``) or
+            ``"input_grad_epochs"`` (an epoch closed with input-gradient records:
+            ``tracker.watch`` and ``tracker.end_epoch()``).
         two_sided: no direction of the score means "suspicious" in every training
             regime; such a score is returned only by name, never ranked by default.
     """
@@ -109,7 +111,7 @@ SCORES: dict[str, ScoreInfo] = {
         "tracker.learning_time() (authors' code form: 1 - fraction of epochs whose "
         "running-mean ||dl/dx||^2 is below the global mean)",
         "input gradient stays large for longer",
-        "input_grad",
+        "input_grad_epochs",
     ),
     "loss_sensitivity": ScoreInfo(
         "tracker.loss_sensitivity: mean ||dl/dx|| over training (Arpit et al.)",
@@ -163,6 +165,8 @@ def _has(tracker: CSLTracker, needs: str) -> bool:
         return has_logit_stats(tracker)
     if needs == "eval":
         return tracker.eval_passes > 0
+    if needs == "input_grad_epochs":
+        return 0 <= tracker.input_grad_first_epoch < tracker.epoch
     return tracker.input_grad_first_epoch >= 0
 
 
@@ -250,7 +254,7 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
         eval_conf = name == "in_confidence" and tracker.eval_passes > 0
         return SCORES[name].needs == "logits" and not logits and not eval_conf
 
-    if names is not None and "threshold_learning_time" in chosen:  # asked for it by name
+    if "threshold_learning_time" in chosen:
         warn_no_epoch_closed(tracker, "csl_fast.scores: threshold_learning_time is 0 or 1")
     with torch.no_grad():
         return {name: nan if undefined(name) else _compute(tracker, name) for name in chosen}

@@ -36,6 +36,7 @@ is read on the host). The CSL sum and count themselves are written by the fused
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -88,7 +89,8 @@ class CSLTracker(TrackerStatistics):
             :func:`csl_fast.accumulate` must be on this device.
         dtype: float32 (default) or float64, for every floating-point buffer.
         history: also keep per-epoch loss curves (:attr:`loss_history`,
-            :attr:`eval_loss_history`), float16 ``[epochs, N]``.
+            :attr:`eval_loss_history`), float16 ``[epochs, N]`` (a mean loss above 65504
+            is stored as inf, with a warning).
         backend: kernel backend for the eval pass and input-gradient norms (see
             :func:`csl_fast.available_backends`).
         deterministic: passed to the eval pass's ``scatter_stats``; default
@@ -599,7 +601,7 @@ class CSLTracker(TrackerStatistics):
             self.epoch_input_grad_count.zero_()
         if self.history:
             self._histories["loss_history"].append(
-                _mean_or_nan(self.epoch_loss_sum, self.epoch_count).half()
+                _half_row(_mean_or_nan(self.epoch_loss_sum, self.epoch_count), "loss_history")
             )
             self.epoch_loss_sum.zero_()
             self.epoch_count.zero_()
@@ -612,7 +614,10 @@ class CSLTracker(TrackerStatistics):
         :attr:`eval_passes`."""
         if self.history:
             self._histories["eval_loss_history"].append(
-                _mean_or_nan(self.eval_pass_loss_sum, self.eval_pass_count).half()
+                _half_row(
+                    _mean_or_nan(self.eval_pass_loss_sum, self.eval_pass_count),
+                    "eval_loss_history",
+                )
             )
             self.eval_pass_loss_sum.zero_()
             self.eval_pass_count.zero_()
@@ -715,6 +720,25 @@ class CSLTracker(TrackerStatistics):
 
 
 # ------------------------------------------------------------------ helpers
+_HALF_MAX = torch.finfo(torch.float16).max
+
+
+def _half_row(mean: torch.Tensor, name: str) -> torch.Tensor:
+    """A history row in float16 (2 bytes per sample and epoch), with a warning when a
+    finite mean loss is past float16's range and becomes inf there (one host read)."""
+    over = int((mean.abs() > _HALF_MAX).logical_and_(mean.isfinite()).sum())
+    if over:
+        warnings.warn(
+            f"CSLTracker.{name}: {over} sample(s) had a mean loss above {_HALF_MAX:.0f}, "
+            "float16's largest value, this epoch; the row stores inf for them (the CSL "
+            "sums and counts hold the exact values). Scale the losses you record, e.g. "
+            "record_loss(loss / s, ...), to keep curves of such losses",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of end_epoch (through its lock wrapper)
+        )
+    return mean.half()
+
+
 def _check_stats(method: str, stats: object, num_classes: int | None) -> None:
     """``stats`` as the fused cross entropy gives them: float32 ``[NUM_STATS, B]``.
     Checked before anything is written: the kernels read row ``Stat.VALID`` of fewer rows

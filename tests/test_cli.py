@@ -140,6 +140,7 @@ def test_rank_prints_the_detections_note(tmp_path, capsys):
     b["margin_sum"].copy_(torch.where(bad & (torch.arange(400) % 2 == 0), -10.0, 10.0))
     b["last_max_prob"].fill_(0.9)
     b["forgetting"].fill_(1)  # every sample forgotten once: one tie of 400
+    t.epoch = 10  # ten presentations in ten closed epochs
     path = str(tmp_path / "tied.csl")
     t.save(path)
     code, out, err = run_main(capsys, "rank", path, "--score", "forgetting", "--top", "3")

@@ -52,6 +52,24 @@ def test_default_names_follow_what_was_recorded():
     }  # fmt: skip
 
 
+def test_without_a_closed_epoch_the_epoch_scores_are_warned_about_or_left_out():
+    """end_epoch() never called: the default call warns about the threshold learning time
+    (0 or 1 for everyone) as a call by name does, and leaves out the learning time (NaN
+    for everyone until an epoch with input-gradient records closes)."""
+    t = csl_fast.CSLTracker(4, 3)
+    idx, y = torch.arange(4), torch.zeros(4, dtype=torch.long)
+    for _ in range(3):
+        x = t.watch(torch.randn(4, 3), idx)
+        csl_fast.accumulate(x, y, idx, t).backward()
+    with pytest.warns(RuntimeWarning, match="never called"):
+        csl_fast.scores(t, ["threshold_learning_time"])
+    with pytest.warns(RuntimeWarning, match="never called"):
+        default = csl_fast.scores(t)
+    assert "threshold_learning_time" in default and "learning_time" not in default
+    t.end_epoch()
+    assert "learning_time" in csl_fast.scores(t)
+
+
 def test_values_and_orientation():
     t = _tracker(eval_pass=True, input_grads=True)
     s = csl_fast.scores(t)

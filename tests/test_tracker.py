@@ -349,6 +349,19 @@ def test_learning_time_both_forms():
         assert got[2:].isnan().all() and got[:2].isfinite().all(), (form, got)
 
 
+def test_a_mean_loss_past_float16_is_warned_about_in_the_history():
+    t = CSLTracker(3, history=True)
+    csl_fast.record_loss(torch.tensor([1.2e5, 5.0, 3.0]), torch.arange(3), t)
+    with pytest.warns(RuntimeWarning, match=r"loss_history: 1 sample\(s\).*65504"):
+        t.end_epoch()
+    assert t.loss_history[0].tolist() == [math.inf, 5.0, 3.0]
+    assert t.csl_mean.tolist() == [1.2e5, 5.0, 3.0]
+    csl_fast.record_loss(torch.tensor([1.0, math.inf, 6e4]), torch.arange(3), t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inf losses are not recorded; 6e4 fits
+        t.end_epoch()
+
+
 def test_memory_statement():
     n = 1000
     assert CSLTracker(n).nbytes() == 90 * n
