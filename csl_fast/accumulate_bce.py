@@ -37,6 +37,7 @@ from .tracker import CSLTracker
 __all__ = ["accumulate_bce"]
 
 _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _FLOAT_BUFFER = (torch.float32, torch.float64)
 _COUNT_BUFFER = (torch.float32, torch.float64, torch.int64, torch.int32)
@@ -107,8 +108,11 @@ def accumulate_bce(
     Args:
         logits: ``[B, L]`` float32, float16, bfloat16 or float64, any strides; or
             ``[B]`` (a binary classifier's one logit per sample, read as ``[B, 1]``).
+            Under ``torch.autocast`` float16/bfloat16 logits, targets and weights are
+            cast to float32 first, as autocast casts
+            ``F.binary_cross_entropy_with_logits``'s, so the loss is float32.
         target: the logits' shape, targets in ``[0, 1]``, the logits' dtype
-            (``y.to(z.dtype)``).
+            (``y.to(z.dtype)``; under autocast a float32 target goes with half logits).
         index: ``[B]`` int64 (or int32) dataset indices in ``[0, N)``.
         csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
         count, wrong: optional ``[N]`` float32/float64/int32/int64 buffers (``count``
@@ -144,6 +148,13 @@ def accumulate_bce(
             written): the loss is unbounded below there and CSL would turn negative.
         RuntimeError: under ``torch.func`` transforms or forward-mode AD.
     """
+    if isinstance(logits, torch.Tensor) and torch.is_autocast_enabled(logits.device.type):
+        # F.binary_cross_entropy_with_logits is on autocast's float32 list: its float16 and
+        # bfloat16 inputs are cast to float32 (the kernels here have no autocast rule).
+        logits, target, weight, pos_weight = (
+            t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t
+            for t in (logits, target, weight, pos_weight)
+        )
     if (
         isinstance(logits, torch.Tensor)
         and logits.dim() == 1

@@ -153,9 +153,9 @@ def _check_recorded(tracker: Any, tracker_path: str) -> None:
     """Refuse a tracker without a single score (saved before any training step, or with
     ``N = 0``) as bad input, in every command that reads a run: each needs a score, and
     no option can give one."""
-    from .scores import SCORES, _has
+    from .scores import recorded_names
 
-    if not any(_has(tracker, info.needs) for info in SCORES.values() if not info.two_sided):
+    if not recorded_names(tracker):
         raise CLIError(
             f"{tracker_path}: the run recorded nothing (no training presentation, eval pass "
             "or input-gradient record; a tracker saved before any training step?): save the "
@@ -164,10 +164,12 @@ def _check_recorded(tracker: Any, tracker_path: str) -> None:
         )
 
 
-def _scores_for(tracker: Any, name: str) -> Any:
-    from .scores import SCORES, has_logit_stats, scores
+def _scores_for(tracker: Any, name: str) -> list[str]:
+    """The names of the scores ``tracker`` recorded (what ``csl_fast.scores(tracker)``
+    returns, none computed); a clear error when ``name`` is not among them."""
+    from .scores import SCORES, has_logit_stats, recorded_names
 
-    available = scores(tracker)
+    available = recorded_names(tracker)
     if name == "label_csl":
         if tracker.label_csl is None:
             raise CLIError(

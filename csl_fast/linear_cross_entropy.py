@@ -127,6 +127,11 @@ def linear_cross_entropy(
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]``; float32, float16, bfloat16 or float64.
+            Under ``torch.autocast`` hidden, weight and bias are first cast to autocast's
+            dtype, as autocast casts ``F.linear``'s inputs (a float32 head weight with
+            bfloat16 hidden states is then fine), and the loss is float32, as autocast
+            gives ``F.cross_entropy``'s: each chunk's logits are cast to float32 for the
+            loss (twice a chunk's memory) and their gradient back for the matmuls.
         weight: ``[V, H]`` output embedding, same dtype and device as ``hidden``: the
             linear layer's weight, as in ``F.linear`` (and Liger-Kernel's fused linear
             cross entropy), not ``F.cross_entropy``'s class weights, which this op does
@@ -165,6 +170,17 @@ def linear_cross_entropy(
     extras = cross_entropy_extras.check(
         "linear_cross_entropy", softcap, z_loss_scale, return_z_loss, return_token_accuracy
     )
+    loss_dtype = None  # hidden's dtype, or float32 under autocast
+    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+        # As autocast runs F.cross_entropy(F.linear(hidden, weight, bias)): the matmul's
+        # float inputs in autocast's dtype (a float32 head weight included), the loss in
+        # float32 (the fused ops have no autocast rule of their own).
+        low = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight, bias = (
+            t.to(low) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CAST else t
+            for t in (hidden, weight, bias)
+        )
+        loss_dtype = torch.float32
     cap, zs = (0.0, 0.0) if extras is None else (extras.softcap, extras.z_loss_scale)
     if ops.transformed():
         raise RuntimeError(
@@ -290,6 +306,7 @@ def linear_cross_entropy(
         acc,
         cap,
         zs,
+        loss_dtype or hidden.dtype,
     )
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
@@ -300,6 +317,9 @@ def linear_cross_entropy(
     if reduction == "none":
         loss = loss.view(target.shape)
     return loss
+
+
+_AUTOCAST_CAST = (torch.float32, torch.float16, torch.bfloat16)  # float64 stays, as in autocast
 
 
 def _int_args(ignore_index: object, chunk_size: object) -> tuple[int, int | None]:
@@ -391,17 +411,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
-        cap, zs,
+        cap, zs, out_dtype,
     ):  # fmt: skip
         rows = hidden.shape[0]
         dev = hidden.device
         need = ctx.needs_input_grad[:3]
         eager_grads = red != 0 and any(need)
         stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
-        losses = hidden.new_empty(rows) if red == 0 else None
+        losses = hidden.new_empty(rows, dtype=out_dtype) if red == 0 else None
         total = torch.zeros((), dtype=acc if acc == torch.float64 else torch.float32, device=dev)
         # The z-loss term alone, per row or summed like the loss (0 when off).
-        z_loss = hidden.new_zeros(rows) if red == 0 else torch.zeros_like(total)
+        z_loss = hidden.new_zeros(rows, dtype=out_dtype) if red == 0 else torch.zeros_like(total)
         gh = gw = gb = scale = None
         if eager_grads:
             if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
@@ -410,10 +430,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gh = torch.empty_like(hidden) if need[0] else None
             gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
             gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need[2] else None
+        upcast = out_dtype != hidden.dtype  # autocast: the loss of float32 logits
         for start in range(0, rows, chunk):
             end = min(start + chunk, rows)
             h = hidden[start:end]
             z = _logits(h, weight, bias)
+            if upcast:
+                z = z.float()
             # Per-row losses (summed in float32 below) and the per-row gradient for a unit
             # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
             # In place: the chunk's gradient overwrites its logits (one chunk alive, not two);
@@ -422,6 +445,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
             )
             del z
+            if upcast and dz is not None:
+                dz = dz.to(hidden.dtype)  # as autocast's cast hands F.linear its gradient
             stats[:, start:end] = st
             if red == 0:
                 losses[start:end] = loss_c
@@ -447,7 +472,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.mark_non_differentiable(stats, z_loss)
         ctx.red = red
         if red == 0:
-            ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs)
+            ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs, upcast)
             ctx.save_for_backward(hidden, weight, bias, target)
             return losses, stats, z_loss
         if red == 1:
@@ -460,7 +485,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if gw is None else gw.to(wdt),
             None if gb is None else gb.to(wdt),
         )
-        return total.to(hidden.dtype), stats, z_loss.to(hidden.dtype)
+        return total.to(out_dtype), stats, z_loss.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_z_loss):
@@ -470,7 +495,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "F.cross_entropy(F.linear(hidden, weight, bias), target) for higher-order "
                 "gradients"
             )
-        nones = (None,) * 9
+        nones = (None,) * 10
         if grad_loss is None:  # the loss did not reach the objective
             return (None, None, None, *nones)
         if ctx.red != 0:
@@ -504,7 +529,7 @@ def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs, grad=Tru
 def _backward_none(ctx, grad_loss):
     """Per-token upstream gradients: recompute each chunk's logits and their gradient."""
     hidden, weight, bias, target = ctx.saved_tensors
-    ignore_index, label_smoothing, chunk, name, acc, cap, zs = ctx.args
+    ignore_index, label_smoothing, chunk, name, acc, cap, zs, upcast = ctx.args
     need = ctx.needs_input_grad[:3]
     gh = torch.empty_like(hidden) if need[0] else None
     gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need[1] else None
@@ -513,9 +538,13 @@ def _backward_none(ctx, grad_loss):
         end = min(start + chunk, hidden.shape[0])
         h = hidden[start:end]
         z = _logits(h, weight, bias)
+        if upcast:
+            z = z.float()
         _, dz, _, _ = _chunk_fwd(z, target[start:end], ignore_index, label_smoothing, name, cap, zs)
         del z
         dz.mul_(grad_loss[start:end, None].to(dz.dtype))
+        if upcast:
+            dz = dz.to(hidden.dtype)
         if gh is not None:
             torch.mm(dz, weight, out=gh[start:end])
         if gw is not None:

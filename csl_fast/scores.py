@@ -34,7 +34,15 @@ import torch
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
-__all__ = ["LOSS_ONLY", "SCORES", "ScoreInfo", "as_dataframe", "has_logit_stats", "scores"]
+__all__ = [
+    "LOSS_ONLY",
+    "SCORES",
+    "ScoreInfo",
+    "as_dataframe",
+    "has_logit_stats",
+    "recorded_names",
+    "scores",
+]
 
 #: What a tracker fed only by ``record_loss`` or ``accumulate_bce`` holds, in one sentence.
 LOSS_ONLY = (
@@ -158,6 +166,12 @@ def has_logit_stats(tracker: CSLTracker) -> bool:
     return bool(((tracker.csl_count > 0) & (tracker.last_max_prob > 0)).any())
 
 
+def recorded_names(tracker: CSLTracker) -> list[str]:
+    """The names :func:`scores` returns by default: every one-sided score whose source
+    ``tracker`` recorded, in :data:`SCORES` order (nothing is computed)."""
+    return [n for n, info in SCORES.items() if not info.two_sided and _has(tracker, info.needs)]
+
+
 def _has(tracker: CSLTracker, needs: str) -> bool:
     if needs == "train":
         return bool((tracker.csl_count > 0).any())
@@ -239,9 +253,7 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
     if isinstance(names, str):  # an iterable of one-letter names otherwise
         raise TypeError(f"csl_fast.scores: names must be a list of names, e.g. [{names!r}]")
     if names is None:
-        chosen = [
-            n for n, info in SCORES.items() if not info.two_sided and _has(tracker, info.needs)
-        ]
+        chosen = recorded_names(tracker)
     else:
         chosen = list(names)
         unknown = [n for n in chosen if n not in SCORES]

@@ -669,3 +669,38 @@ def test_binary_classifier_logits_b_are_read_as_b_by_1(backend, reduction, weigh
     csl_fast.accumulate_bce(z[:, None], y[:, None], index, csl2, count=count2, backend=backend)
     torch.testing.assert_close(csl, csl2, rtol=0, atol=0)
     assert torch.equal(count, count2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_under_autocast_as_torch(backend, dtype):
+    """F.binary_cross_entropy_with_logits is on autocast's float32 list: half logits with a
+    float32 target (the usual mixed-precision call) give the float32 loss and gradient it
+    gives, and record the float32 losses."""
+    g = torch.Generator().manual_seed(5)
+    lin = torch.nn.Linear(4, 3)
+    x, y = torch.randn(6, 4, generator=g), torch.rand(6, 3, generator=g)
+    w, pw = torch.rand(3, generator=g) + 0.5, torch.rand(3, generator=g) + 0.5
+    idx = torch.tensor([0, 4, 2, 4, 1, 5])
+    grads, losses = [], []
+    for ours in (False, True):
+        lin.zero_grad()
+        csl = torch.zeros(7)
+        with torch.autocast("cpu", dtype=dtype):
+            z = lin(x)
+            assert z.dtype == dtype
+            if ours:
+                loss = csl_fast.accumulate_bce(
+                    z, y, idx, csl, weight=w, pos_weight=pw, backend=backend
+                )
+            else:
+                loss = F.binary_cross_entropy_with_logits(z, y, weight=w, pos_weight=pw)
+                per = F.binary_cross_entropy_with_logits(z, y, reduction="none")  # plain
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grads.append(lin.weight.grad.clone())
+        losses.append(loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    want = torch.zeros(7).index_add_(0, idx, per.detach().float().sum(1))
+    torch.testing.assert_close(csl, want, rtol=1e-5, atol=1e-6)

@@ -351,3 +351,49 @@ def test_zero_hidden_features(layout, reduction):
     plain = F.cross_entropy(b.expand(6, 5), t.reshape(-1), reduction="none").view(t.shape)
     want_csl = plain if plain.dim() == 1 else plain.sum(1)
     torch.testing.assert_close(csl, want_csl)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_under_autocast_as_the_eager_pair(backend, reduction):
+    """Mixed precision: bfloat16 hidden states and a float32 head. The eager pair under
+    autocast runs the matmul in bfloat16 and the loss in float32; so does the fused op,
+    loss, gradients (to the float32 head too) and recorded CSL."""
+    g = torch.Generator().manual_seed(7)
+    body, head = torch.nn.Linear(6, 6), torch.nn.Linear(6, 13)
+    x = torch.randn(3, 5, 6, generator=g)
+    y = torch.randint(0, 13, (3, 5), generator=g)
+    y[0, :2] = -100
+    idx = torch.tensor([2, 0, 2])
+    results = []
+    for ours in (False, True):
+        body.zero_grad()
+        head.zero_grad()
+        csl, count = torch.zeros(4), torch.zeros(4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = body(x)
+            assert h.dtype == torch.bfloat16
+            if ours:
+                loss = linear_cross_entropy(
+                    h, head.weight, y, idx, csl, head.bias, count=count,
+                    label_smoothing=0.1, reduction=reduction, chunk_size=4, backend=backend,
+                )  # fmt: skip
+            else:
+                logits = head(h)
+                loss = F.cross_entropy(
+                    logits.transpose(1, 2), y, label_smoothing=0.1, reduction=reduction
+                )
+                plain = F.cross_entropy(logits.transpose(1, 2).float(), y, reduction="none")
+                csl.index_add_(0, idx, plain.detach().sum(1))
+        assert loss.dtype == torch.float32
+        (loss.sum() if reduction == "none" else loss).backward()
+        grads = [p.grad.clone() for p in (*body.parameters(), *head.parameters())]
+        results.append((loss.detach(), grads, csl))
+    (want, want_g, want_csl), (got, got_g, got_csl) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, want_g, strict=True):
+        assert a.dtype == torch.float32
+        # within a bfloat16 rounding or two (eps 2**-7): the mean's 1/n is applied after
+        # the bfloat16 matmul here, before it in the eager pair
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(got_csl, want_csl, rtol=1e-5, atol=1e-5)
