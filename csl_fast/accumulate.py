@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import warnings
 from typing import Protocol, runtime_checkable
@@ -385,10 +386,14 @@ def _forward_and_record(
             )  # fmt: skip
             z_loss = z_loss.detach()
         detached = (logits.detach(), target.detach())
-        with temporarily_clear_interpreter_stack():
+        # (only under a transform: torch.compile cannot trace functorch's internals)
+        with temporarily_clear_interpreter_stack() if transformed else contextlib.nullcontext():
             # The buffers live outside any transform: statistics of the plain values (under
             # vmap, each vmapped call as a batch of its own), recorded outside it.
-            (z, t, index), copies = ops.escape_transforms(*detached, index)
+            if transformed:
+                (z, t, index), copies = ops.escape_transforms(*detached, index)
+            else:
+                (z, t), copies = detached, 1
             stats = (
                 reference.soft_row_statistics(z, t)
                 if soft

@@ -26,7 +26,8 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
         a0, b0 = a.data_ptr(), b.data_ptr()
     except RuntimeError:  # a torch.func wrapper (vmap, grad): no storage, no address
         return False
-    return a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.device == b.device
+    overlap = a0 < b0 + b.nbytes and b0 < a0 + a.nbytes and a.device == b.device
+    return overlap and not a.is_meta  # (meta tensors have no memory: their addresses are 0)
 
 
 def check_count_fits(op: str, csl: torch.Tensor, count: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -183,11 +183,19 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         input_grad_norms(grad, index, tracker, scale, valid=valid)
 
-    # Watching the same tensor again (full-batch training on one fixed tensor) replaces
-    # this tracker's earlier hook: hooks stay on a tensor, so each epoch would add one more
-    # and every backward would record the norms once per epoch so far.
+    _register(x, tracker, hook)
+    return x
+
+
+@torch.compiler.disable
+def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
+    """Put ``hook`` on ``x`` for ``tracker``, in eager mode (torch.compile cannot trace
+    the per-tensor registry: a step that watches graph-breaks here).
+
+    Watching the same tensor again (full-batch training on one fixed tensor) replaces this
+    tracker's earlier hook: hooks stay on a tensor, so each epoch would add one more and
+    every backward would record the norms once per epoch so far."""
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
         hooks[id(tracker)].remove()
     hooks[id(tracker)] = x.register_hook(hook)
-    return x

@@ -391,7 +391,8 @@ def _add_weight_grad(gw: torch.Tensor, dz: torch.Tensor, h: torch.Tensor) -> Non
         if key not in _TAKEN and gw.device.type != "cpu":
             _warn_slow(key, f"this torch has no aten::addmm.dtype_out kernel for {key[0]}")
         gw.addmm_(dz.t().to(gw.dtype), h.to(gw.dtype))
-    _TAKEN[key] = path
+    if not torch.compiler.is_compiling():  # (a traced backward may not write globals)
+        _TAKEN[key] = path
 
 
 def _warn_slow(key: tuple[str, torch.dtype, torch.dtype], why: str) -> None:
@@ -480,10 +481,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = total / n.to(total.dtype)
             z_loss = z_loss / n.to(total.dtype)
         wdt = weight.dtype
+        # .to of an accumulator already in the weight's dtype returns it: while tracing, a
+        # saved tensor made and mutated in place in here must be a tensor of its own.
+        copy = torch.compiler.is_compiling()
         ctx.save_for_backward(
             gh,
-            None if gw is None else gw.to(wdt),
-            None if gb is None else gb.to(wdt),
+            None if gw is None else gw.to(wdt, copy=copy),
+            None if gb is None else gb.to(wdt, copy=copy),
         )
         return total.to(out_dtype), stats, z_loss.to(out_dtype)
 

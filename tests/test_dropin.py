@@ -298,16 +298,22 @@ def test_a_buffer_made_inside_a_transform_is_refused_plainly(backend):
 def test_meta_inputs_give_meta_results_as_pytorch(backend, reduction):
     """Shape inference on the meta device: F.cross_entropy gives a meta loss; csl_fast
     said "csl shares memory with index" (every meta address is 0) or raised from .item()."""
-    x = torch.randn(4, 3, device="meta", requires_grad=True)
     t = torch.zeros(4, dtype=torch.long, device="meta")
-    out = accumulate(
-        x, t, torch.arange(4, device="meta"), torch.zeros(10, device="meta"),
-        backend=backend, reduction=reduction,
-    )  # fmt: skip
-    want = F.cross_entropy(x, t, reduction=reduction)
-    assert out.is_meta and out.shape == want.shape and out.dtype == want.dtype
-    out.sum().backward()
-    assert x.grad.is_meta and x.grad.shape == x.shape
+    sinks = (
+        {"csl": torch.zeros(10, device="meta")},
+        # a count buffer and a meta tracker: "csl and count share memory" (addresses 0)
+        {"csl": torch.zeros(10, device="meta"), "count": torch.zeros(10, device="meta")},
+        {"csl": csl_fast.CSLTracker(10, 3, device="meta")},
+    )
+    for sink in sinks:
+        x = torch.randn(4, 3, device="meta", requires_grad=True)
+        out = accumulate(
+            x, t, torch.arange(4, device="meta"), **sink, backend=backend, reduction=reduction
+        )
+        want = F.cross_entropy(x, t, reduction=reduction)
+        assert out.is_meta and out.shape == want.shape and out.dtype == want.dtype
+        out.sum().backward()
+        assert x.grad.is_meta and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -863,3 +869,28 @@ def test_k_dimensional_ignored_positions(backend):
         plain = F.cross_entropy(logits.double(), t, ignore_index=2, reduction="none")
         torch.testing.assert_close(csl, plain.sum((1, 2)), msg=what)
         assert torch.equal(count, kept.sum((1, 2)).float()), what
+
+
+def test_class_probabilities_compile_with_fullgraph():
+    """Soft targets (mixup, distillation) in torch.compile(fullgraph=True): the same loss,
+    gradient and CSL as eager (functorch's stack clearing, needed only under a transform,
+    broke the graph)."""
+    g = torch.Generator().manual_seed(9)
+    z0 = torch.randn(6, 5, generator=g)
+    p = torch.softmax(torch.randn(6, 5, generator=g), 1)
+    idx = torch.tensor([0, 3, 3, 1, 5, 2])
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        z = z0.clone().requires_grad_(True)
+        csl, count = torch.zeros(6), torch.zeros(6)
+
+        def f(z, csl=csl, count=count):
+            return accumulate(z, p, idx, csl, count=count)
+
+        loss = (torch.compile(f, backend="aot_eager", fullgraph=True) if compiled else f)(z)
+        loss.backward()
+        results.append((loss.detach(), z.grad, csl, count))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(results[0][0], F.cross_entropy(z0, p))

@@ -268,3 +268,22 @@ def test_an_index_out_of_range_writes_nothing(backend):
     with pytest.raises(IndexError, match="outside"):
         csl_fast.input_grad_norms(torch.ones(2, 3), torch.tensor([0, 4]), t)
     assert not t.input_grad_count.any() and t.input_grad_first_epoch < 0
+
+
+def test_watch_inside_a_compiled_step_records_as_eager():
+    """The hook registry cannot be traced: the step graph-breaks at watch (it raised an
+    internal Dynamo error) and records what eager records."""
+    torch._dynamo.reset()
+    model = _model()
+    x, y = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    idx = torch.tensor([3, 0, 7, 3, 11, 5, 2, 9])
+
+    def step(t, x):
+        x = t.watch(x, idx)
+        return csl_fast.accumulate(model(x), y, idx, t)
+
+    eager, compiled = CSLTracker(12, 4), CSLTracker(12, 4)
+    step(eager, x.clone()).backward()
+    torch.compile(step, backend="aot_eager")(compiled, x.clone()).backward()
+    for name in ("input_grad_sq_sum", "input_grad_count", "csl_sum", "csl_count"):
+        torch.testing.assert_close(compiled.buffers()[name], eager.buffers()[name], msg=name)
