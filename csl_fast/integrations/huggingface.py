@@ -19,15 +19,23 @@ into every checkpoint folder as ``csl_tracker.csl`` (a checkpoint saved at an ep
 last step holds that epoch closed) and restores it with ``resume_from_checkpoint``.
 Evaluation and prediction batches are not recorded.
 
-The returned loss (``label_smoothing_factor`` applies) is scaled as the plain ``Trainer``
-scales the models' own loss. When the model takes loss keyword arguments (causal LMs and
-most models in transformers 5) the Trainer counts the supervised labels of the whole
-gradient-accumulation step (``num_items_in_batch``, over the ranks with
-``average_tokens_across_devices``): the loss is then the micro-batch's summed cross
-entropy divided by that count (times the ranks), so micro-batches of different token
-counts weigh every token alike, as one large batch would, and the Trainer does not divide
-it again. Otherwise it is the micro-batch mean, which the Trainer divides by the
-accumulation steps.
+The returned loss (``label_smoothing_factor`` applies) is one large batch's mean. When the
+model takes loss keyword arguments (causal LMs and most models in transformers 5) the
+Trainer counts the supervised labels of the whole gradient-accumulation step
+(``num_items_in_batch``, over the ranks with ``average_tokens_across_devices``): the loss
+is then the micro-batch's summed cross entropy divided by that count (times the ranks),
+so micro-batches of different token counts weigh every token alike, and the Trainer does
+not divide it again. Otherwise it is the micro-batch mean, which the Trainer divides by
+the accumulation steps. For causal LMs the plain ``Trainer`` scales the model's own loss
+the same way; a model whose own loss is a plain mean that ignores ``num_items_in_batch``
+(``BertForSequenceClassification``) gets a step from the plain ``Trainer`` that is the
+world size times larger under DDP, and the accumulation steps times larger under
+gradient accumulation (``docs/distributed.md``).
+
+Accelerate fills an epoch's last step with repeats of its first samples
+(``even_batches=True``, the default): those presentations are recorded, so rank by
+``csl_mean`` or pass ``accelerator_config={"even_batches": False}`` in the
+``TrainingArguments`` (``docs/distributed.md``).
 
 Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models and
 token classification) are recorded per example: CSL is the example's summed token loss

@@ -14,6 +14,10 @@ Needs ``lightning`` (``lightning.pytorch``) or ``pytorch-lightning`` (optional d
     L.Trainer(max_epochs=30, callbacks=[callback]).fit(model, DataLoader(IndexedDataset(train_set)))
     callback.tracker.csl    # or load the tracker file written with save_path=
 
+With a spawn launcher (``strategy="ddp_spawn"``, ``"ddp_notebook"``, ``"ddp_fork"``) the
+training runs in other processes: pass ``save_path=``, and ``callback.tracker`` in the
+launching process reads that file after ``fit``.
+
 The callback creates the tracker on the module's device at ``setup`` and attaches it as
 ``pl_module.csl_tracker``, closes each training epoch (``end_epoch``, which under DDP/FSDP
 combines the ranks; Lightning's ``DistributedSampler`` padding is handled through counts),
@@ -27,6 +31,7 @@ puts the ``DistributedSampler`` in itself; wrap the training set in
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from ..distributed import mark_synced
@@ -101,13 +106,36 @@ class CSLCallback(Callback):
             )
         self.num_samples = num_samples
         self.num_classes = num_classes
-        self.tracker = tracker
+        self._tracker = tracker
         self.attr = attr
         self.save_path = save_path
         self.tracker_kwargs = tracker_kwargs
         self._pending: dict[str, Any] | None = None
+        self._made_at = time.time()
         # Lightning epochs whose end_epoch ran (kept in checkpoints); None: not known yet.
         self._epochs_closed: int | None = None
+
+    @property
+    def tracker(self) -> CSLTracker | None:
+        """The tracker: None before ``fit``'s setup creates it (or the one passed in).
+
+        Lightning's spawn launchers (``strategy="ddp_spawn"``, ``"ddp_notebook"``,
+        ``"ddp_fork"``) train in other processes, so this process's callback never sees
+        their tracker: with ``save_path``, reading ``tracker`` here after ``fit`` loads the
+        file rank 0 wrote at the end of training (a file older than this callback is not
+        taken); without it, the tracker stays None here."""
+        if self._tracker is None and self.save_path is not None:
+            try:
+                fresh = os.path.getmtime(self.save_path) >= self._made_at
+            except OSError:
+                fresh = False
+            if fresh:
+                self._tracker = CSLTracker.from_file(self.save_path)
+        return self._tracker
+
+    @tracker.setter
+    def tracker(self, value: CSLTracker | None) -> None:
+        self._tracker = value
 
     @property
     def state_key(self) -> str:
@@ -115,14 +143,14 @@ class CSLCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.tracker is None:
-            self.tracker = CSLTracker(
+        if self._tracker is None:
+            self._tracker = CSLTracker(
                 self.num_samples,
                 self.num_classes,
                 device=pl_module.device,
                 **self.tracker_kwargs,
             )
-        setattr(pl_module, self.attr, self.tracker)
+        setattr(pl_module, self.attr, self._tracker)
         self._apply_pending()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -138,28 +166,28 @@ class CSLCallback(Callback):
         # on_train_epoch_end; resumed from it, Lightning goes on with the next epoch without
         # that hook. Close the epoch before anything of the next one is recorded.
         while self._epochs_closed is not None and self._epochs_closed < trainer.current_epoch:
-            self.tracker.end_epoch()
+            self._tracker.end_epoch()
             self._epochs_closed += 1
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self.tracker.end_epoch()  # combines the ranks under torch.distributed
+        self._tracker.end_epoch()  # combines the ranks under torch.distributed
         self._epochs_closed = trainer.current_epoch + 1
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.tracker.sync()  # eval-pass state recorded after the last end_epoch
+        self._tracker.sync()  # eval-pass state recorded after the last end_epoch
         if self.save_path is not None and trainer.is_global_zero:
-            self.tracker.save(self.save_path)
+            self._tracker.save(self.save_path)
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         # Lightning builds the checkpoint on every rank: sync first so the saved state is
         # global (a no-op in one process), then store CPU copies.
-        if self.tracker is None:
+        if self._tracker is None:
             return {}
-        self.tracker.sync()
-        state = self.tracker.state_dict()
+        self._tracker.sync()
+        state = self._tracker.state_dict()
         state["buffers"] = {k: v.detach().cpu().clone() for k, v in state["buffers"].items()}
         state["histories"] = {k: v.detach().cpu() for k, v in state["histories"].items()}
         state[_EPOCHS_CLOSED] = self._epochs_closed
@@ -173,11 +201,11 @@ class CSLCallback(Callback):
         self._apply_pending()
 
     def _apply_pending(self) -> None:
-        if self._pending is None or self.tracker is None:
+        if self._pending is None or self._tracker is None:
             return
-        self.tracker.load_state_dict(self._pending)
-        mark_synced(self.tracker)  # every rank loaded the same global state
+        self._tracker.load_state_dict(self._pending)
+        mark_synced(self._tracker)  # every rank loaded the same global state
         self._pending = None
 
     def __repr__(self) -> str:
-        return f"CSLCallback(attr={self.attr!r}, tracker={self.tracker!r})"
+        return f"CSLCallback(attr={self.attr!r}, tracker={self._tracker!r})"

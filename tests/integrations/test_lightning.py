@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -162,3 +163,23 @@ def test_good_arguments_are_kept():
     }  # fmt: skip
     tracker = CSLTracker(N)
     assert CSLCallback(tracker=tracker).tracker is tracker
+
+
+def test_after_a_fit_in_other_processes_the_tracker_is_read_from_save_path(tmp_path):
+    """Spawn launchers (ddp_spawn, ddp_notebook, ddp_fork) train in child processes: the
+    launching process's callback reads the file rank 0 wrote, never an older one."""
+    path = tmp_path / "run.csl"
+    old = CSLTracker(N, C)
+    old.save(path)
+    os.utime(path, (1, 1))  # a file from an earlier run
+    cb = CSLCallback(N, C, save_path=path)
+    assert cb.tracker is None
+    written = CSLTracker(N, C)  # as rank 0 writes it at the end of training
+    csl_fast.accumulate(
+        torch.randn(N, C), torch.zeros(N, dtype=torch.long), torch.arange(N), written
+    )
+    written.end_epoch()
+    written.save(path)
+    assert cb.tracker is not None and cb.tracker.epoch == 1
+    assert torch.equal(cb.tracker.csl_sum, written.csl_sum)
+    assert CSLCallback(N, C).tracker is None  # no save_path: nothing to read
