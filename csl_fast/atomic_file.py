@@ -114,6 +114,12 @@ def _error(exc: OSError, user_path: str, action: str) -> OSError:
         errno.EISDIR: "the path is a folder: give a file name",
         errno.EFBIG: "the file is too large for this file system or the process's limit",
     }.get(exc.errno, exc.strerror or str(exc))
+    folder = os.path.dirname(os.path.abspath(user_path))
+    if exc.errno == errno.ENOENT and os.path.isdir(folder):
+        # the folder is there but creating a file in it fails as if it were not (/proc)
+        hint = (
+            "the folder refuses new files (a virtual file system such as /proc?): write elsewhere"
+        )
     # OSError(errno, text) is the errno's subclass (FileNotFoundError, PermissionError, ...).
     return OSError(exc.errno, f"cannot {action} to {user_path!r}: {hint}")
 

@@ -599,6 +599,10 @@ def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(PermissionError, match="permission denied: choose a file and") as info:
         t.save(path)
     assert str(path) in str(info.value) and ".tmp" not in str(info.value)
+    monkeypatch.undo()
+    if os.path.isdir("/proc/self"):  # a folder that exists but takes no new file
+        with pytest.raises(FileNotFoundError, match="refuses new files.*/proc"):
+            t.save("/proc/self/run.csl")
 
 
 class _Interrupt(Exception):
