@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import backward_rerun
+
 if TYPE_CHECKING:
     from .tracker import CSLTracker
 
@@ -183,6 +185,12 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         input_grad_norms(grad, index, tracker, scale, valid=valid)
 
+    if x.is_leaf and not torch.compiler.is_compiling() and backward_rerun.in_backward():
+        # Reentrant checkpointing reruns the region on a detached copy of its input, whose
+        # gradient then reaches the input watched in the forward: one hook is enough. (An
+        # intermediate made in the rerun is not a leaf and is watched: its forward ran
+        # without grad, so its first hook never fires.)
+        return x
     _register(x, tracker, hook)
     return x
 

@@ -180,7 +180,8 @@ def linear_cross_entropy(
             t.to(low) if isinstance(t, torch.Tensor) and t.dtype in _AUTOCAST_CAST else t
             for t in (hidden, weight, bias)
         )
-        loss_dtype = torch.float32
+        if hidden.dtype in (torch.float16, torch.bfloat16):  # (float64 stays float64)
+            loss_dtype = torch.float32
     cap, zs = (0.0, 0.0) if extras is None else (extras.softcap, extras.z_loss_scale)
     if ops.transformed():
         raise RuntimeError(

@@ -132,3 +132,23 @@ def test_the_probes():
         assert backward_rerun.saved_tensor_hooks_active()
         (x * 2).sum().backward()
     assert seen == [True]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", ["input", "intermediate"])
+def test_watch_in_a_checkpointed_region_records_each_gradient_once(mode, where):
+    """Reentrant checkpointing reruns the region on a detached copy of its input: watching
+    that copy too counted every input gradient twice."""
+    lin, x, y, idx = _data(4)
+    pre = torch.nn.Linear(D, D)
+
+    def region(v, t):
+        h = t.watch(v, idx) if where == "input" else t.watch(pre(v), idx)
+        return accumulate(lin(h if where == "intermediate" else pre(h)), y, idx, t)
+
+    plain, ours = CSLTracker(N, C), CSLTracker(N, C)
+    region(x.clone().requires_grad_(True), plain).backward()
+    _checkpointed(lambda v: region(v, ours), x.clone().requires_grad_(True), mode).backward()
+    for name in ("input_grad_count", "input_grad_sq_sum", "csl_count"):
+        torch.testing.assert_close(ours.buffers()[name], plain.buffers()[name], msg=name)
+    assert plain.input_grad_count.sum() == B

@@ -426,3 +426,16 @@ def test_inside_torch_compile_as_eager(reduction):
         results.append((loss.detach(), h.grad, head.weight.grad.clone(), csl, count))
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_float64_stays_float64_under_autocast():
+    """Autocast casts float32 and half inputs, never float64: neither does the fused op."""
+    g = torch.Generator().manual_seed(10)
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(9, 5, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 9, (7,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.cross_entropy(F.linear(h, w), y, reduction="none")
+        got = linear_cross_entropy(h, w, y, reduction="none")
+    assert got.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -601,7 +601,7 @@ def test_save_errors_name_the_path_and_the_fix(tmp_path, monkeypatch):
     assert str(path) in str(info.value) and ".tmp" not in str(info.value)
     monkeypatch.undo()
     if os.path.isdir("/proc/self"):  # a folder that exists but takes no new file
-        with pytest.raises(FileNotFoundError, match="refuses new files.*/proc"):
+        with pytest.raises(FileNotFoundError, match=r"refuses new files.*/proc"):
             t.save("/proc/self/run.csl")
 
 
