@@ -456,7 +456,7 @@ def record_last(
     stats: torch.Tensor,
     index: torch.Tensor,
     max_prob: torch.Tensor | None,
-    epoch: int,
+    epoch: int | torch.Tensor,
     last_loss: torch.Tensor,
     last_max_prob: torch.Tensor,
     last_correct: torch.Tensor,
@@ -476,16 +476,21 @@ def record_last(
     host, except the ``reference`` backend's vote (one read, see
     :func:`csl_fast.reference.record_last`; the ``cuda`` backend's vote is a CUDA kernel,
     ``csl_fast::record_vote``); the C++ and Triton passes add the sums in batch order
-    (deterministic).
+    (deterministic). ``epoch`` may be a 0-d integer tensor on the buffers' device (a
+    tracker's, under torch.compile): the kernels then read it when they run, so one graph
+    serves every epoch, where an int is a constant of the graph.
     """
-    args = (stats, index, max_prob, epoch, last_loss, last_max_prob, last_correct)
+    now = epoch if isinstance(epoch, torch.Tensor) else None
+    args = (stats, index, max_prob, 0 if now is not None else epoch, last_loss, last_max_prob)
+    args = (*args, last_correct)
     state = (forgetting, learned_epoch, *sums, *(suggest or (None, None, None)))
     name = resolve_backend(backend, stats.device)
     if name == "cpu":
-        torch.ops.csl_fast.record_last.default(*args, *state)
+        torch.ops.csl_fast.record_last.default(*args, *state, now)
     elif name == "triton":
-        torch.ops.csl_fast.record_last_triton.default(*args, *state)
+        torch.ops.csl_fast.record_last_triton.default(*args, *state, now)
     elif last_loss.shape[0] > 0:
+        args = (*args[:3], epoch, *args[4:])
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
         # it becomes 0 with all-zero statistics, which adds 0 and changes no state.
         idx, ok = _skip_out_of_range(index, last_loss.shape[0])

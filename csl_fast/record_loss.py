@@ -252,10 +252,11 @@ def _record_tracker(
     # correctness, which have no meaning here: they go to scratch buffers, never to the
     # tracker's own.
     max_prob, correct = _scratch(tracker)
+    # (Epoch 0: without learned_epoch no stamp is written, and a compiled graph holding
+    # tracker.epoch would be compiled again after every end_epoch.)
     ops.record_last(
-        stats, index, None, tracker.epoch, b["last_loss"], max_prob, correct, None, None,
-        backend=backend,
-    )  # fmt: skip
+        stats, index, None, 0, b["last_loss"], max_prob, correct, None, None, backend=backend
+    )
 
 
 def _scratch(tracker: CSLTracker) -> tuple[torch.Tensor, torch.Tensor]:

@@ -309,7 +309,7 @@ def record_last(
     stats: torch.Tensor,
     index: torch.Tensor,
     max_prob_override: torch.Tensor | None,
-    epoch: int,
+    epoch: int | torch.Tensor,
     last_loss: torch.Tensor,
     last_max_prob: torch.Tensor,
     last_correct: torch.Tensor,
@@ -333,8 +333,9 @@ def record_last(
     :func:`max_prob`) and ``last_correct`` are overwritten; when ``forgetting`` and
     ``learned_epoch`` are given, a correct -> incorrect change against the previous
     presentation adds a forgetting event, an incorrect -> correct change sets
-    ``learned_epoch = epoch`` and an incorrect row sets it to -1. Device-only (a stable sort
-    and segment operations): no host synchronisation.
+    ``learned_epoch = epoch`` (an int, or a 0-d integer tensor on the buffers' device) and
+    an incorrect row sets it to -1. Device-only (a stable sort and segment operations): no
+    host synchronisation.
 
     When ``suggest_label``, ``suggest_votes`` and ``suggest_hits`` (int32, together or not)
     are given, every valid *misclassified* row (``stats[CORRECT] == 0``) is one step of a
@@ -383,7 +384,8 @@ def record_last(
         onset = (sv & sc & ~prev_correct).to(torch.int32)
         seg_onsets = torch.zeros_like(onset).index_add_(0, seg_id, onset)[seg_id]
         old_epoch = learned_epoch[sidx]
-        streak = torch.where(seg_onsets > 0, torch.full_like(old_epoch, epoch), old_epoch)
+        stamp = epoch.to(old_epoch.dtype) if isinstance(epoch, torch.Tensor) else epoch
+        streak = torch.where(seg_onsets > 0, stamp, old_epoch)
         new_epoch = torch.where(
             has_last, torch.where(new_correct, streak, torch.full_like(old_epoch, -1)), old_epoch
         )

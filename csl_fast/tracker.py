@@ -224,7 +224,9 @@ class CSLTracker(TrackerStatistics):
             )
         self.backend = backend
         self.deterministic = deterministic
-        #: Completed epochs (:meth:`end_epoch` calls); the epoch stamp of new presentations.
+        # The epoch as a 0-d tensor too (set with it, see the epoch property): a compiled
+        # step reads it when it runs, so one graph serves every epoch.
+        self._epoch_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.epoch = 0
         #: Completed eval passes (:meth:`end_eval_pass` calls).
         self.eval_passes = 0
@@ -246,6 +248,17 @@ class CSLTracker(TrackerStatistics):
             if not self.history and self.device.type == "cpu" and _ext._C is not None
             else None
         )
+
+    @property
+    def epoch(self) -> int:
+        """Completed epochs (:meth:`end_epoch` calls); the epoch stamp of new
+        presentations."""
+        return self._epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch = value
+        self._epoch_t.fill_(value)
 
     # ------------------------------------------------------------------ buffers
     def _buffer_kinds(self) -> dict[str, str]:
@@ -555,7 +568,7 @@ class CSLTracker(TrackerStatistics):
             stats,
             idx,
             max_prob,
-            self.epoch,
+            self._epoch_t if torch.compiler.is_compiling() else self.epoch,
             b[prefix + "last_loss"],
             b[prefix + "last_max_prob"],
             b[prefix + "last_correct"],

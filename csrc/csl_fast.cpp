@@ -55,13 +55,15 @@ TORCH_LIBRARY(csl_fast, m) {
   // csl_fast/reference.py: record_last): last values, forgetting/learned_epoch (given
   // together or not), the optional sums of GRAD_NORM_SQ, MARGIN, P_TRUE and P_TRUE^2, and
   // the optional majority vote over OTHER_ARGMAX (suggest_label/votes/hits, together).
+  // epoch_now, a 0-d integer tensor, replaces `epoch` when given: a compiled graph reads
+  // the tracker's epoch from it at run time, where an int would be a constant of the graph.
   m.def(
       "record_last(Tensor stats, Tensor index, Tensor? max_prob, int epoch, "
       "Tensor(a!) last_loss, Tensor(b!) last_max_prob, Tensor(c!) last_correct, "
       "Tensor(d!)? forgetting, Tensor(e!)? learned_epoch, Tensor(f!)? grad_norm_sum, "
       "Tensor(g!)? margin_sum, Tensor(h!)? p_true_sum, Tensor(i!)? p_true_sq_sum, "
       "Tensor(j!)? suggest_label=None, Tensor(k!)? suggest_votes=None, "
-      "Tensor(l!)? suggest_hits=None) -> ()");
+      "Tensor(l!)? suggest_hits=None, Tensor? epoch_now=None) -> ()");
   // The suggested-label vote of record_last alone (its GPU kernel: the cuda backend's
   // record_last is otherwise the device-only reference).
   m.def(

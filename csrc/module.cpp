@@ -201,7 +201,7 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
       const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, at::Tensor&, at::Tensor&,
       at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&)>("csl_fast::record_last");
+      const OptTensor&, const OptTensor&)>("csl_fast::record_last");
   if (declines(logits, target, index, weight, csl, count, state)) return std::nullopt;
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
@@ -234,7 +234,7 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   if (state) {
     State& s = *state;
     record.call(stats, index, std::nullopt, epoch, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
-                s[7], s[8], s[9], s[10], s[11]);
+                s[7], s[8], s[9], s[10], s[11], std::nullopt);
   }
   // The ops write through data pointers: make autograd see the writes.
   torch::autograd::impl::bump_version(csl);

@@ -723,3 +723,33 @@ def test_crash_mid_save_keeps_old_file(tmp_path, monkeypatch):
     u = CSLTracker(6)
     u.load(path)
     assert u.csl_sum.tolist() == [0, 1.5, 0, 0, 0, 0]
+
+
+def test_one_compiled_graph_serves_every_epoch():
+    """torch.compile(fullgraph=True) of a step into a tracker: the epoch stamp is read at
+    run time (a 0-d tensor), so end_epoch() does not recompile the step (it did every
+    epoch, until the recompile limit of 8 raised), and the stamps are eager's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(11)
+    n, c, epochs = 16, 3, 10
+    logits = [torch.randn(n, c, generator=g) * 3 for _ in range(epochs)]
+    y = torch.randint(0, c, (n,), generator=g)
+    idx = torch.randperm(n, generator=g)
+    eager, compiled = CSLTracker(n, c), CSLTracker(n, c)
+
+    def step(t, z):
+        return csl_fast.accumulate(z, y, idx, t)
+
+    fast = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for z in logits:
+        step(eager, z.clone().requires_grad_(True)).backward()
+        fast(compiled, z.clone().requires_grad_(True)).backward()
+        eager.end_epoch()
+        compiled.end_epoch()
+    assert counters["stats"]["unique_graphs"] <= 2  # (one more for a lazily filled op table)
+    assert compiled.learned_epoch.max() > 1  # stamps past the first epochs were written
+    for name, buf in eager.buffers().items():
+        torch.testing.assert_close(compiled.buffers()[name], buf, msg=name)

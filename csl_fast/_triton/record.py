@@ -50,8 +50,10 @@ def _record_sorted_kernel(
     B,
     N,
     epoch,
+    epoch_now_ptr,
     stride_sr,
     stride_sc,
+    HAS_EPOCH_NOW: tl.constexpr,
     HAS_MAX_PROB: tl.constexpr,
     HAS_TRANSITIONS: tl.constexpr,
     HAS_GRAD_NORM_SUM: tl.constexpr,
@@ -78,6 +80,10 @@ def _record_sorted_kernel(
     if HAS_TRANSITIONS:
         forgot = tl.load(forgetting_ptr + key, mask=start, other=0)
         learned = tl.load(learned_epoch_ptr + key, mask=start, other=0)
+        if HAS_EPOCH_NOW:  # noqa: SIM108 (a compiled graph's epoch, read at run time)
+            stamp = tl.load(epoch_now_ptr).to(tl.int32)
+        else:
+            stamp = epoch
     if HAS_GRAD_NORM_SUM:
         g_sum = tl.load(grad_norm_sum_ptr + key, mask=start, other=0.0)
     if HAS_MARGIN_SUM:
@@ -114,7 +120,7 @@ def _record_sorted_kernel(
             p2_sum = tl.where(run, p2_sum + p * p, p2_sum)
         if HAS_TRANSITIONS:
             forgot = tl.where(valid & (last_c > 0) & (c == 0), forgot + 1, forgot)
-            learned = tl.where(valid & (c > 0) & (last_c == 0), epoch, learned)
+            learned = tl.where(valid & (c > 0) & (last_c == 0), stamp, learned)
             learned = tl.where(valid & (c == 0), -1, learned)
         if HAS_SUGGEST:
             # One Boyer-Moore step per valid misclassified row, for its predicted class
@@ -221,6 +227,7 @@ def record_last_triton(
     suggest_label: torch.Tensor | None,
     suggest_votes: torch.Tensor | None,
     suggest_hits: torch.Tensor | None,
+    epoch_now: torch.Tensor | None = None,
 ) -> None:
     """:func:`csl_fast.reference.record_last` in one pass (see the module doc).
 
@@ -234,6 +241,8 @@ def record_last_triton(
             optional contiguous ``[N]`` of last_loss's dtype; suggest_label,
             suggest_votes, suggest_hits: int32 ``[N]`` (all three or none), the majority
             vote over ``stats[OTHER_ARGMAX]``. All updated in place.
+        epoch_now: optional 0-d integer tensor on the stats' device that replaces
+            ``epoch`` (a compiled graph's epoch, read at run time).
     """
     batch = check_stats_index("record_last_triton", stats, index)
     if (forgetting is None) != (learned_epoch is None):
@@ -264,6 +273,17 @@ def record_last_triton(
     for name, (buf, dtype) in state.items():
         if buf is not None:
             _check_state_buffer(name, buf, dtype, n, stats.device)
+    if epoch_now is not None and (
+        epoch_now.dim() != 0
+        or epoch_now.is_floating_point()
+        or epoch_now.dtype == torch.bool
+        or epoch_now.device != stats.device
+    ):
+        raise ValueError(
+            "csl_fast.record_last_triton: epoch_now must be a 0-d integer tensor on the "
+            f"stats' device, got {epoch_now.dtype} of shape {tuple(epoch_now.shape)} on "
+            f"{epoch_now.device}"
+        )
     if max_prob is not None and (max_prob.dim() != 1 or max_prob.shape[0] != batch):
         raise ValueError(
             f"csl_fast.record_last_triton: max_prob must be [B = {batch}], got shape "
@@ -296,8 +316,10 @@ def record_last_triton(
         batch,
         last_loss.numel(),
         epoch,
+        epoch_now if epoch_now is not None else index,
         stats.stride(0),
         stats.stride(1),
+        HAS_EPOCH_NOW=epoch_now is not None,
         HAS_MAX_PROB=max_prob is not None,
         HAS_TRANSITIONS=transitions,
         HAS_GRAD_NORM_SUM=grad_norm_sum is not None,

@@ -88,7 +88,15 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
                  const std::optional<at::Tensor>& p_true_sq_sum,
                  const std::optional<at::Tensor>& suggest_label,
                  const std::optional<at::Tensor>& suggest_votes,
-                 const std::optional<at::Tensor>& suggest_hits) {
+                 const std::optional<at::Tensor>& suggest_hits,
+                 const std::optional<at::Tensor>& epoch_now) {
+  if (epoch_now.has_value()) {
+    TORCH_CHECK_VALUE(epoch_now->dim() == 0 && epoch_now->is_cpu() &&
+                          !at::isFloatingType(epoch_now->scalar_type()) &&
+                          epoch_now->scalar_type() != at::kBool,
+                      "csl_fast.record_last: epoch_now must be a 0-d integer CPU tensor");
+    epoch = epoch_now->item<int64_t>();
+  }
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast.record_last: stats must be float32 [", int(kNumStats), ", B], got ",

@@ -171,11 +171,11 @@ def main(mode: str) -> None:
         sig |= {f"{k}_ptr": f"*{f_t}" for k in ("grad_norm_sum", "margin_sum", "p_true_sum")}
         sig |= {"p_true_sq_sum_ptr": f"*{f_t}"}
         sig |= {f"suggest_{k}_ptr": "*i32" for k in ("label", "votes", "hits")}
-        sig |= {"B": "i32", "N": "i64", "epoch": "i32"}
+        sig |= {"B": "i32", "N": "i64", "epoch": "i32", "epoch_now_ptr": "*i64"}
         sig |= {"stride_sr": "i32", "stride_sc": "i32"}
         flags = ("MAX_PROB", "TRANSITIONS", "GRAD_NORM_SUM", "MARGIN_SUM", "P_TRUE_SUM")
         for on in (True, False) if mode != "minimal" else (True,):
-            const = {f"HAS_{k}": on for k in (*flags, "P_TRUE_SQ_SUM", "SUGGEST")}
+            const = {f"HAS_{k}": on for k in (*flags, "P_TRUE_SQ_SUM", "SUGGEST", "EPOCH_NOW")}
             const["BLOCK"] = record.BLOCK
             _compile(record._record_sorted_kernel, sig, const, 4)
             print("ok record_last", f_t, on, flush=True)
