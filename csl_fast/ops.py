@@ -47,6 +47,8 @@ _OVERLOADS: dict[str, torch._ops.OpOverload] = {}
 def _op(backend: str, names: dict[str, str]) -> torch._ops.OpOverload:
     # resolve_backend has imported csl_fast._triton (registering its ops) when it chose it.
     name = names[backend]
+    if torch.compiler.is_compiling():  # (a traced fill of the cache would recompile once)
+        return getattr(torch.ops.csl_fast, name).default
     op = _OVERLOADS.get(name)
     if op is None:
         op = _OVERLOADS[name] = getattr(torch.ops.csl_fast, name).default
