@@ -316,7 +316,7 @@ def record_last_triton(
         batch,
         last_loss.numel(),
         epoch,
-        epoch_now if epoch_now is not None else index,
+        epoch_now if epoch_now is not None else perm,  # (an int64 pointer, never read)
         stats.stride(0),
         stats.stride(1),
         HAS_EPOCH_NOW=epoch_now is not None,

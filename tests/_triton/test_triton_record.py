@@ -72,6 +72,22 @@ def test_matches_reference_with_duplicates(tdevice, dtype, override, transitions
                 assert torch.equal(got.cpu(), exp)
 
 
+def test_an_epoch_tensor_stamps_as_the_int(tdevice):
+    """epoch_now (a compiled graph's epoch, read when the kernel runs) stamps
+    learned_epoch as the int epoch does; the int is then ignored."""
+    stats = _stats(48, tdevice)
+    index = torch.randint(0, N, (48,), device=tdevice)
+    with_int, with_tensor = _state(torch.float32, tdevice), _state(torch.float32, tdevice)
+    record_last_triton(stats, index, None, 7, *with_int)
+    now = torch.tensor(7, device=tdevice)
+    record_last_triton(stats, index, None, 0, *with_tensor, now)
+    assert (with_int[4] == 7).any()
+    for a, b in zip(with_tensor, with_int, strict=True):
+        assert a is b is None or torch.equal(a, b)
+    with pytest.raises(ValueError, match="epoch_now must be a 0-d integer tensor"):
+        record_last_triton(stats, index, None, 0, *with_tensor, now.float())
+
+
 def test_sums_are_added_in_batch_order(tdevice):
     """Bitwise equal to a sequential index_add_ in row order, run after run."""
     batch = 200
