@@ -425,8 +425,20 @@ def note_loaded(tracker: CSLTracker) -> None:
 
 def _set_baseline(tracker: CSLTracker) -> None:
     # The last-value floats need no baseline: a rank that did not present a sample in the
-    # window still holds the synced value.
-    keep = {n: b.clone() for n, b in tracker.buffers().items() if n not in _LAST_FLOATS}
+    # window still holds the synced value. An earlier baseline's tensors are overwritten in
+    # place: new ones would double it for a moment at every sync.
+    old = tracker.__dict__.get(_STATE_ATTR)
+    keep = {}
+    for name, b in tracker.buffers().items():
+        if name in _LAST_FLOATS:
+            continue
+        prev = None if old is None else old.base.get(name)
+        same = prev is not None and (prev.shape, prev.dtype, prev.device) == (
+            b.shape,
+            b.dtype,
+            b.device,
+        )
+        keep[name] = prev.copy_(b) if same else b.clone()
     setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
     tracker.__dict__.pop(_LOADED_ATTR, None)
 
@@ -528,36 +540,46 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
     ).to(dev)
     codes = [torch.empty_like(code) for _ in range(world)]
     _wait(dist.all_gather(codes, code, group=group, async_op=True), timeout, "sync")
-    allc = torch.stack(codes)  # [W, N]
-    ranks = torch.arange(world, device=dev)[:, None]
+    # (Rank by rank, here and below: no [W, N] temporaries, whose memory grows with W.)
 
     def owner_of(bit: int) -> torch.Tensor:
-        return torch.where((allc & bit) > 0, ranks, -1).amax(0)
+        """The highest rank whose code has ``bit``, -1 where none has it."""
+        out = torch.full((n,), -1, dtype=torch.int64, device=dev)
+        for r, c in enumerate(codes):
+            out.masked_fill_((c & bit) > 0, r)
+        return out
+
+    def owner_has(owner: torch.Tensor, bit: int) -> torch.Tensor:
+        """Whether the owner's code has ``bit`` (False where there is no owner)."""
+        out = torch.zeros(n, dtype=torch.bool, device=dev)
+        for r, c in enumerate(codes):
+            out |= (owner == r) & ((c & bit) > 0)
+        return out
 
     owner = owner_of(_TRAIN_SEEN)
     eval_owner = owner_of(_EVAL_SEEN)
     mine, eval_mine = owner == rank, eval_owner == rank
 
     # --- 3. sums of deltas and the owners' values ---------------------------------------
-    floats = [(bufs[k] - base(k)).to(dev).reshape(-1) for k in additive]  # [N] or [N, L]
+    # One all-reduce per buffer, in place: a concatenation into one message would hold
+    # every delta twice at the peak (the sync's transient memory is documented).
+    sums: dict[str, torch.Tensor] = {}
+    for k in additive:
+        sums[k] = (bufs[k] - base(k)).to(dev)
+        _all_reduce(sums[k], group, timeout)
     for k in _LAST_FLOATS:
         m = eval_mine if k.startswith("eval_") else mine
-        floats.append(torch.where(m, bufs[k].to(dev), 0))
-    flat = torch.cat(floats) if floats else torch.empty(0, dtype=tracker.dtype, device=dev)
+        sums[k] = torch.where(m, bufs[k].to(dev), 0)
+        _all_reduce(sums[k], group, timeout)
     owned_ints = [k for k in _OWNED_INTS if k in bufs]
     # int64: the ranks' forgetting deltas could add past int32 (checked below, exactly).
-    ints = torch.cat(
-        [
-            d_forget.to(dev),
-            *(torch.where(mine, bufs[k].to(dev), 0) for k in ("learned_epoch", *owned_ints)),
-        ]
-    ).long()
-    _all_reduce(flat, group, timeout)
-    _all_reduce(ints, group, timeout)
-    names = [*additive, *_LAST_FLOATS]
-    parts = flat.split([bufs[k].numel() for k in names])
-    sums = {k: p.view(bufs[k].shape) for k, p in zip(names, parts, strict=True)}
-    d_total, owner_le = ints[:n], ints[n : 2 * n]
+    d_total = d_forget.to(dev, torch.int64)
+    _all_reduce(d_total, group, timeout)
+    owned = {}
+    for k in ("learned_epoch", *owned_ints):
+        owned[k] = torch.where(mine, bufs[k].to(dev), 0)  # int32: one rank's value each
+        _all_reduce(owned[k], group, timeout)
+    owner_le = owned.pop("learned_epoch")
 
     # forgetting: each rank counted from the baseline state; fix the seams between ranks.
     # (Before anything is written: a count past int32 leaves the tracker as it was.)
@@ -565,8 +587,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
     prev = s0d.clone()
     seam = torch.zeros(n, dtype=torch.int64, device=dev)
     unsure = torch.zeros(n, dtype=torch.bool, device=dev)
-    for r in range(world):
-        c = allc[r]
+    for c in codes:
         p = (c & _TRAIN_SEEN) > 0
         f = (c & _TRAIN_FIRST) > 0
         fix = (prev & ~f).to(torch.int64) - (s0d & ~f).to(torch.int64)
@@ -588,17 +609,15 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
         bufs[name].copy_(value.to(bufs[name].device))
 
     for k in additive:
-        put(k, base(k).to(dev) + sums[k])
+        put(k, base(k).to(dev) + sums.pop(k))
     for k in _LAST_FLOATS:
         o = eval_owner if k.startswith("eval_") else owner
-        put(k, torch.where(o >= 0, sums[k], bufs[k].to(dev)))
-    for j, k in enumerate(owned_ints):
-        put(k, torch.where(owner >= 0, ints[(2 + j) * n : (3 + j) * n], bufs[k].to(dev)))
-    idx = owner.clamp(min=0)[None]
-    owner_last = (allc.gather(0, idx)[0] & _TRAIN_LAST) > 0
+        put(k, torch.where(o >= 0, sums.pop(k), bufs[k].to(dev)))
+    for k in owned_ints:
+        put(k, torch.where(owner >= 0, owned.pop(k), bufs[k].to(dev)))
+    owner_last = owner_has(owner, _TRAIN_LAST)
     put("last_correct", torch.where(owner >= 0, owner_last, s0d))
-    eidx = eval_owner.clamp(min=0)[None]
-    eval_last = (allc.gather(0, eidx)[0] & _EVAL_LAST) > 0
+    eval_last = owner_has(eval_owner, _EVAL_LAST)
     put(
         "eval_last_correct",
         torch.where(eval_owner >= 0, eval_last, bufs["eval_last_correct"].to(dev)),
@@ -606,7 +625,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
 
     put("forgetting", forgetting)
 
-    presenters = ((allc & _TRAIN_SEEN) > 0).sum(0)
+    presenters = sum(((c & _TRAIN_SEEN) > 0).to(torch.int32) for c in codes)
     le0 = base("learned_epoch").to(dev)
     streak_kept = s0d & (d_total == 0)
     le_multi = torch.where(
