@@ -95,12 +95,14 @@ it below the time your slowest rank may legitimately spend between two ``end_epo
 calls of the others (an evaluation or a checkpoint on rank 0, for instance).
 
 Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), one
-``all_reduce(SUM)`` over the float buffers, one over the integer buffers as int64
-(forgetting, the owners' learned epochs and suggested-label votes; a forgetting count past
-int32 raises :class:`SyncError` on every rank, the trackers unchanged) and one
-``all_gather`` of one byte per sample. NCCL and gloo both work; with NCCL a CPU tracker
-is moved to the current CUDA device for the collectives. A tracker on the ``meta``
-device, or an NCCL group where torch has no CUDA, raises :class:`SyncError` on every rank.
+``all_gather`` of one byte per sample, and one ``all_reduce(SUM)`` per buffer, in place
+(each float buffer's change, the forgetting changes as int64, the owners' learned epochs
+and suggested-label votes; a forgetting count past int32 raises :class:`SyncError` on
+every rank, the trackers unchanged): the changes are reduced where they were computed,
+without a concatenated copy (``benchmarks/results/sync_memory.md``). NCCL and gloo both
+work; with NCCL a CPU tracker is moved to the current CUDA device for the collectives. A
+tracker on the ``meta`` device, or an NCCL group where torch has no CUDA, raises
+:class:`SyncError` on every rank.
 """
 
 from __future__ import annotations
