@@ -360,7 +360,19 @@ class CSLTrainer(Trainer):
                     f"{getattr(config, attr)}; use the default (logits) path"
                 )
         head = core.get_output_embeddings()
-        outputs = core.get_decoder()(**inputs)
+        decoder = core.get_decoder() if hasattr(core, "get_decoder") else None
+        if head is None or decoder is None or not hasattr(head, "weight"):
+            raise TypeError(
+                "CSLTrainer: csl_linear_cross_entropy=True is for causal language models (a "
+                f"decoder and an output embedding); {type(core).__name__} has "
+                f"{'no output embedding' if head is None else 'no decoder'}: use the default "
+                "(logits) path"
+            )
+        # accelerate's mixed precision (bf16=True, fp16=True) autocasts the model's forward
+        # only: the decoder and the head are called here, so under it explicitly.
+        autocast = getattr(self.accelerator, "autocast", contextlib.nullcontext)
+        with autocast():
+            outputs = decoder(**inputs)
         hidden = outputs[0]
         if self.csl_shift_labels is None:
             self.csl_shift_labels = True  # the decoder of a causal LM
@@ -369,7 +381,7 @@ class CSLTrainer(Trainer):
         items = self._counted(num_items_in_batch, shifted)
         if self.csl_tracker is None:
             self.csl_tracker = self._default_tracker(head.weight.shape[0], hidden.device)
-        with self._index_hint():
+        with self._index_hint(), autocast():
             loss = linear_cross_entropy(
                 hidden,
                 head.weight,

@@ -235,3 +235,43 @@ def test_shift_labels_are_the_targets(tmp_path, fused):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     supervised = (data.shift_labels != -100).sum(1).float()
     assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
+
+
+def test_the_fused_path_runs_under_the_trainers_mixed_precision(tmp_path, monkeypatch):
+    """bf16=True autocasts the model's forward only; the fused path calls the decoder and
+    the head itself, so it runs them under the accelerator's autocast (it ran float32)."""
+    import sys
+
+    lce = sys.modules["csl_fast.linear_cross_entropy"]  # (the package name is the function)
+    seen = []
+    real = lce.linear_cross_entropy
+
+    def spy(hidden, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))  # (hidden may be float32: a norm)
+        return real(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(lce, "linear_cross_entropy", spy)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4, bf16=True,
+        **_QUIET,
+    )  # fmt: skip
+    CSLTrainer(
+        model=_llama(), args=args, train_dataset=Texts(), csl_linear_cross_entropy=True
+    ).train()
+    assert seen and all(seen), seen
+
+
+def test_the_fused_path_refuses_a_model_that_is_no_causal_lm(tmp_path):
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=LEN, num_labels=3,
+    )  # fmt: skip
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), num_train_epochs=1, per_device_train_batch_size=4, **_QUIET
+    )
+    trainer = CSLTrainer(
+        model=transformers.BertForTokenClassification(config), args=args,
+        train_dataset=Texts(), csl_linear_cross_entropy=True,
+    )  # fmt: skip
+    with pytest.raises(TypeError, match="csl_linear_cross_entropy=True is for causal language"):
+        trainer.train()
