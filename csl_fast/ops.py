@@ -482,17 +482,20 @@ def record_last(
     tracker's, under torch.compile): the kernels then read it when they run, so one graph
     serves every epoch, where an int is a constant of the graph.
     """
+    # The kernels take an int stamp and, where given, a tensor that replaces it; the
+    # reference takes either.
     now = epoch if isinstance(epoch, torch.Tensor) else None
-    args = (stats, index, max_prob, 0 if now is not None else epoch, last_loss, last_max_prob)
-    args = (*args, last_correct)
+    stamp = 0 if now is not None else epoch
+    last = (last_loss, last_max_prob, last_correct)
     state = (forgetting, learned_epoch, *sums, *(suggest or (None, None, None)))
     name = resolve_backend(backend, stats.device)
     if name == "cpu":
-        torch.ops.csl_fast.record_last.default(*args, *state, now)
+        torch.ops.csl_fast.record_last.default(stats, index, max_prob, stamp, *last, *state, now)
     elif name == "triton":
-        torch.ops.csl_fast.record_last_triton.default(*args, *state, now)
+        op = torch.ops.csl_fast.record_last_triton.default
+        op(stats, index, max_prob, stamp, *last, *state, now)
     elif last_loss.shape[0] > 0:
-        args = (*args[:3], epoch, *args[4:])
+        args = (max_prob, epoch, *last)
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
         # it becomes 0 with all-zero statistics, which adds 0 and changes no state.
         idx, ok = _skip_out_of_range(index, last_loss.shape[0])
@@ -500,10 +503,10 @@ def record_last(
         if name == "cuda" and suggest is not None:
             # The vote is a left fold: on the GPU a kernel walks each index's rows in
             # batch order, where the reference would read its number of rounds on the host.
-            reference.record_last(kept, idx, *args[2:], *state[:-3])
+            reference.record_last(kept, idx, *args, *state[:-3])
             torch.ops.csl_fast.record_vote.default(stats, index, *suggest)
         else:
-            reference.record_last(kept, idx, *args[2:], *state)
+            reference.record_last(kept, idx, *args, *state)
 
 
 def record_input_grad(

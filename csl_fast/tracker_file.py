@@ -248,27 +248,30 @@ def _read_v2(
         )
     state = {k: v for k, v in header.items() if k not in ("tensors", "byteorder")}
     state.update(buffers={}, histories={})
+    slots = []  # (the state's dict, key) of each tensor, in the payload's order
     for name, dtype, shape in entries:
         kind, _, key = name.partition("/")
         where = state.get(kind) if kind in ("buffers", "histories") else None
         if where is None or key in where:
             raise TrackerFileError(f"{path}: invalid tracker file (tensor entry {name!r})")
         where[key] = torch.empty(shape, dtype=dtype, device="meta")
+        slots.append((where, key))
     # From here every allocation is bounded by the file's size. A receiver's tracker is
     # new and private: the payload goes straight into its buffers, and it is dropped if
     # a check below fails.
     tracker = receiver(state) if receiver is not None else None
     live = tracker._buffers if tracker is not None and tracker.device.type == "cpu" else {}
-    for kind in ("buffers", "histories"):
-        for key, meta in state[kind].items():
-            t = live.get(key) if kind == "buffers" else None
-            if t is None or t.dtype != meta.dtype or t.shape != meta.shape:
-                # (torch.empty: no zero-filling of memory about to be overwritten)
-                t = torch.empty(meta.shape, dtype=meta.dtype)
-                huge_pages.advise(t)
-            state[kind][key] = t
-    tensors = [state[name.partition("/")[0]][name.partition("/")[2]] for name, _, _ in entries]
-    chunks = _read_hashing(f, [_tensor_bytes(t) for t in tensors])
+    views = []
+    for where, key in slots:
+        meta = where[key]
+        t = live.get(key) if where is state["buffers"] else None
+        if t is None or t.dtype != meta.dtype or t.shape != meta.shape:
+            # (torch.empty: no zero-filling of memory about to be overwritten)
+            t = torch.empty(meta.shape, dtype=meta.dtype)
+            huge_pages.advise(t)
+        where[key] = t
+        views.append(_tensor_bytes(t))
+    chunks = _read_hashing(f, views)
     digest = f.read(_DIGEST)
     if chunks is None or len(digest) != _DIGEST:
         raise TrackerFileError(f"{path}: truncated tracker file (it changed while read?)")
