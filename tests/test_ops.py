@@ -172,6 +172,26 @@ def test_record_last_refuses_half_of_the_transition_pair(backend, batch):
         assert all(torch.equal(a, b) for a, b in zip(state, before, strict=True))
 
 
+def test_record_last_takes_its_stamp_from_an_epoch_tensor():
+    """A compiled graph passes the tracker's epoch as a 0-d tensor (epoch_now): it stamps
+    learned_epoch as the int does; anything but a 0-d integer CPU tensor is refused."""
+    g = torch.Generator().manual_seed(3)
+    stats = torch.rand(NUM_STATS, 12, generator=g)
+    stats[Stat.CORRECT] = (torch.rand(12, generator=g) > 0.4).float()
+    stats[Stat.VALID] = 1.0
+    index = torch.randint(0, 5, (12,), generator=g)
+    by_int = _last_state(5)
+    by_tensor = tuple(t.clone() for t in by_int)
+    op = torch.ops.csl_fast.record_last.default
+    op(stats, index, None, 6, *by_int)
+    op(stats, index, None, 0, *by_tensor, None, None, None, torch.tensor(6))
+    assert (by_int[4] == 6).any()
+    assert all(torch.equal(a, b) for a, b in zip(by_tensor, by_int, strict=True))
+    for bad in (torch.tensor(6.0), torch.tensor([6]), torch.tensor(True)):
+        with pytest.raises(ValueError, match="epoch_now must be a 0-d integer CPU tensor"):
+            op(stats, index, None, 0, *_last_state(5), None, None, None, bad)
+
+
 def test_opcheck_record_last():
     stats = torch.rand(NUM_STATS, 9)
     index = torch.tensor([0, 1, 1, 2, 3, 3, 3, 4, 0])
