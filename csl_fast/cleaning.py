@@ -481,14 +481,25 @@ def _suggestions_of(
     return label.long(), torch.where(has, conf, torch.full_like(conf, math.nan))
 
 
-def _losses_only(source: Any) -> bool:
-    """``source`` is a tracker that saw samples but no softmax statistics."""
-    from .scores import has_logit_stats
+#: Why a tracker of sequences has no suggested labels.
+SEQUENCES_NO_LABELS = (
+    "this run recorded sequences (samples of several positions, "
+    "CSLTracker.record_sequences): a sequence's label is its whole token string, not one "
+    "class"
+)
+
+
+def no_suggestions(source: Any) -> str | None:
+    """Why the tracker ``source`` has no suggested labels (it recorded losses only, or
+    sequences), or ``None`` (it has them, or it is not a tracker)."""
+    from .scores import LOSS_ONLY, has_logit_stats
     from .tracker import CSLTracker
 
     if not isinstance(source, CSLTracker):
-        return False
-    return bool((source.csl_count > 0).any()) and not has_logit_stats(source)
+        return None
+    if bool((source.csl_count > 0).any()) and not has_logit_stats(source):
+        return LOSS_ONLY
+    return SEQUENCES_NO_LABELS if source.sequences else None
 
 
 def _num_samples(source: Any) -> int | None:
@@ -514,7 +525,7 @@ def clean(
     policy: str = "relabel-confident",
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     budget: int | None = None,
-    score: str = "csl",
+    score: str | None = None,
     suggestions: tuple[torch.Tensor, torch.Tensor] | None = None,
     inputs: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
     labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
@@ -530,13 +541,15 @@ def clean(
         detection: a detection to act on; default ``detect.mislabeled(source, score,
             **detect_kwargs)``.
         policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``. A tracker
-            that recorded losses only (no softmax statistics, hence no suggested labels)
-            takes ``"drop"`` or ``"review"``; ``"relabel-confident"`` raises there.
+            that recorded losses only (no softmax statistics) or sequences has no
+            suggested labels (:func:`no_suggestions`) and takes ``"drop"`` or
+            ``"review"``; ``"relabel-confident"`` raises there.
         min_confidence: the least suggestion confidence, in [0, 1], at which a sample is
             relabelled rather than dropped (default :data:`DEFAULT_MIN_CONFIDENCE`).
         budget: at most this many rows, the most suspicious (``>= 0``); required for
             ``"review"``.
-        score: the score of the default detection.
+        score: the score of the default detection; ``None`` (default): ``"csl"``, or
+            ``"csl_mean"`` for a tracker of sequences (:func:`csl_fast.detect.default_score`).
         suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;
             default ``source.suggestions()`` when ``source`` is a tracker.
         inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list, as
@@ -574,13 +587,12 @@ def clean(
         raise ValueError(
             "csl_fast.clean: policy='review' needs budget= (how many samples a person will review)"
         )
-    if suggestions is None and policy == "relabel-confident" and _losses_only(source):
-        from .scores import LOSS_ONLY
-
+    missing = no_suggestions(source) if suggestions is None else None
+    if policy == "relabel-confident" and missing is not None:
         # its suggestions are all -1: every row would be a drop under a relabelling policy
         raise ValueError(
             "csl_fast.clean: policy='relabel-confident' relabels, which needs suggested labels, "
-            f"but {LOSS_ONLY}: use policy='drop' (or 'review', or pass suggestions=)"
+            f"but {missing}: use policy='drop' (or 'review', or pass suggestions=)"
         )
     if detection is None:
         detection = mislabeled(source, score, **detect_kwargs)

@@ -45,7 +45,6 @@ member instead (it trusts no label).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -53,7 +52,7 @@ import torch
 
 from . import duplicate_groups as dg
 from ._args import integer_labels
-from .detect import Detection, duplicates
+from .detect import Detection, carry_to_groups, duplicates
 
 __all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
 
@@ -178,16 +177,8 @@ def duplicate_decisions(
             )
     dg.check_rows(n, inputs, lab)
     if lab is None:
-        ids = dg.group_ids(inputs)
-        flagged = dg.whole_groups(detection.flagged, ids) | detection.flagged.cpu()
-        dup = dataclasses.replace(
-            detection,
-            flagged=flagged.to(detection.flagged.device),
-            rule=detection.rule + "+groups",
-            groups=dg.group_lists(ids, dg.flagged_groups(flagged, ids)),
-            diagnostics={**detection.diagnostics, "duplicate_groups": dg.num_groups(ids)},
-        )
-        return dup, None
+        # (the plan's rows are its flagged samples and these groups' members)
+        return carry_to_groups(detection, dg.group_ids(inputs)), None
     dup = duplicates(source, score, inputs=inputs, labels=lab)
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
 

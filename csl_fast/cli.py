@@ -308,10 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument(
         "--score",
-        default="csl",
+        default=None,
         choices=_SCORE_NAMES,
         metavar="NAME",
-        help="score to rank by: " + ", ".join(_SCORE_NAMES) + " (default csl)",
+        help="score to rank by: "
+        + ", ".join(_SCORE_NAMES)
+        + " (default csl; csl_mean for a run of sequences)",
     )
     p.add_argument("--top", type=_positive_int, default=20, help="number of samples (default 20)")
     fmt = p.add_mutually_exclusive_group()
@@ -335,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--score",
-        default="csl",
+        default=None,
         choices=_SCORE_NAMES,
         metavar="NAME",
-        help="score of the top-k table and grid (default csl)",
+        help="score of the top-k table and grid (default csl; csl_mean for a run of sequences)",
     )
     p.add_argument(
         "--top", type=_positive_int, default=24, help="suspicious samples shown (default 24)"
@@ -410,10 +412,11 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--score",
-        default="csl",
+        default=None,
         choices=_SCORE_NAMES,
         metavar="NAME",
-        help="score that ranks and flags the samples (default csl)",
+        help="score that ranks and flags the samples (default csl; csl_mean for a run of "
+        "sequences)",
     )
     add_input_options(p)
 

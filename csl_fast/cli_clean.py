@@ -17,7 +17,7 @@ __all__ = ["cmd_clean"]
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .cleaning import clean
+    from .cleaning import clean, no_suggestions
     from .cli_commands import (
         _scores_for,
         check_output,
@@ -31,7 +31,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
     check_output(args.run, args.out, "--out", args.inputs, args.labels)
-    tracker, samples = load_run(args.run, args.quiet)
+    tracker, samples = load_run(args)
     if args.score == "label_csl":
         raise CLIError(
             "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
@@ -46,14 +46,18 @@ def cmd_clean(args: argparse.Namespace) -> int:
         _scores_for(tracker, args.score)  # a clear error when the score was not recorded
         det = detection_for(tracker, args.score)
         policy = args.policy
-        if loss_only(tracker) and policy == "relabel-confident":
-            policy = "drop"  # no suggested labels exist without softmax statistics
+        missing = no_suggestions(tracker)
+        if missing is not None and policy == "relabel-confident":
+            policy = "drop"
             if not args.quiet:
+                how = (
+                    "; flagged by the tail rule of csl_fast.detect_losses"
+                    if loss_only(tracker)
+                    else ""
+                )
                 print(
-                    "csl-fast clean: note: this run recorded losses only (csl_fast.record_loss "
-                    "or csl_fast.accumulate_bce): there are no suggested labels, so every "
-                    "flagged sample is dropped (policy drop); flagged by the tail rule of "
-                    "csl_fast.detect_losses",
+                    f"csl-fast clean: note: {missing}; there are no suggested labels, so every "
+                    f"flagged sample is dropped (policy drop){how}",
                     file=sys.stderr,
                 )
         plan = clean(

@@ -119,7 +119,7 @@ import math
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -138,6 +138,7 @@ __all__ = [
     "Detection",
     "DetectionWarning",
     "count_phrase",
+    "default_score",
     "duplicates",
     "exact_duplicate_groups",
     "memorized",
@@ -312,11 +313,59 @@ MARGIN_ONLY = (
 )
 
 
-def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, str | None]:
-    """``(values, name, views, hint)``; ``hint`` replaces the usual advice of a warning
-    when the source cannot take it (a tracker that recorded losses only)."""
+#: Why a tracker of sequences gets the valley rule on ``csl_mean`` (a note, and the advice).
+SEQUENCES_HINT = (
+    "the tracker recorded samples of several positions (token sequences, K-dimensional "
+    "logits), which have no label-lost view: a token's label is one draw of what may "
+    "follow, so a clean sequence can lose most of its tokens to another prediction, and "
+    "the valley rule looks for samples whose mean loss per position (csl_mean) forms a "
+    "separate upper mode. Where none stands apart, the csl_mean ranking is the usable "
+    "output: rule='fraction' with a review budget"
+)
+
+#: Scores that sum over a sample's positions: on samples of different lengths they rank
+#: the long ones first, whatever their quality.
+_SUMMED_OVER_POSITIONS = ("csl", "final_loss")
+
+
+def default_score(source: Any) -> str:
+    """The score the detectors rank ``source`` by when none is named: ``"csl_mean"`` for a
+    tracker of sequences (:attr:`CSLTracker.sequences`; ``csl`` would grow with a
+    sequence's length), ``"csl"`` otherwise (any other tracker, a mapping, a tensor)."""
+    from .tracker import CSLTracker
+
+    return "csl_mean" if isinstance(source, CSLTracker) and source.sequences else "csl"
+
+
+def _length_bias(t: CSLTracker, score: str) -> str | None:
+    """Why ``score`` misranks the sequences of ``t``, or ``None``: a score summed over
+    positions, on presented samples whose position counts differ by more than 25%."""
+    if not t.sequences or score not in _SUMMED_OVER_POSITIONS:
+        return None
+    counts = t.csl_count[t.csl_count > 0]
+    if counts.numel() == 0:
+        return None
+    lo, hi = float(counts.min()), float(counts.max())
+    if hi <= 1.25 * lo:
+        return None
+    return (
+        f"score {score!r} sums the loss over each sequence's positions, and the presented "
+        f"sequences' position counts (csl_count) range from {lo:g} to {hi:g}: long sequences "
+        "rank first whatever their quality. Rank and detect by 'csl_mean' (the default for "
+        "a tracker of sequences)"
+    )
+
+
+def _select(
+    source: Any, score: str | None
+) -> tuple[torch.Tensor, str, _Views | None, str | None, str | None]:
+    """``(values, name, views, hint, caveat)``; ``hint`` replaces the usual advice of a
+    warning when the source cannot take it (a tracker that recorded losses only, or
+    sequences); ``caveat``: why the score misranks this source, said in every case."""
+    if score is None:
+        score = default_score(source)
     if isinstance(source, torch.Tensor):
-        return _score_tensor(source, "a score tensor"), "custom", None, None
+        return _score_tensor(source, "a score tensor"), "custom", None, None, None
     if not isinstance(score, str):
         raise TypeError(
             f"csl_fast.detect: score must be the name of one score (a str such as 'csl'), "
@@ -341,7 +390,7 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
             lost = torch.isfinite(aum) & (aum > 0)
             why = f"a score mapping has no num_classes, so {MARGIN_ONLY}; pass the tracker itself"
             views = _Views(loss, lost, partial=why)
-        return values, score, views, None
+        return values, score, views, None, None
     from .scores import LOSS_ONLY
     from .scores import scores as compute
     from .tracker import CSLTracker
@@ -367,7 +416,9 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
             f"{LOSS_ONLY}. Try: csl_fast.detect_losses.{tail} (its tail rule is built for "
             "such losses), or rule='fraction' with a prior on the noise rate"
         )
-        return values, score, None, hint
+        return values, score, None, hint, None
+    if t.sequences:
+        return values, score, None, SEQUENCES_HINT, _length_bias(t, score)
     if t.num_classes is not None and t.num_classes >= 2:
         lost = flagging.label_lost(
             t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, t.num_classes
@@ -384,7 +435,7 @@ def _select(source: Any, score: str) -> tuple[torch.Tensor, str, _Views | None, 
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    return values, score, _Views(t.csl_mean, lost, t.epoch, once, partial), None
+    return values, score, _Views(t.csl_mean, lost, t.epoch, once, partial), None, None
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:
@@ -615,9 +666,13 @@ def _detect(
     views: _Views | None,
     hint: str | None = None,
     detector: str = "mislabeled",
+    caveat: str | None = None,
+    emit: bool = True,
 ) -> Detection:
     """The rule's flagged set and count; ``detector`` (a key of ``_TARGETS``) words the
-    warnings for what the caller looks for."""
+    warnings for what the caller looks for; ``caveat`` (see :func:`_select`) is added to
+    the note and the warning; ``emit=False`` leaves the warning to the caller (it is in
+    ``Detection.warning``)."""
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
@@ -748,7 +803,7 @@ def _detect(
             warning += f". {hint}"
     n_flagged = int(flagged.sum())
     unwarned = warning is None and n_flagged and rule not in ("fraction", "threshold")
-    if unwarned and hint is not None:
+    if unwarned and hint is not None and hint != SEQUENCES_HINT:
         # a loss-only run: the flagged set came from the valley rule on the score alone,
         # which the run's own rule (csl_fast.detect_losses) would replace
         warning = (
@@ -777,7 +832,14 @@ def _detect(
             "and detect again"
         )
         warning = f"{warning}; also, {inf_words}" if warning else f"csl_fast.detect: {inf_words}"
-    if warning is not None:
+    if caveat is not None:
+        diag["note"] = "; ".join(filter(None, [diag.get("note"), caveat]))
+        warning = (
+            f"{warning}; {caveat}"
+            if warning
+            else f"csl_fast.detect: {n_flagged} flagged by rule={rule!r}, but {caveat}"
+        )
+    if warning is not None and emit:
         warnings.warn(warning, DetectionWarning, stacklevel=3)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
@@ -821,7 +883,7 @@ def summary(det: Detection) -> str:
 
 def mislabeled(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
-    score: str = "csl",
+    score: str | None = None,
     *,
     rule: str = "auto",
     fraction: float | None = None,
@@ -841,7 +903,9 @@ def mislabeled(
             :func:`csl_fast.scores` returns, or a plain ``[N]`` score tensor (higher = more
             suspicious; ``rule="auto"`` gives it the valley rule).
         score: the name of the score that ranks and flags (:data:`csl_fast.SCORES`);
-            unused for a plain tensor.
+            unused for a plain tensor. ``None`` (default): ``"csl"``, or ``"csl_mean"``
+            for a tracker of sequences (:func:`default_score`), whose sum over tokens
+            would rank long sequences first.
         rule: ``"auto"``, ``"two_view"``, ``"valley"``, ``"fraction"`` or ``"threshold"``,
             as the module docstring defines them.
         fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
@@ -850,13 +914,13 @@ def mislabeled(
     Returns:
         a :class:`Detection` of the ``N`` samples.
     """
-    values, name, views, hint = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views, hint)
+    values, name, views, hint, caveat = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views, hint, caveat=caveat)
 
 
 def memorized(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
-    score: str = "csl",
+    score: str | None = None,
     *,
     rule: str = "auto",
     fraction: float | None = None,
@@ -876,13 +940,13 @@ def memorized(
     Returns:
         a :class:`Detection` of the ``N`` samples.
     """
-    values, name, views, hint = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views, hint, "memorized")
+    values, name, views, hint, caveat = _select(source, score)
+    return _detect(values, name, rule, fraction, threshold, views, hint, "memorized", caveat)
 
 
 def duplicates(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
-    score: str = "csl",
+    score: str | None = None,
     *,
     inputs: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
     labels: torch.Tensor | np.ndarray | Sequence[Any] | None = None,
@@ -929,13 +993,13 @@ def duplicates(
     conflict) or ``warning`` (a score rule whose flagged samples lie in no group) says
     why.
     """
-    values, name, views, hint = _select(source, score)
+    values, name, views, hint, caveat = _select(source, score)
     n = values.numel()
     inputs = dg.as_rows("csl_fast.detect.duplicates", "inputs", inputs)
     labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
     dg.check_rows(n, inputs, labels)
     if inputs is None:
-        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")
+        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)
         note = (
             "no inputs: the flagged set is the score rule's (samples whose label looks bad, "
             "duplicated or not); pass inputs= (and labels=) to flag conflicting groups"
@@ -963,34 +1027,73 @@ def duplicates(
             count_interval=(count, count),
             diagnostics=diag,
         )
+        det = _in_groups(det, flagged, ids, True)
     else:
-        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates")
-        det.diagnostics.update(diag, sample_flagged=len(det))
-        flagged = dg.whole_groups(det.flagged, ids, allowed)
-        det.rule += "+groups" if allowed is None else "+conflict groups"
-        if det.estimated_count is not None and det.count_interval is not None:
-            det.diagnostics["sample_count"] = [det.estimated_count, *det.count_interval]
-            det.estimated_count, det.count_interval = dg.carry_count(
-                det.ranking, ids, det.estimated_count, det.count_interval, allowed
-            )
+        # its warning is about samples, before the groups: said once, below
+        det = _detect(
+            values, name, rule, fraction, threshold, views, hint, "duplicates", caveat, False
+        )
+        det = carry_to_groups(det, ids, allowed, diag)
+    if det.warning is not None:
+        warnings.warn(det.warning, DetectionWarning, stacklevel=2)
+    return det
+
+
+def carry_to_groups(
+    det: Detection,
+    ids: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    diag: dict[str, Any] | None = None,
+) -> Detection:
+    """A new detection: the groups of identical inputs (``ids``, :func:`csl_fast.
+    duplicate_groups.group_ids`) that hold a sample ``det`` flags, flagged whole (only
+    the ``allowed`` groups, the conflicting ones, when given), with its count carried
+    through them. What :func:`duplicates` does with ``inputs`` and a score rule, for any
+    sample detection (``csl_fast.clean`` carries the plan's own). ``det.warning``, about
+    samples, is quoted in the new one's; nothing is emitted. ``diag``: the group counts
+    to record."""
+    diag = {"duplicate_groups": dg.num_groups(ids)} if diag is None else diag
+    out = replace(det, diagnostics={**det.diagnostics, **diag})
+    out.diagnostics["sample_flagged"] = len(det)
+    out.rule += "+groups" if allowed is None else "+conflict groups"
+    if det.estimated_count is not None and det.count_interval is not None:
+        out.diagnostics["sample_count"] = [det.estimated_count, *det.count_interval]
+        out.estimated_count, out.count_interval = dg.carry_count(
+            det.ranking, ids, det.estimated_count, det.count_interval, allowed
+        )
+    return _in_groups(out, dg.whole_groups(det.flagged, ids, allowed), ids, allowed is not None)
+
+
+def _in_groups(det: Detection, flagged: torch.Tensor, ids: torch.Tensor, labels: bool) -> Detection:
+    """``det`` with the group members ``flagged``, its threshold, groups and warning
+    (why no group was flagged, or what the score rule's own warning was about)."""
+    values = det.scores
     det.flagged = flagged.to(values.device)
     shown = values.double()[det.flagged & torch.isfinite(values)]
     det.threshold = float(shown.min()) if shown.numel() else math.inf
     det.groups = dg.group_lists(ids, dg.flagged_groups(flagged, ids))
     det.diagnostics.update(flagged=int(flagged.sum()), threshold=det.threshold)
-    if not det.groups and det.warning is None:
-        why = _no_groups(det, diag, n, labels is not None)
+    if det.groups and det.warning is not None:
+        # "17 flagged by rule ..." is about the samples, not the groups' members
+        det.warning = (
+            f"csl_fast.detect.duplicates: {len(det)} samples in {len(det.groups)} groups "
+            "flagged, the groups of the samples the score rule flagged, whose warning "
+            f"applies: {det.warning}"
+        )
+    elif not det.groups:
+        why = _no_groups(det, det.diagnostics, values.numel(), labels)
         if det.rule == "auto(label_conflict)":
             # an exact zero: the answer, not a failure to find one (the note says why)
             det.diagnostics["note"] = f"no conflicting duplicates: {why}"
         else:
-            # the score rule flagged samples and the groups took none of them
+            # the groups took none of the samples the score rule flagged; its own warning
+            # ("12 flagged by rule ...") would have read as this detection's
+            said = "" if det.warning is None else f" The score rule's own warning: {det.warning}"
             det.warning = (
                 f"csl_fast.detect.duplicates: nothing flagged: {why}. "
                 "csl_fast.detect.mislabeled flags samples whose label looks bad, duplicated "
-                "or not"
+                f"or not.{said}"
             )
-            warnings.warn(det.warning, DetectionWarning, stacklevel=2)
     return det
 
 

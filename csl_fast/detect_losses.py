@@ -247,7 +247,7 @@ def _flag(
 
 def corrupted_targets(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
-    score: str = "csl",
+    score: str | None = None,
     *,
     rule: str = "tail",
     fraction: float | None = None,
@@ -259,9 +259,11 @@ def corrupted_targets(
         source: a :class:`csl_fast.CSLTracker` fed by :func:`csl_fast.record_loss` (or
             any tracker: only its CSL is read), a ``{name: [N] tensor}`` mapping such as
             :func:`csl_fast.scores` returns, or a float ``[N]`` score tensor.
-        score: for a tracker, ``"csl"`` (default) or ``"csl_mean"`` (CSL per
-            presentation: use it when samples were presented unequally often); for a
-            mapping, the key of the score (which the warning and the Detection name).
+        score: for a tracker, ``"csl"`` or ``"csl_mean"`` (CSL per presentation: use it
+            when samples were presented unequally often); for a mapping, the key of the
+            score (which the warning and the Detection name). ``None`` (default):
+            ``"csl"``, or ``"csl_mean"`` for a tracker of sequences (a sequence's CSL sums
+            its tokens).
         rule: ``"tail"`` (default, the module's rule), ``"fraction"`` or ``"threshold"``.
         fraction, threshold: for those rules.
 
@@ -273,7 +275,9 @@ def corrupted_targets(
         Samples never presented rank last and are never flagged; so do ``+inf``
         scores of a tensor or mapping, with a warning (an overflowed score).
     """
-    values, name = _loss_score(source, score)
+    from .detect import default_score
+
+    values, name = _loss_score(source, default_score(source) if score is None else score)
     return _detection(values, name, rule, fraction, threshold, stacklevel=3)
 
 

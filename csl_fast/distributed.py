@@ -283,6 +283,7 @@ _FIELDS = (
 # combined the same windows but left the ranks at different epochs, with no error
 _CALLS = {1: "sync()", 2: "mark_synced()", 3: "end_epoch()"}
 _IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the minimum wins)
+_SEQUENCES = _IGFE + 1  # so does the sequences flag (a rank that saw a sequence sets it)
 
 
 def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
@@ -309,6 +310,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         int(meta),
         *totals,
         tracker.input_grad_first_epoch,
+        int(tracker.sequences),
     ]
 
 
@@ -491,6 +493,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
     # --- 1. every rank must be at the same point (one tiny collective) -----------------
     table = _agree(tracker, group, call, state is not None, timeout)
     igfes = [v for v in table[:, _IGFE].tolist() if v >= 0]
+    sequences = bool(table[:, _SEQUENCES].any())
     if tracker.__dict__.get(_LOADED_ATTR, False):  # the same on every rank (fingerprint)
         raise SyncError(
             "csl_fast.distributed.sync: this tracker was loaded (load, load_state_dict or "
@@ -637,6 +640,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
     put("learned_epoch", le)
     if igfes:
         tracker.input_grad_first_epoch = min(igfes)
+    tracker.sequences = sequences
 
     n_unsure = int(unsure.sum())
     if n_unsure:

@@ -156,6 +156,7 @@ def merge(
         epoch=max(t.epoch for t in runs),
         eval_passes=max(t.eval_passes for t in runs),
         input_grad_first_epoch=igfe,
+        sequences=any(t.sequences for t in runs),
     )
     out.load_state_dict(state)
     return out

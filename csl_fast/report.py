@@ -372,7 +372,7 @@ def write_report(
     samples: RunSamples | None = None,
     *,
     title: str = "csl_fast report",
-    score: str = "csl",
+    score: str | None = None,
     top: int = 24,
     notes: Sequence[tuple[str, str]] = (),
     progress: bool = False,
@@ -386,7 +386,9 @@ def write_report(
         out_dir: folder to create or overwrite files in.
         samples: labels, predictions, ground truth and images when known.
         title: page title.
-        score: the score that ranks the top-k table and image grid.
+        score: the score that ranks the top-k table and image grid and flags the set
+            (default ``"csl"``; ``"csl_mean"`` for a tracker of sequences,
+            :func:`csl_fast.detect.default_score`).
         top: how many suspicious samples to list.
         notes: extra ``(heading, preformatted text)`` sections (e.g. the demo's overhead).
         progress: show a tqdm bar over the figures and the flagged set's sections.
@@ -400,6 +402,7 @@ def write_report(
         matplotlib.use("Agg")
     except ImportError as exc:
         raise ImportError("the report needs matplotlib: pip install matplotlib") from exc
+    from .detect import default_score
     from .scores import LOSS_ONLY, SCORES, has_logit_stats
     from .scores import scores as compute_scores
 
@@ -423,6 +426,8 @@ def write_report(
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
     if loss_only:
         notes = [("What this run recorded", LOSS_ONLY + "."), *notes]
+    if score is None:
+        score = default_score(tracker)
     if score not in all_scores:
         raise KeyError(
             f"score {score!r} was not recorded in this run; available: {list(all_scores)}"

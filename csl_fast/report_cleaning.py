@@ -223,6 +223,7 @@ def sections(
     ``flagging.png`` into ``out_dir``. With ``inputs`` (and ``labels``) the suggestion
     section's plan also covers the conflicting duplicates
     (:mod:`csl_fast.report_duplicates` has their own section)."""
+    from .cleaning import no_suggestions
     from .detect import DetectionWarning, count_phrase, mislabeled
 
     e = html.escape
@@ -253,6 +254,13 @@ def sections(
     else:
         parts.append("<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>")
     parts.append("<h2>Suggested labels</h2>")
+    missing = no_suggestions(tracker)
+    if missing is not None:
+        parts.append(
+            f"<p class=cap>None: {e(missing)}. <code>csl_fast.clean(..., policy='drop')</code> "
+            "(<code>csl-fast clean</code>) drops every flagged sample.</p>"
+        )
+        return "".join(parts)
     parts.append(_table(_suggestion_rows(tracker, det, samples, inputs, labels)))
     parts.append(
         "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does with "

@@ -233,6 +233,11 @@ class CSLTracker(TrackerStatistics):
         #: First epoch with an input-gradient record (row 0 of :attr:`input_grad_history`),
         #: or -1 before any.
         self.input_grad_first_epoch = -1
+        #: ``True`` once samples of several positions each (token sequences, K-dimensional
+        #: logits) were recorded (:meth:`record_sequences`): ``csl_count`` then counts
+        #: valid positions, ``csl`` sums over them (long samples score high whatever their
+        #: quality), and :mod:`csl_fast.detect` ranks by ``csl_mean`` by default.
+        self.sequences = False
         self._histories: dict[str, list[torch.Tensor]] = {name: [] for name in _HISTORIES}
         self._buffers: dict[str, torch.Tensor] = {}
         for name, kind in self._buffer_kinds().items():
@@ -408,6 +413,8 @@ class CSLTracker(TrackerStatistics):
         # outside [0, N) leaves the tracker as it was (the sums below would skip it but
         # write the others). The buffers written below are not among its.
         self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
+        if not self.sequences:  # (a plain read: a compiled step guards on it, once)
+            self.sequences = True
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
         _scatter_add(self.p_true_sum, idx, sums[Stat.P_TRUE])
@@ -728,6 +735,7 @@ class CSLTracker(TrackerStatistics):
             f"CSLTracker(num_samples={self.num_samples}, num_classes={self.num_classes}, "
             f"device={str(self.device)!r}, dtype={self.dtype}, history={self.history}, "
             + (f"num_labels={self.num_labels}, " if self.num_labels is not None else "")
+            + ("sequences=True, " if self.sequences else "")
             + f"epoch={self.epoch}, eval_passes={self.eval_passes})"
         )
 

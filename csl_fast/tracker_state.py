@@ -211,6 +211,10 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         lambda v: _is_int(v) and -1 <= v <= epoch,
         f"an int in [-1, epoch = {epoch}]",
     )
+    # (absent in states written before the flag existed: rows)
+    sequences = "sequences" in state and _field(
+        state, "sequences", lambda v: isinstance(v, bool), "a bool"
+    )
     buffers, histories = state.get("buffers"), state.get("histories")
     if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
         raise TrackerStateError("the state lacks its buffers or histories")
@@ -294,6 +298,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         "epoch": epoch,
         "eval_passes": passes,
         "input_grad_first_epoch": igfe,
+        "sequences": sequences,
         "num_classes": c,
         "version": version,
     }
@@ -338,6 +343,7 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     tracker.epoch = checked["epoch"]
     tracker.eval_passes = checked["eval_passes"]
     tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
+    tracker.sequences = checked["sequences"]
     if tracker.num_classes is None:
         tracker.num_classes = checked["num_classes"]
     note_loaded(tracker)
@@ -356,6 +362,7 @@ def state_dict(tracker: CSLTracker) -> dict[str, Any]:
         "epoch": tracker.epoch,
         "eval_passes": tracker.eval_passes,
         "input_grad_first_epoch": tracker.input_grad_first_epoch,
+        "sequences": tracker.sequences,
         "buffers": dict(tracker._buffers),
         "histories": {k: tracker._stack(k, _HISTORY_DTYPE[k]) for k in HISTORIES},
     }

@@ -448,6 +448,19 @@ def test_a_loss_only_tracker_cannot_relabel_silently():
     assert len(clean(t, detection=_det(), policy="review", budget=2)) == 2
 
 
+def test_a_sequence_tracker_cannot_relabel_silently():
+    """A sequence's label is its token string: no suggestion exists, and the default
+    policy turned into drop-all without a word."""
+    from sequence_runs import sequence_tracker
+
+    t, bad = sequence_tracker()
+    with pytest.raises(ValueError, match=r"recorded sequences.*policy='drop'"):
+        clean(t)
+    plan = clean(t, policy="drop")
+    assert plan.detection.score_name == "csl_mean"
+    assert plan.actions == ["drop"] * len(plan) and int(bad[plan.index].sum()) >= 28
+
+
 def test_evaluate_plan_refuses_what_it_would_misread():
     plan = _plan()
     assert evaluate_plan(plan, LABELS, LABELS == 0)["mislabeled"] == 2

@@ -24,6 +24,7 @@ pytest.importorskip("matplotlib")
 
 from cli_calls import run_main, user_error
 
+import csl_fast
 from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
 from csl_fast.report import FIGURES
 
@@ -701,3 +702,50 @@ def test_help_defaults_are_the_parsers():
                     assert value == action.default, (name, action.option_strings, stated)
                     checked += 1
     assert checked >= 15
+
+
+def test_a_run_of_sequences_ranks_cleans_and_reports_by_csl_mean(tmp_path, capsys):
+    """A tracker of sequences: rank, clean and report default to csl_mean (csl, summed
+    over tokens, ranked the long clean sequences first); clean drops (no suggestions)."""
+    from sequence_runs import sequence_tracker
+
+    tracker, bad = sequence_tracker()
+    path = str(tmp_path / "seq.csl")
+    tracker.save(path)
+    code, out, err = run_main(capsys, "rank", path, "--json", "--top", "30")
+    got = json.loads(out)
+    assert code == 0 and got["score"] == "csl_mean" and got["flagged_count"] == 30
+    assert sum(bool(bad[r["index"]]) for r in got["rows"]) >= 28
+    assert "warning" not in err
+    code, out, err = run_main(capsys, "rank", path, "--score", "csl", "--top", "3")
+    assert code == 0 and err.count("sums the loss over each sequence") == 1, err
+    code, out, err = run_main(capsys, "clean", path, "--out", str(tmp_path / "plan.csv"))
+    assert code == 0 and "recorded sequences" in err and "(policy drop)" in err
+    assert "0 relabel, 30 drop" in out and "by csl_mean" in out
+    code, out, err = run_main(capsys, "report", path, "--out", str(tmp_path / "rep"), "-q")
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert code == 0 and "Flagged set: csl_mean" in page
+    assert "None: this run recorded sequences" in page
+
+
+def test_rank_says_a_warning_both_detections_share_once(tmp_path, capsys):
+    """The flagged column's detection and the duplicates' one (inputs, no labels) gave
+    the same one-epoch warning: rank printed it twice."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 300, 3
+    y = torch.randint(0, c, (n,), generator=g)
+    logits = torch.randn(n, c, generator=g)
+    logits[torch.arange(n), y] += 3
+    logits[:15] = torch.randn(15, c, generator=g)
+    logits[torch.arange(15), (y[:15] + 1) % c] += 4  # 15 labels the logits contradict
+    t = csl_fast.CSLTracker(n, num_classes=c)
+    csl_fast.accumulate(logits, y, torch.arange(n), t)
+    t.end_epoch()
+    t.save(tmp_path / "one.csl")
+    inputs = np.arange(n, dtype=np.float32)[:, None]
+    inputs[1] = inputs[0]  # a group that holds a flagged sample
+    np.save(tmp_path / "x.npy", inputs)
+    code, _, err = run_main(
+        capsys, "rank", str(tmp_path / "one.csl"), "--inputs", str(tmp_path / "x.npy")
+    )
+    assert code == 0 and err.count("the tracker recorded one epoch") == 1, err

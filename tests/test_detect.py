@@ -409,3 +409,92 @@ def test_the_majority_warning_names_what_each_detector_looks_for():
         assert len(det) == 0
         assert f"or {target} really are the majority" in det.warning, (fn.__name__, det.warning)
         assert "labels really are wrong" not in det.warning
+
+
+def test_a_tracker_of_sequences_is_ranked_and_flagged_by_its_mean_token_loss():
+    """Summed over tokens, CSL ranks long clean sequences above short bad ones (AUROC
+    0.23 on this run): the default score of a sequence tracker is csl_mean, flagged by
+    the valley rule (a token's label has no label-lost view)."""
+    from sequence_runs import sequence_tracker
+
+    tracker, bad = sequence_tracker()
+    assert tracker.sequences
+    assert detect.default_score(tracker) == "csl_mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        det = detect.mislabeled(tracker)
+    assert det.score_name == "csl_mean" and det.rule == "auto(valley)"
+    assert int((det.flagged & bad).sum()) >= 28 and int((det.flagged & ~bad).sum()) <= 2
+    lo, hi = det.count_interval
+    assert lo <= int(bad.sum()) <= hi
+    assert "no label-lost view" in det.diagnostics["note"]
+    assert detect.memorized(tracker).score_name == "csl_mean"
+    assert detect.duplicates(tracker).score_name == "csl_mean"
+    assert csl_fast.detect_losses.corrupted_targets(tracker).score_name == "csl_mean"
+    with pytest.raises(ValueError, match="rule='two_view' needs the margin view; the tracker"):
+        detect.mislabeled(tracker, rule="two_view")
+
+
+def test_csl_named_on_sequences_of_different_lengths_says_why_it_misranks():
+    from sequence_runs import sequence_tracker
+
+    tracker, _ = sequence_tracker()
+    with pytest.warns(detect.DetectionWarning, match="sums the loss over each sequence") as rec:
+        det = detect.mislabeled(tracker, "csl")
+    assert len(rec) == 1  # one warning, the caveat inside it
+    assert "rank first whatever their quality" in det.warning
+    assert det.diagnostics["note"].endswith("(the default for a tracker of sequences)")
+    assert "; score 'csl' sums the loss" in det.diagnostics["note"]
+    # a score that does not grow with length, or sequences of one length: no caveat
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        detect.mislabeled(tracker, "aum", rule="fraction", fraction=0.05)
+    assert not [w for w in rec if "sums the loss" in str(w.message)]
+    assert detect._length_bias(tracker, "csl_mean") is None
+
+
+def test_duplicates_with_inputs_that_flag_no_group_say_so_once():
+    """The score rule's own warning ("N flagged by rule ...") was the detection's, which
+    flagged nothing; now one warning says nothing was flagged, and quotes it."""
+    g = torch.Generator().manual_seed(0)
+    s, _ = _bimodal()
+    scores = {"csl": s}
+    inputs = torch.randn(s.numel(), 3, generator=g)
+    inputs[1] = inputs[0]  # one benign group, among the clean samples (not flagged)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        det = detect.duplicates(scores, inputs=inputs, rule="fraction", fraction=0.05)
+    assert len(det) == 0 and det.groups == []
+    said = [str(w.message) for w in rec if issubclass(w.category, detect.DetectionWarning)]
+    assert said == [det.warning]
+    assert det.warning.startswith(
+        "csl_fast.detect.duplicates: nothing flagged: rule 'fraction(0.05)' flagged 20 samples"
+    )
+    # a score rule that warned: its warning is quoted, not emitted as the detection's own
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        det = detect.duplicates(torch.ones(s.numel()), inputs=inputs)
+    said = [str(w.message) for w in rec if issubclass(w.category, detect.DetectionWarning)]
+    assert said == [det.warning] and len(det) == 0
+    assert "The score rule's own warning: csl_fast.detect: nothing flagged" in det.warning
+
+
+def test_duplicates_quote_a_warning_about_samples_the_groups_did_not_take():
+    """The auditor's case: the score rule flagged samples with a warning ("30 flagged by
+    rule ..., but ..."), no group held them, and that warning stood for a detection that
+    flagged nothing."""
+    from sequence_runs import sequence_tracker
+
+    tracker, bad = sequence_tracker()
+    inputs = torch.arange(tracker.num_samples, dtype=torch.float32)[:, None]
+    clean = (~bad).nonzero().flatten()
+    inputs[clean[1]] = inputs[clean[0]]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        det = detect.duplicates(tracker, "csl", inputs=inputs, rule="fraction", fraction=0.05)
+    said = [str(w.message) for w in rec if issubclass(w.category, detect.DetectionWarning)]
+    assert said == [det.warning] and len(det) == 0
+    assert det.warning.startswith("csl_fast.detect.duplicates: nothing flagged: rule 'fraction")
+    assert "own warning: csl_fast.detect: 30 flagged by rule='fraction', but score 'csl'" in (
+        det.warning
+    )

@@ -257,3 +257,31 @@ def test_two_d_path_unchanged():
     assert loss.shape == (5,)
     expect = torch.zeros(4).index_add_(0, index, F.cross_entropy(logits, target, reduction="none"))
     torch.testing.assert_close(csl, expect)
+
+
+def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
+    """``tracker.sequences``: set by the first batch of sequences (not by rows), kept by
+    the state, the file and merge; a state from before the flag reads as rows."""
+    rows = CSLTracker(6, num_classes=V)
+    csl_fast.accumulate(torch.randn(4, V), torch.randint(0, V, (4,)), torch.arange(4), rows)
+    assert not rows.sequences and "sequences" not in repr(rows)
+    logits, target, index = _batch()
+    seqs = CSLTracker(6)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, seqs)
+    assert seqs.sequences and "sequences=True" in repr(seqs)
+    seqs.save(tmp_path / "s.csl")
+    assert CSLTracker.from_file(tmp_path / "s.csl").sequences
+    fresh = CSLTracker(6)
+    fresh.load_state_dict(seqs.state_dict())
+    assert fresh.sequences
+    fresh.load_state_dict(CSLTracker(6).state_dict())  # a load replaces the mark
+    assert not fresh.sequences
+    old = seqs.state_dict()
+    del old["sequences"]
+    fresh.load_state_dict(old)
+    assert not fresh.sequences
+    with pytest.raises(csl_fast.TrackerStateError, match="field 'sequences' must be a bool"):
+        fresh.load_state_dict({**seqs.state_dict(), "sequences": 1})
+    plain = CSLTracker(6)
+    assert csl_fast.merge([plain, seqs]).sequences
+    assert not csl_fast.merge([plain, plain]).sequences
