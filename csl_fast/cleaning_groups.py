@@ -137,7 +137,7 @@ def resolve_conflicts(
 
 def duplicate_decisions(
     source: Any,
-    score: str,
+    score: str | None,
     inputs: Any,
     labels: Any,
     detection: Detection,

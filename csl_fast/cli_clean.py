@@ -22,7 +22,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         _scores_for,
         check_output,
         detection_for,
-        load_run,
+        load_run_for,
         loss_only,
     )
     from .cli_inputs import check_combination, run_inputs
@@ -31,7 +31,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
     check_output(args.run, args.out, "--out", args.inputs, args.labels)
-    tracker, samples = load_run(args)
+    tracker, samples = load_run_for(args)
     if args.score == "label_csl":
         raise CLIError(
             "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
@@ -46,18 +46,20 @@ def cmd_clean(args: argparse.Namespace) -> int:
         _scores_for(tracker, args.score)  # a clear error when the score was not recorded
         det = detection_for(tracker, args.score)
         policy = args.policy
-        missing = no_suggestions(tracker)
-        if missing is not None and policy == "relabel-confident":
+        if no_suggestions(tracker) is not None and policy == "relabel-confident":
             policy = "drop"
+            what = (
+                "losses only (csl_fast.record_loss or csl_fast.accumulate_bce)"
+                if loss_only(tracker)
+                else "sequences (a sequence's label is its token string, not one class)"
+            )
+            how = (
+                "; flagged by the tail rule of csl_fast.detect_losses" if loss_only(tracker) else ""
+            )
             if not args.quiet:
-                how = (
-                    "; flagged by the tail rule of csl_fast.detect_losses"
-                    if loss_only(tracker)
-                    else ""
-                )
                 print(
-                    f"csl-fast clean: note: {missing}; there are no suggested labels, so every "
-                    f"flagged sample is dropped (policy drop){how}",
+                    f"csl-fast clean: note: this run recorded {what}: there are no suggested "
+                    f"labels, so every flagged sample is dropped (policy drop){how}",
                     file=sys.stderr,
                 )
         plan = clean(
@@ -76,11 +78,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
-    print(_clean_summary(plan, samples, args))
+    print(_clean_summary(plan, samples, args, tracker.sequences))
     return EXIT_OK
 
 
-def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
+def _clean_summary(
+    plan: Any, samples: Any, args: argparse.Namespace, sequences: bool = False
+) -> str:
     from .cli_inputs import duplicates_summary
 
     det = plan.detection
@@ -96,9 +100,14 @@ def _clean_summary(plan: Any, samples: Any, args: argparse.Namespace) -> str:
     ]
     from .detect import count_phrase
 
-    estimate = count_phrase(
-        det, "corrupted samples" if det.rule == "tail" else "mislabeled samples"
+    what = (
+        "corrupted samples"
+        if det.rule == "tail"
+        else "bad sequences"
+        if sequences
+        else "mislabeled samples"
     )
+    estimate = count_phrase(det, what)
     if estimate is not None:
         lines.append(estimate)
     if det.diagnostics.get("note"):

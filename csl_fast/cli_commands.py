@@ -107,20 +107,21 @@ def check_output(run: str, out: str, option: str, *others: str | None) -> None:
 LARGE_RUN_BYTES = 100 << 20
 
 
-def load_run(args: argparse.Namespace) -> tuple[Any, Any]:
-    """``(tracker, samples or None)`` of the run ``args.run``; one-line :class:`CLIError`
-    on bad input. A large run gets a status line on stderr unless ``args.quiet``. An
-    ``args.score`` left unset becomes the detectors' default for this tracker
-    (``csl_mean`` for sequences, :func:`csl_fast.detect.default_score`)."""
-    tracker, samples = _load_run(args.run, args.quiet)
-    if getattr(args, "score", "") is None:
+def load_run_for(args: argparse.Namespace) -> tuple[Any, Any]:
+    """:func:`load_run` of ``args.run``; an ``args.score`` left unset becomes the
+    detectors' default for this tracker (``csl_mean`` for sequences,
+    :func:`csl_fast.detect.default_score`)."""
+    tracker, samples = load_run(args.run, args.quiet)
+    if args.score is None:
         from .detect import default_score
 
         args.score = default_score(tracker)
     return tracker, samples
 
 
-def _load_run(run: str, quiet: bool) -> tuple[Any, Any]:
+def load_run(run: str, quiet: bool = False) -> tuple[Any, Any]:
+    """``(tracker, samples or None)`` of a run; one-line :class:`CLIError` on bad input.
+    A large run gets a status line on stderr unless ``quiet``."""
     from .report import RunSamples, SamplesFileError
     from .tracker import CSLTracker, TrackerFileError, UnverifiedTrackerFileWarning
 
@@ -325,10 +326,12 @@ def _rank(
 
     _scores_for(tracker, score)  # a clear error when the score was not recorded
     with warnings.catch_warnings():
-        # its warning quotes the flagged column's (the same score rule) when it flagged
-        # groups; the caller says it only when it flagged none
+        # about the samples of the flagged column's rule (the same one) when it flagged
+        # groups: said by that rule itself, below; said here only when it flagged none
         warnings.simplefilter("ignore", DetectionWarning)
         dup = duplicates_for(tracker, score, inputs, labels, loss_only(tracker))
+    if dup is not None and dup.warning is not None and not dup.groups:
+        warnings.warn(dup.warning, DetectionWarning, stacklevel=3)
     det = detection_for(tracker, score)
     if score == "label_csl":
         return _entry_rows(det, top), dup, det
@@ -436,7 +439,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
     if args.output:
         check_output(args.run, args.output, "--output", args.inputs, args.labels)
-    tracker, samples = load_run(args)
+    tracker, samples = load_run_for(args)
     inputs, labels = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -453,8 +456,6 @@ def cmd_rank(args: argparse.Namespace) -> int:
         for line in notes:
             if not any(line in w for w in said):  # a warning that quotes the note says it
                 print(f"csl-fast rank: note: {line}", file=sys.stderr)
-    if dup is not None and dup.warning is not None and not dup.groups:
-        print(f"csl-fast rank: warning: {_one_line(dup.warning)}", file=sys.stderr)
     if dup is not None and not args.quiet:
         print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
     unscored = _unscored_note(tracker, args.score, args.top, len(rows))
@@ -515,12 +516,13 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:
     """A detection's warning as one stderr line, ``--quiet`` or not: it says why the
     flagged set is empty or what it rests on, not how far the work is (other warnings
     re-emitted as they came). Returns the lines said."""
-    from .detect import DetectionWarning
+    from .detect import SCORE_RULE_SAID, DetectionWarning
 
     said: set[str] = set()
     for w in caught:
         if issubclass(w.category, DetectionWarning):
-            line = _one_line(w.message)
+            # the duplicates' quote of the score rule's warning, which is said on its own
+            line = _one_line(w.message).split(SCORE_RULE_SAID)[0]
             if line not in said:  # the flagged column's and the duplicates' detections
                 said.add(line)
                 print(f"csl-fast {command}: warning: {line}", file=sys.stderr)
@@ -533,7 +535,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .cli_inputs import check_combination, run_inputs
     from .report import FIGURES, write_report
 
-    tracker, samples = load_run(args)
+    tracker, samples = load_run_for(args)
     _scores_for(tracker, args.score)
     inputs, labels = run_inputs(args, tracker, samples)
     check_combination(inputs, labels, args.score, loss_only(tracker))

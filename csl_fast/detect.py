@@ -2,7 +2,8 @@ r"""Rank and flag suspicious training samples: mislabeled, duplicated, memorized
 
 Each detector takes a score source (a :class:`csl_fast.CSLTracker`, a ``{name: [N]}``
 mapping such as :func:`csl_fast.scores` returns, or a plain ``[N]`` tensor), picks one
-score (CSL by default; higher = more suspicious), ranks every sample by it, and flags a
+score (CSL by default, its mean per position for a tracker of sequences: see
+:func:`default_score`; higher = more suspicious), ranks every sample by it, and flags a
 set with a rule that needs **no ground truth**. Beside the flagged set, a
 :class:`Detection` carries an estimate of how many samples are bad, with an interval,
 the diagnostics of the rule, and a warning whenever it flags nothing or cannot apply
@@ -12,7 +13,8 @@ Rules (``rule=``):
 
 ``"auto"`` (default)
     The two-view rule when the source has the margin view (a tracker, or a mapping with
-    ``"aum"`` and ``"csl_mean"`` or ``"csl"``), the 1-D valley rule otherwise, or when
+    ``"aum"`` and ``"csl_mean"`` or ``"csl"``), the 1-D valley rule otherwise (a tracker
+    of sequences among them: :data:`SEQUENCES_HINT` says why), or when
     the two-view rule finds too few label-lost samples (then the diagnostics say so).
     Only a tracker with ``num_classes`` has the doubt view and the firm-loss test below
     (a tracker without it, or a mapping: ``diagnostics["note"]`` says so); pass the
@@ -135,8 +137,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RULES",
+    "SCORE_RULE_SAID",
+    "SEQUENCES_HINT",
     "Detection",
     "DetectionWarning",
+    "carry_to_groups",
     "count_phrase",
     "default_score",
     "duplicates",
@@ -323,6 +328,11 @@ SEQUENCES_HINT = (
     "output: rule='fraction' with a review budget"
 )
 
+#: What introduces the score rule's own warning inside :func:`duplicates`' warning when
+#: no group held its flagged samples (the CLI, which shows that rule's warning beside it,
+#: cuts the quote there).
+SCORE_RULE_SAID = ". The score rule's own warning: "
+
 #: Scores that sum over a sample's positions: on samples of different lengths they rank
 #: the long ones first, whatever their quality.
 _SUMMED_OVER_POSITIONS = ("csl", "final_loss")
@@ -337,10 +347,11 @@ def default_score(source: Any) -> str:
     return "csl_mean" if isinstance(source, CSLTracker) and source.sequences else "csl"
 
 
-def _length_bias(t: CSLTracker, score: str) -> str | None:
-    """Why ``score`` misranks the sequences of ``t``, or ``None``: a score summed over
-    positions, on presented samples whose position counts differ by more than 25%."""
-    if not t.sequences or score not in _SUMMED_OVER_POSITIONS:
+def _length_bias(t: Any, score: str) -> str | None:
+    """Why ``score`` misranks the source ``t``, or ``None``: a tracker of sequences, a
+    score summed over positions, and presented samples whose position counts differ by
+    more than 25%."""
+    if not getattr(t, "sequences", False) or score not in _SUMMED_OVER_POSITIONS:
         return None
     counts = t.csl_count[t.csl_count > 0]
     if counts.numel() == 0:
@@ -709,6 +720,8 @@ def _detect(
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
         note = hint if hint is not None else rule_note(name, values, views is not None)
+        if hint == SEQUENCES_HINT:  # (the two-sided caveat, which applies whatever the rule)
+            note = "; ".join(filter(None, [rule_note(name, values, True), hint]))
         if views is not None and views.partial is not None:
             note = "; ".join(filter(None, [note, views.partial]))
         if note is not None:
@@ -889,7 +902,8 @@ def mislabeled(
     fraction: float | None = None,
     threshold: float | None = None,
 ) -> Detection:
-    """Samples most likely to carry a wrong label, ranked by ``score`` (default CSL).
+    """Samples most likely to carry a wrong label, ranked by ``score`` (default CSL; its
+    mean per token for a tracker of sequences).
 
     A flipped label contradicts every similar sample, so the network fits it late or only
     by memorizing it: its loss stays high for many epochs and CSL grows large (AUROC 0.985+
@@ -954,7 +968,8 @@ def duplicates(
     fraction: float | None = None,
     threshold: float | None = None,
 ) -> Detection:
-    """Samples duplicated with a conflicting label, ranked by ``score`` (default CSL).
+    """Samples duplicated with a conflicting label, ranked by ``score`` (default CSL; its
+    mean per token for a tracker of sequences).
 
     Two identical inputs with different labels cannot both be fitted by generalisation;
     the network fights over them, so *both* members keep a high loss (the paper's
@@ -1054,6 +1069,10 @@ def carry_to_groups(
     to record."""
     diag = {"duplicate_groups": dg.num_groups(ids)} if diag is None else diag
     out = replace(det, diagnostics={**det.diagnostics, **diag})
+    if "duplicate_groups" in det.diagnostics:
+        # a duplicates detection already: its count is the groups' (carrying it again
+        # halved it), its flagged set whole groups (kept whole)
+        return _in_groups(out, dg.whole_groups(det.flagged, ids, allowed), ids, False)
     out.diagnostics["sample_flagged"] = len(det)
     out.rule += "+groups" if allowed is None else "+conflict groups"
     if det.estimated_count is not None and det.count_interval is not None:
@@ -1088,11 +1107,11 @@ def _in_groups(det: Detection, flagged: torch.Tensor, ids: torch.Tensor, labels:
         else:
             # the groups took none of the samples the score rule flagged; its own warning
             # ("12 flagged by rule ...") would have read as this detection's
-            said = "" if det.warning is None else f" The score rule's own warning: {det.warning}"
+            said = "" if det.warning is None else f"{SCORE_RULE_SAID}{det.warning}"
             det.warning = (
                 f"csl_fast.detect.duplicates: nothing flagged: {why}. "
                 "csl_fast.detect.mislabeled flags samples whose label looks bad, duplicated "
-                f"or not.{said}"
+                f"or not{said}"
             )
     return det
 

@@ -275,10 +275,11 @@ def corrupted_targets(
         Samples never presented rank last and are never flagged; so do ``+inf``
         scores of a tensor or mapping, with a warning (an overflowed score).
     """
-    from .detect import default_score
+    from .detect import _length_bias, default_score
 
     values, name = _loss_score(source, default_score(source) if score is None else score)
-    return _detection(values, name, rule, fraction, threshold, stacklevel=3)
+    caveat = _length_bias(source, name)
+    return _detection(values, name, rule, fraction, threshold, stacklevel=3, caveat=caveat)
 
 
 def _detection(
@@ -289,7 +290,10 @@ def _detection(
     threshold: float | None,
     stacklevel: int,
     fed_by: str = "csl_fast.record_loss or csl_fast.accumulate_bce",
+    caveat: str | None = None,
 ) -> Detection:
+    """The detection; ``caveat``: why the score misranks the source (said in the note and
+    the warning, :func:`csl_fast.detect._length_bias`)."""
     ranking = _ranking(values)
     flagged, est, desc = _flag(values, ranking, rule, fraction, threshold)
     n_flagged = int(flagged.sum())
@@ -361,6 +365,10 @@ def _detection(
             "samples: compute the score in float64"
         )
         warning = note if warning is None else f"{warning}. Also, {note}"
+    if caveat is not None:
+        diag["note"] = "; ".join(filter(None, [diag.get("note"), caveat]))
+        said = f"csl_fast.detect_losses: {n_flagged} flagged by rule={rule!r}, but {caveat}"
+        warning = said if warning is None else f"{warning}. Also, {caveat}"
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)

@@ -65,7 +65,8 @@ def merge(
           ``csl_count`` and the merged ``learned_epoch`` and ``epoch``;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
-          epoch (eval pass), ignoring NaN.
+          epoch (eval pass), ignoring NaN;
+        - ``sequences`` is set when any run recorded sequences.
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples

@@ -551,7 +551,8 @@ def bce_entry_losses(
         torch.ones((), dtype=dtype, device=z.device) if pos_weight is None else pos_weight.to(dtype)
     )
     log_term = torch.log1p(torch.exp(-z.abs()))
-    linear = torch.where(z >= 0, (1 - y) * z, -(pw * y) * z)
+    # (z - z): 0 for a finite z, NaN at z = -inf, where torch's own form gives NaN
+    linear = torch.where(z >= 0, (1 - y) * z, -(pw * y) * z + (z - z))
     loss = linear + (1 + (pw - 1) * y) * log_term
     return loss if weight is None else loss * weight.to(dtype)
 

@@ -437,7 +437,9 @@ def write_report(
     ranking = np.argsort(-key, kind="stable")
     # headings said "Top 100000" of 300 samples; samples without a score are not ranked
     shown = min(top, int(np.isfinite(s).sum()))
-    csl = _np(all_scores["csl"]) if "csl" in all_scores else s
+    # a tracker of sequences: CSL per token (summed, it grows with a sequence's length)
+    hist_score = "csl_mean" if tracker.sequences else "csl"
+    csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
 
     def roc_figure(p: str) -> str | None:
@@ -445,7 +447,11 @@ def write_report(
         return _fig_roc(rocs, samples, p)
 
     steps: list[tuple[str, str, Callable[[str], Any]]] = [
-        ("CSL histogram", "csl_histogram.png", lambda p: _fig_histogram(csl, samples, p)),
+        (
+            "CSL histogram",
+            "csl_histogram.png",
+            lambda p: _fig_histogram(csl, samples, p, tracker.sequences),
+        ),
         (
             "ROC curves: CSL against the free baselines",
             "roc.png",

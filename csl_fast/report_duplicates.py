@@ -92,7 +92,7 @@ def section(
 ) -> str:
     """The HTML of the ``Duplicate groups`` section (module doc)."""
     from . import duplicate_groups as dg
-    from .cleaning import clean
+    from .cleaning import clean, no_suggestions
     from .detect import DetectionWarning, duplicates
     from .report_cleaning import _table
 
@@ -102,7 +102,11 @@ def section(
         det = duplicates(tracker, score, inputs=inputs, labels=labels)
         plan = None
         if labels is not None and det.groups:
-            plan = clean(tracker, detection=det, score=score, inputs=inputs, labels=labels)
+            # (a run without suggested labels, of sequences, takes no relabelling policy)
+            policy = "drop" if no_suggestions(tracker) is not None else "relabel-confident"
+            plan = clean(
+                tracker, detection=det, policy=policy, score=score, inputs=inputs, labels=labels
+            )
     ids = dg.group_ids(inputs)
     rows = _rows(det, samples, ids)
     if plan is not None:

@@ -114,8 +114,9 @@ def roc_curves(
 
 # --------------------------------------------------------------------------- figures
 def _fig_histogram(
-    csl: np.ndarray, samples: RunSamples | None, path: str
+    csl: np.ndarray, samples: RunSamples | None, path: str, per_token: bool = False
 ) -> str | tuple[None, str]:
+    """The CSL histogram (``per_token``: of a tracker of sequences, CSL per token)."""
     import matplotlib.pyplot as plt
 
     ok = np.isfinite(csl) & (csl > 0)
@@ -154,9 +155,11 @@ def _fig_histogram(
     ax.set_yscale("log")
     # a log axis cannot show them, and they left without a word
     unshown = f"; {zeros} samples with CSL 0 not shown" if zeros else ""
-    ax.set_xlabel(f"cumulative sample loss (CSL, log scale{unshown})")
+    what = "CSL per token" if per_token else "CSL"
+    full = "mean loss per token over training" if per_token else "cumulative sample loss"
+    ax.set_xlabel(f"{full} ({what}, log scale{unshown})")
     ax.set_ylabel("samples")
-    ax.set_title("CSL: clean vs corrupted samples" if groups else "CSL distribution")
+    ax.set_title(f"{what}: clean vs corrupted samples" if groups else f"{what} distribution")
     return _png(fig, path)
 
 

@@ -172,6 +172,9 @@ class CSLTracker(TrackerStatistics):
     a GPU too (one synchronisation a call).
     """
 
+    #: (the class's value: a tracker pickled before the flag existed reads as rows)
+    sequences: bool = False
+
     def __init__(
         self,
         num_samples: int,
@@ -236,7 +239,9 @@ class CSLTracker(TrackerStatistics):
         #: ``True`` once samples of several positions each (token sequences, K-dimensional
         #: logits) were recorded (:meth:`record_sequences`): ``csl_count`` then counts
         #: valid positions, ``csl`` sums over them (long samples score high whatever their
-        #: quality), and :mod:`csl_fast.detect` ranks by ``csl_mean`` by default.
+        #: quality), and :mod:`csl_fast.detect` ranks by ``csl_mean`` by default. Kept in
+        #: the state and the file; a file saved before the flag existed loads as ``False``
+        #: (set it by hand for a run of sequences).
         self.sequences = False
         self._histories: dict[str, list[torch.Tensor]] = {name: [] for name in _HISTORIES}
         self._buffers: dict[str, torch.Tensor] = {}
@@ -413,7 +418,8 @@ class CSLTracker(TrackerStatistics):
         # outside [0, N) leaves the tracker as it was (the sums below would skip it but
         # write the others). The buffers written below are not among its.
         self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
-        if not self.sequences:  # (a plain read: a compiled step guards on it, once)
+        # one position per sample ([N, C, 1] logits) is a row: its count is presentations
+        if token_stats.shape[2] > 1 and not self.sequences:  # (a compiled step guards on it)
             self.sequences = True
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])

@@ -4,6 +4,7 @@ random upstream gradients), the recorded buffers against csl_fast.reference and 
 loop, trackers, bad input refused with nothing written, opcheck, gradcheck and
 torch.compile. The Triton kernels: tests/_triton/test_triton_bce.py."""
 
+import math
 import re
 from pathlib import Path
 
@@ -285,6 +286,34 @@ def test_infinite_pos_weight_as_pytorch(backend, dtype, reduction):
         torch.testing.assert_close(ours_grad, t_grad, equal_nan=True, **tol)
         want = reference.bce_entry_losses(logits, target).sum(1)
         torch.testing.assert_close(csl, want.double(), rtol=1e-5, atol=1e-6)
+
+
+def _infinite_logits_case(dtype):
+    """Logits +-inf against targets 0, 0.5 and 1, and a finite column."""
+    inf = math.inf
+    logits = torch.tensor([[-inf, -inf, -inf, 0.3], [inf, inf, inf, -0.7]]).to(dtype)
+    target = torch.tensor([[0.0, 0.5, 1.0, 1.0], [0.0, 0.5, 1.0, 0.0]]).to(dtype)
+    return logits, target
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_infinite_logits_as_pytorch(backend, dtype, reduction):
+    """A -inf logit: PyTorch's form (1 - y) z + max(-z, 0) + ... is -inf + inf = NaN
+    whatever the target; ours gave +inf where the target is above 0."""
+    logits, target = _infinite_logits_case(dtype)
+    pos_weight = torch.tensor([2.0, 2.0, 2.0, 0.5]).to(dtype)
+    for pw in (None, pos_weight):
+        ours = csl_fast.accumulate_bce(
+            logits, target, torch.arange(2), torch.zeros(2, dtype=torch.float64),
+            pos_weight=pw, reduction=reduction, backend=backend,
+        )  # fmt: skip
+        want = F.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=pw, reduction=reduction
+        )
+        assert torch.equal(ours.isnan(), want.isnan()), (ours, want)
+        torch.testing.assert_close(ours, want, equal_nan=True)
 
 
 @needs_ext

@@ -25,7 +25,7 @@ pytest.importorskip("matplotlib")
 from cli_calls import run_main, user_error
 
 import csl_fast
-from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main
+from csl_fast.cli import CSV_COLUMNS, EXIT_INPUT, EXIT_USAGE, main, rank_rows
 from csl_fast.report import FIGURES
 
 
@@ -726,6 +726,22 @@ def test_a_run_of_sequences_ranks_cleans_and_reports_by_csl_mean(tmp_path, capsy
     page = (tmp_path / "rep" / "report.html").read_text()
     assert code == 0 and "Flagged set: csl_mean" in page
     assert "None: this run recorded sequences" in page
+    # with inputs and labels: a conflicting group's plan drops (no relabelling policy)
+    x = np.arange(tracker.num_samples, dtype=np.float32)[:, None]
+    x[1] = x[0]
+    y = np.zeros(tracker.num_samples, dtype=np.int64)
+    y[1] = 1
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    code, out, err = run_main(
+        capsys, "report", path, "--out", str(tmp_path / "rep2"), "-q",
+        "--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+    )  # fmt: skip
+    assert code == 0, err  # it raised: the duplicates' plan asked for relabelling
+    assert "conflicting" in (tmp_path / "rep2" / "report.html").read_text()
+    code, out, err = run_main(capsys, "clean", path, "--out", str(tmp_path / "p2.csv"))
+    assert "estimated 30 bad sequences" in out
+    assert csl_fast.cli.load_run(path)[0].sequences  # the public helper's signature kept
 
 
 def test_rank_says_a_warning_both_detections_share_once(tmp_path, capsys):
@@ -749,3 +765,13 @@ def test_rank_says_a_warning_both_detections_share_once(tmp_path, capsys):
         capsys, "rank", str(tmp_path / "one.csl"), "--inputs", str(tmp_path / "x.npy")
     )
     assert code == 0 and err.count("the tracker recorded one epoch") == 1, err
+    inputs = np.arange(n, dtype=np.float32)[:, None]
+    inputs[201] = inputs[200]  # a group of clean samples: it holds no flagged sample
+    np.save(tmp_path / "x.npy", inputs)
+    code, _, err = run_main(
+        capsys, "rank", str(tmp_path / "one.csl"), "--inputs", str(tmp_path / "x.npy")
+    )
+    assert code == 0 and err.count("the tracker recorded one epoch") == 1, err
+    assert "duplicates: nothing flagged" in err
+    with pytest.warns(csl_fast.detect.DetectionWarning, match="duplicates: nothing flagged"):
+        rank_rows(t, None, "csl", 3, torch.from_numpy(inputs))

@@ -451,6 +451,14 @@ def test_csl_named_on_sequences_of_different_lengths_says_why_it_misranks():
         detect.mislabeled(tracker, "aum", rule="fraction", fraction=0.05)
     assert not [w for w in rec if "sums the loss" in str(w.message)]
     assert detect._length_bias(tracker, "csl_mean") is None
+    with pytest.warns(detect.DetectionWarning, match="sums the loss over each sequence"):
+        det = corrupted_targets(tracker, "csl")
+    assert "sums the loss" in det.diagnostics["note"]
+    # a two-sided score keeps its caveat on a tracker of sequences too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(tracker, "variability")
+    assert det.diagnostics["note"].startswith("score 'variability' has no suspicious direction")
 
 
 def test_duplicates_with_inputs_that_flag_no_group_say_so_once():
@@ -477,6 +485,22 @@ def test_duplicates_with_inputs_that_flag_no_group_say_so_once():
     said = [str(w.message) for w in rec if issubclass(w.category, detect.DetectionWarning)]
     assert said == [det.warning] and len(det) == 0
     assert "The score rule's own warning: csl_fast.detect: nothing flagged" in det.warning
+
+
+def test_a_duplicates_detection_is_not_carried_to_groups_twice():
+    """clean(detection=duplicates(...), inputs=) carried its count through the groups a
+    second time (8 members flagged, a count of 4)."""
+    s, _ = _bimodal()
+    inputs = torch.arange(s.numel(), dtype=torch.float32)[:, None]
+    inputs[0] = inputs[390]  # a clean sample and a bad one: one group of two
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        dup = detect.duplicates({"csl": s}, inputs=inputs)
+        plan = csl_fast.clean({"csl": s}, detection=dup, inputs=inputs, policy="drop")
+    assert len(dup.groups) == 1 and 0 in dup.groups[0]
+    assert plan.duplicates.estimated_count == dup.estimated_count
+    assert plan.duplicates.count_interval == dup.count_interval
+    assert plan.duplicates.rule == dup.rule and torch.equal(plan.duplicates.flagged, dup.flagged)
 
 
 def test_duplicates_quote_a_warning_about_samples_the_groups_did_not_take():

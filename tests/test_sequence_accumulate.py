@@ -3,6 +3,8 @@ target [B, T], index [B]."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -285,3 +287,12 @@ def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
     plain = CSLTracker(6)
     assert csl_fast.merge([plain, seqs]).sequences
     assert not csl_fast.merge([plain, plain]).sequences
+    # one position per sample ([N, C, 1] logits) is a row, not a sequence
+    one = CSLTracker(6)
+    csl_fast.accumulate(torch.randn(4, V, 1), torch.randint(0, V, (4, 1)), torch.arange(4), one)
+    assert not one.sequences and one.csl_count[:4].eq(1).all()
+    # a tracker pickled before the flag existed reads as rows (the class's value)
+    old = pickle.loads(pickle.dumps(seqs))
+    del old.__dict__["sequences"]
+    assert not old.sequences and "sequences" not in repr(old)
+    old.save(tmp_path / "old.csl")

@@ -51,8 +51,9 @@ def _entry_losses(z, y, w, pw):
     """(plain, weighted) entry losses of logits ``z`` and targets ``y`` (compute dtype)."""
     log_term = _log1p(tl.exp(-tl.abs(z)))
     pos = z >= 0
-    plain = tl.where(pos, (1.0 - y) * z, -y * z) + log_term
-    linear = tl.where(pos, (1.0 - y) * z, -(pw * y) * z)
+    # (z - z): NaN at z = -inf, as torch's form gives (csrc/cpu/bce.cpp)
+    plain = tl.where(pos, (1.0 - y) * z, -y * z + (z - z)) + log_term
+    linear = tl.where(pos, (1.0 - y) * z, -(pw * y) * z + (z - z))
     weighted = w * (linear + (1.0 + (pw - 1.0) * y) * log_term)
     return plain, weighted
 

@@ -47,15 +47,16 @@ inline __attribute__((always_inline)) double log1p_unit(double e) { return std::
 
 // The plain entry loss softplus(z) - y z and the weighted loss of
 // F.binary_cross_entropy_with_logits, in the form of csl_fast/reference.py:
-// bce_entry_losses (no large terms cancel for hard targets).
+// bce_entry_losses (no large terms cancel for hard targets). (z - z) is 0 for a finite z
+// and NaN at z = -inf, where torch's form (-inf + inf) gives NaN, not +inf.
 template <typename acc_t>
 inline __attribute__((always_inline)) acc_t plain_loss(acc_t z, acc_t y, acc_t log_term) {
-  return (z >= acc_t(0) ? (acc_t(1) - y) * z : -y * z) + log_term;
+  return (z >= acc_t(0) ? (acc_t(1) - y) * z : -y * z + (z - z)) + log_term;
 }
 template <typename acc_t>
 inline __attribute__((always_inline)) acc_t weighted_loss(acc_t z, acc_t y, acc_t w, acc_t pw,
                                                           acc_t log_term) {
-  const acc_t linear = z >= acc_t(0) ? (acc_t(1) - y) * z : -(pw * y) * z;
+  const acc_t linear = z >= acc_t(0) ? (acc_t(1) - y) * z : -(pw * y) * z + (z - z);
   return w * (linear + (acc_t(1) + (pw - acc_t(1)) * y) * log_term);
 }
 

@@ -33,8 +33,9 @@ template <typename A>
 __device__ __forceinline__ EntryLoss<A> entry_loss(A z, A y, A w, A pw) {
   const A log_term = dev_log1p(dev_exp(-fabs(z)));
   const bool pos = z >= A(0);
-  const A plain = (pos ? (A(1) - y) * z : -y * z) + log_term;
-  const A linear = pos ? (A(1) - y) * z : -(pw * y) * z;
+  // (z - z): NaN at z = -inf, as torch's form gives (csrc/cpu/bce.cpp)
+  const A plain = (pos ? (A(1) - y) * z : -y * z + (z - z)) + log_term;
+  const A linear = pos ? (A(1) - y) * z : -(pw * y) * z + (z - z);
   return {plain, w * (linear + (A(1) + (pw - A(1)) * y) * log_term)};
 }
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_accumulate_bce import _infinite_pos_weight_case
+from test_accumulate_bce import _infinite_logits_case, _infinite_pos_weight_case
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 import csl_fast
@@ -67,6 +67,16 @@ def test_infinite_pos_weight_gives_nan(tdevice, dtype):
     ref = reference.bce_bwd(upstream, *args, 2)
     assert ref[:, [0, 1, 3]].isnan().all() and torch.equal(grad.isnan(), ref.isnan())
     torch.testing.assert_close(grad, ref, equal_nan=True, rtol=2 * torch.finfo(dtype).eps, atol=0)
+
+
+def test_infinite_logits_give_what_pytorch_gives(tdevice):
+    """A -inf logit: NaN whatever the target, as PyTorch's (tests/test_accumulate_bce.py:
+    test_infinite_logits_as_pytorch); +inf before where the target is above 0."""
+    logits, target = (t.to(tdevice) for t in _infinite_logits_case(torch.float32))
+    loss, _ = bce_fwd_triton(logits, target, None, None, 0)
+    want = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    assert torch.equal(loss.isnan(), want.isnan()), (loss, want)
+    torch.testing.assert_close(loss, want, equal_nan=True)
 
 
 def test_strided_inputs_and_upstream(tdevice):
