@@ -59,6 +59,7 @@ import csv
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, TextIO
@@ -102,8 +103,9 @@ class Cleaned(NamedTuple):
     """The cleaned training set as index arithmetic (:meth:`CleaningPlan.apply`).
 
     Attributes:
-        keep: int64 ``[K]`` dataset indices that stay, ascending (every sample but the
-            dropped ones).
+        keep: int64 ``[K]`` dataset indices that stay, ascending: every sample the run
+            trained on (when the plan knows, :attr:`CleaningPlan.presented`) but the
+            dropped ones.
         labels: int64 ``[K]`` the label of each kept sample, ``labels[j]`` for
             ``keep[j]``: the given label, or the suggested one where the plan relabels.
     """
@@ -139,6 +141,9 @@ class CleaningPlan:
         grouped: bool ``[M]`` the row's action is its conflicting duplicate group's
             (``inputs=`` with ``labels=``, :mod:`csl_fast.cleaning_groups`); all False
             otherwise.
+        presented: bool ``[N]`` the samples the run trained on (the tracker's
+            ``csl_count > 0``) when the plan was made from a tracker, else None:
+            :meth:`apply` and :meth:`apply_dataset` leave the others out.
     """
 
     index: torch.Tensor
@@ -155,6 +160,7 @@ class CleaningPlan:
     keep: torch.Tensor | None = None
     duplicates: Detection | None = None
     grouped: torch.Tensor | None = None
+    presented: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.keep is None:
@@ -320,10 +326,25 @@ class CleaningPlan:
         new = y.detach().to("cpu", torch.int64).clone()
         where, to = self._relabels("apply")
         new[where] = to
+        kept = torch.nonzero(self._keep_mask("apply"))[:, 0]
+        return Cleaned(kept, new[kept])
+
+    def _keep_mask(self, caller: str) -> torch.Tensor:
+        """bool ``[N]``: the samples that stay; a warning when some were never presented
+        (a held-out part of the index space would have leaked into the training set)."""
         keep = torch.ones(self.num_samples, dtype=torch.bool)
         keep[self.index.cpu()[self.dropped.cpu()]] = False
-        kept = torch.nonzero(keep)[:, 0]
-        return Cleaned(kept, new[kept])
+        if self.presented is not None:
+            unseen = int((~self.presented.cpu()).sum())
+            if unseen:
+                warnings.warn(
+                    f"CleaningPlan.{caller}: {unseen} of the {self.num_samples} samples were "
+                    "never presented in training (held out, or never reached) and are left "
+                    "out of the cleaned set; the run says nothing about them",
+                    stacklevel=3,
+                )
+            keep &= self.presented.cpu()
+        return keep
 
     def apply_dataset(self, dataset: Any, label_position: int | str = 1) -> CleanedDataset:
         """A map-style dataset of the kept samples with their new labels.
@@ -350,8 +371,7 @@ class CleaningPlan:
                 f"CleaningPlan.apply_dataset: the dataset has {n} samples, the plan was made "
                 f"for {self.num_samples}"
             )
-        keep = torch.ones(self.num_samples, dtype=torch.bool)
-        keep[self.index.cpu()[self.dropped.cpu()]] = False
+        keep = self._keep_mask("apply_dataset")
         where, to = self._relabels("apply_dataset")
         relabel = dict(zip(where.tolist(), to.tolist(), strict=True))
         out = CleanedDataset(dataset, torch.nonzero(keep)[:, 0].tolist(), relabel, label_position)
@@ -422,6 +442,8 @@ class CleanedDataset(torch.utils.data.Dataset):
             )
         parts = list(item)
         parts[pos] = _like(item[pos], self.relabel[i], i)
+        if hasattr(item, "_fields"):  # a namedtuple takes its fields one by one
+            return type(item)(*parts)
         return type(item)(parts) if isinstance(item, tuple) else parts
 
 
@@ -502,6 +524,13 @@ def no_suggestions(source: Any) -> str | None:
     return SEQUENCES_NO_LABELS if source.sequences else None
 
 
+def _presented(source: Any) -> torch.Tensor | None:
+    """bool ``[N]``: the samples a tracker ``source`` trained on, None for scores."""
+    from .tracker import CSLTracker
+
+    return (source.csl_count > 0).cpu() if isinstance(source, CSLTracker) else None
+
+
 def _num_samples(source: Any) -> int | None:
     """How many samples ``source`` scores, when that can be read without computing."""
     from .tracker import CSLTracker
@@ -555,8 +584,10 @@ def clean(
         inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list, as
             ``labels``): the plan also acts on
             ``detect.duplicates(source, score, inputs=inputs, labels=labels)`` (module
-            doc). Without ``labels`` the groups holding a sample of ``detection`` are added
-            whole and their members get the usual per-sample action.
+            doc). Without ``labels`` the groups holding a sample of ``detection`` are
+            reported in ``plan.duplicates`` but not added to the plan: which member carries
+            the wrong label takes the labels, and a member's own suggestion is the wrong
+            tool (:mod:`csl_fast.cleaning_groups`; added, they made the cleaned set worse).
         labels: optional int ``[N]`` given labels (tensor, array or list; needs
             ``inputs``): each group of
             identical inputs with conflicting labels is flagged and resolved
@@ -606,6 +637,14 @@ def clean(
             "csl_fast.clean: detection must be a csl_fast.detect.Detection (what "
             f"detect.mislabeled returns), got {type(detection).__name__}"
         )
+    if detection.groups and labels is None and "duplicate_groups" in detection.diagnostics:
+        # its members would each get their own suggestion, the partner's label
+        raise ValueError(
+            "csl_fast.clean: detection is a duplicates detection (groups of identical "
+            "inputs); pass inputs= and labels= instead, so that each conflicting group is "
+            "resolved as a group (csl_fast.cleaning_groups), or detection=mislabeled(...) "
+            "for the per-sample plan"
+        )
     n = int(detection.scores.numel())
     size = _num_samples(source)
     if size is not None and size != n:
@@ -634,7 +673,9 @@ def clean(
         chosen = detection.indices.cpu()
     rank_of = torch.empty(n, dtype=torch.int64)
     rank_of[ranking] = torch.arange(1, n + 1)
-    if dup is not None and policy != "review":
+    if group is not None and policy != "review":
+        # (without labels the groups are reported, not added: which member is wrong takes
+        # the labels, and a member's own suggestion is the partner's label)
         union = torch.zeros(n, dtype=torch.bool)
         union[chosen] = True
         union |= dup.flagged.cpu()
@@ -687,6 +728,7 @@ def clean(
         keep=keep,
         duplicates=dup,
         grouped=grouped,
+        presented=_presented(source),
     )
 
 

@@ -1,6 +1,7 @@
 """csl_fast.clean (module csl_fast.cleaning): policies, budget, min_confidence, the CSV,
 applying a plan, errors."""
 
+import collections
 import csv
 import importlib
 import math
@@ -250,6 +251,35 @@ def test_apply_dataset_matches_apply():
     # sample 0 is relabelled, but its item has no label slot: refused before any epoch
     with pytest.raises(TypeError, match="label_position"):
         plan.apply_dataset([0.0] * 6)
+
+
+def test_samples_the_run_never_trained_on_stay_out_of_the_cleaned_set():
+    """A tracker over a base dataset of which the run trained on a Subset: the cleaned
+    set took the held-out samples in, without a word."""
+    t = csl_fast.CSLTracker(6, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(4, 3, generator=g)
+        csl_fast.accumulate(logits, LABELS[:4], torch.arange(4), t)  # 4 and 5 held out
+        t.end_epoch()
+    plan = clean(t, policy="drop", rule="fraction", fraction=0.2)
+    assert plan.presented.tolist() == [True] * 4 + [False] * 2
+    with pytest.warns(UserWarning, match="2 of the 6 samples were never presented"):
+        keep, _ = plan.apply(LABELS)
+    assert set(keep.tolist()) <= {0, 1, 2, 3} and len(keep) == 4 - plan.num_dropped
+    with pytest.warns(UserWarning, match="never presented"):
+        ds = plan.apply_dataset([(i, int(LABELS[i])) for i in range(6)])
+    assert [ds[j][0] for j in range(len(ds))] == keep.tolist()
+
+
+def test_apply_dataset_relabels_namedtuple_items():
+    Sample = collections.namedtuple("Sample", "x y")
+    plan = _plan()
+    ds = plan.apply_dataset([Sample(float(i), int(LABELS[i])) for i in range(6)])
+    labels = plan.apply(LABELS).labels
+    got = [ds[j] for j in range(len(ds))]
+    assert all(type(item) is Sample for item in got)
+    assert [item.y for item in got] == labels.tolist()
 
 
 def test_apply_dataset_keeps_the_label_type_so_a_dataloader_batches_it():

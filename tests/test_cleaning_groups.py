@@ -111,14 +111,26 @@ def test_without_inputs_the_plan_is_unchanged_and_csv_writes_keep(tmp_path):
     assert got[2]["action"] == "relabel"
 
 
-def test_inputs_only_adds_whole_groups_with_per_sample_actions():
+def test_inputs_only_report_the_groups_and_add_no_member():
+    """Without labels, the unflagged member of a group holding a flagged sample was added
+    with its own suggestion (here 7's, the partner's label): an audit's cleaned set then
+    held more wrong labels than with no inputs at all. Now the groups are reported only."""
     x, _, scores, sugg = _setup()
     det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.05)  # 2 only
     plan = clean(scores, detection=det, suggestions=sugg, inputs=x)
-    assert set(plan.index.tolist()) == {2, 7} and plan.num_kept == 0
+    assert plan.index.tolist() == [2] and plan.num_kept == 0
     assert plan.duplicates is not None and plan.duplicates.groups == [[2, 7]]
-    # 7's own suggestion (1, confident) relabels it: without labels there is no group label
-    assert plan.actions == ["relabel", "relabel"]
+    assert plan.duplicates.rule.endswith("+groups")
+
+
+def test_a_duplicates_detection_needs_the_labels_to_be_cleaned():
+    """clean(detection=duplicates(inputs=, labels=)) without labels= gave each member of a
+    conflicting group its own suggestion, the method cleaning_groups rejects."""
+    x, y, scores, sugg = _setup()
+    dup = detect.duplicates(scores, inputs=x, labels=y)
+    assert dup.groups
+    with pytest.raises(ValueError, match="pass inputs= and labels= instead"):
+        clean(scores, detection=dup, suggestions=sugg)
 
 
 def test_bad_arguments():

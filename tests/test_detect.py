@@ -8,6 +8,7 @@ import torch
 
 import csl_fast
 from csl_fast import detect
+from csl_fast import duplicate_groups as dg
 from csl_fast.detect_losses import corrupted_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -488,19 +489,21 @@ def test_duplicates_with_inputs_that_flag_no_group_say_so_once():
 
 
 def test_a_duplicates_detection_is_not_carried_to_groups_twice():
-    """clean(detection=duplicates(...), inputs=) carried its count through the groups a
-    second time (8 members flagged, a count of 4)."""
+    """A duplicates detection carried to groups again (clean(detection=duplicates(...),
+    inputs=) did) kept its count: it was carried a second time (8 flagged, a count of 4)."""
     s, _ = _bimodal()
     inputs = torch.arange(s.numel(), dtype=torch.float32)[:, None]
     inputs[0] = inputs[390]  # a clean sample and a bad one: one group of two
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", detect.DetectionWarning)
         dup = detect.duplicates({"csl": s}, inputs=inputs)
-        plan = csl_fast.clean({"csl": s}, detection=dup, inputs=inputs, policy="drop")
     assert len(dup.groups) == 1 and 0 in dup.groups[0]
-    assert plan.duplicates.estimated_count == dup.estimated_count
-    assert plan.duplicates.count_interval == dup.count_interval
-    assert plan.duplicates.rule == dup.rule and torch.equal(plan.duplicates.flagged, dup.flagged)
+    again = detect.carry_to_groups(dup, dg.group_ids(inputs))
+    assert (again.estimated_count, again.count_interval) == (
+        dup.estimated_count,
+        dup.count_interval,
+    )
+    assert again.rule == dup.rule and torch.equal(again.flagged, dup.flagged)
 
 
 def test_duplicates_quote_a_warning_about_samples_the_groups_did_not_take():
