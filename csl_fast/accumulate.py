@@ -25,6 +25,7 @@ from .accumulate_checks import (
     _buffers,
     _check_args,
     _check_values,
+    target_positions,
     validate_by_default,
     widen_for_ignore_index,
 )
@@ -340,19 +341,22 @@ def accumulate(
         validate = validate_by_default(logits.device, name)
     # In place, the gradient overwrites the caller's logits before the scatter's own range
     # check runs, so on the CPU (where reading them costs no device sync) check first.
-    if (validate or (inplace_grad and logits.device.type == "cpu")) and (
-        not (transformed or torch.compiler.is_compiling())
-    ):
-        # Class probabilities have no range to check; their indices do.
-        checked = None if soft else target
-        _check_values(checked, index, logits.shape[1], buffers[0].numel(), ignore_index)
-    # Calls from several threads into the same buffers take turns, from the forward on
-    # (the Triton interpreter, for one, cannot run two launches at once).
-    with buffer_lock(buffers[0]):
-        loss, stats, z_loss = _forward_and_record(
-            given, logits, target, index, csl, buffers, seq, soft, transformed, weight,
-            ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad, extras,
-        )  # fmt: skip
+    given_shape = tuple(given[1].shape) if rows is not None and not soft else None
+    with target_positions(given_shape):
+        if (validate or (inplace_grad and logits.device.type == "cpu")) and (
+            not (transformed or torch.compiler.is_compiling())
+        ):
+            # Class probabilities have no range to check; their indices do.
+            checked = None if soft else target
+            _check_values(checked, index, logits.shape[1], buffers[0].numel(), ignore_index)
+        # Calls from several threads into the same buffers take turns, from the forward on
+        # (the Triton interpreter, for one, cannot run two launches at once).
+        with buffer_lock(buffers[0]):
+            loss, stats, z_loss = _forward_and_record(
+                given, logits, target, index, csl, buffers, seq, soft, transformed, weight,
+                ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad,
+                extras,
+            )  # fmt: skip
     if extras is not None:
         shape = None if rows is None else rows.loss_shape
         return cross_entropy_extras.output(

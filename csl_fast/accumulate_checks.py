@@ -6,6 +6,9 @@ naming the argument and the fix, never a silent wrong answer or a device fault.
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -366,6 +369,26 @@ def _check_values(
         f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
         "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
     )
+
+
+@contextlib.contextmanager
+def target_positions(shape: tuple[int, ...] | None) -> Iterator[None]:
+    """An out-of-range target found among the flattened rows (``target[5]``) named by its
+    position in the caller's target of ``shape`` (``target[1, 1]`` of a ``[2, 4]`` one: a
+    ``[B, T]`` sequence batch or an ``[N, d1, ...]`` segmentation map), where ``target[5]``
+    does not exist. ``None`` (or a 1-D shape): nothing to rename."""
+    try:
+        yield
+    except IndexError as exc:
+        found = re.search(r"target\[(\d+)\]", str(exc))
+        if shape is None or len(shape) < 2 or found is None:
+            raise
+        flat, position = int(found.group(1)), []
+        for size in reversed(shape):
+            flat, at = divmod(flat, max(size, 1))
+            position.append(str(at))
+        named = f"target[{', '.join(reversed(position))}]"
+        raise IndexError(str(exc).replace(found.group(0), named, 1)) from None
 
 
 def validate_by_default(device: torch.device, backend: str) -> bool:

@@ -146,6 +146,25 @@ def test_kernel_checks_values_without_python_validation(backend):
     assert torch.equal(args["csl"], torch.zeros(6))
 
 
+@pytest.mark.parametrize("validate", [None, False, True])
+@pytest.mark.parametrize("layout", ["BT_V", "NCd"])
+def test_a_bad_target_of_several_positions_is_named_where_it_is(layout, validate):
+    """A [2, 4] target's bad entry target[1, 1] was called target[5] (a flattened row
+    that the caller's target does not have)."""
+    target = torch.zeros(2, 4, dtype=torch.long)
+    target[1, 1] = 7
+    logits = torch.randn(8, 3) if layout == "BT_V" else torch.randn(2, 3, 4)
+    csl = torch.zeros(2)
+    for backend in csl_fast.available_backends("cpu"):
+        if backend != "cpu" and validate is False:
+            continue  # left to the backend, as documented: only the C++ kernels check
+        with pytest.raises(IndexError, match=re.escape("target[1, 1] = 7 is outside [0, C = 3)")):
+            csl_fast.accumulate(
+                logits, target, torch.arange(2), csl, backend=backend, validate=validate
+            )
+        assert torch.equal(csl, torch.zeros(2))
+
+
 def test_other_argument_errors():
     a = _good("cpu")
     with pytest.raises(ValueError, match="count has 3 entries but csl has 6"):
