@@ -436,6 +436,7 @@ def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from .cli_inputs import duplicates_summary, run_inputs
+    from .scores import no_epoch_closed
 
     if args.output:
         check_output(args.run, args.output, "--output", args.inputs, args.labels)
@@ -461,6 +462,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
     unscored = _unscored_note(tracker, args.score, args.top, len(rows))
     if unscored is not None and not args.quiet:
         print(f"csl-fast rank: note: {unscored}", file=sys.stderr)
+    no_epoch = no_epoch_closed(tracker)
+    # (a score that counts epochs warned of it already)
+    warned = any(no_epoch in str(w.message) for w in caught) if no_epoch else True
+    if not warned and not args.quiet:
+        print(f"csl-fast rank: note: {no_epoch}", file=sys.stderr)
     if args.csv:
         text = _format_csv(rows, args.score)
     elif args.json:

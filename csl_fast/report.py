@@ -442,7 +442,7 @@ def write_report(
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
 
-    def roc_figure(p: str) -> str | None:
+    def roc_figure(p: str) -> str | tuple[None, str] | None:
         rocs.update(roc_curves(all_scores, samples))  # the AUROC table reads them too
         return _fig_roc(rocs, samples, p)
 
@@ -589,6 +589,8 @@ def _html(
     notes,
     cleaning="",
 ) -> str:
+    from .scores import no_epoch_closed
+
     e = html.escape
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
@@ -601,6 +603,14 @@ def _html(
         f"Written {e(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}. "
         "Every score is oriented so that <b>higher = more suspicious</b>.</p>",
     ]
+    no_epoch = no_epoch_closed(tracker)
+    if no_epoch is not None:
+        # the learning times and the suggestions' confidence rest on epoch stamps, all 0
+        parts.append(
+            f"<p><b>Warning:</b> {e(no_epoch[0].upper() + no_epoch[1:])}: the learning "
+            "times are 0 or 1 and the suggestions' confidence is underestimated (more "
+            "drops).</p>"
+        )
     unseen = int((tracker.csl_count == 0).sum())
     if unseen:
         # they have no score: absent from every figure and ranking, and nothing said why

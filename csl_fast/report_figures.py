@@ -113,6 +113,25 @@ def roc_curves(
 
 
 # --------------------------------------------------------------------------- figures
+def _on_log_axis(fpr: np.ndarray, tpr: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
+    """An ROC curve's points for a log false-positive axis: each straight segment (a run of
+    tied scores) sampled along its length, and ``fpr = 0`` drawn at ``floor``. Drawn as
+    is, the segment from (0, 0) of a score tied everywhere (AUROC 0.5) ran flat along the
+    top from the axis's clipped left edge, as a perfect detector's would."""
+    fpr, tpr = np.asarray(fpr, float), np.asarray(tpr, float)
+    grid = np.geomspace(floor, 1.0, 200)
+    k = np.clip(np.searchsorted(fpr, grid, side="right") - 1, 0, max(len(fpr) - 2, 0))
+    if len(fpr) < 2:
+        return np.maximum(fpr, floor), tpr
+    dx = fpr[k + 1] - fpr[k]
+    inside = (grid > fpr[k]) & (grid < fpr[k + 1]) & (dx > 0)
+    y = tpr[k] + (tpr[k + 1] - tpr[k]) * (grid - fpr[k]) / np.where(dx > 0, dx, 1.0)
+    x = np.concatenate([fpr, grid[inside]])
+    y = np.concatenate([tpr, y[inside]])
+    order = np.lexsort((y, x))
+    return np.maximum(x[order], floor), y[order]
+
+
 def _fig_histogram(
     csl: np.ndarray, samples: RunSamples | None, path: str, per_token: bool = False
 ) -> str | tuple[None, str]:
@@ -166,7 +185,9 @@ def _fig_histogram(
 _ROC_LEADERS = 3  # scores drawn thick and coloured in each panel; the rest thin grey
 
 
-def _fig_roc(rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: str) -> str | None:
+def _fig_roc(
+    rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: str
+) -> str | tuple[None, str] | None:
     """ROC curves of every score, one panel per corruption type.
 
     A dozen curves on a linear axis pile up in the top-left corner, so: the leading
@@ -179,6 +200,14 @@ def _fig_roc(rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: 
 
     sets = _eval_sets(samples)
     if not sets:
+        if samples is not None and (
+            samples.mislabeled is not None or samples.duplicate is not None
+        ):
+            # "needs the ground truth" read wrong beside a samples.npz that holds it
+            return None, (
+                "the ground truth (samples.npz) holds no corrupted sample, or no clean one: "
+                "there is nothing to tell apart."
+            )
         return None
     fig, axes = plt.subplots(1, len(sets), figsize=(5.4 * len(sets), 4.6), squeeze=False)
     leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
@@ -188,20 +217,21 @@ def _fig_roc(rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: 
         if "csl" in [c[1] for c in curves[:_ROC_LEADERS]]:
             leaders = leaders[: _ROC_LEADERS - 1]
         rest = [c for c in curves if c[1] != "csl" and c[1] not in leaders]
+        clean = int((~pos).sum())
+        floor = 0.5 / max(clean, 1)
         for i, (_, _, fpr, tpr) in enumerate(rest):
             label = None
             if i == 0:
                 lo, hi = min(c[0] for c in rest), max(c[0] for c in rest)
                 label = f"{len(rest)} other scores ({lo:.2f}-{hi:.2f})"
-            ax.plot(fpr, tpr, color="0.7", lw=0.8, label=label, zorder=1)
+            ax.plot(*_on_log_axis(fpr, tpr, floor), color="0.7", lw=0.8, label=label, zorder=1)
         for auc, name, fpr, tpr in reversed(curves):
+            x, y = _on_log_axis(fpr, tpr, floor)
             if name == "csl":
-                ax.plot(fpr, tpr, color="black", lw=2.6, label=f"csl ({auc:.3f})", zorder=4)
+                ax.plot(x, y, color="black", lw=2.6, label=f"csl ({auc:.3f})", zorder=4)
             elif name in leaders:
                 colour = leader_colours[leaders.index(name)]
-                ax.plot(fpr, tpr, color=colour, lw=2.0, label=f"{name} ({auc:.3f})", zorder=3)
-        clean = int((~pos).sum())
-        floor = 0.5 / max(clean, 1)
+                ax.plot(x, y, color=colour, lw=2.0, label=f"{name} ({auc:.3f})", zorder=3)
         chance = np.geomspace(floor, 1.0, 50)
         ax.plot(chance, chance, ls=":", color="grey", lw=0.8, zorder=0)
         ax.set_xscale("log")

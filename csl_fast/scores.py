@@ -277,17 +277,25 @@ def warn_no_epoch_closed(tracker: CSLTracker, what: str) -> None:
     when the tracker presented samples more than once but closed no epoch: forgetting to
     call :meth:`CSLTracker.end_epoch` leaves every epoch stamp 0 (learned or not), and
     nothing else shows it."""
-    if tracker.epoch != 0 or tracker.num_samples == 0:
-        return
+    said = no_epoch_closed(tracker)
+    if said is not None:
+        warnings.warn(f"{what}: {said}", RuntimeWarning, stacklevel=3)
+
+
+def no_epoch_closed(tracker: CSLTracker) -> str | None:
+    """Why the statistics that count epochs are degenerate (the tracker presented a sample
+    more than once but closed no epoch), or ``None``. A tracker of sequences counts
+    tokens, not presentations, and is not judged."""
+    if tracker.epoch != 0 or tracker.num_samples == 0 or tracker.sequences:
+        return None
     most = int(tracker.csl_count.max())
-    if most > 1:
-        warnings.warn(
-            f"{what}: the tracker closed no epoch although it presented a sample up to "
-            f"{most} times (tracker.end_epoch() was never called); call it after each "
-            "training epoch (csl_fast.train.train and the integrations do)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if most <= 1:
+        return None
+    return (
+        f"the tracker closed no epoch although it presented a sample up to {most} times "
+        "(tracker.end_epoch() was never called); call it after each training epoch "
+        "(csl_fast.train.train and the integrations do)"
+    )
 
 
 def as_dataframe(

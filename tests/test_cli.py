@@ -775,3 +775,12 @@ def test_rank_says_a_warning_both_detections_share_once(tmp_path, capsys):
     assert "duplicates: nothing flagged" in err
     with pytest.warns(csl_fast.detect.DetectionWarning, match="duplicates: nothing flagged"):
         rank_rows(t, None, "csl", 3, torch.from_numpy(inputs))
+
+
+def test_rank_notes_a_run_that_closed_no_epoch(tmp_path, capsys):
+    tracker = csl_fast.CSLTracker(30, 3)
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(30, 3), torch.arange(30) % 3, torch.arange(30), tracker)
+    tracker.save(tmp_path / "t.csl")
+    code, _, err = run_main(capsys, "rank", str(tmp_path / "t.csl"), "--top", "3")
+    assert code == 0 and "note: the tracker closed no epoch although it presented" in err

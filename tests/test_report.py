@@ -360,6 +360,9 @@ def test_truth_without_corrupted_samples_draws_no_empty_auroc_table(run, tmp_pat
     start = html.index("<h2>Detection (AUROC)</h2>")
     assert html[start:].startswith("<h2>Detection (AUROC)</h2><p class=cap>Not computed")
     assert "<th class=l>definition</th>" not in html
+    # the ROC caption said the ground truth was missing, beside a samples file holding it
+    assert "Not drawn: the ground truth (samples.npz) holds no corrupted sample" in html
+    assert "Not drawn: needs the ground truth" not in html
 
 
 def test_each_score_is_sorted_once_per_corruption_type(run, tmp_path, monkeypatch):
@@ -443,6 +446,58 @@ def test_samples_never_presented_are_counted_on_the_page(tmp_path):
     csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), full)
     html = Path(write_report(full, tmp_path / "all")).read_text(encoding="utf-8")
     assert "never presented" not in html
+
+
+def test_recall_counts_the_corrupted_samples_the_run_trained_on(tmp_path):
+    """12 of 22 flipped samples never presented: the page's recall counted them (0.455 for
+    a rule that found every flip it could score) beside a note that they cannot be
+    flagged."""
+    n, c = 60, 3
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % c
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[:6] = True
+    flipped[40:46] = True  # never presented
+    noisy = torch.where(flipped, (y + 1) % c, y)
+    tracker = csl_fast.CSLTracker(n, c)
+    seen = torch.arange(40)
+    for _ in range(4):
+        logits = torch.nn.functional.one_hot(y[seen], c) * 4.0 + torch.randn(40, c, generator=g)
+        csl_fast.accumulate(logits, noisy[seen], seen, tracker)
+        tracker.end_epoch()
+    samples = RunSamples(labels=noisy, true_labels=y, mislabeled=flipped.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path, samples)).read_text(encoding="utf-8")
+    text = re.sub(r"<[^>]+>", " ", html)
+    assert "recall (of the 6 corrupted the run trained on)" in text
+    assert re.search(r"corrupted samples never presented \(no score, not flagged\)\s+6", text)
+    assert "flipped samples whose suggestion is the true label (presented 6)" in text
+
+
+def test_a_run_that_closed_no_epoch_says_so_on_the_page(tmp_path):
+    tracker = csl_fast.CSLTracker(30, 3)
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(30, 3), torch.arange(30) % 3, torch.arange(30), tracker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert "<b>Warning:</b> The tracker closed no epoch although it presented a sample" in html
+
+
+def test_a_tied_score_is_drawn_as_chance_on_the_log_roc_axis():
+    """A score tied everywhere (AUROC 0.5) has the ROC (0, 0) -> (1, 1); on the log
+    false-positive axis it ran flat along the top, as a perfect detector's would."""
+    from csl_fast.report_figures import _on_log_axis
+
+    floor = 0.5 / 178
+    x, y = _on_log_axis(np.array([0.0, 1.0]), np.array([0.0, 1.0]), floor)
+    assert x.min() == floor and np.all(np.diff(x) >= 0)
+    left = x < 0.01
+    np.testing.assert_allclose(y[left][1:], x[left][1:], rtol=1e-12)  # the diagonal
+    # a vertical step stays a step: tpr 0.8 at fpr 0, drawn at the left edge
+    x, y = _on_log_axis(np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 0.8, 0.9, 1.0]), 0.01)
+    assert (x[1], y[1]) == (0.01, 0.8) and y[2] == pytest.approx(0.8 + 0.1 * 0.01 / 0.5)
 
 
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
