@@ -524,7 +524,7 @@ def no_suggestions(source: Any) -> str | None:
     return SEQUENCES_NO_LABELS if source.sequences else None
 
 
-def _presented(source: Any) -> torch.Tensor | None:
+def presented(source: Any) -> torch.Tensor | None:
     """bool ``[N]``: the samples a tracker ``source`` trained on, None for scores."""
     from .tracker import CSLTracker
 
@@ -728,7 +728,7 @@ def clean(
         keep=keep,
         duplicates=dup,
         grouped=grouped,
-        presented=_presented(source),
+        presented=presented(source),
     )
 
 

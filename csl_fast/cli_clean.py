@@ -48,14 +48,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
         policy = args.policy
         if no_suggestions(tracker) is not None and policy == "relabel-confident":
             policy = "drop"
+            losses = loss_only(tracker)
             what = (
                 "losses only (csl_fast.record_loss or csl_fast.accumulate_bce)"
-                if loss_only(tracker)
+                if losses
                 else "sequences (a sequence's label is its token string, not one class)"
             )
-            how = (
-                "; flagged by the tail rule of csl_fast.detect_losses" if loss_only(tracker) else ""
-            )
+            how = "; flagged by the tail rule of csl_fast.detect_losses" if losses else ""
             if not args.quiet:
                 print(
                     f"csl-fast clean: note: this run recorded {what}: there are no suggested "

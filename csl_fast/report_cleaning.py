@@ -161,7 +161,7 @@ def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
 def _suggestion_rows(
     tracker: Any, det: Any, samples: Any, inputs: Any = None, labels: Any = None
 ) -> list[tuple[str, str]]:
-    from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan
+    from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan, presented
 
     plan = clean(tracker, detection=det, score=det.score_name, inputs=inputs, labels=labels)
     # with duplicates the plan also holds the conflicting groups the score did not flag:
@@ -200,7 +200,8 @@ def _suggestion_rows(
             )
         )
     # (the flipped samples the run trained on: a never-presented one has no suggestion)
-    mis = None if samples.mislabeled is None else samples.mislabeled & _presented(tracker)
+    seen = presented(tracker).numpy()
+    mis = None if samples.mislabeled is None else samples.mislabeled & seen
     if mis is not None and mis.any():
         label = tracker.suggestions()[0].cpu().numpy()
         right = int((label[mis] == truth[mis]).sum())
@@ -212,10 +213,6 @@ def _suggestion_rows(
             )
         )
     return rows
-
-
-def _presented(tracker: Any) -> np.ndarray:
-    return (tracker.csl_count > 0).cpu().numpy()
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
