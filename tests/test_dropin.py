@@ -175,6 +175,55 @@ def test_a_non_finite_class_weight_reaches_only_the_rows_of_its_class(
             assert grads[0][rows].isfinite().all() and grads[0][0].eq(0).all(), what
 
 
+def _kinds(x: torch.Tensor) -> torch.Tensor:
+    """0 finite, 1 +inf, 2 -inf, 3 NaN: where F.cross_entropy is not finite, which it is."""
+    return x.isposinf().int() + 2 * x.isneginf().int() + 3 * x.isnan().int()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("classes", [5, 40])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_infinite_class_weight_with_label_smoothing_gives_what_pytorch_gives(
+    backend, classes, reduction, monkeypatch
+):
+    """With label smoothing every row has the term w_k (lse - z_k) of an infinite weight,
+    inf as in F.cross_entropy, or NaN where lse - z_k rounds to 0. The shifted smoothing
+    sum took w_k (z_k - max) = inf * 0 = NaN when class k held a row's max (found by an
+    outside audit). 40 classes: the C++ wide rows, and Triton's chunked lanes."""
+    if backend == "triton" and classes > 8:
+        from csl_fast._triton import cross_entropy
+
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 4)
+    g = torch.Generator().manual_seed(classes)
+    k = classes // 3
+    x = torch.randn(4, classes, generator=g) * 2
+    x[0, k] = x[0].max() + 1  # the infinite class holds the max, of another row's target
+    x[3], x[3, k] = 0.0, 200.0  # lse - z_k rounds to 0: NaN
+    target = torch.randint(0, classes, (4,), generator=g)
+    target[0], target[1] = k + 1, k
+    weight = torch.rand(classes, generator=g) + 0.5
+    weight[k] = float("inf")
+    for rows in (3, 4):
+        losses, grads = _both(
+            backend,
+            x[:rows],
+            target[:rows],
+            torch.arange(rows),
+            torch.zeros(rows),
+            weight=weight,
+            label_smoothing=0.1,
+            reduction=reduction,
+        )
+        what = f"{backend} {classes} classes {reduction} {rows} rows"
+        for ours, theirs in (losses, grads):
+            assert torch.equal(_kinds(ours), _kinds(theirs)), what
+            finite = theirs.isfinite()
+            torch.testing.assert_close(ours[finite], theirs[finite], msg=what)
+        if reduction == "none":
+            assert losses[1][0].isposinf(), what  # the audit's row: F's inf, not NaN
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend):
     x = torch.randn(7)

@@ -117,6 +117,13 @@ _FLOOR = tl.constexpr(-3.4028234663852886e38)
 
 
 @triton.jit
+def _weighted_gap(w, gap):
+    # w (m - z_j), a term of the label-smoothing sum: 0 at the max whatever w is. An infinite
+    # weight there would give inf * 0 = NaN, where F's w_j (lse - z_j) is inf.
+    return tl.where(gap == 0.0, 0.0, w * gap)
+
+
+@triton.jit
 def _lane_step(z, other, c0, w, mx, arg_c, s_o, q_o, a_o, w_o, HAS_SMOOTH: tl.constexpr):
     # One chunk of the wide-row statistics pass, elementwise: lane l of the [ROWS, BLOCK_C]
     # state sees the columns c0 + l, c0 increasing, and no value crosses lanes until the
@@ -142,8 +149,8 @@ def _lane_step(z, other, c0, w, mx, arg_c, s_o, q_o, a_o, w_o, HAS_SMOOTH: tl.co
         r_new = tl.maximum(mx, _FLOOR)
         a_o = (
             a_o
-            + tl.where(w_o > 0.0, w_o * (r_new - r_old), 0.0)
-            + tl.where(other, w[None, :] * (r_new - z), 0.0)
+            + tl.where(w_o > 0.0, _weighted_gap(w_o, r_new - r_old), 0.0)
+            + tl.where(other, _weighted_gap(w[None, :], r_new - z), 0.0)
         )
         w_o = w_o + tl.where(other, w[None, :], 0.0)
     return mx, arg_c, s_o, q_o, a_o, w_o
@@ -248,7 +255,9 @@ def _ce_fwd_kernel(
             else:
                 w = tl.where(col_mask, 1.0, 0.0)
             w_sum = tl.sum(w, 0)
-            a_sum = tl.sum(tl.where(col_mask[None, :], w[None, :] * (m[:, None] - z), 0.0), 1)
+            a_sum = tl.sum(
+                tl.where(col_mask[None, :], _weighted_gap(w[None, :], m[:, None] - z), 0.0), 1
+            )
     else:
         z_y = tl.load(lrow + y, mask=row_mask, other=0.0).to(tl.float32)
         if HAS_CAP:
@@ -323,8 +332,8 @@ def _ce_fwd_kernel(
         s = s_o + tl.exp(z_y - m)
         if HAS_SMOOTH:
             w_sum = tl.sum(w_o, 1) + w_y
-            a_lanes = a_o + tl.where(w_o > 0.0, w_o * (m[:, None] - r), 0.0)
-            a_sum = tl.sum(a_lanes, 1) + w_y * (m - z_y)
+            a_lanes = a_o + tl.where(w_o > 0.0, _weighted_gap(w_o, m[:, None] - r), 0.0)
+            a_sum = tl.sum(a_lanes, 1) + _weighted_gap(w_y, m - z_y)
 
     # ---- per-row epilogue -------------------------------------------------------------
     inv_s = 1.0 / s

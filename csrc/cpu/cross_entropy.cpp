@@ -36,6 +36,13 @@ struct ExpSums {
   acc_t sum_shift = 0;  // sum_j w_j (z_j - m), for label smoothing
 };
 
+// w (z_j - m), one term of the label-smoothing shift sum: 0 at the row max whatever w is. An
+// infinite weight there would give inf * 0 = NaN, where F's w_j (lse - z_j) is inf.
+template <typename acc_t>
+inline __attribute__((always_inline)) acc_t weighted_shift(acc_t w, acc_t d) {
+  return d == acc_t(0) ? acc_t(0) : w * d;
+}
+
 template <typename acc_t>
 inline __attribute__((always_inline)) acc_t range_max(const acc_t* z, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -67,7 +74,7 @@ inline __attribute__((always_inline)) ExpSums<acc_t> range_exp(const acc_t* z, c
       e[j] = v;
       s += v;
       s2 += v * v;
-      sz += w[j] * d;
+      sz += weighted_shift(w[j], d);
     }
   }
   return {s, s2, sz};
@@ -186,7 +193,7 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   const acc_t smooth = eps / static_cast<acc_t>(C);
   acc_t objective = (acc_t(1) - eps) * w_y * loss;
   if (eps != acc_t(0)) {
-    const acc_t shift_sum = p.other.sum_shift + w_y * (p.z_y - p.m);
+    const acc_t shift_sum = p.other.sum_shift + weighted_shift(w_y, p.z_y - p.m);
     objective += smooth * (r.w_total * log_s - shift_sum);
   }
   // z-loss zs * lse^2 (unweighted; refused with class weights, so the mean's 1 / D is
@@ -360,7 +367,7 @@ inline __attribute__((always_inline)) void narrow_rows(const Rows<scalar_t, acc_
       acc_t sz = 0;
       for (int64_t j = 0; j < C; ++j) {
         d[j] = static_cast<acc_t>(z[j]) - p.m;
-        sz += j == y ? acc_t(0) : (w ? w[j] : acc_t(1)) * d[j];
+        sz += j == y ? acc_t(0) : weighted_shift(w ? w[j] : acc_t(1), d[j]);
       }
       p.other.sum_shift = sz;
     }
