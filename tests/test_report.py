@@ -349,6 +349,8 @@ def test_top_beyond_the_run_and_top_zero(run, tmp_path):
     assert f"<h2>Top {n} suspicious samples</h2>" in html and f"<h2>Top {n} by csl</h2>" in html
     html = Path(write_report(tracker, tmp_path / "zero", with_images, top=0)).read_text()
     assert "Not drawn: top = 0: no sample to show." in html
+    # and an empty "Top 0" table
+    assert "None listed: top = 0." in html and "<h2>Top 0 by" not in html
 
 
 def test_truth_without_corrupted_samples_draws_no_empty_auroc_table(run, tmp_path):
