@@ -10,6 +10,7 @@ import torch
 from ._args import integer_labels
 from .accumulate_checks import match_tracker_classes
 from .tracker import CSLTracker
+from .tracker_buffers import buffer_kinds
 
 Batch = Any
 Unpack = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -34,8 +35,11 @@ def score_epoch(
     (count in ``tracker.eval_count``; last values in ``eval_last_*``), kept apart from the
     in-training buffers. The same fused kernel as training computes the per-row statistics
     (``csl_fast.ops.cross_entropy_fwd``, ``tracker.backend``), under ``torch.no_grad()``.
-    Ends with :meth:`CSLTracker.end_eval_pass`. The model's training mode is restored, even
-    when an exception interrupts the pass.
+    Ends with :meth:`CSLTracker.end_eval_pass`. Every submodule's training mode is restored
+    as it was (a backbone frozen with ``.eval()`` stays in eval mode), even when an exception
+    interrupts the pass; the eval-pass buffers are then restored too, so that running the
+    pass again counts each sample once. For that the pass holds a copy of those buffers
+    (17 bytes per sample in float32, 33 in float64, 8 or 16 more with ``history``).
 
     Using a loader without augmentation (and any order) is the caller's business: pass a
     loader over ``csl_fast.data.IndexedDataset`` of the training set with eval transforms.
@@ -70,14 +74,22 @@ def score_epoch(
         batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
     from . import ops
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
+    before = {n: getattr(tracker, n).clone() for n in _eval_buffers(tracker)}
     model.eval()
+    done = False
     try:
         with torch.no_grad():
             for batch in batches:
                 x, y, index = unpack(batch)
                 x = _to(x, device)
                 logits = model(x) if forward is None else forward(model, x)
+                if not isinstance(logits, torch.Tensor):
+                    raise TypeError(
+                        f"csl_fast.score_epoch: the model returned a {type(logits).__name__}; "
+                        "expected a [B, C] logits tensor: pass forward= to extract it, e.g. "
+                        "forward=lambda m, x: m(x)['logits'] or m(x)[0]"
+                    )
                 if logits.dim() != 2:
                     raise ValueError(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
@@ -101,9 +113,20 @@ def score_epoch(
                 )
                 index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
                 tracker.record_eval(index, stats)
+        done = True
     finally:
-        model.train(was_training)
+        # model.train(flag) would set every submodule to the top module's mode
+        for m, training in modes:
+            m.training = training
+        if not done:
+            for n, buf in before.items():
+                getattr(tracker, n).copy_(buf)
     tracker.end_eval_pass()
+
+
+def _eval_buffers(tracker: CSLTracker) -> list[str]:
+    """The buffers an eval pass writes: ``eval_*`` (with ``history``, the pass's sums)."""
+    return [n for n in buffer_kinds(tracker.history, False) if n.startswith("eval_")]
 
 
 def _default_unpack(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:

@@ -137,6 +137,20 @@ def watch(
     :math:`w_{y_i}^2 \|\partial\ell_i/\partial x_i\|^2`, the gradient of its own weighted
     loss (the default ``B`` would make it depend on the other samples' classes).
 
+    Sequences (``[B, V, T]`` logits, or ``[B*T, V]`` with one index per sequence): ``'mean'``
+    averages over the batch's non-ignored tokens and a sequence's own loss is the sum of its
+    tokens' (what its CSL adds up), so pass ``reduction_scale=(target != ignore_index).sum()``
+    and ``valid=target != ignore_index``, a ``[B, T]`` mask (a sequence is recorded if any of
+    its tokens is). A ``valid`` of the target's shape is reduced so for any ``[B, ...]``.
+
+    Whatever multiplies the loss between its reduction and ``backward`` multiplies ``x``'s
+    gradient too and must be undone here as well: gradient accumulation that divides each
+    micro-batch's loss by ``k`` (Lightning's ``accumulate_grad_batches``) and AMP's
+    ``GradScaler`` (``scaler.scale(loss).backward()``) need
+    ``reduction_scale=B * k / scaler.get_scale()`` (``get_scale`` reads the scale to the
+    host: one synchronisation per step; the scale changes only in ``scaler.update()``).
+    Left out, the recorded norms are ``(scale / k)**2`` times the true ones.
+
     The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
     with ``retain_graph=True``, and in ``torch.autograd.grad`` calls through ``x`` too); it
     does not fire under ``torch.no_grad``. Watching the same tensor again with the same
@@ -169,11 +183,16 @@ def watch(
             f"csl_fast.watch: x has shape {tuple(x.shape)} but index has {index.shape[0]} entries; "
             "the first dimension of x must be the batch"
         )
-    if valid is not None and (not isinstance(valid, torch.Tensor) or valid.shape != index.shape):
+    if valid is not None and (
+        not isinstance(valid, torch.Tensor) or valid.dim() < 1 or valid.shape[0] != index.shape[0]
+    ):
         got = tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__
         raise ValueError(
-            f"csl_fast.watch: valid must be a [B = {index.shape[0]}] bool tensor, got {got}"
+            f"csl_fast.watch: valid must be a [B = {index.shape[0]}] bool tensor (or of the "
+            f"target's shape [B, ...], e.g. target != ignore_index), got {got}"
         )
+    if valid is not None and valid.dim() > 1:  # a sequence counts if any of its tokens does
+        valid = valid.reshape(valid.shape[0], -1).any(1)
     _check_tracker(tracker, "watch")
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")

@@ -521,7 +521,10 @@ class CSLTracker(TrackerStatistics):
         loss reduction: default ``None`` = ``reduction='mean'`` over ``B = x.shape[0]``
         rows (scale ``B``); ``1.0`` for ``'sum'``; ``(target != ignore_index).sum()`` (a
         tensor: no host sync) with ``valid=target != ignore_index`` for ``'mean'`` with
-        ignored rows. See :func:`csl_fast.input_grad.watch`.
+        ignored rows, the same for sequences (``target`` ``[B, T]``: the token count).
+        Gradient accumulation's ``1 / k`` and AMP's ``GradScaler`` scale reach the
+        gradient too: undo them here, ``B * k / scaler.get_scale()``. See
+        :func:`csl_fast.input_grad.watch`.
 
         .. warning:: BatchNorm in train mode (and any other layer that mixes samples)
            couples the rows of ``x.grad``: the recorded values are then not per-sample

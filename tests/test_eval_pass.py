@@ -140,3 +140,59 @@ def test_an_index_out_of_range_writes_nothing(backend):
         with pytest.raises(IndexError, match="outside"):
             csl_fast.score_epoch(model, [(x, y, index)], t)
     assert t.eval_passes == 0 and not t.eval_count.any()
+
+
+def test_a_frozen_submodule_stays_in_eval_mode():
+    """A backbone frozen with .eval() came back in train mode (model.train(True) sets every
+    submodule), so its BatchNorm updated its running statistics from the next step on."""
+    model = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8)), torch.nn.Linear(8, 3)
+    )
+    model.train()
+    model[0].eval()
+    modes = [m.training for m in model.modules()]
+    _, _, batches = _batches()
+    csl_fast.score_epoch(model, batches, CSLTracker(9, 3))
+    assert [m.training for m in model.modules()] == modes
+    running = model[0][1].running_mean.clone()
+    model(torch.randn(4, 5))
+    assert torch.equal(model[0][1].running_mean, running)
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_an_interrupted_pass_leaves_the_eval_buffers_as_they_were(history):
+    """A pass stopped part way kept its first batches, so running it again counted them
+    twice; the eval buffers are now as before the pass, and the retry counts each once."""
+    model = _model()
+    _, _, batches = _batches(n=9, b=3)
+    tracker = CSLTracker(9, 3, history=history)
+    csl_fast.score_epoch(model, batches, tracker)
+    before = {k: v.clone() for k, v in tracker.state_dict()["buffers"].items()}
+
+    def flaky():
+        yield from batches[:2]
+        raise RuntimeError("loader failed")
+
+    with pytest.raises(RuntimeError, match="loader failed"):
+        csl_fast.score_epoch(model, flaky(), tracker)
+    after = tracker.state_dict()["buffers"]
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert tracker.eval_passes == 1
+    csl_fast.score_epoch(model, batches, tracker)
+    assert tracker.eval_count.tolist() == [2.0] * 9
+
+
+@pytest.mark.parametrize("output", ["dict", "tuple"])
+def test_a_model_that_returns_no_tensor_is_told_to_pass_forward(output):
+    class Wrapped(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(5, 3)
+
+        def forward(self, x):
+            z = self.linear(x)
+            return {"logits": z} if output == "dict" else (z, None)
+
+    _, _, batches = _batches()
+    with pytest.raises(TypeError, match=f"returned a {output}.*pass forward="):
+        csl_fast.score_epoch(Wrapped(), batches, CSLTracker(9, 3))

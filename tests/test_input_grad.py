@@ -88,6 +88,50 @@ def test_watch_ignore_index_with_tensor_scale():
     assert t.input_grad_count.tolist() == [1, 0, 1, 1, 0, 1]
 
 
+def test_watch_sequences_with_the_documented_token_scale_and_mask():
+    """A sequence's own loss is the sum of its tokens' and 'mean' divides by the batch's
+    tokens: the default B was off by (B / tokens)^2, and the docstring's
+    valid=target != ignore_index ([B, T]) was refused."""
+    torch.manual_seed(0)
+    b, length, vocab, width = 4, 5, 11, 8
+    embed, head = torch.nn.Embedding(vocab, width), torch.nn.Linear(width, vocab)
+    tokens = torch.randint(0, vocab, (b, length))
+    target = torch.randint(0, vocab, (b, length))
+    target[0, 3:] = -100
+    target[2] = -100  # a sequence with no token to learn from: not recorded
+    h = embed(tokens).detach().double().requires_grad_(True)
+    head64 = torch.nn.Linear(width, vocab).double()
+    head64.load_state_dict(head.state_dict())
+    per_seq = F.cross_entropy(head64(h).transpose(1, 2), target, reduction="none").sum(1)
+    want = torch.stack(
+        [
+            torch.autograd.grad(per_seq[i], h, retain_graph=True)[0][i].square().sum()
+            for i in range(b)
+        ]
+    )
+    t = CSLTracker(b, vocab)
+    x = t.watch(embed(tokens), torch.arange(b), (target != -100).sum(), valid=target != -100)
+    csl_fast.accumulate(head(x).transpose(1, 2), target, torch.arange(b), t).backward()
+    recorded = target.ne(-100).any(1)
+    assert t.input_grad_count.tolist() == recorded.float().tolist()
+    got = t.input_grad_sq_sum.double()
+    torch.testing.assert_close(got[recorded], want[recorded], rtol=1e-4, atol=1e-9)
+
+
+def test_watch_under_a_grad_scaler_with_the_documented_scale():
+    """scaler.scale(loss).backward() multiplies x's gradient by the scale: the recorded norms
+    were scale^2 too large; the docstring's reduction_scale = B / scaler.get_scale()."""
+    model = _model()
+    x, y = torch.randn(6, 6), torch.randint(0, 4, (6,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    t = CSLTracker(6)
+    t.watch(x, torch.arange(6), reduction_scale=6 / scaler.get_scale())
+    scaler.scale(csl_fast.accumulate(model(x), y, torch.arange(6), t)).backward()
+    torch.testing.assert_close(
+        t.input_grad_sq_sum.double(), per_sample_sq(model, x, y), rtol=1e-4, atol=1e-9
+    )
+
+
 def test_watch_with_class_weights_records_each_samples_weighted_gradient():
     """F.cross_entropy's weighted mean divides by the batch's summed weight; with that as
     the scale, a sample records w_y^2 ||dl/dx||^2 whatever else is in its batch."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 from ..distributed import mark_synced
@@ -104,6 +105,11 @@ class CSLCallback(Callback):
                 "CSLCallback: save_path must be a str or os.PathLike, got "
                 f"{type(save_path).__name__}"
             )
+        if save_path is not None and os.path.isdir(save_path):
+            raise IsADirectoryError(
+                f"CSLCallback: save_path {os.fspath(save_path)!r} is a folder; name the tracker "
+                "file in it, e.g. save_path=os.path.join(folder, 'run.csl')"
+            )
         self.num_samples = num_samples
         self.num_classes = num_classes
         self._tracker = tracker
@@ -114,6 +120,7 @@ class CSLCallback(Callback):
         self._made_at = time.time()
         # Lightning epochs whose end_epoch ran (kept in checkpoints); None: not known yet.
         self._epochs_closed: int | None = None
+        self._scale_warned = False
 
     @property
     def tracker(self) -> CSLTracker | None:
@@ -155,6 +162,16 @@ class CSLCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._epochs_closed is None:  # not restored from a checkpoint
+            if trainer.ckpt_path is not None or trainer.current_epoch > 0:
+                warnings.warn(
+                    f"CSLCallback: the checkpoint {trainer.ckpt_path!r} holds no "
+                    f"{self.state_key} state: the tracker records only from epoch "
+                    f"{trainer.current_epoch} on (its CSL misses the steps before, and its epoch "
+                    f"count starts at 0 where Lightning's is {trainer.current_epoch}); resume "
+                    f"from a checkpoint saved with CSLCallback(attr={self.attr!r}) to keep them",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             self._epochs_closed = trainer.current_epoch
         self._close_missed_epochs(trainer)
 
@@ -172,12 +189,39 @@ class CSLCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        self._warn_input_grad_scale(trainer)
         self._tracker.end_epoch()  # combines the ranks under torch.distributed
         self._epochs_closed = trainer.current_epoch + 1
+
+    def _warn_input_grad_scale(self, trainer: Trainer) -> None:
+        # Lightning divides the loss by accumulate_grad_batches and, in 16-bit mixed
+        # precision, multiplies it by the GradScaler's scale before backward: watch's hook
+        # sees that gradient, and only the user's reduction_scale can undo it.
+        k = trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if self._scale_warned or (k == 1 and scaler is None):
+            return
+        if not bool(self._tracker.epoch_input_grad_count.any()):
+            return
+        self._scale_warned = True
+        scaled = [f"divides the loss by accumulate_grad_batches = {k}"] if k > 1 else []
+        if scaler is not None:
+            scaled.append("multiplies it by the GradScaler's scale")
+        warnings.warn(
+            f"CSLCallback: input-gradient norms were recorded (tracker.watch) while Lightning "
+            f"{' and '.join(scaled)} before backward, which reaches the watched gradient: pass "
+            f"reduction_scale=B * {k}"
+            + (" / self.trainer.precision_plugin.scaler.get_scale()" if scaler else "")
+            + " to watch (ignore this if it already does)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._tracker.sync()  # eval-pass state recorded after the last end_epoch
         if self.save_path is not None and trainer.is_global_zero:
+            # a missing folder failed only here, after training, losing a spawned run's tracker
+            os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
             self._tracker.save(self.save_path)
 
     # ---------------------------------------------------------------- checkpoints

@@ -142,6 +142,11 @@ _BAD_OPTIONS = {
     ),
     "bad attr": ({"num_samples": N, "attr": "csl tracker"}, ValueError, "attr must be a Python"),
     "bad save_path": ({"num_samples": N, "save_path": 3}, TypeError, "save_path must be a str"),
+    "save_path a folder": (
+        {"num_samples": N, "save_path": os.curdir},
+        IsADirectoryError,
+        "is a folder; name the tracker file in it",
+    ),
 }
 
 
@@ -183,3 +188,58 @@ def test_after_a_fit_in_other_processes_the_tracker_is_read_from_save_path(tmp_p
     assert cb.tracker is not None and cb.tracker.epoch == 1
     assert torch.equal(cb.tracker.csl_sum, written.csl_sum)
     assert CSLCallback(N, C).tracker is None  # no save_path: nothing to read
+
+
+def test_save_path_in_a_missing_folder_is_written(tmp_path):
+    """A missing folder failed only after training, and with a spawn launcher the tracker
+    was lost with the process."""
+    path = tmp_path / "runs" / "a" / "run.csl"
+    cb = CSLCallback(N, C, save_path=path)
+    _trainer(1, cb, tmp_path).fit(Tiny(), _loader())
+    assert CSLTracker.from_file(path).epoch == 1
+
+
+def test_resuming_from_a_checkpoint_without_the_callbacks_state_warns(tmp_path):
+    """The tracker started empty at epoch 0 while Lightning went on at epoch 2, silently."""
+    model = Tiny()
+    model.csl_tracker = CSLTracker(N, C)
+    trainer = _trainer(2, CSLCallback(tracker=CSLTracker(N, C), attr="other"), tmp_path)
+    trainer.fit(model, _loader())
+    trainer.save_checkpoint(tmp_path / "foreign.ckpt")
+    cb = CSLCallback(N, C)
+    with pytest.warns(RuntimeWarning, match=r"holds no CSLCallback\[csl_tracker\] state.*epoch 2"):
+        _trainer(3, cb, tmp_path).fit(Tiny(), _loader(), ckpt_path=tmp_path / "foreign.ckpt")
+    assert cb.tracker.epoch == 1
+
+
+class Watched(Tiny):
+    def training_step(self, batch, batch_idx):
+        x, y, index = batch
+        x = self.csl_tracker.watch(x, index)
+        return csl_fast.accumulate(self.net(x), y, index, self.csl_tracker)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_watch_under_gradient_accumulation_warns_once(tmp_path, accumulate):
+    """Lightning divides the loss by accumulate_grad_batches before backward: the watched
+    norms were accumulate^2 too small, silently."""
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[CSLCallback(N, C)],
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Watched(), _loader())
+    said = [str(w.message) for w in caught if "input-gradient norms" in str(w.message)]
+    if accumulate == 1:
+        assert said == []
+    else:
+        assert len(said) == 1 and "reduction_scale=B * 2" in said[0]
