@@ -8,9 +8,14 @@ leaving a truncated one that reads as a shorter plan.
 The content goes to a temporary file beside the target, which is fsynced and renamed over
 the target. Temporary files left by killed writes of the same target are removed by the
 next write once stale (their writer process is gone, or they are older than
-:data:`STALE_TEMP_SECONDS`). A symlink at the path is **followed**: the file it points to
-is replaced and the link is kept. The new file's mode follows the umask, as for any file
-the process creates.
+:data:`STALE_TEMP_SECONDS`); only names of this module's pattern, which holds the writer's
+host and pid, are removed: a user's file such as ``.run.csl.backup01.tmp`` is never touched
+(nor are the temporary files of csl_fast before tracker file version 2, named by
+``tempfile.mkstemp``: nothing tells them from such a user's file, and a stale one is
+harmless). A symlink at the path is **followed**: the file it points to is replaced and the
+link is kept. Anything else that is not a regular file (a device such as ``/dev/null``, a
+FIFO, a socket) is refused, not replaced. The new file's mode follows the umask, as for any
+file the process creates.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 import re
 import secrets
 import socket
+import stat
 import time
 import zlib
 from collections.abc import Callable
@@ -51,10 +57,10 @@ def _temp_stem(base: str) -> str:
 
 
 def _temp_pattern(base: str) -> re.Pattern[str]:
-    # ours: .STEM.<host crc32>-<pid>-<random>.tmp; before tracker file version 2,
-    # tempfile.mkstemp's .NAME.<8 of [a-z0-9_]>.tmp (no writer pid: removed on age alone).
+    # .STEM.<host crc32>-<pid>-<random>.tmp. Not tempfile.mkstemp's .NAME.<8 of [a-z0-9_]>.tmp
+    # of saves before tracker file version 2: a user's ".run.csl.backup01.tmp" matches it.
     return re.compile(
-        rf"\.{re.escape(_temp_stem(base))}\.(?:(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}|[a-z0-9_]{{8}})\.tmp"
+        rf"\.{re.escape(_temp_stem(base))}\.(?P<host>[0-9a-f]{{8}})-(?P<pid>\d+)-[0-9a-f]{{8}}\.tmp"
     )
 
 
@@ -93,7 +99,7 @@ def remove_stale_temps(target: str, now: float | None = None) -> list[str]:
             age = now - os.lstat(path).st_mtime
         except OSError:
             continue
-        dead = m["pid"] is not None and m["host"] == host and not _pid_alive(int(m["pid"]))
+        dead = m["host"] == host and not _pid_alive(int(m["pid"]))
         if dead or age > STALE_TEMP_SECONDS:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -126,7 +132,8 @@ def _error(exc: OSError, user_path: str, action: str) -> OSError:
 
 def target_of(user_path: str, action: str, example: str) -> str:
     """The file that writing to ``user_path`` replaces (a symlink followed), or an
-    :class:`IsADirectoryError` when the path names a folder. ``action`` words the error
+    :class:`IsADirectoryError` when the path names a folder, a :class:`FileExistsError`
+    when it names something else that is not a regular file. ``action`` words the error
     ("save the tracker"), ``example`` is a file name to suggest."""
     # realpath drops a trailing separator: "out/" would be written as a file named "out".
     if user_path.endswith((os.sep, os.altsep or os.sep)):
@@ -142,7 +149,35 @@ def target_of(user_path: str, action: str, example: str) -> str:
             errno.EISDIR, f"cannot {action} to {user_path!r}: it is a folder; give a file name",
             user_path,
         )  # fmt: skip
+    _refuse_special(user_path, target, action)
     return target
+
+
+_SPECIAL = (
+    (stat.S_ISCHR, "a character device (such as /dev/null)"),
+    (stat.S_ISBLK, "a block device (a disk)"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _refuse_special(user_path: str, target: str, action: str) -> None:
+    """A :class:`FileExistsError` when ``target`` exists and is not a regular file: the
+    rename would replace a device or FIFO with a regular file (as root, /dev/null)."""
+    try:
+        mode = os.stat(target).st_mode
+    except OSError:
+        return  # nothing there yet (or unreadable: the write reports that)
+    if stat.S_ISREG(mode):
+        return
+    what = next((text for test, text in _SPECIAL if test(mode)), "a special file")
+    shown = user_path if target == os.path.abspath(user_path) else f"{user_path} -> {target}"
+    raise FileExistsError(
+        errno.EEXIST,
+        f"cannot {action} to {shown!r}: it is {what}, not a regular file, and writing would "
+        "replace it with a file; give the path of a regular file or a new name",
+        user_path,
+    )
 
 
 def write(user_path: str, target: str, fill: Callable[[BinaryIO], None], action: str) -> None:

@@ -660,9 +660,11 @@ class CSLTracker(TrackerStatistics):
         bitwise the same buffers as an uninterrupted run. As ``nn.Module.state_dict``, the
         buffers are the tracker's live tensors, not copies: ``torch.save`` it (into a
         training checkpoint; ``torch.load``'s default ``weights_only=True`` reads it back)
-        or ``copy.deepcopy`` it to keep it while training goes on. The tracker object itself
-        is not a checkpoint entry (``weights_only`` loading refuses it): store its
-        ``state_dict()``, or write it with :meth:`save`.
+        or ``copy.deepcopy`` it to keep it while training goes on. While another thread
+        records into the tracker, a copy of the live tensors can catch a step half written
+        (load then refuses it): :meth:`save` holds the tracker's lock and is the consistent
+        copy there. The tracker object itself is not a checkpoint entry (``weights_only``
+        loading refuses it): store its ``state_dict()``, or write it with :meth:`save`.
         """
         return tracker_file.state_dict(self)
 
@@ -706,7 +708,8 @@ class CSLTracker(TrackerStatistics):
         Raises:
             OSError: the file cannot be written (full disk, missing folder, permission,
                 a folder at ``path`` or a ``path`` ending with a separator, such as
-                ``"out/"``); the message names ``path`` and says what to do.
+                ``"out/"``, or a device, FIFO or socket at ``path``, which would be replaced
+                by a file); the message names ``path`` and says what to do.
             TrackerStateError: the buffers hold a state :meth:`load` would refuse (such
                 as one fed by :meth:`record` alone); nothing is written.
         """

@@ -25,8 +25,10 @@ range and every tensor's dtype and shape against the metadata. Every failure is 
 :class:`TrackerFileError` that names the file.
 
 :meth:`CSLTracker.from_file` reads the payload straight into the new tracker's CPU buffers
-once the metadata has passed: the new tracker is returned only after every check, and it
-needs about the file's size in memory. :meth:`CSLTracker.load` into an existing tracker
+once the metadata has passed and the table holds every buffer the tracker has, of its shape
+and kind (so that the tracker allocated before the checksum is about the file's size, not
+what a small file's header claims): the new tracker is returned only after every check,
+and it needs about the file's size in memory. :meth:`CSLTracker.load` into an existing tracker
 reads the file whole into tensors of its own first, so the tracker changes only after
 every check; that takes the file's size beside the tracker for a moment
 (``benchmarks/results/load_scale.md``).
@@ -72,6 +74,7 @@ from .tracker_state import (  # re-exported: the format's names in one place
     TrackerStateError,
     UnverifiedTrackerFileWarning,
     _is_int,
+    _tracker_key,
     apply_state,
     checked_state,
     from_state,
@@ -230,7 +233,8 @@ def _read_v2(
                 isinstance(name, str)
                 and isinstance(shape, list)
                 and 1 <= len(shape) <= 2
-                and all(_is_int(s) and s >= 0 for s in shape)
+                # (torch takes no size past int64, even in a shape with a zero)
+                and all(_is_int(s) and 0 <= s < 2**63 for s in shape)
             ):
                 raise ValueError(f"bad tensor entry {name!r}")
             entries.append((name, _FILE_DTYPES[dtype], shape))
@@ -378,9 +382,7 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"format; {type(exc).__name__})"
         ) from None
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
-        raise TrackerFileError(
-            f"{path}: not a csl_fast tracker file (no {FORMAT_NAME!r} format tag)"
-        )
+        raise TrackerFileError(f"{path}: {_not_a_tracker_file(state)}")
     version = state.get("version")
     if _is_int(version) and version > FORMAT_VERSION:
         raise TrackerFileError(
@@ -399,6 +401,26 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             "only version 1 files are zip archives)"
         )
     return dict(state)
+
+
+def _not_a_tracker_file(archive: Any) -> str:
+    """What a ``torch.save`` archive without a tracker's format tag is, and the fix."""
+    untagged = f"not a csl_fast tracker file (no {FORMAT_NAME!r} format tag)"
+    if not isinstance(archive, Mapping):
+        return f"{untagged}: a torch.save archive of a {type(archive).__name__}"
+    key = _tracker_key(archive)
+    if key is None:
+        return (
+            f"{untagged}: a torch checkpoint (a dict, keys "
+            f"{[str(k)[:40] for k in list(archive)[:8]]}) without a tracker state; write "
+            "tracker files with tracker.save(path), or put tracker.state_dict() in the "
+            "checkpoint"
+        )
+    return (
+        f"{untagged}: a torch checkpoint whose entry {key!r} holds a tracker state; load it "
+        f"with ckpt = torch.load(path) and tracker.load_state_dict(ckpt[{key!r}]) (and "
+        "write tracker files with tracker.save(path))"
+    )
 
 
 def _warn_unverified(path: str | os.PathLike, state: Mapping[str, Any]) -> None:

@@ -1,6 +1,8 @@
 """The relations between a tracker state's buffers that every tracker keeps, checked on
 load (:func:`csl_fast.tracker_state.validate_state`): a hand-edited or damaged state whose
-buffers disagree is refused by field and sample instead of giving wrong scores.
+buffers disagree (or a :meth:`~csl_fast.CSLTracker.state_dict` saved while another thread
+recorded into its live tensors) is refused by field and sample instead of giving wrong
+scores.
 
 Only relations that hold by construction are checked, for every way a tracker is fed
 (:func:`csl_fast.accumulate` with class indices, soft targets, label smoothing, weights,
@@ -73,7 +75,14 @@ _ONE_PER_SAMPLE = frozenset(
     {*_COUNTED, *(n for names in _COUNTED.values() for n in names), "last_correct",
      "learned_epoch", "forgetting", "suggest_label", "suggest_votes", "suggest_hits"}
 )  # fmt: skip
-_DAMAGED = "no tracker holds that: the state was edited or damaged, restore it from a copy"
+# A torch.save of state_dict()'s live tensors while another thread records catches a step
+# half written; save() holds the tracker's lock.
+_DAMAGED = (
+    "no tracker holds that: the state was edited or damaged (restore it from a copy), or "
+    "taken with state_dict() while another thread was recording into the tracker (its "
+    "tensors are live: use tracker.save(), which holds the tracker's lock, for a consistent "
+    "copy)"
+)
 
 
 def _any(mask: torch.Tensor) -> bool:

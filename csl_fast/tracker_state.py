@@ -13,13 +13,14 @@ is a :class:`TrackerStateError` naming the field. Files:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .distributed import note_loaded
-from .tracker_buffers import _MINUS_ONE, buffer_shape
+from .tracker_buffers import _MINUS_ONE, buffer_kinds, buffer_shape
 from .tracker_invariants import check_invariants, sample_chunks
 
 if TYPE_CHECKING:
@@ -86,6 +87,50 @@ def _field(state: Mapping[str, Any], key: str, ok: Any, expected: str) -> Any:
     return v
 
 
+def _not_a_state(state: Any) -> TrackerStateError:
+    """The error for a ``state`` without the format tag, with what it is and the fix for
+    the usual mix-ups."""
+    if isinstance(state, (str, bytes, os.PathLike)):
+        return TrackerStateError(
+            f"got a path ({os.fsdecode(state)!r}), not a tracker state: load a file written by "
+            "tracker.save() with tracker.load(path) (csl_fast.load(path) for a new tracker), "
+            "a torch.save'd state_dict with tracker.load_state_dict(torch.load(path))"
+        )
+    from .tracker import CSLTracker  # (tracker imports this module)
+
+    if isinstance(state, CSLTracker):
+        return TrackerStateError(
+            f"got a {type(state).__name__} object, not a tracker state: pass its state, "
+            "tracker.load_state_dict(other.state_dict())"
+        )
+    if isinstance(state, Mapping):
+        key = _tracker_key(state)
+        if key is not None:
+            return TrackerStateError(
+                f"got a dict (a training checkpoint?) that holds a tracker state under the "
+                f"key {key!r}, not the state itself: pass ckpt[{key!r}]"
+            )
+        keys = [repr(k)[:40] for k in list(state)[:8]]
+        return TrackerStateError(
+            f"not a csl_fast tracker state (no format tag; a dict with keys "
+            f"[{', '.join(keys)}{', ...' if len(state) > 8 else ''}]): pass what "
+            "tracker.state_dict() returned"
+        )
+    return TrackerStateError(
+        f"not a csl_fast tracker state (got a {type(state).__name__}): pass what "
+        "tracker.state_dict() returned"
+    )
+
+
+def _tracker_key(holder: Mapping[Any, Any]) -> Any:
+    """The key of ``holder`` whose value is a tracker state (a training checkpoint's
+    ``"tracker"``), or None."""
+    return next(
+        (k for k, v in holder.items() if isinstance(v, Mapping) and v.get("format") == FORMAT_NAME),
+        None,
+    )
+
+
 def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
     """Each buffer's initial value, read from a one-sample tracker of the same kind (so
     this stays right whatever ``CSLTracker.__init__`` fills a buffer with)."""
@@ -95,6 +140,17 @@ def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
         1, dtype=tracker.dtype, history=tracker.history, num_labels=tracker.num_labels
     )
     return {n: fresh.buffers()[n].flatten()[0].item() for n in names}
+
+
+def _version(state: Mapping[str, Any]) -> int:
+    """The state's format version, refused when a newer csl_fast wrote it."""
+    version = _field(state, "version", lambda v: _is_int(v) and v >= 1, "an int >= 1")
+    if version > FORMAT_VERSION:
+        raise TrackerStateError(
+            f"the state was written in format version {version} by a newer csl_fast; this "
+            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
+        )
+    return version
 
 
 def _num_labels(state: Mapping[str, Any]) -> int | None:
@@ -157,6 +213,15 @@ def _check_at_most(name: str, values: torch.Tensor, limit: int, why: str) -> Non
         )
 
 
+def _of_kind(t: torch.Tensor, kind: str) -> bool:
+    """Whether ``t``'s dtype is of buffer kind ``kind`` ("float", "int" or "bool")."""
+    return {
+        "float": t.is_floating_point(),
+        "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+        "bool": t.dtype == torch.bool,
+    }[kind]
+
+
 def _dims(shape: tuple[int, ...]) -> str:
     return f"[N = {shape[0]}]" if len(shape) == 1 else f"[N = {shape[0]}, L = {shape[1]}]"
 
@@ -167,13 +232,8 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
 
     Raises :class:`TrackerStateError` naming the first problem found."""
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
-        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
-    version = _field(state, "version", lambda v: _is_int(v) and v >= 1, "an int >= 1")
-    if version > FORMAT_VERSION:
-        raise TrackerStateError(
-            f"the state was written in format version {version} by a newer csl_fast; this "
-            f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
-        )
+        raise _not_a_state(state)
+    version = _version(state)
     n = _field(state, "num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0")
     if n != tracker.num_samples:
         raise TrackerStateError(
@@ -186,7 +246,8 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     if c is not None and tracker.num_classes is not None and c != tracker.num_classes:
         raise TrackerStateError(
             f"the state is for num_classes={c} but this tracker has "
-            f"num_classes={tracker.num_classes}"
+            f"num_classes={tracker.num_classes}; create the tracker with the same num_classes "
+            "(or num_classes=None, which takes the state's)"
         )
     _field(state, "dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'")
     history = _field(state, "history", lambda v: isinstance(v, bool), "a bool")
@@ -235,12 +296,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         _data_tensor(f"state buffer {name!r}", src)
         if not isinstance(src, torch.Tensor) or tuple(src.shape) != shape:
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
-        ok = {
-            "float": src.is_floating_point(),
-            "int": not src.is_floating_point() and not src.is_complex() and src.dtype != torch.bool,
-            "bool": src.dtype == torch.bool,
-        }[kind]
-        if not ok:
+        if not _of_kind(src, kind):
             raise TrackerStateError(
                 f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
             )
@@ -350,7 +406,11 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
 
 
 def state_dict(tracker: CSLTracker) -> dict[str, Any]:
-    """:meth:`CSLTracker.state_dict` (live buffer tensors, stacked histories)."""
+    """:meth:`CSLTracker.state_dict`: the buffers are the tracker's live tensors (not
+    copies), the histories stacked. While another thread records into the tracker, a
+    ``torch.save`` of it can catch one step half written, which load then refuses (its
+    buffers disagree); :meth:`CSLTracker.save` holds the tracker's lock while it copies and
+    is the way to a consistent copy then."""
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
@@ -393,7 +453,8 @@ def new_tracker_for(
             "deterministic=, go to the CSLTracker constructor)"
         )
     if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
-        raise TrackerStateError("not a csl_fast tracker state (no format tag)")
+        raise _not_a_state(state)
+    version = _version(state)
     shape_fields = (
         ("num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
         ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
@@ -402,15 +463,27 @@ def new_tracker_for(
     )
     n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
     labels = _num_labels(state)
-    # The tracker allocates about as much as the state's buffers hold; a state that
-    # claims another N is refused before that allocation.
+    # The tracker allocates about as much as the state's buffers hold (a file's tensor
+    # table: the file's size) only when the state holds every buffer it will restore, of
+    # its shape and kind; a state that claims another N, or a large N with few buffers, is
+    # refused before that allocation.
     buffers = state.get("buffers")
-    if not isinstance(buffers, Mapping) or not buffers:
+    if not isinstance(buffers, Mapping):
         raise TrackerStateError("the state lacks its buffers")
-    for name, t in buffers.items():
-        shape = buffer_shape(name, n, labels) if labels is not None else (n,)
+    kinds = buffer_kinds(history, labels is not None)
+    table = VERSION_BUFFERS.get(version)
+    expected = [k for k in kinds if table is None or k in table]
+    missing = [k for k in expected if k not in buffers]
+    if missing:
+        raise TrackerStateError(f"the state lacks entries {missing}")
+    for name in expected:
+        t, shape = buffers[name], buffer_shape(name, n, labels)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
+        if not _of_kind(t, kinds[name]):
+            raise TrackerStateError(
+                f"state buffer {name!r} has dtype {t.dtype}, not a {kinds[name]} dtype"
+            )
     return cls(
         n,
         classes,

@@ -82,14 +82,15 @@ def _assert_same(a: tuple, b: tuple) -> None:
         assert torch.equal(x.view(torch.uint8), y.view(torch.uint8)), k  # bitwise, NaN too
 
 
-def _write_v2(path, state: dict) -> None:
+def _write_v2(path, state: dict, empty_entries: list | None = None) -> None:
     """The documented version 2 layout, written independently of csl_fast's writer (so
-    any field can hold anything)."""
+    any field can hold anything); ``empty_entries``: more table entries, of no bytes."""
     state = dict(state)
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]
     state["byteorder"] = sys.byteorder
     state["tensors"] = [[k, str(v.dtype)[6:], list(v.shape)] for k, v in tensors]
+    state["tensors"] += empty_entries or []
     header = json.dumps(state).encode()
     prefix = MAGIC + len(header).to_bytes(8, "little") + header
     payload = b"".join(v.contiguous().numpy().tobytes() for _, v in tensors)
@@ -497,6 +498,83 @@ def test_newer_version(tmp_path):
     _refused(tmp_path / "new.csl", _filled(seed=8), "newer csl_fast")
 
 
+_MADE: list[int] = []  # the num_samples of each _Counted constructed
+
+
+class _Counted(CSLTracker):
+    """Records the size of every tracker constructed (the allocation to bound)."""
+
+    def __init__(self, num_samples, *args, **kwargs):
+        _MADE.append(num_samples)
+        super().__init__(num_samples, *args, **kwargs)
+
+
+def _state_of(n: int) -> dict:
+    state = CSLTracker(n, 3).state_dict()
+    state["buffers"] = dict(state["buffers"])
+    return state
+
+
+_FEW_BUFFERS = {
+    # a small file claiming a large N: one buffer of the many a tracker allocates (2e6
+    # samples in a 1.9 MiB file grew the process by 170 MiB before the refusal)
+    "one buffer": lambda s: {"last_correct": s["buffers"]["last_correct"]},
+    "one buffer missing": lambda s: {k: v for k, v in s["buffers"].items() if k != "csl_sum"},
+    # a float64 buffer of the tracker stored in a byte per sample
+    "a float buffer stored as bool": lambda s: {
+        **s["buffers"],
+        "csl_sum": torch.zeros(len(s["buffers"]["csl_sum"]), dtype=torch.bool),
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(_FEW_BUFFERS))
+def test_a_file_lacking_buffers_is_refused_before_a_tracker_is_allocated(tmp_path, case):
+    n = 5000
+    state = _state_of(n)
+    state["buffers"] = _FEW_BUFFERS[case](state)
+    state["dtype"] = "float64"
+    _write_v2(tmp_path / "few.csl", state)
+    _MADE.clear()
+    with pytest.raises(TrackerFileError, match=r"few\.csl.*(lacks entries|not a float)"):
+        _Counted.from_file(tmp_path / "few.csl")
+    assert n not in _MADE  # refused before the allocation, not after it
+    _MADE.clear()
+    tracker_file.save(_filled(), tmp_path / "whole.csl")
+    _Counted.from_file(tmp_path / "whole.csl")
+    assert _MADE == [N]  # a whole file: one tracker, read into directly
+
+
+@pytest.mark.parametrize("dim", [2**63, 2**64, 2**70])
+def test_a_zero_size_entry_with_a_dimension_past_int64_is_refused(tmp_path, dim):
+    """A valid checksum and a table that accounts for every byte; the entry's size is 0,
+    but torch takes no dimension past int64: a TypeError escaped."""
+    path = tmp_path / "huge.csl"
+    t = _filled()
+    _write_v2(path, t.state_dict(), [["buffers/extra", "float32", [dim, 0]]])
+    _refused(path, t, "corrupted tracker file")
+    with pytest.raises(TrackerFileError, match=r"huge\.csl"):
+        csl_fast.load(path)
+    with pytest.raises(TrackerFileError, match=r"huge\.csl"):
+        csl_fast.merge([path])
+
+
+def test_a_torch_checkpoint_holding_a_tracker_state_names_its_key_and_the_fix(tmp_path):
+    t = _filled()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "csl": t.state_dict(), "step": 3}, path)
+    fix = r"torch checkpoint whose entry 'csl' holds a tracker.*load_state_dict\(ckpt\['csl'\]\)"
+    with pytest.raises(TrackerFileError, match=fix):
+        csl_fast.load(path)
+    _refused(path, CSLTracker(N, 3, history=True), "entry 'csl'")
+    restored = CSLTracker(N, 3, history=True)
+    restored.load_state_dict(torch.load(path)["csl"])  # the fix the message gives works
+    _assert_same(_snapshot(t), _snapshot(restored))
+    torch.save({"model": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(TrackerFileError, match=r"keys \['model'\]\) without a tracker state"):
+        csl_fast.load(path)
+
+
 # --------------------------------------------------------------------------- save
 def _temp_names(folder) -> list[str]:
     return sorted(p for p in os.listdir(folder) if p.endswith(".tmp"))
@@ -509,19 +587,39 @@ def test_save_removes_only_stale_temps_of_its_target(tmp_path):
     dead = f".run.csl.{host}-999999999-0123abcd.tmp"  # no such pid
     huge = f".run.csl.{host}-{2**80}-0123abcd.tmp"  # not even a pid
     live = f".run.csl.{host}-{os.getpid()}-0123abcd.tmp"  # a save in progress
-    old_mkstemp = ".run.csl.ab_cd123.tmp"  # version 1's names: removed on age alone
-    new_mkstemp = ".run.csl.zz_cd123.tmp"
     other_target = f".other.csl.{host}-999999999-0123abcd.tmp"
-    user_file = ".run.csl.notes.tmp"  # not our pattern
-    for name in (dead, huge, live, old_mkstemp, new_mkstemp, other_target, user_file):
+    # A user's files, however old. The first two also have the names of tempfile.mkstemp,
+    # which saves before file version 2 used: they were removed on age alone.
+    user_files = [".run.csl.backup01.tmp", ".run.csl.ab_cd123.tmp", ".run.csl.notes.tmp"]
+    for name in (dead, huge, live, other_target, *user_files):
         (tmp_path / name).write_bytes(b"x")
-    os.utime(tmp_path / old_mkstemp, (old, old))
-    os.utime(tmp_path / user_file, (old, old))
+    for name in user_files:
+        os.utime(tmp_path / name, (old, old))
     t.save(tmp_path / "run.csl")
-    assert _temp_names(tmp_path) == sorted([live, new_mkstemp, other_target, user_file])
+    assert _temp_names(tmp_path) == sorted([live, other_target, *user_files])
     os.utime(tmp_path / live, (old, old))  # stale whoever wrote it
     t.save(tmp_path / "run.csl")
-    assert _temp_names(tmp_path) == sorted([new_mkstemp, other_target, user_file])
+    assert _temp_names(tmp_path) == sorted([other_target, *user_files])
+    assert all((tmp_path / name).read_bytes() == b"x" for name in user_files)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_save_refuses_a_fifo_and_keeps_it(tmp_path):
+    """The temporary file was renamed over whatever was at the path: a FIFO or a device
+    (as root, /dev/null) became a regular file."""
+    import stat
+
+    t = _filled()
+    fifo = tmp_path / "pipe.csl"
+    os.mkfifo(fifo)
+    link = tmp_path / "run.csl"
+    link.symlink_to(fifo)  # a symlink is followed: to the FIFO, refused alike
+    for path in (fifo, link):
+        with pytest.raises(FileExistsError, match=r"is a FIFO.*not a regular file.*give") as info:
+            t.save(path)
+        assert str(path) in str(info.value)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    assert sorted(os.listdir(tmp_path)) == ["pipe.csl", "run.csl"]
 
 
 def test_save_to_a_long_legal_name(tmp_path):

@@ -203,3 +203,46 @@ def test_a_count_past_the_trackers_float_range_is_refused():
     }
     _refused(state, "'csl_count' holds 1e[+]39 at sample 0, not a finite .* torch.float32")
     CSLTracker(N, 3, dtype=torch.float64).load_state_dict(state)  # holds 1e39
+
+
+def test_load_state_dict_given_the_wrong_thing_says_what_it_got_and_the_fix(tmp_path):
+    state = _trained().state_dict()
+    path = tmp_path / "run.csl"
+    _trained().save(path)
+    mixups = {
+        "a training checkpoint": (
+            {"model": {}, "tracker": state, "epoch": 1},
+            r"holds a tracker state under the key 'tracker'.*pass ckpt\['tracker'\]",
+        ),
+        "a path": (str(path), r"got a path \('.*run\.csl'\).*tracker\.load\(path\)"),
+        "a PathLike": (path, r"got a path.*tracker\.load\(path\)"),
+        "a tracker": (_trained(), r"got a CSLTracker object.*other\.state_dict\(\)"),
+        "another dict": ({"weights": torch.zeros(2)}, r"keys \['weights'\].*tracker\.state_dict"),
+    }
+    for given, match in mixups.values():
+        _refused(given, match)
+    # from_state (csl_fast.merge of states) gives the same messages
+    with pytest.raises(TrackerStateError, match=r"pass ckpt\['tracker'\]"):
+        tracker_file.from_state(CSLTracker, {"tracker": state})
+
+
+def test_a_num_classes_mismatch_says_the_fix(tmp_path):
+    state = _trained().state_dict()
+    target = CSLTracker(N, 4)
+    fix = r"num_classes=3 but this tracker has num_classes=4; create the tracker with the same"
+    with pytest.raises(TrackerStateError, match=fix):
+        target.load_state_dict(state)
+    _trained().save(tmp_path / "run.csl")
+    with pytest.raises(TrackerFileError, match=fix):
+        target.load(tmp_path / "run.csl")
+    taker = CSLTracker(N)  # num_classes=None, as the message offers, takes the state's
+    taker.load_state_dict(state)
+    assert taker.num_classes == 3
+
+
+def test_state_dict_docs_say_its_tensors_are_live_and_save_is_consistent():
+    """A torch.save of state_dict() while another thread records can catch a step half
+    written (load then refuses it); save() holds the tracker's lock."""
+    doc = " ".join(tracker_file.state_dict.__doc__.split())
+    assert "live tensors" in doc and "another thread" in doc
+    assert "holds the tracker's lock" in doc
