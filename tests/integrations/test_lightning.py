@@ -46,10 +46,11 @@ def _loader() -> DataLoader:
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=7, shuffle=True)
 
 
-def _trainer(epochs: int, callback: CSLCallback, tmp_path) -> pl.Trainer:
+def _trainer(epochs: int, callback: CSLCallback, tmp_path, **options) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         callbacks=[callback],
+        **options,
         accelerator="cpu",
         devices=1,
         logger=False,
@@ -223,18 +224,7 @@ class Watched(Tiny):
 def test_watch_under_gradient_accumulation_warns_once(tmp_path, accumulate):
     """Lightning divides the loss by accumulate_grad_batches before backward: the watched
     norms were accumulate^2 too small, silently."""
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[CSLCallback(N, C)],
-        accumulate_grad_batches=accumulate,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(2, CSLCallback(N, C), tmp_path, accumulate_grad_batches=accumulate)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(Watched(), _loader())
