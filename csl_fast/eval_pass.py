@@ -9,6 +9,7 @@ import torch
 
 from ._args import integer_labels
 from .accumulate_checks import match_tracker_classes
+from .model_modes import eval_mode
 from .tracker import CSLTracker
 from .tracker_buffers import buffer_kinds
 
@@ -74,12 +75,10 @@ def score_epoch(
         batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
     from . import ops
 
-    modes = [(m, m.training) for m in model.modules()]
     before = {n: getattr(tracker, n).clone() for n in _eval_buffers(tracker)}
-    model.eval()
     done = False
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in batches:
                 x, y, index = unpack(batch)
                 x = _to(x, device)
@@ -115,9 +114,6 @@ def score_epoch(
                 tracker.record_eval(index, stats)
         done = True
     finally:
-        # model.train(flag) would set every submodule to the top module's mode
-        for m, training in modes:
-            m.training = training
         if not done:
             for n, buf in before.items():
                 getattr(tracker, n).copy_(buf)

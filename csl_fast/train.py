@@ -29,6 +29,7 @@ from torch import nn
 from ._args import integer
 from .accumulate import accumulate
 from .eval_pass import score_epoch
+from .model_modes import eval_mode
 from .tracker import CSLTracker
 
 __all__ = ["TrainResult", "mlp", "predict", "train"]
@@ -222,12 +223,8 @@ def train(
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """``[N, C]`` float32 logits of ``model`` in eval mode (training mode restored);
     ``[0, 0]`` for an empty ``x`` (no forward pass tells ``C``)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = [model(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)]
-    finally:
-        model.train(was_training)
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._args import integer
+from ..model_modes import eval_mode
 from ._checks import check_finite, check_xy
 
 __all__ = ["CurvatureAccumulator", "input_curvature"]
@@ -100,10 +101,8 @@ def input_curvature(
     y = check_xy("input_curvature", x, y)
     _check_float_inputs("input_curvature", x)
     gen = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    try:
+    with eval_mode(model):
         for s in range(0, x.shape[0], batch_size):
             xb, yb = x[s : s + batch_size], y[s : s + batch_size]
             g0 = _input_grad(model, xb, yb)
@@ -113,8 +112,6 @@ def input_curvature(
                 gv = _input_grad(model, xb + h * v, yb)
                 acc += (gv - g0).float().norm(dim=1)
             out[s : s + batch_size] = acc / n
-    finally:
-        model.train(was_training)
     return out
 
 

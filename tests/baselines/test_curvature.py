@@ -33,6 +33,15 @@ def test_matches_hessian_of_linear_model():
     assert model.training  # mode restored
 
 
+def test_a_frozen_submodule_stays_in_eval_mode():
+    """model.train(was_training) set a backbone frozen with .eval() back to training."""
+    model = nn.Sequential(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Linear(4, 2))
+    model[0].eval()
+    before = [m.training for m in model.modules()]
+    input_curvature(model, torch.randn(5, 3), torch.randint(0, 2, (5,)), n=2)
+    assert [m.training for m in model.modules()] == before
+
+
 def test_saturated_sample_is_flat_boundary_sample_is_curved():
     model = nn.Linear(1, 2, bias=False)
     with torch.no_grad():
