@@ -96,7 +96,9 @@ def accumulate_bce(
     flipped label keeps a negative margin), ``wrong`` the mean number of labels the model
     gets wrong, ``min_margin`` the worst label's mean margin. A sample whose plain loss is
     NaN or inf is not recorded at all (one bad step cannot poison its scores); duplicate
-    indices add up; nothing here is part of autograd.
+    indices add up; nothing here is part of autograd. The recorded losses pass through float32
+    statistics whatever the logits' dtype: float64 logits' are rounded to float32 (about
+    1e-7 relative, as ``record_loss`` rounds its losses), then added in the buffers' dtype.
 
     ``csl`` may be a :class:`csl_fast.CSLTracker`: then its ``csl_sum``, ``csl_count`` and
     ``last_loss`` (and, with ``history=True``, the epoch sums) are updated as

@@ -232,7 +232,10 @@ def detection_for(tracker: Any, score: str) -> Any:
     from .scores import scores
 
     if score == "label_csl":
-        return detect_losses.mislabeled_entries(tracker)
+        try:
+            return detect_losses.mislabeled_entries(tracker)
+        except ValueError as exc:  # a run without per-label CSL: a usage error, not a crash
+            raise CLIError(f"--score label_csl: {exc}") from None
     if not loss_only(tracker):
         return mislabeled(tracker, score)  # the tracker: every view of the rule
     return detect_losses.corrupted_targets(scores(tracker, [score]), score)

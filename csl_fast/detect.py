@@ -222,6 +222,9 @@ class Detection:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     warning: str | None = None
 
+    #: What is flagged and counted, in words (``"entries"`` for (sample, label) entries).
+    unit = "samples"
+
     @property
     def indices(self) -> torch.Tensor:
         """Flagged dataset indices, most suspicious first."""
@@ -882,11 +885,11 @@ def summary(det: Detection) -> str:
     one."""
     n = det.scores.numel()
     parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
-    estimate = count_phrase(det)
+    estimate = count_phrase(det, f"bad {det.unit}")
     if estimate is not None:
         parts.append(estimate)
     elif det.diagnostics.get("count") == "unknown":
-        parts.append("number of bad samples unknown")
+        parts.append(f"number of bad {det.unit} unknown")
     line = "; ".join(parts)
     if det.warning is not None:
         return f"{line}. {det.warning}"

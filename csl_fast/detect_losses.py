@@ -383,6 +383,8 @@ class EntryDetection(Detection):
     ``[M, 2]`` ``(sample, label)`` pairs.
     """
 
+    unit = "entries"
+
     @property
     def num_labels(self) -> int:
         return self.scores.shape[1]

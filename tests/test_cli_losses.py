@@ -148,6 +148,22 @@ def test_rank_label_csl_without_per_label_csl_is_a_usage_error(capsys, reg_run):
     assert code == EXIT_USAGE and "num_labels=L" in err and "accumulate_bce" in err
 
 
+def test_label_csl_of_a_tracker_with_labels_fed_by_record_loss(capsys, tmp_path):
+    """num_labels=L but no per-label CSL recorded: report and rank --score label_csl
+    crashed ("internal error") on mislabeled_entries' ValueError."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "labels.csl"
+    tracker = csl_fast.CSLTracker(N, num_labels=L)
+    csl_fast.record_loss(torch.rand(N), torch.arange(N), tracker)
+    tracker.save(path)
+    code, _, err = run(capsys, "rank", str(path), "--score", "label_csl")
+    assert code == EXIT_USAGE and "per-label CSL is 0" in err and "accumulate_bce" in err
+    code, _, err = run(capsys, "report", str(path), "--out", str(tmp_path / "r"), "--quiet")
+    assert code == EXIT_OK, err
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "entries by per-label CSL</h2><p class=cap>Not drawn: " in page
+
+
 def test_clean_drops_flagged_samples_of_a_loss_only_run(capsys, reg_run, tmp_path):
     path, _ = reg_run
     out_csv = tmp_path / "plan.csv"
@@ -171,8 +187,22 @@ def test_report_of_a_loss_only_run(capsys, ml_run, tmp_path):
     page = (out_dir / "report.html").read_text()
     assert "recorded losses only" in page and "tail rule" in page
     assert "Top 24 (sample, label) entries by per-label CSL" in page
+    # the entries' count read "bad samples"
+    section = page[page.index("entries by per-label CSL</h2>") :]
+    assert "bad entries" in section and "bad samples" not in section
     assert not (out_dir / "data_map.png").exists() and (out_dir / "flagging.png").exists()
     _no_ce_advice(page)
+
+
+def test_report_of_a_regression_run_speaks_of_targets(capsys, reg_run, tmp_path):
+    """A regression run's page read "? classes" and a caption of labels that contradict
+    similar samples."""
+    pytest.importorskip("matplotlib")
+    code, _, err = run(capsys, "report", reg_run[0], "--out", str(tmp_path / "r"), "--quiet")
+    assert code == EXIT_OK, err
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "? classes" not in page and "class count not given" in page
+    assert "whose target is wrong" in page and "contradicts similar samples" not in page
 
 
 def test_a_tracker_fed_by_accumulate_bce(capsys, tmp_path):
