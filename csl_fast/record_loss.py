@@ -69,6 +69,13 @@ def record_loss(
     :func:`csl_fast.detect_losses.corrupted_targets` models CSL on a log scale and, on a
     CSL with negative values, warns that its count is unreliable: pass a non-negative loss.
 
+    One tracker takes one recorder. Into a tracker that :func:`csl_fast.accumulate` also
+    feeds, each call adds presentations without softmax statistics: the count that divides
+    the margin and confidence sums grows, so those scores of samples fed by both are
+    diluted, and samples fed by ``record_loss`` alone have none (:func:`csl_fast.scores`
+    gives them NaN, with a warning). Record an auxiliary loss into a tracker or tensor of
+    its own, or the whole per-sample objective here alone.
+
     With a :class:`csl_fast.CSLTracker`, these buffers are updated:
 
     - ``csl_sum``, ``csl_count`` (as above), so :attr:`~csl_fast.CSLTracker.csl` and

@@ -262,14 +262,52 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
     logits = has_logit_stats(tracker)
     nan = torch.full((tracker.num_samples,), math.nan, dtype=tracker.dtype, device=tracker.device)
 
-    def undefined(name: str) -> bool:  # eval passes give in_confidence its own softmax
+    def softmax_based(name: str) -> bool:  # eval passes give in_confidence its own softmax
         eval_conf = name == "in_confidence" and tracker.eval_passes > 0
-        return SCORES[name].needs == "logits" and not logits and not eval_conf
+        return SCORES[name].needs == "logits" and not eval_conf
 
     if "threshold_learning_time" in chosen:
         warn_no_epoch_closed(tracker, "csl_fast.scores: threshold_learning_time is 0 or 1")
     with torch.no_grad():
-        return {name: nan if undefined(name) else _compute(tracker, name) for name in chosen}
+        with_logits = None
+        if logits and any(softmax_based(n) for n in chosen):
+            with_logits = _samples_with_logits(tracker)
+        out = {}
+        for name in chosen:
+            if softmax_based(name) and not logits:
+                out[name] = nan
+            elif softmax_based(name) and with_logits is not None:
+                out[name] = torch.where(with_logits, _compute(tracker, name), nan)
+            else:
+                out[name] = _compute(tracker, name)
+        return out
+
+
+def _samples_with_logits(tracker: CSLTracker) -> torch.Tensor | None:
+    """The presented samples that have softmax statistics, or None when all of them do.
+
+    A sample recorded only by :func:`csl_fast.record_loss` or :func:`csl_fast.accumulate_bce`
+    in a tracker that :func:`csl_fast.accumulate` also fed has none: its max probability
+    was never written (a cross-entropy presentation leaves at least ``1 / C``), and its
+    margin and confidence sums are 0 over a count of presentations, which read as the most
+    suspicious confidence and a forgotten label. Their softmax scores are NaN instead, with
+    a warning; samples fed by both are not told apart (their extra presentations dilute
+    the sums), which is why one tracker should take one recorder."""
+    presented = tracker.csl_count > 0
+    with_logits = tracker.last_max_prob > 0
+    without = int((presented & ~with_logits).sum())
+    if without == 0:
+        return None
+    warnings.warn(
+        f"csl_fast.scores: {without} of {int(presented.sum())} samples were recorded without "
+        "softmax statistics (csl_fast.record_loss or accumulate_bce into a tracker that "
+        "csl_fast.accumulate also fed): their margin, confidence and forgetting scores are "
+        "NaN, and samples fed by both have those sums diluted by the extra presentations; "
+        "record other losses into a tracker (or tensor) of their own",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return with_logits | ~presented
 
 
 def warn_no_epoch_closed(tracker: CSLTracker, what: str) -> None:

@@ -294,3 +294,17 @@ def test_training_scores_match_a_plain_pytorch_replay(classes, label_dtype):
     got = csl_fast.scores(t, names)
     for name in names:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_samples_recorded_without_logits_in_a_logits_tracker_get_nan_softmax_scores():
+    """record_loss into a tracker that accumulate also fed: its samples read confidence 1
+    (the most suspicious) and a forgotten label from sums of 0 over their count."""
+    tracker = csl_fast.CSLTracker(8, 3)
+    logits = torch.tensor([[4.0, 0.0, 0.0]]).repeat(4, 1)
+    csl_fast.accumulate(logits, torch.zeros(4, dtype=torch.long), torch.arange(4), tracker)
+    csl_fast.record_loss(torch.full((4,), 0.5), torch.arange(4, 8), tracker)
+    with pytest.warns(RuntimeWarning, match="4 of 8 samples were recorded without softmax"):
+        got = csl_fast.scores(tracker)
+    for name in ("aum", "confidence", "forgetting", "in_confidence"):
+        assert got[name][4:].isnan().all() and got[name][:4].isfinite().all(), name
+    assert got["csl"].isfinite().all()
