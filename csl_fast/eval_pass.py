@@ -39,8 +39,8 @@ def score_epoch(
     Ends with :meth:`CSLTracker.end_eval_pass`. Every submodule's training mode is restored
     as it was (a backbone frozen with ``.eval()`` stays in eval mode), even when an exception
     interrupts the pass; the eval-pass buffers are then restored too, so that running the
-    pass again counts each sample once. For that the pass holds a copy of those buffers
-    (17 bytes per sample in float32, 33 in float64, 8 or 16 more with ``history``).
+    pass again counts each sample once. For that the pass holds a CPU copy of those
+    buffers (17 bytes per sample in float32, 33 in float64, 8 or 16 more with ``history``).
 
     Using a loader without augmentation (and any order) is the caller's business: pass a
     loader over ``csl_fast.data.IndexedDataset`` of the training set with eval transforms.
@@ -75,8 +75,8 @@ def score_epoch(
         batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
     from . import ops
 
-    before = {n: getattr(tracker, n).clone() for n in _eval_buffers(tracker)}
-    done = False
+    # On the CPU: a GPU tracker's pass keeps no second copy of its buffers on the device.
+    before = {n: getattr(tracker, n).to("cpu", copy=True) for n in _eval_buffers(tracker)}
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
@@ -112,11 +112,16 @@ def score_epoch(
                 )
                 index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
                 tracker.record_eval(index, stats)
-        done = True
-    finally:
-        if not done:
+    except BaseException as exc:
+        try:
             for n, buf in before.items():
                 getattr(tracker, n).copy_(buf)
+        except Exception as failed:  # (a broken device) the pass's own error comes first
+            exc.add_note(
+                f"csl_fast.score_epoch: the eval buffers could not be restored ({failed!r}): "
+                "they hold part of this pass"
+            )
+        raise
     tracker.end_eval_pass()
 
 

@@ -149,7 +149,8 @@ def watch(
     ``GradScaler`` (``scaler.scale(loss).backward()``) need
     ``reduction_scale=B * k / scaler.get_scale()`` (``get_scale`` reads the scale to the
     host: one synchronisation per step; the scale changes only in ``scaler.update()``).
-    Left out, the recorded norms are ``(scale / k)**2`` times the true ones.
+    Left out, the recorded squared norms are ``(scale / k)**2`` times the true ones (the
+    norms ``scale / k`` times).
 
     The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
     with ``retain_graph=True``, and in ``torch.autograd.grad`` calls through ``x`` too); it
@@ -192,13 +193,15 @@ def watch(
             f"target's shape [B, ...], e.g. target != ignore_index), got {got}"
         )
     if valid is not None and valid.dim() > 1:  # a sequence counts if any of its tokens does
-        valid = valid.reshape(valid.shape[0], -1).any(1)
+        valid = valid.flatten(1).any(1)
     _check_tracker(tracker, "watch")
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:
         x.requires_grad_(True)
     scale = float(x.shape[0]) if reduction_scale is None else reduction_scale
+    if reduction_scale is None and not getattr(tracker, "_watched_at_default_scale", False):
+        tracker._watched_at_default_scale = True  # (CSLTracker: read by CSLCallback)
     index = index.to(tracker.device, non_blocking=True)
 
     def hook(grad: torch.Tensor) -> None:

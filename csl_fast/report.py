@@ -593,7 +593,7 @@ def _html(
     ranking,
     s,
     score,
-    top,
+    shown,
     figures,
     notes,
     cleaning="",
@@ -660,9 +660,8 @@ def _html(
             f"<p class=cap>{e(caption)} (<code>{e(fname)}</code>)</p>"
         )
     parts.append(cleaning)  # flagged set, its composition, suggested labels
-    shown = min(top, int(np.isfinite(s).sum()))
     if shown == 0:  # top = 0 wrote an empty "Top 0" table
-        why = "top = 0" if top == 0 else f"no sample has a finite {score}"
+        why = "top = 0" if np.isfinite(s).any() else f"no sample has a finite {score}"
         parts.append(f"<h2>Top samples by {e(score)}</h2><p class=cap>None listed: {e(why)}.</p>")
         return "".join([*parts, _END])
     parts.append(
@@ -678,9 +677,7 @@ def _html(
     if samples is not None and samples.has_truth:
         parts.append("<th class=l>ground truth</th>")
     parts.append("</tr>")
-    for r, i in enumerate(ranking[:top]):
-        if not np.isfinite(s[i]):
-            break
+    for r, i in enumerate(ranking[:shown]):
         parts.append(f"<tr><td>{r + 1}</td><td>{int(i)}</td><td>{s[i]:.4g}</td>")
         if has_lab:
             parts.append(f"<td>{e(samples.class_name(int(samples.labels[i])))}</td>")

@@ -174,6 +174,9 @@ class CSLTracker(TrackerStatistics):
 
     #: (the class's value: a tracker pickled before the flag existed reads as rows)
     sequences: bool = False
+    # Set by watch() without a reduction_scale: the default B then undoes nothing of a loss
+    # that Lightning divides by accumulate_grad_batches or a GradScaler multiplies.
+    _watched_at_default_scale: bool = False
 
     def __init__(
         self,
@@ -662,9 +665,10 @@ class CSLTracker(TrackerStatistics):
         training checkpoint; ``torch.load``'s default ``weights_only=True`` reads it back)
         or ``copy.deepcopy`` it to keep it while training goes on. While another thread
         records into the tracker, a copy of the live tensors can catch a step half written
-        (load then refuses it): :meth:`save` holds the tracker's lock and is the consistent
-        copy there. The tracker object itself is not a checkpoint entry (``weights_only``
-        loading refuses it): store its ``state_dict()``, or write it with :meth:`save`.
+        (it then loads with that step partly counted, or is refused where buffers
+        disagree): :meth:`save` holds the tracker's lock and is the consistent copy there.
+        The tracker object itself is not a checkpoint entry (``weights_only`` loading
+        refuses it): store its ``state_dict()``, or write it with :meth:`save`.
         """
         return tracker_file.state_dict(self)
 

@@ -74,13 +74,14 @@ from .tracker_state import (  # re-exported: the format's names in one place
     TrackerStateError,
     UnverifiedTrackerFileWarning,
     _is_int,
-    _tracker_key,
     apply_state,
     checked_state,
     from_state,
+    keys_text,
     load_state_dict,
     new_tracker_for,
     state_dict,
+    tracker_path,
     validate_state,
 )
 
@@ -408,18 +409,18 @@ def _not_a_tracker_file(archive: Any) -> str:
     untagged = f"not a csl_fast tracker file (no {FORMAT_NAME!r} format tag)"
     if not isinstance(archive, Mapping):
         return f"{untagged}: a torch.save archive of a {type(archive).__name__}"
-    key = _tracker_key(archive)
-    if key is None:
+    path = tracker_path(archive)
+    if path is None:
         return (
-            f"{untagged}: a torch checkpoint (a dict, keys "
-            f"{[str(k)[:40] for k in list(archive)[:8]]}) without a tracker state; write "
-            "tracker files with tracker.save(path), or put tracker.state_dict() in the "
-            "checkpoint"
+            f"{untagged}: a torch checkpoint (a dict, keys {keys_text(archive)}) without a "
+            "tracker state; write tracker files with tracker.save(path), or put "
+            "tracker.state_dict() in the checkpoint"
         )
     return (
-        f"{untagged}: a torch checkpoint whose entry {key!r} holds a tracker state; load it "
-        f"with ckpt = torch.load(path) and tracker.load_state_dict(ckpt[{key!r}]) (and "
-        "write tracker files with tracker.save(path))"
+        f"{untagged}: a torch checkpoint that holds a tracker state at ckpt{path}; load it "
+        f"with ckpt = torch.load(path) and "
+        f"tracker.load_state_dict(ckpt{path}) (and write tracker files with "
+        "tracker.save(path))"
     )
 
 

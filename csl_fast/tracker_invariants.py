@@ -1,8 +1,8 @@
 """The relations between a tracker state's buffers that every tracker keeps, checked on
 load (:func:`csl_fast.tracker_state.validate_state`): a hand-edited or damaged state whose
 buffers disagree (or a :meth:`~csl_fast.CSLTracker.state_dict` saved while another thread
-recorded into its live tensors) is refused by field and sample instead of giving wrong
-scores.
+recorded into its live tensors, where the step it caught half written breaks one) is
+refused by field and sample instead of giving wrong scores.
 
 Only relations that hold by construction are checked, for every way a tracker is fed
 (:func:`csl_fast.accumulate` with class indices, soft targets, label smoothing, weights,

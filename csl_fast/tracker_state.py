@@ -90,9 +90,9 @@ def _field(state: Mapping[str, Any], key: str, ok: Any, expected: str) -> Any:
 def _not_a_state(state: Any) -> TrackerStateError:
     """The error for a ``state`` without the format tag, with what it is and the fix for
     the usual mix-ups."""
-    if isinstance(state, (str, bytes, os.PathLike)):
+    if isinstance(state, (str, os.PathLike)):
         return TrackerStateError(
-            f"got a path ({os.fsdecode(state)!r}), not a tracker state: load a file written by "
+            f"got a path ({os.fspath(state)!r}), not a tracker state: load a file written by "
             "tracker.save() with tracker.load(path) (csl_fast.load(path) for a new tracker), "
             "a torch.save'd state_dict with tracker.load_state_dict(torch.load(path))"
         )
@@ -104,17 +104,15 @@ def _not_a_state(state: Any) -> TrackerStateError:
             "tracker.load_state_dict(other.state_dict())"
         )
     if isinstance(state, Mapping):
-        key = _tracker_key(state)
-        if key is not None:
+        path = tracker_path(state)
+        if path is not None:
             return TrackerStateError(
-                f"got a dict (a training checkpoint?) that holds a tracker state under the "
-                f"key {key!r}, not the state itself: pass ckpt[{key!r}]"
+                f"got a dict (a training checkpoint?) that holds a tracker state at "
+                f"ckpt{path}, not the state itself: pass ckpt{path}"
             )
-        keys = [repr(k)[:40] for k in list(state)[:8]]
         return TrackerStateError(
             f"not a csl_fast tracker state (no format tag; a dict with keys "
-            f"[{', '.join(keys)}{', ...' if len(state) > 8 else ''}]): pass what "
-            "tracker.state_dict() returned"
+            f"{keys_text(state)}): pass what tracker.state_dict() returned"
         )
     return TrackerStateError(
         f"not a csl_fast tracker state (got a {type(state).__name__}): pass what "
@@ -122,13 +120,29 @@ def _not_a_state(state: Any) -> TrackerStateError:
     )
 
 
-def _tracker_key(holder: Mapping[Any, Any]) -> Any:
-    """The key of ``holder`` whose value is a tracker state (a training checkpoint's
-    ``"tracker"``), or None."""
-    return next(
-        (k for k, v in holder.items() if isinstance(v, Mapping) and v.get("format") == FORMAT_NAME),
-        None,
-    )
+def tracker_path(holder: Mapping[Any, Any]) -> str | None:
+    """Where in ``holder`` a tracker state is, as the subscripts to reach it:
+    ``"['tracker']"`` in a training checkpoint, ``"['callbacks']['CSLCallback[csl_tracker]']"``
+    in a Lightning one (one level down); None when there is none."""
+    for key, value in holder.items():
+        if _is_state(value):
+            return f"[{key!r}]"
+    for key, value in holder.items():
+        if isinstance(value, Mapping):
+            for inner, v in value.items():
+                if _is_state(v):
+                    return f"[{key!r}][{inner!r}]"
+    return None
+
+
+def _is_state(value: Any) -> bool:
+    return isinstance(value, Mapping) and value.get("format") == FORMAT_NAME
+
+
+def keys_text(holder: Mapping[Any, Any]) -> str:
+    """The first keys of a dict for a message: ``['a', 'b', ...]``."""
+    keys = [repr(k)[:40] for k in list(holder)[:8]]
+    return f"[{', '.join(keys)}{', ...' if len(holder) > 8 else ''}]"
 
 
 def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
@@ -408,9 +422,9 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
 def state_dict(tracker: CSLTracker) -> dict[str, Any]:
     """:meth:`CSLTracker.state_dict`: the buffers are the tracker's live tensors (not
     copies), the histories stacked. While another thread records into the tracker, a
-    ``torch.save`` of it can catch one step half written, which load then refuses (its
-    buffers disagree); :meth:`CSLTracker.save` holds the tracker's lock while it copies and
-    is the way to a consistent copy then."""
+    ``torch.save`` of it can catch one step half written, which then loads with the step
+    partly counted, or is refused where its buffers disagree; :meth:`CSLTracker.save` holds
+    the tracker's lock while it copies and is the way to a consistent copy then."""
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,

@@ -118,6 +118,14 @@ def test_watch_sequences_with_the_documented_token_scale_and_mask():
     torch.testing.assert_close(got[recorded], want[recorded], rtol=1e-4, atol=1e-9)
 
 
+def test_watch_takes_an_empty_batch_with_a_token_mask():
+    """valid.reshape(0, -1) raised on a [0, T] mask."""
+    t = CSLTracker(4, 3)
+    x = t.watch(torch.randn(0, 5), torch.arange(0), valid=torch.ones(0, 5, dtype=torch.bool))
+    x.sum().backward()
+    assert t.input_grad_count.sum() == 0
+
+
 def test_watch_under_a_grad_scaler_with_the_documented_scale():
     """scaler.scale(loss).backward() multiplies x's gradient by the scale: the recorded norms
     were scale^2 too large; the docstring's reduction_scale = B / scaler.get_scale()."""

@@ -563,13 +563,18 @@ def test_a_torch_checkpoint_holding_a_tracker_state_names_its_key_and_the_fix(tm
     t = _filled()
     path = tmp_path / "ckpt.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "csl": t.state_dict(), "step": 3}, path)
-    fix = r"torch checkpoint whose entry 'csl' holds a tracker.*load_state_dict\(ckpt\['csl'\]\)"
+    fix = r"holds a tracker state at ckpt\['csl'\].*load_state_dict\(ckpt\['csl'\]\)"
     with pytest.raises(TrackerFileError, match=fix):
         csl_fast.load(path)
-    _refused(path, CSLTracker(N, 3, history=True), "entry 'csl'")
+    _refused(path, CSLTracker(N, 3, history=True), "at ckpt['csl']")
     restored = CSLTracker(N, 3, history=True)
     restored.load_state_dict(torch.load(path)["csl"])  # the fix the message gives works
     _assert_same(_snapshot(t), _snapshot(restored))
+    # a Lightning checkpoint keeps CSLCallback's state a level down
+    torch.save({"callbacks": {"CSLCallback[csl_tracker]": t.state_dict()}}, path)
+    lightning = r"load_state_dict\(ckpt\['callbacks'\]\['CSLCallback\[csl_tracker\]'\]\)"
+    with pytest.raises(TrackerFileError, match=lightning):
+        csl_fast.load(path)
     torch.save({"model": {"w": torch.zeros(2)}}, path)
     with pytest.raises(TrackerFileError, match=r"keys \['model'\]\) without a tracker state"):
         csl_fast.load(path)

@@ -212,7 +212,7 @@ def test_load_state_dict_given_the_wrong_thing_says_what_it_got_and_the_fix(tmp_
     mixups = {
         "a training checkpoint": (
             {"model": {}, "tracker": state, "epoch": 1},
-            r"holds a tracker state under the key 'tracker'.*pass ckpt\['tracker'\]",
+            r"holds a tracker state at ckpt\['tracker'\].*pass ckpt\['tracker'\]",
         ),
         "a path": (str(path), r"got a path \('.*run\.csl'\).*tracker\.load\(path\)"),
         "a PathLike": (path, r"got a path.*tracker\.load\(path\)"),
@@ -238,11 +238,3 @@ def test_a_num_classes_mismatch_says_the_fix(tmp_path):
     taker = CSLTracker(N)  # num_classes=None, as the message offers, takes the state's
     taker.load_state_dict(state)
     assert taker.num_classes == 3
-
-
-def test_state_dict_docs_say_its_tensors_are_live_and_save_is_consistent():
-    """A torch.save of state_dict() while another thread records can catch a step half
-    written (load then refuses it); save() holds the tracker's lock."""
-    doc = " ".join(tracker_file.state_dict.__doc__.split())
-    assert "live tensors" in doc and "another thread" in doc
-    assert "holds the tracker's lock" in doc

@@ -35,6 +35,7 @@ import time
 import warnings
 from typing import Any
 
+from ..atomic_file import target_of
 from ..distributed import mark_synced
 from ..tracker import CSLTracker
 from ._options import check_tracker_options
@@ -105,11 +106,8 @@ class CSLCallback(Callback):
                 "CSLCallback: save_path must be a str or os.PathLike, got "
                 f"{type(save_path).__name__}"
             )
-        if save_path is not None and os.path.isdir(save_path):
-            raise IsADirectoryError(
-                f"CSLCallback: save_path {os.fspath(save_path)!r} is a folder; name the tracker "
-                "file in it, e.g. save_path=os.path.join(folder, 'run.csl')"
-            )
+        if save_path is not None:  # a folder, "runs/" or a FIFO failed only after training
+            target_of(os.fspath(save_path), "save the tracker", "run.csl")
         self.num_samples = num_samples
         self.num_classes = num_classes
         self._tracker = tracker
@@ -121,6 +119,7 @@ class CSLCallback(Callback):
         # Lightning epochs whose end_epoch ran (kept in checkpoints); None: not known yet.
         self._epochs_closed: int | None = None
         self._scale_warned = False
+        self._restored = False  # a checkpoint gave the tracker its state
 
     @property
     def tracker(self) -> CSLTracker | None:
@@ -161,17 +160,19 @@ class CSLCallback(Callback):
         self._apply_pending()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._epochs_closed is None:  # not restored from a checkpoint
-            if trainer.ckpt_path is not None or trainer.current_epoch > 0:
-                warnings.warn(
-                    f"CSLCallback: the checkpoint {trainer.ckpt_path!r} holds no "
-                    f"{self.state_key} state: the tracker records only from epoch "
-                    f"{trainer.current_epoch} on (its CSL misses the steps before, and its epoch "
-                    f"count starts at 0 where Lightning's is {trainer.current_epoch}); resume "
-                    f"from a checkpoint saved with CSLCallback(attr={self.attr!r}) to keep them",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+        resumed = trainer.ckpt_path is not None
+        if resumed and not self._restored and self._tracker.epoch != trainer.current_epoch:
+            warnings.warn(
+                f"CSLCallback: the checkpoint {trainer.ckpt_path!r} holds no "
+                f"{self.state_key} state: the tracker records only from epoch "
+                f"{trainer.current_epoch} on (its CSL misses the steps before, and its epoch "
+                f"count is {self._tracker.epoch} where Lightning's is {trainer.current_epoch}); "
+                f"resume from a checkpoint saved with CSLCallback(attr={self.attr!r}) to keep "
+                "them",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        if self._epochs_closed is None:  # no checkpoint, or one from before the entry
             self._epochs_closed = trainer.current_epoch
         self._close_missed_epochs(trainer)
 
@@ -201,18 +202,18 @@ class CSLCallback(Callback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if self._scale_warned or (k == 1 and scaler is None):
             return
-        if not bool(self._tracker.epoch_input_grad_count.any()):
+        if not self._tracker._watched_at_default_scale:  # a reduction_scale of the user's
             return
         self._scale_warned = True
         scaled = [f"divides the loss by accumulate_grad_batches = {k}"] if k > 1 else []
         if scaler is not None:
             scaled.append("multiplies it by the GradScaler's scale")
         warnings.warn(
-            f"CSLCallback: input-gradient norms were recorded (tracker.watch) while Lightning "
-            f"{' and '.join(scaled)} before backward, which reaches the watched gradient: pass "
-            f"reduction_scale=B * {k}"
+            f"CSLCallback: input-gradient norms were recorded (tracker.watch) at its default "
+            f"scale B while Lightning {' and '.join(scaled)} before backward, which reaches "
+            f"the watched gradient: pass reduction_scale=B * {k}"
             + (" / self.trainer.precision_plugin.scaler.get_scale()" if scaler else "")
-            + " to watch (ignore this if it already does)",
+            + " to watch",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -242,6 +243,7 @@ class CSLCallback(Callback):
             return
         self._pending = dict(state_dict)
         self._epochs_closed = self._pending.pop(_EPOCHS_CLOSED, None)
+        self._restored = True
         self._apply_pending()
 
     def _apply_pending(self) -> None:

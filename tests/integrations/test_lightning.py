@@ -146,7 +146,12 @@ _BAD_OPTIONS = {
     "save_path a folder": (
         {"num_samples": N, "save_path": os.curdir},
         IsADirectoryError,
-        "is a folder; name the tracker file in it",
+        "it is a folder; give a file name",
+    ),
+    "save_path ending with a separator": (
+        {"num_samples": N, "save_path": os.path.join("runs", "")},
+        IsADirectoryError,
+        "it ends with a separator",
     ),
 }
 
@@ -213,23 +218,46 @@ def test_resuming_from_a_checkpoint_without_the_callbacks_state_warns(tmp_path):
     assert cb.tracker.epoch == 1
 
 
+def test_a_checkpoint_from_before_the_epochs_entry_resumes_without_a_warning(tmp_path):
+    """A checkpoint written before the callback kept lightning_epochs_closed holds the
+    tracker's state: resuming from it said the state was missing."""
+    trainer = _trainer(2, CSLCallback(N, C), tmp_path)
+    trainer.fit(Tiny(), _loader())
+    trainer.save_checkpoint(tmp_path / "old.ckpt")
+    ckpt = torch.load(tmp_path / "old.ckpt", weights_only=False)
+    del ckpt["callbacks"]["CSLCallback[csl_tracker]"]["lightning_epochs_closed"]
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    cb = CSLCallback(N, C)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(3, cb, tmp_path).fit(Tiny(), _loader(), ckpt_path=tmp_path / "old.ckpt")
+    assert not [w for w in caught if "holds no CSLCallback" in str(w.message)]
+    assert cb.tracker.epoch == 3 and torch.equal(cb.tracker.csl_count, torch.full((N,), 3.0))
+
+
 class Watched(Tiny):
+    scale = None  # watch's default, B
+
     def training_step(self, batch, batch_idx):
         x, y, index = batch
-        x = self.csl_tracker.watch(x, index)
+        scale = None if self.scale is None else self.scale * len(index)
+        x = self.csl_tracker.watch(x, index, scale)
         return csl_fast.accumulate(self.net(x), y, index, self.csl_tracker)
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_watch_under_gradient_accumulation_warns_once(tmp_path, accumulate):
+@pytest.mark.parametrize(("accumulate", "scale"), [(1, None), (2, None), (2, 2)])
+def test_watch_under_gradient_accumulation_warns_once(tmp_path, accumulate, scale):
     """Lightning divides the loss by accumulate_grad_batches before backward: the watched
-    norms were accumulate^2 too small, silently."""
+    squared norms were accumulate^2 too small, silently. A reduction_scale of the user's
+    is taken to include it."""
+    model = Watched()
+    model.scale = scale
     trainer = _trainer(2, CSLCallback(N, C), tmp_path, accumulate_grad_batches=accumulate)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(Watched(), _loader())
+        trainer.fit(model, _loader())
     said = [str(w.message) for w in caught if "input-gradient norms" in str(w.message)]
-    if accumulate == 1:
+    if accumulate == 1 or scale is not None:
         assert said == []
     else:
         assert len(said) == 1 and "reduction_scale=B * 2" in said[0]
