@@ -35,8 +35,9 @@ What it does, in order:
    cleaning plan, as ``csl-fast clean OUT --out FILE`` writes it from those inputs),
    ``OUT/results.json`` and the visual report ``OUT/report/report.html`` with its PNGs.
 
-The regime (design.md section 3). With weight decay or input noise the network never
-fits the flipped labels, so *every* score separates them (AUROC ~0.999) and the demo
+The regime: one where the network memorizes, as the paper's experiments need. With weight
+decay or input noise the network never fits the flipped labels, so *every* score
+separates them (AUROC ~0.999) and the demo
 would show nothing. The defaults therefore make the network memorize: no weight decay, no
 augmentation, a wide MLP (64-512-512-10), Adam at lr 3e-3, batch 128, 80 epochs, which fits
 ~97% of the given labels, most flipped ones included. The final loss and final confidence

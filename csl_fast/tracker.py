@@ -1,7 +1,7 @@
 r"""``CSLTracker``: every per-sample training dynamic csl_fast keeps, in dataset-sized buffers.
 
 One tracker holds, for each of the ``N`` training samples, the statistics that the fused
-cross-entropy pass yields for free (CSL and its siblings, see ``design.md`` section 2) plus
+cross-entropy pass yields for free (CSL and its siblings, defined in the table below) plus
 the input-gradient norms recorded from a backward hook and the eval-pass CSL. Pass the
 tracker to :func:`csl_fast.accumulate` instead of a plain CSL tensor::
 

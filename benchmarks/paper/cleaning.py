@@ -28,7 +28,7 @@ method costs (csl_fast: the tracked run + one retraining; cleanlab: K folds + on
 retraining, besides the noisy run it does not need).
 
 Regimes (public data, shipped or generated locally; the network memorizes: no weight
-decay, no augmentation, long training, design.md section 3):
+decay, no augmentation, long training):
 
 ``digits``
     scikit-learn's digits, a stratified 70/30 split (1,257 train / 540 test), inputs

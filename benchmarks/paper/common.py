@@ -1,8 +1,8 @@
 """Shared pieces of the paper reproduction: data, model, one run of every method, tables.
 
 Defaults are sized for a 2-core CPU on scikit-learn's digits (1,797 samples, 8x8 images,
-10 classes) in a regime where the network memorizes (design.md section 3): a ReLU MLP,
-no weight decay, no augmentation, long training (100% train accuracy on flipped labels).
+10 classes) in a regime where the network memorizes (as the paper's experiments need): a
+ReLU MLP, no weight decay, no augmentation, long training (100% train accuracy on flipped labels).
 Knobs for larger runs: ``--dataset cifar10 --data-dir DIR`` (the python-pickle batches of
 CIFAR-10, ``data_batch_1..5``), ``--arch cnn``, ``--device cuda``, ``--epochs``,
 ``--mem-models``, ``--threads``.
