@@ -12,8 +12,9 @@ datasets write your own loop around :func:`csl_fast.accumulate` (see
     scores = csl_fast.scores(tracker)
 
 Determinism: the minibatch order and the input noise come from a ``torch.Generator``
-seeded with ``seed``; the model's initialisation is the caller's (:func:`mlp` takes a
-seed). With the same model initialisation and seed, two runs on the CPU are bitwise equal.
+seeded with ``seed``, and dropout from the global generators seeded with it for the run;
+the model's initialisation is the caller's (:func:`mlp` takes a seed). With the same model
+initialisation and seed, two runs on the CPU are bitwise equal.
 """
 
 from __future__ import annotations
@@ -48,6 +49,17 @@ def mlp(
     No BatchNorm (it would couple the samples of a batch and break per-sample input
     gradients). ``seed`` seeds the initialisation without touching the global RNG.
     """
+    if seed is None:
+        return _mlp(in_features, num_classes, hidden, dropout)
+    # the layers draw their initial weights as they are built: inside the fork
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _mlp(in_features, num_classes, hidden, dropout)
+
+
+def _mlp(
+    in_features: int, num_classes: int, hidden: Sequence[int], dropout: float
+) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
@@ -56,13 +68,6 @@ def mlp(
             layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
-    if seed is None:
-        return nn.Sequential(*layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                layer.reset_parameters()
     return nn.Sequential(*layers)
 
 
@@ -130,7 +135,8 @@ def train(
             (:func:`csl_fast.score_epoch`: the eval-pass CSL).
         callback: ``callback(epoch, model)`` after each epoch (after the eval pass), e.g.
             a :class:`csl_fast.baselines.curvature.CurvatureAccumulator`.
-        seed: seeds the minibatch order and the input noise.
+        seed: seeds the minibatch order, the input noise and dropout (the global
+            generators, given back as they were after training).
         progress: show a tqdm bar over epochs (a string is used as its description).
 
     Returns:
@@ -159,6 +165,7 @@ def train(
             f"{x.shape[0]} rows"
         )
     n = x.shape[0]
+    labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
@@ -177,46 +184,63 @@ def train(
 
         desc = progress if isinstance(progress, str) else "train"
         epochs_iter = tqdm(range(epochs), desc=desc, leave=False)
-    for epoch in epochs_iter:  # type: ignore[union-attr]
-        model.train()
-        t0 = time.perf_counter()
-        perm = torch.randperm(n, generator=gen).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            xb = x[idx]
-            if input_noise > 0:
-                noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
-                xb = xb + input_noise * noise.to(xb.device)
-            if input_grads:
-                xb = tracker.watch(xb.detach().clone(), idx)  # type: ignore[union-attr]
-            logits = model(xb)
+    # Dropout draws its masks from the global generators: seeded here (and given back
+    # after), so that the same seed reproduces a model with dropout too.
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for epoch in epochs_iter:  # type: ignore[union-attr]
+            model.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=gen).to(x.device)
+            total = torch.zeros((), device=x.device)
+            for start in range(0, n, batch_size):
+                idx = perm[start : start + batch_size]
+                xb = x[idx]
+                if input_noise > 0:
+                    noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
+                    xb = xb + input_noise * noise.to(xb.device)
+                if input_grads:
+                    xb = tracker.watch(xb.detach().clone(), idx)  # type: ignore[union-attr]
+                logits = model(xb)
+                if labels is not None:  # the first step: a model too narrow for the labels
+                    _check_width(logits, labels)
+                    labels = None
+                if tracker is not None:
+                    loss = accumulate(logits, y[idx], idx, tracker)
+                else:
+                    loss = F.cross_entropy(logits, y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * idx.numel()
             if tracker is not None:
-                loss = accumulate(logits, y[idx], idx, tracker)
-            else:
-                loss = F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach() * idx.numel()
-        if tracker is not None:
-            tracker.end_epoch()
-        result.epoch_time.append(time.perf_counter() - t0)
-        result.epoch_loss.append(float(total) / max(n, 1))
-        if eval_each_epoch:
-            t1 = time.perf_counter()
-            batches = [
-                (x[s : s + 1024], y[s : s + 1024], all_index[s : s + 1024])
-                for s in range(0, n, 1024)
-            ]
-            score_epoch(model, batches, tracker)  # type: ignore[arg-type]
-            result.eval_time += time.perf_counter() - t1
-        if callback is not None:
-            t2 = time.perf_counter()
-            callback(epoch, model)
-            result.callback_time += time.perf_counter() - t2
+                tracker.end_epoch()
+            result.epoch_time.append(time.perf_counter() - t0)
+            result.epoch_loss.append(float(total) / max(n, 1))
+            if eval_each_epoch:
+                t1 = time.perf_counter()
+                batches = [
+                    (x[s : s + 1024], y[s : s + 1024], all_index[s : s + 1024])
+                    for s in range(0, n, 1024)
+                ]
+                score_epoch(model, batches, tracker)  # type: ignore[arg-type]
+                result.eval_time += time.perf_counter() - t1
+            if callback is not None:
+                t2 = time.perf_counter()
+                callback(epoch, model)
+                result.callback_time += time.perf_counter() - t2
     model.eval()
     return result
+
+
+def _check_width(logits: torch.Tensor, labels: int) -> None:
+    # F.cross_entropy said only "Target 2 is out of bounds", from deep in a baseline's folds
+    if logits.dim() != 2 or logits.shape[1] < labels:
+        raise ValueError(
+            f"csl_fast.train: the model returns logits of shape {tuple(logits.shape)}, but y "
+            f"holds labels up to {labels - 1}: it needs [B, C] logits with C >= {labels} "
+            "(build it with as many outputs as classes)"
+        )
 
 
 @torch.no_grad()

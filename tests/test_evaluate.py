@@ -136,3 +136,10 @@ def test_inputs_must_be_one_value_per_sample():
     with pytest.raises(ValueError, match="scores must be real"):
         E.auroc(s + 1j, y)
     assert E.auroc(torch.tensor(s), torch.tensor(y)) == E.auroc(s, y)
+
+
+def test_pearson_of_a_constant_with_a_rounding_residue_is_nan():
+    """Centring left a residue in this constant vector, and the correlation read 0.0."""
+    constant = np.full(42, 269.7867137638703)
+    assert math.isnan(E.pearson(constant, np.arange(42.0)))
+    assert math.isnan(E.similarity(constant, np.arange(42.0))["pc_all"])

@@ -23,7 +23,9 @@ different scale, and a last partial batch weighted differently.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,21 @@ from ..model_modes import eval_mode
 from ._checks import check_finite, check_xy
 
 __all__ = ["CurvatureAccumulator", "input_curvature"]
+
+
+def _options(fn: str, h: Any, n: Any, batch_size: Any, seed: Any) -> tuple[float, int, int, int]:
+    """``(h, n, batch_size, seed)`` checked, or an error that names the argument."""
+    if isinstance(h, bool) or not isinstance(h, numbers.Real):
+        raise TypeError(f"{fn}: h must be a number (paper: 1e-3), got {type(h).__name__}")
+    # h = 0 made every curvature exactly 0, a valid-looking but empty ranking
+    if not (math.isfinite(h) and h > 0):
+        raise ValueError(f"{fn}: h must be a finite step > 0 (paper: 1e-3), got {h}")
+    return (
+        float(h),
+        integer(fn, "n", n, low=1),
+        integer(fn, "batch_size", batch_size, low=1),
+        integer(fn, "seed", seed),
+    )
 
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -93,11 +110,7 @@ def input_curvature(
         FloatingPointError: the model predicts non-finite logits, which would make
             every curvature NaN.
     """
-    n = integer("input_curvature", "n", n, low=1)
-    # h = 0 made every curvature exactly 0, a valid-looking but empty ranking
-    if not (math.isfinite(h) and h > 0):
-        raise ValueError(f"input_curvature: h must be a finite step > 0 (paper: 1e-3), got {h}")
-    batch_size = integer("input_curvature", "batch_size", batch_size, low=1)
+    h, n, batch_size, seed = _options("input_curvature", h, n, batch_size, seed)
     y = check_xy("input_curvature", x, y)
     _check_float_inputs("input_curvature", x)
     gen = torch.Generator().manual_seed(seed)
@@ -153,7 +166,9 @@ class CurvatureAccumulator:
                 f"{type(epochs).__name__} {epochs!r}"
             )
         self.epochs = None if epochs is None else set(epochs)
-        self.h, self.n, self.batch_size, self.seed = h, n, batch_size, seed
+        self.h, self.n, self.batch_size, self.seed = _options(
+            "CurvatureAccumulator", h, n, batch_size, seed
+        )
         self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         self.count = 0
 

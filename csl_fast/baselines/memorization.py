@@ -17,13 +17,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._args import integer
+from .._args import integer, rate
 from ..train import predict, train
 from ._checks import check_finite, check_xy, train_options
 
@@ -70,13 +69,17 @@ def stability_memorization(
         progress: a tqdm bar over the models.
     """
     m = integer("stability_memorization", "m", m, low=1)
-    if not 0 < subset_fraction < 1:
-        raise ValueError("stability_memorization: subset_fraction must be in (0, 1)")
+    seed = integer("stability_memorization", "seed", seed)
+    # the fraction as written, not its binary float (int(0.7 * 90) is 62), as corrupt reads it
+    fraction = rate("stability_memorization", "subset_fraction", subset_fraction)
+    if not 0 < fraction < 1:
+        raise ValueError(
+            f"stability_memorization: subset_fraction must be in (0, 1), got {subset_fraction}"
+        )
     y = check_xy("stability_memorization", x, y)
     kwargs = train_options("stability_memorization", train_kwargs)
     n = x.shape[0]
-    # the fraction as written, not its binary float: int(0.7 * 90) is 62
-    size = int(Fraction(repr(float(subset_fraction))) * n)
+    size = int(fraction * n)
     if size < 1:
         raise ValueError(
             f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "

@@ -138,3 +138,23 @@ def test_accumulator_refuses_a_number_of_epochs():
         TypeError, match=r"epochs must be the epochs to measure at.*range\(0, total, 5\)"
     ):
         CurvatureAccumulator(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), epochs=5)
+
+
+@pytest.mark.parametrize(
+    ("option", "error", "match"),
+    [
+        ({"n": 0}, ValueError, "n must be an int >= 1"),
+        ({"h": 0.0}, ValueError, "h must be a finite step > 0"),
+        ({"h": "1e-3"}, TypeError, "h must be a number"),
+        ({"batch_size": 0}, ValueError, "batch_size must be an int >= 1"),
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+    ],
+)
+def test_options_are_checked_before_training(option, error, match):
+    """CurvatureAccumulator took n=0, h=0, batch_size=0 and seed=1.5, and failed at its
+    first measurement, after training had run."""
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.raises(error, match=f"CurvatureAccumulator: {match}"):
+        CurvatureAccumulator(x, y, **option)
+    with pytest.raises(error, match=f"input_curvature: {match}"):
+        input_curvature(nn.Linear(3, 2), x, y, **option)

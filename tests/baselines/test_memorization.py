@@ -114,3 +114,28 @@ def test_progress_in_train_kwargs_is_forwarded():
         linear(2), x, y, m=1, train_kwargs={"epochs": 1, "progress": False}
     )
     assert int(res.n_in.sum()) == int(0.7 * 12)
+
+
+def test_a_numpy_or_tensor_fraction_is_taken_as_written():
+    """np.float32(0.7) of 90 took 62 samples per model (0.7 of 90 is 63)."""
+    import numpy as np
+
+    x, y = torch.randn(90, 2), torch.arange(90) % 2
+    kw = {"train_kwargs": {"epochs": 1}, "m": 1, "seed": 0}
+    for fraction in (0.7, np.float32(0.7), torch.tensor(0.7)):
+        res = stability_memorization(linear(2), x, y, subset_fraction=fraction, **kw)
+        assert int(res.n_in.sum()) == 63, fraction
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": 1.5}, TypeError, "seed must be an int"),
+        ({"subset_fraction": "0.5"}, TypeError, "subset_fraction must be a number"),
+        ({"subset_fraction": 1.0}, ValueError, r"subset_fraction must be in \(0, 1\)"),
+    ],
+)
+def test_bad_options_are_named(kwargs, error, match):
+    x, y = torch.randn(8, 2), torch.arange(8) % 2
+    with pytest.raises(error, match=match):
+        stability_memorization(linear(2), x, y, m=1, train_kwargs={"epochs": 1}, **kwargs)
