@@ -172,6 +172,9 @@ def _fig_histogram(
         ax.hist(csl[ok], bins=bins, color=_CLEAN, alpha=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # autoscaled, the axis began just under 1: a bin of one sample, as a small group's bins
+    # are, was a sliver at the bottom
+    ax.set_ylim(bottom=0.3)
     # a log axis cannot show them, and they left without a word
     unshown = f"; {zeros} samples with CSL 0 not shown" if zeros else ""
     what = "CSL per token" if per_token else "CSL"

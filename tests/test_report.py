@@ -602,6 +602,26 @@ def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
     assert labels == ["cumulative sample loss (CSL, log scale; 2 samples with CSL 0 not shown)"]
 
 
+def test_csl_histogram_shows_a_bin_of_one_sample(tmp_path, monkeypatch):
+    """The log count axis began just under 1, so a small group's bins of one sample each
+    were slivers at the bottom (10 mislabeled among 2,000)."""
+    from csl_fast import report_figures
+
+    bottoms = []
+
+    def spy(fig, path):
+        bottoms.append(fig.axes[0].get_ylim()[0])
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    csl = np.exp(np.random.default_rng(0).normal(0, 0.6, 2000))
+    csl[:10] *= 12
+    mis = np.zeros(csl.size, dtype=bool)
+    mis[:10] = True
+    report_figures._fig_histogram(csl, RunSamples(mislabeled=mis), str(tmp_path / "h.png"))
+    assert bottoms and bottoms[0] <= 0.5  # a bar of height 1 spans a third of a decade
+
+
 def test_a_multi_label_run_is_described_by_its_labels(tmp_path):
     # an accumulate_bce run with num_labels=5 read "300 samples, ? classes"
     n, labels = 12, 5
