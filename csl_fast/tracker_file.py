@@ -77,6 +77,7 @@ from .tracker_state import (  # re-exported: the format's names in one place
     apply_state,
     checked_state,
     from_state,
+    is_state,
     keys_text,
     load_state_dict,
     new_tracker_for,
@@ -382,7 +383,7 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"{path}: not a readable csl_fast tracker file (truncated, corrupted or another "
             f"format; {type(exc).__name__})"
         ) from None
-    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+    if not is_state(state):
         raise TrackerFileError(f"{path}: {_not_a_tracker_file(state)}")
     version = state.get("version")
     if _is_int(version) and version > FORMAT_VERSION:

@@ -125,17 +125,18 @@ def tracker_path(holder: Mapping[Any, Any]) -> str | None:
     ``"['tracker']"`` in a training checkpoint, ``"['callbacks']['CSLCallback[csl_tracker]']"``
     in a Lightning one (one level down); None when there is none."""
     for key, value in holder.items():
-        if _is_state(value):
+        if is_state(value):
             return f"[{key!r}]"
     for key, value in holder.items():
         if isinstance(value, Mapping):
             for inner, v in value.items():
-                if _is_state(v):
+                if is_state(v):
                     return f"[{key!r}][{inner!r}]"
     return None
 
 
-def _is_state(value: Any) -> bool:
+def is_state(value: Any) -> bool:
+    """Whether ``value`` is a tracker state (a mapping with the format tag)."""
     return isinstance(value, Mapping) and value.get("format") == FORMAT_NAME
 
 
@@ -245,7 +246,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     without changing it; returns what :func:`apply_state` needs.
 
     Raises :class:`TrackerStateError` naming the first problem found."""
-    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+    if not is_state(state):
         raise _not_a_state(state)
     version = _version(state)
     n = _field(state, "num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0")
@@ -466,7 +467,7 @@ def new_tracker_for(
             f"{', '.join(f'{k}=' for k in fixed)} (the other keyword arguments, backend= and "
             "deterministic=, go to the CSLTracker constructor)"
         )
-    if not isinstance(state, Mapping) or state.get("format") != FORMAT_NAME:
+    if not is_state(state):
         raise _not_a_state(state)
     version = _version(state)
     shape_fields = (
