@@ -225,6 +225,33 @@ def test_an_infinite_class_weight_with_label_smoothing_gives_what_pytorch_gives(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_an_infinite_class_weight_with_label_smoothing_in_every_dtype(backend, dtype):
+    """The per-row losses of the case above are inf or NaN where F.cross_entropy's are, in
+    the other dtypes (16-bit logits against F in float32, where the kernels compute)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take float16, bfloat16 and float32 logits")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(4, 5, generator=g) * 2
+    x[0, 1] = x[0].max() + 1
+    x[3], x[3, 1] = 0.0, 200.0
+    target = torch.tensor([2, 1, 0, 0])
+    weight = torch.rand(5, generator=g) + 0.5
+    weight[1] = float("inf")
+    wide = torch.promote_types(dtype, torch.float32)
+    theirs = F.cross_entropy(
+        x.to(dtype).to(wide), target, weight=weight.to(dtype).to(wide), label_smoothing=0.1,
+        reduction="none",
+    )  # fmt: skip
+    ours = accumulate(
+        x.to(dtype), target, torch.arange(4), torch.zeros(4), weight=weight.to(dtype),
+        label_smoothing=0.1, reduction="none", backend=backend,
+    )  # fmt: skip
+    assert torch.equal(_kinds(ours.to(wide)), _kinds(theirs)), f"{backend} {dtype}"
+    assert ours[0].isposinf(), f"{backend} {dtype}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend):
     x = torch.randn(7)
     for target in (torch.tensor(4), torch.softmax(torch.randn(7), 0)):
