@@ -35,7 +35,12 @@
 # the moment it happens (benchmarks/incremental_log.py), whatever stops the run.
 # Exit status: 0 when every stage passed, else 1 (the table says which failed).
 # Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (480),
-# CSL_TEST_WORKERS (8, with pytest-xdist), CSL_BENCH_ARGS (extra run.py arguments).
+# CSL_TEST_WORKERS (8, with pytest-xdist), CSL_BENCH_ARGS (extra run.py arguments),
+# CSL_COMMIT (the commit this tree holds, recorded in the reports as git_commit; the GPU
+# machine's copy of .git can be stale, so pass CSL_COMMIT=$(git rev-parse HEAD) from the
+# checkout that sent the tree). Unset, it is this copy's git HEAD when csl_fast/ and csrc/
+# match that commit, else "unknown (...)"; every report also records source_hash, a SHA-256
+# of the sources under csl_fast/ and csrc/ (csl_fast/bench/env.py) to check it against.
 #
 # --dry-run (a machine without a GPU): Triton runs in its interpreter, the optional packages
 # are hidden (.ci/hide_optional) as on the GPU machine, the in-place build is skipped (the
@@ -55,6 +60,16 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 export PYTHONUNBUFFERED=1
 export CSL_INCREMENTAL_LOG="$OUT/failures.log"
+# Provenance for the reports (csl_fast/bench/env.py): git HEAD only when the sources match it.
+if [ -z "${CSL_COMMIT:-}" ]; then
+    HEAD_SHA=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)
+    if [ -n "$HEAD_SHA" ] && [ -z "$(git -C "$ROOT" status --porcelain --untracked-files=no -- csl_fast csrc 2>/dev/null)" ]; then
+        CSL_COMMIT=$HEAD_SHA
+    else
+        CSL_COMMIT="unknown (csl_fast/ or csrc/ differ from this copy's git HEAD ${HEAD_SHA:-none}; see source_hash)"
+    fi
+fi
+export CSL_COMMIT
 # The checkout itself first: the GPU machine has no installed csl_fast, only the in-place build.
 export PYTHONPATH="$ROOT:$ROOT/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=cuda
@@ -108,7 +123,9 @@ stage() {
 
 env_info() {
     date -u +%Y-%m-%dT%H:%M:%SZ
+    echo "CSL_COMMIT $CSL_COMMIT"
     git -C "$ROOT" rev-parse HEAD 2>/dev/null && git -C "$ROOT" status --short 2>/dev/null | head -20
+    "$PY" -c "from csl_fast.bench.env import source_hash; print('source_hash', source_hash())"
     nvidia-smi || echo "nvidia-smi: not available"
     command -v nvcc && nvcc --version | tail -n 2
     command -v ninja && ninja --version

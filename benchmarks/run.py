@@ -9,6 +9,16 @@ The measurement code lives in ``csl_fast/bench/`` (shared with the pytest-benchm
 suites in this folder and with ``csl-fast bench``). The report is stamped with the device,
 CPU/GPU model, torch/triton versions, git commit and date; the last thing printed is a
 short table of the fused op against its alternatives, the step overheads and the targets.
+
+csl_fast's rows run its compiled backends by name (``cpu`` on a CPU; ``triton`` and ``cuda``
+on a GPU), never the pure-PyTorch reference it falls back to without them: when one of them
+cannot run (the compiled extension csl_fast._C failed to load, say), run.py says why and
+exits with status 3 before measuring anything; ``--allow-missing-backends`` runs anyway, with
+those rows skipped and the reason in the report.
+
+Provenance: set ``CSL_COMMIT`` to the commit the tree holds where ``git rev-parse HEAD`` is
+wrong (a copy with stale git metadata); the report also records a SHA-256 of the sources
+under csl_fast/ and csrc/ (see ``csl_fast/bench/env.py``).
 """
 
 from __future__ import annotations
@@ -58,11 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="smoke run: 3 repetitions, small budgets, no torch.compile",
     )
+    p.add_argument(
+        "--allow-missing-backends",
+        action="store_true",
+        help="run even when a compiled backend this device is meant to measure cannot run "
+        "(its rows are skipped, with the reason)",
+    )
     args = p.parse_args(argv)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
+    missing = {b: why for b, why in bench.compiled_backends(args.device).items() if why}
+    if missing and not args.allow_missing_backends:
+        from csl_fast._ext import EXTENSION_ERROR
+
+        print(
+            f"run.py: the compiled csl_fast backend(s) this {torch.device(args.device).type} run "
+            "is meant to measure cannot run, so csl_fast's rows would be skipped (the "
+            "pure-PyTorch reference fallback is never timed under csl_fast's name):\n"
+            + "".join(f"  {b}: {why}\n" for b, why in missing.items())
+            + (f"  extension error: {EXTENSION_ERROR}\n" if EXTENSION_ERROR else "")
+            + "Build the extension (`python -m csl_fast.info` says how), or pass "
+            "--allow-missing-backends to run the rest anyway.",
+            file=sys.stderr,
+        )
+        return 3
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

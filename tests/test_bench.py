@@ -173,3 +173,124 @@ def test_linear_cross_entropy_candidates_agree_with_eager():
         assert case.check(name) is not None and case.check(name) < 1e-2, name
     case32 = bench_lm.LinearCECase(64, 16, 300, "cpu", compile=False, liger=False)
     assert "same as the default" in case32.skipped[bench_lm.OURS_LOWMEM]
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """As if csl_fast._C had failed to load: only the reference backend can run."""
+    from csl_fast import _ext
+
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "EXTENSION_ERROR", "ImportError: no _C in this test")
+
+
+def test_without_the_extension_csl_fast_rows_are_skipped_not_timed(no_extension, one_thread):
+    ce = bench.bench_cross_entropy("cpu", [(9, 67)], reps=2, budget_s=0.2, compile=False)
+    by = {r["impl"]: r for r in ce}
+    assert "median_s" not in by[bench.fused_name("cpu")]
+    assert "not loaded" in by[bench.fused_name("cpu")]["skipped"]
+    ig = bench.bench_input_grad("cpu", [((4, 3, 8, 8), torch.float32)], reps=2, budget_s=0.2)
+    assert "skipped" in {r["impl"]: r for r in ig}[bench.fused_name("cpu")]
+    assert bench.TrainingCase("cnn", "cpu", num_samples=100, batches=1).backend is None
+    rows = bench.bench_tracking_cost("cpu", ("cnn",), reps=2, budget_s=0.2)
+    timed = {r["variant"] for r in rows if "median_s" in r}
+    assert timed == set(bench.STEP_VARIANTS) - set(bench.CSL_VARIANTS)
+    for r in rows:
+        if r["variant"] in bench.CSL_VARIANTS:
+            assert "reference fallback is not timed" in r["skipped"]
+
+
+def test_training_steps_name_the_compiled_backend(monkeypatch):
+    import csl_fast
+
+    seen = []
+    real = csl_fast.accumulate
+
+    def spy(*args, **kw):
+        seen.append(kw.get("backend", "auto"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(csl_fast, "accumulate", spy)
+    case = bench.TrainingCase("cnn", "cpu", num_samples=100, batches=1)
+    assert case.backend == "cpu" and case.tracker.backend == "cpu"
+    for variant in bench.CSL_VARIANTS:
+        case.step_fn(variant, loss_only=True)()
+    assert seen == ["cpu"] * len(bench.CSL_VARIANTS)
+
+
+def test_report_states_the_extension_error_and_the_backends():
+    env = _env_for_report()
+    env["backends"] = {"cpu": "compiled extension not loaded (ImportError: x)", "reference": None}
+    env["extension_error"] = "ImportError: x"
+    md = bench.markdown({"env": env, "errors": {}})
+    assert "backends measured: none; cpu not run (compiled extension not loaded" in md
+    assert "csl_fast._C did not load** (ImportError: x)" in md
+    env["backends"], env["extension_error"] = {"cpu": None, "reference": None}, None
+    md = bench.markdown({"env": env, "errors": {}})
+    assert "backends measured: cpu\n" in md and "did not load" not in md
+
+
+def test_report_prints_the_commit_it_did_not_make_whole():
+    env = _env_for_report()
+    env["git_commit"] = "a" * 40
+    assert f"commit {'a' * 12}\n" in bench.markdown({"env": env, "errors": {}}) + "\n"
+    note = "726e47e (working tree; the machine's git metadata said 6306597)"
+    env.update(git_commit=note, git_commit_from="CSL_COMMIT", git_head="b" * 40)
+    env["source_hash"] = "c" * 64
+    md = bench.markdown({"env": env, "errors": {}})
+    assert f"commit {note} (from CSL_COMMIT; git HEAD here {'b' * 12}), sources sha256" in md
+
+
+def test_environment_takes_the_commit_from_csl_commit_and_hashes_the_sources(monkeypatch, tmp_path):
+    from csl_fast.bench import env as env_mod
+
+    monkeypatch.setenv("CSL_COMMIT", "1234567 (given)")
+    got = env_mod._git()
+    assert got["git_commit"] == "1234567 (given)" and got["git_commit_from"] == "CSL_COMMIT"
+    assert got["source_hash"] == env_mod.source_hash()
+    (tmp_path / "csl_fast").mkdir()
+    (tmp_path / "csrc").mkdir()
+    (tmp_path / "csl_fast" / "a.py").write_text("x = 1\n")
+    (tmp_path / "csrc" / "k.cpp").write_text("int k;\n")
+    (tmp_path / "csl_fast" / "_C.so").write_bytes(b"build output")
+    first = env_mod.source_hash(tmp_path)
+    (tmp_path / "csl_fast" / "_C.so").write_bytes(b"another build")
+    assert env_mod.source_hash(tmp_path) == first  # build outputs are not sources
+    (tmp_path / "csrc" / "k.cpp").write_text("int k2;\n")
+    assert env_mod.source_hash(tmp_path) != first
+
+
+def test_cuda_timer_waits_for_the_l2_flush_before_the_start_event(monkeypatch):
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, attr):
+            return lambda *a, **k: calls.append(f"{self.name}.{attr}")
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    timer = object.__new__(bench.Timer)
+    timer.device, timer.cuda = torch.device("cuda"), True
+    timer._flush, timer._start, timer._end = Recorder("flush"), Recorder("start"), Recorder("end")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append("synchronize"))
+    timer.sample(lambda: calls.append("fn"))
+    assert calls[:4] == ["flush.zero_", "synchronize", "start.record", "fn"]
+
+
+def _env_for_report() -> dict:
+    return {
+        "device": "cpu",
+        "cpu_model": "test cpu",
+        "cpu_cores": 2,
+        "date": "2026-12-02T00:00:00+00:00",
+        "git_commit": None,
+        "torch": "x",
+        "triton": "x",
+        "python": "3",
+        "torch_threads": 1,
+        "loadavg_start": [0.0],
+    }

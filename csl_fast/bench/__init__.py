@@ -61,6 +61,8 @@ from .harness import (
     _fmt_time,
     _why,
     compare,
+    compiled_backend,
+    compiled_backends,
     copy_bandwidth,
     extra_peak_bytes,
     n_buffers,
@@ -70,6 +72,7 @@ from .report import markdown, summary_table, write_report
 from .runner import SECTIONS, run_full, run_short
 from .targets import targets
 from .training import (
+    CSL_VARIANTS,
     LARGE_C,
     SHORT_VARIANTS,
     STEP_CSL,
@@ -91,6 +94,7 @@ from .training import (
 __all__ = [
     "CE_DTYPE",
     "CE_SHAPES",
+    "CSL_VARIANTS",
     "EAGER_CE",
     "GRAD_SHAPES",
     "LARGE_C",
@@ -124,6 +128,8 @@ __all__ = [
     "bench_tracking_cost",
     "bench_training",
     "compare",
+    "compiled_backend",
+    "compiled_backends",
     "copy_bandwidth",
     "device_slug",
     "environment",

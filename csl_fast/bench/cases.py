@@ -19,6 +19,7 @@ from .harness import (
     _stat_fields,
     _why,
     compare,
+    compiled_backends,
     extra_peak_bytes,
     n_buffers,
 )
@@ -100,7 +101,6 @@ class CrossEntropyCase:
         num_samples: int = 100_000,
         seed: int = 0,
     ):
-        import csl_fast
 
         self.batch, self.classes, self.dtype = batch, classes, dtype
         self.device = torch.device(device)
@@ -119,20 +119,17 @@ class CrossEntropyCase:
         self.has_csl: dict[str, bool] = {}
         self.skipped: dict[str, str] = {}
 
-        avail = backends or [
-            b
-            for b in csl_fast.available_backends(self.device)
-            if b != "reference" and not (b == "triton" and self.device.type != "cuda")
-        ]
+        # Every compiled backend this device is meant to measure: timed when it can run,
+        # else a skipped row with the reason (never the reference under csl_fast's name).
+        status = {b: None for b in backends} if backends else compiled_backends(self.device)
         self.in_place: set[str] = set()
-        for b in avail:
+        for b, why in status.items():
+            if why is not None:
+                self.skipped[fused_name(b)] = why
+                continue
             self._add(fused_name(b), _fused(b), True)
             self._add(fused_name(b, inplace=True), _fused(b, inplace=True), True)
             self.in_place.add(fused_name(b, inplace=True))
-        if self.device.type == "cuda" and "triton" not in avail and backends is None:
-            self.skipped[fused_name("triton")] = _status(self.device, "triton")
-        if self.device.type == "cuda" and "cuda" not in avail and backends is None:
-            self.skipped[fused_name("cuda")] = _status(self.device, "cuda")
         self._add(REF, _ref_eager, True)
         if compile:
             self._add_compiled()
@@ -227,12 +224,6 @@ class CrossEntropyCase:
         if got is None or name in self.in_place:
             return got
         return got - self.logits_bytes
-
-
-def _status(device, backend):
-    from .._ext import backend_status
-
-    return backend_status(device)[backend] or "unavailable"
 
 
 def _fused(backend: str, inplace: bool = False):
@@ -345,8 +336,6 @@ class InputGradCase:
         num_samples: int = 100_000,
         seed: int = 0,
     ):
-        from .._ext import available_backends
-
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
         self.nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
         dev = self.device
@@ -360,10 +349,11 @@ class InputGradCase:
         self.scale = float(shape[0])
         self.impls: dict[str, Callable] = {}
         self.skipped: dict[str, str] = {}
-        for b in available_backends(self.device):
-            if b == "reference" or (b == "triton" and self.device.type != "cuda"):
-                continue
-            self.impls[fused_name(b)] = _norms_fused(b, self.scale)
+        for b, why in compiled_backends(self.device).items():
+            if why is not None:
+                self.skipped[fused_name(b)] = why
+            else:
+                self.impls[fused_name(b)] = _norms_fused(b, self.scale)
         self.impls[REF] = _norms_ref(self.scale)
         if compile:
             try:

@@ -1,8 +1,18 @@
-"""What a result was measured on: device, CPU/GPU model, versions, load, git commit."""
+"""What a result was measured on: device, CPU/GPU model, versions, load, git commit.
+
+Provenance: ``git_commit`` is ``git rev-parse HEAD`` of the checkout, unless the environment
+variable ``CSL_COMMIT`` is set, which then replaces it (``git_commit_from`` says which, and
+``git_head`` keeps git's answer): on a machine that got a copy of the working tree with a
+stale ``.git`` (the GPU machine), git names the wrong commit, so the caller passes the right
+one (``CSL_COMMIT=$(git rev-parse HEAD)``; ``benchmarks/gpu_check.sh`` sets it when the
+copy's sources match its HEAD). ``source_hash`` is a SHA-256 of the source files under
+``csl_fast/`` and ``csrc/`` (:func:`source_hash`), whatever git says: the same hash from a
+checkout of the named commit proves the result came from those sources."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import platform
 import re
@@ -93,6 +103,35 @@ def _nvidia_smi(field: str) -> str | None:
         return None
 
 
+#: The files :func:`source_hash` reads: sources, not build outputs (``_C*.so``, ``build/``).
+SOURCE_DIRS = ("csl_fast", "csrc")
+SOURCE_SUFFIXES = (".py", ".c", ".cc", ".cpp", ".h", ".hpp", ".cu", ".cuh")
+
+
+def source_hash(root: str | Path | None = None) -> str | None:
+    """SHA-256 (hex) over the sorted relative paths and contents of the source files
+    (:data:`SOURCE_SUFFIXES`) under :data:`SOURCE_DIRS` of ``root`` (default: this checkout),
+    ``__pycache__`` left out; None when there are none. Reproduce it for a commit with
+    ``python -c "from csl_fast.bench.env import source_hash; print(source_hash('.'))"`` in a
+    clean checkout of it."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
+    files = sorted(
+        p
+        for d in SOURCE_DIRS
+        if (root / d).is_dir()
+        for p in (root / d).rglob("*")
+        if p.is_file() and p.suffix in SOURCE_SUFFIXES and "__pycache__" not in p.parts
+    )
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for p in files:
+        data = p.read_bytes()
+        h.update(f"{p.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        h.update(data)
+    return h.hexdigest()
+
+
 def _git() -> dict:
     root = Path(__file__).resolve().parents[2]  # the checkout: csl_fast/bench/env.py
 
@@ -105,9 +144,20 @@ def _git() -> dict:
         except Exception:
             return None
 
-    commit = git("rev-parse", "HEAD")
+    head = git("rev-parse", "HEAD")
     dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"git_commit": commit, "git_dirty": bool(dirty) if commit else None}
+    out = {
+        "git_commit": head,
+        "git_commit_from": "git rev-parse HEAD" if head else None,
+        "git_dirty": bool(dirty) if head else None,
+        "source_hash": source_hash(root),
+    }
+    override = os.environ.get("CSL_COMMIT", "").strip()
+    if override:
+        out.update(git_commit=override, git_commit_from="CSL_COMMIT", git_head=head)
+        if not head or not head.startswith(override):
+            out["git_dirty"] = None  # measured against another commit: says nothing here
+    return out
 
 
 def device_slug(env: dict) -> str:

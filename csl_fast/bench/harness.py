@@ -18,6 +18,33 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+#: The compiled backends a run on each device type is meant to measure, in the order
+#: ``backend="auto"`` prefers them. The pure-PyTorch reference is never timed under
+#: csl_fast's name: without these, csl_fast's rows are skipped with the reason.
+MEASURED_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def compiled_backends(device: torch.device | str) -> dict[str, str | None]:
+    """Each compiled backend of :data:`MEASURED_BACKENDS` for ``device``: None when it can
+    run there, else why not (e.g. the compiled extension failed to load)."""
+    from .._ext import backend_status
+
+    dev = torch.device(device)
+    status = backend_status(dev)
+    return {b: status.get(b, "unknown backend") for b in MEASURED_BACKENDS.get(dev.type, ())}
+
+
+def compiled_backend(device: torch.device | str) -> tuple[str | None, str | None]:
+    """``(backend, None)``: the compiled backend csl_fast's rows run on ``device`` (the first
+    of :data:`MEASURED_BACKENDS` that can), or ``(None, why)`` when none can."""
+    status = compiled_backends(device)
+    for b, why in status.items():
+        if why is None:
+            return b, None
+    reasons = "; ".join(f"{b}: {why}" for b, why in status.items()) or "none for this device"
+    return None, f"no compiled csl_fast backend ({reasons}); the reference fallback is not timed"
+
+
 def sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -64,6 +91,9 @@ class Timer:
         if self.cuda:
             if self._flush is not None:
                 self._flush.zero_()
+                # Wait for the flush: queued ahead of the start event, it would let the
+                # host's work for the first call run under it, unseen by the events.
+                torch.cuda.synchronize(self.device)
             self._start.record()
             for _ in range(inner):
                 fn()

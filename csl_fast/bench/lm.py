@@ -24,7 +24,17 @@ import torch
 import torch.nn.functional as F
 
 from ..linear_cross_entropy import default_chunk_size, linear_cross_entropy
-from .harness import MiB, _add_ratios, _dt, _free, _stat_fields, _why, compare, extra_peak_bytes
+from .harness import (
+    MiB,
+    _add_ratios,
+    _dt,
+    _free,
+    _stat_fields,
+    _why,
+    compare,
+    compiled_backend,
+    extra_peak_bytes,
+)
 
 #: (tokens, hidden, vocab) per device type.
 LCE_SHAPES = {
@@ -125,12 +135,24 @@ class LinearCECase:
 
             return run
 
-        self.impls[OURS] = step(
-            lambda: linear_cross_entropy(
-                self.h, self.w, self.t, self.index, self.csl, chunk_size=self.chunk_size
+        # csl_fast's rows run the compiled backend by name, or are skipped with the reason.
+        backend, no_backend = compiled_backend(self.device)
+        self.backend = backend
+        if backend is None:
+            self.skipped[OURS] = self.skipped[OURS_LOWMEM] = str(no_backend)
+        else:
+            self.impls[OURS] = step(
+                lambda: linear_cross_entropy(
+                    self.h,
+                    self.w,
+                    self.t,
+                    self.index,
+                    self.csl,
+                    chunk_size=self.chunk_size,
+                    backend=backend,
+                )
             )
-        )
-        if self.dtype != torch.float32:
+        if backend is not None and self.dtype != torch.float32:
             self.impls[OURS_LOWMEM] = step(
                 lambda: linear_cross_entropy(
                     self.h,
@@ -140,9 +162,10 @@ class LinearCECase:
                     self.csl,
                     chunk_size=self.chunk_size,
                     accum_dtype=self.w.dtype,
+                    backend=backend,
                 )
             )
-        else:
+        elif backend is not None:
             self.skipped[OURS_LOWMEM] = "float32 weights: the same as the default"
         self.impls[EAGER] = step(lambda: _eager(self.h, self.w, flat_t))
         if compile:

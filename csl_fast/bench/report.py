@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 from . import lm
 from .cases import EAGER_CE, LIGER, REF, REF_COMPILE
 from .env import device_slug
-from .harness import _fmt_bytes, _fmt_signed, _fmt_time
+from .harness import MEASURED_BACKENDS, _fmt_bytes, _fmt_signed, _fmt_time
 from .training import STEP_PLAIN
 
 
@@ -28,6 +29,43 @@ def _busy(env: dict) -> str | None:
     )
 
 
+def _commit(env: dict) -> str:
+    """The commit as recorded: a full hash from git shortened to 12 digits, any other text
+    (``CSL_COMMIT``, a hand-written note) whole; then the source hash, when recorded."""
+    commit = env.get("git_commit") or "unknown"
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        commit = commit[:12]
+    if env.get("git_commit_from") == "CSL_COMMIT":
+        commit += " (from CSL_COMMIT" + (
+            f"; git HEAD here {env['git_head'][:12]})" if env.get("git_head") else ")"
+        )
+    if env.get("source_hash"):
+        commit += f", sources sha256 {env['source_hash'][:16]}"
+    return commit
+
+
+def _backends(env: dict) -> list[str]:
+    """Which compiled csl_fast backends this run measured, and the extension's load error:
+    csl_fast's rows are skipped without them, never timed on the reference fallback."""
+    status = env.get("backends")
+    if status is None:  # results written before backends were recorded
+        return []
+    wanted = MEASURED_BACKENDS.get(env["device"], ())
+    ran = [b for b in wanted if b in status and status[b] is None]
+    lines = [
+        f"- csl_fast backends measured: {', '.join(ran) or 'none'}"
+        + "".join(f"; {b} not run ({status.get(b)})" for b in wanted if b not in ran)
+    ]
+    if env.get("extension_error") or not ran:
+        lines.append(
+            f"- **The compiled extension csl_fast._C did not load** "
+            f"({env.get('extension_error') or 'no compiled backend for this device'}): "
+            "csl_fast's rows are skipped; the pure-PyTorch reference fallback is not timed "
+            "under csl_fast's name."
+        )
+    return lines
+
+
 def markdown(results: dict, short: bool = False) -> str:
     env = results["env"]
     dev = env["device"]
@@ -37,7 +75,7 @@ def markdown(results: dict, short: bool = False) -> str:
     lines += [
         f"# {title}: {dev} ({what})",
         "",
-        f"- date {env['date']}, commit {(env.get('git_commit') or 'unknown')[:12]}"
+        f"- date {env['date']}, commit {_commit(env)}"
         f"{' (dirty tree)' if env.get('git_dirty') else ''}",
         f"- torch {env['torch']}, triton {env['triton']}, python {env['python']}"
         + (f", CUDA {env.get('cuda')}, driver {env.get('driver')}" if dev == "cuda" else "")
@@ -46,6 +84,7 @@ def markdown(results: dict, short: bool = False) -> str:
         + (f", at end {env['loadavg_end']}" if env.get("loadavg_end") else ""),
         "",
     ]
+    lines[-1:-1] = _backends(env)
     busy = _busy(env)
     if busy:
         lines += [busy, ""]

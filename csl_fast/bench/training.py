@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .harness import Stats, _free, _stat_fields, compare
+from .harness import Stats, _free, _stat_fields, compare, compiled_backend
 
 WORKLOADS = ("mlp", "cnn", "large_class")
 
@@ -42,6 +42,10 @@ STEP_VARIANTS = (STEP_PLAIN, STEP_CSL, STEP_TRACKER, STEP_XGRAD, STEP_FULL, STEP
 
 
 SHORT_VARIANTS = (STEP_PLAIN, STEP_TRACKER, STEP_FULL, STEP_HOST)
+
+
+#: The variants that run csl_fast: they need a compiled backend (see :class:`TrainingCase`).
+CSL_VARIANTS = (STEP_CSL, STEP_TRACKER, STEP_FULL)
 
 
 def make_workload(kind: str, device: torch.device | str, seed: int = 0):
@@ -109,7 +113,13 @@ def _host_log(
 
 
 class TrainingCase:
-    """Whole SGD steps of one workload in each tracking variant (one shared model)."""
+    """Whole SGD steps of one workload in each tracking variant (one shared model).
+
+    ``backend``: the kernel backend csl_fast's variants (:data:`CSL_VARIANTS`) run, passed to
+    ``accumulate`` and the tracker by name. None (the default): the compiled backend for the
+    device (:func:`~csl_fast.bench.harness.compiled_backend`); without one, :attr:`backend` is
+    None, :attr:`no_backend` says why, and those variants cannot be built, so the pure-PyTorch
+    fallback is never timed under csl_fast's name."""
 
     def __init__(
         self,
@@ -119,10 +129,15 @@ class TrainingCase:
         num_samples: int = 50_000,
         batches: int = 4,
         seed: int = 0,
+        backend: str | None = None,
     ):
         import csl_fast
 
         self.kind, self.device = kind, torch.device(device)
+        self.no_backend: str | None = None
+        if backend is None:
+            backend, self.no_backend = compiled_backend(self.device)
+        self.backend = backend
         self.model, shape, self.batch, self.classes = make_workload(kind, self.device, seed)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -136,7 +151,9 @@ class TrainingCase:
         ]
         self.num_samples = num_samples
         self.csl = torch.zeros(num_samples, device=self.device)
-        self.tracker = csl_fast.CSLTracker(num_samples, self.classes, device=self.device)
+        self.tracker = csl_fast.CSLTracker(
+            num_samples, self.classes, device=self.device, backend=backend or "reference"
+        )
         self.host_log: dict[int, list[tuple[float, float, float, float]]] = {}
 
     def step_fn(self, variant: str, loss_only: bool = False) -> Callable[[], None]:
@@ -152,6 +169,9 @@ class TrainingCase:
 
         if variant not in STEP_VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; pick from {STEP_VARIANTS}")
+        if variant in CSL_VARIANTS and self.backend is None:
+            raise RuntimeError(f"{variant}: {self.no_backend}")
+        backend = self.backend
         model, opt, tracker, csl = self.model, self.opt, self.tracker, self.csl
         host_log = self.host_log
         plain_loss = variant in (STEP_PLAIN, STEP_XGRAD, STEP_HOST)
@@ -160,7 +180,7 @@ class TrainingCase:
         def loss_of(logits, y, idx):
             if plain_loss:
                 return F.cross_entropy(logits, y)
-            return csl_fast.accumulate(logits, y, idx, into)
+            return csl_fast.accumulate(logits, y, idx, into, backend=backend)
 
         def input_leaf(x, idx):
             if variant == STEP_FULL:
@@ -203,10 +223,13 @@ class TrainingCase:
         import csl_fast
 
         x, y, idx = self.data[0]
-        tracker = csl_fast.CSLTracker(self.num_samples, self.classes, device=self.device)
+        backend = self.backend or "reference"
+        tracker = csl_fast.CSLTracker(
+            self.num_samples, self.classes, device=self.device, backend=backend
+        )
         with torch.no_grad():
             logits = self.model(x)
-            ours = csl_fast.accumulate(logits, y, idx, tracker)
+            ours = csl_fast.accumulate(logits, y, idx, tracker, backend=backend)
             rows = F.cross_entropy(logits, y, reduction="none")
         errs = []
         if not torch.allclose(ours, rows.mean(), rtol=1e-4, atol=1e-6):
@@ -233,8 +256,10 @@ def _step_rows(
     case = TrainingCase(kind, dev)
     log(f"{what} {kind} (B={case.batch}, C={case.classes}) on {dev.type}")
     checked = {} if loss_only else {"check_error": case.check()}
+    # Without a compiled backend csl_fast's variants are skipped with the reason.
+    missing = {v: case.no_backend for v in variants if v in CSL_VARIANTS and case.backend is None}
     stats, failed = compare(
-        {v: case.step_fn(v, loss_only=loss_only) for v in variants},
+        {v: case.step_fn(v, loss_only=loss_only) for v in variants if v not in missing},
         dev,
         wall_clock=True,
         **timing,
@@ -242,12 +267,20 @@ def _step_rows(
     plain = stats.get(STEP_PLAIN)
     head = {"workload": kind, "batch": case.batch, "classes": case.classes, "device": dev.type}
     rows = [
-        {**head, "variant": v, **_stat_fields(s), **fields(s, plain), **checked}
+        {
+            **head,
+            "variant": v,
+            # The backend csl_fast's variants ran on (None for the others).
+            "backend": case.backend if v in CSL_VARIANTS else None,
+            **_stat_fields(s),
+            **fields(s, plain),
+            **checked,
+        }
         for v, s in stats.items()
     ]
     rows += [
         {"workload": kind, "device": dev.type, "variant": v, "skipped": why}
-        for v, why in failed.items()
+        for v, why in {**missing, **failed}.items()
     ]
     del case
     _free(dev)
