@@ -11,6 +11,14 @@ and each figure is the median over rounds of a child's median over repetitions.
 
 Without ``--tree`` it times this checkout only. The results file names the machine, the
 date, each tree's commit and the load average before and after.
+
+Each child reports what it imported: ``csl_fast.__file__``, the compiled extension's file
+(``csl_fast._ext._C.__file__``) and ``csl_fast._ext.EXTENSION_ERROR``. Before timing, and
+again for every timed child, the run stops with an error unless the package and the
+extension both come from inside that tree and the extension loaded: a tree without
+``csl_fast`` would silently import another copy (this checkout's, through an editable
+install), and a tree without a built ``_C`` would time another tree's extension (the
+editable install's import hook hands it out) or the pure-PyTorch fallback.
 """
 
 from __future__ import annotations
@@ -57,7 +65,50 @@ def _cases():
     return cases
 
 
-def _child() -> None:
+def _identity() -> dict:
+    """What this process imported: the csl_fast package, its compiled extension, the error."""
+    import csl_fast
+    from csl_fast import _ext
+
+    c = getattr(_ext, "_C", None)
+    return {
+        "_module": csl_fast.__file__,
+        "_extension": getattr(c, "__file__", None) if c is not None else None,
+        "_extension_error": getattr(_ext, "EXTENSION_ERROR", None),
+    }
+
+
+def check_identity(name: str, tree: str, ident: dict) -> None:
+    """Stop (SystemExit) unless the child for tree ``name`` imported csl_fast and its
+    compiled extension from inside ``tree`` and the extension loaded."""
+    root = Path(tree).resolve()
+
+    def inside(f: str | None) -> bool:
+        return f is not None and Path(f).resolve().is_relative_to(root)
+
+    problems = []
+    if not inside(ident.get("_module")):
+        problems.append(f"csl_fast was imported from {ident.get('_module')}, not from the tree")
+    if ident.get("_extension_error"):
+        problems.append(f"its compiled extension did not load: {ident['_extension_error']}")
+    elif not inside(ident.get("_extension")):
+        problems.append(
+            f"its compiled extension csl_fast._C came from {ident.get('_extension')}, not from "
+            "the tree (an editable install's import hook hands out its own build)"
+        )
+    if problems:
+        raise SystemExit(
+            f"per_call.py: tree {name} ({root}): "
+            + "; ".join(problems)
+            + ". Build the extension in that tree (`python setup.py build_ext --inplace`) "
+            "and point --tree at the folder that holds its csl_fast/."
+        )
+
+
+def _child(identify: bool = False) -> None:
+    if identify:
+        print(json.dumps(_identity()))
+        return
     cases = _cases()
     out = {}
     for fn in cases.values():
@@ -72,10 +123,23 @@ def _child() -> None:
             times[name].append((time.perf_counter() - start) / CALLS)
     for name, ts in times.items():
         out[name] = statistics.median(ts) * 1e6
-    import csl_fast
-
-    out["_module"] = csl_fast.__file__
+    out.update(_identity())
     print(json.dumps(out))
+
+
+def _run_child(name: str, path: str, *extra: str) -> dict:
+    """Run this script as a child in ``path`` (``PYTHONPATH=path``); its JSON line."""
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=path,
+    )
+    if res.returncode:
+        raise SystemExit(f"{name} ({path}) failed:\n{res.stderr}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def _commit(path: Path) -> str:
@@ -97,9 +161,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--identify", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child()
+        _child(identify=args.identify)
         return
     here = Path(__file__).resolve().parents[1]
     trees = [t.split("=", 1) for t in args.tree] or [["this checkout", str(here)]]
@@ -112,20 +177,14 @@ def main() -> None:
         def tqdm(x, **_):
             return x
 
+    for name, path in trees:  # before any timing: each tree imports itself
+        check_identity(name, path, _run_child(name, path, "--identify"))
     for r in tqdm(range(args.rounds), desc="rounds"):
         order = trees[r % len(trees) :] + trees[: r % len(trees)]
         for name, path in order:
-            env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-            res = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), "--child"],
-                env=env,
-                capture_output=True,
-                text=True,
-                cwd=path,
-            )
-            if res.returncode:
-                raise SystemExit(f"{name} ({path}) failed:\n{res.stderr}")
-            runs[name].append(json.loads(res.stdout.strip().splitlines()[-1]))
+            result = _run_child(name, path)
+            check_identity(name, path, result)
+            runs[name].append(result)
     load_after = os.getloadavg()
     cases = list(dict.fromkeys(k for rs in runs.values() for r in rs for k in r if k[0] != "_"))
     table = {
