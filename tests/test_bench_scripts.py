@@ -1,0 +1,70 @@
+"""The benchmark scripts built on csl_fast.bench (benchmarks/run.py, per_call.py,
+sync_memory.py): they refuse to time the wrong code and record how they measured."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # their sibling imports (run_meta)
+    spec = importlib.util.spec_from_file_location(f"_bench_script_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_run_refuses_without_the_compiled_backend(monkeypatch, tmp_path, capsys):
+    from csl_fast import _ext
+
+    monkeypatch.setattr(_ext, "_C", None)
+    monkeypatch.setattr(_ext, "EXTENSION_ERROR", "ImportError: no _C in this test")
+    run = _script("run")
+    args = ["--quick", "--sections", "memory", "--out", str(tmp_path)]
+    assert run.main(args) == 3
+    err = capsys.readouterr().err
+    assert "cpu: compiled extension not loaded" in err and "no _C in this test" in err
+    assert not list(tmp_path.iterdir())  # nothing measured, nothing written
+    assert run.main([*args, "--allow-missing-backends"]) == 0
+    assert "did not load" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_per_call_checks_each_child_imported_its_own_tree(tmp_path):
+    check = _script("per_call").check_identity
+    tree = tmp_path / "tree"
+    pkg = tree / "csl_fast"
+    ok = {
+        "_module": str(pkg / "__init__.py"),
+        "_extension": str(pkg / "_C.cpython-311-x86_64-linux-gnu.so"),
+        "_extension_error": None,
+    }
+    check("t", str(tree), ok)
+    other = tmp_path / "main" / "csl_fast"
+    for bad, says in (
+        ({"_module": str(other / "__init__.py")}, "csl_fast was imported from"),
+        ({"_extension": str(other / "_C.so")}, "csl_fast._C came from"),
+        ({"_extension": None, "_extension_error": "ImportError: x"}, "did not load: ImportError"),
+    ):
+        with pytest.raises(SystemExit, match=says):
+            check("t", str(tree), {**ok, **bad})
+
+
+def test_sync_memory_fixes_and_records_the_mmap_threshold():
+    sync = _script("sync_memory")
+    row = sync.measure(20_000, 2)
+    assert row["malloc_mmap_threshold"] == sync.MMAP_THRESHOLD == 131072
+    assert "fixed glibc's mmap threshold at 128 KiB" in sync._markdown([row], _meta())
+    row = sync.measure(20_000, 2, 0)
+    assert row["malloc_mmap_threshold"] is None
+    assert "under-states" in sync._markdown([row], _meta())
+
+
+def _meta() -> dict:
+    return {"date": "d", "commit": "c", "machine": "m"}
