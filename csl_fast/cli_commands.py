@@ -604,16 +604,27 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     if args.device is not None:
         _check_device(args.device)
     try:
-        from .bench import run_short
+        from .bench import compiled_backend, run_short
     except ImportError as exc:
         if exc.name and exc.name.endswith("csl_fast.bench"):
             raise CLIError(
                 "the benchmark module is not part of this installation", EXIT_DEPENDENCY
             ) from None
         raise
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    backend, why = compiled_backend(device)
+    if backend is None:
+        # the report would hold no csl_fast row: nothing left to measure its overhead by
+        raise CLIError(
+            f"nothing to measure on {device}: {why}. Build the extension (`csl-fast info` "
+            "says why it did not load)",
+            EXIT_DEPENDENCY,
+        )
     if args.quiet:
         with _stderr_fd_silenced():
             text = run_short(device=args.device, quiet=True)

@@ -427,6 +427,25 @@ def test_bench_quiet_is_silent_on_stderr(monkeypatch, capfd):
     assert capfd.readouterr().err == "still here\n"
 
 
+def test_bench_without_a_compiled_backend_exits_with_the_reason(monkeypatch, capsys):
+    # the short report would time no csl_fast row (the reference fallback is never timed
+    # under its name): a dependency error naming why, before any measurement
+    import csl_fast.bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured without a compiled backend")
+
+    monkeypatch.setattr(csl_fast.bench, "run_short", never)
+    monkeypatch.setattr(
+        csl_fast.bench,
+        "compiled_backend",
+        lambda device: (None, "no compiled csl_fast backend (cpu: extension not built)"),
+    )
+    assert main(["bench", "--device", "cpu"]) == 4
+    err = capsys.readouterr().err
+    assert "extension not built" in err and "csl-fast info" in err
+
+
 def test_info_console_script():
     exe = shutil.which("csl-fast")
     cmd = [exe, "info"] if exe else [sys.executable, "-m", "csl_fast", "info"]
