@@ -28,6 +28,14 @@ def integer_labels(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def label_range(labels: torch.Tensor) -> tuple[int, int]:
+    """``(min, max)`` of a non-empty integer label tensor of any integer dtype, exactly
+    (torch has no min/max for uint16/uint32/uint64, and a cast to int64 would wrap uint64
+    values past its range)."""
+    values = labels.detach().cpu().numpy()
+    return int(values.min()), int(values.max())
+
+
 def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     """``value`` as an int (a Python int, NumPy integer or 0-d integer tensor) ``>= low``."""
     try:

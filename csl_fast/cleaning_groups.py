@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import duplicate_groups as dg
-from ._args import integer_labels
+from ._args import integer_labels, label_range
 from .detect import Detection, carry_to_groups, duplicates
 
 __all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
@@ -168,13 +168,15 @@ def duplicate_decisions(
                 f"{lab.dtype} of shape {tuple(lab.shape)}"
             )
         classes = getattr(source, "num_classes", None)
-        if lab.numel() and (int(lab.min()) < 0 or (classes and int(lab.max()) >= classes)):
+        low, high = label_range(lab) if lab.numel() else (0, 0)
+        if low < 0 or (classes and high >= classes):
             # a group is relabelled to one of these labels: -1 or 99 would enter the plan
             bound = f"[0, {classes})" if classes else ">= 0"
             raise ValueError(
                 f"csl_fast.clean: labels must be class indices {bound}, got values in "
-                f"[{int(lab.min())}, {int(lab.max())}]; pass the labels the run trained on"
+                f"[{low}, {high}]; pass the labels the run trained on"
             )
+        lab = lab.long()
     dg.check_rows(n, inputs, lab)
     if lab is None:
         # (the plan's rows are its flagged samples and these groups' members)

@@ -21,6 +21,7 @@ import argparse
 import os
 from typing import Any
 
+from ._args import label_range
 from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError
 
 __all__ = [
@@ -67,7 +68,9 @@ def load_array(path: str, option: str) -> Any:
         raise CLIError(f"{option} {path!r}: no such file", EXIT_INPUT)
     try:
         if suffix == ".npy":
-            value = torch.from_numpy(np.load(path, allow_pickle=False))
+            array = np.load(path, allow_pickle=False)
+            # torch takes native byte order only; a big-endian array is still numeric
+            value = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage or foreign content: one line, no traceback
@@ -97,7 +100,37 @@ def load_array(path: str, option: str) -> Any:
 
 def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
     """``(inputs [N, ...] or None, labels int [N] or None)`` for a run, checked against the
-    tracker's ``N``; labels only come with inputs."""
+    tracker's ``N``; labels only come with inputs.
+
+    Inputs the run's ``samples.npz`` holds are used where the duplicate detection can use
+    them and set aside otherwise, with a note (a multi-label or loss-only run saved with
+    its inputs still ranks and reports); ``--inputs`` or ``--labels`` given where they
+    cannot be used are refused (:func:`check_combination`)."""
+    import sys
+
+    from .cli_commands import loss_only
+
+    inputs, labels = _run_inputs(args, tracker, samples)
+    explicit = getattr(args, "inputs", None) is not None or getattr(args, "labels", None)
+    score = getattr(args, "score", None)
+    if explicit or inputs is None or score is None:
+        if score is not None:
+            check_combination(inputs, labels, score, loss_only(tracker))
+        return inputs, labels
+    try:
+        check_combination(inputs, labels, score, loss_only(tracker))
+    except CLIError as exc:
+        why = str(exc).replace("--inputs", "inputs")
+        print(
+            f"csl-fast {args.command}: note: the inputs in samples.npz are not used, so no "
+            f"duplicate groups are formed: {why}",
+            file=sys.stderr,
+        )
+        return None, None
+    return inputs, labels
+
+
+def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
     import torch
 
     n = tracker.num_samples
@@ -148,7 +181,7 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
     if labels is not None and classes is not None and labels.numel() > 0:
         # clean relabels a duplicate group to one of these labels: -1 or 99 would land in
         # the plan as a class of a 10-class run
-        low, high = int(labels.min()), int(labels.max())
+        low, high = label_range(labels)
         if low < 0 or high >= classes:
             raise CLIError(
                 f"{lwhere}: labels range over [{low}, {high}], but the run has C = {classes} "

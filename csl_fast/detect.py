@@ -1002,7 +1002,8 @@ def duplicates(
         inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list),
             compared row by row by their bits.
         labels: optional ``[N]`` (or ``[N, ...]``) training labels as given to the
-            network; needs ``inputs``.
+            network; needs ``inputs``. A negative class index (an unlabelled sample,
+            ``ignore_index``) conflicts with no label.
         rule, fraction, threshold: as in :func:`mislabeled`.
 
     ``Detection.groups`` lists the flagged groups (every member is flagged); the ranking
@@ -1012,6 +1013,8 @@ def duplicates(
     why.
     """
     values, name, views, hint, caveat = _select(source, score)
+    # (the label-conflict branch below reads neither; refused there as _detect does)
+    _unused(rule, fraction, threshold, "csl_fast.detect.duplicates")
     n = values.numel()
     inputs = dg.as_rows("csl_fast.detect.duplicates", "inputs", inputs)
     labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -103,11 +104,16 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """bool ``[G]``: the groups of ``ids`` whose members do not all carry the same label.
 
     ``labels``: ``[N]`` class indices, or ``[N, ...]`` (a multi-label target row; rows
-    are compared by their bits, as inputs are).
+    are compared by their bits, as inputs are). A negative class index (an unlabelled
+    sample, such as ``F.cross_entropy``'s ``ignore_index=-100``) takes no part: an
+    unlabelled copy of a labelled sample is no conflict.
     """
     num = num_groups(ids)
     rows = _rows(labels)
     member = ids >= 0
+    integer = labels.is_signed() and not (labels.is_floating_point() or labels.is_complex())
+    if labels.dim() == 1 and integer:
+        member = member & (labels.detach().cpu() >= 0)
     g = ids[member]
     if g.numel() == 0:
         return torch.zeros(num, dtype=torch.bool)
@@ -162,16 +168,24 @@ def carry_count(
 
 
 def as_rows(where: str, name: str, value: Any) -> torch.Tensor | None:
-    """``value``, one row per sample as a tensor, a NumPy array or a (nested) list, as a
-    tensor (``None`` stays ``None``), or a ``TypeError`` naming ``where`` and ``name``."""
+    """``value``, one row per sample as a tensor, a NumPy array or a (nested) list (of
+    numbers, or of per-sample tensors or arrays of one shape, as a Dataset yields them), as
+    a tensor (``None`` stays ``None``), or a ``TypeError`` naming ``where`` and ``name``."""
     if value is None or isinstance(value, torch.Tensor):
         return value
     try:
+        if (
+            isinstance(value, (list, tuple))
+            and value
+            and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in value)
+        ):
+            return torch.stack([torch.as_tensor(v) for v in value])
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(
             f"{where}: {name} must be a tensor, a NumPy array or a list with one row per "
-            f"sample, got {type(value).__name__} ({exc})"
+            f"sample, got {type(value).__name__} ({exc}); for a Dataset, stack its rows "
+            "(torch.stack([x for x, _ in dataset]))"
         ) from None
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,6 +179,12 @@ def test_inputs_and_labels_take_arrays_and_lists_alike():
     want = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y).rows()
     for inputs, labels in ((x.numpy(), y.numpy()), (x.tolist(), y.tolist()), (x.numpy(), y)):
         plan = clean(scores, detection=det, suggestions=sugg, inputs=inputs, labels=labels)
+        assert plan.rows() == want
+    # compact unsigned labels: torch has no min/max for uint16/uint32 (a crash, not a plan)
+    for dtype in (np.uint16, np.uint32):
+        plan = clean(
+            scores, detection=det, suggestions=sugg, inputs=x, labels=y.numpy().astype(dtype)
+        )
         assert plan.rows() == want
     with pytest.raises(TypeError, match="inputs must be a tensor, a NumPy array or a list"):
         clean(scores, detection=det, suggestions=sugg, inputs=[[1.0], [2.0, 3.0]], labels=y)

@@ -293,3 +293,75 @@ def test_rank_json_carries_the_duplicate_summary(run, capsys):
     # pair, and its total is said (the counts disagreed with the rows, unexplained)
     marked = sum(r["flagged"] for r in doc["rows"])
     assert doc["flagged_with_duplicates_count"] == marked == doc["flagged_count"] + 2
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64, np.int16])
+def test_labels_of_any_integer_dtype(run, tmp_path, capsys, dtype):
+    # torch has no min/max for uint16/uint32/uint64: the range check crashed ("internal
+    # error") on a valid compact label file, in samples.npz and in --labels alike
+    folder, tracker, x, y = run
+    tracker.save(tmp_path / "tracker.csl")
+    RunSamples(labels=y.numpy().astype(dtype), inputs=x.numpy()).save(tmp_path / "samples.npz")
+    code, out, err = run_main(capsys, "rank", str(tmp_path), "--csv", "--top", str(N))
+    assert code == EXIT_OK, err
+    rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert rows[0]["flagged"] == rows[1]["flagged"] == "1" and rows[6]["flagged"] == "0"
+    np.save(tmp_path / "y.npy", y.numpy().astype(dtype))
+    plan = tmp_path / "plan.csv"
+    code, _, err = run_main(
+        capsys, "clean", str(folder / "tracker.csl"), "--out", str(plan), "-q",
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    bad = y.numpy().astype(dtype)
+    bad[3] = C  # out of the run's classes: still an input error, with the range
+    np.save(tmp_path / "y.npy", bad)
+    line = user_error(
+        capsys, EXIT_INPUT, "rank", str(folder / "tracker.csl"),
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+    )  # fmt: skip
+    assert f"[0, {C}]" in line
+
+
+def test_samples_npz_inputs_set_aside_where_they_cannot_be_used(tmp_path, capsys):
+    """A loss-only run saved with its inputs (and no labels), or ranked by label_csl,
+    still ranks and reports: the inputs are set aside with a note, not a usage error;
+    the same inputs given with --inputs are still refused."""
+    gen = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(50, num_labels=3)
+    x = torch.randn(50, 4, generator=gen)
+    target = (torch.rand(50, 3, generator=gen) > 0.5).float()
+    for _ in range(3):
+        csl_fast.accumulate_bce(
+            torch.randn(50, 3, generator=gen), target, torch.arange(50), tracker
+        )
+        tracker.end_epoch()
+    tracker.save(tmp_path / "tracker.csl")
+    RunSamples(inputs=x.numpy()).save(tmp_path / "samples.npz")
+    np.save(tmp_path / "x.npy", x.numpy())
+    for score in ("csl", "label_csl"):
+        code, out, err = run_main(capsys, "rank", str(tmp_path), "--score", score, "--csv")
+        assert code == EXIT_OK, err
+        assert "the inputs in samples.npz are not used" in err and out
+    code, _, err = run_main(capsys, "report", str(tmp_path), "--out", str(tmp_path / "r"), "-q")
+    assert code == EXIT_OK, err
+    assert (tmp_path / "r" / "index.html").exists() or any((tmp_path / "r").iterdir())
+    line = user_error(
+        capsys, EXIT_USAGE, "rank", str(tmp_path / "tracker.csl"),
+        "--inputs", str(tmp_path / "x.npy"),
+    )  # fmt: skip
+    assert "--labels" in line
+
+
+def test_a_big_endian_npy_is_read(run, tmp_path, capsys):
+    # a valid numeric file was called "truncated, damaged, or holding Python objects"
+    folder, _, x, y = run
+    np.save(tmp_path / "x.npy", x.numpy().astype(">f4"))
+    np.save(tmp_path / "y.npy", y.numpy().astype(">i8"))
+    code, out, err = run_main(
+        capsys, "rank", str(folder / "tracker.csl"), "--csv", "--top", str(N),
+        "--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+    )  # fmt: skip
+    assert code == EXIT_OK, err
+    rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert rows[0]["flagged"] == rows[1]["flagged"] == "1" and rows[6]["flagged"] == "0"

@@ -212,6 +212,10 @@ def test_duplicates_bad_arguments():
     with pytest.raises(ValueError, match="labels must have one row per sample"):
         detect.duplicates(s, inputs=x, labels=y[:-1])
     assert detect.exact_duplicate_groups(torch.tensor([[1.0], [2.0], [1.0]])) == [[0, 2]]
+    # the label-conflict rule reads neither: refused, not silently ignored
+    for extra in ({"fraction": 0.5}, {"threshold": 0.0}):
+        with pytest.raises(ValueError, match="is read only by rule="):
+            detect.duplicates(s, inputs=x, labels=y, **extra)
 
 
 @pytest.mark.parametrize(

@@ -110,6 +110,30 @@ def test_numpy_arrays_and_lists_are_taken_as_clean_takes_them():
         detect.duplicates(torch.rand(3), inputs=[[0.0], "a", None])
 
 
+def test_a_list_of_per_sample_tensors_is_stacked():
+    # what a Dataset yields: it was refused with "only one element tensors can be converted"
+    x = [torch.tensor([0.0, 1.0]), torch.tensor([0.0, 1.0]), torch.tensor([2.0, 1.0])]
+    y = [torch.tensor(0), torch.tensor(1), torch.tensor(1)]
+    det = detect.duplicates(torch.rand(3), inputs=x, labels=y)
+    assert det.groups == [[0, 1]] and det.flagged.tolist() == [True, True, False]
+    arrays = [v.numpy() for v in x]
+    assert detect.duplicates(torch.rand(3), inputs=arrays, labels=y).groups == [[0, 1]]
+    with pytest.raises(TypeError, match=r"stack its rows"):
+        detect.duplicates(torch.rand(3), inputs=[torch.zeros(2), torch.zeros(3), torch.zeros(2)])
+
+
+def test_a_negative_label_is_no_label():
+    # an unlabelled copy (ignore_index -100) of a labelled sample was a "conflict"
+    x = torch.tensor([[0.0], [0.0], [1.0], [1.0], [1.0], [2.0], [2.0]])
+    y = torch.tensor([3, -100, 1, -100, 2, -100, -100])
+    ids = dg.group_ids(x)
+    assert dg.conflicting(ids, y).tolist() == [False, True, False]
+    det = detect.duplicates(torch.rand(7), inputs=x, labels=y)
+    assert det.groups == [[2, 3, 4]]
+    # unsigned labels have no negative values: compared as they are
+    assert dg.conflicting(ids, y.clamp(min=0).to(torch.uint8)).tolist() == [True, True, False]
+
+
 def test_no_samples_no_groups():
     # reshape(0, -1) raised "cannot reshape tensor of 0 elements" on the labels
     empty = torch.zeros(0, 2)
