@@ -141,30 +141,15 @@ class LinearCECase:
         if backend is None:
             self.skipped[OURS] = self.skipped[OURS_LOWMEM] = str(no_backend)
         else:
-            self.impls[OURS] = step(
-                lambda: linear_cross_entropy(
-                    self.h,
-                    self.w,
-                    self.t,
-                    self.index,
-                    self.csl,
-                    chunk_size=self.chunk_size,
-                    backend=backend,
-                )
-            )
+
+            def ours(**extra):
+                args = (self.h, self.w, self.t, self.index, self.csl)
+                kwargs = {"chunk_size": self.chunk_size, "backend": backend, **extra}
+                return step(lambda: linear_cross_entropy(*args, **kwargs))
+
+            self.impls[OURS] = ours()
         if backend is not None and self.dtype != torch.float32:
-            self.impls[OURS_LOWMEM] = step(
-                lambda: linear_cross_entropy(
-                    self.h,
-                    self.w,
-                    self.t,
-                    self.index,
-                    self.csl,
-                    chunk_size=self.chunk_size,
-                    accum_dtype=self.w.dtype,
-                    backend=backend,
-                )
-            )
+            self.impls[OURS_LOWMEM] = ours(accum_dtype=self.w.dtype)
         elif backend is not None:
             self.skipped[OURS_LOWMEM] = "float32 weights: the same as the default"
         self.impls[EAGER] = step(lambda: _eager(self.h, self.w, flat_t))
