@@ -464,7 +464,13 @@ def mislabeled_entries(
     network learns last (8 and 9, then 1 and 3): their per-entry CSL has a heavier upper
     tail than the normal model of the bulk allows, and the tracker, which keeps no labels,
     cannot tell that tail from flips. Treat the flagged set as entries to review first,
-    not as proven flips.
+    not as proven flips. A candidate fix is measured, not built
+    (``benchmarks/paper/multilabel_doubt.py``, 4 trainings x 2 seeds x 0 / 2 / 10% flips):
+    single-label detection's doubt view applied to each entry as two classes calls
+    9-18% of the clean runs' flagged entries firmly doubted against 26-61% on every
+    noisy run, so single-label's anchored-share floor (0.2) would tell them apart; it
+    needs the per-entry sum of the given value's probability, which ``accumulate_bce``
+    does not record yet.
 
     On held-out data it can be blind (``benchmarks/loss_detection_limits.py``): scikit-
     learn's ``make_multilabel_classification`` (600 samples, 8 labels, 0.5-10% of entries

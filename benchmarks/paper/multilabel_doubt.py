@@ -1,0 +1,170 @@
+"""Multi-label: a probe of the doubt view for entries, the candidate fix of the entry
+rule's false alarms on clean data (not a rule of the package yet).
+
+``detect_losses.mislabeled_entries`` flags 2-3% of the entries of a clean run of two
+digits side by side (``multilabel_clean.py``): its tail rule cannot tell a late-learned
+label's heavy tail from flips. Single-label detection separates them with the doubt view
+(``csl_fast.flagging.doubted``): a flipped label is rejected *firmly* (the network is sure
+of the other value), a hard clean one is hesitated over. This probe applies that view,
+with its constants unchanged, to each (sample, label) entry as a two-class problem:
+``D = sum_t (1 - p_t)`` and ``CSL / D`` with ``p_t`` the probability of the entry's given
+value at presentation ``t``, ``p* = DOUBT_PROB / (2 - 1) = 0.2``; and it reports the
+share of the tail rule's flagged set that the view calls doubted (the "anchored share"
+of single-label detection, whose floor there is ``MIN_ANCHORED_SHARE = 0.2``).
+
+``sum_t p_t`` per entry is not recorded by ``accumulate_bce`` (the tracker keeps
+``label_csl`` only); the probe adds it in Python beside the tracker. A rule built on it
+needs that ``[N, L]`` buffer in the kernels (4 bytes per entry).
+
+Variants (``--variants``), all on ``multilabel.py``'s data and MLP unless said:
+``adam`` (its training: Adam 1e-3, 200 epochs), ``sgd`` (SGD 0.1, momentum 0.9, 150
+epochs), ``wide`` (one hidden layer of 1,024, Adam, 100 epochs), ``wd`` (AdamW, weight
+decay 0.05, 200 epochs).
+
+Usage: ``python benchmarks/paper/multilabel_doubt.py [--seeds 3] [--rates 0 0.02 0.1]
+[--variants adam sgd wide wd]``; writes ``results/multilabel-doubt.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(HERE.parent))
+
+from multilabel import LABELS, RESULTS, flip, load, mlp  # noqa: E402
+from run_meta import run_meta  # noqa: E402
+
+import csl_fast  # noqa: E402
+from csl_fast import detect_losses, flagging  # noqa: E402
+
+VARIANTS = ("adam", "sgd", "wide", "wd")
+
+
+def model_and_optimizer(variant: str, seed: int) -> tuple[nn.Module, torch.optim.Optimizer, int]:
+    if variant == "wide":
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(128, 1024), nn.ReLU(), nn.Linear(1024, LABELS))
+        return model, torch.optim.Adam(model.parameters(), lr=1e-3), 100
+    model = mlp(seed)
+    if variant == "sgd":
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), 150
+    if variant == "wd":
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05), 200
+    return model, torch.optim.Adam(model.parameters(), lr=1e-3), 200
+
+
+def one_run(variant: str, seed: int, rate: float) -> dict:
+    x_np, y_np = load()
+    noisy, mask = flip(y_np, rate, seed) if rate > 0 else (y_np, np.zeros(y_np.shape, bool))
+    x, y = torch.from_numpy(x_np), torch.from_numpy(noisy)
+    n = len(y)
+    model, opt, epochs = model_and_optimizer(variant, seed)
+    tracker = csl_fast.CSLTracker(n, num_labels=LABELS)
+    p_sum = torch.zeros(n, LABELS, dtype=torch.float64)  # the candidate buffer
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, 64):
+            idx = order[start : start + 64]
+            logits = model(x[idx])
+            loss = csl_fast.accumulate_bce(logits, y[idx], idx, tracker)
+            with torch.no_grad():  # p of the given value = exp(-plain entry loss)
+                plain = F.binary_cross_entropy_with_logits(logits, y[idx], reduction="none")
+                p_sum.index_add_(0, idx, torch.exp(-plain.double()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
+        det = detect_losses.mislabeled_entries(tracker)
+    flagged = det.flagged.numpy().reshape(-1)
+    count = tracker.csl_count.double()[:, None].expand(n, LABELS).reshape(-1)
+    doubted = flagging.doubted(
+        tracker.label_csl.double().reshape(-1), count, p_sum.reshape(-1), 2
+    ).numpy()
+    truth = mask.reshape(-1)
+    anchored = int((doubted & flagged).sum())
+    return {
+        "variant": variant,
+        "seed": seed,
+        "rate": rate,
+        "entries": int(truth.size),
+        "flipped": int(truth.sum()),
+        "tail_flagged": int(flagged.sum()),
+        "tail_true": int((flagged & truth).sum()),
+        "doubted": int(doubted.sum()),
+        "doubted_true": int((doubted & truth).sum()),
+        "anchored": anchored,
+        "anchored_share": anchored / max(int(flagged.sum()), 1),
+    }
+
+
+def markdown(meta: dict, runs: list[dict]) -> str:
+    lines = [
+        "# Multi-label: the doubt view on entries (a probe)",
+        "",
+        f"Date {meta['date']}, commit {meta['commit']}, {meta['machine']}.",
+        f"Command: `{meta['command']}`",
+        "",
+        "Two digits side by side (N = 1,797, L = 10); see the script's docstring for the "
+        "variants. Tail: `mislabeled_entries`'s flagged set; doubted: `flagging.doubted` "
+        "on each entry as two classes (p* = 0.2); anchored share: doubted among the tail's "
+        f"flagged / the tail's flagged (single-label's floor: "
+        f"{flagging.MIN_ANCHORED_SHARE}).",
+        "",
+        "| variant | seed | flipped | tail: flagged (flips) | precision | recall | doubted "
+        "(flips) | anchored share |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        f, t = r["tail_flagged"], r["tail_true"]
+        prec = f"{t / f:.2f}" if f else "-"
+        rec = f"{t / r['flipped']:.2f}" if r["flipped"] else "-"
+        lines.append(
+            f"| {r['variant']} | {r['seed']} | {r['flipped']} ({r['rate']:.0%}) | {f} ({t}) "
+            f"| {prec} | {rec} | {r['doubted']} ({r['doubted_true']}) "
+            f"| {r['anchored_share']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[3])
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.1])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(RESULTS / "multilabel-doubt"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    meta = {
+        **run_meta(),
+        "command": "python benchmarks/paper/multilabel_doubt.py " + " ".join(sys.argv[1:]),
+    }
+    runs = []
+    for variant in args.variants:
+        for seed in args.seeds:
+            for rate in args.rates:
+                runs.append(one_run(variant, seed, rate))
+                shown = ("variant", "seed", "rate", "tail_flagged", "doubted", "anchored_share")
+                print({k: runs[-1][k] for k in shown}, flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    Path(args.out + ".md").write_text(markdown(meta, runs))
+    print(markdown(meta, runs))
+
+
+if __name__ == "__main__":
+    main()
