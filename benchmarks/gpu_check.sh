@@ -63,7 +63,7 @@ export CSL_INCREMENTAL_LOG="$OUT/failures.log"
 # Provenance for the reports (csl_fast/bench/env.py): git HEAD only when the sources match it.
 if [ -z "${CSL_COMMIT:-}" ]; then
     HEAD_SHA=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)
-    if [ -n "$HEAD_SHA" ] && [ -z "$(git -C "$ROOT" status --porcelain --untracked-files=no -- csl_fast csrc 2>/dev/null)" ]; then
+    if [ -n "$HEAD_SHA" ] && [ -z "$(git -C "$ROOT" status --porcelain --untracked-files=all -- csl_fast csrc 2>/dev/null)" ]; then
         CSL_COMMIT=$HEAD_SHA
     else
         CSL_COMMIT="unknown (csl_fast/ or csrc/ differ from this copy's git HEAD ${HEAD_SHA:-none}; see source_hash)"

@@ -11,10 +11,11 @@ CPU/GPU model, torch/triton versions, git commit and date; the last thing printe
 short table of the fused op against its alternatives, the step overheads and the targets.
 
 csl_fast's rows run its compiled backends by name (``cpu`` on a CPU; ``triton`` and ``cuda``
-on a GPU), never the pure-PyTorch reference it falls back to without them: when one of them
-cannot run (the compiled extension csl_fast._C failed to load, say), run.py says why and
-exits with status 3 before measuring anything; ``--allow-missing-backends`` runs anyway, with
-those rows skipped and the reason in the report.
+on a GPU), never the pure-PyTorch reference it falls back to without them: when none of them
+can run (the compiled extension csl_fast._C failed to load, say), run.py says why and exits
+with status 3 before measuring anything; ``--allow-missing-backends`` runs anyway, with
+csl_fast's rows skipped and the reason in the report. When one of a GPU's two cannot run,
+its rows are skipped with the reason and the other's are timed.
 
 Provenance: set ``CSL_COMMIT`` to the commit the tree holds where ``git rev-parse HEAD`` is
 wrong (a copy with stale git metadata); the report also records a SHA-256 of the sources
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--allow-missing-backends",
         action="store_true",
-        help="run even when a compiled backend this device is meant to measure cannot run "
-        "(its rows are skipped, with the reason)",
+        help="run even when no compiled backend this device is meant to measure can run "
+        "(csl_fast's rows are skipped, with the reason)",
     )
     args = p.parse_args(argv)
 
@@ -80,20 +81,24 @@ def main(argv: list[str] | None = None) -> int:
         print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
     missing = {b: why for b, why in bench.compiled_backends(args.device).items() if why}
-    if missing and not args.allow_missing_backends:
+    if bench.compiled_backend(args.device)[0] is None and not args.allow_missing_backends:
+        # no csl_fast row could be timed; with one of a GPU's two backends the other's rows
+        # are skipped, with the reason, and the run goes on
         from csl_fast._ext import EXTENSION_ERROR
 
         print(
-            f"run.py: the compiled csl_fast backend(s) this {torch.device(args.device).type} run "
-            "is meant to measure cannot run, so csl_fast's rows would be skipped (the "
+            f"run.py: no compiled csl_fast backend this {torch.device(args.device).type} run "
+            "is meant to measure can run, so every csl_fast row would be skipped (the "
             "pure-PyTorch reference fallback is never timed under csl_fast's name):\n"
             + "".join(f"  {b}: {why}\n" for b, why in missing.items())
             + (f"  extension error: {EXTENSION_ERROR}\n" if EXTENSION_ERROR else "")
-            + "Build the extension (`python -m csl_fast.info` says how), or pass "
-            "--allow-missing-backends to run the rest anyway.",
+            + "Build the extension (`python -m csl_fast.info` says how; for triton, install "
+            "it), or pass --allow-missing-backends to run the rest anyway.",
             file=sys.stderr,
         )
         return 3
+    for b, why in missing.items():
+        print(f"run.py: {b}'s rows are skipped: {why}", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:

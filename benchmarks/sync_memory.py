@@ -13,8 +13,9 @@ Each rank fixes glibc's mmap threshold at 128 KiB first (``mallopt(M_MMAP_THRESH
 ``MALLOC_MMAP_THRESHOLD_=131072`` does; ``--mmap-threshold 0`` leaves glibc's defaults), and
 the results record it. With glibc's default, dynamic threshold the multi-MiB temporaries
 freed by the first sync stay in the heap, resident, and a later sync reuses them without
-growing the resident set: at N = 2 million, W = 2 that read 216 MiB of growth where the
-later sync allocates 319 MiB. With the fixed threshold every such block is mapped fresh and
+growing the resident set: at N = 2 million, W = 2 that read 219 and 225 MiB of growth where
+the later sync allocates 318-319 MiB (a probe run for the change, not kept in a results
+file). With the fixed threshold every such block is mapped fresh and
 unmapped when freed, so the growth counts what each sync allocates.
 """
 
@@ -72,7 +73,13 @@ def _synced(tracker: csl_fast.CSLTracker) -> tuple[float, float]:
 
 def _rank(rank: int, world: int, init: str, n: int, threshold: int, queue: mp.Queue) -> None:
     if threshold and not _fix_mmap_threshold(threshold):
-        queue.put((rank, f"mallopt(M_MMAP_THRESHOLD, {threshold}) failed: not glibc?"))
+        queue.put(
+            (
+                rank,
+                f"mallopt(M_MMAP_THRESHOLD, {threshold}) failed: not glibc? "
+                "(--mmap-threshold 0 runs with the allocator's defaults)",
+            )
+        )
         return
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
@@ -157,7 +164,9 @@ def _threshold_note(rows: list) -> str:
         "Each rank fixed glibc's mmap threshold at "
         + " / ".join(f"{t // 1024} KiB" for t in sorted(t for t in fixed if t))
         + " (`mallopt(M_MMAP_THRESHOLD)`, as `MALLOC_MMAP_THRESHOLD_` does), so freed "
-        "multi-MiB blocks go back to the OS and each sync's temporaries show in its growth."
+        "multi-MiB blocks go back to the OS and each sync's temporaries show in its growth. "
+        "Every such block is then mapped fresh and faulted in, which the seconds include: "
+        "compare them only with runs at the same threshold."
     )
 
 

@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
         "3 bad input or output (a tracker, samples.npz, --inputs or --labels file that is "
         "missing, damaged, of another format or of another run: not N rows, labels not "
         "class indices in [0, C); a tracker that recorded nothing; an output that cannot be "
-        "written); 4 missing optional dependency; 130 interrupted. --debug prints the "
-        "traceback of errors too. Run `csl-fast demo` first.",
+        "written); 4 missing optional dependency (or, for bench, the compiled extension); "
+        "130 interrupted. --debug prints the traceback of errors too. Run `csl-fast demo` "
+        "first.",
     )
     from . import __version__
 

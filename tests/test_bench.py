@@ -228,6 +228,12 @@ def test_report_states_the_extension_error_and_the_backends():
     env["backends"], env["extension_error"] = {"cpu": None, "reference": None}, None
     md = bench.markdown({"env": env, "errors": {}})
     assert "backends measured: cpu\n" in md and "did not load" not in md
+    # a GPU whose extension failed but whose triton ran: only cuda's rows are skipped
+    env.update(device="cuda", extension_error="ImportError: x")
+    env["backends"] = {"triton": None, "cuda": "compiled extension not loaded", "reference": None}
+    md = bench.markdown({"env": env, "errors": {}})
+    assert "backends measured: triton; cuda not run (compiled extension not loaded)" in md
+    assert "the cuda backend's rows are skipped" in md and "csl_fast's rows are skipped" not in md
 
 
 def test_report_prints_the_commit_it_did_not_make_whole():

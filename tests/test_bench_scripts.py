@@ -36,6 +36,37 @@ def test_run_refuses_without_the_compiled_backend(monkeypatch, tmp_path, capsys)
     assert "did not load" in next(tmp_path.glob("*.md")).read_text()
 
 
+def test_run_goes_on_with_one_of_two_gpu_backends(monkeypatch, tmp_path, capsys):
+    # a GPU whose triton cannot run still times the cuda backend (run.py refused the whole
+    # run, and gpu_check.sh lost every GPU timing with it)
+    import torch
+
+    from csl_fast import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    status = {"triton": "triton not importable (ModuleNotFoundError)", "cuda": None}
+    monkeypatch.setattr(bench, "compiled_backends", lambda device: dict(status))
+    monkeypatch.setattr(bench, "compiled_backend", lambda device: ("cuda", None))
+    run = _script("run")
+
+    class Measuring(Exception):
+        pass
+
+    def measure(*args, **kwargs):
+        raise Measuring
+
+    monkeypatch.setattr(bench, "run_full", measure)
+    with pytest.raises(Measuring):  # past the refusal, into the measurement
+        run.main(["--device", "cuda", "--sections", "memory", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "triton's rows are skipped: triton not importable" in err
+    assert "no compiled csl_fast backend" not in err
+    monkeypatch.setattr(bench, "compiled_backend", lambda device: (None, "none"))
+    status["cuda"] = "compiled extension not loaded"
+    assert run.main(["--device", "cuda", "--sections", "memory", "--out", str(tmp_path)]) == 3
+    assert "no compiled csl_fast backend this cuda run" in capsys.readouterr().err
+
+
 def test_per_call_checks_each_child_imported_its_own_tree(tmp_path):
     check = _script("per_call").check_identity
     tree = tmp_path / "tree"

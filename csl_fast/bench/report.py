@@ -56,12 +56,18 @@ def _backends(env: dict) -> list[str]:
         f"- csl_fast backends measured: {', '.join(ran) or 'none'}"
         + "".join(f"; {b} not run ({status.get(b)})" for b in wanted if b not in ran)
     ]
+    skipped = [b for b in wanted if b not in ran]
     if env.get("extension_error") or not ran:
+        which = (
+            f"the {' and '.join(skipped)} backend's rows are skipped"
+            if ran
+            else "csl_fast's rows are skipped"
+        )
+        error = env.get("extension_error")
+        head = "The compiled extension csl_fast._C did not load" if error else "No compiled backend"
         lines.append(
-            f"- **The compiled extension csl_fast._C did not load** "
-            f"({env.get('extension_error') or 'no compiled backend for this device'}): "
-            "csl_fast's rows are skipped; the pure-PyTorch reference fallback is not timed "
-            "under csl_fast's name."
+            f"- **{head}** ({error or 'none can run on this device'}): {which}; the "
+            "pure-PyTorch reference fallback is not timed under csl_fast's name."
         )
     return lines
 
