@@ -36,6 +36,14 @@ def label_range(labels: torch.Tensor) -> tuple[int, int]:
     return int(values.min()), int(values.max())
 
 
+def int64_labels(fn: str, labels: torch.Tensor) -> torch.Tensor:
+    """Integer ``labels`` of any integer dtype as int64 (the dtype torch's ops take; uint16
+    and uint32 have no comparisons), refusing uint64 values that int64 would wrap."""
+    if labels.numel() and label_range(labels)[1] > torch.iinfo(torch.int64).max:
+        raise ValueError(f"{fn}: labels past int64's range ({label_range(labels)[1]})")
+    return labels.long()
+
+
 def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     """``value`` as an int (a Python int, NumPy integer or 0-d integer tensor) ``>= low``."""
     try:

@@ -68,7 +68,7 @@ import numpy as np
 import torch
 
 from . import atomic_file
-from ._args import integer_labels
+from ._args import int64_labels, integer_labels
 from .cleaning_groups import duplicate_decisions
 from .detect import Detection, mislabeled
 
@@ -489,6 +489,7 @@ def _suggestions_of(
     if not integer_labels(label.dtype):
         raise TypeError(f"csl_fast.clean: suggested labels must be integers, got {label.dtype}")
     conf = conf.float()
+    label = int64_labels("csl_fast.clean", label)
     has = label >= 0
     classes = getattr(source, "num_classes", None)
     if classes and bool((label >= classes).any()):

@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import duplicate_groups as dg
-from ._args import integer_labels, label_range
+from ._args import int64_labels, integer_labels, label_range
 from .detect import Detection, carry_to_groups, duplicates
 
 __all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
@@ -82,7 +82,8 @@ def resolve_conflicts(
     Args:
         groups: lists of dataset indices, one per conflicting group (each of size >= 2),
             as :attr:`csl_fast.detect.Detection.groups` lists them.
-        labels: int ``[N]`` the given labels.
+        labels: int ``[N]`` the given labels; a negative one (an unlabelled sample,
+            ``ignore_index``) never wins and is relabelled to the group's label.
         mean_loss: float ``[N]`` each sample's mean loss over training (``csl_mean``; NaN
             for a sample never presented).
     """
@@ -109,6 +110,9 @@ def resolve_conflicts(
     lab = labels.detach().cpu().long()[members]
     loss = mean_loss.detach().cpu().double()[members]
     prob = torch.where(torch.isfinite(loss), torch.exp(-loss), torch.zeros_like(loss))
+    # an unlabelled member (a negative label, ignore_index) has no label to vote for: it
+    # takes the group's label
+    prob = torch.where(lab >= 0, prob, torch.zeros_like(prob))
     # the best member of each (group, label): its probability
     pair_keys, pair_of = torch.unique(torch.stack([gid, lab], 1), dim=0, return_inverse=True)
     best = torch.zeros(pair_keys.shape[0], dtype=torch.float64)
@@ -129,7 +133,7 @@ def resolve_conflicts(
     order = torch.argsort(members)
     return GroupDecision(
         members[order],
-        (lab == group_label)[order],
+        ((lab == group_label) & (group_label >= 0))[order],
         group_label[order],
         share[gid][order],
     )
@@ -176,7 +180,7 @@ def duplicate_decisions(
                 f"csl_fast.clean: labels must be class indices {bound}, got values in "
                 f"[{low}, {high}]; pass the labels the run trained on"
             )
-        lab = lab.long()
+        lab = int64_labels("csl_fast.clean", lab)
     dg.check_rows(n, inputs, lab)
     if lab is None:
         # (the plan's rows are its flagged samples and these groups' members)

@@ -53,6 +53,14 @@ def add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", metavar="FILE", default=None, help=_HELP_LABELS)
 
 
+def _tensor(array: Any) -> Any:
+    """``array`` as a CPU tensor; torch takes native byte order only, and a big-endian
+    array is as numeric as any."""
+    import torch
+
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+
+
 def load_array(path: str, option: str) -> Any:
     """The tensor in ``path`` (``.npy`` or a ``.pt``/``.pth`` of one tensor), on the CPU."""
     import numpy as np
@@ -68,9 +76,7 @@ def load_array(path: str, option: str) -> Any:
         raise CLIError(f"{option} {path!r}: no such file", EXIT_INPUT)
     try:
         if suffix == ".npy":
-            array = np.load(path, allow_pickle=False)
-            # torch takes native byte order only; a big-endian array is still numeric
-            value = torch.from_numpy(array.astype(array.dtype.newbyteorder("="), copy=False))
+            value = _tensor(np.load(path, allow_pickle=False))
         else:
             value = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any damage or foreign content: one line, no traceback
@@ -121,11 +127,12 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
         check_combination(inputs, labels, score, loss_only(tracker))
     except CLIError as exc:
         why = str(exc).replace("--inputs", "inputs")
-        print(
-            f"csl-fast {args.command}: note: the inputs in samples.npz are not used, so no "
-            f"duplicate groups are formed: {why}",
-            file=sys.stderr,
-        )
+        if not getattr(args, "quiet", False):
+            print(
+                f"csl-fast {args.command}: note: the inputs in samples.npz are not used, so "
+                f"no duplicate groups are formed: {why}",
+                file=sys.stderr,
+            )
         return None, None
     return inputs, labels
 
@@ -139,7 +146,7 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
         inputs = load_array(args.inputs, "--inputs")
         where = f"--inputs {args.inputs!r}"
     elif samples is not None and samples.inputs is not None:
-        inputs = torch.from_numpy(samples.inputs)
+        inputs = _tensor(samples.inputs)
         where = "the inputs in samples.npz"
     if getattr(args, "labels", None) is not None:
         if inputs is None:
@@ -151,7 +158,7 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
         labels = load_array(args.labels, "--labels")
         lwhere = f"--labels {args.labels!r}"
     elif inputs is not None and samples is not None and samples.labels is not None:
-        labels = torch.from_numpy(samples.labels)
+        labels = _tensor(samples.labels)
         lwhere = "the labels in samples.npz"
     if inputs is not None and (inputs.dim() == 0 or inputs.shape[0] != n):
         raise CLIError(

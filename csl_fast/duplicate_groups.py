@@ -179,7 +179,10 @@ def as_rows(where: str, name: str, value: Any) -> torch.Tensor | None:
             and value
             and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in value)
         ):
-            return torch.stack([torch.as_tensor(v) for v in value])
+            rows = [torch.as_tensor(v) for v in value]
+            if all(r.numel() == 1 for r in rows):  # tensor([c]) per sample: [N], not [N, 1]
+                rows = [r.reshape(()) for r in rows]
+            return torch.stack(rows)
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(

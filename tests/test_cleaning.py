@@ -517,6 +517,16 @@ def test_suggestions_beyond_the_trackers_classes_are_refused():
     label[3] = 2
     plan = clean(t, detection=_det(), suggestions=(label, SUGG_CONF))
     assert plan.suggested_label.tolist() == [1, 0, 1, 2]
+    # compact unsigned suggestions (no -1 there: every sample has one): torch has no
+    # comparisons for uint16/uint32, which crashed the check
+    label = torch.tensor([1, 2, 0, 2, 0, 1])
+    want = clean(t, detection=_det(), suggestions=(label, SUGG_CONF)).rows()
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        plan = clean(t, detection=_det(), suggestions=(label.to(dtype), SUGG_CONF))
+        assert plan.rows() == want
+    with pytest.raises(ValueError, match="past int64's range"):
+        big = torch.tensor([2**63, 0, 0, 0, 0, 0], dtype=torch.uint64)
+        clean(t, detection=_det(), suggestions=(big, SUGG_CONF))
 
 
 def test_csv_confidence_reads_back_as_the_value_the_decision_used(tmp_path):

@@ -190,6 +190,23 @@ def test_inputs_and_labels_take_arrays_and_lists_alike():
         clean(scores, detection=det, suggestions=sugg, inputs=[[1.0], [2.0, 3.0]], labels=y)
 
 
+def test_an_unlabelled_member_takes_the_group_label():
+    # a negative label (ignore_index) voted and won: the unlabelled sample was kept and the
+    # labelled ones relabelled to -100
+    labels = torch.tensor([1, -100, 2, 5, -1, -1])
+    loss = torch.tensor([0.5, 0.01, 2.0, 0.3, 0.1, 0.2])
+    d = resolve_conflicts([[0, 1, 2], [4, 5]], labels, loss)
+    assert d.index.tolist() == [0, 1, 2, 4, 5]
+    assert d.group_label.tolist() == [1, 1, 1, -1, -1]  # the second group has no label
+    assert d.keep.tolist() == [True, False, False, False, False]
+    # clean(labels=) with tensor([c]) per sample, as a Dataset yields them
+    x, y, scores, sugg = _setup()
+    det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
+    want = clean(scores, detection=det, suggestions=sugg, inputs=x, labels=y).rows()
+    rows = [torch.tensor([int(c)]) for c in y]
+    assert clean(scores, detection=det, suggestions=sugg, inputs=x, labels=rows).rows() == want
+
+
 def test_resolve_conflicts_refuses_mismatched_inputs():
     y, loss = torch.tensor([0, 1, 1]), torch.tensor([0.1, 0.2, 0.3])
     # IndexError from inside torch, or float labels truncated by .long()

@@ -343,6 +343,8 @@ def test_samples_npz_inputs_set_aside_where_they_cannot_be_used(tmp_path, capsys
         code, out, err = run_main(capsys, "rank", str(tmp_path), "--score", score, "--csv")
         assert code == EXIT_OK, err
         assert "the inputs in samples.npz are not used" in err and out
+        code, out, err = run_main(capsys, "rank", str(tmp_path), "--score", score, "-q")
+        assert code == EXIT_OK and "not used" not in err  # --quiet: no note
     code, _, err = run_main(capsys, "report", str(tmp_path), "--out", str(tmp_path / "r"), "-q")
     assert code == EXIT_OK, err
     assert (tmp_path / "r" / "index.html").exists() or any((tmp_path / "r").iterdir())
@@ -358,6 +360,16 @@ def test_a_big_endian_npy_is_read(run, tmp_path, capsys):
     folder, _, x, y = run
     np.save(tmp_path / "x.npy", x.numpy().astype(">f4"))
     np.save(tmp_path / "y.npy", y.numpy().astype(">i8"))
+    big = tmp_path / "big"
+    big.mkdir()
+    run[1].save(big / "tracker.csl")
+    RunSamples(labels=y.numpy().astype(">i8"), inputs=x.numpy().astype(">f4")).save(
+        big / "samples.npz"
+    )
+    code, out, err = run_main(capsys, "rank", str(big), "--csv", "--top", str(N))
+    assert code == EXIT_OK, err
+    rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
+    assert rows[0]["flagged"] == rows[1]["flagged"] == "1" and rows[6]["flagged"] == "0"
     code, out, err = run_main(
         capsys, "rank", str(folder / "tracker.csl"), "--csv", "--top", str(N),
         "--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),

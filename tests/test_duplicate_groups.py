@@ -118,6 +118,10 @@ def test_a_list_of_per_sample_tensors_is_stacked():
     assert det.groups == [[0, 1]] and det.flagged.tolist() == [True, True, False]
     arrays = [v.numpy() for v in x]
     assert detect.duplicates(torch.rand(3), inputs=arrays, labels=y).groups == [[0, 1]]
+    # tensor([c]) per sample, as many Datasets yield a label: [N] labels, not [N, 1] rows
+    y1 = [torch.tensor([0]), torch.tensor([1]), torch.tensor([1])]
+    assert dg.as_rows("t", "labels", y1).shape == (3,)
+    assert detect.duplicates(torch.rand(3), inputs=x, labels=y1).groups == [[0, 1]]
     with pytest.raises(TypeError, match=r"stack its rows"):
         detect.duplicates(torch.rand(3), inputs=[torch.zeros(2), torch.zeros(3), torch.zeros(2)])
 
