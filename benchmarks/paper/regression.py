@@ -430,8 +430,15 @@ def main() -> None:
     summary = summarize(runs)
     if args.cost_from:
         old = json.loads(Path(args.cost_from).read_text())
-        when = f"on {old['meta']['date']} at commit {old['meta']['commit']}"
-        cost = {**old["cost"], "from": when, "repeats": old["meta"]["cost_repeats"]}
+        # a cost carried more than once keeps the run that measured it, not the last copy's
+        when = (
+            old["cost"].get("from") or f"on {old['meta']['date']} at commit {old['meta']['commit']}"
+        )
+        cost = {
+            **old["cost"],
+            "from": when,
+            "repeats": old["cost"].get("repeats", old["meta"]["cost_repeats"]),
+        }
     else:
         cost = None if args.no_cost else record_loss_cost(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
