@@ -1,11 +1,14 @@
-"""What every benchmark result file records about its run: date, commit and machine."""
+"""What every benchmark result file records about its run: date, commit, machine and the
+command that reruns it."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import platform
+import shlex
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,10 +42,22 @@ def machine() -> str:
     return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
+def command() -> str:
+    """The command line that runs this script again, from the checkout's root."""
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    return " ".join(["python", str(shown), *map(shlex.quote, sys.argv[1:])])
+
+
 def run_meta() -> dict[str, str]:
-    """``{"date", "commit", "machine"}`` for the header of a results file."""
+    """``{"date", "commit", "machine", "command"}`` for the header of a results file."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"date": now.strftime("%Y-%m-%d %H:%M UTC"), "commit": commit(), "machine": machine()}
+    return {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit(),
+        "machine": machine(),
+        "command": command(),
+    }
 
 
 def write_results(out: str | Path, rows: list, markdown: Callable[[list, dict], str]) -> str:

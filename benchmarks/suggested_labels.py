@@ -163,7 +163,7 @@ def _markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# Suggested labels: fraction of flipped samples whose suggestion is the true label",
         "",
-        f"{meta['date']}, {meta['machine']}, commit {meta['commit']}.",
+        f"{meta['date']}, {meta['machine']}, commit {meta['commit']}. `{meta['command']}`",
         "",
         "| regime | noise | seed | flipped | final fit of flipped | csl_fast | last prediction "
         "| cleanlab (K=3) |",
