@@ -16,7 +16,6 @@ import math
 import os
 import pickle
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,9 @@ from torch import nn
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(HERE.parent))  # run_meta
+
+import run_meta  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import evaluate  # noqa: E402
@@ -345,19 +347,10 @@ def fmt(values: list[float]) -> str:
 
 # ------------------------------------------------------------------------- results
 def environment() -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=HERE,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "commit": commit,
+        "commit": run_meta.commit(),
+        "command": run_meta.command(),
         "torch": torch.__version__,
         "csl_fast": csl_fast.__version__,
         "python": platform.python_version(),
@@ -369,10 +362,11 @@ def environment() -> dict:
 
 
 def environment_line(env: dict) -> str:
-    return (
+    line = (
         f"{env['date']}, commit {env['commit']}, {env['machine']} with {env['cpu_count']} "
         f"CPUs, torch {env['torch']}, {env['torch_threads']} thread(s)."
     )
+    return line + (f" `{env['command']}`" if env.get("command") else "")
 
 
 def write_results(stem: str, payload: dict, markdown: str) -> None:
