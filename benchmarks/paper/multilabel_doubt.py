@@ -149,10 +149,7 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS / "multilabel-doubt"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    meta = {
-        **run_meta(),
-        "command": "python benchmarks/paper/multilabel_doubt.py " + " ".join(sys.argv[1:]),
-    }
+    meta = run_meta()
     runs = []
     for variant in args.variants:
         for seed in args.seeds:
