@@ -25,7 +25,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         load_run_for,
         loss_only,
     )
-    from .cli_inputs import check_combination, run_inputs
+    from .cli_inputs import check_combination, run_inputs, say_note
     from .detect import DetectionWarning
 
     if args.policy == "review" and args.budget is None:
@@ -38,7 +38,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
             "entries with csl-fast rank RUN --score label_csl",
             EXIT_USAGE,
         )
-    inputs, labels = run_inputs(args, tracker, samples)
+    inputs, labels, aside = run_inputs(args, tracker, samples)
+    say_note(args, aside)
     check_combination(inputs, labels, args.score, loss_only(tracker))
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line

@@ -444,13 +444,13 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if args.output:
         check_output(args.run, args.output, "--output", args.inputs, args.labels)
     tracker, samples = load_run_for(args)
-    inputs, labels = run_inputs(args, tracker, samples)
+    inputs, labels, aside = run_inputs(args, tracker, samples)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows, dup, det = _rank(tracker, samples, args.score, args.top, inputs, labels)
     # the detection's own note: why the rule does not apply to this score, or why its
     # flagged set is arbitrary (a cut inside a tie), which the table cannot show
-    notes = [_loss_only_note(tracker, args.score), det.diagnostics.get("note")]
+    notes = [_loss_only_note(tracker, args.score), det.diagnostics.get("note"), aside]
     if dup is not None:
         notes.append(dup.diagnostics.get("note"))
     notes = [n for i, n in enumerate(notes) if n and n not in notes[:i]]
@@ -541,12 +541,13 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .cli_inputs import check_combination, run_inputs
+    from .cli_inputs import check_combination, run_inputs, say_note
     from .report import FIGURES, write_report
 
     tracker, samples = load_run_for(args)
     _scores_for(tracker, args.score)
-    inputs, labels = run_inputs(args, tracker, samples)
+    inputs, labels, aside = run_inputs(args, tracker, samples)
+    say_note(args, aside)
     check_combination(inputs, labels, args.score, loss_only(tracker))
     if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))

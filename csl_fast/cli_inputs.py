@@ -32,6 +32,7 @@ __all__ = [
     "duplicates_summary",
     "load_array",
     "run_inputs",
+    "say_note",
 ]
 
 INPUT_SUFFIXES = (".npy", ".pt", ".pth")
@@ -104,16 +105,14 @@ def load_array(path: str, option: str) -> Any:
     return value
 
 
-def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
-    """``(inputs [N, ...] or None, labels int [N] or None)`` for a run, checked against the
-    tracker's ``N``; labels only come with inputs.
+def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any, Any]:
+    """``(inputs [N, ...] or None, labels int [N] or None, note or None)`` for a run,
+    checked against the tracker's ``N``; labels only come with inputs.
 
     Inputs the run's ``samples.npz`` holds are used where the duplicate detection can use
-    them and set aside otherwise, with a note (a multi-label or loss-only run saved with
-    its inputs still ranks and reports); ``--inputs`` or ``--labels`` given where they
-    cannot be used are refused (:func:`check_combination`)."""
-    import sys
-
+    them and set aside otherwise, with the ``note`` saying why (a multi-label or loss-only
+    run saved with its inputs still ranks and reports); ``--inputs`` or ``--labels`` given
+    where they cannot be used are refused (:func:`check_combination`)."""
     from .cli_commands import loss_only
 
     inputs, labels = _run_inputs(args, tracker, samples)
@@ -122,19 +121,22 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
     if explicit or inputs is None or score is None:
         if score is not None:
             check_combination(inputs, labels, score, loss_only(tracker))
-        return inputs, labels
+        return inputs, labels, None
     try:
         check_combination(inputs, labels, score, loss_only(tracker))
     except CLIError as exc:
         why = str(exc).replace("--inputs", "inputs")
-        if not getattr(args, "quiet", False):
-            print(
-                f"csl-fast {args.command}: note: the inputs in samples.npz are not used, so "
-                f"no duplicate groups are formed: {why}",
-                file=sys.stderr,
-            )
-        return None, None
-    return inputs, labels
+        note = f"the inputs in samples.npz are not used, so no duplicate groups are formed: {why}"
+        return None, None, note
+    return inputs, labels, None
+
+
+def say_note(args: argparse.Namespace, note: str | None) -> None:
+    """Print ``note`` on stderr as the command's note, unless ``--quiet``."""
+    import sys
+
+    if note is not None and not getattr(args, "quiet", False):
+        print(f"csl-fast {args.command}: note: {note}", file=sys.stderr)
 
 
 def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:

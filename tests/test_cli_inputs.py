@@ -345,6 +345,8 @@ def test_samples_npz_inputs_set_aside_where_they_cannot_be_used(tmp_path, capsys
         assert "the inputs in samples.npz are not used" in err and out
         code, out, err = run_main(capsys, "rank", str(tmp_path), "--score", score, "-q")
         assert code == EXIT_OK and "not used" not in err  # --quiet: no note
+        code, out, _ = run_main(capsys, "rank", str(tmp_path), "--score", score, "--json")
+        assert code == EXIT_OK and "inputs in samples.npz are not used" in json.loads(out)["note"]
     code, _, err = run_main(capsys, "report", str(tmp_path), "--out", str(tmp_path / "r"), "-q")
     assert code == EXIT_OK, err
     assert (tmp_path / "r" / "index.html").exists() or any((tmp_path / "r").iterdir())
