@@ -39,8 +39,10 @@ def label_range(labels: torch.Tensor) -> tuple[int, int]:
 def int64_labels(fn: str, labels: torch.Tensor) -> torch.Tensor:
     """Integer ``labels`` of any integer dtype as int64 (the dtype torch's ops take; uint16
     and uint32 have no comparisons), refusing uint64 values that int64 would wrap."""
-    if labels.numel() and label_range(labels)[1] > torch.iinfo(torch.int64).max:
-        raise ValueError(f"{fn}: labels past int64's range ({label_range(labels)[1]})")
+    if labels.dtype == torch.uint64 and labels.numel():  # the one dtype .long() can wrap
+        high = label_range(labels)[1]
+        if high > torch.iinfo(torch.int64).max:
+            raise ValueError(f"{fn}: labels past int64's range ({high})")
     return labels.long()
 
 

@@ -25,7 +25,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
         load_run_for,
         loss_only,
     )
-    from .cli_inputs import check_combination, run_inputs, say_note
+    from .cli_inputs import run_inputs, say_note
     from .detect import DetectionWarning
 
     if args.policy == "review" and args.budget is None:
@@ -40,7 +40,6 @@ def cmd_clean(args: argparse.Namespace) -> int:
         )
     inputs, labels, aside = run_inputs(args, tracker, samples)
     say_note(args, aside)
-    check_combination(inputs, labels, args.score, loss_only(tracker))
     with warnings.catch_warnings():
         # the detection's warning, if any, is printed below as one line
         warnings.simplefilter("ignore", DetectionWarning)

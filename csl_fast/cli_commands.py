@@ -541,14 +541,13 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .cli_inputs import check_combination, run_inputs, say_note
+    from .cli_inputs import run_inputs, say_note
     from .report import FIGURES, write_report
 
     tracker, samples = load_run_for(args)
     _scores_for(tracker, args.score)
     inputs, labels, aside = run_inputs(args, tracker, samples)
     say_note(args, aside)
-    check_combination(inputs, labels, args.score, loss_only(tracker))
     if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
         out = os.path.join(base, "report")

@@ -116,15 +116,14 @@ def run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[An
     from .cli_commands import loss_only
 
     inputs, labels = _run_inputs(args, tracker, samples)
-    explicit = getattr(args, "inputs", None) is not None or getattr(args, "labels", None)
     score = getattr(args, "score", None)
-    if explicit or inputs is None or score is None:
-        if score is not None:
-            check_combination(inputs, labels, score, loss_only(tracker))
+    if inputs is None or score is None:
         return inputs, labels, None
     try:
         check_combination(inputs, labels, score, loss_only(tracker))
     except CLIError as exc:
+        if getattr(args, "inputs", None) is not None or getattr(args, "labels", None):
+            raise
         why = str(exc).replace("--inputs", "inputs")
         note = f"the inputs in samples.npz are not used, so no duplicate groups are formed: {why}"
         return None, None, note

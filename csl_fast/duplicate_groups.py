@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._args import integer_labels
+
 __all__ = [
     "as_rows",
     "carry_count",
@@ -111,8 +113,7 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     num = num_groups(ids)
     rows = _rows(labels)
     member = ids >= 0
-    integer = labels.is_signed() and not (labels.is_floating_point() or labels.is_complex())
-    if labels.dim() == 1 and integer:
+    if labels.dim() == 1 and labels.is_signed() and integer_labels(labels.dtype):
         member = member & (labels.detach().cpu() >= 0)
     g = ids[member]
     if g.numel() == 0:
