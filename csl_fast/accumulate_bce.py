@@ -42,7 +42,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 _FLOAT_BUFFER = (torch.float32, torch.float64)
 _COUNT_BUFFER = (torch.float32, torch.float64, torch.int64, torch.int32)
 # The buffers of the recording op, in its schema's order.
-_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob")
 
 
 def accumulate_bce(
@@ -57,6 +57,7 @@ def accumulate_bce(
     reduction: str = "mean",
     label_csl: torch.Tensor | None = None,
     label_margin: torch.Tensor | None = None,
+    label_prob: torch.Tensor | None = None,
     wrong: torch.Tensor | None = None,
     min_margin: torch.Tensor | None = None,
     backend: str = "auto",
@@ -88,12 +89,18 @@ def accumulate_bce(
     [N, L]
     ``label_margin``  :math:`[n, l] \mathrel{+}= (2y_{il}-1)     4 B/entry (8: f64)
     [N, L]            z_{il}`
+    ``label_prob``    :math:`[n,l] \mathrel{+}= e^{-\ell_{il}}`  4 B/entry (8: f64)
+    [N, L]
     ================  =========================================  =====================
 
     Divided by ``count``: ``csl`` is the CSL (mean plain loss per presentation),
     ``label_csl`` the per-label CSL that ranks (sample, label) entries as mislabeled,
     ``label_margin`` the per-entry area under the margin (AUM's sigmoid analogue: a
-    flipped label keeps a negative margin), ``wrong`` the mean number of labels the model
+    flipped label keeps a negative margin), ``label_prob`` the mean probability the model
+    gives each entry's target (:math:`e^{-\ell_{il}} = \sigma(z)^y \sigma(-z)^{1-y}`; for
+    hard targets the probability of the given value: the doubt view that tells a flipped
+    entry from a hard one, :func:`csl_fast.detect_losses.mislabeled_entries`), ``wrong``
+    the mean number of labels the model
     gets wrong, ``min_margin`` the worst label's mean margin. A sample whose plain loss is
     NaN or inf is not recorded at all (one bad step cannot poison its scores); duplicate
     indices add up; nothing here is part of autograd. The recorded losses pass through float32
@@ -102,10 +109,11 @@ def accumulate_bce(
 
     ``csl`` may be a :class:`csl_fast.CSLTracker`: then its ``csl_sum``, ``csl_count`` and
     ``last_loss`` (and, with ``history=True``, the epoch sums) are updated as
-    :func:`csl_fast.record_loss` updates them, and ``label_csl``/``label_margin``, when
-    not given, default to the tracker's attributes of those names if it has them (``[N,
-    L]``). Its logits-derived buffers (margins, confidences, forgetting) are left as they
-    are: they are softmax statistics.
+    :func:`csl_fast.record_loss` updates them, and ``label_csl``, ``label_margin`` and
+    ``label_prob``, when not given, default to the tracker's attributes of those names if
+    it has them (``[N, L]``: ``label_csl`` and ``label_prob`` for a tracker with
+    ``num_labels``). Its logits-derived buffers (margins, confidences, forgetting) are left
+    as they are: they are softmax statistics.
 
     Args:
         logits: ``[B, L]`` float32, float16, bfloat16 or float64, any strides; or
@@ -124,7 +132,8 @@ def accumulate_bce(
             (usually ``[L]``), as in PyTorch.
         reduction: ``"mean"`` (over all ``B * L`` entries), ``"sum"`` or ``"none"``
             (the logits' shape).
-        label_csl, label_margin: optional ``[N, L]`` contiguous float32/float64 buffers.
+        label_csl, label_margin, label_prob: optional ``[N, L]`` contiguous
+            float32/float64 buffers.
         min_margin: optional ``[N]`` float32/float64 buffer.
         backend: ``"auto"`` (C++ on the CPU, Triton on a GPU) or one of
             ``csl_fast.BACKENDS``; ``"reference"`` is ``F.binary_cross_entropy_with_logits``
@@ -172,7 +181,7 @@ def accumulate_bce(
         loss = accumulate_bce(
             logits.unsqueeze(1), target.unsqueeze(1), index, csl, count=count,
             weight=column(weight), pos_weight=column(pos_weight), reduction=reduction,
-            label_csl=label_csl, label_margin=label_margin, wrong=wrong,
+            label_csl=label_csl, label_margin=label_margin, label_prob=label_prob, wrong=wrong,
             min_margin=min_margin, backend=backend, deterministic=deterministic,
             validate=validate,
         )  # fmt: skip
@@ -198,7 +207,9 @@ def accumulate_bce(
             label_csl = getattr(tracker, "label_csl", None)
         if label_margin is None:
             label_margin = getattr(tracker, "label_margin", None)
-    buffers = (csl, count, wrong, min_margin, label_csl, label_margin)
+        if label_prob is None:
+            label_prob = getattr(tracker, "label_prob", None)
+    buffers = (csl, count, wrong, min_margin, label_csl, label_margin, label_prob)
     _check(logits, target, index, buffers, weight, pos_weight, reduction)
     name = resolve_backend(backend, logits.device)
     _check_grads(target, weight, pos_weight, name)
@@ -325,7 +336,7 @@ def _check_option(name: str, opt: object, logits: torch.Tensor) -> None:
 
 
 def _check_buffers(buffers: tuple[torch.Tensor | None, ...], labels: int) -> None:
-    csl, count, wrong, min_margin, label_csl, label_margin = buffers
+    csl, count, wrong, min_margin, label_csl, label_margin, label_prob = buffers
     check_buffer("accumulate_bce", "csl", csl, _FLOAT_BUFFER, "logits")
     if count is not None:
         check_buffer("accumulate_bce", "count", count, _COUNT_BUFFER, "logits")
@@ -342,7 +353,11 @@ def _check_buffers(buffers: tuple[torch.Tensor | None, ...], labels: int) -> Non
                     ValueError,
                     f"{name} has {buf.shape[0]} entries but csl has {n}; both need one per sample",
                 )
-    for name, buf in (("label_csl", label_csl), ("label_margin", label_margin)):
+    for name, buf in (
+        ("label_csl", label_csl),
+        ("label_margin", label_margin),
+        ("label_prob", label_prob),
+    ):
         if buf is not None:
             _check_label_buffer(name, buf, n, labels)
     given = [(name, b) for name, b in zip(_NAMES, buffers, strict=True) if b is not None]

@@ -63,7 +63,7 @@ def bce_record(
     name: str,
 ) -> None:
     """The recording pass (``buffers``: csl, count, wrong, min_margin, label_csl,
-    label_margin, each optional)."""
+    label_margin, label_prob, each optional)."""
     logits, target = logits.detach(), target.detach()
     if name == "reference":
         reference.bce_record(logits, target, stats, index, deterministic, *buffers)

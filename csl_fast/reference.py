@@ -639,12 +639,15 @@ def bce_record(
     min_margin: torch.Tensor | None,
     label_csl: torch.Tensor | None,
     label_margin: torch.Tensor | None,
+    label_prob: torch.Tensor | None,
 ) -> None:
-    """Reference of ``csl_fast::bce_record``: for every valid sample ``i`` (``stats[VALID,
+    r"""Reference of ``csl_fast::bce_record``: for every valid sample ``i`` (``stats[VALID,
     i]``) at ``n = index[i]``: ``csl[n] += LOSS``, ``count[n] += 1``, ``wrong[n] += WRONG``,
     ``min_margin[n] += MIN_MARGIN`` and, per label ``l``, ``label_csl[n, l]`` += the plain
-    entry loss (:func:`bce_entry_losses`), ``label_margin[n, l] += (2 y - 1) z``. Duplicate
-    indices add up in batch order; an index outside ``[0, N)`` adds nothing."""
+    entry loss :math:`\ell_{il}` (:func:`bce_entry_losses`), ``label_margin[n, l] += (2 y -
+    1) z`` and ``label_prob[n, l]`` += :math:`e^{-\ell_{il}} = \sigma(z)^y \sigma(-z)^{1-y}`,
+    the probability of the given target. Duplicate indices add up in batch order; an index
+    outside ``[0, N)`` adds nothing."""
     del deterministic  # the reference adds in row order
     valid = stats[BceStat.VALID] > 0
     per_sample = (
@@ -656,8 +659,12 @@ def bce_record(
     for buf, values in per_sample:
         if buf is not None:
             _add_rows(buf, index, valid, values)
-    if label_csl is not None:
-        _add_rows(label_csl, index, valid, bce_entry_losses(logits.detach(), target.detach()))
+    if label_csl is not None or label_prob is not None:
+        entry = bce_entry_losses(logits.detach(), target.detach())
+        if label_csl is not None:
+            _add_rows(label_csl, index, valid, entry)
+        if label_prob is not None:
+            _add_rows(label_prob, index, valid, torch.exp(-entry))
     if label_margin is not None:
         _add_rows(label_margin, index, valid, bce_entry_margins(logits.detach(), target.detach()))
 

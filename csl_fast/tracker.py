@@ -97,8 +97,9 @@ class CSLTracker(TrackerStatistics):
             ``torch.are_deterministic_algorithms_enabled()``. The tracker's own updates are
             always deterministic.
         num_labels: ``L`` for multi-label training: also keep :attr:`label_csl`, the CSL
-            of every (sample, label) entry, ``[N, L]`` (:func:`csl_fast.accumulate_bce`
-            records into it). ``None`` (default): no per-label buffer.
+            of every (sample, label) entry, and :attr:`label_prob`, the summed probability
+            of each entry's target, both ``[N, L]`` (:func:`csl_fast.accumulate_bce`
+            records into them). ``None`` (default): no per-label buffer.
 
     Buffers (all ``[N]``, on ``device``; "float" means ``dtype``). A *presentation* is one
     valid row of a training batch (eval-pass rows are kept apart):
@@ -138,6 +139,9 @@ class CSLTracker(TrackerStatistics):
     ``eval_last_correct``       bool     correct at the last eval pass
     ``label_csl_sum``           float    ``[N, L]``, only with ``num_labels``: per-entry CSL,
                                          the sum of each label's plain loss (:attr:`label_csl`)
+    ``label_prob_sum``          float    ``[N, L]``, only with ``num_labels``: the sum of
+                                         :math:`e^{-\ell_{il}}`, the probability of each
+                                         entry's target (:attr:`label_prob`)
     ==========================  =======  ===========================================================
 
     Histories (float, grown by :meth:`end_epoch` / :meth:`end_eval_pass`):
@@ -156,7 +160,7 @@ class CSLTracker(TrackerStatistics):
     (17 float32 + 5 int32 + 2 bool buffers; 158 in float64), e.g. 4.5 MB for CIFAR's 50,000
     samples and 115 MB for ImageNet's 1.28M, plus 4 bytes per sample per epoch once input
     gradients are recorded. The suggested labels take 12 of those bytes (three int32).
-    ``num_labels=L`` adds ``4 * L`` bytes per sample (``8 * L`` in float64): 20 MB for
+    ``num_labels=L`` adds ``8 * L`` bytes per sample (``16 * L`` in float64): 40 MB for
     100,000 samples with 50 labels.
     :meth:`nbytes` reports the exact figure.
 
@@ -295,6 +299,12 @@ class CSLTracker(TrackerStatistics):
         """``[N, L]`` per-(sample, label) CSL (the live ``label_csl_sum`` buffer; recorders
         add into it), or ``None`` when the tracker has no ``num_labels``."""
         return self._buffers.get("label_csl_sum")
+
+    @property
+    def label_prob(self) -> torch.Tensor | None:
+        """``[N, L]`` per-(sample, label) sum of the probability the model gave each entry's
+        target (the live ``label_prob_sum`` buffer), or ``None`` without ``num_labels``."""
+        return self._buffers.get("label_prob_sum")
 
     def nbytes(self) -> int:
         """Bytes held by the buffers and histories."""

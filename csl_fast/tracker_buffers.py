@@ -49,6 +49,7 @@ _HISTORY_BUFFERS = {
 # distributed sync add it like every other sum.
 _LABEL_BUFFERS = {
     "label_csl_sum": "float",
+    "label_prob_sum": "float",
 }
 _HISTORIES = ("loss_history", "eval_loss_history", "input_grad_history")
 # What record_input_grad updates, in its schema's order (csrc/csl_fast.cpp).

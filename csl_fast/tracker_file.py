@@ -1,7 +1,8 @@
 r"""The :class:`~csl_fast.CSLTracker` file format: save and load (the checks of the state
 itself: :mod:`csl_fast.tracker_state`).
 
-A tracker file (format version 2, written by :meth:`CSLTracker.save`) is::
+A tracker file (format version 3, written by :meth:`CSLTracker.save`; version 2 files
+have the same layout and are read too) is::
 
     offset 0   8 bytes   magic b"\x93CSLFAST"
     offset 8   8 bytes   H, the header length (unsigned little-endian)
@@ -33,9 +34,10 @@ reads the file whole into tensors of its own first, so the tracker changes only 
 every check; that takes the file's size beside the tracker for a moment
 (``benchmarks/results/load_scale.md``).
 
-A tracker with ``num_labels`` stores its ``[N, L]`` per-label buffer in the same table (the
-format stays version 2); a csl_fast from before per-label buffers refuses such a file (an
-unknown buffer), and reads the other version-2 files as before.
+A tracker with ``num_labels`` stores its ``[N, L]`` per-label buffers in the same table; a
+csl_fast from before per-label buffers refuses such a file (an unknown buffer). Version 3
+added ``label_prob_sum``; a version 2 file (one per-label buffer, ``label_csl_sum``)
+loads with it at zero, which multi-label detection reads as "not recorded".
 
 Version 1 files (``torch.save`` zip archives, no checksum) are still read, through
 ``torch.load(weights_only=True)`` after a check that the archive is uncompressed and no
@@ -110,6 +112,8 @@ __all__ = [
 MAGIC = b"\x93CSLFAST"  # 0x93: not ASCII, so no text file and no zip archive starts so
 _ZIP_MAGIC = b"PK\x03\x04"  # version 1 files (torch.save)
 _DIGEST = 32
+# The format versions written in this binary layout (version 1 files are zip archives).
+_BINARY_VERSIONS = tuple(range(2, FORMAT_VERSION + 1))
 _MAX_HEADER = 1 << 20  # a real header is a few KB
 _CHUNK = 16 << 20  # part of the format: the payload's checksum chunks
 
@@ -293,10 +297,11 @@ def _read_v2(
             f"{path}: written on a {header.get('byteorder')}-endian machine; this one is "
             f"{sys.byteorder}-endian"
         )
-    if state.get("format") != FORMAT_NAME or state.get("version") != FORMAT_VERSION:
+    if state.get("format") != FORMAT_NAME or state.get("version") not in _BINARY_VERSIONS:
         raise TrackerFileError(
             f"{path}: invalid tracker file (format {state.get('format')!r}, version "
-            f"{state.get('version')!r} in a version {FORMAT_VERSION} file)"
+            f"{state.get('version')!r} in a binary tracker file, which holds versions "
+            f"{_BINARY_VERSIONS[0]}-{_BINARY_VERSIONS[-1]})"
         )
     return state
 
@@ -391,7 +396,7 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"{path}: written in tracker format version {version} by a newer csl_fast; this "
             f"csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it."
         )
-    if version == FORMAT_VERSION:  # torch.save(tracker.state_dict(), path)
+    if version in _BINARY_VERSIONS:  # torch.save(tracker.state_dict(), path)
         raise TrackerFileError(
             f"{path}: a torch.save archive of a tracker state_dict, not a tracker file: load "
             "it with tracker.load_state_dict(torch.load(path, weights_only=True)), and write "

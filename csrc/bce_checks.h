@@ -47,7 +47,8 @@ inline void check_bce_options(const at::Tensor& logits, const std::optional<at::
 
 // bce_record: stats float32 [kBceNumStats, B] contiguous, index [B] int64/int32 and the
 // optional buffers, which share one N: csl, min_margin float32/float64 [N]; count, wrong
-// also int32/int64; label_csl, label_margin float32/float64 contiguous [N, L]. `extra`
+// also int32/int64; label_csl, label_margin, label_prob float32/float64 contiguous [N, L].
+// `extra`
 // is a device's own check of each buffer. Returns N, or -1 when no buffer is given.
 template <typename Extra>
 int64_t check_bce_record_args(const at::Tensor& logits, const at::Tensor& target,
@@ -57,7 +58,8 @@ int64_t check_bce_record_args(const at::Tensor& logits, const at::Tensor& target
                               const std::optional<at::Tensor>& wrong,
                               const std::optional<at::Tensor>& min_margin,
                               const std::optional<at::Tensor>& label_csl,
-                              const std::optional<at::Tensor>& label_margin, Extra&& extra) {
+                              const std::optional<at::Tensor>& label_margin,
+                              const std::optional<at::Tensor>& label_prob, Extra&& extra) {
   check_bce_inputs(logits, target);
   const int64_t B = logits.size(0), L = logits.size(1);
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kBceNumStats && stats.size(1) == B &&
@@ -86,7 +88,8 @@ int64_t check_bce_record_args(const at::Tensor& logits, const at::Tensor& target
     same_n(*min_margin, "min_margin");
   }
   for (const auto& [t, name] :
-       {std::pair{&label_csl, "label_csl"}, std::pair{&label_margin, "label_margin"}}) {
+       {std::pair{&label_csl, "label_csl"}, std::pair{&label_margin, "label_margin"},
+        std::pair{&label_prob, "label_prob"}}) {
     if (!t->has_value()) continue;
     const at::Tensor& buf = **t;
     TORCH_CHECK_TYPE(buf.scalar_type() == at::kFloat || buf.scalar_type() == at::kDouble,

@@ -88,12 +88,12 @@ TORCH_LIBRARY(csl_fast, m) {
       "bce_bwd(Tensor grad, Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "int reduction) -> Tensor");
   // At index[i], for valid rows: the per-sample stats into csl, count, wrong, min_margin
-  // ([N]) and the plain entry losses and signed margins into label_csl, label_margin
-  // ([N, L]).
+  // ([N]) and the plain entry losses, signed margins and probabilities of the given targets
+  // (exp(-plain entry loss)) into label_csl, label_margin, label_prob ([N, L]).
   m.def(
       "bce_record(Tensor logits, Tensor target, Tensor stats, Tensor index, bool deterministic, "
       "Tensor(a!)? csl, Tensor(b!)? count, Tensor(c!)? wrong, Tensor(d!)? min_margin, "
-      "Tensor(e!)? label_csl, Tensor(f!)? label_margin) -> ()");
+      "Tensor(e!)? label_csl, Tensor(f!)? label_margin, Tensor(g!)? label_prob) -> ()");
   // csl_fast.record_loss: for each row whose loss (float32) is finite, csl[index[i]] +=
   // loss[i], count[index[i]] += 1, last_loss[index[i]] = loss[i] (last valid row in batch
   // order), epoch_loss_sum/epoch_count likewise (given together or not); no other row.

@@ -159,6 +159,7 @@ def _loop_record(logits, target, index, n):
     out = {k: torch.zeros(n, dtype=torch.float64) for k in ("csl", "count", "wrong", "min_margin")}
     out["label_csl"] = torch.zeros(n, z.shape[1], dtype=torch.float64)
     out["label_margin"] = torch.zeros(n, z.shape[1], dtype=torch.float64)
+    out["label_prob"] = torch.zeros(n, z.shape[1], dtype=torch.float64)
     for i in range(z.shape[0]):
         entry = F.softplus(z[i]) - y[i] * z[i]
         if not torch.isfinite(entry.sum()):
@@ -171,6 +172,7 @@ def _loop_record(logits, target, index, n):
         out["min_margin"][m] += margin.min()
         out["label_csl"][m] += entry
         out["label_margin"][m] += margin
+        out["label_prob"][m] += torch.sigmoid(z[i]) ** y[i] * torch.sigmoid(-z[i]) ** (1 - y[i])
     return out
 
 
@@ -183,11 +185,13 @@ def _record_all(backend, logits, target, index, n, dtype=torch.float32, **kw):
         "min_margin": torch.zeros(n, dtype=dtype, device=dev),
         "label_csl": torch.zeros(n, labels, dtype=dtype, device=dev),
         "label_margin": torch.zeros(n, labels, dtype=dtype, device=dev),
+        "label_prob": torch.zeros(n, labels, dtype=dtype, device=dev),
     }
     loss = csl_fast.accumulate_bce(
         logits, target, index, bufs["csl"], count=bufs["count"], wrong=bufs["wrong"],
         min_margin=bufs["min_margin"], label_csl=bufs["label_csl"],
-        label_margin=bufs["label_margin"], backend=backend, **kw,
+        label_margin=bufs["label_margin"], label_prob=bufs["label_prob"], backend=backend,
+        **kw,
     )  # fmt: skip
     return loss, bufs
 
@@ -214,7 +218,7 @@ def test_recorded_buffers_match_a_loop(backend, dtype, shape, buffer_dtype):
     sums = 2e-6 * max(batch, 1) if buffer_dtype == torch.float32 else 2e-6  # duplicates
     for name in ("count", "wrong"):
         assert torch.equal(bufs[name].double(), want[name]), name
-    for name in ("csl", "min_margin", "label_csl", "label_margin"):
+    for name in ("csl", "min_margin", "label_csl", "label_margin", "label_prob"):
         assert bufs[name].dtype == buffer_dtype
         rtol = 1e-12 if exact_entries and name.startswith("label") else sums
         assert_close_f32(bufs[name], want[name], name, rtol=rtol)
@@ -245,7 +249,7 @@ def test_non_finite_samples_are_not_recorded(backend):
     loss, bufs = _record_all(backend, logits, target, index, 6, reduction="none")
     assert loss[4, 1].isnan() and loss[3, 0].isinf() and loss[5, 3].isnan()
     assert bufs["count"].tolist() == [1, 0, 1, 0, 0, 0]
-    for name in ("csl", "label_csl", "label_margin", "min_margin", "wrong"):
+    for name in ("csl", "label_csl", "label_margin", "label_prob", "min_margin", "wrong"):
         assert bufs[name][[1, 3, 4, 5]].eq(0).all(), name
     want = _loop_record(logits, target, index, 6)
     assert_close_f32(bufs["csl"], want["csl"], "csl")
@@ -341,9 +345,12 @@ def test_tracker_is_updated_as_record_loss_updates_it(backend, history):
         torch.testing.assert_close(got_b[name], want_b[name], msg=name)
     for name, buf in got_b.items():
         written = ("csl_sum", "csl_count", "last_loss", "epoch_loss_sum", "epoch_count")
-        if name not in (*written, "label_csl_sum"):
+        if name not in (*written, "label_csl_sum", "label_prob_sum"):
             assert torch.equal(buf, want_b[name]), f"{name} was written"
     torch.testing.assert_close(tracker.label_csl.sum(1), got_b["csl_sum"].float())
+    entry = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    probs = torch.zeros(8, 6).index_add_(0, index, torch.exp(-entry))
+    torch.testing.assert_close(tracker.label_prob, probs)
 
 
 def _fresh():
@@ -355,6 +362,7 @@ def _fresh():
         "min_margin": torch.zeros(5),
         "label_csl": torch.zeros(5, 4),
         "label_margin": torch.zeros(5, 4),
+        "label_prob": torch.zeros(5, 4),
     }
     return logits, target, torch.tensor([0, 1, 4, 4, 2, 3]), bufs
 
@@ -424,6 +432,24 @@ _BAD = [
         lambda a: a["bufs"].update(label_margin=torch.zeros(5, 4).half()),
         TypeError,
         "float32 or float64",
+    ),
+    (
+        "label_prob f16",
+        lambda a: a["bufs"].update(label_prob=torch.zeros(5, 4).half()),
+        TypeError,
+        "label_prob.*float32 or float64",
+    ),
+    (
+        "label_prob shape",
+        lambda a: a["bufs"].update(label_prob=torch.zeros(5, 3)),
+        ValueError,
+        "label_prob",
+    ),
+    (
+        "alias prob",
+        lambda a: a["bufs"].update(label_prob=a["bufs"]["label_margin"]),
+        ValueError,
+        "label_margin and label_prob share",
     ),
     (
         "label_csl grad",
@@ -501,7 +527,7 @@ def test_bad_input_is_refused_with_nothing_written(backend, case):
         csl_fast.accumulate_bce(
             args["logits"], args["target"], args["index"], b["csl"], count=b["count"],
             wrong=b["wrong"], min_margin=b["min_margin"], label_csl=b["label_csl"],
-            label_margin=b["label_margin"], weight=args["weight"],
+            label_margin=b["label_margin"], label_prob=b["label_prob"], weight=args["weight"],
             pos_weight=args["pos_weight"], reduction=args["reduction"], backend=backend,
         )  # fmt: skip
     for name, buf in before.items():
@@ -552,7 +578,8 @@ def test_opcheck(reduction, options):
         ops.bce_bwd.default, (grad, logits.detach(), target, weight, pos_weight, reduction)
     )
     stats = reference.bce_row_statistics(logits.detach(), target)
-    bufs = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4, 5), None)
+    bufs = (torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4, 5))
+    bufs += (None, torch.zeros(4, 5))  # no label_margin; label_prob
     index = torch.tensor([0, 1, 1, 3, 2, 0, 3])
     torch.library.opcheck(
         ops.bce_record.default, (logits.detach(), target, stats, index, True, *bufs)

@@ -327,6 +327,6 @@ def test_an_index_that_is_also_the_count_is_read_before_the_writes(op):
         logits, target = torch.randn(4, 5), torch.ones(4, 5)
         stats = csl_fast.reference.bce_row_statistics(logits, target)
         torch.ops.csl_fast.bce_record(logits, target, stats, shared, True, csl, shared,
-                                      None, None, None, None)  # fmt: skip
+                                      None, None, None, None, None)  # fmt: skip
     # four presentations of sample 3 counted there; nothing outside the four entries
     assert big.tolist() == [100] * 4 + [3, 3, 3, 7] + [100] * 4

@@ -149,7 +149,7 @@ def test_roundtrip_bitwise(saved, tmp_path):
     assert path.read_bytes().startswith(MAGIC)
     data = path.read_bytes()
     header = json.loads(data[16 : 16 + int.from_bytes(data[8:16], "little")])
-    assert header["version"] == FORMAT_VERSION == 2
+    assert header["version"] == FORMAT_VERSION == 3
 
 
 def _read_into(monkeypatch) -> list[int]:

@@ -17,6 +17,7 @@ with warnings.catch_warnings():
     import csl_fast
 from csl_fast import CSLTracker, TrackerFileError, TrackerStateError
 from csl_fast.distributed import SyncError
+from csl_fast.tracker_state import FORMAT_VERSION
 
 N, L = 13, 5
 
@@ -29,6 +30,7 @@ def _filled(seed: int = 0, **kwargs) -> CSLTracker:
     for _ in range(3):
         entry = torch.rand(N, L, generator=g, dtype=t.dtype)
         t.label_csl.index_put_((idx,), entry, accumulate=True)
+        t.label_prob.index_put_((idx,), torch.exp(-entry), accumulate=True)
         csl_fast.record_loss(entry.sum(1), idx, t)
     t.end_epoch()
     return t
@@ -48,14 +50,14 @@ def test_buffer_shape_default_and_none():
     assert CSLTracker(N, num_labels=L, dtype=torch.float64).label_csl.dtype == torch.float64
 
 
-def test_memory_is_4_bytes_per_label_and_sample():
+def test_memory_is_8_bytes_per_label_and_sample():
     extra = CSLTracker(1000, num_labels=50).nbytes() - CSLTracker(1000).nbytes()
-    assert extra == 4 * 50 * 1000
+    assert extra == 2 * 4 * 50 * 1000  # label_csl and label_prob
     extra64 = (
         CSLTracker(1000, num_labels=50, dtype=torch.float64).nbytes()
         - CSLTracker(1000, dtype=torch.float64).nbytes()
     )
-    assert extra64 == 8 * 50 * 1000
+    assert extra64 == 2 * 8 * 50 * 1000
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True, "5"])
@@ -109,14 +111,15 @@ def test_file_round_trip(tmp_path):
     t.save(path)
     raw = path.read_bytes()
     header = json.loads(raw[16 : 16 + int.from_bytes(raw[8:16], "little")])
-    assert header["num_labels"] == L and header["version"] == 2
+    assert header["num_labels"] == L and header["version"] == FORMAT_VERSION == 3
     assert ["buffers/label_csl_sum", "float64", [N, L]] in header["tensors"]
+    assert ["buffers/label_prob_sum", "float64", [N, L]] in header["tensors"]
     u = CSLTracker.from_file(path)
     assert u.num_labels == L and u.dtype == torch.float64
-    assert torch.equal(u.label_csl, t.label_csl)
+    assert torch.equal(u.label_csl, t.label_csl) and torch.equal(u.label_prob, t.label_prob)
     v = CSLTracker(N, num_labels=L, dtype=torch.float64)
     v.load(path)
-    assert torch.equal(v.label_csl, t.label_csl)
+    assert torch.equal(v.label_csl, t.label_csl) and torch.equal(v.label_prob, t.label_prob)
     with pytest.raises(TrackerFileError, match="num_labels"):
         CSLTracker(N).load(path)
     # A plain tracker's file still loads as before (and says num_labels: null).
@@ -181,3 +184,22 @@ def test_sync_refuses_different_num_labels(tmp_path):
     _run_sync(tmp_path, [L, L + 1])
     for rank in range(2):
         assert "buffer set" in (tmp_path / f"err{rank}.txt").read_text()
+
+
+def test_version_2_state_and_file_load_without_probabilities(tmp_path):
+    """Version 2 had one per-label buffer: its states and files load, label_prob at zero."""
+    from test_tracker_file import _write_v2
+
+    t = _filled()
+    state = t.state_dict()
+    state["version"] = 2
+    del state["buffers"]["label_prob_sum"]
+    u = CSLTracker(N, num_labels=L)
+    u.load_state_dict(state)
+    assert torch.equal(u.label_csl, t.label_csl) and not u.label_prob.any()
+    _write_v2(tmp_path / "v2.csl", state)
+    v = CSLTracker.from_file(tmp_path / "v2.csl")
+    assert torch.equal(v.label_csl, t.label_csl) and not v.label_prob.any()
+    del state["buffers"]["label_csl_sum"]  # but version 2 had label_csl_sum
+    with pytest.raises(TrackerStateError, match=r"lacks entries.*label_csl_sum"):
+        CSLTracker(N, num_labels=L).load_state_dict(state)

@@ -13,13 +13,14 @@ Three ops with the semantics of :mod:`csl_fast.reference` (``bce_fwd``, ``bce_bw
   gradient ``g w ((1 - y) sigmoid(z) - p y sigmoid(-z))`` recomputed from the logits and
   rounded once; the upstream gradient of 'mean'/'sum' is read on the device.
 * ``csl_fast::bce_record_triton(logits, target, stats, index, deterministic, csl, count,
-  wrong, min_margin, label_csl, label_margin)``: per-sample statistics and per-entry plain
-  losses and signed margins at each valid sample's index. ``deterministic=False``: relaxed
-  atomics (with duplicate indices the order of float additions may change between runs);
-  ``deterministic=True``: a stable sort of the indices, then the first row of each run of
-  equal indices adds the run's rows in batch order (bitwise reproducible, one writer per
-  entry; a run of ``r`` duplicates is ``r`` dependent steps). An index outside ``[0, N)``
-  is skipped (the caller validates).
+  wrong, min_margin, label_csl, label_margin, label_prob)``: per-sample statistics and
+  per-entry plain losses ``l``, signed margins and probabilities of the given targets
+  (``exp(-l)`` of the same ``l``) at each valid sample's index. ``deterministic=False``:
+  relaxed atomics (with duplicate indices the order of float additions may change between
+  runs); ``deterministic=True``: a stable sort of the indices, then the first row of each
+  run of equal indices adds the run's rows in batch order (bitwise reproducible, one writer
+  per entry; a run of ``r`` duplicates is ``r`` dependent steps). An index outside
+  ``[0, N)`` is skipped (the caller validates).
 
 Computed in float32 for float16/bfloat16/float32 logits, float64 for float64. Weights are
 broadcast to ``[B, L]`` as stride-0 views (no copy). Argument values are validated by the
@@ -202,6 +203,7 @@ def _bce_record_atomic_kernel(
     mm_ptr,
     lc_ptr,
     lm_ptr,
+    lp_ptr,
     B,
     L,
     N,
@@ -215,6 +217,7 @@ def _bce_record_atomic_kernel(
     HAS_MM: tl.constexpr,
     HAS_LC: tl.constexpr,
     HAS_LM: tl.constexpr,
+    HAS_LP: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -240,7 +243,7 @@ def _bce_record_atomic_kernel(
     if HAS_MM:
         v = tl.load(stats_ptr + 3 * b64 + rows, mask=ok1, other=0.0)
         tl.atomic_add(mm_ptr + key, v.to(mm_ptr.dtype.element_ty), mask=ok1, sem="relaxed")
-    if HAS_LC or HAS_LM:
+    if HAS_LC or HAS_LM or HAS_LP:
         cols = tl.program_id(1).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L).to(tl.int64)
         m = ok[:, None] & (cols < L)[None, :]
         z = tl.load(z_ptr + rows[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0)
@@ -248,12 +251,18 @@ def _bce_record_atomic_kernel(
         z = z.to(ACC)
         y = y.to(ACC)
         at = key[:, None] * L + cols[None, :]
-        if HAS_LC:
+        if HAS_LC or HAS_LP:
             plain, _ = _entry_losses(z, y, 1.0, 1.0)
+        if HAS_LC:
             tl.atomic_add(lc_ptr + at, plain.to(lc_ptr.dtype.element_ty), mask=m, sem="relaxed")
         if HAS_LM:
             margin = (2.0 * y - 1.0) * z
             tl.atomic_add(lm_ptr + at, margin.to(lm_ptr.dtype.element_ty), mask=m, sem="relaxed")
+        if HAS_LP:
+            # exp of the loss in ACC, not of a rounded label_csl entry: p(y | z) as exact
+            # as the loss itself, and sigma(z)^y sigma(-z)^(1-y) for soft targets too.
+            prob = tl.exp(-plain)
+            tl.atomic_add(lp_ptr + at, prob.to(lp_ptr.dtype.element_ty), mask=m, sem="relaxed")
 
 
 @triton.jit
@@ -269,6 +278,7 @@ def _bce_record_sorted_kernel(
     mm_ptr,
     lc_ptr,
     lm_ptr,
+    lp_ptr,
     B,
     L,
     N,
@@ -282,6 +292,7 @@ def _bce_record_sorted_kernel(
     HAS_MM: tl.constexpr,
     HAS_LC: tl.constexpr,
     HAS_LM: tl.constexpr,
+    HAS_LP: tl.constexpr,
     ACC: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_L: tl.constexpr,
@@ -312,6 +323,8 @@ def _bce_record_sorted_kernel(
         acc_lc = tl.load(lc_ptr + at, mask=owner2, other=0.0)
     if HAS_LM:
         acc_lm = tl.load(lm_ptr + at, mask=owner2, other=0.0)
+    if HAS_LP:
+        acc_lp = tl.load(lp_ptr + at, mask=owner2, other=0.0)
     p = pos
     run = start
     while tl.max(run.to(tl.int32), 0) > 0:
@@ -331,18 +344,22 @@ def _bce_record_sorted_kernel(
         if HAS_MM:
             v = tl.load(stats_ptr + 3 * b64 + row, mask=run, other=0.0).to(mm_ptr.dtype.element_ty)
             acc_mm = tl.where(run, acc_mm + v, acc_mm)
-        if HAS_LC or HAS_LM:
+        if HAS_LC or HAS_LM or HAS_LP:
             m = take[:, None] & cmask
             z = tl.load(z_ptr + row[:, None] * sz0 + cols[None, :] * sz1, mask=m, other=0.0)
             y = tl.load(y_ptr + row[:, None] * sy0 + cols[None, :] * sy1, mask=m, other=0.0)
             z = z.to(ACC)
             y = y.to(ACC)
-            if HAS_LC:
+            if HAS_LC or HAS_LP:
                 plain, _ = _entry_losses(z, y, 1.0, 1.0)
+            if HAS_LC:
                 acc_lc = tl.where(m, acc_lc + plain.to(lc_ptr.dtype.element_ty), acc_lc)
             if HAS_LM:
                 margin = ((2.0 * y - 1.0) * z).to(lm_ptr.dtype.element_ty)
                 acc_lm = tl.where(m, acc_lm + margin, acc_lm)
+            if HAS_LP:
+                prob = tl.exp(-plain).to(lp_ptr.dtype.element_ty)
+                acc_lp = tl.where(m, acc_lp + prob, acc_lp)
         p = p + 1
         nxt = tl.load(sorted_ptr + p, mask=run & (p < B), other=0).to(tl.int64)
         run = run & (p < B) & (nxt == key)
@@ -358,6 +375,8 @@ def _bce_record_sorted_kernel(
         tl.store(lc_ptr + at, acc_lc, mask=owner2)
     if HAS_LM:
         tl.store(lm_ptr + at, acc_lm, mask=owner2)
+    if HAS_LP:
+        tl.store(lp_ptr + at, acc_lp, mask=owner2)
 
 
 def _next_pow2(n) -> int:
@@ -466,7 +485,9 @@ def bce_bwd_triton(
     return out
 
 
-_BUFFER_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+_BUFFER_NAMES = (
+    "csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob"
+)  # fmt: skip
 _FLOAT = (torch.float32, torch.float64)
 _FLOAT_OR_INT = (torch.float32, torch.float64, torch.int32, torch.int64)
 
@@ -530,7 +551,7 @@ def _check_record_args(logits, target, stats, index, buffers) -> None:
 @register(
     "csl_fast::bce_record_triton",
     kernel=_bce_record_atomic_kernel,
-    mutates_args=("csl", "count", "wrong", "min_margin", "label_csl", "label_margin"),
+    mutates_args=_BUFFER_NAMES,
     fake=FAKES["bce_record"],
 )
 def bce_record_triton(
@@ -545,10 +566,11 @@ def bce_record_triton(
     min_margin: torch.Tensor | None,
     label_csl: torch.Tensor | None,
     label_margin: torch.Tensor | None,
+    label_prob: torch.Tensor | None,
 ) -> None:
     """The recording pass of :func:`csl_fast.reference.bce_record` (see the module doc);
     buffers contiguous, ``stats`` the contiguous ``[BCE_NUM_STATS, B]`` of ``bce_fwd``."""
-    buffers = (csl, count, wrong, min_margin, label_csl, label_margin)
+    buffers = (csl, count, wrong, min_margin, label_csl, label_margin, label_prob)
     _check_record_args(logits, target, stats, index, dict(zip(_BUFFER_NAMES, buffers, strict=True)))
     given = [b for b in buffers if b is not None]
     batch, labels = logits.shape
@@ -556,15 +578,15 @@ def bce_record_triton(
         return
     _, acc_tl = _acc(logits)
     stats = stats.contiguous()  # the kernels read its rows at offsets k * B
-    per_entry = label_csl is not None or label_margin is not None
+    per_entry = any(b is not None for b in (label_csl, label_margin, label_prob))
     rows, block, num_warps = _config(labels)
     grid = (triton.cdiv(batch, rows), triton.cdiv(labels, block) if per_entry else 1)
     ptrs = [b if b is not None else given[0] for b in buffers]
     flags = dict(
         HAS_CSL=csl is not None, HAS_COUNT=count is not None, HAS_WRONG=wrong is not None,
         HAS_MM=min_margin is not None, HAS_LC=label_csl is not None,
-        HAS_LM=label_margin is not None, ACC=acc_tl, ROWS=rows, BLOCK_L=block,
-        num_warps=num_warps,
+        HAS_LM=label_margin is not None, HAS_LP=label_prob is not None, ACC=acc_tl,
+        ROWS=rows, BLOCK_L=block, num_warps=num_warps,
     )  # fmt: skip
     sizes = (batch, labels, given[0].shape[0], *logits.stride(), *target.stride())
     if deterministic:

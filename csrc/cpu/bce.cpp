@@ -328,11 +328,13 @@ void add_per_sample(const std::optional<at::Tensor>& buf, const int64_t* idx, co
   }
 }
 
-// label_csl[idx[i], l] += plain entry loss, label_margin[idx[i], l] += (2 y - 1) z over the
-// valid rows in batch order; each task owns a range of labels (no two write one entry).
-template <typename scalar_t, typename csl_t, typename margin_t>
+// label_csl[idx[i], l] += plain entry loss, label_margin[idx[i], l] += (2 y - 1) z,
+// label_prob[idx[i], l] += exp(-plain entry loss) over the valid rows in batch order; each
+// task owns a range of labels (no two write one entry).
+template <typename scalar_t, typename csl_t, typename margin_t, typename prob_t>
 void add_per_entry(const at::Tensor& logits, const at::Tensor& target, const float* valid,
-                   const int64_t* idx, csl_t* label_csl, margin_t* label_margin) {
+                   const int64_t* idx, csl_t* label_csl, margin_t* label_margin,
+                   prob_t* label_prob) {
   using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
   const int64_t B = logits.size(0), L = logits.size(1);
   const auto z = strided<scalar_t>(logits), y = strided<scalar_t>(target);
@@ -355,14 +357,22 @@ void add_per_entry(const at::Tensor& logits, const at::Tensor& target, const flo
             label_margin[row + lo + l] += static_cast<margin_t>(s[3][l]);
           }
         }
+        if (label_prob) {
+          for (int64_t l = 0; l < n; ++l) {
+            label_prob[row + lo + l] += static_cast<prob_t>(std::exp(-s[2][l]));
+          }
+        }
       }
     }
   });
 }
 
-template <typename T>
-T* ptr_or_null(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->mutable_data_ptr<T>() : nullptr;
+// f(the [N, L] buffer's data as double* or float*; a null float* when absent).
+template <typename F>
+void with_entry_ptr(const std::optional<at::Tensor>& t, F&& f) {
+  if (!t.has_value()) return f(static_cast<float*>(nullptr));
+  if (t->scalar_type() == at::kDouble) return f(t->mutable_data_ptr<double>());
+  f(t->mutable_data_ptr<float>());
 }
 
 void bce_record(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& stats,
@@ -370,18 +380,20 @@ void bce_record(const at::Tensor& logits, const at::Tensor& target, const at::Te
                 const std::optional<at::Tensor>& count, const std::optional<at::Tensor>& wrong,
                 const std::optional<at::Tensor>& min_margin,
                 const std::optional<at::Tensor>& label_csl,
-                const std::optional<at::Tensor>& label_margin) {
+                const std::optional<at::Tensor>& label_margin,
+                const std::optional<at::Tensor>& label_prob) {
   (void)deterministic;  // the CPU kernel is always deterministic
   auto on_cpu = [](const at::Tensor& buf, const char* name) {
     TORCH_CHECK_VALUE(buf.is_cpu(), "csl_fast: ", name, " must be on the CPU, got ",
                       buf.device());
   };
   const int64_t n = check_bce_record_args(logits, target, stats, index, csl, count, wrong,
-                                          min_margin, label_csl, label_margin, on_cpu);
+                                          min_margin, label_csl, label_margin, label_prob,
+                                          on_cpu);
   if (n < 0) return;
   const int64_t B = logits.size(0);
-  const at::Tensor idx =
-      index_for_writes(index, {csl, count, wrong, min_margin, label_csl, label_margin});
+  const at::Tensor idx = index_for_writes(
+      index, {csl, count, wrong, min_margin, label_csl, label_margin, label_prob});
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
   check_dataset_index(ip, B, n);
@@ -390,24 +402,17 @@ void bce_record(const at::Tensor& logits, const at::Tensor& target, const at::Te
   add_per_sample(count, ip, sp + kBceValid * B, B);
   add_per_sample(wrong, ip, sp + kBceWrong * B, B);
   add_per_sample(min_margin, ip, sp + kBceMinMargin * B, B);
-  if (!label_csl.has_value() && !label_margin.has_value()) return;
-  const bool csl64 = label_csl.has_value() && label_csl->scalar_type() == at::kDouble;
-  const bool margin64 = label_margin.has_value() && label_margin->scalar_type() == at::kDouble;
+  if (!label_csl.has_value() && !label_margin.has_value() && !label_prob.has_value()) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "bce_record",
                                   [&] {
     const float* valid = sp + kBceValid * B;
-    auto run = [&](auto* c, auto* m) {
-      add_per_entry<scalar_t>(logits, target, valid, ip, c, m);
-    };
-    if (csl64 && margin64) {
-      run(ptr_or_null<double>(label_csl), ptr_or_null<double>(label_margin));
-    } else if (csl64) {
-      run(ptr_or_null<double>(label_csl), ptr_or_null<float>(label_margin));
-    } else if (margin64) {
-      run(ptr_or_null<float>(label_csl), ptr_or_null<double>(label_margin));
-    } else {
-      run(ptr_or_null<float>(label_csl), ptr_or_null<float>(label_margin));
-    }
+    with_entry_ptr(label_csl, [&](auto* c) {
+      with_entry_ptr(label_margin, [&](auto* m) {
+        with_entry_ptr(label_prob, [&](auto* p) {
+          add_per_entry<scalar_t>(logits, target, valid, ip, c, m, p);
+        });
+      });
+    });
   });
 }
 

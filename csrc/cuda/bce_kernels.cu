@@ -179,11 +179,13 @@ __device__ __forceinline__ void add_row(const BceRecordParams& p, int64_t i, int
       add_to<kAtomic>(p.min_margin, p.min_margin_dtype, k, p.stats[kBceMinMargin * B + i]);
     }
   }
-  if (p.label_csl == nullptr && p.label_margin == nullptr) return;
+  if (p.label_csl == nullptr && p.label_margin == nullptr && p.label_prob == nullptr) return;
   const A z = at<T>(p.in.logits, p.in.z_stride, i, l), y = at<T>(p.in.target, p.in.y_stride, i, l);
   const int64_t off = k * p.in.labels + l;
-  if (p.label_csl) {
-    add_to<kAtomic>(p.label_csl, p.label_csl_dtype, off, entry_loss(z, y, A(1), A(1)).plain);
+  if (p.label_csl || p.label_prob) {
+    const A plain = entry_loss(z, y, A(1), A(1)).plain;
+    if (p.label_csl) add_to<kAtomic>(p.label_csl, p.label_csl_dtype, off, plain);
+    if (p.label_prob) add_to<kAtomic>(p.label_prob, p.label_prob_dtype, off, dev_exp(-plain));
   }
   if (p.label_margin) {
     add_to<kAtomic>(p.label_margin, p.label_margin_dtype, off, (A(2) * y - A(1)) * z);
@@ -192,7 +194,7 @@ __device__ __forceinline__ void add_row(const BceRecordParams& p, int64_t i, int
 
 // Columns of the record launches: the labels, or one when no per-entry buffer is given.
 __host__ __device__ __forceinline__ int64_t record_cols(const BceRecordParams& p) {
-  return (p.label_csl || p.label_margin) ? p.in.labels : 1;
+  return (p.label_csl || p.label_margin || p.label_prob) ? p.in.labels : 1;
 }
 
 template <typename T>

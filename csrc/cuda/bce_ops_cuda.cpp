@@ -149,9 +149,11 @@ void bce_record_cuda(const at::Tensor& logits, const at::Tensor& target, const a
                      const std::optional<at::Tensor>& wrong,
                      const std::optional<at::Tensor>& min_margin,
                      const std::optional<at::Tensor>& label_csl,
-                     const std::optional<at::Tensor>& label_margin) {
+                     const std::optional<at::Tensor>& label_margin,
+                     const std::optional<at::Tensor>& label_prob) {
   const int64_t n = check_bce_record_args(
       logits, target, stats, index, csl, count, wrong, min_margin, label_csl, label_margin,
+      label_prob,
       [&](const at::Tensor& buf, const char* name) { same_device(buf, name, logits); });
   same_device(stats, "stats", logits);
   same_device(index, "index", logits);
@@ -176,6 +178,7 @@ void bce_record_cuda(const at::Tensor& logits, const at::Tensor& target, const a
   set(min_margin, p.min_margin, p.min_margin_dtype);
   set(label_csl, p.label_csl, p.label_csl_dtype);
   set(label_margin, p.label_margin, p.label_margin_dtype);
+  set(label_prob, p.label_prob, p.label_prob_dtype);
   if (deterministic) {
     const auto sorted = idx.to(at::kLong).sort(/*stable=*/true, /*dim=*/0, /*descending=*/false);
     C10_CUDA_CHECK(bce_record_sorted(p, std::get<0>(sorted).const_data_ptr<int64_t>(),

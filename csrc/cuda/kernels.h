@@ -262,8 +262,8 @@ cudaError_t bce_bwd(const BceBwdParams& p, cudaStream_t stream);
 // For every valid row i (stats[kBceValid, i] > 0) with k = index[i] in [0, n) (others are
 // skipped): csl[k] += LOSS, count[k] += 1, wrong[k] += WRONG, min_margin[k] += MIN_MARGIN
 // (float32/float64; count and wrong also int32/int64) and, per label l, label_csl[k, l] +=
-// the plain entry loss, label_margin[k, l] += (2 y - 1) z (float32/float64, [n, labels]
-// contiguous). Any buffer may be null.
+// the plain entry loss, label_margin[k, l] += (2 y - 1) z, label_prob[k, l] += exp(-plain
+// entry loss) (float32/float64, [n, labels] contiguous). Any buffer may be null.
 struct BceRecordParams {
   BceInputs in;  // weight and pos_weight unused
   const float* stats = nullptr;  // float32 [kBceNumStats, rows] contiguous
@@ -282,6 +282,8 @@ struct BceRecordParams {
   DType label_csl_dtype = DType::kFloat32;
   void* label_margin = nullptr;
   DType label_margin_dtype = DType::kFloat32;
+  void* label_prob = nullptr;
+  DType label_prob_dtype = DType::kFloat32;
 };
 // One atomicAdd per value (with duplicate indices the order of float additions may vary).
 cudaError_t bce_record_atomic(const BceRecordParams& p, cudaStream_t stream);

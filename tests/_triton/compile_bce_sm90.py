@@ -46,11 +46,16 @@ def main() -> None:
         bufs = {"csl_ptr": "*fp32", "count_ptr": "*i64", "wrong_ptr": "*i32", "mm_ptr": "*fp64"}
         bufs |= {"lc_ptr": "*fp32", "lm_ptr": "*fp64", "stats_ptr": "*fp32"}
         bufs |= {"index_ptr": "*i64", "sorted_ptr": "*i64", "perm_ptr": "*i64"}
-        const = {f"HAS_{k}": True for k in ("CSL", "COUNT", "WRONG", "MM", "LC", "LM")}
-        const |= dict(ACC=acc, ROWS=rows, BLOCK_L=block)
-        for kernel in (bce._bce_record_atomic_kernel, bce._bce_record_sorted_kernel):
-            _compile(kernel, _sig(kernel, {**ptrs, **sizes, **bufs}), const, 4)
-        print("ok bce record", dt, rows, block, flush=True)
+        flags = ("CSL", "COUNT", "WRONG", "MM", "LC", "LM", "LP")
+        # Every buffer; and label_prob alone, whose entry loss is then computed without
+        # label_csl's branch (a name bound only in a pruned branch fails to compile).
+        for given, lp in ((flags, "*fp32"), (("LP",), "*fp64")):
+            const = {f"HAS_{k}": k in given for k in flags}
+            const |= dict(ACC=acc, ROWS=rows, BLOCK_L=block)
+            for kernel in (bce._bce_record_atomic_kernel, bce._bce_record_sorted_kernel):
+                sig = {**ptrs, **sizes, **bufs, "lp_ptr": lp}
+                _compile(kernel, _sig(kernel, sig), const, 4)
+            print("ok bce record", dt, rows, block, "+".join(given), flush=True)
 
 
 if __name__ == "__main__":

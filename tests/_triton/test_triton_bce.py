@@ -110,6 +110,7 @@ def _buffers(n, labels, device):
         torch.rand(n, device=device, dtype=torch.float64),
         torch.rand(n, labels, device=device),
         torch.rand(n, labels, device=device, dtype=torch.float64),
+        torch.rand(n, labels, device=device),
     ]
 
 
@@ -135,8 +136,9 @@ def test_record_matches_the_reference(tdevice, deterministic, dtype, labels):
         *(t.cpu()[keep] for t in (logits, target)), stats.cpu()[:, keep], index.cpu()[keep],
         True, *want,
     )  # fmt: skip
-    for name, a, b in zip(("csl", "count", "wrong", "mm", "lc", "lm"), got, want, strict=True):
-        if deterministic and name not in ("lc",):
+    names = ("csl", "count", "wrong", "mm", "lc", "lm", "lp")
+    for name, a, b in zip(names, got, want, strict=True):
+        if deterministic and name not in ("lc", "lp"):
             assert torch.equal(a, b), name
         else:  # float additions in another order, or Triton's own log1p
             torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6, msg=name)
@@ -155,7 +157,7 @@ def test_record_with_some_buffers(tdevice):
     logits, target = _inputs(5, 3, torch.float32, tdevice)
     stats = reference.bce_row_statistics(logits, target)
     index = torch.tensor([0, 1, 1, 2, 0], device=tdevice)
-    for keep in ([0], [4], [1, 5], [2, 3]):
+    for keep in ([0], [4], [1, 5], [2, 3], [6], [5, 6]):
         got = [b if k in keep else None for k, b in enumerate(_buffers(3, 3, tdevice))]
         want = [None if b is None else b.clone() for b in got]
         bce_record_triton(logits, target, stats, index, False, *got)
@@ -180,17 +182,71 @@ def test_record_refuses_buffers_it_would_write_past(tdevice, deterministic):
         (dict(csl=csl, wrong=big[:8:2]), ValueError, r"wrong must be a contiguous 1-D"),
         (dict(csl=csl, label_csl=big[:8].view(4, 2)), ValueError, r"\[N, L = 3\]"),
         (dict(csl=csl, min_margin=big[:4].long()), TypeError, "min_margin must be"),
+        (dict(csl=csl, label_prob=big[:6].view(2, 3)), ValueError, "label_prob has 2 rows"),
+        (
+            dict(csl=csl, label_prob=big[:8].view(4, 2)),
+            ValueError,
+            r"label_prob must be a contiguous \[N, L = 3\]",
+        ),
+        (
+            dict(csl=csl, label_prob=big[:12].view(3, 4).t()),
+            ValueError,
+            r"label_prob must be a contiguous \[N, L = 3\]",
+        ),
+        (
+            dict(csl=csl, label_prob=big[:12].view(4, 3).half()),
+            TypeError,
+            "label_prob must be torch.float32 or torch.float64",
+        ),
         (dict(csl=csl, stats=stats[:2]), ValueError, r"stats must be the float32 \[4, B = 4\]"),
         (dict(csl=csl, index=index[:2]), ValueError, r"index must be 1-D .*B = 4"),
         (dict(csl=csl, index=index.float()), TypeError, "int64 or int32"),
     ]
-    names = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin")
+    names = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob")
     for given, exc, match in cases:
         s, i = given.pop("stats", stats), given.pop("index", index)
         before = big.clone(), csl.clone()
         with pytest.raises(exc, match=match):
             bce_record_triton(logits, target, s, i, deterministic, *map(given.get, names))
         assert torch.equal(big, before[0]) and torch.equal(csl, before[1]), match
+
+
+@pytest.mark.parametrize("soft", [True, False], ids=["soft", "hard"])
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_record_label_prob(tdevice, deterministic, dtype, buf_dtype, soft):
+    """label_prob alone adds exp(-plain entry loss), the model's probability of the given
+    target, at each valid row's index: against torch.exp of the reference's entry losses
+    (the kernel's precision) and against sigma(z)^y sigma(-z)^(1-y) in float64. 1030
+    labels: two label tiles, which a launch sized for the per-sample buffers only misses."""
+    batch, labels, n = 9, 1030, 4
+    logits, target = _inputs(batch, labels, dtype, tdevice, soft=soft)
+    logits[2, 7] = float("nan")  # row 2 is not recorded
+    index = torch.tensor([0, 3, 1, 3, 0, 3, n, -1, 3], device=tdevice)  # duplicates, outside
+    stats = reference.bce_row_statistics(logits, target)
+    start = torch.rand(n, labels, dtype=buf_dtype, device=tdevice)
+    got = start.clone()
+    bce_record_triton(logits, target, stats, index, deterministic, *[None] * 6, got)
+    got = got.cpu()
+    ok = (stats[reference.BceStat.VALID] > 0).cpu() & (index >= 0).cpu() & (index < n).cpu()
+    assert ok.tolist() == [True, True, False, True, True, True, False, False, True]
+    rows, at = ok.nonzero()[:, 0], index.cpu()[ok]
+    prob = torch.exp(-reference.bce_entry_losses(logits, target)).cpu()
+    want = start.cpu().clone()
+    for i, k in zip(rows.tolist(), at.tolist(), strict=True):  # batch order
+        want[k] += prob[i].to(buf_dtype)
+    z, y = logits.cpu().double(), target.cpu().double()
+    exact_prob = torch.exp(y * F.logsigmoid(z) + (1 - y) * F.logsigmoid(-z))
+    exact = start.cpu().double().index_add(0, at, exact_prob[ok])
+    # float64 logits: float64 throughout; else float32 entry losses (Triton's log1p, exp).
+    tol = 1e-12 if dtype == torch.float64 and buf_dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert_close_f32(got, exact, "label_prob", rtol=1e-12 if tol == 1e-12 else 4e-6)
+    if deterministic:  # bitwise reproducible
+        again = start.clone()
+        bce_record_triton(logits, target, stats, index, True, *[None] * 6, again)
+        assert torch.equal(again.cpu(), got)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -248,4 +304,4 @@ def test_kernels_compile_for_sm90():
         [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok bce") == 18
+    assert proc.stdout.count("ok bce") == 24

@@ -22,6 +22,7 @@ import torch
 import csl_fast
 from csl_fast import ops, reference
 from csl_fast._triton import (
+    bce_record_triton,
     cross_entropy,
     cross_entropy_fwd_inplace_triton,
     cross_entropy_fwd_triton,
@@ -171,6 +172,32 @@ def test_record_input_grad_skips_out_of_range_indices(tdevice):
     for c, w in zip(bufs, want, strict=True):
         assert c.untouched()
         torch.testing.assert_close(c.buf.cpu(), w)
+
+
+# ---- binary cross entropy --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_bce_record_skips_out_of_range_indices(tdevice, deterministic):
+    """Per-sample buffers at k, per-entry ones (label_csl, label_margin, label_prob) at
+    k * L + l: an index outside [0, N) writes neither, inside or past the [N, L] block."""
+    labels = 3
+    logits = torch.randn(len(INDEX), labels, device=tdevice) * 3
+    target = torch.rand(len(INDEX), labels, device=tdevice)
+    logits[2, 1] = float("nan")  # a row that is not recorded, at an index in range
+    index = torch.tensor(INDEX, device=tdevice)
+    stats = reference.bce_row_statistics(logits, target)
+    f32, f64 = torch.float32, torch.float64
+    per_sample = [Canary(N, dt, tdevice) for dt in (f32, torch.int64, torch.int32, f64)]
+    per_entry = [Canary(N * labels, dt, tdevice) for dt in (f32, f64, f64)]  # lc, lm, lp
+    canaries = per_sample + per_entry
+    bufs = [c.buf for c in per_sample] + [c.buf.view(N, labels) for c in per_entry]
+    want = [b.cpu().clone() for b in bufs]
+    reference.bce_record(logits.cpu(), target.cpu(), stats.cpu(), index.cpu(), True, *want)
+    bce_record_triton(logits, target, stats, index, deterministic, *bufs)
+    for c, b, w in zip(canaries, bufs, want, strict=True):
+        assert c.untouched()
+        torch.testing.assert_close(b.cpu(), w, rtol=2e-6, atol=2e-6)
 
 
 # ---- cross entropy ---------------------------------------------------------------------

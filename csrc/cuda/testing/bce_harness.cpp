@@ -62,8 +62,8 @@ int emu_bce_bwd(const void* z, const void* y, int dtype, int64_t rows, int64_t l
   return static_cast<int>(bce_bwd(p, nullptr));
 }
 
-// buffers: csl, count, wrong, min_margin, label_csl, label_margin (null when absent), with
-// their DType codes; sorted / perm null: the atomic kernel.
+// buffers: csl, count, wrong, min_margin, label_csl, label_margin, label_prob (null when
+// absent), with their DType codes; sorted / perm null: the atomic kernel.
 int emu_bce_record(const void* z, const void* y, int dtype, int64_t rows, int64_t labels,
                    const int64_t* zs, const int64_t* ys, const float* stats, const void* index,
                    int index_dtype, int64_t n, void* const* buffers, const int* dtypes,
@@ -75,10 +75,12 @@ int emu_bce_record(const void* z, const void* y, int dtype, int64_t rows, int64_
   p.index = index;
   p.index_dtype = static_cast<DType>(index_dtype);
   p.n = n;
-  void** ptrs[6] = {&p.csl, &p.count, &p.wrong, &p.min_margin, &p.label_csl, &p.label_margin};
-  DType* types[6] = {&p.csl_dtype,        &p.count_dtype,     &p.wrong_dtype,
-                     &p.min_margin_dtype, &p.label_csl_dtype, &p.label_margin_dtype};
-  for (int k = 0; k < 6; ++k) {
+  void** ptrs[7] = {&p.csl,       &p.count,        &p.wrong,     &p.min_margin,
+                    &p.label_csl, &p.label_margin, &p.label_prob};
+  DType* types[7] = {&p.csl_dtype,       &p.count_dtype,        &p.wrong_dtype,
+                     &p.min_margin_dtype, &p.label_csl_dtype,    &p.label_margin_dtype,
+                     &p.label_prob_dtype};
+  for (int k = 0; k < 7; ++k) {
     *ptrs[k] = buffers[k];
     *types[k] = static_cast<DType>(dtypes[k]);
   }
