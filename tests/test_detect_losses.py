@@ -327,3 +327,69 @@ def test_infinite_scores_are_not_dropped_silently():
     assert len(det) > 0 and "float64" in det.warning and len(w) == 1
     with pytest.warns(DetectionWarning, match=r"\+inf"):
         mislabeled_entries(big.view(-1, 4), rule="fraction", fraction=0.01)
+
+
+def _doubt_tracker(firm: int, hesitant: int, n: int = 400, labels: int = 5, seed: int = 0):
+    """A multi-label tracker after T = 20 presentations of every sample: the bulk of
+    entries fitted from the start (loss ~e^-4 per presentation), ``firm`` entries
+    rejected firmly for 8 presentations (p = 0.03, as a flip before it is memorized) and
+    ``hesitant`` ones hesitated over for 16 (p = 0.4, as a hard clean entry); both far
+    above the bulk's tail. Returns the tracker and the firm entries' mask."""
+    g = torch.Generator().manual_seed(seed)
+    t_ = 20
+    loss = (torch.randn(n, labels, generator=g, dtype=torch.float64) * 0.5 - 4).exp()
+    csl, prob = t_ * loss, t_ * torch.exp(-loss)
+    picked = torch.randperm(n * labels, generator=g)[: firm + hesitant]
+    kinds = ((picked[:firm], 8, 0.03), (picked[firm:], 16, 0.4))
+    mask = torch.zeros(n * labels, dtype=torch.bool)
+    mask[picked[:firm]] = True
+    for entries, steps, p in kinds:
+        fitted = t_ - steps
+        csl.view(-1)[entries] = steps * -math.log(p) + fitted * -math.log(0.99)
+        prob.view(-1)[entries] = steps * p + fitted * 0.99
+    tracker = csl_fast.CSLTracker(n, num_labels=labels)
+    idx = torch.arange(n)
+    tracker.label_csl.copy_(csl)
+    tracker.label_prob.copy_(prob)
+    for _ in range(t_):
+        csl_fast.record_loss((csl / t_).sum(1).float(), idx, tracker)
+    return tracker, mask.view(n, labels)
+
+
+@pytest.mark.parametrize("per_label", [False, True])
+def test_mislabeled_entries_keeps_a_set_the_network_firmly_rejected(per_label):
+    tracker, firm = _doubt_tracker(firm=60, hesitant=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)
+        det = mislabeled_entries(tracker, per_label=per_label)
+    # (the tail rule's count errs low: 45-58 of the 66 planted)
+    assert int(det.flagged.sum()) >= 40 and int((det.flagged & firm).sum()) >= 40
+    doubt = det.diagnostics["doubt"]
+    assert doubt["anchors"] == int((det.flagged & firm).sum()) and doubt["anchored_share"] >= 0.2
+    assert det.diagnostics.get("count") != "lower bound" and det.warning is None
+
+
+@pytest.mark.parametrize("per_label", [False, True])
+def test_mislabeled_entries_cuts_a_clean_tail_to_the_firmly_rejected(per_label):
+    # the clean runs' false alarms: late-learned clean entries make a heavy loss tail
+    # that the tail rule flags (benchmarks/paper/results/multilabel-doubt.md)
+    tracker, firm = _doubt_tracker(firm=4, hesitant=60)
+    with pytest.warns(DetectionWarning, match=r"firmly rejected only 4 of them.*lower bound"):
+        det = mislabeled_entries(tracker, per_label=per_label)
+    assert torch.equal(det.flagged, firm)
+    assert det.estimated_count == 4 and det.count_interval[0] == 4
+    assert det.diagnostics["count"] == "lower bound" and det.diagnostics["tail_flagged"] >= 40
+    assert det.threshold == pytest.approx(float(det.scores[firm].min()))
+    assert torch.equal(det.indices[:, 0] * 5 + det.indices[:, 1], det.ranking[: len(det)])
+    # a rule the user sets is theirs: not cut
+    top = mislabeled_entries(tracker, rule="fraction", fraction=0.03)
+    assert len(top) == 60 and "doubt" not in top.diagnostics
+
+
+def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
+    tracker, _ = _doubt_tracker(firm=4, hesitant=60)
+    tracker.label_prob.zero_()  # a version 2 tracker file: no probabilities
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)
+        det = mislabeled_entries(tracker)
+    assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not recorded")
