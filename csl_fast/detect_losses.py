@@ -453,8 +453,8 @@ def mislabeled_entries(
 
     All entries at once is the default because it measured better: on two digits side
     by side (``benchmarks/paper/multilabel.py``, 5% of 17,970 entries flipped, an MLP
-    that memorizes, seed 0) the tail rule over all entries flagged 637 entries for 898
-    flips, precision 0.96, recall 0.68; per label 581, precision 0.97, recall 0.63. The
+    that memorizes, seed 0) the tail rule over all entries flagged 625 entries for 898
+    flips, precision 0.96, recall 0.67; per label 587, precision 0.97, recall 0.63. The
     clean entries' losses are a mixture (negatives near 0, positives higher), so the
     bulk's robust spread is wide and the count errs low: a conservative, precise set.
 
@@ -477,7 +477,8 @@ def mislabeled_entries(
     on the digit pairs): the clean runs' shares were 0.09-0.18, every one cut, to 26-114
     flagged entries (0.14-0.63%, warned); the noisy runs' shares 0.26-0.61, none cut, so
     their sets are the tail rule's. The floor comes from single-label detection, but the
-    gate was chosen after seeing these runs: held-out multi-label data has not tested it.
+    gate was chosen after seeing these runs; held-out data tested it only through
+    ``per_label=True`` (below).
     Rules the user sets (``"fraction"``, ``"threshold"``), score tensors and trackers saved
     before ``label_prob`` existed (format 2; ``diagnostics["doubt"]`` says "not
     recorded") are not gated. The tail rule's count is off with flips too: at 2% it flags
@@ -490,9 +491,12 @@ def mislabeled_entries(
     0.87-0.94: a flip sits only ~1 robust spread above the clean entries of its given
     value, and the mixture's tail beyond ``z > 2`` is far thinner than the normal model
     (excess -16 to -74 on clean runs). Review by the ranking then (:meth:`top`,
-    ``rule="fraction"``). ``per_label=True`` is worse there: on clean data it flagged
-    34-123 entries (no warning), most of them a label's positives (a rare label's
-    positives read as an excess over its negatives' tail).
+    ``rule="fraction"``). ``per_label=True`` is worse there: on clean data its tail rule
+    flagged 34-123 entries, most of them a label's positives (a rare label's positives
+    read as an excess over its negatives' tail), and the doubt gate cut only one of the
+    six runs (48 to 6, warned): in the other five more than a fifth of the flagged clean
+    entries were firmly rejected, and they stay flagged without a warning
+    (``benchmarks/results/loss-detection-limits-multilabel.md``, 2026-12-03).
     """
     values, name = _entry_score(source, score)
     labels = values.shape[1]
