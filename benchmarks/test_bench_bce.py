@@ -1,9 +1,10 @@
 """Multi-label binary cross entropy, forward + backward: ``csl_fast.accumulate_bce`` per
 backend against the eager reference that records the same CSL
 (``F.binary_cross_entropy_with_logits(reduction='none')``, ``index_add_`` of each sample's
-summed loss, ``.mean().backward()``), each with and without the per-(sample, label)
-``label_csl`` buffer, and ``F.binary_cross_entropy_with_logits`` alone (no CSL). One
-benchmark group per (device, dtype, B x L).
+summed loss, ``.mean().backward()``), each with no per-(sample, label) buffer, with
+``label_csl``, and with ``label_csl`` and ``label_prob`` (what ``CSLTracker(num_labels=L)``
+records), and ``F.binary_cross_entropy_with_logits`` alone (no CSL). One benchmark group per
+(device, dtype, B x L).
 
 ``python -m pytest benchmarks/test_bench_bce.py`` times it with pytest-benchmark (each
 implementation's rounds in a row). ``python benchmarks/test_bench_bce.py`` measures the
@@ -44,10 +45,11 @@ CASES = [
     for b, n_labels in SHAPES[dev.split(":")[0]]
     for dt in DTYPES[dev.split(":")[0]]
 ]
+# The per-entry buffers recorded: none, label_csl, and a num_labels tracker's two.
+SUFFIXES = ("", " + label_csl", " + label_csl + label_prob")
 IMPLS = [
-    *(f"accumulate_bce[{b}]{s}" for b in ("cpu", "triton", "cuda") for s in ("", " + label_csl")),
-    REF,
-    f"{REF} + label_csl",
+    *(f"accumulate_bce[{b}]{s}" for b in ("cpu", "triton", "cuda") for s in SUFFIXES),
+    *(f"{REF}{s}" for s in SUFFIXES),
     PLAIN,
 ]
 
@@ -62,9 +64,10 @@ class BceCase:
         self.idx = torch.randint(0, n, (batch,), device=device)
         self.csl = torch.zeros(n, device=device)
         self.label_csl = torch.zeros(n, labels, device=device)
+        self.label_prob = torch.zeros(n, labels, device=device)
 
     def run(self, impl: str) -> torch.Tensor:
-        label = "label_csl" in impl
+        label, prob = "label_csl" in impl, "label_prob" in impl
         if impl == PLAIN:
             loss = F.binary_cross_entropy_with_logits(self.z, self.y)
         elif impl.startswith(REF):
@@ -73,12 +76,14 @@ class BceCase:
             self.csl.index_add_(0, self.idx, values.sum(1))
             if label:
                 self.label_csl.index_add_(0, self.idx, values)
+            if prob:
+                self.label_prob.index_add_(0, self.idx, torch.exp(-values))
             loss = per_entry.mean()
         else:
             backend = impl.split("[")[1].split("]")[0]
             loss = csl_fast.accumulate_bce(
                 self.z, self.y, self.idx, self.csl, label_csl=self.label_csl if label else None,
-                backend=backend,
+                label_prob=self.label_prob if prob else None, backend=backend,
             )  # fmt: skip
         loss.backward()
         self.z.grad = None
@@ -152,9 +157,10 @@ def _report(results: dict[str, dict[str, list[float]]], meta: dict) -> str:
         "rounds per case, medians; IQR/median in brackets)",
         "",
         "Reference eager = `F.binary_cross_entropy_with_logits(reduction='none')` + "
-        "`csl.index_add_(0, idx, loss.sum(1))` (+ `label_csl.index_add_(0, idx, loss)`) + "
-        "`.mean().backward()`: the same CSL as `accumulate_bce` records. Speedup = the "
-        "reference's median (with or without `label_csl`, as the row) / this median; "
+        "`csl.index_add_(0, idx, loss.sum(1))` (+ `label_csl.index_add_(0, idx, loss)`, + "
+        "`label_prob.index_add_(0, idx, exp(-loss))`) + `.mean().backward()`: the same "
+        "buffers as `accumulate_bce` records. Speedup = the reference's median (with the "
+        "row's buffers) / this median; "
         "vs F.bce alone = this median / the median of `F.binary_cross_entropy_with_logits` "
         "alone (no CSL): the cost of recording.",
         "",
@@ -165,7 +171,7 @@ def _report(results: dict[str, dict[str, list[float]]], meta: dict) -> str:
         lines.append("|---|---|---|---|")
         for impl, ts in times.items():
             med, iqr = _median_iqr(ts)
-            ref = medians.get(f"{REF} + label_csl" if "label_csl" in impl else REF)
+            ref = medians.get(REF + next(s for s in reversed(SUFFIXES) if impl.endswith(s)))
             plain = medians.get(PLAIN)
             speed = f"{ref / med:.2f}x" if ref else ""
             over = f"{med / plain:.2f}x" if plain else ""

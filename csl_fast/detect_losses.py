@@ -564,9 +564,14 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     flagged = det.flagged
     n_flagged = int(flagged.sum())
     presented = source.csl_count > 0
-    if probs is None or not bool(probs[presented].any()):
-        # a tracker file of format 2 has no probabilities (zeros): nothing to tell by
-        det.diagnostics["doubt"] = "not recorded (a tracker saved before label_prob existed)"
+    seen = probs[presented] if probs is not None else None
+    if seen is None or not bool(seen.any()) or bool(seen.isnan().any()):
+        # zeros: label_csl filled by another recorder; NaN: a tracker loaded from format 2,
+        # whose earlier presentations' probabilities are unknown. Nothing to tell by.
+        det.diagnostics["doubt"] = (
+            "not recorded (label_prob is 0 or NaN: not filled by accumulate_bce, or the "
+            "tracker was loaded from a file saved before label_prob existed)"
+        )
         return det
     if n_flagged == 0:
         return det

@@ -37,13 +37,14 @@ every check; that takes the file's size beside the tracker for a moment
 A tracker with ``num_labels`` stores its ``[N, L]`` per-label buffers in the same table; a
 csl_fast from before per-label buffers refuses such a file (an unknown buffer). Version 3
 added ``label_prob_sum``; a version 2 file (one per-label buffer, ``label_csl_sum``)
-loads with it at zero, which multi-label detection reads as "not recorded".
+loads with it at NaN (the sum over the presentations already made is unknown, and stays
+NaN as training goes on), which multi-label detection reads as "not recorded".
 
 Version 1 files (``torch.save`` zip archives, no checksum) are still read, through
 ``torch.load(weights_only=True)`` after a check that the archive is uncompressed and no
 larger than the file; they load with a :class:`UnverifiedTrackerFileWarning`. Buffers
 introduced after a file's version (:data:`VERSION_BUFFERS`) are filled with their initial
-values.
+values (``label_prob_sum``: NaN, above).
 
 Saving writes a temporary file beside the target, fsyncs it and renames it over the
 target, so the file at the path is always a complete old or new state

@@ -3,11 +3,11 @@ validation, and :meth:`~CSLTracker.load_state_dict`.
 
 A state is checked whole before a tracker changes: every field's type and range, the set
 of buffers its format version holds (:data:`VERSION_BUFFERS`; buffers introduced later get
-their initial values), every tensor's layout, dtype kind and shape, the values no
-tracker holds (counts that are negative, non-integral or not finite; integers out of
-range) and buffers that disagree (:mod:`csl_fast.tracker_invariants`). Every failure
-is a :class:`TrackerStateError` naming the field. Files:
-:mod:`csl_fast.tracker_file`.
+their initial values, or NaN where the sum so far is unknown), every tensor's layout, dtype
+kind and shape, the values no tracker holds (counts that are negative, non-integral or not
+finite; integers out of range) and buffers that disagree
+(:mod:`csl_fast.tracker_invariants`). Every failure is a :class:`TrackerStateError` naming
+the field. Files: :mod:`csl_fast.tracker_file`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ _HISTORY_DTYPE = {
 }
 #: The buffers each older format version holds (a ``history=True`` tracker's names; the
 #: others are a subset). A buffer a tracker has but its file's version lacks was
-#: introduced later and is filled with its initial value on load. The current version
+#: introduced later and is filled with its initial value on load (NaN for those of
+#: :data:`_UNKNOWN_WHEN_ADDED`). The current version
 #: holds every buffer of the tracker.
 VERSION_BUFFERS: dict[int, frozenset[str]] = {
     1: frozenset(
@@ -64,6 +65,12 @@ VERSION_BUFFERS: dict[int, frozenset[str]] = {
         }
     ),
 }  # fmt: skip
+
+
+#: Buffers a later version added whose sum over the presentations already made is unknown:
+#: NaN on load instead of their initial value, so that what is added later does not pass
+#: for the whole run (NaN stays NaN; multi-label detection then says "not recorded").
+_UNKNOWN_WHEN_ADDED = frozenset({"label_prob_sum"})
 
 
 class TrackerStateError(ValueError):
@@ -374,6 +381,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         )
     check_invariants(buffers, histories, igfe)
     fill = _initial_values(tracker, [k for k in kinds if k not in expected])
+    fill.update({k: math.nan for k in fill if k in _UNKNOWN_WHEN_ADDED})
     return {
         "buffers": {k: buffers[k] for k in expected},
         "fill": fill,

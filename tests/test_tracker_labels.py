@@ -187,7 +187,8 @@ def test_sync_refuses_different_num_labels(tmp_path):
 
 
 def test_version_2_state_and_file_load_without_probabilities(tmp_path):
-    """Version 2 had one per-label buffer: its states and files load, label_prob at zero."""
+    """Version 2 had one per-label buffer: its states and files load with label_prob NaN
+    (unknown so far, and after more training too), which detection does not use."""
     from test_tracker_file import _write_v2
 
     t = _filled()
@@ -196,10 +197,17 @@ def test_version_2_state_and_file_load_without_probabilities(tmp_path):
     del state["buffers"]["label_prob_sum"]
     u = CSLTracker(N, num_labels=L)
     u.load_state_dict(state)
-    assert torch.equal(u.label_csl, t.label_csl) and not u.label_prob.any()
+    assert torch.equal(u.label_csl, t.label_csl) and u.label_prob.isnan().all()
     _write_v2(tmp_path / "v2.csl", state)
     v = CSLTracker.from_file(tmp_path / "v2.csl")
-    assert torch.equal(v.label_csl, t.label_csl) and not v.label_prob.any()
+    assert torch.equal(v.label_csl, t.label_csl) and v.label_prob.isnan().all()
+    logits, target = torch.randn(N, L), (torch.rand(N, L) < 0.3).float()
+    csl_fast.accumulate_bce(logits, target, torch.arange(N), v)  # resumed: still unknown
+    assert v.label_prob.isnan().all() and not v.label_csl.isnan().any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)  # 13 x 5 entries
+        det = csl_fast.detect_losses.mislabeled_entries(v)
+    assert det.diagnostics["doubt"].startswith("not recorded")
     del state["buffers"]["label_csl_sum"]  # but version 2 had label_csl_sum
     with pytest.raises(TrackerStateError, match=r"lacks entries.*label_csl_sum"):
         CSLTracker(N, num_labels=L).load_state_dict(state)
