@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -70,3 +71,25 @@ def write_results(out: str | Path, rows: list, markdown: Callable[[list, dict], 
     text = markdown(rows, meta)
     out.with_suffix(".md").write_text(text)
     return text
+
+
+def with_discussion(path: str | Path, text: str) -> str:
+    """``text``, a generated report, followed by the hand-written ``## Discussion`` section
+    of the report already at ``path`` (if it has one): regenerating the tables must not
+    delete the prose. Its heading names the run the prose was written for (read from the
+    old report's ``Date ..., commit ...`` line unless it names one already), so a reader
+    sees when the tables are newer than what it says about them."""
+    path = Path(path)
+    old = path.read_text() if path.is_file() else ""
+    start = old.find("\n## Discussion")
+    if start < 0:
+        return text
+    heading, _, body = old[start + 1 :].partition("\n")
+    run = re.search(r"^Date (.+?), commit (\w+)", old, re.M)
+    if "after the run of" not in heading and run:
+        heading = (
+            f"## Discussion (written by hand after the run of {run[1]}, commit {run[2]}; the "
+            "tables above are generated: where they come from a later run, check the figures "
+            "below against them)"
+        )
+    return text.rstrip("\n") + "\n\n" + heading + "\n" + body

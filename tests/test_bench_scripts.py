@@ -99,3 +99,23 @@ def test_sync_memory_fixes_and_records_the_mmap_threshold():
 
 def _meta() -> dict:
     return {"date": "d", "commit": "c", "machine": "m"}
+
+
+def test_a_regenerated_report_keeps_its_hand_written_discussion(tmp_path):
+    with_discussion = _script("run_meta").with_discussion
+    report = tmp_path / "r.md"
+    new = "# Title\n\nDate 2026-12-03 02:00 UTC, commit bbb, x.\n\n| t |\n"
+    assert with_discussion(report, new) == new  # no file yet
+    report.write_text("# Title\n\nDate 2026-11-30 11:02 UTC, commit aaa, x.\n\n| old |\n")
+    assert with_discussion(report, new) == new  # no discussion
+    prose = "**Ranking.** AUROC 0.99.\n\nLimits: one set.\n"
+    report.write_text(
+        "# Title\n\nDate 2026-11-30 11:02 UTC, commit aaa, x.\n\n| old |\n\n"
+        "## Discussion (written by hand after this run)\n" + prose
+    )
+    once = with_discussion(report, new)
+    heading = "## Discussion (written by hand after the run of 2026-11-30 11:02 UTC, commit aaa;"
+    assert once.startswith(new.rstrip("\n") + "\n\n" + heading) and once.endswith(prose)
+    assert "| old |" not in once
+    report.write_text(once)  # regenerated again: the prose keeps the run it was written for
+    assert with_discussion(report, new.replace("bbb", "ccc")).endswith(once[once.index(heading) :])

@@ -61,7 +61,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import run_meta  # noqa: E402
+from run_meta import run_meta, with_discussion  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect_losses  # noqa: E402
@@ -381,7 +381,8 @@ def main() -> None:
     Path(args.out + ".json").write_text(
         json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1)
     )
-    Path(args.out + ".md").write_text(markdown(meta, summary))
+    md = Path(args.out + ".md")
+    md.write_text(with_discussion(md, markdown(meta, summary)))
     print(markdown(meta, summary))
 
 
