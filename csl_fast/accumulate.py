@@ -536,7 +536,9 @@ def record_stats(
     Inside a backward pass nothing is written (:mod:`csl_fast.backward_rerun`)."""
     if torch.compiler.is_compiling():
         # A compiled graph's writes are functional copies into the buffers at its end: the
-        # copies bump the versions, and there is no address to lock on while tracing.
+        # copies bump the versions, and there is no address to lock on while tracing. The
+        # graph may run inside a backward (checkpointed): then every row is invalid.
+        stats = stats * backward_rerun.outside_backward(stats)
         _record(stats, index, csl, buffers, seq, deterministic, backend)
         return
     if backward_rerun.in_backward():

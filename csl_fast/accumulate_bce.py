@@ -234,6 +234,8 @@ def accumulate_bce(
         loss, stats = bce_ops.bce_loss(logits, target, weight, pos_weight, code, name)
         if not compiling and backward_rerun.in_backward():  # a checkpointed forward's rerun
             return loss
+        if compiling:  # the graph may run inside a backward: then every row is invalid
+            stats = stats * backward_rerun.outside_backward(stats)
         bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
         if tracker is not None:
             _record_tracker(tracker, index, _loss_stats(stats), name)

@@ -26,6 +26,24 @@ def in_backward() -> bool:
     return _graph_task_id() != -1
 
 
+@torch.library.custom_op("csl_fast::outside_backward", mutates_args=())
+def outside_backward(like: torch.Tensor) -> torch.Tensor:
+    """float32 ``[]`` on ``like``'s device: 1 outside a backward pass, 0 inside one.
+
+    :func:`in_backward` as a value a compiled graph computes each time it runs: a region
+    compiled with ``torch.compile`` and checkpointed by eager ``torch.utils.checkpoint``
+    reruns its whole graph, buffer writes included, inside the backward. The recording
+    paths that run under compilation scale the statistics' valid rows by this value, so
+    the rerun's rows are invalid and write nothing (an opaque op: the graph cannot
+    constant-fold what it returns at trace time)."""
+    return torch.tensor(0.0 if in_backward() else 1.0, device=like.device)
+
+
+@outside_backward.register_fake
+def _(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((), dtype=torch.float32)
+
+
 def saved_tensor_hooks_active() -> bool:
     """True under ``torch.autograd.graph.saved_tensors_hooks`` (non-reentrant
     checkpointing, ``save_on_cpu``): the tensors an autograd node saves go through the

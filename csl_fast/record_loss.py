@@ -150,14 +150,20 @@ def record_loss(
         _check_range(index, buffers[0].numel())
     if name == "cpu":
         # One pass in C++, which checks the indices before writing, takes the buffer lock
-        # and bumps the version counters (csrc/cpu/record_loss.cpp).
-        _RECORD_LOSS_OP(loss.detach(), index, *buffers, *_tracker_state(csl))
+        # and bumps the version counters (csrc/cpu/record_loss.cpp). A compiled graph may
+        # run inside a backward (checkpointed): NaN losses there, which are not recorded.
+        values = loss.detach()
+        if torch.compiler.is_compiling():
+            values = values / backward_rerun.outside_backward(values)
+        _RECORD_LOSS_OP(values, index, *buffers, *_tracker_state(csl))
         return loss
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     stats = loss_stats(loss)
     if torch.compiler.is_compiling():
         # No addresses to lock on while tracing; the graph's writes are copies at its end.
+        # It may run inside a backward (checkpointed): then every row is invalid.
+        stats = stats * backward_rerun.outside_backward(stats)
         _record(stats, index, csl, buffers, deterministic, name)
         return loss
     with buffer_lock(buffers[0]):

@@ -152,3 +152,39 @@ def test_watch_in_a_checkpointed_region_records_each_gradient_once(mode, where):
     for name in ("input_grad_count", "input_grad_sq_sum", "csl_count"):
         torch.testing.assert_close(ours.buffers()[name], plain.buffers()[name], msg=name)
     assert plain.input_grad_count.sum() == B
+
+
+def test_a_compiled_region_checkpointed_eagerly_records_once():
+    # eager checkpointing reruns a compiled region's whole graph in the backward, buffer
+    # writes included; the graph reads whether it runs in a backward (it counted twice)
+    lin, x, y, idx = _data(2)
+    multi = (torch.rand(B, C, generator=torch.Generator().manual_seed(2)) < 0.5).float()
+    tracker, labels = CSLTracker(N, C), CSLTracker(N, num_labels=C)
+    lce, lce_count = torch.zeros(N), torch.zeros(N)
+    rec, rec_count, ref, ref_count = (torch.zeros(N) for _ in range(4))
+    buffers = (*tracker.buffers().values(), *labels.buffers().values(), lce, lce_count, rec)
+    buffers += (rec_count, ref, ref_count)
+
+    def region(v):
+        h = torch.tanh(v)
+        per = F.cross_entropy(lin(h), y, reduction="none")
+        csl_fast.record_loss(per, idx, rec, count=rec_count)  # the one-pass C++ op
+        csl_fast.record_loss(per, idx, ref, count=ref_count, backend="reference")
+        return (
+            accumulate(lin(h), y, idx, tracker)
+            + csl_fast.linear_cross_entropy(h, lin.weight, y, idx, lce, lin.bias, count=lce_count)
+            + csl_fast.accumulate_bce(lin(h), multi, idx, labels)
+            + per.mean()
+        )
+
+    compiled = torch.compile(region, fullgraph=True)
+    initial = [b.clone() for b in buffers]
+    compiled(x.clone().requires_grad_(True)).backward()
+    once = [b.clone() for b in buffers]
+    assert tracker.csl_count.sum() == B and rec_count.sum() == B
+    for mode in MODES:
+        for b, start in zip(buffers, initial, strict=True):
+            b.copy_(start)
+        _checkpointed(compiled, x.clone().requires_grad_(True), mode).backward()
+        for k, (a, b) in enumerate(zip(buffers, once, strict=True)):
+            torch.testing.assert_close(a, b, equal_nan=True, msg=f"{mode}: buffer {k}")
