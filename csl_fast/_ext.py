@@ -137,13 +137,26 @@ OPS = (
     "bce_record",
     "record_loss",
 )
+#: Arguments added to an op's schema after the op first shipped: an extension whose op
+#: lacks one was built from older sources too (every call would fail on the argument count).
+NEWER_ARGS = {"bce_record": "label_prob"}
 #: What the load error says when the extension lacks some of :data:`OPS`.
 STALE = "built from older sources"
 
 
 def missing_ops(ops: tuple[str, ...] = OPS) -> list[str]:
-    """The ``csl_fast::`` ops of ``ops`` that no loaded library defines."""
-    return [op for op in ops if not hasattr(torch.ops.csl_fast, op)]
+    """The ``csl_fast::`` ops of ``ops`` that no loaded library defines, or defines without
+    an argument of :data:`NEWER_ARGS` (named ``"op (its arg argument)"``)."""
+    missing = []
+    for op in ops:
+        packet = getattr(torch.ops.csl_fast, op, None)
+        if packet is None:
+            missing.append(op)
+        elif (arg := NEWER_ARGS.get(op)) and arg not in (
+            a.name for a in packet.default._schema.arguments
+        ):
+            missing.append(f"{op} (its {arg} argument)")
+    return missing
 
 
 _C = None

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from .detect import (
+    TIE_NOTE,
     Detection,
     DetectionWarning,
     _count,
@@ -481,8 +482,11 @@ def mislabeled_entries(
     ``per_label=True`` (below).
     Rules the user sets (``"fraction"``, ``"threshold"``), score tensors and trackers saved
     before ``label_prob`` existed (format 2; ``diagnostics["doubt"]`` says "not
-    recorded") are not gated. The tail rule's count is off with flips too: at 2% it flags
-    1.4-2.2x the flips (precision 0.43-0.87), at 10% recall is 0.44-0.57.
+    recorded"), and runs whose typical entry's mean probability of its target is below
+    :data:`FITTED_PROB` (0.9: soft targets, label smoothing, whose cap on every entry's
+    probability reads as doubt everywhere; ``diagnostics["doubt"]`` says "not applied") are
+    not gated. The tail rule's count is off with flips too: at 2% it flags 0.85-2.2x the
+    flips (precision 0.43-0.87), at 10% recall is 0.44-0.57.
 
     On held-out data it can be blind (``benchmarks/loss_detection_limits.py``): scikit-
     learn's ``make_multilabel_classification`` (600 samples, 8 labels, 0.5-10% of entries
@@ -548,6 +552,12 @@ def mislabeled_entries(
     return _anchored(source, det, rule)
 
 
+#: The doubt gate applies when the typical entry's mean probability of its target reaches
+#: this (hard targets the network fits: ~0.99 on the digit pairs; label smoothing 0.05
+#: caps it at e^-H(0.95) = 0.82).
+FITTED_PROB = 0.9
+
+
 def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str) -> EntryDetection:
     """The tail rule's entries cut to the doubted ones when too few of them are doubted.
 
@@ -576,6 +586,17 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     if n_flagged == 0:
         return det
     n, labels = flagged.shape
+    fitted = float((seen / source.csl_count[presented][:, None]).double().median())
+    if fitted < FITTED_PROB:
+        # soft targets (label smoothing) cap each entry's probability of its target below
+        # 1, so every entry reads as doubted a little at every presentation, and the
+        # doubt view's scale (the median doubt) grows with training: it would cut flips
+        det.diagnostics["doubt"] = (
+            f"not applied: the typical entry's mean probability of its target is "
+            f"{fitted:.3f}, below {FITTED_PROB} (soft targets, or a network that fits "
+            "little); the doubt view needs hard targets the network fits"
+        )
+        return det
     count = source.csl_count.double()[:, None].expand(n, labels).reshape(-1)
     sure = doubted(
         source.label_csl.double().reshape(-1), count, probs.double().reshape(-1), 2
@@ -591,15 +612,20 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     }
     if share >= MIN_ANCHORED_SHARE:
         return det
-    det.diagnostics.update(
-        count="lower bound", tail_flagged=n_flagged, tail_threshold=det.threshold
-    )
     det.flagged = anchors
     det.threshold = float(det.scores.double()[anchors].min()) if n_anchors else math.inf
+    diag = det.diagnostics
+    diag.update(count="lower bound", tail_flagged=n_flagged, tail_threshold=diag["threshold"])
+    diag.update(flagged=n_anchors, threshold=det.threshold)
+    if diag.pop("tied_at_cut", None) is not None:  # the tail rule's cut is not the set's
+        kept = [part for part in diag["note"].split("; ") if not part.startswith(TIE_NOTE)]
+        diag["note"] = "; ".join(kept)
+        if not kept:
+            del diag["note"]
     det.estimated_count = n_anchors
     if det.count_interval is not None:
         det.count_interval = (n_anchors, max(n_anchors, det.count_interval[1]))
-    det.warning = (
+    cut = (
         f"csl_fast.detect_losses: the tail rule flagged {n_flagged} entries but the network "
         f"firmly rejected only {n_anchors} of them ({share:.0%}, below "
         f"{MIN_ANCHORED_SHARE:.0%}): the rest are the clean entries it learned last, whose "
@@ -607,6 +633,7 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
         f"Only those {n_anchors} stay flagged (a lower bound on the flips); review the "
         "ranking below them (top(k)) if labels may be noisy"
     )
+    det.warning = "; also, ".join(filter(None, [cut, det.warning]))
     warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     return det
 

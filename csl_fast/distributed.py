@@ -12,22 +12,22 @@ Sync windows and deltas
 A *sync window* is the time between two syncs of a tracker. Each sync combines only what
 changed in its window: the tracker remembers the synced (global) state of the previous sync
 as a *baseline* (allocated on the first sync; 74 bytes per sample in float32, 90 with
-``history=True``, 126 in float64), each rank contributes ``local - baseline`` and the
-result is ``baseline + sum over ranks``. Calling :func:`sync` twice in a row therefore
-changes nothing the second time, and syncing more often (by hand, mid-epoch) gives the
-same sums and counts as syncing once per epoch. The values combined by ownership (below)
-follow the order of the windows: with ``DistributedSampler`` they are unchanged too (but
-the suggested-label vote of a padding repeat, below); where a custom sampler shows a
-sample on two ranks in one epoch, a sync between the two presentations can change which
-rank's come last. Buffers
-that :meth:`~CSLTracker.end_epoch` / :meth:`~CSLTracker.end_eval_pass` reset
-(``epoch_*``, ``eval_pass_*``) use a zero baseline once the epoch (eval pass) they were
-synced in has been closed.
+``history=True``, 126 in float64, plus 8·L with ``num_labels=L``), each rank contributes
+``local - baseline`` and the result is ``baseline + sum over ranks``. Calling :func:`sync`
+twice in a row therefore changes nothing the second time, and syncing more often (by hand,
+mid-epoch) gives the same sums and counts as syncing once per epoch. The values combined by
+ownership (below) follow the order of the windows: with ``DistributedSampler`` they are
+unchanged too (but the suggested-label vote of a padding repeat, below); where a custom
+sampler shows a sample on two ranks in one epoch, a sync between the two presentations can
+change which rank's come last. Buffers that :meth:`~CSLTracker.end_epoch` /
+:meth:`~CSLTracker.end_eval_pass` reset (``epoch_*``, ``eval_pass_*``) use a zero baseline
+once the epoch (eval pass) they were synced in has been closed.
 
 Combination rules
 -----------------
 - **Sums and counts** (``csl_sum``, ``csl_count``, every other ``*_sum`` / ``*_count``,
-  the ``[N, L]`` per-label CSL of a tracker with ``num_labels`` too):
+  the ``[N, L]`` per-label sums ``label_csl`` and ``label_prob`` of a tracker with
+  ``num_labels`` too):
   ``all_reduce(SUM)`` of the window's deltas. ``DistributedSampler`` pads the last batches
   with repeats of the first samples, and those repeats are real presentations: they are
   added and counted, so every mean (``csl_mean``, ``aum``, ``confidence``, ...) stays the

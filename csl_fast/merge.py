@@ -42,8 +42,8 @@ def merge(
           is the CSL summed over runs and every mean (``csl_mean``, ``aum``,
           ``confidence``, ``variability``, ``loss_sensitivity``, ``eval_csl_mean``, ...) is
           the mean over all runs' presentations pooled;
-        - the per-label CSL (``label_csl``, trackers with ``num_labels``) is the sum over
-          runs too;
+        - the per-label sums (``label_csl`` and ``label_prob``, trackers with
+          ``num_labels``) are sums over runs too;
         - ``forgetting`` is the total number of forgetting events over runs, plus one for
           each run that ended with the sample correct where the merged ``last_correct``
           (below) is False, so that a sample any run classified correctly stays one that

@@ -459,9 +459,9 @@ def from_file(
     cls: type[CSLTracker], path: str | os.PathLike, device: Any = "cpu", **kwargs: Any
 ) -> CSLTracker:
     """:meth:`CSLTracker.from_file`: the file's metadata is checked against its tensor
-    table before a tracker is allocated; a version 2 file is then read straight into the
-    new tracker's CPU buffers (about the file's size in memory, not twice it) and verified
-    before the tracker is returned."""
+    table before a tracker is allocated; a binary file (version 2 or 3) is then read
+    straight into the new tracker's CPU buffers (about the file's size in memory, not twice
+    it) and verified before the tracker is returned."""
     made: list[CSLTracker] = []
 
     def receiver(described: dict[str, Any]) -> CSLTracker | None:

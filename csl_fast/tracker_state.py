@@ -430,6 +430,8 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
             live[name].copy_(value)
         for name, value in checked["fill"].items():
             live[name].fill_(value)
+            if name in _UNKNOWN_WHEN_ADDED:  # known after all where nothing was presented
+                live[name][live["csl_count"] == 0] = 0
     tracker._histories = histories
     tracker.epoch = checked["epoch"]
     tracker.eval_passes = checked["eval_passes"]

@@ -379,6 +379,7 @@ def test_mislabeled_entries_cuts_a_clean_tail_to_the_firmly_rejected(per_label):
     assert torch.equal(det.flagged, firm)
     assert det.estimated_count == 4 and det.count_interval[0] == 4
     assert det.diagnostics["count"] == "lower bound" and det.diagnostics["tail_flagged"] >= 40
+    assert det.diagnostics["flagged"] == 4 and det.diagnostics["threshold"] == det.threshold
     assert det.threshold == pytest.approx(float(det.scores[firm].min()))
     assert torch.equal(det.indices[:, 0] * 5 + det.indices[:, 1], det.ranking[: len(det)])
     # a rule the user sets is theirs: not cut
@@ -386,9 +387,20 @@ def test_mislabeled_entries_cuts_a_clean_tail_to_the_firmly_rejected(per_label):
     assert len(top) == 60 and "doubt" not in top.diagnostics
 
 
+def test_mislabeled_entries_with_soft_targets_is_not_cut():
+    # label smoothing caps every entry's probability of its target (0.82 at 0.05/0.95):
+    # each reads as doubted a little at every presentation, and the gate cut real flips
+    tracker, _ = _doubt_tracker(firm=4, hesitant=60)
+    tracker.label_prob.mul_(0.82)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)
+        det = mislabeled_entries(tracker)
+    assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not applied")
+
+
 def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
     tracker, _ = _doubt_tracker(firm=4, hesitant=60)
-    tracker.label_prob.zero_()  # a version 2 tracker file: no probabilities
+    tracker.label_prob.zero_()  # label_csl filled by another recorder: no probabilities
     with warnings.catch_warnings():
         warnings.simplefilter("error", DetectionWarning)
         det = mislabeled_entries(tracker)

@@ -72,10 +72,16 @@ def test_the_op_list_matches_the_schemas():
     source = (Path(__file__).parents[1] / "csrc" / "csl_fast.cpp").read_text()
     defined = re.findall(r'm\.def\(\s*"(\w+)\(', source)
     assert sorted(defined) == sorted(_ext.OPS)
+    for op, arg in _ext.NEWER_ARGS.items():  # the schema source has the argument
+        schema = re.search(rf'm\.def\(\s*"{op}\((.*?)\)\s*->', source, re.S)
+        assert schema and re.search(rf"\b{arg}\b", schema[1]), (op, arg)
 
 
-def test_an_extension_from_older_sources_is_named_and_rebuilt():
+def test_an_extension_from_older_sources_is_named_and_rebuilt(monkeypatch):
     assert _ext.missing_ops(("scatter_stats", "no_such_op_yet")) == ["no_such_op_yet"]
+    # an op whose schema gained an argument: the old build's op lacks it
+    monkeypatch.setitem(_ext.NEWER_ARGS, "scatter_stats", "no_such_arg_yet")
+    assert _ext.missing_ops(("scatter_stats",)) == ["scatter_stats (its no_such_arg_yet argument)"]
     advice = _ext.extension_advice(f"ImportError: csl_fast._C was {_ext.STALE}: it lacks x")
     if _ext.extension_files(_ext.PACKAGE_DIR):
         assert "was built from older csl_fast sources" in advice

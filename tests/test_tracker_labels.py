@@ -208,6 +208,12 @@ def test_version_2_state_and_file_load_without_probabilities(tmp_path):
         warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)  # 13 x 5 entries
         det = csl_fast.detect_losses.mislabeled_entries(v)
     assert det.diagnostics["doubt"].startswith("not recorded")
+    fresh = CSLTracker(N, num_labels=L).state_dict()  # nothing presented: the sums are 0
+    fresh["version"] = 2
+    del fresh["buffers"]["label_prob_sum"]
+    w = CSLTracker(N, num_labels=L)
+    w.load_state_dict(fresh)
+    assert torch.equal(w.label_prob, torch.zeros(N, L))
     del state["buffers"]["label_csl_sum"]  # but version 2 had label_csl_sum
     with pytest.raises(TrackerStateError, match=r"lacks entries.*label_csl_sum"):
         CSLTracker(N, num_labels=L).load_state_dict(state)
