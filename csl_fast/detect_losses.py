@@ -582,7 +582,7 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
             "not recorded (label_prob is 0 or NaN: not filled by accumulate_bce, or the "
             "tracker was loaded from a file saved before label_prob existed)"
         )
-        return det
+        return _unchecked(det, n_flagged)
     if n_flagged == 0:
         return det
     n, labels = flagged.shape
@@ -596,7 +596,7 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
             f"{fitted:.3f}, below {FITTED_PROB} (soft targets, or a network that fits "
             "little); the doubt view needs hard targets the network fits"
         )
-        return det
+        return _unchecked(det, n_flagged)
     count = source.csl_count.double()[:, None].expand(n, labels).reshape(-1)
     sure = doubted(
         source.label_csl.double().reshape(-1), count, probs.double().reshape(-1), 2
@@ -635,6 +635,18 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     )
     det.warning = "; also, ".join(filter(None, [cut, det.warning]))
     warnings.warn(det.warning, DetectionWarning, stacklevel=3)
+    return det
+
+
+def _unchecked(det: EntryDetection, n_flagged: int) -> EntryDetection:
+    """Note in ``det`` that its flagged set did not pass the doubt gate."""
+    if n_flagged:
+        unchecked = (
+            f"the {n_flagged} flagged entries are the tail rule's alone (the doubt gate "
+            f"{det.diagnostics['doubt']}): on clean data that rule alone flagged 2-3% of the "
+            "entries; review the set before acting on it"
+        )
+        det.diagnostics["note"] = "; ".join(filter(None, [det.diagnostics.get("note"), unchecked]))
     return det
 
 

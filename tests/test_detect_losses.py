@@ -396,6 +396,7 @@ def test_mislabeled_entries_with_soft_targets_is_not_cut():
         warnings.simplefilter("error", DetectionWarning)
         det = mislabeled_entries(tracker)
     assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not applied")
+    assert "the tail rule's alone (the doubt gate not applied" in det.diagnostics["note"]
 
 
 def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
@@ -405,3 +406,4 @@ def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
         warnings.simplefilter("error", DetectionWarning)
         det = mislabeled_entries(tracker)
     assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not recorded")
+    assert "review the set before acting on it" in det.diagnostics["note"]
