@@ -95,7 +95,7 @@ from .detect import (
     _score_tensor,
     _unused,
 )
-from .flagging import MIN_ANCHORED_SHARE, Estimate, doubted, rule_scale
+from .flagging import MIN_ANCHORED_SHARE, Estimate, doubted, rule_scale, two_view_count
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -508,7 +508,7 @@ def mislabeled_entries(
         det = _detection(
             values.reshape(-1), name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce"
         )
-        return _anchored(source, _entries(det, values), rule)
+        return _anchored(source, _entries(det, values), rule, recount=True)
     dets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)
@@ -549,7 +549,7 @@ def mislabeled_entries(
     det = EntryDetection(
         ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning
     )
-    return _anchored(source, det, rule)
+    return _anchored(source, det, rule, recount=False)
 
 
 #: The doubt gate applies when the typical entry's mean probability of its target reaches
@@ -558,7 +558,9 @@ def mislabeled_entries(
 FITTED_PROB = 0.9
 
 
-def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str) -> EntryDetection:
+def _anchored(
+    source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str, *, recount: bool
+) -> EntryDetection:
     """The tail rule's entries cut to the doubted ones when too few of them are doubted.
 
     The tail rule cannot tell a late-learned clean label's heavy loss tail from flips; the
@@ -567,6 +569,9 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     firmly for long, a hard clean one hesitated over. When fewer than
     :data:`~csl_fast.flagging.MIN_ANCHORED_SHARE` of the flagged entries are doubted, the
     set is the clean tail, and only its doubted entries stay flagged (a lower bound).
+    Otherwise, with ``recount``, the count is single-label detection's two-view count on
+    the entries (:func:`csl_fast.flagging.two_view_count`, the doubted entries pinned to
+    the bad component) and the top that many are flagged.
     """
     if rule != "tail" or isinstance(source, torch.Tensor):
         return det
@@ -611,17 +616,15 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
         "min_anchored_share": MIN_ANCHORED_SHARE,
     }
     if share >= MIN_ANCHORED_SHARE:
+        if recount:
+            _recount(det, (source.label_csl.double().reshape(-1) / count), sure.reshape(-1))
         return det
     det.flagged = anchors
     det.threshold = float(det.scores.double()[anchors].min()) if n_anchors else math.inf
     diag = det.diagnostics
     diag.update(count="lower bound", tail_flagged=n_flagged, tail_threshold=diag["threshold"])
     diag.update(flagged=n_anchors, threshold=det.threshold)
-    if diag.pop("tied_at_cut", None) is not None:  # the tail rule's cut is not the set's
-        kept = [part for part in diag["note"].split("; ") if not part.startswith(TIE_NOTE)]
-        diag["note"] = "; ".join(kept)
-        if not kept:
-            del diag["note"]
+    _drop_tie_note(diag)
     det.estimated_count = n_anchors
     if det.count_interval is not None:
         det.count_interval = (n_anchors, max(n_anchors, det.count_interval[1]))
@@ -636,6 +639,48 @@ def _anchored(source: CSLTracker | torch.Tensor, det: EntryDetection, rule: str)
     det.warning = "; also, ".join(filter(None, [cut, det.warning]))
     warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     return det
+
+
+def _recount(det: EntryDetection, mean_loss: torch.Tensor, pinned: torch.Tensor) -> None:
+    """Replace the tail rule's count of ``det`` by the two-view count, when it finds one.
+
+    The tail rule counts only the excess beyond two robust spreads of a bulk whose spread
+    the clean entries' two groups (negatives near 0, positives higher) widen: it missed
+    about half the flips at 10% and over-counted at 2%. The two-view mixture models the
+    clean entries with several components and shapes the bad one on the entries the
+    network rejected firmly (``benchmarks/paper/results/multilabel-doubt.md``)."""
+    est = two_view_count(mean_loss, pinned)
+    diag = det.diagnostics
+    diag["two_view"] = {**est.diagnostics, "count": est.count, "interval": list(est.interval)}
+    if not est.found:
+        return  # (fewer than MIN_PINNED doubted entries): the tail rule's count stands
+    finite = torch.isfinite(det.scores.reshape(-1))
+    flagged = torch.zeros_like(finite)
+    k = min(est.count, int(finite.sum()))
+    flagged[det.ranking[:k]] = True
+    det.flagged = flagged.reshape(det.scores.shape)
+    det.threshold = float(det.scores.double().reshape(-1)[flagged].min()) if k else math.inf
+    det.estimated_count, det.count_interval = est.count, tuple(est.interval)
+    diag.update(
+        count_source="two_view", tail_count=diag.get("flagged"), flagged=k,
+        threshold=det.threshold,
+    )  # fmt: skip
+    _drop_tie_note(diag)
+    if est.reason is not None:
+        diag["count"] = est.diagnostics.get("caveat", "lower bound")
+        det.warning = "; also, ".join(
+            filter(None, [f"csl_fast.detect_losses: {est.reason}", det.warning])
+        )
+        warnings.warn(det.warning, DetectionWarning, stacklevel=4)
+
+
+def _drop_tie_note(diag: dict[str, Any]) -> None:
+    """Drop the tail rule's note on a cut inside a tie: the set is no longer its cut."""
+    if diag.pop("tied_at_cut", None) is not None:
+        kept = [part for part in diag["note"].split("; ") if not part.startswith(TIE_NOTE)]
+        diag["note"] = "; ".join(kept)
+        if not kept:
+            del diag["note"]
 
 
 def _unchecked(det: EntryDetection, n_flagged: int) -> EntryDetection:

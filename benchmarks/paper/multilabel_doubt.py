@@ -11,8 +11,10 @@ problem: ``D = sum_t (1 - p_t)`` and ``CSL / D`` with ``p_t`` the probability of
 entry's given value at presentation ``t`` (``tracker.label_prob``, recorded by
 ``accumulate_bce``), ``p* = DOUBT_PROB / (2 - 1) = 0.2``. When fewer than
 ``flagging.MIN_ANCHORED_SHARE`` (0.2) of the tail's flagged entries are doubted, only the
-doubted ones stay flagged, with a warning. This script reports, per run, the tail rule's
-set, the doubted entries among it (the anchored share) and the set the package returns.
+doubted ones stay flagged, with a warning; else the count is single-label detection's
+two-view count on the entries (the doubted ones pinned). This script reports, per run,
+the tail rule's set, the doubted entries among it (the anchored share), where the count
+came from and the set the package returns.
 
 Variants (``--variants``), all on ``multilabel.py``'s data and MLP unless said:
 ``adam`` (its training: Adam 1e-3, 200 epochs), ``sgd`` (SGD 0.1, momentum 0.9, 150
@@ -102,6 +104,9 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
         "warned": bool(caught),
         "flagged": int(flagged.sum()),
         "flagged_true": int((flagged & truth).sum()),
+        "count_source": det.diagnostics.get("count_source", "tail"),
+        "estimated": det.estimated_count,
+        "interval": det.count_interval,
     }
 
 
@@ -116,11 +121,12 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         "docstring for the variants. Tail: the tail rule's flagged set; anchored share: "
         "the doubted entries among it (`flagging.doubted` on each entry as two classes, "
         f"p* = 0.2) / its size; below {flagging.MIN_ANCHORED_SHARE} the set is cut to the "
-        "doubted entries (with a warning). Returned: the set `mislabeled_entries` returns.",
+        "doubted entries (with a warning), else counted by the two-view mixture (count: "
+        "`two_view`). Returned: the set `mislabeled_entries` returns.",
         "",
-        "| variant | seed | flipped | tail: flagged | anchored share | cut | returned: "
-        "flagged (flips) | precision | recall | share of entries |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seed | flipped | tail: flagged | anchored share | cut | count | returned: "
+        "flagged (flips) | estimated (interval) | precision | recall | share of entries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         f, t = r["flagged"], r["flagged_true"]
@@ -129,7 +135,8 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         lines.append(
             f"| {r['variant']} | {r['seed']} | {r['flipped']} ({r['rate']:.0%}) "
             f"| {r['tail_flagged']} | {r['anchored_share']:.2f} | {'yes' if r['cut'] else 'no'} "
-            f"| {f} ({t}) | {prec} | {rec} | {f / r['entries']:.2%} |"
+            f"| {r['count_source']} | {f} ({t}) | {r['estimated']} {tuple(r['interval'] or ())} "
+            f"| {prec} | {rec} | {f / r['entries']:.2%} |"
         )
     return "\n".join(lines) + "\n"
 
