@@ -234,8 +234,8 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
         cl_entries = cl_entries.T
     k = int(truth.sum())
     run["entry_flagged"] = {
-        "label csl, tail over all entries (default)": flag_metrics(det.flagged.numpy(), truth),
-        "label csl, tail per label": flag_metrics(det_label.flagged.numpy(), truth),
+        "label csl, default rule over all entries": flag_metrics(det.flagged.numpy(), truth),
+        "label csl, per_label=True": flag_metrics(det_label.flagged.numpy(), truth),
         "cleanlab find_multilabel_issues_per_class": flag_metrics(cl_entries, truth),
     }
     for name, s in entry_scores.items():  # not a rule: told the true count

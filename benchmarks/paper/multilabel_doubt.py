@@ -89,7 +89,8 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
     # (absent when the tail rule flagged nothing)
     doubt = det.diagnostics.get("doubt", {"doubted": 0, "anchors": 0, "anchored_share": 0.0})
     cut = det.diagnostics.get("count") == "lower bound" and "tail_flagged" in det.diagnostics
-    tail = det.diagnostics["tail_flagged"] if cut else int(flagged.sum())
+    diag = det.diagnostics
+    tail = diag["tail_flagged"] if cut else diag.get("tail_count", int(flagged.sum()))
     return {
         "variant": variant,
         "seed": seed,
