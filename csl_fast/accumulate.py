@@ -32,7 +32,7 @@ from .accumulate_checks import (
 from .buffer_locks import buffer_lock
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
-from .stats import NUM_STATS
+from .stats import NUM_STATS, invalid_column
 from .tracker import CSLTracker
 
 
@@ -538,7 +538,7 @@ def record_stats(
         # A compiled graph's writes are functional copies into the buffers at its end: the
         # copies bump the versions, and there is no address to lock on while tracing. The
         # graph may run inside a backward (checkpointed): then every row is invalid.
-        stats = stats * backward_rerun.outside_backward(stats)
+        stats = backward_rerun.recorded_rows(stats, invalid_column(stats))
         _record(stats, index, csl, buffers, seq, deterministic, backend)
         return
     if backward_rerun.in_backward():

@@ -235,7 +235,7 @@ def accumulate_bce(
         if not compiling and backward_rerun.in_backward():  # a checkpointed forward's rerun
             return loss
         if compiling:  # the graph may run inside a backward: then every row is invalid
-            stats = stats * backward_rerun.outside_backward(stats)
+            stats = backward_rerun.recorded_rows(stats, 0.0)  # (an invalid BCE row is 0)
         bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
         if tracker is not None:
             _record_tracker(tracker, index, _loss_stats(stats), name)

@@ -26,22 +26,35 @@ def in_backward() -> bool:
     return _graph_task_id() != -1
 
 
-@torch.library.custom_op("csl_fast::outside_backward", mutates_args=())
+# cudagraph_unsafe: a CUDA graph would bake in the value seen at capture.
+_UNSAFE_FOR_CUDA_GRAPHS = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t)
+
+
+@torch.library.custom_op(
+    "csl_fast::outside_backward", mutates_args=(), tags=_UNSAFE_FOR_CUDA_GRAPHS
+)
 def outside_backward(like: torch.Tensor) -> torch.Tensor:
-    """float32 ``[]`` on ``like``'s device: 1 outside a backward pass, 0 inside one.
+    """bool ``[]`` on ``like``'s device: True outside a backward pass, False inside one.
 
     :func:`in_backward` as a value a compiled graph computes each time it runs: a region
     compiled with ``torch.compile`` and checkpointed by eager ``torch.utils.checkpoint``
     reruns its whole graph, buffer writes included, inside the backward. The recording
-    paths that run under compilation scale the statistics' valid rows by this value, so
-    the rerun's rows are invalid and write nothing (an opaque op: the graph cannot
-    constant-fold what it returns at trace time)."""
-    return torch.tensor(0.0 if in_backward() else 1.0, device=like.device)
+    paths that run under compilation replace their statistics by invalid rows when this
+    is False (:func:`recorded_rows`), so the rerun writes nothing. An opaque op: the graph
+    cannot constant-fold it at trace time, and a fill, not a copy from the host, so it
+    costs no device synchronisation."""
+    return torch.full((), not in_backward(), dtype=torch.bool, device=like.device)
 
 
 @outside_backward.register_fake
 def _(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((), dtype=torch.float32)
+    return like.new_empty((), dtype=torch.bool)
+
+
+def recorded_rows(stats: torch.Tensor, invalid: torch.Tensor | float) -> torch.Tensor:
+    """``stats`` where a compiled graph runs outside a backward pass, else ``invalid``
+    (broadcast: the statistics of rows that record nothing)."""
+    return torch.where(outside_backward(stats), stats, invalid)
 
 
 def saved_tensor_hooks_active() -> bool:

@@ -246,8 +246,9 @@ def _loss_only_note(tracker: Any, score: str) -> str | None:
 
     if score == "label_csl":
         return (
-            "ranking (sample, label) entries by per-label CSL; flagged by the tail rule of "
-            "csl_fast.detect_losses.mislabeled_entries"
+            "ranking (sample, label) entries by per-label CSL; flagged by "
+            "csl_fast.detect_losses.mislabeled_entries (the tail rule, its doubt gate and "
+            "the two-view count)"
         )
     if loss_only(tracker):
         return f"{LOSS_ONLY}; flagged by the tail rule of csl_fast.detect_losses"

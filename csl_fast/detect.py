@@ -529,10 +529,6 @@ def _tie_at_cut(
     }
 
 
-#: How the note on a flagged set whose cut splits a run of equal scores begins.
-TIE_NOTE = "the cut falls inside a tie"
-
-
 def _note_tie_at_cut(
     diag: dict[str, Any],
     values: torch.Tensor,
@@ -547,13 +543,13 @@ def _note_tie_at_cut(
     tie = _tie_at_cut(values, ranking, flagged, k, n_finite)
     if tie is None:
         return
-    diag["tied_at_cut"] = tie
     split = (
-        f"{TIE_NOTE}: {tie['tied']} samples score {name!r} = "
+        f"the cut falls inside a tie: {tie['tied']} samples score {name!r} = "
         f"{tie['value']:.6g} and {tie['flagged']} of them are flagged, chosen by dataset "
         "index (the ranking breaks ties in index order); rank by a finer score (csl) for "
         "a flagged set that does not depend on the order"
     )
+    diag["tied_at_cut"] = {**tie, "note": split}
     diag["note"] = "; ".join(filter(None, [diag.get("note"), split]))
 
 

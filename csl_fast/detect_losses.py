@@ -85,7 +85,6 @@ import numpy as np
 import torch
 
 from .detect import (
-    TIE_NOTE,
     Detection,
     DetectionWarning,
     _count,
@@ -470,7 +469,7 @@ def mislabeled_entries(
     3. otherwise the count is single-label detection's two-view count on the entries
        (:func:`csl_fast.flagging.two_view_count` on the mean entry loss, the doubted
        entries pinned to the bad component; ``diagnostics["count_source"] ==
-       "two_view"``, ``["two_view"]`` its fit, ``["tail_count"]`` the tail rule's), and
+       "two_view"``, ``["two_view"]`` its fit, ``["tail_flagged"]`` the tail rule's count), and
        the top that many entries are flagged.
 
     Why: the tail rule alone is no test of whether anything is wrong. On two digits side
@@ -649,7 +648,8 @@ def _anchored(
         "ranking below them (top(k)) if labels may be noisy"
     )
     det.warning = "; also, ".join(filter(None, [cut, det.warning]))
-    warnings.warn(det.warning, DetectionWarning, stacklevel=3)
+    det.rule = f"{det.rule}, cut to the doubted"
+    warnings.warn(cut, DetectionWarning, stacklevel=3)  # (the tail rule's was said)
     return det
 
 
@@ -666,32 +666,39 @@ def _recount(det: EntryDetection, mean_loss: torch.Tensor, pinned: torch.Tensor)
     diag["two_view"] = {**est.diagnostics, "count": est.count, "interval": list(est.interval)}
     if not est.found:
         return  # (fewer than MIN_PINNED doubted entries): the tail rule's count stands
-    finite = torch.isfinite(det.scores.reshape(-1))
-    flagged = torch.zeros_like(finite)
-    k = min(est.count, int(finite.sum()))
-    flagged[det.ranking[:k]] = True
+    values = det.scores.reshape(-1)
+    finite = torch.isfinite(values)
+    if est.count == est.diagnostics["label_lost"]:  # cut to the pinned entries themselves
+        flagged = pinned.to(finite.device) & finite
+    else:
+        flagged = torch.zeros_like(finite)
+        flagged[det.ranking[: min(est.count, int(finite.sum()))]] = True
+    k = int(flagged.sum())
     det.flagged = flagged.reshape(det.scores.shape)
-    det.threshold = float(det.scores.double().reshape(-1)[flagged].min()) if k else math.inf
+    det.threshold = float(values.double()[flagged].min()) if k else math.inf
     det.estimated_count, det.count_interval = est.count, tuple(est.interval)
-    diag.update(
-        count_source="two_view", tail_count=diag.get("flagged"), flagged=k,
-        threshold=det.threshold,
-    )  # fmt: skip
+    det.rule = f"{det.rule}, two-view count"
     _drop_tie_note(diag)
+    diag.update(
+        count_source="two_view", tail_flagged=diag["flagged"], tail_threshold=diag["threshold"],
+        flagged=k, threshold=det.threshold,
+    )  # fmt: skip
+    _note_tie_at_cut(diag, values, det.ranking, flagged, k, int(finite.sum()), det.score_name)
     if est.reason is not None:
         diag["count"] = est.diagnostics.get("caveat", "lower bound")
-        det.warning = "; also, ".join(
-            filter(None, [f"csl_fast.detect_losses: {est.reason}", det.warning])
-        )
-        warnings.warn(det.warning, DetectionWarning, stacklevel=4)
+        said = f"csl_fast.detect_losses: {est.reason.replace('samples', 'entries')}"
+        det.warning = "; also, ".join(filter(None, [said, det.warning]))
+        warnings.warn(said, DetectionWarning, stacklevel=4)  # (the tail rule's was said)
 
 
 def _drop_tie_note(diag: dict[str, Any]) -> None:
     """Drop the tail rule's note on a cut inside a tie: the set is no longer its cut."""
-    if diag.pop("tied_at_cut", None) is not None:
-        kept = [part for part in diag["note"].split("; ") if not part.startswith(TIE_NOTE)]
-        diag["note"] = "; ".join(kept)
-        if not kept:
+    tie = diag.pop("tied_at_cut", None)
+    if tie is not None:
+        note = diag["note"].replace(tie["note"], "").replace("; ; ", "; ").strip("; ")
+        if note:
+            diag["note"] = note
+        else:
             del diag["note"]
 
 

@@ -207,12 +207,6 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         input_grad_norms(grad, index, tracker, scale, valid=valid)
 
-    if x.is_leaf and not torch.compiler.is_compiling() and backward_rerun.in_backward():
-        # Reentrant checkpointing reruns the region on a detached copy of its input, whose
-        # gradient then reaches the input watched in the forward: one hook is enough. (An
-        # intermediate made in the rerun is not a leaf and is watched: its forward ran
-        # without grad, so its first hook never fires.)
-        return x
     _register(x, tracker, hook)
     return x
 
@@ -220,11 +214,20 @@ def watch(
 @torch.compiler.disable
 def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
     """Put ``hook`` on ``x`` for ``tracker``, in eager mode (torch.compile cannot trace
-    the per-tensor registry: a step that watches graph-breaks here).
+    the per-tensor registry: a step that watches graph-breaks here), unless ``x`` is the
+    detached input of a region rerun in the backward.
+
+    Reentrant checkpointing reruns the region on a detached copy of its input, whose
+    gradient then reaches the input watched in the forward: one hook is enough. (An
+    intermediate made in the rerun is not a leaf and is watched: its forward ran without
+    grad, so its first hook never fires.) Tested here, where every call runs eagerly, so
+    that a compiled region rerun by an eager checkpoint is told too.
 
     Watching the same tensor again (full-batch training on one fixed tensor) replaces this
     tracker's earlier hook: hooks stay on a tensor, so each epoch would add one more and
     every backward would record the norms once per epoch so far."""
+    if x.is_leaf and backward_rerun.in_backward():
+        return
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
         hooks[id(tracker)].remove()

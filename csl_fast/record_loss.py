@@ -15,6 +15,8 @@ duplicate indices add up, no host synchronisation, the same ``deterministic`` fl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _ext, backward_rerun, ops
@@ -154,7 +156,7 @@ def record_loss(
         # run inside a backward (checkpointed): NaN losses there, which are not recorded.
         values = loss.detach()
         if torch.compiler.is_compiling():
-            values = values / backward_rerun.outside_backward(values)
+            values = backward_rerun.recorded_rows(values, math.nan)
         _RECORD_LOSS_OP(values, index, *buffers, *_tracker_state(csl))
         return loss
     if deterministic is None:
@@ -163,7 +165,7 @@ def record_loss(
     if torch.compiler.is_compiling():
         # No addresses to lock on while tracing; the graph's writes are copies at its end.
         # It may run inside a backward (checkpointed): then every row is invalid.
-        stats = stats * backward_rerun.outside_backward(stats)
+        stats = backward_rerun.recorded_rows(stats, 0.0)  # (loss_stats' invalid rows)
         _record(stats, index, csl, buffers, deterministic, name)
         return loss
     with buffer_lock(buffers[0]):

@@ -7,6 +7,8 @@ consecutive samples are adjacent in memory). The C++ kernels mirror this enum in
 
 from enum import IntEnum
 
+import torch
+
 
 class Stat(IntEnum):
     """Row of the statistics tensor. All refer to plain (unweighted, unsmoothed) CE."""
@@ -24,3 +26,11 @@ class Stat(IntEnum):
 
 
 NUM_STATS = len(Stat)
+
+
+def invalid_column(like: torch.Tensor) -> torch.Tensor:
+    """The statistics of a row that records nothing, ``[NUM_STATS, 1]`` in ``like``'s
+    dtype and device: every statistic 0 but ``OTHER_ARGMAX``, -1 (as the kernels write)."""
+    column = torch.zeros(NUM_STATS, 1, dtype=like.dtype, device=like.device)
+    column[Stat.OTHER_ARGMAX] = -1.0
+    return column

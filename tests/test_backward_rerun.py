@@ -4,6 +4,8 @@ F.cross_entropy's, and a saved-tensor hook's error reaches the caller."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,14 +161,18 @@ def test_a_compiled_region_checkpointed_eagerly_records_once():
     # writes included; the graph reads whether it runs in a backward (it counted twice)
     lin, x, y, idx = _data(2)
     multi = (torch.rand(B, C, generator=torch.Generator().manual_seed(2)) < 0.5).float()
-    tracker, labels = CSLTracker(N, C), CSLTracker(N, num_labels=C)
+    tracker, labels, masked = CSLTracker(N, C), CSLTracker(N, num_labels=C), CSLTracker(N, C)
     lce, lce_count = torch.zeros(N), torch.zeros(N)
     rec, rec_count, ref, ref_count = (torch.zeros(N) for _ in range(4))
     buffers = (*tracker.buffers().values(), *labels.buffers().values(), lce, lce_count, rec)
-    buffers += (rec_count, ref, ref_count)
+    buffers += (rec_count, ref, ref_count, *masked.buffers().values())
+    others = torch.ones(B, C, dtype=torch.bool).scatter_(1, y[:, None], False)
 
     def region(v):
+        v = tracker.watch(v, idx)  # an input gradient per sample, once
         h = torch.tanh(v)
+        # every other class masked: margin +inf, which 0 * inf made NaN in the rerun
+        masked_loss = accumulate(lin(h).masked_fill(others, -math.inf), y, idx, masked)
         per = F.cross_entropy(lin(h), y, reduction="none")
         csl_fast.record_loss(per, idx, rec, count=rec_count)  # the one-pass C++ op
         csl_fast.record_loss(per, idx, ref, count=ref_count, backend="reference")
@@ -175,13 +181,15 @@ def test_a_compiled_region_checkpointed_eagerly_records_once():
             + csl_fast.linear_cross_entropy(h, lin.weight, y, idx, lce, lin.bias, count=lce_count)
             + csl_fast.accumulate_bce(lin(h), multi, idx, labels)
             + per.mean()
+            + masked_loss
         )
 
-    compiled = torch.compile(region, fullgraph=True)
+    compiled = torch.compile(region)  # (watch breaks the graph: its hook is eager)
     initial = [b.clone() for b in buffers]
     compiled(x.clone().requires_grad_(True)).backward()
     once = [b.clone() for b in buffers]
     assert tracker.csl_count.sum() == B and rec_count.sum() == B
+    assert tracker.input_grad_count.sum() == B and masked.margin_sum[idx].isposinf().all()
     for mode in MODES:
         for b, start in zip(buffers, initial, strict=True):
             b.copy_(start)

@@ -369,7 +369,8 @@ def test_mislabeled_entries_keeps_a_set_the_network_firmly_rejected(per_label):
         assert "count_source" not in det.diagnostics
     else:  # the two-view count, the firmly rejected entries pinned (the tail rule: 58)
         assert det.diagnostics["count_source"] == "two_view"
-        assert det.diagnostics["tail_count"] == 58 and torch.equal(det.flagged, firm)
+        assert det.diagnostics["tail_flagged"] == 58 and torch.equal(det.flagged, firm)
+        assert det.rule == "tail, two-view count" and "tie" not in det.diagnostics.get("note", "")
         assert det.estimated_count == 60 and det.count_interval[0] <= 60 <= det.count_interval[1]
         assert det.diagnostics["flagged"] == 60 and det.threshold == det.diagnostics["threshold"]
 

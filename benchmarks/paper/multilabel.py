@@ -224,6 +224,7 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
         det = detect_losses.mislabeled_entries(tracker)
         det_label = detect_losses.mislabeled_entries(tracker, per_label=True)
+        alone = detect_losses.mislabeled_entries(tracker.label_csl)  # a tensor: not gated
     run["seconds_rule"] = time.perf_counter() - t0
     run["rule_warning"] = det.warning
     run["rule_estimated"] = det.estimated_count
@@ -236,6 +237,7 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
     run["entry_flagged"] = {
         "label csl, default rule over all entries": flag_metrics(det.flagged.numpy(), truth),
         "label csl, per_label=True": flag_metrics(det_label.flagged.numpy(), truth),
+        "label csl, the tail rule alone": flag_metrics(alone.flagged.numpy(), truth),
         "cleanlab find_multilabel_issues_per_class": flag_metrics(cl_entries, truth),
     }
     for name, s in entry_scores.items():  # not a rule: told the true count

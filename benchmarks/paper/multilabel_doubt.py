@@ -88,9 +88,11 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
     truth = mask.reshape(-1)
     # (absent when the tail rule flagged nothing)
     doubt = det.diagnostics.get("doubt", {"doubted": 0, "anchors": 0, "anchored_share": 0.0})
-    cut = det.diagnostics.get("count") == "lower bound" and "tail_flagged" in det.diagnostics
-    diag = det.diagnostics
-    tail = diag["tail_flagged"] if cut else diag.get("tail_count", int(flagged.sum()))
+    cut = det.rule.endswith("cut to the doubted")
+    with warnings.catch_warnings():  # the tail rule alone: a score tensor is not gated
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
+        alone = detect_losses.mislabeled_entries(tracker.label_csl).flagged.numpy().reshape(-1)
+    tail = int(alone.sum())
     return {
         "variant": variant,
         "seed": seed,
@@ -103,12 +105,17 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
         "anchored_share": doubt["anchored_share"],
         "cut": cut,
         "warned": bool(caught),
+        "tail_true": int((alone & truth).sum()),
         "flagged": int(flagged.sum()),
         "flagged_true": int((flagged & truth).sum()),
         "count_source": det.diagnostics.get("count_source", "tail"),
         "estimated": det.estimated_count,
         "interval": det.count_interval,
     }
+
+
+def _f1(true: int, flagged: int, flipped: int) -> str:
+    return f"{2 * true / (flagged + flipped):.2f}" if flipped else "-"
 
 
 def markdown(meta: dict, runs: list[dict]) -> str:
@@ -125,9 +132,10 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         "doubted entries (with a warning), else counted by the two-view mixture (count: "
         "`two_view`). Returned: the set `mislabeled_entries` returns.",
         "",
-        "| variant | seed | flipped | tail: flagged | anchored share | cut | count | returned: "
-        "flagged (flips) | estimated (interval) | precision | recall | share of entries |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | seed | flipped | tail: flagged (flips) | tail: F1 | anchored share | cut "
+        "| count | returned: flagged (flips) | estimated (interval) | precision | recall | F1 "
+        "| share of entries |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         f, t = r["flagged"], r["flagged_true"]
@@ -135,9 +143,11 @@ def markdown(meta: dict, runs: list[dict]) -> str:
         rec = f"{t / r['flipped']:.2f}" if r["flipped"] else "-"
         lines.append(
             f"| {r['variant']} | {r['seed']} | {r['flipped']} ({r['rate']:.0%}) "
-            f"| {r['tail_flagged']} | {r['anchored_share']:.2f} | {'yes' if r['cut'] else 'no'} "
+            f"| {r['tail_flagged']} ({r['tail_true']}) "
+            f"| {_f1(r['tail_true'], r['tail_flagged'], r['flipped'])} "
+            f"| {r['anchored_share']:.2f} | {'yes' if r['cut'] else 'no'} "
             f"| {r['count_source']} | {f} ({t}) | {r['estimated']} {tuple(r['interval'] or ())} "
-            f"| {prec} | {rec} | {f / r['entries']:.2%} |"
+            f"| {prec} | {rec} | {_f1(t, f, r['flipped'])} | {f / r['entries']:.2%} |"
         )
     return "\n".join(lines) + "\n"
 
