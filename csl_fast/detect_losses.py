@@ -485,7 +485,7 @@ def mislabeled_entries(
     noisy runs' 0.26-0.61, none cut, and their two-view counts came within -22% to +25%
     of the flips (intervals holding the truth in 16 of 16): at 2% 362-449 flagged for
     359, precision 0.69-0.81, recall 0.82-0.89; at 10% 1,404-1,730 for 1,797, precision
-    0.90-0.94, recall 0.73-0.86 (the tail rule alone: F1 0.59-0.80, now 0.77-0.88). With
+    0.90-0.94, recall 0.73-0.86 (the tail rule alone: F1 0.60-0.80, now 0.77-0.88). With
     5% flipped (``benchmarks/paper/multilabel.py``, 2 seeds) it flags 914 for 898, F1
     0.86 (the tail rule 0.79, per label 0.76; cleanlab 0.61). The floor and the mixture
     come from single-label detection unchanged, but using them here was chosen after
