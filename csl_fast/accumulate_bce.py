@@ -95,17 +95,17 @@ def accumulate_bce(
 
     Divided by ``count``: ``csl`` is the CSL (mean plain loss per presentation),
     ``label_csl`` the per-label CSL that ranks (sample, label) entries as mislabeled,
-    ``label_margin`` the per-entry area under the margin (AUM's sigmoid analogue: a
-    flipped label keeps a negative margin), ``label_prob`` the mean probability the model
-    gives each entry's target (:math:`e^{-\ell_{il}} = \sigma(z)^y \sigma(-z)^{1-y}`; for
-    hard targets the probability of the given value: the doubt view that tells a flipped
-    entry from a hard one, :func:`csl_fast.detect_losses.mislabeled_entries`), ``wrong``
-    the mean number of labels the model
-    gets wrong, ``min_margin`` the worst label's mean margin. A sample whose plain loss is
-    NaN or inf is not recorded at all (one bad step cannot poison its scores); duplicate
-    indices add up; nothing here is part of autograd. The recorded losses pass through float32
-    statistics whatever the logits' dtype: float64 logits' are rounded to float32 (about
-    1e-7 relative, as ``record_loss`` rounds its losses), then added in the buffers' dtype.
+    ``label_margin`` the per-entry area under the margin (AUM's sigmoid analogue: a flipped
+    label keeps a negative margin), ``label_prob`` the mean probability the model gives each
+    entry's target (:math:`e^{-\ell_{il}} = \sigma(z)^y \sigma(-z)^{1-y}`; for hard targets
+    the probability of the given value: the doubt view that tells a flipped entry from a
+    hard one, :func:`csl_fast.detect_losses.mislabeled_entries`), ``wrong`` the mean number
+    of labels the model gets wrong, ``min_margin`` the worst label's mean margin. A sample
+    whose plain loss is NaN or inf is not recorded at all (one bad step cannot poison its
+    scores); duplicate indices add up; nothing here is part of autograd. The recorded losses
+    pass through float32 statistics whatever the logits' dtype: float64 logits' are rounded
+    to float32 (about 1e-7 relative, as ``record_loss`` rounds its losses), then added in
+    the buffers' dtype.
 
     ``csl`` may be a :class:`csl_fast.CSLTracker`: then its ``csl_sum``, ``csl_count`` and
     ``last_loss`` (and, with ``history=True``, the epoch sums) are updated as
