@@ -599,10 +599,18 @@ def _anchored(
             "tracker was loaded from a file saved before label_prob existed)"
         )
         return _unchecked(det, n_flagged)
+    per_presentation = seen.double() / source.csl_count[presented][:, None].double()
+    if not bool(((per_presentation >= 0) & (per_presentation <= 1 + 1e-5)).all()):
+        # a probability summed per presentation stays in [0, 1]: edited, not recorded
+        det.diagnostics["doubt"] = (
+            "not usable (label_prob holds values no recording gives: a sum of probabilities "
+            "below 0 or above the presentations; the tracker was edited)"
+        )
+        return _unchecked(det, n_flagged)
     if n_flagged == 0:
         return det
     n, labels = flagged.shape
-    fitted = float((seen / source.csl_count[presented][:, None]).double().median())
+    fitted = float(per_presentation.median())
     if fitted < FITTED_PROB:
         # soft targets (label smoothing) cap each entry's probability of its target below
         # 1, so every entry reads as doubted a little at every presentation, and the

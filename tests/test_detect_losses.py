@@ -405,6 +405,17 @@ def test_mislabeled_entries_with_soft_targets_is_not_cut():
     assert "the tail rule's alone (the doubt gate not applied" in det.diagnostics["note"]
 
 
+@pytest.mark.parametrize("value", [-1.0, 100.0, math.inf])
+def test_mislabeled_entries_with_impossible_probabilities_is_not_cut(value):
+    # an edited tracker: sums of probabilities outside [0, presentations] emptied the set
+    tracker, _ = _doubt_tracker(firm=60, hesitant=6)
+    tracker.label_prob.fill_(value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DetectionWarning)
+        det = mislabeled_entries(tracker)
+    assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not usable")
+
+
 def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
     tracker, _ = _doubt_tracker(firm=4, hesitant=60)
     tracker.label_prob.zero_()  # label_csl filled by another recorder: no probabilities
