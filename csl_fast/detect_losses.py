@@ -622,9 +622,8 @@ def _anchored(
         )
         return _unchecked(det, n_flagged)
     count = source.csl_count.double()[:, None].expand(n, labels).reshape(-1)
-    sure = doubted(
-        source.label_csl.double().reshape(-1), count, probs.double().reshape(-1), 2
-    ).reshape(n, labels)
+    entry_csl = source.label_csl.double().reshape(-1)
+    sure = doubted(entry_csl, count, probs.double().reshape(-1), 2).reshape(n, labels)
     anchors = flagged & sure.to(flagged.device)
     n_anchors = int(anchors.sum())
     share = n_anchors / n_flagged
@@ -636,7 +635,7 @@ def _anchored(
     }
     if share >= MIN_ANCHORED_SHARE:
         if recount:
-            _recount(det, (source.label_csl.double().reshape(-1) / count), sure.reshape(-1))
+            _recount(det, entry_csl / count, sure.reshape(-1))
         return det
     det.flagged = anchors
     det.threshold = float(det.scores.double()[anchors].min()) if n_anchors else math.inf

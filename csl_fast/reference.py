@@ -18,7 +18,7 @@ from enum import IntEnum
 import torch
 import torch.nn.functional as F
 
-from .stats import NUM_STATS, Stat
+from .stats import NUM_STATS, Stat, invalid_column
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 REDUCTION_NAMES = {v: k for k, v in REDUCTIONS.items()}
@@ -83,9 +83,7 @@ def row_statistics(
     stats[Stat.GRAD_NORM_SQ] = gnorm.float()
     stats[Stat.VALID] = 1.0
     stats[Stat.OTHER_ARGMAX] = other_argmax
-    invalid = torch.zeros_like(stats)
-    invalid[Stat.OTHER_ARGMAX] = -1.0
-    return torch.where(valid[None, :], stats, invalid)
+    return torch.where(valid[None, :], stats, invalid_column(stats))
 
 
 def soft_row_statistics(logits: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
