@@ -52,18 +52,9 @@ VERSION_BUFFERS: dict[int, frozenset[str]] = {
             "epoch_count", "eval_pass_loss_sum", "eval_pass_count",
         }
     ),
-    # version 3 added label_prob_sum (the per-entry probabilities of multi-label detection)
-    2: frozenset(
-        {
-            "csl_sum", "csl_count", "last_loss", "last_max_prob", "grad_norm_sum",
-            "margin_sum", "p_true_sum", "p_true_sq_sum", "last_correct", "forgetting",
-            "learned_epoch", "suggest_label", "suggest_votes", "suggest_hits",
-            "input_grad_sq_sum", "input_grad_norm_sum", "input_grad_count",
-            "epoch_input_grad_sq_sum", "epoch_input_grad_count", "eval_csl_sum", "eval_count",
-            "eval_last_loss", "eval_last_max_prob", "eval_last_correct", "epoch_loss_sum",
-            "epoch_count", "eval_pass_loss_sum", "eval_pass_count", "label_csl_sum",
-        }
-    ),
+}  # fmt: skip
+VERSION_BUFFERS[2] = VERSION_BUFFERS[1] | {
+    "suggest_label", "suggest_votes", "suggest_hits", "label_csl_sum",
 }  # fmt: skip
 
 
