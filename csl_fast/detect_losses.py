@@ -505,12 +505,16 @@ def mislabeled_entries(
     of 24 runs (each with the warning) though per-entry CSL ranked the flips at AUROC
     0.87-0.94: a flip sits only ~1 robust spread above the clean entries of its given
     value, and the mixture's tail beyond ``z > 2`` is far thinner than the normal model
-    (excess -16 to -74 on clean runs). Review by the ranking then (:meth:`top`,
-    ``rule="fraction"``). ``per_label=True`` is worse there: on clean data its tail rule
-    flagged 34-123 entries, most of them a label's positives (a rare label's positives
-    read as an excess over its negatives' tail), and the doubt gate cut only one of the
-    six runs (48 to 6, warned): in the other five more than a fifth of the flagged clean
-    entries were firmly rejected, and they stay flagged without a warning
+    (excess -16 to -74 on clean runs). No count could have given a set to act on there:
+    the ranking's top k at the true count k held 12-25% flips at 0.5% flipped and 49-61%
+    at 10% (that generator draws each sample's features as random word counts from its
+    labels' word distributions: many clean entries are as hard to predict as a flip).
+    Review by the ranking then (:meth:`top`, ``rule="fraction"``). ``per_label=True`` is
+    worse there: on clean data its tail rule flagged 34-123 entries, most of them a
+    label's positives (a rare label's positives read as an excess over its negatives'
+    tail), and the doubt gate cut only one of the six runs (48 to 6, warned): in the
+    other five more than a fifth of the flagged clean entries were firmly rejected, and
+    they stay flagged without a warning
     (``benchmarks/results/loss-detection-limits-multilabel.md``, 2026-12-03).
     """
     values, name = _entry_score(source, score)
