@@ -435,16 +435,31 @@ class CSLTrainer(Trainer):
                 "size, or add the indices after selecting"
             ) from exc
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, TRACKER_FILE)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; resuming from a checkpoint also restores the tracker saved in
+        it (``csl_tracker.csl``), before the first step.
+
+        Here rather than in ``Trainer._load_from_checkpoint``, which DeepSpeed resumes
+        never call (they load through ``deepspeed_load_checkpoint``): the tracker would
+        restart empty there, without a word."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
+        if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
+            self._restore_tracker(os.fspath(folder))
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _restore_tracker(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, TRACKER_FILE)
         if not os.path.exists(path):
             warnings.warn(
-                f"CSLTrainer: the checkpoint {resume_from_checkpoint!r} holds no {TRACKER_FILE}: "
-                "the tracker records only from this checkpoint on (its CSL misses the steps "
+                f"CSLTrainer: the checkpoint {checkpoint!r} holds no {TRACKER_FILE}: the "
+                "tracker records only from this checkpoint on (its CSL misses the steps "
                 "before it); resume from a checkpoint written by CSLTrainer to keep them",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             return
         if self.csl_tracker is None:

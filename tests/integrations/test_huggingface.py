@@ -90,6 +90,22 @@ def test_trainer_records_every_example_and_resumes(tmp_path):
     assert torch.equal(resumed.csl_tracker.csl_count, torch.full((N,), 2.0))
 
 
+def test_resume_restores_the_tracker_where_the_trainer_skips_load_from_checkpoint(tmp_path):
+    """DeepSpeed resumes load through deepspeed_load_checkpoint, never through
+    Trainer._load_from_checkpoint, where the tracker was restored: it restarted empty."""
+    train = with_index(Examples())
+    CSLTrainer(
+        model=_model(), args=_args(tmp_path, 1, save_strategy="epoch"), train_dataset=train
+    ).train()
+    resumed = CSLTrainer(
+        model=_model(), args=_args(tmp_path, 2, save_strategy="no"), train_dataset=train
+    )
+    resumed._load_from_checkpoint = lambda *args, **kwargs: None  # as under DeepSpeed
+    resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir
+    assert resumed.csl_tracker.epoch == 2
+    assert torch.equal(resumed.csl_tracker.csl_count, torch.full((N,), 2.0))
+
+
 def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path):
     """save_steps at an epoch's last step saved the tracker before its end_epoch; resumed,
     the Trainer started the next epoch and the tracker ended one epoch behind (epoch 1
