@@ -427,6 +427,12 @@ def note_loaded(tracker: CSLTracker) -> None:
     tracker.__dict__[_LOADED_ATTR] = True
 
 
+def loaded_unmarked(tracker: CSLTracker) -> bool:
+    """Whether a load replaced ``tracker``'s state and :func:`mark_synced` has not run since
+    (:func:`sync` refuses such a tracker under a process group)."""
+    return bool(tracker.__dict__.get(_LOADED_ATTR, False))
+
+
 def _set_baseline(tracker: CSLTracker) -> None:
     # The last-value floats need no baseline: a rank that did not present a sample in the
     # window still holds the synced value. An earlier baseline's tensors are overwritten in

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..accumulate import accumulate
-from ..distributed import mark_synced
+from ..distributed import loaded_unmarked, mark_synced
 from ..tracker import CSLTracker
 from ._options import check_tracker_options
 
@@ -140,7 +140,9 @@ class CSLTrainer(Trainer):
     Args:
         csl_tracker: the tracker to record into; default: created at the first training
             step with ``N = len(train_dataset)``, ``C`` = the logits' width, on the logits'
-            device. Available as :attr:`csl_tracker`.
+            device. Available as :attr:`csl_tracker`. One loaded from a file is marked
+            synced when ``train`` starts: under DDP every rank must have loaded the same
+            state (checked then, :func:`csl_fast.distributed.mark_synced`).
         csl_index_column: the batch key holding dataset indices (default ``"index"``,
             what :func:`with_index` and :class:`csl_fast.data.IndexedDataset` add).
         csl_tracker_kwargs: further :class:`~csl_fast.CSLTracker` arguments for the
@@ -449,6 +451,10 @@ class CSLTrainer(Trainer):
             folder = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
         if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
             self._restore_tracker(os.fspath(folder))
+        elif self.csl_tracker is not None and loaded_unmarked(self.csl_tracker):
+            # one passed in from a file: global state, which the first end_epoch under DDP
+            # refused unmarked, after a whole epoch of training
+            mark_synced(self.csl_tracker)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _restore_tracker(self, checkpoint: str) -> None:

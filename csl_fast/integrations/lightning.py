@@ -36,7 +36,7 @@ import warnings
 from typing import Any
 
 from ..atomic_file import target_of
-from ..distributed import mark_synced
+from ..distributed import loaded_unmarked, mark_synced
 from ..tracker import CSLTracker
 from ._options import check_tracker_options
 
@@ -65,7 +65,9 @@ class CSLCallback(Callback):
             ``tracker`` is given.
         num_classes: passed to the tracker.
         tracker: an existing tracker to use instead of creating one (it must live on the
-            device the module's logits are on).
+            device the module's logits are on). One loaded from a file (to continue a
+            run) is marked synced when training starts: under DDP every rank must have
+            loaded the same state (checked then, :func:`csl_fast.distributed.mark_synced`).
         attr: name of the ``pl_module`` attribute the tracker is attached as.
         save_path: when set, the global rank 0 writes the tracker there
             (:meth:`CSLTracker.save`) at the end of training.
@@ -160,6 +162,11 @@ class CSLCallback(Callback):
         self._apply_pending()
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if loaded_unmarked(self._tracker):
+            # A tracker passed in from a file (csl_fast.load in every process): its state is
+            # global. Unmarked, the first end_epoch under DDP refused it, after a whole
+            # epoch of training; marking checks now that every rank loaded the same.
+            mark_synced(self._tracker)
         resumed = trainer.ckpt_path is not None
         if resumed and not self._restored and self._tracker.epoch != trainer.current_epoch:
             warnings.warn(

@@ -16,7 +16,9 @@ pytest.importorskip("accelerate", reason="the HF Trainer needs accelerate: pip i
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
+    import csl_fast
     from csl_fast import CSLTracker
+    from csl_fast.distributed import loaded_unmarked
     from csl_fast.integrations.huggingface import TRACKER_FILE, CSLTrainer, with_index
 
 N, C, VOCAB, LEN = 20, 3, 30, 6
@@ -104,6 +106,22 @@ def test_resume_restores_the_tracker_where_the_trainer_skips_load_from_checkpoin
     resumed.train(resume_from_checkpoint=True)  # the last checkpoint in output_dir
     assert resumed.csl_tracker.epoch == 2
     assert torch.equal(resumed.csl_tracker.csl_count, torch.full((N,), 2.0))
+
+
+def test_a_tracker_loaded_from_a_file_is_marked_synced_when_training_starts(tmp_path):
+    """Unmarked, the first end_epoch under DDP refused it (SyncError), after a whole epoch
+    of training (the refusal itself: tests/test_distributed.py)."""
+    train = with_index(Examples())
+    args = _args(tmp_path, 1, save_strategy="no")
+    first = CSLTrainer(model=_model(), args=args, train_dataset=train)
+    first.train()
+    first.csl_tracker.save(tmp_path / "run.csl")
+    loaded = csl_fast.load(tmp_path / "run.csl")
+    assert loaded_unmarked(loaded)
+    more = CSLTrainer(model=_model(), args=args, train_dataset=train, csl_tracker=loaded)
+    more.train()
+    assert not loaded_unmarked(loaded)
+    assert loaded.epoch == 2 and torch.equal(loaded.csl_count, torch.full((N,), 2.0))
 
 
 def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path):

@@ -14,6 +14,7 @@ with warnings.catch_warnings():
     import csl_fast
 from csl_fast import CSLTracker
 from csl_fast.data import IndexedDataset
+from csl_fast.distributed import loaded_unmarked
 
 try:
     import lightning.pytorch as pl
@@ -83,6 +84,18 @@ def test_callback_tracks_fit_and_resumes(tmp_path):
     assert cb2.tracker.epoch == 3
     assert torch.equal(cb2.tracker.csl_count, torch.full((N,), 3.0))
     assert bool((cb2.tracker.csl_sum > tracker.csl_sum).all())
+
+
+def test_a_tracker_loaded_from_a_file_is_marked_synced_when_training_starts(tmp_path):
+    """Unmarked, the first end_epoch under DDP refused it (SyncError), after a whole epoch
+    of training (the refusal itself: tests/test_distributed.py)."""
+    first = CSLCallback(N, C, save_path=tmp_path / "run.csl")
+    _trainer(1, first, tmp_path).fit(Tiny(), _loader())
+    cb = CSLCallback(tracker=csl_fast.load(tmp_path / "run.csl"))
+    assert loaded_unmarked(cb.tracker)
+    _trainer(1, cb, tmp_path).fit(Tiny(), _loader())  # one more epoch
+    assert not loaded_unmarked(cb.tracker)
+    assert cb.tracker.epoch == 2 and torch.equal(cb.tracker.csl_count, torch.full((N,), 2.0))
 
 
 def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path):
