@@ -91,9 +91,10 @@ def accumulate(
     label smoothing (training-objective choices) would distort (float32 for float64
     logits too: a float64 buffer holds sums of float32-rounded losses). Rows, or positions
     of a sample with several, whose loss is not finite in the logits dtype (NaN or inf
-    logits; with float16 logits, a loss of 65520 or more, which rounds to inf) are not
-    recorded, so one bad step cannot poison a sample's CSL; the returned loss still shows
-    the NaN/inf, as ``F.cross_entropy``'s would. Duplicate indices in a batch add up.
+    logits; with float16 logits, a loss of 65520 or more, which rounds to inf) or in
+    float32 (a float64 loss past 3.4e38) are not recorded, so one bad step cannot poison
+    a sample's CSL; the returned loss still shows the NaN/inf, as ``F.cross_entropy``'s
+    would. Duplicate indices in a batch add up.
     Calls under ``torch.no_grad()`` record too (an evaluation loop should call
     ``F.cross_entropy`` or :func:`csl_fast.score_epoch`); a forward that activation
     checkpointing reruns inside the backward records nothing

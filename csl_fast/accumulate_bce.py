@@ -74,7 +74,8 @@ def accumulate_bce(
         \ell_{il} = \log(1 + e^{z_{il}}) - y_{il} z_{il}
 
     (no ``weight``, no ``pos_weight``). For every sample :math:`i` whose plain loss
-    :math:`\ell_i = \sum_l \ell_{il}` is finite, at :math:`n = \mathrm{index}_i`:
+    :math:`\ell_i = \sum_l \ell_{il}` is finite (in float32, the statistics' dtype: a
+    float64 loss past 3.4e38 is not), at :math:`n = \mathrm{index}_i`:
 
     ================  =========================================  =====================
     buffer            update                                     memory

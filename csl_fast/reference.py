@@ -28,9 +28,14 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
 def _finite_in(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Whether ``x`` (float32 or float64) is finite once rounded to ``dtype``."""
-    return torch.isfinite(x.to(dtype))
+    """Whether ``x`` (float32 or float64) is finite once rounded to ``dtype`` and once
+    stored as a float32 statistic (a float64 loss of 1e39 is inf there: recorded, it would
+    make the sample's CSL inf for good)."""
+    return torch.isfinite(x.to(dtype)) & (x.abs() <= _FLOAT32_MAX)
 
 
 def row_statistics(
@@ -40,9 +45,10 @@ def row_statistics(
 
     Returns float32 ``[NUM_STATS, B]`` indexed by :class:`csl_fast.stats.Stat`. Rows that
     are ignored or whose loss is not finite in the logits dtype (a float16 loss of 65520 or
-    more rounds to inf) are all zero (``VALID`` = 0) but for ``OTHER_ARGMAX``, which is -1
-    there (as for every row when ``C == 1``). With ``softcap`` ``s > 0`` every statistic
-    is of the soft-capped logits ``s tanh(z / s)`` (computed in float32 or float64).
+    more rounds to inf) or in float32 (a float64 loss past 3.4e38) are all zero (``VALID``
+    = 0) but for ``OTHER_ARGMAX``, which is -1 there (as for every row when ``C == 1``).
+    With ``softcap`` ``s > 0`` every statistic is of the soft-capped logits
+    ``s tanh(z / s)`` (computed in float32 or float64).
     """
     z = softcapped(logits.to(_compute_dtype(logits)), softcap)
     batch, num_classes = z.shape
@@ -567,7 +573,7 @@ def bce_row_statistics(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     logits and targets; a sample whose plain loss is not finite is all zero."""
     plain = bce_entry_losses(logits, target)
     loss = plain.sum(1)
-    valid = torch.isfinite(loss)
+    valid = loss.abs() <= _FLOAT32_MAX  # finite in the float32 statistics; not NaN
     z, y = logits.to(plain.dtype), target.to(plain.dtype)
     wrong = ((z >= 0) != (y >= 0.5)).sum(1)
     margin = bce_entry_margins(logits, target)

@@ -255,6 +255,19 @@ def test_non_finite_samples_are_not_recorded(backend):
     assert_close_f32(bufs["csl"], want["csl"], "csl")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_float64_loss_past_float32s_range_is_not_recorded(backend):
+    """Finite in float64 but inf in the float32 statistics: recorded, it made the sample's
+    CSL inf for good."""
+    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    loss, bufs = _record_all(backend, logits, target, torch.arange(3), 3, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert bufs["count"].tolist() == [0, 0, 1]
+    for name, buf in bufs.items():
+        assert torch.isfinite(buf).all() and buf[:2].eq(0).all(), name
+
+
 def _infinite_pos_weight_case(dtype):
     """Logits of both signs and targets 0, 1/2 and 1 against pos_weight +-inf, 2 and inf
     per label, a weight of 0 among them; float64 options for float64 logits."""

@@ -163,6 +163,12 @@ def test_emulated_non_finite_rows_are_invalid(emu):
     _, stats = _fwd(emu, logits, target, None, None, 0)
     assert stats[BceStat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert stats[:, 1:3].eq(0).all()
+    # float64 losses finite in float64 but past float32's range, the statistics' dtype
+    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    _, stats = _fwd(emu, logits, target, None, None, 0)
+    assert stats[BceStat.VALID].tolist() == [0.0, 0.0, 1.0]
+    assert stats[:, :2].eq(0).all() and torch.isfinite(stats).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

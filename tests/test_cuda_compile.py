@@ -507,15 +507,19 @@ def test_emulated_cross_entropy_confident_rows(emu, classes):
 _LOSS_OVERFLOW = {
     torch.float16: [(-6e4, 6e4, False), (-16.0, 65504.0, False), (-8.0, 65504.0, True)],
     torch.bfloat16: [(-1e36, 3.3895e38, False), (-1e35, 3.3895e38, True)],
+    # finite in float64, past float32's range (the statistics' dtype) or within it
+    torch.float64: [(-1e39, 1e39, False), (0.0, 5e38, False), (-1e38, 2e38, True)],
 }
 
 
 @pytest.mark.parametrize("classes", [7, 513, 9000])
 @pytest.mark.parametrize("dtype", list(_LOSS_OVERFLOW))
 def test_emulated_cross_entropy_loss_overflow(emu, classes, dtype):
-    """A row is recorded only if its loss is finite in the logits dtype (the returned loss)."""
+    """A row is recorded only if its loss is finite in the logits dtype (the returned loss)
+    and in float32 (the statistics')."""
     cases = _LOSS_OVERFLOW[dtype]
-    logits = torch.randn(len(cases) + 1, classes)  # the last row is ordinary
+    # the last row is ordinary; float64 first: float64 cases lie past float32's range
+    logits = torch.randn(len(cases) + 1, classes, dtype=torch.float64)
     for i, (z_y, z_max, _) in enumerate(cases):
         logits[i] = 0.0
         logits[i, 0], logits[i, 1] = z_y, z_max
@@ -524,7 +528,7 @@ def test_emulated_cross_entropy_loss_overflow(emu, classes, dtype):
     loss, _, stats, flag = _emu_cross_entropy(emu, logits, target, None, -100, 0.0, 0)
     assert flag == 0
     recorded = [ok for *_, ok in cases] + [True]
-    assert torch.isfinite(loss).tolist() == recorded
+    assert torch.isfinite(loss.float()).tolist() == recorded
     assert stats[Stat.VALID].tolist() == [float(ok) for ok in recorded]
     _, _, ref_stats = reference.cross_entropy_fwd(logits, target, None, -100, 0.0, 0)
     for k in (Stat.CORRECT, Stat.VALID, Stat.OTHER_ARGMAX):

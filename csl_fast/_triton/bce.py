@@ -118,7 +118,8 @@ def _bce_fwd_kernel(
         wrong += tl.sum(bad.to(tl.int32), 1)
         margin = tl.where(m, (2.0 * y - 1.0) * z, float("inf"))
         min_margin = tl.minimum(min_margin, tl.min(margin, 1))
-    valid = rmask & (plain_sum == plain_sum) & (tl.abs(plain_sum) < float("inf"))
+    # finite in the float32 statistics (a float64 loss past 3.4e38 is inf there); not NaN
+    valid = rmask & (tl.abs(plain_sum) <= 3.4028234663852886e38)
     zero = tl.zeros([ROWS], dtype=tl.float32)
     tl.store(stats_ptr + rows, tl.where(valid, plain_sum.to(tl.float32), zero), mask=rmask)
     tl.store(stats_ptr + b64 + rows, valid.to(tl.float32), mask=rmask)

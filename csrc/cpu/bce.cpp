@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> bce_fwd(const at::Tensor& logits, const at::T
         }
         if (!per_entry) objective[i] = weighted;
         const acc_t row_loss = static_cast<acc_t>(plain);
-        const bool valid = std::isfinite(row_loss);
+        const bool valid = fits_float(static_cast<double>(row_loss));  // in the float32 stats
         st[kBceLoss * B + i] = valid ? static_cast<float>(row_loss) : 0.f;
         st[kBceValid * B + i] = valid ? 1.f : 0.f;
         st[kBceWrong * B + i] = valid ? static_cast<float>(wrong) : 0.f;

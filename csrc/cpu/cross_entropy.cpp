@@ -210,8 +210,9 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
 
   float* stats = r.stats;
   // Recorded only if the loss is finite in the logits dtype, the dtype of the returned
-  // per-row loss: float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf one.
-  const bool finite = std::isfinite(static_cast<double>(static_cast<scalar_t>(loss)));
+  // per-row loss (float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf
+  // one), and in float32, the statistics' dtype (a float64 loss of 1e39 is inf there).
+  const bool finite = fits_float(static_cast<double>(static_cast<scalar_t>(loss)));
   stats[kLoss * B + i] = finite ? static_cast<float>(loss) : 0.f;
   stats[kPTrue * B + i] = finite ? static_cast<float>(p_y) : 0.f;
   stats[kMargin * B + i] = finite ? static_cast<float>(C > 1 ? p.z_y - max_other : acc_t(0)) : 0.f;

@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(kThreads)
     wrong = warp_allreduce(wrong, SumOp());
     min_margin = warp_allreduce(min_margin, MinOp());
     if (lane == 0) {
-      const bool valid = is_finite(plain);
+      const bool valid = fits_float(plain);  // finite in the float32 statistics
       const int64_t B = in.rows;
       stats[kBceLoss * B + i] = valid ? static_cast<float>(plain) : 0.f;
       stats[kBceValid * B + i] = valid ? 1.f : 0.f;

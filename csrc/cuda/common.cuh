@@ -76,6 +76,11 @@ template <typename A>
 __device__ __forceinline__ bool is_finite(A x) {
   return fabs(x) < inf_of<A>();  // false for +-inf and NaN
 }
+// Finite once stored as a float32 statistic (a float64 loss past 3.4e38 is inf there).
+template <typename A>
+__device__ __forceinline__ bool fits_float(A x) {
+  return fabs(x) <= static_cast<A>(3.4028234663852886e38);  // FLT_MAX; false for NaN
+}
 template <typename A>
 __device__ __forceinline__ bool is_inf(A x) {
   return fabs(x) == inf_of<A>();

@@ -251,8 +251,9 @@ __device__ __forceinline__ void write_row_results(const CeArgs<T>& a, int64_t ro
   }
   a.objective[row] = obj;
   // Recorded only if the loss is finite in the logits dtype T, the dtype of the returned
-  // per-row loss: float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf one.
-  const bool valid = is_finite(to_acc(Store<T>::from(r.loss)));
+  // per-row loss (float16 logits [-6e4, 6e4] give a float32 loss of 1.2e5 but an inf
+  // one), and in float32, the statistics' dtype (a float64 loss of 1e39 is inf there).
+  const bool valid = fits_float(to_acc(Store<T>::from(r.loss)));
   float* st = a.stats + row;
   const int64_t n = a.rows;
   st[kLoss * n] = valid ? static_cast<float>(r.loss) : 0.0f;

@@ -79,6 +79,16 @@ def test_infinite_logits_give_what_pytorch_gives(tdevice):
     torch.testing.assert_close(loss, want, equal_nan=True)
 
 
+def test_a_float64_loss_past_float32s_range_is_invalid(tdevice):
+    """Finite in float64 but inf in the float32 statistics: recorded, it made the sample's
+    CSL inf for good."""
+    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    _, stats = bce_fwd_triton(logits.to(tdevice), target.to(tdevice), None, None, 0)
+    assert stats[1].tolist() == [0.0, 0.0, 1.0]  # BceStat.VALID
+    assert stats[:, :2].eq(0).all() and torch.isfinite(stats).all()
+
+
 def test_strided_inputs_and_upstream(tdevice):
     logits, target = _inputs(6, 9, torch.float32, tdevice)
     wide = torch.zeros(6, 18, device=tdevice)
