@@ -48,6 +48,7 @@ token loss over training and ``count`` its number of supervised tokens.
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 import warnings
@@ -278,15 +279,17 @@ def linear_cross_entropy(
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
         validate = validate_by_default(hidden.device, name)
+    check_values = functools.partial(
+        _check_values,
+        t1,
+        idx_check,
+        vocab,
+        buffers[0].numel() if record else 1,
+        ignore_index,
+        "linear_cross_entropy",
+    )
     if validate and not torch.compiler.is_compiling():
-        _check_values(
-            t1,
-            idx_check,
-            vocab,
-            buffers[0].numel() if record else 1,
-            ignore_index,
-            "linear_cross_entropy",
-        )
+        check_values()
     if chunk_size is None:
         chunk_size = default_chunk_size(h2.shape[0], size_h, vocab)
     if int(chunk_size) < 1:
@@ -294,21 +297,29 @@ def linear_cross_entropy(
             f"csl_fast.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}"
         )
     acc = accum_dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
-    loss, stats, z_loss = _LinearCrossEntropy.apply(
-        h2,
-        weight,
-        bias,
-        t1,
-        int(ignore_index),
-        float(label_smoothing),
-        REDUCTIONS[reduction],
-        int(chunk_size),
-        name,
-        acc,
-        cap,
-        zs,
-        loss_dtype or hidden.dtype,
-    )
+    try:
+        loss, stats, z_loss = _LinearCrossEntropy.apply(
+            h2,
+            weight,
+            bias,
+            t1,
+            int(ignore_index),
+            float(label_smoothing),
+            REDUCTIONS[reduction],
+            int(chunk_size),
+            name,
+            acc,
+            cap,
+            zs,
+            loss_dtype or hidden.dtype,
+        )
+    except IndexError:
+        if validate or torch.compiler.is_compiling():
+            raise
+        # The C++ kernel checked a chunk of the rows and named the target's position in
+        # that chunk: name it in the whole batch (nothing was written yet).
+        check_values()
+        raise
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
     if extras is not None:

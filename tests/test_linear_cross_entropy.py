@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 
 import pytest
 import torch
@@ -213,6 +214,22 @@ def test_chunk_size_rule_and_errors():
         linear_cross_entropy(h, w, t, chunk_size=0)
     with pytest.raises(TypeError, match="dtype and device"):
         linear_cross_entropy(h, w.double(), t)
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+@pytest.mark.parametrize("shape", [(5,), (1, 5)])
+def test_a_bad_target_is_named_at_its_place_in_the_batch_whatever_the_chunks(backend, shape):
+    """The C++ kernel checks each chunk and named the position within it (target[0])."""
+    target = torch.tensor([0, 1, 2, 0, 7]).view(shape)
+    hidden, weight = torch.randn(*shape, 2), torch.randn(3, 2)
+    csl = torch.zeros(5)
+    for chunk in (2, None):
+        with pytest.raises(IndexError, match=re.escape("target[4] = 7 is outside [0, C = 3)")):
+            linear_cross_entropy(
+                hidden, weight, target, torch.arange(shape[0]), csl, chunk_size=chunk,
+                backend=backend,
+            )  # fmt: skip
+    assert csl.eq(0).all()
 
 
 @pytest.mark.parametrize(
