@@ -580,6 +580,8 @@ def clean(
             ``"review"``.
         score: the score of the default detection; ``None`` (default): ``"csl"``, or
             ``"csl_mean"`` for a tracker of sequences (:func:`csl_fast.detect.default_score`).
+            With ``detection=`` it must be that detection's score (``ValueError``
+            otherwise: the plan ranks and scores by the detection's).
         suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;
             default ``source.suggestions()`` when ``source`` is a tracker.
         inputs: optional ``[N, ...]`` training inputs (a tensor, NumPy array or list, as
@@ -637,6 +639,13 @@ def clean(
         raise TypeError(
             "csl_fast.clean: detection must be a csl_fast.detect.Detection (what "
             f"detect.mislabeled returns), got {type(detection).__name__}"
+        )
+    if score is not None and score != detection.score_name:
+        # the plan ranks and scores by the detection's score: score= was silently ignored
+        raise ValueError(
+            f"csl_fast.clean: score={score!r} but the detection ranks by "
+            f"{detection.score_name!r}; leave score= out to act on the detection as it is, "
+            f"or detect with score={score!r}"
         )
     if detection.groups and labels is None and "duplicate_groups" in detection.diagnostics:
         # its members would each get their own suggestion, the partner's label

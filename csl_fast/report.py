@@ -110,7 +110,8 @@ class RunSamples:
         labels: int ``[N]`` labels the model was trained on ("given" labels).
         predicted: int ``[N]`` predictions of the final model.
         true_labels: int ``[N]`` clean labels, when known (e.g. before injected noise).
-        mislabeled: bool ``[N]`` ground truth: label flipped.
+        mislabeled: bool ``[N]`` ground truth: label flipped. Default, when ``labels``
+            and ``true_labels`` are given: ``labels != true_labels``.
         duplicate: bool ``[N]`` ground truth: member of a conflicting-label duplicate pair.
         images: ``[N, H, W]`` or ``[N, H, W, 3]`` images for the top-k grid.
         inputs: ``[N, ...]`` the training inputs as the network saw them: with ``labels``,
@@ -178,6 +179,10 @@ class RunSamples:
         }
         if len(set(sizes.values())) > 1:
             raise SamplesFileError(f"RunSamples: fields have different lengths {sizes}")
+        if self.mislabeled is None and self.labels is not None and self.true_labels is not None:
+            # the ground truth the report, rank and clean read (ROC, what the flagged set is
+            # made of): without it, true labels counted in one section and not in the others
+            self.mislabeled = self.labels != self.true_labels
 
     @property
     def num_samples(self) -> int | None:
@@ -197,12 +202,19 @@ class RunSamples:
         return str(int(c))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the fields that are set to an ``.npz`` file."""
+        """Write the fields that are set to an ``.npz`` file (``.npz`` added to a path
+        without it, as numpy adds it), atomically: a write that fails part way keeps the
+        previous file, which ``csl-fast rank``, ``clean`` and ``report`` read."""
         arrays = {n: getattr(self, n) for n in _ARRAY_FIELDS if getattr(self, n) is not None}
         if self.class_names is not None:
             arrays["class_names"] = np.asarray([str(c) for c in self.class_names])
         arrays["format"] = np.asarray("csl_fast.samples/1")
-        np.savez_compressed(os.fspath(path), **arrays)
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"
+        action = "save the samples"
+        target = atomic_file.target_of(path, action, SAMPLES_FILE)
+        atomic_file.write(path, target, lambda f: np.savez_compressed(f, **arrays), action)
 
     @classmethod
     def load(cls, path: str | os.PathLike, num_samples: int | None = None) -> RunSamples:

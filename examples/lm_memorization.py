@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""CSL finds corrupted and conflicting sequences in causal-LM fine-tuning data (CPU, ~1 min).
+"""CSL finds corrupted and conflicting sequences in causal-LM fine-tuning data (CPU, ~2 min).
 
 A tiny Llama model is built from a ``transformers`` config (random weights, no download)
 and trained with :class:`csl_fast.integrations.huggingface.CSLTrainer` on a generated

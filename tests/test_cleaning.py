@@ -376,6 +376,11 @@ def test_default_detection_and_mapping_source():
     assert plan.detection.score_name == "csl"
     plan = clean(mapping, score="aum", policy="drop", rule="fraction", fraction=0.5)
     assert plan.index.tolist() == [4, 1, 3]
+    # score= with another score's detection was ignored: the plan ranked by the detection's
+    det = csl_fast.detect.mislabeled(mapping, "aum", rule="fraction", fraction=0.5)
+    assert clean(mapping, detection=det, score="aum", policy="drop").index.tolist() == [4, 1, 3]
+    with pytest.raises(ValueError, match="score='csl' but the detection ranks by 'aum'"):
+        clean(mapping, detection=det, score="csl", policy="drop")
 
 
 def test_nan_confidence_where_no_suggestion_is_accepted():

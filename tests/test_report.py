@@ -296,6 +296,40 @@ def test_run_samples_refuse_values_that_would_change_meaning():
     assert ok.mislabeled.tolist() == [False, True, True, False]
 
 
+def test_true_labels_alone_are_the_ground_truth_everywhere(tmp_path):
+    """With labels and true_labels but no mislabeled mask, the report's cleaning section
+    counted the true labels while its ROC, its flagged-set make-up, csl-fast rank and clean
+    said there was no ground truth."""
+    samples = RunSamples(labels=np.array([0, 1, 2, 1]), true_labels=np.array([0, 2, 2, 1]))
+    assert samples.has_truth and samples.mislabeled.tolist() == [False, True, False, False]
+    given = RunSamples(
+        labels=np.array([0, 1]), true_labels=np.array([0, 0]), mislabeled=np.array([0, 0])
+    )
+    assert given.mislabeled.tolist() == [False, False]  # a mask given is kept as given
+    samples.save(tmp_path / "samples.npz")
+    assert RunSamples.load(tmp_path / "samples.npz").mislabeled.tolist() == [0, 1, 0, 0]
+
+
+def test_samples_are_saved_atomically(tmp_path, monkeypatch):
+    """np.savez_compressed wrote the file in place: a save that failed part way left a
+    truncated samples.npz, which blocked rank, clean and report on the run folder."""
+    path = tmp_path / "samples.npz"
+    RunSamples(labels=np.arange(5)).save(path)
+
+    def fail(f, **arrays):
+        f.write(b"PK\x03\x04 half a zip")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", fail)
+    with pytest.raises(OSError, match="save the samples"):
+        RunSamples(labels=np.arange(5) + 1).save(path)
+    monkeypatch.undo()
+    assert RunSamples.load(path).labels.tolist() == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
+    RunSamples(labels=np.arange(3)).save(tmp_path / "other")  # numpy's suffix, as before
+    assert RunSamples.load(tmp_path / "other.npz").num_samples == 3
+
+
 def test_detection_table_refuses_scores_of_another_run():
     samples = RunSamples(mislabeled=np.array([1, 0, 1, 0, 1]))
     with pytest.raises(ValueError, match="3 entries, samples describe 5"):  # was IndexError
