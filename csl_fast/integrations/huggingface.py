@@ -451,9 +451,9 @@ class CSLTrainer(Trainer):
             folder = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
         if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
             self._restore_tracker(os.fspath(folder))
-        elif self.csl_tracker is not None and loaded_unmarked(self.csl_tracker):
-            # one passed in from a file: global state, which the first end_epoch under DDP
-            # refused unmarked, after a whole epoch of training
+        if self.csl_tracker is not None and loaded_unmarked(self.csl_tracker):
+            # one passed in from a file (and not replaced by a checkpoint's): global state,
+            # which the first end_epoch under DDP refused unmarked, after a whole epoch
             mark_synced(self.csl_tracker)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
