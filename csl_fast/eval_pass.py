@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 
 from ._args import integer_labels
 from .accumulate_checks import match_tracker_classes
+from .distributed import is_distributed
 from .model_modes import eval_mode
 from .tracker import CSLTracker
 from .tracker_buffers import buffer_kinds
@@ -36,10 +38,12 @@ def score_epoch(
     (count in ``tracker.eval_count``; last values in ``eval_last_*``), kept apart from the
     in-training buffers. The same fused kernel as training computes the per-row statistics
     (``csl_fast.ops.cross_entropy_fwd``, ``tracker.backend``), under ``torch.no_grad()``.
-    Ends with :meth:`CSLTracker.end_eval_pass`. Every submodule's training mode is restored
-    as it was (a backbone frozen with ``.eval()`` stays in eval mode), even when an exception
-    interrupts the pass; the eval-pass buffers are then restored too, so that running the
-    pass again counts each sample once. For that the pass holds a CPU copy of those
+    Ends with :meth:`CSLTracker.end_eval_pass` (not when the loader yielded no batch, with
+    a warning, but under ``torch.distributed``, whose ranks must count the same passes).
+    Every submodule's training mode is restored as it was (a backbone frozen with
+    ``.eval()`` stays in eval mode), even when an exception interrupts the pass; the
+    eval-pass buffers are then restored too, so that running the pass again counts each
+    sample once. For that the pass holds a CPU copy of those
     buffers (17 bytes per sample in float32, 33 in float64, 8 or 16 more with ``history``).
 
     Using a loader without augmentation (and any order) is the caller's business: pass a
@@ -77,9 +81,11 @@ def score_epoch(
 
     # On the CPU: a GPU tracker's pass keeps no second copy of its buffers on the device.
     before = {n: getattr(tracker, n).to("cpu", copy=True) for n in _eval_buffers(tracker)}
+    scored = False
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
+                scored = True
                 x, y, index = unpack(batch)
                 x = _to(x, device)
                 logits = model(x) if forward is None else forward(model, x)
@@ -88,6 +94,14 @@ def score_epoch(
                         f"csl_fast.score_epoch: the model returned a {type(logits).__name__}; "
                         "expected a [B, C] logits tensor: pass forward= to extract it, e.g. "
                         "forward=lambda m, x: m(x)['logits'] or m(x)[0]"
+                    )
+                if logits.dim() == 3:
+                    raise ValueError(
+                        f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
+                        "an eval pass scores one class per sample ([B, C] logits), not the "
+                        "tokens of a sequence model: score sequences yourself "
+                        "(F.cross_entropy(..., reduction='none') summed per sequence) and record "
+                        "them with csl_fast.record_loss into a tracker of their own"
                     )
                 if logits.dim() != 2:
                     raise ValueError(
@@ -122,6 +136,18 @@ def score_epoch(
                 "they hold part of this pass"
             )
         raise
+    if not scored and not is_distributed():
+        # Counted, an empty pass made final_loss and in_confidence NaN everywhere (they are
+        # read from the eval buffers once a pass exists). Under torch.distributed a rank
+        # with an empty shard still closes the pass: the ranks' pass counts must agree.
+        warnings.warn(
+            "csl_fast.score_epoch: the loader yielded no batch, so nothing was scored and "
+            "the pass is not counted (tracker.eval_passes stays "
+            f"{tracker.eval_passes})",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return
     tracker.end_eval_pass()
 
 

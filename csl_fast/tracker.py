@@ -515,7 +515,9 @@ class CSLTracker(TrackerStatistics):
             tuple(b[name] for name in _INPUT_GRAD_STEP),
             backend=self.backend,
         )
-        if self.input_grad_first_epoch < 0:
+        if self.input_grad_first_epoch < 0 and idx.numel():
+            # (an empty batch recorded nothing: marked, scores() listed learning_time and
+            # loss_sensitivity, all NaN)
             self.input_grad_first_epoch = self.epoch
 
     def watch(

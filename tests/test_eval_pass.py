@@ -182,6 +182,33 @@ def test_an_interrupted_pass_leaves_the_eval_buffers_as_they_were(history):
     assert tracker.eval_count.tolist() == [2.0] * 9
 
 
+def test_an_empty_loader_is_not_counted_as_a_pass():
+    """Counted, it made final_loss and in_confidence NaN for every sample (read from the
+    eval buffers once a pass exists), without a word."""
+    model = _model()
+    x, y, _ = _batches()
+    tracker = CSLTracker(9, 3)
+    csl_fast.accumulate(model(x), y, torch.arange(9), tracker)
+    before = csl_fast.scores(tracker)
+    with pytest.warns(RuntimeWarning, match="yielded no batch"):
+        csl_fast.score_epoch(model, [], tracker)
+    assert tracker.eval_passes == 0
+    after = csl_fast.scores(tracker)
+    assert after.keys() == before.keys()
+    for name in ("final_loss", "in_confidence"):
+        torch.testing.assert_close(after[name], before[name])
+
+
+def test_a_sequence_models_token_logits_get_their_own_message():
+    class Tokens(torch.nn.Module):
+        def forward(self, x):
+            return torch.zeros(x.shape[0], 4, 3)
+
+    _, _, batches = _batches()
+    with pytest.raises(ValueError, match=r"not the tokens of a sequence model.*record_loss"):
+        csl_fast.score_epoch(Tokens(), batches, CSLTracker(9, 3))
+
+
 @pytest.mark.parametrize("output", ["dict", "tuple"])
 def test_a_model_that_returns_no_tensor_is_told_to_pass_forward(output):
     class Wrapped(torch.nn.Module):

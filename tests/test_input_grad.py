@@ -244,6 +244,9 @@ def test_watch_empty_batch():
     t.watch(x, torch.zeros(0, dtype=torch.long))
     F.cross_entropy(model(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
     assert t.input_grad_count.tolist() == [0, 0, 0]
+    # nothing recorded, so no input-gradient scores (they were listed, all NaN)
+    assert t.input_grad_first_epoch == -1
+    assert "loss_sensitivity" not in csl_fast.scores(t)
 
 
 @pytest.mark.parametrize(
