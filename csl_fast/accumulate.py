@@ -32,7 +32,7 @@ from .accumulate_checks import (
 from .buffer_locks import buffer_lock
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
-from .stats import NUM_STATS, invalid_column
+from .stats import NUM_STATS, Stat, invalid_column
 from .tracker import CSLTracker
 
 
@@ -225,8 +225,9 @@ def accumulate(
     operation") a backward after the logits were changed in place. Sums and means are
     formed in float32 for float16/bfloat16 logits and rounded once, so where
     ``F.cross_entropy``'s half-precision reduction overflows to inf (a batch whose losses
-    sum past 65504, or a row whose own loss is 65520 or more, float16 logits some 6e4
-    apart) the loss here is the finite value, on the fused backends (the ``"reference"``
+    sum past 65504, or, for the mean, a row whose own loss is 65520 or more, float16
+    logits some 6e4 apart, in a batch whose mean stays below 65504) the loss here is the
+    finite value, on the fused backends (the ``"reference"``
     backend is PyTorch's arithmetic); such a row is still not recorded. Double backward is
     not supported. Buffers must not require grad or share memory with each other or with
     ``index``; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses
@@ -564,6 +565,10 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
             getattr(csl, "_record_fused", csl.record)(index, stats)
         return
     tokens = stats.reshape(NUM_STATS, *seq)
+    # A sequence whose token losses each fit float32 but whose sum does not (two of 2e38)
+    # records none of its tokens, as a token that does not fit: inf would stay in its CSL.
+    fits = torch.isfinite(tokens[Stat.LOSS].sum(1))
+    tokens = torch.where(fits[None, :, None], tokens, invalid_column(stats)[:, :, None])
     # Ignored and non-finite rows hold zero LOSS and VALID, so the sums count valid tokens only:
     # LOSS -> summed token loss, VALID -> number of valid tokens.
     per_sequence = tokens.sum(2)

@@ -318,7 +318,10 @@ def linear_cross_entropy(
             raise
         # The C++ kernel checked a chunk of the rows and named the target's position in
         # that chunk: name it in the whole batch (nothing was written yet).
-        check_values()
+        try:
+            check_values()
+        except IndexError as exc:
+            raise exc from None  # (not chained to the chunk's message)
         raise
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)

@@ -111,7 +111,8 @@ class RunSamples:
         predicted: int ``[N]`` predictions of the final model.
         true_labels: int ``[N]`` clean labels, when known (e.g. before injected noise).
         mislabeled: bool ``[N]`` ground truth: label flipped. Default, when ``labels``
-            and ``true_labels`` are given: ``labels != true_labels``.
+            and ``true_labels`` are given: ``labels != true_labels``, but for the members
+            of ``duplicate``.
         duplicate: bool ``[N]`` ground truth: member of a conflicting-label duplicate pair.
         images: ``[N, H, W]`` or ``[N, H, W, 3]`` images for the top-k grid.
         inputs: ``[N, ...]`` the training inputs as the network saw them: with ``labels``,
@@ -181,8 +182,12 @@ class RunSamples:
             raise SamplesFileError(f"RunSamples: fields have different lengths {sizes}")
         if self.mislabeled is None and self.labels is not None and self.true_labels is not None:
             # the ground truth the report, rank and clean read (ROC, what the flagged set is
-            # made of): without it, true labels counted in one section and not in the others
+            # made of): without it, true labels counted in one section and not in the others.
+            # A conflicting duplicate's copy differs from its true label too (demo.inject):
+            # it is a duplicate, not a flip.
             self.mislabeled = self.labels != self.true_labels
+            if self.duplicate is not None:
+                self.mislabeled &= ~self.duplicate
 
     @property
     def num_samples(self) -> int | None:

@@ -306,6 +306,10 @@ def test_true_labels_alone_are_the_ground_truth_everywhere(tmp_path):
         labels=np.array([0, 1]), true_labels=np.array([0, 0]), mislabeled=np.array([0, 0])
     )
     assert given.mislabeled.tolist() == [False, False]  # a mask given is kept as given
+    copies = RunSamples(
+        labels=np.array([0, 1, 2]), true_labels=np.array([0, 2, 1]), duplicate=np.array([0, 0, 1])
+    )
+    assert copies.mislabeled.tolist() == [False, True, False]  # a duplicate's copy: no flip
     samples.save(tmp_path / "samples.npz")
     assert RunSamples.load(tmp_path / "samples.npz").mislabeled.tolist() == [0, 1, 0, 0]
 

@@ -121,6 +121,26 @@ def test_bf16_tokens_no_worse_than_torch(backend, seed):
     assert_no_worse_than_torch(csl, torch_csl, exact_csl, "csl")
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sequence_whose_summed_loss_overflows_float32_is_not_recorded(backend, dtype):
+    """Each token's loss (2e38) fits float32, their sum does not: it was recorded as inf
+    and counted, and the sequence's CSL stayed inf for good."""
+    logits = torch.zeros(2, 2, 2, dtype=dtype)  # [B, V, T]
+    logits[0, 0, :], logits[0, 1, :] = -1e38, 1e38
+    logits[1, 1, :] = 1.0
+    target = torch.zeros(2, 2, dtype=torch.long)
+    csl, count = torch.zeros(2, dtype=torch.float64), torch.zeros(2)
+    csl_fast.accumulate(logits, target, torch.arange(2), csl, count=count, backend=backend)
+    tracker = CSLTracker(2, 2)
+    csl_fast.accumulate(logits, target, torch.arange(2), tracker, backend=backend)
+    want = 2 * F.cross_entropy(torch.tensor([[0.0, 1.0]]), torch.tensor([0])).item()
+    for got, n in ((csl, count), (tracker.csl_sum, tracker.csl_count)):
+        assert n.tolist() == [0.0, 2.0] and got[0] == 0
+        assert got[1].item() == pytest.approx(want, rel=1e-6)
+    assert torch.isfinite(tracker.last_loss).all() and torch.isfinite(tracker.margin_sum).all()
+
+
 def test_tracker_per_sequence_statistics():
     logits, target, index = _batch()
     tracker = CSLTracker(6, V)

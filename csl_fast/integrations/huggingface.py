@@ -460,10 +460,15 @@ class CSLTrainer(Trainer):
     def _restore_tracker(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, TRACKER_FILE)
         if not os.path.exists(path):
+            kept = (
+                "the tracker passed in keeps the state it had"
+                if self.csl_tracker is not None
+                else "the tracker records only from this checkpoint on (its CSL misses the "
+                "steps before it)"
+            )
             warnings.warn(
-                f"CSLTrainer: the checkpoint {checkpoint!r} holds no {TRACKER_FILE}: the "
-                "tracker records only from this checkpoint on (its CSL misses the steps "
-                "before it); resume from a checkpoint written by CSLTrainer to keep them",
+                f"CSLTrainer: the checkpoint {checkpoint!r} holds no {TRACKER_FILE}: {kept}; "
+                "resume from a checkpoint written by CSLTrainer to keep the tracker with it",
                 RuntimeWarning,
                 stacklevel=3,
             )

@@ -11,9 +11,6 @@
 namespace csl_fast {
 namespace cpu {
 
-// expf by range reduction and a degree-6 minimax polynomial (Cephes' coefficients),
-// within ~2 ulp of std::exp on its domain. Branch-free so it vectorises; NaN in gives
-// NaN out; below the smallest normal result it returns exactly 0, as exp(-inf) must.
 // Whether a per-row loss may be recorded: finite once stored as a float32 statistic. A
 // float64 loss past float32's range (3.4e38) would be +inf there, and one such step would
 // make the sample's CSL inf for good; NaN and +-inf are refused too.
@@ -21,6 +18,9 @@ inline bool fits_float(double x) {
   return std::fabs(x) <= static_cast<double>(std::numeric_limits<float>::max());
 }
 
+// expf by range reduction and a degree-6 minimax polynomial (Cephes' coefficients),
+// within ~2 ulp of std::exp on its domain. Branch-free so it vectorises; NaN in gives
+// NaN out; below the smallest normal result it returns exactly 0, as exp(-inf) must.
 // always_inline: it must be inlined into each target clone of the hot loops to vectorise.
 inline __attribute__((always_inline)) float exp_approx(float x) {
   const float hi = 88.0f;  // keeps n <= 127; csl_fast only calls it with x <= 0

@@ -72,10 +72,6 @@ template <typename A>
 __device__ __forceinline__ A nan_of() {
   return static_cast<A>(NAN);
 }
-template <typename A>
-__device__ __forceinline__ bool is_finite(A x) {
-  return fabs(x) < inf_of<A>();  // false for +-inf and NaN
-}
 // Finite once stored as a float32 statistic (a float64 loss past 3.4e38 is inf there).
 template <typename A>
 __device__ __forceinline__ bool fits_float(A x) {

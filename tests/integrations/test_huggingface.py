@@ -168,6 +168,13 @@ def test_resume_keeps_the_tracker_options_and_warns_without_a_tracker_file(tmp_p
     with pytest.warns(RuntimeWarning, match="holds no csl_tracker.csl: the tracker records only"):
         bare.train(resume_from_checkpoint=ckpt)
     assert torch.equal(bare.csl_tracker.csl_count, torch.ones(N))  # the resumed epoch only
+    # a tracker passed in from a file is kept, and marked synced (SyncError under DDP)
+    bare.csl_tracker.save(tmp_path / "run.csl")
+    loaded = csl_fast.load(tmp_path / "run.csl")
+    given = CSLTrainer(model=_model(), args=more, train_dataset=train, csl_tracker=loaded)
+    with pytest.warns(RuntimeWarning, match="the tracker passed in keeps the state it had"):
+        given.train(resume_from_checkpoint=ckpt)
+    assert not loaded_unmarked(loaded) and torch.equal(loaded.csl_count, torch.full((N,), 2.0))
 
 
 def test_trainer_without_index_says_how_to_add_it(tmp_path):
