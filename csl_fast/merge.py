@@ -66,11 +66,13 @@ def merge(
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN;
-        - ``sequences`` is set when any run recorded sequences.
+        - ``sequences`` is set when any run recorded sequences (runs that recorded one
+          row per sample cannot be merged with them: the counts' units differ).
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
-            (or classes, or labels), ``trackers`` is empty, or a merged int32 counter
+            (or classes, or labels), some recorded sequences and others rows, ``trackers``
+            is empty, or a merged int32 counter
             (``forgetting``, ``suggest_votes``, ``suggest_hits``) would pass 2**31 - 1.
         TypeError: ``trackers`` is a single tracker, path or state dict instead of a
             sequence of them (``merge("run.csl")`` would otherwise read the string's
@@ -97,6 +99,17 @@ def merge(
         if len(values) > 1:
             each = ", ".join(f"tracker {i}: {getattr(t, name)}" for i, t in enumerate(runs))
             raise TrackerStateError(f"csl_fast.merge: the trackers have different {name} ({each})")
+    rows = [i for i, t in enumerate(runs) if not t.sequences and bool(t.csl_count.any())]
+    if rows and any(t.sequences for t in runs):
+        # a sequence run counts tokens, a row run presentations: csl_mean and every other
+        # mean would pool the two units, dominated by the tokens
+        tokens = [i for i, t in enumerate(runs) if t.sequences]
+        raise TrackerStateError(
+            f"csl_fast.merge: trackers {tokens} recorded sequences (csl_count counts their "
+            f"supervised tokens) and trackers {rows} one row per sample (it counts "
+            "presentations): their means would pool tokens with presentations; merge runs "
+            "of one kind"
+        )
     n = sizes[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)

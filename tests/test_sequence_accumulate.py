@@ -307,6 +307,9 @@ def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
     plain = CSLTracker(6)
     assert csl_fast.merge([plain, seqs]).sequences
     assert not csl_fast.merge([plain, plain]).sequences
+    # rows and sequences count different units: pooled, csl_mean mixed them silently
+    with pytest.raises(csl_fast.TrackerStateError, match=r"trackers \[1\] recorded sequences"):
+        csl_fast.merge([rows, seqs])
     # one position per sample ([N, C, 1] logits) is a row, not a sequence
     one = CSLTracker(6)
     csl_fast.accumulate(torch.randn(4, V, 1), torch.randint(0, V, (4, 1)), torch.arange(4), one)
