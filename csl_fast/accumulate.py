@@ -227,11 +227,10 @@ def accumulate(
     ``F.cross_entropy``'s half-precision reduction overflows to inf (a batch whose losses
     sum past 65504, or, for the mean, a row whose own loss is 65520 or more, float16
     logits some 6e4 apart, in a batch whose mean stays below 65504) the loss here is the
-    finite value, on the fused backends (the ``"reference"``
-    backend is PyTorch's arithmetic); such a row is still not recorded. Double backward is
-    not supported. Buffers must not require grad or share memory with each other or with
-    ``index``; a ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses
-    it.
+    finite value, on the fused backends (the ``"reference"`` backend is PyTorch's
+    arithmetic); such a row is still not recorded. Double backward is not supported.
+    Buffers must not require grad or share memory with each other or with ``index``; a
+    ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     if (
         _any_autocast()

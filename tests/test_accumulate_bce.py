@@ -255,12 +255,19 @@ def test_non_finite_samples_are_not_recorded(backend):
     assert_close_f32(bufs["csl"], want["csl"], "csl")
 
 
+def _float64_overflow_case():
+    """float64 rows whose loss is finite in float64 but past float32's range (the first
+    two), and an ordinary one."""
+    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    return logits, target
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_a_float64_loss_past_float32s_range_is_not_recorded(backend):
     """Finite in float64 but inf in the float32 statistics: recorded, it made the sample's
     CSL inf for good."""
-    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    logits, target = _float64_overflow_case()
     loss, bufs = _record_all(backend, logits, target, torch.arange(3), 3, reduction="none")
     assert torch.isfinite(loss).all()
     assert bufs["count"].tolist() == [0, 0, 1]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import test_cuda_compile as tcc
 import torch
-from test_accumulate_bce import _infinite_pos_weight_case
+from test_accumulate_bce import _float64_overflow_case, _infinite_pos_weight_case
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 from csl_fast import reference
@@ -164,8 +164,7 @@ def test_emulated_non_finite_rows_are_invalid(emu):
     assert stats[BceStat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0]
     assert stats[:, 1:3].eq(0).all()
     # float64 losses finite in float64 but past float32's range, the statistics' dtype
-    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    logits, target = _float64_overflow_case()
     _, stats = _fwd(emu, logits, target, None, None, 0)
     assert stats[BceStat.VALID].tolist() == [0.0, 0.0, 1.0]
     assert stats[:, :2].eq(0).all() and torch.isfinite(stats).all()

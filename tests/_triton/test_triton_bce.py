@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_accumulate_bce import _infinite_logits_case, _infinite_pos_weight_case
+from test_accumulate_bce import (
+    _float64_overflow_case,
+    _infinite_logits_case,
+    _infinite_pos_weight_case,
+)
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 import csl_fast
@@ -82,8 +86,7 @@ def test_infinite_logits_give_what_pytorch_gives(tdevice):
 def test_a_float64_loss_past_float32s_range_is_invalid(tdevice):
     """Finite in float64 but inf in the float32 statistics: recorded, it made the sample's
     CSL inf for good."""
-    logits = torch.tensor([[1e39, 0.0], [-4e38, 1.0], [1.0, -1.0]], dtype=torch.float64)
-    target = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    logits, target = _float64_overflow_case()
     _, stats = bce_fwd_triton(logits.to(tdevice), target.to(tdevice), None, None, 0)
     assert stats[1].tolist() == [0.0, 0.0, 1.0]  # BceStat.VALID
     assert stats[:, :2].eq(0).all() and torch.isfinite(stats).all()
