@@ -455,17 +455,7 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
     a backward pass (a checkpointed forward's rerun records nothing). The step itself declines
     (returns None) what else it does not take (csrc/module.cpp: declines): other layouts,
     devices and dtypes, buffers the checks refuse, tensor subclasses."""
-    if (
-        inplace_grad
-        or validate
-        or backend not in _CPU_STEP
-        or _ext._C is None
-        or torch.compiler.is_compiling()
-        or _functorch_level() is not None
-        or _forward_ad._current_level >= 0
-        or backward_rerun.in_backward()
-        or backward_rerun.saved_tensor_hooks_active()
-    ):
+    if inplace_grad or not eager_step_allowed(backend, validate):
         return None
     if type(csl) is CSLTracker:
         if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
@@ -488,6 +478,23 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
     return None  # the checks of the op-by-op path say what is wrong
 
 
+def eager_step_allowed(backend: str, validate: bool | None) -> bool:
+    """Whether an eager call may run as one C++ step (``csl_fast._C.step`` or ``bce_step``):
+    the C++ backend, no host validation asked for, and nothing that must see the ops go
+    through ``torch.ops`` (compilation, a functorch transform, forward-mode AD, a saved-tensor
+    hook) nor a backward pass (a checkpointed forward's rerun records nothing)."""
+    return not (
+        validate
+        or backend not in _CPU_STEP
+        or _ext._C is None
+        or torch.compiler.is_compiling()
+        or _functorch_level() is not None
+        or _forward_ad._current_level >= 0
+        or backward_rerun.in_backward()
+        or backward_rerun.saved_tensor_hooks_active()
+    )
+
+
 _CPU_STEP = ("auto", "cpu")
 # Read on every eager step; bound once (each attribute lookup costs ~0.05 us).
 _functorch_level = torch._C._functorch.maybe_current_level
@@ -504,15 +511,15 @@ class _Fallbacks:
     last_reason: str | None = None
 
 
-def _fell_back(exc: Exception) -> None:
-    """Counts a call the op-by-op path completed after csl_fast._C.step raised on it, and
-    warns the first time: the results are right, but the step is several times slower
-    (README, Performance), which a user would otherwise only see as slower training."""
+def _fell_back(exc: Exception, step: str = "csl_fast._C.step") -> None:
+    """Counts a call the op-by-op path completed after the one-call step ``step`` raised on
+    it, and warns the first time: the results are right, but the step is several times
+    slower (README, Performance), which a user would otherwise only see as slower training."""
     _Fallbacks.count += 1
     _Fallbacks.last_reason = f"{type(exc).__name__}: {exc}"
     if _Fallbacks.count == 1:
         warnings.warn(
-            "csl_fast: the one-call CPU step (csl_fast._C.step) failed on input the op-by-op "
+            f"csl_fast: the one-call CPU step ({step}) failed on input the op-by-op "
             f"path accepts ({_Fallbacks.last_reason}); such calls take the op-by-op path, "
             "with the same results but slower. Please report this as a bug; "
             "csl_fast.info.fast_step_fallbacks() counts them in this process.",

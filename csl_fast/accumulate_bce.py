@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from . import backward_rerun, bce_ops
+from . import _ext, backward_rerun, bce_ops
 from ._ext import resolve_backend
+from .accumulate import _fell_back, eager_step_allowed
 from .accumulate_checks import (
     _overlap,
     check_buffer,
@@ -29,7 +30,7 @@ from .accumulate_checks import (
 )
 from .buffer_locks import buffer_lock
 from .ops import transformed
-from .record_loss import _record_tracker
+from .record_loss import _record_tracker, _scratch
 from .reference import REDUCTIONS, BceStat
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker
@@ -187,6 +188,23 @@ def accumulate_bce(
             validate=validate,
         )  # fmt: skip
         return loss.squeeze(1) if reduction == "none" else loss
+    extra = (wrong, min_margin, label_csl, label_margin, label_prob)
+    step = _eager_cpu_step(csl, count, extra, backend, validate)
+    fast_error = None
+    if step is not None:
+        # One C++ call: it takes the buffer lock, bumps the version counters, and declines
+        # (returns None) what it does not take, which then goes op by op.
+        code = REDUCTIONS.get(reduction, -1) if isinstance(reduction, str) else -1
+        try:
+            loss = _ext._C.bce_step(logits, target, weight, pos_weight, code, index, *step)
+        except Exception as exc:
+            # Nothing was written. Bad input raises again below, with the message of the
+            # op-by-op path's checks; input that path takes is a gap in the C++ step,
+            # counted and reported (_fell_back) instead of hidden behind a slower step.
+            fast_error = exc
+        else:
+            if loss is not None:
+                return loss
     tracker = csl if isinstance(csl, CSLTracker) else None
     if tracker is not None:
         if count is not None:
@@ -246,7 +264,46 @@ def accumulate_bce(
             if tracker is not None:
                 written += _tracker_written(tracker)
             torch._C._increment_version(written)
+    if fast_error is not None:
+        _fell_back(fast_error, "csl_fast._C.bce_step")
     return loss
+
+
+def _eager_cpu_step(
+    csl: torch.Tensor | CSLTracker,
+    count: torch.Tensor | None,
+    extra: tuple[torch.Tensor | None, ...],
+    backend: str,
+    validate: bool | None,
+) -> tuple[torch.Tensor | tuple[torch.Tensor, ...] | None, ...] | None:
+    """The arguments after ``index`` of ``csl_fast._C.bce_step`` (the seven buffers of
+    ``bce_record``, then a tracker's ``last_loss`` with two scratch buffers, or None) when
+    this call may run as that one C++ call (csrc/module.cpp), else None.
+
+    At a few labels the op calls and the Python checks around them cost more than the
+    arithmetic, so eager CPU calls (a tensor buffer, or a tracker without history) make
+    the same op calls from C++, under the conditions of ``csl_fast._C.step``
+    (:func:`csl_fast.accumulate.eager_step_allowed`); the step declines (returns None) what
+    else it does not take (csrc/module.cpp: bce_declines)."""
+    if not eager_step_allowed(backend, validate):
+        return None
+    wrong, min_margin, label_csl, label_margin, label_prob = extra
+    if type(csl) is CSLTracker:
+        if count is not None or csl.history:
+            return None
+        buffers = csl.buffers()
+        last = (buffers["last_loss"], *_scratch(csl))
+        if label_csl is None:
+            label_csl = csl.label_csl
+        if label_margin is None:
+            label_margin = getattr(csl, "label_margin", None)
+        if label_prob is None:
+            label_prob = csl.label_prob
+        csl, count = csl.training_buffers()
+        return (csl, count, wrong, min_margin, label_csl, label_margin, label_prob, last)
+    if type(csl) is torch.Tensor:
+        return (csl, count, wrong, min_margin, label_csl, label_margin, label_prob, None)
+    return None  # the checks of the op-by-op path say what is wrong
 
 
 def _loss_stats(stats: torch.Tensor) -> torch.Tensor:

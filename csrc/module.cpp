@@ -1,6 +1,6 @@
 // The Python module csl_fast._C. Importing it runs the op registrations of every source
-// file; its functions are csl_fast.accumulate's eager CPU step without torch.ops, and the
-// buffer locks (csrc/buffer_locks.h) for the Python paths.
+// file; its functions are the eager CPU steps of csl_fast.accumulate and accumulate_bce
+// without torch.ops, and the buffer locks (csrc/buffer_locks.h) for the Python paths.
 //
 // At ten classes a batch's cross entropy, CSL scatter and tracker update are a few
 // microseconds of arithmetic, and each call through torch.ops costs more than that again
@@ -12,6 +12,7 @@
 // a microsecond in Python, as much as the arithmetic.
 #include <Python.h>
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -28,6 +29,7 @@
 #include <mutex>
 #include <optional>
 
+#include "bce_stats.h"
 #include "buffer_locks.h"
 #include "checks.h"
 #include "stats.h"
@@ -64,6 +66,16 @@ const c10::TypedOperatorHandle<FwdStats>& fwd_stats_op() {
 // The tracker state record_last updates, in its schema's order after `epoch`.
 constexpr Py_ssize_t kStateSize = 12;
 using State = std::array<at::Tensor, kStateSize>;
+
+using RecordLast = void(const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t,
+                        at::Tensor&, at::Tensor&, at::Tensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                        const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&);
+
+const c10::TypedOperatorHandle<RecordLast>& record_last_op() {
+  static const auto handle = op<RecordLast>("csl_fast::record_last");
+  return handle;
+}
 
 // float32 D of reduction 'mean', NaN where it is 0 (csl_fast/ops.py: _mean_denominator,
 // which says why; the same ops).
@@ -197,11 +209,6 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   static const auto scatter =
       op<void(const at::Tensor&, const at::Tensor&, bool, const OptTensor&, const OptTensor&)>(
           "csl_fast::scatter_stats");
-  static const auto record = op<void(
-      const at::Tensor&, const at::Tensor&, const OptTensor&, int64_t, at::Tensor&, at::Tensor&,
-      at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-      const OptTensor&, const OptTensor&)>("csl_fast::record_last");
   if (declines(logits, target, index, weight, csl, count, state)) return std::nullopt;
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
@@ -233,7 +240,7 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   scatter.call(stats, index, /*deterministic=*/true, csl, count);
   if (state) {
     State& s = *state;
-    record.call(stats, index, std::nullopt, epoch, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
+    record_last_op().call(stats, index, std::nullopt, epoch, s[0], s[1], s[2], s[3], s[4], s[5], s[6],
                 s[7], s[8], s[9], s[10], s[11], std::nullopt);
   }
   // The ops write through data pointers: make autograd see the writes.
@@ -303,6 +310,169 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   END_HANDLE_TH_ERRORS
 }
 
+// ----------------------------------------------------------------- binary cross entropy
+// csl_fast.accumulate_bce's eager CPU step: the same two op calls (bce_fwd, whose autograd
+// is csrc/bce_autograd.cpp, and bce_record) and, for a tracker, its last_loss, made from
+// C++. At a few labels the op calls and the Python checks around them cost more than the
+// arithmetic (accumulate_bce took 1.3x the eager reference's time at 256 x 10).
+
+using BceFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                  const OptTensor&, const OptTensor&, int64_t);
+using BceRecord = void(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                       const at::Tensor&, bool, const OptTensor&, const OptTensor&,
+                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                       const OptTensor&);
+
+// bce_record's buffers, in its schema's order: csl, count, wrong, min_margin, label_csl,
+// label_margin, label_prob.
+constexpr Py_ssize_t kBceBuffers = 7;
+using BceBuffers = std::array<OptTensor, kBceBuffers>;
+// A tracker's last_loss and the two scratch buffers that take record_last's max probability
+// and correctness (csl_fast/record_loss.py: _record_tracker).
+constexpr Py_ssize_t kBceLastSize = 3;
+using BceLast = std::array<at::Tensor, kBceLastSize>;
+
+// Every target in [0, 1], read in one pass (NaN is not: the op-by-op path then decides).
+bool targets_in_unit_range(const at::Tensor& target) {
+  if (target.numel() == 0) return true;
+  const auto [lo, hi] = at::aminmax(target);
+  return lo.item<double>() >= 0.0 && hi.item<double>() <= 1.0;
+}
+
+// A call bce_step does not take (it returns None and the op-by-op path, whose checks name
+// whatever is wrong, takes it): other layouts, devices or dtypes, an option that does not
+// broadcast, a target outside [0, 1], buffers the checks would refuse (requiring grad,
+// inference tensors outside inference mode, sharing memory with each other or the index),
+// a target, weight or pos_weight requiring grad under grad mode, and a torch function mode.
+// A buffer of the wrong dtype or shape raises in bce_record before anything is written.
+bool bce_declines(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& index,
+                  const OptTensor& weight, const OptTensor& pos_weight, int64_t reduction,
+                  const BceBuffers& bufs, const std::optional<BceLast>& last) {
+  const auto dt = logits.scalar_type();
+  if (!logits.is_cpu() || logits.dim() != 2 ||
+      !(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16)) {
+    return true;
+  }
+  if (!target.is_cpu() || target.sizes() != logits.sizes() || target.scalar_type() != dt) {
+    return true;
+  }
+  if (logits.size(1) == 0 && logits.size(0) > 0) return true;
+  if (!index.is_cpu() || index.dim() != 1 || index.size(0) != logits.size(0) ||
+      !(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt)) {
+    return true;
+  }
+  if (reduction < csl_fast::kNone || reduction > csl_fast::kSum) return true;
+  const bool grad_mode = at::GradMode::is_enabled();
+  if (grad_mode && target.requires_grad()) return true;
+  for (const OptTensor& t : {weight, pos_weight}) {
+    if (!t) continue;
+    if (!t->is_cpu() || !at::isFloatingType(t->scalar_type()) ||
+        !at::is_expandable_to(t->sizes(), logits.sizes()) || (grad_mode && t->requires_grad())) {
+      return true;
+    }
+  }
+  if (!bufs[0]) return true;
+  const bool outside_inference = !c10::InferenceMode::is_enabled();
+  for (size_t k = 0; k < bufs.size(); ++k) {
+    if (!bufs[k]) continue;
+    const at::Tensor& b = *bufs[k];
+    if (!b.is_cpu() || b.requires_grad() || (outside_inference && b.is_inference()) ||
+        csl_fast::spans_overlap(b, index)) {
+      return true;
+    }
+    for (size_t j = 0; j < k; ++j) {
+      if (bufs[j] && csl_fast::spans_overlap(b, *bufs[j])) return true;
+    }
+  }
+  if (last && outside_inference) {
+    for (const at::Tensor& t : *last) {
+      if (t.is_inference()) return true;
+    }
+  }
+  if (at::impl::torch_function_mode_enabled()) return true;
+  return !targets_in_unit_range(target);
+}
+
+// loss of csl_fast.accumulate_bce(logits, target, index, csl, ...) with the buffers `bufs`
+// and, with `last`, a tracker's last_loss; None where the step declines the call (see
+// bce_declines). bce_record checks every index and buffer before it writes anything, and
+// record_last writes only the tracker's own buffers, so a bad argument raises with nothing
+// written. Called with the GIL held; the kernels run without it, under csl's buffer lock.
+std::optional<at::Tensor> bce_step(const at::Tensor& logits, const at::Tensor& target,
+                                   const OptTensor& weight, const OptTensor& pos_weight,
+                                   int64_t reduction, const at::Tensor& index,
+                                   const BceBuffers& bufs, std::optional<BceLast>& last) {
+  static const auto fwd = op<BceFwd>("csl_fast::bce_fwd");
+  static const auto record = op<BceRecord>("csl_fast::bce_record");
+  if (bce_declines(logits, target, index, weight, pos_weight, reduction, bufs, last)) {
+    return std::nullopt;
+  }
+  pybind11::gil_scoped_release no_gil;
+  std::lock_guard<std::recursive_mutex> locked(csl_fast::buffer_lock(bufs[0]->data_ptr()));
+  auto [loss, stats] = fwd.call(logits, target, weight, pos_weight, reduction);
+  record.call(logits.detach(), target.detach(), stats, index, /*deterministic=*/true, bufs[0],
+              bufs[1], bufs[2], bufs[3], bufs[4], bufs[5], bufs[6]);
+  if (last) {
+    // record_last's [kNumStats, B] statistics: the loss and validity, every other row 0.
+    at::Tensor rows = at::zeros({csl_fast::kNumStats, logits.size(0)}, stats.options());
+    rows[csl_fast::kLoss].copy_(stats[csl_fast::kBceLoss]);
+    rows[csl_fast::kValid].copy_(stats[csl_fast::kBceValid]);
+    BceLast& l = *last;
+    record_last_op().call(rows, index, std::nullopt, 0, l[0], l[1], l[2], std::nullopt,
+                          std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                          std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                          std::nullopt);
+  }
+  // The ops write through data pointers: make autograd see the writes.
+  for (const OptTensor& b : bufs) {
+    if (b) torch::autograd::impl::bump_version(*b);
+  }
+  if (last) {
+    for (const at::Tensor& t : *last) torch::autograd::impl::bump_version(t);
+  }
+  return loss;
+}
+
+// bce_step(logits, target, weight, pos_weight, reduction, index, csl, count, wrong,
+//          min_margin, label_csl, label_margin, label_prob, last) -> loss, or None where
+// the step declines the call; every buffer but csl may be None, last is None or a
+// tracker's (last_loss, scratch max probability, scratch correctness).
+PyObject* py_bce_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 8 + kBceBuffers - 1, "csl_fast._C.bce_step takes ",
+                   8 + kBceBuffers - 1, " arguments, got ", nargs);
+  // A tensor subclass may mean something else by each op (it is seen by torch.ops).
+  for (Py_ssize_t k : {0, 1, 5, 6}) {
+    if (!THPVariable_CheckExact(args[k])) Py_RETURN_NONE;
+  }
+  const at::Tensor& logits = tensor_arg(args[0], "logits");
+  const at::Tensor& target = tensor_arg(args[1], "target");
+  const OptTensor weight = optional_tensor_arg(args[2], "weight");
+  const OptTensor pos_weight = optional_tensor_arg(args[3], "pos_weight");
+  const int64_t reduction = number_arg<long long>(args[4], PyLong_AsLongLong);
+  const at::Tensor& index = tensor_arg(args[5], "index");
+  BceBuffers bufs;
+  for (Py_ssize_t k = 0; k < kBceBuffers; ++k) {
+    bufs[k] = optional_tensor_arg(args[6 + k], "every buffer");
+  }
+  std::optional<BceLast> last;
+  PyObject* tuple = args[6 + kBceBuffers];
+  if (tuple != Py_None) {
+    TORCH_CHECK_TYPE(PyTuple_Check(tuple) && PyTuple_GET_SIZE(tuple) == kBceLastSize,
+                     "csl_fast._C.bce_step: last must be None or a tuple of ", kBceLastSize,
+                     " tensors");
+    last.emplace();
+    for (Py_ssize_t k = 0; k < kBceLastSize; ++k) {
+      (*last)[k] = tensor_arg(PyTuple_GET_ITEM(tuple, k), "every entry of last");
+    }
+  }
+  std::optional<at::Tensor> loss =
+      bce_step(logits, target, weight, pos_weight, reduction, index, bufs, last);
+  if (!loss) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(*loss));
+  END_HANDLE_TH_ERRORS
+}
+
 std::recursive_mutex& lock_of(PyObject* address) {
   void* data = PyLong_AsVoidPtr(address);
   if (data == nullptr && PyErr_Occurred()) throw python_error();
@@ -333,6 +503,8 @@ PyObject* py_unlock_buffer(PyObject* /*module*/, PyObject* address) {
 PyMethodDef methods[] = {
     {"step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_step)),
      METH_FASTCALL, "csl_fast.accumulate's eager CPU step (see csrc/module.cpp)."},
+    {"bce_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_bce_step)),
+     METH_FASTCALL, "csl_fast.accumulate_bce's eager CPU step (see csrc/module.cpp)."},
     {"lock_buffer", py_lock_buffer, METH_O, "Take a buffer's lock (csrc/buffer_locks.h)."},
     {"unlock_buffer", py_unlock_buffer, METH_O, "Release a buffer's lock."},
     {nullptr, nullptr, 0, nullptr},
