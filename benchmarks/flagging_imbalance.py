@@ -5,7 +5,8 @@ then ``csl_fast.detect.mislabeled(tracker)`` with its default rule, ``csl_fast.c
 suggested labels, CSL's precision at the true count (top-k: the ranking's ceiling) and,
 with ``--cleanlab``, cleanlab's ``find_label_issues`` on K = 3 fold out-of-sample
 probabilities of the same network (``csl_fast.baselines.confident_learning``). Every
-network is an MLP 256-256, Adam 1e-3, batch 64, 60 epochs (it fits every clean label).
+network is an MLP 256-256, Adam 1e-3, batch 64, 60 epochs by default (it fits every clean
+label).
 
 Setups (the data fixed by ``random_state`` 0; the flips and the network vary by seed):
 
@@ -28,11 +29,19 @@ is fitted fast).
 
     python benchmarks/flagging_imbalance.py --cleanlab          # ~30 min on 2 cores
     python benchmarks/flagging_imbalance.py --setups digits-lt --seeds 0 --out /tmp/x
+
+``--train EPOCHS:LR ...`` runs other trainings (the tracked network's and cleanlab's folds'
+alike): what the detection warning advises when a small data set is fitted within a few
+epochs (``results/flagging-small-data.md``)::
+
+    python benchmarks/flagging_imbalance.py --setups digits-bal digits-lt --cleanlab \
+        --train 60:1e-3 20:1e-3 60:3e-4 60:1e-4 --out benchmarks/results/flagging-small-data
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 import warnings
@@ -107,13 +116,13 @@ def _prf(flagged: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def one_run(setup: str, noise: float, seed: int, cleanlab: bool) -> dict:
+def one_run(setup: str, noise: float, seed: int, cleanlab: bool, kw: dict) -> dict:
     x, y = load(setup)
     noisy, flipped = corrupt.flip_labels(y, noise, num_classes=CLASSES, seed=seed)
     tracker = csl_fast.CSLTracker(len(y), CLASSES)
     t0 = time.perf_counter()
     train(mlp(x.shape[1], CLASSES, (256, 256), seed=1000 + seed), x, noisy, tracker=tracker,
-          seed=seed, **TRAIN)  # fmt: skip
+          seed=seed, **kw)  # fmt: skip
     seconds = time.perf_counter() - t0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", detect.DetectionWarning)
@@ -129,6 +138,7 @@ def one_run(setup: str, noise: float, seed: int, cleanlab: bool) -> dict:
         "setup": setup,
         "noise": noise,
         "seed": seed,
+        "train": kw,
         "samples": len(y),
         "flips": k,
         **_prf(flagged, truth),
@@ -151,7 +161,7 @@ def one_run(setup: str, noise: float, seed: int, cleanlab: bool) -> dict:
         from csl_fast.baselines import confident_learning
 
         make = lambda s: mlp(x.shape[1], CLASSES, (256, 256), seed=s)  # noqa: E731
-        issues = confident_learning(make, x, noisy, k=3, train_kwargs=TRAIN, seed=seed).issues
+        issues = confident_learning(make, x, noisy, k=3, train_kwargs=kw, seed=seed).issues
         row["cleanlab"] = _prf(issues.numpy().astype(bool), truth)
     return row
 
@@ -160,12 +170,61 @@ def _f(v, fmt=".2f") -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _name(row: dict) -> str:
+    """setup-noise-seed, with the training when it is not the default."""
+    kw = row.get("train", TRAIN)
+    name = f"{row['setup']}-{row['noise']:g}-{row['seed']}"
+    return name if kw == TRAIN else f"{name}, {kw['epochs']} ep, lr {kw['lr']:g}"
+
+
+def _training(rows: list[dict]) -> str:
+    kws = {tuple(sorted(r.get("train", TRAIN).items())) for r in rows}
+    return "; ".join(
+        "Adam lr {lr:g}, batch {batch_size}, {epochs} epochs".format(**dict(kw))
+        for kw in sorted(kws)
+    )
+
+
+def _summary(rows: list[dict]) -> list[str]:
+    """Per training: noisy runs (2-10% flips) passing precision and recall >= 0.8, those
+    flagging nothing, mean F1 against cleanlab's at each rate, and the clean runs' flags."""
+    lines = [
+        "",
+        "| training | P and R >= 0.8 at 2-10% | nothing flagged at 2-10% | mean F1 at 2 / 5 / 10% "
+        "(cleanlab) | flagged at 0% (most) | flagged at 0.5% (truth 3) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kw in sorted({tuple(sorted(r.get("train", TRAIN).items())) for r in rows}):
+        mine = [r for r in rows if tuple(sorted(r.get("train", TRAIN).items())) == kw]
+        noisy = [r for r in mine if r["noise"] >= 0.02]
+        passed = sum(
+            r["precision"] is not None and r["precision"] >= 0.8 and r["recall"] >= 0.8
+            for r in noisy
+        )
+        empty = sum(r["flagged"] == 0 for r in noisy)
+        f1 = []
+        for rate in (0.02, 0.05, 0.1):
+            at = [r for r in mine if r["noise"] == rate]
+            ours = np.mean([r["f1"] for r in at]) if at else None
+            theirs = [r["cleanlab"]["f1"] for r in at if r.get("cleanlab")]
+            f1.append(f"{_f(ours)} ({_f(np.mean(theirs)) if theirs else '-'})")
+        clean = [r["flagged"] for r in mine if r["noise"] == 0]
+        small = [str(r["flagged"]) for r in mine if r["noise"] == 0.005]
+        k = dict(kw)
+        lines.append(
+            f"| {k['epochs']} epochs, lr {k['lr']:g} | {passed} of {len(noisy)} | {empty} | "
+            f"{' / '.join(f1)} | {max(clean) if clean else '-'} | {', '.join(small) or '-'} |"
+        )
+    return lines
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# The default flagging rule on long-tailed classes, and on small data",
         "",
         f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. `{meta['command']}` "
-        "(see its docstring for the setups). One tracked run per row, "
+        f"(see its docstring for the setups; training: {_training(rows)}). One tracked run "
+        "per row, "
         "`csl_fast.detect.mislabeled(tracker)` with its default rule; P / R of the flagged "
         "set against the flipped labels; top-k P: CSL's precision at the true count; "
         "sugg.: the share of flipped samples whose suggested label is their true one; "
@@ -181,7 +240,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         est = "unknown" if r["estimated"] is None else f"{r['estimated']} {r['interval']}"
         cl = r.get("cleanlab")
         lines.append(
-            f"| {r['setup']}-{r['noise']:g}-{r['seed']} | {r['samples']} | {r['flips']} | "
+            f"| {_name(r)} | {r['samples']} | {r['flips']} | "
             f"{r['flagged']} | {_f(r['precision'])} | {_f(r['recall'])} | {est} | "
             f"{'yes' if r['warned'] else 'no'} | {_f(r['top_k_precision'])} | "
             f"{_f(r['suggestion_right'])} | {r['clean_flagged_head']}/{r['clean_head']} / "
@@ -189,6 +248,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['tail_flips_flagged']}/{r['tail_flips']} | "
             f"{_f(cl['f1']) if cl else '-'} |"
         )
+    if len({tuple(sorted(r.get("train", TRAIN).items())) for r in rows}) > 1:
+        lines += _summary(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -199,22 +260,31 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--cleanlab", action="store_true", help="cleanlab's K = 3 fold baseline too")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--train",
+        nargs="+",
+        default=[f"{TRAIN['epochs']}:{TRAIN['lr']:g}"],
+        metavar="EPOCHS:LR",
+        help="trainings to run, each as epochs:Adam learning rate (default %(default)s)",
+    )
     p.add_argument("--out", default=str(OUT), help="writes OUT.md and OUT.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    trainings = []
+    for spec in args.train:
+        epochs, _, lr = spec.partition(":")
+        trainings.append({**TRAIN, "epochs": int(epochs), "lr": float(lr)})
     rows = []
-    for setup in args.setups:
-        for noise in args.noise:
-            for seed in args.seeds:
-                r = one_run(setup, noise, seed, args.cleanlab)
-                rows.append(r)
-                print(
-                    f"{setup}-{noise:g}-{seed}: flips {r['flips']} flagged {r['flagged']} "
-                    f"P {_f(r['precision'])} R {_f(r['recall'])} est {r['estimated']} "
-                    f"warned {r['warned']} top-k {_f(r['top_k_precision'])} "
-                    f"{r['seconds']:.1f}s",
-                    flush=True,
-                )
+    for kw, setup, noise, seed in itertools.product(trainings, args.setups, args.noise, args.seeds):
+        r = one_run(setup, noise, seed, args.cleanlab, kw)
+        rows.append(r)
+        print(
+            f"{_name(r)}: flips {r['flips']} flagged {r['flagged']} "
+            f"P {_f(r['precision'])} R {_f(r['recall'])} est {r['estimated']} "
+            f"warned {r['warned']} top-k {_f(r['top_k_precision'])} "
+            f"{r['seconds']:.1f}s",
+            flush=True,
+        )
     print(write_results(args.out, rows, markdown))
 
 
