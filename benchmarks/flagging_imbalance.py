@@ -35,7 +35,7 @@ alike): what the detection warning advises when a small data set is fitted withi
 epochs (``results/flagging-small-data.md``)::
 
     python benchmarks/flagging_imbalance.py --setups digits-bal digits-lt --cleanlab \
-        --train 60:1e-3 20:1e-3 60:3e-4 60:1e-4 --out benchmarks/results/flagging-small-data
+        --train 60:1e-3 20:1e-3 60:3e-4 60:1e-4 --out benchmarks/results/flagging-small-data.md
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ def _version(package: str) -> str:
 
 
 def fast_step_fallbacks() -> tuple[int, str | None]:
-    """``(count, last reason)`` of the eager CPU calls to :func:`csl_fast.accumulate` in this
-    process that the one-call C++ step (``csl_fast._C.step``) failed on and the op-by-op
-    path then completed: the same results, several times slower. Expected to stay
+    """``(count, last reason)`` of the eager CPU calls to :func:`csl_fast.accumulate` and
+    :func:`csl_fast.accumulate_bce` in this process that the one-call C++ step
+    (``csl_fast._C.step``, ``bce_step``) failed on and the op-by-op path then completed:
+    the same results, slower. Expected to stay
     ``(0, None)``; the first one also raises a ``RuntimeWarning``. Bad input is not
     counted (it raises from the op-by-op path's checks)."""
     from .accumulate import _Fallbacks

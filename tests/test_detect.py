@@ -366,7 +366,7 @@ def test_no_label_lost_advice_is_to_fit_later_not_longer():
     with pytest.warns(detect.DetectionWarning, match="only 0 samples") as rec:
         det = detect.mislabeled(source)
     assert len(det) == 0
-    assert "lower learning rate or for fewer epochs" in det.warning
+    assert "train for fewer epochs or with a lower learning rate" in det.warning
     assert all("train longer" not in str(w.message) for w in rec)
 
 
