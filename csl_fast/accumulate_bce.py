@@ -189,7 +189,7 @@ def accumulate_bce(
         )  # fmt: skip
         return loss.squeeze(1) if reduction == "none" else loss
     extra = (wrong, min_margin, label_csl, label_margin, label_prob)
-    step = _eager_cpu_step(csl, count, extra, backend, validate)
+    step = _eager_cpu_step(logits, csl, count, extra, backend, validate)
     fast_error = None
     if step is not None:
         # One C++ call: it takes the buffer lock, bumps the version counters, and declines
@@ -270,6 +270,7 @@ def accumulate_bce(
 
 
 def _eager_cpu_step(
+    logits: torch.Tensor,
     csl: torch.Tensor | CSLTracker,
     count: torch.Tensor | None,
     extra: tuple[torch.Tensor | None, ...],
@@ -289,7 +290,14 @@ def _eager_cpu_step(
         return None
     wrong, min_margin, label_csl, label_margin, label_prob = extra
     if type(csl) is CSLTracker:
+        labels = csl.num_labels
         if count is not None or csl.history:
+            return None
+        if labels is not None and (
+            type(logits) is not torch.Tensor or logits.dim() != 2 or logits.shape[1] != labels
+        ):
+            # the op-by-op path names the tracker's L; the step would record into label
+            # buffers given with the logits' L (and could not say so)
             return None
         buffers = csl.buffers()
         last = (buffers["last_loss"], *_scratch(csl))

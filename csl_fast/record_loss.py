@@ -281,10 +281,13 @@ def _scratch(tracker: CSLTracker) -> tuple[torch.Tensor, torch.Tensor]:
     scratch = getattr(tracker, "_record_loss_scratch", None)
     if scratch is None or scratch[0].shape[0] != tracker.num_samples:
         n, device = tracker.num_samples, tracker.device
-        scratch = (
-            torch.zeros(n, dtype=tracker.dtype, device=device),
-            torch.zeros(n, dtype=torch.bool, device=device),
-        )
+        # Never inference tensors (a first call under torch.inference_mode): later calls
+        # outside it could not write them, and accumulate_bce's one-call step declines them.
+        with torch.inference_mode(False):
+            scratch = (
+                torch.zeros(n, dtype=tracker.dtype, device=device),
+                torch.zeros(n, dtype=torch.bool, device=device),
+            )
         tracker._record_loss_scratch = scratch
     return scratch
 

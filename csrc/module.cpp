@@ -252,6 +252,12 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   return loss;
 }
 
+// Whether `obj` is a tensor subclass (which may mean something else by each op, and would
+// see torch.ops on the op-by-op path): a step declines such an argument.
+bool is_tensor_subclass(PyObject* obj) {
+  return THPVariable_Check(obj) && !THPVariable_CheckExact(obj);
+}
+
 const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
   TORCH_CHECK_TYPE(THPVariable_Check(obj), "csl_fast._C.step: ", name, " must be a tensor, got ",
                    Py_TYPE(obj)->tp_name);
@@ -302,6 +308,14 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   // A tensor subclass may mean something else by each op (it is seen by torch.ops).
   for (PyObject* obj : {args[0], args[1], args[7]}) {
     if (!THPVariable_CheckExact(obj)) Py_RETURN_NONE;
+  }
+  for (PyObject* obj : {args[2], args[6], args[8]}) {
+    if (is_tensor_subclass(obj)) Py_RETURN_NONE;
+  }
+  if (args[10] != Py_None) {
+    for (Py_ssize_t k = 0; k < kStateSize; ++k) {
+      if (is_tensor_subclass(PyTuple_GET_ITEM(args[10], k))) Py_RETURN_NONE;
+    }
   }
   std::optional<at::Tensor> loss = step(logits, target, weight, ignore_index, smoothing,
                                         reduction, index, csl, count, epoch, state);
@@ -445,6 +459,9 @@ PyObject* py_bce_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   for (Py_ssize_t k : {0, 1, 5, 6}) {
     if (!THPVariable_CheckExact(args[k])) Py_RETURN_NONE;
   }
+  for (Py_ssize_t k = 2; k < 6 + kBceBuffers; ++k) {
+    if (is_tensor_subclass(args[k])) Py_RETURN_NONE;
+  }
   const at::Tensor& logits = tensor_arg(args[0], "logits");
   const at::Tensor& target = tensor_arg(args[1], "target");
   const OptTensor weight = optional_tensor_arg(args[2], "weight");
@@ -463,7 +480,9 @@ PyObject* py_bce_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
                      " tensors");
     last.emplace();
     for (Py_ssize_t k = 0; k < kBceLastSize; ++k) {
-      (*last)[k] = tensor_arg(PyTuple_GET_ITEM(tuple, k), "every entry of last");
+      PyObject* entry = PyTuple_GET_ITEM(tuple, k);
+      if (is_tensor_subclass(entry)) Py_RETURN_NONE;
+      (*last)[k] = tensor_arg(entry, "every entry of last");
     }
   }
   std::optional<at::Tensor> loss =

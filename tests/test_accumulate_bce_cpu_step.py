@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from logged_tensor import Logged
 
 import csl_fast
 from csl_fast import CSLTracker, _ext
@@ -368,3 +369,40 @@ def test_autograd_sees_the_writes(steps):
     assert steps
     for name in written:
         assert tracker.buffers()[name]._version > before[name], name
+
+
+def test_a_tracker_of_other_labels_is_refused_even_with_label_buffers_given(steps):
+    """The tracker's L is checked before anything runs, also when every label buffer is
+    given with the logits' L (the step cannot see the tracker's, and would record)."""
+    tracker = CSLTracker(N, L, num_labels=L - 2)
+    logits, target, index = _batch(torch.float32, 0)
+    given = {"label_csl": torch.zeros(N, L), "label_prob": torch.zeros(N, L)}
+    with pytest.raises(ValueError, match=f"keeps L = {L - 2} labels per sample"):
+        csl_fast.accumulate_bce(logits, target, index, tracker, **given)
+    assert tracker.csl_count.sum() == 0 and tracker.csl_sum.sum() == 0 and not steps
+
+
+@pytest.mark.parametrize("which", ["weight", "pos_weight", "count", "label_csl"])
+def test_a_tensor_subclass_anywhere_goes_op_by_op(which, steps):
+    """A subclass among the options or buffers must see the ops, as on the op-by-op path."""
+    logits, target, index = _batch(torch.float32, 0)
+    sink, kwargs, _ = _sink("buffers", torch.float32)
+    if which in ("weight", "pos_weight"):
+        kwargs[which] = torch.ones(L)
+    kwargs[which] = kwargs[which].as_subclass(Logged)
+    Logged.seen.clear()
+    csl_fast.accumulate_bce(logits, target, index, sink, **kwargs)
+    assert not steps
+    assert any("bce_fwd" in name or "bce_record" in name for name in Logged.seen)
+
+
+def test_a_first_call_under_inference_mode_keeps_the_step(steps):
+    """The tracker's scratch buffers, made on its first call, are never inference tensors,
+    which later calls outside inference mode could not write."""
+    tracker = CSLTracker(N, L, num_labels=L)
+    logits, target, index = _batch(torch.float32, 0)
+    with torch.inference_mode():
+        csl_fast.accumulate_bce(logits, target, index, tracker)
+    steps.clear()
+    csl_fast.accumulate_bce(logits, target, index, tracker)
+    assert len(steps) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logged_tensor import Logged
 
 import csl_fast
 from csl_fast import CSLTracker, _ext
@@ -348,3 +349,15 @@ def test_half_precision_steps_round_the_gradient_once(steps):
             for a, b in zip(got[0], want[0], strict=True):
                 assert torch.equal(a, b), (dtype, reduction)
     assert len(steps) == 6
+
+
+@pytest.mark.parametrize("which", ["weight", "count"])
+def test_a_tensor_subclass_weight_or_count_goes_op_by_op(which, steps):
+    """A subclass among the options or buffers must see the ops, as on the op-by-op path."""
+    logits, target, index = _batch(torch.float32, 0)
+    kwargs = {"weight": torch.ones(C), "count": torch.zeros(N)}
+    kwargs[which] = kwargs[which].as_subclass(Logged)
+    Logged.seen.clear()
+    csl_fast.accumulate(logits, target, index, torch.zeros(N), **kwargs)
+    assert not steps
+    assert any("csl_fast." in name for name in Logged.seen), Logged.seen
