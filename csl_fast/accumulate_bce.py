@@ -180,6 +180,10 @@ def accumulate_bce(
         def column(t: torch.Tensor | None) -> torch.Tensor | None:
             return t.unsqueeze(-1) if isinstance(t, torch.Tensor) and t.dim() else t
 
+        for name, opt in (("weight", weight), ("pos_weight", pos_weight)):
+            if opt is not None:  # named against the [B] logits given, not the column
+                _check_option(name, opt, logits)
+
         loss = accumulate_bce(
             logits.unsqueeze(1), target.unsqueeze(1), index, csl, count=count,
             weight=column(weight), pos_weight=column(pos_weight), reduction=reduction,
@@ -396,10 +400,11 @@ def _check_option(name: str, opt: object, logits: torch.Tensor) -> None:
     except RuntimeError:
         shape = None
     if shape != logits.shape:
+        shapes = "[L] per label, [B, 1] per sample, or [B, L]" if logits.dim() == 2 else "[B]"
         _fail(
             ValueError,
             f"{name} of shape {tuple(opt.shape)} does not broadcast to the logits' shape "
-            f"{tuple(logits.shape)} (e.g. [L] per label, [B, 1] per sample, or [B, L])",
+            f"{tuple(logits.shape)} (e.g. {shapes})",
         )
 
 

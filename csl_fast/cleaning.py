@@ -83,6 +83,7 @@ __all__ = [
     "CleanedDataset",
     "CleaningPlan",
     "clean",
+    "default_detection",
     "evaluate_plan",
 ]
 
@@ -548,6 +549,25 @@ def _num_samples(source: Any) -> int | None:
     return None
 
 
+def default_detection(source: Any, score: str | None = None, **detect_kwargs: Any) -> Detection:
+    """The flagged set :func:`clean` (and ``csl-fast clean``) act on when none is given:
+    :func:`csl_fast.detect.mislabeled`, or for a tracker that recorded losses only (no
+    softmax statistics: :func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`) the
+    tail rule of :func:`csl_fast.detect_losses.corrupted_targets`, whose views it has
+    (the cross-entropy rule's need margins and probabilities of a class)."""
+    from .scores import LOSS_ONLY
+
+    if no_suggestions(source) == LOSS_ONLY:
+        from .detect import default_score
+        from .detect_losses import corrupted_targets
+        from .scores import scores
+
+        # any score the tracker keeps (final_loss too), named as asked in the warning
+        name = default_score(source) if score is None else score
+        return corrupted_targets(scores(source, [name]), name, **detect_kwargs)
+    return mislabeled(source, score, **detect_kwargs)
+
+
 def clean(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     *,
@@ -568,8 +588,9 @@ def clean(
             labels), or a ``{name: [N]}`` score mapping / an ``[N]`` score tensor, as
             :func:`csl_fast.detect.mislabeled` takes (then relabelling needs
             ``suggestions``).
-        detection: a detection to act on; default ``detect.mislabeled(source, score,
-            **detect_kwargs)``.
+        detection: a detection to act on; default :func:`default_detection`
+            (``detect.mislabeled(source, score, **detect_kwargs)``, or
+            ``detect_losses.corrupted_targets`` for a tracker that recorded losses only).
         policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``. A tracker
             that recorded losses only (no softmax statistics) or sequences has no
             suggested labels (:func:`no_suggestions`) and takes ``"drop"`` or
@@ -595,8 +616,8 @@ def clean(
             ``inputs``): each group of
             identical inputs with conflicting labels is flagged and resolved
             (:mod:`csl_fast.cleaning_groups`).
-        **detect_kwargs: forwarded to :func:`csl_fast.detect.mislabeled` (``rule``,
-            ``fraction``, ``threshold``, ``seed``) when ``detection`` is None.
+        **detect_kwargs: forwarded to the default detection when ``detection`` is None
+            (``rule``, ``fraction``, ``threshold``; ``seed`` for ``detect.mislabeled``).
 
     Returns:
         a :class:`CleaningPlan`. Empty when nothing is flagged; then ``plan.warning`` (the
@@ -629,7 +650,7 @@ def clean(
             f"but {missing}: use policy='drop' (or 'review', or pass suggestions=)"
         )
     if detection is None:
-        detection = mislabeled(source, score, **detect_kwargs)
+        detection = default_detection(source, score, **detect_kwargs)
     elif detect_kwargs:
         raise TypeError(
             f"csl_fast.clean: {sorted(detect_kwargs)} configure the default detection; "
@@ -639,6 +660,14 @@ def clean(
         raise TypeError(
             "csl_fast.clean: detection must be a csl_fast.detect.Detection (what "
             f"detect.mislabeled returns), got {type(detection).__name__}"
+        )
+    if detection.scores.dim() != 1:
+        # detect_losses.mislabeled_entries: its [N, L] entries are no per-sample plan
+        raise ValueError(
+            "csl_fast.clean: detection ranks (sample, label) entries "
+            f"({tuple(detection.scores.shape)}), but clean acts on samples; list the "
+            "suspicious entries with detection.top(k) (or csl-fast rank RUN --score "
+            "label_csl), or clean the samples with detect_losses.corrupted_targets(source)"
         )
     if score is not None and score != detection.score_name:
         # the plan ranks and scores by the detection's score: score= was silently ignored

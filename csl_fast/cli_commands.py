@@ -228,17 +228,14 @@ def detection_for(tracker: Any, score: str) -> Any:
     cross-entropy run, the tail rule of :mod:`csl_fast.detect_losses` for a loss-only one
     (per entry for ``label_csl``). Its warning is left to the caller."""
     from . import detect_losses
-    from .detect import mislabeled
-    from .scores import scores
+    from .cleaning import default_detection
 
     if score == "label_csl":
         try:
             return detect_losses.mislabeled_entries(tracker)
         except ValueError as exc:  # a run without per-label CSL: a usage error, not a crash
             raise CLIError(f"--score label_csl: {exc}") from None
-    if not loss_only(tracker):
-        return mislabeled(tracker, score)  # the tracker: every view of the rule
-    return detect_losses.corrupted_targets(scores(tracker, [score]), score)
+    return default_detection(tracker, score)  # the tracker: every view of the rule
 
 
 def _loss_only_note(tracker: Any, score: str) -> str | None:

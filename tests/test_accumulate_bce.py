@@ -780,3 +780,16 @@ def test_under_autocast_as_torch(backend, dtype):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
     want = torch.zeros(7).index_add_(0, idx, per.detach().float().sum(1))
     torch.testing.assert_close(csl, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_binary_classifiers_weight_error_names_the_shapes_given():
+    # [B] logits with a [B, 1] weight (PyTorch refuses it too) were reported as
+    # "weight of shape (8, 1, 1) does not broadcast to the logits' shape (8, 1)"
+    logits, target = torch.randn(8), (torch.rand(8) < 0.5).float()
+    for name in ("weight", "pos_weight"):
+        with pytest.raises(
+            ValueError, match=rf"{name} of shape \(8, 1\) .* shape \(8,\) \(e.g. \[B\]\)"
+        ):
+            csl_fast.accumulate_bce(
+                logits, target, torch.arange(8), torch.zeros(8), **{name: torch.ones(8, 1)}
+            )

@@ -7,6 +7,7 @@ import importlib
 import math
 import os
 import pkgutil
+import warnings
 
 import numpy as np
 import pytest
@@ -563,3 +564,42 @@ def test_a_relabel_row_without_a_suggestion_is_refused_by_apply():
         plan.apply(LABELS)
     with pytest.raises(ValueError, match=r"apply_dataset: rows for samples \[1\]"):
         plan.apply_dataset([(float(i), int(LABELS[i])) for i in range(6)])
+
+
+def test_a_loss_only_tracker_is_cleaned_by_the_tail_rule_as_the_cli_does():
+    """clean's default detection for a tracker of losses is detect_losses' tail rule, the
+    one csl-fast clean uses: the cross-entropy rule (its valley, without the views it
+    needs) dropped 0 of 20 corrupted targets where the CLI dropped 20."""
+    from csl_fast import detect_losses
+    from csl_fast.cli_commands import detection_for
+
+    g = torch.Generator().manual_seed(0)
+    losses = torch.exp(torch.randn(400, generator=g) * 0.5)
+    losses[:30] *= 30  # corrupted targets: a tail beyond the bulk's model
+    t = csl_fast.CSLTracker(400)
+    for _ in range(3):
+        csl_fast.record_loss(losses, torch.arange(400), t)
+    plan = clean(t, policy="drop")
+    want = detect_losses.corrupted_targets(t)
+    assert len(want) > 0
+    assert sorted(plan.index.tolist()) == sorted(want.flagged.nonzero().flatten().tolist())
+    assert torch.equal(detection_for(t, "csl").flagged, want.flagged)
+
+
+def test_an_entry_detection_is_refused_with_what_to_do():
+    """A detection of (sample, label) entries said "the detection ranks 17970 samples but
+    the source has 1797", though it was made from that source."""
+    from csl_fast import detect_losses
+
+    n, labels = 50, 4
+    t = csl_fast.CSLTracker(n, num_labels=labels)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        logits = torch.randn(n, labels, generator=g)
+        target = (torch.rand(n, labels, generator=g) < 0.3).float()
+        csl_fast.accumulate_bce(logits, target, torch.arange(n), t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect_losses.mislabeled_entries(t, rule="fraction", fraction=0.05)
+    with pytest.raises(ValueError, match=r"ranks \(sample, label\) entries .* acts on samples"):
+        clean(t, policy="drop", detection=det)
