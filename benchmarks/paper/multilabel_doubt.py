@@ -113,6 +113,8 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
     truth = mask.reshape(-1)
     # (absent when the tail rule flagged nothing)
     doubt = det.diagnostics.get("doubt", {"doubted": 0, "anchors": 0, "anchored_share": 0.0})
+    if isinstance(doubt, str):  # the gate was not applied (the note says why)
+        doubt = {"doubted": None, "anchors": None, "anchored_share": None, "note": doubt}
     cut = det.rule.endswith("cut to the doubted")
     with warnings.catch_warnings():  # the tail rule alone: a score tensor is not gated
         warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
@@ -134,9 +136,14 @@ def one_run(variant: str, seed: int, rate: float) -> dict:
         "flagged": int(flagged.sum()),
         "flagged_true": int((flagged & truth).sum()),
         "count_source": det.diagnostics.get("count_source", "tail"),
+        "gate": doubt.get("note", "applied"),
         "estimated": det.estimated_count,
         "interval": det.count_interval,
     }
+
+
+def _share(share: float | None) -> str:
+    return "not applied" if share is None else f"{share:.2f}"
 
 
 def _f1(true: int, flagged: int, flipped: int) -> str:
@@ -170,7 +177,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
             f"| {r['variant']} | {r['seed']} | {r['flipped']} ({r['rate']:.0%}) "
             f"| {r['tail_flagged']} ({r['tail_true']}) "
             f"| {_f1(r['tail_true'], r['tail_flagged'], r['flipped'])} "
-            f"| {r['anchored_share']:.2f} | {'yes' if r['cut'] else 'no'} "
+            f"| {_share(r['anchored_share'])} | {'yes' if r['cut'] else 'no'} "
             f"| {r['count_source']} | {f} ({t}) | {r['estimated']} {tuple(r['interval'] or ())} "
             f"| {prec} | {rec} | {_f1(t, f, r['flipped'])} | {f / r['entries']:.2%} |"
         )
