@@ -8,11 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from logged_tensor import Logged
+from step_probes import Logged, Seen, break_step, count_steps
 
 import csl_fast
 from csl_fast import CSLTracker, _ext
-from csl_fast.accumulate import _Fallbacks
 from csl_fast.info import fast_step_fallbacks
 
 pytestmark = pytest.mark.skipif(
@@ -33,19 +32,8 @@ def _batch(dtype, seed, batch=40):
 
 @pytest.fixture
 def steps(monkeypatch):
-    """Counts the calls that csl_fast._C.bce_step completed (not those it declined or raised
-    on: a call that then went op by op did not take the fast path)."""
-    calls = []
-    real = _ext._C.bce_step
-
-    def counted(*args):
-        loss = real(*args)
-        if loss is not None:
-            calls.append(1)
-        return loss
-
-    monkeypatch.setattr(_ext._C, "bce_step", counted)
-    return calls
+    """The calls csl_fast._C.bce_step completed."""
+    return count_steps(monkeypatch, "bce_step")
 
 
 def _sink(kind, dtype):
@@ -181,17 +169,6 @@ def test_gradcheck_and_grad_modes(steps):
 def test_not_taken_under_a_torch_function_mode(steps):
     """The C++ call skips torch.ops, which a torch function mode would see; under one,
     accumulate_bce takes the op-by-op path, whose ops the mode sees."""
-    from torch.overrides import TorchFunctionMode
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     logits, target, index = _batch(torch.float32, 0)
     fast, slow = CSLTracker(N, L, num_labels=L), CSLTracker(N, L, num_labels=L)
     want = csl_fast.accumulate_bce(logits, target, index, fast)
@@ -317,15 +294,8 @@ def test_the_step_declines_what_it_does_not_take():
 
 @pytest.fixture
 def broken_step(monkeypatch):
-    """csl_fast._C.bce_step raising on every call, as a bug in it would; the fallback
-    counter starts from zero (so the first fallback warns) and is restored afterwards."""
-
-    def broken(*args):
-        raise RuntimeError("planted failure")
-
-    monkeypatch.setattr(_ext._C, "bce_step", broken)
-    monkeypatch.setattr(_Fallbacks, "count", 0)
-    monkeypatch.setattr(_Fallbacks, "last_reason", None)
+    """csl_fast._C.bce_step raising on every call."""
+    break_step(monkeypatch, "bce_step")
 
 
 @pytest.mark.parametrize("kind", ["tracker", "buffers"])

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from logged_tensor import Logged
+from step_probes import Logged, Seen, break_step, count_steps
 
 import csl_fast
 from csl_fast import CSLTracker, _ext
-from csl_fast.accumulate import _Fallbacks
 from csl_fast.info import fast_step_fallbacks
 
 pytestmark = pytest.mark.skipif(
@@ -32,19 +31,8 @@ def _batch(dtype, seed, batch=40):
 
 @pytest.fixture
 def steps(monkeypatch):
-    """Counts the calls that csl_fast._C.step completed (not those it raised on: a call that
-    then went op by op did not take the fast path)."""
-    calls = []
-    real = _ext._C.step
-
-    def counted(*args):
-        loss = real(*args)
-        if loss is not None:  # None: the step declined the call
-            calls.append(1)
-        return loss
-
-    monkeypatch.setattr(_ext._C, "step", counted)
-    return calls
+    """The calls csl_fast._C.step completed."""
+    return count_steps(monkeypatch, "step")
 
 
 def _sink(kind, dtype):
@@ -150,17 +138,6 @@ def test_gradcheck_and_grad_modes(steps):
 def test_not_taken_under_a_torch_function_mode(steps):
     """The C++ call skips torch.ops, which a torch function mode would see; under one,
     accumulate takes the op-by-op path, whose ops the mode sees."""
-    from torch.overrides import TorchFunctionMode
-
-    class Seen(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     logits, target, index = _batch(torch.float32, 0)
     fast, slow = CSLTracker(N, C), CSLTracker(N, C)
     want = csl_fast.accumulate(logits, target, index, fast)
@@ -238,15 +215,8 @@ def test_sequences_go_op_by_op(steps):
 
 @pytest.fixture
 def broken_step(monkeypatch):
-    """csl_fast._C.step raising on every call, as a bug in it would; the fallback counter
-    starts from zero (so the first fallback warns) and is restored afterwards."""
-
-    def broken(*args):
-        raise RuntimeError("planted failure")
-
-    monkeypatch.setattr(_ext._C, "step", broken)
-    monkeypatch.setattr(_Fallbacks, "count", 0)
-    monkeypatch.setattr(_Fallbacks, "last_reason", None)
+    """csl_fast._C.step raising on every call."""
+    break_step(monkeypatch, "step")
 
 
 @pytest.mark.parametrize("kind", ["tracker", "buffer+count"])
