@@ -505,8 +505,33 @@ def record_last(
             # batch order, where the reference would read its number of rounds on the host.
             reference.record_last(kept, idx, *args, *state[:-3])
             torch.ops.csl_fast.record_vote.default(stats, index, *suggest)
+        elif suggest is not None and torch.compiler.is_compiling():
+            # The reference's vote reads its number of rounds on the host, which a traced
+            # graph cannot (fullgraph=True failed): under compilation it is one opaque op.
+            reference.record_last(kept, idx, *args, *state[:-3])
+            reference_vote(kept, idx, *suggest)
         else:
             reference.record_last(kept, idx, *args, *state)
+
+
+@torch.library.custom_op(
+    "csl_fast::reference_vote", mutates_args=("suggest_label", "suggest_votes", "suggest_hits")
+)
+def reference_vote(
+    stats: torch.Tensor,
+    index: torch.Tensor,
+    suggest_label: torch.Tensor,
+    suggest_votes: torch.Tensor,
+    suggest_hits: torch.Tensor,
+) -> None:
+    """The suggested-label vote of :func:`csl_fast.reference.record_last` as one op, for
+    the ``reference`` backend under ``torch.compile`` (see :func:`record_last`)."""
+    reference.vote(stats, index.long(), suggest_label, suggest_votes, suggest_hits)
+
+
+@reference_vote.register_fake
+def _(stats, index, suggest_label, suggest_votes, suggest_hits) -> None:
+    return None
 
 
 def record_input_grad(

@@ -360,7 +360,7 @@ def record_last(
             raise ValueError(
                 "csl_fast.record_last: pass suggest_label, suggest_votes and suggest_hits together"
             )
-        _vote(stats, index.long(), suggest_label, suggest_votes, suggest_hits)
+        vote(stats, index.long(), suggest_label, suggest_votes, suggest_hits)
     idx = index.long()
     f = last_loss.dtype
     p_true = stats[Stat.P_TRUE].to(f)
@@ -422,7 +422,7 @@ def vote_step(
     return new_label, new_votes, new_hits
 
 
-def _vote(
+def vote(
     stats: torch.Tensor,
     idx: torch.Tensor,
     label: torch.Tensor,

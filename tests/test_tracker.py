@@ -753,3 +753,32 @@ def test_one_compiled_graph_serves_every_epoch():
     assert compiled.learned_epoch.max() > 1  # stamps past the first epochs were written
     for name, buf in eager.buffers().items():
         torch.testing.assert_close(compiled.buffers()[name], buf, msg=name)
+
+
+def test_a_reference_tracker_compiles_with_fullgraph():
+    """The reference backend's suggested-label vote read its number of rounds on the host,
+    which a traced graph cannot: torch.compile(fullgraph=True) into
+    CSLTracker(backend="reference"), and into every tracker where the extension does not
+    load, failed with a data-dependent-expression error. Duplicate indices, several
+    misclassified presentations each: the vote's rounds matter."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(12)
+    n, c = 6, 4
+    y = torch.randint(0, c, (24,), generator=g)
+    idx = torch.randint(0, n, (24,), generator=g)
+    eager = CSLTracker(n, c, backend="reference")
+    compiled = CSLTracker(n, c, backend="reference")
+
+    def step(t, z):
+        return csl_fast.accumulate(z, y, idx, t)
+
+    fast = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for _ in range(3):
+        z = torch.randn(24, c, generator=g) * 3
+        step(eager, z.clone().requires_grad_(True)).backward()
+        fast(compiled, z.clone().requires_grad_(True)).backward()
+        eager.end_epoch()
+        compiled.end_epoch()
+    assert int(eager.buffers()["suggest_votes"].abs().sum()) > 0
+    for name, buf in eager.buffers().items():
+        torch.testing.assert_close(compiled.buffers()[name], buf, msg=name)
