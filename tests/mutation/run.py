@@ -71,6 +71,14 @@ MUTATIONS: dict[str, Mutation] = {
         "every failed fast step counts, bad input (an error anyway) included",
         needs_extension=True,
     ),
+    "bce_fast_step_always_raises": Mutation(
+        "csl_fast/accumulate_bce.py",
+        "_ext._C.bce_step(",
+        "(lambda *args: 1 / 0)(",
+        ("tests/test_accumulate_bce_cpu_step.py", "tests/test_accumulate_bce.py"),
+        "accumulate_bce's one-call CPU step fails on every call; the op-by-op path hides it",
+        needs_extension=True,
+    ),
     "variability_sign": Mutation(
         "csl_fast/scores.py",
         "        return t.variability\n",
