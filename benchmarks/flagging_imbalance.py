@@ -177,8 +177,13 @@ def _name(row: dict) -> str:
     return name if kw == TRAIN else f"{name}, {kw['epochs']} ep, lr {kw['lr']:g}"
 
 
+def _training_key(row: dict) -> tuple:
+    """The row's training as a sortable, hashable key (rows of before --train: TRAIN)."""
+    return tuple(sorted(row.get("train", TRAIN).items()))
+
+
 def _training(rows: list[dict]) -> str:
-    kws = {tuple(sorted(r.get("train", TRAIN).items())) for r in rows}
+    kws = {_training_key(r) for r in rows}
     return "; ".join(
         "Adam lr {lr:g}, batch {batch_size}, {epochs} epochs".format(**dict(kw))
         for kw in sorted(kws)
@@ -194,8 +199,8 @@ def _summary(rows: list[dict]) -> list[str]:
         "(cleanlab) | flagged at 0% (most) | flagged at 0.5% (truth 3) |",
         "|---|---|---|---|---|---|",
     ]
-    for kw in sorted({tuple(sorted(r.get("train", TRAIN).items())) for r in rows}):
-        mine = [r for r in rows if tuple(sorted(r.get("train", TRAIN).items())) == kw]
+    for kw in sorted({_training_key(r) for r in rows}):
+        mine = [r for r in rows if _training_key(r) == kw]
         noisy = [r for r in mine if r["noise"] >= 0.02]
         passed = sum(
             r["precision"] is not None and r["precision"] >= 0.8 and r["recall"] >= 0.8
@@ -248,7 +253,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"{r['tail_flips_flagged']}/{r['tail_flips']} | "
             f"{_f(cl['f1']) if cl else '-'} |"
         )
-    if len({tuple(sorted(r.get("train", TRAIN).items())) for r in rows}) > 1:
+    if len({_training_key(r) for r in rows}) > 1:
         lines += _summary(rows)
     return "\n".join(lines) + "\n"
 

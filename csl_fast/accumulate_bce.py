@@ -226,12 +226,9 @@ def accumulate_bce(
                 f"with CSLTracker(N, num_labels={logits.shape[1]})"
             )
         csl, count = tracker.training_buffers()
-        if label_csl is None:
-            label_csl = getattr(tracker, "label_csl", None)
-        if label_margin is None:
-            label_margin = getattr(tracker, "label_margin", None)
-        if label_prob is None:
-            label_prob = getattr(tracker, "label_prob", None)
+        label_csl, label_margin, label_prob = _label_buffers(
+            tracker, label_csl, label_margin, label_prob
+        )
     buffers = (csl, count, wrong, min_margin, label_csl, label_margin, label_prob)
     _check(logits, target, index, buffers, weight, pos_weight, reduction)
     name = resolve_backend(backend, logits.device)
@@ -303,19 +300,27 @@ def _eager_cpu_step(
             # the op-by-op path names the tracker's L; the step would record into label
             # buffers given with the logits' L (and could not say so)
             return None
-        buffers = csl.buffers()
-        last = (buffers["last_loss"], *_scratch(csl))
-        if label_csl is None:
-            label_csl = csl.label_csl
-        if label_margin is None:
-            label_margin = getattr(csl, "label_margin", None)
-        if label_prob is None:
-            label_prob = csl.label_prob
+        last = (csl.buffers()["last_loss"], *_scratch(csl))
+        label_csl, label_margin, label_prob = _label_buffers(
+            csl, label_csl, label_margin, label_prob
+        )
         csl, count = csl.training_buffers()
         return (csl, count, wrong, min_margin, label_csl, label_margin, label_prob, last)
     if type(csl) is torch.Tensor:
         return (csl, count, wrong, min_margin, label_csl, label_margin, label_prob, None)
     return None  # the checks of the op-by-op path say what is wrong
+
+
+def _label_buffers(
+    tracker: CSLTracker,
+    label_csl: torch.Tensor | None,
+    label_margin: torch.Tensor | None,
+    label_prob: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The per-label buffers given, each defaulting to the tracker's of that name (None
+    where it keeps none)."""
+    given = {"label_csl": label_csl, "label_margin": label_margin, "label_prob": label_prob}
+    return tuple(b if b is not None else getattr(tracker, n, None) for n, b in given.items())
 
 
 def _loss_stats(stats: torch.Tensor) -> torch.Tensor:
