@@ -179,9 +179,12 @@ def _has(tracker: CSLTracker, needs: str) -> bool:
         return has_logit_stats(tracker)
     if needs == "eval":
         return tracker.eval_passes > 0
+    # the first epoch is marked by any record_input_grad call (marking only a call that
+    # recorded something would sync the host every step), so the counts say whether one did
+    recorded = tracker.input_grad_first_epoch >= 0 and bool(tracker.input_grad_count.any())
     if needs == "input_grad_epochs":
-        return 0 <= tracker.input_grad_first_epoch < tracker.epoch
-    return tracker.input_grad_first_epoch >= 0
+        return recorded and tracker.input_grad_first_epoch < tracker.epoch
+    return recorded
 
 
 def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:

@@ -52,6 +52,22 @@ def test_default_names_follow_what_was_recorded():
     }  # fmt: skip
 
 
+def test_input_gradient_calls_that_recorded_nothing_list_no_input_gradient_score():
+    """record_input_grad marks its first epoch on any call (no host sync per step); a
+    call whose rows were all invalid or non-finite recorded nothing, so the default names
+    leave the input-gradient scores out (they were listed, NaN for every sample)."""
+    t = _tracker()
+    idx = torch.arange(4)
+    t.record_input_grad(idx, torch.ones(4), torch.zeros(4, dtype=torch.bool))
+    t.record_input_grad(idx, torch.full((4,), float("nan")))
+    t.end_epoch()
+    assert t.input_grad_first_epoch == 3
+    assert "loss_sensitivity" not in csl_fast.scores(t)
+    assert "learning_time" not in csl_fast.scores(t)
+    t.record_input_grad(idx, torch.ones(4), torch.tensor([True, False, False, False]))
+    assert "loss_sensitivity" in csl_fast.scores(t) and "learning_time" in csl_fast.scores(t)
+
+
 def test_without_a_closed_epoch_the_epoch_scores_are_warned_about_or_left_out():
     """end_epoch() never called: the default call warns about the threshold learning time
     (0 or 1 for everyone) as a call by name does, and leaves out the learning time (NaN
