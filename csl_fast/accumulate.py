@@ -25,6 +25,7 @@ from .accumulate_checks import (
     _buffers,
     _check_args,
     _check_values,
+    adopt_classes,
     target_positions,
     validate_by_default,
     widen_for_ignore_index,
@@ -360,6 +361,8 @@ def accumulate(
                 ignore_index, label_smoothing, reduction, deterministic, name, inplace_grad,
                 extras,
             )  # fmt: skip
+    if classes is not None and seq is None:
+        adopt_classes(csl, classes)
     if extras is not None:
         shape = None if rows is None else rows.loss_shape
         return cross_entropy_extras.output(

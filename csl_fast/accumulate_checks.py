@@ -115,30 +115,35 @@ def _buffers(
             f"csl_fast.{op}: count= is for plain csl tensors; a tracker keeps its own counts"
         )
     if classes is not None:
-        match_tracker_classes(op, csl, classes, adopt=seq is None)
+        match_tracker_classes(op, csl, classes)
     return csl.training_buffers()
 
 
-def match_tracker_classes(op: str, tracker: object, classes: int, adopt: bool = True) -> None:
+def match_tracker_classes(op: str, tracker: object, classes: int) -> None:
     """Logits of ``classes`` classes may be recorded into ``tracker`` only if it was made
-    for that many. Its suggested labels and votes are class indices, which cleaning,
-    detection and reports take to be below num_classes.
-
-    With ``adopt``, a tracker made for any (``num_classes=None``) takes the count of the
-    first logits it records: detection's doubt view and firm-loss test compare the label's
-    probability with chance, 1 / C (without it, on digits at 5% flips: precision 0.55
-    instead of 0.86, :mod:`csl_fast.detect`). Not for sequences (one sample, many
-    positions): their per-sample means of token probabilities are not one label's, and
-    a vocabulary's chance level would pin none."""
+    for that many (or for any: ``num_classes=None``, see :func:`adopt_classes`). Its
+    suggested labels and votes are class indices, which cleaning, detection and reports
+    take to be below num_classes."""
     expected = getattr(tracker, "num_classes", None)
-    if expected is None and adopt and hasattr(tracker, "num_classes"):
-        tracker.num_classes = int(classes)
-    elif expected is not None and classes != expected:
+    if expected is not None and classes != expected:
         raise ValueError(
             f"csl_fast.{op}: the logits have C = {classes} classes but the tracker was made "
             f"with num_classes={expected}; make the tracker with num_classes={classes} (or "
             "give the model as many outputs as the tracker has classes)"
         )
+
+
+def adopt_classes(tracker: object, classes: int) -> None:
+    """A tracker made for any class count (``num_classes=None``) takes that of the first
+    logits it records: detection's doubt view and firm-loss test compare the label's
+    probability with chance, 1 / C (without it, on digits at 5% flips: precision 0.55
+    instead of 0.86, :mod:`csl_fast.detect`). Called once the call has recorded, so that
+    a refused call leaves the tracker as it was (it set the count, and the next call's
+    logits were refused for not matching it). Not for sequences (one sample, many
+    positions): their per-sample means of token probabilities are not one label's, and a
+    vocabulary's chance level would pin none."""
+    if getattr(tracker, "num_classes", 0) is None:
+        tracker.num_classes = int(classes)
 
 
 def _check_args(

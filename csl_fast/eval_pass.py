@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from ._args import integer_labels
-from .accumulate_checks import match_tracker_classes
+from .accumulate_checks import adopt_classes, match_tracker_classes
 from .distributed import is_distributed
 from .model_modes import eval_mode
 from .tracker import CSLTracker
@@ -81,7 +81,7 @@ def score_epoch(
 
     # On the CPU: a GPU tracker's pass keeps no second copy of its buffers on the device.
     before = {n: getattr(tracker, n).to("cpu", copy=True) for n in _eval_buffers(tracker)}
-    scored = False
+    scored, classes_before = False, tracker.num_classes
     try:
         with eval_mode(model), torch.no_grad():
             for batch in batches:
@@ -109,6 +109,7 @@ def score_epoch(
                         "expected [B, C] logits (pass forward= to extract them)"
                     )
                 match_tracker_classes("score_epoch", tracker, logits.shape[1])
+                classes = logits.shape[1]
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
                 y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
@@ -126,8 +127,10 @@ def score_epoch(
                 )
                 index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
                 tracker.record_eval(index, stats)
+                adopt_classes(tracker, classes)
     except BaseException as exc:
         try:
+            tracker.num_classes = classes_before
             for n, buf in before.items():
                 getattr(tracker, n).copy_(buf)
         except Exception as failed:  # (a broken device) the pass's own error comes first

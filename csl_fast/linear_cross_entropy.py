@@ -58,7 +58,7 @@ import torch
 from . import cross_entropy_extras, ops, ops_extras
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
-from .accumulate_checks import validate_by_default, widen_for_ignore_index
+from .accumulate_checks import adopt_classes, validate_by_default, widen_for_ignore_index
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
@@ -325,6 +325,8 @@ def linear_cross_entropy(
         raise
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
+        if seq is None:
+            adopt_classes(csl, vocab)
     if extras is not None:
         return cross_entropy_extras.output(
             extras, loss, z_loss, stats, t1, ignore_index, reduction, tuple(target.shape)

@@ -530,6 +530,32 @@ def test_a_tracker_made_without_num_classes_takes_the_logits_class_count(backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_refused_call_leaves_a_tracker_without_num_classes_unset(backend):
+    """The class count was taken before the call's checks: a refused call (here an index
+    past N, a target past C) set it, it was saved with the state, and the next correct
+    call, with other logits, was refused for not matching it."""
+    z, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    for call in (
+        lambda t: csl_fast.accumulate(z, y, torch.tensor([0, 1, 2, 99]), t),
+        lambda t: csl_fast.accumulate(z, torch.tensor([0, 1, 2, 7]), torch.arange(4), t),
+        lambda t: csl_fast.linear_cross_entropy(
+            torch.randn(4, 2), torch.randn(5, 2), y, torch.tensor([0, 1, 2, 99]), t
+        ),
+        lambda t: csl_fast.score_epoch(
+            torch.nn.Identity(),
+            [(z, y, torch.arange(4)), (z, y, torch.tensor([0, 1, 2, 99]))],
+            t,
+        ),
+    ):
+        t = CSLTracker(8, backend=backend)
+        with pytest.raises(IndexError):
+            call(t)
+        assert t.num_classes is None and t.state_dict()["num_classes"] is None
+        csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), t)
+        assert t.num_classes == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_index_past_n(backend):
     """By default every backend refuses it before writing on CPU tensors (the reference and
     Triton once skipped it there, recording the other rows); with validate=False the C++
