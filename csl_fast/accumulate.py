@@ -201,7 +201,11 @@ def accumulate(
             only once. For float16/bfloat16 logits the gradient is rounded twice (to the
             logits' dtype in forward, where the logits are overwritten, and again after
             the upstream scale), up to about twice PyTorch's own error; the default
-            forms it in backward and rounds once.
+            forms it in backward and rounds once. Their ``'mean'`` is the sum of the
+            rows' losses rounded to the logits' dtype (the kernel leaves the gradient
+            unscaled, for a ``GradScaler``'s large upstream scale), so it can differ from
+            the default's by one unit in the last place, and a row whose own loss is past
+            the dtype's range makes it inf.
 
         softcap, z_loss_scale, return_z_loss, return_token_accuracy: a language-model
             head's extras, all off by default (:mod:`csl_fast.cross_entropy_extras`): the

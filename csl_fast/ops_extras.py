@@ -25,7 +25,6 @@ from ._ext import _C, resolve_backend
 from .accumulate_checks import widen_for_ignore_index
 from .ops import (
     _LOW_PRECISION,
-    _div_rounded,
     _mean_denominator,
     _op,
     _per_row,
@@ -95,19 +94,16 @@ class _ExtraCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(logits, target, weight, ignore_index, smoothing, reduction, softcap, zs, name):
         low = logits.dtype in _LOW_PRECISION
-        per_row = 0 if low and reduction == 1 else reduction
-        args = (logits, target, weight, ignore_index, smoothing, per_row, softcap, zs)
+        args = (logits, target, weight, ignore_index, smoothing, reduction, softcap, zs)
         if low:
             grad = None
             loss, stats, zl = _op(name, _EXTRA_STATS_OPS)(*args)
         else:
             loss, grad, stats, zl = _op(name, _EXTRA_OPS)(*args)
         denom = None
-        if per_row != reduction:
+        if low and reduction == 1:
             # The z-loss is refused with class weights, so D counts its rows too.
             denom = _mean_denominator(target, weight, ignore_index, logits.shape[1], name)
-            loss = _div_rounded(loss.float().sum(), denom, logits.dtype)
-            zl = _div_rounded(zl.float().sum(), denom, logits.dtype)
         return loss, grad, stats, zl, denom
 
     @staticmethod

@@ -104,11 +104,12 @@ const c10::TypedOperatorHandle<Bwd>& bwd_op() {
 
 // The fused cross entropy for float16/bfloat16 logits with the gradient rounded once, as
 // csl_fast/ops.py: _RoundOnceCrossEntropy (which says why) computes it, op for op, so the
-// step and the op-by-op path agree bit for bit: the kernel runs per row ('none' for 'mean',
-// whose value is then sum(loss_i) / D in float32), forward saves the logits and statistics,
-// and backward computes their gradient in float32 in one elementwise pass
-// (csl_fast::cross_entropy_bwd), scales it and rounds once. The forward forms no gradient
-// (csl_fast::cross_entropy_fwd_stats).
+// step and the op-by-op path agree bit for bit: the forward is the op of a call without
+// grad (csl_fast::cross_entropy_fwd_stats: no gradient formed, a mean formed in float32 and
+// rounded once, so the loss does not depend on whether grad is wanted), it saves the
+// logits, the statistics and a mean's denominator D, and backward computes their gradient
+// in float32 in one elementwise pass (csl_fast::cross_entropy_bwd), scales it and rounds
+// once.
 class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEntropy> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits,
@@ -116,14 +117,12 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
                                int64_t ignore_index, double smoothing, int64_t reduction) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const bool mean = reduction == csl_fast::kMean;
-    auto [loss, stats] = fwd_stats_op().call(logits, target, weight, ignore_index, smoothing,
-                                             mean ? int64_t{csl_fast::kNone} : reduction);
+    auto [loss, stats] =
+        fwd_stats_op().call(logits, target, weight, ignore_index, smoothing, reduction);
     ctx->set_materialize_grads(false);
     ctx->saved_data["reduction"] = reduction;
     if (mean) {
-      const at::Tensor denom = mean_denominator(target, weight, ignore_index, logits.size(1));
-      loss = loss.to(at::kFloat).sum().div(denom).to(logits.scalar_type());
-      ctx->saved_data["denom"] = denom;
+      ctx->saved_data["denom"] = mean_denominator(target, weight, ignore_index, logits.size(1));
     }
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["smoothing"] = smoothing;

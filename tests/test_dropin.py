@@ -834,6 +834,37 @@ def _ignored_non_finite_batch(classes: int, dtype: torch.dtype):
     return logits.to(dtype), target
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_half_precision_loss_does_not_depend_on_whether_grad_is_wanted(backend):
+    """The loss of float16/bfloat16 logits under grad was the sum of the rows' losses, each
+    rounded to the logits' dtype, over D; without grad the kernel's float32 mean, rounded
+    once: the same call gave values one unit in the last place apart (55 of 400 small
+    batches, audit helper-109), on the one-call C++ step and op by op (validate=True)."""
+    gen = torch.Generator().manual_seed(5)
+    differ = []
+    for trial, dtype in itertools.product(range(30), [torch.bfloat16, torch.float16]):
+        rows, classes = trial % 7 + 2, 3 + 5 * (trial % 6)
+        logits = (torch.randn(rows, classes, generator=gen) * 3).to(dtype)
+        target = torch.randint(0, classes, (rows,), generator=gen)
+        target[0] = -100 if trial % 4 == 0 else target[0]
+        kw = {
+            "weight": torch.rand(classes, generator=gen) + 0.1 if trial % 2 else None,
+            "label_smoothing": 0.1 if trial % 3 == 0 else 0.0,
+            "validate": trial % 5 == 0,
+        }
+        extras = [{}] + ([{"z_loss_scale": 1e-3}] if kw["weight"] is None else [])
+        for extra in extras:
+            got = []
+            for wanted in (True, False):
+                z = logits.clone().requires_grad_(wanted)
+                loss = accumulate(z, target, torch.arange(rows), CSLTracker(rows, classes),
+                                  backend=backend, **kw, **extra)  # fmt: skip
+                got.append(loss.detach())
+            if not torch.equal(got[0], got[1]):
+                differ.append((trial, dtype, extra, got))
+    assert not differ, differ[:3]
+
+
 def _loss_and_grad(fn, logits, dtype, upstream):
     """``fn(z)`` and its gradient for ``z`` = ``logits`` in ``dtype``, rounded to the logits'
     dtype (a float32 computation rounded once is what the kernels return for 16-bit logits)."""
