@@ -304,6 +304,14 @@ def _read_v2(
             f"{state.get('version')!r} in a binary tracker file, which holds versions "
             f"{_BINARY_VERSIONS[0]}-{_BINARY_VERSIONS[-1]})"
         )
+    # A tracker keeps every float buffer in its dtype; a header that says otherwise would
+    # make a tracker of its dtype and round the values into it without a word.
+    floats = {str(t.dtype) for t in state["buffers"].values() if t.is_floating_point()}
+    if floats - {f"torch.{state.get('dtype')}"}:
+        raise TrackerFileError(
+            f"{path}: invalid tracker file (its header says dtype {state.get('dtype')!r} but "
+            f"its float buffers are {', '.join(sorted(floats))})"
+        )
     return state
 
 
@@ -462,6 +470,13 @@ def from_file(
     table before a tracker is allocated; a binary file (version 2 or 3) is then read
     straight into the new tracker's CPU buffers (about the file's size in memory, not twice
     it) and verified before the tracker is returned."""
+    if str(device).startswith("meta"):
+        # (a tracker made there is allowed, for its errors elsewhere: the file's values are not)
+        raise ValueError(
+            f"csl_fast: cannot load {os.fspath(path)} onto device {str(device)!r}: a meta "
+            "tensor holds no data, so every value in the file would be dropped; load it onto "
+            "'cpu' or a GPU"
+        )
     made: list[CSLTracker] = []
 
     def receiver(described: dict[str, Any]) -> CSLTracker | None:

@@ -258,6 +258,11 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     Raises :class:`TrackerStateError` naming the first problem found."""
     if not is_state(state):
         raise _not_a_state(state)
+    if tracker.device.type == "meta":
+        raise TrackerStateError(
+            "this tracker is on the meta device, which holds no data: every value of the "
+            "state would be dropped; load it into a tracker on 'cpu' or a GPU"
+        )
     version = _version(state)
     n = _field(state, "num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0")
     if n != tracker.num_samples:

@@ -338,6 +338,43 @@ def test_wrong_tensors(tmp_path):
         _assert_same(before, _snapshot(target))
 
 
+def test_a_header_dtype_other_than_its_buffers_is_refused(tmp_path):
+    """A header that said float32 over float64 buffers (or the reverse) loaded as a tracker
+    of the header's dtype, the values rounded into it without a word (audit helper-110)."""
+    target = _filled(seed=7)
+    for declared, actual in (("float32", torch.float64), ("float64", torch.float32)):
+        state = _filled().state_dict()
+        state["dtype"] = declared
+        state["buffers"] = {
+            k: v.to(actual) if v.is_floating_point() else v for k, v in state["buffers"].items()
+        }
+        path = tmp_path / f"{declared}.csl"
+        _write_v2(path, state)
+        _refused(path, target, match=f"header says dtype '{declared}'")
+    one = _filled().state_dict()  # and one float buffer of the other dtype among the rest
+    one["buffers"] = {**one["buffers"], "csl_sum": one["buffers"]["csl_sum"].double()}
+    _write_v2(tmp_path / "one.csl", one)
+    _refused(tmp_path / "one.csl", target, match="torch.float32, torch.float64")
+
+
+def test_loading_onto_the_meta_device_is_refused(tmp_path):
+    """It returned a tracker holding none of the file's values (audit helper-110); scores
+    and detection then failed with torch's "cannot be called on meta tensors"."""
+    path = tmp_path / "t.csl"
+    _filled().save(path)
+    for load in (
+        lambda: CSLTracker.from_file(path, device="meta"),
+        lambda: csl_fast.load(path, device=torch.device("meta")),
+    ):
+        with pytest.raises(ValueError, match="meta tensor holds no data"):
+            load()
+    meta = CSLTracker(N, 3, history=True, device="meta")
+    with pytest.raises(TrackerFileError, match="meta device, which holds no data"):
+        meta.load(path)
+    with pytest.raises(TrackerStateError, match="meta device, which holds no data"):
+        meta.load_state_dict(_filled().state_dict())
+
+
 def test_huge_sizes_allocate_nothing(tmp_path, monkeypatch):
     t = _filled()
     made = []
@@ -532,7 +569,9 @@ _FEW_BUFFERS = {
 def test_a_file_lacking_buffers_is_refused_before_a_tracker_is_allocated(tmp_path, case):
     n = 5000
     state = _state_of(n)
-    state["buffers"] = _FEW_BUFFERS[case](state)
+    state["buffers"] = {
+        k: v.double() if v.is_floating_point() else v for k, v in _FEW_BUFFERS[case](state).items()
+    }
     state["dtype"] = "float64"
     _write_v2(tmp_path / "few.csl", state)
     _MADE.clear()
