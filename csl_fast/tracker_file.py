@@ -443,7 +443,9 @@ def _warn_unverified(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
     if state.get("version") == 1:
         warnings.warn(
             f"{os.fspath(path)}: a tracker file of format version 1, which has no checksum: "
-            "loaded unverified. Save it again to add one.",
+            "loaded unverified (a damaged byte would go unnoticed). Check the tracker, e.g. "
+            "that its scores look as they did, before saving it again, which adds a "
+            "checksum to whatever it holds.",
             UnverifiedTrackerFileWarning,
             stacklevel=4,
         )

@@ -556,7 +556,9 @@ def test_version1_tracker_warns_in_one_line(tmp_path, capsys):
     lines = err.strip().splitlines()
     assert lines[0] == (
         f"csl-fast: warning: {tmp_path / 'old.csl'}: a tracker file of format version 1, which "
-        "has no checksum: loaded unverified. Save it again to add one."
+        "has no checksum: loaded unverified (a damaged byte would go unnoticed). Check the "
+        "tracker, e.g. that its scores look as they did, before saving it again, which adds a "
+        "checksum to whatever it holds."
     )
     # The rest: one line each for what this (loss-only) tracker holds and what was flagged.
     assert all(line.startswith("csl-fast rank: ") for line in lines[1:]), lines
