@@ -287,11 +287,17 @@ def scatter_stats(
     ``csl[index[i]] += stats[LOSS, i]`` and ``count[index[i]] += stats[VALID, i]``;
     duplicate indices add up.
     """
-    del deterministic  # the reference adds in row order
-    if csl is not None:
-        csl.index_add_(0, index.long(), stats[Stat.LOSS].to(csl.dtype))
-    if count is not None:
-        count.index_add_(0, index.long(), stats[Stat.VALID].to(count.dtype))
+    idx = index.long()
+    for buf, row in ((csl, Stat.LOSS), (count, Stat.VALID)):
+        if buf is None:
+            continue
+        values = stats[row].to(buf.dtype)
+        if deterministic and buf.device.type != "cpu":
+            # index_add_ adds with atomics there (PyTorch's docs: nondeterministic unless
+            # torch.use_deterministic_algorithms is on); index_put_ sorts first
+            buf.index_put_((idx,), values, accumulate=True)
+        else:  # in row order on the CPU
+            buf.index_add_(0, idx, values)
 
 
 def input_grad_norms(grad: torch.Tensor, scale: float) -> torch.Tensor:

@@ -207,17 +207,24 @@ inline bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
+// The CUDA glue's index_for_writes: the index contiguous in its own dtype (int32 or int64,
+// which the kernels read), a private copy where it shares memory with a buffer written.
+inline at::Tensor contiguous_index_for_writes(
+    const at::Tensor& index, std::initializer_list<std::optional<at::Tensor>> bufs) {
+  at::Tensor idx = index.contiguous();
+  for (const auto& buf : bufs) {
+    if (buf.has_value() && spans_overlap(idx, *buf)) return idx.clone();
+  }
+  return idx;
+}
+
 // scatter_stats, record_loss, bce_record: the index as contiguous int64, read after
 // check_dataset_index while `bufs` are written. A private copy where it shares memory
 // with one of them (the count passed as the index too): each write would otherwise change
 // entries after their check, to indices past the buffer's end.
 inline at::Tensor index_for_writes(const at::Tensor& index,
                                    std::initializer_list<std::optional<at::Tensor>> bufs) {
-  at::Tensor idx = index.to(at::kLong).contiguous();
-  for (const auto& buf : bufs) {
-    if (buf.has_value() && spans_overlap(idx, *buf)) return idx.clone();
-  }
-  return idx;
+  return contiguous_index_for_writes(index.to(at::kLong), bufs);
 }
 
 // scatter_stats, record_loss, bce_record: every dataset index in [0, n), n the csl buffer's

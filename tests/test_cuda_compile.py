@@ -458,6 +458,26 @@ def test_emulated_cross_entropy_nonfinite_and_bad_rows(emu, classes):
     assert torch.isnan(ref_loss).all() and torch.equal(ref_stats, want[:, 1:3])
 
 
+@pytest.mark.parametrize("classes", [4, 100, 600, 9000])  # every kernel path
+def test_emulated_cross_entropy_a_plus_inf_logit_makes_the_row_nan(emu, classes):
+    """A +inf logit of an active row, at another class or at the target: loss and gradient
+    NaN for every reduction, as F.cross_entropy and the CPU kernels. The CUDA kernels
+    shifted by 0 and gave a loss of +inf and a gradient of NaN and 0 (audit helper-113)."""
+    logits = torch.randn(3, classes)
+    logits[0, 1] = math.inf
+    logits[1, 2] = math.inf
+    target = torch.tensor([0, 2, 1])  # row 1: the +inf logit is the target; row 2 finite
+    for reduction in (0, 1, 2):
+        loss, grad, stats, _ = _emu_cross_entropy(emu, logits, target, None, -100, 0.1, reduction)
+        ref_loss, ref_grad, ref_stats = reference.cross_entropy_fwd(
+            logits, target, None, -100, 0.1, reduction
+        )
+        assert torch.equal(loss.isnan(), ref_loss.isnan()), (reduction, loss, ref_loss)
+        assert torch.equal(grad.isnan(), ref_grad.isnan()), reduction
+        assert bool(grad[:2].isnan().all()) and not bool(grad[2].isnan().any())
+        assert torch.equal(stats[:, :2], ref_stats[:, :2])
+
+
 @pytest.mark.parametrize("classes", [7, 100, 513, 5000, 9000])  # every kernel path
 @pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
 def test_emulated_cross_entropy_ignored_non_finite_rows(emu, classes, dtype):

@@ -310,23 +310,46 @@ def test_int32_targets_with_an_ignore_index_beyond_int32(backend):
     assert both(fwd)[0][1][Stat.VALID].tolist() == [1.0] * 4
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
 @pytest.mark.parametrize("op", ["scatter_stats", "bce_record"])
-def test_an_index_that_is_also_the_count_is_read_before_the_writes(op):
+def test_an_index_that_is_also_the_count_is_read_before_the_writes(device, op, deterministic):
     """The C++ kernels check every index, then add into the buffers. An index tensor passed
     as the count as well changed under those adds: [3, 3, 3, 3] counted into itself read
     index 6 at row 3, a write 2 entries past the count. The kernel now reads a copy (the
-    Python entry points refuse such a call; the ops are the last line)."""
-    big = torch.full((12,), 100, dtype=torch.long)
+    Python entry points refuse such a call; the ops are the last line). The CUDA glue
+    read the index in place too (audit helper-113)."""
+    if device == "cpu" and not deterministic:
+        pytest.skip("the CPU kernels add in row order either way")
+    big = torch.full((12,), 100, dtype=torch.long, device=device)
     shared = big[4:8]
     shared.fill_(3)
-    csl = torch.zeros(4)
+    csl = torch.zeros(4, device=device)
     if op == "scatter_stats":
-        stats = torch.ones(NUM_STATS, 4)
-        torch.ops.csl_fast.scatter_stats(stats, shared, True, csl, shared)
+        stats = torch.ones(NUM_STATS, 4, device=device)
+        torch.ops.csl_fast.scatter_stats(stats, shared, deterministic, csl, shared)
     else:
-        logits, target = torch.randn(4, 5), torch.ones(4, 5)
+        logits, target = torch.randn(4, 5, device=device), torch.ones(4, 5, device=device)
         stats = csl_fast.reference.bce_row_statistics(logits, target)
-        torch.ops.csl_fast.bce_record(logits, target, stats, shared, True, csl, shared,
-                                      None, None, None, None, None)  # fmt: skip
+        torch.ops.csl_fast.bce_record(logits, target, stats, shared, deterministic, csl,
+                                      shared, None, None, None, None, None)  # fmt: skip
     # four presentations of sample 3 counted there; nothing outside the four entries
     assert big.tolist() == [100] * 4 + [3, 3, 3, 7] + [100] * 4
+
+
+def test_reference_scatter_is_reproducible_when_deterministic(device):
+    """The reference's scatter_stats ignored deterministic=True and used index_add_, which
+    adds with atomics on CUDA (bit-for-bit different sums of duplicate indices from run to
+    run); it sorts there now (audit helper-113). Trivially true on the CPU."""
+    from csl_fast import reference
+
+    gen = torch.Generator().manual_seed(0)
+    stats = (torch.rand(NUM_STATS, 50_000, generator=gen) * 1e3).to(device)
+    index = torch.randint(0, 7, (50_000,), generator=gen).to(device)
+    sums = []
+    for _ in range(3):
+        csl, count = torch.zeros(7, device=device), torch.zeros(7, device=device)
+        reference.scatter_stats(stats, index, True, csl, count)
+        sums.append(csl.cpu())
+    assert all(torch.equal(sums[0], s) for s in sums[1:])
+    want = torch.zeros(7, dtype=torch.float64).index_add_(0, index.cpu(), stats[0].cpu().double())
+    torch.testing.assert_close(sums[0].double(), want, rtol=1e-5, atol=0)

@@ -175,7 +175,8 @@ def _ce_bwd_kernel(
         p = tl.where(active[:, None], p, 0.0)
         if HAS_WEIGHT and HAS_SMOOTH:
             w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0)
-            g = a[:, None] * p - b[:, None] * w[None, :]
+            # (an inactive row's b is 0, and 0 * an infinite class weight is NaN)
+            g = a[:, None] * p - tl.where(active[:, None], b[:, None] * w[None, :], 0.0)
         else:
             g = a[:, None] * p - b[:, None]
         g = tl.where(active[:, None] & (cols[None, :] == y[:, None]), g_y[:, None], g)

@@ -160,7 +160,8 @@ void bce_record_cuda(const at::Tensor& logits, const at::Tensor& target, const a
   if (n < 0 || logits.size(0) == 0) return;
   const c10::cuda::CUDAGuard guard(logits.device());
   const Inputs in = inputs(logits, target, std::nullopt, std::nullopt);
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index_for_writes(
+      index, {csl, count, wrong, min_margin, label_csl, label_margin, label_prob});
   BceRecordParams p;
   p.in = in.in;
   p.stats = stats.const_data_ptr<float>();

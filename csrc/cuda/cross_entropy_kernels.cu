@@ -22,8 +22,10 @@
 // objective (and is written alone) and 2 zs lse p_j to the gradient.
 //
 // Non-finite logits: m is replaced by 0 when it is +-inf (as torch.logsumexp does), so a
-// row with a +inf logit gets lse = +inf and a row of -inf gets lse = -inf; such rows have
-// a non-finite loss and are recorded as invalid (all statistics 0, runner-up -1). NaN
+// row of -inf gets lse = -inf; a row with a +inf logit gets log s = NaN (finish_row), so
+// its loss and gradient are NaN as F.cross_entropy's (its log_softmax computes inf - inf
+// at the max) and the CPU kernels' are, not the +inf that lse = +inf would give. Such rows
+// have a non-finite loss and are recorded as invalid (all statistics 0, runner-up -1). NaN
 // logits propagate to the loss through the exponential sums. So are rows whose loss is
 // finite in float32 but rounds to inf in the logits dtype (float16 from 65520 up).
 #include <type_traits>
@@ -172,6 +174,7 @@ __device__ __forceinline__ RowScalars<A> finish_row(A m, A mb, A ma, A s1, A s2,
   // When y holds the (finite) max, exp(z_y - ms) = 1 and log s = log1p(s1), as the CPU
   // kernel: log(1 + s1) rounds a confident row's loss (s1 < 6e-8 in float32) to 0.
   r.log_s = z_y == ms ? dev_log1p(s1) : dev_log(s);
+  if (m > A(0) && is_inf(m)) r.log_s = nan_of<A>();  // a +inf logit (see the top)
   r.loss = (ms - z_y) + r.log_s;
   r.om = s1 / s;
   r.gn = (s2 / s) / s + r.om * r.om;

@@ -326,7 +326,7 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
                     "; split the batch or pass deterministic=False");
 
   const c10::cuda::CUDAGuard guard(stats.device());
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index_for_writes(index, {csl, count});
   ScatterParams p;
   p.stats = stats.const_data_ptr<float>();
   p.rows = B;

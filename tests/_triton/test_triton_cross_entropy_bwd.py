@@ -155,3 +155,21 @@ def test_refuses_what_it_would_read_past(tdevice):
         cross_entropy_bwd_triton(logits, target, weight[:2], stats, scale, IGNORE, 0.1)
     with pytest.raises(ValueError, match=r"stats must be the float32 \[7, B = 4\]"):
         cross_entropy_bwd_triton(logits, target, None, stats[:3], scale, IGNORE, 0.0)
+
+
+def test_an_infinite_class_weight_leaves_ignored_rows_zero_with_smoothing(tdevice):
+    """With label smoothing an ignored row's gradient was NaN in the column of an infinite
+    class weight (0 * inf), where the C++ backwards (and this kernel's forward) give 0
+    (audit helper-113)."""
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)).half().to(tdevice)
+    target = torch.tensor([1, IGNORE, 2], device=tdevice)
+    weight = torch.ones(5, device=tdevice)
+    weight[4] = float("inf")
+    _, _, stats = cross_entropy_fwd_triton(logits, target, weight, IGNORE, 0.1, 0)
+    scale = torch.ones(3, device=tdevice)
+    ours = cross_entropy_bwd_triton(logits, target, weight, stats, scale, IGNORE, 0.1)
+    assert bool((ours[1] == 0).all()), ours[1]
+    cpu = torch.ops.csl_fast.cross_entropy_bwd(
+        logits.cpu(), target.cpu(), weight.cpu(), stats.cpu(), scale.cpu(), IGNORE, 0.1
+    )
+    assert torch.equal(ours[1].cpu(), cpu[1])
