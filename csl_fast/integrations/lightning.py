@@ -30,6 +30,7 @@ puts the ``DistributedSampler`` in itself; wrap the training set in
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -122,6 +123,10 @@ class CSLCallback(Callback):
         self._epochs_closed: int | None = None
         self._scale_warned = False
         self._restored = False  # a checkpoint gave the tracker its state
+        # setup ran in this process: False here in the launching process of a spawn or
+        # fork launcher, whose callback is a copy the training never touches
+        self._set_up_here = False
+        self._read_back = False
 
     @property
     def tracker(self) -> CSLTracker | None:
@@ -131,14 +136,16 @@ class CSLCallback(Callback):
         ``"ddp_fork"``) train in other processes, so this process's callback never sees
         their tracker: with ``save_path``, reading ``tracker`` here after ``fit`` loads the
         file rank 0 wrote at the end of training (a file older than this callback is not
-        taken); without it, the tracker stays None here."""
-        if self._tracker is None and self.save_path is not None:
+        taken), also in place of a ``tracker=`` passed in, which those processes trained a
+        copy of; without it, the tracker stays None (or the one passed in, untouched) here."""
+        if not (self._set_up_here or self._read_back) and self.save_path is not None:
             try:
                 fresh = os.path.getmtime(self.save_path) >= self._made_at
             except OSError:
                 fresh = False
             if fresh:
                 self._tracker = CSLTracker.from_file(self.save_path)
+                self._read_back = True
         return self._tracker
 
     @tracker.setter
@@ -151,6 +158,15 @@ class CSLCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._set_up_here = True
+        if self._tracker is not None and any(
+            b.is_shared() for b in self._tracker.buffers().values() if b.device.type == "cpu"
+        ):
+            # A tracker passed in reaches a spawn launcher's processes through
+            # torch.multiprocessing, which moves CPU tensors to shared memory: every rank
+            # would add into the same buffers, and end_epoch's all-reduce would count each
+            # presentation once per rank again (2 ranks: every count doubled)
+            self._tracker = copy.deepcopy(self._tracker)
         if self._tracker is None:
             self._tracker = CSLTracker(
                 self.num_samples,

@@ -209,6 +209,33 @@ def test_after_a_fit_in_other_processes_the_tracker_is_read_from_save_path(tmp_p
     assert CSLCallback(N, C).tracker is None  # no save_path: nothing to read
 
 
+@pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
+def test_a_tracker_passed_to_a_spawn_or_fork_launcher_counts_each_presentation_once(
+    tmp_path, strategy
+):
+    """ddp_spawn pickled the callback's tracker into shared memory: both ranks added into
+    the same buffers and end_epoch's all-reduce added them again (every count doubled, in
+    the file and in the launcher's tracker). ddp_fork left the launcher's callback.tracker
+    the untouched tracker passed in, not the file (audit helper-111)."""
+    path = tmp_path / "run.csl"
+    cb = CSLCallback(tracker=CSLTracker(N, C), save_path=path)
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[cb],
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Tiny(), _loader())
+    for tracker in (CSLTracker.from_file(path), cb.tracker):
+        assert tracker.csl_count.tolist() == [2.0] * N  # 2 epochs, each sample once an epoch
+
+
 def test_save_path_in_a_missing_folder_is_written(tmp_path):
     """A missing folder failed only after training, and with a spawn launcher the tracker
     was lost with the process."""
