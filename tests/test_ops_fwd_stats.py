@@ -130,8 +130,10 @@ def test_forward_allocates_no_logits_sized_buffer(dtype, path):
 
 def _old_path(logits, target, weight, eps, reduction, cap, zs):
     """What the float16/bfloat16 forward and backward computed when the forward formed the
-    gradient (and dropped it): the op with gradient per row, the mean in float32, the
-    one-pass backward on its statistics. (loss, d sum(loss * 1.5) / d logits)."""
+    gradient (and dropped it): the op with gradient per row, the one-pass backward on its
+    statistics; the mean's value that of the op without the gradient (a call without grad:
+    formed in float32 and rounded once, not from the rows rounded first). (loss,
+    d sum(loss * 1.5) / d logits)."""
     extras = cap or zs
     if extras:
         args = (target, weight, IGNORE, eps, 0 if reduction == 1 else reduction, cap, zs)
@@ -147,7 +149,14 @@ def _old_path(logits, target, weight, eps, reduction, cap, zs):
             if weight is None
             else torch.where(active, weight.float()[target.clamp(min=0)], 0.0).sum()
         )
-        loss = (loss.float().sum() / denom).to(logits.dtype)
+        if extras:
+            loss = torch.ops.csl_fast.cross_entropy_fwd_extra_stats(
+                logits, target, weight, IGNORE, eps, 1, cap, zs
+            )[0]
+        else:
+            loss = torch.ops.csl_fast.cross_entropy_fwd_stats(
+                logits, target, weight, IGNORE, eps, 1
+            )[0]
         scale = scale / denom
     elif reduction == 0:
         scale = scale.expand(logits.shape[0])

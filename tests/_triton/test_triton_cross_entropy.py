@@ -360,8 +360,8 @@ def test_stats_only(tdevice, monkeypatch, dtype, two_pass):
 
 def test_half_accumulate_calls_the_stats_op(tdevice):
     """A bfloat16 accumulate on the Triton backend: the forward runs the op without the
-    gradient (never the one with it), and loss and gradient are those of the path that
-    formed the forward's gradient."""
+    gradient (never the one with it); the loss is that op's mean (as without grad) and the
+    gradient that of the path that formed the forward's gradient."""
     import csl_fast
     from csl_fast import ops_backward
 
@@ -376,9 +376,10 @@ def test_half_accumulate_calls_the_stats_op(tdevice):
     assert "csl_fast::cross_entropy_fwd_stats_triton" in names, names
     assert "csl_fast::cross_entropy_fwd_triton" not in names, names
     loss.backward()
-    rows, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    _, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
     denom = (target != IGNORE).sum(dtype=torch.float32)
-    assert torch.equal(loss.detach(), (rows.float().sum() / denom).to(logits.dtype))
+    mean = torch.ops.csl_fast.cross_entropy_fwd_stats_triton(logits, target, None, IGNORE, 0.0, 1)
+    assert torch.equal(loss.detach(), mean[0])
     want = ops_backward.cross_entropy_bwd(
         logits, target, None, stats, (1.0 / denom).reshape(1), IGNORE, 0.0, backend="triton"
     )
