@@ -868,19 +868,26 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
     """``"estimated [at least] K <what> (LOW-HIGH)"``, or ``None`` when there is no count.
 
     Args:
-        det: a :class:`Detection`; ``at least`` when its ``diagnostics["count"]`` is
-            ``"lower bound"`` (unless the valley rule settled the count), ``None`` when its
+        det: a :class:`Detection`; when its ``diagnostics["count"]`` is ``"lower bound"``
+            (unless the valley rule settled the count), ``at least`` where the count was
+            cut to the surely bad samples (the interval starts there), else ``"estimated K
+            <what> (LOW-HIGH), likely more"`` (an interval that starts below a count
+            called "at least" K read as a contradiction); ``None`` when its
             ``estimated_count`` is ``None``.
         what: the noun after the number (``"bad samples"``, ``"mislabeled samples"``).
     """
     if det.estimated_count is None or det.count_interval is None:
         return None
     lo, hi = det.count_interval
+    count = det.estimated_count
     # a lower bound that a separate upper mode of the score settled is a count, not a bound
     estimator = det.diagnostics.get("estimator")
     settled = isinstance(estimator, dict) and estimator.get("count_source") == "valley"
-    bound = " at least" if det.diagnostics.get("count") == "lower bound" and not settled else ""
-    return f"estimated{bound} {det.estimated_count} {what} ({lo}-{hi})"
+    if det.diagnostics.get("count") != "lower bound" or settled:
+        return f"estimated {count} {what} ({lo}-{hi})"
+    if lo >= count:
+        return f"estimated at least {count} {what} ({lo}-{hi})"
+    return f"estimated {count} {what} ({lo}-{hi}), likely more"
 
 
 def summary(det: Detection) -> str:

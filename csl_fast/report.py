@@ -506,11 +506,14 @@ def write_report(
         ),
         "roc.png": "Each corruption type is scored against the clean samples only (the other "
         "type is left out, as in the paper where each experiment injects one kind). "
-        "Thick black: CSL; thick colours: the three best other scores by AUROC; thin grey: "
-        "the rest. The false-positive axis is logarithmic: the left part is where the first "
-        "flags land.",
+        "Thick black: CSL; thick colours: the other scores among the three best by AUROC "
+        "(three when CSL is not among them); thin grey: the rest (a score that ranks as CSL "
+        "does, csl_mean on a run of equal epochs, lies under its line). The false-positive "
+        "axis is logarithmic: the left part is where the first flags land.",
         "data_map.png": "Dataset cartography: mean and spread of the probability the model gave "
-        "the label over training. Mislabeled samples sit at the bottom (low confidence).",
+        "the label over training. A label the model rejected over training sits at the bottom "
+        "(low confidence); one it hesitated over, then memorized, at middle confidence and high "
+        "variability.",
         "loss_curves.png": "",
         "top_samples.png": "Given label (what training saw) and the final model's prediction.",
     }

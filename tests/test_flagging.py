@@ -226,7 +226,11 @@ def test_two_view_few_anchors_warns_that_the_count_is_a_lower_bound(seed):
     assert fit["confident_bad"] < fit["ambiguous_bad"] and "mixture_count" not in est
     assert det.diagnostics["count"] == "lower bound" and det.warning == str(rec[0].message)
     assert len(det) == det.estimated_count > 0  # still flagged: the top-k of the score
-    assert "estimated at least" in detect.summary(det)
+    lo, hi = det.count_interval
+    k = det.estimated_count
+    # "at least K" beside an interval starting below K read as a contradiction (audit
+    # helper-112: "at least 515 (257-784)")
+    assert lo < k and f"estimated {k} bad samples ({lo}-{hi}), likely more" in detect.summary(det)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -544,8 +548,9 @@ def test_settled_by_valley_raises_a_lower_bound_only():
         det = detect.mislabeled(table)
     det.diagnostics.update(count="lower bound", estimator=out.diagnostics)
     assert "at least" not in detect.count_phrase(det)
+    assert "likely more" not in detect.count_phrase(det)
     det.diagnostics["estimator"] = {"caveat": "lower bound"}
-    assert "at least" in detect.count_phrase(det)
+    assert "likely more" in detect.count_phrase(det)  # the interval starts below the count
 
 
 def test_two_view_needs_the_margin_view():

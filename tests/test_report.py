@@ -244,6 +244,13 @@ def test_demo_report_numbers(tmp_path, capsys):
             # the percentage is the ratio of the two step times, not a separate figure
             assert _pct(line) == pytest.approx((ms / plain - 1) * 100, abs=0.06), line
     assert math.isfinite(plain) and plain > 0
+    # what the setup note says of memorization follows the run (it said "the network
+    # memorizes" after 4 epochs that fitted a fraction of the flips: audit helper-112)
+    setup = _section(sections, "Demo setup")
+    fitted = on_disk["flipped_labels_fitted"]
+    assert ("did not memorize" in setup) == (fitted < 0.9), (fitted, setup)
+    assert demo._memorized_text(0.95).startswith("\n(the network memorized")
+    assert demo._memorized_text(math.nan) == ""
 
 
 def test_samples_files_of_the_wrong_kind_are_refused_in_one_line(tmp_path):
