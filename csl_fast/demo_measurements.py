@@ -88,6 +88,8 @@ def measure_overhead(
         "device": str(device),
         "ms_per_step": {v: med[v] / steps * 1e3 for v in variants},
         "overhead_pct": {v: (med[v] / plain - 1) * 100 for v in variants},
+        # half the range of the plain epochs' own times: differences within it are noise
+        "noise_pct": float(np.ptp(times["plain"]) / 2 / plain * 100),
     }
 
 
@@ -144,8 +146,9 @@ def _fmt_overhead(ov: dict[str, Any], eval_ms_per_step: float | None) -> str:
         "tracker": "csl_fast.accumulate + CSLTracker (CSL + free stats)",
         "tracker+input_grads": "  + per-sample input-gradient norms (this run)",
     }
+    epochs = f"{ov['rounds']} interleaved epoch{'' if ov['rounds'] == 1 else 's'}"
     lines = [
-        f"Training-time overhead (median of {ov['rounds']} interleaved epochs, {ov['device']}, "
+        f"Training-time overhead (median of {epochs}, {ov['device']}, "
         f"batch {ov['batch_size']}, {ov['steps_per_epoch']} steps/epoch)"
     ]
     for v, label in names.items():
@@ -157,6 +160,13 @@ def _fmt_overhead(ov: dict[str, Any], eval_ms_per_step: float | None) -> str:
         label = "eval pass after each epoch (eval-pass CSL, optional)"
         lines.append(
             f"  {label:<54}{eval_ms_per_step:8.2f} ms/step {eval_ms_per_step / plain * 100:+7.1f}%"
+        )
+    noise = ov.get("noise_pct")
+    if noise is not None and min(ov["overhead_pct"].values()) < 0:
+        # tracked training cannot be faster than plain: such a figure is the machine's
+        lines.append(
+            f"  (a negative figure is timing noise: the plain epochs alone spread by "
+            f"+-{noise:.1f}%{'' if ov['rounds'] > 1 else '; one round measures no spread'})"
         )
     lines.append(
         "  (a tiny MLP on a CPU: fixed per-step costs dominate; `csl-fast bench` measures "
