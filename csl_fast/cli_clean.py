@@ -104,7 +104,9 @@ def _clean_summary(
         if det.rule == "tail"
         else "bad sequences"
         if sequences
-        else "mislabeled samples"
+        # the count is of samples whose label the run rejects: flipped labels, and both
+        # members of a pair of identical inputs with conflicting labels
+        else "samples with a doubtful label"
     )
     estimate = count_phrase(det, what)
     if estimate is not None:
