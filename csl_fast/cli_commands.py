@@ -556,7 +556,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         tracker,
         out,
         samples,
-        notes=_run_notes(args.run, tracker.num_samples, args.quiet),
+        notes=_run_notes(args.run, tracker.num_samples, args.quiet, args.score),
         title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
         score="csl" if args.score == "label_csl" else args.score,  # entries: own section
         top=args.top,
@@ -570,10 +570,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _run_notes(run: str, num_samples: int, quiet: bool) -> list[tuple[str, str]]:
+def _run_notes(
+    run: str, num_samples: int, quiet: bool, score: str = "csl"
+) -> list[tuple[str, str]]:
     """The demo's report notes (setup, overhead) from ``results.json`` beside the tracker,
     when that file describes a run of the tracker's size (a tracker saved into an earlier
-    run's folder got the other run's setup and retrain figures on its page)."""
+    run's folder got the other run's setup and retrain figures on its page). The demo
+    cleaned by CSL: on a page that flags by another ``score`` its retrain note says so (it
+    read as the result of the plan on that page)."""
     base = run if os.path.isdir(run) else os.path.dirname(os.path.abspath(run))
     path = os.path.join(base, "results.json")
     try:
@@ -591,6 +595,13 @@ def _run_notes(run: str, num_samples: int, quiet: bool) -> list[tuple[str, str]]
                 file=sys.stderr,
             )
         return []
+    if score not in ("csl", "label_csl"):
+        notes = [
+            (f"{h} (the demo's plan, flagged by csl; this page flags by {score})", t)
+            if h == "Clean and retrain"
+            else (h, t)
+            for h, t in notes
+        ]
     return notes
 
 

@@ -805,3 +805,19 @@ def test_rank_notes_a_run_that_closed_no_epoch(tmp_path, capsys):
     tracker.save(tmp_path / "t.csl")
     code, _, err = run_main(capsys, "rank", str(tmp_path / "t.csl"), "--top", "3")
     assert code == 0 and "note: the tracker closed no epoch although it presented" in err
+
+
+def test_the_demos_retrain_note_names_its_score_on_a_page_of_another(tmp_path):
+    """`csl-fast report RUN --score final_loss` showed the demo's retraining, of the plan
+    flagged by CSL, as if it were that page's plan (audit helper-112)."""
+    from csl_fast.cli_commands import _run_notes
+
+    notes = [["Demo setup", "data"], ["Clean and retrain", "0.975"]]
+    (tmp_path / "results.json").write_text(json.dumps({"report_notes": notes, "num_samples": 9}))
+    same = _run_notes(str(tmp_path), 9, True)
+    assert same == [("Demo setup", "data"), ("Clean and retrain", "0.975")]
+    other = dict(_run_notes(str(tmp_path), 9, True, "final_loss"))
+    assert list(other) == [
+        "Demo setup",
+        "Clean and retrain (the demo's plan, flagged by csl; this page flags by final_loss)",
+    ]
