@@ -47,13 +47,13 @@ def _loader() -> DataLoader:
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=7, shuffle=True)
 
 
-def _trainer(epochs: int, callback: CSLCallback, tmp_path, **options) -> pl.Trainer:
+def _trainer(epochs: int, callback: CSLCallback, tmp_path, devices=1, **options) -> pl.Trainer:
     return pl.Trainer(
         max_epochs=epochs,
         callbacks=[callback],
         **options,
         accelerator="cpu",
-        devices=1,
+        devices=devices,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -219,19 +219,7 @@ def test_a_tracker_passed_to_a_spawn_or_fork_launcher_counts_each_presentation_o
     the untouched tracker passed in, not the file (audit helper-111)."""
     path = tmp_path / "run.csl"
     cb = CSLCallback(tracker=CSLTracker(N, C), save_path=path)
-    trainer = pl.Trainer(
-        max_epochs=2,
-        callbacks=[cb],
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(Tiny(), _loader())
+    _trainer(2, cb, tmp_path, devices=2, strategy=strategy).fit(Tiny(), _loader())
     for tracker in (CSLTracker.from_file(path), cb.tracker):
         assert tracker.csl_count.tolist() == [2.0] * N  # 2 epochs, each sample once an epoch
 
