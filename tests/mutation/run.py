@@ -169,9 +169,9 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "count_ignores_ignore_index": Mutation(
         "csl_fast/reference.py",
-        "        count.index_add_(0, index.long(), stats[Stat.VALID].to(count.dtype))\n",
-        "        count.index_add_(0, index.long(), torch.ones_like(stats[Stat.VALID], "
-        "dtype=count.dtype))\n",
+        "        values = stats[row].to(buf.dtype)\n",
+        "        values = (stats[row] if row == Stat.LOSS else torch.ones_like(stats[row]))"
+        ".to(buf.dtype)\n",
         (
             "tests/test_accumulate.py::test_nonfinite_rows_are_not_recorded",
             "tests/test_sequence_accumulate.py",
