@@ -109,7 +109,6 @@ def score_epoch(
                         "expected [B, C] logits (pass forward= to extract them)"
                     )
                 match_tracker_classes("score_epoch", tracker, logits.shape[1])
-                classes = logits.shape[1]
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
                 y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
@@ -127,7 +126,7 @@ def score_epoch(
                 )
                 index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
                 tracker.record_eval(index, stats)
-                adopt_classes(tracker, classes)
+                adopt_classes(tracker, logits.shape[1])
     except BaseException as exc:
         try:
             tracker.num_classes = classes_before
