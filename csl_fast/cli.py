@@ -399,7 +399,8 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--budget",
-        type=_positive_int,
+        # 0 as in csl_fast.clean: a header-only plan, for a budget computed by a script
+        type=_nonneg_int,
         default=None,
         metavar="K",
         help="at most K rows, the most suspicious (required with --policy review)",

@@ -140,6 +140,12 @@ def test_drop_policy_and_budget(demo_run, tmp_path, capsys):
     # drop relabels nothing: no confidence threshold, no "0 of 0 relabels" line
     assert "min confidence" not in stdout and "relabels give" not in stdout
     assert "ground truth" in stdout
+    # 0, as csl_fast.clean takes it: the CSV's header and no rows
+    code, stdout, _ = run_main(
+        capsys, "clean", str(demo_run), "--out", str(out), "--policy", "review", "--budget", "0"
+    )
+    assert code == EXIT_OK and "wrote 0 decisions" in stdout
+    assert out.read_text().splitlines() == ["index,action,suggested_label,confidence,score,rank"]
 
 
 def test_min_confidence_bounds_relabels(demo_run, tmp_path, capsys):
