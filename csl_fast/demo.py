@@ -459,7 +459,10 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         "train_fit_given_labels": float(fit.mean()),
         "flipped_labels_fitted": memorized,
         "auroc": table,
-        "flagged_gmm": {
+        "flagged_mislabeled": {
+            "rule": det.rule,
+            "estimated_count": det.estimated_count,
+            "count_interval": det.count_interval,
             "count": int(flagged.sum()),
             "corrupted": int((flagged & bad).sum()),
             "threshold": det.threshold,

@@ -221,11 +221,15 @@ def test_demo_report_numbers(tmp_path, capsys):
         for kind, value in row.items():
             assert on_disk["auroc"][name][kind] == pytest.approx(value, abs=1e-9), (name, kind)
 
-    det = detect.mislabeled(scores, "csl")
+    det = detect.mislabeled(tracker, "csl")  # as the demo: every view of the rule
     flagged = det.flagged.numpy()
     bad = samples.mislabeled | samples.duplicate
-    assert on_disk["flagged_gmm"]["count"] == int(flagged.sum())
-    assert on_disk["flagged_gmm"]["corrupted"] == int((flagged & bad).sum())
+    assert on_disk["flagged_mislabeled"]["count"] == int(flagged.sum())
+    assert on_disk["flagged_mislabeled"]["corrupted"] == int((flagged & bad).sum())
+    assert on_disk["flagged_mislabeled"]["rule"] == det.rule
+    assert on_disk["flagged_mislabeled"]["estimated_count"] == det.estimated_count
+    interval = on_disk["flagged_mislabeled"]["count_interval"]
+    assert interval == (None if det.count_interval is None else list(det.count_interval))
     m = re.search(r"\): (\d+) samples; (\d+) of them corrupted", printed)
     assert m and (int(m[1]), int(m[2])) == (int(flagged.sum()), int((flagged & bad).sum()))
 
