@@ -74,6 +74,7 @@ def _fig_flagging(det: Any, path: str) -> str:
     import matplotlib.pyplot as plt
 
     from .report import _png
+    from .report_figures import _log_scale
 
     v = det.scores.detach().cpu().double().numpy()
     flagged = det.flagged.cpu().numpy()
@@ -100,7 +101,7 @@ def _fig_flagging(det: Any, path: str) -> str:
         lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
     if log:
         bins = np.geomspace(lo, hi * 1.0001, 60)
-        ax.set_xscale("log")
+        _log_scale(ax, "x")
     else:
         bins = np.linspace(lo, hi + 1e-12, 60)
     if flagged.any():
@@ -111,7 +112,7 @@ def _fig_flagging(det: Any, path: str) -> str:
         ax.hist(v[ok & flagged], bins=bins, color="#DD4444", alpha=0.8, label="flagged")
     if math.isfinite(det.threshold):
         ax.axvline(det.threshold, color="black", ls="--", lw=1.2, label="threshold")
-    ax.set_yscale("log")
+    _log_scale(ax, "y")
     ax.set_xlabel(f"{det.score_name}" + (" (log scale)" if log else ""))
     ax.set_ylabel("samples")
     from .detect import count_phrase

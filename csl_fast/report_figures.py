@@ -46,6 +46,19 @@ def _png(fig: Any, path: str) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def _log_scale(ax: Any, which: str) -> None:
+    """A log scale on axis ``which`` ("x" or "y") ticked in plain numbers (3, 10, 20).
+    Across less than a decade matplotlib labels the minor ticks 3x10^0, 4x10^0, ...:
+    hard to read at the size of a report's figure."""
+    from matplotlib.ticker import LogFormatter
+
+    getattr(ax, f"set_{which}scale")("log")
+    axis = getattr(ax, f"{which}axis")
+    axis.set_major_formatter(LogFormatter())
+    # the default minor formatter's choice of which minor ticks to label, in plain numbers
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def _groups(samples: RunSamples | None, n: int) -> list[tuple[str, np.ndarray, str]]:
     """``(name, mask, colour)`` of clean / mislabeled / duplicate samples (truth known)."""
     if samples is None or not samples.has_truth:
@@ -170,8 +183,8 @@ def _fig_histogram(
         ax.legend(frameon=False, fontsize=8)
     else:
         ax.hist(csl[ok], bins=bins, color=_CLEAN, alpha=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    _log_scale(ax, "x")
+    _log_scale(ax, "y")
     # autoscaled, the axis began just under 1: a bin of one sample, as a small group's bins
     # are, was a sliver at the bottom
     ax.set_ylim(bottom=0.3)

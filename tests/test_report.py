@@ -700,3 +700,32 @@ def test_data_map_of_one_class_has_no_negative_variability(tmp_path, monkeypatch
     _fig_data_map(tracker, None, str(tmp_path / "d.png"))
     lo, hi = limits[0]
     assert -0.002 < lo < 0 and hi >= 0.05
+
+
+def test_log_axes_under_a_decade_are_ticked_in_plain_numbers(tmp_path, monkeypatch):
+    """Counts of 1 to 4 and CSLs of 2 to 20 were ticked 2x10^0, 3x10^0, ...; the
+    histograms of the report (the CSL histogram, the flagged set's) read 2, 3, 10, 20."""
+    from csl_fast import detect, report_figures
+
+    labels = []
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        for axis in (ax.xaxis, ax.yaxis):
+            ticks = axis.get_majorticklabels() + axis.get_minorticklabels()
+            labels.extend(t.get_text() for t in ticks if t.get_text())
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    csl = np.random.default_rng(0).uniform(2.0, 20.0, 50)
+    report_figures._fig_histogram(csl, None, str(tmp_path / "h.png"))
+    from csl_fast.report_cleaning import _fig_flagging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(torch.from_numpy(csl))
+    _fig_flagging(det, str(tmp_path / "f.png"))
+    assert len(labels) >= 8
+    assert all(re.fullmatch(r"[0-9.e+\-−]+", t) for t in labels), labels
+    assert {"3", "10"} <= set(labels)
