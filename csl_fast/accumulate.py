@@ -132,7 +132,8 @@ def accumulate(
     entropy against the given probabilities, :math:`H(q, p) = -\sum_j q_j \log p_j`
     (unweighted, unsmoothed; for a one-hot ``q`` the class-index loss), the loss of the
     input the sample's index names, and ``count`` counts it once (once per position in
-    the ``[N, C, d1, ..., dk]`` layout). No kernel takes
+    the ``[N, C, d1, ..., dk]`` layout). As ``F.cross_entropy``, an ``ignore_index``
+    that could be a class (``>= 0``) is refused; a negative one is unused. No kernel takes
     probabilities, so these calls run as ``F.cross_entropy`` plus the statistics in
     PyTorch; a tracker is refused (its correctness, margin and forgetting need one class
     per sample): pass ``csl=tracker.csl_sum, count=tracker.csl_count`` instead.
@@ -306,9 +307,9 @@ def accumulate(
             f"csl_fast.accumulate: ignore_index must fit in int64 (|value| < 2**63), got "
             f"{ignore_index}; use a class index that never occurs, e.g. the default -100"
         )
-    if soft and ignore_index != -100:
-        # F.cross_entropy refuses it too: a probability row has no class to ignore, and the
-        # argument was dropped without a word
+    if soft and ignore_index >= 0:
+        # as F.cross_entropy: a class index has no meaning for a probability row (it would
+        # be dropped without a word); a negative one names no class and is taken, unused
         raise ValueError(
             f"csl_fast.accumulate: ignore_index={ignore_index} applies to class-index targets, "
             "not to class probabilities; drop it, or give padded rows all-zero probabilities "

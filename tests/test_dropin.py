@@ -291,7 +291,8 @@ def test_soft_targets(backend, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_soft_targets_refuse_an_ignore_index_as_pytorch(backend):
-    """F.cross_entropy refuses ignore_index with class probabilities; it was dropped."""
+    """F.cross_entropy refuses a class index as ignore_index with class probabilities; it
+    was dropped."""
     x, q = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
     with pytest.raises(RuntimeError):
         F.cross_entropy(x, q, ignore_index=1)
@@ -299,6 +300,13 @@ def test_soft_targets_refuse_an_ignore_index_as_pytorch(backend):
     with pytest.raises(ValueError, match="ignore_index=1 applies to class-index targets"):
         accumulate(x, q, torch.arange(4), csl, ignore_index=1, backend=backend)
     assert not csl.any()
+    # a negative one names no class: F.cross_entropy takes it, and so does accumulate (a
+    # code base with ignore_index=-1 everywhere broke on switching to mixup targets)
+    for ignore in (-1, -255):
+        want = F.cross_entropy(x, q, ignore_index=ignore)
+        got = accumulate(x, q, torch.arange(4), csl, ignore_index=ignore, backend=backend)
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(csl, 2 * _plain_losses(x, q).float())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
