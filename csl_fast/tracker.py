@@ -431,8 +431,10 @@ class CSLTracker(TrackerStatistics):
         # outside [0, N) leaves the tracker as it was (the sums below would skip it but
         # write the others). The buffers written below are not among its.
         self._record_last(idx, seq, "", transitions=True, max_prob=max_prob / n.clamp(min=1))
-        # one position per sample ([N, C, 1] logits) is a row: its count is presentations
-        if token_stats.shape[2] > 1 and not self.sequences:  # (a compiled step guards on it)
+        # one position per sample ([N, C, 1] logits) is a row: its count is presentations;
+        # an empty batch ([0, C, d]) recorded no sample of several positions
+        sequences = token_stats.shape[1] > 0 and token_stats.shape[2] > 1
+        if sequences and not self.sequences:  # (a compiled step guards on it)
             self.sequences = True
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])

@@ -314,6 +314,10 @@ def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
     one = CSLTracker(6)
     csl_fast.accumulate(torch.randn(4, V, 1), torch.randint(0, V, (4, 1)), torch.arange(4), one)
     assert not one.sequences and one.csl_count[:4].eq(1).all()
+    # nor is an empty batch of the sequence layout: it recorded no sample at all
+    empty = (torch.randn(0, V, 3), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0).long())
+    csl_fast.accumulate(*empty, one)
+    assert not one.sequences
     # a tracker pickled before the flag existed reads as rows (the class's value)
     old = pickle.loads(pickle.dumps(seqs))
     del old.__dict__["sequences"]
