@@ -344,6 +344,14 @@ def _fail(kind: type[Exception], message: str) -> None:
 
 def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> None:
     """Every argument's type, shape, dtype and device, before anything runs."""
+    if isinstance(logits, torch.Tensor) and logits.dim() == 1:
+        # [B] logits are a layout of their own; what does not match them is the target
+        got = tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__
+        _fail(
+            ValueError,
+            f"target must have the logits' shape {tuple(logits.shape)} (one binary label per "
+            f"sample), got {got}; for [B, L] targets pass [B, L] logits",
+        )
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         _fail(

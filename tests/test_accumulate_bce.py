@@ -398,7 +398,7 @@ _BAD = [
         "logits 1-D, target 2-D",
         lambda a: a.update(logits=a["logits"][:, 0]),
         ValueError,
-        r"or \[B\]",
+        r"target must have the logits' shape \(6,\) .* pass \[B, L\] logits",
     ),
     ("logits int", lambda a: a.update(logits=a["logits"].long()), TypeError, "float32, float16"),
     ("target shape", lambda a: a.update(target=a["target"][:, :3]), ValueError, "logits' shape"),
@@ -793,3 +793,11 @@ def test_a_binary_classifiers_weight_error_names_the_shapes_given():
             csl_fast.accumulate_bce(
                 logits, target, torch.arange(8), torch.zeros(8), **{name: torch.ones(8, 1)}
             )
+
+
+def test_a_binary_classifiers_target_error_blames_the_target():
+    # [B] logits with a [B, 1] target read "logits must be [B, L] ... or [B], got (4,)":
+    # the logits were a documented layout; the target was what did not match
+    for target in (torch.rand(4, 1), torch.rand(3)):
+        with pytest.raises(ValueError, match=r"target must have the logits' shape \(4,\)"):
+            csl_fast.accumulate_bce(torch.randn(4), target, torch.arange(4), torch.zeros(4))
