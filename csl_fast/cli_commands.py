@@ -158,7 +158,30 @@ def load_run(run: str, quiet: bool = False) -> tuple[Any, Any]:
             samples = RunSamples.load(samples_path, tracker.num_samples)
         except SamplesFileError as exc:
             raise CLIError(_one_line(exc), EXIT_INPUT) from None
+        _check_sample_classes(samples, tracker, samples_path)
     return tracker, samples
+
+
+def _check_sample_classes(samples: Any, tracker: Any, samples_path: str) -> None:
+    """Refuse a samples.npz whose labels are not classes of the run (of another run with
+    as many samples, or encoded otherwise): rank, the report and the ground truth behind
+    "mislabeled" showed them as they were. Sequences are labelled by token strings, and a
+    multi-label run has no class count."""
+    classes = tracker.num_classes
+    if classes is None or tracker.sequences or tracker.num_labels is not None:
+        return
+    for name in ("labels", "true_labels", "predicted"):
+        values = getattr(samples, name)
+        if values is None or values.size == 0:
+            continue
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high >= classes:
+            raise CLIError(
+                f"{samples_path}: its {name} range over [{low}, {high}], but the run has "
+                f"C = {classes} classes: they must be class indices in [0, {classes}) (a "
+                "samples.npz of another run?)",
+                EXIT_INPUT,
+            )
 
 
 def _check_recorded(tracker: Any, tracker_path: str) -> None:

@@ -677,6 +677,14 @@ def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, c
     from csl_fast import CSLTracker
 
     CSLTracker(30, 3).save(files / "fresh.csl")
+    # a run folder whose samples.npz labels 7 a sample of the 3-class run: without inputs
+    # beside them, rank showed them as the samples' labels
+    bad_labels = tmp_path / "bad_labels"
+    bad_labels.mkdir()
+    (bad_labels / "tracker.csl").write_bytes(plain_tracker.read_bytes())
+    from csl_fast.report import RunSamples
+
+    RunSamples(labels=np.full(30, 7)).save(bad_labels / "samples.npz")
     run, d = str(plain_tracker), str(files)
     cases = [  # (code, what --help says it is for, the command)
         (3, "missing", ["rank", f"{d}/gone.csl"]),
@@ -685,6 +693,9 @@ def test_help_exit_codes_are_what_the_commands_return(tmp_path, plain_tracker, c
         (3, "of another run: not N rows", ["rank", run, "--inputs", f"{d}/x29.npy"]),
         (3, "labels not class indices in [0, C)", ["rank", run, "--inputs", f"{d}/x.npy",
                                                    "--labels", f"{d}/y7.npy"]),
+        (3, "labels not class indices in [0, C)", ["rank", str(bad_labels)]),
+        (3, "labels not class indices in [0, C)", ["clean", str(bad_labels), "--out",
+                                                   f"{d}/plan.csv"]),
         (3, "an output that cannot be written", ["rank", run, "-o", f"{d}/no/dir.csv"]),
         (3, "a tracker that recorded nothing", ["rank", f"{d}/fresh.csl"]),
         (2, "a bad value", ["rank", run, "--top", "0"]),
