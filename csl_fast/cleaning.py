@@ -216,8 +216,18 @@ class CleaningPlan:
 
     @property
     def warning(self) -> str | None:
-        """The detection's warning (e.g. why nothing was flagged), or None."""
-        return self.detection.warning
+        """The detection's warning (e.g. why nothing was flagged), or None; said of the
+        score's rule when the plan has rows all the same (a review worklist, conflicting
+        duplicate groups), which a bare "nothing flagged" beside them contradicted."""
+        said = self.detection.warning
+        if said is None or len(self.detection) or not len(self):
+            return said
+        rows = (
+            "the plan lists the most suspicious samples for review, none of them flagged"
+            if self.policy == "review"
+            else "the plan's rows are the members of conflicting duplicate groups"
+        )
+        return f"{rows}; the score's own rule: {said}"
 
     def rows(self) -> list[dict[str, Any]]:
         """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown)."""
@@ -615,7 +625,10 @@ def clean(
         labels: optional int ``[N]`` given labels (tensor, array or list; needs
             ``inputs``): each group of
             identical inputs with conflicting labels is flagged and resolved
-            (:mod:`csl_fast.cleaning_groups`).
+            (:mod:`csl_fast.cleaning_groups`). A member the run never trained on gets the
+            action ``drop`` (its suggested label, the group's, shown): the cleaned set of
+            :meth:`CleaningPlan.apply` leaves such samples out, as the run says nothing
+            about them.
         **detect_kwargs: forwarded to the default detection when ``detection`` is None
             (``rule``, ``fraction``, ``threshold``; ``seed`` for ``detect.mislabeled``).
 
@@ -752,6 +765,13 @@ def clean(
             keep[rows] = group.keep[at]
             has = (group.group_label[at] >= 0) & (group.share[at] >= min_confidence)
             relabel[rows] = ~group.keep[at] & has
+    seen = presented(source)
+    if seen is not None:
+        # a never-presented member of a conflicting group (the one kind of row without a
+        # score): apply leaves it out, and a relabel or keep row said otherwise
+        unseen = ~seen.cpu()[chosen]
+        relabel &= ~unseen
+        keep &= ~unseen
     return CleaningPlan(
         index=chosen.long(),
         relabel=relabel,
@@ -767,7 +787,7 @@ def clean(
         keep=keep,
         duplicates=dup,
         grouped=grouped,
-        presented=presented(source),
+        presented=seen,
     )
 
 

@@ -172,11 +172,19 @@ def _suggestion_rows(
         if plan.duplicates is None
         else f"samples in the plan (flagged by {det.score_name}, or in a conflicting group)"
     )
+    # a conflicting group's relabel is decided by the group label's share, not by the
+    # member's suggestion: counted apart, the first row said what it means
+    by_group = int((plan.relabel & plan.grouped).sum())
     rows = [
         (what, str(len(plan))),
-        (f"relabel (suggestion confidence >= {DEFAULT_MIN_CONFIDENCE:g})", str(plan.num_relabeled)),
-        ("drop (no confident suggestion)", str(plan.num_dropped)),
+        (
+            f"relabel (suggestion confidence >= {DEFAULT_MIN_CONFIDENCE:g})",
+            str(plan.num_relabeled - by_group),
+        ),
     ]
+    if plan.duplicates is not None:
+        rows.append(("relabel to the label of its conflicting duplicate group", str(by_group)))
+    rows.append(("drop (no confident suggestion)", str(plan.num_dropped)))
     if plan.duplicates is not None:
         rows.append(
             (

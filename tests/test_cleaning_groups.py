@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -216,3 +217,31 @@ def test_resolve_conflicts_refuses_mismatched_inputs():
         resolve_conflicts([[0, 1]], y, loss[:2])
     with pytest.raises(ValueError, match="labels must be int"):
         resolve_conflicts([[0, 1]], y.float() + 0.5, loss)
+
+
+def test_a_never_presented_member_is_dropped_as_apply_leaves_it_out():
+    """Sample 7 (identical to 2, another label) was never trained on: its row said
+    relabel, while apply left it out of the cleaned set (it says nothing about it)."""
+    import csl_fast
+
+    x, y, _, _ = _setup()
+    tracker = csl_fast.CSLTracker(N, num_classes=5)
+    seen = torch.tensor([i for i in range(N) if i != 7])
+    for _ in range(3):
+        logits = 4 * torch.nn.functional.one_hot(y[seen], 5).float()
+        csl_fast.accumulate(logits, y[seen], seen, tracker)
+        tracker.end_epoch()
+    with pytest.warns(UserWarning, match="never presented"):
+        warnings.simplefilter("ignore", detect.DetectionWarning)  # (11 scores: no rule)
+        plan = clean(tracker, inputs=x, labels=y)
+        keep, _ = plan.apply(y)
+    # the rule flagged nothing; the rows are the group's (not "nothing flagged" alone)
+    assert plan.warning.startswith("the plan's rows are the members of conflicting")
+    assert "nothing flagged" in plan.warning
+    rows = {r["index"]: r for r in plan.rows()}
+    assert rows[7]["action"] == "drop" and rows[7]["suggested_label"] == 1  # the group's
+    assert rows[2]["action"] == "keep"
+    assert 7 not in keep.tolist()
+    # every row the plan keeps or relabels is in the cleaned set
+    kept = set(keep.tolist())
+    assert all(r["index"] in kept for r in plan.rows() if r["action"] != "drop")

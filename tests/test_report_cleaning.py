@@ -230,3 +230,9 @@ def test_a_plan_with_duplicates_is_not_called_the_flagged_set(run, tmp_path):
     plan = csl_fast.clean(tracker, inputs=inputs, labels=labels)
     assert "flagged samples" not in sugg
     assert sugg["samples in the plan (flagged by csl, or in a conflicting group)"] == str(len(plan))
+    # a group's relabel is the group label's, apart from the suggestion-confidence relabels
+    by_group = int((plan.relabel & plan.grouped).sum())
+    assert by_group >= 1
+    assert sugg["relabel to the label of its conflicting duplicate group"] == str(by_group)
+    relabel_key = next(k for k in sugg if k.startswith("relabel (suggestion confidence"))
+    assert sugg[relabel_key] == str(plan.num_relabeled - by_group)
