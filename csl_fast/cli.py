@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
+# (+ 0.0: -0 is 0, and was echoed as "min confidence -0")
+_probability = _checked(lambda t: float(t) + 0.0, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 
 
 def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:

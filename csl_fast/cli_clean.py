@@ -97,6 +97,16 @@ def _clean_summary(
         + ")",
         f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
     ]
+    n = det.scores.numel()
+    if plan.policy == "review" and len(plan) < args.budget:
+        # (rank says as much of its --top; the worklist came back short without a word)
+        why = (
+            f"the run has {n} samples"
+            if len(plan) == n
+            else f"only {len(plan)} of the {n} samples have a {args.score} value (the others "
+            "were never presented in training)"
+        )
+        lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase
 
     what = (

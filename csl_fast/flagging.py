@@ -468,11 +468,12 @@ def two_view_count(
             else "no sample has a finite mean loss (none was presented in training)"
         )
     elif n_pinned < MIN_PINNED:
+        one = n_pinned == 1
         why = (
-            f"only {n_pinned} sample{'' if n_pinned == 1 else 's'} lost their label firmly (a "
-            "negative mean margin, the label's probability far below chance while doubted) "
-            "or were confidently doubted (csl_fast.flagging.label_lost); the two-view fit "
-            f"needs >= {MIN_PINNED}"
+            f"only {n_pinned} sample{'' if one else 's'} lost {'its' if one else 'their'} "
+            "label firmly (a negative mean margin, the label's probability far below chance "
+            f"while doubted) or {'was' if one else 'were'} confidently doubted "
+            f"(csl_fast.flagging.label_lost); the two-view fit needs >= {MIN_PINNED}"
         )
     elif x.size - n_pinned < 20:
         why = (

@@ -321,3 +321,27 @@ def test_inputs_without_labels_claim_no_group_decision(tmp_path, capsys):
     assert any(r["action"] == "keep" for r in read(out))
     assert "flagged 0 " not in stdout
     assert "duplicates:" in stdout and "is kept" not in stdout
+
+
+def test_a_short_review_worklist_says_why(tmp_path, capsys):
+    """--budget 35 on a run that trained on 30 of its 40 samples wrote 30 rows without a
+    word; --min-confidence -0 was echoed as "min confidence -0"."""
+    n, seen = 40, torch.arange(30)
+    tracker = csl_fast.CSLTracker(n, 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        y = seen % 3
+        csl_fast.accumulate(torch.randn(30, 3, generator=g), y, seen, tracker)
+        tracker.end_epoch()
+    path = tmp_path / "t.csl"
+    tracker.save(path)
+    out = tmp_path / "p.csv"
+    args = ("clean", str(path), "--out", str(out), "--policy", "review")
+    code, stdout, _ = run_main(capsys, *args, "--budget", "35", "--min-confidence", "-0")
+    assert code == EXIT_OK and len(read(out)) == 30
+    assert "note: 30 rows, not the budget's 35: only 30 of the 40 samples have a csl value" in (
+        stdout
+    )
+    assert "min confidence 0)" in stdout
+    code, stdout, _ = run_main(capsys, *args, "--budget", "30")
+    assert code == EXIT_OK and "not the budget" not in stdout
