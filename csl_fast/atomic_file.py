@@ -107,8 +107,9 @@ def remove_stale_temps(target: str, now: float | None = None) -> list[str]:
     return removed
 
 
-def _error(exc: OSError, user_path: str, action: str) -> OSError:
-    """``exc`` reworded for the user's path with what to do; same errno and class."""
+def _error(exc: OSError, user_path: str, action: str, target: str | None = None) -> OSError:
+    """``exc`` reworded for the user's path with what to do; same errno and class.
+    ``target``: the file the write replaces, when ``user_path`` is a symlink to it."""
     hint = {
         errno.ENOSPC: "the disk is full: free some space or save elsewhere",
         errno.EDQUOT: "the disk quota is exceeded: free some space or save elsewhere",
@@ -120,8 +121,12 @@ def _error(exc: OSError, user_path: str, action: str) -> OSError:
         errno.EISDIR: "the path is a folder: give a file name",
         errno.EFBIG: "the file is too large for this file system or the process's limit",
     }.get(exc.errno, exc.strerror or str(exc))
-    folder = os.path.dirname(os.path.abspath(user_path))
-    if exc.errno == errno.ENOENT and os.path.isdir(folder):
+    folder = os.path.dirname(target or os.path.abspath(user_path))
+    linked = folder != os.path.dirname(os.path.abspath(user_path))
+    if exc.errno == errno.ENOENT and linked and not os.path.isdir(folder):
+        # a link into a folder that is not there: the link's own folder is
+        hint = f"the link points into {folder!r}, which does not exist: create it first"
+    elif exc.errno == errno.ENOENT and os.path.isdir(folder):
         # the folder is there but creating a file in it fails as if it were not (/proc)
         hint = (
             "the folder refuses new files (a virtual file system such as /proc?): write elsewhere"
@@ -135,6 +140,7 @@ def target_of(user_path: str, action: str, example: str) -> str:
     :class:`IsADirectoryError` when the path names a folder, a :class:`FileExistsError`
     when it names something else that is not a regular file. ``action`` words the error
     ("save the tracker"), ``example`` is a file name to suggest."""
+    user_path = os.fsdecode(user_path)  # (bytes, as open() takes them)
     # realpath drops a trailing separator: "out/" would be written as a file named "out".
     if user_path.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(
@@ -183,6 +189,7 @@ def _refuse_special(user_path: str, target: str, action: str) -> None:
 def write(user_path: str, target: str, fill: Callable[[BinaryIO], None], action: str) -> None:
     """Replace ``target`` (from :func:`target_of`) with what ``fill`` writes to a binary
     file, atomically; an :class:`OSError` names ``user_path`` and what to do."""
+    user_path = os.fsdecode(user_path)
     directory, base = os.path.split(target)
     remove_stale_temps(target)
     tmp = os.path.join(
@@ -191,7 +198,7 @@ def write(user_path: str, target: str, fill: Callable[[BinaryIO], None], action:
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     except OSError as exc:
-        raise _error(exc, user_path, action) from None
+        raise _error(exc, user_path, action, target) from None
     try:
         try:
             f = os.fdopen(fd, "wb")
@@ -207,7 +214,7 @@ def write(user_path: str, target: str, fill: Callable[[BinaryIO], None], action:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            raise _error(exc, user_path, action) from None
+            raise _error(exc, user_path, action, target) from None
         raise
     try:  # make the rename itself durable (POSIX; best effort elsewhere)
         dfd = os.open(directory, os.O_RDONLY)
@@ -224,6 +231,7 @@ def write(user_path: str, target: str, fill: Callable[[BinaryIO], None], action:
 def write_text(user_path: str, fill: Callable[[TextIO], None], action: str, example: str) -> None:
     """:func:`write` for text: ``fill`` writes UTF-8 text with newlines as given (what
     ``open(path, "w", encoding="utf-8", newline="")`` would take)."""
+    user_path = os.fsdecode(user_path)
     target = target_of(user_path, action, example)
 
     def binary(f: BinaryIO) -> None:

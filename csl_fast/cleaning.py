@@ -253,8 +253,9 @@ class CleaningPlan:
             )
         return out
 
-    def to_csv(self, path: str | os.PathLike) -> None:
-        """Write the plan as CSV: a header :data:`CSV_COLUMNS`, then one row per decision.
+    def to_csv(self, path: str | os.PathLike | TextIO) -> None:
+        """Write the plan as CSV: a header :data:`CSV_COLUMNS`, then one row per decision,
+        to the file ``path`` (atomically) or to an open text stream (``sys.stdout``).
 
         ``action`` is ``drop``, ``relabel`` or ``keep``; ``suggested_label`` and ``confidence`` are
         empty where there is no suggestion (a drop row still shows one when it exists);
@@ -262,12 +263,6 @@ class CleaningPlan:
         to 4 decimals, a drop at 0.39996 < ``min_confidence`` 0.4 read ``0.4000``);
         ``score`` is written exactly (``repr``); ``rank`` is 1-based.
         """
-        path = os.fspath(path)
-        folder = os.path.dirname(path)
-        if folder and not os.path.isdir(folder):
-            raise FileNotFoundError(
-                f"CleaningPlan.to_csv: the folder {folder!r} does not exist; create it first"
-            )
 
         def fill(f: TextIO) -> None:
             w = csv.writer(f, lineterminator="\n")
@@ -284,6 +279,15 @@ class CleaningPlan:
                     ]
                 )
 
+        if hasattr(path, "write"):
+            fill(path)
+            return
+        path = os.fspath(path)
+        folder = os.path.dirname(path)
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(
+                f"CleaningPlan.to_csv: the folder {folder!r} does not exist; create it first"
+            )
         # atomically: a plan cut short by a full disk read as a shorter plan
         atomic_file.write_text(path, fill, "write the cleaning plan", "plan.csv")
 

@@ -391,7 +391,13 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "every member is dropped, the preferred one too).",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
-    p.add_argument("--out", required=True, metavar="FILE", help="the CSV file to write")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the CSV file to write; '-': standard output (the summary then on standard error)",
+    )
     p.add_argument(
         "--policy",
         default="relabel-confident",

@@ -30,7 +30,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
-    check_output(args.run, args.out, "--out", args.inputs, args.labels)
+    to_stdout = args.out == "-"
+    if not to_stdout:
+        check_output(args.run, args.out, "--out", args.inputs, args.labels)
     tracker, samples = load_run_for(args)
     if args.score == "label_csl":
         raise CLIError(
@@ -72,12 +74,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
             labels=labels,
         )
     try:
-        plan.to_csv(args.out)
+        plan.to_csv(sys.stdout if to_stdout else args.out)
     except OSError as exc:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
-    print(_clean_summary(plan, samples, args, tracker.sequences))
+    summary = _clean_summary(plan, samples, args, tracker.sequences)
+    print(summary, file=sys.stderr if to_stdout else sys.stdout)  # (the CSV owns stdout)
     return EXIT_OK
 
 
@@ -89,7 +92,8 @@ def _clean_summary(
     det = plan.detection
     kept = f", {plan.num_kept} keep" if plan.duplicates is not None or plan.num_kept else ""
     lines = [
-        f"wrote {len(plan)} decisions to {args.out}: {plan.num_relabeled} relabel, "
+        f"wrote {len(plan)} decisions to "
+        f"{'standard output' if args.out == '-' else args.out}: {plan.num_relabeled} relabel, "
         f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
         + ("" if args.budget is None else f", budget {args.budget}")
         # (drop relabels nothing: its confidence threshold is moot)

@@ -137,7 +137,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
 
 def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.save` (see the module docstring)."""
-    user_path = os.fspath(path)
+    user_path = os.fsdecode(path)  # (bytes too, as load takes them)
     target = atomic_file.target_of(user_path, "save the tracker", "tracker.csl")
     state = state_dict(tracker)
     try:

@@ -30,3 +30,21 @@ def test_target_of_accepts_a_regular_file_a_new_name_and_a_dangling_symlink(tmp_
         atomic_file.write_text(str(tmp_path / name), lambda f: f.write("x"), "write", "a.csv")
     assert (tmp_path / "old.csv").read_text() == "x" == (tmp_path / "new.csv").read_text()
     assert (tmp_path / "dangling.csv").is_symlink()
+
+
+def test_a_link_into_a_missing_folder_names_that_folder(tmp_path, monkeypatch):
+    """The link's own folder exists; the one it points into does not: the error read "the
+    folder refuses new files (a virtual file system such as /proc?)"."""
+    monkeypatch.chdir(tmp_path)
+    os.symlink(tmp_path / "runs" / "2024" / "x.csl", "latest.csl")
+    with pytest.raises(FileNotFoundError, match=r"points into .*runs/2024', which does not"):
+        atomic_file.write_text("latest.csl", lambda f: f.write("x"), "save", "a.csl")
+    with pytest.raises(FileNotFoundError, match="the folder does not exist: create it first"):
+        atomic_file.write_text("no/x.csl", lambda f: f.write("x"), "save", "a.csl")
+
+
+def test_a_bytes_path_is_written_as_open_takes_it(tmp_path):
+    # csl_fast.load(b"run.csl") worked; save(b"run.csl") raised a TypeError on str.endswith
+    path = os.fsencode(tmp_path / "a.csv")
+    atomic_file.write_text(path, lambda f: f.write("x"), "write", "a.csv")
+    assert (tmp_path / "a.csv").read_text() == "x"

@@ -345,3 +345,15 @@ def test_a_short_review_worklist_says_why(tmp_path, capsys):
     assert "min confidence 0)" in stdout
     code, stdout, _ = run_main(capsys, *args, "--budget", "30")
     assert code == EXIT_OK and "not the budget" not in stdout
+
+
+def test_out_dash_writes_the_plan_to_stdout_and_the_summary_to_stderr(demo_run, tmp_path, capsys):
+    """--out /dev/stdout failed ("the folder refuses new files"), --out - wrote a file named
+    '-', and clean had no -o as rank has: the plan could not be piped."""
+    out = tmp_path / "plan.csv"
+    assert run_main(capsys, "clean", str(demo_run), "--out", str(out))[0] == EXIT_OK
+    code, stdout, stderr = run_main(capsys, "clean", str(demo_run), "-o", "-")
+    assert code == EXIT_OK
+    assert stdout == out.read_text()
+    assert f"wrote {len(read(out))} decisions to standard output" in stderr
+    assert not os.path.exists("-")

@@ -150,6 +150,9 @@ def test_roundtrip_bitwise(saved, tmp_path):
     data = path.read_bytes()
     header = json.loads(data[16 : 16 + int.from_bytes(data[8:16], "little")])
     assert header["version"] == FORMAT_VERSION == 3
+    # a bytes path, as load takes it (save raised a TypeError)
+    t.save(os.fsencode(tmp_path / "b.csl"))
+    _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(os.fsencode(tmp_path / "b.csl"))))
 
 
 def _read_into(monkeypatch) -> list[int]:
