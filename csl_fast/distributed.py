@@ -323,6 +323,8 @@ def _show(name: str, value: int) -> str:
         return str(bool(value))
     if name in ("num_classes", "num_labels"):
         return str(value or None)
+    if name == "buffer set":
+        return f"hash {value:08x}"
     if name.endswith("total"):
         return repr(torch.tensor([value]).view(torch.float64).item())
     return str(value)
@@ -345,6 +347,14 @@ def _agree(tracker: CSLTracker, group: Any, call: int, has_state: bool, timeout:
         for k, name in enumerate(_FIELDS)
         if len(_values(name, table[:, k])) > 1
     ]
+    if len(differ) > 1:
+        # the buffer set follows from dtype and num_labels: beside them its hash said nothing
+        differ = [d for d in differ if not d.startswith("buffer set")]
+    elif differ and differ[0].startswith("buffer set"):
+        differ[0] += (
+            ": the buffers' names, dtypes or shapes differ although every listed setting "
+            "agrees (a different csl_fast version on some rank?)"
+        )
     if differ:
         raise SyncError(
             "csl_fast.distributed: the ranks' trackers or calls differ in "

@@ -183,7 +183,8 @@ def test_sync_adds_label_csl(tmp_path):
 def test_sync_refuses_different_num_labels(tmp_path):
     _run_sync(tmp_path, [L, L + 1])
     for rank in range(2):
-        assert "buffer set" in (tmp_path / f"err{rank}.txt").read_text()
+        said = (tmp_path / f"err{rank}.txt").read_text()
+        assert f"num_labels (rank 0: {L}, rank 1: {L + 1})" in said
 
 
 def test_version_2_state_and_file_load_without_probabilities(tmp_path):
