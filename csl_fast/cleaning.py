@@ -644,15 +644,20 @@ def clean(
         raise ValueError(f"csl_fast.clean: policy must be one of {POLICIES}, got {policy!r}")
     # numbers.Real / Integral: numpy scalars are numbers too (np.float32(0.5) was refused
     # as "not in [0, 1]")
-    if isinstance(min_confidence, bool) or not (
-        isinstance(min_confidence, numbers.Real) and 0.0 <= min_confidence <= 1.0
-    ):
+    # a wrong type is a TypeError and a wrong value a ValueError, as Python's own
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, numbers.Real):
+        raise TypeError(
+            f"csl_fast.clean: min_confidence must be a number in [0, 1], got {min_confidence!r}"
+        )
+    if not 0.0 <= min_confidence <= 1.0:
         raise ValueError(
             f"csl_fast.clean: min_confidence must be a number in [0, 1], got {min_confidence!r}"
         )
     if budget is not None and (
-        isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 0
+        isinstance(budget, bool) or not isinstance(budget, numbers.Integral)
     ):
+        raise TypeError(f"csl_fast.clean: budget must be None or an int >= 0, got {budget!r}")
+    if budget is not None and budget < 0:
         raise ValueError(f"csl_fast.clean: budget must be None or an int >= 0, got {budget!r}")
     budget = None if budget is None else int(budget)
     if policy == "review" and budget is None:

@@ -274,7 +274,9 @@ class Detection:
 
 def _count(k: Any) -> int:
     # a negative k would slice from the end: top(-1) was every sample but the last
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"Detection.top: k must be an int >= 0, got {k!r}")
+    if k < 0:
         raise ValueError(f"Detection.top: k must be an int >= 0, got {k!r}")
     return int(k)
 

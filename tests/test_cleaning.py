@@ -347,8 +347,12 @@ def test_errors():
         _plan(min_confidence=1.5)
     with pytest.raises(ValueError, match="budget"):
         _plan(budget=-1)
-    with pytest.raises(ValueError, match="budget"):
+    with pytest.raises(TypeError, match="budget"):
         _plan(budget=2.5)
+    with pytest.raises(TypeError, match="budget"):
+        _plan(budget="3")
+    with pytest.raises(TypeError, match="min_confidence"):
+        _plan(min_confidence="0.5")
     with pytest.raises(ValueError, match="needs budget"):
         _plan(policy="review")
     with pytest.raises(ValueError, match="suggested labels"):

@@ -350,8 +350,10 @@ def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
         det = detect.mislabeled(t)
     assert det.top(3).tolist() == det.ranking[:3].tolist() and det.top(0).numel() == 0
     # top(-1) sliced from the end: every sample but the least suspicious
-    for k in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="k must be an int >= 0"):
+    with pytest.raises(ValueError, match="k must be an int >= 0"):
+        det.top(-1)
+    for k in (1.5, True, None):  # a wrong type, as Python's own
+        with pytest.raises(TypeError, match="k must be an int >= 0"):
             det.top(k)
 
 
