@@ -386,6 +386,10 @@ _CSS = (
 )
 
 
+#: At most this many samples in the image grid (one panel each); the top-k table lists all.
+GRID_MAX = 96
+
+
 def write_report(
     tracker: CSLTracker,
     out_dir: str | os.PathLike,
@@ -457,6 +461,8 @@ def write_report(
     ranking = np.argsort(-key, kind="stable")
     # headings said "Top 100000" of 300 samples; samples without a score are not ranked
     shown = min(top, int(np.isfinite(s).sum()))
+    # the grid draws one panel per sample: top = 100,000 ran for minutes; the table lists all
+    in_grid = min(shown, GRID_MAX)
     # a tracker of sequences: CSL per token (summed, it grows with a sequence's length)
     hist_score = "csl_mean" if tracker.sequences else "csl"
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
@@ -488,10 +494,12 @@ def write_report(
             lambda p: _fig_loss_curves(tracker, samples, p),
         ),
         (
-            f"Top {shown} suspicious samples",
+            f"Top {in_grid} suspicious samples",
             "top_samples.png",
             lambda p: (
-                _fig_top_grid(ranking, samples, s, p, shown, score) if samples is not None else None
+                _fig_top_grid(ranking, samples, s, p, in_grid, score)
+                if samples is not None
+                else None
             ),
         ),
     ]
@@ -515,7 +523,13 @@ def write_report(
         "(low confidence); one it hesitated over, then memorized, at middle confidence and high "
         "variability.",
         "loss_curves.png": "",
-        "top_samples.png": "Given label (what training saw) and the final model's prediction.",
+        "top_samples.png": "Given label (what training saw) and the final model's prediction."
+        + (
+            f" The first {GRID_MAX} of the top {shown}; the table 'Top {shown} by {score}' "
+            "lists them all."
+            if shown > GRID_MAX
+            else ""
+        ),
     }
     bar = None
     if progress:

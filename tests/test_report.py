@@ -729,3 +729,26 @@ def test_log_axes_under_a_decade_are_ticked_in_plain_numbers(tmp_path, monkeypat
     assert len(labels) >= 8
     assert all(re.fullmatch(r"[0-9.e+\-−]+", t) for t in labels), labels
     assert {"3", "10"} <= set(labels)
+
+
+def test_a_large_top_draws_a_bounded_grid_and_lists_every_sample(run, tmp_path, monkeypatch):
+    """--top 100000 drew one panel per sample and ran past minutes; the grid stops at
+    GRID_MAX panels, and the table still lists the whole top."""
+    from csl_fast import report
+
+    tracker, samples = run
+    n = tracker.num_samples
+    drawn = []
+    grid = report._fig_top_grid
+
+    def spy(ranking, samples, s, path, k, score):
+        drawn.append(k)
+        return grid(ranking, samples, s, path, k, score)
+
+    monkeypatch.setattr(report, "_fig_top_grid", spy)
+    monkeypatch.setattr(report, "GRID_MAX", 3)
+    with_images = RunSamples(labels=samples.labels, images=np.zeros((n, 4, 4)))
+    page = Path(write_report(tracker, tmp_path, with_images, top=10)).read_text(encoding="utf-8")
+    assert drawn == [3]
+    assert "Top 3 suspicious samples" in page and "The first 3 of the top 10" in page
+    assert page.count("<tr><td>", page.index("<h2>Top 10 by csl</h2>")) >= 10
