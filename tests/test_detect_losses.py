@@ -84,6 +84,12 @@ def test_a_cut_inside_a_tie_and_a_small_sample_are_said():
     det = corrupted_targets(torch.cat([bulk, torch.full((50,), 10.0, dtype=torch.float64)]))
     tie = det.diagnostics["tied_at_cut"]
     assert tie["tied"] == 50 and tie["flagged"] == len(det) < 50
+    # the excess beyond z > 2 only: a bound, said where the count is printed ("estimated
+    # 8 corrupted samples (1-21)" of 15 read as a count)
+    from csl_fast.detect import count_phrase
+
+    assert det.diagnostics["count"] == "lower bound"
+    assert "likely more" in count_phrase(det) or "at least" in count_phrase(det)
     assert "the cut falls inside a tie" in det.diagnostics["note"]
     small = torch.exp(torch.randn(12, generator=torch.Generator().manual_seed(5)) * 0.5)
     with pytest.warns(DetectionWarning, match="among only 12 scores"):
