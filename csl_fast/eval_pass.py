@@ -9,7 +9,12 @@ from typing import Any
 import torch
 
 from ._args import integer_labels
-from .accumulate_checks import adopt_classes, match_tracker_classes
+from .accumulate_checks import (
+    _check_values,
+    adopt_classes,
+    match_tracker_classes,
+    validate_by_default,
+)
 from .distributed import is_distributed
 from .model_modes import eval_mode
 from .tracker import CSLTracker
@@ -29,6 +34,7 @@ def score_epoch(
     forward: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    validate: bool | None = None,
 ) -> None:
     """Add one eval-mode loss per sample into the tracker's eval-pass buffers.
 
@@ -62,6 +68,11 @@ def score_epoch(
         device: where to move ``x`` (default: the device of the model's first parameter,
             else the tracker's); targets and indices go to the tracker's device.
         progress: show a tqdm progress bar (needs ``tqdm``).
+        validate: check on the host that targets and indices are in range, as
+            :func:`csl_fast.accumulate` does (``None``, the default: where that costs no
+            device synchronisation or the kernel does not check itself; a bad target
+            raises ``IndexError`` before anything is recorded). Unchecked on a GPU, a row
+            with a target outside ``[0, C)`` is skipped, as in training.
     """
     unpack = unpack or _default_unpack
     if device is None:
@@ -78,6 +89,7 @@ def score_epoch(
             ) from exc
         batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
     from . import ops
+    from ._ext import resolve_backend
 
     # On the CPU: a GPU tracker's pass keeps no second copy of its buffers on the device.
     before = {n: getattr(tracker, n).to("cpu", copy=True) for n in _eval_buffers(tracker)}
@@ -121,10 +133,19 @@ def score_epoch(
                     )
                 if y.dtype == torch.uint8:  # taken in training (accumulate) too
                     y = y.long()
+                index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
+                check = validate
+                if check is None:
+                    name = resolve_backend(tracker.backend, logits.device, logits.dtype)
+                    check = validate_by_default(logits.device, name)
+                if check:
+                    # the Triton kernel made a bad target's row NaN and the pass skipped it
+                    # without a word, where the C++ kernel and accumulate raise
+                    _check_values(y, index, logits.shape[1], tracker.num_samples, ignore_index,
+                                  "score_epoch")  # fmt: skip
                 _, stats = ops.cross_entropy_fwd(
                     logits, y, None, ignore_index, 0.0, 2, tracker.backend
                 )
-                index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
                 tracker.record_eval(index, stats)
                 adopt_classes(tracker, logits.shape[1])
     except BaseException as exc:

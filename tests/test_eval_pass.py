@@ -142,6 +142,26 @@ def test_an_index_out_of_range_writes_nothing(backend):
     assert t.eval_passes == 0 and not t.eval_count.any()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_target_out_of_range_writes_nothing(backend):
+    """On the Triton backend a target of C made its row NaN: the row was skipped and the
+    pass counted, without a word, where the C++ kernel and accumulate raise."""
+    model = _model()
+    x, y, _ = _batches(n=4)
+    t = CSLTracker(4, 3, backend=backend)
+    for bad in (3, -1):
+        target = y.clone()
+        target[2] = bad
+        with pytest.raises(IndexError, match=rf"target\[2\] = {bad} is outside"):
+            csl_fast.score_epoch(model, [(x, target, torch.arange(4))], t)
+    assert t.eval_passes == 0 and not t.eval_count.any()
+    # ignore_index is not a bad target
+    target = y.clone()
+    target[2] = -100
+    csl_fast.score_epoch(model, [(x, target, torch.arange(4))], t)
+    assert t.eval_count.tolist() == [1, 1, 0, 1]
+
+
 def test_a_frozen_submodule_stays_in_eval_mode():
     """A backbone frozen with .eval() came back in train mode (model.train(True) sets every
     submodule), so its BatchNorm updated its running statistics from the next step on."""
