@@ -414,6 +414,45 @@ def _manual_rne(logits: torch.Tensor, kernel) -> bool:
     return logits.dtype == torch.bfloat16 and is_interpreted(kernel)
 
 
+def _check_inputs(op: str, logits, target, weight=None, pos_weight=None, reduction=0) -> None:
+    """The C++ ops' checks (csrc/bce_checks.h: check_bce_inputs, check_bce_options): the
+    kernels read ``B x L`` entries of the target (and of the weights, broadcast) by the
+    logits' shape, so a target of another shape was read past its end."""
+    if logits.dim() != 2 or target.shape != logits.shape:
+        raise ValueError(
+            f"{op}: logits must be 2-D [B, L] and target of their shape, got "
+            f"{tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    if target.dtype != logits.dtype:
+        raise TypeError(
+            f"{op}: target must have the logits' dtype {logits.dtype}, got {target.dtype}"
+        )
+    if logits.shape[1] == 0 and logits.shape[0] > 0:
+        raise ValueError(f"{op}: logits have L = 0 labels")
+    for name, t in (("weight", weight), ("pos_weight", pos_weight)):
+        if t is None:
+            continue
+        try:
+            fits = t.dim() <= 2 and torch.broadcast_shapes(t.shape, logits.shape) == logits.shape
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{op}: {name} of shape {tuple(t.shape)} does not broadcast to the logits' "
+                f"shape {tuple(logits.shape)}"
+            )
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    for name, t in (("target", target), ("weight", weight), ("pos_weight", pos_weight)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but logits are on {logits.device}; move it "
+                "with .to(logits.device)"
+            )
+
+
 @register(
     "csl_fast::bce_fwd_triton", kernel=_bce_fwd_kernel, mutates_args=(), fake=FAKES["bce_fwd"]
 )
@@ -425,6 +464,7 @@ def bce_fwd_triton(
     reduction: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, stats)`` as :func:`csl_fast.reference.bce_fwd` (see the module doc)."""
+    _check_inputs("csl_fast.bce_fwd_triton", logits, target, weight, pos_weight, reduction)
     batch, labels = logits.shape
     acc, acc_tl = _acc(logits)
     per_entry = reduction == 0
@@ -464,6 +504,15 @@ def bce_bwd_triton(
 ) -> torch.Tensor:
     """``d loss / d logits`` for the upstream gradient ``grad`` (:func:`csl_fast.reference.
     bce_bwd`), contiguous ``[B, L]`` in the logits' dtype."""
+    op = "csl_fast.bce_bwd_triton"
+    _check_inputs(op, logits, target, weight, pos_weight, reduction)
+    # reduction none reads a [B, L] upstream gradient entry by entry; the others one value
+    want = tuple(logits.shape) if reduction == 0 else ()
+    if tuple(grad.shape) != want or grad.device != logits.device:
+        raise ValueError(
+            f"{op}: grad must be the upstream gradient of the loss, shape {want} on "
+            f"{logits.device}, got {tuple(grad.shape)} on {grad.device}"
+        )
     batch, labels = logits.shape
     out = torch.empty((batch, labels), dtype=logits.dtype, device=logits.device)
     if batch == 0 or labels == 0:

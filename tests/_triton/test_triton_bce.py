@@ -180,6 +180,28 @@ def test_record_with_some_buffers(tdevice):
                 torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
+def test_forward_and_backward_refuse_what_they_would_read_past(tdevice):
+    """Called directly, bce_fwd_triton and bce_bwd_triton read B x L entries of the target
+    and of the upstream gradient by the logits' shape: a [1, L] target beside [4, L]
+    logits gave losses from the memory after it (1,000s here), and an int64 target or
+    reduction=5 were taken; each is refused naming the argument, as by the C++ ops."""
+    logits, target = _inputs(4, 3, torch.float32, tdevice)
+    after = torch.full((4, 3), 1000.0, device=tdevice)
+    short = after[:1]
+    grad = torch.ones(4, 3, device=tdevice)
+    for call, error, said in [
+        (lambda: bce_fwd_triton(logits, short, None, None, 0), ValueError, "target of their"),
+        (lambda: bce_fwd_triton(logits, target.long(), None, None, 2), TypeError, "dtype"),
+        (lambda: bce_fwd_triton(logits, target, None, None, 5), ValueError, "reduction"),
+        (lambda: bce_fwd_triton(logits, target, after[0, :2], None, 0), ValueError, "weight"),
+        (lambda: bce_bwd_triton(grad[:1], logits, target, None, None, 0), ValueError, "grad"),
+        (lambda: bce_bwd_triton(grad, logits, short, None, None, 0), ValueError, "target"),
+        (lambda: bce_bwd_triton(grad.sum(), logits, target, None, None, 3), ValueError, "redu"),
+    ]:
+        with pytest.raises(error, match=said):
+            call()
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_record_refuses_buffers_it_would_write_past(tdevice, deterministic):
     """Every buffer is written at index k < N of the first one given: a shorter, strided or
