@@ -553,8 +553,20 @@ def _config(num_classes: int) -> tuple[bool, int, int, int]:
 
 
 def _require_supported(
-    op: str, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+    op: str,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    label_smoothing: float,
+    reduction: int,
 ) -> None:
+    # as the C++ ops (csrc/checks.h): reduction=3 ran as a sum, smoothing 2.0 as given
+    if reduction not in (0, 1, 2):
+        raise ValueError(
+            f"csl_fast.{op}: reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}"
+        )
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"csl_fast.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if logits.dtype not in _SUPPORTED:
         raise TypeError(
             f"{op} supports float16, bfloat16 and float32 logits, got {logits.dtype}; use "
@@ -644,7 +656,9 @@ def cross_entropy_fwd_triton(
     the kernel. One read and one write of the logits when ``next_pow2(C) <=
     MAX_FUSED_BLOCK``, two reads and one write otherwise.
     """
-    _require_supported("cross_entropy_fwd_triton", logits, target, weight)
+    _require_supported(
+        "cross_entropy_fwd_triton", logits, target, weight, label_smoothing, reduction
+    )
     batch, num_classes = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -743,7 +757,9 @@ def cross_entropy_fwd_stats_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` without the gradient: ``(loss, stats)``, the kernel's
     gradient pass compiled out (one read of the logits, no write, no logits-sized buffer)."""
-    _require_supported("cross_entropy_fwd_stats_triton", logits, target, weight)
+    _require_supported(
+        "cross_entropy_fwd_stats_triton", logits, target, weight, label_smoothing, reduction
+    )
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     args = (logits, target, weight, ignore_index, label_smoothing, reduction, None)
@@ -766,7 +782,9 @@ def cross_entropy_fwd_inplace_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`cross_entropy_fwd_triton` with the gradient written over the (contiguous)
     logits: ``(loss, stats)``; no logits-sized buffer is allocated."""
-    _require_supported("cross_entropy_fwd_inplace_triton", logits, target, weight)
+    _require_supported(
+        "cross_entropy_fwd_inplace_triton", logits, target, weight, label_smoothing, reduction
+    )
     if not logits.is_contiguous():
         raise ValueError(
             "csl_fast: inplace_grad=True writes the gradient over the logits and needs them "

@@ -29,7 +29,9 @@ def _run(
     logits, target, weight, ignore_index, label_smoothing, reduction, softcap, zs, grad,
     store_grad=True,
 ):  # fmt: skip
-    _require_supported("cross_entropy_fwd_extra_triton", logits, target, weight)
+    _require_supported(
+        "cross_entropy_fwd_extra_triton", logits, target, weight, label_smoothing, reduction
+    )
     batch = logits.shape[0]
     z_rows = torch.zeros((batch,), dtype=torch.float32, device=logits.device)
     loss, stats = _launch(

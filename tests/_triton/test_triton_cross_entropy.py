@@ -497,3 +497,21 @@ def test_refuses_targets_and_weights_it_would_read_past(tdevice):
                 fn(*args, IGNORE, 0.1, 1, *extra)
     with pytest.raises(ValueError, match="C = 5 class weights"):
         torch.ops.csl_fast.mean_denominator_triton(good, weight[:2], IGNORE, 5)
+
+
+def test_refuses_a_smoothing_or_reduction_the_cpp_op_refuses(tdevice):
+    """Called directly, reduction=3 ran as a sum and label_smoothing 2.0 or NaN as given,
+    where the C++ op refuses them; now both backends do."""
+    logits = torch.randn(4, 5, device=tdevice)
+    target = torch.zeros(4, dtype=torch.long, device=tdevice)
+    for fn in (cross_entropy_fwd_triton, cross_entropy_fwd_extra_triton):
+        extra = (0.0, 0.0) if fn is cross_entropy_fwd_extra_triton else ()
+        for smoothing, reduction, match in [
+            (-0.5, 1, "label_smoothing must be in"),
+            (2.0, 1, "label_smoothing must be in"),
+            (float("nan"), 1, "label_smoothing must be in"),
+            (0.0, 3, "reduction must be 0"),
+            (0.0, -1, "reduction must be 0"),
+        ]:
+            with pytest.raises(ValueError, match=match):
+                fn(logits, target, None, IGNORE, smoothing, reduction, *extra)
