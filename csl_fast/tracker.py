@@ -452,6 +452,7 @@ class CSLTracker(TrackerStatistics):
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`).
         ``validate``: check that every index is in ``[0, N)`` (class docstring, *Indices*)."""
         _check_stats("update", stats, self.num_classes)
+        stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
         idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,
@@ -470,6 +471,7 @@ class CSLTracker(TrackerStatistics):
         buffers, apart from the in-training ones. ``validate``: check that every index is in
         ``[0, N)`` (class docstring, *Indices*)."""
         _check_stats("record_eval", stats, self.num_classes)
+        stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
         idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,

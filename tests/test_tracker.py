@@ -587,6 +587,23 @@ def test_an_index_past_n(backend):
             assert not _unchanged(t, want.buffers()), name
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_of_any_layout_are_taken(backend):
+    """Non-contiguous stats (a transposed [B, NUM_STATS] buffer) were refused by update and
+    record_eval on the C++ backend as "must be a contiguous float32 [7, B] tensor ..., got
+    [7, 4]", a shape they had, while record took them."""
+    stats = _stats([0.3, 0.2, 0.7], [1, 1, 0], [1, 1, 1])
+    strided = stats.t().contiguous().t()
+    assert not strided.is_contiguous() and torch.equal(strided, stats)
+    index = torch.tensor([1, 4, 2])
+    for name in ("update", "record_eval", "record"):
+        want, _ = _primed(backend, history=True)
+        got, _ = _primed(backend, history=True)
+        getattr(want, name)(index, stats)
+        getattr(got, name)(index, strided)
+        assert not _unchanged(got, want.buffers()), name
+
+
 def test_device_without_an_index(device):
     """device="cuda" is the current GPU: its statistics report cuda:0 and must be taken."""
     t = CSLTracker(4, 3, device=device)
