@@ -401,7 +401,13 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
                 ".to(logits.device)",
             )
     _check_buffers(buffers, labels)
-    check_buffers_apart("accumulate_bce", dict(zip(_NAMES, buffers, strict=True)), index)
+    check_buffers_apart(
+        "accumulate_bce",
+        dict(zip(_NAMES, buffers, strict=True)),
+        index,
+        target=target,
+        logits=logits,
+    )
 
 
 def _check_option(name: str, opt: object, logits: torch.Tensor) -> None:

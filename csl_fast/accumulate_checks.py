@@ -49,33 +49,47 @@ def check_count_fits(op: str, csl: torch.Tensor, count: torch.Tensor) -> None:
         )
 
 
-def check_buffers_apart(
-    op: str, buffers: dict[str, torch.Tensor | None], index: torch.Tensor
-) -> None:
-    """No buffer written in place shares memory with the 1-D ``index`` of the call, whose
-    entries would change under the adds (a count passed as the index too counts into it).
-    Runs on every step: integer address ranges, no tensor method in the common case. Not
-    while tracing (no addresses)."""
-    if torch.compiler.is_compiling() or index.shape[0] == 0 or index.is_meta:
-        return  # (meta tensors have no memory: their addresses are all 0)
+def _span(t: torch.Tensor) -> tuple[int, int] | None:
+    """``[first, last)`` byte addresses a strided tensor reads, or None when it has no
+    memory (empty, meta, a torch.func wrapper). Strides of views are not negative."""
+    if t.numel() == 0 or t.is_meta:  # (meta tensors have no memory: their addresses are 0)
+        return None
     try:
-        i0 = index.data_ptr()
+        t0 = t.data_ptr()
     except RuntimeError:  # a torch.func wrapper (vmap, grad): no storage, no address
+        return None
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride(), strict=True))
+    return t0, t0 + (last + 1) * t.element_size()
+
+
+def check_buffers_apart(
+    op: str,
+    buffers: dict[str, torch.Tensor | None],
+    index: torch.Tensor,
+    **inputs: torch.Tensor | None,
+) -> None:
+    """No buffer written in place shares memory with the ``index`` of the call, whose
+    entries would change under the adds (a count passed as the index too counts into it),
+    nor with the other ``inputs`` it reads (``target=``, ``logits=``: count=target added
+    into the user's labels without a word). Runs on every step: integer address ranges.
+    Not while tracing (no addresses)."""
+    if torch.compiler.is_compiling():
         return
-    i1 = i0 + ((index.shape[0] - 1) * index.stride(0) + 1) * index.element_size()
+    reads = [(name, t) for name, t in (("index", index), *inputs.items()) if t is not None]
+    spans = [(name, t.device, _span(t)) for name, t in reads]
     for name, buf in buffers.items():
-        if buf is None:
+        span = None if buf is None else _span(buf)
+        if span is None:
             continue
-        try:
-            b0 = buf.data_ptr()
-        except RuntimeError:
-            continue
-        if b0 < i1 and i0 < b0 + buf.numel() * buf.element_size() and buf.device == index.device:
-            raise ValueError(
-                f"csl_fast.{op}: {name} shares memory with index (the same tensor, or views "
-                f"of one), so the call would add into the indices it reads; allocate {name} "
-                "separately, e.g. torch.zeros(num_samples)"
-            )
+        for what, device, read in spans:
+            if read is not None and span[0] < read[1] and read[0] < span[1]:
+                if device != buf.device:
+                    continue
+                raise ValueError(
+                    f"csl_fast.{op}: {name} shares memory with {what} (the same tensor, or "
+                    f"views of one), so the call would add into the {what} it reads; "
+                    f"allocate {name} separately, e.g. torch.zeros(num_samples)"
+                )
 
 
 def _buffers(
@@ -191,7 +205,7 @@ def _check_args(
         check_buffer(op, "count", count, _COUNT_DTYPES, "logits")
         _check_device("count", count, device, op)
         check_count_fits(op, csl, count)
-    check_buffers_apart(op, {"csl": csl, "count": count}, index)
+    check_buffers_apart(op, {"csl": csl, "count": count}, index, target=target, logits=logits)
     if weight is not None:
         if not isinstance(weight, torch.Tensor):
             raise TypeError(

@@ -178,8 +178,11 @@ bool declines(const at::Tensor& logits, const at::Tensor& target, const at::Tens
     return true;
   }
   // A buffer sharing memory with the index: the Python checks refuse it.
-  if (csl_fast::spans_overlap(csl, index) || (count && csl_fast::spans_overlap(*count, index))) {
-    return true;
+  // or with the target or logits read (count=target added into the labels): the same
+  for (const at::Tensor* read : {&index, &target, &logits}) {
+    if (csl_fast::spans_overlap(csl, *read) || (count && csl_fast::spans_overlap(*count, *read))) {
+      return true;
+    }
   }
   if (weight && weight->requires_grad() && at::GradMode::is_enabled()) return true;
   if (at::impl::torch_function_mode_enabled()) return true;
@@ -390,7 +393,8 @@ bool bce_declines(const at::Tensor& logits, const at::Tensor& target, const at::
     if (!bufs[k]) continue;
     const at::Tensor& b = *bufs[k];
     if (!b.is_cpu() || b.requires_grad() || (outside_inference && b.is_inference()) ||
-        csl_fast::spans_overlap(b, index)) {
+        csl_fast::spans_overlap(b, index) || csl_fast::spans_overlap(b, target) ||
+        csl_fast::spans_overlap(b, logits)) {
       return true;
     }
     for (size_t j = 0; j < k; ++j) {

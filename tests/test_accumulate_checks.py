@@ -173,6 +173,9 @@ def test_a_buffer_sharing_memory_with_an_input_is_refused(backend):
         (dict(csl=csl, count=index), "count shares memory with index"),
         (dict(csl=csl, count=big[2:6]), "count shares memory with index"),
         (dict(csl=index.view(torch.float64)), "csl shares memory with index"),
+        # count=target by a typo added into the user's labels without a word
+        (dict(csl=csl, count=target), "count shares memory with target"),
+        (dict(csl=logits[0, :4]), "csl shares memory with logits"),
     ):
         with pytest.raises(ValueError, match=match):
             csl_fast.accumulate(logits, target, index, backend=backend, **kwargs)
@@ -181,4 +184,7 @@ def test_a_buffer_sharing_memory_with_an_input_is_refused(backend):
         csl_fast.record_loss(torch.rand(4), index, csl, count=index, backend=backend)
     with pytest.raises(ValueError, match="count shares memory with index"):
         csl_fast.accumulate_bce(logits, torch.ones(4, 5), index, csl, count=index, backend=backend)
-    assert big.tolist() == [3] * 12 and not csl.any()
+    soft = torch.ones(4, 5)
+    with pytest.raises(ValueError, match="count shares memory with target"):
+        csl_fast.accumulate_bce(logits, soft, index, csl, count=soft[0, :4], backend=backend)
+    assert big.tolist() == [3] * 12 and not csl.any() and soft.eq(1).all()
