@@ -195,6 +195,12 @@ def watch(
     if valid is not None and valid.dim() > 1:  # a sequence counts if any of its tokens does
         valid = valid.flatten(1).any(1)
     _check_tracker(tracker, "watch")
+    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+        # here, where reading it costs no device sync: from the hook an IndexError came
+        # out of loss.backward()
+        from .accumulate_checks import _check_values
+
+        _check_values(None, index, 0, tracker.num_samples, 0, "watch")
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

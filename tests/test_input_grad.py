@@ -267,6 +267,9 @@ def test_watch_empty_batch():
         (torch.tensor([0, 1]), {"reduction_scale": "2"}, TypeError, "a number .* got str"),
         # a tensor in place of the tracker failed in the hook, during backward
         (torch.tensor([0, 1]), {"tracker": torch.zeros(3)}, TypeError, "CSLTracker.* Tensor"),
+        # out of [0, N): it raised from the hook, out of loss.backward()
+        (torch.tensor([0, 3]), {}, IndexError, r"watch: index\[1\] = 3 is outside"),
+        (torch.tensor([-1, 1]), {}, IndexError, r"index\[0\] = -1 is outside"),
     ],
 )
 def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match):
