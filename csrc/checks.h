@@ -178,6 +178,9 @@ inline int64_t check_vote_args(const at::Tensor& stats, const at::Tensor& index,
   const int64_t B = stats.size(1);
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "csl_fast.record_vote: index must be int64 or int32 dataset indices, got ",
+                   index.scalar_type());
   const int64_t n = label.numel();
   check_state_buffer("record_vote", label, "suggest_label", at::kInt, n);
   check_state_buffer("record_vote", votes, "suggest_votes", at::kInt, n);

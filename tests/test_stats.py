@@ -261,6 +261,15 @@ def test_record_vote_op_matches_a_loop():
         torch.ops.csl_fast.record_vote(
             batches[0][1], batches[0][0], suggest[0], suggest[1].long(), suggest[2]
         )
+    # a float index was truncated (1.7 voted for sample 1), as scatter_stats refuses it
+    for dtype in (torch.float32, torch.bool, torch.int16):
+        with pytest.raises(TypeError, match="index must be int64 or int32"):
+            torch.ops.csl_fast.record_vote(batches[0][1], batches[0][0].to(dtype), *suggest)
+        with pytest.raises(TypeError, match="index must be int64 or int32"):
+            last = (torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+            torch.ops.csl_fast.record_last(
+                batches[0][1], batches[0][0].to(dtype), None, 0, *last, *([None] * 10)
+            )
 
 
 @pytest.mark.parametrize("backend", _record_backends())

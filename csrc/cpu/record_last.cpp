@@ -104,6 +104,10 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   const int64_t B = stats.size(1);
   TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_last: index must be [B = ", B, "], got ", index.sizes());
+  // a float index was truncated (1.7 wrote sample 1), as scatter_stats refuses it
+  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+                   "csl_fast.record_last: index must be int64 or int32 dataset indices, got ",
+                   index.scalar_type());
   TORCH_CHECK_VALUE(forgetting.has_value() == learned_epoch.has_value(),
                     "csl_fast.record_last: pass forgetting and learned_epoch together");
   const int64_t n = last_loss.numel();
