@@ -505,6 +505,17 @@ class CSLTracker(TrackerStatistics):
                 targets) are not recorded. Non-finite norms are never recorded.
             validate: check that every index is in ``[0, N)`` (class docstring, *Indices*).
         """
+        if not isinstance(sq_norms, torch.Tensor) or sq_norms.dim() != 1:
+            # ([B, 1] norms read "index has B entries but the batch has 1 rows")
+            got = (
+                tuple(sq_norms.shape)
+                if isinstance(sq_norms, torch.Tensor)
+                else type(sq_norms).__name__
+            )
+            raise ValueError(
+                "CSLTracker.record_input_grad: sq_norms must be a 1-D [B] tensor, one "
+                f"squared norm per row, got {got}"
+            )
         idx = self._index(index, sq_norms[None], validate)
         if valid is not None and (valid.dim() != 1 or valid.shape[0] != idx.shape[0]):
             raise ValueError(

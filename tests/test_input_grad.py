@@ -282,6 +282,9 @@ def test_watch_refuses_bad_arguments_before_backward(index, kwargs, error, match
     assert not x.requires_grad and not x._backward_hooks
     with pytest.raises(ValueError, match="one-element"):
         csl_fast.input_grad_norms(torch.ones(2, 3), torch.arange(2), t, torch.ones(2))
+    # [B, 1] norms read "index has 2 entries but the batch has 1 rows"
+    with pytest.raises(ValueError, match=r"sq_norms must be a 1-D \[B\] tensor.*\(2, 1\)"):
+        t.record_input_grad(torch.arange(2), torch.ones(2, 1))
     assert float(t.input_grad_count.sum()) == 0
 
 
