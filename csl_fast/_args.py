@@ -22,6 +22,15 @@ def _is_bool(value: Any) -> bool:
     return isinstance(value, bool | np.bool_)
 
 
+def check_flags(op: str, none_ok: bool = True, **flags: Any) -> None:
+    """Each flag is True or False (or None, the default's choice, where ``none_ok``): a
+    string from a config ("False", "no") is truthy, and was taken as True."""
+    for name, value in flags.items():
+        if not (isinstance(value, bool | np.bool_) or (none_ok and value is None)):
+            allowed = "True, False or None" if none_ok else "True or False"
+            raise TypeError(f"{op}: {name} must be {allowed}, got {value!r}")
+
+
 def integer_labels(dtype: torch.dtype) -> bool:
     """Whether a tensor of ``dtype`` holds integer class labels (not float, complex, whose
     real part a cast keeps silently, or bool)."""

@@ -20,6 +20,7 @@ from . import (
     ops_extras,
     reference,
 )
+from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate_checks import (
     _buffers,
@@ -258,6 +259,7 @@ def accumulate(
         raise TypeError(
             f"csl_fast.accumulate: inplace_grad must be True or False, got {inplace_grad!r}"
         )
+    check_flags("csl_fast.accumulate", deterministic=deterministic, validate=validate)
     fast_error = None
     step = None
     if extras is None and type(ignore_index) is not bool:  # (refused below; C++ reads 1)

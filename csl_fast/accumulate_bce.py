@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, backward_rerun, bce_ops
+from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate import _fell_back, eager_step_allowed
 from .accumulate_checks import (
@@ -192,6 +193,7 @@ def accumulate_bce(
             validate=validate,
         )  # fmt: skip
         return loss.squeeze(1) if reduction == "none" else loss
+    check_flags("csl_fast.accumulate_bce", deterministic=deterministic, validate=validate)
     extra = (wrong, min_margin, label_csl, label_margin, label_prob)
     step = _eager_cpu_step(logits, csl, count, extra, backend, validate)
     fast_error = None

@@ -633,8 +633,8 @@ def clean(
             action ``drop`` (its suggested label, the group's, shown): the cleaned set of
             :meth:`CleaningPlan.apply` leaves such samples out, as the run says nothing
             about them.
-        **detect_kwargs: forwarded to the default detection when ``detection`` is None
-            (``rule``, ``fraction``, ``threshold``; ``seed`` for ``detect.mislabeled``).
+        **detect_kwargs: forwarded to the default detection when ``detection`` is None:
+            ``rule``, ``fraction``, ``threshold`` (any other name raises ``TypeError``).
 
     Returns:
         a :class:`CleaningPlan`. Empty when nothing is flagged; then ``plan.warning`` (the
@@ -670,6 +670,13 @@ def clean(
         raise ValueError(
             "csl_fast.clean: policy='relabel-confident' relabels, which needs suggested labels, "
             f"but {missing}: use policy='drop' (or 'review', or pass suggestions=)"
+        )
+    unknown = sorted(set(detect_kwargs) - {"rule", "fraction", "threshold"})
+    if unknown:
+        # (a misspelt keyword was reported as "mislabeled() got an unexpected keyword")
+        raise TypeError(
+            f"csl_fast.clean: unexpected keyword argument(s) {unknown}; the default "
+            "detection takes rule=, fraction= and threshold="
         )
     if detection is None:
         detection = default_detection(source, score, **detect_kwargs)

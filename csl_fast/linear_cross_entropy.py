@@ -56,6 +56,7 @@ import warnings
 import torch
 
 from . import cross_entropy_extras, ops, ops_extras
+from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
 from .accumulate_checks import adopt_classes, validate_by_default, widen_for_ignore_index
@@ -138,7 +139,9 @@ def linear_cross_entropy(
             cross entropy), not ``F.cross_entropy``'s class weights, which this op does
             not take.
         target: ``[N]`` or ``[B, T]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
-        index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``.
+        index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``
+            (but an integer tensor or None: a float tensor here is a bias passed by
+            position, as ``F.linear`` takes it, and raises ``TypeError``).
         csl: ``[num_samples]`` float32/float64 buffer, a :class:`csl_fast.CSLTracker`, or
             None to compute the loss only.
         bias: optional ``[V]``.
@@ -251,6 +254,23 @@ def linear_cross_entropy(
     # ambiguous.
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), size_h)
     t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
+    if (
+        csl is None
+        and index is not None
+        and (  # (with csl the shared checks name it)
+            not isinstance(index, torch.Tensor)
+            or index.is_floating_point()
+            or index.is_complex()
+            or index.dtype == torch.bool
+        )
+    ):
+        # linear_cross_entropy(h, W, y, b), as F.linear(x, W, b) is called, put the bias
+        # here: the loss came out without it, silently
+        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
+        raise TypeError(
+            "csl_fast.linear_cross_entropy: index (the 4th argument) must be an integer "
+            f"tensor of dataset indices, got {got}; pass the bias as bias=b"
+        )
     record = csl is not None
     if record:
         buffers = _buffers(csl, count, seq, classes=vocab, op="linear_cross_entropy")
@@ -275,6 +295,7 @@ def linear_cross_entropy(
         op="linear_cross_entropy",
     )
     name = resolve_backend(backend, hidden.device, hidden.dtype)
+    check_flags("csl_fast.linear_cross_entropy", deterministic=deterministic, validate=validate)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:

@@ -20,6 +20,7 @@ import math
 import torch
 
 from . import _ext, backward_rerun, ops
+from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate_checks import (
     check_buffer,
@@ -135,6 +136,7 @@ def record_loss(
     """
     if not torch.compiler.is_compiling() and backward_rerun.in_backward():
         return loss  # a checkpointed forward's rerun: checked and recorded the first time
+    check_flags("csl_fast.record_loss", deterministic=deterministic, validate=validate)
     fast = _eager_cpu_args(loss, index, csl, count, backend, validate)
     if fast is not None:
         try:

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from . import _ext, huge_pages, ops, reference, tracker_file
+from ._args import check_flags
 from .accumulate_checks import _check_values, validate_by_default
 from .buffer_locks import locked
 from .stats import NUM_STATS, Stat
@@ -226,6 +227,8 @@ class CSLTracker(TrackerStatistics):
                 f"CSLTracker: cannot allocate on device {device!r} ({exc}); create the tracker "
                 "on 'cpu' or on a device this torch build and machine have"
             ) from None
+        check_flags("CSLTracker", False, history=history)
+        check_flags("CSLTracker", deterministic=deterministic)
         self.dtype = dtype
         self.history = bool(history)
         if backend != "auto" and backend not in _ext.BACKENDS:  # else refused at the first step

@@ -188,3 +188,35 @@ def test_a_buffer_sharing_memory_with_an_input_is_refused(backend):
     with pytest.raises(ValueError, match="count shares memory with target"):
         csl_fast.accumulate_bce(logits, soft, index, csl, count=soft[0, :4], backend=backend)
     assert big.tolist() == [3] * 12 and not csl.any() and soft.eq(1).all()
+
+
+def test_flags_from_a_config_string_are_refused_not_taken_as_true():
+    """CSLTracker(history="no") kept a history, deterministic="no" ran deterministically,
+    and accumulate(validate="False") validated: a non-empty string is truthy."""
+    with pytest.raises(TypeError, match="history must be True or False, got 'no'"):
+        csl_fast.CSLTracker(4, 3, history="no")
+    with pytest.raises(TypeError, match="deterministic must be True, False or None"):
+        csl_fast.CSLTracker(4, 3, deterministic="no")
+    logits, target, index, csl = (
+        torch.randn(4, 3),
+        torch.arange(4) % 3,
+        torch.arange(4),
+        torch.zeros(4),
+    )
+    h, w = torch.randn(4, 2), torch.randn(3, 2)
+    calls = {
+        "accumulate": lambda **kw: csl_fast.accumulate(logits, target, index, csl, **kw),
+        "accumulate_bce": lambda **kw: csl_fast.accumulate_bce(
+            logits, torch.ones(4, 3), index, csl, **kw
+        ),
+        "record_loss": lambda **kw: csl_fast.record_loss(torch.rand(4), index, csl, **kw),
+        "linear_cross_entropy": lambda **kw: csl_fast.linear_cross_entropy(
+            h, w, target, index, csl, **kw
+        ),
+    }
+    for name, call in calls.items():
+        for flag in ("deterministic", "validate"):
+            with pytest.raises(TypeError, match=rf"{name}: {flag} must be True, False or None"):
+                call(**{flag: "False"})
+        call(deterministic=True, validate=False)
+    assert csl.any()

@@ -353,6 +353,9 @@ def test_errors():
         _plan(budget="3")
     with pytest.raises(TypeError, match="min_confidence"):
         _plan(min_confidence="0.5")
+    # the docstring offered seed=, which mislabeled() refused under its own name
+    with pytest.raises(TypeError, match=r"csl_fast.clean: unexpected keyword .*\['seed'\]"):
+        clean(SCORES, policy="drop", seed=0)
     with pytest.raises(ValueError, match="needs budget"):
         _plan(policy="review")
     with pytest.raises(ValueError, match="suggested labels"):

@@ -253,6 +253,17 @@ def test_argument_types_are_refused_not_truncated(kwargs, error, match):
     assert not csl.any()
 
 
+def test_a_bias_passed_by_position_is_refused_not_dropped():
+    """linear_cross_entropy(h, W, y, b), as F.linear(x, W, b) is called, put the bias in
+    the index slot, which is ignored without csl: the loss came out without the bias."""
+    h, w, b, t = _inputs()
+    for fourth in (b, "junk", torch.ones(2, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=r"index \(the 4th argument\) must be an integer"):
+            linear_cross_entropy(h, w, t, fourth)
+    want = F.cross_entropy(F.linear(h, w, b).reshape(-1, w.shape[0]), t.reshape(-1))
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, bias=b), want)
+
+
 @pytest.fixture
 def fresh_paths(monkeypatch):
     """Empty records of the weight-gradient accumulation paths, restored after the test."""
