@@ -153,7 +153,10 @@ class SyncTimeoutError(SyncError, TimeoutError):
 def set_timeout(seconds: float | None) -> None:
     """Set how long :func:`sync` and :func:`mark_synced` wait for the other ranks
     (``None``: back to ``CSL_FAST_SYNC_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`)."""
-    if seconds is not None and not (isinstance(seconds, int | float) and seconds > 0):
+    # (True is an int: it set a 1-second wait)
+    if seconds is not None and (
+        isinstance(seconds, bool) or not (isinstance(seconds, int | float) and seconds > 0)
+    ):
         raise ValueError(f"csl_fast.distributed.set_timeout: seconds must be > 0, got {seconds!r}")
     global _timeout
     _timeout = None if seconds is None else float(seconds)

@@ -35,6 +35,7 @@ is read on the host). The CSL sum and count themselves are written by the fused
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Mapping
@@ -195,7 +196,10 @@ class CSLTracker(TrackerStatistics):
         deterministic: bool | None = None,
         num_labels: int | None = None,
     ) -> None:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+        # NumPy integers too (a size computed with NumPy is np.int64)
+        if isinstance(num_samples, numbers.Integral) and not isinstance(num_samples, bool):
+            num_samples = int(num_samples)
+        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
             raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
@@ -277,8 +281,11 @@ class CSLTracker(TrackerStatistics):
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        self._epoch = value
-        self._epoch_t.fill_(value)
+        # -3 went into the epoch stamps of every later presentation; 2.5 was truncated
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"CSLTracker: epoch must be an int >= 0, got {value!r}")
+        self._epoch = int(value)
+        self._epoch_t.fill_(self._epoch)
 
     # ------------------------------------------------------------------ buffers
     def _buffer_kinds(self) -> dict[str, str]:

@@ -825,3 +825,22 @@ def test_a_reference_tracker_compiles_with_fullgraph():
     assert int(eager.buffers()["suggest_votes"].abs().sum()) > 0
     for name, buf in eager.buffers().items():
         torch.testing.assert_close(compiled.buffers()[name], buf, msg=name)
+
+
+def test_sizes_and_epochs_take_integers_of_numpy_and_refuse_the_rest():
+    """CSLTracker(np.int64(10)) was refused as "not an int"; tracker.epoch = -3 went into
+    the epoch stamps, 2.5 was truncated; set_timeout(True) set a 1-second wait."""
+    import numpy as np
+
+    from csl_fast import distributed
+
+    t = CSLTracker(np.int64(10), 3)
+    assert t.num_samples == 10 and type(t.num_samples) is int
+    t.epoch = np.int64(2)
+    assert t.epoch == 2 and int(t._epoch_t) == 2
+    for bad in (-3, 2.5, True):
+        with pytest.raises(ValueError, match="epoch must be an int >= 0"):
+            t.epoch = bad
+    assert t.epoch == 2
+    with pytest.raises(ValueError, match="seconds must be > 0, got True"):
+        distributed.set_timeout(True)
