@@ -61,8 +61,9 @@ def input_grad_norms(
             whose gradient is zero).
 
     Returns:
-        float32 ``[B]``: the recorded squared norms. Duplicate indices add up. See the
-        module docstring for the BatchNorm caveat.
+        float32 ``[B]``: every row's squared norm, scaled; those of rows that ``valid``
+        excludes (or that are not finite) are returned but not recorded. Duplicate
+        indices add up in the tracker. See the module docstring for the BatchNorm caveat.
     """
     from . import ops
 
