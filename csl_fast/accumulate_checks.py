@@ -82,9 +82,12 @@ def check_buffers_apart(
         if span is None:
             continue
         for what, device, read in spans:
-            if read is not None and span[0] < read[1] and read[0] < span[1]:
-                if device != buf.device:
-                    continue
+            if (
+                read is not None
+                and span[0] < read[1]
+                and read[0] < span[1]
+                and device == buf.device
+            ):
                 raise ValueError(
                     f"csl_fast.{op}: {name} shares memory with {what} (the same tensor, or "
                     f"views of one), so the call would add into the {what} it reads; "

@@ -56,7 +56,7 @@ import warnings
 import torch
 
 from . import cross_entropy_extras, ops, ops_extras
-from ._args import check_flags
+from ._args import check_flags, integer_labels
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
 from .accumulate_checks import adopt_classes, validate_by_default, widen_for_ignore_index
@@ -255,14 +255,9 @@ def linear_cross_entropy(
     h2 = hidden.reshape(math.prod(hidden.shape[:-1]), size_h)
     t1 = widen_for_ignore_index(target.reshape(-1), ignore_index)
     if (
-        csl is None
+        csl is None  # (with csl the shared checks name it)
         and index is not None
-        and (  # (with csl the shared checks name it)
-            not isinstance(index, torch.Tensor)
-            or index.is_floating_point()
-            or index.is_complex()
-            or index.dtype == torch.bool
-        )
+        and not (isinstance(index, torch.Tensor) and integer_labels(index.dtype))
     ):
         # linear_cross_entropy(h, W, y, b), as F.linear(x, W, b) is called, put the bias
         # here: the loss came out without it, silently

@@ -197,10 +197,13 @@ class CSLTracker(TrackerStatistics):
         num_labels: int | None = None,
     ) -> None:
         # NumPy integers too (a size computed with NumPy is np.int64)
-        if isinstance(num_samples, numbers.Integral) and not isinstance(num_samples, bool):
-            num_samples = int(num_samples)
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 0:
+        if (
+            isinstance(num_samples, bool)
+            or not isinstance(num_samples, numbers.Integral)
+            or num_samples < 0
+        ):
             raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
+        num_samples = int(num_samples)
         if num_classes is not None and (
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
         ):
