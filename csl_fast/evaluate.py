@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._args import integer
+
 __all__ = [
     "aupr",
     "auroc",
@@ -62,9 +64,13 @@ def _np(x: Any, name: str, dtype: Any = np.float64) -> np.ndarray:
 def _mask(labels: Any) -> np.ndarray:
     """A ground-truth mask: bool, or numbers that are all 0 or 1. Anything else (class
     labels passed for a mask, NaN) would silently count as positive under ``bool``."""
-    if isinstance(labels, torch.Tensor) and labels.dtype == torch.bool:
-        return _np(labels, "labels", dtype=bool)
-    if np.asarray(labels).dtype == bool:
+    # (a tensor is not given to np.asarray: bfloat16, requires_grad and CUDA tensors raise)
+    is_bool = (
+        labels.dtype == torch.bool
+        if isinstance(labels, torch.Tensor)
+        else np.asarray(labels).dtype == bool
+    )
+    if is_bool:
         return _np(labels, "labels", dtype=bool)
     v = _np(labels, "labels")
     if not np.isin(v, (0.0, 1.0)).all():
@@ -117,8 +123,12 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
     ``sklearn.metrics.roc_curve`` with all thresholds kept."""
     from sklearn.metrics import roc_curve
 
+    if isinstance(tpr, torch.Tensor) and tpr.numel() == 1 and tpr.is_floating_point():
+        tpr = float(tpr)  # a rate computed with torch
     if isinstance(tpr, bool) or not isinstance(tpr, numbers.Real) or not 0 <= tpr <= 1:
-        raise ValueError(f"csl_fast.evaluate.fpr_at_tpr: tpr must be in [0, 1], got {tpr!r}")
+        raise ValueError(
+            f"csl_fast.evaluate.fpr_at_tpr: tpr must be a number in [0, 1], got {tpr!r}"
+        )
     s, y = _pair(scores, labels)
     fpr, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
     return float(fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")])
@@ -138,8 +148,7 @@ def cosine_similarity(a: Any, b: Any) -> float:
     CS; NaN if either vector is zero)."""
     x, y = _np(a, "a"), _np(b, "b")
     _same_size(x, y, "a b")
-    den = np.linalg.norm(x) * np.linalg.norm(y)
-    return float(x @ y / den) if den > 0 else math.nan
+    return _cosine(x, y)
 
 
 def pearson(a: Any, b: Any) -> float:
@@ -150,9 +159,17 @@ def pearson(a: Any, b: Any) -> float:
     # minus its mean), which made the correlation 0.0
     if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
-    x, y = x - x.mean(), y - y.mean()
-    den = np.linalg.norm(x) * np.linalg.norm(y)
-    return float(x @ y / den) if den > 0 else math.nan
+    return _cosine(x - x.mean(), y - y.mean())
+
+
+def _cosine(x: np.ndarray, y: np.ndarray) -> float:
+    # Each vector scaled to its largest entry first: ||x|| ||y|| under- or overflowed for
+    # values below 1e-154 or above 1e154, which gave NaN for non-zero vectors.
+    x_max, y_max = np.abs(x).max(initial=0.0), np.abs(y).max(initial=0.0)
+    if x_max == 0 or y_max == 0:
+        return math.nan
+    x, y = x / x_max, y / y_max
+    return float(np.clip(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)), -1.0, 1.0))
 
 
 def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[str, float]:
@@ -164,10 +181,8 @@ def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[
     """
     s, m = _np(score, "score"), _np(memorization, "memorization")
     _same_size(s, m, "score memorization")
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
-    ):
-        raise ValueError(f"csl_fast.evaluate.similarity: top_k must be an int >= 1, got {top_k!r}")
+    if top_k is not None:
+        top_k = integer("csl_fast.evaluate.similarity", "top_k", top_k, low=1)
     out = {"cs_all": cosine_similarity(s, m), "pc_all": pearson(s, m)}
     if top_k is not None:
         top = np.argsort(-m, kind="stable")[:top_k]
@@ -187,7 +202,7 @@ def binned_trend(reference: Any, other: Any, bins: int = 10) -> dict[str, list[f
     r, o = _np(reference, "reference"), _np(other, "other")
     _same_size(r, o, "reference other")
     if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or not 1 <= bins <= r.size:
-        raise ValueError(f"csl_fast.evaluate: bins must be in [1, {r.size}], got {bins}")
+        raise ValueError(f"csl_fast.evaluate: bins must be an int in [1, {r.size}], got {bins!r}")
     order = np.argsort(r, kind="stable")
     out: dict[str, list[float]] = {"x": [], "y": [], "y_std": [], "count": []}
     for part in np.array_split(order, bins):

@@ -249,7 +249,10 @@ class TrackerStatistics:
             below = running <= tau  # NaN compares False
             stamp = torch.arange(epochs, device=self.device, dtype=torch.float64)[:, None]
             stamp = stamp + self.input_grad_first_epoch
-            never = torch.full_like(hist[:1], float(self.epoch))
+            # (full_like(hist[:1]) had no row when no epoch was closed: amin raised)
+            never = torch.full(
+                (1, hist.shape[1]), float(self.epoch), dtype=hist.dtype, device=hist.device
+            )
             cand = torch.where(below, stamp.expand_as(hist), float("inf"))
             first = torch.cat([cand, never]).amin(0)
             # a sample without any record was not "never below tau": it is unknown

@@ -99,8 +99,14 @@ def test_errors():
         (lambda: E.auroc(torch.rand(3, device="meta"), [0, 1, 0]), "meta tensor"),
         (lambda: E.auroc(torch.rand(3, dtype=torch.cfloat), [0, 1, 0]), "complex tensor"),
         # IndexError from inside the ROC curve, or a silent 0.0
-        (lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=1.5), r"tpr must be in \[0, 1\]"),
-        (lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=-1), r"tpr must be in \[0, 1\]"),
+        (
+            lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=1.5),
+            r"number in \[0, 1\]",
+        ),
+        (
+            lambda: E.fpr_at_tpr([0.1, 0.5, 0.2], [0, 1, 0], tpr=-1),
+            r"number in \[0, 1\]",
+        ),
         # top_k=-1 took all but the last sample, 0 gave NaN with RuntimeWarnings
         (lambda: E.similarity([1.0, 2, 3], [1.0, 2, 4], top_k=-1), "top_k must be an int >= 1"),
         (lambda: E.similarity([1.0, 2, 3], [1.0, 2, 4], top_k=0), "top_k must be an int >= 1"),
@@ -109,7 +115,7 @@ def test_errors():
         (lambda: E.cosine_similarity([1.0, 2, 3], [1.0, 2]), "a has 3 entries, b 2"),
         (lambda: E.pearson([], []), "are empty"),
         (lambda: E.binned_trend([], [], bins=1), "are empty"),
-        (lambda: E.binned_trend([1.0, 2, 3], [1.0, 2, 3], bins=1.5), "bins must be"),
+        (lambda: E.binned_trend([1.0, 2, 3], [1.0, 2, 3], bins=1.5), "bins must be an int in"),
     ],
 )
 def test_bad_inputs_are_refused_plainly(call, match):
@@ -143,3 +149,41 @@ def test_pearson_of_a_constant_with_a_rounding_residue_is_nan():
     constant = np.full(42, 269.7867137638703)
     assert math.isnan(E.pearson(constant, np.arange(42.0)))
     assert math.isnan(E.similarity(constant, np.arange(42.0))["pc_all"])
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        torch.tensor([0, 1, 0, 1], dtype=torch.bfloat16),
+        torch.tensor([0.0, 1, 0, 1], requires_grad=True),
+        torch.tensor([0, 1, 0, 1], dtype=torch.float16),
+    ],
+    ids=["bfloat16", "requires-grad", "float16"],
+)
+def test_masks_of_any_float_tensor(labels):
+    # np.asarray(labels) ran before .detach().cpu(): bfloat16 raised a TypeError,
+    # requires_grad "Can't call numpy() on Tensor that requires grad"
+    assert E.auroc([0.1, 0.9, 0.2, 0.8], labels) == 1.0
+
+
+def test_tpr_and_top_k_as_tensors():
+    # "tpr must be in [0, 1], got tensor(0.5000)"; top_k=tensor(2) refused
+    s, y = [0.1, 0.9, 0.2, 0.8], [0, 1, 0, 1]
+    assert E.fpr_at_tpr(s, y, tpr=torch.tensor(0.5)) == E.fpr_at_tpr(s, y, tpr=0.5)
+    assert E.similarity(s, s, top_k=torch.tensor(2)) == E.similarity(s, s, top_k=2)
+    with pytest.raises(TypeError, match="top_k must be an int, got float"):
+        E.similarity(s, s, top_k=2.5)
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200, 1.0])
+def test_similarity_of_tiny_and_huge_vectors(scale):
+    # the norm product under- or overflowed: NaN for vectors that are neither zero nor
+    # constant (scipy's pearsonr gives 1.0)
+    a = np.array([1.0, -1.0, 0.0, 2.0]) * scale
+    assert E.pearson(a, a) == 1.0
+    assert E.cosine_similarity(a, a) == 1.0
+    assert E.pearson(a, -a) == -1.0
+    b = np.array([2.0, 1.0, 0.5, -1.0]) * scale
+    want = float(np.corrcoef([1.0, -1.0, 0.0, 2.0], [2.0, 1.0, 0.5, -1.0])[0, 1])
+    assert E.pearson(a, b) == pytest.approx(want, rel=1e-12)
+    assert math.isnan(E.cosine_similarity(a, np.zeros(4)))

@@ -347,6 +347,13 @@ def test_learning_time_both_forms():
     for form in ("paper", "code"):
         got = u.learning_time(form, tau=1.0)
         assert got[2:].isnan().all() and got[:2].isfinite().all(), (form, got)
+    # nor before any epoch with records is closed (the paper form raised an IndexError
+    # from amin over an empty history)
+    fresh = CSLTracker(3)
+    for _ in range(2):
+        for form in ("paper", "code"):
+            assert fresh.learning_time(form, tau=1.0).isnan().all(), form
+        fresh.end_epoch()
 
 
 def test_a_mean_loss_past_float16_is_warned_about_in_the_history():

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .._args import int64_labels, label_range
+
 
 def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
     """``y`` as int64 class indices on ``x``'s device, checked to be one per input row.
@@ -39,9 +41,9 @@ def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
             f"{fn}: labels y must be integer class indices, got {y.dtype}; convert them with "
             "y.long() if they hold whole numbers"
         )
-    if y.numel() and int(y.min()) < 0:
-        raise ValueError(f"{fn}: labels y must be class indices >= 0, got {int(y.min())}")
-    return y.to(x.device, torch.int64)
+    if y.numel() and label_range(y)[0] < 0:
+        raise ValueError(f"{fn}: labels y must be class indices >= 0, got {label_range(y)[0]}")
+    return int64_labels(fn, y).to(x.device)
 
 
 def check_finite(

@@ -42,15 +42,30 @@ def out_of_sample_probs(
     ``model_factory(seed + f)`` with :func:`csl_fast.train.train` (``train_kwargs``, and
     ``seed=seed + f``) on the other folds.
     """
+    return _fold_probs("out_of_sample_probs", model_factory, x, y, k, train_kwargs, seed, progress)
+
+
+def _fold_probs(
+    fn: str,
+    model_factory: ModelFactory,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    k: Any,
+    train_kwargs: Mapping[str, Any] | None,
+    seed: Any,
+    progress: bool,
+) -> torch.Tensor:
+    """:func:`out_of_sample_probs`, its errors named after ``fn``, the function called."""
     from sklearn.model_selection import StratifiedKFold
 
-    k = integer("out_of_sample_probs", "k", k, low=2)
-    y = check_xy("out_of_sample_probs", x, y)
+    k = integer(fn, "k", k, low=2)
+    seed = integer(fn, "seed", seed, low=0)
+    if seed >= 2**32:  # (sklearn's own message named neither the function nor the argument)
+        raise ValueError(f"{fn}: seed must be below 2**32 (the fold split's), got {seed}")
+    y = check_xy(fn, x, y)
     if x.shape[0] < k:  # sklearn's message for N = 0 was "Found array with 0 sample(s)"
-        raise ValueError(
-            f"out_of_sample_probs: k = {k} folds need at least {k} samples, got {x.shape[0]}"
-        )
-    kwargs = train_options("out_of_sample_probs", train_kwargs, PROGRESS)
+        raise ValueError(f"{fn}: k = {k} folds need at least {k} samples, got {x.shape[0]}")
+    kwargs = train_options(fn, train_kwargs, PROGRESS)
     y_np = y.detach().cpu().numpy()
     probs: torch.Tensor | None = None
     folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y_np)), y_np)
@@ -66,7 +81,7 @@ def out_of_sample_probs(
             progress=f"CL fold {f + 1}/{k}" if progress else False,
             **kwargs,
         )
-        p = check_finite("out_of_sample_probs", predict(model, x[te_t])).softmax(1)
+        p = check_finite(fn, predict(model, x[te_t])).softmax(1)
         if probs is None:
             probs = torch.zeros(x.shape[0], p.shape[1], dtype=torch.float32, device=x.device)
         probs[te_t] = p
@@ -118,9 +133,7 @@ def confident_learning(
     from cleanlab.filter import find_label_issues
 
     y = check_xy("confident_learning", x, y)
-    probs = out_of_sample_probs(
-        model_factory, x, y, k=k, train_kwargs=train_kwargs, seed=seed, progress=progress
-    )
+    probs = _fold_probs("confident_learning", model_factory, x, y, k, train_kwargs, seed, progress)
     p = probs.cpu().double().numpy()
     p = p / p.sum(1, keepdims=True)
     labels = y.detach().cpu().numpy()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,17 +54,30 @@ def _options(fn: str, h: Any, n: Any, batch_size: Any, seed: Any) -> tuple[float
     )
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x = x.detach().requires_grad_(True)
-    logits = check_finite(
-        "input_curvature",
-        model(x),
-        "check the model's weights (a NaN weight, or training with too high a learning "
-        "rate) and its inputs",
-    )
-    loss = F.cross_entropy(logits, y, reduction="sum")
-    (g,) = torch.autograd.grad(loss, x)
+def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, top: int) -> torch.Tensor:
+    # (a measurement: it must work when called under no_grad or inference_mode, where
+    # clone() turns an inference tensor into one that can require grad)
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        logits = check_finite(
+            "input_curvature",
+            model(x),
+            "check the model's weights (a NaN weight, or training with too high a learning "
+            "rate) and its inputs",
+        )
+        _check_width(logits, top)
+        loss = F.cross_entropy(logits, y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x)
     return g.reshape(g.shape[0], -1)
+
+
+def _check_width(logits: torch.Tensor, top: int) -> None:
+    # F.cross_entropy said only "Target 7 is out of bounds"
+    if logits.dim() != 2 or top >= logits.shape[1]:
+        raise ValueError(
+            f"input_curvature: the model returns logits of shape {tuple(logits.shape)}, but y "
+            f"holds labels up to {top}: it needs [B, C] logits with C > {top}"
+        )
 
 
 def _check_float_inputs(fn: str, x: torch.Tensor) -> None:
@@ -74,6 +88,14 @@ def _check_float_inputs(fn: str, x: torch.Tensor) -> None:
             f"{fn}: x must be floating-point inputs (the curvature differentiates the loss "
             f"with respect to them), got {x.dtype}; convert them as the model expects, "
             "e.g. x.float() / 255 for uint8 images"
+        )
+    if torch.finfo(x.dtype).eps > 1e-4:
+        # x + h v rounds back to x: bfloat16 steps by 0.008 near 1, so h = 1e-3 moved 81%
+        # of the coordinates nowhere and 60% of the curvatures came out exactly 0
+        raise TypeError(
+            f"{fn}: x is {x.dtype}, too coarse for the finite-difference step h (x + h v "
+            "rounds back to x); measure on a float32 copy of the model: "
+            "copy.deepcopy(model).float() with x.float()"
         )
 
 
@@ -92,7 +114,8 @@ def input_curvature(
     Args:
         model: maps ``[B, ...]`` to ``[B, C]`` logits (evaluated in eval mode; its mode is
             restored).
-        x: ``[N, ...]`` float inputs; y: ``[N]`` labels.
+        x: ``[N, ...]`` float32 or float64 inputs; y: ``[N]`` labels. Works under
+            ``torch.no_grad`` and ``torch.inference_mode`` too (it differentiates inside).
         h: finite-difference step (paper: 1e-3).
         n: number of Rademacher probes (paper: 10).
         batch_size: samples per forward/backward.
@@ -106,23 +129,26 @@ def input_curvature(
         ``||grad_x l(x + h v) - grad_x l(x)||`` (higher = sharper = more suspicious).
 
     Raises:
-        TypeError: ``x`` is not floating point (no input gradient exists).
+        TypeError: ``x`` is not floating point (no input gradient exists), or float16 /
+            bfloat16, whose rounding is coarser than the step ``h``.
+        ValueError: a label is not a class of the model's logits.
         FloatingPointError: the model predicts non-finite logits, which would make
             every curvature NaN.
     """
     h, n, batch_size, seed = _options("input_curvature", h, n, batch_size, seed)
     y = check_xy("input_curvature", x, y)
     _check_float_inputs("input_curvature", x)
+    top = int(y.max()) if y.numel() else -1  # once: a host sync
     gen = torch.Generator().manual_seed(seed)
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
     with eval_mode(model):
         for s in range(0, x.shape[0], batch_size):
             xb, yb = x[s : s + batch_size], y[s : s + batch_size]
-            g0 = _input_grad(model, xb, yb)
+            g0 = _input_grad(model, xb, yb, top)
             acc = torch.zeros(xb.shape[0], dtype=torch.float32, device=x.device)
             for _ in range(n):
                 v = torch.randint(0, 2, xb.shape, generator=gen).to(xb.device, xb.dtype) * 2 - 1
-                gv = _input_grad(model, xb + h * v, yb)
+                gv = _input_grad(model, xb + h * v, yb, top)
                 acc += (gv - g0).float().norm(dim=1)
             out[s : s + batch_size] = acc / n
     return out
@@ -165,7 +191,12 @@ class CurvatureAccumulator:
                 f"such as range(0, total, {epochs!r}) or [{epochs!r}]) or None, got "
                 f"{type(epochs).__name__} {epochs!r}"
             )
-        self.epochs = None if epochs is None else set(epochs)
+        # (0-d tensors hash by identity: set(torch.arange(4)) never contained 2)
+        self.epochs = (
+            None
+            if epochs is None
+            else {integer("CurvatureAccumulator", "each of epochs", e) for e in epochs}
+        )
         self.h, self.n, self.batch_size, self.seed = _options(
             "CurvatureAccumulator", h, n, batch_size, seed
         )
@@ -193,7 +224,14 @@ class CurvatureAccumulator:
 
     @property
     def value(self) -> torch.Tensor:
-        """float32 ``[N]``: the mean curvature over the measurements (NaN before any)."""
+        """float32 ``[N]``: the mean curvature over the measurements (NaN before any,
+        with a warning)."""
         if self.count == 0:
+            when = "" if self.epochs is None else f" at epochs {sorted(self.epochs)}"
+            warnings.warn(
+                f"CurvatureAccumulator: no curvature measured yet (it measures{when}, "
+                "after that epoch's training); the value is NaN",
+                stacklevel=2,
+            )
             return torch.full_like(self.total, float("nan"), dtype=torch.float32)
         return (self.total / self.count).float()

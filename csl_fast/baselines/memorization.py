@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -71,7 +72,10 @@ def stability_memorization(
     m = integer("stability_memorization", "m", m, low=1)
     seed = integer("stability_memorization", "seed", seed)
     # the fraction as written, not its binary float (int(0.7 * 90) is 62), as corrupt reads it
-    fraction = rate("stability_memorization", "subset_fraction", subset_fraction)
+    try:
+        fraction = rate("stability_memorization", "subset_fraction", subset_fraction)
+    except ValueError:  # (its "[0, 1]" read as if 0 and 1 were taken)
+        fraction = Fraction(0)
     if not 0 < fraction < 1:
         raise ValueError(
             f"stability_memorization: subset_fraction must be in (0, 1), got {subset_fraction}"

@@ -45,6 +45,10 @@ LABEL_FORMS = {
     "int16": lambda y: y.short(),
     "int8": lambda y: y.to(torch.int8),
     "uint8": lambda y: y.byte(),
+    # (torch has no min() for these: the label check failed with NotImplementedError)
+    "uint16": lambda y: y.to(torch.uint16),
+    "uint64": lambda y: y.to(torch.uint64),
+    "numpy-uint32": lambda y: y.numpy().astype("uint32"),
     "numpy-int32": lambda y: y.int().numpy(),
     "list": lambda y: y.tolist(),
 }

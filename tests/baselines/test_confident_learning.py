@@ -95,11 +95,10 @@ def test_each_row_comes_from_the_model_that_did_not_train_on_it():
 def test_refuses_train_kwargs_it_sets_itself(key):
     # seed and progress collided with the fold's own ("got multiple values for keyword
     # argument"); a tracker would record fold rows as dataset indices
+    # (confident_learning's error said out_of_sample_probs, a function it was not called as)
     x, y = blobs(12)
     for fn in (out_of_sample_probs, confident_learning):
-        with pytest.raises(
-            ValueError, match=f"out_of_sample_probs: train_kwargs may not hold '{key}'"
-        ):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: train_kwargs may not hold '{key}'"):
             fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1, key: None})
 
 
@@ -130,3 +129,20 @@ def test_refuses_a_number_of_folds_that_is_not_an_int(k):
     x, y = blobs(12)
     with pytest.raises(TypeError, match="out_of_sample_probs: k must be an int"):
         out_of_sample_probs(linear(2), x, y, k=k, train_kwargs={"epochs": 1})
+
+
+@pytest.mark.parametrize(
+    "seed, error, match",
+    [
+        (-1, ValueError, "seed must be an int >= 0, got -1"),
+        (2**32, ValueError, r"seed must be below 2\*\*32"),
+        (None, TypeError, "seed must be an int, got NoneType"),
+    ],
+)
+def test_refuses_a_seed_the_fold_split_cannot_take(seed, error, match):
+    # sklearn's "Seed must be between 0 and 2**32 - 1", or "unsupported operand type(s)
+    # for +: 'NoneType' and 'int'"
+    x, y = blobs(12)
+    for fn in (out_of_sample_probs, confident_learning):
+        with pytest.raises(error, match=f"{fn.__name__}: {match}"):
+            fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1}, seed=seed)

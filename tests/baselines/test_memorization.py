@@ -133,6 +133,9 @@ def test_a_numpy_or_tensor_fraction_is_taken_as_written():
         ({"seed": 1.5}, TypeError, "seed must be an int"),
         ({"subset_fraction": "0.5"}, TypeError, "subset_fraction must be a number"),
         ({"subset_fraction": 1.0}, ValueError, r"subset_fraction must be in \(0, 1\)"),
+        # said "must be in [0, 1]", which reads as if 0 and 1 were taken
+        ({"subset_fraction": 1.5}, ValueError, r"subset_fraction must be in \(0, 1\), got 1.5"),
+        ({"subset_fraction": float("nan")}, ValueError, r"must be in \(0, 1\), got nan"),
     ],
 )
 def test_bad_options_are_named(kwargs, error, match):
