@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from . import reference
 from ._ext import _C
+from .fake_kernels import register_fake
 
 _OPS = {
     "cpu": ("bce_fwd", "bce_bwd", "bce_record"),
@@ -125,6 +126,6 @@ FAKES = {"bce_fwd": _fake_bce_fwd, "bce_bwd": _fake_bce_bwd, "bce_record": _fake
 
 if _C is not None:
     for _name, _fake in FAKES.items():
-        torch.library.register_fake(f"csl_fast::{_name}")(_fake)
+        register_fake(f"csl_fast::{_name}")(_fake)
     # The C++ op's autograd (CPU and CUDA) is registered in C++ (csrc/bce_autograd.cpp),
     # with the formula of _backward_of below, which serves the Triton op.

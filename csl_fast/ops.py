@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from . import ops_backward, reference
 from ._ext import _C, resolve_backend
 from .accumulate_checks import widen_for_ignore_index
+from .fake_kernels import register_fake
 from .stats import NUM_STATS
 
 _FWD_OPS = {
@@ -601,36 +602,34 @@ def _per_row(grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
 if _C is not None:
     # Its autograd is registered in C++ (csrc/autograd.cpp), with the same formula as
     # _backward_cross_entropy below, which serves the Triton op.
-    torch.library.register_fake("csl_fast::cross_entropy_fwd")(_fake_cross_entropy_fwd)
+    register_fake("csl_fast::cross_entropy_fwd")(_fake_cross_entropy_fwd)
 
-    @torch.library.register_fake("csl_fast::cross_entropy_fwd_inplace")
+    @register_fake("csl_fast::cross_entropy_fwd_inplace")
     def _fake_cross_entropy_fwd_inplace(logits, target, weight, ignore, smoothing, reduction):
         loss, _, stats = _fake_cross_entropy_fwd(
             logits, target, weight, ignore, smoothing, reduction
         )
         return loss, stats
 
-    torch.library.register_fake("csl_fast::cross_entropy_fwd_stats")(
-        _fake_cross_entropy_fwd_inplace
-    )
+    register_fake("csl_fast::cross_entropy_fwd_stats")(_fake_cross_entropy_fwd_inplace)
 
-    @torch.library.register_fake("csl_fast::scatter_stats")
+    @register_fake("csl_fast::scatter_stats")
     def _fake_scatter_stats(stats, index, deterministic, csl, count):
         return None
 
-    @torch.library.register_fake("csl_fast::record_last")
+    @register_fake("csl_fast::record_last")
     def _fake_record_last(*args):
         return None
 
-    @torch.library.register_fake("csl_fast::record_vote")
+    @register_fake("csl_fast::record_vote")
     def _fake_record_vote(*args):
         return None
 
-    @torch.library.register_fake("csl_fast::record_input_grad")
+    @register_fake("csl_fast::record_input_grad")
     def _fake_record_input_grad(*args):
         return None
 
-    @torch.library.register_fake("csl_fast::input_grad_norms")
+    @register_fake("csl_fast::input_grad_norms")
     def _fake_input_grad_norms(grad, scale):
         return grad.new_empty((grad.shape[0],), dtype=torch.float32)
 

@@ -24,6 +24,7 @@ import torch
 
 from . import reference
 from ._ext import _C, resolve_backend
+from .fake_kernels import register_fake
 
 _BWD_OPS = {"cpu": "cross_entropy_bwd", "cuda": "cross_entropy_bwd"}
 _TRITON_OP = "cross_entropy_bwd_triton"
@@ -60,4 +61,4 @@ def _fake_cross_entropy_bwd(logits, target, weight, stats, scale, *args):
 
 
 if _C is not None:
-    torch.library.register_fake("csl_fast::cross_entropy_bwd")(_fake_cross_entropy_bwd)
+    register_fake("csl_fast::cross_entropy_bwd")(_fake_cross_entropy_bwd)

@@ -23,6 +23,7 @@ import torch
 from . import ops_backward, reference
 from ._ext import _C, resolve_backend
 from .accumulate_checks import widen_for_ignore_index
+from .fake_kernels import register_fake
 from .ops import (
     _LOW_PRECISION,
     _mean_denominator,
@@ -178,6 +179,6 @@ def _fake_extra_inplace(logits, target, weight, ignore_index, smoothing, reducti
 
 
 if _C is not None:
-    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra")(_fake_extra)
-    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra_inplace")(_fake_extra_inplace)
-    torch.library.register_fake("csl_fast::cross_entropy_fwd_extra_stats")(_fake_extra_inplace)
+    register_fake("csl_fast::cross_entropy_fwd_extra")(_fake_extra)
+    register_fake("csl_fast::cross_entropy_fwd_extra_inplace")(_fake_extra_inplace)
+    register_fake("csl_fast::cross_entropy_fwd_extra_stats")(_fake_extra_inplace)

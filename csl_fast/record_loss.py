@@ -29,6 +29,7 @@ from .accumulate_checks import (
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
+from .fake_kernels import register_fake
 from .stats import NUM_STATS, Stat
 from .tracker import CSLTracker, _scatter_add
 
@@ -226,7 +227,7 @@ def _tracker_state(csl: torch.Tensor | CSLTracker) -> tuple[torch.Tensor | None,
 if _ext._C is not None:
     _RECORD_LOSS_OP = torch.ops.csl_fast.record_loss.default
 
-    @torch.library.register_fake("csl_fast::record_loss")
+    @register_fake("csl_fast::record_loss")
     def _fake_record_loss(loss, index, csl, count, last_loss, epoch_loss_sum, epoch_count):
         return None
 

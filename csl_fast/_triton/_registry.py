@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from ..fake_kernels import one_device
+
 try:
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # pragma: no cover - very old triton
@@ -67,7 +69,7 @@ def register(
         if is_interpreted(kernel):
             op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
             if fake is not None:
-                op.register_fake(fake)
+                op.register_fake(one_device(qualname, fake))
             return op
         return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)
 
