@@ -346,10 +346,9 @@ _SUMMED_OVER_POSITIONS = ("csl", "final_loss")
 def default_score(source: Any) -> str:
     """The score the detectors rank ``source`` by when none is named: ``"csl_mean"`` for a
     tracker of sequences (:attr:`CSLTracker.sequences`; ``csl`` would grow with a
-    sequence's length), ``"csl"`` otherwise (any other tracker, a mapping, a tensor)."""
-    from .tracker import CSLTracker
-
-    return "csl_mean" if isinstance(source, CSLTracker) and source.sequences else "csl"
+    sequence's length) and for :func:`csl_fast.scores` of one, ``"csl"`` otherwise (any
+    other tracker, a mapping, a tensor)."""
+    return "csl_mean" if getattr(source, "sequences", False) else "csl"
 
 
 def _length_bias(t: Any, score: str) -> str | None:
@@ -391,6 +390,8 @@ def _select(
         if score not in source:
             raise KeyError(f"csl_fast.detect: no score {score!r} in the mapping ({sorted(source)})")
         values = _score_tensor(source[score], f"score {score!r} of the mapping")
+        if getattr(source, "sequences", False):  # csl_fast.scores of sequences
+            return values, score, None, SEQUENCES_HINT, _length_bias(source, score)
         loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
         views = None
         if "aum" in source and loss_key is not None:

@@ -105,16 +105,18 @@ def exact_duplicate_groups(inputs: torch.Tensor) -> list[list[int]]:
 def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """bool ``[G]``: the groups of ``ids`` whose members do not all carry the same label.
 
-    ``labels``: ``[N]`` class indices, or ``[N, ...]`` (a multi-label target row; rows
-    are compared by their bits, as inputs are). A negative class index (an unlabelled
-    sample, such as ``F.cross_entropy``'s ``ignore_index=-100``) takes no part: an
-    unlabelled copy of a labelled sample is no conflict.
+    ``labels``: ``[N]`` class indices, or ``[N, ...]`` (a sequence's token labels, or a
+    multi-label target row, compared by their bits, as inputs are). A negative class index
+    (an unlabelled sample or position, such as ``F.cross_entropy``'s ``ignore_index=-100``)
+    takes no part: an unlabelled copy of a labelled sample is no conflict, and neither is
+    a copy whose prompt tokens are masked. Two members conflict where both label a
+    position and the labels differ.
     """
     num = num_groups(ids)
+    if labels.is_signed() and integer_labels(labels.dtype):
+        return _conflicting_classes(ids, labels, num)
     rows = _rows(labels)
     member = ids >= 0
-    if labels.dim() == 1 and labels.is_signed() and integer_labels(labels.dtype):
-        member = member & (labels.detach().cpu() >= 0)
     g = ids[member]
     if g.numel() == 0:
         return torch.zeros(num, dtype=torch.bool)
@@ -122,6 +124,25 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     first.scatter_reduce_(0, g, torch.nonzero(member).flatten(), reduce="amin")
     differs = (rows[member] != rows[first[g]]).reshape(g.numel(), -1).any(dim=1)
     return torch.zeros(num, dtype=torch.long).index_add_(0, g, differs.long()) > 0
+
+
+def _conflicting_classes(ids: torch.Tensor, labels: torch.Tensor, num: int) -> torch.Tensor:
+    # Per group and position, the smallest and largest label over the members that label
+    # it: they differ exactly where two members conflict (a comparison with the first
+    # member alone missed [-100, 5] / [3, 5] / [4, -100]).
+    if num == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    lab = _rows(labels).long()
+    labelled = (ids >= 0)[:, None] & (lab >= 0)
+    where = ids.clamp(min=0)[:, None].expand_as(lab)
+    top = torch.iinfo(torch.int64).max
+    low = torch.full((num, lab.shape[1]), top).scatter_reduce_(
+        0, where, torch.where(labelled, lab, top), reduce="amin"
+    )
+    high = torch.full((num, lab.shape[1]), -1, dtype=torch.long).scatter_reduce_(
+        0, where, torch.where(labelled, lab, -1), reduce="amax"
+    )
+    return ((high >= 0) & (low != high)).any(dim=1)
 
 
 def flagged_groups(flagged: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ __all__ = [
     "LOSS_ONLY",
     "SCORES",
     "ScoreInfo",
+    "Scores",
     "as_dataframe",
     "has_logit_stats",
     "recorded_names",
@@ -228,7 +229,19 @@ def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:
     raise KeyError(f"csl_fast.scores: unknown score {name!r}; known: {sorted(SCORES)}")
 
 
-def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+class Scores(dict[str, torch.Tensor]):
+    """The ``{name: [N]}`` dict of :func:`scores`, remembering of its tracker what the
+    detectors need to rank it as they rank the tracker: ``sequences`` (a tracker of
+    sequences is ranked by ``csl_mean`` and has no label-lost view) and ``csl_count``
+    (positions per sample, for the warning on scores summed over positions)."""
+
+    def __init__(self, values: dict[str, torch.Tensor], tracker: CSLTracker) -> None:
+        super().__init__(values)
+        self.sequences = bool(tracker.sequences)
+        self.csl_count = tracker.csl_count
+
+
+def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
     """Per-sample scores (float ``[N]``, higher = more suspicious) from a tracker.
 
     Args:
@@ -243,8 +256,9 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
 
     Returns:
         ``{name: tensor}`` (in :data:`SCORES` order by default, else in the order of
-        ``names``, each name once), on the tracker's device, in its dtype.
-        See :data:`SCORES` for each definition and direction.
+        ``names``, each name once), on the tracker's device, in its dtype: a
+        :class:`Scores` dict, which the detectors rank as they rank the tracker (a tracker
+        of sequences by ``csl_mean``). See :data:`SCORES` for each definition and direction.
     """
     from .tracker import CSLTracker
 
@@ -283,7 +297,7 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> dict[str,
                 out[name] = torch.where(with_logits, _compute(tracker, name), nan)
             else:
                 out[name] = _compute(tracker, name)
-        return out
+        return Scores(out, tracker)
 
 
 def _samples_with_logits(tracker: CSLTracker) -> torch.Tensor | None:

@@ -474,6 +474,28 @@ def test_csl_named_on_sequences_of_different_lengths_says_why_it_misranks():
     assert det.diagnostics["note"].startswith("score 'variability' has no suspicious direction")
 
 
+def test_the_scores_of_a_tracker_of_sequences_are_flagged_as_the_tracker_is():
+    """csl_fast.scores(tracker) of sequences was ranked by summed csl with the margin
+    view, which the README says does not apply to sequences: 9 of 12 bad, no warning."""
+    from sequence_runs import sequence_tracker
+
+    tracker, _ = sequence_tracker()
+    mapping = csl_fast.scores(tracker)
+    assert mapping.sequences and detect.default_score(mapping) == "csl_mean"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        det, want = detect.mislabeled(mapping), detect.mislabeled(tracker)
+    assert (
+        (det.score_name, det.rule) == (want.score_name, want.rule) == ("csl_mean", "auto(valley)")
+    )
+    assert torch.equal(det.flagged, want.flagged)
+    assert "no label-lost view" in det.diagnostics["note"]
+    with pytest.warns(detect.DetectionWarning, match="sums the loss over each sequence"):
+        detect.mislabeled(mapping, "csl")
+    # a plain dict of the same scores is a mapping like any other
+    assert detect.default_score(dict(mapping)) == "csl"
+
+
 def test_duplicates_with_inputs_that_flag_no_group_say_so_once():
     """The score rule's own warning ("N flagged by rule ...") was the detection's, which
     flagged nothing; now one warning says nothing was flagged, and quotes it."""

@@ -66,6 +66,30 @@ def test_conflicting_and_whole_groups_match_a_loop():
     assert dg.conflicting(ids, yl).tolist() == [True] + [False] * (len(groups) - 1)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_label_conflicts_skip_unlabelled_positions(seed):
+    # [N, T] token labels were compared bit for bit, -100 included: a copy whose prompt is
+    # masked "conflicted" with the unmasked one, and clean() dropped both
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 3, (150, 2), generator=g)  # 9 distinct rows: large groups
+    y = torch.randint(0, 2, (150, 4), generator=g)
+    y[torch.rand(150, 4, generator=g) < 0.93] = -100
+    ids = dg.group_ids(x)
+    want = []
+    for m in dg.group_lists(ids):
+        cols = [{v for v in y[m, t].tolist() if v >= 0} for t in range(4)]
+        want.append(any(len(c) > 1 for c in cols))
+    assert dg.conflicting(ids, y).tolist() == want
+    assert dg.conflicting(ids, y.int()).tolist() == want
+    assert 0 < sum(want) < len(want)  # both kinds present: the test can fail
+    # a masked prompt is no conflict; an unmasked position that differs is, whichever
+    # member comes first
+    pair = torch.tensor([[1], [1], [1]])
+    ids = dg.group_ids(pair)
+    assert dg.conflicting(ids, torch.tensor([[3, 5], [-100, 5], [3, -100]])).tolist() == [False]
+    assert dg.conflicting(ids, torch.tensor([[-100, 5], [3, 5], [4, -100]])).tolist() == [True]
+
+
 def test_count_carried_through_groups():
     x = torch.tensor([[1.0], [1.0], [2.0], [2.0], [2.0], [3.0], [4.0]])
     ids = dg.group_ids(x)  # groups {0, 1}, {2, 3, 4}; 5, 6 alone
