@@ -7,6 +7,7 @@ every label), and so is a float or a string where a count is meant (``2.5`` pair
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 from fractions import Fraction
@@ -68,6 +69,16 @@ def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     if low is not None and out < low:
         raise ValueError(f"{fn}: {name} must be an int >= {low}, got {out}")
     return out
+
+
+def share(p: Fraction, n: int) -> int:
+    """``floor(p * n)`` for a :func:`rate` ``p``, a product within a relative 1e-9 below an
+    integer read as that integer: ``k / N`` reaches :func:`rate` as its float's shortest
+    decimal (``1 / 3`` as ``0.3333333333333333``), whose product with ``N`` falls just
+    short of ``k`` (99 samples for a third of 300)."""
+    product = p * n
+    up = math.ceil(product)
+    return up if up - product <= 1e-9 * up else math.floor(product)
 
 
 def rate(fn: str, name: str, value: Any) -> Fraction:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ._args import integer, rate
+from ._args import integer, rate, share
 
 __all__ = ["duplicate_pairs", "flip_labels"]
 
@@ -78,7 +78,9 @@ def flip_labels(
     The samples are the first ``floor(fraction * N)`` of a seeded random permutation; each
     new label is drawn uniformly from the ``C - 1`` other classes. The product is taken
     with ``fraction`` as its shortest decimal (``0.29 * 100 = 29``, where the float
-    product ``int(0.29 * 100)`` is 28).
+    product ``int(0.29 * 100)`` is 28), and ``k / N`` gives ``k`` flips (``1 / 3`` reads
+    as ``0.3333333333333333``: a product that falls short of an integer by a relative
+    1e-9 or less counts as that integer).
 
     Args:
         labels: ``[N]`` int labels in ``[0, C)``.
@@ -96,7 +98,7 @@ def flip_labels(
     seed = integer("csl_fast.corrupt.flip_labels", "seed", seed)
     y, c = _labels(labels, num_classes)
     n = y.numel()
-    k = int(p * n)
+    k = share(p, n)
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n, generator=gen)[:k]
     noisy = y.clone()

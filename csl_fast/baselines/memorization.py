@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._args import integer, rate
+from .._args import integer, rate, share
 from ..train import predict, train
 from ._checks import check_finite, check_xy, train_options
 
@@ -83,7 +83,7 @@ def stability_memorization(
     y = check_xy("stability_memorization", x, y)
     kwargs = train_options("stability_memorization", train_kwargs)
     n = x.shape[0]
-    size = int(fraction * n)
+    size = share(fraction, n)
     if size < 1:
         raise ValueError(
             f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "
