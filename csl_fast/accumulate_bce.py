@@ -525,7 +525,7 @@ def _check_targets(target: torch.Tensor) -> None:
         value = float(target.reshape(-1)[i])
         _fail(
             ValueError,
-            f"the target of row {row}, label {label} is {value:g}, outside [0, 1]: the plain loss "
+            f"the target of row {row}, label {label} is {value!r}, outside [0, 1]: the plain loss "
             "log(1 + e^z) - y z has no lower bound there (the model can drive it to -inf), "
             "so the recorded CSL would be negative and rank nothing; targets are "
             "probabilities (for -1/+1 labels pass (target + 1) / 2)",

@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.seed,
         help=f"seed of the corruption, initialisation and batches (default {d.seed})",
     )
-    p.add_argument("--out", default=d.out, help=f"output folder (default {d.out})")
+    p.add_argument("-o", "--out", default=d.out, help=f"output folder (default {d.out})")
     p.add_argument(
         "--hidden",
         type=_hidden,
@@ -331,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument(
+        "-o",
         "--out",
         default=None,
         help="output folder (default: RUN/report; for a tracker file, the folder 'report' "

@@ -282,7 +282,9 @@ def corrupted_targets(
         :class:`~csl_fast.detect.DetectionWarning` is raised; the estimated count and
         interval are then None (unknown: bad samples may hide in the clean tail), not 0.
         A count of the tail rule is a lower bound (``diagnostics["count"] == "lower
-        bound"``; the module doc says why). Samples never presented rank last and are
+        bound"``; the module doc says why), unless the score has negative values
+        (``"unreliable"``: the rule then works on the raw scale, and its count can be too
+        high or too low; ``warning`` says so). Samples never presented rank last and are
         never flagged; so do ``+inf``
         scores of a tensor or mapping, with a warning (an overflowed score).
     """
@@ -340,6 +342,9 @@ def _detection(
             # "estimated 8 corrupted samples" of 15 with nothing to read it as a bound
             diag["count"] = "lower bound"
             if est.diagnostics["scale"] == "identity":
+                # no bound either way: the raw scale's clean tail is counted as bad too (a
+                # Gaussian NLL run counted 84 for 25, then printed "likely more")
+                diag["count"] = "unreliable"
                 warning = (
                     (f"{warning}. Also, " if warning else "")
                     + f"csl_fast.detect_losses: score {name!r} has negative values (a loss that "
@@ -674,13 +679,23 @@ def _anchored(
     det.estimated_count = n_anchors
     if det.count_interval is not None:
         det.count_interval = (n_anchors, max(n_anchors, det.count_interval[1]))
+    kept = (
+        f"Only those {n_anchors} stay flagged (a lower bound on the flips); review the "
+        "ranking below them (top(k)) if labels may be noisy"
+    )
+    if n_anchors == 0:  # ("estimated at least 0 bad entries (0-198)" read as a count)
+        diag["count"] = "unknown"
+        det.estimated_count = det.count_interval = None
+        kept = (
+            "Nothing stays flagged, and the count is unknown: the entries may be clean; "
+            "review the ranking (top(k)) if labels may be noisy"
+        )
     cut = (
         f"csl_fast.detect_losses: the tail rule flagged {n_flagged} entries but the network "
         f"firmly rejected only {n_anchors} of them ({share:.0%}, below "
         f"{MIN_ANCHORED_SHARE:.0%}): the rest are the clean entries it learned last, whose "
-        "loss has a heavier tail than the bulk's model, as on a run with no flipped entry. "
-        f"Only those {n_anchors} stay flagged (a lower bound on the flips); review the "
-        "ranking below them (top(k)) if labels may be noisy"
+        f"loss has a heavier tail than the bulk's model, as on a run with no flipped entry. "
+        f"{kept}"
     )
     det.warning = "; also, ".join(filter(None, [cut, det.warning]))
     det.rule = f"{det.rule}, cut to the doubted"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._functorch.pyfunctorch import temporarily_clear_interpreter_stack
 
 from . import _ext, backward_rerun, ops
 from ._args import check_flags
@@ -128,6 +129,10 @@ def record_loss(
     Elsewhere a few small kernels (the statistics rows, the scatter, for a tracker the
     last-loss pass).
 
+    Under ``torch.func`` transforms (``vmap``, ``grad``) and forward-mode AD the plain
+    values are recorded, each vmapped call as a batch of its own (as
+    :func:`csl_fast.accumulate` does): a per-sample-gradient loop records every sample once.
+
     Returns:
         ``loss``, the same tensor object.
 
@@ -138,6 +143,23 @@ def record_loss(
     if not torch.compiler.is_compiling() and backward_rerun.in_backward():
         return loss  # a checkpointed forward's rerun: checked and recorded the first time
     check_flags("csl_fast.record_loss", deterministic=deterministic, validate=validate)
+    if ops.transformed() and isinstance(loss, torch.Tensor) and isinstance(index, torch.Tensor):
+        # The buffers live outside the transform, and the C++ op has no batching rule
+        # (vmap raised PyTorch's "Batching rule not implemented"): record the plain values
+        # there, each vmapped call a batch of its own, as accumulate does.
+        detached = loss.detach()
+        with temporarily_clear_interpreter_stack():
+            (values, rows), _ = ops.escape_transforms(detached, index)
+            record_loss(
+                values,
+                rows,
+                csl,
+                count=count,
+                backend=backend,
+                deterministic=deterministic,
+                validate=validate,
+            )
+        return loss
     fast = _eager_cpu_args(loss, index, csl, count, backend, validate)
     if fast is not None:
         try:

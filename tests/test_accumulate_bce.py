@@ -521,6 +521,12 @@ _BAD = [
         "row 2, label 3 is 1.5, outside",
     ),
     (
+        "target just above 1",  # (it read "is 1, outside [0, 1]")
+        lambda a: a["target"].__setitem__((2, 3), 1.0000001),
+        ValueError,
+        r"row 2, label 3 is 1\.0000001192092896, outside",
+    ),
+    (
         "no labels",
         lambda a: a.update(logits=torch.zeros(6, 0), target=torch.zeros(6, 0)),
         ValueError,

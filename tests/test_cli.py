@@ -222,7 +222,7 @@ def test_rank_json_to_file(demo_run, tmp_path, capsys):
 def test_report_command(demo_run, tmp_path):
     out, _ = demo_run
     dest = tmp_path / "rep"
-    proc = cli("report", str(out), "--out", str(dest), "--top", "8", "-q")
+    proc = cli("report", str(out), "-o", str(dest), "--top", "8", "-q")
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert (dest / "report.html").is_file()

@@ -309,6 +309,9 @@ def test_tail_rule_on_a_score_with_negative_values_warns():
         det = corrupted_targets(shifted)
     assert len(det) > 0 and "unreliable" in det.warning
     assert det.diagnostics["estimator"]["scale"] == "identity"
+    # not read as a lower bound ("..., likely more"): that scale over-counts the clean tail
+    assert det.diagnostics["count"] == "unreliable"
+    assert not csl_fast.detect.count_phrase(det).endswith("likely more")
 
 
 def test_tail_warning_says_how_many_bad_samples_the_rule_can_see():
@@ -379,6 +382,17 @@ def test_mislabeled_entries_keeps_a_set_the_network_firmly_rejected(per_label):
         assert det.rule == "tail, two-view count" and "tie" not in det.diagnostics.get("note", "")
         assert det.estimated_count == 60 and det.count_interval[0] <= 60 <= det.count_interval[1]
         assert det.diagnostics["flagged"] == 60 and det.threshold == det.diagnostics["threshold"]
+
+
+def test_a_clean_tail_with_nothing_firmly_rejected_has_an_unknown_count():
+    # cut to 0 entries, it read "estimated at least 0 bad entries (0-198)"
+    tracker, firm = _doubt_tracker(firm=0, hesitant=60)
+    with pytest.warns(DetectionWarning, match=r"firmly rejected only 0 of them.*count is unknown"):
+        det = mislabeled_entries(tracker)
+    assert len(det) == 0 and not bool(firm.any())
+    assert det.estimated_count is None and det.count_interval is None
+    assert det.diagnostics["count"] == "unknown"
+    assert csl_fast.detect.count_phrase(det, "bad entries") is None
 
 
 @pytest.mark.parametrize("per_label", [False, True])

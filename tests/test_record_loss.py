@@ -353,3 +353,27 @@ def test_a_broadcast_square_loss_is_refused_with_the_right_advice():
     assert not csl.any()
     with pytest.raises(ValueError, match=r"reduce any other dimension per sample"):
         csl_fast.record_loss(torch.ones(4, 3), torch.arange(4), csl)
+
+
+def test_records_under_vmap_and_grad_as_outside_them():
+    """Under torch.func.vmap the C++ op met PyTorch's "Batching rule not implemented for
+    csl_fast::record_loss"; each vmapped call is now a batch of its own, as in accumulate."""
+    from torch.func import grad, vmap
+
+    x = torch.randn(5, 3)
+    want = csl_fast.CSLTracker(8)
+    csl_fast.record_loss((x**2).sum(1), torch.arange(5), want)
+
+    def one(w, xi, i, tracker):  # a per-sample loss, recorded as it is computed
+        return csl_fast.record_loss(((xi * w) ** 2).sum()[None], i[None], tracker).sum()
+
+    got = csl_fast.CSLTracker(8)
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0, None))(torch.ones(3), x, torch.arange(5), got)
+    torch.testing.assert_close(per_sample, 2 * x**2)
+    for name in ("csl_sum", "csl_count", "last_loss"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name))
+    # an index the vmapped function closes over counts once per call
+    csl = torch.zeros(8)
+    vmap(lambda xi: csl_fast.record_loss((xi**2).sum()[None], torch.tensor([6]), csl))(x)
+    torch.testing.assert_close(csl[6], (x**2).sum())
+    assert int((csl != 0).sum()) == 1
