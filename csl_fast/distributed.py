@@ -53,7 +53,8 @@ Combination rules
   synced tracker equals that single-process run exactly, but for the suggested-label vote
   of the padding repeats (fewer than ``W`` samples per epoch; a repeat shares its epoch's
   window with the regular presentation, whose vote is then lost, so their
-  ``suggest_votes`` / ``suggest_hits`` can be short by one presentation's and, rarely,
+  ``suggest_votes`` / ``suggest_hits`` can be off by one presentation's per epoch, either
+  way (a lost vote can also be one that would have cancelled another), and, rarely,
   ``suggest_label`` differ).
 
   The one case the rule cannot reconstruct from per-rank state is a sample presented on
@@ -90,9 +91,9 @@ Every collective waits at most :func:`get_timeout` seconds (default
 torch would let wait; set it with :func:`set_timeout`, the environment variable
 ``CSL_FAST_SYNC_TIMEOUT`` or the ``timeout`` argument), then raises
 :class:`SyncTimeoutError`: the usual cause is a rank that skipped ``end_epoch()`` (which
-syncs), or one that exited or crashed. The process group cannot be reused after it. Set
-it below the time your slowest rank may legitimately spend between two ``end_epoch``
-calls of the others (an evaluation or a checkpoint on rank 0, for instance).
+syncs), or one that exited or crashed. The process group cannot be reused after it. Keep
+it above the longest time one rank may legitimately spend before its ``end_epoch`` while
+the others wait (an evaluation or a checkpoint on rank 0, for instance).
 
 Collectives per sync: one ``all_gather`` of the fingerprint (a few integers), one
 ``all_gather`` of one byte per sample, and one ``all_reduce(SUM)`` per buffer, in place
@@ -107,6 +108,7 @@ tracker on the ``meta`` device, or an NCCL group where torch has no CUDA, raises
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 import warnings
@@ -116,6 +118,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+
+from .bits import as_bits
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -153,13 +157,19 @@ class SyncTimeoutError(SyncError, TimeoutError):
 def set_timeout(seconds: float | None) -> None:
     """Set how long :func:`sync` and :func:`mark_synced` wait for the other ranks
     (``None``: back to ``CSL_FAST_SYNC_TIMEOUT`` or :data:`DEFAULT_TIMEOUT`)."""
-    # (True is an int: it set a 1-second wait)
-    if seconds is not None and (
-        isinstance(seconds, bool) or not (isinstance(seconds, int | float) and seconds > 0)
-    ):
-        raise ValueError(f"csl_fast.distributed.set_timeout: seconds must be > 0, got {seconds!r}")
     global _timeout
-    _timeout = None if seconds is None else float(seconds)
+    _timeout = None if seconds is None else _seconds("set_timeout", "seconds", seconds)
+
+
+def _seconds(fn: str, name: str, seconds: Any) -> float:
+    """A wait in seconds, checked before any collective: True is an int (it set a
+    1-second wait), NaN never timed out, and 0 raised SyncTimeoutError on every rank as
+    if one had not joined."""
+    if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and seconds > 0):
+        raise ValueError(
+            f"csl_fast.distributed.{fn}: {name} must be a number of seconds > 0, got {seconds!r}"
+        )
+    return float(seconds)
 
 
 def get_timeout() -> float:
@@ -281,6 +291,7 @@ _FIELDS = (
     "meta device",
     "csl_count total",
     "eval_count total",
+    "state checksum",
 )
 # end_epoch's sync has a code of its own: sync() on one rank and end_epoch() on another
 # combined the same windows but left the ranks at different epochs, with no error
@@ -293,11 +304,11 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
     # mark_synced is what clears a load's flag: ranks that differ in it may still mark.
     loaded = call != 2 and tracker.__dict__.get(_LOADED_ATTR, False)
     names = ",".join(f"{k}:{b.dtype}:{b.shape[1:]}" for k, b in sorted(tracker.buffers().items()))
-    totals = [0, 0]
+    totals = [0, 0, 0]
     meta = tracker.device.type == "meta"
     if call == 2 and not meta:  # mark_synced: the loaded states must be the same checkpoint
         t = torch.stack([tracker.csl_count.double().sum(), tracker.eval_count.double().sum()])
-        totals = t.cpu().view(torch.int64).tolist()
+        totals = [*t.cpu().view(torch.int64).tolist(), _checksum(tracker)]
     return [
         call,
         tracker.num_samples,
@@ -317,6 +328,15 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
     ]
 
 
+def _checksum(tracker: CSLTracker) -> int:
+    """A CRC of every buffer's wrapping integer sum of bits: equal for equal states on any
+    device and thread count (no float rounding order), and it tells two checkpoints apart
+    where the count totals agree (any two runs of one setup at one epoch: one run's file
+    loaded on one rank, another's on the other, had passed mark_synced)."""
+    sums = [as_bits(b).sum(dtype=torch.int64) for _, b in sorted(tracker.buffers().items())]
+    return zlib.crc32(torch.stack(sums).cpu().numpy().tobytes())
+
+
 def _show(name: str, value: int) -> str:
     if name == "call":
         return _CALLS.get(value, str(value))
@@ -326,7 +346,7 @@ def _show(name: str, value: int) -> str:
         return str(bool(value))
     if name in ("num_classes", "num_labels"):
         return str(value or None)
-    if name == "buffer set":
+    if name in ("buffer set", "state checksum"):
         return f"hash {value:08x}"
     if name.endswith("total"):
         return repr(torch.tensor([value]).view(torch.float64).item())
@@ -428,7 +448,8 @@ def mark_synced(tracker: CSLTracker, group: Any = None, *, timeout: float | None
     cheap) without ``torch.distributed`` too.
     """
     if is_distributed(group):
-        _agree(tracker, group, 2, False, get_timeout() if timeout is None else timeout)
+        wait = get_timeout() if timeout is None else _seconds("mark_synced", "timeout", timeout)
+        _agree(tracker, group, 2, False, wait)
     _set_baseline(tracker)
 
 
@@ -500,7 +521,11 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
 def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
     if not is_distributed(group):
         return False
-    timeout = get_timeout() if timeout is None else timeout
+    timeout = (
+        get_timeout()
+        if timeout is None
+        else _seconds(_CALLS[call].removesuffix("()"), "timeout", timeout)
+    )
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     dev = _comm_device(tracker, group)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ._args import integer_labels
+from .bits import as_bits
 
 __all__ = [
     "as_rows",
@@ -41,18 +42,12 @@ __all__ = [
     "whole_groups",
 ]
 
-# floats are compared by their bits: -0.0 and 0.0 differ, a NaN equals the same NaN
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # flatten, not reshape(N, -1): with N = 0 the -1 is ambiguous and reshape refuses
     flat = (x.detach().flatten(1) if x.dim() > 1 else x.detach().reshape(-1, 1)).cpu()
     if flat.is_complex():
         flat = torch.view_as_real(flat).flatten(1)
-    if flat.is_floating_point():
-        flat = flat.contiguous().view(_SAME_SIZE_INT[flat.element_size()])
-    return flat
+    return as_bits(flat)  # -0.0 and 0.0 differ, a NaN equals the same NaN
 
 
 def num_groups(ids: torch.Tensor) -> int:

@@ -554,6 +554,25 @@ def _load_worker(rank: int, init: str, out: str):
         if rank == 1:
             u.load_state_dict(CSLTracker(4, C).state_dict())
         attempt(u)
+        # two checkpoints of one setup at one epoch (another seed: equal count totals):
+        # mark_synced passed, and the ranks went on with different trackers
+        v = CSLTracker(4, C)
+        logits = torch.zeros(1, C)
+        logits[0, 0] = float(rank)
+        csl_fast.accumulate(logits, torch.tensor([0]), torch.tensor([0]), v)
+        try:
+            mark_synced(v)
+            msgs.append("marked")
+        except SyncError as exc:
+            msgs.append(str(exc))
+        # a wait that is not a number of seconds > 0, refused before any collective
+        for bad in (0, -5.0, True, float("nan"), "10"):
+            for call in (mark_synced, csl_fast.distributed.sync):
+                try:
+                    call(t, timeout=bad)
+                    msgs.append("waited")
+                except ValueError as exc:
+                    msgs.append(str(exc))
         with open(os.path.join(out, f"load{rank}.json"), "w") as f:
             json.dump(msgs, f)
     finally:
@@ -568,6 +587,10 @@ def test_sync_after_a_load_without_mark_synced_raises_on_every_rank(tmp_path):
         assert "was loaded" in msg and "mark_synced(tracker) on every rank" in msg, msg
     assert got[0][2] == [1.0, 1.0, 1.0, 1.0]
     assert "loaded, not marked (rank 0: False, rank 1: True)" in got[0][3]
+    assert "differ in state checksum (rank 0: hash" in got[0][4], got[0][4]
+    assert len(got[0]) == 5 + 10
+    for msg, call in zip(got[0][5:], ["mark_synced", "sync"] * 5, strict=True):
+        assert f"csl_fast.distributed.{call}: timeout must be a number of seconds > 0" in msg
 
 
 def _device_worker(rank: int, init: str, out: str):
