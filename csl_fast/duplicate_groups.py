@@ -42,6 +42,7 @@ __all__ = [
     "whole_groups",
 ]
 
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     # flatten, not reshape(N, -1): with N = 0 the -1 is ambiguous and reshape refuses
     flat = (x.detach().flatten(1) if x.dim() > 1 else x.detach().reshape(-1, 1)).cpu()
