@@ -354,9 +354,7 @@ def accumulate(
     # check runs, so on the CPU (where reading them costs no device sync) check first.
     given_shape = tuple(given[1].shape) if rows is not None and not soft else None
     with target_positions(given_shape):
-        if (validate or (inplace_grad and logits.device.type == "cpu")) and (
-            not (transformed or torch.compiler.is_compiling())
-        ):
+        if (validate or (inplace_grad and logits.device.type == "cpu")) and not transformed:
             # Class probabilities have no range to check; their indices do.
             checked = None if soft else target
             _check_values(checked, index, logits.shape[1], buffers[0].numel(), ignore_index)

@@ -22,10 +22,12 @@ from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate import _fell_back, eager_step_allowed
 from .accumulate_checks import (
+    _check_values,
     _overlap,
     check_buffer,
     check_buffers_apart,
     check_count_fits,
+    check_in_graph,
     check_writable,
     validate_by_default,
 )
@@ -247,9 +249,9 @@ def accumulate_bce(
     if validate is None:
         validate = validate_by_default(logits.device, name)
     compiling = torch.compiler.is_compiling()
-    if validate and not compiling:
-        _check_range(index, csl.shape[0])
-    if (validate or logits.device.type == "cpu") and not compiling:
+    if validate:
+        _check_values(None, index, 0, csl.shape[0], 0, "accumulate_bce")
+    if validate or logits.device.type == "cpu":
         _check_targets(target)
     code = REDUCTIONS[reduction]
     with buffer_lock(csl):
@@ -515,6 +517,10 @@ def _check_targets(target: torch.Tensor) -> None:
     """Every target in ``[0, 1]`` (NaN passes: its loss is NaN and is not recorded)."""
     if not target.numel():
         return
+    if torch.compiler.is_compiling():
+        outside = ((target < 0) | (target > 1)).any()
+        check_in_graph("accumulate_bce", ~outside, f"a target is outside [0, 1]; {_PROBABILITIES}")
+        return
     lo, hi = (float(v) for v in torch.aminmax(target.detach()))
     if lo >= 0 and hi <= 1:  # one pass (the masks below cost 8x more); NaN falls through
         return
@@ -525,21 +531,13 @@ def _check_targets(target: torch.Tensor) -> None:
         value = float(target.reshape(-1)[i])
         _fail(
             ValueError,
-            f"the target of row {row}, label {label} is {value!r}, outside [0, 1]: the plain loss "
-            "log(1 + e^z) - y z has no lower bound there (the model can drive it to -inf), "
-            "so the recorded CSL would be negative and rank nothing; targets are "
-            "probabilities (for -1/+1 labels pass (target + 1) / 2)",
+            f"the target of row {row}, label {label} is {value!r}, outside [0, 1]: "
+            f"{_PROBABILITIES}",
         )
 
 
-def _check_range(index: torch.Tensor, num_samples: int) -> None:
-    """Every index in ``[0, N)`` (reads them on the host)."""
-    bad = (index < 0) | (index >= num_samples)
-    if index.numel() and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        _fail(
-            IndexError,
-            f"index[{i}] = {int(index[i])} is outside [0, N = {num_samples}) where N is the "
-            "size of the csl buffer; pass dataset indices (csl_fast.data.IndexedDataset) and a "
-            "buffer with one entry per dataset sample",
-        )
+_PROBABILITIES = (
+    "the plain loss log(1 + e^z) - y z has no lower bound there (the model can drive it to "
+    "-inf), so the recorded CSL would be negative and rank nothing; targets are "
+    "probabilities (for -1/+1 labels pass (target + 1) / 2)"
+)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .reference import REDUCTIONS
+from .stats import MAX_TRACKED_CLASSES
 
 if TYPE_CHECKING:
     from .accumulate import Recorder
@@ -141,6 +142,8 @@ def match_tracker_classes(op: str, tracker: object, classes: int) -> None:
     for that many (or for any: ``num_classes=None``, see :func:`adopt_classes`). Its
     suggested labels and votes are class indices, which cleaning, detection and reports
     take to be below num_classes."""
+    if classes > MAX_TRACKED_CLASSES:
+        raise ValueError(too_many_classes(f"csl_fast.{op}: the logits have", classes))
     expected = getattr(tracker, "num_classes", None)
     if expected is not None and classes != expected:
         raise ValueError(
@@ -148,6 +151,16 @@ def match_tracker_classes(op: str, tracker: object, classes: int) -> None:
             f"with num_classes={expected}; make the tracker with num_classes={classes} (or "
             "give the model as many outputs as the tracker has classes)"
         )
+
+
+def too_many_classes(subject: str, classes: int) -> str:
+    """Why a tracker refuses ``classes`` classes (:data:`MAX_TRACKED_CLASSES`)."""
+    return (
+        f"{subject} C = {classes} classes, but a CSLTracker keeps each row's predicted "
+        f"class as a float32, exact only up to C = 2**24 = {MAX_TRACKED_CLASSES} (suggested "
+        "labels above it would be rounded to other classes); record the loss into a plain "
+        "csl tensor instead (csl_fast.accumulate(logits, target, index, csl))"
+    )
 
 
 def adopt_classes(tracker: object, classes: int) -> None:
@@ -369,13 +382,28 @@ def _check_values(
     op: str = "accumulate",
 ) -> None:
     """Range checks of targets (None: class probabilities, nothing to check) and indices
-    (reads them on the host: one synchronisation on a GPU when both are in range)."""
+    (reads them on the host: one synchronisation on a GPU when both are in range; in a
+    compiled graph, :func:`check_in_graph`)."""
     if index.numel() == 0 or index.is_meta:  # (meta tensors have shapes, not values)
         return
     bad_index = (index < 0) | (index >= num_samples)
     bad = None
     if target is not None:
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if torch.compiler.is_compiling():
+        classes = (
+            ""
+            if bad is None
+            else f", or a target outside [0, C = {num_classes}) and not ignore_index "
+            f"({ignore_index})"
+        )
+        check_in_graph(
+            op,
+            ~(bad_index.any() if bad is None else bad.any() | bad_index.any()),
+            f"an index is outside [0, N = {num_samples}){classes} (found in a compiled "
+            "graph, which cannot say which row; run it eagerly to see)",
+        )
+        return
     if not bool(bad_index.any() if bad is None else bad.any() | bad_index.any()):
         return
     if bad is not None and bool(bad.any()):
@@ -391,6 +419,16 @@ def _check_values(
         f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
         "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
     )
+
+
+def check_in_graph(op: str, ok: torch.Tensor, message: str) -> None:
+    """A range check inside ``torch.compile``, which cannot read values on the host: on
+    the CPU the graph raises ``RuntimeError("csl_fast.<op>: <message>")`` when the 0-d
+    bool ``ok`` is False, before anything is written. Not on a GPU, where it would be a
+    device-side assert that ends the process's CUDA context: there the kernels skip an
+    out-of-range index (README, "torch.compile")."""
+    if ok.device.type == "cpu":
+        torch._assert_async(ok, f"csl_fast.{op}: {message}")
 
 
 @contextlib.contextmanager

@@ -304,7 +304,7 @@ def linear_cross_entropy(
         ignore_index,
         "linear_cross_entropy",
     )
-    if validate and not torch.compiler.is_compiling():
+    if validate:
         check_values()
     if chunk_size is None:
         chunk_size = default_chunk_size(h2.shape[0], size_h, vocab)

@@ -24,6 +24,7 @@ from . import _ext, backward_rerun, ops
 from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate_checks import (
+    _check_values,
     check_buffer,
     check_buffers_apart,
     check_count_fits,
@@ -173,8 +174,8 @@ def record_loss(
     name = resolve_backend(backend, loss.device)
     if validate is None:
         validate = validate_by_default(loss.device, name)
-    if validate and not torch.compiler.is_compiling():
-        _check_range(index, buffers[0].numel())
+    if validate:
+        _check_values(None, index, 0, buffers[0].numel(), 0, "record_loss")
     if name == "cpu":
         # One pass in C++, which checks the indices before writing, takes the buffer lock
         # and bumps the version counters (csrc/cpu/record_loss.cpp). A compiled graph may
@@ -395,15 +396,3 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
         )
         check_count_fits("record_loss", csl, count)
     check_buffers_apart("record_loss", {"csl": csl, "count": count}, index)
-
-
-def _check_range(index: torch.Tensor, num_samples: int) -> None:
-    """Range check of the indices (reads them on the host)."""
-    bad = (index < 0) | (index >= num_samples)
-    if index.numel() and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise IndexError(
-            f"csl_fast.record_loss: index[{i}] = {int(index[i])} is outside [0, N = "
-            f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
-            "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
-        )

@@ -63,7 +63,9 @@ def row_statistics(
     rel = torch.where(others, torch.exp(z - z_y[:, None]), torch.zeros_like(z))
     y_is_max = z_y[:, None] >= torch.where(others, z, torch.full_like(z, -float("inf")))
     loss = torch.where(y_is_max.all(1), torch.log1p(rel.sum(1)), lse - z_y)
-    p = torch.exp(z - lse[:, None])
+    # (not exp(z - lse): at logits of 1e30, lse loses log C to rounding and every p with
+    # it; the gradient norm came out 16x too large)
+    p = torch.softmax(z, dim=1)
     p_other = torch.where(others, p, torch.zeros_like(p))
     one_minus_py = p_other.sum(1)
     gnorm = p_other.square().sum(1) + one_minus_py.square()
@@ -139,12 +141,14 @@ def cross_entropy_fwd(
     respect to ``logits`` for a unit upstream gradient (``[B, C]``, logits' dtype), and
     ``stats`` from :func:`row_statistics`.
     """
-    z = logits.detach().to(_compute_dtype(logits)).requires_grad_(True)
-    with torch.enable_grad():
+    # Differentiated inside whatever mode the caller is in: enable_grad does nothing under
+    # inference_mode, whose tensors cannot be saved for backward until cloned outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        z = logits.detach().to(_compute_dtype(logits)).clone().requires_grad_(True)
         objective = F.cross_entropy(
             z,
-            target.long(),
-            weight=None if weight is None else weight.to(z.dtype),
+            target.long().clone(),
+            weight=None if weight is None else weight.to(z.dtype).clone(),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction=REDUCTION_NAMES[reduction],

@@ -26,6 +26,9 @@ class Stat(IntEnum):
 
 
 NUM_STATS = len(Stat)
+#: The most classes a tracker records: ``OTHER_ARGMAX`` is a float32, which holds every
+#: class index below ``2**24`` exactly (above, suggested labels came out rounded).
+MAX_TRACKED_CLASSES = 2**24
 
 
 def invalid_column(like: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 import csl_fast
 from csl_fast.accumulate_checks import _check_values, validate_by_default
-from csl_fast.record_loss import _check_range
 
 
 @pytest.mark.parametrize(
@@ -54,7 +53,7 @@ def test_valid_input_costs_one_host_read(monkeypatch):
     reads = _HostReads(monkeypatch)
     _check_values(target, index, 3, 4, -100)
     assert reads.count == 1
-    _check_range(index, 4)
+    _check_values(None, index, 0, 4, 0, "record_loss")
     assert reads.count == 2
 
 
@@ -220,3 +219,54 @@ def test_flags_from_a_config_string_are_refused_not_taken_as_true():
                 call(**{flag: "False"})
         call(deterministic=True, validate=False)
     assert csl.any()
+
+
+def _compiled_calls():
+    z, t = torch.randn(3, 5), torch.tensor([0, 1, 4])
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    return {
+        "accumulate reference, index": (
+            lambda csl, i, bad_t: csl_fast.accumulate(z, t, i, csl, backend="reference"),
+            "csl_fast.accumulate: an index is outside",
+        ),
+        "accumulate reference, target": (
+            lambda csl, i, bad_t: csl_fast.accumulate(
+                z, torch.where(bad_t, 7, t), torch.arange(3), csl, backend="reference"
+            ),
+            # (Inductor's own bounds check on the loss's gather may come first)
+            r"(or a target outside \[0, C = 5\)|index out of bounds)",
+        ),
+        "record_loss reference": (
+            lambda csl, i, bad_t: csl_fast.record_loss(z[:, 0], i, csl, backend="reference"),
+            "csl_fast.record_loss: an index is outside",
+        ),
+        "accumulate_bce, index": (
+            lambda csl, i, bad_t: csl_fast.accumulate_bce(
+                z[:, :2], y, i, csl, validate=True, backend="reference"
+            ),
+            "csl_fast.accumulate_bce: an index is outside",
+        ),
+        "accumulate_bce, target": (
+            lambda csl, i, bad_t: csl_fast.accumulate_bce(
+                z[:, :2], torch.where(bad_t[:, None], 3.0, y), torch.arange(3), csl
+            ),
+            r"a target is outside \[0, 1\].*\(target \+ 1\) / 2",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_compiled_calls()))
+def test_compiled_calls_check_ranges_on_the_cpu(case):
+    """Under torch.compile the host checks were skipped: the reference backend dropped an
+    out-of-range index with validate=True, and accumulate_bce recorded a target of 3 as a
+    negative CSL. The compiled graph now raises before anything is written."""
+    call, match = _compiled_calls()[case]
+    csl = torch.zeros(6)
+    compiled = torch.compile(call, fullgraph=True)
+    good, bad_rows = torch.tensor([0, 1, 2]), torch.tensor([False, False, True])
+    compiled(csl, good, torch.zeros(3, dtype=torch.bool))
+    written = csl.clone()
+    assert bool(written.any())
+    with pytest.raises(RuntimeError, match=match):
+        compiled(csl, torch.tensor([0, 1, 9]), bad_rows)
+    assert torch.equal(csl, written)

@@ -467,3 +467,18 @@ def test_float64_stays_float64_under_autocast():
         got = linear_cross_entropy(h, w, y, reduction="none")
     assert got.dtype == want.dtype == torch.float64
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_the_reference_backend_runs_under_no_grad_and_inference_mode(mode):
+    # the reference's gradient came from torch.autograd.grad under enable_grad, which
+    # inference_mode overrides: "element 0 of tensors does not require grad"
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    t, idx = torch.randint(0, 5, (6,), generator=g), torch.arange(6)
+    want = F.cross_entropy(h @ w.T, t)
+    with mode():
+        csl = torch.zeros(8)
+        got = csl_fast.linear_cross_entropy(h, w, t, idx, csl, backend="reference")
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(csl[:6], F.cross_entropy(h @ w.T, t, reduction="none"))

@@ -473,3 +473,31 @@ def test_merge_combines_votes_as_majority_summaries():
     assert merged.suggest_label.tolist() == [2, 0, 1, 3]
     assert merged.suggest_votes.tolist() == [4, 1, 2, 4]
     assert merged.suggest_hits.tolist() == [5, 2, 2, 7]
+
+
+@pytest.mark.parametrize("backend", _ce_backends())
+@pytest.mark.parametrize("offset", [1e3, 1e6, 1e30])
+def test_the_gradient_norm_of_huge_logits(backend, offset):
+    # the reference took p = exp(z - logsumexp(z)); at large offsets logsumexp loses
+    # log C to rounding, and every p with it (16x the norm at 1e30)
+    g = torch.Generator().manual_seed(0)
+    z = (offset + torch.randn(5, 7, generator=g, dtype=torch.float64)).float()
+    y = torch.randint(0, 7, (5,), generator=g)
+    zd = z.double().requires_grad_(True)
+    torch.nn.functional.cross_entropy(zd, y, reduction="sum").backward()
+    want = (zd.grad**2).sum(1)
+    stats = ops.cross_entropy_fwd(z, y, None, -100, 0.0, 0, backend=backend)[1]
+    torch.testing.assert_close(stats[Stat.GRAD_NORM_SQ].double(), want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_tracker_refuses_more_classes_than_its_votes_hold():
+    # OTHER_ARGMAX is a float32: at C = 2**24 + 4 suggested labels came out as other
+    # classes, one equal to num_classes, and save() then refused the tracker
+    with pytest.raises(ValueError, match=r"exact only up to C = 2\*\*24"):
+        csl_fast.CSLTracker(2, num_classes=2**24 + 1)
+    z = torch.zeros(1, 2**24 + 1).expand(2, -1)
+    with pytest.raises(ValueError, match=r"the logits have C = 16777217 classes"):
+        csl_fast.accumulate(z, torch.tensor([0, 1]), torch.arange(2), csl_fast.CSLTracker(2))
+    csl = torch.zeros(2)  # a plain buffer keeps no votes: any C
+    csl_fast.accumulate(z, torch.tensor([0, 1]), torch.arange(2), csl)
+    torch.testing.assert_close(csl, torch.full((2,), math.log(2**24 + 1)))
