@@ -115,7 +115,7 @@ class Cleaned(NamedTuple):
     labels: torch.Tensor
 
 
-@dataclass
+@dataclass(eq=False)  # identity: == over tensor fields raised "ambiguous" (and broke `in`)
 class CleaningPlan:
     """One decision per selected sample, most suspicious first (``M`` rows).
 

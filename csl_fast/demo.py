@@ -40,9 +40,10 @@ decay or input noise the network never fits the flipped labels, so *every* score
 separates them (AUROC ~0.999) and the demo
 would show nothing. The defaults therefore make the network memorize: no weight decay, no
 augmentation, a wide MLP (64-512-512-10), Adam at lr 3e-3, batch 128, 80 epochs, which fits
-~97% of the given labels, most flipped ones included. The final loss and final confidence
-then lose the flipped samples (AUROC ~0.89), while CSL, which remembers how long each
-sample took to fit, stays near 0.999 on mislabeled and ~0.97 on duplicates (seed 0).
+98.6% of the given labels, most flipped ones included. The final loss and final
+confidence then lose the flipped samples (AUROC 0.83), while CSL, which remembers how long
+each sample took to fit, stays near 0.999 on mislabeled samples and on duplicates (seed 0,
+measured 2026-12-03).
 Memorizing a flipped label takes many epochs; the sum of the loss over training records
 that, the last epoch's loss does not. The same memorization costs the noisy-trained model
 clean-test accuracy, which cleaning wins back: with seed 0, the rule flags 180 samples
@@ -300,12 +301,15 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         det = detect.mislabeled(tracker, "csl")  # the tracker: every view of the rule
     flagged = det.flagged.cpu().numpy()
     bad = mislabeled | duplicate
-    flag_text = "\n" + _flagged_line(det.rule, flagged, bad)
+    # A conflicting pair's original keeps its true label: the count estimates wrong labels
+    wrong = samples.labels != samples.true_labels
+    flag_text = "\n" + _flagged_line(det.rule, flagged, bad, wrong)
     if det.estimated_count is not None and det.count_interval is not None:
         lo, hi = det.count_interval
         flag_text += (
             f"\n  estimated number of bad samples (no ground truth): {det.estimated_count} "
-            f"(interval {lo}-{hi}; true: {int(bad.sum())})"
+            f"(interval {lo}-{hi}; true: {int(wrong.sum())} wrong labels, {int(bad.sum())} "
+            "corrupted counting both members of each conflicting pair)"
         )
     if det.warning:
         flag_text += f"\n  warning: {det.warning}"
@@ -373,7 +377,9 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         retrain_text = format_retrain_table(gain["accuracy"], gain["test_size"], plan_line)
         print(
             "\nClean and retrain: one extra training on the cleaned data (same model, "
-            "initialisation and seed;\nonly the training labels differ)\n" + retrain_text,
+            "initialisation and seed;\nthe noisy model is the tracked run, whose "
+            "csl_fast.accumulate loss equals F.cross_entropy's\nto rounding, which Adam can "
+            "amplify over the epochs; the others train with F.cross_entropy)\n" + retrain_text,
             flush=True,
         )
     else:
@@ -465,6 +471,8 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
             "count_interval": det.count_interval,
             "count": int(flagged.sum()),
             "corrupted": int((flagged & bad).sum()),
+            "wrong_labels": int((flagged & wrong).sum()),
+            "true_wrong_labels": int(wrong.sum()),
             "threshold": det.threshold,
         },
         "flagged_duplicates": {
@@ -511,13 +519,17 @@ def _share(part: int, whole: int, spec: str) -> str:
     return format(part / whole, spec) if whole else "n/a"
 
 
-def _flagged_line(rule: str, flagged: np.ndarray, bad: np.ndarray) -> str:
-    """The score rule's line: flagged, how many are corrupted, precision and recall."""
+def _flagged_line(rule: str, flagged: np.ndarray, bad: np.ndarray, wrong: np.ndarray) -> str:
+    """The score rule's line: flagged, how many are corrupted (both members of a
+    conflicting pair), how many carry a wrong label, precision and recall."""
     hit, k, total = int((flagged & bad).sum()), int(flagged.sum()), int(bad.sum())
+    hit_wrong = int((flagged & wrong).sum())
     return (
         f"Flagged without ground truth (rule {rule} on CSL): {k} samples; {hit} of them "
         f"corrupted (precision {_share(hit, k, '.2f')}), {_share(hit, total, '.0%')} of all "
-        f"{total} corrupted found"
+        f"{total} corrupted found; {hit_wrong} with a wrong label (precision "
+        f"{_share(hit_wrong, k, '.2f')}, {_share(hit_wrong, int(wrong.sum()), '.0%')} of all "
+        f"{int(wrong.sum())})"
     )
 
 
@@ -565,6 +577,11 @@ def _memorized_text(memorized: float) -> str:
         return (
             "\n(the network memorized the flipped labels: final-epoch scores lose the flipped "
             "samples, CSL keeps them)"
+        )
+    if memorized >= 0.5:  # (78% read "did not memorize most")
+        return (
+            "\n(the network memorized most, not all, flipped labels by the end: final-epoch "
+            "scores still see the rest, and CSL keeps all of them)"
         )
     return (
         "\n(the network did not memorize most flipped labels by the end: final-epoch scores "

@@ -169,7 +169,7 @@ class DetectionWarning(UserWarning):
     and what to try (``warnings.simplefilter("ignore", DetectionWarning)`` to silence)."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: == over tensor fields raised "ambiguous" (and broke `in`)
 class Detection:
     """Samples ranked by suspicion, and a flagged set.
 

@@ -393,7 +393,7 @@ def _detection(
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
 
-@dataclass(repr=False)  # Detection's short repr, not every tensor
+@dataclass(repr=False, eq=False)  # Detection's short repr and identity comparison
 class EntryDetection(Detection):
     """A :class:`~csl_fast.detect.Detection` over the ``N * L`` (sample, label) entries.
 

@@ -167,7 +167,7 @@ def _seconds(fn: str, name: str, seconds: Any) -> float:
     if one had not joined."""
     if isinstance(seconds, bool) or not (isinstance(seconds, numbers.Real) and seconds > 0):
         raise ValueError(
-            f"csl_fast.distributed.{fn}: {name} must be a number of seconds > 0, got {seconds!r}"
+            f"csl_fast.distributed.{fn}: {name} must be > 0, got {seconds!r} (a number of seconds)"
         )
     return float(seconds)
 

@@ -233,12 +233,14 @@ class Scores(dict[str, torch.Tensor]):
     """The ``{name: [N]}`` dict of :func:`scores`, remembering of its tracker what the
     detectors need to rank it as they rank the tracker: ``sequences`` (a tracker of
     sequences is ranked by ``csl_mean`` and has no label-lost view) and ``csl_count``
-    (positions per sample, for the warning on scores summed over positions)."""
+    (positions per sample, for the warning on scores summed over positions). To save it
+    for ``torch.load``'s default reader (``weights_only=True``, which refuses dict
+    subclasses), save ``dict(scores)``."""
 
     def __init__(self, values: dict[str, torch.Tensor], tracker: CSLTracker) -> None:
         super().__init__(values)
         self.sequences = bool(tracker.sequences)
-        self.csl_count = tracker.csl_count
+        self.csl_count = tracker.csl_count.clone()  # of when the scores were taken
 
 
 def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:

@@ -35,6 +35,7 @@ is read on the host). The CSL sum and count themselves are written by the fused
 
 from __future__ import annotations
 
+import copy
 import numbers
 import os
 import warnings
@@ -45,9 +46,9 @@ import torch
 
 from . import _ext, huge_pages, ops, reference, tracker_file
 from ._args import check_flags
-from .accumulate_checks import _check_values, validate_by_default
+from .accumulate_checks import _check_values, too_many_classes, validate_by_default
 from .buffer_locks import locked
-from .stats import NUM_STATS, Stat
+from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat
 from .tracker_buffers import (
     _HISTORIES,
     _INPUT_GRAD_STEP,
@@ -210,6 +211,8 @@ class CSLTracker(TrackerStatistics):
             raise ValueError(
                 f"CSLTracker: num_classes must be None or an int >= 1, got {num_classes!r}"
             )
+        if num_classes is not None and num_classes > MAX_TRACKED_CLASSES:
+            raise ValueError(too_many_classes("CSLTracker: num_classes gives", num_classes))
         if num_labels is not None and (
             isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
         ):
@@ -302,6 +305,29 @@ class CSLTracker(TrackerStatistics):
         if buffers is not None and name in buffers:
             return buffers[name]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # An assignment bound a new attribute beside the buffer: reads went to it, while
+        # the recorders, save and state_dict kept the buffer (t.csl_sum = ... "reset" CSL
+        # for reads only; a buffer-by-buffer .double() split the tracker in two).
+        buffers = self.__dict__.get("_buffers")
+        if buffers is not None and name in buffers:
+            raise AttributeError(
+                f"CSLTracker.{name} is a live buffer that the recorders write into; change "
+                f"it in place (tracker.{name}.zero_(), tracker.{name}.copy_(values)); for "
+                "another dtype or device, create a CSLTracker with dtype= and device= and "
+                "load_state_dict(tracker.state_dict()) into it"
+            )
+        super().__setattr__(name, value)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Through torch.multiprocessing (spawn, forkserver) the buffers arrive in shared
+        # memory: a worker's writes reached the parent's buffers but not its epoch or
+        # histories (2 presentations at epoch 0, then saved as such). A tracker passed to
+        # another process is a copy there, as with fork.
+        if any(b.is_shared() for b in state.get("_buffers", {}).values()):
+            state = copy.deepcopy(state)
+        self.__dict__.update(state)
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The buffers by name (live tensors, not copies): ``[N]``, per-label ``[N, L]``."""

@@ -610,3 +610,14 @@ def test_an_entry_detection_is_refused_with_what_to_do():
         det = detect_losses.mislabeled_entries(t, rule="fraction", fraction=0.05)
     with pytest.raises(ValueError, match=r"ranks \(sample, label\) entries .* acts on samples"):
         clean(t, policy="drop", detection=det)
+
+
+def test_plans_and_detections_compare_by_identity():
+    # the dataclasses' generated == compared tensor fields: "Boolean value of Tensor with
+    # more than one value is ambiguous", from ==, != and `in`
+    import copy
+
+    plan, det = _plan(), _det()
+    for obj in (plan, det):
+        other = copy.deepcopy(obj)
+        assert obj == obj and obj != other and obj not in [other] and obj in [other, obj]

@@ -232,6 +232,14 @@ def test_demo_report_numbers(tmp_path, capsys):
     assert interval == (None if det.count_interval is None else list(det.count_interval))
     m = re.search(r"\): (\d+) samples; (\d+) of them corrupted", printed)
     assert m and (int(m[1]), int(m[2])) == (int(flagged.sum()), int((flagged & bad).sum()))
+    # a conflicting pair's original keeps its true label: 183 "corrupted" of the demo are
+    # 163 wrong labels, which is what the count estimates (audit helper-127)
+    wrong = samples.labels != samples.true_labels
+    assert on_disk["flagged_mislabeled"]["wrong_labels"] == int((flagged & wrong).sum())
+    assert on_disk["flagged_mislabeled"]["true_wrong_labels"] == int(wrong.sum())
+    if det.estimated_count is not None:
+        assert f"true: {int(wrong.sum())} wrong labels, {int(bad.sum())} corrupted" in printed
+    assert f"; {int((flagged & wrong).sum())} with a wrong label (precision" in printed
 
     overhead = results["overhead"]
     note = _section(sections, "Training-time overhead").splitlines()
@@ -252,8 +260,10 @@ def test_demo_report_numbers(tmp_path, capsys):
     # memorizes" after 4 epochs that fitted a fraction of the flips: audit helper-112)
     setup = _section(sections, "Demo setup")
     fitted = on_disk["flipped_labels_fitted"]
-    assert ("did not memorize" in setup) == (fitted < 0.9), (fitted, setup)
-    assert demo._memorized_text(0.95).startswith("\n(the network memorized")
+    assert ("did not memorize" in setup) == (fitted < 0.5), (fitted, setup)
+    assert demo._memorized_text(0.95).startswith("\n(the network memorized the")
+    # 78% was "did not memorize most flipped labels"
+    assert demo._memorized_text(0.78).startswith("\n(the network memorized most, not all")
     assert demo._memorized_text(math.nan) == ""
 
 

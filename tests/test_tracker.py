@@ -851,3 +851,39 @@ def test_sizes_and_epochs_take_integers_of_numpy_and_refuse_the_rest():
     assert t.epoch == 2
     with pytest.raises(ValueError, match="seconds must be > 0, got True"):
         distributed.set_timeout(True)
+
+
+def test_assigning_a_buffer_name_is_refused():
+    # it bound a new attribute beside the buffer: reads went to it, while the recorders,
+    # save() and state_dict() kept the buffer
+    t = CSLTracker(4, 3)
+    with pytest.raises(AttributeError, match=r"csl_sum is a live buffer.*\.zero_\(\)"):
+        t.csl_sum = torch.zeros(4)
+    with pytest.raises(AttributeError, match="load_state_dict"):
+        t.csl_count = t.csl_count.double()
+    assert t.csl_sum is t.buffers()["csl_sum"]
+    t.num_classes = 3  # other attributes as before
+    t.epoch = 1
+    assert t.epoch == 1
+
+
+def test_a_tracker_sent_to_another_process_is_a_copy_there():
+    """torch.multiprocessing (spawn, forkserver) sent the buffers in shared memory: a
+    worker's writes reached the parent's buffers but not its epoch (2 presentations at
+    epoch 0), as with fork they reach nothing. Now it is a copy in both cases."""
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # (registers the shared-memory reductions)
+
+    t = CSLTracker(4, 3)
+    csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), t)
+    sent = pickle.loads(ForkingPickler.dumps(t))
+    assert not any(b.is_shared() for b in sent.buffers().values())
+    csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), sent)
+    sent.end_epoch()
+    assert t.csl_count.tolist() == [1.0] * 4 and t.epoch == 0
+    assert sent.csl_count.tolist() == [2.0] * 4 and sent.epoch == 1
+    # a plain pickle round trip is unchanged
+    back = pickle.loads(pickle.dumps(t))
+    assert torch.equal(back.csl_sum, t.csl_sum) and back.epoch == t.epoch
