@@ -217,7 +217,7 @@ def main() -> None:
             f"| {r['n']:,} | {r['seconds_default_rule']:.2f} ({r['cpu_seconds_default_rule']:.2f}) "
             f"| {r['seconds_valley_rule']:.2f} ({r['cpu_seconds_valley_rule']:.2f}) "
             f"| {r['load_average_1min']:.1f} "
-            f"| {r['peak_rss_growth_bytes_per_sample']:.0f} | {r['estimated_count']:,} "
+            f"| {r['peak_rss_growth_bytes_per_sample']:.0f} | {_count(r['estimated_count'])} "
             f"[{lo:,}, {hi:,}] | {r['bad']:,} | {r['precision']:.3f} | {r['recall']:.3f} |"
         )
     lines += [
@@ -240,11 +240,17 @@ def main() -> None:
             f"| {r['seconds_tracker_rule'] + r['seconds_clean']:.2f} "
             f"| {r['tracker_load_average_1min']:.1f} "
             f"| {r['tracker_peak_rss_growth_bytes_per_sample']:.0f} | {r['tracker_rule']} "
-            f"| {r['tracker_estimated_count']:,} | {r['tracker_precision']:.3f} "
+            f"| {_count(r['tracker_estimated_count'])} | {r['tracker_precision']:.3f} "
             f"| {r['tracker_recall']:.3f} | {r['plan_rows']:,} |"
         )
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
+
+
+def _count(n: int | None) -> str:
+    """A count with thousands separators; ``unknown`` where the rule gave none (small N:
+    the tracker's rule may find no count, which the table's format crashed on)."""
+    return "unknown" if n is None else f"{n:,}"
 
 
 if __name__ == "__main__":

@@ -168,6 +168,11 @@ def main() -> None:
     if args.case:
         print(json.dumps(_run_case(args.case, args.file, args.threads)))
         return
+    import torch  # (run_meta imported it already)
+
+    # the children measure on --threads; so the header's thread count says (it gave torch's
+    # default of this process, which never used it)
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         rows = [measure(n, Path(folder), args.threads) for n in args.sizes]
     print(write_results(args.out, rows, _markdown))

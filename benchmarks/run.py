@@ -46,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         default=os.path.join(ROOT, "benchmarks", "results"),
         help="folder for the .md and .json reports",
     )
-    p.add_argument("--reps", type=int, default=50, help="repetitions per op candidate")
-    p.add_argument("--step-reps", type=int, default=20, help="repetitions per training step")
+    p.add_argument("--reps", type=_positive(int), default=50, help="repetitions per op candidate")
+    p.add_argument(
+        "--step-reps", type=_positive(int), default=20, help="repetitions per training step"
+    )
     p.add_argument(
         "--budget-scale",
-        type=float,
+        type=_positive(float),
         default=1.0,
         help="scale every per-comparison time budget (default 1.0)",
     )
@@ -62,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"comma-separated subset of {','.join(bench.SECTIONS)}",
     )
     p.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads",
+        type=_positive(int),
+        default=None,
+        help="torch.set_num_threads (default: torch's)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 3 repetitions, small budgets, no torch.compile",
+        help="smoke run: 3 repetitions, small budgets, no torch.compile (overrides --reps, "
+        "--step-reps, --budget-scale)",
     )
     p.add_argument(
         "--allow-missing-backends",
@@ -76,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         "(csl_fast's rows are skipped, with the reason)",
     )
     args = p.parse_args(argv)
+    command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
+    foreign = _foreign_code()
+    if foreign:
+        # the commit and source hash stamped on the report are this tree's
+        print(f"run.py: {foreign}; build it here (`python setup.py build_ext --inplace`) "
+              "and run from this checkout", file=sys.stderr)  # fmt: skip
+        return 3
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
@@ -122,12 +135,41 @@ def main(argv: list[str] | None = None) -> int:
         sections=sections,
         budget_scale=args.budget_scale,
         log=log,
-        on_section=lambda partial: bench.write_report(partial, args.out),
+        on_section=lambda partial: bench.write_report({**partial, "command": command}, args.out),
     )
+    results["command"] = command
     md, js = bench.write_report(results, args.out)
     log(f"wrote {md} and {js}")
     print(bench.summary_table(results), flush=True)
     return 1 if results["errors"] else 0
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> int | float:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # (argparse names the type in its messages)
+    return parse
+
+
+def _foreign_code() -> str | None:
+    """Why the csl_fast this process imported is not this checkout's, or None."""
+    from pathlib import Path
+
+    import csl_fast
+    from csl_fast import _ext
+
+    root = Path(ROOT).resolve()
+    for what, path in (
+        ("csl_fast", csl_fast.__file__),
+        ("its compiled extension csl_fast._C", getattr(_ext._C, "__file__", None)),
+    ):
+        if path is not None and not Path(path).resolve().is_relative_to(root):
+            return f"{what} came from {path}, not from this checkout ({root})"
+    return None
 
 
 if __name__ == "__main__":

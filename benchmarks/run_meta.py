@@ -19,14 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def commit() -> str:
-    """The checkout's short commit hash, or ``"unknown"`` outside a git checkout."""
+    """The checkout's short commit hash, ``-dirty`` appended when tracked files differ
+    from it (the results then come from code no commit holds), or ``"unknown"`` outside a
+    git checkout."""
     try:
-        out = subprocess.run(
+        head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        )
-        return out.stdout.strip() or "unknown"
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout.strip()
     except OSError:
         return "unknown"
+    return f"{head}-dirty" if head and changed else head or "unknown"
 
 
 def machine() -> str:

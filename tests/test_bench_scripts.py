@@ -36,6 +36,29 @@ def test_run_refuses_without_the_compiled_backend(monkeypatch, tmp_path, capsys)
     assert "did not load" in next(tmp_path.glob("*.md")).read_text()
 
 
+def test_run_times_only_this_checkouts_code(monkeypatch, tmp_path, capsys):
+    # an editable install's import hook handed out another checkout's build, which the
+    # report stamped with this tree's commit and source hash (audit helper-126)
+    run = _script("run")
+    monkeypatch.setattr(run, "ROOT", str(tmp_path))
+    assert run.main(["--quick", "--sections", "memory", "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err
+    assert "csl_fast came from" in err and "not from this checkout" in err
+    assert not (tmp_path / "o").exists()
+    for bad in (["--reps", "0"], ["--threads", "-1"], ["--budget-scale", "0"]):
+        with pytest.raises(SystemExit):
+            run.main(bad)
+        assert "must be > 0" in capsys.readouterr().err
+
+
+def test_the_report_names_its_command_and_extension(tmp_path):
+    run = _script("run")
+    assert run.main(["--quick", "--sections", "memory", "--out", str(tmp_path)]) == 0
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "- command: `python benchmarks/run.py --quick --sections memory --out" in text
+    assert "- compiled extension: " in text
+
+
 def test_run_goes_on_with_one_of_two_gpu_backends(monkeypatch, tmp_path, capsys):
     # a GPU whose triton cannot run still times the cuda backend (run.py refused the whole
     # run, and gpu_check.sh lost every GPU timing with it)
@@ -119,3 +142,18 @@ def test_a_regenerated_report_keeps_its_hand_written_discussion(tmp_path):
     assert "| old |" not in once
     report.write_text(once)  # regenerated again: the prose keeps the run it was written for
     assert with_discussion(report, new.replace("bbb", "ccc")).endswith(once[once.index(heading) :])
+
+
+def test_flagging_without_cached_runs_writes_nothing(tmp_path):
+    # --no-train on a fresh clone (no cache) replaced the committed flagging.md and .json
+    # with empty tables, and exited 0 (audit helper-126)
+    import subprocess
+
+    out = tmp_path / "flagging"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "flagging.py"), "--no-train", "--regimes", "digits-mlp",
+         "--cache", str(tmp_path / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "no cached run under" in proc.stderr, proc.stderr
+    assert not out.with_suffix(".md").exists() and not out.with_suffix(".json").exists()

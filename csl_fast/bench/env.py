@@ -54,9 +54,14 @@ def environment(device: torch.device | str) -> dict:
         env["liger_kernel"] = None
     import csl_fast
 
+    from .. import _ext
     from .._ext import EXTENSION_ERROR, backend_status
 
     env["csl_fast"] = csl_fast.__version__
+    # which code ran: an editable install's import hook can hand out another checkout's
+    # build, which the commit and source hash (of this tree) would not show
+    env["csl_fast_module"] = csl_fast.__file__
+    env["extension"] = getattr(_ext._C, "__file__", None) if _ext._C is not None else None
     env["extension_error"] = EXTENSION_ERROR
     env["backends"] = backend_status(dev)
     if dev.type == "cuda":

@@ -88,6 +88,8 @@ def markdown(results: dict, short: bool = False) -> str:
         + f", Liger-Kernel {env.get('liger_kernel') or 'not installed'}",
         f"- torch threads {env['torch_threads']}; load average at start {env['loadavg_start']}"
         + (f", at end {env['loadavg_end']}" if env.get("loadavg_end") else ""),
+        *([f"- command: `{results['command']}`"] if results.get("command") else []),
+        *([f"- compiled extension: {env['extension']}"] if env.get("extension") else []),
         "",
     ]
     lines[-1:-1] = _backends(env)
