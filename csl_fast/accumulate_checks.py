@@ -390,6 +390,7 @@ def _check_values(
     bad = None
     if target is not None:
         bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    found = bad_index.any() if bad is None else bad.any() | bad_index.any()
     if torch.compiler.is_compiling():
         classes = (
             ""
@@ -399,12 +400,12 @@ def _check_values(
         )
         check_in_graph(
             op,
-            ~(bad_index.any() if bad is None else bad.any() | bad_index.any()),
+            ~found,
             f"an index is outside [0, N = {num_samples}){classes} (found in a compiled "
             "graph, which cannot say which row; run it eagerly to see)",
         )
         return
-    if not bool(bad_index.any() if bad is None else bad.any() | bad_index.any()):
+    if not bool(found):
         return
     if bad is not None and bool(bad.any()):
         i = int(bad.nonzero()[0, 0])

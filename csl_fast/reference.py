@@ -144,11 +144,11 @@ def cross_entropy_fwd(
     # Differentiated inside whatever mode the caller is in: enable_grad does nothing under
     # inference_mode, whose tensors cannot be saved for backward until cloned outside it.
     with torch.inference_mode(False), torch.enable_grad():
-        z = logits.detach().to(_compute_dtype(logits)).clone().requires_grad_(True)
+        z = logits.detach().to(_compute_dtype(logits), copy=True).requires_grad_(True)
         objective = F.cross_entropy(
             z,
-            target.long().clone(),
-            weight=None if weight is None else weight.to(z.dtype).clone(),
+            target.to(torch.long, copy=True),
+            weight=None if weight is None else weight.to(z.dtype, copy=True),
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             reduction=REDUCTION_NAMES[reduction],

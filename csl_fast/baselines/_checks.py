@@ -41,8 +41,9 @@ def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
             f"{fn}: labels y must be integer class indices, got {y.dtype}; convert them with "
             "y.long() if they hold whole numbers"
         )
-    if y.numel() and label_range(y)[0] < 0:
-        raise ValueError(f"{fn}: labels y must be class indices >= 0, got {label_range(y)[0]}")
+    low = label_range(y)[0] if y.numel() else 0
+    if low < 0:
+        raise ValueError(f"{fn}: labels y must be class indices >= 0, got {low}")
     return int64_labels(fn, y).to(x.device)
 
 
