@@ -304,9 +304,11 @@ def _detection(
     stacklevel: int,
     fed_by: str = "csl_fast.record_loss or csl_fast.accumulate_bce",
     caveat: str | None = None,
+    noun: str = "samples",
 ) -> Detection:
     """The detection; ``caveat``: why the score misranks the source (said in the note and
-    the warning, :func:`csl_fast.detect._length_bias`)."""
+    the warning, :func:`csl_fast.detect._length_bias`); ``noun``: what the scores belong
+    to, in the warning (``"entries"`` for multi-label entries)."""
     ranking = _ranking(values)
     flagged, est, desc = _flag(values, ranking, rule, fraction, threshold)
     n_flagged = int(flagged.sum())
@@ -389,6 +391,7 @@ def _detection(
         said = f"csl_fast.detect_losses: {n_flagged} flagged by rule={rule!r}, but {caveat}"
         warning = said if warning is None else f"{warning}. Also, {caveat}"
     if warning is not None:
+        warning = warning.replace("samples", noun)
         warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
     return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
 
@@ -550,8 +553,9 @@ def mislabeled_entries(
     labels = values.shape[1]
     if not per_label:
         det = _detection(
-            values.reshape(-1), name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce"
-        )
+            values.reshape(-1), name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce",
+            noun="entries",
+        )  # fmt: skip
         return _anchored(source, _entries(det, values), rule, recount=True)
     dets = []
     with warnings.catch_warnings():
@@ -580,10 +584,16 @@ def mislabeled_entries(
     }
     warning = None
     if n_flagged == 0 and rule == "tail":
+        # one line per label: the full reason, repeated for each, buried what differed
         reasons = "; ".join(
-            f"label {k}: {d.diagnostics['estimator']['reason']}" for k, d in enumerate(dets)
+            f"label {k}: {_short_reason(d.diagnostics['estimator'])}" for k, d in enumerate(dets)
         )
-        warning = f"csl_fast.detect_losses: nothing flagged by rule='tail' per label ({reasons})"
+        warning = (
+            f"csl_fast.detect_losses: nothing flagged by rule='tail' per label ({reasons}). "
+            "A label's entries are flagged only when their excess beyond its cut reaches what "
+            "is needed, however well the score ranks them: review by the ranking "
+            "(Detection.top(k)) or use rule='fraction'"
+        )
     elif n_flagged == 0 and any(d.warning for d in dets):
         reasons = "; ".join(f"label {k}: {d.warning}" for k, d in enumerate(dets) if d.warning)
         warning = f"csl_fast.detect_losses: nothing flagged per label ({reasons})"
@@ -600,6 +610,16 @@ def mislabeled_entries(
 #: this (hard targets the network fits: ~0.99 on the digit pairs; label smoothing 0.05
 #: caps it at e^-H(0.95) = 0.82).
 FITTED_PROB = 0.9
+
+
+def _short_reason(est: dict[str, Any]) -> str:
+    """A label's tail-rule verdict in a clause: its excess and what it needed, or why none."""
+    if "excess" not in est:
+        return est["reason"]
+    return (
+        f"an excess of {est['excess']:.1f} of {est['n']} entries beyond z > {est['cut_z']:g}, "
+        f"{est['needed']:.1f} needed"
+    )
 
 
 def _anchored(

@@ -4,6 +4,7 @@ multi-label entries, on seeded synthetic scores with planted bad samples."""
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -270,9 +271,15 @@ def test_mislabeled_entries_warns_when_nothing_stands_out():
     with pytest.warns(DetectionWarning):
         det = mislabeled_entries(values.view(1000, 4))
     assert len(det) == 0
+    # it counts entries, not samples (it read "a group of bad samples")
+    assert "bad entries" in det.warning and "samples" not in det.warning
     with pytest.warns(DetectionWarning, match="per label"):
         per = mislabeled_entries(values.view(1000, 4), per_label=True)
     assert len(per) == 0
+    # one clause per label with its own figures, not the whole reason four times over
+    assert len(re.findall(r"\d needed", per.warning)) == 4 and "standard errors" not in per.warning
+    for k, d in enumerate(per.diagnostics["per_label"]):
+        assert f"label {k}: an excess of {d['estimator']['excess']:.1f} of 1000" in per.warning
 
 
 @pytest.mark.parametrize("score", ["label_csl", "label_csl_mean"])
