@@ -194,7 +194,10 @@ def _fig_histogram(
     full = "mean loss per token over training" if per_token else "cumulative sample loss"
     ax.set_xlabel(f"{full} ({what}, log scale{unshown})")
     ax.set_ylabel("samples")
-    ax.set_title(f"{what}: clean vs corrupted samples" if groups else f"{what} distribution")
+    if len(groups) > 1:
+        ax.set_title(f"{what}: clean vs corrupted samples")
+    else:  # with the truth known and nothing corrupted it promised a comparison not drawn
+        ax.set_title(f"{what} distribution" + (" (no sample corrupted)" if groups else ""))
     return _png(fig, path)
 
 

@@ -765,3 +765,23 @@ def test_a_large_top_draws_a_bounded_grid_and_lists_every_sample(run, tmp_path, 
     assert drawn == [3]
     assert "Top 3 suspicious samples" in page and "The first 3 of the top 10" in page
     assert page.count("<tr><td>", page.index("<h2>Top 10 by csl</h2>")) >= 10
+
+
+@pytest.mark.parametrize("injected", [0, 10])
+def test_csl_histogram_title_promises_only_the_groups_it_draws(tmp_path, monkeypatch, injected):
+    # with the truth known and nothing corrupted it read "clean vs corrupted samples"
+    from csl_fast import report_figures
+
+    titles = []
+    monkeypatch.setattr(
+        report_figures, "_png", lambda fig, path: titles.append(fig.axes[0].get_title())
+    )
+    csl = np.exp(np.random.default_rng(1).normal(0, 0.6, 500))
+    mis = np.zeros(csl.size, dtype=bool)
+    mis[:injected] = True
+    report_figures._fig_histogram(csl, RunSamples(mislabeled=mis), str(tmp_path / "h.png"))
+    report_figures._fig_histogram(csl, None, str(tmp_path / "h.png"))
+    expected = (
+        "CSL: clean vs corrupted samples" if injected else "CSL distribution (no sample corrupted)"
+    )
+    assert titles == [expected, "CSL distribution"]
