@@ -236,10 +236,16 @@ class RunSamples:
                 f"{path}: not a readable samples file (truncated or another format: "
                 f"{type(exc).__name__}); {_SAMPLES_FIX}"
             ) from None
-        if str(data.pop("format", "")) != "csl_fast.samples/1":
-            raise SamplesFileError(
-                f"{path}: not a csl_fast samples file (no format tag); {_SAMPLES_FIX}"
+        tag = data.pop("format", None)
+        if tag is None or str(tag) != "csl_fast.samples/1":
+            # a tag of a later version read "no format tag"
+            what = (
+                "no format tag"
+                if tag is None
+                else f"format {str(tag)!r}, where this version reads 'csl_fast.samples/1'"
+                + (": written by a newer csl_fast?" if str(tag).startswith("csl_fast.") else "")
             )
+            raise SamplesFileError(f"{path}: not a csl_fast samples file ({what}); {_SAMPLES_FIX}")
         names = data.pop("class_names", None)
         known = {n: data[n] for n in _ARRAY_FIELDS if n in data}
         try:

@@ -396,6 +396,15 @@ def test_a_damaged_samples_file_says_how_to_go_on(tmp_path):
     for path in (garbage, foreign):
         with pytest.raises(SamplesFileError, match=r"RunSamples\(\.\.\.\)\.save\(path\), or move"):
             RunSamples.load(path)
+    with pytest.raises(SamplesFileError, match=r"\(no format tag\)"):
+        RunSamples.load(foreign)
+    # a tag of another version read "no format tag"
+    later = tmp_path / "later.npz"
+    np.savez(later, labels=np.arange(3), format=np.asarray("csl_fast.samples/2"))
+    with pytest.raises(
+        SamplesFileError, match=r"format 'csl_fast.samples/2', where .*newer csl_fast"
+    ):
+        RunSamples.load(later)
 
 
 def test_top_beyond_the_run_and_top_zero(run, tmp_path):
