@@ -59,6 +59,7 @@ pairs and retrained to the same 0.975 (:mod:`csl_fast.cleaning_groups`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -187,6 +188,10 @@ def _fmt_top(rows: list[dict[str, Any]], score: str) -> str:
     return "\n".join(lines)
 
 
+#: The files a run writes in its ``--out`` folder (and ``report/`` with the report).
+_OUTPUT_FILES = ("tracker.csl", "samples.npz", "clean.csv", "results.json")
+
+
 def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the demo; prints its results to stdout and returns them (also in results.json).
 
@@ -225,6 +230,15 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
 
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
+    for name in _OUTPUT_FILES:
+        if os.path.isdir(os.path.join(out, name)):
+            # found after training, when the file was written
+            raise IsADirectoryError(
+                errno.EISDIR,
+                f"the demo writes {name} in {out}, where a folder of that name stands: move or "
+                "remove it, or give another --out",
+                os.path.join(out, name),
+            )
     # results.json is written last: an earlier run's, beside this run's files, would
     # describe another run if this one stopped part way (and the report shows its notes)
     with contextlib.suppress(FileNotFoundError):

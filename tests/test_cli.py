@@ -606,6 +606,17 @@ def test_a_demo_rerun_never_leaves_an_earlier_runs_results_beside_its_files(tmp_
     assert "Demo setup" not in page
 
 
+@pytest.mark.parametrize("name", ["tracker.csl", "samples.npz", "clean.csv", "results.json"])
+def test_a_demo_output_name_taken_by_a_folder_is_refused_before_training(tmp_path, capsys, name):
+    # found only when the file was written, after training
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    args = ["demo", "--samples", "60", "--epochs", "2", "--pairs", "0", "-q", "--no-report"]
+    code, text, err = run_main(capsys, *args, "--overhead-rounds", "0", "--out", str(out))
+    assert code == EXIT_INPUT and f"writes {name} in" in err and "move or remove it" in err
+    assert "Detection" not in text and sorted(p.name for p in out.iterdir()) == [name]
+
+
 def test_a_large_run_gets_a_status_line_unless_quiet(plain_tracker, capsys, monkeypatch):
     """At 10 million samples rank read, checked and scored for 8 s showing nothing."""
     from csl_fast import cli_commands
