@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from run_meta import commit, cpu_model, run_meta
+
 B, C, N = 64, 10, 50_000
 CALLS, REPS, WARMUP = 500, 9, 200
 
@@ -143,16 +145,10 @@ def _run_child(name: str, path: str, *extra: str) -> dict:
 
 
 def _commit(path: Path) -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (subprocess.CalledProcessError, OSError):
-        stamp = path / "COMMIT"
-        return stamp.read_text().strip() if stamp.exists() else "unknown"
+    """The tree's commit (``-dirty`` when it differs from it), or its ``COMMIT`` stamp."""
+    found = commit(path) if path.is_dir() else "unknown"
+    stamp = path / "COMMIT"
+    return stamp.read_text().strip() if found == "unknown" and stamp.exists() else found
 
 
 def main() -> None:
@@ -166,6 +162,13 @@ def main() -> None:
     if args.child:
         _child(identify=args.identify)
         return
+    if args.out is not None:
+        # found when the table was written, after every round had been timed
+        if args.out.is_dir():
+            parser.error(
+                f"--out {args.out}: a folder; give a file, e.g. {args.out / 'per_call.md'}"
+            )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parents[1]
     trees = [t.split("=", 1) for t in args.tree] or [["this checkout", str(here)]]
     load_before = os.getloadavg()
@@ -191,11 +194,13 @@ def main() -> None:
         name: {c: statistics.median(r[c] for r in rs) if c in rs[0] else None for c in cases}
         for name, rs in runs.items()
     }
-    lines = _markdown(trees, table, cases, load_before, load_after, args.rounds)
+    meta = run_meta()
+    lines = _markdown(trees, table, cases, load_before, load_after, args.rounds, meta)
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
         meta = {
+            **meta,  # the JSON had no date, machine or command
             "trees": {name: {"path": p, "commit": _commit(Path(p))} for name, p in trees},
             "median_us": table,
             "runs_us": runs,
@@ -205,29 +210,19 @@ def main() -> None:
         args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def _markdown(trees, table, cases, load_before, load_after, rounds) -> list[str]:
-    import platform
-
+def _markdown(trees, table, cases, load_before, load_after, rounds, meta) -> list[str]:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     names = [name for name, _ in trees]
     lines = [
         f"# Per-call cost of eager CPU calls, B = {B}, C = {C}, N = {N}",
         "",
-        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, one intra-op thread, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average "
+        f"{cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, one intra-op "
+        f"thread, {meta['date']}; load average "
         f"{load_before[0]:.1f} before, {load_after[0]:.1f} after. Median over {rounds} rounds "
         f"(child processes, rotating order) of the median of {REPS} x {CALLS} calls; "
-        "forward only (logits require grad, no backward). Command: "
-        "`python benchmarks/per_call.py " + " ".join(f"--tree {n}=..." for n in names) + "`.",
+        # it read "--tree this checkout=..." for a run given no --tree
+        f"forward only (logits require grad, no backward). Command: `{meta['command']}`.",
         "",
         "Trees: " + "; ".join(f"{name} = {_commit(Path(p))}" for name, p in trees) + ".",
         "",

@@ -18,37 +18,40 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def commit() -> str:
-    """The checkout's short commit hash, ``-dirty`` appended when tracked files differ
-    from it (the results then come from code no commit holds), or ``"unknown"`` outside a
-    git checkout."""
+def commit(root: Path = ROOT) -> str:
+    """The short commit hash of the checkout at ``root`` (this one by default),
+    ``-dirty`` appended when tracked files differ from it (the results then come from code
+    no commit holds), or ``"unknown"`` outside a git checkout."""
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
         ).stdout.strip()
         changed = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
-            cwd=ROOT,
+            cwd=root,
         ).stdout.strip()
     except OSError:
         return "unknown"
     return f"{head}-dirty" if head and changed else head or "unknown"
 
 
-def machine() -> str:
-    """CPU model, torch version and thread count, in one line."""
-    cpu = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """CPU model, torch version and thread count, in one line."""
+    return f"{cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
 
 
 def command() -> str:

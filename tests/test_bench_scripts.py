@@ -157,3 +157,27 @@ def test_flagging_without_cached_runs_writes_nothing(tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "no cached run under" in proc.stderr, proc.stderr
     assert not out.with_suffix(".md").exists() and not out.with_suffix(".json").exists()
+
+
+def test_per_call_refuses_a_folder_for_out_before_timing(tmp_path, monkeypatch, capsys):
+    # found when the table was written, after every round had been timed
+    per_call = _script("per_call")
+
+    def no_child(*args):
+        raise AssertionError("timed before checking --out")
+
+    monkeypatch.setattr(per_call, "_run_child", no_child)
+    monkeypatch.setattr(sys, "argv", ["per_call.py", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as exc:
+        per_call.main()
+    assert exc.value.code == 2 and "a folder; give a file" in capsys.readouterr().err
+
+
+def test_per_call_records_when_and_how_it_ran():
+    # the JSON had no date or machine, and the table's command read "--tree this checkout=..."
+    per_call = _script("per_call")
+    meta = {"date": "2026-12-03 22:00 UTC", "command": "python benchmarks/per_call.py --rounds 1"}
+    trees = [["this checkout", str(BENCH.parent)]]
+    lines = per_call._markdown(trees, {"this checkout": {"c": 1.0}}, ["c"], (0,), (0,), 1, meta)
+    text = "\n".join(lines)
+    assert meta["date"] in text and f"Command: `{meta['command']}`" in text
