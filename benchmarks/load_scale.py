@@ -130,7 +130,7 @@ def _markdown(rows: list, meta: dict) -> str:
         "# Reading a tracker file",
         "",
         f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. "
-        "`python benchmarks/load_scale.py`: a 10-class tracker file after two epochs of random "
+        f"`{meta['command']}`: a 10-class tracker file after two epochs of random "
         "logits (float32; "
         "bytes per sample in the second column), each way of reading it in a fresh process: "
         "wall seconds (CPU seconds of all threads) and the peak resident-set growth of the "

@@ -162,7 +162,7 @@ def _markdown(rows: list, meta: dict) -> str:
         "# Recording cost against the dataset size",
         "",
         f"{meta['date']}, commit {meta['commit']}, {meta['machine']}. "
-        f"`python benchmarks/record_scale.py`: one eager training call (forward and backward) "
+        f"`{meta['command']}`: one eager training call (forward and backward) "
         f"at B = {B}, C = {C}, float32, µs per call (median of rounds of medians); in "
         "brackets, what recording adds per sample of the batch over `F.cross_entropy` alone. "
         "Indices random (a shuffled loader) or consecutive (a loader in dataset order). "
