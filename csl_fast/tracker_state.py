@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .distributed import note_loaded
+from .stats import MAX_TRACKED_CLASSES
 from .tracker_buffers import _MINUS_ONE, buffer_kinds, buffer_shape
 from .tracker_invariants import check_invariants, sample_chunks
 
@@ -95,6 +96,15 @@ def _field(state: Mapping[str, Any], key: str, ok: Any, expected: str) -> Any:
             f"the state's field {key!r} must be {expected}, got {type(v).__name__} {v!r:.60}"
         )
     return v
+
+
+#: The state's ``num_classes``: what the constructor accepts (a number past 2**24 made a
+#: tracker that ``load_state_dict`` took and saved, and that no file reader reopened).
+_NUM_CLASSES = (
+    "num_classes",
+    lambda v: v is None or (_is_int(v) and 1 <= v <= MAX_TRACKED_CLASSES),
+    f"None or an int from 1 to 2**24 = {MAX_TRACKED_CLASSES}",
+)
 
 
 def _not_a_state(state: Any) -> TrackerStateError:
@@ -270,9 +280,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             f"the state is for num_samples={n} but this tracker has "
             f"num_samples={tracker.num_samples}; create the tracker with the same dataset size"
         )
-    c = _field(
-        state, "num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"
-    )
+    c = _field(state, *_NUM_CLASSES)
     if c is not None and tracker.num_classes is not None and c != tracker.num_classes:
         raise TrackerStateError(
             f"the state is for num_classes={c} but this tracker has "
@@ -492,7 +500,7 @@ def new_tracker_for(
         ("num_samples", lambda v: _is_int(v) and v >= 0, "an int >= 0"),
         ("dtype", lambda v: v in ("float32", "float64"), "'float32' or 'float64'"),
         ("history", lambda v: isinstance(v, bool), "a bool"),
-        ("num_classes", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"),
+        _NUM_CLASSES,
     )
     n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
     labels = _num_labels(state)

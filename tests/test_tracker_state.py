@@ -238,3 +238,28 @@ def test_a_num_classes_mismatch_says_the_fix(tmp_path):
     taker = CSLTracker(N)  # num_classes=None, as the message offers, takes the state's
     taker.load_state_dict(state)
     assert taker.num_classes == 3
+
+
+def test_num_classes_past_what_a_tracker_holds_is_refused(tmp_path):
+    """num_classes = 2**24 + 1 (the constructor refuses it) loaded into a num_classes=None
+    tracker, which then saved a file no reader reopened; and a file whose header said so
+    failed with the constructor's ValueError before its checksum was checked."""
+    state = dict(_trained().state_dict(), num_classes=2**24 + 1)
+    taker = CSLTracker(N)
+    with pytest.raises(
+        TrackerStateError, match=r"'num_classes' must be None or an int from 1 to 2\*\*24"
+    ):
+        taker.load_state_dict(state)
+    assert taker.num_classes is None
+    with pytest.raises(TrackerStateError, match="from 1 to 2"):
+        tracker_file.from_state(CSLTracker, state)
+    path = tmp_path / "run.csl"
+    _trained().save(path)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[8:16], "little")
+    header = raw[16 : 16 + size].replace(b'"num_classes":3', b'"num_classes":99999999', 1)
+    assert len(header) > size  # a consistent header whose checksum was not recomputed
+    path.write_bytes(raw[:8] + len(header).to_bytes(8, "little") + header + raw[16 + size :])
+    for read in (csl_fast.load, CSLTracker(N).load, lambda p: csl_fast.merge([p])):
+        with pytest.raises(TrackerFileError, match="the checksum does not match"):
+            read(path)
