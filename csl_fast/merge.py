@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from . import tracker_file
+from .buffer_locks import buffer_lock
 from .tracker import CSLTracker, TrackerStateError
 
 __all__ = ["merge"]
@@ -29,7 +30,10 @@ def merge(
 
     Args:
         trackers: :class:`CSLTracker` objects, tracker files (:meth:`CSLTracker.save`) or
-            :meth:`CSLTracker.state_dict` outputs; at least one. They are not modified.
+            :meth:`CSLTracker.state_dict` outputs; at least one. They are not modified. A
+            tracker is copied under its lock, one at a time, so that a run another thread
+            is recording into is merged as it stood between two steps (the copy costs the
+            memory of one more tracker while the merge runs).
         device: where the merged tracker lives (default: the first tracker's device; CPU
             for files and state dicts).
 
@@ -178,7 +182,10 @@ def merge(
 
 def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTracker:
     if isinstance(t, CSLTracker):
-        return t
+        # a copy taken under its lock: read live while another thread recorded, the merge
+        # held half a step (its sums ahead of its counts), or was refused as damaged
+        with buffer_lock(t.csl_sum):
+            return tracker_file.from_state(CSLTracker, t.state_dict(), t.device)
     if isinstance(t, str | os.PathLike):
         return CSLTracker.from_file(t)
     if isinstance(t, Mapping):

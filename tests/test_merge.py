@@ -201,3 +201,37 @@ def test_merged_int32_counters_past_int32_are_refused_by_name(name):
         csl_fast.merge(runs)
     merged = csl_fast.merge([runs[0], CSLTracker(4, C)])  # 2**30 + 0 fits
     assert merged.buffers()[name][2] == 2**30
+
+
+def test_a_tracker_being_recorded_into_is_merged_between_two_steps():
+    """merge read a live tracker without its lock: with another thread recording, the
+    merged run held half a step (counts behind sums), or was refused as damaged."""
+    import threading
+
+    from csl_fast.buffer_locks import buffer_lock
+
+    t = _run(0)
+    held, release, done = threading.Event(), threading.Event(), threading.Event()
+    merged: list[CSLTracker] = []
+
+    def writer() -> None:  # a step under the tracker's lock, as accumulate takes it
+        with buffer_lock(t.csl_sum):
+            held.set()
+            release.wait(10)
+            t.csl_sum.add_(1.0)
+            t.csl_count.add_(1.0)
+
+    def merger() -> None:
+        merged.append(csl_fast.merge([t]))
+        done.set()
+
+    threads = [threading.Thread(target=writer), threading.Thread(target=merger)]
+    threads[0].start()
+    assert held.wait(10)
+    threads[1].start()
+    assert not done.wait(0.3)  # it waits for the step to end
+    release.set()
+    for th in threads:
+        th.join(10)
+    assert torch.equal(merged[0].csl_sum, t.csl_sum)
+    assert torch.equal(merged[0].csl_count, t.csl_count)
