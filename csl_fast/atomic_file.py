@@ -167,6 +167,14 @@ _SPECIAL = (
 )
 
 
+def special_kind(mode: int) -> str | None:
+    """What a file of ``st_mode`` ``mode`` is when not a regular file (or a folder), in
+    words; None for a regular file or a folder."""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return next((text for test, text in _SPECIAL if test(mode)), "a special file")
+
+
 def _refuse_special(user_path: str, target: str, action: str) -> None:
     """A :class:`FileExistsError` when ``target`` exists and is not a regular file: the
     rename would replace a device or FIFO with a regular file (as root, /dev/null)."""
@@ -174,9 +182,9 @@ def _refuse_special(user_path: str, target: str, action: str) -> None:
         mode = os.stat(target).st_mode
     except OSError:
         return  # nothing there yet (or unreadable: the write reports that)
-    if stat.S_ISREG(mode):
+    what = special_kind(mode)
+    if what is None:
         return
-    what = next((text for test, text in _SPECIAL if test(mode)), "a special file")
     shown = user_path if target == os.path.abspath(user_path) else f"{user_path} -> {target}"
     raise FileExistsError(
         errno.EEXIST,

@@ -765,7 +765,6 @@ class CSLTracker(TrackerStatistics):
         """
         tracker_file.load_state_dict(self, state)
 
-    @locked
     def save(self, path: str | os.PathLike) -> None:
         """Write the tracker to ``path`` atomically, with a checksum.
 
@@ -773,7 +772,10 @@ class CSLTracker(TrackerStatistics):
         the same folder, fsynced, then renamed over ``path``: a crash mid-save leaves the
         previous file intact, and the next save removes the temporary files that killed
         saves left. A symlink at ``path`` is followed (the file it points to is replaced).
-        The file's mode follows the umask. Tensors are stored raw; no pickle.
+        The file's mode follows the umask. Tensors are stored raw; no pickle. The tracker's
+        lock is held while its buffers are read and written out (threads recording into
+        it wait for that, and the file holds the state between two of their steps), not
+        while the file is fsynced and renamed.
 
         Raises:
             OSError: the file cannot be written (full disk, missing folder, permission,

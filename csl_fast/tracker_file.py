@@ -68,6 +68,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import torch
 
 from . import atomic_file, huge_pages
+from .buffer_locks import buffer_lock
 from .tracker_state import (  # re-exported: the format's names in one place
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -139,6 +140,26 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.save` (see the module docstring)."""
     user_path = os.fsdecode(path)  # (bytes too, as load takes them)
     target = atomic_file.target_of(user_path, "save the tracker", "tracker.csl")
+
+    def write(f: BinaryIO) -> None:
+        # the tracker's lock while its buffers are read and written out, not while the
+        # file is fsynced and renamed: recording threads waited for the disk
+        with buffer_lock(tracker._buffers["csl_sum"]):
+            prefix, tensors = _payload(tracker, user_path)
+            f.write(prefix)
+            checksum = _Checksum(prefix)
+            for _, t in tensors:
+                data = _tensor_bytes(t)
+                f.write(data)
+                checksum.update(data)
+        f.write(checksum.digest())
+
+    atomic_file.write(user_path, target, write, "save the tracker")
+
+
+def _payload(tracker: CSLTracker, user_path: str) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
+    """The file's magic and header, and its tensors (CPU, contiguous), of a state a load
+    would accept; else :class:`TrackerStateError`."""
     state = state_dict(tracker)
     try:
         # what load would refuse is not written: the file would keep the run unloadable
@@ -160,22 +181,22 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     state["byteorder"] = sys.byteorder
     state["tensors"] = [[k, str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in tensors]
     header = json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
-
-    def write(f: BinaryIO) -> None:
-        prefix = MAGIC + len(header).to_bytes(8, "little") + header
-        f.write(prefix)
-        checksum = _Checksum(prefix)
-        for _, t in tensors:
-            data = _tensor_bytes(t)
-            f.write(data)
-            checksum.update(data)
-        f.write(checksum.digest())
-
-    atomic_file.write(user_path, target, write, "save the tracker")
+    return MAGIC + len(header).to_bytes(8, "little") + header, tensors
 
 
 # ============================================================================ reading
 def _open(path: str) -> Any:
+    try:
+        # the reader checks every length against the file's size, which a pipe gives as 0
+        # ("truncated or corrupted"), and opening a FIFO no one writes to waited forever
+        what = atomic_file.special_kind(os.stat(path).st_mode)
+    except OSError:
+        what = None  # open() says what is wrong
+    if what is not None:
+        raise TrackerFileError(
+            f"{path}: it is {what}, not a regular file: a tracker file is read with its size "
+            "known; write it to a file (e.g. cat ... > run.csl) and give that path"
+        )
     try:
         return open(path, "rb")  # closed by the caller's with
     except FileNotFoundError:

@@ -107,6 +107,11 @@ _NUM_CLASSES = (
 )
 
 
+def _a_kind(kind: str) -> str:
+    """``"an int dtype"``, ``"a float dtype"``: a buffer's dtype kind in a sentence."""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} dtype"
+
+
 def _not_a_state(state: Any) -> TrackerStateError:
     """The error for a ``state`` without the format tag, with what it is and the fix for
     the usual mix-ups."""
@@ -336,7 +341,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
         if not _of_kind(src, kind):
             raise TrackerStateError(
-                f"state buffer {name!r} has dtype {src.dtype}, not a {kind} dtype"
+                f"state buffer {name!r} has dtype {src.dtype}, not {_a_kind(kind)}"
             )
         _check_values(name, src, kind, tracker.dtype)
     for name in HISTORIES:
@@ -523,7 +528,7 @@ def new_tracker_for(
             raise TrackerStateError(f"state buffer {name!r} is not a {_dims(shape)} tensor")
         if not _of_kind(t, kinds[name]):
             raise TrackerStateError(
-                f"state buffer {name!r} has dtype {t.dtype}, not a {kinds[name]} dtype"
+                f"state buffer {name!r} has dtype {t.dtype}, not {_a_kind(kinds[name])}"
             )
     return cls(
         n,

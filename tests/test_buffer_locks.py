@@ -168,3 +168,32 @@ def test_tracker_methods_that_write_take_turns(monkeypatch):
     assert tracker.epoch == 5 and tracker.eval_passes == 5
     assert tracker.input_grad_count.tolist() == [10.0] * 8
     assert tracker.csl_count.tolist() == [5.0] * 8 and tracker.eval_count.tolist() == [5.0] * 8
+
+
+def test_save_holds_the_lock_while_it_reads_not_while_it_fsyncs(tmp_path, monkeypatch):
+    """save held the tracker's lock through both fsyncs: a recording thread waited for the
+    disk (4 s for fsyncs of 2 s each)."""
+    import os
+
+    from csl_fast import atomic_file
+
+    t = CSLTracker(8, 3)
+    accumulate(torch.randn(8, 3), torch.arange(8) % 3, torch.arange(8), t)
+    free: list[bool] = []
+    fsync = os.fsync
+
+    def spy(fd):
+        took = threading.Event()
+
+        def take():
+            with buffer_lock(t.csl_sum):
+                took.set()
+
+        threading.Thread(target=take, daemon=True).start()
+        free.append(took.wait(2))
+        fsync(fd)
+
+    monkeypatch.setattr(atomic_file.os, "fsync", spy)
+    t.save(tmp_path / "run.csl")
+    assert free and all(free)
+    assert torch.equal(csl_fast.load(tmp_path / "run.csl").csl_sum, t.csl_sum)

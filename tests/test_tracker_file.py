@@ -816,3 +816,33 @@ def test_save_refuses_a_state_load_would_refuse_and_keeps_the_previous_file(tmp_
     assert "restore it from a copy" not in str(exc.value)  # nothing was restored
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.csl"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and /proc (Linux)")
+def test_a_pipe_or_fifo_is_refused_as_not_a_regular_file(tmp_path):
+    """A pipe (csl-fast rank /dev/stdin, <(cat run.csl)) was called truncated or corrupted
+    (its size reads 0), and a FIFO nobody wrote to blocked the load forever."""
+    import threading
+
+    fifo = tmp_path / "run.csl"
+    os.mkfifo(fifo)
+    read, write = os.pipe()
+    try:
+        for path in (fifo, f"/proc/self/fd/{read}"):
+            errors: list[Exception] = []
+
+            def load(path=path, errors=errors) -> None:
+                try:
+                    csl_fast.load(path)
+                except Exception as exc:
+                    errors.append(exc)
+
+            th = threading.Thread(target=load, daemon=True)
+            th.start()
+            th.join(10)
+            assert not th.is_alive(), f"loading {path} blocked"
+            assert isinstance(errors[0], TrackerFileError)
+            assert "(named pipe), not a regular file" in str(errors[0])
+    finally:
+        os.close(read)
+        os.close(write)

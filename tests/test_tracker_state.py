@@ -263,3 +263,9 @@ def test_num_classes_past_what_a_tracker_holds_is_refused(tmp_path):
     for read in (csl_fast.load, CSLTracker(N).load, lambda p: csl_fast.merge([p])):
         with pytest.raises(TrackerFileError, match="the checksum does not match"):
             read(path)
+
+
+def test_a_buffer_of_the_wrong_dtype_kind_is_named_in_good_english():
+    state = _trained().state_dict()
+    state["buffers"] = {**state["buffers"], "forgetting": state["buffers"]["forgetting"].float()}
+    _refused(state, r"'forgetting' has dtype torch.float32, not an int dtype")
