@@ -571,12 +571,17 @@ def record_stats(
 
 
 def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
+    # A CSLTracker records first: its CPU op refuses an index out of range before writing
+    # anything, where the scatter of another backend (validate=False) skips that row, and
+    # a refusal after the scatter left samples counted that no other statistic saw.
     if seq is None:
+        # a CSLTracker skips the class check its stats pass by construction
+        fused = getattr(csl, "_record_fused", None)
+        if fused is not None:
+            fused(index, stats)
         ops.scatter_stats(stats, index, deterministic, *buffers, backend=backend)
-        if not isinstance(csl, torch.Tensor):
-            # a CSLTracker skips the class check its stats pass by construction; any other
-            # recorder (an object with training_buffers and record) gets record()
-            getattr(csl, "_record_fused", csl.record)(index, stats)
+        if fused is None and not isinstance(csl, torch.Tensor):
+            csl.record(index, stats)  # any other recorder (training_buffers and record)
         return
     tokens = stats.reshape(NUM_STATS, *seq)
     # A sequence whose token losses each fit float32 but whose sum does not (two of 2e38)
@@ -586,8 +591,9 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     # Ignored and non-finite rows hold zero LOSS and VALID, so the sums count valid tokens only:
     # LOSS -> summed token loss, VALID -> number of valid tokens.
     per_sequence = tokens.sum(2)
-    ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)
-    if type(csl) is CSLTracker:
+    tracker = type(csl) is CSLTracker
+    if tracker:
         csl.record_sequences(index, tokens, validate=False)  # (the call decided above)
-    elif not isinstance(csl, torch.Tensor):
+    ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)
+    if not tracker and not isinstance(csl, torch.Tensor):
         csl.record_sequences(index, tokens)

@@ -383,3 +383,25 @@ def test_bad_input_on_every_cpu_backend_including_interpreted_triton(name, mutat
                 )
             for k, v in before.items():
                 assert torch.equal(buffers[k], v), f"{backend} wrote into {k} on a failed call"
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("sequences", [False, True])
+def test_validate_false_into_a_cpu_tracker_writes_nothing_it_then_refuses(backend, sequences):
+    """With validate=False and another backend the scatter skipped the bad row and added
+    the others into csl_sum and csl_count; then the tracker's C++ op refused the index:
+    samples counted that no other statistic saw, which a save kept."""
+    if backend not in csl_fast.available_backends("cpu") or "cpu" not in (
+        csl_fast.available_backends("cpu")
+    ):
+        pytest.skip(f"needs the {backend} and the compiled cpu backends")
+    t = csl_fast.CSLTracker(5, 3)
+    if sequences:
+        logits, target = torch.randn(8, 3), torch.tensor([[0, 1], [2, 1], [0, 0], [1, 2]])
+    else:
+        logits, target = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    with pytest.raises(IndexError, match=re.escape("= 9 is outside [0, N = 5)")):
+        csl_fast.accumulate(
+            logits, target, torch.tensor([0, 1, 2, 9]), t, backend=backend, validate=False
+        )
+    assert all(not v.is_floating_point() or not v.any() for v in t.buffers().values())
