@@ -371,6 +371,21 @@ def _length_bias(t: Any, score: str) -> str | None:
     )
 
 
+def _two_sided(
+    values: torch.Tensor, score: str
+) -> tuple[torch.Tensor, str, None, str | None, None] | None:
+    """:func:`_select` of a two-sided score (the valley rule alone, its note the hint said
+    in every warning), or None
+    for any other. Its top is not the suspicious end: the two-view count applied to its
+    top-k flagged clean samples (precision 0.01) with no warning, and clean() relabelled
+    them."""
+    from .scores import SCORES
+
+    if score not in SCORES or not SCORES[score].two_sided:
+        return None
+    return values, score, None, rule_note(score, values, True), None
+
+
 def _select(
     source: Any, score: str | None
 ) -> tuple[torch.Tensor, str, _Views | None, str | None, str | None]:
@@ -390,6 +405,8 @@ def _select(
         if score not in source:
             raise KeyError(f"csl_fast.detect: no score {score!r} in the mapping ({sorted(source)})")
         values = _score_tensor(source[score], f"score {score!r} of the mapping")
+        if (two_sided := _two_sided(values, score)) is not None:
+            return two_sided
         if getattr(source, "sequences", False):  # csl_fast.scores of sequences
             return values, score, None, SEQUENCES_HINT, _length_bias(source, score)
         loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
@@ -418,6 +435,8 @@ def _select(
             f"(csl_fast.scores(tracker)) or an [N] score tensor, got {type(source).__name__}"
         )
     values = compute(source, [score])[score]
+    if (two_sided := _two_sided(values, score)) is not None:
+        return two_sided
     t = source
     presented = t.csl_count > 0
     views_read = (t.p_true_sum != 0) | (t.margin_sum != 0)

@@ -559,3 +559,39 @@ def test_duplicates_quote_a_warning_about_samples_the_groups_did_not_take():
     assert "own warning: csl_fast.detect: 30 flagged by rule='fraction', but score 'csl'" in (
         det.warning
     )
+
+
+def test_a_two_sided_score_gets_the_valley_rule_and_a_warning():
+    """variability took the two-view count from CSL and flagged its own top-k (clean
+    samples: precision 0.01 on an audited run) with no warning, and clean() relabelled
+    them; the README says a two-sided score gets the valley rule alone."""
+    s, truth = _bimodal()
+    table = {"csl_mean": s, "aum": torch.where(truth, 1.0, -1.0), "variability": s.clone()}
+    with pytest.warns(detect.DetectionWarning, match="'variability' has no suspicious direction"):
+        det = detect.mislabeled(table, "variability")
+    assert det.rule == "auto(valley)" and len(det) > 0
+    assert "flagged by rule='auto' on the score alone" in det.warning
+    tracker = _tracker_with_flips()
+    assert detect.mislabeled(tracker).rule.startswith("auto(two_view")  # csl: both views
+    with pytest.warns(detect.DetectionWarning, match="'variability' has no suspicious direction"):
+        det = detect.mislabeled(tracker, "variability")
+    assert "two_view" not in det.rule
+    with pytest.warns(detect.DetectionWarning, match="no suspicious direction"):
+        plan = csl_fast.clean(tracker, score="variability")
+    assert plan.warning is not None and "no suspicious direction" in plan.warning
+
+
+def _tracker_with_flips(n=300, classes=3, flips=30, epochs=6, seed=0):
+    """A tracker of synthetic logits: the network learns the true class from epoch to
+    epoch, so the ``flips`` samples given another label lose it."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    given[:flips] = (true[:flips] + 1) % classes
+    t = csl_fast.CSLTracker(n, classes)
+    for epoch in range(epochs):
+        logits = torch.randn(n, classes, generator=g)
+        logits[torch.arange(n), true] += 1.0 + epoch
+        csl_fast.accumulate(logits, given, torch.arange(n), t)
+        t.end_epoch()
+    return t
