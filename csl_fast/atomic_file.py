@@ -149,6 +149,16 @@ def target_of(user_path: str, action: str, example: str) -> str:
             f"folder; give a file name, e.g. {os.path.join(user_path, example)!r}",
             user_path,
         )
+    if descriptor_of(user_path) is not None:
+        # realpath follows /dev/stdout to the file the shell redirected it to, and the
+        # rename replaced that log with the output alone
+        raise OSError(
+            errno.EINVAL,
+            f"cannot {action} to {user_path!r}: it names an open file descriptor (such as "
+            "/dev/stdout), and an atomic write would replace the file behind it (a log that "
+            "output is redirected to) with a new one; give a file name",
+            user_path,
+        )
     target = os.path.realpath(user_path)  # follow a symlink: replace what it points to
     if os.path.isdir(target):
         raise IsADirectoryError(
@@ -157,6 +167,31 @@ def target_of(user_path: str, action: str, example: str) -> str:
         )  # fmt: skip
     _refuse_special(user_path, target, action)
     return target
+
+
+_STANDARD = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+_DESCRIPTOR = re.compile(r"/(?:dev/fd|proc/(self|thread-self|\d+)/fd)/(\d+)")
+
+
+def descriptor_of(path: str) -> int | None:
+    """The number of this process's open file descriptor that ``path`` names
+    (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``, or a symlink to one of them);
+    -1 for another process's; None for any other path."""
+    path = os.path.abspath(os.fsdecode(path))
+    for _ in range(40):  # (the kernel's limit on a chain of symlinks)
+        if path in _STANDARD:
+            return _STANDARD[path]
+        found = _DESCRIPTOR.fullmatch(path)
+        if found is not None:
+            pid = found[1]
+            own = pid is None or pid in ("self", "thread-self") or int(pid) == os.getpid()
+            return int(found[2]) if own else -1
+        try:
+            link = os.readlink(path)
+        except OSError:
+            return None
+        path = os.path.normpath(os.path.join(os.path.dirname(path), link))
+    return None
 
 
 _SPECIAL = (

@@ -320,7 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--csv", action="store_true", help="CSV instead of a table")
     fmt.add_argument("--json", action="store_true", help="JSON instead of a table")
-    p.add_argument("-o", "--output", default=None, help="write to this file instead of stdout")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=None,
+        help="write to this file instead of stdout ('-' and /dev/stdout: stdout; /dev/stderr)",
+    )
     add_input_options(p)
 
     p = sub.add_parser(
@@ -397,7 +402,8 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "--out",
         required=True,
         metavar="FILE",
-        help="the CSV file to write; '-': standard output (the summary then on standard error)",
+        help="the CSV file to write; '-' or /dev/stdout: standard output (the summary then on "
+        "standard error); /dev/stderr",
     )
     p.add_argument(
         "--policy",

@@ -24,14 +24,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
         detection_for,
         load_run_for,
         loss_only,
+        output_stream,
     )
     from .cli_inputs import run_inputs, say_note
     from .detect import DetectionWarning
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
-    to_stdout = args.out == "-"
-    if not to_stdout:
+    stream = output_stream(args.out, "--out")
+    if stream is None:
         check_output(args.run, args.out, "--out", args.inputs, args.labels)
     tracker, samples = load_run_for(args)
     if args.score == "label_csl":
@@ -74,18 +75,20 @@ def cmd_clean(args: argparse.Namespace) -> int:
             labels=labels,
         )
     try:
-        plan.to_csv(sys.stdout if to_stdout else args.out)
+        plan.to_csv(args.out if stream is None else stream)
     except OSError as exc:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
-    summary = _clean_summary(plan, samples, args, tracker.sequences)
-    print(summary, file=sys.stderr if to_stdout else sys.stdout)  # (the CSV owns stdout)
+    where = {None: args.out, sys.stdout: "standard output", sys.stderr: "standard error"}
+    summary = _clean_summary(plan, samples, args, where[stream], tracker.sequences)
+    # the other stream than the CSV's
+    print(summary, file=sys.stderr if stream is sys.stdout else sys.stdout)
     return EXIT_OK
 
 
 def _clean_summary(
-    plan: Any, samples: Any, args: argparse.Namespace, sequences: bool = False
+    plan: Any, samples: Any, args: argparse.Namespace, where: str, sequences: bool = False
 ) -> str:
     from .cli_inputs import duplicates_summary
 
@@ -93,7 +96,7 @@ def _clean_summary(
     kept = f", {plan.num_kept} keep" if plan.duplicates is not None or plan.num_kept else ""
     lines = [
         f"wrote {len(plan)} decisions to "
-        f"{'standard output' if args.out == '-' else args.out}: {plan.num_relabeled} relabel, "
+        f"{where}: {plan.num_relabeled} relabel, "
         f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
         + ("" if args.budget is None else f", budget {args.budget}")
         # (drop relabels nothing: its confidence threshold is moot)

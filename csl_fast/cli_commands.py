@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TextIO
 
 from . import atomic_file, huge_pages
 from .cli_clean import cmd_clean
@@ -78,6 +78,24 @@ def _resolve_run(run: str) -> tuple[str, str | None]:
             raise CLIError(f"no such run folder or tracker file: {run!r}", EXIT_INPUT)
     samples = os.path.join(os.path.dirname(os.path.abspath(tracker_path)), SAMPLES_FILE)
     return tracker_path, samples if os.path.exists(samples) else None
+
+
+def output_stream(out: str, option: str) -> TextIO | None:
+    """The standard stream an output path names (``-`` or ``/dev/stdout``: standard output;
+    ``/dev/stderr``), or None for a file. Written as a file, ``/dev/stdout`` replaced the
+    file the shell redirected it to (a script's log) with the output alone."""
+    if out == "-":
+        return sys.stdout
+    fd = atomic_file.descriptor_of(out)
+    if fd is None:
+        return None
+    if fd in (1, 2):
+        return sys.stdout if fd == 1 else sys.stderr
+    raise CLIError(
+        f"{option} {out!r} names an open file descriptor other than standard output or "
+        "error; give a file name, or - for standard output",
+        EXIT_INPUT,
+    )
 
 
 def check_output(run: str, out: str, option: str, *others: str | None) -> None:
@@ -462,7 +480,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     from .cli_inputs import duplicates_summary, run_inputs
     from .scores import no_epoch_closed
 
-    if args.output:
+    stream = output_stream(args.output, "--output") if args.output else sys.stdout
+    if stream is None:
         check_output(args.run, args.output, "--output", args.inputs, args.labels)
     tracker, samples = load_run_for(args)
     inputs, labels, aside = run_inputs(args, tracker, samples)
@@ -514,7 +533,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
     else:
         text = _format_table(rows, args.score) + "\n"
-    if args.output:
+    if stream is None:
         try:
             atomic_file.write_text(args.output, lambda f: f.write(text), "write", "rank.csv")
         except OSError as exc:
@@ -522,7 +541,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        stream.write(text)
     return EXIT_OK
 
 

@@ -357,3 +357,24 @@ def test_out_dash_writes_the_plan_to_stdout_and_the_summary_to_stderr(demo_run, 
     assert stdout == out.read_text()
     assert f"wrote {len(read(out))} decisions to standard output" in stderr
     assert not os.path.exists("-")
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="needs /dev/stdout")
+@pytest.mark.parametrize("command", ["clean", "rank"])
+def test_dev_stdout_appends_to_the_log_stdout_goes_to(demo_run, tmp_path, command):
+    """Written as a file, /dev/stdout (-> /proc/self/fd/1 -> the log the shell redirected
+    stdout to) was replaced by a new file: the script's log lost what it held before."""
+    log = tmp_path / "log.txt"
+    option = "--out" if command == "clean" else "--output"
+    script = (
+        "import sys; from csl_fast.cli import main; print('logged before', flush=True); "
+        f"sys.exit(main([{command!r}, {str(demo_run)!r}, {option!r}, '/dev/stdout', '-q']))"
+    )
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-c", script], stdout=f, stderr=subprocess.PIPE)
+    assert proc.returncode == EXIT_OK, proc.stderr
+    text = log.read_text()
+    assert text.startswith("logged before\n") and len(text.splitlines()) > 3
+    assert ("index,action,suggested_label" if command == "clean" else "rank  index") in text
+    with pytest.raises(OSError, match="names an open file descriptor"):
+        csl_fast.load(demo_run / "tracker.csl").save("/dev/stdout")
