@@ -199,7 +199,13 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     """
     from . import detect
     from .cleaning import clean, evaluate_plan
-    from .report import RunSamples, detection_table, format_detection_table, write_report
+    from .report import (
+        RunSamples,
+        detection_table,
+        format_detection_table,
+        require_matplotlib,
+        write_report,
+    )
     from .report_cleaning import format_retrain_table
     from .scores import scores as compute_scores
     from .tracker import CSLTracker
@@ -244,6 +250,7 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(out, "results.json"))
     if cfg.report:
+        require_matplotlib()  # now, not after training
         os.makedirs(os.path.join(out, "report"), exist_ok=True)  # refused now, not after training
     elif os.path.exists(os.path.join(out, "report", "report.html")):
         print(

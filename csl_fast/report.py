@@ -396,6 +396,20 @@ _CSS = (
 GRID_MAX = 96
 
 
+def require_matplotlib() -> None:
+    """Import matplotlib (its file-only backend), or an :class:`ImportError` that names it
+    (the CLI exits 4 with one line on such an error; without ``name`` it printed a
+    traceback and called it an internal error)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        raise ImportError(
+            "the report needs matplotlib: pip install matplotlib", name="matplotlib"
+        ) from None
+
+
 def write_report(
     tracker: CSLTracker,
     out_dir: str | os.PathLike,
@@ -426,12 +440,7 @@ def write_report(
             duplicate groups section (:mod:`csl_fast.report_duplicates`).
         labels: int ``[N]`` given labels (default: ``samples.labels``, with inputs).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-    except ImportError as exc:
-        raise ImportError("the report needs matplotlib: pip install matplotlib") from exc
+    require_matplotlib()
     from .detect import default_score
     from .scores import LOSS_ONLY, SCORES, has_logit_stats
     from .scores import scores as compute_scores

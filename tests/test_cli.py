@@ -843,3 +843,19 @@ def test_the_demos_retrain_note_names_its_score_on_a_page_of_another(tmp_path):
         "Demo setup",
         "Clean and retrain (the demo's plan, flagged by csl; this page flags by final_loss)",
     ]
+
+
+def test_report_and_demo_without_matplotlib_exit_4_in_one_line(
+    demo_run, tmp_path, monkeypatch, capsys
+):
+    """The report's ImportError named no module: exit 1, a traceback and "internal error";
+    the demo failed so after training."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as an environment without it
+    code, _, err = run_main(capsys, "report", str(demo_run[0]), "--out", str(tmp_path / "r"))
+    assert code == 4 and err.strip().endswith(
+        "this command needs matplotlib: pip install matplotlib (or pip install 'csl_fast[eval]')"
+    )
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    args = ["demo", "--samples", "60", "--epochs", "2", "--pairs", "0", "--overhead-rounds", "0"]
+    code, text, err = run_main(capsys, *args, "--out", str(tmp_path / "d"))
+    assert code == 4 and "needs matplotlib" in err and "Detection" not in text
