@@ -288,7 +288,14 @@ def _check_indices(
     """``target`` or ``index``: a 1-D int64/int32 tensor of ``rows`` entries on ``device``
     (``seq``: the index of a [B, T] batch of sequences, one entry per sequence)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"csl_fast.{op}: {name} must be a tensor, got {type(t).__name__}")
+        hint = ""
+        if name == "index":
+            # (the usual slip: Lightning's batch_idx, the batch's number)
+            hint = (
+                " (not the batch's number): the dataset indices of the batch's samples; have "
+                "the dataset return each sample's index (csl_fast.data.IndexedDataset)"
+            )
+        raise TypeError(f"csl_fast.{op}: {name} must be a tensor, got {type(t).__name__}{hint}")
     if t.dtype not in _INDEX_DTYPES:
         hint = (
             "; class probabilities need the logits' shape"

@@ -61,6 +61,12 @@ CASES = [
         r"index must be 1-D with B = 4",
     ),
     (
+        "index int",  # Lightning's batch_idx passed as the index
+        lambda a: a.update(index=3),
+        TypeError,
+        r"index must be a tensor, got int \(not the batch's number\).*IndexedDataset",
+    ),
+    (
         "index float",
         lambda a: a.update(index=a["index"].float()),
         TypeError,
