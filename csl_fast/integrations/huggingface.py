@@ -41,13 +41,15 @@ Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language mod
 token classification) are recorded per example: CSL is the example's summed token loss
 over training and ``csl_count`` its number of supervised tokens (labels ``-100``, the
 Hugging Face convention for padding and prompt tokens, count for nothing; see
-:func:`csl_fast.accumulate`). For causal LMs the labels are shifted as the models' own
-loss shifts them (token ``t + 1`` is the target of position ``t``), once: pass the
-unshifted labels, as to the model; a batch's ``shift_labels`` (targets already aligned with
-the positions, as padding-free collators make them) are taken as they are, as the models'
-loss takes them. ``csl_linear_cross_entropy=True`` computes
-the LM head and its loss with :func:`csl_fast.linear_cross_entropy` from the decoder's
-hidden states, so the ``[tokens, vocabulary]`` logits are never materialized.
+:func:`csl_fast.accumulate`). For causal LMs (``*ForCausalLM``, and decoder-only
+``*ForConditionalGeneration`` models such as Llava, Qwen2-VL, Gemma 3: transformers' own
+rule) the labels are shifted as the models' own loss shifts them (token ``t + 1`` is the
+target of position ``t``), once: pass the unshifted labels, as to the model; a batch's
+``shift_labels`` (targets already aligned with the positions, as padding-free collators
+make them) are taken as they are, as the models' loss takes them.
+``csl_linear_cross_entropy=True`` computes the LM head and its loss with
+:func:`csl_fast.linear_cross_entropy` from the decoder's hidden states, so the
+``[tokens, vocabulary]`` logits are never materialized.
 """
 
 from __future__ import annotations
@@ -150,8 +152,11 @@ class CSLTrainer(Trainer):
             ``num_labels``), checked at construction (``TypeError`` / ``ValueError``: an
             unknown or ill-typed one, one the trainer sets, or any with ``csl_tracker``).
         csl_shift_labels: for token-level logits, whether position ``t`` predicts label
-            ``t + 1`` (causal LM). Default: True for ``*ForCausalLM`` / ``*LMHeadModel``
-            models, False otherwise (token classification).
+            ``t + 1`` (causal LM). Default: where the model's own loss shifts them, by
+            transformers' rule (a ``loss_type`` of causal-LM loss, no encoder-decoder model:
+            ``*ForCausalLM`` and decoder-only ``*ForConditionalGeneration`` models such as
+            Llava, Qwen2-VL, Gemma 3), or the class name ends with ``ForCausalLM`` /
+            ``LMHeadModel``; False otherwise (token classification).
         csl_linear_cross_entropy: causal LMs only: call the decoder
             (``model.get_decoder()``) and apply the output embedding with
             :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
@@ -332,8 +337,7 @@ class CSLTrainer(Trainer):
         else:
             shift = self.csl_shift_labels
             if shift is None:
-                name = type(self.accelerator.unwrap_model(model)).__name__
-                shift = name.endswith(("ForCausalLM", "LMHeadModel"))
+                shift = self._loss_shifts(model)
             shifted = bool(shift)
         if labels.dim() != 2:
             raise ValueError(
@@ -342,6 +346,27 @@ class CSLTrainer(Trainer):
             )
         labels = labels.to(torch.int64)
         return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels), shifted
+
+    def _loss_shifts(self, model: torch.nn.Module) -> bool:
+        """Whether the model's own loss shifts token labels, by transformers' rule (the
+        Trainer's ``_loss_shifts_labels``): its ``loss_type`` maps to ``ForCausalLMLoss``
+        (``*ForCausalLM``, and decoder-only ``*ForConditionalGeneration`` models: Llava,
+        Qwen2-VL, Gemma 3, PaliGemma) and it is no encoder-decoder model (whose decoder is
+        fed right-shifted labels, so its targets are the labels as they are). Failing that,
+        by the class name (GPT-2's ``loss_type`` is None; its loss shifts)."""
+        core = self.accelerator.unwrap_model(model)
+        if getattr(getattr(core, "config", None), "is_encoder_decoder", False):
+            return False
+        if getattr(self, "_loss_shifts_labels", False):
+            return True
+        try:
+            from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+        except ImportError:  # pragma: no cover - transformers < 4.46
+            pass
+        else:
+            if LOSS_MAPPING.get(getattr(core, "loss_type", None)) is ForCausalLMLoss:
+                return True
+        return type(core).__name__.endswith(("ForCausalLM", "LMHeadModel"))
 
     def _linear_loss(
         self, model, inputs, labels, shift_labels, index, return_outputs, num_items_in_batch

@@ -115,6 +115,24 @@ def _gpt2():
     return transformers.GPT2LMHeadModel(config)
 
 
+def _llava():
+    """A decoder-only vision-language model (its text-only batches here): its class name
+    ends with ``ForConditionalGeneration``, its loss shifts the labels as a causal LM's."""
+    text = transformers.LlamaConfig(
+        vocab_size=VOCAB + 1, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=LEN,
+    )  # fmt: skip
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=8, patch_size=4,
+    )  # fmt: skip
+    config = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=VOCAB
+    )  # the image token is none of the texts' ids
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(config)
+
+
 def _one_step(
     tmp_path, trainer_class, data, accumulation: int, make=_llama, lr=1.0, keep=False, **kwargs
 ):
@@ -163,6 +181,23 @@ def test_gradient_accumulation_matches_plain_trainer(tmp_path, fused, make):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert our_loss == pytest.approx(plain_loss, rel=1e-5)
     # CSL itself does not depend on the normalisation: each example's summed token loss.
+    supervised = (data.labels[:, 1:] != -100).sum(1).float()
+    assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
+
+
+def test_a_decoder_only_conditional_generation_model_is_shifted(tmp_path):
+    """Llava, Qwen2-VL, Gemma 3, PaliGemma: ``*ForConditionalGeneration`` models whose own
+    loss (loss_type ForConditionalGeneration: ForCausalLMLoss) shifts the labels, as the
+    Trainer knows (``_loss_shifts_labels``). CSLTrainer took them unshifted (by the class
+    name): position t was trained to predict its own token, and csl_count held T tokens."""
+    data = Uneven()
+    plain, plain_loss, _ = _one_step(
+        tmp_path / "p", transformers.Trainer, _NoIndex(data), 3, _llava
+    )
+    ours, our_loss, trainer = _one_step(tmp_path / "c", CSLTrainer, data, 3, _llava)
+    for a, b in zip(plain.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert our_loss == pytest.approx(plain_loss, rel=1e-5)
     supervised = (data.labels[:, 1:] != -100).sum(1).float()
     assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
 
