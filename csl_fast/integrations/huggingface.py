@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers.Trainer``: CSL for classification and causal-LM fine-tuning.
+"""Hugging Face ``transformers.Trainer``: CSL for classification and language-model fine-tuning.
 
 Needs ``transformers`` (and the ``accelerate`` it requires for training; optional
 dependencies)::
@@ -12,7 +12,8 @@ dependencies)::
 
 :class:`CSLTrainer` is a ``Trainer`` whose ``compute_loss`` calls
 :func:`csl_fast.accumulate` on the model's logits (``[B, C]``; the model is called without
-``labels`` so it does not compute its own loss), keeps the index column past
+``labels`` so it does not compute its own loss; an encoder-decoder model, BART or T5, gets
+the ``decoder_input_ids`` it would build from them), keeps the index column past
 ``remove_unused_columns`` (and out of the model's inputs), closes each epoch on the tracker
 (which under ``torch.distributed`` / ``accelerate`` combines the ranks), writes the tracker
 into every checkpoint folder as ``csl_tracker.csl`` (a checkpoint saved at an epoch's
@@ -23,13 +24,13 @@ The returned loss (``label_smoothing_factor`` applies) is one large batch's mean
 model takes loss keyword arguments (causal LMs and most models in transformers 5) the
 Trainer counts the supervised labels of the whole gradient-accumulation step
 (``num_items_in_batch``, over the ranks with ``average_tokens_across_devices``): the loss
-is then the micro-batch's summed cross entropy divided by that count (times the ranks),
-so micro-batches of different token counts weigh every token alike, and the Trainer does
-not divide it again. Otherwise it is the micro-batch mean, which the Trainer divides by
-the accumulation steps. For causal LMs the plain ``Trainer`` scales the model's own loss
-the same way; a model whose own loss is a plain mean that ignores ``num_items_in_batch``
-(``BertForSequenceClassification``) gets a step from the plain ``Trainer`` that is the
-world size times larger under DDP, and the accumulation steps times larger under
+is then the micro-batch's summed cross entropy divided by that count (times the ranks), so
+micro-batches of different token counts weigh every token alike, and the Trainer does not
+divide it again. Otherwise it is the micro-batch mean, which the Trainer divides by the
+accumulation steps. For causal LMs the plain ``Trainer`` scales the model's own loss the
+same way; a model whose own loss is a plain mean that ignores ``num_items_in_batch``
+(``BertForSequenceClassification``, BART, T5) gets a step from the plain ``Trainer`` that
+is the world size times larger under DDP, and the accumulation steps times larger under
 gradient accumulation (``docs/distributed.md``).
 
 Accelerate fills an epoch's last step with repeats of its first samples
@@ -37,19 +38,20 @@ Accelerate fills an epoch's last step with repeats of its first samples
 ``csl_mean`` or pass ``accelerator_config={"even_batches": False}`` in the
 ``TrainingArguments`` (``docs/distributed.md``).
 
-Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models and
-token classification) are recorded per example: CSL is the example's summed token loss
-over training and ``csl_count`` its number of supervised tokens (labels ``-100``, the
-Hugging Face convention for padding and prompt tokens, count for nothing; see
-:func:`csl_fast.accumulate`). For causal LMs (``*ForCausalLM``, and decoder-only
-``*ForConditionalGeneration`` models such as Llava, Qwen2-VL, Gemma 3: transformers' own
-rule) the labels are shifted as the models' own loss shifts them (token ``t + 1`` is the
-target of position ``t``), once: pass the unshifted labels, as to the model; a batch's
-``shift_labels`` (targets already aligned with the positions, as padding-free collators
-make them) are taken as they are, as the models' loss takes them.
-``csl_linear_cross_entropy=True`` computes the LM head and its loss with
-:func:`csl_fast.linear_cross_entropy` from the decoder's hidden states, so the
-``[tokens, vocabulary]`` logits are never materialized.
+Token-level models (logits ``[B, T, V]``, labels ``[B, T]``; causal language models,
+encoder-decoder models and token classification) are recorded per example: CSL is the
+example's summed token loss over training and ``csl_count`` its number of supervised
+tokens (labels ``-100``, the Hugging Face convention for padding and prompt tokens, count
+for nothing; see :func:`csl_fast.accumulate`). For causal LMs (``*ForCausalLM``, and
+decoder-only ``*ForConditionalGeneration`` models such as Llava, Qwen2-VL, Gemma 3:
+transformers' own rule) the labels are shifted as the models' own loss shifts them (token
+``t + 1`` is the target of position ``t``), once: pass the unshifted labels, as to the
+model; a batch's ``shift_labels`` (targets already aligned with the positions, as
+padding-free collators make them) are taken as they are, as the models' loss takes them.
+An encoder-decoder model's targets are its labels as they are (its decoder inputs are the
+shifted ones). ``csl_linear_cross_entropy=True`` (decoder-only models) computes the LM
+head and its loss with :func:`csl_fast.linear_cross_entropy` from the decoder's hidden
+states, so the ``[tokens, vocabulary]`` logits are never materialized.
 """
 
 from __future__ import annotations
@@ -157,7 +159,7 @@ class CSLTrainer(Trainer):
             ``*ForCausalLM`` and decoder-only ``*ForConditionalGeneration`` models such as
             Llava, Qwen2-VL, Gemma 3), or the class name ends with ``ForCausalLM`` /
             ``LMHeadModel``; False otherwise (token classification).
-        csl_linear_cross_entropy: causal LMs only: call the decoder
+        csl_linear_cross_entropy: decoder-only causal LMs only: call the decoder
             (``model.get_decoder()``) and apply the output embedding with
             :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
             models that rescale or soft-cap their logits, nor under a DDP/FSDP wrapper.
@@ -239,7 +241,7 @@ class CSLTrainer(Trainer):
             return self._linear_loss(
                 model, inputs, labels, shift_labels, index, return_outputs, num_items_in_batch
             )
-        outputs = model(**inputs)
+        outputs = model(**self._decoder_inputs(model, inputs, labels))
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         shifted = False
         if logits.dim() == 3:
@@ -347,6 +349,28 @@ class CSLTrainer(Trainer):
         labels = labels.to(torch.int64)
         return (F.pad(labels[:, 1:], (0, 1), value=-100) if shift else labels), shifted
 
+    def _decoder_inputs(
+        self, model: torch.nn.Module, inputs: dict[str, Any], labels: torch.Tensor
+    ) -> dict[str, Any]:
+        """``inputs``, with an encoder-decoder model's (BART, T5) ``decoder_input_ids`` built
+        from the labels (shifted right, the decoder's start token first) as the model builds
+        them when it is given labels; it is called without them here, and without decoder
+        inputs it decoded the source (BART) or raised (T5). A batch's own decoder inputs
+        (``DataCollatorForSeq2Seq(tokenizer, model=model)`` makes them) are kept."""
+        core = self.accelerator.unwrap_model(model)
+        if not getattr(getattr(core, "config", None), "is_encoder_decoder", False) or any(
+            inputs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds")
+        ):
+            return inputs
+        prepare = getattr(core, "prepare_decoder_input_ids_from_labels", None)
+        if prepare is None:
+            raise NotImplementedError(
+                f"CSLTrainer: {type(core).__name__} is an encoder-decoder model without "
+                "prepare_decoder_input_ids_from_labels, so its decoder inputs cannot be made "
+                "from the labels; put decoder_input_ids in the batches"
+            )
+        return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+
     def _loss_shifts(self, model: torch.nn.Module) -> bool:
         """Whether the model's own loss shifts token labels, by transformers' rule (the
         Trainer's ``_loss_shifts_labels``): its ``loss_type`` maps to ``ForCausalLMLoss``
@@ -380,6 +404,12 @@ class CSLTrainer(Trainer):
                 "bypasses a DDP/FSDP wrapper; use the default (logits) path there"
             )
         config = getattr(core, "config", None)
+        if getattr(config, "is_encoder_decoder", False):
+            raise NotImplementedError(
+                f"CSLTrainer: csl_linear_cross_entropy=True is for decoder-only language "
+                f"models; {type(core).__name__} is an encoder-decoder model (its decoder needs "
+                "the encoder's output): use the default (logits) path"
+            )
         for attr in ("final_logit_softcapping", "logit_scale"):
             if getattr(config, attr, None) not in (None, 1.0):
                 raise NotImplementedError(

@@ -1,5 +1,6 @@
-"""CSLTrainer on a tiny causal LM (built from a config, CPU): per-example CSL from token
-losses, through the logits path and through linear_cross_entropy."""
+"""CSLTrainer on tiny language models (built from configs, CPU): per-example CSL from token
+losses, through the logits path and through linear_cross_entropy; causal LMs, a decoder-only
+vision-language model, encoder-decoder models."""
 
 from __future__ import annotations
 
@@ -200,6 +201,76 @@ def test_a_decoder_only_conditional_generation_model_is_shifted(tmp_path):
     assert our_loss == pytest.approx(plain_loss, rel=1e-5)
     supervised = (data.labels[:, 1:] != -100).sum(1).float()
     assert trainer.csl_tracker.csl_count.tolist() == supervised.tolist()
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Source and target sequences of other lengths, the targets partly padded (-100)."""
+
+    def __init__(self, low: int) -> None:
+        g = torch.Generator().manual_seed(2)
+        self.ids = torch.randint(low, VOCAB, (6, 7), generator=g)
+        self.labels = torch.randint(low, VOCAB, (6, 4), generator=g)
+        for i, right in enumerate([0, 1, 0, 3, 2, 0]):
+            self.labels[i, 4 - right :] = -100
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.labels[i], "index": i}
+
+
+def _bart():
+    config = transformers.BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_position_embeddings=LEN, dropout=0.0, pad_token_id=1,
+        bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BartForConditionalGeneration(config)
+
+
+def _t5():
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        dropout_rate=0.0, pad_token_id=0, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize("make,low", [(_bart, 3), (_t5, 1)], ids=["bart", "t5"])
+def test_encoder_decoder_models_decode_the_labels(tmp_path, make, low):
+    """BART and T5 build their decoder inputs from the labels (shifted right) when given
+    labels; CSLTrainer calls them without, so it must build them: BART decoded the source
+    instead (another loss, silently), T5 raised. Their targets are the labels unshifted.
+    One step, loss and CSL as the plain Trainer's and the model's own loss make them."""
+    data = Pairs(low)
+    plain, plain_loss, _ = _one_step(tmp_path / "p", transformers.Trainer, _NoIndex(data), 1, make)
+    ours, our_loss, trainer = _one_step(tmp_path / "c", CSLTrainer, data, 1, make)
+    for a, b in zip(plain.parameters(), ours.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert our_loss == pytest.approx(plain_loss, rel=1e-5)
+    tracker = trainer.csl_tracker
+    assert tracker.csl_count.tolist() == (data.labels != -100).sum(1).float().tolist()
+    with torch.no_grad():  # the model as it was before the step
+        logits = make()(input_ids=data.ids, labels=data.labels).logits.double()
+    tokens = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), data.labels, reduction="none"
+    )  # -100: 0
+    torch.testing.assert_close(tracker.csl_sum.double(), tokens.sum(1), rtol=1e-5, atol=1e-5)
+
+
+def test_the_fused_path_refuses_an_encoder_decoder_model(tmp_path):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
+    )
+    trainer = CSLTrainer(
+        model=_bart(), args=args, train_dataset=Pairs(3), csl_linear_cross_entropy=True
+    )
+    with pytest.raises(NotImplementedError, match="BartForConditionalGeneration is an encoder-"):
+        trainer.train()
 
 
 def test_csl_is_the_shifted_token_loss_of_each_example(tmp_path):
