@@ -307,12 +307,22 @@ class CSLTrainer(Trainer):
             return loss / (steps or self.args.gradient_accumulation_steps)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
+        average = getattr(self.args, "average_tokens_across_devices", False)
+        n_gpu = self.args.n_gpu
+        if n_gpu > 1:
+            # nn.DataParallel: the Trainer passes the count as [n_gpu, 1] (a row for each
+            # replica, the whole step's count, or its n_gpu-th part without
+            # average_tokens_across_devices), scales each replica's loss on its share by
+            # n_gpu (average) and averages the replicas' losses. Here the logits are the
+            # gathered batch's: its summed loss over the whole step's count, once.
+            if torch.is_tensor(num_items_in_batch) and num_items_in_batch.dim() > 0:
+                num_items_in_batch = num_items_in_batch.reshape(-1)[0]
+            return loss / (num_items_in_batch if average else num_items_in_batch * n_gpu)
         loss = loss / num_items_in_batch
-        if getattr(self.args, "average_tokens_across_devices", False):
+        if average:
             # The count is then the ranks' total, and DDP averages the ranks' gradients.
             tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            n_gpu = self.args.n_gpu
-            loss = loss * (self.accelerator.num_processes // tp if n_gpu <= 1 else n_gpu)
+            loss = loss * (self.accelerator.num_processes // tp)
         return loss
 
     def _index_tensor(self, index: Any) -> torch.Tensor:

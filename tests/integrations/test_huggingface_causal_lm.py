@@ -273,6 +273,47 @@ def test_the_fused_path_refuses_an_encoder_decoder_model(tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("average", [False, True], ids=["per_device", "across_devices"])
+def test_data_parallel_loss_is_the_plain_trainers(tmp_path, average):
+    """Under nn.DataParallel (args.n_gpu > 1, a plain ``python train.py`` on a machine of
+    several GPUs) the Trainer passes num_items_in_batch as [n_gpu, 1], one row for each
+    replica, scales each replica's loss (on its share of the batch) and averages them.
+    CSLTrainer sees the gathered logits of the whole batch: its loss and gradient were
+    n_gpu times the plain Trainer's. Emulated on the CPU (args._n_gpu = 2, the plain
+    Trainer's replicas run as the batch's two halves)."""
+    data = Uneven()
+    model = _llama()
+    model.train()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), average_tokens_across_devices=average, **_QUIET
+    )
+    ours = CSLTrainer(model=model, args=args, train_dataset=data)
+    plain = transformers.Trainer(model=model, args=args, train_dataset=_NoIndex(data))
+    args._n_gpu = 2  # what TrainingArguments finds on a machine of 2 GPUs without torchrun
+    batch = {"input_ids": data.ids, "labels": data.labels}
+    count = plain._get_num_items_in_batch([batch], torch.device("cpu"))
+    assert tuple(count.shape) == (2, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = ours.compute_loss(
+        model, {**batch, "index": torch.arange(len(data))}, num_items_in_batch=count
+    ).mean()  # (training_step's mean over the replicas)
+    halves = (slice(0, 3), slice(3, 6))
+    replicas = [
+        plain.compute_loss(model, {k: v[h] for k, v in batch.items()}, num_items_in_batch=count[j])
+        for j, h in enumerate(halves)
+    ]
+    expected = torch.stack([r.reshape(()) for r in replicas]).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for a, b in zip(
+        torch.autograd.grad(expected, params), torch.autograd.grad(loss, params), strict=True
+    ):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    if average:  # the whole step's token count: one large batch's mean
+        logits = model(input_ids=data.ids).logits[:, :-1]
+        mean = torch.nn.functional.cross_entropy(logits.transpose(1, 2), data.labels[:, 1:])
+        torch.testing.assert_close(loss, mean, rtol=1e-5, atol=1e-6)
+
+
 def test_csl_is_the_shifted_token_loss_of_each_example(tmp_path):
     """With a zero learning rate the model stays as built: each example's CSL is the
     summed F.cross_entropy of logits[:, :-1] against labels[:, 1:] (shifted once)."""
