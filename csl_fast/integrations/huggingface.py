@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -97,6 +98,40 @@ def with_index(dataset: Any, column: str = "index") -> Any:
     from ..data import IndexedDataset
 
     return IndexedDataset(dataset, index_key=column)
+
+
+# Config settings by which models rescale or soft-cap the LM head's logits (Gemma 2/3's
+# final_logit_softcapping, Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's
+# lm_head_multiplier, output_multiplier, ...), in the config or a nested one (text_config).
+_LOGIT_TRANSFORM = re.compile(
+    r"(final_)?(logits?|lm_head|output)_(scale|scaling|multiplier|softcap\w*)"
+)
+
+
+def _logit_transforms(config: Any) -> list[str]:
+    """``name=value`` for each setting of ``config`` (nested ones included) that changes
+    the logits past the output embedding: a scale or multiplier other than 1, any
+    soft-cap."""
+    try:
+        settings = config.to_dict()
+    except AttributeError:
+        return []
+    found = []
+
+    def walk(d: Mapping, where: str) -> None:
+        for key, value in d.items():
+            if isinstance(value, Mapping):
+                walk(value, f"{where}{key}.")
+            elif (
+                isinstance(key, str)
+                and _LOGIT_TRANSFORM.fullmatch(key)
+                and value is not None
+                and ("softcap" in key or value != 1)
+            ):
+                found.append(f"{where}{key}={value!r}")
+
+    walk(settings, "")
+    return found
 
 
 class _EpochCallback(TrainerCallback):
@@ -162,7 +197,9 @@ class CSLTrainer(Trainer):
         csl_linear_cross_entropy: decoder-only causal LMs only: call the decoder
             (``model.get_decoder()``) and apply the output embedding with
             :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
-            models that rescale or soft-cap their logits, nor under a DDP/FSDP wrapper.
+            models that rescale or soft-cap their logits (``logits_scaling``,
+            ``logit_scale``, ``final_logit_softcapping``, ...: refused), nor under a
+            DDP/FSDP wrapper.
         *args, **kwargs: ``transformers.Trainer``'s.
     """
 
@@ -420,12 +457,14 @@ class CSLTrainer(Trainer):
                 f"models; {type(core).__name__} is an encoder-decoder model (its decoder needs "
                 "the encoder's output): use the default (logits) path"
             )
-        for attr in ("final_logit_softcapping", "logit_scale"):
-            if getattr(config, attr, None) not in (None, 1.0):
-                raise NotImplementedError(
-                    f"CSLTrainer: csl_linear_cross_entropy=True does not support {attr}="
-                    f"{getattr(config, attr)}; use the default (logits) path"
-                )
+        transforms = _logit_transforms(config)
+        if transforms:
+            raise NotImplementedError(
+                f"CSLTrainer: csl_linear_cross_entropy=True takes the logits as the output "
+                f"embedding's product with the hidden states; {type(core).__name__} rescales "
+                f"or soft-caps them ({', '.join(transforms)}), which that would skip (another "
+                "loss, silently): use the default (logits) path"
+            )
         head = core.get_output_embeddings()
         decoder = core.get_decoder() if hasattr(core, "get_decoder") else None
         if head is None or decoder is None or not hasattr(head, "weight"):

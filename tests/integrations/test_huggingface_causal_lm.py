@@ -262,6 +262,62 @@ def test_encoder_decoder_models_decode_the_labels(tmp_path, make, low):
     torch.testing.assert_close(tracker.csl_sum.double(), tokens.sum(1), rtol=1e-5, atol=1e-5)
 
 
+_SMALL = dict(
+    vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=LEN,
+)  # fmt: skip
+
+
+def _granite():
+    """Granite divides its logits by config.logits_scaling (8 to 16 in Granite 3.x)."""
+    torch.manual_seed(0)
+    model = transformers.GraniteForCausalLM(
+        transformers.GraniteConfig(**_SMALL, logits_scaling=8.0)
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits of a trained model's size
+    return model
+
+
+def _vlm_scaled():
+    """A vision-language model whose text config sets logits_scaling (Granite's vision
+    models divide by text_config.logits_scaling)."""
+    text = transformers.GraniteConfig(**{**_SMALL, "vocab_size": VOCAB + 1}, logits_scaling=8.0)
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        image_size=8, patch_size=4,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlavaForConditionalGeneration(
+        transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_id=VOCAB)
+    )
+
+
+@pytest.mark.parametrize(
+    "make,setting",
+    [(_granite, "logits_scaling=8.0"), (_vlm_scaled, "text_config.logits_scaling=8.0")],
+    ids=["granite", "text_config"],
+)
+def test_the_fused_path_refuses_scaled_logits(tmp_path, make, setting):
+    """The fused head takes the logits as hidden @ weight.T: it trained Granite on
+    undivided logits (loss 6.25 against the model's own 3.74 in the auditor's check).
+    Refused, as soft-capping is; the default path is the model's own loss."""
+    data = Uneven()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
+    )
+    model = make()
+    fused = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
+    with pytest.raises(NotImplementedError, match=f"rescales or soft-caps them .*{setting}"):
+        fused.train()
+    if make is _granite:
+        model.train()
+        batch = {"input_ids": data.ids[:3], "labels": data.labels[:3]}
+        logits_path = CSLTrainer(model=model, args=args, train_dataset=data)
+        loss = logits_path.compute_loss(model, {**batch, "index": torch.arange(3)})
+        torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
 def test_the_fused_path_refuses_an_encoder_decoder_model(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
