@@ -57,6 +57,7 @@ states, so the ``[tokens, vocabulary]`` logits are never materialized.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import warnings
@@ -198,8 +199,9 @@ class CSLTrainer(Trainer):
             (``model.get_decoder()``) and apply the output embedding with
             :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
             models that rescale or soft-cap their logits (``logits_scaling``,
-            ``logit_scale``, ``final_logit_softcapping``, ...: refused), nor under a
-            DDP/FSDP wrapper.
+            ``logit_scale``, ``final_logit_softcapping``, ...: refused), nor for batches
+            with inputs the decoder does not take (a vision-language model's
+            ``pixel_values``: refused), nor under a DDP/FSDP wrapper.
         *args, **kwargs: ``transformers.Trainer``'s.
     """
 
@@ -472,6 +474,20 @@ class CSLTrainer(Trainer):
                 "CSLTrainer: csl_linear_cross_entropy=True is for causal language models (a "
                 f"decoder and an output embedding); {type(core).__name__} has "
                 f"{'no output embedding' if head is None else 'no decoder'}: use the default "
+                "(logits) path"
+            )
+        # The text decoder of a vision-language model (Llava, PaliGemma) takes **kwargs and
+        # would drop the image inputs (pixel_values, token_type_ids) without a word.
+        try:
+            named = inspect.signature(decoder.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - no signature to read
+            named = None
+        dropped = sorted(k for k in inputs if named is not None and k not in named)
+        if dropped:
+            raise NotImplementedError(
+                f"CSLTrainer: csl_linear_cross_entropy=True calls the decoder "
+                f"({type(decoder).__name__}), which does not take {dropped} from the batch "
+                f"(the inputs {type(core).__name__} handles before it): use the default "
                 "(logits) path"
             )
         # accelerate's mixed precision (bf16=True, fp16=True) autocasts the model's forward

@@ -318,6 +318,41 @@ def test_the_fused_path_refuses_scaled_logits(tmp_path, make, setting):
         torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
 
 
+class WithImages(Uneven):
+    """Uneven texts, 4 image tokens each (a 2x2 grid of patches) and an image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids[:, 1:5] = VOCAB  # Llava's image token
+        self.labels[:, :5] = -100
+        self.pixels = torch.randn(
+            len(self.ids), 3, 8, 8, generator=torch.Generator().manual_seed(3)
+        )
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "pixel_values": self.pixels[i]}
+
+
+def test_the_fused_path_refuses_inputs_its_decoder_would_drop(tmp_path):
+    """A vision-language model's text decoder takes **kwargs: called with the batch, it
+    dropped pixel_values and trained on the image tokens' embeddings, silently (loss 3.676
+    against the model's own 3.661 in a check). Refused; the default path is the model's."""
+    data = WithImages()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
+    )
+    model = _llava()
+    fused = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
+    with pytest.raises(NotImplementedError, match=r"does not take \['pixel_values'\]"):
+        fused.train()
+    model.train()
+    batch = {k: v[:3] for k, v in vars(data).items()}
+    batch = {"input_ids": batch["ids"], "labels": batch["labels"], "pixel_values": batch["pixels"]}
+    logits_path = CSLTrainer(model=model, args=args, train_dataset=data)
+    loss = logits_path.compute_loss(model, {**batch, "index": torch.arange(3)})
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
 def test_the_fused_path_refuses_an_encoder_decoder_model(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
