@@ -22,6 +22,7 @@ from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate import _fell_back, eager_step_allowed
 from .accumulate_checks import (
+    INDEX_HINT,
     _check_values,
     _overlap,
     check_buffer,
@@ -381,9 +382,13 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
             f"target must have the logits' dtype {logits.dtype}, got {target.dtype}; pass "
             "target.to(logits.dtype) (targets are probabilities in [0, 1])",
         )
-    if not isinstance(index, torch.Tensor) or index.dtype not in _INDEX_DTYPES:
-        got = index.dtype if isinstance(index, torch.Tensor) else type(index).__name__
-        _fail(TypeError, f"index must be a tensor of int64 (or int32) dataset indices, got {got}")
+    if not isinstance(index, torch.Tensor):
+        _fail(TypeError, f"index must be a tensor, got {type(index).__name__}{INDEX_HINT}")
+    if index.dtype not in _INDEX_DTYPES:
+        _fail(
+            TypeError,
+            f"index must be a tensor of int64 (or int32) dataset indices, got {index.dtype}",
+        )
     if index.shape != (batch,):
         _fail(
             ValueError,

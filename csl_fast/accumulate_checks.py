@@ -277,6 +277,13 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device, op: str = "a
         )
 
 
+#: After "index must be a tensor, got int": the usual slip is Lightning's batch_idx.
+INDEX_HINT = (
+    " (not the batch's number): the dataset indices of the batch's samples; have the "
+    "dataset return each sample's index (csl_fast.data.IndexedDataset)"
+)
+
+
 def _check_indices(
     name: str,
     t: object,
@@ -288,13 +295,7 @@ def _check_indices(
     """``target`` or ``index``: a 1-D int64/int32 tensor of ``rows`` entries on ``device``
     (``seq``: the index of a [B, T] batch of sequences, one entry per sequence)."""
     if not isinstance(t, torch.Tensor):
-        hint = ""
-        if name == "index":
-            # (the usual slip: Lightning's batch_idx, the batch's number)
-            hint = (
-                " (not the batch's number): the dataset indices of the batch's samples; have "
-                "the dataset return each sample's index (csl_fast.data.IndexedDataset)"
-            )
+        hint = INDEX_HINT if name == "index" else ""
         raise TypeError(f"csl_fast.{op}: {name} must be a tensor, got {type(t).__name__}{hint}")
     if t.dtype not in _INDEX_DTYPES:
         hint = (

@@ -24,6 +24,7 @@ from . import _ext, backward_rerun, ops
 from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate_checks import (
+    INDEX_HINT,
     _check_values,
     check_buffer,
     check_buffers_apart,
@@ -366,7 +367,9 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
             f"{loss.dtype}"
         )
     if not isinstance(index, torch.Tensor):
-        raise TypeError(f"csl_fast.record_loss: index must be a tensor, got {type(index).__name__}")
+        raise TypeError(
+            f"csl_fast.record_loss: index must be a tensor, got {type(index).__name__}{INDEX_HINT}"
+        )
     if index.dtype not in _INDEX_DTYPES:
         raise TypeError(
             f"csl_fast.record_loss: index must hold int64 (or int32) dataset indices, got "

@@ -411,3 +411,14 @@ def test_validate_false_into_a_cpu_tracker_writes_nothing_it_then_refuses(backen
             logits, target, torch.tensor([0, 1, 2, 9]), t, backend=backend, validate=False
         )
     assert all(not v.is_floating_point() or not v.any() for v in t.buffers().values())
+
+
+def test_an_int_index_says_how_to_get_the_dataset_indices_in_every_recorder():
+    # record_loss and accumulate_bce said only "index must be a tensor[...], got int"
+    match = r"got int \(not the batch's number\).*csl_fast.data.IndexedDataset"
+    with pytest.raises(TypeError, match=match):
+        csl_fast.record_loss(torch.rand(4), 3, torch.zeros(8))
+    with pytest.raises(TypeError, match=match):
+        csl_fast.accumulate_bce(torch.randn(4, 2), torch.rand(4, 2), 3, torch.zeros(8))
+    with pytest.raises(TypeError, match=r"int64 \(or int32\) dataset indices, got torch.float32"):
+        csl_fast.accumulate_bce(torch.randn(4, 2), torch.rand(4, 2), torch.zeros(4), torch.zeros(8))
