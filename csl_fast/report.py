@@ -167,6 +167,15 @@ class RunSamples:
                         f"RunSamples: {name} must hold whole class numbers; it holds "
                         "non-integer or non-finite values"
                     )
+                elif name not in ("images", "inputs") and value.dtype.kind == "f":
+                    # kept as floats, they were saved, and rank, report and clean refused
+                    # the folder ("labels must be integers")
+                    if value.size and float(np.abs(value).max()) >= 2**53:
+                        raise SamplesFileError(
+                            f"RunSamples: {name} must hold class numbers; it holds "
+                            f"{float(np.abs(value).max()):g}"
+                        )
+                    value = value.astype(np.int64)
             setattr(self, name, value)
         shape = None if self.images is None else self.images.shape
         if shape is not None and not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 3)):

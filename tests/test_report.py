@@ -315,6 +315,11 @@ def test_run_samples_refuse_values_that_would_change_meaning():
             RunSamples(**{field: value})
     ok = RunSamples(labels=np.array([0.0, 2.0, 1.0, 1.0]), mislabeled=np.array([0, 1, 1, 0]))
     assert ok.mislabeled.tolist() == [False, True, True, False]
+    # whole-number float labels are class numbers: kept as floats they were saved, and
+    # rank, report and clean refused the folder ("labels must be integers")
+    assert ok.labels.dtype == np.int64 and ok.labels.tolist() == [0, 2, 1, 1]
+    with pytest.raises(SamplesFileError, match=r"must hold class numbers; it holds 1e\+20"):
+        RunSamples(labels=np.array([0.0, 1e20]))
 
 
 def test_true_labels_alone_are_the_ground_truth_everywhere(tmp_path):
