@@ -174,12 +174,13 @@ def duplicate_decisions(
             )
         classes = getattr(source, "num_classes", None)
         low, high = label_range(lab) if lab.numel() else (0, 0)
-        if low < 0 or (classes and high >= classes):
-            # a group is relabelled to one of these labels: -1 or 99 would enter the plan
-            bound = f"[0, {classes})" if classes else ">= 0"
+        if classes and high >= classes:
+            # a group is relabelled to one of these labels: 99 would enter the plan. A
+            # negative one (ignore_index: unlabelled) conflicts with none and never wins
             raise ValueError(
-                f"csl_fast.clean: labels must be class indices {bound}, got values in "
-                f"[{low}, {high}]; pass the labels the run trained on"
+                f"csl_fast.clean: labels must be class indices in [0, {classes}) (or negative "
+                f"for an unlabelled sample, ignore_index), got values in [{low}, {high}]; pass "
+                "the labels the run trained on"
             )
         lab = int64_labels("csl_fast.clean", lab)
     dg.check_rows(n, inputs, lab)

@@ -193,7 +193,8 @@ def _check_sample_classes(samples: Any, tracker: Any, samples_path: str) -> None
         if values is None or values.size == 0:
             continue
         low, high = int(values.min()), int(values.max())
-        if low < 0 or high >= classes:
+        # a negative label is an unlabelled sample (ignore_index), as the run trained on it
+        if (low < 0 and name != "labels") or high >= classes:
             raise CLIError(
                 f"{samples_path}: its {name} range over [{low}, {high}], but the run has "
                 f"C = {classes} classes: they must be class indices in [0, {classes}) (a "

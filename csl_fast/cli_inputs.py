@@ -187,14 +187,14 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
         )
     classes = getattr(tracker, "num_classes", None)
     if labels is not None and classes is not None and labels.numel() > 0:
-        # clean relabels a duplicate group to one of these labels: -1 or 99 would land in
-        # the plan as a class of a 10-class run
+        # clean relabels a duplicate group to one of these labels: 99 would land in the
+        # plan as a class of a 10-class run (a negative one, ignore_index, never wins)
         low, high = label_range(labels)
-        if low < 0 or high >= classes:
+        if high >= classes:
             raise CLIError(
                 f"{lwhere}: labels range over [{low}, {high}], but the run has C = {classes} "
-                f"classes: labels must be class indices in [0, {classes}) (the labels the "
-                "run trained on)",
+                f"classes: labels must be class indices in [0, {classes}), or negative for "
+                "an unlabelled sample (the labels the run trained on)",
                 EXIT_INPUT,
             )
     return inputs, None if labels is None else labels.long()

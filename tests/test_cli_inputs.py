@@ -210,16 +210,33 @@ def test_empty_rows_and_labels_outside_the_classes_are_input_errors(run, tmp_pat
     line = user_error(capsys, EXIT_INPUT, "rank", tr, "--inputs", str(tmp_path / "empty.npy"))
     assert f"shape ({N}, 0) holds no values" in line
     out = str(tmp_path / "p.csv")
-    for bad, shown in ((-1, "[-1, 3]"), (C + 5, f"[0, {C + 5}]")):
-        labels = y.clone()
-        labels[7] = bad
-        np.save(tmp_path / "y_bad.npy", labels.numpy())
-        line = user_error(
-            capsys, EXIT_INPUT, "clean", tr, "--out", out,
-            "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y_bad.npy"),
-        )  # fmt: skip
-        assert f"labels range over {shown}, but the run has C = {C} classes" in line
+    labels = y.clone()
+    labels[7] = C + 5
+    np.save(tmp_path / "y_bad.npy", labels.numpy())
+    line = user_error(
+        capsys, EXIT_INPUT, "clean", tr, "--out", out,
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y_bad.npy"),
+    )  # fmt: skip
+    assert f"labels range over [0, {C + 5}], but the run has C = {C} classes" in line
     assert not (tmp_path / "p.csv").exists()
+    # a negative label is an unlabelled sample (ignore_index), as the run trained on it:
+    # refused as "not class indices" though detect.duplicates takes it
+    labels[7] = -100
+    np.save(tmp_path / "y_ignored.npy", labels.numpy())
+    code, _, err = run_main(
+        capsys, "clean", tr, "--out", out,
+        "--inputs", str(folder / "x.npy"), "--labels", str(tmp_path / "y_ignored.npy"),
+    )  # fmt: skip
+    assert code == 0, err
+    # and so in the run folder's samples.npz (rank, clean and report read it)
+    from csl_fast.report import RunSamples
+
+    beside = tmp_path / "run"
+    beside.mkdir()
+    (beside / "tracker.csl").write_bytes((folder / "tracker.csl").read_bytes())
+    RunSamples(labels=labels.numpy()).save(beside / "samples.npz")
+    code, _, err = run_main(capsys, "rank", str(beside), "--top", "3")
+    assert code == 0, err
 
 
 def test_sparse_and_meta_tensor_files_are_input_errors(run, tmp_path, capsys):
