@@ -36,6 +36,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         check_output(args.run, args.out, "--out", args.inputs, args.labels)
     tracker, samples = load_run_for(args)
     if args.score == "label_csl":
+        # (the advice below pointed a run without per-label CSL at a command that refuses it)
+        _scores_for(tracker, args.score)
         raise CLIError(
             "--score label_csl: clean acts on samples; list the suspicious (sample, label) "
             "entries with csl-fast rank RUN --score label_csl",

@@ -136,6 +136,9 @@ def test_rank_label_csl_lists_entries(capsys, ml_run):
     assert math.isclose(float(top["score"]), float(t.label_csl.max()), rel_tol=1e-6)
     assert float(t.label_csl[i, k]) == float(t.label_csl.max())
     assert sum(r["flagged"] == "1" and r["entry_label"] == "0" for r in rows) >= 15
+    # clean acts on samples: it points to the entries' listing, which works here
+    code, _, err = run(capsys, "clean", path, "--out", "-", "--score", "label_csl")
+    assert code == EXIT_USAGE and "rank RUN --score label_csl" in err
     code, out, _ = run(capsys, "rank", path, "--score", "label_csl", "--top", "3")
     assert code == EXIT_OK and "entry_label" in out.splitlines()[0]
     with pytest.raises(SystemExit):
@@ -146,6 +149,9 @@ def test_rank_label_csl_lists_entries(capsys, ml_run):
 def test_rank_label_csl_without_per_label_csl_is_a_usage_error(capsys, reg_run):
     code, _, err = run(capsys, "rank", reg_run[0], "--score", "label_csl")
     assert code == EXIT_USAGE and "num_labels=L" in err and "accumulate_bce" in err
+    # clean said "list the entries with csl-fast rank RUN --score label_csl", which fails
+    code, _, err = run(capsys, "clean", reg_run[0], "--out", "-", "--score", "label_csl")
+    assert code == EXIT_USAGE and "num_labels=L" in err and "--score label_csl" not in err
 
 
 def test_label_csl_of_a_tracker_with_labels_fed_by_record_loss(capsys, tmp_path):
@@ -176,7 +182,7 @@ def test_clean_drops_flagged_samples_of_a_loss_only_run(capsys, reg_run, tmp_pat
     assert rows and all(r["action"] == "drop" for r in rows)
     assert sum(int(r["index"]) < BAD for r in rows) >= 0.9 * len(rows)
     code, _, err = run(capsys, "clean", path, "--out", str(out_csv), "--score", "label_csl")
-    assert code == EXIT_USAGE and "rank RUN --score label_csl" in err
+    assert code == EXIT_USAGE and "this run has no per-label CSL" in err
 
 
 def test_report_of_a_loss_only_run(capsys, ml_run, tmp_path):
