@@ -109,6 +109,7 @@ from .cli_errors import (
     CLIError,
     _one_line,
     _os_reason,
+    warning_line,
 )
 from .cli_inputs import add_input_options
 
@@ -455,7 +456,7 @@ def _one_line_warnings(prog: str) -> Iterator[None]:
     python_way = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
-        text = _one_line(str(message))
+        text = warning_line(message)
         if not text.startswith("csl_fast"):
             python_way(message, category, filename, lineno, file, line)
         elif text not in shown:

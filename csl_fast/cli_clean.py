@@ -11,7 +11,7 @@ import sys
 import warnings
 from typing import Any
 
-from .cli_errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, CLIError, _one_line
+from .cli_errors import EXIT_INPUT, EXIT_OK, EXIT_USAGE, CLIError, warning_line
 
 __all__ = ["cmd_clean"]
 
@@ -81,7 +81,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
-        print(f"csl-fast clean: warning: {_one_line(plan.warning)}", file=sys.stderr)
+        print(f"csl-fast clean: warning: {warning_line(plan.warning)}", file=sys.stderr)
     where = {None: args.out, sys.stdout: "standard output", sys.stderr: "standard error"}
     summary = _clean_summary(plan, samples, args, where[stream], tracker.sequences)
     # the other stream than the CSV's

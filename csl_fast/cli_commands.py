@@ -27,6 +27,7 @@ from .cli_errors import (
     CLIError,
     _one_line,
     _writable_folder,
+    warning_line,
 )
 
 TRACKER_FILE = "tracker.csl"
@@ -572,7 +573,7 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:
     for w in caught:
         if issubclass(w.category, DetectionWarning):
             # the duplicates' quote of the score rule's warning, which is said on its own
-            line = _one_line(w.message).split(SCORE_RULE_SAID)[0]
+            line = warning_line(_one_line(w.message).split(SCORE_RULE_SAID)[0])
             if line not in said:  # the flagged column's and the duplicates' detections
                 said.add(line)
                 print(f"csl-fast {command}: warning: {line}", file=sys.stderr)

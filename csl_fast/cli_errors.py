@@ -29,6 +29,22 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+#: Said after a warning whose advice is the Python API's (rule='fraction', top(k)), which
+#: the CLI's options name otherwise: "--rule" is no option of it.
+CLI_REVIEW = (
+    " (on the command line: csl-fast clean RUN --policy review --budget K writes the K most "
+    "suspicious samples for review; csl-fast rank RUN --top K lists them)"
+)
+
+
+def warning_line(text: object) -> str:
+    """A csl_fast warning as one line of the CLI, its Python-only advice translated."""
+    line = _one_line(text)
+    if "rule='fraction'" in line or ".top(k)" in line:
+        line += CLI_REVIEW
+    return line
+
+
 def _writable_folder(out: str, option: str = "--out") -> None:
     """Create the output folder ``out`` now, so that a path that cannot be written is a
     one-line input error before any work, not a traceback after it."""

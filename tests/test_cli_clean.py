@@ -211,6 +211,12 @@ def test_nothing_flagged_warns_on_one_line(tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("csl-fast clean: warning: ")
     assert "nothing flagged" in lines[0]
     assert "wrote 0 decisions" in stdout
+    # its advice named rule='fraction', no option of the CLI: the CLI's way is said too
+    if "rule='fraction'" in lines[0]:
+        assert lines[0].endswith("csl-fast rank RUN --top K lists them)")
+        assert "--policy review --budget K" in lines[0]
+    code, _, err = run_main(capsys, "rank", str(path))
+    assert code == EXIT_OK and "rule='fraction'" in err and "--policy review --budget K" in err
 
 
 def test_a_run_that_closed_no_epoch_is_warned_once_on_one_line(tmp_path, capsys):
