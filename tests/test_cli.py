@@ -209,8 +209,12 @@ def test_rank_json_to_file(demo_run, tmp_path, capsys):
     captured = capsys.readouterr()
     doc = json.loads(dest.read_text())
     # -q keeps only the detection's warning (this small run flags nothing), in the file too
+    from csl_fast.cli_errors import warning_line
+
     assert captured.out == "" and captured.err == (
-        "" if doc["warning"] is None else f"csl-fast rank: warning: {doc['warning']}\n"
+        ""
+        if doc["warning"] is None
+        else f"csl-fast rank: warning: {warning_line(doc['warning'])}\n"
     )
     assert doc["score"] == "csl" and doc["num_samples"] == 200
     assert doc["direction"] == "higher = more suspicious"
