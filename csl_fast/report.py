@@ -341,6 +341,8 @@ def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
         det = corrupted_targets({score: _score_of(tracker, score)}, score)
+    if det.warning is not None:  # (as the cross-entropy run's section says it)
+        warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     b64 = _fig_flagging(det, os.path.join(out_dir, "flagging.png"))
     parts = [
         f"<h2>Flagged set: {e(score)} and the tail rule (csl_fast.detect_losses)</h2>",

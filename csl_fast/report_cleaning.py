@@ -250,6 +250,10 @@ def sections(
         # the detection's warning is shown in the section itself
         warnings.simplefilter("ignore", DetectionWarning)
         det = mislabeled(tracker, score)  # the tracker: every view of the rule
+    if det.warning is not None:
+        # said once outside the page too: `csl-fast report` printed only "wrote report.html"
+        # for a run whose flagged set came back empty
+        warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     png = os.path.join(out_dir, "flagging.png")
     b64 = _fig_flagging(det, png)
     parts = [

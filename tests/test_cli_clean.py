@@ -217,6 +217,10 @@ def test_nothing_flagged_warns_on_one_line(tmp_path, capsys):
         assert "--policy review --budget K" in lines[0]
     code, _, err = run_main(capsys, "rank", str(path))
     assert code == EXIT_OK and "rule='fraction'" in err and "--policy review --budget K" in err
+    # the report said only "wrote report.html": the warning was on the page alone
+    code, _, err = run_main(capsys, "report", str(path), "--out", str(tmp_path / "r"), "-q")
+    assert code == EXIT_OK
+    assert err.startswith("csl-fast report: warning: csl_fast.detect: nothing flagged")
 
 
 def test_a_run_that_closed_no_epoch_is_warned_once_on_one_line(tmp_path, capsys):
