@@ -464,19 +464,21 @@ def run(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict[str, 
         notes.append(("Training-time overhead", overhead_text))
     if cfg.report:
         log("writing the report ...")
-        report_path = write_report(
-            tracker,
-            os.path.join(out, "report"),
-            samples,
-            title="csl_fast demo: scikit-learn digits"
-            + (
-                " with injected label noise and duplicates"
-                if bool(mislabeled.any() or duplicate.any())
-                else ", nothing injected"
-            ),
-            notes=notes,
-            progress=not cfg.quiet,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", detect.DetectionWarning)  # printed with the results
+            report_path = write_report(
+                tracker,
+                os.path.join(out, "report"),
+                samples,
+                title="csl_fast demo: scikit-learn digits"
+                + (
+                    " with injected label noise and duplicates"
+                    if bool(mislabeled.any() or duplicate.any())
+                    else ", nothing injected"
+                ),
+                notes=notes,
+                progress=not cfg.quiet,
+            )
     elapsed = time.perf_counter() - t_start
     results = {
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("quiet", "extra")},
