@@ -595,3 +595,18 @@ def _tracker_with_flips(n=300, classes=3, flips=30, epochs=6, seed=0):
         csl_fast.accumulate(logits, given, torch.arange(n), t)
         t.end_epoch()
     return t
+
+
+def test_a_score_that_ranks_other_samples_than_the_count_is_warned():
+    """The count is the two views' (mean loss, lost labels); the flagged set is the score's
+    top that many. in_confidence (the final model's doubt, blind to the label) put clean
+    samples there: 15% of its set bad on an audited run, and clean() relabelled the rest,
+    with no warning."""
+    tracker = _tracker_with_flips()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", detect.DetectionWarning)
+        det = detect.mislabeled(tracker)
+    assert det.diagnostics["agreement"] == 1.0
+    with pytest.warns(detect.DetectionWarning, match=r"the top \d+ by 'in_confidence' hold only"):
+        det = detect.mislabeled(tracker, "in_confidence")
+    assert det.diagnostics["agreement"] < detect.MIN_AGREEMENT
