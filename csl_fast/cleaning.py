@@ -70,7 +70,7 @@ import torch
 from . import atomic_file
 from ._args import int64_labels, integer_labels
 from .cleaning_groups import duplicate_decisions
-from .detect import Detection, mislabeled
+from .detect import Detection, DetectionWarning, mislabeled
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -679,7 +679,14 @@ def clean(
             "detection takes rule=, fraction= and threshold="
         )
     if detection is None:
-        detection = default_detection(source, score, **detect_kwargs)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DetectionWarning)
+            detection = default_detection(source, score, **detect_kwargs)
+        for w in caught:  # at the caller's line (it named csl_fast/cleaning.py)
+            if issubclass(w.category, DetectionWarning):
+                warnings.warn(w.message, w.category, stacklevel=2)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     elif detect_kwargs:
         raise TypeError(
             f"csl_fast.clean: {sorted(detect_kwargs)} configure the default detection; "

@@ -621,3 +621,15 @@ def test_plans_and_detections_compare_by_identity():
     for obj in (plan, det):
         other = copy.deepcopy(obj)
         assert obj == obj and obj != other and obj not in [other] and obj in [other, obj]
+
+
+def test_the_detections_warning_points_at_the_callers_line():
+    # it named csl_fast/cleaning.py, the line that called the detector
+    t = csl_fast.CSLTracker(60, 3)
+    for _ in range(3):
+        logits = torch.tensor([[2.0, 0.0, 0.0]]).repeat(60, 1)
+        csl_fast.accumulate(logits, torch.zeros(60, dtype=torch.long), torch.arange(60), t)
+        t.end_epoch()
+    with pytest.warns(detect.DetectionWarning) as rec:
+        csl_fast.clean(t)
+    assert [os.path.basename(w.filename) for w in rec] == ["test_cleaning.py"]
