@@ -144,12 +144,12 @@ def _lane_step(z, other, c0, w, mx, arg_c, s_o, q_o, a_o, w_o, HAS_SMOOTH: tl.co
     s_o = s_o * a + b
     q_o = q_o * (a * a) + b * b
     if HAS_SMOOTH:
-        # sum_j w_j (r - z_j) over the lane's other columns, re-based on the new r: a sum
-        # of non-negative terms (y's term is added after the loop).
+        # sum_j w_j (r - z_j) over the lane's other columns, re-based on the new r (its
+        # weights may sum to less than 0: re-based whenever not 0; y's term after the loop).
         r_new = tl.maximum(mx, _FLOOR)
         a_o = (
             a_o
-            + tl.where(w_o > 0.0, _weighted_gap(w_o, r_new - r_old), 0.0)
+            + tl.where(w_o != 0.0, _weighted_gap(w_o, r_new - r_old), 0.0)
             + tl.where(other, _weighted_gap(w[None, :], r_new - z), 0.0)
         )
         w_o = w_o + tl.where(other, w[None, :], 0.0)
@@ -332,7 +332,7 @@ def _ce_fwd_kernel(
         s = s_o + tl.exp(z_y - m)
         if HAS_SMOOTH:
             w_sum = tl.sum(w_o, 1) + w_y
-            a_lanes = a_o + tl.where(w_o > 0.0, _weighted_gap(w_o, m[:, None] - r), 0.0)
+            a_lanes = a_o + tl.where(w_o != 0.0, _weighted_gap(w_o, m[:, None] - r), 0.0)
             a_sum = tl.sum(a_lanes, 1) + _weighted_gap(w_y, m - z_y)
 
     # ---- per-row epilogue -------------------------------------------------------------
@@ -460,12 +460,14 @@ def _denom_kernel(
     offs = tl.arange(0, BLOCK)
     if HAS_WEIGHT:
         rows = tl.program_id(0).to(tl.int64) * BLOCK + offs
-        tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index).to(tl.int64)
+        # (rows past B are masked by hand: other=ignore_index, cast into an int32 target's
+        # type, wrapped for an ignore_index outside int32, and those rows counted)
+        tgt = tl.load(target_ptr + rows, mask=rows < B, other=0).to(tl.int64)
         if KEEP_BAD:
-            active = tgt != ignore_index
+            active = (tgt != ignore_index) & (rows < B)
             y = tl.minimum(tl.maximum(tgt, 0), C - 1)
         else:
-            active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C)
+            active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C) & (rows < B)
             y = tl.where(active, tgt, 0)
         w_y = tl.load(weight_ptr + y, mask=active, other=0.0)
         tl.store(out_ptr + rows, w_y, mask=rows < B)
@@ -473,8 +475,8 @@ def _denom_kernel(
         n = tl.zeros([BLOCK], tl.int32)
         for start in range(0, B, BLOCK):
             rows = start + offs
-            tgt = tl.load(target_ptr + rows, mask=rows < B, other=ignore_index).to(tl.int64)
-            active = tgt != ignore_index
+            tgt = tl.load(target_ptr + rows, mask=rows < B, other=0).to(tl.int64)
+            active = (tgt != ignore_index) & (rows < B)
             if not KEEP_BAD:
                 active = active & (tgt >= 0) & (tgt < C)
             n += active.to(tl.int32)

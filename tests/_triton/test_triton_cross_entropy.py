@@ -94,6 +94,20 @@ def test_two_pass_path(tdevice, monkeypatch, shape, chunk, dtype):
     _check(logits, target, None, 0.0, 0)
 
 
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_two_pass_path_with_negative_class_weights(tdevice, monkeypatch, reduction):
+    """A lane whose weights summed below 0 skipped re-basing its smoothing sum when its
+    max moved: the loss (not the gradient) was off, 4.1217 for F's 4.1155 at C = 9000."""
+    monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+    monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 8)
+    g = torch.Generator().manual_seed(11)
+    logits = (torch.randn(6, 61, generator=g) * 4).to(tdevice)
+    target = torch.randint(0, 61, (6,), generator=g).to(tdevice)
+    weight = torch.rand(61, generator=g) + 0.2
+    weight[torch.rand(61, generator=g) < 0.6] *= -1  # most lanes' sums below 0
+    _check(logits, target, weight.to(tdevice), 0.3, reduction)
+
+
 def _hard_wide_rows(classes, dtype, device):
     """Rows for the chunked path (chunks of 8 columns): maxima tied across chunks and
     lanes, the target tied with the others' max before and after it, a runner-up in the
@@ -515,3 +529,19 @@ def test_refuses_a_smoothing_or_reduction_the_cpp_op_refuses(tdevice):
         ]:
             with pytest.raises(ValueError, match=match):
                 fn(logits, target, None, IGNORE, smoothing, reduction, *extra)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_mean_of_an_int32_target_with_an_ignore_index_past_int32(tdevice, weighted):
+    """The denominator's padding lanes were loaded as ignore_index cast to int32: 2**40
+    wrapped to 0, a class, and the lanes past B counted (D = 1024 for 2 rows)."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(2, 5, generator=g).to(tdevice)
+    target = torch.tensor([1, 3], dtype=torch.int32, device=tdevice)
+    weight = (torch.rand(5, generator=g) + 0.5).to(tdevice) if weighted else None
+    loss, _, _ = cross_entropy_fwd_triton(logits, target, weight, 2**40, 0.0, 1)
+    want = F.cross_entropy(logits, target.long(), weight=weight)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    d = torch.ops.csl_fast.mean_denominator_triton(target, weight, 2**40, 5)
+    want_d = 2.0 if weight is None else float(weight[[1, 3]].sum())
+    assert float(d.sum()) == pytest.approx(want_d, rel=1e-6)
