@@ -371,6 +371,7 @@ def as_dataframe(
     if names is not None and isinstance(source, Mapping):
         if isinstance(names, str):
             raise TypeError(f"as_dataframe: names must be a list of names, e.g. [{names!r}]")
+        names = list(names)  # (a generator was used up by this check: an empty frame)
         missing = [n for n in names if n not in table]
         if missing:
             raise KeyError(f"as_dataframe: no scores {missing} in the mapping ({sorted(table)})")

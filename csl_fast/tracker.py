@@ -542,7 +542,8 @@ class CSLTracker(TrackerStatistics):
                 :func:`csl_fast.input_grad_norms`).
             valid: optional ``[B]`` bool; rows that are False (e.g. ``ignore_index``
                 targets) are not recorded. Non-finite norms are never recorded.
-            validate: check that every index is in ``[0, N)`` (class docstring, *Indices*).
+            validate: check that every index is in ``[0, N)`` (class docstring, *Indices*)
+                and, for norms on a GPU, that none is negative (on the CPU always).
         """
         if not isinstance(sq_norms, torch.Tensor) or sq_norms.dim() != 1:
             # ([B, 1] norms read "index has B entries but the batch has 1 rows")
@@ -555,7 +556,20 @@ class CSLTracker(TrackerStatistics):
                 "CSLTracker.record_input_grad: sq_norms must be a 1-D [B] tensor, one "
                 f"squared norm per row, got {got}"
             )
+        if (sq_norms.device.type == "cpu" or validate) and bool((sq_norms < 0).any()):
+            # sqrt of it made the sample's loss_sensitivity NaN for good (a GPU tensor is
+            # checked with validate=True: the check waits for the device)
+            raise ValueError(
+                "CSLTracker.record_input_grad: sq_norms holds a negative value "
+                f"({float(sq_norms.min()):g}); a squared norm is >= 0: pass the squares of "
+                "the per-row input-gradient norms"
+            )
         idx = self._index(index, sq_norms[None], validate)
+        if valid is not None and not isinstance(valid, torch.Tensor):
+            raise TypeError(
+                "CSLTracker.record_input_grad: valid must be a bool [B] tensor, got "
+                f"{type(valid).__name__}; pass torch.as_tensor(valid)"
+            )
         if valid is not None and (valid.dim() != 1 or valid.shape[0] != idx.shape[0]):
             raise ValueError(
                 f"CSLTracker.record_input_grad: valid must be a bool [B = {idx.shape[0]}] "

@@ -221,6 +221,8 @@ def test_dataframe_and_errors():
     assert df.index.name == "index"
     s = csl_fast.scores(t)
     assert as_dataframe(s, ["csl"])["csl"].iloc[3] == pytest.approx(float(s["csl"][3]))
+    # a generator of names was used up by the check, and the frame came back empty
+    assert list(as_dataframe(s, (n for n in ["csl", "aum"])).columns) == ["csl", "aum"]
     with pytest.raises(KeyError, match="unknown"):
         csl_fast.scores(t, ["nope"])
 

@@ -478,6 +478,12 @@ def test_refused_calls_leave_the_tracker_unchanged(backend, history):
         t.record_sequences(index, stats[:3, :, None])
     with pytest.raises(ValueError, match=r"valid must be a bool \[B = 2\]"):
         t.record_input_grad(index, torch.ones(2), torch.ones(3, dtype=torch.bool))
+    # a list raised "'list' object has no attribute 'dim'"; a negative squared norm made
+    # loss_sensitivity NaN for good
+    with pytest.raises(TypeError, match=r"valid must be a bool \[B\] tensor, got list"):
+        t.record_input_grad(index, torch.ones(2), [True, False])
+    with pytest.raises(ValueError, match="sq_norms holds a negative value"):
+        t.record_input_grad(index, torch.tensor([4.0, -1e-8]))
     assert not _unchanged(t, before)
 
 
