@@ -108,6 +108,10 @@ def _check_scale(scale: float | torch.Tensor, fn: str) -> None:
                 f"csl_fast.{fn}: the scale must be a number or a one-element tensor (e.g. "
                 f"(target != ignore_index).sum()), got a tensor of shape {tuple(scale.shape)}"
             )
+        if scale.device.type == "cpu" and not bool(torch.isfinite(scale).all()):
+            # every row was then dropped as non-finite, silently (a GPU scale is not read:
+            # that would wait for the device)
+            raise ValueError(f"csl_fast.{fn}: the scale must be finite, got {scale.item()!r}")
     elif not math.isfinite(scale):
         raise ValueError(f"csl_fast.{fn}: the scale must be a finite number, got {scale!r}")
 

@@ -704,6 +704,13 @@ class CSLTracker(TrackerStatistics):
         """
         from .distributed import sync_epoch
 
+        if isinstance(group, numbers.Number | str):
+            # ignored outside torch.distributed: end_epoch(5) passed silently
+            raise TypeError(
+                f"CSLTracker.end_epoch: group must be a torch.distributed process group or "
+                f"None, got {type(group).__name__} {group!r}; the tracker counts its epochs "
+                "itself (tracker.epoch)"
+            )
         sync_epoch(self, group)  # a no-op returning False when not distributed
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(

@@ -243,3 +243,13 @@ def test_a_model_that_returns_no_tensor_is_told_to_pass_forward(output):
     _, _, batches = _batches()
     with pytest.raises(TypeError, match=f"returned a {output}.*pass forward="):
         csl_fast.score_epoch(Wrapped(), batches, CSLTracker(9, 3))
+
+
+def test_int16_targets_are_refused_by_score_epoch_itself():
+    # they passed its check and the kernel blamed class-probability targets
+    t = csl_fast.CSLTracker(4, 3)
+    batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 0], dtype=torch.int16), torch.arange(4))
+    with pytest.raises(
+        TypeError, match=r"int64, int32 or uint8, as in training\), got torch.int16"
+    ):
+        csl_fast.score_epoch(torch.nn.Linear(2, 3), [batch], t)

@@ -348,3 +348,15 @@ def test_watch_inside_a_compiled_step_records_as_eager():
     torch.compile(step, backend="aot_eager")(compiled, x.clone()).backward()
     for name in ("input_grad_sq_sum", "input_grad_count", "csl_sum", "csl_count"):
         torch.testing.assert_close(compiled.buffers()[name], eager.buffers()[name], msg=name)
+
+
+def test_a_non_finite_tensor_scale_and_an_epoch_number_are_refused():
+    # a NaN tensor scale dropped every row silently (a float NaN was refused); end_epoch(5)
+    # passed, its group ignored outside torch.distributed
+    t = csl_fast.CSLTracker(4, 3)
+    x = torch.randn(4, 2, requires_grad=True)
+    with pytest.raises(ValueError, match="the scale must be finite, got nan"):
+        t.watch(x, torch.arange(4), torch.tensor(float("nan")))
+    with pytest.raises(TypeError, match=r"group must be a torch\.distributed process group"):
+        t.end_epoch(5)
+    assert t.epoch == 0
