@@ -53,6 +53,13 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
     soft = target.is_floating_point()
     if soft:
         return _soft(logits, target, index)
+    if dim >= 2 and target.shape == logits.shape:
+        # one-hot labels: the K-d message named the shape given as the one needed
+        raise ValueError(
+            f"csl_fast.accumulate: target has the logits' shape {tuple(logits.shape)} but "
+            f"integer dtype {target.dtype}: one-hot labels? Pass class indices, "
+            "target.argmax(1), or class probabilities, target.float()"
+        )
     if dim == 1:
         if target.dim() != 0:
             raise ValueError(

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import csl_fast
 
@@ -422,3 +423,15 @@ def test_an_int_index_says_how_to_get_the_dataset_indices_in_every_recorder():
         csl_fast.accumulate_bce(torch.randn(4, 2), torch.rand(4, 2), 3, torch.zeros(8))
     with pytest.raises(TypeError, match=r"int64 \(or int32\) dataset indices, got torch.float32"):
         csl_fast.accumulate_bce(torch.randn(4, 2), torch.rand(4, 2), torch.zeros(4), torch.zeros(8))
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 3, 5)])
+def test_integer_one_hot_targets_are_named(shape):
+    # [N, C, d]: "need a target ... (2, 3, 5), got target of shape (2, 3, 5)"; [B, C]:
+    # "target must be 1-D with B = 4 entries", with no word of the dtype
+    logits = torch.randn(shape)
+    one_hot = F.one_hot(logits.argmax(1), shape[1]).movedim(-1, 1)
+    with pytest.raises(
+        ValueError, match=r"integer dtype torch.int64: one-hot labels\? .*argmax\(1\)"
+    ):
+        csl_fast.accumulate(logits, one_hot, torch.arange(shape[0]), torch.zeros(shape[0]))
