@@ -74,6 +74,12 @@ def score_epoch(
             with a target outside ``[0, C)`` is skipped, as in training.
     """
     unpack = unpack or _default_unpack
+    if not isinstance(model, torch.nn.Module):
+        # (a plain function raised "'function' object has no attribute 'parameters'")
+        raise TypeError(
+            f"csl_fast.score_epoch: model must be a torch.nn.Module (it is put in eval mode "
+            f"for the pass), got {type(model).__name__}; wrap a function in a Module"
+        )
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else tracker.device

@@ -699,8 +699,9 @@ class CSLTracker(TrackerStatistics):
         ``group``, or a ``group`` of one process, closes its epoch alone. Then appends this
         epoch's mean input-gradient norm (once any was recorded) and, with
         ``history=True``, its mean loss to the histories, resets the per-epoch
-        accumulators and advances :attr:`epoch`. Reads nothing on the host when not
-        distributed.
+        accumulators and advances :attr:`epoch`. Not distributed, it reads nothing on the
+        host but, with ``history=True``, one count per epoch (whether any sample was
+        recorded in it).
         """
         from .distributed import sync_epoch
 

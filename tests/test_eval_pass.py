@@ -253,3 +253,10 @@ def test_int16_targets_are_refused_by_score_epoch_itself():
         TypeError, match=r"int64, int32 or uint8, as in training\), got torch.int16"
     ):
         csl_fast.score_epoch(torch.nn.Linear(2, 3), [batch], t)
+
+
+def test_a_plain_function_as_the_model_is_refused_with_a_fix():
+    t = csl_fast.CSLTracker(4, 3)
+    batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module .* got function"):
+        csl_fast.score_epoch(lambda x: torch.zeros(len(x), 3), [batch], t)
