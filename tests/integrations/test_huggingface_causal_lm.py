@@ -293,6 +293,18 @@ def _vlm_scaled():
     )
 
 
+def _fused_refuses(tmp_path, model, data, match: str):
+    """csl_linear_cross_entropy=True refuses to train ``model`` (NotImplementedError
+    matching ``match``); returns the one-step arguments for the logits path after it."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
+    )
+    fused = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
+    with pytest.raises(NotImplementedError, match=match):
+        fused.train()
+    return args
+
+
 @pytest.mark.parametrize(
     "make,setting",
     [(_granite, "logits_scaling=8.0"), (_vlm_scaled, "text_config.logits_scaling=8.0")],
@@ -303,13 +315,8 @@ def test_the_fused_path_refuses_scaled_logits(tmp_path, make, setting):
     undivided logits (loss 6.25 against the model's own 3.74 in the auditor's check).
     Refused, as soft-capping is; the default path is the model's own loss."""
     data = Uneven()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
-    )
     model = make()
-    fused = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
-    with pytest.raises(NotImplementedError, match=f"rescales or soft-caps them .*{setting}"):
-        fused.train()
+    args = _fused_refuses(tmp_path, model, data, f"rescales or soft-caps them .*{setting}")
     if make is _granite:
         model.train()
         batch = {"input_ids": data.ids[:3], "labels": data.labels[:3]}
@@ -338,13 +345,8 @@ def test_the_fused_path_refuses_inputs_its_decoder_would_drop(tmp_path):
     dropped pixel_values and trained on the image tokens' embeddings, silently (loss 3.676
     against the model's own 3.661 in a check). Refused; the default path is the model's."""
     data = WithImages()
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
-    )
     model = _llava()
-    fused = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
-    with pytest.raises(NotImplementedError, match=r"does not take \['pixel_values'\]"):
-        fused.train()
+    args = _fused_refuses(tmp_path, model, data, r"does not take \['pixel_values'\]")
     model.train()
     batch = {k: v[:3] for k, v in vars(data).items()}
     batch = {"input_ids": batch["ids"], "labels": batch["labels"], "pixel_values": batch["pixels"]}
@@ -354,14 +356,7 @@ def test_the_fused_path_refuses_inputs_its_decoder_would_drop(tmp_path):
 
 
 def test_the_fused_path_refuses_an_encoder_decoder_model(tmp_path):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=3, **_QUIET
-    )
-    trainer = CSLTrainer(
-        model=_bart(), args=args, train_dataset=Pairs(3), csl_linear_cross_entropy=True
-    )
-    with pytest.raises(NotImplementedError, match="BartForConditionalGeneration is an encoder-"):
-        trainer.train()
+    _fused_refuses(tmp_path, _bart(), Pairs(3), "BartForConditionalGeneration is an encoder-")
 
 
 @pytest.mark.parametrize("average", [False, True], ids=["per_device", "across_devices"])
