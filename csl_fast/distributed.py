@@ -64,7 +64,9 @@ Combination rules
   the seam may be missed or added. ``sync`` then warns with the number of such samples;
   their ``forgetting`` is off by at most one per rank (checked over every correctness
   sequence of up to 2 + 3 presentations on 2 ranks). A ``sync()`` on every rank between
-  the repeats keeps each window to one presentation per rank, which is exact.
+  the repeats keeps each window to one presentation per rank, which is exact. A tracker of
+  sequences does not count presentations (``csl_count`` counts tokens): a window that one
+  presentation explains is taken as one, and only the others are warned about.
 
 Checkpoints
 -----------
@@ -568,12 +570,19 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
 
     # --- 2. this rank's window: presence, last values, transitions ----------------------
     seen = (bufs["csl_count"] - base("csl_count")) > 0
-    multi = (bufs["csl_count"] - base("csl_count")) > 1
     eval_seen = (bufs["eval_count"] - base("eval_count")) > 0
     s0 = base("last_correct")
     last = bufs["last_correct"]
     d_forget = bufs["forgetting"] - base("forgetting")
     quiet = d_forget == 0
+    if sequences:
+        # csl_count counts a sequence's tokens, not its presentations: a window that one
+        # presentation explains is taken as one (a DistributedSampler never repeats a
+        # sample on one rank within an epoch; read as "several", every padding repeat
+        # of a sequence was warned about)
+        multi = ~((quiet & ~(s0 & ~last)) | ((d_forget == 1) & s0 & ~last))
+    else:
+        multi = (bufs["csl_count"] - base("csl_count")) > 1
     # Correctness at this rank's first presentation in the window: known when it presented
     # the sample once, or when no forgetting event shows that it stayed in one state.
     first_known = ~multi | (s0 & quiet) | (~s0 & quiet & ~last)
