@@ -67,6 +67,12 @@ def merge(
           still the suggestion. Its confidence (hits over the presentations before the
           label was fitted) is approximate: that count is estimated from the pooled
           ``csl_count`` and the merged ``learned_epoch`` and ``epoch``;
+        - ``runs`` is the sum of the inputs' :attr:`~CSLTracker.runs`, and an input that is
+          itself a merge counts as that many runs in the means above and in ``forgetting``,
+          so that merging a new seed into an earlier merge equals merging every seed at
+          once. That holds where each of the merged input's runs presented the sample
+          (seeds over the same data); for runs over different samples (the folds of a
+          cross-validation), merge every run's own tracker in one call;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN;
@@ -135,11 +141,14 @@ def merge(
         if name.endswith(("_sum", "_count")):
             buffers[name] = stack(name).sum(0)
     forgetting = stack("forgetting", torch.int64).sum(0)
+    # a merged input stands for its runs (each taken to have presented its samples): the
+    # merge of a merge and a run equals the merge of all three runs
+    weight = torch.tensor([t.runs for t in runs], device=dev)[:, None]  # [R, 1]
     for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
         seen = stack(count) > 0  # [R, N]
-        runs_seen = seen.sum(0)
+        runs_seen = torch.where(seen, weight, 0).sum(0)
         for name in (prefix + "last_loss", prefix + "last_max_prob"):
-            total = torch.where(seen, stack(name), 0).sum(0)
+            total = torch.where(seen, stack(name) * weight, 0).sum(0)
             buffers[name] = torch.where(runs_seen > 0, total / runs_seen.clamp(min=1), 0)
         correct = stack(prefix + "last_correct", torch.bool)
         all_correct = (runs_seen > 0) & (correct | ~seen).all(0)
@@ -150,7 +159,7 @@ def merge(
             # a run that ended correct, where the merged last state is not, forgot the
             # sample once more: without it a sample one run learned (and never forgot)
             # read as never learned (ever_correct False, the worst forgetting score)
-            ended_correct = (correct & seen).sum(0)
+            ended_correct = torch.where(correct & seen, weight, 0).sum(0)
             forgetting += torch.where(all_correct, 0, ended_correct)
     buffers["forgetting"] = _int32("forgetting", forgetting)
 
@@ -159,12 +168,14 @@ def merge(
     first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
     igfe = min(first) if first else -1
     histories = {
-        "loss_history": _mean_rows([(0, t.loss_history) for t in runs if history], n, dev),
+        "loss_history": _mean_rows([(0, t.runs, t.loss_history) for t in runs if history], n, dev),
         "eval_loss_history": _mean_rows(
-            [(0, t.eval_loss_history) for t in runs if history], n, dev
+            [(0, t.runs, t.eval_loss_history) for t in runs if history], n, dev
         ),
         "input_grad_history": _mean_rows(
-            [(t.input_grad_first_epoch - igfe, t.input_grad_history) for t in runs], n, dev
+            [(t.input_grad_first_epoch - igfe, t.runs, t.input_grad_history) for t in runs],
+            n,
+            dev,
         ),
     }
     state = out.state_dict()
@@ -175,6 +186,7 @@ def merge(
         eval_passes=max(t.eval_passes for t in runs),
         input_grad_first_epoch=igfe,
         sequences=any(t.sequences for t in runs),
+        runs=sum(t.runs for t in runs),
     )
     out.load_state_dict(state)
     return out
@@ -229,17 +241,20 @@ def _int32(name: str, total: torch.Tensor) -> torch.Tensor:
     return total.to(torch.int32)
 
 
-def _mean_rows(hists: list[tuple[int, torch.Tensor]], n: int, dev: torch.device) -> torch.Tensor:
-    """NaN-mean of ``[E_k, N]`` histories whose row 0 is row ``offset_k`` of the result."""
-    hists = [(o, h) for o, h in hists if h.shape[0]]
+def _mean_rows(
+    hists: list[tuple[int, int, torch.Tensor]], n: int, dev: torch.device
+) -> torch.Tensor:
+    """NaN-mean of ``[E_k, N]`` histories whose row 0 is row ``offset_k`` of the result,
+    each weighed by its number of runs."""
+    hists = [(o, w, h) for o, w, h in hists if h.shape[0]]
     if not hists:
         return torch.empty(0, n, dtype=torch.float32, device=dev)
-    rows = max(o + h.shape[0] for o, h in hists)
+    rows = max(o + h.shape[0] for o, _, h in hists)
     total = torch.zeros(rows, n, dtype=torch.float64, device=dev)
     count = torch.zeros(rows, n, dtype=torch.float64, device=dev)
-    for o, h in hists:
+    for o, w, h in hists:
         h = h.to(dev, torch.float64)
         ok = ~torch.isnan(h)
-        total[o : o + h.shape[0]] += torch.where(ok, h, 0)
-        count[o : o + h.shape[0]] += ok
+        total[o : o + h.shape[0]] += torch.where(ok, h * w, 0)
+        count[o : o + h.shape[0]] += ok * w
     return torch.where(count > 0, total / count.clamp(min=1), float("nan")).float()

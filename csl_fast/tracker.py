@@ -263,6 +263,10 @@ class CSLTracker(TrackerStatistics):
         #: the state and the file; a file saved before the flag existed loads as ``False``
         #: (set it by hand for a run of sequences).
         self.sequences = False
+        #: How many training runs this tracker holds: 1, or for a :func:`csl_fast.merge`
+        #: the sum over its inputs, which a later merge weighs it by. Kept in the state and
+        #: the file (absent in files saved before it existed: 1).
+        self.runs = 1
         self._histories: dict[str, list[torch.Tensor]] = {name: [] for name in _HISTORIES}
         self._buffers: dict[str, torch.Tensor] = {}
         for name, kind in self._buffer_kinds().items():
@@ -842,6 +846,7 @@ class CSLTracker(TrackerStatistics):
             f"device={str(self.device)!r}, dtype={self.dtype}, history={self.history}, "
             + (f"num_labels={self.num_labels}, " if self.num_labels is not None else "")
             + ("sequences=True, " if self.sequences else "")
+            + (f"runs={self.runs}, " if self.runs != 1 else "")
             + f"epoch={self.epoch}, eval_passes={self.eval_passes})"
         )
 

@@ -16,7 +16,8 @@ have the same layout and are read too) is::
 The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``num_labels``
 (absent in files written before per-label buffers existed: read as ``None``), ``dtype``,
 ``history``, ``epoch``, ``eval_passes``, ``input_grad_first_epoch``, ``sequences``
-(absent in files written before the flag existed: read as ``False``), ``byteorder`` and
+(absent in files written before the flag existed: read as ``False``), ``runs`` (absent in
+files written before merges counted their runs: read as 1), ``byteorder`` and
 ``tensors``: ``[name, dtype, shape]`` triples with names ``buffers/<name>`` and
 ``histories/<name>``. Nothing in it is executable (no pickle), and the reader checks, in
 this order and before allocating more than the file's own size or touching a tracker: the

@@ -319,6 +319,12 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     sequences = "sequences" in state and _field(
         state, "sequences", lambda v: isinstance(v, bool), "a bool"
     )
+    # (absent in states written before merges counted their runs: one run)
+    runs = (
+        _field(state, "runs", lambda v: _is_int(v) and 1 <= v < 2**31, "an int in [1, 2**31)")
+        if "runs" in state
+        else 1
+    )
     buffers, histories = state.get("buffers"), state.get("histories")
     if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
         raise TrackerStateError("the state lacks its buffers or histories")
@@ -399,6 +405,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         "eval_passes": passes,
         "input_grad_first_epoch": igfe,
         "sequences": sequences,
+        "runs": runs,
         "num_classes": c,
         "version": version,
     }
@@ -446,6 +453,7 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     tracker.eval_passes = checked["eval_passes"]
     tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
     tracker.sequences = checked["sequences"]
+    tracker.runs = checked["runs"]
     if tracker.num_classes is None:
         tracker.num_classes = checked["num_classes"]
     note_loaded(tracker)
@@ -469,6 +477,7 @@ def state_dict(tracker: CSLTracker) -> dict[str, Any]:
         "eval_passes": tracker.eval_passes,
         "input_grad_first_epoch": tracker.input_grad_first_epoch,
         "sequences": tracker.sequences,
+        "runs": tracker.runs,
         "buffers": dict(tracker._buffers),
         "histories": {k: tracker._stack(k, _HISTORY_DTYPE[k]) for k in HISTORIES},
     }

@@ -235,3 +235,53 @@ def test_a_tracker_being_recorded_into_is_merged_between_two_steps():
         th.join(10)
     assert torch.equal(merged[0].csl_sum, t.csl_sum)
     assert torch.equal(merged[0].csl_count, t.csl_count)
+
+
+def _full_run(seed: int, epochs: int = 4) -> CSLTracker:
+    """A float64 run presenting every sample each epoch, with an eval pass per epoch."""
+    g = torch.Generator().manual_seed(seed)
+    t = CSLTracker(N, C, dtype=torch.float64, history=True)
+    for _ in range(epochs):
+        idx = torch.randperm(N, generator=g)
+        target = idx % C
+        logits = torch.randn(N, C, generator=g, dtype=torch.float64) * 2
+        csl_fast.accumulate(logits, target, idx, t)
+        t.record_input_grad(idx, torch.rand(N, generator=g))
+        t.end_epoch()
+        logits = torch.randn(N, C, generator=g, dtype=torch.float64) * 2
+        t.record_eval(idx, csl_fast.reference.row_statistics(logits, target, -100))
+        t.end_eval_pass()
+    return t
+
+
+def test_merging_a_merge_with_more_runs_equals_merging_every_run_at_once(tmp_path):
+    a, b, c, d = (_full_run(seed) for seed in range(4))
+    every = csl_fast.merge([a, b, c, d])
+    ab = csl_fast.merge([a, b])
+    ab.save(tmp_path / "ab.csl")  # the runs count survives the file
+    for nested in (
+        csl_fast.merge([ab, c, d]),
+        csl_fast.merge([tmp_path / "ab.csl", csl_fast.merge([c, d])]),
+    ):
+        assert nested.runs == every.runs == 4
+        for name, buf in every.buffers().items():
+            if name.startswith("suggest_"):  # a majority vote's summaries merge by order
+                continue
+            torch.testing.assert_close(nested.buffers()[name], buf, msg=name, rtol=1e-12, atol=0)
+        for name in ("loss_history", "eval_loss_history", "input_grad_history"):
+            torch.testing.assert_close(getattr(nested, name), getattr(every, name), msg=name)
+    assert ab.runs == 2 and a.runs == 1 and "runs=2" in repr(ab)
+
+
+def test_runs_of_a_state_are_checked_and_default_to_one():
+    state = _run(0).state_dict()
+    del state["runs"]  # a state saved before merges counted their runs
+    t = CSLTracker(N, C, history=True)
+    t.load_state_dict(state)
+    assert t.runs == 1
+    for bad in (0, -1, 2.0, True, 2**31):
+        with pytest.raises(
+            TrackerStateError, match=r"field 'runs' must be an int in \[1, 2\*\*31\)"
+        ):
+            t.load_state_dict({**state, "runs": bad})
+    assert t.runs == 1
