@@ -40,8 +40,8 @@ only scales the stored gradients by the upstream gradient. With ``reduction='non
 upstream gradient is per token and unknown in the forward pass: the forward computes the
 losses only, and the backward recomputes each chunk's logits (one more matmul).
 
-The per-token statistics of every chunk (6 floats per token) are kept and recorded after
-the loop exactly as :func:`csl_fast.accumulate` records them: per row, or summed per
+The per-token statistics of every chunk (``NUM_STATS`` = 7 floats per token) are kept and
+recorded after the loop exactly as :func:`csl_fast.accumulate` records them: per row, or summed per
 sequence (``target`` ``[B, T]``, ``index`` ``[B]``) so that CSL is a sequence's summed
 token loss over training and ``count`` its number of supervised tokens.
 """
@@ -155,7 +155,10 @@ def linear_cross_entropy(
             chunks. Default float32, float64 for float64 ``hidden`` (PyTorch's own bf16
             matmul accumulates all tokens in float32 and rounds once; so does this).
             ``weight.dtype`` saves ``4 V H`` bytes of peak memory at bf16 precision loss
-            growing with the number of chunks.
+            growing with the number of chunks; a float16 one holds ``reduction='sum'``'s
+            unscaled sum (the upstream gradient is not known in the forward), which is
+            inf past 65504 (``'mean'`` adds each chunk scaled by ``1 / n``, as eager
+            PyTorch does).
         backend: fused cross-entropy backend per chunk (``"auto"``: C++ on the CPU,
             Triton then CUDA on a GPU; ``"reference"``: PyTorch).
         deterministic, validate: as in :func:`csl_fast.accumulate`. The gradient
@@ -194,7 +197,9 @@ def linear_cross_entropy(
             "Use csl_fast.accumulate(F.linear(hidden, weight, bias), target, index, csl), "
             "which computes the loss with F.cross_entropy under them"
         )
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+    if not isinstance(hidden, torch.Tensor) or not 2 <= hidden.dim() <= 3:
+        # (a [T, B, 1, H] hidden passed the [B, T] target's count check and credited its
+        # tokens to the wrong sequences)
         raise ValueError(
             "csl_fast.linear_cross_entropy: hidden must be [N, H] or [B, T, H], got "
             f"{tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__}"
@@ -453,7 +458,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         eager_grads = red != 0 and any(need)
         stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
         losses = hidden.new_empty(rows, dtype=out_dtype) if red == 0 else None
-        total = torch.zeros((), dtype=acc if acc == torch.float64 else torch.float32, device=dev)
+        # float64 inputs keep their loss and scaled hidden gradient in float64 whatever acc
+        wide = torch.float64 in (acc, hidden.dtype)
+        total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=dev)
         # The z-loss term alone, per row or summed like the loss (0 when off).
         z_loss = hidden.new_zeros(rows, dtype=out_dtype) if red == 0 else torch.zeros_like(total)
         gh = gw = gb = scale = None
@@ -494,18 +501,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
                         torch.mm(dz, weight, out=gh[start:end])
                     else:
                         gh[start:end] = torch.mm(dz, weight).to(scale.dtype) * scale
+                if scale is not None and acc == torch.float16:
+                    # a float16 accumulator takes the mean's 1/n chunk by chunk, as eager
+                    # PyTorch's gradient does: the unscaled sum overflowed 65504
+                    dz.mul_(scale.to(dz.dtype))
                 if gw is not None:
                     _add_weight_grad(gw, dz, h)
                 if gb is not None:
                     gb += dz.sum(0, dtype=acc)
             del dz
-        if scale is not None:
+        if scale is not None and acc != torch.float16:
             for g in (gw, gb):
                 if g is not None:
                     g.mul_(scale.to(g.dtype) if g.dtype == torch.float64 else scale)
-        ctx.mark_non_differentiable(stats, z_loss)
         ctx.red = red
         if red == 0:
+            ctx.mark_non_differentiable(stats, z_loss)
             ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs, upcast)
             ctx.save_for_backward(hidden, weight, bias, target)
             return losses, stats, z_loss
@@ -513,16 +524,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             n = (target != ignore_index).sum()
             total = total / n.to(total.dtype)
             z_loss = z_loss / n.to(total.dtype)
+        # (marked once final: the division and the cast make new tensors, which were
+        # returned differentiable, holding the step's graph)
+        z_loss = z_loss.to(out_dtype, copy=True)
+        ctx.mark_non_differentiable(stats, z_loss)
         wdt = weight.dtype
-        # .to of an accumulator already in the weight's dtype returns it: while tracing, a
-        # saved tensor made and mutated in place in here must be a tensor of its own.
-        copy = torch.compiler.is_compiling()
-        ctx.save_for_backward(
-            gh,
-            None if gw is None else gw.to(wdt, copy=copy),
-            None if gb is None else gb.to(wdt, copy=copy),
-        )
-        return total.to(out_dtype), stats, z_loss.to(out_dtype)
+        saved_w, ctx.w_scale = _narrowed(gw, wdt)
+        saved_b, ctx.b_scale = _narrowed(gb, wdt)
+        ctx.save_for_backward(gh, saved_w, saved_b)
+        return total.to(out_dtype), stats, z_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_z_loss):
@@ -537,9 +547,40 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return (None, None, None, *nones)
         if ctx.red != 0:
             gh, gw, gb = ctx.saved_tensors
-            out = [None if g is None else g * grad_loss.to(g.dtype) for g in (gh, gw, gb)]
+            out = [
+                None if g is None else g * _factor(grad_loss, g.dtype, s)
+                for g, s in ((gh, None), (gw, ctx.w_scale), (gb, ctx.b_scale))
+            ]
             return (*out, *nones)
         return (*_backward_none(ctx, grad_loss), *nones)
+
+
+def _narrowed(
+    g: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """An accumulated parameter gradient in its parameter's ``dtype``, kept until the
+    backward scales it by the upstream gradient; for float16, divided first by a power of
+    two (returned, a 0-d float32 tensor, else None) that brings its largest entry within
+    range: a summed float16 gradient past 65504 was saved as inf, where eager PyTorch,
+    scaling before it rounds, gives finite gradients after a later division by the count.
+    A new tensor while tracing (``.to`` of one already in ``dtype`` returns it, and a saved
+    tensor made and mutated in place in here must be one of its own)."""
+    if g is None:
+        return None, None
+    if dtype != torch.float16:
+        return g.to(dtype, copy=torch.compiler.is_compiling()), None
+    big = g.abs().amax() if g.numel() else g.new_zeros(())
+    scale = torch.exp2(torch.ceil(torch.log2(big.float() / 2**15)).clamp(min=0))
+    scale = torch.where(scale.isfinite(), scale, 1.0)  # a NaN or inf entry stays itself
+    return (g / scale.to(g.dtype)).to(dtype), scale
+
+
+def _factor(grad_loss: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None):
+    """The 0-d upstream gradient (times a saved gradient's scale) in the precision a
+    ``dtype`` tensor is multiplied in: float32 for 16-bit ones (a 0-d float32 factor keeps
+    the product in ``dtype``, rounded once), so the factor is not rounded to 16 bits."""
+    f = grad_loss.to(torch.promote_types(dtype, torch.float32))
+    return f if scale is None else f * scale.to(f.dtype)
 
 
 def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs, grad=True):

@@ -126,6 +126,52 @@ def test_bf16_no_worse_than_torch(reduction):
         assert_no_worse_than_torch(a, r, e, f"{reduction} {name}")
 
 
+@pytest.mark.parametrize(
+    ("reduction", "accum"),
+    [("sum", None), ("mean", None), ("mean", torch.float16)],
+    ids=["sum", "mean", "mean, float16 accumulator"],
+)
+def test_float16_gradients_summed_past_its_range_stay_finite(reduction, accum):
+    """1,000 tokens whose summed weight gradient passes float16's 65504 before the count
+    divides it: eager PyTorch scales before it rounds and stays finite; so must this (it
+    saved the float16-rounded sum, inf, for the backward to scale; a float16 accumulator
+    summed the mean's chunks before scaling them)."""
+    n, h, v = 1000, 2, 3
+    hidden = torch.full((n, h), 100.0, dtype=torch.float16)
+    target = torch.zeros(n, dtype=torch.int64)
+    ours_p, torch_p = (
+        _leaves(torch.zeros(v, h, dtype=torch.float16), torch.zeros(v, dtype=torch.float16))
+        for _ in range(2)
+    )
+    div = n if reduction == "sum" else 1
+    ours = linear_cross_entropy(
+        hidden, ours_p[0], target, bias=ours_p[1], reduction=reduction, accum_dtype=accum
+    )
+    (ours / div).backward()
+    (_reference(hidden, *torch_p, target, reduction) / div).backward()
+    for a, r in zip(ours_p, torch_p, strict=True):
+        assert a.grad.isfinite().all()
+        torch.testing.assert_close(a.grad, r.grad, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_float64_keeps_float64_with_a_float32_accumulator(reduction):
+    """accum_dtype is the parameter gradients' accumulator: the loss and the hidden
+    gradient of float64 inputs stay float64 (the loss was summed in float32: 2.7e-4 off)."""
+    h, w, b, t = _inputs(b=4, t=200, h=8, v=19, dtype=torch.float64)
+    h = h * 30
+    ours_p, torch_p = _leaves(h, w, b), _leaves(h, w, b)
+    ours = linear_cross_entropy(
+        ours_p[0], ours_p[1], t, bias=ours_p[2], reduction=reduction,
+        accum_dtype=torch.float32, chunk_size=64,
+    )  # fmt: skip
+    theirs = _reference(*torch_p, t, reduction)
+    torch.testing.assert_close(ours, theirs, rtol=1e-13, atol=0)
+    ours.backward()
+    theirs.backward()
+    torch.testing.assert_close(ours_p[0].grad, torch_p[0].grad, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_float64(reduction):
     h, w, b, t = _inputs(b=2, t=5, h=3, v=7, dtype=torch.float64)
@@ -348,6 +394,9 @@ def test_argument_errors_name_linear_cross_entropy():
         ((h, w, t, idx.float(), csl), {}, TypeError, "index must hold int64"),
         ((h, w, t, idx, [0.0] * 10), {}, TypeError, "csl must be a float32/float64 tensor"),
         ((h, w, t, idx, csl), dict(count=torch.zeros(11)), ValueError, "count has 11 entries"),
+        # a [T, B, 1, H] hidden with a [B, T] target passed the count check, its tokens
+        # credited to other sequences
+        ((h.view(4, 2, 1, 5), w, t.view(2, 4), idx[:2], csl), {}, ValueError, "hidden must be"),
     ]
     for args, kwargs, exc, message in cases:
         with pytest.raises(exc, match=rf"^csl_fast\.linear_cross_entropy: {message}"):

@@ -75,6 +75,8 @@ def test_matches_formula(backend, dtype, reduction):
     what = f"{backend} {dtype} {reduction}"
     assert out.loss.shape == exact[0].shape and out.loss.dtype == dtype
     assert_no_worse_than_torch(out.loss.detach(), theirs[0].detach(), exact[0].detach(), what)
+    # detached as documented: it held the step's graph ('mean', or a cast to out's dtype)
+    assert not out.z_loss.requires_grad and out.z_loss.grad_fn is None, what
     assert_no_worse_than_torch(out.z_loss, theirs[1].detach(), exact[1].detach(), f"{what} z")
     torch.testing.assert_close(out.token_accuracy, exact[2].float())
     grads = [
