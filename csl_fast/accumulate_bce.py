@@ -133,9 +133,10 @@ def accumulate_bce(
         csl: ``[N]`` contiguous float32/float64 buffer, or a :class:`csl_fast.CSLTracker`.
         count, wrong: optional ``[N]`` float32/float64/int32/int64 buffers (``count``
             only with a tensor ``csl``: a tracker keeps its own).
-        weight: optional rescaling weight broadcastable to ``[B, L]``, as in PyTorch.
+        weight: optional rescaling weight broadcastable to ``[B, L]``, as in PyTorch
+            (an integer one is taken in the logits' dtype, as PyTorch promotes it).
         pos_weight: optional weight of positive examples broadcastable to ``[B, L]``
-            (usually ``[L]``), as in PyTorch.
+            (usually ``[L]``), as in PyTorch (integer: as ``weight``).
         reduction: ``"mean"`` (over all ``B * L`` entries), ``"sum"`` or ``"none"``
             (the logits' shape).
         label_csl, label_margin, label_prob: optional ``[N, L]`` contiguous
@@ -149,10 +150,12 @@ def accumulate_bce(
             ``torch.are_deterministic_algorithms_enabled()``. The CPU is deterministic.
         validate: check on the host that every index is in ``[0, N)`` and every target
             in ``[0, 1]`` before anything is written; default on CPU tensors with a backend
-            other than ``"cpu"`` (whose kernel checks the indices before writing), never on
-            a GPU (a synchronisation; an index out of range is skipped there, and a target
-            outside ``[0, 1]`` is recorded as given). Targets on the CPU are always
-            checked (one pass over them, no synchronisation).
+            other than ``"cpu"`` (whose kernel checks the indices before writing), and with
+            the ``"reference"`` backend on every device (its PyTorch ops would fault the
+            GPU on a bad index); never on a GPU otherwise (a synchronisation; an index out
+            of range is skipped there, and a target outside ``[0, 1]`` is recorded as
+            given). Targets on the CPU are always checked (one pass over them, no
+            synchronisation).
 
     Returns:
         The loss, as ``F.binary_cross_entropy_with_logits`` returns it (logits dtype).
@@ -171,6 +174,16 @@ def accumulate_bce(
         logits, target, weight, pos_weight = (
             t.float() if isinstance(t, torch.Tensor) and t.dtype in _HALF else t
             for t in (logits, target, weight, pos_weight)
+        )
+    if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+        # integer weights, which F promotes to the logits' dtype: pos_weight =
+        # torch.tensor([3, 1, 5]) was refused (F refuses a bool pos_weight: so does this)
+        weight, pos_weight = (
+            t.to(logits.dtype)
+            if isinstance(t, torch.Tensor)
+            and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+            else t
+            for t in (weight, pos_weight)
         )
     if (
         isinstance(logits, torch.Tensor)

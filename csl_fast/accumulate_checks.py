@@ -303,9 +303,13 @@ def _check_indices(
             if name == "target" and t.is_floating_point()
             else ""
         )
-        raise TypeError(
-            f"csl_fast.{op}: {name} must hold int64 (or int32) indices, got {t.dtype}{hint}"
+        # (accumulate widens uint8 class indices before they get here)
+        kinds = (
+            "int64 (or int32, uint8)"
+            if name == "target" and op == "accumulate"
+            else "int64 (or int32)"
         )
+        raise TypeError(f"csl_fast.{op}: {name} must hold {kinds} indices, got {t.dtype}{hint}")
     if t.dim() != 1 or t.shape[0] != rows:
         if seq is not None:
             raise ValueError(

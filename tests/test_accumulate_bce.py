@@ -122,6 +122,31 @@ def test_weights_no_worse_than_torch(backend, dtype, kind, reduction, soft):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("logits_shape", [(9, 4), (9,)], ids=["[B, L]", "[B]"])
+def test_integer_weights_are_promoted_as_pytorch_promotes_them(backend, dtype, logits_shape):
+    """pos_weight=torch.tensor([3, 1, 5]): F promotes integer weights to the logits'
+    dtype; they were refused as not floating point."""
+    labels = logits_shape[-1] if len(logits_shape) == 2 else 1
+    logits, target = _inputs(9, labels, dtype=dtype)
+    logits, target = logits.view(logits_shape), target.view(logits_shape)
+    weight = torch.arange(1, labels + 1)
+    pos_weight = (torch.arange(labels) % 2).int()
+    for w, pw in ((weight, None), (None, pos_weight), (weight.int(), weight)):
+        w, pw = (t if t is None or len(logits_shape) == 2 else t[0] for t in (w, pw))
+        upstream = _upstream("none", 9, labels, dtype).view(logits_shape)
+        ours = _ours(backend, logits, target, w, pw, "none", upstream)
+        as_float = (None if t is None else t.to(dtype) for t in (w, pw))
+        promoted = _ours(backend, logits, target, *as_float, "none", upstream)
+        theirs = _torch_loss_and_grad(logits, target, w, pw, "none", upstream)
+        for a, b, c in zip(ours, promoted, (*theirs, None), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            if c is not None and dtype != torch.bfloat16:  # (F rounds bf16 otherwise)
+                assert a.dtype == dtype
+                torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_extreme_logits_no_worse_than_torch(backend, dtype):
     # Confident rows, right and wrong: tiny losses and gradients that a naive form cancels.
@@ -409,8 +434,8 @@ _BAD = [
     ("index negative", lambda a: a["index"].__setitem__(0, -1), IndexError, r"index\[0\] = -1"),
     ("weight shape", lambda a: a.update(weight=torch.rand(3)), ValueError, "does not broadcast"),
     (
-        "pos_weight int",
-        lambda a: a.update(pos_weight=torch.ones(4, dtype=torch.long)),
+        "pos_weight complex",  # (an integer one is promoted, as F promotes it)
+        lambda a: a.update(pos_weight=torch.ones(4, dtype=torch.complex64)),
         TypeError,
         "floating",
     ),

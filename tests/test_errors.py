@@ -56,6 +56,12 @@ CASES = [
         r"class probabilities need the logits' shape",
     ),
     (
+        "target int16",  # uint8 is taken too, and the message says so
+        lambda a: a.update(target=a["target"].to(torch.int16)),
+        TypeError,
+        r"target must hold int64 \(or int32, uint8\) indices, got torch.int16",
+    ),
+    (
         "index batch",
         lambda a: a.update(index=a["index"][:2]),
         ValueError,
