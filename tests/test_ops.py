@@ -353,3 +353,37 @@ def test_reference_scatter_is_reproducible_when_deterministic(device):
     assert all(torch.equal(sums[0], s) for s in sums[1:])
     want = torch.zeros(7, dtype=torch.float64).index_add_(0, index.cpu(), stats[0].cpu().double())
     torch.testing.assert_close(sums[0].double(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_runner_up_is_the_first_of_tied_maxima_across_blocks(backend, dtype):
+    """OTHER_ARGMAX is torch.argmax's first index among the classes but y, whatever block
+    of the row (64 classes each in the C++ search) holds it, on either side of y, on the
+    plain and the soft-capped rows."""
+    from csl_fast import ops_extras, reference
+
+    c, spots = 200, [0, 1, 62, 63, 64, 65, 127, 128, 129, 190, 199]
+    rows, targets = [], []
+    for first in spots:
+        for second in (None, *[s for s in spots if s > first][:3]):
+            for y in {0, first, 100, c - 1}:
+                z = torch.linspace(-3, 2, c)[torch.randperm(c)]
+                z[first] = 5.0
+                if second is not None:
+                    z[second] = 5.0
+                rows.append(z)
+                targets.append(y)
+    logits = torch.stack(rows).to(dtype)
+    target = torch.tensor(targets)
+    masked = logits.float().scatter(1, target[:, None], float("-inf"))
+    want = masked.argmax(1).float()
+    _, stats = ops.cross_entropy_fwd(logits, target, None, -100, 0.0, 0, backend)
+    torch.testing.assert_close(stats[Stat.OTHER_ARGMAX], want, rtol=0, atol=0)
+    ref = reference.row_statistics(logits, target, -100)
+    torch.testing.assert_close(ref[Stat.OTHER_ARGMAX], want, rtol=0, atol=0)
+    _, stats, _ = ops_extras.cross_entropy_fwd_extra(
+        logits, target, None, -100, 0.0, 0, 50.0, 0.0, backend
+    )
+    capped = reference.row_statistics(logits, target, -100, softcap=50.0)
+    torch.testing.assert_close(stats[Stat.OTHER_ARGMAX], capped[Stat.OTHER_ARGMAX], rtol=0, atol=0)
