@@ -165,14 +165,21 @@ def score_epoch(
                 "they hold part of this pass"
             )
         raise
-    if not scored and not is_distributed():
-        # Counted, an empty pass made final_loss and in_confidence NaN everywhere (they are
-        # read from the eval buffers once a pass exists). Under torch.distributed a rank
-        # with an empty shard still closes the pass: the ranks' pass counts must agree.
+    # Counted, a pass that scored nothing made final_loss and in_confidence NaN everywhere
+    # (they are read from the eval buffers once a pass exists). Under torch.distributed a
+    # rank with an empty shard still closes the pass: the ranks' pass counts must agree.
+    if not is_distributed() and (
+        not scored or not bool((tracker.eval_count.cpu() != before["eval_count"]).any())
+    ):
+        what = (
+            "the loader yielded no batch"
+            if not scored
+            else "no row of its batches was scored (every target ignore_index, the batches "
+            "empty, or every loss not finite)"
+        )
         warnings.warn(
-            "csl_fast.score_epoch: the loader yielded no batch, so nothing was scored and "
-            "the pass is not counted (tracker.eval_passes stays "
-            f"{tracker.eval_passes})",
+            f"csl_fast.score_epoch: {what}, so the pass is not counted (tracker.eval_passes "
+            f"stays {tracker.eval_passes})",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -207,6 +214,8 @@ def _to(x: Any, device: torch.device) -> Any:
         return x.to(device, non_blocking=True)
     if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple, as collate keeps it
+        return type(x)(*(_to(v, device) for v in x))
     if isinstance(x, tuple | list):
         return type(x)(_to(v, device) for v in x)
     return x

@@ -152,16 +152,24 @@ def record_loss(
         detached = loss.detach()
         with temporarily_clear_interpreter_stack():
             (values, rows), _ = ops.escape_transforms(detached, index)
-            record_loss(
-                values,
-                rows,
-                csl,
-                count=count,
-                backend=backend,
-                deterministic=deterministic,
-                validate=validate,
-            )
+            # (not record_loss again: inside a forward-AD dual_level the stack cleared
+            # above does not end the level, and it recursed until RecursionError)
+            _record_plain(values, rows, csl, count, backend, deterministic, validate)
         return loss
+    _record_plain(loss, index, csl, count, backend, deterministic, validate)
+    return loss
+
+
+def _record_plain(
+    loss: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | CSLTracker,
+    count: torch.Tensor | None,
+    backend: str,
+    deterministic: bool | None,
+    validate: bool | None,
+) -> None:
+    """:func:`record_loss` of tensors outside any transform."""
     fast = _eager_cpu_args(loss, index, csl, count, backend, validate)
     if fast is not None:
         try:
@@ -169,7 +177,7 @@ def record_loss(
         except Exception:
             pass  # nothing was written; the checks below say what is wrong
         else:
-            return loss
+            return
     buffers = _buffers(csl, count)
     _check(loss, index, buffers)
     name = resolve_backend(backend, loss.device)
@@ -185,7 +193,7 @@ def record_loss(
         if torch.compiler.is_compiling():
             values = backward_rerun.recorded_rows(values, math.nan)
         _RECORD_LOSS_OP(values, index, *buffers, *_tracker_state(csl))
-        return loss
+        return
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     stats = loss_stats(loss)
@@ -194,7 +202,7 @@ def record_loss(
         # It may run inside a backward (checkpointed): then every row is invalid.
         stats = backward_rerun.recorded_rows(stats, 0.0)  # (loss_stats' invalid rows)
         _record(stats, index, csl, buffers, deterministic, name)
-        return loss
+        return
     with buffer_lock(buffers[0]):
         _record(stats, index, csl, buffers, deterministic, name)
         written = [b for b in buffers if b is not None]
@@ -202,7 +210,6 @@ def record_loss(
             written += _tracker_written(csl)
         # The kernels write through data pointers; make autograd see it.
         torch._C._increment_version(written)
-    return loss
 
 
 def _eager_cpu_args(loss, index, csl, count, backend, validate) -> tuple | None:

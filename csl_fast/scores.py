@@ -170,7 +170,18 @@ def has_logit_stats(tracker: CSLTracker) -> bool:
 def recorded_names(tracker: CSLTracker) -> list[str]:
     """The names :func:`scores` returns by default: every one-sided score whose source
     ``tracker`` recorded, in :data:`SCORES` order (nothing is computed)."""
-    return [n for n, info in SCORES.items() if not info.two_sided and _has(tracker, info.needs)]
+    return [
+        n
+        for n, info in SCORES.items()
+        if not info.two_sided
+        and (_has(tracker, info.needs) or (n in _EVAL_FIRST and tracker.eval_passes > 0))
+    ]
+
+
+# Read from the last eval pass once the tracker has one, whatever training recorded: a
+# tracker fed by score_epoch alone (a trained model scored) or by record_loss (no logits)
+# left them out of the default set.
+_EVAL_FIRST = ("final_loss", "in_confidence")
 
 
 def _has(tracker: CSLTracker, needs: str) -> bool:

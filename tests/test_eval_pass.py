@@ -219,6 +219,52 @@ def test_an_empty_loader_is_not_counted_as_a_pass():
         torch.testing.assert_close(after[name], before[name])
 
 
+@pytest.mark.parametrize(
+    "batch",
+    [
+        lambda x, y: (x, torch.full_like(y, -100), torch.arange(9)),  # every target ignored
+        lambda x, y: (x[:0], y[:0], torch.arange(0)),  # empty batches
+    ],
+    ids=["all ignored", "empty"],
+)
+def test_a_pass_that_scored_no_row_is_not_counted(batch):
+    """Batches, but no row scored: counted, the pass made final_loss and in_confidence NaN
+    for every sample, as an empty loader did before it was refused."""
+    model = _model()
+    x, y, _ = _batches()
+    tracker = CSLTracker(9, 3)
+    csl_fast.accumulate(model(x), y, torch.arange(9), tracker)
+    before = csl_fast.scores(tracker, ["final_loss", "in_confidence"])
+    with pytest.warns(RuntimeWarning, match="no row of its batches was scored"):
+        csl_fast.score_epoch(model, [batch(x, y)], tracker)
+    assert tracker.eval_passes == 0
+    after = csl_fast.scores(tracker, ["final_loss", "in_confidence"])
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value)
+
+
+def test_a_namedtuple_input_reaches_the_model_as_one():
+    """default_collate keeps a namedtuple of inputs; rebuilt from a generator it raised
+    TypeError before the model ran."""
+    import collections
+
+    pair = collections.namedtuple("Pair", ["image", "extra"])
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, inp):
+            return self.fc(inp.image + inp.extra)
+
+    x, y, batches = _batches()
+    tracker = CSLTracker(9, 3)
+    loader = [(pair(x[i], -x[i] * 0.5), y[i], i) for _, _, i in batches]
+    csl_fast.score_epoch(Net(), loader, tracker)
+    assert tracker.eval_passes == 1 and tracker.eval_count.tolist() == [1.0] * 9
+
+
 def test_a_sequence_models_token_logits_get_their_own_message():
     class Tokens(torch.nn.Module):
         def forward(self, x):

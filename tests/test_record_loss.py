@@ -377,3 +377,18 @@ def test_records_under_vmap_and_grad_as_outside_them():
     vmap(lambda xi: csl_fast.record_loss((xi**2).sum()[None], torch.tensor([6]), csl))(x)
     torch.testing.assert_close(csl[6], (x**2).sum())
     assert int((csl != 0).sum()) == 1
+
+
+def test_records_the_primal_values_under_forward_mode_ad():
+    """Inside a dual_level the transform branch called record_loss again, which took the
+    same branch (the level outlives the cleared interpreter stack): RecursionError."""
+    import torch.autograd.forward_ad as fwAD
+
+    csl = torch.zeros(4)
+    with fwAD.dual_level():
+        x = fwAD.make_dual(torch.tensor([1.0, 2.0, 3.0]), torch.ones(3))
+        loss = csl_fast.record_loss(x**2, torch.tensor([0, 1, 1]), csl)
+        tangent = fwAD.unpack_dual(loss).tangent
+        csl_fast.record_loss(torch.ones(2), torch.tensor([2, 3]), csl)  # no tangent at all
+    torch.testing.assert_close(csl, torch.tensor([1.0, 13.0, 1.0, 1.0]))
+    torch.testing.assert_close(tangent, torch.tensor([2.0, 4.0, 6.0]))

@@ -52,6 +52,23 @@ def test_default_names_follow_what_was_recorded():
     }  # fmt: skip
 
 
+def test_scores_an_eval_pass_gives_are_listed_whatever_training_recorded():
+    """final_loss and in_confidence are read from the last eval pass once one exists: a
+    tracker fed only by score_epoch (a trained model scored) listed only eval_csl, and one
+    fed by record_loss left in_confidence out."""
+    y, idx = torch.zeros(4, dtype=torch.long), torch.arange(4)
+    logits = torch.tensor([GOOD, BAD, GOOD, BAD])
+    scored = csl_fast.CSLTracker(4, 3)
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, idx)], scored)
+    assert list(csl_fast.scores(scored)) == ["eval_csl", "final_loss", "in_confidence"]
+    losses = csl_fast.CSLTracker(4, 3)
+    csl_fast.record_loss(torch.rand(4), idx, losses)
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, idx)], losses)
+    got = csl_fast.scores(losses)
+    assert list(got) == ["csl", "csl_mean", "eval_csl", "final_loss", "in_confidence"]
+    assert all(bool(v.isfinite().all()) for v in got.values())
+
+
 def test_input_gradient_calls_that_recorded_nothing_list_no_input_gradient_score():
     """record_input_grad marks its first epoch on any call (no host sync per step); a
     call whose rows were all invalid or non-finite recorded nothing, so the default names
