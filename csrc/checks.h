@@ -191,8 +191,12 @@ inline int64_t check_vote_args(const at::Tensor& stats, const at::Tensor& index,
 // record_last, record_input_grad: every index in [0, n), checked before anything is written.
 inline void check_index_range(const char* op, const int64_t* index, int64_t B, int64_t n) {
   for (int64_t i = 0; i < B; ++i) {
+    // (a tracker's first check in accumulate: without the hint, a CSLCallback sized to a
+    // Subset named only this op, which the user never called)
     TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast.", op, ": index[", i, "] = ",
-                      index[i], " is outside [0, N = ", n, ")");
+                      index[i], " is outside [0, N = ", n, ") where N is the tracker's ",
+                      "num_samples; pass dataset indices (csl_fast.data.IndexedDataset) and a ",
+                      "tracker of the whole indexed dataset (num_samples=len(dataset))");
   }
 }
 

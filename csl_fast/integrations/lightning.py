@@ -25,7 +25,10 @@ syncs at the end of training, and keeps the tracker in Lightning checkpoints (gl
 it syncs before saving; restored on every rank and marked synced on resume; a checkpoint
 saved at an epoch's last batch resumes with that epoch closed). Lightning
 puts the ``DistributedSampler`` in itself; wrap the training set in
-:class:`csl_fast.data.IndexedDataset` so batches carry dataset indices.
+:class:`csl_fast.data.IndexedDataset` so batches carry dataset indices. Validation, test
+and predict loops (and the sanity check) compute their loss without the tracker: the
+callback raises ``RuntimeError`` at the end of a loop that recorded into it (its batches
+would count as training presentations of the samples at their indices).
 """
 
 from __future__ import annotations
@@ -126,7 +129,11 @@ class CSLCallback(Callback):
         # setup ran in this process: False here in the launching process of a spawn or
         # fork launcher, whose callback is a copy the training never touches
         self._set_up_here = False
-        self._read_back = False
+        # (mtime, size, inode) of the save_path file last read back: a later fit with
+        # this callback writes a newer one
+        self._read_back: tuple[int, int, int] | None = None
+        # the training buffers' version counters when an eval loop started
+        self._versions_at_eval: tuple[int, int] | None = None
 
     @property
     def tracker(self) -> CSLTracker | None:
@@ -136,16 +143,19 @@ class CSLCallback(Callback):
         ``"ddp_fork"``) train in other processes, so this process's callback never sees
         their tracker: with ``save_path``, reading ``tracker`` here after ``fit`` loads the
         file rank 0 wrote at the end of training (a file older than this callback is not
-        taken), also in place of a ``tracker=`` passed in, which those processes trained a
-        copy of; without it, the tracker stays None (or the one passed in, untouched) here."""
-        if not (self._set_up_here or self._read_back) and self.save_path is not None:
+        taken; after another ``fit`` with this callback, the newer file), also in place of
+        a ``tracker=`` passed in, which those processes trained a copy of; without it, the
+        tracker stays None (or the one passed in, untouched) here."""
+        if not self._set_up_here and self.save_path is not None:
             try:
-                fresh = os.path.getmtime(self.save_path) >= self._made_at
+                st = os.stat(self.save_path)
             except OSError:
-                fresh = False
-            if fresh:
-                self._tracker = CSLTracker.from_file(self.save_path)
-                self._read_back = True
+                st = None
+            if st is not None and st.st_mtime >= self._made_at:
+                seen = (st.st_mtime_ns, st.st_size, st.st_ino)
+                if seen != self._read_back:
+                    self._tracker = CSLTracker.from_file(self.save_path)
+                    self._read_back = seen
         return self._tracker
 
     @tracker.setter
@@ -216,6 +226,44 @@ class CSLCallback(Callback):
         self._warn_input_grad_scale(trainer)
         self._tracker.end_epoch()  # combines the ranks under torch.distributed
         self._epochs_closed = trainer.current_epoch + 1
+
+    # An eval loop (the sanity check is one) must not record into the training buffers: a
+    # validation_step that reuses the training step's accumulate(..., self.csl_tracker)
+    # added every validation batch to the CSL of the training samples at those indices.
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._note_versions()
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._note_versions()
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._note_versions()
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_eval_records("validation (or the sanity check before training)")
+
+    def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_eval_records("test")
+
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._refuse_eval_records("predict")
+
+    def _note_versions(self) -> None:
+        t = self._tracker
+        self._versions_at_eval = None if t is None else (t.csl_sum._version, t.csl_count._version)
+
+    def _refuse_eval_records(self, loop: str) -> None:
+        before, self._versions_at_eval = self._versions_at_eval, None
+        t = self._tracker
+        if before is None or t is None or before == (t.csl_sum._version, t.csl_count._version):
+            return
+        raise RuntimeError(
+            f"CSLCallback: the {loop} loop recorded into pl_module.{self.attr}, the training "
+            "tracker: its batches were added to the CSL of the training samples at their "
+            "indices. Compute the loss there with F.cross_entropy (or score the training set "
+            "with csl_fast.score_epoch, which fills the tracker's eval buffers), not "
+            f"csl_fast.accumulate(..., self.{self.attr})"
+        )
 
     def _warn_input_grad_scale(self, trainer: Trainer) -> None:
         # Lightning divides the loss by accumulate_grad_batches and, in 16-bit mixed

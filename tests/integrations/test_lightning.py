@@ -207,6 +207,42 @@ def test_after_a_fit_in_other_processes_the_tracker_is_read_from_save_path(tmp_p
     assert cb.tracker is not None and cb.tracker.epoch == 1
     assert torch.equal(cb.tracker.csl_sum, written.csl_sum)
     assert CSLCallback(N, C).tracker is None  # no save_path: nothing to read
+    # another fit with this callback writes a newer file: read again (it kept the first)
+    written.end_epoch()
+    written.save(path)
+    assert cb.tracker.epoch == 2
+
+
+class SharedSteps(Tiny):
+    """A validation_step (or test_step) that reuses the training step's code."""
+
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("loop", ["sanity check", "test"])
+def test_an_eval_loop_recording_into_the_training_tracker_is_refused(tmp_path, loop):
+    """The sanity check and every validation loop added their batches to the training
+    samples' CSL at those indices, without a word."""
+    cb = CSLCallback(N, C)
+    model = SharedSteps()
+    if loop == "sanity check":
+        trainer = _trainer(1, cb, tmp_path, num_sanity_val_steps=1)
+        with pytest.raises(RuntimeError, match=r"validation \(or the sanity check.*recorded into"):
+            trainer.fit(model, _loader(), _loader())
+        assert trainer.global_step == 0  # stopped before training
+    else:
+        trainer = _trainer(1, cb, tmp_path)
+        trainer.fit(model, _loader())
+        with pytest.raises(RuntimeError, match=r"the test loop recorded into pl_module"):
+            trainer.test(model, _loader())
+    # a validation loop that does not record passes
+    clean = CSLCallback(N, C)
+    _trainer(1, clean, tmp_path, num_sanity_val_steps=1).fit(Tiny(), _loader(), _loader())
+    assert clean.tracker.csl_count.tolist() == [1.0] * N
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])
