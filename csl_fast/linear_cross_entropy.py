@@ -620,7 +620,9 @@ def _backward_none(ctx, grad_loss):
             z = z.float()
         _, dz, _, _ = _chunk_fwd(z, target[start:end], ignore_index, label_smoothing, name, cap, zs)
         del z
-        dz.mul_(grad_loss[start:end, None].to(dz.dtype))
+        # an ignored token keeps its stored row, whatever its upstream gradient (a NaN
+        # there made every parameter gradient NaN; F never reads it: ops._per_row)
+        dz.mul_(ops._per_row(grad_loss[start:end], 0, target[start:end], ignore_index).to(dz.dtype))
         if upcast:
             dz = dz.to(hidden.dtype)
         if gh is not None:

@@ -361,7 +361,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.used = False
-        ctx.save_for_backward(logits, target if ctx.denom is not None else None)
+        ctx.save_for_backward(logits, target)
         ctx.ignore_index = ignore_index
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -381,7 +381,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
         grad, target = ctx.saved_tensors
         if grad.dtype in _LOW_PRECISION:
             if ctx.denom is None:
-                scale = _per_row(grad_loss.float(), ctx.reduction)
+                scale = _per_row(grad_loss.float(), ctx.reduction, target, ctx.ignore_index)
             else:
                 # The kernel's rows are unscaled ('none'). D = 0 (every row ignored, or class
                 # weight 0 at every valid row's target) makes 1 / D NaN, which must not reach
@@ -391,7 +391,7 @@ class _InplaceCrossEntropy(torch.autograd.Function):
                 scale = torch.where(active, torch.div(grad_loss, ctx.denom), 1.0)[:, None]
             _scale_once(grad, scale, out=grad)
         else:
-            grad.mul_(_per_row(grad_loss, ctx.reduction))
+            grad.mul_(_per_row(grad_loss, ctx.reduction, target, ctx.ignore_index))
         return grad.detach(), None, None, None, None, None, None
 
 
@@ -570,8 +570,8 @@ def _setup_cross_entropy(ctx, inputs, output):
     # Without this, autograd would allocate and zero a logits-sized gradient for the
     # unused `grad` output: an extra buffer and a full extra write of the logits.
     ctx.set_materialize_grads(False)
-    ctx.reduction = inputs[5]
-    ctx.save_for_backward(output[1])
+    ctx.reduction, ctx.ignore_index = inputs[5], inputs[3]
+    ctx.save_for_backward(output[1], inputs[1])
 
 
 def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
@@ -580,8 +580,9 @@ def _backward_cross_entropy(ctx, grad_loss, _grad_grad, _grad_stats):
     _refuse_double_backward()
     if grad_loss is None:  # the loss took no part in what is differentiated
         return None, None, None, None, None, None
-    (grad,) = ctx.saved_tensors
-    return grad * _per_row(grad_loss, ctx.reduction), None, None, None, None, None
+    grad, target = ctx.saved_tensors
+    factor = _per_row(grad_loss, ctx.reduction, target, ctx.ignore_index)
+    return grad * factor, None, None, None, None, None
 
 
 def _refuse_double_backward() -> None:
@@ -594,9 +595,17 @@ def _refuse_double_backward() -> None:
         )
 
 
-def _per_row(grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
-    """The upstream gradient, broadcast over each row's classes for reduction='none'."""
-    return grad_loss[:, None] if reduction == 0 else grad_loss
+def _per_row(
+    grad_loss: torch.Tensor, reduction: int, target: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """The ``[B, 1]`` factor of each row's stored gradient: the upstream gradient, and 1 at
+    an ignored row, which keeps its stored value (0, or NaN where its logits are not
+    finite), as ``F.cross_entropy``'s backward never reads that row's upstream gradient: a
+    NaN there (``torch.where(n > 0, loss / n, 0)`` over a padding row with ``n = 0``) made
+    the row's gradient NaN, and the parameters after it."""
+    rows = grad_loss if reduction == 0 else grad_loss.expand(target.shape[0])
+    # (int64: an int32 target compared with an ignore_index past int32 would wrap onto it)
+    return torch.where(target.long() != ignore_index, rows, 1)[:, None]
 
 
 if _C is not None:

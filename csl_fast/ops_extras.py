@@ -117,16 +117,17 @@ class _ExtraCrossEntropy(torch.autograd.Function):
         if grad is None:
             ctx.save_for_backward(logits, target, weight, stats, denom)
         else:
-            ctx.save_for_backward(grad)
+            ctx.save_for_backward(grad, target)
 
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         _refuse_double_backward()
         if grad_loss is None:
             return (None,) * 9
-        if len(ctx.saved_tensors) == 1:
-            (grad,) = ctx.saved_tensors
-            return (grad * _per_row(grad_loss, ctx.reduction), *(None,) * 8)
+        if len(ctx.saved_tensors) == 2:
+            grad, target = ctx.saved_tensors
+            factor = _per_row(grad_loss, ctx.reduction, target, ctx.ignore_index)
+            return (grad * factor, *(None,) * 8)
         logits, target, weight, stats, denom = ctx.saved_tensors
         scale = grad_loss.float()
         scale = scale if denom is None else scale / denom

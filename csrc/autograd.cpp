@@ -5,6 +5,8 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/where.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -38,8 +40,9 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     auto [loss, grad, stats] = call_fwd(logits, target, weight, ignore_index, smoothing, reduction);
     // No zero-filled logits-sized gradient for the unused `grad` output.
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({grad});
+    ctx->save_for_backward({grad, target});
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({grad, stats});
     return {loss, grad, stats};
   }
@@ -53,9 +56,17 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     const at::Tensor& upstream = grad_outputs[0];
     variable_list out(6);
     if (!upstream.defined()) return out;  // the loss took no part in what is differentiated
-    const at::Tensor grad = ctx->get_saved_variables()[0];
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& grad = saved[0];
+    const at::Tensor& target = saved[1];
     const bool per_row = ctx->saved_data["reduction"].toInt() == kNone;
-    out[0] = grad * (per_row ? upstream.unsqueeze(1) : upstream);
+    // An ignored row keeps its stored value (0, or NaN where its logits are not finite):
+    // F.cross_entropy never reads its upstream gradient, whose NaN (a per-sequence mean
+    // over a padding row, 0 / 0) made the row NaN (csl_fast/ops.py: _per_row).
+    const at::Tensor rows = per_row ? upstream : upstream.expand({target.size(0)});
+    // (int64: an int32 target compared with an ignore_index past int32 would wrap onto it)
+    const at::Tensor active = target.to(at::kLong).ne(ctx->saved_data["ignore_index"].toInt());
+    out[0] = grad * at::where(active, rows, at::ones({}, rows.options())).unsqueeze(1);
     return out;
   }
 };

@@ -172,6 +172,22 @@ def test_float64_keeps_float64_with_a_float32_accumulator(reduction):
     torch.testing.assert_close(ours_p[0].grad, torch_p[0].grad, rtol=1e-12, atol=1e-15)
 
 
+def test_an_ignored_tokens_upstream_gradient_is_never_read():
+    """A per-sequence mean of the 'none' losses over a padding sequence (0 / 0) sends NaN
+    to its ignored tokens; F never reads them, and every parameter gradient was NaN."""
+    h, w, b, t = _inputs(b=3, t=5)
+    t[2] = -100  # a padding sequence
+    ours_p, torch_p = _leaves(h, w, b), _leaves(h, w, b)
+    ours = linear_cross_entropy(ours_p[0], ours_p[1], t, bias=ours_p[2], reduction="none")
+    theirs = _reference(*torch_p, t, "none")
+    for loss in (ours, theirs):
+        n = (t != -100).sum(1, keepdim=True)
+        (loss.sum(1, keepdim=True) / n).sum().backward()  # 0 / 0 for the padding sequence
+    for a, r in zip(ours_p, torch_p, strict=True):
+        assert a.grad.isfinite().all()
+        torch.testing.assert_close(a.grad, r.grad)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_gradcheck_float64(reduction):
     h, w, b, t = _inputs(b=2, t=5, h=3, v=7, dtype=torch.float64)

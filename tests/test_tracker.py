@@ -893,3 +893,14 @@ def test_a_tracker_sent_to_another_process_is_a_copy_there():
     # a plain pickle round trip is unchanged
     back = pickle.loads(pickle.dumps(t))
     assert torch.equal(back.csl_sum, t.csl_sum) and back.epoch == t.epoch
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_an_index_past_the_tracker_names_num_samples(backend):
+    """A tracker sized to a Subset (CSLCallback(num_samples=len(subset))): the C++ path's
+    first check is the tracker's, which named only record_last, an op the user never
+    called."""
+    t = CSLTracker(5, 3, backend=backend)
+    with pytest.raises(IndexError, match=r"index\[1\] = 7 is outside \[0, N = 5\).*Indexed"):
+        csl_fast.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 7]), t)
+    assert t.csl_count.sum() == 0
