@@ -349,7 +349,9 @@ def _ce_fwd_kernel(
         grad_y = -a_coef * other_p + b_coef * (w_sum * p_y - w_y)
     else:
         objective = a_coef * loss
-        grad_y = -a_coef * other_p
+        # + 0 * w_y: NaN for an infinite class weight at y, as F.cross_entropy's
+        # -w_y + p_y w_y and the C++ kernel's smoothing term (it was -inf)
+        grad_y = -a_coef * other_p + 0.0 * w_y
     if HAS_ZLOSS:
         # z-loss zs * lse^2, lse = m + log s; d/dz_j = 2 zs lse p_j (added below).
         lse = m + log_s
