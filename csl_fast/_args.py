@@ -71,14 +71,34 @@ def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     return out
 
 
+class Rate(Fraction):
+    """A :func:`rate`: the number as written, and ``tol``, the relative error of writing
+    it in its own precision (a float32 ``k / N`` falls ~1e-8 short of it, a float64 one
+    ~1e-16)."""
+
+    tol: float = 1e-9
+
+
+def seed(fn: str, value: Any, offset: int = 0) -> int:
+    """A seed for ``torch.Generator.manual_seed``, which takes ``[-2**63, 2**64)``, checked
+    with the largest ``offset`` the caller adds to it (``seed + epoch``): past the range,
+    torch's "Overflow when unpacking long long" named neither the function nor the seed,
+    and ``CurvatureAccumulator`` raised it only after the first epoch of training."""
+    out = integer(fn, "seed", value)
+    if not -(2**63) <= out <= 2**64 - 1 - offset:
+        plus = f" (it adds up to {offset} to it)" if offset else ""
+        raise ValueError(f"{fn}: seed must be in [-2**63, 2**64 - {1 + offset}]{plus}, got {out}")
+    return out
+
+
 def share(p: Fraction, n: int) -> int:
-    """``floor(p * n)`` for a :func:`rate` ``p``, a product within a relative 1e-9 below an
+    """``floor(p * n)`` for a :func:`rate` ``p``, a product within its precision below an
     integer read as that integer: ``k / N`` reaches :func:`rate` as its float's shortest
     decimal (``1 / 3`` as ``0.3333333333333333``), whose product with ``N`` falls just
-    short of ``k`` (99 samples for a third of 300)."""
+    short of ``k`` (99 samples for a third of 300; a float32 ``5 / 12`` of 12 gave 4)."""
     product = p * n
     up = math.ceil(product)
-    return up if up - product <= 1e-9 * up else math.floor(product)
+    return up if up - product <= getattr(p, "tol", 1e-9) * up else math.floor(product)
 
 
 def rate(fn: str, name: str, value: Any) -> Fraction:
@@ -95,5 +115,8 @@ def rate(fn: str, name: str, value: Any) -> Fraction:
     if not 0 <= v <= 1:  # NaN too
         raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}")
     if isinstance(v, np.floating):
-        return Fraction(np.format_float_positional(v, unique=True, trim="0"))
-    return Fraction(repr(float(v)))
+        out = Rate(np.format_float_positional(v, unique=True, trim="0"))
+        # a few units of the last place: the shortest decimal is within half of one
+        out.tol = max(1e-9, 4 * float(np.finfo(v.dtype).eps))
+        return out
+    return Rate(repr(float(v)))

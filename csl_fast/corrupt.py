@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._args import integer, rate, share
+from ._args import seed as seed_arg
 
 __all__ = ["duplicate_pairs", "flip_labels"]
 
@@ -95,7 +96,7 @@ def flip_labels(
     """
     # the fraction as written, not its binary float: int(0.29 * 100) is 28
     p = rate("csl_fast.corrupt.flip_labels", "fraction", fraction)
-    seed = integer("csl_fast.corrupt.flip_labels", "seed", seed)
+    seed = seed_arg("csl_fast.corrupt.flip_labels", seed)
     y, c = _labels(labels, num_classes)
     n = y.numel()
     k = share(p, n)
@@ -135,7 +136,7 @@ def duplicate_pairs(
     """
     fn = "csl_fast.corrupt.duplicate_pairs"
     num_pairs = integer(fn, "num_pairs", num_pairs)
-    seed = integer(fn, "seed", seed)
+    seed = seed_arg(fn, seed)
     inputs = _tensor("inputs", inputs, "[N, ...]")
     n = _tensor("labels", labels, "[N]").numel()
     if inputs.shape[0] != n:

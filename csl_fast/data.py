@@ -9,6 +9,9 @@ from torch.utils.data import Dataset, IterableDataset
 
 from ._args import integer
 
+# The wrapper's own attributes; every other one is the base dataset's.
+_OWN = ("dataset", "index_key", "_len")
+
 
 class IndexedDataset(Dataset):
     """Wrap a map-style dataset so that every sample also carries its dataset index.
@@ -26,7 +29,9 @@ class IndexedDataset(Dataset):
     *training set you track*, with ``N = len(IndexedDataset(base))``.
 
     Attribute access not found on the wrapper is forwarded to ``base`` (``.targets``,
-    ``.classes``, ...).
+    ``.classes``, ...), and so is setting an attribute (``ds.targets = noisy`` or
+    ``ds.transform = augment`` changes what ``base`` returns), but for the wrapper's own
+    ``dataset`` and ``index_key``.
 
     Raises:
         TypeError: ``base`` is an ``IterableDataset`` or has no ``__len__`` (a tracker needs
@@ -82,9 +87,17 @@ class IndexedDataset(Dataset):
     def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails; guard the attributes set in __init__ so
         # unpickling (DataLoader workers with spawn) does not recurse.
-        if name in ("dataset", "index_key", "_len") or name.startswith("__"):
+        if name in _OWN or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Set on the wrapper, ds.targets = noisy read back noisy while ds[i] kept the
+        # base's labels: training ran on the clean ones.
+        if name in _OWN or name.startswith("__"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.dataset, name, value)
 
     def __repr__(self) -> str:
         return f"IndexedDataset({self.dataset!r}, index_key={self.index_key!r})"

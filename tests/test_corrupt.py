@@ -131,6 +131,28 @@ def test_a_fraction_of_any_precision_counts_as_written(fraction):
     assert int(mask.sum()) == 29
 
 
+def test_k_over_n_in_float32_flips_k_samples():
+    """A float32 k / N falls ~1e-8 short of it (a rate measured as mask.float().mean()):
+    5 / 12 of 12 gave 4 flips, as 35,555 k / N with N < 400 gave k - 1."""
+    for n in range(1, 80):
+        for k in range(n + 1):
+            for fraction in (np.float32(k / n), torch.tensor(k / n)):
+                _, mask = corrupt.flip_labels(
+                    torch.zeros(n, dtype=torch.long), fraction, num_classes=2
+                )
+                assert int(mask.sum()) == k, (k, n, fraction)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_past_the_generators_range_is_named(seed):
+    # torch's "Overflow when unpacking long long" named neither the function nor the seed
+    y = torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"flip_labels: seed must be in \[-2\*\*63, 2\*\*64"):
+        corrupt.flip_labels(y, 0.2, num_classes=2, seed=seed)
+    with pytest.raises(ValueError, match=r"duplicate_pairs: seed must be in"):
+        corrupt.duplicate_pairs(torch.randn(10, 2), torch.arange(10) % 3, 2, seed=seed)
+
+
 def test_counts_and_rates_that_are_not_numbers_are_refused():
     x, y = torch.randn(10, 2), torch.randint(0, 3, (10,))
     # True is an int in Python: it flipped every label

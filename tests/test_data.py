@@ -77,6 +77,12 @@ def test_forwards_attributes_and_pickles():
         ds.nothing_here  # noqa: B018
     clone = pickle.loads(pickle.dumps(ds))
     assert clone[2][-1] == 2 and len(clone) == 4
+    # a write reaches the base too: ds.classes = ... on the wrapper alone left the base's
+    # samples as they were (ds.targets = noisy read back noisy, ds[i] kept the clean labels)
+    ds.classes = ["x", "y", "z"]
+    assert ds.dataset.classes == ["x", "y", "z"] and "classes" not in vars(ds)
+    ds.index_key = "idx"  # the wrapper's own
+    assert ds.index_key == "idx" and not hasattr(ds.dataset, "index_key")
 
 
 def test_clear_errors():

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._args import integer
+from .._args import seed as seed_arg
 from ..model_modes import eval_mode
 from ._checks import check_finite, check_xy
 
@@ -50,7 +51,7 @@ def _options(fn: str, h: Any, n: Any, batch_size: Any, seed: Any) -> tuple[float
         float(h),
         integer(fn, "n", n, low=1),
         integer(fn, "batch_size", batch_size, low=1),
-        integer(fn, "seed", seed),
+        seed_arg(fn, seed),
     )
 
 
@@ -206,7 +207,9 @@ class CurvatureAccumulator:
     def __call__(self, epoch: int, model: nn.Module) -> None:
         if self.epochs is not None and epoch not in self.epochs:
             return
-        self.update(model, seed=self.seed + epoch)
+        # wrapped into manual_seed's range: a seed near 2**64 overflowed there, after the
+        # first epoch of training (torch reads a negative seed as its two's complement)
+        self.update(model, seed=(self.seed + epoch) % 2**64)
 
     def update(self, model: nn.Module, seed: int | None = None) -> None:
         """Measure once at the model's current weights and add to the average."""

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .._args import integer, rate, share
+from .._args import seed as seed_arg
 from ..train import predict, train
 from ._checks import check_finite, check_xy, train_options
 
@@ -70,7 +71,7 @@ def stability_memorization(
         progress: a tqdm bar over the models.
     """
     m = integer("stability_memorization", "m", m, low=1)
-    seed = integer("stability_memorization", "seed", seed)
+    seed = seed_arg("stability_memorization", seed, offset=m - 1)  # model j: seed + j
     # the fraction as written, not its binary float (int(0.7 * 90) is 62), as corrupt reads it
     try:
         fraction = rate("stability_memorization", "subset_fraction", subset_fraction)

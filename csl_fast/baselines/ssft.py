@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._args import integer
+from .._args import seed as seed_arg
 from ..train import predict, train
 from ._checks import PROGRESS, check_finite, check_xy, train_options
 
@@ -70,7 +71,7 @@ def ssft(
     e2 = integer("ssft", "second_epochs" if second_epochs is not None else "epochs", e2)
     if e2 < 1:  # the score is a mean over the second phase's epochs: 0/0 = NaN for all
         raise ValueError(f"ssft: the second phase needs at least 1 epoch, got {e2}")
-    seed = integer("ssft", "seed", seed)
+    seed = seed_arg("ssft", seed, offset=21)  # (seed + 20 + side)
     if x.shape[0] < 2:
         raise ValueError(f"ssft: needs at least 2 samples (two halves), got {x.shape[0]}")
     n = x.shape[0]

@@ -68,6 +68,19 @@ def test_accumulator_averages_over_chosen_epochs():
     torch.testing.assert_close(acc.value, (a + b) / 2)
 
 
+def test_a_seed_near_the_generators_end_wraps_over_the_epochs():
+    """seed + epoch past 2**64 - 1 raised torch's overflow after the first training epoch;
+    it wraps to the start of manual_seed's range, and a seed outside it is named."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4)
+    x, y = torch.randn(9, 3), torch.randint(0, 4, (9,))
+    acc = CurvatureAccumulator(x, y, epochs=[1], n=3, seed=2**64 - 1)
+    acc(1, model)
+    torch.testing.assert_close(acc.value, input_curvature(model, x, y, n=3, seed=0))
+    with pytest.raises(ValueError, match=r"input_curvature: seed must be in \[-2\*\*63"):
+        input_curvature(model, x, y, seed=2**64)
+
+
 def test_refuses_a_zero_step_and_an_empty_batch():
     model, x, y = nn.Linear(2, 2), torch.randn(4, 2), torch.tensor([0, 1, 0, 1])
     with pytest.raises(ValueError, match="h must be a finite step > 0"):  # all 0 before
