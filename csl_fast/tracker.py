@@ -206,7 +206,9 @@ class CSLTracker(TrackerStatistics):
             raise ValueError(f"CSLTracker: num_samples must be an int >= 0, got {num_samples!r}")
         num_samples = int(num_samples)
         if num_classes is not None and (
-            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+            isinstance(num_classes, bool)
+            or not isinstance(num_classes, numbers.Integral)
+            or num_classes < 1
         ):
             raise ValueError(
                 f"CSLTracker: num_classes must be None or an int >= 1, got {num_classes!r}"
@@ -214,7 +216,9 @@ class CSLTracker(TrackerStatistics):
         if num_classes is not None and num_classes > MAX_TRACKED_CLASSES:
             raise ValueError(too_many_classes("CSLTracker: num_classes gives", num_classes))
         if num_labels is not None and (
-            isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1
+            isinstance(num_labels, bool)
+            or not isinstance(num_labels, numbers.Integral)
+            or num_labels < 1
         ):
             raise ValueError(
                 f"CSLTracker: num_labels must be None or an int >= 1, got {num_labels!r}"
@@ -224,6 +228,9 @@ class CSLTracker(TrackerStatistics):
                 f"CSLTracker: dtype must be torch.float32 or torch.float64, got {dtype}"
             )
         self.num_samples = num_samples
+        # (NumPy integers too: labels.max() + 1 computed with NumPy was refused)
+        num_classes = None if num_classes is None else int(num_classes)
+        num_labels = None if num_labels is None else int(num_labels)
         self.num_classes = num_classes
         #: ``L`` of a multi-label tracker (:attr:`label_csl`), or None.
         self.num_labels = num_labels
@@ -376,6 +383,7 @@ class CSLTracker(TrackerStatistics):
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
+        stats = _plain(stats)
         _check_stats("record", stats, self.num_classes)
         self._record_fused(index, stats, validate)
 
@@ -386,6 +394,7 @@ class CSLTracker(TrackerStatistics):
         """:meth:`record` of stats the fused op has just computed for this tracker (by
         :func:`csl_fast.accumulate`, which has checked the logits' class count): only their
         layout is checked (under 1 us; the class check adds ~5 us a call on the CPU)."""
+        stats = _plain(stats)
         _check_stats("record", stats, None)
         idx = self._index(index, stats, validate)
         b = self._buffers  # not attribute access: __getattr__ costs ~1 us a name per step
@@ -439,6 +448,7 @@ class CSLTracker(TrackerStatistics):
 
         No host synchronisation.
         """
+        token_stats = _plain(token_stats)
         if (
             not isinstance(token_stats, torch.Tensor)
             or token_stats.dim() != 3
@@ -494,6 +504,7 @@ class CSLTracker(TrackerStatistics):
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`).
         ``validate``: check that every index is in ``[0, N)`` (class docstring, *Indices*)."""
+        stats = _plain(stats)
         _check_stats("update", stats, self.num_classes)
         stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
         idx = self._index(index, stats, validate)
@@ -513,6 +524,7 @@ class CSLTracker(TrackerStatistics):
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. ``validate``: check that every index is in
         ``[0, N)`` (class docstring, *Indices*)."""
+        stats = _plain(stats)
         _check_stats("record_eval", stats, self.num_classes)
         stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
         idx = self._index(index, stats, validate)
@@ -549,6 +561,7 @@ class CSLTracker(TrackerStatistics):
             validate: check that every index is in ``[0, N)`` (class docstring, *Indices*)
                 and, for norms on a GPU, that none is negative (on the CPU always).
         """
+        sq_norms = _plain(sq_norms)
         if not isinstance(sq_norms, torch.Tensor) or sq_norms.dim() != 1:
             # ([B, 1] norms read "index has B entries but the batch has 1 rows")
             got = (
@@ -852,6 +865,13 @@ class CSLTracker(TrackerStatistics):
 
 
 # ------------------------------------------------------------------ helpers
+def _plain(t: Any) -> Any:
+    """A recorder's tensor input detached: statistics that require grad (norms from
+    autograd.grad(create_graph=True), reference.row_statistics of live logits) pulled the
+    buffers written with PyTorch ops into autograd, every step's graph kept alive."""
+    return t.detach() if isinstance(t, torch.Tensor) else t
+
+
 _HALF_MAX = torch.finfo(torch.float16).max
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -904,3 +905,34 @@ def test_an_index_past_the_tracker_names_num_samples(backend):
     with pytest.raises(IndexError, match=r"index\[1\] = 7 is outside \[0, N = 5\).*Indexed"):
         csl_fast.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 7]), t)
     assert t.csl_count.sum() == 0
+
+
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_statistics_that_require_grad_leave_the_buffers_out_of_autograd(backend):
+    """Norms from autograd.grad(create_graph=True) or statistics of live logits pulled the
+    buffers written with PyTorch ops (history sums, token sums, the non-C++ input-gradient
+    path) into autograd: each step's graph stayed alive in the tracker."""
+    from csl_fast import reference
+
+    t = CSLTracker(6, 3, backend=backend, history=True)
+    logits = torch.randn(4, 3, requires_grad=True)
+    target, idx = torch.tensor([0, 1, 2, 0]), torch.tensor([0, 2, 4, 5])
+    stats = reference.row_statistics(logits * 2, target, -100)
+    assert stats.requires_grad
+    t.update(idx, stats)
+    t.record_eval(idx, stats)
+    t.record_input_grad(idx, (logits**2).sum(1))
+    t.record_sequences(idx, stats[:, :, None].expand(-1, -1, 2))
+    t.end_epoch()
+    t.end_eval_pass()
+    for name, buf in t.buffers().items():
+        assert not buf.requires_grad, name
+    for name in ("loss_history", "eval_loss_history", "input_grad_history"):
+        assert not getattr(t, name).requires_grad, name
+
+
+def test_numpy_integer_sizes_are_taken():
+    # num_samples took them already; num_classes = labels.max() + 1 in NumPy was refused
+    t = CSLTracker(np.int64(4), np.int64(3), num_labels=np.int32(5))
+    assert (t.num_samples, t.num_classes, t.num_labels) == (4, 3, 5)
+    assert type(t.num_classes) is int and type(t.num_labels) is int
