@@ -105,9 +105,8 @@ def _k_dim(logits: torch.Tensor, target: torch.Tensor, index: object) -> Rows:
             f"{want} or of class probabilities {tuple(logits.shape)}, got target of shape "
             f"{tuple(target.shape)}"
         )
-    positions = math.prod(extra)
     flat = logits.movedim(1, -1).reshape(-1, c)
-    return Rows(flat, target.reshape(-1), index, (int(n), positions), want, False)
+    return Rows(flat, target.reshape(-1), index, _groups(n, extra), want, False)
 
 
 def _soft(logits: torch.Tensor, target: torch.Tensor, index: object) -> Rows:
@@ -128,7 +127,16 @@ def _soft(logits: torch.Tensor, target: torch.Tensor, index: object) -> Rows:
     n, c, *extra = logits.shape
     flat_z = logits.movedim(1, -1).reshape(-1, c)
     flat_q = target.movedim(1, -1).reshape(-1, c)
-    return Rows(flat_z, flat_q, index, (int(n), math.prod(extra)), (int(n), *extra), True)
+    return Rows(flat_z, flat_q, index, _groups(n, extra), (int(n), *extra), True)
+
+
+def _groups(n: int, extra: list[int]) -> tuple[int, int] | None:
+    """``(N, P)`` for ``N`` samples of ``P = d1 * ... * dk`` positions each, or None when
+    every sample has one position (``[N, C, 1]``): one row per sample is the ``[B, C]``
+    case, whose samples the tracker records as classifications (a suggested-label vote,
+    ``num_classes`` taken from C) where a sequence would record neither."""
+    positions = math.prod(extra)
+    return None if positions == 1 else (int(n), positions)
 
 
 def _one_index(index: object) -> object:

@@ -323,3 +323,35 @@ def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
     del old.__dict__["sequences"]
     assert not old.sequences and "sequences" not in repr(old)
     old.save(tmp_path / "old.csl")
+
+
+@pytest.mark.parametrize("positions", [(1,), (1, 1)])
+def test_samples_of_one_position_are_recorded_as_classifications(positions):
+    """``[N, C, 1]`` logits are ``[N, C]`` with a trailing dimension: the tracker gets the
+    same state (a suggested-label vote, ``num_classes`` from C) as for the 2-D call, where
+    a sequence of one token used to cast no vote and leave ``num_classes`` unset."""
+    g = torch.Generator().manual_seed(7)
+    n, c = 9, 5
+    index = torch.tensor([4, 0, 8, 4, 2, 7, 1, 3, 6])
+    flat_tracker, shaped_tracker = CSLTracker(n), CSLTracker(n)
+    for _ in range(3):
+        z = torch.randn(n, c, generator=g)
+        y = torch.randint(0, c, (n,), generator=g)
+        zk = z.reshape(n, c, *positions).clone().requires_grad_(True)
+        yk = y.reshape(n, *positions)
+        z2 = z.clone().requires_grad_(True)
+        loss_k = csl_fast.accumulate(zk, yk, index, shaped_tracker)
+        loss_2 = csl_fast.accumulate(z2, y, index, flat_tracker)
+        loss_k.backward()
+        loss_2.backward()
+        torch.testing.assert_close(loss_k, loss_2)
+        torch.testing.assert_close(zk.grad.reshape(n, c), z2.grad)
+        flat_tracker.end_epoch()
+        shaped_tracker.end_epoch()
+    assert shaped_tracker.num_classes == flat_tracker.num_classes == c
+    assert not shaped_tracker.sequences
+    want = flat_tracker.state_dict()
+    for name, value in shaped_tracker.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
+    assert (flat_tracker.suggestions()[0] >= 0).any()
