@@ -588,6 +588,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     tracker, samples = load_run_for(args)
     _scores_for(tracker, args.score)
+    if not bool((tracker.csl_count > 0).any()):
+        # an eval pass alone (csl_fast.score_epoch): the page's figures are of training
+        raise CLIError(
+            f"{args.run} recorded no training presentation (no loss through "
+            "accumulate/record_loss), and the report is drawn from training (the CSL "
+            "histogram, loss curves, data map); list its samples by an eval-pass score "
+            f"instead: csl-fast rank {args.run} --score {args.score}",
+            EXIT_USAGE,
+        )
     inputs, labels, aside = run_inputs(args, tracker, samples)
     say_note(args, aside)
     if args.out is None:

@@ -670,6 +670,22 @@ def test_report_of_a_tracker_file_writes_where_its_help_says(tmp_path, capsys):
     assert code == 0 and (tmp_path / "report" / "report.html").exists()
 
 
+def test_report_of_an_eval_only_run_says_to_rank_it_instead(tmp_path, capsys):
+    # exited 1 with write_report's traceback, called an internal error
+    tracker = csl_fast.CSLTracker(12, 3)
+    batch = (torch.randn(12, 3), torch.arange(12) % 3, torch.arange(12))
+    csl_fast.score_epoch(torch.nn.Identity(), [batch], tracker)
+    tracker.save(tmp_path / "run.csl")
+    line = user_error(
+        capsys, EXIT_USAGE, "report", str(tmp_path / "run.csl"), "--score", "eval_csl", "-q"
+    )
+    assert "recorded no training presentation" in line
+    assert line.endswith(f"csl-fast rank {tmp_path / 'run.csl'} --score eval_csl")
+    assert not (tmp_path / "report").exists()
+    code, out, _ = run_main(capsys, "rank", str(tmp_path / "run.csl"), "--score", "eval_csl")
+    assert code == 0 and "eval_csl" in out
+
+
 def _exit_codes_in_help() -> dict[int, str]:
     """``csl-fast --help``'s exit codes: ``{code: what it says the code is for}``."""
     from csl_fast.cli import build_parser
