@@ -357,7 +357,14 @@ def accumulate(
         if (validate or (inplace_grad and logits.device.type == "cpu")) and not transformed:
             # Class probabilities have no range to check; their indices do.
             checked = None if soft else target
-            _check_values(checked, index, logits.shape[1], buffers[0].numel(), ignore_index)
+            _check_values(
+                checked,
+                index,
+                logits.shape[1],
+                buffers[0].numel(),
+                ignore_index,
+                tracker=isinstance(csl, CSLTracker),
+            )
         # Calls from several threads into the same buffers take turns, from the forward on
         # (the Triton interpreter, for one, cannot run two launches at once).
         with buffer_lock(buffers[0]):

@@ -392,10 +392,13 @@ def _check_values(
     num_samples: int,
     ignore_index: int,
     op: str = "accumulate",
+    *,
+    tracker: bool = False,
 ) -> None:
     """Range checks of targets (None: class probabilities, nothing to check) and indices
     (reads them on the host: one synchronisation on a GPU when both are in range; in a
-    compiled graph, :func:`check_in_graph`)."""
+    compiled graph, :func:`check_in_graph`). ``tracker``: ``num_samples`` is a tracker's,
+    which the message names (the user made a tracker, not a buffer)."""
     if index.numel() == 0 or index.is_meta:  # (meta tensors have shapes, not values)
         return
     bad_index = (index < 0) | (index >= num_samples)
@@ -427,10 +430,17 @@ def _check_values(
             "the right ignore_index"
         )
     i = int(bad_index.nonzero()[0, 0])
+    n_is, fix = (
+        (
+            "the tracker's num_samples",
+            "a tracker of the whole indexed dataset (num_samples=len(dataset))",
+        )
+        if tracker
+        else ("the size of the csl buffer", "a buffer with one entry per dataset sample")
+    )
     raise IndexError(
-        f"csl_fast.{op}: index[{i}] = {int(index[i])} is outside [0, N = "
-        f"{num_samples}) where N is the size of the csl buffer; pass dataset indices "
-        "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset sample"
+        f"csl_fast.{op}: index[{i}] = {int(index[i])} is outside [0, N = {num_samples}) where "
+        f"N is {n_is}; pass dataset indices (csl_fast.data.IndexedDataset) and {fix}"
     )
 
 

@@ -148,7 +148,7 @@ def score_epoch(
                     # the Triton kernel made a bad target's row NaN and the pass skipped it
                     # without a word, where the C++ kernel and accumulate raise
                     _check_values(y, index, logits.shape[1], tracker.num_samples, ignore_index,
-                                  "score_epoch")  # fmt: skip
+                                  "score_epoch", tracker=True)  # fmt: skip
                 _, stats = ops.cross_entropy_fwd(
                     logits, y, None, ignore_index, 0.0, 2, tracker.backend
                 )

@@ -209,7 +209,7 @@ def watch(
         # out of loss.backward()
         from .accumulate_checks import _check_values
 
-        _check_values(None, index, 0, tracker.num_samples, 0, "watch")
+        _check_values(None, index, 0, tracker.num_samples, 0, "watch", tracker=True)
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

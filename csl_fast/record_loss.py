@@ -184,7 +184,15 @@ def _record_plain(
     if validate is None:
         validate = validate_by_default(loss.device, name)
     if validate:
-        _check_values(None, index, 0, buffers[0].numel(), 0, "record_loss")
+        _check_values(
+            None,
+            index,
+            0,
+            buffers[0].numel(),
+            0,
+            "record_loss",
+            tracker=isinstance(csl, CSLTracker),
+        )
     if name == "cpu":
         # One pass in C++, which checks the indices before writing, takes the buffer lock
         # and bumps the version counters (csrc/cpu/record_loss.cpp). A compiled graph may

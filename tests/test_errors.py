@@ -441,3 +441,50 @@ def test_integer_one_hot_targets_are_named(shape):
         ValueError, match=r"integer dtype torch.int64: one-hot labels\? .*argmax\(1\)"
     ):
         csl_fast.accumulate(logits, one_hot, torch.arange(shape[0]), torch.zeros(shape[0]))
+
+
+def _tracker_index_calls():
+    """Every way an index reaches a tracker, each with index 9 of a tracker of 5 samples."""
+    from csl_fast.stats import NUM_STATS
+
+    bad = torch.tensor([0, 9])
+    z, y = torch.randn(2, 3), torch.tensor([0, 1])
+    stats = torch.zeros(NUM_STATS, 2)
+    return {
+        "update": lambda t: t.update(bad, stats),
+        "record_eval": lambda t: t.record_eval(bad, stats),
+        "record": lambda t: t.record(bad, stats),
+        "accumulate": lambda t: csl_fast.accumulate(z, y, bad, t),
+        "accumulate validate": lambda t: csl_fast.accumulate(z, y, bad, t, validate=True),
+        "record_loss": lambda t: csl_fast.record_loss(torch.rand(2), bad, t),
+        "record_loss validate": lambda t: csl_fast.record_loss(
+            torch.rand(2), bad, t, validate=True
+        ),
+        "score_epoch": lambda t: csl_fast.score_epoch(
+            torch.nn.Identity(), [(z, y, bad)], t, validate=True
+        ),
+    }
+
+
+@pytest.mark.parametrize("call", list(_tracker_index_calls()))
+def test_an_index_outside_a_tracker_names_the_tracker_not_a_buffer(call):
+    # update, record_eval, record_loss and accumulate(validate=True) into a tracker said
+    # "N is the size of the csl buffer": a buffer the user never made
+    t = csl_fast.CSLTracker(5, 3)
+    with pytest.raises(IndexError, match=r"= 9 is outside \[0, N = 5\) where N is the tracker's "
+                       r"num_samples.*num_samples=len\(dataset\)"):  # fmt: skip
+        _tracker_index_calls()[call](t)
+    assert all(not v.is_floating_point() or not v.any() for v in t.buffers().values())
+
+
+def test_an_index_outside_a_buffer_names_the_buffer():
+    for validate in (None, True):
+        with pytest.raises(IndexError, match="N is the size of the csl buffer"):
+            csl_fast.record_loss(
+                torch.rand(2), torch.tensor([0, 9]), torch.zeros(5), validate=validate
+            )
+        with pytest.raises(IndexError, match="N is the size of the csl buffer"):
+            csl_fast.accumulate(
+                torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 9]), torch.zeros(5),
+                validate=validate,
+            )  # fmt: skip

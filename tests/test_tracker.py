@@ -368,6 +368,12 @@ def test_a_mean_loss_past_float16_is_warned_about_in_the_history():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # inf losses are not recorded; 6e4 fits
         t.end_epoch()
+    # past 65504 but rounding to it (the warning counted these, whose row held 65504)
+    fresh = CSLTracker(3, history=True)
+    csl_fast.record_loss(torch.tensor([65510.0, 65519.0, 65520.0]), torch.arange(3), fresh)
+    with pytest.warns(RuntimeWarning, match=r"loss_history: 1 sample\(s\)"):
+        fresh.end_epoch()
+    assert fresh.loss_history[0].tolist() == [65504.0, 65504.0, math.inf]
 
 
 def test_memory_statement():

@@ -108,7 +108,12 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
   // Every index checked before anything is written: a bad call leaves the buffers untouched.
-  check_dataset_index(ip, B, n);
+  // With a tracker's last_loss the user passed a tracker, and the message names its size.
+  if (last_loss.has_value()) {
+    check_index_range("record_loss", ip, B, n);
+  } else {
+    check_dataset_index(ip, B, n);
+  }
   // The LOSS and VALID rows of csl_fast.record_loss.loss_stats: the loss rounded to
   // float32 where it is finite, else 0 (and not valid).
   std::vector<float> values(2 * B);
