@@ -35,7 +35,8 @@
 # the moment it happens (benchmarks/incremental_log.py), whatever stops the run.
 # Exit status: 0 when every stage passed, else 1 (the table says which failed).
 # Knobs (environment): TORCH_CUDA_ARCH_LIST (9.0), MAX_JOBS (16), CSL_CHECK_BUDGET_S (480),
-# CSL_TEST_WORKERS (8, with pytest-xdist), CSL_BENCH_ARGS (extra run.py arguments),
+# CSL_TEST_WORKERS (8, with pytest-xdist), CSL_TESTS_GPU_S (190, the GPU tests' limit),
+# CSL_BENCH_ARGS (extra run.py arguments),
 # CSL_COMMIT (the commit this tree holds, recorded in the reports as git_commit; the GPU
 # machine's copy of .git can be stale, so pass CSL_COMMIT=$(git rev-parse HEAD) from the
 # checkout that sent the tree). Unset, it is this copy's git HEAD when csl_fast/ and csrc/
@@ -193,7 +194,7 @@ export -f env_info build run_tests tests_gpu tests_cpu
 
 stage env 15 env_info
 stage build 140 build
-stage tests_gpu 190 tests_gpu
+stage tests_gpu "${CSL_TESTS_GPU_S:-190}" tests_gpu
 if [ $DRY -eq 1 ]; then
     BENCH=("$PY" benchmarks/run.py --device cpu --quick --sections cross_entropy)
 else
