@@ -3,13 +3,16 @@ crash it: a diagnostic for the segmentation faults of the second GPU check
 (benchmarks/results/gpu-check-h200-2026-11-30-second.md).
 
 There, every ``TORCH_CHECK_VALUE`` and ``TORCH_CHECK_INDEX`` that csl_fast's C++ code
-raised killed the process, while every ``TORCH_CHECK_TYPE`` raised a Python ``TypeError``
-as it should, from the same check functions. Two differences fit: the class (libc10.so
-exports the type information and vtable of ``c10::ValueError`` and ``c10::IndexError``,
-not of ``c10::TypeError``), and the message (each crashing one formats integers, no
-``TypeError`` one does). This builds one small extension per compiler setting, throws each
-combination through ``HANDLE_TH_ERRORS`` (as ``csl_fast._C.step``) in a fresh process, and
-prints a table: ``ok`` or the signal that ended the process.
+raised killed the process, while every ``TORCH_CHECK_TYPE`` raised a Python ``TypeError``.
+This builds one small extension per compiler setting, throws each combination through
+``HANDLE_TH_ERRORS`` (as ``csl_fast._C.step``) in a fresh process, and prints a table: the
+exception that reached Python, or the signal that ended the process. The third check
+(benchmarks/results/gpu-check-h200-2026-12-04.md) answered it: with that machine's
+``/opt/gcc/bin/g++`` every message that formats an integer crashed, of any exception type
+and with every setting tried, and no message without one did; torch's own errors with
+integers (thrown inside libtorch) were raised. csl_fast's checks therefore format their
+messages without a stream (``csrc/message.h``): the last two cases are that remedy, and a
+plain ``std::ostringstream << int`` with nothing thrown.
 
     python benchmarks/exception_probe.py [--out DIR]   # 2 min on 2 cores; 5 builds in parallel
 
@@ -34,6 +37,9 @@ SOURCE = r"""
 #include <c10/util/Exception.h>
 #include <torch/csrc/Exceptions.h>
 #include <cstdint>
+#include <sstream>
+
+#include "message.h"
 
 namespace {
 int64_t volatile three = 3;
@@ -47,6 +53,12 @@ PyObject* raise(PyObject*, PyObject* arg) {
     case 3: TORCH_CHECK_TYPE(false, "type, no integer");
     case 4: TORCH_CHECK_TYPE(false, "type, integer ", three);
     case 5: TORCH_CHECK(false, "runtime, integer ", three);
+    case 6: CSL_CHECK_VALUE(false, "value, integer ", three);
+    case 7: {
+      std::ostringstream os;
+      os << "integer " << three;
+      return PyUnicode_FromString(os.str().c_str());
+    }
   }
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
@@ -63,8 +75,12 @@ PyMODINIT_FUNC INIT(PROBE_NAME)(void) {
 }
 """
 
-CASES = ["ValueError no int", "ValueError int", "IndexError int", "TypeError no int",
-         "TypeError int", "RuntimeError int"]  # fmt: skip
+# case name -> what a sound build gives: the exception's name, or "no exception"
+CASES = {"ValueError no int": "ValueError", "ValueError int": "ValueError",
+         "IndexError int": "IndexError", "TypeError no int": "TypeError",
+         "TypeError int": "TypeError", "RuntimeError int": "RuntimeError",
+         "ValueError int, csl_fast::message": "ValueError",
+         "ostringstream << int, no throw": "no exception"}  # fmt: skip
 # setup.py's compiler flags, then one change at a time; the last adds a link flag that
 # binds the module's own type information and vtables to its own copies.
 BASE = ["-O3", "-std=c++20", "-fopenmp", "-fno-trapping-math", "-g0"]
@@ -87,6 +103,7 @@ def build(name: str, flags: list[str], ldflags: list[str], work: Path) -> Path:
     obj, lib = work / f"{name}.o", work / f"{name}.so"
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     inc = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    inc.append(f"-I{Path(__file__).resolve().parent.parent / 'csrc'}")  # message.h
     defs = [f"-DPROBE_NAME={name}", f'-DPROBE_STR="{name}"', "-DTORCH_API_INCLUDE_EXTENSION_H"]
     subprocess.run([cxx, "-fPIC", abi, *defs, *inc, *flags, "-c", str(src), "-o", str(obj)],
                    check=True, capture_output=True)  # fmt: skip
@@ -147,7 +164,7 @@ def main() -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "probe.md").write_text(table + "\n")
-    expected = [c.split()[0] for c in CASES]
+    expected = list(CASES.values())
     torch_ok = all(r.endswith(k.split()[1]) for r, k in zip(torch_rows, TORCH_CASES, strict=True))
     return 0 if torch_ok and all(rows[v] == expected for v in VARIANTS) else 1
 

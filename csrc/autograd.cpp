@@ -10,6 +10,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "message.h"
 #include "stats.h"
 
 namespace csl_fast {
@@ -50,7 +51,7 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // create_graph=True: the saved gradient has no graph back to the logits, so a second
     // derivative would silently come out as zero.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
+    CSL_CHECK(!at::GradMode::is_enabled(),
                 "csl_fast: double backward through the fused cross entropy is not supported; "
                 "use backend='reference' (plain F.cross_entropy) for higher-order gradients");
     const at::Tensor& upstream = grad_outputs[0];

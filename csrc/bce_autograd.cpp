@@ -11,6 +11,8 @@
 #include <optional>
 #include <tuple>
 
+#include "message.h"
+
 namespace csl_fast {
 namespace {
 
@@ -58,7 +60,7 @@ class Bce : public torch::autograd::Function<Bce> {
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     // create_graph=True: the backward kernel has no graph of its own, so a second
     // derivative would silently come out as zero.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
+    CSL_CHECK(!at::GradMode::is_enabled(),
                 "csl_fast: double backward through the fused binary cross entropy is not "
                 "supported; use backend='reference' for higher-order gradients");
     variable_list out(5);

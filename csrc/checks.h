@@ -11,20 +11,21 @@
 #include <optional>
 #include <utility>
 
+#include "message.h"
 #include "stats.h"
 
 namespace csl_fast {
 
 // cross_entropy_fwd: logits must be [B, C].
 inline void check_logits_2d(const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
+  CSL_CHECK_VALUE(logits.dim() == 2, "csl_fast: logits must be 2-D [B, C], got shape ",
                     logits.sizes(), "; flatten extra dimensions into the batch");
 }
 
 // cross_entropy_fwd_inplace: the gradient is written over the logits, row after row.
 inline void check_inplace_logits(const at::Tensor& logits) {
   check_logits_2d(logits);
-  TORCH_CHECK_VALUE(logits.is_contiguous(),
+  CSL_CHECK_VALUE(logits.is_contiguous(),
                     "csl_fast: inplace_grad=True writes the gradient over the logits and needs "
                     "them contiguous, got strides ",
                     logits.strides(), "; pass inplace_grad=False (or contiguous logits)");
@@ -33,27 +34,27 @@ inline void check_inplace_logits(const at::Tensor& logits) {
 // cross_entropy_fwd: target [B] of int64/int32 class indices, reduction and label smoothing.
 inline void check_cross_entropy_args(const at::Tensor& logits, const at::Tensor& target,
                                      double label_smoothing, int64_t reduction) {
-  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
+  CSL_CHECK_VALUE(target.dim() == 1 && target.size(0) == logits.size(0),
                     "csl_fast: target must be 1-D with B = ", logits.size(0),
                     " entries to match logits, got shape ", target.sizes());
-  TORCH_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt,
                    "csl_fast: target must hold class indices as int64 or int32, got ",
                    target.scalar_type(), "; class-probability targets are not supported");
-  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
+  CSL_CHECK_VALUE(reduction >= kNone && reduction <= kSum,
                     "csl_fast: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+  CSL_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0,
                     "csl_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
 // cross_entropy_fwd_extra: the soft-cap s (0: off) and z-loss scale (0: off).
 inline void check_cross_entropy_extras(const std::optional<at::Tensor>& weight, double softcap,
                                        double z_loss_scale) {
-  TORCH_CHECK_VALUE(softcap == 0.0 || (softcap > 0.0 && softcap < 1e300),
+  CSL_CHECK_VALUE(softcap == 0.0 || (softcap > 0.0 && softcap < 1e300),
                     "csl_fast: softcap must be a finite number > 0 (or 0 / None for none), got ",
                     softcap);
-  TORCH_CHECK_VALUE(z_loss_scale >= 0.0 && z_loss_scale < 1e300,
+  CSL_CHECK_VALUE(z_loss_scale >= 0.0 && z_loss_scale < 1e300,
                     "csl_fast: z_loss_scale must be finite and >= 0, got ", z_loss_scale);
-  TORCH_CHECK_VALUE(z_loss_scale == 0.0 || !weight.has_value(),
+  CSL_CHECK_VALUE(z_loss_scale == 0.0 || !weight.has_value(),
                     "csl_fast: the z-loss is not supported with class weights (the z-loss is "
                     "unweighted, and 'mean' would divide it by the weights' sum); pass "
                     "weight=None or z_loss_scale=0");
@@ -61,7 +62,7 @@ inline void check_cross_entropy_extras(const std::optional<at::Tensor>& weight, 
 
 // cross_entropy_fwd: class weights must be [C].
 inline void check_weight_shape(const at::Tensor& weight, int64_t C) {
-  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == C,
+  CSL_CHECK_VALUE(weight.dim() == 1 && weight.size(0) == C,
                     "csl_fast: weight must be a 1-D tensor of C = ", C,
                     " class weights, got shape ", weight.sizes());
 }
@@ -74,20 +75,20 @@ inline void check_cross_entropy_bwd_args(const at::Tensor& logits, const at::Ten
                                          double label_smoothing, double softcap,
                                          double z_loss_scale) {
   check_logits_2d(logits);
-  TORCH_CHECK_TYPE(logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
+  CSL_CHECK_TYPE(logits.scalar_type() == at::kHalf || logits.scalar_type() == at::kBFloat16,
                    "csl_fast: cross_entropy_bwd takes float16 or bfloat16 logits, got ",
                    logits.scalar_type(), "; the float32/float64 ops keep the forward's gradient");
   check_cross_entropy_args(logits, target, label_smoothing, kNone);
   check_cross_entropy_extras(weight, softcap, z_loss_scale);
   const int64_t B = logits.size(0);
-  TORCH_CHECK_VALUE(logits.size(1) > 0 || B == 0, "csl_fast: logits have C = 0 classes");
+  CSL_CHECK_VALUE(logits.size(1) > 0 || B == 0, "csl_fast: logits have C = 0 classes");
   if (weight.has_value()) check_weight_shape(*weight, logits.size(1));
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == B &&
+  CSL_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == B &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast: stats must be the float32 [", int(kNumStats), ", B = ", B,
                     "] statistics of the forward on these logits, got ", stats.scalar_type(),
                     " ", stats.sizes());
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && (scale.numel() == 1 || scale.numel() == B),
+  CSL_CHECK_VALUE(scale.scalar_type() == at::kFloat && (scale.numel() == 1 || scale.numel() == B),
                     "csl_fast: scale must be float32 with one upstream factor per row (B = ", B,
                     ") or one for all, got ", scale.scalar_type(), " ", scale.sizes());
 }
@@ -97,7 +98,7 @@ inline void check_cross_entropy_bwd_args(const at::Tensor& logits, const at::Ten
 inline void check_targets_in_range(const int64_t* target, int64_t B, int64_t C,
                                    int64_t ignore_index) {
   for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(target[i] == ignore_index || (target[i] >= 0 && target[i] < C),
+    CSL_CHECK_INDEX(target[i] == ignore_index || (target[i] >= 0 && target[i] < C),
                       "csl_fast: target[", i, "] = ", target[i], " is outside [0, C = ", C,
                       ") and is not ignore_index (", ignore_index,
                       "); fix the labels or pass the right ignore_index");
@@ -107,15 +108,15 @@ inline void check_targets_in_range(const int64_t* target, int64_t B, int64_t C,
 // scatter_stats: stats is the contiguous float32 [kNumStats, B] tensor of cross_entropy_fwd
 // and index holds one int64/int32 dataset index per row. Returns B.
 inline int64_t check_scatter_args(const at::Tensor& stats, const at::Tensor& index) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.is_contiguous() &&
+  CSL_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats && stats.is_contiguous() &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast: stats must be a contiguous float32 [", int(kNumStats),
                     ", B] tensor from cross_entropy_fwd, got ", stats.sizes());
   const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+  CSL_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast: index must be 1-D with one dataset index per row (B = ", B,
                     "), got shape ", index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
                    "csl_fast: index must be int64 or int32 dataset indices, got ",
                    index.scalar_type());
   return B;
@@ -127,10 +128,10 @@ inline void check_buffer(const at::Tensor& buf, const char* name, bool allow_int
   const auto dt = buf.scalar_type();
   const bool ok = dt == at::kFloat || dt == at::kDouble ||
                   (allow_int && (dt == at::kLong || dt == at::kInt));
-  TORCH_CHECK_TYPE(ok, "csl_fast: ", name, " must be a float32 or float64",
+  CSL_CHECK_TYPE(ok, "csl_fast: ", name, " must be a float32 or float64",
                    allow_int ? " (or int32/int64)" : "", " tensor, got ", dt,
                    "; allocate it with torch.zeros(num_samples, dtype=torch.float32)");
-  TORCH_CHECK_VALUE(buf.dim() == 1 && buf.is_contiguous(), "csl_fast: ", name,
+  CSL_CHECK_VALUE(buf.dim() == 1 && buf.is_contiguous(), "csl_fast: ", name,
                     " must be a contiguous 1-D tensor of one entry per dataset sample, got shape ",
                     buf.sizes(), " and strides ", buf.strides());
 }
@@ -150,7 +151,7 @@ int64_t check_buffers(const std::optional<at::Tensor>& csl,
   if (count.has_value()) {
     check_buffer(*count, "count", true);
     extra(*count, "count");
-    TORCH_CHECK_VALUE(n < 0 || count->numel() == n, "csl_fast: count has ", count->numel(),
+    CSL_CHECK_VALUE(n < 0 || count->numel() == n, "csl_fast: count has ", count->numel(),
                       " entries but csl has ", n, "; both must have one entry per sample");
     n = count->numel();
   }
@@ -160,9 +161,9 @@ int64_t check_buffers(const std::optional<at::Tensor>& csl,
 // record_last, record_input_grad: a tracker state buffer of dtype `want`, contiguous [n].
 inline void check_state_buffer(const char* op, const at::Tensor& t, const char* name,
                                at::ScalarType want, int64_t n) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, "csl_fast.", op, ": ", name, " must be ", want,
+  CSL_CHECK_TYPE(t.scalar_type() == want, "csl_fast.", op, ": ", name, " must be ", want,
                    ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.numel() == n, "csl_fast.", op, ": ",
+  CSL_CHECK_VALUE(t.dim() == 1 && t.is_contiguous() && t.numel() == n, "csl_fast.", op, ": ",
                     name, " must be a contiguous [N = ", n, "] tensor, got ", t.sizes());
 }
 
@@ -171,14 +172,14 @@ inline void check_state_buffer(const char* op, const at::Tensor& t, const char* 
 inline int64_t check_vote_args(const at::Tensor& stats, const at::Tensor& index,
                                const at::Tensor& label, const at::Tensor& votes,
                                const at::Tensor& hits) {
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+  CSL_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast.record_vote: stats must be float32 [", int(kNumStats), ", B], got ",
                     stats.sizes());
   const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+  CSL_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_vote: index must be [B = ", B, "], got ", index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
                    "csl_fast.record_vote: index must be int64 or int32 dataset indices, got ",
                    index.scalar_type());
   const int64_t n = label.numel();
@@ -193,7 +194,7 @@ inline void check_index_range(const char* op, const int64_t* index, int64_t B, i
   for (int64_t i = 0; i < B; ++i) {
     // (a tracker's first check in accumulate: without the hint, a CSLCallback sized to a
     // Subset named only this op, which the user never called)
-    TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast.", op, ": index[", i, "] = ",
+    CSL_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast.", op, ": index[", i, "] = ",
                       index[i], " is outside [0, N = ", n, ") where N is the tracker's ",
                       "num_samples; pass dataset indices (csl_fast.data.IndexedDataset) and a ",
                       "tracker of the whole indexed dataset (num_samples=len(dataset))");
@@ -238,7 +239,7 @@ inline at::Tensor index_for_writes(const at::Tensor& index,
 // size, checked before anything is written.
 inline void check_dataset_index(const int64_t* index, int64_t B, int64_t n) {
   for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast: index[", i, "] = ", index[i],
+    CSL_CHECK_INDEX(index[i] >= 0 && index[i] < n, "csl_fast: index[", i, "] = ", index[i],
                       " is outside [0, N = ", n, ") where N is the size of the csl buffer; ",
                       "pass dataset indices (csl_fast.data.IndexedDataset) and a buffer with ",
                       "one entry per dataset sample");

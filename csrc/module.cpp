@@ -133,7 +133,7 @@ class RoundOnceCrossEntropy : public torch::autograd::Function<RoundOnceCrossEnt
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
+    CSL_CHECK(!at::GradMode::is_enabled(),
                 "csl_fast: double backward through the fused cross entropy is not supported; "
                 "use backend='reference' (plain F.cross_entropy) for higher-order gradients");
     variable_list out(6);
@@ -215,7 +215,7 @@ std::optional<at::Tensor> step(const at::Tensor& logits, const at::Tensor& targe
   // Each op would dispatch on a stray device (a meta buffer to its fake kernel, which
   // writes nothing); accumulate's checks name the device when this raises.
   for (const OptTensor& t : {OptTensor(target), weight, OptTensor(index), OptTensor(csl), count}) {
-    TORCH_CHECK_VALUE(!t || t->is_cpu(), "csl_fast._C.step: every tensor must be on the CPU");
+    CSL_CHECK_VALUE(!t || t->is_cpu(), "csl_fast._C.step: every tensor must be on the CPU");
   }
   const auto dt = logits.scalar_type();
   // float16/bfloat16 logits whose gradient is wanted: the gradient is rounded once (as by
@@ -261,7 +261,7 @@ bool is_tensor_subclass(PyObject* obj) {
 }
 
 const at::Tensor& tensor_arg(PyObject* obj, const char* name) {
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "csl_fast._C.step: ", name, " must be a tensor, got ",
+  CSL_CHECK_TYPE(THPVariable_Check(obj), "csl_fast._C.step: ", name, " must be a tensor, got ",
                    Py_TYPE(obj)->tp_name);
   return THPVariable_Unpack(obj);
 }
@@ -285,7 +285,7 @@ T number_arg(PyObject* obj, T (*convert)(PyObject*)) {
 // p_true_sq_sum, suggest_label, suggest_votes, suggest_hits).
 PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 11, "csl_fast._C.step takes 11 arguments, got ", nargs);
+  CSL_CHECK_TYPE(nargs == 11, "csl_fast._C.step takes 11 arguments, got ", nargs);
   const at::Tensor& logits = tensor_arg(args[0], "logits");
   const at::Tensor& target = tensor_arg(args[1], "target");
   const OptTensor weight = optional_tensor_arg(args[2], "weight");
@@ -299,7 +299,7 @@ PyObject* py_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs)
   std::optional<State> state;
   if (args[10] != Py_None) {
     PyObject* tuple = args[10];
-    TORCH_CHECK_TYPE(PyTuple_Check(tuple) && PyTuple_GET_SIZE(tuple) == kStateSize,
+    CSL_CHECK_TYPE(PyTuple_Check(tuple) && PyTuple_GET_SIZE(tuple) == kStateSize,
                      "csl_fast._C.step: state must be None or a tuple of ", kStateSize,
                      " tensors");
     state.emplace();
@@ -456,7 +456,7 @@ std::optional<at::Tensor> bce_step(const at::Tensor& logits, const at::Tensor& t
 // tracker's (last_loss, scratch max probability, scratch correctness).
 PyObject* py_bce_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 8 + kBceBuffers - 1, "csl_fast._C.bce_step takes ",
+  CSL_CHECK_TYPE(nargs == 8 + kBceBuffers - 1, "csl_fast._C.bce_step takes ",
                    8 + kBceBuffers - 1, " arguments, got ", nargs);
   // A tensor subclass may mean something else by each op (it is seen by torch.ops).
   for (Py_ssize_t k : {0, 1, 5, 6}) {
@@ -478,7 +478,7 @@ PyObject* py_bce_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t na
   std::optional<BceLast> last;
   PyObject* tuple = args[6 + kBceBuffers];
   if (tuple != Py_None) {
-    TORCH_CHECK_TYPE(PyTuple_Check(tuple) && PyTuple_GET_SIZE(tuple) == kBceLastSize,
+    CSL_CHECK_TYPE(PyTuple_Check(tuple) && PyTuple_GET_SIZE(tuple) == kBceLastSize,
                      "csl_fast._C.bce_step: last must be None or a tuple of ", kBceLastSize,
                      " tensors");
     last.emplace();

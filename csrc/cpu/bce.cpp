@@ -271,10 +271,10 @@ at::Tensor bce_bwd(const at::Tensor& grad, const at::Tensor& logits, const at::T
   check_bce_inputs(logits, target);
   check_bce_options(logits, weight, pos_weight, reduction);
   const int64_t B = logits.size(0), L = logits.size(1);
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.sizes() == logits.sizes() : grad.dim() == 0,
+  CSL_CHECK_VALUE(reduction == kNone ? grad.sizes() == logits.sizes() : grad.dim() == 0,
                     "csl_fast: the upstream gradient must have the loss's shape, got ",
                     grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(),
+  CSL_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(),
                    "csl_fast: the upstream gradient must have the logits' dtype ",
                    logits.scalar_type(), ", got ", grad.scalar_type());
   at::Tensor out = at::empty({B, L}, logits.options());
@@ -332,7 +332,7 @@ void add_per_sample(const std::optional<at::Tensor>& buf, const int64_t* idx, co
     case at::kDouble: return add_rows<double>(*buf, idx, values, B);
     case at::kLong: return add_rows<int64_t>(*buf, idx, values, B);
     case at::kInt: return add_rows<int32_t>(*buf, idx, values, B);
-    default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
+    default: CSL_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
 }
 
@@ -391,7 +391,7 @@ void bce_record(const at::Tensor& logits, const at::Tensor& target, const at::Te
                 const std::optional<at::Tensor>& label_prob) {
   (void)deterministic;  // the CPU kernel is always deterministic
   auto on_cpu = [](const at::Tensor& buf, const char* name) {
-    TORCH_CHECK_VALUE(buf.is_cpu(), "csl_fast: ", name, " must be on the CPU, got ",
+    CSL_CHECK_VALUE(buf.is_cpu(), "csl_fast: ", name, " must be on the CPU, got ",
                       buf.device());
   };
   const int64_t n = check_bce_record_args(logits, target, stats, index, csl, count, wrong,

@@ -524,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into(
   check_cross_entropy_extras(weight, softcap, z_loss_scale);
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
-  TORCH_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
+  CSL_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
   if (weight.has_value()) {
     check_weight_shape(*weight, C);
   }

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../message.h"
+
 namespace csl_fast {
 namespace cpu {
 namespace {
@@ -27,8 +29,8 @@ acc_t row_sum_sq(const scalar_t* row, int64_t n, acc_t scale) {
 }
 
 at::Tensor input_grad_norms(const at::Tensor& grad, double scale) {
-  TORCH_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
-  TORCH_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
+  CSL_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
+  CSL_CHECK_TYPE(at::isFloatingType(grad.scalar_type()),
                    "csl_fast: grad must be a floating-point tensor, got ", grad.scalar_type());
   const int64_t B = grad.size(0);
   // Not view({B, -1}): with no elements (an empty batch) the -1 is ambiguous.

@@ -39,25 +39,25 @@ void record_input_grad(const at::Tensor& sq_norms, const at::Tensor& index,
                        at::Tensor& epoch_count) {
   at::Tensor* const bufs[kBuffers] = {&sq_sum, &norm_sum, &count, &epoch_sq_sum, &epoch_count};
   const auto dt = sq_sum.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble,
+  CSL_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble,
                    "csl_fast.record_input_grad: the buffers must be float32 or float64, got ", dt);
   const int64_t n = sq_sum.numel();
   for (int k = 0; k < kBuffers; ++k) {
     check_state_buffer("record_input_grad", *bufs[k], kNames[k], dt, n);
   }
-  TORCH_CHECK_TYPE(sq_norms.scalar_type() == dt, "csl_fast.record_input_grad: sq_norms must be ",
+  CSL_CHECK_TYPE(sq_norms.scalar_type() == dt, "csl_fast.record_input_grad: sq_norms must be ",
                    dt, " like the buffers, got ", sq_norms.scalar_type());
-  TORCH_CHECK_VALUE(sq_norms.dim() == 1, "csl_fast.record_input_grad: sq_norms must be 1-D [B], ",
+  CSL_CHECK_VALUE(sq_norms.dim() == 1, "csl_fast.record_input_grad: sq_norms must be 1-D [B], ",
                     "got shape ", sq_norms.sizes());
   const int64_t B = sq_norms.size(0);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+  CSL_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_input_grad: index must be 1-D with B = ", B,
                     " entries, got shape ", index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
                    "csl_fast.record_input_grad: index must be int64 or int32, got ",
                    index.scalar_type());
   if (valid.has_value()) {
-    TORCH_CHECK_VALUE(valid->scalar_type() == at::kBool && valid->dim() == 1 &&
+    CSL_CHECK_VALUE(valid->scalar_type() == at::kBool && valid->dim() == 1 &&
                           valid->size(0) == B,
                       "csl_fast.record_input_grad: valid must be a bool [B = ", B,
                       "] tensor, got ", valid->scalar_type(), " of shape ", valid->sizes());

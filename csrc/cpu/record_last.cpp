@@ -91,28 +91,28 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
                  const std::optional<at::Tensor>& suggest_hits,
                  const std::optional<at::Tensor>& epoch_now) {
   if (epoch_now.has_value()) {
-    TORCH_CHECK_VALUE(epoch_now->dim() == 0 && epoch_now->is_cpu() &&
+    CSL_CHECK_VALUE(epoch_now->dim() == 0 && epoch_now->is_cpu() &&
                           !at::isFloatingType(epoch_now->scalar_type()) &&
                           epoch_now->scalar_type() != at::kBool,
                       "csl_fast.record_last: epoch_now must be a 0-d integer CPU tensor");
     epoch = epoch_now->item<int64_t>();
   }
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
+  CSL_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == kNumStats &&
                         stats.scalar_type() == at::kFloat,
                     "csl_fast.record_last: stats must be float32 [", int(kNumStats), ", B], got ",
                     stats.sizes());
   const int64_t B = stats.size(1);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+  CSL_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_last: index must be [B = ", B, "], got ", index.sizes());
   // a float index was truncated (1.7 wrote sample 1), as scatter_stats refuses it
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
                    "csl_fast.record_last: index must be int64 or int32 dataset indices, got ",
                    index.scalar_type());
-  TORCH_CHECK_VALUE(forgetting.has_value() == learned_epoch.has_value(),
+  CSL_CHECK_VALUE(forgetting.has_value() == learned_epoch.has_value(),
                     "csl_fast.record_last: pass forgetting and learned_epoch together");
   const int64_t n = last_loss.numel();
   const auto f = last_loss.scalar_type();
-  TORCH_CHECK_TYPE(f == at::kFloat || f == at::kDouble,
+  CSL_CHECK_TYPE(f == at::kFloat || f == at::kDouble,
                    "csl_fast.record_last: last_loss must be float32 or float64");
   check_state_buffer("record_last", last_loss, "last_loss", f, n);
   check_state_buffer("record_last", last_max_prob, "last_max_prob", f, n);
@@ -121,7 +121,7 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
     check_state_buffer("record_last", *forgetting, "forgetting", at::kInt, n);
     check_state_buffer("record_last", *learned_epoch, "learned_epoch", at::kInt, n);
   }
-  TORCH_CHECK_VALUE(suggest_label.has_value() == suggest_votes.has_value() &&
+  CSL_CHECK_VALUE(suggest_label.has_value() == suggest_votes.has_value() &&
                         suggest_label.has_value() == suggest_hits.has_value(),
                     "csl_fast.record_last: pass suggest_label, suggest_votes and suggest_hits "
                     "together");
@@ -144,7 +144,7 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   check_index_range("record_last", ip, B, n);
   at::Tensor mp;
   if (max_prob.has_value()) {
-    TORCH_CHECK_VALUE(max_prob->dim() == 1 && max_prob->size(0) == B,
+    CSL_CHECK_VALUE(max_prob->dim() == 1 && max_prob->size(0) == B,
                       "csl_fast.record_last: max_prob must be [B = ", B, "]");
     mp = max_prob->to(at::kFloat).contiguous();
   }

@@ -36,7 +36,7 @@ void add_into(const at::Tensor& out, const int64_t* idx, const float* values, in
     case at::kDouble: return add_rows<double>(out, idx, values, B);
     case at::kLong: return add_rows<int64_t>(out, idx, values, B);
     case at::kInt: return add_rows<int32_t>(out, idx, values, B);
-    default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
+    default: CSL_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
 }
 
@@ -61,16 +61,16 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
                  const std::optional<at::Tensor>& epoch_loss_sum,
                  const std::optional<at::Tensor>& epoch_count) {
   const auto dt = loss.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+  CSL_CHECK_TYPE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
                    "csl_fast.record_loss: loss must be float32, float64, float16 or bfloat16, got ",
                    dt);
-  TORCH_CHECK_VALUE(loss.dim() == 1, "csl_fast.record_loss: loss must be 1-D [B], got shape ",
+  CSL_CHECK_VALUE(loss.dim() == 1, "csl_fast.record_loss: loss must be 1-D [B], got shape ",
                     loss.sizes());
   const int64_t B = loss.size(0);
-  TORCH_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
+  CSL_CHECK_VALUE(index.dim() == 1 && index.size(0) == B,
                     "csl_fast.record_loss: index must be 1-D with B = ", B,
                     " entries, one per loss, got shape ", index.sizes());
-  TORCH_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
+  CSL_CHECK_TYPE(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt,
                    "csl_fast.record_loss: index must be int64 or int32 dataset indices, got ",
                    index.scalar_type());
   const int64_t n = check_buffers(csl, count, [](const at::Tensor&, const char*) {});
@@ -78,30 +78,30 @@ void record_loss(const at::Tensor& loss, const at::Tensor& index, const at::Tens
   if (count) written.push_back(*count);
   const std::optional<at::Tensor>* state[3] = {&last_loss, &epoch_loss_sum, &epoch_count};
   const char* names[3] = {"last_loss", "epoch_loss_sum", "epoch_count"};
-  TORCH_CHECK_VALUE(epoch_loss_sum.has_value() == epoch_count.has_value(),
+  CSL_CHECK_VALUE(epoch_loss_sum.has_value() == epoch_count.has_value(),
                     "csl_fast.record_loss: epoch_loss_sum and epoch_count go together");
   for (int k = 0; k < 3; ++k) {
     if (!state[k]->has_value()) continue;
     const at::Tensor& t = **state[k];
-    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+    CSL_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
                      "csl_fast.record_loss: ", names[k], " must be float32 or float64, got ",
                      t.scalar_type());
     check_state_buffer("record_loss", t, names[k], t.scalar_type(), n);
     written.push_back(t);
   }
-  TORCH_CHECK_VALUE(!count || !shares_memory(csl, *count),
+  CSL_CHECK_VALUE(!count || !shares_memory(csl, *count),
                     "csl_fast.record_loss: csl and count share memory; allocate them separately");
   for (const at::Tensor& t : written) {
-    TORCH_CHECK_VALUE(!t.requires_grad(), "csl_fast.record_loss: a buffer requires grad, but ",
+    CSL_CHECK_VALUE(!t.requires_grad(), "csl_fast.record_loss: a buffer requires grad, but ",
                       "buffers are written in place with no gradient; pass them detached");
-    TORCH_CHECK_VALUE(t.device() == loss.device() && index.device() == loss.device(),
+    CSL_CHECK_VALUE(t.device() == loss.device() && index.device() == loss.device(),
                       "csl_fast.record_loss: every tensor must be on the loss's device (",
                       loss.device(), ")");
     // The index's entries would change under the adds, after their range check.
-    TORCH_CHECK_VALUE(!spans_overlap(t, index), "csl_fast.record_loss: a buffer shares memory ",
+    CSL_CHECK_VALUE(!spans_overlap(t, index), "csl_fast.record_loss: a buffer shares memory ",
                       "with index; allocate the buffers separately");
     // The bump below would raise after the write.
-    TORCH_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
+    CSL_CHECK(!t.is_inference() || c10::InferenceMode::is_enabled(),
                 "csl_fast.record_loss: a buffer is an inference tensor, which can only be "
                 "written inside torch.inference_mode(); allocate the buffers outside it");
   }

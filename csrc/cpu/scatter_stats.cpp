@@ -22,7 +22,7 @@ void add_into(at::Tensor& out, const int64_t* idx, const float* values, int64_t 
     case at::kDouble: return add_rows<double>(out, idx, values, B);
     case at::kLong: return add_rows<int64_t>(out, idx, values, B);
     case at::kInt: return add_rows<int32_t>(out, idx, values, B);
-    default: TORCH_CHECK(false, "csl_fast: unreachable buffer dtype");
+    default: CSL_CHECK(false, "csl_fast: unreachable buffer dtype");
   }
 }
 

@@ -31,11 +31,11 @@ DType dtype_of(at::ScalarType t) {
     case at::kLong: return DType::kInt64;
     default: break;
   }
-  TORCH_CHECK(false, "csl_fast: internal error: no CUDA kernel for dtype ", t);
+  CSL_CHECK(false, "csl_fast: internal error: no CUDA kernel for dtype ", t);
 }
 
 void same_device(const at::Tensor& t, const char* name, const at::Tensor& logits) {
-  TORCH_CHECK_VALUE(t.device() == logits.device(), "csl_fast: ", name, " is on ", t.device(),
+  CSL_CHECK_VALUE(t.device() == logits.device(), "csl_fast: ", name, " is on ", t.device(),
                     " but logits are on ", logits.device(), "; move it with .to(logits.device)");
 }
 
@@ -51,7 +51,7 @@ Inputs inputs(const at::Tensor& logits, const at::Tensor& target,
               const std::optional<at::Tensor>& pos_weight) {
   check_bce_inputs(logits, target);
   const at::ScalarType dt = logits.scalar_type();
-  TORCH_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+  CSL_CHECK_TYPE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
                    "csl_fast: logits must be float32, float16, bfloat16 or float64, got ", dt);
   same_device(target, "target", logits);
   const at::ScalarType acc = dt == at::kDouble ? at::kDouble : at::kFloat;
@@ -120,10 +120,10 @@ at::Tensor bce_bwd_cuda(const at::Tensor& grad, const at::Tensor& logits, const 
                         const std::optional<at::Tensor>& pos_weight, int64_t reduction) {
   check_bce_inputs(logits, target);
   check_bce_options(logits, weight, pos_weight, reduction);
-  TORCH_CHECK_VALUE(reduction == kNone ? grad.sizes() == logits.sizes() : grad.dim() == 0,
+  CSL_CHECK_VALUE(reduction == kNone ? grad.sizes() == logits.sizes() : grad.dim() == 0,
                     "csl_fast: the upstream gradient must have the loss's shape, got ",
                     grad.sizes());
-  TORCH_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(),
+  CSL_CHECK_TYPE(grad.scalar_type() == logits.scalar_type(),
                    "csl_fast: the upstream gradient must have the logits' dtype ",
                    logits.scalar_type(), ", got ", grad.scalar_type());
   same_device(grad, "the upstream gradient", logits);

@@ -68,12 +68,12 @@ DType to_dtype(at::ScalarType t) {
     default:
       break;
   }
-  TORCH_CHECK(false, "csl_fast: internal error: no CUDA kernel for dtype ", t);
+  CSL_CHECK(false, "csl_fast: internal error: no CUDA kernel for dtype ", t);
 }
 
 void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
                        const char* ref_name) {
-  TORCH_CHECK_VALUE(t.device() == ref.device(), "csl_fast: ", name, " is on ", t.device(),
+  CSL_CHECK_VALUE(t.device() == ref.device(), "csl_fast: ", name, " is on ", t.device(),
                     " but ", ref_name, " is on ", ref.device(), "; move it with .to(",
                     ref_name, ".device)");
 }
@@ -95,7 +95,7 @@ int* error_flag_ptr(at::Tensor& flag) {
 
 // After a cross-entropy kernel (validate mode): a target outside [0, C) not ignore_index.
 void check_target_flag(const at::Tensor& flag, int64_t C, int64_t ignore_index) {
-  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
+  CSL_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: target has values outside [0, C = ", C,
                     ") that are not ignore_index (", ignore_index,
                     "); fix the labels or pass the right ignore_index (found by "
                     "CSL_FAST_VALIDATE=1)");
@@ -111,21 +111,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_into_cuda(
     double softcap = 0.0, double z_loss_scale = 0.0) {
   check_logits_2d(logits);
   check_cross_entropy_extras(weight, softcap, z_loss_scale);
-  TORCH_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
+  CSL_CHECK_TYPE(is_logits_dtype(logits.scalar_type()),
                    "csl_fast: logits must be float32, float16, bfloat16 or float64, got ",
                    logits.scalar_type());
   check_cross_entropy_args(logits, target, label_smoothing, reduction);
   check_same_device(target, "target", logits, "logits");
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
-  TORCH_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
-  TORCH_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
+  CSL_CHECK_VALUE(C > 0 || B == 0, "csl_fast: logits have C = 0 classes");
+  CSL_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
                     kMaxClasses, " classes, got C = ", C);
   const at::ScalarType acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor w;
   if (weight.has_value()) {
     check_weight_shape(*weight, C);
-    TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
+    CSL_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
                      "csl_fast: weight must be a floating-point tensor, got ",
                      weight->scalar_type());
     check_same_device(*weight, "weight", logits, "logits");
@@ -269,11 +269,11 @@ at::Tensor cross_entropy_bwd_cuda(const at::Tensor& logits, const at::Tensor& ta
   check_same_device(scale, "scale", logits, "logits");
   const int64_t B = logits.size(0);
   const int64_t C = logits.size(1);
-  TORCH_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
+  CSL_CHECK_VALUE(C <= kMaxClasses, "csl_fast: the CUDA kernels support at most ",
                     kMaxClasses, " classes, got C = ", C);
   at::Tensor w, w_sum;
   if (weight.has_value()) {
-    TORCH_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
+    CSL_CHECK_TYPE(at::isFloatingType(weight->scalar_type()),
                      "csl_fast: weight must be a floating-point tensor, got ",
                      weight->scalar_type());
     check_same_device(*weight, "weight", logits, "logits");
@@ -321,7 +321,7 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
     check_same_device(buf, name, stats, "stats");
   });
   if (n < 0 || B == 0) return;
-  TORCH_CHECK_VALUE(!deterministic || B <= INT32_MAX,
+  CSL_CHECK_VALUE(!deterministic || B <= INT32_MAX,
                     "csl_fast: deterministic scatter supports at most 2^31 - 1 rows, got ", B,
                     "; split the batch or pass deterministic=False");
 
@@ -354,7 +354,7 @@ void scatter_stats_cuda(const at::Tensor& stats, const at::Tensor& index, bool d
   } else {
     C10_CUDA_CHECK(scatter_stats_atomic(p, stream));
   }
-  TORCH_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: index has values outside [0, N = ", n,
+  CSL_CHECK_INDEX(read_flag(flag) == 0, "csl_fast: index has values outside [0, N = ", n,
                     ") where N is the size of the csl buffer; pass dataset indices "
                     "(csl_fast.data.IndexedDataset) and a buffer with one entry per dataset "
                     "sample (found by CSL_FAST_VALIDATE=1; those rows were skipped)");
@@ -391,8 +391,8 @@ void record_vote_cuda(const at::Tensor& stats, const at::Tensor& index, at::Tens
 
 // ---------------------------------------------------------------------------------------
 at::Tensor input_grad_norms_cuda(const at::Tensor& grad, double scale) {
-  TORCH_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
-  TORCH_CHECK_TYPE(is_logits_dtype(grad.scalar_type()),
+  CSL_CHECK_VALUE(grad.dim() >= 1, "csl_fast: grad must have a batch dimension, got a scalar");
+  CSL_CHECK_TYPE(is_logits_dtype(grad.scalar_type()),
                    "csl_fast: grad must be float32, float16, bfloat16 or float64, got ",
                    grad.scalar_type());
   const int64_t B = grad.size(0);
