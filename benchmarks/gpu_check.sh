@@ -11,7 +11,7 @@
 #
 # Stages, in order (correctness first; each logged to OUTDIR/<stage>.log and bounded by a
 # timeout; a failing stage does not stop the later ones):
-#   env        15 s  nvidia-smi, versions, GPU count, nvcc/ninja                  env.log
+#   env        30 s  nvidia-smi, versions, GPU count, nvcc/ninja                  env.log
 #   build     140 s  setup.py build_ext --inplace (ninja, TORCH_CUDA_ARCH_LIST=9.0),
 #                    csl_fast.info, the cuda backend must load                   build.log
 #   tests_gpu 190 s  pytest -k "cuda or gpu or triton" (pytest-xdist workers where it is
@@ -192,7 +192,7 @@ tests_cpu() { run_tests tests_cpu tests -k "not ($SELECT_GPU)"; }
 export OUT ROOT PY DRY SELECT_GPU
 export -f env_info build run_tests tests_gpu tests_cpu
 
-stage env 15 env_info
+stage env 30 env_info
 stage build 140 build
 stage tests_gpu "${CSL_TESTS_GPU_S:-190}" tests_gpu
 if [ $DRY -eq 1 ]; then
