@@ -30,6 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
+from csl_fast.bench.env import environment  # noqa: E402
 
 B, C = 1024, 1000
 
@@ -79,7 +80,16 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=18)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    lines = [f"# Host profile of one call, {B} x {C}, {args.device}", ""]
+    env = environment(args.device)
+    machine = env.get("gpu") or env["cpu_model"]
+    lines = [
+        f"# Host profile of one call, {B} x {C}, {args.device} ({machine})",
+        "",
+        f"- date {env['date']}, commit {env.get('git_commit')}, torch {env['torch']}, triton "
+        f"{env['triton']}, {env['cpu_cores']} CPU cores, load average at start "
+        f"{env['loadavg_start']}",
+        "",
+    ]
     summary = ["| call | host us/call (no sync) |", "|---|---|"]
     for name, fn in _cases(args.device).items():
         for _ in range(20):  # compilation, caches, allocator
@@ -109,7 +119,7 @@ def main() -> int:
         lines += [f"## {name}: {host_us:.0f} us per call", "", "```", body.strip(), "```", ""]
         lines += ["torch ops, 20 calls:", "", "```", ops.strip(), "```", ""]
         print(f"{name}: {host_us:.0f} us/call", flush=True)
-    report = "\n".join([*lines[:2], *summary, "", *lines[2:]])
+    report = "\n".join([*lines[:4], *summary, "", *lines[4:]])
     with open(os.path.join(args.out, "host-profile.md"), "w", encoding="utf-8") as f:
         f.write(report + "\n")
     print("\n".join(summary))
