@@ -143,8 +143,10 @@ class CleaningPlan:
             (``inputs=`` with ``labels=``, :mod:`csl_fast.cleaning_groups`); all False
             otherwise.
         presented: bool ``[N]`` the samples the run trained on (the tracker's
-            ``csl_count > 0``) when the plan was made from a tracker, else None:
-            :meth:`apply` and :meth:`apply_dataset` leave the others out.
+            ``csl_count > 0``; in a run of eval passes alone, the samples they scored) when
+            the plan was made from a tracker, else None: :meth:`apply` and
+            :meth:`apply_dataset` leave the others out.
+        unseen: how the samples outside ``presented`` were missed, for messages.
     """
 
     index: torch.Tensor
@@ -162,6 +164,7 @@ class CleaningPlan:
     duplicates: Detection | None = None
     grouped: torch.Tensor | None = None
     presented: torch.Tensor | None = None
+    unseen: str = "never presented in training"
 
     def __post_init__(self) -> None:
         if self.keep is None:
@@ -354,8 +357,8 @@ class CleaningPlan:
             if unseen:
                 warnings.warn(
                     f"CleaningPlan.{caller}: {unseen} of the {self.num_samples} samples were "
-                    "never presented in training (held out, or never reached) and are left "
-                    "out of the cleaned set; the run says nothing about them",
+                    f"{self.unseen} (held out, or never reached) and are left out of the "
+                    "cleaned set; the run says nothing about them",
                     stacklevel=3,
                 )
             keep &= self.presented.cpu()
@@ -541,10 +544,25 @@ def no_suggestions(source: Any) -> str | None:
 
 
 def presented(source: Any) -> torch.Tensor | None:
-    """bool ``[N]``: the samples a tracker ``source`` trained on, None for scores."""
+    """bool ``[N]``: the samples a tracker ``source`` trained on, None for scores. A run
+    scored by eval passes alone (:func:`csl_fast.score_epoch`, no training) says something
+    about the samples they scored: those (every sample counted as never presented, the
+    cleaned set of such a run was empty)."""
     from .tracker import CSLTracker
 
-    return (source.csl_count > 0).cpu() if isinstance(source, CSLTracker) else None
+    if not isinstance(source, CSLTracker):
+        return None
+    trained = (source.csl_count > 0).cpu()
+    return trained if bool(trained.any()) else (source.eval_count > 0).cpu()
+
+
+def unseen_phrase(source: Any) -> str:
+    """How the samples outside :func:`presented` were missed, for messages."""
+    from .tracker import CSLTracker
+
+    if isinstance(source, CSLTracker) and not bool((source.csl_count > 0).any()):
+        return "never scored by an eval pass (this run has eval passes only)"
+    return "never presented in training"
 
 
 def _num_samples(source: Any) -> int | None:
@@ -811,6 +829,7 @@ def clean(
         duplicates=dup,
         grouped=grouped,
         presented=seen,
+        unseen=unseen_phrase(source),
     )
 
 

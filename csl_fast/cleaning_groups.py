@@ -87,7 +87,7 @@ def resolve_conflicts(
         labels: int ``[N]`` the given labels; a negative one (an unlabelled sample,
             ``ignore_index``) never wins and is relabelled to the group's label.
         mean_loss: float ``[N]`` each sample's mean loss over training (``csl_mean``; NaN
-            for a sample never presented).
+            for a sample never presented), or over the eval passes of a run without training.
     """
     empty = torch.empty(0, dtype=torch.long)
     if not groups:
@@ -193,10 +193,14 @@ def duplicate_decisions(
 
 
 def _mean_loss(source: Any) -> torch.Tensor:
+    """Each sample's mean training loss; in a run of eval passes alone, its mean eval-pass
+    loss (there every conflicting group was left undecided and all its members dropped)."""
     from .tracker import CSLTracker
 
     if isinstance(source, CSLTracker):
-        return source.csl_mean.detach().cpu().double()
+        trained = bool((source.csl_count > 0).any())
+        mean = source.csl_mean if trained else source.eval_csl_mean
+        return mean.detach().cpu().double()
     if isinstance(source, Mapping) and "csl_mean" in source:
         return torch.as_tensor(source["csl_mean"]).detach().cpu().double()
     raise ValueError(

@@ -93,6 +93,7 @@ def _clean_summary(
     plan: Any, samples: Any, args: argparse.Namespace, where: str, sequences: bool = False
 ) -> str:
     from .cli_inputs import duplicates_summary
+    from .scores import unscored_reason
 
     det = plan.detection
     kept = f", {plan.num_kept} keep" if plan.duplicates is not None or plan.num_kept else ""
@@ -113,7 +114,7 @@ def _clean_summary(
             f"the run has {n} samples"
             if len(plan) == n
             else f"only {len(plan)} of the {n} samples have a {args.score} value (the others "
-            "were never presented in training)"
+            f"were {unscored_reason(args.score)})"
         )
         lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase

@@ -555,10 +555,12 @@ def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | Non
         size *= tracker.label_csl.shape[1]
     if listed >= min(top, size):
         return None
+    from .scores import unscored_reason
+
     what = "(sample, label) entries" if score == "label_csl" else "samples"
     return (
         f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
-        f"{score} value; the others were never presented in training or the score is "
+        f"{score} value; the others were {unscored_reason(score)} or the score is "
         "undefined for them, and are not ranked"
     )
 

@@ -184,6 +184,17 @@ def recorded_names(tracker: CSLTracker) -> list[str]:
 _EVAL_FIRST = ("final_loss", "in_confidence")
 
 
+def unscored_reason(name: str) -> str:
+    """Why a sample has no value of score ``name`` (for messages about unranked samples):
+    the source the score needs never reached it."""
+    needs = SCORES[name].needs if name in SCORES else "train"
+    if needs == "eval":
+        return "never scored by an eval pass (csl_fast.score_epoch)"
+    if needs.startswith("input_grad"):
+        return "never had an input-gradient norm recorded (tracker.watch)"
+    return "never presented in training"
+
+
 def _has(tracker: CSLTracker, needs: str) -> bool:
     if needs == "train":
         return bool((tracker.csl_count > 0).any())

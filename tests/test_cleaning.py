@@ -633,3 +633,17 @@ def test_the_detections_warning_points_at_the_callers_line():
     with pytest.warns(detect.DetectionWarning) as rec:
         csl_fast.clean(t)
     assert [os.path.basename(w.filename) for w in rec] == ["test_cleaning.py"]
+
+
+def test_a_run_of_eval_passes_alone_keeps_the_samples_they_scored():
+    # every sample counted as never presented: the cleaned set was empty, and the warning
+    # said "never presented in training" of samples an eval pass had scored
+    t = csl_fast.CSLTracker(6, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(4, 3, generator=g), LABELS[:4], torch.arange(4))  # 4 and 5 unscored
+    csl_fast.score_epoch(torch.nn.Identity(), [batch], t)
+    plan = clean(t, score="eval_csl", policy="drop", rule="fraction", fraction=0.25)
+    assert plan.presented.tolist() == [True] * 4 + [False] * 2
+    with pytest.warns(UserWarning, match="2 of the 6 samples were never scored by an eval pass"):
+        keep, _ = plan.apply(LABELS)
+    assert set(keep.tolist()) <= {0, 1, 2, 3} and len(keep) == 4 - plan.num_dropped > 0

@@ -248,3 +248,21 @@ def test_a_never_presented_member_is_dropped_as_apply_leaves_it_out():
     # every row the plan keeps or relabels is in the cleaned set
     kept = set(keep.tolist())
     assert all(r["index"] in kept for r in plan.rows() if r["action"] != "drop")
+
+
+def test_a_run_of_eval_passes_alone_resolves_its_groups_by_the_eval_loss():
+    """Without training every member's mean loss was NaN: every conflicting group was
+    undecided and all its members dropped."""
+    import csl_fast
+
+    x, y, _, _ = _setup()
+    tracker = csl_fast.CSLTracker(N, num_classes=5)
+    logits = 4 * torch.nn.functional.one_hot(y, 5).float()
+    logits[7] = 4 * torch.nn.functional.one_hot(y[2], 5).float()  # the model sides with 2
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, torch.arange(N))], tracker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        plan = clean(tracker, score="eval_csl", inputs=x, labels=y)
+    rows = {r["index"]: r for r in plan.rows()}
+    assert rows[2]["action"] == "keep"
+    assert rows[7]["action"] == "relabel" and rows[7]["suggested_label"] == int(y[2])

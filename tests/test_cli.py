@@ -686,6 +686,21 @@ def test_report_of_an_eval_only_run_says_to_rank_it_instead(tmp_path, capsys):
     assert code == 0 and "eval_csl" in out
 
 
+def test_unranked_samples_of_an_eval_score_are_said_to_be_unscored(tmp_path, capsys):
+    # "never presented in training" of samples that an eval pass had not scored
+    tracker = csl_fast.CSLTracker(12, 3)
+    batch = (torch.randn(6, 3), torch.arange(6) % 3, torch.arange(6))
+    csl_fast.score_epoch(torch.nn.Identity(), [batch], tracker)
+    tracker.save(tmp_path / "run.csl")
+    code, _, err = run_main(capsys, "rank", str(tmp_path / "run.csl"), "--score", "eval_csl")
+    assert code == 0
+    assert "the others were never scored by an eval pass (csl_fast.score_epoch)" in err
+    out = tmp_path / "plan.csv"
+    args = ["clean", str(tmp_path / "run.csl"), "--score", "eval_csl", "--out", str(out)]
+    code, summary, _ = run_main(capsys, *args, "--policy", "review", "--budget", "10")
+    assert code == 0 and "(the others were never scored by an eval pass" in summary
+
+
 def _exit_codes_in_help() -> dict[int, str]:
     """``csl-fast --help``'s exit codes: ``{code: what it says the code is for}``."""
     from csl_fast.cli import build_parser
