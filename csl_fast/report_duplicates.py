@@ -101,9 +101,10 @@ def section(
         warnings.simplefilter("ignore", DetectionWarning)  # the flagged-set section shows it
         det = duplicates(tracker, score, inputs=inputs, labels=labels)
         plan = None
+        # (a run without suggested labels, of sequences, takes no relabelling policy)
+        why_drop = no_suggestions(tracker)
         if labels is not None and det.groups:
-            # (a run without suggested labels, of sequences, takes no relabelling policy)
-            policy = "drop" if no_suggestions(tracker) is not None else "relabel-confident"
+            policy = "drop" if why_drop is not None else "relabel-confident"
             plan = clean(
                 tracker, detection=det, policy=policy, score=score, inputs=inputs, labels=labels
             )
@@ -117,14 +118,26 @@ def section(
         if truth is not None:
             right = int((lab[kept] == np.asarray(truth)[plan.index.numpy()[kept]]).sum())
             keep_text += f" ({right} hold the true label)"
-        rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
-        rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
-        rows.append(("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped)))
+        if plan.policy == "drop":
+            # (the rows below said "kept ... preferred: 0" and "dropped (the group has no
+            # label)" of members dropped because no member can be relabelled)
+            rows.append(("csl_fast.clean: dropped (policy drop)", str(plan.num_dropped)))
+        else:
+            rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
+            rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
+            rows.append(("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped)))
     parts = ["<h2>Duplicate groups (identical inputs)</h2>", _table(rows)]
     if labels is None:
         note = (
             "No labels given: a group is flagged whole when the score rule flags one of its "
             "members; give the labels (samples.npz or --labels) to flag every conflict exactly."
+        )
+    elif why_drop is not None:
+        note = (
+            "A group whose members carry different labels is flagged whole: at most one of its "
+            f"labels is right. Here csl_fast.clean drops every member of such a group: {why_drop}"
+            ", so it has no suggested labels to relabel by (policy drop). Groups whose members "
+            "share a label are never flagged for being duplicated."
         )
     else:
         note = (

@@ -95,3 +95,21 @@ def test_write_report_takes_the_inputs_of_samples(tmp_path):
     assert np.array_equal(samples.inputs, x.numpy())
     with pytest.raises(ValueError, match="one row per sample"):
         write_report(tracker, tmp_path, inputs=x[:10])
+
+
+def test_section_of_a_loss_only_run_says_its_policy_is_drop():
+    # its rows read "kept (the label the network preferred): 0" and "dropped (the group
+    # has no label)", and the note spoke of relabelling, of a run that cannot relabel
+    tracker, x, y = _run()
+    losses = csl_fast.CSLTracker(N, C)
+    for _ in range(3):
+        csl_fast.record_loss(tracker.csl_mean.float(), torch.arange(N), losses)
+        losses.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
+        page = section(losses, None, x, y, "csl")
+    cells = _cells(page)
+    assert cells["csl_fast.clean: dropped (policy drop)"] == "2"
+    assert not any(k.startswith("csl_fast.clean: kept") for k in cells)
+    assert "drops every member of such a group: this run recorded losses only" in page
+    assert "relabels the others" not in page
