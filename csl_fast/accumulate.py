@@ -27,6 +27,7 @@ from .accumulate_checks import (
     _check_args,
     _check_values,
     adopt_classes,
+    smoothing,
     target_positions,
     validate_by_default,
     widen_for_ignore_index,
@@ -260,6 +261,7 @@ def accumulate(
             f"csl_fast.accumulate: inplace_grad must be True or False, got {inplace_grad!r}"
         )
     check_flags("csl_fast.accumulate", deterministic=deterministic, validate=validate)
+    label_smoothing = smoothing(label_smoothing, "accumulate")
     fast_error = None
     step = None
     if extras is None and type(ignore_index) is not bool:  # (refused below; C++ reads 1)

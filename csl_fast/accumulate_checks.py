@@ -245,15 +245,24 @@ def _check_args(
         raise ValueError(
             f"csl_fast.{op}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}"
         )
+    smoothing(label_smoothing, op)
+
+
+def smoothing(label_smoothing: object, op: str) -> float:
+    """``label_smoothing`` as ``F.cross_entropy`` applies it: a value of 0 or less, or NaN,
+    smooths nothing (PyTorch takes it without a word and computes the plain loss; so does
+    csl_fast, where it refused it); one above 1 is refused, as PyTorch refuses it."""
     try:
-        in_range = 0.0 <= label_smoothing <= 1.0
+        above = label_smoothing > 1.0
+        applied = label_smoothing > 0.0
     except TypeError:  # None or a string from a config, say
         raise TypeError(
             f"csl_fast.{op}: label_smoothing must be a float in [0, 1], got "
             f"{type(label_smoothing).__name__}; pass 0.0 for none"
         ) from None
-    if not in_range:
+    if above:
         raise ValueError(f"csl_fast.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing) if applied else 0.0
 
 
 _CSL_DTYPES = (torch.float32, torch.float64)

@@ -59,7 +59,12 @@ from . import cross_entropy_extras, ops, ops_extras
 from ._args import check_flags, integer_labels
 from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
-from .accumulate_checks import adopt_classes, validate_by_default, widen_for_ignore_index
+from .accumulate_checks import (
+    adopt_classes,
+    smoothing,
+    validate_by_default,
+    widen_for_ignore_index,
+)
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
@@ -282,6 +287,7 @@ def linear_cross_entropy(
     else:
         buffers = (torch.zeros(0, device=hidden.device), None)
         idx_check = torch.zeros(seq[0] if seq else t1.shape[0], dtype=torch.int64, device=h2.device)
+    label_smoothing = smoothing(label_smoothing, "linear_cross_entropy")
     # Shape, dtype and device checks of target/index/buffers, shared with accumulate.
     _check_args(
         h2[:, :0],

@@ -1051,3 +1051,27 @@ def test_class_probabilities_compile_with_fullgraph():
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(results[0][0], F.cross_entropy(z0, p))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("smoothing", [-0.3, -5.0, float("nan"), float("-inf")])
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+def test_a_label_smoothing_of_zero_or_less_smooths_nothing_as_in_pytorch(backend, smoothing, soft):
+    # F.cross_entropy takes it and computes the plain loss; csl_fast refused it
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 5, generator=g)
+    target = torch.tensor([0, 4, 2, -100, 1, 3])
+    if soft:
+        target = torch.softmax(torch.randn(6, 5, generator=g), 1)
+    for kwargs in ({}, {"weight": torch.rand(5, generator=g) + 0.1}, {"reduction": "sum"}):
+        csl = torch.zeros(6, dtype=torch.float64)
+        losses, grads = _both(
+            backend, logits, target, torch.arange(6), csl, label_smoothing=smoothing, **kwargs
+        )
+        _assert_same([losses, grads], (backend, smoothing, kwargs))
+        plain = torch.zeros(6, dtype=torch.float64)
+        accumulate(logits, target, torch.arange(6), plain, backend=backend, **kwargs)
+        torch.testing.assert_close(csl, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got inf"):
+        accumulate(logits, target, torch.arange(6), csl, label_smoothing=float("inf"))

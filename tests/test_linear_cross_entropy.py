@@ -547,3 +547,21 @@ def test_the_reference_backend_runs_under_no_grad_and_inference_mode(mode):
         got = csl_fast.linear_cross_entropy(h, w, t, idx, csl, backend="reference")
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(csl[:6], F.cross_entropy(h @ w.T, t, reduction="none"))
+
+
+def test_a_label_smoothing_of_zero_or_less_smooths_nothing_as_in_pytorch():
+    g = torch.Generator().manual_seed(4)
+    h, w = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
+    t = torch.randint(0, 5, (6,), generator=g)
+    for smoothing in (-0.2, float("nan")):
+        w1 = w.clone().requires_grad_(True)
+        w2 = w.clone().requires_grad_(True)
+        csl = torch.zeros(6, dtype=torch.float64)
+        ours = csl_fast.linear_cross_entropy(
+            h, w1, t, torch.arange(6), csl, label_smoothing=smoothing
+        )
+        theirs = torch.nn.functional.cross_entropy(h @ w2.t(), t, label_smoothing=smoothing)
+        ours.backward()
+        theirs.backward()
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(w1.grad, w2.grad)
