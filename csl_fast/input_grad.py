@@ -132,9 +132,10 @@ def watch(
 
     Registers a tensor hook on ``x`` that calls :func:`input_grad_norms` with ``x``'s
     gradient. ``x`` must be floating point; a leaf that does not require grad (a batch
-    straight from the DataLoader) is switched to ``requires_grad_(True)`` for the step, and
-    back once ``backward`` has accumulated its gradient, which is dropped (a full-batch
-    tensor watched at every step stays as it was, without a ``.grad``). Returns ``x``
+    straight from the DataLoader) is switched to ``requires_grad_(True)``, and stays so:
+    one tensor watched across steps (full-batch training on ``X``) keeps recording, and
+    keeps the flag and a ``.grad`` that every backward adds to. Watch a view, ``X[:]``,
+    to leave ``X`` itself as it was (its gradient then accumulates nowhere). Returns ``x``
     itself, so ``x = tracker.watch(x, idx)`` reads naturally.
 
     ``reduction_scale`` undoes the loss reduction (see :func:`input_grad_norms`): the
@@ -214,8 +215,7 @@ def watch(
         _check_values(None, index, 0, tracker.num_samples, 0, "watch", tracker=True)
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
-    switched = not x.requires_grad
-    if switched:
+    if not x.requires_grad:
         x.requires_grad_(True)
     scale = float(x.shape[0]) if reduction_scale is None else reduction_scale
     if reduction_scale is None and not getattr(tracker, "_watched_at_default_scale", False):
@@ -225,12 +225,12 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         input_grad_norms(grad, index, tracker, scale, valid=valid)
 
-    _register(x, tracker, hook, switched)
+    _register(x, tracker, hook)
     return x
 
 
 @torch.compiler.disable
-def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any, switched: bool = False) -> None:
+def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
     """Put ``hook`` on ``x`` for ``tracker``, in eager mode (torch.compile cannot trace
     the per-tensor registry: a step that watches graph-breaks here), unless ``x`` is the
     detached input of a region rerun in the backward.
@@ -243,23 +243,10 @@ def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any, switched: bool = 
 
     Watching the same tensor again (full-batch training on one fixed tensor) replaces this
     tracker's earlier hook: hooks stay on a tensor, so each epoch would add one more and
-    every backward would record the norms once per epoch so far.
-
-    A leaf that ``switched`` on ``requires_grad`` for the watch gets it switched off again
-    once its gradient has been accumulated, and that gradient dropped: a full-batch ``X``
-    kept the flag (``X.numpy()`` raised) and a ``.grad`` of the whole data set, added to at
-    every step."""
+    every backward would record the norms once per epoch so far."""
     if x.is_leaf and backward_rerun.in_backward():
         return
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
         hooks[id(tracker)].remove()
     hooks[id(tracker)] = x.register_hook(hook)
-    if switched and x.is_leaf:
-
-        def restore(leaf: torch.Tensor) -> None:
-            leaf.grad = None
-            leaf.requires_grad_(False)
-            handle.remove()
-
-        handle = x.register_post_accumulate_grad_hook(restore)

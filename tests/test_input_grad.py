@@ -371,22 +371,19 @@ def test_a_cpu_tensor_scale_scales_before_squaring_as_a_float_does():
         assert float(sq[0]) == pytest.approx(want, rel=1e-5, abs=0)
 
 
-def test_a_full_batch_tensor_watched_every_step_is_left_as_it_was():
-    # it kept requires_grad (X.numpy() raised) and a .grad of the whole data set that grew
-    # at every step
+def test_one_tensor_watched_across_steps_and_a_view_of_it():
+    """Watched once, a full-batch tensor records at every backward (a fix that switched
+    its flag back after the first backward recorded one step of three); watched as a view,
+    ``X[:]``, it is left as it was."""
     g = torch.Generator().manual_seed(0)
     x, y, idx = torch.randn(8, 3, generator=g), torch.arange(8) % 2, torch.arange(8)
     model = torch.nn.Linear(3, 2)
-    tracker = csl_fast.CSLTracker(8, 2)
+    once = csl_fast.CSLTracker(8, 2)
+    watched = once.watch(x.clone(), idx)
+    viewed = csl_fast.CSLTracker(8, 2)
     for _ in range(3):
-        watched = tracker.watch(x, idx)
-        assert watched is x and x.requires_grad
-        csl_fast.accumulate(model(watched), y, idx, tracker).backward()
-        assert not x.requires_grad and x.grad is None
-        tracker.end_epoch()
-    assert tracker.input_grad_count.tolist() == [3.0] * 8
-    x.numpy()
-    # a tensor that required grad before keeps the flag and its gradient
-    mine = torch.randn(8, 3, generator=g, requires_grad=True)
-    csl_fast.accumulate(model(tracker.watch(mine, idx)), y, idx, tracker).backward()
-    assert mine.requires_grad and mine.grad is not None
+        csl_fast.accumulate(model(watched), y, idx, once).backward()
+        csl_fast.accumulate(model(viewed.watch(x[:], idx)), y, idx, viewed).backward()
+    assert once.input_grad_count.tolist() == viewed.input_grad_count.tolist() == [3.0] * 8
+    torch.testing.assert_close(once.input_grad_sq_sum, viewed.input_grad_sq_sum)
+    assert not x.requires_grad and x.grad is None
