@@ -530,16 +530,26 @@ SEQUENCES_NO_LABELS = (
 )
 
 
+#: Why a run of eval passes alone has no suggested labels.
+EVAL_PASSES_ONLY = (
+    "this run has eval passes only (csl_fast.score_epoch): suggested labels are votes cast "
+    "in training presentations, and it has none"
+)
+
+
 def no_suggestions(source: Any) -> str | None:
-    """Why the tracker ``source`` has no suggested labels (it recorded losses only, or
-    sequences), or ``None`` (it has them, or it is not a tracker)."""
+    """Why the tracker ``source`` has no suggested labels (it recorded losses only,
+    sequences, or eval passes alone), or ``None`` (it has them, or it is not a tracker)."""
     from .scores import LOSS_ONLY, has_logit_stats
     from .tracker import CSLTracker
 
     if not isinstance(source, CSLTracker):
         return None
-    if bool((source.csl_count > 0).any()) and not has_logit_stats(source):
+    trained = bool((source.csl_count > 0).any())
+    if trained and not has_logit_stats(source):
         return LOSS_ONLY
+    if not trained and bool((source.eval_count > 0).any()):
+        return EVAL_PASSES_ONLY
     return SEQUENCES_NO_LABELS if source.sequences else None
 
 

@@ -17,7 +17,7 @@ __all__ = ["cmd_clean"]
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .cleaning import clean, no_suggestions
+    from .cleaning import EVAL_PASSES_ONLY, clean, no_suggestions
     from .cli_commands import (
         _scores_for,
         check_output,
@@ -51,12 +51,15 @@ def cmd_clean(args: argparse.Namespace) -> int:
         _scores_for(tracker, args.score)  # a clear error when the score was not recorded
         det = detection_for(tracker, args.score)
         policy = args.policy
-        if no_suggestions(tracker) is not None and policy == "relabel-confident":
+        missing = no_suggestions(tracker)
+        if missing is not None and policy == "relabel-confident":
             policy = "drop"
             losses = loss_only(tracker)
             what = (
                 "losses only (csl_fast.record_loss or csl_fast.accumulate_bce)"
                 if losses
+                else "eval passes only (csl_fast.score_epoch), which cast no votes"
+                if missing == EVAL_PASSES_ONLY
                 else "sequences (a sequence's label is its token string, not one class)"
             )
             how = "; flagged by the tail rule of csl_fast.detect_losses" if losses else ""
@@ -83,14 +86,14 @@ def cmd_clean(args: argparse.Namespace) -> int:
     if plan.warning:
         print(f"csl-fast clean: warning: {warning_line(plan.warning)}", file=sys.stderr)
     where = {None: args.out, sys.stdout: "standard output", sys.stderr: "standard error"}
-    summary = _clean_summary(plan, samples, args, where[stream], tracker.sequences)
+    summary = _clean_summary(plan, samples, args, where[stream], tracker)
     # the other stream than the CSV's
     print(summary, file=sys.stderr if stream is sys.stdout else sys.stdout)
     return EXIT_OK
 
 
 def _clean_summary(
-    plan: Any, samples: Any, args: argparse.Namespace, where: str, sequences: bool = False
+    plan: Any, samples: Any, args: argparse.Namespace, where: str, tracker: Any
 ) -> str:
     from .cli_inputs import duplicates_summary
     from .scores import unscored_reason
@@ -114,7 +117,7 @@ def _clean_summary(
             f"the run has {n} samples"
             if len(plan) == n
             else f"only {len(plan)} of the {n} samples have a {args.score} value (the others "
-            f"were {unscored_reason(args.score)})"
+            f"were {unscored_reason(args.score, tracker)})"
         )
         lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase
@@ -123,7 +126,7 @@ def _clean_summary(
         "corrupted samples"
         if det.rule == "tail"
         else "bad sequences"
-        if sequences
+        if tracker.sequences
         # the count is of samples whose label the run rejects: flipped labels, and both
         # members of a pair of identical inputs with conflicting labels
         else "samples with a doubtful label"

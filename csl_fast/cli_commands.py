@@ -560,7 +560,7 @@ def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | Non
     what = "(sample, label) entries" if score == "label_csl" else "samples"
     return (
         f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
-        f"{score} value; the others were {unscored_reason(score)} or the score is "
+        f"{score} value; the others were {unscored_reason(score, tracker)} or the score is "
         "undefined for them, and are not ranked"
     )
 

@@ -184,11 +184,11 @@ def recorded_names(tracker: CSLTracker) -> list[str]:
 _EVAL_FIRST = ("final_loss", "in_confidence")
 
 
-def unscored_reason(name: str) -> str:
-    """Why a sample has no value of score ``name`` (for messages about unranked samples):
-    the source the score needs never reached it."""
+def unscored_reason(name: str, tracker: CSLTracker) -> str:
+    """Why a sample of ``tracker`` has no value of score ``name`` (for messages about
+    unranked samples): the source the score is read from never reached it."""
     needs = SCORES[name].needs if name in SCORES else "train"
-    if needs == "eval":
+    if needs == "eval" or (name in _EVAL_FIRST and tracker.eval_passes > 0):
         return "never scored by an eval pass (csl_fast.score_epoch)"
     if needs.startswith("input_grad"):
         return "never had an input-gradient norm recorded (tracker.watch)"

@@ -262,7 +262,10 @@ def test_a_run_of_eval_passes_alone_resolves_its_groups_by_the_eval_loss():
     csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, torch.arange(N))], tracker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", detect.DetectionWarning)
-        plan = clean(tracker, score="eval_csl", inputs=x, labels=y)
+        # (eval passes cast no suggested-label votes: the relabelling policy is refused)
+        with pytest.raises(ValueError, match="this run has eval passes only"):
+            clean(tracker, score="eval_csl", inputs=x, labels=y)
+        plan = clean(tracker, score="eval_csl", inputs=x, labels=y, policy="review", budget=N)
     rows = {r["index"]: r for r in plan.rows()}
     assert rows[2]["action"] == "keep"
     assert rows[7]["action"] == "relabel" and rows[7]["suggested_label"] == int(y[2])

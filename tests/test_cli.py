@@ -699,6 +699,14 @@ def test_unranked_samples_of_an_eval_score_are_said_to_be_unscored(tmp_path, cap
     args = ["clean", str(tmp_path / "run.csl"), "--score", "eval_csl", "--out", str(out)]
     code, summary, _ = run_main(capsys, *args, "--policy", "review", "--budget", "10")
     assert code == 0 and "(the others were never scored by an eval pass" in summary
+    # final_loss is read from the eval passes once there is one, trained or not
+    code, summary, _ = run_main(
+        capsys, *args[:3], "final_loss", *args[4:], "--policy", "review", "--budget", "10"
+    )
+    assert code == 0 and "(the others were never scored by an eval pass" in summary
+    # eval passes cast no suggested-label votes: the default policy becomes drop, said so
+    code, _, err = run_main(capsys, *args)
+    assert code == 0 and "this run recorded eval passes only (csl_fast.score_epoch)" in err
 
 
 def _exit_codes_in_help() -> dict[int, str]:
