@@ -264,7 +264,9 @@ def accumulate_bce(
         validate = validate_by_default(logits.device, name)
     compiling = torch.compiler.is_compiling()
     if validate:
-        _check_values(None, index, 0, csl.shape[0], 0, "accumulate_bce")
+        _check_values(
+            None, index, 0, csl.shape[0], 0, "accumulate_bce", tracker=tracker is not None
+        )
     if validate or logits.device.type == "cpu":
         _check_targets(target)
     code = REDUCTIONS[reduction]

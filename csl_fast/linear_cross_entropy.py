@@ -68,6 +68,7 @@ from .accumulate_checks import (
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
+from .tracker import CSLTracker
 
 __all__ = [
     "accumulation_paths",
@@ -314,6 +315,7 @@ def linear_cross_entropy(
         buffers[0].numel() if record else 1,
         ignore_index,
         "linear_cross_entropy",
+        tracker=isinstance(csl, CSLTracker),
     )
     if validate:
         check_values()

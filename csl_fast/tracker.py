@@ -665,9 +665,11 @@ class CSLTracker(TrackerStatistics):
                 self.device.type == "cpu"
                 or validate_by_default(self.device, _ext.resolve_backend(self.backend, self.device))
             )
+        # int64 first: comparisons of uint16/32/64 are not implemented on the CPU
+        index = index.to(self.device, torch.int64, non_blocking=True)
         if validate:
             _check_values(None, index, 0, self.num_samples, 0, "CSLTracker", tracker=True)
-        return index.to(self.device, torch.int64, non_blocking=True)
+        return index
 
     def _record_last(
         self,

@@ -460,6 +460,12 @@ def _tracker_index_calls():
         "record_loss validate": lambda t: csl_fast.record_loss(
             torch.rand(2), bad, t, validate=True
         ),
+        "accumulate_bce validate": lambda t: csl_fast.accumulate_bce(
+            torch.randn(2, 3), torch.rand(2, 3), bad, t, validate=True
+        ),
+        "linear_cross_entropy validate": lambda t: csl_fast.linear_cross_entropy(
+            torch.randn(2, 4), torch.randn(3, 4), y, bad, t, validate=True
+        ),
         "score_epoch": lambda t: csl_fast.score_epoch(
             torch.nn.Identity(), [(z, y, bad)], t, validate=True
         ),
@@ -472,8 +478,10 @@ def test_an_index_outside_a_tracker_names_the_tracker_not_a_buffer(call):
     # "N is the size of the csl buffer": a buffer the user never made
     t = csl_fast.CSLTracker(5, 3)
     with pytest.raises(IndexError, match=r"= 9 is outside \[0, N = 5\) where N is the tracker's "
-                       r"num_samples.*num_samples=len\(dataset\)"):  # fmt: skip
+                       r"num_samples.*num_samples=len\(dataset\)") as info:  # fmt: skip
         _tracker_index_calls()[call](t)
+    # (not an internal op's name, csl_fast.record_last, which the user never called)
+    assert str(info.value).startswith(("csl_fast.CSLTracker:", f"csl_fast.{call.split()[0]}:"))
     assert all(not v.is_floating_point() or not v.any() for v in t.buffers().values())
 
 

@@ -942,3 +942,17 @@ def test_numpy_integer_sizes_are_taken():
     t = CSLTracker(np.int64(4), np.int64(3), num_labels=np.int32(5))
     assert (t.num_samples, t.num_classes, t.num_labels) == (4, 3, 5)
     assert type(t.num_classes) is int and type(t.num_labels) is int
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_indices_are_taken_by_update_and_record_eval(dtype):
+    # the tracker's CPU range check compared them, which PyTorch does not implement for
+    # uint16/32/64: NotImplementedError where the int64 conversion had worked
+    from csl_fast.stats import NUM_STATS, Stat
+
+    t = CSLTracker(5, 3)
+    stats = torch.zeros(NUM_STATS, 2)
+    stats[Stat.VALID] = 1.0
+    t.update(torch.tensor([0, 4]).to(dtype), stats)
+    t.record_eval(torch.tensor([1, 4]).to(dtype), stats)
+    assert t.csl_count.tolist() == [1, 0, 0, 0, 1] and t.eval_count.tolist() == [0, 1, 0, 0, 1]

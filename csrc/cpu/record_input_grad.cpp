@@ -64,7 +64,7 @@ void record_input_grad(const at::Tensor& sq_norms, const at::Tensor& index,
   }
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  check_index_range("record_input_grad", ip, B, n);
+  check_index_range("CSLTracker", ip, B, n);
   const at::Tensor sq = sq_norms.contiguous();
   const at::Tensor ok = valid.has_value() ? valid->contiguous() : at::Tensor();
   const bool* vp = ok.defined() ? ok.const_data_ptr<bool>() : nullptr;

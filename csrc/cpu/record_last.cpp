@@ -141,7 +141,7 @@ void record_last(const at::Tensor& stats, const at::Tensor& index,
   const at::Tensor st = stats.contiguous();
   const at::Tensor idx = index.to(at::kLong).contiguous();
   const int64_t* ip = idx.const_data_ptr<int64_t>();
-  check_index_range("record_last", ip, B, n);
+  check_index_range("CSLTracker", ip, B, n);  // (the user made a tracker, not this op)
   at::Tensor mp;
   if (max_prob.has_value()) {
     CSL_CHECK_VALUE(max_prob->dim() == 1 && max_prob->size(0) == B,
@@ -175,7 +175,7 @@ void record_vote(const at::Tensor& stats, const at::Tensor& index, at::Tensor& l
   const int64_t n = label.numel();
   const at::Tensor st = stats.contiguous();
   const at::Tensor idx = index.to(at::kLong).contiguous();
-  check_index_range("record_vote", idx.const_data_ptr<int64_t>(), B, n);
+  check_index_range("CSLTracker", idx.const_data_ptr<int64_t>(), B, n);
   vote_rows(st.const_data_ptr<float>(), idx.const_data_ptr<int64_t>(), B,
             label.mutable_data_ptr<int32_t>(), votes.mutable_data_ptr<int32_t>(),
             hits.mutable_data_ptr<int32_t>());
