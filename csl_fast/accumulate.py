@@ -293,6 +293,11 @@ def accumulate(
     seq = None
     if rows is not None:
         logits, target, index, seq = rows.logits, rows.target, rows.index, rows.groups
+        if seq is None and given[0].dim() > 2 and getattr(csl, "sequences", False):
+            # [B, V, 1] into a tracker of sequences (a batch of one-token sequences, a short
+            # last batch): sequences still, as linear_cross_entropy records it, not the
+            # classifications that [N, C, 1] is elsewhere
+            seq = (int(logits.shape[0]), 1)
     soft = rows is not None and rows.soft
     classes = logits.shape[1] if isinstance(logits, torch.Tensor) and logits.dim() == 2 else None
     buffers = _buffers(csl, count, seq, soft, classes)

@@ -355,3 +355,17 @@ def test_samples_of_one_position_are_recorded_as_classifications(positions):
         if isinstance(value, torch.Tensor):
             torch.testing.assert_close(value, want[name], rtol=0, atol=0, msg=name)
     assert (flat_tracker.suggestions()[0] >= 0).any()
+
+
+def test_one_token_sequences_into_a_tracker_of_sequences_stay_sequences():
+    """A [B, V, 1] batch (a short last batch of the transpose(1, 2) layout) into a tracker
+    that recorded sequences: no suggested label, as linear_cross_entropy records it."""
+    logits, target, index = _batch()
+    tracker = CSLTracker(6)
+    csl_fast.accumulate(logits.transpose(1, 2), target, index, tracker)
+    assert tracker.sequences and tracker.num_classes is None
+    short = torch.randn(2, V, 1)
+    csl_fast.accumulate(short, torch.tensor([[1], [2]]), torch.tensor([1, 4]), tracker)
+    assert tracker.num_classes is None
+    assert (tracker.suggestions()[0] == -1).all()
+    assert tracker.csl_count[4] == 1
