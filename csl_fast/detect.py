@@ -352,17 +352,27 @@ def default_score(source: Any) -> str:
 
 
 def _length_bias(t: Any, score: str) -> str | None:
-    """Why ``score`` misranks the source ``t``, or ``None``: a tracker of sequences, a
-    score summed over positions, and presented samples whose position counts differ by
-    more than 25%."""
-    if not getattr(t, "sequences", False) or score not in _SUMMED_OVER_POSITIONS:
+    """Why ``score`` misranks the source ``t``, or ``None``: a score summed over positions
+    (a tracker of sequences) or presentations (any other), and presented samples whose
+    counts differ by more than 25%: samples presented more often than others (a weighted
+    sampler, an epoch stopped part-way) ranked first, and were flagged, without a word."""
+    sequences = getattr(t, "sequences", False)
+    counts = getattr(t, "csl_count", None)
+    if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or counts is None:
         return None
-    counts = t.csl_count[t.csl_count > 0]
+    counts = counts[counts > 0]
     if counts.numel() == 0:
         return None
     lo, hi = float(counts.min()), float(counts.max())
     if hi <= 1.25 * lo:
         return None
+    if not sequences:
+        return (
+            f"score {score!r} sums the loss over each sample's presentations, and the "
+            f"presented samples' presentation counts (csl_count) range from {lo:g} to {hi:g}: "
+            "samples presented more often (a weighted sampler, an epoch stopped part-way) "
+            "rank first whatever their labels. Rank and detect by 'csl_mean'"
+        )
     return (
         f"score {score!r} sums the loss over each sequence's positions, and the presented "
         f"sequences' position counts (csl_count) range from {lo:g} to {hi:g}: long sequences "
@@ -424,7 +434,7 @@ def _select(
             lost = torch.isfinite(aum) & (aum > 0)
             why = f"a score mapping has no num_classes, so {MARGIN_ONLY}; pass the tracker itself"
             views = _Views(loss, lost, partial=why)
-        return values, score, views, None, None
+        return values, score, views, None, _length_bias(source, score)
     from .scores import LOSS_ONLY
     from .scores import scores as compute
     from .tracker import CSLTracker
@@ -452,7 +462,7 @@ def _select(
             f"{LOSS_ONLY}. Try: csl_fast.detect_losses.{tail} (its tail rule is built for "
             "such losses), or rule='fraction' with a prior on the noise rate"
         )
-        return values, score, None, hint, None
+        return values, score, None, hint, _length_bias(t, score)
     if t.sequences:
         return values, score, None, SEQUENCES_HINT, _length_bias(t, score)
     if t.num_classes is not None and t.num_classes >= 2:
@@ -471,7 +481,8 @@ def _select(
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    return values, score, _Views(t.csl_mean, lost, t.epoch, once, partial), None, None
+    views = _Views(t.csl_mean, lost, t.epoch, once, partial)
+    return values, score, views, None, _length_bias(t, score)
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:

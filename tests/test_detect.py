@@ -610,3 +610,31 @@ def test_a_score_that_ranks_other_samples_than_the_count_is_warned():
     with pytest.warns(detect.DetectionWarning, match=r"the top \d+ by 'in_confidence' hold only"):
         det = detect.mislabeled(tracker, "in_confidence")
     assert det.diagnostics["agreement"] < detect.MIN_AGREEMENT
+
+
+def test_unequal_presentation_counts_are_said_of_a_summed_score():
+    """csl sums the loss over presentations: samples presented three times as often (a
+    weighted sampler) ranked first, and were flagged, without a word; csl_mean is said."""
+    g = torch.Generator().manual_seed(0)
+    n, c = 300, 3
+    y = torch.arange(n) % c
+    fed = csl_fast.CSLTracker(n, c)
+    losses = csl_fast.CSLTracker(n)
+    for _ in range(4):
+        for idx in (torch.arange(n), torch.arange(60)):  # samples 0-59 twice per epoch
+            logits = torch.randn(idx.numel(), c, generator=g) + 3 * torch.eye(c)[y[idx]]
+            csl_fast.accumulate(logits, y[idx], idx, fed)
+            csl_fast.record_loss(torch.rand(idx.numel(), generator=g), idx, losses)
+        fed.end_epoch()
+        losses.end_epoch()
+    for source in (fed, csl_fast.scores(fed), losses):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = csl_fast.detect.mislabeled(source, "csl")
+        said = " ".join(str(w.message) for w in caught)
+        assert "presentation counts (csl_count) range from 4 to 8" in said, type(source)
+        assert "Rank and detect by 'csl_mean'" in det.warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        csl_fast.detect.mislabeled(fed, "csl_mean")
+    assert not any("presentation counts" in str(w.message) for w in caught)
