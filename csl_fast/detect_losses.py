@@ -597,6 +597,21 @@ def mislabeled_entries(
     elif n_flagged == 0 and any(d.warning for d in dets):
         reasons = "; ".join(f"label {k}: {d.warning}" for k, d in enumerate(dets) if d.warning)
         warning = f"csl_fast.detect_losses: nothing flagged per label ({reasons})"
+    elif n_flagged:
+        # the caveats of the labels that flagged, and those that hold whatever a label
+        # flagged (an overflowed score), were dropped whenever anything was flagged
+        caveats = [
+            f"label {k}: {(d.warning if d.flagged.any() else tail).removeprefix(_PREFIX)}"
+            for k, d in enumerate(dets)
+            if d.warning
+            for tail in [d.warning.partition(". Also, ")[2]]
+            if d.flagged.any() or tail
+        ]
+        if caveats:
+            warning = (
+                f"csl_fast.detect_losses: {n_flagged} flagged per label, with caveats "
+                f"({'; '.join(caveats)})"
+            )
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=2)
     desc = f"{dets[0].rule} per label" if dets else rule
@@ -605,6 +620,8 @@ def mislabeled_entries(
     )
     return _anchored(source, det, rule, recount=False)
 
+
+_PREFIX = "csl_fast.detect_losses: "
 
 #: The doubt gate applies when the typical entry's mean probability of its target reaches
 #: this (hard targets the network fits: ~0.99 on the digit pairs; label smoothing 0.05

@@ -452,3 +452,22 @@ def test_mislabeled_entries_without_recorded_probabilities_is_not_cut():
     assert not any("firmly rejected only" in str(w.message) for w in rec)  # not cut
     assert len(det) >= 40 and det.diagnostics["doubt"].startswith("not recorded")
     assert "review the set before acting on it" in det.diagnostics["note"]
+
+
+def test_per_label_caveats_are_said_when_something_is_flagged():
+    # per_label=True dropped every label's warning once anything was flagged: the small
+    # sample of label 0's flags and label 1's overflowed entry went unsaid
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(150, 3, generator=g) * 0.5).exp()
+    values[:12, 0] *= 50
+    values[20, 1] = float("inf")
+    with pytest.warns(DetectionWarning) as caught:
+        det = mislabeled_entries(values, per_label=True)
+    assert int(det.flagged.sum()) > 0
+    said = str(caught[-1].message)
+    assert said == det.warning and said.startswith(
+        f"csl_fast.detect_losses: {int(det.flagged.sum())} flagged per label"
+    )
+    assert "label 0: " in said and "among only 150 scores" in said
+    assert "label 1: 1 'custom' score(s) are +inf" in said
+    assert "label 2" not in said  # (nothing flagged there, nothing beyond that to say)
