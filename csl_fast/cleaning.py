@@ -108,7 +108,9 @@ class Cleaned(NamedTuple):
             trained on (when the plan knows, :attr:`CleaningPlan.presented`) but the
             dropped ones.
         labels: int64 ``[K]`` the label of each kept sample, ``labels[j]`` for
-            ``keep[j]``: the given label, or the suggested one where the plan relabels.
+            ``keep[j]``: the given label, or the suggested one where the plan relabels
+            (of a plan that relabels nothing, given other targets, ``[N, ...]`` of any
+            dtype: the kept ones as they are).
     """
 
     keep: torch.Tensor
@@ -320,7 +322,10 @@ class CleaningPlan:
 
         Args:
             labels: int ``[N]`` the given (noisy) labels the plan was made for; kept as
-                they are (not range-checked) except where the plan relabels.
+                they are (not range-checked) except where the plan relabels. A plan that
+                relabels nothing (policy drop; every plan of a run that recorded losses
+                only) takes the targets of any ``[N, ...]`` shape and dtype (regression
+                values, multi-hot labels) and returns the kept ones as they are.
         """
         try:
             y = torch.as_tensor(labels)
@@ -334,6 +339,12 @@ class CleaningPlan:
                 "CleaningPlan.apply: labels must be a dense tensor with data, got a "
                 f"{'meta' if y.is_meta else y.layout} tensor"
             )
+        where, to = self._relabels("apply")
+        class_indices = y.dim() == 1 and integer_labels(y.dtype)
+        if where.numel() == 0 and not class_indices and y.dim() >= 1 and len(y) == self.num_samples:
+            # nothing to relabel: regression targets and multi-hot labels were refused
+            kept = torch.nonzero(self._keep_mask("apply"))[:, 0]
+            return Cleaned(kept, y.detach().cpu()[kept])
         if y.dim() != 1 or y.numel() != self.num_samples:
             raise ValueError(
                 f"CleaningPlan.apply: labels must be [N] = [{self.num_samples}] (the dataset "
@@ -342,7 +353,6 @@ class CleaningPlan:
         if not integer_labels(y.dtype):
             raise TypeError(f"CleaningPlan.apply: labels must be integers, got {y.dtype}")
         new = y.detach().to("cpu", torch.int64).clone()
-        where, to = self._relabels("apply")
         new[where] = to
         kept = torch.nonzero(self._keep_mask("apply"))[:, 0]
         return Cleaned(kept, new[kept])

@@ -647,3 +647,22 @@ def test_a_run_of_eval_passes_alone_keeps_the_samples_they_scored():
     with pytest.warns(UserWarning, match="2 of the 6 samples were never scored by an eval pass"):
         keep, _ = plan.apply(LABELS)
     assert set(keep.tolist()) <= {0, 1, 2, 3} and len(keep) == 4 - plan.num_dropped > 0
+
+
+def test_a_plan_that_relabels_nothing_applies_to_any_targets():
+    # a drop plan (every plan of a losses-only run) refused regression targets (floats)
+    # and multi-hot labels ([N, L]), which it has no reason to read
+    plan = _plan(policy="drop")
+    assert plan.num_dropped > 0 and plan.num_relabeled == 0
+    want = plan.apply(LABELS).keep
+    values = torch.linspace(0, 1, 6)
+    multi_hot = torch.eye(6, 4)
+    for targets in (values, multi_hot, values.numpy()):
+        keep, kept = plan.apply(targets)
+        assert keep.tolist() == want.tolist()
+        torch.testing.assert_close(kept, torch.as_tensor(targets)[want])
+    assert plan.apply(LABELS.int()).labels.dtype == torch.int64  # (class indices as before)
+    relabelling = _plan()
+    assert relabelling.num_relabeled > 0
+    with pytest.raises(TypeError, match="labels must be integers"):
+        relabelling.apply(values)
