@@ -81,6 +81,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         )
     try:
         plan.to_csv(args.out if stream is None else stream)
+    except BrokenPipeError:
+        raise  # `csl-fast clean RUN --out - | head`: main() ends quietly, as for rank
     except OSError as exc:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:

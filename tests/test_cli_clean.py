@@ -388,3 +388,14 @@ def test_dev_stdout_appends_to_the_log_stdout_goes_to(demo_run, tmp_path, comman
     assert ("index,action,suggested_label" if command == "clean" else "rank  index") in text
     with pytest.raises(OSError, match="names an open file descriptor"):
         csl_fast.load(demo_run / "tracker.csl").save("/dev/stdout")
+
+
+def test_a_reader_that_goes_away_ends_clean_quietly(bare_tracker, capsys, monkeypatch):
+    # `csl-fast clean RUN --out - | head -1` printed "error: Broken pipe" and exited 3,
+    # the bad-input code, where rank in the same pipe ends quietly
+    def gone(self, path_or_file):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(csl_fast.cleaning.CleaningPlan, "to_csv", gone)
+    code, _, err = run_main(capsys, "clean", str(bare_tracker), "--out", "-", "-q")
+    assert code == EXIT_OK and "Broken pipe" not in err
