@@ -364,8 +364,12 @@ def warn_no_epoch_closed(tracker: CSLTracker, what: str) -> None:
 def no_epoch_closed(tracker: CSLTracker) -> str | None:
     """Why the statistics that count epochs are degenerate (the tracker presented a sample
     more than once but closed no epoch), or ``None``. A tracker of sequences counts
-    tokens, not presentations, and is not judged."""
+    tokens, not presentations, and is not judged; nor is one that recorded losses only and
+    keeps no history, which has no statistic that counts epochs (forgetting and the
+    learned epoch need the softmax statistics)."""
     if tracker.epoch != 0 or tracker.num_samples == 0 or tracker.sequences:
+        return None
+    if not tracker.history and not has_logit_stats(tracker):
         return None
     most = int(tracker.csl_count.max())
     if most <= 1:

@@ -343,3 +343,19 @@ def test_samples_recorded_without_logits_in_a_logits_tracker_get_nan_softmax_sco
     for name in ("aum", "confidence", "forgetting", "in_confidence"):
         assert got[name][4:].isnan().all() and got[name][:4].isfinite().all(), name
     assert got["csl"].isfinite().all()
+
+
+def test_a_losses_only_run_without_history_is_not_told_to_close_epochs():
+    # no statistic of such a run counts epochs: the note was noise
+    from csl_fast.scores import no_epoch_closed
+
+    losses = csl_fast.CSLTracker(4)
+    kept = csl_fast.CSLTracker(4, history=True)
+    fed = csl_fast.CSLTracker(4, 3)
+    for _ in range(2):
+        csl_fast.record_loss(torch.rand(4), torch.arange(4), losses)
+        csl_fast.record_loss(torch.rand(4), torch.arange(4), kept)
+        csl_fast.accumulate(torch.randn(4, 3), torch.arange(4) % 3, torch.arange(4), fed)
+    assert no_epoch_closed(losses) is None
+    assert "closed no epoch" in no_epoch_closed(kept)  # (its history has no row)
+    assert "closed no epoch" in no_epoch_closed(fed)
