@@ -85,6 +85,7 @@ at once (or per label); see the function for what it measured, on held-out data 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -147,6 +148,14 @@ def tail_count(
     standard errors. ``cut`` on the estimate is the log-scale (or raw) value above which
     ``z > cut``.
     """
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"tail_count: values must be a float tensor, got {type(values).__name__}")
+    for name, value in (("cut", cut), ("evidence", evidence)):
+        # NaN made int(NaN) fail far inside; a negative evidence let any excess through
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+            raise ValueError(f"tail_count: {name} must be a number >= 0, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"tail_count: {name} must be finite, got {value!r}")
     x, scale = rule_scale(values)
     n = x.size
     diag: dict[str, Any] = {"estimator": "tail", "scale": scale, "n": int(n), "cut_z": cut}

@@ -471,3 +471,23 @@ def test_per_label_caveats_are_said_when_something_is_flagged():
     assert "label 0: " in said and "among only 150 scores" in said
     assert "label 1: 1 'custom' score(s) are +inf" in said
     assert "label 2" not in said  # (nothing flagged there, nothing beyond that to say)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        ({"cut": float("nan")}, "cut must be a number >= 0"),
+        ({"cut": -1.0}, "cut must be a number >= 0"),
+        ({"cut": float("inf")}, "cut must be finite"),
+        ({"evidence": -1.0}, "evidence must be a number >= 0"),
+        ({"evidence": float("nan")}, "evidence must be a number >= 0"),
+        ({"evidence": "3"}, "evidence must be a number >= 0"),
+    ],
+)
+def test_tail_count_refuses_bad_arguments_by_name(kwargs, error):
+    # cut=NaN raised "cannot convert float NaN to integer"; evidence=-1 or NaN was taken
+    values = torch.rand(100, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=error):
+        tail_count(values, **kwargs)
+    with pytest.raises(TypeError, match="values must be a float tensor, got list"):
+        tail_count([1.0, 2.0])
