@@ -37,11 +37,19 @@ CLI_REVIEW = (
 )
 
 
+#: The same for the (sample, label) entries of ``label_csl``, which clean does not take.
+CLI_REVIEW_ENTRIES = (
+    " (on the command line: csl-fast rank RUN --score label_csl --top K lists the K most "
+    "suspicious (sample, label) entries)"
+)
+
+
 def warning_line(text: object) -> str:
     """A csl_fast warning as one line of the CLI, its Python-only advice translated."""
     line = _one_line(text)
     if "rule='fraction'" in line or ".top(k)" in line:
-        line += CLI_REVIEW
+        # (clean refuses label_csl, and rank without --score lists samples by csl)
+        line += CLI_REVIEW_ENTRIES if "'label_csl'" in line else CLI_REVIEW
     return line
 
 

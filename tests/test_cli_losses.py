@@ -235,3 +235,19 @@ def test_a_tracker_fed_by_accumulate_bce(capsys, tmp_path):
     assert float(want[i, k]) == pytest.approx(float(want.max()))
     code, out, err = run(capsys, "rank", str(path), "--top", "3")
     assert code == EXIT_OK and "recorded losses only" in err
+
+
+def test_an_entries_warning_points_to_the_command_that_lists_entries():
+    # it pointed to clean --policy review (which refuses label_csl) and rank --top K
+    # (which lists samples by csl)
+    from csl_fast.cli_errors import warning_line
+
+    entries = warning_line(
+        "csl_fast.detect_losses: nothing flagged by rule='tail' on 'label_csl': ... "
+        "(Detection.top(k)) or use rule='fraction'"
+    )
+    assert entries.endswith("csl-fast rank RUN --score label_csl --top K lists the K most "
+                            "suspicious (sample, label) entries)")  # fmt: skip
+    assert "--policy review" not in entries
+    samples = warning_line("csl_fast.detect: nothing flagged ... use rule='fraction'")
+    assert "csl-fast clean RUN --policy review --budget K" in samples
