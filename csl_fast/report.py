@@ -375,6 +375,8 @@ def _entry_section(tracker: CSLTracker, top: int) -> str:
             det = mislabeled_entries(tracker)
         except ValueError as exc:  # no per-label CSL recorded (record_loss alone)
             return f"{heading}<p class=cap>Not drawn: {e(str(exc))}</p>"
+    if det.warning is not None:  # (as the samples' section says its own; csl-fast says it)
+        warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     values = det.scores.cpu().double()
     rows = [
         f"<tr><td>{r + 1}</td><td>{i}</td><td>{k}</td><td>{float(values[i, k]):.4g}</td>"

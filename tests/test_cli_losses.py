@@ -251,3 +251,21 @@ def test_an_entries_warning_points_to_the_command_that_lists_entries():
     assert "--policy review" not in entries
     samples = warning_line("csl_fast.detect: nothing flagged ... use rule='fraction'")
     assert "csl-fast clean RUN --policy review --budget K" in samples
+
+
+def test_report_says_the_entries_warning_on_stderr(capsys, tmp_path):
+    # the entries' "nothing flagged" was on the page alone, where rank says it
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(300, num_labels=4)
+    for _ in range(3):
+        logits = torch.randn(300, 4, generator=g)
+        target = (torch.rand(300, 4, generator=g) > 0.5).float()
+        csl_fast.accumulate_bce(logits, target, torch.arange(300), tracker)
+        tracker.end_epoch()
+    tracker.save(tmp_path / "ml.csl")
+    args = ("report", str(tmp_path / "ml.csl"), "--out", str(tmp_path / "r"), "--quiet")
+    code, _, err = run(capsys, *args, "--score", "label_csl")
+    assert code == EXIT_OK, err
+    assert "csl-fast report: warning: csl_fast.detect_losses: nothing flagged" in err
+    assert "'label_csl'" in err
