@@ -553,6 +553,8 @@ def no_suggestions(source: Any) -> str | None:
     from .scores import LOSS_ONLY, has_logit_stats
     from .tracker import CSLTracker
 
+    if getattr(source, "losses_only", False):  # csl_fast.scores of such a run
+        return LOSS_ONLY
     if not isinstance(source, CSLTracker):
         return None
     trained = bool((source.csl_count > 0).any())
@@ -616,7 +618,8 @@ def default_detection(source: Any, score: str | None = None, **detect_kwargs: An
 
         # any score the tracker keeps (final_loss too), named as asked in the warning
         name = default_score(source) if score is None else score
-        return corrupted_targets(scores(source, [name]), name, **detect_kwargs)
+        kept = source if isinstance(source, Mapping) else scores(source, [name])
+        return corrupted_targets(kept, name, **detect_kwargs)
     return mislabeled(source, score, **detect_kwargs)
 
 

@@ -381,6 +381,21 @@ def _length_bias(t: Any, score: str) -> str | None:
     )
 
 
+def _losses_only_hint(entries: bool) -> str:
+    """The advice of a warning on a run that recorded losses only (no margin view)."""
+    from .scores import LOSS_ONLY
+
+    tail = (
+        "mislabeled_entries(tracker) for the (sample, label) entries, or corrupted_targets(tracker)"
+        if entries
+        else "corrupted_targets(tracker)"
+    )
+    return (
+        f"{LOSS_ONLY}. Try: csl_fast.detect_losses.{tail} (its tail rule is built for "
+        "such losses), or rule='fraction' with a prior on the noise rate"
+    )
+
+
 def _two_sided(
     values: torch.Tensor, score: str
 ) -> tuple[torch.Tensor, str, None, str | None, None] | None:
@@ -419,6 +434,11 @@ def _select(
             return two_sided
         if getattr(source, "sequences", False):  # csl_fast.scores of sequences
             return values, score, None, SEQUENCES_HINT, _length_bias(source, score)
+        if getattr(source, "losses_only", False):  # csl_fast.scores of a losses-only run
+            # (the valley rule ran on it without a word, and the advice sent the user to
+            # csl_fast.scores(tracker), what was passed)
+            hint = _losses_only_hint(entries=False)
+            return values, score, None, hint, _length_bias(source, score)
         loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
         views = None
         if "aum" in source and loss_key is not None:
@@ -435,7 +455,6 @@ def _select(
             why = f"a score mapping has no num_classes, so {MARGIN_ONLY}; pass the tracker itself"
             views = _Views(loss, lost, partial=why)
         return values, score, views, None, _length_bias(source, score)
-    from .scores import LOSS_ONLY
     from .scores import scores as compute
     from .tracker import CSLTracker
 
@@ -452,17 +471,13 @@ def _select(
     views_read = (t.p_true_sum != 0) | (t.margin_sum != 0)
     if bool(presented.any()) and not bool((presented & views_read).any()):
         # losses only (record_loss, accumulate_bce): the views would read zeros, not margins
-        tail = (
-            "mislabeled_entries(tracker) for the (sample, label) entries, or "
-            "corrupted_targets(tracker)"
-            if t.label_csl is not None
-            else "corrupted_targets(tracker)"
+        return (
+            values,
+            score,
+            None,
+            _losses_only_hint(t.label_csl is not None),
+            _length_bias(t, score),
         )
-        hint = (
-            f"{LOSS_ONLY}. Try: csl_fast.detect_losses.{tail} (its tail rule is built for "
-            "such losses), or rule='fraction' with a prior on the noise rate"
-        )
-        return values, score, None, hint, _length_bias(t, score)
     if t.sequences:
         return values, score, None, SEQUENCES_HINT, _length_bias(t, score)
     if t.num_classes is not None and t.num_classes >= 2:

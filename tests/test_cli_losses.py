@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -269,3 +270,21 @@ def test_report_says_the_entries_warning_on_stderr(capsys, tmp_path):
     assert code == EXIT_OK, err
     assert "csl-fast report: warning: csl_fast.detect_losses: nothing flagged" in err
     assert "'label_csl'" in err
+
+
+def test_scores_of_a_loss_only_run_are_detected_and_cleaned_as_the_run(reg_run):
+    # clean(scores(t)) ran the cross-entropy valley rule without the losses-only warning,
+    # and its advice sent the user to csl_fast.scores(tracker), what was passed
+    _, t = reg_run
+    s = scores(t)
+    assert s.losses_only and not scores(csl_fast.CSLTracker(4, 3)).losses_only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
+        by_tracker = csl_fast.clean(t, policy="drop")
+        by_scores = csl_fast.clean(s, policy="drop")
+        det = csl_fast.detect.mislabeled(s)
+    assert by_scores.detection.rule == by_tracker.detection.rule
+    assert by_scores.index.tolist() == by_tracker.index.tolist()
+    assert det.warning is None or "recorded losses only" in det.warning
+    with pytest.raises(ValueError, match="recorded losses only"):
+        csl_fast.clean(s)  # (relabel-confident: no suggested labels)
