@@ -326,6 +326,12 @@ def linear_cross_entropy(
             f"csl_fast.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}"
         )
     acc = accum_dtype or (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
+    if not torch.is_grad_enabled():
+        # apply() reports needs_input_grad from requires_grad whatever the grad mode: an
+        # eval pass of a training model under no_grad formed every parameter gradient
+        # (twice the time, and a [V, H] accumulator).
+        h2, weight = h2.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
     try:
         loss, stats, z_loss = _LinearCrossEntropy.apply(
             h2,

@@ -549,6 +549,30 @@ def test_the_reference_backend_runs_under_no_grad_and_inference_mode(mode):
     torch.testing.assert_close(csl[:6], F.cross_entropy(h @ w.T, t, reduction="none"))
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_parameter_gradient_is_formed_without_grad_mode(mode, reduction, monkeypatch):
+    """An eval pass of a training model: parameters that require grad, under no_grad. The
+    forward formed the weight, hidden and bias gradients all the same (twice the time and
+    a [V, H] accumulator), as needs_input_grad ignores the grad mode."""
+    lce = importlib.import_module("csl_fast.linear_cross_entropy")
+    formed = []
+    real = lce._add_weight_grad
+    monkeypatch.setattr(lce, "_add_weight_grad", lambda gw, *a: (formed.append(1), real(gw, *a)))
+    hidden, weight, bias, target = _inputs(dtype=torch.float32)
+    hidden, weight, bias = _leaves(hidden, weight, bias)
+    want = _reference(hidden, weight, bias, target, reduction)
+    with mode():
+        got = linear_cross_entropy(hidden, weight, target, bias=bias, reduction=reduction)
+    assert not formed and not got.requires_grad
+    torch.testing.assert_close(got, want.detach())
+    got = linear_cross_entropy(hidden, weight, target, bias=bias, reduction=reduction)
+    assert formed  # with grad mode on, the same call forms them in the forward
+    params = [hidden, weight, bias]
+    for a, b in zip(_grads(got, 1.0, params), _grads(want, 1.0, params), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_a_label_smoothing_of_zero_or_less_smooths_nothing_as_in_pytorch():
     g = torch.Generator().manual_seed(4)
     h, w = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
