@@ -64,7 +64,8 @@ class CrossEntropy : public torch::autograd::Function<CrossEntropy> {
     // An ignored row keeps its stored value (0, or NaN where its logits are not finite):
     // F.cross_entropy never reads its upstream gradient, whose NaN (a per-sequence mean
     // over a padding row, 0 / 0) made the row NaN (csl_fast/ops.py: _per_row).
-    const at::Tensor rows = per_row ? upstream : upstream.expand({target.size(0)});
+    // (sym_size: under torch.compile a plain size() would specialise the graph to this batch.)
+    const at::Tensor rows = per_row ? upstream : upstream.expand_symint({target.sym_size(0)});
     // (int64: an int32 target compared with an ignore_index past int32 would wrap onto it)
     const at::Tensor active = target.to(at::kLong).ne(ctx->saved_data["ignore_index"].toInt());
     out[0] = grad * at::where(active, rows, at::ones({}, rows.options())).unsqueeze(1);

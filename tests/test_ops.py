@@ -115,6 +115,56 @@ def test_compile_fullgraph_training_step():
     assert count.sum() == 8 and count[3] == 2 and count[0] == 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("layout", ["rows", "sequences"])
+def test_compiled_with_dynamic_shapes_one_graph_serves_every_size(dtype, reduction, layout):
+    """torch.compile(dynamic=True) of a step over batch sizes (rows) or sequence lengths
+    (sequences [B, C, T]): one graph, as F.cross_entropy keeps. The C++ backward of float32
+    and float64 read the batch size as a plain int, which specialised the graph to it: a
+    recompile per size, and FailOnRecompileLimitHit at the ninth with fullgraph=True."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(5)
+    c, n = 4, 16
+    weight = torch.randn(3, c, generator=g, requires_grad=True)
+    csl = torch.zeros(n, dtype=torch.float64)
+
+    def step(x, y, idx):
+        z = (x @ weight).to(dtype)
+        if layout == "sequences":
+            z = z.transpose(1, 2)
+        return csl_fast.accumulate(z, y, idx, csl, reduction=reduction)
+
+    fast = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    want_csl = torch.zeros(n, dtype=torch.float64)
+    # bfloat16: csl_fast rounds the gradient once, as torch does from float32 logits
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    tol = {"rtol": 2e-2, "atol": 1e-3} if dtype == torch.bfloat16 else {}
+    for size in range(5, 16):  # past the recompile limit of 8 (a size equal to
+        # another dimension, 2, 3 or 4, would share its symbol)
+        shape = (size,) if layout == "rows" else (2, size)
+        x = torch.randn(*shape, 3, generator=g)
+        y = torch.randint(0, c, shape, generator=g)
+        idx = torch.arange(shape[0])
+        loss = fast(x, y, idx)
+        (got,) = torch.autograd.grad(loss, weight)
+        z = (x @ weight).to(dtype).to(wide)
+        per = F.cross_entropy(
+            z.transpose(1, 2) if layout == "sequences" else z, y, reduction="none"
+        )
+        want = per.mean() if reduction == "mean" else per.sum()
+        (want_grad,) = torch.autograd.grad(want, weight)
+        torch.testing.assert_close(loss.to(wide), want, **tol)
+        torch.testing.assert_close(got, want_grad, **tol)
+        per = per.detach().double()
+        want_csl.index_add_(0, idx, per.sum(1) if layout == "sequences" else per)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(csl, want_csl, **tol)
+
+
 def _last_state(n, dtype=torch.float32):
     return (
         torch.rand(n, dtype=dtype),
