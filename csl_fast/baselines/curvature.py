@@ -57,9 +57,11 @@ def _options(fn: str, h: Any, n: Any, batch_size: Any, seed: Any) -> tuple[float
 
 def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, top: int) -> torch.Tensor:
     # (a measurement: it must work when called under no_grad or inference_mode, where
-    # clone() turns an inference tensor into one that can require grad)
+    # clone() turns an inference tensor into one that can require grad, or that the loss
+    # can save for backward: labels converted under inference_mode are inference tensors)
     with torch.inference_mode(False), torch.enable_grad():
         x = x.detach().clone().requires_grad_(True)
+        y = y.clone() if y.is_inference() else y
         logits = check_finite(
             "input_curvature",
             model(x),
@@ -81,7 +83,7 @@ def _check_width(logits: torch.Tensor, top: int) -> None:
         )
 
 
-def _check_float_inputs(fn: str, x: torch.Tensor) -> None:
+def _check_float_inputs(fn: str, x: torch.Tensor, h: float) -> None:
     # torch's own refusal ("only Tensors of floating point dtype can require gradients")
     # comes from inside the probe loop and does not say which argument
     if not x.is_floating_point():
@@ -97,6 +99,19 @@ def _check_float_inputs(fn: str, x: torch.Tensor) -> None:
             f"{fn}: x is {x.dtype}, too coarse for the finite-difference step h (x + h v "
             "rounds back to x); measure on a float32 copy of the model: "
             "copy.deepcopy(model).float() with x.float()"
+        )
+    # The same rounding from the inputs' magnitude: float32 inputs near 2e4 are 2e-3
+    # apart, so x + h v moved by one spacing, not h, and the curvatures came out ~2x off.
+    # Refused where rounding can move the step by more than 5% of h.
+    top = float(x.detach().abs().max()) if x.numel() else 0.0  # (a host sync, once)
+    if top * torch.finfo(x.dtype).eps / 2 > 0.05 * h:
+        limit = 0.1 * h / torch.finfo(x.dtype).eps
+        raise ValueError(
+            f"{fn}: x holds values up to {top:.3g}, where {x.dtype} is too coarse for the "
+            f"finite-difference step h = {h:g} (x + h v rounds by more than 5% of h past "
+            f"|x| = {limit:.3g}); normalise the inputs (and the model with them), measure "
+            "on a float64 copy (copy.deepcopy(model).double() with x.double()), or pass a "
+            "larger h"
         )
 
 
@@ -132,13 +147,15 @@ def input_curvature(
     Raises:
         TypeError: ``x`` is not floating point (no input gradient exists), or float16 /
             bfloat16, whose rounding is coarser than the step ``h``.
-        ValueError: a label is not a class of the model's logits.
+        ValueError: a label is not a class of the model's logits, or ``x`` is so large
+            that its dtype's rounding moves the step ``h`` by more than 5% (float32 past
+            ``|x| = 0.1 h / eps``, 839 for the default ``h``).
         FloatingPointError: the model predicts non-finite logits, which would make
             every curvature NaN.
     """
     h, n, batch_size, seed = _options("input_curvature", h, n, batch_size, seed)
     y = check_xy("input_curvature", x, y)
-    _check_float_inputs("input_curvature", x)
+    _check_float_inputs("input_curvature", x, h)
     top = int(y.max()) if y.numel() else -1  # once: a host sync
     gen = torch.Generator().manual_seed(seed)
     out = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
@@ -184,9 +201,13 @@ class CurvatureAccumulator:
         seed: int = 0,
     ) -> None:
         # now, not after the first training epoch
+        self.h, self.n, self.batch_size, self.seed = _options(
+            "CurvatureAccumulator", h, n, batch_size, seed
+        )
         self.x, self.y = x, check_xy("CurvatureAccumulator", x, y)
-        _check_float_inputs("CurvatureAccumulator", x)
-        if isinstance(epochs, int | float):  # set(5) said only "'int' object is not iterable"
+        _check_float_inputs("CurvatureAccumulator", x, self.h)
+        # set(5) said only "'int' object is not iterable" (np.int64(5), a 0-d tensor alike)
+        if isinstance(epochs, numbers.Number) or getattr(epochs, "ndim", None) == 0:
             raise TypeError(
                 f"CurvatureAccumulator: epochs must be the epochs to measure at (an iterable "
                 f"such as range(0, total, {epochs!r}) or [{epochs!r}]) or None, got "
@@ -197,9 +218,6 @@ class CurvatureAccumulator:
             None
             if epochs is None
             else {integer("CurvatureAccumulator", "each of epochs", e) for e in epochs}
-        )
-        self.h, self.n, self.batch_size, self.seed = _options(
-            "CurvatureAccumulator", h, n, batch_size, seed
         )
         self.total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
         self.count = 0

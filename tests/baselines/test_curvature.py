@@ -1,5 +1,6 @@
 """Input-loss curvature against the exact input Hessian of a linear softmax model."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -200,6 +201,27 @@ def test_refuses_inputs_too_coarse_for_the_step(dtype):
         CurvatureAccumulator(x, y)
 
 
+def test_inputs_too_large_for_the_step_are_refused():
+    """float32 inputs near 2e4 are 2e-3 apart: x + h v moved by a spacing, not h, and the
+    curvatures came out about twice the float64 ones, silently."""
+    model = nn.Linear(2, 3)
+    y = torch.tensor([0, 1, 2, 0])
+    x = torch.randn(4, 2) * 5 + 2e4
+    with pytest.raises(ValueError, match=r"values up to 2e\+04.*float64 copy"):
+        input_curvature(model, x, y, n=1)
+    with pytest.raises(ValueError, match="too coarse for the finite-difference step"):
+        CurvatureAccumulator(x, y)
+    input_curvature(model.double(), x.double(), y, n=1)  # float64 has room there
+    input_curvature(model.float(), x.float(), y, n=1, h=0.1)  # so has a larger step
+    input_curvature(model, torch.full((4, 2), 255.0), y, n=1)  # unscaled 8-bit pixels pass
+
+
+@pytest.mark.parametrize("epochs", [np.int64(5), torch.tensor(5), 5, 5.0])
+def test_a_single_epoch_number_is_refused_by_name(epochs):
+    with pytest.raises(TypeError, match="epochs must be the epochs to measure at"):
+        CurvatureAccumulator(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]), epochs=epochs)
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 def test_measures_under_no_grad_and_inference_mode(mode):
     # both raised from inside autograd ("does not require grad", "inference tensor")
@@ -210,7 +232,14 @@ def test_measures_under_no_grad_and_inference_mode(mode):
     with mode():
         x_in_mode = x.clone()  # an inference tensor under inference_mode
         got = input_curvature(model, x_in_mode, y, n=2)
+        # labels converted there (int32, NumPy, a list) are inference tensors too, which
+        # the loss could not save for backward
+        for labels in (y.int(), y.numpy(), y.tolist(), y.clone()):
+            assert torch.equal(input_curvature(model, x_in_mode, labels, n=2), want)
     assert torch.equal(got, want)
+    with torch.inference_mode():
+        y_made_there = y.clone()
+    assert torch.equal(input_curvature(model, x, y_made_there, n=2), want)
 
 
 def test_a_label_past_the_model_width_is_named():
