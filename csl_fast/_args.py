@@ -101,6 +101,15 @@ def share(p: Fraction, n: int) -> int:
     return up if up - product <= getattr(p, "tol", 1e-9) * up else math.floor(product)
 
 
+def share_up(p: Fraction, n: int) -> int:
+    """``ceil(p * n)``, the fewest of ``n`` that reach the :func:`rate` ``p``, a product
+    within its precision above an integer read as that integer (float32 ``0.8`` of 5 is 4,
+    not 5), as :func:`share` reads one below."""
+    product = p * n
+    down = math.floor(product)
+    return down if product - down <= getattr(p, "tol", 1e-9) * product else math.ceil(product)
+
+
 def rate(fn: str, name: str, value: Any) -> Fraction:
     """A rate in ``[0, 1]`` as written: the shortest decimal of its own precision.
 

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._args import integer
+from ._args import integer, rate, share_up
 
 __all__ = [
     "aupr",
@@ -124,14 +124,20 @@ def fpr_at_tpr(scores: Any, labels: Any, tpr: float = 0.95) -> float:
     from sklearn.metrics import roc_curve
 
     if isinstance(tpr, torch.Tensor) and tpr.numel() == 1 and tpr.is_floating_point():
-        tpr = float(tpr)  # a rate computed with torch
-    if isinstance(tpr, bool) or not isinstance(tpr, numbers.Real) or not 0 <= tpr <= 1:
+        tpr = tpr.reshape(())  # a rate computed with torch
+    try:
+        # as written, within its own precision: float32 0.8 is 0.800000011920929, which
+        # skipped the point where 4 of 5 positives are found
+        wanted = rate("csl_fast.evaluate.fpr_at_tpr", "tpr", tpr)
+    except (TypeError, ValueError):
         raise ValueError(
             f"csl_fast.evaluate.fpr_at_tpr: tpr must be a number in [0, 1], got {tpr!r}"
-        )
+        ) from None
     s, y = _pair(scores, labels)
     fpr, tpr_curve, _ = roc_curve(y, s, drop_intermediate=False)
-    return float(fpr[np.searchsorted(tpr_curve, tpr - 1e-12, side="left")])
+    positives = int(y.sum())
+    found = np.rint(tpr_curve * positives)  # true positives at each point
+    return float(fpr[np.searchsorted(found, share_up(wanted, positives), side="left")])
 
 
 def detection_metrics(scores: Any, labels: Any) -> dict[str, float]:
@@ -159,6 +165,9 @@ def pearson(a: Any, b: Any) -> float:
     # minus its mean), which made the correlation 0.0
     if x.size == 0 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return math.nan
+    # scaled first (the correlation does not change): the mean of values near the float
+    # maximum overflowed to inf, which made it NaN
+    x, y = x / np.abs(x).max(), y / np.abs(y).max()
     return _cosine(x - x.mean(), y - y.mean())
 
 

@@ -187,3 +187,21 @@ def test_similarity_of_tiny_and_huge_vectors(scale):
     want = float(np.corrcoef([1.0, -1.0, 0.0, 2.0], [2.0, 1.0, 0.5, -1.0])[0, 1])
     assert E.pearson(a, b) == pytest.approx(want, rel=1e-12)
     assert math.isnan(E.cosine_similarity(a, np.zeros(4)))
+
+
+@pytest.mark.parametrize("tpr", [0.8, np.float32(0.8), torch.tensor(0.8)])
+def test_fpr_at_tpr_reads_a_float32_rate_as_written(tpr):
+    # float32 0.8 is 0.800000011920929: the point where 4 of 5 positives are found (FPR 0)
+    # was skipped for the next one (FPR 0.8)
+    s, y = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1], [1, 1, 1, 1, 0, 0, 0, 0, 1, 0]
+    assert E.fpr_at_tpr(s, y, tpr) == 0.0
+    third = [1, 0, 1, 0, 1, 0]
+    assert E.fpr_at_tpr([6, 5, 4, 3, 2, 1], third, torch.tensor(2.0) / 3) == pytest.approx(1 / 3)
+    assert E.fpr_at_tpr(s, y, np.float32(0.81)) == 0.8  # past 4 of 5, it takes the 5th
+
+
+def test_pearson_of_values_near_the_float_maximum():
+    # x.mean() overflowed to inf: NaN for finite values
+    assert E.pearson([1e308, 1.7e308, 1.5e308], [1, 2, 3]) == pytest.approx(
+        E.pearson([1.0, 1.7, 1.5], [1, 2, 3])
+    )
