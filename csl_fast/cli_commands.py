@@ -297,38 +297,31 @@ def _loss_only_note(tracker: Any, score: str) -> str | None:
 
 # ----------------------------------------------------------------------------- commands
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import DIGITS_SAMPLES, DemoConfig, run
+    from .demo import DemoConfig, DemoConfigError, run
 
-    if args.samples > DIGITS_SAMPLES:
-        raise CLIError(f"--samples: digits has {DIGITS_SAMPLES} samples, got {args.samples}")
-    if args.samples < 50:
-        raise CLIError(f"--samples: need at least 50 samples, got {args.samples}")
-    flipped = int(args.noise * args.samples)
-    if 2 * args.pairs > args.samples - flipped:
-        raise CLIError(
-            f"--pairs {args.pairs}: {2 * args.pairs} samples do not fit among the "
-            f"{args.samples - flipped} samples whose labels were not flipped"
-        )
     if args.device is not None:
         _check_device(args.device)
+    try:
+        cfg = DemoConfig(
+            samples=args.samples,
+            epochs=args.epochs,
+            noise=args.noise,
+            pairs=args.pairs,
+            seed=args.seed,
+            hidden=args.hidden,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            out=args.out,
+            device=args.device,
+            top=args.top,
+            overhead_rounds=args.overhead_rounds,
+            threads=args.threads,
+            report=not args.no_report,
+            quiet=args.quiet,
+        )
+    except DemoConfigError as e:  # (the library's checks, said with the option's name)
+        raise CLIError(f"--{e.option.replace('_', '-')}: {e.problem}") from None
     _writable_folder(args.out)
-    cfg = DemoConfig(
-        samples=args.samples,
-        epochs=args.epochs,
-        noise=args.noise,
-        pairs=args.pairs,
-        seed=args.seed,
-        hidden=args.hidden,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        out=args.out,
-        device=args.device,
-        top=args.top,
-        overhead_rounds=args.overhead_rounds,
-        threads=args.threads,
-        report=not args.no_report,
-        quiet=args.quiet,
-    )
     run(cfg)
     return EXIT_OK
 

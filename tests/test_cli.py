@@ -584,6 +584,8 @@ def test_demo_with_nothing_injected_prints_no_nan(tmp_path, capsys):
 def test_a_demo_rerun_never_leaves_an_earlier_runs_results_beside_its_files(tmp_path, capsys):
     """A rerun whose report step failed (OUT/report a file) left the new tracker beside the
     old run's results.json, and `csl-fast report` showed the old run's notes."""
+    from csl_fast import CSLTracker
+
     out = tmp_path / "run"
     args = ["demo", "--samples", "60", "--epochs", "2", "--pairs", "0", "-q"]
     args += ["--overhead-rounds", "0", "--out", str(out)]
@@ -594,12 +596,12 @@ def test_a_demo_rerun_never_leaves_an_earlier_runs_results_beside_its_files(tmp_
     code, text, err = run_main(capsys, *args)
     assert code == EXIT_INPUT and "report" in err
     assert "Detection" not in text  # refused before training, not after
-    assert not (out / "results.json").exists()  # no results of another run beside it
+    # refused before anything is written: the earlier run's files stand together, as they were
+    assert json.loads((out / "results.json").read_text())["num_samples"] == 60
+    assert CSLTracker.from_file(out / "tracker.csl").num_samples == 60
     # a results.json of another run's size lends the report none of its notes
     (out / "report").unlink()
     assert run_main(capsys, *args, "--no-report")[0] == 0
-    from csl_fast import CSLTracker
-
     assert CSLTracker.from_file(out / "tracker.csl").num_samples == 80
     other = json.loads((out / "results.json").read_text())
     other["num_samples"] = 60
