@@ -19,6 +19,7 @@ initialisation and seed, two runs on the CPU are bitwise equal.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._args import integer
+from ._args import seed as seed_arg
 from .accumulate import accumulate
 from .eval_pass import score_epoch
 from .model_modes import eval_mode
@@ -51,6 +53,7 @@ def mlp(
     """
     if seed is None:
         return _mlp(in_features, num_classes, hidden, dropout)
+    seed = seed_arg("csl_fast.train.mlp", seed)
     # the layers draw their initial weights as they are built: inside the fork
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -76,7 +79,9 @@ class TrainResult:
     """What :func:`train` returns besides the trained model (trained in place).
 
     Attributes:
-        epoch_loss: mean training loss of each epoch.
+        epoch_loss: mean training loss of each epoch, over the labelled rows (those
+            whose label is not -100, ``F.cross_entropy``'s ``ignore_index``); NaN for an
+            epoch without any.
         epoch_time: wall-clock seconds of each epoch's training steps (the eval pass and
             the callback excluded).
         eval_time: total seconds spent in eval passes.
@@ -141,10 +146,12 @@ def train(
 
     Returns:
         a :class:`TrainResult` with per-epoch losses and timings. The model is left in
-        eval mode.
+        eval mode. Grad is enabled while it trains, so it also trains when called under
+        ``torch.no_grad``; ``torch.inference_mode`` is refused.
     """
     # a negative batch size trained on nothing and returned losses of 0 without a word
     epochs = integer("csl_fast.train", "epochs", epochs, low=0)
+    seed = seed_arg("csl_fast.train", seed)  # torch's "an integer is required" for np.int64
     batch_size = integer("csl_fast.train", "batch_size", batch_size, low=1)
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
@@ -157,6 +164,11 @@ def train(
         )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"csl_fast.train: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "csl_fast.train: called under torch.inference_mode, where nothing can be "
+            "trained; call it outside (under torch.no_grad it trains: grad is enabled inside)"
+        )
     if (input_grads or eval_each_epoch) and tracker is None:
         raise ValueError("csl_fast.train: input_grads/eval_each_epoch need a tracker")
     if tracker is not None and tracker.num_samples != x.shape[0]:
@@ -186,13 +198,19 @@ def train(
         epochs_iter = tqdm(range(epochs), desc=desc, leave=False)
     # Dropout draws its masks from the global generators: seeded here (and given back
     # after), so that the same seed reproduces a model with dropout too.
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+    # (grad on: a baseline's retraining called from an evaluation under no_grad failed
+    # with "element 0 of tensors does not require grad")
+    with (
+        torch.enable_grad(),
+        torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []),
+    ):
         torch.manual_seed(seed)
         for epoch in epochs_iter:  # type: ignore[union-attr]
             model.train()
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=gen).to(x.device)
             total = torch.zeros((), device=x.device)
+            rows = torch.zeros((), dtype=torch.long, device=x.device)  # those with a label
             for start in range(0, n, batch_size):
                 idx = perm[start : start + batch_size]
                 xb = x[idx]
@@ -212,11 +230,15 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.detach() * idx.numel()
+                # weighted by the rows the mean was over: ignore_index rows are not, and
+                # an all-ignored batch's NaN mean counted toward every row
+                labelled = idx.numel() if y.is_floating_point() else y[idx].ne(-100).sum()
+                total += torch.where(labelled > 0, loss.detach() * labelled, 0.0)
+                rows += labelled
             if tracker is not None:
                 tracker.end_epoch()
             result.epoch_time.append(time.perf_counter() - t0)
-            result.epoch_loss.append(float(total) / max(n, 1))
+            result.epoch_loss.append(float(total) / int(rows) if int(rows) else math.nan)
             if eval_each_epoch:
                 t1 = time.perf_counter()
                 batches = [

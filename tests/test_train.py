@@ -1,5 +1,8 @@
 """csl_fast.train: seeded, tracked training loop over tensors."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -94,3 +97,44 @@ def test_a_model_narrower_than_the_labels_is_named():
     x, y = _data()
     with pytest.raises(ValueError, match=r"logits of shape \(\d+, 2\).*C >= 3"):
         train(mlp(4, 2), x, y, epochs=1)
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_epoch_loss_is_the_mean_over_labelled_rows(tracked):
+    # weighted by every row, ignore_index ones included: 1.0785 for 1.0815, and NaN for
+    # the whole epoch when one batch held no label
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 5, generator=g), torch.arange(64) % 3
+    y[40:] = -100
+    model = mlp(5, 3, (8,), seed=1)
+    want = torch.nn.functional.cross_entropy(model(x), y).item()
+    tracker = csl_fast.CSLTracker(64, 3) if tracked else None
+    got = train(model, x, y, epochs=1, lr=0.0, momentum=0.0, batch_size=16, tracker=tracker)
+    assert got.epoch_loss[0] == pytest.approx(want, rel=1e-6)
+    y[3:] = -100  # batches without a label
+    got = train(model, x, y, epochs=1, lr=0.0, momentum=0.0, batch_size=16)
+    want = torch.nn.functional.cross_entropy(model(x), y).item()
+    assert got.epoch_loss[0] == pytest.approx(want, rel=1e-6)
+    y[:] = -100
+    assert math.isnan(train(model, x, y, epochs=1, batch_size=16).epoch_loss[0])
+
+
+def test_seeds_are_checked_as_everywhere_in_the_package():
+    x, y = torch.randn(8, 2), torch.arange(8) % 2
+    a = train(mlp(2, 2, (4,), seed=np.int64(3)), x, y, epochs=1, seed=np.int64(5))
+    b = train(mlp(2, 2, (4,), seed=3), x, y, epochs=1, seed=5)
+    assert a.epoch_loss == b.epoch_loss  # torch said "an integer is required"
+    with pytest.raises(ValueError, match=r"csl_fast.train: seed must be in \[-2\*\*63"):
+        train(mlp(2, 2, (4,)), x, y, epochs=1, seed=2**64)
+    with pytest.raises(ValueError, match=r"csl_fast.train.mlp: seed must be in"):
+        mlp(2, 2, seed=2**64)  # "Overflow when unpacking long long"
+
+
+def test_trains_under_no_grad_and_refuses_inference_mode():
+    x, y = torch.randn(8, 2), torch.arange(8) % 2
+    want = train(mlp(2, 2, (4,), seed=0), x, y, epochs=2).epoch_loss
+    with torch.no_grad():  # "element 0 of tensors does not require grad"
+        assert train(mlp(2, 2, (4,), seed=0), x, y, epochs=2).epoch_loss == want
+    model = mlp(2, 2, (4,), seed=0)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"under torch\.inference_mode"):
+        train(model, x, y, epochs=2)
