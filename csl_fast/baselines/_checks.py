@@ -61,13 +61,17 @@ def check_finite(
     return logits
 
 
+_NO_TRACKER = (
+    "the models train on subsets, whose rows are not the dataset's indices; record a tracker "
+    "with csl_fast.train.train on the full data instead"
+)
 #: train() arguments every retraining baseline sets itself, with what to do instead.
 _SET_BY_BASELINE = {
     "seed": "pass seed= to {fn} itself (each model's seed derives from it)",
-    "tracker": (
-        "the models train on subsets, whose rows are not the dataset's indices; record "
-        "a tracker with csl_fast.train.train on the full data instead"
-    ),
+    "tracker": _NO_TRACKER,
+    # (train's own refusal, "need a tracker", sent the user to the tracker refused above)
+    "input_grads": "it records into a tracker, which {fn} cannot take: " + _NO_TRACKER,
+    "eval_each_epoch": "it records into a tracker, which {fn} cannot take: " + _NO_TRACKER,
 }
 #: ``progress``, for the baselines that pass their own ``progress=`` to every training.
 PROGRESS = {"progress": "pass progress= to {fn} itself"}

@@ -91,10 +91,11 @@ def test_each_row_comes_from_the_model_that_did_not_train_on_it():
     torch.testing.assert_close(p, torch.full((n, 2), 0.5), atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("key", ["seed", "progress", "tracker"])
+@pytest.mark.parametrize("key", ["seed", "progress", "tracker", "input_grads", "eval_each_epoch"])
 def test_refuses_train_kwargs_it_sets_itself(key):
     # seed and progress collided with the fold's own ("got multiple values for keyword
-    # argument"); a tracker would record fold rows as dataset indices
+    # argument"); a tracker would record fold rows as dataset indices; input_grads and
+    # eval_each_epoch met train's "need a tracker", which is refused
     # (confident_learning's error said out_of_sample_probs, a function it was not called as)
     x, y = blobs(12)
     for fn in (out_of_sample_probs, confident_learning):
