@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._args import int64_labels, label_range
@@ -25,7 +26,8 @@ def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
         )
     if not isinstance(y, torch.Tensor):
         try:
-            y = torch.as_tensor(y)
+            # (a copy of NumPy's negative strides, np.flip(y), which torch cannot view)
+            y = torch.as_tensor(np.ascontiguousarray(y) if isinstance(y, np.ndarray) else y)
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(
                 f"{fn}: labels y must be int class indices [N] (a tensor, NumPy array or "

@@ -51,5 +51,7 @@ LABEL_FORMS = {
     "numpy-uint32": lambda y: y.numpy().astype("uint32"),
     "numpy-int32": lambda y: y.int().numpy(),
     "list": lambda y: y.tolist(),
+    # negative strides (np.flip): torch cannot view them, the labels were refused as "got ndarray"
+    "numpy-reversed-view": lambda y: y.numpy()[::-1].copy()[::-1],
 }
 FLOAT_LABELS = "labels y must be integer class indices, got torch.float32"
