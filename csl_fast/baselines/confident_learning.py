@@ -8,6 +8,7 @@ other ``K - 1`` folds only. Cost: ``K`` trainings on ``(K-1)/K`` of the data.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,12 @@ def _fold_probs(
         raise ValueError(f"{fn}: k = {k} folds need at least {k} samples, got {x.shape[0]}")
     kwargs = train_options(fn, train_kwargs, PROGRESS)
     y_np = y.detach().cpu().numpy()
+    largest = int(np.bincount(y_np).max())
+    if largest < k:  # sklearn's "n_splits=3 cannot be greater than the number of members..."
+        raise ValueError(
+            f"{fn}: k = {k} stratified folds need a class of at least {k} samples; the "
+            f"largest has {largest}: pass a smaller k"
+        )
     probs: torch.Tensor | None = None
     folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y_np)), y_np)
     for f, (tr, te) in enumerate(folds):
@@ -133,13 +140,14 @@ def confident_learning(
     from cleanlab.filter import find_label_issues
 
     y = check_xy("confident_learning", x, y)
+    # a user's ranking collided with ours ("got multiple values for keyword argument")
+    kwargs = dict(find_label_issues_kwargs)
+    rank_by = kwargs.pop("return_indices_ranked_by", None) or "self_confidence"
+    _check_cleanlab_options(find_label_issues, kwargs, rank_by)
     probs = _fold_probs("confident_learning", model_factory, x, y, k, train_kwargs, seed, progress)
     p = probs.cpu().double().numpy()
     p = p / p.sum(1, keepdims=True)
     labels = y.detach().cpu().numpy()
-    # a user's ranking collided with ours ("got multiple values for keyword argument")
-    kwargs = dict(find_label_issues_kwargs)
-    rank_by = kwargs.pop("return_indices_ranked_by", None) or "self_confidence"
     mask = find_label_issues(labels, p, **kwargs)
     ranked = find_label_issues(labels, p, return_indices_ranked_by=rank_by, **kwargs)
     scores = 1.0 - probs.gather(1, y.view(-1, 1).to(probs.device)).squeeze(1)
@@ -149,3 +157,33 @@ def confident_learning(
         ranked=torch.as_tensor(ranked, dtype=torch.int64),
         pred_probs=probs.cpu(),
     )
+
+
+def _check_cleanlab_options(
+    find_label_issues: Callable[..., Any], kwargs: dict[str, Any], rank_by: str
+) -> None:
+    """Refuse now what cleanlab would refuse after the K trainings: an unknown option (a
+    bare "unexpected keyword argument"), or a ``filter_by`` / ranking it does not know
+    (``filter_by="prune_by_noise"`` failed an assertion with an empty message)."""
+    fn = "confident_learning"
+    try:
+        inspect.signature(find_label_issues).bind(None, None, **kwargs)
+    except TypeError as e:
+        raise TypeError(
+            f"{fn}: cleanlab.filter.find_label_issues does not take these options ({e}); "
+            "the keyword arguments after train_kwargs are forwarded to it"
+        ) from None
+    # the two that name a method, tried on a toy problem (its answer is not used)
+    labels = np.repeat([0, 1], 5)
+    toy = np.eye(2)[labels] * 0.8 + 0.1
+    methods = {key: kwargs[key] for key in ("filter_by",) if key in kwargs}
+    try:
+        find_label_issues(labels, toy, return_indices_ranked_by=rank_by, n_jobs=1, **methods)
+    except (AssertionError, ValueError) as e:
+        said = " ".join(str(e).split()) or "not one of its methods"
+        raise ValueError(
+            f"{fn}: cleanlab refused filter_by={kwargs.get('filter_by', 'its default')!r} "
+            f"with return_indices_ranked_by={rank_by!r}: {said} (cleanlab 2's filter_by: "
+            "prune_by_noise_rate, prune_by_class, both, confident_learning, "
+            "predicted_neq_given, low_normalized_margin, low_self_confidence)"
+        ) from None

@@ -147,3 +147,30 @@ def test_refuses_a_seed_the_fold_split_cannot_take(seed, error, match):
     for fn in (out_of_sample_probs, confident_learning):
         with pytest.raises(error, match=f"{fn.__name__}: {match}"):
             fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1}, seed=seed)
+
+
+def _never(seed):
+    raise AssertionError("trained before the options were checked")
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        # a bare "unexpected keyword argument", after the K trainings
+        ({"fliter_by": "both"}, TypeError, "does not take these options"),
+        # cleanlab's assertion, with an empty message, after the K trainings
+        ({"filter_by": "prune_by_noise"}, ValueError, "refused filter_by='prune_by_noise'"),
+        ({"return_indices_ranked_by": "bogus"}, ValueError, "not a valid scoring method"),
+    ],
+)
+def test_cleanlab_options_are_checked_before_training(options, error, match):
+    x, y = blobs(12)
+    with pytest.raises(error, match=match):
+        confident_learning(_never, x, y, k=2, train_kwargs={"epochs": 1}, **options)
+
+
+def test_more_folds_than_the_largest_class_is_named():
+    # sklearn's "n_splits=3 cannot be greater than the number of members in each class."
+    x, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    with pytest.raises(ValueError, match="k = 3 stratified folds need a class of at least 3"):
+        out_of_sample_probs(_never, x, y, k=3, train_kwargs={"epochs": 1})
