@@ -90,6 +90,12 @@ def stability_memorization(
             f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "
             "is 0, so no model would train on anything; raise subset_fraction or N"
         )
+    if size == n:  # every p_out was NaN, without a word
+        raise ValueError(
+            f"stability_memorization: subset_fraction * N = {subset_fraction} * {n} rounds to "
+            f"{n}, so no sample would ever be held out; lower subset_fraction or raise N"
+        )
+    top = int(y.max())  # (n >= 1 here)
     gen = torch.Generator().manual_seed(seed)
     hits_in = torch.zeros(n, dtype=torch.float64)
     hits_out = torch.zeros(n, dtype=torch.float64)
@@ -107,6 +113,14 @@ def stability_memorization(
         member[subset] = True
         sub = subset.to(x.device)
         model = model_factory(seed + j).to(x.device)
+        # train checks the width against its subset's labels only: a class no subset held
+        # was silently never predicted
+        width = predict(model, x[:1]).shape[1]
+        if width <= top:
+            raise ValueError(
+                f"stability_memorization: the model returns {width} logits, but y holds labels "
+                f"up to {top}: build it with as many outputs as classes"
+            )
         train(model, x[sub], y[sub], seed=seed + j, **kwargs)
         logits = check_finite("stability_memorization", predict(model, x))
         correct = (logits.argmax(1) == y).cpu().double()
