@@ -36,10 +36,11 @@ is read on the host). The CSL sum and count themselves are written by the fused
 from __future__ import annotations
 
 import copy
+import functools
 import numbers
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -74,6 +75,22 @@ __all__ = [
     "TrackerStateError",
     "UnverifiedTrackerFileWarning",
 ]
+
+
+def _normal_tensors(method: Callable[..., Any]) -> Callable[..., Any]:
+    """A method that allocates the tracker's state, run with inference mode off: tensors
+    made under ``torch.inference_mode()`` are inference tensors, which PyTorch lets be
+    updated in place only inside it, so a tracker made there (or an epoch closed, a state
+    loaded there) failed at the next step outside with PyTorch's bare error."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode(False), torch.no_grad():
+            return method(*args, **kwargs)
+
+    return run
 
 
 class CSLTracker(TrackerStatistics):
@@ -185,6 +202,7 @@ class CSLTracker(TrackerStatistics):
     # that Lightning divides by accumulate_grad_batches or a GradScaler multiplies.
     _watched_at_default_scale: bool = False
 
+    @_normal_tensors
     def __init__(
         self,
         num_samples: int,
@@ -712,6 +730,7 @@ class CSLTracker(TrackerStatistics):
         return sync(self, group)
 
     @locked
+    @_normal_tensors
     def end_epoch(self, group: Any = None) -> None:
         """Close the current training epoch.
 
@@ -750,6 +769,7 @@ class CSLTracker(TrackerStatistics):
         self.epoch += 1
 
     @locked
+    @_normal_tensors
     def end_eval_pass(self) -> None:
         """Close an eval pass (:func:`csl_fast.score_epoch` calls this): appends the pass's
         mean loss to :attr:`eval_loss_history` (``history=True``) and advances
@@ -783,6 +803,7 @@ class CSLTracker(TrackerStatistics):
         return tracker_file.state_dict(self)
 
     @locked
+    @_normal_tensors
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (copied into this tracker's device and dtype).
 
@@ -832,6 +853,7 @@ class CSLTracker(TrackerStatistics):
         tracker_file.save(self, path)
 
     @locked
+    @_normal_tensors
     def load(self, path: str | os.PathLike) -> None:
         """Load a file written by :meth:`save` into this tracker.
 
@@ -849,6 +871,7 @@ class CSLTracker(TrackerStatistics):
         tracker_file.load(self, path)
 
     @classmethod
+    @_normal_tensors
     def from_file(
         cls, path: str | os.PathLike, device: torch.device | str = "cpu", **kwargs: Any
     ) -> CSLTracker:

@@ -956,3 +956,37 @@ def test_unsigned_indices_are_taken_by_update_and_record_eval(dtype):
     t.update(torch.tensor([0, 4]).to(dtype), stats)
     t.record_eval(torch.tensor([1, 4]).to(dtype), stats)
     assert t.csl_count.tolist() == [1, 0, 0, 0, 1] and t.eval_count.tolist() == [0, 1, 0, 0, 1]
+
+
+def test_a_tracker_made_or_loaded_under_inference_mode_trains_outside_it(tmp_path):
+    """Tensors made under inference_mode are inference tensors, which PyTorch lets be
+    updated in place only inside it: a tracker made there (an eval script that later
+    fine-tunes) failed at end_epoch with PyTorch's bare error, and a tracker loaded there
+    at its next step."""
+    g = torch.Generator().manual_seed(3)
+    n, c = 6, 3
+    steps = [
+        (torch.randn(4, c, generator=g), torch.randint(0, c, (4,), generator=g)) for _ in range(3)
+    ]
+    idx = torch.tensor([0, 2, 5, 2])
+    want = CSLTracker(n, c, history=True)
+    for z, y in steps:
+        csl_fast.accumulate(z, y, idx, want)
+        want.end_epoch()
+    path = str(tmp_path / "t.csl")
+    with torch.inference_mode():
+        got = CSLTracker(n, c, history=True)
+        csl_fast.accumulate(*steps[0], idx, got)
+        got.end_epoch()
+        got.save(path)
+        loaded = CSLTracker.from_file(path)
+        again = CSLTracker(n, c, history=True)
+        again.load(path)
+    for tracker in (got, loaded, again):
+        assert not any(b.is_inference() for b in tracker.buffers().values())
+        for z, y in steps[1:]:
+            csl_fast.accumulate(z.clone().requires_grad_(True), y, idx, tracker).backward()
+            tracker.end_epoch()
+        for name, buf in want.buffers().items():
+            torch.testing.assert_close(tracker.buffers()[name], buf, msg=name)
+        torch.testing.assert_close(tracker.loss_history, want.loss_history, equal_nan=True)
