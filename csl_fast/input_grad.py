@@ -180,6 +180,10 @@ def watch(
                 "made from them, e.g. x = tracker.watch(model.embed(tokens), idx)"
             )
         raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}{hint}")
+    from .ops import transformed
+
+    if transformed():
+        _check_transform(x)
     # Checked here, not in the hook: an error raised during backward comes after the
     # loss was already recorded, leaving the batch half in the tracker.
     if not isinstance(index, torch.Tensor) or index.dim() != 1:
@@ -227,6 +231,28 @@ def watch(
 
     _register(x, tracker, hook)
     return x
+
+
+def _check_transform(x: torch.Tensor) -> None:
+    """Inside a torch.func transform, watch's hook sees the gradient of a tensor the
+    transform differentiates, ``grad(f)(x)`` with ``watch(x, index)`` in ``f``, and nothing
+    else: PyTorch refused requires_grad_() on another tensor, and vmap the reading of
+    its rows, with messages about functorch."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    batched = any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    if batched or not x.requires_grad:
+        why = (
+            "under vmap, whose rows are not the batch's"
+            if batched
+            else "on a tensor the transform does not differentiate"
+        )
+        raise RuntimeError(
+            f"csl_fast.watch: called inside a torch.func transform {why}; watch there only "
+            "the argument grad() differentiates, or compute the per-sample input gradients "
+            "with torch.func and pass their squared norms to tracker.record_input_grad"
+        )
 
 
 @torch.compiler.disable

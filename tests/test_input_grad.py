@@ -387,3 +387,29 @@ def test_one_tensor_watched_across_steps_and_a_view_of_it():
     assert once.input_grad_count.tolist() == viewed.input_grad_count.tolist() == [3.0] * 8
     torch.testing.assert_close(once.input_grad_sq_sum, viewed.input_grad_sq_sum)
     assert not x.requires_grad and x.grad is None
+
+
+def test_watch_inside_torch_func_records_what_grad_differentiates_and_refuses_the_rest():
+    """Inside grad(f)(x) with watch(x, index) in f the hook sees x's gradient, as eagerly;
+    a tensor grad() does not differentiate, or rows under vmap, got PyTorch's functorch
+    messages (requires_grad_ inside a transform, .item() under vmap)."""
+    from torch.func import grad, vmap
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 2, generator=g), torch.randn(2, 3, generator=g)
+    y, idx = torch.randint(0, 3, (4,), generator=g), torch.tensor([0, 3, 6, 9])
+    eager = csl_fast.CSLTracker(12, 3)
+    csl_fast.accumulate(eager.watch(x.clone(), idx) @ w, y, idx, eager).backward()
+    got = csl_fast.CSLTracker(12, 3)
+    grad(lambda v: csl_fast.accumulate(got.watch(v, idx) @ w, y, idx, got))(x.clone())
+    torch.testing.assert_close(got.input_grad_sq_sum, eager.input_grad_sq_sum)
+    other = csl_fast.CSLTracker(12, 3)
+    with pytest.raises(RuntimeError, match=r"does not differentiate.*record_input_grad"):
+        grad(lambda m: csl_fast.accumulate(other.watch(x.clone(), idx) @ m, y, idx, other))(w)
+
+    def one(m, xi, yi, i):
+        return csl_fast.accumulate(other.watch(xi[None], i[None]) @ m, yi[None], i[None], other)
+
+    with pytest.raises(RuntimeError, match="under vmap, whose rows are not the batch's"):
+        vmap(grad(one), in_dims=(None, 0, 0, 0))(w, x, y, idx)
+    assert other.input_grad_count.sum() == 0
