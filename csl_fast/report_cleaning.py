@@ -39,6 +39,11 @@ RETRAIN_ROWS = {
 }
 
 
+#: The fewest held-out samples between the noisy arm and the ceiling for the share of that
+#: gap won back to be said (below, one sample either way swings it by 50% or more).
+_MIN_GAP = 3
+
+
 def format_retrain_table(accuracy: Mapping[str, float], test_size: int, extra: str = "") -> str:
     """The clean-and-retrain table as aligned text.
 
@@ -49,7 +54,8 @@ def format_retrain_table(accuracy: Mapping[str, float], test_size: int, extra: s
         extra: a line appended below the table (e.g. what the cleaning did).
 
     The gain line reads ``(cleaned - noisy) / (ceiling - noisy)``: the share of the
-    accuracy lost to label noise that cleaning won back.
+    accuracy lost to label noise that cleaning won back, said when that gap is at least
+    3 held-out samples.
     """
     unknown = set(accuracy) - set(RETRAIN_ROWS)
     if unknown:  # a misspelt arm was left out of the table without a word
@@ -63,7 +69,13 @@ def format_retrain_table(accuracy: Mapping[str, float], test_size: int, extra: s
     if all(k in accuracy for k in RETRAIN_ROWS):
         gap = accuracy["ceiling"] - accuracy["noisy"]
         gain = accuracy["cleaned"] - accuracy["noisy"]
-        share = f"{gain / gap:.0%} of the gap to the ceiling" if gap > 0 else "no gap to close"
+        between = round(gap * test_size)  # held-out samples the noise cost
+        if gap <= 0:
+            share = "no gap to close"
+        elif between < _MIN_GAP:  # a share of 1 sample read -4233% of the gap
+            share = f"the gap to the ceiling is {between} held-out sample(s), too few to share"
+        else:
+            share = f"{gain / gap:.0%} of the gap to the ceiling"
         lines.append(f"  cleaning: {100 * gain:+.1f} points ({share})")
     if extra:
         lines.append(extra)

@@ -32,8 +32,11 @@ def test_format_retrain_table_gain():
     assert lines[3].endswith("1.0000") and "ceiling" in lines[3]
     assert lines[4] == "  cleaning: +5.0 points (50% of the gap to the ceiling)"
     assert lines[5] == "note"
-    worse = format_retrain_table({"noisy": 0.9, "cleaned": 0.88, "ceiling": 0.98}, 10)
+    worse = format_retrain_table({"noisy": 0.9, "cleaned": 0.88, "ceiling": 0.98}, 100)
     assert "-2.0 points (-25% of the gap" in worse
+    # one held-out sample of gap: "-8.0 points (-4233% of the gap to the ceiling)"
+    tiny = format_retrain_table({"noisy": 0.9, "cleaned": 0.82, "ceiling": 0.9019}, 530)
+    assert "-8.0 points (the gap to the ceiling is 1 held-out sample(s), too few" in tiny
     no_gap = format_retrain_table({"noisy": 0.9, "cleaned": 0.9, "ceiling": 0.9}, 10)
     assert "no gap to close" in no_gap
     assert "gap" not in format_retrain_table({"noisy": 0.9}, 10)
