@@ -159,7 +159,12 @@ def merge(
             # a run that ended correct, where the merged last state is not, forgot the
             # sample once more: without it a sample one run learned (and never forgot)
             # read as never learned (ever_correct False, the worst forgetting score)
-            ended_correct = torch.where(correct & seen, weight, 0).sum(0)
+            # (as many of a merged input's runs as its presentations leave room for: a
+            # merge of 3 runs where one saw the sample added 3, which its count of 1
+            # could not hold, and the result was refused as damaged)
+            room = stack("csl_count") - stack("forgetting")
+            ended = torch.minimum(weight.to(room.dtype), room).to(torch.int64)
+            ended_correct = torch.where(correct & seen, ended, 0).sum(0)
             forgetting += torch.where(all_correct, 0, ended_correct)
     buffers["forgetting"] = _int32("forgetting", forgetting)
 

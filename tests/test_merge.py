@@ -285,3 +285,27 @@ def test_runs_of_a_state_are_checked_and_default_to_one():
         ):
             t.load_state_dict({**state, "runs": bad})
     assert t.runs == 1
+
+
+def test_a_merge_of_runs_that_did_not_all_see_a_sample_merges_again():
+    """Run A learns sample 0, B and B2 never see it, C gets it wrong. merge([A, B, B2])
+    stands for 3 runs but one presentation of it: merging it with C added 3 forgetting
+    events (one per run, as if each had seen it), which its count of 2 cannot hold, and
+    the merge refused its own result as damaged."""
+
+    def run(present, correct):
+        t = CSLTracker(2, 2)
+        if present:
+            z = torch.tensor([[5.0, -5.0]]) if correct else torch.tensor([[-5.0, 5.0]])
+            csl_fast.accumulate(z, torch.tensor([0]), torch.tensor([0]), t)
+        t.end_epoch()
+        return t
+
+    a, b, b2, c = run(True, True), run(False, False), run(False, False), run(True, False)
+    flat = csl_fast.merge([a, b, b2, c])
+    nested = csl_fast.merge([csl_fast.merge([a, b, b2]), c])
+    # (the last values are weighed by runs, which a merge does not keep per sample:
+    # inexact there, as documented)
+    for name in ("csl_sum", "csl_count", "forgetting", "last_correct", "learned_epoch"):
+        assert torch.equal(nested.buffers()[name], flat.buffers()[name]), name
+    assert nested.forgetting.tolist() == [1, 0]
