@@ -300,8 +300,9 @@ def _read_v2(
         meta = where[key]
         t = live.get(key) if where is state["buffers"] else None
         if t is None or t.dtype != meta.dtype or t.shape != meta.shape:
-            # (torch.empty: no zero-filling of memory about to be overwritten)
-            t = torch.empty(meta.shape, dtype=meta.dtype)
+            # (torch.empty: no zero-filling of memory about to be overwritten; on the CPU
+            # whatever torch.set_default_device says: the payload is read through NumPy)
+            t = torch.empty(meta.shape, dtype=meta.dtype, device="cpu")
             huge_pages.advise(t)
         where[key] = t
         views.append(_tensor_bytes(t))

@@ -846,3 +846,20 @@ def test_a_pipe_or_fifo_is_refused_as_not_a_regular_file(tmp_path):
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_a_file_loads_whatever_the_default_device(tmp_path):
+    # torch.set_default_device("cuda"), common in LLM code, sent the reader's tensors
+    # there: "can't convert cuda:0 device type tensor to numpy" (meta stands in for it)
+    t = CSLTracker(4, 3, history=True)
+    csl_fast.accumulate(torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 2, 3]), t)
+    t.end_epoch()
+    path = str(tmp_path / "t.csl")
+    t.save(path)
+    with torch.device("meta"):
+        loaded = csl_fast.load(path)
+        again = CSLTracker(4, 3, history=True, device="cpu")
+        again.load(path)
+    for got in (loaded, again):
+        for name, buf in t.buffers().items():
+            assert torch.equal(got.buffers()[name], buf), name
