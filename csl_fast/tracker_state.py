@@ -228,7 +228,9 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
     for start, part in sample_chunks(src):
         s = src[part]
         if kind == "int":
-            bad = (s < lo) | (s > torch.iinfo(torch.int32).max)
+            # (int64: against an int16 or int8 buffer the int32 maximum wrapped to -1, and
+            # every count >= 0 read as past it)
+            bad = (s < lo) | (s.to(torch.int64) > torch.iinfo(torch.int32).max)
         else:
             held = s.to(dtype)
             bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
@@ -440,8 +442,10 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
         igfe = checked["input_grad_first_epoch"]
         missing = checked["epoch"] - igfe - len(histories["input_grad_history"])
         if igfe >= 0 and missing > 0:  # epochs without any record: NaN, as end_epoch keeps
+            # One row shared by them (rows are never written in place): a file of a few KB
+            # whose header claimed 20,000 such epochs allocated 20,000 rows while loading.
             nan = torch.full((tracker.num_samples,), math.nan, device=tracker.device)
-            histories["input_grad_history"] += [nan.clone() for _ in range(missing)]
+            histories["input_grad_history"] += [nan] * missing
         for name, value in checked["buffers"].items():
             live[name].copy_(value)
         for name, value in checked["fill"].items():

@@ -84,6 +84,18 @@ def test_int64_values_past_int32_are_refused_not_wrapped():
     _refused(state, "'forgetting' holds 4294967297")
 
 
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int64])
+def test_integer_buffers_of_any_width_load(dtype):
+    # against int16 or int8 the int32 maximum wrapped to -1: every count read as past it
+    t = _trained()
+    state = t.state_dict()
+    state["buffers"] = dict(state["buffers"])
+    state["buffers"]["forgetting"] = state["buffers"]["forgetting"].to(dtype)
+    u = CSLTracker(N, 3)
+    u.load_state_dict(state)
+    assert torch.equal(u.forgetting, t.forgetting)
+
+
 def test_values_a_tracker_can_hold_load(tmp_path):
     t = _trained()
     t.csl_sum[0] = float("nan")  # margins can overflow to inf, then inf - inf
