@@ -143,6 +143,11 @@ class _EpochCallback(TrainerCallback):
         self._epoch_end_step: int | None = None
         self._closed_early_step: int | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A second train() counts its steps from 0 again: the first run's marks matched
+        # its steps, and the epoch that a save at its last step had to close stayed open.
+        self._epoch_end_step = self._closed_early_step = None
+
     def on_epoch_end(self, args, state, control, **kwargs):
         self._epoch_end_step = state.global_step
         if self.trainer.csl_tracker is not None and self._closed_early_step != state.global_step:

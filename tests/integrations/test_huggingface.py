@@ -143,6 +143,21 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path
     torch.testing.assert_close(got.loss_history, want.loss_history)
 
 
+def test_a_second_train_call_closes_its_epochs_too(tmp_path):
+    """train() twice on one trainer, with a save at each epoch's last step: the second run
+    counts its steps from 0 again, met the first run's marks, and left its epoch open (the
+    next end_epoch pooled two epochs)."""
+    kw = {"csl_tracker_kwargs": {"history": True}, "train_dataset": with_index(Examples())}
+    trainer = CSLTrainer(
+        model=_model(), args=_args(tmp_path, 1, save_strategy="steps", save_steps=3), **kw
+    )
+    trainer.train()
+    trainer.train()
+    tracker = trainer.csl_tracker
+    assert tracker.epoch == 2 and tracker.loss_history.shape[0] == 2
+    assert tracker.csl_count.tolist() == [2.0] * N
+
+
 def test_resume_keeps_the_tracker_options_and_warns_without_a_tracker_file(tmp_path):
     """A resumed CSLTrainer built its tracker from the file alone (csl_tracker_kwargs's
     backend and deterministic were dropped, a different history ignored), and a
