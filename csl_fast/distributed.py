@@ -219,6 +219,8 @@ class _SyncState:
     epoch: int
     eval_passes: int
     base: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: csl_sum's and csl_count's version counters right after it (see recorded_since)
+    versions: tuple[int, int] = (-1, -1)
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -485,8 +487,30 @@ def _set_baseline(tracker: CSLTracker) -> None:
             b.device,
         )
         keep[name] = prev.copy_(b) if same else b.clone()
-    setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
+    state = _SyncState(tracker.epoch, tracker.eval_passes, keep, _versions(tracker))
+    setattr(tracker, _STATE_ATTR, state)
     tracker.__dict__.pop(_LOADED_ATTR, None)
+
+
+def _versions(tracker: CSLTracker) -> tuple[int, int]:
+    return tracker.csl_sum._version, tracker.csl_count._version
+
+
+def training_mark(tracker: CSLTracker) -> tuple[Any, tuple[int, int]]:
+    """A mark of the training buffers' state, for :func:`recorded_since`."""
+    return tracker.__dict__.get(_STATE_ATTR), _versions(tracker)
+
+
+def recorded_since(tracker: CSLTracker, mark: tuple[Any, tuple[int, int]]) -> bool:
+    """Whether something wrote into ``csl_sum`` or ``csl_count`` since :func:`training_mark`
+    gave ``mark``, the writes of a sync excepted (it rewrites every buffer, combining the
+    ranks: a version change that is no recording). Writes before a sync that ran since
+    are not seen."""
+    synced, versions = mark
+    last = tracker.__dict__.get(_STATE_ATTR)
+    if last is not None and last is not synced:
+        versions = last.versions
+    return versions != _versions(tracker)
 
 
 def sync_epoch(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:

@@ -34,7 +34,9 @@ from csl_fast.distributed import (
     get_timeout,
     is_distributed,
     mark_synced,
+    recorded_since,
     set_timeout,
+    training_mark,
 )
 from csl_fast.reference import REDUCTIONS
 
@@ -264,6 +266,50 @@ def test_sync_is_a_noop_without_a_process_group():
     for k, v in before.items():
         if not k.startswith("epoch_"):
             assert torch.equal(t.buffers()[k], v), k
+
+
+def test_recorded_since_sees_recordings_alone():
+    t = CSLTracker(5, C)
+    mark = training_mark(t)
+    csl_fast.score_epoch(
+        torch.nn.Identity(), [(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2))], t
+    )
+    assert not recorded_since(t, mark)  # the eval buffers are not the training ones
+    csl_fast.accumulate(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2), t)
+    assert recorded_since(t, mark)
+
+
+def _mark_worker(rank: int, init: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    t = CSLTracker(6, C)
+    csl_fast.accumulate(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2) + 2 * rank, t)
+    t.end_epoch()  # synced: an eval loop starts here
+    mark = training_mark(t)
+    z = torch.randn(3, C)
+    csl_fast.score_epoch(
+        torch.nn.Identity(), [(z, torch.tensor([0, 1, 2]), torch.arange(3) + rank)], t
+    )
+    t.sync()  # after an eval pass, as docs/distributed.md says: it rewrites every buffer
+    result = {
+        "version moved": training_mark(t)[1] != mark[1],
+        "after sync": recorded_since(t, mark),
+    }
+    csl_fast.accumulate(torch.randn(1, C), torch.tensor([0]), torch.tensor([5]), t)
+    result["after a recording"] = recorded_since(t, mark)
+    with open(os.path.join(out, f"mark{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_a_sync_is_not_read_as_a_recording(tmp_path):
+    """CSLCallback refuses an eval loop that recorded into the training tracker by its
+    version counters, which a sync in the loop moved too: a DDP validation that synced
+    after its eval pass raised that it had recorded into the training tracker."""
+    _spawn(_mark_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    for rank in range(WORLD):
+        result = json.loads((tmp_path / f"mark{rank}.json").read_text())
+        assert result == {"version moved": True, "after sync": False, "after a recording": True}
 
 
 def _attempt(msgs: list, call, named: bool = False) -> None:

@@ -40,7 +40,7 @@ import warnings
 from typing import Any
 
 from ..atomic_file import target_of
-from ..distributed import loaded_unmarked, mark_synced
+from ..distributed import loaded_unmarked, mark_synced, recorded_since, training_mark
 from ..tracker import CSLTracker
 from ._options import check_tracker_options
 
@@ -250,12 +250,14 @@ class CSLCallback(Callback):
 
     def _note_versions(self) -> None:
         t = self._tracker
-        self._versions_at_eval = None if t is None else (t.csl_sum._version, t.csl_count._version)
+        self._versions_at_eval = None if t is None else training_mark(t)
 
     def _refuse_eval_records(self, loop: str) -> None:
+        # (not the version counters alone: a tracker.sync() in the loop, as after an eval
+        # pass under DDP, rewrites the buffers and read as a recording)
         before, self._versions_at_eval = self._versions_at_eval, None
         t = self._tracker
-        if before is None or t is None or before == (t.csl_sum._version, t.csl_count._version):
+        if before is None or t is None or not recorded_since(t, before):
             return
         raise RuntimeError(
             f"CSLCallback: the {loop} loop recorded into pl_module.{self.attr}, the training "
