@@ -226,7 +226,8 @@ class _SyncState:
 def is_distributed(group: Any = None) -> bool:
     """True when ``torch.distributed`` is available, initialised and the group spans more
     than one process (this rank among them: torch gives a rank outside ``group`` a size
-    of -1)."""
+    of -1). ``group`` must be a process group or None (TypeError otherwise)."""
+    check_group("csl_fast.distributed", group)
     if not (dist.is_available() and dist.is_initialized()):
         return False
     return dist.get_world_size(group) > 1
@@ -435,6 +436,18 @@ def _wait(work: Any, timeout: float, what: str) -> None:
             f"csl_fast.distributed.{what}: a collective failed ({' '.join(str(exc).split())}). "
             "Most likely another rank exited or crashed, or skipped tracker.end_epoch()"
         ) from exc
+
+
+def check_group(fn: str, group: Any) -> None:
+    """Refuse a ``group`` that is not a process group: an int or a string gave "'int'
+    object has no attribute 'size'" from inside torch, or passed silently where
+    torch.distributed was not initialised."""
+    if group is None or (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+        return
+    raise TypeError(
+        f"{fn}: group must be a torch.distributed process group (dist.new_group(ranks)) or "
+        f"None for every rank, got {type(group).__name__} {group!r}"
+    )
 
 
 def _all_reduce(t: torch.Tensor, group: Any, timeout: float, what: str = "sync") -> None:

@@ -720,14 +720,15 @@ class CSLTracker(TrackerStatistics):
 
     # --------------------------------------------------------------- epochs
     @locked
-    def sync(self, group: Any = None) -> bool:
+    def sync(self, group: Any = None, *, timeout: float | None = None) -> bool:
         """Combine the ranks' trackers with ``torch.distributed`` collectives (every rank of
-        ``group`` must call it); a no-op returning False without an initialised process
-        group of more than one process. Syncing twice does not double-count. Rules:
-        :mod:`csl_fast.distributed`."""
-        from .distributed import sync
+        ``group`` must call it, each collective waiting at most ``timeout`` seconds); a
+        no-op returning False without an initialised process group of more than one
+        process. Syncing twice does not double-count. Rules: :mod:`csl_fast.distributed`."""
+        from .distributed import check_group, sync
 
-        return sync(self, group)
+        check_group("CSLTracker.sync", group)
+        return sync(self, group, timeout=timeout)
 
     @locked
     @_normal_tensors
@@ -744,15 +745,12 @@ class CSLTracker(TrackerStatistics):
         host but, with ``history=True``, one count per epoch (whether any sample was
         recorded in it).
         """
-        from .distributed import sync_epoch
+        from .distributed import check_group, sync_epoch
 
-        if isinstance(group, numbers.Number | str):
-            # ignored outside torch.distributed: end_epoch(5) passed silently
-            raise TypeError(
-                f"CSLTracker.end_epoch: group must be a torch.distributed process group or "
-                f"None, got {type(group).__name__} {group!r}; the tracker counts its epochs "
-                "itself (tracker.epoch)"
-            )
+        try:  # (ignored outside torch.distributed: end_epoch(5) passed silently)
+            check_group("CSLTracker.end_epoch", group)
+        except TypeError as e:
+            raise TypeError(f"{e}; the tracker counts its epochs itself (tracker.epoch)") from None
         sync_epoch(self, group)  # a no-op returning False when not distributed
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(

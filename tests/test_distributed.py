@@ -268,6 +268,24 @@ def test_sync_is_a_noop_without_a_process_group():
             assert torch.equal(t.buffers()[k], v), k
 
 
+def test_a_group_that_is_no_process_group_is_refused_by_name():
+    # "'int' object has no attribute 'size'" from inside torch under a process group, and
+    # silently nothing without one (end_epoch alone said what was wrong)
+    from csl_fast.distributed import sync
+
+    t = CSLTracker(5, C)
+    for call in (
+        lambda: t.sync(5),
+        lambda: sync(t, "g"),
+        lambda: mark_synced(t, 5),
+        lambda: is_distributed(5),
+        lambda: t.end_epoch(5),
+    ):
+        with pytest.raises(TypeError, match=r"group must be a torch\.distributed process group"):
+            call()
+    assert t.sync(timeout=3.0) is False  # the method takes the module function's timeout
+
+
 def test_recorded_since_sees_recordings_alone():
     t = CSLTracker(5, C)
     mark = training_mark(t)
