@@ -24,10 +24,16 @@ def check_tracker_options(
     too) may come, since they would be ignored."""
     if kwargs is None:
         kwargs = {}
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+    if not isinstance(kwargs, Mapping):
         raise TypeError(
             f"{owner}: {name} must be a dict of CSLTracker keyword arguments, got "
             f"{type(kwargs).__name__}"
+        )
+    keys = [k for k in kwargs if not isinstance(k, str)]
+    if keys:  # (it said "got dict" of a dict)
+        raise TypeError(
+            f"{owner}: {name} must be a dict of CSLTracker keyword arguments, whose keys are "
+            f"argument names (str), got the key {keys[0]!r}"
         )
     kwargs = dict(kwargs)
     if tracker is not None:

@@ -67,6 +67,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .._args import check_flags
 from ..accumulate import accumulate
 from ..distributed import loaded_unmarked, mark_synced
 from ..tracker import CSLTracker
@@ -224,6 +225,14 @@ class CSLTrainer(Trainer):
         csl_tracker_kwargs = check_tracker_options(
             "CSLTrainer", csl_tracker, csl_tracker_kwargs, "csl_tracker_kwargs", {}
         )
+        # ("no" from a config was truthy: csl_linear_cross_entropy="no" called the decoder)
+        check_flags("CSLTrainer", True, csl_shift_labels=csl_shift_labels)
+        check_flags("CSLTrainer", False, csl_linear_cross_entropy=csl_linear_cross_entropy)
+        if not isinstance(csl_index_column, str):  # (a KeyError at the first step)
+            raise TypeError(
+                "CSLTrainer: csl_index_column must be the name (a str) of the batch key holding "
+                f"dataset indices, got {type(csl_index_column).__name__} {csl_index_column!r}"
+            )
         super().__init__(*args, **kwargs)
         if getattr(self, "compute_loss_func", None) is not None:
             # Its loss is a batch scalar: there would be no per-example loss to record, and
@@ -234,7 +243,7 @@ class CSLTrainer(Trainer):
                 "(reduction='none') with csl_fast.record_loss(loss, inputs['index'], tracker)"
             )
         self.csl_shift_labels = csl_shift_labels
-        self.csl_linear_cross_entropy = bool(csl_linear_cross_entropy)
+        self.csl_linear_cross_entropy = bool(csl_linear_cross_entropy)  # (np.bool_ too)
         self.csl_tracker = csl_tracker
         self.csl_index_column = csl_index_column
         self.csl_tracker_kwargs = csl_tracker_kwargs

@@ -299,6 +299,13 @@ def test_labels_of_shape_batch_by_one_train_as_with_the_plain_trainer(tmp_path):
         ({"csl_tracker": CSLTracker(N), "csl_tracker_kwargs": {"history": True}}, ValueError,
          "history would be ignored with a tracker passed in"),
         ({"csl_tracker": "run.csl"}, TypeError, "must be a csl_fast.CSLTracker, got str"),
+        # "got dict" of a dict
+        ({"csl_tracker_kwargs": {1: 2}}, TypeError, "whose keys are argument names.*got the key 1"),
+        # "no" from a config was truthy: the decoder was called for a classifier
+        ({"csl_linear_cross_entropy": "no"}, TypeError, "csl_linear_cross_entropy must be True or"),
+        ({"csl_shift_labels": "no"}, TypeError, "csl_shift_labels must be True, False or None"),
+        # a KeyError at the first training step
+        ({"csl_index_column": 3}, TypeError, "csl_index_column must be the name"),
     ],
 )  # fmt: skip
 def test_bad_tracker_options_are_refused_at_construction(tmp_path, options, error, match):
