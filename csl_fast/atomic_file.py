@@ -215,7 +215,14 @@ def _refuse_special(user_path: str, target: str, action: str) -> None:
     rename would replace a device or FIFO with a regular file (as root, /dev/null)."""
     try:
         mode = os.stat(target).st_mode
-    except OSError:
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # the rename replaced the looping link with a file
+            raise OSError(
+                errno.ELOOP,
+                f"cannot {action} to {user_path!r}: it is a symbolic link in a loop (it never "
+                "reaches a file); fix or remove the link, or give another name",
+                user_path,
+            ) from None
         return  # nothing there yet (or unreadable: the write reports that)
     what = special_kind(mode)
     if what is None:

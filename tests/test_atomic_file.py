@@ -48,3 +48,12 @@ def test_a_bytes_path_is_written_as_open_takes_it(tmp_path):
     path = os.fsencode(tmp_path / "a.csv")
     atomic_file.write_text(path, lambda f: f.write("x"), "write", "a.csv")
     assert (tmp_path / "a.csv").read_text() == "x"
+
+
+def test_a_symlink_loop_is_refused_and_left(tmp_path):
+    # open() fails with ELOOP; the rename replaced the user's link with a regular file
+    (tmp_path / "a.csl").symlink_to("b.csl")
+    (tmp_path / "b.csl").symlink_to("a.csl")
+    with pytest.raises(OSError, match=r"'.*a\.csl': it is a symbolic link in a loop"):
+        atomic_file.write_text(str(tmp_path / "a.csl"), lambda f: f.write("x"), "write", "a.csl")
+    assert (tmp_path / "a.csl").is_symlink() and sorted(os.listdir(tmp_path)) == ["a.csl", "b.csl"]
