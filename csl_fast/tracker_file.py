@@ -158,23 +158,38 @@ def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     atomic_file.write(user_path, target, write, "save the tracker")
 
 
+# Why a live tracker holds what a load refuses, by what was refused.
+_BUFFER_ADVICE = (
+    "Some buffers were written without the others: record() or record_sequences() called "
+    "alone (they leave the CSL sums and counts to accumulate; record batches with update() "
+    "or csl_fast.accumulate), csl=tracker.csl_sum passed to accumulate without "
+    "count=tracker.csl_count, stats of another class count passed to update() on CUDA (a "
+    "suggested label past num_classes), or a buffer assigned by hand"
+)
+_HISTORY_ADVICE = (
+    "tracker.epoch (or eval_passes) was set by hand, past the rows that end_epoch() (or "
+    "end_eval_pass()) appends to the histories: close epochs with end_epoch() instead"
+)
+
+
 def _payload(tracker: CSLTracker, user_path: str) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
     """The file's magic and header, and its tensors (CPU, contiguous), of a state a load
     would accept; else :class:`TrackerStateError`."""
+    if tracker.device.type == "meta":  # (the load advice, "load it onto 'cpu'", said more)
+        raise TrackerStateError(
+            f"CSLTracker.save: not written to {user_path!r}: the tracker is on the meta "
+            "device, which holds no values to save"
+        )
     state = state_dict(tracker)
     try:
         # what load would refuse is not written: the file would keep the run unloadable
         validate_state(tracker, state)
     except TrackerStateError as exc:
         # a live tracker was not restored from anything: the load advice does not apply
-        what = str(exc).split("; no tracker holds that")[0]
+        what = str(exc).split("; no tracker holds that")[0].split("; the state was edited")[0]
         raise TrackerStateError(
             f"CSLTracker.save: not written to {user_path!r}, a load would refuse it: {what}. "
-            "Some buffers were written without the others: record() or record_sequences() "
-            "called alone (they leave the CSL sums and counts to accumulate; record batches "
-            "with update() or csl_fast.accumulate), csl=tracker.csl_sum passed to accumulate "
-            "without count=tracker.csl_count, stats of another class count passed to update() on "
-            "CUDA (a suggested label past num_classes), or a buffer assigned by hand"
+            + (_HISTORY_ADVICE if "rows but the state has" in what else _BUFFER_ADVICE)
         ) from None
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]

@@ -863,3 +863,18 @@ def test_a_file_loads_whatever_the_default_device(tmp_path):
     for got in (loaded, again):
         for name, buf in t.buffers().items():
             assert torch.equal(got.buffers()[name], buf), name
+
+
+def test_a_save_refusal_gives_the_advice_of_its_cause(tmp_path):
+    # each ended with the advice about record() called alone, and the meta one with "load
+    # it into a tracker on 'cpu'"
+    path = str(tmp_path / "t.csl")
+    with pytest.raises(TrackerStateError, match=r"meta device, which holds no values to save$"):
+        CSLTracker(4, 2, device="meta").save(path)
+    t = CSLTracker(4, 2, history=True)
+    t.end_epoch()
+    t.epoch = 5
+    with pytest.raises(TrackerStateError, match=r"set by hand.*end_epoch\(\) instead$") as err:
+        t.save(path)
+    assert "record()" not in str(err.value)
+    assert not os.path.exists(path)
