@@ -124,6 +124,11 @@ def merge(
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)
     dev = torch.device(device) if device is not None else runs[0].device
+    if dev.type == "meta":  # (Tensor.item() failed on it, from inside the merge)
+        raise ValueError(
+            "csl_fast.merge: cannot merge onto device 'meta': a meta tensor holds no data, so "
+            "every merged value would be dropped; merge onto 'cpu' or a GPU"
+        )
     out = CSLTracker(
         n,
         classes.pop() if classes else None,

@@ -309,3 +309,9 @@ def test_a_merge_of_runs_that_did_not_all_see_a_sample_merges_again():
     for name in ("csl_sum", "csl_count", "forgetting", "last_correct", "learned_epoch"):
         assert torch.equal(nested.buffers()[name], flat.buffers()[name]), name
     assert nested.forgetting.tolist() == [1, 0]
+
+
+def test_merging_onto_the_meta_device_is_refused_by_name():
+    # "Tensor.item() cannot be called on meta tensors", from inside the merge
+    with pytest.raises(ValueError, match="cannot merge onto device 'meta'"):
+        csl_fast.merge([_run(0), _run(1)], device="meta")
