@@ -152,9 +152,15 @@ def merge(
     for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
         seen = stack(count) > 0  # [R, N]
         runs_seen = torch.where(seen, weight, 0).sum(0)
+        alone = seen.sum(0) == 1  # one input saw it: its value as it is (x * 3 / 3 is
+        # not always x, and merge([m]) of a merge m moved its last values by an ulp)
         for name in (prefix + "last_loss", prefix + "last_max_prob"):
-            total = torch.where(seen, stack(name) * weight, 0).sum(0)
-            buffers[name] = torch.where(runs_seen > 0, total / runs_seen.clamp(min=1), 0)
+            values = stack(name)
+            total = torch.where(seen, values * weight, 0).sum(0)
+            mean = torch.where(
+                alone, torch.where(seen, values, 0).sum(0), total / runs_seen.clamp(min=1)
+            )
+            buffers[name] = torch.where(runs_seen > 0, mean, 0)
         correct = stack(prefix + "last_correct", torch.bool)
         all_correct = (runs_seen > 0) & (correct | ~seen).all(0)
         buffers[prefix + "last_correct"] = all_correct

@@ -100,6 +100,20 @@ def test_merge_one_run_is_a_copy():
     for name, buf in run.buffers().items():
         assert torch.equal(merged.buffers()[name], buf), name
     assert merged.buffers()["csl_sum"].data_ptr() != run.csl_sum.data_ptr()
+    # a merge of 3 runs alone: its last values were weighed by 3 and divided by 3 again,
+    # an ulp off
+    state = csl_fast.merge([_run(5), _run(6), _run(7)]).state_dict()
+    seen = state["buffers"]["csl_count"] > 0
+    # values whose x * 3 / 3 is not x in float32 (1 in 6 of uniform ones)
+    values = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    odd = values[values * 3 / 3 != values][:N]
+    state["buffers"] = dict(state["buffers"], last_loss=torch.where(seen, odd, 0))
+    merged = CSLTracker(N, C, history=True)
+    merged.load_state_dict(state)
+    assert merged.runs == 3
+    again = csl_fast.merge([merged])
+    for name, buf in merged.buffers().items():
+        assert torch.equal(again.buffers()[name], buf), name
 
 
 def test_merge_aligns_histories_and_mixes_dtypes():
