@@ -252,6 +252,17 @@ class CSLTrainer(Trainer):
         # _normalize divides by, and it then does not divide by the accumulation steps.
         self.add_callback(_EpochCallback(self))
 
+    def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: every trial would add its training to the one tracker (CSL summed over
+        models of different settings), and its checkpoints' tracker files went to
+        ``output_dir`` instead of the trial's folder. Search with ``transformers.Trainer``,
+        then train the chosen settings once with :class:`CSLTrainer`."""
+        raise NotImplementedError(
+            "CSLTrainer.hyperparameter_search: each trial would record into the same tracker, "
+            "summing the CSL of models trained with different settings; run the search with "
+            "transformers.Trainer, then train the chosen settings once with CSLTrainer"
+        )
+
     # Keep the index column: remove_unused_columns keeps only the model's forward arguments.
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()

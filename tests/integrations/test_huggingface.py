@@ -158,6 +158,15 @@ def test_a_second_train_call_closes_its_epochs_too(tmp_path):
     assert tracker.csl_count.tolist() == [2.0] * N
 
 
+def test_hyperparameter_search_is_refused_with_the_way_out(tmp_path):
+    # every trial recorded into the one tracker, and its tracker files went to output_dir
+    trainer = CSLTrainer(
+        model=_model(), args=_args(tmp_path, 1), train_dataset=with_index(Examples())
+    )
+    with pytest.raises(NotImplementedError, match=r"run the search with transformers\.Trainer"):
+        trainer.hyperparameter_search(n_trials=2)
+
+
 def test_resume_keeps_the_tracker_options_and_warns_without_a_tracker_file(tmp_path):
     """A resumed CSLTrainer built its tracker from the file alone (csl_tracker_kwargs's
     backend and deterministic were dropped, a different history ignored), and a
