@@ -219,8 +219,6 @@ class _SyncState:
     epoch: int
     eval_passes: int
     base: dict[str, torch.Tensor] = field(default_factory=dict)
-    #: csl_sum's and csl_count's version counters right after it (see recorded_since)
-    versions: tuple[int, int] = (-1, -1)
 
 
 def is_distributed(group: Any = None) -> bool:
@@ -500,8 +498,7 @@ def _set_baseline(tracker: CSLTracker) -> None:
             b.device,
         )
         keep[name] = prev.copy_(b) if same else b.clone()
-    state = _SyncState(tracker.epoch, tracker.eval_passes, keep, _versions(tracker))
-    setattr(tracker, _STATE_ATTR, state)
+    setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
     tracker.__dict__.pop(_LOADED_ATTR, None)
 
 
@@ -509,21 +506,28 @@ def _versions(tracker: CSLTracker) -> tuple[int, int]:
     return tracker.csl_sum._version, tracker.csl_count._version
 
 
-def training_mark(tracker: CSLTracker) -> tuple[Any, tuple[int, int]]:
+# The version bumps of csl_sum and csl_count that syncs made, summed over the tracker's
+# syncs (see recorded_since).
+_SYNC_BUMPS_ATTR = "_csl_sync_bumps"
+
+
+def training_mark(tracker: CSLTracker) -> tuple[tuple[int, int], tuple[int, int]]:
     """A mark of the training buffers' state, for :func:`recorded_since`."""
-    return tracker.__dict__.get(_STATE_ATTR), _versions(tracker)
+    return tracker.__dict__.get(_SYNC_BUMPS_ATTR, (0, 0)), _versions(tracker)
 
 
-def recorded_since(tracker: CSLTracker, mark: tuple[Any, tuple[int, int]]) -> bool:
-    """Whether something wrote into ``csl_sum`` or ``csl_count`` since :func:`training_mark`
-    gave ``mark``, the writes of a sync excepted (it rewrites every buffer, combining the
-    ranks: a version change that is no recording). Writes before a sync that ran since
-    are not seen."""
-    synced, versions = mark
-    last = tracker.__dict__.get(_STATE_ATTR)
-    if last is not None and last is not synced:
-        versions = last.versions
-    return versions != _versions(tracker)
+def recorded_since(tracker: CSLTracker, mark: tuple[tuple[int, int], tuple[int, int]]) -> bool:
+    """Whether this rank wrote into ``csl_sum`` or ``csl_count`` since
+    :func:`training_mark` gave ``mark``: their version counters moved by more than the
+    syncs since moved them (a sync rewrites every buffer, combining the ranks: a version
+    change that is no recording of this rank's)."""
+    (sum_bumps, count_bumps), (sum_v, count_v) = mark
+    now_sum_bumps, now_count_bumps = tracker.__dict__.get(_SYNC_BUMPS_ATTR, (0, 0))
+    now_sum_v, now_count_v = _versions(tracker)
+    return (now_sum_v - sum_v, now_count_v - count_v) != (
+        now_sum_bumps - sum_bumps,
+        now_count_bumps - count_bumps,
+    )
 
 
 def sync_epoch(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None) -> bool:
@@ -560,6 +564,18 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
 def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
     if not is_distributed(group):
         return False
+    before = _versions(tracker)
+    try:
+        return _combine(tracker, group, timeout, call)
+    finally:  # (a refused sync may have written nothing: its bumps are 0)
+        bumps = tracker.__dict__.get(_SYNC_BUMPS_ATTR, (0, 0))
+        after = _versions(tracker)
+        tracker.__dict__[_SYNC_BUMPS_ATTR] = tuple(
+            b + a - c for b, a, c in zip(bumps, after, before, strict=True)
+        )
+
+
+def _combine(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
     timeout = (
         get_timeout()
         if timeout is None

@@ -315,6 +315,10 @@ def _mark_worker(rank: int, init: str, out: str):
     }
     csl_fast.accumulate(torch.randn(1, C), torch.tensor([0]), torch.tensor([5]), t)
     result["after a recording"] = recorded_since(t, mark)
+    mark = training_mark(t)  # a recording, then a sync: the recording is still seen
+    csl_fast.accumulate(torch.randn(1, C), torch.tensor([1]), torch.tensor([4]), t)
+    t.sync()
+    result["recorded, then synced"] = recorded_since(t, mark)
     with open(os.path.join(out, f"mark{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -327,7 +331,12 @@ def test_a_sync_is_not_read_as_a_recording(tmp_path):
     _spawn(_mark_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
     for rank in range(WORLD):
         result = json.loads((tmp_path / f"mark{rank}.json").read_text())
-        assert result == {"version moved": True, "after sync": False, "after a recording": True}
+        assert result == {
+            "version moved": True,
+            "after sync": False,
+            "after a recording": True,
+            "recorded, then synced": True,
+        }
 
 
 def _attempt(msgs: list, call, named: bool = False) -> None:
