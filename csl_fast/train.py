@@ -232,7 +232,10 @@ def train(
                 opt.step()
                 # weighted by the rows the mean was over: ignore_index rows are not, and
                 # an all-ignored batch's NaN mean counted toward every row
-                labelled = idx.numel() if y.is_floating_point() else y[idx].ne(-100).sum()
+                if y.is_floating_point():  # class probabilities: every row counts
+                    labelled = torch.tensor(idx.numel(), device=x.device)
+                else:
+                    labelled = y[idx].ne(-100).sum()
                 total += torch.where(labelled > 0, loss.detach() * labelled, 0.0)
                 rows += labelled
             if tracker is not None:

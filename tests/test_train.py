@@ -119,6 +119,16 @@ def test_epoch_loss_is_the_mean_over_labelled_rows(tracked):
     assert math.isnan(train(model, x, y, epochs=1, batch_size=16).epoch_loss[0])
 
 
+def test_class_probability_targets_train():
+    # where() took the Python int of their row count: a TypeError after the first step
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, generator=g), torch.randn(10, 2, generator=g).softmax(1)
+    model = mlp(3, 2, (4,), seed=0)
+    want = torch.nn.functional.cross_entropy(model(x), y).item()
+    got = train(model, x, y, epochs=1, lr=0.0, momentum=0.0, batch_size=4)
+    assert got.epoch_loss[0] == pytest.approx(want, rel=1e-6)
+
+
 def test_seeds_are_checked_as_everywhere_in_the_package():
     x, y = torch.randn(8, 2), torch.arange(8) % 2
     a = train(mlp(2, 2, (4,), seed=np.int64(3)), x, y, epochs=1, seed=np.int64(5))
