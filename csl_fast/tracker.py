@@ -354,8 +354,14 @@ class CSLTracker(TrackerStatistics):
         # memory: a worker's writes reached the parent's buffers but not its epoch or
         # histories (2 presentations at epoch 0, then saved as such). A tracker passed to
         # another process is a copy there, as with fork.
-        if any(b.is_shared() for b in state.get("_buffers", {}).values()):
+        buffers = state.get("_buffers", {}).values()
+        if any(b.is_shared() for b in buffers):
             state = copy.deepcopy(state)
+        if any(b.is_inference() for b in buffers):
+            # unpickled (pickle, deepcopy, torch.load) under inference_mode: copies outside
+            # it, as _normal_tensors makes every tracker's tensors
+            with torch.inference_mode(False):
+                state = copy.deepcopy(state)
         self.__dict__.update(state)
 
     def buffers(self) -> dict[str, torch.Tensor]:

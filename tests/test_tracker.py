@@ -990,3 +990,25 @@ def test_a_tracker_made_or_loaded_under_inference_mode_trains_outside_it(tmp_pat
         for name, buf in want.buffers().items():
             torch.testing.assert_close(tracker.buffers()[name], buf, msg=name)
         torch.testing.assert_close(tracker.loss_history, want.loss_history, equal_nan=True)
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_tracker_copied_under_inference_mode_is_used_inside_and_outside_it(how):
+    # the copies held inference tensors, which the tracker's methods (run with inference
+    # mode off since a6c2714) could not write: PyTorch's bare "Inplace update to inference
+    # tensor outside InferenceMode"
+    import copy
+    import pickle
+
+    base = CSLTracker(4, 3, history=True)
+    csl_fast.accumulate(torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), base)
+    base.end_epoch()
+    blob = pickle.dumps(base)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4))]
+    with torch.inference_mode():
+        t = pickle.loads(blob) if how == "pickle" else copy.deepcopy(base)
+        csl_fast.score_epoch(torch.nn.Linear(3, 3), batches, t)
+        t.end_epoch()
+    csl_fast.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 3]), t)
+    t.end_epoch()
+    assert (t.epoch, t.eval_passes) == (3, 1) and t.csl_count.tolist() == [2.0, 1.0, 1.0, 1.0]
