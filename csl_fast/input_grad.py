@@ -180,9 +180,8 @@ def watch(
                 "made from them, e.g. x = tracker.watch(model.embed(tokens), idx)"
             )
         raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}{hint}")
-    from .ops import transformed
-
-    if transformed():
+    # (functorch's levels alone: a forward-AD dual_level is no transform of the backward)
+    if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
         _check_transform(x)
     # Checked here, not in the hook: an error raised during backward comes after the
     # loss was already recorded, leaving the batch half in the tracker.

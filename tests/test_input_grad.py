@@ -413,3 +413,17 @@ def test_watch_inside_torch_func_records_what_grad_differentiates_and_refuses_th
     with pytest.raises(RuntimeError, match="under vmap, whose rows are not the batch's"):
         vmap(grad(one), in_dims=(None, 0, 0, 0))(w, x, y, idx)
     assert other.input_grad_count.sum() == 0
+
+
+def test_watch_records_inside_a_forward_ad_dual_level():
+    # taken for a torch.func transform and refused (d049857): a dual level transforms no
+    # backward, and the hook records as outside it
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = torch.randn(4, 2), torch.randn(2, 3)
+    y, idx = torch.tensor([0, 1, 2, 0]), torch.arange(4)
+    want, got = csl_fast.CSLTracker(4, 3), csl_fast.CSLTracker(4, 3)
+    csl_fast.accumulate(want.watch(x.clone(), idx) @ w, y, idx, want).backward()
+    with fwAD.dual_level():
+        csl_fast.accumulate(got.watch(x.clone(), idx) @ w, y, idx, got).backward()
+    torch.testing.assert_close(got.input_grad_sq_sum, want.input_grad_sq_sum)
