@@ -92,6 +92,8 @@ def train_options(
     kwargs = dict(train_kwargs or {})
     rules = {**_SET_BY_BASELINE, **(taken or {})}
     for key in kwargs:
+        if key in ("input_grads", "eval_each_epoch") and kwargs[key] is False:
+            continue  # (off, as the baseline runs it: nothing to refuse)
         if key in rules:
             raise ValueError(f"{fn}: train_kwargs may not hold {key!r}; {rules[key].format(fn=fn)}")
     if needs_epochs and "epochs" not in kwargs:

@@ -103,6 +103,12 @@ def test_refuses_train_kwargs_it_sets_itself(key):
             fn(linear(2), x, y, k=2, train_kwargs={"epochs": 1, key: None})
 
 
+def test_tracker_options_that_are_off_are_taken():
+    x, y = blobs(12)
+    kw = {"epochs": 1, "input_grads": False, "eval_each_epoch": False}
+    assert out_of_sample_probs(linear(2), x, y, k=2, train_kwargs=kw).shape == (12, 2)
+
+
 def test_train_kwargs_must_say_how_long_to_train():
     # the default None met train's "missing 1 required keyword-only argument: 'epochs'"
     from csl_fast.baselines.memorization import stability_memorization
