@@ -228,9 +228,10 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
     for start, part in sample_chunks(src):
         s = src[part]
         if kind == "int":
-            # (int64: against an int16 or int8 buffer the int32 maximum wrapped to -1, and
-            # every count >= 0 read as past it)
-            bad = (s < lo) | (s.to(torch.int64) > torch.iinfo(torch.int32).max)
+            # (in int64: against an int16 or int8 buffer the int32 maximum wrapped to -1,
+            # against uint8 the -1 of learned_epoch to 255, and uint16 has no comparison)
+            wide = s.to(torch.int64)
+            bad = (wide < lo) | (wide > torch.iinfo(torch.int32).max)
         else:
             held = s.to(dtype)
             bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())

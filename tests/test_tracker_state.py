@@ -84,16 +84,24 @@ def test_int64_values_past_int32_are_refused_not_wrapped():
     _refused(state, "'forgetting' holds 4294967297")
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.uint8, torch.int64])
-def test_integer_buffers_of_any_width_load(dtype):
-    # against int16 or int8 the int32 maximum wrapped to -1: every count read as past it
+_WIDTHS = [torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.int64]
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("forgetting", d) for d in _WIDTHS]
+    + [("learned_epoch", d) for d in (torch.int8, torch.int16, torch.int64)],  # (holds -1)
+)
+def test_integer_buffers_of_any_width_load(name, dtype):
+    # against int16 or int8 the int32 maximum wrapped to -1: every count read as past it;
+    # uint16 has no comparison ("lt_cpu" not implemented for 'UInt16')
     t = _trained()
     state = t.state_dict()
     state["buffers"] = dict(state["buffers"])
-    state["buffers"]["forgetting"] = state["buffers"]["forgetting"].to(dtype)
+    state["buffers"][name] = state["buffers"][name].to(dtype)
     u = CSLTracker(N, 3)
     u.load_state_dict(state)
-    assert torch.equal(u.forgetting, t.forgetting)
+    assert torch.equal(u.buffers()[name], t.buffers()[name])
 
 
 def test_values_a_tracker_can_hold_load(tmp_path):
