@@ -102,7 +102,9 @@ def check(
                 f"csl_fast.{caller}: softcap must be a number or None, got {type(softcap).__name__}"
             )
         cap = float(softcap)
-        if not (cap > 0.0 and math.isfinite(cap)):
+        # (comparisons, not math.isfinite: torch.compile(dynamic=True) traces the number
+        # as a symbolic float, which math.isfinite cannot take)
+        if not 0.0 < cap < math.inf:
             raise ValueError(
                 f"csl_fast.{caller}: softcap must be a finite number > 0 (the logits become "
                 f"softcap * tanh(logits / softcap)), got {softcap}; pass None for no capping"
@@ -112,7 +114,7 @@ def check(
             f"csl_fast.{caller}: z_loss_scale must be a number, got {type(z_loss_scale).__name__}"
         )
     zs = float(z_loss_scale)
-    if not (zs >= 0.0 and math.isfinite(zs)):
+    if not 0.0 <= zs < math.inf:
         raise ValueError(
             f"csl_fast.{caller}: z_loss_scale must be finite and >= 0 (e.g. 1e-4), got "
             f"{z_loss_scale}"

@@ -383,3 +383,23 @@ def test_half_gradient_small_batches_any_upstream(backend, dtype):
         if err_ours > 2 * err_torch + 1e-12:
             failures.append((b, c, reduction, up, spread, cap, zs, float(err_ours)))
     assert not failures, failures
+
+
+@pytest.mark.parametrize("options", [{"softcap": 5.0}, {"z_loss_scale": 1e-3}])
+def test_compiles_with_dynamic_shapes(options):
+    # the range check took math.isfinite of a number torch.compile(dynamic=True) traces
+    # as a symbolic float: "torch.* op returned non-Tensor"
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 4, generator=g, requires_grad=True)
+    x, y, idx = (
+        torch.randn(5, 3, generator=g),
+        torch.randint(0, 4, (5,), generator=g),
+        torch.arange(5),
+    )
+
+    def step(x, y, idx):
+        return csl_fast.accumulate(x @ w, y, idx, torch.zeros(8), **options)
+
+    fast = torch.compile(step, backend="aot_eager", fullgraph=True, dynamic=True)
+    torch.testing.assert_close(fast(x, y, idx), step(x, y, idx))
