@@ -112,32 +112,42 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         # run() used to take DemoConfig(samples=5000) and train on the 1,797 digits while
-        # results.json said 5000; the CLI's checks, alone, were not the library's
+        # results.json said 5000; the CLI's checks, alone, were not the library's. A value
+        # of the wrong type is a TypeError, one out of range a DemoConfigError.
         fn = "csl_fast.demo.DemoConfig"
-        if not MIN_SAMPLES <= integer(fn, "samples", self.samples) <= DIGITS_SAMPLES:
-            raise DemoConfigError(
-                "samples", f"digits has {DIGITS_SAMPLES} samples and the demo needs at least "
-                f"{MIN_SAMPLES}, got {self.samples}",
-            )  # fmt: skip
-        noise = rate(fn, "noise", self.noise)
-        if noise > MAX_NOISE:
+
+        def count(name: str, low: int, high: float = math.inf, why: str = "") -> int:
+            value = integer(fn, name, getattr(self, name))
+            if not low <= value <= high:
+                span = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+                raise DemoConfigError(name, f"must be an int {span}{why}, got {value}")
+            return value
+
+        samples = count(
+            "samples", MIN_SAMPLES, DIGITS_SAMPLES, f" (digits has {DIGITS_SAMPLES} samples)"
+        )
+        try:
+            noise = rate(fn, "noise", self.noise)
+        except ValueError:  # (its range is [0, 1])
+            noise = None
+        if noise is None or noise > MAX_NOISE:
             raise DemoConfigError(
                 "noise", f"must be a fraction in [0, {MAX_NOISE}], got {self.noise}"
             )
         # the count flip_labels flips: int(0.29 * 100) is 28, it flips 29
-        kept = self.samples - share(noise, self.samples)
-        if integer(fn, "pairs", self.pairs, low=0) * 2 > kept:
+        kept = samples - share(noise, samples)
+        if count("pairs", 0) * 2 > kept:
             raise DemoConfigError(
                 "pairs", f"{self.pairs}: {2 * self.pairs} samples do not fit among the {kept} "
                 "samples whose labels were not flipped",
             )  # fmt: skip
         if not 0 <= integer(fn, "seed", self.seed) < 2**63:  # NumPy's and torch's, with + 1
-            raise DemoConfigError("seed", f"must be in [0, 2**63), got {self.seed}")
+            raise DemoConfigError("seed", f"must be an int in [0, 2**63), got {self.seed}")
         for name in ("epochs", "hidden", "batch_size", "top"):
-            integer(fn, name, getattr(self, name), low=1)
-        integer(fn, "overhead_rounds", self.overhead_rounds, low=0)
+            count(name, 1)
+        count("overhead_rounds", 0)
         if self.threads is not None:
-            integer(fn, "threads", self.threads, low=1)
+            count("threads", 1)
         if not (isinstance(self.lr, numbers.Real) and 0 < self.lr < math.inf):
             raise DemoConfigError("lr", f"must be a positive number, got {self.lr!r}")
 

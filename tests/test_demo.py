@@ -16,9 +16,13 @@ from csl_fast.cli import EXIT_USAGE, main
     "settings, option, match",
     [
         # trained on the 1,797 digits while results.json said 5000
-        ({"samples": 5000}, "samples", "digits has 1797 samples"),
-        ({"samples": 49}, "samples", "at least 50"),
+        ({"samples": 5000}, "samples", r"in \[50, 1797\] \(digits has 1797 samples\)"),
+        ({"samples": 49}, "samples", r"in \[50, 1797\]"),
         ({"noise": 0.6}, "noise", r"fraction in \[0, 0.5\]"),
+        ({"noise": 1.5}, "noise", r"fraction in \[0, 0.5\], got 1.5"),  # (said [0, 1])
+        ({"epochs": 0}, "epochs", "must be an int >= 1, got 0"),
+        ({"overhead_rounds": -1}, "overhead_rounds", "must be an int >= 0"),
+        ({"threads": 0}, "threads", "must be an int >= 1"),
         # int(0.29 * 100) is 28, flip_labels flips 29: 36 pairs passed the check, then
         # duplicate_pairs raised after the corruption, a traceback from the CLI
         ({"samples": 100, "noise": 0.29, "pairs": 36}, "pairs", "among the 71 samples"),
@@ -38,12 +42,12 @@ def test_the_largest_pairs_that_fit_are_taken():
     assert demo.DemoConfig(samples=100, noise=0.29, pairs=35).pairs == 35
 
 
-@pytest.mark.parametrize("name", ["epochs", "hidden", "batch_size", "top"])
+@pytest.mark.parametrize("name", ["samples", "epochs", "hidden", "batch_size", "top", "pairs"])
 def test_counts_are_checked_by_name(name):
-    with pytest.raises(ValueError, match=f"DemoConfig: {name} must be an int >= 1"):
-        demo.DemoConfig(**{name: 0})
-    with pytest.raises(TypeError, match=f"DemoConfig: {name} must be an int"):
-        demo.DemoConfig(**{name: 2.5})
+    with pytest.raises(demo.DemoConfigError, match=f"DemoConfig: {name}: must be an int"):
+        demo.DemoConfig(**{name: -1})
+    with pytest.raises(TypeError, match=f"DemoConfig: {name} must be an int, got float"):
+        demo.DemoConfig(**{name: 200.0})
 
 
 def test_the_cli_says_the_library_check_with_the_option_name(tmp_path, capsys):
