@@ -167,8 +167,9 @@ _BUFFER_ADVICE = (
     "suggested label past num_classes), or a buffer assigned by hand"
 )
 _HISTORY_ADVICE = (
-    "tracker.epoch (or eval_passes) was set by hand, past the rows that end_epoch() (or "
-    "end_eval_pass()) appends to the histories: close epochs with end_epoch() instead"
+    "tracker.epoch (or eval_passes) was set by hand, so the histories no longer hold the one "
+    "row per closed epoch (or eval pass) that end_epoch() (end_eval_pass()) appends: close "
+    "epochs with end_epoch() instead"
 )
 
 
