@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ._args import check_flags, integer
 from .accumulate_checks import (
     _check_values,
     adopt_classes,
@@ -21,6 +22,9 @@ from .tracker_buffers import buffer_kinds
 
 Batch = Any
 Unpack = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+_FLOAT_LOGITS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def score_epoch(
@@ -80,6 +84,15 @@ def score_epoch(
             f"csl_fast.score_epoch: model must be a torch.nn.Module (it is put in eval mode "
             f"for the pass), got {type(model).__name__}; wrap a function in a Module"
         )
+    # (as accumulate checks them: None gave "'NoneType' object has no attribute 'history'",
+    # ignore_index=None a comparison error, validate="no" counted as True)
+    if not isinstance(tracker, CSLTracker):
+        raise TypeError(
+            "csl_fast.score_epoch: tracker must be a csl_fast.CSLTracker (the pass fills its "
+            f"eval buffers), got {type(tracker).__name__}"
+        )
+    ignore_index = integer("csl_fast.score_epoch", "ignore_index", ignore_index)
+    check_flags("csl_fast.score_epoch", validate=validate)
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else tracker.device
@@ -124,6 +137,11 @@ def score_epoch(
                     raise ValueError(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
                         "expected [B, C] logits (pass forward= to extract them)"
+                    )
+                if logits.dtype not in _FLOAT_LOGITS:  # (the kernel's "not implemented for 'Long'")
+                    raise TypeError(
+                        f"csl_fast.score_epoch: the model returned {logits.dtype} logits; "
+                        "expected float32, float16, bfloat16 or float64"
                     )
                 match_tracker_classes("score_epoch", tracker, logits.shape[1])
                 logits = logits.to(tracker.device)

@@ -306,3 +306,34 @@ def test_a_plain_function_as_the_model_is_refused_with_a_fix():
     batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.arange(4))
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module .* got function"):
         csl_fast.score_epoch(lambda x: torch.zeros(len(x), 3), [batch], t)
+
+
+class _Cast(torch.nn.Module):
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x):
+        return x.to(self.dtype)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "model", "error", "match"),
+    [
+        # "'NoneType' object has no attribute 'history'"
+        ({"tracker": None}, None, TypeError, "tracker must be a csl_fast.CSLTracker"),
+        ({"tracker": torch.zeros(4)}, None, TypeError, "tracker must be a csl_fast.CSLTracker"),
+        # a comparison error; PyTorch's schema message for 1.5
+        ({"ignore_index": None}, None, TypeError, "ignore_index must be an int, got NoneType"),
+        ({"ignore_index": 1.5}, None, TypeError, "ignore_index must be an int, got float"),
+        ({"validate": "no"}, None, TypeError, "validate must be True, False or None"),  # (True)
+        # the kernel's "not implemented for 'Long'"
+        ({}, _Cast(torch.int64), TypeError, "returned torch.int64 logits; expected float32"),
+        ({}, _Cast(torch.bool), TypeError, "returned torch.bool logits"),
+    ],
+)
+def test_arguments_are_checked_as_accumulate_checks_them(kwargs, model, error, match):
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    args = {"tracker": CSLTracker(4, 3), **kwargs}
+    with pytest.raises(error, match=match):
+        csl_fast.score_epoch(model or torch.nn.Identity(), [batch], args.pop("tracker"), **args)
