@@ -546,7 +546,8 @@ def _fell_back(exc: Exception, step: str = "csl_fast._C.step") -> None:
             f"csl_fast: the one-call CPU step ({step}) failed on input the op-by-op "
             f"path accepts ({_Fallbacks.last_reason}); such calls take the op-by-op path, "
             "with the same results but slower. Please report this as a bug; "
-            "csl_fast.info.fast_step_fallbacks() counts them in this process.",
+            "after `import csl_fast.info`, csl_fast.info.fast_step_fallbacks() counts them "
+            "in this process.",
             RuntimeWarning,
             stacklevel=3,
         )
