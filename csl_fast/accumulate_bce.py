@@ -276,7 +276,17 @@ def accumulate_bce(
             return loss
         if compiling:  # the graph may run inside a backward: then every row is invalid
             stats = backward_rerun.recorded_rows(stats, 0.0)  # (an invalid BCE row is 0)
-        bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
+        try:
+            bce_ops.bce_record(logits, target, stats, index, deterministic, buffers, name)
+        except IndexError:
+            if compiling:
+                raise
+            # The kernel's message named neither this function nor the tracker ("the size
+            # of the csl buffer"): say it as the host check does (nothing was written).
+            _check_values(
+                None, index, 0, csl.shape[0], 0, "accumulate_bce", tracker=tracker is not None
+            )
+            raise
         if tracker is not None:
             _record_tracker(tracker, index, _loss_stats(stats), name)
         if not compiling:

@@ -832,3 +832,15 @@ def test_a_binary_classifiers_target_error_blames_the_target():
     for target in (torch.rand(4, 1), torch.rand(3)):
         with pytest.raises(ValueError, match=r"target must have the logits' shape \(4,\)"):
             csl_fast.accumulate_bce(torch.randn(4), target, torch.arange(4), torch.zeros(4))
+
+
+@pytest.mark.parametrize("into", ["tracker", "tensor"])
+def test_an_index_past_the_buffers_is_named_for_what_was_passed(into):
+    # the CPU kernel's message said "csl_fast: ... the size of the csl buffer" into a
+    # tracker too, which the user never sized as a buffer
+    t = csl_fast.CSLTracker(5, num_labels=2) if into == "tracker" else torch.zeros(5)
+    n_is = "the tracker's num_samples" if into == "tracker" else "the size of the csl buffer"
+    with pytest.raises(
+        IndexError, match=rf"csl_fast\.accumulate_bce: index\[2\] = 5 .* N is {n_is}"
+    ):
+        csl_fast.accumulate_bce(torch.randn(3, 2), torch.rand(3, 2), torch.tensor([0, 1, 5]), t)
