@@ -183,24 +183,27 @@ def _record_plain(
     name = resolve_backend(backend, loss.device)
     if validate is None:
         validate = validate_by_default(loss.device, name)
+
+    def check_indices() -> None:
+        tracked = isinstance(csl, CSLTracker)
+        _check_values(None, index, 0, buffers[0].numel(), 0, "record_loss", tracker=tracked)
+
     if validate:
-        _check_values(
-            None,
-            index,
-            0,
-            buffers[0].numel(),
-            0,
-            "record_loss",
-            tracker=isinstance(csl, CSLTracker),
-        )
+        check_indices()
     if name == "cpu":
         # One pass in C++, which checks the indices before writing, takes the buffer lock
         # and bumps the version counters (csrc/cpu/record_loss.cpp). A compiled graph may
         # run inside a backward (checkpointed): NaN losses there, which are not recorded.
         values = loss.detach()
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             values = backward_rerun.recorded_rows(values, math.nan)
-        _RECORD_LOSS_OP(values, index, *buffers, *_tracker_state(csl))
+        try:
+            _RECORD_LOSS_OP(values, index, *buffers, *_tracker_state(csl))
+        except IndexError:
+            if not compiling:  # (the kernel's message, "csl_fast: index...", named no function)
+                check_indices()
+            raise
         return
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

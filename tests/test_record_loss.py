@@ -392,3 +392,9 @@ def test_records_the_primal_values_under_forward_mode_ad():
         csl_fast.record_loss(torch.ones(2), torch.tensor([2, 3]), csl)  # no tangent at all
     torch.testing.assert_close(csl, torch.tensor([1.0, 13.0, 1.0, 1.0]))
     torch.testing.assert_close(tangent, torch.tensor([2.0, 4.0, 6.0]))
+
+
+def test_an_index_past_a_plain_buffer_names_record_loss():
+    # the CPU kernel's message began "csl_fast: index[2]", naming no function
+    with pytest.raises(IndexError, match=r"^csl_fast\.record_loss: index\[2\] = 5 .* csl buffer"):
+        csl_fast.record_loss(torch.rand(3), torch.tensor([0, 1, 5]), torch.zeros(5))
