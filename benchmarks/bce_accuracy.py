@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import run_meta
+from run_meta import run_meta, write_atomic
 from tqdm import tqdm
 
 import csl_fast
@@ -113,7 +113,7 @@ def main() -> None:
     for (backend, dtype), (loss, grad) in worst.items():
         fmt = (lambda v: f"{v:.1e} (rel.)") if dtype == "float64" else (lambda v: f"{v:.2f}")
         lines.append(f"| {backend} | {dtype} | {fmt(loss)} | {fmt(grad)} |")
-    args.out.write_text("\n".join(lines) + "\n")
+    write_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -32,6 +32,8 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from run_meta import write_atomic
+
 SOURCE = r"""
 #include <Python.h>
 #include <c10/util/Exception.h>
@@ -163,7 +165,7 @@ def main() -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "probe.md").write_text(table + "\n")
+        write_atomic(args.out / "probe.md", table + "\n")
     expected = list(CASES.values())
     torch_ok = all(r.endswith(k.split()[1]) for r, k in zip(torch_rows, TORCH_CASES, strict=True))
     return 0 if torch_ok and all(rows[v] == expected for v in VARIANTS) else 1

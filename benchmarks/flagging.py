@@ -112,7 +112,7 @@ import flagging_models  # noqa: E402
 import mnist1d_data  # noqa: E402
 import mnist_data  # noqa: E402
 from flagging_tables import TUNING, TUNING_NOISE, cell, markdown, markdown_saved  # noqa: E402
-from run_meta import run_meta  # noqa: E402
+from run_meta import run_meta, write_atomic  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import corrupt, detect, flagging  # noqa: E402
@@ -628,9 +628,9 @@ def main() -> None:
         d = r["default"]
         print(f"{r['file']}: flagged {d['flagged']} P {cell(d['precision'])} R {cell(d['recall'])}")
     doc = {**meta, "runs": runs, "saved": saved}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
-    out.with_suffix(".md").write_text(
-        markdown(runs, meta) + (markdown_saved(saved) if saved else "")
+    write_atomic(out.with_suffix(".json"), json.dumps(doc, indent=1) + "\n")
+    write_atomic(
+        out.with_suffix(".md"), markdown(runs, meta) + (markdown_saved(saved) if saved else "")
     )
     print(f"wrote {out.with_suffix('.json')} and .md")
 

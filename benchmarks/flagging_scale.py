@@ -35,7 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import run_meta  # noqa: E402
+from run_meta import run_meta, write_atomic  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect  # noqa: E402
@@ -193,7 +193,7 @@ def main() -> None:
     meta = run_meta()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    write_atomic(out.with_suffix(".json"), json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     lines = [
         "# Scale of the no-ground-truth rule",
         "",
@@ -243,7 +243,7 @@ def main() -> None:
             f"| {_count(r['tracker_estimated_count'])} | {r['tracker_precision']:.3f} "
             f"| {r['tracker_recall']:.3f} | {r['plan_rows']:,} |"
         )
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and .md")
 
 

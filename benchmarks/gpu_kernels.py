@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+from run_meta import write_atomic  # noqa: E402
+
 import csl_fast  # noqa: E402
 from csl_fast import ops, ops_backward  # noqa: E402
 
@@ -279,11 +281,12 @@ def main() -> int:
         f"Host cost of one forward by layer (no sync, float32 {SMALL[0]}x{SMALL[1]}):\n\n"
         f"{_table(dispatch)}\n"
     )
-    (args.out / "gpu-kernels.md").write_text(text)
-    (args.out / "gpu-kernels.json").write_text(
+    write_atomic(args.out / "gpu-kernels.md", text)
+    write_atomic(
+        args.out / "gpu-kernels.json",
         json.dumps(
             {"kernels": rows, "host": host, "launches": launches, "dispatch": dispatch}, indent=1
-        )
+        ),
     )
     print(_table(rows))
     print(_table(host))

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from run_meta import write_atomic
 
 import csl_fast
 from csl_fast import ops_backward
@@ -227,7 +228,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_atomic(args.out, text)
 
 
 if __name__ == "__main__":

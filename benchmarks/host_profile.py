@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+from run_meta import write_atomic  # noqa: E402
+
 import csl_fast  # noqa: E402
 from csl_fast.bench.env import environment  # noqa: E402
 
@@ -120,8 +122,7 @@ def main() -> int:
         lines += ["torch ops, 20 calls:", "", "```", ops.strip(), "```", ""]
         print(f"{name}: {host_us:.0f} us/call", flush=True)
     report = "\n".join([*lines[:4], *summary, "", *lines[4:]])
-    with open(os.path.join(args.out, "host-profile.md"), "w", encoding="utf-8") as f:
-        f.write(report + "\n")
+    write_atomic(os.path.join(args.out, "host-profile.md"), report + "\n")
     print("\n".join(summary))
     return 0
 

@@ -33,6 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+from run_meta import write_atomic  # noqa: E402
+
 import csl_fast  # noqa: E402
 
 SHAPE = (8, 10)
@@ -215,8 +217,7 @@ def main() -> int:
         ops = ", ".join(f"{k.split('::')[-1]} x{v}" for k, v in sorted(c.items()))
         print(f"| {case} | {sum(c.values())} | {ops} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: dict(v) for k, v in counts.items()}, f, indent=1)
+        write_atomic(args.json, json.dumps({k: dict(v) for k, v in counts.items()}, indent=1))
     return 0
 
 

@@ -427,7 +427,7 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from run_meta import run_meta
+    from run_meta import run_meta, write_atomic
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -454,9 +454,9 @@ def main() -> None:
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
         for r in rows
     ]
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": clean}, indent=1))
+    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": clean}, indent=1))
     text = markdown(rows, meta)
-    out.with_suffix(".md").write_text(text)
+    write_atomic(out.with_suffix(".md"), text)
     print(text)
 
 

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_meta import commit, cpu_model, run_meta
+from run_meta import commit, cpu_model, run_meta, write_atomic
 
 B, C, N = 64, 10, 50_000
 CALLS, REPS, WARMUP = 500, 9, 200
@@ -198,7 +198,7 @@ def main() -> None:
     lines = _markdown(trees, table, cases, load_before, load_after, args.rounds, meta)
     print("\n".join(lines))
     if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+        write_atomic(args.out, "\n".join(lines) + "\n")
         meta = {
             **meta,  # the JSON had no date, machine or command
             "trees": {name: {"path": p, "commit": _commit(Path(p))} for name, p in trees},
@@ -207,7 +207,7 @@ def main() -> None:
             "load_before": load_before,
             "load_after": load_after,
         }
-        args.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_atomic(args.out.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
 
 
 def _markdown(trees, table, cases, load_before, load_after, rounds, meta) -> list[str]:

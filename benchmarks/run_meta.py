@@ -78,10 +78,19 @@ def write_results(out: str | Path, rows: list, markdown: Callable[[list, dict], 
     meta = run_meta()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    text = markdown(rows, meta)
-    out.with_suffix(".md").write_text(text)
+    text = markdown(rows, meta)  # (before anything is written: it may raise)
+    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_atomic(out.with_suffix(".md"), text)
     return text
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it):
+    a run cut short while writing (a time limit's SIGINT) left an empty or partial
+    results file where the last complete one had been."""
+    from csl_fast import atomic_file
+
+    atomic_file.write_text(str(path), lambda f: f.write(text), "write the results", "out.md")
 
 
 def with_discussion(path: str | Path, text: str) -> str:

@@ -127,6 +127,25 @@ def test_targets_read_the_rows():
     )
 
 
+def test_a_rewrite_cut_short_leaves_the_last_report(tmp_path, monkeypatch):
+    # run.py rewrites its report after each section: the JSON was truncated before it was
+    # built, and a rewrite interrupted there (a time limit's SIGINT) left it empty
+    from csl_fast.bench import report
+
+    res = _results()
+    md, js = bench.write_report(res, str(tmp_path))
+    before = Path(md).read_text(), Path(js).read_text()
+
+    def interrupted(o):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_jsonable", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        bench.write_report({**res, "targets": bench.targets(res)}, str(tmp_path))
+    assert (Path(md).read_text(), Path(js).read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(md).name, Path(js).name])
+
+
 def test_reports_render_and_are_written(tmp_path):
     res = _results()
     res["targets"] = bench.targets(res)

@@ -7,6 +7,7 @@ import math
 import os
 import re
 
+from .. import atomic_file
 from . import lm
 from .cases import EAGER_CE, LIGER, REF, REF_COMPILE
 from .env import device_slug
@@ -305,10 +306,12 @@ def write_report(results: dict, out_dir: str) -> tuple[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     stem = f"{device_slug(results['env'])}-{results['env']['date'][:10]}"
     md, js = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".json")
-    with open(md, "w", encoding="utf-8") as f:
-        f.write(markdown(results))
-    with open(js, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(results), f, indent=1)
+    # Both built before either is written, each written atomically: run.py rewrites the
+    # report after every section, and a rewrite cut short (a time limit's SIGINT) left an
+    # empty JSON where the finished sections had been.
+    text, data = markdown(results), json.dumps(_jsonable(results), indent=1)
+    atomic_file.write_text(md, lambda f: f.write(text), "write the report", "report.md")
+    atomic_file.write_text(js, lambda f: f.write(data), "write the report", "report.json")
     return md, js
 
 
