@@ -230,14 +230,15 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
         if kind == "int":
             # (in int64: against an int16 or int8 buffer the int32 maximum wrapped to -1,
             # against uint8 the -1 of learned_epoch to 255, and uint16 has no comparison)
-            wide = s.to(torch.int64)
+            # (uint64 in float64: its values past int64's range would wrap to negatives)
+            wide = s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
             bad = (wide < lo) | (wide > torch.iinfo(torch.int32).max)
         else:
             held = s.to(dtype)
             bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            shown = s[i].to(torch.int64 if kind == "int" else torch.float64).item()
+            shown = (wide if kind == "int" else s.to(torch.float64))[i].item()
             raise TrackerStateError(
                 f"state buffer {name!r} holds {shown!r} at sample {start + i}, not "
                 f"{allowed}; no tracker holds that: the state was edited or damaged, restore "
@@ -353,6 +354,12 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
                 f"state buffer {name!r} has dtype {src.dtype}, not {_a_kind(kind)}"
             )
         _check_values(name, src, kind, tracker.dtype)
+    # In range now: the invariants compare integer buffers in int32 (torch compares no
+    # uint16/32/64 with another dtype: "Promotion for uint16, uint32, uint64 types")
+    buffers = {
+        k: v.to(torch.int32) if kinds[k] == "int" and v.dtype != torch.int32 else v
+        for k, v in buffers.items()
+    }
     for name in HISTORIES:
         h = histories[name]
         _data_tensor(f"state history {name!r}", h)

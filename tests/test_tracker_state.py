@@ -84,17 +84,20 @@ def test_int64_values_past_int32_are_refused_not_wrapped():
     _refused(state, "'forgetting' holds 4294967297")
 
 
-_WIDTHS = [torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.int64]
+_WIDTHS = [
+    torch.int8, torch.int16, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int64
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("name", "dtype"),
-    [("forgetting", d) for d in _WIDTHS]
-    + [("learned_epoch", d) for d in (torch.int8, torch.int16, torch.int64)],  # (holds -1)
+    [(n, d) for n in ("forgetting", "suggest_votes", "suggest_hits") for d in _WIDTHS]
+    + [(n, d) for n in ("learned_epoch", "suggest_label") for d in _WIDTHS if d.is_signed],
 )
 def test_integer_buffers_of_any_width_load(name, dtype):
     # against int16 or int8 the int32 maximum wrapped to -1: every count read as past it;
-    # uint16 has no comparison ("lt_cpu" not implemented for 'UInt16')
+    # uint16 has no comparison ("lt_cpu" not implemented for 'UInt16'), and the
+    # invariants' comparisons between buffers no promotion of uint16/32/64
     t = _trained()
     state = t.state_dict()
     state["buffers"] = dict(state["buffers"])
@@ -102,6 +105,15 @@ def test_integer_buffers_of_any_width_load(name, dtype):
     u = CSLTracker(N, 3)
     u.load_state_dict(state)
     assert torch.equal(u.buffers()[name], t.buffers()[name])
+
+
+def test_a_uint64_value_past_int64_is_shown_as_it_is():
+    state = _trained().state_dict()
+    state["buffers"] = dict(state["buffers"])
+    big = torch.zeros(N, dtype=torch.int64)
+    big[0] = -1
+    state["buffers"]["forgetting"] = big.view(torch.uint64)  # 2**64 - 1, which read "holds -1"
+    _refused(state, "'forgetting' holds 1.8446744073709552e\\+19 at sample 0")
 
 
 def test_values_a_tracker_can_hold_load(tmp_path):
