@@ -107,9 +107,7 @@ def markdown(results: dict, short: bool = False) -> str:
     if results.get("targets"):
         lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
         for t in results["targets"]:
-            lines.append(
-                f"| {t['target']} | {t['shown']} | {'met' if t['met'] else '**missed**'} |"
-            )
+            lines.append(f"| {t['target']} | {t['shown']} | {_VERDICT[t['met']]} |")
         lines.append("")
     ce = results.get("cross_entropy")
     if ce:
@@ -273,8 +271,10 @@ def _group(rows: list[dict], key: tuple[str, ...]) -> dict[tuple, list[dict]]:
 
 
 def summary_table(results: dict) -> str:
-    """A few lines for a terminal: fused vs reference per shape, step overheads, targets."""
-    lines = []
+    """A few lines for a terminal: fused vs reference per shape, step overheads, targets
+    (and the busy-machine warning first, as the report gives it)."""
+    busy = _busy(results.get("env", {}))
+    lines = [busy.replace("**", "")] if busy else []
     for r in results.get("cross_entropy", []):
         if "median_s" in r and r["impl"].startswith("csl_fast["):
             sv = r["speedup_vs"]
@@ -293,12 +293,19 @@ def summary_table(results: dict) -> str:
                 f"cost {r['workload']:<12} {r['variant']:<40} {_fmt_signed(r['cost_s']):>9}/step"
             )
     met = [t for t in results.get("targets", []) if t["met"]]
-    missed = [t for t in results.get("targets", []) if not t["met"]]
-    lines.append(f"targets: {len(met)} met, {len(missed)} missed")
+    missed = [t for t in results.get("targets", []) if t["met"] is False]
+    open_ = len(results.get("targets", [])) - len(met) - len(missed)
+    lines.append(
+        f"targets: {len(met)} met, {len(missed)} missed"
+        + (f", {open_} not decided (noise)" if open_ else "")
+    )
     lines += [f"  MISSED {t['target']}: {t['shown']}" for t in missed]
     if results.get("errors"):
         lines.append(f"FAILED sections: {', '.join(results['errors'])}")
     return "\n".join(lines)
+
+
+_VERDICT = {True: "met", False: "**missed**", None: "not decided"}
 
 
 def write_report(results: dict, out_dir: str) -> tuple[str, str]:

@@ -155,6 +155,7 @@ def run_short(device: torch.device | str | None = None, quiet: bool = False) -> 
     )
     results["tracking_cost"] = bench_tracking_cost(dev, ("mlp",), reps=60, budget_s=3.0, log=log)
     results["memory"] = bench_tracker_memory(dev)
+    results["env"]["loadavg_end"] = _loadavg()  # (the busy warning read the start alone)
     results["targets"] = targets(results)
     text = markdown(results, short=True)
     if not quiet:
