@@ -339,3 +339,15 @@ def _env_for_report() -> dict:
         "torch_threads": 1,
         "loadavg_start": [0.0],
     }
+
+
+def test_an_in_place_candidate_leaves_the_shared_inputs_as_built():
+    # its gradient overwrote the rotation's buffers: every other candidate was then timed
+    # on gradient values (std 1e-4), not the randn * 2 logits each case builds
+    case = bench.CrossEntropyCase(8, 16, torch.float32, "cpu", compile=False, buffers=2)
+    before = [x.detach().clone() for x, _, _ in case.inputs]
+    (name,) = [n for n in case.in_place if n in case.impls]
+    step = case.timed(name)
+    for _ in range(3):
+        step()
+    assert all(torch.equal(b, x.detach()) for b, (x, _, _) in zip(before, case.inputs, strict=True))

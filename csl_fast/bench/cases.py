@@ -144,6 +144,7 @@ class CrossEntropyCase:
                 self.skipped[LIGER] = why
             else:
                 self._add(LIGER, _liger_impl(mod), False)
+                self.in_place.add(LIGER)  # (its gradient overwrites the logits too)
         else:
             self.skipped[LIGER] = "not requested"
 
@@ -172,8 +173,13 @@ class CrossEntropyCase:
         return 2 * self.logits_bytes
 
     def timed(self, name: str) -> Callable[[], None]:
-        """One forward + backward of ``name``, on the next input buffer of the rotation."""
-        impl, cyc, csl = self.impls[name], itertools.cycle(self.inputs), self.csl
+        """One forward + backward of ``name``, on the next input buffer of the rotation (a
+        copy of its own for a candidate that writes its gradient over the logits: on the
+        shared buffers it left the others timed on gradient values, std 1e-4 for 2)."""
+        inputs = self.inputs
+        if name in self.in_place:
+            inputs = [(x.detach().clone().requires_grad_(True), t, i) for x, t, i in inputs]
+        impl, cyc, csl = self.impls[name], itertools.cycle(inputs), self.csl
 
         def call():
             x, t, idx = next(cyc)
@@ -231,8 +237,8 @@ def _fused(backend: str, inplace: bool = False):
 
     def run(x, t, idx, csl):
         # In place needs logits made by the graph, not the leaf: a view costs nothing.
-        # Like Liger's, the gradient then overwrites the input buffer; the rotation makes
-        # each buffer's values drift, which does not change the work done.
+        # Like Liger's, the gradient then overwrites the input buffer (a copy of its own:
+        # CrossEntropyCase.timed), whose values drift, which does not change the work done.
         z = x.view_as(x) if inplace else x
         loss = csl_fast.accumulate(z, t, idx, csl, backend=backend, inplace_grad=inplace)
         loss.backward()
