@@ -209,7 +209,8 @@ def test_linear_cross_entropy_candidates_agree_with_eager():
     case = bench_lm.LinearCECase(64, 16, 300, "cpu", torch.bfloat16, compile=False, liger=False)
     assert {bench_lm.OURS, bench_lm.OURS_LOWMEM, bench_lm.EAGER} <= set(case.impls)
     for name in case.impls:
-        assert case.check(name) is not None and case.check(name) < 1e-2, name
+        err, wrong = case.check(name)
+        assert wrong is None and err < 1e-2, (name, wrong)
     case32 = bench_lm.LinearCECase(64, 16, 300, "cpu", compile=False, liger=False)
     assert "same as the default" in case32.skipped[bench_lm.OURS_LOWMEM]
 
@@ -351,3 +352,23 @@ def test_an_in_place_candidate_leaves_the_shared_inputs_as_built():
     for _ in range(3):
         step()
     assert all(torch.equal(b, x.detach()) for b, (x, _, _) in zip(before, case.inputs, strict=True))
+
+
+def test_a_linear_cross_entropy_candidate_with_wrong_gradients_is_shown_wrong(monkeypatch):
+    # only the loss was compared, to no tolerance: zero gradients were timed and shown
+    # as a speed-up with nothing to say they were wrong
+    from csl_fast.bench import lm as bench_lm
+
+    real = bench_lm.linear_cross_entropy
+
+    def no_gradient(h, w, *args, **kwargs):
+        return real(h, w, *args, **kwargs).detach() + 0 * (h.sum() + w.sum())
+
+    monkeypatch.setattr(bench_lm, "linear_cross_entropy", no_gradient)
+    rows = bench_lm.bench_linear_cross_entropy(
+        "cpu", shapes=[(64, 16, 128)], reps=3, budget_s=0.2, compile=False, liger=False
+    )
+    ours = next(r for r in rows if r["impl"] == bench_lm.OURS)
+    assert ours["correct"] is False and "hidden grad off by" in ours["check"]
+    assert "loss" not in ours["check"]  # the loss itself is right
+    assert "**NO**: hidden grad off by" in bench_lm.markdown(rows)

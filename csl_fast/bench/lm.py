@@ -117,6 +117,7 @@ class LinearCECase:
         )
         self.impls: dict[str, Callable[[], Any]] = {}
         self.skipped: dict[str, str] = {}
+        self._reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.has_csl = {
             OURS: True,
             OURS_LOWMEM: True,
@@ -171,15 +172,33 @@ class LinearCECase:
         tokens, _, vocab = self.shape
         return tokens * vocab * torch.empty((), dtype=self.dtype).element_size()
 
-    def check(self, name: str) -> float | None:
-        """Max abs loss difference of candidate ``name`` against eager (None: failed)."""
-        with torch.no_grad():
-            ref = _eager(self.h, self.w, self.t.reshape(-1)).float()
-        try:
-            loss = self.impls[name]().detach().float()
-        except Exception:
-            return None
-        return float((loss - ref).abs())
+    def check(self, name: str) -> tuple[float, str | None]:
+        """``(max abs loss difference, what differs)`` of candidate ``name`` against eager
+        in float32: the loss and both gradients, each within a relative tolerance of the
+        reference's largest entry (1e-4, 3e-2 in 16 bits); what differs is None when all
+        three match. Raises what the candidate raises."""
+        if self._reference is None:
+            h = self.h.detach().float().requires_grad_(True)
+            w = self.w.detach().float().requires_grad_(True)
+            loss = _eager(h, w, self.t.reshape(-1))
+            loss.backward()
+            self._reference = (loss.detach(), h.grad, w.grad)
+        loss = self.impls[name]().detach().float()
+        tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
+        errs = []
+        got = (loss, self.h.grad, self.w.grad)
+        for what, ours, exact in zip(
+            ("loss", "hidden grad", "weight grad"), got, self._reference, strict=True
+        ):
+            if ours is None:
+                errs.append(f"{what} missing")
+                continue
+            err = (ours.float() - exact).abs().max().item()
+            scale = max(exact.abs().max().item(), 1e-30)
+            if not err <= tol * scale:  # (NaN too)
+                errs.append(f"{what} off by {err:.3g} (tolerance {tol * scale:.3g})")
+        self.h.grad = self.w.grad = None
+        return float((loss - self._reference[0]).abs()), "; ".join(errs) or None
 
     def peak(self, name: str) -> int | None:
         self.h.grad = self.w.grad = None
@@ -217,12 +236,17 @@ def bench_linear_cross_entropy(
             if name not in case.impls:
                 row["skipped"] = case.skipped.get(name, "not offered")
             else:
-                err = case.check(name)
-                if err is None:
-                    row["skipped"] = "raised while checking"
+                # (every candidate checked, loss and gradients, before it is timed, as the
+                # cross-entropy section does: the loss alone was compared, to no tolerance)
+                try:
+                    row["max_abs_err_loss"], wrong = case.check(name)
+                except Exception as exc:
+                    row["skipped"] = f"raised while checking: {_why(exc)}"
                     case.impls.pop(name)
                 else:
-                    row["max_abs_err_loss"] = err
+                    row["correct"] = wrong is None
+                    if wrong is not None:
+                        row["check"] = wrong
                     try:
                         row["peak_bytes"] = case.peak(name)
                     except Exception as exc:  # pragma: no cover - device dependent
@@ -250,14 +274,15 @@ def bench_linear_cross_entropy(
 def markdown(rows: list[dict]) -> str:
     """A markdown table of :func:`bench_linear_cross_entropy`'s rows."""
     out = [
-        "| tokens x hidden x V | dtype | impl | CSL | median | vs eager | peak | peak / eager |",
-        "|---|---|---|---|---|---|---|---|",
+        "| tokens x hidden x V | dtype | impl | CSL | correct | median | vs eager | peak | "
+        "peak / eager |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shape = f"{r['tokens']} x {r['hidden']} x {r['vocab']}"
         if "median_s" not in r:
             out.append(
-                f"| {shape} | {r['dtype']} | {r['impl']} | | skipped: {r.get('skipped')} | | | |"
+                f"| {shape} | {r['dtype']} | {r['impl']} | | | skipped: {r.get('skipped')} | | | |"
             )
             continue
         sp = r.get("speedup_vs", {}).get(EAGER)
@@ -265,6 +290,7 @@ def markdown(rows: list[dict]) -> str:
         ratio = r.get("peak_vs_eager")
         out.append(
             f"| {shape} | {r['dtype']} | {r['impl']} | {'yes' if r['records_csl'] else 'no'} | "
+            f"{'yes' if r.get('correct', True) else '**NO**: ' + r.get('check', '')} | "
             f"{r['median_s'] * 1e3:.2f} ms | {'' if sp is None else f'{sp:.2f}x'} | "
             f"{'n/a' if pk is None else f'{pk / MiB:.1f} MiB'} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} |"
