@@ -77,7 +77,7 @@ import numpy as np
 import torch
 
 from . import atomic_file
-from ._args import integer, rate, share
+from ._args import check_flags, integer, rate, share
 from .demo_measurements import _fmt_overhead, measure_overhead, retrain_gain
 
 __all__ = ["DemoConfig", "load_digits", "load_held_out", "measure_overhead", "retrain_gain", "run"]
@@ -128,7 +128,12 @@ class DemoConfig:
         )
         try:
             noise = rate(fn, "noise", self.noise)
-        except ValueError:  # (its range is [0, 1])
+        except TypeError:  # (its range is [0, 1])
+            raise TypeError(
+                f"{fn}: noise must be a fraction in [0, {MAX_NOISE}], got "
+                f"{type(self.noise).__name__}"
+            ) from None
+        except ValueError:
             noise = None
         if noise is None or noise > MAX_NOISE:
             raise DemoConfigError(
@@ -148,8 +153,18 @@ class DemoConfig:
         count("overhead_rounds", 0)
         if self.threads is not None:
             count("threads", 1)
-        if not (isinstance(self.lr, numbers.Real) and 0 < self.lr < math.inf):
+        if isinstance(self.lr, bool) or not isinstance(self.lr, numbers.Real):
+            raise TypeError(f"{fn}: lr must be a number, got {type(self.lr).__name__}")
+        if not 0 < self.lr < math.inf:
             raise DemoConfigError("lr", f"must be a positive number, got {self.lr!r}")
+        # ("no" from a config was truthy: the report was written)
+        check_flags(fn, False, report=self.report, quiet=self.quiet)
+        if not isinstance(self.out, str | os.PathLike):
+            raise TypeError(f"{fn}: out must be a folder path, got {type(self.out).__name__}")
+        if self.device is not None and not isinstance(self.device, str | torch.device):
+            raise TypeError(
+                f"{fn}: device must be a str or torch.device, got {type(self.device).__name__}"
+            )
 
 
 class DemoConfigError(ValueError):

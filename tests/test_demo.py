@@ -108,3 +108,20 @@ def test_a_file_where_the_report_folder_goes_is_named(tmp_path):
     with pytest.raises(NotADirectoryError, match=r"writes its report into the folder.*--no-report"):
         demo.run(_tiny(out))
     assert sorted(os.listdir(out)) == ["report"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"noise": "0.1"}, r"noise must be a fraction in \[0, 0.5\], got str"),  # (said [0, 1])
+        ({"lr": "0.1"}, "lr must be a number, got str"),  # (a DemoConfigError)
+        ({"lr": True}, "lr must be a number, got bool"),  # (trained at lr 1)
+        ({"report": "no"}, "report must be True or False"),  # (truthy: the report was written)
+        ({"quiet": "no"}, "quiet must be True or False"),
+        ({"out": 5}, "out must be a folder path, got int"),  # (failed inside run())
+        ({"device": 5}, "device must be a str or torch.device, got int"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_type_errors(settings, match):
+    with pytest.raises(TypeError, match=match):
+        demo.DemoConfig(**settings)
