@@ -94,6 +94,15 @@ def merge(
             f"a single {type(trackers).__name__} {trackers!r:.80}; pass a list, e.g. "
             "merge(['seed0.csl', 'seed1.csl'])"
         )
+    trackers = list(trackers)
+    on_meta = [
+        i for i, t in enumerate(trackers) if isinstance(t, CSLTracker) and t.device.type == "meta"
+    ]
+    if on_meta:  # (the load's advice, "load it into a tracker on 'cpu'", named no merge)
+        raise ValueError(
+            f"csl_fast.merge: tracker {on_meta[0]} is on the meta device, which holds no "
+            "values to merge"
+        )
     runs = [_as_tracker(t) for t in trackers]
     if not runs:
         raise TrackerStateError("csl_fast.merge: got no trackers to merge")

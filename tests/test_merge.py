@@ -329,3 +329,6 @@ def test_merging_onto_the_meta_device_is_refused_by_name():
     # "Tensor.item() cannot be called on meta tensors", from inside the merge
     with pytest.raises(ValueError, match="cannot merge onto device 'meta'"):
         csl_fast.merge([_run(0), _run(1)], device="meta")
+    # an input there got the load's advice, "load it into a tracker on 'cpu'"
+    with pytest.raises(ValueError, match="merge: tracker 1 is on the meta device"):
+        csl_fast.merge([_run(0), CSLTracker(N, C, device="meta")])
