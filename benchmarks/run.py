@@ -90,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
               "and run from this checkout", file=sys.stderr)  # fmt: skip
         return 3
 
+    try:  # (torch's RuntimeError traceback, exit 1; meta was "build the extension")
+        kind = torch.device(args.device).type
+    except (RuntimeError, ValueError):
+        p.error(f"--device: not a device: {args.device!r}")
+    if kind not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: only cpu and cuda are measured")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("run.py: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
@@ -120,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(sections) - set(bench.SECTIONS)
     if unknown:
         p.error(f"unknown sections {sorted(unknown)}; pick from {bench.SECTIONS}")
+    if not sections:  # (an empty report replaced the day's)
+        p.error(f"--sections names no section; pick from {bench.SECTIONS}")
+    # A partial run's report is named as such: it replaced the day's full report, which
+    # the results folder may hold committed, without a word.
+    partial = "-quick" if args.quick else ""
+    if set(sections) != set(bench.SECTIONS):
+        partial += "-" + "-".join(sorted(sections))
 
     t0 = time.perf_counter()
 
@@ -135,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         sections=sections,
         budget_scale=args.budget_scale,
         log=log,
-        on_section=lambda partial: bench.write_report({**partial, "command": command}, args.out),
+        on_section=lambda done: bench.write_report(
+            {**done, "command": command}, args.out, suffix=partial
+        ),
     )
     results["command"] = command
-    md, js = bench.write_report(results, args.out)
+    md, js = bench.write_report(results, args.out, suffix=partial)
     log(f"wrote {md} and {js}")
     print(bench.summary_table(results), flush=True)
     return 1 if results["errors"] else 0

@@ -51,10 +51,29 @@ def test_run_times_only_this_checkouts_code(monkeypatch, tmp_path, capsys):
         assert "must be > 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--device", "foo"], "--device: not a device: 'foo'"),  # (a traceback, exit 1)
+        (["--device", "meta"], "only cpu and cuda are measured"),  # ("build the extension")
+        (["--sections", ","], "--sections names no section"),  # (an empty report, exit 0)
+    ],
+)
+def test_run_refuses_arguments_it_cannot_measure(args, said, tmp_path, capsys):
+    run = _script("run")
+    with pytest.raises(SystemExit) as exit_:
+        run.main([*args, "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_report_names_its_command_and_extension(tmp_path):
     run = _script("run")
     assert run.main(["--quick", "--sections", "memory", "--out", str(tmp_path)]) == 0
-    text = next(tmp_path.glob("*.md")).read_text()
+    (report,) = tmp_path.glob("*.md")
+    # named as a partial run: it replaced the day's full report, committed ones included
+    assert report.name.endswith("-quick-memory.md")
+    text = report.read_text()
     assert "- command: `python benchmarks/run.py --quick --sections memory --out" in text
     assert "- compiled extension: " in text
 

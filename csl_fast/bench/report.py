@@ -308,10 +308,11 @@ def summary_table(results: dict) -> str:
 _VERDICT = {True: "met", False: "**missed**", None: "not decided"}
 
 
-def write_report(results: dict, out_dir: str) -> tuple[str, str]:
-    """Write ``<device-slug>-<date>.md`` and ``.json`` into ``out_dir``; return the paths."""
+def write_report(results: dict, out_dir: str, suffix: str = "") -> tuple[str, str]:
+    """Write ``<device-slug>-<date><suffix>.md`` and ``.json`` into ``out_dir`` (``suffix``
+    names a partial run); return the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{device_slug(results['env'])}-{results['env']['date'][:10]}"
+    stem = f"{device_slug(results['env'])}-{results['env']['date'][:10]}{suffix}"
     md, js = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".json")
     # Both built before either is written, each written atomically: run.py rewrites the
     # report after every section, and a rewrite cut short (a time limit's SIGINT) left an
