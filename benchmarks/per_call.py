@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from run_meta import commit, cpu_model, run_meta, write_atomic
+from run_meta import at_least_one, commit, cpu_model, run_meta, write_atomic
 
 B, C, N = 64, 10, 50_000
 CALLS, REPS, WARMUP = 500, 9, 200
@@ -154,7 +154,7 @@ def _commit(path: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", default=[], help="NAME=PATH of a source tree")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=at_least_one, default=5)
     parser.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--identify", action="store_true", help=argparse.SUPPRESS)

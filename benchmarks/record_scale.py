@@ -43,7 +43,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import write_results  # noqa: E402
+from run_meta import at_least_one, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 
@@ -197,7 +197,7 @@ def _markdown(rows: list, meta: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 1_000_000, 10_000_000])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=at_least_one, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "record_scale"))
     args = p.parse_args()

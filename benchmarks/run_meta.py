@@ -3,6 +3,7 @@ command that reruns it."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import platform
@@ -113,3 +114,12 @@ def with_discussion(path: str | Path, text: str) -> str:
             "below against them)"
         )
     return text.rstrip("\n") + "\n\n" + heading + "\n" + body
+
+
+def at_least_one(text: str) -> int:
+    """An argparse type: an int >= 1 (0 rounds gave a StatisticsError traceback, or an
+    empty table with exit 0)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
