@@ -89,6 +89,9 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it):
     a run cut short while writing (a time limit's SIGINT) left an empty or partial
     results file where the last complete one had been."""
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # (this tree's csl_fast, not whichever is installed)
+        sys.path.insert(0, root)
     from csl_fast import atomic_file
 
     atomic_file.write_text(str(path), lambda f: f.write(text), "write the results", "out.md")

@@ -181,7 +181,7 @@ def _report(results: dict[str, dict[str, list[float]]], meta: dict) -> str:
 
 
 def main() -> None:
-    from run_meta import run_meta
+    from run_meta import run_meta, write_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -208,9 +208,9 @@ def main() -> None:
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
     device = "-".join(sorted({d.split(":")[0] for d in DEVICES}))
     stem = Path(__file__).resolve().parent / "results" / f"bce-{device}-{meta['date'][:10]}"
-    stem.with_suffix(".md").write_text(_report(results, meta) + "\n")
-    data = {"meta": meta, "seconds": results}
-    stem.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    text, data = _report(results, meta) + "\n", {"meta": meta, "seconds": results}
+    write_atomic(stem.with_suffix(".md"), text)
+    write_atomic(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     print(f"wrote {stem}.md and .json")
 
 

@@ -31,6 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from run_meta import write_atomic  # noqa: E402
+
 #: (B, C) per device; bfloat16 on a GPU, float32 in the interpreter.
 SHAPES = {
     "cuda": [(128, 100), (1024, 1000), (4096, 32000), (8192, 128256)],
@@ -227,11 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {b}x{c}", file=sys.stderr, flush=True)
         share = left / (len(shapes) - i) / 2  # half for compiling and checking, half timing
         results["rows"] += sweep_shape(b, c, args.device, share, args.max_configs)
-        text = markdown(results)
-        with open(os.path.join(args.out, "triton-sweep.md"), "w") as f:
-            f.write(text)
-        with open(os.path.join(args.out, "triton-sweep.json"), "w") as f:
-            json.dump(results, f, indent=1, default=str)
+        text, data = markdown(results), json.dumps(results, indent=1, default=str)
+        write_atomic(os.path.join(args.out, "triton-sweep.md"), text)
+        write_atomic(os.path.join(args.out, "triton-sweep.json"), data)
     print(markdown(results))
     return 0
 

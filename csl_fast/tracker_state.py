@@ -238,7 +238,7 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
             bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            shown = (wide if kind == "int" else s.to(torch.float64))[i].item()
+            shown = s[i].item() if kind == "int" else s[i].to(torch.float64).item()
             raise TrackerStateError(
                 f"state buffer {name!r} holds {shown!r} at sample {start + i}, not "
                 f"{allowed}; no tracker holds that: the state was edited or damaged, restore "

@@ -372,3 +372,18 @@ def test_a_linear_cross_entropy_candidate_with_wrong_gradients_is_shown_wrong(mo
     assert ours["correct"] is False and "hidden grad off by" in ours["check"]
     assert "loss" not in ours["check"]  # the loss itself is right
     assert "**NO**: hidden grad off by" in bench_lm.markdown(rows)
+
+
+def test_a_linear_cross_entropy_candidate_that_records_no_csl_is_shown_wrong(monkeypatch):
+    # the check compared the loss and gradients only: a "+CSL" row recording nothing passed
+    from csl_fast.bench import lm as bench_lm
+
+    real = bench_lm.linear_cross_entropy
+
+    def records_nothing(h, w, t, index, csl, **kwargs):
+        return real(h, w, t, **kwargs)
+
+    monkeypatch.setattr(bench_lm, "linear_cross_entropy", records_nothing)
+    case = bench_lm.LinearCECase(64, 16, 128, "cpu", compile=False, liger=False)
+    _, wrong = case.check(bench_lm.OURS)
+    assert wrong is not None and wrong.startswith("CSL off by")

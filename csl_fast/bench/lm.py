@@ -174,22 +174,30 @@ class LinearCECase:
 
     def check(self, name: str) -> tuple[float, str | None]:
         """``(max abs loss difference, what differs)`` of candidate ``name`` against eager
-        in float32: the loss and both gradients, each within a relative tolerance of the
-        reference's largest entry (1e-4, 3e-2 in 16 bits); what differs is None when all
-        three match. Raises what the candidate raises."""
+        in float32: the loss, both gradients and, for a candidate that records CSL, the
+        per-sequence CSL it adds, each within a relative tolerance of the reference's
+        largest entry (1e-4, 3e-2 in 16 bits); what differs is None when all match. Raises
+        what the candidate raises."""
         if self._reference is None:
             h = self.h.detach().float().requires_grad_(True)
             w = self.w.detach().float().requires_grad_(True)
-            loss = _eager(h, w, self.t.reshape(-1))
+            flat = self.t.reshape(-1)
+            rows = F.cross_entropy(h @ w.t(), flat, reduction="none")
+            loss = rows.sum() / (flat != -100).sum()
             loss.backward()
-            self._reference = (loss.detach(), h.grad, w.grad)
+            per_sequence = rows.detach().view(self.t.shape).sum(1)
+            self._reference = (loss.detach(), h.grad, w.grad, per_sequence)
+        before = self.csl.clone()
         loss = self.impls[name]().detach().float()
         tol = 1e-4 if self.dtype in (torch.float32, torch.float64) else 3e-2
         errs = []
         got = (loss, self.h.grad, self.w.grad)
-        for what, ours, exact in zip(
-            ("loss", "hidden grad", "weight grad"), got, self._reference, strict=True
-        ):
+        # (the CSL each "+CSL" candidate records too: one that recorded nothing passed)
+        names, wants = ("loss", "hidden grad", "weight grad"), self._reference[:3]
+        if self.has_csl[name]:
+            got, names = (*got, self.csl - before), (*names, "CSL")
+            wants = self._reference
+        for what, ours, exact in zip(names, got, wants, strict=True):
             if ours is None:
                 errs.append(f"{what} missing")
                 continue
