@@ -29,9 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
-from run_meta import write_atomic  # noqa: E402
-
 import csl_fast  # noqa: E402
+from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
 from csl_fast.bench.env import environment  # noqa: E402
 
 B, C = 1024, 1000

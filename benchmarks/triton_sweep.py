@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from run_meta import write_atomic  # noqa: E402
+from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
 
 #: (B, C) per device; bfloat16 on a GPU, float32 in the interpreter.
 SHAPES = {
