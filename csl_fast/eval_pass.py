@@ -10,6 +10,7 @@ import torch
 
 from ._args import check_flags, integer
 from .accumulate_checks import (
+    _LOGIT_DTYPES,
     _check_values,
     adopt_classes,
     match_tracker_classes,
@@ -22,9 +23,6 @@ from .tracker_buffers import buffer_kinds
 
 Batch = Any
 Unpack = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-_FLOAT_LOGITS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def score_epoch(
@@ -138,7 +136,7 @@ def score_epoch(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
                         "expected [B, C] logits (pass forward= to extract them)"
                     )
-                if logits.dtype not in _FLOAT_LOGITS:  # (the kernel's "not implemented for 'Long'")
+                if logits.dtype not in _LOGIT_DTYPES:  # (the kernel's "not implemented for 'Long'")
                     raise TypeError(
                         f"csl_fast.score_epoch: the model returned {logits.dtype} logits; "
                         "expected float32, float16, bfloat16 or float64"

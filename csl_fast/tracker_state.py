@@ -231,7 +231,12 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
             # (in int64: against an int16 or int8 buffer the int32 maximum wrapped to -1,
             # against uint8 the -1 of learned_epoch to 255, and uint16 has no comparison)
             # (uint64 in float64: its values past int64's range would wrap to negatives)
-            wide = s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
+            # (an int32 buffer, the common case, is compared as it is: no copy per chunk)
+            wide = (
+                s
+                if s.dtype == torch.int32
+                else s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
+            )
             bad = (wide < lo) | (wide > torch.iinfo(torch.int32).max)
         else:
             held = s.to(dtype)

@@ -223,21 +223,23 @@ def train(
                 if labels is not None:  # the first step: a model too narrow for the labels
                     _check_width(logits, labels)
                     labels = None
+                yb = y[idx]
                 if tracker is not None:
-                    loss = accumulate(logits, y[idx], idx, tracker)
+                    loss = accumulate(logits, yb, idx, tracker)
                 else:
-                    loss = F.cross_entropy(logits, y[idx])
+                    loss = F.cross_entropy(logits, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 # weighted by the rows the mean was over: ignore_index rows are not, and
                 # an all-ignored batch's NaN mean counted toward every row
                 if y.is_floating_point():  # class probabilities: every row counts
-                    labelled = torch.tensor(idx.numel(), device=x.device)
+                    total += loss.detach() * idx.numel()
+                    rows += idx.numel()
                 else:
-                    labelled = y[idx].ne(-100).sum()
-                total += torch.where(labelled > 0, loss.detach() * labelled, 0.0)
-                rows += labelled
+                    labelled = yb.ne(-100).sum()
+                    total += torch.where(labelled > 0, loss.detach() * labelled, 0.0)
+                    rows += labelled
             if tracker is not None:
                 tracker.end_epoch()
             result.epoch_time.append(time.perf_counter() - t0)
