@@ -66,6 +66,7 @@ from .accumulate_checks import (
     widen_for_ignore_index,
 )
 from .cross_entropy_extras import CrossEntropyOutput
+from .fake_kernels import one_device
 from .reference import REDUCTIONS
 from .stats import NUM_STATS
 from .tracker import CSLTracker
@@ -466,87 +467,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
         cap, zs, out_dtype,
     ):  # fmt: skip
-        rows = hidden.shape[0]
-        dev = hidden.device
-        need = ctx.needs_input_grad[:3]
-        eager_grads = red != 0 and any(need)
-        stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
-        losses = hidden.new_empty(rows, dtype=out_dtype) if red == 0 else None
-        # float64 inputs keep their loss and scaled hidden gradient in float64 whatever acc
-        wide = torch.float64 in (acc, hidden.dtype)
-        total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=dev)
-        # The z-loss term alone, per row or summed like the loss (0 when off).
-        z_loss = hidden.new_zeros(rows, dtype=out_dtype) if red == 0 else torch.zeros_like(total)
-        gh = gw = gb = scale = None
-        if eager_grads:
-            if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
-                n = (target != ignore_index).sum()
-                scale = 1.0 / n.clamp(min=1).to(total.dtype)
-            gh = torch.empty_like(hidden) if need[0] else None
-            gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
-            gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need[2] else None
-        upcast = out_dtype != hidden.dtype  # autocast: the loss of float32 logits
-        for start in range(0, rows, chunk):
-            end = min(start + chunk, rows)
-            h = hidden[start:end]
-            z = _logits(h, weight, bias)
-            if upcast:
-                z = z.float()
-            # Per-row losses (summed in float32 below) and the per-row gradient for a unit
-            # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
-            # In place: the chunk's gradient overwrites its logits (one chunk alive, not two);
-            # formed only for the eager gradients (backward recomputes it for 'none').
-            loss_c, dz, st, zl_c = _chunk_fwd(
-                z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
-            )
-            del z
-            if upcast and dz is not None:
-                dz = dz.to(hidden.dtype)  # as autocast's cast hands F.linear its gradient
-            stats[:, start:end] = st
-            if red == 0:
-                losses[start:end] = loss_c
-                z_loss[start:end] = zl_c
-            else:
-                total += loss_c.sum(dtype=total.dtype)
-                z_loss += zl_c.sum(dtype=total.dtype)
-            if eager_grads:
-                if gh is not None:
-                    if scale is None:
-                        torch.mm(dz, weight, out=gh[start:end])
-                    else:
-                        gh[start:end] = torch.mm(dz, weight).to(scale.dtype) * scale
-                if scale is not None and acc == torch.float16:
-                    # a float16 accumulator takes the mean's 1/n chunk by chunk, as eager
-                    # PyTorch's gradient does: the unscaled sum overflowed 65504
-                    dz.mul_(scale.to(dz.dtype))
-                if gw is not None:
-                    _add_weight_grad(gw, dz, h)
-                if gb is not None:
-                    gb += dz.sum(0, dtype=acc)
-            del dz
-        if scale is not None and acc != torch.float16:
-            for g in (gw, gb):
-                if g is not None:
-                    g.mul_(scale.to(g.dtype) if g.dtype == torch.float64 else scale)
+        # 'none' forms no gradient here: its upstream gradient is per token (backward)
+        need = [red != 0 and n for n in ctx.needs_input_grad[:3]]
+        loss, stats, z_loss, gh, gw, gb, w_scale, b_scale = _forward_op(name)(
+            hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
+            cap, zs, out_dtype, *need,
+        )  # fmt: skip
+        ctx.mark_non_differentiable(stats, z_loss)
         ctx.red = red
         if red == 0:
-            ctx.mark_non_differentiable(stats, z_loss)
-            ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs, upcast)
+            ctx.args = (ignore_index, label_smoothing, chunk, name, acc, cap, zs)
+            ctx.upcast = out_dtype != hidden.dtype
             ctx.save_for_backward(hidden, weight, bias, target)
-            return losses, stats, z_loss
-        if red == 1:
-            n = (target != ignore_index).sum()
-            total = total / n.to(total.dtype)
-            z_loss = z_loss / n.to(total.dtype)
-        # (marked once final: the division and the cast make new tensors, which were
-        # returned differentiable, holding the step's graph)
-        z_loss = z_loss.to(out_dtype, copy=True)
-        ctx.mark_non_differentiable(stats, z_loss)
-        wdt = weight.dtype
-        saved_w, ctx.w_scale = _narrowed(gw, wdt)
-        saved_b, ctx.b_scale = _narrowed(gb, wdt)
-        ctx.save_for_backward(gh, saved_w, saved_b)
-        return total.to(out_dtype), stats, z_loss
+            return loss, stats, z_loss
+        half = weight.dtype == torch.float16  # (only a float16 gradient is saved scaled)
+        ctx.w_scale = w_scale if half else None
+        ctx.b_scale = b_scale if half else None
+        ctx.save_for_backward(*(g if n else None for g, n in zip((gh, gw, gb), need, strict=True)))
+        return loss, stats, z_loss
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats, _grad_z_loss):
@@ -566,7 +504,241 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 for g, s in ((gh, None), (gw, ctx.w_scale), (gb, ctx.b_scale))
             ]
             return (*out, *nones)
-        return (*_backward_none(ctx, grad_loss), *nones)
+        hidden, weight, bias, target = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        name = ctx.args[3]
+        grads = _backward_none_op(name)(
+            hidden, weight, bias, target, grad_loss, *ctx.args, ctx.upcast, *need
+        )
+        return (*(g if n else None for g, n in zip(grads, need, strict=True)), *nones)
+
+
+def _chunked_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    red: int,
+    chunk: int,
+    name: str,
+    acc: torch.dtype,
+    cap: float,
+    zs: float,
+    out_dtype: torch.dtype,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+]:
+    """The chunk loop of the forward pass: ``(loss, stats, z_loss, grad_hidden,
+    grad_weight, grad_bias, weight_scale, bias_scale)``. The gradients (for a unit
+    upstream gradient, in the parameters' dtypes; a float16 one divided by its scale, see
+    :func:`_narrowed`) are formed where ``need_*`` asks, else empty."""
+    rows = hidden.shape[0]
+    dev = hidden.device
+    need = (need_hidden, need_weight, need_bias)
+    eager_grads = any(need)
+    stats = torch.empty((NUM_STATS, rows), dtype=torch.float32, device=dev)
+    losses = hidden.new_empty(rows, dtype=out_dtype) if red == 0 else None
+    # float64 inputs keep their loss and scaled hidden gradient in float64 whatever acc
+    wide = torch.float64 in (acc, hidden.dtype)
+    total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=dev)
+    # The z-loss term alone, per row or summed like the loss (0 when off).
+    z_loss = hidden.new_zeros(rows, dtype=out_dtype) if red == 0 else torch.zeros_like(total)
+    gh = gw = gb = scale = None
+    if eager_grads:
+        if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
+            n = (target != ignore_index).sum()
+            scale = 1.0 / n.clamp(min=1).to(total.dtype)
+        gh = torch.empty_like(hidden) if need[0] else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
+        gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need[2] else None
+    upcast = out_dtype != hidden.dtype  # autocast: the loss of float32 logits
+    for start in range(0, rows, chunk):
+        end = min(start + chunk, rows)
+        h = hidden[start:end]
+        z = _logits(h, weight, bias)
+        if upcast:
+            z = z.float()
+        # Per-row losses (summed in float32 below) and the per-row gradient for a unit
+        # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
+        # In place: the chunk's gradient overwrites its logits (one chunk alive, not two);
+        # formed only for the eager gradients (backward recomputes it for 'none').
+        loss_c, dz, st, zl_c = _chunk_fwd(
+            z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
+        )
+        del z
+        if upcast and dz is not None:
+            dz = dz.to(hidden.dtype)  # as autocast's cast hands F.linear its gradient
+        stats[:, start:end] = st
+        if red == 0:
+            losses[start:end] = loss_c
+            z_loss[start:end] = zl_c
+        else:
+            total += loss_c.sum(dtype=total.dtype)
+            z_loss += zl_c.sum(dtype=total.dtype)
+        if eager_grads:
+            if gh is not None:
+                if scale is None:
+                    torch.mm(dz, weight, out=gh[start:end])
+                else:
+                    gh[start:end] = torch.mm(dz, weight).to(scale.dtype) * scale
+            if scale is not None and acc == torch.float16:
+                # a float16 accumulator takes the mean's 1/n chunk by chunk, as eager
+                # PyTorch's gradient does: the unscaled sum overflowed 65504
+                dz.mul_(scale.to(dz.dtype))
+            if gw is not None:
+                _add_weight_grad(gw, dz, h)
+            if gb is not None:
+                gb += dz.sum(0, dtype=acc)
+        del dz
+    if scale is not None and acc != torch.float16:
+        for g in (gw, gb):
+            if g is not None:
+                g.mul_(scale.to(g.dtype) if g.dtype == torch.float64 else scale)
+    saved_w, w_scale = _narrowed(gw, weight.dtype)
+    saved_b, b_scale = _narrowed(gb, weight.dtype)
+    if red == 0:
+        loss = losses
+    else:
+        if red == 1:
+            n = (target != ignore_index).sum()
+            total = total / n.to(total.dtype)
+            z_loss = z_loss / n.to(total.dtype)
+        loss = total.to(out_dtype)
+        z_loss = z_loss.to(out_dtype)
+    empty = hidden.new_empty(0)
+    one = torch.ones((), dtype=torch.float32, device=dev)
+    return (
+        loss,
+        stats,
+        z_loss,
+        empty.clone() if gh is None else gh,
+        empty.clone() if saved_w is None else saved_w,
+        empty.clone() if saved_b is None else saved_b,
+        one if w_scale is None else w_scale,
+        one.clone() if b_scale is None else b_scale,
+    )
+
+
+def _fake_forward(
+    hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc, cap, zs,
+    out_dtype, need_hidden, need_weight, need_bias,
+):  # fmt: skip
+    rows = hidden.shape[0]
+    loss = hidden.new_empty((rows,) if red == 0 else (), dtype=out_dtype)
+    empty = hidden.new_empty(0)
+    return (
+        loss,
+        hidden.new_empty((NUM_STATS, rows), dtype=torch.float32),
+        torch.empty_like(loss),
+        torch.empty_like(hidden) if need_hidden else empty,
+        torch.empty_like(weight) if need_weight else empty.clone(),
+        weight.new_empty(weight.shape[0]) if need_bias else empty.clone(),
+        hidden.new_empty((), dtype=torch.float32),
+        hidden.new_empty((), dtype=torch.float32),
+    )
+
+
+def _chunked_backward_none(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    grad_loss: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk: int,
+    name: str,
+    acc: torch.dtype,
+    cap: float,
+    zs: float,
+    upcast: bool,
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``reduction='none'``'s gradients ``(hidden, weight, bias)`` for per-token upstream
+    gradients ``grad_loss``: each chunk's logits and their gradient recomputed. Those not
+    asked for are empty."""
+    gh = torch.empty_like(hidden) if need_hidden else None
+    gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need_weight else None
+    gb = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need_bias else None
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        h = hidden[start:end]
+        z = _logits(h, weight, bias)
+        if upcast:
+            z = z.float()
+        _, dz, _, _ = _chunk_fwd(z, target[start:end], ignore_index, label_smoothing, name, cap, zs)
+        del z
+        # an ignored token keeps its stored row, whatever its upstream gradient (a NaN
+        # there made every parameter gradient NaN; F never reads it: ops._per_row)
+        dz.mul_(ops._per_row(grad_loss[start:end], 0, target[start:end], ignore_index).to(dz.dtype))
+        if upcast:
+            dz = dz.to(hidden.dtype)
+        if gh is not None:
+            torch.mm(dz, weight, out=gh[start:end])
+        if gw is not None:
+            _add_weight_grad(gw, dz, h)
+        if gb is not None:
+            gb += dz.sum(0, dtype=acc)
+    empty = hidden.new_empty(0)
+    wdt = weight.dtype
+    return (
+        empty.clone() if gh is None else gh,
+        empty.clone() if gw is None else gw.to(wdt),
+        empty.clone() if gb is None else gb.to(wdt),
+    )
+
+
+def _fake_backward_none(
+    hidden, weight, bias, target, grad_loss, ignore_index, label_smoothing, chunk, name, acc,
+    cap, zs, upcast, need_hidden, need_weight, need_bias,
+):  # fmt: skip
+    empty = hidden.new_empty(0)
+    return (
+        torch.empty_like(hidden) if need_hidden else empty,
+        torch.empty_like(weight) if need_weight else empty.clone(),
+        weight.new_empty(weight.shape[0]) if need_bias else empty.clone(),
+    )
+
+
+# While tracing, each chunk loop is one opaque op, so a compiled graph does not unroll it:
+# one graph then serves every number of tokens under dynamic shapes (the unrolled loop made
+# each its own graph, past recompile_limit an error with fullgraph=True). Eagerly the same
+# function runs directly: the op's dispatch cost about 0.1 ms a call. The reference backend
+# stays Python: its gradient comes from torch.autograd.grad, which needs autograd inside.
+_FORWARD_OP = torch.library.custom_op(
+    "csl_fast::linear_cross_entropy_forward", _chunked_forward, mutates_args=()
+)
+_FORWARD_OP.register_fake(one_device("csl_fast::linear_cross_entropy_forward", _fake_forward))
+_BACKWARD_NONE_OP = torch.library.custom_op(
+    "csl_fast::linear_cross_entropy_backward_none", _chunked_backward_none, mutates_args=()
+)
+_BACKWARD_NONE_OP.register_fake(
+    one_device("csl_fast::linear_cross_entropy_backward_none", _fake_backward_none)
+)
+
+
+def _forward_op(name: str):
+    traced = torch.compiler.is_compiling() and name != "reference"
+    return _FORWARD_OP if traced else _chunked_forward
+
+
+def _backward_none_op(name: str):
+    traced = torch.compiler.is_compiling() and name != "reference"
+    return _BACKWARD_NONE_OP if traced else _chunked_backward_none
 
 
 def _narrowed(
@@ -616,34 +788,3 @@ def _chunk_fwd(z, target, ignore_index, label_smoothing, name, cap, zs, grad=Tru
         z, target, None, ignore_index, label_smoothing, 0, name, inplace=True
     )
     return loss, dz, stats, torch.zeros((), dtype=loss.dtype, device=loss.device)
-
-
-def _backward_none(ctx, grad_loss):
-    """Per-token upstream gradients: recompute each chunk's logits and their gradient."""
-    hidden, weight, bias, target = ctx.saved_tensors
-    ignore_index, label_smoothing, chunk, name, acc, cap, zs, upcast = ctx.args
-    need = ctx.needs_input_grad[:3]
-    gh = torch.empty_like(hidden) if need[0] else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=hidden.device) if need[1] else None
-    gb = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if need[2] else None
-    for start in range(0, hidden.shape[0], chunk):
-        end = min(start + chunk, hidden.shape[0])
-        h = hidden[start:end]
-        z = _logits(h, weight, bias)
-        if upcast:
-            z = z.float()
-        _, dz, _, _ = _chunk_fwd(z, target[start:end], ignore_index, label_smoothing, name, cap, zs)
-        del z
-        # an ignored token keeps its stored row, whatever its upstream gradient (a NaN
-        # there made every parameter gradient NaN; F never reads it: ops._per_row)
-        dz.mul_(ops._per_row(grad_loss[start:end], 0, target[start:end], ignore_index).to(dz.dtype))
-        if upcast:
-            dz = dz.to(hidden.dtype)
-        if gh is not None:
-            torch.mm(dz, weight, out=gh[start:end])
-        if gw is not None:
-            _add_weight_grad(gw, dz, h)
-        if gb is not None:
-            gb += dz.sum(0, dtype=acc)
-    wdt = weight.dtype
-    return gh, None if gw is None else gw.to(wdt), None if gb is None else gb.to(wdt)

@@ -589,3 +589,58 @@ def test_a_label_smoothing_of_zero_or_less_smooths_nothing_as_in_pytorch():
         theirs.backward()
         torch.testing.assert_close(ours, theirs)
         torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_compiled_graph_serves_every_number_of_tokens(reduction):
+    """dynamic=True: the chunk loop is one opaque op, so a graph does not depend on the
+    number of tokens (the loop was unrolled while tracing: a graph per count, and
+    fullgraph=True failed at the ninth). Losses, gradients and CSL as in eager."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(8, 13)
+    csl = {mode: torch.zeros(40) for mode in ("eager", "compiled")}
+
+    def step(h, y, idx, csl):
+        loss = linear_cross_entropy(
+            h, head.weight, y, idx, csl, head.bias, reduction=reduction, chunk_size=4
+        )
+        return loss.sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    for n in range(3, 15):
+        h0 = torch.randn(n, 8, generator=g)
+        y = torch.randint(0, 13, (n,), generator=g)
+        idx = torch.randint(0, 40, (n,), generator=g)
+        results = []
+        for mode, fn in (("eager", step), ("compiled", compiled)):
+            head.zero_grad()
+            h = h0.clone().requires_grad_(True)
+            loss = fn(h, y, idx, csl[mode])
+            loss.backward()
+            results.append((loss.detach(), h.grad, head.weight.grad.clone(), head.bias.grad))
+        for got, want in zip(results[1], results[0], strict=True):
+            torch.testing.assert_close(got, want)
+    torch.testing.assert_close(csl["compiled"], csl["eager"])
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("red", [0, 1, 2])
+@pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False,) * 3])
+def test_opcheck_of_the_chunk_loops(dtype, red, need):
+    """The two opaque ops: schema, fake kernel (shapes and dtypes of every output,
+    placeholders included) and dispatch, as torch.compile relies on them."""
+    ops = torch.ops.csl_fast
+    g = torch.Generator().manual_seed(5)
+    h, w, b = (torch.randn(s, generator=g).to(dtype) for s in ((7, 4), (6, 4), (6,)))
+    y = torch.tensor([0, 5, -100, 2, 3, 1, 4])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    common = (-100, 0.1)
+    fwd = (h, w, b, y, *common, red, 3, "cpu", acc, 0.0, 0.0, dtype, *need)
+    torch.library.opcheck(ops.linear_cross_entropy_forward.default, fwd)
+    bwd = (h, w, b, y, torch.rand(7, generator=g).to(dtype), *common, 3, "cpu", acc, 0.0, 0.0)
+    torch.library.opcheck(ops.linear_cross_entropy_backward_none.default, (*bwd, False, *need))
