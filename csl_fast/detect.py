@@ -642,7 +642,20 @@ def _rule_flags(
                     f"csl_fast.detect: the mean loss has {views.mean_loss.numel()} samples "
                     f"but the score has {values.numel()}"
                 )
-            est = flagging.two_view_count(views.mean_loss, views.lost & finite)
+            presented = int((torch.isfinite(views.mean_loss) & (views.mean_loss > 0)).sum())
+            covered = finite & torch.isfinite(views.mean_loss) & (views.mean_loss > 0)
+            mean_loss = views.mean_loss
+            if int(covered.sum()) < presented:
+                # a score defined on part of the run (an eval pass over some samples, input
+                # gradients of some): the count of all presented samples was flagged among
+                # the scored ones alone (half clean, no word), and set against their number
+                # in the majority test ('30 of 20 samples')
+                mean_loss = torch.where(finite, mean_loss, math.nan)
+                diag["coverage"] = (
+                    f"the score is defined on {int(covered.sum())} of the {presented} samples "
+                    "presented in training: the count and the flagged set are of those"
+                )
+            est = flagging.two_view_count(mean_loss, views.lost & finite)
             diag["views"] = "two-view (mean CSL + sign of the mean margin)"
             if not est.found:
                 diag["two_view"] = {**est.diagnostics, "reason": est.reason}
@@ -652,6 +665,12 @@ def _rule_flags(
                 est = None
             else:
                 est = flagging.settled_by_valley(est, values)
+                pinned = views.lost & finite & covered
+                if est.count and est.count == est.diagnostics["label_lost"]:
+                    # the count cut to the pinned samples (or held at them): those are
+                    # the ones counted; the score's top that many were hard clean samples
+                    # with more CSL than late-fitted pinned ones (1 of 5 flips flagged)
+                    return pinned.clone(), est, diag
                 flagged = _top_k(ranking, finite, est.count)
                 if est.count:
                     # the count is of the samples the views see as bad; another score's top
@@ -797,6 +816,7 @@ def _detect(
             note = "; ".join(filter(None, [rule_note(name, values, True), hint]))
         if views is not None and views.partial is not None:
             note = "; ".join(filter(None, [note, views.partial]))
+        note = "; ".join(filter(None, [note, diag.get("coverage")])) or None
         if note is not None:
             diag["note"] = note
         if est.found and 2 * est.count > n_finite:

@@ -591,6 +591,11 @@ def mislabeled_entries(
         "flagged": n_flagged,
         "threshold": thr,
     }
+    caveats = [d.diagnostics["count"] for d in found if "count" in d.diagnostics]
+    if caveats:
+        # a sum of counts of which some are lower bounds is one; any other caveat of a
+        # label's count (few anchors, fit-dependent) carries over to the sum
+        diag["count"] = next((c for c in caveats if c != "lower bound"), "lower bound")
     warning = None
     if n_flagged == 0 and rule == "tail":
         # one line per label: the full reason, repeated for each, buried what differed

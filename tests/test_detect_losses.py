@@ -380,11 +380,12 @@ def test_mislabeled_entries_keeps_a_set_the_network_firmly_rejected(per_label):
         det = mislabeled_entries(tracker, per_label=per_label)
     assert int(det.flagged.sum()) >= 40 and int((det.flagged & firm).sum()) >= 40
     assert det.diagnostics["doubt"]["anchored_share"] >= 0.2
-    assert det.diagnostics.get("count") != "lower bound" and det.warning is None
+    assert det.warning is None
     if per_label:  # the tail rule's count per label (it errs low: 45 of the 66 planted)
         assert "count_source" not in det.diagnostics
+        assert det.diagnostics["count"] == "lower bound"  # (each label's is)
     else:  # the two-view count, the firmly rejected entries pinned (the tail rule: 58)
-        assert det.diagnostics["count_source"] == "two_view"
+        assert det.diagnostics["count_source"] == "two_view" and "count" not in det.diagnostics
         assert det.diagnostics["tail_flagged"] == 58 and torch.equal(det.flagged, firm)
         assert det.rule == "tail, two-view count" and "tie" not in det.diagnostics.get("note", "")
         assert det.estimated_count == 60 and det.count_interval[0] <= 60 <= det.count_interval[1]
@@ -491,3 +492,17 @@ def test_tail_count_refuses_bad_arguments_by_name(kwargs, error):
         tail_count(values, **kwargs)
     with pytest.raises(TypeError, match="values must be a float tensor, got list"):
         tail_count([1.0, 2.0])
+
+
+def test_per_label_counts_that_are_lower_bounds_sum_to_one():
+    """Each label's tail count is a lower bound; their sum was reported without the
+    caveat, and the summary did not say 'likely more'."""
+    g = torch.Generator().manual_seed(0)
+    values = (torch.randn(2000, 2, generator=g) * 0.5).exp()
+    values[:60] *= 20
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per = mislabeled_entries(values, per_label=True)
+    assert [d["count"] for d in per.diagnostics["per_label"]] == ["lower bound"] * 2
+    assert per.diagnostics["count"] == "lower bound"
+    assert "likely more" in csl_fast.detect.summary(per)
