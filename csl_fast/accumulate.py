@@ -323,8 +323,9 @@ def accumulate(
         # be dropped without a word); a negative one names no class and is taken, unused
         raise ValueError(
             f"csl_fast.accumulate: ignore_index={ignore_index} applies to class-index targets, "
-            "not to class probabilities; drop it, or give padded rows all-zero probabilities "
-            "(a loss of 0)"
+            "not to class probabilities; drop it. To leave padded rows out, pass only the "
+            "real rows, or class indices with ignore_index: an all-zero probability row adds "
+            "a loss of 0 but still counts, in the mean and in CSL's count (csl / count)"
         )
     target = widen_for_ignore_index(target, ignore_index)
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)

@@ -50,6 +50,13 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
     dim = logits.dim()
     if dim == 2 and target.dim() == 1:
         return None
+    if dim >= 1 and logits.shape[1 if dim >= 2 else 0] == 0:
+        # (the K-d and probability layouts failed in their reshapes and argmax)
+        raise ValueError(
+            f"csl_fast.accumulate: logits of shape {tuple(logits.shape)} have C = 0 classes "
+            f"(dimension {1 if dim >= 2 else 0}): a cross entropy over no classes is undefined; "
+            "check the model's output size"
+        )
     soft = target.is_floating_point()
     if soft:
         return _soft(logits, target, index)
@@ -61,7 +68,7 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
             "target.argmax(1), or class probabilities, target.float()"
         )
     if dim == 1:
-        if target.dim() != 0:
+        if target.dim() > 1 or target.numel() != 1:  # ([1] too, as F.cross_entropy takes it)
             raise ValueError(
                 f"csl_fast.accumulate: unbatched logits [C] = {tuple(logits.shape)} need a 0-d "
                 f"target (one class index), got target of shape {tuple(target.shape)}"

@@ -27,12 +27,17 @@ def _plain_losses(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.double(), target, reduction="none")
 
 
-def _both(backend, logits, target, index, csl, upstream=None, count=None, **kwargs):
-    """accumulate and F.cross_entropy on copies of ``logits``: (loss, grad) pairs."""
+def _both(
+    backend, logits, target, index, csl, upstream=None, count=None, theirs_target=None, **kwargs
+):
+    """accumulate and F.cross_entropy (given ``theirs_target`` if not None) on copies of
+    ``logits``: (loss, grad) pairs."""
     ours_in = logits.detach().clone().requires_grad_(True)
     theirs_in = logits.detach().clone().requires_grad_(True)
     ours = accumulate(ours_in, target, index, csl, count=count, backend=backend, **kwargs)
-    theirs = F.cross_entropy(theirs_in, target, **kwargs)
+    theirs = F.cross_entropy(
+        theirs_in, target if theirs_target is None else theirs_target, **kwargs
+    )
     up = torch.rand_like(theirs) + 0.5 if upstream is None else upstream
     ours.backward(up)
     theirs.backward(up)
@@ -296,13 +301,20 @@ def test_an_infinite_class_weight_with_label_smoothing_in_every_dtype(backend, d
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unbatched_input(backend):
     x = torch.randn(7)
-    for target in (torch.tensor(4), torch.softmax(torch.randn(7), 0)):
+    # (a one-entry [1] class index too: F.cross_entropy takes it, and it was refused)
+    for target in (torch.tensor(4), torch.tensor([4]), torch.softmax(torch.randn(7), 0)):
         for reduction in ("mean", "none"):
             csl = torch.zeros(3, dtype=torch.float64)
-            losses, grads = _both(backend, x, target, torch.tensor(2), csl, reduction=reduction)
+            # (PyTorch's own backward fails on the [1] target: "size mismatch")
+            same = target.reshape(()) if target.dtype == torch.long else None
+            losses, grads = _both(
+                backend, x, target, torch.tensor(2), csl, reduction=reduction, theirs_target=same
+            )
             _assert_same([losses, grads], f"{backend} {reduction}")
             assert losses[0].dim() == 0
-            want = _plain_losses(x[None], target[None])[0]
+            want = _plain_losses(
+                x[None], target.reshape(-1) if target.numel() == 1 else target[None]
+            )[0]
             torch.testing.assert_close(csl[2], want, rtol=1e-6, atol=1e-7)
             assert csl[[0, 1]].eq(0).all()
 
@@ -329,6 +341,34 @@ def test_soft_targets(backend, shape):
             per_sample = _plain_losses(rows_z, rows_q).reshape(n, -1)
             torch.testing.assert_close(csl[index.reshape(-1)], per_sample.sum(1))
             assert count[index.reshape(-1)].tolist() == [float(per_sample.shape[1])] * n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("logits", "target"),
+    [
+        ((3, 0), torch.ones(3, 0)),
+        ((2, 0, 3), torch.zeros(2, 3, dtype=torch.long)),
+        ((2, 0, 3), torch.ones(2, 0, 3)),
+        ((0,), torch.ones(0)),
+    ],
+    ids=["probabilities", "k-dim", "k-dim probabilities", "unbatched"],
+)
+def test_no_classes_are_refused_by_name(backend, logits, target):
+    """C = 0 failed inside a reshape or an argmax ("cannot reshape tensor of 0 elements")
+    for the layouts other than [B, C] with class indices."""
+    csl = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"have C = 0 classes"):
+        accumulate(
+            torch.randn(logits),
+            target,
+            torch.arange(logits[0]).clamp(max=2)[:1]
+            if len(logits) == 1
+            else torch.arange(logits[0]),
+            csl,
+            backend=backend,
+        )
+    assert not csl.any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
