@@ -208,6 +208,14 @@ class CleaningPlan:
         return ~self.relabel & ~self.kept
 
     @property
+    def dropped_unseen(self) -> torch.Tensor:
+        """bool ``[M]``: the ``drop`` rows of samples outside :attr:`presented` (members of
+        a conflicting duplicate group the run never trained on: nothing to relabel by)."""
+        if self.presented is None:
+            return torch.zeros_like(self.relabel)
+        return self.dropped & ~self.presented.cpu()[self.index]
+
+    @property
     def num_dropped(self) -> int:
         return int(self.dropped.sum())
 

@@ -153,7 +153,11 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
         if inputs is None:
             raise CLIError(
                 "--labels needs the inputs whose groups it compares: give --inputs FILE "
-                "(the run's samples.npz has none)",
+                + (
+                    "(the run's samples.npz has none)"
+                    if samples is not None
+                    else "(the run has no samples.npz to take them from)"
+                ),
                 EXIT_USAGE,
             )
         labels = load_array(args.labels, "--labels")

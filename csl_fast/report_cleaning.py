@@ -196,7 +196,22 @@ def _suggestion_rows(
     ]
     if plan.duplicates is not None:
         rows.append(("relabel to the label of its conflicting duplicate group", str(by_group)))
-    rows.append(("drop (no confident suggestion)", str(plan.num_dropped)))
+    # (every drop was put down to the suggestion: a conflicting group without a label, or a
+    # member never trained on, is dropped for that)
+    unseen = plan.dropped_unseen
+    by_group_drop = plan.dropped & plan.grouped & ~unseen
+    rows.append(
+        (
+            "drop (no confident suggestion)",
+            str(plan.num_dropped - int((by_group_drop | unseen).sum())),
+        )
+    )
+    if plan.duplicates is not None:
+        rows.append(
+            ("drop (its conflicting duplicate group has no label)", str(int(by_group_drop.sum())))
+        )
+    if bool(unseen.any()):
+        rows.append((f"drop ({plan.unseen}: nothing to relabel by)", str(int(unseen.sum()))))
     if plan.duplicates is not None:
         rows.append(
             (

@@ -125,7 +125,12 @@ def section(
         else:
             rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
             rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
-            rows.append(("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped)))
+            unseen = int(plan.dropped_unseen.sum())  # (said to have no label, though it had)
+            rows.append(
+                ("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped - unseen))
+            )
+            if unseen:
+                rows.append((f"csl_fast.clean: dropped ({plan.unseen})", str(unseen)))
     parts = ["<h2>Duplicate groups (identical inputs)</h2>", _table(rows)]
     if labels is None:
         note = (

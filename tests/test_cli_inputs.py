@@ -396,3 +396,13 @@ def test_a_big_endian_npy_is_read(run, tmp_path, capsys):
     assert code == EXIT_OK, err
     rows = {int(r["index"]): r for r in csv.DictReader(io.StringIO(out))}
     assert rows[0]["flagged"] == rows[1]["flagged"] == "1" and rows[6]["flagged"] == "0"
+
+
+def test_labels_without_inputs_say_where_the_inputs_were_looked_for(run, tmp_path, capsys):
+    # a run folder without samples.npz was told that its samples.npz had no inputs
+    folder = run[0]
+    line = user_error(
+        capsys, EXIT_USAGE, "clean", str(folder / "tracker.csl"), "--out",
+        str(tmp_path / "p.csv"), "--labels", str(folder / "y.npy"),
+    )  # fmt: skip
+    assert "give --inputs FILE (the run has no samples.npz to take them from)" in line

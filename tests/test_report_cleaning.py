@@ -239,3 +239,37 @@ def test_a_plan_with_duplicates_is_not_called_the_flagged_set(run, tmp_path):
     assert sugg["relabel to the label of its conflicting duplicate group"] == str(by_group)
     relabel_key = next(k for k in sugg if k.startswith("relabel (suggestion confidence"))
     assert sugg[relabel_key] == str(plan.num_relabeled - by_group)
+
+
+def test_a_group_member_never_trained_on_is_dropped_for_that(tmp_path):
+    # both tables put every drop down to "no confident suggestion" / "the group has no
+    # label", also for a conflicting group's member that the run held out (its group had
+    # a label: the member was dropped because it was never presented)
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    n, c = 120, 3
+    labels = torch.arange(n) % c
+    inputs = torch.randn(n, 4, generator=g)
+    inputs[n - 1] = inputs[0]
+    labels[n - 1] = (labels[0] + 1) % c  # a conflicting pair, its second member held out
+    tracker = csl_fast.CSLTracker(n, c)
+    seen = torch.arange(n - 1)
+    for epoch in range(8):
+        logits = torch.randn(n - 1, c, generator=g)
+        logits[seen, labels[seen]] += 1.0 + epoch
+        csl_fast.accumulate(logits, labels[seen], seen, tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(tracker, tmp_path, inputs=inputs, labels=labels)).read_text(
+            encoding="utf-8"
+        )
+        plan = csl_fast.clean(tracker, inputs=inputs, labels=labels)
+    assert plan.dropped_unseen.tolist() == (plan.index == n - 1).tolist()
+    sugg = _table_after(page, "Suggested labels")
+    assert sugg["drop (never presented in training: nothing to relabel by)"] == "1"
+    assert sugg["drop (its conflicting duplicate group has no label)"] == "0"
+    assert sugg["drop (no confident suggestion)"] == str(plan.num_dropped - 1)
+    groups = _table_after(page, "Duplicate groups")
+    assert groups["csl_fast.clean: dropped (never presented in training)"] == "1"
+    assert groups["csl_fast.clean: dropped (the group has no label)"] == "0"
