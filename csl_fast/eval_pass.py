@@ -165,10 +165,22 @@ def score_epoch(
                     # without a word, where the C++ kernel and accumulate raise
                     _check_values(y, index, logits.shape[1], tracker.num_samples, ignore_index,
                                   "score_epoch", tracker=True)  # fmt: skip
-                _, stats = ops.cross_entropy_fwd(
-                    logits, y, None, ignore_index, 0.0, 2, tracker.backend
-                )
-                tracker.record_eval(index, stats)
+                try:
+                    _, stats = ops.cross_entropy_fwd(
+                        logits, y, None, ignore_index, 0.0, 2, tracker.backend
+                    )
+                    tracker.record_eval(index, stats)
+                except IndexError:
+                    if check:
+                        raise
+                    # the kernel ("csl_fast: target[2] ...") and the tracker ("CSLTracker:
+                    # index[2] ...") name themselves: say it of the call the user made
+                    try:
+                        _check_values(y, index, logits.shape[1], tracker.num_samples,
+                                      ignore_index, "score_epoch", tracker=True)  # fmt: skip
+                    except IndexError as exc:
+                        raise exc from None
+                    raise
                 adopt_classes(tracker, logits.shape[1])
     except BaseException as exc:
         try:

@@ -207,6 +207,12 @@ def watch(
             f"csl_fast.watch: valid must be a [B = {index.shape[0]}] bool tensor (or of the "
             f"target's shape [B, ...], e.g. target != ignore_index), got {got}"
         )
+    if valid is not None and valid.dtype != torch.bool:
+        # (cast to bool, valid=target dropped every class-0 row without a word)
+        raise TypeError(
+            f"csl_fast.watch: valid must be a bool tensor, got {valid.dtype}; pass a mask "
+            "such as target != ignore_index"
+        )
     if valid is not None and valid.dim() > 1:  # a sequence counts if any of its tokens does
         valid = valid.flatten(1).any(1)
     _check_tracker(tracker, "watch")
@@ -215,7 +221,10 @@ def watch(
         # out of loss.backward()
         from .accumulate_checks import _check_values
 
-        _check_values(None, index, 0, tracker.num_samples, 0, "watch", tracker=True)
+        # (int64 first: comparisons of uint16/32/64 are not implemented on the CPU)
+        _check_values(
+            None, index.to(torch.int64), 0, tracker.num_samples, 0, "watch", tracker=True
+        )
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

@@ -611,6 +611,12 @@ class CSLTracker(TrackerStatistics):
                 "CSLTracker.record_input_grad: valid must be a bool [B] tensor, got "
                 f"{type(valid).__name__}; pass torch.as_tensor(valid)"
             )
+        if valid is not None and valid.dtype != torch.bool:
+            # (cast to bool, valid=target dropped every class-0 row without a word)
+            raise TypeError(
+                f"CSLTracker.record_input_grad: valid must be a bool [B] tensor, got "
+                f"{valid.dtype}; pass a mask such as target != ignore_index"
+            )
         if valid is not None and (valid.dim() != 1 or valid.shape[0] != idx.shape[0]):
             raise ValueError(
                 f"CSLTracker.record_input_grad: valid must be a bool [B = {idx.shape[0]}] "

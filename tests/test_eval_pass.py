@@ -337,3 +337,20 @@ def test_arguments_are_checked_as_accumulate_checks_them(kwargs, model, error, m
     args = {"tracker": CSLTracker(4, 3), **kwargs}
     with pytest.raises(error, match=match):
         csl_fast.score_epoch(model or torch.nn.Identity(), [batch], args.pop("tracker"), **args)
+
+
+@pytest.mark.parametrize("validate", [None, False])
+def test_out_of_range_values_are_said_of_score_epoch(validate):
+    # the default path showed the kernel's "csl_fast: target[2] ..." and the tracker's
+    # "csl_fast.CSLTracker: index[2] ...", a method the user never called
+    tracker = csl_fast.CSLTracker(4, num_classes=3)
+    logits = torch.randn(4, 3)
+    for y, index, what in (
+        (torch.tensor([0, 1, 5, 0]), torch.arange(4), r"target\[2\] = 5"),
+        (torch.tensor([0, 1, 2, 0]), torch.tensor([0, 1, 9, 2]), r"index\[2\] = 9"),
+    ):
+        with pytest.raises(IndexError, match=rf"^csl_fast.score_epoch: {what}"):
+            csl_fast.score_epoch(
+                torch.nn.Identity(), [(logits, y, index)], tracker, validate=validate
+            )
+        assert not tracker.eval_count.any()

@@ -427,3 +427,28 @@ def test_watch_records_inside_a_forward_ad_dual_level():
     with fwAD.dual_level():
         csl_fast.accumulate(got.watch(x.clone(), idx) @ w, y, idx, got).backward()
     torch.testing.assert_close(got.input_grad_sq_sum, want.input_grad_sq_sum)
+
+
+def test_a_valid_mask_that_is_not_bool_is_refused():
+    # valid=target (the labels for the mask) was cast to bool: every class-0 row dropped
+    tracker = csl_fast.CSLTracker(4, 3)
+    x = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(
+        TypeError, match=r"csl_fast.watch: valid must be a bool tensor, got torch.int64"
+    ):
+        tracker.watch(x, torch.arange(4), valid=y)
+    with pytest.raises(
+        TypeError, match=r"record_input_grad: valid must be a bool \[B\] tensor, got torch.float32"
+    ):
+        tracker.record_input_grad(torch.arange(4), torch.ones(4), valid=torch.ones(4))
+    assert not tracker.input_grad_count.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_watch_takes_unsigned_indices(dtype):
+    # "lt_cpu" not implemented for 'UInt16', where record_input_grad took them
+    tracker = csl_fast.CSLTracker(4, 3)
+    x = tracker.watch(torch.randn(4, 3), torch.arange(4).to(dtype))
+    csl_fast.accumulate(x, torch.tensor([0, 1, 2, 0]), torch.arange(4), tracker).backward()
+    assert tracker.input_grad_count.tolist() == [1.0] * 4
