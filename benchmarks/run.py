@@ -34,6 +34,31 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 
+def _partial_suffix(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    sections: tuple[str, ...],
+    every: tuple[str, ...],
+) -> str:
+    """The report name's suffix of a run that measured less than the full report (``""``
+    for a full one): it replaced the day's full report, which the results folder may hold
+    committed, without a word (``-quick``, the sections, and since a run with only
+    ``--no-compile`` or fewer repetitions took the full name too, each such option)."""
+    if args.quick:
+        parts = ["quick"]
+    else:
+        parts = [flag for flag in ("no_compile",) if getattr(args, flag)]
+        for name in ("reps", "step_reps", "budget_scale"):
+            value = getattr(args, name)
+            if value != parser.get_default(name):
+                parts.append(f"{name}{value:g}")
+    if args.no_liger:
+        parts.append("no_liger")
+    if set(sections) != set(every):
+        parts += sorted(sections)
+    return "".join(f"-{part.replace('_', '-')}" for part in parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -128,11 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}; pick from {bench.SECTIONS}")
     if not sections:  # (an empty report replaced the day's)
         p.error(f"--sections names no section; pick from {bench.SECTIONS}")
-    # A partial run's report is named as such: it replaced the day's full report, which
-    # the results folder may hold committed, without a word.
-    partial = "-quick" if args.quick else ""
-    if set(sections) != set(bench.SECTIONS):
-        partial += "-" + "-".join(sorted(sections))
+    partial = _partial_suffix(args, p, sections, bench.SECTIONS)
 
     t0 = time.perf_counter()
 

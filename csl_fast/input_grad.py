@@ -222,9 +222,7 @@ def watch(
         from .accumulate_checks import _check_values
 
         # (int64 first: comparisons of uint16/32/64 are not implemented on the CPU)
-        _check_values(
-            None, index.to(torch.int64), 0, tracker.num_samples, 0, "watch", tracker=True
-        )
+        _check_values(None, index.to(torch.int64), 0, tracker.num_samples, 0, "watch", tracker=True)
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

@@ -200,3 +200,13 @@ def test_per_call_records_when_and_how_it_ran():
     lines = per_call._markdown(trees, {"this checkout": {"c": 1.0}}, ["c"], (0,), (0,), 1, meta)
     text = "\n".join(lines)
     assert meta["date"] in text and f"Command: `{meta['command']}`" in text
+
+
+def test_a_run_with_fewer_repetitions_or_candidates_is_named_partial(tmp_path):
+    # --quick and --sections named their reports; --no-compile or fewer repetitions alone
+    # took the full report's name, replacing a committed one without a word
+    run = _script("run")
+    args = ["--no-compile", "--reps", "3", "--step-reps", "3", "--budget-scale", "0.1"]
+    assert run.main([*args, "--sections", "memory", "--out", str(tmp_path)]) == 0
+    (report,) = tmp_path.glob("*.md")
+    assert report.name.endswith("-no-compile-reps3-step-reps3-budget-scale0.1-memory.md")
