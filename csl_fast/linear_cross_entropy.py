@@ -643,7 +643,7 @@ def _fake_forward(
         hidden.new_empty((NUM_STATS, rows), dtype=torch.float32),
         torch.empty_like(loss),
         torch.empty_like(hidden) if need_hidden else empty,
-        torch.empty_like(weight) if need_weight else empty.clone(),
+        weight.new_empty(weight.shape) if need_weight else empty.clone(),
         weight.new_empty(weight.shape[0]) if need_bias else empty.clone(),
         hidden.new_empty((), dtype=torch.float32),
         hidden.new_empty((), dtype=torch.float32),
@@ -709,7 +709,7 @@ def _fake_backward_none(
     empty = hidden.new_empty(0)
     return (
         torch.empty_like(hidden) if need_hidden else empty,
-        torch.empty_like(weight) if need_weight else empty.clone(),
+        weight.new_empty(weight.shape) if need_weight else empty.clone(),
         weight.new_empty(weight.shape[0]) if need_bias else empty.clone(),
     )
 

@@ -631,12 +631,16 @@ def test_one_compiled_graph_serves_every_number_of_tokens(reduction):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("red", [0, 1, 2])
 @pytest.mark.parametrize("need", [(True, True, True), (True, False, False), (False,) * 3])
-def test_opcheck_of_the_chunk_loops(dtype, red, need):
-    """The two opaque ops: schema, fake kernel (shapes and dtypes of every output,
-    placeholders included) and dispatch, as torch.compile relies on them."""
+@pytest.mark.parametrize("transposed", [False, True], ids=["", "weight.t()"])
+def test_opcheck_of_the_chunk_loops(dtype, red, need, transposed):
+    """The two opaque ops: schema, fake kernel (shapes, dtypes and strides of every output,
+    placeholders included) and dispatch, as torch.compile relies on them. A transposed
+    weight (a head stored [H, V]) gave a weight gradient of its strides in the fake kernel,
+    a contiguous one in the real: Inductor's stride assertion failed."""
     ops = torch.ops.csl_fast
     g = torch.Generator().manual_seed(5)
     h, w, b = (torch.randn(s, generator=g).to(dtype) for s in ((7, 4), (6, 4), (6,)))
+    w = w.t().contiguous().t() if transposed else w
     y = torch.tensor([0, 5, -100, 2, 3, 1, 4])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     common = (-100, 0.1)
