@@ -251,7 +251,9 @@ def _mean_denominator(
     """float32 ``D`` of reduction 'mean': the number of non-ignored rows, or the sum of
     their class weights (as ``F.cross_entropy``, with or without label smoothing); NaN
     where that is 0. On the Triton backend one kernel (two with weights) instead of two
-    (five) ATen ops.
+    (five) ATen ops. Rows whose target is outside ``[0, C)`` (unvalidated bad input: a
+    NaN loss) are left out, as the float32 kernels leave them: with them in, the valid
+    rows' float16 gradients came out smaller than their float32 ones.
 
     D = 0 (no valid row, or class weight 0 at every valid row's target) makes the mean
     F.cross_entropy's 0 / 0, a NaN loss and NaN gradients in the valid rows; but with label
@@ -262,13 +264,13 @@ def _mean_denominator(
         )
         if weight is None:
             return d  # NaN for D = 0 from the kernel itself: no launch more per call
-    elif weight is None:
-        d = (target != ignore_index).sum(dtype=torch.float32)
     else:
-        active = target != ignore_index
-        # Clamped only so that a bad target cannot index outside weight; the kernels refuse it.
-        y = torch.where(active, target, 0).long().clamp(0, max(num_classes - 1, 0))
-        d = torch.where(active, weight.float()[y], 0.0).sum()
+        active = (target != ignore_index) & (target >= 0) & (target < num_classes)
+        if weight is None:
+            d = active.sum(dtype=torch.float32)
+        else:
+            d = torch.where(active, weight.float()[torch.where(active, target, 0).long()], 0.0)
+            d = d.sum()
     return torch.where(d == 0, torch.nan, d)
 
 

@@ -52,7 +52,9 @@ def row_statistics(
     """
     z = softcapped(logits.to(_compute_dtype(logits)), softcap)
     batch, num_classes = z.shape
-    active = target != ignore_index
+    # (int64 first: an int32 target compared with an ignore_index outside int32 wraps it,
+    # and 2**32 ignored the class-0 rows)
+    active = target.long() != ignore_index
     y = torch.where(active, target, torch.zeros_like(target)).long()
     lse = torch.logsumexp(z, dim=1)
     z_y = z.gather(1, y[:, None]).squeeze(1)

@@ -190,3 +190,14 @@ def test_loss_and_gradient_as_before(dtype, reduction, weighted, eps, cap, zs, v
     )
     assert _same(loss.detach(), want_loss)
     assert _same(z.grad, want_grad)
+
+
+def test_the_reference_reads_an_int32_target_against_a_wide_ignore_index():
+    # int32 [0] != 2**32 wrapped the scalar to 0: row 0 counted in the loss but its
+    # statistics were the ignored row's, where the kernels record it
+    from csl_fast import reference
+
+    logits = torch.randn(3, 4)
+    target = torch.tensor([0, 2, 1], dtype=torch.int32)
+    stats = reference.row_statistics(logits, target, 2**32)
+    assert stats[csl_fast.stats.Stat.VALID].tolist() == [1.0, 1.0, 1.0]

@@ -450,11 +450,10 @@ DENOM_BLOCK = 1024
 @triton.jit
 def _denom_kernel(
     target_ptr, weight_ptr, out_ptr, B, C, ignore_index, HAS_WEIGHT: tl.constexpr,
-    KEEP_BAD: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     # The mean's denominator in one launch instead of PyTorch's two to ten elementwise and
-    # indexing ops, over the rows with a target in [0, C) (KEEP_BAD: every row not
-    # ignored, a bad target's weight read at the target clamped into [0, C), as
+    # indexing ops, over the rows with a target in [0, C) that is not ignore_index (as
     # csl_fast.ops._mean_denominator). Unweighted: D itself, one program counting in
     # integers (exact; torch's float32 sum of the mask is too below 2^24 rows). Weighted:
     # each row's term w[y] or 0 into out[B], for torch's sum, so that D is added in torch's
@@ -465,12 +464,8 @@ def _denom_kernel(
         # (rows past B are masked by hand: other=ignore_index, cast into an int32 target's
         # type, wrapped for an ignore_index outside int32, and those rows counted)
         tgt = tl.load(target_ptr + rows, mask=rows < B, other=0).to(tl.int64)
-        if KEEP_BAD:
-            active = (tgt != ignore_index) & (rows < B)
-            y = tl.minimum(tl.maximum(tgt, 0), C - 1)
-        else:
-            active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C) & (rows < B)
-            y = tl.where(active, tgt, 0)
+        active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C) & (rows < B)
+        y = tl.where(active, tgt, 0)
         w_y = tl.load(weight_ptr + y, mask=active, other=0.0)
         tl.store(out_ptr + rows, w_y, mask=rows < B)
     else:
@@ -478,16 +473,14 @@ def _denom_kernel(
         for start in range(0, B, BLOCK):
             rows = start + offs
             tgt = tl.load(target_ptr + rows, mask=rows < B, other=0).to(tl.int64)
-            active = (tgt != ignore_index) & (rows < B)
-            if not KEEP_BAD:
-                active = active & (tgt >= 0) & (tgt < C)
+            active = (tgt != ignore_index) & (tgt >= 0) & (tgt < C) & (rows < B)
             n += active.to(tl.int32)
         d = tl.sum(n, 0).to(tl.float32)
         # D = 0: NaN, as csl_fast.ops._mean_denominator gives it (the mean's 0 / 0)
         tl.store(out_ptr, tl.where(d == 0.0, float("nan"), d))
 
 
-def _denominator(target, w, ignore_index, num_classes, keep_bad=False) -> torch.Tensor:
+def _denominator(target, w, ignore_index, num_classes) -> torch.Tensor:
     """float32 ``[1]`` mean denominator (see :func:`_denom_kernel`) of contiguous
     ``target`` and float32 contiguous class weights ``w`` (or None)."""
     batch = target.shape[0]
@@ -500,7 +493,7 @@ def _denominator(target, w, ignore_index, num_classes, keep_bad=False) -> torch.
     if grid[0] > 0:
         wrap_triton(_denom_kernel)[grid](
             target, w if w is not None else out, out, batch, num_classes, ignore_index,
-            HAS_WEIGHT=w is not None, KEEP_BAD=keep_bad, BLOCK=DENOM_BLOCK,
+            HAS_WEIGHT=w is not None, BLOCK=DENOM_BLOCK,
         )  # fmt: skip
     # weighted D = 0 (every row's class weight 0): the callers map it to NaN (the forward
     # kernel in place, csl_fast.ops._mean_denominator with one more op)
@@ -521,16 +514,16 @@ def mean_denominator_triton(
     target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, num_classes: int
 ) -> torch.Tensor:
     """float32 ``[]`` ``D`` of :func:`csl_fast.ops._mean_denominator` in one launch (two
-    with ``weight``): the number of rows whose target is not ``ignore_index`` (NaN where
-    that is 0), or the sum of their class weights."""
+    with ``weight``): the number of rows whose target is in ``[0, C)`` and not
+    ``ignore_index`` (NaN where that is 0), or the sum of their class weights."""
     if weight is not None and weight.shape != (num_classes,):
-        # the kernel reads w[y] for y clamped into [0, num_classes)
+        # the kernel reads w[y] for y in [0, num_classes)
         raise ValueError(
             f"csl_fast.mean_denominator_triton: weight must be a 1-D tensor of C = "
             f"{num_classes} class weights, got shape {tuple(weight.shape)}"
         )
     w = None if weight is None else weight.to(torch.float32).contiguous()
-    return _denominator(target.contiguous(), w, ignore_index, num_classes, True).reshape(())
+    return _denominator(target.contiguous(), w, ignore_index, num_classes).reshape(())
 
 
 def _next_pow2(n) -> int:

@@ -42,8 +42,9 @@ def _run(
         zl = z_rows
     elif reduction == 2:
         zl = z_rows.sum()
-    else:  # the z-loss is refused with class weights: the mean is over non-ignored rows
-        zl = z_rows.sum() / (target != ignore_index).sum(dtype=torch.float32)
+    else:  # the z-loss is refused with class weights: the mean is over the loss's rows
+        active = (target != ignore_index) & (target >= 0) & (target < logits.shape[1])
+        zl = z_rows.sum() / active.sum(dtype=torch.float32)
     return loss, stats, zl.to(logits.dtype)
 
 

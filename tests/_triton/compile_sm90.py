@@ -109,15 +109,14 @@ def main(mode: str) -> None:
                 const["HAS_GRAD"] = has_grad
                 _compile(cross_entropy._ce_fwd_kernel, sig, const, warps)
                 print("ok cross_entropy", dt, const, flush=True)
-    # The mean's denominator: weighted or not, bad targets in D (ops._mean_denominator) or not.
-    denom_variants = [("i64", False, False), ("i64", True, True), ("i32", True, False)]
-    denom_variants += [("i32", False, True)]
-    for tgt_t, has_w, keep_bad in denom_variants[: 2 if mode == "minimal" else 4]:
+    # The mean's denominator: weighted or not, int64 or int32 targets.
+    denom_variants = [("i64", False), ("i64", True), ("i32", True), ("i32", False)]
+    for tgt_t, has_w in denom_variants[: 2 if mode == "minimal" else 4]:
         sig = {"target_ptr": f"*{tgt_t}", "weight_ptr": "*fp32", "out_ptr": "*fp32"}
         sig |= {"B": "i32", "C": "i32", "ignore_index": "i32"}
-        const = dict(HAS_WEIGHT=has_w, KEEP_BAD=keep_bad, BLOCK=cross_entropy.DENOM_BLOCK)
+        const = dict(HAS_WEIGHT=has_w, BLOCK=cross_entropy.DENOM_BLOCK)
         _compile(cross_entropy._denom_kernel, sig, const, 4)
-        print("ok denom", tgt_t, has_w, keep_bad, flush=True)
+        print("ok denom", tgt_t, has_w, flush=True)
     # The float16/bfloat16 backward: several rows per program and one wide row in tiles; the
     # extras (soft-cap, z-loss) on the variants without weights.
     bwd_layouts = [(16, 128, 4), (1, 2048, 8)]

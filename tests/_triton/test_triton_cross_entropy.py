@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import csl_fast
 from csl_fast import reference
 from csl_fast._triton import (
     cross_entropy,
@@ -443,15 +444,10 @@ def test_mean_denominator(tdevice, weighted, batch):
         assert torch.equal(loss, rows.sum() / denom) or (batch == 0 and loss.isnan())
         # With the bad rows (every batch here has one), or over no rows: NaN.
         assert cross_entropy_fwd_triton(logits, tgt, weight, IGNORE, 0.0, 1)[0].isnan()
-        # The half path's D (csl_fast.ops._mean_denominator): bad rows counted, their
-        # weight read at the target clamped into [0, C).
-        kept = target != IGNORE
-        if weight is None:  # D = 0: NaN from the kernel, not one more op per call
-            want = kept.sum(dtype=torch.float32)
-            want = torch.where(want == 0, torch.nan, want)
-        else:
-            y = torch.where(kept, target, 0).clamp(0, 4)
-            want = torch.where(kept, weight[y], 0.0).sum()
+        # The half path's D (csl_fast.ops._mean_denominator): the same rows (the bad ones
+        # were counted there, so the valid rows' float16 gradients were smaller than
+        # their float32 ones).
+        want = torch.where(denom == 0, torch.nan, denom) if weight is None else denom
         got = torch.ops.csl_fast.mean_denominator_triton(tgt, weight, IGNORE, 5)
         assert got.shape == () and (torch.equal(got, want) or (want.isnan() and got.isnan()))
     if batch == 3:
@@ -545,3 +541,26 @@ def test_mean_of_an_int32_target_with_an_ignore_index_past_int32(tdevice, weight
     d = torch.ops.csl_fast.mean_denominator_triton(target, weight, 2**40, 5)
     want_d = 2.0 if weight is None else float(weight[[1, 3]].sum())
     assert float(d.sum()) == pytest.approx(want_d, rel=1e-6)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_unvalidated_bad_targets_scale_the_valid_rows_alike_in_every_dtype(tdevice, weighted):
+    """validate=False, 'mean', two of four targets out of range: the loss is NaN, and the
+    valid rows' gradients are F.cross_entropy's over those rows in every dtype. The
+    float16/bfloat16 backward divided by the four rows (half the gradient), float32 by two."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 5, generator=g).to(tdevice)
+    target = torch.tensor([0, 7, 1, -3], device=tdevice)
+    weight = (torch.rand(5, generator=g) + 0.5).to(tdevice) if weighted else None
+    good = x0[[0, 2]].clone().requires_grad_(True)
+    F.cross_entropy(good, target[[0, 2]], weight=weight).backward()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)):
+        x = x0.to(dtype, copy=True).requires_grad_(True)
+        csl = torch.zeros(4, device=tdevice)
+        loss = csl_fast.accumulate(
+            x, target, torch.arange(4, device=tdevice), csl, weight=weight, backend="triton",
+            validate=False,
+        )  # fmt: skip
+        assert loss.isnan()
+        loss.backward()
+        torch.testing.assert_close(x.grad[[0, 2]].float(), good.grad, rtol=tol, atol=tol)
