@@ -207,13 +207,24 @@ class CleaningPlan:
         """bool ``[M]``: the ``drop`` rows."""
         return ~self.relabel & ~self.kept
 
-    @property
-    def dropped_unseen(self) -> torch.Tensor:
-        """bool ``[M]``: the ``drop`` rows of samples outside :attr:`presented` (members of
-        a conflicting duplicate group the run never trained on: nothing to relabel by)."""
-        if self.presented is None:
-            return torch.zeros_like(self.relabel)
-        return self.dropped & ~self.presented.cpu()[self.index]
+    def drop_reasons(self) -> dict[str, torch.Tensor]:
+        """Why each ``drop`` row is dropped, bool ``[M]`` per reason (together the drop
+        rows, each in one): ``"unseen"`` outside :attr:`presented` (a conflicting duplicate
+        group's member the run never trained on: nothing to relabel by); ``"group without
+        label"`` and ``"group share"`` (the group label's share is under
+        ``min_confidence``, :mod:`csl_fast.cleaning_groups`);
+        ``"suggestion"`` the other rows: no confident suggestion, or ``policy="drop"``."""
+        unseen = torch.zeros_like(self.relabel)
+        if self.presented is not None:
+            unseen = self.dropped & ~self.presented.cpu()[self.index]
+        grouped = self.dropped & self.grouped & ~unseen
+        no_label = grouped & (self.suggested_label < 0)
+        return {
+            "unseen": unseen,
+            "group without label": no_label,
+            "group share": grouped & ~no_label,
+            "suggestion": self.dropped & ~self.grouped & ~unseen,
+        }
 
     @property
     def num_dropped(self) -> int:

@@ -196,22 +196,22 @@ def _suggestion_rows(
     ]
     if plan.duplicates is not None:
         rows.append(("relabel to the label of its conflicting duplicate group", str(by_group)))
-    # (every drop was put down to the suggestion: a conflicting group without a label, or a
-    # member never trained on, is dropped for that)
-    unseen = plan.dropped_unseen
-    by_group_drop = plan.dropped & plan.grouped & ~unseen
-    rows.append(
-        (
-            "drop (no confident suggestion)",
-            str(plan.num_dropped - int((by_group_drop | unseen).sum())),
-        )
-    )
+    # (every drop was put down to the suggestion: a conflicting group without a label or
+    # with too small a share, or a member never trained on, is dropped for that)
+    why = {k: int(v.sum()) for k, v in plan.drop_reasons().items()}
+    rows.append(("drop (no confident suggestion)", str(why["suggestion"])))
     if plan.duplicates is not None:
         rows.append(
-            ("drop (its conflicting duplicate group has no label)", str(int(by_group_drop.sum())))
+            ("drop (its conflicting duplicate group has no label)", str(why["group without label"]))
         )
-    if bool(unseen.any()):
-        rows.append((f"drop ({plan.unseen}: nothing to relabel by)", str(int(unseen.sum()))))
+        rows.append(
+            (
+                f"drop (its group label's share is under {plan.min_confidence:g})",
+                str(why["group share"]),
+            )
+        )
+    if why["unseen"]:
+        rows.append((f"drop ({plan.unseen}: nothing to relabel by)", str(why["unseen"])))
     if plan.duplicates is not None:
         rows.append(
             (

@@ -125,12 +125,24 @@ def section(
         else:
             rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
             rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
-            unseen = int(plan.dropped_unseen.sum())  # (said to have no label, though it had)
+            # (every drop was said to have no group label, though most had one)
+            why = {k: int(v.sum()) for k, v in plan.drop_reasons().items()}
             rows.append(
-                ("csl_fast.clean: dropped (the group has no label)", str(plan.num_dropped - unseen))
+                (
+                    "csl_fast.clean: dropped (the group has no label)",
+                    str(why["group without label"]),
+                )
             )
-            if unseen:
-                rows.append((f"csl_fast.clean: dropped ({plan.unseen})", str(unseen)))
+            rows.append(
+                (
+                    f"csl_fast.clean: dropped (the group label's share is under "
+                    f"{plan.min_confidence:g})",
+                    str(why["group share"]),
+                )
+            )
+            for key, said in (("suggestion", "no confident suggestion"), ("unseen", plan.unseen)):
+                if why[key]:
+                    rows.append((f"csl_fast.clean: dropped ({said})", str(why[key])))
     parts = ["<h2>Duplicate groups (identical inputs)</h2>", _table(rows)]
     if labels is None:
         note = (

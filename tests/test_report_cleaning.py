@@ -265,7 +265,7 @@ def test_a_group_member_never_trained_on_is_dropped_for_that(tmp_path):
             encoding="utf-8"
         )
         plan = csl_fast.clean(tracker, inputs=inputs, labels=labels)
-    assert plan.dropped_unseen.tolist() == (plan.index == n - 1).tolist()
+    assert plan.drop_reasons()["unseen"].tolist() == (plan.index == n - 1).tolist()
     sugg = _table_after(page, "Suggested labels")
     assert sugg["drop (never presented in training: nothing to relabel by)"] == "1"
     assert sugg["drop (its conflicting duplicate group has no label)"] == "0"
@@ -273,3 +273,32 @@ def test_a_group_member_never_trained_on_is_dropped_for_that(tmp_path):
     groups = _table_after(page, "Duplicate groups")
     assert groups["csl_fast.clean: dropped (never presented in training)"] == "1"
     assert groups["csl_fast.clean: dropped (the group has no label)"] == "0"
+
+
+def test_a_group_whose_label_has_too_small_a_share_is_said_so():
+    # three identical inputs labelled 0, 1 and 2 that the network cannot tell apart: the
+    # group has a label (0, share 0.36), and two members are dropped as its share is under
+    # min_confidence; the row said "its conflicting duplicate group has no label"
+    n, c = 60, 3
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, c, (n,), generator=g)
+    labels[:3] = torch.tensor([0, 1, 2])
+    inputs = torch.randn(n, 4, generator=g)
+    inputs[1] = inputs[2] = inputs[0]
+    tracker = csl_fast.CSLTracker(n, c)
+    for _ in range(5):
+        logits = torch.full((n, c), -3.0)
+        logits[torch.arange(n), labels] = 3.0
+        logits[:3] = torch.tensor([0.10, 0.0, -0.05])
+        csl_fast.accumulate(logits, labels, torch.arange(n), tracker)
+        tracker.end_epoch()
+    from csl_fast.report_cleaning import _suggestion_rows
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = detect.mislabeled(tracker)
+        rows = dict(_suggestion_rows(tracker, det, None, inputs, labels))
+        plan = csl_fast.clean(tracker, detection=det, inputs=inputs, labels=labels)
+    assert plan.drop_reasons()["group share"].sum() == 2
+    assert rows["drop (its group label's share is under 0.4)"] == "2"
+    assert rows["drop (its conflicting duplicate group has no label)"] == "0"
