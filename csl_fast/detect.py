@@ -778,6 +778,15 @@ def _detect(
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
     finite = torch.isfinite(values)
+    rule_values = values
+    if views is not None and views.mean_loss.shape == values.shape:
+        trained = torch.isfinite(views.mean_loss)
+        if bool(trained.any()) and not bool(trained[finite].all()):
+            # a score recorded on samples the run never trained on (an eval pass over
+            # held-out ones) ranked them, and the valley rule fitted and flagged them
+            finite &= trained
+            wide = values if values.is_floating_point() else values.double()
+            rule_values = torch.where(finite, wide, math.nan)
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
@@ -805,7 +814,7 @@ def _detect(
     else:
         if rule == "two_view" and views is None and hint is not None:
             raise ValueError(f"csl_fast.detect: rule='two_view' needs the margin view; {hint}")
-        flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
+        flagged, est, extra = _rule_flags(rule_values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"

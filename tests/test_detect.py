@@ -663,3 +663,29 @@ def test_a_score_of_part_of_the_run_counts_and_flags_among_its_samples():
         assert det.estimated_count == 15
         assert "defined on 150 of the 300 samples" in det.diagnostics["note"]
     assert "coverage" not in detect.mislabeled(tracker).diagnostics
+
+
+def test_a_score_of_samples_never_trained_on_never_flags_them():
+    """An eval pass over 100 trained and 100 held-out samples in one tracker: the valley
+    rule fitted the held-out ones' scores and flagged 15 of them, all never presented."""
+    g = torch.Generator().manual_seed(0)
+    n, classes, trained = 300, 3, 200
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    given[100:120] = (true[100:120] + 1) % classes
+    given[200:215] = (true[200:215] + 1) % classes
+    tracker = csl_fast.CSLTracker(n, classes)
+    scored = torch.arange(100, n)
+    for epoch in range(6):
+        logits = torch.randn(n, classes, generator=g)
+        logits[torch.arange(n), true] += 1.0 + epoch
+        csl_fast.accumulate(logits[:trained], given[:trained], torch.arange(trained), tracker)
+        tracker.end_epoch()
+        csl_fast.score_epoch(
+            torch.nn.Identity(), [(logits[scored], given[scored], scored)], tracker
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = detect.mislabeled(tracker, "eval_csl")
+    assert sorted(det.indices.tolist()) == list(range(100, 120))  # the trained flips
+    assert set(det.ranking[-100:].tolist()) >= set(range(trained, n))  # ranked last
