@@ -48,7 +48,6 @@ token loss over training and ``count`` its number of supervised tokens.
 
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import warnings
@@ -308,18 +307,16 @@ def linear_cross_entropy(
         deterministic = torch.are_deterministic_algorithms_enabled()
     if validate is None:
         validate = validate_by_default(hidden.device, name)
-    check_values = functools.partial(
-        _check_values,
-        t1,
-        idx_check,
-        vocab,
-        buffers[0].numel() if record else 1,
-        ignore_index,
-        "linear_cross_entropy",
-        tracker=isinstance(csl, CSLTracker),
-    )
     if validate:
-        check_values()
+        _check_values(
+            t1,
+            idx_check,
+            vocab,
+            buffers[0].numel() if record else 1,
+            ignore_index,
+            "linear_cross_entropy",
+            tracker=isinstance(csl, CSLTracker),
+        )
     if chunk_size is None:
         chunk_size = default_chunk_size(h2.shape[0], size_h, vocab)
     if int(chunk_size) < 1:
@@ -333,32 +330,21 @@ def linear_cross_entropy(
         # (twice the time, and a [V, H] accumulator).
         h2, weight = h2.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    try:
-        loss, stats, z_loss = _LinearCrossEntropy.apply(
-            h2,
-            weight,
-            bias,
-            t1,
-            int(ignore_index),
-            float(label_smoothing),
-            REDUCTIONS[reduction],
-            int(chunk_size),
-            name,
-            acc,
-            cap,
-            zs,
-            loss_dtype or hidden.dtype,
-        )
-    except IndexError:
-        if validate or torch.compiler.is_compiling():
-            raise
-        # The C++ kernel checked a chunk of the rows and named the target's position in
-        # that chunk: name it in the whole batch (nothing was written yet).
-        try:
-            check_values()
-        except IndexError as exc:
-            raise exc from None  # (not chained to the chunk's message)
-        raise
+    loss, stats, z_loss = _LinearCrossEntropy.apply(
+        h2,
+        weight,
+        bias,
+        t1,
+        int(ignore_index),
+        float(label_smoothing),
+        REDUCTIONS[reduction],
+        int(chunk_size),
+        name,
+        acc,
+        cap,
+        zs,
+        loss_dtype or hidden.dtype,
+    )
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
         if seq is None:
@@ -393,6 +379,17 @@ def _int_args(ignore_index: object, chunk_size: object) -> tuple[int, int | None
                 f"{type(value).__name__} {value!r}"
             ) from None
     return out[0], out[1]
+
+
+def _name_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raise the ``IndexError`` that names an out-of-range target by its position in the
+    whole batch: the kernel checked one chunk of rows and named the position in that chunk
+    (eagerly and in a compiled graph alike, where the chunk loop is an opaque op)."""
+    try:
+        no_index = torch.zeros(1, dtype=torch.int64, device=target.device)
+        _check_values(target, no_index, vocab, 1, ignore_index, "linear_cross_entropy")
+    except IndexError as exc:
+        raise exc from None
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -574,9 +571,13 @@ def _chunked_forward(
         # upstream gradient; the mean's 1/n is applied in float32 after the matmuls.
         # In place: the chunk's gradient overwrites its logits (one chunk alive, not two);
         # formed only for the eager gradients (backward recomputes it for 'none').
-        loss_c, dz, st, zl_c = _chunk_fwd(
-            z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
-        )
+        try:
+            loss_c, dz, st, zl_c = _chunk_fwd(
+                z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
+            )
+        except IndexError:
+            _name_bad_target(target, weight.shape[0], ignore_index)
+            raise
         del z
         if upcast and dz is not None:
             dz = dz.to(hidden.dtype)  # as autocast's cast hands F.linear its gradient
