@@ -642,44 +642,61 @@ def _rule_flags(
                     f"csl_fast.detect: the mean loss has {views.mean_loss.numel()} samples "
                     f"but the score has {values.numel()}"
                 )
-            presented = int((torch.isfinite(views.mean_loss) & (views.mean_loss > 0)).sum())
-            covered = finite & torch.isfinite(views.mean_loss) & (views.mean_loss > 0)
-            mean_loss = views.mean_loss
-            if int(covered.sum()) < presented:
-                # a score defined on part of the run (an eval pass over some samples, input
-                # gradients of some): the count of all presented samples was flagged among
-                # the scored ones alone (half clean, no word), and set against their number
-                # in the majority test ('30 of 20 samples')
-                mean_loss = torch.where(finite, mean_loss, math.nan)
-                diag["coverage"] = (
-                    f"the score is defined on {int(covered.sum())} of the {presented} samples "
-                    "presented in training: the count and the flagged set are of those"
+            untrained = int((finite & ~torch.isfinite(views.mean_loss)).sum())
+            if untrained:
+                # the views are the training run's; an eval pass over held-out samples scores
+                # ones they do not see (their flips are found by the score itself)
+                why = (
+                    f"the score is defined on {untrained} samples the run never trained on "
+                    "(an eval pass over held-out ones), which the training views do not "
+                    "see: counted and flagged by the valley rule on the score alone"
                 )
-            est = flagging.two_view_count(mean_loss, views.lost & finite)
-            diag["views"] = "two-view (mean CSL + sign of the mean margin)"
-            if not est.found:
-                diag["two_view"] = {**est.diagnostics, "reason": est.reason}
                 if rule == "two_view":
-                    return torch.zeros_like(finite), est, diag
-                diag["views"] += "; fell back to the 1-D valley rule"
-                est = None
+                    raise ValueError(
+                        f"csl_fast.detect: rule='two_view' needs a score of trained samples; "
+                        f"{why}; use rule='auto'"
+                    )
+                diag["views"] = "1-D only (the score covers samples the run never trained on)"
+                diag["coverage"] = why
             else:
-                est = flagging.settled_by_valley(est, values)
-                # (the score's top that many, also when the count is cut to the pinned
-                # samples: flagging those instead lowered precision on 4 of the 7 noisy
-                # benchmark runs where it changed the set, and raised it on none, since
-                # the pinned include confidently doubted clean samples)
-                flagged = _top_k(ranking, finite, est.count)
-                if est.count:
-                    # the count is of the samples the views see as bad; another score's top
-                    # that many need not be them (in_confidence: 15% of them bad, no word)
-                    # (the k-th largest mean loss by topk, not a second full ranking: half a
-                    # second at N = 10 million)
-                    loss = views.mean_loss
-                    loss = torch.where(finite & torch.isfinite(loss), loss, -math.inf)
-                    kth = torch.topk(loss, est.count).values[-1]
-                    diag["agreement"] = float((flagged & (loss >= kth)).sum()) / est.count
-                return flagged, est, diag
+                presented = int((torch.isfinite(views.mean_loss) & (views.mean_loss > 0)).sum())
+                covered = finite & torch.isfinite(views.mean_loss) & (views.mean_loss > 0)
+                mean_loss = views.mean_loss
+                if int(covered.sum()) < presented:
+                    # a score defined on part of the run (an eval pass over some samples, input
+                    # gradients of some): the count of all presented samples was flagged among
+                    # the scored ones alone (half clean, no word), and set against their number
+                    # in the majority test ('30 of 20 samples')
+                    mean_loss = torch.where(finite, mean_loss, math.nan)
+                    diag["coverage"] = (
+                        f"the score is defined on {int(covered.sum())} of the {presented} samples "
+                        "presented in training: the count and the flagged set are of those"
+                    )
+                est = flagging.two_view_count(mean_loss, views.lost & finite)
+                diag["views"] = "two-view (mean CSL + sign of the mean margin)"
+                if not est.found:
+                    diag["two_view"] = {**est.diagnostics, "reason": est.reason}
+                    if rule == "two_view":
+                        return torch.zeros_like(finite), est, diag
+                    diag["views"] += "; fell back to the 1-D valley rule"
+                    est = None
+                else:
+                    est = flagging.settled_by_valley(est, values)
+                    # (the score's top that many, also when the count is cut to the pinned
+                    # samples: flagging those instead lowered precision on 4 of the 7 noisy
+                    # benchmark runs where it changed the set, and raised it on none, since
+                    # the pinned include confidently doubted clean samples)
+                    flagged = _top_k(ranking, finite, est.count)
+                    if est.count:
+                        # the count is of the samples the views see as bad; another score's top
+                        # that many need not be them (in_confidence: 15% of them bad, no word)
+                        # (the k-th largest mean loss by topk, not a second full ranking: half a
+                        # second at N = 10 million)
+                        loss = views.mean_loss
+                        loss = torch.where(finite & torch.isfinite(loss), loss, -math.inf)
+                        kth = torch.topk(loss, est.count).values[-1]
+                        diag["agreement"] = float((flagged & (loss >= kth)).sum()) / est.count
+                    return flagged, est, diag
     est = flagging.upper_mode(values)
     if not est.found:
         return torch.zeros_like(finite), est, diag
@@ -778,15 +795,6 @@ def _detect(
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
     finite = torch.isfinite(values)
-    rule_values = values
-    if views is not None and views.mean_loss.shape == values.shape:
-        trained = torch.isfinite(views.mean_loss)
-        if bool(trained.any()) and not bool(trained[finite].all()):
-            # a score recorded on samples the run never trained on (an eval pass over
-            # held-out ones) ranked them, and the valley rule fitted and flagged them
-            finite &= trained
-            wide = values if values.is_floating_point() else values.double()
-            rule_values = torch.where(finite, wide, math.nan)
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
@@ -814,7 +822,7 @@ def _detect(
     else:
         if rule == "two_view" and views is None and hint is not None:
             raise ValueError(f"csl_fast.detect: rule='two_view' needs the margin view; {hint}")
-        flagged, est, extra = _rule_flags(rule_values, ranking, finite, rule, views)
+        flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
