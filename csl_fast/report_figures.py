@@ -336,9 +336,15 @@ def _fig_loss_curves(
     h = hist.float().cpu().numpy()  # [E, N]
     eval_only = source == "eval-pass loss"
     csl = _np(tracker.eval_csl_sum if eval_only else tracker.csl)
+    count = _np(tracker.eval_count if eval_only else tracker.csl_count)
     # never-presented samples hold a CSL of 0, not NaN: they were drawn as the easiest,
     # with curves of NaN only
-    shown = np.isfinite(csl) & (_np(tracker.eval_count if eval_only else tracker.csl_count) > 0)
+    shown = np.isfinite(csl) & (count > 0)
+    by = "CSL"
+    if tracker.sequences and not eval_only:
+        # per token, as the histogram and the ranking: summed, long clean sequences were
+        # drawn as the hardest and short badly fitted ones as the easiest
+        csl, by = np.where(shown, csl / np.maximum(count, 1), np.nan), "CSL per token"
     labels = samples.labels if samples is not None and samples.labels is not None else None
     if labels is not None:
         classes, counts = np.unique(labels, return_counts=True)
@@ -360,8 +366,8 @@ def _fig_loss_curves(
     for i in hard:
         ax.plot(epochs, h[:, i], color="#DD4444", lw=0.8, alpha=0.45)
     means = (
-        (easy, "#1F3F7A", 2.2, "-", f"mean of the {k} lowest-CSL (easy)"),
-        (hard, "#9E1B1B", 2.2, "-", f"mean of the {k} highest-CSL (hard)"),
+        (easy, "#1F3F7A", 2.2, "-", f"mean of the {k} lowest by {by} (easy)"),
+        (hard, "#9E1B1B", 2.2, "-", f"mean of the {k} highest by {by} (hard)"),
         (members, "black", 1.6, "--", f"mean of {who} ({members.size})"),
     )
     for cols, colour, lw, ls, label in means:
@@ -373,7 +379,7 @@ def _fig_loss_curves(
     ax.set_ylabel(f"per-sample {source}")
     ax.set_title(f"Loss curves of easy and hard samples, {who}")
     ax.legend(fontsize=7, frameon=False)
-    return _png(fig, path), f"{who}; {k} easiest and {k} hardest by CSL"
+    return _png(fig, path), f"{who}; {k} easiest and {k} hardest by {by}"
 
 
 def _fig_top_grid(

@@ -120,8 +120,10 @@ class TrackerStatistics:
 
         Returns ``(label, confidence)``, both ``[N]`` on the tracker's device: ``label``
         int64, the suggested class, -1 where there is none (never presented, one class, or
-        recorded only as sequences); ``confidence`` of the tracker's dtype, in ``[0, 1]``,
-        NaN where there is no suggestion.
+        a tracker of sequences: there every sample is -1, also one that a batch of
+        one-token sequences, ``[B, V, 1]`` logits, recorded as a classification row before
+        the tracker saw a longer one); ``confidence`` of the tracker's dtype, in
+        ``[0, 1]``, NaN where there is no suggestion.
 
         The suggestion is the class the network predicted most often *when it disagreed
         with the given label* :math:`y`: the majority, found by a Boyer-Moore vote in
@@ -182,6 +184,10 @@ class TrackerStatistics:
         """
         b = self._buffers
         label = b["suggest_label"].long()
+        if self.sequences:
+            # a vocabulary token is no sequence's label: review offered "relabel to 2" for
+            # sequences whose first, one-token batch had voted as classification rows
+            label = torch.full_like(label, -1)
         has = label >= 0
         hits = b["suggest_hits"].to(self.dtype)
         count = b["csl_count"].to(self.dtype)

@@ -799,3 +799,36 @@ def test_csl_histogram_title_promises_only_the_groups_it_draws(tmp_path, monkeyp
         "CSL: clean vs corrupted samples" if injected else "CSL distribution (no sample corrupted)"
     )
     assert titles == [expected, "CSL distribution"]
+
+
+def test_loss_curves_of_sequences_rank_by_the_loss_per_token(tmp_path, monkeypatch):
+    # summed CSL drew 8 short, badly fitted sequences as the easiest and long clean ones as
+    # the hardest, where the histogram, rank and detect use the loss per token
+    import matplotlib.figure
+
+    from csl_fast.report_figures import _fig_loss_curves
+
+    g = torch.Generator().manual_seed(0)
+    n, v = 40, 5
+    tracker = csl_fast.CSLTracker(n, history=True)
+    for _ in range(3):
+        for idx, length, margin in ((torch.arange(8), 2, -1.0), (torch.arange(8, n), 12, 2.0)):
+            target = torch.randint(0, v, (idx.numel(), length), generator=g)
+            logits = torch.randn(idx.numel(), v, length, generator=g)
+            logits += margin * torch.nn.functional.one_hot(target, v).transpose(1, 2)
+            csl_fast.accumulate(logits, target, idx, tracker)
+        tracker.end_epoch()
+    lines = {}
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        lines.update((line.get_label(), line.get_ydata()) for line in fig.axes[0].get_lines())
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    _, caption = _fig_loss_curves(tracker, None, str(tmp_path / "l.png"))
+    assert caption.endswith("8 easiest and 8 hardest by CSL per token")
+    bad = tracker.loss_history[:, :8].float().mean(1).numpy()
+    np.testing.assert_allclose(
+        lines["mean of the 8 highest by CSL per token (hard)"], bad, rtol=1e-5
+    )

@@ -4,6 +4,7 @@ target [B, T], index [B]."""
 from __future__ import annotations
 
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -369,3 +370,27 @@ def test_one_token_sequences_into_a_tracker_of_sequences_stay_sequences():
     assert tracker.num_classes is None
     assert (tracker.suggestions()[0] == -1).all()
     assert tracker.csl_count[4] == 1
+
+
+def test_a_tracker_of_sequences_suggests_no_labels_whatever_its_first_batch():
+    # a first batch of one-token sequences ([B, V, 1]) was recorded as classification rows
+    # and voted: review offered "relabel to 2" (a vocabulary token) for whole sequences
+    g = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(8)
+    for _ in range(2):
+        csl_fast.accumulate(
+            torch.randn(4, 6, 1, generator=g), torch.randint(0, 6, (4, 1), generator=g),
+            torch.arange(4), tracker,
+        )  # fmt: skip
+        csl_fast.accumulate(
+            torch.randn(4, 6, 3, generator=g), torch.randint(0, 6, (4, 3), generator=g),
+            torch.arange(4, 8), tracker,
+        )  # fmt: skip
+        tracker.end_epoch()
+    assert tracker.sequences
+    label, confidence = tracker.suggestions()
+    assert label.eq(-1).all() and confidence.isnan().all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = csl_fast.clean(tracker, policy="review", budget=4)
+    assert not plan.relabel.any()
