@@ -432,11 +432,11 @@ def _check_values(
     if not bool(found):
         return
     if bad is not None and bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
+        at = tuple(bad.nonzero()[0].tolist())  # (a [B, T] target: its [b, t])
         raise IndexError(
-            f"csl_fast.{op}: target[{i}] = {int(target[i])} is outside [0, C = "
-            f"{num_classes}) and is not ignore_index ({ignore_index}); fix the labels or pass "
-            "the right ignore_index"
+            f"csl_fast.{op}: target[{', '.join(map(str, at))}] = {int(target[at])} is outside "
+            f"[0, C = {num_classes}) and is not ignore_index ({ignore_index}); fix the labels "
+            "or pass the right ignore_index"
         )
     i = int(bad_index.nonzero()[0, 0])
     n_is, fix = (

@@ -217,13 +217,14 @@ class CleaningPlan:
         unseen = torch.zeros_like(self.relabel)
         if self.presented is not None:
             unseen = self.dropped & ~self.presented.cpu()[self.index]
-        grouped = self.dropped & self.grouped & ~unseen
+        # (under policy="drop" a group's members are dropped by the policy, whatever its label)
+        grouped = self.dropped & self.grouped & ~unseen & (self.policy != "drop")
         no_label = grouped & (self.suggested_label < 0)
         return {
             "unseen": unseen,
             "group without label": no_label,
             "group share": grouped & ~no_label,
-            "suggestion": self.dropped & ~self.grouped & ~unseen,
+            "suggestion": self.dropped & ~grouped & ~unseen,
         }
 
     @property

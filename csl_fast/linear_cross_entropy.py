@@ -309,7 +309,7 @@ def linear_cross_entropy(
         validate = validate_by_default(hidden.device, name)
     if validate:
         _check_values(
-            t1,
+            t1 if seq is None else t1.view(seq),
             idx_check,
             vocab,
             buffers[0].numel() if record else 1,
@@ -344,6 +344,7 @@ def linear_cross_entropy(
         cap,
         zs,
         loss_dtype or hidden.dtype,
+        0 if seq is None else seq[1],
     )
     if record:
         record_stats(stats, index, csl, buffers, seq, deterministic, name)
@@ -379,6 +380,13 @@ def _int_args(ignore_index: object, chunk_size: object) -> tuple[int, int | None
                 f"{type(value).__name__} {value!r}"
             ) from None
     return out[0], out[1]
+
+
+def _supervised(target: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """The mean's denominator: the rows whose target is in ``[0, V)`` and not
+    ``ignore_index`` (an unvalidated bad target's row is NaN and left out, as by the fused
+    ops; it was counted, and the valid rows' gradients came out too small)."""
+    return ((target != ignore_index) & (target >= 0) & (target < vocab)).sum()
 
 
 def _name_bad_target(target: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -462,13 +470,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx, hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
-        cap, zs, out_dtype,
+        cap, zs, out_dtype, width,
     ):  # fmt: skip
         # 'none' forms no gradient here: its upstream gradient is per token (backward)
         need = [red != 0 and n for n in ctx.needs_input_grad[:3]]
         loss, stats, z_loss, gh, gw, gb, w_scale, b_scale = _forward_op(name)(
             hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
-            cap, zs, out_dtype, *need,
+            cap, zs, out_dtype, width, *need,
         )  # fmt: skip
         ctx.mark_non_differentiable(stats, z_loss)
         ctx.red = red
@@ -491,7 +499,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 "F.cross_entropy(F.linear(hidden, weight, bias), target) for higher-order "
                 "gradients"
             )
-        nones = (None,) * 10
+        nones = (None,) * 11
         if grad_loss is None:  # the loss did not reach the objective
             return (None, None, None, *nones)
         if ctx.red != 0:
@@ -524,6 +532,7 @@ def _chunked_forward(
     cap: float,
     zs: float,
     out_dtype: torch.dtype,
+    width: int,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -538,7 +547,9 @@ def _chunked_forward(
     torch.Tensor,
 ]:
     """The chunk loop of the forward pass: ``(loss, stats, z_loss, grad_hidden,
-    grad_weight, grad_bias, weight_scale, bias_scale)``. The gradients (for a unit
+    grad_weight, grad_bias, weight_scale, bias_scale)``; ``width`` is ``T`` of a ``[B, T]``
+    target flattened into ``target`` (0 for rows), for the message naming a bad one. The
+    gradients (for a unit
     upstream gradient, in the parameters' dtypes; a float16 one divided by its scale, see
     :func:`_narrowed`) are formed where ``need_*`` asks, else empty."""
     rows = hidden.shape[0]
@@ -555,7 +566,7 @@ def _chunked_forward(
     gh = gw = gb = scale = None
     if eager_grads:
         if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
-            n = (target != ignore_index).sum()
+            n = _supervised(target, ignore_index, weight.shape[0])
             scale = 1.0 / n.clamp(min=1).to(total.dtype)
         gh = torch.empty_like(hidden) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
@@ -576,7 +587,9 @@ def _chunked_forward(
                 z, target[start:end], ignore_index, label_smoothing, name, cap, zs, eager_grads
             )
         except IndexError:
-            _name_bad_target(target, weight.shape[0], ignore_index)
+            _name_bad_target(
+                target.view(-1, width) if width else target, weight.shape[0], ignore_index
+            )
             raise
         del z
         if upcast and dz is not None:
@@ -613,7 +626,7 @@ def _chunked_forward(
         loss = losses
     else:
         if red == 1:
-            n = (target != ignore_index).sum()
+            n = _supervised(target, ignore_index, weight.shape[0])
             total = total / n.to(total.dtype)
             z_loss = z_loss / n.to(total.dtype)
         loss = total.to(out_dtype)
@@ -634,7 +647,7 @@ def _chunked_forward(
 
 def _fake_forward(
     hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc, cap, zs,
-    out_dtype, need_hidden, need_weight, need_bias,
+    out_dtype, width, need_hidden, need_weight, need_bias,
 ):  # fmt: skip
     rows = hidden.shape[0]
     loss = hidden.new_empty((rows,) if red == 0 else (), dtype=out_dtype)

@@ -292,6 +292,7 @@ def test_a_bad_target_is_named_at_its_place_in_the_batch_whatever_the_chunks(
     target = torch.tensor([0, 1, 2, 0, 7]).view(shape)
     hidden, weight = torch.randn(*shape, 2), torch.randn(3, 2)
     csl = torch.zeros(5)
+    at = "target[4]" if len(shape) == 1 else "target[0, 4]"  # (a [B, T] target's [b, t])
     for chunk in (2, None):
         torch._dynamo.reset()
 
@@ -302,7 +303,7 @@ def test_a_bad_target_is_named_at_its_place_in_the_batch_whatever_the_chunks(
             )  # fmt: skip
 
         run = torch.compile(step, backend="aot_eager", fullgraph=True) if compiled else step
-        with pytest.raises(IndexError, match=re.escape("target[4] = 7 is outside [0, C = 3)")):
+        with pytest.raises(IndexError, match=re.escape(f"{at} = 7 is outside [0, C = 3)")):
             run(hidden)
     assert csl.eq(0).all()
 
@@ -657,7 +658,7 @@ def test_opcheck_of_the_chunk_loops(dtype, red, need, transposed):
     y = torch.tensor([0, 5, -100, 2, 3, 1, 4])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     common = (-100, 0.1)
-    fwd = (h, w, b, y, *common, red, 3, "cpu", acc, 0.0, 0.0, dtype, *need)
+    fwd = (h, w, b, y, *common, red, 3, "cpu", acc, 0.0, 0.0, dtype, 0, *need)
     torch.library.opcheck(ops.linear_cross_entropy_forward.default, fwd)
     bwd = (h, w, b, y, torch.rand(7, generator=g).to(dtype), *common, 3, "cpu", acc, 0.0, 0.0)
     torch.library.opcheck(ops.linear_cross_entropy_backward_none.default, (*bwd, False, *need))

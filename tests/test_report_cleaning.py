@@ -302,3 +302,27 @@ def test_a_group_whose_label_has_too_small_a_share_is_said_so():
     assert plan.drop_reasons()["group share"].sum() == 2
     assert rows["drop (its group label's share is under 0.4)"] == "2"
     assert rows["drop (its conflicting duplicate group has no label)"] == "0"
+
+
+def test_drop_reasons_under_policy_drop_name_the_policy():
+    # a conflicting pair whose label (0, share 0.62) is confident was said dropped because
+    # "its group label's share is under min_confidence"
+    n, c = 60, 3
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, c, (n,), generator=g)
+    labels[:2] = torch.tensor([0, 1])
+    inputs = torch.randn(n, 4, generator=g)
+    inputs[1] = inputs[0]
+    tracker = csl_fast.CSLTracker(n, c)
+    for _ in range(5):
+        logits = torch.full((n, c), -3.0)
+        logits[torch.arange(n), labels] = 3.0
+        logits[:2] = torch.tensor([0.5, 0.0, -0.5])
+        csl_fast.accumulate(logits, labels, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = csl_fast.clean(tracker, policy="drop", inputs=inputs, labels=labels)
+    why = plan.drop_reasons()
+    assert plan.grouped.sum() == 2 and why["suggestion"][plan.grouped].all()
+    assert not why["group share"].any() and not why["group without label"].any()

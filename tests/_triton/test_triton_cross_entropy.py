@@ -564,3 +564,22 @@ def test_unvalidated_bad_targets_scale_the_valid_rows_alike_in_every_dtype(tdevi
         assert loss.isnan()
         loss.backward()
         torch.testing.assert_close(x.grad[[0, 2]].float(), good.grad, rtol=tol, atol=tol)
+
+
+def test_linear_cross_entropy_with_unvalidated_bad_targets_scales_the_valid_rows_right(tdevice):
+    """linear_cross_entropy's own mean (its hidden gradient, the z-loss) divided by the rows
+    not ignored, bad ones included: the valid rows' gradients came out 3/4 of F's."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 3, generator=g).to(tdevice)
+    h0 = torch.randn(4, 3, generator=g).to(tdevice)
+    target = torch.tensor([0, 7, 1, 3], device=tdevice)
+    good = h0[[0, 2, 3]].clone().requires_grad_(True)
+    F.cross_entropy(good @ weight.t(), target[[0, 2, 3]]).backward()
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2e-2)):
+        h = h0.to(dtype, copy=True).requires_grad_(True)
+        loss = csl_fast.linear_cross_entropy(
+            h, weight.to(dtype), target, backend="triton", validate=False
+        )
+        assert loss.isnan()
+        loss.backward()
+        torch.testing.assert_close(h.grad[[0, 2, 3]].float(), good.grad, rtol=tol, atol=tol)
