@@ -492,9 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise CLIError(
                 f"unrecognized arguments: {' '.join(extra)} (see {where} --help)", EXIT_USAGE, where
             )
-        if args.command is None:
-            parser.print_help()
-            return EXIT_USAGE
+        if args.command is None:  # (the whole help on stdout, exit 2: one line on stderr)
+            raise CLIError(
+                f"no command given; pick one of {', '.join(COMMANDS)} (csl-fast --help says "
+                "what each does)",
+                EXIT_USAGE,
+                "csl-fast",
+            )
         prog = f"csl-fast {args.command}"
         with _one_line_warnings(prog):
             return COMMANDS[args.command](args)

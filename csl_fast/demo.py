@@ -321,6 +321,17 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     def make_model() -> torch.nn.Module:
         return mlp(64, num_classes, hidden, seed=cfg.seed).to(device)
 
+    # the optional packages the run will need, before it makes --out or prints anything
+    # (a missing tqdm stopped it after training's first line, --out made and emptied)
+    if cfg.report:
+        require_matplotlib()
+    if not cfg.quiet:
+        try:
+            import tqdm.auto  # noqa: F401
+        except ImportError:
+            raise ImportError(
+                "the demo's progress bars need tqdm: pip install tqdm, or pass -q", name="tqdm"
+            ) from None
     out = os.path.abspath(cfg.out)
     os.makedirs(out, exist_ok=True)
     report_dir = os.path.join(out, "report")
@@ -347,7 +358,6 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(out, "results.json"))
     if cfg.report:
-        require_matplotlib()  # now, not after training
         os.makedirs(os.path.join(out, "report"), exist_ok=True)  # refused now, not after training
     elif os.path.exists(os.path.join(out, "report", "report.html")):
         print(
@@ -439,8 +449,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     # one plan for both flagged sets: a conflicting group's member gets the group's
     # decision (csl_fast.cleaning_groups), every other flagged sample its own
     plan = clean(tracker, detection=det, inputs=data["x"], labels=data["y"])
-    plan_path = os.path.join(out, "clean.csv")
-    plan.to_csv(plan_path)
+    plan_path = os.path.join(out, "clean.csv")  # (written with the tracker, below)
     plan_eval = evaluate_plan(plan, data["true_labels"], mislabeled, duplicate)
     suggested = tracker.suggestions()[0].cpu().numpy()
     true_np = data["true_labels"].numpy()
@@ -553,6 +562,9 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     tracker_path = os.path.join(out, "tracker.csl")
     tracker.save(tracker_path)
     samples.save(os.path.join(out, "samples.npz"))
+    # with them, not before retraining: a run stopped in between left its plan beside the
+    # earlier run's tracker and samples, every index valid for them
+    plan.to_csv(plan_path)
     report_path = None
     notes = [("Demo setup", _setup_text(cfg, n, mislabeled, duplicate, fit, memorized))]
     if retrain_text:

@@ -904,3 +904,13 @@ def test_report_and_demo_without_matplotlib_exit_4_in_one_line(
     args = ["demo", "--samples", "60", "--epochs", "2", "--pairs", "0", "--overhead-rounds", "0"]
     code, text, err = run_main(capsys, *args, "--out", str(tmp_path / "d"))
     assert code == 4 and "needs matplotlib" in err and "Detection" not in text
+
+
+def test_no_command_is_one_line_on_stderr(capsys):
+    # the whole help went to stdout, with exit 2
+    code = main([])
+    out, err = capsys.readouterr()
+    assert code == EXIT_USAGE and out == ""
+    assert err.count("\n") == 1 and err.startswith(
+        "csl-fast: error: no command given; pick one of demo"
+    )

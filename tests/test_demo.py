@@ -125,3 +125,21 @@ def test_a_file_where_the_report_folder_goes_is_named(tmp_path):
 def test_settings_of_the_wrong_type_are_type_errors(settings, match):
     with pytest.raises(TypeError, match=match):
         demo.DemoConfig(**settings)
+
+
+def test_a_run_stopped_after_cleaning_leaves_the_earlier_runs_files_together(tmp_path, monkeypatch):
+    # clean.csv was written before retraining: a run stopped there left its plan beside the
+    # earlier run's tracker and samples, its indices all valid for them
+    out = tmp_path / "run"
+    demo.run(_tiny(out, report=False))
+    before = {
+        name: (out / name).read_bytes() for name in ("tracker.csl", "samples.npz", "clean.csv")
+    }
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "retrain_gain", stop)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run(_tiny(out, report=False, samples=60, seed=3))
+    assert {name: (out / name).read_bytes() for name in before} == before
