@@ -141,6 +141,11 @@ def target_of(user_path: str, action: str, example: str) -> str:
     when it names something else that is not a regular file. ``action`` words the error
     ("save the tracker"), ``example`` is a file name to suggest."""
     user_path = os.fsdecode(user_path)  # (bytes, as open() takes them)
+    if not user_path:  # (realpath("") is the current folder: "it is a folder")
+        raise FileNotFoundError(
+            errno.ENOENT, f"cannot {action} to '': the path is empty; give a file name, e.g. "
+            f"{example!r}", user_path,
+        )  # fmt: skip
     # realpath drops a trailing separator: "out/" would be written as a file named "out".
     if user_path.endswith((os.sep, os.altsep or os.sep)):
         raise IsADirectoryError(
@@ -166,6 +171,15 @@ def target_of(user_path: str, action: str, example: str) -> str:
             user_path,
         )  # fmt: skip
     _refuse_special(user_path, target, action)
+    if os.path.isfile(target) and not os.access(target, os.W_OK):
+        # the rename needs only the folder's permission: a write-protected file was
+        # replaced all the same, and the new one writable again
+        raise PermissionError(
+            errno.EACCES,
+            f"cannot {action} to {user_path!r}: the file is write-protected; make it "
+            "writable (chmod u+w) or give another name",
+            user_path,
+        )
     return target
 
 

@@ -267,9 +267,10 @@ def _read_v2(
         version = header.get("version")
         if _is_int(version) and version > FORMAT_VERSION:
             raise TrackerFileError(
-                f"{path}: written in tracker format version {version} by a newer csl_fast; "
-                f"this csl_fast reads versions up to {FORMAT_VERSION}. Upgrade csl_fast to "
-                "load it."
+                f"{path}: written in tracker format version {version} by a newer csl_fast, "
+                f"or damaged (the checksum is read after the version); this csl_fast reads "
+                f"versions up to {FORMAT_VERSION}. Upgrade csl_fast to load it, or restore "
+                "the file from a copy"
             )
         table = header["tensors"]
         entries = []

@@ -108,8 +108,9 @@ _NUM_CLASSES = (
 
 
 def _a_kind(kind: str) -> str:
-    """``"an int dtype"``, ``"a float dtype"``: a buffer's dtype kind in a sentence."""
-    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} dtype"
+    """``"an int dtype"``, ``"a float dtype (...)"``: a buffer's dtype kind in a sentence."""
+    which = " (float16, bfloat16, float32 or float64)" if kind == "float" else ""
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} dtype{which}"
 
 
 def _not_a_state(state: Any) -> TrackerStateError:
@@ -265,7 +266,8 @@ def _check_at_most(name: str, values: torch.Tensor, limit: int, why: str) -> Non
 def _of_kind(t: torch.Tensor, kind: str) -> bool:
     """Whether ``t``'s dtype is of buffer kind ``kind`` ("float", "int" or "bool")."""
     return {
-        "float": t.is_floating_point(),
+        # (float8 is refused: its reductions are not implemented, the checks crashed)
+        "float": t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64),
         "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
         "bool": t.dtype == torch.bool,
     }[kind]
@@ -314,9 +316,14 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             f"the state has num_labels={labels} but this tracker has "
             f"num_labels={tracker.num_labels}; create the tracker with the same num_labels"
         )
-    epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)")
+    # a tracker with history keeps a row per epoch (eval pass): rows of no values (N = 0,
+    # or the NaN rows of epochs without input-gradient records) cost a list entry each, so
+    # a few-KB file claiming 2**31 epochs would take ~17 GB to load (3e6: 5 GB before the
+    # rows were shared)
+    most = _MAX_HISTORY_ROWS if history else 2**31
+    epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < most, f"an int in [0, {most})")
     passes = _field(
-        state, "eval_passes", lambda v: _is_int(v) and 0 <= v < 2**31, "an int in [0, 2**31)"
+        state, "eval_passes", lambda v: _is_int(v) and 0 <= v < most, f"an int in [0, {most})"
     )
     igfe = _field(
         state,
@@ -440,6 +447,18 @@ def checked_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         raise type(exc)(f"CSLTracker: {exc}") from None
 
 
+#: At most this many epochs (eval passes) in a state with histories (see validate_state).
+_MAX_HISTORY_ROWS = 2**22
+
+
+def _history_rows(h: torch.Tensor) -> list[torch.Tensor]:
+    """``[E, N]`` as E rows of their own; for N = 0 one empty row shared by all (rows are
+    never written in place): E rows of no values took 1.8 KB each to load."""
+    if h.shape[0] and h.shape[1] == 0:
+        return [h[0].clone()] * h.shape[0]
+    return [r.clone() for r in h]
+
+
 def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     """Load a :func:`validate_state` result: build the new histories (the only
     allocations), then copy into the buffers, which validated layouts, shapes and dtypes
@@ -449,7 +468,7 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     # (accumulate then refuses them), as in nn.Module.load_state_dict.
     with torch.no_grad():
         histories = {
-            k: [r.clone() for r in h.to(tracker.device, _HISTORY_DTYPE[k])]
+            k: _history_rows(h.to(tracker.device, _HISTORY_DTYPE[k]))
             for k, h in checked["histories"].items()
         }
         igfe = checked["input_grad_first_epoch"]

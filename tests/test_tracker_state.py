@@ -301,3 +301,35 @@ def test_a_buffer_of_the_wrong_dtype_kind_is_named_in_good_english():
     state = _trained().state_dict()
     state["buffers"] = {**state["buffers"], "forgetting": state["buffers"]["forgetting"].float()}
     _refused(state, r"'forgetting' has dtype torch.float32, not an int dtype")
+
+
+def test_history_rows_of_no_values_cost_no_memory_and_have_a_bound():
+    # an N = 0 tracker's [E, 0] histories hold no bytes, so a file of ~1.5 KB could claim
+    # any E: 10**6 rows took 1.8 GB to load (a tensor each), 2**31 - 1 an OOM
+    tracker = csl_fast.CSLTracker(0, 3, history=True)
+    state = tracker.state_dict()
+    rows = 10**6
+    state.update(epoch=rows, eval_passes=rows)
+    for name in ("loss_history", "eval_loss_history"):
+        state["histories"][name] = torch.empty(rows, 0, dtype=torch.float16)
+    loaded = csl_fast.CSLTracker(0, 3, history=True)
+    loaded.load_state_dict(state)
+    history = loaded._histories["loss_history"]
+    assert len(history) == rows and len({id(r) for r in history}) == 1
+    state.update(epoch=2**31 - 1, eval_passes=2**31 - 1)
+    with pytest.raises(
+        csl_fast.TrackerStateError, match=r"'epoch' must be an int in \[0, 4194304\)"
+    ):
+        loaded.load_state_dict(state)
+
+
+def test_a_float8_state_is_refused_by_name():
+    # the invariant checks' min() is not implemented for float8: NotImplementedError
+    tracker = csl_fast.CSLTracker(6, 3)
+    state = tracker.state_dict()
+    state["buffers"] = {
+        k: v.to(torch.float8_e4m3fn) if v.is_floating_point() else v
+        for k, v in state["buffers"].items()
+    }
+    with pytest.raises(TrackerStateError, match=r"float8_e4m3fn, not a float dtype \(float16"):
+        csl_fast.CSLTracker(6, 3).load_state_dict(state)
