@@ -642,14 +642,17 @@ def _rule_flags(
                     f"csl_fast.detect: the mean loss has {views.mean_loss.numel()} samples "
                     f"but the score has {values.numel()}"
                 )
-            untrained = int((finite & ~torch.isfinite(views.mean_loss)).sum())
-            if untrained:
-                # the views are the training run's; an eval pass over held-out samples scores
-                # ones they do not see (their flips are found by the score itself)
+            trained = torch.isfinite(views.mean_loss)
+            untrained = int((finite & ~trained).sum())
+            if untrained and bool(trained.any()):
+                # (_detect left the held-out samples out when the score has trained ones
+                # too) a score of held-out samples alone: the views are the training run's
+                # and do not see them; the score itself finds their flips
                 why = (
                     f"the score is defined on {untrained} samples the run never trained on "
-                    "(an eval pass over held-out ones), which the training views do not "
-                    "see: counted and flagged by the valley rule on the score alone"
+                    "(an eval pass over held-out ones) and on none it trained on, and the "
+                    "training views do not see them: counted and flagged by the valley rule on "
+                    "the score alone"
                 )
                 if rule == "two_view":
                     raise ValueError(
@@ -795,6 +798,23 @@ def _detect(
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
     finite = torch.isfinite(values)
+    rule_values, held_out = values, None
+    if views is not None and views.mean_loss.shape == values.shape:
+        trained = torch.isfinite(views.mean_loss)
+        untrained = int((finite & ~trained).sum())
+        if untrained and bool((finite & trained).any()):
+            # an eval pass over trained and held-out samples: the two-view count is of the
+            # trained ones (pooled, the valley rule found no mode and flagged none of 89
+            # flips on digits), and the held-out ones are left out of the ranking
+            finite &= trained
+            wide = values if values.is_floating_point() else values.double()
+            rule_values = torch.where(finite, wide, math.nan)
+            held_out = (
+                f"{untrained} samples with a score were never trained on (an eval pass over "
+                "held-out ones): the training views do not see them, so they are not ranked "
+                "or flagged; detect among them alone with csl_fast.detect.mislabeled(a tensor "
+                "of their scores, NaN elsewhere)"
+            )
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
@@ -822,7 +842,7 @@ def _detect(
     else:
         if rule == "two_view" and views is None and hint is not None:
             raise ValueError(f"csl_fast.detect: rule='two_view' needs the margin view; {hint}")
-        flagged, est, extra = _rule_flags(values, ranking, finite, rule, views)
+        flagged, est, extra = _rule_flags(rule_values, ranking, finite, rule, views)
         diag.update(extra)
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         desc = f"{rule}({est.diagnostics['estimator']})"
@@ -831,7 +851,7 @@ def _detect(
             note = "; ".join(filter(None, [rule_note(name, values, True), hint]))
         if views is not None and views.partial is not None:
             note = "; ".join(filter(None, [note, views.partial]))
-        note = "; ".join(filter(None, [note, diag.get("coverage")])) or None
+        note = "; ".join(filter(None, [note, diag.get("coverage"), held_out])) or None
         if note is not None:
             diag["note"] = note
         if est.found and 2 * est.count > n_finite:
