@@ -275,23 +275,31 @@ def test_a_group_member_never_trained_on_is_dropped_for_that(tmp_path):
     assert groups["csl_fast.clean: dropped (the group has no label)"] == "0"
 
 
-def test_a_group_whose_label_has_too_small_a_share_is_said_so():
-    # three identical inputs labelled 0, 1 and 2 that the network cannot tell apart: the
-    # group has a label (0, share 0.36), and two members are dropped as its share is under
-    # min_confidence; the row said "its conflicting duplicate group has no label"
-    n, c = 60, 3
+def _identical_inputs_run(group_labels: list[int], group_logits: list[float]):
+    """A 3-class run of 60 samples whose first ``len(group_labels)`` share one input and
+    carry ``group_labels``, the network giving each of them ``group_logits`` (the others
+    fitted at once): ``(tracker, inputs, labels)``."""
+    n, c, k = 60, 3, len(group_labels)
     g = torch.Generator().manual_seed(0)
     labels = torch.randint(0, c, (n,), generator=g)
-    labels[:3] = torch.tensor([0, 1, 2])
+    labels[:k] = torch.tensor(group_labels)
     inputs = torch.randn(n, 4, generator=g)
-    inputs[1] = inputs[2] = inputs[0]
+    inputs[1:k] = inputs[0]
     tracker = csl_fast.CSLTracker(n, c)
     for _ in range(5):
         logits = torch.full((n, c), -3.0)
         logits[torch.arange(n), labels] = 3.0
-        logits[:3] = torch.tensor([0.10, 0.0, -0.05])
+        logits[:k] = torch.tensor(group_logits)
         csl_fast.accumulate(logits, labels, torch.arange(n), tracker)
         tracker.end_epoch()
+    return tracker, inputs, labels
+
+
+def test_a_group_whose_label_has_too_small_a_share_is_said_so():
+    # three identical inputs labelled 0, 1 and 2 that the network cannot tell apart: the
+    # group has a label (0, share 0.36), and two members are dropped as its share is under
+    # min_confidence; the row said "its conflicting duplicate group has no label"
+    tracker, inputs, labels = _identical_inputs_run([0, 1, 2], [0.10, 0.0, -0.05])
     from csl_fast.report_cleaning import _suggestion_rows
 
     with warnings.catch_warnings():
@@ -307,19 +315,7 @@ def test_a_group_whose_label_has_too_small_a_share_is_said_so():
 def test_drop_reasons_under_policy_drop_name_the_policy():
     # a conflicting pair whose label (0, share 0.62) is confident was said dropped because
     # "its group label's share is under min_confidence"
-    n, c = 60, 3
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, c, (n,), generator=g)
-    labels[:2] = torch.tensor([0, 1])
-    inputs = torch.randn(n, 4, generator=g)
-    inputs[1] = inputs[0]
-    tracker = csl_fast.CSLTracker(n, c)
-    for _ in range(5):
-        logits = torch.full((n, c), -3.0)
-        logits[torch.arange(n), labels] = 3.0
-        logits[:2] = torch.tensor([0.5, 0.0, -0.5])
-        csl_fast.accumulate(logits, labels, torch.arange(n), tracker)
-        tracker.end_epoch()
+    tracker, inputs, labels = _identical_inputs_run([0, 1], [0.5, 0.0, -0.5])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plan = csl_fast.clean(tracker, policy="drop", inputs=inputs, labels=labels)
