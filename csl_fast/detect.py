@@ -662,8 +662,8 @@ def _rule_flags(
                 diag["views"] = "1-D only (the score covers samples the run never trained on)"
                 diag["coverage"] = why
             else:
-                presented = int((torch.isfinite(views.mean_loss) & (views.mean_loss > 0)).sum())
-                covered = finite & torch.isfinite(views.mean_loss) & (views.mean_loss > 0)
+                positive = trained & (views.mean_loss > 0)
+                presented, covered = int(positive.sum()), finite & positive
                 mean_loss = views.mean_loss
                 if int(covered.sum()) < presented:
                     # a score defined on part of the run (an eval pass over some samples, input

@@ -51,6 +51,8 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -474,7 +476,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ):  # fmt: skip
         # 'none' forms no gradient here: its upstream gradient is per token (backward)
         need = [red != 0 and n for n in ctx.needs_input_grad[:3]]
-        loss, stats, z_loss, gh, gw, gb, w_scale, b_scale = _forward_op(name)(
+        forward = _loop(_FORWARD_OP, _chunked_forward, name)
+        loss, stats, z_loss, gh, gw, gb, w_scale, b_scale = forward(
             hidden, weight, bias, target, ignore_index, label_smoothing, red, chunk, name, acc,
             cap, zs, out_dtype, width, *need,
         )  # fmt: skip
@@ -512,7 +515,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, target = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         name = ctx.args[3]
-        grads = _backward_none_op(name)(
+        grads = _loop(_BACKWARD_NONE_OP, _chunked_backward_none, name)(
             hidden, weight, bias, target, grad_loss, *ctx.args, ctx.upcast, *need
         )
         return (*(g if n else None for g, n in zip(grads, need, strict=True)), *nones)
@@ -549,9 +552,9 @@ def _chunked_forward(
     """The chunk loop of the forward pass: ``(loss, stats, z_loss, grad_hidden,
     grad_weight, grad_bias, weight_scale, bias_scale)``; ``width`` is ``T`` of a ``[B, T]``
     target flattened into ``target`` (0 for rows), for the message naming a bad one. The
-    gradients (for a unit
-    upstream gradient, in the parameters' dtypes; a float16 one divided by its scale, see
-    :func:`_narrowed`) are formed where ``need_*`` asks, else empty."""
+    gradients (for a unit upstream gradient, in the parameters' dtypes; a float16 one
+    divided by its scale, see :func:`_narrowed`) are formed where ``need_*`` asks, else
+    empty."""
     rows = hidden.shape[0]
     dev = hidden.device
     need = (need_hidden, need_weight, need_bias)
@@ -564,9 +567,9 @@ def _chunked_forward(
     # The z-loss term alone, per row or summed like the loss (0 when off).
     z_loss = hidden.new_zeros(rows, dtype=out_dtype) if red == 0 else torch.zeros_like(total)
     gh = gw = gb = scale = None
+    n = _supervised(target, ignore_index, weight.shape[0]) if red == 1 else None
     if eager_grads:
-        if red == 1:  # mean over supervised tokens; an all-ignored batch gives 0 grads
-            n = _supervised(target, ignore_index, weight.shape[0])
+        if n is not None:  # mean over supervised tokens; an all-ignored batch gives 0 grads
             scale = 1.0 / n.clamp(min=1).to(total.dtype)
         gh = torch.empty_like(hidden) if need[0] else None
         gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need[1] else None
@@ -625,8 +628,7 @@ def _chunked_forward(
     if red == 0:
         loss = losses
     else:
-        if red == 1:
-            n = _supervised(target, ignore_index, weight.shape[0])
+        if n is not None:
             total = total / n.to(total.dtype)
             z_loss = z_loss / n.to(total.dtype)
         loss = total.to(out_dtype)
@@ -745,14 +747,9 @@ _BACKWARD_NONE_OP.register_fake(
 )
 
 
-def _forward_op(name: str):
-    traced = torch.compiler.is_compiling() and name != "reference"
-    return _FORWARD_OP if traced else _chunked_forward
-
-
-def _backward_none_op(name: str):
-    traced = torch.compiler.is_compiling() and name != "reference"
-    return _BACKWARD_NONE_OP if traced else _chunked_backward_none
+def _loop(op: Any, fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """The opaque ``op`` while tracing, else its function ``fn`` (see above)."""
+    return op if torch.compiler.is_compiling() and name != "reference" else fn
 
 
 def _narrowed(
