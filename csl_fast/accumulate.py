@@ -27,6 +27,7 @@ from .accumulate_checks import (
     _check_args,
     _check_values,
     adopt_classes,
+    refuse_rows_into_sequences,
     smoothing,
     target_positions,
     validate_by_default,
@@ -329,6 +330,10 @@ def accumulate(
         )
     target = widen_for_ignore_index(target, ignore_index)
     _check_args(logits, target, index, buffers, weight, label_smoothing, reduction, seq, soft)
+    if seq is None:
+        refuse_rows_into_sequences(
+            "csl_fast.accumulate", csl, "as [B, V, 1] logits with a [B, 1] target"
+        )
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     name = resolve_backend(backend, logits.device, logits.dtype)
@@ -483,7 +488,12 @@ def _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad):
     if inplace_grad or not eager_step_allowed(backend, validate):
         return None
     if type(csl) is CSLTracker:
-        if csl._step_state is None or count is not None or csl.backend not in _CPU_STEP:
+        if (
+            csl._step_state is None
+            or count is not None
+            or csl.backend not in _CPU_STEP
+            or csl.sequences  # (rows into sequences: refused op by op)
+        ):
             return None
         # Logits of another class count go op by op, whose checks refuse them (the step
         # would record their classes), and so does a tracker's first call when it was made

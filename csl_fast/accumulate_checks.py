@@ -137,6 +137,20 @@ def _buffers(
     return csl.training_buffers()
 
 
+def refuse_rows_into_sequences(api: str, csl: object, one_token: str) -> None:
+    """A tracker of sequences refuses rows of one class each: a sequence's CSL sums its
+    tokens and it has no suggested label, so the two kinds would rank and clean as one
+    (``one_token``: how this API takes a batch of one-token sequences instead)."""
+    if getattr(csl, "sequences", False):
+        raise ValueError(
+            f"{api}: this tracker recorded sequences (samples of several positions: "
+            "tracker.sequences is True) and this batch is classification rows, one class per "
+            "sample; one tracker holds one kind, since a sequence's CSL sums its tokens and "
+            "it has no suggested label. Record the rows into a second CSLTracker; a batch of "
+            f"one-token sequences goes {one_token}"
+        )
+
+
 def match_tracker_classes(op: str, tracker: object, classes: int) -> None:
     """Logits of ``classes`` classes may be recorded into ``tracker`` only if it was made
     for that many (or for any: ``num_classes=None``, see :func:`adopt_classes`). Its

@@ -62,6 +62,7 @@ from ._ext import resolve_backend
 from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
 from .accumulate_checks import (
     adopt_classes,
+    refuse_rows_into_sequences,
     smoothing,
     validate_by_default,
     widen_for_ignore_index,
@@ -282,6 +283,10 @@ def linear_cross_entropy(
     record = csl is not None
     if record:
         buffers = _buffers(csl, count, seq, classes=vocab, op="linear_cross_entropy")
+        if seq is None:
+            refuse_rows_into_sequences(
+                "csl_fast.linear_cross_entropy", csl, "with a [B, 1] target (one per sequence)"
+            )
         if index is None:
             raise ValueError(
                 "csl_fast.linear_cross_entropy: recording into csl needs index (dataset indices)"

@@ -47,7 +47,12 @@ import torch
 
 from . import _ext, huge_pages, ops, reference, tracker_file
 from ._args import check_flags
-from .accumulate_checks import _check_values, too_many_classes, validate_by_default
+from .accumulate_checks import (
+    _check_values,
+    refuse_rows_into_sequences,
+    too_many_classes,
+    validate_by_default,
+)
 from .buffer_locks import locked
 from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat
 from .tracker_buffers import (
@@ -66,6 +71,10 @@ from .tracker_file import (  # re-exported: csl_fast and its users import them f
     UnverifiedTrackerFileWarning,
 )
 from .tracker_statistics import TrackerStatistics, _mean_or_nan
+
+#: How :meth:`CSLTracker.update`'s and :meth:`~CSLTracker.record`'s refusal of rows into a
+#: tracker of sequences says one-token sequences are recorded instead.
+_ONE_TOKEN_STATS = "to record_sequences, as [NUM_STATS, B, 1] token statistics"
 
 __all__ = [
     "FORMAT_VERSION",
@@ -407,6 +416,7 @@ class CSLTracker(TrackerStatistics):
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
+        refuse_rows_into_sequences("CSLTracker.record", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("record", stats, self.num_classes)
         self._record_fused(index, stats, validate)
@@ -512,6 +522,18 @@ class CSLTracker(TrackerStatistics):
         # an empty batch ([0, C, d]) recorded no sample of several positions
         sequences = token_stats.shape[1] > 0 and token_stats.shape[2] > 1
         if sequences and not self.sequences:  # (a compiled step guards on it)
+            if not torch.compiler.is_compiling() and bool(self.suggest_label.ge(0).any()):
+                # Rows voted before (only rows do): a classification head sharing the
+                # tracker, or one-token sequences a first [B, V, 1] batch recorded as rows.
+                warnings.warn(
+                    "CSLTracker.record_sequences: this tracker recorded classification rows "
+                    "before this first batch of sequences, and from now on counts as a "
+                    "tracker of sequences (tracker.sequences): it ranks every sample by CSL "
+                    "per position and suggests no labels, the rows' included. If those rows "
+                    "were one-token sequences ([B, V, 1] logits), nothing is lost; if they "
+                    "are another task's samples, record them into a second CSLTracker",
+                    stacklevel=3,
+                )
             self.sequences = True
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
@@ -528,6 +550,7 @@ class CSLTracker(TrackerStatistics):
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`).
         ``validate``: check that every index is in ``[0, N)`` (class docstring, *Indices*)."""
+        refuse_rows_into_sequences("CSLTracker.update", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("update", stats, self.num_classes)
         stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)

@@ -377,15 +377,20 @@ def test_a_tracker_of_sequences_suggests_no_labels_whatever_its_first_batch():
     # and voted: review offered "relabel to 2" (a vocabulary token) for whole sequences
     g = torch.Generator().manual_seed(0)
     tracker = csl_fast.CSLTracker(8)
-    for _ in range(2):
+    for epoch in range(2):
         csl_fast.accumulate(
             torch.randn(4, 6, 1, generator=g), torch.randint(0, 6, (4, 1), generator=g),
             torch.arange(4), tracker,
         )  # fmt: skip
-        csl_fast.accumulate(
-            torch.randn(4, 6, 3, generator=g), torch.randint(0, 6, (4, 3), generator=g),
-            torch.arange(4, 8), tracker,
-        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            csl_fast.accumulate(
+                torch.randn(4, 6, 3, generator=g), torch.randint(0, 6, (4, 3), generator=g),
+                torch.arange(4, 8), tracker,
+            )  # fmt: skip
+        # the rows it voted as are said once, at the first batch of sequences
+        said = [str(w.message) for w in caught if "recorded classification rows" in str(w.message)]
+        assert len(said) == (epoch == 0), said
         tracker.end_epoch()
     assert tracker.sequences
     label, confidence = tracker.suggestions()
@@ -394,3 +399,57 @@ def test_a_tracker_of_sequences_suggests_no_labels_whatever_its_first_batch():
         warnings.simplefilter("ignore")
         plan = csl_fast.clean(tracker, policy="review", budget=4)
     assert not plan.relabel.any()
+
+
+def _one_row_batch(n=3):
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, V, generator=g)
+    y = torch.randint(0, V, (n,), generator=g)
+    return z, y, torch.arange(n)
+
+
+@pytest.mark.parametrize("num_classes", [None, V])  # V: the one-call C++ step may take it
+def test_classification_rows_into_a_tracker_of_sequences_are_refused(num_classes):
+    """A tracker of sequences refuses rows of one class each ([N, C] logits, stats of rows)
+    by name and records nothing: taken, they were ranked by CSL per position with the
+    sequences and lost their suggested labels."""
+    logits, target, index = _batch()
+    tracker = CSLTracker(6, num_classes=num_classes)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+    assert tracker.sequences
+    before = {k: v.clone() for k, v in tracker.state_dict()["buffers"].items()}
+    assert "csl_count" in before and "suggest_label" in before
+    z, y, i = _one_row_batch()
+    stats = csl_fast.reference.row_statistics(z, y, -100)
+    calls = {
+        "csl_fast.accumulate": lambda: csl_fast.accumulate(z, y, i, tracker),
+        "csl_fast.linear_cross_entropy": lambda: csl_fast.linear_cross_entropy(
+            z, torch.eye(V), y, index=i, csl=tracker
+        ),
+        "CSLTracker.update": lambda: tracker.update(i, stats),
+        "CSLTracker.record": lambda: tracker.record(i, stats),
+    }
+    for api, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{api}: this tracker recorded sequences"):
+            call()
+    for name, value in tracker.state_dict()["buffers"].items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    # one-token sequences stay welcome, as the messages say
+    csl_fast.accumulate(z[:, :, None], y[:, None], i, tracker)
+    csl_fast.linear_cross_entropy(z, torch.eye(V), y[:, None], index=i, csl=tracker)
+    assert tracker.csl_count[:3].tolist() == (before["csl_count"][:3] + 2).tolist()
+
+
+def test_rows_then_sequences_warn_once_and_a_run_of_sequences_does_not():
+    tracker = CSLTracker(6, num_classes=V)
+    for _ in range(3):  # chance-level logits: some row is misclassified and votes
+        csl_fast.accumulate(*_one_row_batch(), tracker)
+    logits, target, index = _batch()
+    with pytest.warns(UserWarning, match="recorded classification rows before this first"):
+        csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+    assert tracker.sequences
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+        fresh = CSLTracker(6)
+        csl_fast.accumulate(logits.reshape(-1, V), target, index, fresh)
