@@ -72,11 +72,18 @@ def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
 
 
 class Rate(Fraction):
-    """A :func:`rate`: the number as written, and ``tol``, the relative error of writing
-    it in its own precision (a float32 ``k / N`` falls ~1e-8 short of it, a float64 one
-    ~1e-16)."""
+    """A :func:`rate`: the number as written, and ``dtype``, the floating-point type it was
+    given in (float64 for a Python number), in which ``k / N`` reads back as it."""
 
-    tol: float = 1e-9
+    dtype: type = np.float64
+
+
+def _reads_as(p: Fraction, k: int, n: int) -> bool:
+    """Whether ``k / n`` written in ``p``'s precision is the number ``p`` was given as: a
+    relative tolerance let the slack grow with ``n`` (a float32 0.1 of 5,000,009 samples
+    flipped 500,001, a float16 one of 1,998 flipped 200)."""
+    t = getattr(p, "dtype", np.float64)
+    return n > 0 and t(k / n) == t(float(p))
 
 
 def seed(fn: str, value: Any, offset: int = 0) -> int:
@@ -92,22 +99,23 @@ def seed(fn: str, value: Any, offset: int = 0) -> int:
 
 
 def share(p: Fraction, n: int) -> int:
-    """``floor(p * n)`` for a :func:`rate` ``p``, a product within its precision below an
-    integer read as that integer: ``k / N`` reaches :func:`rate` as its float's shortest
-    decimal (``1 / 3`` as ``0.3333333333333333``), whose product with ``N`` falls just
-    short of ``k`` (99 samples for a third of 300; a float32 ``5 / 12`` of 12 gave 4)."""
+    """``floor(p * n)`` for a :func:`rate` ``p``, or the integer ``k`` just above the
+    product when ``k / n`` reads back as ``p`` in its precision: ``k / N`` reaches
+    :func:`rate` as its float's shortest decimal (``1 / 3`` as ``0.3333333333333333``),
+    whose product with ``N`` falls just short of ``k`` (99 samples for a third of 300; a
+    float32 ``5 / 12`` of 12 gave 4)."""
     product = p * n
     up = math.ceil(product)
-    return up if up - product <= getattr(p, "tol", 1e-9) * up else math.floor(product)
+    return up if _reads_as(p, up, n) else math.floor(product)
 
 
 def share_up(p: Fraction, n: int) -> int:
-    """``ceil(p * n)``, the fewest of ``n`` that reach the :func:`rate` ``p``, a product
-    within its precision above an integer read as that integer (float32 ``0.8`` of 5 is 4,
-    not 5), as :func:`share` reads one below."""
+    """``ceil(p * n)``, the fewest of ``n`` that reach the :func:`rate` ``p``, or the
+    integer ``k`` just below the product when ``k / n`` reads back as ``p`` in its precision,
+    as :func:`share` reads one above."""
     product = p * n
     down = math.floor(product)
-    return down if product - down <= getattr(p, "tol", 1e-9) * product else math.ceil(product)
+    return down if _reads_as(p, down, n) else math.ceil(product)
 
 
 def rate(fn: str, name: str, value: Any) -> Fraction:
@@ -125,7 +133,6 @@ def rate(fn: str, name: str, value: Any) -> Fraction:
         raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}")
     if isinstance(v, np.floating):
         out = Rate(np.format_float_positional(v, unique=True, trim="0"))
-        # a few units of the last place: the shortest decimal is within half of one
-        out.tol = max(1e-9, 4 * float(np.finfo(v.dtype).eps))
+        out.dtype = v.dtype.type
         return out
     return Rate(repr(float(v)))

@@ -452,8 +452,14 @@ def two_view_count(
             "csl_fast.flagging.two_view_count: mean_loss and lost must both be [N], got shapes "
             f"{tuple(mean_loss.shape)} and {tuple(lost.shape)}"
         )
+    if lost.dtype != torch.bool:
+        # astype(bool) counted 0.5 and NaN entries as lost, pinning them
+        raise TypeError(
+            f"csl_fast.flagging.two_view_count: lost must be a bool mask [N], got {lost.dtype}; "
+            "pass a comparison's result (label_lost(...) gives one)"
+        )
     m = mean_loss.detach().double().cpu().numpy()
-    lost_np = lost.detach().cpu().numpy().astype(bool)
+    lost_np = lost.detach().cpu().numpy()
     ok = np.isfinite(m) & (m > 0)
     x = np.log(m[ok])
     pin = lost_np[ok]

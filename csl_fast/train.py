@@ -19,9 +19,10 @@ initialisation and seed, two runs on the CPU are bitwise equal.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -146,13 +147,23 @@ def train(
 
     Returns:
         a :class:`TrainResult` with per-epoch losses and timings. The model is left in
-        eval mode. Grad is enabled while it trains, so it also trains when called under
-        ``torch.no_grad``; ``torch.inference_mode`` is refused.
+        eval mode, also when training raises. Each epoch starts with ``model.train()``,
+        which puts every submodule in training mode, as a plain PyTorch loop does: a
+        backbone frozen with ``.eval()`` (its BatchNorm statistics fixed) needs a
+        ``train()`` override that keeps it in eval mode. Grad is enabled while it trains,
+        so it also trains when called under ``torch.no_grad``; ``torch.inference_mode`` is
+        refused.
     """
     # a negative batch size trained on nothing and returned losses of 0 without a word
     epochs = integer("csl_fast.train", "epochs", epochs, low=0)
     seed = seed_arg("csl_fast.train", seed)  # torch's "an integer is required" for np.int64
     batch_size = integer("csl_fast.train", "batch_size", batch_size, low=1)
+    if not (isinstance(input_noise, (int, float)) and 0 <= input_noise < math.inf):
+        # a negative or NaN std trained without noise, silently
+        raise ValueError(
+            f"csl_fast.train: input_noise must be a finite std >= 0 (0: no noise), got "
+            f"{input_noise!r}"
+        )
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -171,6 +182,13 @@ def train(
         )
     if (input_grads or eval_each_epoch) and tracker is None:
         raise ValueError("csl_fast.train: input_grads/eval_each_epoch need a tracker")
+    if tracker is not None and y.is_floating_point():
+        # accumulate's refusal named csl= and count=, which train() does not take
+        raise ValueError(
+            "csl_fast.train: y holds class probabilities (a float tensor), which a tracker "
+            "cannot record (its statistics need one class per sample); pass class indices "
+            "(y.argmax(1)) to train with a tracker, or train without one"
+        )
     if tracker is not None and tracker.num_samples != x.shape[0]:
         raise ValueError(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
@@ -203,6 +221,7 @@ def train(
     with (
         torch.enable_grad(),
         torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []),
+        _left_in_eval(model),
     ):
         torch.manual_seed(seed)
         for epoch in epochs_iter:  # type: ignore[union-attr]
@@ -256,8 +275,16 @@ def train(
                 t2 = time.perf_counter()
                 callback(epoch, model)
                 result.callback_time += time.perf_counter() - t2
-    model.eval()
     return result
+
+
+@contextlib.contextmanager
+def _left_in_eval(model: nn.Module) -> Iterator[None]:
+    # also when a step or callback raises: a model given in eval mode came back training
+    try:
+        yield
+    finally:
+        model.eval()
 
 
 def _check_width(logits: torch.Tensor, labels: int) -> None:
@@ -274,6 +301,8 @@ def _check_width(logits: torch.Tensor, labels: int) -> None:
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """``[N, C]`` float32 logits of ``model`` in eval mode (training mode restored);
     ``[0, 0]`` for an empty ``x`` (no forward pass tells ``C``)."""
+    # range() took a negative batch size as "no batches" ([0, 0] logits of 10 rows)
+    batch_size = integer("csl_fast.predict", "batch_size", batch_size, low=1)
     with eval_mode(model):
         out = [model(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)]
     if not out:

@@ -143,6 +143,30 @@ def test_k_over_n_in_float32_flips_k_samples():
                 assert int(mask.sum()) == k, (k, n, fraction)
 
 
+@pytest.mark.parametrize(
+    ("fraction", "n"),
+    [
+        (np.float16(0.1), 1998),
+        (torch.tensor(0.1, dtype=torch.float16), 1999),
+        (np.float32(0.1), 5_000_009),
+        (torch.tensor(0.1), 5_000_009),
+    ],
+)
+def test_a_low_precision_fraction_of_many_samples_flips_no_extra_one(fraction, n):
+    # a relative tolerance of 4 eps grew with N: 200 flips of 1,998 for a float16 0.1,
+    # 500,001 of 5,000,009 for a float32 one (floor(0.1 N) documented)
+    _, mask = corrupt.flip_labels(torch.zeros(n, dtype=torch.uint8), fraction, num_classes=2)
+    assert int(mask.sum()) == n // 10
+
+
+def test_k_over_n_in_float16_flips_k_samples():
+    for n in range(1, 80):
+        for k in range(n + 1):
+            fraction = np.float16(k / n)
+            _, mask = corrupt.flip_labels(torch.zeros(n, dtype=torch.long), fraction, num_classes=2)
+            assert int(mask.sum()) == k, (k, n, fraction)
+
+
 @pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
 def test_a_seed_past_the_generators_range_is_named(seed):
     # torch's "Overflow when unpacking long long" named neither the function nor the seed

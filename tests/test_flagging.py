@@ -721,6 +721,10 @@ def test_estimators_refuse_mismatched_inputs_and_take_numpy_ints():
     # IndexError from a boolean mask of the wrong length
     with pytest.raises(ValueError, match=r"must both be \[N\]"):
         flagging.two_view_count(torch.rand(30), torch.zeros(20, dtype=torch.bool))
+    # astype(bool) pinned 0.5 and NaN entries of a float mask
+    half = torch.full((30,), 0.5)
+    with pytest.raises(TypeError, match=r"lost must be a bool mask \[N\], got torch\.float32"):
+        flagging.two_view_count(torch.rand(30), half)
     # np.int64(10) (a tracker loaded from numpy metadata) was refused as not an int
     p, _ = _trajectories(0)
     assert torch.equal(

@@ -67,6 +67,26 @@ def test_errors():
         train(mlp(4, 3), x, y, epochs=1, tracker=torch.zeros(len(y)))
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
         train(mlp(4, 3), x.tolist(), y, epochs=1)
+    # a negative or NaN std trained without noise, silently
+    for noise in (-0.1, math.nan, math.inf, "0.1"):
+        with pytest.raises(ValueError, match=r"input_noise must be a finite std >= 0"):
+            train(mlp(4, 3), x, y, epochs=1, input_noise=noise)
+    # range() took a negative batch size as no batches: [0, 0] logits for 50 rows
+    for bs in (-1, 0):
+        with pytest.raises(ValueError, match=r"predict: batch_size must be an int >= 1"):
+            predict(mlp(4, 3), x, batch_size=bs)
+
+
+def test_a_raising_step_leaves_the_model_in_eval_mode():
+    x, y = _data()
+    model = mlp(4, 3).eval()
+
+    def fail(epoch, m):
+        raise RuntimeError("callback failed")
+
+    with pytest.raises(RuntimeError, match="callback failed"):
+        train(model, x, y, epochs=1, callback=fail)
+    assert not any(m.training for m in model.modules())
 
 
 def test_dropout_is_reproduced_by_the_seed():
@@ -127,6 +147,16 @@ def test_class_probability_targets_train():
     want = torch.nn.functional.cross_entropy(model(x), y).item()
     got = train(model, x, y, epochs=1, lr=0.0, momentum=0.0, batch_size=4)
     assert got.epoch_loss[0] == pytest.approx(want, rel=1e-6)
+
+
+def test_class_probability_targets_with_a_tracker_are_refused_in_train_words():
+    # accumulate's refusal advised csl= and count=, which train() does not take
+    x = torch.randn(10, 3)
+    y = torch.randn(10, 2).softmax(1)
+    with pytest.raises(
+        ValueError, match=r"train: y holds class probabilities .* \(y\.argmax\(1\)\)"
+    ):
+        train(mlp(3, 2), x, y, epochs=1, tracker=csl_fast.CSLTracker(10))
 
 
 def test_seeds_are_checked_as_everywhere_in_the_package():

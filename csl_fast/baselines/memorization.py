@@ -90,11 +90,6 @@ def stability_memorization(
             f"stability_memorization: int(subset_fraction * N) = int({subset_fraction} * {n}) "
             "is 0, so no model would train on anything; raise subset_fraction or N"
         )
-    if size == n:  # every p_out was NaN, without a word
-        raise ValueError(
-            f"stability_memorization: subset_fraction * N = {subset_fraction} * {n} rounds to "
-            f"{n}, so no sample would ever be held out; lower subset_fraction or raise N"
-        )
     top = int(y.max())  # (n >= 1 here)
     gen = torch.Generator().manual_seed(seed)
     hits_in = torch.zeros(n, dtype=torch.float64)
