@@ -127,6 +127,65 @@ def test_targets_read_the_rows():
     )
 
 
+def test_a_wrong_answer_meets_no_target():
+    # the speed targets were read off rows whose check had failed: a broken fused op or
+    # tracker was "met" however wrong its answers
+    res = _results()
+    fused = next(r for r in res["cross_entropy"] if r["impl"] == bench.fused_name("cpu"))
+    fused.update(correct=False, check_error="loss: max error 3 > 0.0001 x 7")
+    for row in res["training"]:
+        row["check_error"] = "tracker CSL differs from F.cross_entropy per-row losses"
+    got = {t["target"]: t for t in bench.targets(res)}
+    ce = got["fused CPU op >= 1.5x the reference eager path, 256x1000 fwd+bwd"]
+    assert ce["met"] is False
+    assert ce["shown"] == "2.00x; its results were wrong: loss: max error 3 > 0.0001 x 7"
+    for what in (
+        f"mlp: {bench.STEP_TRACKER} step overhead <= 1%",
+        f"mlp: {bench.STEP_FULL}: csl_fast's cost <= 1% of the step with dL/dx",
+        "mlp: tracker cost >= 10x cheaper than host logging",
+    ):
+        assert got[what]["met"] is False and "tracker CSL differs" in got[what]["shown"]
+    assert got["cnn: tracker cost >= 10x cheaper than host logging"]["met"]  # checked apart
+
+
+def test_a_fused_op_whose_check_raised_keeps_its_target_missed(monkeypatch, one_thread):
+    # its row became "skipped" like a candidate not requested, and its target vanished
+    from csl_fast.bench import cases
+
+    real = cases._fused
+
+    def raising(backend, inplace=False):
+        if inplace:
+            return real(backend, inplace)
+
+        def run(*args):
+            raise RuntimeError("boom")
+
+        return run
+
+    monkeypatch.setattr(cases, "_fused", raising)
+    rows = bench.bench_cross_entropy("cpu", [(256, 1000)], reps=2, budget_s=0.2, compile=False)
+    fused = next(r for r in rows if r["impl"] == bench.fused_name("cpu"))
+    assert fused["correct"] is False and fused["check_error"] == "raised RuntimeError: boom"
+    res = {"env": {"device": "cpu"}, "cross_entropy": rows}
+    (target,) = bench.targets(res)
+    assert target["met"] is False and target["shown"] == "not timed: raised RuntimeError: boom"
+
+
+def test_a_failed_check_is_an_error_of_the_run(monkeypatch):
+    # run.py exits non-zero on results["errors"], which failed checks never reached
+    from csl_fast.bench import runner
+
+    rows = _results()["cross_entropy"]
+    rows[0].update(correct=False, check_error="loss: max error 3")
+    monkeypatch.setattr(runner, "bench_cross_entropy", lambda *a, **kw: rows)
+    res = bench.run_full("cpu", sections=("cross_entropy",))
+    (shape, *_) = runner.CE_SHAPES["cpu"]
+    assert res["errors"][f"cross_entropy {shape} checks"] == (
+        f"correctness checks failed:\n{bench.fused_name('cpu')}: loss: max error 3"
+    )
+
+
 def test_a_rewrite_cut_short_leaves_the_last_report(tmp_path, monkeypatch):
     # run.py rewrites its report after each section: the JSON was truncated before it was
     # built, and a rewrite interrupted there (a time limit's SIGINT) left it empty
@@ -183,7 +242,7 @@ def test_no_verdict_on_costs_that_are_noise():
     ]
     assert got["met"] is None and "noise, no verdict" in got["shown"]
     assert "| not decided |" in bench.markdown(res)
-    assert ", 1 not decided (noise)" in bench.summary_table(res)
+    assert ", 1 not decided" in bench.summary_table(res)
     res["env"] = {**res["env"], "cpu_cores": 2, "loadavg_start": [60.0, 1, 1]}
     assert bench.summary_table(res).startswith("The machine was busy")
 

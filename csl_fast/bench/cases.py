@@ -321,10 +321,22 @@ def bench_cross_entropy(
                     "buffers": len(case.inputs),
                 }
             )
-        rows += [{**head, "impl": name, "skipped": why} for name, why in case.skipped.items()]
+        rows += _skipped_rows(head, case.skipped, checks)
         del case
         _free(dev)
     _add_ratios(rows, ("batch", "classes"))
+    return rows
+
+
+def _skipped_rows(head: dict, skipped: dict[str, str], checks: dict[str, str | None]) -> list[dict]:
+    """A row per candidate not timed; one whose check failed or raised says so, since a
+    failed check is an error of the run, not a skip."""
+    rows = []
+    for name, why in skipped.items():
+        row = {**head, "impl": name, "skipped": why}
+        if checks.get(name) is not None:
+            row.update(correct=False, check_error=checks[name])
+        rows.append(row)
     return rows
 
 
@@ -444,7 +456,7 @@ def bench_input_grad(
                     "check_error": checks[name],
                 }
             )
-        rows += [{**head, "impl": name, "skipped": why} for name, why in case.skipped.items()]
+        rows += _skipped_rows(head, case.skipped, checks)
         del case
         _free(dev)
     _add_ratios(rows, ("shape", "dtype"))

@@ -294,12 +294,14 @@ def summary_table(results: dict) -> str:
             )
     met = [t for t in results.get("targets", []) if t["met"]]
     missed = [t for t in results.get("targets", []) if t["met"] is False]
-    open_ = len(results.get("targets", [])) - len(met) - len(missed)
+    open_ = [t for t in results.get("targets", []) if t["met"] is None]
     lines.append(
         f"targets: {len(met)} met, {len(missed)} missed"
-        + (f", {open_} not decided (noise)" if open_ else "")
+        + (f", {len(open_)} not decided" if open_ else "")
     )
     lines += [f"  MISSED {t['target']}: {t['shown']}" for t in missed]
+    # (noise, or a candidate not timed: the reason decides whether to rerun)
+    lines += [f"  NOT DECIDED {t['target']}: {t['shown']}" for t in open_]
     if results.get("errors"):
         lines.append(f"FAILED sections: {', '.join(results['errors'])}")
     return "\n".join(lines)

@@ -15,7 +15,7 @@ from .cases import CE_SHAPES, GRAD_SHAPES, bench_cross_entropy, bench_input_grad
 from .env import _loadavg, environment
 from .harness import _why, copy_bandwidth
 from .report import markdown
-from .targets import targets
+from .targets import check_failure, targets
 from .training import (
     SHORT_VARIANTS,
     WORKLOADS,
@@ -73,16 +73,20 @@ def run_full(
             return
         t = time.perf_counter()
         for part in parts:
+            key = name if part is None else f"{name} {part}"
             try:
                 got = fn(part)
                 if isinstance(got, list):
                     results.setdefault(name, []).extend(got)
+                    failed = _failed_checks(got)
+                    if failed:
+                        results["errors"][f"{key} checks"] = failed
+                        log(f"section {key}: {failed}")
                 else:
                     results[name] = got
             except Exception as exc:
                 import traceback
 
-                key = name if part is None else f"{name} {part}"
                 results["errors"][key] = traceback.format_exc()
                 log(f"section {key} failed: {_why(exc)}")
             checkpoint()
@@ -137,6 +141,15 @@ def run_full(
     results["env"]["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"] = targets(results)
     return results
+
+
+def _failed_checks(rows: list[dict]) -> str | None:
+    """The failed correctness checks among ``rows`` (a training workload's once), or None.
+    They are errors of the run: a build that computes wrong answers must not exit 0."""
+    lines = dict.fromkeys(
+        f"{r.get('impl') or r['workload']}: {why}" for r in rows if (why := check_failure(r))
+    )
+    return "correctness checks failed:\n" + "\n".join(lines) if lines else None
 
 
 def run_short(device: torch.device | str | None = None, quiet: bool = False) -> str:
