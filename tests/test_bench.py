@@ -186,6 +186,49 @@ def test_a_failed_check_is_an_error_of_the_run(monkeypatch):
     )
 
 
+def test_without_a_plain_step_the_differences_are_not_available():
+    # the plain step raised (its row skipped) or was not asked for: overhead_pct and
+    # cost_s are None, and targets() and the report writers raised TypeError on them
+    res = _results()
+    plain = {"workload": "mlp", "device": "cpu", "variant": bench.STEP_PLAIN, "skipped": "OOM"}
+    res["training"] = [plain] + [
+        {**r, "overhead_pct": None, "overhead_ms": None}
+        for r in res["training"]
+        if r["variant"] != bench.STEP_PLAIN
+    ]
+    for row in res["tracking_cost"]:
+        row["cost_s"] = None
+    res["targets"] = bench.targets(res)
+    got = {t["target"]: t for t in res["targets"]}
+    step = got[f"mlp: {bench.STEP_TRACKER} step overhead <= 1%"]
+    assert step["met"] is None and step["shown"].startswith("n/a (no plain baseline) (step")
+    watch = got[f"mlp: {bench.STEP_FULL}: csl_fast's cost <= 1% of the step with dL/dx"]
+    assert watch["met"] is None and watch["shown"].startswith("n/a (no plain baseline); ")
+    host = got["mlp: tracker cost >= 10x cheaper than host logging"]
+    assert host["met"] is None and host["shown"] == "n/a (no plain baseline)"
+    text = bench.markdown(res)
+    assert "| plain F.cross_entropy | skipped: OOM | | |" in text
+    assert f"| {bench.STEP_TRACKER} | 98.00 ms (5%) | n/a (no plain baseline) | n/a" in text
+    assert "| n/a (no plain baseline) | n/a (no plain baseline) |" in text  # tracking cost
+    summary = bench.summary_table(res)
+    assert "n/a (no plain baseline)/step" in summary and "NOT DECIDED mlp: tracker" in summary
+
+
+def test_a_partial_report_that_fails_does_not_end_the_run():
+    # checkpoint() ran outside the section's try: its exception ended run_full, and the
+    # remaining sections were never measured
+    calls = []
+
+    def failing_report(results):
+        calls.append(sorted(results))
+        if len(calls) == 1:
+            raise TypeError("unsupported format string passed to NoneType.__format__")
+
+    res = bench.run_full("cpu", sections=("copy_bandwidth", "memory"), on_section=failing_report)
+    assert res["memory"] and len(calls) == 2
+    assert "TypeError: unsupported format string" in res["errors"]["copy_bandwidth report"]
+
+
 def test_a_rewrite_cut_short_leaves_the_last_report(tmp_path, monkeypatch):
     # run.py rewrites its report after each section: the JSON was truncated before it was
     # built, and a rewrite interrupted there (a time limit's SIGINT) left it empty

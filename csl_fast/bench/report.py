@@ -12,7 +12,7 @@ from . import lm
 from .cases import EAGER_CE, LIGER, REF, REF_COMPILE
 from .env import device_slug
 from .harness import MEASURED_BACKENDS, _fmt_bytes, _fmt_signed, _fmt_time
-from .training import STEP_PLAIN
+from .training import STEP_PLAIN, fmt_overhead, vs_plain
 
 
 def _busy(env: dict) -> str | None:
@@ -201,7 +201,8 @@ def markdown(results: dict, short: bool = False) -> str:
                     continue
                 lines.append(
                     f"| {r['variant']} | {_fmt_time(r['median_s'])} ({r['noise_iqr']:.0%}) | "
-                    f"{r['overhead_pct']:+.1f}% | {r['overhead_ms']:+.2f} ms |"
+                    f"{fmt_overhead(r['overhead_pct'])} | "
+                    f"{vs_plain(r['overhead_ms'], '{:+.2f} ms'.format)} |"
                 )
             if r0.get("check_error"):
                 lines.append(f"\ncheck failed: {r0['check_error']}")
@@ -229,8 +230,9 @@ def markdown(results: dict, short: bool = False) -> str:
                 continue
             lines.append(
                 f"| {r['workload']} (B={r['batch']}, C={r['classes']}) | {r['variant']} | "
-                f"{_fmt_time(r['median_s'])} ({r['noise_iqr']:.0%}) | {_fmt_signed(r['cost_s'])} | "
-                f"{_fmt_signed(r['cost_s'] / r['batch'])} |"
+                f"{_fmt_time(r['median_s'])} ({r['noise_iqr']:.0%}) | "
+                f"{vs_plain(r['cost_s'], _fmt_signed)} | "
+                f"{vs_plain(r['cost_s'] and r['cost_s'] / r['batch'], _fmt_signed)} |"
             )
         lines.append("")
     mem = results.get("memory")
@@ -286,12 +288,13 @@ def summary_table(results: dict) -> str:
             )
     for r in results.get("training", []):
         if "median_s" in r and r["variant"] != STEP_PLAIN:
-            lines.append(f"step {r['workload']:<12} {r['variant']:<40} {r['overhead_pct']:+7.1f}%")
+            lines.append(
+                f"step {r['workload']:<12} {r['variant']:<40} {fmt_overhead(r['overhead_pct']):>7}"
+            )
     for r in results.get("tracking_cost", []):
         if "median_s" in r and r["variant"] != STEP_PLAIN:
-            lines.append(
-                f"cost {r['workload']:<12} {r['variant']:<40} {_fmt_signed(r['cost_s']):>9}/step"
-            )
+            cost = vs_plain(r["cost_s"], _fmt_signed)
+            lines.append(f"cost {r['workload']:<12} {r['variant']:<40} {cost:>9}/step")
     met = [t for t in results.get("targets", []) if t["met"]]
     missed = [t for t in results.get("targets", []) if t["met"] is False]
     open_ = [t for t in results.get("targets", []) if t["met"] is None]

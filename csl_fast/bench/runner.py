@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -61,10 +62,17 @@ def run_full(
         "budget_scale": budget_scale,
     }
 
-    def checkpoint():
-        if on_section is not None:
+    def checkpoint(key: str) -> None:
+        """Write the partial report; a failure is recorded, not raised: raised outside the
+        section's try, it ended the run with its remaining sections unmeasured."""
+        if on_section is None:
+            return
+        try:
             results["targets"] = targets(results)
             on_section(results)
+        except Exception as exc:
+            results["errors"][f"{key} report"] = traceback.format_exc()
+            log(f"partial report after {key} failed: {_why(exc)}")
 
     def section(name, fn, parts=(None,)):
         """Run ``fn(part)`` for each part (e.g. each shape), appending rows, and write a
@@ -85,11 +93,9 @@ def run_full(
                 else:
                     results[name] = got
             except Exception as exc:
-                import traceback
-
                 results["errors"][key] = traceback.format_exc()
                 log(f"section {key} failed: {_why(exc)}")
-            checkpoint()
+            checkpoint(key)
         log(f"section {name}: {time.perf_counter() - t:.1f}s")
 
     section("copy_bandwidth", lambda _: copy_bandwidth(dev))

@@ -44,6 +44,21 @@ STEP_VARIANTS = (STEP_PLAIN, STEP_CSL, STEP_TRACKER, STEP_XGRAD, STEP_FULL, STEP
 SHORT_VARIANTS = (STEP_PLAIN, STEP_TRACKER, STEP_FULL, STEP_HOST)
 
 
+#: What a difference from the plain step shows when there is none: the plain step was
+#: skipped (it raised, e.g. out of memory) or not among the variants asked for.
+NO_PLAIN = "n/a (no plain baseline)"
+
+
+def vs_plain(value: float | None, fmt: Callable[[float], str]) -> str:
+    """``fmt(value)`` for a difference from the plain step (``overhead_pct``, ``cost_s``...),
+    :data:`NO_PLAIN` where it is None."""
+    return NO_PLAIN if value is None else fmt(value)
+
+
+def fmt_overhead(pct: float | None) -> str:
+    return vs_plain(pct, "{:+.1f}%".format)
+
+
 #: The variants that run csl_fast: they need a compiled backend (see :class:`TrainingCase`).
 CSL_VARIANTS = (STEP_CSL, STEP_TRACKER, STEP_FULL)
 
