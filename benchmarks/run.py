@@ -17,6 +17,12 @@ with status 3 before measuring anything; ``--allow-missing-backends`` runs anywa
 csl_fast's rows skipped and the reason in the report. When one of a GPU's two cannot run,
 its rows are skipped with the reason and the other's are timed.
 
+The report is rewritten after each section, so a run cut short leaves its finished sections
+behind: until every section asked for is done it goes to ``<name>-in-progress.md``/``.json``
+and opens by saying it is incomplete and which sections are pending; the complete report is
+then written under the final name and the in-progress files removed, so a killed run never
+replaces a complete report (see ``write_report`` in ``csl_fast/bench/report.py``).
+
 Provenance: set ``CSL_COMMIT`` to the commit the tree holds where ``git rev-parse HEAD`` is
 wrong (a copy with stale git metadata); the report also records a SHA-256 of the sources
 under csl_fast/ and csrc/ (see ``csl_fast/bench/env.py``).

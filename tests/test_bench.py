@@ -248,6 +248,35 @@ def test_a_rewrite_cut_short_leaves_the_last_report(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([Path(md).name, Path(js).name])
 
 
+def test_a_checkpoint_says_it_is_incomplete_and_leaves_the_complete_report(tmp_path):
+    # run.py wrote each checkpoint under the final name, unmarked: a run killed after its
+    # first section replaced the day's complete report with one section that read whole
+    res = bench.run_full("cpu", sections=("memory",))
+    final, _ = bench.write_report(res, str(tmp_path))
+    complete = Path(final).read_text()
+    seen = []
+
+    def checkpoint(results):
+        md, _ = bench.write_report(results, str(tmp_path))
+        seen.append((Path(md).name, Path(md).read_text(), Path(final).read_text()))
+
+    res = bench.run_full("cpu", sections=("copy_bandwidth", "memory"), on_section=checkpoint)
+    assert len(seen) == 2
+    name, text, untouched = seen[0]
+    assert name == Path(final).name.replace(".md", "-in-progress.md") and untouched == complete
+    assert text.splitlines()[2].startswith(
+        "**Incomplete: the run was in progress when this was written** (or was cut short): "
+        "sections pending memory; done copy_bandwidth."
+    )
+    assert res["env"]["settings"]["sections"] == ["copy_bandwidth", "memory"]
+    assert "pending" not in res
+    bench.write_report(res, str(tmp_path))  # the complete report replaces the checkpoints
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [Path(final).name, Path(final).with_suffix(".json").name]
+    )
+    assert "Incomplete" not in Path(final).read_text()
+
+
 def test_reports_render_and_are_written(tmp_path):
     res = _results()
     res["targets"] = bench.targets(res)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -73,6 +74,22 @@ def _backends(env: dict) -> list[str]:
     return lines
 
 
+def _in_progress(results: dict) -> list[str]:
+    """The notice a checkpoint written mid-run opens with: without it, a run killed after
+    its first section left a one-section report that read as complete."""
+    pending = results.get("pending")
+    if not pending:
+        return []
+    asked = results["env"]["settings"]["sections"]
+    done = [s for s in asked if s not in pending]
+    return [
+        "",
+        f"**Incomplete: the run was in progress when this was written** (or was cut short): "
+        f"sections pending {', '.join(pending)}; done {', '.join(done) or 'none'}. The "
+        "targets below are those of the finished sections only.",
+    ]
+
+
 def markdown(results: dict, short: bool = False) -> str:
     env = results["env"]
     dev = env["device"]
@@ -93,6 +110,7 @@ def markdown(results: dict, short: bool = False) -> str:
         *([f"- compiled extension: {env['extension']}"] if env.get("extension") else []),
         "",
     ]
+    lines[1:1] = _in_progress(results)
     lines[-1:-1] = _backends(env)
     busy = _busy(env)
     if busy:
@@ -313,18 +331,33 @@ def summary_table(results: dict) -> str:
 _VERDICT = {True: "met", False: "**missed**", None: "not decided"}
 
 
+IN_PROGRESS = "-in-progress"
+
+
 def write_report(results: dict, out_dir: str, suffix: str = "") -> tuple[str, str]:
     """Write ``<device-slug>-<date><suffix>.md`` and ``.json`` into ``out_dir`` (``suffix``
-    names a partial run); return the paths."""
+    names a partial run); return the paths.
+
+    A checkpoint of a run still in progress (``results["pending"]``) goes to
+    ``<...><suffix>-in-progress.md``/``.json`` instead, so a run killed after its first
+    section leaves the day's complete report, committed ones included, as it was; the
+    complete report is written atomically under the final name and the in-progress files
+    are then removed."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"{device_slug(results['env'])}-{results['env']['date'][:10]}{suffix}"
-    md, js = os.path.join(out_dir, stem + ".md"), os.path.join(out_dir, stem + ".json")
+    final = os.path.join(out_dir, f"{device_slug(results['env'])}-{results['env']['date'][:10]}")
+    final += suffix
+    stem = final + IN_PROGRESS if results.get("pending") else final
+    md, js = stem + ".md", stem + ".json"
     # Both built before either is written, each written atomically: run.py rewrites the
     # report after every section, and a rewrite cut short (a time limit's SIGINT) left an
     # empty JSON where the finished sections had been.
     text, data = markdown(results), json.dumps(_jsonable(results), indent=1)
     atomic_file.write_text(md, lambda f: f.write(text), "write the report", "report.md")
     atomic_file.write_text(js, lambda f: f.write(data), "write the report", "report.json")
+    if stem == final:
+        for ext in (".md", ".json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(final + IN_PROGRESS + ext)
     return md, js
 
 

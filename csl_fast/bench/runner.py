@@ -50,8 +50,12 @@ def run_full(
 ) -> dict:
     """Every section on ``device``; returns the results dict :func:`write_report` takes.
 
-    ``on_section(results)`` is called after each section (e.g. to write a partial report,
-    so a run cut short by a time limit still leaves its finished sections behind)."""
+    ``on_section(results)`` is called after each section's part (e.g. to write a partial
+    report, so a run cut short by a time limit still leaves its finished sections behind).
+    ``env["settings"]["sections"]`` records the sections asked for and ``results["pending"]``
+    those not finished yet, so such a report says it is incomplete (:func:`markdown`) and
+    is written under an in-progress name (:func:`write_report`); the returned results have
+    no ``pending``."""
     dev = torch.device(device)
     t0 = time.perf_counter()
     results: dict[str, Any] = {"env": environment(dev), "errors": {}}
@@ -60,7 +64,9 @@ def run_full(
         "step_reps": step_reps,
         "compile": compile,
         "budget_scale": budget_scale,
+        "sections": [s for s in SECTIONS if s in sections],
     }
+    results["pending"] = list(results["env"]["settings"]["sections"])
 
     def checkpoint(key: str) -> None:
         """Write the partial report; a failure is recorded, not raised: raised outside the
@@ -80,7 +86,7 @@ def run_full(
         if name not in sections:
             return
         t = time.perf_counter()
-        for part in parts:
+        for i, part in enumerate(parts, 1):
             key = name if part is None else f"{name} {part}"
             try:
                 got = fn(part)
@@ -95,6 +101,8 @@ def run_full(
             except Exception as exc:
                 results["errors"][key] = traceback.format_exc()
                 log(f"section {key} failed: {_why(exc)}")
+            if i == len(parts):
+                results["pending"].remove(name)  # (before the checkpoint that shows it done)
             checkpoint(key)
         log(f"section {name}: {time.perf_counter() - t:.1f}s")
 
@@ -143,6 +151,7 @@ def run_full(
         ),
         lm.LCE_SHAPES[dev.type],
     )
+    del results["pending"]
     results["env"]["loadavg_end"] = _loadavg()
     results["env"]["wall_s"] = round(time.perf_counter() - t0, 1)
     results["targets"] = targets(results)
