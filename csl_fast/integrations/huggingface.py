@@ -143,16 +143,27 @@ class _EpochCallback(TrainerCallback):
         # ahead of it (see on_save).
         self._epoch_end_step: int | None = None
         self._closed_early_step: int | None = None
+        self._cut_short = False  # the last epoch stopped part-way (see on_epoch_end)
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A second train() counts its steps from 0 again: the first run's marks matched
         # its steps, and the epoch that a save at its last step had to close stayed open.
         self._epoch_end_step = self._closed_early_step = None
+        self._cut_short = False
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._epoch_end_step = state.global_step
-        if self.trainer.csl_tracker is not None and self._closed_early_step != state.global_step:
-            self.trainer.csl_tracker.end_epoch()  # combines the ranks when distributed
+        if self.trainer.csl_tracker is None or self._closed_early_step == state.global_step:
+            return
+        whole = state.epoch is not None and float(state.epoch).is_integer()
+        if control.should_training_stop and not whole:
+            # Training stops part-way through the epoch (max_steps, a callback): the epoch
+            # save that follows must hold it open, as a resume from it goes on with the
+            # same epoch; closed here, the resumed run closed it again, one epoch ahead.
+            # on_train_end closes it, after the last save.
+            self._cut_short = True
+            return
+        self.trainer.csl_tracker.end_epoch()  # combines the ranks when distributed
 
     def on_save(self, args, state, control, **kwargs):
         tracker = self.trainer.csl_tracker
@@ -176,8 +187,14 @@ class _EpochCallback(TrainerCallback):
             tracker.save(os.path.join(folder, TRACKER_FILE))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.trainer.csl_tracker is not None:
-            self.trainer.csl_tracker.sync()
+        tracker = self.trainer.csl_tracker
+        if tracker is None:
+            return
+        if self._cut_short:  # the epoch training stopped in: the run is over
+            self._cut_short = False
+            tracker.end_epoch()  # (syncs the ranks first)
+        else:
+            tracker.sync()
 
 
 class CSLTrainer(Trainer):

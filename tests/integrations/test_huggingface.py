@@ -143,6 +143,36 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path
     torch.testing.assert_close(got.loss_history, want.loss_history)
 
 
+def test_a_run_stopped_part_way_through_an_epoch_resumes_on_the_same_epoch(tmp_path):
+    """max_steps inside an epoch: on_epoch_end closed the partial epoch before the epoch
+    save, and the resumed run (which goes on with that epoch) closed it again, one epoch
+    ahead (learned_epoch shifted, a loss-curve row split in two)."""
+    kw = {"csl_tracker_kwargs": {"history": True}, "train_dataset": with_index(Examples())}
+    steady = {"lr_scheduler_type": "constant"}  # (the resumed run's schedule as the full one's)
+    full = CSLTrainer(
+        model=_model(), args=_args(tmp_path / "full", 3, save_strategy="no", **steady), **kw
+    )
+    full.train()
+    first = CSLTrainer(
+        model=_model(),
+        args=_args(tmp_path, 3, max_steps=4, save_strategy="epoch", **steady),  # 3 a epoch
+        **kw,
+    )
+    first.train()
+    assert first.csl_tracker.epoch == 2  # the run is over: its last epoch closed
+    saved = CSLTracker.from_file(os.path.join(tmp_path, "checkpoint-4", TRACKER_FILE))
+    assert saved.epoch == 1  # held open for a resume
+    resumed = CSLTrainer(
+        model=_model(), args=_args(tmp_path, 3, max_steps=9, save_strategy="no", **steady), **kw
+    )
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-4"))
+    got, want = resumed.csl_tracker, full.csl_tracker
+    assert got.epoch == want.epoch == 3
+    assert torch.equal(got.learned_epoch, want.learned_epoch)
+    assert torch.equal(got.csl_count, want.csl_count)
+    torch.testing.assert_close(got.loss_history, want.loss_history)
+
+
 def test_a_second_train_call_closes_its_epochs_too(tmp_path):
     """train() twice on one trainer, with a save at each epoch's last step: the second run
     counts its steps from 0 again, met the first run's marks, and left its epoch open (the
