@@ -1,5 +1,6 @@
-"""The checks the training-framework integrations run on their tracker options at
-construction, so that a typo fails before training starts, not at the first step."""
+"""The checks the training-framework integrations run before training: on their tracker
+options at construction, so that a typo fails before training starts, not at the first
+step, and on the parallelism they are given."""
 
 from __future__ import annotations
 
@@ -66,3 +67,17 @@ def check_tracker_options(
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"{owner}: {exc}") from None
     return kwargs
+
+
+def refuse_tensor_parallel(owner: str, tp_size: int) -> None:
+    """Tensor parallelism gives the ``tp_size`` ranks of a group the same batch, which the
+    tracker's sync over every rank would count ``tp_size`` times; the integrations sync
+    over the whole world, as they take no data-parallel group."""
+    if tp_size > 1:
+        raise RuntimeError(
+            f"{owner}: tensor parallelism (tp_size={tp_size}) gives the {tp_size} ranks of "
+            "a tensor-parallel group the same batch, and the tracker's sync over every rank "
+            f"would count each presentation {tp_size} times. Train data-parallel only "
+            "(DDP, FSDP), or record with csl_fast.accumulate in your own loop and close "
+            "epochs with tracker.end_epoch(group) over the data-parallel group"
+        )

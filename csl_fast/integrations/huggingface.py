@@ -71,7 +71,7 @@ from .._args import check_flags
 from ..accumulate import accumulate
 from ..distributed import loaded_unmarked, mark_synced
 from ..tracker import CSLTracker
-from ._options import check_tracker_options
+from ._options import check_tracker_options, refuse_tensor_parallel
 
 try:
     from transformers import Trainer, TrainerCallback
@@ -402,8 +402,7 @@ class CSLTrainer(Trainer):
         loss = loss / num_items_in_batch
         if average:
             # The count is then the ranks' total, and DDP averages the ranks' gradients.
-            tp = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * (self.accelerator.num_processes // tp)
+            loss = loss * (self.accelerator.num_processes // self._tp_size())
         return loss
 
     def _index_tensor(self, index: Any) -> torch.Tensor:
@@ -611,6 +610,7 @@ class CSLTrainer(Trainer):
             from transformers.trainer_utils import get_last_checkpoint
 
             folder = get_last_checkpoint(self.args.output_dir)  # None: the Trainer says so
+        refuse_tensor_parallel("CSLTrainer", self._tp_size())
         if isinstance(folder, (str, os.PathLike)) and os.path.isdir(folder):
             self._restore_tracker(os.fspath(folder))
         if self.csl_tracker is not None and loaded_unmarked(self.csl_tracker):
@@ -618,6 +618,10 @@ class CSLTrainer(Trainer):
             # which the first end_epoch under DDP refused unmarked, after a whole epoch
             mark_synced(self.csl_tracker)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _tp_size(self) -> int:
+        # (transformers before get_tp_size had no tensor parallelism in the Trainer)
+        return self.get_tp_size() if hasattr(self, "get_tp_size") else 1
 
     def _restore_tracker(self, checkpoint: str) -> None:
         path = os.path.join(checkpoint, TRACKER_FILE)

@@ -42,7 +42,7 @@ from typing import Any
 from ..atomic_file import target_of
 from ..distributed import loaded_unmarked, mark_synced, recorded_since, training_mark
 from ..tracker import CSLTracker
-from ._options import check_tracker_options
+from ._options import check_tracker_options, refuse_tensor_parallel
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback, LightningModule, Trainer
@@ -168,6 +168,7 @@ class CSLCallback(Callback):
 
     # ------------------------------------------------------------------ lifecycle
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        refuse_tensor_parallel("CSLCallback", _tensor_parallel_size(trainer))
         self._set_up_here = True
         if self._tracker is not None and any(
             b.is_shared() for b in self._tracker.buffers().values() if b.device.type == "cpu"
@@ -328,3 +329,11 @@ class CSLCallback(Callback):
 
     def __repr__(self) -> str:
         return f"CSLCallback(attr={self.attr!r}, tracker={self._tracker!r})"
+
+
+def _tensor_parallel_size(trainer: Trainer) -> int:
+    """The size of the ``tensor_parallel`` dimension of the strategy's device mesh
+    (``ModelParallelStrategy``), 1 for strategies without one."""
+    mesh = getattr(trainer.strategy, "_device_mesh", None)  # (the property raises before set-up)
+    names = getattr(mesh, "mesh_dim_names", None) or ()
+    return int(mesh["tensor_parallel"].size()) if "tensor_parallel" in names else 1

@@ -173,6 +173,20 @@ def test_a_run_stopped_part_way_through_an_epoch_resumes_on_the_same_epoch(tmp_p
     torch.testing.assert_close(got.loss_history, want.loss_history)
 
 
+def test_tensor_parallelism_is_refused_before_training(tmp_path):
+    # the ranks of a tensor-parallel group train on the same batch: the epoch's sync over
+    # every rank counted each presentation tp times, silently
+    trainer = CSLTrainer(
+        model=_model(),
+        args=_args(tmp_path, 1, save_strategy="no"),
+        train_dataset=with_index(Examples()),
+    )
+    trainer.get_tp_size = lambda: 2
+    with pytest.raises(RuntimeError, match=r"CSLTrainer: tensor parallelism \(tp_size=2\)"):
+        trainer.train()
+    assert trainer.csl_tracker is None or not trainer.csl_tracker.csl_count.any()
+
+
 def test_a_second_train_call_closes_its_epochs_too(tmp_path):
     """train() twice on one trainer, with a save at each epoch's last step: the second run
     counts its steps from 0 again, met the first run's marks, and left its epoch open (the

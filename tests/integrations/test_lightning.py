@@ -325,3 +325,29 @@ def test_watch_under_gradient_accumulation_warns_once(tmp_path, accumulate, scal
         assert said == []
     else:
         assert len(said) == 1 and "reduction_scale=B * 2" in said[0]
+
+
+class _Mesh:
+    """A device mesh of ModelParallelStrategy: data_parallel x tensor_parallel."""
+
+    mesh_dim_names = ("data_parallel", "tensor_parallel")
+
+    def __init__(self, tp: int) -> None:
+        self.tp = tp
+
+    def __getitem__(self, name: str):
+        return type("Dim", (), {"size": lambda _: self.tp if name == "tensor_parallel" else 1})()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_tensor_parallelism_is_refused_before_anything_is_recorded(tp):
+    # the ranks of a tensor-parallel group train on the same batch: end_epoch's sync over
+    # every rank counted each presentation tp times, silently
+    callback = CSLCallback(num_samples=N, num_classes=C)
+    strategy = type("Strategy", (), {"_device_mesh": _Mesh(tp)})()
+    trainer = type("Trainer", (), {"strategy": strategy})()
+    if tp == 1:
+        callback.setup(trainer, Tiny(), "fit")
+        return
+    with pytest.raises(RuntimeError, match=r"CSLCallback: tensor parallelism \(tp_size=2\)"):
+        callback.setup(trainer, Tiny(), "fit")
