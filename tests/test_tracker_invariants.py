@@ -20,12 +20,19 @@ N, C, B = 12, 4, 40
 UNSEEN = N - 1  # never presented, scored or input-gradient recorded
 
 
-def _fed(seed: int, dtype=torch.float32, history: bool = True, epochs: int = 3) -> CSLTracker:
+def _fed(
+    seed: int,
+    dtype=torch.float32,
+    history: bool = True,
+    epochs: int = 3,
+    sequences: bool = False,
+) -> CSLTracker:
     """A tracker fed every way there is, over samples 0..N-2: class indices with weights,
-    label smoothing, ignored rows, non-finite rows and duplicates; sequences with ignored
-    tokens and an all-ignored sequence, also through linear_cross_entropy; soft targets
-    into its sums; record_loss with negative and NaN losses; input gradients with invalid
-    rows; eval passes."""
+    label smoothing, ignored rows, non-finite rows and duplicates (or, ``sequences``,
+    sequences with ignored tokens and an all-ignored sequence, also through
+    linear_cross_entropy: a tracker holds one kind); soft targets into its sums;
+    record_loss with negative and NaN losses; input gradients with invalid rows; eval
+    passes."""
     g = torch.Generator().manual_seed(seed)
     t = CSLTracker(N, C, dtype=dtype, history=history)
     model = torch.nn.Linear(3, C)
@@ -36,18 +43,12 @@ def _fed(seed: int, dtype=torch.float32, history: bool = True, epochs: int = 3) 
         logits = torch.randn(B, C, generator=g) * 3
         logits[3, 1] = float("nan")
         logits[5, 0] = float("inf")
-        csl_fast.accumulate(
-            logits, target, idx, t, weight=torch.rand(C, generator=g), label_smoothing=0.1
-        )
-        seq_idx = torch.randint(0, UNSEEN, (5,), generator=g)
-        seq_target = torch.randint(0, C, (5, 6), generator=g)
-        seq_target[:, ::3] = -100
-        seq_target[2] = -100  # a sequence without a valid token: not a presentation
-        csl_fast.accumulate(torch.randn(30, C, generator=g), seq_target, seq_idx, t)
-        hidden = torch.randn(5, 6, 3, generator=g)  # sequences through the fused LM head
-        csl_fast.linear_cross_entropy(
-            hidden, torch.randn(C, 3, generator=g), seq_target, seq_idx, t
-        )
+        if sequences:
+            _feed_sequences(t, g)
+        else:
+            csl_fast.accumulate(
+                logits, target, idx, t, weight=torch.rand(C, generator=g), label_smoothing=0.1
+            )
         probs = torch.softmax(torch.randn(B, C, generator=g), 1)
         csl_fast.accumulate(logits, probs, idx, t.csl_sum, count=t.csl_count)
         loss = torch.randn(B, generator=g) * 5
@@ -57,10 +58,21 @@ def _fed(seed: int, dtype=torch.float32, history: bool = True, epochs: int = 3) 
         x = torch.randn(8, 3, generator=g)
         batch = (x, torch.randint(0, C, (8,), generator=g), torch.randperm(UNSEEN, generator=g)[:8])
         csl_fast.score_epoch(model, [batch], t)
-        fit = torch.arange(0, UNSEEN, 2)  # and every other sample ends the epoch fitted
-        csl_fast.accumulate(torch.eye(C)[fit % C] * 5, fit % C, fit, t)
+        if not sequences:
+            fit = torch.arange(0, UNSEEN, 2)  # and every other sample ends the epoch fitted
+            csl_fast.accumulate(torch.eye(C)[fit % C] * 5, fit % C, fit, t)
         t.end_epoch()
     return t
+
+
+def _feed_sequences(t: CSLTracker, g: torch.Generator) -> None:
+    seq_idx = torch.randint(0, UNSEEN, (5,), generator=g)
+    seq_target = torch.randint(0, C, (5, 6), generator=g)
+    seq_target[:, ::3] = -100
+    seq_target[2] = -100  # a sequence without a valid token: not a presentation
+    csl_fast.accumulate(torch.randn(30, C, generator=g), seq_target, seq_idx, t)
+    hidden = torch.randn(5, 6, 3, generator=g)  # sequences through the fused LM head
+    csl_fast.linear_cross_entropy(hidden, torch.randn(C, 3, generator=g), seq_target, seq_idx, t)
 
 
 def _flipping() -> CSLTracker:
@@ -80,7 +92,9 @@ def _flipping() -> CSLTracker:
 def test_every_way_of_feeding_and_combining_gives_states_that_load(tmp_path, dtype, history):
     runs = [_fed(s, dtype, history, epochs=2 + s) for s in range(3)]
     csl_fast.accumulate(torch.randn(4, C), torch.arange(4), torch.arange(4), runs[1])  # mid-epoch
-    for t in [*runs, csl_fast.merge(runs), csl_fast.merge(runs[::-1])]:
+    texts = [_fed(s, dtype, history, epochs=2 + s, sequences=True) for s in range(2)]
+    merged = [csl_fast.merge(runs), csl_fast.merge(runs[::-1]), csl_fast.merge(texts)]
+    for t in [*runs, *texts, *merged]:
         CSLTracker(N, C, dtype=t.dtype, history=t.history).load_state_dict(t.state_dict())
         t.save(tmp_path / "run.csl")
         CSLTracker.from_file(tmp_path / "run.csl")
