@@ -47,6 +47,7 @@ member instead (it trusts no label).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -111,26 +112,30 @@ def resolve_conflicts(
     gid = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
     lab = labels.detach().cpu().long()[members]
     loss = mean_loss.detach().cpu().double()[members]
-    prob = torch.where(torch.isfinite(loss), torch.exp(-loss), torch.zeros_like(loss))
-    # an unlabelled member (a negative label, ignore_index) has no label to vote for: it
-    # takes the group's label
-    prob = torch.where(lab >= 0, prob, torch.zeros_like(prob))
-    # the best member of each (group, label): its probability
-    pair_keys, pair_of = torch.unique(torch.stack([gid, lab], 1), dim=0, return_inverse=True)
-    best = torch.zeros(pair_keys.shape[0], dtype=torch.float64)
-    best.scatter_reduce_(0, pair_of, prob, reduce="amax")
+    # a member never presented, or unlabelled (a negative label, ignore_index), has no
+    # label to vote for; an unlabelled one takes the group's label
+    votes = torch.isfinite(loss) & (lab >= 0)
+    # the best (lowest mean loss) voting member of each (group, label)
+    pair_keys, pair_of = torch.unique(
+        torch.stack([gid[votes], lab[votes]], 1), dim=0, return_inverse=True
+    )
+    best = torch.full((pair_keys.shape[0],), math.inf, dtype=torch.float64)
+    best.scatter_reduce_(0, pair_of, loss[votes], reduce="amin")
     pair_group = pair_keys[:, 0]
-    total = torch.zeros(len(groups), dtype=torch.float64).index_add_(0, pair_group, best)
-    top = torch.zeros(len(groups), dtype=torch.float64)
-    top.scatter_reduce_(0, pair_group, best, reduce="amax")
+    top = torch.full((len(groups),), math.inf, dtype=torch.float64)
+    top.scatter_reduce_(0, pair_group, best, reduce="amin")
     winners = torch.zeros(len(groups), dtype=torch.long)
     winners.index_add_(0, pair_group, (best == top[pair_group]).long())
     # the group's label: the label of its best pair; none on an exact tie or no data
-    decided = (winners == 1) & (top > 0)
+    decided = winners == 1
     label_of = torch.full((len(groups),), -1, dtype=torch.long)
     win = (best == top[pair_group]) & decided[pair_group]
     label_of[pair_group[win]] = pair_keys[win, 1]
-    share = torch.where(decided, top / total.clamp(min=1e-300), torch.nan).float()
+    # the share, softmax of -loss over the labels, in log space: exp(-loss) underflows
+    # past a mean loss of ~745 (a diverged run), where a clear winner read as a tie
+    total = torch.zeros(len(groups), dtype=torch.float64)
+    total.index_add_(0, pair_group, torch.exp(top[pair_group] - best))
+    share = torch.where(decided, 1 / total, torch.nan).float()
     group_label = label_of[gid]
     order = torch.argsort(members)
     return GroupDecision(

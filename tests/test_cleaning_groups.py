@@ -55,6 +55,14 @@ def test_resolve_conflicts_group_label_share_and_ties():
     assert math.isnan(dec.share[5]) and math.isnan(dec.share[6])
 
 
+def test_resolve_conflicts_share_survives_huge_mean_losses():
+    # exp(-loss) underflows past ~745: the share read 1e-4 and [750, 900] as a tie
+    for loss in ([700.0, 900.0], [750.0, 900.0]):
+        dec = resolve_conflicts([[0, 1]], torch.tensor([0, 1]), torch.tensor(loss))
+        assert dec.group_label.tolist() == [0, 0]
+        assert dec.share.tolist() == pytest.approx([1.0, 1.0])
+
+
 def test_resolve_conflicts_never_presented_member_and_empty():
     dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor([math.nan, 0.3]))
     assert dec.group_label.tolist() == [3, 3] and dec.keep.tolist() == [False, True]
