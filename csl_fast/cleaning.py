@@ -692,8 +692,9 @@ def clean(
             identical inputs with conflicting labels is flagged and resolved
             (:mod:`csl_fast.cleaning_groups`). A member the run never trained on gets the
             action ``drop`` (its suggested label, the group's, shown): the cleaned set of
-            :meth:`CleaningPlan.apply` leaves such samples out, as the run says nothing
-            about them.
+            :meth:`CleaningPlan.apply` leaves such samples out. It votes for its label by
+            its eval-pass loss where an eval pass scored it; a group with one label
+            measured keeps the per-sample plan.
         **detect_kwargs: forwarded to the default detection when ``detection`` is None:
             ``rule``, ``fraction``, ``threshold`` (any other name raises ``TypeError``).
 
@@ -814,7 +815,8 @@ def clean(
         # the labels, and a member's own suggestion is the partner's label)
         union = torch.zeros(n, dtype=torch.bool)
         union[chosen] = True
-        union |= dup.flagged.cpu()
+        # (a group too little measured to decide leaves its members to the detection)
+        union[group.index] = True
         chosen = torch.nonzero(union)[:, 0]
         chosen = chosen[torch.argsort(rank_of[chosen])]
     if budget is not None:

@@ -14,8 +14,10 @@ has one input, so the network gave one answer to both members; which of their la
 preferred is what decides:
 
 * **the group's label** is the label of the member with the lowest *mean* loss
-  (``CSL / presentations``): the label the network gave the most probability to, on
-  average over training, for this input (ties: the smallest index). On the demo it is the
+  (``CSL / presentations``; for a member the run never trained on, its mean eval-pass loss
+  where :func:`csl_fast.score_epoch` scored it, the network's word on a held-out copy):
+  the label the network gave the most probability to, on average over training, for this
+  input (ties: the smallest index). On the demo it is the
   true label of 20 of 20 pairs with seed 0 and 20 of 20 with seed 1.
 * **keep** the members that carry the group's label (the row says ``keep``) and
   **relabel** the others to it, as a flipped sample is relabelled. Relabelling rather than
@@ -35,9 +37,15 @@ preferred is what decides:
   1/2).
 * the row's ``suggested_label`` is the group's label and its ``confidence`` the group
   label's share of the members' geometric-mean probability, ``exp(-mean loss)``
-  (the best member of each label): ``1/2`` for a pair the network could not tell apart,
-  near 1 when it clearly preferred one label. A group whose best labels tie exactly, or
-  whose members were never presented, has no label: every member is dropped.
+  (the best member of each label, over the labels measured): ``1/2`` for a pair the
+  network could not tell apart, near 1 when it clearly preferred one label. A group whose
+  best labels tie exactly has no label: every member is dropped.
+* a group with fewer than two of its labels measured (the other labels' members neither
+  trained on nor scored by an eval pass) compares nothing, and the lone measured label
+  would win with share 1 whatever the network said of it: such a group adds no rows, its
+  members keep the per-sample plan (:attr:`csl_fast.CleaningPlan.duplicates` still lists
+  it). A group with two labels measured decides between those; a member of an unmeasured
+  label is dropped (never presented).
 
 The group's label needs no threshold of its own: unlike a single flagged sample's
 relabel, it never invents a label, it picks one the data already gives, and the network's
@@ -87,8 +95,12 @@ def resolve_conflicts(
             as :attr:`csl_fast.detect.Detection.groups` lists them.
         labels: int ``[N]`` the given labels; a negative one (an unlabelled sample,
             ``ignore_index``) never wins and is relabelled to the group's label.
-        mean_loss: float ``[N]`` each sample's mean loss over training (``csl_mean``; NaN
-            for a sample never presented), or over the eval passes of a run without training.
+        mean_loss: float ``[N]`` each sample's mean loss over training (``csl_mean``), or
+            over the eval passes for a sample never trained on; NaN: never measured.
+
+    Returns:
+        the members of the groups with at least two labels measured (the others compare
+        nothing and are left out).
     """
     empty = torch.empty(0, dtype=torch.long)
     if not groups:
@@ -126,8 +138,13 @@ def resolve_conflicts(
     top.scatter_reduce_(0, pair_group, best, reduce="amin")
     winners = torch.zeros(len(groups), dtype=torch.long)
     winners.index_add_(0, pair_group, (best == top[pair_group]).long())
-    # the group's label: the label of its best pair; none on an exact tie or no data
-    decided = winners == 1
+    # a group with fewer than two measured labels compares nothing: the lone measured
+    # label would win with share 1, overriding what the network said of that member
+    measured = torch.zeros(len(groups), dtype=torch.long)
+    measured.index_add_(0, pair_group, torch.ones_like(pair_group))
+    judged = measured >= 2
+    # the group's label: the label of its best pair; none on an exact tie
+    decided = (winners == 1) & judged
     label_of = torch.full((len(groups),), -1, dtype=torch.long)
     win = (best == top[pair_group]) & decided[pair_group]
     label_of[pair_group[win]] = pair_keys[win, 1]
@@ -136,6 +153,8 @@ def resolve_conflicts(
     total = torch.zeros(len(groups), dtype=torch.float64)
     total.index_add_(0, pair_group, torch.exp(top[pair_group] - best))
     share = torch.where(decided, 1 / total, torch.nan).float()
+    rows = judged[gid]
+    members, lab, gid = members[rows], lab[rows], gid[rows]
     group_label = label_of[gid]
     order = torch.argsort(members)
     return GroupDecision(
@@ -198,13 +217,16 @@ def duplicate_decisions(
 
 
 def _mean_loss(source: Any) -> torch.Tensor:
-    """Each sample's mean training loss; in a run of eval passes alone, its mean eval-pass
-    loss (there every conflicting group was left undecided and all its members dropped)."""
+    """Each sample's mean training loss; for a sample never trained on (held out, or a run
+    of eval passes alone), its mean eval-pass loss where an eval pass scored it (NaN
+    otherwise). A scores mapping has no eval-pass mean: its ``csl_mean`` alone."""
     from .tracker import CSLTracker
 
     if isinstance(source, CSLTracker):
-        trained = bool((source.csl_count > 0).any())
-        mean = source.csl_mean if trained else source.eval_csl_mean
+        # the eval pass measured what the network says of a held-out member; ignored, its
+        # trained twin's label won unopposed (kept although the network rejected it)
+        trained = source.csl_count > 0
+        mean = torch.where(trained, source.csl_mean, source.eval_csl_mean)
         return mean.detach().cpu().double()
     if isinstance(source, Mapping) and "csl_mean" in source:
         return torch.as_tensor(source["csl_mean"]).detach().cpu().double()

@@ -143,8 +143,9 @@ def _clean_summary(
         group_kept = int((plan.kept & plan.grouped).sum())
         if group_kept:
             line += (
-                f"; in each conflicting group the member whose label the network preferred "
-                f"is kept ({group_kept}), the others relabelled to its label"
+                "; in each conflicting group with two labels measured the member whose "
+                f"label the network preferred is kept ({group_kept}), the others relabelled "
+                "to its label (a group with one label measured keeps the score's plan)"
             )
         lines.append(line)
     if samples is None or not samples.has_truth or len(plan) == 0:

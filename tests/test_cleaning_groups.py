@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import csl_fast
 from csl_fast import clean, detect
 from csl_fast.cleaning_groups import resolve_conflicts
 
@@ -63,13 +64,66 @@ def test_resolve_conflicts_share_survives_huge_mean_losses():
         assert dec.share.tolist() == pytest.approx([1.0, 1.0])
 
 
-def test_resolve_conflicts_never_presented_member_and_empty():
-    dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor([math.nan, 0.3]))
-    assert dec.group_label.tolist() == [3, 3] and dec.keep.tolist() == [False, True]
-    assert dec.share[1] == pytest.approx(1.0)
-    dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor([math.nan, math.nan]))
-    assert dec.group_label.tolist() == [-1, -1] and not dec.keep.any()
+def test_resolve_conflicts_leaves_out_groups_with_one_measured_label_and_empty():
+    # label 2 never measured: label 3 won with share 1.0, as if the network had rejected 2
+    for loss in ([math.nan, 0.3], [math.nan, math.nan]):
+        dec = resolve_conflicts([[0, 1]], torch.tensor([2, 3]), torch.tensor(loss))
+        assert dec.index.numel() == 0
+    # a triple with two labels measured: the share is over those two
+    loss = torch.tensor([0.1, 2.0, math.nan])
+    dec = resolve_conflicts([[0, 1, 2]], torch.tensor([0, 1, 2]), loss)
+    assert dec.group_label.tolist() == [0, 0, 0] and dec.keep.tolist() == [True, False, False]
+    assert dec.share[0] == pytest.approx(1 / (1 + math.exp(0.1 - 2.0)), rel=1e-6)
     assert resolve_conflicts([], torch.tensor([1]), torch.tensor([0.0])).index.numel() == 0
+
+
+def _held_out_twin(eval_pass: bool):
+    """Sample 0 (label 0) trained, its copy 5 (label 1) held out; the network gives the
+    input class 1 at p = 0.98 (label 0 is wrong)."""
+    x = torch.eye(6)
+    x[5] = x[0]
+    y = torch.tensor([0, 1, 2, 1, 0, 1])
+    model = torch.nn.Linear(6, 3, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.weight[1, 0] = 5.0
+        for i in range(1, 5):
+            model.weight[y[i], i] = 5.0
+    tracker = csl_fast.CSLTracker(6, 3)
+    trained = torch.arange(5)
+    for _ in range(2):
+        csl_fast.accumulate(model(x[trained]), y[trained], trained, tracker)
+        tracker.end_epoch()
+    if eval_pass:
+        csl_fast.score_epoch(model, [(x, y, torch.arange(6))], tracker)
+    return tracker, x, y
+
+
+def _rows(plan):
+    return {r["index"]: (r["action"], r["suggested_label"]) for r in plan.rows()}
+
+
+def test_held_out_member_votes_with_its_eval_pass_loss():
+    tracker, x, y = _held_out_twin(eval_pass=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(tracker, inputs=x, labels=y)
+    # sample 0 was kept at confidence 1.0: its twin's eval-pass loss was ignored
+    assert _rows(plan) == {0: ("relabel", 1), 5: ("drop", 1)}
+    assert float(plan.confidence[0]) == pytest.approx(0.99, abs=0.01)
+
+
+def test_group_with_one_measured_label_keeps_the_per_sample_plan():
+    tracker, x, y = _held_out_twin(eval_pass=False)
+    det = csl_fast.detect.mislabeled(tracker, rule="fraction", fraction=0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        alone = clean(tracker, detection=det)
+        plan = clean(tracker, detection=det, inputs=x, labels=y)
+    # the inputs turned sample 0's relabel to 1 into a keep at share 1.0
+    assert _rows(alone)[0] == ("relabel", 1)
+    assert _rows(plan) == _rows(alone)
+    assert plan.duplicates.groups == [[0, 5]]
 
 
 def test_conflicting_pair_flagged_and_acted_on_benign_pair_never():
@@ -208,9 +262,10 @@ def test_an_unlabelled_member_takes_the_group_label():
     labels = torch.tensor([1, -100, 2, 5, -1, -1])
     loss = torch.tensor([0.5, 0.01, 2.0, 0.3, 0.1, 0.2])
     d = resolve_conflicts([[0, 1, 2], [4, 5]], labels, loss)
-    assert d.index.tolist() == [0, 1, 2, 4, 5]
-    assert d.group_label.tolist() == [1, 1, 1, -1, -1]  # the second group has no label
-    assert d.keep.tolist() == [True, False, False, False, False]
+    # (the second group, unlabelled alone, measures no label: no decision)
+    assert d.index.tolist() == [0, 1, 2]
+    assert d.group_label.tolist() == [1, 1, 1]
+    assert d.keep.tolist() == [True, False, False]
     # clean(labels=) with tensor([c]) per sample, as a Dataset yields them
     x, y, scores, sugg = _setup()
     det = detect.mislabeled(scores["csl"], rule="fraction", fraction=0.25)
@@ -232,7 +287,8 @@ def test_resolve_conflicts_refuses_mismatched_inputs():
 
 def test_a_never_presented_member_is_dropped_as_apply_leaves_it_out():
     """Sample 7 (identical to 2, another label) was never trained on: its row said
-    relabel, while apply left it out of the cleaned set (it says nothing about it)."""
+    relabel, while apply left it out of the cleaned set (it says nothing about it). An eval
+    pass measured it (without one its group has one measured label and decides nothing)."""
     import csl_fast
 
     x, y, _, _ = _setup()
@@ -242,6 +298,9 @@ def test_a_never_presented_member_is_dropped_as_apply_leaves_it_out():
         logits = 4 * torch.nn.functional.one_hot(y[seen], 5).float()
         csl_fast.accumulate(logits, y[seen], seen, tracker)
         tracker.end_epoch()
+    logits = 4 * torch.nn.functional.one_hot(y, 5).float()
+    logits[7] = logits[2]  # the model sides with 2
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, torch.arange(N))], tracker)
     with pytest.warns(UserWarning, match="never presented"):
         warnings.simplefilter("ignore", detect.DetectionWarning)  # (11 scores: no rule)
         plan = clean(tracker, inputs=x, labels=y)

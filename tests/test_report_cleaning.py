@@ -259,6 +259,10 @@ def test_a_group_member_never_trained_on_is_dropped_for_that(tmp_path):
         logits[seen, labels[seen]] += 1.0 + epoch
         csl_fast.accumulate(logits, labels[seen], seen, tracker)
         tracker.end_epoch()
+    # an eval pass measures the held-out member (unmeasured, its group decides nothing)
+    logits = 9.0 * torch.nn.functional.one_hot(labels, c).float()
+    logits[n - 1] = logits[0]
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, labels, torch.arange(n))], tracker)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         page = Path(write_report(tracker, tmp_path, inputs=inputs, labels=labels)).read_text(
