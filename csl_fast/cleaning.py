@@ -146,8 +146,8 @@ class CleaningPlan:
             otherwise.
         presented: bool ``[N]`` the samples the run trained on (the tracker's
             ``csl_count > 0``; in a run of eval passes alone, the samples they scored) when
-            the plan was made from a tracker, else None: :meth:`apply` and
-            :meth:`apply_dataset` leave the others out.
+            the plan was made from a tracker or :func:`csl_fast.scores` of one, else None:
+            :meth:`apply` and :meth:`apply_dataset` leave the others out.
         unseen: how the samples outside ``presented`` were missed, for messages.
     """
 
@@ -586,23 +586,33 @@ def no_suggestions(source: Any) -> str | None:
 
 
 def presented(source: Any) -> torch.Tensor | None:
-    """bool ``[N]``: the samples a tracker ``source`` trained on, None for scores. A run
-    scored by eval passes alone (:func:`csl_fast.score_epoch`, no training) says something
-    about the samples they scored: those (every sample counted as never presented, the
-    cleaned set of such a run was empty)."""
+    """bool ``[N]``: the samples a tracker ``source``, or :func:`csl_fast.scores` of one,
+    trained on; None for other scores. A run scored by eval passes alone
+    (:func:`csl_fast.score_epoch`, no training) says something about the samples they
+    scored: those (every sample counted as never presented, the cleaned set of such a run
+    was empty)."""
+    trained, scored = _presence(source)
+    if trained is None or bool(trained.any()):
+        return trained
+    return scored
+
+
+def _presence(source: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """bool ``[N]`` the samples trained on and those an eval pass scored, None where the
+    source does not say. :func:`csl_fast.scores` carries the tracker's counts: read
+    without it, a never-trained group member got a relabel row that apply then kept."""
+    from .scores import Scores
     from .tracker import CSLTracker
 
-    if not isinstance(source, CSLTracker):
-        return None
-    trained = (source.csl_count > 0).cpu()
-    return trained if bool(trained.any()) else (source.eval_count > 0).cpu()
+    if not isinstance(source, (CSLTracker, Scores)):
+        return None, None
+    return (source.csl_count > 0).cpu(), (source.eval_count > 0).cpu()
 
 
 def unseen_phrase(source: Any) -> str:
     """How the samples outside :func:`presented` were missed, for messages."""
-    from .tracker import CSLTracker
-
-    if isinstance(source, CSLTracker) and not bool((source.csl_count > 0).any()):
+    trained, _ = _presence(source)
+    if trained is not None and not bool(trained.any()):
         return "never scored by an eval pass (this run has eval passes only)"
     return "never presented in training"
 

@@ -219,18 +219,23 @@ def duplicate_decisions(
 def _mean_loss(source: Any) -> torch.Tensor:
     """Each sample's mean training loss; for a sample never trained on (held out, or a run
     of eval passes alone), its mean eval-pass loss where an eval pass scored it (NaN
-    otherwise). A scores mapping has no eval-pass mean: its ``csl_mean`` alone."""
+    otherwise; a scores mapping other than :func:`csl_fast.scores`' has no eval mean)."""
+    from .scores import Scores
     from .tracker import CSLTracker
 
     if isinstance(source, CSLTracker):
-        # the eval pass measured what the network says of a held-out member; ignored, its
-        # trained twin's label won unopposed (kept although the network rejected it)
-        trained = source.csl_count > 0
-        mean = torch.where(trained, source.csl_mean, source.eval_csl_mean)
-        return mean.detach().cpu().double()
-    if isinstance(source, Mapping) and "csl_mean" in source:
-        return torch.as_tensor(source["csl_mean"]).detach().cpu().double()
-    raise ValueError(
-        "csl_fast.clean: resolving conflicting duplicates needs each sample's mean loss: "
-        "pass the tracker (or csl_fast.scores(tracker)) as source"
-    )
+        train, evals = source.csl_mean, source.eval_csl_mean
+    elif isinstance(source, Mapping) and "csl_mean" in source:
+        train = torch.as_tensor(source["csl_mean"])
+        evals = torch.full_like(train, math.nan)
+        if isinstance(source, Scores) and "eval_csl" in source:
+            evals = source["eval_csl"] / source.eval_count
+    else:
+        raise ValueError(
+            "csl_fast.clean: resolving conflicting duplicates needs each sample's mean loss: "
+            "pass the tracker (or csl_fast.scores(tracker)) as source"
+        )
+    # the eval pass measured what the network says of a held-out member; ignored, its
+    # trained twin's label won unopposed (kept although the network rejected it)
+    mean = torch.where(torch.isfinite(train), train, evals)
+    return mean.detach().cpu().double()

@@ -254,8 +254,10 @@ def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:
 class Scores(dict[str, torch.Tensor]):
     """The ``{name: [N]}`` dict of :func:`scores`, remembering of its tracker what the
     detectors need to rank it as they rank the tracker: ``sequences`` (a tracker of
-    sequences is ranked by ``csl_mean`` and has no label-lost view) and ``csl_count``
-    (positions per sample, for the warning on scores summed over positions) and
+    sequences is ranked by ``csl_mean`` and has no label-lost view), ``csl_count``
+    (positions per sample, for the warning on scores summed over positions; and with
+    ``eval_count``, eval passes per sample, which samples the run trained on or scored,
+    for :func:`csl_fast.clean`) and
     ``losses_only`` (a run without softmax statistics: the tail rule of
     :mod:`csl_fast.detect_losses`, and no suggested labels). To save it
     for ``torch.load``'s default reader (``weights_only=True``, which refuses dict
@@ -265,6 +267,7 @@ class Scores(dict[str, torch.Tensor]):
         super().__init__(values)
         self.sequences = bool(tracker.sequences)
         self.csl_count = tracker.csl_count.clone()  # of when the scores were taken
+        self.eval_count = tracker.eval_count.clone()
         self.losses_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
 
 

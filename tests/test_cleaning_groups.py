@@ -336,3 +336,19 @@ def test_a_run_of_eval_passes_alone_resolves_its_groups_by_the_eval_loss():
     rows = {r["index"]: r for r in plan.rows()}
     assert rows[2]["action"] == "keep"
     assert rows[7]["action"] == "relabel" and rows[7]["suggested_label"] == int(y[2])
+
+
+def test_scores_of_a_run_give_the_tracker_plan_for_a_held_out_member():
+    # from csl_fast.scores the held-out copy had no eval mean and no presence: its group
+    # decided nothing, or (measured) it got a keep row that apply kept
+    tracker, x, y = _held_out_twin(eval_pass=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = clean(tracker, inputs=x, labels=y)
+        plan = clean(
+            csl_fast.scores(tracker), suggestions=tracker.suggestions(), inputs=x, labels=y
+        )
+        keep, _ = plan.apply(y)
+    assert _rows(plan) == _rows(want) == {0: ("relabel", 1), 5: ("drop", 1)}
+    assert 5 not in keep.tolist()
+    assert plan.drop_reasons()["unseen"].tolist() == [False, True]
