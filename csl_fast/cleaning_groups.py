@@ -17,8 +17,8 @@ preferred is what decides:
   (``CSL / presentations``; for a member the run never trained on, its mean eval-pass loss
   where :func:`csl_fast.score_epoch` scored it, the network's word on a held-out copy):
   the label the network gave the most probability to, on average over training, for this
-  input (ties: the smallest index). On the demo it is the
-  true label of 20 of 20 pairs with seed 0 and 20 of 20 with seed 1.
+  input (an exact tie between labels leaves the group without one, below). On the demo
+  it is the true label of 20 of 20 pairs with seed 0 and 20 of 20 with seed 1.
 * **keep** the members that carry the group's label (the row says ``keep``) and
   **relabel** the others to it, as a flipped sample is relabelled. Relabelling rather than
   dropping leaves the inputs as often in the data as they were (cleaning fixes labels; it
@@ -94,7 +94,10 @@ def resolve_conflicts(
         groups: lists of dataset indices, one per conflicting group (each of size >= 2),
             as :attr:`csl_fast.detect.Detection.groups` lists them.
         labels: int ``[N]`` the given labels; a negative one (an unlabelled sample,
-            ``ignore_index``) never wins and is relabelled to the group's label.
+            ``ignore_index``) never votes and gets the group's label here. Through
+            :func:`csl_fast.clean` of a tracker such a member is dropped as never
+            presented: the tracker counts no presentation of an ``ignore_index`` row, and
+            :meth:`csl_fast.CleaningPlan.apply` leaves every such sample out.
         mean_loss: float ``[N]`` each sample's mean loss over training (``csl_mean``), or
             over the eval passes for a sample never trained on; NaN: never measured.
 

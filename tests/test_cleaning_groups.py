@@ -352,3 +352,20 @@ def test_scores_of_a_run_give_the_tracker_plan_for_a_held_out_member():
     assert _rows(plan) == _rows(want) == {0: ("relabel", 1), 5: ("drop", 1)}
     assert 5 not in keep.tolist()
     assert plan.drop_reasons()["unseen"].tolist() == [False, True]
+
+
+def test_an_unlabelled_member_is_dropped_through_clean_as_never_presented():
+    # what resolve_conflicts' docstring says of an ignore_index member through clean
+    x = torch.tensor([[0.0], [1.0], [0.0], [0.0]])
+    y = torch.tensor([0, 1, 1, -100])
+    logits = torch.tensor([[0.0, 3.0], [0.0, 3.0], [0.0, 3.0], [0.0, 3.0]])
+    tracker = csl_fast.CSLTracker(4, 2)
+    for _ in range(2):
+        csl_fast.accumulate(logits, y, torch.arange(4), tracker)
+        tracker.end_epoch()
+    assert tracker.csl_count[3] == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(tracker, inputs=x, labels=y)
+    assert _rows(plan)[3] == ("drop", 1)
+    assert plan.drop_reasons()["unseen"][plan.index.tolist().index(3)]
