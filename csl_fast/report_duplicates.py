@@ -57,14 +57,18 @@ def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
     e = html.escape
     action = {}
     if plan is not None:
-        for i, a, lab, conf in zip(
+        for i, a, lab, conf, grouped in zip(
             plan.index.tolist(),
             plan.actions,
             plan.suggested_label.tolist(),
             plan.confidence.tolist(),
+            plan.grouped.tolist(),
             strict=True,
         ):
-            action[i] = (a, lab, conf)
+            # (a group with one label measured decides nothing: its rows are its members'
+            # own, no group label)
+            if grouped:
+                action[i] = (a, lab, conf)
     head = "<tr><th>members</th><th>given labels</th><th>clean: group label (share)</th>"
     truth = samples is not None and samples.true_labels is not None
     head += "<th>true labels</th></tr>" if truth else "</tr>"
@@ -124,7 +128,17 @@ def section(
             rows.append(("csl_fast.clean: dropped (policy drop)", str(plan.num_dropped)))
         else:
             rows.append(("csl_fast.clean: kept (the label the network preferred)", keep_text))
-            rows.append(("csl_fast.clean: relabelled to the group label", str(plan.num_relabeled)))
+            by_group = int((plan.relabel & plan.grouped).sum())
+            rows.append(("csl_fast.clean: relabelled to the group label", str(by_group)))
+            own = int((~plan.grouped).sum())
+            if own:
+                rows.append(
+                    (
+                        "csl_fast.clean: left to the per-sample plan (a group with one "
+                        "label measured)",
+                        str(own),
+                    )
+                )
             # (every drop was said to have no group label, though most had one)
             why = {k: int(v.sum()) for k, v in plan.drop_reasons().items()}
             rows.append(

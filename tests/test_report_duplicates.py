@@ -113,3 +113,25 @@ def test_section_of_a_loss_only_run_says_its_policy_is_drop():
     assert not any(k.startswith("csl_fast.clean: kept") for k in cells)
     assert "drops every member of such a group: this run recorded losses only" in page
     assert "relabels the others" not in page
+
+
+def test_section_of_a_group_with_one_label_measured_shows_no_group_decision():
+    # its trained member's own relabel was counted and shown as the group's decision
+    x = torch.eye(6)
+    x[5] = x[0]
+    y = torch.tensor([0, 1, 2, 1, 0, 1])
+    logits = 5 * torch.nn.functional.one_hot(y, C).float()
+    logits[0] = 5 * torch.nn.functional.one_hot(torch.tensor(1), C).float()
+    tracker = csl_fast.CSLTracker(6, C)
+    trained = torch.arange(5)  # sample 5, 0's copy, held out
+    for _ in range(3):
+        csl_fast.accumulate(logits[trained], y[trained], trained, tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = section(tracker, None, x, y, "csl")
+    cells = _cells(page)
+    assert cells["csl_fast.clean: relabelled to the group label"] == "0"
+    own = "csl_fast.clean: left to the per-sample plan (a group with one label measured)"
+    assert cells[own] == "2"
+    assert "<td>0, 5</td><td>0, 1</td><td>-</td>" in page
