@@ -14,6 +14,7 @@ import torch
 
 from . import tracker_file
 from .buffer_locks import buffer_lock
+from .scores import has_logit_stats
 from .tracker import CSLTracker, TrackerStateError
 
 __all__ = ["merge"]
@@ -81,9 +82,12 @@ def merge(
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
-            (or classes, or labels), some recorded sequences and others rows, ``trackers``
-            is empty, or a merged int32 counter
-            (``forgetting``, ``suggest_votes``, ``suggest_hits``) would pass 2**31 - 1.
+            (or classes, or labels), some recorded sequences and others rows, some recorded
+            losses only (:func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`) and
+            others softmax statistics (:func:`~csl_fast.scores.has_logit_stats`; a run
+            that presented nothing is of either kind), ``trackers`` is empty, or a merged
+            int32 counter (``forgetting``, ``suggest_votes``, ``suggest_hits``) would pass
+            2**31 - 1.
         TypeError: ``trackers`` is a single tracker, path or state dict instead of a
             sequence of them (``merge("run.csl")`` would otherwise read the string's
             characters as paths).
@@ -118,17 +122,7 @@ def merge(
         if len(values) > 1:
             each = ", ".join(f"tracker {i}: {getattr(t, name)}" for i, t in enumerate(runs))
             raise TrackerStateError(f"csl_fast.merge: the trackers have different {name} ({each})")
-    rows = [i for i, t in enumerate(runs) if not t.sequences and bool(t.csl_count.any())]
-    if rows and any(t.sequences for t in runs):
-        # a sequence run counts tokens, a row run presentations: csl_mean and every other
-        # mean would pool the two units, dominated by the tokens
-        tokens = [i for i, t in enumerate(runs) if t.sequences]
-        raise TrackerStateError(
-            f"csl_fast.merge: trackers {tokens} recorded sequences (csl_count counts their "
-            f"supervised tokens) and trackers {rows} one row per sample (it counts "
-            "presentations): their means would pool tokens with presentations; merge runs "
-            "of one kind"
-        )
+    _refuse_mixed_kinds(runs)
     n = sizes[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)
@@ -215,6 +209,35 @@ def merge(
     )
     out.load_state_dict(state)
     return out
+
+
+def _refuse_mixed_kinds(runs: list[CSLTracker]) -> None:
+    """Refuse runs whose presentations are of different kinds: every merged mean divides
+    by the pooled ``csl_count``, so each presentation must carry the same statistics."""
+    rows = [i for i, t in enumerate(runs) if not t.sequences and bool(t.csl_count.any())]
+    if rows and any(t.sequences for t in runs):
+        # a sequence run counts tokens, a row run presentations: csl_mean and every other
+        # mean would pool the two units, dominated by the tokens
+        tokens = [i for i, t in enumerate(runs) if t.sequences]
+        raise TrackerStateError(
+            f"csl_fast.merge: trackers {tokens} recorded sequences (csl_count counts their "
+            f"supervised tokens) and trackers {rows} one row per sample (it counts "
+            "presentations): their means would pool tokens with presentations; merge runs "
+            "of one kind"
+        )
+    softmax = [i for i, t in enumerate(runs) if has_logit_stats(t)]
+    losses = [i for i, t in enumerate(runs) if bool(t.csl_count.any()) and i not in softmax]
+    if softmax and losses:
+        # a losses-only presentation has no margin, probability or correctness: it would
+        # halve the softmax run's AUM and confidence, and its False last-correct would
+        # read as the softmax run's samples forgotten
+        raise TrackerStateError(
+            f"csl_fast.merge: trackers {losses} recorded losses only (no softmax statistics: "
+            f"csl_fast.record_loss, accumulate_bce or class-probability targets) and trackers "
+            f"{softmax} recorded softmax statistics (csl_fast.accumulate with class indices): "
+            "the margins, confidences, last-correct flags and forgetting would be pooled "
+            "over presentations that have none; merge runs of one kind"
+        )
 
 
 def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTracker:

@@ -332,3 +332,31 @@ def test_merging_onto_the_meta_device_is_refused_by_name():
     # an input there got the load's advice, "load it into a tracker on 'cpu'"
     with pytest.raises(ValueError, match="merge: tracker 1 is on the meta device"):
         csl_fast.merge([_run(0), CSLTracker(N, C, device="meta")])
+
+
+def _losses_only_run(labels: int | None = None) -> CSLTracker:
+    t = CSLTracker(N, num_labels=labels)
+    for _ in range(2):
+        if labels is None:
+            csl_fast.record_loss(torch.full((N,), 0.05), torch.arange(N), t)
+        else:
+            logits = torch.randn(N, labels, generator=torch.Generator().manual_seed(0))
+            csl_fast.accumulate_bce(logits, (logits > 0).float(), torch.arange(N), t)
+        t.end_epoch()
+    return t
+
+
+def test_a_losses_only_run_is_not_merged_with_a_softmax_run():
+    """Its presentations have no margin, probability or correctness: pooled with a softmax
+    run's they halved its AUM and confidence and read its learned samples as forgotten."""
+    soft, losses = _run(0), _losses_only_run()
+    bce = CSLTracker(N)
+    csl_fast.accumulate_bce(torch.randn(N), torch.ones(N), torch.arange(N), bce)
+    for other in (losses, bce):
+        with pytest.raises(TrackerStateError, match=r"trackers \[1\] recorded losses only"):
+            csl_fast.merge([soft, other, CSLTracker(N)])
+    # runs of one kind still merge: losses only (rows or labels), or beside an empty run
+    merged = csl_fast.merge([losses, _losses_only_run(), CSLTracker(N)])
+    assert torch.equal(merged.csl_count, 2 * losses.csl_count)
+    assert csl_fast.merge([_losses_only_run(2), _losses_only_run(2)]).num_labels == 2
+    assert torch.equal(csl_fast.merge([soft, CSLTracker(N, C)]).margin_sum, soft.margin_sum)
