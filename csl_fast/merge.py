@@ -78,7 +78,11 @@ def merge(
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN;
         - ``sequences`` is set when any run recorded sequences (runs that recorded one
-          row per sample cannot be merged with them: the counts' units differ).
+          row per sample cannot be merged with them: the counts' units differ);
+        - ``backend`` and ``deterministic`` are those of the :class:`CSLTracker` inputs
+          where they all agree, else the defaults (files and state dicts do not hold them);
+          the backend also falls back to ``"auto"`` when ``device`` is of another type
+          than a tracker input's.
 
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
@@ -139,6 +143,7 @@ def merge(
         dtype=dtype,
         history=history,
         num_labels=labels.pop(),
+        **_settings([t for t in trackers if isinstance(t, CSLTracker)], dev),
     )
 
     def stack(name: str, dt: torch.dtype | None = None) -> torch.Tensor:
@@ -238,6 +243,21 @@ def _refuse_mixed_kinds(runs: list[CSLTracker]) -> None:
             "the margins, confidences, last-correct flags and forgetting would be pooled "
             "over presentations that have none; merge runs of one kind"
         )
+
+
+def _settings(trackers: list[CSLTracker], dev: torch.device) -> dict[str, Any]:
+    """The ``backend`` and ``deterministic`` settings the tracker inputs agree on; a
+    setting they differ in is left at its default (files and state dicts hold neither).
+    A backend chosen for another device type is dropped too: ``"cuda"`` cannot run on
+    the CPU tracker of a merge onto ``device="cpu"``."""
+    out = {}
+    for name in ("backend", "deterministic"):
+        values = {getattr(t, name) for t in trackers}
+        if len(values) == 1:
+            out[name] = values.pop()
+    if any(t.device.type != dev.type for t in trackers):
+        out.pop("backend", None)
+    return out
 
 
 def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTracker:

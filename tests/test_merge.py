@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import pytest
@@ -360,3 +361,17 @@ def test_a_losses_only_run_is_not_merged_with_a_softmax_run():
     assert torch.equal(merged.csl_count, 2 * losses.csl_count)
     assert csl_fast.merge([_losses_only_run(2), _losses_only_run(2)]).num_labels == 2
     assert torch.equal(csl_fast.merge([soft, CSLTracker(N, C)]).margin_sum, soft.margin_sum)
+
+
+def test_merge_keeps_the_settings_its_trackers_agree_on(tmp_path):
+    a = CSLTracker(N, C, deterministic=True, backend="reference")
+    a.save(tmp_path / "a.csl")
+    merged = csl_fast.merge([a, tmp_path / "a.csl", a.state_dict()])
+    assert (merged.backend, merged.deterministic) == ("reference", True)
+    differ = csl_fast.merge([a, CSLTracker(N, C, deterministic=False, backend="reference")])
+    assert (differ.backend, differ.deterministic) == ("reference", None)
+    # a backend chosen for another device type ("cuda" merged onto the CPU) would fail at
+    # the merge's first eval pass; a meta tracker stands in for a GPU one (merge refuses it)
+    settings = importlib.import_module("csl_fast.merge")._settings
+    on_meta = CSLTracker(N, C, device="meta", deterministic=True, backend="reference")
+    assert settings([on_meta], torch.device("cpu")) == {"deterministic": True}
