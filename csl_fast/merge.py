@@ -7,6 +7,7 @@ exactly like a single run's.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -76,7 +77,14 @@ def merge(
           cross-validation), merge every run's own tracker in one call;
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
-          epoch (eval pass), ignoring NaN;
+          epoch (eval pass), ignoring NaN. A merge keeps no per-row count of its runs, so
+          each row of a merged input is weighed by all its ``runs``: merging it again is
+          exact only where each of its runs has the row's value. Where its runs had
+          different lengths (or a run skipped a sample in an epoch) the rows some of them
+          lack are over-weighted, and merge warns (``RuntimeWarning``) where the input's
+          counts show it (fewer presentations, eval passes or input-gradient records of a
+          sample than runs times its rows); merge every run's own tracker in one call for
+          exact rows;
         - ``sequences`` is set when any run recorded sequences (runs that recorded one
           row per sample cannot be merged with them: the counts' units differ);
         - ``backend`` and ``deterministic`` are those of the :class:`CSLTracker` inputs
@@ -191,16 +199,16 @@ def merge(
 
     first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
     igfe = min(first) if first else -1
+    # (offset of its row 0, input) for each history; loss rows only when all inputs keep them
+    sources = {
+        "loss_history": [(0, i) for i in range(len(runs)) if history],
+        "eval_loss_history": [(0, i) for i in range(len(runs)) if history],
+        "input_grad_history": [(t.input_grad_first_epoch - igfe, i) for i, t in enumerate(runs)],
+    }
+    _warn_rows_not_all_runs_had(runs, sources)
     histories = {
-        "loss_history": _mean_rows([(0, t.runs, t.loss_history) for t in runs if history], n, dev),
-        "eval_loss_history": _mean_rows(
-            [(0, t.runs, t.eval_loss_history) for t in runs if history], n, dev
-        ),
-        "input_grad_history": _mean_rows(
-            [(t.input_grad_first_epoch - igfe, t.runs, t.input_grad_history) for t in runs],
-            n,
-            dev,
-        ),
+        name: _mean_rows([(o, runs[i].runs, getattr(runs[i], name)) for o, i in src], n, dev)
+        for name, src in sources.items()
     }
     state = out.state_dict()
     state.update(
@@ -307,6 +315,51 @@ def _int32(name: str, total: torch.Tensor) -> torch.Tensor:
             f"int32 {name} counter holds; merge fewer runs"
         )
     return total.to(torch.int32)
+
+
+# The count each history's rows are the per-epoch (per-pass) means of.
+_HISTORY_COUNTS = {
+    "loss_history": "csl_count",
+    "eval_loss_history": "eval_count",
+    "input_grad_history": "input_grad_count",
+}
+
+
+def _warn_rows_not_all_runs_had(
+    runs: list[CSLTracker], sources: dict[str, list[tuple[int, int]]]
+) -> None:
+    """Warn where a merged input's history rows are weighed by more runs than had them.
+
+    A merge keeps no per-row count of its runs, so :func:`_mean_rows` weighs each row of an
+    input by all its ``runs``: exact only where every one of them had the row. Where a
+    sample has fewer presentations (eval passes, input-gradient records) than ``runs``
+    times its rows, some run lacked one of them, and beside another input's rows that row
+    is over-weighted. (Counts that are high enough do not prove the opposite: a run may
+    have presented a sample twice in one epoch and never in another.)"""
+    short: dict[int, list[str]] = {}  # input -> its histories with rows some runs lack
+    for name, count in _HISTORY_COUNTS.items():
+        with_rows = [i for _, i in sources[name] if getattr(runs[i], name).shape[0]]
+        if len(with_rows) < 2:  # alone, its rows are its own values whatever their weight
+            continue
+        for i in with_rows:
+            t = runs[i]
+            rows = (~torch.isnan(getattr(t, name).float())).sum(0)  # [N] rows with a value
+            if t.runs > 1 and bool((t.buffers()[count] < t.runs * rows).any()):
+                short.setdefault(i, []).append(name)
+    if short:
+        each = "; ".join(
+            f"tracker {i} ({runs[i].runs} runs: {', '.join(v)})" for i, v in short.items()
+        )
+        warnings.warn(
+            f"csl_fast.merge: {each}: a merged input whose runs did not all "
+            "have every history row (runs of different lengths, or samples a run skipped "
+            "in an epoch; its counts hold fewer values than its runs times its rows). A "
+            "merge keeps no per-row run count, so each of its rows is weighed by all its "
+            "runs, over-weighting the rows some lacked; merge every run's own tracker in "
+            "one call for exact history rows",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _mean_rows(

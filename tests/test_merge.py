@@ -375,3 +375,26 @@ def test_merge_keeps_the_settings_its_trackers_agree_on(tmp_path):
     settings = importlib.import_module("csl_fast.merge")._settings
     on_meta = CSLTracker(N, C, device="meta", deterministic=True, backend="reference")
     assert settings([on_meta], torch.device("cpu")) == {"deterministic": True}
+
+
+def _loss_run(value: float, epochs: int) -> CSLTracker:
+    t = CSLTracker(2, history=True)
+    for _ in range(epochs):
+        csl_fast.record_loss(torch.full((2,), float(value)), torch.arange(2), t)
+        t.end_epoch()
+    return t
+
+
+def test_merging_a_merge_of_runs_of_different_lengths_warns_of_its_history_rows():
+    """A merge keeps no per-row run count: merge([b, c]) of 4 and 2 epochs weighs its rows
+    2 and 3 by both runs, so merge([a, merge([b, c])]) had row 2 at 3.0, not (1 + 4) / 2."""
+    a, b, c = _loss_run(1, 3), _loss_run(4, 4), _loss_run(7, 2)
+    bc = csl_fast.merge([b, c])  # alone, its rows are right: no warning
+    with pytest.warns(RuntimeWarning, match=r"tracker 1 \(2 runs: loss_history\): a merged"):
+        csl_fast.merge([a, bc])
+    even = csl_fast.merge([b, _loss_run(5, 4)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        nested = csl_fast.merge([a, even])
+    flat = csl_fast.merge([a, b, _loss_run(5, 4)])
+    torch.testing.assert_close(nested.loss_history, flat.loss_history)
