@@ -74,7 +74,12 @@ def merge(
           so that merging a new seed into an earlier merge equals merging every seed at
           once. That holds where each of the merged input's runs presented the sample
           (seeds over the same data); for runs over different samples (the folds of a
-          cross-validation), merge every run's own tracker in one call;
+          cross-validation), merge every run's own tracker in one call. The
+          suggested-label vote is exact only where a class has the majority: with none
+          (more than half of the voting presentations), the candidate left, and its
+          votes and hits, depend on the order and grouping of the runs, as for any
+          majority-vote summary (``merge([a, merge([b, c])])`` may suggest another label
+          than ``merge([a, b, c])``);
         - ``epoch`` / ``eval_passes`` are the maxima over runs, ``input_grad_first_epoch``
           the earliest; history rows are averaged over the runs that have them, aligned by
           epoch (eval pass), ignoring NaN. A merge keeps no per-row count of its runs, so

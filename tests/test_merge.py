@@ -398,3 +398,24 @@ def test_merging_a_merge_of_runs_of_different_lengths_warns_of_its_history_rows(
         nested = csl_fast.merge([a, even])
     flat = csl_fast.merge([a, b, _loss_run(5, 4)])
     torch.testing.assert_close(nested.loss_history, flat.loss_history)
+
+
+def test_the_vote_survives_regrouping_only_with_a_majority():
+    """As documented: a majority class is the suggestion however the runs are grouped;
+    without one, a merge merged again may keep another candidate."""
+
+    def voted(label: int, votes: int) -> CSLTracker:
+        t = CSLTracker(1, C)
+        t.suggest_label.fill_(label)
+        t.suggest_votes.fill_(votes)
+        t.suggest_hits.fill_(votes)
+        t.csl_count.fill_(10)
+        return t
+
+    def both(runs):
+        flat = csl_fast.merge(runs)
+        nested = csl_fast.merge([runs[0], csl_fast.merge(runs[1:])])
+        return int(flat.suggest_label), int(nested.suggest_label)
+
+    assert both([voted(1, 3), voted(2, 1), voted(1, 2)]) == (1, 1)  # 5 of 6 votes
+    assert both([voted(1, 3), voted(2, 2), voted(0, 2)]) == (0, 1)  # no majority of 7
