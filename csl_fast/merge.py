@@ -20,8 +20,6 @@ from .tracker import CSLTracker, TrackerStateError
 
 __all__ = ["merge"]
 
-_LAST_FLOATS = ("last_loss", "last_max_prob", "eval_last_loss", "eval_last_max_prob")
-
 
 def merge(
     trackers: Sequence[CSLTracker | str | os.PathLike | Mapping[str, Any]],
