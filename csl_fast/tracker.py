@@ -54,7 +54,7 @@ from .accumulate_checks import (
     validate_by_default,
 )
 from .buffer_locks import locked
-from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat
+from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat, invalid_column
 from .tracker_buffers import (
     _HISTORIES,
     _INPUT_GRAD_STEP,
@@ -419,7 +419,7 @@ class CSLTracker(TrackerStatistics):
         refuse_rows_into_sequences("CSLTracker.record", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("record", stats, self.num_classes)
-        self._record_fused(index, stats, validate)
+        self._record_fused(index, _recordable(stats), validate)
 
     @locked
     def _record_fused(
@@ -553,7 +553,7 @@ class CSLTracker(TrackerStatistics):
         refuse_rows_into_sequences("CSLTracker.update", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("update", stats, self.num_classes)
-        stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
+        stats = _recordable(stats)
         idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,
@@ -573,7 +573,7 @@ class CSLTracker(TrackerStatistics):
         ``[0, N)`` (class docstring, *Indices*)."""
         stats = _plain(stats)
         _check_stats("record_eval", stats, self.num_classes)
-        stats = stats.contiguous()  # (the C++ scatter reads rows; record takes any layout)
+        stats = _recordable(stats)
         idx = self._index(index, stats, validate)
         ops.scatter_stats(
             stats,
@@ -952,6 +952,17 @@ def _half_row(mean: torch.Tensor, name: str) -> torch.Tensor:
             stacklevel=4,  # the caller of end_epoch (through its lock wrapper)
         )
     return half
+
+
+def _recordable(stats: torch.Tensor) -> torch.Tensor:
+    """``stats`` with every column that records nothing (``VALID`` 0, or a loss that is
+    not finite) set to the kernels' invalid column, contiguous (the C++ scatter reads
+    rows). The fused op writes its own that way; stats made by hand reached the sums with
+    their values (a ``VALID = 0`` column's loss in ``csl_sum`` at a count of 0, which no
+    load accepts; a NaN loss in CSL for good)."""
+    ok = (stats[Stat.VALID] != 0) & torch.isfinite(stats[Stat.LOSS])
+    # (where keeps a transposed input's strides)
+    return torch.where(ok, stats, invalid_column(stats)).contiguous()
 
 
 def _check_stats(method: str, stats: object, num_classes: int | None) -> None:

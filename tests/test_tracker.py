@@ -21,6 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import csl_fast
 from csl_fast import CSLTracker, Stat, TrackerFileError, TrackerStateError, tracker_file
+from csl_fast.stats import NUM_STATS
 
 BACKENDS = csl_fast.available_backends("cpu")
 IGNORE = -1
@@ -1012,3 +1013,33 @@ def test_a_tracker_copied_under_inference_mode_is_used_inside_and_outside_it(how
     csl_fast.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.tensor([0, 3]), t)
     t.end_epoch()
     assert (t.epoch, t.eval_passes) == (3, 1) and t.csl_count.tolist() == [2.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_hand_made_stats_record_only_their_valid_finite_columns(backend):
+    """update/record/record_eval of stats made by hand: a VALID = 0 column with values
+    reached the sums (csl_sum 5 at a count of 0, a state no load accepts) and a column of
+    NaN statistics or a valid one with an infinite loss poisoned them for good."""
+    good = csl_fast.reference.row_statistics(
+        torch.tensor([[2.0, 0.0, 0.0]]), torch.tensor([0]), -100
+    )
+    stats = torch.zeros(NUM_STATS, 4)
+    stats[:, 0] = torch.tensor([5.0, 0.2, 1.5, 0.0, 0.3, 0.0, 1.0])  # VALID = 0, values
+    stats[:, 1] = torch.tensor([float("nan")] * 5 + [0.0, 2.0])  # VALID = 0, NaN
+    stats[:, 2] = good[:, 0]
+    stats[Stat.LOSS, 2] = float("inf")  # VALID = 1, loss not finite
+    stats[:, 3] = good[:, 0]
+    index = torch.arange(4)
+    want = CSLTracker(4, num_classes=3, backend=backend)
+    want.update(index[3:], good)
+    want.record_eval(index[3:], good)
+    for record in ("update", "record"):
+        t = CSLTracker(4, num_classes=3, backend=backend)
+        getattr(t, record)(index, stats)
+        t.record_eval(index, stats)
+        for name, value in want.buffers().items():
+            if record == "record" and name in ("csl_sum", "csl_count", "epoch_loss_sum"):
+                continue  # (record leaves these to the fused op)
+            torch.testing.assert_close(t.buffers()[name], value, rtol=0, atol=0, msg=name)
+        if record == "update":  # (record alone counts nothing: no load takes its sums)
+            CSLTracker(4, num_classes=3).load_state_dict(t.state_dict())
