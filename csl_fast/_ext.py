@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -159,16 +160,31 @@ def missing_ops(ops: tuple[str, ...] = OPS) -> list[str]:
     return missing
 
 
+def load_extension() -> types.ModuleType:
+    """``csl_fast._C``, refused (``ImportError``) when it was built from older sources or
+    belongs to another csl_fast tree: a copy of the package without its own build (a git
+    worktree, a copied folder) reaches an editable install's ``_C`` through that install's
+    import hook, whose kernels may be of other sources than the Python beside them."""
+    module = importlib.import_module("csl_fast._C")
+    if missing := missing_ops():
+        raise ImportError(f"csl_fast._C was {STALE}: it lacks the ops {', '.join(missing)}")
+    where = Path(getattr(module, "__file__", "") or "").resolve().parent
+    if where != PACKAGE_DIR:
+        raise ImportError(
+            f"csl_fast._C was found in {where}, another csl_fast tree than this one "
+            f"({PACKAGE_DIR}), through an editable install's import hook: its kernels may be "
+            "of other sources than this tree's Python"
+        )
+    return module
+
+
 _C = None
 #: Why ``csl_fast._C`` could not be loaded, or None when it loaded.
 EXTENSION_ERROR: str | None = None
 #: What to do about :data:`EXTENSION_ERROR` (:func:`extension_advice`), or None.
 EXTENSION_ADVICE: str | None = None
 try:
-    _C = importlib.import_module("csl_fast._C")
-    if missing := missing_ops():
-        _C = None
-        raise ImportError(f"csl_fast._C was {STALE}: it lacks the ops {', '.join(missing)}")
+    _C = load_extension()
 except Exception as exc:
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
     EXTENSION_ADVICE = extension_advice(EXTENSION_ERROR)

@@ -41,7 +41,11 @@ def report() -> str:
         f"torch    {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton   {_version('triton')}",
         "compiled extension csl_fast._C: "
-        + (_loaded_from() if _ext._C is not None else f"NOT loaded - {_ext.EXTENSION_ERROR}"),
+        + (
+            f"loaded ({Path(_ext._C.__file__).name})"
+            if _ext._C is not None
+            else f"NOT loaded - {_ext.EXTENSION_ERROR}"
+        ),
         *[textwrap.indent(textwrap.fill(a, 94), "  ") for a in [_ext.EXTENSION_ADVICE] if a],
         *([f"  CUDA kernels (csrc/cuda): {_cuda_kernels()}"] if _ext._C is not None else []),
         f"threads  {torch.get_num_threads()}",
@@ -62,19 +66,6 @@ def report() -> str:
             lines.append(f"  {mark} {backend:<9}{tail}" + ("" if why is None else f"  - {why}"))
     lines.append(_linear_ce_paths(devices))
     return "\n".join(lines)
-
-
-def _loaded_from() -> str:
-    """Where ``_C`` was loaded from: a copy of the package without its own build (a git
-    worktree, an unbuilt checkout) takes another tree's through the editable install's
-    finder, whose kernels may be of other sources."""
-    path = Path(getattr(_ext._C, "__file__", "") or "").resolve()
-    if path.parent == _ext.PACKAGE_DIR:
-        return f"loaded ({path.name})"
-    return (
-        f"loaded from {path}, another csl_fast tree than this one ({_ext.PACKAGE_DIR}): its "
-        "kernels may be of other sources; build this one (pip install --no-build-isolation -e .)"
-    )
 
 
 def _cuda_kernels() -> str:
