@@ -123,7 +123,7 @@ SCORES: dict[str, ScoreInfo] = {
         "input_grad_epochs",
     ),
     "loss_sensitivity": ScoreInfo(
-        "tracker.loss_sensitivity: mean ||dl/dx|| over training (Arpit et al.)",
+        "tracker.loss_sensitivity: mean ||dl/dx||_2 over training (after Arpit et al.)",
         "loss reacts strongly to the input",
         "input_grad",
     ),

@@ -106,7 +106,10 @@ class TrackerStatistics:
 
     @property
     def loss_sensitivity(self) -> torch.Tensor:
-        """Loss sensitivity (Arpit et al.): mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|`."""
+        """Loss sensitivity after Arpit et al. (2017), the input gradient's norm averaged over
+        training: here the Euclidean norm, mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|_2`,
+        which the recorded per-sample norms give (Arpit et al. average the l1 norm: the values
+        differ, the ranking is the score's use)."""
         return _mean_or_nan(self.input_grad_norm_sum, self.input_grad_count)
 
     @property
