@@ -294,20 +294,27 @@ def _table(
     return {name: {kind: auc.get((kind, name), math.nan) for kind in rocs} for name in scores}
 
 
+#: The corruption types of the detection table, in column order.
+_KINDS = ("mislabeled", "duplicates")
+
+
+def _best(table: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The best AUROC of each corruption type that has one (none: nothing to show)."""
+    best: dict[str, float] = {}
+    for row in table.values():
+        for kind, v in row.items():
+            if not math.isnan(v):
+                best[kind] = max(v, best.get(kind, v))
+    return best
+
+
 def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
     """The detection table as aligned text (best value per column marked with ``*``)."""
-    kinds = sorted(
-        {k for row in table.values() for k in row}, key=["mislabeled", "duplicates"].index
-    )
-    if not kinds:
+    best = _best(table)
+    if not best:
         # also with ground truth that has no corrupted sample (demo --noise 0 --pairs 0)
         return "(no detection table: it needs samples known to be corrupted and known clean)"
-    best = {
-        k: max(
-            (r[k] for r in table.values() if not math.isnan(r.get(k, math.nan))), default=math.nan
-        )
-        for k in kinds
-    }
+    kinds = [k for k in _KINDS if k in best]  # (a type without an AUROC: a column of n/a)
     width = max(len(n) for n in table) + 2
     head = "score".ljust(width) + "".join(f"{'AUROC ' + k:>20}" for k in kinds)
     lines = [head, "-" * len(head)]
@@ -586,8 +593,9 @@ def write_report(
         bar.set_postfix_str("flagged set and cleaning plan", refresh=True)
 
     table = _table(rocs, all_scores) if samples is not None and samples.has_truth else {}
-    if not any(table.values()):
-        # truth with no corrupted (or no clean) sample drew a table of definitions, no AUROC
+    if not _best(table):
+        # truth with no corrupted (or no clean) sample with a score drew a table of
+        # definitions and n/a, no AUROC
         table = {}
     if loss_only:
         cleaning = _loss_only_sections(tracker, score, top, out)
@@ -691,8 +699,9 @@ def _html(
             "and rankings, and cannot be flagged.</p>"
         )
     if table:
-        kinds = [k for k in ("mislabeled", "duplicates") if any(k in r for r in table.values())]
-        best = {k: np.nanmax([r.get(k, np.nan) for r in table.values()]) for k in kinds}
+        best = _best(table)
+        # a type with no finite AUROC was a column of n/a (and numpy's All-NaN warning)
+        kinds = [k for k in _KINDS if k in best]
         parts.append("<h2>Detection (AUROC)</h2><table><tr><th class=l>score</th>")
         parts += [f"<th>{e(k)}</th>" for k in kinds] + ["<th class=l>definition</th></tr>"]
         for name, row in table.items():

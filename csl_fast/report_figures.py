@@ -217,8 +217,16 @@ def _fig_roc(
     """
     import matplotlib.pyplot as plt
 
-    sets = _eval_sets(samples)
+    known = _eval_sets(samples)
+    # a type whose corrupted samples have no score (never presented) drew an empty panel
+    sets = {kind: v for kind, v in known.items() if rocs.get(kind)}
     if not sets:
+        if known:
+            return None, (
+                "no score has a finite value for both a corrupted and a clean sample (the "
+                "corrupted ones were never presented, or no sample has a score): there is "
+                "nothing to tell apart."
+            )
         if samples is not None and (
             samples.mislabeled is not None or samples.duplicate is not None
         ):
@@ -271,6 +279,12 @@ def _fig_roc(
             loc="lower right",
             title="score (AUROC)",
             title_fontsize=7,
+        )
+    left_out = [kind for kind in known if kind not in sets]
+    if left_out:
+        return _png(fig, path), (
+            f"No panel for {' or '.join(left_out)}: no score has a finite value for both a "
+            "corrupted and a clean sample of that type."
         )
     return _png(fig, path)
 

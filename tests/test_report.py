@@ -832,3 +832,28 @@ def test_loss_curves_of_sequences_rank_by_the_loss_per_token(tmp_path, monkeypat
     np.testing.assert_allclose(
         lines["mean of the 8 highest by CSL per token (hard)"], bad, rtol=1e-5
     )
+
+
+def test_corrupted_samples_without_a_score_draw_no_empty_roc_or_auroc_table(tmp_path):
+    # the one flipped sample was never presented: the AUROC table was a column of n/a, roc.png
+    # an empty panel titled "1 positives vs 19 clean", and numpy warned "All-NaN axis"
+    n = 20
+    y = torch.arange(n) % 3
+    noisy = y.clone()
+    noisy[7] = (y[7] + 1) % 3
+    tracker = csl_fast.CSLTracker(n, 3)
+    seen = torch.arange(6)
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(6, 3), noisy[seen], seen, tracker)
+        tracker.end_epoch()
+    samples = RunSamples(labels=noisy, true_labels=y)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        html = Path(write_report(tracker, tmp_path, samples)).read_text(encoding="utf-8")
+    assert [w for w in caught if "NaN" in str(w.message)] == []
+    start = html.index("<h2>Detection (AUROC)</h2>")
+    assert html[start:].startswith("<h2>Detection (AUROC)</h2><p class=cap>Not computed")
+    assert "Not drawn: no score has a finite value for both a corrupted and a clean" in html
+    assert not (tmp_path / "roc.png").exists()
+    table = {"csl": {"mislabeled": math.nan}}
+    assert format_detection_table(table).startswith("(no detection table")
