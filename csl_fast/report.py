@@ -12,8 +12,9 @@ known about the samples (:class:`RunSamples`):
     truth.
 ``data_map.png``
     Dataset-cartography map: variability (std of :math:`p_y` over training) against
-    confidence (mean :math:`p_y`), coloured by whether the final model classifies the
-    sample as labelled; corrupted samples are ringed when known.
+    confidence (mean :math:`p_y`), coloured by whether the model predicted the label at
+    the last eval pass that scored the sample (:func:`csl_fast.score_epoch`), else at its
+    last training presentation; corrupted samples are ringed when known.
 ``loss_curves.png``
     Per-epoch training loss of the easiest and hardest samples (lowest and highest CSL) of
     one class, with the mean of each group and of the class (the paper's "peacock" figure).

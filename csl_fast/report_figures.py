@@ -289,18 +289,42 @@ def _fig_roc(
     return _png(fig, path)
 
 
-def _fig_data_map(tracker: CSLTracker, samples: RunSamples | None, path: str) -> str:
+def _agreement(tracker: CSLTracker, shown: np.ndarray) -> tuple[np.ndarray, str]:
+    """Whether the model predicted each sample's label, and the caption's word on when.
+
+    An eval pass (:func:`csl_fast.score_epoch`) may score a subset: the samples it did not
+    score were coloured by its default ``eval_last_correct`` (False), as disagreeing.
+    """
+    correct = tracker.last_correct.cpu().numpy().astype(bool)
+    scored = (tracker.eval_count > 0).cpu().numpy() & shown
+    if scored.any():
+        correct = np.where(scored, tracker.eval_last_correct.cpu().numpy().astype(bool), correct)
+    k, n = int(scored.sum()), int(shown.sum())
+    if k == 0:
+        when = "at its last training presentation"
+    elif k == n:
+        when = "at the last eval pass that scored it (csl_fast.score_epoch)"
+    else:
+        when = (
+            f"at the last eval pass that scored it for the {k} samples an eval pass scored, "
+            f"at its last training presentation for the other {n - k}"
+        )
+    return correct, f"Colour: whether the model predicted the sample's label {when}."
+
+
+def _fig_data_map(
+    tracker: CSLTracker, samples: RunSamples | None, path: str
+) -> tuple[str | None, str]:
     import matplotlib.pyplot as plt
 
     conf = _np(tracker.confidence)
     var = _np(tracker.variability)
-    correct = tracker.eval_last_correct if tracker.eval_passes > 0 else tracker.last_correct
-    correct = correct.cpu().numpy().astype(bool)
     ok = np.isfinite(conf) & np.isfinite(var)
+    correct, colour_note = _agreement(tracker, ok)
     fig, ax = plt.subplots(figsize=(7.6, 4.8))
     for mask, colour, name in (
-        (ok & correct, "#55A868", "final model agrees with the label"),
-        (ok & ~correct, "#222222", "final model disagrees"),
+        (ok & correct, "#55A868", "model agrees with the label"),
+        (ok & ~correct, "#222222", "model disagrees"),
     ):
         ax.scatter(
             var[mask],
@@ -332,7 +356,7 @@ def _fig_data_map(tracker: CSLTracker, samples: RunSamples | None, path: str) ->
     # a std is >= 0, but one class (every variability 0) drew an axis from -0.04 to 0.04
     right = max(float(var[ok].max()) if ok.any() else 0.0, 0.05) * 1.05
     ax.set_xlim(-0.02 * right, right)
-    return _png(fig, path)
+    return _png(fig, path), colour_note
 
 
 def _fig_loss_curves(

@@ -857,3 +857,38 @@ def test_corrupted_samples_without_a_score_draw_no_empty_roc_or_auroc_table(tmp_
     assert not (tmp_path / "roc.png").exists()
     table = {"csl": {"mislabeled": math.nan}}
     assert format_detection_table(table).startswith("(no detection table")
+
+
+def _run_with_an_eval_pass_over_a_quarter(n=40, c=3):
+    """Training fits every label; eval passes score samples 0, 4, 8, ... only."""
+    y = torch.arange(n) % c
+    logits = torch.nn.functional.one_hot(y, c) * 5.0
+    tracker = csl_fast.CSLTracker(n, c)
+    held = torch.arange(0, n, 4)
+    for _ in range(3):
+        csl_fast.accumulate(logits, y, torch.arange(n), tracker)
+        tracker.end_epoch()
+        csl_fast.score_epoch(torch.nn.Identity(), [(logits[held], y[held], held)], tracker)
+    return tracker, y, held
+
+
+def test_data_map_colours_samples_no_eval_pass_scored_by_training(tmp_path, monkeypatch):
+    # every sample no eval pass scored was drawn as "final model disagrees" (30 of 40 here)
+    import matplotlib.figure
+
+    from csl_fast.report_figures import _fig_data_map
+
+    tracker, _, held = _run_with_an_eval_pass_over_a_quarter()
+    legends = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kw):
+        legends.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        return savefig(fig, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    drawn = _fig_data_map(tracker, None, str(tmp_path / "d.png"))
+    assert legends[:2] == ["model agrees with the label (40)", "model disagrees (0)"]
+    caption = drawn[1]
+    assert f"for the {held.numel()} samples an eval pass scored" in caption
+    assert "last training presentation for the other 30" in caption
