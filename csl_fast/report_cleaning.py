@@ -138,7 +138,9 @@ def _fig_flagging(det: Any, path: str) -> str:
     return _png(fig, path)
 
 
-def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
+def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str, str]]:
+    """The flagged set's make-up against the ground truth; ``trained``: bool ``[N]``, the
+    samples the run trained on."""
     n = det.scores.numel()
     flagged = det.flagged.cpu().numpy()
     mis = samples.mislabeled if samples.mislabeled is not None else np.zeros(n, bool)
@@ -154,20 +156,35 @@ def _composition(det: Any, samples: Any) -> list[tuple[str, str]]:
     rows.append(
         ("precision (corrupted / flagged)", f"{(flagged & bad).sum() / k:.3f}" if k else "n/a")
     )
-    # of the corrupted samples the run trained on: the others have no score and cannot be
-    # flagged (recall 0.455 of all 22 read as a miss of 12 the rule never saw)
-    seen = np.isfinite(det.scores.detach().cpu().double().numpy())
-    total = int((bad & seen).sum())
-    unseen = int((bad & ~seen).sum())
-    what = f"of the {total} corrupted the run trained on" if unseen else f"of all {total} corrupted"
+    # of the corrupted samples with a score: the others cannot be flagged (recall 0.455 of
+    # all 22 read as a miss of 12 the rule never saw)
+    scored = np.isfinite(det.scores.detach().cpu().double().numpy())
+    total = int((bad & scored).sum())
+    never = int((bad & ~scored & ~trained).sum())
+    # trained on but without this score (an eval pass over a subset, --score eval_csl):
+    # they were called never presented
+    unscored = int((bad & ~scored & trained).sum())
+    if unscored:
+        what = f"of the {total} corrupted that {det.score_name} scores"
+    elif never:
+        what = f"of the {total} corrupted the run trained on"
+    else:
+        what = f"of all {total} corrupted"
     rows.append(
         (
             f"recall ({what})",
             f"{(flagged & bad).sum() / total:.3f}" if total else "n/a",
         )
     )
-    if unseen:
-        rows.append(("corrupted samples never presented (no score, not flagged)", str(unseen)))
+    if unscored:
+        rows.append(
+            (
+                f"corrupted samples trained on that {det.score_name} does not score (not flagged)",
+                str(unscored),
+            )
+        )
+    if never:
+        rows.append(("corrupted samples never presented (no score, not flagged)", str(never)))
     return rows
 
 
@@ -269,7 +286,7 @@ def sections(
     ``flagging.png`` into ``out_dir``. With ``inputs`` (and ``labels``) the suggestion
     section's plan also covers the conflicting duplicates
     (:mod:`csl_fast.report_duplicates` has their own section)."""
-    from .cleaning import no_suggestions
+    from .cleaning import no_suggestions, presented
     from .detect import DetectionWarning, count_phrase, mislabeled
 
     e = html.escape
@@ -300,7 +317,7 @@ def sections(
         parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['note'])}</p>")
     parts.append("<h2>What the flagged set is made of</h2>")
     if samples is not None and samples.has_truth:
-        parts.append(_table(_composition(det, samples)))
+        parts.append(_table(_composition(det, samples, presented(tracker).numpy())))
     else:
         parts.append("<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>")
     parts.append("<h2>Suggested labels</h2>")

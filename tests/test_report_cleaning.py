@@ -326,3 +326,29 @@ def test_drop_reasons_under_policy_drop_name_the_policy():
     why = plan.drop_reasons()
     assert plan.grouped.sum() == 2 and why["suggestion"][plan.grouped].all()
     assert not why["group share"].any() and not why["group without label"].any()
+
+
+def test_corrupted_samples_an_eval_pass_did_not_score_are_not_called_never_presented(tmp_path):
+    # --score eval_csl over an eval pass of a quarter of the samples: the 6 flipped samples
+    # it did not score, trained on 3 times, were "never presented", and recall said nothing
+    # of why it covered 2 of the 8
+    n, c = 40, 3
+    y = torch.arange(n) % c
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[[0, 4, 1, 2, 3, 5, 6, 7]] = True  # 0 and 4 scored by the eval pass
+    noisy = torch.where(flipped, (y + 1) % c, y)
+    logits = torch.nn.functional.one_hot(y, c) * 3.0
+    tracker = csl_fast.CSLTracker(n, c)
+    held = torch.arange(0, n, 4)
+    for _ in range(3):
+        csl_fast.accumulate(logits, noisy, torch.arange(n), tracker)
+        tracker.end_epoch()
+        csl_fast.score_epoch(torch.nn.Identity(), [(logits[held], noisy[held], held)], tracker)
+    samples = RunSamples(labels=noisy, true_labels=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(tracker, tmp_path, samples, score="eval_csl")).read_text()
+    rows = _table_after(page, "What the flagged set is made of")
+    assert "recall (of the 2 corrupted that eval_csl scores)" in rows
+    assert rows["corrupted samples trained on that eval_csl does not score (not flagged)"] == "6"
+    assert not any("never presented" in row for row in rows)
