@@ -309,6 +309,24 @@ def _best(table: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return best
 
 
+def _coverage(scores: Mapping[str, torch.Tensor]) -> str:
+    """A sentence on the scores defined on fewer samples than the others ('' if none).
+
+    An eval pass over part of the samples gives eval_csl on those only: its AUROC and ROC
+    curve, over 50 of 200 samples, sat beside the others' with no word.
+    """
+    counts = {name: int(torch.isfinite(s).sum()) for name, s in scores.items()}
+    most = max(counts.values(), default=0)
+    fewer = [f"{name} over {k}" for name, k in counts.items() if k < most]
+    if not fewer:
+        return ""
+    n = next(iter(scores.values())).numel()
+    return (
+        f" Scores cover different samples (those with a finite score, of {n}): "
+        f"{', '.join(fewer)}; the others over {most}."
+    )
+
+
 def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
     """The detection table as aligned text (best value per column marked with ``*``)."""
     best = _best(table)
@@ -503,6 +521,7 @@ def write_report(
     hist_score = "csl_mean" if tracker.sequences else "csl"
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
+    coverage = _coverage(all_scores)
 
     def roc_figure(p: str) -> str | tuple[None, str] | None:
         rocs.update(roc_curves(all_scores, samples))  # the AUROC table reads them too
@@ -553,7 +572,7 @@ def write_report(
         "Thick black: CSL; thick colours: the other scores among the three best by AUROC "
         "(three when CSL is not among them); thin grey: the rest (a score that ranks as CSL "
         "does, csl_mean on a run of equal epochs, lies under its line). The false-positive "
-        "axis is logarithmic: the left part is where the first flags land.",
+        "axis is logarithmic: the left part is where the first flags land." + coverage,
         "data_map.png": "Dataset cartography: mean and spread of the probability the model gave "
         "the label over training. A label the model rejected over training sits at the bottom "
         "(low confidence); one it hesitated over, then memorized, at middle confidence and high "
@@ -628,6 +647,7 @@ def write_report(
         figures,
         notes,
         cleaning,
+        coverage,
     )
     path = os.path.join(out, "report.html")
     atomic_file.write_text(path, lambda f: f.write(page), "write the report", "report.html")
@@ -668,6 +688,7 @@ def _html(
     figures,
     notes,
     cleaning="",
+    coverage="",
 ) -> str:
     from .scores import no_epoch_closed
 
@@ -714,7 +735,8 @@ def _html(
             info = infos.get(name)
             parts.append(f"<td class=l>{e(info.formula) if info else ''}</td></tr>")
         parts.append(
-            "</table><p class=cap>Each corruption type against the clean samples only.</p>"
+            "</table><p class=cap>Each corruption type against the clean samples only."
+            f"{e(coverage)}</p>"
         )
     elif samples is not None and samples.has_truth:
         parts.append(

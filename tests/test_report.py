@@ -892,3 +892,22 @@ def test_data_map_colours_samples_no_eval_pass_scored_by_training(tmp_path, monk
     caption = drawn[1]
     assert f"for the {held.numel()} samples an eval pass scored" in caption
     assert "last training presentation for the other 30" in caption
+
+
+def test_auroc_rows_over_fewer_samples_say_so(run, tmp_path):
+    # eval_csl of an eval pass over 10 of 40 samples: its AUROC row sat beside rows over
+    # all 40 with no word
+    tracker, y, _ = _run_with_an_eval_pass_over_a_quarter()
+    noisy = y.clone()
+    noisy[:8] = (y[:8] + 1) % 3
+    samples = RunSamples(labels=noisy, true_labels=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path, samples)).read_text(encoding="utf-8")
+    table = html[html.index("<h2>Detection (AUROC)</h2>") :]
+    caption = table[table.index("<p class=cap>") : table.index("</p>")]
+    assert "(those with a finite score, of 40): eval_csl over 10" in caption
+    assert "the others over 40." in caption
+    tracker, samples = run  # every score over every sample: nothing to say
+    html = Path(write_report(tracker, tmp_path / "all", samples)).read_text(encoding="utf-8")
+    assert "Scores cover different samples" not in html
