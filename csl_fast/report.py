@@ -46,6 +46,7 @@ import datetime
 import html
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -357,7 +358,6 @@ _NO_LOGITS = (
 def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str) -> str:
     """The flagged set of a loss-only run (tail rule) and, with per-label CSL, the
     entries; no cleaning plan (there are no suggested labels)."""
-    import warnings
 
     from .detect import DetectionWarning, summary
     from .detect_losses import corrupted_targets
@@ -388,7 +388,6 @@ def _score_of(tracker: CSLTracker, name: str) -> torch.Tensor:
 
 def _entry_section(tracker: CSLTracker, top: int) -> str:
     """The top (sample, label) entries by per-label CSL, with the tail rule's flags."""
-    import warnings
 
     from .detect import DetectionWarning, summary
     from .detect_losses import mislabeled_entries
@@ -500,6 +499,9 @@ def write_report(
     if samples is not None and samples.num_samples not in (None, n):
         raise SamplesFileError(f"samples describe {samples.num_samples} samples, the tracker {n}")
     all_scores = compute_scores(tracker)
+    lost = _epochs_without_loss(tracker)
+    if lost is not None:  # said outside the page too, as a detection's warning is
+        warnings.warn(f"csl_fast.report: {lost}", RuntimeWarning, stacklevel=2)
     dup_args = _inputs_of(samples, inputs, labels, n)
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
     if loss_only:
@@ -648,10 +650,49 @@ def write_report(
         notes,
         cleaning,
         coverage,
+        lost,
     )
     path = os.path.join(out, "report.html")
     atomic_file.write_text(path, lambda f: f.write(page), "write the report", "report.html")
     return path
+
+
+def _epochs_without_loss(tracker: CSLTracker) -> str | None:
+    """Which epochs recorded no finite training loss (a run that diverged: non-finite
+    losses are not recorded), or None. Without a history only their number can be told,
+    from the presentation counts; a tracker of sequences counts tokens and is not judged."""
+    if tracker.history and tracker.loss_history.shape[0] > 0:
+        finite = torch.isfinite(tracker.loss_history.float()).any(1)
+        empty = (~finite).nonzero().flatten().add(1).tolist()
+        if not empty:
+            return None
+        which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"
+    elif tracker.sequences or tracker.epoch == 0:
+        return None
+    else:
+        most = int(tracker.csl_count.max())
+        if most >= tracker.epoch:
+            return None
+        which = (
+            f"{tracker.epoch - most} of the {tracker.epoch} epochs (no sample has a loss in "
+            f"more than {most}; a tracker with history=True tells which)"
+        )
+    return (
+        f"no finite training loss was recorded in {which}: training diverged (non-finite "
+        "losses are not recorded) or presented no sample then. CSL and every sum over "
+        "training cover only the other epochs, and the loss curves stop where the record does"
+    )
+
+
+def _spans(epochs: list[int]) -> str:
+    """Ascending whole numbers as ranges: [4, 5, 6, 9] -> '4-6, 9'."""
+    spans: list[list[int]] = []  # [first, last]
+    for k in epochs:
+        if spans and k == spans[-1][1] + 1:
+            spans[-1][1] = k
+        else:
+            spans.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _inputs_of(
@@ -689,6 +730,7 @@ def _html(
     notes,
     cleaning="",
     coverage="",
+    lost=None,
 ) -> str:
     from .scores import no_epoch_closed
 
@@ -712,6 +754,9 @@ def _html(
             "times are 0 or 1 and the suggestions' confidence is underestimated (more "
             "drops).</p>"
         )
+    if lost is not None:
+        # "6 epochs tracked" of a run that diverged at epoch 3, and loss curves that stop
+        parts.append(f"<p><b>Warning:</b> {e(lost[0].upper() + lost[1:])}.</p>")
     unseen = int((tracker.csl_count == 0).sum())
     if unseen:
         # they have no score: absent from every figure and ranking, and nothing said why

@@ -409,7 +409,7 @@ def _fig_loss_curves(
         (members, "black", 1.6, "--", f"mean of {who} ({members.size})"),
     )
     for cols, colour, lw, ls, label in means:
-        ax.plot(epochs, np.nanmean(h[:, cols], 1), color=colour, lw=lw, ls=ls, label=label)
+        ax.plot(epochs, _row_means(h[:, cols]), color=colour, lw=lw, ls=ls, label=label)
     ax.set_yscale("symlog", linthresh=1e-2)
     ax.set_xlabel("epoch")
     # epochs are whole: 2 epochs were ticked 1.0, 1.2, ..., 2.0
@@ -418,6 +418,15 @@ def _fig_loss_curves(
     ax.set_title(f"Loss curves of easy and hard samples, {who}")
     ax.legend(fontsize=7, frameon=False)
     return _png(fig, path), f"{who}; {k} easiest and {k} hardest by {by}"
+
+
+def _row_means(a: np.ndarray) -> np.ndarray:
+    """Each row's mean over its finite values, NaN for a row of none (np.nanmean warned
+    'Mean of empty slice' to stderr for each epoch of a run that diverged)."""
+    finite = np.isfinite(a)
+    count = finite.sum(1)
+    total = np.where(finite, a, 0.0).sum(1)
+    return np.divide(total, count, out=np.full(len(a), np.nan), where=count > 0)
 
 
 def _fig_top_grid(

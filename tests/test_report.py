@@ -911,3 +911,27 @@ def test_auroc_rows_over_fewer_samples_say_so(run, tmp_path):
     tracker, samples = run  # every score over every sample: nothing to say
     html = Path(write_report(tracker, tmp_path / "all", samples)).read_text(encoding="utf-8")
     assert "Scores cover different samples" not in html
+
+
+@pytest.mark.parametrize("history", [True, False])
+def test_a_run_that_diverged_says_which_epochs_recorded_no_loss(tmp_path, history):
+    # NaN logits from epoch 4: the page said "6 epochs tracked", the loss curves stopped at
+    # epoch 3 with no reason, and numpy printed "Mean of empty slice" for each lost epoch
+    n, c = 30, 3
+    y = torch.arange(n) % c
+    tracker = csl_fast.CSLTracker(n, c, history=history)
+    g = torch.Generator().manual_seed(0)
+    for epoch in range(6):
+        logits = torch.randn(n, c, generator=g) + 3 * torch.nn.functional.one_hot(y, c)
+        if epoch >= 3:
+            logits[:] = float("nan")
+        csl_fast.accumulate(logits, y, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        html = Path(write_report(tracker, tmp_path, RunSamples(labels=y))).read_text()
+    which = "epochs 4-6 of 6" if history else "3 of the 6 epochs"
+    said = [str(w.message) for w in caught if "no finite training loss" in str(w.message)]
+    assert len(said) == 1 and which in said[0]
+    assert f"<b>Warning:</b> No finite training loss was recorded in {which}" in html
+    assert not [w for w in caught if "empty slice" in str(w.message)]
