@@ -4,8 +4,8 @@ r"""The visual report of a tracked run: one self-contained HTML page plus PNG fi
 known about the samples (:class:`RunSamples`):
 
 ``csl_histogram.png``
-    The distribution of CSL (log scale), split into clean, mislabeled and duplicated
-    samples when the ground truth is known.
+    The distribution of CSL (log scale; per token for a tracker of sequences), split into
+    clean, mislabeled and duplicated samples when the ground truth is known.
 ``roc.png``
     ROC curves of CSL against the free baselines (every score of
     :func:`csl_fast.scores`), for mislabeled and for duplicated samples. Needs the ground
@@ -14,7 +14,8 @@ known about the samples (:class:`RunSamples`):
     Dataset-cartography map: variability (std of :math:`p_y` over training) against
     confidence (mean :math:`p_y`), coloured by whether the model predicted the label at
     the last eval pass that scored the sample (:func:`csl_fast.score_epoch`), else at its
-    last training presentation; corrupted samples are ringed when known.
+    last training presentation; corrupted samples are ringed when known. Not drawn for a
+    tracker of sequences, whose :math:`p_y` statistics pool the tokens (the page says why).
 ``loss_curves.png``
     Per-epoch training loss of the easiest and hardest samples (lowest and highest CSL) of
     one class, with the mean of each group and of the class (the paper's "peacock" figure).
@@ -415,6 +416,17 @@ def _entry_section(tracker: CSLTracker, top: int) -> str:
     )
 
 
+_HISTOGRAM_CAPTIONS = {
+    "softmax": "Cumulative sample loss of every training sample. Samples whose label "
+    "contradicts similar samples keep a high loss for many epochs and sit in the right tail.",
+    "loss_only": "Cumulative sample loss of every training sample. Samples whose target is "
+    "wrong keep a high loss for many epochs and sit in the right tail.",
+    # summed over tokens, CSL grows with a sequence's length: the figure draws it per token
+    "sequences": "CSL per token (csl_mean) of every training sequence: its loss summed over "
+    "training divided by its recorded tokens, so that length does not rank it. Sequences "
+    "whose tokens contradict what similar sequences teach keep a high loss for many epochs "
+    "and sit in the right tail.",
+}
 _MISSING = {
     "roc.png": "needs the ground truth (mislabeled/duplicate masks in samples.npz).",
     "top_samples.png": "needs images in samples.npz.",
@@ -561,14 +573,9 @@ def write_report(
         ),
     ]
     captions = {
-        "csl_histogram.png": "Cumulative sample loss of every training sample. "
-        + (
-            "Samples whose target is wrong keep a high loss for many epochs and sit in the "
-            "right tail."
-            if loss_only
-            else "Samples whose label contradicts similar samples keep a high loss for many "
-            "epochs and sit in the right tail."
-        ),
+        "csl_histogram.png": _HISTOGRAM_CAPTIONS[
+            "sequences" if tracker.sequences else "loss_only" if loss_only else "softmax"
+        ],
         "roc.png": "Each corruption type is scored against the clean samples only (the other "
         "type is left out, as in the paper where each experiment injects one kind). "
         "Thick black: CSL; thick colours: the other scores among the three best by AUROC "

@@ -289,6 +289,15 @@ def _fig_roc(
     return _png(fig, path)
 
 
+# tracker.record_sequences pools p(label) over every token of every presentation
+_SEQUENCE_DATA_MAP = (
+    "a tracker of sequences pools the probability of each target token over all tokens "
+    "and presentations: its spread mixes the spread across a sequence's tokens with that "
+    "over training (a model that never changed still has a large one), and 'agrees with "
+    "the label' would mean every token; the map's reading does not hold for sequences."
+)
+
+
 def _agreement(tracker: CSLTracker, shown: np.ndarray) -> tuple[np.ndarray, str]:
     """Whether the model predicted each sample's label, and the caption's word on when.
 
@@ -317,6 +326,8 @@ def _fig_data_map(
 ) -> tuple[str | None, str]:
     import matplotlib.pyplot as plt
 
+    if tracker.sequences:
+        return None, _SEQUENCE_DATA_MAP
     conf = _np(tracker.confidence)
     var = _np(tracker.variability)
     ok = np.isfinite(conf) & np.isfinite(var)

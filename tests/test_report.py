@@ -935,3 +935,23 @@ def test_a_run_that_diverged_says_which_epochs_recorded_no_loss(tmp_path, histor
     assert len(said) == 1 and which in said[0]
     assert f"<b>Warning:</b> No finite training loss was recorded in {which}" in html
     assert not [w for w in caught if "empty slice" in str(w.message)]
+
+
+def test_a_tracker_of_sequences_gets_no_data_map_and_a_histogram_caption_per_token(tmp_path):
+    # the data map drew the spread of p(label) across a sequence's tokens as variability over
+    # training, and the histogram's caption spoke of CSL under a figure of CSL per token
+    n, t, v = 20, 6, 5
+    target = torch.zeros(n, t, dtype=torch.long)
+    logits = torch.zeros(n, v, t)
+    logits[:, 0, ::2] = 6.0  # half the tokens near-certain, half at chance, every epoch
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    for _ in range(3):
+        csl_fast.accumulate(logits, target, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert not (tmp_path / "data_map.png").exists()
+    assert "Not drawn: a tracker of sequences pools the probability" in html
+    assert "CSL per token (csl_mean) of every training sequence" in html
+    assert "Cumulative sample loss of every training sample" not in html
