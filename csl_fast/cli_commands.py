@@ -580,18 +580,22 @@ def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:
 def cmd_report(args: argparse.Namespace) -> int:
     from .cli_inputs import run_inputs, say_note
     from .report import FIGURES, write_report
+    from .scores import recorded_names
 
     tracker, samples = load_run_for(args)
-    _scores_for(tracker, args.score)
     if not bool((tracker.csl_count > 0).any()):
-        # an eval pass alone (csl_fast.score_epoch): the page's figures are of training
+        # an eval pass alone (csl_fast.score_epoch): the page's figures are of training.
+        # Before the score check: "score 'csl' was not recorded; available: eval_csl" sent
+        # the user to --score eval_csl, which this then refused
+        score = args.score if args.score in recorded_names(tracker) else "eval_csl"
         raise CLIError(
             f"{args.run} recorded no training presentation (no loss through "
             "accumulate/record_loss), and the report is drawn from training (the CSL "
             "histogram, loss curves, data map); list its samples by an eval-pass score "
-            f"instead: csl-fast rank {args.run} --score {args.score}",
+            f"instead: csl-fast rank {args.run} --score {score}",
             EXIT_USAGE,
         )
+    _scores_for(tracker, args.score)
     inputs, labels, aside = run_inputs(args, tracker, samples)
     say_note(args, aside)
     if args.out is None:

@@ -683,6 +683,9 @@ def test_report_of_an_eval_only_run_says_to_rank_it_instead(tmp_path, capsys):
     )
     assert "recorded no training presentation" in line
     assert line.endswith(f"csl-fast rank {tmp_path / 'run.csl'} --score eval_csl")
+    # without --score it said "score 'csl' was not recorded ... available: eval_csl", and
+    # --score eval_csl then got the line above
+    assert user_error(capsys, EXIT_USAGE, "report", str(tmp_path / "run.csl"), "-q") == line
     assert not (tmp_path / "report").exists()
     code, out, _ = run_main(capsys, "rank", str(tmp_path / "run.csl"), "--score", "eval_csl")
     assert code == 0 and "eval_csl" in out
