@@ -598,6 +598,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     _scores_for(tracker, args.score)
     inputs, labels, aside = run_inputs(args, tracker, samples)
     say_note(args, aside)
+    notes = _run_notes(args.run, tracker.num_samples, args.quiet, args.score)
+    if aside is not None:
+        # on stderr alone (and not at all under --quiet) the page never said why it has
+        # no duplicate section
+        notes.append(("No duplicate groups", aside[0].upper() + aside[1:] + "."))
     if args.out is None:
         base = args.run if os.path.isdir(args.run) else os.path.dirname(os.path.abspath(args.run))
         out = os.path.join(base, "report")
@@ -608,7 +613,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         tracker,
         out,
         samples,
-        notes=_run_notes(args.run, tracker.num_samples, args.quiet, args.score),
+        notes=notes,
         title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
         score="csl" if args.score == "label_csl" else args.score,  # entries: own section
         top=args.top,
