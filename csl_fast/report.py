@@ -666,24 +666,15 @@ def write_report(
 
 def _epochs_without_loss(tracker: CSLTracker) -> str | None:
     """Which epochs recorded no finite training loss (a run that diverged: non-finite
-    losses are not recorded), or None. Without a history only their number can be told,
-    from the presentation counts; a tracker of sequences counts tokens and is not judged."""
-    if tracker.history and tracker.loss_history.shape[0] > 0:
-        finite = torch.isfinite(tracker.loss_history.float()).any(1)
-        empty = (~finite).nonzero().flatten().add(1).tolist()
-        if not empty:
-            return None
-        which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"
-    elif tracker.sequences or tracker.epoch == 0:
+    losses are not recorded), or None. Told by the loss history only: without one, fewer
+    presentations than epochs may as well be epochs of a subset of the samples each."""
+    if not tracker.history or tracker.loss_history.shape[0] == 0:
         return None
-    else:
-        most = int(tracker.csl_count.max())
-        if most >= tracker.epoch:
-            return None
-        which = (
-            f"{tracker.epoch - most} of the {tracker.epoch} epochs (no sample has a loss in "
-            f"more than {most}; a tracker with history=True tells which)"
-        )
+    finite = torch.isfinite(tracker.loss_history.float()).any(1)
+    empty = (~finite).nonzero().flatten().add(1).tolist()
+    if not empty:
+        return None
+    which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"
     return (
         f"no finite training loss was recorded in {which}: training diverged (non-finite "
         "losses are not recorded) or presented no sample then. CSL and every sum over "
