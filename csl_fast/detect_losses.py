@@ -76,7 +76,8 @@ SGD-trained 64-64 MLP (fits them only partly); 3 seeds, 0.5-10% of targets corru
   to review.
 
 Non-finite CSL is ignored (never presented), and a CSL with negative values (a loss that
-can be negative) is modelled on the raw scale, with a warning.
+can be negative) is modelled on the raw scale, with a warning; values below 0 by float
+rounding only (:data:`~csl_fast.flagging.NEGATIVE_TOLERANCE`) count as 0.
 
 Multi-label entries (:func:`mislabeled_entries`): the same rule over all ``N * L`` entries
 at once (or per label); see the function for what it measured, on held-out data too.

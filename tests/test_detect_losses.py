@@ -321,6 +321,26 @@ def test_tail_rule_on_a_score_with_negative_values_warns():
     assert not csl_fast.detect.count_phrase(det).endswith("likely more")
 
 
+def test_tail_rule_takes_a_rounding_error_below_zero_as_zero():
+    # F.kl_div of identical rows gives -1.7e-7 in float32: one such value sent the whole
+    # score to the raw scale (the planted group flagged with clean samples, "unreliable")
+    values, truth = _scores(n=1000, bad=30, shift=6.0, seed=5)
+    values = values * 1e-4  # a final-loss-sized score, where the rounding error weighs most
+    fitted = int((~truth).nonzero()[0])
+    found = {}
+    for at_zero in (1.7e-7, -1.7e-7):
+        values[fitted] = at_zero
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            found[at_zero] = corrupted_targets(values)
+        assert not any("negative values" in str(w.message) for w in said)
+    det = found[-1.7e-7]
+    assert det.diagnostics["estimator"]["scale"] == "log"
+    assert det.diagnostics["count"] != "unreliable"
+    assert torch.equal(det.flagged, found[1.7e-7].flagged)
+    assert len(det) >= 15 and not (det.flagged & ~truth).any()  # (40 flagged, 20 clean)
+
+
 def test_tail_warning_says_how_many_bad_samples_the_rule_can_see():
     # 10 targets moved far (AUROC 1) among 500: below what the rule can show at this N.
     # The advice was "train without weight decay and long enough", which measured no
