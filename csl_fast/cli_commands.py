@@ -205,16 +205,24 @@ def _check_sample_classes(samples: Any, tracker: Any, samples_path: str) -> None
 
 
 def _check_recorded(tracker: Any, tracker_path: str) -> None:
-    """Refuse a tracker without a single score (saved before any training step, or with
-    ``N = 0``) as bad input, in every command that reads a run: each needs a score, and
-    no option can give one."""
-    from .scores import recorded_names
+    """Refuse a tracker without a single score (saved before any training step, trained
+    on non-finite losses only, or with ``N = 0``) as bad input, in every command that
+    reads a run: each needs a score, and no option can give one."""
+    from .scores import diverged_reason, recorded_names
 
     if not recorded_names(tracker):
+        diverged = diverged_reason(tracker)
+        why = (
+            f"): {diverged}"
+            if diverged
+            else (
+                "; a tracker saved before any training step?): save the tracker after training "
+                "on it"
+            )
+        )
         raise CLIError(
             f"{tracker_path}: the run recorded nothing (no training presentation, eval pass "
-            "or input-gradient record; a tracker saved before any training step?): save the "
-            "tracker after training on it",
+            f"or input-gradient record{why}",
             EXIT_INPUT,
         )
 

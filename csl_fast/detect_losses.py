@@ -106,6 +106,7 @@ from .detect import (
     _unused,
 )
 from .flagging import MIN_ANCHORED_SHARE, Estimate, doubted, rule_scale, two_view_count
+from .scores import diverged_reason
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -302,7 +303,17 @@ def corrupted_targets(
 
     values, name = _loss_score(source, default_score(source) if score is None else score)
     caveat = _length_bias(source, name)
-    return _detection(values, name, rule, fraction, threshold, stacklevel=3, caveat=caveat)
+    why = _no_score(source, "csl_fast.record_loss or csl_fast.accumulate_bce")
+    return _detection(values, name, rule, fraction, threshold, 3, why, caveat=caveat)
+
+
+def _no_score(source: Any, fed_by: str) -> str:
+    """Why no sample of ``source`` has a finite score, and what to do: a tracker that
+    closed epochs was trained on non-finite losses, else it was never fed."""
+    from .tracker import CSLTracker
+
+    diverged = diverged_reason(source) if isinstance(source, CSLTracker) else None
+    return diverged or f"no sample was presented in training (pass the tracker to {fed_by})"
 
 
 def _detection(
@@ -312,13 +323,14 @@ def _detection(
     fraction: float | None,
     threshold: float | None,
     stacklevel: int,
-    fed_by: str = "csl_fast.record_loss or csl_fast.accumulate_bce",
+    no_score: str,
     caveat: str | None = None,
     noun: str = "samples",
 ) -> Detection:
-    """The detection; ``caveat``: why the score misranks the source (said in the note and
-    the warning, :func:`csl_fast.detect._length_bias`); ``noun``: what the scores belong
-    to, in the warning (``"entries"`` for multi-label entries)."""
+    """The detection; ``no_score``: why no score is finite and what to do
+    (:func:`_no_score`); ``caveat``: why the score misranks the source (said in the note
+    and the warning, :func:`csl_fast.detect._length_bias`); ``noun``: what the scores
+    belong to, in the warning (``"entries"`` for multi-label entries)."""
     ranking = _ranking(values)
     flagged, est, desc = _flag(values, ranking, rule, fraction, threshold)
     n_flagged = int(flagged.sum())
@@ -378,8 +390,7 @@ def _detection(
     if values.numel() and not bool(finite.any()):
         warning = (
             f"csl_fast.detect_losses: nothing flagged by rule={rule!r}: score {name!r} is "
-            "not finite (NaN or inf) for every sample: no sample was presented in training "
-            f"(pass the tracker to {fed_by})"
+            f"not finite (NaN or inf) for every sample: {no_score}"
         )
     elif rule == "threshold" and n_flagged == 0 and values.numel():
         warning = (
@@ -561,21 +572,17 @@ def mislabeled_entries(
     """
     values, name = _entry_score(source, score)
     labels = values.shape[1]
+    why = _no_score(source, "csl_fast.accumulate_bce")
     if not per_label:
         det = _detection(
-            values.reshape(-1), name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce",
-            noun="entries",
+            values.reshape(-1), name, rule, fraction, threshold, 3, why, noun="entries",
         )  # fmt: skip
         return _anchored(source, _entries(det, values), rule, recount=True)
     dets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)
         for k in range(labels):
-            dets.append(
-                _detection(
-                    values[:, k], name, rule, fraction, threshold, 3, "csl_fast.accumulate_bce"
-                )
-            )
+            dets.append(_detection(values[:, k], name, rule, fraction, threshold, 3, why))
     flagged = torch.stack([d.flagged for d in dets], 1)
     ranking = _ranking(values.reshape(-1))
     n_flagged = int(flagged.sum())

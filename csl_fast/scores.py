@@ -178,6 +178,21 @@ def recorded_names(tracker: CSLTracker) -> list[str]:
     ]
 
 
+def diverged_reason(tracker: CSLTracker) -> str | None:
+    """Why ``tracker`` holds no training record although it closed epochs, or ``None``
+    when it closed none. The recorders skip a non-finite loss, so a run whose every loss
+    was NaN or inf (a diverged run) leaves the tracker as it was before training: the
+    advice for that state ("pass the tracker", "saved before any training step?") misled
+    there."""
+    if tracker.epoch == 0:
+        return None
+    return (
+        f"the tracker closed {tracker.epoch} epoch(s) but recorded no finite loss: every "
+        "loss it was given may have been NaN or inf, which the recorders skip (a diverged "
+        "run?): check the losses for NaN or inf (targets, learning rate) and train again"
+    )
+
+
 # Read from the last eval pass once the tracker has one, whatever training recorded: a
 # tracker fed by score_epoch alone (a trained model scored) or by record_loss (no logits)
 # left them out of the default set.

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import csl_fast
-from csl_fast.cli import EXIT_OK, EXIT_USAGE, main
+from csl_fast.cli import EXIT_INPUT, EXIT_OK, EXIT_USAGE, main
 from csl_fast.scores import has_logit_stats, scores
 
 N, L, BAD = 400, 5, 20
@@ -75,6 +75,23 @@ def test_scores_of_a_loss_only_tracker(reg_run):
     ce = csl_fast.CSLTracker(4, 3)
     csl_fast.accumulate(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4), ce)
     assert has_logit_stats(ce) and "aum" in scores(ce)
+
+
+def test_a_run_of_only_non_finite_losses_is_called_diverged(capsys, tmp_path):
+    # record_loss skips non-finite losses, so a diverged run's tracker holds nothing: the
+    # CLI asked whether it was "saved before any training step?", after 3 epochs
+    t = csl_fast.CSLTracker(30)
+    for _ in range(3):
+        csl_fast.record_loss(torch.full((30,), math.nan), torch.arange(30), t)
+        t.end_epoch()
+    t.save(tmp_path / "nan.csl")
+    code, _, err = run(capsys, "rank", str(tmp_path / "nan.csl"))
+    assert code == EXIT_INPUT and "closed 3 epoch(s)" in err and "NaN or inf" in err
+    assert "before any training step" not in err
+    # a tracker that closed no epoch keeps the old advice
+    csl_fast.CSLTracker(30).save(tmp_path / "fresh.csl")
+    code, _, err = run(capsys, "rank", str(tmp_path / "fresh.csl"))
+    assert code == EXIT_INPUT and "before any training step" in err
 
 
 def test_rank_says_what_exists_and_flags_by_the_tail_rule(capsys, reg_run):

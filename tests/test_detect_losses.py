@@ -341,6 +341,22 @@ def test_tail_rule_takes_a_rounding_error_below_zero_as_zero():
     assert len(det) >= 15 and not (det.flagged & ~truth).any()  # (40 flagged, 20 clean)
 
 
+@pytest.mark.parametrize("labels", [None, 2])
+def test_a_tracker_trained_on_non_finite_losses_is_called_diverged(labels):
+    # the recorders skip NaN and inf, so every score of a diverged run is NaN: the advice
+    # was to "pass the tracker to csl_fast.record_loss", which the run had done
+    tracker = csl_fast.CSLTracker(30, num_labels=labels)
+    find = corrupted_targets if labels is None else mislabeled_entries
+    with pytest.warns(DetectionWarning, match="pass the tracker"):
+        find(tracker)
+    for _ in range(3):
+        csl_fast.record_loss(torch.full((30,), math.inf), torch.arange(30), tracker)
+        tracker.end_epoch()
+    with pytest.warns(DetectionWarning, match=r"closed 3 epoch\(s\).*NaN or inf") as said:
+        find(tracker)
+    assert all("pass the tracker" not in str(w.message) for w in said)
+
+
 def test_tail_warning_says_how_many_bad_samples_the_rule_can_see():
     # 10 targets moved far (AUROC 1) among 500: below what the rule can show at this N.
     # The advice was "train without weight decay and long enough", which measured no
