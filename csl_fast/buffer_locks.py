@@ -61,7 +61,24 @@ def locked(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def under_lock(self, *args, **kwargs):
+        if not hasattr(self, "_buffers"):  # an AttributeError on 'str' said nothing of why
+            raise TypeError(_not_a_tracker(method.__name__, self))
         with buffer_lock(self._buffers["csl_sum"]):
             return method(self, *args, **kwargs)
 
     return under_lock
+
+
+def _not_a_tracker(name: str, got: object) -> str:
+    """What a tracker method called on the class (``CSLTracker.load(path)``) was given."""
+    said = (
+        f"csl_fast: CSLTracker.{name} is a method of a tracker, but its first argument is a "
+        f"{type(got).__name__}, not a CSLTracker (called on the class?): call it on a tracker, "
+        f"tracker.{name}(...)"
+    )
+    if name == "load":  # load fills a tracker; the class-level reader is another name
+        said += (
+            "; to make a new tracker from a file, use CSLTracker.from_file(path) or "
+            "csl_fast.load(path)"
+        )
+    return said

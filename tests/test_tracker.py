@@ -723,6 +723,18 @@ def test_state_dict_roundtrip_in_memory():
     assert u.epoch == 1 and u.num_classes == 2
 
 
+def test_load_called_on_the_class_points_to_from_file(tmp_path):
+    # CSLTracker.load(path) took the path for the tracker: AttributeError "'str' object
+    # has no attribute '_buffers'" from the lock, with nothing to say what to call
+    path = tmp_path / "t.csl"
+    CSLTracker(10).save(path)
+    with pytest.raises(TypeError, match=r"CSLTracker\.load .* str.*CSLTracker\.from_file\(path\)"):
+        CSLTracker.load(path.as_posix())
+    with pytest.raises(TypeError, match=r"tracker\.end_epoch") as raised:
+        CSLTracker.end_epoch("t")
+    assert "from_file" not in str(raised.value)
+
+
 def test_file_errors(tmp_path):
     t = CSLTracker(10, 3)
     t.update(torch.tensor([1, 2]), _stats([1.0, 2.0], [1, 0], [1, 1]))
