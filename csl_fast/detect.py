@@ -1004,8 +1004,9 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
             (unless the valley rule settled the count), ``at least`` where the count was
             cut to the surely bad samples (the interval starts there), else ``"estimated K
             <what> (LOW-HIGH), likely more"`` (an interval that starts below a count
-            called "at least" K read as a contradiction); ``None`` when its
-            ``estimated_count`` is ``None``.
+            called "at least" K read as a contradiction); ``", may include clean
+            samples"`` after a tail-rule count of :mod:`csl_fast.detect_losses`; ``None``
+            when its ``estimated_count`` is ``None``.
         what: the noun after the number (``"bad samples"``, ``"mislabeled samples"``).
     """
     if det.estimated_count is None or det.count_interval is None:
@@ -1015,7 +1016,12 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
     # a lower bound that a separate upper mode of the score settled is a count, not a bound
     estimator = det.diagnostics.get("estimator")
     settled = isinstance(estimator, dict) and estimator.get("count_source") == "valley"
-    if det.diagnostics.get("count") != "lower bound" or settled:
+    from .detect_losses import TAIL_CAVEAT
+
+    caveat = det.diagnostics.get("count")
+    if caveat == TAIL_CAVEAT:  # said where it is printed, as "likely more" is of a bound
+        return f"estimated {count} {what} ({lo}-{hi}), {TAIL_CAVEAT}"
+    if caveat != "lower bound" or settled:
         return f"estimated {count} {what} ({lo}-{hi})"
     if lo >= count:
         return f"estimated at least {count} {what} ({lo}-{hi})"

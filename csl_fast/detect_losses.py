@@ -47,7 +47,7 @@ SGD-trained 64-64 MLP (fits them only partly); 3 seeds, 0.5-10% of targets corru
   0.99-1.0, flagged in 29 of 30 runs with recall 0.52-0.92. The count is the excess
   beyond ``z > 2`` only, so bad samples inside the bulk are not counted, and the clean
   tail on these sets was a little lighter than the normal model (excess -9 to +4 on
-  clean runs) whose expected count is subtracted anyway: read the count as a lower bound;
+  clean runs) whose expected count is subtracted anyway (but see the next paragraph);
 * a least detectable group: the excess must reach ``3 sqrt(E)``, ``E = 0.023 N``, about
   ``0.45 sqrt(N)`` bad samples beyond the cut (11 at N = 500, 45 at N = 10,000): at 0.5%
   and 2% corruption of ~500 samples 2 of 150 runs flagged anything, though targets
@@ -74,6 +74,32 @@ SGD-trained 64-64 MLP (fits them only partly); 3 seeds, 0.5-10% of targets corru
   samples with the most extreme targets (mean ``|y|`` 1.9 sd against 0.7) and inputs,
   whose noise was no larger than the others', fitted last. Read a flagged set as samples
   to review.
+
+The count is the size of a review set, not a bound either way (``diagnostics["count"]
+== "may include clean samples"``, which the CLI prints after it). It errs low on the MSE
+runs above, but a clean tail heavier than the normal model is counted too, and no shape
+of the bulk measured told the two apart. An audit's probe (2026-12-04, no results file):
+diabetes as above (5% of targets moved 3 sd, or none; 300 epochs, seeds 0-2) and a
+synthetic set (N = 400, 8 features, ``sin(x0) + 0.5 x1 x2 + 0.3 x3`` plus noise 0.1,
+targets standardised, 20 moved 4 sd or none; MLP 128-128, Adam 3e-3, batch 32, 60 epochs,
+seeds 0-3), each with the per-sample MSE, Huber (delta 1) and L1 loss via
+:func:`csl_fast.record_loss`:
+
+* flagged (clean among them): diabetes clean runs MSE 0, Huber 0, L1 30-33 (all clean);
+  corrupted MSE 17-20 (1-4), Huber 21-28 (2-8), L1 34-39 (13-19). Synthetic clean runs MSE
+  0 / 0 / 10 / 0, Huber 0, L1 14-23; corrupted (the 20 bad flagged in 11 of 12 runs, 19
+  in one) MSE 22-30 (2-10 clean), Huber 19-24 (0-4), L1 26-35 (6-15);
+* the clean L1 bulk of log-CSL is right-skewed (skewness 1.07-1.63 against 0.39-0.77 for
+  MSE and Huber), but 5% of bad samples move the moment skewness more (0.81-2.14 on the
+  corrupted MSE and Huber runs), and the robust measures, which they barely move, do not
+  separate the clean L1 runs from the others: Bowley (quartile) skewness -0.01-0.18
+  against -0.03-0.22, octile 0.04-0.27 against 0.04-0.25, Kelly (decile) 0.06-0.30
+  against 0.05-0.27 (corrupted runs included), medcouple 0.01-0.20 against 0.01-0.24; the
+  upper decile's spread, ``(q90 - median) / 1.2816`` in robust sd, 1.12-1.54 against
+  1.14-1.48 on the corrupted MSE and Huber runs. The heavier tail lies beyond z ~ 1.5,
+  where the bad samples are. A null mirrored from the lower half would count more, not
+  less: that tail is lighter than the normal one (0-9 samples below z = -2, ~9-10
+  expected).
 
 Non-finite CSL is ignored (never presented), and a CSL with negative values (a loss that
 can be negative) is modelled on the raw scale, with a warning; values below 0 by float
@@ -114,6 +140,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LOSS_RULES",
     "SMALL_SAMPLE",
+    "TAIL_CAVEAT",
     "TAIL_CUT",
     "TAIL_EVIDENCE",
     "EntryDetection",
@@ -129,6 +156,8 @@ LOSS_RULES = ("tail", "fraction", "threshold")
 TAIL_CUT = 2.0
 #: Least excess over the expected clean tail, in Poisson standard errors.
 TAIL_EVIDENCE = 3.0
+#: ``diagnostics["count"]`` of a tail-rule count: a review set's size, not a bound.
+TAIL_CAVEAT = "may include clean samples"
 #: Fewer finite scores than this: a flagged set comes with a warning that the bulk's
 #: median and spread are uncertain (see :func:`corrupted_targets`).
 SMALL_SAMPLE = 200
@@ -292,12 +321,13 @@ def corrupted_targets(
         interval, diagnostics). When the rule flags nothing, ``warning`` says why and a
         :class:`~csl_fast.detect.DetectionWarning` is raised; the estimated count and
         interval are then None (unknown: bad samples may hide in the clean tail), not 0.
-        A count of the tail rule is a lower bound (``diagnostics["count"] == "lower
-        bound"``; the module doc says why), unless the score has negative values
-        (``"unreliable"``: the rule then works on the raw scale, and its count can be too
-        high or too low; ``warning`` says so). Samples never presented rank last and are
-        never flagged; so do ``+inf``
-        scores of a tensor or mapping, with a warning (an overflowed score).
+        A count of the tail rule is the size of a review set, neither bound
+        (``diagnostics["count"] == "may include clean samples"``: it misses bad samples
+        inside the bulk and counts a clean tail heavier than the normal model; the module
+        doc measures both), or ``"unreliable"`` when the score has negative values (the
+        rule then works on the raw scale; ``warning`` says so). Samples never presented
+        rank last and are never flagged; so do ``+inf`` scores of a tensor or mapping,
+        with a warning (an overflowed score).
     """
     from .detect import _length_bias, default_score
 
@@ -362,9 +392,11 @@ def _detection(
             )
         if est.found:
             count, interval = est.count, est.interval
-            # the excess beyond z > 2 only (module doc): the CLI and the report said
-            # "estimated 8 corrupted samples" of 15 with nothing to read it as a bound
-            diag["count"] = "lower bound"
+            # neither bound (module doc): low by the bad samples inside the bulk, high by
+            # a clean tail heavier than the normal model (an L1 loss: 30-37 of 442 clean
+            # diabetes samples flagged, once printed "likely more"), and no measured shape
+            # of the bulk tells which
+            diag["count"] = TAIL_CAVEAT
             if est.diagnostics["scale"] == "identity":
                 # no bound either way: the raw scale's clean tail is counted as bad too (a
                 # Gaussian NLL run counted 84 for 25, then printed "likely more")
@@ -602,7 +634,7 @@ def mislabeled_entries(
     caveats = [d.diagnostics["count"] for d in found if "count" in d.diagnostics]
     if caveats:
         # a sum of counts of which some are lower bounds is one; any other caveat of a
-        # label's count (few anchors, fit-dependent) carries over to the sum
+        # label's count (the tail rule's, few anchors, fit-dependent) carries over to it
         diag["count"] = next((c for c in caveats if c != "lower bound"), "lower bound")
     warning = None
     if n_flagged == 0 and rule == "tail":
