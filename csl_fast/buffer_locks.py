@@ -61,9 +61,11 @@ def locked(method: Callable[..., T]) -> Callable[..., T]:
 
     @functools.wraps(method)
     def under_lock(self, *args, **kwargs):
-        if not hasattr(self, "_buffers"):  # an AttributeError on 'str' said nothing of why
-            raise TypeError(_not_a_tracker(method.__name__, self))
-        with buffer_lock(self._buffers["csl_sum"]):
+        try:
+            buffers = self._buffers
+        except AttributeError:  # (on 'str': nothing said why) free on the per-step path
+            raise TypeError(_not_a_tracker(method.__name__, self)) from None
+        with buffer_lock(buffers["csl_sum"]):
             return method(self, *args, **kwargs)
 
     return under_lock
