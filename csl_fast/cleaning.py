@@ -606,7 +606,10 @@ def _presence(source: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
     if not isinstance(source, (CSLTracker, Scores)):
         return None, None
-    return (source.csl_count > 0).cpu(), (source.eval_count > 0).cpu()
+    # (a Scores pickled before it kept eval_count: no eval pass known)
+    evals = getattr(source, "eval_count", None)
+    scored = None if evals is None else (evals > 0).cpu()
+    return (source.csl_count > 0).cpu(), scored
 
 
 def unseen_phrase(source: Any) -> str:
@@ -825,8 +828,11 @@ def clean(
         # the labels, and a member's own suggestion is the partner's label)
         union = torch.zeros(n, dtype=torch.bool)
         union[chosen] = True
-        # (a group too little measured to decide leaves its members to the detection)
+        # (a group too little measured to decide leaves its members to the detection,
+        # which relabels by one measured label; a drop trusts no label and takes it whole)
         union[group.index] = True
+        if policy == "drop":
+            union |= dup.flagged.cpu()
         chosen = torch.nonzero(union)[:, 0]
         chosen = chosen[torch.argsort(rank_of[chosen])]
     if budget is not None:

@@ -231,8 +231,9 @@ def _mean_loss(source: Any) -> torch.Tensor:
     elif isinstance(source, Mapping) and "csl_mean" in source:
         train = torch.as_tensor(source["csl_mean"])
         evals = torch.full_like(train, math.nan)
-        if isinstance(source, Scores) and "eval_csl" in source:
-            evals = source["eval_csl"] / source.eval_count
+        counts = getattr(source, "eval_count", None)  # (absent: pickled before it was kept)
+        if isinstance(source, Scores) and "eval_csl" in source and counts is not None:
+            evals = source["eval_csl"] / counts
     else:
         raise ValueError(
             "csl_fast.clean: resolving conflicting duplicates needs each sample's mean loss: "

@@ -670,8 +670,9 @@ def _epochs_without_loss(tracker: CSLTracker) -> str | None:
     presentations than epochs may as well be epochs of a subset of the samples each."""
     if not tracker.history or tracker.loss_history.shape[0] == 0:
         return None
-    finite = torch.isfinite(tracker.loss_history.float()).any(1)
-    empty = (~finite).nonzero().flatten().add(1).tolist()
+    # NaN: nothing recorded; inf: a mean past float16's range (recorded, CSL exact)
+    recorded = ~torch.isnan(tracker.loss_history.float()).all(1)
+    empty = (~recorded).nonzero().flatten().add(1).tolist()
     if not empty:
         return None
     which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"

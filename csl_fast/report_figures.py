@@ -432,11 +432,12 @@ def _fig_loss_curves(
 
 
 def _row_means(a: np.ndarray) -> np.ndarray:
-    """Each row's mean over its finite values, NaN for a row of none (np.nanmean warned
-    'Mean of empty slice' to stderr for each epoch of a run that diverged)."""
-    finite = np.isfinite(a)
-    count = finite.sum(1)
-    total = np.where(finite, a, 0.0).sum(1)
+    """Each row's mean over its values that are not NaN (inf: a mean past float16's range
+    in the history), NaN for a row of none (np.nanmean warned 'Mean of empty slice' to
+    stderr for each epoch of a run that diverged)."""
+    held = ~np.isnan(a)
+    count = held.sum(1)
+    total = np.where(held, a, 0.0).sum(1)
     return np.divide(total, count, out=np.full(len(a), np.nan), where=count > 0)
 
 

@@ -148,6 +148,23 @@ def test_a_wrong_answer_meets_no_target():
     assert got["cnn: tracker cost >= 10x cheaper than host logging"]["met"]  # checked apart
 
 
+def test_a_wrong_answer_meets_no_target_when_its_baseline_was_not_timed():
+    # the CUDA target vanished when eager F.cross_entropy was skipped (out of memory), and
+    # the CPU one was "not decided" for a fused op whose answers were wrong
+    head = {"batch": 4096, "classes": 32000, "dtype": "bfloat16", "device": "cuda"}
+    wrong = {"median_s": 1e-3, "gbps": 500.0, "correct": False, "check_error": "max err 0.5"}
+    cuda = [
+        {**head, "impl": "csl_fast[cuda]", "extra_peak_bytes": None, **wrong, "speedup_vs": {}},
+        {**head, "impl": bench.EAGER_CE, "skipped": "out of memory"},
+    ]
+    cpu = [{**head, "batch": 256, "classes": 1000, "impl": bench.fused_name("cpu"), **wrong}]
+    cpu[0]["speedup_vs"] = {}
+    for device, rows in (("cuda", cuda), ("cpu", cpu)):
+        got = bench.targets({"env": {"device": device}, "cross_entropy": rows})
+        assert len(got) == 1 and got[0]["met"] is False, got
+        assert "was not timed; its results were wrong: max err 0.5" in got[0]["shown"]
+
+
 def test_a_fused_op_whose_check_raised_keeps_its_target_missed(monkeypatch, one_thread):
     # its row became "skipped" like a candidate not requested, and its target vanished
     from csl_fast.bench import cases

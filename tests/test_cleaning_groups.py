@@ -369,3 +369,40 @@ def test_an_unlabelled_member_is_dropped_through_clean_as_never_presented():
         plan = clean(tracker, inputs=x, labels=y)
     assert _rows(plan)[3] == ("drop", 1)
     assert plan.drop_reasons()["unseen"][plan.index.tolist().index(3)]
+
+
+def test_policy_drop_takes_a_group_with_one_label_measured_whole():
+    # a group left undecided (its held-out member unmeasured) fell to the per-sample
+    # plan under policy='drop' too: its trained member was kept with its conflicting label
+    n, c = 12, 3
+    y = torch.arange(n) % c
+    inputs = torch.randn(n, 5, generator=torch.Generator().manual_seed(1))
+    inputs[11] = inputs[0]
+    given = y.clone()
+    given[11] = (y[0] + 1) % c
+    t = csl_fast.CSLTracker(n, c)
+    trained = torch.arange(11)  # sample 11 held out, no eval pass
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(11, c, generator=g) + 3 * torch.nn.functional.one_hot(given[:11], c)
+        csl_fast.accumulate(logits, given[:11], trained, t)
+        t.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(t, policy="drop", inputs=inputs, labels=given, rule="fraction", fraction=0.1)
+        kept, _ = plan.apply(given)
+    assert {0, 11} <= set(plan.index.tolist()) and not plan.relabel.any()
+    assert 0 not in kept.tolist()
+
+
+def test_a_scores_mapping_pickled_before_it_kept_eval_counts_is_cleaned():
+    t = csl_fast.CSLTracker(12, 3)
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(12, 3), torch.arange(12) % 3, torch.arange(12), t)
+        t.end_epoch()
+    s = csl_fast.scores(t)
+    del s.eval_count  # (as an older pickle loads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(s, policy="drop", rule="fraction", fraction=0.25)
+    assert len(plan) == 3

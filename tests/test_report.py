@@ -958,3 +958,19 @@ def test_a_tracker_of_sequences_gets_no_data_map_and_a_histogram_caption_per_tok
     assert "Not drawn: a tracker of sequences pools the probability" in html
     assert "CSL per token (csl_mean) of every training sequence" in html
     assert "Cumulative sample loss of every training sample" not in html
+
+
+def test_a_loss_history_past_float16_is_no_divergence(tmp_path):
+    # float16 history rows of inf (means past 65504, CSL exact) read as epochs without a
+    # finite loss: "training diverged ... CSL covers only the other epochs", all false
+    n = 16
+    tracker = csl_fast.CSLTracker(n, history=True)
+    for epoch in range(3):
+        csl_fast.record_loss(torch.full((n,), 1e5 / (epoch + 1)), torch.arange(n), tracker)
+        tracker.end_epoch()
+    assert torch.isinf(tracker.loss_history[0]).all()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        html = Path(write_report(tracker, tmp_path)).read_text()
+    assert not [w for w in caught if "no finite training loss" in str(w.message)]
+    assert "No finite training loss" not in html
