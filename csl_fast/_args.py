@@ -105,8 +105,9 @@ def share(p: Fraction, n: int) -> int:
     whose product with ``N`` falls just short of ``k`` (99 samples for a third of 300; a
     float32 ``5 / 12`` of 12 gave 4)."""
     product = p * n
-    up = math.ceil(product)
-    return up if _reads_as(p, up, n) else math.floor(product)
+    up, down = math.ceil(product), math.floor(product)
+    # (at a large N both read back, as one ulp of p spans samples: the floor, as written)
+    return up if _reads_as(p, up, n) and not _reads_as(p, down, n) else down
 
 
 def share_up(p: Fraction, n: int) -> int:
@@ -114,8 +115,8 @@ def share_up(p: Fraction, n: int) -> int:
     integer ``k`` just below the product when ``k / n`` reads back as ``p`` in its precision,
     as :func:`share` reads one above."""
     product = p * n
-    down = math.floor(product)
-    return down if _reads_as(p, down, n) else math.ceil(product)
+    up, down = math.ceil(product), math.floor(product)
+    return down if _reads_as(p, down, n) and not _reads_as(p, up, n) else up
 
 
 def rate(fn: str, name: str, value: Any) -> Fraction:

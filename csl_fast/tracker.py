@@ -499,7 +499,7 @@ class CSLTracker(TrackerStatistics):
                 f"[NUM_STATS, B, T] (the fused cross entropy's per-token statistics), got {got}"
             )
         f = self.dtype
-        tok = token_stats.to(f)
+        tok = _recordable(token_stats.to(f))  # (hand-made ones: as update reads its rows)
         # Per-sequence sums, not token 0: a batch of samples without positions (T == 0,
         # ``[N, C, 0]`` logits, which F.cross_entropy takes) has no token 0.
         sums = tok.sum(2)
@@ -961,8 +961,9 @@ def _recordable(stats: torch.Tensor) -> torch.Tensor:
     their values (a ``VALID = 0`` column's loss in ``csl_sum`` at a count of 0, which no
     load accepts; a NaN loss in CSL for good)."""
     ok = (stats[Stat.VALID] != 0) & torch.isfinite(stats[Stat.LOSS])
+    invalid = invalid_column(stats).view(NUM_STATS, *[1] * (stats.dim() - 1))  # (tokens: 3-D)
     # (where keeps a transposed input's strides)
-    return torch.where(ok, stats, invalid_column(stats)).contiguous()
+    return torch.where(ok, stats, invalid).contiguous()
 
 
 def _check_stats(method: str, stats: object, num_classes: int | None) -> None:

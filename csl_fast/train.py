@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -158,12 +159,7 @@ def train(
     epochs = integer("csl_fast.train", "epochs", epochs, low=0)
     seed = seed_arg("csl_fast.train", seed)  # torch's "an integer is required" for np.int64
     batch_size = integer("csl_fast.train", "batch_size", batch_size, low=1)
-    if not (isinstance(input_noise, (int, float)) and 0 <= input_noise < math.inf):
-        # a negative or NaN std trained without noise, silently
-        raise ValueError(
-            f"csl_fast.train: input_noise must be a finite std >= 0 (0: no noise), got "
-            f"{input_noise!r}"
-        )
+    input_noise = _std("input_noise", input_noise)
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -276,6 +272,17 @@ def train(
                 callback(epoch, model)
                 result.callback_time += time.perf_counter() - t2
     return result
+
+
+def _std(name: str, value: object) -> float:
+    """A finite std >= 0 as a float: a Python or NumPy number or a 0-d tensor; a negative
+    or NaN one trained without noise, silently, and True as a std of 1."""
+    v = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
+        raise ValueError(
+            f"csl_fast.train: {name} must be a finite std >= 0 (0: no noise), got {value!r}"
+        )
+    return float(v)
 
 
 @contextlib.contextmanager

@@ -150,6 +150,8 @@ def test_k_over_n_in_float32_flips_k_samples():
         (torch.tensor(0.1, dtype=torch.float16), 1999),
         (np.float32(0.1), 5_000_009),
         (torch.tensor(0.1), 5_000_009),
+        # one ulp of it spans samples: both neighbours read back as 0.1; the floor, as written
+        (np.float16(0.1), 1_000_001),
     ],
 )
 def test_a_low_precision_fraction_of_many_samples_flips_no_extra_one(fraction, n):

@@ -453,3 +453,18 @@ def test_rows_then_sequences_warn_once_and_a_run_of_sequences_does_not():
         csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
         fresh = CSLTracker(6)
         csl_fast.accumulate(logits.reshape(-1, V), target, index, fresh)
+
+
+def test_record_sequences_reads_only_the_valid_finite_tokens_of_hand_made_statistics():
+    # a token with VALID = 0 added its margin to the sequence's, and a NaN loss made the
+    # sequence's last loss NaN, where update() of the same columns records neither
+    from csl_fast.stats import NUM_STATS, Stat
+
+    tokens = torch.zeros(NUM_STATS, 1, 3)
+    tokens[Stat.VALID] = torch.tensor([1.0, 1.0, 0.0])
+    tokens[Stat.LOSS] = torch.tensor([0.5, float("nan"), 7.0])
+    tokens[Stat.MARGIN] = torch.tensor([1.0, 1.0, 100.0])
+    tokens[Stat.OTHER_ARGMAX] = -1
+    t = CSLTracker(2, num_classes=5)
+    t.record_sequences(torch.tensor([0]), tokens)
+    assert t.margin_sum.tolist() == [1.0, 0.0] and t.last_loss.tolist() == [0.5, 0.0]

@@ -68,13 +68,21 @@ def test_errors():
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor, got list"):
         train(mlp(4, 3), x.tolist(), y, epochs=1)
     # a negative or NaN std trained without noise, silently
-    for noise in (-0.1, math.nan, math.inf, "0.1"):
+    for noise in (-0.1, math.nan, math.inf, "0.1", True):
         with pytest.raises(ValueError, match=r"input_noise must be a finite std >= 0"):
             train(mlp(4, 3), x, y, epochs=1, input_noise=noise)
     # range() took a negative batch size as no batches: [0, 0] logits for 50 rows
     for bs in (-1, 0):
         with pytest.raises(ValueError, match=r"predict: batch_size must be an int >= 1"):
             predict(mlp(4, 3), x, batch_size=bs)
+
+
+def test_input_noise_of_any_real_number_type_trains():
+    x, y = _data()
+    want = train(mlp(4, 3, seed=0), x, y, epochs=1, input_noise=0.05).epoch_loss
+    for noise in (np.float32(0.05), torch.tensor(0.05, dtype=torch.float64)):
+        got = train(mlp(4, 3, seed=0), x, y, epochs=1, input_noise=noise).epoch_loss
+        assert got == pytest.approx(want, rel=1e-5)  # (float32 0.05 is 0.05 + 7e-10)
 
 
 def test_a_raising_step_leaves_the_model_in_eval_mode():
