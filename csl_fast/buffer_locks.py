@@ -64,6 +64,11 @@ def locked(method: Callable[..., T]) -> Callable[..., T]:
         try:
             buffers = self._buffers
         except AttributeError:  # (on 'str': nothing said why) free on the per-step path
+            if getattr(type(self), method.__name__, None) is under_lock:
+                raise AttributeError(
+                    f"csl_fast: this {type(self).__name__} has no buffers: its __init__ did "
+                    "not run CSLTracker.__init__ (a subclass must call super().__init__(...))"
+                ) from None
             raise TypeError(_not_a_tracker(method.__name__, self)) from None
         with buffer_lock(buffers["csl_sum"]):
             return method(self, *args, **kwargs)

@@ -707,7 +707,8 @@ def clean(
             action ``drop`` (its suggested label, the group's, shown): the cleaned set of
             :meth:`CleaningPlan.apply` leaves such samples out. It votes for its label by
             its eval-pass loss where an eval pass scored it; a group with one label
-            measured keeps the per-sample plan.
+            measured keeps the per-sample plan (under ``policy="drop"``, which trusts no
+            label, every member of every conflicting group is dropped).
         **detect_kwargs: forwarded to the default detection when ``detection`` is None:
             ``rule``, ``fraction``, ``threshold`` (any other name raises ``TypeError``).
 

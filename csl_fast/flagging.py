@@ -178,13 +178,15 @@ class Estimate:
     reason: str | None = None
 
 
-#: Relative tolerance of :func:`rule_scale` for values below 0. A loss that is >= 0 in
-#: exact arithmetic rounds a hair below it in float32 (``F.kl_div`` of identical rows:
-#: -1.7e-7, 2.5e-6 of the largest score of a final-KL score whose bulk is ~1e-3), and one
-#: such value sent the whole score to the raw scale; a loss that is negative by nature
-#: has negative values on its positive values' scale (a Gaussian NLL run's CSL: 318 of 400
-#: negative, the lowest -0.022 of the largest).
-NEGATIVE_TOLERANCE = 1e-4
+#: Tolerance of :func:`rule_scale` for values below 0, relative to the median ``|value|``
+#: (the bulk's scale, which a tail of bad samples cannot stretch, as it did the largest
+#: value's: a signed loss with targets 40 sd off then passed for rounding, went to the log
+#: scale and flagged nothing). A loss that is >= 0 in exact arithmetic rounds a hair below
+#: it in float32 (``F.kl_div`` of identical rows: -1.7e-7, ~1.7e-4 of its bulk), and one
+#: such value sent the whole score to the raw scale; a loss that is negative by nature has
+#: negatives on its bulk's scale (a Gaussian NLL's CSL near 0: ~0.35 of it; a bulk shifted
+#: just below 0: 2e-3).
+NEGATIVE_TOLERANCE = 1e-3
 
 
 def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -194,12 +196,12 @@ def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
     ``1e-12 * max``): its clean mode is compact there and bad samples sit a roughly
     constant factor above it. A score with negative values (two-sided, such as the
     negated AUM) keeps its own scale, ``"identity"``, where the valley test is weaker.
-    Values below 0 by at most :data:`NEGATIVE_TOLERANCE` of the largest ``|value|`` are
+    Values below 0 by at most :data:`NEGATIVE_TOLERANCE` of the median ``|value|`` are
     rounding errors of a non-negative loss and count as 0.
     """
     v = values.detach()
     v = v[torch.isfinite(v)].double().cpu().numpy()
-    if v.size and v.max() > 0 and v.min() >= -NEGATIVE_TOLERANCE * np.abs(v).max():
+    if v.size and v.max() > 0 and v.min() >= -NEGATIVE_TOLERANCE * np.median(np.abs(v)):
         return np.log(np.maximum(v, 1e-12 * v.max())), "log"
     return v, "identity"
 

@@ -186,10 +186,13 @@ def diverged_reason(tracker: CSLTracker) -> str | None:
     there."""
     if tracker.epoch == 0:
         return None
+    # (nothing counts the skipped losses: end_epoch on a tracker never fed looks the same)
     return (
-        f"the tracker closed {tracker.epoch} epoch(s) but recorded no finite loss: every "
-        "loss it was given may have been NaN or inf, which the recorders skip (a diverged "
-        "run?): check the losses for NaN or inf (targets, learning rate) and train again"
+        f"the tracker closed {tracker.epoch} epoch(s) but recorded no finite loss: it was "
+        "never passed to the recorder (csl_fast.accumulate, record_loss, accumulate_bce: "
+        "pass it in the training step), or every loss it was given was NaN or inf, which "
+        "the recorders skip (a diverged run: check the losses, targets and learning rate, "
+        "and train again)"
     )
 
 

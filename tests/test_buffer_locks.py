@@ -197,3 +197,15 @@ def test_save_holds_the_lock_while_it_reads_not_while_it_fsyncs(tmp_path, monkey
     t.save(tmp_path / "run.csl")
     assert free and all(free)
     assert torch.equal(csl_fast.load(tmp_path / "run.csl").csl_sum, t.csl_sum)
+
+
+def test_a_subclass_that_skipped_the_trackers_init_is_told_so():
+    # the "called on the class?" TypeError named a CSLTracker instance "not a CSLTracker"
+    class Partial(csl_fast.CSLTracker):
+        def __init__(self) -> None:  # (no super().__init__)
+            pass
+
+    with pytest.raises(AttributeError, match=r"Partial has no buffers: its __init__ did not"):
+        Partial().load("run.csl")
+    with pytest.raises(TypeError, match=r"called on the class\?.*CSLTracker\.from_file"):
+        csl_fast.CSLTracker.load("run.csl")
