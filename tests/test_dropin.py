@@ -610,17 +610,20 @@ def test_refusals_write_nothing(backend):
 def test_every_written_buffer_has_its_version_bumped(backend):
     x, t, _ = _random_batch()
     csl, count = torch.zeros(4), torch.zeros(4, dtype=torch.int64)
-    tracker = CSLTracker(4, 5, backend=backend)
-    for logits, target in ((x, t), (x.reshape(2, 2, 5).transpose(1, 2), t.reshape(2, 2))):
+    rows, sequences = CSLTracker(4, 5, backend=backend), CSLTracker(4, 5, backend=backend)
+    for logits, target, tracker in (
+        (x, t, rows),
+        (x.reshape(2, 2, 5).transpose(1, 2), t.reshape(2, 2), sequences),  # (one kind each)
+    ):
         n = logits.shape[0]
         before = (csl._version, count._version, tracker.csl_sum._version)
         accumulate(logits, target, torch.arange(n), csl, count=count, backend=backend)
         accumulate(logits, target, torch.arange(n), tracker, backend=backend)
         after = (csl._version, count._version, tracker.csl_sum._version)
         assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
-    versions = {k: v._version for k, v in tracker.buffers().items()}
-    accumulate(x, t, torch.arange(4), tracker, backend=backend)
-    assert tracker.last_loss._version > versions["last_loss"]
+    versions = {k: v._version for k, v in rows.buffers().items()}
+    accumulate(x, t, torch.arange(4), rows, backend=backend)
+    assert rows.last_loss._version > versions["last_loss"]
 
 
 # ---------------------------------------------------------------- threads (item 5)
