@@ -85,6 +85,15 @@ def extension_advice(error: str) -> str:
         if checkout
         else "`pip install --no-build-isolation --force-reinstall --no-deps <csl_fast source>`"
     )
+    if OTHER_TREE in error:
+        # (an editable install's hook found it: "installed without its compiled
+        # extension ... --force-reinstall" named the wrong cause)
+        return (
+            f"csl_fast was imported from {here}, which has no compiled extension of its own; "
+            "the one found belongs to another csl_fast folder (an editable install elsewhere), "
+            f"whose kernels may be of other sources. Build this one: {rebuild}, or run from "
+            "the folder the editable install points at."
+        )
     if built and STALE in error:
         return (
             f"{built[0]} was built from older csl_fast sources than the Python code beside "
@@ -143,6 +152,8 @@ OPS = (
 NEWER_ARGS = {"bce_record": "label_prob"}
 #: What the load error says when the extension lacks some of :data:`OPS`.
 STALE = "built from older sources"
+#: What it says when the extension found belongs to another csl_fast folder.
+OTHER_TREE = "another csl_fast tree"
 
 
 def missing_ops(ops: tuple[str, ...] = OPS) -> list[str]:
@@ -171,7 +182,7 @@ def load_extension() -> types.ModuleType:
     where = Path(getattr(module, "__file__", "") or "").resolve().parent
     if where != PACKAGE_DIR:
         raise ImportError(
-            f"csl_fast._C was found in {where}, another csl_fast tree than this one "
+            f"csl_fast._C was found in {where}, {OTHER_TREE} than this one "
             f"({PACKAGE_DIR}), through an editable install's import hook: its kernels may be "
             "of other sources than this tree's Python"
         )

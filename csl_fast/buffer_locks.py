@@ -64,7 +64,9 @@ def locked(method: Callable[..., T]) -> Callable[..., T]:
         try:
             buffers = self._buffers
         except AttributeError:  # (on 'str': nothing said why) free on the per-step path
-            if getattr(type(self), method.__name__, None) is under_lock:
+            from .tracker import CSLTracker
+
+            if isinstance(self, CSLTracker):
                 raise AttributeError(
                     f"csl_fast: this {type(self).__name__} has no buffers: its __init__ did "
                     "not run CSLTracker.__init__ (a subclass must call super().__init__(...))"

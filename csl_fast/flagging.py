@@ -87,6 +87,7 @@ __all__ = [
     "MIN_PINNED",
     "MIN_SURE_RATIO",
     "MIXTURE_BINS",
+    "NEGATIVE_FLOOR",
     "NEGATIVE_TOLERANCE",
     "TOL",
     "UNSETTLED",
@@ -187,6 +188,11 @@ class Estimate:
 #: negatives on its bulk's scale (a Gaussian NLL's CSL near 0: ~0.35 of it; a bulk shifted
 #: just below 0: 2e-3).
 NEGATIVE_TOLERANCE = 1e-3
+#: The least tolerance of :func:`rule_scale`, absolute: float32 rounding of a loss whose
+#: terms are of order 1 cancels to at most ~3e-7 below 0 whatever the result (``F.kl_div``
+#: of identical rows, C = 10 to 32000), so a score fitted near 0 (a final KL with median
+#: ~1e-5) went to the raw scale on it; a signed loss's negatives are far larger.
+NEGATIVE_FLOOR = 1e-6
 
 
 def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
@@ -196,12 +202,13 @@ def rule_scale(values: torch.Tensor) -> tuple[np.ndarray, str]:
     ``1e-12 * max``): its clean mode is compact there and bad samples sit a roughly
     constant factor above it. A score with negative values (two-sided, such as the
     negated AUM) keeps its own scale, ``"identity"``, where the valley test is weaker.
-    Values below 0 by at most :data:`NEGATIVE_TOLERANCE` of the median ``|value|`` are
-    rounding errors of a non-negative loss and count as 0.
+    Values below 0 by at most :data:`NEGATIVE_TOLERANCE` of the median ``|value|``, or
+    :data:`NEGATIVE_FLOOR`, are rounding errors of a non-negative loss and count as 0.
     """
     v = values.detach()
     v = v[torch.isfinite(v)].double().cpu().numpy()
-    if v.size and v.max() > 0 and v.min() >= -NEGATIVE_TOLERANCE * np.median(np.abs(v)):
+    tol = max(NEGATIVE_TOLERANCE * np.median(np.abs(v)), NEGATIVE_FLOOR) if v.size else 0.0
+    if v.size and v.max() > 0 and v.min() >= -tol:
         return np.log(np.maximum(v, 1e-12 * v.max())), "log"
     return v, "identity"
 

@@ -596,3 +596,19 @@ def test_an_unreliable_label_count_makes_the_sum_unreliable_in_any_label_order()
             warnings.simplefilter("ignore")
             det = mislabeled_entries(values, per_label=True)
         assert det.diagnostics["count"] == "unreliable"
+
+
+def test_a_score_fitted_near_zero_keeps_its_rounding_errors_as_zero():
+    # float32 rounding of a KL cancels to ~-3e-7 whatever the result: against 1e-3 of a
+    # median of 1e-5 it read as a signed loss (raw scale, "unreliable", clean samples
+    # flagged, advice to record a non-negative loss)
+    g = torch.Generator().manual_seed(0)
+    values = 1e-5 * torch.exp(0.5 * torch.randn(1000, generator=g, dtype=torch.float64))
+    values[:50] = 1e-3 * (1 + torch.rand(50, generator=g, dtype=torch.float64))
+    values[100:105] = -1.7e-7
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        det = corrupted_targets(values.float())
+    assert det.diagnostics["estimator"]["scale"] == "log"
+    assert not any("negative values" in str(w.message) for w in said)
+    assert not det.flagged[50:].any() and int(det.flagged[:50].sum()) >= 40

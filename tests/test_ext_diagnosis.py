@@ -102,6 +102,10 @@ def test_an_extension_of_another_tree_is_refused(monkeypatch, tmp_path):
     with pytest.raises(ImportError, match="another csl_fast tree") as caught:
         _ext.load_extension()
     assert str(other.parent) in str(caught.value) and str(_ext.PACKAGE_DIR) in str(caught.value)
+    # the warning's advice names that cause ("installed without its compiled extension ...
+    # --force-reinstall" named another)
+    advice = _ext.extension_advice(f"ImportError: {caught.value}")
+    assert "no compiled extension of its own; the one found belongs to another" in advice
     module.__file__ = str(_ext.PACKAGE_DIR / "_C.so")
     assert _ext.load_extension() is module
 
