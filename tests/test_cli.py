@@ -917,26 +917,3 @@ def test_no_command_is_one_line_on_stderr(capsys):
     assert err.count("\n") == 1 and err.startswith(
         "csl-fast: error: no command given; pick one of demo"
     )
-
-
-def test_report_page_says_why_the_inputs_in_samples_npz_formed_no_duplicate_groups(
-    tmp_path, capsys
-):
-    # a multi-label run whose samples.npz holds inputs but no labels: the note was on stderr
-    # only (gone under --quiet), and the page had no duplicate section and no word why
-    from csl_fast.report import RunSamples
-
-    gen = torch.Generator().manual_seed(0)
-    tracker = csl_fast.CSLTracker(30, num_labels=3)
-    target = (torch.rand(30, 3, generator=gen) > 0.5).float()
-    for _ in range(2):
-        csl_fast.accumulate_bce(
-            torch.randn(30, 3, generator=gen), target, torch.arange(30), tracker
-        )
-        tracker.end_epoch()
-    tracker.save(tmp_path / "tracker.csl")
-    RunSamples(inputs=torch.randn(30, 4, generator=gen).numpy()).save(tmp_path / "samples.npz")
-    code, _, err = run_main(capsys, "report", str(tmp_path), "-q")
-    assert code == 0, err
-    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
-    assert "<h2>No duplicate groups</h2><pre>The inputs in samples.npz are not used" in html

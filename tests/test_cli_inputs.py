@@ -366,7 +366,10 @@ def test_samples_npz_inputs_set_aside_where_they_cannot_be_used(tmp_path, capsys
         assert code == EXIT_OK and "inputs in samples.npz are not used" in json.loads(out)["note"]
     code, _, err = run_main(capsys, "report", str(tmp_path), "--out", str(tmp_path / "r"), "-q")
     assert code == EXIT_OK, err
-    assert (tmp_path / "r" / "index.html").exists() or any((tmp_path / "r").iterdir())
+    # the note was on stderr only (gone under --quiet), and the page said nothing of why it
+    # had no duplicate section
+    html = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert "<h2>No duplicate groups</h2><pre>The inputs in samples.npz are not used" in html
     line = user_error(
         capsys, EXIT_USAGE, "rank", str(tmp_path / "tracker.csl"),
         "--inputs", str(tmp_path / "x.npy"),
