@@ -818,10 +818,8 @@ def clean(
     ranking = detection.ranking.cpu()
     values = detection.scores.detach().cpu().double()
     dup, group = duplicate_decisions(source, score, inputs, labels, detection)
-    if policy == "review":
-        chosen = ranking[torch.isfinite(values[ranking])]
-    else:
-        chosen = detection.indices.cpu()
+    # (review: the ranked samples, not held-out ones an eval pass scored)
+    chosen = (detection.ranked if policy == "review" else detection.indices).cpu()
     rank_of = torch.empty(n, dtype=torch.int64)
     rank_of[ranking] = torch.arange(1, n + 1)
     if group is not None and policy != "review":

@@ -129,12 +129,14 @@ LARGE_RUN_BYTES = 100 << 20
 def load_run_for(args: argparse.Namespace) -> tuple[Any, Any]:
     """:func:`load_run` of ``args.run``; an ``args.score`` left unset becomes the
     detectors' default for this tracker (``csl_mean`` for sequences,
-    :func:`csl_fast.detect.default_score`)."""
+    :func:`csl_fast.detect.default_score`), or ``eval_csl`` for a run of eval passes
+    alone (the default ``csl`` was refused there as a usage error the user never made)."""
     tracker, samples = load_run(args.run, args.quiet)
     if args.score is None:
         from .detect import default_score
 
-        args.score = default_score(tracker)
+        eval_only = not bool(tracker.csl_count.any()) and bool(tracker.eval_count.any())
+        args.score = "eval_csl" if eval_only else default_score(tracker)
     return tracker, samples
 
 
@@ -387,10 +389,10 @@ def _rank(
         flagged = flagged | dup.flagged.cpu()
         ids = duplicate_groups.group_ids(inputs)
     rows = []
-    for r, i in enumerate(det.ranking[:top].tolist()):
+    # (not ranking: held-out samples an eval pass scored were listed after the ranked
+    # ones with rank numbers, right after the note that said they are not ranked)
+    for r, i in enumerate(det.ranked[:top].tolist()):
         v = float(values[i])
-        if not math.isfinite(v):
-            break
 
         def field(name: str, i: int = i) -> Any:
             arr = None if samples is None else getattr(samples, name)

@@ -230,6 +230,14 @@ class Detection:
         """Flagged dataset indices, most suspicious first."""
         return self.ranking[self.flagged[self.ranking]]
 
+    @property
+    def ranked(self) -> torch.Tensor:
+        """The samples the rule ranked, most suspicious first: ``ranking`` without its tail
+        of samples without a score and of held-out ones an eval pass scored (listed after
+        the ranked ones in index order, their positions said nothing of suspicion)."""
+        n = self.diagnostics.get("finite")
+        return self.ranking[: int(torch.isfinite(self.scores).sum()) if n is None else n]
+
     def __len__(self) -> int:
         return int(self.flagged.sum())
 
@@ -250,8 +258,8 @@ class Detection:
         return f"{type(self).__name__}({', '.join(fields)})"
 
     def top(self, k: int) -> torch.Tensor:
-        """The ``k`` most suspicious dataset indices."""
-        return self.ranking[: _count(k)]
+        """The ``k`` most suspicious dataset indices (fewer when fewer were ranked)."""
+        return self.ranked[: _count(k)]
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame (index, score, flagged, rank), most suspicious first.

@@ -917,3 +917,47 @@ def test_no_command_is_one_line_on_stderr(capsys):
     assert err.count("\n") == 1 and err.startswith(
         "csl-fast: error: no command given; pick one of demo"
     )
+
+
+def _eval_pass_run(trained: int, n: int = 40, c: int = 3) -> csl_fast.CSLTracker:
+    """Samples 0..trained-1 trained on (3 epochs); an eval pass over all n after each."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % c
+    tracker = csl_fast.CSLTracker(n, c)
+    model = torch.nn.Linear(4, c)
+    x = torch.randn(n, 4, generator=g)
+    for _ in range(3):
+        if trained:
+            seen = torch.arange(trained)
+            csl_fast.accumulate(model(x[seen]).detach(), y[seen], seen, tracker)
+            tracker.end_epoch()
+        csl_fast.score_epoch(model, [(x, y, torch.arange(n))], tracker)
+    return tracker
+
+
+def test_rank_and_review_list_no_held_out_sample(capsys, tmp_path):
+    # held-out samples an eval pass scored sat after the ranked ones, in index order, with
+    # rank numbers, right after the note that said they are not ranked
+    tracker = _eval_pass_run(trained=30)
+    tracker.save(tmp_path / "run.csl")
+    code, out, err = run_main(capsys, "rank", str(tmp_path / "run.csl"), "--score", "eval_csl",
+                              "--top", "100", "--csv")  # fmt: skip
+    assert code == 0, err
+    listed = [int(r["index"]) for r in csv.DictReader(io.StringIO(out))]
+    assert len(listed) == 30 and max(listed) < 30
+    with pytest.warns(csl_fast.detect.DetectionWarning):
+        det = csl_fast.detect.mislabeled(tracker, score="eval_csl")
+    assert det.top(100).tolist() == det.ranked.tolist() and det.ranked.max() < 30
+    with pytest.warns(csl_fast.detect.DetectionWarning):
+        plan = csl_fast.clean(tracker, score="eval_csl", policy="review", budget=100)
+    assert plan.index.max() < 30
+
+
+def test_an_eval_only_run_is_ranked_and_cleaned_by_eval_csl_without_a_score(capsys, tmp_path):
+    # the default csl was refused with exit 2, a usage error the user never made
+    _eval_pass_run(trained=0).save(tmp_path / "run.csl")
+    code, out, err = run_main(capsys, "rank", str(tmp_path / "run.csl"), "--csv")
+    assert code == 0 and out, err
+    code, _, err = run_main(capsys, "clean", str(tmp_path / "run.csl"), "--out",
+                            str(tmp_path / "plan.csv"))  # fmt: skip
+    assert code == 0, err
