@@ -17,6 +17,7 @@ from . import tracker_file
 from .buffer_locks import buffer_lock
 from .scores import has_logit_stats
 from .tracker import CSLTracker, TrackerStateError
+from .tracker_invariants import HISTORY_ROWS
 
 __all__ = ["merge"]
 
@@ -320,14 +321,6 @@ def _int32(name: str, total: torch.Tensor) -> torch.Tensor:
     return total.to(torch.int32)
 
 
-# The count each history's rows are the per-epoch (per-pass) means of.
-_HISTORY_COUNTS = {
-    "loss_history": "csl_count",
-    "eval_loss_history": "eval_count",
-    "input_grad_history": "input_grad_count",
-}
-
-
 def _warn_rows_not_all_runs_had(
     runs: list[CSLTracker], sources: dict[str, list[tuple[int, int]]]
 ) -> None:
@@ -340,7 +333,7 @@ def _warn_rows_not_all_runs_had(
     is over-weighted. (Counts that are high enough do not prove the opposite: a run may
     have presented a sample twice in one epoch and never in another.)"""
     short: dict[int, list[str]] = {}  # input -> its histories with rows some runs lack
-    for name, count in _HISTORY_COUNTS.items():
+    for name, (count, _) in HISTORY_ROWS.items():  # (its total count)
         with_rows = [i for _, i in sources[name] if getattr(runs[i], name).shape[0]]
         if len(with_rows) < 2:  # alone, its rows are its own values whatever their weight
             continue

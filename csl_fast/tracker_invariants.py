@@ -62,7 +62,7 @@ _PARTS = {
     "eval_pass_count": "eval_count",
     "epoch_input_grad_count": "input_grad_count",
 }
-_ROWS = {
+HISTORY_ROWS = {
     "loss_history": ("csl_count", "epoch_count"),
     "eval_loss_history": ("eval_count", "eval_pass_count"),
     "input_grad_history": ("input_grad_count", "epoch_input_grad_count"),
@@ -248,7 +248,7 @@ def _check_chunk(
                 f"than its csl_count {v(b['csl_count'], i)!r} (every hit is a presentation)"
             ),
         )
-    for name, (total, part) in _ROWS.items():
+    for name, (total, part) in HISTORY_ROWS.items():
         h = histories[name]
         if h.shape[0] == 0 or part not in b:
             continue
