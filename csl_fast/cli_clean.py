@@ -28,6 +28,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     )
     from .cli_inputs import run_inputs, say_note
     from .detect import DetectionWarning
+    from .scores import epochs_without_loss
 
     if args.policy == "review" and args.budget is None:
         raise CLIError("--policy review needs --budget K (how many samples you will review)")
@@ -87,6 +88,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {warning_line(plan.warning)}", file=sys.stderr)
+    lost = epochs_without_loss(tracker)
+    if lost is not None:  # what the flagged set rests on, --quiet or not
+        print(f"csl-fast clean: warning: {lost}", file=sys.stderr)
     where = {None: args.out, sys.stdout: "standard output", sys.stderr: "standard error"}
     summary = _clean_summary(plan, samples, args, where[stream], tracker)
     # the other stream than the CSV's

@@ -483,7 +483,7 @@ def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
 
 def cmd_rank(args: argparse.Namespace) -> int:
     from .cli_inputs import duplicates_summary, run_inputs
-    from .scores import no_epoch_closed
+    from .scores import epochs_without_loss, no_epoch_closed
 
     stream = output_stream(args.output, "--output") if args.output else sys.stdout
     if stream is None:
@@ -499,8 +499,11 @@ def cmd_rank(args: argparse.Namespace) -> int:
     if dup is not None:
         notes.append(dup.diagnostics.get("note"))
     notes = [n for i, n in enumerate(notes) if n and n not in notes[:i]]
-    note = "; ".join(notes) or None
+    lost = epochs_without_loss(tracker)
+    note = "; ".join([*notes, *([lost] if lost else [])]) or None
     said = _echo_detection_warnings(caught, "rank")
+    if lost is not None:  # a warning, --quiet or not: what every score rests on
+        print(f"csl-fast rank: warning: {lost}", file=sys.stderr)
     if not args.quiet:
         for line in notes:
             if not any(line in w for w in said):  # a warning that quotes the note says it

@@ -492,7 +492,7 @@ def write_report(
     """
     require_matplotlib()
     from .detect import default_score
-    from .scores import LOSS_ONLY, SCORES, has_logit_stats
+    from .scores import LOSS_ONLY, SCORES, epochs_without_loss, has_logit_stats
     from .scores import scores as compute_scores
 
     # ranking[:top] with top < 0 listed all but the last -top samples as the "top"
@@ -511,8 +511,9 @@ def write_report(
     if samples is not None and samples.num_samples not in (None, n):
         raise SamplesFileError(f"samples describe {samples.num_samples} samples, the tracker {n}")
     all_scores = compute_scores(tracker)
-    lost = _epochs_without_loss(tracker)
+    lost = epochs_without_loss(tracker)
     if lost is not None:  # said outside the page too, as a detection's warning is
+        lost += ", and the loss curves stop where the record does"
         warnings.warn(f"csl_fast.report: {lost}", RuntimeWarning, stacklevel=2)
     dup_args = _inputs_of(samples, inputs, labels, n)
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
@@ -662,36 +663,6 @@ def write_report(
     path = os.path.join(out, "report.html")
     atomic_file.write_text(path, lambda f: f.write(page), "write the report", "report.html")
     return path
-
-
-def _epochs_without_loss(tracker: CSLTracker) -> str | None:
-    """Which epochs recorded no finite training loss (a run that diverged: non-finite
-    losses are not recorded), or None. Told by the loss history only: without one, fewer
-    presentations than epochs may as well be epochs of a subset of the samples each."""
-    if not tracker.history or tracker.loss_history.shape[0] == 0:
-        return None
-    # NaN: nothing recorded; inf: a mean past float16's range (recorded, CSL exact)
-    recorded = ~torch.isnan(tracker.loss_history.float()).all(1)
-    empty = (~recorded).nonzero().flatten().add(1).tolist()
-    if not empty:
-        return None
-    which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"
-    return (
-        f"no finite training loss was recorded in {which}: training diverged (non-finite "
-        "losses are not recorded) or presented no sample then. CSL and every sum over "
-        "training cover only the other epochs, and the loss curves stop where the record does"
-    )
-
-
-def _spans(epochs: list[int]) -> str:
-    """Ascending whole numbers as ranges: [4, 5, 6, 9] -> '4-6, 9'."""
-    spans: list[list[int]] = []  # [first, last]
-    for k in epochs:
-        if spans and k == spans[-1][1] + 1:
-            spans[-1][1] = k
-        else:
-            spans.append([k, k])
-    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _inputs_of(

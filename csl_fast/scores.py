@@ -405,6 +405,44 @@ def no_epoch_closed(tracker: CSLTracker) -> str | None:
     )
 
 
+def epochs_without_loss(tracker: CSLTracker) -> str | None:
+    """Which epochs recorded no finite training loss (a run that diverged: non-finite
+    losses are not recorded), or None. Told by the loss history only: without one, fewer
+    presentations than epochs may as well be epochs of a subset of the samples each."""
+    if not tracker.history or tracker.loss_history.shape[0] == 0:
+        return None
+    # NaN: nothing recorded; inf: a mean past float16's range (recorded, CSL exact)
+    per_epoch = (~torch.isnan(tracker.loss_history.float())).sum(1).tolist()
+    empty = [e + 1 for e, k in enumerate(per_epoch) if k == 0]
+    if not empty:
+        return None
+    which = f"epoch{'s' if len(empty) > 1 else ''} {_spans(empty)} of {tracker.epoch}"
+    said = (
+        f"no finite training loss was recorded in {which}: training diverged (non-finite "
+        "losses are not recorded) or presented no sample then. CSL and every sum over "
+        "training cover only the other epochs"
+    )
+    last = empty[0] - 1  # the epoch before the first empty one, 1-based
+    if last >= 2 and 0 < per_epoch[last - 1] < per_epoch[last - 2]:
+        # a run that diverged part-way through an epoch recorded it for some samples only
+        said += (
+            f"; epoch {last} recorded a loss for {per_epoch[last - 1]} samples, epoch "
+            f"{last - 1} for {per_epoch[last - 2]} (it may have diverged part-way through)"
+        )
+    return said
+
+
+def _spans(epochs: list[int]) -> str:
+    """Ascending whole numbers as ranges: [4, 5, 6, 9] -> '4-6, 9'."""
+    spans: list[list[int]] = []  # [first, last]
+    for k in epochs:
+        if spans and k == spans[-1][1] + 1:
+            spans[-1][1] = k
+        else:
+            spans.append([k, k])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def as_dataframe(
     source: CSLTracker | Mapping[str, torch.Tensor], names: Iterable[str] | None = None
 ) -> Any:

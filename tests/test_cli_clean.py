@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -253,6 +254,34 @@ def test_a_run_that_closed_no_epoch_is_warned_once_on_one_line(tmp_path, capsys)
         warnings.simplefilter("error", RuntimeWarning)
         csl_fast.scores(tracker, ["threshold_learning_time"])
         csl_fast.clean(tracker, policy="review", budget=4)
+
+
+def test_a_run_that_diverged_says_which_epochs_recorded_no_loss(tmp_path, capsys):
+    # the report said it; rank and clean ranked what was left without a word
+    gen = torch.Generator().manual_seed(1)
+    tracker = csl_fast.CSLTracker(40, 4, history=True)
+    y = torch.arange(40) % 4
+    for epoch in range(5):
+        logits = torch.randn(40, 4, generator=gen) + 3 * torch.nn.functional.one_hot(y, 4)
+        if epoch == 2:
+            logits[30:] = float("nan")  # diverged part-way through epoch 3
+        logits[:] = float("nan") if epoch >= 3 else logits
+        csl_fast.accumulate(logits, y, torch.arange(40), tracker)
+        tracker.end_epoch()
+    path = tmp_path / "diverged.csl"
+    tracker.save(path)
+    for args in (
+        ["clean", str(path), "--out", str(tmp_path / "plan.csv"), "--quiet"],
+        ["rank", str(path), "--quiet"],
+        ["rank", str(path), "--json"],
+    ):
+        code, out, err = run_main(capsys, *args)
+        assert code == EXIT_OK
+        ours = [line for line in err.splitlines() if "no finite training loss" in line]
+        assert len(ours) == 1 and "epochs 4-5 of 5" in ours[0], err
+        assert ours[0].startswith(f"csl-fast {args[0]}: warning: no finite training loss")
+        assert "epoch 3 recorded a loss for 30 samples, epoch 2 for 40" in ours[0]
+    assert "epochs 4-5 of 5" in json.loads(out)["note"]
 
 
 def test_usage_errors_exit_2(demo_run, bare_tracker, tmp_path, capsys):
