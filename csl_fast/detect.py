@@ -463,6 +463,7 @@ def _select(
             why = f"a score mapping has no num_classes, so {MARGIN_ONLY}; pass the tracker itself"
             views = _Views(loss, lost, partial=why)
         return values, score, views, None, _length_bias(source, score)
+    from .scores import mixed_recorders
     from .scores import scores as compute
     from .tracker import CSLTracker
 
@@ -502,10 +503,14 @@ def _select(
             "tracker that has: t = CSLTracker(N, num_classes=C); "
             "t.load_state_dict(tracker.state_dict()) (accumulate sets it from the logits)"
         )
+    mixed = mixed_recorders(t)
+    if mixed is not None:  # their zero sums read as a label lost or doubted: no view
+        lost &= t.last_max_prob > 0
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
     views = _Views(t.csl_mean, lost, t.epoch, once, partial)
-    return values, score, views, None, _length_bias(t, score)
+    caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
+    return values, score, views, None, caveat
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:

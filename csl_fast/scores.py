@@ -352,27 +352,39 @@ def _samples_with_logits(tracker: CSLTracker) -> torch.Tensor | None:
     """The presented samples that have softmax statistics, or None when all of them do.
 
     A sample recorded only by :func:`csl_fast.record_loss` or :func:`csl_fast.accumulate_bce`
-    in a tracker that :func:`csl_fast.accumulate` also fed has none: its max probability
-    was never written (a cross-entropy presentation leaves at least ``1 / C``), and its
-    margin and confidence sums are 0 over a count of presentations, which read as the most
-    suspicious confidence and a forgotten label. Their softmax scores are NaN instead, with
-    a warning; samples fed by both are not told apart (their extra presentations dilute
-    the sums), which is why one tracker should take one recorder."""
-    presented = tracker.csl_count > 0
-    with_logits = tracker.last_max_prob > 0
-    without = int((presented & ~with_logits).sum())
-    if without == 0:
+    in a tracker that :func:`csl_fast.accumulate` also fed has none (:func:`mixed_recorders`):
+    its margin and confidence sums are 0 over a count of presentations, which read as the
+    most suspicious confidence and a forgotten label. Their softmax scores are NaN instead,
+    with a warning."""
+    said = mixed_recorders(tracker)
+    if said is None:
         return None
-    warnings.warn(
-        f"csl_fast.scores: {without} of {int(presented.sum())} samples were recorded without "
-        "softmax statistics (csl_fast.record_loss or accumulate_bce into a tracker that "
-        "csl_fast.accumulate also fed): their margin, confidence and forgetting scores are "
-        "NaN, and samples fed by both have those sums diluted by the extra presentations; "
-        "record other losses into a tracker (or tensor) of their own",
-        RuntimeWarning,
-        stacklevel=3,
+    warnings.warn(f"csl_fast.scores: {said}", RuntimeWarning, stacklevel=3)
+    return (tracker.last_max_prob > 0) | (tracker.csl_count == 0)
+
+
+def mixed_recorders(tracker: CSLTracker) -> str | None:
+    """Why a tracker's samples are not all on one footing, or None: some presented samples
+    were recorded without softmax statistics (:func:`csl_fast.record_loss`,
+    :func:`csl_fast.accumulate_bce`, or :func:`csl_fast.accumulate` with class-probability
+    targets, into a tracker that :func:`csl_fast.accumulate` with class indices also
+    fed). A cross-entropy presentation leaves a max probability of at least ``1 / C``, so
+    theirs stayed 0. Their CSL is another loss's, on its own scale, and samples fed by
+    both are not told apart (their extra presentations dilute the softmax sums): one
+    tracker should take one recorder."""
+    presented = tracker.csl_count > 0
+    without = int((presented & (tracker.last_max_prob == 0)).sum())
+    if without == 0 or not has_logit_stats(tracker):
+        return None
+    return (
+        f"{without} of {int(presented.sum())} samples were recorded without softmax "
+        "statistics (csl_fast.record_loss, accumulate_bce, or accumulate with "
+        "class-probability targets, into a tracker that accumulate with class indices also "
+        "fed): their CSL is another loss's, not comparable with the "
+        "others', and they have no margin, confidence or forgetting scores (NaN); samples "
+        "fed by both have those sums diluted by the extra presentations. Record other "
+        "losses into a tracker (or tensor) of their own"
     )
-    return with_logits | ~presented
 
 
 def warn_no_epoch_closed(tracker: CSLTracker, what: str) -> None:

@@ -341,6 +341,30 @@ def test_loss_only_tracker_points_to_the_tail_rule():
         detect.mislabeled(t, rule="two_view")
 
 
+def test_samples_recorded_without_softmax_statistics_are_no_anchors_and_are_named():
+    # record_loss into a tracker that accumulate also fed: their zero softmax sums read as
+    # labels lost, so the two-view rule flagged all of them (drops in csl-fast clean) and
+    # nothing said the tracker mixed two losses
+    g = torch.Generator().manual_seed(0)
+    t = csl_fast.CSLTracker(60, 3)
+    y = torch.arange(40) % 3
+    for _ in range(4):
+        logits = torch.randn(40, 3, generator=g) + 3 * torch.nn.functional.one_hot(y, 3)
+        csl_fast.accumulate(logits, y, torch.arange(40), t)
+        csl_fast.record_loss(torch.rand(20, generator=g) * 50, torch.arange(40, 60), t)
+        t.end_epoch()
+    with pytest.warns(detect.DetectionWarning, match="20 of 60 samples were recorded without"):
+        det = detect.mislabeled(t)
+    assert det.diagnostics["count_lower_bound"] == 0  # none of them pinned
+    assert "another loss's" in det.diagnostics["note"]
+    accumulated = csl_fast.CSLTracker(40, 3)
+    csl_fast.accumulate(torch.randn(40, 3, generator=g), y, torch.arange(40), accumulated)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        det = detect.mislabeled(accumulated)
+    assert not any("without softmax" in str(w.message) for w in caught)
+
+
 def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
     t = csl_fast.CSLTracker(50, num_labels=3)
     csl_fast.record_loss(
