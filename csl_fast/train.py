@@ -137,7 +137,9 @@ def train(
             :meth:`~csl_fast.CSLTracker.end_epoch` is called after each epoch. Without a
             tracker the loss is plain ``F.cross_entropy``.
         input_grads: also record per-sample input-gradient norms (``tracker.watch``;
-            needed for learning time and loss sensitivity).
+            needed for learning time and loss sensitivity): the gradient of each labelled
+            sample's own loss (the batch mean's is scaled back by the batch's labelled
+            rows); rows labelled -100 are not recorded.
         eval_each_epoch: after each epoch, score every training sample in eval mode
             (:func:`csl_fast.score_epoch`: the eval-pass CSL).
         callback: ``callback(epoch, model)`` after each epoch (after the eval pass), e.g.
@@ -232,13 +234,23 @@ def train(
                 if input_noise > 0:
                     noise = torch.randn(xb.shape, generator=gen, dtype=xb.dtype)
                     xb = xb + input_noise * noise.to(xb.device)
+                yb = y[idx]
                 if input_grads:
-                    xb = tracker.watch(xb.detach().clone(), idx)  # type: ignore[union-attr]
+                    # accumulate's 'mean' divides by the labelled rows only: the default
+                    # scale B made every labelled sample's squared norm (B / labelled)**2
+                    # times too large, and recorded a 0 for each ignored one. (A batch
+                    # without a label: scale 0 and nothing recorded, no division.)
+                    labelled_rows = yb != -100
+                    xb = tracker.watch(  # type: ignore[union-attr]
+                        xb.detach().clone(),
+                        idx,
+                        labelled_rows.sum(),
+                        valid=labelled_rows,
+                    )
                 logits = model(xb)
                 if labels is not None:  # the first step: a model too narrow for the labels
                     _check_width(logits, labels)
                     labels = None
-                yb = y[idx]
                 if tracker is not None:
                     loss = accumulate(logits, yb, idx, tracker)
                 else:

@@ -147,6 +147,39 @@ def test_epoch_loss_is_the_mean_over_labelled_rows(tracked):
     assert math.isnan(train(model, x, y, epochs=1, batch_size=16).epoch_loss[0])
 
 
+def test_input_grads_are_each_labelled_samples_own_with_ignored_rows():
+    # train() watched at the default scale B, without valid: with -100 labels every
+    # labelled row's squared norm came out (B / labelled)**2 times too large
+    # and each ignored row got a record of 0 (loss_sensitivity 0 instead of NaN)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(12, 3, generator=g), torch.arange(12) % 3
+    y[::2] = -100
+    y[8:] = -100  # 4 labelled rows of 12
+    model = mlp(3, 3, (6,), seed=0)
+    tracker = csl_fast.CSLTracker(12, 3)
+    train(
+        model, x, y, epochs=1, lr=0.0, momentum=0.0, batch_size=4, tracker=tracker, input_grads=True
+    )
+    xx = x.clone().requires_grad_()
+    losses = torch.nn.functional.cross_entropy(model(xx), y, reduction="none")
+    want = torch.stack(
+        [
+            torch.autograd.grad(losses[i], xx, retain_graph=True)[0][i].square().sum()
+            for i in range(12)
+        ]
+    )
+    labelled = y != -100
+    assert torch.allclose(tracker.input_grad_sq_sum[labelled], want[labelled], rtol=1e-5)
+    assert torch.equal(tracker.input_grad_count, labelled.float())
+    assert not bool(tracker.input_grad_sq_sum.isnan().any())
+    assert bool(tracker.loss_sensitivity[~labelled].isnan().all())
+    # every row ignored: no division by zero, nothing recorded
+    y[:] = -100
+    tracker = csl_fast.CSLTracker(12, 3)
+    train(model, x, y, epochs=1, batch_size=4, tracker=tracker, input_grads=True)
+    assert not bool(tracker.input_grad_count.any()) and not bool(tracker.input_grad_sq_sum.any())
+
+
 def test_class_probability_targets_train():
     # where() took the Python int of their row count: a TypeError after the first step
     g = torch.Generator().manual_seed(0)
