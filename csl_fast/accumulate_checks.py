@@ -137,17 +137,23 @@ def _buffers(
     return csl.training_buffers()
 
 
-def refuse_rows_into_sequences(api: str, csl: object, one_token: str) -> None:
+def refuse_rows_into_sequences(api: str, csl: object, one_token: str | None) -> None:
     """A tracker of sequences refuses rows of one class each: a sequence's CSL sums its
     tokens and it has no suggested label, so the two kinds would rank and clean as one
-    (``one_token``: how this API takes a batch of one-token sequences instead)."""
+    (``one_token``: how this API takes a batch of one-token sequences instead; None for
+    an eval pass, which scores rows only)."""
     if getattr(csl, "sequences", False):
+        how = (
+            f"a batch of one-token sequences goes {one_token}"
+            if one_token is not None
+            else "an eval pass scores classification rows only (its eval_* buffers and "
+            "final_loss would then be a row's loss, not a sequence's)"
+        )
         raise ValueError(
             f"{api}: this tracker recorded sequences (samples of several positions: "
             "tracker.sequences is True) and this batch is classification rows, one class per "
             "sample; one tracker holds one kind, since a sequence's CSL sums its tokens and "
-            "it has no suggested label. Record the rows into a second CSLTracker; a batch of "
-            f"one-token sequences goes {one_token}"
+            f"it has no suggested label. Record the rows into a second CSLTracker; {how}"
         )
 
 

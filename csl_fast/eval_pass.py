@@ -14,6 +14,7 @@ from .accumulate_checks import (
     _check_values,
     adopt_classes,
     match_tracker_classes,
+    refuse_rows_into_sequences,
     validate_by_default,
 )
 from .distributed import is_distributed
@@ -61,7 +62,8 @@ def score_epoch(
         model: maps an input batch to ``[B, C]`` logits.
         loader: yields batches ``(x, y, index)`` (tuple/list, index last) or mappings with
             keys ``"input"``, ``"target"`` and ``"index"``; other layouts need ``unpack``.
-        tracker: where to record.
+        tracker: where to record; a tracker of sequences (``tracker.sequences``) is
+            refused, as :meth:`CSLTracker.update` refuses rows: the pass scores rows.
         ignore_index: rows with this target are not recorded.
         unpack: ``batch -> (x, y, index)`` for other batch layouts.
         forward: ``(model, x) -> logits`` for models that do not return logits directly
@@ -89,6 +91,9 @@ def score_epoch(
             "csl_fast.score_epoch: tracker must be a csl_fast.CSLTracker (the pass fills its "
             f"eval buffers), got {type(tracker).__name__}"
         )
+    # before the model runs or num_classes is adopted: taken, the rows' eval losses became
+    # the sequences' final_loss and their class count the tracker's num_classes
+    refuse_rows_into_sequences("csl_fast.score_epoch", tracker, None)
     ignore_index = integer("csl_fast.score_epoch", "ignore_index", ignore_index)
     check_flags("csl_fast.score_epoch", validate=validate)
     if device is None:

@@ -522,18 +522,31 @@ class CSLTracker(TrackerStatistics):
         # an empty batch ([0, C, d]) recorded no sample of several positions
         sequences = token_stats.shape[1] > 0 and token_stats.shape[2] > 1
         if sequences and not self.sequences:  # (a compiled step guards on it)
-            if not torch.compiler.is_compiling() and bool(self.suggest_label.ge(0).any()):
-                # Rows voted before (only rows do): a classification head sharing the
-                # tracker, or one-token sequences a first [B, V, 1] batch recorded as rows.
-                warnings.warn(
-                    "CSLTracker.record_sequences: this tracker recorded classification rows "
-                    "before this first batch of sequences, and from now on counts as a "
-                    "tracker of sequences (tracker.sequences): it ranks every sample by CSL "
-                    "per position and suggests no labels, the rows' included. If those rows "
-                    "were one-token sequences ([B, V, 1] logits), nothing is lost; if they "
-                    "are another task's samples, record them into a second CSLTracker",
-                    stacklevel=3,
-                )
+            if not torch.compiler.is_compiling():
+                if bool(self.suggest_label.ge(0).any()):
+                    # Rows voted before (only rows do): a classification head sharing the
+                    # tracker, or one-token sequences a first [B, V, 1] batch recorded as rows.
+                    warnings.warn(
+                        "CSLTracker.record_sequences: this tracker recorded classification rows "
+                        "before this first batch of sequences, and from now on counts as a "
+                        "tracker of sequences (tracker.sequences): it ranks every sample by CSL "
+                        "per position and suggests no labels, the rows' included. If those rows "
+                        "were one-token sequences ([B, V, 1] logits), nothing is lost; if they "
+                        "are another task's samples, record them into a second CSLTracker",
+                        stacklevel=3,
+                    )
+                elif bool(self.eval_count.gt(0).any()):
+                    # Rows an eval pass scored (it scores nothing else): said as the rows of
+                    # training are (an eval pass of rows alone went on without a word)
+                    warnings.warn(
+                        "CSLTracker.record_sequences: this tracker recorded classification rows "
+                        "in an eval pass (csl_fast.score_epoch) before this first batch of "
+                        "sequences, and from now on counts as a tracker of sequences "
+                        "(tracker.sequences): its eval_csl and final_loss stay those rows' losses, "
+                        "and later eval passes are refused. Score the rows into a second "
+                        "CSLTracker",
+                        stacklevel=3,
+                    )
             self.sequences = True
         _scatter_add(self.grad_norm_sum, idx, sums[Stat.GRAD_NORM_SQ])
         _scatter_add(self.margin_sum, idx, sums[Stat.MARGIN])
@@ -570,7 +583,10 @@ class CSLTracker(TrackerStatistics):
     ) -> None:
         """Record an eval-pass batch (see :func:`csl_fast.score_epoch`) into the ``eval_*``
         buffers, apart from the in-training ones. ``validate``: check that every index is in
-        ``[0, N)`` (class docstring, *Indices*)."""
+        ``[0, N)`` (class docstring, *Indices*). A tracker of sequences refuses it (the
+        stats are rows of one class each)."""
+        # (taken, the rows' eval losses became the sequences' final_loss)
+        refuse_rows_into_sequences("CSLTracker.record_eval", self, None)
         stats = _plain(stats)
         _check_stats("record_eval", stats, self.num_classes)
         stats = _recordable(stats)

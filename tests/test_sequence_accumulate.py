@@ -440,6 +440,48 @@ def test_classification_rows_into_a_tracker_of_sequences_are_refused(num_classes
     assert tracker.csl_count[:3].tolist() == (before["csl_count"][:3] + 2).tolist()
 
 
+@pytest.mark.parametrize("num_classes", [None, V])
+def test_an_eval_pass_of_rows_into_a_tracker_of_sequences_is_refused(num_classes):
+    # score_epoch and record_eval took classification rows into a tracker of sequences:
+    # num_classes went from None to the head's C, final_loss became one row's eval loss
+    # instead of the sequence's summed one, and the next training step was refused with
+    # "the tracker was made with num_classes=3"
+    logits, target, index = _batch()
+    tracker = CSLTracker(6, num_classes=num_classes)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+    before = {k: v.clone() for k, v in tracker.state_dict()["buffers"].items()}
+    z, y, i = _one_row_batch()
+    head = torch.nn.Linear(V, 3)  # another width than the vocabulary's
+    calls = {
+        "csl_fast.score_epoch": lambda: csl_fast.score_epoch(head, [(z, y % 3, i)], tracker),
+        "CSLTracker.record_eval": lambda: tracker.record_eval(
+            i, csl_fast.reference.row_statistics(z, y, -100)
+        ),
+    }
+    for api, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^{api}: this tracker recorded sequences"):
+            call()
+    assert tracker.num_classes == num_classes and tracker.eval_passes == 0
+    for name, value in tracker.state_dict()["buffers"].items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)  # training goes on
+
+
+def test_eval_rows_then_sequences_warn_as_training_rows_do():
+    # a tracker whose rows came from an eval pass alone took its first batch of sequences
+    # without a word (only rows voted in training were said), keeping the rows' final_loss
+    tracker = CSLTracker(6)
+    z, y, i = _one_row_batch()
+    csl_fast.score_epoch(torch.nn.Identity(), [(z, y, i)], tracker)
+    logits, target, index = _batch()
+    with pytest.warns(UserWarning, match=r"classification rows in an eval pass .*score_epoch"):
+        csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+    assert tracker.sequences
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+
+
 def test_rows_then_sequences_warn_once_and_a_run_of_sequences_does_not():
     tracker = CSLTracker(6, num_classes=V)
     for _ in range(3):  # chance-level logits: some row is misclassified and votes

@@ -32,7 +32,7 @@ def _fed(
     sequences with ignored tokens and an all-ignored sequence, also through
     linear_cross_entropy: a tracker holds one kind); soft targets into its sums;
     record_loss with negative and NaN losses; input gradients with invalid rows; eval
-    passes."""
+    passes (into a tracker of rows)."""
     g = torch.Generator().manual_seed(seed)
     t = CSLTracker(N, C, dtype=dtype, history=history)
     model = torch.nn.Linear(3, C)
@@ -57,8 +57,8 @@ def _fed(
         t.record_input_grad(idx, torch.rand(B, generator=g), torch.rand(B, generator=g) > 0.3)
         x = torch.randn(8, 3, generator=g)
         batch = (x, torch.randint(0, C, (8,), generator=g), torch.randperm(UNSEEN, generator=g)[:8])
-        csl_fast.score_epoch(model, [batch], t)
-        if not sequences:
+        if not sequences:  # (an eval pass scores rows, which a tracker of sequences refuses)
+            csl_fast.score_epoch(model, [batch], t)
             fit = torch.arange(0, UNSEEN, 2)  # and every other sample ends the epoch fitted
             csl_fast.accumulate(torch.eye(C)[fit % C] * 5, fit % C, fit, t)
         t.end_epoch()
