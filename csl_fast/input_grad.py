@@ -63,7 +63,10 @@ def input_grad_norms(
     Returns:
         float32 ``[B]``: every row's squared norm, scaled; those of rows that ``valid``
         excludes (or that are not finite) are returned but not recorded. Duplicate
-        indices add up in the tracker. See the module docstring for the BatchNorm caveat.
+        indices add up in the tracker. Detached on every backend, also for a ``grad`` made
+        with ``create_graph=True``: not differentiable (for a gradient penalty, compute
+        ``(scale * grad).flatten(1).square().sum(1)`` yourself). See the module docstring
+        for the BatchNorm caveat.
     """
     from . import ops
 
@@ -79,7 +82,7 @@ def input_grad_norms(
         scale = float(scale)
     if isinstance(scale, torch.Tensor):  # on a GPU: not read, which would wait for it
         sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
-        sq = sq * scale.to(sq.device, torch.float32).square()
+        sq = sq * scale.detach().to(sq.device, torch.float32).square()
     else:
         sq = ops.input_grad_norms(grad, float(scale), backend=tracker.backend)
     # A CPU batch that the model moves to the GPU (model(x.cuda())) has its gradient on the

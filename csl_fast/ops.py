@@ -450,11 +450,14 @@ def scatter_stats(
 
 
 def input_grad_norms(grad: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
-    """float32 ``[B]``: ``||scale * grad[i]||^2`` over all dimensions but the first."""
+    """float32 ``[B]``: ``||scale * grad[i]||^2`` over all dimensions but the first;
+    detached on every backend (not differentiable, as the reference)."""
     name = resolve_backend(backend, grad.device)
     if name == "reference":
         return reference.input_grad_norms(grad, scale)
-    return _op(name, _NORM_OPS)(grad, scale)
+    # detached: a grad made with create_graph=True gave the kernels' result a grad_fn
+    # without a backward (autograd's "silently incorrect" warning, and no x.grad)
+    return _op(name, _NORM_OPS)(grad.detach(), scale)
 
 
 def record_last(

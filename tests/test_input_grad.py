@@ -198,6 +198,22 @@ def test_input_grad_norms_empty_and_odd_shapes(backend, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_norms_of_a_create_graph_gradient_are_detached_on_every_backend(backend):
+    # the kernels' result of a grad made with create_graph=True required grad through a
+    # grad_fn without a backward: backward through it warned "silently incorrect" and left
+    # x.grad None, where backend="reference" returned a detached tensor
+    x = torch.randn(3, 4, requires_grad=True)
+    (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
+    tracker = CSLTracker(3, 2, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sq = csl_fast.input_grad_norms(g, torch.arange(3), tracker, 2.0)
+    assert not sq.requires_grad and sq.grad_fn is None
+    torch.testing.assert_close(sq, (6 * x.detach() ** 2).square().sum(1))
+    assert g.requires_grad  # the caller's graph is left as it was
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_input_grad_norms_scale_before_squaring(backend):
     """The scale undoes a mean over many rows: applied after squaring, tiny rows (float32
     squares below 1e-38) lost their digits and huge ones overflowed to inf (not recorded)."""
