@@ -331,6 +331,16 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         lambda v: _is_int(v) and -1 <= v <= epoch,
         f"an int in [-1, epoch = {epoch}]",
     )
+    # From input_grad_first_epoch on every epoch keeps an input-gradient row (missing ones
+    # are padded with NaN on load), with history=False too, where the epoch bound above is
+    # 2**31: a 1.8 KB file claiming 2**24 epochs padded 2**24 rows (2**31: ~17 GB).
+    if igfe >= 0 and epoch - igfe >= _MAX_HISTORY_ROWS:
+        raise TrackerStateError(
+            f"the state's field 'input_grad_first_epoch' = {igfe} is {epoch - igfe} epochs "
+            f"before its epoch = {epoch}, which keeps an input-gradient row per epoch from "
+            f"it: epoch - input_grad_first_epoch must be below 2**22 = {_MAX_HISTORY_ROWS} "
+            "(the bound of a history=True state's epochs); the state was edited or damaged"
+        )
     # (absent in states written before the flag existed: rows)
     sequences = "sequences" in state and _field(
         state, "sequences", lambda v: isinstance(v, bool), "a bool"

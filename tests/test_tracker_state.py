@@ -323,6 +323,29 @@ def test_history_rows_of_no_values_cost_no_memory_and_have_a_bound():
         loaded.load_state_dict(state)
 
 
+def test_history_false_input_gradient_epochs_have_the_row_bound(tmp_path, monkeypatch):
+    # From input_grad_first_epoch on a tracker keeps an input-gradient row per epoch, and a
+    # load pads the missing ones with NaN. The 2**22 bound above applied to history=True
+    # states only: a history=False file of 1.8 KB claiming 2**24 epochs since its first
+    # record loaded as 2**24 padded rows (2**31 - 1: ~17 GB of list). Here 2**22 rows
+    # (which the unfixed load built: 32 MB of list) must be refused before anything is built.
+    state = dict(_trained().state_dict(), epoch=2**22, input_grad_first_epoch=0)
+    bound = r"'input_grad_first_epoch' = 0 is 4194304 epochs .* below 2\*\*22 = 4194304"
+    _refused(state, bound)
+    # a file too (save refuses such a state itself: write it unchecked)
+    t = _trained()
+    t.epoch, t.input_grad_first_epoch = 2**22, 0
+    monkeypatch.setattr(tracker_file, "validate_state", lambda *_: None)
+    path = tmp_path / "epochs.csl"
+    t.save(path)
+    for read in (CSLTracker.from_file, _trained().load):
+        with pytest.raises(TrackerFileError, match=bound):
+            read(path)
+    # without input-gradient records (no rows) a history=False state may claim any epoch
+    state = dict(_trained().state_dict(), epoch=2**31 - 1)
+    CSLTracker(N, 3).load_state_dict(state)
+
+
 def test_a_float8_state_is_refused_by_name():
     # the invariant checks' min() is not implemented for float8: NotImplementedError
     tracker = csl_fast.CSLTracker(6, 3)
