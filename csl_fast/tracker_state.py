@@ -486,7 +486,14 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
         if igfe >= 0 and missing > 0:  # epochs without any record: NaN, as end_epoch keeps
             # One row shared by them (rows are never written in place): a file of a few KB
             # whose header claimed 20,000 such epochs allocated 20,000 rows while loading.
-            nan = torch.full((tracker.num_samples,), math.nan, device=tracker.device)
+            # (in the history's float32: the default dtype, float64 under
+            # torch.set_default_dtype, made a list of rows of two dtypes)
+            nan = torch.full(
+                (tracker.num_samples,),
+                math.nan,
+                dtype=_HISTORY_DTYPE["input_grad_history"],
+                device=tracker.device,
+            )
             histories["input_grad_history"] += [nan] * missing
         for name, value in checked["buffers"].items():
             live[name].copy_(value)

@@ -346,6 +346,31 @@ def test_history_false_input_gradient_epochs_have_the_row_bound(tmp_path, monkey
     CSLTracker(N, 3).load_state_dict(state)
 
 
+def test_padded_input_gradient_rows_are_float32_whatever_the_default_dtype():
+    # A state lacking trailing input-gradient rows (a merge of runs of unequal length)
+    # is padded with NaN rows on load; they took torch's default dtype, so under
+    # torch.set_default_dtype(torch.float64) the history mixed float32 and float64 rows
+    # and state_dict() and save() wrote it as float64.
+    t = CSLTracker(N, 3)
+    t.record_input_grad(torch.arange(N), torch.rand(N))
+    for _ in range(3):
+        t.end_epoch()
+    state = t.state_dict()
+    state["histories"] = dict(state["histories"])
+    state["histories"]["input_grad_history"] = state["histories"]["input_grad_history"][:1]
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        u = CSLTracker(N, 3)
+        u.load_state_dict(state)
+    finally:
+        torch.set_default_dtype(default)
+    rows = u._histories["input_grad_history"]
+    assert [r.dtype for r in rows] == [torch.float32] * 3
+    assert rows[2].isnan().all()
+    assert u.state_dict()["histories"]["input_grad_history"].dtype == torch.float32
+
+
 def test_a_float8_state_is_refused_by_name():
     # the invariant checks' min() is not implemented for float8: NotImplementedError
     tracker = csl_fast.CSLTracker(6, 3)
