@@ -58,10 +58,10 @@ from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat, invalid_column
 from .tracker_buffers import (
     _HISTORIES,
     _INPUT_GRAD_STEP,
-    _MINUS_ONE,
     _STEP_STATE,
     buffer_kinds,
     buffer_shape,
+    initial_value,
 )
 from .tracker_file import (  # re-exported: csl_fast and its users import them from here
     FORMAT_VERSION,
@@ -307,7 +307,7 @@ class CSLTracker(TrackerStatistics):
             shape = buffer_shape(name, num_samples, num_labels)
             buf = torch.empty(shape, dtype=self._kind_dtype(kind), device=self.device)
             huge_pages.advise(buf)  # before the fill below faults its pages in
-            buf.fill_(-1 if name in _MINUS_ONE else 0)
+            buf.fill_(initial_value(name))
             self._buffers[name] = buf
         # The state csl_fast.accumulate's one-call CPU step (csrc/module.cpp) updates; None
         # where that step does not apply.

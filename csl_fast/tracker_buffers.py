@@ -67,6 +67,12 @@ _STEP_STATE = (
 _MINUS_ONE = ("learned_epoch", "suggest_label")
 
 
+def initial_value(name: str) -> int:
+    """What buffer ``name`` starts at in a new tracker: -1 for those of
+    :data:`_MINUS_ONE`, else 0."""
+    return -1 if name in _MINUS_ONE else 0
+
+
 def buffer_kinds(history: bool, labels: bool) -> dict[str, str]:
     """Buffer name -> kind of a tracker with these flags, in the tracker's order."""
     kinds = {**_TRAIN_BUFFERS, **_INPUT_GRAD_BUFFERS, **_EVAL_BUFFERS}

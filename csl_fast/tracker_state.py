@@ -21,7 +21,7 @@ import torch
 
 from .distributed import note_loaded
 from .stats import MAX_TRACKED_CLASSES
-from .tracker_buffers import _MINUS_ONE, buffer_kinds, buffer_shape
+from .tracker_buffers import _MINUS_ONE, buffer_kinds, buffer_shape, initial_value
 from .tracker_invariants import check_invariants, sample_chunks
 
 if TYPE_CHECKING:
@@ -172,15 +172,12 @@ def keys_text(holder: Mapping[Any, Any]) -> str:
     return f"[{', '.join(keys)}{', ...' if len(holder) > 8 else ''}]"
 
 
-def _initial_values(tracker: CSLTracker, names: list[str]) -> dict[str, int]:
-    """Each buffer's initial value, read from a one-sample tracker of the same kind (so
-    this stays right whatever ``CSLTracker.__init__`` fills a buffer with)."""
-    if not names:
-        return {}
-    fresh = type(tracker)(
-        1, dtype=tracker.dtype, history=tracker.history, num_labels=tracker.num_labels
-    )
-    return {n: fresh.buffers()[n].flatten()[0].item() for n in names}
+def _initial_values(names: list[str]) -> dict[str, int]:
+    """Each buffer's initial value, as ``CSLTracker.__init__`` fills it
+    (:func:`initial_value`). (Read from a new one-sample tracker before: a file's
+    num_labels = 2**36 made it allocate 256 GiB, and a subclass whose constructor takes
+    other arguments failed with a TypeError.)"""
+    return {n: initial_value(n) for n in names}
 
 
 def _version(state: Mapping[str, Any]) -> int:
@@ -194,14 +191,24 @@ def _version(state: Mapping[str, Any]) -> int:
     return version
 
 
-def _num_labels(state: Mapping[str, Any]) -> int | None:
+def _num_labels(state: Mapping[str, Any], version: int) -> int | None:
     """The state's ``num_labels`` (absent in states written before per-label buffers
     existed: None)."""
     if "num_labels" not in state:
         return None
-    return _field(
+    labels = _field(
         state, "num_labels", lambda v: v is None or (_is_int(v) and v >= 1), "None or an int >= 1"
     )
+    table = VERSION_BUFFERS.get(version)
+    if labels is not None and table is not None and "label_csl_sum" not in table:
+        # Its [N, L] buffers would be filled, not read: an 85 KB version 1 file with
+        # N = 1000 and num_labels = 2**20 made a tracker of 8 GiB (any L: any size).
+        raise TrackerStateError(
+            f"the state's field 'num_labels' is {labels} in a state of format version "
+            f"{version}, written before per-label buffers existed (it must be None); the "
+            "state was edited or damaged"
+        )
+    return labels
 
 
 def _data_tensor(where: str, v: Any) -> None:
@@ -310,7 +317,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             f"the state has history={history} but this tracker has history={tracker.history}; "
             "create the tracker with the same history flag"
         )
-    labels = _num_labels(state)
+    labels = _num_labels(state, version)
     if labels != tracker.num_labels:
         raise TrackerStateError(
             f"the state has num_labels={labels} but this tracker has "
@@ -427,7 +434,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
             "suggest_label", buffers["suggest_label"], classes - 1, f"num_classes={classes}"
         )
     check_invariants(buffers, histories, igfe)
-    fill = _initial_values(tracker, [k for k in kinds if k not in expected])
+    fill = _initial_values([k for k in kinds if k not in expected])
     fill.update({k: math.nan for k in fill if k in _UNKNOWN_WHEN_ADDED})
     return {
         "buffers": {k: buffers[k] for k in expected},
@@ -570,7 +577,7 @@ def new_tracker_for(
         _NUM_CLASSES,
     )
     n, dtype, history, classes = (_field(state, *spec) for spec in shape_fields)
-    labels = _num_labels(state)
+    labels = _num_labels(state, version)
     # The tracker allocates about as much as the state's buffers hold (a file's tensor
     # table: the file's size) only when the state holds every buffer it will restore, of
     # its shape and kind; a state that claims another N, or a large N with few buffers, is

@@ -20,6 +20,7 @@ import zipfile
 
 import pytest
 import torch
+from cli_calls import user_error
 
 import csl_fast
 from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, atomic_file, tracker_file
@@ -528,6 +529,39 @@ def test_version1_file_half_load_and_zip_bomb(tmp_path):
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info))
     _refused(tmp_path / "deflated.csl", target)
+
+
+def test_a_file_of_many_labels_and_no_samples_builds_one_empty_tracker(
+    tmp_path, monkeypatch, capsys
+):
+    # A version 2 file lacks label_prob_sum, whose initial value was read from a new
+    # one-sample tracker of the file's num_labels: a 1.5 KB file of N = 0 claiming
+    # num_labels = 2**36 (no payload) asked for 256 GiB, and csl-fast rank printed an
+    # "internal error" traceback. The guard below stands for that allocation.
+    labels = 2**36
+    state = CSLTracker(0, 3, num_labels=2).state_dict()
+    state.update(version=2, num_labels=labels)
+    state["buffers"] = {
+        k: torch.empty(0, labels) if k == "label_csl_sum" else v
+        for k, v in state["buffers"].items()
+        if k != "label_prob_sum"
+    }
+    path = tmp_path / "labels.csl"
+    _write_v2(path, state)
+    built = []
+    init = CSLTracker.__init__
+
+    def guarded(self, num_samples, *args, **kwargs):
+        built.append(num_samples)
+        assert num_samples * (kwargs.get("num_labels") or 1) < 2**20, "a multi-GiB tracker"
+        init(self, num_samples, *args, **kwargs)
+
+    monkeypatch.setattr(CSLTracker, "__init__", guarded)
+    t = csl_fast.load(path)
+    assert built == [0] and t.num_labels == labels
+    assert t.buffers()["label_prob_sum"].shape == (0, labels)
+    line = user_error(capsys, 3, "rank", str(path))
+    assert "the run recorded nothing" in line
 
 
 def test_newer_version(tmp_path):

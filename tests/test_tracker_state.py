@@ -10,6 +10,7 @@ import torch
 
 import csl_fast
 from csl_fast import CSLTracker, TrackerFileError, TrackerStateError, tracker_file
+from csl_fast.tracker_file import VERSION_BUFFERS, UnverifiedTrackerFileWarning
 
 N = 6
 
@@ -369,6 +370,65 @@ def test_padded_input_gradient_rows_are_float32_whatever_the_default_dtype():
     assert [r.dtype for r in rows] == [torch.float32] * 3
     assert rows[2].isnan().all()
     assert u.state_dict()["histories"]["input_grad_history"].dtype == torch.float32
+
+
+class _Tagged(CSLTracker):
+    """A subclass whose constructor takes other arguments than CSLTracker's."""
+
+    def __init__(self, num_samples, num_classes, *, run_name):
+        super().__init__(num_samples, num_classes)
+        self.run_name = run_name
+
+
+def test_a_version1_state_loads_into_a_subclass_with_its_own_constructor(tmp_path):
+    # The initial values of the buffers a version 1 state lacks (suggest_*) were read from
+    # a new one-sample tracker built as type(tracker)(1, dtype=..., history=...,
+    # num_labels=...): a subclass whose constructor takes other arguments failed with
+    # "TypeError: __init__() got an unexpected keyword argument 'dtype'".
+    t = _trained()
+    state = t.state_dict()
+    state["version"] = 1
+    state["buffers"] = {k: v for k, v in state["buffers"].items() if k in VERSION_BUFFERS[1]}
+    for k in ("sequences", "runs"):
+        state.pop(k)
+    u = _Tagged(N, 3, run_name="b")
+    u.suggest_votes.fill_(4)
+    u.load_state_dict(state)
+    assert u.suggest_label.tolist() == [-1] * N and u.suggest_votes.tolist() == [0] * N
+    assert torch.equal(u.csl_sum, t.csl_sum) and u.run_name == "b"
+    path = tmp_path / "v1.csl"
+    torch.save(state, path)
+    with pytest.warns(UnverifiedTrackerFileWarning):
+        _Tagged(N, 3, run_name="c").load(path)
+
+
+def test_num_labels_in_a_version1_state_is_refused_before_a_tracker_is_built(tmp_path, monkeypatch):
+    # Version 1 predates per-label buffers, so a version 1 state's [N, L] buffers were
+    # filled, not read: an 85 KB version 1 file with N = 1000 and num_labels = 2**20 made
+    # from_file build a tracker of 8 GiB (any num_labels: any size). Here L = 4.
+    state = _trained().state_dict()
+    state.update(version=1, num_labels=4)
+    state["buffers"] = {k: v for k, v in state["buffers"].items() if k in VERSION_BUFFERS[1]}
+    why = r"'num_labels' is 4 in a state of format version 1, written before per-label"
+    target = CSLTracker(N, 3, num_labels=4)
+    with pytest.raises(TrackerStateError, match=why):
+        target.load_state_dict(state)
+    path = tmp_path / "v1.csl"
+    torch.save(state, path)
+    built = []
+    init = CSLTracker.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CSLTracker, "__init__", counted)
+    with pytest.raises(TrackerFileError, match=why):
+        CSLTracker.from_file(path)
+    assert built == []
+    # (what every version 1 state holds, num_labels absent or None, still loads)
+    state.update(num_labels=None)
+    CSLTracker(N, 3).load_state_dict(state)
 
 
 def test_a_float8_state_is_refused_by_name():
