@@ -42,8 +42,11 @@ loads with it at NaN (the sum over the presentations already made is unknown, an
 NaN as training goes on), which multi-label detection reads as "not recorded".
 
 Version 1 files (``torch.save`` zip archives, no checksum) are still read, through
-``torch.load(weights_only=True)`` after a check that the archive is uncompressed and no
-larger than the file; they load with a :class:`UnverifiedTrackerFileWarning`. Buffers
+``torch.load(weights_only=True)`` after checks that the archive is uncompressed and no
+larger than the file, and that its tensors are dense, contiguous and stored whole,
+together describing no more bytes than the file holds (as ``torch.save`` of a tracker
+wrote them: a view repeating a stored value is refused before a tracker is allocated for
+its shape); they load with a :class:`UnverifiedTrackerFileWarning`. Buffers
 introduced after a file's version (:data:`VERSION_BUFFERS`) are filled with their initial
 values (``label_prob_sum``: NaN, above).
 
@@ -456,7 +459,45 @@ def _read_v1(path: str, f: Any, size: int) -> dict[str, Any]:
             f"{path}: invalid tracker file (a zip archive of format version {version!r}; "
             "only version 1 files are zip archives)"
         )
+    _check_v1_tensors(path, state, size)
     return dict(state)
+
+
+def _check_v1_tensors(path: str, state: Mapping[str, Any], size: int) -> None:
+    """Refuse a version 1 file whose tensors describe more than it stores: the tracker is
+    allocated for the shapes they claim. torch.save of a tracker (each buffer a tensor of
+    its own, each history stacked) writes dense contiguous tensors only, each stored
+    whole; a stride-0 view of one stored value (``expand``) let a 7.9 KB file describe a
+    tracker of 2**33 samples (32 GiB a buffer), and a sparse tensor stores no values."""
+    described = 0
+    for kind in ("buffers", "histories"):
+        group = state.get(kind)
+        if not isinstance(group, Mapping):
+            continue  # (refused by the state's checks)
+        for key, t in group.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            name = f"{kind}/{key}"
+            if t.layout != torch.strided:
+                raise TrackerFileError(
+                    f"{path}: invalid tracker file (tensor {name!r} has layout {t.layout}; a "
+                    "tracker file holds dense tensors)"
+                )
+            nbytes = t.numel() * t.element_size()
+            stored = t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()
+            if not t.is_contiguous() or nbytes > stored:
+                raise TrackerFileError(
+                    f"{path}: invalid tracker file (tensor {name!r} of shape "
+                    f"{list(t.shape)} is a view of {max(stored, 0)} stored bytes with strides "
+                    f"{list(t.stride())}, not {nbytes} bytes stored contiguously, as a "
+                    "tracker file holds them)"
+                )
+            described += nbytes
+    if described > size:  # (views sharing one storage)
+        raise TrackerFileError(
+            f"{path}: invalid tracker file (its tensors describe {described} bytes, more "
+            f"than the {size} bytes of the file)"
+        )
 
 
 def _not_a_tracker_file(archive: Any) -> str:

@@ -564,6 +564,69 @@ def test_a_file_of_many_labels_and_no_samples_builds_one_empty_tracker(
     assert "the run recorded nothing" in line
 
 
+def _v1_views(case: str) -> tuple[dict, CSLTracker]:
+    """A version 1 state whose tensors describe more than they store, and a tracker of its
+    kind to load it into."""
+    n = 4096
+    t = CSLTracker(n, 3, history=case == "expanded history rows")
+    state = _v1_state(t)
+    buffers = state["buffers"]
+    if case == "expanded buffers":  # each a stride-0 view of one stored value
+        state["buffers"] = {k: v[:1].clone().expand(n) for k, v in buffers.items()}
+    elif case == "expanded history rows":  # E rows, one stored
+        rows = 64
+        state.update(epoch=rows, eval_passes=rows)
+        row = torch.full((1, n), float("nan"), dtype=torch.float16)
+        state["histories"] = {
+            **state["histories"],
+            "loss_history": row.expand(rows, n),
+            "eval_loss_history": row.expand(rows, n),
+        }
+    elif case == "buffers sharing one storage":  # contiguous views, each stored whole
+        zeros = torch.zeros(n)
+        state["buffers"] = {k: zeros if v.dtype == zeros.dtype else v for k, v in buffers.items()}
+    else:  # sparse: no values stored
+        state["buffers"] = {k: v.to_sparse() for k, v in buffers.items()}
+    return state, CSLTracker(n, 3, history=t.history)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["expanded buffers", "expanded history rows", "buffers sharing one storage", "sparse"],
+)
+def test_a_version1_file_describing_more_than_it_stores_is_refused_before_allocating(
+    tmp_path, monkeypatch, case
+):
+    # The zip-bomb guard counted the bytes stored only, while the tracker is allocated for
+    # the shapes the tensors claim: a 7.9 KB file of stride-0 buffers (expand) described a
+    # tracker of 2**33 samples (32 GiB a buffer), a 104 KB file of stride-0 history rows
+    # loaded as 712 MiB of rows, views of one storage count it once per view, and a sparse
+    # tensor holds no values. torch.save of a tracker writes dense contiguous tensors, each
+    # stored whole (the version 1 files of the tests above still load). Here
+    # N = 4096: the file loaded (sparse: after a tracker was built for it).
+    state, target = _v1_views(case)
+    path = tmp_path / "views.csl"
+    torch.save(state, path)
+    if case != "sparse":  # in memory the same state is the caller's own: it loads
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (sparse invariant checks)
+            target.load_state_dict(state)
+        target = CSLTracker(target.num_samples, 3, history=target.history)
+    match = "sparse" if case == "sparse" else "describe" if "sharing" in case else "strides"
+    _refused(path, target, match)
+    built = []
+    init = CSLTracker.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CSLTracker, "__init__", counted)
+    with pytest.raises(TrackerFileError, match=match):
+        csl_fast.load(path)
+    assert built == []
+
+
 def test_newer_version(tmp_path):
     t = _filled()
     state = t.state_dict()
