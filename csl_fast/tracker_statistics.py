@@ -12,7 +12,11 @@ import numbers
 
 import torch
 
-__all__ = ["TrackerStatistics"]
+__all__ = ["MIN_SUGGESTION_SHARE_OF", "TrackerStatistics"]
+
+#: The least number of presentations a suggestion's confidence is a share of
+#: (:meth:`TrackerStatistics.suggestions`): one vote is at most 1/3, two at most 2/3.
+MIN_SUGGESTION_SHARE_OF = 3
 
 
 class TrackerStatistics:
@@ -143,7 +147,7 @@ class TrackerStatistics:
 
         .. math::
 
-            c_i = \frac{h_i}{\max(n_i, \; 2 h_i - v_i)}, \qquad
+            c_i = \frac{h_i}{\max(n_i, \; 2 h_i - v_i, \; 3)}, \qquad
             n_i = \begin{cases}
                 k_i \, e_i / E & e_i \ge 0 \text{ (fitted at its last presentation)} \\
                 k_i & \text{otherwise}
@@ -160,7 +164,13 @@ class TrackerStatistics:
         :math:`2 h_i - v_i` is the number of votes cast since the candidate took over
         (:math:`h_i` for it, :math:`h_i - v_i` against it), all at presentations before
         the streak, so it is a lower bound of :math:`n_i`; as :math:`v_i \le h_i`, it
-        keeps :math:`c_i \le 1` where :math:`n_i` is an estimate. When the candidate
+        keeps :math:`c_i \le 1` where :math:`n_i` is an estimate. The 3
+        (:data:`MIN_SUGGESTION_SHARE_OF`) keeps a vote or two from reading as certainty: a
+        clean sample misclassified at its first presentation only, then fitted, had
+        :math:`c_i = 1/1` and was relabelled by ``csl_fast.clean`` at full confidence (an
+        audit: 15 clean samples of a 2-epoch run moved to a wrong class); one vote now gives
+        at most 1/3, below the default ``min_confidence`` 0.4 (dropped, the safe side), two
+        at most 2/3. When the candidate
         changed during training, the predictions of the class from before it took over
         are not kept (12 bytes do not hold them): :math:`c_i` is then a lower bound of the
         share (an audit's digits run: 4 of 5 drops were flips whose suggestion was their
@@ -201,7 +211,7 @@ class TrackerStatistics:
             learned = b["learned_epoch"]
             per_epoch = count / self.epoch
             before_fit = torch.where(learned >= 0, per_epoch * learned.to(self.dtype), count)
-        conf = hits / torch.maximum(before_fit, doubted).clamp(min=1)
+        conf = hits / torch.maximum(before_fit, doubted).clamp(min=MIN_SUGGESTION_SHARE_OF)
         return label, torch.where(has, conf, torch.full_like(conf, math.nan))
 
     def threshold_learning_time(self) -> torch.Tensor:

@@ -172,14 +172,14 @@ def _confidence_loop(
 ) -> list[float]:
     """The suggestions' confidence by its definition: the candidate's votes over the
     presentations before the final correct streak (count * learned / epochs; all of them
-    when not fitted), at least the votes cast since the candidate took over."""
+    when not fitted), at least the votes cast since the candidate took over and at least 3."""
     out = []
     for j in range(len(label)):
         if label[j] < 0:
             out.append(math.nan)
             continue
         before = count[j] * learned[j] / epochs if learned[j] >= 0 and epochs else count[j]
-        out.append(hits[j] / max(before, 2 * hits[j] - votes[j], 1))
+        out.append(hits[j] / max(before, 2 * hits[j] - votes[j], 3))
     return out
 
 
@@ -501,3 +501,22 @@ def test_a_tracker_refuses_more_classes_than_its_votes_hold():
     csl = torch.zeros(2)  # a plain buffer keeps no votes: any C
     csl_fast.accumulate(z, torch.tensor([0, 1]), torch.arange(2), csl)
     torch.testing.assert_close(csl, torch.full((2,), math.log(2**24 + 1)))
+
+
+def test_a_vote_or_two_is_not_read_as_a_confident_suggestion():
+    """A clean sample misclassified at its first presentation only, then fitted, had
+    confidence 1/1 and csl_fast.clean relabelled it to the wrong class at full confidence
+    (an audit: 15 clean samples of a 2-epoch run)."""
+    y = torch.zeros(2, dtype=torch.long)
+    tracker = csl_fast.CSLTracker(2, 3)
+    wrong, right = torch.tensor([0.0, 0.0, 5.0]), torch.tensor([5.0, 0.0, 0.0])
+    for epoch in range(5):
+        # sample 0 predicted as class 2 in epoch 1 only, sample 1 in epochs 1-3
+        rows = [wrong if epoch < 1 else right, wrong if epoch < 3 else right]
+        csl_fast.accumulate(torch.stack(rows), y, torch.arange(2), tracker)
+        tracker.end_epoch()
+    label, conf = tracker.suggestions()
+    assert label.tolist() == [2, 2] and tracker.suggest_hits.tolist() == [1, 3]
+    assert conf.tolist() == pytest.approx([1 / 3, 1.0])
+    det = csl_fast.detect.mislabeled(torch.ones(2), rule="fraction", fraction=1.0)
+    assert csl_fast.clean(tracker, detection=det).actions == ["drop", "relabel"]
