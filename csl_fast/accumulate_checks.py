@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -412,6 +412,21 @@ def check_writable(op: str, name: str, buf: torch.Tensor) -> None:
             f"inference_mode; create {name} (or the tracker holding it) outside "
             "torch.inference_mode()"
         )
+
+
+def signed_index(index: torch.Tensor, op: str, num_samples: int, **to: Any) -> torch.Tensor:
+    """``index`` as int64 (``to``: the device and ``non_blocking`` of the copy), for APIs
+    that take unsigned indices. A uint64 value past 2**63 - 1 wraps to a negative one,
+    which the range check then named (``index[1] = -9223372036854775803``): refused here
+    as given (one read of the values, for uint64 only)."""
+    signed = index.to(dtype=torch.int64, **to)
+    if index.dtype == torch.uint64 and bool((signed < 0).any()):
+        i = int((signed < 0).nonzero()[0, 0])
+        raise IndexError(
+            f"csl_fast.{op}: index[{i}] = {int(signed[i]) + 2**64} is outside [0, N = "
+            f"{num_samples}) where N is the tracker's num_samples"
+        )
+    return signed
 
 
 def _check_values(

@@ -222,10 +222,11 @@ def watch(
     if index.device.type == "cpu" and not torch.compiler.is_compiling():
         # here, where reading it costs no device sync: from the hook an IndexError came
         # out of loss.backward()
-        from .accumulate_checks import _check_values
+        from .accumulate_checks import _check_values, signed_index
 
         # (int64 first: comparisons of uint16/32/64 are not implemented on the CPU)
-        _check_values(None, index.to(torch.int64), 0, tracker.num_samples, 0, "watch", tracker=True)
+        signed = signed_index(index, "watch", tracker.num_samples)
+        _check_values(None, signed, 0, tracker.num_samples, 0, "watch", tracker=True)
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
     if not x.requires_grad:

@@ -50,6 +50,7 @@ from ._args import check_flags
 from .accumulate_checks import (
     _check_values,
     refuse_rows_into_sequences,
+    signed_index,
     too_many_classes,
     validate_by_default,
 )
@@ -735,7 +736,9 @@ class CSLTracker(TrackerStatistics):
                 or validate_by_default(self.device, _ext.resolve_backend(self.backend, self.device))
             )
         # int64 first: comparisons of uint16/32/64 are not implemented on the CPU
-        index = index.to(self.device, torch.int64, non_blocking=True)
+        index = signed_index(
+            index, "CSLTracker", self.num_samples, device=self.device, non_blocking=True
+        )
         if validate:
             _check_values(None, index, 0, self.num_samples, 0, "CSLTracker", tracker=True)
         return index

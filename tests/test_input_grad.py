@@ -468,3 +468,9 @@ def test_watch_takes_unsigned_indices(dtype):
     x = tracker.watch(torch.randn(4, 3), torch.arange(4).to(dtype))
     csl_fast.accumulate(x, torch.tensor([0, 1, 2, 0]), torch.arange(4), tracker).backward()
     assert tracker.input_grad_count.tolist() == [1.0] * 4
+    if dtype == torch.uint64:  # past 2**63 - 1: named as given, not wrapped to a negative
+        with pytest.raises(IndexError, match=rf"index\[1\] = {2**63 + 5} is outside"):
+            tracker.watch(torch.randn(2, 3), torch.tensor([1, 2**63 + 5], dtype=dtype))
+    if dtype == torch.uint64:  # past 2**63 - 1: named as given, not wrapped to a negative
+        with pytest.raises(IndexError, match=rf"index\[1\] = {2**63 + 5} is outside"):
+            tracker.watch(torch.randn(2, 3), torch.tensor([1, 2**63 + 5], dtype=dtype))

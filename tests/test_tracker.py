@@ -438,6 +438,9 @@ def test_bad_index_or_stats_leave_the_tracker_as_it_was():
         t.record(torch.tensor([0, 9]), stats)
     with pytest.raises(IndexError, match="outside"):
         t.record_sequences(torch.tensor([0, 9]), stats[:, :, None].expand(-1, -1, 3))
+    # a uint64 index past 2**63 - 1 is named as given (it wrapped to a negative one)
+    with pytest.raises(IndexError, match=rf"index\[1\] = {2**63 + 5} is outside"):
+        t.record(torch.tensor([0, 2**63 + 5], dtype=torch.uint64), stats)
     fresh = CSLTracker(4, history=True, backend="cpu").buffers()
     for name, b in t.buffers().items():
         assert torch.equal(b, fresh[name]), name
