@@ -198,7 +198,8 @@ class Detection:
             caveat was raised to a weaker upper mode's inside its interval),
             ``"few anchors"`` when there are too few of them to trust the count either way,
             ``"fit-dependent"`` when the mixture's fits with 2, 3 and 4 clean components
-            disagree by more than 1.5x (``warning`` says so in each case).
+            disagree by more than 1.5x (``warning`` says so in each case, after the
+            one-epoch or low-agreement warning when one of those fires first).
         count_interval: ``(low, high)`` around ``estimated_count``, or ``None``.
         diagnostics: what the rule saw and decided (the fit, the views used, the
             threshold, why nothing was flagged); plain JSON-able values. ``note``: why the
@@ -885,6 +886,13 @@ def _detect(
             )
         elif est.found:
             count, interval = est.count, est.interval
+            also = ""
+            if est.reason is not None:  # a lower bound, few anchors, a fit-dependent count
+                # whatever else is warned of: the one-epoch and low-agreement warnings left
+                # it unset and said nothing of it (count_phrase lost "at least" / "likely
+                # more"); they now say it after their own reason
+                diag["count"] = est.diagnostics.get("caveat", "lower bound")
+                also = f". Also, on the count ({diag['count']}): {est.reason}"
             if views is not None and (views.epochs == 1 or views.once):
                 # one presentation per sample: its CSL is its loss at that moment, so the
                 # samples that came before the network had learned look bad whatever their
@@ -898,6 +906,7 @@ def _detect(
                     "the network had learned "
                     f"{look}, and the flagged set mixes them with {target}. Train several "
                     "epochs (until nearly every label is fitted) and detect again"
+                    f"{also}"
                 )
             elif diag.get("agreement", 1.0) < MIN_AGREEMENT:
                 warning = (
@@ -908,10 +917,9 @@ def _detect(
                     "ranks other samples first, and the flagged set is mostly not what was "
                     "counted; rank by csl "
                     "(the default), or check this score's ranking on data whose bad labels "
-                    "you know"
+                    f"you know{also}"
                 )
-            elif est.reason is not None:  # a lower bound, few anchors, a fit-dependent count
-                diag["count"] = est.diagnostics.get("caveat", "lower bound")
+            elif est.reason is not None:
                 # settled by the score's own upper mode: no training advice is needed
                 settled = est.diagnostics.get("count_source") == "valley"
                 advice = "" if settled else f" {_advice(views, hint)}"

@@ -726,3 +726,41 @@ def test_a_score_of_held_out_samples(first_scored):
     if alone:
         with pytest.raises(ValueError, match="rule='two_view' needs a score of trained samples"):
             detect.mislabeled(tracker, "eval_csl", rule="two_view")
+
+
+def _one_epoch_tracker(n=400, classes=4, flips=5, seed=1, ramp=6.0):
+    """One epoch of synthetic logits that the network learns as it goes (the later a
+    sample is presented, the more its true class leads)."""
+    g = torch.Generator().manual_seed(seed)
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    flipped = torch.randperm(n, generator=g)[:flips]
+    given[flipped] = (true[flipped] + 1) % classes
+    t = csl_fast.CSLTracker(n, classes)
+    logits = torch.randn(n, classes, generator=g)
+    logits[torch.arange(n), true] += ramp * torch.arange(n) / n
+    csl_fast.accumulate(logits, given, torch.arange(n), t)
+    t.end_epoch()
+    return t
+
+
+def test_the_count_caveat_is_kept_when_another_warning_fires_first():
+    """The one-epoch and low-agreement warnings came first in an if/elif chain whose last
+    branch alone set diagnostics['count'] and quoted the estimator's caveat: with either,
+    diagnostics['count'] was None, count_phrase said "estimated 8" of a lower bound (not
+    "at least 8") and the warning said nothing of the count."""
+    cases = (
+        (_tracker_with_flips(flips=3, epochs=3, seed=0), "in_confidence", "lower bound"),
+        (_one_epoch_tracker(), None, "fit-dependent"),
+    )
+    for tracker, score, caveat in cases:
+        with pytest.warns(detect.DetectionWarning) as rec:
+            det = detect.mislabeled(tracker, score)
+        est = det.diagnostics["estimator"]
+        assert est["caveat"] == caveat and det.diagnostics["count"] == caveat
+        other = "recorded one epoch" if score is None else "hold only"
+        said = " ".join(str(w.message) for w in rec)
+        for text in (det.warning, said):
+            assert other in text and f"Also, on the count ({caveat}): {est['reason']}" in text
+        if caveat == "lower bound":
+            assert detect.count_phrase(det).startswith("estimated at least ")
