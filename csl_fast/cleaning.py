@@ -138,8 +138,9 @@ class CleaningPlan:
         keep: bool ``[M]`` the row is kept as it is (action ``keep``): a conflicting
             duplicate group's member that carries the group's label, or under
             ``"review"`` an unflagged sample (its suggestion shown, confident or not: past
-            the flagged set the given label is far more often right); all False
-            otherwise.
+            the flagged set the given label is far more often right; a held-out sample an
+            eval pass scored too, which :meth:`apply` leaves out as every sample outside
+            ``presented``); all False otherwise.
         duplicates: the duplicate detection merged into the plan (``inputs=``), or None.
         grouped: bool ``[M]`` the row's action is its conflicting duplicate group's
             (``inputs=`` with ``labels=``, :mod:`csl_fast.cleaning_groups`); all False
@@ -868,11 +869,14 @@ def clean(
             relabel[rows] = ~group.keep[at] & has
     seen = presented(source)
     if seen is not None:
-        # a never-presented member of a conflicting group (the one kind of row without a
-        # score): apply leaves it out, and a relabel or keep row said otherwise
+        # a never-presented member of a conflicting group: apply leaves it out, and a
+        # relabel or keep row said otherwise. Not an unflagged review row of a held-out
+        # sample an eval pass scored (score="eval_csl" of a run trained on a subset): its
+        # label stands, "keep" as the docs say (it was "drop", reason "unseen"); apply
+        # leaves it out too, as every sample the run did not train on
         unseen = ~seen.cpu()[chosen]
         relabel &= ~unseen
-        keep &= ~unseen
+        keep &= ~(unseen & grouped)
     return CleaningPlan(
         index=chosen.long(),
         relabel=relabel,

@@ -666,3 +666,32 @@ def test_a_plan_that_relabels_nothing_applies_to_any_targets():
     assert relabelling.num_relabeled > 0
     with pytest.raises(TypeError, match="labels must be integers"):
         relabelling.apply(values)
+
+
+def test_a_review_worklist_keeps_unflagged_held_out_samples_an_eval_pass_scored():
+    """A run trained on samples 0-199 of 300 with eval passes over the held-out 200-299,
+    ranked by eval_csl: the worklist is of held-out samples, and every unflagged row was
+    "drop" (reason "unseen", the rule for never-presented members of duplicate groups),
+    not "keep" as the docs say; evaluate_plan counted them as clean samples dropped."""
+    g = torch.Generator().manual_seed(0)
+    n, classes = 300, 3
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    given[200:210] = (true[200:210] + 1) % classes
+    t = csl_fast.CSLTracker(n, classes)
+    held = torch.arange(200, n)
+    for epoch in range(4):
+        logits = torch.randn(n, classes, generator=g)
+        logits[torch.arange(n), true] += 1.0 + epoch
+        csl_fast.accumulate(logits[:200], given[:200], torch.arange(200), t)
+        t.end_epoch()
+        csl_fast.score_epoch(torch.nn.Identity(), [(logits[held], given[held], held)], t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        plan = clean(t, score="eval_csl", policy="review", budget=40)
+    flagged = plan.detection.flagged[plan.index]
+    assert len(plan) == 40 and bool((plan.index >= 200).all()) and not bool(flagged.all())
+    assert plan.kept.tolist() == (~flagged).tolist()
+    assert not bool(plan.drop_reasons()["unseen"][~flagged].any())
+    counts = evaluate_plan(plan, true, mislabeled=given != true)
+    assert counts["kept"] == int((~flagged).sum()) and counts["drop_clean"] == 0
