@@ -118,12 +118,21 @@ def _clean_summary(
     ]
     n = det.scores.numel()
     if plan.policy == "review" and len(plan) < args.budget:
+        from .cli_commands import HELD_OUT, value_counts
+
         # (rank says as much of its --top; the worklist came back short without a word)
+        valued, held = value_counts(det)
         why = (
             f"the run has {n} samples"
             if len(plan) == n
             else f"only {len(plan)} of the {n} samples have a {args.score} value (the others "
             f"were {unscored_reason(args.score, tracker)})"
+            if not held
+            # (it said "only 50 ... have a value" when eval passes had scored 150: the 100
+            # held out among them were counted as having none)
+            else f"{valued} of the {n} samples have a {args.score} value, but {held} of "
+            f"them are {HELD_OUT}, and are not ranked; the other {n - valued} were "
+            f"{unscored_reason(args.score, tracker)}"
         )
         lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase

@@ -510,7 +510,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
                 print(f"csl-fast rank: note: {line}", file=sys.stderr)
     if dup is not None and not args.quiet:
         print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
-    unscored = _unscored_note(tracker, args.score, args.top, len(rows))
+    unscored = _unscored_note(tracker, det, args.score, args.top, len(rows))
     if unscored is not None and not args.quiet:
         print(f"csl-fast rank: note: {unscored}", file=sys.stderr)
     no_epoch = no_epoch_closed(tracker)
@@ -553,9 +553,10 @@ def cmd_rank(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | None:
+def _unscored_note(tracker: Any, det: Any, score: str, top: int, listed: int) -> str | None:
     """Why fewer than ``--top`` rows were listed: samples without a finite score (never
-    presented, or the score is undefined for them) are not ranked."""
+    presented, or the score is undefined for them) are not ranked, nor are held-out ones
+    an eval pass scored (:func:`value_counts`)."""
     size = tracker.num_samples
     if score == "label_csl" and tracker.label_csl is not None:
         size *= tracker.label_csl.shape[1]
@@ -564,11 +565,35 @@ def _unscored_note(tracker: Any, score: str, top: int, listed: int) -> str | Non
     from .scores import unscored_reason
 
     what = "(sample, label) entries" if score == "label_csl" else "samples"
+    valued, held = value_counts(det)
+    if not held:
+        return (
+            f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
+            f"{score} value; the others were {unscored_reason(score, tracker)} or the score is "
+            "undefined for them, and are not ranked"
+        )
+    # (it said "only 50 of the 400 samples have a value" of a run whose eval passes had
+    # scored 150: the 100 held out among them were counted as having none)
     return (
-        f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
-        f"{score} value; the others were {unscored_reason(score, tracker)} or the score is "
-        "undefined for them, and are not ranked"
+        f"listed {listed} of the --top {top}: {valued} of the {size} {what} have a {score} "
+        f"value, but {held} of them are {HELD_OUT}, and are not ranked; the other "
+        f"{size - valued} were {unscored_reason(score, tracker)} or the score is undefined "
+        "for them"
     )
+
+
+#: The samples with a score that are not ranked (:attr:`csl_fast.detect.Detection.ranked`).
+HELD_OUT = "held out (scored by an eval pass, never trained on)"
+
+
+def value_counts(det: Any) -> tuple[int, int]:
+    """``(valued, held)``: how many samples of the detection ``det`` have a finite score,
+    and how many of those are held out (an eval pass scored them, the run never trained
+    on them), which the detection does not rank beside trained ones."""
+    import torch
+
+    valued = int(torch.isfinite(det.scores).sum())
+    return valued, max(valued - int(det.ranked.shape[0]), 0)
 
 
 def _echo_detection_warnings(caught: list[Any], command: str) -> set[str]:

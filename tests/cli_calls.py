@@ -20,3 +20,23 @@ def user_error(capsys, code: int, command: str, *args: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith(f"csl-fast {command}: error: "), lines[0]
     return lines[0]
+
+
+def held_out_run(path) -> None:
+    """Save to ``path`` a run of 40 samples trained on 0-29, with eval passes over 25-39:
+    15 samples with an eval_csl value, 10 of them held out (never trained on)."""
+    import torch
+
+    import csl_fast
+
+    g = torch.Generator().manual_seed(0)
+    n, trained, scored = 40, torch.arange(30), torch.arange(25, 40)
+    y = torch.arange(n) % 3
+    tracker = csl_fast.CSLTracker(n, 3)
+    for epoch in range(4):
+        logits = torch.randn(n, 3, generator=g) + (1.0 + epoch) * torch.eye(3)[y]
+        csl_fast.accumulate(logits[trained], y[trained], trained, tracker)
+        tracker.end_epoch()
+        batch = (logits[scored], y[scored], scored)
+        csl_fast.score_epoch(torch.nn.Identity(), [batch], tracker)
+    tracker.save(path)

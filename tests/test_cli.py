@@ -961,3 +961,21 @@ def test_an_eval_only_run_is_ranked_and_cleaned_by_eval_csl_without_a_score(caps
     code, _, err = run_main(capsys, "clean", str(tmp_path / "run.csl"), "--out",
                             str(tmp_path / "plan.csv"))  # fmt: skip
     assert code == 0, err
+
+
+def test_rank_counts_held_out_samples_as_having_a_score(tmp_path, capsys):
+    # eval passes scored 15 of 40 samples, 10 of them never trained on (not ranked): the
+    # note said "only 5 of the 40 samples have a eval_csl value", counting those 10 with
+    # the 25 that have none
+    from cli_calls import held_out_run
+
+    path = tmp_path / "held.csl"
+    held_out_run(path)
+    code, out, err = run_main(capsys, "rank", str(path), "--csv", "--score", "eval_csl")
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 5
+    assert (
+        "listed 5 of the --top 20: 15 of the 40 samples have a eval_csl value, but 10 of them "
+        "are held out (scored by an eval pass, never trained on), and are not ranked; the "
+        "other 25 were never scored by an eval pass"
+    ) in " ".join(err.split())
+    assert "only 5 of the 40" not in err

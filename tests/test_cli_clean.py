@@ -428,3 +428,22 @@ def test_a_reader_that_goes_away_ends_clean_quietly(bare_tracker, capsys, monkey
     monkeypatch.setattr(csl_fast.cleaning.CleaningPlan, "to_csv", gone)
     code, _, err = run_main(capsys, "clean", str(bare_tracker), "--out", "-", "-q")
     assert code == EXIT_OK and "Broken pipe" not in err
+
+
+def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(tmp_path, capsys):
+    # eval passes scored 15 of 40 samples, 10 of them never trained on (not ranked): the
+    # note said "only 5 of the 40 samples have a eval_csl value (the others were never
+    # scored by an eval pass)" of the 10 an eval pass had scored
+    from cli_calls import held_out_run
+
+    path = tmp_path / "held.csl"
+    held_out_run(path)
+    out = tmp_path / "p.csv"
+    args = ("clean", str(path), "--out", str(out), "--policy", "review", "--budget", "40")
+    code, stdout, _ = run_main(capsys, *args, "--score", "eval_csl")
+    assert code == EXIT_OK and len(read(out)) == 5
+    assert (
+        "note: 5 rows, not the budget's 40: 15 of the 40 samples have a eval_csl value, but "
+        "10 of them are held out (scored by an eval pass, never trained on), and are not "
+        "ranked; the other 25 were never scored by an eval pass"
+    ) in stdout
