@@ -175,7 +175,8 @@ class Detection:
 
     Attributes:
         ranking: int64 ``[N]`` dataset indices, most suspicious first (non-finite last).
-        scores: float ``[N]`` the score used, by dataset index (higher = more suspicious).
+        scores: float ``[N]`` the score used, by dataset index (higher = more suspicious):
+            a copy taken at detection time, also of a plain tensor or a mapping's.
         flagged: bool ``[N]`` the samples the rule flags.
         threshold: the smallest flagged finite score (``inf`` when there is none: nothing
             flagged, or only never-presented members of conflicting duplicate groups).
@@ -305,8 +306,12 @@ class _Views:
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
-    """``x`` checked as a real score tensor of ``dims`` dimensions (detached), or a clear
-    error (also for :mod:`csl_fast.detect_losses`, ``where`` naming the caller)."""
+    """``x`` checked as a real score tensor of ``dims`` dimensions (a detached copy), or a
+    clear error (also for :mod:`csl_fast.detect_losses`, ``where`` naming the caller).
+
+    A copy, as the scores of a tracker are: the caller's buffer (a CSL tensor that
+    :func:`csl_fast.accumulate` keeps adding to) was the Detection's ``scores``, which
+    then changed as training went on (its flagged set and threshold did not)."""
     shape = "[N]" if dims == 1 else "[N, L]"
     if not isinstance(x, torch.Tensor):
         raise TypeError(
@@ -321,7 +326,7 @@ def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int =
         )
     if x.dim() != dims:
         raise ValueError(f"{where}: {what} must be {dims}-D {shape}, got {x.shape}")
-    return x.detach()
+    return x.detach().clone()
 
 
 #: Why a two-view rule that has the sign of the mean margin only is weaker (a note).

@@ -764,3 +764,18 @@ def test_the_count_caveat_is_kept_when_another_warning_fires_first():
             assert other in text and f"Also, on the count ({caveat}): {est['reason']}" in text
         if caveat == "lower bound":
             assert detect.count_phrase(det).startswith("estimated at least ")
+
+
+def test_a_detection_of_a_tensor_or_mapping_keeps_its_scores_as_they_were():
+    """det.scores was the caller's buffer itself (x.detach()): as training went on adding
+    to that CSL tensor, the detection's scores changed under its flagged set and
+    threshold, and to_dataframe() and a cleaning plan made later read the new ones."""
+    pytest.importorskip("pandas")
+    csl = torch.arange(10, dtype=torch.float32)
+    for source in (csl, {"csl": csl}):
+        det = detect.mislabeled(source, rule="fraction", fraction=0.2)
+        before = csl.clone()
+        csl += torch.linspace(5, -5, 10)  # training continues: the ranking reverses
+        assert torch.equal(det.scores, before)
+        assert det.to_dataframe()["score"].tolist() == [float(v) for v in range(9, -1, -1)]
+        csl.copy_(before)
