@@ -50,7 +50,9 @@ retraining on the cleaned data is::
     train(fresh_model, x[keep], labels, ...)     # or plan.apply_dataset(dataset)
 
 ``rank`` is **1-based** (the most suspicious sample has rank 1), as in ``csl-fast rank``
-and :meth:`csl_fast.detect.Detection.to_dataframe`.
+and :meth:`csl_fast.detect.Detection.to_dataframe`; empty (no rank) for a sample the
+detection does not rank, as there: a conflicting group's member without a score, or a
+held-out one an eval pass scored (:attr:`csl_fast.detect.Detection.ranked`).
 """
 
 from __future__ import annotations
@@ -130,7 +132,10 @@ class CleaningPlan:
             is no suggestion (for a conflicting group's member: the group label's share,
             :mod:`csl_fast.cleaning_groups`).
         score: float64 ``[M]`` the detection score (higher = more suspicious).
-        rank: int64 ``[M]`` 1-based position in the detection's ranking.
+        rank: int64 ``[M]`` 1-based position in the detection's ranking, ``-1`` for a
+            sample it does not rank (:attr:`csl_fast.detect.Detection.ranked`: a
+            conflicting group's member without a score, or a held-out one an eval pass
+            scored).
         num_samples: ``N``, the size of the dataset the plan is for.
         policy, min_confidence, budget: how the plan was made (see :func:`clean`).
         detection: the detection the plan acts on (its estimated count, diagnostics and
@@ -256,7 +261,8 @@ class CleaningPlan:
         return f"{rows}; the score's own rule: {said}"
 
     def rows(self) -> list[dict[str, Any]]:
-        """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown)."""
+        """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown: no
+        suggestion, no rank)."""
         out = []
         for i, action, lab, conf, s, r in zip(
             self.index.tolist(),
@@ -274,7 +280,7 @@ class CleaningPlan:
                     "suggested_label": lab if lab >= 0 else None,
                     "confidence": conf if lab >= 0 and math.isfinite(conf) else None,
                     "score": s,
-                    "rank": r,
+                    "rank": r if r > 0 else None,
                 }
             )
         return out
@@ -287,7 +293,8 @@ class CleaningPlan:
         empty where there is no suggestion (a drop row still shows one when it exists);
         ``confidence`` is the shortest decimal that reads back as the same float32 (rounded
         to 4 decimals, a drop at 0.39996 < ``min_confidence`` 0.4 read ``0.4000``);
-        ``score`` is written exactly (``repr``); ``rank`` is 1-based.
+        ``score`` is written exactly (``repr``); ``rank`` is 1-based, empty where the
+        detection does not rank the sample (see :attr:`rank`).
         """
 
         def fill(f: TextIO) -> None:
@@ -301,7 +308,7 @@ class CleaningPlan:
                         "" if row["suggested_label"] is None else row["suggested_label"],
                         "" if row["confidence"] is None else str(np.float32(row["confidence"])),
                         repr(float(row["score"])),
-                        row["rank"],
+                        "" if row["rank"] is None else row["rank"],
                     ]
                 )
 
@@ -318,10 +325,13 @@ class CleaningPlan:
         atomic_file.write_text(path, fill, "write the cleaning plan", "plan.csv")
 
     def to_dataframe(self) -> Any:
-        """A pandas DataFrame with the columns :data:`CSV_COLUMNS` (rank 1-based)."""
+        """A pandas DataFrame with the columns :data:`CSV_COLUMNS` (rank 1-based, a
+        nullable ``Int64`` column: ``<NA>`` where the detection does not rank the sample)."""
         import pandas as pd
 
-        return pd.DataFrame(self.rows(), columns=list(CSV_COLUMNS))
+        df = pd.DataFrame(self.rows(), columns=list(CSV_COLUMNS))
+        df["rank"] = df["rank"].astype("Int64")
+        return df
 
     def _relabels(self, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index, new label)`` of the relabel rows, checked: ``relabel`` is a public
@@ -821,6 +831,7 @@ def clean(
     dup, group = duplicate_decisions(source, score, inputs, labels, detection)
     # (review: the ranked samples, not held-out ones an eval pass scored)
     chosen = (detection.ranked if policy == "review" else detection.indices).cpu()
+    # (the order of the rows: the detection's ranking, unranked samples last)
     rank_of = torch.empty(n, dtype=torch.int64)
     rank_of[ranking] = torch.arange(1, n + 1)
     if group is not None and policy != "review":
@@ -883,7 +894,9 @@ def clean(
         suggested_label=label,
         confidence=conf,
         score=values[chosen],
-        rank=rank_of[chosen],
+        # a sample the detection does not rank (a never-presented group member, a held-out
+        # one an eval pass scored) has no rank: it was numbered after the ranked ones
+        rank=torch.where(rank_of[chosen] <= detection.ranked.numel(), rank_of[chosen], -1),
         num_samples=n,
         policy=policy,
         min_confidence=float(min_confidence),

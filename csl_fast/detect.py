@@ -267,7 +267,10 @@ class Detection:
         """A pandas DataFrame (index, score, flagged, rank), most suspicious first.
 
         ``rank`` counts from 1 (the most suspicious sample is rank 1), as in ``csl-fast
-        rank`` and the cleaning plan's CSV; ``self.ranking[rank - 1]`` is that sample.
+        rank`` and the cleaning plan's CSV; ``self.ranking[rank - 1]`` is that sample. It
+        is ``<NA>`` (a nullable ``Int64`` column) for the samples :attr:`ranked` leaves
+        out, listed last: those without a score, and held-out ones an eval pass scored
+        (numbered 301-400 after the ranked ones before, though the rule never ranked them).
         """
         import pandas as pd
 
@@ -277,9 +280,18 @@ class Detection:
                 "index": r.numpy(),
                 "score": self.scores.cpu().double()[r].numpy(),
                 "flagged": self.flagged.cpu()[r].numpy(),
-                "rank": range(1, len(r) + 1),
+                "rank": _rank_column(len(r), int(self.ranked.shape[0])),
             }
         )
+
+
+def _rank_column(n: int, ranked: int) -> Any:
+    """The ``rank`` column of a detection's DataFrame: 1 to ``ranked``, then ``<NA>`` for
+    the ``n - ranked`` samples (or entries) listed after the ranked ones."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.arrays.IntegerArray(np.arange(1, n + 1), np.arange(n) >= ranked)
 
 
 def _count(k: Any) -> int:
@@ -797,6 +809,22 @@ def _unused(rule: str, fraction: Any, threshold: Any, where: str) -> None:
             )
 
 
+def _rankable(values: torch.Tensor, views: _Views | None) -> tuple[torch.Tensor, int]:
+    """``(ranked, held)``: bool ``[N]`` the samples a detection ranks, and how many with a
+    finite score it leaves out: held-out ones an eval pass scored, when the score has
+    trained ones too (the two-view count is of the trained ones: pooled, the valley rule
+    found no mode and flagged none of 89 flips on digits). Every detector ranks by it:
+    :func:`duplicates` with ``labels`` ranked held-out samples among trained ones."""
+    finite = torch.isfinite(values)
+    if views is None or views.mean_loss.shape != values.shape:
+        return finite, 0
+    trained = torch.isfinite(views.mean_loss)
+    untrained = int((finite & ~trained).sum())
+    if untrained and bool((finite & trained).any()):
+        return finite & trained, untrained
+    return finite, 0
+
+
 def _detect(
     values: torch.Tensor,
     name: str,
@@ -816,24 +844,17 @@ def _detect(
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
-    finite = torch.isfinite(values)
+    finite, untrained = _rankable(values, views)
     rule_values, held_out = values, None
-    if views is not None and views.mean_loss.shape == values.shape:
-        trained = torch.isfinite(views.mean_loss)
-        untrained = int((finite & ~trained).sum())
-        if untrained and bool((finite & trained).any()):
-            # an eval pass over trained and held-out samples: the two-view count is of the
-            # trained ones (pooled, the valley rule found no mode and flagged none of 89
-            # flips on digits), and the held-out ones are left out of the ranking
-            finite &= trained
-            wide = values if values.is_floating_point() else values.double()
-            rule_values = torch.where(finite, wide, math.nan)
-            held_out = (
-                f"{untrained} samples with a score were never trained on (an eval pass over "
-                "held-out ones): the training views do not see them, so they are not ranked "
-                "or flagged; detect among them alone with csl_fast.detect.mislabeled(a tensor "
-                "of their scores, NaN elsewhere)"
-            )
+    if untrained:  # held-out samples an eval pass scored, beside trained ones
+        wide = values if values.is_floating_point() else values.double()
+        rule_values = torch.where(finite, wide, math.nan)
+        held_out = (
+            f"{untrained} samples with a score were never trained on (an eval pass over "
+            "held-out ones): the training views do not see them, so they are not ranked "
+            "or flagged; detect among them alone with csl_fast.detect.mislabeled(a tensor "
+            "of their scores, NaN elsewhere)"
+        )
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
@@ -1208,7 +1229,9 @@ def duplicates(
     if allowed is not None:
         diag["conflicting_groups"] = int(allowed.sum())
     if labels is not None and rule == "auto":
-        finite = torch.isfinite(values)
+        # (held-out samples an eval pass scored, as mislabeled leaves them: its top 3 on a
+        # run trained on 300 of 400 samples were held-out ones, ranked among trained ones)
+        finite, _ = _rankable(values, views)
         flagged = dg.whole_groups(ids >= 0, ids, allowed)
         count = int(flagged.sum())
         diag.update(rule=rule, samples=n, finite=int(finite.sum()))

@@ -479,8 +479,11 @@ class EntryDetection(Detection):
         return self._pairs(self.ranking[: _count(k)])
 
     def to_dataframe(self) -> Any:
-        """A pandas DataFrame (sample, label, score, flagged, rank), most suspicious first."""
+        """A pandas DataFrame (sample, label, score, flagged, rank), most suspicious first
+        (``rank`` from 1, ``<NA>`` for the entries without a score, listed last)."""
         import pandas as pd
+
+        from .detect import _rank_column
 
         r = self.ranking.cpu()
         pairs = self._pairs(r).numpy()
@@ -490,7 +493,7 @@ class EntryDetection(Detection):
                 "label": pairs[:, 1],
                 "score": self.scores.cpu().double().reshape(-1)[r].numpy(),
                 "flagged": self.flagged.cpu().reshape(-1)[r].numpy(),
-                "rank": range(1, len(r) + 1),
+                "rank": _rank_column(len(r), int(self.ranked.shape[0])),
             }
         )
 

@@ -4,6 +4,7 @@ applying a plan, errors."""
 import collections
 import csv
 import importlib
+import io
 import math
 import os
 import pkgutil
@@ -695,3 +696,33 @@ def test_a_review_worklist_keeps_unflagged_held_out_samples_an_eval_pass_scored(
     assert not bool(plan.drop_reasons()["unseen"][~flagged].any())
     counts = evaluate_plan(plan, true, mislabeled=given != true)
     assert counts["kept"] == int((~flagged).sum()) and counts["drop_clean"] == 0
+
+
+def test_a_row_the_detection_does_not_rank_has_no_rank_in_the_plan():
+    """Sample 5, identical to 0 with another label, was never trained on: its row (the
+    conflicting group's) has no score, but the CSV gave it a rank number, 6, as if the
+    detection had ranked it after the others; now the rank is empty (None, <NA>)."""
+    pytest.importorskip("pandas")
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.0], [0.0]])
+    y = torch.tensor([0, 1, 2, 0, 1, 1])
+    t = csl_fast.CSLTracker(6, num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        logits = torch.randn(5, 3, generator=g)
+        csl_fast.accumulate(logits, y[:5], torch.arange(5), t)
+        t.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(t, inputs=x, labels=y, policy="drop")
+    rows = {r["index"]: r for r in plan.rows()}
+    assert math.isnan(rows[5]["score"]) and rows[5]["rank"] is None
+    assert rows[0]["rank"] == int(plan.detection.ranked.tolist().index(0)) + 1
+    assert plan.rank[plan.index == 5].item() == -1
+    buf = io.StringIO()
+    plan.to_csv(buf)
+    line = next(r for r in csv.DictReader(io.StringIO(buf.getvalue())) if r["index"] == "5")
+    assert line["rank"] == "" and line["score"] == "nan"
+    df = plan.to_dataframe()
+    assert df["rank"].dtype == "Int64" and df["rank"].isna().tolist() == [
+        i == 5 for i in plan.index.tolist()
+    ]

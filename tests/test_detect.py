@@ -779,3 +779,39 @@ def test_a_detection_of_a_tensor_or_mapping_keeps_its_scores_as_they_were():
         assert torch.equal(det.scores, before)
         assert det.to_dataframe()["score"].tolist() == [float(v) for v in range(9, -1, -1)]
         csl.copy_(before)
+
+
+def test_held_out_and_unscored_samples_get_no_rank_anywhere():
+    """An eval pass over samples 100-299 of a run trained on 0-199: mislabeled() leaves
+    the held-out 200-299 out of its ranking, but to_dataframe() numbered them 101-300
+    (and the never-scored 0-99 after them), and duplicates(labels=) ranked them among the
+    trained ones (on an audited run its top 3 were held-out samples)."""
+    pytest.importorskip("pandas")
+    g = torch.Generator().manual_seed(0)
+    n, classes = 300, 3
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    given[100:120] = (true[100:120] + 1) % classes
+    tracker = csl_fast.CSLTracker(n, classes)
+    scored = torch.arange(100, n)
+    for epoch in range(6):
+        logits = torch.randn(n, classes, generator=g)
+        logits[torch.arange(n), true] += 1.0 + epoch
+        logits[200:] = -logits[200:]  # held-out samples that look bad: they topped dup
+        csl_fast.accumulate(logits[:200], given[:200], torch.arange(200), tracker)
+        tracker.end_epoch()
+        csl_fast.score_epoch(
+            torch.nn.Identity(), [(logits[scored], given[scored], scored)], tracker
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(tracker, "eval_csl")
+        inputs = torch.arange(n, dtype=torch.float32)[:, None]
+        dup = detect.duplicates(tracker, "eval_csl", inputs=inputs, labels=given)
+    assert det.ranked.numel() == 100 and set(det.ranked.tolist()) == set(range(100, 200))
+    df = det.to_dataframe()
+    assert df["rank"].dtype == "Int64"
+    assert df["rank"][:100].tolist() == list(range(1, 101))
+    assert bool(df["rank"][100:].isna().all())
+    assert set(df["index"][100:]) == set(range(100)) | set(range(200, 300))
+    assert torch.equal(dup.ranked, det.ranked) and torch.equal(dup.top(3), det.top(3))
