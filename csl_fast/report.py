@@ -526,10 +526,22 @@ def write_report(
             f"score {score!r} was not recorded in this run; available: {list(all_scores)}"
         )
     s = _np(all_scores[score])
-    key = np.where(np.isfinite(s), s, -np.inf)
-    ranking = np.argsort(-key, kind="stable")
+    det = None
+    if not loss_only:
+        from .detect import DetectionWarning, mislabeled
+
+        with warnings.catch_warnings():  # (said by the flagged set's section)
+            warnings.simplefilter("ignore", DetectionWarning)
+            det = mislabeled(tracker, score)  # the tracker: every view of the rule
+    if det is not None:
+        # as the detection ranks: the top table numbered held-out samples an eval pass
+        # scored among the trained ones, which csl-fast rank and the plan leave out
+        ranking = det.ranked.cpu().numpy()
+    else:
+        key = np.where(np.isfinite(s), s, -np.inf)
+        ranking = np.argsort(-key, kind="stable")[: int(np.isfinite(s).sum())]
     # headings said "Top 100000" of 300 samples; samples without a score are not ranked
-    shown = min(top, int(np.isfinite(s).sum()))
+    shown = min(top, len(ranking))
     # the grid draws one panel per sample: top = 100,000 ran for minutes; the table lists all
     in_grid = min(shown, GRID_MAX)
     # a tracker of sequences: CSL per token (summed, it grows with a sequence's length)
@@ -632,7 +644,7 @@ def write_report(
     else:
         from .report_cleaning import sections as cleaning_sections
 
-        cleaning = cleaning_sections(tracker, samples, score, out, *dup_args)
+        cleaning = cleaning_sections(tracker, samples, score, out, det, *dup_args)
         if tracker.label_csl is not None:
             cleaning += _entry_section(tracker, top)
     if dup_args[0] is not None and (dup_args[1] is not None or not loss_only):

@@ -279,21 +279,19 @@ def sections(
     samples: Any,
     score: str,
     out_dir: str,
+    det: Any,
     inputs: Any = None,
     labels: Any = None,
 ) -> str:
-    """The HTML of the flagged-set, composition and suggestion sections; writes
-    ``flagging.png`` into ``out_dir``. With ``inputs`` (and ``labels``) the suggestion
-    section's plan also covers the conflicting duplicates
-    (:mod:`csl_fast.report_duplicates` has their own section)."""
+    """The HTML of the flagged-set, composition and suggestion sections of ``det``
+    (``csl_fast.detect.mislabeled(tracker, score)``, made with its warning silenced: it
+    is shown in the section itself); writes ``flagging.png`` into ``out_dir``. With
+    ``inputs`` (and ``labels``) the suggestion section's plan also covers the conflicting
+    duplicates (:mod:`csl_fast.report_duplicates` has their own section)."""
     from .cleaning import no_suggestions, presented
-    from .detect import DetectionWarning, count_phrase, mislabeled
+    from .detect import DetectionWarning, count_phrase
 
     e = html.escape
-    with warnings.catch_warnings():
-        # the detection's warning is shown in the section itself
-        warnings.simplefilter("ignore", DetectionWarning)
-        det = mislabeled(tracker, score)  # the tracker: every view of the rule
     if det.warning is not None:
         # said once outside the page too: `csl-fast report` printed only "wrote report.html"
         # for a run whose flagged set came back empty
