@@ -36,7 +36,7 @@ from .accumulate_checks import (
 from .buffer_locks import buffer_lock
 from .cross_entropy_extras import CrossEntropyOutput
 from .reference import REDUCTIONS
-from .stats import NUM_STATS, Stat, invalid_column
+from .stats import EXACT_FLOAT32_COUNT, NUM_STATS, Stat, float64_sums, invalid_column
 from .tracker import CSLTracker
 
 
@@ -623,5 +623,32 @@ def _record(stats, index, csl, buffers, seq, deterministic, backend) -> None:
     if tracker:
         csl.record_sequences(index, tokens, validate=False)  # (the call decided above)
     ops.scatter_stats(per_sequence, index, deterministic, *buffers, backend=backend)
+    _scatter_remainders(tokens, per_sequence, index, deterministic, buffers, backend)
     if not tracker and not isinstance(csl, torch.Tensor):
         csl.record_sequences(index, tokens)
+
+
+def _scatter_remainders(tokens, per_sequence, index, deterministic, buffers, backend) -> None:
+    """Add into the float64 or integer ``buffers`` (csl, count) what the float32 sums
+    ``per_sequence`` (``tokens.sum(2)``) that the scatter added miss of the sums of the
+    float32 ``[NUM_STATS, B, T]`` ``tokens`` taken in float64 (:func:`float64_sums`).
+
+    The kernels take float32 statistics, so a count of more than 2**24 valid positions
+    (one sample a 3-D volume) came out rounded to float32 even in an int64 count, and a
+    float64 CSL got a float32 sum: a second scatter adds the remainders (float32 holds
+    them: they are that small). float32 buffers (the default) take no second pass, and a
+    count none (float32 counts up to 2**24 exactly) when no sample has more positions."""
+    csl, count = buffers
+    wide_csl = csl is not None and csl.dtype != torch.float32
+    wide_count = (
+        count is not None and count.dtype != torch.float32 and tokens.shape[2] > EXACT_FLOAT32_COUNT
+    )
+    if not (wide_csl or wide_count):
+        return
+    rest = torch.zeros_like(per_sequence)
+    for row, wide in ((Stat.LOSS, wide_csl), (Stat.VALID, wide_count)):
+        if wide:
+            exact = float64_sums(tokens[row])
+            rest[row] = (exact - per_sequence[row].double()).float()
+    pair = (csl if wide_csl else None, count if wide_count else None)
+    ops.scatter_stats(rest, index, deterministic, *pair, backend=backend)

@@ -37,3 +37,27 @@ def invalid_column(like: torch.Tensor) -> torch.Tensor:
     column = torch.zeros(NUM_STATS, 1, dtype=like.dtype, device=like.device)
     column[Stat.OTHER_ARGMAX] = -1.0
     return column
+
+
+#: float32 holds every integer up to ``2**24``: a float32 sum of at most this many 0/1
+#: statistics (``VALID``, ``CORRECT``) is exact, in any order.
+EXACT_FLOAT32_COUNT = 2**24
+#: Entries summed in float32 before :func:`float64_sums` goes on in float64.
+_RUN = 4096
+
+
+def float64_sums(x: torch.Tensor) -> torch.Tensor:
+    """float64 ``[B]``: the sums of the float32 ``[B, T]`` ``x`` over its last dimension.
+
+    Up to ``T = 4096`` a float64 sum of every entry; longer rows (volumes of positions)
+    summed in float32 over runs of 4096 entries, then in float64: a float64 sum of every
+    entry converts each (~10x a float32 sum on the CPU), the runs cost what a float32 sum
+    does. Either way a count (0/1 entries) comes out exact up to ``2**53``, where a float32
+    sum rounds it past ``2**24`` (a 512x512x64 volume), and a sum of other values keeps
+    about float32's precision of one run's sum rather than of the whole row's."""
+    rows, t = x.shape
+    runs = t // _RUN
+    if runs <= 1:
+        return x.sum(1, dtype=torch.float64)
+    head = x[:, : runs * _RUN].reshape(rows, runs, _RUN).sum(2)
+    return head.sum(1, dtype=torch.float64) + x[:, runs * _RUN :].sum(1, dtype=torch.float64)

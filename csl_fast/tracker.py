@@ -55,7 +55,14 @@ from .accumulate_checks import (
     validate_by_default,
 )
 from .buffer_locks import locked
-from .stats import MAX_TRACKED_CLASSES, NUM_STATS, Stat, invalid_column
+from .stats import (
+    EXACT_FLOAT32_COUNT,
+    MAX_TRACKED_CLASSES,
+    NUM_STATS,
+    Stat,
+    float64_sums,
+    invalid_column,
+)
 from .tracker_buffers import (
     _HISTORIES,
     _INPUT_GRAD_STEP,
@@ -513,7 +520,12 @@ class CSLTracker(TrackerStatistics):
         # float32, as record_last takes them, whatever the token statistics' dtype.
         seq = torch.zeros(token_stats.shape[:2], dtype=torch.float32, device=sums.device)
         seq[Stat.LOSS] = sums[Stat.LOSS].float()
-        seq[Stat.CORRECT] = ((sums[Stat.CORRECT] == n) & (n > 0)).float()
+        all_correct = sums[Stat.CORRECT] == n
+        if tok.dtype == torch.float32 and tok.shape[2] > EXACT_FLOAT32_COUNT:
+            # float32 sums round counts past 2**24 (a volume's positions): a sample with a
+            # wrong position or two compared equal, as correct
+            all_correct = float64_sums(tok[Stat.CORRECT]) == float64_sums(tok[Stat.VALID])
+        seq[Stat.CORRECT] = (all_correct & (n > 0)).float()
         seq[Stat.VALID] = (n > 0).float()
         # First: on the CPU its op checks the indices before writing anything, so an index
         # outside [0, N) leaves the tracker as it was (the sums below would skip it but

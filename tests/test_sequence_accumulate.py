@@ -142,6 +142,31 @@ def test_a_sequence_whose_summed_loss_overflows_float32_is_not_recorded(backend,
     assert torch.isfinite(tracker.last_loss).all() and torch.isfinite(tracker.margin_sum).all()
 
 
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))  # (tiny: Triton too)
+def test_a_float64_csl_gets_the_float64_sum_of_token_losses(backend):
+    """The per-sequence sums were taken in float32 before the scatter, whatever the buffers:
+    a float64 CSL (or a float64 tracker's) lost two token losses of ~1e-9 beside one of
+    ~0.3, and an int64 count of a 2**24 + 3-position volume came out 2**24 + 4
+    (tests/test_stats.py tests the sums on such a row)."""
+    logits = torch.zeros(1, 2, 3)  # [N, C, T]: token losses softplus(z_1 - z_0)
+    logits[0, 1] = torch.tensor([-1.0, -21.0, -21.0])
+    target = torch.zeros(1, 3, dtype=torch.long)
+    index = torch.tensor([0])
+    tokens = csl_fast.accumulate(logits, target, index, torch.zeros(1), reduction="none")
+    want = sum(tokens[0].double().tolist())
+    assert torch.tensor(want).float() == tokens[0].sum()  # float32 misses them
+    csl, count = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.int64)
+    csl_fast.accumulate(logits, target, index, csl, count=count, backend=backend)
+    tracker = CSLTracker(1, 2, dtype=torch.float64)
+    csl_fast.accumulate(logits, target, index, tracker, backend=backend)
+    for got, n in ((csl, count), (tracker.csl_sum, tracker.csl_count)):
+        assert got.item() == pytest.approx(want, rel=1e-15, abs=0) and n.item() == 3
+    # float32 buffers as before: the float32 sum
+    csl32, count32 = torch.zeros(1), torch.zeros(1)
+    csl_fast.accumulate(logits, target, index, csl32, count=count32, backend=backend)
+    assert csl32.item() == tokens[0].sum().item() and count32.item() == 3
+
+
 def test_tracker_per_sequence_statistics():
     logits, target, index = _batch()
     tracker = CSLTracker(6, V)

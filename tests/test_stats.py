@@ -20,7 +20,7 @@ import torch
 
 import csl_fast
 from csl_fast import _ext, ops, reference
-from csl_fast.stats import NUM_STATS, Stat
+from csl_fast.stats import NUM_STATS, Stat, float64_sums
 
 needs_cpp = pytest.mark.skipif(_ext._C is None, reason="the C++ extension is not built")
 
@@ -520,3 +520,16 @@ def test_a_vote_or_two_is_not_read_as_a_confident_suggestion():
     assert conf.tolist() == pytest.approx([1 / 3, 1.0])
     det = csl_fast.detect.mislabeled(torch.ones(2), rule="fraction", fraction=1.0)
     assert csl_fast.clean(tracker, detection=det).actions == ["drop", "relabel"]
+
+
+@pytest.mark.parametrize("positions", [3, 2**24 + 3])
+def test_float64_sums_count_exactly_past_float32(positions):
+    """A sample's valid positions were summed in float32 before the scatter: a volume of
+    2**24 + 3 positions counted 2**24 + 4, even into an int64 count."""
+    ones = torch.ones(2, positions)
+    ones[1, :2] = 0
+    got = float64_sums(ones)
+    assert got.dtype == torch.float64 and got.tolist() == [positions, positions - 2]
+    # up to 4096 positions a float64 sum of every entry
+    assert float64_sums(torch.tensor([[1.0, 2.0**-30, 2.0**-30]])).item() == 1 + 2.0**-29
+    assert float64_sums(torch.zeros(3, 0)).tolist() == [0.0, 0.0, 0.0]
