@@ -60,7 +60,8 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
     soft = target.is_floating_point()
     if soft:
         return _soft(logits, target, index)
-    if dim >= 2 and target.shape == logits.shape:
+    # ([0, V] with [0, T] is an empty batch of sequences, below, T == V too)
+    if dim >= 2 and target.shape == logits.shape and not (dim == 2 and logits.shape[0] == 0):
         # one-hot labels: the K-d message named the shape given as the one needed
         raise ValueError(
             f"csl_fast.accumulate: target has the logits' shape {tuple(logits.shape)} but "

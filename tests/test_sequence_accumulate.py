@@ -227,10 +227,12 @@ def test_record_sequences_equals_rowwise_sums():
 
 def test_an_empty_batch_of_sequences():
     """[0, V] logits with a [0, T] target (B = 0) were refused as a misshapen row target,
-    where [0, V, T] logits and B = 2, T = 0 were taken."""
+    where [0, V, T] logits and B = 2, T = 0 were taken; and then, with T == V, as one-hot
+    labels (the check of a target of the logits' shape came first)."""
     csl = torch.zeros(4)
     for logits, target, index in (
         (torch.randn(0, V), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
+        (torch.randn(0, V), torch.zeros(0, V, dtype=torch.long), torch.zeros(0, dtype=torch.long)),
         (
             torch.randn(0, V, 3),
             torch.zeros(0, 3, dtype=torch.long),
