@@ -239,7 +239,12 @@ def accumulate(
     sum past 65504, or, for the mean, a row whose own loss is 65520 or more, float16
     logits some 6e4 apart, in a batch whose mean stays below 65504) the loss here is the
     finite value, on the fused backends (the ``"reference"`` backend is PyTorch's
-    arithmetic); such a row is still not recorded. Double backward is not supported.
+    arithmetic); such a row is still not recorded. With ``label_smoothing > 0`` and float16
+    logits ``F.cross_entropy`` also forms the smoothing term (the sum of :math:`-\log p_j`
+    over the classes, per row and then over the batch) in float16: once that reaches 65520
+    a row (``reduction='none'`` too), the mean or the sum is inf although the loss is small
+    (10 rows of 1,000 near-uniform classes; README, *Use*), where the fused
+    backends return the finite values. Double backward is not supported.
     Buffers must not require grad or share memory with each other or with ``index``; a
     ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """

@@ -5,6 +5,7 @@ bfloat16 gradient, on every backend (Triton in the interpreter, on tiny shapes).
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 
 import pytest
@@ -1118,3 +1119,33 @@ def test_a_label_smoothing_of_zero_or_less_smooths_nothing_as_in_pytorch(backend
         torch.testing.assert_close(csl, plain, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got inf"):
         accumulate(logits, target, torch.arange(6), csl, label_smoothing=float("inf"))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy in the Triton interpreter
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_label_smoothing_past_65504_as_the_readme_says(backend):
+    """README, deviation (2): with label smoothing F.cross_entropy sums the smoothing term
+    (-log p_j over all classes) in float16, inf once a row's (8,000 near-uniform classes)
+    or the batch's (10 rows of 1,000) reaches 65520, rows with reduction='none' in the
+    first case; the fused backends return the finite losses, the reference backend F's.
+    The README named only sums past 65504 and rows whose own loss reaches 65520, and said
+    reduction='none' gives such rows inf as F does."""
+    for rows, classes in ((2, 8000), (10, 1000)):
+        row_inf = classes * math.log(classes) >= 65520  # a row's own term: 71,900 and 6,900
+        z = torch.zeros(rows, classes, dtype=torch.float16)  # every loss is log C
+        target = torch.arange(rows)
+        for reduction in ("none", "mean", "sum"):
+            what = (rows, classes, reduction)
+            theirs = F.cross_entropy(z, target, label_smoothing=0.1, reduction=reduction)
+            assert theirs.isinf().all() == (row_inf or reduction != "none"), what
+            ours = accumulate(
+                z, target, torch.arange(rows), torch.zeros(rows), label_smoothing=0.1,
+                reduction=reduction, backend=backend,
+            )  # fmt: skip
+            assert ours.dtype == torch.float16, what
+            if backend == "reference":
+                assert torch.equal(ours, theirs), what
+                continue
+            want = math.log(classes) * (rows if reduction == "sum" else 1)
+            expected = torch.full(ours.shape, want, dtype=torch.float64)
+            torch.testing.assert_close(ours.double(), expected, rtol=2**-10, atol=0, msg=str(what))
