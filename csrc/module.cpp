@@ -81,7 +81,9 @@ const c10::TypedOperatorHandle<RecordLast>& record_last_op() {
 // which says why; the same ops).
 at::Tensor mean_denominator(const at::Tensor& target, const OptTensor& weight,
                             int64_t ignore_index, int64_t num_classes) {
-  const at::Tensor active = target.ne(ignore_index);
+  // (int64, as csrc/autograd.cpp: an int32 target compared with an ignore_index past int32
+  // wrapped onto it, 2**32 onto class 0, whose rows then left the denominator)
+  const at::Tensor active = target.to(at::kLong).ne(ignore_index);
   at::Tensor d;
   if (!weight) {
     d = active.sum(at::kFloat);

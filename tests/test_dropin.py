@@ -836,6 +836,23 @@ def test_int32_targets_with_an_ignore_index_beyond_int32(backend, reduction):
     torch.testing.assert_close(csl, _plain_losses(logits, target))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tracked", [False, True])
+def test_half_gradients_with_int32_targets_and_an_ignore_index_beyond_int32(dtype, tracked):
+    """The one-call CPU step of half-precision logits counted the mean's denominator in
+    int32: ignore_index 2**32 wrapped onto class 0, whose rows left it, and the gradient
+    came out twice too large (the loss was right)."""
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [1.0, 0.0, 0.0]])
+    target = torch.tensor([0, 1, 2, 0])
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    exact = logits.double().requires_grad_(True)
+    F.cross_entropy(exact, target, weight=weight.double(), ignore_index=2**32).backward()
+    x = logits.to(dtype).requires_grad_(True)
+    into = csl_fast.CSLTracker(4, 3) if tracked else torch.zeros(4)
+    accumulate(x, target.int(), torch.arange(4), into, weight=weight, ignore_index=2**32).backward()
+    torch.testing.assert_close(x.grad.double(), exact.grad, atol=2e-3, rtol=2e-2)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_class_weights_of_another_dtype(backend):
     """The fused kernels read class weights in float32 whatever their dtype; the reference
