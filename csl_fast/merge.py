@@ -231,7 +231,12 @@ def merge(
 def _refuse_mixed_kinds(runs: list[CSLTracker]) -> None:
     """Refuse runs whose presentations are of different kinds: every merged mean divides
     by the pooled ``csl_count``, so each presentation must carry the same statistics."""
-    rows = [i for i, t in enumerate(runs) if not t.sequences and bool(t.csl_count.any())]
+    # (rows an eval pass scored count too: a tracker of sequences refuses an eval pass)
+    rows = [
+        i
+        for i, t in enumerate(runs)
+        if not t.sequences and (bool(t.csl_count.any()) or bool(t.eval_count.any()))
+    ]
     if rows and any(t.sequences for t in runs):
         # a sequence run counts tokens, a row run presentations: csl_mean and every other
         # mean would pool the two units, dominated by the tokens

@@ -338,6 +338,13 @@ def test_a_tracker_marks_itself_fed_by_sequences_and_keeps_the_mark(tmp_path):
     # rows and sequences count different units: pooled, csl_mean mixed them silently
     with pytest.raises(csl_fast.TrackerStateError, match=r"trackers \[1\] recorded sequences"):
         csl_fast.merge([rows, seqs])
+    # nor rows an eval pass alone scored, which a tracker of sequences refuses itself: the
+    # merge took them, with num_classes from the eval head and the rows' eval losses
+    scored = CSLTracker(6)
+    batch = (torch.randn(4, 2), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    csl_fast.score_epoch(torch.nn.Linear(2, 3), [batch], scored)
+    with pytest.raises(csl_fast.TrackerStateError, match=r"and trackers \[1\] one row per"):
+        csl_fast.merge([seqs, scored])
     # one position per sample ([N, C, 1] logits) is a row, not a sequence
     one = CSLTracker(6)
     csl_fast.accumulate(torch.randn(4, V, 1), torch.randint(0, V, (4, 1)), torch.arange(4), one)
