@@ -15,6 +15,7 @@ from .accumulate_checks import (
     adopt_classes,
     match_tracker_classes,
     refuse_rows_into_sequences,
+    signed_index,
     validate_by_default,
 )
 from .distributed import is_distributed
@@ -160,7 +161,12 @@ def score_epoch(
                     )
                 if y.dtype == torch.uint8:  # taken in training (accumulate) too
                     y = y.long()
-                index = torch.as_tensor(index).to(tracker.device, non_blocking=True)
+                index = torch.as_tensor(index)
+                if not (index.is_floating_point() or index.dtype == torch.bool):
+                    # uint16/32/64: the range check's comparisons are not implemented for
+                    # them ("lt_cpu" not implemented for 'UInt64', a raw NotImplementedError)
+                    index = signed_index(index, "score_epoch", tracker.num_samples)
+                index = index.to(tracker.device, non_blocking=True)
                 check = validate
                 if check is None:
                     name = resolve_backend(tracker.backend, logits.device, logits.dtype)

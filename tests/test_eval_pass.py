@@ -139,7 +139,15 @@ def test_an_index_out_of_range_writes_nothing(backend):
     for index in (torch.tensor([0, 1, 2, 4]), torch.tensor([0, -1, 2, 3])):
         with pytest.raises(IndexError, match="outside"):
             csl_fast.score_epoch(model, [(x, y, index)], t)
+    # unsigned indices (taken elsewhere): a raw NotImplementedError ("lt_cpu" not
+    # implemented for 'UInt64'), in range too with validate=True
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        with pytest.raises(IndexError, match=r"index\[3\] = 4 is outside"):
+            csl_fast.score_epoch(model, [(x, y, torch.tensor([0, 1, 2, 4]).to(dtype))], t)
     assert t.eval_passes == 0 and not t.eval_count.any()
+    index = torch.arange(4).to(torch.uint64)
+    csl_fast.score_epoch(model, [(x, y, index)], t, validate=True)
+    assert t.eval_passes == 1 and t.eval_count.eq(1).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
