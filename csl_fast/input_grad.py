@@ -79,7 +79,7 @@ def input_grad_norms(
     if isinstance(scale, torch.Tensor) and scale.device.type == "cpu":
         # read at no cost: the kernel scales before it squares, as for a float (squared
         # unscaled, float32 rows of 3e-23 underflowed: 56% off at a scale of 1000)
-        scale = float(scale)
+        scale = float(scale.detach())  # (a scale that requires grad: no warning)
     if isinstance(scale, torch.Tensor):  # on a GPU: not read, which would wait for it
         sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
         sq = sq * scale.detach().to(sq.device, torch.float32).square()

@@ -205,9 +205,12 @@ def test_norms_of_a_create_graph_gradient_are_detached_on_every_backend(backend)
     x = torch.randn(3, 4, requires_grad=True)
     (g,) = torch.autograd.grad((x**3).sum(), x, create_graph=True)
     tracker = CSLTracker(3, 2, backend=backend)
+    # a scale tensor that requires grad (learnable class weights summed) too: float()
+    # of it warned on the CPU
+    scale = torch.nn.Parameter(torch.tensor(1.0)) * 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sq = csl_fast.input_grad_norms(g, torch.arange(3), tracker, 2.0)
+        sq = csl_fast.input_grad_norms(g, torch.arange(3), tracker, scale)
     assert not sq.requires_grad and sq.grad_fn is None
     torch.testing.assert_close(sq, (6 * x.detach() ** 2).square().sum(1))
     assert g.requires_grad  # the caller's graph is left as it was
