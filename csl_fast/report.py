@@ -513,7 +513,7 @@ def write_report(
     all_scores = compute_scores(tracker)
     lost = epochs_without_loss(tracker)
     if lost is not None:  # said outside the page too, as a detection's warning is
-        lost += ", and the loss curves stop where the record does"
+        lost += ". The loss curves stop where the record does"
         warnings.warn(f"csl_fast.report: {lost}", RuntimeWarning, stacklevel=2)
     dup_args = _inputs_of(samples, inputs, labels, n)
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)

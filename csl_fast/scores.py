@@ -424,7 +424,7 @@ def epochs_without_loss(tracker: CSLTracker) -> str | None:
     if not tracker.history or tracker.loss_history.shape[0] == 0:
         return None
     # NaN: nothing recorded; inf: a mean past float16's range (recorded, CSL exact)
-    per_epoch = (~torch.isnan(tracker.loss_history.float())).sum(1).tolist()
+    per_epoch = (~torch.isnan(tracker.loss_history)).sum(1).tolist()
     empty = [e + 1 for e, k in enumerate(per_epoch) if k == 0]
     if not empty:
         return None
