@@ -94,7 +94,8 @@ POLICIES = ("relabel-confident", "drop", "review")
 CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "rank")
 #: Default ``min_confidence`` of the relabelling policies: relabel a flagged sample when the
 #: network predicted its suggested class at >= 40% of the presentations before it fitted
-#: the given label (:meth:`csl_fast.CSLTracker.suggestions`), drop it otherwise. That
+#: the given label, counted as at least 3 (one vote is not enough;
+#: :meth:`csl_fast.CSLTracker.suggestions`), drop it otherwise. That
 #: confidence stops changing once a sample is memorised, so the threshold means the same
 #: after 60 epochs or 120. It is the least threshold whose relabels were right ~0.85-0.9 of
 #: the time on digits, MNIST-1D and the demo's setup, so that most flips are repaired
