@@ -429,6 +429,27 @@ def signed_index(index: torch.Tensor, op: str, num_samples: int, **to: Any) -> t
     return signed
 
 
+def bounded_by(values: torch.Tensor, n: int) -> bool:
+    """Whether ``values >= n`` and ``values < n`` compare as meant for the integer tensor
+    ``values``: PyTorch casts the Python int into the tensor's dtype first, so past its
+    largest value ``n`` wraps (``2**31 + 16`` to a negative number for int32, and every
+    index was "outside" a buffer of that size). There, no entry can reach ``n`` and only
+    the lower bound is compared (no int64 copy of the indices)."""
+    return n <= torch.iinfo(values.dtype).max
+
+
+def outside(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the entries of the integer tensor ``values`` outside ``[0, n)``."""
+    below = values < 0
+    return below | (values >= n) if bounded_by(values, n) else below
+
+
+def inside(values: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool mask of the entries of the integer tensor ``values`` in ``[0, n)``."""
+    above = values >= 0
+    return above & (values < n) if bounded_by(values, n) else above
+
+
 def _check_values(
     target: torch.Tensor | None,
     index: torch.Tensor,
@@ -445,10 +466,10 @@ def _check_values(
     which the message names (the user made a tracker, not a buffer)."""
     if index.numel() == 0 or index.is_meta:  # (meta tensors have shapes, not values)
         return
-    bad_index = (index < 0) | (index >= num_samples)
+    bad_index = outside(index, num_samples)
     bad = None
     if target is not None:
-        bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+        bad = (target != ignore_index) & outside(target, num_classes)
     found = bad_index.any() if bad is None else bad.any() | bad_index.any()
     if torch.compiler.is_compiling():
         classes = (

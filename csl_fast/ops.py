@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import ops_backward, reference
 from ._ext import _C, resolve_backend
-from .accumulate_checks import widen_for_ignore_index
+from .accumulate_checks import inside, widen_for_ignore_index
 from .fake_kernels import register_fake
 from .stats import NUM_STATS
 
@@ -559,8 +559,9 @@ def record_input_grad(
 
 
 def _skip_out_of_range(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(index with entries outside [0, n) replaced by 0, in-range mask)``, on the device."""
-    ok = (index >= 0) & (index < n)
+    """``(index with entries outside [0, n) replaced by 0, in-range mask)``, on the device
+    (an int32 index compared with ``n >= 2**31`` wrapped it: every index was skipped)."""
+    ok = inside(index, n)
     return torch.where(ok, index, torch.zeros_like(index)), ok
 
 

@@ -1049,6 +1049,6 @@ def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
     as in the fused kernels (index_put_ would raise, or fault on CUDA), with no host sync."""
     if buf.shape[0] == 0:
         return
-    ok = (idx >= 0) & (idx < buf.shape[0])
+    idx, ok = ops._skip_out_of_range(idx, buf.shape[0])
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    buf.index_put_((torch.where(ok, idx, 0),), torch.where(ok, values, zero), accumulate=True)
+    buf.index_put_((idx,), torch.where(ok, values, zero), accumulate=True)

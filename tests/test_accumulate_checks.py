@@ -71,6 +71,27 @@ def test_messages_name_the_first_bad_entry(target, index, match):
         _check_values(torch.tensor(target), torch.tensor(index), 3, 4, -100)
 
 
+_PAST_INT32 = 2**31 + 16  # a buffer of more samples than int32 holds (not allocated here)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_int32_indices_into_more_than_2_31_samples_are_in_range(compiled):
+    """``index >= num_samples`` cast N = 2**31 + 16 to int32 (a negative number): every
+    int32 index was "outside", and validate=True and backend='reference' refused index 5
+    with an IndexError (in a compiled graph, check_in_graph's RuntimeError)."""
+
+    def check(index):
+        _check_values(torch.tensor([0, 1, 2]), index, 3, _PAST_INT32, -100)
+
+    if compiled:
+        check = torch.compile(check, backend="eager", fullgraph=True)
+    check(torch.tensor([0, 5, 2**31 - 1], dtype=torch.int32))
+    # The lower bound still holds.
+    error = RuntimeError if compiled else IndexError
+    with pytest.raises(error, match=r"index\[1\] = -1 is outside|an index is outside"):
+        check(torch.tensor([0, -1, 2], dtype=torch.int32))
+
+
 def test_reference_checks_before_writing():
     """The reference backend validates by default (on CPU tensors here, as on a GPU)."""
     csl, count = torch.zeros(4), torch.zeros(4)

@@ -437,3 +437,15 @@ def test_the_runner_up_is_the_first_of_tied_maxima_across_blocks(backend, dtype)
     )
     capped = reference.row_statistics(logits, target, -100, softcap=50.0)
     torch.testing.assert_close(stats[Stat.OTHER_ARGMAX], capped[Stat.OTHER_ARGMAX], rtol=0, atol=0)
+
+
+def test_int32_indices_into_more_than_2_31_rows_are_not_skipped():
+    """The reference path's in-range mask compared an int32 index with N = 2**31 + 16 cast
+    to int32 (a negative number): every row was skipped, so backend='reference' with
+    validate=False (and the GPU reference paths) silently dropped them."""
+    index = torch.tensor([0, 5, 2**31 - 1, -1], dtype=torch.int32)
+    idx, ok = ops._skip_out_of_range(index, 2**31 + 16)
+    assert ok.tolist() == [True, True, True, False]
+    assert idx.tolist() == [0, 5, 2**31 - 1, 0] and idx.dtype == torch.int32
+    _, ok = ops._skip_out_of_range(index, 5)  # a bound that fits int32: both ends checked
+    assert ok.tolist() == [True, False, False, False]
