@@ -78,6 +78,7 @@ from .tracker_file import (  # re-exported: csl_fast and its users import them f
     TrackerStateError,
     UnverifiedTrackerFileWarning,
 )
+from .tracker_state import epoch_bound
 from .tracker_statistics import TrackerStatistics, _mean_or_nan
 
 #: How :meth:`CSLTracker.update`'s and :meth:`~CSLTracker.record`'s refusal of rows into a
@@ -333,9 +334,23 @@ class CSLTracker(TrackerStatistics):
 
     @epoch.setter
     def epoch(self, value: int) -> None:
-        # -3 went into the epoch stamps of every later presentation; 2.5 was truncated
+        # -3 went into the epoch stamps of every later presentation; 2.5 was truncated;
+        # 2**31 + 5 wrapped to a negative int32 stamp in the C++ kernels (learned_epoch),
+        # the reference raised, and save() refused the state
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
             raise ValueError(f"CSLTracker: epoch must be an int >= 0, got {value!r}")
+        bound = epoch_bound(self.history)
+        if value >= bound:
+            why = (
+                "a tracker with history=True keeps a row per epoch"
+                if self.history
+                else "presentations are stamped with the epoch as an int32"
+            )
+            raise ValueError(
+                f"CSLTracker: epoch must be an int >= 0 and below {bound} = "
+                f"2**{bound.bit_length() - 1} ({why}; save() refuses a state with more), "
+                f"got {value!r}"
+            )
         self._epoch = int(value)
         self._epoch_t.fill_(self._epoch)
 

@@ -327,7 +327,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
     # or the NaN rows of epochs without input-gradient records) cost a list entry each, so
     # a few-KB file claiming 2**31 epochs would take ~17 GB to load (3e6: 5 GB before the
     # rows were shared)
-    most = _MAX_HISTORY_ROWS if history else 2**31
+    most = epoch_bound(history)
     epoch = _field(state, "epoch", lambda v: _is_int(v) and 0 <= v < most, f"an int in [0, {most})")
     passes = _field(
         state, "eval_passes", lambda v: _is_int(v) and 0 <= v < most, f"an int in [0, {most})"
@@ -466,6 +466,16 @@ def checked_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
 
 #: At most this many epochs (eval passes) in a state with histories (see validate_state).
 _MAX_HISTORY_ROWS = 2**22
+#: Epochs are below this in every state: presentations are stamped with the epoch as an
+#: int32 (learned_epoch, the kernels' epoch argument).
+_MAX_EPOCH = 2**31
+
+
+def epoch_bound(history: bool) -> int:
+    """The epochs (eval passes) a state holds are below this (``CSLTracker.epoch``'s
+    setter refuses more, which save() would refuse): 2**31, as presentations are stamped
+    with the epoch as an int32, and 2**22 with ``history=True`` (a row per epoch)."""
+    return _MAX_HISTORY_ROWS if history else _MAX_EPOCH
 
 
 def _history_rows(h: torch.Tensor) -> list[torch.Tensor]:

@@ -882,6 +882,24 @@ def test_sizes_and_epochs_take_integers_of_numpy_and_refuse_the_rest():
         distributed.set_timeout(True)
 
 
+@pytest.mark.parametrize("history", [False, True])
+def test_an_epoch_past_the_bound_save_applies_is_refused_when_set(history):
+    """tracker.epoch = 2**31 + 5 was accepted: the C++ kernels stamped learned_epoch with
+    it cast to int32 (negative: "never learned"), the reference raised an overflow, and
+    only save() refused the state. The setter now refuses it, naming save()'s bound."""
+    t = CSLTracker(2, 2, history=history)
+    bound = 2**22 if history else 2**31
+    for bad in (bound, 2**31 + 5):
+        with pytest.raises(ValueError, match=rf"epoch must be .* below {bound} = 2\*\*"):
+            t.epoch = bad
+    assert t.epoch == 0 and int(t._epoch_t) == 0
+    if not history:
+        t.epoch = bound - 1  # the largest epoch save() keeps
+        x, y = torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
+        csl_fast.accumulate(x, y, torch.arange(2), t)
+        assert t.learned_epoch.tolist() == [bound - 1] * 2
+
+
 def test_assigning_a_buffer_name_is_refused():
     # it bound a new attribute beside the buffer: reads went to it, while the recorders,
     # save() and state_dict() kept the buffer
