@@ -447,6 +447,7 @@ def scatter_stats(
                 reference.scatter_stats(torch.where(ok, stats, zero), idx, deterministic, *pair)
     else:
         _op(name, _SCATTER_OPS)(stats, index, deterministic, csl, count)
+        mark_written(csl, count)
 
 
 def input_grad_norms(grad: torch.Tensor, scale: float, backend: str = "auto") -> torch.Tensor:
@@ -497,9 +498,11 @@ def record_last(
     name = resolve_backend(backend, stats.device)
     if name == "cpu":
         torch.ops.csl_fast.record_last.default(stats, index, max_prob, stamp, *last, *state, now)
+        mark_written(*last, *state)
     elif name == "triton":
         op = torch.ops.csl_fast.record_last_triton.default
         op(stats, index, max_prob, stamp, *last, *state, now)
+        mark_written(*last, *state)
     elif last_loss.shape[0] > 0:
         args = (max_prob, epoch, *last)
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA):
@@ -511,6 +514,7 @@ def record_last(
             # batch order, where the reference would read its number of rounds on the host.
             reference.record_last(kept, idx, *args, *state[:-3])
             torch.ops.csl_fast.record_vote.default(stats, index, *suggest)
+            mark_written(*suggest)
         elif suggest is not None and torch.compiler.is_compiling():
             # The reference's vote reads its number of rounds on the host, which a traced
             # graph cannot (fullgraph=True failed): under compilation it is one opaque op.
@@ -552,10 +556,21 @@ def record_input_grad(
     on the CPU, the device-only reference elsewhere (a few small kernels, no host sync)."""
     if resolve_backend(backend, sq_norms.device) == "cpu":
         torch.ops.csl_fast.record_input_grad.default(sq_norms, index, valid, *buffers)
+        mark_written(*buffers)
     elif buffers[0].shape[0] > 0:
         # An index outside [0, N) is skipped, as by the kernels (index_put_ faults on CUDA).
         idx, ok = _skip_out_of_range(index, buffers[0].shape[0])
         reference.record_input_grad(sq_norms, idx, ok if valid is None else valid & ok, *buffers)
+
+
+def mark_written(*buffers: torch.Tensor | None) -> None:
+    """Bump the autograd version counters of ``buffers`` (None: skipped), which a kernel
+    has just written through their data pointers: a graph that saved one for its backward
+    refuses to run it (as after a PyTorch in-place op) instead of silently using the new
+    values. Not while torch.compile traces: a compiled graph's writes are copies at its
+    end, which bump them. About 0.1 us a buffer."""
+    if not torch.compiler.is_compiling():
+        torch._C._increment_version([b for b in buffers if b is not None])
 
 
 def _skip_out_of_range(index: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -900,6 +900,55 @@ def test_an_epoch_past_the_bound_save_applies_is_refused_when_set(history):
         assert t.learned_epoch.tolist() == [bound - 1] * 2
 
 
+def _recording_paths():
+    x, y = torch.tensor([[3.0, 0.0], [0.0, 3.0], [1.0, 2.0]]), torch.tensor([0, 1, 1])
+    i = torch.tensor([0, 1, 0])
+    st = csl_fast.ops.cross_entropy_fwd(x, y, None, -100, 0.0, 0, backend="reference")[1]
+
+    def watch(t):
+        x_in = t.watch(torch.randn(3, 2, requires_grad=True), i)
+        (x_in.sum() * 2).backward()
+
+    return {
+        "record": lambda t: t.record(i, st),
+        "update": lambda t: t.update(i, st),
+        "record_sequences": lambda t: t.record_sequences(
+            i[:2], st[:, :2, None].expand(-1, 2, 3).contiguous()
+        ),
+        "record_eval": lambda t: t.record_eval(i, st),
+        "score_epoch": lambda t: csl_fast.score_epoch(torch.nn.Identity(), [(x, y, i)], t),
+        "record_input_grad": lambda t: t.record_input_grad(i, torch.rand(3)),
+        "watch": watch,
+    }
+
+
+_PATHS = ("record", "update", "record_sequences", "record_eval", "score_epoch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", [*_PATHS, "record_input_grad", "watch"])
+def test_every_buffer_a_recording_writes_has_its_version_bumped(backend, path):
+    """The C++ ops write through data pointers: tracker.record/update/record_sequences,
+    record_eval (score_epoch's eval buffers), record_input_grad and watch left the version
+    counters of what they wrote unchanged (accumulate and record_loss bumped them), so a
+    graph that had saved such a buffer silently back-propagated its new values."""
+    t = CSLTracker(2, num_classes=2, backend=backend, history=True)
+    before = {name: (b.clone(), b._version) for name, b in t.buffers().items()}
+    _recording_paths()[path](t)
+    written = [name for name, b in t.buffers().items() if not torch.equal(b, before[name][0])]
+    assert written
+    assert [name for name in written if t.buffers()[name]._version == before[name][1]] == []
+
+
+def test_a_graph_that_saved_an_input_grad_sum_refuses_to_use_its_new_values():
+    t = CSLTracker(2, num_classes=2)
+    a = torch.ones(2, requires_grad=True)
+    out = (a * t.input_grad_sq_sum).sum()  # saves the live buffer for backward
+    t.record_input_grad(torch.arange(2), torch.tensor([4.0, 9.0]))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
 def test_assigning_a_buffer_name_is_refused():
     # it bound a new attribute beside the buffer: reads went to it, while the recorders,
     # save() and state_dict() kept the buffer
