@@ -383,7 +383,7 @@ def record_last(
         (p_true_sq_sum, p_true * p_true),
     ):
         if buf is not None:
-            buf.index_put_((idx,), values, accumulate=True)
+            index_add(buf, idx, values)
     valid = stats[Stat.VALID] > 0
     correct = (stats[Stat.CORRECT] > 0) & valid
     loss = stats[Stat.LOSS]
@@ -493,7 +493,7 @@ def record_input_grad(
         (epoch_sq_sum, sq),
         (epoch_count, one),
     ):
-        buf.index_put_((idx,), values, accumulate=True)
+        index_add(buf, idx, values)
 
 
 def _segments(
@@ -698,4 +698,17 @@ def _add_rows(
     ok = valid & (idx >= 0) & (idx < buf.shape[0])
     keep = ok.view(-1, *([1] * (values.dim() - 1)))
     values = torch.where(keep, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    buf.index_put_((torch.where(ok, idx, 0),), values.to(buf.dtype), accumulate=True)
+    index_add(buf, torch.where(ok, idx, 0), values.to(buf.dtype))
+
+
+def index_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``buf[idx[i]] += values[i]``, duplicates added up: in row order on the CPU
+    (``index_add_``, one sequential pass whatever the thread count, as the C++ kernels
+    add), where ``index_put_(accumulate=True)`` adds float32 values with atomics from
+    32,768 rows on when PyTorch has more than one thread, so the sums changed with
+    ``torch.set_num_threads`` and from run to run. Elsewhere ``index_put_``, which sorts
+    the indices first (``index_add_`` adds with atomics on CUDA)."""
+    if buf.device.type == "cpu":
+        buf.index_add_(0, idx, values)
+    else:
+        buf.index_put_((idx,), values, accumulate=True)

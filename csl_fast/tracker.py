@@ -27,10 +27,11 @@ suggested-label vote takes one step per presentation. The rule is applied withou
 synchronisation per step and bitwise reproducibly: one sequential C++ pass on the CPU; on a
 GPU a stable sort by index, then one Triton pass in which each sample's run of
 presentations is walked in batch order (with ``backend="cuda"`` or ``"reference"``: the
-same sort and segment operations in PyTorch, sums by ``index_put_(accumulate=True)``, and
-the vote by a CUDA kernel that walks the runs, or, in the reference, in rounds whose number
-is read on the host). The CSL sum and count themselves are written by the fused
-``scatter_stats`` op inside :func:`csl_fast.accumulate` (see its ``deterministic`` flag).
+same sort and segment operations in PyTorch, sums in row order by ``index_add_`` on the
+CPU and by ``index_put_(accumulate=True)`` on a GPU, and the vote by a CUDA kernel that
+walks the runs, or, in the reference, in rounds whose number is read on the host). The CSL
+sum and count themselves are written by the fused ``scatter_stats`` op inside
+:func:`csl_fast.accumulate` (see its ``deterministic`` flag).
 """
 
 from __future__ import annotations
@@ -1066,4 +1067,4 @@ def _scatter_add(buf: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> 
         return
     idx, ok = ops._skip_out_of_range(idx, buf.shape[0])
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    buf.index_put_((idx,), torch.where(ok, values, zero), accumulate=True)
+    reference.index_add(buf, idx, torch.where(ok, values, zero))

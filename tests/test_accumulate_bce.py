@@ -844,3 +844,29 @@ def test_an_index_past_the_buffers_is_named_for_what_was_passed(into):
         IndexError, match=rf"csl_fast\.accumulate_bce: index\[2\] = 5 .* N is {n_is}"
     ):
         csl_fast.accumulate_bce(torch.randn(3, 2), torch.rand(3, 2), torch.tensor([0, 1, 5]), t)
+
+
+def test_reference_adds_in_row_order_whatever_the_thread_count():
+    """The reference's bce_record ("the reference adds in row order") added with
+    index_put_(accumulate=True), which on the CPU adds float32 rows with atomics from
+    32,768 rows on: csl and the per-label sums differed bitwise between 1 and 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    rows = 40_000
+    logits, target = torch.randn(rows, 2, generator=g), torch.rand(rows, 2, generator=g)
+    index = torch.randint(0, 7, (rows,), generator=g)
+
+    def run(threads):
+        old = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            csl, tracker = torch.zeros(7), csl_fast.CSLTracker(7, 2, num_labels=2)
+            csl_fast.accumulate_bce(logits, target, index, csl, backend="reference")
+            csl_fast.accumulate_bce(logits, target, index, tracker, backend="reference")
+            return {"csl": csl, **tracker.buffers()}
+        finally:
+            torch.set_num_threads(old)
+
+    one = run(1)
+    for _ in range(3):  # (the atomics' order, and so their sums, varied from run to run)
+        two = run(2)
+        assert [name for name, buf in one.items() if not torch.equal(two[name], buf)] == []

@@ -949,6 +949,41 @@ def test_a_graph_that_saved_an_input_grad_sum_refuses_to_use_its_new_values():
         out.backward()
 
 
+def _with_threads(n, fn):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("path", ["accumulate", "record_input_grad"])
+def test_reference_sums_are_in_row_order_whatever_the_thread_count(path):
+    """The reference backend (and the fallback without the extension) added a tracker's
+    sums with index_put_(accumulate=True), which on the CPU adds float32 rows with atomics
+    from 32,768 rows on: grad_norm_sum, p_true_sq_sum, the epoch and input-gradient sums
+    differed bitwise between 1 and 2 threads (README: "On the CPU every update is
+    sequential in row order")."""
+    g = torch.Generator().manual_seed(0)
+    rows = 40_000  # (one large batch, e.g. of an eval or scoring pass; ~20 rows a sample)
+    x, y = torch.randn(rows, 3, generator=g), torch.randint(0, 3, (rows,), generator=g)
+    i, sq = torch.randint(0, 2000, (rows,), generator=g), torch.rand(rows, generator=g)
+
+    def run():
+        t = CSLTracker(2000, num_classes=3, backend="reference", history=True)
+        if path == "accumulate":
+            csl_fast.accumulate(x, y, i, t, backend="reference")
+        else:
+            t.record_input_grad(i, sq)
+        return t.buffers()
+
+    one = _with_threads(1, run)
+    for _ in range(3):  # (the atomics' order, and so their sums, varied from run to run)
+        two = _with_threads(2, run)
+        assert [name for name, buf in one.items() if not torch.equal(two[name], buf)] == []
+
+
 def test_assigning_a_buffer_name_is_refused():
     # it bound a new attribute beside the buffer: reads went to it, while the recorders,
     # save() and state_dict() kept the buffer
