@@ -79,3 +79,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def trackers_built(monkeypatch) -> list[tuple]:
+    """The constructor arguments of every ``CSLTracker`` built during the test, in order:
+    a load that refuses a file must refuse it before allocating a tracker for it."""
+    from csl_fast import CSLTracker
+
+    built: list[tuple] = []
+    init = CSLTracker.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(args)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(CSLTracker, "__init__", counted)
+    return built

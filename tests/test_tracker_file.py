@@ -595,7 +595,7 @@ def _v1_views(case: str) -> tuple[dict, CSLTracker]:
     ["expanded buffers", "expanded history rows", "buffers sharing one storage", "sparse"],
 )
 def test_a_version1_file_describing_more_than_it_stores_is_refused_before_allocating(
-    tmp_path, monkeypatch, case
+    tmp_path, request, case
 ):
     # The zip-bomb guard counted the bytes stored only, while the tracker is allocated for
     # the shapes the tensors claim: a 7.9 KB file of stride-0 buffers (expand) described a
@@ -614,14 +614,7 @@ def test_a_version1_file_describing_more_than_it_stores_is_refused_before_alloca
         target = CSLTracker(target.num_samples, 3, history=target.history)
     match = "sparse" if case == "sparse" else "describe" if "sharing" in case else "strides"
     _refused(path, target, match)
-    built = []
-    init = CSLTracker.__init__
-
-    def counted(self, *args, **kwargs):
-        built.append(args)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(CSLTracker, "__init__", counted)
+    built = request.getfixturevalue("trackers_built")  # (the loads above build them)
     with pytest.raises(TrackerFileError, match=match):
         csl_fast.load(path)
     assert built == []

@@ -402,7 +402,7 @@ def test_a_version1_state_loads_into_a_subclass_with_its_own_constructor(tmp_pat
         _Tagged(N, 3, run_name="c").load(path)
 
 
-def test_num_labels_in_a_version1_state_is_refused_before_a_tracker_is_built(tmp_path, monkeypatch):
+def test_num_labels_in_a_version1_state_is_refused_before_a_tracker_is_built(tmp_path, request):
     # Version 1 predates per-label buffers, so a version 1 state's [N, L] buffers were
     # filled, not read: an 85 KB version 1 file with N = 1000 and num_labels = 2**20 made
     # from_file build a tracker of 8 GiB (any num_labels: any size). Here L = 4.
@@ -415,14 +415,7 @@ def test_num_labels_in_a_version1_state_is_refused_before_a_tracker_is_built(tmp
         target.load_state_dict(state)
     path = tmp_path / "v1.csl"
     torch.save(state, path)
-    built = []
-    init = CSLTracker.__init__
-
-    def counted(self, *args, **kwargs):
-        built.append(args)
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(CSLTracker, "__init__", counted)
+    built = request.getfixturevalue("trackers_built")  # (the loads above build them)
     with pytest.raises(TrackerFileError, match=why):
         CSLTracker.from_file(path)
     assert built == []
