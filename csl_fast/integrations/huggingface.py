@@ -136,6 +136,22 @@ def _logit_transforms(config: Any) -> list[str]:
     return found
 
 
+def _uncompiled(module: Any) -> Any:
+    """``module`` without ``torch.compile``'s wrapper. ``Trainer(torch_compile=True)``
+    compiles the whole model, DDP wrapper included (accelerate's ``torch.compile(model)``):
+    an ``OptimizedModule``, whose class name hides the model's (GPT-2's labels went
+    unshifted) and whose ``get_decoder()`` reads through to the uncompiled decoder.
+    ``accelerator.unwrap_model`` keeps that wrapper by default (and then puts the bare model
+    in place of a DDP wrapper inside it); it is taken off here first. A regionally compiled
+    model (accelerate's ``compile_regions``: a copy of the model's own class whose blocks
+    are compiled) is kept as it is."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(module, OptimizedModule):
+        module = module._orig_mod
+    return module
+
+
 class _EpochCallback(TrainerCallback):
     def __init__(self, trainer: CSLTrainer) -> None:
         self.trainer = trainer
@@ -217,7 +233,8 @@ class CSLTrainer(Trainer):
             transformers' rule (a ``loss_type`` of causal-LM loss, no encoder-decoder model:
             ``*ForCausalLM`` and decoder-only ``*ForConditionalGeneration`` models such as
             Llava, Qwen2-VL, Gemma 3), or the class name ends with ``ForCausalLM`` /
-            ``LMHeadModel``; False otherwise (token classification).
+            ``LMHeadModel``; False otherwise (token classification). Read from the model
+            inside its DDP/FSDP and ``torch.compile`` wrappers (``torch_compile=True``).
         csl_linear_cross_entropy: decoder-only causal LMs only: call the decoder
             (``model.get_decoder()``) and apply the output embedding with
             :func:`csl_fast.linear_cross_entropy` (chunked; no full logits). Not for
@@ -447,7 +464,7 @@ class CSLTrainer(Trainer):
         them when it is given labels; it is called without them here, and without decoder
         inputs it decoded the source (BART) or raised (T5). A batch's own decoder inputs
         (``DataCollatorForSeq2Seq(tokenizer, model=model)`` makes them) are kept."""
-        core = self.accelerator.unwrap_model(model)
+        core = self._core(model)
         if not getattr(getattr(core, "config", None), "is_encoder_decoder", False) or any(
             inputs.get(k) is not None for k in ("decoder_input_ids", "decoder_inputs_embeds")
         ):
@@ -461,6 +478,11 @@ class CSLTrainer(Trainer):
             )
         return {**inputs, "decoder_input_ids": prepare(labels=labels)}
 
+    def _core(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model inside its DDP/FSDP/DeepSpeed and ``torch.compile`` wrappers, whose
+        class and config tell what it is (:func:`_uncompiled`)."""
+        return self.accelerator.unwrap_model(_uncompiled(model))
+
     def _loss_shifts(self, model: torch.nn.Module) -> bool:
         """Whether the model's own loss shifts token labels, by transformers' rule (the
         Trainer's ``_loss_shifts_labels``): its ``loss_type`` maps to ``ForCausalLMLoss``
@@ -468,7 +490,7 @@ class CSLTrainer(Trainer):
         Qwen2-VL, Gemma 3, PaliGemma) and it is no encoder-decoder model (whose decoder is
         fed right-shifted labels, so its targets are the labels as they are). Failing that,
         by the class name (GPT-2's ``loss_type`` is None; its loss shifts)."""
-        core = self.accelerator.unwrap_model(model)
+        core = self._core(model)
         if getattr(getattr(core, "config", None), "is_encoder_decoder", False):
             return False
         if getattr(self, "_loss_shifts_labels", False):
@@ -487,8 +509,8 @@ class CSLTrainer(Trainer):
     ):
         from ..linear_cross_entropy import linear_cross_entropy
 
-        core = self.accelerator.unwrap_model(model)
-        if core is not model:
+        core = self._core(model)
+        if core is not _uncompiled(model):  # (also inside torch.compile's wrapper)
             raise NotImplementedError(
                 "CSLTrainer: csl_linear_cross_entropy=True calls the decoder directly, which "
                 "bypasses a DDP/FSDP wrapper; use the default (logits) path there"

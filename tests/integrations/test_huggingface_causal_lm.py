@@ -508,3 +508,37 @@ def test_the_fused_path_refuses_a_model_that_is_no_causal_lm(tmp_path):
     )  # fmt: skip
     with pytest.raises(TypeError, match="csl_linear_cross_entropy=True is for causal language"):
         trainer.train()
+
+
+def _compiled_run(tmp_path, fused: bool, compile_: bool):
+    """One SGD step of a tiny GPT-2 under ``TrainingArguments(torch_compile=...)``; the
+    ``eager`` backend keeps it fast on CPU, and the Trainer wraps the model as it does
+    with inductor (accelerate's ``torch.compile(model)``: an ``OptimizedModule``)."""
+    data = Uneven()
+    model = _gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=len(data),
+        optim="sgd", learning_rate=1.0, lr_scheduler_type="constant",
+        torch_compile=compile_, torch_compile_backend="eager" if compile_ else None,
+        **_QUIET,
+    )  # fmt: skip
+    trainer = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=fused)
+    trainer.train()
+    if compile_:
+        assert type(trainer.model_wrapped).__name__ == "OptimizedModule"
+    return model, trainer.csl_tracker
+
+
+def test_a_compiled_gpt2_is_shifted(tmp_path):
+    """torch_compile=True: the Trainer passes the compiled wrapper (OptimizedModule) to
+    compute_loss, and accelerate's unwrap_model keeps it, so GPT-2 (whose loss_type is
+    None: shifted by its class name) was taken as unshifted: position t trained to predict
+    its own token, csl_count held every label."""
+    data = Uneven()
+    eager, plain = _compiled_run(tmp_path / "e", fused=False, compile_=False)
+    compiled, tracker = _compiled_run(tmp_path / "c", fused=False, compile_=True)
+    supervised = (data.labels[:, 1:] != -100).sum(1).float()
+    assert tracker.csl_count.tolist() == supervised.tolist()
+    torch.testing.assert_close(tracker.csl_sum, plain.csl_sum, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
