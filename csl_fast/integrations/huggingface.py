@@ -241,7 +241,10 @@ class CSLTrainer(Trainer):
             models that rescale or soft-cap their logits (``logits_scaling``,
             ``logit_scale``, ``final_logit_softcapping``, ...: refused), nor for batches
             with inputs the decoder does not take (a vision-language model's
-            ``pixel_values``: refused), nor under a DDP/FSDP wrapper.
+            ``pixel_values``: refused), nor under a DDP/FSDP wrapper. With
+            ``torch_compile=True`` the decoder is compiled with the Trainer's options (the
+            loss itself runs outside the graph); a model passed in already compiled runs
+            its decoder uncompiled, with a ``RuntimeWarning``.
         *args, **kwargs: ``transformers.Trainer``'s.
     """
 
@@ -553,6 +556,7 @@ class CSLTrainer(Trainer):
                 f"(the inputs {type(core).__name__} handles before it): use the default "
                 "(logits) path"
             )
+        decoder = self._compiled_decoder(model, decoder)
         # accelerate's mixed precision (bf16=True, fp16=True) autocasts the model's forward
         # only: the decoder and the head are called here, so under it explicitly.
         autocast = getattr(self.accelerator, "autocast", contextlib.nullcontext)
@@ -579,6 +583,38 @@ class CSLTrainer(Trainer):
             )
         loss = self._normalize(loss, items, num_items_in_batch is not None)
         return (loss, outputs) if return_outputs else loss
+
+    def _compiled_decoder(self, model: torch.nn.Module, decoder: Any) -> Any:
+        """The decoder compiled as the Trainer compiled the model. Under
+        ``torch_compile=True`` accelerate compiles the whole model
+        (``torch.compile(model, **dynamo_plugin.to_kwargs())``), but the fused path calls
+        the decoder, which read through that wrapper to the eager module: nothing ran
+        compiled. It is compiled here once, with the same options (the same parameters:
+        the optimizer's steps are its). A model compiled before it reached the Trainer
+        (its options unknown) runs its decoder eagerly, with a warning; a regionally
+        compiled one keeps its compiled blocks."""
+        if _uncompiled(model) is model:
+            return decoder
+        cached = getattr(self, "_csl_decoder", None)
+        if cached is not None and cached[0] is decoder:
+            return cached[1]
+        plugin = getattr(getattr(self.accelerator, "state", None), "dynamo_plugin", None)
+        backend = getattr(plugin, "backend", None)
+        if plugin is not None and str(getattr(backend, "value", backend)).lower() != "no":
+            compiled = torch.compile(decoder, **plugin.to_kwargs())
+        else:
+            warnings.warn(
+                "CSLTrainer: csl_linear_cross_entropy=True calls the model's decoder, not the "
+                "torch.compile'd model, and this model was compiled before the Trainer got "
+                "it (with options it cannot know): its decoder runs uncompiled. Pass the "
+                "model uncompiled with TrainingArguments(torch_compile=True), or compile "
+                "model.get_decoder() yourself",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            compiled = decoder
+        self._csl_decoder = (decoder, compiled)
+        return compiled
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = {k: v for k, v in inputs.items() if k != self.csl_index_column}

@@ -542,3 +542,36 @@ def test_a_compiled_gpt2_is_shifted(tmp_path):
     torch.testing.assert_close(tracker.csl_sum, plain.csl_sum, rtol=1e-5, atol=1e-5)
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_runs_the_decoder_compiled(tmp_path):
+    """torch_compile=True with csl_linear_cross_entropy=True: the fused path calls the
+    decoder, which read through the compiled wrapper to the eager module, so nothing was
+    compiled. The decoder is compiled with the Trainer's options, and trains as eagerly."""
+    from torch._dynamo.utils import counters
+
+    eager, plain = _compiled_run(tmp_path / "e", fused=True, compile_=False)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled, tracker = _compiled_run(tmp_path / "c", fused=True, compile_=True)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert tracker.csl_count.tolist() == plain.csl_count.tolist()
+    torch.testing.assert_close(tracker.csl_sum, plain.csl_sum, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_path_warns_of_a_model_compiled_before_the_trainer(tmp_path):
+    """A model compiled by hand: the options it was compiled with are unknown, so its
+    decoder runs uncompiled, and the trainer says so (once). (remove_unused_columns reads
+    the compiled wrapper's signature, which names no column, as the plain Trainer does.)"""
+    data = Uneven()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=3,
+        remove_unused_columns=False, **_QUIET,
+    )  # fmt: skip
+    model = torch.compile(_gpt2(), backend="eager")
+    trainer = CSLTrainer(model=model, args=args, train_dataset=data, csl_linear_cross_entropy=True)
+    with pytest.warns(RuntimeWarning, match="decoder runs uncompiled") as seen:
+        trainer.train()
+    assert sum("decoder runs uncompiled" in str(w.message) for w in seen) == 1
