@@ -206,7 +206,10 @@ class Detection:
             threshold, why nothing was flagged); plain JSON-able values. ``note``: why the
             rule does not apply to this score or its set is arbitrary (``tied_at_cut``:
             the cut splits a run of equal scores by dataset index);
-            ``positive_infinite``: how many scores are ``+inf`` (never flagged).
+            ``positive_infinite``: how many scores are ``+inf`` (never flagged);
+            ``held_out``: what the note says of the held-out samples an eval pass scored,
+            which are not ranked beside the trained ones (:attr:`ranked`), when there are
+            any.
         warning: a sentence saying why the flagged set is empty or unreliable and what
             to try, ``None`` when the rule applied cleanly. Also emitted with
             :func:`warnings.warn` when the detection is made.
@@ -809,16 +812,52 @@ def _unused(rule: str, fraction: Any, threshold: Any, where: str) -> None:
             )
 
 
-def _rankable(values: torch.Tensor, views: _Views | None) -> tuple[torch.Tensor, int]:
+def _trained(source: Any) -> torch.Tensor | None:
+    """bool ``[N]``: the samples the run of ``source`` trained on (presented at least once,
+    ``csl_count > 0``) for a tracker or a :class:`csl_fast.scores.Scores` mapping, which
+    keeps its tracker's counts; ``None`` for a plain tensor or mapping (the views, when it
+    has them, tell: :func:`_rankable`). A loss-only run has no views: its held-out samples
+    an eval pass scored were ranked among the trained ones, and flagged, without a word."""
+    counts = getattr(source, "csl_count", None)
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1:
+        return None
+    return counts > 0
+
+
+def held_out_note(
+    untrained: int, views: bool = True, detect_with: str = "csl_fast.detect.mislabeled"
+) -> str:
+    """What a detection says of the ``untrained`` samples with a score that it does not
+    rank: held-out ones an eval pass scored, beside trained ones (:func:`_rankable`);
+    ``views``: the detection has the training views (a loss-only run has none)."""
+    why = (
+        "the training views do not see them"
+        if views
+        else "the run never fitted them (their loss is not on the trained ones' footing)"
+    )
+    return (
+        f"{untrained} samples with a score were never trained on (an eval pass over "
+        f"held-out ones): {why}, so they are not ranked or flagged; detect among them "
+        f"alone with {detect_with}(a tensor of their scores, NaN elsewhere)"
+    )
+
+
+def _rankable(
+    values: torch.Tensor, views: _Views | None, trained: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """``(ranked, held)``: bool ``[N]`` the samples a detection ranks, and how many with a
     finite score it leaves out: held-out ones an eval pass scored, when the score has
     trained ones too (the two-view count is of the trained ones: pooled, the valley rule
     found no mode and flagged none of 89 flips on digits). Every detector ranks by it:
-    :func:`duplicates` with ``labels`` ranked held-out samples among trained ones."""
+    :func:`duplicates` with ``labels`` ranked held-out samples among trained ones.
+    ``trained``: the samples trained on (:func:`_trained`), else read from the views' mean
+    loss (finite where presented); neither: every finite score is ranked."""
     finite = torch.isfinite(values)
-    if views is None or views.mean_loss.shape != values.shape:
+    if trained is None and views is not None:
+        trained = torch.isfinite(views.mean_loss)
+    if trained is None or trained.shape != values.shape:
         return finite, 0
-    trained = torch.isfinite(views.mean_loss)
+    trained = trained.to(finite.device)
     untrained = int((finite & ~trained).sum())
     if untrained and bool((finite & trained).any()):
         return finite & trained, untrained
@@ -836,28 +875,27 @@ def _detect(
     detector: str = "mislabeled",
     caveat: str | None = None,
     emit: bool = True,
+    trained: torch.Tensor | None = None,
 ) -> Detection:
     """The rule's flagged set and count; ``detector`` (a key of ``_TARGETS``) words the
     warnings for what the caller looks for; ``caveat`` (see :func:`_select`) is added to
     the note and the warning; ``emit=False`` leaves the warning to the caller (it is in
-    ``Detection.warning``)."""
+    ``Detection.warning``); ``trained``: the samples the run trained on (:func:`_trained`),
+    the only ones ranked when the score has held-out ones too."""
     if rule not in RULES:
         raise ValueError(f"csl_fast.detect: rule must be one of {RULES}, got {rule!r}")
     _unused(rule, fraction, threshold, "csl_fast.detect")
-    finite, untrained = _rankable(values, views)
+    finite, untrained = _rankable(values, views, trained)
     rule_values, held_out = values, None
     if untrained:  # held-out samples an eval pass scored, beside trained ones
         wide = values if values.is_floating_point() else values.double()
         rule_values = torch.where(finite, wide, math.nan)
-        held_out = (
-            f"{untrained} samples with a score were never trained on (an eval pass over "
-            "held-out ones): the training views do not see them, so they are not ranked "
-            "or flagged; detect among them alone with csl_fast.detect.mislabeled(a tensor "
-            "of their scores, NaN elsewhere)"
-        )
+        held_out = held_out_note(untrained, views is not None)
     ranking = _ranking(values, finite)
     n_finite = int(finite.sum())
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
+    if held_out is not None:  # (also in the note: here for a page that shows the warning)
+        diag["held_out"] = held_out
     count: int | None = None
     interval: tuple[int, int] | None = None
     warning: str | None = None
@@ -1016,8 +1054,10 @@ def _detect(
     diag.update(flagged=n_flagged, threshold=thr)
     if rule in ("fraction", "threshold"):
         two_sided = rule_note(name, values, True)  # the rest is about the estimating rules
-        if two_sided is not None:
-            diag["note"] = two_sided
+        # (held-out samples are left out of these rules' sets too: said as the others say it)
+        note = "; ".join(filter(None, [two_sided, held_out])) or None
+        if note is not None:
+            diag["note"] = note
     _note_tie_at_cut(diag, values, ranking, flagged, n_flagged, n_finite, name)
     pos_inf = int(torch.isposinf(values).sum()) if values.is_floating_point() else 0
     if pos_inf:
@@ -1128,7 +1168,10 @@ def mislabeled(
         a :class:`Detection` of the ``N`` samples.
     """
     values, name, views, hint, caveat = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views, hint, caveat=caveat)
+    trained = _trained(source)
+    return _detect(
+        values, name, rule, fraction, threshold, views, hint, caveat=caveat, trained=trained
+    )
 
 
 def memorized(
@@ -1154,7 +1197,10 @@ def memorized(
         a :class:`Detection` of the ``N`` samples.
     """
     values, name, views, hint, caveat = _select(source, score)
-    return _detect(values, name, rule, fraction, threshold, views, hint, "memorized", caveat)
+    trained = _trained(source)
+    return _detect(
+        values, name, rule, fraction, threshold, views, hint, "memorized", caveat, trained=trained
+    )
 
 
 def duplicates(
@@ -1209,6 +1255,7 @@ def duplicates(
     why.
     """
     values, name, views, hint, caveat = _select(source, score)
+    trained = _trained(source)
     # (the label-conflict branch below reads neither; refused there as _detect does)
     _unused(rule, fraction, threshold, "csl_fast.detect.duplicates")
     n = values.numel()
@@ -1216,7 +1263,8 @@ def duplicates(
     labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
     dg.check_rows(n, inputs, labels)
     if inputs is None:
-        det = _detect(values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)
+        args = (values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)
+        det = _detect(*args, trained=trained)
         note = (
             "no inputs: the flagged set is the score rule's (samples whose label looks bad, "
             "duplicated or not); pass inputs= (and labels=) to flag conflicting groups"
@@ -1231,7 +1279,7 @@ def duplicates(
     if labels is not None and rule == "auto":
         # (held-out samples an eval pass scored, as mislabeled leaves them: its top 3 on a
         # run trained on 300 of 400 samples were held-out ones, ranked among trained ones)
-        finite, _ = _rankable(values, views)
+        finite, _ = _rankable(values, views, trained)
         flagged = dg.whole_groups(ids >= 0, ids, allowed)
         count = int(flagged.sum())
         diag.update(rule=rule, samples=n, finite=int(finite.sum()))
@@ -1249,9 +1297,8 @@ def duplicates(
         det = _in_groups(det, flagged, ids, True)
     else:
         # its warning is about samples, before the groups: said once, below
-        det = _detect(
-            values, name, rule, fraction, threshold, views, hint, "duplicates", caveat, False
-        )
+        args = (values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)
+        det = _detect(*args, emit=False, trained=trained)
         det = carry_to_groups(det, ids, allowed, diag)
     if det.warning is not None:
         warnings.warn(det.warning, DetectionWarning, stacklevel=2)

@@ -129,8 +129,10 @@ from .detect import (
     _fraction_count,
     _note_tie_at_cut,
     _number,
+    _rankable,
     _score_tensor,
     _unused,
+    held_out_note,
 )
 from .flagging import MIN_ANCHORED_SHARE, Estimate, doubted, rule_scale, two_view_count
 from .scores import diverged_reason
@@ -328,14 +330,20 @@ def corrupted_targets(
         doc measures both), or ``"unreliable"`` when the score has negative values (the
         rule then works on the raw scale; ``warning`` says so). Samples never presented
         rank last and are never flagged; so do ``+inf`` scores of a tensor or mapping,
-        with a warning (an overflowed score).
+        with a warning (an overflowed score), and held-out samples an eval pass scored
+        (``eval_csl`` of a :func:`csl_fast.scores` mapping, which keeps the tracker's
+        ``csl_count``) beside trained ones, with a note (``diagnostics["held_out"]``), as
+        :func:`csl_fast.detect.mislabeled` leaves them out.
     """
-    from .detect import _length_bias, default_score
+    from .detect import _length_bias, _trained, default_score
 
     values, name = _loss_score(source, default_score(source) if score is None else score)
     caveat = _length_bias(source, name)
     why = _no_score(source, "csl_fast.record_loss or csl_fast.accumulate_bce")
-    return _detection(values, name, rule, fraction, threshold, 3, why, caveat=caveat)
+    # (held-out samples an eval pass scored, as detect.mislabeled leaves them out: a
+    # loss-only run flagged 94 of them among its 97 and 3 of 10 corrupted targets)
+    trained = _trained(source)
+    return _detection(values, name, rule, fraction, threshold, 3, why, caveat, trained=trained)
 
 
 def _no_score(source: Any, fed_by: str) -> str:
@@ -357,11 +365,19 @@ def _detection(
     no_score: str,
     caveat: str | None = None,
     noun: str = "samples",
+    trained: torch.Tensor | None = None,
 ) -> Detection:
     """The detection; ``no_score``: why no score is finite and what to do
     (:func:`_no_score`); ``caveat``: why the score misranks the source (said in the note
     and the warning, :func:`csl_fast.detect._length_bias`); ``noun``: what the scores
-    belong to, in the warning (``"entries"`` for multi-label entries)."""
+    belong to, in the warning (``"entries"`` for multi-label entries); ``trained``: the
+    samples the run trained on (:func:`csl_fast.detect._trained`): held-out ones an eval
+    pass scored beside them are not ranked or flagged (:func:`csl_fast.detect._rankable`),
+    and the note says so."""
+    full = values
+    finite, untrained = _rankable(values, None, trained)
+    if untrained:  # the rule, its count and the ranking see the trained samples alone
+        values = torch.where(finite, values.double(), math.nan)
     ranking = _ranking(values)
     flagged, est, desc = _flag(values, ranking, rule, fraction, threshold)
     n_flagged = int(flagged.sum())
@@ -369,13 +385,15 @@ def _detection(
     diag: dict[str, Any] = {
         "rule": rule,
         "samples": values.numel(),
-        "finite": int(torch.isfinite(values).sum()),
+        "finite": int(finite.sum()),
         "flagged": n_flagged,
         "threshold": thr,
     }
+    if untrained:  # (the note, and on its own for a page that shows the warning)
+        said = held_out_note(untrained, False, "csl_fast.detect_losses.corrupted_targets")
+        diag["note"] = diag["held_out"] = said
     warning = None
     count = interval = None
-    finite = torch.isfinite(values)
     # (the tail rule split 50 equal scores 35 / 15 by index, with nothing to say so)
     _note_tie_at_cut(diag, values, ranking, flagged, n_flagged, diag["finite"], name)
     if est is not None:
@@ -447,7 +465,8 @@ def _detection(
     if warning is not None:
         warning = warning.replace("samples", noun)
         warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
-    return Detection(ranking, values, flagged, thr, name, desc, [], count, interval, diag, warning)
+    # (the scores as given: a held-out sample keeps its value, listed after the ranked ones)
+    return Detection(ranking, full, flagged, thr, name, desc, [], count, interval, diag, warning)
 
 
 @dataclass(repr=False, eq=False)  # Detection's short repr and identity comparison

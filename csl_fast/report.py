@@ -356,18 +356,29 @@ _NO_LOGITS = (
 )
 
 
-def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str) -> str:
-    """The flagged set of a loss-only run (tail rule) and, with per-label CSL, the
-    entries; no cleaning plan (there are no suggested labels)."""
+def _loss_only_detection(tracker: CSLTracker, score: str) -> Any:
+    """The tail rule's detection of a loss-only run (:mod:`csl_fast.detect_losses`), its
+    warning silenced (the flagged set's section says it)."""
+    from .detect import DetectionWarning
+    from .detect_losses import corrupted_targets
+    from .scores import scores
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
+        # (the scores keep the tracker's counts: held-out samples an eval pass scored are
+        # not ranked among the trained ones, as csl-fast rank and clean leave them out)
+        return corrupted_targets(scores(tracker, [score]), score)
+
+
+def _loss_only_sections(tracker: CSLTracker, det: Any, score: str, top: int, out_dir: str) -> str:
+    """The flagged set ``det`` (:func:`_loss_only_detection`) of a loss-only run (tail
+    rule) and, with per-label CSL, the entries; no cleaning plan (there are no suggested
+    labels)."""
 
     from .detect import DetectionWarning, summary
-    from .detect_losses import corrupted_targets
     from .report_cleaning import _fig_flagging
 
     e = html.escape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DetectionWarning)  # shown in the section
-        det = corrupted_targets({score: _score_of(tracker, score)}, score)
     if det.warning is not None:  # (as the cross-entropy run's section says it)
         warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     b64 = _fig_flagging(det, os.path.join(out_dir, "flagging.png"))
@@ -376,15 +387,12 @@ def _loss_only_sections(tracker: CSLTracker, score: str, top: int, out_dir: str)
         f"<img alt='flagged set' src='data:image/png;base64,{b64}'>",
         f"<p class=cap>{e(summary(det))} (<code>flagging.png</code>)</p>",
     ]
+    if det.warning is not None and det.diagnostics.get("held_out"):
+        # (summary says the note only when there is no warning)
+        parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['held_out'])}</p>")
     if tracker.label_csl is not None:
         parts.append(_entry_section(tracker, top))
     return "".join(parts)
-
-
-def _score_of(tracker: CSLTracker, name: str) -> torch.Tensor:
-    from .scores import scores
-
-    return scores(tracker, [name])[name]
 
 
 def _entry_section(tracker: CSLTracker, top: int) -> str:
@@ -526,20 +534,18 @@ def write_report(
             f"score {score!r} was not recorded in this run; available: {list(all_scores)}"
         )
     s = _np(all_scores[score])
-    det = None
-    if not loss_only:
+    if loss_only:
+        det = _loss_only_detection(tracker, score)
+    else:
         from .detect import DetectionWarning, mislabeled
 
         with warnings.catch_warnings():  # (said by the flagged set's section)
             warnings.simplefilter("ignore", DetectionWarning)
             det = mislabeled(tracker, score)  # the tracker: every view of the rule
-    if det is not None:
-        # as the detection ranks: the top table numbered held-out samples an eval pass
-        # scored among the trained ones, which csl-fast rank and the plan leave out
-        ranking = det.ranked.cpu().numpy()
-    else:
-        key = np.where(np.isfinite(s), s, -np.inf)
-        ranking = np.argsort(-key, kind="stable")[: int(np.isfinite(s).sum())]
+    # as the detection ranks: the top table numbered held-out samples an eval pass scored
+    # among the trained ones (of a loss-only run too), which csl-fast rank and the plan
+    # leave out
+    ranking = det.ranked.cpu().numpy()
     # headings said "Top 100000" of 300 samples; samples without a score are not ranked
     shown = min(top, len(ranking))
     # the grid draws one panel per sample: top = 100,000 ran for minutes; the table lists all
@@ -640,7 +646,7 @@ def write_report(
         # definitions and n/a, no AUROC
         table = {}
     if loss_only:
-        cleaning = _loss_only_sections(tracker, score, top, out)
+        cleaning = _loss_only_sections(tracker, det, score, top, out)
     else:
         from .report_cleaning import sections as cleaning_sections
 

@@ -311,6 +311,8 @@ def sections(
     parts.append(f"<p class=cap>{e(cap)} (<code>flagging.png</code>)</p>")
     if det.warning:
         parts.append(f"<p class=cap><b>Warning:</b> {e(det.warning)}</p>")
+        if det.diagnostics.get("held_out"):  # (the note, which the warning replaces, says it)
+            parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['held_out'])}</p>")
     elif det.diagnostics.get("note"):
         parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['note'])}</p>")
     parts.append("<h2>What the flagged set is made of</h2>")

@@ -22,10 +22,12 @@ def user_error(capsys, code: int, command: str, *args: str) -> str:
     return lines[0]
 
 
-def held_out_run(path) -> None:
+def held_out_run(path, loss_only: bool = False) -> None:
     """Save to ``path`` a run of 40 samples trained on 0-29, with eval passes over 25-39:
-    15 samples with an eval_csl value, 10 of them held out (never trained on)."""
+    15 samples with an eval_csl value, 10 of them held out (never trained on).
+    ``loss_only``: the training losses recorded by record_loss (no softmax statistics)."""
     import torch
+    import torch.nn.functional as F
 
     import csl_fast
 
@@ -35,7 +37,11 @@ def held_out_run(path) -> None:
     tracker = csl_fast.CSLTracker(n, 3)
     for epoch in range(4):
         logits = torch.randn(n, 3, generator=g) + (1.0 + epoch) * torch.eye(3)[y]
-        csl_fast.accumulate(logits[trained], y[trained], trained, tracker)
+        if loss_only:
+            loss = F.cross_entropy(logits[trained], y[trained], reduction="none")
+            csl_fast.record_loss(loss, trained, tracker)
+        else:
+            csl_fast.accumulate(logits[trained], y[trained], trained, tracker)
         tracker.end_epoch()
         batch = (logits[scored], y[scored], scored)
         csl_fast.score_epoch(torch.nn.Identity(), [batch], tracker)

@@ -963,14 +963,15 @@ def test_an_eval_only_run_is_ranked_and_cleaned_by_eval_csl_without_a_score(caps
     assert code == 0, err
 
 
-def test_rank_counts_held_out_samples_as_having_a_score(tmp_path, capsys):
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_rank_counts_held_out_samples_as_having_a_score(loss_only, tmp_path, capsys):
     # eval passes scored 15 of 40 samples, 10 of them never trained on (not ranked): the
     # note said "only 5 of the 40 samples have a eval_csl value", counting those 10 with
     # the 25 that have none
     from cli_calls import held_out_run
 
     path = tmp_path / "held.csl"
-    held_out_run(path)
+    held_out_run(path, loss_only)
     code, out, err = run_main(capsys, "rank", str(path), "--csv", "--score", "eval_csl")
     assert code == 0 and len(out.strip().splitlines()) == 1 + 5
     assert (
@@ -979,3 +980,5 @@ def test_rank_counts_held_out_samples_as_having_a_score(tmp_path, capsys):
         "other 25 were never scored by an eval pass"
     ) in " ".join(err.split())
     assert "only 5 of the 40" not in err
+    # (and the detection's note, of a loss-only run too)
+    assert "10 samples with a score were never trained on" in " ".join(err.split())

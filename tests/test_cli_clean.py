@@ -430,14 +430,17 @@ def test_a_reader_that_goes_away_ends_clean_quietly(bare_tracker, capsys, monkey
     assert code == EXIT_OK and "Broken pipe" not in err
 
 
-def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(tmp_path, capsys):
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(
+    loss_only, tmp_path, capsys
+):
     # eval passes scored 15 of 40 samples, 10 of them never trained on (not ranked): the
     # note said "only 5 of the 40 samples have a eval_csl value (the others were never
     # scored by an eval pass)" of the 10 an eval pass had scored
     from cli_calls import held_out_run
 
     path = tmp_path / "held.csl"
-    held_out_run(path)
+    held_out_run(path, loss_only)
     out = tmp_path / "p.csv"
     args = ("clean", str(path), "--out", str(out), "--policy", "review", "--budget", "40")
     code, stdout, _ = run_main(capsys, *args, "--score", "eval_csl")

@@ -612,3 +612,60 @@ def test_a_score_fitted_near_zero_keeps_its_rounding_errors_as_zero():
     assert det.diagnostics["estimator"]["scale"] == "log"
     assert not any("negative values" in str(w.message) for w in said)
     assert not det.flagged[50:].any() and int(det.flagged[:50].sum()) >= 40
+
+
+def _loss_only_held_out_run():
+    """A loss-only run (record_loss) trained on samples 0-299 of 400 (0-9 mislabeled),
+    with an eval pass over all 400 after each epoch; the held-out 300-399 are ones the
+    model gets wrong (a high eval loss)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    n, classes = 400, 4
+    true = torch.randint(0, classes, (n,), generator=g)
+    given = true.clone()
+    given[:10] = (true[:10] + 1) % classes
+    t = csl_fast.CSLTracker(n, classes)
+    trained = torch.arange(300)
+    for epoch in range(4):
+        logits = torch.randn(n, classes, generator=g)
+        logits[torch.arange(n), true] += 1.0 + epoch
+        logits[300:] = -logits[300:]
+        loss = F.cross_entropy(logits[trained], given[trained], reduction="none")
+        csl_fast.record_loss(loss, trained, t)
+        t.end_epoch()
+        csl_fast.score_epoch(torch.nn.Identity(), [(logits, given, torch.arange(n))], t)
+    return t
+
+
+def test_a_loss_only_run_leaves_held_out_samples_out_of_the_ranking():
+    # a loss-only run has no training views, which alone told held-out samples apart: by
+    # eval_csl they were ranked among the trained ones and flagged (94 of 97, 3 of the 10
+    # flips), by every detector, the plan, csl-fast rank and the report, without a word
+    t = _loss_only_held_out_run()
+    said = "100 samples with a score were never trained on"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dets = [
+            corrupted_targets(csl_fast.scores(t, ["eval_csl"]), "eval_csl"),
+            corrupted_targets(
+                csl_fast.scores(t, ["eval_csl"]), "eval_csl", rule="fraction", fraction=0.025
+            ),
+            csl_fast.detect.mislabeled(t, "eval_csl"),
+            csl_fast.detect.mislabeled(t, "eval_csl", rule="fraction", fraction=0.025),
+            csl_fast.detect.memorized(t, "eval_csl"),
+        ]
+        plans = [
+            csl_fast.clean(t, score="eval_csl", policy="drop"),
+            csl_fast.clean(t, score="eval_csl", policy="review", budget=400),
+        ]
+    for det in dets:
+        assert det.ranked.numel() == 300 and int(det.ranked.max()) < 300, det
+        assert not det.flagged[300:].any(), det
+        assert said in det.diagnostics["note"] and said in det.diagnostics["held_out"]
+        assert torch.isfinite(det.scores).all()  # the held-out scores are kept, not ranked
+    for det in (dets[1], dets[3]):  # the top 10 of the trained samples: the flips
+        assert sorted(det.indices.tolist()) == list(range(10))
+    assert not (plans[0].index >= 300).any()
+    assert len(plans[1]) == 300 and int(plans[1].index.max()) < 300
+    assert plans[1].rank.tolist() == list(range(1, 301))

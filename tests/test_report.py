@@ -976,13 +976,14 @@ def test_a_loss_history_past_float16_is_no_divergence(tmp_path):
     assert "No finite training loss" not in html
 
 
-def test_the_top_table_leaves_out_held_out_samples_as_the_detection_does(tmp_path):
+@pytest.mark.parametrize("loss_only", [False, True])
+def test_the_top_table_leaves_out_held_out_samples_as_the_detection_does(loss_only, tmp_path):
     # eval passes over trained samples 25-29 and held-out 30-39: the page's top table by
     # eval_csl numbered the held-out ones among the trained ones, which csl-fast rank, the
     # detection and the cleaning plan leave out
     from cli_calls import held_out_run
 
-    held_out_run(tmp_path / "run.csl")
+    held_out_run(tmp_path / "run.csl", loss_only)
     tracker = csl_fast.CSLTracker.from_file(tmp_path / "run.csl")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -991,3 +992,4 @@ def test_the_top_table_leaves_out_held_out_samples_as_the_detection_does(tmp_pat
     table = html[heading.start() : html.index("</table>", heading.start())]
     listed = [int(i) for i in re.findall(r"<tr><td>\d+</td><td>(\d+)</td>", table)]
     assert heading.group(1) == "5" and sorted(listed) == [25, 26, 27, 28, 29], listed
+    assert "10 samples with a score were never trained on" in html  # (the section's note)
