@@ -524,12 +524,25 @@ def _select(
             "tracker that has: t = CSLTracker(N, num_classes=C); "
             "t.load_state_dict(tracker.state_dict()) (accumulate sets it from the logits)"
         )
+    mean_loss = t.csl_mean
     mixed = mixed_recorders(t)
-    if mixed is not None:  # their zero sums read as a label lost or doubted: no view
-        lost &= t.last_max_prob > 0
+    if mixed is not None:
+        # samples recorded without softmax statistics: their zero sums read as a label lost
+        # or doubted, and their CSL is another loss's, which ranked them first (20 flagged,
+        # all of them, and none of 20 flipped labels; clean dropped them): no score and no
+        # view, as csl_fast.scores gives them no softmax-based score
+        other = presented & (t.last_max_prob == 0)
+        wide = values if values.is_floating_point() else values.double()
+        values = torch.where(other, math.nan, wide)
+        mean_loss = torch.where(other, math.nan, mean_loss)
+        lost &= ~other
+        mixed += (
+            "; the detection gives them no score: they are not ranked or flagged (detect "
+            "them from a tensor of their CSL, NaN elsewhere)"
+        )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    views = _Views(t.csl_mean, lost, t.epoch, once, partial)
+    views = _Views(mean_loss, lost, t.epoch, once, partial)
     caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
     return values, score, views, None, caveat
 

@@ -46,3 +46,26 @@ def held_out_run(path, loss_only: bool = False) -> None:
         batch = (logits[scored], y[scored], scored)
         csl_fast.score_epoch(torch.nn.Identity(), [batch], tracker)
     tracker.save(path)
+
+
+def mixed_run(path=None):
+    """A tracker of 300 samples: 0-199 fed by accumulate (0-19 with flipped labels), 200-299
+    by record_loss (another loss, on a larger scale) into the same tracker; saved to
+    ``path`` when given."""
+    import torch
+
+    import csl_fast
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(200) % 3
+    noisy = y.clone()
+    noisy[:20] = (noisy[:20] + 1) % 3
+    tracker = csl_fast.CSLTracker(300, 3)
+    for _ in range(6):
+        logits = torch.randn(200, 3, generator=g) + 3 * torch.nn.functional.one_hot(y, 3)
+        csl_fast.accumulate(logits, noisy, torch.arange(200), tracker)
+        csl_fast.record_loss(torch.rand(100, generator=g) * 50, torch.arange(200, 300), tracker)
+        tracker.end_epoch()
+    if path is not None:
+        tracker.save(path)
+    return tracker

@@ -982,3 +982,24 @@ def test_rank_counts_held_out_samples_as_having_a_score(loss_only, tmp_path, cap
     assert "only 5 of the 40" not in err
     # (and the detection's note, of a loss-only run too)
     assert "10 samples with a score were never trained on" in " ".join(err.split())
+
+
+def test_rank_and_clean_leave_out_samples_recorded_without_softmax_statistics(tmp_path, capsys):
+    # record_loss samples in a tracker accumulate also fed: ranked by another loss's CSL,
+    # they took the flipped labels' places in the flagged set and the plan's drops
+    from cli_calls import mixed_run
+
+    path = tmp_path / "mixed.csl"
+    mixed_run(path)
+    code, out, err = run_main(capsys, "rank", str(path), "--csv", "--top", "300")
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 200 and max(int(r["index"]) for r in rows) < 200
+    assert sorted(int(r["index"]) for r in rows if r["flagged"] == "1") == list(range(20))
+    assert "they are not ranked or flagged" in " ".join(err.split())
+    plan = tmp_path / "plan.csv"
+    code, out, err = run_main(capsys, "clean", str(path), "--out", str(plan), "--policy", "drop")
+    assert code == 0, err
+    dropped = [int(r["index"]) for r in csv.DictReader(plan.open())]
+    assert sorted(dropped) == list(range(20))
+    assert "they are not ranked or flagged" in " ".join((out + err).split())

@@ -365,6 +365,28 @@ def test_samples_recorded_without_softmax_statistics_are_no_anchors_and_are_name
     assert not any("without softmax" in str(w.message) for w in caught)
 
 
+def test_samples_recorded_without_softmax_statistics_get_no_score_in_detection():
+    # their CSL is another loss's: ranked by it, they took the 20 flipped labels' places
+    # (20 flagged, all of them record_loss samples, no flip; clean dropped them)
+    from cli_calls import mixed_run
+
+    t = mixed_run()
+    with pytest.warns(detect.DetectionWarning, match="they are not ranked or flagged"):
+        det = detect.mislabeled(t)
+    assert sorted(det.indices.tolist()) == list(range(20))
+    assert det.ranked.numel() == 200 and int(det.ranked.max()) < 200
+    assert torch.isnan(det.scores[200:]).all()
+    assert "not ranked or flagged" in det.diagnostics["note"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        by_eval = detect.mislabeled(t, rule="fraction", fraction=0.1)
+        plan = csl_fast.clean(t, policy="drop")
+        review = csl_fast.clean(t, policy="review", budget=300)
+    assert int(by_eval.ranked.max()) < 200 and not by_eval.flagged[200:].any()
+    assert sorted(plan.index.tolist()) == list(range(20))
+    assert len(review) == 200 and int(review.index.max()) < 200
+
+
 def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
     t = csl_fast.CSLTracker(50, num_labels=3)
     csl_fast.record_loss(

@@ -993,3 +993,18 @@ def test_the_top_table_leaves_out_held_out_samples_as_the_detection_does(loss_on
     listed = [int(i) for i in re.findall(r"<tr><td>\d+</td><td>(\d+)</td>", table)]
     assert heading.group(1) == "5" and sorted(listed) == [25, 26, 27, 28, 29], listed
     assert "10 samples with a score were never trained on" in html  # (the section's note)
+
+
+def test_the_page_leaves_out_samples_recorded_without_softmax_statistics(tmp_path):
+    # record_loss samples in a tracker accumulate also fed: the top table and the flagged
+    # set ranked them by another loss's CSL, first
+    from cli_calls import mixed_run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(mixed_run(), tmp_path / "r")).read_text()
+    heading = re.search(r"<h2>Top (\d+) by csl</h2>", html)
+    table = html[heading.start() : html.index("</table>", heading.start())]
+    listed = [int(i) for i in re.findall(r"<tr><td>\d+</td><td>(\d+)</td>", table)]
+    assert listed and max(listed) < 200, listed
+    assert "they are not ranked or flagged" in " ".join(html.split())
