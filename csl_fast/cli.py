@@ -387,8 +387,10 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "csl_fast.detect.duplicates) and write one decision per flagged sample to a CSV file "
         "with the columns "
         + ", ".join(CLEAN_COLUMNS)
-        + " (rank 1-based, as in `csl-fast rank`; suggested_label and confidence empty where "
-        "there is no suggestion). Policies: relabel-confident relabels a sample to its "
+        + " (rank 1-based, as in `csl-fast rank`, empty for a sample the detection does not "
+        "rank: a conflicting group's member never presented in training, a held-out one an "
+        "eval pass scored; suggested_label and confidence empty where there is no "
+        "suggestion). Policies: relabel-confident relabels a sample to its "
         "suggested label when the suggestion's confidence is at least --min-confidence and "
         "drops it otherwise; drop drops every flagged sample; review lists the --budget most "
         "suspicious samples, flagged or not: a flagged one with the action relabel-confident would "

@@ -450,3 +450,14 @@ def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(
         "10 of them are held out (scored by an eval pass, never trained on), and are not "
         "ranked; the other 25 were never scored by an eval pass"
     ) in stdout
+
+
+def test_clean_help_says_when_the_rank_is_empty(capsys):
+    # it said "rank 1-based, as in csl-fast rank" of a column that is empty for a sample
+    # the detection does not rank (a never-presented group member, a held-out sample)
+    with pytest.raises(SystemExit) as exit_info:  # argparse exits after --help
+        main(["clean", "--help"])
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "empty for a sample the detection does not rank" in help_text
+    assert "never presented in training" in help_text and "eval pass scored" in help_text
