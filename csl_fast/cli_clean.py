@@ -131,8 +131,13 @@ def _clean_summary(
             # (it said "only 50 ... have a value" when eval passes had scored 150: the 100
             # held out among them were counted as having none)
             else f"{valued} of the {n} samples have a {args.score} value, but {held} of "
-            f"them are {HELD_OUT}, and are not ranked; the other {n - valued} were "
-            f"{unscored_reason(args.score, tracker)}"
+            f"them are {HELD_OUT}, and are not ranked"
+            # ("the other 0 were never scored" when every sample had a value)
+            + (
+                f"; the other {n - valued} were {unscored_reason(args.score, tracker)}"
+                if valued < n
+                else ""
+            )
         )
         lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase

@@ -574,11 +574,16 @@ def _unscored_note(tracker: Any, det: Any, score: str, top: int, listed: int) ->
         )
     # (it said "only 50 of the 400 samples have a value" of a run whose eval passes had
     # scored 150: the 100 held out among them were counted as having none)
+    # ("the other 0 were never scored" when every sample had a value)
+    others = (
+        f"; the other {size - valued} were {unscored_reason(score, tracker)} or the score is "
+        "undefined for them"
+        if valued < size
+        else ""
+    )
     return (
         f"listed {listed} of the --top {top}: {valued} of the {size} {what} have a {score} "
-        f"value, but {held} of them are {HELD_OUT}, and are not ranked; the other "
-        f"{size - valued} were {unscored_reason(score, tracker)} or the score is undefined "
-        "for them"
+        f"value, but {held} of them are {HELD_OUT}, and are not ranked{others}"
     )
 
 

@@ -22,17 +22,18 @@ def user_error(capsys, code: int, command: str, *args: str) -> str:
     return lines[0]
 
 
-def held_out_run(path, loss_only: bool = False) -> None:
+def held_out_run(path, loss_only: bool = False, first_scored: int = 25) -> None:
     """Save to ``path`` a run of 40 samples trained on 0-29, with eval passes over 25-39:
     15 samples with an eval_csl value, 10 of them held out (never trained on).
-    ``loss_only``: the training losses recorded by record_loss (no softmax statistics)."""
+    ``loss_only``: the training losses recorded by record_loss (no softmax statistics);
+    ``first_scored``: the eval passes score samples from it to 39."""
     import torch
     import torch.nn.functional as F
 
     import csl_fast
 
     g = torch.Generator().manual_seed(0)
-    n, trained, scored = 40, torch.arange(30), torch.arange(25, 40)
+    n, trained, scored = 40, torch.arange(30), torch.arange(first_scored, 40)
     y = torch.arange(n) % 3
     tracker = csl_fast.CSLTracker(n, 3)
     for epoch in range(4):

@@ -1003,3 +1003,21 @@ def test_rank_and_clean_leave_out_samples_recorded_without_softmax_statistics(tm
     dropped = [int(r["index"]) for r in csv.DictReader(plan.open())]
     assert sorted(dropped) == list(range(20))
     assert "they are not ranked or flagged" in " ".join((out + err).split())
+
+
+def test_rank_says_nothing_of_unscored_samples_when_every_sample_has_a_value(tmp_path, capsys):
+    # eval passes over all 40 samples, 10 of them held out: the note ended "the other 0
+    # were never scored by an eval pass"
+    from cli_calls import held_out_run
+
+    path = tmp_path / "held.csl"
+    held_out_run(path, first_scored=0)
+    code, out, err = run_main(capsys, "rank", str(path), "--csv", "--score", "eval_csl",
+                              "--top", "40")  # fmt: skip
+    assert code == 0 and len(out.strip().splitlines()) == 1 + 30
+    said = " ".join(err.split())
+    assert (
+        "listed 30 of the --top 40: 40 of the 40 samples have a eval_csl value, but 10 of them "
+        "are held out (scored by an eval pass, never trained on), and are not ranked"
+    ) in said
+    assert "the other 0" not in said

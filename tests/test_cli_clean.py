@@ -461,3 +461,24 @@ def test_clean_help_says_when_the_rank_is_empty(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "empty for a sample the detection does not rank" in help_text
     assert "never presented in training" in help_text and "eval pass scored" in help_text
+
+
+def test_a_short_worklist_says_nothing_of_unscored_samples_when_every_one_has_a_value(
+    tmp_path, capsys
+):
+    # eval passes over all 40 samples, 10 of them held out: the note ended "the other 0
+    # were never scored by an eval pass"
+    from cli_calls import held_out_run
+
+    path = tmp_path / "held.csl"
+    held_out_run(path, first_scored=0)
+    out = tmp_path / "p.csv"
+    args = ("clean", str(path), "--out", str(out), "--policy", "review", "--budget", "40")
+    code, stdout, _ = run_main(capsys, *args, "--score", "eval_csl")
+    assert code == EXIT_OK and len(read(out)) == 30
+    assert (
+        "note: 30 rows, not the budget's 40: 40 of the 40 samples have a eval_csl value, but "
+        "10 of them are held out (scored by an eval pass, never trained on), and are not "
+        "ranked\n"
+    ) in stdout
+    assert "the other 0" not in stdout
