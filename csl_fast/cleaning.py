@@ -216,11 +216,14 @@ class CleaningPlan:
 
     def drop_reasons(self) -> dict[str, torch.Tensor]:
         """Why each ``drop`` row is dropped, bool ``[M]`` per reason (together the drop
-        rows, each in one): ``"unseen"`` outside :attr:`presented` (a conflicting duplicate
-        group's member the run never trained on: nothing to relabel by); ``"group without
-        label"`` and ``"group share"`` (the group label's share is under
-        ``min_confidence``, :mod:`csl_fast.cleaning_groups`);
-        ``"suggestion"`` the other rows: no confident suggestion, or ``policy="drop"``."""
+        rows, each in one): ``"unseen"`` every drop row outside :attr:`presented`, under
+        every policy (a sample the run never trained on, with nothing to relabel by: a
+        conflicting duplicate group's member, or a flagged held-out sample an eval pass
+        scored, in a group or not); ``"group without label"`` and ``"group share"`` (a
+        group's member the run trained on, dropped because the group label's share is
+        under ``min_confidence``, :mod:`csl_fast.cleaning_groups`; not under
+        ``policy="drop"``); ``"suggestion"`` the other rows: no confident suggestion, or
+        ``policy="drop"``."""
         unseen = torch.zeros_like(self.relabel)
         if self.presented is not None:
             unseen = self.dropped & ~self.presented.cpu()[self.index]

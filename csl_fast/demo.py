@@ -536,7 +536,8 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
         print("\n" + overhead_text, flush=True)
 
     csl = all_scores["csl"].cpu().double().numpy()
-    ranking = det.ranking.cpu().numpy()
+    # (as csl-fast rank numbers them: the ranked samples, not the unranked tail)
+    ranking = det.ranked.cpu().numpy()
     top_rows = []
     for r, i in enumerate(ranking[: cfg.top]):
         i = int(i)
