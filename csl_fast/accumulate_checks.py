@@ -434,7 +434,11 @@ def bounded_by(values: torch.Tensor, n: int) -> bool:
     ``values``: PyTorch casts the Python int into the tensor's dtype first, so past its
     largest value ``n`` wraps (``2**31 + 16`` to a negative number for int32, and every
     index was "outside" a buffer of that size). There, no entry can reach ``n`` and only
-    the lower bound is compared (no int64 copy of the indices)."""
+    the lower bound is compared (no int64 copy of the indices). A float or bool tensor
+    (refused by the caller's dtype check, which may come after the range check) compares
+    as it is: ``torch.iinfo`` raised its own TypeError for it."""
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        return True
     return n <= torch.iinfo(values.dtype).max
 
 
@@ -469,6 +473,9 @@ def _check_values(
     bad_index = outside(index, num_samples)
     bad = None
     if target is not None:
+        # (int32 targets compared with an ignore_index past int32 wrapped it onto a class:
+        # 2**32 + 5 ignored target 5, and score_epoch's check let it through)
+        target = widen_for_ignore_index(target, ignore_index)
         bad = (target != ignore_index) & outside(target, num_classes)
     found = bad_index.any() if bad is None else bad.any() | bad_index.any()
     if torch.compiler.is_compiling():

@@ -148,6 +148,16 @@ def test_an_index_out_of_range_writes_nothing(backend):
     index = torch.arange(4).to(torch.uint64)
     csl_fast.score_epoch(model, [(x, y, index)], t, validate=True)
     assert t.eval_passes == 1 and t.eval_count.eq(1).all()
+    # a float or bool index met the range check first: torch.iinfo's own TypeError
+    for index in (torch.arange(4.0), torch.ones(4, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="index must hold integer dataset indices"):
+            csl_fast.score_epoch(model, [(x, y, index)], t, validate=True)
+    # int32 targets with an ignore_index past int32: the check compared in int32, 2**32 + 1
+    # read as 1, and let target 1's rows through to the kernel ("csl_fast: target[1]...")
+    bad = torch.tensor([0, 1, 2, 0], dtype=torch.int32) * 2
+    with pytest.raises(IndexError, match=r"csl_fast.score_epoch: target\[2\] = 4 is outside"):
+        csl_fast.score_epoch(model, [(x, bad, torch.arange(4))], t, ignore_index=2**32 + 4)
+    assert t.eval_passes == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
