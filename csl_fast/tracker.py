@@ -833,6 +833,10 @@ class CSLTracker(TrackerStatistics):
             check_group("CSLTracker.end_epoch", group)
         except TypeError as e:
             raise TypeError(f"{e}; the tracker counts its epochs itself (tracker.epoch)") from None
+        if self.epoch + 1 >= epoch_bound(self.history):
+            # refused by the epoch setter below, after the rows were appended and the
+            # epoch's sums zeroed: refused here, before anything changes
+            self.epoch = self.epoch + 1
         sync_epoch(self, group)  # a no-op returning False when not distributed
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(

@@ -8,6 +8,7 @@ duplicate indices, ``ignore_index`` rows and a non-finite row.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -893,11 +894,25 @@ def test_an_epoch_past_the_bound_save_applies_is_refused_when_set(history):
         with pytest.raises(ValueError, match=rf"epoch must be .* below {bound} = 2\*\*"):
             t.epoch = bad
     assert t.epoch == 0 and int(t._epoch_t) == 0
-    if not history:
-        t.epoch = bound - 1  # the largest epoch save() keeps
-        x, y = torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
-        csl_fast.accumulate(x, y, torch.arange(2), t)
-        assert t.learned_epoch.tolist() == [bound - 1] * 2
+    t.epoch = bound - 1  # the largest epoch save() keeps
+    x, y = torch.tensor([[3.0, 0.0], [0.0, 3.0]]), torch.tensor([0, 1])
+    csl_fast.accumulate(x, y, torch.arange(2), t)
+    assert t.learned_epoch.tolist() == [bound - 1] * 2
+    # end_epoch past it is refused before it appends a row or zeroes the epoch's sums
+    t.watch(torch.randn(2, 3), torch.arange(2)).sum().backward()  # an input-gradient record
+    before = copy.deepcopy(t.state_dict())
+    with pytest.raises(ValueError, match=rf"below {bound}"):
+        t.end_epoch()
+    after = t.state_dict()
+    for key in ("buffers", "histories"):
+        for name, value in before[key].items():
+            got = after[key][name]
+            same = (
+                torch.equal(value, got)
+                if isinstance(value, torch.Tensor)
+                else len(value) == len(got)
+            )
+            assert same, name
 
 
 def _recording_paths():
