@@ -470,6 +470,12 @@ def _select(
             return values, score, None, hint, _length_bias(source, score)
         loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
         views = None
+        other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
+        mixed = None
+        if isinstance(other, torch.Tensor) and other.shape == values.shape:
+            from .scores import mixed_recorders_note
+
+            mixed = mixed_recorders_note(other, getattr(source, "csl_count", None))
         if "aum" in source and loss_key is not None:
             loss = _score_tensor(source[loss_key], f"score {loss_key!r} of the mapping")
             aum = _score_tensor(source["aum"], "score 'aum' of the mapping")
@@ -483,8 +489,15 @@ def _select(
             lost = torch.isfinite(aum) & (aum > 0)
             why = f"a score mapping has no num_classes, so {MARGIN_ONLY}; pass the tracker itself"
             views = _Views(loss, lost, partial=why)
-        return values, score, views, None, _length_bias(source, score)
-    from .scores import mixed_recorders
+        if mixed is not None:  # ranked as from the tracker (it flagged the other loss's first)
+            loss = None if views is None else views.mean_loss
+            lost = None if views is None else views.lost
+            values, loss, lost, mixed = _without_other_loss(values, loss, lost, other, mixed)
+            if views is not None:
+                views = _Views(loss, lost, partial=views.partial)
+        caveat = "; ".join(filter(None, [mixed, _length_bias(source, score)])) or None
+        return values, score, views, None, caveat
+    from .scores import mixed_recorders, other_loss
     from .scores import scores as compute
     from .tracker import CSLTracker
 
@@ -527,24 +540,40 @@ def _select(
     mean_loss = t.csl_mean
     mixed = mixed_recorders(t)
     if mixed is not None:
-        # samples recorded without softmax statistics: their zero sums read as a label lost
-        # or doubted, and their CSL is another loss's, which ranked them first (20 flagged,
-        # all of them, and none of 20 flipped labels; clean dropped them): no score and no
-        # view, as csl_fast.scores gives them no softmax-based score
-        other = presented & (t.last_max_prob == 0)
-        wide = values if values.is_floating_point() else values.double()
-        values = torch.where(other, math.nan, wide)
-        mean_loss = torch.where(other, math.nan, mean_loss)
-        lost &= ~other
-        mixed += (
-            "; the detection gives them no score: they are not ranked or flagged (detect "
-            "them from a tensor of their CSL, NaN elsewhere)"
+        values, mean_loss, lost, mixed = _without_other_loss(
+            values, mean_loss, lost, other_loss(t), mixed
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
     views = _Views(mean_loss, lost, t.epoch, once, partial)
     caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
     return values, score, views, None, caveat
+
+
+def _without_other_loss(
+    values: torch.Tensor,
+    mean_loss: torch.Tensor | None,
+    lost: torch.Tensor | None,
+    other: torch.Tensor,
+    said: str,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]:
+    """``(values, mean_loss, lost, said)`` with the ``other`` samples (recorded without
+    softmax statistics in a tracker that mixes recorders, :func:`csl_fast.scores.
+    mixed_recorders` says ``said``) given no score and no view: their zero sums read as a
+    label lost or doubted, and their CSL is another loss's, which ranked them first (20
+    flagged, all of them, and none of 20 flipped labels; clean dropped them)."""
+    other = other.to(values.device)
+    wide = values if values.is_floating_point() else values.double()
+    values = torch.where(other, math.nan, wide)
+    if mean_loss is not None:
+        mean_loss = torch.where(other, math.nan, mean_loss)
+    if lost is not None:
+        lost = lost & ~other
+    said += (
+        "; the detection gives them no score: they are not ranked or flagged (detect them "
+        "from a tensor of their CSL, NaN elsewhere)"
+    )
+    return values, mean_loss, lost, said
 
 
 def rule_note(score_name: str, values: torch.Tensor, has_views: bool) -> str | None:

@@ -277,7 +277,9 @@ class Scores(dict[str, torch.Tensor]):
     ``eval_count``, eval passes per sample, which samples the run trained on or scored,
     for :func:`csl_fast.clean`) and
     ``losses_only`` (a run without softmax statistics: the tail rule of
-    :mod:`csl_fast.detect_losses`, and no suggested labels). To save it
+    :mod:`csl_fast.detect_losses`, and no suggested labels), and ``other_loss`` (bool
+    ``[N]``, or None: the samples a tracker that mixes recorders holds without softmax
+    statistics, :func:`mixed_recorders`, which the detectors give no score). To save it
     for ``torch.load``'s default reader (``weights_only=True``, which refuses dict
     subclasses), save ``dict(scores)``."""
 
@@ -287,6 +289,8 @@ class Scores(dict[str, torch.Tensor]):
         self.csl_count = tracker.csl_count.clone()  # of when the scores were taken
         self.eval_count = tracker.eval_count.clone()
         self.losses_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
+        mixed = mixed_recorders(tracker)
+        self.other_loss = None if mixed is None else other_loss(tracker)
 
 
 def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
@@ -360,7 +364,15 @@ def _samples_with_logits(tracker: CSLTracker) -> torch.Tensor | None:
     if said is None:
         return None
     warnings.warn(f"csl_fast.scores: {said}", RuntimeWarning, stacklevel=3)
-    return (tracker.last_max_prob > 0) | (tracker.csl_count == 0)
+    return ~other_loss(tracker)
+
+
+def other_loss(tracker: CSLTracker) -> torch.Tensor:
+    """bool ``[N]``: the presented samples without softmax statistics (a cross-entropy
+    presentation leaves a max probability of at least ``1 / C``): all of a losses-only
+    run's, and in a tracker that mixes recorders those of the other loss
+    (:func:`mixed_recorders`)."""
+    return (tracker.csl_count > 0) & (tracker.last_max_prob == 0)
 
 
 def mixed_recorders(tracker: CSLTracker) -> str | None:
@@ -372,12 +384,19 @@ def mixed_recorders(tracker: CSLTracker) -> str | None:
     theirs stayed 0. Their CSL is another loss's, on its own scale, and samples fed by
     both are not told apart (their extra presentations dilute the softmax sums): one
     tracker should take one recorder."""
-    presented = tracker.csl_count > 0
-    without = int((presented & (tracker.last_max_prob == 0)).sum())
-    if without == 0 or not has_logit_stats(tracker):
+    other = other_loss(tracker)
+    if not bool(other.any()) or not has_logit_stats(tracker):
         return None
+    return mixed_recorders_note(other, tracker.csl_count)
+
+
+def mixed_recorders_note(other: torch.Tensor, csl_count: torch.Tensor | None) -> str:
+    """What :func:`mixed_recorders` says of the samples ``other`` (bool ``[N]``) among the
+    presented ones (``csl_count > 0``; all ``N`` when None): for a tracker, or a
+    :class:`Scores` mapping that keeps both."""
+    presented = other.numel() if csl_count is None else int((csl_count > 0).sum())
     return (
-        f"{without} of {int(presented.sum())} samples were recorded without softmax "
+        f"{int(other.sum())} of {presented} samples were recorded without softmax "
         "statistics (csl_fast.record_loss, accumulate_bce, or accumulate with "
         "class-probability targets, into a tracker that accumulate with class indices also "
         "fed): their CSL is another loss's, not comparable with the "

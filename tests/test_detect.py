@@ -385,6 +385,16 @@ def test_samples_recorded_without_softmax_statistics_get_no_score_in_detection()
     assert int(by_eval.ranked.max()) < 200 and not by_eval.flagged[200:].any()
     assert sorted(plan.index.tolist()) == list(range(20))
     assert len(review) == 200 and int(review.index.max()) < 200
+    # csl_fast.scores(t), which the detectors rank as the tracker, ranked and flagged them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = csl_fast.scores(t)
+        for source, score in ((kept, None), (csl_fast.scores(t, ["csl"]), "csl")):
+            det = detect.mislabeled(source, score)
+            assert int(det.ranked.max()) < 200 and not det.flagged[200:].any()
+            assert "not ranked or flagged" in det.diagnostics["note"]
+        plan = csl_fast.clean(kept, policy="drop")
+    assert int(plan.index.max()) < 200
 
 
 def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
