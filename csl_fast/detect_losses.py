@@ -449,7 +449,8 @@ def _detection(
             f"exceeds threshold={float(threshold):g} (the largest is "
             f"{float(values.double()[finite].max()):.6g}); lower it, or use rule='fraction'"
         )
-    overflowed = int((values == math.inf).sum())
+    # (of every score: the held-out samples' masking above made +inf NaN, unsaid)
+    overflowed = int((full == math.inf).sum())
     if overflowed and bool(finite.any()):
         note = (
             f"csl_fast.detect_losses: {overflowed} {name!r} score(s) are +inf: they rank last "

@@ -669,3 +669,21 @@ def test_a_loss_only_run_leaves_held_out_samples_out_of_the_ranking():
     assert not (plans[0].index >= 300).any()
     assert len(plans[1]) == 300 and int(plans[1].index.max()) < 300
     assert plans[1].rank.tolist() == list(range(1, 301))
+
+
+def test_an_overflowed_score_is_said_beside_held_out_samples(tmp_path):
+    # the held-out samples' masking turned a trained sample's +inf into NaN before it was
+    # counted: the warning that it ranks last (maybe the most suspicious) went unsaid
+    from cli_calls import held_out_run
+
+    held_out_run(tmp_path / "run.csl", loss_only=True, first_scored=0)
+    t = csl_fast.CSLTracker.from_file(tmp_path / "run.csl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        kept = csl_fast.scores(t, ["eval_csl"])
+    kept["eval_csl"] = kept["eval_csl"].clone()
+    kept["eval_csl"][5] = math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = corrupted_targets(kept, "eval_csl")
+    assert det.diagnostics.get("held_out") and "+inf" in det.warning
