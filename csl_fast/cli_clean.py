@@ -118,7 +118,7 @@ def _clean_summary(
     ]
     n = det.scores.numel()
     if plan.policy == "review" and len(plan) < args.budget:
-        from .cli_commands import HELD_OUT, value_counts
+        from .cli_commands import HELD_OUT, other_loss_clause, value_counts
 
         # (rank says as much of its --top; the worklist came back short without a word)
         valued, held = value_counts(det)
@@ -127,6 +127,7 @@ def _clean_summary(
             if len(plan) == n
             else f"only {len(plan)} of the {n} samples have a {args.score} value (the others "
             f"were {unscored_reason(args.score, tracker)})"
+            f"{other_loss_clause(tracker, args.score)}"
             if not held
             # (it said "only 50 ... have a value" when eval passes had scored 150: the 100
             # held out among them were counted as having none)
@@ -138,6 +139,7 @@ def _clean_summary(
                 if valued < n
                 else ""
             )
+            + other_loss_clause(tracker, args.score)
         )
         lines.append(f"note: {len(plan)} rows, not the budget's {args.budget}: {why}")
     from .detect import count_phrase

@@ -570,7 +570,7 @@ def _unscored_note(tracker: Any, det: Any, score: str, top: int, listed: int) ->
         return (
             f"listed {listed} of the --top {top}: only {listed} of the {size} {what} have a "
             f"{score} value; the others were {unscored_reason(score, tracker)} or the score is "
-            "undefined for them, and are not ranked"
+            f"undefined for them, and are not ranked{other_loss_clause(tracker, score)}"
         )
     # (it said "only 50 of the 400 samples have a value" of a run whose eval passes had
     # scored 150: the 100 held out among them were counted as having none)
@@ -584,6 +584,23 @@ def _unscored_note(tracker: Any, det: Any, score: str, top: int, listed: int) ->
     return (
         f"listed {listed} of the --top {top}: {valued} of the {size} {what} have a {score} "
         f"value, but {held} of them are {HELD_OUT}, and are not ranked{others}"
+        f"{other_loss_clause(tracker, score)}"
+    )
+
+
+def other_loss_clause(tracker: Any, score: str) -> str:
+    """``"; k of them ..."``: the samples without a value that were presented, recorded
+    without softmax statistics in a tracker that mixes recorders (the detection gives them
+    no score, :func:`csl_fast.scores.mixed_recorders`), which the notes called never
+    presented; ``""`` when there are none."""
+    from .scores import mixed_recorders, other_loss
+
+    if score == "label_csl" or mixed_recorders(tracker) is None:
+        return ""
+    k = int(other_loss(tracker).sum())
+    return (
+        f"; but {k} of those without one were presented, recorded without softmax "
+        "statistics (another recorder fed this tracker): the detection gives them no score"
     )
 
 

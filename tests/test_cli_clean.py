@@ -482,3 +482,24 @@ def test_a_short_worklist_says_nothing_of_unscored_samples_when_every_one_has_a_
         "ranked\n"
     ) in stdout
     assert "the other 0" not in stdout
+
+
+def test_samples_of_another_recorder_are_not_called_never_presented(tmp_path, capsys):
+    # a tracker that mixes recorders: the detection gives the record_loss samples no
+    # score, and the short-listing notes said they were never presented in training
+    t = csl_fast.CSLTracker(30, 3)
+    y = torch.arange(20) % 3
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(20, 3) + 3 * torch.eye(3)[y], y, torch.arange(20), t)
+        csl_fast.record_loss(torch.rand(10), torch.arange(20, 30), t)
+        t.end_epoch()
+    t.save(tmp_path / "mixed.csl")
+    run, out = str(tmp_path / "mixed.csl"), str(tmp_path / "plan.csv")
+    for args in (
+        ["clean", run, "--out", out, "--policy", "review", "--budget", "40"],
+        ["rank", run, "--top", "40"],
+    ):
+        code, out_text, err = run_main(capsys, *args)
+        assert code == EXIT_OK
+        said = out_text + err  # (clean's summary goes to the stream the plan does not)
+        assert "but 10 of those without one were presented, recorded without softmax" in said
