@@ -135,7 +135,8 @@ class CleaningPlan:
         score: float64 ``[M]`` the detection score (higher = more suspicious).
         rank: int64 ``[M]`` 1-based position in the detection's ranking, ``-1`` for a
             sample it does not rank (:attr:`csl_fast.detect.Detection.ranked`: a
-            conflicting group's member without a score, or a held-out one an eval pass
+            conflicting group's member without a score, never presented or recorded by
+            another recorder in a tracker that mixes them, or a held-out one an eval pass
             scored).
         num_samples: ``N``, the size of the dataset the plan is for.
         policy, min_confidence, budget: how the plan was made (see :func:`clean`).

@@ -388,8 +388,9 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "with the columns "
         + ", ".join(CLEAN_COLUMNS)
         + " (rank 1-based, as in `csl-fast rank`, empty for a sample the detection does not "
-        "rank: a conflicting group's member never presented in training, a held-out one an "
-        "eval pass scored; suggested_label and confidence empty where there is no "
+        "rank: a conflicting group's member never presented in training or recorded by "
+        "another recorder than accumulate's, a held-out one an eval pass scored; "
+        "suggested_label and confidence empty where there is no "
         "suggestion). Policies: relabel-confident relabels a sample to its "
         "suggested label when the suggestion's confidence is at least --min-confidence and "
         "drops it otherwise; drop drops every flagged sample; review lists the --budget most "
