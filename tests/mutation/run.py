@@ -123,8 +123,8 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "report_top_ascending": Mutation(
         "csl_fast/report.py",
-        '    ranking = np.argsort(-key, kind="stable")\n',
-        '    ranking = np.argsort(key, kind="stable")\n',
+        "    ranking = det.ranked.cpu().numpy()\n",
+        "    ranking = det.ranked.cpu().numpy()[::-1]\n",
         ("tests/test_report.py",),
         "the report's top-k table lists the least suspicious samples",
     ),
