@@ -461,8 +461,21 @@ def _select(
         values = _score_tensor(source[score], f"score {score!r} of the mapping")
         if (two_sided := _two_sided(values, score)) is not None:
             return two_sided
+        other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
+        mixed = None
+        if isinstance(other, torch.Tensor) and other.shape == values.shape:
+            from .scores import from_eval_pass, mixed_recorders_note
+
+            mixed = mixed_recorders_note(other, getattr(source, "csl_count", None))
+            counts = getattr(source, "eval_count", None)
+            scored = counts > 0 if isinstance(counts, torch.Tensor) else None
+            if scored is None or not from_eval_pass(score, int(bool(scored.any()))):
+                scored = None
         if getattr(source, "sequences", False):  # csl_fast.scores of sequences
-            return values, score, None, SEQUENCES_HINT, _length_bias(source, score)
+            if mixed is not None:
+                values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
+            caveat = "; ".join(filter(None, [mixed, _length_bias(source, score)])) or None
+            return values, score, None, SEQUENCES_HINT, caveat
         if getattr(source, "losses_only", False):  # csl_fast.scores of a losses-only run
             # (the valley rule ran on it without a word, and the advice sent the user to
             # csl_fast.scores(tracker), what was passed)
@@ -470,12 +483,6 @@ def _select(
             return values, score, None, hint, _length_bias(source, score)
         loss_key = "csl_mean" if "csl_mean" in source else "csl" if "csl" in source else None
         views = None
-        other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
-        mixed = None
-        if isinstance(other, torch.Tensor) and other.shape == values.shape:
-            from .scores import mixed_recorders_note
-
-            mixed = mixed_recorders_note(other, getattr(source, "csl_count", None))
         if "aum" in source and loss_key is not None:
             loss = _score_tensor(source[loss_key], f"score {loss_key!r} of the mapping")
             aum = _score_tensor(source["aum"], "score 'aum' of the mapping")
@@ -492,12 +499,14 @@ def _select(
         if mixed is not None:  # ranked as from the tracker (it flagged the other loss's first)
             loss = None if views is None else views.mean_loss
             lost = None if views is None else views.lost
-            values, loss, lost, mixed = _without_other_loss(values, loss, lost, other, mixed)
+            values, loss, lost, mixed = _without_other_loss(
+                values, loss, lost, other, mixed, scored
+            )
             if views is not None:
                 views = _Views(loss, lost, partial=views.partial)
         caveat = "; ".join(filter(None, [mixed, _length_bias(source, score)])) or None
         return values, score, views, None, caveat
-    from .scores import mixed_recorders, other_loss
+    from .scores import from_eval_pass, mixed_recorders, other_loss
     from .scores import scores as compute
     from .tracker import CSLTracker
 
@@ -521,8 +530,15 @@ def _select(
             _losses_only_hint(t.label_csl is not None),
             _length_bias(t, score),
         )
+    mixed = mixed_recorders(t)
+    other = other_loss(t) if mixed is not None else None
+    # (a score an eval pass gave them is cross-entropy on the given label, as the others')
+    scored = t.eval_count > 0 if from_eval_pass(score, t.eval_passes) else None
     if t.sequences:
-        return values, score, None, SEQUENCES_HINT, _length_bias(t, score)
+        if mixed is not None:  # (they ranked first, under a note saying they had no score)
+            values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
+        caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
+        return values, score, None, SEQUENCES_HINT, caveat
     if t.num_classes is not None and t.num_classes >= 2:
         lost = flagging.label_lost(
             t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, t.num_classes
@@ -538,10 +554,9 @@ def _select(
             "t.load_state_dict(tracker.state_dict()) (accumulate sets it from the logits)"
         )
     mean_loss = t.csl_mean
-    mixed = mixed_recorders(t)
     if mixed is not None:
         values, mean_loss, lost, mixed = _without_other_loss(
-            values, mean_loss, lost, other_loss(t), mixed
+            values, mean_loss, lost, other, mixed, scored
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
@@ -556,22 +571,27 @@ def _without_other_loss(
     lost: torch.Tensor | None,
     other: torch.Tensor,
     said: str,
+    scored: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, str]:
     """``(values, mean_loss, lost, said)`` with the ``other`` samples (recorded without
     softmax statistics in a tracker that mixes recorders, :func:`csl_fast.scores.
     mixed_recorders` says ``said``) given no score and no view: their zero sums read as a
     label lost or doubted, and their CSL is another loss's, which ranked them first (20
-    flagged, all of them, and none of 20 flipped labels; clean dropped them)."""
+    flagged, all of them, and none of 20 flipped labels; clean dropped them). ``scored``:
+    the samples whose value of this score an eval pass gave (cross-entropy on the given
+    label, as the others'), which keep it; their training views go all the same."""
     other = other.to(values.device)
     wide = values if values.is_floating_point() else values.double()
-    values = torch.where(other, math.nan, wide)
+    blank = other if scored is None else other & ~scored.to(other.device)
+    values = torch.where(blank, math.nan, wide)
     if mean_loss is not None:
         mean_loss = torch.where(other, math.nan, mean_loss)
     if lost is not None:
         lost = lost & ~other
+    kept = "" if scored is None else " (a score an eval pass gave them counts as the others')"
     said += (
-        "; the detection gives them no score: they are not ranked or flagged (detect them "
-        "from a tensor of their CSL, NaN elsewhere)"
+        "; the detection gives them no score from training: they are not ranked or flagged "
+        f"by it{kept} (detect them from a tensor of their CSL, NaN elsewhere)"
     )
     return values, mean_loss, lost, said
 

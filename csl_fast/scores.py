@@ -202,11 +202,18 @@ def diverged_reason(tracker: CSLTracker) -> str | None:
 _EVAL_FIRST = ("final_loss", "in_confidence")
 
 
+def from_eval_pass(name: str, eval_passes: int) -> bool:
+    """Whether score ``name`` is read from the eval passes (of a tracker that made
+    ``eval_passes`` of them) where they scored a sample."""
+    needs = SCORES[name].needs if name in SCORES else "train"
+    return needs == "eval" or (name in _EVAL_FIRST and eval_passes > 0)
+
+
 def unscored_reason(name: str, tracker: CSLTracker) -> str:
     """Why a sample of ``tracker`` has no value of score ``name`` (for messages about
     unranked samples): the source the score is read from never reached it."""
     needs = SCORES[name].needs if name in SCORES else "train"
-    if needs == "eval" or (name in _EVAL_FIRST and tracker.eval_passes > 0):
+    if from_eval_pass(name, tracker.eval_passes):
         return "never scored by an eval pass (csl_fast.score_epoch)"
     if needs.startswith("input_grad"):
         return "never had an input-gradient norm recorded (tracker.watch)"
@@ -281,7 +288,11 @@ class Scores(dict[str, torch.Tensor]):
     ``[N]``, or None: the samples a tracker that mixes recorders holds without softmax
     statistics, :func:`mixed_recorders`, which the detectors give no score). To save it
     for ``torch.load``'s default reader (``weights_only=True``, which refuses dict
-    subclasses), save ``dict(scores)``."""
+    subclasses), save ``dict(scores)``; that plain dict keeps the scores but none of the
+    above, so the detectors rank it as any mapping (a mixed tracker's other recorder's
+    samples among the rest, a tracker of sequences by the score given): detect from the
+    tracker, or from ``Scores`` kept with ``pickle`` or ``torch.save`` and
+    ``torch.load(weights_only=False)``."""
 
     def __init__(self, values: dict[str, torch.Tensor], tracker: CSLTracker) -> None:
         super().__init__(values)

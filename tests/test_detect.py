@@ -397,6 +397,41 @@ def test_samples_recorded_without_softmax_statistics_get_no_score_in_detection()
     assert int(plan.index.max()) < 200
 
 
+def test_another_recorders_samples_in_sequences_and_eval_scores_of_a_mixed_tracker():
+    # a tracker of sequences returned before the mixed-recorder handling: record_loss
+    # samples ranked first under a note saying they had no score
+    g = torch.Generator().manual_seed(0)
+    seqs = csl_fast.CSLTracker(12)
+    y = torch.randint(0, 5, (6, 4), generator=g)
+    for _ in range(2):
+        csl_fast.accumulate(torch.randn(6, 5, 4, generator=g), y, torch.arange(6), seqs)
+        csl_fast.record_loss(torch.full((2,), 10.0), torch.arange(6, 8), seqs)
+        seqs.end_epoch()
+    # and a tracker of rows with an eval pass over every sample: the eval pass's scores of
+    # the record_loss samples (cross-entropy on the given label, as the others') were
+    # blanked with their training scores
+    rows = csl_fast.CSLTracker(20, 3)
+    y = torch.randint(0, 3, (20,), generator=g)
+    for _ in range(3):
+        logits = torch.randn(14, 3, generator=g) + 3 * torch.eye(3)[y[:14]]
+        csl_fast.accumulate(logits, y[:14], torch.arange(14), rows)
+        csl_fast.record_loss(torch.full((6,), 10.0), torch.arange(14, 20), rows)
+        rows.end_epoch()
+    scored = torch.randn(20, 3, generator=g) + 3 * torch.eye(3)[y]
+    scored[14] = 8 * torch.eye(3)[(y[14] + 1) % 3]  # an eval pass finds it wrong
+    csl_fast.score_epoch(torch.nn.Identity(), [(scored, y, torch.arange(20))], rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in (seqs, csl_fast.scores(seqs)):
+            det = detect.mislabeled(source, rule="fraction", fraction=0.2)
+            assert int(det.ranked.max()) < 6 and "not ranked or flagged" in det.diagnostics["note"]
+        for source in (rows, csl_fast.scores(rows)):
+            det = detect.mislabeled(source, "final_loss", rule="fraction", fraction=0.05)
+            assert det.ranked.numel() == 20 and det.indices.tolist() == [14]
+            det = detect.mislabeled(source, "csl", rule="fraction", fraction=0.05)
+            assert int(det.ranked.max()) < 14
+
+
 def test_multi_label_tracker_points_to_the_entries_and_top_refuses_negative_k():
     t = csl_fast.CSLTracker(50, num_labels=3)
     csl_fast.record_loss(
