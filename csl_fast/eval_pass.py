@@ -162,10 +162,16 @@ def score_epoch(
                 if y.dtype == torch.uint8:  # taken in training (accumulate) too
                     y = y.long()
                 index = torch.as_tensor(index)
-                if not (index.is_floating_point() or index.dtype == torch.bool):
-                    # uint16/32/64: the range check's comparisons are not implemented for
-                    # them ("lt_cpu" not implemented for 'UInt64', a raw NotImplementedError)
-                    index = signed_index(index, "score_epoch", tracker.num_samples)
+                if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+                    # before the range check, which raised torch's own errors for them
+                    # (torch.iinfo's, "lt_cpu" not implemented for 'ComplexFloat')
+                    raise TypeError(
+                        "csl_fast.score_epoch: index must hold integer dataset indices, got "
+                        f"{index.dtype}"
+                    )
+                # uint16/32/64: the range check's comparisons are not implemented for them
+                # ("lt_cpu" not implemented for 'UInt64', a raw NotImplementedError)
+                index = signed_index(index, "score_epoch", tracker.num_samples)
                 index = index.to(tracker.device, non_blocking=True)
                 check = validate
                 if check is None:

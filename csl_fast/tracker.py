@@ -742,7 +742,7 @@ class CSLTracker(TrackerStatistics):
     ) -> torch.Tensor:
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
             raise ValueError("CSLTracker: index must be a 1-D tensor of dataset indices")
-        if index.is_floating_point() or index.dtype == torch.bool:
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise TypeError(
                 f"CSLTracker: index must hold integer dataset indices, got {index.dtype}"
             )

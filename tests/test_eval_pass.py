@@ -149,7 +149,7 @@ def test_an_index_out_of_range_writes_nothing(backend):
     csl_fast.score_epoch(model, [(x, y, index)], t, validate=True)
     assert t.eval_passes == 1 and t.eval_count.eq(1).all()
     # a float or bool index met the range check first: torch.iinfo's own TypeError
-    for index in (torch.arange(4.0), torch.ones(4, dtype=torch.bool)):
+    for index in (torch.arange(4.0), torch.ones(4, dtype=torch.bool), torch.arange(4.0) + 0j):
         with pytest.raises(TypeError, match="index must hold integer dataset indices"):
             csl_fast.score_epoch(model, [(x, y, index)], t, validate=True)
     # int32 targets with an ignore_index past int32: the check compared in int32, 2**32 + 1
