@@ -833,10 +833,15 @@ class CSLTracker(TrackerStatistics):
             check_group("CSLTracker.end_epoch", group)
         except TypeError as e:
             raise TypeError(f"{e}; the tracker counts its epochs itself (tracker.epoch)") from None
-        if self.epoch + 1 >= epoch_bound(self.history):
+        bound = epoch_bound(self.history)
+        if self.epoch + 1 >= bound:
             # refused by the epoch setter below, after the rows were appended and the
             # epoch's sums zeroed: refused here, before anything changes
-            self.epoch = self.epoch + 1
+            raise ValueError(
+                f"CSLTracker.end_epoch: the tracker is at epoch {self.epoch}, the last one a "
+                f"saved state keeps (epochs are below {bound} = 2**{bound.bit_length() - 1}); "
+                "nothing was changed"
+            )
         sync_epoch(self, group)  # a no-op returning False when not distributed
         if self.input_grad_first_epoch >= 0:
             self._histories["input_grad_history"].append(
