@@ -430,9 +430,16 @@ def test_a_reader_that_goes_away_ends_clean_quietly(bare_tracker, capsys, monkey
     assert code == EXIT_OK and "Broken pipe" not in err
 
 
-@pytest.mark.parametrize("loss_only", [False, True])
+@pytest.mark.parametrize(
+    ("loss_only", "first_scored", "rows", "ending"),
+    [
+        (False, 25, 5, "; the other 25 were never scored by an eval pass"),
+        (True, 25, 5, "; the other 25 were never scored by an eval pass"),
+        (False, 0, 30, "\n"),  # (every sample has a value: it said "the other 0 ...")
+    ],
+)
 def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(
-    loss_only, tmp_path, capsys
+    loss_only, first_scored, rows, ending, tmp_path, capsys
 ):
     # eval passes scored 15 of 40 samples, 10 of them never trained on (not ranked): the
     # note said "only 5 of the 40 samples have a eval_csl value (the others were never
@@ -440,16 +447,18 @@ def test_a_short_review_worklist_counts_held_out_samples_as_having_a_score(
     from cli_calls import held_out_run
 
     path = tmp_path / "held.csl"
-    held_out_run(path, loss_only)
+    held_out_run(path, loss_only, first_scored)
     out = tmp_path / "p.csv"
     args = ("clean", str(path), "--out", str(out), "--policy", "review", "--budget", "40")
     code, stdout, _ = run_main(capsys, *args, "--score", "eval_csl")
-    assert code == EXIT_OK and len(read(out)) == 5
+    assert code == EXIT_OK and len(read(out)) == rows
+    valued = 40 - first_scored
     assert (
-        "note: 5 rows, not the budget's 40: 15 of the 40 samples have a eval_csl value, but "
-        "10 of them are held out (scored by an eval pass, never trained on), and are not "
-        "ranked; the other 25 were never scored by an eval pass"
+        f"note: {rows} rows, not the budget's 40: {valued} of the 40 samples have a eval_csl "
+        "value, but 10 of them are held out (scored by an eval pass, never trained on), and "
+        f"are not ranked{ending}"
     ) in stdout
+    assert "the other 0" not in stdout
 
 
 def test_clean_help_says_when_the_rank_is_empty(capsys):
@@ -461,27 +470,6 @@ def test_clean_help_says_when_the_rank_is_empty(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "empty for a sample the detection does not rank" in help_text
     assert "never presented in training" in help_text and "eval pass scored" in help_text
-
-
-def test_a_short_worklist_says_nothing_of_unscored_samples_when_every_one_has_a_value(
-    tmp_path, capsys
-):
-    # eval passes over all 40 samples, 10 of them held out: the note ended "the other 0
-    # were never scored by an eval pass"
-    from cli_calls import held_out_run
-
-    path = tmp_path / "held.csl"
-    held_out_run(path, first_scored=0)
-    out = tmp_path / "p.csv"
-    args = ("clean", str(path), "--out", str(out), "--policy", "review", "--budget", "40")
-    code, stdout, _ = run_main(capsys, *args, "--score", "eval_csl")
-    assert code == EXIT_OK and len(read(out)) == 30
-    assert (
-        "note: 30 rows, not the budget's 40: 40 of the 40 samples have a eval_csl value, but "
-        "10 of them are held out (scored by an eval pass, never trained on), and are not "
-        "ranked\n"
-    ) in stdout
-    assert "the other 0" not in stdout
 
 
 def test_samples_of_another_recorder_are_not_called_never_presented(tmp_path, capsys):
