@@ -176,6 +176,13 @@ _HISTORY_ADVICE = (
 )
 
 
+def _epochs_set_by_hand(refusal: str) -> bool:
+    """Whether ``validate_state``'s ``refusal`` of a live tracker is one that setting
+    ``tracker.epoch`` by hand makes: history rows that do not match the epochs, or more
+    epochs of input-gradient rows than a state keeps (which got the buffers' advice)."""
+    return "rows but the state has" in refusal or "'input_grad_first_epoch' =" in refusal
+
+
 def _payload(tracker: CSLTracker, user_path: str) -> tuple[bytes, list[tuple[str, torch.Tensor]]]:
     """The file's magic and header, and its tensors (CPU, contiguous), of a state a load
     would accept; else :class:`TrackerStateError`."""
@@ -193,7 +200,7 @@ def _payload(tracker: CSLTracker, user_path: str) -> tuple[bytes, list[tuple[str
         what = str(exc).split("; no tracker holds that")[0].split("; the state was edited")[0]
         raise TrackerStateError(
             f"CSLTracker.save: not written to {user_path!r}, a load would refuse it: {what}. "
-            + (_HISTORY_ADVICE if "rows but the state has" in what else _BUFFER_ADVICE)
+            + (_HISTORY_ADVICE if _epochs_set_by_hand(what) else _BUFFER_ADVICE)
         ) from None
     tensors = [(f"buffers/{k}", v) for k, v in state.pop("buffers").items()]
     tensors += [(f"histories/{k}", v) for k, v in state.pop("histories").items()]

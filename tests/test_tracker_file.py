@@ -968,3 +968,10 @@ def test_a_save_refusal_gives_the_advice_of_its_cause(tmp_path):
         t.save(path)
     assert "record()" not in str(err.value)
     assert not os.path.exists(path)
+    # history=False with input-gradient rows, an epoch set past the rows a state keeps
+    t = CSLTracker(4, 2)
+    t.watch(torch.randn(4, 3), torch.arange(4)).sum().backward()
+    t.epoch = 2**22
+    with pytest.raises(TrackerStateError, match=r"input_grad_first_epoch.*set by hand") as err:
+        t.save(path)
+    assert "record()" not in str(err.value) and not os.path.exists(path)
