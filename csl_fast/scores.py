@@ -300,8 +300,8 @@ class Scores(dict[str, torch.Tensor]):
         self.csl_count = tracker.csl_count.clone()  # of when the scores were taken
         self.eval_count = tracker.eval_count.clone()
         self.losses_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
-        mixed = mixed_recorders(tracker)
-        self.other_loss = None if mixed is None else other_loss(tracker)
+        other = other_loss(tracker)  # (kept when mixed_recorders would say something)
+        self.other_loss = other if bool(other.any()) and has_logit_stats(tracker) else None
 
 
 def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
