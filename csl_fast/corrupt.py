@@ -80,8 +80,9 @@ def flip_labels(
     new label is drawn uniformly from the ``C - 1`` other classes. The product is taken
     with ``fraction`` as its shortest decimal (``0.29 * 100 = 29``, where the float
     product ``int(0.29 * 100)`` is 28), and ``k / N`` gives ``k`` flips (``1 / 3`` reads
-    as ``0.3333333333333333``: a product that falls short of an integer by a relative
-    1e-9 or less counts as that integer).
+    as ``0.3333333333333333``, whose product with 300 falls just short of 100: the
+    integer just above the product counts when ``k / N`` reads back as ``fraction`` in
+    its precision, so ``0.3333333333`` of 3000 is 999 flips, not 1000).
 
     Args:
         labels: ``[N]`` int labels in ``[0, C)``.

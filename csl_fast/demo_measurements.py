@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._args import integer
+
 __all__ = ["measure_overhead", "retrain_gain"]
 
 
@@ -46,6 +48,8 @@ def measure_overhead(
     from .tracker import CSLTracker
     from .train import train
 
+    # only the discarded warm-up ran at 0: NumPy's "zero-size array" from the median
+    rounds = integer("csl_fast.demo.measure_overhead", "rounds", rounds, low=1)
     device = x.device
     n = x.shape[0]
     steps = math.ceil(n / batch_size)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import integer
+from ._args import integer, integer_labels
 from ._args import seed as seed_arg
 from .accumulate import accumulate
 from .eval_pass import score_epoch
@@ -57,8 +57,7 @@ def mlp(
         return _mlp(in_features, num_classes, hidden, dropout)
     seed = seed_arg("csl_fast.train.mlp", seed)
     # the layers draw their initial weights as they are built: inside the fork
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _seeded(seed, torch.device("cpu")):
         return _mlp(in_features, num_classes, hidden, dropout)
 
 
@@ -124,8 +123,9 @@ def train(
 
     Args:
         model: maps ``[B, ...]`` inputs to ``[B, C]`` logits.
-        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` int64 labels. Both on the model's
-            device. Row ``i`` has dataset index ``i`` (what the tracker records).
+        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` integer labels (widened to int64).
+            Both on the model's device. Row ``i`` has dataset index ``i`` (what the
+            tracker records).
         epochs: passes over the data; each pass visits every sample once in a fresh random
             order (the last batch may be smaller).
         lr, momentum, weight_decay: SGD hyperparameters (``momentum`` ignored by Adam).
@@ -192,6 +192,10 @@ def train(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
             f"{x.shape[0]} rows"
         )
+    if integer_labels(y.dtype) and y.dtype != torch.long:
+        # F.cross_entropy takes int64 (and uint8) class indices only: int32 labels trained
+        # with a tracker (accumulate widens them) and failed without one
+        y = y.long()
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,10 +222,9 @@ def train(
     # with "element 0 of tensors does not require grad")
     with (
         torch.enable_grad(),
-        torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []),
+        _seeded(seed, x.device),
         _left_in_eval(model),
     ):
-        torch.manual_seed(seed)
         for epoch in epochs_iter:  # type: ignore[union-attr]
             model.train()
             t0 = time.perf_counter()
@@ -295,6 +298,21 @@ def _std(name: str, value: object) -> float:
             f"csl_fast.train: {name} must be a finite std >= 0 (0: no noise), got {value!r}"
         )
     return float(v)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """The CPU generator, and ``device``'s own where it is a GPU, seeded with ``seed``
+    inside, and given back as they were after. Not ``torch.manual_seed``: it reseeds every
+    GPU's generator, which ``fork_rng`` saves only for the devices it is given, so the
+    caller's CUDA random stream was left reset to ``seed``."""
+    gpu = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.default_generator.manual_seed(seed)
+        if gpu:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager

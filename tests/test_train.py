@@ -121,6 +121,28 @@ def test_mlp_seed_leaves_the_global_generator_alone():
     assert torch.equal(torch.rand(3), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_narrow_integer_labels_train_with_and_without_a_tracker(dtype):
+    """int32 labels trained with a tracker (accumulate widens them) and failed without one,
+    in F.cross_entropy's words; both runs train the same model on the same labels."""
+    x, y = _data()
+    losses = []
+    for tracker in (None, csl_fast.CSLTracker(len(y), 3)):
+        model = mlp(4, 3, (8,), seed=0)
+        losses.append(train(model, x, y.to(dtype), epochs=2, tracker=tracker).epoch_loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_seeds_leave_the_gpu_generators_alone(monkeypatch):
+    """torch.manual_seed inside fork_rng(devices=[]) reseeded every GPU's generator for
+    good: a user's CUDA random stream was reset to mlp's or train's seed. Seen here through
+    the call that does it, which needs no GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls.append)
+    train(mlp(4, 3, seed=1), *_data(), epochs=1, seed=2)
+    assert calls == []
+
+
 def test_a_model_narrower_than_the_labels_is_named():
     x, y = _data()
     with pytest.raises(ValueError, match=r"logits of shape \(\d+, 2\).*C >= 3"):
