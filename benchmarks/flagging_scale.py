@@ -83,7 +83,9 @@ def synthetic_tracker(
         torch.randint(0, 5, (n,), generator=g),
     )
     live["learned_epoch"].copy_(learned)
-    live["suggest_label"].copy_(torch.randint(0, 10, (n,), generator=g))
+    # a suggestion only where votes were cast, as a run leaves it (save() refuses others)
+    suggested = torch.randint(0, 10, (n,), generator=g)
+    live["suggest_label"].copy_(torch.where(learned > 0, suggested, -1))
     live["suggest_votes"].copy_(learned)
     live["suggest_hits"].copy_(learned)
     tracker.epoch = epochs

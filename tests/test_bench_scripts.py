@@ -210,3 +210,13 @@ def test_a_run_with_fewer_repetitions_or_candidates_is_named_partial(tmp_path):
     assert run.main([*args, "--sections", "memory", "--out", str(tmp_path)]) == 0
     (report,) = tmp_path.glob("*.md")
     assert report.name.endswith("-no-compile-reps3-step-reps3-budget-scale0.1-memory.md")
+
+
+def test_the_scale_benchmarks_tracker_is_one_a_run_could_leave(tmp_path):
+    """flagging_scale.py timed a tracker whose suggested labels had no votes behind them
+    (about a fifth of its samples): a state save() refuses and no run produces."""
+    import csl_fast
+
+    tracker, _ = _script("flagging_scale").synthetic_tracker(2000)
+    tracker.save(tmp_path / "t.csl")
+    assert csl_fast.load(tmp_path / "t.csl").num_samples == 2000
