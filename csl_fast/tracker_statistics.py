@@ -92,7 +92,8 @@ class TrackerStatistics:
 
         Formed from running sums as :math:`\sqrt{E[p^2] - E[p]^2}`: in a float32 tracker
         the difference loses digits over thousands of presentations (a constant
-        :math:`p_y` read as ~0.003 after 3,000); a float64 tracker keeps it below 1e-6.
+        :math:`p_y` read as up to ~0.008 after 3,000); a float64 tracker keeps it below
+        1e-6.
         """
         mean = self.confidence
         var = _mean_or_nan(self.p_true_sq_sum, self.csl_count) - mean * mean
@@ -279,7 +280,9 @@ class TrackerStatistics:
             return torch.where(recorded, first, float("nan")).to(self.dtype)
         if tau is None:
             tau = running[defined].mean() if hist.numel() else float("nan")
-        frac_below = ((running < tau) & defined).sum(0) / defined.sum(0)
+        # (int64 / int64 divides in the default dtype: float32 digits in a float64 score)
+        below_count = ((running < tau) & defined).sum(0).to(torch.float64)
+        frac_below = below_count / defined.sum(0)
         return (1.0 - frac_below).to(self.dtype)
 
 

@@ -294,6 +294,18 @@ def test_max_prob_and_derived_statistics():
     assert torch.isnan(CSLTracker(2).csl_mean).all()
 
 
+def test_learning_time_of_a_float64_tracker_keeps_float64_digits():
+    """The released form's fraction was an int64 / int64 division, done in float32: 1/3
+    came out 0.33333331 in a float64 score."""
+    t = CSLTracker(2, num_classes=2, dtype=torch.float64)
+    for row in ([1.0, 0.6], [0.01, 0.6], [0.01, 0.6]):
+        t.record_input_grad(torch.tensor([0, 1]), torch.tensor(row, dtype=torch.float64))
+        t.end_epoch()
+    got = t.learning_time()
+    assert got.dtype == torch.float64
+    assert abs(got[0].item() - 1 / 3) < 1e-15
+
+
 def test_learning_time_both_forms():
     t = CSLTracker(3)
     # epoch 0: no records; epochs 1..3 with records (sample 2 missing in epoch 2)
