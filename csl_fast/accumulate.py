@@ -139,7 +139,9 @@ def accumulate(
     that could be a class (``>= 0``) is refused; a negative one is unused. No kernel takes
     probabilities, so these calls run as ``F.cross_entropy`` plus the statistics in
     PyTorch; a tracker is refused (its correctness, margin and forgetting need one class
-    per sample): pass ``csl=tracker.csl_sum, count=tracker.csl_count`` instead.
+    per sample): pass ``csl`` and ``count`` tensors of their own instead, not the
+    tracker's ``csl_sum`` and ``csl_count`` (its scores would count presentations that
+    left none of its other statistics).
 
     **torch.func and forward-mode AD.** Under ``grad``, ``vmap``, ``jvp`` (or any
     functorch transform) and inside ``torch.autograd.forward_ad.dual_level``, the loss is
@@ -272,7 +274,12 @@ def accumulate(
     label_smoothing = smoothing(label_smoothing, "accumulate")
     fast_error = None
     step = None
-    if extras is None and type(ignore_index) is not bool:  # (refused below; C++ reads 1)
+    if (
+        extras is None
+        and type(ignore_index) is not bool  # (refused below; C++ reads 1)
+        # (refused below: the C++ step reads any weight as float32, bool ones as 0 and 1)
+        and not (isinstance(weight, torch.Tensor) and not weight.is_floating_point())
+    ):
         step = _eager_cpu_step(logits, csl, count, backend, validate, inplace_grad)
     if step is not None:
         # One C++ call: it takes the buffer lock, bumps the version counters, and declines

@@ -112,10 +112,13 @@ def _buffers(
     if soft:
         raise TypeError(
             f"csl_fast.{op}: class-probability targets are recorded into csl (and count) "
-            "tensors only: a tracker's other statistics (correctness, margin, forgetting) need "
-            "one class per sample. Pass csl=tracker.csl_sum, count=tracker.csl_count to record "
-            "CSL into the tracker, or class-index targets (for label smoothing: class indices "
-            "with label_smoothing=, which keeps every statistic)"
+            "tensors only: a tracker's other statistics (correctness, margin, forgetting, last "
+            "loss) need one class per sample. Record them into tensors of their own "
+            "(csl=torch.zeros(N), count=torch.zeros(N)), not the tracker's csl_sum and "
+            "csl_count, whose scores would then count presentations that left no statistics "
+            "(a final loss of 0, diluted confidence and margin); or pass class-index targets "
+            "(for label smoothing: class indices with label_smoothing=, which keeps every "
+            "statistic)"
         )
     # hasattr, not isinstance(csl, Recorder): a runtime Protocol check costs ~30 us a call.
     if not (hasattr(csl, "training_buffers") and hasattr(csl, "record")):
@@ -253,6 +256,12 @@ def _check_args(
             raise ValueError(
                 f"csl_fast.{op}: weight must be 1-D with C = {logits.shape[1]} class "
                 f"weights, got shape {tuple(weight.shape)}"
+            )
+        if not weight.is_floating_point():
+            # (read as float32 by the kernels: bool weights silently meant 0 and 1)
+            raise TypeError(
+                f"csl_fast.{op}: weight must be a floating-point tensor of class weights, got "
+                f"{weight.dtype} (F.cross_entropy refuses it too); pass weight.float()"
             )
         _check_device("weight", weight, device, op)
         if weight.requires_grad and not soft and torch.is_grad_enabled():

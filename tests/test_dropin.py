@@ -408,11 +408,14 @@ def test_float16_soft_targets_record_by_their_own_loss(backend):
 def test_soft_targets_with_a_tracker_name_the_way_out():
     tracker = CSLTracker(4, 3)
     x, q = torch.randn(4, 3), torch.softmax(torch.randn(4, 3), 1)
-    with pytest.raises(TypeError, match=r"csl=tracker.csl_sum, count=tracker.csl_count"):
+    # (it advised csl=tracker.csl_sum, count=tracker.csl_count: the tracker's final loss
+    # read 0 for those samples, and its confidence and AUM were diluted by mixed batches)
+    with pytest.raises(TypeError, match=r"tensors of their own \(csl=torch.zeros\(N\), count="):
         accumulate(x, q, torch.arange(4), tracker)
     assert not tracker.csl_count.any()
-    accumulate(x, q, torch.arange(4), tracker.csl_sum, count=tracker.csl_count)
-    assert tracker.csl_count.tolist() == [1.0] * 4
+    csl, count = torch.zeros(4), torch.zeros(4)
+    accumulate(x, q, torch.arange(4), csl, count=count)
+    assert count.tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize(
@@ -1166,3 +1169,20 @@ def test_float16_label_smoothing_past_65504_as_the_readme_says(backend):
             want = math.log(classes) * (rows if reduction == "sum" else 1)
             expected = torch.full(ours.shape, want, dtype=torch.float64)
             torch.testing.assert_close(ours.double(), expected, rtol=2**-10, atol=0, msg=str(what))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_and_bool_class_weights_are_refused(backend, dtype):
+    """F.cross_entropy refuses them; the kernels read them as float32, so bool weights
+    silently meant 0 and 1. A float weight of another dtype is taken (README)."""
+    logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 1, 0])
+    csl = torch.zeros(5)
+    with pytest.raises(TypeError, match=rf"weight must be a floating-point .* got {dtype}"):
+        accumulate(logits, target, torch.arange(5), csl, weight=torch.ones(3, dtype=dtype),
+                   backend=backend)  # fmt: skip
+    assert not csl.any()
+    weight = torch.tensor([0.5, 2.0, 1.0], dtype=torch.float64)
+    got = accumulate(logits, target, torch.arange(5), csl, weight=weight, backend=backend)
+    want = F.cross_entropy(logits.double(), target, weight=weight).float()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
