@@ -156,14 +156,17 @@ def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str,
     rows.append(
         ("precision (corrupted / flagged)", f"{(flagged & bad).sum() / k:.3f}" if k else "n/a")
     )
-    # of the corrupted samples with a score: the others cannot be flagged (recall 0.455 of
-    # all 22 read as a miss of 12 the rule never saw)
-    scored = np.isfinite(det.scores.detach().cpu().double().numpy())
-    total = int((bad & scored).sum())
-    never = int((bad & ~scored & ~trained).sum())
+    # of the corrupted samples the detection ranks: the others cannot be flagged (recall
+    # 0.455 of all 22 read as a miss of 12 the rule never saw; held-out samples an eval
+    # pass scored have a finite final_loss, yet the rule leaves them out too)
+    ranked = np.zeros(n, bool)
+    ranked[det.ranked.cpu().numpy()] = True
+    total = int((bad & ranked).sum())
+    never_mask = bad & ~ranked & ~trained
+    never = int(never_mask.sum())
     # trained on but without this score (an eval pass over a subset, --score eval_csl):
     # they were called never presented
-    unscored = int((bad & ~scored & trained).sum())
+    unscored = int((bad & ~ranked & trained).sum())
     if unscored:
         what = f"of the {total} corrupted that {det.score_name} scores"
     elif never:
@@ -184,8 +187,23 @@ def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str,
             )
         )
     if never:
-        rows.append(("corrupted samples never presented (no score, not flagged)", str(never)))
+        rows.append(
+            (f"corrupted samples never presented ({_never_why(det, never_mask)})", str(never))
+        )
     return rows
+
+
+def _never_why(det: Any, never: np.ndarray) -> str:
+    """Why the ``never`` presented corrupted samples are not flagged: an eval pass may have
+    scored them (held out), but the rule ranks only the samples the run trained on."""
+    scored = np.isfinite(det.scores.detach().cpu().double().numpy())[never]
+    if not scored.any():
+        return "no score, not flagged"
+    if scored.all():
+        return "held out, scored by an eval pass: not ranked, not flagged"
+    return (
+        f"{int(scored.sum())} held out, scored by an eval pass, the rest with no score: not flagged"
+    )
 
 
 def _suggestion_rows(

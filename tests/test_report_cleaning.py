@@ -352,3 +352,31 @@ def test_corrupted_samples_an_eval_pass_did_not_score_are_not_called_never_prese
     assert "recall (of the 2 corrupted that eval_csl scores)" in rows
     assert rows["corrupted samples trained on that eval_csl does not score (not flagged)"] == "6"
     assert not any("never presented" in row for row in rows)
+
+
+def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_path):
+    # --score final_loss after an eval pass over every sample: the rule ranks the 20
+    # trained samples only, yet the recall counted the 4 held-out flips it never ranked
+    # (they have a finite final_loss), and the header said they had no score
+    n, c = 40, 2
+    y = torch.arange(n) % c
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[[0, 2, 21, 23, 25, 27]] = True  # 2 trained on, 4 held out
+    noisy = torch.where(flipped, 1 - y, y)
+    logits = torch.nn.functional.one_hot(y, c) * 3.0
+    tracker = csl_fast.CSLTracker(n, c)
+    seen = torch.arange(20)
+    for _ in range(3):
+        csl_fast.accumulate(logits[seen], noisy[seen], seen, tracker)
+        tracker.end_epoch()
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, noisy, torch.arange(n))], tracker)
+    samples = RunSamples(labels=noisy, true_labels=y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(tracker, tmp_path, samples, score="final_loss")).read_text()
+    rows = _table_after(page, "What the flagged set is made of")
+    assert "recall (of the 2 corrupted the run trained on)" in rows
+    held = "corrupted samples never presented (held out, scored by an eval pass: not ranked, "
+    assert rows[held + "not flagged)"] == "4"
+    assert "they have no score" not in page
+    assert "An eval pass scored 20 of them" in page
