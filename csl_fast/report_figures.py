@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import io
 import math
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -94,8 +94,16 @@ def _eval_sets(samples: RunSamples | None) -> dict[str, tuple[np.ndarray, np.nda
     return out
 
 
-#: ``(AUROC, score name, false-positive rates, true-positive rates)`` of one ROC curve
-Curve = tuple[float, str, np.ndarray, np.ndarray]
+class Curve(NamedTuple):
+    """One ROC curve, over the samples with a finite score (``positives`` corrupted and
+    ``clean`` clean ones: a score defined on a subset covers fewer than the truth knows)."""
+
+    auroc: float
+    name: str
+    fpr: np.ndarray
+    tpr: np.ndarray
+    positives: int
+    clean: int
 
 
 def roc_curves(
@@ -119,7 +127,9 @@ def roc_curves(
             if pos[ok].all() or not pos[ok].any():
                 continue
             fpr, tpr, _ = roc_curve(pos[ok], v[ok])
-            curves.append((float(auc(fpr, tpr)), name, fpr, tpr))
+            auroc = float(auc(fpr, tpr))
+            npos = int(pos[ok].sum())
+            curves.append(Curve(auroc, name, fpr, tpr, npos, int(ok.sum()) - npos))
         curves.sort(key=lambda c: -c[0])
         out[kind] = curves
     return out
@@ -237,49 +247,8 @@ def _fig_roc(
             )
         return None
     fig, axes = plt.subplots(1, len(sets), figsize=(5.4 * len(sets), 4.6), squeeze=False)
-    leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
-    for ax, (kind, (_, pos)) in zip(axes[0], sets.items(), strict=True):
-        curves = rocs[kind]
-        leaders = [c[1] for c in curves if c[1] != "csl"][:_ROC_LEADERS]
-        if "csl" in [c[1] for c in curves[:_ROC_LEADERS]]:
-            leaders = leaders[: _ROC_LEADERS - 1]
-        rest = [c for c in curves if c[1] != "csl" and c[1] not in leaders]
-        clean = int((~pos).sum())
-        floor = 0.5 / max(clean, 1)
-        for i, (_, _, fpr, tpr) in enumerate(rest):
-            label = None
-            if i == 0:
-                lo, hi = min(c[0] for c in rest), max(c[0] for c in rest)
-                label = f"{len(rest)} other scores ({lo:.2f}-{hi:.2f})"
-            ax.plot(*_on_log_axis(fpr, tpr, floor), color="0.7", lw=0.8, label=label, zorder=1)
-        for auc, name, fpr, tpr in reversed(curves):
-            x, y = _on_log_axis(fpr, tpr, floor)
-            if name == "csl":
-                ax.plot(x, y, color="black", lw=2.6, label=f"csl ({auc:.3f})", zorder=4)
-            elif name in leaders:
-                colour = leader_colours[leaders.index(name)]
-                ax.plot(x, y, color=colour, lw=2.0, label=f"{name} ({auc:.3f})", zorder=3)
-        chance = np.geomspace(floor, 1.0, 50)
-        ax.plot(chance, chance, ls=":", color="grey", lw=0.8, zorder=0)
-        ax.set_xscale("log")
-        ax.set_xlim(floor, 1.0)
-        ax.set_ylim(0.0, 1.02)
-        ax.grid(True, which="major", color="0.92", lw=0.6)
-        ax.set_xlabel("false-positive rate (log scale; left edge: below one clean sample)")
-        ax.set_ylabel("true-positive rate")
-        ax.set_title(f"{kind}: {int(pos.sum())} positives vs {clean} clean")
-        # Legend: the emphasised curves first (best AUROC first), the grey summary last.
-        handles, labels = ax.get_legend_handles_labels()
-        order = sorted(range(len(labels)), key=lambda j: (" other scores " in labels[j], -j))
-        ax.legend(
-            [handles[j] for j in order],
-            [labels[j] for j in order],
-            fontsize=7,
-            frameon=False,
-            loc="lower right",
-            title="score (AUROC)",
-            title_fontsize=7,
-        )
+    for ax, kind in zip(axes[0], sets, strict=True):
+        _roc_panel(ax, kind, rocs[kind])
     left_out = [kind for kind in known if kind not in sets]
     if left_out:
         return _png(fig, path), (
@@ -287,6 +256,69 @@ def _fig_roc(
             "corrupted and a clean sample of that type."
         )
     return _png(fig, path)
+
+
+def _sizes(curves: Sequence[Curve]) -> str:
+    """'2 vs 8': the positives and clean samples ``curves`` cover (ranges if they differ)."""
+
+    def span(values: set[int]) -> str:
+        return f"{min(values)}" if len(values) == 1 else f"{min(values)}-{max(values)}"
+
+    return f"{span({c.positives for c in curves})} vs {span({c.clean for c in curves})}"
+
+
+def _roc_panel(ax: Any, kind: str, curves: list[Curve]) -> None:
+    """One corruption type's panel of :func:`_fig_roc`."""
+    leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
+    leaders = [c.name for c in curves if c.name != "csl"][:_ROC_LEADERS]
+    if "csl" in [c.name for c in curves[:_ROC_LEADERS]]:
+        leaders = leaders[: _ROC_LEADERS - 1]
+    rest = [c for c in curves if c.name != "csl" and c.name not in leaders]
+    # over the samples with a finite score, not every known one: 10 trained of 300 read
+    # "30 positives vs 270 clean", the axis down to 1/540 under a first step of 1/8
+    apart = len({(c.positives, c.clean) for c in curves}) > 1
+    floor = 0.5 / max(c.clean for c in curves)
+    for i, c in enumerate(rest):
+        summary = None
+        if i == 0:
+            lo, hi = min(c.auroc for c in rest), max(c.auroc for c in rest)
+            summary = f"{len(rest)} other scores ({lo:.2f}-{hi:.2f}"
+            summary += f"; {_sizes(rest)})" if apart else ")"
+        ax.plot(*_on_log_axis(c.fpr, c.tpr, floor), color="0.7", lw=0.8, label=summary, zorder=1)
+    for c in reversed(curves):
+        if c.name != "csl" and c.name not in leaders:
+            continue
+        label = f"{c.name} ({c.auroc:.3f}" + (f"; {_sizes([c])})" if apart else ")")
+        x, y = _on_log_axis(c.fpr, c.tpr, floor)
+        if c.name == "csl":
+            ax.plot(x, y, color="black", lw=2.6, label=label, zorder=4)
+        else:
+            colour = leader_colours[leaders.index(c.name)]
+            ax.plot(x, y, color=colour, lw=2.0, label=label, zorder=3)
+    chance = np.geomspace(floor, 1.0, 50)
+    ax.plot(chance, chance, ls=":", color="grey", lw=0.8, zorder=0)
+    ax.set_xscale("log")
+    ax.set_xlim(floor, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, which="major", color="0.92", lw=0.6)
+    ax.set_xlabel("false-positive rate (log scale; left edge: below one clean sample)")
+    ax.set_ylabel("true-positive rate")
+    if apart:  # the curves' sample sets differ: each legend entry says its own
+        ax.set_title(f"{kind}: scores cover different samples (positives vs clean: legend)")
+    else:
+        ax.set_title(f"{kind}: {curves[0].positives} positives vs {curves[0].clean} clean")
+    # Legend: the emphasised curves first (best AUROC first), the grey summary last.
+    handles, labels = ax.get_legend_handles_labels()
+    order = sorted(range(len(labels)), key=lambda j: (" other scores " in labels[j], -j))
+    ax.legend(
+        [handles[j] for j in order],
+        [labels[j] for j in order],
+        fontsize=7,
+        frameon=False,
+        loc="lower right",
+        title="score (AUROC; positives vs clean)" if apart else "score (AUROC)",
+        title_fontsize=7,
+    )
 
 
 # tracker.record_sequences pools p(label) over every token of every presentation

@@ -578,6 +578,37 @@ def test_a_tied_score_is_drawn_as_chance_on_the_log_roc_axis():
     assert (x[1], y[1]) == (0.01, 0.8) and y[2] == pytest.approx(0.8 + 0.1 * 0.01 / 0.5)
 
 
+def test_roc_panel_counts_the_samples_its_curves_cover():
+    """10 of 40 samples scored (2 of them flipped): the panel read "8 positives vs 32
+    clean" and its log axis went down to 1/64, while every curve covers 2 and 8."""
+    import matplotlib.pyplot as plt
+
+    from csl_fast.report_figures import _roc_panel, roc_curves
+
+    flipped = np.zeros(40, bool)
+    flipped[[0, 5, 20, 25, 30, 31, 32, 33]] = True
+    csl = torch.full((40,), math.nan)
+    csl[:10] = torch.linspace(0, 1, 10)
+    scores = {"csl": csl, "final_loss": csl * 2}
+    samples = RunSamples(mislabeled=flipped)
+
+    def panel(scores):
+        fig, ax = plt.subplots()
+        _roc_panel(ax, "mislabeled", roc_curves(scores, samples)["mislabeled"])
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        plt.close(fig)
+        return ax.get_title(), ax.get_xlim()[0], legend
+
+    title, left, _ = panel(scores)
+    assert title == "mislabeled: 2 positives vs 8 clean" and left == pytest.approx(0.5 / 8)
+    # eval_csl over 6 of the 10 (2 flipped): each curve says what it covers
+    scores["eval_csl"] = torch.where(torch.arange(40) < 6, csl, math.nan)
+    title, left, legend = panel(scores)
+    assert "scores cover different samples" in title and left == pytest.approx(0.5 / 8)
+    assert any(t.startswith("csl (") and t.endswith("; 2 vs 8)") for t in legend)
+    assert "eval_csl (0.500; 2 vs 4)" in legend
+
+
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
     # two epochs were ticked 1.0, 1.2, ..., 2.0
     import matplotlib.figure

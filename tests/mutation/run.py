@@ -116,8 +116,8 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "report_auroc_inverted": Mutation(
         "csl_fast/report_figures.py",
-        "            curves.append((float(auc(fpr, tpr)), name, fpr, tpr))\n",
-        "            curves.append((1 - float(auc(fpr, tpr)), name, fpr, tpr))\n",
+        "            auroc = float(auc(fpr, tpr))\n",
+        "            auroc = 1 - float(auc(fpr, tpr))\n",
         ("tests/test_report.py",),
         "the report's AUROC table shows 1 - AUROC",
     ),
