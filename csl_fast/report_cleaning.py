@@ -107,24 +107,19 @@ def _fig_flagging(det: Any, path: str) -> str:
         return _png(fig, path)
     vals = v[ok]
     log = bool((vals > 0).all())
-    lo, hi = vals.min(), vals.max()
-    if hi <= lo * (1 + 1e-9) + 1e-12:
-        # one value (N = 1, a constant score): a 1e-12 wide axis of unreadable ticks
-        lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
+    # a bin across the lowest flagged score drew flagged bars left of the threshold line
+    cut = v[flagged].min() if flagged.any() else None
+    bins = _bins(vals.min(), vals.max(), log, cut)
     if log:
-        bins = np.geomspace(lo, hi * 1.0001, 60)
         _log_scale(ax, "x")
-    else:
-        bins = np.linspace(lo, hi + 1e-12, 60)
-    if flagged.any():
-        # a bin across the lowest flagged score drew flagged bars left of the threshold line
-        bins = np.union1d(bins, [v[flagged].min()])
     ax.hist(v[ok & ~flagged], bins=bins, color="#4C72B0", alpha=0.7, label="not flagged")
     if flagged.any():
         ax.hist(v[ok & flagged], bins=bins, color="#DD4444", alpha=0.8, label="flagged")
     if math.isfinite(det.threshold):
         ax.axvline(det.threshold, color="black", ls="--", lw=1.2, label="threshold")
     _log_scale(ax, "y")
+    # autoscaled, a bin of one sample (a few flagged ones) was a sliver at the bottom
+    ax.set_ylim(bottom=0.3)
     ax.set_xlabel(f"{det.score_name}" + (" (log scale)" if log else ""))
     ax.set_ylabel("samples")
     from .detect import count_phrase
@@ -136,6 +131,28 @@ def _fig_flagging(det: Any, path: str) -> str:
     ax.set_title(title, fontsize=10)
     ax.legend(frameon=False, fontsize=8)
     return _png(fig, path)
+
+
+def _bins(lo: float, hi: float, log: bool, cut: float | None) -> np.ndarray:
+    """60 histogram bins over ``[lo, hi]`` (equal in log space on a log axis) with an edge
+    at ``cut``, the lowest flagged score: an edge beside it was moved there, so that no bin
+    is under half the others' width (with ``cut`` the largest score, as when a discrete
+    score ties at its top, the flagged bar was a bin 1e-12 wide: invisible)."""
+    if hi <= lo * (1 + 1e-9) + 1e-12:
+        # one value (N = 1, a constant score): a 1e-12 wide axis of unreadable ticks
+        lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
+    edges = np.geomspace(lo, hi * 1.0001, 60) if log else np.linspace(lo, hi + 1e-12, 60)
+    if cut is None:
+        return edges
+    scale, unscale = (np.log, np.exp) if log else (np.asarray, np.asarray)
+    width = (scale(edges[-1]) - scale(edges[0])) / (len(edges) - 1)
+    near = np.abs(scale(edges) - scale(cut)) < width / 2
+    edges = np.union1d(edges[~near], [cut])
+    if near[0]:  # the axis still reaches the lowest score
+        edges = np.concatenate([unscale([scale(cut) - width]), edges])
+    if near[-1]:  # and the flagged bar at the top is a bin wide
+        edges = np.concatenate([edges, unscale([scale(cut) + width])])
+    return edges
 
 
 def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str, str]]:

@@ -380,3 +380,35 @@ def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_
     assert rows[held + "not flagged)"] == "4"
     assert "they have no score" not in page
     assert "An eval pass scored 20 of them" in page
+
+
+@pytest.mark.parametrize("top", [10, 1])
+def test_flagged_bar_at_the_largest_score_is_drawn_a_bin_wide(top, tmp_path, monkeypatch):
+    # a discrete score tied at its maximum (threshold_learning_time: 10 samples at 6), or
+    # one flagged sample: the bin edge at the lowest flagged score sat 1e-12 under the
+    # last edge, and the flagged bar was that wide (invisible)
+    from csl_fast import report
+    from csl_fast.report_cleaning import _fig_flagging
+
+    drawn = {}
+
+    def spy(fig, path):
+        ax = fig.axes[0]
+        to_axes = ax.transData + ax.transAxes.inverted()
+        red = [p for p in ax.patches if p.get_facecolor()[0] > 0.8 and p.get_height() > 0]
+        edges = [(p.get_x(), p.get_x() + p.get_width()) for p in red]
+        drawn["widths"] = [
+            float(np.diff(to_axes.transform([(a, 0), (b, 0)])[:, 0])[0]) for a, b in edges
+        ]
+        drawn["bottom"] = ax.get_ylim()[0]
+        return "png"
+
+    monkeypatch.setattr(report, "_png", spy)
+    values = torch.tensor([0.0] * 50 + [1.0] * 20 + [3.0] * (10 - top) + [6.0] * top)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(values, rule="threshold", threshold=5)
+    assert len(det) == top
+    _fig_flagging(det, str(tmp_path / "f.png"))
+    assert drawn["widths"] and max(drawn["widths"]) > 0.5 / 60
+    assert drawn["bottom"] == pytest.approx(0.3)
