@@ -161,10 +161,14 @@ def _fig_histogram(
     """The CSL histogram (``per_token``: of a tracker of sequences, CSL per token)."""
     import matplotlib.pyplot as plt
 
-    ok = np.isfinite(csl) & (csl > 0)
-    if not np.isfinite(csl).any():
+    finite = np.isfinite(csl)
+    if not finite.any():
         # the message below blamed a perfect fit for a CSL that is NaN everywhere
         return None, "no sample has a finite CSL (every value is NaN or infinite)."
+    # a loss that can be negative (record_loss of a Gaussian NLL): a log axis has no place
+    # for those samples, which vanished without a word (all negative: "every CSL is 0")
+    negative = int((csl[finite] < 0).sum())
+    ok = finite if negative else finite & (csl > 0)
     if not ok.any():
         # a log axis has no place for 0, and np.percentile of nothing raised IndexError
         return None, (
@@ -172,12 +176,14 @@ def _fig_histogram(
             "(with a single class the loss is always 0), so there is no distribution to draw."
         )
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    lo, hi = np.percentile(csl[ok], 0.1), csl[ok].max()
-    if hi <= lo * (1 + 1e-9):
-        # one value (N = 1, equal CSLs): a 1e-4 wide log axis of overlapping tick labels
-        lo, hi = lo / 2, hi * 2
-    bins = np.geomspace(max(lo, 1e-6), hi * 1.0001, 50)
-    zeros = int((csl == 0).sum())
+    bins = _linear_bins(csl[ok]) if negative else _log_bins(csl[ok])
+    what = "CSL per token" if per_token else "CSL"
+    full = "mean loss per token over training" if per_token else "cumulative sample loss"
+    if negative:
+        scale = f"linear scale: {negative} samples with a negative {what}, the loss can be < 0"
+    else:  # a log axis cannot show them, and they left without a word
+        zeros = int((csl == 0).sum())
+        scale = "log scale" + (f"; {zeros} samples with CSL 0 not shown" if zeros else "")
     groups = _groups(samples, len(csl))
     # the lowest 0.1% lay left of the first bin and were not drawn, yet counted in the legend
     csl = np.clip(csl, bins[0], bins[-1])
@@ -193,22 +199,36 @@ def _fig_histogram(
         ax.legend(frameon=False, fontsize=8)
     else:
         ax.hist(csl[ok], bins=bins, color=_CLEAN, alpha=0.8)
-    _log_scale(ax, "x")
+    if not negative:
+        _log_scale(ax, "x")
     _log_scale(ax, "y")
     # autoscaled, the axis began just under 1: a bin of one sample, as a small group's bins
     # are, was a sliver at the bottom
     ax.set_ylim(bottom=0.3)
-    # a log axis cannot show them, and they left without a word
-    unshown = f"; {zeros} samples with CSL 0 not shown" if zeros else ""
-    what = "CSL per token" if per_token else "CSL"
-    full = "mean loss per token over training" if per_token else "cumulative sample loss"
-    ax.set_xlabel(f"{full} ({what}, log scale{unshown})")
+    ax.set_xlabel(f"{full} ({what}, {scale})")
     ax.set_ylabel("samples")
     if len(groups) > 1:
         ax.set_title(f"{what}: clean vs corrupted samples")
     else:  # with the truth known and nothing corrupted it promised a comparison not drawn
         ax.set_title(f"{what} distribution" + (" (no sample corrupted)" if groups else ""))
     return _png(fig, path)
+
+
+def _log_bins(values: np.ndarray) -> np.ndarray:
+    """50 log-spaced bins over positive ``values`` from their 0.1th percentile."""
+    lo, hi = np.percentile(values, 0.1), values.max()
+    if hi <= lo * (1 + 1e-9):
+        # one value (N = 1, equal CSLs): a 1e-4 wide log axis of overlapping tick labels
+        lo, hi = lo / 2, hi * 2
+    return np.geomspace(max(lo, 1e-6), hi * 1.0001, 50)
+
+
+def _linear_bins(values: np.ndarray) -> np.ndarray:
+    """50 bins over ``values`` of any sign."""
+    lo, hi = values.min(), values.max()
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1.0):  # one value: a readable axis around it
+        lo, hi = lo - 0.5, hi + 0.5
+    return np.linspace(lo, hi, 50)
 
 
 _ROC_LEADERS = 3  # scores drawn thick and coloured in each panel; the rest thin grey

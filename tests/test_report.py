@@ -709,6 +709,38 @@ def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
     assert labels == ["cumulative sample loss (CSL, log scale; 2 samples with CSL 0 not shown)"]
 
 
+@pytest.mark.parametrize("shift", [-3.0, 0.0])
+def test_csl_histogram_draws_negative_csl(shift, tmp_path, monkeypatch):
+    """A loss that can be negative (record_loss of a Gaussian NLL): all negative, the page
+    said "every sample's CSL is 0: the model fitted every label"; of mixed signs, the
+    negative samples left the log axis without a word."""
+    import matplotlib.axes
+
+    from csl_fast.report_figures import _fig_histogram
+
+    drawn, labels = [], []
+    hist, set_xlabel = matplotlib.axes.Axes.hist, matplotlib.axes.Axes.set_xlabel
+
+    def spy(ax, x, bins, **kw):
+        drawn.append(int(np.histogram(x, bins)[0].sum()))
+        return hist(ax, x, bins, **kw)
+
+    def spy_label(ax, text, **kw):
+        labels.append(text)
+        return set_xlabel(ax, text, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_label)
+    csl = np.linspace(-2.0, 2.0, 41) + shift  # 20 negative, one 0 and 20 positive at 0
+    negative = int((csl < 0).sum())
+    assert _fig_histogram(csl, None, str(tmp_path / "h.png")) is not None
+    assert drawn == [csl.size]
+    assert labels == [
+        f"cumulative sample loss (CSL, linear scale: {negative} samples with a negative CSL, "
+        "the loss can be < 0)"
+    ]
+
+
 def test_csl_histogram_shows_a_bin_of_one_sample(tmp_path, monkeypatch):
     """The log count axis began just under 1, so a small group's bins of one sample each
     were slivers at the bottom (10 mislabeled among 2,000)."""
