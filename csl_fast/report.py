@@ -370,13 +370,20 @@ def _loss_only_detection(tracker: CSLTracker, score: str) -> Any:
         return corrupted_targets(scores(tracker, [score]), score)
 
 
-def _loss_only_sections(tracker: CSLTracker, det: Any, score: str, top: int, out_dir: str) -> str:
+def _loss_only_sections(
+    tracker: CSLTracker,
+    samples: RunSamples | None,
+    det: Any,
+    score: str,
+    top: int,
+    out_dir: str,
+) -> str:
     """The flagged set ``det`` (:func:`_loss_only_detection`) of a loss-only run (tail
-    rule) and, with per-label CSL, the entries; no cleaning plan (there are no suggested
-    labels)."""
+    rule), what it is made of and, with per-label CSL, the entries; no cleaning plan
+    (there are no suggested labels)."""
 
     from .detect import DetectionWarning, summary
-    from .report_cleaning import _fig_flagging
+    from .report_cleaning import _fig_flagging, composition_section
 
     e = html.escape
     if det.warning is not None:  # (as the cross-entropy run's section says it)
@@ -390,6 +397,8 @@ def _loss_only_sections(tracker: CSLTracker, det: Any, score: str, top: int, out
     if det.warning is not None and det.diagnostics.get("held_out"):
         # (summary says the note only when there is no warning)
         parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['held_out'])}</p>")
+    # a cross-entropy run's page said it from the same samples; this one's never did
+    parts.append(composition_section(tracker, samples, det))
     if tracker.label_csl is not None:
         parts.append(_entry_section(tracker, top))
     return "".join(parts)
@@ -646,7 +655,7 @@ def write_report(
         # definitions and n/a, no AUROC
         table = {}
     if loss_only:
-        cleaning = _loss_only_sections(tracker, det, score, top, out)
+        cleaning = _loss_only_sections(tracker, samples, det, score, top, out)
     else:
         from .report_cleaning import sections as cleaning_sections
 

@@ -223,6 +223,17 @@ def _never_why(det: Any, never: np.ndarray) -> str:
     )
 
 
+def composition_section(tracker: Any, samples: Any, det: Any) -> str:
+    """The HTML of what the flagged set of ``det`` is made of (any run, a loss-only one's
+    tail rule too), against the ground truth in ``samples``."""
+    from .cleaning import presented
+
+    heading = "<h2>What the flagged set is made of</h2>"
+    if samples is None or not samples.has_truth:
+        return heading + "<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>"
+    return heading + _table(_composition(det, samples, presented(tracker).numpy()))
+
+
 def _suggestion_rows(
     tracker: Any, det: Any, samples: Any, inputs: Any = None, labels: Any = None
 ) -> list[tuple[str, str]]:
@@ -323,7 +334,7 @@ def sections(
     is shown in the section itself); writes ``flagging.png`` into ``out_dir``. With
     ``inputs`` (and ``labels``) the suggestion section's plan also covers the conflicting
     duplicates (:mod:`csl_fast.report_duplicates` has their own section)."""
-    from .cleaning import no_suggestions, presented
+    from .cleaning import no_suggestions
     from .detect import DetectionWarning, count_phrase
 
     e = html.escape
@@ -350,11 +361,7 @@ def sections(
             parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['held_out'])}</p>")
     elif det.diagnostics.get("note"):
         parts.append(f"<p class=cap><b>Note:</b> {e(det.diagnostics['note'])}</p>")
-    parts.append("<h2>What the flagged set is made of</h2>")
-    if samples is not None and samples.has_truth:
-        parts.append(_table(_composition(det, samples, presented(tracker).numpy())))
-    else:
-        parts.append("<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>")
+    parts.append(composition_section(tracker, samples, det))
     parts.append("<h2>Suggested labels</h2>")
     missing = no_suggestions(tracker)
     if missing is not None:

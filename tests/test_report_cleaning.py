@@ -412,3 +412,27 @@ def test_flagged_bar_at_the_largest_score_is_drawn_a_bin_wide(top, tmp_path, mon
     _fig_flagging(det, str(tmp_path / "f.png"))
     assert drawn["widths"] and max(drawn["widths"]) > 0.5 / 60
     assert drawn["bottom"] == pytest.approx(0.3)
+
+
+def test_a_loss_only_run_says_what_its_flagged_set_is_made_of(tmp_path):
+    # record_loss with the ground truth known: the page drew the ROC and AUROC table but
+    # never gave the tail rule's flagged set's precision and recall, as a cross-entropy
+    # run's page does from the same samples
+    n = 200
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[:10] = True
+    tracker = csl_fast.CSLTracker(n)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        loss = torch.rand(n, generator=g) * 0.2 + 0.1 + bad * 3.0
+        csl_fast.record_loss(loss, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(tracker, tmp_path, RunSamples(mislabeled=bad.numpy()))).read_text()
+        det = csl_fast.detect_losses.corrupted_targets(tracker)
+    rows = _table_after(page, "What the flagged set is made of")
+    flagged = det.flagged
+    assert rows["flagged"] == str(len(det)) and len(det) > 0
+    assert rows["flipped labels among them"] == str(int((flagged & bad).sum()))
+    assert rows["recall (of all 10 corrupted)"] == f"{int((flagged & bad).sum()) / 10:.3f}"
