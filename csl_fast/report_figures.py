@@ -447,14 +447,15 @@ def _fig_loss_curves(
         # drawn as the hardest and short badly fitted ones as the easiest
         csl, by = np.where(shown, csl / np.maximum(count, 1), np.nan), "CSL per token"
     labels = samples.labels if samples is not None and samples.labels is not None else None
-    if labels is not None:
-        classes, counts = np.unique(labels, return_counts=True)
+    members = np.flatnonzero(shown)
+    who = "all samples (labels unknown)"
+    if labels is not None and members.size:
+        # the most common label among the samples with a curve: among all, it picked a class
+        # never trained on and drew nothing beside 150 trained samples of the others
+        classes, counts = np.unique(labels[members], return_counts=True)
         cls = int(classes[np.argmax(counts)])
-        members = np.flatnonzero((labels == cls) & shown)
+        members = members[labels[members] == cls]
         who = f"class {samples.class_name(cls)}"  # type: ignore[union-attr]
-    else:
-        members = np.flatnonzero(shown)
-        who = "all samples (labels unknown)"
     if members.size < 2:
         return None, "too few samples with a CSL"
     order = members[np.argsort(csl[members], kind="stable")]

@@ -609,6 +609,22 @@ def test_roc_panel_counts_the_samples_its_curves_cover():
     assert "eval_csl (0.500; 2 vs 4)" in legend
 
 
+def test_loss_curves_pick_a_class_the_run_trained_on(tmp_path):
+    # class 2 holds most labels but none of its samples was trained on: the figure picked
+    # it and said "too few samples with a CSL" beside 20 trained samples of class 0 and 1
+    from csl_fast.report_figures import _fig_loss_curves
+
+    n = 40
+    labels = np.array([2] * 20 + [0, 1] * 10)
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    seen = torch.arange(20, n)
+    for _ in range(2):
+        csl_fast.accumulate(torch.randn(20, 3), torch.from_numpy(labels[20:]), seen, tracker)
+        tracker.end_epoch()
+    b64, caption = _fig_loss_curves(tracker, RunSamples(labels=labels), str(tmp_path / "l.png"))
+    assert b64 is not None and caption.startswith("class 0; ")
+
+
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
     # two epochs were ticked 1.0, 1.2, ..., 2.0
     import matplotlib.figure
