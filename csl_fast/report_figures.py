@@ -494,6 +494,15 @@ def _row_means(a: np.ndarray) -> np.ndarray:
     return np.divide(total, count, out=np.full(len(a), np.nan), where=count > 0)
 
 
+#: The most characters of a class name a grid panel's title line holds (7 pt in 1.35 in).
+_NAME_WIDTH = 12
+
+
+def _short(name: str) -> str:
+    """``name`` cut to :data:`_NAME_WIDTH` characters, an ellipsis marking the cut."""
+    return name if len(name) <= _NAME_WIDTH else name[: _NAME_WIDTH - 1] + "\u2026"
+
+
 def _fig_top_grid(
     ranking: np.ndarray,
     samples: RunSamples,
@@ -511,7 +520,7 @@ def _fig_top_grid(
     top = ranking[:k]
     cols = min(8, len(top))
     rows = math.ceil(len(top) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.35 * cols, 1.85 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for r, (ax, i) in enumerate(zip(axes.ravel(), top, strict=False)):
@@ -526,7 +535,9 @@ def _fig_top_grid(
             colour = _MIS
         elif samples.duplicate is not None and samples.duplicate[i]:
             colour = _DUP
-        ax.set_title(f"#{r + 1} idx {int(i)}\ngiven {given}, pred {pred}", fontsize=7, color=colour)
+        # on one line, class names past a few characters ran into the neighbouring panels
+        title = f"#{r + 1} idx {int(i)}\ngiven {_short(given)}\npred {_short(pred)}"
+        ax.set_title(title, fontsize=7, color=colour)
     fig.suptitle(
         # the grid follows --score; its title said "by CSL" whatever the ranking was
         f"Most suspicious samples by {score_name}"

@@ -9,6 +9,7 @@ so sections added to the report later do not disturb these checks.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import re
@@ -623,6 +624,33 @@ def test_loss_curves_pick_a_class_the_run_trained_on(tmp_path):
         tracker.end_epoch()
     b64, caption = _fig_loss_curves(tracker, RunSamples(labels=labels), str(tmp_path / "l.png"))
     assert b64 is not None and caption.startswith("class 0; ")
+
+
+def test_grid_titles_with_long_class_names_do_not_overlap(tmp_path, monkeypatch):
+    # "given airplane_large, pred truck_or_lorry" on one 7-pt line ran into the
+    # neighbouring panels' titles (unreadable)
+    from csl_fast import report_figures
+
+    boxes = []
+
+    def spy(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        boxes.extend(ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title())
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    n = 8
+    names = ["automobile", "airplane_large", "truck_or_lorry_or_van"]
+    samples = RunSamples(
+        labels=np.arange(n) % 3,
+        predicted=(np.arange(n) + 1) % 3,
+        images=np.zeros((n, 4, 4)),
+        class_names=names,
+    )
+    report_figures._fig_top_grid(np.arange(n), samples, np.zeros(n), str(tmp_path / "g.png"), n)
+    assert len(boxes) == n
+    assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes))
 
 
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
