@@ -754,6 +754,9 @@ def _html(
     if lost is not None:
         # "6 epochs tracked" of a run that diverged at epoch 3, and loss curves that stop
         parts.append(f"<p><b>Warning:</b> {e(lost[0].upper() + lost[1:])}.</p>")
+    unequal = _unequal_presentations(tracker)
+    if unequal is not None:
+        parts.append(f"<p><b>Note:</b> {e(unequal[0].upper() + unequal[1:])}.</p>")
     unseen = _unseen_note(tracker, all_scores)
     if unseen:
         parts.append(f"<p>{unseen}</p>")
@@ -847,6 +850,39 @@ def _unseen_note(tracker: CSLTracker, all_scores: Mapping[str, torch.Tensor]) ->
         f"{head}. An eval pass scored {scored} of them: their scores {', '.join(named)} count "
         f"in the figures and the AUROC table{rest}."
     )
+
+
+def _unequal_presentations(tracker: CSLTracker) -> str | None:
+    """What the page says when the trained samples were presented unequally often, or None.
+
+    Nothing counts the rows a recorder skips as non-finite: a loss NaN for half of each
+    batch of one epoch left half the samples one presentation short, and their CSL a sum
+    of fewer losses, with no word. A sampler that presents some samples more often looks
+    the same. A tracker of sequences counts tokens, unequal by design."""
+    if tracker.sequences:
+        return None
+    counts = tracker.csl_count.cpu()
+    trained = counts > 0
+    lo, hi = float(counts[trained].min()), float(counts[trained].max())
+    if lo == hi:
+        return None
+    short = int((trained & (counts < hi)).sum())
+    said = (
+        f"the {int(trained.sum())} trained samples were presented {lo:g} to {hi:g} times "
+        f"({short} fewer than {hi:g}): CSL sums a sample's losses, so it grows with its "
+        "presentations (csl_mean divides by them). A recorder skips a row whose loss is "
+        "non-finite without counting it, and a sampler may present some samples more "
+        "often: the tracker cannot tell which"
+    )
+    if tracker.history and tracker.loss_history.shape[0]:
+        from .scores import _spans
+
+        recorded = (~torch.isnan(tracker.loss_history.cpu()[:, trained])).sum(1).tolist()
+        part = [e + 1 for e, k in enumerate(recorded) if 0 < k < int(trained.sum())]
+        if part:
+            said += f"; epoch{'s' if len(part) > 1 else ''} {_spans(part)} recorded a loss "
+            said += "for only part of them"
+    return said
 
 
 def _classes(tracker: CSLTracker) -> str:

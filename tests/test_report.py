@@ -527,6 +527,24 @@ def test_samples_never_presented_are_counted_on_the_page(tmp_path):
     assert "never presented" not in html
 
 
+def test_unequal_presentation_counts_are_said_on_the_page(tmp_path):
+    # a loss NaN for half of the samples in one epoch: their CSL sums 2 presentations,
+    # the others' 3, and the page said nothing (the rows were skipped as non-finite)
+    n = 20
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    for epoch in range(3):
+        logits = torch.randn(n, 3, generator=torch.Generator().manual_seed(epoch))
+        if epoch == 1:
+            logits[:10] = math.nan
+        csl_fast.accumulate(logits, torch.arange(n) % 3, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path)).read_text(encoding="utf-8")
+    assert "The 20 trained samples were presented 2 to 3 times (10 fewer than 3)" in html
+    assert "epoch 2 recorded a loss for only part of them" in html
+
+
 def test_recall_counts_the_corrupted_samples_the_run_trained_on(tmp_path):
     """12 of 22 flipped samples never presented: the page's recall counted them (0.455 for
     a rule that found every flip it could score) beside a note that they cannot be
