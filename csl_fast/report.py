@@ -738,8 +738,7 @@ def _html(
         _CSS,
         "</style></head><body>",
         f"<h1>{e(title)}</h1>",
-        f"<p>{tracker.num_samples} samples, {_classes(tracker)}, "
-        f"{tracker.epoch} epochs tracked, {tracker.eval_passes} eval passes. "
+        f"<p>{tracker.num_samples} samples, {_classes(tracker)}, {_tracked(tracker)}. "
         f"Written {e(datetime.datetime.now().strftime('%Y-%m-%d %H:%M'))}. "
         "Every score is oriented so that <b>higher = more suspicious</b>.</p>",
     ]
@@ -883,6 +882,18 @@ def _unequal_presentations(tracker: CSLTracker) -> str | None:
             said += f"; epoch{'s' if len(part) > 1 else ''} {_spans(part)} recorded a loss "
             said += "for only part of them"
     return said
+
+
+def _tracked(tracker: CSLTracker) -> str:
+    """The header's epochs and eval passes, per run for a merge (csl_fast.merge): '3 epochs
+    tracked' of 2 runs sat over CSLs that each sum 6 presentations."""
+    said = f"{tracker.epoch} epochs tracked, {tracker.eval_passes} eval passes"
+    if tracker.runs == 1:
+        return said
+    return (
+        f"{tracker.runs} runs merged (csl_fast.merge; scores sum or pool over them), "
+        f"{said} in the longest"
+    )
 
 
 def _classes(tracker: CSLTracker) -> str:

@@ -823,6 +823,27 @@ def test_csl_histogram_shows_a_bin_of_one_sample(tmp_path, monkeypatch):
     assert bottoms and bottoms[0] <= 0.5  # a bar of height 1 spans a third of a decade
 
 
+def test_a_merged_run_says_how_many_runs_it_holds(tmp_path):
+    # csl_fast.merge of 2 runs of 3 epochs: the header said "3 epochs tracked" while each
+    # CSL sums 6 presentations
+    n = 12
+    runs = []
+    for seed in range(2):
+        tracker = csl_fast.CSLTracker(n, 3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(3):
+            csl_fast.accumulate(
+                torch.randn(n, 3, generator=g), torch.arange(n) % 3, torch.arange(n), tracker
+            )
+            tracker.end_epoch()
+        runs.append(tracker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(csl_fast.merge(runs), tmp_path)).read_text(encoding="utf-8")
+    assert "3 classes, 2 runs merged (csl_fast.merge; " in html
+    assert "3 epochs tracked, 0 eval passes in the longest." in html
+
+
 def test_a_multi_label_run_is_described_by_its_labels(tmp_path):
     # an accumulate_bce run with num_labels=5 read "300 samples, ? classes"
     n, labels = 12, 5
