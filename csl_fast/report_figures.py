@@ -419,6 +419,13 @@ def _fig_data_map(
     # a std is >= 0, but one class (every variability 0) drew an axis from -0.04 to 0.04
     right = max(float(var[ok].max()) if ok.any() else 0.0, 0.05) * 1.05
     ax.set_xlim(-0.02 * right, right)
+    if ok.any() and not (var[ok] > 0).any():
+        # one epoch put every point on the left edge, with no word why
+        colour_note += (
+            " Every variability is 0: each sample was presented once (a run of one epoch) "
+            "or its p(label) never changed (one class), so the map spreads samples along "
+            "confidence only."
+        )
     return _png(fig, path), colour_note
 
 

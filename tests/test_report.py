@@ -875,6 +875,21 @@ def test_data_map_of_one_class_has_no_negative_variability(tmp_path, monkeypatch
     assert -0.002 < lo < 0 and hi >= 0.05
 
 
+def test_data_map_of_one_epoch_says_why_every_variability_is_0(tmp_path):
+    # one epoch put every point at variability 0 with no caption saying why
+    from csl_fast.report_figures import _fig_data_map
+
+    n = 12
+    tracker = csl_fast.CSLTracker(n, 3)
+    csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), tracker)
+    tracker.end_epoch()
+    _, caption = _fig_data_map(tracker, None, str(tmp_path / "d.png"))
+    assert "Every variability is 0: each sample was presented once" in caption
+    csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), tracker)
+    _, caption = _fig_data_map(tracker, None, str(tmp_path / "d.png"))
+    assert "variability is 0" not in caption
+
+
 def test_log_axes_under_a_decade_are_ticked_in_plain_numbers(tmp_path, monkeypatch):
     """Counts of 1 to 4 and CSLs of 2 to 20 were ticked 2x10^0, 3x10^0, ...; the
     histograms of the report (the CSL histogram, the flagged set's) read 2, 3, 10, 20."""
