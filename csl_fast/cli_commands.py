@@ -237,12 +237,9 @@ def _scores_for(tracker: Any, name: str) -> list[str]:
     available = recorded_names(tracker)
     if name == "label_csl":
         if tracker.label_csl is None:
-            raise CLIError(
-                "score 'label_csl' ranks (sample, label) entries and needs a tracker created "
-                "with num_labels=L and fed by csl_fast.accumulate_bce; this run has no "
-                "per-label CSL; available: " + ", ".join(available),
-                EXIT_USAGE,
-            )
+            from .report import NO_LABEL_CSL
+
+            raise CLIError(f"{NO_LABEL_CSL}; available: " + ", ".join(available), EXIT_USAGE)
         return available
     if name not in available:
         needs = SCORES[name].needs
@@ -675,7 +672,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         samples,
         notes=notes,
         title=f"csl_fast report: {os.path.basename(os.path.abspath(args.run))}",
-        score="csl" if args.score == "label_csl" else args.score,  # entries: own section
+        score=args.score,
         top=args.top,
         progress=not args.quiet,
         inputs=inputs,

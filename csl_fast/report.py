@@ -350,6 +350,11 @@ def format_detection_table(table: Mapping[str, Mapping[str, float]]) -> str:
 
 
 # --------------------------------------------------------------------------- report
+#: Why a run without per-label CSL cannot be ranked by ``label_csl`` (the CLI says it too).
+NO_LABEL_CSL = (
+    "score 'label_csl' ranks (sample, label) entries and needs a tracker created with "
+    "num_labels=L and fed by csl_fast.accumulate_bce; this run has no per-label CSL"
+)
 _NO_LOGITS = (
     "needs the softmax statistics of csl_fast.accumulate (cross entropy); this run "
     "recorded losses only."
@@ -499,7 +504,8 @@ def write_report(
         title: page title.
         score: the score that ranks the top-k table and image grid and flags the set
             (default ``"csl"``; ``"csl_mean"`` for a tracker of sequences,
-            :func:`csl_fast.detect.default_score`).
+            :func:`csl_fast.detect.default_score`). ``"label_csl"`` (per-label CSL):
+            the entries' section ranks by it, the samples by the default score.
         top: how many suspicious samples to list.
         notes: extra ``(heading, preformatted text)`` sections (e.g. the demo's overhead).
         progress: show a tqdm bar over the figures and the flagged set's sections.
@@ -536,8 +542,14 @@ def write_report(
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
     if loss_only:
         notes = [("What this run recorded", LOSS_ONLY + "."), *notes]
+    if score == "label_csl" and tracker.label_csl is not None:
+        # it ranks (sample, label) entries, which have their own section; the samples are
+        # ranked by the default score, as csl-fast report --score label_csl does
+        score = None
     if score is None:
         score = default_score(tracker)
+    if score == "label_csl":  # (said 'was not recorded in this run' of a run that did)
+        raise KeyError(f"{NO_LABEL_CSL}; available: {list(all_scores)}")
     if score not in all_scores:
         raise KeyError(
             f"score {score!r} was not recorded in this run; available: {list(all_scores)}"

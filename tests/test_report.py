@@ -844,6 +844,24 @@ def test_a_merged_run_says_how_many_runs_it_holds(tmp_path):
     assert "3 epochs tracked, 0 eval passes in the longest." in html
 
 
+def test_score_label_csl_is_accepted_as_the_cli_accepts_it(tmp_path):
+    # write_report(score="label_csl") raised "score 'label_csl' was not recorded in this
+    # run" on a run that recorded it; csl-fast report --score label_csl draws the page
+    n, labels = 12, 5
+    tracker = csl_fast.CSLTracker(n, num_labels=labels)
+    target = (torch.rand(n, labels, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    csl_fast.accumulate_bce(torch.randn(n, labels), target, torch.arange(n), tracker)
+    tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(tracker, tmp_path, score="label_csl")).read_text()
+    assert "(sample, label) entries by per-label CSL" in html and "Top 12 by csl<" in html
+    plain = csl_fast.CSLTracker(n, 3)
+    csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), plain)
+    with pytest.raises(KeyError, match="needs a tracker created with num_labels=L"):
+        write_report(plain, tmp_path / "plain", score="label_csl")
+
+
 def test_a_multi_label_run_is_described_by_its_labels(tmp_path):
     # an accumulate_bce run with num_labels=5 read "300 samples, ? classes"
     n, labels = 12, 5
