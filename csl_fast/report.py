@@ -518,6 +518,19 @@ def write_report(
     from .scores import LOSS_ONLY, SCORES, epochs_without_loss, has_logit_stats
     from .scores import scores as compute_scores
 
+    if not isinstance(tracker, CSLTracker):
+        # a path or a scores dict failed with "'str' object has no attribute 'csl_count'"
+        hint = (
+            "; load a saved one with csl_fast.load(path)"
+            if isinstance(tracker, (str, os.PathLike))
+            else " (the page reads the tracker's buffers, which a scores mapping lacks)"
+            if isinstance(tracker, Mapping)
+            else ""
+        )
+        raise TypeError(
+            f"write_report: tracker must be a csl_fast.CSLTracker, got "
+            f"{type(tracker).__name__}{hint}"
+        )
     # ranking[:top] with top < 0 listed all but the last -top samples as the "top"
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise ValueError(f"write_report: top must be an int >= 0, got {top!r}")
@@ -529,7 +542,6 @@ def write_report(
             "tracker first"
         )
     out = os.fspath(out_dir)
-    os.makedirs(out, exist_ok=True)
     n = tracker.num_samples
     if samples is not None and samples.num_samples not in (None, n):
         raise SamplesFileError(f"samples describe {samples.num_samples} samples, the tracker {n}")
@@ -549,11 +561,16 @@ def write_report(
     if score is None:
         score = default_score(tracker)
     if score == "label_csl":  # (said 'was not recorded in this run' of a run that did)
-        raise KeyError(f"{NO_LABEL_CSL}; available: {list(all_scores)}")
+        raise KeyError(f"write_report: {NO_LABEL_CSL}; available: {list(all_scores)}")
     if score not in all_scores:
         raise KeyError(
-            f"score {score!r} was not recorded in this run; available: {list(all_scores)}"
+            f"write_report: score {score!r} was not recorded in this run; available: "
+            f"{list(all_scores)}"
         )
+    # (after the checks: a misspelled score left an empty folder behind)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"write_report: out_dir {out!r} is a file; pass a folder")
+    os.makedirs(out, exist_ok=True)
     s = _np(all_scores[score])
     if loss_only:
         det = _loss_only_detection(tracker, score)
@@ -711,6 +728,13 @@ def _inputs_of(
     if inputs is None and samples is not None and samples.inputs is not None:
         inputs = samples.inputs
     if inputs is None:
+        if labels is not None:
+            # (dropped without a word, as csl-fast report --labels without inputs is not)
+            raise ValueError(
+                "write_report: labels= are the given labels of the duplicate groups, which "
+                "need the inputs: pass inputs= too (the rest of the page reads the labels "
+                "of samples=, a RunSamples)"
+            )
         return None, None
     if labels is None and samples is not None:
         labels = samples.labels

@@ -300,6 +300,26 @@ def test_empty_tracker_and_negative_top_are_refused(run, tmp_path):
         write_report(run[0], tmp_path / "neg", top=-3)
 
 
+def test_wrong_arguments_are_named_before_anything_is_written(run, tmp_path):
+    """A path or a scores dict failed on a missing attribute; labels without inputs were
+    dropped without a word; a misspelled score left an empty folder; a file as out_dir
+    gave a bare [Errno 17]."""
+    tracker, samples = run
+    tracker.save(tmp_path / "run.csl")
+    with pytest.raises(TypeError, match=r"got str; load a saved one with csl_fast.load"):
+        write_report(str(tmp_path / "run.csl"), tmp_path / "a")
+    with pytest.raises(TypeError, match=r"got Scores \(the page reads the tracker's buffers"):
+        write_report(csl_fast.scores(tracker), tmp_path / "a")
+    labels = torch.as_tensor(samples.labels)
+    with pytest.raises(ValueError, match=r"labels= are the given labels .* pass inputs= too"):
+        write_report(tracker, tmp_path / "a", labels=labels)
+    with pytest.raises(KeyError, match=r"write_report: score 'csll' was not recorded"):
+        write_report(tracker, tmp_path / "a", score="csll")
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(FileExistsError, match=r"write_report: out_dir .* is a file"):
+        write_report(tracker, tmp_path / "run.csl")
+
+
 def test_run_samples_refuse_values_that_would_change_meaning():
     # astype(bool) made NaN and 0.5 "mislabeled"; 0.5 labels became class 0 downstream
     from csl_fast.report import SamplesFileError
