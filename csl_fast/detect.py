@@ -373,11 +373,32 @@ _SUMMED_OVER_POSITIONS = ("csl", "final_loss")
 
 
 def default_score(source: Any) -> str:
-    """The score the detectors rank ``source`` by when none is named: ``"csl_mean"`` for a
-    tracker of sequences (:attr:`CSLTracker.sequences`; ``csl`` would grow with a
-    sequence's length) and for :func:`csl_fast.scores` of one, ``"csl"`` otherwise (any
-    other tracker, a mapping, a tensor)."""
-    return "csl_mean" if getattr(source, "sequences", False) else "csl"
+    """The score the detectors rank ``source`` by when none is named: ``"csl"``, the sum of
+    each sample's losses, or ``"csl_mean"`` (the sum over the sample's count) where the sum
+    would rank by length or by presentations: for a tracker of sequences
+    (:attr:`CSLTracker.sequences`; ``csl`` would grow with a sequence's length), and for a
+    tracker whose presented samples' counts differ by more than 25% (a shuffled loader
+    with ``drop_last=True`` on a small data set, a weighted sampler, an epoch stopped
+    part-way: ``csl`` ranked the samples presented most often first), or
+    :func:`csl_fast.scores` of either. With equal counts the two rank alike. A plain
+    mapping or tensor: ``"csl"``."""
+    if getattr(source, "sequences", False) or _unequal_counts(source) is not None:
+        return "csl_mean"
+    return "csl"
+
+
+def _unequal_counts(source: Any) -> tuple[float, float] | None:
+    """``(lowest, highest)`` presentation count of the presented samples of ``source`` (a
+    tracker or its :func:`csl_fast.scores`) where they differ by more than 25%, else None
+    (a mapping or tensor without counts too)."""
+    counts = getattr(source, "csl_count", None)
+    if counts is None:
+        return None
+    counts = counts[counts > 0]
+    if counts.numel() == 0:
+        return None
+    lo, hi = float(counts.min()), float(counts.max())
+    return (lo, hi) if hi > 1.25 * lo else None
 
 
 def _length_bias(t: Any, score: str) -> str | None:
@@ -386,21 +407,17 @@ def _length_bias(t: Any, score: str) -> str | None:
     counts differ by more than 25%: samples presented more often than others (a weighted
     sampler, an epoch stopped part-way) ranked first, and were flagged, without a word."""
     sequences = getattr(t, "sequences", False)
-    counts = getattr(t, "csl_count", None)
-    if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or counts is None:
+    unequal = _unequal_counts(t)
+    if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or unequal is None:
         return None
-    counts = counts[counts > 0]
-    if counts.numel() == 0:
-        return None
-    lo, hi = float(counts.min()), float(counts.max())
-    if hi <= 1.25 * lo:
-        return None
+    lo, hi = unequal
     if not sequences:
         return (
             f"score {score!r} sums the loss over each sample's presentations, and the "
             f"presented samples' presentation counts (csl_count) range from {lo:g} to {hi:g}: "
-            "samples presented more often (a weighted sampler, an epoch stopped part-way) "
-            "rank first whatever their labels. Rank and detect by 'csl_mean'"
+            "samples presented more often (a shuffled loader with drop_last=True, a weighted "
+            "sampler, an epoch stopped part-way) rank first whatever their labels. Rank and "
+            "detect by 'csl_mean' (the default for such a run)"
         )
     return (
         f"score {score!r} sums the loss over each sequence's positions, and the presented "
@@ -1041,9 +1058,9 @@ def _detect(
                     f"show as bad, and the top {est.count} by {name!r} hold only "
                     f"{diag['agreement']:.0%} of the top {est.count} by mean loss: {name!r} "
                     "ranks other samples first, and the flagged set is mostly not what was "
-                    "counted; rank by csl "
-                    "(the default), or check this score's ranking on data whose bad labels "
-                    f"you know{also}"
+                    "counted; rank by 'csl_mean', the mean loss the count came from (it "
+                    "ranks as csl where every sample was presented equally often), or check "
+                    f"this score's ranking on data whose bad labels you know{also}"
                 )
             elif est.reason is not None:
                 # settled by the score's own upper mode: no training advice is needed

@@ -729,6 +729,18 @@ def test_unequal_presentation_counts_are_said_of_a_summed_score():
         warnings.simplefilter("always")
         csl_fast.detect.mislabeled(fed, "csl_mean")
     assert not any("presentation counts" in str(w.message) for w in caught)
+    # the default follows the advice (it was csl, which the warning then faulted: a loader
+    # with drop_last=True on a small data set ranked its samples by how often they came)
+    for source in (fed, csl_fast.scores(fed), losses):
+        assert csl_fast.detect.default_score(source) == "csl_mean", type(source)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = csl_fast.detect.mislabeled(source)
+        assert det.score_name == "csl_mean"
+        assert not any("presentation counts" in str(w.message) for w in caught)
+    even = csl_fast.CSLTracker(n, c)
+    csl_fast.accumulate(torch.randn(n, c, generator=g), y, torch.arange(n), even)
+    assert csl_fast.detect.default_score(even) == "csl"
 
 
 def test_a_score_of_part_of_the_run_counts_and_flags_among_its_samples():
