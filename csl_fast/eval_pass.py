@@ -101,6 +101,7 @@ def score_epoch(
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else tracker.device
     device = torch.device(device)
+    _warn_of_the_loader(loader, tracker)
     batches: Iterable[Batch] = loader
     if progress:
         try:
@@ -264,3 +265,46 @@ def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, tuple | list):
         return type(x)(_to(v, device) for v in x)
     return x
+
+
+def _warn_of_the_loader(loader: Any, tracker: CSLTracker) -> None:
+    """A warning for a DataLoader whose pass records what the caller did not mean: one that
+    drops its last partial batch (the training loader, reused: each pass left other
+    samples out, and eval_csl, a sum, grew with how often each was scored), and one over
+    an :class:`~csl_fast.data.IndexedDataset` of another size than the tracker (a
+    validation set: its indices 0..M-1 named training samples, whose eval buffers took
+    the validation losses)."""
+    from torch.utils.data import DataLoader, Subset
+
+    from .data import IndexedDataset
+
+    if not isinstance(loader, DataLoader):
+        return
+    dataset = loader.dataset
+    try:
+        size = len(dataset)
+    except TypeError:  # an iterable dataset
+        return
+    batch = loader.batch_size
+    if loader.drop_last and batch and size % batch:
+        warnings.warn(
+            f"csl_fast.score_epoch: the loader drops its last partial batch (drop_last=True): "
+            f"{size % batch} of its {size} samples are not scored in this pass, so each "
+            "sample's eval_csl sums a different number of passes; pass a loader without "
+            "drop_last",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    while isinstance(dataset, Subset):  # a Subset keeps the indices of the set it is of
+        dataset = dataset.dataset
+    if isinstance(dataset, IndexedDataset) and len(dataset) != tracker.num_samples:
+        warnings.warn(
+            f"csl_fast.score_epoch: the loader's IndexedDataset holds {len(dataset)} "
+            f"samples, the tracker {tracker.num_samples}: the indices 0..{len(dataset) - 1} "
+            "it yields name the tracker's samples, so another data set's losses (a "
+            "validation set's) are recorded as theirs; score the data set the tracker "
+            "tracks, or give another one a tracker of its own "
+            "(CSLTracker(len(dataset), num_classes))",
+            RuntimeWarning,
+            stacklevel=3,
+        )

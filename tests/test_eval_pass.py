@@ -372,3 +372,28 @@ def test_out_of_range_values_are_said_of_score_epoch(validate):
                 torch.nn.Identity(), [(logits, y, index)], tracker, validate=validate
             )
         assert not tracker.eval_count.any()
+
+
+def test_loaders_that_record_what_was_not_meant_are_warned_of():
+    """The training loader reused (drop_last=True: each pass left samples out, and the
+    summed eval_csl grew with how often each was scored), and a validation set's
+    IndexedDataset (its indices 0..M-1 named training samples) recorded without a word.
+    A Subset of the tracked set keeps its indices: no warning."""
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    from csl_fast.data import IndexedDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
+    train = IndexedDataset(TensorDataset(x, y))
+    tracker = CSLTracker(10, 3)
+    with pytest.warns(RuntimeWarning, match=r"drop_last=True\): 2 of its 10 samples"):
+        csl_fast.score_epoch(_model(), DataLoader(train, batch_size=4, drop_last=True), tracker)
+    val = IndexedDataset(TensorDataset(x[:6], y[:6]))
+    with pytest.warns(RuntimeWarning, match=r"IndexedDataset holds 6 samples, the tracker 10"):
+        csl_fast.score_epoch(_model(), DataLoader(val, batch_size=4), tracker)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        part = Subset(train, range(0, 10, 2))
+        csl_fast.score_epoch(_model(), DataLoader(part, batch_size=5, drop_last=True), tracker)
+        csl_fast.score_epoch(_model(), DataLoader(train, batch_size=4), tracker)
