@@ -123,8 +123,9 @@ def train(
 
     Args:
         model: maps ``[B, ...]`` inputs to ``[B, C]`` logits.
-        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` integer labels (widened to int64).
-            Both on the model's device. Row ``i`` has dataset index ``i`` (what the
+        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` integer labels (widened to int64),
+            or, without a tracker, ``[N, C]`` float class probabilities. Both on the
+            model's device. Row ``i`` has dataset index ``i`` (what the
             tracker records).
         epochs: passes over the data; each pass visits every sample once in a fresh random
             order (the last batch may be smaller).
@@ -180,22 +181,13 @@ def train(
         )
     if (input_grads or eval_each_epoch) and tracker is None:
         raise ValueError("csl_fast.train: input_grads/eval_each_epoch need a tracker")
-    if tracker is not None and y.is_floating_point():
-        # accumulate's refusal named csl= and count=, which train() does not take
-        raise ValueError(
-            "csl_fast.train: y holds class probabilities (a float tensor), which a tracker "
-            "cannot record (its statistics need one class per sample); pass class indices "
-            "(y.argmax(1)) to train with a tracker, or train without one"
-        )
     if tracker is not None and tracker.num_samples != x.shape[0]:
         raise ValueError(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
             f"{x.shape[0]} rows"
         )
-    if integer_labels(y.dtype) and y.dtype != torch.long:
-        # F.cross_entropy takes int64 (and uint8) class indices only: int32 labels trained
-        # with a tracker (accumulate widens them) and failed without one
-        y = y.long()
+    _check_inputs(x)
+    y = _targets(y, tracker)
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -287,6 +279,42 @@ def train(
                 callback(epoch, model)
                 result.callback_time += time.perf_counter() - t2
     return result
+
+
+def _check_inputs(x: torch.Tensor) -> None:
+    # the model's first layer failed with "mat1 and mat2 must have the same dtype"
+    if not x.is_floating_point():
+        raise TypeError(f"csl_fast.train: x must be float inputs, got {x.dtype}; pass x.float()")
+
+
+def _targets(y: torch.Tensor, tracker: CSLTracker | None) -> torch.Tensor:
+    """``y`` as F.cross_entropy takes it: ``[N]`` int64 class indices, or (without a
+    tracker) ``[N, C]`` float class probabilities; anything else failed in its words
+    ("expected target dtype to be Long or Byte"), which name neither train nor the fix."""
+    if y.is_floating_point() and y.dim() == 2:
+        if tracker is not None:
+            # accumulate's refusal named csl= and count=, which train() does not take
+            raise ValueError(
+                "csl_fast.train: y holds class probabilities (a float tensor), which a "
+                "tracker cannot record (its statistics need one class per sample); pass "
+                "class indices (y.argmax(1)) to train with a tracker, or train without one"
+            )
+        return y
+    shape = f"{y.dtype} of shape {tuple(y.shape)}"
+    if integer_labels(y.dtype) and y.dim() == 2:
+        raise ValueError(
+            f"csl_fast.train: y must be [N] integer class indices, got {shape}; "
+            "one-hot labels? pass y.argmax(1)"
+        )
+    if not integer_labels(y.dtype) or y.dim() != 1:
+        fix = "pass y.long()" if y.dim() == 1 else "pass [N] labels"
+        raise ValueError(
+            f"csl_fast.train: y must be [N] integer class indices (or, without a tracker, "
+            f"[N, C] float class probabilities), got {shape}; {fix}"
+        )
+    # F.cross_entropy takes int64 (and uint8) class indices only: int32 labels trained
+    # with a tracker (accumulate widens them) and failed without one
+    return y.long()
 
 
 def _std(name: str, value: object) -> float:
