@@ -537,7 +537,8 @@ def _suggestions_of(
 
         if not isinstance(source, CSLTracker):
             return None
-        suggestions = source.suggestions()
+        # (clean words the warning of a tracker without epochs itself, for relabels only)
+        suggestions = source._suggestions()
     if not isinstance(suggestions, tuple | list) or len(suggestions) != 2:
         raise TypeError(
             "csl_fast.clean: suggestions must be a pair (label int [N], confidence float [N]), "

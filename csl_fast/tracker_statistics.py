@@ -194,8 +194,18 @@ class TrackerStatistics:
         presentation are doubted throughout: :math:`n_i = k_i`. Easy samples misclassified
         only at their first presentations can have a high :math:`c_i` from few votes: the
         confidence ranks the suggestions of *flagged* samples (the detection decides which
-        those are). No host synchronisation.
+        those are). No host synchronisation once an epoch is closed; before, a
+        ``RuntimeWarning`` says so where a sample was presented more than once (without
+        epoch stamps :math:`n_i = k_i`, which understates the confidence).
         """
+        from .scores import warn_no_epoch_closed
+
+        what = "CSLTracker.suggestions: the confidence is underestimated"
+        warn_no_epoch_closed(self, what)  # type: ignore[arg-type]
+        return self._suggestions()
+
+    def _suggestions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`suggestions` without its warning, for callers that word their own."""
         b = self._buffers
         label = b["suggest_label"].long()
         if self.sequences:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -344,7 +345,8 @@ def test_suggestions_recover_the_majority_runner_up():
         stats[Stat.VALID, 1] = 0.0
         stats[Stat.OTHER_ARGMAX, 1] = -1.0
         tracker.update(torch.tensor([0, 1]), stats)
-    label, conf = tracker.suggestions()
+    with pytest.warns(RuntimeWarning, match="closed no epoch"):  # (exact: never fitted)
+        label, conf = tracker.suggestions()
     assert label.tolist() == [2, -1]
     assert conf[0].item() == pytest.approx(7 / 10)
     assert math.isnan(conf[1])
@@ -384,8 +386,35 @@ def test_confidence_without_epochs_is_the_share_of_presentations():
     tracker = csl_fast.CSLTracker(1, 4, backend="reference")
     for t in range(6):
         _present(tracker, [2.0], [t >= 2])
-    label, conf = tracker.suggestions()
+    with pytest.warns(RuntimeWarning, match="closed no epoch"):
+        label, conf = tracker.suggestions()
     assert label.tolist() == [2] and conf.item() == pytest.approx(2 / 6)
+
+
+def test_suggestions_of_a_tracker_without_epochs_warn_once_also_through_clean():
+    """With end_epoch() never called every presentation counts, fitted or not: the
+    confidence fell silently (4 passes, 2 of 3 votes before the fit read as 0.5, not 2/3);
+    csl_fast.clean warned, and must not warn twice now that suggestions() does."""
+    tracker = csl_fast.CSLTracker(1, 4, backend="reference")
+    for t in range(4):
+        _present(tracker, [2.0], [t >= 2])
+    with pytest.warns(RuntimeWarning) as said:
+        tracker.suggestions()
+    assert [str(w.message) for w in said] == [
+        "CSLTracker.suggestions: the confidence is underestimated: the tracker closed no "
+        "epoch although it presented a sample up to 4 times (tracker.end_epoch() was never "
+        "called); call it after each training epoch (csl_fast.train.train and the "
+        "integrations do)"
+    ]
+    assert said[0].filename == __file__
+    det = csl_fast.detect.mislabeled(torch.ones(1), rule="fraction", fraction=1.0)
+    with pytest.warns(RuntimeWarning) as said:
+        csl_fast.clean(tracker, detection=det)
+    assert len(said) == 1 and str(said[0].message).startswith("csl_fast.clean: the sugg")
+    tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        tracker.suggestions()
 
 
 def test_suggestion_memory_and_initial_state():
