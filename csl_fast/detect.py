@@ -1341,6 +1341,9 @@ def duplicates(
     inputs = dg.as_rows("csl_fast.detect.duplicates", "inputs", inputs)
     labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
     dg.check_rows(n, inputs, labels)
+    classes = getattr(source, "num_classes", None)
+    if labels is not None and classes:  # (a classifier's: not a multi-label target row)
+        dg.check_class_labels("csl_fast.detect.duplicates", labels, classes)
     if inputs is None:
         args = (values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)
         det = _detect(*args, trained=trained)

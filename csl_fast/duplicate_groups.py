@@ -25,12 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._args import integer_labels
+from ._args import integer_labels, label_range
 from .bits import as_bits
 
 __all__ = [
     "as_rows",
     "carry_count",
+    "check_class_labels",
     "check_rows",
     "conflicting",
     "count_through_groups",
@@ -208,6 +209,28 @@ def as_rows(where: str, name: str, value: Any) -> torch.Tensor | None:
             f"sample, got {type(value).__name__} ({exc}); for a Dataset, stack its rows "
             "(torch.stack([x for x, _ in dataset]))"
         ) from None
+
+
+def check_class_labels(where: str, labels: torch.Tensor, classes: int | None) -> None:
+    """Raise a ``ValueError`` unless ``labels`` are integer class indices below
+    ``classes`` (when known), negative ones allowed (ignore_index: unlabelled). The check
+    ``csl_fast.clean`` and ``csl_fast.detect.duplicates`` share: duplicates flagged float
+    labels (0.2 vs 0.7) and labels past the tracker's classes as conflicts that clean then
+    refused."""
+    if not integer_labels(labels.dtype):
+        raise ValueError(
+            f"{where}: labels must be integer class indices, got {labels.dtype} of shape "
+            f"{tuple(labels.shape)}; pass the labels the run trained on"
+        )
+    low, high = label_range(labels) if labels.numel() else (0, 0)
+    if classes and high >= classes:
+        # a group is relabelled to one of these labels: 99 would enter the plan. A
+        # negative one (ignore_index: unlabelled) conflicts with none and never wins
+        raise ValueError(
+            f"{where}: labels must be class indices in [0, {classes}) (or negative for an "
+            f"unlabelled sample, ignore_index), got values in [{low}, {high}]; pass the "
+            "labels the run trained on"
+        )
 
 
 def check_rows(n: int, inputs: torch.Tensor | None, labels: torch.Tensor | None) -> None:

@@ -168,3 +168,22 @@ def test_no_samples_no_groups():
     assert dg.conflicting(dg.group_ids(empty), torch.zeros(0, dtype=torch.long)).numel() == 0
     det = detect.duplicates(torch.zeros(0), inputs=empty, labels=torch.zeros(0, dtype=torch.long))
     assert len(det) == 0 and det.groups == []
+
+
+def test_labels_a_classifiers_tracker_cannot_hold_are_refused_as_clean_refuses_them():
+    """Float labels (0.2 vs 0.7) and labels past the tracker's classes were flagged as a
+    conflict; csl_fast.clean refused the same labels."""
+    import csl_fast
+
+    tracker = csl_fast.CSLTracker(3, 5)
+    csl_fast.accumulate(torch.randn(3, 5), torch.tensor([0, 1, 1]), torch.arange(3), tracker)
+    x = torch.tensor([[0.0], [0.0], [1.0]])
+    float_labels = torch.tensor([0.2, 0.7, 0.0])
+    with pytest.raises(ValueError, match=r"duplicates: labels must be integer class indices"):
+        detect.duplicates(tracker, inputs=x, labels=float_labels)
+    past = torch.tensor([99, 1, 1])
+    for fn, name in ((detect.duplicates, "detect.duplicates"), (csl_fast.clean, "clean")):
+        with pytest.raises(ValueError, match=rf"{name}: labels must be class indices in \[0, 5\)"):
+            fn(tracker, inputs=x, labels=past)
+    # a tracker with no classes (multi-label, binary BCE) compares float target rows by bits
+    assert detect.duplicates(torch.rand(3), inputs=x, labels=float_labels).groups == [[0, 1]]
