@@ -140,9 +140,21 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview | bytes:
     return memoryview(t.contiguous().reshape(-1).numpy()).cast("B")
 
 
+def _file_path(fn: str, path: Any) -> str:
+    """``path`` (a str, bytes or ``os.PathLike``) as a str; os.fspath's TypeError for
+    anything else ("expected str, bytes or os.PathLike object, not NoneType") named
+    neither the function nor the argument."""
+    if not isinstance(path, str | bytes | os.PathLike):
+        raise TypeError(
+            f"{fn}: path must be a file path (a str, bytes or os.PathLike such as "
+            f"pathlib.Path), got {type(path).__name__}"
+        )
+    return os.fsdecode(path)
+
+
 def save(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.save` (see the module docstring)."""
-    user_path = os.fsdecode(path)  # (bytes too, as load takes them)
+    user_path = _file_path("CSLTracker.save", path)  # (bytes too, as load takes them)
     target = atomic_file.target_of(user_path, "save the tracker", "tracker.csl")
 
     def write(f: BinaryIO) -> None:
@@ -238,7 +250,7 @@ def read_file(path: str | os.PathLike) -> dict[str, Any]:
     """A tracker file's verified state dict (CPU tensors); nothing is checked against a
     tracker yet. Raises :class:`TrackerFileError` (:class:`TrackerFileNotFoundError` when
     there is no file)."""
-    return _read(os.fspath(path), None)
+    return _read(_file_path("csl_fast.tracker_file.read_file", path), None)
 
 
 # Given the state a file describes (its metadata; tensors on the meta device), a new
@@ -542,6 +554,7 @@ def _warn_unverified(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
 def load(tracker: CSLTracker, path: str | os.PathLike) -> None:
     """:meth:`CSLTracker.load`: the whole file is read and checked before the tracker
     changes; raises :class:`TrackerFileError` (tracker unchanged)."""
+    path = _file_path("CSLTracker.load", path)
     state = read_file(path)
     try:
         checked = checked_state(tracker, state)
@@ -560,6 +573,7 @@ def from_file(
     table before a tracker is allocated; a binary file (version 2 or 3) is then read
     straight into the new tracker's CPU buffers (about the file's size in memory, not twice
     it) and verified before the tracker is returned."""
+    path = _file_path("csl_fast.load (CSLTracker.from_file)", path)
     if str(device).startswith("meta"):
         # (a tracker made there is allowed, for its errors elsewhere: the file's values are not)
         raise ValueError(
@@ -576,7 +590,7 @@ def from_file(
             return None  # refused below, after the checksum, by from_state
         return made[-1]
 
-    state = _read(os.fspath(path), receiver)
+    state = _read(path, receiver)
     try:
         if made:
             tracker = made.pop()

@@ -156,6 +156,20 @@ def test_roundtrip_bitwise(saved, tmp_path):
     _assert_same(_snapshot(t), _snapshot(CSLTracker.from_file(os.fsencode(tmp_path / "b.csl"))))
 
 
+def test_a_path_that_is_no_path_is_named_by_the_function_given_it():
+    # os.fspath's "expected str, bytes or os.PathLike object, not NoneType" named neither
+    t = _filled()
+    calls = (
+        ("CSLTracker.save", t.save),
+        ("CSLTracker.load", t.load),
+        (r"csl_fast.load \(CSLTracker.from_file\)", csl_fast.load),
+    )
+    for name, fn in calls:
+        for bad in (None, 3):
+            with pytest.raises(TypeError, match=rf"^{name}: path must be a file path .*pathlib"):
+                fn(bad)
+
+
 def _read_into(monkeypatch) -> list[int]:
     """The addresses the next file reads fill (spied on the payload reader)."""
     import numpy as np
