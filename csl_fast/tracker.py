@@ -907,7 +907,8 @@ class CSLTracker(TrackerStatistics):
         ``num_samples``, ``num_classes`` (``None`` on either side agrees with any: a tracker
         without it takes the state's) or ``history``, missing, mistyped or misshapen
         entries, sparse or meta tensors, or values no tracker holds (a negative,
-        non-integral or non-finite count, a negative counter, an int past int32, history
+        non-integral or non-finite count, a negative counter, an int past int32, NaN or
+        inf in a sum of probabilities or gradient norms or the last top probability, history
         rows other than one per closed epoch or eval pass, a learned epoch past the
         epoch, a suggested label of no class), or buffers that disagree, named by field and
         sample (a sum or last value where the count is 0, forgetting events or suggested-

@@ -63,6 +63,14 @@ VERSION_BUFFERS[2] = VERSION_BUFFERS[1] | {
 #: NaN on load instead of their initial value, so that what is added later does not pass
 #: for the whole run (NaN stays NaN; multi-label detection then says "not recorded").
 _UNKNOWN_WHEN_ADDED = frozenset({"label_prob_sum"})
+# Buffers finite at every sample: each presentation adds a bounded amount to them (a
+# probability, its square, or the squared logit gradient norm of plain cross entropy, at
+# most 2) or sets them to one (the top probability), so no sum over a tracker's counts, no
+# merge and no sync overflows them, and a row is recorded only where it is finite. The
+# other sums can overflow: a diverging run's finite losses near 3.4e38 sum to inf in
+# float32, a margin of logits +-3e38 is inf itself, a merge's mean last loss overflows,
+# and a sync's base + deltas turns inf into NaN.
+_FINITE = frozenset({"p_true_sum", "p_true_sq_sum", "grad_norm_sum", "last_max_prob"})
 
 
 class TrackerStateError(ValueError):
@@ -223,16 +231,25 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
     """Refuse values no tracker holds: counts that are negative, non-integral or not
     finite once copied into the tracker's float ``dtype`` (a float64 count past float32's
     range would become inf), integers below their floor (-1 for "none yet", else 0) or past
-    int32 (a copy would wrap them). Sums may hold inf and NaN: adding finite margins can
-    overflow to inf, then inf - inf. (These buffers are all [N]; checked a chunk of
-    samples at a time, see :func:`sample_chunks`.)"""
+    int32 (a copy would wrap them), and inf or NaN in the buffers of :data:`_FINITE`
+    (accepted, such a sample scored NaN and dropped out of the ranking). Other sums may
+    hold inf and NaN: adding finite margins can overflow to inf, then inf - inf. (These
+    buffers are all [N]; checked a chunk of samples at a time, see
+    :func:`sample_chunks`.)"""
     if kind == "int":
         lo = -1 if name in _MINUS_ONE else 0
         allowed = f"an int32 >= {lo}"
     elif name.endswith("_count"):
         allowed = f"a finite integral count >= 0 in the tracker's {dtype}"
+    elif name in _FINITE:
+        allowed = (
+            f"finite in the tracker's {dtype} (each presentation adds a probability or a "
+            "squared gradient norm of at most 2 to it, or sets it to one: no run overflows it)"
+        )
     else:
         return
+    if name in _FINITE and src.dtype == dtype and bool(src.sum().isfinite()):
+        return  # NaN and inf carry into the sum: one pass, no temporaries, rules them out
     for start, part in sample_chunks(src):
         s = src[part]
         if kind == "int":
@@ -248,7 +265,9 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
             bad = (wide < lo) | (wide > torch.iinfo(torch.int32).max)
         else:
             held = s.to(dtype)
-            bad = ~torch.isfinite(held) | (held < 0) | (held != held.round())
+            bad = ~torch.isfinite(held)
+            if name not in _FINITE:  # a count
+                bad |= (held < 0) | (held != held.round())
         if bad.any():
             i = int(bad.nonzero()[0, 0])
             shown = s[i].item() if kind == "int" else s[i].to(torch.float64).item()

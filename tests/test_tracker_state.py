@@ -78,6 +78,39 @@ def test_values_no_tracker_holds_are_refused(tmp_path, monkeypatch, name):
             CSLTracker.from_file(path)
 
 
+@pytest.mark.parametrize("name", ["p_true_sum", "p_true_sq_sum", "grad_norm_sum", "last_max_prob"])
+def test_non_finite_bounded_statistics_of_a_presented_sample_are_refused(tmp_path, name):
+    """Each presentation adds at most 2 to these (or sets a probability): no run overflows
+    them. NaN or inf at a presented sample loaded, saved and reloaded, and the sample then
+    scored NaN and dropped out of the ranking."""
+    for value in (float("nan"), float("inf"), float("-inf")):
+        t = _trained()
+        t.buffers()[name][1] = value  # sample 1: presented twice
+        _refused(t.state_dict(), rf"'{name}' holds {value} at sample 1, not finite")
+        with pytest.raises(TrackerStateError, match=rf"'{name}' holds {value} at sample 1"):
+            t.save(tmp_path / "bad.csl")
+        assert not (tmp_path / "bad.csl").exists()
+    # (finite values whose sum overflows: the one-pass sum test falls back to each value)
+    t = _trained()
+    t.buffers()[name][:2] = 3e38
+    CSLTracker(N, 3).load_state_dict(t.state_dict())
+
+
+def test_the_sums_of_a_diverging_run_load():
+    """Losses near 3.4e38 (a float32 run diverging) are finite and recorded, and two sum to
+    inf; a margin between logits of +-3e38 is inf itself: such sums load."""
+    t = CSLTracker(1, 2)
+    for _ in range(2):
+        csl_fast.accumulate(torch.tensor([[3e38, -3e38]]), torch.tensor([0]), torch.arange(1), t)
+        csl_fast.accumulate(
+            torch.tensor([[1.7e38, -1.7e38]]), torch.tensor([1]), torch.arange(1), t
+        )
+    assert t.csl_sum.isinf().all() and t.margin_sum.isinf().all() and t.csl_count.item() == 4
+    u = CSLTracker(1, 2)
+    u.load_state_dict(t.state_dict())
+    assert torch.equal(u.p_true_sum, t.p_true_sum) and u.csl_sum.isinf().all()
+
+
 def test_int64_values_past_int32_are_refused_not_wrapped():
     state = _trained().state_dict()
     state["buffers"] = dict(state["buffers"])
