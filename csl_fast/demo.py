@@ -451,7 +451,7 @@ def _run(cfg: DemoConfig, log: Callable[[str], None] | None) -> dict[str, Any]:
     plan = clean(tracker, detection=det, inputs=data["x"], labels=data["y"])
     plan_path = os.path.join(out, "clean.csv")  # (written with the tracker, below)
     plan_eval = evaluate_plan(plan, data["true_labels"], mislabeled, duplicate)
-    suggested = tracker.suggestions()[0].cpu().numpy()
+    suggested = tracker._suggestions()[0].cpu().numpy()  # (labels: no confidence warning)
     true_np = data["true_labels"].numpy()
     sugg_right = (
         float((suggested[mislabeled] == true_np[mislabeled]).mean()) if mislabeled.any() else None

@@ -302,7 +302,7 @@ def _suggestion_rows(
     seen = presented(tracker).numpy()
     mis = None if samples.mislabeled is None else samples.mislabeled & seen
     if mis is not None and mis.any():
-        label = tracker.suggestions()[0].cpu().numpy()
+        label = tracker._suggestions()[0].cpu().numpy()  # (labels only: no confidence warning)
         right = int((label[mis] == truth[mis]).sum())
         whose = "all" if mis.sum() == samples.mislabeled.sum() else "presented"
         rows.append(
