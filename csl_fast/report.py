@@ -882,8 +882,8 @@ def _unseen_note(tracker: CSLTracker, all_scores: Mapping[str, torch.Tensor]) ->
     scored = int(torch.stack([finite[name] for name in named]).any(0).sum())
     rest = "" if scored == k else f"; the other {k - scored} have no score"
     return (
-        f"{head}. An eval pass scored {scored} of them: their scores {', '.join(named)} count "
-        f"in the figures and the AUROC table{rest}."
+        f"{head}. An eval pass scored {scored} of them: their scores {', '.join(named)} are "
+        f"drawn wherever the page shows those scores (none of them is ranked){rest}."
     )
 
 
@@ -909,6 +909,9 @@ def _unequal_presentations(tracker: CSLTracker) -> str | None:
         "non-finite without counting it, and a sampler may present some samples more "
         "often: the tracker cannot tell which"
     )
+    if tracker.runs > 1:  # (the runs' own counts add up in a merge)
+        said += f"; the tracker merges {tracker.runs} runs, which may have presented them unequally"
+
     if tracker.history and tracker.loss_history.shape[0]:
         from .scores import _spans
 
@@ -923,12 +926,13 @@ def _unequal_presentations(tracker: CSLTracker) -> str | None:
 def _tracked(tracker: CSLTracker) -> str:
     """The header's epochs and eval passes, per run for a merge (csl_fast.merge): '3 epochs
     tracked' of 2 runs sat over CSLs that each sum 6 presentations."""
-    said = f"{tracker.epoch} epochs tracked, {tracker.eval_passes} eval passes"
     if tracker.runs == 1:
-        return said
+        return f"{tracker.epoch} epochs tracked, {tracker.eval_passes} eval passes"
+    # (a merge keeps the most epochs and the most eval passes of any of its runs, which
+    # need not be the same run's)
     return (
-        f"{tracker.runs} runs merged (csl_fast.merge; scores sum or pool over them), "
-        f"{said} in the longest"
+        f"{tracker.runs} runs merged (csl_fast.merge; scores sum or pool over them), up to "
+        f"{tracker.epoch} epochs and up to {tracker.eval_passes} eval passes in a run"
     )
 
 

@@ -90,7 +90,11 @@ def _fig_flagging(det: Any, path: str) -> str:
 
     v = det.scores.detach().cpu().double().numpy()
     flagged = det.flagged.cpu().numpy()
-    ok = np.isfinite(v)
+    # the samples the rule ranked: held-out ones an eval pass scored were drawn as "not
+    # flagged" beside them, though the rule never considered them
+    ok = np.zeros(v.size, bool)
+    ok[det.ranked.cpu().numpy()] = True
+    ok &= np.isfinite(v)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     if not ok.any():
         # min() of no value raised ValueError: the section still needs its figure
@@ -103,7 +107,7 @@ def _fig_flagging(det: Any, path: str) -> str:
             transform=ax.transAxes,
         )
         ax.set_axis_off()
-        ax.set_title(f"flagged {len(det)} of {v.size}", fontsize=10)
+        ax.set_title(f"flagged {len(det)} of {int(ok.sum())} ranked", fontsize=10)
         return _png(fig, path)
     vals = v[ok]
     log = bool((vals > 0).all())
@@ -124,7 +128,9 @@ def _fig_flagging(det: Any, path: str) -> str:
     ax.set_ylabel("samples")
     from .detect import count_phrase
 
-    title = f"flagged {len(det)} of {v.size}"
+    title = f"flagged {len(det)} of {int(ok.sum())}"
+    if ok.sum() < v.size:
+        title += f" ranked ({v.size} samples)"
     estimate = count_phrase(det)
     if estimate is not None:
         title += f"; {estimate}"
@@ -138,8 +144,9 @@ def _bins(lo: float, hi: float, log: bool, cut: float | None) -> np.ndarray:
     at ``cut``, the lowest flagged score: an edge beside it was moved there, so that no bin
     is under half the others' width (with ``cut`` the largest score, as when a discrete
     score ties at its top, the flagged bar was a bin 1e-12 wide: invisible)."""
-    if hi <= lo * (1 + 1e-9) + 1e-12:
-        # one value (N = 1, a constant score): a 1e-12 wide axis of unreadable ticks
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)) + 1e-12:
+        # one value (N = 1, a constant score, negative too): a 1e-12 wide axis of unreadable
+        # ticks
         lo, hi = (lo / 2, hi * 2) if log else (lo - 0.5, hi + 0.5)
     edges = np.geomspace(lo, hi * 1.0001, 60) if log else np.linspace(lo, hi + 1e-12, 60)
     if cut is None:

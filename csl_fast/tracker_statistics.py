@@ -92,7 +92,7 @@ class TrackerStatistics:
 
         Formed from running sums as :math:`\sqrt{E[p^2] - E[p]^2}`: in a float32 tracker
         the difference loses digits over thousands of presentations (a constant
-        :math:`p_y` read as up to ~0.008 after 3,000); a float64 tracker keeps it below
+        :math:`p_y` read as up to ~0.01 after 3,000); a float64 tracker keeps it below
         1e-6.
         """
         mean = self.confidence

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import integer, integer_labels
+from ._args import int64_labels, integer, integer_labels
 from ._args import seed as seed_arg
 from .accumulate import accumulate
 from .eval_pass import score_epoch
@@ -314,7 +314,7 @@ def _targets(y: torch.Tensor, tracker: CSLTracker | None) -> torch.Tensor:
         )
     # F.cross_entropy takes int64 (and uint8) class indices only: int32 labels trained
     # with a tracker (accumulate widens them) and failed without one
-    return y.long()
+    return int64_labels("csl_fast.train", y)  # (uint64 past int64: refused, not wrapped)
 
 
 def _std(name: str, value: object) -> float:
@@ -330,16 +330,22 @@ def _std(name: str, value: object) -> float:
 
 @contextlib.contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """The CPU generator, and ``device``'s own where it is a GPU, seeded with ``seed``
-    inside, and given back as they were after. Not ``torch.manual_seed``: it reseeds every
-    GPU's generator, which ``fork_rng`` saves only for the devices it is given, so the
-    caller's CUDA random stream was left reset to ``seed``."""
-    gpu = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpu):
+    """The CPU generator, and ``device``'s own where it is an accelerator (CUDA, MPS,
+    XPU), seeded with ``seed`` inside, and given back as they were after. Not
+    ``torch.manual_seed``: it reseeds every GPU's generator, which ``fork_rng`` saves only
+    for the devices it is given, so the caller's CUDA random stream was left reset to
+    ``seed``."""
+    kind = device.type
+    gpu = None if kind in ("cpu", "meta") else getattr(torch, kind, None)  # cuda, mps, xpu
+    if not hasattr(gpu, "manual_seed"):
+        gpu = None
+    with torch.random.fork_rng(
+        devices=[device] if gpu else [], device_type=kind if gpu else "cuda"
+    ):
         torch.default_generator.manual_seed(seed)
-        if gpu:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
+        if gpu is not None:  # (dropout there draws from it)
+            with torch.cuda.device(device) if kind == "cuda" else contextlib.nullcontext():
+                gpu.manual_seed(seed)
         yield
 
 

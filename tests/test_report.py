@@ -861,7 +861,17 @@ def test_a_merged_run_says_how_many_runs_it_holds(tmp_path):
         warnings.simplefilter("ignore")
         html = Path(write_report(csl_fast.merge(runs), tmp_path)).read_text(encoding="utf-8")
     assert "3 classes, 2 runs merged (csl_fast.merge; " in html
-    assert "3 epochs tracked, 0 eval passes in the longest." in html
+    # (the most epochs and the most eval passes of any run: not one run's, said of 'the
+    # longest', which had none)
+    assert "up to 3 epochs and up to 0 eval passes in a run." in html
+    # the runs' counts add up: a merge is named among the causes of unequal presentations
+    part = csl_fast.CSLTracker(n, 3)
+    csl_fast.accumulate(torch.randn(6, 3), torch.arange(6) % 3, torch.arange(6), part)
+    part.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = Path(write_report(csl_fast.merge([runs[0], part]), tmp_path / "b")).read_text()
+    assert "the tracker merges 2 runs, which may have presented them unequally" in html
 
 
 def test_score_label_csl_is_accepted_as_the_cli_accepts_it(tmp_path):

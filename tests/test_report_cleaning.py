@@ -354,7 +354,7 @@ def test_corrupted_samples_an_eval_pass_did_not_score_are_not_called_never_prese
     assert not any("never presented" in row for row in rows)
 
 
-def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_path):
+def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_path, monkeypatch):
     # --score final_loss after an eval pass over every sample: the rule ranks the 20
     # trained samples only, yet the recall counted the 4 held-out flips it never ranked
     # (they have a finite final_loss), and the header said they had no score
@@ -380,6 +380,38 @@ def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_
     assert rows[held + "not flagged)"] == "4"
     assert "they have no score" not in page
     assert "An eval pass scored 20 of them" in page
+    # flagging.png drew the 20 held-out samples as "not flagged" beside the 20 ranked
+    from csl_fast.report_cleaning import _fig_flagging
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = detect.mislabeled(tracker, "final_loss")
+    drawn = _hist_values(monkeypatch)
+    _fig_flagging(det, str(tmp_path / "f.png"))
+    assert sum(len(x) for x in drawn) == 20
+
+
+def _hist_values(monkeypatch) -> list[np.ndarray]:
+    import matplotlib.axes
+
+    seen: list[np.ndarray] = []
+    hist = matplotlib.axes.Axes.hist
+
+    def spy(ax, x, *args, **kw):
+        seen.append(np.asarray(x))
+        return hist(ax, x, *args, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
+    return seen
+
+
+def test_a_constant_negative_score_gets_a_readable_axis():
+    # a constant -2.0 (record_loss of a negative loss) got an axis 1e-12 wide
+    from csl_fast.report_cleaning import _bins
+
+    for value in (-2.0, 2.0, 0.0):
+        edges = _bins(value, value, False, None)
+        assert edges[-1] - edges[0] >= 0.99, value
 
 
 @pytest.mark.parametrize("top", [10, 1])

@@ -133,6 +133,16 @@ def test_narrow_integer_labels_train_with_and_without_a_tracker(dtype):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_uint64_labels_past_int64_are_refused_not_wrapped():
+    # .long() wrapped 2**64 - 100 to -100, the ignore_index: those rows went untrained
+    x, y = _data()
+    wide = y.numpy().astype(np.uint64)
+    wide[0] = 2**64 - 100
+    y = torch.from_numpy(wide)
+    with pytest.raises(ValueError, match=r"labels past int64's range"):
+        train(mlp(4, 3, (8,), seed=0), x, y, epochs=1)
+
+
 def test_seeds_leave_the_gpu_generators_alone(monkeypatch):
     """torch.manual_seed inside fork_rng(devices=[]) reseeded every GPU's generator for
     good: a user's CUDA random stream was reset to mlp's or train's seed. Seen here through
