@@ -705,7 +705,8 @@ def clean(
         budget: at most this many rows, the most suspicious (``>= 0``); required for
             ``"review"``.
         score: the score of the default detection; ``None`` (default): ``"csl"``, or
-            ``"csl_mean"`` for a tracker of sequences (:func:`csl_fast.detect.default_score`).
+            ``"csl_mean"`` for a tracker of sequences or of unequal presentation counts
+            (:func:`csl_fast.detect.default_score`).
             With ``detection=`` it must be that detection's score (``ValueError``
             otherwise: the plan ranks and scores by the detection's).
         suggestions: ``(label int [N] with -1 for none, confidence float [N] in [0, 1])``;

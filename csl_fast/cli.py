@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="score to rank by: "
         + ", ".join(_SCORE_NAMES)
-        + " (default csl; csl_mean for a run of sequences)",
+        + " (default csl; csl_mean for a run of sequences or unequal presentation counts)",
     )
     p.add_argument("--top", type=_positive_int, default=20, help="number of samples (default 20)")
     fmt = p.add_mutually_exclusive_group()
@@ -348,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=_SCORE_NAMES,
         metavar="NAME",
-        help="score of the top-k table and grid (default csl; csl_mean for a run of sequences)",
+        help="score of the top-k table and grid (default csl; csl_mean for a run of sequences "
+        "or unequal presentation counts)",
     )
     p.add_argument(
         "--top", type=_positive_int, default=24, help="suspicious samples shown (default 24)"
@@ -436,7 +437,7 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=_SCORE_NAMES,
         metavar="NAME",
         help="score that ranks and flags the samples (default csl; csl_mean for a run of "
-        "sequences)",
+        "sequences or unequal presentation counts)",
     )
     add_input_options(p)
 

@@ -2,12 +2,13 @@ r"""Rank and flag suspicious training samples: mislabeled, duplicated, memorized
 
 Each detector takes a score source (a :class:`csl_fast.CSLTracker`, a ``{name: [N]}``
 mapping such as :func:`csl_fast.scores` returns, or a plain ``[N]`` tensor), picks one
-score (CSL by default, its mean per position for a tracker of sequences: see
-:func:`default_score`; higher = more suspicious), ranks every sample by it, and flags a
-set with a rule that needs **no ground truth**. Beside the flagged set, a
-:class:`Detection` carries an estimate of how many samples are bad, with an interval,
-the diagnostics of the rule, and a warning whenever it flags nothing or cannot apply
-(also raised as a :class:`DetectionWarning`); :func:`summary` puts it in one line.
+score (CSL by default, its mean per presentation or position for a tracker of unequal
+presentation counts or of sequences: see :func:`default_score`; higher = more
+suspicious), ranks every sample by it, and flags a set with a rule that needs **no
+ground truth**. Beside the flagged set, a :class:`Detection` carries an estimate of how
+many samples are bad, with an interval, the diagnostics of the rule, and a warning
+whenever it flags nothing or cannot apply (also raised as a :class:`DetectionWarning`);
+:func:`summary` puts it in one line.
 
 Rules (``rule=``):
 
@@ -382,7 +383,11 @@ def default_score(source: Any) -> str:
     part-way: ``csl`` ranked the samples presented most often first), or
     :func:`csl_fast.scores` of either. With equal counts the two rank alike. A plain
     mapping or tensor: ``"csl"``."""
-    if getattr(source, "sequences", False) or _unequal_counts(source) is not None:
+    if getattr(source, "sequences", False):
+        return "csl_mean"
+    if _unequal_counts(source) is not None and not (
+        isinstance(source, Mapping) and "csl_mean" not in source
+    ):  # (scores(tracker, ["csl", "aum"]): csl, with the warning that it sums)
         return "csl_mean"
     return "csl"
 
@@ -1236,8 +1241,8 @@ def mislabeled(
             suspicious; ``rule="auto"`` gives it the valley rule).
         score: the name of the score that ranks and flags (:data:`csl_fast.SCORES`);
             unused for a plain tensor. ``None`` (default): ``"csl"``, or ``"csl_mean"``
-            for a tracker of sequences (:func:`default_score`), whose sum over tokens
-            would rank long sequences first.
+            for a tracker of sequences, whose sum over tokens would rank long sequences
+            first, or of unequal presentation counts (:func:`default_score`).
         rule: ``"auto"``, ``"two_view"``, ``"valley"``, ``"fraction"`` or ``"threshold"``,
             as the module docstring defines them.
         fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
@@ -1342,7 +1347,9 @@ def duplicates(
     labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
     dg.check_rows(n, inputs, labels)
     classes = getattr(source, "num_classes", None)
-    if labels is not None and classes:  # (a classifier's: not a multi-label target row)
+    # a softmax classifier's class indices: not a BCE run's target rows (float 0/1 labels
+    # of a binary BCE tracker that was given num_classes=2 are its targets)
+    if labels is not None and classes and views is not None:
         dg.check_class_labels("csl_fast.detect.duplicates", labels, classes)
     if inputs is None:
         args = (values, name, rule, fraction, threshold, views, hint, "duplicates", caveat)

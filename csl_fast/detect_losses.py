@@ -315,7 +315,7 @@ def corrupted_targets(
             when samples were presented unequally often); for a mapping, the key of the
             score (which the warning and the Detection name). ``None`` (default):
             ``"csl"``, or ``"csl_mean"`` for a tracker of sequences (a sequence's CSL sums
-            its tokens).
+            its tokens) or of unequal presentation counts (:func:`detect.default_score`).
         rule: ``"tail"`` (default, the module's rule), ``"fraction"`` or ``"threshold"``.
         fraction, threshold: for those rules.
 

@@ -271,40 +271,58 @@ def _warn_of_the_loader(loader: Any, tracker: CSLTracker) -> None:
     """A warning for a DataLoader whose pass records what the caller did not mean: one that
     drops its last partial batch (the training loader, reused: each pass left other
     samples out, and eval_csl, a sum, grew with how often each was scored), and one over
-    an :class:`~csl_fast.data.IndexedDataset` of another size than the tracker (a
-    validation set: its indices 0..M-1 named training samples, whose eval buffers took
-    the validation losses)."""
-    from torch.utils.data import DataLoader, Subset
-
-    from .data import IndexedDataset
+    IndexedDatasets (:class:`~csl_fast.data.IndexedDataset`) whose indices do not name the tracker's
+    samples (a validation set's 0..M-1 named training samples, whose eval buffers took
+    its losses; two concatenated ones both start at 0)."""
+    from torch.utils.data import BatchSampler, DataLoader
 
     if not isinstance(loader, DataLoader):
         return
-    dataset = loader.dataset
-    try:
-        size = len(dataset)
-    except TypeError:  # an iterable dataset
+    batches = loader.batch_sampler
+    if isinstance(batches, BatchSampler) and batches.drop_last:
+        try:  # what the sampler yields (a DistributedSampler: this rank's share)
+            size = len(batches.sampler)  # type: ignore[arg-type]
+        except TypeError:
+            size = 0
+        if size % batches.batch_size:
+            warnings.warn(
+                f"csl_fast.score_epoch: the loader drops its last partial batch "
+                f"(drop_last=True): {size % batches.batch_size} of the {size} samples its "
+                "sampler yields are not scored in this pass, so each sample's eval_csl sums "
+                "a different number of passes; pass a loader without drop_last",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    indexed = _indexed_datasets(loader.dataset)
+    if len(indexed) > 1:
+        said = f"{len(indexed)} IndexedDatasets, whose indices all start at 0"
+    elif indexed and len(indexed[0]) != tracker.num_samples:
+        said = f"an IndexedDataset of {len(indexed[0])} samples (indices 0..{len(indexed[0]) - 1})"
+    else:
         return
-    batch = loader.batch_size
-    if loader.drop_last and batch and size % batch:
-        warnings.warn(
-            f"csl_fast.score_epoch: the loader drops its last partial batch (drop_last=True): "
-            f"{size % batch} of its {size} samples are not scored in this pass, so each "
-            "sample's eval_csl sums a different number of passes; pass a loader without "
-            "drop_last",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    while isinstance(dataset, Subset):  # a Subset keeps the indices of the set it is of
+    warnings.warn(
+        f"csl_fast.score_epoch: the loader's data set holds {said}, and the tracker tracks "
+        f"{tracker.num_samples} samples: those indices name the tracker's samples, so "
+        "another data set's losses (a validation set's) are recorded as theirs; score the "
+        "data set the tracker tracks (wrap the whole of it in one IndexedDataset), or give "
+        "another one a tracker of its own (CSLTracker(len(dataset), num_classes))",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def _indexed_datasets(dataset: Any) -> list[Any]:
+    """The IndexedDatasets (:class:`~csl_fast.data.IndexedDataset`) whose indices
+    ``dataset`` yields, through Subsets (which keep them) and ConcatDatasets (which do not
+    renumber them)."""
+    from torch.utils.data import ConcatDataset, Subset
+
+    from .data import IndexedDataset
+
+    while isinstance(dataset, Subset):
         dataset = dataset.dataset
-    if isinstance(dataset, IndexedDataset) and len(dataset) != tracker.num_samples:
-        warnings.warn(
-            f"csl_fast.score_epoch: the loader's IndexedDataset holds {len(dataset)} "
-            f"samples, the tracker {tracker.num_samples}: the indices 0..{len(dataset) - 1} "
-            "it yields name the tracker's samples, so another data set's losses (a "
-            "validation set's) are recorded as theirs; score the data set the tracker "
-            "tracks, or give another one a tracker of its own "
-            "(CSLTracker(len(dataset), num_classes))",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if isinstance(dataset, IndexedDataset):
+        return [dataset]
+    if isinstance(dataset, ConcatDataset):
+        return [d for part in dataset.datasets for d in _indexed_datasets(part)]
+    return []

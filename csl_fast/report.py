@@ -503,9 +503,10 @@ def write_report(
         samples: labels, predictions, ground truth and images when known.
         title: page title.
         score: the score that ranks the top-k table and image grid and flags the set
-            (default ``"csl"``; ``"csl_mean"`` for a tracker of sequences,
-            :func:`csl_fast.detect.default_score`). ``"label_csl"`` (per-label CSL):
-            the entries' section ranks by it, the samples by the default score.
+            (default ``"csl"``; ``"csl_mean"`` for a tracker of sequences or of unequal
+            presentation counts, :func:`csl_fast.detect.default_score`). ``"label_csl"``
+            (per-label CSL): the entries' section ranks by it, the samples by the default
+            score.
         top: how many suspicious samples to list.
         notes: extra ``(heading, preformatted text)`` sections (e.g. the demo's overhead).
         progress: show a tqdm bar over the figures and the flagged set's sections.

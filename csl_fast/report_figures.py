@@ -435,6 +435,8 @@ def _fig_loss_curves(
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    from .detect import _unequal_counts as unequal_counts
+
     hist = tracker.loss_history if tracker.history else torch.empty(0)
     source = "training loss"
     if hist.numel() == 0 and tracker.history and tracker.eval_passes > 0:
@@ -453,6 +455,10 @@ def _fig_loss_curves(
         # per token, as the histogram and the ranking: summed, long clean sequences were
         # drawn as the hardest and short badly fitted ones as the easiest
         csl, by = np.where(shown, csl / np.maximum(count, 1), np.nan), "CSL per token"
+    elif not eval_only and unequal_counts(tracker) is not None:
+        # per presentation, as the default ranking then is: summed, the samples presented
+        # most often were drawn as the hardest
+        csl, by = np.where(shown, csl / np.maximum(count, 1), np.nan), "csl_mean"
     labels = samples.labels if samples is not None and samples.labels is not None else None
     members = np.flatnonzero(shown)
     who = "all samples (labels unknown)"

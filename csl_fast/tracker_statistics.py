@@ -198,10 +198,11 @@ class TrackerStatistics:
         ``RuntimeWarning`` says so where a sample was presented more than once (without
         epoch stamps :math:`n_i = k_i`, which understates the confidence).
         """
-        from .scores import warn_no_epoch_closed
+        from .scores import has_logit_stats, warn_no_epoch_closed
 
-        what = "CSLTracker.suggestions: the confidence is underestimated"
-        warn_no_epoch_closed(self, what)  # type: ignore[arg-type]
+        if has_logit_stats(self):  # (a losses-only run has no suggestion to doubt)
+            what = "CSLTracker.suggestions: the confidence is underestimated"
+            warn_no_epoch_closed(self, what)  # type: ignore[arg-type]
         return self._suggestions()
 
     def _suggestions(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,7 +123,8 @@ def train(
 
     Args:
         model: maps ``[B, ...]`` inputs to ``[B, C]`` logits.
-        x: ``[N, ...]`` float inputs; ``y``: ``[N]`` integer labels (widened to int64),
+        x: ``[N, ...]`` inputs the model takes (float features, or integer token ids for
+            an embedding); ``y``: ``[N]`` integer labels (widened to int64),
             or, without a tracker, ``[N, C]`` float class probabilities. Both on the
             model's device. Row ``i`` has dataset index ``i`` (what the
             tracker records).
@@ -186,7 +187,6 @@ def train(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
             f"{x.shape[0]} rows"
         )
-    _check_inputs(x)
     y = _targets(y, tracker)
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
@@ -279,12 +279,6 @@ def train(
                 callback(epoch, model)
                 result.callback_time += time.perf_counter() - t2
     return result
-
-
-def _check_inputs(x: torch.Tensor) -> None:
-    # the model's first layer failed with "mat1 and mat2 must have the same dtype"
-    if not x.is_floating_point():
-        raise TypeError(f"csl_fast.train: x must be float inputs, got {x.dtype}; pass x.float()")
 
 
 def _targets(y: torch.Tensor, tracker: CSLTracker | None) -> torch.Tensor:

@@ -741,6 +741,11 @@ def test_unequal_presentation_counts_are_said_of_a_summed_score():
     even = csl_fast.CSLTracker(n, c)
     csl_fast.accumulate(torch.randn(n, c, generator=g), y, torch.arange(n), even)
     assert csl_fast.detect.default_score(even) == "csl"
+    # scores without csl_mean keep csl, with the warning (a KeyError for the missing mean)
+    some = csl_fast.scores(fed, ["csl", "aum"])
+    assert csl_fast.detect.default_score(some) == "csl"
+    with pytest.warns(csl_fast.detect.DetectionWarning, match="presentation counts"):
+        assert csl_fast.detect.mislabeled(some).score_name == "csl"
 
 
 def test_a_score_of_part_of_the_run_counts_and_flags_among_its_samples():
@@ -894,3 +899,21 @@ def test_held_out_and_unscored_samples_get_no_rank_anywhere():
     assert bool(df["rank"][100:].isna().all())
     assert set(df["index"][100:]) == set(range(100)) | set(range(200, 300))
     assert torch.equal(dup.ranked, det.ranked) and torch.equal(dup.top(3), det.top(3))
+
+
+def test_duplicates_take_a_binary_bce_runs_float_targets_as_labels():
+    # a BCE tracker given num_classes=2 had its float 0/1 targets refused as "not class
+    # indices", which softmax classifiers' labels must be
+    n = 20
+    x = torch.randn(n, 4, generator=torch.Generator().manual_seed(0))
+    x[1] = x[0]
+    y = (torch.arange(n) % 2).float()
+    y[1] = 1 - y[0]
+    tracker = csl_fast.CSLTracker(n, num_classes=2)
+    for _ in range(3):
+        csl_fast.accumulate_bce(torch.randn(n), y, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        det = csl_fast.detect.duplicates(tracker, inputs=x, labels=y)
+    assert {0, 1} <= set(det.indices.tolist())

@@ -379,7 +379,7 @@ def test_loaders_that_record_what_was_not_meant_are_warned_of():
     summed eval_csl grew with how often each was scored), and a validation set's
     IndexedDataset (its indices 0..M-1 named training samples) recorded without a word.
     A Subset of the tracked set keeps its indices: no warning."""
-    from torch.utils.data import DataLoader, Subset, TensorDataset
+    from torch.utils.data import ConcatDataset, DataLoader, Subset, TensorDataset
 
     from csl_fast.data import IndexedDataset
 
@@ -387,11 +387,18 @@ def test_loaders_that_record_what_was_not_meant_are_warned_of():
     x, y = torch.randn(10, 5, generator=g), torch.randint(0, 3, (10,), generator=g)
     train = IndexedDataset(TensorDataset(x, y))
     tracker = CSLTracker(10, 3)
-    with pytest.warns(RuntimeWarning, match=r"drop_last=True\): 2 of its 10 samples"):
+    with pytest.warns(RuntimeWarning, match=r"drop_last=True\): 2 of the 10 samples its"):
         csl_fast.score_epoch(_model(), DataLoader(train, batch_size=4, drop_last=True), tracker)
+    # what the sampler yields, not the data set: 8 of 10 here, 2 dropped
+    sampled = DataLoader(train, batch_size=3, sampler=range(8), drop_last=True)
+    with pytest.warns(RuntimeWarning, match=r"2 of the 8 samples its sampler yields"):
+        csl_fast.score_epoch(_model(), sampled, tracker)
     val = IndexedDataset(TensorDataset(x[:6], y[:6]))
-    with pytest.warns(RuntimeWarning, match=r"IndexedDataset holds 6 samples, the tracker 10"):
+    with pytest.warns(RuntimeWarning, match=r"holds an IndexedDataset of 6 samples .* tracks 10"):
         csl_fast.score_epoch(_model(), DataLoader(val, batch_size=4), tracker)
+    both = ConcatDataset([Subset(train, range(4)), val])  # val's 0..5 named samples 0..5 again
+    with pytest.warns(RuntimeWarning, match=r"holds 2 IndexedDatasets, whose indices all start"):
+        csl_fast.score_epoch(_model(), DataLoader(both, batch_size=4), tracker)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         part = Subset(train, range(0, 10, 2))

@@ -565,6 +565,22 @@ def test_unequal_presentation_counts_are_said_on_the_page(tmp_path):
     assert "epoch 2 recorded a loss for only part of them" in html
 
 
+def test_loss_curves_of_unequal_counts_pick_by_the_mean(tmp_path):
+    # ranked by csl_mean (the default there), the figure's hardest were still by the sum:
+    # the samples presented most often
+    from csl_fast.report_figures import _fig_loss_curves
+
+    n = 20
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    for epoch in range(3):
+        for idx in (torch.arange(n), torch.arange(8)):  # samples 0-7 twice an epoch
+            logits = torch.randn(len(idx), 3, generator=torch.Generator().manual_seed(epoch))
+            csl_fast.accumulate(logits, idx % 3, idx, tracker)
+        tracker.end_epoch()
+    _, caption = _fig_loss_curves(tracker, None, str(tmp_path / "c.png"))
+    assert caption.endswith("hardest by csl_mean")
+
+
 def test_recall_counts_the_corrupted_samples_the_run_trained_on(tmp_path):
     """12 of 22 flipped samples never presented: the page's recall counted them (0.455 for
     a rule that found every flip it could score) beside a note that they cannot be

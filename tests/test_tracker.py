@@ -294,6 +294,17 @@ def test_max_prob_and_derived_statistics():
     assert torch.isnan(CSLTracker(2).csl_mean).all()
 
 
+def test_suggestions_of_a_losses_only_run_do_not_warn():
+    # record_loss keeps no suggestion: "the confidence is underestimated" of none at all
+    t = CSLTracker(4, history=True)
+    for _ in range(2):
+        csl_fast.record_loss(torch.rand(4), torch.arange(4), t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        label, _ = t.suggestions()
+    assert label.tolist() == [-1] * 4
+
+
 def test_learning_time_of_a_float64_tracker_keeps_float64_digits():
     """The released form's fraction was an int64 / int64 division, done in float32: 1/3
     came out 0.33333331 in a float64 score."""
