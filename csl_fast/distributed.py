@@ -442,9 +442,23 @@ def check_group(fn: str, group: Any) -> None:
     torch.distributed was not initialised."""
     if group is None or (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         return
+    if _outside(group):
+        return
     raise TypeError(
         f"{fn}: group must be a torch.distributed process group (dist.new_group(ranks)) or "
         f"None for every rank, got {type(group).__name__} {group!r}"
+    )
+
+
+def _outside(group: Any) -> bool:
+    """Whether ``group`` is what ``dist.new_group(ranks)`` returns on a rank outside
+    ``ranks`` (the int ``GroupMember.NON_GROUP_MEMBER``, -100): that rank closes its epoch
+    alone, as documented, where it was refused as "not a process group"."""
+    return (
+        type(group) is int
+        and dist.is_available()
+        and dist.is_initialized()
+        and group == dist.GroupMember.NON_GROUP_MEMBER
     )
 
 

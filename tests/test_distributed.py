@@ -527,14 +527,16 @@ def test_sync_world_sizes_uneven_and_empty_ranks(tmp_path, world, scenario):
         _assert_same(state, ref, r, votes=scenario == "drop_last" or world == 1)
 
 
-def _subgroup_worker(rank: int, init: str, out: str):
+def _subgroup_worker(rank: int, init: str, out: str, own: bool):
     """Ranks 0 and 1 form one data-parallel group, rank 2 another (as with two pipeline
-    stages): end_epoch(group) and sync(group) combine within the group only."""
+    stages): end_epoch(group) and sync(group) combine within the group only. Without a
+    group of its own (``own`` False), rank 2 passes what dist.new_group([0, 1]) gave it,
+    GroupMember.NON_GROUP_MEMBER (an int: it was refused as not a process group)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=3)
     try:
         groups = [dist.new_group([0, 1]), dist.new_group([2])]
-        group = groups[rank // 2]
+        group = groups[rank // 2 if own else 0]
         tracker = CSLTracker(3, C)
         idx = torch.tensor([rank])
         csl_fast.accumulate(torch.zeros(1, C), torch.tensor([0]), idx, tracker)
@@ -549,8 +551,9 @@ def _subgroup_worker(rank: int, init: str, out: str):
         dist.destroy_process_group()
 
 
-def test_end_epoch_combines_only_the_ranks_of_its_group(tmp_path):
-    _spawn(_subgroup_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)), nprocs=3)
+@pytest.mark.parametrize("own", [True, False])
+def test_end_epoch_combines_only_the_ranks_of_its_group(tmp_path, own):
+    _spawn(_subgroup_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path), own), nprocs=3)
     got = [json.loads((tmp_path / f"sub{r}.json").read_text()) for r in range(3)]
     pair, alone = [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]
     assert got == [[pair, [2.0, 2.0, 0.0]]] * 2 + [[alone, [0.0, 0.0, 2.0]]]
