@@ -47,6 +47,7 @@ _SCORE_NAMES = (
     "csl",
     "csl_mean",
     "eval_csl",
+    "eval_csl_mean",
     "final_loss",
     "forgetting",
     "threshold_learning_time",
@@ -128,15 +129,16 @@ LARGE_RUN_BYTES = 100 << 20
 
 def load_run_for(args: argparse.Namespace) -> tuple[Any, Any]:
     """:func:`load_run` of ``args.run``; an ``args.score`` left unset becomes the
-    detectors' default for this tracker (``csl_mean`` for sequences,
-    :func:`csl_fast.detect.default_score`), or ``eval_csl`` for a run of eval passes
-    alone (the default ``csl`` was refused there as a usage error the user never made)."""
+    detectors' default for this tracker (:func:`csl_fast.detect.default_score`), or
+    ``eval_csl`` (``eval_csl_mean`` where eval counts differ:
+    :func:`csl_fast.detect.default_eval_score`) for a run of eval passes alone (the default
+    ``csl`` was refused there as a usage error the user never made)."""
     tracker, samples = load_run(args.run, args.quiet)
     if args.score is None:
-        from .detect import default_score
+        from .detect import default_eval_score, default_score
 
         eval_only = not bool(tracker.csl_count.any()) and bool(tracker.eval_count.any())
-        args.score = "eval_csl" if eval_only else default_score(tracker)
+        args.score = default_eval_score(tracker) if eval_only else default_score(tracker)
     return tracker, samples
 
 

@@ -144,6 +144,7 @@ __all__ = [
     "DetectionWarning",
     "carry_to_groups",
     "count_phrase",
+    "default_eval_score",
     "default_score",
     "duplicates",
     "exact_duplicate_groups",
@@ -392,11 +393,20 @@ def default_score(source: Any) -> str:
     return "csl"
 
 
-def _unequal_counts(source: Any) -> tuple[float, float] | None:
-    """``(lowest, highest)`` presentation count of the presented samples of ``source`` (a
-    tracker or its :func:`csl_fast.scores`) where they differ by more than 25%, else None
-    (a mapping or tensor without counts too)."""
-    counts = getattr(source, "csl_count", None)
+def default_eval_score(source: Any) -> str:
+    """The eval-pass score a run of eval passes alone is ranked by: ``"eval_csl"``, or
+    ``"eval_csl_mean"`` where the scored samples' eval counts differ by more than 25% (a
+    DistributedSampler's padding repeats the same samples every pass with
+    ``shuffle=False``: their sums doubled and ranked first)."""
+    return "eval_csl" if _unequal_counts(source, "eval_count") is None else "eval_csl_mean"
+
+
+def _unequal_counts(source: Any, counts_of: str = "csl_count") -> tuple[float, float] | None:
+    """``(lowest, highest)`` count (``counts_of``: presentations, or eval passes with
+    ``"eval_count"``) of the counted samples of ``source`` (a tracker or its
+    :func:`csl_fast.scores`) where they differ by more than 25%, else None (a mapping or
+    tensor without counts too)."""
+    counts = getattr(source, counts_of, None)
     if counts is None:
         return None
     counts = counts[counts > 0]
@@ -412,6 +422,17 @@ def _length_bias(t: Any, score: str) -> str | None:
     counts differ by more than 25%: samples presented more often than others (a weighted
     sampler, an epoch stopped part-way) ranked first, and were flagged, without a word."""
     sequences = getattr(t, "sequences", False)
+    if score == "eval_csl":
+        unequal = _unequal_counts(t, "eval_count")
+        if unequal is None:
+            return None
+        return (
+            "score 'eval_csl' sums the eval-pass loss over the passes that scored each "
+            f"sample, and those counts (eval_count) range from {unequal[0]:g} to "
+            f"{unequal[1]:g}: samples scored more often (a DistributedSampler's padding, an "
+            "eval loader with drop_last=True) rank first whatever their labels. Rank and "
+            "detect by 'eval_csl_mean'"
+        )
     unequal = _unequal_counts(t)
     if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or unequal is None:
         return None

@@ -97,6 +97,12 @@ SCORES: dict[str, ScoreInfo] = {
         "as csl",
         "eval",
     ),
+    "eval_csl_mean": ScoreInfo(
+        "tracker.eval_csl_mean: eval_csl / number of eval passes that scored the sample",
+        "as eval_csl; insensitive to eval loaders that score some samples more often (a "
+        "DistributedSampler's padding, drop_last)",
+        "eval",
+    ),
     "final_loss": ScoreInfo(
         "loss at the last eval pass that scored the sample, once the tracker has any eval "
         "pass (the final model, clean input; NaN for a sample no pass scored), else at the "
@@ -246,6 +252,8 @@ def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:
         return t.csl_mean
     if name == "eval_csl":
         return torch.where(t.eval_count > 0, t.eval_csl, nan)
+    if name == "eval_csl_mean":
+        return t.eval_csl_mean
     if name == "final_loss":
         if use_eval:
             return torch.where(t.eval_count > 0, t.eval_last_loss, nan)

@@ -961,6 +961,16 @@ def test_an_eval_only_run_is_ranked_and_cleaned_by_eval_csl_without_a_score(caps
     code, _, err = run_main(capsys, "clean", str(tmp_path / "run.csl"), "--out",
                             str(tmp_path / "plan.csv"))  # fmt: skip
     assert code == 0, err
+    # eval counts that differ (a DistributedSampler's padding): by the mean, not the sum
+    padded = _eval_pass_run(trained=0)
+    pad = torch.arange(2)
+    for _ in range(3):
+        csl_fast.score_epoch(torch.nn.Identity(), [(torch.randn(2, 3), pad % 3, pad)], padded)
+    padded.save(tmp_path / "padded.csl")
+    code, out, err = run_main(capsys, "rank", str(tmp_path / "padded.csl"), "--csv")
+    assert code == 0, err
+    _, index, score = out.splitlines()[1].split(",")[:3]
+    assert float(score) == pytest.approx(float(padded.eval_csl_mean[int(index)]), rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_only", [False, True])

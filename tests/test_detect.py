@@ -901,6 +901,29 @@ def test_held_out_and_unscored_samples_get_no_rank_anywhere():
     assert torch.equal(dup.ranked, det.ranked) and torch.equal(dup.top(3), det.top(3))
 
 
+def test_eval_csl_of_unequal_eval_counts_is_warned_and_its_mean_is_a_score():
+    """A DistributedSampler's padding scores the same samples twice every pass (shuffle=False):
+    their eval_csl, a sum, ranked first without a word, and the docs' advice (rank by the
+    mean) had no score the CLI could take."""
+    n, c = 30, 3
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % c
+    tracker = csl_fast.CSLTracker(n, c)
+    for _ in range(3):
+        logits = torch.randn(n, c, generator=g)
+        pad = torch.arange(2)  # samples 0 and 1 padded in again
+        batches = [(logits, y, torch.arange(n)), (logits[pad], y[pad], pad)]
+        csl_fast.score_epoch(torch.nn.Identity(), batches, tracker)
+    assert csl_fast.detect.default_eval_score(tracker) == "eval_csl_mean"
+    with pytest.warns(csl_fast.detect.DetectionWarning, match=r"eval_count\) range from 3 to 6"):
+        csl_fast.detect.mislabeled(tracker, "eval_csl", rule="fraction", fraction=0.1)
+    mean = csl_fast.scores(tracker)["eval_csl_mean"]
+    torch.testing.assert_close(mean, tracker.eval_csl_sum / tracker.eval_count)
+    even = csl_fast.CSLTracker(n, c)
+    csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, torch.arange(n))], even)
+    assert csl_fast.detect.default_eval_score(even) == "eval_csl"
+
+
 def test_duplicates_take_a_binary_bce_runs_float_targets_as_labels():
     # a BCE tracker given num_classes=2 had its float 0/1 targets refused as "not class
     # indices", which softmax classifiers' labels must be

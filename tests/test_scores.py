@@ -39,14 +39,16 @@ def test_default_names_follow_what_was_recorded():
     assert list(csl_fast.scores(_tracker())) == [
         n
         for n in SCORES
-        if n not in ("eval_csl", "learning_time", "loss_sensitivity", "variability")
+        if n
+        not in ("eval_csl", "eval_csl_mean", "learning_time", "loss_sensitivity", "variability")
     ]
     # every oriented score; the two-sided one only by name
     assert list(csl_fast.scores(_tracker(True, True))) == [n for n in SCORES if n != "variability"]
     assert [n for n, info in SCORES.items() if info.two_sided] == ["variability"]
     assert list(csl_fast.scores(_tracker(), ["variability"])) == ["variability"]
     assert set(SCORES) == {
-        "csl", "csl_mean", "eval_csl", "final_loss", "forgetting", "threshold_learning_time",
+        "csl", "csl_mean", "eval_csl", "eval_csl_mean", "final_loss", "forgetting",
+        "threshold_learning_time",
         "learning_time", "loss_sensitivity", "aum", "in_confidence", "confidence",
         "variability", "logit_grad_norm",
     }  # fmt: skip
@@ -60,12 +62,20 @@ def test_scores_an_eval_pass_gives_are_listed_whatever_training_recorded():
     logits = torch.tensor([GOOD, BAD, GOOD, BAD])
     scored = csl_fast.CSLTracker(4, 3)
     csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, idx)], scored)
-    assert list(csl_fast.scores(scored)) == ["eval_csl", "final_loss", "in_confidence"]
+    want = ["eval_csl", "eval_csl_mean", "final_loss", "in_confidence"]
+    assert list(csl_fast.scores(scored)) == want
     losses = csl_fast.CSLTracker(4, 3)
     csl_fast.record_loss(torch.rand(4), idx, losses)
     csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, idx)], losses)
     got = csl_fast.scores(losses)
-    assert list(got) == ["csl", "csl_mean", "eval_csl", "final_loss", "in_confidence"]
+    assert list(got) == [
+        "csl",
+        "csl_mean",
+        "eval_csl",
+        "eval_csl_mean",
+        "final_loss",
+        "in_confidence",
+    ]
     assert all(bool(v.isfinite().all()) for v in got.values())
 
 
