@@ -1197,8 +1197,9 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
             cut to the surely bad samples (the interval starts there), else ``"estimated K
             <what> (LOW-HIGH), likely more"`` (an interval that starts below a count
             called "at least" K read as a contradiction); ``", may include clean
-            samples"`` after a tail-rule count of :mod:`csl_fast.detect_losses`; ``None``
-            when its ``estimated_count`` is ``None``.
+            samples"`` after a tail-rule count of :mod:`csl_fast.detect_losses`, and any
+            other caveat after the interval (``"unreliable"``, ``"few anchors"``,
+            ``"fit-dependent"``); ``None`` when its ``estimated_count`` is ``None``.
         what: the noun after the number (``"bad samples"``, ``"mislabeled samples"``).
     """
     if det.estimated_count is None or det.count_interval is None:
@@ -1214,7 +1215,10 @@ def count_phrase(det: Detection, what: str = "bad samples") -> str | None:
     if caveat == TAIL_CAVEAT:  # said where it is printed, as "likely more" is of a bound
         return f"estimated {count} {what} ({lo}-{hi}), {TAIL_CAVEAT}"
     if caveat != "lower bound" or settled:
-        return f"estimated {count} {what} ({lo}-{hi})"
+        # the other caveats too ("unreliable": a count of which 28 of 49 were clean was
+        # printed bare in the CLI's summary, the report and the figure's title)
+        said = f", {caveat}" if caveat not in (None, "unknown") and not settled else ""
+        return f"estimated {count} {what} ({lo}-{hi}){said}"
     if lo >= count:
         return f"estimated at least {count} {what} ({lo}-{hi})"
     return f"estimated {count} {what} ({lo}-{hi}), likely more"

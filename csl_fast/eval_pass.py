@@ -95,6 +95,15 @@ def score_epoch(
     # before the model runs or num_classes is adopted: taken, the rows' eval losses became
     # the sequences' final_loss and their class count the tracker's num_classes
     refuse_rows_into_sequences("csl_fast.score_epoch", tracker, None)
+    if tracker.num_labels is not None:
+        # a pass scores softmax cross entropy: class indices into a multi-label tracker
+        # made it a softmax one (num_classes adopted, eval_csl of a model it never trained)
+        raise ValueError(
+            f"csl_fast.score_epoch: the tracker records {tracker.num_labels} labels per "
+            "sample (num_labels, csl_fast.accumulate_bce), and an eval pass scores softmax "
+            "cross entropy over classes; score a multi-label model's eval pass with "
+            "accumulate_bce into a tracker of its own"
+        )
     ignore_index = integer("csl_fast.score_epoch", "ignore_index", ignore_index)
     check_flags("csl_fast.score_epoch", validate=validate)
     if device is None:

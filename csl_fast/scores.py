@@ -346,7 +346,16 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
         chosen = list(names)
         unknown = [n for n in chosen if n not in SCORES]
         if unknown:
-            raise KeyError(f"csl_fast.scores: unknown scores {unknown}; known: {list(SCORES)}")
+            # (the CLI's --score label_csl ranks entries: named here, it was only "unknown")
+            entries = (
+                "; label_csl ranks (sample, label) entries, not samples: "
+                "csl_fast.detect_losses.mislabeled_entries(tracker)"
+                if "label_csl" in unknown
+                else ""
+            )
+            raise KeyError(
+                f"csl_fast.scores: unknown scores {unknown}; known: {list(SCORES)}{entries}"
+            )
     logits = has_logit_stats(tracker)
     nan = torch.full((tracker.num_samples,), math.nan, dtype=tracker.dtype, device=tracker.device)
 

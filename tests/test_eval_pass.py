@@ -404,3 +404,13 @@ def test_loaders_that_record_what_was_not_meant_are_warned_of():
         part = Subset(train, range(0, 10, 2))
         csl_fast.score_epoch(_model(), DataLoader(part, batch_size=5, drop_last=True), tracker)
         csl_fast.score_epoch(_model(), DataLoader(train, batch_size=4), tracker)
+
+
+def test_a_multi_label_tracker_is_refused_before_anything_is_recorded():
+    # class indices (the multi-hot rows' argmax) were scored as softmax cross entropy, and
+    # the tracker adopted num_classes and softmax scores of a sigmoid model
+    tracker = CSLTracker(4, num_labels=3)
+    batches = [(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4))]
+    with pytest.raises(ValueError, match=r"records 3 labels per sample .* accumulate_bce"):
+        csl_fast.score_epoch(torch.nn.Identity(), batches, tracker)
+    assert tracker.num_classes is None and tracker.eval_passes == 0

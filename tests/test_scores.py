@@ -369,3 +369,11 @@ def test_a_losses_only_run_without_history_is_not_told_to_close_epochs():
     assert no_epoch_closed(losses) is None
     assert "closed no epoch" in no_epoch_closed(kept)  # (its history has no row)
     assert "closed no epoch" in no_epoch_closed(fed)
+
+
+def test_label_csl_asked_of_scores_names_the_entries_detector():
+    # a documented score name (the CLI's --score label_csl) was only "unknown" here
+    with pytest.raises(
+        KeyError, match=r"label_csl ranks \(sample, label\) entries.*mislabeled_entries"
+    ):
+        csl_fast.scores(csl_fast.CSLTracker(3, num_labels=2), ["label_csl"])
