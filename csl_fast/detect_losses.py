@@ -520,7 +520,7 @@ class EntryDetection(Detection):
 
 def mislabeled_entries(
     source: CSLTracker | torch.Tensor,
-    score: str = "label_csl",
+    score: str | None = None,
     *,
     per_label: bool = False,
     rule: str = "tail",
@@ -538,8 +538,11 @@ def mislabeled_entries(
     Args:
         source: a :class:`csl_fast.CSLTracker` with ``num_labels`` fed by
             :func:`csl_fast.accumulate_bce`, or a float ``[N, L]`` score tensor.
-        score: for a tracker, ``"label_csl"`` (default) or ``"label_csl_mean"`` (per
-            presentation: use it when samples were presented unequally often).
+        score: for a tracker, ``"label_csl"`` or ``"label_csl_mean"`` (per
+            presentation). ``None`` (default): ``"label_csl"``, or ``"label_csl_mean"``
+            where the presented samples' counts differ by more than 25% (the sum ranked
+            the entries of the samples presented most often first: 317 flagged of 100
+            such samples on clean labels); ``"label_csl"`` named there gets a warning.
         per_label: apply the rule to each label's ``N`` entries separately (and add the
             counts) instead of to all ``N * L`` entries at once.
         rule, fraction, threshold: as in :func:`corrupted_targets`; ``"fraction"`` and
@@ -626,19 +629,33 @@ def mislabeled_entries(
     they stay flagged without a warning
     (``benchmarks/results/loss-detection-limits-multilabel.md``, 2026-12-03).
     """
+    from .detect import _unequal_counts
+
+    unequal = None if isinstance(source, torch.Tensor) else _unequal_counts(source)
+    if score is None:
+        score = "label_csl" if unequal is None else "label_csl_mean"
     values, name = _entry_score(source, score)
     labels = values.shape[1]
     why = _no_score(source, "csl_fast.accumulate_bce")
+    caveat = None
+    if name == "label_csl" and unequal is not None:
+        caveat = (
+            f"score 'label_csl' sums each entry's loss over its sample's presentations, and "
+            f"the presented samples' counts (csl_count) range from {unequal[0]:g} to "
+            f"{unequal[1]:g}: the entries of samples presented more often rank first "
+            "whatever their labels. Rank and detect by 'label_csl_mean' (the default for "
+            "such a run)"
+        )
     if not per_label:
         det = _detection(
-            values.reshape(-1), name, rule, fraction, threshold, 3, why, noun="entries",
+            values.reshape(-1), name, rule, fraction, threshold, 3, why, caveat, noun="entries",
         )  # fmt: skip
         return _anchored(source, _entries(det, values), rule, recount=True)
     dets = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)
         for k in range(labels):
-            dets.append(_detection(values[:, k], name, rule, fraction, threshold, 3, why))
+            dets.append(_detection(values[:, k], name, rule, fraction, threshold, 3, why, caveat))
     flagged = torch.stack([d.flagged for d in dets], 1)
     ranking = _ranking(values.reshape(-1))
     n_flagged = int(flagged.sum())

@@ -940,3 +940,23 @@ def test_duplicates_take_a_binary_bce_runs_float_targets_as_labels():
         warnings.simplefilter("ignore")
         det = csl_fast.detect.duplicates(tracker, inputs=x, labels=y)
     assert {0, 1} <= set(det.indices.tolist())
+
+
+def test_a_binary_bce_run_is_pointed_to_its_two_class_form():
+    """A binary classifier's BCE run has only the losses-only tail rule, which can flag
+    nothing where CSL ranks the flips well; its 2-class cross entropy form, which the
+    warning now names, is the same loss and gradient."""
+    n = 12
+    z = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(n) % 2
+    bce = csl_fast.CSLTracker(n)
+    csl_fast.accumulate_bce(z, y.double(), torch.arange(n), bce)
+    bce.end_epoch()
+    with pytest.warns(csl_fast.detect.DetectionWarning, match=r"binary classifier's BCE"):
+        csl_fast.detect.mislabeled(bce)
+    z2 = torch.stack([torch.zeros_like(z), z], 1)
+    ce = csl_fast.CSLTracker(n, 2, dtype=torch.float64)
+    loss = csl_fast.accumulate(z2, y, torch.arange(n), ce)
+    want = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double())
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(ce.csl, bce.csl.double(), rtol=1e-5, atol=1e-6)

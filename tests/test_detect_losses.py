@@ -688,3 +688,21 @@ def test_an_overflowed_score_is_said_beside_held_out_samples(tmp_path):
         warnings.simplefilter("ignore")
         det = corrupted_targets(kept, "eval_csl")
     assert det.diagnostics.get("held_out") and "+inf" in det.warning
+
+
+def test_entries_of_unequal_presentation_counts_rank_by_the_mean():
+    # samples 0-9 presented 5 times, the rest once, every label clean: their entries'
+    # summed CSL ranked first and 317 of them were flagged, without a caveat
+    g = torch.Generator().manual_seed(0)
+    n, labels = 60, 4
+    tracker = csl_fast.CSLTracker(n, num_labels=labels)
+    target = torch.randint(0, 2, (n, labels), generator=g).double()
+    for idx in [torch.arange(n)] + [torch.arange(10)] * 4:
+        logits = (2 * target[idx] - 1) * 3 + torch.randn(len(idx), labels, generator=g)
+        csl_fast.accumulate_bce(logits, target[idx], idx, tracker)
+    tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert csl_fast.detect_losses.mislabeled_entries(tracker).score_name == "label_csl_mean"
+    with pytest.warns(DetectionWarning, match=r"counts \(csl_count\) range from 1 to 5"):
+        csl_fast.detect_losses.mislabeled_entries(tracker, "label_csl")
