@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from .._args import int64_labels, label_range
 
@@ -103,3 +105,38 @@ def train_options(
             "train_kwargs={'epochs': 30, 'lr': 0.05} (forwarded to csl_fast.train.train)"
         )
     return kwargs
+
+
+class FreshModels:
+    """Refuses a ``model_factory`` model that is, or trains Parameters of, a model the
+    factory built before in the same call. A factory returning one module every call
+    (the authors' confident-learning code did) trains later folds/subsets on samples they
+    hold out, and so does a shared trainable backbone; a frozen one
+    (``requires_grad=False``) is not trained, so it is allowed.
+
+    It remembers each object by ``id`` with a weak reference: the reference keeps no model
+    alive, and it tells a reused object (still alive, so ``ref() is obj``) from a new one
+    that got the ``id`` of a collected object (``ref()`` is then ``None``).
+    """
+
+    def __init__(self, fn: str) -> None:
+        self.fn = fn
+        self._seen: dict[int, weakref.ref[Any]] = {}
+
+    def __call__(self, model: nn.Module) -> nn.Module:
+        params = model.parameters() if isinstance(model, nn.Module) else ()
+        objects = [model, *(p for p in params if p.requires_grad)]
+        for obj in objects:
+            ref = self._seen.get(id(obj))
+            if ref is not None and ref() is obj:
+                what = "the same model" if obj is model else "a model sharing trainable parameters"
+                raise ValueError(
+                    f"{self.fn}: model_factory returned {what} as an earlier call, so each "
+                    "model would train on samples another held out (they leak into the "
+                    "scores); build a new model in the factory, e.g. "
+                    "lambda seed: copy.deepcopy(template), and freeze a shared backbone "
+                    "(requires_grad_(False))"
+                )
+        for obj in objects:
+            self._seen[id(obj)] = weakref.ref(obj)
+        return model

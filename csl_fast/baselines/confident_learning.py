@@ -19,7 +19,7 @@ from torch import nn
 
 from .._args import integer
 from ..train import predict, train
-from ._checks import PROGRESS, check_finite, check_xy, train_options
+from ._checks import PROGRESS, FreshModels, check_finite, check_xy, train_options
 
 __all__ = ["ConfidentLearningResult", "confident_learning", "out_of_sample_probs"]
 
@@ -75,11 +75,12 @@ def _fold_probs(
             f"largest has {largest}: pass a smaller k"
         )
     probs: torch.Tensor | None = None
+    fresh = FreshModels(fn)
     folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y_np)), y_np)
     for f, (tr, te) in enumerate(folds):
         tr_t = torch.as_tensor(tr, device=x.device)
         te_t = torch.as_tensor(te, device=x.device)
-        model = model_factory(seed + f).to(x.device)
+        model = fresh(model_factory(seed + f)).to(x.device)
         train(
             model,
             x[tr_t],

@@ -26,7 +26,7 @@ from torch import nn
 from .._args import integer, rate, share
 from .._args import seed as seed_arg
 from ..train import predict, train
-from ._checks import check_finite, check_xy, train_options
+from ._checks import FreshModels, check_finite, check_xy, train_options
 
 __all__ = ["MemorizationResult", "stability_memorization"]
 
@@ -101,13 +101,14 @@ def stability_memorization(
         from tqdm.auto import tqdm
 
         models = tqdm(models, desc="stability memorization", leave=False)
+    fresh = FreshModels("stability_memorization")
     t0 = time.perf_counter()
     for j in models:
         subset = torch.randperm(n, generator=gen)[:size]
         member = torch.zeros(n, dtype=torch.bool)
         member[subset] = True
         sub = subset.to(x.device)
-        model = model_factory(seed + j).to(x.device)
+        model = fresh(model_factory(seed + j)).to(x.device)
         # train checks the width against its subset's labels only: a class no subset held
         # was silently never predicted
         width = predict(model, x[:1]).shape[1]

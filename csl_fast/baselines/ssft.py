@@ -28,7 +28,7 @@ from torch import nn
 from .._args import integer
 from .._args import seed as seed_arg
 from ..train import predict, train
-from ._checks import PROGRESS, check_finite, check_xy, train_options
+from ._checks import PROGRESS, FreshModels, check_finite, check_xy, train_options
 
 __all__ = ["ssft"]
 
@@ -79,9 +79,10 @@ def ssft(
     perm = torch.randperm(n, generator=gen).to(x.device)
     halves = (perm[: n // 2], perm[n // 2 :])
     score = torch.full((n,), float("nan"), dtype=torch.float32, device=x.device)
+    fresh = FreshModels("ssft")
     for side in range(2):
         a, b = halves[side], halves[1 - side]
-        model = model_factory(seed + side).to(x.device)
+        model = fresh(model_factory(seed + side)).to(x.device)
         tag = f"SSFT {side + 1}/2"
         train(
             model,
