@@ -188,6 +188,10 @@ def train(
             f"{x.shape[0]} rows"
         )
     y = _targets(y, tracker)
+    # inputs with autograd history (features from a backbone run without no_grad) were
+    # backpropagated into: the first step wrote the caller's gradients and the second
+    # failed with "Trying to backward through the graph a second time"
+    x = x.detach()
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]

@@ -265,3 +265,18 @@ def test_targets_of_the_wrong_kind_are_named_with_the_fix():
     bag = torch.nn.EmbeddingBag(10, 3)
     ids = torch.randint(0, 10, (len(y), 4), generator=torch.Generator().manual_seed(1))
     train(bag, ids, y, epochs=1)
+
+
+def test_inputs_with_autograd_history_train_without_touching_the_callers_graph():
+    # features from a backbone run without no_grad: the first step wrote the backbone's
+    # grads, the second failed with "Trying to backward through the graph a second time"
+    raw, y = _data()
+    backbone = torch.nn.Linear(4, 4)
+    feats = backbone(raw)
+    train(mlp(4, 3, (8,), seed=0), feats, y, epochs=2, batch_size=16)
+    assert backbone.weight.grad is None
+    # input_grads differentiates each batch itself, also of an x that requires grad
+    x = raw.clone().requires_grad_()
+    tracker = csl_fast.CSLTracker(50, 3)
+    train(mlp(4, 3, (8,), seed=0), x, y, epochs=2, tracker=tracker, input_grads=True)
+    assert x.grad is None and bool(tracker.input_grad_count.eq(2).all())

@@ -13,8 +13,13 @@ from torch import nn
 from .._args import int64_labels, label_range
 
 
-def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
-    """``y`` as int64 class indices on ``x``'s device, checked to be one per input row.
+def check_xy(fn: str, x: Any, y: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` detached, and ``y`` as int64 class indices on ``x``'s device, checked to be
+    one per input row.
+
+    Detached because inputs with autograd history (features from a backbone run without
+    ``no_grad``) were backpropagated into: the first training step wrote the caller's
+    gradients, the second failed with "Trying to backward through the graph a second time".
 
     Any integer dtype is taken (``F.cross_entropy`` takes int64 and uint8 only, and
     refused int32 labels from deep inside training); float, complex and bool labels are
@@ -48,7 +53,7 @@ def check_xy(fn: str, x: Any, y: Any) -> torch.Tensor:
     low = label_range(y)[0] if y.numel() else 0
     if low < 0:
         raise ValueError(f"{fn}: labels y must be class indices >= 0, got {low}")
-    return int64_labels(fn, y).to(x.device)
+    return x.detach(), int64_labels(fn, y).to(x.device)
 
 
 def check_finite(

@@ -63,7 +63,7 @@ def _fold_probs(
     seed = integer(fn, "seed", seed, low=0)
     if seed >= 2**32:  # (sklearn's own message named neither the function nor the argument)
         raise ValueError(f"{fn}: seed must be below 2**32 (the fold split's), got {seed}")
-    y = check_xy(fn, x, y)
+    x, y = check_xy(fn, x, y)
     if x.shape[0] < k:  # sklearn's message for N = 0 was "Found array with 0 sample(s)"
         raise ValueError(f"{fn}: k = {k} folds need at least {k} samples, got {x.shape[0]}")
     kwargs = train_options(fn, train_kwargs, PROGRESS)
@@ -140,7 +140,7 @@ def confident_learning(
     """
     from cleanlab.filter import find_label_issues
 
-    y = check_xy("confident_learning", x, y)
+    x, y = check_xy("confident_learning", x, y)
     # a user's ranking collided with ours ("got multiple values for keyword argument")
     kwargs = dict(find_label_issues_kwargs)
     rank_by = kwargs.pop("return_indices_ranked_by", None) or "self_confidence"

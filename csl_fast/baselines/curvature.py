@@ -154,7 +154,7 @@ def input_curvature(
             every curvature NaN.
     """
     h, n, batch_size, seed = _options("input_curvature", h, n, batch_size, seed)
-    y = check_xy("input_curvature", x, y)
+    x, y = check_xy("input_curvature", x, y)
     _check_float_inputs("input_curvature", x, h)
     top = int(y.max()) if y.numel() else -1  # once: a host sync
     gen = torch.Generator().manual_seed(seed)
@@ -204,7 +204,7 @@ class CurvatureAccumulator:
         self.h, self.n, self.batch_size, self.seed = _options(
             "CurvatureAccumulator", h, n, batch_size, seed
         )
-        self.x, self.y = x, check_xy("CurvatureAccumulator", x, y)
+        self.x, self.y = check_xy("CurvatureAccumulator", x, y)
         _check_float_inputs("CurvatureAccumulator", x, self.h)
         # set(5) said only "'int' object is not iterable" (np.int64(5), a 0-d tensor alike)
         if isinstance(epochs, numbers.Number) or getattr(epochs, "ndim", None) == 0:

@@ -81,7 +81,7 @@ def stability_memorization(
         raise ValueError(
             f"stability_memorization: subset_fraction must be in (0, 1), got {subset_fraction}"
         )
-    y = check_xy("stability_memorization", x, y)
+    x, y = check_xy("stability_memorization", x, y)
     kwargs = train_options("stability_memorization", train_kwargs)
     n = x.shape[0]
     size = share(fraction, n)

@@ -60,7 +60,7 @@ def ssft(
             phase).
         seed: the split (a seeded random half) and the training seeds.
     """
-    y = check_xy("ssft", x, y)
+    x, y = check_xy("ssft", x, y)
     kwargs = train_options("ssft", train_kwargs, _TAKEN, needs_epochs=False)  # (or *_epochs)
     epochs = kwargs.pop("epochs", None)
     e1 = first_epochs if first_epochs is not None else epochs

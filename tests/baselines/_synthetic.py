@@ -3,6 +3,8 @@
 import torch
 from torch import nn
 
+from csl_fast.baselines import confident_learning, ssft, stability_memorization
+
 
 def blobs(n=120, d=2, seed=0):
     """Two well-separated Gaussian blobs (labels 0/1), shuffled."""
@@ -55,3 +57,14 @@ LABEL_FORMS = {
     "numpy-reversed-view": lambda y: y.numpy()[::-1].copy()[::-1],
 }
 FLOAT_LABELS = "labels y must be integer class indices, got torch.float32"
+
+
+_ONE_EPOCH = {"epochs": 1, "batch_size": 1024}
+#: name -> ``(model_factory, x, y) -> result`` for each baseline that retrains models.
+RETRAINING = {
+    "confident_learning": lambda f, x, y: confident_learning(f, x, y, train_kwargs=_ONE_EPOCH),
+    "stability_memorization": lambda f, x, y: stability_memorization(
+        f, x, y, m=2, train_kwargs=_ONE_EPOCH
+    ),
+    "ssft": lambda f, x, y: ssft(f, x, y, train_kwargs=_ONE_EPOCH),
+}

@@ -8,17 +8,10 @@ import weakref
 import pytest
 from torch import nn
 
-from csl_fast.baselines import confident_learning, ssft, stability_memorization
 from csl_fast.baselines._checks import FreshModels
 
+from ._synthetic import RETRAINING as BASELINES
 from ._synthetic import blobs
-
-KW = {"epochs": 1, "batch_size": 1024}
-BASELINES = {
-    "confident_learning": lambda f, x, y: confident_learning(f, x, y, train_kwargs=KW),
-    "stability_memorization": lambda f, x, y: stability_memorization(f, x, y, m=2, train_kwargs=KW),
-    "ssft": lambda f, x, y: ssft(f, x, y, train_kwargs=KW),
-}
 
 
 def _shared_backbone(trainable):
