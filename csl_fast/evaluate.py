@@ -26,6 +26,7 @@ __all__ = [
     "fpr_at_tpr",
     "pearson",
     "similarity",
+    "top_k_indices",
 ]
 
 
@@ -181,12 +182,29 @@ def _cosine(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.clip(x @ y / (np.linalg.norm(x) * np.linalg.norm(y)), -1.0, 1.0))
 
 
+def top_k_indices(values: Any, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest ``values`` and of every sample tied with the ``k``-th,
+    so at least ``k`` of them (all ``N`` for a ``k`` of ``N`` or more), in descending order.
+
+    Ties are all taken because picking some of them by index made the set, and whatever
+    is measured on it, depend on the dataset's order (of digits' 1797 samples 1214 have
+    memorization 0, so its "179 most memorized" held 30 of them, the lowest-indexed).
+    """
+    v = _np(values, "values")
+    k = integer("csl_fast.evaluate.top_k_indices", "k", k, low=1)
+    order = np.argsort(-v, kind="stable")
+    if k >= v.size:
+        return order
+    return order[: int(np.count_nonzero(v >= v[order[k - 1]]))]
+
+
 def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[str, float]:
     """Cosine similarity and Pearson correlation of ``score`` with ``memorization``.
 
     Returns ``{"cs_all", "pc_all"}`` and, with ``top_k``, ``{"cs_top", "pc_top"}`` on the
-    ``top_k`` samples with the highest memorization (the paper's "Top 5k" rows; ties
-    broken by index; a ``top_k`` of ``N`` or more takes every sample, as ``cs_all``).
+    samples :func:`top_k_indices` picks by memorization: the ``top_k`` most memorized and every
+    sample tied with the ``top_k``-th (the paper's "Top 5k" rows), with ``"n_top"`` their
+    number (``top_k`` of ``N`` or more takes every sample, as ``cs_all``).
     """
     s, m = _np(score, "score"), _np(memorization, "memorization")
     _same_size(s, m, "score memorization")
@@ -194,19 +212,24 @@ def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[
         top_k = integer("csl_fast.evaluate.similarity", "top_k", top_k, low=1)
     out = {"cs_all": cosine_similarity(s, m), "pc_all": pearson(s, m)}
     if top_k is not None:
-        top = np.argsort(-m, kind="stable")[:top_k]
+        top = top_k_indices(m, top_k)
         out["cs_top"] = cosine_similarity(s[top], m[top])
         out["pc_top"] = pearson(s[top], m[top])
+        out["n_top"] = top.size
     return out
 
 
 def binned_trend(reference: Any, other: Any, bins: int = 10) -> dict[str, list[float]]:
-    """Equal-size bins of ``reference`` (sorted ascending) and the mean of ``other`` in each.
+    """Bins of ``reference`` (sorted ascending) and the mean of ``other`` in each.
 
     For the paper's theorem plots (e.g. memorization against CSL): samples are sorted by
-    ``reference`` and split into ``bins`` contiguous groups of (almost) equal size
-    (``numpy.array_split``). Returns lists ``x`` (mean reference per bin), ``y`` (mean
-    ``other``), ``y_std`` (std of ``other``) and ``count``.
+    ``reference`` and split into contiguous groups of (almost) equal size, except that
+    tied reference values always share a bin: each cut of ``numpy.array_split`` that falls
+    inside a run of ties moves to the nearer end of that run. Bins may so be unequal in
+    size, and fewer than ``bins`` (a run longer than a bin swallows cuts). (Split by
+    dataset order, the same samples in another order gave other bin means.) Returns lists
+    ``x`` (mean reference per bin), ``y`` (mean ``other``), ``y_std`` (std of ``other``)
+    and ``count``.
     """
     r, o = _np(reference, "reference"), _np(other, "other")
     _same_size(r, o, "reference other")
@@ -214,9 +237,25 @@ def binned_trend(reference: Any, other: Any, bins: int = 10) -> dict[str, list[f
         raise ValueError(f"csl_fast.evaluate: bins must be an int in [1, {r.size}], got {bins!r}")
     order = np.argsort(r, kind="stable")
     out: dict[str, list[float]] = {"x": [], "y": [], "y_std": [], "count": []}
-    for part in np.array_split(order, bins):
+    for part in np.split(order, _tie_cuts(r[order], bins)):
         out["x"].append(float(r[part].mean()))
         out["y"].append(float(o[part].mean()))
         out["y_std"].append(float(o[part].std()))
         out["count"].append(int(part.size))
     return out
+
+
+def _tie_cuts(ascending: np.ndarray, bins: int) -> list[int]:
+    """``array_split``'s cut positions into ``ascending``, each moved out of its run of
+    ties to the run's nearer end (the start on a draw), without repeats or empty bins."""
+    n = ascending.size
+    sizes = np.full(bins, n // bins)
+    sizes[: n % bins] += 1
+    cuts = []
+    for c in np.cumsum(sizes)[:-1]:
+        start = int(np.searchsorted(ascending, ascending[c], side="left"))
+        end = int(np.searchsorted(ascending, ascending[c], side="right"))
+        c = start if c - start <= end - c else end
+        if 0 < c < n and (not cuts or c > cuts[-1]):
+            cuts.append(c)
+    return cuts

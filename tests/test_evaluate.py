@@ -80,6 +80,36 @@ def test_binned_trend():
     assert E.binned_trend(np.arange(7.0), np.arange(7.0), 3)["count"] == [3, 2, 2]
 
 
+def test_binned_trend_keeps_ties_in_one_bin_whatever_the_sample_order():
+    # split by dataset order, the tied zeros' bin means changed with the sample order
+    ref = np.array([0.0, 0, 0, 0, 0, 0, 1, 2])
+    other = np.array([1.0, 0, 0, 1, 0, 0, 5, 6])
+    out = E.binned_trend(ref, other, bins=4)
+    assert out["count"] == [6, 2] and out["x"] == [0.0, 1.5]
+    assert out["y"] == pytest.approx([1 / 3, 5.5])
+    for perm in ([1, 2, 4, 5, 0, 3, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0]):
+        assert E.binned_trend(ref[perm], other[perm], bins=4) == pytest.approx(out)
+    # a cut inside a run moves to its nearer end: [0 0 0 1 | 1 1 1 1 2 2]
+    ref = np.array([0.0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    assert E.binned_trend(ref, ref, bins=2)["count"] == [3, 7]
+    assert E.binned_trend(ref, ref, bins=5)["count"] == [3, 5, 2]
+
+
+def test_top_k_takes_every_sample_tied_with_the_kth():
+    # ties broken by index put 30 zero-memorization samples of the published digits run
+    # in its "179 most memorized"
+    mem = np.array([0.0, 0.9, 0.0, 0.5, 0.0, 0.5])
+    assert E.top_k_indices(mem, 2).tolist() == [1, 3, 5]
+    assert E.top_k_indices(mem, 3).tolist() == [1, 3, 5]
+    assert sorted(E.top_k_indices(mem, 4).tolist()) == list(range(6))
+    s = np.array([1.0, 3.0, 2.0, 2.0, 0.5, 1.5])
+    out = E.similarity(s, mem, top_k=2)
+    assert out["n_top"] == 3
+    assert out["cs_top"] == pytest.approx(E.cosine_similarity(s[[1, 3, 5]], mem[[1, 3, 5]]))
+    perm = np.array([5, 4, 3, 2, 1, 0])
+    assert E.similarity(s[perm], mem[perm], top_k=2) == pytest.approx(out)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="non-finite"):
         E.auroc([0.1, float("nan")], [0, 1])
