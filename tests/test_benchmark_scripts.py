@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
@@ -66,3 +68,32 @@ def test_every_benchmark_program_answers_help_and_writes_nothing():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _results_state() == before
+
+
+def _paper_script(tmp_path, script, *args):
+    out = tmp_path / "results"  # (--out: never the committed results, whatever happens)
+    return subprocess.run(
+        [sys.executable, str(BENCH / "paper" / script), "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "setting"),
+    [
+        ("mislabeled.py", ["--noise", "0.05", "0"], "--noise 0 makes 0 of the 1797"),
+        ("mislabeled.py", ["--noise", "0.0005"], "--noise 0.0005 makes 0 of the 1797"),
+        ("mislabeled.py", ["--noise", "1"], "--noise 1 makes 1797 of the 1797"),
+        ("duplicates.py", ["--pairs", "0"], "--pairs 0 makes 0 of the 1797"),
+    ],
+)
+def test_a_run_without_positives_is_refused_before_training(tmp_path, script, args, setting):
+    # a clean control crashed with "labels need both positives and negatives" after all
+    # of its training
+    proc = _paper_script(tmp_path, script, "--epochs", "1", "--seeds", "0", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert setting in proc.stderr and "positives and negatives" in proc.stderr
+    assert "seed 0" not in proc.stdout  # nothing trained

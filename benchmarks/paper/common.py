@@ -304,6 +304,17 @@ def detection_table(scores: dict[str, torch.Tensor], truth: torch.Tensor) -> dic
     return table
 
 
+def need_both_classes(p: argparse.ArgumentParser, setting: str, positives: int, n: int) -> None:
+    """Refuse, before any training, a ``setting`` whose ground truth is one class (``positives``
+    of ``n``): AUROC needs positives and negatives, and such a run (a clean control,
+    ``--noise 0``) crashed in :func:`detection_table` after all of its training."""
+    if not 0 < positives < n:
+        p.error(
+            f"{setting} makes {positives} of the {n} samples positives: detection needs "
+            "positives and negatives"
+        )
+
+
 def flagged_set(flagged: torch.Tensor, truth: torch.Tensor) -> dict:
     """Size, true positives, precision, recall and F1 of a flagged set (bool ``[N]``)."""
     flagged, truth = flagged.cpu().bool(), truth.cpu().bool()

@@ -33,6 +33,7 @@ from common import (
     detection_table,
     fmt,
     load_data,
+    need_both_classes,
     parser,
     run_all,
     write_results,
@@ -63,6 +64,7 @@ def main() -> None:
     cfg = config_from(args)
     x, y, c = load_data(cfg)
     pairs = args.pairs if args.pairs is not None else max(1, round(x.shape[0] * 250 / 50000))
+    need_both_classes(p, f"--pairs {pairs}", 2 * pairs, x.shape[0])
     runs = []
     prog = Progress(len(cfg.seeds), f"duplicate detection on {cfg.dataset} ({pairs} pairs)")
     for seed in cfg.seeds:

@@ -29,6 +29,7 @@ from common import (
     flagged_set,
     fmt,
     load_data,
+    need_both_classes,
     parser,
     run_all,
     write_results,
@@ -46,6 +47,9 @@ def main() -> None:
     args = p.parse_args()
     cfg = config_from(args)
     x, y, c = load_data(cfg)
+    for noise in args.noise:
+        flipped = corrupt.flip_labels(y, noise, num_classes=c, seed=0)[1]  # (any seed: one count)
+        need_both_classes(p, f"--noise {noise:g}", int(flipped.sum()), x.shape[0])
     runs = []
     prog = Progress(len(args.noise) * len(cfg.seeds), f"mislabeled detection on {cfg.dataset}")
     for noise in args.noise:
