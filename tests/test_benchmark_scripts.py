@@ -4,11 +4,15 @@ once and writes nothing. A script without argument parsing ran its whole measure
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -97,3 +101,35 @@ def test_a_run_without_positives_is_refused_before_training(tmp_path, script, ar
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert setting in proc.stderr and "positives and negatives" in proc.stderr
     assert "seed 0" not in proc.stdout  # nothing trained
+
+
+def _paper_module(monkeypatch, name):
+    """A module of benchmarks/paper, loaded under a private name for this test only (its
+    folder's own names, such as ``common``, stay out of ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(f"_paper_{name}", BENCH / "paper" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # (dataclasses look it up)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # (it adds its folders)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_precision_of_an_empty_flagged_set_is_na_and_counted(monkeypatch):
+    # mislabeled.py scored an empty set 0 and averaged it in; regression.py and
+    # multilabel.py made it NaN and dropped it with nanmean, without a word
+    common = _paper_module(monkeypatch, "common")
+    truth = np.array([True, True, False, False])
+    empty = common.flagged_set(np.zeros(4, dtype=bool), truth)
+    assert math.isnan(empty["precision"]) and empty["recall"] == 0.0 and empty["f1"] == 0.0
+    half = common.flagged_set(torch.tensor([True, False, True, False]), torch.as_tensor(truth))
+    assert half["precision"] == 0.5
+    stats = common.precision_stats([half["precision"], empty["precision"], 1.0])
+    assert stats == {"mean": 0.75, "std": 0.25, "flagged_nothing": 1, "seeds": 3}
+    assert common.precision_cell(stats) == "0.750, n/a in 1 of 3 (nothing flagged)"
+    assert common.precision_cell(stats, std=True).startswith("0.750 (0.250), n/a in 1 of 3")
+    nothing = common.precision_stats([math.nan, math.nan])
+    assert common.precision_cell(nothing) == "n/a (nothing flagged)"
+    # every script's flagged sets go through the one helper
+    for script in ("regression.py", "multilabel.py", "mislabeled.py", "duplicates.py"):
+        text = (BENCH / "paper" / script).read_text()
+        assert "precision_cell(" in text and "/ max(n" not in text, script

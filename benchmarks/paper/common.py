@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -315,14 +316,42 @@ def need_both_classes(p: argparse.ArgumentParser, setting: str, positives: int, 
         )
 
 
-def flagged_set(flagged: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Size, true positives, precision, recall and F1 of a flagged set (bool ``[N]``)."""
-    flagged, truth = flagged.cpu().bool(), truth.cpu().bool()
+def flagged_set(flagged: Any, truth: Any) -> dict:
+    """Size, true positives, precision, recall and F1 of a flagged set (bool, any shape,
+    a tensor or an array) against the truth. The precision of an empty set is undefined:
+    NaN (see :func:`precision_stats`), where it was 0 here and NaN in other scripts."""
+    flagged = torch.as_tensor(flagged).cpu().bool().reshape(-1)
+    truth = torch.as_tensor(truth).cpu().bool().reshape(-1)
     hit = int((flagged & truth).sum())
     n, pos = int(flagged.sum()), int(truth.sum())
-    precision, recall = hit / max(n, 1), hit / max(pos, 1)
+    precision, recall = hit / n if n else math.nan, hit / max(pos, 1)
     f1 = 2 * precision * recall / (precision + recall) if hit else 0.0
     return {"flagged": n, "true_positives": hit, "precision": precision, "recall": recall, "f1": f1}
+
+
+def precision_stats(values: list[float]) -> dict:
+    """Mean and std of per-seed precisions over the seeds that flagged something, and how
+    many flagged nothing (NaN: no precision). A mean counting those as 0 and a ``nanmean``
+    dropping them silently read differently; both are now said."""
+    v = np.asarray(values, dtype=np.float64)
+    some = v[~np.isnan(v)]
+    return {
+        "mean": float(some.mean()) if some.size else math.nan,
+        "std": float(some.std()) if some.size else math.nan,
+        "flagged_nothing": int(v.size - some.size),
+        "seeds": int(v.size),
+    }
+
+
+def precision_cell(stats: dict, digits: int = 3, std: bool = False) -> str:
+    """A table cell of :func:`precision_stats`: the mean (and std), with the seeds that
+    flagged nothing; ``n/a`` when none flagged anything."""
+    if stats["flagged_nothing"] == stats["seeds"]:
+        return "n/a (nothing flagged)"
+    cell = f"{stats['mean']:.{digits}f}" + (f" ({stats['std']:.{digits}f})" if std else "")
+    if stats["flagged_nothing"]:
+        cell += f", n/a in {stats['flagged_nothing']} of {stats['seeds']} (nothing flagged)"
+    return cell
 
 
 def detection_flags(det: csl_fast.detect.Detection, truth: torch.Tensor) -> dict:

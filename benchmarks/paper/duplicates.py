@@ -35,6 +35,8 @@ from common import (
     load_data,
     need_both_classes,
     parser,
+    precision_cell,
+    precision_stats,
     run_all,
     write_results,
 )
@@ -131,7 +133,8 @@ def main() -> None:
         for args_used, f in (("inputs, labels", r["default_rule"]), ("inputs", r["inputs_only"])):
             lines.append(
                 f"| {r['seed']} | {args_used} | {f['rule']} | {count_cell(f)} | {f['flagged']} "
-                f"| {f['true_positives']} | {f['benign_flagged']} | {f['precision']:.2f} "
+                f"| {f['true_positives']} | {f['benign_flagged']} "
+                f"| {precision_cell(precision_stats([f['precision']]), digits=2)} "
                 f"| {f['recall']:.2f} |"
             )
     write_results(

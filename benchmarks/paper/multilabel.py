@@ -61,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
+from common import flagged_set, precision_cell, precision_stats  # noqa: E402
 from run_meta import run_meta, with_discussion  # noqa: E402
 
 import csl_fast  # noqa: E402
@@ -160,15 +161,6 @@ def ranking_metrics(score: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"auroc": float(roc_auc_score(t, s)), "aupr": float(average_precision_score(t, s))}
 
 
-def flag_metrics(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    f, t = flagged.reshape(-1), truth.reshape(-1)
-    tp, n = int((f & t).sum()), int(f.sum())
-    precision = tp / n if n else float("nan")
-    recall = tp / int(t.sum())
-    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-    return {"flagged": n, "precision": precision, "recall": recall, "f1": f1}
-
-
 def label_lists(targets: np.ndarray) -> list[list[int]]:
     return [list(np.flatnonzero(row)) for row in targets]
 
@@ -235,21 +227,21 @@ def one_run(seed: int, args: argparse.Namespace) -> dict:
         cl_entries = cl_entries.T
     k = int(truth.sum())
     run["entry_flagged"] = {
-        "label csl, default rule over all entries": flag_metrics(det.flagged.numpy(), truth),
-        "label csl, per_label=True": flag_metrics(det_label.flagged.numpy(), truth),
-        "label csl, the tail rule alone": flag_metrics(alone.flagged.numpy(), truth),
-        "cleanlab find_multilabel_issues_per_class": flag_metrics(cl_entries, truth),
+        "label csl, default rule over all entries": flagged_set(det.flagged.numpy(), truth),
+        "label csl, per_label=True": flagged_set(det_label.flagged.numpy(), truth),
+        "label csl, the tail rule alone": flagged_set(alone.flagged.numpy(), truth),
+        "cleanlab find_multilabel_issues_per_class": flagged_set(cl_entries, truth),
     }
     for name, s in entry_scores.items():  # not a rule: told the true count
         top = np.zeros(s.size, dtype=bool)
         top[np.argsort(-s.reshape(-1), kind="stable")[:k]] = True
-        run["entry_flagged"][f"top {k} of {name} (oracle count)"] = flag_metrics(top, truth)
+        run["entry_flagged"][f"top {k} of {name} (oracle count)"] = flagged_set(top, truth)
     cl_samples = find_label_issues(labels, oos)
     run["sample_flagged"] = {
-        "csl_fast rule (sample has a flagged entry)": flag_metrics(
+        "csl_fast rule (sample has a flagged entry)": flagged_set(
             det.flagged.numpy().any(1), sample_truth
         ),
-        "cleanlab find_label_issues": flag_metrics(cl_samples, sample_truth),
+        "cleanlab find_label_issues": flagged_set(cl_samples, sample_truth),
     }
     return run
 
@@ -269,8 +261,11 @@ def summarize(runs: list[dict]) -> dict:
     for part in ("entry_flagged", "sample_flagged"):
         out[part] = {
             name: {
-                m: mean_std([r[part][name][m] for r in runs])
-                for m in ("flagged", "precision", "recall", "f1")
+                **{
+                    m: mean_std([r[part][name][m] for r in runs])
+                    for m in ("flagged", "recall", "f1")
+                },
+                "precision": precision_stats([r[part][name]["precision"] for r in runs]),
             }
             for name in runs[0][part]
         }
@@ -289,7 +284,9 @@ def summarize(runs: list[dict]) -> dict:
 
 def _row(name: str, r: dict, cols: tuple[str, ...], extra: str = "") -> str:
     cells = [
-        f"{r[c][0]:.{1 if c == 'flagged' else 3}f} ({r[c][1]:.{1 if c == 'flagged' else 3}f})"
+        precision_cell(r[c], std=True)
+        if c == "precision"
+        else f"{r[c][0]:.{1 if c == 'flagged' else 3}f} ({r[c][1]:.{1 if c == 'flagged' else 3}f})"
         for c in cols
     ]
     return f"| {name} | " + " | ".join(cells) + (f" | {extra}" if extra else "") + " |"

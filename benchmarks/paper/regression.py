@@ -58,6 +58,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
+from common import flagged_set, precision_cell, precision_stats  # noqa: E402
 from run_meta import run_meta, with_discussion  # noqa: E402
 
 import csl_fast  # noqa: E402
@@ -153,15 +154,6 @@ def ranking_metrics(score: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
-def flag_metrics(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    tp = int((flagged & truth).sum())
-    n = int(flagged.sum())
-    precision = tp / n if n else float("nan")
-    recall = tp / int(truth.sum())
-    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
-    return {"flagged": n, "precision": precision, "recall": recall, "f1": f1}
-
-
 def one_run(kind: str, seed: int, args: argparse.Namespace) -> dict:
     import warnings
 
@@ -208,15 +200,15 @@ def one_run(kind: str, seed: int, args: argparse.Namespace) -> dict:
     k = int(truth.sum())
     run["tail_estimate"] = {"count": tail.estimated_count, "interval": tail.count_interval}
     run["flagged"] = {
-        "csl (detect_losses.corrupted_targets, tail)": flag_metrics(tail.flagged.numpy(), truth),
-        "csl (detect.mislabeled, valley)": flag_metrics(det.flagged.numpy(), truth),
-        "cleanlab CleanLearning": flag_metrics(issues["is_label_issue"].to_numpy(), truth),
+        "csl (detect_losses.corrupted_targets, tail)": flagged_set(tail.flagged.numpy(), truth),
+        "csl (detect.mislabeled, valley)": flagged_set(det.flagged.numpy(), truth),
+        "cleanlab CleanLearning": flagged_set(issues["is_label_issue"].to_numpy(), truth),
     }
     # Not a rule (it is told the true count): how pure the top of each ranking is.
     for name, s in scores.items():
         top = np.zeros(len(s), dtype=bool)
         top[np.argsort(-s, kind="stable")[:k]] = True
-        run["flagged"][f"top {k} of {name} (oracle count)"] = flag_metrics(top, truth)
+        run["flagged"][f"top {k} of {name} (oracle count)"] = flagged_set(top, truth)
     run["csl_warning"] = tail.warning
     return run
 
@@ -315,9 +307,12 @@ def summarize(runs: list[dict]) -> dict:
                 s["ranking"].setdefault(name, {})[m] = (float(np.mean(v)), float(np.std(v)))
         for name in rs[0]["flagged"]:
             s["flagged"][name] = {
-                m: float(np.nanmean([r["flagged"][name][m] for r in rs]))
-                for m in ("flagged", "precision", "recall", "f1")
+                m: float(np.mean([r["flagged"][name][m] for r in rs]))
+                for m in ("flagged", "recall", "f1")
             }
+            s["flagged"][name]["precision"] = precision_stats(
+                [r["flagged"][name]["precision"] for r in rs]
+            )
         for key in ("seconds_csl_run", "seconds_cleanlab_mlp", "seconds_cleanlearning"):
             s["seconds"][key] = float(np.mean([r[key] for r in rs]))
         s["final_train_mse"] = float(np.mean([r["final_train_mse"] for r in rs]))
@@ -370,7 +365,8 @@ def markdown(meta: dict, summary: dict, cost: dict | None) -> str:
         ]
         for name, f in s["flagged"].items():
             lines.append(
-                f"| {name} | {f['flagged']:.1f} | {f['precision']:.3f} | {f['recall']:.3f} | "
+                f"| {name} | {f['flagged']:.1f} | {precision_cell(f['precision'])} | "
+                f"{f['recall']:.3f} | "
                 f"{f['f1']:.3f} |"
             )
         lines.append("")
