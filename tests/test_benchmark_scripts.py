@@ -4,6 +4,7 @@ once and writes nothing. A script without argument parsing ran its whole measure
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import subprocess
@@ -109,7 +110,8 @@ def _paper_module(monkeypatch, name):
     spec = importlib.util.spec_from_file_location(f"_paper_{name}", BENCH / "paper" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, module)  # (dataclasses look it up)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # (it adds its folders)
+    monkeypatch.setattr(sys, "path", [str(BENCH / "paper"), *sys.path])  # (it adds more)
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # (its imports: common, ...)
     spec.loader.exec_module(module)
     return module
 
@@ -133,3 +135,24 @@ def test_the_precision_of_an_empty_flagged_set_is_na_and_counted(monkeypatch):
     for script in ("regression.py", "multilabel.py", "mislabeled.py", "duplicates.py"):
         text = (BENCH / "paper" / script).read_text()
         assert "precision_cell(" in text and "/ max(n" not in text, script
+
+
+def test_cost_compares_memorization_only_from_the_same_setup(monkeypatch):
+    # cost.py set memorization.json's total against its own CSL run whatever that run's
+    # dataset, epochs or label noise were
+    cost = _paper_module(monkeypatch, "cost")
+    cfg = sys.modules["common"].Config()
+    data = {
+        "config": {**dataclasses.asdict(cfg), "hidden": list(cfg.hidden), "seeds": [7]},
+        "noise": cost.NOISE,
+        "mem_models": 100,
+        "seconds": {"stability_memorization": 200.0},
+    }
+    measured, lines = cost.memorization_measured(cfg, data, 2.0)
+    assert measured == {"m": 100, "seconds": 200.0, "same_setup": True}
+    assert "= 100x the CSL run" in lines[-1]
+    data["noise"] = 0.0
+    data["config"]["epochs"] = 2
+    measured, lines = cost.memorization_measured(cfg, data, 2.0)
+    assert not measured["same_setup"] and "x the CSL run" not in lines[-1]
+    assert "epochs 2 there, 60 here" in lines[-1] and "noise 0.0 there, 0.1 here" in lines[-1]

@@ -6,17 +6,20 @@ of models; CSL trains one). Here every method is timed on the same data and reci
 ``csl_fast.accumulate`` into a plain CSL buffer, with the full tracker, plus input
 gradients, plus eval passes, and the baselines. Stability memorization is timed on
 ``--mem-models-timed`` models and scaled to ``--mem-models`` (the JSON keeps both, and
-the measured total from memorization.py when its results exist).
+the measured total from memorization.py when its results exist and it ran the same
+setup).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 
 import torch
 from common import (
     RESULTS,
+    Config,
     config_from,
     config_line,
     load_data,
@@ -34,6 +37,10 @@ from csl_fast.baselines import (
     stability_memorization,
 )
 from csl_fast.train import train
+
+NOISE = 0.1  # flipped labels, as memorization.py's --noise
+#: Config fields that do not change the cost of a memorization model's training.
+_NOT_COST = ("seeds", "curv_every", "curv_probes", "curv_h", "cl_folds")
 
 
 def csl_only(model, x, y, cfg, seed) -> float:
@@ -56,6 +63,33 @@ def csl_only(model, x, y, cfg, seed) -> float:
     return time.perf_counter() - t0
 
 
+def memorization_measured(cfg: Config, data: dict, base: float) -> tuple[dict, list[str]]:
+    """memorization.py's measured total (``data``, its results JSON) and the report's
+    lines on it: set against this run's CSL time (``base``) only when both ran the same
+    setup. (It was compared whatever that run's dataset, epochs or noise were.)"""
+    measured = {"m": data["mem_models"], "seconds": data["seconds"]["stability_memorization"]}
+    theirs = {**data["config"], "noise": data["noise"]}
+    ours = {**asdict(cfg), "hidden": list(cfg.hidden), "noise": NOISE}
+    differ = [
+        f"{k} {theirs.get(k)!r} there, {v!r} here"
+        for k, v in ours.items()
+        if k not in _NOT_COST and theirs.get(k) != v
+    ]
+    measured["same_setup"] = not differ
+    if differ:
+        return measured, [
+            "",
+            f"memorization.py's m = {measured['m']} models took {measured['seconds']:.0f}s "
+            f"on another setup ({'; '.join(differ)}): not compared with this run; rerun "
+            "memorization.py with this run's settings to compare.",
+        ]
+    return measured, [
+        "",
+        f"Measured in memorization.py: m = {measured['m']} models took "
+        f"{measured['seconds']:.0f}s = {measured['seconds'] / base:.0f}x the CSL run.",
+    ]
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--mem-models", type=int, default=100)
@@ -65,7 +99,7 @@ def main() -> None:
     cfg = config_from(args)
     seed = cfg.seeds[0]
     x, y, c = load_data(cfg)
-    y, _ = corrupt.flip_labels(y, 0.1, num_classes=c, seed=seed)
+    y, _ = corrupt.flip_labels(y, NOISE, num_classes=c, seed=seed)
     make = model_factory(cfg, x, c)
     kw = cfg.train_kwargs()
     t: dict[str, float] = {}
@@ -113,17 +147,12 @@ def main() -> None:
     )
     per_model = mem.seconds / args.mem_models_timed
     t[f"stability memorization (m = {args.mem_models}, scaled)"] = per_model * args.mem_models
-    measured = None
-    mem_json = RESULTS / "memorization.json"
-    if mem_json.exists():
-        data = json.loads(mem_json.read_text())
-        measured = {"m": data["mem_models"], "seconds": data["seconds"]["stability_memorization"]}
     base = t["CSL (accumulate into a buffer)"]
     plain = t["plain training (F.cross_entropy)"]
     lines = [
         "# Cost: measured wall-clock relative to training with CSL",
         "",
-        f"Setup: {config_line(cfg)}; 10% flipped labels. Training variants: min of "
+        f"Setup: {config_line(cfg)}; {NOISE:.0%} flipped labels. Training variants: min of "
         f"{args.repeats} runs. Stability memorization: {args.mem_models_timed} models timed "
         f"({per_model:.2f}s each), scaled to m = {args.mem_models}.",
         "",
@@ -132,16 +161,16 @@ def main() -> None:
     ]
     for name, sec in t.items():
         lines.append(f"| {name} | {sec:.2f} | {sec / base:.2f} | {sec / plain:.2f} |")
-    if measured:
-        lines += [
-            "",
-            f"Measured in memorization.py: m = {measured['m']} models took "
-            f"{measured['seconds']:.0f}s = {measured['seconds'] / base:.0f}x the CSL run.",
-        ]
+    measured = None
+    mem_json = RESULTS / "memorization.json"
+    if mem_json.exists():
+        measured, said = memorization_measured(cfg, json.loads(mem_json.read_text()), base)
+        lines += said
     write_results(
         args.out or "cost",
         {
             "config": cfg,
+            "noise": NOISE,
             "seconds": t,
             "per_memorization_model": per_model,
             "memorization_measured": measured,
