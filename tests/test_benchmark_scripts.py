@@ -93,6 +93,8 @@ def _paper_script(tmp_path, script, *args):
         ("mislabeled.py", ["--noise", "0.0005"], "--noise 0.0005 makes 0 of the 1797"),
         ("mislabeled.py", ["--noise", "1"], "--noise 1 makes 1797 of the 1797"),
         ("duplicates.py", ["--pairs", "0"], "--pairs 0 makes 0 of the 1797"),
+        ("regression.py", ["--noise", "0"], "--noise 0 makes 0 of the 442"),
+        ("multilabel.py", ["--noise", "0"], "--noise 0 (seed 0) in entries makes 0 of"),
     ],
 )
 def test_a_run_without_positives_is_refused_before_training(tmp_path, script, args, setting):

@@ -61,7 +61,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
-from common import flagged_set, precision_cell, precision_stats  # noqa: E402
+from common import (  # noqa: E402
+    flagged_set,
+    need_both_classes,
+    precision_cell,
+    precision_stats,
+)
 from run_meta import run_meta, with_discussion  # noqa: E402
 
 import csl_fast  # noqa: E402
@@ -359,6 +364,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "multilabel"))
     args = p.parse_args()
+    targets = load(args.copies)[1]
+    for seed in args.seeds:  # (entries and samples: both are ranked)
+        truth = flip(targets, args.noise, seed)[1]
+        setting = f"--noise {args.noise:g} (seed {seed})"
+        need_both_classes(p, setting + " in entries", int(truth.sum()), truth.size)
+        need_both_classes(p, setting + " in samples", int(truth.any(1).sum()), len(truth))
     torch.set_num_threads(args.threads)
     import cleanlab
 

@@ -58,7 +58,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
-from common import flagged_set, precision_cell, precision_stats  # noqa: E402
+from common import (  # noqa: E402
+    flagged_set,
+    need_both_classes,
+    precision_cell,
+    precision_stats,
+)
 from run_meta import run_meta, with_discussion  # noqa: E402
 
 import csl_fast  # noqa: E402
@@ -406,6 +411,8 @@ def main() -> None:
     p.add_argument("--cost-from", help="copy the cost section of this earlier result json")
     p.add_argument("--out", default=str(RESULTS / "regression"))
     args = p.parse_args()
+    n = len(load()[1])
+    need_both_classes(p, f"--noise {args.noise:g}", round(args.noise * n), n)
     torch.set_num_threads(args.threads)
     import cleanlab
 
