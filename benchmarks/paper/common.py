@@ -311,8 +311,8 @@ def need_both_classes(p: argparse.ArgumentParser, setting: str, positives: int, 
     ``--noise 0``) crashed in :func:`detection_table` after all of its training."""
     if not 0 < positives < n:
         p.error(
-            f"{setting} makes {positives} of the {n} samples positives: detection needs "
-            "positives and negatives"
+            f"{setting} makes {positives} of the {n} positive: detection needs positives "
+            "and negatives"
         )
 
 
