@@ -183,28 +183,32 @@ def _cosine(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def top_k_indices(values: Any, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest ``values`` and of every sample tied with the ``k``-th,
-    so at least ``k`` of them (all ``N`` for a ``k`` of ``N`` or more), in descending order.
+    """Indices of the ``k`` largest ``values`` (all ``N`` for a ``k`` of ``N`` or more), in
+    descending order, less the run of ties across the ``k``-th: at most ``k`` of them
+    (the samples strictly above the tied value), unless every one of the top ``k`` is
+    tied, when the whole run is taken.
 
-    Ties are all taken because picking some of them by index made the set, and whatever
-    is measured on it, depend on the dataset's order (of digits' 1797 samples 1648 have
-    memorization 0, so its "179 most memorized" held 30 of them, the lowest-indexed).
+    Picking some of the tied samples by index made the set, and whatever is measured on
+    it, depend on the dataset's order: of digits' 1797 samples 1648 have memorization 0,
+    so its "179 most memorized" held 30 of them, the lowest-indexed; this takes the 149
+    memorized ones (taking the whole run instead would take all 1797).
     """
     v = _np(values, "values")
     k = integer("csl_fast.evaluate.top_k_indices", "k", k, low=1)
     order = np.argsort(-v, kind="stable")
-    if k >= v.size:
-        return order
-    return order[: int(np.count_nonzero(v >= v[order[k - 1]]))]
+    if k >= v.size or v[order[k]] != v[order[k - 1]]:
+        return order[:k]
+    above = int(np.count_nonzero(v > v[order[k - 1]]))
+    return order[: above or int(np.count_nonzero(v >= v[order[k - 1]]))]
 
 
 def similarity(score: Any, memorization: Any, top_k: int | None = None) -> dict[str, float]:
     """Cosine similarity and Pearson correlation of ``score`` with ``memorization``.
 
     Returns ``{"cs_all", "pc_all"}`` and, with ``top_k``, ``{"cs_top", "pc_top"}`` on the
-    samples :func:`top_k_indices` picks by memorization: the ``top_k`` most memorized and every
-    sample tied with the ``top_k``-th (the paper's "Top 5k" rows), with ``"n_top"`` their
-    number (``top_k`` of ``N`` or more takes every sample, as ``cs_all``).
+    samples :func:`top_k_indices` picks by memorization: the ``top_k`` most memorized, less
+    a run of ties across the ``top_k``-th (the paper's "Top 5k" rows), with ``"n_top"``
+    their number (``top_k`` of ``N`` or more takes every sample, as ``cs_all``).
     """
     s, m = _np(score, "score"), _np(memorization, "memorization")
     _same_size(s, m, "score memorization")

@@ -71,7 +71,7 @@ def main() -> None:
         if int(good.sum()) < 2:
             continue
         sims[name] = evaluate.similarity(s[good], m[good], top_k=k)
-    # (ties at the k-th value all taken: of digits' 1797 samples 1648 have memorization 0)
+    # (not a run of ties across the k-th: of digits' 1797 samples 1648 have memorization 0)
     top = ok.nonzero()[:, 0][torch.as_tensor(evaluate.top_k_indices(m[ok], k))]
     se = (mem.p_in * (1 - mem.p_in) / mem.n_in + mem.p_out * (1 - mem.p_out) / mem.n_out).sqrt()
     trends = {
@@ -94,8 +94,8 @@ def main() -> None:
         f"{float(se[top].mean()):.3f} over the top-k, {float(se[ok].mean()):.3f} over all); "
         f"mean memorization "
         f"{float(m[ok].mean()):.3f}, {int((m[ok] > 0.5).sum())} samples above 0.5. "
-        f"Top-k: the {k} most memorized samples ({args.top_fraction:.0%}) and every sample "
-        f"tied with the {k}-th (memorization {float(m[top[-1]]):.3g}): {len(top)} samples.",
+        f"Top-k: the {k} most memorized samples ({args.top_fraction:.0%}), less a run of "
+        f"ties across the {k}-th (evaluate.top_k_indices): {len(top)} samples.",
         "",
         "| Method | CS top-k | PC top-k | CS all | PC all | paper C100 top 5k (CS, PC) "
         "| paper C100 all | paper ImageNet top 50k | paper ImageNet all |",
