@@ -782,23 +782,9 @@ def test_image_grid_is_titled_with_the_score_that_ranks_it(run, tmp_path, monkey
 def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
     # the lowest 0.1% of CSLs lay left of the first bin: counted in the legend, not drawn;
     # CSLs of 0 (no place on a log axis) left without a word
-    import matplotlib.axes
-
     from csl_fast.report_figures import _fig_histogram
 
-    drawn, labels = [], []
-    hist, set_xlabel = matplotlib.axes.Axes.hist, matplotlib.axes.Axes.set_xlabel
-
-    def spy(ax, x, bins, **kw):
-        drawn.append(int(np.histogram(x, bins)[0].sum()))
-        return hist(ax, x, bins, **kw)
-
-    def spy_label(ax, text, **kw):
-        labels.append(text)
-        return set_xlabel(ax, text, **kw)
-
-    monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
-    monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_label)
+    drawn, labels = _histogram_spies(monkeypatch)
     csl = np.concatenate([[0.0, 0.0, 1e-5, 2e-5], np.geomspace(0.5, 20, 3000)])
     mis = np.zeros(csl.size, dtype=bool)
     mis[-30:] = True
@@ -807,16 +793,12 @@ def test_csl_histogram_draws_every_sample_it_counts(tmp_path, monkeypatch):
     assert labels == ["cumulative sample loss (CSL, log scale; 2 samples with CSL 0 not shown)"]
 
 
-@pytest.mark.parametrize("shift", [-3.0, 0.0])
-def test_csl_histogram_draws_negative_csl(shift, tmp_path, monkeypatch):
-    """A loss that can be negative (record_loss of a Gaussian NLL): all negative, the page
-    said "every sample's CSL is 0: the model fitted every label"; of mixed signs, the
-    negative samples left the log axis without a word."""
+def _histogram_spies(monkeypatch) -> tuple[list[int], list[str]]:
+    """The sample counts each ``hist`` call draws, and the x-axis labels set."""
     import matplotlib.axes
 
-    from csl_fast.report_figures import _fig_histogram
-
-    drawn, labels = [], []
+    drawn: list[int] = []
+    labels: list[str] = []
     hist, set_xlabel = matplotlib.axes.Axes.hist, matplotlib.axes.Axes.set_xlabel
 
     def spy(ax, x, bins, **kw):
@@ -829,6 +811,17 @@ def test_csl_histogram_draws_negative_csl(shift, tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.axes.Axes, "hist", spy)
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", spy_label)
+    return drawn, labels
+
+
+@pytest.mark.parametrize("shift", [-3.0, 0.0])
+def test_csl_histogram_draws_negative_csl(shift, tmp_path, monkeypatch):
+    """A loss that can be negative (record_loss of a Gaussian NLL): all negative, the page
+    said "every sample's CSL is 0: the model fitted every label"; of mixed signs, the
+    negative samples left the log axis without a word."""
+    from csl_fast.report_figures import _fig_histogram
+
+    drawn, labels = _histogram_spies(monkeypatch)
     csl = np.linspace(-2.0, 2.0, 41) + shift  # 20 negative, one 0 and 20 positive at 0
     negative = int((csl < 0).sum())
     assert _fig_histogram(csl, None, str(tmp_path / "h.png")) is not None
