@@ -344,14 +344,20 @@ def test_corrupted_samples_an_eval_pass_did_not_score_are_not_called_never_prese
         csl_fast.accumulate(logits, noisy, torch.arange(n), tracker)
         tracker.end_epoch()
         csl_fast.score_epoch(torch.nn.Identity(), [(logits[held], noisy[held], held)], tracker)
-    samples = RunSamples(labels=noisy, true_labels=y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        page = Path(write_report(tracker, tmp_path, samples, score="eval_csl")).read_text()
-    rows = _table_after(page, "What the flagged set is made of")
+    _, rows = _composition_of(
+        tracker, RunSamples(labels=noisy, true_labels=y), "eval_csl", tmp_path
+    )
     assert "recall (of the 2 corrupted that eval_csl scores)" in rows
     assert rows["corrupted samples trained on that eval_csl does not score (not flagged)"] == "6"
     assert not any("never presented" in row for row in rows)
+
+
+def _composition_of(tracker, samples, score, out):
+    """The page of ``score`` and its table of what the flagged set is made of."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(tracker, out, samples, score=score)).read_text()
+    return page, _table_after(page, "What the flagged set is made of")
 
 
 def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_path, monkeypatch):
@@ -370,11 +376,9 @@ def test_held_out_samples_an_eval_pass_scored_are_not_counted_in_the_recall(tmp_
         csl_fast.accumulate(logits[seen], noisy[seen], seen, tracker)
         tracker.end_epoch()
     csl_fast.score_epoch(torch.nn.Identity(), [(logits, noisy, torch.arange(n))], tracker)
-    samples = RunSamples(labels=noisy, true_labels=y)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        page = Path(write_report(tracker, tmp_path, samples, score="final_loss")).read_text()
-    rows = _table_after(page, "What the flagged set is made of")
+    page, rows = _composition_of(
+        tracker, RunSamples(labels=noisy, true_labels=y), "final_loss", tmp_path
+    )
     assert "recall (of the 2 corrupted the run trained on)" in rows
     held = "corrupted samples never presented (held out, scored by an eval pass: not ranked, "
     assert rows[held + "not flagged)"] == "4"
