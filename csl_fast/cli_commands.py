@@ -437,10 +437,11 @@ def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _format_table(rows: list[dict[str, Any]], score: str) -> str:
+def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = None) -> str:
+    """The table of ``rows``; ``shown``: the score column's heading (default ``score``)."""
     columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     cols = [c for c in columns if any(r[c] is not None for r in rows)] or list(columns[:3])
-    head = {c: (score if c == "score" else c) for c in cols}
+    head = {c: ((shown or score) if c == "score" else c) for c in cols}
 
     def cell(c: str, v: Any) -> str:
         if v is None:
@@ -517,12 +518,15 @@ def cmd_rank(args: argparse.Namespace) -> int:
     warned = any(no_epoch in str(w.message) for w in caught) if no_epoch else True
     if not warned and not args.quiet:
         print(f"csl-fast rank: note: {no_epoch}", file=sys.stderr)
+    # label_csl's entries are ranked by their mean where presentation counts differ
+    # (detect_losses.mislabeled_entries): a column headed label_csl showed the means
+    shown = det.score_name if args.score == "label_csl" else args.score
     if args.csv:
         text = _format_csv(rows, args.score)
     elif args.json:
         payload = {
             "run": args.run,
-            "score": args.score,
+            "score": shown,
             "direction": "higher = more suspicious",
             "num_samples": tracker.num_samples,
         }
@@ -539,7 +543,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
             payload["flagged_with_duplicates_count"] = int((det.flagged | dup.flagged).sum())
         text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
     else:
-        text = _format_table(rows, args.score) + "\n"
+        text = _format_table(rows, args.score, shown) + "\n"
     if stream is None:
         try:
             atomic_file.write_text(args.output, lambda f: f.write(text), "write", "rank.csv")

@@ -405,10 +405,14 @@ def _unequal_counts(source: Any, counts_of: str = "csl_count") -> tuple[float, f
     """``(lowest, highest)`` count (``counts_of``: presentations, or eval passes with
     ``"eval_count"``) of the counted samples of ``source`` (a tracker or its
     :func:`csl_fast.scores`) where they differ by more than 25%, else None (a mapping or
-    tensor without counts too)."""
+    tensor without counts too). Eval counts are of the trained samples where there are
+    any: held-out ones are not ranked beside them, however often they were scored."""
     counts = getattr(source, counts_of, None)
     if counts is None:
         return None
+    trained = _trained(source) if counts_of != "csl_count" else None
+    if trained is not None and bool(trained.any()):
+        counts = counts[trained]
     counts = counts[counts > 0]
     if counts.numel() == 0:
         return None

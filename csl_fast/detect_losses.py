@@ -459,12 +459,13 @@ def _detection(
             "samples: compute the score in float64"
         )
         warning = note if warning is None else f"{warning}. Also, {note}"
-    if caveat is not None:
+    if warning is not None:
+        warning = warning.replace("samples", noun)
+    if caveat is not None:  # (in its own words: "samples" there are samples, not entries)
         diag["note"] = "; ".join(filter(None, [diag.get("note"), caveat]))
         said = f"csl_fast.detect_losses: {n_flagged} flagged by rule={rule!r}, but {caveat}"
         warning = said if warning is None else f"{warning}. Also, {caveat}"
     if warning is not None:
-        warning = warning.replace("samples", noun)
         warnings.warn(warning, DetectionWarning, stacklevel=stacklevel)
     # (the scores as given: a held-out sample keeps its value, listed after the ranked ones)
     return Detection(ranking, full, flagged, thr, name, desc, [], count, interval, diag, warning)
@@ -655,7 +656,7 @@ def mislabeled_entries(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DetectionWarning)
         for k in range(labels):
-            dets.append(_detection(values[:, k], name, rule, fraction, threshold, 3, why, caveat))
+            dets.append(_detection(values[:, k], name, rule, fraction, threshold, 3, why))
     flagged = torch.stack([d.flagged for d in dets], 1)
     ranking = _ranking(values.reshape(-1))
     n_flagged = int(flagged.sum())
@@ -710,6 +711,10 @@ def mislabeled_entries(
                 f"csl_fast.detect_losses: {n_flagged} flagged per label, with caveats "
                 f"({'; '.join(caveats)})"
             )
+    if caveat is not None:  # once, not per label (lost with nothing flagged, or L copies)
+        diag["note"] = caveat
+        said = f"csl_fast.detect_losses: {n_flagged} flagged per label, but {caveat}"
+        warning = said if warning is None else f"{warning}. Also, {caveat}"
     if warning is not None:
         warnings.warn(warning, DetectionWarning, stacklevel=2)
     desc = f"{dets[0].rule} per label" if dets else rule

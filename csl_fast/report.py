@@ -423,6 +423,8 @@ def _entry_section(tracker: CSLTracker, top: int) -> str:
             det = mislabeled_entries(tracker)
         except ValueError as exc:  # no per-label CSL recorded (record_loss alone)
             return f"{heading}<p class=cap>Not drawn: {e(str(exc))}</p>"
+    if det.score_name == "label_csl_mean":  # (unequal presentation counts: by the mean)
+        heading = f"<h2>Top {top} (sample, label) entries by per-label CSL per presentation</h2>"
     if det.warning is not None:  # (as the samples' section says its own; csl-fast says it)
         warnings.warn(det.warning, DetectionWarning, stacklevel=3)
     values = det.scores.cpu().double()
@@ -434,7 +436,7 @@ def _entry_section(tracker: CSLTracker, top: int) -> str:
     ]
     return (
         f"{heading}<p class=cap>{e(summary(det))}</p><table><tr><th>rank</th><th>sample</th>"
-        "<th>label</th><th>label_csl</th><th>flagged</th></tr>" + "".join(rows) + "</table>"
+        f"<th>label</th><th>{det.score_name}</th><th>flagged</th></tr>" + "".join(rows) + "</table>"
     )
 
 

@@ -187,11 +187,11 @@ def train(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
             f"{x.shape[0]} rows"
         )
-    y = _targets(y, tracker)
-    # inputs with autograd history (features from a backbone run without no_grad) were
-    # backpropagated into: the first step wrote the caller's gradients and the second
-    # failed with "Trying to backward through the graph a second time"
-    x = x.detach()
+    # inputs with autograd history (features from a backbone run without no_grad; soft
+    # targets from a teacher) were backpropagated into: the first step wrote the caller's
+    # gradients and the second failed with "Trying to backward through the graph a second
+    # time"
+    x, y = x.detach(), _targets(y, tracker).detach()
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]

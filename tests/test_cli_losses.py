@@ -305,3 +305,17 @@ def test_scores_of_a_loss_only_run_are_detected_and_cleaned_as_the_run(reg_run):
     assert det.warning is None or "recorded losses only" in det.warning
     with pytest.raises(ValueError, match="recorded losses only"):
         csl_fast.clean(s)  # (relabel-confident: no suggested labels)
+
+
+def test_entries_ranked_by_their_mean_are_headed_so(capsys, tmp_path):
+    # presentation counts that differ: the entries are ranked by label_csl_mean, whose
+    # values the table and JSON showed under "label_csl"
+    t = _loss_only(tmp_path / "ml.csl", labels=L)
+    extra = torch.arange(10)
+    t.label_csl[extra] *= 2
+    csl_fast.record_loss(torch.ones(10), extra, t)
+    t.save(tmp_path / "ml.csl")
+    code, out, _ = run(capsys, "rank", str(tmp_path / "ml.csl"), "--score", "label_csl")
+    assert code == EXIT_OK and "label_csl_mean" in out.splitlines()[0]
+    code, out, _ = run(capsys, "rank", str(tmp_path / "ml.csl"), "--score", "label_csl", "--json")
+    assert json.loads(out)["score"] == "label_csl_mean"

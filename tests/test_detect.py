@@ -922,6 +922,16 @@ def test_eval_csl_of_unequal_eval_counts_is_warned_and_its_mean_is_a_score():
     even = csl_fast.CSLTracker(n, c)
     csl_fast.score_epoch(torch.nn.Identity(), [(logits, y, torch.arange(n))], even)
     assert csl_fast.detect.default_eval_score(even) == "eval_csl"
+    # held-out samples scored more often are not ranked beside the trained ones: no word
+    trained = torch.arange(20)
+    for _ in range(3):
+        csl_fast.accumulate(logits[trained], y[trained], trained, even)
+        even.end_epoch()
+        held = torch.tensor([25, 26])
+        csl_fast.score_epoch(torch.nn.Identity(), [(logits[held], y[held], held)], even)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", csl_fast.detect.DetectionWarning)
+        csl_fast.detect.mislabeled(even, "eval_csl", rule="fraction", fraction=0.1)
 
 
 def test_duplicates_take_a_binary_bce_runs_float_targets_as_labels():

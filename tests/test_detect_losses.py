@@ -704,5 +704,17 @@ def test_entries_of_unequal_presentation_counts_rank_by_the_mean():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert csl_fast.detect_losses.mislabeled_entries(tracker).score_name == "label_csl_mean"
-    with pytest.warns(DetectionWarning, match=r"counts \(csl_count\) range from 1 to 5"):
+    with pytest.warns(DetectionWarning, match=r"counts \(csl_count\) range from 1 to 5") as got:
         csl_fast.detect_losses.mislabeled_entries(tracker, "label_csl")
+    # in its own words ("entries of entries presented more often" after a noun swap)
+    assert "the entries of samples presented more often" in str(got[-1].message)
+    for rule in ("tail", "fraction"):  # per label: said once (lost, or once per label)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            det = csl_fast.detect_losses.mislabeled_entries(
+                tracker, "label_csl", per_label=True, rule=rule,
+                fraction=0.1 if rule == "fraction" else None,
+            )  # fmt: skip
+        said = " ".join(str(w.message) for w in caught)
+        assert said.count("range from 1 to 5") == 1, rule
+        assert "range from 1 to 5" in det.diagnostics["note"]

@@ -280,3 +280,13 @@ def test_inputs_with_autograd_history_train_without_touching_the_callers_graph()
     tracker = csl_fast.CSLTracker(50, 3)
     train(mlp(4, 3, (8,), seed=0), x, y, epochs=2, tracker=tracker, input_grads=True)
     assert x.grad is None and bool(tracker.input_grad_count.eq(2).all())
+
+
+def test_soft_targets_with_autograd_history_are_not_backpropagated_into():
+    # a teacher's probabilities computed with grad: the first step wrote the teacher's
+    # gradients and the second failed ("backward through the graph a second time")
+    x, _ = _data()
+    teacher = torch.nn.Linear(4, 3)
+    soft = torch.softmax(teacher(x), 1)
+    train(mlp(4, 3, (8,), seed=0), x, soft, epochs=2, batch_size=16)
+    assert teacher.weight.grad is None

@@ -113,35 +113,53 @@ def train_options(
 
 
 class FreshModels:
-    """Refuses a ``model_factory`` model that is, or trains Parameters of, a model the
-    factory built before in the same call. A factory returning one module every call
-    (the authors' confident-learning code did) trains later folds/subsets on samples they
-    hold out, and so does a shared trainable backbone; a frozen one
+    """Refuses a ``model_factory`` model that is a model the factory built before in the
+    same call, or whose trainable Parameters share memory with such a model's. A factory
+    returning one module every call (the authors' confident-learning code did) trains
+    later folds/subsets on samples they hold out, and so does a shared trainable backbone,
+    as the same Parameter or as a new one over the same tensor
+    (``nn.Embedding.from_pretrained(w, freeze=False)``); a frozen one
     (``requires_grad=False``) is not trained, so it is allowed.
 
-    It remembers each object by ``id`` with a weak reference: the reference keeps no model
-    alive, and it tells a reused object (still alive, so ``ref() is obj``) from a new one
-    that got the ``id`` of a collected object (``ref()`` is then ``None``).
+    Earlier models and Parameters are held by weak references and compared only while
+    alive: a collected one's ``id`` or memory may be handed to a new object, which shares
+    nothing with it (the baselines keep the last model alive until the next is built).
     """
 
     def __init__(self, fn: str) -> None:
         self.fn = fn
-        self._seen: dict[int, weakref.ref[Any]] = {}
+        self._models: list[weakref.ref[nn.Module]] = []
+        self._params: list[weakref.ref[torch.Tensor]] = []
 
     def __call__(self, model: nn.Module) -> nn.Module:
-        params = model.parameters() if isinstance(model, nn.Module) else ()
-        objects = [model, *(p for p in params if p.requires_grad)]
-        for obj in objects:
-            ref = self._seen.get(id(obj))
-            if ref is not None and ref() is obj:
-                what = "the same model" if obj is model else "a model sharing trainable parameters"
-                raise ValueError(
-                    f"{self.fn}: model_factory returned {what} as an earlier call, so each "
-                    "model would train on samples another held out (they leak into the "
-                    "scores); build a new model in the factory, e.g. "
-                    "lambda seed: copy.deepcopy(template), and freeze a shared backbone "
-                    "(requires_grad_(False))"
-                )
-        for obj in objects:
-            self._seen[id(obj)] = weakref.ref(obj)
+        self._models = [ref for ref in self._models if ref() is not None]
+        self._params = [ref for ref in self._params if ref() is not None]
+        if any(ref() is model for ref in self._models):
+            raise ValueError(
+                f"{self.fn}: model_factory returned the same model object as an earlier "
+                "call; each call must build a new model (one object carries its state, "
+                "trained on samples the next model holds out, unless the factory resets "
+                "all of it), e.g. lambda seed: copy.deepcopy(template)"
+            )
+        params = [p for p in model.parameters() if p.requires_grad]
+        taken = {_memory(ref()) for ref in self._params} - {None}
+        if any(_memory(p) in taken for p in params):
+            raise ValueError(
+                f"{self.fn}: model_factory returned a model whose trainable parameters share "
+                "memory with an earlier model's (the same Parameter, or one made over the "
+                "same tensor, as nn.Embedding.from_pretrained(w, freeze=False) does), so "
+                "each model would train on samples another held out (they leak into the "
+                "scores); build new weights in the factory (copy.deepcopy(template), "
+                "w.clone()), and freeze a shared backbone (requires_grad_(False))"
+            )
+        self._models.append(weakref.ref(model))
+        self._params += [weakref.ref(p) for p in params]
         return model
+
+
+def _memory(t: torch.Tensor | None) -> int | None:
+    """The address of the memory behind ``t`` (None: no tensor, or no memory)."""
+    if t is None:
+        return None
+    storage = t.untyped_storage()
+    return storage.data_ptr() if storage.nbytes() else None
