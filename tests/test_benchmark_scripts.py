@@ -4,6 +4,7 @@ once and writes nothing. A script without argument parsing ran its whole measure
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.util
 import math
@@ -158,3 +159,63 @@ def test_cost_compares_memorization_only_from_the_same_setup(monkeypatch):
     measured, lines = cost.memorization_measured(cfg, data, 2.0)
     assert not measured["same_setup"] and "x the CSL run" not in lines[-1]
     assert "epochs 2 there, 60 here" in lines[-1] and "noise 0.0 there, 0.1 here" in lines[-1]
+
+
+RATE_OPTIONS = [
+    ("cleaning", "--noise"),
+    ("cleaning", "--sweep"),
+    ("memorization", "--noise"),
+    ("memorization", "--top-fraction"),
+    ("mislabeled", "--noise"),
+    ("multilabel", "--noise"),
+    ("multilabel_doubt", "--rates"),
+    ("regression", "--noise"),
+]
+
+
+class _Parsed(Exception):
+    """Raised in place of running a script whose arguments parsed."""
+
+
+def _parse_only(monkeypatch, script, argv):
+    """``script``'s ``main`` on ``argv``, stopped right after its arguments parse (nothing
+    trains, even where a bad value is accepted): ``(exit code, stderr lines)``."""
+    module = _paper_module(monkeypatch, script)
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, *args, **kwargs):
+        raise _Parsed(parse_args(self, *args, **kwargs))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        try:
+            module.main()
+        except _Parsed as parsed:
+            pytest.fail(f"{script}.py {' '.join(argv)} was accepted: {parsed.args[0]}")
+    return exc.value.code
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "1.5"])
+@pytest.mark.parametrize(("script", "option"), RATE_OPTIONS)
+def test_a_rate_outside_0_1_is_a_usage_error(monkeypatch, capsys, script, option, value):
+    # --noise nan crashed with "cannot convert float NaN to integer" (regression.py,
+    # multilabel.py), -0.1 with "negative dimensions" (multilabel.py) or in flip_labels
+    # (mislabeled.py), or read "makes -22 of the 442 positive"; others trained on them
+    code = _parse_only(monkeypatch, script, [option, value])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"{script}.py: error: argument {option}: {value!r} is not a rate in [0, 1]"
+    )
+
+
+@pytest.mark.parametrize("option", ["--pairs", "--benign-pairs"])
+def test_a_negative_pair_count_is_a_usage_error(monkeypatch, capsys, option):
+    # --pairs -11 read "makes -22 of the 1797 positive"
+    code = _parse_only(monkeypatch, "duplicates", [option, "-11"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"duplicates.py: error: argument {option}: '-11' is negative: a count is 0 or more"
+    )

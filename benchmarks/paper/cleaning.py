@@ -79,7 +79,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, write_results
+from common import environment, rate_arg, write_results
 from torch import nn
 
 import csl_fast
@@ -506,13 +506,13 @@ def markdown(rows: list[dict], env: dict, args: argparse.Namespace) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=["digits", "mnist1d"])
-    p.add_argument("--noise", type=float, nargs="+", default=[0.05, 0.10])
+    p.add_argument("--noise", type=rate_arg, nargs="+", default=[0.05, 0.10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=None, help="override every regime's epochs")
     p.add_argument("--folds", type=int, default=3, help="cleanlab's K (default 3)")
     p.add_argument(
         "--sweep",
-        type=float,
+        type=rate_arg,
         nargs="*",
         default=list(SWEEP),
         help="min_confidence values to retrain at (default: 0, 0.3, 0.4, 0.5, 0.6, 0.7)",

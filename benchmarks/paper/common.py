@@ -108,6 +108,32 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def rate_arg(text: str) -> float:
+    """Argparse type of a rate or fraction option (``--noise``, ``--rates``,
+    ``--top-fraction``, ``--sweep``): a float in [0, 1]. NaN, infinities, negatives and values
+    over 1 are a usage error (exit 2) naming the option, before anything runs; they crashed
+    later with tracebacks ("cannot convert float NaN to integer", "negative dimensions") or
+    read "makes -22 of the 442 positive"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # (NaN fails it too)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in [0, 1]")
+    return value
+
+
+def count_arg(text: str) -> int:
+    """Argparse type of a count option (``--pairs``): a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative: a count is 0 or more")
+    return value
+
+
 def config_from(args: argparse.Namespace) -> Config:
     cfg = Config(
         dataset=args.dataset,

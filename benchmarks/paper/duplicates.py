@@ -28,6 +28,7 @@ from common import (
     Progress,
     config_from,
     config_line,
+    count_arg,
     count_cell,
     detection_flags,
     detection_table,
@@ -60,8 +61,8 @@ def benign_pairs(x, y, taken, k, seed):
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--pairs", type=int, default=None, help="default: round(N * 250 / 50000)")
-    p.add_argument("--benign-pairs", type=int, default=0, help="same-label pairs (negatives)")
+    p.add_argument("--pairs", type=count_arg, default=None, help="default: round(N * 250 / 50000)")
+    p.add_argument("--benign-pairs", type=count_arg, default=0, help="same-label pairs (negatives)")
     args = p.parse_args()
     cfg = config_from(args)
     x, y, c = load_data(cfg)

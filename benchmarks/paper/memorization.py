@@ -22,6 +22,7 @@ from common import (
     load_data,
     model_factory,
     parser,
+    rate_arg,
     run_all,
     write_results,
 )
@@ -33,8 +34,8 @@ from csl_fast.baselines import stability_memorization
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--mem-models", type=int, default=100, help="m models for the estimate")
-    p.add_argument("--noise", type=float, default=0.0, help="label noise (paper: clean data)")
-    p.add_argument("--top-fraction", type=float, default=0.1)
+    p.add_argument("--noise", type=rate_arg, default=0.0, help="label noise (paper: clean data)")
+    p.add_argument("--top-fraction", type=rate_arg, default=0.1)
     p.add_argument("--bins", type=int, default=20)
     args = p.parse_args()
     cfg = config_from(args)

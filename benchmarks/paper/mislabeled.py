@@ -33,6 +33,7 @@ from common import (
     parser,
     precision_cell,
     precision_stats,
+    rate_arg,
     run_all,
     write_results,
 )
@@ -45,7 +46,7 @@ STATS = ("flagged", "recall", "f1")  # (precision: precision_stats)
 
 def main() -> None:
     p = parser(__doc__)
-    p.add_argument("--noise", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.10])
+    p.add_argument("--noise", type=rate_arg, nargs="+", default=[0.01, 0.02, 0.05, 0.10])
     args = p.parse_args()
     cfg = config_from(args)
     x, y, c = load_data(cfg)

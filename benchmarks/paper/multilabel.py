@@ -66,6 +66,7 @@ from common import (  # noqa: E402
     need_both_classes,
     precision_cell,
     precision_stats,
+    rate_arg,
 )
 from run_meta import run_meta, with_discussion  # noqa: E402
 
@@ -358,7 +359,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--noise", type=float, default=0.05)
+    p.add_argument("--noise", type=rate_arg, default=0.05)
     p.add_argument("--folds", type=int, default=3)
     p.add_argument("--copies", type=int, default=1)
     p.add_argument("--threads", type=int, default=1)

@@ -44,6 +44,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installing
 sys.path.insert(0, str(HERE.parent))
 
+from common import rate_arg  # noqa: E402
 from multilabel import LABELS, RESULTS, flip, load, mlp  # noqa: E402
 from run_meta import run_meta  # noqa: E402
 
@@ -187,7 +188,7 @@ def markdown(meta: dict, runs: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[3])
-    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.02, 0.1])
+    p.add_argument("--rates", type=rate_arg, nargs="+", default=[0.0, 0.02, 0.1])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(RESULTS / "multilabel-doubt"))
