@@ -394,8 +394,9 @@ def default_score(source: Any) -> str:
 
 
 def default_eval_score(source: Any) -> str:
-    """The eval-pass score a run of eval passes alone is ranked by: ``"eval_csl"``, or
-    ``"eval_csl_mean"`` where the scored samples' eval counts differ by more than 25% (a
+    """The eval-pass score a ``source`` (a tracker, or its :func:`csl_fast.scores`) of eval
+    passes alone is ranked by: ``"eval_csl"``, or ``"eval_csl_mean"`` where the scored
+    samples' eval counts differ by more than 25% (a
     DistributedSampler's padding repeats the same samples every pass with
     ``shuffle=False``: their sums doubled and ranked first)."""
     return "eval_csl" if _unequal_counts(source, "eval_count") is None else "eval_csl_mean"
