@@ -439,6 +439,14 @@ def _length_bias(t: Any, score: str) -> str | None:
             "detect by 'eval_csl_mean'"
         )
     unequal = _unequal_counts(t)
+    if score == "label_csl" and unequal is not None:  # (mislabeled_entries)
+        return (
+            f"score 'label_csl' sums each entry's loss over its sample's presentations, and "
+            f"the presented samples' counts (csl_count) range from {unequal[0]:g} to "
+            f"{unequal[1]:g}: the entries of samples presented more often rank first "
+            "whatever their labels. Rank and detect by 'label_csl_mean' (the default for "
+            "such a run)"
+        )
     if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or unequal is None:
         return None
     lo, hi = unequal

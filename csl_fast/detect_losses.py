@@ -630,23 +630,15 @@ def mislabeled_entries(
     they stay flagged without a warning
     (``benchmarks/results/loss-detection-limits-multilabel.md``, 2026-12-03).
     """
-    from .detect import _unequal_counts
+    from .detect import _length_bias, _unequal_counts
 
-    unequal = None if isinstance(source, torch.Tensor) else _unequal_counts(source)
     if score is None:
+        unequal = None if isinstance(source, torch.Tensor) else _unequal_counts(source)
         score = "label_csl" if unequal is None else "label_csl_mean"
     values, name = _entry_score(source, score)
     labels = values.shape[1]
     why = _no_score(source, "csl_fast.accumulate_bce")
-    caveat = None
-    if name == "label_csl" and unequal is not None:
-        caveat = (
-            f"score 'label_csl' sums each entry's loss over its sample's presentations, and "
-            f"the presented samples' counts (csl_count) range from {unequal[0]:g} to "
-            f"{unequal[1]:g}: the entries of samples presented more often rank first "
-            "whatever their labels. Rank and detect by 'label_csl_mean' (the default for "
-            "such a run)"
-        )
+    caveat = None if isinstance(source, torch.Tensor) else _length_bias(source, name)
     if not per_label:
         det = _detection(
             values.reshape(-1), name, rule, fraction, threshold, 3, why, caveat, noun="entries",
