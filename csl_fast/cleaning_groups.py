@@ -195,6 +195,8 @@ def duplicate_decisions(
     lab = None
     if labels is not None:
         lab = dg.as_rows("csl_fast.clean", "labels", labels).detach().cpu()
+        if not (lab.dim() == 1 and integer_labels(lab.dtype)) and _loss_only(source):
+            return _target_decisions(source, score, inputs, lab, n)
         if lab.dim() != 1:
             raise ValueError(
                 f"csl_fast.clean: labels must be int [N] = [{n}] class indices, got "
@@ -208,6 +210,27 @@ def duplicate_decisions(
         return carry_to_groups(detection, dg.group_ids(inputs)), None
     dup = duplicates(source, score, inputs=inputs, labels=lab)
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
+
+
+def _loss_only(source: Any) -> bool:
+    from .cleaning import no_suggestions
+    from .scores import LOSS_ONLY
+
+    return no_suggestions(source) == LOSS_ONLY
+
+
+def _target_decisions(
+    source: Any, score: str | None, inputs: torch.Tensor, targets: torch.Tensor, n: int
+) -> tuple[Detection, GroupDecision]:
+    """:func:`duplicate_decisions` for a run that recorded losses only, given the targets
+    it trained on (a regression's values, a multi-label run's rows): the groups conflict
+    where the targets' bits differ, the member whose target the network fitted best (the
+    lowest mean loss) is kept, and no member has a class to be relabelled to (the group
+    label is -1: the others are dropped)."""
+    dg.check_rows(n, inputs, targets)
+    dup = duplicates(source, score, inputs=inputs, labels=targets)
+    decision = resolve_conflicts(dup.groups, dg.row_ids(targets), _mean_loss(source))
+    return dup, decision._replace(group_label=torch.full_like(decision.group_label, -1))
 
 
 def _mean_loss(source: Any) -> torch.Tensor:

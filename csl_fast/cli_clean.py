@@ -162,10 +162,13 @@ def _clean_summary(
         line = duplicates_summary(plan.duplicates)
         group_kept = int((plan.kept & plan.grouped).sum())
         if group_kept:
+            # (a run that recorded losses only has no class to relabel to)
+            relabelled = bool((plan.relabel & plan.grouped).any())
+            others = "relabelled to its label" if relabelled else "dropped"
             line += (
                 "; in each conflicting group with two labels measured the member whose "
-                f"label the network preferred is kept ({group_kept}), the others relabelled "
-                "to its label (a group with one label measured keeps the score's plan)"
+                f"label the network preferred is kept ({group_kept}), the others {others} "
+                "(a group with one label measured keeps the score's plan)"
             )
         lines.append(line)
     if samples is None or not samples.has_truth or len(plan) == 0:

@@ -399,7 +399,9 @@ def _rank(
                 arr = labels  # --labels: the run's given labels, as samples.npz keeps them
             if arr is None:
                 return None
-            return bool(arr[i]) if arr.dtype == bool else int(arr[i])
+            # a Python bool, int or float, or a list for a row (a multi-label target): a
+            # regression's 0.73 was printed as int 0
+            return arr[i].tolist()
 
         rows.append(
             {
@@ -439,6 +441,8 @@ def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
 
 def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = None) -> str:
     """The table of ``rows``; ``shown``: the score column's heading (default ``score``)."""
+    from .duplicate_groups import label_text
+
     columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     cols = [c for c in columns if any(r[c] is not None for r in rows)] or list(columns[:3])
     head = {c: ((shown or score) if c == "score" else c) for c in cols}
@@ -450,7 +454,7 @@ def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = No
             return f"{v:.4g}"
         if isinstance(v, bool):
             return "yes" if v else ""
-        return str(v)
+        return label_text(v)
 
     body = [[cell(c, r[c]) for c in cols] for r in rows]
     widths = [max([len(head[c])] + [len(b[j]) for b in body]) for j, c in enumerate(cols)]

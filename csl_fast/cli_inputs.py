@@ -5,13 +5,16 @@ A tracker does not keep inputs, so the groups of identical inputs
 (:func:`csl_fast.detect.duplicates`) need them from outside: ``--inputs FILE`` (``.npy``,
 or ``.pt``/``.pth`` holding one tensor, shape ``[N, ...]``), or the ``inputs`` field of the
 run's ``samples.npz`` (``csl-fast demo`` stores it). The labels that reveal a conflict come
-from ``--labels FILE`` (int ``[N]``, same formats) or the run's ``samples.npz``. With
+from ``--labels FILE`` (int ``[N]`` class indices, same formats; for a run that recorded
+losses only, a regression's or a multi-label run's, the targets it trained on, ``[N]`` or
+``[N, ...]`` of any real dtype) or the run's ``samples.npz``. With
 both, every group of identical inputs whose labels differ is flagged (exactly); with
 inputs only, each group holding a sample the score rule flags is flagged whole.
 
 Errors, one line each: an unsupported file type, or ``--labels`` with no inputs, is a
 usage error (exit 2); a file that is missing, unreadable, not an array, or does not fit
-the run (N rows for the tracker's N samples, integer labels) is an input error (exit 3),
+the run (N rows for the tracker's N samples; integer labels for a classifier) is an input
+error (exit 3),
 as a ``samples.npz`` of another run is.
 """
 
@@ -21,7 +24,7 @@ import argparse
 import os
 from typing import Any
 
-from ._args import label_range
+from ._args import integer_labels, label_range
 from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError
 
 __all__ = [
@@ -43,8 +46,9 @@ _HELP_INPUTS = (
     "(csl_fast.detect.duplicates); default: the inputs in RUN's samples.npz, if any"
 )
 _HELP_LABELS = (
-    "the run's given labels, int [N], as .npy or .pt (default: the labels in RUN's "
-    "samples.npz); with inputs, a conflict between identical inputs is exact"
+    "the run's given labels, int [N] (a run that recorded losses only: its targets, [N, ...]), "
+    "as .npy or .pt (default: the labels in RUN's samples.npz); with inputs, a conflict "
+    "between identical inputs is exact"
 )
 
 
@@ -139,7 +143,7 @@ def say_note(args: argparse.Namespace, note: str | None) -> None:
 
 
 def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
-    import torch
+    from .cli_commands import loss_only
 
     n = tracker.num_samples
     inputs = labels = None
@@ -177,13 +181,18 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
             f"compared; give the inputs the run trained on, [{n}, ...] in dataset order",
             EXIT_INPUT,
         )
-    if labels is not None and (
-        labels.dim() != 1
-        or labels.shape[0] != n
-        or labels.dtype.is_floating_point
-        or labels.dtype.is_complex
-        or labels.dtype == torch.bool
-    ):
+    if labels is not None and loss_only(tracker) and not _class_indices(labels):
+        # a regression or multi-label run's targets: rows of any real dtype, compared by
+        # their bits as detect.duplicates compares them (no class index to check)
+        if labels.dim() == 0 or labels.shape[0] != n or labels.dtype.is_complex:
+            raise CLIError(
+                f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the "
+                f"run: its labels must be the targets it trained on, [{n}] or [{n}, ...] "
+                "real numbers in dataset order",
+                EXIT_INPUT,
+            )
+        return inputs, labels
+    if labels is not None and (not _class_indices(labels) or labels.shape[0] != n):
         raise CLIError(
             f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the run: "
             f"labels must be integers of shape [{n}]",
@@ -202,6 +211,10 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
                 EXIT_INPUT,
             )
     return inputs, None if labels is None else labels.long()
+
+
+def _class_indices(labels: Any) -> bool:
+    return labels.dim() == 1 and integer_labels(labels.dtype)
 
 
 def check_combination(inputs: Any, labels: Any, score: str, loss_only: bool) -> None:

@@ -39,7 +39,9 @@ __all__ = [
     "flagged_groups",
     "group_ids",
     "group_lists",
+    "label_text",
     "num_groups",
+    "row_ids",
     "whole_groups",
 ]
 
@@ -50,6 +52,26 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     if flat.is_complex():
         flat = torch.view_as_real(flat).flatten(1)
     return as_bits(flat)  # -0.0 and 0.0 differ, a NaN equals the same NaN
+
+
+def row_ids(x: torch.Tensor) -> torch.Tensor:
+    """int64 ``[N]``: one number per distinct row of ``x`` (``[N, ...]``), the same for
+    bitwise-identical rows (singletons included, unlike :func:`group_ids`)."""
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long)
+    return torch.unique(_rows(x), dim=0, return_inverse=True)[1]
+
+
+def label_text(value: Any) -> str:
+    """A label as text: a class index as it is, a regression target to 4 significant
+    digits, a row (a multi-label target) as its values, space-separated. ``int()`` of a
+    regression's 0.73 printed 0."""
+    v = value.tolist() if hasattr(value, "tolist") else value
+    if isinstance(v, list):
+        return " ".join(label_text(x) for x in v)
+    if isinstance(v, bool):
+        return str(int(v))
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def num_groups(ids: torch.Tensor) -> int:

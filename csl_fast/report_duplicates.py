@@ -54,6 +54,8 @@ def _rows(det: Any, samples: Any, ids: torch.Tensor) -> list[tuple[str, str]]:
 
 
 def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
+    from .duplicate_groups import label_text
+
     e = html.escape
     action = {}
     if plan is not None:
@@ -74,7 +76,7 @@ def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
     head += "<th>true labels</th></tr>" if truth else "</tr>"
     body = []
     for g in det.groups[:SHOWN_GROUPS]:
-        given = "-" if labels is None else ", ".join(str(int(labels[i])) for i in g)
+        given = "-" if labels is None else ", ".join(label_text(labels[i]) for i in g)
         decided = [action[i] for i in g if i in action]
         if decided and decided[0][1] >= 0:
             _, lab, conf = decided[0]

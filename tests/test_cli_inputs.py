@@ -296,6 +296,66 @@ def test_loss_only_run_needs_labels_and_drops_conflicts(tmp_path, capsys):
     assert rows[4]["action"] == rows[9]["action"] == "drop"
 
 
+@pytest.mark.parametrize("kind", ["regression", "multi-label"])
+def test_loss_only_run_takes_its_targets_as_labels(tmp_path, capsys, kind):
+    """A regression's float targets and a multi-label run's target rows are the labels
+    such a run has: they were refused as "labels must be integers" although the error for
+    inputs alone asked for them. The conflicting pair is flagged in rank, report and
+    clean, its targets printed as they are (int() printed 0.73 as 0), and under review
+    the member the network fitted best is kept, the other dropped (no class to relabel
+    to)."""
+    gen = torch.Generator().manual_seed(1)
+    n = 40
+    x = torch.randn(n, 4, generator=gen)
+    x[9] = x[4]
+    if kind == "regression":
+        tracker = csl_fast.CSLTracker(n)
+        targets = torch.randn(n, generator=gen)
+        for _ in range(3):
+            loss = torch.rand(n, generator=gen) + 1.0
+            loss[9] = 0.1  # the member whose target the network fits
+            csl_fast.record_loss(loss, torch.arange(n), tracker)
+            tracker.end_epoch()
+        shown = f"{float(targets[4]):.4g}, {float(targets[9]):.4g}"
+    else:
+        tracker = csl_fast.CSLTracker(n, num_labels=3)
+        targets = (torch.rand(n, 3, generator=gen) > 0.5).float()
+        targets[9] = 1 - targets[4]
+        for _ in range(3):
+            logits = torch.randn(n, 3, generator=gen)
+            logits[9] = (targets[9] * 2 - 1) * 8  # fitted
+            csl_fast.accumulate_bce(logits, targets, torch.arange(n), tracker)
+            tracker.end_epoch()
+        shown = " ".join(str(int(v)) for v in targets[4]) + ", "
+        shown += " ".join(str(int(v)) for v in targets[9])
+    tracker.save(tmp_path / "run.csl")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "t.npy", targets.numpy())
+    files = ["--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "t.npy")]
+    run_file = str(tmp_path / "run.csl")
+    code, out, err = run_main(capsys, "rank", run_file, "--json", "--top", str(n), *files)
+    assert code == EXIT_OK, err
+    rows = {r["index"]: r for r in json.loads(out)["rows"]}
+    assert rows[4]["flagged"] and rows[9]["flagged"]
+    assert rows[4]["label"] == targets[4].tolist()
+    plan_file = tmp_path / "plan.csv"
+    for policy, expected in (("drop", ("drop", "drop")), ("review", ("drop", "keep"))):
+        extra = ["--budget", str(n)] if policy == "review" else []
+        code, out, err = run_main(
+            capsys, "clean", run_file, "--out", str(plan_file), "--policy", policy, *extra, *files
+        )
+        assert code == EXIT_OK, err
+        with open(plan_file, newline="") as f:
+            plan = {int(r["index"]): r for r in csv.DictReader(f)}
+        assert (plan[4]["action"], plan[9]["action"]) == expected, policy
+        assert plan[4]["suggested_label"] == plan[9]["suggested_label"] == ""
+    assert "the others dropped" in out
+    code, _, err = run_main(capsys, "report", run_file, "--out", str(tmp_path / "r"), "-q", *files)
+    assert code == EXIT_OK, err
+    html_text = (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+    assert f"<tr><td>4, 9</td><td>{shown}</td>" in html_text
+
+
 def test_rank_json_carries_the_duplicate_summary(run, capsys):
     folder = run[0]
     code, out, _ = run_main(
