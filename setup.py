@@ -144,6 +144,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["csl_fast", "csl_fast.*"]),
+    # PEP 561: type checkers read the package's annotations
+    package_data={"csl_fast": ["py.typed"]},
     install_requires=["torch>=2.4", "numpy"],
     extras_require={
         "triton": ["triton"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import warnings
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, overload, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,98 @@ class Recorder(Protocol):
 # Samples of several positions (sequences as [B*T, V] logits, K-dimensional logits) also
 # need ``record_sequences(index [B], token_stats [NUM_STATS, B, T])`` on the tracker (see
 # :meth:`csl_fast.CSLTracker.record_sequences`).
+
+
+@overload
+def accumulate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    inplace_grad: bool = False,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: Literal[False] = False,
+    return_token_accuracy: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def accumulate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    inplace_grad: bool = False,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: Literal[True],
+    return_token_accuracy: bool = False,
+) -> CrossEntropyOutput: ...
+
+
+@overload
+def accumulate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    inplace_grad: bool = False,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: Literal[True],
+) -> CrossEntropyOutput: ...
+
+
+@overload
+def accumulate(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor,
+    csl: torch.Tensor | Recorder,
+    *,
+    count: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    inplace_grad: bool = False,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | CrossEntropyOutput: ...
 
 
 def accumulate(

@@ -52,7 +52,7 @@ import math
 import operator
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
@@ -93,6 +93,106 @@ def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     target = max(tokens * hidden, _MIN_CHUNK_ELEMS) / max(vocab, 1)
     chunk = 1 << max(4, math.floor(math.log2(max(target, 1.0))))
     return int(max(1, min(tokens, chunk)))
+
+
+@overload
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor | None = None,
+    csl: torch.Tensor | Recorder | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    count: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: Literal[False] = False,
+    return_token_accuracy: Literal[False] = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor | None = None,
+    csl: torch.Tensor | Recorder | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    count: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: Literal[True],
+    return_token_accuracy: bool = False,
+) -> CrossEntropyOutput: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor | None = None,
+    csl: torch.Tensor | Recorder | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    count: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: Literal[True],
+) -> CrossEntropyOutput: ...
+
+
+@overload
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    index: torch.Tensor | None = None,
+    csl: torch.Tensor | Recorder | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    count: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
+    backend: str = "auto",
+    deterministic: bool | None = None,
+    validate: bool | None = None,
+    softcap: float | None = None,
+    z_loss_scale: float = 0.0,
+    return_z_loss: bool = False,
+    return_token_accuracy: bool = False,
+) -> torch.Tensor | CrossEntropyOutput: ...
 
 
 def linear_cross_entropy(
