@@ -35,9 +35,9 @@ one row, the group's). Under ``"relabel-confident"`` and ``"review"`` the label 
 network preferred for that input (lowest mean loss) is the group's: the members that carry
 it are kept as they are (action ``keep``) and the others relabelled to it (dropped when
 the group label's share, the row's confidence, is below ``min_confidence``); ``"drop"``
-drops them all. A run that recorded losses only may give its targets as ``labels`` (a
-regression's values, a multi-label run's rows): there is no class to relabel to, so the
-others are dropped.
+drops them all. A run that recorded losses only, or sequences, may give its targets as
+``labels`` (a regression's values, a multi-label run's rows, a sequence's token labels):
+there is no class to relabel to, so the others are dropped.
 :mod:`csl_fast.cleaning_groups` says why, with the demo's figures.
 
 The plan is a table (:meth:`CleaningPlan.to_csv`, columns ``index, action,
@@ -729,10 +729,11 @@ def clean(
             its eval-pass loss where an eval pass scored it; a group with one label
             measured keeps the per-sample plan (under ``policy="drop"``, which trusts no
             label, every member of every conflicting group is dropped). For a run that
-            recorded losses only (a regression's, a multi-label one's), ``labels`` may be
-            the targets it trained on, ``[N]`` or ``[N, ...]`` of any real dtype, compared
-            by their bits: the member whose target the network fitted best is kept under
-            ``"review"`` and the others are dropped, having no class to be relabelled to.
+            recorded losses only (a regression's, a multi-label one's) or sequences,
+            ``labels`` may be the targets it trained on, ``[N]`` or ``[N, ...]`` of any
+            real dtype (a sequence's token labels ``[N, T]``), compared by their bits: the
+            member whose target the network fitted best is kept under ``"review"`` and the
+            others are dropped, having no class to be relabelled to.
         **detect_kwargs: forwarded to the default detection when ``detection`` is None:
             ``rule``, ``fraction``, ``threshold`` (any other name raises ``TypeError``).
 

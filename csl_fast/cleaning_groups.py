@@ -195,7 +195,7 @@ def duplicate_decisions(
     lab = None
     if labels is not None:
         lab = dg.as_rows("csl_fast.clean", "labels", labels).detach().cpu()
-        if not (lab.dim() == 1 and integer_labels(lab.dtype)) and _loss_only(source):
+        if not (lab.dim() == 1 and integer_labels(lab.dtype)) and _no_class_labels(source):
             return _target_decisions(source, score, inputs, lab, n)
         if lab.dim() != 1:
             raise ValueError(
@@ -212,21 +212,23 @@ def duplicate_decisions(
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
 
 
-def _loss_only(source: Any) -> bool:
-    from .cleaning import no_suggestions
+def _no_class_labels(source: Any) -> bool:
+    """Whether ``source`` is a run whose samples have no one class label: it recorded
+    losses only (a regression, a multi-label run), or sequences (a label per token)."""
+    from .cleaning import SEQUENCES_NO_LABELS, no_suggestions
     from .scores import LOSS_ONLY
 
-    return no_suggestions(source) == LOSS_ONLY
+    return no_suggestions(source) in (LOSS_ONLY, SEQUENCES_NO_LABELS)
 
 
 def _target_decisions(
     source: Any, score: str | None, inputs: torch.Tensor, targets: torch.Tensor, n: int
 ) -> tuple[Detection, GroupDecision]:
-    """:func:`duplicate_decisions` for a run that recorded losses only, given the targets
-    it trained on (a regression's values, a multi-label run's rows): the groups conflict
-    where the targets' bits differ, the member whose target the network fitted best (the
-    lowest mean loss) is kept, and no member has a class to be relabelled to (the group
-    label is -1: the others are dropped)."""
+    """:func:`duplicate_decisions` for a run without one class label per sample, given the
+    targets it trained on (a regression's values, a multi-label run's rows, a sequence's
+    token labels): the groups conflict where the targets' bits differ, the member whose
+    target the network fitted best (the lowest mean loss) is kept, and no member has a
+    class to be relabelled to (the group label is -1: the others are dropped)."""
     dg.check_rows(n, inputs, targets)
     dup = duplicates(source, score, inputs=inputs, labels=targets)
     decision = resolve_conflicts(dup.groups, dg.row_ids(targets), _mean_loss(source))

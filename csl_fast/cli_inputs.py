@@ -7,7 +7,8 @@ or ``.pt``/``.pth`` holding one tensor, shape ``[N, ...]``), or the ``inputs`` f
 run's ``samples.npz`` (``csl-fast demo`` stores it). The labels that reveal a conflict come
 from ``--labels FILE`` (int ``[N]`` class indices, same formats; for a run that recorded
 losses only, a regression's or a multi-label run's, the targets it trained on, ``[N]`` or
-``[N, ...]`` of any real dtype) or the run's ``samples.npz``. With
+``[N, ...]`` of any real dtype; for a run of sequences, the token labels ``[N, T]``) or
+the run's ``samples.npz``. With
 both, every group of identical inputs whose labels differ is flagged (exactly); with
 inputs only, each group holding a sample the score rule flags is flagged whole.
 
@@ -46,7 +47,8 @@ _HELP_INPUTS = (
     "(csl_fast.detect.duplicates); default: the inputs in RUN's samples.npz, if any"
 )
 _HELP_LABELS = (
-    "the run's given labels, int [N] (a run that recorded losses only: its targets, [N, ...]), "
+    "the run's given labels, int [N] (a run of sequences or one that recorded losses only: "
+    "its targets, [N, ...]), "
     "as .npy or .pt (default: the labels in RUN's samples.npz); with inputs, a conflict "
     "between identical inputs is exact"
 )
@@ -181,14 +183,18 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
             f"compared; give the inputs the run trained on, [{n}, ...] in dataset order",
             EXIT_INPUT,
         )
-    if labels is not None and loss_only(tracker) and not _class_indices(labels):
-        # a regression or multi-label run's targets: rows of any real dtype, compared by
-        # their bits as detect.duplicates compares them (no class index to check)
+    if (
+        labels is not None
+        and (loss_only(tracker) or tracker.sequences)
+        and not _class_indices(labels)
+    ):
+        # a regression's or multi-label run's targets, a sequence's token labels: rows of
+        # any real dtype, compared by their bits as detect.duplicates compares them
         if labels.dim() == 0 or labels.shape[0] != n or labels.dtype.is_complex:
             raise CLIError(
                 f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the "
                 f"run: its labels must be the targets it trained on, [{n}] or [{n}, ...] "
-                "real numbers in dataset order",
+                "real numbers in dataset order (a sequence's token labels: [N, T])",
                 EXIT_INPUT,
             )
         return inputs, labels

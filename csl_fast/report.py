@@ -149,9 +149,13 @@ class RunSamples:
                         f"sample; got {value.dtype} of shape {value.shape}"
                     )
                 if name not in ("images", "inputs") and value.ndim != 1:
+                    # (a sequence's token labels, a multi-label run's rows: the duplicate
+                    # groups take them, through --labels or write_report's labels=)
                     raise SamplesFileError(
-                        f"RunSamples: {name} must be 1-D, one entry per sample; got shape "
-                        f"{value.shape}"
+                        f"RunSamples: {name} must be 1-D, one class per sample; got shape "
+                        f"{value.shape}. The targets of a run of sequences or of a "
+                        "multi-label run go to csl-fast --labels FILE (or write_report's "
+                        "labels=, csl_fast.clean's labels=), not into samples.npz"
                     )
                 # astype(bool) made NaN and 0.5 True, int64(0.5) another class: silent
                 if name in ("mislabeled", "duplicate"):
@@ -514,7 +518,9 @@ def write_report(
         progress: show a tqdm bar over the figures and the flagged set's sections.
         inputs: ``[N, ...]`` training inputs (default: ``samples.inputs``): adds the
             duplicate groups section (:mod:`csl_fast.report_duplicates`).
-        labels: int ``[N]`` given labels (default: ``samples.labels``, with inputs).
+        labels: int ``[N]`` given labels (default: ``samples.labels``, with inputs); for a
+            run of sequences or one that recorded losses only, the targets it trained on,
+            ``[N, ...]`` (:func:`csl_fast.clean`'s ``labels``).
     """
     require_matplotlib()
     from .detect import default_score

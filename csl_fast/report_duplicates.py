@@ -163,7 +163,8 @@ def section(
     if labels is None:
         note = (
             "No labels given: a group is flagged whole when the score rule flags one of its "
-            "members; give the labels (samples.npz or --labels) to flag every conflict exactly."
+            "members; give the labels (samples.npz or --labels; a run of sequences or a "
+            "multi-label run's targets with --labels) to flag every conflict exactly."
         )
     elif why_drop is not None:
         note = (

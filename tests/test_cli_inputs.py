@@ -296,14 +296,14 @@ def test_loss_only_run_needs_labels_and_drops_conflicts(tmp_path, capsys):
     assert rows[4]["action"] == rows[9]["action"] == "drop"
 
 
-@pytest.mark.parametrize("kind", ["regression", "multi-label"])
-def test_loss_only_run_takes_its_targets_as_labels(tmp_path, capsys, kind):
-    """A regression's float targets and a multi-label run's target rows are the labels
-    such a run has: they were refused as "labels must be integers" although the error for
-    inputs alone asked for them. The conflicting pair is flagged in rank, report and
-    clean, its targets printed as they are (int() printed 0.73 as 0), and under review
-    the member the network fitted best is kept, the other dropped (no class to relabel
-    to)."""
+@pytest.mark.parametrize("kind", ["regression", "multi-label", "sequences"])
+def test_a_run_without_class_labels_takes_its_targets_as_labels(tmp_path, capsys, kind):
+    """A regression's float targets, a multi-label run's target rows and a sequence's
+    token labels are the labels such a run has: they were refused as "labels must be
+    integers [N]" although the error for inputs alone asked for them. The conflicting
+    pair is flagged in rank, report and clean, its targets printed as they are (int()
+    printed 0.73 as 0), and under review the member the network fitted best is kept, the
+    other dropped (no class to relabel to)."""
     gen = torch.Generator().manual_seed(1)
     n = 40
     x = torch.randn(n, 4, generator=gen)
@@ -317,6 +317,19 @@ def test_loss_only_run_takes_its_targets_as_labels(tmp_path, capsys, kind):
             csl_fast.record_loss(loss, torch.arange(n), tracker)
             tracker.end_epoch()
         shown = f"{float(targets[4]):.4g}, {float(targets[9]):.4g}"
+    elif kind == "sequences":
+        tracker = csl_fast.CSLTracker(n, 5)
+        targets = torch.randint(0, 5, (n, 3), generator=gen)
+        targets[:, 0] = -100  # a prompt token
+        targets[9] = (targets[4] + 1) % 5
+        targets[9, 0] = -100
+        for _ in range(3):
+            logits = torch.randn(n, 3, 5, generator=gen)
+            logits[9] += 8 * torch.nn.functional.one_hot(targets[9].clamp(min=0), 5)
+            csl_fast.accumulate(logits.flatten(0, 1), targets, torch.arange(n), tracker)
+            tracker.end_epoch()
+        shown = " ".join(str(int(v)) for v in targets[4]) + ", "
+        shown += " ".join(str(int(v)) for v in targets[9])
     else:
         tracker = csl_fast.CSLTracker(n, num_labels=3)
         targets = (torch.rand(n, 3, generator=gen) > 0.5).float()

@@ -331,6 +331,8 @@ def test_run_samples_refuse_values_that_would_change_meaning():
         ("labels", np.array([0.0, 0.5, 1.0, 2.0]), "whole class numbers"),
         ("true_labels", np.array([0.0, np.nan, 1.0, 2.0]), "whole class numbers"),
         ("predicted", np.zeros((n, 2), dtype=int), "1-D"),
+        # a sequence run's token labels: told where they go instead
+        ("labels", np.zeros((n, 3), dtype=int), "1-D.*go to csl-fast --labels FILE"),
     ):
         with pytest.raises(SamplesFileError, match=msg):
             RunSamples(**{field: value})
