@@ -69,6 +69,16 @@ def rows(logits: object, target: object, index: object) -> Rows | None:
             "target.argmax(1), or class probabilities, target.float()"
         )
     if dim == 1:
+        if target.shape == logits.shape:
+            # [1] logits, C = 1: F.cross_entropy reads a target of the logits' shape as
+            # class probabilities and refuses an integer one; a [1] target of [C > 1]
+            # logits is a class index it takes
+            raise ValueError(
+                f"csl_fast.accumulate: unbatched logits [C] = {tuple(logits.shape)} with an "
+                f"integer target of the same shape, {target.dtype}: a target of the logits' "
+                "shape holds class probabilities (pass target.float()); for one class index "
+                "pass a 0-d target"
+            )
         if target.dim() > 1 or target.numel() != 1:  # ([1] too, as F.cross_entropy takes it)
             raise ValueError(
                 f"csl_fast.accumulate: unbatched logits [C] = {tuple(logits.shape)} need a 0-d "

@@ -443,6 +443,16 @@ def test_integer_one_hot_targets_are_named(shape):
         csl_fast.accumulate(logits, one_hot, torch.arange(shape[0]), torch.zeros(shape[0]))
 
 
+def test_unbatched_one_class_integer_target_is_refused_as_pytorch_does():
+    # [1] logits (C = 1) with a [1] integer target: F.cross_entropy reads it as class
+    # probabilities and raises; it was taken as a class index, loss 0
+    logits, target = torch.randn(1), torch.tensor([0])
+    with pytest.raises(RuntimeError, match="class probabilities"):
+        F.cross_entropy(logits, target)
+    with pytest.raises(ValueError, match=r"same shape, torch.int64: .*pass a 0-d target"):
+        csl_fast.accumulate(logits, target, torch.tensor(0), torch.zeros(2))
+
+
 def _tracker_index_calls():
     """Every way an index reaches a tracker, each with index 9 of a tracker of 5 samples."""
     from csl_fast.stats import NUM_STATS
