@@ -14,7 +14,6 @@ from .accumulate_checks import (
     _check_values,
     adopt_classes,
     match_tracker_classes,
-    refuse_rows_into_sequences,
     signed_index,
     validate_by_default,
 )
@@ -24,6 +23,11 @@ from .tracker import CSLTracker
 from .tracker_buffers import buffer_kinds
 
 Batch = Any
+# What to do instead of an eval pass over sequences (said where one is refused).
+_SEQUENCES_BY_HAND = (
+    "score sequences yourself (F.cross_entropy(..., reduction='none') summed per sequence) "
+    "and record them with csl_fast.record_loss into a tracker of their own"
+)
 Unpack = Callable[[Batch], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
@@ -93,8 +97,15 @@ def score_epoch(
             f"eval buffers), got {type(tracker).__name__}"
         )
     # before the model runs or num_classes is adopted: taken, the rows' eval losses became
-    # the sequences' final_loss and their class count the tracker's num_classes
-    refuse_rows_into_sequences("csl_fast.score_epoch", tracker, None)
+    # the sequences' final_loss and their class count the tracker's num_classes. No batch is
+    # read yet, so this says what a pass scores rather than what the batch is (a loader of
+    # sequences was called "classification rows" and told to record them elsewhere)
+    if tracker.sequences:
+        raise ValueError(
+            "csl_fast.score_epoch: this tracker recorded sequences (samples of several "
+            "positions: tracker.sequences is True), and an eval pass scores one class per "
+            f"sample ([B, C] logits) into its eval_* buffers and final_loss; {_SEQUENCES_BY_HAND}"
+        )
     if tracker.num_labels is not None:
         # a pass scores softmax cross entropy: class indices into a multi-label tracker
         # made it a softmax one (num_classes adopted, eval_csl of a model it never trained)
@@ -143,9 +154,7 @@ def score_epoch(
                     raise ValueError(
                         f"csl_fast.score_epoch: the model returned shape {tuple(logits.shape)}; "
                         "an eval pass scores one class per sample ([B, C] logits), not the "
-                        "tokens of a sequence model: score sequences yourself "
-                        "(F.cross_entropy(..., reduction='none') summed per sequence) and record "
-                        "them with csl_fast.record_loss into a tracker of their own"
+                        f"tokens of a sequence model: {_SEQUENCES_BY_HAND}"
                     )
                 if logits.dim() != 2:
                     raise ValueError(

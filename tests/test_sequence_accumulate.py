@@ -501,6 +501,22 @@ def test_an_eval_pass_of_rows_into_a_tracker_of_sequences_is_refused(num_classes
     csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)  # training goes on
 
 
+def test_an_eval_pass_into_a_tracker_of_sequences_says_how_to_score_sequences():
+    # refused before any batch is read, a loader of sequences was called "classification
+    # rows, one class per sample" and told to record them into a second tracker; the advice
+    # for sequences (score them yourself, record_loss) was never reached
+    logits, target, index = _batch()
+    tracker = CSLTracker(6, num_classes=V)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, tracker)
+    model = torch.nn.Sequential(torch.nn.Embedding(V, 4), torch.nn.Linear(4, V))
+    loader = [(torch.randint(0, V, (B, T)), target, index)]  # sequences, [B, T] targets
+    with pytest.raises(ValueError, match=r"tracker\.sequences is True") as info:
+        csl_fast.score_epoch(model, loader, tracker, forward=lambda m, x: m(x).transpose(1, 2))
+    said = str(info.value)
+    assert "csl_fast.record_loss into a tracker of their own" in said
+    assert "this batch is classification rows" not in said and "second CSLTracker" not in said
+
+
 def test_eval_rows_then_sequences_warn_as_training_rows_do():
     # a tracker whose rows came from an eval pass alone took its first batch of sequences
     # without a word (only rows voted in training were said), keeping the rows' final_loss
