@@ -870,6 +870,18 @@ def _rule_flags(
 
 
 def _advice(views: _Views | None, hint: str | None = None) -> str:
+    """What to try, as a sentence: every warning puts it after a full stop."""
+    return _sentence(_advice_text(views, hint))
+
+
+def _sentence(text: str) -> str:
+    """``text`` with its first letter upper-case, to follow a full stop (the hints start
+    lower-case to be quoted mid-sentence: a warning read "... in this run. the tracker
+    recorded ...")."""
+    return text[:1].upper() + text[1:]
+
+
+def _advice_text(views: _Views | None, hint: str | None) -> str:
     if hint is not None:
         return hint
     if views is None:
@@ -1165,7 +1177,7 @@ def _detect(
         )
         warning = f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}"
         if hint is not None:
-            warning += f". {hint}"
+            warning += f". {_sentence(hint)}"
     n_flagged = int(flagged.sum())
     unwarned = warning is None and n_flagged and rule not in ("fraction", "threshold")
     if unwarned and hint is not None and hint != SEQUENCES_HINT:

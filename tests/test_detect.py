@@ -970,3 +970,28 @@ def test_a_binary_bce_run_is_pointed_to_its_two_class_form():
     want = torch.nn.functional.binary_cross_entropy_with_logits(z, y.double())
     torch.testing.assert_close(loss, want)
     torch.testing.assert_close(ce.csl, bce.csl.double(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_hint_after_a_full_stop_starts_a_sentence():
+    # the sequences' note, quoted mid-sentence elsewhere, was joined on as "... fitted as
+    # fast as the clean ones in this run. the tracker recorded samples of several positions"
+    torch.manual_seed(0)
+    n, t, v = 200, 6, 5
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    target = torch.randint(0, v, (n, t))
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(n * t, v), target, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(tracker)
+    assert len(det) == 0 and "in this run. The tracker recorded samples" in det.warning
+    # and the loss-only run's hint ("this run recorded losses only")
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    for _ in range(3):
+        csl_fast.record_loss(torch.rand(n) + 1, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        det = detect.mislabeled(tracker)
+    assert len(det) == 0 and "in this run. This run recorded losses only" in det.warning
