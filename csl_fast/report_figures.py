@@ -235,12 +235,13 @@ _ROC_LEADERS = 3  # scores drawn thick and coloured in each panel; the rest thin
 
 
 def _fig_roc(
-    rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: str
+    rocs: Mapping[str, list[Curve]], samples: RunSamples | None, path: str, lead: str
 ) -> str | tuple[None, str] | None:
     """ROC curves of every score, one panel per corruption type.
 
     A dozen curves on a linear axis pile up in the top-left corner, so: the leading
-    ``_ROC_LEADERS`` scores by AUROC (and ``csl``, in black, wherever it ranks) are thick
+    ``_ROC_LEADERS`` scores by AUROC (and ``lead``, the score the report ranks by, in black,
+    wherever it ranks) are thick
     and in distinct colours, the others thin grey and summed up in one legend entry; the
     false-positive axis is logarithmic, down to one clean sample, where a detector's
     useful region (its first few dozen flags) lies.
@@ -268,7 +269,7 @@ def _fig_roc(
         return None
     fig, axes = plt.subplots(1, len(sets), figsize=(5.4 * len(sets), 4.6), squeeze=False)
     for ax, kind in zip(axes[0], sets, strict=True):
-        _roc_panel(ax, kind, rocs[kind])
+        _roc_panel(ax, kind, rocs[kind], lead)
     left_out = [kind for kind in known if kind not in sets]
     if left_out:
         return _png(fig, path), (
@@ -287,13 +288,15 @@ def _sizes(curves: Sequence[Curve]) -> str:
     return f"{span({c.positives for c in curves})} vs {span({c.clean for c in curves})}"
 
 
-def _roc_panel(ax: Any, kind: str, curves: list[Curve]) -> None:
-    """One corruption type's panel of :func:`_fig_roc`."""
+def _roc_panel(ax: Any, kind: str, curves: list[Curve], lead: str) -> None:
+    """One corruption type's panel of :func:`_fig_roc`, ``lead``'s curve in thick black
+    (the report's score: csl drawn there beside a histogram and ranking of a sequence
+    run's csl_mean showed a score the page did not rank by)."""
     leader_colours = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple")
-    leaders = [c.name for c in curves if c.name != "csl"][:_ROC_LEADERS]
-    if "csl" in [c.name for c in curves[:_ROC_LEADERS]]:
+    leaders = [c.name for c in curves if c.name != lead][:_ROC_LEADERS]
+    if lead in [c.name for c in curves[:_ROC_LEADERS]]:
         leaders = leaders[: _ROC_LEADERS - 1]
-    rest = [c for c in curves if c.name != "csl" and c.name not in leaders]
+    rest = [c for c in curves if c.name != lead and c.name not in leaders]
     # over the samples with a finite score, not every known one: 10 trained of 300 read
     # "30 positives vs 270 clean", the axis down to 1/540 under a first step of 1/8
     apart = len({(c.positives, c.clean) for c in curves}) > 1
@@ -306,11 +309,11 @@ def _roc_panel(ax: Any, kind: str, curves: list[Curve]) -> None:
             summary += f"; {_sizes(rest)})" if apart else ")"
         ax.plot(*_on_log_axis(c.fpr, c.tpr, floor), color="0.7", lw=0.8, label=summary, zorder=1)
     for c in reversed(curves):
-        if c.name != "csl" and c.name not in leaders:
+        if c.name != lead and c.name not in leaders:
             continue
         label = f"{c.name} ({c.auroc:.3f}" + (f"; {_sizes([c])})" if apart else ")")
         x, y = _on_log_axis(c.fpr, c.tpr, floor)
-        if c.name == "csl":
+        if c.name == lead:
             ax.plot(x, y, color="black", lw=2.6, label=label, zorder=4)
         else:
             colour = leader_colours[leaders.index(c.name)]

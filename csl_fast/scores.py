@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -163,6 +163,31 @@ SCORES: dict[str, ScoreInfo] = {
         "logits",
     ),
 }
+
+#: The definitions of :data:`SCORES` that read otherwise for a tracker of sequences, where
+#: a presentation's loss is the sum of the sequence's token losses and ``csl_count``
+#: counts supervised tokens (the report's table called csl_mean "CSL / number of
+#: presentations" there).
+_SEQUENCE_FORMULAS = {
+    "csl": "tracker.csl: sum over the presentations of the sequence's summed token losses "
+    "(in-training CSL; it grows with the sequence's length)",
+    "csl_mean": "tracker.csl_mean: CSL / number of supervised tokens presented (the mean "
+    "token loss)",
+    "final_loss": "loss at the last eval pass that scored the sample, once the tracker has "
+    "any eval pass, else the sum of the sequence's token losses at its last training "
+    "presentation",
+}
+
+
+def definitions(sequences: bool) -> dict[str, ScoreInfo]:
+    """:data:`SCORES` as they read for a run: ``sequences`` (a tracker of sequences,
+    :attr:`CSLTracker.sequences`) gives the definitions per token where they differ."""
+    if not sequences:
+        return SCORES
+    return {
+        name: replace(info, formula=_SEQUENCE_FORMULAS.get(name, info.formula))
+        for name, info in SCORES.items()
+    }
 
 
 def has_logit_stats(tracker: CSLTracker) -> bool:

@@ -651,7 +651,7 @@ def test_roc_panel_counts_the_samples_its_curves_cover():
 
     def panel(scores):
         fig, ax = plt.subplots()
-        _roc_panel(ax, "mislabeled", roc_curves(scores, samples)["mislabeled"])
+        _roc_panel(ax, "mislabeled", roc_curves(scores, samples)["mislabeled"], "csl")
         legend = [t.get_text() for t in ax.get_legend().get_texts()]
         plt.close(fig)
         return ax.get_title(), ax.get_xlim()[0], legend
@@ -664,6 +664,96 @@ def test_roc_panel_counts_the_samples_its_curves_cover():
     assert "scores cover different samples" in title and left == pytest.approx(0.5 / 8)
     assert any(t.startswith("csl (") and t.endswith("; 2 vs 8)") for t in legend)
     assert "eval_csl (0.500; 2 vs 4)" in legend
+
+
+def _black_curves(monkeypatch) -> list[str]:
+    """The legend labels of the thick black curves the report's ROC panels draw."""
+    from csl_fast import report_figures
+
+    drawn: list[str] = []
+    panel = report_figures._roc_panel
+
+    def spy(ax, *args):
+        panel(ax, *args)
+        drawn.extend(line.get_label() for line in ax.get_lines() if line.get_color() == "black")
+
+    monkeypatch.setattr(report_figures, "_roc_panel", spy)
+    return drawn
+
+
+def _roc_caption(html) -> str:
+    with open(html, encoding="utf-8") as f:
+        page = f.read()
+    return re.search(r"<p class=cap>([^<]*)\(<code>roc\.png</code>\)", page)[1]
+
+
+def _definitions(html) -> dict[str, str]:
+    return {row[0]: row[-1] for row in _section(_sections(html), "Detection")[1:]}
+
+
+def test_roc_of_a_sequence_run_draws_and_defines_the_score_it_ranks_by(tmp_path, monkeypatch):
+    # the thick black curve was the summed csl, which ranks long sequences first, beside a
+    # histogram, flagged set and top table of csl_mean; the caption said csl_mean "lies
+    # under its line", and the table defined both per presentation, not per token
+    g = torch.Generator().manual_seed(0)
+    n, t, v = 60, 16, 4
+    target = torch.randint(0, v, (n, t), generator=g)
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    target[torch.arange(t) >= lengths[:, None]] = -100
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[::6] = True
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    for _ in range(3):
+        logits = torch.randn(n, t, v, generator=g)
+        fit = torch.nn.functional.one_hot(target.clamp(min=0), v) * 4.0
+        logits = torch.where(bad[:, None, None], logits, logits + fit)
+        csl_fast.accumulate(logits.reshape(-1, v), target, torch.arange(n), tracker)
+        tracker.end_epoch()
+    drawn = _black_curves(monkeypatch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = write_report(tracker, tmp_path, RunSamples(mislabeled=bad.numpy()))
+    assert drawn and all(label.startswith("csl_mean (") for label in drawn), drawn
+    caption = _roc_caption(html)
+    assert "Thick black: csl_mean, the score this report ranks by" in caption
+    assert (
+        "csl ranks otherwise: the trained samples have different numbers of supervised tokens"
+        in caption
+        and "lies under" not in caption
+    )
+    said = _definitions(html)
+    assert "summed token losses" in said["csl"] and "supervised tokens" in said["csl_mean"]
+    assert "presentations" not in said["csl_mean"]
+
+
+def test_roc_of_a_row_run_draws_the_score_it_ranks_by(run, tmp_path, monkeypatch):
+    tracker, samples = run  # every sample presented equally often: ranked by csl
+    drawn = _black_curves(monkeypatch)
+    html = write_report(tracker, tmp_path / "equal", samples)
+    assert drawn and all(label.startswith("csl (") for label in drawn), drawn
+    assert "csl_mean ranks as csl does here and lies under its line" in _roc_caption(html)
+    said = _definitions(html)  # a row's definitions, as they were
+    assert said["csl_mean"] == "tracker.csl_mean: CSL / number of presentations"
+    # the bad half of the samples presented twice an epoch: ranked by csl_mean, drawn black
+    g = torch.Generator().manual_seed(0)
+    n, c = 40, 3
+    target = torch.arange(n) % c
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[::5] = True
+    unequal = csl_fast.CSLTracker(n, num_classes=c)
+    for _ in range(3):
+        for index in (torch.arange(n), torch.arange(n // 2)):
+            logits = torch.randn(len(index), c, generator=g)
+            logits += 3.0 * torch.nn.functional.one_hot(target[index], c) * ~bad[index, None]
+            csl_fast.accumulate(logits, target[index], index, unequal)
+        unequal.end_epoch()
+    drawn.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = write_report(unequal, tmp_path / "unequal", RunSamples(mislabeled=bad.numpy()))
+    assert drawn and all(label.startswith("csl_mean (") for label in drawn), drawn
+    caption = _roc_caption(html)
+    assert "Thick black: csl_mean" in caption and "numbers of presentations" in caption
 
 
 def test_loss_curves_pick_a_class_the_run_trained_on(tmp_path):
