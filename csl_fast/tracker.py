@@ -550,8 +550,15 @@ class CSLTracker(TrackerStatistics):
         # one position per sample ([N, C, 1] logits) is a row: its count is presentations;
         # an empty batch ([0, C, d]) recorded no sample of several positions
         sequences = token_stats.shape[1] > 0 and token_stats.shape[2] > 1
+        compiling = torch.compiler.is_compiling()
+        if sequences and not self.sequences and not compiling:
+            # a batch whose every token is ignore_index recorded nothing: it made the
+            # tracker one of sequences, and a later batch of rows, its only records, was
+            # refused. Read on each batch until the first supervised token (a compiled
+            # step, which would break its graph to read it, goes by the shapes alone).
+            sequences = bool(n.gt(0).any())
         if sequences and not self.sequences:  # (a compiled step guards on it)
-            if not torch.compiler.is_compiling():
+            if not compiling:
                 if bool(self.suggest_label.ge(0).any()):
                     # Rows voted before (only rows do): a classification head sharing the
                     # tracker, or one-token sequences a first [B, V, 1] batch recorded as rows.

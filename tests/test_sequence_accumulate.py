@@ -560,3 +560,18 @@ def test_record_sequences_reads_only_the_valid_finite_tokens_of_hand_made_statis
     t = CSLTracker(2, num_classes=5)
     t.record_sequences(torch.tensor([0]), tokens)
     assert t.margin_sum.tolist() == [1.0, 0.0] and t.last_loss.tolist() == [0.5, 0.0]
+
+
+def test_a_batch_of_sequences_with_no_supervised_token_does_not_make_a_tracker_of_them():
+    # it recorded nothing, yet set tracker.sequences: a later batch of rows, the tracker's
+    # only records, was refused as "classification rows" into a tracker of sequences
+    tracker = CSLTracker(6, num_classes=V)
+    logits, target, index = _batch()
+    csl_fast.accumulate(logits.reshape(-1, V), torch.full_like(target, -100), index, tracker)
+    assert not tracker.sequences and not bool(tracker.csl_count.any())
+    z, y, i = _one_row_batch()
+    csl_fast.accumulate(z, y, i, tracker)
+    assert tracker.csl_count[i].tolist() == [1.0] * len(i)
+    supervised = CSLTracker(6, num_classes=V)
+    csl_fast.accumulate(logits.reshape(-1, V), target, index, supervised)
+    assert supervised.sequences
