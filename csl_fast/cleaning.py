@@ -403,9 +403,14 @@ class CleaningPlan:
         if self.presented is not None:
             unseen = int((~self.presented.cpu()).sum())
             if unseen:
+                why = (
+                    NO_TOKEN_WHY
+                    if self.unseen == NO_SUPERVISED_TOKEN
+                    else "held out, or never reached"
+                )
                 warnings.warn(
                     f"CleaningPlan.{caller}: {unseen} of the {self.num_samples} samples were "
-                    f"{self.unseen} (held out, or never reached) and are left out of the "
+                    f"{self.unseen} ({why}) and are left out of the "
                     "cleaned set; the run says nothing about them",
                     stacklevel=3,
                 )
@@ -631,12 +636,24 @@ def _presence(source: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     return (source.csl_count > 0).cpu(), scored
 
 
+#: How a tracker of sequences missed the samples it recorded no loss for: its counts are of
+#: supervised tokens, so a sequence presented with every token ``ignore_index`` looks as
+#: one never presented (they were all called "never presented (held out, or never
+#: reached)"), and :data:`NO_TOKEN_WHY` says which it may be.
+NO_SUPERVISED_TOKEN = "never presented in training with a supervised token"
+NO_TOKEN_WHY = "every token ignore_index, held out, or never reached"
+
+
 def unseen_phrase(source: Any) -> str:
     """How the samples outside :func:`presented` were missed, for messages."""
     trained, _ = _presence(source)
     if trained is not None and not bool(trained.any()):
         return "never scored by an eval pass (this run has eval passes only)"
-    return "never presented in training"
+    return (
+        NO_SUPERVISED_TOKEN
+        if getattr(source, "sequences", False)
+        else "never presented in training"
+    )
 
 
 def _num_samples(source: Any) -> int | None:

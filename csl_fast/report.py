@@ -894,14 +894,22 @@ def _unseen_note(tracker: CSLTracker, all_scores: Mapping[str, torch.Tensor]) ->
     Absent from every ranking, they vanished with no word; but an eval pass may have
     scored them: those eval scores are in the figures and the AUROC table, where the page
     had said they had no score."""
+    from .cleaning import NO_SUPERVISED_TOKEN, NO_TOKEN_WHY
+
     unseen = (tracker.csl_count == 0).cpu()
     k = int(unseen.sum())
     if not k:
         return ""
-    head = (
-        f"<b>{k} of {tracker.num_samples} samples were never presented</b> in training (no "
-        "recorded loss): they are not ranked and cannot be flagged"
-    )
+    if tracker.sequences:  # (its counts are of supervised tokens: csl_fast.cleaning)
+        head = (
+            f"<b>{k} of {tracker.num_samples} samples were {NO_SUPERVISED_TOKEN}</b> "
+            f"({NO_TOKEN_WHY}: no recorded loss): they are not ranked and cannot be flagged"
+        )
+    else:
+        head = (
+            f"<b>{k} of {tracker.num_samples} samples were never presented</b> in training "
+            "(no recorded loss): they are not ranked and cannot be flagged"
+        )
     finite = {name: torch.isfinite(v.cpu()[unseen]) for name, v in all_scores.items()}
     named = [name for name, ok in finite.items() if bool(ok.any())]
     if not named:

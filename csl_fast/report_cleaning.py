@@ -162,9 +162,11 @@ def _bins(lo: float, hi: float, log: bool, cut: float | None) -> np.ndarray:
     return edges
 
 
-def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str, str]]:
+def _composition(
+    det: Any, samples: Any, trained: np.ndarray, never_said: str
+) -> list[tuple[str, str]]:
     """The flagged set's make-up against the ground truth; ``trained``: bool ``[N]``, the
-    samples the run trained on."""
+    samples the run trained on; ``never_said``: how the others were missed."""
     n = det.scores.numel()
     flagged = det.flagged.cpu().numpy()
     mis = samples.mislabeled if samples.mislabeled is not None else np.zeros(n, bool)
@@ -211,9 +213,7 @@ def _composition(det: Any, samples: Any, trained: np.ndarray) -> list[tuple[str,
             )
         )
     if never:
-        rows.append(
-            (f"corrupted samples never presented ({_never_why(det, never_mask)})", str(never))
-        )
+        rows.append((f"corrupted samples {never_said} ({_never_why(det, never_mask)})", str(never)))
     return rows
 
 
@@ -233,12 +233,15 @@ def _never_why(det: Any, never: np.ndarray) -> str:
 def composition_section(tracker: Any, samples: Any, det: Any) -> str:
     """The HTML of what the flagged set of ``det`` is made of (any run, a loss-only one's
     tail rule too), against the ground truth in ``samples``."""
-    from .cleaning import presented
+    from .cleaning import NO_SUPERVISED_TOKEN, presented
 
     heading = "<h2>What the flagged set is made of</h2>"
     if samples is None or not samples.has_truth:
         return heading + "<p class=cap>Needs the ground truth (mislabeled/duplicate masks).</p>"
-    return heading + _table(_composition(det, samples, presented(tracker).numpy()))
+    # a tracker of sequences counts supervised tokens: a sequence whose every token was
+    # ignore_index is not told apart from one never presented
+    never_said = NO_SUPERVISED_TOKEN if tracker.sequences else "never presented"
+    return heading + _table(_composition(det, samples, presented(tracker).numpy(), never_said))
 
 
 def _suggestion_rows(

@@ -274,6 +274,27 @@ def test_samples_the_run_never_trained_on_stay_out_of_the_cleaned_set():
     assert [ds[j][0] for j in range(len(ds))] == keep.tolist()
 
 
+def test_sequences_with_no_supervised_token_are_not_called_held_out():
+    """Sequences presented every epoch with every token ignore_index were "never presented
+    in training (held out, or never reached)": the tracker counts supervised tokens, and
+    cannot tell them from held-out ones, so the warning names both."""
+    n, t, v = 8, 5, 4
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        target = torch.randint(0, v, (n, t), generator=g)
+        target[:2] = -100  # samples 0 and 1: presented, nothing supervised
+        csl_fast.accumulate(torch.randn(n * t, v, generator=g), target, torch.arange(n), tracker)
+        tracker.end_epoch()
+    plan = clean(tracker, policy="drop", rule="fraction", fraction=0.2)
+    with pytest.warns(UserWarning) as said:
+        plan.apply(torch.zeros(n, t, dtype=torch.long))
+    assert (
+        "2 of the 8 samples were never presented in training with a supervised token (every "
+        "token ignore_index, held out, or never reached)" in str(said[0].message)
+    )
+
+
 def test_apply_dataset_relabels_namedtuple_items():
     Sample = collections.namedtuple("Sample", "x y")
     plan = _plan()

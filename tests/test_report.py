@@ -756,6 +756,37 @@ def test_roc_of_a_row_run_draws_the_score_it_ranks_by(run, tmp_path, monkeypatch
     assert "Thick black: csl_mean" in caption and "numbers of presentations" in caption
 
 
+def test_sequences_with_no_supervised_token_are_not_called_never_presented(tmp_path):
+    # sequences presented every epoch with every token ignore_index were "never presented"
+    # in the header and the flagged set's table: the tracker counts supervised tokens, and
+    # cannot tell them from held-out ones
+    g = torch.Generator().manual_seed(0)
+    n, t, v = 40, 6, 4
+    bad = np.zeros(n, bool)
+    bad[[0, 10, 20, 30]] = True
+    tracker = csl_fast.CSLTracker(n, num_classes=v)
+    for _ in range(3):
+        target = torch.randint(0, v, (n, t), generator=g)
+        target[:2] = -100  # samples 0 and 1: presented, nothing supervised
+        logits = torch.randn(n, t, v, generator=g)
+        fit = 4.0 * torch.nn.functional.one_hot(target.clamp(min=0), v)
+        logits = torch.where(torch.from_numpy(bad)[:, None, None], logits, logits + fit)
+        csl_fast.accumulate(logits.reshape(-1, v), target, torch.arange(n), tracker)
+        tracker.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        html = write_report(tracker, tmp_path, RunSamples(mislabeled=bad))
+    with open(html, encoding="utf-8") as f:
+        page = f.read()
+    assert (
+        "<b>2 of 40 samples were never presented in training with a supervised token</b> "
+        "(every token ignore_index, held out, or never reached: no recorded loss)" in page
+    )
+    rows = dict(_section(_sections(html), "What the flagged set is made of"))
+    never = "corrupted samples never presented in training with a supervised token"
+    assert rows[f"{never} (no score, not flagged)"] == "1"
+
+
 def test_loss_curves_pick_a_class_the_run_trained_on(tmp_path):
     # class 2 holds most labels but none of its samples was trained on: the figure picked
     # it and said "too few samples with a CSL" beside 20 trained samples of class 0 and 1
