@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import run_meta, write_atomic
+from run_meta import add_force, refuse_overwrite, run_meta, write_atomic
 from tqdm import tqdm
 
 import csl_fast
@@ -59,7 +59,9 @@ def main() -> None:
     default_out = Path(__file__).resolve().parent / "results" / "bce-accuracy.md"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=default_out, help="the Markdown table")
+    add_force(parser)
     args = parser.parse_args()
+    refuse_overwrite(parser, args.force, args.out)
     backends = [b for b in ("cpu", "reference") if b in csl_fast.available_backends("cpu")]
     if os.environ.get("TRITON_INTERPRET") == "1":
         backends.append("triton")

@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_meta import write_results  # noqa: E402
+from run_meta import add_force, refuse_overwrite, results_files, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect  # noqa: E402
@@ -159,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=DemoConfig.epochs, help="a smoke test: 2")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cleaning_groups"))
+    add_force(ap)
     args = ap.parse_args(argv)
+    refuse_overwrite(ap, args.force, *results_files(args.out))
     rows = []
     for seed in args.seeds:
         row = run_one(seed, args.train_seeds, args.epochs)

@@ -32,7 +32,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
-from run_meta import write_atomic
+from run_meta import add_force, refuse_overwrite, write_atomic
 
 SOURCE = r"""
 #include <Python.h>
@@ -148,7 +148,9 @@ def run_case(lib: Path | None, case: int | str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, help="folder for the table (probe.md)")
+    add_force(ap)
     args = ap.parse_args()
+    refuse_overwrite(ap, args.force, args.out and args.out / "probe.md")
     work = Path(tempfile.mkdtemp(prefix="csl_exc_probe_"))
     names = {v: f"probe{i}" for i, v in enumerate(VARIANTS)}
     with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:

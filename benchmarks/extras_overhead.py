@@ -15,6 +15,7 @@ import json
 import time
 
 import torch
+from run_meta import at_least_one
 
 import csl_fast
 
@@ -63,7 +64,7 @@ def measure(extras: bool) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="this tree")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=at_least_one, default=3)
     args = parser.parse_args()
     torch.set_num_threads(1)
     extras = "softcap" in csl_fast.accumulate.__code__.co_varnames

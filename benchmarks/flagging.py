@@ -112,7 +112,7 @@ import flagging_models  # noqa: E402
 import mnist1d_data  # noqa: E402
 import mnist_data  # noqa: E402
 from flagging_tables import TUNING, TUNING_NOISE, cell, markdown, markdown_saved  # noqa: E402
-from run_meta import run_meta, write_atomic  # noqa: E402
+from run_meta import add_force, refuse_overwrite, results_files, run_meta, write_atomic  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import corrupt, detect, flagging  # noqa: E402
@@ -565,7 +565,9 @@ def main() -> None:
         default=[],
         help="trackers saved by benchmarks/paper/cleaning.py (its --cache) to evaluate too",
     )
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     torch.set_num_threads(1)
     cache = Path(args.cache)
     prior: dict = {}

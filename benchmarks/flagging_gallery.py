@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt
 import mnist_data
 import numpy as np
 from flagging import stats_of, tracker_of  # puts this checkout's csl_fast first on the path
+from run_meta import add_force, refuse_overwrite
 
 from csl_fast import detect
 
@@ -42,7 +43,9 @@ def main() -> None:
     p.add_argument("--runs", nargs="+", default=list(RUNS))
     p.add_argument("--cache", default=str(Path.home() / ".cache" / "csl_fast_flagging"))
     p.add_argument("--out", default=str(DOCS / "flagged-mnist.png"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out)
     x, _, _, _ = mnist_data.load()
     panels = []
     for run in args.runs:

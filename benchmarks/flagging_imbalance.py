@@ -54,7 +54,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 sys.path.insert(0, str(HERE))
 
-from run_meta import write_results  # noqa: E402
+from run_meta import add_force, refuse_overwrite, results_files, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import corrupt, detect  # noqa: E402
@@ -273,7 +273,9 @@ def main() -> None:
         help="trainings to run, each as epochs:Adam learning rate (default %(default)s)",
     )
     p.add_argument("--out", default=str(OUT), help="writes OUT.md and OUT.json")
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     torch.set_num_threads(args.threads)
     trainings = []
     for spec in args.train:

@@ -63,7 +63,7 @@ import mnist1d_data
 import numpy as np
 import torch
 from flagging_tables import cell
-from run_meta import write_results
+from run_meta import add_force, refuse_overwrite, results_files, write_results
 from tqdm import tqdm
 
 # this checkout's csl_fast, not an installed one (the results are stamped with its commit)
@@ -248,7 +248,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results")
     parser.add_argument("--name", default="flagging-limits", help="results file name")
+    add_force(parser)
     args = parser.parse_args()
+    refuse_overwrite(parser, args.force, *results_files(args.out / args.name))
     torch.set_num_threads(1)
     chosen = [r for r, i in zip(known, ids, strict=True) if i in (args.runs or ids[: len(RUNS)])]
     rows = [measure(*r) for r in tqdm(chosen, desc="runs")]

@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from flagging import corrupt_labels, factory, load
 from flagging_tables import cell
-from run_meta import write_results
+from run_meta import add_force, refuse_overwrite, results_files, write_results
 from tqdm import tqdm
 
 # this checkout's csl_fast, not an installed one (the results are stamped with its commit)
@@ -255,7 +255,9 @@ def main() -> None:
     parser.add_argument(
         "--seeds", nargs="+", type=int, help="seeds of each run (default: 0 1; mnist1d-pool: 2 3)"
     )
+    add_force(parser)
     args = parser.parse_args()
+    refuse_overwrite(parser, args.force, *results_files(args.out / args.name))
     torch.set_num_threads(1)
     runs = [
         (d, v, p, s)

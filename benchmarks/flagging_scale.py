@@ -35,7 +35,14 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import run_meta, write_atomic  # noqa: E402
+from run_meta import (  # noqa: E402
+    add_force,
+    at_least_one,
+    refuse_overwrite,
+    results_files,
+    run_meta,
+    write_atomic,
+)
 
 import csl_fast  # noqa: E402
 from csl_fast import detect  # noqa: E402
@@ -169,10 +176,12 @@ def measure(n: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", type=at_least_one, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--threads", type=at_least_one, default=2)
     p.add_argument("--out", default=str(RESULTS / "flagging_scale"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     torch.set_num_threads(args.threads)
     rows = []
     for n in args.sizes:

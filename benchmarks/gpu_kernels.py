@@ -45,7 +45,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
-from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
+from benchmarks.run_meta import add_force, refuse_overwrite, write_atomic  # noqa: E402  (loaded by path in tests)
 from csl_fast import ops, ops_backward  # noqa: E402
 
 SHAPES = [
@@ -242,7 +242,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out / "gpu-kernels.md", args.out / "gpu-kernels.json")
     global DEV
     shapes, backends, calls = SHAPES, ["triton", "cuda"], 300
     if args.dry_run:
@@ -253,7 +255,7 @@ def main() -> int:
             10,
         )
     elif not torch.cuda.is_available():
-        print("gpu_kernels.py needs a CUDA device (or --dry-run)")
+        print("gpu_kernels.py needs a CUDA device (or --dry-run)", file=sys.stderr)
         return 2
     backends = [b for b in backends if b in csl_fast.available_backends(DEV)]
     rows = []

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from run_meta import write_atomic
+from run_meta import add_force, at_least_one, refuse_overwrite, write_atomic
 
 import csl_fast
 from csl_fast import ops_backward
@@ -176,10 +176,12 @@ def _backward_lines(step_rows, bwd_rows, extra_rows) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=at_least_one, default=7)
     parser.add_argument("--forward-only", action="store_true")
     parser.add_argument("--out", type=Path)
+    add_force(parser)
     args = parser.parse_args()
+    refuse_overwrite(parser, args.force, args.out)
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     root = Path(csl_fast.__file__).resolve().parents[1]

@@ -30,7 +30,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
-from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
+from benchmarks.run_meta import (  # noqa: E402  (loaded by path in tests)
+    add_force,
+    at_least_one,
+    device_arg,
+    refuse_overwrite,
+    write_atomic,
+)
 from csl_fast.bench.env import environment  # noqa: E402
 
 B, C = 1024, 1000
@@ -76,10 +82,12 @@ def _sync(device: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--device", type=device_arg, default="cuda")
+    ap.add_argument("--calls", type=at_least_one, default=200)
+    ap.add_argument("--top", type=at_least_one, default=18)
+    add_force(ap)
     args = ap.parse_args()
+    refuse_overwrite(ap, args.force, os.path.join(args.out, "host-profile.md"))
     os.makedirs(args.out, exist_ok=True)
     env = environment(args.device)
     machine = env.get("gpu") or env["cpu_model"]

@@ -34,7 +34,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
-from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
+from benchmarks.run_meta import add_force, refuse_overwrite, write_atomic  # noqa: E402  (loaded by path in tests)
 
 SHAPE = (8, 10)
 NUM_SAMPLES = 32
@@ -206,7 +206,9 @@ def count_all(device: str) -> dict[str, Counter]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the per-op counts here")
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.json)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts = count_all(device)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"

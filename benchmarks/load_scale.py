@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import write_results  # noqa: E402
+from run_meta import add_force, at_least_one, refuse_overwrite, results_files, write_results  # noqa: E402
 
 CASES = ("from_file", "read_file + from_state", "load into a tracker", "merge of two files")
 
@@ -158,13 +158,15 @@ def _markdown(rows: list, meta: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", type=at_least_one, nargs="+", default=[1_000_000, 10_000_000])
+    p.add_argument("--threads", type=at_least_one, default=2)
     p.add_argument("--dir", default=None, help="folder for the temporary tracker files")
     p.add_argument("--out", default=str(HERE / "results" / "load_scale"))
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--file", help=argparse.SUPPRESS)
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     if args.case:
         print(json.dumps(_run_case(args.case, args.file, args.threads)))
         return

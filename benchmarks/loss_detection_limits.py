@@ -414,6 +414,15 @@ def extras(rows: list[dict]) -> list[str]:
 
 
 def main() -> None:
+    from run_meta import (
+        add_force,
+        rate_arg,
+        refuse_overwrite,
+        results_files,
+        run_meta,
+        write_atomic,
+    )
+
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -421,13 +430,14 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", choices=SETS, default=list(SETS))
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--rates", nargs="+", type=float, default=list(RATES))
+    p.add_argument("--rates", nargs="+", type=rate_arg, default=list(RATES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", default=str(RESULTS), help="writes OUT.md and OUT.json")
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
 
     import torch
-    from run_meta import run_meta, write_atomic
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()

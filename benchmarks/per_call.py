@@ -32,7 +32,15 @@ import sys
 import time
 from pathlib import Path
 
-from run_meta import at_least_one, commit, cpu_model, run_meta, write_atomic
+from run_meta import (
+    add_force,
+    at_least_one,
+    commit,
+    cpu_model,
+    refuse_overwrite,
+    run_meta,
+    write_atomic,
+)
 
 B, C, N = 64, 10, 50_000
 CALLS, REPS, WARMUP = 500, 9, 200
@@ -158,6 +166,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write a markdown table (and .json beside it)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--identify", action="store_true", help=argparse.SUPPRESS)
+    add_force(parser)
     args = parser.parse_args()
     if args.child:
         _child(identify=args.identify)
@@ -168,6 +177,7 @@ def main() -> None:
             parser.error(
                 f"--out {args.out}: a folder; give a file, e.g. {args.out / 'per_call.md'}"
             )
+        refuse_overwrite(parser, args.force, args.out, args.out.with_suffix(".json"))
         args.out.parent.mkdir(parents=True, exist_ok=True)
     here = Path(__file__).resolve().parents[1]
     trees = [t.split("=", 1) for t in args.tree] or [["this checkout", str(here)]]

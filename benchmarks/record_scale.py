@@ -12,7 +12,7 @@ run in rotating order for several rounds; each figure is the median over rounds 
 median call time over repetitions.
 
     python benchmarks/record_scale.py                  # N = 50k, 1M, 10M; 2 threads
-    python benchmarks/record_scale.py --sizes 50000 --rounds 3
+    python benchmarks/record_scale.py --sizes 50000 --rounds 3 --out /tmp/record_scale
     THP_MEM_ALLOC_ENABLE=1 python benchmarks/record_scale.py --out .../record_scale_thp
 
 A tracker asks for transparent huge pages for its own buffers (``csl_fast.huge_pages``):
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import at_least_one, write_results  # noqa: E402
+from run_meta import add_force, at_least_one, refuse_overwrite, results_files, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 
@@ -196,11 +196,13 @@ def _markdown(rows: list, meta: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[50_000, 1_000_000, 10_000_000])
+    p.add_argument("--sizes", type=at_least_one, nargs="+", default=[50_000, 1_000_000, 10_000_000])
     p.add_argument("--rounds", type=at_least_one, default=5)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=at_least_one, default=2)
     p.add_argument("--out", default=str(HERE / "results" / "record_scale"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     torch.set_num_threads(args.threads)
     rows = []
     for n in args.sizes:

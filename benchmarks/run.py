@@ -5,6 +5,10 @@
     python benchmarks/run.py --device cuda --out OUTDIR
     python benchmarks/run.py --quick    # few repetitions, no torch.compile: a smoke run
 
+A report of the name the run would write that exists already (the day's, perhaps committed)
+is not replaced: run.py exits 2 before measuring unless given ``--force`` (or ``--out``
+elsewhere).
+
 The measurement code lives in ``csl_fast/bench/`` (shared with the pytest-benchmark
 suites in this folder and with ``csl-fast bench``). The report is stamped with the device,
 CPU/GPU model, torch/triton versions, git commit and date; the last thing printed is a
@@ -39,17 +43,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
+from run_meta import add_force, refuse_overwrite  # noqa: E402
+
 
 def _partial_suffix(
     args: argparse.Namespace,
     parser: argparse.ArgumentParser,
     sections: tuple[str, ...],
     every: tuple[str, ...],
+    skipped: tuple[str, ...] = (),
 ) -> str:
     """The report name's suffix of a run that measured less than the full report (``""``
     for a full one): it replaced the day's full report, which the results folder may hold
     committed, without a word (``-quick``, the sections, and since a run with only
-    ``--no-compile`` or fewer repetitions took the full name too, each such option)."""
+    ``--no-compile``, fewer repetitions, ``--threads`` or backends ``skipped`` (their rows
+    not timed) took the full name too, each such option)."""
     if args.quick:
         parts = ["quick"]
     else:
@@ -60,6 +68,9 @@ def _partial_suffix(
                 parts.append(f"{name}{value:g}")
     if args.no_liger:
         parts.append("no_liger")
+    if args.threads:
+        parts.append(f"threads{args.threads}")
+    parts += [f"no_{backend}" for backend in sorted(skipped)]
     if set(sections) != set(every):
         parts += sorted(sections)
     return "".join(f"-{part.replace('_', '-')}" for part in parts)
@@ -112,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         help="run even when no compiled backend this device is meant to measure can run "
         "(csl_fast's rows are skipped, with the reason)",
     )
+    add_force(p)
     args = p.parse_args(argv)
     command = " ".join(["python benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)])
     foreign = _foreign_code()
@@ -159,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown sections {sorted(unknown)}; pick from {bench.SECTIONS}")
     if not sections:  # (an empty report replaced the day's)
         p.error(f"--sections names no section; pick from {bench.SECTIONS}")
-    partial = _partial_suffix(args, p, sections, bench.SECTIONS)
+    partial = _partial_suffix(args, p, sections, bench.SECTIONS, tuple(missing))
+    # the day's report, which the results folder may hold committed (write_report replaces
+    # it), under the name the run will write; the date is the run's start, as the report's
+    stem = bench.report_stem(bench.environment(args.device), args.out, partial)
+    refuse_overwrite(p, args.force, stem + ".md", stem + ".json")
 
     t0 = time.perf_counter()
 

@@ -77,12 +77,18 @@ def write_results(out: str | Path, rows: list, markdown: Callable[[list, dict], 
     """Writes ``OUT.json`` (``{"meta": run_meta(), "rows": rows}``) and ``OUT.md``
     (``markdown(rows, meta)``), making OUT's folder; returns the markdown."""
     meta = run_meta()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    md, js = results_files(out)
+    md.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, meta)  # (before anything is written: it may raise)
-    write_atomic(out.with_suffix(".json"), json.dumps({"meta": meta, "rows": rows}, indent=1))
-    write_atomic(out.with_suffix(".md"), text)
+    write_atomic(js, json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_atomic(md, text)
     return text
+
+
+def results_files(out: str | Path) -> tuple[Path, Path]:
+    """The ``OUT.md`` and ``OUT.json`` that :func:`write_results` writes."""
+    out = Path(out)
+    return out.with_suffix(".md"), out.with_suffix(".json")
 
 
 def write_atomic(path: str | Path, text: str) -> None:
@@ -119,10 +125,73 @@ def with_discussion(path: str | Path, text: str) -> str:
     return text.rstrip("\n") + "\n\n" + heading + "\n" + body
 
 
-def at_least_one(text: str) -> int:
-    """An argparse type: an int >= 1 (0 rounds gave a StatisticsError traceback, or an
-    empty table with exit 0)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def add_force(parser: argparse.ArgumentParser) -> None:
+    """``--force``, the one way to let :func:`refuse_overwrite` replace a results file."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="replace results files that exist already (without it the run refuses: "
+        "they may be the committed ones)",
+    )
+
+
+def refuse_overwrite(
+    parser: argparse.ArgumentParser, force: bool, *paths: str | Path | None
+) -> None:
+    """Exit 2 with a one-line usage error, before anything is measured, when one of the
+    files a run would write exists and ``--force`` was not given (``None`` paths, options
+    not given, are skipped). The default ``--out`` of most scripts is the committed results
+    file, and a smoke run with the sizes a docstring suggests replaced it without a word.
+    Every script that writes results calls this (``run.py``, ``paper/common.py``
+    included): one rule for all."""
+    existing = [str(p) for p in paths if p is not None and Path(p).exists()]
+    if existing and not force:
+        parser.exit(
+            2,
+            f"{parser.prog}: error: {existing[0]} exists; pass --force to replace it, or "
+            "--out to write elsewhere\n",
+        )
+
+
+def at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``low`` (0 rounds, sizes or threads gave tracebacks,
+    a ZeroDivisionError or StatisticsError, or an empty table with exit 0)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"  # (argparse names the type in its messages)
+    return parse
+
+
+at_least_one = at_least(1)
+
+
+def device_arg(text: str) -> str:
+    """An argparse type: a device this machine has (``--device foo`` gave torch's
+    RuntimeError traceback, and a default of cuda on a CPU machine an AssertionError)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a device: {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here (try --device cpu)")
+    return text
+
+
+def rate_arg(text: str) -> float:
+    """Argparse type of a rate or fraction option (``--noise``, ``--rates``,
+    ``--top-fraction``, ``--sweep``): a float in [0, 1]. NaN, infinities, negatives and values
+    over 1 are a usage error (exit 2) naming the option, before anything runs; they crashed
+    later with tracebacks ("cannot convert float NaN to integer", "negative dimensions",
+    "Cannot take a larger sample than population") or read "makes -22 of the 442 positive"."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:  # (NaN fails it too)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in [0, 1]")
     return value

@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 import flagging as flagging_bench  # noqa: E402
 import mnist1d_data  # noqa: E402
-from run_meta import write_results  # noqa: E402
+from run_meta import add_force, refuse_overwrite, results_files, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast.baselines.confident_learning import out_of_sample_probs  # noqa: E402
@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "suggested_labels"))
+    add_force(ap)
     args = ap.parse_args(argv)
+    refuse_overwrite(ap, args.force, *results_files(args.out))
     torch.set_num_threads(args.threads)
     earlier = {}
     if args.cleanlab_from:

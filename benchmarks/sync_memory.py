@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from queue import Empty
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,14 @@ import torch.multiprocessing as mp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from run_meta import write_results  # noqa: E402
+from run_meta import (  # noqa: E402
+    add_force,
+    at_least,
+    at_least_one,
+    refuse_overwrite,
+    results_files,
+    write_results,
+)
 
 import csl_fast  # noqa: E402
 
@@ -72,6 +80,17 @@ def _synced(tracker: csl_fast.CSLTracker) -> tuple[float, float]:
 
 
 def _rank(rank: int, world: int, init: str, n: int, threshold: int, queue: mp.Queue) -> None:
+    """Puts ``(rank, rows)``, or ``(rank, why it failed)``: an uncaught error ended the rank
+    without a word, and the parent waited for its rows (the other ranks in the sync)."""
+    try:
+        _measure_rank(rank, world, init, n, threshold, queue)
+    except Exception as exc:
+        queue.put((rank, f"rank {rank}: {type(exc).__name__}: {exc}"))
+
+
+def _measure_rank(
+    rank: int, world: int, init: str, n: int, threshold: int, queue: mp.Queue
+) -> None:
     if threshold and not _fix_mmap_threshold(threshold):
         queue.put(
             (
@@ -93,6 +112,29 @@ def _rank(rank: int, world: int, init: str, n: int, threshold: int, queue: mp.Qu
     dist.destroy_process_group()
 
 
+def _collect(queue: mp.Queue, procs: list) -> dict:
+    """Each rank's rows by rank; a RuntimeError with the first failure (a rank's error, or
+    a rank that died without a word) as soon as there is one, instead of waiting for rows
+    that never come."""
+    got: dict = {}
+    deadline = time.monotonic() + 600
+    while len(got) < len(procs):
+        try:
+            rank, rows = queue.get(timeout=1)
+        except Empty:
+            dead = [r for r, p in enumerate(procs) if r not in got and p.exitcode]
+            if dead:
+                code = procs[dead[0]].exitcode
+                raise RuntimeError(f"rank {dead[0]} exited with code {code}") from None
+            if time.monotonic() > deadline:
+                raise RuntimeError("no rows from every rank after 600 s") from None
+            continue
+        if isinstance(rows, str):
+            raise RuntimeError(rows)
+        got[rank] = rows
+    return got
+
+
 def measure(n: int, world: int, mmap_threshold: int = MMAP_THRESHOLD) -> dict:
     """One run of W ranks; ``mmap_threshold`` 0 leaves glibc's allocator as it is (which
     under-states a later sync's temporaries, see the module docstring)."""
@@ -106,12 +148,15 @@ def measure(n: int, world: int, mmap_threshold: int = MMAP_THRESHOLD) -> dict:
         ]
         for p in procs:
             p.start()
-        got = dict(queue.get(timeout=600) for _ in range(world))
-        for p in procs:
-            p.join(60)
-    failed = [why for why in got.values() if isinstance(why, str)]
-    if failed:
-        raise RuntimeError(f"sync_memory: {failed[0]}")
+        try:
+            got = _collect(queue, procs)
+        except RuntimeError:
+            for p in procs:
+                p.terminate()  # (a failed rank's peers wait in the sync for it)
+            raise
+        finally:
+            for p in procs:
+                p.join(60)
     first = [got[r][0] for r in range(world)]
     later = [got[r][1] for r in range(world)]
     return {
@@ -172,8 +217,8 @@ def _threshold_note(rows: list) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--n", type=int, default=2_000_000)
-    p.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--n", type=at_least_one, default=2_000_000, help="samples")
+    p.add_argument("--worlds", type=at_least(2), nargs="+", default=[2, 4], help="ranks per run")
     p.add_argument("--out", default=str(HERE / "results" / "sync_memory"))
     p.add_argument(
         "--mmap-threshold",
@@ -182,10 +227,15 @@ def main() -> None:
         help=f"glibc mmap threshold each rank fixes, bytes (default {MMAP_THRESHOLD}; 0: "
         "glibc's dynamic default, which under-states a later sync)",
     )
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, *results_files(args.out))
     rows = []
     for world in args.worlds:
-        rows.append(measure(args.n, world, args.mmap_threshold))
+        try:
+            rows.append(measure(args.n, world, args.mmap_threshold))
+        except RuntimeError as exc:
+            sys.exit(f"sync_memory.py: {exc}")
         print(rows[-1], flush=True)
     print(write_results(args.out, rows, _markdown))
 

@@ -181,7 +181,7 @@ def _report(results: dict[str, dict[str, list[float]]], meta: dict) -> str:
 
 
 def main() -> None:
-    from run_meta import run_meta, write_atomic
+    from run_meta import add_force, refuse_overwrite, results_files, run_meta, write_atomic
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -196,21 +196,28 @@ def main() -> None:
         default=int(os.environ.get("CSL_BENCH_ROUNDS", "30")),
         help="interleaved rounds (default CSL_BENCH_ROUNDS or 30)",
     )
+    parser.add_argument(
+        "--out", type=Path, help="results file stem (default results/bce-DEVICE-DATE)"
+    )
+    add_force(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds = args.rounds
     meta = run_meta()
+    device = "-".join(sorted({d.split(":")[0] for d in DEVICES}))
+    here = Path(__file__).resolve().parent
+    stem = args.out or here / "results" / f"bce-{device}-{meta['date'][:10]}"
+    refuse_overwrite(parser, args.force, *results_files(stem))
     meta.update(load_start=[round(x, 2) for x in os.getloadavg()], rounds=rounds)
     results = {}
     for device, batch, labels, dtype in tqdm(CASES, desc="bce cases"):
         group = f"{device} {str(dtype).split('.')[1]} {batch} x {labels}"
         results[group] = measure(device, batch, labels, dtype, rounds)
     meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
-    device = "-".join(sorted({d.split(":")[0] for d in DEVICES}))
-    stem = Path(__file__).resolve().parent / "results" / f"bce-{device}-{meta['date'][:10]}"
     text, data = _report(results, meta) + "\n", {"meta": meta, "seconds": results}
-    write_atomic(stem.with_suffix(".md"), text)
-    write_atomic(stem.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
+    md, js = results_files(stem)
+    write_atomic(md, text)
+    write_atomic(js, json.dumps(data, indent=1) + "\n")
     print(f"wrote {stem}.md and .json")
 
 

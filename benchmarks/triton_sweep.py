@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks.run_meta import write_atomic  # noqa: E402  (loaded by path in tests)
+from benchmarks.run_meta import add_force, refuse_overwrite, write_atomic  # noqa: E402  (loaded by path in tests)
 
 #: (B, C) per device; bfloat16 on a GPU, float32 in the interpreter.
 SHAPES = {
@@ -209,7 +209,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="comma-separated BxC shapes (default: the benchmark shapes of the device)",
     )
+    add_force(p)
     args = p.parse_args(argv)
+    refuse_overwrite(
+        p,
+        args.force,
+        os.path.join(args.out, "triton-sweep.md"),
+        os.path.join(args.out, "triton-sweep.json"),
+    )
     if args.device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
 

@@ -98,6 +98,8 @@ def test_run_goes_on_with_one_of_two_gpu_backends(monkeypatch, tmp_path, capsys)
         raise Measuring
 
     monkeypatch.setattr(bench, "run_full", measure)
+    env = bench.environment("cpu")  # (this machine has no GPU to describe)
+    monkeypatch.setattr(bench, "environment", lambda device: {**env, "device": "cuda"})
     with pytest.raises(Measuring):  # past the refusal, into the measurement
         run.main(["--device", "cuda", "--sections", "memory", "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -220,3 +222,135 @@ def test_the_scale_benchmarks_tracker_is_one_a_run_could_leave(tmp_path):
     tracker, _ = _script("flagging_scale").synthetic_tracker(2000)
     tracker.save(tmp_path / "t.csl")
     assert csl_fast.load(tmp_path / "t.csl").num_samples == 2000
+
+
+def test_a_run_with_threads_or_skipped_backends_is_named_partial(tmp_path, monkeypatch):
+    # --threads and --allow-missing-backends took the full report's name (audit helper-231)
+    from csl_fast import _ext
+
+    run = _script("run")
+    assert (
+        run.main(["--quick", "--threads", "1", "--sections", "memory", "--out", str(tmp_path)]) == 0
+    )
+    assert next(tmp_path.glob("*.md")).name.endswith("-quick-threads1-memory.md")
+    monkeypatch.setattr(_ext, "_C", None)
+    args = ["--quick", "--allow-missing-backends", "--sections", "memory", "--out", str(tmp_path)]
+    assert run.main(args) == 0
+    assert len(list(tmp_path.glob("*-quick-no-cpu-memory.md"))) == 1
+
+
+def test_run_never_replaces_the_days_report_without_force(tmp_path, capsys):
+    run = _script("run")
+    args = ["--quick", "--sections", "memory", "--out", str(tmp_path)]
+    assert run.main(args) == 0
+    (report,) = tmp_path.glob("*.md")
+    report.write_text("committed")
+    with pytest.raises(SystemExit) as exit_:
+        run.main(args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"{report} exists; pass --force" in err and "--out" in err
+    assert report.read_text() == "committed"
+    assert run.main([*args, "--force"]) == 0 and report.read_text() != "committed"
+
+
+def _writes_results(text: str) -> bool:
+    return any(w in text for w in ("write_atomic(", "write_results(", "savefig(", "write_text("))
+
+
+def test_every_script_that_writes_results_refuses_to_replace_them():
+    # a rerun, smoke runs included, replaced the committed results file without a word:
+    # one rule (run_meta.refuse_overwrite) for every script (audit helper-231)
+    scripts = sorted(BENCH.glob("*.py")) + sorted((BENCH / "paper").glob("*.py"))
+    lacking = [
+        p.name
+        for p in scripts
+        if "def main(" in (text := p.read_text())
+        and _writes_results(text)
+        and "refuse_overwrite(" not in text
+        and "parse_args(p, " not in text  # (paper/common.py's parse_args calls it)
+    ]
+    assert not lacking
+
+
+@pytest.mark.parametrize(
+    ("argv", "existing"),
+    [
+        (["record_scale.py", "--sizes", "2000", "--rounds", "1"], "results/record_scale.md"),
+        (["paper/mislabeled.py", "--epochs", "1"], "paper/results/mislabeled.json"),
+        (["paper/multilabel.py", "--epochs", "1"], "paper/results/multilabel.json"),
+    ],
+)
+def test_a_smoke_run_refuses_to_replace_the_committed_results(argv, existing, monkeypatch, capsys):
+    import runpy
+
+    path = BENCH / existing
+    before = path.stat().st_mtime_ns
+    monkeypatch.setattr(sys, "argv", [str(BENCH / argv[0]), *argv[1:]])
+    monkeypatch.setattr(sys, "path", [str((BENCH / argv[0]).parent), *sys.path])
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))  # (its sibling imports)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / argv[0]), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    assert f"{path} exists; pass --force to replace it, or --out" in err
+    assert path.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["host_profile.py", "--out", "X", "--device", "foo"], "not a device: 'foo'"),
+        (
+            ["host_profile.py", "--out", "X", "--device", "cpu", "--calls", "0"],
+            "--calls: must be >= 1",
+        ),
+        (["half_backward.py", "--rounds", "0", "--forward-only"], "--rounds: must be >= 1"),
+        (["extras_overhead.py", "--rounds", "0"], "--rounds: must be >= 1"),
+        (["load_scale.py", "--sizes", "0", "--out", "X"], "--sizes: must be >= 1"),
+        (["flagging_scale.py", "--sizes", "0", "--out", "X"], "--sizes: must be >= 1"),
+        (["record_scale.py", "--threads", "0", "--out", "X"], "--threads: must be >= 1"),
+        (["loss_detection_limits.py", "--rates", "2.0", "--out", "X"], "not a rate in [0, 1]"),
+        (["sync_memory.py", "--n", "0", "--out", "X"], "--n: must be >= 1"),
+        (["sync_memory.py", "--worlds", "1", "--out", "X"], "--worlds: must be >= 2"),
+        (["paper/mislabeled.py", "--epochs", "0", "--out", "X"], "--epochs: must be >= 1"),
+        (["paper/duplicates.py", "--batch-size", "0", "--out", "X"], "--batch-size: must be >= 1"),
+        (["paper/cost.py", "--cl-folds", "1", "--out", "X"], "--cl-folds: must be >= 2"),
+        (["paper/regression.py", "--threads", "0", "--out", "X"], "--threads: must be >= 1"),
+    ],
+)
+def test_a_bad_argument_is_a_usage_error(argv, said, tmp_path, monkeypatch, capsys):
+    # tracebacks (ZeroDivisionError, StatisticsError, ...), or exit 0 with nothing measured
+    import runpy
+
+    argv = [str(tmp_path / "o") if a == "X" else a for a in argv]
+    monkeypatch.setattr(sys, "argv", [str(BENCH / argv[0]), *argv[1:]])
+    monkeypatch.setattr(sys, "path", [str((BENCH / argv[0]).parent), *sys.path])
+    monkeypatch.setattr(sys, "modules", dict(sys.modules))
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCH / argv[0]), run_name="__main__")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and said in err, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_host_profile_on_a_machine_without_cuda_says_so(monkeypatch):
+    import argparse
+
+    import torch
+
+    device_arg = _script("run_meta").device_arg
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device here"):
+        device_arg("cuda")  # (host_profile.py's default: an AssertionError traceback)
+    assert device_arg("cpu") == "cpu"
+
+
+def test_sync_memory_reports_a_failed_rank_instead_of_waiting():
+    # a rank's error ended it without a word and the parent waited 600 s for its rows
+    import time
+
+    sync = _script("sync_memory")
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"rank \d: ValueError: CSLTracker: num_samples"):
+        sync.measure(-1, 2)
+    assert time.perf_counter() - t0 < 60

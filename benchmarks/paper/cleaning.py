@@ -79,7 +79,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import environment, rate_arg, write_results
+from common import environment, parse_args, rate_arg, write_results
+from run_meta import add_force, at_least, at_least_one
 from torch import nn
 
 import csl_fast
@@ -508,8 +509,10 @@ def main() -> None:
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=["digits", "mnist1d"])
     p.add_argument("--noise", type=rate_arg, nargs="+", default=[0.05, 0.10])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=None, help="override every regime's epochs")
-    p.add_argument("--folds", type=int, default=3, help="cleanlab's K (default 3)")
+    p.add_argument(
+        "--epochs", type=at_least_one, default=None, help="override every regime's epochs"
+    )
+    p.add_argument("--folds", type=at_least(2), default=3, help="cleanlab's K (default 3)")
     p.add_argument(
         "--sweep",
         type=rate_arg,
@@ -517,7 +520,7 @@ def main() -> None:
         default=list(SWEEP),
         help="min_confidence values to retrain at (default: 0, 0.3, 0.4, 0.5, 0.6, 0.7)",
     )
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=at_least_one, default=1)
     p.add_argument("--out", default="cleaning", help="results/OUT.json and .md")
     p.add_argument(
         "--cache",
@@ -530,7 +533,8 @@ def main() -> None:
         action="store_true",
         help="only train the rule-independent part (noisy runs, cleanlab, ceilings) into the cache",
     )
-    args = p.parse_args()
+    add_force(p)
+    args = parse_args(p, "cleaning")
     torch.set_num_threads(args.threads)
     todo = [(g, n, s) for g in args.regimes for n in args.noise for s in args.seeds]
     t_start = time.perf_counter()

@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installi
 sys.path.insert(0, str(HERE.parent))  # run_meta
 
 import run_meta  # noqa: E402
+from run_meta import add_force, at_least, at_least_one, refuse_overwrite  # noqa: E402
+from run_meta import rate_arg as rate_arg  # noqa: E402  (the paper scripts import it from here)
 
 import csl_fast  # noqa: E402
 from csl_fast import evaluate  # noqa: E402
@@ -82,20 +84,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches (cifar10 only)")
     p.add_argument("--arch", choices=["mlp", "cnn"], default=d.arch)
     p.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden))
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=at_least_one, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--momentum", type=float, default=d.momentum)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--batch-size", type=at_least_one, default=d.batch_size)
     p.add_argument("--input-noise", type=float, default=d.input_noise)
     p.add_argument("--curv-every", type=int, default=d.curv_every)
     p.add_argument("--curv-probes", type=int, default=d.curv_probes)
-    p.add_argument("--cl-folds", type=int, default=d.cl_folds)
+    p.add_argument("--cl-folds", type=at_least(2), default=d.cl_folds)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--threads", type=at_least_one, default=d.threads)
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
     p.add_argument("--out", default=None, help="results file stem (default: the script's)")
     p.add_argument("--progress", action="store_true", help="tqdm bars inside each training")
+    add_force(p)
 
 
 def parser(description: str | None) -> argparse.ArgumentParser:
@@ -106,21 +109,6 @@ def parser(description: str | None) -> argparse.ArgumentParser:
     )
     add_args(p)
     return p
-
-
-def rate_arg(text: str) -> float:
-    """Argparse type of a rate or fraction option (``--noise``, ``--rates``,
-    ``--top-fraction``, ``--sweep``): a float in [0, 1]. NaN, infinities, negatives and values
-    over 1 are a usage error (exit 2) naming the option, before anything runs; they crashed
-    later with tracebacks ("cannot convert float NaN to integer", "negative dimensions") or
-    read "makes -22 of the 442 positive"."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:  # (NaN fails it too)
-        raise argparse.ArgumentTypeError(f"{text!r} is not a rate in [0, 1]")
-    return value
 
 
 def count_arg(text: str) -> int:
@@ -435,8 +423,24 @@ def environment_line(env: dict) -> str:
     return line + (f" `{env['command']}`" if env.get("command") else "")
 
 
+def results_stem(stem: str) -> Path:
+    """Where :func:`write_results` writes ``stem``'s .json and .md: under results/, or at
+    ``stem`` itself when it is an absolute path (``--out``)."""
+    return RESULTS / stem
+
+
+def parse_args(p: argparse.ArgumentParser, stem: str) -> argparse.Namespace:
+    """``p``'s arguments; a usage error (exit 2) when the results files of ``--out`` (else
+    ``stem``) exist and ``--force`` was not given (:func:`run_meta.refuse_overwrite`)."""
+    args = p.parse_args()
+    out = results_stem(args.out or stem)
+    refuse_overwrite(p, args.force, f"{out}.json", f"{out}.md")
+    return args
+
+
 def write_results(stem: str, payload: dict, markdown: str) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = results_stem(stem)
+    out.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
     payload = {"environment": env, **payload}
     # A figure quoted from the .md must name when and on what it was measured; the scripts
@@ -444,9 +448,9 @@ def write_results(stem: str, payload: dict, markdown: str) -> None:
     if env["date"][:10] not in markdown:
         title, _, rest = markdown.partition("\n")
         markdown = f"{title}\n\n{environment_line(env)}\n{rest}"
-    (RESULTS / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=_json) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown.rstrip() + "\n")
-    print(f"wrote {RESULTS / (stem + '.json')} and {RESULTS / (stem + '.md')}", flush=True)
+    run_meta.write_atomic(f"{out}.json", json.dumps(payload, indent=2, default=_json) + "\n")
+    run_meta.write_atomic(f"{out}.md", markdown.rstrip() + "\n")
+    print(f"wrote {out}.json and {out}.md", flush=True)
 
 
 def _json(o):

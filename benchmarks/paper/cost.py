@@ -24,6 +24,7 @@ from common import (
     config_line,
     load_data,
     model_factory,
+    parse_args,
     parser,
     write_results,
 )
@@ -95,7 +96,7 @@ def main() -> None:
     p.add_argument("--mem-models", type=int, default=100)
     p.add_argument("--mem-models-timed", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="repeats of the training variants")
-    args = p.parse_args()
+    args = parse_args(p, "cost")
     cfg = config_from(args)
     seed = cfg.seeds[0]
     x, y, c = load_data(cfg)

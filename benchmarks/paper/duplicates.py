@@ -35,6 +35,7 @@ from common import (
     fmt,
     load_data,
     need_both_classes,
+    parse_args,
     parser,
     precision_cell,
     precision_stats,
@@ -63,7 +64,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--pairs", type=count_arg, default=None, help="default: round(N * 250 / 50000)")
     p.add_argument("--benign-pairs", type=count_arg, default=0, help="same-label pairs (negatives)")
-    args = p.parse_args()
+    args = parse_args(p, "duplicates")
     cfg = config_from(args)
     x, y, c = load_data(cfg)
     pairs = args.pairs if args.pairs is not None else max(1, round(x.shape[0] * 250 / 50000))

@@ -16,13 +16,14 @@ import torch
 from common import (
     METHODS,
     PAPER_SIMILARITY,
-    RESULTS,
     config_from,
     config_line,
     load_data,
     model_factory,
+    parse_args,
     parser,
     rate_arg,
+    results_stem,
     run_all,
     write_results,
 )
@@ -37,7 +38,7 @@ def main() -> None:
     p.add_argument("--noise", type=rate_arg, default=0.0, help="label noise (paper: clean data)")
     p.add_argument("--top-fraction", type=rate_arg, default=0.1)
     p.add_argument("--bins", type=int, default=20)
-    args = p.parse_args()
+    args = parse_args(p, "memorization")
     cfg = config_from(args)
     seed = cfg.seeds[0]
     x, y, c = load_data(cfg)
@@ -118,7 +119,7 @@ def main() -> None:
     for tname, tr in trends.items():
         ys = ", ".join(f"{v:.3g} ({c})" for v, c in zip(tr["y"], tr["count"], strict=True))
         lines.append(f"- {tname} (samples per bin in brackets): {ys}")
-    _plot(trends)
+    _plot(trends, f"{results_stem(args.out or 'memorization')}.png")
     write_results(
         args.out or "memorization",
         {
@@ -139,7 +140,7 @@ def main() -> None:
     )
 
 
-def _plot(trends) -> None:
+def _plot(trends, path: str) -> None:
     try:
         import matplotlib
 
@@ -157,8 +158,8 @@ def _plot(trends) -> None:
         ax.set_ylabel(yl)
         ax.set_title(name.replace("_", " "), fontsize=9)
     fig.tight_layout()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fig.savefig(RESULTS / "memorization.png", dpi=110)
+    # beside the .md (a run with --out elsewhere replaced the committed figure)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

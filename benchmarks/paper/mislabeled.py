@@ -30,6 +30,7 @@ from common import (
     fmt,
     load_data,
     need_both_classes,
+    parse_args,
     parser,
     precision_cell,
     precision_stats,
@@ -47,7 +48,7 @@ STATS = ("flagged", "recall", "f1")  # (precision: precision_stats)
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--noise", type=rate_arg, nargs="+", default=[0.01, 0.02, 0.05, 0.10])
-    args = p.parse_args()
+    args = parse_args(p, "mislabeled")
     cfg = config_from(args)
     x, y, c = load_data(cfg)
     for noise in args.noise:

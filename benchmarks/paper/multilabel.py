@@ -68,7 +68,15 @@ from common import (  # noqa: E402
     precision_stats,
     rate_arg,
 )
-from run_meta import run_meta, with_discussion  # noqa: E402
+from run_meta import (  # noqa: E402
+    add_force,
+    at_least,
+    at_least_one,
+    refuse_overwrite,
+    run_meta,
+    with_discussion,
+    write_atomic,
+)
 
 import csl_fast  # noqa: E402
 from csl_fast import detect_losses  # noqa: E402
@@ -358,13 +366,15 @@ def markdown(meta: dict, s: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=at_least_one, default=200)
     p.add_argument("--noise", type=rate_arg, default=0.05)
-    p.add_argument("--folds", type=int, default=3)
+    p.add_argument("--folds", type=at_least(2), default=3)
     p.add_argument("--copies", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=at_least_one, default=1)
     p.add_argument("--out", default=str(RESULTS / "multilabel"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out + ".json", args.out + ".md")
     targets = load(args.copies)[1]
     for seed in args.seeds:  # (entries and samples: both are ranked)
         truth = flip(targets, args.noise, seed)[1]
@@ -389,11 +399,11 @@ def main() -> None:
         runs.append(run)
     summary = summarize(runs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1)
+    write_atomic(
+        args.out + ".json", json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1)
     )
     md = Path(args.out + ".md")
-    md.write_text(with_discussion(md, markdown(meta, summary)))
+    write_atomic(md, with_discussion(md, markdown(meta, summary)))
     print(markdown(meta, summary))
 
 

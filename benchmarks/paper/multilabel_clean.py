@@ -30,7 +30,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # run from a checkout without installi
 sys.path.insert(0, str(HERE.parent))
 
 from multilabel import LABELS, RESULTS, load, train  # noqa: E402
-from run_meta import run_meta  # noqa: E402
+from run_meta import add_force, at_least_one, refuse_overwrite, run_meta, write_atomic  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect_losses  # noqa: E402
@@ -117,10 +117,12 @@ def markdown(meta: dict, runs: list[dict]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--epochs", type=at_least_one, default=200)
+    p.add_argument("--threads", type=at_least_one, default=1)
     p.add_argument("--out", default=str(RESULTS / "multilabel-clean"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out + ".json", args.out + ".md")
     torch.set_num_threads(args.threads)
     meta = {
         **run_meta(),
@@ -133,8 +135,8 @@ def main() -> None:
         runs.append(one_run(seed, args.epochs))
         print(seed, {k: runs[-1][k] for k in ("flagged", "estimated", "warned")}, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    Path(args.out + ".md").write_text(markdown(meta, runs))
+    write_atomic(args.out + ".json", json.dumps({"meta": meta, "runs": runs}, indent=1))
+    write_atomic(args.out + ".md", markdown(meta, runs))
     print(markdown(meta, runs))
 
 

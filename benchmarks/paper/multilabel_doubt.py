@@ -46,7 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from common import rate_arg  # noqa: E402
 from multilabel import LABELS, RESULTS, flip, load, mlp  # noqa: E402
-from run_meta import run_meta  # noqa: E402
+from run_meta import add_force, at_least_one, refuse_overwrite, run_meta, write_atomic  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect_losses, flagging  # noqa: E402
@@ -190,9 +190,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[3])
     p.add_argument("--rates", type=rate_arg, nargs="+", default=[0.0, 0.02, 0.1])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=at_least_one, default=1)
     p.add_argument("--out", default=str(RESULTS / "multilabel-doubt"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out + ".json", args.out + ".md")
     torch.set_num_threads(args.threads)
     meta = run_meta()
     runs = []
@@ -203,8 +205,8 @@ def main() -> None:
                 shown = ("variant", "seed", "rate", "tail_flagged", "anchored_share", "flagged")
                 print({k: runs[-1][k] for k in shown}, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    Path(args.out + ".md").write_text(markdown(meta, runs))
+    write_atomic(args.out + ".json", json.dumps({"meta": meta, "runs": runs}, indent=1))
+    write_atomic(args.out + ".md", markdown(meta, runs))
     print(markdown(meta, runs))
 
 

@@ -65,7 +65,15 @@ from common import (  # noqa: E402
     precision_stats,
     rate_arg,
 )
-from run_meta import run_meta, with_discussion  # noqa: E402
+from run_meta import (  # noqa: E402
+    add_force,
+    at_least,
+    at_least_one,
+    refuse_overwrite,
+    run_meta,
+    with_discussion,
+    write_atomic,
+)
 
 import csl_fast  # noqa: E402
 from csl_fast import detect_losses  # noqa: E402
@@ -402,16 +410,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--epochs", type=at_least_one, default=300)
     p.add_argument("--noise", type=rate_arg, default=0.05)
-    p.add_argument("--folds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cost-epochs", type=int, default=100)
+    p.add_argument("--folds", type=at_least(2), default=3)
+    p.add_argument("--threads", type=at_least_one, default=1)
+    p.add_argument("--cost-epochs", type=at_least_one, default=100)
     p.add_argument("--cost-repeats", type=int, default=3)
     p.add_argument("--no-cost", action="store_true")
     p.add_argument("--cost-from", help="copy the cost section of this earlier result json")
     p.add_argument("--out", default=str(RESULTS / "regression"))
+    add_force(p)
     args = p.parse_args()
+    refuse_overwrite(p, args.force, args.out + ".json", args.out + ".md")
     n = len(load()[1])
     need_both_classes(p, f"--noise {args.noise:g}", round(args.noise * n), n)
     torch.set_num_threads(args.threads)
@@ -446,11 +456,12 @@ def main() -> None:
     else:
         cost = None if args.no_cost else record_loss_cost(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(
-        json.dumps({"meta": meta, "summary": summary, "cost": cost, "runs": runs}, indent=1)
+    write_atomic(
+        args.out + ".json",
+        json.dumps({"meta": meta, "summary": summary, "cost": cost, "runs": runs}, indent=1),
     )
     md = Path(args.out + ".md")
-    md.write_text(with_discussion(md, markdown(meta, summary, cost)))
+    write_atomic(md, with_discussion(md, markdown(meta, summary, cost)))
     print(markdown(meta, summary, cost))
 
 

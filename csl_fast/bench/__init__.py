@@ -68,7 +68,7 @@ from .harness import (
     n_buffers,
     sync,
 )
-from .report import markdown, summary_table, write_report
+from .report import markdown, report_stem, summary_table, write_report
 from .runner import SECTIONS, run_full, run_short
 from .targets import targets
 from .training import (
@@ -139,6 +139,7 @@ __all__ = [
     "make_workload",
     "markdown",
     "n_buffers",
+    "report_stem",
     "run_full",
     "run_short",
     "summary_table",

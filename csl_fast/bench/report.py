@@ -334,6 +334,12 @@ _VERDICT = {True: "met", False: "**missed**", None: "not decided"}
 IN_PROGRESS = "-in-progress"
 
 
+def report_stem(env: dict, out_dir: str, suffix: str = "") -> str:
+    """The path, less ``.md``/``.json``, of the complete report :func:`write_report` writes
+    for a run of ``env`` (:func:`environment`): ``<device-slug>-<date><suffix>``."""
+    return os.path.join(out_dir, f"{device_slug(env)}-{env['date'][:10]}{suffix}")
+
+
 def write_report(results: dict, out_dir: str, suffix: str = "") -> tuple[str, str]:
     """Write ``<device-slug>-<date><suffix>.md`` and ``.json`` into ``out_dir`` (``suffix``
     names a partial run); return the paths.
@@ -344,8 +350,7 @@ def write_report(results: dict, out_dir: str, suffix: str = "") -> tuple[str, st
     complete report is written atomically under the final name and the in-progress files
     are then removed."""
     os.makedirs(out_dir, exist_ok=True)
-    final = os.path.join(out_dir, f"{device_slug(results['env'])}-{results['env']['date'][:10]}")
-    final += suffix
+    final = report_stem(results["env"], out_dir, suffix)
     stem = final + IN_PROGRESS if results.get("pending") else final
     md, js = stem + ".md", stem + ".json"
     # Both built before either is written, each written atomically: run.py rewrites the
