@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, median_s, run_benchmark, synced
+from bench_suite import DEVICES, median_s, run_benchmark, synced
 from tqdm import tqdm
 
 import csl_fast

@@ -5,7 +5,7 @@ Liger-Kernel. One benchmark group per (device, dtype, B x C)."""
 from __future__ import annotations
 
 import pytest
-from conftest import DEVICES, median_s, run_benchmark
+from bench_suite import DEVICES, median_s, run_benchmark
 
 from csl_fast import bench
 

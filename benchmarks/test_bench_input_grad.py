@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import DEVICES, median_s, run_benchmark
+from bench_suite import DEVICES, median_s, run_benchmark
 
 from csl_fast import bench
 

@@ -6,7 +6,7 @@ extra_info holds the extra peak memory and its ratio to the logits' size."""
 from __future__ import annotations
 
 import pytest
-from conftest import DEVICES, run_benchmark
+from bench_suite import DEVICES, run_benchmark
 
 from csl_fast.bench import lm as bench_lm
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import DEVICES, run_benchmark
+from bench_suite import DEVICES, run_benchmark
 
 from csl_fast import bench
 

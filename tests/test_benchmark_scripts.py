@@ -219,3 +219,15 @@ def test_a_negative_pair_count_is_a_usage_error(monkeypatch, capsys, option):
     assert err.splitlines()[-1] == (
         f"duplicates.py: error: argument {option}: '-11' is negative: a count is 0 or more"
     )
+
+
+def test_the_benchmark_suites_collect_beside_tests():
+    # their `from conftest import ...` found tests/conftest.py when both were collected in
+    # one session (ImportError: cannot import name 'median_s'; audit helper-231)
+    suites = sorted(map(str, BENCH.glob("test_bench_*.py")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         *suites, str(ROOT / "tests" / "test_bench.py")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0 and "ImportError" not in proc.stdout, proc.stdout[-3000:]
