@@ -45,7 +45,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # run from a checkout without installing
 
 import csl_fast  # noqa: E402
-from benchmarks.run_meta import add_force, refuse_overwrite, write_atomic  # noqa: E402  (loaded by path in tests)
+from benchmarks.run_meta import add_force, refuse_overwrite, run_meta, write_atomic  # noqa: E402  (loaded by path in tests)
 from csl_fast import ops, ops_backward  # noqa: E402
 
 SHAPES = [
@@ -267,10 +267,12 @@ def main() -> int:
     dispatch = _dispatch_rows(backends, calls)
     args.out.mkdir(parents=True, exist_ok=True)
     where = torch.cuda.get_device_name() if DEV == "cuda" else "CPU dry run"
+    meta = run_meta()  # (the commit and command line: the report had neither)
     head = (
         f"# Kernel split: {where}\n\n- torch {torch.__version__}, "
-        f"triton {__import__('triton').__version__}, "
-        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+        f"triton {__import__('triton').__version__}, {meta['date']} (started "
+        f"{meta['started']}), commit {meta['commit']}, {meta['machine']}\n"
+        f"- command: `{meta['command']}`\n"
     )
     launches_md = "\n".join(
         f"- {name}: " + ", ".join(f"{k} x{v}" for k, v in sorted(ks.items()))
@@ -286,7 +288,9 @@ def main() -> int:
     write_atomic(
         args.out / "gpu-kernels.json",
         json.dumps(
-            {"kernels": rows, "host": host, "launches": launches, "dispatch": dispatch}, indent=1
+            {"meta": meta, "kernels": rows, "host": host}
+            | {"launches": launches, "dispatch": dispatch},
+            indent=1,
         ),
     )
     print(_table(rows))

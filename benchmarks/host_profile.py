@@ -33,6 +33,7 @@ import csl_fast  # noqa: E402
 from benchmarks.run_meta import (  # noqa: E402  (loaded by path in tests)
     add_force,
     at_least_one,
+    command,
     device_arg,
     refuse_overwrite,
     write_atomic,
@@ -97,6 +98,7 @@ def main() -> int:
         f"- date {env['date']}, commit {env.get('git_commit')}, torch {env['torch']}, triton "
         f"{env['triton']}, {env['cpu_cores']} CPU cores, load average at start "
         f"{env['loadavg_start']}",
+        f"- command: `{command()}`",
         "",
     ]
     summary = ["| call | host us/call (no sync) |", "|---|---|"]
@@ -128,7 +130,7 @@ def main() -> int:
         lines += [f"## {name}: {host_us:.0f} us per call", "", "```", body.strip(), "```", ""]
         lines += ["torch ops, 20 calls:", "", "```", ops.strip(), "```", ""]
         print(f"{name}: {host_us:.0f} us/call", flush=True)
-    report = "\n".join([*lines[:4], *summary, "", *lines[4:]])
+    report = "\n".join([*lines[:5], *summary, "", *lines[5:]])
     write_atomic(os.path.join(args.out, "host-profile.md"), report + "\n")
     print("\n".join(summary))
     return 0

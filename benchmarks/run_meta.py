@@ -17,12 +17,15 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+#: when the script started (it imports this module first): "date" is when it wrote
+STARTED = datetime.datetime.now(datetime.timezone.utc)
 
 
 def commit(root: Path = ROOT) -> str:
     """The short commit hash of the checkout at ``root`` (this one by default),
-    ``-dirty`` appended when tracked files differ from it (the results then come from code
-    no commit holds), or ``"unknown"`` outside a git checkout."""
+    ``-dirty`` appended when tracked files differ from it or untracked ``.py`` files lie
+    under csl_fast/ or benchmarks/ (the results then come from code no commit holds: a new
+    module was not seen), or ``"unknown"`` outside a git checkout."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root
@@ -33,8 +36,15 @@ def commit(root: Path = ROOT) -> str:
             text=True,
             cwd=root,
         ).stdout.strip()
+        untracked = subprocess.run(
+            ["git", "ls-files", "--others", "--exclude-standard", "--", "csl_fast", "benchmarks"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+        ).stdout.split()
     except OSError:
         return "unknown"
+    changed = changed or any(path.endswith(".py") for path in untracked)
     return f"{head}-dirty" if head and changed else head or "unknown"
 
 
@@ -63,10 +73,13 @@ def command() -> str:
 
 
 def run_meta() -> dict[str, str]:
-    """``{"date", "commit", "machine", "command"}`` for the header of a results file."""
+    """``{"date", "started", "commit", "machine", "command"}`` for the header of a results
+    file: ``date`` is now (the end of a run that calls this to write), ``started`` when
+    the script started."""
     now = datetime.datetime.now(datetime.timezone.utc)
     return {
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "started": STARTED.strftime("%Y-%m-%d %H:%M UTC"),
         "commit": commit(),
         "machine": machine(),
         "command": command(),

@@ -354,3 +354,20 @@ def test_sync_memory_reports_a_failed_rank_instead_of_waiting():
     with pytest.raises(RuntimeError, match=r"rank \d: ValueError: CSLTracker: num_samples"):
         sync.measure(-1, 2)
     assert time.perf_counter() - t0 < 60
+
+
+def test_an_untracked_module_marks_the_commit_dirty(tmp_path):
+    # `git status --untracked-files=no` called a tree with a new csl_fast/*.py clean
+    import subprocess
+
+    commit = _script("run_meta").commit
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "csl_fast").mkdir()
+    (tmp_path / "csl_fast" / "a.py").write_text("")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    (tmp_path / "notes.txt").write_text("")  # (not source: still clean)
+    assert not commit(tmp_path).endswith("-dirty")
+    (tmp_path / "csl_fast" / "new.py").write_text("")
+    assert commit(tmp_path).endswith("-dirty")
