@@ -39,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from run_meta import add_force, refuse_overwrite, results_files, write_results  # noqa: E402
+from run_meta import add_force, at_least_one, refuse_overwrite, results_files, write_results  # noqa: E402
 
 import csl_fast  # noqa: E402
 from csl_fast import detect  # noqa: E402
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="demo seeds")
     ap.add_argument("--train-seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--epochs", type=int, default=DemoConfig.epochs, help="a smoke test: 2")
+    ap.add_argument(
+        "--epochs", type=at_least_one, default=DemoConfig.epochs, help="a smoke test: 2"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cleaning_groups"))
     add_force(ap)
     args = ap.parse_args(argv)

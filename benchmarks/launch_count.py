@@ -208,7 +208,7 @@ def main() -> int:
     p.add_argument("--json", help="write the per-op counts here")
     add_force(p)
     args = p.parse_args()
-    refuse_overwrite(p, args.force, args.json)
+    refuse_overwrite(p, args.force, args.json, option="--json")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     counts = count_all(device)
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU, TRITON_INTERPRET=1"

@@ -149,20 +149,20 @@ def add_force(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse_overwrite(
-    parser: argparse.ArgumentParser, force: bool, *paths: str | Path | None
+    parser: argparse.ArgumentParser, force: bool, *paths: str | Path | None, option: str = "--out"
 ) -> None:
     """Exit 2 with a one-line usage error, before anything is measured, when one of the
     files a run would write exists and ``--force`` was not given (``None`` paths, options
     not given, are skipped). The default ``--out`` of most scripts is the committed results
     file, and a smoke run with the sizes a docstring suggests replaced it without a word.
     Every script that writes results calls this (``run.py``, ``paper/common.py``
-    included): one rule for all."""
+    included): one rule for all. ``option``: the script's option that names the file."""
     existing = [str(p) for p in paths if p is not None and Path(p).exists()]
     if existing and not force:
         parser.exit(
             2,
             f"{parser.prog}: error: {existing[0]} exists; pass --force to replace it, or "
-            "--out to write elsewhere\n",
+            f"{option} to write elsewhere\n",
         )
 
 
