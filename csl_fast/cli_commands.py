@@ -399,9 +399,14 @@ def _rank(
                 arr = labels  # --labels: the run's given labels, as samples.npz keeps them
             if arr is None:
                 return None
-            # a Python bool, int or float, or a list for a row (a multi-label target): a
-            # regression's 0.73 was printed as int 0
-            return arr[i].tolist()
+            # a Python bool, int or float, or a flat list for a row (a multi-label target,
+            # a sequence's token labels): a regression's 0.73 was printed as int 0. A NaN
+            # target is None (JSON has no NaN: --json wrote a bare NaN)
+            v = arr[i]
+            v = v.reshape(-1).tolist() if v.ndim else v.tolist()
+            if isinstance(v, list):
+                return [None if isinstance(x, float) and math.isnan(x) else x for x in v]
+            return None if isinstance(v, float) and math.isnan(v) else v
 
         rows.append(
             {
@@ -441,7 +446,7 @@ def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
 
 def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = None) -> str:
     """The table of ``rows``; ``shown``: the score column's heading (default ``score``)."""
-    from .duplicate_groups import label_text
+    from .duplicate_groups import LABEL_VALUES_SHOWN, label_text
 
     columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     cols = [c for c in columns if any(r[c] is not None for r in rows)] or list(columns[:3])
@@ -452,9 +457,11 @@ def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = No
             return "-"
         if c == "score":
             return f"{v:.4g}"
+        if c == "label":  # (a bool target is 0 or 1, not "yes" or blank)
+            return label_text(v, limit=LABEL_VALUES_SHOWN)
         if isinstance(v, bool):
             return "yes" if v else ""
-        return label_text(v)
+        return str(v)
 
     body = [[cell(c, r[c]) for c in cols] for r in rows]
     widths = [max([len(head[c])] + [len(b[j]) for b in body]) for j, c in enumerate(cols)]
@@ -479,6 +486,8 @@ def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
                 out.append("1" if v else "0")
             elif c == "score":
                 out.append(repr(v))
+            elif isinstance(v, list):  # a row's values, space-separated (no list brackets)
+                out.append(" ".join("" if x is None else str(x) for x in v))
             else:
                 out.append(str(v))
         w.writerow(out)
@@ -510,7 +519,9 @@ def cmd_rank(args: argparse.Namespace) -> int:
         print(f"csl-fast rank: warning: {lost}", file=sys.stderr)
     if not args.quiet:
         for line in notes:
-            if not any(line in w for w in said):  # a warning that quotes the note says it
+            # a warning that quotes the note says it (as a sentence of its own, capitalised)
+            quoted = (line, line[:1].upper() + line[1:])
+            if not any(q in w for q in quoted for w in said):
                 print(f"csl-fast rank: note: {line}", file=sys.stderr)
     if dup is not None and not args.quiet:
         print(f"csl-fast rank: {duplicates_summary(dup)}", file=sys.stderr)
