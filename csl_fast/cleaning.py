@@ -960,8 +960,10 @@ def evaluate_plan(
         clean samples the plan drops (a cost: data thrown away); ``kept``: ``keep`` rows;
         ``keep_correct``: those whose kept label is the true label (None without
         ``true_labels``): for a conflicting duplicate group's member the group's label,
-        its suggested label; for an unflagged review row its given label, right unless
-        ``mislabeled`` marks it (None when such rows exist and ``mislabeled`` is None).
+        its suggested label; for an unflagged review row, and a group member kept with
+        its own target (a group of targets, which has no label), its given label, right
+        unless ``mislabeled`` marks it (None when such rows exist and ``mislabeled`` is
+        None).
     """
     n = plan.num_samples
 
@@ -1002,9 +1004,11 @@ def evaluate_plan(
         # kept with their given label, which their suggestion misjudged
         assert plan.grouped is not None  # set by __post_init__
         in_group = plan.grouped.cpu().numpy()
-        # an unflagged review row keeps its given label, which only `mislabeled` judges
-        if mislabeled is not None or not (kept & ~in_group).any():
-            keep_correct = int((right & in_group & kept).sum() + (~mis & ~in_group & kept).sum())
+        # an unflagged review row keeps its given label, which only `mislabeled` judges; so
+        # does a group member kept with its own target (a group of targets has no label)
+        as_given = kept & (~in_group | (plan.suggested_label.cpu().numpy() < 0))
+        if mislabeled is not None or not as_given.any():
+            keep_correct = int((right & kept & ~as_given).sum() + (~mis & as_given).sum())
     return {
         "rows": len(plan),
         "mislabeled": int(mis.sum()),

@@ -195,7 +195,7 @@ def duplicate_decisions(
     lab = None
     if labels is not None:
         lab = dg.as_rows("csl_fast.clean", "labels", labels).detach().cpu()
-        if not (lab.dim() == 1 and integer_labels(lab.dtype)) and _no_class_labels(source):
+        if targets_not_classes(source, lab):
             return _target_decisions(source, score, inputs, lab, n)
         if lab.dim() != 1:
             raise ValueError(
@@ -212,27 +212,72 @@ def duplicate_decisions(
     return dup, resolve_conflicts(dup.groups, lab, _mean_loss(source))
 
 
-def _no_class_labels(source: Any) -> bool:
-    """Whether ``source`` is a run whose samples have no one class label: it recorded
-    losses only (a regression, a multi-label run), or sequences (a label per token)."""
-    from .cleaning import SEQUENCES_NO_LABELS, no_suggestions
+def targets_not_classes(source: Any, labels: torch.Tensor) -> bool:
+    """Whether ``labels`` (a tensor, one row per sample) are targets to compare rather than
+    one class per sample to relabel with: always for a run of sequences (a label per
+    token; ``[N]`` labels there named a class no sample has), and for a run that recorded
+    losses only (a regression, a multi-label run) unless they are 1-D integers, which are
+    read as class labels (a classifier trained with a loss of its own, record_loss), a
+    negative one unlabelled. One rule for :func:`csl_fast.clean` and the CLI: the plan was
+    another for the same targets given another way."""
+    from .cleaning import no_suggestions
     from .scores import LOSS_ONLY
 
-    return no_suggestions(source) in (LOSS_ONLY, SEQUENCES_NO_LABELS)
+    if getattr(source, "sequences", False):  # a tracker, or csl_fast.scores of one
+        return True
+    classes = labels.dim() == 1 and integer_labels(labels.dtype)
+    return not classes and no_suggestions(source) == LOSS_ONLY
 
 
 def _target_decisions(
     source: Any, score: str | None, inputs: torch.Tensor, targets: torch.Tensor, n: int
 ) -> tuple[Detection, GroupDecision]:
-    """:func:`duplicate_decisions` for a run without one class label per sample, given the
-    targets it trained on (a regression's values, a multi-label run's rows, a sequence's
-    token labels): the groups conflict where the targets' bits differ, the member whose
-    target the network fitted best (the lowest mean loss) is kept, and no member has a
-    class to be relabelled to (the group label is -1: the others are dropped)."""
+    """:func:`duplicate_decisions` for targets (:func:`targets_not_classes`): a regression's
+    values, a multi-label run's rows, a sequence's token labels. In each conflicting group
+    the member whose target the network fitted best (the lowest mean loss) wins; the
+    members whose targets agree with its own (by :func:`duplicate_groups.agree`, the rule
+    that found the conflict: a masked token, a negative label, agrees with any) are kept
+    and the others dropped, having no class to be relabelled to (group label -1). A group
+    where no measured member disagrees with the best one, or whose best members tie and
+    disagree, decides nothing (its members keep the score's plan).
+
+    The share (the row's confidence) is the winner's weight in a softmax of ``-loss``
+    over it and the measured members that disagree with it."""
     dg.check_rows(n, inputs, targets)
     dup = duplicates(source, score, inputs=inputs, labels=targets)
-    decision = resolve_conflicts(dup.groups, dg.row_ids(targets), _mean_loss(source))
-    return dup, decision._replace(group_label=torch.full_like(decision.group_label, -1))
+    empty = resolve_conflicts([], torch.empty(0, dtype=torch.long), torch.empty(0))
+    if not dup.groups:
+        return dup, empty
+    groups = dup.groups
+    members = torch.tensor([i for g in groups for i in g], dtype=torch.long)
+    gid = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
+    loss = _mean_loss(source)[members]
+    votes = torch.isfinite(loss)
+    best = torch.full((len(groups),), math.inf, dtype=torch.float64)
+    best.scatter_reduce_(0, gid[votes], loss[votes], reduce="amin")
+    is_best = votes & (loss == best[gid])
+    winner = torch.full((len(groups),), n, dtype=torch.long)
+    winner.scatter_reduce_(0, gid[is_best], members[is_best], reduce="amin")
+    decided = winner < n
+    agree = dg.agree(targets, members, winner[gid].clamp(max=max(n - 1, 0)))
+
+    def any_in_group(which: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(groups), dtype=torch.long).index_add_(0, gid, which.long()) > 0
+
+    rivals = votes & ~agree
+    judged = decided & any_in_group(rivals) & ~any_in_group(is_best & ~agree)
+    # the share in log space, as resolve_conflicts': exp(-loss) underflows past ~745
+    total = torch.ones(len(groups), dtype=torch.float64)
+    total.index_add_(0, gid[rivals], torch.exp(best[gid[rivals]] - loss[rivals]))
+    rows = judged[gid]
+    members, agree, gid = members[rows], agree[rows], gid[rows]
+    order = torch.argsort(members)
+    return dup, GroupDecision(
+        members[order],
+        agree[order],
+        torch.full((members.numel(),), -1, dtype=torch.long),
+        (1 / total).float()[gid][order],
+    )
 
 
 def _mean_loss(source: Any) -> torch.Tensor:

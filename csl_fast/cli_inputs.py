@@ -145,7 +145,7 @@ def say_note(args: argparse.Namespace, note: str | None) -> None:
 
 
 def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[Any, Any]:
-    from .cli_commands import loss_only
+    from .cleaning_groups import targets_not_classes
 
     n = tracker.num_samples
     inputs = labels = None
@@ -183,13 +183,9 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
             f"compared; give the inputs the run trained on, [{n}, ...] in dataset order",
             EXIT_INPUT,
         )
-    if (
-        labels is not None
-        and (loss_only(tracker) or tracker.sequences)
-        and not _class_indices(labels)
-    ):
+    if labels is not None and targets_not_classes(tracker, labels):
         # a regression's or multi-label run's targets, a sequence's token labels: rows of
-        # any real dtype, compared by their bits as detect.duplicates compares them
+        # any real dtype, compared as detect.duplicates compares them
         if labels.dim() == 0 or labels.shape[0] != n or labels.dtype.is_complex:
             raise CLIError(
                 f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the "

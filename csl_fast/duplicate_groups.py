@@ -29,6 +29,8 @@ from ._args import integer_labels, label_range
 from .bits import as_bits
 
 __all__ = [
+    "LABEL_VALUES_SHOWN",
+    "agree",
     "as_rows",
     "carry_count",
     "check_class_labels",
@@ -41,7 +43,6 @@ __all__ = [
     "group_lists",
     "label_text",
     "num_groups",
-    "row_ids",
     "whole_groups",
 ]
 
@@ -54,21 +55,24 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return as_bits(flat)  # -0.0 and 0.0 differ, a NaN equals the same NaN
 
 
-def row_ids(x: torch.Tensor) -> torch.Tensor:
-    """int64 ``[N]``: one number per distinct row of ``x`` (``[N, ...]``), the same for
-    bitwise-identical rows (singletons included, unlike :func:`group_ids`)."""
-    if x.shape[0] == 0:
-        return torch.empty(0, dtype=torch.long)
-    return torch.unique(_rows(x), dim=0, return_inverse=True)[1]
+#: The most values of one label row a table shows (a sequence's token labels run to
+#: thousands: one cell of the report's groups table was several KB)
+LABEL_VALUES_SHOWN = 8
 
 
-def label_text(value: Any) -> str:
+def label_text(value: Any, limit: int | None = None) -> str:
     """A label as text: a class index as it is, a regression target to 4 significant
-    digits, a row (a multi-label target) as its values, space-separated. ``int()`` of a
-    regression's 0.73 printed 0."""
+    digits, a row (a multi-label target, a sequence's token labels) as its values,
+    space-separated, the first ``limit`` of them when given (and how many there are);
+    ``-`` for a missing value (None). ``int()`` of a regression's 0.73 printed 0."""
     v = value.tolist() if hasattr(value, "tolist") else value
     if isinstance(v, list):
-        return " ".join(label_text(x) for x in v)
+        flat = np.asarray(v, dtype=object).reshape(-1).tolist()
+        shown = flat if limit is None or len(flat) <= limit else flat[:limit]
+        text = " ".join(label_text(x) for x in shown)
+        return text if len(shown) == len(flat) else f"{text} ... ({len(flat)} values)"
+    if v is None:
+        return "-"
     if isinstance(v, bool):
         return str(int(v))
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -125,7 +129,8 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """bool ``[G]``: the groups of ``ids`` whose members do not all carry the same label.
 
     ``labels``: ``[N]`` class indices, or ``[N, ...]`` (a sequence's token labels, or a
-    multi-label target row, compared by their bits, as inputs are). A negative class index
+    multi-label target row, compared by their bits, as inputs are, ``-0.0`` read as
+    ``0.0``). A negative class index
     (an unlabelled sample or position, such as ``F.cross_entropy``'s ``ignore_index=-100``)
     takes no part: an unlabelled copy of a labelled sample is no conflict, and neither is
     a copy whose prompt tokens are masked. Two members conflict where both label a
@@ -134,7 +139,7 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     num = num_groups(ids)
     if labels.is_signed() and integer_labels(labels.dtype):
         return _conflicting_classes(ids, labels, num)
-    rows = _rows(labels)
+    rows = _label_rows(labels)
     member = ids >= 0
     g = ids[member]
     if g.numel() == 0:
@@ -143,6 +148,26 @@ def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     first.scatter_reduce_(0, g, torch.nonzero(member).flatten(), reduce="amin")
     differs = (rows[member] != rows[first[g]]).reshape(g.numel(), -1).any(dim=1)
     return torch.zeros(num, dtype=torch.long).index_add_(0, g, differs.long()) > 0
+
+
+def agree(labels: torch.Tensor, rows: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """bool ``[M]``: whether sample ``rows[m]``'s label agrees with sample ``others[m]``'s,
+    by :func:`conflicting`'s rule: signed integer labels agree where every position both
+    label (non-negative) carries the same class; others where their bits are equal (after
+    ``-0.0`` is read as ``0.0``)."""
+    lab = _label_rows(labels)
+    a, b = lab[rows], lab[others]
+    if labels.is_signed() and integer_labels(labels.dtype):
+        return ((a < 0) | (b < 0) | (a == b)).all(dim=1)
+    return (a == b).all(dim=1)
+
+
+def _label_rows(labels: torch.Tensor) -> torch.Tensor:
+    # a regression target of -0.0 is the target 0.0 (the same loss and gradient): as
+    # bits they differed, and clean dropped a member of a group that agreed
+    if labels.is_floating_point() or labels.is_complex():
+        labels = labels + 0.0
+    return _rows(labels)
 
 
 def _conflicting_classes(ids: torch.Tensor, labels: torch.Tensor, num: int) -> torch.Tensor:

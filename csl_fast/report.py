@@ -172,7 +172,8 @@ class RunSamples:
                 ):
                     raise SamplesFileError(
                         f"RunSamples: {name} must hold whole class numbers; it holds "
-                        "non-integer or non-finite values"
+                        "non-integer or non-finite values (a regression's targets go to "
+                        "csl-fast --labels FILE or clean's labels=, not into samples.npz)"
                     )
                 elif name not in ("images", "inputs") and value.dtype.kind == "f":
                     # kept as floats, they were saved, and rank, report and clean refused

@@ -54,7 +54,7 @@ def _rows(det: Any, samples: Any, ids: torch.Tensor) -> list[tuple[str, str]]:
 
 
 def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
-    from .duplicate_groups import label_text
+    from .duplicate_groups import LABEL_VALUES_SHOWN, label_text
 
     e = html.escape
     action = {}
@@ -76,7 +76,9 @@ def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
     head += "<th>true labels</th></tr>" if truth else "</tr>"
     body = []
     for g in det.groups[:SHOWN_GROUPS]:
-        given = "-" if labels is None else ", ".join(label_text(labels[i]) for i in g)
+        given = "-"
+        if labels is not None:
+            given = ", ".join(label_text(labels[i], LABEL_VALUES_SHOWN) for i in g)
         decided = [action[i] for i in g if i in action]
         if decided and decided[0][1] >= 0:
             _, lab, conf = decided[0]
@@ -170,8 +172,9 @@ def section(
         note = (
             "A group whose members carry different labels is flagged whole: at most one of its "
             f"labels is right. Here csl_fast.clean drops every member of such a group: {why_drop}"
-            ", so it has no suggested labels to relabel by (policy drop). Groups whose members "
-            "share a label are never flagged for being duplicated."
+            ", so it has no suggested labels to relabel by (policy drop; under --policy review "
+            "the members whose targets agree with the best-fitted member's are kept). Groups "
+            "whose members share a label are never flagged for being duplicated."
         )
     else:
         note = (

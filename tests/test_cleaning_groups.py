@@ -406,3 +406,95 @@ def test_a_scores_mapping_pickled_before_it_kept_eval_counts_is_cleaned():
         warnings.simplefilter("ignore")
         plan = clean(s, policy="drop", rule="fraction", fraction=0.25)
     assert len(plan) == 3
+
+
+def _sequence_run(targets: torch.Tensor, fitted: dict[int, float]) -> csl_fast.CSLTracker:
+    """A tracker of sequences over ``targets`` [N, T] whose logits favour each sample's own
+    tokens by ``fitted[i]`` (default 0: chance), for three epochs."""
+    n, t = targets.shape
+    gen = torch.Generator().manual_seed(0)
+    tracker = csl_fast.CSLTracker(n, 5)
+    for _ in range(3):
+        logits = torch.randn(n, t, 5, generator=gen) * 0.1
+        for i, margin in fitted.items():
+            logits[i] += margin * torch.nn.functional.one_hot(targets[i].clamp(min=0), 5)
+        csl_fast.accumulate(logits.flatten(0, 1), targets, torch.arange(n), tracker)
+        tracker.end_epoch()
+    return tracker
+
+
+def _actions(plan) -> dict[int, str]:
+    return dict(zip(plan.index.tolist(), plan.actions, strict=True))
+
+
+def test_targets_agreeing_where_both_label_are_kept_with_the_best_fitted_member():
+    """Three copies of one sequence: 4 masks its prompt, 9 labels it and agrees with 4
+    everywhere both label, 10 conflicts. detect.duplicates says 4 and 9 agree; clean
+    compared whole rows and dropped 9 with 10."""
+    targets = torch.randint(0, 5, (12, 4), generator=torch.Generator().manual_seed(1))
+    targets[9] = targets[4]
+    targets[4, 0] = -100
+    targets[10] = (targets[9] + 1) % 5
+    x = torch.randn(12, 3)
+    x[9] = x[10] = x[4]
+    tracker = _sequence_run(targets, {4: 6.0, 9: 3.0})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(tracker, inputs=x, labels=targets, policy="review", budget=12)
+        assert {i: a for i, a in _actions(plan).items() if i in (4, 9, 10)} == {
+            4: "keep",
+            9: "keep",
+            10: "drop",
+        }
+        # [N] integer labels of a run of sequences are no class to relabel to either
+        plan = clean(tracker, inputs=x, labels=targets[:, 1], policy="review", budget=12)
+        assert plan.relabel.sum() == 0 and _actions(plan)[10] == "drop"
+        # csl_fast.scores of the run: its [N, T] labels were refused as "int [N]"
+        plan = clean(csl_fast.scores(tracker), inputs=x, labels=targets, policy="drop")
+        assert {4, 9, 10} <= set(plan.index.tolist())
+
+
+def test_regression_targets_of_zero_and_minus_zero_agree():
+    """-0.0 and 0.0 are one target (the same loss and gradient): as bits they conflicted,
+    and clean dropped one of two identical samples that agreed."""
+    n = 10
+    tracker = csl_fast.CSLTracker(n)
+    for _ in range(2):
+        csl_fast.record_loss(torch.linspace(0.5, 1.5, n), torch.arange(n), tracker)
+        tracker.end_epoch()
+    x = torch.randn(n, 3)
+    x[9] = x[4]
+    y = torch.linspace(-1, 1, n)
+    y[4], y[9] = -0.0, 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert detect.duplicates(tracker, inputs=x, labels=y).groups == []
+        y[9] = 0.5
+        assert detect.duplicates(tracker, inputs=x, labels=y).groups == [[4, 9]]
+
+
+def test_evaluate_plan_judges_a_member_kept_with_its_own_target_by_the_ground_truth():
+    """A group of targets has no label: its kept member keeps its given target, right
+    unless `mislabeled` marks it. It was compared with the group label -1 and counted
+    wrong."""
+    from csl_fast.cleaning import evaluate_plan
+
+    n = 10
+    tracker = csl_fast.CSLTracker(n)
+    loss = torch.ones(n)
+    loss[9] = 0.1  # the member the network fits
+    for _ in range(2):
+        csl_fast.record_loss(loss, torch.arange(n), tracker)
+        tracker.end_epoch()
+    x = torch.randn(n, 3)
+    x[9] = x[4]
+    y = torch.arange(n, dtype=torch.float32)
+    truth = y.long()
+    truth[4] = 9  # 4 carries the wrong target
+    mislabeled = y.long() != truth
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(tracker, inputs=x, labels=y, policy="review", budget=n)
+    assert _actions(plan)[9] == "keep" and _actions(plan)[4] == "drop"
+    got = evaluate_plan(plan, truth, mislabeled)
+    assert got["keep_correct"] == got["kept"] == n - 1

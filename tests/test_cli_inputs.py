@@ -13,6 +13,7 @@ import csv
 import datetime
 import io
 import json
+import math
 import re
 import warnings
 
@@ -482,3 +483,51 @@ def test_labels_without_inputs_say_where_the_inputs_were_looked_for(run, tmp_pat
         str(tmp_path / "p.csv"), "--labels", str(folder / "y.npy"),
     )  # fmt: skip
     assert "give --inputs FILE (the run has no samples.npz to take them from)" in line
+
+
+def test_rank_shows_targets_readably_and_writes_strict_json(tmp_path, capsys):
+    """A NaN target (a missing one) is null in --json (a bare NaN is no JSON); a long row
+    of token labels is cut to its first values in the table and the report (one cell ran
+    to several KB); a bool target reads 0 or 1, not "yes" or blank."""
+    gen = torch.Generator().manual_seed(0)
+    n, t = 12, 40
+    targets = torch.randint(0, 5, (n, t), generator=gen)
+    targets[9] = (targets[4] + 1) % 5
+    tracker = csl_fast.CSLTracker(n, 5)
+    for _ in range(2):
+        logits = torch.randn(n * t, 5, generator=gen)
+        csl_fast.accumulate(logits, targets, torch.arange(n), tracker)
+        tracker.end_epoch()
+    x = torch.randn(n, 3, generator=gen)
+    x[9] = x[4]
+    tracker.save(tmp_path / "seq.csl")
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "t.npy", targets.numpy())
+    files = ["--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "t.npy")]
+    code, out, err = run_main(capsys, "rank", str(tmp_path / "seq.csl"), "-q", *files)
+    assert code == EXIT_OK, err
+    assert f"... ({t} values)" in out and max(map(len, out.splitlines())) < 120
+    code, _, err = run_main(
+        capsys, "report", str(tmp_path / "seq.csl"), "--out", str(tmp_path / "r"), "-q", *files
+    )
+    assert code == EXIT_OK, err
+    assert f"... ({t} values), " in (tmp_path / "r" / "report.html").read_text(encoding="utf-8")
+
+    reg = csl_fast.CSLTracker(n)
+    for _ in range(2):
+        csl_fast.record_loss(torch.rand(n, generator=gen), torch.arange(n), reg)
+        reg.end_epoch()
+    reg.save(tmp_path / "reg.csl")
+    y = torch.randn(n, generator=gen)
+    y[3] = math.nan
+    np.save(tmp_path / "y.npy", y.numpy())
+    np.save(tmp_path / "b.npy", (y > 0).numpy())
+    args = ["rank", str(tmp_path / "reg.csl"), "--top", str(n), "--inputs", str(tmp_path / "x.npy")]
+    code, out, err = run_main(capsys, *args, "--labels", str(tmp_path / "y.npy"), "--json")
+    assert code == EXIT_OK, err
+    rows = json.loads(out, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))["rows"]
+    assert {r["index"]: r["label"] for r in rows}[3] is None
+    code, out, err = run_main(capsys, *args, "--labels", str(tmp_path / "b.npy"))
+    assert code == EXIT_OK, err
+    body = [line.split() for line in out.splitlines()[2:]]
+    assert {row[3] for row in body} == {"0", "1"}  # rank, index, csl, label
