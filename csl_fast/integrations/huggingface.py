@@ -166,6 +166,7 @@ class _EpochCallback(TrainerCallback):
         # its steps, and the epoch that a save at its last step had to close stayed open.
         self._epoch_end_step = self._closed_early_step = None
         self._cut_short = False
+        self.trainer._loop_begins()
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self._epoch_end_step = state.global_step
@@ -284,6 +285,10 @@ class CSLTrainer(Trainer):
         self.csl_tracker = csl_tracker
         self.csl_index_column = csl_index_column
         self.csl_tracker_kwargs = csl_tracker_kwargs
+        # (tracker, copy of its state) at train()'s start with auto_find_batch_size, and
+        # whether that train()'s training loop began (see _loop_begins)
+        self._csl_start: tuple[CSLTracker | None, dict[str, Any] | None] | None = None
+        self._csl_loop_began = False
         # model_accepts_loss_kwargs stays the model's: where it is True the Trainer counts the
         # supervised labels of the whole accumulation step (num_items_in_batch), which
         # _normalize divides by, and it then does not divide by the accumulation steps.
@@ -662,7 +667,20 @@ class CSLTrainer(Trainer):
 
         Here rather than in ``Trainer._load_from_checkpoint``, which DeepSpeed resumes
         never call (they load through ``deepspeed_load_checkpoint``): the tracker would
-        restart empty there, without a word."""
+        restart empty there, without a word.
+
+        With ``TrainingArguments(auto_find_batch_size=True)`` the Trainer starts training
+        again from step 0 at a smaller batch size after an out-of-memory error: the tracker
+        then goes back to its state at this call's start (after the checkpoint's), so the
+        failed attempt's batches are not counted. That takes a copy of the tracker's
+        buffers in host memory (about the size of its file, O(N)) for the duration of the
+        call, only with ``auto_find_batch_size``.
+
+        Args:
+            resume_from_checkpoint: as for ``Trainer.train``: a checkpoint folder, or True
+                for the last one in ``output_dir``.
+            *args, **kwargs: ``Trainer.train``'s other arguments.
+        """
         folder = resume_from_checkpoint
         if folder is True:
             from transformers.trainer_utils import get_last_checkpoint
@@ -675,7 +693,36 @@ class CSLTrainer(Trainer):
             # one passed in from a file (and not replaced by a checkpoint's): global state,
             # which the first end_epoch under DDP refused unmarked, after a whole epoch
             mark_synced(self.csl_tracker)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        self._csl_start = self._tracker_copy() if self.args.auto_find_batch_size else None
+        self._csl_loop_began = False
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._csl_start = None  # (the copy is O(N))
+
+    def _tracker_copy(self) -> tuple[CSLTracker | None, dict[str, Any] | None]:
+        """The tracker and a host copy of its state (None for no tracker yet)."""
+        tracker = self.csl_tracker
+        if tracker is None:
+            return None, None
+        state = tracker.state_dict()  # (live tensors: copied, or training would change them)
+        for group in ("buffers", "histories"):
+            state[group] = {k: v.detach().to("cpu", copy=True) for k, v in state[group].items()}
+        return tracker, state
+
+    def _loop_begins(self) -> None:
+        """At each start of the Trainer's training loop (on_train_begin). accelerate's
+        ``find_executable_batch_size`` (``auto_find_batch_size``) reruns the loop from step
+        0 at a smaller batch size after an out-of-memory error, within the same train():
+        the batches the failed attempt recorded (a second presentation of each, in its
+        epoch's counts) are taken back by restoring the state train() started with."""
+        if self._csl_loop_began and self._csl_start is not None:
+            tracker, state = self._csl_start
+            if tracker is not None:
+                tracker.load_state_dict(state)
+                mark_synced(tracker)  # the state train() started with, global on every rank
+            self.csl_tracker = tracker  # (None: made again at the first step)
+        self._csl_loop_began = True
 
     def _tp_size(self) -> int:
         # (transformers before get_tp_size had no tensor parallelism in the Trainer)

@@ -397,3 +397,39 @@ def test_classification_under_gradient_accumulation_is_one_large_batch(tmp_path)
     large, accumulated = step(tmp_path / "a", 8, 1), step(tmp_path / "b", 3, 3)
     for a, b in zip(large.parameters(), accumulated.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+class OutOfMemoryOnce(CSLTrainer):
+    """Runs out of memory (as accelerate recognises it) once, at the step ``fail_at``,
+    after the batch was recorded."""
+
+    fail_at = 4  # the second epoch's second step: one epoch closed, one batch recorded
+
+    def compute_loss(self, *args, **kwargs):
+        loss = super().compute_loss(*args, **kwargs)
+        if self.fail_at is not None and self.state.global_step == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return loss
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["default tracker", "tracker passed in"])
+def test_auto_find_batch_size_forgets_the_attempt_that_ran_out_of_memory(tmp_path, given):
+    """The Trainer reruns the training loop from step 0 at a smaller batch size: the failed
+    attempt's batches stayed in the tracker (its first epoch and a batch of its second
+    counted twice, an epoch too many)."""
+    kw = {"csl_tracker": CSLTracker(N, C, history=True)} if given else {}
+    trainer = OutOfMemoryOnce(
+        model=_model(),
+        args=_args(tmp_path, 2, save_strategy="no", auto_find_batch_size=True),
+        train_dataset=with_index(Examples()),
+        csl_tracker_kwargs=None if given else {"history": True},
+        **kw,
+    )
+    trainer.train()
+    assert trainer.fail_at is None and trainer._train_batch_size < 8  # it did run out
+    tracker = trainer.csl_tracker
+    assert tracker is kw.get("csl_tracker", tracker)
+    assert (tracker.epoch, tracker.loss_history.shape[0]) == (2, 2)
+    assert tracker.csl_count.tolist() == [2.0] * N
+    assert trainer._csl_start is None  # the copy is not kept past train()
