@@ -23,7 +23,10 @@ The callback creates the tracker on the module's device at ``setup`` and attache
 combines the ranks; Lightning's ``DistributedSampler`` padding is handled through counts),
 syncs at the end of training, and keeps the tracker in Lightning checkpoints (global state:
 it syncs before saving; restored on every rank and marked synced on resume; a checkpoint
-saved at an epoch's last batch resumes with that epoch closed). Lightning
+saved at an epoch's last batch resumes with that epoch closed; an epoch that training stops
+part-way through, by ``max_steps`` or ``should_stop``, is closed at the end of training,
+after the checkpoints, which hold it open: a resume goes on with it or closes it, as
+Lightning does). Lightning
 puts the ``DistributedSampler`` in itself; wrap the training set in
 :class:`csl_fast.data.IndexedDataset` so batches carry dataset indices. Validation, test
 and predict loops (and the sanity check) compute their loss without the tracker: the
@@ -124,6 +127,7 @@ class CSLCallback(Callback):
         self._made_at = time.time()
         # Lightning epochs whose end_epoch ran (kept in checkpoints); None: not known yet.
         self._epochs_closed: int | None = None
+        self._cut_short = False  # the last epoch stopped part-way (see on_train_epoch_end)
         self._scale_warned = False
         self._restored = False  # a checkpoint gave the tracker its state
         # setup ran in this process: False here in the launching process of a spawn or
@@ -225,6 +229,14 @@ class CSLCallback(Callback):
         if trainer.sanity_checking:
             return
         self._warn_input_grad_scale(trainer)
+        if not _epoch_finished(trainer):
+            # Training stops part-way through the epoch (max_steps, should_stop): the
+            # ModelCheckpoint saves that follow must hold it open. Resumed with max_steps,
+            # Lightning goes on with that epoch (closed here, the resumed run closed it
+            # again, one epoch ahead); resumed by epochs, it starts the next one and
+            # _close_missed_epochs closes it then. on_train_end closes it, after the saves.
+            self._cut_short = True
+            return
         self._tracker.end_epoch()  # combines the ranks under torch.distributed
         self._epochs_closed = trainer.current_epoch + 1
 
@@ -293,6 +305,10 @@ class CSLCallback(Callback):
         )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._cut_short:  # the epoch training stopped in: this fit is over
+            self._cut_short = False
+            self._tracker.end_epoch()  # (syncs the ranks first)
+            self._epochs_closed += 1
         self._tracker.sync()  # eval-pass state recorded after the last end_epoch
         if self.save_path is not None and trainer.is_global_zero:
             # a missing folder failed only here, after training, losing a spawned run's tracker
@@ -329,6 +345,13 @@ class CSLCallback(Callback):
 
     def __repr__(self) -> str:
         return f"CSLCallback(attr={self.attr!r}, tracker={self._tracker!r})"
+
+
+def _epoch_finished(trainer: Trainer) -> bool:
+    """Whether the training epoch ran to its last batch (the test of Lightning's epoch
+    loop, ``_num_ready_batches_reached``, on its public progress counters)."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    return progress.is_last_batch or progress.current.ready == trainer.num_training_batches
 
 
 def _tensor_parallel_size(trainer: Trainer) -> int:

@@ -120,6 +120,48 @@ def test_resume_from_a_step_checkpoint_at_an_epoch_end_keeps_the_epochs(tmp_path
     assert not cb.tracker.loss_history.isnan().any()
 
 
+class StopAtStep(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == self.step:
+            trainer.should_stop = True  # as Timer (max_time) or a user's callback does
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "should_stop"])
+@pytest.mark.parametrize("resume", ["max_steps", "max_epochs"])
+def test_a_fit_stopped_part_way_through_an_epoch_resumes_on_the_right_epoch(tmp_path, stop, resume):
+    """on_train_epoch_end closed the cut-short epoch before ModelCheckpoint saved it; resumed
+    with max_steps, Lightning goes on with that epoch and the tracker closed it again, one
+    epoch ahead (a loss-curve row split in two). Resumed by epochs, Lightning starts the
+    next one."""
+    last = pl.callbacks.ModelCheckpoint(tmp_path, save_last=True)
+    first = CSLCallback(N, C, history=True)
+    limit = {"max_steps": 6} if stop == "max_steps" else {"max_epochs": 3}  # 4 steps/epoch
+    extra = [StopAtStep(6)] if stop == "should_stop" else []
+    trainer = pl.Trainer(
+        callbacks=[first, last, *extra],
+        **limit,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), _loader())
+    assert first.tracker.epoch == trainer.current_epoch == 2  # this fit is over
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["callbacks"]
+    assert saved[first.state_key]["epoch"] == 1  # held open for a resume
+    cb = CSLCallback(N, C, history=True)
+    by_steps = resume == "max_steps"  # (with max_epochs too, Lightning 2.6 miscounts epochs)
+    more = _trainer(-1 if by_steps else 3, cb, tmp_path, **({"max_steps": 10} if by_steps else {}))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+        more.fit(Tiny(), _loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert cb.tracker.epoch == more.current_epoch == 3
+    assert cb.tracker.loss_history.shape[0] == 3
+
+
 def test_callback_needs_a_size():
     with pytest.raises(ValueError, match="num_samples"):
         CSLCallback()
