@@ -40,6 +40,7 @@ import copy
 import os
 import time
 import warnings
+import weakref
 from typing import Any
 
 from ..atomic_file import target_of
@@ -129,7 +130,9 @@ class CSLCallback(Callback):
         self._epochs_closed: int | None = None
         self._cut_short = False  # the last epoch stopped part-way (see on_train_epoch_end)
         self._scale_warned = False
-        self._restored = False  # a checkpoint gave the tracker its state
+        self._restored = False  # a checkpoint gave the tracker its state in this fit
+        # the LightningModule the tracker last trained (weakly: a finished model is freed)
+        self._trained_module: weakref.ref | None = None
         # setup ran in this process: False here in the launching process of a spawn or
         # fork launcher, whose callback is a copy the training never touches
         self._set_up_here = False
@@ -165,6 +168,14 @@ class CSLCallback(Callback):
     @tracker.setter
     def tracker(self, value: CSLTracker | None) -> None:
         self._tracker = value
+        self._trained_module = None  # another tracker: what the old one trained is no matter
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A spawn launcher pickles the callback, and a weak reference cannot be; the module a
+        # child process trains is a copy anyway.
+        state = self.__dict__.copy()
+        state["_trained_module"] = None
+        return state
 
     @property
     def state_key(self) -> str:
@@ -174,6 +185,7 @@ class CSLCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         refuse_tensor_parallel("CSLCallback", _tensor_parallel_size(trainer))
         self._set_up_here = True
+        self._restored = False  # (a checkpoint is restored after setup)
         if self._tracker is not None and any(
             b.is_shared() for b in self._tracker.buffers().values() if b.device.type == "cpu"
         ):
@@ -210,9 +222,29 @@ class CSLCallback(Callback):
                 RuntimeWarning,
                 stacklevel=2,
             )
+        self._warn_other_module(pl_module)
         if self._epochs_closed is None:  # no checkpoint, or one from before the entry
             self._epochs_closed = trainer.current_epoch
         self._close_missed_epochs(trainer)
+
+    def _warn_other_module(self, pl_module: LightningModule) -> None:
+        # One callback reused for the fit of a new model (a k-fold or seed loop that builds
+        # its callbacks once) summed the models' CSL, silently. Warned, not refused: a model
+        # continued in a new object (its weights loaded) may mean to go on. A refit of the
+        # same module, or a resume whose checkpoint restored the tracker, is silent.
+        last = self._trained_module
+        if last is not None and not self._restored and last() is not pl_module:
+            warnings.warn(
+                f"CSLCallback: this fit trains another {type(pl_module).__name__} object than "
+                f"the one this callback's tracker recorded, which keeps its CSL (epoch "
+                f"{self._tracker.epoch}): the new model's is added to it. Use a new "
+                "CSLCallback for each model (in a k-fold or seed loop, make the callbacks "
+                "inside the loop); to continue a model in a new object, resume with "
+                "fit(ckpt_path=...), which restores the tracker with it",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._trained_module = weakref.ref(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close_missed_epochs(trainer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 
 import pytest
@@ -160,6 +161,25 @@ def test_a_fit_stopped_part_way_through_an_epoch_resumes_on_the_right_epoch(tmp_
         more.fit(Tiny(), _loader(), ckpt_path=tmp_path / "last.ckpt")
     assert cb.tracker.epoch == more.current_epoch == 3
     assert cb.tracker.loss_history.shape[0] == 3
+
+
+def test_a_callback_reused_for_another_model_warns_and_a_continued_one_does_not(tmp_path):
+    """A k-fold or seed loop that builds its callbacks once summed the models' CSL,
+    silently. A refit of the same module, and a resume whose checkpoint restores the
+    tracker into a new module, continue one model: no warning."""
+    cb = CSLCallback(N, C)
+    model = Tiny()
+    trainer = _trainer(1, cb, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trainer.fit(model, _loader())
+        trainer.save_checkpoint(tmp_path / "one.ckpt")
+        _trainer(2, cb, tmp_path).fit(model, _loader())  # the same module, further
+        _trainer(3, cb, tmp_path).fit(Tiny(), _loader(), ckpt_path=tmp_path / "one.ckpt")
+    assert cb.tracker.epoch == 3 and cb.tracker.csl_count.tolist() == [3.0] * N
+    with pytest.warns(RuntimeWarning, match="trains another Tiny object than the one this"):
+        _trainer(1, cb, tmp_path).fit(Tiny(), _loader())
+    pickle.dumps(cb)  # (spawn launchers pickle it: no weak reference in its state)
 
 
 def test_callback_needs_a_size():
