@@ -61,6 +61,7 @@ import inspect
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -207,6 +208,7 @@ class _EpochCallback(TrainerCallback):
         tracker = self.trainer.csl_tracker
         if tracker is None:
             return
+        self.trainer._check_model()  # (a default tracker is made at the first step)
         if self._cut_short:  # the epoch training stopped in: the run is over
             self._cut_short = False
             tracker.end_epoch()  # (syncs the ranks first)
@@ -289,6 +291,8 @@ class CSLTrainer(Trainer):
         # whether that train()'s training loop began (see _loop_begins)
         self._csl_start: tuple[CSLTracker | None, dict[str, Any] | None] | None = None
         self._csl_loop_began = False
+        # (tracker, model) weakly: the tracker and the model it last trained (see _check_model)
+        self._csl_trained: tuple[weakref.ref, weakref.ref] | None = None
         # model_accepts_loss_kwargs stays the model's: where it is True the Trainer counts the
         # supervised labels of the whole accumulation step (num_items_in_batch), which
         # _normalize divides by, and it then does not divide by the accumulation steps.
@@ -723,12 +727,37 @@ class CSLTrainer(Trainer):
                 mark_synced(tracker)  # the state train() started with, global on every rank
             self.csl_tracker = tracker  # (None: made again at the first step)
         self._csl_loop_began = True
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """Warns when the model trained is another object than the one the tracker last
+        trained: model_init builds a new one at each train(), and the tracker went on,
+        summing the models' CSL (hyperparameter_search is refused for that). Warned, not
+        refused: a model continued in a new object (its weights loaded) may mean to go
+        on. A resume restores the tracker with its model (_restore_tracker forgets)."""
+        tracker, model = self.csl_tracker, self._core(self.model)
+        if tracker is None:
+            return
+        last = self._csl_trained
+        if last is not None and last[0]() is tracker and last[1]() is not model:
+            warnings.warn(
+                f"CSLTrainer: train() trains another {type(model).__name__} object than the "
+                f"one csl_tracker recorded (model_init builds a new model at each train()), "
+                f"and the tracker keeps that model's CSL (epoch {tracker.epoch}): the new "
+                "model's is added to it. Set trainer.csl_tracker = None (a new tracker at "
+                "the first step) or use a new CSLTrainer for each model; to continue a model, "
+                "train(resume_from_checkpoint=...) restores the tracker with it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        self._csl_trained = (weakref.ref(tracker), weakref.ref(model))
 
     def _tp_size(self) -> int:
         # (transformers before get_tp_size had no tensor parallelism in the Trainer)
         return self.get_tp_size() if hasattr(self, "get_tp_size") else 1
 
     def _restore_tracker(self, checkpoint: str) -> None:
+        self._csl_trained = None  # the checkpoint's tracker goes with the model it resumes
         path = os.path.join(checkpoint, TRACKER_FILE)
         if not os.path.exists(path):
             kept = (

@@ -433,3 +433,27 @@ def test_auto_find_batch_size_forgets_the_attempt_that_ran_out_of_memory(tmp_pat
     assert (tracker.epoch, tracker.loss_history.shape[0]) == (2, 2)
     assert tracker.csl_count.tolist() == [2.0] * N
     assert trainer._csl_start is None  # the copy is not kept past train()
+
+
+def test_a_new_model_for_the_same_tracker_warns_and_a_continued_one_does_not(tmp_path):
+    """model_init builds a new model at each train() and the tracker went on, summing the
+    models' CSL, silently. Training the same model further, or resuming (the checkpoint's
+    tracker goes with its model), is silent."""
+    train = with_index(Examples())
+    args = _args(tmp_path, 1, save_strategy="epoch")
+    trainer = CSLTrainer(model_init=_model, args=args, train_dataset=train)
+    same = CSLTrainer(model=_model(), args=args, train_dataset=train)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        same.train()
+        same.train()  # the same model, further
+        trainer.train()
+        trainer.train(resume_from_checkpoint=os.path.join(tmp_path, "checkpoint-3"))
+        trainer.csl_tracker = None  # a new tracker for the next model
+        trainer.train()
+    assert not [w for w in seen if "trains another" in str(w.message)]
+    assert same.csl_tracker.epoch == 2 and trainer.csl_tracker.epoch == 1
+    with pytest.warns(RuntimeWarning, match=r"trains another BertForSequenceClassification .*"
+                      r"model_init builds a new model"):  # fmt: skip
+        trainer.train()
+    assert trainer.csl_tracker.epoch == 2  # (warned, not refused)
