@@ -579,6 +579,7 @@ class CSLTrainer(Trainer):
         items = self._counted(num_items_in_batch, shifted)
         if self.csl_tracker is None:
             self.csl_tracker = self._default_tracker(head.weight.shape[0], hidden.device)
+        self._tracker_on(hidden.device)
         with self._index_hint(), autocast():
             loss = linear_cross_entropy(
                 hidden,
@@ -632,7 +633,22 @@ class CSLTrainer(Trainer):
     def _tracker_for(self, logits: torch.Tensor) -> CSLTracker:
         if self.csl_tracker is None:
             self.csl_tracker = self._default_tracker(logits.shape[-1], logits.device)
-        return self.csl_tracker
+        return self._tracker_on(logits.device)
+
+    def _tracker_on(self, device: torch.device) -> CSLTracker:
+        """The tracker, refused unless on ``device`` (the logits'). The index is moved to
+        the tracker's device, so accumulate's own check blamed the index, not the tracker
+        passed in."""
+        tracker = self.csl_tracker
+        if tracker.device != device:
+            raise ValueError(
+                f"CSLTrainer: csl_tracker is on {tracker.device} but the model's logits are on "
+                f"{device}: the tracker must be on the training device. Create it there "
+                f"(CSLTracker(N, C, device={str(device)!r}), or CSLTracker.from_file(path, "
+                f"device={str(device)!r}) for a saved one), or leave csl_tracker out: "
+                "CSLTrainer then makes one on the logits' device at the first step"
+            )
+        return tracker
 
     def _default_tracker(self, num_classes: int, device: torch.device) -> CSLTracker:
         try:

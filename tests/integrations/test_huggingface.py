@@ -457,3 +457,18 @@ def test_a_new_model_for_the_same_tracker_warns_and_a_continued_one_does_not(tmp
                       r"model_init builds a new model"):  # fmt: skip
         trainer.train()
     assert trainer.csl_tracker.epoch == 2  # (warned, not refused)
+
+
+def test_a_tracker_on_another_device_is_named_with_the_way_out(tmp_path):
+    """CSLTrainer moves the index to the tracker's device, so the error blamed the index
+    ("index is on meta but logits are on cpu"). meta stands in for "a CPU tracker, a CUDA
+    model" on a machine without a GPU."""
+    trainer = CSLTrainer(
+        model=_model(),
+        args=_args(tmp_path, 1, save_strategy="no", max_steps=1),
+        train_dataset=with_index(Examples()),
+        csl_tracker=CSLTracker(N, C, device="meta"),
+    )
+    with pytest.raises(ValueError, match=r"csl_tracker is on meta but the model's logits are on "
+                       r"cpu.*CSLTracker\(N, C, device='cpu'\)"):  # fmt: skip
+        trainer.train()

@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
+    from csl_fast import CSLTracker
     from csl_fast.integrations.huggingface import CSLTrainer
 
 N, LEN, VOCAB = 12, 8, 24
@@ -575,3 +576,19 @@ def test_the_fused_path_warns_of_a_model_compiled_before_the_trainer(tmp_path):
     with pytest.warns(RuntimeWarning, match="decoder runs uncompiled") as seen:
         trainer.train()
     assert sum("decoder runs uncompiled" in str(w.message) for w in seen) == 1
+
+
+def test_the_fused_path_names_a_tracker_on_another_device(tmp_path):
+    # (accumulate's check named the index, which CSLTrainer moves to the tracker's device)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, **_QUIET
+    )
+    trainer = CSLTrainer(
+        model=_llama(),
+        args=args,
+        train_dataset=Texts(),
+        csl_tracker=CSLTracker(N, VOCAB, device="meta"),
+        csl_linear_cross_entropy=True,
+    )
+    with pytest.raises(ValueError, match="csl_tracker is on meta but the model's logits are on"):
+        trainer.train()
