@@ -111,6 +111,10 @@ _LOGIT_TRANSFORM = re.compile(
 )
 
 
+# Column names that say dataset indices ("idx": GLUE's), offered as csl_index_column.
+_INDEX_NAME = re.compile(r"(\w+_)?(idx|index)(_\w+)?", re.IGNORECASE)
+
+
 def _logit_transforms(config: Any) -> list[str]:
     """``name=value`` for each setting of ``config`` (nested ones included) that changes
     the logits past the output embedding: a scale or multiplier other than 1, any
@@ -336,7 +340,8 @@ class CSLTrainer(Trainer):
             raise KeyError(
                 f"CSLTrainer: training batches need {self.csl_index_column!r} (dataset indices) "
                 f"and 'labels'; got the keys {sorted(inputs)} (index present: "
-                f"{index is not None}). Add indices with "
+                f"{index is not None}).{self._index_column_hint(inputs) if index is None else ''}"
+                " Add indices with "
                 "csl_fast.integrations.huggingface.with_index(train_dataset); if the examples "
                 "have them, the data_collator dropped the column (DataCollatorWithFlattening "
                 "packs examples into one row and keeps none: CSL needs a row per example, so "
@@ -389,6 +394,38 @@ class CSLTrainer(Trainer):
             )
         loss = self._normalize(loss, items, num_items_in_batch is not None)
         return (loss, outputs) if return_outputs else loss
+
+    def _index_column_hint(self, batch: Mapping[str, Any]) -> str:
+        """For a batch without the index: a column of the batch or of the training set
+        whose name says dataset indices (GLUE's ``"idx"``), as ``csl_index_column`` to
+        pass, and whether ``remove_unused_columns`` dropped it; "" when there is none."""
+        data = self.train_dataset
+        names = getattr(data, "column_names", None)  # a datasets.Dataset's
+        if names is None:  # a torch dataset: its first example's keys
+            try:
+                first = data[0]
+            except Exception:  # (an IterableDataset has no [0]; only a hint is lost)
+                first = None
+            names = list(first) if isinstance(first, Mapping) else []
+        found = [
+            n
+            for n in [*batch, *names]
+            if isinstance(n, str) and n != self.csl_index_column and _INDEX_NAME.fullmatch(n)
+        ]
+        if not found:
+            return ""
+        name = found[0]
+        dropped = (
+            name not in batch
+            and self.args.remove_unused_columns
+            and name not in (self._signature_columns or ())
+        )
+        where = "The batches have" if name in batch else "The train dataset has"
+        why = " (remove_unused_columns dropped it: the model does not take it)" if dropped else ""
+        return (
+            f" {where} a column {name!r}{why}: if it holds the dataset "
+            f"indices 0..N-1, pass csl_index_column={name!r} (CSLTrainer keeps it)."
+        )
 
     def _counted(self, num_items_in_batch: Any, shifted: bool) -> Any:
         """``num_items_in_batch`` unless the Trainer left out labels this call trains on, then

@@ -252,6 +252,31 @@ def test_trainer_without_index_says_how_to_add_it(tmp_path):
         trainer.train()
 
 
+class WithIdx(Examples):
+    """GLUE's index column: "idx"."""
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "idx": i}
+
+
+@pytest.mark.parametrize("remove", [True, False])
+def test_an_idx_column_is_offered_as_the_index_column(tmp_path, remove):
+    """The default csl_index_column is "index"; a dataset's "idx" got a hint about the
+    collator and with_index, and remove_unused_columns had dropped it before the check."""
+    args = _args(tmp_path, 1, save_strategy="no", remove_unused_columns=remove)
+    trainer = CSLTrainer(model=_model(), args=args, train_dataset=WithIdx())
+    if remove:
+        hint = r"The train dataset has a column 'idx' \(remove_unused_columns dropped it: the"
+    else:
+        hint = "The batches have a column 'idx':"
+    with pytest.raises(KeyError, match=hint + r".* pass csl_index_column='idx'"):
+        trainer.train()
+    args = _args(tmp_path, 1, save_strategy="no")
+    trainer = CSLTrainer(model=_model(), args=args, train_dataset=WithIdx(), csl_index_column="idx")
+    trainer.train()  # (the way out works)
+    assert trainer.csl_tracker.csl_count.tolist() == [1.0] * N
+
+
 @pytest.mark.parametrize(
     "num_labels, labels",
     [(1, torch.rand(4)), (1, torch.randint(0, 2, (4,))), (C, (torch.rand(4, C) < 0.5).float())],
