@@ -89,15 +89,32 @@ TRACKER_FILE = "csl_tracker.csl"
 
 
 def with_index(dataset: Any, column: str = "index") -> Any:
-    """A ``datasets.Dataset`` with a ``column`` of dataset indices ``0..N-1`` added.
+    """A ``datasets.Dataset`` with a ``column`` of dataset indices ``0..N-1`` added; a
+    torch map-style dataset of dicts is wrapped in :class:`csl_fast.data.IndexedDataset`.
 
-    Other datasets (torch map-style datasets of dicts) can be wrapped in
-    :class:`csl_fast.data.IndexedDataset` instead.
+    Args:
+        dataset: a ``datasets.Dataset``, or a torch map-style dataset whose examples are
+            dicts (what the ``Trainer``'s data collators take).
+        column: the name of the index column (``CSLTrainer``'s ``csl_index_column``).
+
+    Raises:
+        ValueError: the dataset already has ``column``.
+        TypeError: a torch dataset whose examples are not dicts (tuples failed later,
+            inside the ``Trainer``'s collator, with "vars() argument must have __dict__
+            attribute").
     """
     if column in getattr(dataset, "column_names", ()):
         raise ValueError(f"with_index: the dataset already has a {column!r} column")
     if hasattr(dataset, "add_column"):
         return dataset.add_column(column, list(range(len(dataset))))
+    first = dataset[0] if len(dataset) else {}
+    if not isinstance(first, Mapping):
+        raise TypeError(
+            f"with_index: the Trainer's data collators take examples that are dicts (keys "
+            f"such as 'input_ids', 'labels'), got {type(first).__name__} examples; return "
+            "dicts from the dataset's __getitem__ (for a plain PyTorch loop, wrap it in "
+            "csl_fast.data.IndexedDataset, which adds the index to tuples)"
+        )
     from ..data import IndexedDataset
 
     return IndexedDataset(dataset, index_key=column)

@@ -497,3 +497,11 @@ def test_a_tracker_on_another_device_is_named_with_the_way_out(tmp_path):
     with pytest.raises(ValueError, match=r"csl_tracker is on meta but the model's logits are on "
                        r"cpu.*CSLTracker\(N, C, device='cpu'\)"):  # fmt: skip
         trainer.train()
+
+
+def test_with_index_refuses_examples_that_are_not_dicts():
+    # tuples failed inside the Trainer's collator: "vars() argument must have __dict__"
+    pairs = torch.utils.data.TensorDataset(torch.zeros(4, 2), torch.zeros(4))
+    with pytest.raises(TypeError, match=r"data collators take examples that are dicts.*tuple"):
+        with_index(pairs)
+    assert with_index(Examples())[3]["index"] == 3
