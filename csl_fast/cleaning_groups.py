@@ -234,49 +234,53 @@ def _target_decisions(
 ) -> tuple[Detection, GroupDecision]:
     """:func:`duplicate_decisions` for targets (:func:`targets_not_classes`): a regression's
     values, a multi-label run's rows, a sequence's token labels. In each conflicting group
-    the member whose target the network fitted best (the lowest mean loss) wins; the
-    members whose targets agree with its own (by :func:`duplicate_groups.agree`, the rule
-    that found the conflict: a masked token, a negative label, agrees with any) are kept
-    and the others dropped, having no class to be relabelled to (group label -1). A group
-    where no measured member disagrees with the best one, or whose best members tie and
-    disagree, decides nothing (its members keep the score's plan).
+    the measured members are taken from the best fitted (the lowest mean loss) on, each
+    kept when its target agrees with every member kept before it (by
+    :func:`duplicate_groups.agree`, the rule that found the conflict: a masked token, a
+    negative label, agrees with any), then the unmeasured ones alike; the others are
+    dropped, having no class to be relabelled to (group label -1). Against every kept
+    member, not the best one alone: a best member with a masked token agreed with two
+    members that conflict with each other, and both were kept. A group where no measured
+    member is dropped, or whose equally best members disagree, decides nothing (its
+    members keep the score's plan), whatever the dataset order.
 
-    The share (the row's confidence) is the winner's weight in a softmax of ``-loss``
-    over it and the measured members that disagree with it."""
+    The share (the row's confidence) is the best member's weight in a softmax of ``-loss``
+    over it and the measured members dropped."""
     dg.check_rows(n, inputs, targets)
     dup = duplicates(source, score, inputs=inputs, labels=targets)
-    empty = resolve_conflicts([], torch.empty(0, dtype=torch.long), torch.empty(0))
-    if not dup.groups:
-        return dup, empty
-    groups = dup.groups
-    members = torch.tensor([i for g in groups for i in g], dtype=torch.long)
-    gid = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([len(g) for g in groups]))
-    loss = _mean_loss(source)[members]
-    votes = torch.isfinite(loss)
-    best = torch.full((len(groups),), math.inf, dtype=torch.float64)
-    best.scatter_reduce_(0, gid[votes], loss[votes], reduce="amin")
-    is_best = votes & (loss == best[gid])
-    winner = torch.full((len(groups),), n, dtype=torch.long)
-    winner.scatter_reduce_(0, gid[is_best], members[is_best], reduce="amin")
-    decided = winner < n
-    agree = dg.agree(targets, members, winner[gid].clamp(max=max(n - 1, 0)))
-
-    def any_in_group(which: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(len(groups), dtype=torch.long).index_add_(0, gid, which.long()) > 0
-
-    rivals = votes & ~agree
-    judged = decided & any_in_group(rivals) & ~any_in_group(is_best & ~agree)
-    # the share in log space, as resolve_conflicts': exp(-loss) underflows past ~745
-    total = torch.ones(len(groups), dtype=torch.float64)
-    total.index_add_(0, gid[rivals], torch.exp(best[gid[rivals]] - loss[rivals]))
-    rows = judged[gid]
-    members, agree, gid = members[rows], agree[rows], gid[rows]
-    order = torch.argsort(members)
+    loss = _mean_loss(source)
+    index, keep, share = [], [], []
+    for group in dup.groups:
+        members = torch.tensor(group, dtype=torch.long)
+        measured = torch.isfinite(loss[members])
+        if not bool(measured.any()):
+            continue
+        # measured first, from the lowest loss (a stable sort: ties by dataset index)
+        key = torch.where(measured, loss[members], math.inf)
+        order = members[torch.sort(key, stable=True).indices]
+        kept: list[int] = []
+        for i in order.tolist():
+            if not kept or bool(
+                dg.agree(targets, torch.full((len(kept),), i), torch.tensor(kept)).all()
+            ):
+                kept.append(i)
+        kept_set = set(kept)
+        best = float(key.min())
+        dropped = [i for i in group if i not in kept_set and math.isfinite(float(loss[i]))]
+        tied_out = any(float(loss[i]) == best for i in dropped)
+        if not dropped or tied_out:
+            continue
+        # in log space, as resolve_conflicts': exp(-loss) underflows past ~745
+        total = 1 + sum(math.exp(best - float(loss[i])) for i in dropped)
+        index += group
+        keep += [i in kept_set for i in group]
+        share += [1 / total] * len(group)
+    order = torch.argsort(torch.tensor(index, dtype=torch.long))
     return dup, GroupDecision(
-        members[order],
-        agree[order],
-        torch.full((members.numel(),), -1, dtype=torch.long),
-        (1 / total).float()[gid][order],
+        torch.tensor(index, dtype=torch.long)[order],
+        torch.tensor(keep, dtype=torch.bool)[order],
+        torch.full((len(index),), -1, dtype=torch.long),
+        torch.tensor(share, dtype=torch.float32)[order],
     )
 
 

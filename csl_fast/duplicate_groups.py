@@ -155,8 +155,7 @@ def agree(labels: torch.Tensor, rows: torch.Tensor, others: torch.Tensor) -> tor
     by :func:`conflicting`'s rule: signed integer labels agree where every position both
     label (non-negative) carries the same class; others where their bits are equal (after
     ``-0.0`` is read as ``0.0``)."""
-    lab = _label_rows(labels)
-    a, b = lab[rows], lab[others]
+    a, b = _label_rows(labels[rows]), _label_rows(labels[others])
     if labels.is_signed() and integer_labels(labels.dtype):
         return ((a < 0) | (b < 0) | (a == b)).all(dim=1)
     return (a == b).all(dim=1)

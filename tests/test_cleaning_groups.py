@@ -15,6 +15,7 @@ import torch
 import csl_fast
 from csl_fast import clean, detect
 from csl_fast.cleaning_groups import resolve_conflicts
+from csl_fast.duplicate_groups import conflicting
 
 N = 12
 
@@ -498,3 +499,27 @@ def test_evaluate_plan_judges_a_member_kept_with_its_own_target_by_the_ground_tr
     assert _actions(plan)[9] == "keep" and _actions(plan)[4] == "drop"
     got = evaluate_plan(plan, truth, mislabeled)
     assert got["keep_correct"] == got["kept"] == n - 1
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_the_kept_targets_never_conflict_whatever_the_order(swap):
+    """A best member with a masked token ([1, -100]) agrees with [1, 2] and with [1, 3],
+    which conflict: both were kept, and which member went on a tie depended on the rows'
+    order. Now each kept member agrees with every other kept one."""
+    targets = torch.tensor([[1, -100], [1, 2], [1, 3], [2, 2], [0, 0]])
+    loss = torch.tensor([0.1, 0.1, 0.5, 1.0, 0.2])
+    if swap:  # the two equally best rows in the other order
+        targets[[0, 1]] = targets[[1, 0]]
+    tracker = csl_fast.CSLTracker(5)
+    for _ in range(2):
+        csl_fast.record_loss(loss, torch.arange(5), tracker)
+        tracker.end_epoch()
+    x = torch.zeros(5, 2)
+    x[4] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = clean(tracker, inputs=x, labels=targets, policy="review", budget=5)
+    actions = _actions(plan)
+    assert [actions[i] for i in range(4)] == ["keep", "keep", "drop", "drop"]
+    kept = [i for i in range(4) if actions[i] == "keep"]
+    assert not bool(conflicting(torch.zeros(len(kept), dtype=torch.long), targets[kept]).any())
