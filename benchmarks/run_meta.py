@@ -190,8 +190,17 @@ def device_arg(text: str) -> str:
         device = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"not a device: {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here (try --device cpu)")
+    if device.type == "cpu":
+        return text
+    # (mps, xpu, ...: torch.mps / torch.xpu; mps on a Linux machine ran into a
+    # NotImplementedError traceback)
+    backend = getattr(torch, device.type, None)
+    count = getattr(backend, "device_count", lambda: 0)() if backend is not None else 0
+    available = backend is not None and getattr(backend, "is_available", lambda: False)()
+    if not available or (device.index is not None and device.index >= max(count, 1)):
+        raise argparse.ArgumentTypeError(
+            f"{text}: no such {device.type} device here (try --device cpu)"
+        )
     return text
 
 

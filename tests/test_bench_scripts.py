@@ -340,8 +340,19 @@ def test_host_profile_on_a_machine_without_cuda_says_so(monkeypatch):
 
     device_arg = _script("run_meta").device_arg
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device here"):
+    with pytest.raises(argparse.ArgumentTypeError, match="no such cuda device here"):
         device_arg("cuda")  # (host_profile.py's default: an AssertionError traceback)
+    # mps on a machine without it: a NotImplementedError traceback
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.mps, "is_available", lambda: False, raising=False)
+    with pytest.raises(argparse.ArgumentTypeError, match="no such mps device here"):
+        device_arg("mps")
+    # an index past the machine's devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(argparse.ArgumentTypeError, match="no such cuda device here"):
+        device_arg("cuda:7")
+    assert device_arg("cuda:0") == "cuda:0"
     assert device_arg("cpu") == "cpu"
 
 

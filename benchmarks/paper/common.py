@@ -429,12 +429,15 @@ def results_stem(stem: str) -> Path:
     return RESULTS / stem
 
 
-def parse_args(p: argparse.ArgumentParser, stem: str) -> argparse.Namespace:
+def parse_args(
+    p: argparse.ArgumentParser, stem: str, extra: tuple[str, ...] = ()
+) -> argparse.Namespace:
     """``p``'s arguments; a usage error (exit 2) when the results files of ``--out`` (else
-    ``stem``) exist and ``--force`` was not given (:func:`run_meta.refuse_overwrite`)."""
+    ``stem``) exist and ``--force`` was not given (:func:`run_meta.refuse_overwrite`);
+    ``extra``: the suffixes of files the script writes beside them (``.png``)."""
     args = p.parse_args()
     out = results_stem(args.out or stem)
-    refuse_overwrite(p, args.force, f"{out}.json", f"{out}.md")
+    refuse_overwrite(p, args.force, *(f"{out}{s}" for s in (".json", ".md", *extra)))
     return args
 
 

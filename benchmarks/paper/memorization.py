@@ -38,7 +38,7 @@ def main() -> None:
     p.add_argument("--noise", type=rate_arg, default=0.0, help="label noise (paper: clean data)")
     p.add_argument("--top-fraction", type=rate_arg, default=0.1)
     p.add_argument("--bins", type=int, default=20)
-    args = parse_args(p, "memorization")
+    args = parse_args(p, "memorization", extra=(".png",))
     cfg = config_from(args)
     seed = cfg.seeds[0]
     x, y, c = load_data(cfg)
