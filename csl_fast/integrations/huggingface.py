@@ -107,6 +107,10 @@ def with_index(dataset: Any, column: str = "index") -> Any:
         raise ValueError(f"with_index: the dataset already has a {column!r} column")
     if hasattr(dataset, "add_column"):
         return dataset.add_column(column, list(range(len(dataset))))
+    from ..data import IndexedDataset
+
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return IndexedDataset(dataset, index_key=column)  # (which says why it cannot be)
     first = dataset[0] if len(dataset) else {}
     if not isinstance(first, Mapping):
         raise TypeError(
@@ -115,8 +119,6 @@ def with_index(dataset: Any, column: str = "index") -> Any:
             "dicts from the dataset's __getitem__ (for a plain PyTorch loop, wrap it in "
             "csl_fast.data.IndexedDataset, which adds the index to tuples)"
         )
-    from ..data import IndexedDataset
-
     return IndexedDataset(dataset, index_key=column)
 
 
@@ -128,8 +130,9 @@ _LOGIT_TRANSFORM = re.compile(
 )
 
 
-# Column names that say dataset indices ("idx": GLUE's), offered as csl_index_column.
-_INDEX_NAME = re.compile(r"(\w+_)?(idx|index)(_\w+)?", re.IGNORECASE)
+# Column names that say dataset indices ("idx": GLUE's), offered as csl_index_column; not
+# any *_idx ('label_idx', 'token_index' were offered: indices of something else).
+_INDEX_NAME = re.compile(r"((sample|example|data|row)_)?(idx|index)", re.IGNORECASE)
 
 
 def _logit_transforms(config: Any) -> list[str]:

@@ -186,6 +186,9 @@ class CSLCallback(Callback):
         refuse_tensor_parallel("CSLCallback", _tensor_parallel_size(trainer))
         self._set_up_here = True
         self._restored = False  # (a checkpoint is restored after setup)
+        # (a fit that failed before on_train_end left it set: the next fit closed an epoch
+        # it never trained)
+        self._cut_short = False
         if self._tracker is not None and any(
             b.is_shared() for b in self._tracker.buffers().values() if b.device.type == "cpu"
         ):
@@ -261,6 +264,13 @@ class CSLCallback(Callback):
         if trainer.sanity_checking:
             return
         self._warn_input_grad_scale(trainer)
+        closed = self._epochs_closed
+        if self._restored and closed is not None and closed > trainer.current_epoch:
+            # this epoch was closed before the checkpoint this fit resumed from was saved:
+            # resumed with max_steps, Lightning 2.6 restarts at that epoch's end, runs a
+            # stray batch and ends the epoch again (the tracker went one epoch ahead). Only
+            # after a restore: a new Trainer's epochs count from 0 again
+            return
         if not _epoch_finished(trainer):
             # Training stops part-way through the epoch (max_steps, should_stop): the
             # ModelCheckpoint saves that follow must hold it open. Resumed with max_steps,

@@ -505,3 +505,19 @@ def test_with_index_refuses_examples_that_are_not_dicts():
     with pytest.raises(TypeError, match=r"data collators take examples that are dicts.*tuple"):
         with_index(pairs)
     assert with_index(Examples())[3]["index"] == 3
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter([])
+
+    # (it has no len(): "object of type 'Stream' has no len()" hid IndexedDataset's why)
+    with pytest.raises(TypeError, match="an IterableDataset has no stable sample indices"):
+        with_index(Stream())
+
+
+def test_the_index_hint_names_index_columns_only():
+    # 'label_idx' and 'token_index' were offered as csl_index_column: indices of other things
+    from csl_fast.integrations.huggingface import _INDEX_NAME
+
+    offered = ("idx", "index", "sample_idx", "label_idx", "token_index", "indexes")
+    assert [n for n in offered if _INDEX_NAME.fullmatch(n)] == ["idx", "index", "sample_idx"]

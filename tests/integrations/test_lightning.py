@@ -163,6 +163,58 @@ def test_a_fit_stopped_part_way_through_an_epoch_resumes_on_the_right_epoch(tmp_
     assert cb.tracker.loss_history.shape[0] == 3
 
 
+def test_an_epoch_closed_before_its_checkpoint_is_not_closed_again_resumed_by_steps(tmp_path):
+    """A checkpoint saved at an epoch's end (ModelCheckpoint without validation) holds the
+    epoch closed; resumed with max_steps, Lightning 2.6 restarts at that epoch's end and
+    ends it again, and the tracker went one epoch ahead (3 against Lightning's 2)."""
+    each = pl.callbacks.ModelCheckpoint(tmp_path, save_last=True)
+    first = CSLCallback(N, C)
+    trainer = pl.Trainer(
+        callbacks=[first, each],
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny(), _loader())
+    cb = CSLCallback(N, C)
+    more = _trainer(-1, cb, tmp_path, max_steps=8)  # one more epoch of 4 steps
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+        more.fit(Tiny(), _loader(), ckpt_path=tmp_path / "last.ckpt")
+    assert cb.tracker.epoch == more.current_epoch == 2
+
+
+class FailAtSecondEpochEnd(pl.Callback):
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            raise OSError("a checkpoint that could not be written")
+
+
+def test_a_fit_that_failed_after_a_cut_short_epoch_leaves_no_epoch_to_close_twice(tmp_path):
+    """A fit stopped part-way by max_steps whose on_train_end never ran (a callback failed
+    at the epoch's end) left the epoch marked cut short: the next fit closed an extra,
+    empty epoch (a loss-curve row of NaN)."""
+    cb = CSLCallback(N, C, history=True)
+    model = Tiny()
+    failing = pl.Trainer(
+        callbacks=[cb, FailAtSecondEpochEnd()],
+        max_steps=6,  # 4 steps an epoch: stops in the second
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(OSError, match="could not be written"):
+        failing.fit(model, _loader())
+    epoch = cb.tracker.epoch
+    assert epoch == 1  # the second epoch, cut short, is open
+    _trainer(1, cb, tmp_path).fit(model, _loader())
+    assert cb.tracker.epoch == epoch + 1
+    assert not torch.isnan(cb.tracker.loss_history[-1]).all()
+
+
 def test_a_callback_reused_for_another_model_warns_and_a_continued_one_does_not(tmp_path):
     """A k-fold or seed loop that builds its callbacks once summed the models' CSL,
     silently. A refit of the same module, and a resume whose checkpoint restores the
