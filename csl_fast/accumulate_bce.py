@@ -263,7 +263,10 @@ def accumulate_bce(
     if validate is None:
         validate = validate_by_default(logits.device, name)
     compiling = torch.compiler.is_compiling()
-    if validate:
+    # On CPU tensors only the C++ kernel refuses an index outside [0, N): the reference and
+    # the Triton interpreter skip its row (validate=False recorded the others, silently)
+    host_kernel_skips = index.device.type == "cpu" and name != "cpu" and not compiling
+    if validate or host_kernel_skips:
         _check_values(
             None, index, 0, csl.shape[0], 0, "accumulate_bce", tracker=tracker is not None
         )

@@ -846,6 +846,25 @@ def test_an_index_past_the_buffers_is_named_for_what_was_passed(into):
         csl_fast.accumulate_bce(torch.randn(3, 2), torch.rand(3, 2), torch.tensor([0, 1, 5]), t)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("into", ["tracker", "tensor"])
+def test_an_index_past_the_buffers_is_refused_without_validation(backend, into):
+    # validate=False on CPU tensors: the reference (and the Triton interpreter) skipped the
+    # row and recorded the others, silently; only the C++ kernel refused it
+    t = csl_fast.CSLTracker(4, num_labels=2) if into == "tracker" else torch.zeros(4)
+    before = (t.csl_count if into == "tracker" else t).clone()
+    with pytest.raises(IndexError, match=r"index\[1\] = 4"):
+        csl_fast.accumulate_bce(
+            torch.randn(2, 2),
+            torch.rand(2, 2),
+            torch.tensor([0, 4]),
+            t,
+            validate=False,
+            backend=backend,
+        )
+    assert torch.equal(t.csl_count if into == "tracker" else t, before)
+
+
 def test_reference_adds_in_row_order_whatever_the_thread_count():
     """The reference's bce_record ("the reference adds in row order") added with
     index_put_(accumulate=True), which on the CPU adds float32 rows with atomics from
