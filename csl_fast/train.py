@@ -141,7 +141,8 @@ def train(
         input_grads: also record per-sample input-gradient norms (``tracker.watch``;
             needed for learning time and loss sensitivity): the gradient of each labelled
             sample's own loss (the batch mean's is scaled back by the batch's labelled
-            rows); rows labelled -100 are not recorded.
+            rows); rows labelled -100 are not recorded. Needs floating-point ``x``
+            (integer token ids have no gradient: refused before training).
         eval_each_epoch: after each epoch, score every training sample in eval mode
             (:func:`csl_fast.score_epoch`: the eval-pass CSL).
         callback: ``callback(epoch, model)`` after each epoch (after the eval pass), e.g.
@@ -182,6 +183,15 @@ def train(
         )
     if (input_grads or eval_each_epoch) and tracker is None:
         raise ValueError("csl_fast.train: input_grads/eval_each_epoch need a tracker")
+    if input_grads and not x.is_floating_point():
+        # (refused here, not at the first step by watch, whose advice, to watch the
+        # embedding's output, needs a loop of one's own)
+        raise TypeError(
+            f"csl_fast.train: input_grads=True needs floating-point inputs, got x of dtype "
+            f"{x.dtype}: integer inputs (token ids) have no gradient. Train with "
+            "input_grads=False, or in your own loop watch the first floating-point tensor "
+            "made from them: x = tracker.watch(model.embed(tokens), idx)"
+        )
     if tracker is not None and tracker.num_samples != x.shape[0]:
         raise ValueError(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "

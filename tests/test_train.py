@@ -212,6 +212,20 @@ def test_input_grads_are_each_labelled_samples_own_with_ignored_rows():
     assert not bool(tracker.input_grad_count.any()) and not bool(tracker.input_grad_sq_sum.any())
 
 
+def test_input_grads_of_integer_inputs_refused_before_training():
+    # watch refused the token ids at the first step, advising to watch the embedding's
+    # output, which a train() caller cannot do; by then the optimizer had been built
+    tokens = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0))
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    tracker = csl_fast.CSLTracker(6, 3)
+    with pytest.raises(TypeError, match="input_grads=True needs floating-point inputs"):
+        train(model, tokens, torch.arange(6) % 3, epochs=1, tracker=tracker, input_grads=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not bool(tracker.csl_count.any())
+
+
 def test_class_probability_targets_train():
     # where() took the Python int of their row count: a TypeError after the first step
     g = torch.Generator().manual_seed(0)
