@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +31,11 @@ from . import backward_rerun
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
+
+# Per tracker, the tensor watched last whose gradient has not arrived yet. Weak on both
+# sides: a tracker stays picklable, and a tensor watched in a forward that was never
+# backpropagated (an evaluation with grad on) is forgotten when it is freed.
+_pending: weakref.WeakKeyDictionary[Any, weakref.ref[torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def input_grad_norms(
@@ -170,7 +179,11 @@ def watch(
     The hook fires once per backward pass through ``x`` (twice if you backpropagate twice
     with ``retain_graph=True``, and in ``torch.autograd.grad`` calls through ``x`` too); it
     does not fire under ``torch.no_grad``. Watching the same tensor again with the same
-    tracker replaces the earlier watch. Inputs must
+    tracker replaces the earlier watch. Watch one tensor per step: each watched tensor's
+    norms are recorded as a presentation of their own, so watching two (a model's two
+    inputs, or its input and a hidden layer) counts each sample twice per step and averages
+    the two norms instead of taking the joint gradient's (warned the first time); watch
+    the concatenated inputs, split inside the model, or the embedding output. Inputs must
     stay per-sample down the network: BatchNorm in train mode couples samples (see the
     module docstring).
     """
@@ -282,7 +295,50 @@ def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
     every backward would record the norms once per epoch so far."""
     if x.is_leaf and backward_rerun.in_backward():
         return
+    if torch.is_grad_enabled() and not backward_rerun.in_backward():
+        # (under no_grad no backward follows; a rerun in the backward is no new step)
+        _warn_if_several_watched(x, tracker)
+        _pending[tracker] = weakref.ref(x)
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
         hooks[id(tracker)].remove()
-    hooks[id(tracker)] = x.register_hook(hook)
+
+    def recorded(grad: torch.Tensor) -> None:
+        _pending.pop(tracker, None)
+        hook(grad)
+
+    hooks[id(tracker)] = x.register_hook(recorded)
+
+
+def _warn_if_several_watched(x: torch.Tensor, tracker: CSLTracker) -> None:
+    """Each watched tensor's hook records its own squared norms as one presentation: two
+    tensors watched in one step (the two inputs of a model, or its input and a hidden
+    layer) record two presentations of every sample, each with part of its gradient. The
+    input_grad_count then doubles, input_grad_sq_mean is about half the joint squared norm
+    and loss_sensitivity averages the tensors' norms, which reorders the samples."""
+    earlier = _pending.get(tracker)
+    earlier = earlier() if earlier is not None else None
+    if earlier is None or earlier is x or getattr(tracker, "_warned_several_watched", True):
+        return
+    tracker._warned_several_watched = True  # (CSLTracker: once per tracker)
+    warnings.warn(
+        "csl_fast.watch: a second tensor is watched before the gradient of the one "
+        "watched earlier arrived: each watched tensor is recorded as a presentation of its "
+        "own (input_grad_count counts both, input_grad_sq_mean and loss_sensitivity average "
+        "their norms instead of taking the joint gradient's). Watch one tensor per step, "
+        "e.g. the concatenated inputs (x = tracker.watch(torch.cat([x1, x2], 1), idx), "
+        "split inside the model) or the embedding output, not the input and a hidden layer",
+        stacklevel=_caller_stacklevel(),
+    )
+
+
+# frames skipped to point a warning at the user's call: csl_fast's own and torch's
+# (torch.compiler.disable's wrapper around _register)
+_OWN_FRAMES = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+
+
+def _caller_stacklevel() -> int:
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_OWN_FRAMES):
+        level, frame = level + 1, frame.f_back
+    return level

@@ -220,6 +220,8 @@ class CSLTracker(TrackerStatistics):
     # Set by watch() without a reduction_scale: the default B then undoes nothing of a loss
     # that Lightning divides by accumulate_grad_batches or a GradScaler multiplies.
     _watched_at_default_scale: bool = False
+    # Set when watch() warned of a second tensor watched in one step (input_grad.py).
+    _warned_several_watched: bool = False
 
     @_normal_tensors
     def __init__(

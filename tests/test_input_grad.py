@@ -477,3 +477,40 @@ def test_watch_takes_unsigned_indices(dtype):
     if dtype == torch.uint64:  # past 2**63 - 1: named as given, not wrapped to a negative
         with pytest.raises(IndexError, match=rf"index\[1\] = {2**63 + 5} is outside"):
             tracker.watch(torch.randn(2, 3), torch.tensor([1, 2**63 + 5], dtype=dtype))
+
+
+def test_second_tensor_watched_in_one_step_warns_once():
+    # a two-input model watched on both inputs recorded two presentations per sample and
+    # step, each with part of the gradient (input_grad_sq_mean half the joint squared norm)
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(2, 3)
+    idx, y = torch.arange(6), torch.arange(6) % 3
+    tracker = CSLTracker(6, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            x1 = tracker.watch(torch.randn(6, 4), idx)
+            x2 = tracker.watch(torch.randn(6, 2), idx)
+            csl_fast.accumulate(a(x1) + b(x2), y, idx, tracker).backward()
+    several = [w for w in caught if "a second tensor is watched" in str(w.message)]
+    assert len(several) == 1 and several[0].filename == __file__
+    assert torch.equal(tracker.input_grad_count, torch.full((6,), 4.0))  # (as recorded)
+
+
+def test_one_tensor_watched_per_step_does_not_warn():
+    # the same tensor watched again (full-batch training), a forward under no_grad, and a
+    # forward with grad but no backward (its tensor freed) are no second watched tensor
+    model, idx, y = _model(), torch.arange(6), torch.arange(6) % 4
+    tracker = CSLTracker(6, 4)
+    X = torch.randn(6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            csl_fast.accumulate(model(tracker.watch(X, idx)), y, idx, tracker).backward()
+        with torch.no_grad():
+            model(tracker.watch(torch.randn(6, 6), idx))
+        model(tracker.watch(torch.randn(6, 6), idx))
+        csl_fast.accumulate(model(tracker.watch(X, idx)), y, idx, tracker).backward()
+        csl_fast.accumulate(
+            model(tracker.watch(torch.randn(6, 6), idx)), y, idx, tracker
+        ).backward()
+    assert torch.equal(tracker.input_grad_count, torch.full((6,), 4.0))
