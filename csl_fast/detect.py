@@ -372,6 +372,9 @@ SCORE_RULE_SAID = ". The score rule's own warning: "
 #: Scores that sum over a sample's positions: on samples of different lengths they rank
 #: the long ones first, whatever their quality.
 _SUMMED_OVER_POSITIONS = ("csl", "final_loss")
+#: Scores built on a sequence's input-gradient norm, that of the sum of its positions'
+#: losses: it grows with the sequence's length too.
+_INPUT_GRAD_OVER_POSITIONS = ("loss_sensitivity", "learning_time")
 
 
 def default_score(source: Any) -> str:
@@ -423,7 +426,8 @@ def _unequal_counts(source: Any, counts_of: str = "csl_count") -> tuple[float, f
 
 def _length_bias(t: Any, score: str) -> str | None:
     """Why ``score`` misranks the source ``t``, or ``None``: a score summed over positions
-    (a tracker of sequences) or presentations (any other), and presented samples whose
+    (a tracker of sequences; also those built on input-gradient norms, which grow with a
+    sequence's length) or presentations (any other), and presented samples whose
     counts differ by more than 25%: samples presented more often than others (a weighted
     sampler, an epoch stopped part-way) ranked first, and were flagged, without a word."""
     sequences = getattr(t, "sequences", False)
@@ -446,6 +450,14 @@ def _length_bias(t: Any, score: str) -> str | None:
             f"{unequal[1]:g}: the entries of samples presented more often rank first "
             "whatever their labels. Rank and detect by 'label_csl_mean' (the default for "
             "such a run)"
+        )
+    if sequences and score in _INPUT_GRAD_OVER_POSITIONS and unequal is not None:
+        return (
+            f"score {score!r} is built on each sequence's input-gradient norm, the gradient "
+            "of the sum of its positions' losses, and the presented sequences' position "
+            f"counts (csl_count) range from {unequal[0]:g} to {unequal[1]:g}: long sequences "
+            "rank first whatever their quality. Rank and detect by 'csl_mean', or by this "
+            "score within sequences of one length"
         )
     if score not in (_SUMMED_OVER_POSITIONS if sequences else ("csl",)) or unequal is None:
         return None

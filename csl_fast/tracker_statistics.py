@@ -106,7 +106,11 @@ class TrackerStatistics:
 
     @property
     def input_grad_sq_mean(self) -> torch.Tensor:
-        """Mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|^2` over input-gradient records."""
+        """Mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|^2` over input-gradient records.
+
+        On a tracker of sequences a sequence's input gradient is that of the sum of its
+        positions' losses, which grows with its length: long sequences rank first (the
+        detectors warn when lengths differ)."""
         return _mean_or_nan(self.input_grad_sq_sum, self.input_grad_count)
 
     @property
@@ -114,7 +118,11 @@ class TrackerStatistics:
         """Loss sensitivity after Arpit et al. (2017), the input gradient's norm averaged over
         training: here the Euclidean norm, mean :math:`\\|\\partial\\ell_i/\\partial x_i\\|_2`,
         which the recorded per-sample norms give (Arpit et al. average the l1 norm: the values
-        differ, the ranking is the score's use)."""
+        differ, the ranking is the score's use).
+
+        On a tracker of sequences a sequence's input gradient is that of the sum of its
+        positions' losses, which grows with its length: long sequences rank first (the
+        detectors warn when lengths differ)."""
         return _mean_or_nan(self.input_grad_norm_sum, self.input_grad_count)
 
     @property
@@ -240,7 +248,9 @@ class TrackerStatistics:
         Let :math:`g_{e,i}` be the mean of :math:`\|\partial\ell_i/\partial x_i\|^2` over
         epoch :math:`e`'s records of sample :math:`i`, and
         :math:`r_{e,i} = \operatorname{mean}_{e' \le e} g_{e',i}` its running mean (over
-        the epochs with a record).
+        the epochs with a record). On a tracker of sequences a sequence's input gradient
+        is that of the sum of its positions' losses, which grows with its length: long
+        sequences rank first (the detectors warn when lengths differ).
 
         - ``form="code"`` (default; the authors' released code): :math:`\tau` = the global
           mean of :math:`r` over all samples and epochs (unless ``tau`` is given), and the

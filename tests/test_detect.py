@@ -565,6 +565,37 @@ def test_csl_named_on_sequences_of_different_lengths_says_why_it_misranks():
     assert det.diagnostics["note"].startswith("score 'variability' has no suspicious direction")
 
 
+def _watched_sequences(lengths):
+    # two epochs of sequences whose input-gradient norms are recorded (tracker.watch)
+    g = torch.Generator().manual_seed(0)
+    n, positions = len(lengths), max(lengths)
+    model = torch.nn.Linear(8, 5)
+    x = torch.randn(n, positions, 8, generator=g)
+    target = torch.randint(0, 5, (n, positions), generator=g)
+    target[torch.arange(positions) >= torch.tensor(lengths)[:, None]] = -100
+    idx, valid = torch.arange(n), target != -100
+    tracker = csl_fast.CSLTracker(n, num_classes=5)
+    for _ in range(2):
+        xw = tracker.watch(x.clone(), idx, valid.sum(), valid=valid)
+        csl_fast.accumulate(model(xw).transpose(1, 2), target, idx, tracker).backward()
+        tracker.end_epoch()
+    return tracker
+
+
+@pytest.mark.parametrize("score", ["loss_sensitivity", "learning_time"])
+def test_input_grad_scores_on_sequences_of_different_lengths_say_why_they_misrank(score):
+    # a sequence's input gradient is that of the sum of its positions' losses: the
+    # 20-token sequences ranked first (all top 10 by loss_sensitivity), without a word
+    tracker = _watched_sequences([2, 20] * 16)
+    said = "built on each sequence's input-gradient norm"
+    with pytest.warns(detect.DetectionWarning, match=said):
+        det = detect.mislabeled(tracker, score, rule="fraction", fraction=0.1)
+    assert said in det.diagnostics["note"]
+    with pytest.warns(detect.DetectionWarning, match=said):  # csl_fast.scores of it too
+        detect.mislabeled(csl_fast.scores(tracker), score, rule="fraction", fraction=0.1)
+    assert detect._length_bias(_watched_sequences([20] * 32), score) is None
+
+
 def test_the_scores_of_a_tracker_of_sequences_are_flagged_as_the_tracker_is():
     """csl_fast.scores(tracker) of sequences was ranked by summed csl with the margin
     view, which the README says does not apply to sequences: 9 of 12 bad, no warning."""
