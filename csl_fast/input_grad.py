@@ -143,18 +143,20 @@ def watch(
     r"""Record per-sample input-gradient norms of ``x`` when the loss is backpropagated.
 
     Registers a tensor hook on ``x`` that calls :func:`input_grad_norms` with ``x``'s
-    gradient. ``x`` must be floating point; a leaf that does not require grad (a batch
-    straight from the DataLoader) is switched to ``requires_grad_(True)``, and stays so:
-    one tensor watched across steps (full-batch training on ``X``) keeps recording, and
-    keeps the flag and a ``.grad`` that every backward adds to. Watch a view, ``X[:]``,
-    to leave ``X`` itself as it was (its gradient then accumulates nowhere). Returns ``x``
-    itself, so ``x = tracker.watch(x, idx)`` reads naturally.
+    gradient. ``x`` must be floating point and not an ``nn.Parameter``; a leaf that does
+    not require grad (a batch straight from the DataLoader) is switched to
+    ``requires_grad_(True)``, and stays so: one tensor watched across steps (full-batch
+    training on ``X``) keeps recording, and keeps the flag and a ``.grad`` that every
+    backward adds to. Watch a view, ``X[:]``, to leave ``X`` itself as it was (its
+    gradient then accumulates nowhere). Returns ``x`` itself, so
+    ``x = tracker.watch(x, idx)`` reads naturally.
 
     ``reduction_scale`` undoes the loss reduction (see :func:`input_grad_norms`): the
     default ``None`` means ``reduction='mean'`` over all ``B = x.shape[0]`` rows, i.e.
     ``scale = B``. Pass ``1.0`` for ``reduction='sum'``, and for ``'mean'`` with
     ``ignore_index`` pass ``(target != ignore_index).sum()`` and
-    ``valid=target != ignore_index``. With label smoothing the recorded gradient is that
+    ``valid=target != ignore_index`` (``valid`` without ``reduction_scale`` warns: the
+    default ``B`` is then almost always wrong). With label smoothing the recorded gradient is that
     of the smoothed loss. With class weights and ``'mean'``, ``F.cross_entropy`` divides by
     the summed weight of the batch's valid targets, not by their number: pass
     ``reduction_scale=weight[target[valid]].sum()``, and sample :math:`i` records
@@ -196,6 +198,14 @@ def watch(
                 "made from them, e.g. x = tracker.watch(model.embed(tokens), idx)"
             )
         raise TypeError(f"csl_fast.watch: x must be a floating-point tensor, got {got}{hint}")
+    if isinstance(x, torch.nn.Parameter):
+        # its rows are a weight's, not samples': with a first dimension that happened to
+        # be B, watch recorded rows of the weight gradient as the samples' norms
+        raise TypeError(
+            "csl_fast.watch: x is an nn.Parameter, whose gradient is a weight's, not the "
+            "batch's; watch the input, or the first floating-point tensor the model makes "
+            "from it, e.g. x = tracker.watch(model.embed(tokens), idx)"
+        )
     # (functorch's levels alone: a forward-AD dual_level is no transform of the backward)
     if not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
         _check_transform(x)
@@ -242,6 +252,16 @@ def watch(
         _check_values(None, signed, 0, tracker.num_samples, 0, "watch", tracker=True)
     if reduction_scale is not None:
         _check_scale(reduction_scale, "watch")
+    elif valid is not None:
+        # rows left out by valid (ignore_index) are left out of the loss's mean too: its
+        # divisor is then their count, not B, and every recorded norm was off by B / count
+        warnings.warn(
+            "csl_fast.watch: valid is given without reduction_scale, which then defaults "
+            "to the batch size B; a 'mean' loss with ignore_index divides by the valid rows "
+            "(or tokens) instead: pass reduction_scale=(target != ignore_index).sum(), or "
+            "reduction_scale=float(x.shape[0]) if B is the divisor",
+            stacklevel=_caller_stacklevel(),
+        )
     if not x.requires_grad:
         x.requires_grad_(True)
     scale = float(x.shape[0]) if reduction_scale is None else reduction_scale

@@ -121,7 +121,8 @@ def test_watch_sequences_with_the_documented_token_scale_and_mask():
 def test_watch_takes_an_empty_batch_with_a_token_mask():
     """valid.reshape(0, -1) raised on a [0, T] mask."""
     t = CSLTracker(4, 3)
-    x = t.watch(torch.randn(0, 5), torch.arange(0), valid=torch.ones(0, 5, dtype=torch.bool))
+    valid = torch.ones(0, 5, dtype=torch.bool)
+    x = t.watch(torch.randn(0, 5), torch.arange(0), valid.sum(), valid=valid)
     x.sum().backward()
     assert t.input_grad_count.sum() == 0
 
@@ -514,3 +515,22 @@ def test_one_tensor_watched_per_step_does_not_warn():
             model(tracker.watch(torch.randn(6, 6), idx)), y, idx, tracker
         ).backward()
     assert torch.equal(tracker.input_grad_count, torch.full((6,), 4.0))
+
+
+def test_watch_refuses_a_parameter():
+    # a weight whose first dimension happened to be B was watched: its gradient's rows,
+    # not the samples', were recorded as their norms
+    weight = torch.nn.Parameter(torch.randn(6, 3))
+    with pytest.raises(TypeError, match=r"nn\.Parameter"):
+        CSLTracker(6, 3).watch(weight, torch.arange(6))
+
+
+def test_valid_without_reduction_scale_warns_that_the_scale_is_b():
+    # with ignore_index the mean divides by the valid rows, not by B: every norm was off
+    tracker, target = CSLTracker(4, 3), torch.tensor([0, -100, 2, 1])
+    with pytest.warns(UserWarning, match="defaults to the batch size B") as rec:
+        tracker.watch(torch.randn(4, 2), torch.arange(4), valid=target != -100)
+    assert rec[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.watch(torch.randn(4, 2), torch.arange(4), 3.0, valid=target != -100)
