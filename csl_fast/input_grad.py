@@ -70,7 +70,9 @@ def input_grad_norms(
             whose gradient is zero).
 
     Returns:
-        float32 ``[B]``: every row's squared norm, scaled; those of rows that ``valid``
+        float32 ``[B]`` (also for float64 ``grad``: a float64 tracker stores them rounded
+        to float32; squares under ~1e-38 lose digits, under ~1e-45 are 0): every row's
+        squared norm, scaled; those of rows that ``valid``
         excludes (or that are not finite) are returned but not recorded. Duplicate
         indices add up in the tracker. Detached on every backend, also for a ``grad`` made
         with ``create_graph=True``: not differentiable (for a gradient penalty, compute
