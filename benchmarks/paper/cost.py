@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from common import (
-    RESULTS,
     Config,
     config_from,
     config_line,
@@ -26,6 +26,7 @@ from common import (
     model_factory,
     parse_args,
     parser,
+    results_stem,
     write_results,
 )
 
@@ -82,7 +83,9 @@ def memorization_measured(cfg: Config, data: dict, base: float) -> tuple[dict, l
             "",
             f"memorization.py's m = {measured['m']} models took {measured['seconds']:.0f}s "
             f"on another setup ({'; '.join(differ)}): not compared with this run; rerun "
-            "memorization.py with this run's settings to compare.",
+            "memorization.py with this run's settings (--noise 0.1 --out "
+            "memorization-noise10) and pass cost.py --memorization memorization-noise10 to "
+            "compare.",
         ]
     return measured, [
         "",
@@ -96,6 +99,14 @@ def main() -> None:
     p.add_argument("--mem-models", type=int, default=100)
     p.add_argument("--mem-models-timed", type=int, default=10)
     p.add_argument("--repeats", type=int, default=2, help="repeats of the training variants")
+    p.add_argument(
+        "--memorization",
+        default="memorization",
+        metavar="STEM",
+        help="the memorization.py results (in results/) whose measured total is set beside "
+        "this run's, when they ran the same setup: `memorization.py --noise 0.1 --out "
+        "memorization-noise10` is this run's (default: memorization, on clean labels)",
+    )
     args = parse_args(p, "cost")
     cfg = config_from(args)
     seed = cfg.seeds[0]
@@ -163,7 +174,7 @@ def main() -> None:
     for name, sec in t.items():
         lines.append(f"| {name} | {sec:.2f} | {sec / base:.2f} | {sec / plain:.2f} |")
     measured = None
-    mem_json = RESULTS / "memorization.json"
+    mem_json = Path(f"{results_stem(args.memorization)}.json")
     if mem_json.exists():
         measured, said = memorization_measured(cfg, json.loads(mem_json.read_text()), base)
         lines += said
