@@ -38,6 +38,11 @@ def integer_labels(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
+def class_indices(labels: torch.Tensor) -> bool:
+    """Whether ``labels`` are one integer class index per sample (1-D, :func:`integer_labels`)."""
+    return labels.dim() == 1 and integer_labels(labels.dtype)
+
+
 def label_range(labels: torch.Tensor) -> tuple[int, int]:
     """``(min, max)`` of a non-empty integer label tensor of any integer dtype, exactly
     (torch has no min/max for uint16/uint32/uint64, and a cast to int64 would wrap uint64

@@ -62,7 +62,7 @@ from typing import Any, NamedTuple
 import torch
 
 from . import duplicate_groups as dg
-from ._args import int64_labels, integer_labels
+from ._args import class_indices, int64_labels
 from .detect import Detection, carry_to_groups, duplicates
 
 __all__ = ["GroupDecision", "duplicate_decisions", "resolve_conflicts"]
@@ -111,7 +111,7 @@ def resolve_conflicts(
             empty, torch.empty(0, dtype=torch.bool), empty, torch.empty(0, dtype=torch.float32)
         )
     n = labels.shape[0] if labels.dim() else 0
-    if labels.dim() != 1 or not integer_labels(labels.dtype):
+    if not class_indices(labels):
         raise ValueError(
             "resolve_conflicts: labels must be int [N] class indices, got "
             f"{labels.dtype} of shape {tuple(labels.shape)}"
@@ -225,8 +225,7 @@ def targets_not_classes(source: Any, labels: torch.Tensor) -> bool:
 
     if getattr(source, "sequences", False):  # a tracker, or csl_fast.scores of one
         return True
-    classes = labels.dim() == 1 and integer_labels(labels.dtype)
-    return not classes and no_suggestions(source) == LOSS_ONLY
+    return not class_indices(labels) and no_suggestions(source) == LOSS_ONLY
 
 
 def _target_decisions(

@@ -446,7 +446,7 @@ def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
 
 def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = None) -> str:
     """The table of ``rows``; ``shown``: the score column's heading (default ``score``)."""
-    from .duplicate_groups import LABEL_VALUES_SHOWN, label_text
+    from .duplicate_groups import label_text
 
     columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     cols = [c for c in columns if any(r[c] is not None for r in rows)] or list(columns[:3])
@@ -458,7 +458,7 @@ def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = No
         if c == "score":
             return f"{v:.4g}"
         if c == "label":  # (a bool target is 0 or 1, not "yes" or blank)
-            return label_text(v, limit=LABEL_VALUES_SHOWN)
+            return label_text(v)
         if isinstance(v, bool):
             return "yes" if v else ""
         return str(v)

@@ -25,7 +25,7 @@ import argparse
 import os
 from typing import Any
 
-from ._args import integer_labels, label_range
+from ._args import class_indices, label_range
 from .cli_errors import EXIT_INPUT, EXIT_USAGE, CLIError
 
 __all__ = [
@@ -194,7 +194,7 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
                 EXIT_INPUT,
             )
         return inputs, labels
-    if labels is not None and (not _class_indices(labels) or labels.shape[0] != n):
+    if labels is not None and (not class_indices(labels) or labels.shape[0] != n):
         raise CLIError(
             f"{lwhere}: {labels.dtype} of shape {tuple(labels.shape)} does not fit the run: "
             f"labels must be integers of shape [{n}]",
@@ -213,10 +213,6 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
                 EXIT_INPUT,
             )
     return inputs, None if labels is None else labels.long()
-
-
-def _class_indices(labels: Any) -> bool:
-    return labels.dim() == 1 and integer_labels(labels.dtype)
 
 
 def check_combination(inputs: Any, labels: Any, score: str, loss_only: bool) -> None:

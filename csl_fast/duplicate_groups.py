@@ -60,10 +60,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 LABEL_VALUES_SHOWN = 8
 
 
-def label_text(value: Any, limit: int | None = None) -> str:
+def label_text(value: Any, limit: int | None = LABEL_VALUES_SHOWN) -> str:
     """A label as text: a class index as it is, a regression target to 4 significant
     digits, a row (a multi-label target, a sequence's token labels) as its values,
-    space-separated, the first ``limit`` of them when given (and how many there are);
+    space-separated, the first ``limit`` of them (``None``: all) and how many there are;
     ``-`` for a missing value (None). ``int()`` of a regression's 0.73 printed 0."""
     v = value.tolist() if hasattr(value, "tolist") else value
     if isinstance(v, list):

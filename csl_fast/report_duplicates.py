@@ -54,7 +54,7 @@ def _rows(det: Any, samples: Any, ids: torch.Tensor) -> list[tuple[str, str]]:
 
 
 def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
-    from .duplicate_groups import LABEL_VALUES_SHOWN, label_text
+    from .duplicate_groups import label_text
 
     e = html.escape
     action = {}
@@ -78,7 +78,7 @@ def _groups_table(det: Any, labels: Any, plan: Any, samples: Any) -> str:
     for g in det.groups[:SHOWN_GROUPS]:
         given = "-"
         if labels is not None:
-            given = ", ".join(label_text(labels[i], LABEL_VALUES_SHOWN) for i in g)
+            given = ", ".join(label_text(labels[i]) for i in g)
         decided = [action[i] for i in g if i in action]
         if decided and decided[0][1] >= 0:
             _, lab, conf = decided[0]
