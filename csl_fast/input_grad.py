@@ -79,7 +79,6 @@ def input_grad_norms(
         ``(scale * grad).flatten(1).square().sum(1)`` yourself). See the module docstring
         for the BatchNorm caveat.
     """
-    from . import ops
 
     if not isinstance(grad, torch.Tensor) or grad.dim() < 1:
         raise ValueError("csl_fast.input_grad_norms: grad must be a [B, ...] tensor")
@@ -87,18 +86,38 @@ def input_grad_norms(
         raise TypeError(f"csl_fast.input_grad_norms: grad must be floating point, got {grad.dtype}")
     _check_tracker(tracker, "input_grad_norms")
     _check_scale(scale, "input_grad_norms")
+    return _record(grad, index, tracker, _host_scale(scale), valid, validate=None)
+
+
+def _host_scale(scale: float | torch.Tensor) -> float | torch.Tensor:
+    """A CPU scale read to a float, at no cost: the kernel scales before it squares, as for
+    a float (squared unscaled, float32 rows of 3e-23 underflowed: 56% off at a scale of
+    1000). One on a GPU is not read, which would wait for the device."""
     if isinstance(scale, torch.Tensor) and scale.device.type == "cpu":
-        # read at no cost: the kernel scales before it squares, as for a float (squared
-        # unscaled, float32 rows of 3e-23 underflowed: 56% off at a scale of 1000)
-        scale = float(scale.detach())  # (a scale that requires grad: no warning)
-    if isinstance(scale, torch.Tensor):  # on a GPU: not read, which would wait for it
+        return float(scale.detach())  # (a scale that requires grad: no warning)
+    return scale
+
+
+def _record(
+    grad: torch.Tensor,
+    index: torch.Tensor,
+    tracker: CSLTracker,
+    scale: float | torch.Tensor,
+    valid: torch.Tensor | None,
+    validate: bool | None,
+) -> torch.Tensor:
+    """:func:`input_grad_norms` past its argument checks (``watch`` made them once, before
+    the forward: its hook runs this on every backward)."""
+    from . import ops
+
+    if isinstance(scale, torch.Tensor):
         sq = ops.input_grad_norms(grad, 1.0, backend=tracker.backend)
         sq = sq * scale.detach().to(sq.device, torch.float32).square()
     else:
         sq = ops.input_grad_norms(grad, float(scale), backend=tracker.backend)
     # A CPU batch that the model moves to the GPU (model(x.cuda())) has its gradient on the
     # CPU: B norms cross, not the gradient.
-    tracker.record_input_grad(index, sq.to(tracker.device), valid)
+    tracker.record_input_grad(index, sq.to(tracker.device), valid, validate=validate)
     return sq
 
 
@@ -244,7 +263,8 @@ def watch(
     if valid is not None and valid.dim() > 1:  # a sequence counts if any of its tokens does
         valid = valid.flatten(1).any(1)
     _check_tracker(tracker, "watch")
-    if index.device.type == "cpu" and not torch.compiler.is_compiling():
+    checked = index.device.type == "cpu" and not torch.compiler.is_compiling()
+    if checked:
         # here, where reading it costs no device sync: from the hook an IndexError came
         # out of loss.backward()
         from .accumulate_checks import _check_values, signed_index
@@ -266,13 +286,13 @@ def watch(
         )
     if not x.requires_grad:
         x.requires_grad_(True)
-    scale = float(x.shape[0]) if reduction_scale is None else reduction_scale
+    scale = float(x.shape[0]) if reduction_scale is None else _host_scale(reduction_scale)
     if reduction_scale is None and not getattr(tracker, "_watched_at_default_scale", False):
         tracker._watched_at_default_scale = True  # (CSLTracker: read by CSLCallback)
     index = index.to(tracker.device, non_blocking=True)
 
     def hook(grad: torch.Tensor) -> None:
-        input_grad_norms(grad, index, tracker, scale, valid=valid)
+        _record(grad, index, tracker, scale, valid, validate=False if checked else None)
 
     _register(x, tracker, hook)
     return x

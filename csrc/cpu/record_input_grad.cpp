@@ -69,6 +69,13 @@ void record_input_grad(const at::Tensor& sq_norms, const at::Tensor& index,
   const at::Tensor ok = valid.has_value() ? valid->contiguous() : at::Tensor();
   const bool* vp = ok.defined() ? ok.const_data_ptr<bool>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(dt, "csl_fast_record_input_grad", [&] {
+    const scalar_t* v = sq.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < B; ++i) {
+      // (before any write: its sqrt would make the sample's loss_sensitivity NaN for good)
+      CSL_CHECK_VALUE(!(v[i] < scalar_t(0)), "CSLTracker.record_input_grad: sq_norms[", i,
+                      "] = ", v[i], " is negative; a squared norm is >= 0: pass the squares ",
+                      "of the per-row input-gradient norms");
+    }
     scalar_t* out[kBuffers];
     for (int k = 0; k < kBuffers; ++k) out[k] = bufs[k]->mutable_data_ptr<scalar_t>();
     add_rows<scalar_t>(sq.const_data_ptr<scalar_t>(), ip, vp, B, out);
