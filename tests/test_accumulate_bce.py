@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close_f32, assert_no_worse_than_torch
+from tolerances import assert_close_f32, assert_no_worse_than_torch, assert_tiny_no_worse_than_torch
 
 import csl_fast
 from csl_fast import reference
@@ -154,6 +154,28 @@ def test_extreme_logits_no_worse_than_torch(backend, dtype):
     target = torch.tensor([[1.0, 0.0, 0.0, 1.0, 1.0, 0.5, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0] * 2])
     for reduction in ("none", "sum"):
         _check_no_worse(logits, target.to(dtype), None, torch.full((8,), 2.5), reduction, backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_subnormal_losses_and_gradients_as_torch(backend, weighted):
+    """A gradient sigmoid(z) below float32's smallest normal (z < -87.3), or a loss term
+    that small times a large weight, is kept as PyTorch keeps it; the CPU kernel's exp
+    flushed them to 0 (a gradient 6e-9 at z = -88 with weight 1e30 came out 0)."""
+    z = torch.cat([-torch.linspace(80, 104, 49), torch.linspace(80, 104, 49)])[None].repeat(2, 1)
+    target = torch.zeros_like(z)
+    target[1] = 1
+    weight = torch.full_like(z, 1e30) if weighted else None
+    upstream = torch.ones_like(z)
+    ours_loss, ours_grad, _ = _ours(backend, z, target, weight, None, "none", upstream)
+    t_loss, t_grad = _torch_loss_and_grad(z, target, weight, None, "none", upstream)
+    # exactly, in float64 (F's own float64 form loses these: 1 + 1.8e-35 is 1 there too)
+    zd, yd = z.double(), target.double()
+    w = 1.0 if weight is None else weight.double()
+    e_loss = w * (torch.log1p(torch.exp(-zd.abs())) + zd.clamp_min(0) - yd * zd)
+    e_grad = w * torch.where(yd == 1, -torch.sigmoid(-zd), torch.sigmoid(zd))
+    assert_tiny_no_worse_than_torch(ours_loss, t_loss, e_loss, "loss")
+    assert_tiny_no_worse_than_torch(ours_grad, t_grad, e_grad, "grad")
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

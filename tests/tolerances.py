@@ -65,3 +65,17 @@ def assert_rounded_once(ours, exact, what: str, slack: float = 0.125, atol=0.0):
         f"{what}: {int((err > limit).sum())} element(s) off by more than {0.5 + slack} step; "
         f"worst {float(got[worst])} vs exact {float(v[worst])} (step {float(step[worst]):.3g})"
     )
+
+
+def assert_tiny_no_worse_than_torch(ours, torch_same_dtype, exact, what: str):
+    """Float32 results near and below float32's smallest normal: each element's error
+    against a float64 computation is at most twice PyTorch's own error on it, plus a few
+    ulp of the value (relative, so subnormal results are compared, not floored away)."""
+    ulp = torch.finfo(torch.float32).smallest_normal * 2.0**-23  # a subnormal step
+    ours, theirs, exact = (t.double() for t in (ours, torch_same_dtype, exact))
+    limit = 2 * (theirs - exact).abs() + 4 * ulp + 4 * 2.0**-24 * exact.abs()
+    bad = (ours - exact).abs() > limit
+    assert not bad.any(), (
+        f"{what}: {ours[bad].tolist()[:4]} where exactly {exact[bad].tolist()[:4]} "
+        f"(torch {theirs[bad].tolist()[:4]})"
+    )

@@ -108,7 +108,7 @@ inline __attribute__((always_inline)) ChunkSums<acc_t> fwd_chunk(const acc_t* z,
 #pragma omp simd reduction(+ : plain, weighted, wrong) reduction(min : mm)
   for (int64_t l = 0; l < n; ++l) {
     const acc_t zl = z[l], yl = y[l];
-    const acc_t log_term = log1p_unit(exp_approx(-std::abs(zl)));
+    const acc_t log_term = log1p_unit(exp_subnormal(-std::abs(zl)));
     plain += plain_loss(zl, yl, log_term);
     const acc_t v = weighted_loss(zl, yl, w[l], pw[l], log_term);
     out[l] = v;
@@ -130,7 +130,7 @@ inline __attribute__((always_inline)) void bwd_chunk(const acc_t* z, const acc_t
                                                      const acc_t* g, acc_t* out, int64_t n) {
 #pragma omp simd
   for (int64_t l = 0; l < n; ++l) {
-    const acc_t e = exp_approx(-std::abs(z[l]));
+    const acc_t e = exp_subnormal(-std::abs(z[l]));
     const acc_t big = acc_t(1) / (acc_t(1) + e), small = e * big;
     const bool pos = z[l] >= acc_t(0);
     const acc_t d = (acc_t(1) - y[l]) * (pos ? big : small) - pw[l] * y[l] * (pos ? small : big);
@@ -145,7 +145,7 @@ inline __attribute__((always_inline)) void record_chunk(const acc_t* z, const ac
                                                         acc_t* plain, acc_t* margin, int64_t n) {
 #pragma omp simd
   for (int64_t l = 0; l < n; ++l) {
-    plain[l] = plain_loss(z[l], y[l], log1p_unit(exp_approx(-std::abs(z[l]))));
+    plain[l] = plain_loss(z[l], y[l], log1p_unit(exp_subnormal(-std::abs(z[l]))));
     margin[l] = (acc_t(2) * y[l] - acc_t(1)) * z[l];
   }
 }
@@ -173,7 +173,7 @@ CSL_CLONES void record_run(const float* z, const float* y, float* plain, float* 
 // The probabilities of the given targets, exp(-plain loss), vectorised.
 CSL_CLONES void prob_run(const float* plain, float* prob, int64_t n) {
 #pragma omp simd
-  for (int64_t l = 0; l < n; ++l) prob[l] = exp_approx(-plain[l]);
+  for (int64_t l = 0; l < n; ++l) prob[l] = exp_subnormal(-plain[l]);
 }
 #undef CSL_CLONES
 ChunkSums<double> fwd_run(const double* z, const double* y, const double* w, const double* pw,

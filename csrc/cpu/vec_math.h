@@ -18,15 +18,10 @@ inline bool fits_float(double x) {
   return std::fabs(x) <= static_cast<double>(std::numeric_limits<float>::max());
 }
 
-// expf by range reduction and a degree-6 minimax polynomial (Cephes' coefficients),
-// within ~2 ulp of std::exp on its domain. Branch-free so it vectorises; NaN in gives
-// NaN out; below the smallest normal result it returns exactly 0, as exp(-inf) must.
-// always_inline: it must be inlined into each target clone of the hot loops to vectorise.
-inline __attribute__((always_inline)) float exp_approx(float x) {
-  const float hi = 88.0f;  // keeps n <= 127; csl_fast only calls it with x <= 0
-  const float lo = -87.3365447505531f;
-  float xc = x > hi ? hi : x;
-  xc = xc < lo ? lo : xc;
+// exp(r) for |r| <= ln(2) / 2 by a degree-6 minimax polynomial (Cephes' coefficients),
+// after the range reduction x = n ln 2 + r of an x already clamped to [-104, 88];
+// `n` is returned through `n_out`. Shared by the two expf below.
+inline __attribute__((always_inline)) float exp_reduced(float xc, int32_t& n_out) {
   // Round-to-nearest by the 1.5 * 2^23 trick: vectorises on plain SSE2.
   const float shifter = 12582912.0f;
   float n = (xc * 1.44269504088896341f + shifter) - shifter;
@@ -38,14 +33,52 @@ inline __attribute__((always_inline)) float exp_approx(float x) {
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  n_out = static_cast<int32_t>(n);
+  return p * r * r + r + 1.0f;
+}
+
+inline __attribute__((always_inline)) float pow2(int32_t n) {  // n in [-126, 127]
+  const int32_t bits = (n + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  float result = p * scale;
+  return scale;
+}
+
+// expf within ~2 ulp of std::exp on its normal range. Branch-free so it vectorises; NaN
+// in gives NaN out; below the smallest normal result it returns exactly 0, as exp(-inf)
+// must: the softmax of the cross-entropy kernels, where such terms cannot change a loss
+// and a gradient entry under 1e-38 is 0 to any optimiser (keeping them, as
+// exp_subnormal does, cost ~10% of the forward at 32000 classes). always_inline: it must
+// be inlined into each target clone of the hot loops to vectorise.
+inline __attribute__((always_inline)) float exp_approx(float x) {
+  const float hi = 88.0f;  // keeps n <= 127; csl_fast only calls it with x <= 0
+  const float lo = -87.3365447505531f;
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  int32_t n;
+  const float p = exp_reduced(xc, n);
+  const float result = p * pow2(n);
   return x < lo ? 0.0f : result;
 }
 
+// expf as exp_approx, but results below the smallest normal come out subnormal, as
+// std::exp's do, down to 2^-150: 2^n is applied as two normal factors, so the one
+// rounding to a subnormal is the last multiply. For BCE, whose gradient sigmoid(z) at
+// z < -87.3, or a loss term that small times a large weight (6e-9 at z = -88 with a
+// weight of 1e30), is an entry's whole value.
+inline __attribute__((always_inline)) float exp_subnormal(float x) {
+  const float hi = 88.0f;
+  const float lo = -103.972077f;  // ln 2^-150: anything below rounds to 0
+  float xc = x > hi ? hi : x;
+  xc = xc < lo ? lo : xc;
+  int32_t n;
+  const float p = exp_reduced(xc, n);
+  const int32_t half = n >> 1;  // n in [-150, 127]: both halves normal
+  const float result = (p * pow2(half)) * pow2(n - half);
+  return x < lo ? 0.0f : result;
+}
+
+inline __attribute__((always_inline)) double exp_subnormal(double x) { return std::exp(x); }
 inline __attribute__((always_inline)) double exp_approx(double x) { return std::exp(x); }
 
 // tanh without libm, so soft-capping vectorises: (1 - e) / (1 + e) with e = exp(-2|x|),
