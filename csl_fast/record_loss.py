@@ -366,13 +366,15 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         b = index.numel() if isinstance(index, torch.Tensor) else None
         if isinstance(loss, torch.Tensor) and b and b > 1 and loss.shape == (b, b):
-            # .mean(1) of this would be a wrong per-sample loss, silently
+            # .mean(1) of a broadcast would be a wrong per-sample loss, silently; but a
+            # [B, T] sequence loss with T == B (or a [B, B] pair matrix) is this shape too
             raise ValueError(
                 f"csl_fast.record_loss: loss must be a 1-D tensor of per-sample losses [B], "
-                f"got {got}, B x B for B = {b} indices: a [B, 1] prediction broadcast "
-                "against a [B] target (F.mse_loss warns 'Using a target size ... different "
-                "to the input size'); squeeze the prediction (pred.squeeze(1)) instead of "
-                "reducing the loss"
+                f"got {got}, B x B for B = {b} indices. If it is a [B, 1] prediction "
+                "broadcast against a [B] target (F.mse_loss warns 'Using a target size ... "
+                "different to the input size'), squeeze the prediction (pred.squeeze(1)) "
+                "instead of reducing the loss; if its second dimension is per sample (tokens "
+                "of a sequence, a pair matrix's row), reduce it per sample (e.g. .mean(1))"
             )
         raise ValueError(
             f"csl_fast.record_loss: loss must be a 1-D tensor of per-sample losses [B], got "

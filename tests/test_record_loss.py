@@ -355,6 +355,18 @@ def test_a_broadcast_square_loss_is_refused_with_the_right_advice():
         csl_fast.record_loss(torch.ones(4, 3), torch.arange(4), csl)
 
 
+def test_a_square_loss_error_also_offers_reducing_a_per_sample_dimension():
+    # a [B, T] per-token loss whose T happens to equal B was told only to squeeze a
+    # prediction it never broadcast; both causes are offered now
+    tokens = F.cross_entropy(
+        torch.randn(4, 5, 4), torch.randint(0, 5, (4, 4)), reduction="none"
+    )  # [B, T] = [4, 4]
+    with pytest.raises(ValueError, match=r"B x B for B = 4") as err:
+        csl_fast.record_loss(tokens, torch.arange(4), torch.zeros(8))
+    assert "pred.squeeze(1)" in str(err.value)
+    assert "reduce it per sample (e.g. .mean(1))" in str(err.value)
+
+
 def test_records_under_vmap_and_grad_as_outside_them():
     """Under torch.func.vmap the C++ op met PyTorch's "Batching rule not implemented for
     csl_fast::record_loss"; each vmapped call is now a batch of its own, as in accumulate."""
