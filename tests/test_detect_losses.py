@@ -51,6 +51,41 @@ def test_tail_count_on_a_clean_bulk_finds_nothing():
     assert "short of the 3 standard errors" in est.reason
 
 
+@pytest.mark.parametrize("share", [0.3, 0.4])
+def test_exact_zeros_do_not_blind_the_tail_rule(share):
+    # a hinge or epsilon-insensitive loss is exactly 0 inside its margin: on the log scale
+    # the zeros were a far cluster that widened the bulk's spread and counted in its
+    # expected tail (40% zeros: none of the planted group flagged, the warning blaming
+    # too few scores beyond the cut)
+    values, truth = _scores()
+    clean = (~truth).nonzero().squeeze(1)
+    pick = torch.randperm(clean.numel(), generator=torch.Generator().manual_seed(1))
+    zeros = torch.zeros_like(truth)
+    zeros[clean[pick[: int(share * 2000)]]] = True
+    values[zeros] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (found: no warning)
+        det = corrupted_targets(values)
+    flagged = det.flagged
+    assert int((flagged & truth).sum()) >= 50, int((flagged & truth).sum())  # 60 planted
+    assert int((flagged & ~truth).sum()) <= 5 and not (flagged & zeros).any()
+    est = det.diagnostics["estimator"]
+    assert det.diagnostics["zeros"] == est["zeros"] == int(zeros.sum())
+    assert est["n"] == 2000 - int(zeros.sum())
+    assert (
+        f"{int(zeros.sum())} of the 2000 finite 'custom' scores are exactly 0"
+        in (det.diagnostics["note"])
+    )
+
+
+def test_the_tail_rule_says_when_it_left_zeros_out_and_found_nothing():
+    values, _ = _scores(bad=0)
+    values[:800] = 0.0
+    with pytest.warns(DetectionWarning, match=r"among 1200 positive scores \(the 800 scores of 0"):
+        det = corrupted_targets(values)
+    assert not det.flagged.any() and det.diagnostics["zeros"] == 800
+
+
 def test_tail_count_degenerate_inputs():
     assert "only 5 finite" in tail_count(torch.rand(5)).reason
     same = torch.ones(100)
