@@ -539,16 +539,7 @@ def _select(
         values = _score_tensor(source[score], f"score {score!r} of the mapping")
         if (two_sided := _two_sided(values, score)) is not None:
             return two_sided
-        other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
-        mixed = None
-        if isinstance(other, torch.Tensor) and other.shape == values.shape:
-            from .scores import from_eval_pass, mixed_recorders_note
-
-            mixed = mixed_recorders_note(other, getattr(source, "csl_count", None))
-            counts = getattr(source, "eval_count", None)
-            scored = counts > 0 if isinstance(counts, torch.Tensor) else None
-            if scored is None or not from_eval_pass(score, int(bool(scored.any()))):
-                scored = None
+        other, scored, mixed = _other_recorder(source, values, score) or (None, None, None)
         if getattr(source, "sequences", False):  # csl_fast.scores of sequences
             if mixed is not None:
                 values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
@@ -584,7 +575,6 @@ def _select(
                 views = _Views(loss, lost, partial=views.partial)
         caveat = "; ".join(filter(None, [mixed, _length_bias(source, score)])) or None
         return values, score, views, None, caveat
-    from .scores import from_eval_pass, mixed_recorders, other_loss
     from .scores import scores as compute
     from .tracker import CSLTracker
 
@@ -608,10 +598,7 @@ def _select(
             _losses_only_hint(t.label_csl is not None),
             _length_bias(t, score),
         )
-    mixed = mixed_recorders(t)
-    other = other_loss(t) if mixed is not None else None
-    # (a score an eval pass gave them is cross-entropy on the given label, as the others')
-    scored = t.eval_count > 0 if from_eval_pass(score, t.eval_passes) else None
+    other, scored, mixed = _other_recorder(t, values, score) or (None, None, None)
     if t.sequences:
         if mixed is not None:  # (they ranked first, under a note saying they had no score)
             values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
@@ -641,6 +628,34 @@ def _select(
     views = _Views(mean_loss, lost, t.epoch, once, partial)
     caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
     return values, score, views, None, caveat
+
+
+def _other_recorder(
+    source: Any, values: torch.Tensor, score: str
+) -> tuple[torch.Tensor, torch.Tensor | None, str] | None:
+    """``(other, scored, said)`` for :func:`_without_other_loss` of a tracker that mixes
+    recorders (:func:`csl_fast.scores.mixed_recorders` says ``said``) or of its
+    :func:`csl_fast.scores` mapping, which keeps ``other_loss``; None for any other
+    source. ``scored``: the samples whose ``score`` (of ``values``) an eval pass gave."""
+    from .scores import from_eval_pass, mixed_recorders, mixed_recorders_note, other_loss
+    from .tracker import CSLTracker
+
+    if isinstance(source, CSLTracker):
+        said = mixed_recorders(source)
+        if said is None:
+            return None
+        # (a score an eval pass gave them is cross-entropy on the given label, as the others')
+        scored = source.eval_count > 0 if from_eval_pass(score, source.eval_passes) else None
+        return other_loss(source), scored, said
+    other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
+    if not isinstance(other, torch.Tensor) or other.shape != values.shape:
+        return None
+    said = mixed_recorders_note(other, getattr(source, "csl_count", None))
+    counts = getattr(source, "eval_count", None)
+    scored = counts > 0 if isinstance(counts, torch.Tensor) else None
+    if scored is None or not from_eval_pass(score, int(bool(scored.any()))):
+        scored = None
+    return other, scored, said
 
 
 def _without_other_loss(

@@ -352,12 +352,22 @@ def corrupted_targets(
         with a warning (an overflowed score), and held-out samples an eval pass scored
         (``eval_csl`` of a :func:`csl_fast.scores` mapping, which keeps the tracker's
         ``csl_count``) beside trained ones, with a note (``diagnostics["held_out"]``), as
-        :func:`csl_fast.detect.mislabeled` leaves them out.
+        :func:`csl_fast.detect.mislabeled` leaves them out. In a tracker that
+        :func:`csl_fast.accumulate` and another recorder both fed (or its
+        :func:`csl_fast.scores` mapping), the samples without softmax statistics get no
+        score either, as there, with the note and warning saying so: their CSL is
+        another loss's, on its own scale (:func:`csl_fast.scores.mixed_recorders`).
     """
-    from .detect import _length_bias, _trained, default_score
+    from .detect import _length_bias, _other_recorder, _trained, _without_other_loss, default_score
 
     values, name = _loss_score(source, default_score(source) if score is None else score)
-    caveat = _length_bias(source, name)
+    other, scored, mixed = _other_recorder(source, values, name) or (None, None, None)
+    if mixed is not None:
+        # a tracker that accumulate also fed (or its csl_fast.scores mapping): ranked with
+        # the cross-entropy samples, the other loss's, on its own scale, were all 92
+        # flagged without a word; as detect.mislabeled, they get no score, and a note
+        values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
+    caveat = "; ".join(filter(None, [mixed, _length_bias(source, name)])) or None
     why = _no_score(source, "csl_fast.record_loss or csl_fast.accumulate_bce")
     # (held-out samples an eval pass scored, as detect.mislabeled leaves them out: a
     # loss-only run flagged 94 of them among its 97 and 3 of 10 corrupted targets)

@@ -174,6 +174,37 @@ def test_never_presented_samples_rank_last_and_are_never_flagged():
     assert torch.equal(mean.flagged, det.flagged)  # equal counts: the same order
 
 
+def _mixed_tracker():
+    """Cross entropy into samples 0-199 and another loss, on its own scale, into 200-299."""
+    torch.manual_seed(0)
+    tracker = csl_fast.CSLTracker(300, num_classes=3)
+    for _ in range(3):
+        logits, target = torch.randn(200, 3), torch.randint(0, 3, (200,))
+        csl_fast.accumulate(logits, target, torch.arange(200), tracker)
+        csl_fast.record_loss(100 * torch.rand(100), torch.arange(200, 300), tracker)
+        tracker.end_epoch()
+    return tracker
+
+
+def test_the_other_recorders_samples_of_a_mixed_tracker_get_no_score():
+    # ranked with the cross-entropy samples, the other loss's samples were all 92 flagged,
+    # without a word, where the README promises they get no score, said in note and warning
+    tracker = _mixed_tracker()
+    no_score = "the detection gives them no score from training: they are not ranked"
+    for kwargs in ({}, {"rule": "fraction", "fraction": 0.2}):
+        with pytest.warns(DetectionWarning, match="100 of 300 samples were recorded without"):
+            det = corrupted_targets(tracker, **kwargs)
+        assert not det.flagged[200:].any() and torch.isnan(det.scores[200:]).all()
+        assert set(det.ranking[200:].tolist()) == set(range(200, 300))  # ranked last
+        assert no_score in det.diagnostics["note"] and no_score in det.warning
+    assert len(det) == 60  # (a fraction of all 300, as for samples never presented)
+    with pytest.warns(RuntimeWarning, match="without softmax statistics"):
+        scores = csl_fast.scores(tracker)
+    with pytest.warns(DetectionWarning, match=no_score):
+        det = corrupted_targets(scores, "csl", rule="fraction", fraction=0.2)
+    assert not det.flagged[200:].any() and len(det) == 60
+
+
 def test_fraction_and_threshold_rules():
     values, _ = _scores(n=1000, bad=10)
     det = corrupted_targets(values, rule="fraction", fraction=0.05)
