@@ -14,7 +14,6 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from typing import Any, TextIO
 
 from . import atomic_file, huge_pages
@@ -770,33 +769,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             EXIT_DEPENDENCY,
         )
     if args.quiet:
-        with _stderr_fd_silenced():
+        from .bench.harness import stderr_fd_silenced
+
+        with stderr_fd_silenced():
             text = run_short(device=args.device, quiet=True)
     else:
         text = _bench_verbose(run_short, args.device)
     print(text)
     return EXIT_OK
-
-
-@contextlib.contextmanager
-def _stderr_fd_silenced() -> Iterator[None]:
-    """Point file descriptor 2 at /dev/null for the block.
-
-    The CPU memory probe runs torch's profiler, whose Kineto backend logs
-    ``profiler_start``/``profiler_stop`` lines from C++ straight to fd 2, past
-    ``sys.stderr``; only the descriptor itself can silence them. An exception raised
-    inside still propagates and is reported by ``main`` after fd 2 is restored.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _bench_verbose(run_short: Any, device: str | None) -> str:

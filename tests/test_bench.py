@@ -5,6 +5,7 @@ reports render. Tiny sizes and budgets: these tests check the code, not the spee
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -535,3 +536,14 @@ def test_a_linear_cross_entropy_candidate_that_records_no_csl_is_shown_wrong(mon
     case = bench_lm.LinearCECase(64, 16, 128, "cpu", compile=False, liger=False)
     _, wrong = case.check(bench_lm.OURS)
     assert wrong is not None and wrong.startswith("CSL off by")
+
+
+def test_the_cpu_memory_probe_keeps_the_profilers_log_off_stderr(capfd):
+    """torch's profiler logs profiler_start/profiler_stop from C++ to fd 2: `csl-fast
+    bench` without -q printed 24 such lines among its 5 status lines."""
+    from csl_fast.bench.harness import extra_peak_bytes
+
+    assert extra_peak_bytes(lambda: torch.ones(1000).sum(), "cpu") is not None
+    assert "profiler" not in capfd.readouterr().err
+    print("still here", file=sys.stderr)  # fd 2 restored afterwards
+    assert capfd.readouterr().err == "still here\n"

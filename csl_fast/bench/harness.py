@@ -3,11 +3,14 @@ input-buffer rotation, extra peak memory, and the units and row fields every sec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -212,7 +215,12 @@ def extra_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int |
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # (its Kineto backend logs profiler_start/profiler_stop lines from C++ to fd 2:
+        # 24 of the 33 lines csl-fast bench wrote to stderr)
+        with (
+            stderr_fd_silenced(),
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+        ):
             fn()
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:
@@ -225,6 +233,23 @@ def extra_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int |
             cur += e.nbytes()
             peak = max(peak, cur)
     return int(peak)
+
+
+@contextlib.contextmanager
+def stderr_fd_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null for the block: C++ code that logs straight to
+    it, past ``sys.stderr`` (torch's profiler), is silenced only there. An exception raised
+    inside still propagates, after fd 2 is restored."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _stat_fields(s: Stats) -> dict:
