@@ -228,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         "conflicting-label duplicate pairs, tracking CSL; print the detection table, clean the "
         "flagged samples and retrain once (clean-test accuracy: noisy, cleaned, true labels), "
         "the tracking overhead and the top suspicious samples; write a report folder, a saved "
-        "tracker and the cleaning plan. About a minute on 2 CPU cores with the defaults.",
+        "tracker and the cleaning plan. Under half a minute on 2 idle CPU cores with the defaults "
+        "(22 s with imports, benchmarks/results/demo-cpu-2026-12-05.md); longer on a busy "
+        "machine.",
     )
     p.add_argument(
         "--samples",
