@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -423,12 +423,24 @@ def check_writable(op: str, name: str, buf: torch.Tensor) -> None:
         )
 
 
-def signed_index(index: torch.Tensor, op: str, num_samples: int, **to: Any) -> torch.Tensor:
-    """``index`` as int64 (``to``: the device and ``non_blocking`` of the copy), for APIs
-    that take unsigned indices. A uint64 value past 2**63 - 1 wraps to a negative one,
-    which the range check then named (``index[1] = -9223372036854775803``): refused here
-    as given (one read of the values, for uint64 only)."""
-    signed = index.to(dtype=torch.int64, **to)
+def copy_to(
+    tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``tensor.to(device, dtype)``, asynchronous only where ``device`` is not the CPU: a
+    GPU-to-host copy with ``non_blocking=True`` may not have landed when the host reads
+    it (nothing here synchronises), and the host then read stale indices or targets."""
+    device = torch.device(device)
+    return tensor.to(device, dtype, non_blocking=device.type != "cpu")
+
+
+def signed_index(
+    index: torch.Tensor, op: str, num_samples: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """``index`` as int64 (on ``device``, if given), for APIs that take unsigned indices.
+    A uint64 value past 2**63 - 1 wraps to a negative one, which the range check then
+    named (``index[1] = -9223372036854775803``): refused here as given (one read of the
+    values, for uint64 only)."""
+    signed = copy_to(index, index.device if device is None else device, torch.int64)
     if index.dtype == torch.uint64 and bool((signed < 0).any()):
         i = int((signed < 0).nonzero()[0, 0])
         raise IndexError(

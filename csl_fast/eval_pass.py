@@ -13,6 +13,7 @@ from .accumulate_checks import (
     _LOGIT_DTYPES,
     _check_values,
     adopt_classes,
+    copy_to,
     match_tracker_classes,
     signed_index,
     validate_by_default,
@@ -169,7 +170,7 @@ def score_epoch(
                 match_tracker_classes("score_epoch", tracker, logits.shape[1])
                 logits = logits.to(tracker.device)
                 # a custom collate_fn may give lists; torch.as_tensor keeps a tensor as is
-                y = torch.as_tensor(y).to(tracker.device, non_blocking=True)
+                y = copy_to(torch.as_tensor(y), tracker.device)
                 # (int16 passed here, and the kernel blamed class-probability targets)
                 if y.dtype not in (torch.int64, torch.int32, torch.uint8):
                     # the reference's .long() truncated 1.7 to class 1
@@ -190,8 +191,7 @@ def score_epoch(
                     )
                 # uint16/32/64: the range check's comparisons are not implemented for them
                 # ("lt_cpu" not implemented for 'UInt64', a raw NotImplementedError)
-                index = signed_index(index, "score_epoch", tracker.num_samples)
-                index = index.to(tracker.device, non_blocking=True)
+                index = signed_index(index, "score_epoch", tracker.num_samples, tracker.device)
                 check = validate
                 if check is None:
                     name = resolve_backend(tracker.backend, logits.device, logits.dtype)
@@ -275,7 +275,7 @@ def _default_unpack(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:
 
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
+        return copy_to(x, device)
     if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple, as collate keeps it

@@ -289,7 +289,9 @@ def watch(
     scale = float(x.shape[0]) if reduction_scale is None else _host_scale(reduction_scale)
     if reduction_scale is None and not getattr(tracker, "_watched_at_default_scale", False):
         tracker._watched_at_default_scale = True  # (CSLTracker: read by CSLCallback)
-    index = index.to(tracker.device, non_blocking=True)
+    from .accumulate_checks import copy_to
+
+    index = copy_to(index, tracker.device)
 
     def hook(grad: torch.Tensor) -> None:
         _record(grad, index, tracker, scale, valid, validate=False if checked else None)

@@ -781,9 +781,7 @@ class CSLTracker(TrackerStatistics):
                 or validate_by_default(self.device, _ext.resolve_backend(self.backend, self.device))
             )
         # int64 first: comparisons of uint16/32/64 are not implemented on the CPU
-        index = signed_index(
-            index, "CSLTracker", self.num_samples, device=self.device, non_blocking=True
-        )
+        index = signed_index(index, "CSLTracker", self.num_samples, device=self.device)
         if validate:
             _check_values(None, index, 0, self.num_samples, 0, "CSLTracker", tracker=True)
         return index

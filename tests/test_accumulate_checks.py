@@ -293,3 +293,30 @@ def test_compiled_calls_check_ranges_on_the_cpu(case):
     with pytest.raises(RuntimeError, match=match):
         compiled(csl, torch.tensor([0, 1, 9]), bad_rows)
     assert torch.equal(csl, written)
+
+
+class _NonBlocking(torch.overrides.TorchFunctionMode):
+    """Records the ``non_blocking`` argument of every ``Tensor.to`` call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.to:
+            self.seen.append(kwargs.get("non_blocking", False))
+        return func(*args, **kwargs)
+
+
+def test_copies_to_the_host_are_synchronous():
+    # A GPU-to-host copy with non_blocking=True may not have landed when the host reads
+    # it (the range checks, the CPU kernels): only copies to a GPU may be asynchronous.
+    n, c = 6, 3
+    x, y, index = torch.randn(n, c), torch.arange(n) % c, torch.arange(n)
+    tracker = csl_fast.CSLTracker(n, c)
+    with _NonBlocking() as mode:
+        csl_fast.score_epoch(torch.nn.Identity(), [(x, y, index)], tracker)
+        watched = tracker.watch(x.clone(), index)
+        csl_fast.accumulate(watched, y, index, tracker).backward()
+    assert mode.seen and not any(mode.seen)
