@@ -125,12 +125,7 @@ def score_epoch(
     _warn_of_the_loader(loader, tracker)
     batches: Iterable[Batch] = loader
     if progress:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as exc:
-            raise ImportError(
-                "csl_fast.score_epoch(progress=True) needs tqdm: pip install tqdm"
-            ) from exc
+        tqdm = progress_bar("csl_fast.score_epoch")
         batches = tqdm(loader, desc=f"eval pass {tracker.eval_passes}", leave=False)
     from . import ops
     from ._ext import resolve_backend
@@ -254,6 +249,16 @@ def score_epoch(
 def _eval_buffers(tracker: CSLTracker) -> list[str]:
     """The buffers an eval pass writes: ``eval_*`` (with ``history``, the pass's sums)."""
     return [n for n in buffer_kinds(tracker.history, False) if n.startswith("eval_")]
+
+
+def progress_bar(fn: str) -> Any:
+    """``tqdm.auto.tqdm``, or an ImportError that says how to get it (not the bare
+    ModuleNotFoundError of an optional dependency)."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(f"{fn}(progress=True) needs tqdm: pip install tqdm") from exc
+    return tqdm
 
 
 def _default_unpack(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:

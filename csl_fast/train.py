@@ -33,7 +33,7 @@ from torch import nn
 from ._args import int64_labels, integer, integer_labels
 from ._args import seed as seed_arg
 from .accumulate import accumulate
-from .eval_pass import score_epoch
+from .eval_pass import progress_bar, score_epoch
 from .model_modes import eval_mode
 from .tracker import CSLTracker
 
@@ -43,16 +43,22 @@ __all__ = ["TrainResult", "mlp", "predict", "train"]
 def mlp(
     in_features: int,
     num_classes: int,
-    hidden: Sequence[int] = (256, 256),
+    hidden: int | Sequence[int] = (256, 256),
     *,
     dropout: float = 0.0,
     seed: int | None = None,
 ) -> nn.Sequential:
     """A ReLU multilayer perceptron ``in -> hidden... -> num_classes`` (flattens its input).
 
-    No BatchNorm (it would couple the samples of a batch and break per-sample input
-    gradients). ``seed`` seeds the initialisation without touching the global RNG.
+    ``hidden``: the widths of the hidden layers (an int: one layer). ``dropout``: the
+    probability in ``[0, 1)`` of a Dropout after each hidden layer (0: none). No BatchNorm
+    (it would couple the samples of a batch and break per-sample input gradients).
+    ``seed`` seeds the initialisation without touching the global RNG.
     """
+    if isinstance(hidden, numbers.Integral):  # ("'int' object is not iterable")
+        hidden = (int(hidden),)
+    # a negative or NaN one built no Dropout, silently
+    dropout = _real("csl_fast.train.mlp", "dropout", dropout, "probability in [0, 1)", 1)
     if seed is None:
         return _mlp(in_features, num_classes, hidden, dropout)
     seed = seed_arg("csl_fast.train.mlp", seed)
@@ -164,7 +170,9 @@ def train(
     epochs = integer("csl_fast.train", "epochs", epochs, low=0)
     seed = seed_arg("csl_fast.train", seed)  # torch's "an integer is required" for np.int64
     batch_size = integer("csl_fast.train", "batch_size", batch_size, low=1)
-    input_noise = _std("input_noise", input_noise)
+    input_noise = _real("csl_fast.train", "input_noise", input_noise, "std >= 0 (0: no noise)")
+    # a NaN one trained the weights into NaN, and the tracker skipped every loss
+    lr = _real("csl_fast.train", "lr", lr, "learning rate >= 0")
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -192,6 +200,13 @@ def train(
             "input_grads=False, or in your own loop watch the first floating-point tensor "
             "made from them: x = tracker.watch(model.embed(tokens), idx)"
         )
+    if input_noise > 0 and not x.is_floating_point():
+        # (torch's "normal_kernel_cpu" not implemented for 'Long', at the first step)
+        raise TypeError(
+            f"csl_fast.train: input_noise={input_noise} needs floating-point inputs, got x "
+            f"of dtype {x.dtype}: integer inputs (token ids) take no Gaussian noise. Train "
+            "with input_noise=0"
+        )
     if tracker is not None and tracker.num_samples != x.shape[0]:
         raise ValueError(
             f"csl_fast.train: the tracker has {tracker.num_samples} samples but x has "
@@ -218,8 +233,7 @@ def train(
     result = TrainResult()
     epochs_iter: range | object = range(epochs)
     if progress:
-        from tqdm.auto import tqdm
-
+        tqdm = progress_bar("csl_fast.train")
         desc = progress if isinstance(progress, str) else "train"
         epochs_iter = tqdm(range(epochs), desc=desc, leave=False)
     # Dropout draws its masks from the global generators: seeded here (and given back
@@ -325,14 +339,13 @@ def _targets(y: torch.Tensor, tracker: CSLTracker | None) -> torch.Tensor:
     return int64_labels("csl_fast.train", y)  # (uint64 past int64: refused, not wrapped)
 
 
-def _std(name: str, value: object) -> float:
-    """A finite std >= 0 as a float: a Python or NumPy number or a 0-d tensor; a negative
-    or NaN one trained without noise, silently, and True as a std of 1."""
+def _real(fn: str, name: str, value: object, what: str, below: float = math.inf) -> float:
+    """A number in ``[0, below)`` as a float: a Python or NumPy number or a 0-d tensor; a
+    negative or NaN std trained without noise, silently, and True as a std of 1."""
     v = value.item() if isinstance(value, torch.Tensor) and value.dim() == 0 else value
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < math.inf:
-        raise ValueError(
-            f"csl_fast.train: {name} must be a finite std >= 0 (0: no noise), got {value!r}"
-        )
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < below:
+        finite = "finite " if below == math.inf else ""
+        raise ValueError(f"{fn}: {name} must be a {finite}{what}, got {value!r}")
     return float(v)
 
 

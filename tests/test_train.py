@@ -1,6 +1,7 @@
 """csl_fast.train: seeded, tracked training loop over tensors."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -224,6 +225,41 @@ def test_input_grads_of_integer_inputs_refused_before_training():
         train(model, tokens, torch.arange(6) % 3, epochs=1, tracker=tracker, input_grads=True)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert not bool(tracker.csl_count.any())
+
+
+def test_input_noise_on_integer_inputs_refused_before_training():
+    # torch's "normal_kernel_cpu" not implemented for 'Long' came from the first step
+    tokens = torch.randint(0, 10, (6, 5), generator=torch.Generator().manual_seed(0))
+    nn = torch.nn
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(20, 3))
+    with pytest.raises(TypeError, match=r"input_noise=0\.1 needs floating-point inputs"):
+        train(model, tokens, torch.arange(6) % 3, epochs=1, input_noise=0.1)
+    train(model, tokens, torch.arange(6) % 3, epochs=1)  # (without noise they train)
+
+
+def test_progress_without_tqdm_says_how_to_get_it(monkeypatch):
+    # a bare ModuleNotFoundError, where score_epoch said what to install
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    x, y = _data()
+    with pytest.raises(ImportError, match=r"train\(progress=True\) needs tqdm: pip install tqdm"):
+        train(mlp(4, 3), x, y, epochs=1, progress=True)
+
+
+def test_learning_rates_and_mlp_arguments_are_checked():
+    x, y = _data()
+    # a NaN rate trained the weights into NaN; a string failed in torch's words
+    for lr in (math.nan, -0.1, math.inf, "0.1", None):
+        with pytest.raises(ValueError, match=r"lr must be a finite learning rate >= 0"):
+            train(mlp(4, 3), x, y, epochs=1, lr=lr)
+    train(mlp(4, 3), x, y, epochs=1, lr=np.float32(0.1))
+    # a negative or NaN dropout built no Dropout, silently
+    for p in (-0.5, math.nan, 1.0, "0.5"):
+        with pytest.raises(ValueError, match=r"mlp: dropout must be a probability in \[0, 1\)"):
+            mlp(4, 3, dropout=p)
+    # an int is one hidden layer ("'int' object is not iterable")
+    widths = [m.out_features for m in mlp(4, 3, hidden=16) if isinstance(m, torch.nn.Linear)]
+    assert widths == [16, 3]
 
 
 def test_class_probability_targets_train():
