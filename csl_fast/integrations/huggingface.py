@@ -101,7 +101,8 @@ def with_index(dataset: Any, column: str = "index") -> Any:
         ValueError: the dataset already has ``column``.
         TypeError: a torch dataset whose examples are not dicts (tuples failed later,
             inside the ``Trainer``'s collator, with "vars() argument must have __dict__
-            attribute").
+            attribute"), or one without ``__len__`` or iterable-style (no dataset size
+            ``N``, as :class:`~csl_fast.data.IndexedDataset` says).
     """
     if column in getattr(dataset, "column_names", ()):
         raise ValueError(f"with_index: the dataset already has a {column!r} column")
@@ -109,9 +110,10 @@ def with_index(dataset: Any, column: str = "index") -> Any:
         return dataset.add_column(column, list(range(len(dataset))))
     from ..data import IndexedDataset
 
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        return IndexedDataset(dataset, index_key=column)  # (which says why it cannot be)
-    first = dataset[0] if len(dataset) else {}
+    # (IndexedDataset says why an IterableDataset, or one without __len__, cannot be:
+    # len() here raised a bare "object of type 'X' has no len()")
+    indexed = IndexedDataset(dataset, index_key=column)
+    first = dataset[0] if len(indexed) else {}
     if not isinstance(first, Mapping):
         raise TypeError(
             f"with_index: the Trainer's data collators take examples that are dicts (keys "
@@ -119,7 +121,7 @@ def with_index(dataset: Any, column: str = "index") -> Any:
             "dicts from the dataset's __getitem__ (for a plain PyTorch loop, wrap it in "
             "csl_fast.data.IndexedDataset, which adds the index to tuples)"
         )
-    return IndexedDataset(dataset, index_key=column)
+    return indexed
 
 
 # Config settings by which models rescale or soft-cap the LM head's logits (Gemma 2/3's

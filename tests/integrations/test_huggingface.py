@@ -514,6 +514,14 @@ def test_with_index_refuses_examples_that_are_not_dicts():
     with pytest.raises(TypeError, match="an IterableDataset has no stable sample indices"):
         with_index(Stream())
 
+    class NoLen:
+        def __getitem__(self, i):
+            return {"a": i}
+
+    # (len() raised a bare "object of type 'NoLen' has no len()")
+    with pytest.raises(TypeError, match="NoLen has no __len__; csl_fast needs the dataset size"):
+        with_index(NoLen())
+
 
 def test_the_index_hint_names_index_columns_only():
     # 'label_idx' and 'token_index' were offered as csl_index_column: indices of other things
