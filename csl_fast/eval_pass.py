@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -281,6 +282,13 @@ def _default_unpack(batch: Batch) -> tuple[Any, torch.Tensor, torch.Tensor]:
 def _to(x: Any, device: torch.device) -> Any:
     if isinstance(x, torch.Tensor):
         return copy_to(x, device)
+    if isinstance(x, MutableMapping):
+        # a copy keeps the type: a transformers BatchEncoding (a UserDict) turned into a
+        # plain dict lost the attribute access (enc.input_ids) its model reads
+        out = copy.copy(x)
+        for k, v in x.items():
+            out[k] = _to(v, device)
+        return out
     if isinstance(x, Mapping):
         return {k: _to(v, device) for k, v in x.items()}
     if isinstance(x, tuple) and hasattr(x, "_fields"):  # a namedtuple, as collate keeps it

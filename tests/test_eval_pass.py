@@ -283,6 +283,33 @@ def test_a_namedtuple_input_reaches_the_model_as_one():
     assert tracker.eval_passes == 1 and tracker.eval_count.tolist() == [1.0] * 9
 
 
+def test_a_mapping_input_keeps_its_type():
+    """A transformers BatchEncoding (a UserDict read by attribute) reached the model as a
+    plain dict: AttributeError 'dict' object has no attribute 'input_ids'."""
+    import collections
+
+    class Encoding(collections.UserDict):
+        def __getattr__(self, key):
+            try:
+                return self.data[key]
+            except KeyError:
+                raise AttributeError(key) from None
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(5, 3)
+
+        def forward(self, enc):
+            return self.fc(enc.input_ids)
+
+    x, y, batches = _batches()
+    tracker = CSLTracker(9, 3)
+    loader = [(Encoding(input_ids=x[i]), y[i], i) for _, _, i in batches]
+    csl_fast.score_epoch(Net(), loader, tracker)
+    assert tracker.eval_passes == 1 and tracker.eval_count.tolist() == [1.0] * 9
+
+
 def test_a_sequence_models_token_logits_get_their_own_message():
     class Tokens(torch.nn.Module):
         def forward(self, x):
