@@ -637,7 +637,13 @@ def _other_recorder(
     recorders (:func:`csl_fast.scores.mixed_recorders` says ``said``) or of its
     :func:`csl_fast.scores` mapping, which keeps ``other_loss``; None for any other
     source. ``scored``: the samples whose ``score`` (of ``values``) an eval pass gave."""
-    from .scores import from_eval_pass, mixed_recorders, mixed_recorders_note, other_loss
+    from .scores import (
+        eval_is_latest,
+        from_eval_pass,
+        mixed_recorders,
+        mixed_recorders_note,
+        other_loss,
+    )
     from .tracker import CSLTracker
 
     if isinstance(source, CSLTracker):
@@ -645,7 +651,8 @@ def _other_recorder(
         if said is None:
             return None
         # (a score an eval pass gave them is cross-entropy on the given label, as the others')
-        scored = source.eval_count > 0 if from_eval_pass(score, source.eval_passes) else None
+        latest = eval_is_latest(source)
+        scored = source.eval_count > 0 if from_eval_pass(score, latest) else None
         return other_loss(source), scored, said
     other = getattr(source, "other_loss", None)  # csl_fast.scores of a mixed tracker
     if not isinstance(other, torch.Tensor) or other.shape != values.shape:
@@ -653,7 +660,9 @@ def _other_recorder(
     said = mixed_recorders_note(other, getattr(source, "csl_count", None))
     counts = getattr(source, "eval_count", None)
     scored = counts > 0 if isinstance(counts, torch.Tensor) else None
-    if scored is None or not from_eval_pass(score, int(bool(scored.any()))):
+    # (Scores pickled before eval_latest was kept: the last pass is the latest)
+    latest = scored is not None and bool(scored.any()) and getattr(source, "eval_latest", True)
+    if not from_eval_pass(score, latest):
         scored = None
     return other, scored, said
 

@@ -301,6 +301,9 @@ _FIELDS = (
 _CALLS = {1: "sync()", 2: "mark_synced()", 3: "end_epoch()"}
 _IGFE = len(_FIELDS)  # input_grad_first_epoch rides along: it may differ (the minimum wins)
 _SEQUENCES = _IGFE + 1  # so does the sequences flag (a rank that saw a sequence sets it)
+# and whether the rank trained after its last eval pass (_eval_code: any rank that did wins)
+_EVAL_LATEST = _SEQUENCES + 1
+_EVAL_UNKNOWN, _EVAL_CURRENT, _EVAL_STALE = 0, 1, 2
 
 
 def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
@@ -328,7 +331,29 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
         *totals,
         tracker.input_grad_first_epoch,
         int(tracker.sequences),
+        _EVAL_UNKNOWN if meta else _eval_code(tracker),
     ]
+
+
+def _eval_code(tracker: CSLTracker) -> int:
+    """Whether this rank recorded training after its last eval pass (one host read)."""
+    at = tracker.eval_pass_presentations
+    if not tracker.eval_passes or at is None:
+        return _EVAL_UNKNOWN
+    return _EVAL_STALE if float(tracker.csl_count.sum(dtype=torch.float64)) > at else _EVAL_CURRENT
+
+
+def _set_eval_presentations(tracker: CSLTracker, codes: list[int]) -> None:
+    """``eval_pass_presentations`` after a sync (each rank's counted only its own
+    presentations): the global total where every rank's last eval pass came after its
+    training, 0 where a rank trained after its pass (the model every rank shares moved
+    since), None where a rank does not know."""
+    if _EVAL_STALE in codes:
+        tracker.eval_pass_presentations = 0.0
+    elif _EVAL_UNKNOWN in codes:
+        tracker.eval_pass_presentations = None
+    else:
+        tracker.eval_pass_presentations = float(tracker.csl_count.sum(dtype=torch.float64))
 
 
 def _checksum(tracker: CSLTracker) -> int:
@@ -607,6 +632,7 @@ def _combine(tracker: CSLTracker, group: Any, timeout: float | None, call: int) 
     table = _agree(tracker, group, call, state is not None, timeout)
     igfes = [v for v in table[:, _IGFE].tolist() if v >= 0]
     sequences = bool(table[:, _SEQUENCES].any())
+    eval_codes = table[:, _EVAL_LATEST].tolist()
     if tracker.__dict__.get(_LOADED_ATTR, False):  # the same on every rank (fingerprint)
         raise SyncError(
             "csl_fast.distributed.sync: this tracker was loaded (load, load_state_dict or "
@@ -761,6 +787,7 @@ def _combine(tracker: CSLTracker, group: Any, timeout: float | None, call: int) 
     if igfes:
         tracker.input_grad_first_epoch = min(igfes)
     tracker.sequences = sequences
+    _set_eval_presentations(tracker, eval_codes)
 
     n_unsure = int(unsure.sum())
     if n_unsure:

@@ -89,6 +89,9 @@ def merge(
           counts show it (fewer presentations, eval passes or input-gradient records of a
           sample than runs times its rows); merge every run's own tracker in one call for
           exact rows;
+        - ``eval_pass_presentations`` is the runs' sum (a run's whole count total where
+          it made no eval pass): the merge reads as trained after its last eval pass,
+          and its ``final_loss`` comes from training, where any run was;
         - ``sequences`` is set when any run recorded sequences (runs that recorded one
           row per sample cannot be merged with them: the counts' units differ);
         - ``backend`` and ``deterministic`` are those of the :class:`CSLTracker` inputs
@@ -220,12 +223,29 @@ def merge(
         histories=histories,
         epoch=max(t.epoch for t in runs),
         eval_passes=max(t.eval_passes for t in runs),
+        eval_pass_presentations=_presentations_at_eval(runs),
         input_grad_first_epoch=igfe,
         sequences=any(t.sequences for t in runs),
         runs=sum(t.runs for t in runs),
     )
     out.load_state_dict(state)
     return out
+
+
+def _presentations_at_eval(runs: list[CSLTracker]) -> float | None:
+    """The merge's ``eval_pass_presentations``: the runs' summed as their counts are, a
+    run's whole total standing in where it made no pass or its value is unknown, so that
+    the merge reads as trained after its last eval pass where any run does (its
+    final_loss then comes from training for every run: the eval values are one mean over
+    the runs); None where no run knows."""
+    if all(t.eval_pass_presentations is None for t in runs):
+        return None
+    return sum(
+        float(t.csl_count.sum(dtype=torch.float64))
+        if t.eval_pass_presentations is None
+        else t.eval_pass_presentations
+        for t in runs
+    )
 
 
 def _refuse_mixed_kinds(runs: list[CSLTracker]) -> None:

@@ -359,8 +359,12 @@ def _agreement(tracker: CSLTracker, shown: np.ndarray) -> tuple[np.ndarray, str]
     An eval pass (:func:`csl_fast.score_epoch`) may score a subset: the samples it did not
     score were coloured by its default ``eval_last_correct`` (False), as disagreeing.
     """
+    from .scores import eval_is_latest
+
     correct = tracker.last_correct.cpu().numpy().astype(bool)
     scored = (tracker.eval_count > 0).cpu().numpy() & shown
+    if not eval_is_latest(tracker):  # training went on after it: an older model's word
+        scored[:] = False
     if scored.any():
         correct = np.where(scored, tracker.eval_last_correct.cpu().numpy().astype(bool), correct)
     k, n = int(scored.sum()), int(shown.sum())

@@ -104,9 +104,9 @@ SCORES: dict[str, ScoreInfo] = {
         "eval",
     ),
     "final_loss": ScoreInfo(
-        "loss at the last eval pass that scored the sample, once the tracker has any eval "
-        "pass (the final model, clean input; NaN for a sample no pass scored), else at the "
-        "last training presentation",
+        "loss at the last eval pass that scored the sample, where no training was recorded "
+        "after that pass (the final model, clean input; NaN for a sample no pass scored), "
+        "else at the last training presentation (the model of that step)",
         "not fitted by the final model",
         "train",
     ),
@@ -139,8 +139,9 @@ SCORES: dict[str, ScoreInfo] = {
         "logits",
     ),
     "in_confidence": ScoreInfo(
-        "1 - max softmax probability of the final model (last eval pass if any, else last "
-        "training presentation), as the authors' 'In Conf.'",
+        "1 - max softmax probability of the final model, as the authors' 'In Conf.': at the "
+        "last eval pass where no training was recorded after it, else at the last training "
+        "presentation",
         "the final model is unsure",
         "logits",
     ),
@@ -173,9 +174,9 @@ _SEQUENCE_FORMULAS = {
     "(in-training CSL; it grows with the sequence's length)",
     "csl_mean": "tracker.csl_mean: CSL / number of supervised tokens presented (the mean "
     "token loss)",
-    "final_loss": "loss at the last eval pass that scored the sample, once the tracker has "
-    "any eval pass, else the sum of the sequence's token losses at its last training "
-    "presentation",
+    "final_loss": "loss at the last eval pass that scored the sample, where no training was "
+    "recorded after that pass, else the sum of the sequence's token losses at its last "
+    "training presentation",
 }
 
 
@@ -205,7 +206,7 @@ def recorded_names(tracker: CSLTracker) -> list[str]:
         n
         for n, info in SCORES.items()
         if not info.two_sided
-        and (_has(tracker, info.needs) or (n in _EVAL_FIRST and tracker.eval_passes > 0))
+        and (_has(tracker, info.needs) or (n in _EVAL_FIRST and eval_is_latest(tracker)))
     ]
 
 
@@ -227,24 +228,35 @@ def diverged_reason(tracker: CSLTracker) -> str | None:
     )
 
 
-# Read from the last eval pass once the tracker has one, whatever training recorded: a
-# tracker fed by score_epoch alone (a trained model scored) or by record_loss (no logits)
-# left them out of the default set.
+# Read from the last eval pass where no training was recorded after it, whatever training
+# recorded before: a tracker fed by score_epoch alone (a trained model scored) or by
+# record_loss (no logits) left them out of the default set.
 _EVAL_FIRST = ("final_loss", "in_confidence")
 
 
-def from_eval_pass(name: str, eval_passes: int) -> bool:
-    """Whether score ``name`` is read from the eval passes (of a tracker that made
-    ``eval_passes`` of them) where they scored a sample."""
+def eval_is_latest(tracker: CSLTracker) -> bool:
+    """Whether ``tracker``'s last eval pass scored its latest model: it made one, and no
+    training presentation was recorded after it (where that is unknown,
+    :attr:`CSLTracker.eval_pass_presentations` None, the pass is taken as the latest)."""
+    if tracker.eval_passes == 0:
+        return False
+    at = getattr(tracker, "eval_pass_presentations", None)  # (None in older pickles)
+    return at is None or float(tracker.csl_count.sum(dtype=torch.float64)) <= at
+
+
+def from_eval_pass(name: str, eval_latest: bool) -> bool:
+    """Whether score ``name`` is read from the eval passes where they scored a sample, in
+    a tracker whose last eval pass is (``eval_latest``, :func:`eval_is_latest`) or is not
+    its latest record of the model."""
     needs = SCORES[name].needs if name in SCORES else "train"
-    return needs == "eval" or (name in _EVAL_FIRST and eval_passes > 0)
+    return needs == "eval" or (name in _EVAL_FIRST and eval_latest)
 
 
 def unscored_reason(name: str, tracker: CSLTracker) -> str:
     """Why a sample of ``tracker`` has no value of score ``name`` (for messages about
     unranked samples): the source the score is read from never reached it."""
     needs = SCORES[name].needs if name in SCORES else "train"
-    if from_eval_pass(name, tracker.eval_passes):
+    if from_eval_pass(name, eval_is_latest(tracker)):
         return "never scored by an eval pass (csl_fast.score_epoch)"
     if needs.startswith("input_grad"):
         return "never had an input-gradient norm recorded (tracker.watch)"
@@ -266,11 +278,11 @@ def _has(tracker: CSLTracker, needs: str) -> bool:
     return recorded
 
 
-def _compute(tracker: CSLTracker, name: str) -> torch.Tensor:
+def _compute(tracker: CSLTracker, name: str, use_eval: bool) -> torch.Tensor:
+    """Score ``name``; ``use_eval``: final_loss and in_confidence from the last eval pass."""
     t = tracker
     nan = torch.full((t.num_samples,), float("nan"), dtype=t.dtype, device=t.device)
     presented = t.csl_count > 0
-    use_eval = t.eval_passes > 0
     if name == "csl":
         return torch.where(presented, t.csl, nan)
     if name == "csl_mean":
@@ -332,6 +344,7 @@ class Scores(dict[str, torch.Tensor]):
         self.sequences = bool(tracker.sequences)
         self.csl_count = tracker.csl_count.clone()  # of when the scores were taken
         self.eval_count = tracker.eval_count.clone()
+        self.eval_latest = eval_is_latest(tracker)  # (final_loss, in_confidence from it)
         self.losses_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
         other = other_loss(tracker)  # (kept when mixed_recorders would say something)
         self.other_loss = other if bool(other.any()) and has_logit_stats(tracker) else None
@@ -384,8 +397,21 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
     logits = has_logit_stats(tracker)
     nan = torch.full((tracker.num_samples,), math.nan, dtype=tracker.dtype, device=tracker.device)
 
+    use_eval = eval_is_latest(tracker)
+    if tracker.eval_passes and not use_eval and any(n in _EVAL_FIRST for n in chosen):
+        # (they came from the last pass however old it was: the untrained model's losses
+        # of a sanity-check pass made before training, as "the final model")
+        warnings.warn(
+            "csl_fast.scores: training was recorded after the last eval pass, which scored "
+            "an older model: final_loss and in_confidence come from the last training "
+            "presentations instead. Run csl_fast.score_epoch after the last epoch to score "
+            "the final model in eval mode",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     def softmax_based(name: str) -> bool:  # eval passes give in_confidence its own softmax
-        eval_conf = name == "in_confidence" and tracker.eval_passes > 0
+        eval_conf = name == "in_confidence" and use_eval
         return SCORES[name].needs == "logits" and not eval_conf
 
     if "threshold_learning_time" in chosen:
@@ -399,9 +425,9 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
             if softmax_based(name) and not logits:
                 out[name] = nan
             elif softmax_based(name) and with_logits is not None:
-                out[name] = torch.where(with_logits, _compute(tracker, name), nan)
+                out[name] = torch.where(with_logits, _compute(tracker, name, use_eval), nan)
             else:
-                out[name] = _compute(tracker, name)
+                out[name] = _compute(tracker, name, use_eval)
         return Scores(out, tracker)
 
 

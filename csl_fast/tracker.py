@@ -299,6 +299,12 @@ class CSLTracker(TrackerStatistics):
         self.epoch = 0
         #: Completed eval passes (:meth:`end_eval_pass` calls).
         self.eval_passes = 0
+        #: The training presentations (``csl_count``'s total) the tracker held when its
+        #: last eval pass ended, or None where that is unknown (no pass yet, a state saved
+        #: before this was kept, a merged run): :func:`csl_fast.scores` reads
+        #: ``final_loss`` and ``in_confidence`` from the last eval pass only while no
+        #: training was recorded after it (that pass scored an older model otherwise).
+        self.eval_pass_presentations: float | None = None
         #: First epoch with an input-gradient record (row 0 of :attr:`input_grad_history`),
         #: or -1 before any.
         self.input_grad_first_epoch = -1
@@ -887,6 +893,8 @@ class CSLTracker(TrackerStatistics):
             )
             self.eval_pass_loss_sum.zero_()
             self.eval_pass_count.zero_()
+        # (one host read per pass, none per training step)
+        self.eval_pass_presentations = float(self.csl_count.sum(dtype=torch.float64))
         self.eval_passes += 1
 
     # ---------------------------------------------------------------- state

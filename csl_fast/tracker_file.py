@@ -15,7 +15,8 @@ have the same layout and are read too) is::
 
 The header holds ``format``, ``version``, ``num_samples``, ``num_classes``, ``num_labels``
 (absent in files written before per-label buffers existed: read as ``None``), ``dtype``,
-``history``, ``epoch``, ``eval_passes``, ``input_grad_first_epoch``, ``sequences``
+``history``, ``epoch``, ``eval_passes``, ``eval_pass_presentations`` (absent in files
+written before it was kept: read as None, unknown), ``input_grad_first_epoch``, ``sequences``
 (absent in files written before the flag existed: read as ``False``), ``runs`` (absent in
 files written before merges counted their runs: read as 1), ``byteorder`` and
 ``tensors``: ``[name, dtype, shape]`` triples with names ``buffers/<name>`` and

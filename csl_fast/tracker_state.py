@@ -377,6 +377,16 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         if "runs" in state
         else 1
     )
+    # (absent in states written before it was kept, and None where unknown: the last eval
+    # pass is then taken as the latest record of the model, as before)
+    at_eval = state.get("eval_pass_presentations")
+    if at_eval is not None:
+        at_eval = _field(
+            state,
+            "eval_pass_presentations",
+            lambda v: isinstance(v, float | int) and not isinstance(v, bool) and 0 <= v < math.inf,
+            "a number >= 0 or None",
+        )
     buffers, histories = state.get("buffers"), state.get("histories")
     if not isinstance(buffers, Mapping) or not isinstance(histories, Mapping):
         raise TrackerStateError("the state lacks its buffers or histories")
@@ -461,6 +471,7 @@ def validate_state(tracker: CSLTracker, state: Any) -> dict[str, Any]:
         "histories": {k: histories[k] for k in HISTORIES},
         "epoch": epoch,
         "eval_passes": passes,
+        "eval_pass_presentations": None if at_eval is None else float(at_eval),
         "input_grad_first_epoch": igfe,
         "sequences": sequences,
         "runs": runs,
@@ -540,6 +551,7 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     tracker._histories = histories
     tracker.epoch = checked["epoch"]
     tracker.eval_passes = checked["eval_passes"]
+    tracker.eval_pass_presentations = checked["eval_pass_presentations"]
     tracker.input_grad_first_epoch = checked["input_grad_first_epoch"]
     tracker.sequences = checked["sequences"]
     tracker.runs = checked["runs"]
@@ -564,6 +576,7 @@ def state_dict(tracker: CSLTracker) -> dict[str, Any]:
         "history": tracker.history,
         "epoch": tracker.epoch,
         "eval_passes": tracker.eval_passes,
+        "eval_pass_presentations": tracker.eval_pass_presentations,
         "input_grad_first_epoch": tracker.input_grad_first_epoch,
         "sequences": tracker.sequences,
         "runs": tracker.runs,

@@ -39,6 +39,7 @@ from csl_fast.distributed import (
     training_mark,
 )
 from csl_fast.reference import REDUCTIONS
+from csl_fast.scores import eval_is_latest
 
 WORLD = 2
 C = 3
@@ -184,7 +185,9 @@ _VOTES = ("suggest_label", "suggest_votes", "suggest_hits")
 
 def _assert_same(state: dict, ref: CSLTracker, rank: int, votes: bool = True) -> None:
     want = ref.state_dict()
-    for key in ("epoch", "eval_passes", "input_grad_first_epoch", "num_samples"):
+    for key in (
+        "epoch", "eval_passes", "eval_pass_presentations", "input_grad_first_epoch", "num_samples"
+    ):  # fmt: skip
         assert state[key] == want[key], (rank, key)
     for name, buf in want["buffers"].items():
         if name in _VOTES and not votes:
@@ -312,6 +315,7 @@ def _mark_worker(rank: int, init: str, out: str):
     result = {
         "version moved": training_mark(t)[1] != mark[1],
         "after sync": recorded_since(t, mark),
+        "eval pass latest": eval_is_latest(t),
     }
     csl_fast.accumulate(torch.randn(1, C), torch.tensor([0]), torch.tensor([5]), t)
     result["after a recording"] = recorded_since(t, mark)
@@ -319,6 +323,23 @@ def _mark_worker(rank: int, init: str, out: str):
     csl_fast.accumulate(torch.randn(1, C), torch.tensor([1]), torch.tensor([4]), t)
     t.sync()
     result["recorded, then synced"] = recorded_since(t, mark)
+    result["eval pass latest after training"] = eval_is_latest(t)
+    # a pass after each rank's training, synced after it: each rank counted only its own
+    # presentations when its pass ended, fewer than the synced total
+    csl_fast.accumulate(torch.randn(1, C), torch.tensor([0]), torch.tensor([rank]), t)
+    csl_fast.score_epoch(
+        torch.nn.Identity(), [(z, torch.tensor([0, 1, 2]), torch.arange(3) + rank)], t
+    )
+    t.sync()
+    result["eval pass after unsynced training latest"] = eval_is_latest(t)
+    # one rank trains after a pass: the model every rank shares moved since
+    csl_fast.score_epoch(
+        torch.nn.Identity(), [(z, torch.tensor([0, 1, 2]), torch.arange(3) + rank)], t
+    )
+    if rank == 0:
+        csl_fast.accumulate(torch.randn(1, C), torch.tensor([0]), torch.tensor([5]), t)
+    t.sync()
+    result["eval pass latest after one rank trained"] = eval_is_latest(t)
     with open(os.path.join(out, f"mark{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
@@ -336,6 +357,10 @@ def test_a_sync_is_not_read_as_a_recording(tmp_path):
             "after sync": False,
             "after a recording": True,
             "recorded, then synced": True,
+            "eval pass latest": True,
+            "eval pass latest after training": False,
+            "eval pass after unsynced training latest": True,
+            "eval pass latest after one rank trained": False,
         }
 
 

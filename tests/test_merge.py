@@ -302,6 +302,30 @@ def test_runs_of_a_state_are_checked_and_default_to_one():
     assert t.runs == 1
 
 
+def _scored(t: CSLTracker) -> CSLTracker:
+    x, idx = torch.randn(N, C, generator=torch.Generator().manual_seed(5)), torch.arange(N)
+    csl_fast.score_epoch(torch.nn.Identity(), [(x, idx % C, idx)], t)
+    return t
+
+
+def test_a_merge_is_trained_after_its_last_eval_pass_where_a_run_was():
+    # (the merged final_loss came from the eval passes however old a run's was)
+    from csl_fast.scores import eval_is_latest
+
+    trained_after = _scored(_run(0))
+    csl_fast.accumulate(
+        torch.randn(2, C), torch.tensor([0, 1]), torch.tensor([0, 1]), trained_after
+    )
+    assert eval_is_latest(_scored(_run(1))) and not eval_is_latest(trained_after)
+    assert eval_is_latest(csl_fast.merge([_scored(_run(1)), _scored(_run(2)), _run(3)]))
+    assert not eval_is_latest(csl_fast.merge([_scored(_run(1)), trained_after]))
+    unknown = _scored(_run(1))
+    unknown.eval_pass_presentations = None  # (a file saved before it was kept)
+    merged = csl_fast.merge([unknown, _scored(_run(2))])
+    assert merged.eval_pass_presentations is not None and eval_is_latest(merged)
+    assert csl_fast.merge([unknown, _run(2)]).eval_pass_presentations is None
+
+
 def test_a_merge_of_runs_that_did_not_all_see_a_sample_merges_again():
     """Run A learns sample 0, B and B2 never see it, C gets it wrong. merge([A, B, B2])
     stands for 3 runs but one presentation of it: merging it with C added 3 forgetting

@@ -1070,6 +1070,19 @@ def test_data_map_of_one_epoch_says_why_every_variability_is_0(tmp_path):
     assert "variability is 0" not in caption
 
 
+def test_the_data_map_colours_by_training_that_went_on_after_the_eval_pass():
+    # the last eval pass coloured the map however old it was (a pass before training)
+    from csl_fast.report_figures import _agreement
+
+    idx = torch.arange(4)
+    tracker = csl_fast.CSLTracker(4, 3)
+    wrong = torch.nn.functional.one_hot((idx + 1) % 3, 3).float() * 5
+    csl_fast.score_epoch(torch.nn.Identity(), [(wrong, idx % 3, idx)], tracker)
+    csl_fast.accumulate(wrong.roll(-1, 1), idx % 3, idx, tracker)  # right in training
+    correct, caption = _agreement(tracker, np.ones(4, dtype=bool))
+    assert correct.all() and caption.endswith("at its last training presentation.")
+
+
 def test_log_axes_under_a_decade_are_ticked_in_plain_numbers(tmp_path, monkeypatch):
     """Counts of 1 to 4 and CSLs of 2 to 20 were ticked 2x10^0, 3x10^0, ...; the
     histograms of the report (the CSL histogram, the flagged set's) read 2, 3, 10, 20."""

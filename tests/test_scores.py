@@ -2,13 +2,14 @@
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import csl_fast
-from csl_fast.scores import SCORES, as_dataframe
+from csl_fast.scores import SCORES, as_dataframe, unscored_reason
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -238,6 +239,29 @@ def test_final_values_without_eval_pass_use_last_presentation():
     torch.testing.assert_close(s["final_loss"][:4], t.last_loss[:4])
     torch.testing.assert_close(s["in_confidence"][:4], 1 - t.last_max_prob[:4])
     assert bool(s["eval_csl"].isnan().all())
+
+
+def test_final_values_after_training_past_the_last_eval_pass_come_from_training():
+    """The last eval pass gave them however old it was: a sanity-check pass before
+    training, and scores() read the untrained model's losses as the final model's."""
+    t = csl_fast.CSLTracker(5, 3)
+    y, idx = torch.zeros(4, dtype=torch.long), torch.arange(4)
+    csl_fast.score_epoch(torch.nn.Identity(), [(torch.tensor([BAD] * 4), y, idx)], t)
+    csl_fast.accumulate(torch.tensor([GOOD] * 4), y, idx, t)
+    t.end_epoch()
+    with pytest.warns(RuntimeWarning, match=r"training was recorded after the last eval pass"):
+        s = csl_fast.scores(t)
+    assert "in_confidence" in s
+    torch.testing.assert_close(s["final_loss"][:4], t.last_loss[:4])
+    torch.testing.assert_close(s["in_confidence"][:4], 1 - t.last_max_prob[:4])
+    assert unscored_reason("final_loss", t) == "never presented in training"
+    # a pass after the training is the final model's again, without a word
+    csl_fast.score_epoch(torch.nn.Identity(), [(torch.tensor([BAD] * 4), y, idx)], t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = csl_fast.scores(t, ["final_loss", "in_confidence"])
+    torch.testing.assert_close(s["final_loss"][:4], t.eval_last_loss[:4])
+    assert float(s["final_loss"][0]) > float(t.last_loss[0])
 
 
 def test_dataframe_and_errors():

@@ -457,6 +457,28 @@ def test_num_labels_in_a_version1_state_is_refused_before_a_tracker_is_built(tmp
     CSLTracker(N, 3).load_state_dict(state)
 
 
+def test_the_presentations_at_the_last_eval_pass_are_kept_and_checked(tmp_path):
+    t = CSLTracker(4, 3)
+    idx = torch.arange(4)
+    csl_fast.score_epoch(torch.nn.Identity(), [(torch.randn(4, 3), idx % 3, idx)], t)
+    csl_fast.accumulate(torch.randn(4, 3), idx % 3, idx, t)  # training after the pass
+    assert t.eval_pass_presentations == 0.0
+    path = tmp_path / "t.csl"
+    t.save(path)
+    for loaded in (CSLTracker.from_file(path), CSLTracker(4, 3)):
+        if loaded.eval_passes == 0:
+            loaded.load_state_dict(t.state_dict())
+        assert loaded.eval_pass_presentations == 0.0
+    state = t.state_dict()
+    del state["eval_pass_presentations"]  # a state saved before it was kept: unknown
+    loaded = CSLTracker(4, 3)
+    loaded.load_state_dict(state)
+    assert loaded.eval_pass_presentations is None
+    for bad in (-1.0, float("nan"), float("inf"), True, "3"):
+        with pytest.raises(TrackerStateError, match=r"'eval_pass_presentations' must be a number"):
+            loaded.load_state_dict({**state, "eval_pass_presentations": bad})
+
+
 def test_a_float8_state_is_refused_by_name():
     # the invariant checks' min() is not implemented for float8: NotImplementedError
     tracker = csl_fast.CSLTracker(6, 3)
