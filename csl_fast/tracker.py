@@ -893,8 +893,11 @@ class CSLTracker(TrackerStatistics):
             )
             self.eval_pass_loss_sum.zero_()
             self.eval_pass_count.zero_()
-        # (one host read per pass, none per training step)
-        self.eval_pass_presentations = float(self.csl_count.sum(dtype=torch.float64))
+        # (one host read per pass, none per training step; a meta tracker holds no counts)
+        meta = self.device.type == "meta"
+        self.eval_pass_presentations = (
+            None if meta else float(self.csl_count.sum(dtype=torch.float64))
+        )
         self.eval_passes += 1
 
     # ---------------------------------------------------------------- state

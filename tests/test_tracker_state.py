@@ -479,6 +479,13 @@ def test_the_presentations_at_the_last_eval_pass_are_kept_and_checked(tmp_path):
             loaded.load_state_dict({**state, "eval_pass_presentations": bad})
 
 
+def test_an_eval_pass_closes_on_a_meta_tracker():
+    # (the presentations at the pass were read from counts the meta device does not hold)
+    t = CSLTracker(4, 3, device="meta")
+    t.end_eval_pass()
+    assert t.eval_passes == 1 and t.eval_pass_presentations is None
+
+
 def test_a_float8_state_is_refused_by_name():
     # the invariant checks' min() is not implemented for float8: NotImplementedError
     tracker = csl_fast.CSLTracker(6, 3)
