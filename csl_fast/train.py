@@ -55,7 +55,7 @@ def mlp(
     (it would couple the samples of a batch and break per-sample input gradients).
     ``seed`` seeds the initialisation without touching the global RNG.
     """
-    if isinstance(hidden, numbers.Integral):  # ("'int' object is not iterable")
+    if isinstance(hidden, int | numbers.Integral):  # ("'int' object is not iterable")
         hidden = (int(hidden),)
     # a negative or NaN one built no Dropout, silently
     dropout = _real("csl_fast.train.mlp", "dropout", dropout, "probability in [0, 1)", 1)
