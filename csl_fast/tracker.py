@@ -204,7 +204,8 @@ class CSLTracker(TrackerStatistics):
     :meth:`nbytes` reports the exact figure.
 
     Counters: :attr:`epoch` (completed epochs; presentations are stamped with it) and
-    :attr:`eval_passes`.
+    :attr:`eval_passes` (with :attr:`eval_pass_presentations`, the training presentations
+    recorded when the last one ended).
 
     Indices: the recording methods take a ``validate`` flag, as :func:`csl_fast.accumulate`
     does. By default an index outside ``[0, N)`` raises an :class:`IndexError` before
