@@ -215,13 +215,17 @@ def extra_peak_bytes(fn: Callable[[], Any], device: torch.device | str) -> int |
     try:
         from torch.profiler import ProfilerActivity, profile
 
-        # (its Kineto backend logs profiler_start/profiler_stop lines from C++ to fd 2:
-        # 24 of the 33 lines csl-fast bench wrote to stderr)
-        with (
-            stderr_fd_silenced(),
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
-        ):
+        prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        # Its Kineto backend logs profiler_start/profiler_stop lines from C++ to fd 2 (24
+        # of the 33 lines csl-fast bench wrote to stderr): silenced there only, so that
+        # what fn itself says (a warning, shown once per process) still reaches stderr.
+        with stderr_fd_silenced():
+            prof.start()
+        try:
             fn()
+        finally:
+            with stderr_fd_silenced():
+                prof.stop()
         events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     except Exception:
         return None
