@@ -404,6 +404,8 @@ class CSLTracker(TrackerStatistics):
             # it, as _normal_tensors makes every tracker's tensors
             with torch.inference_mode(False):
                 state = copy.deepcopy(state)
+        # (pickled before it was kept: unknown, the last eval pass trusted as before)
+        state.setdefault("eval_pass_presentations", None)
         self.__dict__.update(state)
 
     def buffers(self) -> dict[str, torch.Tensor]:

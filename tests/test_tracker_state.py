@@ -479,6 +479,21 @@ def test_the_presentations_at_the_last_eval_pass_are_kept_and_checked(tmp_path):
             loaded.load_state_dict({**state, "eval_pass_presentations": bad})
 
 
+def test_a_tracker_pickled_before_the_presentations_were_kept_saves_and_merges(tmp_path):
+    # (its state_dict, save and merge raised AttributeError; scores() read it as unknown)
+    import pickle
+
+    t = CSLTracker(4, 3)
+    idx = torch.arange(4)
+    csl_fast.accumulate(torch.randn(4, 3), idx % 3, idx, t)
+    csl_fast.score_epoch(torch.nn.Identity(), [(torch.randn(4, 3), idx % 3, idx)], t)
+    del t.__dict__["eval_pass_presentations"]
+    old = pickle.loads(pickle.dumps(t))
+    assert old.eval_pass_presentations is None
+    old.save(tmp_path / "old.csl")
+    assert csl_fast.merge([old, old]).eval_pass_presentations is None
+
+
 def test_an_eval_pass_closes_on_a_meta_tracker():
     # (the presentations at the pass were read from counts the meta device does not hold)
     t = CSLTracker(4, 3, device="meta")
