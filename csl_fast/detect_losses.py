@@ -105,8 +105,9 @@ seeds 0-3), each with the per-sample MSE, Huber (delta 1) and L1 loss via
 Non-finite CSL is ignored (never presented), and a CSL with negative values (a loss that
 can be negative) is modelled on the raw scale, with a warning; values below 0 by float
 rounding only (:data:`~csl_fast.flagging.NEGATIVE_TOLERANCE`) count as 0. Scores of
-exactly 0 (a hinge or epsilon-insensitive loss, 0 inside its margin) are left out of the
-bulk's model and never flagged (``diagnostics["zeros"]`` counts them, the note says so).
+0 (a hinge or epsilon-insensitive loss, 0 inside its margin), or under ``1e-12`` of the
+largest, which the log scale cannot tell from 0, are left out of the bulk's model and
+never flagged (``diagnostics["zeros"]`` counts them, the note says so).
 
 Multi-label entries (:func:`mislabeled_entries`): the same rule over all ``N * L`` entries
 at once (or per label); see the function for what it measured, on held-out data too.
@@ -183,7 +184,8 @@ def tail_count(
     the reason. The interval spans the excess at ``cut -/+ 0.5``, widened by two Poisson
     standard errors. ``cut`` on the estimate is the log-scale (or raw) value above which
     ``z > cut``. On the log scale the bulk is the positive scores: zeros (the cleanest
-    samples, no part of the bulk's shape) are left out, counted in ``diagnostics["zeros"]``.
+    samples, no part of the bulk's shape; with them scores under ``1e-12`` of the largest,
+    clipped to it) are left out, counted in ``diagnostics["zeros"]``.
     """
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"tail_count: values must be a float tensor, got {type(values).__name__}")
@@ -211,7 +213,10 @@ def tail_count(
     scores = f"{n} finite scores"
     if zeros:
         diag["zeros"] = zeros
-        scores = f"{n} positive scores (the {zeros} scores of 0 are left out, never flagged)"
+        scores = (
+            f"{n} positive scores (the {zeros} scores of 0, or under 1e-12 of the largest, "
+            "are left out, never flagged)"
+        )
     if n < 10:
         return Estimate(False, 0, (0, 0), math.inf, diag, f"only {scores}")
     med = float(np.median(x))
@@ -431,9 +436,9 @@ def _detection(
         if zeros:  # (the bulk's size, and the least group it can show, are the positives')
             said = (
                 f"{zeros} of the {zeros + est.diagnostics['n']} finite {name!r} scores are "
-                "exactly 0 (a loss that is 0 inside a margin, such as a hinge or epsilon-"
-                "insensitive one): rule='tail' modelled the bulk on the positive scores "
-                "alone, and the zeros are never flagged"
+                "0, or under 1e-12 of the largest (a loss that is 0 inside a margin, such as "
+                "a hinge or epsilon-insensitive one): rule='tail' modelled the bulk on the "
+                "positive scores alone, and the zeros are never flagged"
             )
             diag["zeros"] = zeros
             diag["note"] = "; ".join(filter(None, [diag.get("note"), said]))
