@@ -244,7 +244,33 @@ def score_epoch(
             stacklevel=2,
         )
         return
+    if not is_distributed():  # (each rank scores a shard: the others' samples are left out)
+        _warn_of_samples_left_behind(tracker, before["eval_count"])
     tracker.end_eval_pass()
+
+
+def _warn_of_samples_left_behind(tracker: CSLTracker, counts_before: torch.Tensor) -> None:
+    """Warn where a pass after training left out samples an earlier pass scored: their
+    eval values (final_loss, in_confidence, the data map's colour) stay an older model's,
+    which scores() reads from the eval buffers while no training came after the last
+    pass (it cannot tell which samples that pass scored)."""
+    at = tracker.eval_pass_presentations
+    if not tracker.eval_passes or at is None:
+        return
+    if float(tracker.csl_count.sum(dtype=torch.float64)) <= at:
+        return  # no training since the previous pass: its values are of this model too
+    counts = tracker.eval_count.cpu()
+    left = (counts_before > 0) & (counts == counts_before)
+    if bool(left.any()):
+        warnings.warn(
+            f"csl_fast.score_epoch: this pass scored {int((counts != counts_before).sum())} "
+            f"samples and left out {int(left.sum())} that an earlier pass scored, before "
+            "training that was recorded since: their final_loss and in_confidence stay the "
+            "older model's (scores() reads them from the eval passes). Score every sample "
+            "the earlier passes scored in the last pass",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _eval_buffers(tracker: CSLTracker) -> list[str]:

@@ -13,8 +13,9 @@ known about the samples (:class:`RunSamples`):
 ``data_map.png``
     Dataset-cartography map: variability (std of :math:`p_y` over training) against
     confidence (mean :math:`p_y`), coloured by whether the model predicted the label at
-    the last eval pass that scored the sample (:func:`csl_fast.score_epoch`) where no
-    training was recorded after that pass, else at its last training presentation;
+    the last eval pass that scored the sample (:func:`csl_fast.score_epoch`) while no
+    training was recorded after the tracker's last pass, else at its last training
+    presentation;
     corrupted samples are ringed when known. Not drawn for a tracker of sequences, whose
     :math:`p_y` statistics pool the tokens (the page says why).
 ``loss_curves.png``

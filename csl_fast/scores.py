@@ -104,9 +104,11 @@ SCORES: dict[str, ScoreInfo] = {
         "eval",
     ),
     "final_loss": ScoreInfo(
-        "loss at the last eval pass that scored the sample, where no training was recorded "
-        "after that pass (the final model, clean input; NaN for a sample no pass scored), "
-        "else at the last training presentation (the model of that step)",
+        "loss at the last eval pass that scored the sample, while no training was recorded "
+        "after the tracker's last eval pass (the final model, clean input; NaN for a sample "
+        "no pass scored; one the last pass left out keeps an earlier pass's, which "
+        "score_epoch warns of), else at the last training presentation (the model of that "
+        "step)",
         "not fitted by the final model",
         "train",
     ),
@@ -140,8 +142,8 @@ SCORES: dict[str, ScoreInfo] = {
     ),
     "in_confidence": ScoreInfo(
         "1 - max softmax probability of the final model, as the authors' 'In Conf.': at the "
-        "last eval pass where no training was recorded after it, else at the last training "
-        "presentation",
+        "last eval pass that scored the sample while no training was recorded after the "
+        "tracker's last eval pass (as final_loss), else at the last training presentation",
         "the final model is unsure",
         "logits",
     ),
@@ -174,9 +176,9 @@ _SEQUENCE_FORMULAS = {
     "(in-training CSL; it grows with the sequence's length)",
     "csl_mean": "tracker.csl_mean: CSL / number of supervised tokens presented (the mean "
     "token loss)",
-    "final_loss": "loss at the last eval pass that scored the sample, where no training was "
-    "recorded after that pass, else the sum of the sequence's token losses at its last "
-    "training presentation",
+    "final_loss": "loss at the last eval pass that scored the sample, while no training was "
+    "recorded after the tracker's last eval pass, else the sum of the sequence's token "
+    "losses at its last training presentation",
 }
 
 

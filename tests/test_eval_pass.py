@@ -441,3 +441,22 @@ def test_a_multi_label_tracker_is_refused_before_anything_is_recorded():
     with pytest.raises(ValueError, match=r"records 3 labels per sample .* accumulate_bce"):
         csl_fast.score_epoch(torch.nn.Identity(), batches, tracker)
     assert tracker.num_classes is None and tracker.eval_passes == 0
+
+
+def test_a_pass_after_training_that_leaves_out_scored_samples_warns():
+    """Scored all, trained, then scored half: the other half kept the untrained model's
+    final_loss, silently (scores() cannot tell which samples the last pass scored)."""
+    t = CSLTracker(8, 3)
+    idx = torch.arange(8)
+    y = idx % 3
+    model = torch.nn.Linear(3, 3)
+    x = torch.randn(8, 3)
+    csl_fast.score_epoch(model, [(x, y, idx)], t)
+    csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)  # no training since: silent
+    csl_fast.accumulate(model(x), y, idx, t)
+    with pytest.warns(RuntimeWarning, match="scored 4 samples and left out 4 that an earlier"):
+        csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)
+    csl_fast.accumulate(model(x), y, idx, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csl_fast.score_epoch(model, [(x, y, idx)], t)  # every sample again: silent
