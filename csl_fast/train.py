@@ -173,6 +173,17 @@ def train(
     input_noise = _real("csl_fast.train", "input_noise", input_noise, "std >= 0 (0: no noise)")
     # a NaN one trained the weights into NaN, and the tracker skipped every loss
     lr = _real("csl_fast.train", "lr", lr, "learning rate >= 0")
+    # (checked here, not by the optimizer or the loop: True and 1e300 raised torch's
+    # "Boolean alpha only supported" / "cannot be converted to type float without
+    # overflow" after the first batch was recorded, a NaN momentum trained into NaN, and
+    # a callback that is no function failed after a whole epoch was recorded)
+    momentum = _real("csl_fast.train", "momentum", momentum, "momentum >= 0")
+    weight_decay = _real("csl_fast.train", "weight_decay", weight_decay, "weight decay >= 0")
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            "csl_fast.train: callback must be a function callback(epoch, model) or None, "
+            f"got {type(callback).__name__} {callback!r}"
+        )
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -220,6 +231,14 @@ def train(
     n = x.shape[0]
     labels = int(y.max()) + 1 if n and not y.is_floating_point() else None
     params = [p for p in model.parameters() if p.requires_grad]
+    for name, value in (("lr", lr), ("weight_decay", weight_decay)):
+        for dtype in {p.dtype for p in params if p.is_floating_point()}:
+            if value > torch.finfo(dtype).max:  # the optimizer's step overflows
+                raise ValueError(
+                    f"csl_fast.train: {name}={value} is past the largest {dtype} "
+                    f"({torch.finfo(dtype).max:.4g}) the model's parameters hold; give a "
+                    "smaller one"
+                )
     if optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(
             params, lr=lr, momentum=momentum, weight_decay=weight_decay

@@ -246,6 +246,32 @@ def test_progress_without_tqdm_says_how_to_get_it(monkeypatch):
         train(mlp(4, 3), x, y, epochs=1, progress=True)
 
 
+@pytest.mark.parametrize(
+    ("kw", "error", "message"),
+    [
+        ({"callback": "not callable"}, TypeError, r"callback must be a function"),
+        ({"weight_decay": True}, ValueError, r"weight_decay must be a finite weight decay >= 0"),
+        ({"weight_decay": -1.0}, ValueError, r"weight_decay must be a finite weight decay"),
+        ({"weight_decay": 1e300}, ValueError, r"weight_decay=1e\+300 is past the largest"),
+        ({"lr": 1e300}, ValueError, r"lr=1e\+300 is past the largest torch\.float32"),
+        ({"momentum": "0.9"}, ValueError, r"momentum must be a finite momentum >= 0"),
+        ({"momentum": math.nan}, ValueError, r"momentum must be a finite momentum >= 0"),
+    ],
+)
+def test_optimizer_arguments_and_callback_are_checked_before_anything_is_recorded(
+    kw, error, message
+):
+    # checked by the optimizer or the loop, they failed in torch's words (or a NaN
+    # momentum trained into NaN) after the tracker had recorded a batch, or, for the
+    # callback, a whole epoch
+    x, y = _data()
+    tracker = csl_fast.CSLTracker(x.shape[0], 3)
+    with pytest.raises(error, match=message):
+        train(mlp(4, 3), x, y, epochs=2, tracker=tracker, **kw)
+    assert tracker.epoch == 0
+    assert int((tracker.buffers()["csl_count"] > 0).sum()) == 0
+
+
 def test_learning_rates_and_mlp_arguments_are_checked():
     x, y = _data()
     # a NaN rate trained the weights into NaN; a string failed in torch's words
