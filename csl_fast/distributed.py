@@ -501,8 +501,8 @@ def mark_synced(tracker: CSLTracker, group: Any = None, *, timeout: float | None
     and counts, and raises :class:`SyncError` on every rank otherwise. Works (and is
     cheap) without ``torch.distributed`` too.
     """
+    wait = _checked("mark_synced", tracker, timeout)
     if is_distributed(group):
-        wait = get_timeout() if timeout is None else _seconds("mark_synced", "timeout", timeout)
         _agree(tracker, group, 2, False, wait)
     _set_baseline(tracker)
 
@@ -600,12 +600,28 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     return _sync(tracker, group, timeout, 1)
 
 
+def _checked(fn: str, tracker: Any, timeout: Any) -> float:
+    """The wait of ``fn``'s collectives, ``tracker`` and ``timeout`` checked before
+    anything else, also in a single process: there ``sync(None)`` returned False and a
+    timeout of '30', -1 or NaN passed, to fail only once the job ran distributed (and
+    ``mark_synced(None)`` raised "'NoneType' object has no attribute '__dict__'")."""
+    from .tracker import CSLTracker
+
+    if not isinstance(tracker, CSLTracker):
+        raise TypeError(
+            f"csl_fast.distributed.{fn}: tracker must be a csl_fast.CSLTracker, got "
+            f"{type(tracker).__name__}"
+        )
+    return get_timeout() if timeout is None else _seconds(fn, "timeout", timeout)
+
+
 def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
+    wait = _checked("sync" if call == 1 else "sync_epoch", tracker, timeout)
     if not is_distributed(group):
         return False
     before = _versions(tracker)
     try:
-        return _combine(tracker, group, timeout, call)
+        return _combine(tracker, group, wait, call)
     finally:  # (a refused sync may have written nothing: its bumps are 0)
         bumps = tracker.__dict__.get(_SYNC_BUMPS_ATTR, (0, 0))
         after = _versions(tracker)
@@ -614,12 +630,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
         )
 
 
-def _combine(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
-    timeout = (
-        get_timeout()
-        if timeout is None
-        else _seconds(_CALLS[call].removesuffix("()"), "timeout", timeout)
-    )
+def _combine(tracker: CSLTracker, group: Any, timeout: float, call: int) -> bool:
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     dev = _comm_device(tracker, group)

@@ -26,7 +26,7 @@ from torch.utils.data import DistributedSampler
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import csl_fast
-from csl_fast import CSLTracker, ops
+from csl_fast import CSLTracker, distributed, ops
 from csl_fast.distributed import (
     DEFAULT_TIMEOUT,
     SyncError,
@@ -495,6 +495,33 @@ def test_timeout_setting(monkeypatch):
         get_timeout()
     with pytest.raises(ValueError, match="> 0"):
         set_timeout(0)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda t: distributed.sync(None), TypeError, r"sync: tracker must be a csl_fast"),
+        (lambda t: distributed.sync({}), TypeError, r"sync: tracker must be a .*got dict"),
+        (
+            lambda t: distributed.sync_epoch(torch.zeros(3)),
+            TypeError,
+            r"sync_epoch: tracker must be a csl_fast\.CSLTracker, got Tensor",
+        ),
+        (lambda t: mark_synced(None), TypeError, r"mark_synced: tracker must be a csl_fast"),
+        (lambda t: distributed.sync(t, timeout="30"), ValueError, r"sync: timeout must be > 0"),
+        (lambda t: distributed.sync(t, timeout=-1.0), ValueError, r"timeout must be > 0"),
+        (lambda t: distributed.sync(t, timeout=float("nan")), ValueError, r"> 0, got nan"),
+        (lambda t: t.sync(timeout=1j), ValueError, r"sync: timeout must be > 0, got 1j"),
+        (lambda t: mark_synced(t, timeout="30"), ValueError, r"mark_synced: timeout must be"),
+    ],
+)
+def test_sync_arguments_are_checked_in_a_single_process_too(call, error, message):
+    # checked only under an initialised process group: a single process returned False
+    # (or, mark_synced(None), raised "'NoneType' object has no attribute '__dict__'"),
+    # and the job failed only once it ran distributed
+    assert not is_distributed()
+    with pytest.raises(error, match=message):
+        call(CSLTracker(8, 3))
 
 
 def _shard(scenario: str, n: int, world: int, epoch: int, rank: int) -> list[torch.Tensor]:
