@@ -115,14 +115,26 @@ def group_lists(ids: torch.Tensor, which: torch.Tensor | None = None) -> list[li
     return [g.tolist() for g in torch.split(members, sizes.tolist())]
 
 
-def exact_duplicate_groups(inputs: torch.Tensor) -> list[list[int]]:
+def exact_duplicate_groups(inputs: torch.Tensor | np.ndarray | list[Any]) -> list[list[int]]:
     """Groups (of size >= 2) of dataset indices whose inputs are bitwise identical.
 
-    ``inputs`` is ``[N, ...]``; rows are compared by their bits (floats included, so
-    ``-0.0`` and ``0.0`` differ). Groups are sorted by their smallest index, each group's
-    indices ascending.
+    ``inputs`` is ``[N, ...]``: a tensor, a NumPy array or a list, as
+    :func:`csl_fast.detect.duplicates` takes them; rows are compared by their bits (floats
+    included, so ``-0.0`` and ``0.0`` differ). Groups are sorted by their smallest index,
+    each group's indices ascending.
     """
-    return group_lists(group_ids(inputs))
+    # (a list or an array, which duplicates takes, raised "'list' object has no attribute
+    # 'shape'", and None "'NoneType' object has no attribute 'shape'")
+    where = "csl_fast.detect.exact_duplicate_groups"
+    rows = as_rows(where, "inputs", inputs)
+    if rows is None:
+        raise TypeError(
+            f"{where}: inputs must be a tensor, a NumPy array or a list with one row per "
+            "sample, got None"
+        )
+    if rows.dim() == 0:
+        raise ValueError(f"{where}: inputs must be [N, ...], one row per sample, got a 0-d value")
+    return group_lists(group_ids(rows))
 
 
 def conflicting(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,31 @@ def test_group_ids_compare_bits_and_edge_cases():
     assert dg.exact_duplicate_groups(x8) == [[0, 1]]
 
 
+@pytest.mark.parametrize(
+    "convert",
+    [lambda x: x.tolist(), lambda x: x.numpy(), lambda x: list(x), lambda x: list(x.numpy())],
+    ids=["list", "ndarray", "list of tensors", "list of arrays"],
+)
+def test_exact_duplicate_groups_takes_what_duplicates_takes(convert):
+    # a list or an array, which detect.duplicates(inputs=) takes, raised "'list' object
+    # has no attribute 'shape'"
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0]])
+    assert detect.exact_duplicate_groups(convert(x)) == [[0, 2]]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [
+        (None, TypeError, r"inputs must be a tensor, a NumPy array or a list .* got None"),
+        ("abc", TypeError, r"inputs must be a tensor, a NumPy array or a list .* got str"),
+        (torch.tensor(1.0), ValueError, r"inputs must be \[N, \.\.\.\], one row per sample"),
+    ],
+)
+def test_exact_duplicate_groups_refuses_what_is_no_rows(value, error, message):
+    with pytest.raises(error, match=r"exact_duplicate_groups: " + message):
+        detect.exact_duplicate_groups(value)
+
+
 def test_conflicting_and_whole_groups_match_a_loop():
     g = torch.Generator().manual_seed(3)
     x = torch.randint(0, 4, (200, 3), generator=g)
