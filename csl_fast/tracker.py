@@ -683,6 +683,14 @@ class CSLTracker(TrackerStatistics):
                 "CSLTracker.record_input_grad: sq_norms must be a 1-D [B] tensor, one "
                 f"squared norm per row, got {got}"
             )
+        if not sq_norms.is_floating_point():
+            # (a complex norm lost its imaginary part in the cast, bool and int ones were
+            # recorded as their values without a word)
+            raise TypeError(
+                "CSLTracker.record_input_grad: sq_norms must be a real floating-point [B] "
+                f"tensor, got {sq_norms.dtype}; pass the squared norms as floats "
+                "(grad.flatten(1).pow(2).sum(1), or csl_fast.input_grad_norms)"
+            )
         # The C++ op checks the indices and the norms itself before it writes: checking
         # them here as well made watch's per-step cost several times the op's.
         fused = (

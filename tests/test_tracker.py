@@ -523,6 +523,21 @@ def test_refused_calls_leave_the_tracker_unchanged(backend, history):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "norms",
+    [torch.full((2,), 3 + 4j), torch.ones(2, dtype=torch.bool), torch.full((2,), 7)],
+    ids=["complex", "bool", "int"],
+)
+def test_record_input_grad_refuses_norms_that_are_not_real_floats(backend, norms):
+    # a complex norm lost its imaginary part in the cast (9 recorded for |3+4j|^2 = 25),
+    # bool and int ones were recorded as their values, without a word
+    t, before = _primed(backend)
+    with pytest.raises(TypeError, match=r"sq_norms must be a real floating-point \[B\] tensor"):
+        t.record_input_grad(torch.tensor([1, 5]), norms)
+    assert not _unchanged(t, before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("other", [3.0, 7.0, -2.0, -1.5, float("nan"), float("inf")])
 def test_a_runner_up_class_past_num_classes_is_refused(backend, other, tmp_path):
     """Stats of a model with more outputs than the tracker's classes stored a suggested
