@@ -61,6 +61,21 @@ def int64_labels(fn: str, labels: torch.Tensor) -> torch.Tensor:
     return labels.long()
 
 
+def device(fn: str, value: Any, advice: str) -> torch.device:
+    """The device ``value`` names, as tensors land on it ("cuda" becomes "cuda:0", the
+    current device), or a ``ValueError`` naming ``fn``: torch's own errors ("Expected one of
+    cpu, cuda, ...", "Torch not compiled with CUDA enabled") named neither the function nor
+    the argument. ``advice`` says where to run instead ("create the tracker")."""
+    try:
+        return torch.empty(0, device=value).device
+    except (AssertionError, RuntimeError, TypeError) as exc:
+        # torch's lazy CUDA init asserts ("Torch not compiled with CUDA enabled")
+        raise ValueError(
+            f"{fn}: cannot allocate on device {value!r} ({exc}); {advice} on 'cpu' or on a "
+            "device this torch build and machine have"
+        ) from None
+
+
 def integer(fn: str, name: str, value: Any, low: int | None = None) -> int:
     """``value`` as an int (a Python int, NumPy integer or 0-d integer tensor) ``>= low``."""
     try:

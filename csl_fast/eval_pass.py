@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ._args import check_flags, integer
+from ._args import device as device_arg
 from .accumulate_checks import (
     _LOGIT_DTYPES,
     _check_values,
@@ -122,7 +123,13 @@ def score_epoch(
     if device is None:
         param = next(iter(model.parameters()), None)
         device = param.device if param is not None else tracker.device
-    device = torch.device(device)
+    # (torch's "Expected one of cpu, cuda, ..." or "Torch not compiled with CUDA enabled")
+    device = device_arg("csl_fast.score_epoch", device, "run the pass")
+    if not hasattr(loader, "__iter__"):  # (None: "'NoneType' object is not iterable")
+        raise TypeError(
+            "csl_fast.score_epoch: loader must be an iterable of (x, y, index) batches (a "
+            f"DataLoader, a list), got {type(loader).__name__}"
+        )
     _warn_of_the_loader(loader, tracker)
     batches: Iterable[Batch] = loader
     if progress:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from . import tracker_file
+from ._args import device as device_arg
 from .buffer_locks import buffer_lock
 from .scores import has_logit_stats
 from .tracker import CSLTracker, TrackerStateError
@@ -117,7 +118,16 @@ def merge(
             f"a single {type(trackers).__name__} {trackers!r:.80}; pass a list, e.g. "
             "merge(['seed0.csl', 'seed1.csl'])"
         )
-    trackers = list(trackers)
+    try:
+        trackers = list(trackers)
+    except TypeError:  # (None: "'NoneType' object is not iterable")
+        raise TypeError(
+            "csl_fast.merge: expected a list of trackers, tracker files or state dicts, got "
+            f"{type(trackers).__name__} {trackers!r:.80}; pass a list, e.g. "
+            "merge(['seed0.csl', 'seed1.csl'])"
+        ) from None
+    if device is not None:  # (torch's "Expected one of cpu, cuda, ..." after the loads)
+        device = device_arg("csl_fast.merge", device, "merge")
     on_meta = [
         i for i, t in enumerate(trackers) if isinstance(t, CSLTracker) and t.device.type == "meta"
     ]

@@ -48,6 +48,7 @@ import torch
 
 from . import _ext, huge_pages, ops, reference, tracker_file
 from ._args import check_flags
+from ._args import device as device_arg
 from .accumulate_checks import (
     _check_values,
     refuse_rows_into_sequences,
@@ -276,14 +277,7 @@ class CSLTracker(TrackerStatistics):
         self.num_labels = num_labels
         # The device tensors land on: "cuda" becomes "cuda:0" (the current device), which is
         # what the statistics passed to update() report and are compared with.
-        try:
-            self.device = torch.empty(0, device=device).device
-        except (AssertionError, RuntimeError) as exc:
-            # torch's lazy CUDA init asserts ("Torch not compiled with CUDA enabled")
-            raise ValueError(
-                f"CSLTracker: cannot allocate on device {device!r} ({exc}); create the tracker "
-                "on 'cpu' or on a device this torch build and machine have"
-            ) from None
+        self.device = device_arg("CSLTracker", device, "create the tracker")
         check_flags("CSLTracker", False, history=history)
         check_flags("CSLTracker", deterministic=deterministic)
         self.dtype = dtype

@@ -384,6 +384,27 @@ def test_arguments_are_checked_as_accumulate_checks_them(kwargs, model, error, m
         csl_fast.score_epoch(model or torch.nn.Identity(), [batch], args.pop("tracker"), **args)
 
 
+@pytest.mark.parametrize(
+    ("loader", "kwargs", "error", "match"),
+    [
+        # torch's "Expected one of cpu, cuda, ..." / "Torch not compiled with CUDA enabled"
+        ("batches", {"device": "bogus"}, ValueError, r"cannot allocate on device 'bogus'"),
+        ("batches", {"device": object()}, ValueError, r"cannot allocate on device <object"),
+        # "'NoneType' object is not iterable"
+        (None, {}, TypeError, r"loader must be an iterable of \(x, y, index\) batches"),
+        (3, {}, TypeError, r"loader must be an iterable .* got int"),
+    ],
+)
+def test_device_and_loader_are_checked_by_name(loader, kwargs, error, match):
+    batch = (torch.randn(4, 3), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+    tracker = CSLTracker(4, 3)
+    with pytest.raises(error, match=r"^csl_fast\.score_epoch: " + match):
+        csl_fast.score_epoch(
+            torch.nn.Identity(), [batch] if loader == "batches" else loader, tracker, **kwargs
+        )
+    assert tracker.eval_passes == 0
+
+
 @pytest.mark.parametrize("validate", [None, False])
 def test_out_of_range_values_are_said_of_score_epoch(validate):
     # the default path showed the kernel's "csl_fast: target[2] ..." and the tracker's

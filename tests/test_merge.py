@@ -154,6 +154,24 @@ def test_merge_refuses_a_single_path_or_state(tmp_path):
         csl_fast.merge([t, state])
 
 
+@pytest.mark.parametrize(
+    ("trackers", "device", "error", "match"),
+    [
+        # torch's "Expected one of cpu, cuda, ..." and "Cannot access accelerator device"
+        ("two", "bogus", ValueError, r"cannot allocate on device 'bogus' .*; merge on 'cpu'"),
+        ("two", 3, ValueError, r"cannot allocate on device 3"),
+        # "'NoneType' object is not iterable"
+        (None, None, TypeError, r"expected a list of trackers, .* got NoneType"),
+        (5, None, TypeError, r"expected a list of trackers, .* got int"),
+    ],
+)
+def test_merge_checks_its_device_and_runs_by_name(trackers, device, error, match):
+    if trackers == "two":
+        trackers = [CSLTracker(N, C), CSLTracker(N, C)]
+    with pytest.raises(error, match=r"^csl_fast\.merge: " + match):
+        csl_fast.merge(trackers, device=device)
+
+
 def test_merge_suggested_label_votes():
     """Majority-vote summaries: the same candidate adds up; different candidates keep the
     one with more votes and the difference."""
