@@ -20,7 +20,7 @@ import torch
 from . import _ext, backward_rerun, bce_ops
 from ._args import check_flags
 from ._ext import resolve_backend
-from .accumulate import _fell_back, eager_step_allowed
+from .accumulate import _any_autocast, _fell_back, eager_step_allowed
 from .accumulate_checks import (
     INDEX_HINT,
     _check_values,
@@ -168,7 +168,13 @@ def accumulate_bce(
             written): the loss is unbounded below there and CSL would turn negative.
         RuntimeError: under ``torch.func`` transforms or forward-mode AD.
     """
-    if isinstance(logits, torch.Tensor) and torch.is_autocast_enabled(logits.device.type):
+    # (_any_autocast() first, as accumulate does: is_autocast_enabled("meta") raised
+    # torch's "unknown device type for autocast" before meta logits were checked)
+    if (
+        _any_autocast()
+        and isinstance(logits, torch.Tensor)
+        and torch.is_autocast_enabled(logits.device.type)
+    ):
         # F.binary_cross_entropy_with_logits is on autocast's float32 list: its float16 and
         # bfloat16 inputs are cast to float32 (the kernels here have no autocast rule).
         logits, target, weight, pos_weight = (

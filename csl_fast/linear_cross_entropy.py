@@ -59,7 +59,14 @@ import torch
 from . import cross_entropy_extras, ops, ops_extras
 from ._args import check_flags, integer_labels
 from ._ext import resolve_backend
-from .accumulate import Recorder, _buffers, _check_args, _check_values, record_stats
+from .accumulate import (
+    Recorder,
+    _any_autocast,
+    _buffers,
+    _check_args,
+    _check_values,
+    record_stats,
+)
 from .accumulate_checks import (
     adopt_classes,
     refuse_rows_into_sequences,
@@ -287,7 +294,13 @@ def linear_cross_entropy(
         "linear_cross_entropy", softcap, z_loss_scale, return_z_loss, return_token_accuracy
     )
     loss_dtype = None  # hidden's dtype, or float32 under autocast
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
+    # (_any_autocast() first, as accumulate does: is_autocast_enabled("meta") raised
+    # torch's "unknown device type for autocast" before meta hidden states were checked)
+    if (
+        _any_autocast()
+        and isinstance(hidden, torch.Tensor)
+        and torch.is_autocast_enabled(hidden.device.type)
+    ):
         # As autocast runs F.cross_entropy(F.linear(hidden, weight, bias)): the matmul's
         # float inputs in autocast's dtype (a float32 head weight included), the loss in
         # float32 (the fused ops have no autocast rule of their own).
@@ -306,7 +319,15 @@ def linear_cross_entropy(
             "Use csl_fast.accumulate(F.linear(hidden, weight, bias), target, index, csl), "
             "which computes the loss with F.cross_entropy under them"
         )
-    if not isinstance(hidden, torch.Tensor) or not 2 <= hidden.dim() <= 3:
+    for name, t in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            # (a NumPy weight read "weight must be [V, H] ..., got (4, 6)": its shape was
+            # right, its type was not)
+            raise TypeError(
+                f"csl_fast.linear_cross_entropy: {name} must be a torch.Tensor, got "
+                f"{type(t).__name__}; pass torch.as_tensor({name})"
+            )
+    if not 2 <= hidden.dim() <= 3:
         # (a [T, B, 1, H] hidden passed the [B, T] target's count check and credited its
         # tokens to the wrong sequences)
         raise ValueError(

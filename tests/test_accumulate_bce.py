@@ -543,6 +543,13 @@ _BAD = [
         "min_margin is on meta",
     ),
     (
+        # (torch's "unknown device type for autocast", before the device check)
+        "logits device",
+        lambda a: a.update(logits=torch.randn(6, 4, device="meta")),
+        ValueError,
+        "target is on cpu but logits are on meta",
+    ),
+    (
         "weight device",
         lambda a: a.update(weight=torch.rand(4, device="meta")),
         ValueError,

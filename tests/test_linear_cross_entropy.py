@@ -329,6 +329,27 @@ def test_argument_types_are_refused_not_truncated(kwargs, error, match):
     assert not csl.any()
 
 
+@pytest.mark.parametrize(
+    "hidden, weight, error, match",
+    [
+        # torch's "unknown device type for autocast", before the device check
+        ("meta", None, TypeError, r"weight must have hidden's dtype and device .*meta"),
+        # "weight must be [V, H] ..., got (19, 8)": the shape was right, the type was not
+        (None, "numpy", TypeError, r"weight must be a torch\.Tensor, got ndarray"),
+        ("numpy", None, TypeError, r"hidden must be a torch\.Tensor, got ndarray"),
+    ],
+    ids=["meta hidden", "numpy weight", "numpy hidden"],
+)
+def test_hidden_and_weight_are_refused_by_name(hidden, weight, error, match):
+    h, w, _b, t = _inputs()
+    h = {"meta": h.to("meta"), "numpy": h.numpy(), None: h}[hidden]
+    w = {"numpy": w.numpy(), None: w}[weight]
+    csl = torch.zeros(2)
+    with pytest.raises(error, match=r"^csl_fast\.linear_cross_entropy: " + match):
+        linear_cross_entropy(h, w, t, torch.arange(2), csl)
+    assert not csl.any()
+
+
 def test_a_bias_passed_by_position_is_refused_not_dropped():
     """linear_cross_entropy(h, W, y, b), as F.linear(x, W, b) is called, put the bias in
     the index slot, which is ignored without csl: the loss came out without the bias."""
