@@ -268,6 +268,15 @@ class CSLTracker(TrackerStatistics):
             raise TypeError(
                 f"CSLTracker: dtype must be torch.float32 or torch.float64, got {dtype}"
             )
+        entries = int(num_samples) * int(num_labels or 1)
+        if entries * 8 > _MAX_TENSOR_BYTES:
+            # (torch's "Storage size calculation overflowed with sizes=[...]")
+            per = f" x num_labels = {num_labels}" if num_labels is not None else ""
+            raise ValueError(
+                f"CSLTracker: num_samples = {num_samples}{per} gives buffers of {entries} "
+                "entries, but a tensor holds at most 2**63 bytes (2**60 entries of 8 bytes); "
+                "pass the number of samples (and labels) the dataset has"
+            )
         self.num_samples = num_samples
         # (NumPy integers too: labels.max() + 1 computed with NumPy was refused)
         num_classes = None if num_classes is None else int(num_classes)
@@ -1020,6 +1029,9 @@ def _plain(t: Any) -> Any:
     buffers written with PyTorch ops into autograd, every step's graph kept alive."""
     return t.detach() if isinstance(t, torch.Tensor) else t
 
+
+#: The most bytes torch lets one tensor's storage hold (its size is an int64)
+_MAX_TENSOR_BYTES = 2**63 - 1
 
 _HALF_MAX = torch.finfo(torch.float16).max
 

@@ -441,6 +441,20 @@ def test_an_unavailable_device_is_refused_plainly(monkeypatch):
         CSLTracker(4, 3, device="nonsense")
 
 
+@pytest.mark.parametrize(
+    ("args", "kwargs", "match"),
+    [
+        ((2**62, 4), {}, r"num_samples = 4611686018427387904 gives buffers of"),
+        ((2**60,), {}, r"num_samples = 1152921504606846976 gives buffers of"),
+        ((16,), {"num_labels": 2**62}, r"num_samples = 16 x num_labels = 4611686018427387904"),
+    ],
+)
+def test_sizes_past_what_a_tensor_holds_are_refused_by_name(args, kwargs, match):
+    # torch's "Storage size calculation overflowed with sizes=[...]"
+    with pytest.raises(ValueError, match=r"^CSLTracker: " + match + r".* at most 2\*\*63 bytes"):
+        CSLTracker(*args, **kwargs)
+
+
 def test_record_checks_device_and_shapes():
     t = CSLTracker(4)
     with pytest.raises(ValueError, match="entries"):
