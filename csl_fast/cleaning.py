@@ -965,6 +965,11 @@ def evaluate_plan(
         unless ``mislabeled`` marks it (None when such rows exist and ``mislabeled`` is
         None).
     """
+    if not isinstance(plan, CleaningPlan):  # ("'NoneType' has no attribute 'num_samples'")
+        raise TypeError(
+            "csl_fast.cleaning.evaluate_plan: plan must be a CleaningPlan (what "
+            f"csl_fast.clean returns), got {type(plan).__name__}"
+        )
     n = plan.num_samples
 
     def mask(m: Any) -> np.ndarray:

@@ -1299,6 +1299,11 @@ def summary(det: Detection) -> str:
     """One line for a user about the detection ``det``: how many were flagged, the
     estimated count with its interval, and the warning or the rule's caveat when there is
     one."""
+    if not isinstance(det, Detection):  # ("'NoneType' object has no attribute 'scores'")
+        raise TypeError(
+            "csl_fast.detect.summary: det must be a csl_fast.detect.Detection (what "
+            f"detect.mislabeled and the other detectors return), got {type(det).__name__}"
+        )
     n = det.scores.numel()
     parts = [f"{len(det)} of {n} flagged by {det.rule} on {det.score_name}"]
     estimate = count_phrase(det, f"bad {det.unit}")

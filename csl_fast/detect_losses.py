@@ -189,6 +189,12 @@ def tail_count(
     """
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"tail_count: values must be a float tensor, got {type(values).__name__}")
+    if values.is_meta or values.is_complex():  # (torch's "register_meta ... nonzero()")
+        kind = "meta" if values.is_meta else "complex"
+        raise ValueError(
+            f"tail_count: values must be a real tensor with data, got a {kind} tensor (use "
+            ".real or a tensor on a real device)"
+        )
     for name, value in (("cut", cut), ("evidence", evidence)):
         # NaN made int(NaN) fail far inside; a negative evidence let any excess through
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:

@@ -383,7 +383,13 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
     if names is None:
         chosen = recorded_names(tracker)
     else:
-        chosen = list(names)
+        try:
+            chosen = list(names)
+        except TypeError:  # ("'int' object is not iterable")
+            raise TypeError(
+                "csl_fast.scores: names must be a list of names, e.g. ['csl'], or None, got "
+                f"{type(names).__name__} {names!r}"
+            ) from None
         unknown = [n for n in chosen if n not in SCORES]
         if unknown:
             # (the CLI's --score label_csl ranks entries: named here, it was only "unknown")

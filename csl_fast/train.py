@@ -57,6 +57,10 @@ def mlp(
     """
     if isinstance(hidden, int | numbers.Integral):  # ("'int' object is not iterable")
         hidden = (int(hidden),)
+    # (torch's "empty(): argument 'size' failed to unpack" for None, "negative dimension")
+    in_features = integer("csl_fast.train.mlp", "in_features", in_features, low=1)
+    num_classes = integer("csl_fast.train.mlp", "num_classes", num_classes, low=1)
+    hidden = tuple(integer("csl_fast.train.mlp", "hidden", h, low=1) for h in hidden)
     # a negative or NaN one built no Dropout, silently
     dropout = _real("csl_fast.train.mlp", "dropout", dropout, "probability in [0, 1)", 1)
     if seed is None:
@@ -193,6 +197,11 @@ def train(
         raise TypeError(
             f"csl_fast.train: tracker must be a csl_fast.CSLTracker, got {type(tracker).__name__}"
         )
+    for name, t in (("x", x), ("y", y)):
+        if t.dim() == 0:  # (an IndexError from x.shape[0])
+            raise ValueError(
+                f"csl_fast.train: {name} must have one row per sample ([N, ...]), got a 0-d tensor"
+            )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"csl_fast.train: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
     if torch.is_inference_mode_enabled():
@@ -414,6 +423,14 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 4096) -> torch.
     ``[0, 0]`` for an empty ``x`` (no forward pass tells ``C``)."""
     # range() took a negative batch size as "no batches" ([0, 0] logits of 10 rows)
     batch_size = integer("csl_fast.predict", "batch_size", batch_size, low=1)
+    # (None: "'NoneType' object has no attribute 'modules'" / "... 'shape'")
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"csl_fast.predict: model must be a torch.nn.Module, got {type(model).__name__}"
+        )
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        got = "a 0-d tensor" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"csl_fast.predict: x must be a torch.Tensor of [N, ...] inputs, got {got}")
     with eval_mode(model):
         out = [model(x[s : s + batch_size]).float() for s in range(0, x.shape[0], batch_size)]
     if not out:

@@ -747,3 +747,10 @@ def test_a_row_the_detection_does_not_rank_has_no_rank_in_the_plan():
     assert df["rank"].dtype == "Int64" and df["rank"].isna().tolist() == [
         i == 5 for i in plan.index.tolist()
     ]
+
+
+@pytest.mark.parametrize("plan", [None, torch.zeros(3), {"rows": []}])
+def test_evaluate_plan_refuses_what_is_no_plan_by_name(plan):
+    # "'NoneType' object has no attribute 'num_samples'"
+    with pytest.raises(TypeError, match=r"evaluate_plan: plan must be a CleaningPlan"):
+        evaluate_plan(plan, torch.zeros(3, dtype=torch.long))

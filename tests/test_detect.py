@@ -1026,3 +1026,10 @@ def test_a_hint_after_a_full_stop_starts_a_sentence():
         warnings.simplefilter("ignore", detect.DetectionWarning)
         det = detect.mislabeled(tracker)
     assert len(det) == 0 and "in this run. This run recorded losses only" in det.warning
+
+
+@pytest.mark.parametrize("det", [None, "3 flagged", torch.zeros(3)])
+def test_summary_of_what_is_no_detection_is_refused_by_name(det):
+    # "'NoneType' object has no attribute 'scores'"
+    with pytest.raises(TypeError, match=r"^csl_fast\.detect\.summary: det must be a csl_fast"):
+        detect.summary(det)

@@ -782,3 +782,12 @@ def test_entries_of_unequal_presentation_counts_rank_by_the_mean():
         said = " ".join(str(w.message) for w in caught)
         assert said.count("range from 1 to 5") == 1, rule
         assert "range from 1 to 5" in det.diagnostics["note"]
+
+
+@pytest.mark.parametrize(
+    "values", [torch.rand(16, device="meta"), torch.rand(16, dtype=torch.complex64)]
+)
+def test_tail_count_refuses_values_without_real_data_by_name(values):
+    # a meta tensor met torch's "register_meta function for torch.nonzero()"
+    with pytest.raises(ValueError, match=r"^tail_count: values must be a real tensor with data"):
+        tail_count(values)

@@ -401,3 +401,10 @@ def test_label_csl_asked_of_scores_names_the_entries_detector():
         KeyError, match=r"label_csl ranks \(sample, label\) entries.*mislabeled_entries"
     ):
         csl_fast.scores(csl_fast.CSLTracker(3, num_labels=2), ["label_csl"])
+
+
+@pytest.mark.parametrize("names", [3, 2.5, object()])
+def test_names_that_are_no_list_are_refused_by_name(names):
+    # "'int' object is not iterable" (a str already had a message of its own)
+    with pytest.raises(TypeError, match=r"^csl_fast\.scores: names must be a list of names"):
+        csl_fast.scores(csl_fast.CSLTracker(4, 3), names)

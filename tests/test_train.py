@@ -366,3 +366,32 @@ def test_soft_targets_with_autograd_history_are_not_backpropagated_into():
     soft = torch.softmax(teacher(x), 1)
     train(mlp(4, 3, (8,), seed=0), x, soft, epochs=2, batch_size=16)
     assert teacher.weight.grad is None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        # IndexError: tuple index out of range
+        (
+            lambda x, y: train(mlp(4, 3), torch.tensor(1.0), y, epochs=1),
+            ValueError,
+            r"x must have one row",
+        ),
+        (
+            lambda x, y: train(mlp(4, 3), x, torch.tensor(1), epochs=1),
+            ValueError,
+            r"y must have one row",
+        ),
+        # "'NoneType' object has no attribute 'shape'" / "... 'modules'"
+        (lambda x, y: predict(mlp(4, 3), None), TypeError, r"x must be a torch\.Tensor"),
+        (lambda x, y: predict(None, x), TypeError, r"model must be a torch\.nn\.Module"),
+        # torch's "empty(): argument 'size' failed to unpack" / "negative dimension -1"
+        (lambda x, y: mlp(None, 4), TypeError, r"in_features must be an int, got NoneType"),
+        (lambda x, y: mlp(5, -1), ValueError, r"num_classes must be an int >= 1, got -1"),
+        (lambda x, y: mlp(5, 3, (8, -2)), ValueError, r"hidden must be an int >= 1, got -2"),
+    ],
+)
+def test_train_predict_and_mlp_arguments_are_refused_by_name(call, error, match):
+    x, y = _data()
+    with pytest.raises(error, match=r"^csl_fast\.(train|train\.mlp|predict): " + match):
+        call(x, y)
