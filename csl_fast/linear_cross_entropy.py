@@ -319,13 +319,13 @@ def linear_cross_entropy(
             "Use csl_fast.accumulate(F.linear(hidden, weight, bias), target, index, csl), "
             "which computes the loss with F.cross_entropy under them"
         )
-    for name, t in (("hidden", hidden), ("weight", weight)):
-        if not isinstance(t, torch.Tensor):
+    for name, arg in (("hidden", hidden), ("weight", weight)):
+        if not isinstance(arg, torch.Tensor):
             # (a NumPy weight read "weight must be [V, H] ..., got (4, 6)": its shape was
             # right, its type was not)
             raise TypeError(
                 f"csl_fast.linear_cross_entropy: {name} must be a torch.Tensor, got "
-                f"{type(t).__name__}; pass torch.as_tensor({name})"
+                f"{type(arg).__name__}; pass torch.as_tensor({name})"
             )
     if not 2 <= hidden.dim() <= 3:
         # (a [T, B, 1, H] hidden passed the [B, T] target's count check and credited its
