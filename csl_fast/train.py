@@ -55,8 +55,10 @@ def mlp(
     (it would couple the samples of a batch and break per-sample input gradients).
     ``seed`` seeds the initialisation without touching the global RNG.
     """
-    if isinstance(hidden, int | numbers.Integral):  # ("'int' object is not iterable")
-        hidden = (int(hidden),)
+    if not hasattr(hidden, "__iter__"):
+        # one width ("'int' object is not iterable"): checked below, where True (int(True)
+        # built a layer of width 1) and 2.0 are refused by name
+        hidden = (hidden,)
     # (torch's "empty(): argument 'size' failed to unpack" for None, "negative dimension")
     in_features = integer("csl_fast.train.mlp", "in_features", in_features, low=1)
     num_classes = integer("csl_fast.train.mlp", "num_classes", num_classes, low=1)

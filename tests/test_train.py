@@ -389,6 +389,9 @@ def test_soft_targets_with_autograd_history_are_not_backpropagated_into():
         (lambda x, y: mlp(None, 4), TypeError, r"in_features must be an int, got NoneType"),
         (lambda x, y: mlp(5, -1), ValueError, r"num_classes must be an int >= 1, got -1"),
         (lambda x, y: mlp(5, 3, (8, -2)), ValueError, r"hidden must be an int >= 1, got -2"),
+        # True built one layer of width 1; 2.0 raised "'float' object is not iterable"
+        (lambda x, y: mlp(5, 3, True), TypeError, r"hidden must be an int, got bool"),
+        (lambda x, y: mlp(5, 3, 2.0), TypeError, r"hidden must be an int, got float"),
     ],
 )
 def test_train_predict_and_mlp_arguments_are_refused_by_name(call, error, match):
