@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -296,7 +297,7 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         _record(grad, index, tracker, scale, valid, validate=False if checked else None)
 
-    _register(x, tracker, hook)
+    _register_eagerly(x, tracker, hook)
     return x
 
 
@@ -322,7 +323,19 @@ def _check_transform(x: torch.Tensor) -> None:
         )
 
 
-@torch.compiler.disable
+_eager_register: Callable[[torch.Tensor, CSLTracker, Any], None] | None = None
+
+
+def _register_eagerly(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
+    """:func:`_register` under ``torch.compiler.disable``, made at the first watch: as a
+    decorator it imported ``torch._dynamo`` with csl_fast, 2 of the 4 s that ``import
+    csl_fast`` (and with it every ``csl-fast`` command) took."""
+    global _eager_register
+    if _eager_register is None:
+        _eager_register = torch.compiler.disable(_register)
+    _eager_register(x, tracker, hook)
+
+
 def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
     """Put ``hook`` on ``x`` for ``tracker``, in eager mode (torch.compile cannot trace
     the per-tensor registry: a step that watches graph-breaks here), unless ``x`` is the
