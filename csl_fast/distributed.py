@@ -503,7 +503,7 @@ def mark_synced(tracker: CSLTracker, group: Any = None, *, timeout: float | None
     """
     wait = _checked("mark_synced", tracker, timeout)
     if is_distributed(group):
-        _agree(tracker, group, 2, False, wait)
+        _agree(tracker, group, 2, False, get_timeout() if wait is None else wait)
     _set_baseline(tracker)
 
 
@@ -600,11 +600,13 @@ def sync(tracker: CSLTracker, group: Any = None, *, timeout: float | None = None
     return _sync(tracker, group, timeout, 1)
 
 
-def _checked(fn: str, tracker: Any, timeout: Any) -> float:
-    """The wait of ``fn``'s collectives, ``tracker`` and ``timeout`` checked before
+def _checked(fn: str, tracker: Any, timeout: Any) -> float | None:
+    """``tracker`` and a given ``timeout`` (in seconds; None: not given) checked before
     anything else, also in a single process: there ``sync(None)`` returned False and a
     timeout of '30', -1 or NaN passed, to fail only once the job ran distributed (and
-    ``mark_synced(None)`` raised "'NoneType' object has no attribute '__dict__'")."""
+    ``mark_synced(None)`` raised "'NoneType' object has no attribute '__dict__'"). The
+    default, :func:`get_timeout`, is read where a collective waits: read here, a bad
+    CSL_FAST_SYNC_TIMEOUT failed every single-process end_epoch."""
     from .tracker import CSLTracker
 
     if not isinstance(tracker, CSLTracker):
@@ -612,7 +614,7 @@ def _checked(fn: str, tracker: Any, timeout: Any) -> float:
             f"csl_fast.distributed.{fn}: tracker must be a csl_fast.CSLTracker, got "
             f"{type(tracker).__name__}"
         )
-    return get_timeout() if timeout is None else _seconds(fn, "timeout", timeout)
+    return None if timeout is None else _seconds(fn, "timeout", timeout)
 
 
 def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
@@ -621,7 +623,7 @@ def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> 
         return False
     before = _versions(tracker)
     try:
-        return _combine(tracker, group, wait, call)
+        return _combine(tracker, group, get_timeout() if wait is None else wait, call)
     finally:  # (a refused sync may have written nothing: its bumps are 0)
         bumps = tracker.__dict__.get(_SYNC_BUMPS_ATTR, (0, 0))
         after = _versions(tracker)

@@ -524,6 +524,17 @@ def test_sync_arguments_are_checked_in_a_single_process_too(call, error, message
         call(CSLTracker(8, 3))
 
 
+def test_a_bad_timeout_variable_fails_only_where_a_collective_waits(monkeypatch):
+    # (read by the single-process checks, it failed every end_epoch of a run without
+    # torch.distributed, after a whole epoch was recorded)
+    monkeypatch.setenv("CSL_FAST_SYNC_TIMEOUT", "30s")
+    t = CSLTracker(8, 3)
+    csl_fast.accumulate(torch.randn(8, 3), torch.arange(8) % 3, torch.arange(8), t)
+    t.end_epoch()
+    assert t.epoch == 1 and distributed.sync(t) is False
+    mark_synced(t)
+
+
 def _shard(scenario: str, n: int, world: int, epoch: int, rank: int) -> list[torch.Tensor]:
     """Rank ``rank``'s index batches (of 3) in ``epoch``: ``DistributedSampler`` with its
     padding or with ``drop_last``, or (``"any"``) a random subset of any size, overlapping
