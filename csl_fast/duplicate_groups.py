@@ -260,7 +260,9 @@ def as_rows(where: str, name: str, value: Any) -> torch.Tensor | None:
             if all(r.numel() == 1 for r in rows):  # tensor([c]) per sample: [N], not [N, 1]
                 rows = [r.reshape(()) for r in rows]
             return torch.stack(rows)
-        return torch.as_tensor(value)
+        # (through NumPy: torch.as_tensor made Python floats float32, and rows that differ
+        # in float64, 0.1 and 0.1 + 1e-12, compared equal bit for bit)
+        return torch.as_tensor(np.asarray(value) if isinstance(value, list | tuple) else value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(
             f"{where}: {name} must be a tensor, a NumPy array or a list with one row per "

@@ -212,3 +212,9 @@ def test_labels_a_classifiers_tracker_cannot_hold_are_refused_as_clean_refuses_t
             fn(tracker, inputs=x, labels=past)
     # a tracker with no classes (multi-label, binary BCE) compares float target rows by bits
     assert detect.duplicates(torch.rand(3), inputs=x, labels=float_labels).groups == [[0, 1]]
+
+
+def test_a_list_of_python_floats_is_compared_in_float64():
+    # (torch.as_tensor made them float32: rows 0.1 and 0.1 + 1e-12 were one group)
+    rows = [[0.1, 1.0], [0.1 + 1e-12, 1.0], [0.5, 2.0], [0.5, 2.0]]
+    assert detect.exact_duplicate_groups(rows) == [[2, 3]]
