@@ -125,7 +125,8 @@ def score_epoch(
         device = param.device if param is not None else tracker.device
     # (torch's "Expected one of cpu, cuda, ..." or "Torch not compiled with CUDA enabled")
     device = device_arg("csl_fast.score_epoch", device, "run the pass")
-    if not hasattr(loader, "__iter__"):  # (None: "'NoneType' object is not iterable")
+    # (None: "'NoneType' object is not iterable"; iter() also takes __getitem__ alone)
+    if not hasattr(loader, "__iter__") and not hasattr(loader, "__getitem__"):
         raise TypeError(
             "csl_fast.score_epoch: loader must be an iterable of (x, y, index) batches (a "
             f"DataLoader, a list), got {type(loader).__name__}"
@@ -251,33 +252,12 @@ def score_epoch(
             stacklevel=2,
         )
         return
-    if not is_distributed():  # (each rank scores a shard: the others' samples are left out)
-        _warn_of_samples_left_behind(tracker, before["eval_count"])
+    passes, at = tracker.eval_passes, tracker.eval_pass_presentations
     tracker.end_eval_pass()
+    if not is_distributed():  # (each rank scores a shard: the others' samples are left out)
+        from .scores import note_eval_pass
 
-
-def _warn_of_samples_left_behind(tracker: CSLTracker, counts_before: torch.Tensor) -> None:
-    """Warn where a pass after training left out samples an earlier pass scored: their
-    eval values (final_loss, in_confidence, the data map's colour) stay an older model's,
-    which scores() reads from the eval buffers while no training came after the last
-    pass (it cannot tell which samples that pass scored)."""
-    at = tracker.eval_pass_presentations
-    if not tracker.eval_passes or at is None:
-        return
-    if float(tracker.csl_count.sum(dtype=torch.float64)) <= at:
-        return  # no training since the previous pass: its values are of this model too
-    counts = tracker.eval_count.cpu()
-    left = (counts_before > 0) & (counts == counts_before)
-    if bool(left.any()):
-        warnings.warn(
-            f"csl_fast.score_epoch: this pass scored {int((counts != counts_before).sum())} "
-            f"samples and left out {int(left.sum())} that an earlier pass scored, before "
-            "training that was recorded since: their final_loss and in_confidence stay the "
-            "older model's (scores() reads them from the eval passes). Score every sample "
-            "the earlier passes scored in the last pass",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        note_eval_pass(tracker, tracker.eval_count.cpu() != before["eval_count"], passes, at)
 
 
 def _eval_buffers(tracker: CSLTracker) -> list[str]:

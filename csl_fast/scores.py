@@ -106,8 +106,8 @@ SCORES: dict[str, ScoreInfo] = {
     "final_loss": ScoreInfo(
         "loss at the last eval pass that scored the sample, while no training was recorded "
         "after the tracker's last eval pass (the final model, clean input; NaN for a sample "
-        "no pass scored; one the last pass left out keeps an earlier pass's, which "
-        "score_epoch warns of), else at the last training presentation (the model of that "
+        "no pass scored; one the passes after training left out keeps an earlier pass's, "
+        "which scores() warns of), else at the last training presentation (the model of that "
         "step)",
         "not fitted by the final model",
         "train",
@@ -244,6 +244,34 @@ def eval_is_latest(tracker: CSLTracker) -> bool:
         return False
     at = getattr(tracker, "eval_pass_presentations", None)  # (None in older pickles)
     return at is None or float(tracker.csl_count.sum(dtype=torch.float64)) <= at
+
+
+# Tracker attribute (not saved): (eval_passes, eval_pass_presentations, [N] bool on the
+# CPU) after the last pass, the samples the passes made since the last training scored.
+_SCORED_SINCE_TRAINING = "_eval_scored_since_training"
+
+
+def note_eval_pass(
+    tracker: CSLTracker, scored: torch.Tensor, passes: int, at: float | None
+) -> None:
+    """Keep which samples the passes since the last training scored (``scored``: this
+    pass's; ``passes`` and ``at``: the tracker's counters before it), for
+    :func:`_left_out_of_the_last_passes`."""
+    kept = tracker.__dict__.get(_SCORED_SINCE_TRAINING)
+    same_model = at is not None and tracker.eval_pass_presentations == at
+    if same_model and kept is not None and kept[:2] == (passes, at):
+        scored = scored | kept[2]  # (a held-out loader scored after the training one)
+    key = (tracker.eval_passes, tracker.eval_pass_presentations)
+    tracker.__dict__[_SCORED_SINCE_TRAINING] = (*key, scored)
+
+
+def _left_out_of_the_last_passes(tracker: CSLTracker) -> int:
+    """How many samples hold eval values from a pass before training that the passes
+    since left out (0 where that is not known: a loaded tracker, torch.distributed)."""
+    kept = tracker.__dict__.get(_SCORED_SINCE_TRAINING)
+    if kept is None or kept[:2] != (tracker.eval_passes, tracker.eval_pass_presentations):
+        return 0
+    return int(((tracker.eval_count.cpu() > 0) & ~kept[2]).sum())
 
 
 def from_eval_pass(name: str, eval_latest: bool) -> bool:
@@ -417,6 +445,19 @@ def scores(tracker: CSLTracker, names: Iterable[str] | None = None) -> Scores:
             RuntimeWarning,
             stacklevel=2,
         )
+
+    if use_eval and any(n in _EVAL_FIRST for n in chosen):
+        left = _left_out_of_the_last_passes(tracker)
+        if left:
+            # (they read the untrained model's losses of a first pass as the final model's)
+            warnings.warn(
+                f"csl_fast.scores: {left} samples scored by an eval pass before training were "
+                "left out of the passes after it: their final_loss and in_confidence are "
+                "the older model's. Score every sample in the eval passes after the last "
+                "epoch (csl_fast.score_epoch)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def softmax_based(name: str) -> bool:  # eval passes give in_confidence its own softmax
         eval_conf = name == "in_confidence" and use_eval

@@ -464,20 +464,49 @@ def test_a_multi_label_tracker_is_refused_before_anything_is_recorded():
     assert tracker.num_classes is None and tracker.eval_passes == 0
 
 
-def test_a_pass_after_training_that_leaves_out_scored_samples_warns():
+def test_scores_warn_of_samples_the_passes_after_training_left_out():
     """Scored all, trained, then scored half: the other half kept the untrained model's
-    final_loss, silently (scores() cannot tell which samples the last pass scored)."""
+    final_loss, silently (the tracker-wide rule takes the eval values while no training
+    came after the last pass). A held-out loader scored after the training one, with no
+    training between, leaves nothing behind: no warning (it warned every epoch)."""
     t = CSLTracker(8, 3)
     idx = torch.arange(8)
     y = idx % 3
     model = torch.nn.Linear(3, 3)
     x = torch.randn(8, 3)
+
+    def quiet_scores():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return csl_fast.scores(t, ["final_loss", "in_confidence"])
+
     csl_fast.score_epoch(model, [(x, y, idx)], t)
-    csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)  # no training since: silent
+    csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)  # no training since
+    quiet_scores()
     csl_fast.accumulate(model(x), y, idx, t)
-    with pytest.warns(RuntimeWarning, match="scored 4 samples and left out 4 that an earlier"):
-        csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)
-    csl_fast.accumulate(model(x), y, idx, t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        csl_fast.score_epoch(model, [(x, y, idx)], t)  # every sample again: silent
+    csl_fast.score_epoch(model, [(x[:4], y[:4], idx[:4])], t)
+    with pytest.warns(RuntimeWarning, match="4 samples scored by an eval pass before training"):
+        csl_fast.scores(t, ["final_loss"])
+    for _ in range(2):  # two loaders over disjoint samples after each epoch
+        csl_fast.accumulate(model(x[:6]), y[:6], idx[:6], t)
+        csl_fast.score_epoch(model, [(x[:6], y[:6], idx[:6])], t)
+        csl_fast.score_epoch(model, [(x[6:], y[6:], idx[6:])], t)
+        quiet_scores()
+
+
+def test_a_loader_that_only_indexes_is_taken_as_iter_takes_it():
+    # (__getitem__ and __len__ without __iter__: refused as "not iterable", which it is)
+    class Batches:
+        def __init__(self, batches):
+            self.batches = batches
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __getitem__(self, i):
+            return self.batches[i]
+
+    t = CSLTracker(4, 3)
+    idx = torch.arange(4)
+    csl_fast.score_epoch(torch.nn.Identity(), Batches([(torch.randn(4, 3), idx % 3, idx)]), t)
+    assert t.eval_passes == 1 and bool((t.eval_count == 1).all())
