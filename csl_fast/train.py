@@ -55,7 +55,7 @@ def mlp(
     (it would couple the samples of a batch and break per-sample input gradients).
     ``seed`` seeds the initialisation without touching the global RNG.
     """
-    if not hasattr(hidden, "__iter__"):
+    if not hasattr(hidden, "__iter__") or getattr(hidden, "ndim", None) == 0:
         # one width ("'int' object is not iterable"): checked below, where True (int(True)
         # built a layer of width 1) and 2.0 are refused by name
         hidden = (hidden,)

@@ -398,3 +398,10 @@ def test_train_predict_and_mlp_arguments_are_refused_by_name(call, error, match)
     x, y = _data()
     with pytest.raises(error, match=r"^csl_fast\.(train|train\.mlp|predict): " + match):
         call(x, y)
+
+
+@pytest.mark.parametrize("width", [torch.tensor(8), np.array(8), np.int64(8)], ids=repr)
+def test_mlp_takes_one_hidden_width_as_a_0d_tensor_or_array(width):
+    # ("iteration over a 0-d tensor": they have __iter__, and were read as lists of widths)
+    widths = [m.out_features for m in mlp(5, 3, width) if isinstance(m, torch.nn.Linear)]
+    assert widths == [8, 3]
