@@ -32,7 +32,8 @@ Sums are not compared with each other: their float rounding (and a sync's
 inequalities. Counts are compared only below ``2**24``, where every count a float32
 tracker adds is exact (past it a float32 count stops growing by 1). Every check is a
 few vectorised passes over ``[N]`` (one over each history), taken in chunks on the CPU
-so that their temporaries stay in cache.
+so that their temporaries stay small, and again in smaller chunks only where one fails,
+to name the first bad sample.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ HISTORY_ROWS = {
 # Samples a CPU pass takes at a time: the temporaries of a chunk (a few 256 KiB) stay in
 # cache, where whole-[N] ones would be allocated, faulted in and written back per check.
 _CHUNK = 1 << 16
+# check_invariants' first pass takes up to this many chunks at a time, fewer where the
+# histories' [rows, chunk] masks would pass this many cells (bounding its temporaries:
+# ~16 MiB of masks, a few 4 MiB [chunk] ones).
+_CHUNKS_PER_PASS = 16
+_PASS_HISTORY_CELLS = 1 << 24
 # What is compared: every [N] buffer (not the [N, L] per-label CSL).
 _ONE_PER_SAMPLE = frozenset(
     {*_COUNTED, *(n for names in _COUNTED.values() for n in names), "last_correct",
@@ -99,11 +105,12 @@ def _refuse(bad: torch.Tensor, what: Callable[[int], str]) -> None:
         raise TrackerStateError(f"{what(int(bad.nonzero()[0, 0]))}; {_DAMAGED}")
 
 
-def sample_chunks(t: torch.Tensor) -> Iterator[tuple[int, slice]]:
+def sample_chunks(t: torch.Tensor, chunk: int | None = None) -> Iterator[tuple[int, slice]]:
     """``(first sample, slice)`` of the chunks a check of the ``[N, ...]`` tensor ``t``
-    takes at a time: :data:`_CHUNK` samples on the CPU, all at once elsewhere."""
+    takes at a time: ``chunk`` (default :data:`_CHUNK`) samples on the CPU, all at once
+    elsewhere."""
     n = t.shape[0]
-    step = _CHUNK if t.device.type == "cpu" else max(n, 1)
+    step = (chunk or _CHUNK) if t.device.type == "cpu" else max(n, 1)
     for start in range(0, n, step):
         yield start, slice(start, start + step)
 
@@ -117,6 +124,8 @@ def check_invariants(
     absent in older format versions, and its ``[rows, N]`` histories) whose buffers
     disagree. Raises :class:`~csl_fast.tracker_state.TrackerStateError` naming the
     field and the sample."""
+    from .tracker_state import TrackerStateError
+
     dev = buffers["csl_count"].device  # (a state may mix devices; no copy when it does not)
     b = {k: v.to(dev) for k, v in buffers.items() if k in _ONE_PER_SAMPLE}
     histories = {k: h.to(dev) for k, h in histories.items()}
@@ -145,15 +154,28 @@ def check_invariants(
         )
     inexact = {k for k in _PARTS.values() if k in b and bool(b[k].max() >= _EXACT)}
     parts = [k for k in _PARTS if k in b and b[k].any()]  # (0 after end_epoch: nothing to do)
-    for start, part in sample_chunks(b["csl_count"]):
-        _check_chunk(
-            {k: v[part] for k, v in b.items()},
-            {k: h[:, part] for k, h in histories.items()},
-            masked,
-            parts,
-            inexact,
-            start,
-        )
+    # Passes over large chunks first (few parallel regions: on busy CPUs each costs far
+    # more than its work); only a large chunk that fails is walked again a chunk of
+    # samples at a time, which names the sample (and field) the walk always named: the
+    # first failing check of the first failing chunk of _CHUNK samples.
+    rows = sum(h.shape[0] for h in histories.values())
+    big = _CHUNK * max(1, min(_CHUNKS_PER_PASS, _PASS_HISTORY_CELLS // (_CHUNK * max(rows, 1))))
+    for first, whole in sample_chunks(b["csl_count"], big):
+        pass_b = {k: v[whole] for k, v in b.items()}
+        pass_h = {k: h[:, whole] for k, h in histories.items()}
+        try:
+            _check_chunk(pass_b, pass_h, masked, parts, inexact, first)
+        except TrackerStateError:
+            for start, part in sample_chunks(pass_b["csl_count"]):
+                _check_chunk(
+                    {k: v[part] for k, v in pass_b.items()},
+                    {k: h[:, part] for k, h in pass_h.items()},
+                    masked,
+                    parts,
+                    inexact,
+                    first + start,
+                )
+            raise  # (unreached: a sample the pass refused is in one of its chunks)
 
 
 def _unseen(b: Mapping[str, torch.Tensor], name: str, count: str, i: int, start: int = 0) -> str:

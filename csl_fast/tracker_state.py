@@ -227,6 +227,35 @@ def _data_tensor(where: str, v: Any) -> None:
         raise TrackerStateError(f"{where} {what}; pass dense tensors that hold the values")
 
 
+#: Samples :func:`_check_values` reduces at a time on the CPU: a few whole-chunk
+#: reductions (one parallel region each) per chunk, where elementwise tests of
+#: :data:`~csl_fast.tracker_invariants._CHUNK` samples took ~10 tiny parallel regions per
+#: 65,536 samples and buffer (tens of thousands at N = 10M, 10-50x slower on busy CPUs).
+#: Bounds the one temporary a chunk may need (its copy in the tracker's dtype, or its
+#: rounding: 8 MiB at float64).
+_VALUE_CHUNK = 1 << 20
+_INT32_MAX = torch.iinfo(torch.int32).max
+
+
+def _values_ok(name: str, s: torch.Tensor, kind: str, lo: int, dtype: torch.dtype) -> bool:
+    """Whether the chunk ``s`` of buffer ``name`` holds only what :func:`_check_values`
+    accepts, by whole-chunk reductions (False: some sample may be bad; the chunk is then
+    walked elementwise to name it)."""
+    if kind == "int":
+        if s.dtype == torch.int32:
+            return int(s.min()) >= lo  # (nothing in an int32 is past the int32 maximum)
+        if s.dtype in (torch.uint16, torch.uint32, torch.uint64):  # (no min/max for them)
+            s = s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
+        low, high = s.aminmax()
+        return low.item() >= lo and high.item() <= _INT32_MAX
+    held = s.to(dtype)
+    # inf and NaN carry into the sum (a finite sum that overflows only sends the chunk to
+    # the elementwise walk, which finds nothing)
+    if not bool(held.sum().isfinite()):
+        return False
+    return name in _FINITE or (bool(held.min() >= 0) and torch.equal(held, held.round()))
+
+
 def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -> None:
     """Refuse values no tracker holds: counts that are negative, non-integral or not
     finite once copied into the tracker's float ``dtype`` (a float64 count past float32's
@@ -234,14 +263,17 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
     int32 (a copy would wrap them), and inf or NaN in the buffers of :data:`_FINITE`
     (accepted, such a sample scored NaN and dropped out of the ranking). Other sums may
     hold inf and NaN: adding finite margins can overflow to inf, then inf - inf. (These
-    buffers are all [N]; checked a chunk of samples at a time, see
-    :func:`sample_chunks`.)"""
+    buffers are all [N]; checked by whole-chunk reductions, :data:`_VALUE_CHUNK` samples
+    at a time, and only a chunk that fails one elementwise, a chunk of samples at a time,
+    see :func:`sample_chunks`, to name its first bad sample.)"""
     if kind == "int":
         lo = -1 if name in _MINUS_ONE else 0
         allowed = f"an int32 >= {lo}"
     elif name.endswith("_count"):
+        lo = 0
         allowed = f"a finite integral count >= 0 in the tracker's {dtype}"
     elif name in _FINITE:
+        lo = 0
         allowed = (
             f"finite in the tracker's {dtype} (each presentation adds a probability or a "
             "squared gradient norm of at most 2 to it, or sets it to one: no run overflows it)"
@@ -250,19 +282,30 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
         return
     if name in _FINITE and src.dtype == dtype and bool(src.sum().isfinite()):
         return  # NaN and inf carry into the sum: one pass, no temporaries, rules them out
-    for start, part in sample_chunks(src):
-        s = src[part]
+    for first, whole in sample_chunks(src, _VALUE_CHUNK):
+        if _values_ok(name, src[whole], kind, lo, dtype):
+            continue
+        _name_bad_value(name, src[whole], kind, dtype, lo, first, allowed)
+
+
+def _name_bad_value(
+    name: str, chunk: torch.Tensor, kind: str, dtype: torch.dtype, lo: int, first: int, allowed: str
+) -> None:
+    """Raise naming the first sample of ``chunk`` (sample ``first`` of buffer ``name``
+    onward) that :func:`_check_values` refuses, if any."""
+    for start, part in sample_chunks(chunk):
+        s = chunk[part]
         if kind == "int":
             # (in int64: against an int16 or int8 buffer the int32 maximum wrapped to -1,
             # against uint8 the -1 of learned_epoch to 255, and uint16 has no comparison)
             # (uint64 in float64: its values past int64's range would wrap to negatives)
-            # (an int32 buffer, the common case, is compared as it is: no copy per chunk)
-            wide = (
-                s
-                if s.dtype == torch.int32
-                else s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
-            )
-            bad = (wide < lo) | (wide > torch.iinfo(torch.int32).max)
+            # (an int32 buffer, the common case, is compared as it is: no copy per chunk,
+            # and only with its floor: no int32 is past the int32 maximum)
+            if s.dtype == torch.int32:
+                bad = s < lo
+            else:
+                wide = s.to(torch.float64 if s.dtype == torch.uint64 else torch.int64)
+                bad = (wide < lo) | (wide > _INT32_MAX)
         else:
             held = s.to(dtype)
             bad = ~torch.isfinite(held)
@@ -272,7 +315,7 @@ def _check_values(name: str, src: torch.Tensor, kind: str, dtype: torch.dtype) -
             i = int(bad.nonzero()[0, 0])
             shown = s[i].item() if kind == "int" else s[i].to(torch.float64).item()
             raise TrackerStateError(
-                f"state buffer {name!r} holds {shown!r} at sample {start + i}, not "
+                f"state buffer {name!r} holds {shown!r} at sample {first + start + i}, not "
                 f"{allowed}; no tracker holds that: the state was edited or damaged, restore "
                 "it from a copy"
             )
