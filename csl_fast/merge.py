@@ -34,8 +34,11 @@ def merge(
         trackers: :class:`CSLTracker` objects, tracker files (:meth:`CSLTracker.save`) or
             :meth:`CSLTracker.state_dict` outputs; at least one. They are not modified. A
             tracker is copied under its lock, one at a time, so that a run another thread
-            is recording into is merged as it stood between two steps (the copy costs the
-            memory of one more tracker while the merge runs).
+            is recording into is merged as it stood between two steps. Every input is
+            held as such a copy (a file: loaded) until the merge returns: it takes the
+            memory of its inputs, of the merged tracker and of about one to two trackers
+            more of temporaries (peak growth merging two in-memory trackers of 1M
+            samples: ~5 times one tracker; eight: ~12 times).
         device: where the merged tracker lives (default: the first tracker's device; CPU
             for files and state dicts).
 
@@ -174,17 +177,38 @@ def merge(
     def stack(name: str, dt: torch.dtype | None = None) -> torch.Tensor:
         return torch.stack([t.buffers()[name].to(dev, dt or dtype) for t in runs])
 
+    # Each merged buffer goes into the new tracker's own as soon as it is made (one tracker
+    # of memory, not two: the state loaded below holds those live buffers, and loading
+    # copies each onto itself); one of another dtype or shape would stay as it is, for the
+    # load to check and convert as before.
+    live = out.buffers()
     buffers: dict[str, torch.Tensor] = {}
+
+    def put(name: str, value: torch.Tensor) -> None:
+        into = live[name]
+        if (value.dtype, value.shape, value.device) == (into.dtype, into.shape, into.device):
+            into.copy_(value)
+            value = into
+        buffers[name] = value
+
     for name in out.buffers():
         if name.endswith(("_sum", "_count")):
-            buffers[name] = stack(name).sum(0)
-    forgetting = stack("forgetting", torch.int64).sum(0)
+            put(name, stack(name).sum(0))
+    # Integer sums, maxima and flags are exact in any order: folded run by run (no [R, N]
+    # int64 temporaries). Float sums keep torch.stack(...).sum(0), one buffer at a time:
+    # its accumulation order is torch's, which a left-to-right fold does not reproduce
+    # bit for bit (from 5 runs on).
+    forgetting = torch.zeros(n, dtype=torch.int64, device=dev)
+    for t in runs:
+        forgetting += t.buffers()["forgetting"].to(dev, torch.int64)
     # a merged input stands for its runs (each taken to have presented its samples): the
     # merge of a merge and a run equals the merge of all three runs
     weight = torch.tensor([t.runs for t in runs], device=dev)[:, None]  # [R, 1]
     for prefix, count in (("", "csl_count"), ("eval_", "eval_count")):
         seen = stack(count) > 0  # [R, N]
-        runs_seen = torch.where(seen, weight, 0).sum(0)
+        runs_seen = torch.zeros(n, dtype=weight.dtype, device=dev)
+        for i in range(len(runs)):
+            runs_seen += torch.where(seen[i], weight[i], 0)
         alone = seen.sum(0) == 1  # one input saw it: its value as it is (x * 3 / 3 is
         # not always x, and merge([m]) of a merge m moved its last values by an ulp)
         for name in (prefix + "last_loss", prefix + "last_max_prob"):
@@ -193,26 +217,32 @@ def merge(
             mean = torch.where(
                 alone, torch.where(seen, values, 0).sum(0), total / runs_seen.clamp(min=1)
             )
-            buffers[name] = torch.where(runs_seen > 0, mean, 0)
+            put(name, torch.where(runs_seen > 0, mean, 0))
         correct = stack(prefix + "last_correct", torch.bool)
         all_correct = (runs_seen > 0) & (correct | ~seen).all(0)
-        buffers[prefix + "last_correct"] = all_correct
+        put(prefix + "last_correct", all_correct)
         if not prefix:
-            le = torch.where(seen, stack("learned_epoch", torch.int32), -1).amax(0)
-            buffers["learned_epoch"] = torch.where(all_correct, le, -1).to(torch.int32)
+            le = torch.full((n,), -1, dtype=torch.int32, device=dev)
+            for i, t in enumerate(runs):
+                run_le = t.buffers()["learned_epoch"].to(dev, torch.int32)
+                le = torch.maximum(le, torch.where(seen[i], run_le, -1))
+            put("learned_epoch", torch.where(all_correct, le, -1).to(torch.int32))
             # a run that ended correct, where the merged last state is not, forgot the
             # sample once more: without it a sample one run learned (and never forgot)
             # read as never learned (ever_correct False, the worst forgetting score)
             # (as many of a merged input's runs as its presentations leave room for: a
             # merge of 3 runs where one saw the sample added 3, which its count of 1
             # could not hold, and the result was refused as damaged)
-            room = stack("csl_count") - stack("forgetting")
-            ended = torch.minimum(weight.to(room.dtype), room).to(torch.int64)
-            ended_correct = torch.where(correct & seen, ended, 0).sum(0)
+            ended_correct = torch.zeros(n, dtype=torch.int64, device=dev)
+            for i, t in enumerate(runs):
+                b = t.buffers()
+                room = b["csl_count"].to(dev, dtype) - b["forgetting"].to(dev, dtype)
+                ended = torch.minimum(weight[i].to(room.dtype), room).to(torch.int64)
+                ended_correct += torch.where(correct[i] & seen[i], ended, 0)
             forgetting += torch.where(all_correct, 0, ended_correct)
-    buffers["forgetting"] = _int32("forgetting", forgetting)
-
-    buffers.update(_merge_votes(runs, dev))
+    put("forgetting", _int32("forgetting", forgetting))
+    for name, value in _merge_votes(runs, dev).items():
+        put(name, value)
 
     first = [t.input_grad_first_epoch for t in runs if t.input_grad_first_epoch >= 0]
     igfe = min(first) if first else -1
