@@ -461,3 +461,31 @@ def test_the_vote_survives_regrouping_only_with_a_majority():
 
     assert both([voted(1, 3), voted(2, 1), voted(1, 2)]) == (1, 1)  # 5 of 6 votes
     assert both([voted(1, 3), voted(2, 2), voted(0, 2)]) == (0, 1)  # no majority of 7
+
+
+def test_folded_integer_rules_equal_the_stacked_ones():
+    """merge folds its integer rules run by run: the result equals them computed over
+    the stacked runs (forgetting, learned_epoch, last_correct), six runs and a merge."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        from test_tracker_invariants import _fed
+
+        inputs = [_fed(0), _fed(1, torch.float64), _fed(2, epochs=5), _fed(3, epochs=1)]
+        inputs += [csl_fast.merge([_fed(4), _fed(5)]), _fed(6)]
+        m = csl_fast.merge(inputs)
+    runs = inputs  # (merge leaves them as they were; the merged one weighs 2 runs)
+    stack = lambda name, dt: torch.stack([t.buffers()[name].to(dt) for t in runs])  # noqa: E731
+    weight = torch.tensor([t.runs for t in runs])[:, None]
+    seen = stack("csl_count", torch.float64) > 0
+    runs_seen = torch.where(seen, weight, 0).sum(0)
+    correct = stack("last_correct", torch.bool)
+    all_correct = (runs_seen > 0) & (correct | ~seen).all(0)
+    le = torch.where(seen, stack("learned_epoch", torch.int32), -1).amax(0)
+    room = stack("csl_count", torch.float64) - stack("forgetting", torch.float64)
+    ended = torch.minimum(weight.to(room.dtype), room).to(torch.int64)
+    forgetting = stack("forgetting", torch.int64).sum(0)
+    forgetting += torch.where(all_correct, 0, torch.where(correct & seen, ended, 0).sum(0))
+    assert torch.equal(m.last_correct, all_correct)
+    assert torch.equal(m.learned_epoch, torch.where(all_correct, le, -1).to(torch.int32))
+    assert torch.equal(m.forgetting, forgetting.to(torch.int32))
+    assert int(m.forgetting.sum()) > 0 and bool((m.learned_epoch >= 0).any())
