@@ -149,3 +149,26 @@ def test_values_of_other_dtypes_in_range_load(monkeypatch):
     b["p_true_sum"] = b["p_true_sum"].to(torch.float16)
     state["buffers"] = b
     assert _both(monkeypatch, state) == (None, None)
+
+
+@pytest.mark.parametrize("name", ["learned_epoch", "suggest_label"])
+@pytest.mark.parametrize("where", [0, 200, 479])
+def test_an_integer_past_its_bound_mid_buffer_names_the_first(name, where):
+    """_check_at_most's one-reduction pass falls back to naming the first sample."""
+    state = _tiled(_fed(0))
+    epoch = state["epoch"]
+    value, why = (
+        (epoch + 1, f"past the state's epoch={epoch} (in progress)")
+        if name == "learned_epoch"
+        else (C, f"past num_classes={C}")
+    )
+    b = dict(state["buffers"])
+    v = b[name].clone()
+    v[where] = value
+    v[where + 1 :: 97] = value + 1
+    b[name] = v
+    state["buffers"] = b
+    assert _load(state) == (
+        f"CSLTracker: state buffer {name!r} holds {value} at sample {where}, {why}; no "
+        "tracker holds that: the state was edited or damaged, restore it from a copy"
+    )
