@@ -357,14 +357,81 @@ def rank_rows(
     also marks the samples :func:`csl_fast.detect.duplicates` flags, and ``group`` is
     the sample's group of identical inputs (numbered from 0 by smallest index; ``None``
     for a sample without an identical partner, or without inputs)."""
-    return _rank(tracker, samples, score, top, inputs, labels)[0]
+    return _rank(tracker, samples, score, top, inputs, labels)[0].rows()
+
+
+#: Rows formatted (and written) at a time by ``rank``'s CSV and JSON output.
+RANK_CHUNK = 16384
+#: ``rank`` shows a progress bar on stderr (unless ``-q``, and when tqdm is installed)
+#: while it writes at least this many CSV or JSON rows.
+RANK_PROGRESS_ROWS = 200_000
+
+
+class _RankTable:
+    """The rows of ``rank`` as columns (arrays in ranked order, indexed once), turned
+    into Python values (as :func:`rank_rows` gives them) a chunk of rows at a time: the
+    whole ranking of a large run was a list of dicts, then a whole CSV/JSON text."""
+
+    def __init__(self, columns: tuple[str, ...], data: dict[str, Any], length: int) -> None:
+        self.columns = columns
+        self.data = data  # name -> array in row order, (array, row order), or None
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def values(self, c: str, start: int, stop: int) -> list[Any]:
+        """Column ``c`` of rows ``start:stop``, as Python values (``None``: unknown)."""
+        if c == "rank":
+            return list(range(start + 1, stop + 1))
+        src = self.data[c]
+        if src is None:
+            return [None] * (stop - start)
+        if isinstance(src, tuple):  # a samples field, indexed by the rows' sample indices
+            return _field_values(*src, start, stop)
+        vals = src[start:stop].tolist()
+        if c == "group":
+            return [None if g < 0 else g for g in vals]
+        return vals
+
+    def chunks(self, size: int | None = None) -> Any:
+        """``(start, stop, columns)``: the columns' values, ``size`` (default
+        :data:`RANK_CHUNK`) rows at a time."""
+        size = size or RANK_CHUNK
+        for start in range(0, self.length, size):
+            stop = min(start + size, self.length)
+            yield start, stop, [self.values(c, start, stop) for c in self.columns]
+
+    def rows(self) -> list[dict[str, Any]]:
+        cols = self.columns
+        return [
+            dict(zip(cols, r, strict=True))
+            for _, _, v in self.chunks()
+            for r in zip(*v, strict=True)
+        ]
+
+
+def _field_values(arr: Any, order: Any, start: int, stop: int) -> list[Any]:
+    """A samples field of rows ``start:stop``: a Python bool, int or float, or a flat list
+    for a row (a multi-label target, a sequence's token labels): a regression's 0.73 was
+    printed as int 0. A NaN target is None (JSON has no NaN: --json wrote a bare NaN)."""
+    import torch
+
+    idx = order[start:stop]
+    part = arr[torch.from_numpy(idx)] if isinstance(arr, torch.Tensor) else arr[idx]
+    if part.ndim > 1:
+        rows = part.reshape(len(idx), math.prod(part.shape[1:])).tolist()
+        return [[None if x != x else x for x in v] for v in rows]  # (x != x: a NaN)
+    return [None if x != x else x for x in part.tolist()]
 
 
 def _rank(
     tracker: Any, samples: Any, score: str, top: int, inputs: Any, labels: Any
-) -> tuple[list[dict[str, Any]], Any, Any]:
-    """:func:`rank_rows`, the duplicate detection (None without inputs) and the
-    detection behind ``flagged``."""
+) -> tuple[_RankTable, Any, Any]:
+    """:func:`rank_rows` (as a :class:`_RankTable`), the duplicate detection (None without
+    inputs) and the detection behind ``flagged``."""
+    import numpy as np
+
     from . import duplicate_groups
     from .cli_inputs import duplicates_for
     from .detect import DetectionWarning
@@ -380,67 +447,53 @@ def _rank(
     det = detection_for(tracker, score)
     if score == "label_csl":
         return _entry_rows(det, top), dup, det
-    values = det.scores.detach().cpu().double()
+    values = det.scores.detach().cpu().double().numpy()
     flagged = det.flagged.cpu()
     ids = None
     if dup is not None:
         flagged = flagged | dup.flagged.cpu()
         ids = duplicate_groups.group_ids(inputs)
-    rows = []
     # (not ranking: held-out samples an eval pass scored were listed after the ranked
     # ones with rank numbers, right after the note that said they are not ranked)
-    for r, i in enumerate(det.ranked[:top].tolist()):
-        v = float(values[i])
+    order = det.ranked[:top].cpu().numpy().astype(np.int64, copy=False)
 
-        def field(name: str, i: int = i) -> Any:
-            arr = None if samples is None else getattr(samples, name)
-            if name == "labels" and labels is not None:
-                arr = labels  # --labels: the run's given labels, as samples.npz keeps them
-            if arr is None:
-                return None
-            # a Python bool, int or float, or a flat list for a row (a multi-label target,
-            # a sequence's token labels): a regression's 0.73 was printed as int 0. A NaN
-            # target is None (JSON has no NaN: --json wrote a bare NaN)
-            v = arr[i]
-            v = v.reshape(-1).tolist() if v.ndim else v.tolist()
-            if isinstance(v, list):
-                return [None if isinstance(x, float) and math.isnan(x) else x for x in v]
-            return None if isinstance(v, float) and math.isnan(v) else v
+    def field(name: str) -> Any:
+        arr = None if samples is None else getattr(samples, name)
+        if name == "labels" and labels is not None:
+            arr = labels  # --labels: the run's given labels, as samples.npz keeps them
+        return None if arr is None else (arr, order)
 
-        rows.append(
-            {
-                "rank": r + 1,
-                "index": i,
-                "score": v,
-                "label": field("labels"),
-                "predicted": field("predicted"),
-                "flagged": bool(flagged[i]),
-                "mislabeled": field("mislabeled"),
-                "duplicate": field("duplicate"),
-                "group": None if ids is None or ids[i] < 0 else int(ids[i]),
-            }
-        )
-    return rows, dup, det
+    data = {
+        "index": order,
+        "score": values[order],
+        "label": field("labels"),
+        "predicted": field("predicted"),
+        "flagged": flagged.numpy()[order],
+        "mislabeled": field("mislabeled"),
+        "duplicate": field("duplicate"),
+        "group": None if ids is None else ids.cpu().numpy()[order],
+    }
+    return _RankTable(CSV_COLUMNS, data, len(order)), dup, det
 
 
-def _entry_rows(det: Any, top: int) -> list[dict[str, Any]]:
+def _entry_rows(det: Any, top: int) -> _RankTable:
+    import torch
+
     values = det.scores.detach().cpu().double()
     flagged = det.flagged.cpu()
-    rows = []
-    for r, (i, k) in enumerate(det.top(top).tolist()):
-        v = float(values[i, k])
-        if not math.isfinite(v):
-            break
-        rows.append(
-            {
-                "rank": r + 1,
-                "index": i,
-                "entry_label": k,
-                "score": v,
-                "flagged": bool(flagged[i, k]),
-            }
-        )
-    return rows
+    entries = det.top(top).cpu().reshape(-1, 2)
+    i, k = entries[:, 0], entries[:, 1]
+    v = values[i, k]
+    # (the ranking stops at the first entry without a finite value)
+    bad = (~torch.isfinite(v)).nonzero()
+    n = int(bad[0, 0]) if len(bad) else len(v)
+    data = {
+        "index": i[:n].numpy(),
+        "entry_label": k[:n].numpy(),
+        "score": v[:n].numpy(),
+        "flagged": flagged[i[:n], k[:n]].numpy(),
+    }
+    return _RankTable(ENTRY_CSV_COLUMNS, data, n)
 
 
 def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = None) -> str:
@@ -470,27 +523,104 @@ def _format_table(rows: list[dict[str, Any]], score: str, shown: str | None = No
     return "\n".join(lines)
 
 
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, list):  # a row's values, space-separated (no list brackets)
+        return " ".join("" if x is None else str(x) for x in v)
+    return str(v)
+
+
+def _csv_cells(c: str, vals: list[Any]) -> list[str] | map[str]:
+    if c == "score":
+        return map(repr, vals)
+    if c in ("rank", "index", "entry_label"):  # (ints, never None)
+        return map(str, vals)
+    if c == "flagged":
+        return ["1" if v else "0" for v in vals]
+    return map(_csv_cell, vals)
+
+
+def _write_csv(table: _RankTable, f: TextIO, bar: Any = None) -> None:
+    """The CSV of ``table``, written to ``f`` a chunk of rows at a time."""
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(table.columns)
+    for start, stop, cols in table.chunks():
+        w.writerows(
+            zip(*(_csv_cells(c, v) for c, v in zip(table.columns, cols, strict=True)), strict=True)
+        )
+        if bar is not None:
+            bar.update(stop - start)
+
+
 def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
+    """The CSV of ``rows`` (as :func:`rank_rows` gives them)."""
     columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
     for r in rows:
-        out = []
-        for c in columns:
-            v = r[c]
-            if v is None:
-                out.append("")
-            elif isinstance(v, bool):
-                out.append("1" if v else "0")
-            elif c == "score":
-                out.append(repr(v))
-            elif isinstance(v, list):  # a row's values, space-separated (no list brackets)
-                out.append(" ".join("" if x is None else str(x) for x in v))
-            else:
-                out.append(str(v))
-        w.writerow(out)
+        w.writerow([repr(r[c]) if c == "score" else _csv_cell(r[c]) for c in columns])
     return buf.getvalue()
+
+
+def _json_cell(v: Any) -> str:
+    """``v`` as ``json.dumps(..., indent=2)`` writes it as a value of a row of the list."""
+    if v is None:
+        return "null"
+    if v is True:
+        return "true"
+    if v is False:
+        return "false"
+    if type(v) is int:
+        return int.__repr__(v)
+    if type(v) is float and math.isfinite(v):
+        return float.__repr__(v)
+    # a list (a row's values) is indented as the row's keys are; NaN, Infinity, others
+    return json.dumps(v, indent=2).replace("\n", "\n      ")
+
+
+def _json_cells(c: str, vals: list[Any]) -> list[str]:
+    if c in ("rank", "index", "entry_label"):  # (ints, never None)
+        return list(map(str, vals))
+    if c == "flagged":
+        return ["true" if v else "false" for v in vals]
+    return list(map(_json_cell, vals))
+
+
+def _write_json(table: _RankTable, payload: dict[str, Any], f: TextIO, bar: Any = None) -> None:
+    """``json.dumps({**payload, "rows": rows}, indent=2) + "\\n"``, written to ``f`` a chunk
+    of rows at a time (the same bytes)."""
+    head = json.dumps({**payload, "rows": []}, indent=2)
+    if not table.length:
+        f.write(head + "\n")
+        return
+    head, tail = head.rsplit("[]", 1)
+    # one row: its keys at indent 6, the row's braces at indent 4
+    row = "    {{\n" + ",\n".join(f"      {json.dumps(c)}: {{}}" for c in table.columns)
+    row = row + "\n    }}"
+    f.write(head + "[\n")
+    for start, stop, cols in table.chunks():
+        cells = [_json_cells(c, v) for c, v in zip(table.columns, cols, strict=True)]
+        text = ",\n".join(row.format(*r) for r in zip(*cells, strict=True))
+        f.write(text if start == 0 else ",\n" + text)
+        if bar is not None:
+            bar.update(stop - start)
+    f.write("\n  ]" + tail + "\n")
+
+
+def _progress(rows: int, quiet: bool, what: str) -> Any:
+    """A tqdm bar on stderr over the rows written (None under ``-q``, for fewer than
+    :data:`RANK_PROGRESS_ROWS` rows, or without tqdm)."""
+    if quiet or rows < RANK_PROGRESS_ROWS:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=rows, desc=what, unit=" rows", leave=False, file=sys.stderr)
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -535,9 +665,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
     # label_csl's entries are ranked by their mean where presentation counts differ
     # (detect_losses.mislabeled_entries): a column headed label_csl showed the means
     shown = det.score_name if args.score == "label_csl" else args.score
-    if args.csv:
-        text = _format_csv(rows, args.score)
-    elif args.json:
+    payload: dict[str, Any] | None = None
+    if args.json:
         payload = {
             "run": args.run,
             "score": shown,
@@ -555,18 +684,34 @@ def cmd_rank(args: argparse.Namespace) -> int:
             payload["duplicates"] = duplicates_summary(dup)
             # the flagged column also marks the conflicting groups' members: its total
             payload["flagged_with_duplicates_count"] = int((det.flagged | dup.flagged).sum())
-        text = json.dumps({**payload, "rows": rows}, indent=2) + "\n"
-    else:
-        text = _format_table(rows, args.score, shown) + "\n"
+
+    def fill(f: TextIO) -> None:
+        # CSV and JSON a chunk of rows at a time, with a progress bar for a long ranking
+        # (the whole ranking of a large run was a list of dicts, then one text: 2.4 GB
+        # and 34 s for the JSON of a million samples, nothing on the terminal meanwhile)
+        if not (args.csv or args.json):
+            f.write(_format_table(rows.rows(), args.score, shown) + "\n")
+            return
+        bar = _progress(len(rows), args.quiet, "rank")
+        try:
+            if args.csv:
+                _write_csv(rows, f, bar)
+            else:
+                assert payload is not None
+                _write_json(rows, payload, f, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
     if stream is None:
         try:
-            atomic_file.write_text(args.output, lambda f: f.write(text), "write", "rank.csv")
+            atomic_file.write_text(args.output, fill, "write", "rank.csv")
         except OSError as exc:
             raise CLIError(exc.strerror, EXIT_INPUT) from None
         if not args.quiet:
             print(f"wrote {len(rows)} rows to {args.output}", file=sys.stderr)
     else:
-        stream.write(text)
+        fill(stream)
     return EXIT_OK
 
 
