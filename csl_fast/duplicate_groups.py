@@ -20,6 +20,10 @@ over the rows, no Python loop over samples):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -83,10 +87,59 @@ def num_groups(ids: torch.Tensor) -> int:
     return int(ids.max()) + 1 if ids.numel() else 0
 
 
+#: The groups already found within :func:`computed_once`: (a weak reference to the
+#: inputs, what must be unchanged since, the ids); None outside it.
+_FOUND: contextvars.ContextVar[list[tuple[Any, Any, torch.Tensor]] | None] = contextvars.ContextVar(
+    "csl_fast_group_ids_found", default=None
+)
+
+
+@contextlib.contextmanager
+def computed_once() -> Iterator[None]:
+    """Within it, :func:`group_ids` of the same inputs tensor (the same object, not changed
+    in place since: its version counter) is computed once. A command of the CLI (``rank``,
+    ``report``, ``clean``) asks for the groups of its one inputs tensor in several places
+    (the detection, the plan, the report's section): ``torch.unique(dim=0)`` took seconds
+    each at a million rows."""
+    token = _FOUND.set([])
+    try:
+        yield
+    finally:
+        _FOUND.reset(token)
+
+
+def _unchanged_key(inputs: torch.Tensor) -> Any:
+    try:
+        version = inputs._version  # (an inference-mode tensor has none)
+    except RuntimeError:
+        return None
+    return (
+        version,
+        inputs.device,
+        inputs.dtype,
+        tuple(inputs.shape),
+        inputs.stride(),
+        inputs.storage_offset(),
+    )
+
+
 def group_ids(inputs: torch.Tensor) -> torch.Tensor:
     """int64 ``[N]``: the group of each sample among bitwise-identical rows of
     ``inputs`` (``[N, ...]``), numbered ``0, 1, ...`` by the group's smallest index;
     ``-1`` for a sample with no identical partner."""
+    found = _FOUND.get()
+    key = None if found is None else _unchanged_key(inputs)
+    if found is None or key is None:
+        return _group_ids(inputs)
+    for ref, k, ids in found:
+        if ref() is inputs and k == key:
+            return ids.clone()
+    ids = _group_ids(inputs)
+    found.append((weakref.ref(inputs), key, ids))
+    return ids.clone()
+
+
+def _group_ids(inputs: torch.Tensor) -> torch.Tensor:
     n = inputs.shape[0]
     if n == 0:
         return torch.empty(0, dtype=torch.long)

@@ -218,3 +218,55 @@ def test_a_list_of_python_floats_is_compared_in_float64():
     # (torch.as_tensor made them float32: rows 0.1 and 0.1 + 1e-12 were one group)
     rows = [[0.1, 1.0], [0.1 + 1e-12, 1.0], [0.5, 2.0], [0.5, 2.0]]
     assert detect.exact_duplicate_groups(rows) == [[2, 3]]
+
+
+def test_computed_once_finds_the_groups_of_one_tensor_once(monkeypatch):
+    """Within computed_once (a CLI command), the groups of the same unchanged inputs are
+    computed once, and equal to a fresh computation; a changed tensor, another tensor, or
+    a call outside it computes them again."""
+    calls = []
+    real = dg._group_ids
+    monkeypatch.setattr(dg, "_group_ids", lambda x: calls.append(1) or real(x))
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [1.0, 2.0], [5.0, 6.0], [3.0, 4.0]])
+    want = real(x)
+    with dg.computed_once():
+        a = dg.group_ids(x)
+        b = dg.group_ids(x)
+        assert len(calls) == 1 and torch.equal(a, want) and torch.equal(b, want)
+        a[:] = 7  # the caller's copy: the next answer is unchanged
+        assert torch.equal(dg.group_ids(x), want) and len(calls) == 1
+        assert torch.equal(dg.group_ids(x.clone()), want) and len(calls) == 2
+        x[3] = x[0]  # changed in place: found again
+        assert dg.group_ids(x).tolist() == [0, 1, 0, 0, 1] and len(calls) == 3
+    dg.group_ids(x)
+    assert len(calls) == 4
+
+
+def test_rank_report_and_clean_find_the_groups_once(tmp_path, monkeypatch):
+    import csl_fast
+    from csl_fast.cli import main
+    from csl_fast.report import RunSamples
+
+    n = 60
+    g = torch.Generator().manual_seed(0)
+    t = csl_fast.CSLTracker(n, 3)
+    y = torch.arange(n) % 3
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(n, 3, generator=g), y, torch.arange(n), t)
+        t.end_epoch()
+    inputs = torch.randn(n, 4, generator=g)
+    inputs[10:20] = inputs[:10]
+    t.save(tmp_path / "tracker.csl")
+    RunSamples(labels=y.numpy(), inputs=inputs.numpy()).save(tmp_path / "samples.npz")
+    calls = []
+    real = dg._group_ids
+    monkeypatch.setattr(dg, "_group_ids", lambda x: calls.append(1) or real(x))
+    run = str(tmp_path)
+    for cmd in (
+        ["rank", run, "--csv", "--output", str(tmp_path / "r.csv")],
+        ["report", run, "--out", str(tmp_path / "rep")],
+        ["clean", run, "--out", str(tmp_path / "c.csv")],
+    ):
+        calls.clear()
+        assert main([*cmd, "-q"]) == 0
+        assert len(calls) == 1, cmd
