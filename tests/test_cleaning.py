@@ -488,13 +488,19 @@ def test_to_csv_interrupted_keeps_the_previous_plan(tmp_path, monkeypatch):
     path = tmp_path / "plan.csv"
     _plan().to_csv(path)
     before = path.read_bytes()
-    rows = CleaningPlan.rows
+    import csl_fast.cleaning as cleaning
 
-    def interrupted(self):
-        yield from list(rows(self))[:1]
-        raise KeyboardInterrupt
+    columns = CleaningPlan._columns
+    calls = []
 
-    monkeypatch.setattr(CleaningPlan, "rows", interrupted)
+    def interrupted(self, start, stop):  # the first row written, then Ctrl-C
+        calls.append(start)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return columns(self, start, stop)
+
+    monkeypatch.setattr(cleaning, "PLAN_CSV_CHUNK", 1)
+    monkeypatch.setattr(CleaningPlan, "_columns", interrupted)
     with pytest.raises(KeyboardInterrupt):
         clean(SCORES, detection=_det(), policy="drop").to_csv(path)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["plan.csv"]
@@ -754,3 +760,79 @@ def test_evaluate_plan_refuses_what_is_no_plan_by_name(plan):
     # "'NoneType' object has no attribute 'num_samples'"
     with pytest.raises(TypeError, match=r"evaluate_plan: plan must be a CleaningPlan"):
         evaluate_plan(plan, torch.zeros(3, dtype=torch.long))
+
+
+def _old_rows(plan):  # the per-row dicts that rows(), to_csv and to_dataframe replaced
+    out = []
+    for i, action, lab, conf, s, r in zip(
+        plan.index.tolist(),
+        plan.actions,
+        plan.suggested_label.tolist(),
+        plan.confidence.tolist(),
+        plan.score.tolist(),
+        plan.rank.tolist(),
+        strict=True,
+    ):
+        out.append(
+            {
+                "index": i,
+                "action": action,
+                "suggested_label": lab if lab >= 0 else None,
+                "confidence": conf if lab >= 0 and math.isfinite(conf) else None,
+                "score": s,
+                "rank": r if r > 0 else None,
+            }
+        )
+    return out
+
+
+def _old_csv(plan):
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for row in _old_rows(plan):
+        w.writerow(
+            [
+                row["index"],
+                row["action"],
+                "" if row["suggested_label"] is None else row["suggested_label"],
+                "" if row["confidence"] is None else str(np.float32(row["confidence"])),
+                repr(float(row["score"])),
+                "" if row["rank"] is None else row["rank"],
+            ]
+        )
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case", ["relabel", "drop", "review", "empty", "no_suggestions"])
+def test_rows_csv_and_dataframe_equal_the_per_row_formatting(monkeypatch, case):
+    """rows(), to_csv and to_dataframe are built column by column (to_csv a chunk at a
+    time): the same values, bytes and dtypes as the per-row dicts they replaced."""
+    import csl_fast.cleaning as cleaning
+
+    monkeypatch.setattr(cleaning, "PLAN_CSV_CHUNK", 2)
+    conf = torch.tensor([0.39996, 0.0, 1e-5, 0.6, 0.2, 1.0])
+    if case == "review":
+        plan = _plan(policy="review", budget=6, suggestions=(SUGG_LABEL, conf))
+    elif case == "empty":
+        plan = _plan(policy="review", budget=0)
+    else:
+        policy = "drop" if case == "drop" else "relabel-confident"
+        plan = _plan(policy=policy, suggestions=(SUGG_LABEL, conf))
+    if len(plan):
+        plan.confidence[-1] = float("nan")  # (no confidence: an empty cell)
+    if case == "no_suggestions":
+        plan.suggested_label.fill_(-1)
+        plan.rank.fill_(-1)
+    want = _old_rows(plan)
+    assert plan.rows() == want
+    assert [type(v) for r in plan.rows() for v in r.values()] == [
+        type(v) for r in want for v in r.values()
+    ]
+    buf = io.StringIO()
+    plan.to_csv(buf)
+    assert buf.getvalue() == _old_csv(plan)
+    pd = pytest.importorskip("pandas")
+    old = pd.DataFrame(want, columns=list(CSV_COLUMNS))
+    old["rank"] = old["rank"].astype("Int64")
+    pd.testing.assert_frame_equal(plan.to_dataframe(), old, check_dtype=True, check_exact=True)
