@@ -272,8 +272,10 @@ class CleaningPlan:
     def rows(self) -> list[dict[str, Any]]:
         """The rows as dicts with the keys :data:`CSV_COLUMNS` (``None`` when unknown: no
         suggestion, no rank)."""
-        cols = self._columns(0, len(self))
-        return [dict(zip(CSV_COLUMNS, r, strict=True)) for r in zip(*cols, strict=True)]
+        return [
+            {"index": i, "action": a, "suggested_label": k, "confidence": c, "score": s, "rank": r}
+            for i, a, k, c, s, r in zip(*self._columns(0, len(self)), strict=True)
+        ]
 
     def _columns(self, start: int, stop: int) -> list[list[Any]]:
         """The values of :meth:`rows` ``start:stop``, a list per column of
