@@ -389,7 +389,8 @@ class _RankTable:
         if src is None:
             return [None] * (stop - start)
         if isinstance(src, tuple):  # a samples field, indexed by the rows' sample indices
-            return _field_values(*src, start, stop)
+            arr, order = src
+            return _field_values(arr, order, start, stop)
         vals = src[start:stop].tolist()
         if c == "group":
             return [None if g < 0 else g for g in vals]
