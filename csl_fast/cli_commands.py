@@ -613,16 +613,26 @@ def _write_json(table: _RankTable, payload: dict[str, Any], f: TextIO, bar: Any 
     f.write("\n  ]" + tail + "\n")
 
 
-def _progress(rows: int, quiet: bool, what: str) -> Any:
-    """A tqdm bar on stderr over the rows written (None under ``-q``, for fewer than
-    :data:`RANK_PROGRESS_ROWS` rows, or without tqdm)."""
-    if quiet or rows < RANK_PROGRESS_ROWS:
+def _progress(rows: int, quiet: bool, what: str, out: TextIO) -> Any:
+    """A tqdm bar on stderr over the rows written to ``out`` (None under ``-q``, for fewer
+    than :data:`RANK_PROGRESS_ROWS` rows, without tqdm, or where ``out`` is stderr's own
+    file: ``-o /dev/stderr``, or ``-o - > f 2>&1``, where the bar landed in the CSV)."""
+    if quiet or rows < RANK_PROGRESS_ROWS or _same_file(out, sys.stderr):
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return None
     return tqdm(total=rows, desc=what, unit=" rows", leave=False, file=sys.stderr)
+
+
+def _same_file(a: TextIO, b: TextIO) -> bool:
+    if a is b:
+        return True
+    try:
+        return os.path.sameopenfile(a.fileno(), b.fileno())
+    except (AttributeError, OSError, ValueError):  # (a StringIO, a closed stream)
+        return False
 
 
 def cmd_rank(args: argparse.Namespace) -> int:
@@ -694,7 +704,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
         if not (args.csv or args.json):
             f.write(_format_table(rows.rows(), args.score, shown) + "\n")
             return
-        bar = _progress(len(rows), args.quiet, "rank")
+        bar = _progress(len(rows), args.quiet, "rank", f)
         try:
             if args.csv:
                 _write_csv(rows, f, bar)

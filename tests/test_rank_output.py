@@ -139,3 +139,20 @@ def test_an_empty_ranking_and_label_csl_entries_write_the_same_bytes(monkeypatch
     f = io.StringIO()
     cc._write_csv(table, f)
     assert f.getvalue() == _old_csv(rows, table.columns)
+
+
+def test_the_progress_bar_stays_out_of_an_output_on_stderr(tmp_path, monkeypatch, capfd):
+    """`rank --csv -o /dev/stderr` of a long ranking wrote the bar into the CSV's header
+    line; to a file, the bar still shows on stderr."""
+    from csl_fast.cli import main
+
+    path = tmp_path / "run.csl"
+    _tracker(40).save(path)
+    monkeypatch.setattr(cc, "RANK_PROGRESS_ROWS", 10)  # (stands in for 200k rows)
+    assert main(["rank", str(path), "--csv", "--top", "40", "-o", "/dev/stderr"]) == 0
+    err = capfd.readouterr().err
+    assert "\r" not in err and "rows/s" not in err
+    table = list(csv.reader(io.StringIO(err[err.index("rank,index") :])))
+    assert len(table) == 41
+    assert main(["rank", str(path), "--csv", "--top", "40", "-o", str(tmp_path / "r.csv")]) == 0
+    assert "rank: " in capfd.readouterr().err and "\r" not in (tmp_path / "r.csv").read_text()
