@@ -96,8 +96,10 @@ _FOUND: contextvars.ContextVar[list[tuple[Any, Any, torch.Tensor]] | None] = con
 
 @contextlib.contextmanager
 def computed_once() -> Iterator[None]:
-    """Within it, :func:`group_ids` of the same inputs tensor (the same object, not changed
-    in place since: its version counter) is computed once. A command of the CLI (``rank``,
+    """Within it, :func:`group_ids` of the same inputs tensor (the same object, on the
+    same storage, not changed in place since: its version counter) is computed once;
+    writes that bypass the version counter (through ``.data`` or a NumPy view of the
+    tensor) are not seen, which the CLI, its one user, never makes. A command of the CLI (``rank``,
     ``report``, ``clean``) asks for the groups of its one inputs tensor in several places
     (the detection, the plan, the report's section): ``torch.unique(dim=0)`` took seconds
     each at a million rows."""
@@ -115,6 +117,7 @@ def _unchanged_key(inputs: torch.Tensor) -> Any:
         return None
     return (
         version,
+        inputs.untyped_storage().data_ptr(),  # (x.data = other: a new storage, version 0)
         inputs.device,
         inputs.dtype,
         tuple(inputs.shape),

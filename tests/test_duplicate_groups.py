@@ -238,8 +238,10 @@ def test_computed_once_finds_the_groups_of_one_tensor_once(monkeypatch):
         assert torch.equal(dg.group_ids(x.clone()), want) and len(calls) == 2
         x[3] = x[0]  # changed in place: found again
         assert dg.group_ids(x).tolist() == [0, 1, 0, 0, 1] and len(calls) == 3
+        x.data = torch.arange(10.0).view(5, 2)  # another storage, version 0 again
+        assert dg.group_ids(x).tolist() == [-1] * 5 and len(calls) == 4
     dg.group_ids(x)
-    assert len(calls) == 4
+    assert len(calls) == 5
 
 
 def test_rank_report_and_clean_find_the_groups_once(tmp_path, monkeypatch):
