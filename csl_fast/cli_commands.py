@@ -557,17 +557,6 @@ def _write_csv(table: _RankTable, f: TextIO, bar: Any = None) -> None:
             bar.update(stop - start)
 
 
-def _format_csv(rows: list[dict[str, Any]], score: str) -> str:
-    """The CSV of ``rows`` (as :func:`rank_rows` gives them)."""
-    columns = ENTRY_CSV_COLUMNS if score == "label_csl" else CSV_COLUMNS
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(columns)
-    for r in rows:
-        w.writerow([repr(r[c]) if c == "score" else _csv_cell(r[c]) for c in columns])
-    return buf.getvalue()
-
-
 def _json_cell(v: Any) -> str:
     """``v`` as ``json.dumps(..., indent=2)`` writes it as a value of a row of the list."""
     if v is None:

@@ -337,10 +337,11 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
 
 def _eval_code(tracker: CSLTracker) -> int:
     """Whether this rank recorded training after its last eval pass (one host read)."""
-    at = tracker.eval_pass_presentations
-    if not tracker.eval_passes or at is None:
+    from .scores import eval_is_latest
+
+    if not tracker.eval_passes or tracker.eval_pass_presentations is None:
         return _EVAL_UNKNOWN
-    return _EVAL_STALE if float(tracker.csl_count.sum(dtype=torch.float64)) > at else _EVAL_CURRENT
+    return _EVAL_CURRENT if eval_is_latest(tracker) else _EVAL_STALE
 
 
 def _set_eval_presentations(tracker: CSLTracker, codes: list[int]) -> None:
@@ -353,7 +354,7 @@ def _set_eval_presentations(tracker: CSLTracker, codes: list[int]) -> None:
     elif _EVAL_UNKNOWN in codes:
         tracker.eval_pass_presentations = None
     else:
-        tracker.eval_pass_presentations = float(tracker.csl_count.sum(dtype=torch.float64))
+        tracker.eval_pass_presentations = tracker.presentations()
 
 
 def _checksum(tracker: CSLTracker) -> int:

@@ -97,12 +97,12 @@ _FOUND: contextvars.ContextVar[list[tuple[Any, Any, torch.Tensor]] | None] = con
 @contextlib.contextmanager
 def computed_once() -> Iterator[None]:
     """Within it, :func:`group_ids` of the same inputs tensor (the same object, on the
-    same storage, not changed in place since: its version counter) is computed once;
-    writes that bypass the version counter (through ``.data`` or a NumPy view of the
-    tensor) are not seen, which the CLI, its one user, never makes. A command of the CLI (``rank``,
-    ``report``, ``clean``) asks for the groups of its one inputs tensor in several places
-    (the detection, the plan, the report's section): ``torch.unique(dim=0)`` took seconds
-    each at a million rows."""
+    same storage, not changed in place since: its version counter) is computed once. A
+    command of the CLI (``rank``, ``report``, ``clean``) asks for the groups of its one
+    inputs tensor in several places (the detection, the plan, the report's section):
+    ``torch.unique(dim=0)`` took seconds each at a million rows. Writes that bypass the
+    version counter (through ``.data`` or a NumPy view of the tensor) are not seen; the
+    CLI, its one user, makes none."""
     token = _FOUND.set([])
     try:
         yield
@@ -147,8 +147,7 @@ def _group_ids(inputs: torch.Tensor) -> torch.Tensor:
     if n == 0:
         return torch.empty(0, dtype=torch.long)
     inverse, counts = _partition(_rows(inputs))
-    first = torch.full((counts.numel(),), n, dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
+    first = _first_of_class(inverse, counts.numel())
     shared = counts > 1
     # renumber the shared rows by their first index; singletons get -1
     order = torch.argsort(torch.where(shared, first, n + torch.arange(counts.numel())))
@@ -175,24 +174,35 @@ def _partition(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``unique(dim=0)`` (3x slower at 1M x 64) answers when any differ (a collision)."""
     n, d = rows.shape
     if d == 0:  # (refused by unique as it was)
-        _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-        return inverse, counts
+        return _unique_rows(rows)
     weights = _hash_weights(d)
     h = torch.zeros(n, dtype=torch.int64)
     step = max(1, _BLOCK // max(n, 1))
     for j in range(0, d, step):  # (an int64 sum wraps around: a hash all the same)
         h += (rows[:, j : j + step].to(torch.int64) * weights[j : j + step]).sum(1)
     _, inverse, counts = torch.unique(h, return_inverse=True, return_counts=True)
-    first = torch.full((counts.numel(),), n, dtype=torch.long)
-    first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
+    first = _first_of_class(inverse, counts.numel())
     members = torch.nonzero(counts[inverse] > 1).flatten()
     step = max(1, _BLOCK // max(d, 1))
     for k in range(0, members.numel(), step):
         m = members[k : k + step]
         if not torch.equal(rows[m], rows[first[inverse[m]]]):
-            _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
-            break
+            return _unique_rows(rows)
     return inverse, counts
+
+
+def _unique_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(inverse, counts)`` of the rows classed exactly, by ``torch.unique(dim=0)``."""
+    _, inverse, counts = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    return inverse, counts
+
+
+def _first_of_class(inverse: torch.Tensor, classes: int) -> torch.Tensor:
+    """int64 ``[classes]``: the smallest row index in each class of ``inverse``."""
+    n = inverse.numel()
+    first = torch.full((classes,), n, dtype=torch.long)
+    first.scatter_reduce_(0, inverse, torch.arange(n), reduce="amin")
+    return first
 
 
 def group_lists(ids: torch.Tensor, which: torch.Tensor | None = None) -> list[list[int]]:

@@ -292,7 +292,8 @@ def watch(
         tracker._watched_at_default_scale = True  # (CSLTracker: read by CSLCallback)
     from .accumulate_checks import copy_to
 
-    index = copy_to(index, tracker.device)
+    # (the int64 indices checked above: the tracker's record need not convert them again)
+    index = copy_to(signed if checked else index, tracker.device)
 
     def hook(grad: torch.Tensor) -> None:
         _record(grad, index, tracker, scale, valid, validate=False if checked else None)

@@ -281,9 +281,7 @@ def _presentations_at_eval(runs: list[CSLTracker]) -> float | None:
     if all(t.eval_pass_presentations is None for t in runs):
         return None
     return sum(
-        float(t.csl_count.sum(dtype=torch.float64))
-        if t.eval_pass_presentations is None
-        else t.eval_pass_presentations
+        t.presentations() if t.eval_pass_presentations is None else t.eval_pass_presentations
         for t in runs
     )
 

@@ -243,7 +243,7 @@ def eval_is_latest(tracker: CSLTracker) -> bool:
     if tracker.eval_passes == 0:
         return False
     at = getattr(tracker, "eval_pass_presentations", None)  # (None in older pickles)
-    return at is None or float(tracker.csl_count.sum(dtype=torch.float64)) <= at
+    return at is None or tracker.presentations() <= at
 
 
 # Tracker attribute (not saved): (eval_passes, eval_pass_presentations, [N] bool on the

@@ -909,10 +909,14 @@ class CSLTracker(TrackerStatistics):
             self.eval_pass_count.zero_()
         # (one host read per pass, none per training step; a meta tracker holds no counts)
         meta = self.device.type == "meta"
-        self.eval_pass_presentations = (
-            None if meta else float(self.csl_count.sum(dtype=torch.float64))
-        )
+        self.eval_pass_presentations = None if meta else self.presentations()
         self.eval_passes += 1
+
+    def presentations(self) -> float:
+        """The training presentations recorded so far, ``csl_count``'s total (exact: summed
+        in float64; one host read): what :attr:`eval_pass_presentations` is compared
+        with."""
+        return float(self.csl_count.sum(dtype=torch.float64))
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

@@ -195,15 +195,14 @@ def train(
             raise TypeError(
                 f"csl_fast.train: {name} must be a torch.Tensor, got {type(t).__name__}"
             )
-    if tracker is not None and not isinstance(tracker, CSLTracker):
-        raise TypeError(
-            f"csl_fast.train: tracker must be a csl_fast.CSLTracker, got {type(tracker).__name__}"
-        )
-    for name, t in (("x", x), ("y", y)):
         if t.dim() == 0:  # (an IndexError from x.shape[0])
             raise ValueError(
                 f"csl_fast.train: {name} must have one row per sample ([N, ...]), got a 0-d tensor"
             )
+    if tracker is not None and not isinstance(tracker, CSLTracker):
+        raise TypeError(
+            f"csl_fast.train: tracker must be a csl_fast.CSLTracker, got {type(tracker).__name__}"
+        )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"csl_fast.train: x has {x.shape[0]} rows but y has {y.shape[0]} labels")
     if torch.is_inference_mode_enabled():
