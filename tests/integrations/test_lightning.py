@@ -205,6 +205,7 @@ def test_a_fit_that_failed_after_a_cut_short_epoch_leaves_no_epoch_to_close_twic
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=tmp_path,  # (its checkpoints went to ./checkpoints)
     )
     with pytest.raises(OSError, match="could not be written"):
         failing.fit(model, _loader())
