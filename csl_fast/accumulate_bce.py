@@ -30,6 +30,7 @@ from .accumulate_checks import (
     check_count_fits,
     check_in_graph,
     check_writable,
+    device_mismatch,
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
@@ -438,11 +439,7 @@ def _check(logits, target, index, buffers, weight, pos_weight, reduction) -> Non
     for name, t in (*named, *zip(_NAMES, buffers, strict=True)):
         # A buffer that is no tensor at all is refused by _check_buffers, with its own message.
         if isinstance(t, torch.Tensor) and t.device != device:
-            _fail(
-                ValueError,
-                f"{name} is on {t.device} but logits are on {device}; move it with "
-                ".to(logits.device)",
-            )
+            raise ValueError(device_mismatch("accumulate_bce", name, t, device))
     _check_buffers(buffers, labels)
     check_buffers_apart(
         "accumulate_bce",

@@ -295,6 +295,10 @@ def smoothing(label_smoothing: object, op: str) -> float:
 
 
 _CSL_DTYPES = (torch.float32, torch.float64)
+#: Buffer names of the ops that a tracker supplies (CE's and BCE's).
+TRACKER_BUFFERS = frozenset(
+    ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob")
+)
 _COUNT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
 
@@ -307,12 +311,25 @@ def widen_for_ignore_index(target: object, ignore_index: int) -> object:
     return target
 
 
+def device_mismatch(
+    op: str, name: str, t: torch.Tensor, device: torch.device, source: str = ""
+) -> str:
+    """The message for ``t`` off the device of ``source`` (``op``'s main input: logits,
+    or hidden for linear_cross_entropy). A buffer named in ``TRACKER_BUFFERS`` usually
+    comes from a tracker, which has no ``.to``: the fix then is where it is created."""
+    source = source or ("hidden" if op == "linear_cross_entropy" else "logits")
+    fix = (
+        f"create the CSLTracker with device={str(device)!r} (or move the inputs to {t.device})"
+        if name in TRACKER_BUFFERS
+        else f"move it with .to({source}.device)"
+    )
+    verb = "are" if source == "logits" else "is"
+    return f"csl_fast.{op}: {name} is on {t.device} but {source} {verb} on {device}; {fix}"
+
+
 def _check_device(name: str, t: torch.Tensor, device: torch.device, op: str = "accumulate") -> None:
     if t.device != device:
-        raise ValueError(
-            f"csl_fast.{op}: {name} is on {t.device} but logits are on {device}; move it "
-            "with .to(logits.device)"
-        )
+        raise ValueError(device_mismatch(op, name, t, device))
 
 
 #: After "index must be a tensor, got int": the usual slip is Lightning's batch_idx.

@@ -29,6 +29,7 @@ from .accumulate_checks import (
     check_buffer,
     check_buffers_apart,
     check_count_fits,
+    device_mismatch,
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
@@ -403,10 +404,7 @@ def _check(loss: object, index: object, buffers: tuple[torch.Tensor, torch.Tenso
     device = loss.device
     for name, t in (("index", index), *zip(("csl", "count"), buffers, strict=True)):
         if isinstance(t, torch.Tensor) and t.device != device:
-            raise ValueError(
-                f"csl_fast.record_loss: {name} is on {t.device} but loss is on {device}; "
-                f"move it with .to(loss.device)"
-            )
+            raise ValueError(device_mismatch("record_loss", name, t, device, "loss"))
     csl, count = buffers
     check_buffer("record_loss", "csl", csl, (torch.float32, torch.float64), "loss")
     if count is not None:

@@ -228,6 +228,24 @@ def test_mixed_devices_meta():
         csl_fast.accumulate(**a, weight=torch.ones(5, device="meta"))
 
 
+def test_tracker_off_device_names_where_to_fix_it():
+    # a tracker has no .to: the fix for its buffers is the device it is created on
+    tracker = csl_fast.CSLTracker(10, 3)
+    x = torch.randn(4, 3, device="meta")
+    t = torch.zeros(4, dtype=torch.long, device="meta")
+    i = torch.arange(4, device="meta")
+    fix = r"create the CSLTracker with device='meta' \(or move the inputs to cpu\)"
+    with pytest.raises(ValueError, match=r"csl is on cpu but logits are on meta; " + fix):
+        csl_fast.accumulate(x, t, i, tracker)
+    with pytest.raises(ValueError, match=r"csl is on cpu but logits are on meta; " + fix):
+        csl_fast.accumulate_bce(x, torch.zeros(4, 3, device="meta"), i, tracker)
+    h, w = torch.randn(4, 5, device="meta"), torch.randn(3, 5, device="meta")
+    with pytest.raises(ValueError, match=r"csl is on cpu but hidden is on meta; " + fix):
+        csl_fast.linear_cross_entropy(h, w, t, i, tracker)
+    with pytest.raises(ValueError, match=r"csl is on cpu but loss is on meta; " + fix):
+        csl_fast.record_loss(torch.rand(4, device="meta"), i, tracker)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: tensors on two devices")
 def test_mixed_devices():
     a = _good("cuda")
