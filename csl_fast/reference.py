@@ -18,7 +18,7 @@ from enum import IntEnum
 import torch
 import torch.nn.functional as F
 
-from .stats import NUM_STATS, Stat, invalid_column
+from .stats import MARGIN_CAP, NUM_STATS, Stat, invalid_column
 
 REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 REDUCTION_NAMES = {v: k for k, v in REDUCTIONS.items()}
@@ -73,7 +73,7 @@ def row_statistics(
     gnorm = p_other.square().sum(1) + one_minus_py.square()
     if num_classes > 1:
         max_other = torch.where(others, z, torch.full_like(z, -float("inf"))).amax(1)
-        margin = z_y - max_other
+        margin = (z_y - max_other).clamp(max=MARGIN_CAP)
         # The first j != y holding that max (argmax returns the first of equal maxima).
         other_argmax = (others & (z == max_other[:, None])).to(torch.int8).argmax(1).float()
     else:

@@ -15,7 +15,7 @@ class Stat(IntEnum):
 
     LOSS = 0  #: l_i = logsumexp(z_i) - z_{i, y_i}
     P_TRUE = 1  #: p_y = exp(-l_i)
-    MARGIN = 2  #: z_y - max_{j != y} z_j (0 when C == 1)
+    MARGIN = 2  #: min(z_y - max_{j != y} z_j, MARGIN_CAP) (0 when C == 1)
     CORRECT = 3  #: 1.0 if argmax_j z_j == y (first index on ties) else 0.0
     GRAD_NORM_SQ = 4  #: ||dl_i/dz_i||^2 = sum_{j != y} p_j^2 + (1 - p_y)^2
     VALID = 5  #: 1.0 if the row was recorded (not ignored, finite loss) else 0.0
@@ -26,6 +26,11 @@ class Stat(IntEnum):
 
 
 NUM_STATS = len(Stat)
+#: The largest margin a kernel emits. Past about 745 even float64's softmax is one-hot, so
+#: no larger margin says more about the label; and a row whose label holds its only finite
+#: logit (a masked class set, a forced token) has margin +inf, which made the sample's
+#: margin sum, AUM and every later margin +inf for good (csrc/stats.h: kMarginCap).
+MARGIN_CAP = 1000.0
 #: The most classes a tracker records: ``OTHER_ARGMAX`` is a float32, which holds every
 #: class index below ``2**24`` exactly (above, suggested labels came out rounded).
 MAX_TRACKED_CLASSES = 2**24

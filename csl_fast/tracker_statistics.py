@@ -78,7 +78,9 @@ class TrackerStatistics:
     @property
     def aum(self) -> torch.Tensor:
         """Area under the margin: mean over presentations of
-        :math:`z_y - \\max_{j\\ne y} z_j` (NaN: never presented)."""
+        :math:`\\min(z_y - \\max_{j\\ne y} z_j,\\ 1000)` (NaN: never presented). The cap
+        (:data:`csl_fast.stats.MARGIN_CAP`) keeps a presentation whose label held the only
+        finite logit (a masked class set: margin +inf) from making the mean infinite."""
         return _mean_or_nan(self.margin_sum, self.csl_count)
 
     @property

@@ -38,7 +38,7 @@ import torch
 from tolerances import assert_close_f32, assert_no_worse_than_torch
 
 from csl_fast import reference
-from csl_fast.stats import NUM_STATS, Stat
+from csl_fast.stats import MARGIN_CAP, NUM_STATS, Stat
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
@@ -363,6 +363,21 @@ def test_emulated_cross_entropy_paths(emu, classes, batch, dtype):
     target = torch.randint(0, classes, (batch,))
     target[1] = -100
     _check_against_reference(emu, logits, target)
+
+
+@pytest.mark.parametrize("classes,batch", [c for c in _PATHS if c[0] > 1])
+@pytest.mark.parametrize("dtype", list(_DTYPE_CODES))
+def test_emulated_margin_is_capped(emu, classes, batch, dtype):
+    """A row whose label holds the only finite logit (margin +inf) and one with a margin
+    past MARGIN_CAP emit MARGIN_CAP, as the reference does, on every kernel path."""
+    logits = (torch.randn(batch, classes) * 3).to(dtype)
+    target = torch.randint(0, classes, (batch,))
+    logits[0] = float("-inf")
+    logits[0, target[0]] = 1.0
+    logits[1, target[1]] = 5e3 if dtype != torch.float16 else 6e4
+    _check_against_reference(emu, logits, target)
+    _, _, stats, _ = _emu_cross_entropy(emu, logits, target, None, -100, 0.0, 0)
+    assert stats[Stat.MARGIN, :2].tolist() == [MARGIN_CAP, MARGIN_CAP]
 
 
 @pytest.mark.parametrize("classes,batch", _PATHS)

@@ -439,6 +439,27 @@ def test_the_runner_up_is_the_first_of_tied_maxima_across_blocks(backend, dtype)
     torch.testing.assert_close(stats[Stat.OTHER_ARGMAX], capped[Stat.OTHER_ARGMAX], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", csl_fast.available_backends("cpu"))
+def test_a_masked_row_does_not_make_the_margin_infinite(backend):
+    """The label holding a row's only finite logit (a masked class set) gives loss 0 and
+    margin +inf: that once made the sample's margin sum, AUM and every later margin +inf
+    for good, and evaluate refused the score. The margin is capped at MARGIN_CAP."""
+    from csl_fast.stats import MARGIN_CAP
+
+    masked = torch.tensor([[2.0, float("-inf"), float("-inf")], [0.5, 1.0, 0.0]])
+    free = torch.tensor([[2.0, 1.0, 0.0], [0.5, 1.0, 0.0]])
+    target, index = torch.tensor([0, 1]), torch.arange(2)
+    tracker = csl_fast.CSLTracker(2, 3, backend=backend)
+    for logits in (masked, free):
+        loss = csl_fast.accumulate(logits, target, index, tracker, reduction="none")
+        torch.testing.assert_close(loss, F.cross_entropy(logits, target, reduction="none"))
+        tracker.end_epoch()
+    torch.testing.assert_close(tracker.margin_sum, torch.tensor([MARGIN_CAP + 1.0, 1.0]))
+    aum = csl_fast.scores(tracker)["aum"]
+    assert torch.isfinite(aum).all()
+    assert 0.0 < csl_fast.evaluate.auroc(aum, torch.tensor([False, True])) <= 1.0
+
+
 def test_int32_indices_into_more_than_2_31_rows_are_not_skipped():
     """The reference path's in-range mask compared an int32 index with N = 2**31 + 16 cast
     to int32 (a negative number): every row was skipped, so backend='reference' with

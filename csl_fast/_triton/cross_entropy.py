@@ -21,7 +21,8 @@ running max, ``s = sum_j exp(z_j - m)``), a sum of non-negative terms.
 
 Statistics (float32 ``[NUM_STATS, B]``, :class:`csl_fast.stats.Stat`) are for plain CE: loss
 ``lse - z_y`` (via ``log1p`` when ``z_y`` is within 1 of the max, so confident rows keep
-their relative precision), ``p_y``, margin ``z_y - max_{j != y} z_j`` (0 when ``C == 1``),
+their relative precision), ``p_y``, margin ``min(z_y - max_{j != y} z_j, MARGIN_CAP)`` (0
+when ``C == 1``),
 correct (``argmax`` with first-index tie-break ``== y``, i.e. ``z_y > max_{j<y}`` and
 ``z_y >= max_{j>y}``), the logit-gradient norm ``sum_{j != y} p_j^2 + (sum_{j != y} p_j)^2``
 from online-softmax accumulators over ``j != y``, valid, and the runner-up class (the first
@@ -53,7 +54,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ..stats import NUM_STATS
+from ..stats import MARGIN_CAP, NUM_STATS
 from ._registry import is_interpreted, register
 
 #: Largest power-of-two row tile kept on chip between the statistics and gradient passes.
@@ -114,6 +115,7 @@ def _to_out(x, dtype: tl.constexpr, MANUAL_BF16_RNE: tl.constexpr):
 #: The most negative float32: the floor of the wide path's softmax references, so that
 #: no rescale is ever exp(-inf - -inf) while every finite logit is at or above it.
 _FLOOR = tl.constexpr(-3.4028234663852886e38)
+_MARGIN_CAP = tl.constexpr(MARGIN_CAP)
 
 
 @triton.jit
@@ -369,7 +371,7 @@ def _ce_fwd_kernel(
     loss_out = _to_out(loss, logits_ptr.dtype.element_ty, MANUAL_BF16_RNE).to(tl.float32)
     valid = active & (loss_out < float("inf"))  # loss >= 0 or NaN
     gnorm = q_o * (inv_s * inv_s) + other_p * other_p
-    margin = tl.where(C > 1, z_y - max_o, 0.0)
+    margin = tl.where(C > 1, tl.minimum(z_y - max_o, _MARGIN_CAP), 0.0)
     # argmax (first index) == y: z_y above every other column, or equal to their max
     # whose first column comes after y.
     correct = tl.where((z_y > max_o) | ((z_y == max_o) & (arg_o > y)), 1.0, 0.0)

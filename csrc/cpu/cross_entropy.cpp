@@ -231,7 +231,8 @@ inline __attribute__((always_inline)) acc_t finish_row(const Rows<scalar_t, acc_
   const bool finite = fits_float(static_cast<double>(static_cast<scalar_t>(loss)));
   stats[kLoss * B + i] = finite ? static_cast<float>(loss) : 0.f;
   stats[kPTrue * B + i] = finite ? static_cast<float>(p_y) : 0.f;
-  stats[kMargin * B + i] = finite ? static_cast<float>(C > 1 ? p.z_y - max_other : acc_t(0)) : 0.f;
+  const acc_t margin = C > 1 ? std::min(p.z_y - max_other, acc_t(kMarginCap)) : acc_t(0);
+  stats[kMargin * B + i] = finite ? static_cast<float>(margin) : 0.f;
   // argmax with the first index winning ties, as torch.argmax.
   stats[kCorrect * B + i] = finite && p.z_y > p.max_before && p.z_y >= p.max_after ? 1.f : 0.f;
   stats[kGradNormSq * B + i] =

@@ -178,7 +178,7 @@ __device__ __forceinline__ RowScalars<A> finish_row(A m, A mb, A ma, A s1, A s2,
   r.loss = (ms - z_y) + r.log_s;
   r.om = s1 / s;
   r.gn = (s2 / s) / s + r.om * r.om;
-  r.margin = classes > 1 ? z_y - dev_max(mb, ma) : A(0);
+  r.margin = classes > 1 ? fmin(z_y - dev_max(mb, ma), static_cast<A>(kMarginCap)) : A(0);
   r.correct = (z_y > mb) && (z_y >= ma);  // argmax with the first index on ties
   return r;
 }

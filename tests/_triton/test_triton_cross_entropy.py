@@ -13,7 +13,7 @@ from csl_fast._triton import (
     cross_entropy_fwd_extra_triton,
     cross_entropy_fwd_triton,
 )
-from csl_fast.stats import NUM_STATS, Stat
+from csl_fast.stats import MARGIN_CAP, NUM_STATS, Stat
 
 LOW = (torch.float16, torch.bfloat16)
 IGNORE = -100
@@ -254,6 +254,29 @@ def test_nonfinite_rows_get_zero_stats(tdevice):
     ref = reference.row_statistics(logits, target, IGNORE)
     torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
     assert stats[Stat.VALID].tolist() == [1.0, 0.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("two_pass", [False, True])
+def test_margin_is_capped_where_the_label_holds_the_only_finite_logit(
+    tdevice, monkeypatch, two_pass
+):
+    """A masked row (every class but the label at -inf) has loss 0 and margin +inf, which
+    made the sample's margin sum infinite for good: the kernel emits MARGIN_CAP, as does
+    the reference; finite margins past the cap are capped too."""
+    if two_pass:
+        monkeypatch.setattr(cross_entropy, "MAX_FUSED_BLOCK", 8)
+        monkeypatch.setattr(cross_entropy, "CHUNK_BLOCK", 16)
+    logits = torch.randn(4, 40, device=tdevice)
+    target = torch.tensor([3, 0, 39, 7], device=tdevice)
+    logits[0] = float("-inf")
+    logits[0, 3] = 2.0
+    logits[1, 0] = 5e3
+    logits[2, :39] = float("-inf")
+    _, _, stats = cross_entropy_fwd_triton(logits, target, None, IGNORE, 0.0, 0)
+    ref = reference.row_statistics(logits, target, IGNORE)
+    torch.testing.assert_close(stats, ref, rtol=1e-5, atol=1e-6)
+    assert stats[Stat.MARGIN, :3].tolist() == [MARGIN_CAP] * 3
+    assert stats[Stat.VALID].tolist() == [1.0] * 4
 
 
 def _confident_oracle(logits, target):
