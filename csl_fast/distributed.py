@@ -130,6 +130,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "SyncError",
     "SyncTimeoutError",
+    "UnsyncedStateWarning",
     "get_timeout",
     "is_distributed",
     "mark_synced",
@@ -154,6 +155,13 @@ class SyncError(RuntimeError):
 class SyncTimeoutError(SyncError, TimeoutError):
     """A collective of :func:`sync` / :func:`mark_synced` did not complete in time: some
     rank did not make the same call (most often it skipped ``end_epoch``) or died."""
+
+
+class UnsyncedStateWarning(RuntimeWarning):
+    """:meth:`CSLTracker.save` or :meth:`CSLTracker.state_dict` under a process group of
+    more than one rank, of a tracker that recorded training or eval presentations since
+    its last :func:`sync`: the state holds this rank's part of them only. Call
+    ``tracker.sync()`` on every rank before saving."""
 
 
 def set_timeout(seconds: float | None) -> None:
@@ -514,6 +522,7 @@ def note_loaded(tracker: CSLTracker) -> None:
     any, no longer describes it, so :func:`sync` refuses until :func:`mark_synced`."""
     tracker.__dict__.pop(_STATE_ATTR, None)
     tracker.__dict__[_LOADED_ATTR] = True
+    note_global(tracker)
 
 
 def loaded_unmarked(tracker: CSLTracker) -> bool:
@@ -540,6 +549,7 @@ def _set_baseline(tracker: CSLTracker) -> None:
         keep[name] = prev.copy_(b) if same else b.clone()
     setattr(tracker, _STATE_ATTR, _SyncState(tracker.epoch, tracker.eval_passes, keep))
     tracker.__dict__.pop(_LOADED_ATTR, None)
+    note_global(tracker)
 
 
 def _versions(tracker: CSLTracker) -> tuple[int, int]:
@@ -567,6 +577,54 @@ def recorded_since(tracker: CSLTracker, mark: tuple[tuple[int, int], tuple[int, 
     return (now_sum_v - sum_v, now_count_v - count_v) != (
         now_sum_bumps - sum_bumps,
         now_count_bumps - count_bumps,
+    )
+
+
+# The version counters of the buffers that every training and eval recording writes, as
+# they were when the tracker's state was last global: created, synced, marked or loaded.
+# (Absent in a tracker unpickled or deep-copied, whose counters restart: not checked.)
+_GLOBAL_VERSIONS_ATTR = "_csl_global_versions"
+_RECORDED = {"training": ("csl_sum", "csl_count"), "eval": ("eval_csl_sum", "eval_count")}
+
+
+def _recording_versions(tracker: CSLTracker) -> dict[str, tuple[int, ...]]:
+    bufs = tracker.buffers()
+    return {kind: tuple(bufs[k]._version for k in names) for kind, names in _RECORDED.items()}
+
+
+def note_global(tracker: CSLTracker) -> None:
+    """Record that ``tracker``'s state is global now (see :func:`warn_if_unsynced`)."""
+    tracker.__dict__[_GLOBAL_VERSIONS_ATTR] = _recording_versions(tracker)
+
+
+def forget_global(state: dict[str, Any]) -> None:
+    """Drop the mark from an unpickled (or deep-copied) tracker's ``state``: its version
+    counters restart, so the mark would call every copy unsynced."""
+    state.pop(_GLOBAL_VERSIONS_ATTR, None)
+
+
+def warn_if_unsynced(tracker: CSLTracker, fn: str) -> None:
+    """Warn (:class:`UnsyncedStateWarning`) where ``fn`` is about to save a tracker that
+    recorded since its state was last global, under a process group of several ranks: it
+    would save this rank's part of those records only. Reads version counters alone (no
+    device synchronisation)."""
+    mark = tracker.__dict__.get(_GLOBAL_VERSIONS_ATTR)
+    if mark is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_world_size() < 2:
+        return
+    now = _recording_versions(tracker)
+    kinds = [kind for kind in _RECORDED if now[kind] != mark[kind]]
+    if not kinds:
+        return
+    warnings.warn(
+        f"csl_fast: {fn} on rank {dist.get_rank()} of {dist.get_world_size()}, but this "
+        f"tracker recorded {' and '.join(kinds)} presentations since its last sync, so the "
+        "saved state holds this rank's part of them only (the other ranks' are missing, and "
+        "a resume from it loses them). Call tracker.sync() on every rank (a "
+        "collective) before saving, as in: tracker.sync(); if rank == 0: tracker.save(path)",
+        UnsyncedStateWarning,
+        stacklevel=3,
     )
 
 
@@ -621,6 +679,7 @@ def _checked(fn: str, tracker: Any, timeout: Any) -> float | None:
 def _sync(tracker: CSLTracker, group: Any, timeout: float | None, call: int) -> bool:
     wait = _checked("sync" if call == 1 else "sync_epoch", tracker, timeout)
     if not is_distributed(group):
+        note_global(tracker)  # a group of one (or a rank outside it) holds all its group has
         return False
     before = _versions(tracker)
     try:

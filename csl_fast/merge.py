@@ -257,7 +257,7 @@ def merge(
         name: _mean_rows([(o, runs[i].runs, getattr(runs[i], name)) for o, i in src], n, dev)
         for name, src in sources.items()
     }
-    state = out.state_dict()
+    state = tracker_file.state_dict(out)
     state.update(
         buffers=buffers,
         histories=histories,
@@ -340,7 +340,7 @@ def _as_tracker(t: CSLTracker | str | os.PathLike | Mapping[str, Any]) -> CSLTra
         # a copy taken under its lock: read live while another thread recorded, the merge
         # held half a step (its sums ahead of its counts), or was refused as damaged
         with buffer_lock(t.csl_sum):
-            return tracker_file.from_state(CSLTracker, t.state_dict(), t.device)
+            return tracker_file.from_state(CSLTracker, tracker_file.state_dict(t), t.device)
     if isinstance(t, str | os.PathLike):
         return CSLTracker.from_file(t)
     if isinstance(t, Mapping):

@@ -57,6 +57,7 @@ from .accumulate_checks import (
     validate_by_default,
 )
 from .buffer_locks import locked
+from .distributed import forget_global, note_global, warn_if_unsynced
 from .stats import (
     EXACT_FLOAT32_COUNT,
     MAX_TRACKED_CLASSES,
@@ -338,6 +339,7 @@ class CSLTracker(TrackerStatistics):
             if not self.history and self.device.type == "cpu" and _ext._C is not None
             else None
         )
+        note_global(self)  # nothing recorded yet: nothing for a save to miss
 
     @property
     def epoch(self) -> int:
@@ -409,6 +411,7 @@ class CSLTracker(TrackerStatistics):
                 state = copy.deepcopy(state)
         # (pickled before it was kept: unknown, the last eval pass trusted as before)
         state.setdefault("eval_pass_presentations", None)
+        forget_global(state)
         self.__dict__.update(state)
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -932,7 +935,13 @@ class CSLTracker(TrackerStatistics):
         disagree): :meth:`save` holds the tracker's lock and is the consistent copy there.
         The tracker object itself is not a checkpoint entry (``weights_only`` loading
         refuses it): store its ``state_dict()``, or write it with :meth:`save`.
+
+        Under an initialised process group of more than one rank, it warns
+        (:class:`~csl_fast.distributed.UnsyncedStateWarning`) when this tracker recorded
+        training or eval presentations since its last sync: the state then holds this
+        rank's part of them only. Call :meth:`sync` on every rank first.
         """
+        warn_if_unsynced(self, "CSLTracker.state_dict()")
         return tracker_file.state_dict(self)
 
     @locked
@@ -983,7 +992,14 @@ class CSLTracker(TrackerStatistics):
                 by a file); the message names ``path`` and says what to do.
             TrackerStateError: the buffers hold a state :meth:`load` would refuse (such
                 as one fed by :meth:`record` alone); nothing is written.
+
+        Warns:
+            csl_fast.distributed.UnsyncedStateWarning: under an initialised process group
+                of more than one rank, this tracker recorded training or eval presentations
+                since its last sync, so the file holds this rank's part of them only. Call
+                :meth:`sync` on every rank (a collective) before saving on one.
         """
+        warn_if_unsynced(self, "CSLTracker.save()")
         tracker_file.save(self, path)
 
     @locked

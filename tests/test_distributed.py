@@ -11,6 +11,7 @@ eval pass are recorded too. float64 trackers, so sums agree to rounding.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -907,3 +908,81 @@ def test_sequences_repeated_by_the_sampler_sync_without_a_warning(tmp_path):
         assert got["csl_count"].tolist() == [4, 2, 2]  # tokens, sample 0 presented twice
         assert got["forgetting"].tolist() == [0, 0, 0]
         assert got["last_correct"].all()
+
+
+def _unsynced_save_worker(rank: int, init: str, out: str):
+    """What save / state_dict warn about at each point of a DDP loop (each rank records
+    its own samples: rank r's are 2r and 2r + 1)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    t = CSLTracker(6, C)
+    model = torch.nn.Identity()
+    idx = torch.tensor([0, 1]) + 2 * rank
+    z = torch.randn(2, C)
+    got = {}
+
+    def check(point: str) -> None:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            t.save(os.path.join(out, f"t{rank}.csl"))
+            t.state_dict()
+        got[point] = [str(m.message) for m in w if m.category is distributed.UnsyncedStateWarning]
+
+    check("fresh")
+    csl_fast.accumulate(z, idx % C, idx, t)
+    check("mid-epoch")
+    t.end_epoch()
+    check("after end_epoch")
+    csl_fast.score_epoch(model, [(z, idx % C, idx)], t)
+    check("after an eval pass")
+    t.sync()
+    check("after sync")
+    synced = t
+    t = copy.deepcopy(synced)  # its version counters restart
+    check("a deep copy")
+    t = synced
+    csl_fast.accumulate(z, idx % C, idx, t)
+    csl_fast.score_epoch(model, [(z, idx % C, idx)], t)
+    t.end_epoch()
+    check("eval pass, then end_epoch")
+    loaded = CSLTracker.from_file(os.path.join(out, f"t{rank}.csl"))
+    mark_synced(loaded)
+    t = loaded
+    check("loaded and marked")
+    with open(os.path.join(out, f"unsynced{rank}.json"), "w") as f:
+        json.dump(got, f)
+    dist.destroy_process_group()
+
+
+def test_save_and_state_dict_warn_of_records_not_synced(tmp_path):
+    """Saved on rank 0 mid-epoch, or after the last eval pass without a sync, the state
+    held rank 0's part of those records only, without a word."""
+    _spawn(_unsynced_save_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)))
+    for rank in range(WORLD):
+        got = json.loads((tmp_path / f"unsynced{rank}.json").read_text())
+        warned = {point: len(msgs) for point, msgs in got.items()}
+        assert warned == {
+            "fresh": 0,
+            "mid-epoch": 2,  # save and state_dict
+            "after end_epoch": 0,
+            "after an eval pass": 2,
+            "after sync": 0,
+            "a deep copy": 0,
+            "eval pass, then end_epoch": 0,
+            "loaded and marked": 0,
+        }
+        train, evals = got["mid-epoch"][0], got["after an eval pass"][1]
+        assert train.startswith(f"csl_fast: CSLTracker.save() on rank {rank} of 2")
+        assert "recorded training presentations since its last sync" in train
+        assert evals.startswith(f"csl_fast: CSLTracker.state_dict() on rank {rank} of 2")
+        assert "recorded eval presentations since its last sync" in evals
+        assert "Call tracker.sync() on every rank (a collective) before saving" in evals
+
+
+def test_save_in_a_single_process_does_not_warn(tmp_path):
+    t = CSLTracker(4, C)
+    csl_fast.accumulate(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2), t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", distributed.UnsyncedStateWarning)
+        t.save(tmp_path / "t.csl")
+        t.state_dict()

@@ -72,6 +72,7 @@ from .._args import check_flags
 from ..accumulate import accumulate
 from ..distributed import loaded_unmarked, mark_synced
 from ..tracker import CSLTracker
+from ..tracker_file import state_dict
 from ._options import check_tracker_options, refuse_tensor_parallel
 
 try:
@@ -784,7 +785,9 @@ class CSLTrainer(Trainer):
         tracker = self.csl_tracker
         if tracker is None:
             return None, None
-        state = tracker.state_dict()  # (live tensors: copied, or training would change them)
+        # (live tensors: copied, or training would change them; a copy, not a checkpoint:
+        # no warning of unsynced records, which mark_synced makes global on a restore)
+        state = state_dict(tracker)
         for group in ("buffers", "histories"):
             state[group] = {k: v.detach().to("cpu", copy=True) for k, v in state[group].items()}
         return tracker, state
