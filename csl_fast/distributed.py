@@ -322,7 +322,7 @@ def _fingerprint(tracker: CSLTracker, call: int, has_state: bool) -> list[int]:
     meta = tracker.device.type == "meta"
     if call == 2 and not meta:  # mark_synced: the loaded states must be the same checkpoint
         t = torch.stack([tracker.csl_count.double().sum(), tracker.eval_count.double().sum()])
-        totals = [*t.cpu().view(torch.int64).tolist(), _checksum(tracker)]
+        totals = [*t.cpu().view(torch.int64).tolist(), state_checksum(tracker)]
     return [
         call,
         tracker.num_samples,
@@ -365,7 +365,7 @@ def _set_eval_presentations(tracker: CSLTracker, codes: list[int]) -> None:
         tracker.eval_pass_presentations = tracker.presentations()
 
 
-def _checksum(tracker: CSLTracker) -> int:
+def state_checksum(tracker: CSLTracker) -> int:
     """A CRC of every buffer's wrapping integer sum of bits: equal for equal states on any
     device and thread count (no float rounding order), and it tells two checkpoints apart
     where the count totals agree (any two runs of one setup at one epoch: one run's file

@@ -15,7 +15,9 @@ import torch
 
 from . import tracker_file
 from ._args import device as device_arg
+from .bits import as_bits
 from .buffer_locks import buffer_lock
+from .distributed import state_checksum
 from .scores import has_logit_stats
 from .tracker import CSLTracker, TrackerStateError
 from .tracker_invariants import HISTORY_ROWS
@@ -103,6 +105,13 @@ def merge(
           the backend also falls back to ``"auto"`` when ``device`` is of another type
           than a tracker input's.
 
+    Warns:
+        RuntimeWarning: inputs that recorded anything hold identical states (every buffer
+            bitwise equal, at the same epoch): the same file or tracker given twice, or the
+            per-rank saves of a synced ``torch.distributed`` job, which each hold the
+            whole job (load one of them). The merge goes ahead and counts that run once
+            per copy. (It also warns of a merged input's history rows, above.)
+
     Raises:
         TrackerStateError: the trackers were built for different numbers of samples
             (or classes, or labels), some recorded sequences and others rows, some recorded
@@ -155,6 +164,7 @@ def merge(
             each = ", ".join(f"tracker {i}: {getattr(t, name)}" for i, t in enumerate(runs))
             raise TrackerStateError(f"csl_fast.merge: the trackers have different {name} ({each})")
     _refuse_mixed_kinds(runs)
+    _warn_identical(runs)
     n = sizes[0]
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in runs) else torch.float32
     history = all(t.history for t in runs)
@@ -283,6 +293,43 @@ def _presentations_at_eval(runs: list[CSLTracker]) -> float | None:
     return sum(
         t.presentations() if t.eval_pass_presentations is None else t.eval_pass_presentations
         for t in runs
+    )
+
+
+def _warn_identical(runs: list[CSLTracker]) -> None:
+    """Warn where inputs that recorded anything hold the same state: one run merged twice
+    doubles every sum and count, which no later check can tell from two runs."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, t in enumerate(runs):
+        if t.presentations() > 0 or bool(t.eval_count.any()):
+            same = groups.setdefault((t.epoch, state_checksum(t)), [])
+            # (a checksum match confirmed exactly)
+            if not same or _same_buffers(runs[same[0]], t):
+                same.append(i)
+    repeats = [g for g in groups.values() if len(g) > 1]
+    if repeats:
+        each = "; ".join(
+            f"inputs {', '.join(map(str, g[:-1]))} and {g[-1]} (one run, merged {len(g)} times)"
+            for g in repeats
+        )
+        warnings.warn(
+            f"csl_fast.merge: {each} hold identical states, so every sum, count and run "
+            "of that run is counted once per copy. Probably the same file or tracker was "
+            "given twice, or these are the per-rank saves of a synced torch.distributed job: "
+            "after end_epoch() or sync() every rank holds the whole job, so load one of them "
+            "(csl_fast.load(path)) instead of merging them. Merge distinct runs (seeds, "
+            "folds) only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _same_buffers(a: CSLTracker, b: CSLTracker) -> bool:
+    """Whether every buffer of ``a`` and ``b`` is bitwise equal (NaN included)."""
+    mine, theirs = a.buffers(), b.buffers()
+    return mine.keys() == theirs.keys() and all(
+        v.dtype == theirs[k].dtype and torch.equal(as_bits(v), as_bits(theirs[k].to(v.device)))
+        for k, v in mine.items()
     )
 
 

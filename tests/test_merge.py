@@ -489,3 +489,34 @@ def test_folded_integer_rules_equal_the_stacked_ones():
     assert torch.equal(m.learned_epoch, torch.where(all_correct, le, -1).to(torch.int32))
     assert torch.equal(m.forgetting, forgetting.to(torch.int32))
     assert int(m.forgetting.sum()) > 0 and bool((m.learned_epoch >= 0).any())
+
+
+def test_merging_one_run_twice_warns_and_names_the_inputs(tmp_path):
+    """The same file twice, or the per-rank saves of a synced job (identical), doubled
+    every sum and count without a word."""
+    a, b = _run(0), _run(1)
+    a.save(tmp_path / "rank0.csl")
+    a.save(tmp_path / "rank1.csl")
+    with pytest.warns(RuntimeWarning, match=r"inputs 0 and 1 \(one run, merged 2 times\)") as w:
+        csl_fast.merge([tmp_path / "rank0.csl", tmp_path / "rank1.csl"])
+    assert "per-rank saves of a synced torch.distributed job" in str(w[0].message)
+    assert "load one of them (csl_fast.load(path))" in str(w[0].message)
+    with pytest.warns(RuntimeWarning, match=r"inputs 0 and 2 \(one run, merged 2 times\) hold"):
+        csl_fast.merge([a, b, tmp_path / "rank0.csl"])
+    three = r"inputs 0, 1 and 3 \(one run, merged 3 times\); "
+    with pytest.warns(RuntimeWarning, match=three) as w:
+        merged = csl_fast.merge([a, a, b, a, b])
+    assert "; inputs 2 and 4 (one run, merged 2 times) hold" in str(w[0].message)
+    assert merged.runs == 5  # a warning: the merge is as before
+
+
+def test_distinct_or_empty_runs_merge_without_the_identical_states_warning(monkeypatch):
+    empty = CSLTracker(N, C)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        csl_fast.merge([_run(0), _run(1)])
+        csl_fast.merge([empty, CSLTracker(N, C)])  # nothing recorded: nothing doubled
+        # equal checksums are confirmed buffer by buffer before anything is said
+        merge_module = importlib.import_module("csl_fast.merge")
+        monkeypatch.setattr(merge_module, "state_checksum", lambda t: 0)
+        csl_fast.merge([_run(0), _run(1)])
