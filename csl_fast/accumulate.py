@@ -28,6 +28,7 @@ from .accumulate_checks import (
     _check_values,
     adopt_classes,
     refuse_rows_into_sequences,
+    refuse_tracing,
     smoothing,
     target_positions,
     validate_by_default,
@@ -342,6 +343,7 @@ def accumulate(
     Buffers must not require grad or share memory with each other or with ``index``; a
     ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
+    refuse_tracing("csl_fast.accumulate")
     if (
         _any_autocast()
         and isinstance(logits, torch.Tensor)

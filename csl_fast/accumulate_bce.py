@@ -31,6 +31,7 @@ from .accumulate_checks import (
     check_in_graph,
     check_writable,
     device_mismatch,
+    refuse_tracing,
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
@@ -171,6 +172,7 @@ def accumulate_bce(
     """
     # (_any_autocast() first, as accumulate does: is_autocast_enabled("meta") raised
     # torch's "unknown device type for autocast" before meta logits were checked)
+    refuse_tracing("csl_fast.accumulate_bce")
     if (
         _any_autocast()
         and isinstance(logits, torch.Tensor)

@@ -23,6 +23,22 @@ _LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
+def refuse_tracing(op: str, exports: bool = True) -> None:
+    """Raise under ``torch.jit.trace``: the trace keeps the ops that compute the output but
+    not the writes into the dataset buffers (the one-call C++ step, in-place ops, hooks),
+    so the traced module returned the right loss and recorded nothing after tracing,
+    silently. ``exports``: whether ``torch.export`` records the call. Costs ~0.3 us a
+    step; Dynamo reads it as a constant."""
+    if torch.jit.is_tracing():
+        works = "torch.compile or torch.export, which record" if exports else "torch.compile"
+        raise RuntimeError(
+            f"{op} cannot run under torch.jit.trace: the tracer cannot see its writes into "
+            "the dataset buffers, so the traced module would compute its output but record "
+            f"nothing. Use {works}, or keep the csl_fast call outside the traced module "
+            "(trace the model, then call it on its output)"
+        )
+
+
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two contiguous buffers share memory (the same tensor, or views of one)."""
     # On every step with a count buffer: the cheap address test first.

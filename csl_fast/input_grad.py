@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import backward_rerun
+from .accumulate_checks import refuse_tracing
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -80,7 +81,7 @@ def input_grad_norms(
         ``(scale * grad).flatten(1).square().sum(1)`` yourself). See the module docstring
         for the BatchNorm caveat.
     """
-
+    refuse_tracing("csl_fast.input_grad_norms")
     if not isinstance(grad, torch.Tensor) or grad.dim() < 1:
         raise ValueError("csl_fast.input_grad_norms: grad must be a [B, ...] tensor")
     if not grad.is_floating_point():
@@ -211,6 +212,8 @@ def watch(
     stay per-sample down the network: BatchNorm in train mode couples samples (see the
     module docstring).
     """
+    # (nor does torch.export keep the hook)
+    refuse_tracing("csl_fast.input_grad.watch", exports=False)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         hint = ""

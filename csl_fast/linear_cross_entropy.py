@@ -70,6 +70,7 @@ from .accumulate import (
 from .accumulate_checks import (
     adopt_classes,
     refuse_rows_into_sequences,
+    refuse_tracing,
     smoothing,
     validate_by_default,
     widen_for_ignore_index,
@@ -290,6 +291,7 @@ def linear_cross_entropy(
     Double backward is not supported (the gradients are formed in the forward pass), nor
     are torch.func transforms or forward-mode AD (an error says what to use).
     """
+    refuse_tracing("csl_fast.linear_cross_entropy")
     extras = cross_entropy_extras.check(
         "linear_cross_entropy", softcap, z_loss_scale, return_z_loss, return_token_accuracy
     )

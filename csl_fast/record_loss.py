@@ -30,6 +30,7 @@ from .accumulate_checks import (
     check_buffers_apart,
     check_count_fits,
     device_mismatch,
+    refuse_tracing,
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
@@ -143,6 +144,7 @@ def record_loss(
         TypeError / ValueError: wrong dtype, shape, device or buffer (nothing is written).
         IndexError: an index outside ``[0, N)`` when validating (nothing is written).
     """
+    refuse_tracing("csl_fast.record_loss")
     if not torch.compiler.is_compiling() and backward_rerun.in_backward():
         return loss  # a checkpointed forward's rerun: checked and recorded the first time
     check_flags("csl_fast.record_loss", deterministic=deterministic, validate=validate)

@@ -320,3 +320,34 @@ def test_copies_to_the_host_are_synchronous():
         watched = tracker.watch(x.clone(), index)
         csl_fast.accumulate(watched, y, index, tracker).backward()
     assert mode.seen and not any(mode.seen)
+
+
+_I3 = torch.arange(3)
+_TRACED_CALLS = {
+    "accumulate": lambda z, csl: csl_fast.accumulate(z, torch.tensor([0, 2, 1]), _I3, csl),
+    "accumulate_bce": lambda z, csl: csl_fast.accumulate_bce(z, (z > 0).float(), _I3, csl),
+    "record_loss": lambda z, csl: csl_fast.record_loss(z.sum(1), _I3, csl),
+    "linear_cross_entropy": lambda z, csl: csl_fast.linear_cross_entropy(
+        z, torch.eye(3), torch.tensor([0, 2, 1]), _I3, csl
+    ),
+    "input_grad.watch": lambda z, csl: csl.watch(z.clone().requires_grad_(), _I3),
+    "input_grad_norms": lambda z, csl: csl_fast.input_grad.input_grad_norms(z, _I3, csl),
+}
+
+
+@pytest.mark.parametrize(
+    "name, into",
+    [(name, "tracker") for name in _TRACED_CALLS]
+    + [(name, "tensor") for name in _TRACED_CALLS if not name.startswith("input_grad")],
+)
+def test_jit_trace_is_refused(name, into):
+    """Under torch.jit.trace the recorders raise: the trace kept the loss but not the
+    writes into the buffers, and the traced module recorded nothing after tracing."""
+    csl = torch.zeros(5) if into == "tensor" else csl_fast.CSLTracker(5, 3)
+    buffers = [csl] if into == "tensor" else list(csl.buffers().values())
+    before = [b.clone() for b in buffers]
+    call = _TRACED_CALLS[name]
+    with pytest.raises(RuntimeError, match=r"cannot run under torch\.jit\.trace.*torch\.compile"):
+        torch.jit.trace(lambda z: call(z, csl), (torch.randn(3, 3),), check_trace=False)
+    assert all(torch.equal(b, b0) for b, b0 in zip(buffers, before, strict=True))
+    call(torch.randn(3, 3), csl)  # (eagerly, it runs)
