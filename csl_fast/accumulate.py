@@ -242,8 +242,9 @@ def accumulate(
     tangent rule), so every transform gives PyTorch's answer; the statistics are
     recorded outside the transform from the primal values, each vmapped call as a batch
     of its own (``vmap(grad(...))`` over single samples records each sample once). Not
-    inside ``torch.compile``: Dynamo cannot trace that recording (PyTorch's error speaks of
-    an in-place operation on a captured tensor); run the transform eagerly.
+    inside ``torch.compile``: compiling fails with PyTorch's ``TorchRuntimeError``, whose
+    message depends on the backend (a C++ or Python ``autograd.Function`` that functorch
+    cannot run, or a missing batching rule); run the transform eagerly.
 
     **Threads.** Calls from several Python threads into the same buffer or tracker take
     turns (a lock keyed on the buffer, :mod:`csl_fast.buffer_locks`; the one-call CPU step

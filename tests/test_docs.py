@@ -491,3 +491,36 @@ def test_in_page_links_name_a_heading_of_the_page():
         slugs = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
         for anchor in re.findall(r"\]\(#([^)]+)\)", text):
             assert anchor in slugs, f"{page.relative_to(ROOT)}: no heading for #{anchor}"
+
+
+def test_torch_func_sentence_says_what_works_and_what_compiling_raises():
+    """README's torch.func sentence named every csl_fast call as working eagerly under a
+    transform (accumulate_bce and linear_cross_entropy refuse any), and quoted an error
+    for a compiled transform ("... mutate a captured Tensor") that PyTorch does not raise."""
+    from torch.func import grad
+
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    at = readme.find("A `torch.func` transform")
+    assert at >= 0, "the torch.func sentence moved: update this test"
+    said = readme[at : readme.index("run the transform eagerly", at)]
+    works = said[: said.index("works eagerly")]
+    i, y, csl = torch.arange(3), torch.tensor([0, 2, 1]), torch.zeros(3)
+    calls = {
+        "accumulate": lambda z: csl_fast.accumulate(z, y, i, csl),
+        "record_loss": lambda z: csl_fast.record_loss(z.square().sum(1), i, csl).sum(),
+        "accumulate_bce": lambda z: csl_fast.accumulate_bce(z, (z > 0).float(), i, csl),
+        "linear_cross_entropy": lambda z: csl_fast.linear_cross_entropy(z, torch.eye(3), y),
+    }
+    for name, call in calls.items():
+        try:
+            grad(call)(torch.randn(3, 3))
+            ran = True
+        except RuntimeError:
+            ran = False
+        assert (f"`{name}`" in works) == ran, name
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError) as raised:
+        torch.compile(lambda z: grad(calls["accumulate"])(z), backend="eager")(torch.randn(3, 3))
+    message = " ".join(str(raised.value).split())
+    quotes = re.findall(r'"([^"]+)"', said)
+    assert any(all(p.strip() in message for p in q.split("...")) for q in quotes), message
