@@ -234,7 +234,8 @@ def linear_cross_entropy(
     :func:`csl_fast.accumulate`, it adds the plain (unsmoothed, float32) loss of every
     supervised token into ``csl``:
 
-    - ``target [N]`` (one row per sample), ``index [N]``: ``csl[index_i] += l_i``;
+    - ``target [N]`` (one row per sample; with ``hidden [B, T, H]``, ``N = B*T``, a row
+      per token), ``index [N]``: ``csl[index_i] += l_i``;
     - ``target [B, T]`` (sequences; ``hidden [B, T, H]`` or ``[B*T, H]``), ``index [B]``:
       ``csl[index_b] += sum_t l_bt`` and ``count[index_b] +=`` the number of tokens whose
       target is not ``ignore_index``, so ``csl / count`` is the per-token mean. A
@@ -255,7 +256,8 @@ def linear_cross_entropy(
             linear layer's weight, as in ``F.linear`` (and Liger-Kernel's fused linear
             cross entropy), not ``F.cross_entropy``'s class weights, which this op does
             not take.
-        target: ``[N]`` or ``[B, T]`` int64/int32 token ids in ``[0, V)`` or ``ignore_index``.
+        target: ``[N]`` or ``[B, T]`` int64 token ids (int32 and uint8 are taken too)
+            in ``[0, V)`` or ``ignore_index``.
         index: dataset indices, ``[N]`` or ``[B]`` (one per sequence); ignored without ``csl``
             (but an integer tensor or None: a float tensor here is a bias passed by
             position, as ``F.linear`` takes it, and raises ``TypeError``).
@@ -362,6 +364,10 @@ def linear_cross_entropy(
             )
     if not isinstance(target, torch.Tensor):
         raise TypeError("csl_fast.linear_cross_entropy: target must be a tensor")
+    if target.dtype is torch.uint8:
+        # F.cross_entropy and accumulate take uint8 token ids; the chunk kernels read
+        # int32/int64.
+        target = target.long()
     seq: tuple[int, int] | None = None
     if target.dim() == 2:
         # always sequences, whatever T: a [B, 1] target with [B*1, H] hidden was read as
@@ -374,10 +380,15 @@ def linear_cross_entropy(
                 f"csl_fast.linear_cross_entropy: hidden of shape {tuple(hidden.shape)} does not "
                 f"match the [B, T] = {seq} target; pass hidden [B, T, H] or [B*T, H]"
             )
-    elif hidden.dim() != 2:
+    elif hidden.dim() != 2 and not (
+        # a row per token, as F.cross_entropy(logits.reshape(-1, V), target.reshape(-1))
+        # and accumulate read a flat target
+        target.dim() == 1 and target.numel() == math.prod(hidden.shape[:-1])
+    ):
         raise ValueError(
             f"csl_fast.linear_cross_entropy: hidden of shape {tuple(hidden.shape)} needs a "
-            f"[B, T] target, got target of shape {tuple(target.shape)}"
+            f"[B, T] target (sequences) or a [B*T] one (a row per token), got target of "
+            f"shape {tuple(target.shape)}"
         )
     ignore_index, chunk_size = _int_args(ignore_index, chunk_size)
     if accum_dtype is not None and (

@@ -683,3 +683,36 @@ def test_opcheck_of_the_chunk_loops(dtype, red, need, transposed):
     torch.library.opcheck(ops.linear_cross_entropy_forward.default, fwd)
     bwd = (h, w, b, y, torch.rand(7, generator=g).to(dtype), *common, 3, "cpu", acc, 0.0, 0.0)
     torch.library.opcheck(ops.linear_cross_entropy_backward_none.default, (*bwd, False, *need))
+
+
+@pytest.mark.parametrize("layout", ["uint8 [B, T]", "flat [B*T]", "uint8 flat [B*T]"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_targets_f_cross_entropy_takes(layout, reduction):
+    """uint8 token ids, and a flat [B*T] target with [B, T, H] hidden (a row per token),
+    which F.cross_entropy(F.linear(...).reshape(-1, V), target.reshape(-1)) and accumulate
+    take, were refused. Loss, gradients and CSL as those two give."""
+    g = torch.Generator().manual_seed(5)
+    hidden0, weight = torch.randn(2, 3, 4, generator=g), torch.randn(7, 4, generator=g)
+    target = torch.randint(0, 7, (2, 3), generator=g)
+    target[0, 1] = 255  # ignored, as uint8 segmentation masks mark it
+    if layout.startswith("uint8"):
+        target = target.to(torch.uint8)
+    if "flat" in layout:
+        target = target.reshape(-1)
+    index = torch.arange(6) if "flat" in layout else torch.tensor([3, 1])
+    ours, theirs = hidden0.clone().requires_grad_(), hidden0.clone().requires_grad_()
+    csl, want_csl, count = torch.zeros(6), torch.zeros(6), torch.zeros(6)
+    loss = linear_cross_entropy(
+        ours, weight, target, index, csl, count=count, ignore_index=255, reduction=reduction
+    )
+    logits = F.linear(theirs, weight).reshape(-1, 7)
+    want = F.cross_entropy(logits, target.reshape(-1), ignore_index=255, reduction=reduction)
+    torch.testing.assert_close(loss, want if reduction == "mean" else want.view(target.shape))
+    loss.sum().backward()
+    want.sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad)
+    # (accumulate reads [B*T, V] logits with a [B, T] target as sequences, with a flat
+    # one as rows)
+    csl_fast.accumulate(logits.detach(), target, index, want_csl, ignore_index=255)
+    torch.testing.assert_close(csl, want_csl)
+    assert count.sum() == 5
