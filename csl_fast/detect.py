@@ -320,6 +320,8 @@ class _Views:
     once: bool = False
     #: why the label-lost view is the margin's sign alone, when it is (a note for the user)
     partial: str | None = None
+    #: the classes the chance levels count (:func:`classes_in_use`), None when unknown
+    classes: int | None = None
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
@@ -518,8 +520,31 @@ def _two_sided(
     return values, score, None, rule_note(score, values, True), None
 
 
+def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
+    """The number of classes the label-lost view's chance levels count
+    (:func:`csl_fast.flagging.label_lost`): with ``labels`` (int ``[N]``, the given
+    labels), the distinct labels among the samples the tracker saw presented
+    (``csl_count > 0``); else the tracker's ``num_classes`` (``None`` when unset), which
+    counts the output classes no sample carries too: the tracker does not keep the labels.
+
+    Why not ``num_classes`` alone: chance on 8 outputs of which 3 are used is a third, not
+    an eighth, and the thresholds scaled by ``1 / C`` then pinned no flip (iris recorded
+    with ``num_classes=8``: nothing flagged, 14 with 3)."""
+    if labels is None:
+        return tracker.num_classes
+    y = torch.as_tensor(labels)
+    n = int(tracker.csl_count.numel())
+    if y.shape != (n,) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(
+            f"csl_fast.detect: labels must be the int [N] = [{n}] given labels of the tracker's "
+            f"samples, got {y.dtype} {tuple(y.shape)}"
+        )
+    seen = (tracker.csl_count > 0).cpu()
+    return int(torch.unique(y.cpu()[seen]).numel())
+
+
 def _select(
-    source: Any, score: str | None
+    source: Any, score: str | None, labels: Any = None
 ) -> tuple[torch.Tensor, str, _Views | None, str | None, str | None]:
     """``(values, name, views, hint, caveat)``; ``hint`` replaces the usual advice of a
     warning when the source cannot take it (a tracker that recorded losses only, or
@@ -604,10 +629,14 @@ def _select(
             values, _, _, mixed = _without_other_loss(values, None, None, other, mixed, scored)
         caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
         return values, score, None, SEQUENCES_HINT, caveat
-    if t.num_classes is not None and t.num_classes >= 2:
-        lost = flagging.label_lost(
-            t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, t.num_classes
-        ).to(presented.device)
+    classes = classes_in_use(t, labels)
+    # (one label in use: no chance level between classes, and nothing to separate; the
+    # warning says so)
+    chance = classes if classes is not None and classes >= 2 else t.num_classes
+    if chance is not None and chance >= 2:
+        lost = flagging.label_lost(t.csl_sum, t.csl_count, t.p_true_sum, t.margin_sum, chance).to(
+            presented.device
+        )
         partial = None
     else:  # no chance level to compare the label's probability with: the margin alone
         lost = presented & (t.margin_sum < 0)
@@ -625,7 +654,7 @@ def _select(
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    views = _Views(mean_loss, lost, t.epoch, once, partial)
+    views = _Views(mean_loss, lost, t.epoch, once, partial, classes)
     caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
     return values, score, views, None, caveat
 
@@ -1180,7 +1209,27 @@ def _detect(
             fallback = diag.get("two_view", {}).get("reason")
             if fallback and est.diagnostics.get("estimator") != "two_view":
                 why = f"{fallback}; and the 1-D valley rule: {why}"
-            if 2 * lost > n_finite:
+            if views is not None and views.classes is not None:
+                diag["classes_in_use"] = views.classes
+            if 0 < n_finite < 3:
+                # (the advice to retrain was no help: no schedule makes two samples a
+                # minority and a majority)
+                warning = (
+                    f"csl_fast.detect: nothing flagged by rule={rule!r}: only {n_finite} "
+                    "samples have a finite score, and the rule needs at least 3 to separate "
+                    "bad samples from clean ones; read the ranking (detection.ranked) or use "
+                    "rule='fraction' or rule='threshold'"
+                )
+            elif views is not None and views.classes == 1:
+                # one label for every sample: none contradicts another (not a schedule issue)
+                warning = (
+                    f"csl_fast.detect: nothing flagged by rule={rule!r}: every presented "
+                    "sample carries the same label (one class in use), so no label "
+                    "contradicts the others' and no bad label can stand apart; a sample "
+                    "that belongs to another class shows only when that class is trained "
+                    "on too"
+                )
+            elif 2 * lost > n_finite:
                 # most labels lost: the advice to fit bad labels later (below) was backwards
                 # (5 epochs on random labels: 293 of 300 lost, "train for fewer epochs")
                 target = _TARGETS[detector][1]
@@ -1191,11 +1240,15 @@ def _detect(
                     f"bad minority from a clean majority. {_majority_advice(target)}"
                 )
             else:
+                # (it said the bad labels "were fitted as fast as the clean ones": a run
+                # can rank them first, wine's flips at AUROC 0.99, with too few lost labels
+                # for the rule to count them; it does not measure the ranking)
                 maybe = (
                     ""
                     if diag.get("one_epoch")
-                    else ": the labels may be clean, or the bad ones were fitted as fast as "
-                    "the clean ones in this run"
+                    else ": the labels may be clean, or too few bad ones stood apart in "
+                    "the rule's views for it to count them (they may still rank first: "
+                    "rule='fraction' flags the top of the ranking)"
                 )
                 warning = (
                     f"csl_fast.detect: nothing flagged by rule={rule!r}: {why}. The number of "
@@ -1325,6 +1378,7 @@ def mislabeled(
     rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
+    labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
 ) -> Detection:
     """Samples most likely to carry a wrong label, ranked by ``score`` (default CSL; its
     mean per token for a tracker of sequences).
@@ -1348,11 +1402,24 @@ def mislabeled(
             as the module docstring defines them.
         fraction: with ``rule="fraction"``, flag the top ``ceil(fraction * N)`` samples.
         threshold: with ``rule="threshold"``, flag the samples whose score exceeds it.
+        labels: optional int ``[N]`` given labels, with a tracker only. The label-lost
+            view compares a label's probability with chance among the classes in use,
+            the distinct labels of the presented samples (:func:`classes_in_use`);
+            without ``labels`` the tracker's ``num_classes``, which also counts output
+            classes no sample carries (a model with more outputs than classes) and then
+            flags fewer or none: pass ``labels`` there.
 
     Returns:
         a :class:`Detection` of the ``N`` samples.
     """
-    values, name, views, hint, caveat = _select(source, score)
+    from .tracker import CSLTracker
+
+    if labels is not None and not isinstance(source, CSLTracker):
+        raise TypeError(
+            "csl_fast.detect.mislabeled: labels= counts the classes in use for the tracker's "
+            f"label-lost view; pass the tracker itself as source, not a {type(source).__name__}"
+        )
+    values, name, views, hint, caveat = _select(source, score, labels)
     trained = _trained(source)
     return _detect(
         values, name, rule, fraction, threshold, views, hint, caveat=caveat, trained=trained

@@ -1016,7 +1016,7 @@ def test_a_hint_after_a_full_stop_starts_a_sentence():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", detect.DetectionWarning)
         det = detect.mislabeled(tracker)
-    assert len(det) == 0 and "in this run. The tracker recorded samples" in det.warning
+    assert len(det) == 0 and "the top of the ranking). The tracker recorded samples" in det.warning
     # and the loss-only run's hint ("this run recorded losses only")
     tracker = csl_fast.CSLTracker(n, num_classes=v)
     for _ in range(3):
@@ -1025,7 +1025,7 @@ def test_a_hint_after_a_full_stop_starts_a_sentence():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", detect.DetectionWarning)
         det = detect.mislabeled(tracker)
-    assert len(det) == 0 and "in this run. This run recorded losses only" in det.warning
+    assert len(det) == 0 and "the top of the ranking). This run recorded losses only" in det.warning
 
 
 @pytest.mark.parametrize("det", [None, "3 flagged", torch.zeros(3)])
@@ -1033,3 +1033,71 @@ def test_summary_of_what_is_no_detection_is_refused_by_name(det):
     # "'NoneType' object has no attribute 'scores'"
     with pytest.raises(TypeError, match=r"^csl_fast\.detect\.summary: det must be a csl_fast"):
         detect.summary(det)
+
+
+def test_output_classes_no_label_uses_do_not_switch_flagging_off():
+    """The label-lost thresholds scale with 1 / C: counted over 8 outputs of which 3 are
+    used, no flip lost firmly and nothing was flagged (iris: 14 flagged with
+    num_classes=3, 0 with 8). Given the labels, the classes in use count."""
+    from flip_runs import flipped_run
+
+    used, labels = flipped_run(3)
+    padded, _ = flipped_run(8)
+    expected = detect.mislabeled(used).indices.tolist()
+    assert sorted(expected) == list(range(12))
+    with pytest.warns(detect.DetectionWarning, match="nothing flagged"):
+        assert len(detect.mislabeled(padded)) == 0  # the tracker does not keep the labels
+    given = detect.mislabeled(padded, labels=labels)
+    assert given.indices.tolist() == expected
+    assert given.diagnostics["estimator"]["label_lost"] == 12
+
+
+def test_classes_in_use_counts_the_labels_of_presented_samples():
+    t = csl_fast.CSLTracker(4, num_classes=8)
+    csl_fast.accumulate(torch.randn(3, 8), torch.tensor([1, 4, 4]), torch.arange(3), t)
+    assert detect.classes_in_use(t) == 8
+    # sample 3 was never presented: its label is not in use
+    assert detect.classes_in_use(t, torch.tensor([1, 4, 4, 7])) == 2
+    assert detect.classes_in_use(t, [1, 4, 7, 7]) == 3
+    with pytest.raises(ValueError, match=r"labels must be the int \[N\] = \[4\]"):
+        detect.classes_in_use(t, torch.tensor([1, 4]))
+    with pytest.raises(TypeError, match="pass the tracker itself"):
+        detect.mislabeled(csl_fast.scores(t), labels=[0, 1, 2, 3])
+
+
+def test_nothing_flagged_says_why_for_two_samples_and_one_label():
+    """Both warnings blamed the schedule ("train for fewer epochs"): no schedule makes two
+    samples, or one label, separable."""
+    t = csl_fast.CSLTracker(2, num_classes=3)
+    for _ in range(3):
+        csl_fast.accumulate(torch.randn(2, 3), torch.tensor([0, 1]), torch.arange(2), t)
+        t.end_epoch()
+    with pytest.warns(detect.DetectionWarning) as said:
+        detect.mislabeled(t)
+    assert "only 2 samples have a finite score" in str(said[0].message)
+    assert "fewer epochs" not in str(said[0].message)
+
+    one = csl_fast.CSLTracker(30, num_classes=3)
+    y = torch.zeros(30, dtype=torch.long)
+    for _ in range(5):
+        csl_fast.accumulate(torch.randn(30, 3) + 3 * torch.eye(3)[0], y, torch.arange(30), one)
+        one.end_epoch()
+    with pytest.warns(detect.DetectionWarning) as said:
+        assert len(detect.mislabeled(one, labels=y)) == 0
+    assert "one class in use" in str(said[0].message)
+    assert "fewer epochs" not in str(said[0].message)
+
+
+def test_nothing_flagged_does_not_claim_the_bad_labels_were_fitted_as_fast():
+    """It said the bad labels "were fitted as fast as the clean ones" whatever the run:
+    here the flips rank first (the top 12 by CSL), and it is too few lost labels that
+    leave the rule without a count."""
+    from flip_runs import flipped_run
+
+    padded, _ = flipped_run(8)
+    with pytest.warns(detect.DetectionWarning) as said:
+        det = detect.mislabeled(padded)
+    assert sorted(det.ranking[:12].tolist()) == list(range(12))
+    message = str(said[0].message)
+    assert "fitted as fast" not in message
+    assert "too few bad ones stood apart in the rule's views" in message
