@@ -6,11 +6,18 @@ suggested labels (:meth:`csl_fast.CSLTracker.suggestions`: the class each sample
 probably have, with a confidence in [0, 1]) into a :class:`CleaningPlan`: for each flagged
 sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
 
-``"relabel-confident"`` (default)
+``"relabel-confident"`` (default, except on two classes)
     Relabel a flagged sample to its suggested label when the suggestion's confidence is at
     least ``min_confidence``; drop it otherwise. Why relabel at all: a flipped sample with
     its true label back is one more correct training sample, where dropping loses it; why
     only when confident: a wrong relabel is new label noise, a drop costs one sample.
+    When two classes are in use (:func:`two_classes_in_use`) the suggestion of every
+    flagged sample is "the other class", confidently, so a relabel is right only as often
+    as the flagged sample is really mislabeled, which the confidence does not measure:
+    a clean sample flagged by mistake gets a wrong label (make_classification, 301
+    samples, 24 flips: 41 relabels, 18 right, the wrong labels went from 24 to 27). There
+    the default policy is ``"drop"``, with a :class:`RelabelWarning`; asking for
+    ``"relabel-confident"`` still relabels, with the warning.
 ``"drop"``
     Drop every flagged sample (no suggestions needed). The safe choice when the flagged set
     also holds atypical but correctly labelled samples.
@@ -86,12 +93,48 @@ __all__ = [
     "Cleaned",
     "CleanedDataset",
     "CleaningPlan",
+    "RelabelWarning",
     "clean",
     "default_detection",
     "evaluate_plan",
+    "two_classes_in_use",
 ]
 
 POLICIES = ("relabel-confident", "drop", "review")
+
+
+class RelabelWarning(UserWarning):
+    """:func:`clean` on two classes in use: its relabels are right only as often as the
+    flagged set is precise (the module doc, ``"relabel-confident"``)."""
+
+
+def two_classes_in_use(source: Any, labels: Any = None) -> bool:
+    """Whether exactly two classes are in use in the run of ``source`` (a
+    :class:`csl_fast.CSLTracker`; False for any other source): with ``labels`` (int
+    ``[N]``), two distinct labels among the presented samples; without, a tracker of
+    ``num_classes=2`` (:func:`csl_fast.detect.classes_in_use`)."""
+    from .detect import classes_in_use
+    from .tracker import CSLTracker
+
+    if not isinstance(source, CSLTracker):
+        return False
+    return classes_in_use(source, _class_labels(source, labels)) == 2
+
+
+def _class_labels(source: Any, labels: Any) -> torch.Tensor | None:
+    """``labels`` as int ``[N]`` class labels, or None when they are not (the targets of a
+    loss-only run, ``[N, ...]`` or real, which ``clean`` also takes)."""
+    if labels is None:
+        return None
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        return None  # (duplicate_decisions says what is wrong with them)
+    if y.dim() != 1 or y.numel() != source.num_samples or not integer_labels(y.dtype):
+        return None
+    return y
+
+
 #: Columns of :meth:`CleaningPlan.to_csv`, in order.
 CSV_COLUMNS = ("index", "action", "suggested_label", "confidence", "score", "rank")
 #: Rows of a plan :meth:`CleaningPlan.to_csv` writes at a time.
@@ -102,8 +145,10 @@ PLAN_CSV_CHUNK = 65536
 #: :meth:`csl_fast.CSLTracker.suggestions`), drop it otherwise. That
 #: confidence stops changing once a sample is memorised, so the threshold means the same
 #: after 60 epochs or 120. It is the least threshold whose relabels were right ~0.85-0.9 of
-#: the time on digits, MNIST-1D and the demo's setup, so that most flips are repaired
-#: rather than dropped (the sweep and its figures: ``docs/cleaning.md``).
+#: the time on digits, MNIST-1D and the demo's setup (10 classes each; on two classes the
+#: flagged set's precision bounds them, and the default policy drops: the module doc), so
+#: that most flips are repaired rather than dropped (the sweep and its figures:
+#: ``docs/cleaning.md``).
 DEFAULT_MIN_CONFIDENCE = 0.4
 
 
@@ -688,12 +733,48 @@ def _num_samples(source: Any) -> int | None:
     return None
 
 
-def default_detection(source: Any, score: str | None = None, **detect_kwargs: Any) -> Detection:
+def binary_policy(
+    source: Any, policy: str | None, labels: Any = None
+) -> tuple[str | None, str | None]:
+    """``(policy, warning)``: the policy :func:`clean` takes for ``policy`` on the run of
+    ``source`` and its :class:`RelabelWarning` (None when there is none): on two classes in
+    use (:func:`two_classes_in_use` of ``labels``), ``None`` becomes ``"drop"``, and
+    ``"relabel-confident"`` stays, with the warning. For the CLI and the report, which
+    know the labels where ``clean`` (whose ``labels=`` needs ``inputs=``) may not."""
+    if policy not in (None, "relabel-confident") or not two_classes_in_use(source, labels):
+        return policy, None
+    return policy or "drop", binary_relabel_warning(policy is None)
+
+
+def binary_relabel_warning(dropped: bool) -> str:
+    """:func:`clean`'s :class:`RelabelWarning` (``csl-fast clean`` prints it too)."""
+    why = (
+        "two classes are in use, so every flagged sample's suggestion is the other class, "
+        "confidently: a relabel is right only as often as the flagged sample is really "
+        "mislabeled, and a clean sample flagged by mistake gets a wrong label"
+    )
+    if dropped:
+        return (
+            f"csl_fast.clean: every flagged sample is dropped (policy drop): {why}. To "
+            "relabel anyway, pass policy='relabel-confident' (csl-fast clean --policy "
+            "relabel-confident), after checking the flagged set's precision"
+        )
+    return (
+        f"csl_fast.clean: policy='relabel-confident' relabels, but {why}. Check the "
+        "flagged set's precision first, or use policy='drop' (the default on two classes)"
+    )
+
+
+def default_detection(
+    source: Any, score: str | None = None, labels: Any = None, **detect_kwargs: Any
+) -> Detection:
     """The flagged set :func:`clean` (and ``csl-fast clean``) act on when none is given:
-    :func:`csl_fast.detect.mislabeled`, or for a tracker that recorded losses only (no
-    softmax statistics: :func:`csl_fast.record_loss`, :func:`csl_fast.accumulate_bce`) the
-    tail rule of :func:`csl_fast.detect_losses.corrupted_targets`, whose views it has
-    (the cross-entropy rule's need margins and probabilities of a class)."""
+    :func:`csl_fast.detect.mislabeled` (given ``labels``, when they are int ``[N]`` class
+    labels: its chance levels count the classes in use), or for a tracker that recorded
+    losses only (no softmax statistics: :func:`csl_fast.record_loss`,
+    :func:`csl_fast.accumulate_bce`) the tail rule of
+    :func:`csl_fast.detect_losses.corrupted_targets`, whose views it has (the
+    cross-entropy rule's need margins and probabilities of a class)."""
     from .scores import LOSS_ONLY
 
     if no_suggestions(source) == LOSS_ONLY:
@@ -705,6 +786,10 @@ def default_detection(source: Any, score: str | None = None, **detect_kwargs: An
         name = default_score(source) if score is None else score
         kept = source if isinstance(source, Mapping) else scores(source, [name])
         return corrupted_targets(kept, name, **detect_kwargs)
+    from .tracker import CSLTracker
+
+    if isinstance(source, CSLTracker):
+        detect_kwargs["labels"] = _class_labels(source, labels)
     return mislabeled(source, score, **detect_kwargs)
 
 
@@ -712,7 +797,7 @@ def clean(
     source: CSLTracker | Mapping[str, torch.Tensor] | torch.Tensor,
     *,
     detection: Detection | None = None,
-    policy: str = "relabel-confident",
+    policy: str | None = None,
     min_confidence: float = DEFAULT_MIN_CONFIDENCE,
     budget: int | None = None,
     score: str | None = None,
@@ -731,7 +816,13 @@ def clean(
         detection: a detection to act on; default :func:`default_detection`
             (``detect.mislabeled(source, score, **detect_kwargs)``, or
             ``detect_losses.corrupted_targets`` for a tracker that recorded losses only).
-        policy: ``"relabel-confident"`` (default), ``"drop"`` or ``"review"``. A tracker
+        policy: ``"relabel-confident"``, ``"drop"`` or ``"review"``; ``None``
+            (default): ``"relabel-confident"``, or ``"drop"`` with a
+            :class:`RelabelWarning` when two classes are in use
+            (:func:`two_classes_in_use`: a tracker of ``num_classes=2``, or two distinct
+            ``labels``), where a relabel is right only as often as the flagged set is
+            precise (module doc); ``"relabel-confident"`` asked for there relabels, with
+            the warning. A tracker
             that recorded losses only (no softmax statistics) or sequences has no
             suggested labels (:func:`no_suggestions`) and takes ``"drop"`` or
             ``"review"``; ``"relabel-confident"`` raises there.
@@ -774,8 +865,9 @@ def clean(
         a :class:`CleaningPlan`. Empty when nothing is flagged; then ``plan.warning`` (the
         detection's) says why.
     """
-    if policy not in POLICIES:
+    if policy is not None and policy not in POLICIES:
         raise ValueError(f"csl_fast.clean: policy must be one of {POLICIES}, got {policy!r}")
+    asked, policy = policy, policy or "relabel-confident"  # (checked as relabelling)
     # numbers.Real / Integral: numpy scalars are numbers too (np.float32(0.5) was refused
     # as "not in [0, 1]")
     # a wrong type is a TypeError and a wrong value a ValueError, as Python's own
@@ -815,7 +907,7 @@ def clean(
     if detection is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DetectionWarning)
-            detection = default_detection(source, score, **detect_kwargs)
+            detection = default_detection(source, score, labels, **detect_kwargs)
         for w in caught:  # at the caller's line (it named csl_fast/cleaning.py)
             if issubclass(w.category, DetectionWarning):
                 warnings.warn(w.message, w.category, stacklevel=2)
@@ -861,6 +953,10 @@ def clean(
             f"csl_fast.clean: the detection ranks {n} samples but the source has {size}: "
             "pass the detection made from this source"
         )
+    policy, binary = binary_policy(source, asked, labels)
+    policy = policy or "relabel-confident"
+    if binary is not None:
+        warnings.warn(binary, RelabelWarning, stacklevel=2)
     sugg = _suggestions_of(source, suggestions, n)
     if suggestions is None and sugg is not None and policy != "drop":
         from .scores import warn_no_epoch_closed

@@ -414,9 +414,11 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--policy",
-        default="relabel-confident",
+        default=None,
         choices=POLICIES,
-        help="what to do with a flagged sample (default relabel-confident)",
+        help="what to do with a flagged sample (default relabel-confident, or drop when two "
+        "classes are in use: there a relabel is right only as often as the flagged set is "
+        "precise)",
     )
     p.add_argument(
         "--budget",

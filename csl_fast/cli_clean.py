@@ -17,7 +17,13 @@ __all__ = ["cmd_clean"]
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    from .cleaning import EVAL_PASSES_ONLY, clean, no_suggestions
+    from .cleaning import (
+        EVAL_PASSES_ONLY,
+        RelabelWarning,
+        binary_policy,
+        clean,
+        no_suggestions,
+    )
     from .cli_commands import (
         _scores_for,
         check_output,
@@ -50,10 +56,12 @@ def cmd_clean(args: argparse.Namespace) -> int:
         # the detection's warning, if any, is printed below as one line
         warnings.simplefilter("ignore", DetectionWarning)
         _scores_for(tracker, args.score)  # a clear error when the score was not recorded
-        det = detection_for(tracker, args.score)
+        # (the samples' labels count the classes in use, with or without --inputs)
+        class_labels = labels if labels is not None else getattr(samples, "labels", None)
+        det = detection_for(tracker, args.score, class_labels)
         policy = args.policy
         missing = no_suggestions(tracker)
-        if missing is not None and policy == "relabel-confident":
+        if missing is not None and policy in (None, "relabel-confident"):
             policy = "drop"
             losses = loss_only(tracker)
             what = (
@@ -70,6 +78,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
                     f"labels, so every flagged sample is dropped (policy drop){how}",
                     file=sys.stderr,
                 )
+        # (printed below as the detection's warning is: it says why relabels became drops)
+        warnings.simplefilter("ignore", RelabelWarning)
+        policy, relabel_warning = binary_policy(tracker, policy, class_labels)
         plan = clean(
             tracker,
             detection=det,
@@ -88,6 +99,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
         raise CLIError(exc.strerror, EXIT_INPUT) from None
     if plan.warning:
         print(f"csl-fast clean: warning: {warning_line(plan.warning)}", file=sys.stderr)
+    if relabel_warning is not None:
+        print(f"csl-fast clean: warning: {warning_line(relabel_warning)}", file=sys.stderr)
     lost = epochs_without_loss(tracker)
     if lost is not None:  # what the flagged set rests on, --quiet or not
         print(f"csl-fast clean: warning: {lost}", file=sys.stderr)

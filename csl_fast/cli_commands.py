@@ -275,9 +275,10 @@ def loss_only(tracker: Any) -> bool:
     return bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
 
 
-def detection_for(tracker: Any, score: str) -> Any:
+def detection_for(tracker: Any, score: str, labels: Any = None) -> Any:
     """The flagged set the CLI shows: :func:`csl_fast.detect.mislabeled` for a
-    cross-entropy run, the tail rule of :mod:`csl_fast.detect_losses` for a loss-only one
+    cross-entropy run (given the run's ``labels``, when they are class labels: the classes
+    in use), the tail rule of :mod:`csl_fast.detect_losses` for a loss-only one
     (per entry for ``label_csl``). Its warning is left to the caller."""
     from . import detect_losses
     from .cleaning import default_detection
@@ -287,7 +288,7 @@ def detection_for(tracker: Any, score: str) -> Any:
             return detect_losses.mislabeled_entries(tracker)
         except ValueError as exc:  # a run without per-label CSL: a usage error, not a crash
             raise CLIError(f"--score label_csl: {exc}") from None
-    return default_detection(tracker, score)  # the tracker: every view of the rule
+    return default_detection(tracker, score, labels)  # the tracker: every view of the rule
 
 
 def _loss_only_note(tracker: Any, score: str) -> str | None:
@@ -446,7 +447,9 @@ def _rank(
         dup = duplicates_for(tracker, score, inputs, labels, loss_only(tracker))
     if dup is not None and dup.warning is not None and not dup.groups:
         warnings.warn(dup.warning, DetectionWarning, stacklevel=3)
-    det = detection_for(tracker, score)
+    # (the samples' labels count the classes in use, with or without --inputs)
+    class_labels = getattr(samples, "labels", None) if labels is None else labels
+    det = detection_for(tracker, score, class_labels)
     if score == "label_csl":
         return _entry_rows(det, top), dup, det
     values = det.scores.detach().cpu().double().numpy()

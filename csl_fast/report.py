@@ -587,11 +587,13 @@ def write_report(
     if loss_only:
         det = _loss_only_detection(tracker, score)
     else:
-        from .detect import DetectionWarning, mislabeled
+        from .cleaning import default_detection
+        from .detect import DetectionWarning
 
         with warnings.catch_warnings():  # (said by the flagged set's section)
             warnings.simplefilter("ignore", DetectionWarning)
-            det = mislabeled(tracker, score)  # the tracker: every view of the rule
+            # the tracker: every view of the rule; the labels count the classes in use
+            det = default_detection(tracker, score, getattr(samples, "labels", None))
     # as the detection ranks: the top table numbered held-out samples an eval pass scored
     # among the trained ones (of a loss-only run too), which csl-fast rank and the plan
     # leave out

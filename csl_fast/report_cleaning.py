@@ -247,9 +247,28 @@ def composition_section(tracker: Any, samples: Any, det: Any) -> str:
 def _suggestion_rows(
     tracker: Any, det: Any, samples: Any, inputs: Any = None, labels: Any = None
 ) -> list[tuple[str, str]]:
-    from .cleaning import DEFAULT_MIN_CONFIDENCE, clean, evaluate_plan, presented
+    from .cleaning import (
+        DEFAULT_MIN_CONFIDENCE,
+        RelabelWarning,
+        binary_policy,
+        clean,
+        evaluate_plan,
+        presented,
+    )
 
-    plan = clean(tracker, detection=det, score=det.score_name, inputs=inputs, labels=labels)
+    # the policy csl-fast clean takes by default (drop when two classes are in use; the
+    # caption says why)
+    policy, _ = binary_policy(tracker, None, getattr(samples, "labels", None))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RelabelWarning)
+        plan = clean(
+            tracker,
+            detection=det,
+            policy=policy,
+            score=det.score_name,
+            inputs=inputs,
+            labels=labels,
+        )
     # with duplicates the plan also holds the conflicting groups the score did not flag:
     # "flagged samples 142" sat under "flagged 123" with nothing to tell them apart
     what = (
@@ -272,7 +291,8 @@ def _suggestion_rows(
     # (every drop was put down to the suggestion: a conflicting group without a label or
     # with too small a share, or a member never trained on, is dropped for that)
     why = {k: int(v.sum()) for k, v in plan.drop_reasons().items()}
-    rows.append(("drop (no confident suggestion)", str(why["suggestion"])))
+    drop_why = "policy drop" if plan.policy == "drop" else "no confident suggestion"
+    rows.append((f"drop ({drop_why})", str(why["suggestion"])))
     if plan.duplicates is not None:
         rows.append(
             ("drop (its conflicting duplicate group has no label)", str(why["group without label"]))
@@ -381,6 +401,20 @@ def sections(
         )
         return "".join(parts)
     parts.append(_table(_suggestion_rows(tracker, det, samples, inputs, labels)))
+    from .cleaning import binary_policy
+
+    _, binary = binary_policy(tracker, None, getattr(samples, "labels", None))
+    if binary is not None:
+        parts.append(
+            "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does "
+            "with the flagged set by default on this run: drop every flagged sample. Two "
+            "classes are in use, so every flagged sample's suggestion is the other class, "
+            "confidently: a relabel is right only as often as the flagged sample is really "
+            "mislabeled, and a clean sample flagged by mistake would get a wrong label. "
+            "<code>policy='relabel-confident'</code> (<code>--policy relabel-confident</code>) "
+            "relabels anyway, with a warning.</p>"
+        )
+        return "".join(parts)
     parts.append(
         "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does with "
         "the flagged set by default: relabel a sample to its suggested label, the class the "

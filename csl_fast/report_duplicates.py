@@ -100,7 +100,7 @@ def section(
 ) -> str:
     """The HTML of the ``Duplicate groups`` section (module doc)."""
     from . import duplicate_groups as dg
-    from .cleaning import clean, no_suggestions
+    from .cleaning import RelabelWarning, clean, no_suggestions
     from .detect import DetectionWarning, duplicates
     from .report_cleaning import _table
 
@@ -112,7 +112,9 @@ def section(
         # (a run without suggested labels, of sequences, takes no relabelling policy)
         why_drop = no_suggestions(tracker)
         if labels is not None and det.groups:
-            policy = "drop" if why_drop is not None else "relabel-confident"
+            # (None: clean's default, drop when two classes are in use; the note says so)
+            policy = "drop" if why_drop is not None else None
+            warnings.simplefilter("ignore", RelabelWarning)
             plan = clean(
                 tracker, detection=det, policy=policy, score=score, inputs=inputs, labels=labels
             )
@@ -175,6 +177,15 @@ def section(
             ", so it has no suggested labels to relabel by (policy drop; under --policy review "
             "the members whose targets agree with the best-fitted member's are kept). Groups "
             "whose members share a label are never flagged for being duplicated."
+        )
+    elif plan is not None and plan.policy == "drop":
+        note = (
+            "A group whose members carry different labels is flagged whole: at most one of its "
+            "labels is right. Here csl_fast.clean drops every member of such a group: two "
+            "classes are in use, where its default policy is drop (--policy "
+            "relabel-confident keeps the member whose label the network preferred and "
+            "relabels the others to it). Groups whose members share a label are never "
+            "flagged for being duplicated."
         )
     else:
         note = (

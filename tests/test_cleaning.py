@@ -836,3 +836,40 @@ def test_rows_csv_and_dataframe_equal_the_per_row_formatting(monkeypatch, case):
     old = pd.DataFrame(want, columns=list(CSV_COLUMNS))
     old["rank"] = old["rank"].astype("Int64")
     pd.testing.assert_frame_equal(plan.to_dataframe(), old, check_dtype=True, check_exact=True)
+
+
+def test_default_policy_drops_on_two_classes_with_a_warning_and_relabels_when_asked():
+    """On two classes every flagged sample's suggestion is "the other class", confidently,
+    so a clean sample flagged by mistake got a wrong label (make_classification, 24
+    flips: 41 relabels, 18 right, 24 wrong labels became 27)."""
+    from flip_runs import flipped_run
+
+    from csl_fast.cleaning import RelabelWarning
+
+    tracker, _ = flipped_run(2, classes=2)
+    with pytest.warns(RelabelWarning, match=r"dropped \(policy drop\).*policy='relabel-confident'"):
+        plan = clean(tracker)
+    assert plan.policy == "drop" and len(plan) > 0 and plan.num_relabeled == 0
+    with pytest.warns(RelabelWarning, match="policy='relabel-confident' relabels, but two classes"):
+        asked = clean(tracker, policy="relabel-confident")
+    assert asked.policy == "relabel-confident" and asked.num_relabeled > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RelabelWarning)
+        assert clean(tracker, policy="drop").policy == "drop"
+        # three classes: relabelling stays the default, without a word
+        assert clean(flipped_run(3)[0]).num_relabeled > 0
+
+
+def test_two_classes_in_use_counts_the_labels_when_given():
+    from flip_runs import flipped_run
+
+    from csl_fast.cleaning import binary_policy, two_classes_in_use
+
+    padded, labels = flipped_run(4, classes=2)
+    assert not two_classes_in_use(padded)  # num_classes=4: the tracker has no labels
+    assert two_classes_in_use(padded, labels)
+    assert not two_classes_in_use(padded, labels[:5])  # not the [N] class labels
+    assert binary_policy(padded, None, labels)[0] == "drop"
+    assert binary_policy(padded, "relabel-confident", labels)[0] == "relabel-confident"
+    assert binary_policy(padded, None) == (None, None)
+    assert not two_classes_in_use({"csl": torch.rand(120)}, labels)

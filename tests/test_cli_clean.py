@@ -491,3 +491,33 @@ def test_samples_of_another_recorder_are_not_called_never_presented(tmp_path, ca
         assert code == EXIT_OK
         said = out_text + err  # (clean's summary goes to the stream the plan does not)
         assert "but 10 of those without one were presented, recorded without softmax" in said
+
+
+def test_two_classes_in_use_drop_by_default_and_warn(tmp_path, capsys):
+    """As csl_fast.clean: on two classes in use (here 4 outputs, the labels of
+    samples.npz) the default policy drops, and --policy relabel-confident relabels; both
+    say why on standard error."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(4, classes=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    tracker.save(run / "tracker.csl")
+    RunSamples(labels=labels.numpy()).save(run / "samples.npz")
+    code, out, err = run_main(capsys, "clean", str(run), "--out", str(tmp_path / "p.csv"))
+    assert code == EXIT_OK and "relabel, " in out and "(policy drop" in out
+    assert ": 0 relabel," in out
+    assert "warning: csl_fast.clean: every flagged sample is dropped (policy drop)" in err
+    code, out, err = run_main(
+        capsys,
+        "clean",
+        str(run),
+        "--out",
+        str(tmp_path / "q.csv"),
+        "--policy",
+        "relabel-confident",
+    )
+    assert code == EXIT_OK and ": 0 relabel," not in out and "policy relabel-confident" in out
+    assert "policy='relabel-confident' relabels, but two classes are in use" in err
+    rows = read(tmp_path / "q.csv")
+    assert {r["action"] for r in rows} >= {"relabel"}

@@ -472,3 +472,17 @@ def test_a_loss_only_run_says_what_its_flagged_set_is_made_of(tmp_path):
     assert rows["flagged"] == str(len(det)) and len(det) > 0
     assert rows["flipped labels among them"] == str(int((flagged & bad).sum()))
     assert rows["recall (of all 10 corrupted)"] == f"{int((flagged & bad).sum()) / 10:.3f}"
+
+
+def test_two_classes_in_use_the_plan_shown_is_the_default_drop(tmp_path):
+    """The section showed relabels and said clean relabels by default, where csl_fast.clean
+    and csl-fast clean now drop (two classes in use: 4 outputs, the samples' labels)."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(4, classes=2)
+    samples = RunSamples(labels=labels.numpy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", csl_fast.cleaning.RelabelWarning)
+        page = Path(write_report(tracker, tmp_path, samples=samples)).read_text(encoding="utf-8")
+    assert "does with the flagged set by default on this run: drop every flagged sample" in page
+    assert re.search(r"drop \(policy drop\)</td><td>[1-9]", page)
