@@ -521,3 +521,22 @@ def test_two_classes_in_use_drop_by_default_and_warn(tmp_path, capsys):
     assert "policy='relabel-confident' relabels, but two classes are in use" in err
     rows = read(tmp_path / "q.csv")
     assert {r["action"] for r in rows} >= {"relabel"}
+
+
+def test_the_detection_counts_the_classes_samples_npz_labels_use(tmp_path, capsys):
+    """8 outputs, labels 0..2: by num_classes the 12 flips lost no label firmly and
+    nothing was flagged; samples.npz's labels count 3 classes in use."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(8)
+    run = tmp_path / "run"
+    run.mkdir()
+    tracker.save(run / "tracker.csl")
+    tracker.save(tmp_path / "bare.csl")
+    RunSamples(labels=labels.numpy()).save(run / "samples.npz")
+    code, out, _ = run_main(capsys, "clean", str(run), "--out", str(tmp_path / "p.csv"))
+    assert code == EXIT_OK and "flagged 12 of 120 samples" in out
+    code, out, _ = run_main(
+        capsys, "clean", str(tmp_path / "bare.csl"), "--out", str(tmp_path / "q.csv")
+    )
+    assert code == EXIT_OK and "flagged 0 of 120 samples" in out

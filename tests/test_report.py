@@ -1362,3 +1362,17 @@ def test_the_page_leaves_out_samples_recorded_without_softmax_statistics(tmp_pat
     listed = [int(i) for i in re.findall(r"<tr><td>\d+</td><td>(\d+)</td>", table)]
     assert listed and max(listed) < 200, listed
     assert "they are not ranked or flagged" in " ".join(html.split())
+
+
+def test_the_flagged_set_counts_the_classes_the_samples_labels_use(tmp_path):
+    """8 outputs, labels 0..2: by num_classes the report flagged none of the 12 flips;
+    the samples' labels count 3 classes in use, as csl-fast clean does."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(
+            write_report(tracker, tmp_path, samples=RunSamples(labels=labels.numpy()))
+        ).read_text(encoding="utf-8")
+    assert "12 flagged." in page
