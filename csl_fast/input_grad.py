@@ -212,8 +212,15 @@ def watch(
     stay per-sample down the network: BatchNorm in train mode couples samples (see the
     module docstring).
     """
-    # (nor does torch.export keep the hook)
     refuse_tracing("csl_fast.input_grad.watch", exports=False)
+    if torch.compiler.is_exporting():
+        # (the hook is not part of the exported graph: the program would record nothing)
+        raise RuntimeError(
+            "csl_fast.input_grad.watch cannot run under torch.export: the exported program "
+            "keeps no tensor hook, so it would record no input-gradient norm. Call watch "
+            "outside the exported module (on its input, before calling it), or compile the "
+            "step with torch.compile, which keeps the hook"
+        )
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
         hint = ""

@@ -555,3 +555,23 @@ def test_importing_csl_fast_leaves_dynamo_unloaded():
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=True
     )
     assert done.stdout.strip() == "False"
+
+
+def test_watch_is_refused_under_torch_export():
+    """torch.export keeps no tensor hook: an exported module that watched its input would
+    record nothing, silently. watch raises instead; eagerly, the same module records."""
+    tracker = csl_fast.CSLTracker(4, 3)
+
+    class Watched(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 3)
+
+        def forward(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return self.lin(tracker.watch(x, idx))
+
+    x, idx = torch.randn(4, 2), torch.arange(4)
+    with pytest.raises(Exception, match=r"watch cannot run under torch\.export"):
+        torch.export.export(Watched(), (x, idx))
+    Watched()(x, idx).sum().backward()
+    assert tracker.input_grad_count.tolist() == [1, 1, 1, 1]
