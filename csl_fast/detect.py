@@ -539,8 +539,11 @@ def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
             f"csl_fast.detect: labels must be the int [N] = [{n}] given labels of the tracker's "
             f"samples, got {y.dtype} {tuple(y.shape)}"
         )
-    seen = (tracker.csl_count > 0).cpu()
-    return int(torch.unique(y.cpu()[seen]).numel())
+    used = y.cpu()[(tracker.csl_count > 0).cpu()]
+    if used.numel() and int(used.min()) >= 0 and int(used.max()) < 2**24:
+        # (a count per class: O(N), where unique's sort took 1.5 s at N = 10M)
+        return int(torch.count_nonzero(torch.bincount(used.long())))
+    return int(torch.unique(used).numel())
 
 
 def _select(

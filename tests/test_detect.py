@@ -1059,6 +1059,11 @@ def test_classes_in_use_counts_the_labels_of_presented_samples():
     # sample 3 was never presented: its label is not in use
     assert detect.classes_in_use(t, torch.tensor([1, 4, 4, 7])) == 2
     assert detect.classes_in_use(t, [1, 4, 7, 7]) == 3
+    # labels no per-class count can hold (negative, huge), uint8, nothing presented
+    assert detect.classes_in_use(t, [-1, 4, 4, 7]) == 2
+    assert detect.classes_in_use(t, [2**40, 0, 2**40, 7]) == 2
+    assert detect.classes_in_use(t, torch.tensor([3, 3, 5, 0], dtype=torch.uint8)) == 2
+    assert detect.classes_in_use(csl_fast.CSLTracker(4, num_classes=8), [1, 4, 4, 7]) == 0
     with pytest.raises(ValueError, match=r"labels must be the int \[N\] = \[4\]"):
         detect.classes_in_use(t, torch.tensor([1, 4]))
     with pytest.raises(TypeError, match="pass the tracker itself"):
