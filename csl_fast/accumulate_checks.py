@@ -331,14 +331,16 @@ def device_mismatch(
     op: str, name: str, t: torch.Tensor, device: torch.device, source: str = ""
 ) -> str:
     """The message for ``t`` off the device of ``source`` (``op``'s main input: logits,
-    or hidden for linear_cross_entropy). A buffer named in ``TRACKER_BUFFERS`` usually
-    comes from a tracker, which has no ``.to``: the fix then is where it is created."""
+    or hidden for linear_cross_entropy). A buffer named in ``TRACKER_BUFFERS`` comes from
+    a tracker, which has no ``.to`` (the fix is where it is created), or is a tensor the
+    caller passed: the message gives both fixes."""
     source = source or ("hidden" if op == "linear_cross_entropy" else "logits")
-    fix = (
-        f"create the CSLTracker with device={str(device)!r} (or move the inputs to {t.device})"
-        if name in TRACKER_BUFFERS
-        else f"move it with .to({source}.device)"
-    )
+    fix = f"move it with .to({source}.device)"
+    if name in TRACKER_BUFFERS:
+        fix = (
+            f"{fix} if you passed it, or, for a CSLTracker's buffer, create the tracker with "
+            f"device={str(device)!r} (or move the inputs to {t.device})"
+        )
     verb = "are" if source == "logits" else "is"
     return f"csl_fast.{op}: {name} is on {t.device} but {source} {verb} on {device}; {fix}"
 
@@ -374,10 +376,10 @@ def _check_indices(
             if name == "target" and t.is_floating_point()
             else ""
         )
-        # (accumulate widens uint8 class indices before they get here)
+        # (accumulate and linear_cross_entropy widen uint8 class indices before here)
         kinds = (
             "int64 (or int32, uint8)"
-            if name == "target" and op == "accumulate"
+            if name == "target" and op in ("accumulate", "linear_cross_entropy")
             else "int64 (or int32)"
         )
         raise TypeError(f"csl_fast.{op}: {name} must hold {kinds} indices, got {t.dtype}{hint}")

@@ -622,7 +622,10 @@ def warn_if_unsynced(tracker: CSLTracker, fn: str) -> None:
         f"tracker recorded {' and '.join(kinds)} presentations since its last sync, so the "
         "saved state holds this rank's part of them only (the other ranks' are missing, and "
         "a resume from it loses them). Call tracker.sync() on every rank (a "
-        "collective) before saving, as in: tracker.sync(); if rank == 0: tracker.save(path)",
+        "collective) before saving, as in: tracker.sync(); if rank == 0: tracker.save(path). "
+        "A tracker that only this rank records into (all its samples seen here) is whole: "
+        "filter this warning there (warnings.filterwarnings('ignore', "
+        "category=csl_fast.distributed.UnsyncedStateWarning))",
         UnsyncedStateWarning,
         stacklevel=3,
     )

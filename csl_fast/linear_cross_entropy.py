@@ -293,7 +293,8 @@ def linear_cross_entropy(
     Double backward is not supported (the gradients are formed in the forward pass), nor
     are torch.func transforms or forward-mode AD (an error says what to use).
     """
-    refuse_tracing("csl_fast.linear_cross_entropy")
+    if csl is not None:  # (without, a plain fused loss: nothing for a trace to lose)
+        refuse_tracing("csl_fast.linear_cross_entropy")
     extras = cross_entropy_extras.check(
         "linear_cross_entropy", softcap, z_loss_scale, return_z_loss, return_token_accuracy
     )

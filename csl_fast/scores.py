@@ -136,7 +136,7 @@ SCORES: dict[str, ScoreInfo] = {
         "input_grad",
     ),
     "aum": ScoreInfo(
-        "-tracker.aum: minus the mean margin z_y - max_{j != y} z_j (Pleiss et al.)",
+        "-tracker.aum: minus the mean margin min(z_y - max_{j != y} z_j, 1000) (Pleiss et al.)",
         "negated: a low or negative margin is suspicious",
         "logits",
     ),

@@ -52,6 +52,7 @@ from ._args import device as device_arg
 from .accumulate_checks import (
     _check_values,
     refuse_rows_into_sequences,
+    refuse_tracing,
     signed_index,
     too_many_classes,
     validate_by_default,
@@ -151,7 +152,7 @@ class CSLTracker(TrackerStatistics):
     ``last_loss``               float    loss at the last presentation (final sample loss)
     ``last_max_prob``           float    max softmax probability at the last presentation
     ``grad_norm_sum``           float    sum of :math:`\|\partial\ell_i/\partial z_i\|^2`
-    ``margin_sum``              float    sum of :math:`z_y - \max_{j\ne y} z_j` (AUM numerator)
+    ``margin_sum``              float    sum of margins :math:`\min(z_y - \max_{j\ne y} z_j, 1000)`
     ``p_true_sum``              float    sum of :math:`p_y` (data-map confidence numerator)
     ``p_true_sq_sum``           float    sum of :math:`p_y^2` (for the variability)
     ``last_correct``            bool     argmax was the label at the last presentation
@@ -457,6 +458,7 @@ class CSLTracker(TrackerStatistics):
         :meth:`training_buffers`. To record a batch without ``accumulate``, call
         :meth:`update` instead. No host synchronisation.
         """
+        refuse_tracing("csl_fast.CSLTracker.record")
         refuse_rows_into_sequences("CSLTracker.record", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("record", stats, self.num_classes)
@@ -523,6 +525,7 @@ class CSLTracker(TrackerStatistics):
 
         No host synchronisation.
         """
+        refuse_tracing("csl_fast.CSLTracker.record_sequences")
         token_stats = _plain(token_stats)
         if (
             not isinstance(token_stats, torch.Tensor)
@@ -616,6 +619,7 @@ class CSLTracker(TrackerStatistics):
         """Record a training batch's stats into every buffer, ``csl_sum``/``csl_count``
         included (``accumulate`` does the same in its fused op, then calls :meth:`record`).
         ``validate``: check that every index is in ``[0, N)`` (class docstring, *Indices*)."""
+        refuse_tracing("csl_fast.CSLTracker.update")
         refuse_rows_into_sequences("CSLTracker.update", self, _ONE_TOKEN_STATS)
         stats = _plain(stats)
         _check_stats("update", stats, self.num_classes)
@@ -638,6 +642,7 @@ class CSLTracker(TrackerStatistics):
         buffers, apart from the in-training ones. ``validate``: check that every index is in
         ``[0, N)`` (class docstring, *Indices*). A tracker of sequences refuses it (the
         stats are rows of one class each)."""
+        refuse_tracing("csl_fast.CSLTracker.record_eval")
         # (taken, the rows' eval losses became the sequences' final_loss)
         refuse_rows_into_sequences("CSLTracker.record_eval", self, None)
         stats = _plain(stats)

@@ -332,13 +332,24 @@ _TRACED_CALLS = {
     ),
     "input_grad.watch": lambda z, csl: csl.watch(z.clone().requires_grad_(), _I3),
     "input_grad_norms": lambda z, csl: csl_fast.input_grad.input_grad_norms(z, _I3, csl),
+    # the tracker's own recording methods, which the docs offer instead of accumulate
+    "CSLTracker.update": lambda z, csl: csl.update(_I3, _row_stats(z)),
+    "CSLTracker.record": lambda z, csl: csl.record(_I3, _row_stats(z)),
+    "CSLTracker.record_eval": lambda z, csl: csl.record_eval(_I3, _row_stats(z)),
 }
+_TRACKER_ONLY = ("input_grad", "CSLTracker.")
+
+
+def _row_stats(z: torch.Tensor) -> torch.Tensor:
+    from csl_fast import reference
+
+    return reference.row_statistics(z, torch.tensor([0, 2, 1]), -100)
 
 
 @pytest.mark.parametrize(
     "name, into",
     [(name, "tracker") for name in _TRACED_CALLS]
-    + [(name, "tensor") for name in _TRACED_CALLS if not name.startswith("input_grad")],
+    + [(name, "tensor") for name in _TRACED_CALLS if not name.startswith(_TRACKER_ONLY)],
 )
 def test_jit_trace_is_refused(name, into):
     """Under torch.jit.trace the recorders raise: the trace kept the loss but not the
@@ -351,3 +362,16 @@ def test_jit_trace_is_refused(name, into):
         torch.jit.trace(lambda z: call(z, csl), (torch.randn(3, 3),), check_trace=False)
     assert all(torch.equal(b, b0) for b, b0 in zip(buffers, before, strict=True))
     call(torch.randn(3, 3), csl)  # (eagerly, it runs)
+
+
+def test_jit_trace_of_linear_cross_entropy_without_csl_runs():
+    """With nothing to record it is a plain fused loss, which a trace keeps whole."""
+    w = torch.randn(3, 4)
+    target = torch.tensor([0, 2, 1])
+    traced = torch.jit.trace(
+        lambda h: csl_fast.linear_cross_entropy(h, w, target),
+        (torch.randn(3, 4),),
+        check_trace=False,  # (its graphs differ between runs in constants torch records)
+    )
+    h = torch.randn(3, 4)
+    torch.testing.assert_close(traced(h), F.cross_entropy(h @ w.T, target))

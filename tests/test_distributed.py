@@ -979,10 +979,28 @@ def test_save_and_state_dict_warn_of_records_not_synced(tmp_path):
         assert "Call tracker.sync() on every rank (a collective) before saving" in evals
 
 
+def _save_unsynced_worker(rank, init, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    try:
+        t = CSLTracker(4, C)
+        csl_fast.accumulate(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2), t)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", distributed.UnsyncedStateWarning)
+            t.save(os.path.join(out, "t.csl"))
+            t.state_dict()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_save_in_a_single_process_does_not_warn(tmp_path):
+    """Nothing can be missing with one process: no group, or a group of one (torchrun
+    --nproc_per_node=1)."""
     t = CSLTracker(4, C)
     csl_fast.accumulate(torch.randn(2, C), torch.tensor([0, 1]), torch.arange(2), t)
     with warnings.catch_warnings():
         warnings.simplefilter("error", distributed.UnsyncedStateWarning)
         t.save(tmp_path / "t.csl")
         t.state_dict()
+    _spawn(_save_unsynced_worker, (f"file://{tmp_path / 'pg_init'}", str(tmp_path)), nprocs=1)
+    assert (tmp_path / "t.csl").exists()

@@ -234,7 +234,11 @@ def test_tracker_off_device_names_where_to_fix_it():
     x = torch.randn(4, 3, device="meta")
     t = torch.zeros(4, dtype=torch.long, device="meta")
     i = torch.arange(4, device="meta")
-    fix = r"create the CSLTracker with device='meta' \(or move the inputs to cpu\)"
+    fix = (
+        r"move it with \.to\((logits|hidden|loss)\.device\) if you passed it, or, for a "
+        r"CSLTracker's buffer, create the tracker with device='meta' \(or move the inputs "
+        r"to cpu\)"
+    )
     with pytest.raises(ValueError, match=r"csl is on cpu but logits are on meta; " + fix):
         csl_fast.accumulate(x, t, i, tracker)
     with pytest.raises(ValueError, match=r"csl is on cpu but logits are on meta; " + fix):
@@ -244,6 +248,9 @@ def test_tracker_off_device_names_where_to_fix_it():
         csl_fast.linear_cross_entropy(h, w, t, i, tracker)
     with pytest.raises(ValueError, match=r"csl is on cpu but loss is on meta; " + fix):
         csl_fast.record_loss(torch.rand(4, device="meta"), i, tracker)
+    # a plain tensor passed as csl: .to() is the fix (no tracker involved)
+    with pytest.raises(ValueError, match=r"move it with \.to\(logits\.device\) if you passed"):
+        csl_fast.accumulate(x, t, i, torch.zeros(10))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: tensors on two devices")
