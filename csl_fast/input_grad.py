@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
-import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -30,6 +28,7 @@ import torch
 
 from . import backward_rerun
 from .accumulate_checks import refuse_tracing
+from .user_frame import user_stacklevel
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -293,7 +292,7 @@ def watch(
             "to the batch size B; a 'mean' loss with ignore_index divides by the valid rows "
             "(or tokens) instead: pass reduction_scale=(target != ignore_index).sum(), or "
             "reduction_scale=float(x.shape[0]) if B is the divisor",
-            stacklevel=_caller_stacklevel(),
+            stacklevel=user_stacklevel(),
         )
     if not x.requires_grad:
         x.requires_grad_(True)
@@ -396,17 +395,5 @@ def _warn_if_several_watched(x: torch.Tensor, tracker: CSLTracker) -> None:
         "their norms instead of taking the joint gradient's). Watch one tensor per step, "
         "e.g. the concatenated inputs (x = tracker.watch(torch.cat([x1, x2], 1), idx), "
         "split inside the model) or the embedding output, not the input and a hidden layer",
-        stacklevel=_caller_stacklevel(),
+        stacklevel=user_stacklevel(),
     )
-
-
-# frames skipped to point a warning at the user's call: csl_fast's own and torch's
-# (torch.compiler.disable's wrapper around _register)
-_OWN_FRAMES = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
-
-
-def _caller_stacklevel() -> int:
-    level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_OWN_FRAMES):
-        level, frame = level + 1, frame.f_back
-    return level

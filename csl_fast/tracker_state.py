@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .distributed import note_loaded
-from .stats import MAX_TRACKED_CLASSES
+from .stats import MARGIN_CAP, MAX_TRACKED_CLASSES
 from .tracker_buffers import _MINUS_ONE, buffer_kinds, buffer_shape, initial_value
 from .tracker_invariants import check_invariants, sample_chunks
+from .user_frame import user_stacklevel
 
 if TYPE_CHECKING:
     from .tracker import CSLTracker
@@ -602,7 +604,26 @@ def apply_state(tracker: CSLTracker, checked: dict[str, Any]) -> None:
     tracker.runs = checked["runs"]
     if tracker.num_classes is None:
         tracker.num_classes = checked["num_classes"]
+    _warn_uncapped_margins(live.get("margin_sum"))
     note_loaded(tracker)
+
+
+def _warn_uncapped_margins(margin_sum: torch.Tensor | None) -> None:
+    """Warn of +inf margin sums, which no capped margin (``MARGIN_CAP``) adds up to: a
+    state recorded before the cap, where a masked row (its label the only finite logit)
+    made them infinite for good. One reduction over the buffer."""
+    if margin_sum is None or not margin_sum.numel() or not bool(margin_sum.max() == math.inf):
+        return
+    n = int((margin_sum == math.inf).sum())
+    warnings.warn(
+        f"csl_fast: {n} samples' margin sums are +inf: a state recorded before csl_fast "
+        f"capped each margin at {MARGIN_CAP:g}, where a row whose label held the only finite "
+        "logit added +inf. Their AUM stays +inf, and evaluate refuses it; every other score "
+        "is unaffected. To rank them as the cap would, as the most confident: "
+        f"tracker.margin_sum.clamp_(max={MARGIN_CAP:g} * tracker.csl_count.max().item())",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def state_dict(tracker: CSLTracker) -> dict[str, Any]:

@@ -5,6 +5,8 @@ state dict and in a file, with the tracker left bit-identical; what a tracker ca
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -511,3 +513,24 @@ def test_a_float8_state_is_refused_by_name():
     }
     with pytest.raises(TrackerStateError, match=r"float8_e4m3fn, not a float dtype \(float16"):
         csl_fast.CSLTracker(6, 3).load_state_dict(state)
+
+
+def test_a_state_with_infinite_margin_sums_loads_with_a_warning_at_the_callers_line():
+    """Before the margin was capped, a row whose label held the only finite logit made
+    the sample's margin sum +inf for good; such a state loads, said so, and the advice in
+    the warning gives those samples a finite AUM."""
+    t = csl_fast.CSLTracker(3, 3)
+    csl_fast.accumulate(torch.randn(3, 3), torch.tensor([0, 1, 2]), torch.arange(3), t)
+    t.end_epoch()
+    state = t.state_dict()
+    state["buffers"]["margin_sum"] = state["buffers"]["margin_sum"].clone()
+    state["buffers"]["margin_sum"][1] = float("inf")
+    fresh = csl_fast.CSLTracker(3, 3)
+    with pytest.warns(RuntimeWarning, match=r"1 samples' margin sums are \+inf") as said:
+        fresh.load_state_dict(state)
+    assert said[0].filename == __file__
+    fresh.margin_sum.clamp_(max=1000 * fresh.csl_count.max().item())
+    assert torch.isfinite(fresh.aum).all() and fresh.aum[1] == 1000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csl_fast.CSLTracker(3, 3).load_state_dict(t.state_dict())  # finite: no warning
