@@ -199,6 +199,16 @@ class RunSamples:
         }
         if len(set(sizes.values())) > 1:
             raise SamplesFileError(f"RunSamples: fields have different lengths {sizes}")
+        if self.class_names is not None:
+            # (too few: the report mixed names and numbers, "given 4 ... predicted b")
+            named = len(self.class_names)
+            for name in ("labels", "predicted", "true_labels"):
+                value = getattr(self, name)
+                if value is not None and value.size and int(value.max()) >= named:
+                    raise SamplesFileError(
+                        f"RunSamples: class_names has {named} names but {name} holds class "
+                        f"{int(value.max())}; give one name per class, 0 to {int(value.max())}"
+                    )
         if self.mislabeled is None and self.labels is not None and self.true_labels is not None:
             # the ground truth the report, rank and clean read (ROC, what the flagged set is
             # made of): without it, true labels counted in one section and not in the others.
@@ -658,7 +668,12 @@ def write_report(
         "(low confidence); one it hesitated over, then memorized, at middle confidence and high "
         "variability.",
         "loss_curves.png": "",
-        "top_samples.png": "Given label (what training saw) and the final model's prediction."
+        "top_samples.png": "Given label (what training saw)"
+        + (
+            " and the final model's prediction."
+            if samples is not None and samples.predicted is not None
+            else "; the run saved no prediction (samples.npz has no 'predicted')."
+        )
         + (
             f" The first {GRID_MAX} of the top {shown}; the table 'Top {shown} by {score}' "
             "lists them all."

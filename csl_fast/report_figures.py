@@ -547,17 +547,18 @@ def _fig_top_grid(
         img = samples.images[i]
         ax.imshow(img, cmap="gray_r" if img.ndim == 2 else None, interpolation="nearest")
         given = samples.class_name(int(samples.labels[i])) if samples.labels is not None else "?"
-        pred = (
-            samples.class_name(int(samples.predicted[i])) if samples.predicted is not None else "?"
-        )
         colour = "black"
         if samples.mislabeled is not None and samples.mislabeled[i]:
             colour = _MIS
         elif samples.duplicate is not None and samples.duplicate[i]:
             colour = _DUP
         # on one line, class names past a few characters ran into the neighbouring panels
-        title = f"#{r + 1} idx {int(i)}\ngiven {_short(given)}\npred {_short(pred)}"
-        ax.set_title(title, fontsize=7, color=colour)
+        title = f"#{r + 1} idx {int(i)}\ngiven {_short(given)}"
+        if samples.predicted is not None:  # (no line of "pred ?" where none was saved)
+            title += f"\npred {_short(samples.class_name(int(samples.predicted[i])))}"
+        # parse_math=False: class names are the user's text ("$30-$39" was set as maths,
+        # and a TeX-like name crashed the report)
+        ax.set_title(title, fontsize=7, color=colour, parse_math=False)
     fig.suptitle(
         # the grid follows --score; its title said "by CSL" whatever the ranking was
         f"Most suspicious samples by {score_name}"

@@ -343,6 +343,12 @@ def test_run_samples_refuse_values_that_would_change_meaning():
     assert ok.labels.dtype == np.int64 and ok.labels.tolist() == [0, 2, 1, 1]
     with pytest.raises(SamplesFileError, match=r"must hold class numbers; it holds 1e\+20"):
         RunSamples(labels=np.array([0.0, 1e20]))
+    # too few class names: the report mixed names and numbers ("given 4 ... predicted b")
+    with pytest.raises(
+        SamplesFileError, match="class_names has 3 names but predicted holds class 3"
+    ):
+        RunSamples(labels=np.arange(3), predicted=np.arange(1, 4), class_names=["a", "b", "c"])
+    assert RunSamples(labels=np.array([-1, 2]), class_names=["a", "b", "c"]).class_name(2) == "c"
 
 
 def test_true_labels_alone_are_the_ground_truth_everywhere(tmp_path):
@@ -828,6 +834,27 @@ def test_grid_titles_with_long_class_names_do_not_overlap(tmp_path, monkeypatch)
     report_figures._fig_top_grid(np.arange(n), samples, np.zeros(n), str(tmp_path / "g.png"), n)
     assert len(boxes) == n
     assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes))
+
+
+def test_grid_titles_print_class_names_as_given_and_no_unknown_prediction(tmp_path, monkeypatch):
+    # "$30-$39" was set as maths (its $ gone), a TeX-like name crashed the report, and
+    # every tile read "pred ?" where the run saved no prediction
+    from csl_fast import report_figures
+
+    titles = []
+
+    def spy(fig, path):
+        fig.canvas.draw()  # (where the mathtext parser raised)
+        titles.extend(ax.title for ax in fig.axes if ax.get_title())
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    n = 3
+    names = ["$30-$39", r"$\price$", "plain"]
+    samples = RunSamples(labels=np.arange(n), images=np.zeros((n, 4, 4)), class_names=names)
+    report_figures._fig_top_grid(np.arange(n), samples, np.zeros(n), str(tmp_path / "g.png"), n)
+    assert [t.get_text().split("\n")[1:] for t in titles] == [[f"given {m}"] for m in names]
+    assert not any(t.get_parse_math() for t in titles)
 
 
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
