@@ -129,6 +129,7 @@ import torch
 
 from . import duplicate_groups as dg
 from . import flagging
+from ._args import integer_labels
 from .duplicate_groups import exact_duplicate_groups
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ __all__ = [
     "Detection",
     "DetectionWarning",
     "carry_to_groups",
+    "classes_in_use",
     "count_phrase",
     "default_eval_score",
     "default_score",
@@ -322,6 +324,8 @@ class _Views:
     partial: str | None = None
     #: the classes the chance levels count (:func:`classes_in_use`), None when unknown
     classes: int | None = None
+    #: ``classes`` was counted from given labels, not the tracker's ``num_classes``
+    counted: bool = False
 
 
 def _score_tensor(x: Any, what: str, where: str = "csl_fast.detect", dims: int = 1) -> torch.Tensor:
@@ -523,22 +527,17 @@ def _two_sided(
 def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
     """The number of classes the label-lost view's chance levels count
     (:func:`csl_fast.flagging.label_lost`): with ``labels`` (int ``[N]``, the given
-    labels), the distinct labels among the samples the tracker saw presented
-    (``csl_count > 0``); else the tracker's ``num_classes`` (``None`` when unset), which
-    counts the output classes no sample carries too: the tracker does not keep the labels.
+    labels, checked by :func:`check_labels`), the distinct labels among the samples the
+    tracker saw presented (``csl_count > 0``); else the tracker's ``num_classes``
+    (``None`` when unset), which counts the output classes no sample carries too: the
+    tracker does not keep the labels.
 
     Why not ``num_classes`` alone: chance on 8 outputs of which 3 are used is a third, not
     an eighth, and the thresholds scaled by ``1 / C`` then pinned no flip (iris recorded
     with ``num_classes=8``: nothing flagged, 14 with 3)."""
     if labels is None:
         return tracker.num_classes
-    y = torch.as_tensor(labels)
-    n = int(tracker.csl_count.numel())
-    if y.shape != (n,) or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-        raise ValueError(
-            f"csl_fast.detect: labels must be the int [N] = [{n}] given labels of the tracker's "
-            f"samples, got {y.dtype} {tuple(y.shape)}"
-        )
+    y = check_labels(tracker, labels)
     used = y.cpu()[(tracker.csl_count > 0).cpu()]
     if used.numel() and int(used.min()) >= 0 and int(used.max()) < 2**24:
         # (a count per class: O(N), where unique's sort took 1.5 s at N = 10M)
@@ -546,12 +545,40 @@ def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
     return int(torch.unique(used).numel())
 
 
+def check_labels(tracker: Any, labels: Any, where: str = "csl_fast.detect") -> torch.Tensor:
+    """``labels`` as a tensor, or an error that says what is wrong with them: the int
+    ``[N]`` given labels of the tracker's samples (a tensor, NumPy array or list), those
+    of the presented samples in ``[0, num_classes)`` when the tracker knows
+    ``num_classes`` (negative ones allowed: ``ignore_index``, unlabelled)."""
+    n = int(tracker.csl_count.numel())
+    try:
+        y = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        # (torch said only "too many dimensions 'str'")
+        raise TypeError(
+            f"{where}: labels must be the int [N] = [{n}] given labels of the tracker's "
+            f"samples (a tensor, NumPy array or list of ints), got {type(labels).__name__} "
+            "that is not numbers"
+        ) from None
+    if y.shape != (n,) or not integer_labels(y.dtype):
+        raise ValueError(
+            f"{where}: labels must be the int [N] = [{n}] given labels of the tracker's "
+            f"samples, got {y.dtype} {tuple(y.shape)}"
+        )
+    # a label past the outputs is not this run's (1-based labels, another data set's):
+    # counted as a class, it moved the chance levels silently
+    dg.check_class_labels(where, y.cpu()[(tracker.csl_count > 0).cpu()], tracker.num_classes)
+    return y
+
+
 def _select(
-    source: Any, score: str | None, labels: Any = None
+    source: Any, score: str | None, labels: Any = None, where: str = "csl_fast.detect"
 ) -> tuple[torch.Tensor, str, _Views | None, str | None, str | None]:
     """``(values, name, views, hint, caveat)``; ``hint`` replaces the usual advice of a
     warning when the source cannot take it (a tracker that recorded losses only, or
-    sequences); ``caveat``: why the score misranks this source, said in every case."""
+    sequences); ``caveat``: why the score misranks this source, said in every case.
+    ``labels`` (a tracker's): checked (:func:`check_labels`, errors from ``where``), and
+    counted for the classes in use."""
     if score is None:
         score = default_score(source)
     if isinstance(source, torch.Tensor):
@@ -611,6 +638,8 @@ def _select(
             "csl_fast.detect: source must be a CSLTracker, a {name: [N]} score mapping "
             f"(csl_fast.scores(tracker)) or an [N] score tensor, got {type(source).__name__}"
         )
+    if labels is not None:  # (before the returns below, which do not read them)
+        check_labels(source, labels, where)
     values = compute(source, [score])[score]
     if (two_sided := _two_sided(values, score)) is not None:
         return two_sided
@@ -657,7 +686,7 @@ def _select(
         )
     # end_epoch is optional (epoch 0 then): the presentations tell one epoch apart
     once = bool((t.csl_count[presented] <= 1).all()) and bool(presented.any())
-    views = _Views(mean_loss, lost, t.epoch, once, partial, classes)
+    views = _Views(mean_loss, lost, t.epoch, once, partial, classes, labels is not None)
     caveat = "; ".join(filter(None, [mixed, _length_bias(t, score)])) or None
     return values, score, views, None, caveat
 
@@ -970,13 +999,22 @@ def _advice_text(views: _Views | None, hint: str | None) -> str:
     # On 659 digits a third of the epochs or of the learning rate took 8-9 of 12 noisy runs
     # to precision and recall >= 0.8 (5 before); a tenth of the learning rate left clean
     # samples unfitted, and they were flagged (benchmarks/results/flagging-small-data.md)
-    return (
+    advice = (
         "try: if the network fitted every label within a few epochs (a small or easy data "
         "set, a high learning rate), train for fewer epochs or with a lower learning rate "
         "(a few times fewer or lower, not so far that clean labels go unfitted) so that bad "
         "labels are fitted late and stand apart; or rule='fraction' with a prior on the "
         "noise rate / review budget"
     )
+    if not views.counted and views.classes is not None and views.classes > 2:
+        # outputs no label uses lower the chance levels 1 / C until no flip loses firmly
+        # (iris on 8 outputs: nothing flagged; the schedule advice alone was no help)
+        advice += (
+            f". The chance levels count all {views.classes} output classes: if the model "
+            "has outputs no label uses, pass labels= (the given labels) so that they count "
+            "the classes in use"
+        )
+    return advice
 
 
 def _majority_advice(target: str) -> str:
@@ -1415,18 +1453,27 @@ def mislabeled(
     Returns:
         a :class:`Detection` of the ``N`` samples.
     """
-    from .tracker import CSLTracker
-
-    if labels is not None and not isinstance(source, CSLTracker):
-        raise TypeError(
-            "csl_fast.detect.mislabeled: labels= counts the classes in use for the tracker's "
-            f"label-lost view; pass the tracker itself as source, not a {type(source).__name__}"
-        )
-    values, name, views, hint, caveat = _select(source, score, labels)
+    where = "csl_fast.detect.mislabeled"
+    values, name, views, hint, caveat = _select(
+        source, score, _tracker_labels(source, labels, where), where
+    )
     trained = _trained(source)
     return _detect(
         values, name, rule, fraction, threshold, views, hint, caveat=caveat, trained=trained
     )
+
+
+def _tracker_labels(source: Any, labels: Any, where: str) -> Any:
+    """``labels``, refused unless ``source`` is a tracker (the classes in use are counted
+    among the samples it saw presented)."""
+    from .tracker import CSLTracker
+
+    if labels is not None and not isinstance(source, CSLTracker):
+        raise TypeError(
+            f"{where}: labels= counts the classes in use for the tracker's label-lost "
+            f"view; pass the tracker itself as source, not a {type(source).__name__}"
+        )
+    return labels
 
 
 def memorized(
@@ -1436,6 +1483,7 @@ def memorized(
     rule: str = "auto",
     fraction: float | None = None,
     threshold: float | None = None,
+    labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
 ) -> Detection:
     """Samples most likely memorized (atypical, long-tail), ranked by ``score``.
 
@@ -1446,12 +1494,16 @@ def memorized(
     review budget) is often the natural flagging rule here.
 
     Args:
-        source, score, rule, fraction, threshold: as :func:`mislabeled`.
+        source, score, rule, fraction, threshold, labels: as :func:`mislabeled` (its
+            rule's label-lost view counts the classes in use too).
 
     Returns:
         a :class:`Detection` of the ``N`` samples.
     """
-    values, name, views, hint, caveat = _select(source, score)
+    where = "csl_fast.detect.memorized"
+    values, name, views, hint, caveat = _select(
+        source, score, _tracker_labels(source, labels, where), where
+    )
     trained = _trained(source)
     return _detect(
         values, name, rule, fraction, threshold, views, hint, "memorized", caveat, trained=trained
@@ -1509,13 +1561,18 @@ def duplicates(
     conflict) or ``warning`` (a score rule whose flagged samples lie in no group) says
     why.
     """
-    values, name, views, hint, caveat = _select(source, score)
+    where = "csl_fast.detect.duplicates"
+    labels = dg.as_rows(where, "labels", labels)
+    # the class labels count the classes in use, as mislabeled counts them (the score
+    # rule's chance levels took the tracker's num_classes, outputs no label uses too);
+    # other labels (a loss-only run's targets) are checked below
+    counted = labels if _class_rows(source, labels) else None
+    values, name, views, hint, caveat = _select(source, score, counted, where)
     trained = _trained(source)
     # (the label-conflict branch below reads neither; refused there as _detect does)
-    _unused(rule, fraction, threshold, "csl_fast.detect.duplicates")
+    _unused(rule, fraction, threshold, where)
     n = values.numel()
-    inputs = dg.as_rows("csl_fast.detect.duplicates", "inputs", inputs)
-    labels = dg.as_rows("csl_fast.detect.duplicates", "labels", labels)
+    inputs = dg.as_rows(where, "inputs", inputs)
     dg.check_rows(n, inputs, labels)
     classes = getattr(source, "num_classes", None)
     # a softmax classifier's class indices: not a BCE run's target rows (float 0/1 labels
@@ -1563,6 +1620,18 @@ def duplicates(
     if det.warning is not None:
         warnings.warn(det.warning, DetectionWarning, stacklevel=2)
     return det
+
+
+def _class_rows(source: Any, labels: torch.Tensor | None) -> bool:
+    """Whether ``labels`` are one integer label per sample of the tracker ``source``."""
+    from .tracker import CSLTracker
+
+    return (
+        isinstance(source, CSLTracker)
+        and labels is not None
+        and labels.shape == (int(source.csl_count.numel()),)
+        and integer_labels(labels.dtype)
+    )
 
 
 def carry_to_groups(

@@ -1061,7 +1061,7 @@ def test_classes_in_use_counts_the_labels_of_presented_samples():
     assert detect.classes_in_use(t, [1, 4, 7, 7]) == 3
     # labels no per-class count can hold (negative, huge), uint8, nothing presented
     assert detect.classes_in_use(t, [-1, 4, 4, 7]) == 2
-    assert detect.classes_in_use(t, [2**40, 0, 2**40, 7]) == 2
+    assert detect.classes_in_use(t, [-1, 0, 0, 2**40]) == 2  # (never presented: unread)
     assert detect.classes_in_use(t, torch.tensor([3, 3, 5, 0], dtype=torch.uint8)) == 2
     assert detect.classes_in_use(csl_fast.CSLTracker(4, num_classes=8), [1, 4, 4, 7]) == 0
     with pytest.raises(ValueError, match=r"labels must be the int \[N\] = \[4\]"):
@@ -1106,3 +1106,66 @@ def test_nothing_flagged_does_not_claim_the_bad_labels_were_fitted_as_fast():
     message = str(said[0].message)
     assert "fitted as fast" not in message
     assert "too few bad ones stood apart in the rule's views" in message
+
+
+def test_classes_in_use_is_public():
+    # docs/flagging.md names it; it was missing from __all__
+    assert "classes_in_use" in detect.__all__
+
+
+def test_memorized_and_duplicates_count_the_classes_in_use():
+    """Both counted the tracker's 8 outputs (of which 3 are used) and flagged nothing,
+    where mislabeled given the labels flags the 12 flips."""
+    from flip_runs import flipped_run
+
+    used, y = flipped_run(3)
+    padded, _ = flipped_run(8)
+    assert detect.memorized(padded, labels=y).indices.tolist() == (
+        detect.memorized(used).indices.tolist()
+    )
+    assert len(detect.memorized(used)) == 12
+    x = (torch.arange(120) % 60).float()[:, None]
+    given = y.clone()
+    given[60:72] = (y[:12] + 1) % 3  # flip i and clean 60 + i: same input, other label
+    dup = detect.duplicates(padded, inputs=x, labels=given, rule="two_view")
+    assert sorted(dup.indices.tolist()) == list(range(12)) + list(range(60, 72))
+    with pytest.raises(TypeError, match="memorized: labels= counts the classes in use"):
+        detect.memorized(csl_fast.scores(used), labels=y)
+
+
+def test_nothing_flagged_on_unused_outputs_says_to_pass_labels():
+    """It advised only fewer epochs; outputs no label uses were the cause."""
+    from flip_runs import flipped_run
+
+    padded, y = flipped_run(8)
+    with pytest.warns(detect.DetectionWarning, match="all 8 output classes.*pass labels="):
+        detect.mislabeled(padded)
+    # given labels: counted, nothing to advise (a run whose labels are all clean)
+    clean_run, _ = flipped_run(8, flips=0)
+    with pytest.warns(detect.DetectionWarning) as said:
+        detect.mislabeled(clean_run, labels=y)
+    assert "pass labels=" not in str(said[0].message)
+
+
+def test_labels_are_checked_whatever_the_tracker():
+    """Labels past the outputs were counted as classes, silently; strings gave torch's
+    "too many dimensions 'str'"; a sequence or loss-only tracker ignored any labels."""
+    from flip_runs import flipped_run
+    from sequence_runs import sequence_tracker
+
+    used, y = flipped_run(3)
+    with pytest.raises(ValueError, match=r"mislabeled: labels must be class indices in \[0, 3\)"):
+        detect.mislabeled(used, labels=y + 1)
+    with pytest.raises(ValueError, match=r"memorized: labels must be class indices in \[0, 3\)"):
+        detect.memorized(used, labels=torch.arange(120) % 10)
+    with pytest.raises(TypeError, match=r"labels must be the int \[N\] = \[120\].*list of ints"):
+        detect.mislabeled(used, labels=["x"] * 120)
+    seq, _ = sequence_tracker(60, 3, 2)
+    with pytest.raises(TypeError, match=r"labels must be the int \[N\] = \[60\]"):
+        detect.mislabeled(seq, labels=["x"])
+    loss_only = csl_fast.CSLTracker(10)
+    for _ in range(3):
+        csl_fast.record_loss(torch.rand(10), torch.arange(10), loss_only)
+        loss_only.end_epoch()
+    with pytest.raises(ValueError, match=r"labels must be the int \[N\] = \[10\].*float"):
+        detect.mislabeled(loss_only, labels=[0.5])
