@@ -16,8 +16,10 @@ sample, most suspicious first, the action ``drop`` or ``relabel``. Policies:
     as the flagged sample is really mislabeled, which the confidence does not measure:
     a clean sample flagged by mistake gets a wrong label (make_classification, 301
     samples, 24 flips: 41 relabels, 18 right, the wrong labels went from 24 to 27). There
-    the default policy is ``"drop"``, with a :class:`RelabelWarning`; asking for
-    ``"relabel-confident"`` still relabels, with the warning.
+    the default policy is ``"drop"``, with a :class:`RelabelWarning`, for the flagged
+    samples: conflicting duplicate groups (below) are still resolved, since each surely
+    holds a wrong label; asking for ``"relabel-confident"`` still relabels, and
+    ``"review"`` proposes relabels, with the warning.
 ``"drop"``
     Drop every flagged sample (no suggestions needed). The safe choice when the flagged set
     also holds atypical but correctly labelled samples.
@@ -108,17 +110,25 @@ class RelabelWarning(UserWarning):
     flagged set is precise (the module doc, ``"relabel-confident"``)."""
 
 
-def two_classes_in_use(source: Any, labels: Any = None) -> bool:
+def two_classes_in_use(source: Any, labels: Any = None, detection: Detection | None = None) -> bool:
     """Whether exactly two classes are in use in the run of ``source`` (a
-    :class:`csl_fast.CSLTracker`; False for any other source): with ``labels`` (int
-    ``[N]``), two distinct labels among the presented samples; without, a tracker of
-    ``num_classes=2`` (:func:`csl_fast.detect.classes_in_use`)."""
+    :class:`csl_fast.CSLTracker`; False for any other source), counted from the first of:
+    ``labels`` (int ``[N]``), the distinct labels among the presented samples; the
+    classes in use ``detection`` recorded (``diagnostics["classes_in_use"]``: those of
+    the ``labels=`` given to :func:`csl_fast.detect.mislabeled`); the tracker's
+    ``num_classes`` (:func:`csl_fast.detect.classes_in_use`)."""
     from .detect import classes_in_use
     from .tracker import CSLTracker
 
     if not isinstance(source, CSLTracker):
         return False
-    return classes_in_use(source, _class_labels(source, labels)) == 2
+    y = _class_labels(source, labels)
+    recorded = None if detection is None else detection.diagnostics.get("classes_in_use")
+    if y is None and recorded is not None:
+        # (the labels the detection was given: clean(t, detection=mislabeled(t, labels=y))
+        # relabelled on two classes, silently, by the tracker's 10 outputs)
+        return recorded == 2
+    return classes_in_use(source, y) == 2
 
 
 def _class_labels(source: Any, labels: Any) -> torch.Tensor | None:
@@ -206,6 +216,11 @@ class CleaningPlan:
             the plan was made from a tracker or :func:`csl_fast.scores` of one, else None:
             :meth:`apply` and :meth:`apply_dataset` leave the others out.
         unseen: how the samples outside ``presented`` were missed, for messages.
+        groups_resolved: the conflicting duplicate groups were resolved (their
+            preferred members kept, the others relabelled to the group's label or
+            dropped, as the module doc says) rather than dropped whole: under every
+            policy but ``"drop"``, and under the ``"drop"`` that :func:`clean`'s default
+            takes on two classes in use. ``None`` (default): ``policy != "drop"``.
     """
 
     index: torch.Tensor
@@ -224,8 +239,11 @@ class CleaningPlan:
     grouped: torch.Tensor | None = None
     presented: torch.Tensor | None = None
     unseen: str = "never presented in training"
+    groups_resolved: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.groups_resolved is None:
+            self.groups_resolved = self.policy != "drop"
         if self.keep is None:
             self.keep = torch.zeros_like(self.relabel)
         if self.grouped is None:
@@ -277,8 +295,9 @@ class CleaningPlan:
         unseen = torch.zeros_like(self.relabel)
         if self.presented is not None:
             unseen = self.dropped & ~self.presented.cpu()[self.index]
-        # (under policy="drop" a group's members are dropped by the policy, whatever its label)
-        grouped = self.dropped & self.grouped & ~unseen & (self.policy != "drop")
+        # (under policy="drop" a group's members are dropped by the policy, whatever its
+        # label, unless it was the two-class default, which resolves the groups)
+        grouped = self.dropped & self.grouped & ~unseen & bool(self.groups_resolved)
         no_label = grouped & (self.suggested_label < 0)
         return {
             "unseen": unseen,
@@ -734,30 +753,43 @@ def _num_samples(source: Any) -> int | None:
 
 
 def binary_policy(
-    source: Any, policy: str | None, labels: Any = None
+    source: Any,
+    policy: str | None,
+    labels: Any = None,
+    detection: Detection | None = None,
 ) -> tuple[str | None, str | None]:
     """``(policy, warning)``: the policy :func:`clean` takes for ``policy`` on the run of
     ``source`` and its :class:`RelabelWarning` (None when there is none): on two classes in
-    use (:func:`two_classes_in_use` of ``labels``), ``None`` becomes ``"drop"``, and
-    ``"relabel-confident"`` stays, with the warning. For the CLI and the report, which
-    know the labels where ``clean`` (whose ``labels=`` needs ``inputs=``) may not."""
-    if policy not in (None, "relabel-confident") or not two_classes_in_use(source, labels):
+    use (:func:`two_classes_in_use` of ``labels`` and ``detection``), ``None`` becomes
+    ``"drop"``, and ``"relabel-confident"`` and ``"review"`` stay, with the warning."""
+    relabelling = (None, "relabel-confident", "review")
+    if policy not in relabelling or not two_classes_in_use(source, labels, detection):
         return policy, None
-    return policy or "drop", binary_relabel_warning(policy is None)
+    return policy or "drop", binary_relabel_warning(policy)
 
 
-def binary_relabel_warning(dropped: bool) -> str:
-    """:func:`clean`'s :class:`RelabelWarning` (``csl-fast clean`` prints it too)."""
+def binary_relabel_warning(policy: str | None) -> str:
+    """:func:`clean`'s :class:`RelabelWarning` for ``policy`` as asked (``None``: the
+    default); ``csl-fast clean`` prints it too."""
     why = (
         "two classes are in use, so every flagged sample's suggestion is the other class, "
         "confidently: a relabel is right only as often as the flagged sample is really "
         "mislabeled, and a clean sample flagged by mistake gets a wrong label"
     )
-    if dropped:
+    if policy is None:
+        # (a conflicting duplicate group surely holds a wrong label: not what this is about)
         return (
-            f"csl_fast.clean: every flagged sample is dropped (policy drop): {why}. To "
-            "relabel anyway, pass policy='relabel-confident' (csl-fast clean --policy "
-            "relabel-confident), after checking the flagged set's precision"
+            f"csl_fast.clean: every flagged sample is dropped (policy drop): {why}. A "
+            "conflicting duplicate group (inputs= and labels=) is still resolved: its "
+            "members with the label the network preferred are kept and the others "
+            "relabelled to it. To relabel flagged samples anyway, pass "
+            "policy='relabel-confident' (csl-fast clean --policy relabel-confident), after "
+            "checking the flagged set's precision"
+        )
+    if policy == "review":
+        return (
+            f"csl_fast.clean: policy='review' proposes relabels, but {why}. Review them "
+            "as such: the flagged set's precision decides how many are right"
         )
     return (
         f"csl_fast.clean: policy='relabel-confident' relabels, but {why}. Check the "
@@ -819,13 +851,16 @@ def clean(
         policy: ``"relabel-confident"``, ``"drop"`` or ``"review"``; ``None``
             (default): ``"relabel-confident"``, or ``"drop"`` with a
             :class:`RelabelWarning` when two classes are in use
-            (:func:`two_classes_in_use`: a tracker of ``num_classes=2``, or two distinct
-            ``labels``), where a relabel is right only as often as the flagged set is
-            precise (module doc); ``"relabel-confident"`` asked for there relabels, with
-            the warning. A tracker
+            (:func:`two_classes_in_use`: two distinct ``labels``, else the classes in use
+            ``detection`` recorded, else a tracker of ``num_classes=2``), where a relabel
+            is right only as often as the flagged set is precise (module doc); that
+            default still resolves conflicting duplicate groups (``inputs=`` and
+            ``labels=``) as ``"relabel-confident"`` does, since each surely holds a wrong
+            label. ``"relabel-confident"`` and ``"review"`` asked for there relabel (or
+            propose relabels), with the warning. A tracker
             that recorded losses only (no softmax statistics) or sequences has no
-            suggested labels (:func:`no_suggestions`) and takes ``"drop"`` or
-            ``"review"``; ``"relabel-confident"`` raises there.
+            suggested labels (:func:`no_suggestions`): ``None`` is ``"drop"`` there,
+            ``"review"`` is taken, and ``"relabel-confident"`` raises.
         min_confidence: the least suggestion confidence, in [0, 1], at which a sample is
             relabelled rather than dropped (default :data:`DEFAULT_MIN_CONFIDENCE`).
         budget: at most this many rows, the most suspicious (``>= 0``); required for
@@ -845,7 +880,9 @@ def clean(
             the wrong label takes the labels, and a member's own suggestion is the wrong
             tool (:mod:`csl_fast.cleaning_groups`; added, they made the cleaned set worse).
         labels: optional int ``[N]`` given labels (tensor, array or list; needs
-            ``inputs``): each group of
+            ``inputs``, else ``ValueError``: to count the classes in use without
+            inputs, pass ``detection=csl_fast.detect.mislabeled(source, labels=y)``;
+            they count them here too): each group of
             identical inputs with conflicting labels is flagged and resolved
             (:mod:`csl_fast.cleaning_groups`). A member the run never trained on gets the
             action ``drop`` (its suggested label, the group's, shown): the cleaned set of
@@ -891,6 +928,10 @@ def clean(
             "csl_fast.clean: policy='review' needs budget= (how many samples a person will review)"
         )
     missing = no_suggestions(source) if suggestions is None else None
+    if asked is None and missing is not None:
+        # no suggested labels to relabel by: the default drops, as csl-fast clean's does
+        # (it raised an error naming policy='relabel-confident', which was never passed)
+        asked = policy = "drop"
     if policy == "relabel-confident" and missing is not None:
         # its suggestions are all -1: every row would be a drop under a relabelling policy
         raise ValueError(
@@ -903,6 +944,14 @@ def clean(
         raise TypeError(
             f"csl_fast.clean: unexpected keyword argument(s) {unknown}; the default "
             "detection takes rule=, fraction= and threshold="
+        )
+    if labels is not None and inputs is None:
+        # (checked before any warning: the RelabelWarning said every flagged sample was
+        # dropped, then this refused the call)
+        raise ValueError(
+            "csl_fast.clean: labels= needs inputs= (the identical-input groups whose "
+            "labels are compared); to count the classes in use from the labels alone, "
+            "pass detection=csl_fast.detect.mislabeled(source, labels=labels)"
         )
     if detection is None:
         with warnings.catch_warnings(record=True) as caught:
@@ -953,10 +1002,11 @@ def clean(
             f"csl_fast.clean: the detection ranks {n} samples but the source has {size}: "
             "pass the detection made from this source"
         )
-    policy, binary = binary_policy(source, asked, labels)
+    policy, binary = binary_policy(source, asked, labels, detection)
     policy = policy or "relabel-confident"
-    if binary is not None:
-        warnings.warn(binary, RelabelWarning, stacklevel=2)
+    # the two-class default drops the per-sample relabels only: a conflicting group surely
+    # holds a wrong label, and its resolution does not rest on the flagged set's precision
+    resolve_groups = policy != "drop" or (asked is None and binary is not None)
     sugg = _suggestions_of(source, suggestions, n)
     if suggestions is None and sugg is not None and policy != "drop":
         from .scores import warn_no_epoch_closed
@@ -985,7 +1035,7 @@ def clean(
         # (a group too little measured to decide leaves its members to the detection,
         # which relabels by one measured label; a drop trusts no label and takes it whole)
         union[group.index] = True
-        if policy == "drop":
+        if not resolve_groups:
             union |= dup.flagged.cpu()
         chosen = torch.nonzero(union)[:, 0]
         chosen = chosen[torch.argsort(rank_of[chosen])]
@@ -1017,7 +1067,7 @@ def clean(
         label[rows] = group.group_label[at]
         conf[rows] = group.share[at]
         relabel[rows] = False
-        if policy != "drop":
+        if resolve_groups:
             keep[rows] = group.keep[at]
             has = (group.group_label[at] >= 0) & (group.share[at] >= min_confidence)
             relabel[rows] = ~group.keep[at] & has
@@ -1031,6 +1081,8 @@ def clean(
         unseen = ~seen.cpu()[chosen]
         relabel &= ~unseen
         keep &= ~(unseen & grouped)
+    if binary is not None:  # (after every argument check: the call goes through)
+        warnings.warn(binary, RelabelWarning, stacklevel=2)
     return CleaningPlan(
         index=chosen.long(),
         relabel=relabel,
@@ -1050,6 +1102,7 @@ def clean(
         grouped=grouped,
         presented=seen,
         unseen=unseen_phrase(source),
+        groups_resolved=resolve_groups,
     )
 
 

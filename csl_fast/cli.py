@@ -22,7 +22,9 @@ group of identical inputs whose labels conflict is flagged, exactly
 (:func:`csl_fast.detect.duplicates`): ``rank`` marks its members in ``flagged`` and
 numbers the groups in ``group``, ``report`` adds a section on the groups, and ``clean``
 keeps the member whose label the network preferred and relabels the others to it
-(:mod:`csl_fast.cleaning_groups`). A file that does not fit the run (not ``N`` rows,
+(:mod:`csl_fast.cleaning_groups`), also under its default on two classes in use, which
+drops the flagged samples it would otherwise relabel (``--policy drop`` drops every
+member). A file that does not fit the run (not ``N`` rows,
 labels that are not integers) exits with 3, an unsupported file type with 2
 (:mod:`csl_fast.cli_inputs`).
 
@@ -400,8 +402,9 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "suspicious samples, flagged or not: a flagged one with the action relabel-confident would "
         "take, an unflagged one the action keep (its suggestion, if any, shown). "
         "In a conflicting duplicate group the member whose label the network preferred gets "
-        "the action keep and the others are relabelled to that label (under --policy drop "
-        "every member is dropped, the preferred one too).",
+        "the action keep and the others are relabelled to that label, also under the default "
+        "on two classes in use (under --policy drop every member is dropped, the preferred "
+        "one too).",
     )
     p.add_argument("run", metavar="RUN", help="run folder (with tracker.csl) or tracker file")
     p.add_argument(
@@ -418,7 +421,7 @@ def _add_clean_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=POLICIES,
         help="what to do with a flagged sample (default relabel-confident, or drop when two "
         "classes are in use: there a relabel is right only as often as the flagged set is "
-        "precise)",
+        "precise; conflicting duplicate groups are still resolved)",
     )
     p.add_argument(
         "--budget",

@@ -80,7 +80,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
                 )
         # (printed below as the detection's warning is: it says why relabels became drops)
         warnings.simplefilter("ignore", RelabelWarning)
-        policy, relabel_warning = binary_policy(tracker, policy, class_labels)
+        # (the policy stays None: clean's default makes the same choice from det's classes
+        # in use, and resolves conflicting groups where it drops the flagged samples)
+        _, relabel_warning = binary_policy(tracker, policy, class_labels, det)
         plan = clean(
             tracker,
             detection=det,

@@ -1142,6 +1142,9 @@ def _detect(
     diag: dict[str, Any] = {"rule": rule, "samples": values.numel(), "finite": n_finite}
     if held_out is not None:  # (also in the note: here for a page that shows the warning)
         diag["held_out"] = held_out
+    if views is not None and views.classes is not None:
+        # (whatever is flagged: csl_fast.clean reads it to choose its policy on two classes)
+        diag["classes_in_use"] = views.classes
     count: int | None = None
     interval: tuple[int, int] | None = None
     warning: str | None = None
@@ -1250,8 +1253,6 @@ def _detect(
             fallback = diag.get("two_view", {}).get("reason")
             if fallback and est.diagnostics.get("estimator") != "two_view":
                 why = f"{fallback}; and the 1-D valley rule: {why}"
-            if views is not None and views.classes is not None:
-                diag["classes_in_use"] = views.classes
             if 0 < n_finite < 3:
                 # (the advice to retrain was no help: no schedule makes two samples a
                 # minority and a majority)

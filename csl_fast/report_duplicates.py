@@ -112,7 +112,8 @@ def section(
         # (a run without suggested labels, of sequences, takes no relabelling policy)
         why_drop = no_suggestions(tracker)
         if labels is not None and det.groups:
-            # (None: clean's default, drop when two classes are in use; the note says so)
+            # (None: clean's default; on two classes in use it drops the flagged samples
+            # but still resolves the groups, as the note says)
             policy = "drop" if why_drop is not None else None
             warnings.simplefilter("ignore", RelabelWarning)
             plan = clean(
@@ -128,7 +129,7 @@ def section(
         if truth is not None:
             right = int((lab[kept] == np.asarray(truth)[plan.index.numpy()[kept]]).sum())
             keep_text += f" ({right} hold the true label)"
-        if plan.policy == "drop":
+        if not plan.groups_resolved:
             # (the rows below said "kept ... preferred: 0" and "dropped (the group has no
             # label)" of members dropped because no member can be relabelled)
             rows.append(("csl_fast.clean: dropped (policy drop)", str(plan.num_dropped)))
@@ -178,21 +179,14 @@ def section(
             "the members whose targets agree with the best-fitted member's are kept). Groups "
             "whose members share a label are never flagged for being duplicated."
         )
-    elif plan is not None and plan.policy == "drop":
-        note = (
-            "A group whose members carry different labels is flagged whole: at most one of its "
-            "labels is right. Here csl_fast.clean drops every member of such a group: two "
-            "classes are in use, where its default policy is drop (--policy "
-            "relabel-confident keeps the member whose label the network preferred and "
-            "relabels the others to it). Groups whose members share a label are never "
-            "flagged for being duplicated."
-        )
     else:
         note = (
             "A group whose members carry different labels is flagged whole: at most one of its "
             "labels is right. csl_fast.clean keeps the member whose label the network gave the "
             "most probability to on average (the lowest mean loss) and relabels the others to "
-            "it (--policy drop: drops them all); groups "
+            "it (--policy drop: drops them all), also where two classes are in use and the "
+            "flagged samples' relabels are dropped: each such group surely holds a wrong "
+            "label; groups "
             "whose members share a label are never flagged for being duplicated."
         )
     parts.append(f"<p class=cap>{e(note)}</p>")

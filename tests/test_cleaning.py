@@ -514,7 +514,7 @@ def test_a_loss_only_tracker_cannot_relabel_silently():
     t = csl_fast.CSLTracker(6)
     csl_fast.record_loss(SCORES, torch.arange(6), t)
     with pytest.raises(ValueError, match=r"recorded losses only.*policy='drop'"):
-        clean(t, detection=_det())
+        clean(t, detection=_det(), policy="relabel-confident")
     assert clean(t, detection=_det(), policy="drop").actions == ["drop"] * 4
     assert len(clean(t, detection=_det(), policy="review", budget=2)) == 2
 
@@ -526,7 +526,7 @@ def test_a_sequence_tracker_cannot_relabel_silently():
 
     t, bad = sequence_tracker()
     with pytest.raises(ValueError, match=r"recorded sequences.*policy='drop'"):
-        clean(t)
+        clean(t, policy="relabel-confident")
     plan = clean(t, policy="drop")
     assert plan.detection.score_name == "csl_mean"
     assert plan.actions == ["drop"] * len(plan) and int(bad[plan.index].sum()) >= 28
@@ -873,3 +873,90 @@ def test_two_classes_in_use_counts_the_labels_when_given():
     assert binary_policy(padded, "relabel-confident", labels)[0] == "relabel-confident"
     assert binary_policy(padded, None) == (None, None)
     assert not two_classes_in_use({"csl": torch.rand(120)}, labels)
+
+
+def test_the_default_policy_drops_where_there_are_no_suggestions():
+    """clean(loss_only_tracker) raised an error naming policy='relabel-confident', which
+    the user never passed; csl-fast clean drops there, and now so does clean."""
+    t = csl_fast.CSLTracker(6)
+    csl_fast.record_loss(SCORES, torch.arange(6), t)
+    plan = clean(t, detection=_det())
+    assert plan.policy == "drop" and plan.actions == ["drop"] * 4
+    with pytest.warns(detect.DetectionWarning, match="nothing flagged"):
+        assert clean(t).policy == "drop"
+
+
+def _two_class_run():
+    """A run of two labels on 4 outputs (flips 0-11) and its labels."""
+    from flip_runs import flipped_run
+
+    return flipped_run(4, classes=2)
+
+
+def test_clean_reads_the_classes_in_use_the_detection_recorded():
+    """Given the labels through detect.mislabeled(t, labels=y), the only way clean took
+    them without inputs, clean relabelled on two classes in use, silently (it counted the
+    tracker's outputs); clean(t, labels=y) warned that it drops, then refused the call."""
+    from csl_fast.cleaning import RelabelWarning
+
+    t, y = _two_class_run()
+    det = detect.mislabeled(t, labels=y)
+    assert det.diagnostics["classes_in_use"] == 2 and len(det) > 0
+    with pytest.warns(RelabelWarning, match=r"dropped \(policy drop\)"):
+        plan = clean(t, detection=det)
+    assert plan.policy == "drop" and plan.num_relabeled == 0
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"detection=csl_fast\.detect\.mislabeled"):
+            clean(t, labels=y)
+    assert not [w for w in said if issubclass(w.category, RelabelWarning)]
+    # labels given to clean come first: three in use, so relabelling stays the default
+    three = torch.arange(120) % 3
+    assert (
+        clean(
+            t, detection=det, policy=None, inputs=torch.arange(120.0)[:, None], labels=three
+        ).policy
+        == "relabel-confident"
+    )
+
+
+def test_the_two_class_default_still_resolves_conflicting_groups():
+    """It dropped every member of every conflicting duplicate group, which surely holds a
+    wrong label (relabel-confident resolved 36 of 40 members to the true label)."""
+    from csl_fast.cleaning import RelabelWarning
+
+    t, y = _two_class_run()
+    x = torch.arange(120.0)
+    x[61:73] = torch.arange(12.0)  # flip i and clean 61 + i: same input, other label
+    x = x[:, None]
+    with pytest.warns(RelabelWarning, match="conflicting duplicate group"):
+        plan = clean(t, inputs=x, labels=y)
+    with pytest.warns(RelabelWarning, match="policy='relabel-confident' relabels"):
+        asked = clean(t, policy="relabel-confident", inputs=x, labels=y)
+    assert plan.policy == "drop" and plan.groups_resolved and int(plan.grouped.sum()) == 24
+    grouped = plan.grouped
+    got = [a for a, g in zip(plan.actions, grouped.tolist(), strict=True) if g]
+    want = [a for a, g in zip(asked.actions, asked.grouped.tolist(), strict=True) if g]
+    assert got == want and got.count("relabel") == 12 and got.count("keep") == 12
+    # each flip is relabelled to its true class, the label of its clean duplicate
+    relabelled = plan.index[plan.relabel]
+    assert sorted(relabelled.tolist()) == list(range(12))
+    assert torch.equal(plan.suggested_label[plan.relabel], 1 - y[relabelled])
+    # the flagged samples outside the groups: dropped, not relabelled
+    assert all(a == "drop" for a, g in zip(plan.actions, grouped.tolist(), strict=True) if not g)
+    # an explicit drop still drops every member
+    dropped = clean(t, policy="drop", inputs=x, labels=y)
+    assert not dropped.groups_resolved and dropped.num_dropped == len(dropped)
+
+
+def test_review_on_two_classes_warns_of_its_relabels():
+    """policy='review' proposed relabels on two classes without a word, where the default
+    drops with a RelabelWarning: they are as right as the flagged set is precise."""
+    from flip_runs import flipped_run
+
+    from csl_fast.cleaning import RelabelWarning
+
+    t, _ = flipped_run(2, classes=2)
+    with pytest.warns(RelabelWarning, match="policy='review' proposes relabels, but two"):
+        plan = clean(t, policy="review", budget=20)
+    assert plan.policy == "review" and plan.num_relabeled > 0

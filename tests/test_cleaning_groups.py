@@ -332,7 +332,7 @@ def test_a_run_of_eval_passes_alone_resolves_its_groups_by_the_eval_loss():
         warnings.simplefilter("ignore", detect.DetectionWarning)
         # (eval passes cast no suggested-label votes: the relabelling policy is refused)
         with pytest.raises(ValueError, match="this run has eval passes only"):
-            clean(tracker, score="eval_csl", inputs=x, labels=y)
+            clean(tracker, score="eval_csl", inputs=x, labels=y, policy="relabel-confident")
         plan = clean(tracker, score="eval_csl", inputs=x, labels=y, policy="review", budget=N)
     rows = {r["index"]: r for r in plan.rows()}
     assert rows[2]["action"] == "keep"

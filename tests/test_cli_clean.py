@@ -540,3 +540,21 @@ def test_the_detection_counts_the_classes_samples_npz_labels_use(tmp_path, capsy
         capsys, "clean", str(tmp_path / "bare.csl"), "--out", str(tmp_path / "q.csv")
     )
     assert code == EXIT_OK and "flagged 0 of 120 samples" in out
+
+
+def test_two_classes_in_use_the_default_still_resolves_conflicting_groups(tmp_path, capsys):
+    """The default drop on two classes dropped every member of every conflicting group,
+    which surely holds a wrong label; they are resolved as under relabel-confident."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(4, classes=2)
+    x = torch.arange(120.0)
+    x[61:73] = torch.arange(12.0)  # flip i and clean 61 + i: same input, other label
+    run = tmp_path / "run"
+    run.mkdir()
+    tracker.save(run / "tracker.csl")
+    RunSamples(labels=labels.numpy(), inputs=x[:, None].numpy()).save(run / "samples.npz")
+    code, _, err = run_main(capsys, "clean", str(run), "--out", str(tmp_path / "p.csv"))
+    assert code == EXIT_OK and "every flagged sample is dropped (policy drop)" in err
+    actions = {int(r["index"]): r["action"] for r in read(tmp_path / "p.csv")}
+    assert all(actions[i] == "relabel" and actions[61 + i] == "keep" for i in range(12))

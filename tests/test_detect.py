@@ -1113,6 +1113,18 @@ def test_classes_in_use_is_public():
     assert "classes_in_use" in detect.__all__
 
 
+def test_a_detection_records_the_classes_in_use_whatever_it_flags():
+    """Recorded only when nothing was flagged, so clean could not read them to choose its
+    policy on two classes in use."""
+    from flip_runs import flipped_run
+
+    used, _ = flipped_run(3)
+    padded, y = flipped_run(8)
+    assert detect.mislabeled(used).diagnostics["classes_in_use"] == 3
+    det = detect.mislabeled(padded, labels=y)
+    assert len(det) == 12 and det.diagnostics["classes_in_use"] == 3
+
+
 def test_memorized_and_duplicates_count_the_classes_in_use():
     """Both counted the tracker's 8 outputs (of which 3 are used) and flagged nothing,
     where mislabeled given the labels flags the 12 flips."""
