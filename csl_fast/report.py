@@ -603,7 +603,9 @@ def write_report(
         with warnings.catch_warnings():  # (said by the flagged set's section)
             warnings.simplefilter("ignore", DetectionWarning)
             # the tracker: every view of the rule; the labels count the classes in use
-            det = default_detection(tracker, score, getattr(samples, "labels", None))
+            # (labels= first, as csl-fast clean and rank read --labels: it was ignored)
+            given = labels if labels is not None else getattr(samples, "labels", None)
+            det = default_detection(tracker, score, given)
     # as the detection ranks: the top table numbered held-out samples an eval pass scored
     # among the trained ones (of a loss-only run too), which csl-fast rank and the plan
     # leave out

@@ -250,21 +250,19 @@ def _suggestion_rows(
     from .cleaning import (
         DEFAULT_MIN_CONFIDENCE,
         RelabelWarning,
-        binary_policy,
         clean,
         evaluate_plan,
         presented,
     )
 
-    # the policy csl-fast clean takes by default (drop when two classes are in use; the
-    # caption says why)
-    policy, _ = binary_policy(tracker, None, getattr(samples, "labels", None))
+    # the policy csl-fast clean takes by default (drop when two classes are in use, the
+    # conflicting groups resolved; the caption says why): clean's own default, which
+    # reads the classes in use det recorded from the labels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RelabelWarning)
         plan = clean(
             tracker,
             detection=det,
-            policy=policy,
             score=det.score_name,
             inputs=inputs,
             labels=labels,
@@ -403,7 +401,8 @@ def sections(
     parts.append(_table(_suggestion_rows(tracker, det, samples, inputs, labels)))
     from .cleaning import binary_policy
 
-    _, binary = binary_policy(tracker, None, getattr(samples, "labels", None))
+    given = labels if labels is not None else getattr(samples, "labels", None)
+    _, binary = binary_policy(tracker, None, given, det)
     if binary is not None:
         parts.append(
             "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does "
