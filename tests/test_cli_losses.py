@@ -304,7 +304,10 @@ def test_scores_of_a_loss_only_run_are_detected_and_cleaned_as_the_run(reg_run):
     assert by_scores.index.tolist() == by_tracker.index.tolist()
     assert det.warning is None or "recorded losses only" in det.warning
     with pytest.raises(ValueError, match="recorded losses only"):
-        csl_fast.clean(s)  # (relabel-confident: no suggested labels)
+        csl_fast.clean(s, policy="relabel-confident")  # (no suggested labels)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", csl_fast.detect.DetectionWarning)
+        assert csl_fast.clean(s).policy == "drop"  # (the default, as csl-fast clean's)
 
 
 def test_entries_ranked_by_their_mean_are_headed_so(capsys, tmp_path):
