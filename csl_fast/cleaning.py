@@ -953,6 +953,13 @@ def clean(
             "labels are compared); to count the classes in use from the labels alone, "
             "pass detection=csl_fast.detect.mislabeled(source, labels=labels)"
         )
+    from .tracker import CSLTracker
+
+    if isinstance(source, CSLTracker) and _class_labels(source, labels) is not None:
+        # (checked here, not by the default detection: its error named detect.mislabeled)
+        from .detect import check_labels
+
+        check_labels(source, labels, "csl_fast.clean")
     if detection is None:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DetectionWarning)
