@@ -51,7 +51,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -573,6 +573,7 @@ def write_report(
         lost += ". The loss curves stop where the record does"
         warnings.warn(f"csl_fast.report: {lost}", RuntimeWarning, stacklevel=2)
     dup_args = _inputs_of(samples, inputs, labels, n)
+    samples = _with_given_labels(samples, labels, n)
     loss_only = bool((tracker.csl_count > 0).any()) and not has_logit_stats(tracker)
     if loss_only:
         notes = [("What this run recorded", LOSS_ONLY + "."), *notes]
@@ -614,8 +615,12 @@ def write_report(
     shown = min(top, len(ranking))
     # the grid draws one panel per sample: top = 100,000 ran for minutes; the table lists all
     in_grid = min(shown, GRID_MAX)
-    # a tracker of sequences: CSL per token (summed, it grows with a sequence's length)
-    hist_score = "csl_mean" if tracker.sequences else "csl"
+    # a tracker of sequences: CSL per token (summed, it grows with a sequence's length);
+    # unequal presentation counts: per presentation, as the ranking (summed, it partly
+    # drew how often the sampler drew each sample)
+    mean = default_score(tracker) == "csl_mean"
+    per = ("token" if tracker.sequences else "presentation") if mean else None
+    hist_score = "csl_mean" if mean else "csl"
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
     coverage = _coverage(all_scores)
@@ -628,7 +633,7 @@ def write_report(
         (
             "CSL histogram",
             "csl_histogram.png",
-            lambda p: _fig_histogram(csl, samples, p, tracker.sequences),
+            lambda p: _fig_histogram(csl, samples, p, per),
         ),
         (
             "ROC curves: CSL against the free baselines",
@@ -658,7 +663,14 @@ def write_report(
     captions = {
         "csl_histogram.png": _HISTOGRAM_CAPTIONS[
             "sequences" if tracker.sequences else "loss_only" if loss_only else "softmax"
-        ],
+        ]
+        + (
+            " Drawn per presentation (csl_mean, the loss summed over training divided by the "
+            "sample's presentations), as the ranking: the samples were presented unequally "
+            "often, and summed CSL would partly show how often."
+            if per == "presentation"
+            else ""
+        ),
         "roc.png": "Each corruption type is scored against the clean samples only (the other "
         "type is left out, as in the paper where each experiment injects one kind). "
         f"Thick black: {score}, the score this report ranks by; thick colours: the other "
@@ -750,6 +762,20 @@ def write_report(
     path = os.path.join(out, "report.html")
     atomic_file.write_text(path, lambda f: f.write(page), "write the report", "report.html")
     return path
+
+
+def _with_given_labels(
+    samples: RunSamples | None, labels: torch.Tensor | np.ndarray | None, n: int
+) -> RunSamples | None:
+    """``samples`` with ``labels`` as its given labels where it has none and they are one
+    class per sample: the loss curves drew "all samples (labels unknown)" and the top-k
+    table had no given column beside a flagged set counted from those labels."""
+    if labels is None or (samples is not None and samples.labels is not None):
+        return samples
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.shape != (n,) or y.dtype.kind not in "iu":  # (targets of sequences, losses, labels)
+        return samples
+    return RunSamples(labels=y) if samples is None else replace(samples, labels=y)
 
 
 def _inputs_of(

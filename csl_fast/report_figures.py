@@ -156,9 +156,10 @@ def _on_log_axis(fpr: np.ndarray, tpr: np.ndarray, floor: float) -> tuple[np.nda
 
 
 def _fig_histogram(
-    csl: np.ndarray, samples: RunSamples | None, path: str, per_token: bool = False
+    csl: np.ndarray, samples: RunSamples | None, path: str, per: str | None = None
 ) -> str | tuple[None, str]:
-    """The CSL histogram (``per_token``: of a tracker of sequences, CSL per token)."""
+    """The CSL histogram; ``per``: ``"token"`` for CSL per token (a tracker of sequences),
+    ``"presentation"`` for the mean loss (samples presented unequally often)."""
     import matplotlib.pyplot as plt
 
     finite = np.isfinite(csl)
@@ -177,8 +178,8 @@ def _fig_histogram(
         )
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     bins = _linear_bins(csl[ok]) if negative else _log_bins(csl[ok])
-    what = "CSL per token" if per_token else "CSL"
-    full = "mean loss per token over training" if per_token else "cumulative sample loss"
+    what = f"CSL per {per}" if per else "CSL"
+    full = f"mean loss per {per} over training" if per else "cumulative sample loss"
     if negative:
         scale = f"linear scale: {negative} samples with a negative {what}, the loss can be < 0"
     else:  # a log axis cannot show them, and they left without a word

@@ -1419,6 +1419,8 @@ def test_the_flagged_set_counts_the_classes_of_the_labels_given(tmp_path):
             encoding="utf-8"
         )
     assert "12 flagged." in page
+    # and the page reads them as the given labels (its top table had no given column)
+    assert "<th>given</th>" in page
 
 
 def test_two_classes_of_the_labels_given_the_plan_shown_is_the_default_drop(tmp_path):
@@ -1435,3 +1437,28 @@ def test_two_classes_of_the_labels_given_the_plan_shown_is_the_default_drop(tmp_
         )
     assert "does with the flagged set by default on this run: drop every flagged sample" in page
     assert re.search(r"drop \(policy drop\)</td><td>[1-9]", page)
+
+
+def test_the_histogram_draws_the_mean_loss_where_presentation_counts_differ(tmp_path, monkeypatch):
+    """The ranking, ROC, flagging and loss curves switch to csl_mean where the samples were
+    presented unequally often; the histogram still drew summed CSL, partly the sampler's
+    counts."""
+    from csl_fast import report_figures
+
+    n = 40
+    tracker = csl_fast.CSLTracker(n, 3)
+    for epoch in range(4):
+        rows = torch.arange(n if epoch % 2 else n // 2)  # the first half twice as often
+        csl_fast.accumulate(torch.randn(len(rows), 3), rows % 3, rows, tracker)
+        tracker.end_epoch()
+    labels = []
+
+    def spy(fig, path):
+        labels.append(fig.axes[0].get_xlabel())
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report(tracker, tmp_path)
+    assert any(x.startswith("mean loss per presentation over training") for x in labels), labels
