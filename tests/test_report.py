@@ -1405,19 +1405,23 @@ def test_the_flagged_set_counts_the_classes_the_samples_labels_use(tmp_path):
     assert "12 flagged." in page
 
 
+def _page_of_flipped_run(tmp_path: Path, outputs: int, classes: int = 3) -> str:
+    """The report of tests/flip_runs.py's run, its labels given by labels= (no samples.npz)."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(outputs, classes=classes)
+    inputs = torch.arange(120.0)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = write_report(tracker, tmp_path, inputs=inputs, labels=labels)
+    return Path(path).read_text(encoding="utf-8")
+
+
 def test_the_flagged_set_counts_the_classes_of_the_labels_given(tmp_path):
     """labels= (csl-fast report --labels) was read by the duplicates section only: with
     no samples.npz the report counted the 8 outputs and flagged none of the 12 flips,
     where csl-fast clean given the same labels flagged them."""
-    from flip_runs import flipped_run
-
-    tracker, labels = flipped_run(8)
-    inputs = torch.arange(120.0)[:, None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        page = Path(write_report(tracker, tmp_path, inputs=inputs, labels=labels)).read_text(
-            encoding="utf-8"
-        )
+    page = _page_of_flipped_run(tmp_path, 8)
     assert "12 flagged." in page
     # and the page reads them as the given labels (its top table had no given column)
     assert "<th>given</th>" in page
@@ -1426,15 +1430,7 @@ def test_the_flagged_set_counts_the_classes_of_the_labels_given(tmp_path):
 def test_two_classes_of_the_labels_given_the_plan_shown_is_the_default_drop(tmp_path):
     """The suggestions section counted samples.npz's labels only: given by labels=, two
     classes on 4 outputs were shown relabelled, where csl-fast clean drops."""
-    from flip_runs import flipped_run
-
-    tracker, labels = flipped_run(4, classes=2)
-    inputs = torch.arange(120.0)[:, None]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        page = Path(write_report(tracker, tmp_path, inputs=inputs, labels=labels)).read_text(
-            encoding="utf-8"
-        )
+    page = _page_of_flipped_run(tmp_path, 4, classes=2)
     assert "does with the flagged set by default on this run: drop every flagged sample" in page
     assert re.search(r"drop \(policy drop\)</td><td>[1-9]", page)
 
