@@ -46,6 +46,7 @@ ground-truth masks and images. Write one for your own runs with :meth:`RunSample
 from __future__ import annotations
 
 import datetime
+import functools
 import html
 import math
 import os
@@ -501,6 +502,23 @@ def require_matplotlib() -> None:
         ) from None
 
 
+def _literal_text(fn: Callable[..., str]) -> Callable[..., str]:
+    """``fn`` with matplotlib's mathtext off for every text it draws: class names and
+    titles are the user's ("$30-$39" was set as maths, a TeX-like name crashed the
+    report)."""
+
+    @functools.wraps(fn)
+    def drawn_literally(*args: Any, **kwargs: Any) -> str:
+        require_matplotlib()
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return drawn_literally
+
+
+@_literal_text
 def write_report(
     tracker: CSLTracker,
     out_dir: str | os.PathLike,

@@ -557,9 +557,7 @@ def _fig_top_grid(
         title = f"#{r + 1} idx {int(i)}\ngiven {_short(given)}"
         if samples.predicted is not None:  # (no line of "pred ?" where none was saved)
             title += f"\npred {_short(samples.class_name(int(samples.predicted[i])))}"
-        # parse_math=False: class names are the user's text ("$30-$39" was set as maths,
-        # and a TeX-like name crashed the report)
-        ax.set_title(title, fontsize=7, color=colour, parse_math=False)
+        ax.set_title(title, fontsize=7, color=colour)
     fig.suptitle(
         # the grid follows --score; its title said "by CSL" whatever the ranking was
         f"Most suspicious samples by {score_name}"

@@ -27,6 +27,7 @@ from csl_fast.report import RunSamples, detection_table, format_detection_table,
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
@@ -836,25 +837,37 @@ def test_grid_titles_with_long_class_names_do_not_overlap(tmp_path, monkeypatch)
     assert all(a.x1 <= b.x0 for a, b in itertools.pairwise(boxes))
 
 
-def test_grid_titles_print_class_names_as_given_and_no_unknown_prediction(tmp_path, monkeypatch):
-    # "$30-$39" was set as maths (its $ gone), a TeX-like name crashed the report, and
-    # every tile read "pred ?" where the run saved no prediction
+def test_figures_print_class_names_as_given_and_no_unknown_prediction(tmp_path, monkeypatch):
+    # "$30-$39" was set as maths (its $ gone) and a TeX-like name crashed the report, in the
+    # image grid and in the loss curves' title and legend; every tile read "pred ?" where
+    # the run saved no prediction
+    import matplotlib.text
+
     from csl_fast import report_figures
 
-    titles = []
+    texts = []
 
     def spy(fig, path):
         fig.canvas.draw()  # (where the mathtext parser raised)
-        titles.extend(ax.title for ax in fig.axes if ax.get_title())
+        texts.extend(t for t in fig.findobj(matplotlib.text.Text) if t.get_text())
         return "png"
 
     monkeypatch.setattr(report_figures, "_png", spy)
-    n = 3
-    names = ["$30-$39", r"$\price$", "plain"]
-    samples = RunSamples(labels=np.arange(n), images=np.zeros((n, 4, 4)), class_names=names)
-    report_figures._fig_top_grid(np.arange(n), samples, np.zeros(n), str(tmp_path / "g.png"), n)
-    assert [t.get_text().split("\n")[1:] for t in titles] == [[f"given {m}"] for m in names]
-    assert not any(t.get_parse_math() for t in titles)
+    n, names = 30, ["$30-$39", r"$\price$", "plain"]
+    tracker = csl_fast.CSLTracker(n, 3, history=True)
+    for _ in range(2):
+        csl_fast.accumulate(torch.randn(n, 3), torch.arange(n) % 3, torch.arange(n), tracker)
+        tracker.end_epoch()
+    labels = np.arange(n) % 3
+    samples = RunSamples(labels=labels, images=np.zeros((n, 4, 4)), class_names=names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report(tracker, tmp_path, samples, top=3)
+    assert texts and not any(t.get_parse_math() for t in texts)
+    tiles = [t.get_text() for t in texts if t.get_text().startswith("#")]
+    assert len(tiles) == 3 and not any("pred" in t for t in tiles)
+    assert any(t.get_text().endswith("class $30-$39") for t in texts)  # the loss curves
+    assert matplotlib.rcParams["text.parse_math"]  # (left as it was)
 
 
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
