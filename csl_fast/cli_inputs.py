@@ -163,7 +163,10 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
                     "(the run's samples.npz has none)"
                     if samples is not None
                     else "(the run has no samples.npz to take them from)"
-                ),
+                )
+                + "; for the given labels alone (the classes in use, the report's given "
+                "column), save them in the run's samples.npz: "
+                "csl_fast.report.RunSamples(labels=...).save(RUN/samples.npz)",
                 EXIT_USAGE,
             )
         labels = load_array(args.labels, "--labels")

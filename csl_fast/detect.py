@@ -1012,7 +1012,8 @@ def _advice_text(views: _Views | None, hint: str | None) -> str:
         advice += (
             f". The chance levels count all {views.classes} output classes: if the model "
             "has outputs no label uses, pass labels= (the given labels) so that they count "
-            "the classes in use"
+            "the classes in use (csl-fast rank, clean and report read them from the run's "
+            "samples.npz: csl_fast.report.RunSamples(labels=...).save)"
         )
     return advice
 

@@ -71,6 +71,7 @@ from .report_figures import (
 )
 from .report_figures import _png as _png  # report_cleaning draws through it
 from .tracker import CSLTracker
+from .user_frame import user_stacklevel
 
 __all__ = ["FIGURES", "SAMPLES_FILE", "RunSamples", "SamplesFileError", "write_report"]
 
@@ -793,7 +794,15 @@ def _with_given_labels(
     y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if y.shape != (n,) or y.dtype.kind not in "iu":  # (targets of sequences, losses, labels)
         return samples
-    return RunSamples(labels=y) if samples is None else replace(samples, labels=y)
+    try:
+        return RunSamples(labels=y) if samples is None else replace(samples, labels=y)
+    except SamplesFileError as e:  # (class names too few for them: it raised from here)
+        warnings.warn(
+            f"write_report: labels= are not shown as the given labels: {e}",
+            RuntimeWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return samples
 
 
 def _inputs_of(
@@ -806,9 +815,9 @@ def _inputs_of(
         if labels is not None:
             # (dropped without a word, as csl-fast report --labels without inputs is not)
             raise ValueError(
-                "write_report: labels= are the given labels of the duplicate groups, which "
-                "need the inputs: pass inputs= too (the rest of the page reads the labels "
-                "of samples=, a RunSamples)"
+                "write_report: labels= are read with the inputs of the duplicate groups: "
+                "pass inputs= too, or pass the labels as samples=RunSamples(labels=...), "
+                "which every section reads"
             )
         return None, None
     if labels is None and samples is not None:

@@ -312,7 +312,7 @@ def test_wrong_arguments_are_named_before_anything_is_written(run, tmp_path):
     with pytest.raises(TypeError, match=r"got Scores \(the page reads the tracker's buffers"):
         write_report(csl_fast.scores(tracker), tmp_path / "a")
     labels = torch.as_tensor(samples.labels)
-    with pytest.raises(ValueError, match=r"labels= are the given labels .* pass inputs= too"):
+    with pytest.raises(ValueError, match=r"labels= are read with the inputs .* as samples="):
         write_report(tracker, tmp_path / "a", labels=labels)
     with pytest.raises(KeyError, match=r"write_report: score 'csll' was not recorded"):
         write_report(tracker, tmp_path / "a", score="csll")
@@ -1471,3 +1471,18 @@ def test_the_histogram_draws_the_mean_loss_where_presentation_counts_differ(tmp_
         warnings.simplefilter("ignore")
         write_report(tracker, tmp_path)
     assert any(x.startswith("mean loss per presentation over training") for x in labels), labels
+
+
+def test_labels_past_the_class_names_are_not_shown_as_given_but_do_not_crash(tmp_path):
+    """samples.npz with 1 class name and csl-fast report --labels of 3 classes: adopting
+    the labels as the given ones re-ran RunSamples' check, and the report died with an
+    internal error."""
+    from flip_runs import flipped_run
+
+    tracker, labels = flipped_run(8)
+    samples = RunSamples(inputs=np.arange(120.0)[:, None], class_names=["a"])
+    with pytest.warns(RuntimeWarning, match="labels= are not shown as the given labels") as w:
+        page = Path(write_report(tracker, tmp_path, samples, labels=labels)).read_text("utf-8")
+    assert "12 flagged." in page and [x.filename for x in w if "not shown" in str(x.message)] == [
+        __file__
+    ]
