@@ -289,9 +289,9 @@ class CleaningPlan:
         conflicting duplicate group's member, or a flagged held-out sample an eval pass
         scored, in a group or not); ``"group without label"`` and ``"group share"`` (a
         group's member the run trained on, dropped because the group label's share is
-        under ``min_confidence``, :mod:`csl_fast.cleaning_groups`; not under
-        ``policy="drop"``); ``"suggestion"`` the other rows: no confident suggestion, or
-        ``policy="drop"``."""
+        under ``min_confidence``, :mod:`csl_fast.cleaning_groups`; not where the groups
+        were not resolved, :attr:`groups_resolved`: an explicit ``policy="drop"``);
+        ``"suggestion"`` the other rows: no confident suggestion, or ``policy="drop"``."""
         unseen = torch.zeros_like(self.relabel)
         if self.presented is not None:
             unseen = self.dropped & ~self.presented.cpu()[self.index]

@@ -126,8 +126,13 @@ def _clean_summary(
         f"{where}: {plan.num_relabeled} relabel, "
         f"{plan.num_dropped} drop{kept} (policy {plan.policy}"
         + ("" if args.budget is None else f", budget {args.budget}")
-        # (drop relabels nothing: its confidence threshold is moot)
-        + ("" if plan.policy == "drop" else f", min confidence {args.min_confidence:g}")
+        # (a drop that resolves no group relabels nothing: its confidence threshold is moot;
+        # the two-class default's drop still resolves groups by it)
+        + (
+            ""
+            if plan.policy == "drop" and not plan.groups_resolved
+            else f", min confidence {args.min_confidence:g}"
+        )
         + ")",
         f"flagged {len(det)} of {det.scores.numel()} samples by {args.score} (rule {det.rule})",
     ]

@@ -528,7 +528,8 @@ def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
     """The number of classes the label-lost view's chance levels count
     (:func:`csl_fast.flagging.label_lost`): with ``labels`` (int ``[N]``, the given
     labels, checked by :func:`check_labels`), the distinct labels among the samples the
-    tracker saw presented (``csl_count > 0``); else the tracker's ``num_classes``
+    tracker saw presented (``csl_count > 0``), negative ones (unlabelled, as an
+    ``ignore_index``) left out; else the tracker's ``num_classes``
     (``None`` when unset), which counts the output classes no sample carries too: the
     tracker does not keep the labels.
 
@@ -538,8 +539,9 @@ def classes_in_use(tracker: Any, labels: Any = None) -> int | None:
     if labels is None:
         return tracker.num_classes
     y = check_labels(tracker, labels)
-    used = y.cpu()[(tracker.csl_count > 0).cpu()]
-    if used.numel() and int(used.min()) >= 0 and int(used.max()) < 2**24:
+    y = y.cpu()
+    used = y[(tracker.csl_count > 0).cpu() & (y >= 0)]
+    if used.numel() and int(used.max()) < 2**24:
         # (a count per class: O(N), where unique's sort took 1.5 s at N = 10M)
         return int(torch.count_nonzero(torch.bincount(used.long())))
     return int(torch.unique(used).numel())
@@ -1460,9 +1462,19 @@ def mislabeled(
         source, score, _tracker_labels(source, labels, where), where
     )
     trained = _trained(source)
-    return _detect(
+    det = _detect(
         values, name, rule, fraction, threshold, views, hint, caveat=caveat, trained=trained
     )
+    return _with_classes_in_use(det, source, labels)
+
+
+def _with_classes_in_use(det: Detection, source: Any, labels: Any) -> Detection:
+    """``det`` with the classes ``labels`` use among the tracker's presented samples in its
+    diagnostics, also where the rule read no view that counts them (a two-sided score, a
+    run of sequences): :func:`csl_fast.clean` chooses its policy on two classes by them."""
+    if labels is not None and "classes_in_use" not in det.diagnostics:
+        det.diagnostics["classes_in_use"] = classes_in_use(source, labels)
+    return det
 
 
 def _tracker_labels(source: Any, labels: Any, where: str) -> Any:
@@ -1507,9 +1519,10 @@ def memorized(
         source, score, _tracker_labels(source, labels, where), where
     )
     trained = _trained(source)
-    return _detect(
+    det = _detect(
         values, name, rule, fraction, threshold, views, hint, "memorized", caveat, trained=trained
     )
+    return _with_classes_in_use(det, source, labels)
 
 
 def duplicates(

@@ -637,9 +637,10 @@ def write_report(
     # a tracker of sequences: CSL per token (summed, it grows with a sequence's length);
     # unequal presentation counts: per presentation, as the ranking (summed, it partly
     # drew how often the sampler drew each sample)
-    mean = default_score(tracker) == "csl_mean"
-    per = ("token" if tracker.sequences else "presentation") if mean else None
-    hist_score = "csl_mean" if mean else "csl"
+    # (as the ranking: score="csl" asked for draws the sum)
+    mean = score == "csl_mean" or (score != "csl" and default_score(tracker) == "csl_mean")
+    per = "token" if tracker.sequences else "presentation" if mean else None
+    hist_score = "csl_mean" if per else "csl"
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
     coverage = _coverage(all_scores)

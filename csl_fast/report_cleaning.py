@@ -406,7 +406,9 @@ def sections(
     if binary is not None:
         parts.append(
             "<p class=cap>What <code>csl_fast.clean</code> (<code>csl-fast clean</code>) does "
-            "with the flagged set by default on this run: drop every flagged sample. Two "
+            "with the flagged set by default on this run: drop every flagged sample (a "
+            "conflicting duplicate group is still resolved: its preferred member kept, the "
+            "others relabelled to its label). Two "
             "classes are in use, so every flagged sample's suggestion is the other class, "
             "confidently: a relabel is right only as often as the flagged sample is really "
             "mislabeled, and a clean sample flagged by mistake would get a wrong label. "

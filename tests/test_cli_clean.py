@@ -554,7 +554,9 @@ def test_two_classes_in_use_the_default_still_resolves_conflicting_groups(tmp_pa
     run.mkdir()
     tracker.save(run / "tracker.csl")
     RunSamples(labels=labels.numpy(), inputs=x[:, None].numpy()).save(run / "samples.npz")
-    code, _, err = run_main(capsys, "clean", str(run), "--out", str(tmp_path / "p.csv"))
+    code, out, err = run_main(capsys, "clean", str(run), "--out", str(tmp_path / "p.csv"))
     assert code == EXIT_OK and "every flagged sample is dropped (policy drop)" in err
     actions = {int(r["index"]): r["action"] for r in read(tmp_path / "p.csv")}
     assert all(actions[i] == "relabel" and actions[61 + i] == "keep" for i in range(12))
+    # the groups are resolved by the confidence threshold: the summary names it
+    assert "(policy drop, min confidence 0.4)" in out + err

@@ -1060,8 +1060,8 @@ def test_classes_in_use_counts_the_labels_of_presented_samples():
     assert detect.classes_in_use(t, torch.tensor([1, 4, 4, 7])) == 2
     assert detect.classes_in_use(t, [1, 4, 7, 7]) == 3
     # labels no per-class count can hold (negative, huge), uint8, nothing presented
-    assert detect.classes_in_use(t, [-1, 4, 4, 7]) == 2
-    assert detect.classes_in_use(t, [-1, 0, 0, 2**40]) == 2  # (never presented: unread)
+    assert detect.classes_in_use(t, [-1, 4, 4, 7]) == 1  # (-1: unlabelled, no class)
+    assert detect.classes_in_use(t, [-1, 0, 2, 2**40]) == 2  # (never presented: unread)
     assert detect.classes_in_use(t, torch.tensor([3, 3, 5, 0], dtype=torch.uint8)) == 2
     assert detect.classes_in_use(csl_fast.CSLTracker(4, num_classes=8), [1, 4, 4, 7]) == 0
     with pytest.raises(ValueError, match=r"labels must be the int \[N\] = \[4\]"):
@@ -1123,6 +1123,12 @@ def test_a_detection_records_the_classes_in_use_whatever_it_flags():
     assert detect.mislabeled(used).diagnostics["classes_in_use"] == 3
     det = detect.mislabeled(padded, labels=y)
     assert len(det) == 12 and det.diagnostics["classes_in_use"] == 3
+    # a two-sided score reads no view that counts them: recorded all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", detect.DetectionWarning)
+        two_sided = detect.mislabeled(padded, "variability", labels=y)
+        memorized = detect.memorized(padded, "variability", labels=y)
+    assert two_sided.diagnostics["classes_in_use"] == memorized.diagnostics["classes_in_use"] == 3
 
 
 def test_memorized_and_duplicates_count_the_classes_in_use():

@@ -1471,6 +1471,11 @@ def test_the_histogram_draws_the_mean_loss_where_presentation_counts_differ(tmp_
         warnings.simplefilter("ignore")
         write_report(tracker, tmp_path)
     assert any(x.startswith("mean loss per presentation over training") for x in labels), labels
+    labels.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_report(tracker, tmp_path, score="csl")  # asked for: the sum, as the ranking
+    assert any(x.startswith("cumulative sample loss") for x in labels), labels
 
 
 def test_labels_past_the_class_names_are_not_shown_as_given_but_do_not_crash(tmp_path):
