@@ -130,7 +130,7 @@ def _clean_summary(
         # the two-class default's drop still resolves groups by it)
         + (
             ""
-            if plan.policy == "drop" and not plan.groups_resolved
+            if plan.policy == "drop" and not (plan.groups_resolved and plan.duplicates is not None)
             else f", min confidence {args.min_confidence:g}"
         )
         + ")",

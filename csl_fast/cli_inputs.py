@@ -165,8 +165,13 @@ def _run_inputs(args: argparse.Namespace, tracker: Any, samples: Any) -> tuple[A
                     else "(the run has no samples.npz to take them from)"
                 )
                 + "; for the given labels alone (the classes in use, the report's given "
-                "column), save them in the run's samples.npz: "
-                "csl_fast.report.RunSamples(labels=...).save(RUN/samples.npz)",
+                "column), put them in the run's samples.npz: "
+                + (
+                    "dataclasses.replace(csl_fast.report.RunSamples.load(RUN/samples.npz), "
+                    "labels=...).save(RUN/samples.npz), which keeps what it holds"
+                    if samples is not None
+                    else "csl_fast.report.RunSamples(labels=...).save(RUN/samples.npz)"
+                ),
                 EXIT_USAGE,
             )
         labels = load_array(args.labels, "--labels")

@@ -1015,7 +1015,8 @@ def _advice_text(views: _Views | None, hint: str | None) -> str:
             f". The chance levels count all {views.classes} output classes: if the model "
             "has outputs no label uses, pass labels= (the given labels) so that they count "
             "the classes in use (csl-fast rank, clean and report read them from the run's "
-            "samples.npz: csl_fast.report.RunSamples(labels=...).save)"
+            "samples.npz: RunSamples(labels=...).save(path), or, to keep what a samples.npz "
+            "holds, dataclasses.replace(RunSamples.load(path), labels=...).save(path))"
         )
     return advice
 

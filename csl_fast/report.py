@@ -46,7 +46,6 @@ ground-truth masks and images. Write one for your own runs with :meth:`RunSample
 from __future__ import annotations
 
 import datetime
-import functools
 import html
 import math
 import os
@@ -503,23 +502,6 @@ def require_matplotlib() -> None:
         ) from None
 
 
-def _literal_text(fn: Callable[..., str]) -> Callable[..., str]:
-    """``fn`` with matplotlib's mathtext off for every text it draws: class names and
-    titles are the user's ("$30-$39" was set as maths, a TeX-like name crashed the
-    report)."""
-
-    @functools.wraps(fn)
-    def drawn_literally(*args: Any, **kwargs: Any) -> str:
-        require_matplotlib()
-        import matplotlib
-
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return fn(*args, **kwargs)
-
-    return drawn_literally
-
-
-@_literal_text
 def write_report(
     tracker: CSLTracker,
     out_dir: str | os.PathLike,
@@ -638,8 +620,9 @@ def write_report(
     # unequal presentation counts: per presentation, as the ranking (summed, it partly
     # drew how often the sampler drew each sample)
     # (as the ranking: score="csl" asked for draws the sum)
+    unequal = not tracker.sequences and default_score(tracker) == "csl_mean"
     mean = score == "csl_mean" or (score != "csl" and default_score(tracker) == "csl_mean")
-    per = "token" if tracker.sequences else "presentation" if mean else None
+    per = ("token" if tracker.sequences else "presentation") if mean else None
     hist_score = "csl_mean" if per else "csl"
     csl = _np(all_scores[hist_score]) if hist_score in all_scores else s
     rocs: dict[str, list[Curve]] = {}
@@ -682,12 +665,17 @@ def write_report(
     ]
     captions = {
         "csl_histogram.png": _HISTOGRAM_CAPTIONS[
-            "sequences" if tracker.sequences else "loss_only" if loss_only else "softmax"
+            "sequences" if per == "token" else "loss_only" if loss_only else "softmax"
         ]
         + (
             " Drawn per presentation (csl_mean, the loss summed over training divided by the "
-            "sample's presentations), as the ranking: the samples were presented unequally "
-            "often, and summed CSL would partly show how often."
+            "sample's presentations), as the ranking"
+            + (
+                ": the samples were presented unequally often, and summed CSL would partly "
+                "show how often."
+                if unequal
+                else "."
+            )
             if per == "presentation"
             else ""
         ),
@@ -799,7 +787,8 @@ def _with_given_labels(
         return RunSamples(labels=y) if samples is None else replace(samples, labels=y)
     except SamplesFileError as e:  # (class names too few for them: it raised from here)
         warnings.warn(
-            f"write_report: labels= are not shown as the given labels: {e}",
+            "csl_fast.report: the labels given (labels=, csl-fast report --labels) are not "
+            f"shown as the given labels: {e}",
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )

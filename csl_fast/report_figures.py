@@ -33,6 +33,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 def _png(fig: Any, path: str) -> str:
     """Save ``fig`` to ``path`` (atomically: a full disk or an interrupt leaves the
     earlier figure whole, never a truncated one) and return the PNG as base64."""
+    import matplotlib.text
+
+    # drawn literally: class names and titles are the user's text ("$30-$39" was set as
+    # maths, and a TeX-like name crashed the report); per text, not rcParams, which are
+    # global to the process
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     data = buf.getvalue()

@@ -841,18 +841,17 @@ def test_figures_print_class_names_as_given_and_no_unknown_prediction(tmp_path, 
     # "$30-$39" was set as maths (its $ gone) and a TeX-like name crashed the report, in the
     # image grid and in the loss curves' title and legend; every tile read "pred ?" where
     # the run saved no prediction
+    import matplotlib.figure
     import matplotlib.text
 
-    from csl_fast import report_figures
-
     texts = []
+    savefig = matplotlib.figure.Figure.savefig
 
-    def spy(fig, path):
-        fig.canvas.draw()  # (where the mathtext parser raised)
+    def spy(fig, *args, **kw):
         texts.extend(t for t in fig.findobj(matplotlib.text.Text) if t.get_text())
-        return "png"
+        return savefig(fig, *args, **kw)  # (where the mathtext parser raised)
 
-    monkeypatch.setattr(report_figures, "_png", spy)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     n, names = 30, ["$30-$39", r"$\price$", "plain"]
     tracker = csl_fast.CSLTracker(n, 3, history=True)
     for _ in range(2):
@@ -867,7 +866,7 @@ def test_figures_print_class_names_as_given_and_no_unknown_prediction(tmp_path, 
     tiles = [t.get_text() for t in texts if t.get_text().startswith("#")]
     assert len(tiles) == 3 and not any("pred" in t for t in tiles)
     assert any(t.get_text().endswith("class $30-$39") for t in texts)  # the loss curves
-    assert matplotlib.rcParams["text.parse_math"]  # (left as it was)
+    assert matplotlib.rcParams["text.parse_math"]  # (global state left as it was)
 
 
 def test_loss_curves_tick_whole_epochs(tmp_path, monkeypatch):
@@ -1486,8 +1485,51 @@ def test_labels_past_the_class_names_are_not_shown_as_given_but_do_not_crash(tmp
 
     tracker, labels = flipped_run(8)
     samples = RunSamples(inputs=np.arange(120.0)[:, None], class_names=["a"])
-    with pytest.warns(RuntimeWarning, match="labels= are not shown as the given labels") as w:
+    shown = r"csl_fast.report: the labels given \(labels=.*are not shown"
+    with pytest.warns(RuntimeWarning, match=shown) as w:
         page = Path(write_report(tracker, tmp_path, samples, labels=labels)).read_text("utf-8")
     assert "12 flagged." in page and [x.filename for x in w if "not shown" in str(x.message)] == [
         __file__
     ]
+
+
+def test_the_histogram_caption_says_unequally_often_only_where_counts_differ(tmp_path, monkeypatch):
+    """csl_mean asked for on equal counts was captioned "presented unequally often", and
+    score="csl" on sequences still drew CSL per token."""
+    from csl_fast import report_figures
+
+    labels = []
+
+    def spy(fig, path):
+        labels.append(fig.axes[0].get_xlabel())
+        return "png"
+
+    monkeypatch.setattr(report_figures, "_png", spy)
+    n = 30
+    equal = csl_fast.CSLTracker(n, 3)
+    sequences = csl_fast.CSLTracker(n, 3)
+    for _ in range(2):
+        rows = torch.arange(n)
+        csl_fast.accumulate(torch.randn(n, 3), rows % 3, rows, equal)
+        equal.end_epoch()
+        target = torch.randint(0, 3, (n, 4))
+        csl_fast.accumulate(torch.randn(n * 4, 3), target, rows, sequences)
+        sequences.end_epoch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        page = Path(write_report(equal, tmp_path / "e", score="csl_mean")).read_text("utf-8")
+        assert "Drawn per presentation" in page and "unequally often" not in page
+        labels.clear()
+        write_report(sequences, tmp_path / "s", score="csl")
+    assert labels[0].startswith("cumulative sample loss"), labels
+
+
+def test_write_report_warnings_point_at_the_callers_line(tmp_path):
+    """A wrapper around write_report once added a frame, and its warnings named
+    csl_fast/report.py instead of the caller."""
+    from flip_runs import flipped_run
+
+    tracker, _ = flipped_run(8)  # 8 outputs, 3 used, no labels: nothing flagged
+    with pytest.warns(csl_fast.detect.DetectionWarning) as said:
+        write_report(tracker, tmp_path)
+    assert said and {w.filename for w in said} == {__file__}
