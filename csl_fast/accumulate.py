@@ -36,6 +36,7 @@ from .accumulate_checks import (
 )
 from .buffer_locks import buffer_lock
 from .cross_entropy_extras import CrossEntropyOutput
+from .input_grad import warn_if_default_scale
 from .reference import REDUCTIONS
 from .stats import EXACT_FLOAT32_COUNT, NUM_STATS, Stat, float64_sums, invalid_column
 from .tracker import CSLTracker
@@ -345,6 +346,13 @@ def accumulate(
     ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     refuse_tracing("csl_fast.accumulate")
+    if reduction == "mean" and getattr(csl, "sequences", False):
+        warn_if_default_scale(
+            csl,
+            "accumulate",
+            "the batch's non-ignored tokens (a tracker of sequences)",
+            "reduction_scale=(target != ignore_index).sum() and valid=target != ignore_index",
+        )
     if (
         _any_autocast()
         and isinstance(logits, torch.Tensor)

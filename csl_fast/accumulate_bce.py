@@ -35,6 +35,7 @@ from .accumulate_checks import (
     validate_by_default,
 )
 from .buffer_locks import buffer_lock
+from .input_grad import warn_if_default_scale
 from .ops import transformed
 from .record_loss import _record_tracker, _scratch
 from .reference import REDUCTIONS, BceStat
@@ -173,6 +174,17 @@ def accumulate_bce(
     # (_any_autocast() first, as accumulate does: is_autocast_enabled("meta") raised
     # torch's "unknown device type for autocast" before meta logits were checked)
     refuse_tracing("csl_fast.accumulate_bce")
+    if (
+        reduction == "mean"
+        and isinstance(csl, CSLTracker)
+        and isinstance(logits, torch.Tensor)
+        and logits.dim() == 2
+        and logits.shape[1] > 1
+    ):
+        labels = logits.shape[1]
+        warn_if_default_scale(
+            csl, "accumulate_bce", f"B*L (L = {labels} labels)", f"reduction_scale=B * {labels}"
+        )
     if (
         _any_autocast()
         and isinstance(logits, torch.Tensor)

@@ -37,6 +37,13 @@ if TYPE_CHECKING:
 # sides: a tracker stays picklable, and a tensor watched in a forward that was never
 # backpropagated (an evaluation with grad on) is forgotten when it is freed.
 _pending: weakref.WeakKeyDictionary[Any, weakref.ref[torch.Tensor]] = weakref.WeakKeyDictionary()
+# Trackers warned by warn_if_default_scale (once each).
+_warned_scale: weakref.WeakSet[Any] = weakref.WeakSet()
+# Per tracker, the backward pass (graph task id) in which a watched tensor's gradient last
+# arrived, and that tensor.
+_fired: weakref.WeakKeyDictionary[Any, tuple[int, weakref.ref[torch.Tensor]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def input_grad_norms(
@@ -190,6 +197,9 @@ def watch(
     tokens' (what its CSL adds up), so pass ``reduction_scale=(target != ignore_index).sum()``
     and ``valid=target != ignore_index``, a ``[B, T]`` mask (a sequence is recorded if any of
     its tokens is). A ``valid`` of the target's shape is reduced so for any ``[B, ...]``.
+    Likewise :func:`csl_fast.accumulate_bce` over ``L`` labels: its ``'mean'`` divides by
+    ``B*L``, so pass ``reduction_scale=B * L`` (a sample's own loss sums its labels').
+    Both warn once when watched at the default scale.
 
     Whatever multiplies the loss between its reduction and ``backward`` multiplies ``x``'s
     gradient too and must be undone here as well: gradient accumulation that divides each
@@ -299,6 +309,7 @@ def watch(
     scale = float(x.shape[0]) if reduction_scale is None else _host_scale(reduction_scale)
     if reduction_scale is None and not getattr(tracker, "_watched_at_default_scale", False):
         tracker._watched_at_default_scale = True  # (CSLTracker: read by CSLCallback)
+    tracker._last_watch_default = reduction_scale is None  # (read by warn_if_default_scale)
     from .accumulate_checks import copy_to
 
     # (the int64 indices checked above: the tracker's record need not convert them again)
@@ -364,7 +375,6 @@ def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
         return
     if torch.is_grad_enabled() and not backward_rerun.in_backward():
         # (under no_grad no backward follows; a rerun in the backward is no new step)
-        _warn_if_several_watched(x, tracker)
         _pending[tracker] = weakref.ref(x)
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
@@ -372,9 +382,29 @@ def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
 
     def recorded(grad: torch.Tensor) -> None:
         _pending.pop(tracker, None)
+        _warn_if_several_watched(x, tracker)
         hook(grad)
 
     hooks[id(tracker)] = x.register_hook(recorded)
+
+
+def warn_if_default_scale(tracker: CSLTracker, op: str, divisor: str, fix: str) -> None:
+    """Warn (once per tracker) where ``op``'s ``'mean'`` divides by ``divisor``, not by the
+    ``B`` that :func:`watch` assumed at its default scale for the tensor it watched in
+    this step: the recorded squared norms come out ``(divisor / B)**2`` too small."""
+    if not getattr(tracker, "_last_watch_default", False) or tracker in _warned_scale:
+        return
+    pending = _pending.get(tracker)
+    if pending is None or pending() is None:
+        return
+    _warned_scale.add(tracker)
+    warnings.warn(
+        f"csl_fast.{op}: reduction='mean' divides by {divisor}, but the tensor watched in this "
+        "step was watched at the default reduction_scale, the batch size B: its recorded "
+        f"input-gradient norms come out (that divisor / B)**2 too small. Pass {fix}",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _warn_if_several_watched(x: torch.Tensor, tracker: CSLTracker) -> None:
@@ -382,15 +412,24 @@ def _warn_if_several_watched(x: torch.Tensor, tracker: CSLTracker) -> None:
     tensors watched in one step (the two inputs of a model, or its input and a hidden
     layer) record two presentations of every sample, each with part of its gradient. The
     input_grad_count then doubles, input_grad_sq_mean is about half the joint squared norm
-    and loss_sensitivity averages the tensors' norms, which reorders the samples."""
-    earlier = _pending.get(tracker)
-    earlier = earlier() if earlier is not None else None
-    if earlier is None or earlier is x or getattr(tracker, "_warned_several_watched", True):
+    and loss_sensitivity averages the tensors' norms, which reorders the samples.
+
+    Told in the hook, by two watched tensors' gradients arriving in one backward pass
+    (one graph task): told at watch time, by a tensor still awaiting its gradient, a step
+    whose backward was skipped (a non-finite loss) warned falsely, and the warning, given
+    once, was then spent before a real second watch."""
+    task = torch._C._current_graph_task_id()
+    earlier = _fired.get(tracker)
+    _fired[tracker] = (task, weakref.ref(x))
+    if earlier is None or earlier[0] != task or task < 0:
+        return
+    first = earlier[1]()
+    if first is None or first is x or getattr(tracker, "_warned_several_watched", True):
         return
     tracker._warned_several_watched = True  # (CSLTracker: once per tracker)
     warnings.warn(
-        "csl_fast.watch: a second tensor is watched before the gradient of the one "
-        "watched earlier arrived: each watched tensor is recorded as a presentation of its "
+        "csl_fast.watch: two watched tensors' gradients arrived in one backward pass: "
+        "each watched tensor is recorded as a presentation of its "
         "own (input_grad_count counts both, input_grad_sq_mean and loss_sensitivity average "
         "their norms instead of taking the joint gradient's). Watch one tensor per step, "
         "e.g. the concatenated inputs (x = tracker.watch(torch.cat([x1, x2], 1), idx), "

@@ -224,6 +224,8 @@ class CSLTracker(TrackerStatistics):
     # Set by watch() without a reduction_scale: the default B then undoes nothing of a loss
     # that Lightning divides by accumulate_grad_batches or a GradScaler multiplies.
     _watched_at_default_scale: bool = False
+    # Whether the latest watch() took the default scale (input_grad.warn_if_default_scale).
+    _last_watch_default: bool = False
     # Set when watch() warned of a second tensor watched in one step (input_grad.py).
     _warned_several_watched: bool = False
 

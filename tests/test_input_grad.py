@@ -503,9 +503,27 @@ def test_second_tensor_watched_in_one_step_warns_once():
             x1 = tracker.watch(torch.randn(6, 4), idx)
             x2 = tracker.watch(torch.randn(6, 2), idx)
             csl_fast.accumulate(a(x1) + b(x2), y, idx, tracker).backward()
-    several = [w for w in caught if "a second tensor is watched" in str(w.message)]
+    several = [w for w in caught if "two watched tensors' gradients arrived" in str(w.message)]
     assert len(several) == 1 and several[0].filename == __file__
     assert torch.equal(tracker.input_grad_count, torch.full((6,), 4.0))  # (as recorded)
+
+
+def test_a_skipped_backward_is_no_second_watched_tensor():
+    # a step whose backward is skipped (non-finite loss) left its watched tensor awaiting
+    # a gradient: the next step's watch warned falsely, and the warning, given once, was
+    # spent before a real second watch
+    lin, idx, y = torch.nn.Linear(4, 3), torch.arange(6), torch.arange(6) % 3
+    tracker = CSLTracker(6, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = csl_fast.accumulate(lin(tracker.watch(torch.randn(6, 4), idx)), y, idx, tracker)
+        # (skipped: no backward; loss still holds its graph)
+        loss = csl_fast.accumulate(lin(tracker.watch(torch.randn(6, 4), idx)), y, idx, tracker)
+        loss.backward()
+        assert not caught
+        x1, x2 = tracker.watch(torch.randn(6, 4), idx), tracker.watch(torch.randn(6, 4), idx)
+        csl_fast.accumulate(lin(x1) + lin(x2), y, idx, tracker).backward()
+    assert [str(w.message)[:40] for w in caught] == ["csl_fast.watch: two watched tensors' gra"]
 
 
 def test_one_tensor_watched_per_step_does_not_warn():
@@ -575,3 +593,28 @@ def test_watch_is_refused_under_torch_export():
         torch.export.export(Watched(), (x, idx))
     Watched()(x, idx).sum().backward()
     assert tracker.input_grad_count.tolist() == [1, 1, 1, 1]
+
+
+def test_a_mean_over_more_than_the_batch_warns_at_the_default_scale():
+    """accumulate_bce's mean divides by B*L and a sequence batch's by its tokens: watched
+    at the default B, the norms came out (divisor / B)**2 too small, silently."""
+    lin, idx = torch.nn.Linear(3, 4), torch.arange(5)
+    y = (torch.rand(5, 4) > 0.5).float()
+    tracker = CSLTracker(5, num_labels=4)
+    with pytest.warns(RuntimeWarning, match=r"divides by B\*L \(L = 4 labels\)") as said:
+        for _ in range(2):  # (once per tracker)
+            x = tracker.watch(torch.randn(5, 3), idx)
+            csl_fast.accumulate_bce(lin(x), y, idx, tracker).backward()
+    assert len([w for w in said if "B*L" in str(w.message)]) == 1
+    assert said[0].filename == __file__
+    given = CSLTracker(5, num_labels=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = given.watch(torch.randn(5, 3), idx, reduction_scale=5 * 4)
+        csl_fast.accumulate_bce(lin(x), y, idx, given).backward()
+    emb, seq = torch.nn.Embedding(7, 7), CSLTracker(5, 7)
+    tokens = torch.randint(0, 7, (5, 3))
+    csl_fast.accumulate(emb(tokens).flatten(0, 1), tokens, idx, seq)  # (now of sequences)
+    with pytest.warns(RuntimeWarning, match="divides by the batch's non-ignored tokens"):
+        x = seq.watch(emb(tokens), idx)
+        csl_fast.accumulate(x.flatten(0, 1), tokens, idx, seq).backward()
