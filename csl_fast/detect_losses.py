@@ -440,10 +440,16 @@ def _detection(
         diag["estimator"] = {**est.diagnostics, "reason": est.reason}
         zeros = est.diagnostics.get("zeros", 0)
         if zeros:  # (the bulk's size, and the least group it can show, are the positives')
+            # (a loss's zeros have a usual cause; learning_time's, a fraction, do not)
+            loss = name == "final_loss" or name.startswith(("csl", "eval_csl", "label_csl"))
+            why = (
+                " (a loss that is 0 inside a margin, such as a hinge or epsilon-insensitive one)"
+                if loss
+                else ""
+            )
             said = (
                 f"{zeros} of the {zeros + est.diagnostics['n']} finite {name!r} scores are "
-                "0, or under 1e-12 of the largest (a loss that is 0 inside a margin, such as "
-                "a hinge or epsilon-insensitive one): rule='tail' modelled the bulk on the "
+                f"0, or under 1e-12 of the largest{why}: rule='tail' modelled the bulk on the "
                 "positive scores alone, and the zeros are never flagged"
             )
             diag["zeros"] = zeros
@@ -546,8 +552,11 @@ class EntryDetection(Detection):
         return self._pairs(flat)
 
     def top(self, k: int) -> torch.Tensor:
-        """The ``k`` most suspicious ``(sample, label)`` entries, ``[k, 2]``."""
-        return self._pairs(self.ranking[: _count(k)])
+        """The ``k`` most suspicious ``(sample, label)`` entries, ``[k, 2]`` (fewer when
+        fewer have a score: the entries of samples never trained on are not ranked, as
+        :meth:`csl_fast.detect.Detection.top` leaves such samples out)."""
+        scored = int(torch.isfinite(self.scores).sum())
+        return self._pairs(self.ranking[: min(_count(k), scored)])
 
     def to_dataframe(self) -> Any:
         """A pandas DataFrame (sample, label, score, flagged, rank), most suspicious first

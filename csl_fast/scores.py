@@ -50,7 +50,8 @@ LOSS_ONLY = (
     "this run recorded losses only (csl_fast.record_loss, csl_fast.accumulate_bce, or "
     "csl_fast.accumulate into the tracker's csl_sum and csl_count, as for class-probability "
     "targets), no softmax statistics: the scores that exist are CSL, its mean and the final "
-    "loss (and per-label CSL with num_labels); margins, confidences, forgetting and "
+    "loss (and per-label CSL with num_labels, the input-gradient scores where tracker.watch "
+    "recorded norms); margins, confidences, forgetting and "
     "suggested labels need csl_fast.accumulate with class-index targets and the tracker "
     "itself (label smoothing keeps them all: label_smoothing= with class indices)"
 )

@@ -74,6 +74,12 @@ def test_exact_zeros_do_not_blind_the_tail_rule(share):
     assert est["n"] == 2000 - int(zeros.sum())
     said = f"{int(zeros.sum())} of the 2000 finite 'custom' scores are 0, or under 1e-12 of"
     assert said in det.diagnostics["note"]
+    # a loss's zeros have a usual cause, named; a score that is no loss gets no such guess
+    assert "hinge" not in det.diagnostics["note"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        as_csl = corrupted_targets({"csl": values}, "csl")
+    assert "the largest (a loss that is 0 inside a margin" in as_csl.diagnostics["note"]
 
 
 def test_the_tail_rule_says_when_it_left_zeros_out_and_found_nothing():
@@ -271,6 +277,11 @@ def test_entry_top_refuses_a_negative_k():
     assert det.top(2).shape == (2, 2)
     with pytest.raises(ValueError, match="k must be an int >= 0"):
         det.top(-1)
+    # entries without a score (a sample never trained on) are not "most suspicious"
+    scores = torch.rand(10, 2)
+    scores[7:] = math.nan
+    det = mislabeled_entries(scores, rule="fraction", fraction=0.1)
+    assert det.top(20).shape == (14, 2) and bool((det.top(20)[:, 0] < 7).all())
 
 
 def test_threshold_above_every_score_warns():
