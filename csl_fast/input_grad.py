@@ -17,6 +17,7 @@ every sample's input-gradient norm: a per-row reduction of ``x.grad`` (one fused
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import warnings
@@ -39,11 +40,9 @@ if TYPE_CHECKING:
 _pending: weakref.WeakKeyDictionary[Any, weakref.ref[torch.Tensor]] = weakref.WeakKeyDictionary()
 # Trackers warned by warn_if_default_scale (once each).
 _warned_scale: weakref.WeakSet[Any] = weakref.WeakSet()
-# Per tracker, the backward pass (graph task id) in which a watched tensor's gradient last
-# arrived, and that tensor.
-_fired: weakref.WeakKeyDictionary[Any, tuple[int, weakref.ref[torch.Tensor]]] = (
-    weakref.WeakKeyDictionary()
-)
+# Per tracker, its watched tensors by step (_Watches); a serial number per watch.
+_watches: weakref.WeakKeyDictionary[Any, _Watches] = weakref.WeakKeyDictionary()
+_serials = itertools.count()
 
 
 def input_grad_norms(
@@ -318,7 +317,7 @@ def watch(
     def hook(grad: torch.Tensor) -> None:
         _record(grad, index, tracker, scale, valid, validate=False if checked else None)
 
-    _register_eagerly(x, tracker, hook)
+    _register_eagerly(x, tracker, hook, index)
     return x
 
 
@@ -344,20 +343,20 @@ def _check_transform(x: torch.Tensor) -> None:
         )
 
 
-_eager_register: Callable[[torch.Tensor, CSLTracker, Any], None] | None = None
+_eager_register: Callable[[torch.Tensor, CSLTracker, Any, torch.Tensor], None] | None = None
 
 
-def _register_eagerly(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
+def _register_eagerly(x: torch.Tensor, tracker: CSLTracker, hook: Any, index: torch.Tensor) -> None:
     """:func:`_register` under ``torch.compiler.disable``, made at the first watch: as a
     decorator it imported ``torch._dynamo`` with csl_fast, 2 of the 4 s that ``import
     csl_fast`` (and with it every ``csl-fast`` command) took."""
     global _eager_register
     if _eager_register is None:
         _eager_register = torch.compiler.disable(_register)
-    _eager_register(x, tracker, hook)
+    _eager_register(x, tracker, hook, index)
 
 
-def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
+def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any, index: torch.Tensor) -> None:
     """Put ``hook`` on ``x`` for ``tracker``, in eager mode (torch.compile cannot trace
     the per-tensor registry: a step that watches graph-breaks here), unless ``x`` is the
     detached input of a region rerun in the backward.
@@ -373,16 +372,21 @@ def _register(x: torch.Tensor, tracker: CSLTracker, hook: Any) -> None:
     every backward would record the norms once per epoch so far."""
     if x.is_leaf and backward_rerun.in_backward():
         return
+    state = _watches.setdefault(tracker, _Watches())
     if torch.is_grad_enabled() and not backward_rerun.in_backward():
         # (under no_grad no backward follows; a rerun in the backward is no new step)
         _pending[tracker] = weakref.ref(x)
+        state.open_step()
+    serial, window = next(_serials), state.window
     hooks = x.__dict__.setdefault("_csl_watch_hooks", {})
     if id(tracker) in hooks:  # the hook holds the tracker: its id is not reused meanwhile
         hooks[id(tracker)].remove()
 
+    # (no reference to x in here: a non-leaf's hook is held by its autograd node, out of
+    # the garbage collector's sight, and held x for good: a leak of one tensor a step)
     def recorded(grad: torch.Tensor) -> None:
         _pending.pop(tracker, None)
-        _warn_if_several_watched(x, tracker)
+        state.arrived(tracker, serial, window, index)
         hook(grad)
 
     hooks[id(tracker)] = x.register_hook(recorded)
@@ -401,38 +405,54 @@ def warn_if_default_scale(tracker: CSLTracker, op: str, divisor: str, fix: str) 
     warnings.warn(
         f"csl_fast.{op}: reduction='mean' divides by {divisor}, but the tensor watched in this "
         "step was watched at the default reduction_scale, the batch size B: its recorded "
-        f"input-gradient norms come out (that divisor / B)**2 too small. Pass {fix}",
+        "input-gradient norms come out (that divisor / B)**2 too small, unless the loss is "
+        f"multiplied back before backward. Pass {fix}",
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
 
 
-def _warn_if_several_watched(x: torch.Tensor, tracker: CSLTracker) -> None:
-    """Each watched tensor's hook records its own squared norms as one presentation: two
+class _Watches:
+    """A tracker's watched tensors, by step, to tell two tensors watched in one step.
+
+    Each watched tensor's hook records its own squared norms as one presentation: two
     tensors watched in one step (the two inputs of a model, or its input and a hidden
     layer) record two presentations of every sample, each with part of its gradient. The
     input_grad_count then doubles, input_grad_sq_mean is about half the joint squared norm
     and loss_sensitivity averages the tensors' norms, which reorders the samples.
 
-    Told in the hook, by two watched tensors' gradients arriving in one backward pass
-    (one graph task): told at watch time, by a tensor still awaiting its gradient, a step
-    whose backward was skipped (a non-finite loss) warned falsely, and the warning, given
-    once, was then spent before a real second watch."""
-    task = torch._C._current_graph_task_id()
-    earlier = _fired.get(tracker)
-    _fired[tracker] = (task, weakref.ref(x))
-    if earlier is None or earlier[0] != task or task < 0:
-        return
-    first = earlier[1]()
-    if first is None or first is x or getattr(tracker, "_warned_several_watched", True):
-        return
-    tracker._warned_several_watched = True  # (CSLTracker: once per tracker)
-    warnings.warn(
-        "csl_fast.watch: two watched tensors' gradients arrived in one backward pass: "
-        "each watched tensor is recorded as a presentation of its "
-        "own (input_grad_count counts both, input_grad_sq_mean and loss_sensitivity average "
-        "their norms instead of taking the joint gradient's). Watch one tensor per step, "
-        "e.g. the concatenated inputs (x = tracker.watch(torch.cat([x1, x2], 1), idx), "
-        "split inside the model) or the embedding output, not the input and a hidden layer",
-        stacklevel=user_stacklevel(),
-    )
+    A step (``window``) is the watches made before the first of their gradients arrives:
+    two gradients of one window, of tensors whose indices overlap, are a second tensor
+    watched. Told when the second gradient arrives: told at watch time, a tensor whose
+    backward was skipped (a non-finite loss) and never came was a false second, and the
+    warning (given once) was then spent; micro-batches of distinct samples summed into one
+    backward are no second either."""
+
+    def __init__(self) -> None:
+        self.window = 0
+        self.fired = False  # a gradient arrived since the window's last watch
+        self.seen: list[tuple[int, torch.Tensor]] = []  # (serial, index) arrived this window
+
+    def open_step(self) -> None:
+        """A watch in the forward: after a gradient arrived, a new step."""
+        if self.fired:
+            self.window, self.fired, self.seen = self.window + 1, False, []
+
+    def arrived(self, tracker: Any, serial: int, window: int, index: torch.Tensor) -> None:
+        self.fired = True
+        if window != self.window:  # (a late gradient of an earlier step)
+            return
+        second = any(s != serial and bool(torch.isin(index, seen).any()) for s, seen in self.seen)
+        self.seen.append((serial, index))
+        if not second or getattr(tracker, "_warned_several_watched", True):
+            return
+        tracker._warned_several_watched = True  # (CSLTracker: once per tracker)
+        warnings.warn(
+            "csl_fast.watch: the gradients of two tensors watched in one step arrived, for "
+            "the same samples: each watched tensor is recorded as a presentation of its "
+            "own (input_grad_count counts both, input_grad_sq_mean and loss_sensitivity average "
+            "their norms instead of taking the joint gradient's). Watch one tensor per step, "
+            "e.g. the concatenated inputs (x = tracker.watch(torch.cat([x1, x2], 1), idx), "
+            "split inside the model) or the embedding output, not the input and a hidden layer",
+            stacklevel=user_stacklevel(),
+        )

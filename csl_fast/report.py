@@ -468,6 +468,10 @@ _HISTOGRAM_CAPTIONS = {
     "training divided by its recorded tokens, so that length does not rank it. Sequences "
     "whose tokens contradict what similar sequences teach keep a high loss for many epochs "
     "and sit in the right tail.",
+    # (score="csl" asked for on sequences: the sum, as the ranking)
+    "sequences_summed": "CSL of every training sequence, its loss summed over training and "
+    "over its tokens: it grows with a sequence's length, as the ranking by csl does "
+    "(csl_mean, per token, does not).",
 }
 _MISSING = {
     "roc.png": "needs the ground truth (mislabeled/duplicate masks in samples.npz).",
@@ -665,7 +669,13 @@ def write_report(
     ]
     captions = {
         "csl_histogram.png": _HISTOGRAM_CAPTIONS[
-            "sequences" if per == "token" else "loss_only" if loss_only else "softmax"
+            "sequences"
+            if per == "token"
+            else "sequences_summed"
+            if tracker.sequences
+            else "loss_only"
+            if loss_only
+            else "softmax"
         ]
         + (
             " Drawn per presentation (csl_mean, the loss summed over training divided by the "

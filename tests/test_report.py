@@ -1520,8 +1520,9 @@ def test_the_histogram_caption_says_unequally_often_only_where_counts_differ(tmp
         page = Path(write_report(equal, tmp_path / "e", score="csl_mean")).read_text("utf-8")
         assert "Drawn per presentation" in page and "unequally often" not in page
         labels.clear()
-        write_report(sequences, tmp_path / "s", score="csl")
+        page = Path(write_report(sequences, tmp_path / "s", score="csl")).read_text("utf-8")
     assert labels[0].startswith("cumulative sample loss"), labels
+    assert "it grows with a sequence" in page
 
 
 def test_write_report_warnings_point_at_the_callers_line(tmp_path):
