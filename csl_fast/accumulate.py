@@ -60,6 +60,22 @@ class Recorder(Protocol):
 # :meth:`csl_fast.CSLTracker.record_sequences`).
 
 
+def _of_sequences(tracker: CSLTracker, logits: object, target: object) -> bool:
+    """Whether this call records sequences: into a tracker of sequences, or as its first
+    call, ``[B*T, V]`` logits with a ``[B, T]`` target (the step the tracker learns it
+    from: the default-scale warning came a step late)."""
+    if tracker.sequences:
+        return True
+    return (
+        isinstance(logits, torch.Tensor)
+        and isinstance(target, torch.Tensor)
+        and logits.dim() == 2
+        and target.dim() == 2
+        and not target.is_floating_point()
+        and logits.shape[0] == target.numel()
+    )
+
+
 @overload
 def accumulate(
     logits: torch.Tensor,
@@ -346,7 +362,11 @@ def accumulate(
     ``weight`` that requires grad is refused, as ``F.cross_entropy`` refuses it.
     """
     refuse_tracing("csl_fast.accumulate")
-    if reduction == "mean" and getattr(csl, "sequences", False):
+    if (
+        reduction == "mean"
+        and getattr(csl, "_last_watch_default", False)  # (first: one read when nothing is watched)
+        and _of_sequences(csl, logits, target)
+    ):
         warn_if_default_scale(
             csl,
             "accumulate",

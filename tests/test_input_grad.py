@@ -614,7 +614,7 @@ def test_a_mean_over_more_than_the_batch_warns_at_the_default_scale():
         csl_fast.accumulate_bce(lin(x), y, idx, given).backward()
     emb, seq = torch.nn.Embedding(7, 7), CSLTracker(5, 7)
     tokens = torch.randint(0, 7, (5, 3))
-    csl_fast.accumulate(emb(tokens).flatten(0, 1), tokens, idx, seq)  # (now of sequences)
+    # at the first step, where the tracker learns that it records sequences (it came late)
     with pytest.warns(RuntimeWarning, match="divides by the batch's non-ignored tokens"):
         x = seq.watch(emb(tokens), idx)
         csl_fast.accumulate(x.flatten(0, 1), tokens, idx, seq).backward()
