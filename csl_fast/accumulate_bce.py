@@ -22,6 +22,7 @@ from ._args import check_flags
 from ._ext import resolve_backend
 from .accumulate import _any_autocast, _fell_back, eager_step_allowed
 from .accumulate_checks import (
+    BCE_BUFFER_NAMES,
     INDEX_HINT,
     _check_values,
     _overlap,
@@ -50,7 +51,7 @@ _INDEX_DTYPES = (torch.int64, torch.int32)
 _FLOAT_BUFFER = (torch.float32, torch.float64)
 _COUNT_BUFFER = (torch.float32, torch.float64, torch.int64, torch.int32)
 # The buffers of the recording op, in its schema's order.
-_NAMES = ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob")
+_NAMES = BCE_BUFFER_NAMES
 
 
 def accumulate_bce(

@@ -312,9 +312,16 @@ def smoothing(label_smoothing: object, op: str) -> float:
 
 _CSL_DTYPES = (torch.float32, torch.float64)
 #: Buffer names of the ops that a tracker supplies (CE's and BCE's).
-TRACKER_BUFFERS = frozenset(
-    ("csl", "count", "wrong", "min_margin", "label_csl", "label_margin", "label_prob")
+BCE_BUFFER_NAMES = (
+    "csl",
+    "count",
+    "wrong",
+    "min_margin",
+    "label_csl",
+    "label_margin",
+    "label_prob",
 )
+TRACKER_BUFFERS = frozenset(BCE_BUFFER_NAMES)
 _COUNT_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
 
